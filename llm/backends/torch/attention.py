@@ -1,0 +1,129 @@
+"""Grouped-query attention over a paged KV cache: causal prefill and one-token-per-user decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
+from llm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class PrefillMeta:
+    """Shared by every layer for one prefill (one user, S tokens starting at start_pos).
+
+    cos/sin [S, hd]; blocks/offsets [S] where each token's K/V goes; page_row [nb] the user's pages
+    covering positions [0, start_pos + S) (used only when start_pos > 0); mask [S, start_pos + S]
+    bool or None for a plain causal prompt.
+    """
+
+    start_pos: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    blocks: torch.Tensor
+    offsets: torch.Tensor
+    page_row: torch.Tensor
+    mask: torch.Tensor | None
+
+    @classmethod
+    def build(cls, rope: RotaryEmbedding, start_pos: int, s: int, page_row: torch.Tensor,
+              block_size: int) -> PrefillMeta:
+        """Metadata for S tokens at start_pos.. of a user whose pages are page_row [max_blocks]."""
+        device = page_row.device
+        pos = torch.arange(start_pos, start_pos + s, device=device)  # [S]
+        cos, sin = rope.gather(pos)
+        mask = None
+        if start_pos > 0:
+            keys = torch.arange(start_pos + s, device=device)
+            mask = keys[None, :] <= pos[:, None]  # [S, start_pos + S]
+        nb = -(-(start_pos + s) // block_size)
+        return cls(start_pos, cos, sin, page_row[pos // block_size], pos % block_size,
+                   page_row[:nb], mask)
+
+
+@dataclass(frozen=True)
+class DecodeMeta:
+    """Shared by every layer for one decode step of B users.
+
+    cos/sin [B, hd]; blocks/offsets [B] where each new K/V goes; page_table [B, nb] the pages
+    covering the longest user; mask [B, 1, 1, nb * block_size] bool, True where key position <= the
+    user's position.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    blocks: torch.Tensor
+    offsets: torch.Tensor
+    page_table: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def build(cls, rope: RotaryEmbedding, positions: torch.Tensor, page_table: torch.Tensor,
+              block_size: int, max_pos: int) -> DecodeMeta:
+        """positions [B], page_table [B, max_blocks]; max_pos = max(positions), host-known."""
+        device = positions.device
+        b = positions.shape[0]
+        nb = max_pos // block_size + 1
+        cos, sin = rope.gather(positions)
+        rows = torch.arange(b, device=device)
+        keys = torch.arange(nb * block_size, device=device)
+        mask = (keys[None, :] <= positions[:, None]).view(b, 1, 1, -1)  # [B, 1, 1, nb*bs]
+        return cls(cos, sin, page_table[rows, positions // block_size], positions % block_size,
+                   page_table[:, :nb], mask)
+
+
+class Attention:
+    """Fused QKV projection, RoPE, paged K/V write, SDPA with GQA, output projection."""
+
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int) -> None:
+        p = f"model.layers.{layer}.self_attn."
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
+        self.wqkv = torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"],
+                               w[p + "v_proj.weight"]], dim=0)  # [q + 2kv, H]
+        self.bqkv = None
+        if config.qkv_bias:
+            self.bqkv = torch.cat([w[p + n + "_proj.bias"] for n in ("q", "k", "v")])
+        self.wo = w[p + "o_proj.weight"]  # [H, q]
+        self.bo = w.get(p + "o_proj.bias")
+        self.splits = (config.q_size, config.kv_size, config.kv_size)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [N, H] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k."""
+        n = x.shape[0]
+        q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.splits, dim=-1)
+        q = apply_rotary(q.view(n, self.n_heads, self.hd), cos, sin)
+        k = apply_rotary(k.view(n, self.n_kv, self.hd), cos, sin)
+        return q, k, v.view(n, self.n_kv, self.hd)
+
+    def prefill(self, x: torch.Tensor, meta: PrefillMeta, cache: PagedKVCache) -> torch.Tensor:
+        """x [S, H] (one user) -> [S, H]; writes the S tokens' K/V into the user's pages."""
+        s = x.shape[0]
+        q, k, v = self._qkv(x, meta.cos, meta.sin)
+        cache.write(self.layer, k, v, meta.blocks, meta.offsets)
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, nh, S, hd]
+        if meta.mask is None:
+            k = k.transpose(0, 1).unsqueeze(0)  # [1, n_kv, S, hd]
+            v = v.transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            total = meta.start_pos + s
+            k, v = cache.gather(self.layer, meta.page_row[None])  # [1, n_kv, nb*bs, hd]
+            k, v = k[:, :, :total], v[:, :, :total]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, enable_gqa=True)
+        out = out[0].transpose(0, 1).reshape(s, self.n_heads * self.hd)  # [S, nh*hd]
+        return F.linear(out, self.wo, self.bo)
+
+    def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
+        """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
+        b = x.shape[0]
+        q, k, v = self._qkv(x, meta.cos, meta.sin)
+        cache.write(self.layer, k, v, meta.blocks, meta.offsets)
+        keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
+        q = q.unsqueeze(2)  # [B, nh, 1, hd]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask, enable_gqa=True)
+        return F.linear(out.reshape(b, self.n_heads * self.hd), self.wo, self.bo)

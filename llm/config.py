@@ -1,0 +1,348 @@
+"""Model and runtime configuration.
+
+`ModelConfig` is the only description of a model that the backends see: it is built from a Hugging
+Face `config.json` or from GGUF metadata, never passed around as a transformers object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# HF `model_type` / GGUF `general.architecture` values we can run, and what they imply.
+_SUPPORTED_ARCHS = {
+    "llama": {"qkv_bias": False},
+    "mistral": {"qkv_bias": False},
+    "qwen2": {"qkv_bias": True},
+    "smollm": {"qkv_bias": False},
+}
+
+
+class ConfigError(ValueError):
+    """A model configuration lacks a field, names an unknown architecture or is inconsistent."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling.
+
+    rope_type "llama3": Llama 3.1 smooth interpolation (factor, low/high_freq_factor, original
+    context). rope_type "linear": positions divided by `factor`. rope_type "freq_factors": explicit
+    per-frequency divisors (GGUF `rope_freqs.weight`).
+    """
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    freq_factors: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("llama3", "linear", "freq_factors"):
+            raise ConfigError(
+                f"rope_scaling type {self.rope_type!r} is not supported "
+                "(supported: 'llama3', 'linear', GGUF rope_freqs)"
+            )
+        if self.rope_type != "freq_factors" and not self.factor > 0:
+            raise ConfigError(f"rope_scaling factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM)."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence (prompt + generated) this engine runs the model at, exactly.
+
+        A sliding window shorter than the trained context caps it: within the window, full causal
+        attention equals sliding-window attention, so every token we produce is the model's own.
+        """
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    # ---------------------------------------------------------------- Hugging Face config.json
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from the dict of a Hugging Face `config.json`; `source` names it in errors."""
+        arch = cfg.get("model_type")
+        if arch is None:
+            raise ConfigError(f"{source}: missing field 'model_type'")
+        if arch not in _SUPPORTED_ARCHS:
+            raise ConfigError(
+                f"{source}: unknown architecture model_type={arch!r} "
+                f"(supported: {', '.join(sorted(_SUPPORTED_ARCHS))})"
+            )
+
+        def need(key: str) -> Any:
+            if cfg.get(key) is None:
+                raise ConfigError(f"{source}: missing field {key!r} (model_type={arch!r})")
+            return cfg[key]
+
+        num_heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ConfigError(
+                f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
+        sliding = None
+        if arch == "mistral" or (arch == "qwen2" and cfg.get("use_sliding_window")):
+            sliding = cfg.get("sliding_window")
+        attention_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias = _SUPPORTED_ARCHS[arch]["qkv_bias"] or attention_bias
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            arch=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(need("max_position_embeddings")),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling"), source),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=attention_bias and arch != "qwen2",
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> ModelConfig:
+        """Read `<path>/config.json`."""
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
+        try:
+            cfg = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid JSON: {e}") from e
+        return cls.from_hf_dict(cfg, source=str(file))
+
+    # ---------------------------------------------------------------- GGUF metadata
+    @classmethod
+    def from_gguf(
+        cls,
+        metadata: dict[str, Any],
+        tensor_names: set[str],
+        source: str = "gguf",
+        rope_freq_factors: tuple[float, ...] = (),
+    ) -> ModelConfig:
+        """Build from GGUF key/value metadata (already decoded to Python values) and the tensor
+        names.
+
+        Tied embeddings are recognised by the absence of `output.weight`; Qwen2 bias by
+        `blk.0.attn_q.bias`. `rope_freq_factors` are the values of a `rope_freqs.weight` tensor when
+        the file has one.
+        """
+        arch = metadata.get("general.architecture")
+        if arch is None:
+            raise ConfigError(f"{source}: missing metadata key 'general.architecture'")
+        if arch not in _SUPPORTED_ARCHS:
+            raise ConfigError(
+                f"{source}: unknown architecture general.architecture={arch!r} "
+                f"(supported: {', '.join(sorted(_SUPPORTED_ARCHS))})"
+            )
+
+        def need(key: str) -> Any:
+            full = f"{arch}.{key}"
+            if metadata.get(full) is None:
+                raise ConfigError(f"{source}: missing metadata key {full!r}")
+            return metadata[full]
+
+        num_heads = int(need("attention.head_count"))
+        hidden = int(need("embedding_length"))
+        head_dim = int(metadata.get(f"{arch}.attention.key_length") or hidden // num_heads)
+        vocab = metadata.get(f"{arch}.vocab_size")
+        if vocab is None:
+            tokens = metadata.get("tokenizer.ggml.tokens")
+            if tokens is None:
+                raise ConfigError(f"{source}: missing metadata key {arch + '.vocab_size'!r}")
+            vocab = len(tokens)
+        scaling = None
+        if rope_freq_factors:
+            scaling = RopeScaling("freq_factors", freq_factors=tuple(rope_freq_factors))
+        elif metadata.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", factor=float(metadata[f"{arch}.rope.scaling.factor"]))
+        elif metadata.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+            raise ConfigError(
+                f"{source}: rope scaling type "
+                f"{metadata[f'{arch}.rope.scaling.type']!r} is not supported"
+            )
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        sliding = metadata.get(f"{arch}.attention.sliding_window")
+        return cls(
+            arch=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(metadata.get(f"{arch}.attention.head_count_kv") or num_heads),
+            head_dim=head_dim,
+            max_position_embeddings=int(need("context_length")),
+            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A transformers `LlamaConfig`/`Qwen2Config`-compatible dict (used by tests and caches)."""
+        d: dict[str, Any] = {
+            "model_type": "llama" if self.arch == "smollm" else self.arch,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+        }
+        if self.arch in ("llama", "smollm"):
+            d["attention_bias"] = self.qkv_bias
+            d["mlp_bias"] = self.mlp_bias
+        if self.rope_scaling is not None and self.rope_scaling.rope_type in ("llama3", "linear"):
+            rs = self.rope_scaling
+            d["rope_scaling"] = {"rope_type": rs.rope_type, "factor": rs.factor}
+            if rs.rope_type == "llama3":
+                d["rope_scaling"].update(
+                    low_freq_factor=rs.low_freq_factor,
+                    high_freq_factor=rs.high_freq_factor,
+                    original_max_position_embeddings=rs.original_max_position_embeddings,
+                )
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
+        if self.eos_token_ids:
+            d["eos_token_id"] = list(self.eos_token_ids)
+        return d
+
+
+def _rope_scaling_from_hf(rs: dict[str, Any] | None, source: str) -> RopeScaling | None:
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind == "llama3":
+        try:
+            return RopeScaling(
+                "llama3",
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs["low_freq_factor"]),
+                high_freq_factor=float(rs["high_freq_factor"]),
+                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+            )
+        except KeyError as e:
+            raise ConfigError(
+                f"{source}: rope_scaling of type 'llama3' is missing field {e}") from e
+    if kind == "linear":
+        return RopeScaling("linear", factor=float(rs["factor"]))
+    raise ConfigError(
+        f"{source}: rope_scaling type {kind!r} is not supported (supported: llama3, linear)")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a backend runs a model: device, dtype and the KV-cache geometry.
+
+    max_batch: decode slots. max_seq_len: longest sequence per user. block_size: tokens per KV page.
+    num_blocks: pages in the pool (default: enough for every slot at max_seq_len).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch: int = 8
+    max_seq_len: int = 2048
+    block_size: int = 32
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("max_batch", "max_seq_len", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return math.ceil(self.max_seq_len / self.block_size)
+
+    @property
+    def total_blocks(self) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return self.max_batch * self.blocks_per_seq

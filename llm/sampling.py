@@ -1,0 +1,166 @@
+"""Sampling parameters and device-side token selection.
+
+Token selection runs on the device tensors of the logits (no host round trip): greedy argmax, or
+temperature / top-k / top-p sampling by the Gumbel-max trick with a counter-based random number per
+(seed, position, vocabulary index). The noise for a request therefore depends only on its own seed
+and the position being sampled, never on which other requests share the batch, and the whole
+function is free of host synchronisation and global generator state (so it can live inside a CUDA
+graph).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling parameter; the message names it."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request.
+
+    temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature). top_k:
+    keep the k most likely tokens (0 = no limit). top_p: keep the smallest set of tokens whose
+    probability reaches top_p (1.0 = no limit). seed: makes sampling reproducible (None = a fresh
+    random seed). max_new_tokens: generated-token limit. stop: strings that end generation (not
+    included in the text). stop_token_ids: token ids that end generation besides the model's EOS.
+    ignore_eos: keep going after EOS.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists for the tuple fields (frozen: set through object.__setattr__).
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check_number("temperature", self.temperature, lo=0.0)
+        _check_number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
+        _check_int("top_k", self.top_k, lo=0)
+        _check_int("max_new_tokens", self.max_new_tokens, lo=1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids entry", t, lo=0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _check_number(name: str, value: object, lo: float, hi: float | None = None,
+                  lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise SamplingParamsError(f"{name} must be in {bounds}, got {value!r}")
+
+
+def _check_int(name: str, value: object, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamsError(f"{name} must be an integer, got {value!r}")
+    if value < lo:
+        raise SamplingParamsError(f"{name} must be >= {lo}, got {value}")
+
+
+def resolve_seed(params: SamplingParams) -> int:
+    """The seed a request samples with: its own, or a fresh random one (drawn once per request)."""
+    return params.seed if params.seed is not None else secrets.randbits(31)
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters as device tensors, one row per user in the batch.
+
+    temperature [B] f32 (0 = greedy), top_k [B] i64 (0 = off), top_p [B] f32, seed [B] i64.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    seed: torch.Tensor
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int],
+              device: torch.device | str) -> SamplingTensors:
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32,
+                                     device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            seed=torch.tensor(seeds, dtype=torch.int64, device=device),
+        )
+
+    @property
+    def all_greedy(self) -> bool:
+        """Host-side check used to pick the fast path (reads a small host copy, not the device)."""
+        return bool((self.temperature == 0).all().item())
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 tensors; every product stays below 2**63."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def counter_uniform(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise [B, vocab] that depends only on (seed[b], position[b], column).
+
+    seed, position: [B] int64.
+    """
+    col = torch.arange(vocab, device=seed.device, dtype=torch.int64)  # [V]
+    key = _hash32(_hash32(seed * 0x9E3779B1 + 0x632BE5AB) ^ _hash32(position + 0x5BD1E995))  # [B]
+    bits = _hash32(key[:, None] ^ _hash32(col[None, :] * 0x85EBCA6B + 0xC2B2AE35))  # [B, V]
+    return (bits.to(torch.float64) + 0.5) / 4294967296.0
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
+           all_greedy: bool | None = None) -> torch.Tensor:
+    """Pick one token per row of `logits` [B, V]; returns [B] int64 on the logits' device.
+
+    position [B]: the sequence position of the token being chosen (keys the random stream).
+    all_greedy: pass the host-known answer to skip the sampling math entirely (greedy fast path).
+    """
+    greedy_tokens = torch.argmax(logits, dim=-1)  # [B]
+    if all_greedy if all_greedy is not None else st.all_greedy:
+        return greedy_tokens
+    vocab = logits.shape[-1]
+    x = logits.float() / st.temperature.clamp_min(1e-6)[:, None]  # [B, V]
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(vocab, device=x.device)[None, :]  # [1, V]
+    k = torch.where(st.top_k > 0, st.top_k, torch.full_like(st.top_k, vocab))  # [B]
+    keep = ranks < k[:, None]  # [B, V] top-k
+    probs = torch.softmax(sorted_x.masked_fill(~keep, float("-inf")), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of strictly better tokens
+    keep &= mass_before < st.top_p[:, None]  # top-p; the best token always survives
+    filtered = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(~keep,
+                                                                                       float("-inf")))
+    u = counter_uniform(st.seed, position, vocab)  # [B, V] f64
+    gumbel = -torch.log(-torch.log(u))
+    sampled = torch.argmax(filtered.double() + gumbel, dim=-1)  # [B]
+    return torch.where(st.temperature > 0, sampled, greedy_tokens)

@@ -1,0 +1,165 @@
+"""PCC of every torch-backend module against the matching transformers module (small random configs)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hf_reference import SMALL_CONFIGS, causal_mask, hf_model, pcc, state_dict
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from llm.backends.torch.attention import Attention, DecodeMeta, PrefillMeta
+from llm.backends.torch.embedding import Embedding
+from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.lm_head import LMHead
+from llm.backends.torch.mlp import MLP
+from llm.backends.torch.model import DecoderLayer
+from llm.backends.torch.norm import RMSNorm
+from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
+from llm.config import RuntimeConfig
+
+DTYPES = {"fp32": (torch.float32, 0.9999), "bf16": (torch.bfloat16, 0.999)}
+CONFIGS = list(SMALL_CONFIGS)
+SEQ = 40  # prompt length used by the prefill tests (spans several 8-token pages)
+BLOCK = 8
+
+
+def _setup(name: str, dtype: torch.dtype):
+    config = SMALL_CONFIGS[name]
+    model = hf_model(config, dtype=dtype)
+    w = state_dict(model)
+    return config, model, w
+
+
+def _hidden(config, n: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, config.hidden_size, generator=g).to(dtype)
+
+
+def _hf_rope(model, x: torch.Tensor, positions: torch.Tensor):
+    return model.model.rotary_emb(x, positions[None])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_embedding_norm_mlp_lmhead(name: str, dt: str) -> None:
+    dtype, thr = DTYPES[dt]
+    config, model, w = _setup(name, dtype)
+    tokens = torch.randint(0, config.vocab_size, (1, SEQ))
+    with torch.no_grad():
+        ref = model.model.embed_tokens(tokens)
+        assert torch.equal(Embedding(w["model.embed_tokens.weight"])(tokens), ref)
+        x = _hidden(config, SEQ, dtype)
+        layer = model.model.layers[0]
+        norm = RMSNorm(w["model.layers.0.input_layernorm.weight"], config.rms_norm_eps)
+        assert pcc(norm(x), layer.input_layernorm(x)) >= thr
+        mlp = MLP.from_weights(w, "model.layers.0.mlp.")
+        assert pcc(mlp(x), layer.mlp(x)) >= thr
+        head_w = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+        head = LMHead(head_w, chunk_size=100)  # 320-token vocab -> 4 chunks, the last one short
+        assert len(head.chunks) == 4
+        assert pcc(head(x[0]), model.lm_head(x)[0]) >= thr
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_rope(name: str, dt: str) -> None:
+    dtype, thr = DTYPES[dt]
+    config, model, _ = _setup(name, dtype)
+    positions = torch.tensor([0, 1, 5, 63, 64, 100, 300, 511])
+    x = _hidden(config, len(positions), dtype)
+    rope = RotaryEmbedding(config, config.max_position_embeddings, "cpu", dtype)
+    cos, sin = rope.gather(positions)
+    ref_cos, ref_sin = _hf_rope(model, x, positions)
+    assert torch.allclose(cos.float(), ref_cos[0].float(), atol=1e-6 if dt == "fp32" else 1e-2)
+    assert torch.allclose(sin.float(), ref_sin[0].float(), atol=1e-6 if dt == "fp32" else 1e-2)
+    q = torch.randn(1, config.num_heads, len(positions), config.head_dim).to(dtype)
+    ref_q, _ = apply_rotary_pos_emb(q, q, ref_cos, ref_sin)
+    ours = apply_rotary(q[0].transpose(0, 1), cos, sin).transpose(0, 1)  # [N, nh, hd] layout
+    assert pcc(ours, ref_q[0]) >= thr
+
+
+def _cache(config, dtype, num_blocks: int = 64) -> PagedKVCache:
+    rt = RuntimeConfig(max_batch=4, max_seq_len=config.max_position_embeddings, block_size=BLOCK,
+                       num_blocks=num_blocks)
+    return PagedKVCache(config, rt, "cpu", dtype)
+
+
+def _shuffled_pages(n: int, seed: int, num_blocks: int = 64) -> torch.Tensor:
+    """A non-contiguous page table row of n pages (page 0 is padding, never used)."""
+    pages = list(range(1, num_blocks))
+    random.Random(seed).shuffle(pages)
+    return torch.tensor(pages[:n])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_attention_prefill_and_chunked_prefill(name: str, dt: str) -> None:
+    dtype, thr = DTYPES[dt]
+    config, model, w = _setup(name, dtype)
+    attn = Attention(config, w, 0)
+    x = _hidden(config, SEQ, dtype)
+    rope = RotaryEmbedding(config, config.max_position_embeddings, "cpu", dtype)
+    positions = torch.arange(SEQ)
+    with torch.no_grad():
+        ref, _ = model.model.layers[0].self_attn(x, _hf_rope(model, x, positions),
+                                                 causal_mask(SEQ, dtype))
+    row = _shuffled_pages(16, seed=3)
+    cache = _cache(config, dtype)
+    out = attn.prefill(x[0], PrefillMeta.build(rope, 0, SEQ, row, BLOCK), cache)
+    assert pcc(out, ref[0]) >= thr
+    # The same prompt in two chunks (13 + 27 tokens) through a fresh cache: the second chunk attends to
+    # the first chunk's K/V read back from the pages.
+    cache = _cache(config, dtype)
+    a = attn.prefill(x[0, :13], PrefillMeta.build(rope, 0, 13, row, BLOCK), cache)
+    b = attn.prefill(x[0, 13:], PrefillMeta.build(rope, 13, SEQ - 13, row, BLOCK), cache)
+    assert pcc(torch.cat([a, b]), ref[0]) >= thr
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_attention_decode_paged(name: str, dt: str) -> None:
+    """Three users of different lengths decode together through shuffled, interleaved pages."""
+    dtype, thr = DTYPES[dt]
+    config, model, w = _setup(name, dtype)
+    attn = Attention(config, w, 0)
+    rope = RotaryEmbedding(config, config.max_position_embeddings, "cpu", dtype)
+    prompt_lens, steps = [5, 17, 30], 6
+    cache = _cache(config, dtype)
+    pages = _shuffled_pages(3 * 6, seed=7).view(6, 3).T.contiguous()  # users interleave pages
+    xs = [_hidden(config, n + steps, dtype, seed=10 + i) for i, n in enumerate(prompt_lens)]
+    refs = []
+    with torch.no_grad():
+        for x in xs:
+            n = x.shape[1]
+            out, _ = model.model.layers[0].self_attn(x, _hf_rope(model, x, torch.arange(n)),
+                                                     causal_mask(n, dtype))
+            refs.append(out[0])
+    for u, n in enumerate(prompt_lens):
+        attn.prefill(xs[u][0, :n], PrefillMeta.build(rope, 0, n, pages[u], BLOCK), cache)
+    for t in range(steps):
+        positions = torch.tensor([n + t for n in prompt_lens])
+        x = torch.stack([xs[u][0, positions[u]] for u in range(3)])  # [B, H]
+        meta = DecodeMeta.build(rope, positions, pages, BLOCK, int(positions.max()))
+        out = attn.decode(x, meta, cache)
+        for u in range(3):
+            assert pcc(out[u], refs[u][positions[u]]) >= thr, (u, t)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decoder_layer(name: str, dt: str) -> None:
+    dtype, _ = DTYPES[dt]
+    thr = 0.9999 if dt == "fp32" else 0.998
+    config, model, w = _setup(name, dtype)
+    x = _hidden(config, SEQ, dtype)
+    rope = RotaryEmbedding(config, config.max_position_embeddings, "cpu", dtype)
+    with torch.no_grad():
+        ref = model.model.layers[1](x, attention_mask=causal_mask(SEQ, dtype),
+                                    position_embeddings=_hf_rope(model, x, torch.arange(SEQ)))
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    layer = DecoderLayer(config, w, 1)
+    out = layer.prefill(x[0], PrefillMeta.build(rope, 0, SEQ, _shuffled_pages(8, 1), BLOCK),
+                        _cache(config, dtype))
+    assert pcc(out, ref[0]) >= thr
