@@ -144,6 +144,9 @@ class ModelConfig:
         qkv_bias = _SUPPORTED_ARCHS[arch]["qkv_bias"] or attention_bias
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        # transformers >= 5 writes theta and scaling under "rope_parameters", older ones at top
+        # level.
+        rope = cfg.get("rope_parameters") or {}
         return cls(
             arch=arch,
             vocab_size=int(need("vocab_size")),
@@ -155,8 +158,8 @@ class ModelConfig:
             head_dim=int(head_dim),
             max_position_embeddings=int(need("max_position_embeddings")),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling"), source),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_scaling=_rope_scaling_from_hf(rope or cfg.get("rope_scaling"), source),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=attention_bias and arch != "qwen2",
@@ -228,7 +231,9 @@ class ModelConfig:
                 f"{source}: rope scaling type "
                 f"{metadata[f'{arch}.rope.scaling.type']!r} is not supported"
             )
-        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        eos_ids = tuple(dict.fromkeys(
+            int(metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+            if metadata.get(k) is not None))
         sliding = metadata.get(f"{arch}.attention.sliding_window")
         return cls(
             arch=arch,
@@ -249,7 +254,7 @@ class ModelConfig:
             mlp_bias="blk.0.ffn_up.bias" in tensor_names,
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=() if eos is None else (int(eos),),
+            eos_token_ids=eos_ids,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -270,8 +275,15 @@ class ModelConfig:
             "hidden_act": "silu",
         }
         if self.arch in ("llama", "smollm"):
+            if self.qkv_bias != self.o_bias:
+                raise ConfigError(
+                    "a Llama config.json cannot express q/k/v bias without o_proj bias")
             d["attention_bias"] = self.qkv_bias
             d["mlp_bias"] = self.mlp_bias
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+            if self.arch == "qwen2":
+                d["use_sliding_window"] = True
         if self.rope_scaling is not None and self.rope_scaling.rope_type in ("llama3", "linear"):
             rs = self.rope_scaling
             d["rope_scaling"] = {"rope_type": rs.rope_type, "factor": rs.factor}
@@ -343,6 +355,7 @@ class RuntimeConfig:
 
     @property
     def total_blocks(self) -> int:
+        """Pages in the pool, including page 0 (reserved as the page-table padding page)."""
         if self.num_blocks is not None:
             return self.num_blocks
-        return self.max_batch * self.blocks_per_seq
+        return self.max_batch * self.blocks_per_seq + 1

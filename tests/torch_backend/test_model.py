@@ -1,4 +1,4 @@
-"""Whole-model PCC of the torch Transformer against transformers: prefill logits and paged decode."""
+"""Whole-model PCC of the torch Transformer against transformers: prefill and paged decode."""
 
 from __future__ import annotations
 

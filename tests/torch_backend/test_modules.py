@@ -1,4 +1,6 @@
-"""PCC of every torch-backend module against the matching transformers module (small random configs)."""
+"""PCC of every torch-backend module against the matching transformers module (small random
+configs).
+"""
 
 from __future__ import annotations
 
@@ -109,8 +111,8 @@ def test_attention_prefill_and_chunked_prefill(name: str, dt: str) -> None:
     cache = _cache(config, dtype)
     out = attn.prefill(x[0], PrefillMeta.build(rope, 0, SEQ, row, BLOCK), cache)
     assert pcc(out, ref[0]) >= thr
-    # The same prompt in two chunks (13 + 27 tokens) through a fresh cache: the second chunk attends to
-    # the first chunk's K/V read back from the pages.
+    # The same prompt in two chunks (13 + 27 tokens) through a fresh cache: the second chunk attends
+    # to the first chunk's K/V read back from the pages.
     cache = _cache(config, dtype)
     a = attn.prefill(x[0, :13], PrefillMeta.build(rope, 0, 13, row, BLOCK), cache)
     b = attn.prefill(x[0, 13:], PrefillMeta.build(rope, 13, SEQ - 13, row, BLOCK), cache)

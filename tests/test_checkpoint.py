@@ -1,0 +1,487 @@
+"""Checkpoint loading: HF safetensors directories, GGUF files, the conversion cache, bad inputs.
+
+Small random models from transformers are the reference for HF directories; GGUF files are written
+here with `gguf.GGUFWriter` the way llama.cpp's converter writes them (Q/K permuted for llama). One
+test compares the real default model against transformers' own GGUF loader (~30 s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from llm.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    default_cache_dir,
+    default_model_path,
+    expected_tensors,
+    load_checkpoint,
+    save_hf_checkpoint,
+)
+from llm.config import ConfigError, ModelConfig
+from llm.gguf_weights import cache_path, file_sha256
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+# llama.cpp tensor names, written independently of the loader's table.
+GGUF_NAMES = {
+    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transformers.PreTrainedModel:
+    """A small random transformers model with every parameter (norms included) random."""
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(**SMALL, tie_word_embeddings=tie))
+    else:
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+def hf_state(model: transformers.PreTrainedModel) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items()
+            if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+
+
+def assert_same(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert sorted(tensors) == sorted(reference)
+    for name, ref in reference.items():
+        assert tensors[name].dtype == ref.dtype, name
+        assert torch.equal(tensors[name], ref), name
+
+
+def gguf_name(hf: str) -> str:
+    base, kind = hf.rsplit(".", 1)
+    if base.startswith("model.layers."):
+        layer, rest = base[len("model.layers."):].split(".", 1)
+        return f"blk.{layer}.{GGUF_NAMES[rest]}.{kind}"
+    return f"{GGUF_NAMES[base]}.{kind}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (HF rotate-half -> interleaved)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor], *,
+               qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+               arch: str | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a GGUF like llama.cpp would: llama Q/K permuted, matrices in `qtype`, vectors F32."""
+    arch = arch or config.arch
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config.num_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_vocab_size(config.vocab_size)
+    if config.bos_token_id is not None:
+        w.add_bos_token_id(config.bos_token_id)
+    if config.eos_token_ids:
+        w.add_eos_token_id(config.eos_token_ids[0])
+    for name, t in tensors.items():
+        a = t.float().numpy()
+        if arch == "llama" and ".q_proj." in name:
+            a = llama_cpp_permute(a, config.num_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            a = llama_cpp_permute(a, config.num_kv_heads)
+        if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gguf_name(name), a)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(gguf_name(name), a.astype(np.float16))
+        else:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def hf_dir(tmp_path: Path, model: transformers.PreTrainedModel, **save_kw) -> Path:
+    d = tmp_path / "hf"
+    model.save_pretrained(d, **save_kw)
+    return d
+
+
+def tiny_gguf(tmp_path: Path, arch: str = "llama", tie: bool = False, seed: int = 0,
+              name: str = "tiny.gguf", **kw) -> tuple[Path, Checkpoint]:
+    """A GGUF of a small random model, and the HF checkpoint it was made from."""
+    ref = load_checkpoint(hf_dir(tmp_path / f"src{seed}", hf_model(arch, tie, seed)),
+                          progress=False)
+    return write_gguf(tmp_path / name, ref.config, ref.tensors, **kw), ref
+
+
+def cache_files(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+# ---------------------------------------------------------------- HF safetensors directories
+@pytest.mark.parametrize(("arch", "tie", "shard", "dtype"), [
+    ("llama", False, None, torch.float32),
+    ("llama", True, "100KB", torch.float32),
+    ("llama", False, "60KB", torch.bfloat16),
+    ("qwen2", False, "100KB", torch.float32),
+])
+def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard, dtype):
+    model = hf_model(arch, tie).to(dtype)
+    d = hf_dir(tmp_path, model, **({"max_shard_size": shard} if shard else {}))
+    assert (d / "model.safetensors.index.json").exists() == bool(shard)
+    ck = load_checkpoint(d, progress=False)
+    assert ck.source == d.resolve()
+    assert_same(ck.tensors, hf_state(model))
+    assert list(ck.tensors) == list(expected_tensors(ck.config))
+    assert (ck.config.arch, ck.config.num_kv_heads, ck.config.head_dim) == (arch, 2, 16)
+    assert ck.config.tie_word_embeddings == tie
+    assert ck.config.qkv_bias == (arch == "qwen2")
+
+
+def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
+    model = hf_model(tie=True)
+    d = hf_dir(tmp_path, model)
+    state = hf_state(model)
+    safetensors.torch.save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"]
+                                 .clone()}, str(d / "model.safetensors"))
+    assert_same(load_checkpoint(d, progress=False).tensors, state)
+
+
+def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path):
+    ref = load_checkpoint(hf_dir(tmp_path, hf_model("llama")), progress=False)
+    out = tmp_path / "saved"
+    save_hf_checkpoint(out, ref.config, ref.tensors, shard_size_bytes=50_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    ck = load_checkpoint(out, progress=False)
+    assert ck.config == ref.config
+    assert_same(ck.tensors, ref.tensors)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert_same(hf_state(model), ref.tensors)
+
+
+def test_expected_tensors_of_default_model_config():
+    cfg = ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                      max_position_embeddings=8192, tie_word_embeddings=True)
+    shapes = expected_tensors(cfg)
+    assert len(shapes) == 272
+    assert "lm_head.weight" not in shapes
+    assert shapes["model.layers.29.self_attn.k_proj.weight"] == (192, 576)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (576, 1536)
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 134_515_008
+    qwen = ModelConfig(arch="qwen2", vocab_size=10, hidden_size=8, intermediate_size=16,
+                       num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
+                       max_position_embeddings=32, qkv_bias=True)
+    assert expected_tensors(qwen)["model.layers.0.self_attn.k_proj.bias"] == (4,)
+    assert expected_tensors(qwen)["lm_head.weight"] == (10, 8)
+
+
+# ---------------------------------------------------------------- GGUF
+@pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False)])
+def test_gguf_f32_gives_exact_hf_layout(tmp_path, arch, tie):
+    path, ref = tiny_gguf(tmp_path, arch, tie)
+    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    assert ck.source == path.resolve()
+    assert ck.config == ref.config  # GGUF metadata decodes to the same config as config.json
+    assert_same(ck.tensors, ref.tensors)
+
+
+def test_gguf_f16_keeps_float16(tmp_path):
+    path, ref = tiny_gguf(tmp_path, qtype=gguf.GGMLQuantizationType.F16)
+    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    for name, t in ck.tensors.items():
+        want = ref.tensors[name].half() if t.ndim == 2 else ref.tensors[name]
+        assert t.dtype == want.dtype, name
+        assert torch.equal(t, want), name
+
+
+def test_gguf_q8_0_is_close_to_hf_layout(tmp_path):
+    path, ref = tiny_gguf(tmp_path, qtype=gguf.GGMLQuantizationType.Q8_0)
+    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    assert sorted(ck.tensors) == sorted(ref.tensors)
+    for name, want in ref.tensors.items():
+        got = ck.tensors[name]
+        assert got.dtype == torch.float32
+        if want.ndim == 1:
+            assert torch.equal(got, want), name
+        else:  # Q8_0: 127 levels per block of 32, fp16 scale -> error ~ half a step
+            step = want.abs().reshape(want.shape[0], -1, 32).amax(-1, keepdim=True) / 127
+            err = (got - want).abs().reshape(step.shape[0], -1, 32)
+            assert (err <= step * 0.6).all(), name
+            assert not torch.equal(got, want)
+
+
+def test_gguf_rope_freqs_go_into_config_not_tensors(tmp_path):
+    freqs = np.linspace(1.0, 8.0, 8, dtype=np.float32)  # head_dim 16 -> 8 frequencies
+    path, ref = tiny_gguf(tmp_path, extra={"rope_freqs.weight": freqs})
+    cache = tmp_path / "cache"
+    ck = load_checkpoint(path, cache_dir=cache, progress=False)
+    assert ck.config.rope_scaling.rope_type == "freq_factors"
+    assert ck.config.rope_scaling.freq_factors == tuple(freqs.tolist())
+    assert_same(ck.tensors, ref.tensors)
+    assert load_checkpoint(path, cache_dir=cache, progress=False).config == ck.config
+
+
+# ---------------------------------------------------------------- the GGUF cache
+def test_second_load_hits_cache_without_reading_gguf(tmp_path, monkeypatch):
+    path, ref = tiny_gguf(tmp_path)
+    cache = tmp_path / "cache"
+    first = load_checkpoint(path, cache_dir=cache, progress=False)
+    assert cache_files(cache) == [cache_path(cache, file_sha256(path)).name]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("GGUF parsed or dequantized on a cache hit")
+
+    monkeypatch.setattr(gguf, "GGUFReader", forbidden)
+    monkeypatch.setattr(gguf.quants, "dequantize", forbidden)
+    second = load_checkpoint(path, cache_dir=cache, progress=False)
+    assert second.config == first.config
+    assert_same(second.tensors, ref.tensors)
+
+
+def test_changed_gguf_gets_a_new_cache_key(tmp_path):
+    cache = tmp_path / "cache"
+    path, _ = tiny_gguf(tmp_path, seed=0)
+    load_checkpoint(path, cache_dir=cache, progress=False)
+    _, ref1 = tiny_gguf(tmp_path, seed=1)  # same path, other weights
+    ck = load_checkpoint(path, cache_dir=cache, progress=False)
+    assert_same(ck.tensors, ref1.tensors)
+    assert len(cache_files(cache)) == 2
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch, exc):
+    path, _ = tiny_gguf(tmp_path)
+    cache = tmp_path / "cache"
+    real_save = safetensors.torch.save_file
+
+    def interrupted(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # half-written, then interrupted
+            f.truncate(Path(filename).stat().st_size // 2)
+        raise exc("interrupted")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    if exc is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            load_checkpoint(path, cache_dir=cache, progress=False)
+    else:  # a failing cache write (full disk) is not fatal: the weights are still returned
+        assert load_checkpoint(path, cache_dir=cache, progress=False).tensors
+    assert cache_files(cache) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_tensors", "wrong_key"])
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage, caplog):
+    path, ref = tiny_gguf(tmp_path)
+    cache = tmp_path / "cache"
+    load_checkpoint(path, cache_dir=cache, progress=False)
+    entry = cache_path(cache, file_sha256(path))
+    if damage == "truncate":
+        entry.write_bytes(entry.read_bytes()[:-100])
+    elif damage == "garbage":
+        entry.write_bytes(b"not a safetensors file" * 10)
+    else:
+        with safetensors.safe_open(str(entry), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        if damage == "wrong_tensors":
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        else:
+            meta["source_sha256"] = "0" * 64
+        safetensors.torch.save_file(tensors, str(entry), metadata=meta)
+    with caplog.at_level(logging.WARNING):
+        ck = load_checkpoint(path, cache_dir=cache, progress=False)
+    assert "rebuilding" in caplog.text
+    assert entry.name in caplog.text
+    assert_same(ck.tensors, ref.tensors)
+    assert cache_files(cache) == [entry.name]
+    assert_same(load_checkpoint(path, cache_dir=cache, progress=False).tensors, ref.tensors)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_WEIGHTS_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("LLM_WEIGHTS_CACHE")
+    repo_cache = Path(__file__).resolve().parent.parent / "weights_cache"
+    assert default_cache_dir() == (repo_cache if repo_cache.is_dir()
+                                   else Path.home() / ".cache" / "llm")
+
+
+# ---------------------------------------------------------------- bad inputs
+def bad_hf_dir(tmp_path: Path, edit) -> Path:
+    """An HF directory whose model.safetensors holds `edit(state_dict)`."""
+    model = hf_model()
+    d = hf_dir(tmp_path, model)
+    state = {k: v.clone() for k, v in hf_state(model).items()}
+    edit(state)
+    safetensors.torch.save_file(state, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"),
+     "missing tensor 'model.layers.1.mlp.up_proj.weight' (expected shape [96, 64]) in {dir}"),
+    (lambda s: s.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}),
+     "unexpected tensor 'model.layers.0.self_attn.q_norm.weight' in {file}"),
+    (lambda s: s.update({"model.layers.0.self_attn.o_proj.weight": torch.ones(64, 32)}),
+     "tensor 'model.layers.0.self_attn.o_proj.weight' in {file} has shape [64, 32], "
+     "expected [64, 64]"),
+    (lambda s: s.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}),
+     "tensor 'model.norm.weight' has dtype torch.int32"),
+])
+def test_hf_tensor_mismatch_names_tensor_and_file(tmp_path, edit, message):
+    d = bad_hf_dir(tmp_path, edit).resolve()
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(d, progress=False)
+    assert message.format(dir=d, file=d / "model.safetensors") in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_safetensors_is_a_checkpoint_error(tmp_path, damage):
+    d = hf_dir(tmp_path, hf_model(), max_shard_size="100KB").resolve()
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes({"truncate": data[:-1000], "garbage": b"\x00\x01junk" * 100,
+                       "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="cannot read safetensors file") as e:
+        load_checkpoint(d, progress=False)
+    assert str(shard) in str(e.value)
+
+
+def test_sharded_index_inconsistencies(tmp_path):
+    d = hf_dir(tmp_path, hf_model(), max_shard_size="100KB").resolve()
+    index_file = d / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    good = index["weight_map"]["model.norm.weight"]
+    index["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="shard files that do not exist"):
+        load_checkpoint(d, progress=False)
+    index["weight_map"]["model.norm.weight"] = good
+    index["weight_map"]["model.layers.0.self_attn.q_norm.weight"] = good
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape("lists tensor 'model.layers.0.self_attn")):
+        load_checkpoint(d, progress=False)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_pickle_checkpoints_are_refused(tmp_path, monkeypatch, as_file):
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    (d / "consolidated.pth").write_bytes(b"\x80\x04")
+    target = d / "consolidated.pth" if as_file else d
+    with pytest.raises(CheckpointError, match="convert them to safetensors") as e:
+        load_checkpoint(target, progress=False)
+    assert "consolidated.pth" in str(e.value)
+    assert as_file or "pytorch_model.bin" in str(e.value)
+
+
+def test_unknown_architecture_is_a_config_error(tmp_path):
+    d = hf_dir(tmp_path, hf_model())
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match=re.escape("unknown architecture model_type='gpt2'")):
+        load_checkpoint(d, progress=False)
+    cache = tmp_path / "cache"
+    src = load_checkpoint(hf_dir(tmp_path / "src", hf_model()), progress=False)
+    path = write_gguf(tmp_path / "gpt2.gguf", src.config, src.tensors, arch="gpt2")
+    with pytest.raises(ConfigError, match=re.escape("general.architecture='gpt2'")):
+        load_checkpoint(path, cache_dir=cache, progress=False)
+    assert cache_files(cache) == []
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        load_checkpoint(tmp_path / "nope", progress=False)
+    with pytest.raises(CheckpointError, match=re.escape("no model.safetensors or model.safe")):
+        load_checkpoint(tmp_path, progress=False)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="pass its directory"):
+        load_checkpoint(tmp_path / "w.safetensors", progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_gguf_is_a_checkpoint_error(tmp_path, damage):
+    path, _ = tiny_gguf(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) * 2 // 3], "garbage": b"GGUF" + b"\xff" * 999,
+                      "empty": b""}[damage])
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match="cannot read GGUF file") as e:
+        load_checkpoint(path, cache_dir=cache, progress=False)
+    assert str(path.resolve()) in str(e.value)
+    assert cache_files(cache) == []
+
+
+def test_gguf_tensor_mismatch_names_tensor_and_file(tmp_path):
+    src = load_checkpoint(hf_dir(tmp_path, hf_model()), progress=False)
+    cache = tmp_path / "cache"
+    t = dict(src.tensors)
+    del t["model.layers.1.mlp.up_proj.weight"]
+    t["model.layers.0.post_attention_layernorm.weight"] = torch.ones(65)
+    path = write_gguf(tmp_path / "bad.gguf", src.config, t,
+                      extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}).resolve()
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, cache_dir=cache, progress=False)
+    msg = str(e.value)
+    assert f"missing tensor 'model.layers.1.mlp.up_proj.weight' (expected shape [96, 64]) " \
+           f"in {path}" in msg
+    assert f"unexpected tensor 'blk.0.attn_q_norm.weight' in {path}" in msg
+    assert (f"tensor 'model.layers.0.post_attention_layernorm.weight' in {path} "
+            "(GGUF tensor 'blk.0.ffn_norm.weight') has shape [65], expected [64]") in msg
+    assert cache_files(cache) == []
+
+
+# ---------------------------------------------------------------- the real default model
+@pytest.fixture(scope="module")
+def default_checkpoint(tmp_path_factory) -> Checkpoint:
+    return load_checkpoint(default_model_path(), cache_dir=tmp_path_factory.mktemp("cache"),
+                           progress=False)
+
+
+def test_default_model_config_facts(default_checkpoint):
+    c = default_checkpoint.config
+    assert default_checkpoint.source.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == \
+        ("llama", 30, 576, 9, 3, 64)
+    assert (c.intermediate_size, c.vocab_size, c.max_position_embeddings) == (1536, 49152, 8192)
+    assert (c.rms_norm_eps, c.rope_theta, c.rope_scaling) == (1e-5, 1e5, None)
+    assert c.tie_word_embeddings
+    assert not (c.qkv_bias or c.o_bias or c.mlp_bias)
+    assert (c.bos_token_id, c.eos_token_ids) == (1, (2,))
+    assert sum(t.numel() for t in default_checkpoint.tensors.values()) == 134_515_008
+
+
+def test_default_model_matches_transformers_gguf_loader(default_checkpoint, hf_default_model):
+    """transformers dequantizes and un-permutes the GGUF itself: every tensor must be identical."""
+    theirs = hf_default_model[0].state_dict()
+    for name, tensor in default_checkpoint.tensors.items():
+        assert torch.equal(tensor, theirs[name]), name

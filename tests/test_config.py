@@ -1,0 +1,122 @@
+"""ModelConfig from Hugging Face config.json dicts and GGUF metadata; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm.config import ConfigError, ModelConfig, RopeScaling, RuntimeConfig
+
+LLAMA3 = {
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+
+
+def test_llama3_config() -> None:
+    c = ModelConfig.from_hf_dict(LLAMA3)
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.group_size) == (32, 8, 64, 4)
+    assert c.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    assert c.tie_word_embeddings and not c.qkv_bias
+    assert c.eos_token_ids == (128001, 128008, 128009)
+
+
+def test_qwen2_has_qkv_bias_and_mistral_window_caps_context() -> None:
+    qwen = {**LLAMA3, "model_type": "qwen2", "rope_scaling": None, "use_sliding_window": False,
+            "sliding_window": 4096}
+    c = ModelConfig.from_hf_dict(qwen)
+    assert c.qkv_bias and not c.o_bias and c.sliding_window is None
+    mistral = {**LLAMA3, "model_type": "mistral", "rope_scaling": None, "sliding_window": 4096,
+               "max_position_embeddings": 32768, "head_dim": 128}
+    m = ModelConfig.from_hf_dict(mistral)
+    assert m.max_context == 4096 and m.head_dim == 128
+
+
+def test_explicit_head_dim_and_default_kv_heads() -> None:
+    d = {**LLAMA3, "head_dim": 128}
+    d.pop("num_key_value_heads")
+    c = ModelConfig.from_hf_dict(d)
+    assert c.head_dim == 128 and c.num_kv_heads == 32 and c.q_size == 4096
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "unknown architecture model_type='gpt2'"),
+    ({"hidden_size": None}, "missing field 'hidden_size'"),
+    ({"num_key_value_heads": 5}, "must be a multiple of num_kv_heads"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "missing field 'low_freq_factor'"),
+])
+def test_bad_hf_configs(change, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig.from_hf_dict({**LLAMA3, **change}, source="x/config.json")
+
+
+def test_from_hf_dir_errors_name_the_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no config.json"):
+        ModelConfig.from_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        ModelConfig.from_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3))
+    assert ModelConfig.from_hf_dir(tmp_path).num_layers == 16
+
+
+GGUF_META = {
+    "general.architecture": "llama", "llama.block_count": 30, "llama.context_length": 8192,
+    "llama.embedding_length": 576, "llama.feed_forward_length": 1536,
+    "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3,
+    "llama.rope.freq_base": 100000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+    "llama.vocab_size": 49152, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+}
+
+
+def test_gguf_metadata() -> None:
+    c = ModelConfig.from_gguf(GGUF_META, {"token_embd.weight"})
+    assert c.tie_word_embeddings and c.head_dim == 64 and c.eos_token_ids == (2,)
+    c2 = ModelConfig.from_gguf(GGUF_META, {"output.weight", "blk.0.attn_q.bias"},
+                               rope_freq_factors=(1.0,) * 32)
+    assert not c2.tie_word_embeddings and c2.qkv_bias
+    llama3 = ModelConfig.from_gguf({**GGUF_META, "tokenizer.ggml.eot_token_id": 128009}, set())
+    assert llama3.eos_token_ids == (2, 128009)
+    assert c2.rope_scaling.rope_type == "freq_factors"
+    with pytest.raises(ConfigError, match="missing metadata key 'llama.block_count'"):
+        ModelConfig.from_gguf({k: v for k, v in GGUF_META.items() if k != "llama.block_count"},
+                              set(), source="m.gguf")
+    with pytest.raises(ConfigError, match="unknown architecture general.architecture='falcon'"):
+        ModelConfig.from_gguf({**GGUF_META, "general.architecture": "falcon"}, set())
+
+
+def test_to_hf_dict_round_trips() -> None:
+    c = ModelConfig.from_hf_dict(LLAMA3)
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    m = ModelConfig.from_hf_dict({**LLAMA3, "model_type": "mistral", "rope_scaling": None,
+                                  "sliding_window": 4096})
+    assert ModelConfig.from_hf_dict(m.to_hf_dict()) == m
+
+
+def test_transformers5_rope_parameters(tmp_path) -> None:
+    """transformers >= 5 saves theta and scaling under rope_parameters only."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                      rope_theta=500000.0, rope_scaling=LLAMA3["rope_scaling"])
+    cfg.save_pretrained(tmp_path)
+    c = ModelConfig.from_hf_dir(tmp_path)
+    assert c.rope_theta == 500000.0
+    assert c.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+
+def test_runtime_config_validation() -> None:
+    rt = RuntimeConfig(max_batch=4, max_seq_len=100, block_size=32)
+    assert rt.blocks_per_seq == 4 and rt.total_blocks == 17  # + the padding page
+    with pytest.raises(ConfigError, match="dtype must be"):
+        RuntimeConfig(dtype="int8")
+    with pytest.raises(ConfigError, match="max_batch must be a positive integer"):
+        RuntimeConfig(max_batch=0)
