@@ -51,6 +51,7 @@ class Checkpoint:
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
     source: Path
+    source_sha256: str | None = None  # content hash of a GGUF source (its cache key)
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -167,7 +168,8 @@ def load_checkpoint(
         from llm.gguf_weights import load_gguf_cached  # here: it imports this module
 
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        config, tensors = load_gguf_cached(path, cache, progress)
+        config, tensors, digest = load_gguf_cached(path, cache, progress)
+        return Checkpoint(config=config, tensors=tensors, source=path, source_sha256=digest)
     elif path.suffix == ".safetensors":
         raise CheckpointError(
             f"{path}: a safetensors file alone has no model config; "

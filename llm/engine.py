@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from llm.backends.base import create_backend
-from llm.checkpoint import default_model_path, load_checkpoint
+from llm.checkpoint import default_cache_dir, default_model_path, load_checkpoint
 from llm.config import ConfigError, RuntimeConfig
 from llm.generator import Generator, RequestOutput, StreamEvent
 from llm.sampling import SamplingParams
@@ -32,7 +32,9 @@ class LLM:
         path = Path(model) if model is not None else default_model_path()
         self.checkpoint = load_checkpoint(path, cache_dir=cache_dir, progress=progress)
         self.config = self.checkpoint.config
-        self.tokenizer = Tokenizer.from_path(path)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.tokenizer = Tokenizer.from_path(path, cache_dir=cache,
+                                             digest=self.checkpoint.source_sha256)
         limit = self.config.max_context
         if max_seq_len is None:
             max_seq_len = min(limit, DEFAULT_MAX_SEQ_LEN)

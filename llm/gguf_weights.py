@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -132,13 +132,13 @@ def cache_path(cache_dir: Path, digest: str) -> Path:
 
 def load_gguf_cached(
     path: Path, cache_dir: Path, progress: bool = True
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and canonical tensors of a GGUF, from the cache or converted (and then cached)."""
+) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """Config, canonical tensors and content sha256 of a GGUF, from the cache or converted."""
     digest = file_sha256(path, progress)
     entry = cache_path(cache_dir, digest)
     if entry.is_file():
         try:
-            return _read_cache(entry, digest, progress)
+            return (*_read_cache(entry, digest, progress), digest)
         except CheckpointError as e:
             log.warning("unusable weights cache entry, rebuilding it: %s", e)
             try:
@@ -157,7 +157,7 @@ def load_gguf_cached(
         write_safetensors_atomic(entry, tensors, metadata)
     except OSError as e:  # a read-only or full disk costs a reconversion next time, nothing else
         log.warning("could not write the weights cache %s: %s", entry, e)
-    return config, tensors
+    return config, tensors, digest
 
 
 def _read_cache(
@@ -264,7 +264,13 @@ def config_from_json(text: str) -> ModelConfig:
 def write_safetensors_atomic(
     file: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
-    """Write `file` so that it either appears complete or not at all.
+    """Write a safetensors `file` so that it either appears complete or not at all."""
+    atomic_write(file, lambda tmp: safetensors.torch.save_file(dict(tensors), str(tmp),
+                                                               metadata=metadata))
+
+
+def atomic_write(file: Path, write: Callable[[Path], None]) -> None:
+    """Create `file` through `write(temp_path)` so that it appears complete or not at all.
 
     The data goes to a temp file in the same directory, is fsynced, then renamed over `file`;
     any exception (KeyboardInterrupt included) removes the temp file.
@@ -273,7 +279,7 @@ def write_safetensors_atomic(
     # A unique name, created by the writer itself so that the file gets the umask's permissions.
     tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex}.tmp")
     try:
-        safetensors.torch.save_file(dict(tensors), str(tmp), metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, file)
