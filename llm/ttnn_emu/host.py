@@ -1,0 +1,264 @@
+"""Host <-> device transfers, tensor caching and allocation (reference 2)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .device import ReplicateTensorToMesh as _Replicate
+from .memory import (
+    DRAM_MEMORY_CONFIG,
+    BufferType,
+    CoreCoord,
+    CoreRange,
+    CoreRangeSet,
+    MemoryConfig,
+    ShardOrientation,
+    ShardSpec,
+    TensorMemoryLayout,
+)
+from .tensor import Tensor, make_tensor
+from .types import BLOCK_FLOAT_DTYPES, TILE_SIZE, DataType, Layout, dtype_from_torch, to_torch_dtype
+
+
+def _mesh_values(tensor: torch.Tensor, device, mesh_mapper) -> list[torch.Tensor]:
+    if mesh_mapper is not None:
+        return mesh_mapper.map(tensor)
+    return [tensor]
+
+
+def from_torch(
+    tensor, dtype=None, *, spec=None, tile=None, pad_value=None, layout=None, device=None,
+    memory_config=None, mesh_mapper=None, cq_id=None, preserve_nan_values=False,
+    col_tilize=False, enable_bfloat_opt=False,
+):
+    """ttnn.from_torch: convert (round, pad, shard over a mesh) and optionally move to a device."""
+    if tensor is None:
+        return None
+    if spec is not None:
+        raise RuntimeError("ttnn_emu: from_torch(spec=...) is not supported; pass dtype/layout")
+    if tile is not None and tuple(getattr(tile, "tile_shape", tile)) != (TILE_SIZE, TILE_SIZE):
+        raise RuntimeError("ttnn_emu: only 32x32 tiles are supported")
+    if dtype is None:
+        dtype = dtype_from_torch(tensor.dtype)
+    if layout is None:
+        layout = Layout.TILE if dtype in BLOCK_FLOAT_DTYPES else Layout.ROW_MAJOR
+    if col_tilize:
+        if dtype not in BLOCK_FLOAT_DTYPES:
+            raise RuntimeError("col_tilize is only supported for bfloat8_b / bfloat4_b")
+        tensor = tensor.transpose(-2, -1)  # [..., K, N] -> [..., N, K]
+    if device is not None:
+        device._check_no_host_io("from_torch to a device")
+    values = _mesh_values(tensor.detach(), device, mesh_mapper)
+    return make_tensor(
+        values, dtype, layout, memory_config or DRAM_MEMORY_CONFIG, device,
+        pad_value=pad_value if pad_value is not None else 0.0,
+    )
+
+
+def to_torch(tensor, dtype=None, *, torch_rank=None, mesh_composer=None, device=None, cq_id=None):
+    """ttnn.to_torch: values at the logical shape (device tensors are read back first)."""
+    if tensor.device() is not None:
+        tensor.device()._check_no_host_io("to_torch of a device tensor")
+    shards = tensor.logical_shards()
+    out_dtype = to_torch_dtype(tensor.dtype)
+    if mesh_composer is not None:
+        result = mesh_composer.compose([s.to(torch.float32) if s.is_floating_point() else s
+                                        for s in shards])
+    else:
+        if len(shards) != 1:
+            raise RuntimeError(
+                f"to_torch of a tensor with {len(shards)} device shards needs a mesh_composer"
+            )
+        result = shards[0]
+    result = result.to(out_dtype)
+    if torch_rank is not None:
+        while result.dim() > torch_rank:
+            if result.shape[0] != 1:
+                raise RuntimeError(f"torch_rank={torch_rank}: leading dim {result.shape[0]} != 1")
+            result = result.squeeze(0)
+    if dtype is not None:
+        result = result.to(dtype)
+    return result.clone()
+
+
+def to_device(tensor, device, memory_config=None, *, queue_id=None):
+    """ttnn.to_device: a new device tensor (DRAM interleaved unless told otherwise)."""
+    if tensor.device() is not None:
+        if tensor.device() is device:
+            return tensor
+        raise RuntimeError("to_device: tensor is already on another device")
+    device._check_no_host_io("to_device")
+    mem = memory_config or DRAM_MEMORY_CONFIG
+    return Tensor(
+        _replicate_for(tensor, device), tensor.shape, tensor.padded_shape, tensor.dtype,
+        tensor.layout, mem, device,
+    )
+
+
+def _replicate_for(tensor, device) -> list[torch.Tensor]:
+    shards = tensor.padded_shards()
+    n = device.get_num_devices()
+    if len(shards) == 1:
+        return [shards[0].clone() for _ in range(n)]
+    if len(shards) != n:
+        raise RuntimeError(f"Tensor has {len(shards)} shards but the mesh has {n} devices")
+    return [s.clone() for s in shards]
+
+
+def from_device(tensor, blocking=True, *, queue_id=None):
+    """ttnn.from_device: a host copy (keeps the memory config record)."""
+    if tensor.device() is None:
+        return tensor
+    tensor.device()._check_no_host_io("from_device")
+    return Tensor(
+        [s.clone() for s in tensor.padded_shards()], tensor.shape, tensor.padded_shape,
+        tensor.dtype, tensor.layout, tensor.memory_config(), None,
+    )
+
+
+def copy_host_to_device_tensor(host_tensor, device_tensor, cq_id=None):
+    """ttnn.copy_host_to_device_tensor: overwrite a device buffer in place (same address)."""
+    if host_tensor.device() is not None or device_tensor.device() is None:
+        raise RuntimeError("copy_host_to_device_tensor needs a host tensor and a device tensor")
+    device_tensor.device()._check_no_host_io("copy_host_to_device_tensor")
+    for what in ("shape", "padded_shape", "dtype", "layout"):
+        if getattr(host_tensor, what) != getattr(device_tensor, what):
+            raise RuntimeError(
+                f"copy_host_to_device_tensor: {what} differs: {getattr(host_tensor, what)}"
+                f" vs {getattr(device_tensor, what)}"
+            )
+    device_tensor.write_shards(_replicate_for(host_tensor, device_tensor.device()))
+
+
+def allocate_tensor_on_device(shape, dtype, layout, mesh_device, memory_config=None):
+    """ttnn.allocate_tensor_on_device: an uninitialised device tensor (the emulator zero-fills)."""
+    mesh_device._check_no_host_io("allocate_tensor_on_device")
+    values = torch.zeros(tuple(shape), dtype=torch.float32)
+    return make_tensor(values, dtype, layout, memory_config or DRAM_MEMORY_CONFIG, mesh_device)
+
+
+def deallocate(tensor, force=True) -> None:
+    """ttnn.deallocate."""
+    tensor.deallocate(force)
+
+
+def reallocate(tensor, memory_config=None):
+    """ttnn.reallocate: a fresh buffer with the same values (optionally a new memory config)."""
+    out = Tensor(
+        [s.clone() for s in tensor.padded_shards()], tensor.shape, tensor.padded_shape,
+        tensor.dtype, tensor.layout, memory_config or tensor.memory_config(), tensor.device(),
+    )
+    tensor.deallocate()
+    return out
+
+
+def get_device_tensors(tensor) -> list:
+    """ttnn.get_device_tensors: one single-chip tensor per mesh device (host tensors stay host)."""
+    return [
+        Tensor([s.clone()], tensor.shape, tensor.padded_shape, tensor.dtype, tensor.layout,
+               tensor.memory_config(), None)
+        for s in tensor.padded_shards()
+    ]
+
+
+def combine_device_tensors(tensors) -> Tensor:
+    """ttnn.combine_device_tensors: the inverse of get_device_tensors (host tensors)."""
+    first = tensors[0]
+    for t in tensors:
+        if (t.shape, t.padded_shape, t.dtype, t.layout) != (
+            first.shape, first.padded_shape, first.dtype, first.layout
+        ):
+            raise RuntimeError("combine_device_tensors: tensors differ in shape/dtype/layout")
+    shards = [s.clone() for t in tensors for s in t.padded_shards()]
+    return Tensor(shards, first.shape, first.padded_shape, first.dtype, first.layout,
+                  first.memory_config(), None)
+
+
+# --- cache files ---------------------------------------------------------------------------------
+class DumpTensorMode:
+    """ttnn.DumpTensorMode (only DISTRIBUTED_GATHER semantics are emulated)."""
+
+    DISTRIBUTED_GATHER = "DISTRIBUTED_GATHER"
+
+
+def _encode_mem(m: MemoryConfig) -> dict:
+    spec = None
+    if m.shard_spec is not None:
+        s = m.shard_spec
+        spec = {
+            "ranges": [[r.start.x, r.start.y, r.end.x, r.end.y] for r in s.grid.ranges()],
+            "shape": list(s.shape),
+            "orientation": s.orientation.name,
+        }
+    return {"layout": m.memory_layout.name, "buffer": m.buffer_type.name, "spec": spec}
+
+
+def _decode_mem(d: dict) -> MemoryConfig:
+    spec = None
+    if d["spec"] is not None:
+        ranges = {CoreRange(CoreCoord(a, b), CoreCoord(c, e)) for a, b, c, e in d["spec"]["ranges"]}
+        spec = ShardSpec(CoreRangeSet(ranges), d["spec"]["shape"],
+                         ShardOrientation[d["spec"]["orientation"]])
+    return MemoryConfig(TensorMemoryLayout[d["layout"]], BufferType[d["buffer"]], spec)
+
+
+def dump_tensor(file_name, tensor) -> None:
+    """Write a host copy of `tensor` to `file_name` (the emulator's own .tensorbin format)."""
+    torch.save(
+        {
+            "format": "ttnn_emu.tensorbin.v1",
+            "shards": [s.clone() for s in tensor.padded_shards()],
+            "shape": list(tensor.shape),
+            "padded_shape": list(tensor.padded_shape),
+            "dtype": tensor.dtype.name,
+            "layout": tensor.layout.name,
+            "memory_config": _encode_mem(tensor.memory_config()),
+        },
+        file_name,
+    )
+
+
+def load_tensor(file_name, device=None):
+    """Read a tensor written by dump_tensor, onto `device` with its stored memory config."""
+    d = torch.load(file_name, weights_only=True)
+    if d.get("format") != "ttnn_emu.tensorbin.v1":
+        raise RuntimeError(f"{file_name} is not a ttnn_emu tensor file")
+    mem = _decode_mem(d["memory_config"])
+    host = Tensor(d["shards"], d["shape"], d["padded_shape"], DataType[d["dtype"]],
+                  Layout[d["layout"]], mem, None)
+    return host if device is None else to_device(host, device, mem)
+
+
+def as_tensor(
+    tensor, dtype=None, *, layout=Layout.ROW_MAJOR, device=None, memory_config=None,
+    cache_file_name=None, preprocess=None, mesh_mapper=None,
+    cache_dump_mode=DumpTensorMode.DISTRIBUTED_GATHER,
+):
+    """ttnn.as_tensor: from_torch with an on-disk cache (hit: the torch input is ignored)."""
+    if device is not None and memory_config is None:
+        raise RuntimeError("as_tensor: memory_config is required when device is given")
+    if device is not None:
+        device._check_no_host_io("as_tensor to a device")
+
+    def build_host():
+        t = preprocess(tensor) if preprocess is not None else tensor
+        return from_torch(t, dtype, layout=layout, memory_config=memory_config,
+                          mesh_mapper=None if isinstance(mesh_mapper, _Replicate) else mesh_mapper)
+
+    if cache_file_name is None:
+        host = build_host()
+        return host if device is None else to_device(host, device, memory_config)
+    eff_dtype = dtype or dtype_from_torch(tensor.dtype)
+    path = f"{cache_file_name}_dtype_{eff_dtype.name}_layout_{layout.name}.tensorbin"
+    if os.path.exists(path):
+        try:
+            return load_tensor(path, device)
+        except Exception:
+            pass  # a load error triggers a rebuild, as in ttnn
+    host = build_host()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    dump_tensor(path, host)
+    return host if device is None else to_device(host, device, memory_config)
+
