@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from llm.backends.base import create_backend
 from llm.checkpoint import default_cache_dir, default_model_path, load_checkpoint
@@ -28,7 +29,8 @@ class LLM:
                  device: str = "cpu", dtype: str = "float32", max_batch: int = 8,
                  max_seq_len: int | None = None, block_size: int = 32,
                  num_blocks: int | None = None,
-                 cache_dir: str | Path | None = None, progress: bool = True) -> None:
+                 cache_dir: str | Path | None = None, progress: bool = True,
+                 backend_options: Mapping[str, Any] | None = None) -> None:
         path = Path(model) if model is not None else default_model_path()
         self.checkpoint = load_checkpoint(path, cache_dir=cache_dir, progress=progress)
         self.config = self.checkpoint.config
@@ -44,7 +46,7 @@ class LLM:
         self.runtime = RuntimeConfig(device=device, dtype=dtype, max_batch=max_batch,
                                      max_seq_len=max_seq_len, block_size=block_size,
                                      num_blocks=num_blocks)
-        self.backend = create_backend(backend, self.checkpoint, self.runtime)
+        self.backend = create_backend(backend, self.checkpoint, self.runtime, backend_options)
         self.generator = Generator(self.backend, self.tokenizer)
 
     def generate(self, prompts: str | Sequence[str | Sequence[int]],

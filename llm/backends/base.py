@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llm.checkpoint import Checkpoint
 from llm.config import ModelConfig, RuntimeConfig
@@ -79,12 +80,16 @@ class Backend(ABC):
 _BACKENDS = {"torch": "llm.backends.torch.runner", "tt": "llm.backends.tt.runner"}
 
 
-def create_backend(name: str, checkpoint: Checkpoint, runtime: RuntimeConfig) -> Backend:
-    """Import backend `name` on first use and build it; unknown names are a clear error."""
+def create_backend(name: str, checkpoint: Checkpoint, runtime: RuntimeConfig,
+                   options: Mapping[str, Any] | None = None) -> Backend:
+    """Import backend `name` on first use and build it; unknown names are a clear error.
+
+    `options` are backend-specific keyword arguments of its `create` (e.g. a mesh shape for tt).
+    """
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r} (available: {', '.join(sorted(_BACKENDS))})")
     try:
         module = importlib.import_module(_BACKENDS[name])
     except ModuleNotFoundError as e:
         raise ValueError(f"backend {name!r} is not available in this installation: {e}") from e
-    return module.create(checkpoint, runtime)
+    return module.create(checkpoint, runtime, **dict(options or {}))
