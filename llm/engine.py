@@ -22,7 +22,7 @@ class LLM:
     model: a Hugging Face directory, a .gguf file, or None for the embedded SmolLM2-135M-Instruct.
     max_seq_len: longest prompt + completion per request (default: the model's context, at most
     2048). max_batch: users decoded together. num_blocks: KV pages in the pool (default: every slot
-    at max_seq_len).
+    at max_seq_len). backend_options: keyword arguments for the backend's `create` (its runner).
     """
 
     def __init__(self, model: str | Path | None = None, *, backend: str = "torch",
