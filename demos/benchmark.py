@@ -108,13 +108,18 @@ def bench_ours(backend: TorchBackend, batch: int, prompt_len: int, steps: int,
     pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
                       rt.max_batch)
     g = torch.Generator().manual_seed(1)
-    firsts, ttfts = [], []
-    for slot in range(batch):
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
-        pages.reserve(slot, prompt_len + steps + 1)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    pages.reserve(0, prompt_len + steps + 1)
+    ttfts = []
+    for _ in range(3):  # TTFT: the first prefill of this length warms up, the median of the rest
         t = time.perf_counter()
-        firsts.append(backend.prefill(PrefillInput(slot, prompt, 0, pages.row(slot), GREEDY)))
+        backend.prefill(PrefillInput(0, prompts[0], 0, pages.row(0), GREEDY))
         ttfts.append(time.perf_counter() - t)
+    firsts = []
+    for slot in range(batch):
+        pages.reserve(slot, prompt_len + steps + 1)
+        firsts.append(backend.prefill(PrefillInput(slot, prompts[slot], 0, pages.row(slot),
+                                                   GREEDY)))
     slots = list(range(batch))
     tokens, times = firsts, []
     for i in range(steps):
@@ -125,7 +130,7 @@ def bench_ours(backend: TorchBackend, batch: int, prompt_len: int, steps: int,
     for slot in slots:
         pages.release(slot)
     warm = times[min(2, steps - 1):]
-    return statistics.median(ttfts[1:] or ttfts), statistics.median(warm)
+    return statistics.median(ttfts[1:]), statistics.median(warm)
 
 
 def hf_model(ck: Checkpoint, device: torch.device, dtype: torch.dtype):
@@ -173,8 +178,13 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int,
 
     run(2, ids[:1])  # warm-up
     ttft = statistics.median(s[2] - s[0] for s in (run(1, ids[:1]) for _ in range(3)))
-    stamps = run(steps + 1, ids)[2:]
-    return ttft, statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    full = run(steps + 1, ids)
+    stamps = full[2:]
+    step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    one = run(1, ids)
+    print(f"  (transformers cross-check without per-token stamps: "
+          f"{1e3 * ((full[-1] - full[0]) - (one[-1] - one[0])) / steps:.2f} ms/step)")
+    return ttft, step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4", help="comma list of decode batch sizes")
     p.add_argument("--prompt-lens", default="128", help="comma list of prompt lengths")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
-    p.add_argument("--no-reference", action="store_true", help="skip transformers")
+    p.add_argument("--engines", default="llm,transformers",
+                   help="comma list of: llm (CUDA graphs where available), llm-eager, transformers")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -209,14 +220,20 @@ def main(argv: list[str] | None = None) -> int:
         max_len = max(plens) + args.steps + 8
         rt = RuntimeConfig(device=args.device, dtype=args.dtype, max_batch=max(batches),
                            max_seq_len=max_len, block_size=32)
+        engines = args.engines.split(",")
         backend = TorchBackend(ck, rt)
-        ref = None if args.no_reference else hf_model(ck, device, dtype)
+        graphs = backend.graphs
+        env.setdefault("capture_s", {})[name] = graphs.capture_s if graphs else None
+        print(f"# {name}: {backend.describe()}", flush=True)
+        ref = hf_model(ck, device, dtype) if "transformers" in engines else None
         bench_ours(backend, 1, 16, 4, cfg.vocab_size)  # warm-up
         for plen in plens:
             for b in batches:
-                for engine in ("llm", "transformers") if ref is not None else ("llm",):
-                    if engine == "llm":
+                for engine in engines:
+                    if engine.startswith("llm"):
+                        backend.graphs = graphs if engine == "llm" else None
                         ttft, step = bench_ours(backend, b, plen, args.steps, cfg.vocab_size)
+                        backend.graphs = graphs
                     else:
                         ttft, step = bench_hf(ref, b, plen, args.steps, cfg.vocab_size, device)
                     floor = step_bytes(cfg, ck, b, plen + args.steps // 2) / bw
@@ -227,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"  step {r.step_ms:8.2f} ms  {r.tok_s_user:8.1f} tok/s/user"
                           f"  {r.tok_s_total:9.1f} tok/s  {r.roofline_pct:5.1f}% roofline",
                           flush=True)
-        del backend, ref, ck
+        del backend, graphs, ref, ck
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "rows": [asdict(r) for r in rows]},

@@ -49,31 +49,45 @@ class PrefillMeta:
 class DecodeMeta:
     """Shared by every layer for one decode step of B users.
 
-    cos/sin [B, hd]; blocks/offsets [B] where each new K/V goes; page_table [B, nb] the pages
-    covering the longest user; mask [B, 1, 1, nb * block_size] bool, True where key position <= the
-    user's position.
+    cos/sin [B, hd]; blocks/offsets [B] where each new K/V goes; positions [B]. Two attention paths:
+    - kernel (pages_per_program set): the Triton paged flash-decode reads each user's pages up to
+    its
+      position on the device; page_table is the full [B, max_blocks] table and mask is None. Nothing
+      depends on host values, so the step can be captured in a CUDA graph.
+    - gather (CPU, or shapes the kernel does not take): page_table [B, nb] covers the longest user;
+      mask [B, 1, 1, nb * block_size] is True where key position <= the user's position.
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     blocks: torch.Tensor
     offsets: torch.Tensor
+    positions: torch.Tensor
     page_table: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    pages_per_program: int | None = None
 
     @classmethod
     def build(cls, rope: RotaryEmbedding, positions: torch.Tensor, page_table: torch.Tensor,
-              block_size: int, max_pos: int) -> DecodeMeta:
-        """positions [B], page_table [B, max_blocks]; max_pos = max(positions), host-known."""
+              block_size: int, max_pos: int | None = None,
+              pages_per_program: int | None = None) -> DecodeMeta:
+        """positions [B], page_table [B, max_blocks]. The gather path needs max_pos =
+        max(positions), known on the host; the kernel path needs pages_per_program instead.
+        """
         device = positions.device
         b = positions.shape[0]
-        nb = max_pos // block_size + 1
         cos, sin = rope.gather(positions)
         rows = torch.arange(b, device=device)
+        blocks = page_table[rows, positions // block_size]
+        offsets = positions % block_size
+        if pages_per_program is not None:
+            return cls(cos, sin, blocks, offsets, positions, page_table, None, pages_per_program)
+        if max_pos is None:
+            raise ValueError("the gather attention path needs max_pos")
+        nb = max_pos // block_size + 1
         keys = torch.arange(nb * block_size, device=device)
         mask = (keys[None, :] <= positions[:, None]).view(b, 1, 1, -1)  # [B, 1, 1, nb*bs]
-        return cls(cos, sin, page_table[rows, positions // block_size], positions % block_size,
-                   page_table[:, :nb], mask)
+        return cls(cos, sin, blocks, offsets, positions, page_table[:, :nb], mask)
 
 
 class Attention:
@@ -121,9 +135,19 @@ class Attention:
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
         b = x.shape[0]
-        q, k, v = self._qkv(x, meta.cos, meta.sin)
-        cache.write(self.layer, k, v, meta.blocks, meta.offsets)
-        keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
-        q = q.unsqueeze(2)  # [B, nh, 1, hd]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask, enable_gqa=True)
+        if meta.pages_per_program is not None:  # Triton: fused RoPE + K/V write, paged attention
+            from llm.backends.torch.kernels.paged_decode import paged_decode_attention
+            from llm.backends.torch.kernels.rope_kv import rope_and_cache
+
+            kp, vp = cache.k[self.layer], cache.v[self.layer]
+            q = rope_and_cache(F.linear(x, self.wqkv, self.bqkv), meta.cos, meta.sin,
+                               meta.blocks, meta.offsets, kp, vp, self.n_heads)  # [B, nh, hd]
+            out = paged_decode_attention(q, kp, vp, meta.page_table, meta.positions,
+                                         self.hd ** -0.5, meta.pages_per_program)  # [B, nh, hd]
+        else:
+            q, k, v = self._qkv(x, meta.cos, meta.sin)
+            cache.write(self.layer, k, v, meta.blocks, meta.offsets)
+            keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
+                                                 attn_mask=meta.mask, enable_gqa=True)
         return F.linear(out.reshape(b, self.n_heads * self.hd), self.wo, self.bo)

@@ -24,6 +24,8 @@ class LMHead:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> logits [N, V]."""
+        if len(self.chunks) == 1:
+            return x @ self.weight.T
         out = torch.empty(x.shape[0], self.vocab_size, dtype=x.dtype, device=x.device)
         col = 0
         for w in self.chunks:

@@ -15,42 +15,64 @@ from llm.config import ModelConfig, RuntimeConfig
 
 
 class DecoderLayer:
-    """x + attn(norm(x)), then h + mlp(norm(h))."""
+    """r = x + attn(norm(x)), then r + mlp(norm(r)), written so that every residual add is fused
+    into the norm that follows it: a layer takes the previous sublayer's output and the residual
+    stream, and returns its MLP output and the updated residual stream.
+    """
 
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int) -> None:
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int,
+                 fused_norm: bool = False) -> None:
         p = f"model.layers.{layer}."
-        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], config.rms_norm_eps)
+        eps = config.rms_norm_eps
+        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, fused_norm)
         self.attn = Attention(config, w, layer)
-        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
+        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused_norm)
         self.mlp = MLP.from_weights(w, p + "mlp.")
 
-    def prefill(self, x: torch.Tensor, meta: PrefillMeta, cache: PagedKVCache) -> torch.Tensor:
-        """x [S, H] -> [S, H]."""
-        h = x + self.attn.prefill(self.attn_norm(x), meta, cache)
-        return h + self.mlp(self.mlp_norm(h))
+    def prefill(self, x: torch.Tensor, residual: torch.Tensor | None, meta: PrefillMeta,
+                cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [S, H] -> (mlp output, residual stream), both [S, H]."""
+        h, residual = self.attn_norm.add_norm(x, residual)
+        h, residual = self.mlp_norm.add_norm(self.attn.prefill(h, meta, cache), residual)
+        return self.mlp(h), residual
 
-    def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
-        """x [B, H] -> [B, H]."""
-        h = x + self.attn.decode(self.attn_norm(x), meta, cache)
-        return h + self.mlp(self.mlp_norm(h))
+    def decode(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
+               cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [B, H] -> (mlp output, residual stream), both [B, H]."""
+        h, residual = self.attn_norm.add_norm(x, residual)
+        h, residual = self.mlp_norm.add_norm(self.attn.decode(h, meta, cache), residual)
+        return self.mlp(h), residual
 
 
 class Transformer:
     """A whole Llama-family model whose weights live on one torch device in one dtype."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor],
-                 runtime: RuntimeConfig, lm_head_chunk: int = 16384) -> None:
+                 runtime: RuntimeConfig, lm_head_chunk: int | None = None,
+                 decode_kernel: bool | None = None) -> None:
+        """decode_kernel: use the Triton paged-decode attention (default: on CUDA when Triton is
+        installed and the head_dim / block_size suit it) with the fused Triton norm and RoPE
+        kernels; otherwise the torch paths.
+        """
         self.config = config
         self.device = torch.device(runtime.device)
         self.dtype = getattr(torch, runtime.dtype)
         self.block_size = runtime.block_size
         w = {k: v.to(device=self.device, dtype=self.dtype) for k, v in tensors.items()}
+        if decode_kernel is None:
+            decode_kernel = self.device.type == "cuda" and _triton_supports(config, runtime)
         self.embed = Embedding(w["model.embed_tokens.weight"])
-        self.layers = [DecoderLayer(config, w, i) for i in range(config.num_layers)]
-        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps)
+        self.layers = [DecoderLayer(config, w, i, decode_kernel) for i in range(config.num_layers)]
+        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, decode_kernel)
         head = w["model.embed_tokens.weight"] if config.tie_word_embeddings else w["lm_head.weight"]
+        if lm_head_chunk is None:  # one matmul on a GPU; bounded working sets on a CPU
+            lm_head_chunk = head.shape[0] if self.device.type == "cuda" else 16384
         self.lm_head = LMHead(head, lm_head_chunk)
         self.rope = RotaryEmbedding(config, runtime.max_seq_len, self.device, self.dtype)
+        self.max_pages = runtime.blocks_per_seq
+        self.n_sm = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                     if decode_kernel and self.device.type == "cuda" else 1)
+        self.decode_kernel = decode_kernel
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int, page_row: torch.Tensor,
@@ -60,22 +82,36 @@ class Transformer:
         Returns logits [V] of the last position (or [S, V] with all_logits, for tests and scoring).
         """
         meta = PrefillMeta.build(self.rope, start_pos, tokens.shape[0], page_row, self.block_size)
-        x = self.embed(tokens)  # [S, H]
+        x, residual = self.embed(tokens), None  # [S, H]
         for layer in self.layers:
-            x = layer.prefill(x, meta, cache)
-        x = x if all_logits else x[-1:]
-        logits = self.lm_head(self.norm(x))  # [S or 1, V]
+            x, residual = layer.prefill(x, residual, meta, cache)
+        if not all_logits:
+            x, residual = x[-1:], residual[-1:]
+        logits = self.lm_head(self.norm.add_norm(x, residual)[0])  # [S or 1, V]
         return logits if all_logits else logits[0]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
-               cache: PagedKVCache, max_pos: int) -> torch.Tensor:
-        """tokens, positions [B]; page_table [B, max_blocks]; max_pos = max(positions) (host-known).
-
-        Returns logits [B, V].
+               cache: PagedKVCache, max_pos: int | None = None) -> torch.Tensor:
+        """tokens, positions [B]; page_table [B, max_blocks]; max_pos = max(positions) (host-known,
+        needed by the gather path only). Returns logits [B, V].
         """
-        meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos)
-        x = self.embed(tokens)  # [B, H]
+        ppp = None
+        if self.decode_kernel:
+            from llm.backends.torch.kernels.paged_decode import pages_per_split
+
+            ppp = pages_per_split(tokens.shape[0], self.config.num_kv_heads, self.max_pages,
+                                  self.n_sm)
+        meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos, ppp)
+        x, residual = self.embed(tokens), None  # [B, H]
         for layer in self.layers:
-            x = layer.decode(x, meta, cache)
-        return self.lm_head(self.norm(x))  # [B, V]
+            x, residual = layer.decode(x, residual, meta, cache)
+        return self.lm_head(self.norm.add_norm(x, residual)[0])  # [B, V]
+
+
+def _triton_supports(config: ModelConfig, runtime: RuntimeConfig) -> bool:
+    try:
+        from llm.backends.torch.kernels.paged_decode import supported
+    except ImportError:  # triton is not installed
+        return False
+    return supported(config.head_dim, runtime.block_size)

@@ -6,11 +6,25 @@ import torch
 
 
 class RMSNorm:
-    """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32, result in the input dtype."""
+    """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32, result in the input dtype.
 
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    fused: use the Triton kernel (residual add and norm in one pass); otherwise torch ops.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False) -> None:
         self.weight = weight  # [H]
         self.eps = eps
+        self.fused = fused
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) for x, residual [N, H]; residual None means zero."""
+        if self.fused:
+            from llm.backends.torch.kernels.norm import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        total = x if residual is None else x + residual
+        return self(total), total
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.backends.torch.graphs import DecodeGraphs
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.model import Transformer
 from llm.checkpoint import Checkpoint
@@ -17,7 +18,9 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, checkpoint: Checkpoint, runtime: RuntimeConfig) -> None:
+    def __init__(self, checkpoint: Checkpoint, runtime: RuntimeConfig,
+                 cuda_graphs: bool = True) -> None:
+        """cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs."""
         if runtime.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {runtime.device!r} requested but CUDA is not available")
         self.config = checkpoint.config
@@ -25,9 +28,19 @@ class TorchBackend(Backend):
         self.device = torch.device(runtime.device)
         self.model = Transformer(self.config, checkpoint.tensors, runtime)
         self.cache = PagedKVCache(self.config, runtime, self.device, self.model.dtype)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and self.model.decode_kernel:
+            self.graphs = DecodeGraphs(self.model, self.cache, runtime.max_batch,
+                                       runtime.blocks_per_seq)
+            self.graphs.capture()
 
     def describe(self) -> str:
-        return f"torch backend on {self.device} ({self.runtime.dtype})"
+        mode = "eager"
+        if self.graphs is not None:
+            mode = f"CUDA graphs, captured in {self.graphs.capture_s:.1f} s"
+        elif self.model.decode_kernel:
+            mode = "eager, Triton paged attention"
+        return f"torch backend on {self.device} ({self.runtime.dtype}, {mode})"
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -47,12 +60,16 @@ class TorchBackend(Backend):
 
     def decode(self, inp: DecodeInput) -> list[int]:
         positions = list(inp.positions)
+        if self.graphs is not None:
+            return self.graphs.run(inp.tokens, positions, inp.page_table,
+                                   [s.params for s in inp.sampling], [s.seed for s in inp.sampling])
         logits = self.model.decode(self._tensor(list(inp.tokens)), self._tensor(positions),
                                    self._tensor([list(r) for r in inp.page_table]), self.cache,
                                    max(positions))
         return self._sample(logits, list(inp.sampling), [p + 1 for p in positions])
 
 
-def create(checkpoint: Checkpoint, runtime: RuntimeConfig) -> TorchBackend:
+def create(checkpoint: Checkpoint, runtime: RuntimeConfig,
+           cuda_graphs: bool = True) -> TorchBackend:
     """Registry entry point (see llm.backends.base.create_backend)."""
-    return TorchBackend(checkpoint, runtime)
+    return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs)

@@ -1,0 +1,112 @@
+"""CUDA-graph decode: the torch backend's "trace".
+
+One graph per (padded batch bucket, sampling mode) is captured once; a decode step is then a copy of
+the step's inputs into static device buffers, one replay (embedding, all layers with the Triton
+paged attention, final norm, LM head and token selection) and one read of the chosen tokens. Rows
+past the live batch are padding: they feed token 0 at position 0 through page 0, which the page
+allocator never hands out, so they cannot touch a user's cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.model import Transformer
+from llm.sampling import SamplingParams, SamplingTensors, sample
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def buckets_for(max_batch: int) -> list[int]:
+    """Padded batch sizes to capture: the standard buckets below max_batch, then max_batch."""
+    return [b for b in BUCKETS if b < max_batch] + [max_batch]
+
+
+class DecodeGraphs:
+    """Captured decode steps over static input buffers (one per batch bucket and sampling mode)."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int,
+                 max_pages: int) -> None:
+        if not model.decode_kernel:
+            raise ValueError("CUDA-graph decode needs the Triton paged-decode attention")
+        self.model, self.cache = model, cache
+        self.buckets = buckets_for(max_batch)
+        dev = model.device
+        n = self.buckets[-1]
+        with torch.inference_mode():
+            self.tokens = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.page_table = torch.zeros(n, max_pages, dtype=torch.int64, device=dev)
+            self.temperature = torch.zeros(n, dtype=torch.float32, device=dev)
+            self.top_k = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.top_p = torch.ones(n, dtype=torch.float32, device=dev)
+            self.seed = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.out = torch.zeros(n, dtype=torch.int64, device=dev)
+        # Host staging: one pinned row per input, copied to the device asynchronously.
+        self._host = torch.zeros(5, n, dtype=torch.int64, pin_memory=True)
+        self._host_f = torch.zeros(2, n, dtype=torch.float32, pin_memory=True)
+        self._host_pt = torch.zeros(n, max_pages, dtype=torch.int64, pin_memory=True)
+        self._out_host = torch.zeros(n, dtype=torch.int64, pin_memory=True)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.capture_s = 0.0
+
+    def _step(self, b: int, greedy: bool) -> None:
+        st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b])
+        logits = self.model.decode(self.tokens[:b], self.positions[:b], self.page_table[:b],
+                                   self.cache)  # [b, V]
+        self.out[:b] = sample(logits, st, self.positions[:b] + 1, all_greedy=greedy)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every bucket (largest first, sharing one memory pool); returns seconds taken."""
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks its kernels
+            for b in self.buckets:
+                for greedy in (True, False):
+                    self._step(b, greedy)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        for b in reversed(self.buckets):
+            for greedy in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._step(b, greedy)
+                self.graphs[(b, greedy)] = graph
+        torch.cuda.synchronize(self.model.device)
+        self.capture_s = time.perf_counter() - t0
+        return self.capture_s
+
+    @torch.inference_mode()
+    def run(self, tokens: Sequence[int], positions: Sequence[int],
+            page_table: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+            seeds: Sequence[int]) -> list[int]:
+        """One decode step for B <= max_batch users; returns each user's next token."""
+        b = len(tokens)
+        bucket = next(x for x in self.buckets if x >= b)
+        host, host_f, pt = self._host, self._host_f, self._host_pt
+        host[:, :bucket] = 0
+        host[0, :b] = torch.tensor(tokens)
+        host[1, :b] = torch.tensor(positions)
+        host[2, :b] = torch.tensor([p.top_k for p in params])
+        host[3, :b] = torch.tensor(seeds)
+        host_f[0, :bucket] = 0.0
+        host_f[1, :bucket] = 1.0
+        host_f[0, :b] = torch.tensor([p.temperature for p in params])
+        host_f[1, :b] = torch.tensor([p.top_p for p in params])
+        pt[:bucket] = 0
+        pt[:b, : len(page_table[0])] = torch.tensor([list(r) for r in page_table])
+        for dst, src in ((self.tokens, host[0]), (self.positions, host[1]),
+                         (self.top_k, host[2]), (self.seed, host[3]),
+                         (self.temperature, host_f[0]), (self.top_p, host_f[1])):
+            dst[:bucket].copy_(src[:bucket], non_blocking=True)
+        self.page_table[:bucket].copy_(pt[:bucket], non_blocking=True)
+        self.graphs[(bucket, all(p.greedy for p in params))].replay()
+        self._out_host[:b].copy_(self.out[:b], non_blocking=True)
+        torch.cuda.current_stream(self.model.device).synchronize()
+        return self._out_host[:b].tolist()

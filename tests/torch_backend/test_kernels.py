@@ -1,0 +1,136 @@
+"""Triton kernels against plain torch references (interpreted on CPU, compiled on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from llm.backends.torch.kernels.paged_decode import (  # noqa: E402
+    paged_decode_attention,
+    pages_per_split,
+    supported,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(q, k_pool, v_pool, page_table, positions, scale):
+    """Gather each user's pages in order, mask keys past its position, softmax in float64."""
+    b, nh, hd = q.shape
+    n_kv, block = k_pool.shape[1], k_pool.shape[2]
+    out = torch.empty(b, nh, hd, dtype=torch.float64)
+    for u in range(b):
+        n = int(positions[u]) + 1
+        pages = page_table[u, : -(-n // block)].cpu()
+        k = k_pool[pages].double().cpu().permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, :n]
+        v = v_pool[pages].double().cpu().permute(1, 0, 2, 3).reshape(n_kv, -1, hd)[:, :n]
+        k = k.repeat_interleave(nh // n_kv, dim=0)  # [nh, n, hd]
+        v = v.repeat_interleave(nh // n_kv, dim=0)
+        w = torch.softmax(q[u].double().cpu()[:, None, :] @ k.transpose(1, 2) * scale, dim=-1)
+        out[u] = (w @ v)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("nh, n_kv, hd, block, dtype", [
+    (8, 2, 64, 16, torch.float32),   # GQA group 4
+    (9, 3, 64, 32, torch.float32),   # group 3 (padded to 16 rows), SmolLM-like
+    (4, 4, 16, 16, torch.float32),   # MHA, small head
+    pytest.param(8, 2, 64, 16, torch.bfloat16, marks=pytest.mark.skipif(
+        DEVICE == "cpu", reason="Triton's CPU interpreter computes bf16 dots wrongly (numpy has "
+        "no bfloat16); bf16 runs on the GPU")),
+])
+@pytest.mark.parametrize("pages_per_program", [3, 64])  # 3: several splits, some empty
+def test_paged_decode_matches_reference(nh, n_kv, hd, block, dtype, pages_per_program) -> None:
+    g = torch.Generator().manual_seed(0)
+    num_blocks, max_pages = 48, 8
+    k_pool = torch.randn(num_blocks, n_kv, block, hd, generator=g).to(DEVICE, dtype)
+    v_pool = torch.randn(num_blocks, n_kv, block, hd, generator=g).to(DEVICE, dtype)
+    k_pool[0] = float("nan")  # the padding page: must never be read
+    v_pool[0] = float("nan")
+    positions = torch.tensor([0, block - 1, block, 5 * block + 3, max_pages * block - 1])
+    b = len(positions)
+    perm = torch.randperm(num_blocks - 1, generator=g) + 1  # non-contiguous, never page 0
+    page_table = torch.zeros(b, max_pages, dtype=torch.int32)
+    for u in range(b):
+        n = int(positions[u]) // block + 1
+        page_table[u, :n] = perm[u * max_pages: u * max_pages + n]
+    q = torch.randn(b, nh, hd, generator=g).to(DEVICE, dtype)
+    scale = hd ** -0.5
+    out = paged_decode_attention(q, k_pool, v_pool, page_table.to(DEVICE), positions.to(DEVICE),
+                                 scale, pages_per_program)
+    ref = _reference(q, k_pool, v_pool, page_table, positions, scale)
+    err = (out.double().cpu() - ref).norm() / ref.norm()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_split_sizing_and_support() -> None:
+    assert pages_per_split(batch=1, n_kv=8, max_pages=64, n_sm=132) == 2  # 33 splits wanted
+    assert pages_per_split(batch=64, n_kv=8, max_pages=64, n_sm=132) == 64  # enough programs
+    assert supported(64, 32) and supported(128, 16)
+    assert not supported(96, 32) and not supported(64, 8)
+
+
+def test_model_decode_through_the_kernel_equals_the_gather_path() -> None:
+    """The whole decode step with the Triton attention (interpreted on CPU) vs the torch path."""
+    from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+
+    from llm.backends.torch.graphs import buckets_for
+    from llm.backends.torch.kv_cache import PagedKVCache
+    from llm.backends.torch.model import Transformer
+    from llm.config import RuntimeConfig
+
+    assert buckets_for(1) == [1] and buckets_for(6) == [1, 2, 4, 6]
+    assert buckets_for(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    config = SMALL_CONFIGS["odd_heads_headdim"]  # 9 q heads over 3 KV heads, head_dim 16
+    rt = RuntimeConfig(device=DEVICE, max_batch=2, max_seq_len=64, block_size=16)
+    w = state_dict(hf_model(config))
+    logits = []
+    for kernel in (True, False):
+        model = Transformer(config, w, rt, decode_kernel=kernel)
+        cache = PagedKVCache(config, rt, DEVICE, model.dtype)
+        pages = torch.tensor([[2, 5, 0, 0], [4, 1, 3, 0]], device=DEVICE)
+        for u, n in enumerate((20, 37)):
+            model.prefill(torch.arange(3, 3 + n, device=DEVICE), 0, pages[u], cache)
+        positions = torch.tensor([20, 37], device=DEVICE)
+        logits.append(model.decode(torch.tensor([7, 9], device=DEVICE), positions, pages, cache,
+                                   max_pos=37))
+    err = (logits[0] - logits[1]).norm() / logits[1].norm()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_fused_add_rms_norm(with_residual: bool) -> None:
+    from llm.backends.torch.kernels.norm import add_rms_norm
+    from llm.backends.torch.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 96, generator=g).to(DEVICE)  # hidden not a power of two
+    r = torch.randn(5, 96, generator=g).to(DEVICE) if with_residual else None
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE)
+    out, total = add_rms_norm(x, r, w, 1e-5)
+    ref_out, ref_total = RMSNorm(w, 1e-5).add_norm(x, r)
+    assert torch.equal(total, ref_total)
+    assert torch.allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_rope_and_cache_write() -> None:
+    from llm.backends.torch.kernels.rope_kv import rope_and_cache
+    from llm.backends.torch.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    nh, n_kv, hd, n = 6, 2, 16, 3
+    qkv = torch.randn(n, (nh + 2 * n_kv) * hd, generator=g).to(DEVICE)
+    cos = torch.randn(n, hd, generator=g).to(DEVICE)
+    sin = torch.randn(n, hd, generator=g).to(DEVICE)
+    blocks, offsets = torch.tensor([3, 1, 3], device=DEVICE), torch.tensor([0, 7, 5], device=DEVICE)
+    k_pool = torch.zeros(4, n_kv, 8, hd, device=DEVICE)
+    v_pool = torch.zeros(4, n_kv, 8, hd, device=DEVICE)
+    q = rope_and_cache(qkv, cos, sin, blocks, offsets, k_pool, v_pool, nh)
+    rq, rk, rv = qkv.split([nh * hd, n_kv * hd, n_kv * hd], dim=-1)
+    assert torch.allclose(q, apply_rotary(rq.view(n, nh, hd), cos, sin), atol=1e-6)
+    ref_k = apply_rotary(rk.view(n, n_kv, hd), cos, sin)
+    for i in range(n):
+        assert torch.allclose(k_pool[blocks[i], :, offsets[i]], ref_k[i], atol=1e-6)
+        assert torch.equal(v_pool[blocks[i], :, offsets[i]], rv.view(n, n_kv, hd)[i])
+    assert int((k_pool != 0).any(-1).sum()) == n * n_kv  # nothing else written
