@@ -161,9 +161,32 @@ class _Clock:
         pass
 
 
+def greedy_tokens(backend: TorchBackend, prompts: list[list[int]],
+                  steps: int) -> list[list[int]]:
+    """Greedy continuations of several users decoded together through the Backend interface."""
+    rt = backend.runtime
+    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
+                      rt.max_batch)
+    out = []
+    for slot, p in enumerate(prompts):
+        pages.reserve(slot, len(p) + steps)
+        out.append([backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), GREEDY))])
+    slots = list(range(len(prompts)))
+    for t in range(steps - 1):
+        nxt = backend.decode(DecodeInput(slots, [o[-1] for o in out],
+                                         [len(p) + t for p in prompts], pages.table(slots),
+                                         [GREEDY] * len(prompts)))
+        for o, tok in zip(out, nxt):
+            o.append(tok)
+    return out
+
+
 def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int,
-             device: torch.device) -> tuple[float, float]:
-    """transformers `generate` (greedy, no early stop): (TTFT, median seconds between tokens)."""
+             device: torch.device, static: bool = False) -> tuple[float, float]:
+    """transformers `generate` (greedy, no early stop): (TTFT, median seconds between tokens).
+
+    static: a static KV cache, which transformers compiles the decode step for.
+    """
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
 
@@ -173,10 +196,13 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int,
         t = time.perf_counter()
         with torch.no_grad():
             model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           eos_token_id=None, pad_token_id=0, streamer=clock)
+                           eos_token_id=None, pad_token_id=0, streamer=clock,
+                           cache_implementation="static" if static else None)
         return [t, *clock.stamps]  # start, prompt echoed, token 1, token 2, ...
 
-    run(2, ids[:1])  # warm-up
+    run(2, ids[:1])  # warm-up (and compilation, with a static cache)
+    if static:
+        run(steps + 1, ids)
     ttft = statistics.median(s[2] - s[0] for s in (run(1, ids[:1]) for _ in range(3)))
     full = run(steps + 1, ids)
     stamps = full[2:]
@@ -197,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lens", default="128", help="comma list of prompt lengths")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
     p.add_argument("--engines", default="llm,transformers",
-                   help="comma list of: llm (CUDA graphs where available), llm-eager, transformers")
+                   help="comma list of: llm (CUDA graphs where available), llm-eager, "
+                        "transformers, transformers-static (static cache, compiled by transformers)")
+    p.add_argument("--check-greedy", type=int, default=0, metavar="STEPS",
+                   help="also check that CUDA-graph decode gives the same greedy tokens as eager "
+                        "decode over STEPS steps for 4 users")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -217,15 +247,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ck = random_checkpoint(SHAPES[name], device, dtype)
         cfg = ck.config
-        max_len = max(plens) + args.steps + 8
-        rt = RuntimeConfig(device=args.device, dtype=args.dtype, max_batch=max(batches),
+        max_len = max(max(plens) + args.steps, 130 + args.check_greedy) + 8
+        rt = RuntimeConfig(device=args.device, dtype=args.dtype, max_batch=max(batches + [4]),
                            max_seq_len=max_len, block_size=32)
         engines = args.engines.split(",")
         backend = TorchBackend(ck, rt)
         graphs = backend.graphs
         env.setdefault("capture_s", {})[name] = graphs.capture_s if graphs else None
         print(f"# {name}: {backend.describe()}", flush=True)
-        ref = hf_model(ck, device, dtype) if "transformers" in engines else None
+        ref = hf_model(ck, device, dtype) if any(e.startswith("transformers")
+                                                 for e in engines) else None
+        if args.check_greedy and graphs is not None:
+            g = torch.Generator().manual_seed(7)
+            prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
+                       for n in (5, 64, 130, 17)]
+            with_graphs = greedy_tokens(backend, prompts, args.check_greedy)
+            backend.graphs = None
+            eager = greedy_tokens(backend, prompts, args.check_greedy)
+            backend.graphs = graphs
+            same = with_graphs == eager
+            env.setdefault("greedy_graphs_equal_eager", {})[name] = same
+            print(f"# {name}: greedy tokens, CUDA graphs == eager over {args.check_greedy} steps "
+                  f"x 4 users: {same}", flush=True)
         bench_ours(backend, 1, 16, 4, cfg.vocab_size)  # warm-up
         for plen in plens:
             for b in batches:
@@ -235,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                         ttft, step = bench_ours(backend, b, plen, args.steps, cfg.vocab_size)
                         backend.graphs = graphs
                     else:
-                        ttft, step = bench_hf(ref, b, plen, args.steps, cfg.vocab_size, device)
+                        ttft, step = bench_hf(ref, b, plen, args.steps, cfg.vocab_size, device,
+                                              static=engine == "transformers-static")
                     floor = step_bytes(cfg, ck, b, plen + args.steps // 2) / bw
                     rows.append(Row(name, b, plen, engine, ttft * 1e3, step * 1e3, 1 / step,
                                     b / step, 100 * floor / step))

@@ -134,3 +134,11 @@ def test_fused_rope_and_cache_write() -> None:
         assert torch.allclose(k_pool[blocks[i], :, offsets[i]], ref_k[i], atol=1e-6)
         assert torch.equal(v_pool[blocks[i], :, offsets[i]], rv.view(n, n_kv, hd)[i])
     assert int((k_pool != 0).any(-1).sum()) == n * n_kv  # nothing else written
+
+
+def test_fused_silu_mul() -> None:
+    from llm.backends.torch.kernels.silu_mul import silu_mul
+
+    gu = torch.randn(3, 2 * 1100, generator=torch.Generator().manual_seed(0)).to(DEVICE)  # 2 blocks
+    gate, up = gu.split(1100, dim=-1)
+    assert torch.allclose(silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=1e-6)

@@ -7,11 +7,15 @@ import torch.nn.functional as F
 
 
 class MLP:
-    """down(silu(gate(x)) * up(x)) with W_gate and W_up stacked as one `[2 * I, H]` weight."""
+    """down(silu(gate(x)) * up(x)) with W_gate and W_up stacked as one `[2 * I, H]` weight.
+
+    fused: the activation runs as one Triton kernel instead of two torch ops.
+    """
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor,
                  gate_up_bias: torch.Tensor | None = None,
-                 down_bias: torch.Tensor | None = None) -> None:
+                 down_bias: torch.Tensor | None = None, fused: bool = False) -> None:
+        self.fused = fused
         self.gate_up = gate_up  # [2I, H]
         self.down = down  # [H, I]
         self.gate_up_bias = gate_up_bias
@@ -19,16 +23,21 @@ class MLP:
         self.inter = down.shape[1]
 
     @classmethod
-    def from_weights(cls, w: dict[str, torch.Tensor], prefix: str) -> MLP:
+    def from_weights(cls, w: dict[str, torch.Tensor], prefix: str, fused: bool = False) -> MLP:
         """Build from canonical names under `prefix` (e.g. `model.layers.0.mlp.`)."""
         gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]], dim=0)
         bias = None
         if prefix + "gate_proj.bias" in w:
             bias = torch.cat([w[prefix + "gate_proj.bias"], w[prefix + "up_proj.bias"]], dim=0)
-        return cls(gate_up, w[prefix + "down_proj.weight"], bias, w.get(prefix + "down_proj.bias"))
+        return cls(gate_up, w[prefix + "down_proj.weight"], bias, w.get(prefix + "down_proj.bias"),
+                   fused)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
         gu = F.linear(x, self.gate_up, self.gate_up_bias)  # [..., 2I]
+        if self.fused and gu.dim() == 2:
+            from llm.backends.torch.kernels.silu_mul import silu_mul
+
+            return F.linear(silu_mul(gu), self.down, self.down_bias)
         gate, up = gu.split(self.inter, dim=-1)
         return F.linear(F.silu(gate) * up, self.down, self.down_bias)

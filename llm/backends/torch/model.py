@@ -21,13 +21,13 @@ class DecoderLayer:
     """
 
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int,
-                 fused_norm: bool = False) -> None:
+                 fused: bool = False) -> None:
         p = f"model.layers.{layer}."
         eps = config.rms_norm_eps
-        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, fused_norm)
+        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, fused)
         self.attn = Attention(config, w, layer)
-        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused_norm)
-        self.mlp = MLP.from_weights(w, p + "mlp.")
+        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused)
+        self.mlp = MLP.from_weights(w, p + "mlp.", fused)
 
     def prefill(self, x: torch.Tensor, residual: torch.Tensor | None, meta: PrefillMeta,
                 cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
