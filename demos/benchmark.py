@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
     p.add_argument("--engines", default="llm,transformers",
                    help="comma list of: llm (CUDA graphs where available), llm-eager, "
-                        "transformers, transformers-static (static cache, compiled by transformers)")
+                        "transformers, transformers-static (static cache, compiled by "
+                        "transformers)")
     p.add_argument("--check-greedy", type=int, default=0, metavar="STEPS",
                    help="also check that CUDA-graph decode gives the same greedy tokens as eager "
                         "decode over STEPS steps for 4 users")
