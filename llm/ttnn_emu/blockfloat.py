@@ -1,10 +1,14 @@
 """Numerics: rounding values to a ttnn dtype, including block-float BFLOAT8_B / BFLOAT4_B.
 
 Block-float (reference 0.1): inside a 32x32 tile, the 16 consecutive values of one face row
-share one exponent e = floor(log2(max|x|)). Each value keeps a sign and an unsigned magnitude
-with an explicit leading bit: 7 bits for bfloat8_b (step 2**(e-6), saturating at 127) and 3 bits
-for bfloat4_b (step 2**(e-2), saturating at 7). Magnitudes round half to even; the exponent is
-never bumped. An inf or nan in a group flushes the other members of the group to 0.
+share one exponent, the largest fp32 exponent field in the group. Each value keeps a sign and an
+unsigned magnitude with an explicit leading bit: 7 bits for bfloat8_b (step 2**(e-6), saturating
+at 127) and 3 bits for bfloat4_b (step 2**(e-2), saturating at 7). The conversion works on the
+fp32 bits, as ttnn's host packer does (checked bit for bit against ttnn 0.81.1): fp32 subnormals
+and zeros become 0; the 24-bit mantissa (hidden bit included) is first shifted right by
+(e_shared - e), dropping the bits shifted out, and only then rounded half to even; the exponent is
+never bumped; a magnitude that rounds to 0 loses its sign (+0.0). An inf or nan sets the shared
+exponent to 255, which flushes the ordinary members of the group to 0.
 """
 
 from __future__ import annotations
@@ -25,22 +29,36 @@ def quantize_block_float(x: torch.Tensor, dtype: DataType) -> torch.Tensor:
     """Round `x` (tile-padded along the last dim) to `dtype` block-float; returns float32.
 
     The last dimension must be a multiple of 16. Rows are independent, so any leading shape works.
+    Bit-exact with ttnn's host conversion (convert_u32_to_bfp, round to nearest even).
     """
     shift, max_mag = _BFP_PARAMS[dtype]
     width = x.shape[-1]
     if width % GROUP != 0:
         raise RuntimeError(f"block-float quantization needs the last dim padded to 16, got {width}")
-    g = x.to(torch.float64).reshape(*x.shape[:-1], width // GROUP, GROUP)  # [..., W/16, 16]
-    finite = torch.isfinite(g)
-    group_finite = finite.all(dim=-1, keepdim=True)
-    mag = torch.where(finite, g.abs(), torch.zeros_like(g))
-    gmax = mag.amax(dim=-1, keepdim=True)
-    _, exp = torch.frexp(gmax)  # gmax = m * 2**exp with m in [0.5, 1): floor(log2 gmax) = exp-1
-    step = torch.ldexp(torch.ones_like(gmax), exp - 1 - shift)
-    q = torch.round(mag / step).clamp(0, max_mag) * step * torch.sign(g)
-    q = torch.where(group_finite, q, torch.zeros_like(q))
-    q = torch.where(finite, q, g)  # inf / nan members keep their value
-    return q.reshape(x.shape).to(torch.float32)
+    drop = 23 - shift  # mantissa bits below the kept magnitude (17 for bf8, 21 for bf4)
+    u = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    u = u.reshape(*x.shape[:-1], width // GROUP, GROUP)  # [..., W/16, 16]
+    sign = u >> 31
+    exp = (u >> 23) & 0xFF
+    shared = exp.amax(dim=-1, keepdim=True)
+    mant = ((u & 0x7FFFFF) | (1 << 23)) >> (shared - exp).clamp(max=63)  # truncating shift
+    low = mant & ((1 << drop) - 1)
+    mag = mant >> drop
+    tie = 1 << (drop - 1)
+    up = (low > tie) | ((low == tie) & ((mag & 1) == 1))
+    mag = (mag + up.to(torch.int64)).clamp(max=max_mag)
+    mag = torch.where(exp == 0, torch.zeros_like(mag), mag)  # zeros and subnormals flush to 0
+    sign = torch.where(mag == 0, torch.zeros_like(sign), sign)  # no -0.0
+    q = torch.ldexp(mag.to(torch.float64), (shared - 127 - shift).to(torch.float64))
+    q = torch.where(sign == 1, -q, q).to(torch.float32)
+    # shared exponent 255 (inf / nan in the group): a magnitude with its leading bit decodes as
+    # inf (no further mantissa bits) or nan, as in ttnn's unpacker
+    special = (shared == 255) & (mag >= 1 << shift)
+    if bool(special.any()):
+        bits = (sign << 31) | (0xFF << 23) | (((mag << 1) & max_mag) << (22 - shift))
+        bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+        q = torch.where(special, bits.view(torch.float32), q)
+    return q.reshape(x.shape)
 
 
 def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .accounting import op
 from .device import ReplicateTensorToMesh as _Replicate
 from .memory import (
     DRAM_MEMORY_CONFIG,
@@ -20,6 +21,43 @@ from .memory import (
 )
 from .tensor import Tensor, make_tensor
 from .types import BLOCK_FLOAT_DTYPES, TILE_SIZE, DataType, Layout, dtype_from_torch, to_torch_dtype
+
+_INT_BITS = {DataType.UINT32: (32, False), DataType.INT32: (32, True), DataType.UINT16: (16, False)}
+
+
+def host_integer_values(tensor: torch.Tensor, dtype: DataType) -> torch.Tensor:
+    """Values ttnn's host conversion stores for an integer `dtype` (int64 torch tensor).
+
+    Read off ttnn 0.81.1 (from_torch under the mock N150 descriptor): integer inputs wrap modulo
+    2**bits (int64 -1 -> uint32 4294967295, 2**31 -> int32 -2**31, 70000 -> uint16 4464). Float
+    inputs truncate toward zero; int32 gives -2**31 for anything outside [-2**31, 2**31) and for
+    nan/inf; uint32 wraps truncated values in (-2**31-1, 2**32) (-2.5 -> 4294967294) and gives
+    2**31 for anything else (float64: 0 above, 2**31 below, 0 for inf/nan); uint16 takes the
+    int32 result saturated to [0, 65535] (float64: modulo 2**16). Out-of-range float -> int is
+    undefined behaviour in C++: this is ttnn's 8-lane SIMD path; the last numel % 8 values of a
+    ROW_MAJOR conversion take a scalar path with other out-of-range results (not modelled).
+    """
+    bits, signed = _INT_BITS[dtype]
+    if not tensor.is_floating_point():
+        v = tensor.to(torch.int64) % (1 << bits)
+        return torch.where(v >= 1 << (bits - 1), v - (1 << bits), v) if signed else v
+    x = tensor.to(torch.float64)
+    ok = torch.isfinite(x)
+    t = torch.where(ok, x, torch.zeros_like(x)).trunc()
+    as_i32 = ok & (t >= -(2**31)) & (t < 2**31)
+    i32 = torch.where(as_i32, t, torch.full_like(t, -(2**31))).to(torch.int64)
+    if dtype == DataType.INT32:
+        return i32
+    wide = tensor.dtype == torch.float64
+    if dtype == DataType.UINT16:
+        return i32 % 2**16 if wide else i32.clamp(0, 2**16 - 1)
+    high = ok & (t >= 2**31) & (t < 2**32)
+    other = torch.full_like(t, 2**31)
+    if wide:  # above the range, inf and nan -> 0; below the range -> 2**31
+        other = torch.where(~ok | (x > 0), torch.zeros_like(t), other)
+    u = torch.where(high, t, other).to(torch.int64)
+    return torch.where(as_i32, i32 % 2**32, u)
+
 
 
 def _mesh_values(tensor: torch.Tensor, device, mesh_mapper) -> list[torch.Tensor]:
@@ -50,7 +88,10 @@ def from_torch(
         tensor = tensor.transpose(-2, -1)  # [..., K, N] -> [..., N, K]
     if device is not None:
         device._check_no_host_io("from_torch to a device")
-    values = _mesh_values(tensor.detach(), device, mesh_mapper)
+    tensor = tensor.detach()
+    if dtype in _INT_BITS:
+        tensor = host_integer_values(tensor, dtype)
+    values = _mesh_values(tensor, device, mesh_mapper)
     return make_tensor(
         values, dtype, layout, memory_config or DRAM_MEMORY_CONFIG, device,
         pad_value=pad_value if pad_value is not None else 0.0,
@@ -144,8 +185,12 @@ def deallocate(tensor, force=True) -> None:
     tensor.deallocate(force)
 
 
+@op("reallocate")
 def reallocate(tensor, memory_config=None):
-    """ttnn.reallocate: a fresh buffer with the same values (optionally a new memory config)."""
+    """ttnn.reallocate: a fresh buffer with the same values (optionally a new memory config).
+
+    An op like the others, so trace capture records it and replay re-reads the input.
+    """
     out = Tensor(
         [s.clone() for s in tensor.padded_shards()], tensor.shape, tensor.padded_shape,
         tensor.dtype, tensor.layout, memory_config or tensor.memory_config(), tensor.device(),

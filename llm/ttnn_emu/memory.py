@@ -6,7 +6,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from .types import TILE_SIZE, DataType, Layout, storage_bytes
+from .types import TILE_SIZE, DataType, Layout, storage_bytes, tile_bytes
 
 # Wormhole L1 per Tensix core: 1464 KiB = 0x16E000 bytes ("1.5MB per Tensix Core" in
 # docs.tenstorrent.com/aibs/wormhole/specifications.html; the exact end of L1, 0x16E000, is the
@@ -272,20 +272,40 @@ def shard_grid_extent(spec: ShardSpec) -> tuple[int, int]:
     return box.x, box.y
 
 
+def _worker_grid_cores(worker_cores) -> list[CoreCoord]:
+    """The cores of the compute grid: a CoreCoord grid size, or a core count laid out on the
+    8-column Wormhole grid (MeshDevice.compute_with_storage_grid_size is 8x8)."""
+    if isinstance(worker_cores, (CoreCoord, CoreGrid)):
+        gx, gy = worker_cores.x, worker_cores.y
+        return [CoreCoord(x, y) for y in range(gy) for x in range(gx)]
+    cols = min(int(worker_cores), 8)
+    return [CoreCoord(i % cols, i // cols) for i in range(int(worker_cores))]
+
+
 def validate_and_place(
-    padded_shape, dtype: DataType, layout: Layout, memory_config: MemoryConfig, worker_cores: int
+    padded_shape, dtype: DataType, layout: Layout, memory_config: MemoryConfig, worker_cores
 ) -> dict:
     """Check that `memory_config` is legal for the tensor; return {core: bytes} of L1 it takes.
 
-    DRAM buffers return {}. Raises RuntimeError for shard specs that are missing, not tile
-    aligned, or that do not cover the tensor with the grid they name.
+    DRAM buffers return {}. L1-interleaved buffers take ceil(pages / n_cores) * page_size on
+    every core of the compute grid (`worker_cores`: a core count or a grid size); pages are
+    tiles (TILE) or rows (ROW_MAJOR), dealt round-robin over the cores. Sharded L1 buffers
+    take one shard on each core of their grid; both land in the same per-core ledger. Raises
+    RuntimeError for shard specs that are missing, not tile aligned, or that do not cover the
+    tensor with the grid they name.
     """
     padded_shape = tuple(padded_shape)
-    nbytes = storage_bytes(math.prod(padded_shape), dtype)
     if not memory_config.is_sharded():
         if memory_config.buffer_type == BufferType.L1:
-            per_core = _ceil_div(nbytes, worker_cores)  # interleaved pages spread over all cores
-            return {CoreCoord(i, -1): per_core for i in range(worker_cores)}
+            if layout == Layout.TILE:
+                page_bytes = tile_bytes(dtype)
+                pages = math.prod(padded_shape) // (TILE_SIZE * TILE_SIZE)
+            else:
+                page_bytes = storage_bytes(padded_shape[-1] if padded_shape else 1, dtype)
+                pages = math.prod(padded_shape[:-1]) if len(padded_shape) > 1 else 1
+            cores = _worker_grid_cores(worker_cores)
+            per_core = _ceil_div(pages, len(cores)) * page_bytes
+            return {c: per_core for c in cores}
         return {}
     spec = memory_config.shard_spec
     if spec is None:
