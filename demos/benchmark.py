@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling  # noqa: E402
+from llm.backends.drive import decode_together  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
 from llm.checkpoint import (  # noqa: E402
     Checkpoint,
@@ -161,26 +162,6 @@ class _Clock:
         pass
 
 
-def greedy_tokens(backend: TorchBackend, prompts: list[list[int]],
-                  steps: int) -> list[list[int]]:
-    """Greedy continuations of several users decoded together through the Backend interface."""
-    rt = backend.runtime
-    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
-                      rt.max_batch)
-    out = []
-    for slot, p in enumerate(prompts):
-        pages.reserve(slot, len(p) + steps)
-        out.append([backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), GREEDY))])
-    slots = list(range(len(prompts)))
-    for t in range(steps - 1):
-        nxt = backend.decode(DecodeInput(slots, [o[-1] for o in out],
-                                         [len(p) + t for p in prompts], pages.table(slots),
-                                         [GREEDY] * len(prompts)))
-        for o, tok in zip(out, nxt):
-            o.append(tok)
-    return out
-
-
 def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int,
              device: torch.device, static: bool = False) -> tuple[float, float]:
     """transformers `generate` (greedy, no early stop): (TTFT, median seconds between tokens).
@@ -262,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.Generator().manual_seed(7)
             prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
                        for n in (5, 64, 130, 17)]
-            with_graphs = greedy_tokens(backend, prompts, args.check_greedy)
+            with_graphs = decode_together(backend, prompts, args.check_greedy, [GREEDY] * 4)
             backend.graphs = None
-            eager = greedy_tokens(backend, prompts, args.check_greedy)
+            eager = decode_together(backend, prompts, args.check_greedy, [GREEDY] * 4)
             backend.graphs = graphs
             same = with_graphs == eager
             env.setdefault("greedy_graphs_equal_eager", {})[name] = same

@@ -10,34 +10,15 @@ import pytest
 import torch
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
-from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling
+from llm.backends.base import SequenceSampling
+from llm.backends.drive import decode_together
 from llm.backends.torch.runner import TorchBackend
 from llm.checkpoint import Checkpoint
 from llm.config import RuntimeConfig
-from llm.paged_kv import PageTable, PageTableSpec
 from llm.sampling import SamplingParams
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA is not available on this machine"))]
-
-
-def _generate(backend: TorchBackend, prompts: list[list[int]], steps: int,
-              sampling: list[SequenceSampling]) -> list[list[int]]:
-    rt = backend.runtime
-    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
-                      rt.max_batch)
-    out = []
-    for slot, p in enumerate(prompts):
-        pages.reserve(slot, len(p) + steps)
-        out.append([backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), sampling[slot]))])
-    slots = list(range(len(prompts)))
-    for t in range(steps - 1):
-        nxt = backend.decode(DecodeInput(slots, [o[-1] for o in out],
-                                         [len(p) + t for p in prompts], pages.table(slots),
-                                         sampling))
-        for o, tok in zip(out, nxt):
-            o.append(tok)
-    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -51,7 +32,7 @@ def test_greedy_tokens_equal_transformers(name: str, device: str) -> None:
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (7, 30, 12)]
     greedy = [SequenceSampling(SamplingParams(), 0)] * 3
-    ours = _generate(backend, prompts, 20, greedy)
+    ours = decode_together(backend, prompts, 20, greedy)
     for p, o in zip(prompts, ours):
         seq = list(p)
         with torch.no_grad():  # reference: full forward over the whole sequence, no cache
@@ -67,7 +48,7 @@ def test_seeded_sampling_agrees_between_cpu_and_cuda() -> None:
     sampling = [SequenceSampling(SamplingParams(temperature=0.8, top_p=0.9, seed=s), s)
                 for s in (1, 2)]
     prompts = [[5, 6, 7, 8], [9, 10]]
-    outs = [_generate(TorchBackend(Checkpoint(config, w, source=None),
+    outs = [decode_together(TorchBackend(Checkpoint(config, w, source=None),
                                    RuntimeConfig(device=d, max_batch=2, max_seq_len=64,
                                                  block_size=8)), prompts, 16, sampling)
             for d in ("cpu", "cuda")]
@@ -88,6 +69,6 @@ def test_cuda_graph_decode_equals_eager(dtype: str) -> None:
     graphs = TorchBackend(Checkpoint(config, w, source=None), rt)
     eager = TorchBackend(Checkpoint(config, w, source=None), rt, cuda_graphs=False)
     assert graphs.graphs is not None and eager.graphs is None
-    assert _generate(graphs, prompts, 24, sampling) == _generate(eager, prompts, 24, sampling)
-    greedy = [SequenceSampling(SamplingParams(), 0)] * 3
-    assert _generate(graphs, prompts, 24, greedy) == _generate(eager, prompts, 24, greedy)
+    for mode in (sampling, [SequenceSampling(SamplingParams(), 0)] * 3):  # mixed, then greedy
+        want = decode_together(eager, prompts, 24, mode)
+        assert decode_together(graphs, prompts, 24, mode) == want
