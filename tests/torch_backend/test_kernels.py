@@ -72,7 +72,7 @@ def test_split_sizing_and_support() -> None:
 
 
 def test_model_decode_through_the_kernel_equals_the_gather_path() -> None:
-    """The whole decode step with the Triton attention (interpreted on CPU) vs the torch path."""
+    """Prefill and a decode step through the Triton kernels (interpreted on CPU) vs torch."""
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
     from llm.backends.torch.graphs import buckets_for
@@ -85,18 +85,21 @@ def test_model_decode_through_the_kernel_equals_the_gather_path() -> None:
     config = SMALL_CONFIGS["odd_heads_headdim"]  # 9 q heads over 3 KV heads, head_dim 16
     rt = RuntimeConfig(device=DEVICE, max_batch=2, max_seq_len=64, block_size=16)
     w = state_dict(hf_model(config))
-    logits = []
+    logits, prefill = [], []
     for kernel in (True, False):
         model = Transformer(config, w, rt, decode_kernel=kernel)
         cache = PagedKVCache(config, rt, DEVICE, model.dtype)
         pages = torch.tensor([[2, 5, 0, 0], [4, 1, 3, 0]], device=DEVICE)
         for u, n in enumerate((20, 37)):
-            model.prefill(torch.arange(3, 3 + n, device=DEVICE), 0, pages[u], cache)
+            prefill.append(model.prefill(torch.arange(3, 3 + n, device=DEVICE), 0, pages[u],
+                                         cache, all_logits=True))
         positions = torch.tensor([20, 37], device=DEVICE)
         logits.append(model.decode(torch.tensor([7, 9], device=DEVICE), positions, pages, cache,
                                    max_pos=37))
     err = (logits[0] - logits[1]).norm() / logits[1].norm()
     assert err < 1e-5, err
+    for fused, plain in zip(prefill[:2], prefill[2:]):  # fused RoPE + cache write in prefill
+        assert (fused - plain).norm() / plain.norm() < 1e-5
 
 
 @pytest.mark.parametrize("with_residual", [True, False])

@@ -93,9 +93,12 @@ class DecodeMeta:
 class Attention:
     """Fused QKV projection, RoPE, paged K/V write, SDPA with GQA, output projection."""
 
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int) -> None:
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int,
+                 fused_rope: bool = False) -> None:
+        """fused_rope: prefill rotates Q/K and writes the cache with the Triton kernel."""
         p = f"model.layers.{layer}.self_attn."
         self.layer = layer
+        self.fused_rope = fused_rope
         self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         self.wqkv = torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"],
                                w[p + "v_proj.weight"]], dim=0)  # [q + 2kv, H]
@@ -117,8 +120,17 @@ class Attention:
     def prefill(self, x: torch.Tensor, meta: PrefillMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [S, H] (one user) -> [S, H]; writes the S tokens' K/V into the user's pages."""
         s = x.shape[0]
-        q, k, v = self._qkv(x, meta.cos, meta.sin)
-        cache.write(self.layer, k, v, meta.blocks, meta.offsets)
+        if self.fused_rope:
+            from llm.backends.torch.kernels.rope_kv import rope_and_cache
+
+            qkv = F.linear(x, self.wqkv, self.bqkv)  # [S, q + 2kv]
+            q, k = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets,
+                                  cache.k[self.layer], cache.v[self.layer], self.n_heads,
+                                  return_k=True)
+            v = qkv[:, self.splits[0] + self.splits[1]:].view(s, self.n_kv, self.hd)
+        else:
+            q, k, v = self._qkv(x, meta.cos, meta.sin)
+            cache.write(self.layer, k, v, meta.blocks, meta.offsets)
         q = q.transpose(0, 1).unsqueeze(0)  # [1, nh, S, hd]
         if meta.mask is None:
             k = k.transpose(0, 1).unsqueeze(0)  # [1, n_kv, S, hd]

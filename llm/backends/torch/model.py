@@ -25,7 +25,7 @@ class DecoderLayer:
         p = f"model.layers.{layer}."
         eps = config.rms_norm_eps
         self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, fused)
-        self.attn = Attention(config, w, layer)
+        self.attn = Attention(config, w, layer, fused)
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused)
         self.mlp = MLP.from_weights(w, p + "mlp.", fused)
 

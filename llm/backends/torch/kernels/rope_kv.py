@@ -15,8 +15,9 @@ import triton.language as tl
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k_pool, v_pool,
-                    stride_qkv, stride_cs, stride_qn, stride_qh, stride_kp, stride_kh, stride_kt,
-                    N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    k_out_ptr, stride_qkv, stride_cs, stride_qn, stride_qh, stride_kp, stride_kh,
+                    stride_kt, stride_kon, stride_koh, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, K_OUT: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)  # 0..N_HEADS-1: query heads; then N_KV key/value heads
     half = tl.arange(0, HEAD_DIM // 2)
@@ -42,6 +43,10 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k
             tl.load(offsets_ptr + n) * stride_kt
         tl.store(k_pool + slot + half, o1)
         tl.store(k_pool + slot + HEAD_DIM // 2 + half, o2)
+        if K_OUT:  # prefill also attends over the chunk's own rotated keys
+            ko = k_out_ptr + n * stride_kon + kvh * stride_koh
+            tl.store(ko + half, o1)
+            tl.store(ko + HEAD_DIM // 2 + half, o2)
         vsrc = qkv_ptr + n * stride_qkv + (N_HEADS + N_KV + kvh) * HEAD_DIM
         tl.store(v_pool + slot + half, tl.load(vsrc + half))
         tl.store(v_pool + slot + HEAD_DIM // 2 + half, tl.load(vsrc + HEAD_DIM // 2 + half))
@@ -49,16 +54,18 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocks: torch.Tensor,
                    offsets: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                   n_heads: int) -> torch.Tensor:
-    """qkv [N, (nh + 2 n_kv) * hd]; cos/sin [N, hd]; blocks/offsets [N] -> rotated q [N, nh, hd].
+                   n_heads: int, return_k: bool = False):
+    """qkv [N, (nh + 2 n_kv) * hd]; cos/sin [N, hd]; blocks/offsets [N] -> rotated q [N, nh, hd]
+    (and, with return_k, rotated k [N, n_kv, hd] too).
 
     K (rotated) and V of each token are written to k_pool/v_pool [num_blocks, n_kv, block, hd].
     """
     n = qkv.shape[0]
     _, n_kv, _, hd = k_pool.shape
     q = torch.empty(n, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(n, n_kv, hd, dtype=qkv.dtype, device=qkv.device) if return_k else q
     _rope_kv_kernel[(n, n_heads + n_kv)](
-        qkv, cos, sin, blocks, offsets, q, k_pool, v_pool, qkv.stride(0), cos.stride(0),
+        qkv, cos, sin, blocks, offsets, q, k_pool, v_pool, k, qkv.stride(0), cos.stride(0),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd)
-    return q
+        k.stride(0), k.stride(1), N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, K_OUT=return_k)
+    return (q, k) if return_k else q
