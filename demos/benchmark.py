@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lens", default="128", help="comma list of prompt lengths")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
     p.add_argument("--engines", default="llm,transformers",
-                   help="comma list of: llm (CUDA graphs where available), llm-eager, "
+                   help="comma list of: llm (CUDA graphs where available), llm-sync (graphs, "
+                        "no step launched ahead), llm-eager, "
                         "transformers, transformers-static (static cache, compiled by "
                         "transformers)")
     p.add_argument("--check-greedy", type=int, default=0, metavar="STEPS",
@@ -256,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             for b in batches:
                 for engine in engines:
                     if engine.startswith("llm"):
-                        backend.graphs = graphs if engine == "llm" else None
+                        backend.graphs = None if engine == "llm-eager" else graphs
+                        if graphs is not None:
+                            graphs.pipeline = engine != "llm-sync"
                         ttft, step = bench_ours(backend, b, plen, args.steps, cfg.vocab_size)
                         backend.graphs = graphs
                     else:

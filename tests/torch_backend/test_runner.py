@@ -10,11 +10,12 @@ import pytest
 import torch
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
-from llm.backends.base import SequenceSampling
+from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling
 from llm.backends.drive import decode_together
 from llm.backends.torch.runner import TorchBackend
 from llm.checkpoint import Checkpoint
 from llm.config import RuntimeConfig
+from llm.paged_kv import PageTable, PageTableSpec
 from llm.sampling import SamplingParams
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -72,3 +73,54 @@ def test_cuda_graph_decode_equals_eager(dtype: str) -> None:
     for mode in (sampling, [SequenceSampling(SamplingParams(), 0)] * 3):  # mixed, then greedy
         want = decode_together(eager, prompts, 24, mode)
         assert decode_together(graphs, prompts, 24, mode) == want
+
+
+def _churn(backend: TorchBackend, prompts: list[list[int]]) -> list[list[int]]:
+    """Decode with users leaving and a new user joining mid-way (the batch changes under the
+    pipelined graph decode); returns every user's tokens.
+    """
+    rt = backend.runtime
+    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
+                      rt.max_batch)
+    greedy = SequenceSampling(SamplingParams(), 0)
+    sampled = SequenceSampling(SamplingParams(temperature=0.9, seed=11), 11)
+    out: dict[int, list[int]] = {}
+    lens: dict[int, int] = {}
+
+    def join(slot: int, prompt: list[int], s: SequenceSampling) -> None:
+        pages.reserve(slot, len(prompt) + 30)
+        out[slot] = [backend.prefill(PrefillInput(slot, prompt, 0, pages.row(slot), s))]
+        lens[slot] = len(prompt)
+
+    for slot, p in enumerate(prompts):
+        join(slot, p, sampled if slot == 1 else greedy)
+    active = list(out)
+    finished = []
+    for step in range(20):
+        if step == 6:  # user 0 leaves; its pages go back to the pool
+            finished.append(out.pop(0))
+            active.remove(0)
+            pages.release(0)
+        if step == 9:  # a new user takes slot 0 (and, likely, the freed pages)
+            join(0, [7, 7, 7, 1, 2], greedy)
+            active.insert(0, 0)
+        samp = [sampled if s == 1 else greedy for s in active]
+        toks = backend.decode(DecodeInput(active, [out[s][-1] for s in active],
+                                          [lens[s] + len(out[s]) - 1 for s in active],
+                                          pages.table(active), samp))
+        for s, t in zip(active, toks):
+            out[s].append(t)
+    return finished + [out[s] for s in sorted(out)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_pipelined_graph_decode_with_users_leaving_and_joining() -> None:
+    config = SMALL_CONFIGS["llama_gqa"]
+    w = state_dict(hf_model(config))
+    rt = RuntimeConfig(device="cuda", max_batch=4, max_seq_len=64, block_size=16)
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40)), [3, 4]]
+    graphs = TorchBackend(Checkpoint(config, w, source=None), rt)
+    eager = TorchBackend(Checkpoint(config, w, source=None), rt, cuda_graphs=False)
+    assert _churn(graphs, prompts) == _churn(eager, prompts)
+    stats = graphs.graphs.stats
+    assert stats["ahead_hits"] >= stats["steps"] - 4  # only the steps after a change missed

@@ -1,16 +1,24 @@
 """CUDA-graph decode: the torch backend's "trace".
 
-One graph per (padded batch bucket, sampling mode) is captured once; a decode step is then a copy of
-the step's inputs into static device buffers, one replay (embedding, all layers with the Triton
-paged attention, final norm, LM head and token selection) and one read of the chosen tokens. Rows
-past the live batch are padding: they feed token 0 at position 0 through page 0, which the page
-allocator never hands out, so they cannot touch a user's cache.
+One graph per (padded batch bucket, sampling mode) is captured once; a decode step is one replay
+(embedding, all layers with the Triton kernels, final norm, LM head and token selection) over static
+device buffers. Rows past the live batch are padding: they feed token 0 at position 0 through page
+0, which the page allocator never hands out, so they cannot touch a user's cache.
+
+Pipelining (the host reads tokens one step behind): after step t is replayed, its tokens are copied
+to pinned memory and step t+1 is launched at once with its inputs produced on the device (the
+sampled tokens, positions + 1); the host waits only for the copy of step t. If the next call asks
+for exactly that step, it is already running and nothing is copied to the device. Otherwise (a user
+left or joined) the step is recomputed from the host's inputs: a continuing user's K/V writes are
+the same values at the same slots, and a departed user's extra write lands in its own pages before
+any later prefill can reuse them (same stream), never past the pages reserved for its budget.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +32,17 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 def buckets_for(max_batch: int) -> list[int]:
     """Padded batch sizes to capture: the standard buckets below max_batch, then max_batch."""
     return [b for b in BUCKETS if b < max_batch] + [max_batch]
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """The step launched ahead: the batch it assumes, which the next call must match exactly."""
+
+    slots: tuple[int, ...]
+    tokens: tuple[int, ...]
+    positions: tuple[int, ...]
+    page_table: tuple[tuple[int, ...], ...]
+    sampling: tuple[tuple[SamplingParams, int], ...]
 
 
 class DecodeGraphs:
@@ -54,6 +73,10 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0
+        self.pipeline = True  # launch the next step before returning this one's tokens
+        self._ahead: _Launched | None = None
+        self._copied = torch.cuda.Event()
+        self.stats = {"steps": 0, "ahead_hits": 0}
 
     def _step(self, b: int, greedy: bool) -> None:
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b])
@@ -82,13 +105,46 @@ class DecodeGraphs:
         self.capture_s = time.perf_counter() - t0
         return self.capture_s
 
+    def reset(self) -> None:
+        """Forget the step launched ahead (its result will not be used)."""
+        self._ahead = None
+
     @torch.inference_mode()
-    def run(self, tokens: Sequence[int], positions: Sequence[int],
+    def run(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
             page_table: Sequence[Sequence[int]], params: Sequence[SamplingParams],
             seeds: Sequence[int]) -> list[int]:
         """One decode step for B <= max_batch users; returns each user's next token."""
         b = len(tokens)
         bucket = next(x for x in self.buckets if x >= b)
+        graph = self.graphs[(bucket, all(p.greedy for p in params))]
+        want = _Launched(tuple(slots), tuple(tokens), tuple(positions),
+                         tuple(tuple(r) for r in page_table), tuple(zip(params, seeds)))
+        self.stats["steps"] += 1
+        if want == self._ahead:
+            self.stats["ahead_hits"] += 1  # already running on the device
+        else:
+            self._stage(b, bucket, tokens, positions, page_table, params, seeds)
+            graph.replay()
+        stream = torch.cuda.current_stream(self.model.device)
+        self._out_host[:b].copy_(self.out[:b], non_blocking=True)
+        self._copied.record(stream)
+        if self.pipeline:  # launch the next step now, fed on the device, while the host reads
+            self.tokens[:b].copy_(self.out[:b])
+            self.positions[:b] += 1
+            graph.replay()
+        self._copied.synchronize()
+        result = self._out_host[:b].tolist()
+        if not self.pipeline:
+            self._ahead = None
+            return result
+        self._ahead = _Launched(want.slots, tuple(result), tuple(p + 1 for p in positions),
+                                want.page_table, want.sampling)
+        return result
+
+    def _stage(self, b: int, bucket: int, tokens: Sequence[int], positions: Sequence[int],
+               page_table: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+               seeds: Sequence[int]) -> None:
+        """Copy one step's inputs (padded to the bucket) to the static device buffers."""
         host, host_f, pt = self._host, self._host_f, self._host_pt
         host[:, :bucket] = 0
         host[0, :b] = torch.tensor(tokens)
@@ -106,7 +162,3 @@ class DecodeGraphs:
                          (self.temperature, host_f[0]), (self.top_p, host_f[1])):
             dst[:bucket].copy_(src[:bucket], non_blocking=True)
         self.page_table[:bucket].copy_(pt[:bucket], non_blocking=True)
-        self.graphs[(bucket, all(p.greedy for p in params))].replay()
-        self._out_host[:b].copy_(self.out[:b], non_blocking=True)
-        torch.cuda.current_stream(self.model.device).synchronize()
-        return self._out_host[:b].tolist()

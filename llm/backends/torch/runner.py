@@ -54,6 +54,8 @@ class TorchBackend(Backend):
         return sample(logits, st, self._tensor(positions), all_greedy).tolist()
 
     def prefill(self, inp: PrefillInput) -> int:
+        if self.graphs is not None:
+            self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
         logits = self.model.prefill(self._tensor(list(inp.tokens)), inp.start_pos,
                                     self._tensor(list(inp.page_table)), self.cache)
         return self._sample(logits[None], [inp.sampling], [inp.start_pos + len(inp.tokens)])[0]
@@ -61,7 +63,7 @@ class TorchBackend(Backend):
     def decode(self, inp: DecodeInput) -> list[int]:
         positions = list(inp.positions)
         if self.graphs is not None:
-            return self.graphs.run(inp.tokens, positions, inp.page_table,
+            return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table,
                                    [s.params for s in inp.sampling], [s.seed for s in inp.sampling])
         logits = self.model.decode(self._tensor(list(inp.tokens)), self._tensor(positions),
                                    self._tensor([list(r) for r in inp.page_table]), self.cache,
