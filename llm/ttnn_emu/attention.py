@@ -44,13 +44,15 @@ def _attend(q, k, v, scale, keep=None, additive=None):
 
 
 @op("scaled_dot_product_attention")
-def scaled_dot_product_attention(q, k, v, *, attn_mask=None, is_causal=True, scale=None,
+def scaled_dot_product_attention(input_tensor_q, input_tensor_k, input_tensor_v, *,
+                                 attn_mask=None, is_causal=True, scale=None,
                                  sliding_window_size=None, memory_config=None,
                                  program_config=None, compute_kernel_config=None,
                                  attention_sink=None, cu_window_seqlens=None,
                                  windowed_q_token_offset=0, windowed_q_token_offset_tensor=None,
                                  output_concat_heads=False, attn_mask_block_map=None):
     """Prefill flash attention: q [b,nqh,s,dh], k/v [b,nkv,s,dh] -> [b,nqh,s,dh]."""
+    q, k, v = input_tensor_q, input_tensor_k, input_tensor_v  # ttnn 0.81.1 keyword names
     name = "scaled_dot_product_attention"
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         require_device(t, name, n)
@@ -198,13 +200,15 @@ def _decode_k_chunk(pc, smax, paged: bool) -> int:
 
 
 @op("scaled_dot_product_attention_decode")
-def scaled_dot_product_attention_decode(q, k, v, *, is_causal=True, attn_mask=None, cur_pos=(),
+def scaled_dot_product_attention_decode(input_tensor_q, input_tensor_k, input_tensor_v, *,
+                                        is_causal=True, attn_mask=None, cur_pos=(),
                                         cur_pos_tensor=None, attention_sink=None, scale=None,
                                         sliding_window_size=None, memory_config=None,
                                         program_config=None, compute_kernel_config=None,
                                         share_cache=None):
     """Flash decode against contiguous caches [B, nkv, S_max, dh]: user b attends to positions
     0..cur_pos[b] inclusive (-1 skips the user, output 0)."""
+    q, k, v = input_tensor_q, input_tensor_k, input_tensor_v  # ttnn 0.81.1 keyword names
     name = "scaled_dot_product_attention_decode"
     batch, nh, dh, out_mem = _check_decode(q, k, v, memory_config, name)
     if attention_sink is not None:
@@ -242,7 +246,8 @@ def _check_positions(cur_pos, cur_pos_tensor, batch, smax, is_causal, attn_mask,
 
 
 @op("paged_scaled_dot_product_attention_decode")
-def paged_scaled_dot_product_attention_decode(q, k, v, page_table_tensor, *, is_causal=True,
+def paged_scaled_dot_product_attention_decode(input_tensor_q, input_tensor_k, input_tensor_v,
+                                              page_table_tensor, *, is_causal=True,
                                               attn_mask=None, cur_pos_tensor=None,
                                               attention_sink=None, scale=None,
                                               sliding_window_size=None, memory_config=None,
@@ -252,6 +257,7 @@ def paged_scaled_dot_product_attention_decode(q, k, v, page_table_tensor, *, is_
                                               spec_multi_pos_tiles=0):
     """Flash decode against paged caches [blocks, nkv, bs, dh]: the contiguous cache of user b
     is cat_j K[page_table[b, j]] along the sequence."""
+    q, k, v = input_tensor_q, input_tensor_k, input_tensor_v  # ttnn 0.81.1 keyword names
     name = "paged_scaled_dot_product_attention_decode"
     batch, nh, dh, out_mem = _check_decode(q, k, v, memory_config, name)
     if attention_sink is not None or cache_position_modulo is not None or spec_multi_pos_tiles:
@@ -290,7 +296,8 @@ def paged_scaled_dot_product_attention_decode(q, k, v, page_table_tensor, *, is_
 
 
 @op("chunked_scaled_dot_product_attention")
-def chunked_scaled_dot_product_attention(q, k, v, page_table_tensor, chunk_start_idx=None, *,
+def chunked_scaled_dot_product_attention(input_tensor_q, input_tensor_k, input_tensor_v,
+                                         page_table_tensor, chunk_start_idx=None, *,
                                          chunk_start_idx_tensor=None, scale=None,
                                          memory_config=None, program_config=None,
                                          compute_kernel_config=None, paged_cache_geometry=None,
@@ -298,6 +305,7 @@ def chunked_scaled_dot_product_attention(q, k, v, page_table_tensor, chunk_start
     """Chunked prefill against paged caches: q [b,nqh,Sq,dh] holds positions
     [chunk_start, chunk_start+Sq) and attends causally to keys [0, chunk_start+Sq) of the
     contiguous cache rebuilt from the page table."""
+    q, k, v = input_tensor_q, input_tensor_k, input_tensor_v  # ttnn 0.81.1 keyword names
     name = "chunked_scaled_dot_product_attention"
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         require_device(t, name, n)

@@ -36,26 +36,29 @@ def quantize_block_float(x: torch.Tensor, dtype: DataType) -> torch.Tensor:
     if width % GROUP != 0:
         raise RuntimeError(f"block-float quantization needs the last dim padded to 16, got {width}")
     drop = 23 - shift  # mantissa bits below the kept magnitude (17 for bf8, 21 for bf4)
-    u = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    # int32 bit arithmetic (every intermediate fits): half the memory traffic of int64
+    u = x.to(torch.float32).contiguous().view(torch.int32)
     u = u.reshape(*x.shape[:-1], width // GROUP, GROUP)  # [..., W/16, 16]
-    sign = u >> 31
+    sign = (u < 0).to(torch.int32)
     exp = (u >> 23) & 0xFF
     shared = exp.amax(dim=-1, keepdim=True)
-    mant = ((u & 0x7FFFFF) | (1 << 23)) >> (shared - exp).clamp(max=63)  # truncating shift
+    mant = ((u & 0x7FFFFF) | (1 << 23)) >> (shared - exp).clamp(max=31)  # truncating shift
     low = mant & ((1 << drop) - 1)
     mag = mant >> drop
     tie = 1 << (drop - 1)
     up = (low > tie) | ((low == tie) & ((mag & 1) == 1))
-    mag = (mag + up.to(torch.int64)).clamp(max=max_mag)
-    mag = torch.where(exp == 0, torch.zeros_like(mag), mag)  # zeros and subnormals flush to 0
-    sign = torch.where(mag == 0, torch.zeros_like(sign), sign)  # no -0.0
-    q = torch.ldexp(mag.to(torch.float64), (shared - 127 - shift).to(torch.float64))
-    q = torch.where(sign == 1, -q, q).to(torch.float32)
+    mag = (mag + up.to(torch.int32)).clamp(max=max_mag)
+    mag = torch.where(exp == 0, 0, mag)  # zeros and subnormals flush to 0
+    sign = torch.where(mag == 0, 0, sign)  # no -0.0
+    # mag * 2**(shared - 127 - shift) is exact in float32 for every shared exponent in 1..254
+    q = torch.ldexp(mag.to(torch.float32), (shared - 127 - shift).to(torch.float32))
+    q = torch.where(sign == 1, -q, q)
     # shared exponent 255 (inf / nan in the group): a magnitude with its leading bit decodes as
     # inf (no further mantissa bits) or nan, as in ttnn's unpacker
     special = (shared == 255) & (mag >= 1 << shift)
     if bool(special.any()):
-        bits = (sign << 31) | (0xFF << 23) | (((mag << 1) & max_mag) << (22 - shift))
+        m64, s64 = mag.to(torch.int64), sign.to(torch.int64)
+        bits = (s64 << 31) | (0xFF << 23) | (((m64 << 1) & max_mag) << (22 - shift))
         bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
         q = torch.where(special, bits.view(torch.float32), q)
     return q.reshape(x.shape)

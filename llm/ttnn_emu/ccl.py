@@ -7,7 +7,7 @@ import math
 import torch
 
 from .accounting import op, set_cost
-from .opsupport import floats, normalize_dim, output, require_device
+from .opsupport import floats, normalize_dim, output, require_device, write_output
 from .types import FLOAT_DTYPES, Layout
 
 
@@ -50,7 +50,8 @@ def all_gather(input_tensor, dim, *, cluster_axis=None, memory_config=None, outp
     nbytes = input_tensor.shard_nbytes()
     gsize = len(collective_groups(mesh.shape, cluster_axis)[0])
     set_cost(dram_bytes=nbytes * (1 + gsize))
-    return output(input_tensor, outs, memory_config=memory_config, op="all_gather")
+    out = output(input_tensor, outs, memory_config=memory_config, op="all_gather")
+    return write_output(out, output_tensor, "all_gather")
 
 
 @op("reduce_scatter")
@@ -80,7 +81,8 @@ def reduce_scatter(input_tensor, dim, *, cluster_axis=None, subdevice_id=None,
             outs[i] = torch.chunk(total, n, dim=dim)[k]
     set_cost(flops=(n - 1) * math.prod(input_tensor.padded_shape),
              dram_bytes=2 * input_tensor.shard_nbytes())
-    return output(input_tensor, outs, memory_config=memory_config, op="reduce_scatter")
+    out = output(input_tensor, outs, memory_config=memory_config, op="reduce_scatter")
+    return write_output(out, output_tensor, "reduce_scatter")
 
 
 @op("all_reduce")

@@ -18,7 +18,7 @@ from .memory import (
     TensorMemoryLayout,
     grid_to_corerangeset,
 )
-from .opsupport import normalize_dim, output, require_device
+from .opsupport import normalize_dim, output, require_device, write_output
 from .tensor import Tensor, make_tensor, tile_padded_shape
 from .types import BLOCK_FLOAT_DTYPES, DataType, Layout
 
@@ -71,14 +71,8 @@ def to_memory_config(tensor, memory_config, dtype=None, output_tensor=None):
 
 
 def _into(out: Tensor, output_tensor: Tensor | None) -> Tensor:
-    if output_tensor is None:
-        return out
-    if (output_tensor.shape, output_tensor.dtype, output_tensor.layout) != (
-        out.shape, out.dtype, out.layout
-    ):
-        raise RuntimeError("output_tensor does not match the op's output shape/dtype/layout")
-    output_tensor.write_shards(out.padded_shards())
-    return output_tensor
+    # the output spec of a data-movement op is fixed: dtype and layout must match too
+    return write_output(out, output_tensor, "output_tensor", match_dtype=True, match_layout=True)
 
 
 _SCHEME = {
@@ -146,14 +140,32 @@ def _resolve_shape(shape, volume: int) -> tuple:
 @op("reshape")
 def reshape(input_tensor, shape, padded_shape=None, *, memory_config=None, pad_value=None,
             reshape_tile_mode=None, sub_core_grids=None, skip_padding_fill=False):
-    """ttnn.reshape(input, shape[, padded_shape]): the logical volume must not change."""
+    """ttnn.reshape(input, shape[, padded_shape]): the logical volume must not change, except
+    that with an explicit TILE `padded_shape` of the same padded volume the logical shape is a
+    window of it (`reshape(x, (1,1,B,W), (1,1,32,W))` keeps B real rows of a 32-row tile)."""
     # logical [..] -> shape; padded defaults to the layout's tile padding of `shape`
     vol = math.prod(input_tensor.shape)
-    new = _resolve_shape(shape, vol)
     if padded_shape is not None:
         padded_shape = tuple(int(d) for d in padded_shape)
-        if input_tensor.layout == Layout.ROW_MAJOR and padded_shape != new:
+        if input_tensor.layout == Layout.ROW_MAJOR and padded_shape != tuple(shape):
             raise RuntimeError("reshape: ROW_MAJOR tensors cannot carry padding")
+        windowed = (-1 not in shape and math.prod(shape) != vol
+                    and input_tensor.layout == Layout.TILE)
+        if windowed:
+            new = tuple(int(d) for d in shape)
+            if math.prod(padded_shape) != math.prod(input_tensor.padded_shape):
+                raise RuntimeError(f"reshape: padded volume of {list(padded_shape)} != "
+                                   f"{math.prod(input_tensor.padded_shape)}")
+            if len(new) != len(padded_shape) or any(n > p for n, p in zip(new, padded_shape)):
+                raise RuntimeError(f"reshape: logical {list(new)} exceeds padded "
+                                   f"{list(padded_shape)}")
+            window = tuple(builtin_slice(0, n) for n in new)
+            values = [s.reshape(padded_shape)[window] for s in input_tensor.padded_shards()]
+            mem = memory_config or input_tensor.memory_config()
+            return make_tensor(values, input_tensor.dtype, input_tensor.layout, mem,
+                               input_tensor.device(), pad_value=pad_value or 0.0,
+                               padded_shape=padded_shape)
+    new = _resolve_shape(shape, vol)
     values = [s.reshape(new) for s in input_tensor.logical_shards()]
     mem = memory_config or input_tensor.memory_config()
     return make_tensor(values, input_tensor.dtype, input_tensor.layout, mem,
@@ -254,14 +266,34 @@ def typecast(input_tensor, dtype, output_dtype=None, *, memory_config=None, outp
         if input_tensor.dtype != dtype:
             raise RuntimeError(f"typecast: input dtype is {input_tensor.dtype.name}, not {dtype}")
         dtype = output_dtype
-    out = _rebuild(input_tensor, dtype=dtype, memory_config=memory_config)
+    if input_tensor.device() is None and dtype in _HOST_INT_DTYPES:
+        out = _host_int_cast(input_tensor, dtype, memory_config)
+    else:  # on device: the reference's typecast (truncate, clamp to the integer range)
+        out = _rebuild(input_tensor, dtype=dtype, memory_config=memory_config)
     return _into(out, output_tensor)
+
+
+_HOST_INT_DTYPES = (DataType.UINT32, DataType.INT32, DataType.UINT16)
+
+
+def _host_int_cast(t: Tensor, dtype: DataType, memory_config=None) -> Tensor:
+    """Host typecast / to_dtype to an integer dtype: ttnn 0.81.1 converts as from_torch does
+    (integers wrap; out-of-range floats per host.host_integer_values, e.g. -2.7 -> uint32
+    4294967294, 1e10 -> int32 -2**31; a ROW_MAJOR buffer's last numel % 8 values take the
+    scalar path, 1e10 -> uint32 1410065408 there, 2**31 elsewhere)."""
+    from .host import host_integer_values
+
+    tail = t.layout == Layout.ROW_MAJOR
+    values = [host_integer_values(s, dtype, scalar_tail=tail) for s in t.logical_shards()]
+    return make_tensor(values, dtype, t.layout, memory_config or t.memory_config(), None)
 
 
 def to_dtype(tensor, dtype):
     """ttnn.to_dtype: host-side dtype conversion."""
     if tensor.device() is not None:
         raise RuntimeError("to_dtype works on host tensors; use typecast on device")
+    if dtype in _HOST_INT_DTYPES:
+        return _host_int_cast(tensor, dtype)
     return _rebuild(tensor, dtype=dtype)
 
 
@@ -284,8 +316,9 @@ def transpose(input_tensor, dim1, dim2, *, memory_config=None, pad_value=0.0):
 
 
 @op("clone")
-def clone(input_tensor, *, dtype=None, memory_config=None, compute_kernel_config=None):
-    """ttnn.clone: a copy, optionally cast / moved."""
+def clone(input, *, dtype=None, memory_config=None, compute_kernel_config=None):  # noqa: A002
+    """ttnn.clone: a copy, optionally cast / moved (ttnn 0.81.1 names the argument `input`)."""
+    input_tensor = input
     require_device(input_tensor, "clone")
     return _rebuild(input_tensor, dtype=dtype, memory_config=memory_config)
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .accounting import op, set_cost
-from .opsupport import floats, output, require_device, same_device
+from .opsupport import floats, output, require_device, same_device, write_output
 from .tensor import Tensor
 from .types import FLOAT_DTYPES, INT_DTYPES, UnaryOpType, UnaryWithParam
 
@@ -89,11 +89,10 @@ def _binary(name, fn, a, b, dtype, memory_config, output_tensor, activations, a_
         else:
             outs.append(fn(x, y))
     set_cost(flops=math.prod(shape))
+    if dtype is None and output_tensor is not None and output_tensor.layout == a.layout:
+        dtype = output_tensor.dtype  # round once, to the destination's dtype
     out = output(a, outs, dtype=dtype, memory_config=memory_config, op=name)
-    if output_tensor is not None:
-        output_tensor.write_shards(out.padded_shards())
-        return output_tensor
-    return out
+    return write_output(out, output_tensor, name)
 
 
 @op("add")
@@ -137,11 +136,11 @@ def silu(input_tensor, *, memory_config=None, output_tensor=None, sub_core_grids
     """ttnn.silu."""
     require_device(input_tensor, "silu")
     vals = [torch.nn.functional.silu(x) for x in floats(input_tensor)]
-    out = output(input_tensor, vals, memory_config=memory_config, op="silu")
-    if output_tensor is not None:
-        output_tensor.write_shards(out.padded_shards())
-        return output_tensor
-    return out
+    dtype = None
+    if output_tensor is not None and output_tensor.layout == input_tensor.layout:
+        dtype = output_tensor.dtype  # round once, to the destination's dtype
+    out = output(input_tensor, vals, dtype=dtype, memory_config=memory_config, op="silu")
+    return write_output(out, output_tensor, "silu")
 
 
 @op("softmax")

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .accounting import op, set_cost
-from .opsupport import output, require_device, same_device
+from .opsupport import output, require_device, same_device, write_output
 from .types import DataType, Layout, storage_bytes
 
 
@@ -65,7 +65,4 @@ def embedding(input_tensor, weight, *, padding_idx=None, layout=None,
              + storage_bytes(n_rows, DataType.UINT32) + storage_bytes(n_rows * dim, weight.dtype))
     out = output(input_tensor, outs, dtype=dtype or weight.dtype, layout=out_layout,
                  memory_config=memory_config, op="embedding")
-    if output_tensor is not None:
-        output_tensor.write_shards(out.padded_shards())
-        return output_tensor
-    return out
+    return write_output(out, output_tensor, "embedding")

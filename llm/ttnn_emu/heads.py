@@ -13,8 +13,18 @@ from .memory import (
     TensorMemoryLayout,
     num_cores_to_corerangeset,
 )
-from .opsupport import output, require_device, require_dtype, require_tile
+from .opsupport import output, require_device, require_dtype, require_tile, write_output
 from .types import FLOAT_DTYPES, TILE_SIZE, DataType
+
+
+def _into_all(name: str, output_tensors, outs: tuple) -> tuple:
+    """`output_tensors=` of the head-split ops: [q, k, v] destinations, each optional."""
+    if output_tensors is None:
+        return outs
+    dests = list(output_tensors)
+    if len(dests) != len(outs):
+        raise RuntimeError(f"{name}: output_tensors needs {len(outs)} entries, got {len(dests)}")
+    return tuple(write_output(o, d, name) for o, d in zip(outs, dests))
 
 
 def _height_shard_per_user(device, batch: int, dh: int, first_core: int = 0) -> MemoryConfig:
@@ -29,11 +39,12 @@ def _height_shard_per_user(device, batch: int, dh: int, first_core: int = 0) -> 
 
 
 @op("nlp_create_qkv_heads")
-def nlp_create_qkv_heads(input_tensor, input_kv=None, *, num_heads, num_kv_heads=None,
+def nlp_create_qkv_heads(input, input_kv=None, *, num_heads, num_kv_heads=None,  # noqa: A002
                          transpose_k_heads=True, kv_tied=False, memory_config=None,
                          output_tensors=None):
     """Prefill split: [B,1,S,(nh+2nkv)*dh] ([Q heads | K heads | V heads]) -> q [B,nh,S,dh],
     k [B,nkv,S,dh] ([B,nkv,dh,S] if transpose_k_heads), v [B,nkv,S,dh]."""
+    input_tensor = input  # ttnn 0.81.1 names the first argument `input`
     name = "nlp_create_qkv_heads"
     require_device(input_tensor, name)
     require_tile(input_tensor, name)
@@ -68,7 +79,8 @@ def nlp_create_qkv_heads(input_tensor, input_kv=None, *, num_heads, num_kv_heads
         ks.append(k)
         vs.append(v)
     mem = memory_config or input_tensor.memory_config()
-    return tuple(output(input_tensor, vals, memory_config=mem, op=name) for vals in (qs, ks, vs))
+    return _into_all(name, output_tensors, tuple(
+        output(input_tensor, vals, memory_config=mem, op=name) for vals in (qs, ks, vs)))
 
 
 @op("nlp_create_qkv_heads_decode")
@@ -117,11 +129,11 @@ def nlp_create_qkv_heads_decode(input_tensor, *, num_heads, num_kv_heads=None,
         ks.append(xi[:, num_heads * dh: (num_heads + nkv) * dh].reshape(1, nb, nkv, dh))
         vs.append(xi[:, (num_heads + nkv) * dh:].reshape(1, nb, nkv, dh))
     pad = (1, nb, TILE_SIZE, dh)
-    return (
+    return _into_all(name, output_tensors, (
         output(input_tensor, qs, memory_config=q_mem, op=name, padded_shape=pad),
         output(input_tensor, ks, memory_config=k_mem, op=name, padded_shape=pad),
         output(input_tensor, vs, memory_config=k_mem, op=name, padded_shape=pad),
-    )
+    ))
 
 
 @op("nlp_concat_heads")
@@ -162,8 +174,5 @@ def nlp_concat_heads_decode(input_tensor, *, num_heads, memory_config=None, outp
     vals = [x[:, :, :num_heads].reshape(1, 1, batch, num_heads * dh)
             for x in input_tensor.logical_shards()]
     out = output(input_tensor, vals, memory_config=memory_config, op=name)
-    if output_tensor is not None:
-        output_tensor.write_shards(out.padded_shards())
-        return output_tensor
-    return out
+    return write_output(out, output_tensor, name)
 

@@ -25,22 +25,51 @@ from .types import BLOCK_FLOAT_DTYPES, TILE_SIZE, DataType, Layout, dtype_from_t
 _INT_BITS = {DataType.UINT32: (32, False), DataType.INT32: (32, True), DataType.UINT16: (16, False)}
 
 
-def host_integer_values(tensor: torch.Tensor, dtype: DataType) -> torch.Tensor:
+def host_integer_values(tensor: torch.Tensor, dtype: DataType, *,
+                        scalar_tail: bool = False) -> torch.Tensor:
     """Values ttnn's host conversion stores for an integer `dtype` (int64 torch tensor).
 
-    Read off ttnn 0.81.1 (from_torch under the mock N150 descriptor): integer inputs wrap modulo
-    2**bits (int64 -1 -> uint32 4294967295, 2**31 -> int32 -2**31, 70000 -> uint16 4464). Float
-    inputs truncate toward zero; int32 gives -2**31 for anything outside [-2**31, 2**31) and for
-    nan/inf; uint32 wraps truncated values in (-2**31-1, 2**32) (-2.5 -> 4294967294) and gives
-    2**31 for anything else (float64: 0 above, 2**31 below, 0 for inf/nan); uint16 takes the
-    int32 result saturated to [0, 65535] (float64: modulo 2**16). Out-of-range float -> int is
-    undefined behaviour in C++: this is ttnn's 8-lane SIMD path; the last numel % 8 values of a
-    ROW_MAJOR conversion take a scalar path with other out-of-range results (not modelled).
+    Read off ttnn 0.81.1 (from_torch and host typecast / to_dtype, which agree, under the mock
+    N150 descriptor): integer inputs wrap modulo 2**bits (int64 -1 -> uint32 4294967295, 2**31 ->
+    int32 -2**31, 70000 -> uint16 4464). Float inputs truncate toward zero; int32 gives -2**31 for
+    anything outside [-2**31, 2**31) and for nan/inf; uint32 wraps truncated values in
+    (-2**31-1, 2**32) (-2.5 -> 4294967294) and gives 2**31 for anything else (float64: 0 above the
+    range and for +inf); uint16 takes the int32 result saturated to [0, 65535] (float64:
+    modulo 2**16). Out-of-range float -> int is undefined behaviour in C++: that is ttnn's 8-lane
+    SIMD path. With `scalar_tail` (a ROW_MAJOR buffer), the last numel % lanes values of the
+    flattened tensor take ttnn's scalar path instead (lanes: 4 for float32 -> uint16 and for
+    float64 sources, else 8): uint32 is the truncated value modulo 2**32 when it fits an int64,
+    else 0 (1e10 -> 1410065408, nan -> 0); int32 as above; uint16 the int32 result modulo 2**16
+    (-2.7 -> 65534). ttnn converts float64 before tile padding, other floats after.
     """
     bits, signed = _INT_BITS[dtype]
     if not tensor.is_floating_point():
         v = tensor.to(torch.int64) % (1 << bits)
         return torch.where(v >= 1 << (bits - 1), v - (1 << bits), v) if signed else v
+    simd = _simd_integer_values(tensor, dtype)
+    narrow = tensor.dtype == torch.float64 or (
+        tensor.dtype == torch.float32 and dtype == DataType.UINT16)
+    tail = tensor.numel() % (4 if narrow else 8) if scalar_tail else 0
+    if not tail:
+        return simd
+    x = tensor.reshape(-1)[-tail:].to(torch.float64)
+    ok = torch.isfinite(x)
+    t = torch.where(ok, x, torch.zeros_like(x)).trunc()
+    i32 = torch.where(ok & (t >= -(2**31)) & (t < 2**31), t, torch.full_like(t, -(2**31)))
+    if dtype == DataType.UINT32:
+        fits = ok & (t >= -(2.0**63)) & (t < 2.0**63)
+        scalar = torch.where(fits, t, torch.zeros_like(t)).to(torch.int64) % 2**32
+    elif dtype == DataType.UINT16:
+        scalar = i32.to(torch.int64) % 2**16
+    else:
+        scalar = i32.to(torch.int64)
+    flat = simd.reshape(-1).clone()
+    flat[-tail:] = scalar
+    return flat.reshape(simd.shape)
+
+
+def _simd_integer_values(tensor: torch.Tensor, dtype: DataType) -> torch.Tensor:
+    """host_integer_values of a float tensor on ttnn's 8-lane SIMD path."""
     x = tensor.to(torch.float64)
     ok = torch.isfinite(x)
     t = torch.where(ok, x, torch.zeros_like(x)).trunc()
@@ -53,8 +82,8 @@ def host_integer_values(tensor: torch.Tensor, dtype: DataType) -> torch.Tensor:
         return i32 % 2**16 if wide else i32.clamp(0, 2**16 - 1)
     high = ok & (t >= 2**31) & (t < 2**32)
     other = torch.full_like(t, 2**31)
-    if wide:  # above the range, inf and nan -> 0; below the range -> 2**31
-        other = torch.where(~ok | (x > 0), torch.zeros_like(t), other)
+    if wide:  # above the range and +inf -> 0; below the range, -inf and nan -> 2**31
+        other = torch.where(x > 0, torch.zeros_like(t), other)
     u = torch.where(high, t, other).to(torch.int64)
     return torch.where(as_i32, i32 % 2**32, u)
 
@@ -89,8 +118,9 @@ def from_torch(
     if device is not None:
         device._check_no_host_io("from_torch to a device")
     tensor = tensor.detach()
-    if dtype in _INT_BITS:
-        tensor = host_integer_values(tensor, dtype)
+    if dtype in _INT_BITS:  # the buffer's last numel % lanes values take the scalar path
+        tail = layout == Layout.ROW_MAJOR or tensor.dtype == torch.float64  # before padding
+        tensor = host_integer_values(tensor, dtype, scalar_tail=tail and mesh_mapper is None)
     values = _mesh_values(tensor, device, mesh_mapper)
     return make_tensor(
         values, dtype, layout, memory_config or DRAM_MEMORY_CONFIG, device,
@@ -200,7 +230,12 @@ def reallocate(tensor, memory_config=None):
 
 
 def get_device_tensors(tensor) -> list:
-    """ttnn.get_device_tensors: one single-chip tensor per mesh device (host tensors stay host)."""
+    """ttnn.get_device_tensors: one single-chip tensor per mesh device (host tensors stay host).
+
+    The emulator's per-chip tensors are host copies, so splitting a device tensor is a host read
+    here and is refused inside a trace capture like to_torch."""
+    if tensor.device() is not None:
+        tensor.device()._check_no_host_io("get_device_tensors of a device tensor")
     return [
         Tensor([s.clone()], tensor.shape, tensor.padded_shape, tensor.dtype, tensor.layout,
                tensor.memory_config(), None)

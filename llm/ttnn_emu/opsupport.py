@@ -6,8 +6,9 @@ import math
 
 import torch
 
+from .blockfloat import round_to_dtype
 from .memory import MemoryConfig, ShardSpec, TensorMemoryLayout, shard_grid_extent
-from .tensor import Tensor, make_tensor, tile_padded_shape
+from .tensor import Tensor, make_tensor, pad_to, tile_padded_shape
 from .types import TILE_SIZE, DataType, Layout
 
 
@@ -98,6 +99,39 @@ def output(
     mem = resolve_memory_config(memory_config, ref, shape, op)
     return make_tensor(values, dtype or ref.dtype, layout, mem, ref.device(),
                        padded_shape=padded_shape)
+
+
+def write_output(out: Tensor, dest: Tensor | None, op: str = "op", *,
+                 match_dtype: bool = False, match_layout: bool = False) -> Tensor:
+    """ttnn's `output_tensor=` / `optional_output_tensor=`: copy the op's result `out` into the
+    caller's preallocated `dest` in place and return `dest` (`out` when `dest` is None).
+
+    The logical shapes must match. The values are rounded to `dest`'s dtype (block-float groups
+    of `dest`'s tile padding included) as any write to `dest` is; `match_dtype` / `match_layout`
+    make a dtype / layout difference an error instead (ops whose output spec is fixed).
+    """
+    if dest is None:
+        return out
+    if not isinstance(dest, Tensor):
+        raise TypeError(f"{op}: output_tensor must be a ttnn Tensor, got {type(dest).__name__}")
+    if tuple(dest.shape) != tuple(out.shape):
+        raise RuntimeError(f"{op}: output_tensor shape {list(dest.shape)} does not match the"
+                           f" op's output shape {list(out.shape)}")
+    if match_dtype and dest.dtype != out.dtype:
+        raise RuntimeError(f"{op}: output_tensor dtype {dest.dtype.name} does not match the op's"
+                           f" output dtype {out.dtype.name}")
+    if match_layout and dest.layout != out.layout:
+        raise RuntimeError(f"{op}: output_tensor layout {dest.layout.name} does not match the"
+                           f" op's output layout {out.layout.name}")
+    if tuple(dest.padded_shape) == tuple(out.padded_shape):
+        src = out.padded_shards()
+    else:
+        src = [pad_to(s, dest.padded_shape) for s in out.logical_shards()]
+    if len(src) != dest.num_shards():
+        raise RuntimeError(f"{op}: output_tensor has {dest.num_shards()} device buffers, the"
+                           f" output {len(src)}")
+    dest.write_shards([round_to_dtype(s, dest.dtype) for s in src])
+    return dest
 
 
 def normalize_dim(dim: int, rank: int) -> int:

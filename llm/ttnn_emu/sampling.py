@@ -8,7 +8,7 @@ import torch
 
 from .accounting import op, set_cost
 from .memory import DRAM_MEMORY_CONFIG
-from .opsupport import floats, output, require_device, require_dtype
+from .opsupport import floats, output, require_device, require_dtype, write_output
 from .types import TILE_SIZE, DataType, Layout
 
 
@@ -31,12 +31,7 @@ def argmax(input_tensor, dim=None, keepdim=False, *, sub_core_grids=None, memory
     set_cost(flops=math.prod(input_tensor.shape))
     out = output(input_tensor, outs, dtype=DataType.UINT32, layout=Layout.ROW_MAJOR,
                  memory_config=memory_config or DRAM_MEMORY_CONFIG, op=name)
-    if output_tensor is not None:
-        if tuple(output_tensor.shape) != tuple(out.shape) or output_tensor.dtype != out.dtype:
-            raise RuntimeError(f"{name}: output_tensor must be UINT32 of shape {list(out.shape)}")
-        output_tensor.write_shards(out.padded_shards())
-        return output_tensor
-    return out
+    return write_output(out, output_tensor, name, match_dtype=True)
 
 
 @op("topk")
@@ -136,15 +131,13 @@ def sampling(input_values_tensor, input_indices_tensor, k, p, temp, *, seed=None
     set_cost(flops=5 * users * width)
     out = output(vals_t, outs, dtype=DataType.UINT32, layout=Layout.ROW_MAJOR,
                  memory_config=DRAM_MEMORY_CONFIG, op=name)
-    if output_tensor is not None:
-        output_tensor.write_shards(out.padded_shards())
-        return output_tensor
-    return out
+    return write_output(out, output_tensor, name)
 
 
 @op("plus_one")
-def plus_one(input, sub_core_grids=None, skip_negative_entries=False):  # noqa: A002
+def plus_one(input_tensor, sub_core_grids=None, skip_negative_entries=False):
     """Increment an int32/uint32 device tensor in place (negative entries kept if asked)."""
+    input = input_tensor  # noqa: A001 (ttnn 0.81.1 names the argument `input_tensor`)
     require_device(input, "plus_one")
     require_dtype(input, (DataType.INT32, DataType.UINT32), "plus_one")
     for store in input.padded_shards():

@@ -174,12 +174,18 @@ def to_torch_dtype(dtype: DataType) -> torch.dtype:
 
 
 def dtype_from_torch(dtype: torch.dtype) -> DataType:
-    """Default ttnn dtype of `from_torch` for a torch dtype (reference 2)."""
+    """Default ttnn dtype of `from_torch` for a torch dtype (reference 2). As ttnn 0.81.1 (read
+    off its host from_torch): int64 -> UINT32, int16 -> UINT16, uint8 -> UINT8 (not modelled
+    here, so that raises), float16 -> BFLOAT16; float64 has no default there either."""
     table = {
         torch.bfloat16: DataType.BFLOAT16,
+        torch.float16: DataType.BFLOAT16,
         torch.float32: DataType.FLOAT32,
         torch.int32: DataType.INT32,
-        torch.int64: DataType.INT32,
+        torch.int64: DataType.UINT32,
+        torch.int16: DataType.UINT16,
+        torch.uint8: DataType.UINT8,
+        torch.uint16: DataType.UINT16,
         torch.uint32: DataType.UINT32,
     }
     if dtype not in table:

@@ -76,6 +76,19 @@ def test_reshape_logical_and_padded(device):
         ttnn.reshape(t, (1, 1, 5, 40), (1, 1, 33, 64))
 
 
+def test_reshape_window_of_a_padded_tile(device):
+    # decode keeps B real users inside a 32-row tile: reshape(x, (1,1,B,W), (1,1,32,W)) on a
+    # tensor with 32 logical rows narrows the logical shape, the padded volume unchanged
+    y = torch.randn(1, 1, 32, 64)
+    d = ttnn.reshape(dev_tensor(device, y), (1, 1, 3, 64), (1, 1, 32, 64))
+    assert tuple(d.shape) == (1, 1, 3, 64) and tuple(d.padded_shape) == (1, 1, 32, 64)
+    assert torch.equal(ttnn.to_torch(d), y.bfloat16()[:, :, :3])
+    with pytest.raises(RuntimeError, match="padded volume"):
+        ttnn.reshape(dev_tensor(device, y), (1, 1, 3, 64), (1, 1, 64, 64))
+    with pytest.raises(RuntimeError, match="exceeds padded"):
+        ttnn.reshape(dev_tensor(device, y), (1, 1, 3, 96), (1, 1, 32, 64))
+
+
 def test_unsqueeze_to_4d():
     t = ttnn.from_torch(torch.arange(6, dtype=torch.int32).reshape(1, 6), dtype=ttnn.uint32)
     u = ttnn.unsqueeze_to_4D(t)

@@ -164,3 +164,15 @@ def test_matmul_accounting(device):
     rec = device.op_log.recent[-1]
     assert rec.flops == 2 * 32 * 64 * 96
     assert rec.dram_bytes == 2 * 2048 + 6 * 1088 + 3 * 2048
+
+
+def test_2d_mcast_without_fuse_batch_covers_one_batch(device):
+    # fuse_batch=False loops over a's batch: per_core_M must cover one batch's rows only
+    # (prefill reshapes long sequences to [1, S/chunk, chunk, K] and sizes the config for chunk)
+    a, w = torch.randn(1, 4, 64, 64), torch.randn(1, 1, 64, 128)
+    ta, tw = on(device, a), on(device, w)
+    out = ttnn.matmul(ta, tw, program_config=_mc2d(fuse_batch=False))
+    torch.testing.assert_close(ttnn.to_torch(out).float(), bf16(bf16(a) @ bf16(w)),
+                               rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="do not cover"):
+        ttnn.matmul(ta, tw, program_config=_mc2d(fuse_batch=True))

@@ -71,6 +71,8 @@ def test_capture_forbids_host_io_and_new_allocations(device):
     with pytest.raises(RuntimeError, match="trace is being captured"):
         ttnn.from_device(y)
     with pytest.raises(RuntimeError, match="trace is being captured"):
+        ttnn.get_device_tensors(y)  # the emulator's per-chip tensors are host copies
+    with pytest.raises(RuntimeError, match="trace is being captured"):
         ttnn.allocate_tensor_on_device(ttnn.Shape([32, 32]), ttnn.bfloat16, ttnn.TILE_LAYOUT,
                                        device)
     with pytest.raises(RuntimeError, match="already being captured"):
