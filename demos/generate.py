@@ -14,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
+import torch  # noqa: E402
+
 import llm  # noqa: E402
 from llm.sampling import SamplingParams  # noqa: E402
 
@@ -30,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="a Hugging Face model directory (config.json + safetensors) or .gguf file "
                         "(default: the embedded SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--backend", default="torch", choices=["torch"], help="device backend")
+    p.add_argument("--backend", default="torch", choices=["torch", "tt"],
+                   help="device backend (tt: real ttnn when a device is found, else the "
+                        "llm.ttnn_emu emulator)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute and weight dtype")
@@ -47,6 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + completion (default: model context, at most 2048)")
     p.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+    p.add_argument("--mesh", default="1x1", help="tt: mesh shape ROWSxCOLS (virtual on the "
+                   "emulator), 1-D tensor parallel over all its devices")
+    p.add_argument("--precision", default="accuracy", choices=["accuracy", "performance"],
+                   help="tt: accuracy = bf16 weights; performance = bfloat8_b attention, "
+                        "bfloat4_b MLP weights")
+    p.add_argument("--stats", action="store_true",
+                   help="tt: print the emulator's per-step DRAM traffic and the projected N150 "
+                        "decode step time (a roofline projection, not a measurement)")
     return p.parse_args(argv)
 
 
@@ -58,9 +70,17 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, max_new_tokens=args.max_new_tokens,
                                 stop=tuple(args.stop))
         t_load = time.perf_counter()
+        options = None
+        if args.backend == "tt":
+            options = {"mesh": args.mesh, "precision": args.precision}
+            # on the emulator a decode step is ~750 small torch ops: intra-op threads only
+            # contend (measured ~10x slower with 2 threads on a shared 2-core machine)
+            torch.set_num_threads(1)
+        elif args.stats or args.mesh != "1x1" or args.precision != "accuracy":
+            raise ValueError("--mesh, --precision and --stats apply to --backend tt only")
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=len(prompts), max_seq_len=args.max_seq_len,
-                        progress=not args.quiet)
+                        progress=not args.quiet, backend_options=options)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -91,7 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"TTFT {ttft * 1000:.0f} ms | decode {per_user:.1f} tok/s/user | "
           f"{n_tokens / wall:.1f} tok/s total | {n_tokens} tokens in {wall:.2f} s | "
           f"finish: {', '.join(o.finish_reason for o in sorted(done, key=lambda o: o.index))}")
+    if args.stats:
+        print_stats(model.backend)
     return 0
+
+
+def print_stats(backend) -> None:
+    """Per-chip DRAM bytes of the latest traced decode step and the projected N150 step time."""
+    cost = backend.step_cost() if hasattr(backend, "step_cost") else None
+    if cost is None:
+        print("stats: no emulator step cost (real device, or no traced decode step ran)")
+        return
+    from llm.ttnn_emu import project_step_time
+
+    proj = project_step_time(cost, "N150")
+    print(f"stats: emulator decode step: {cost.num_ops} ops, {cost.dram_bytes / 1e6:.2f} MB "
+          f"DRAM/chip, {cost.flops / 1e9:.3f} GFLOP/chip")
+    print(f"stats: {proj.label}")
+    print(f"stats: PROJECTED (not measured) N150 decode: {1 / proj.seconds:.0f} tok/s/user at "
+          f"batch {backend.runtime.max_batch}")
+    inputs = backend.decoder.inputs
+    print(f"stats: host->device input writes: {inputs.host_writes} over "
+          f"{backend.decoder.steps} decode steps (tokens and positions advance on device)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""Grouped-query attention in TT-NN: prefill (flash SDPA, paged fill) and decode (paged update,
+paged flash-decode), following reference section 9.
+
+Weights: wqkv `[1, 1, dim, (nh + 2 nkv) dh]` with Q/K rows permuted to Meta's interleaved RoPE
+order, per device the columns [Q_i | K_i | V_i] of its heads (column-parallel); wo
+`[1, 1, nh dh, dim]` split by rows over the devices (row-parallel), its partial sums reduced by
+an all-reduce (decode, replicated residual) or a reduce-scatter (prefill, fractured residual).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm.backends.tt.chunking import linear_in_chunks
+from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.rope import RotarySetup
+from llm.backends.tt.weights import WeightStore, reverse_permute
+from llm.config import ModelConfig
+
+
+class Attention:
+    """One layer's attention: fused QKV, RoPE, paged KV cache, SDPA, output projection."""
+
+    def __init__(self, mesh: Mesh, weights: WeightStore, cfg: OpConfigs, config: ModelConfig,
+                 tensors: dict[str, torch.Tensor], layer: int, rope: RotarySetup) -> None:
+        ttnn = mesh.ttnn
+        self.mesh, self.cfg, self.rope = mesh, cfg, rope
+        geo, prec, nd = cfg.geo, cfg.precision, mesh.ndev
+        self.scale = geo.head_dim ** -0.5
+        p = f"model.layers.{layer}.self_attn."
+        wq, wk, wv = (tensors[p + f"{n}_proj.weight"] for n in ("q", "k", "v"))
+        dim, qkv_all = geo.dim, geo.qkv * nd
+
+        def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Per device [Q_i | K_i | V_i] along the output dim, devices concatenated."""
+            q = reverse_permute(q.float(), config.num_heads)
+            k = reverse_permute(k.float(), config.num_kv_heads)
+            parts = zip(q.chunk(nd, 0), k.chunk(nd, 0), v.float().chunk(nd, 0))
+            return torch.cat([torch.cat(qkv, 0) for qkv in parts], 0)  # [qkv_all, ...]
+
+        self.wqkv = weights.tensor(
+            f"layer{layer}_wqkv_{dim}x{qkv_all}", wq,
+            lambda _: fuse(wq, wk, wv).T.reshape(1, 1, dim, qkv_all),
+            dtype=prec.wqkv, layout=ttnn.TILE_LAYOUT,
+            memory_config=cfg.qkv.weight_memcfg, mapper=mesh.shard(3))
+        self.bqkv = None
+        if config.qkv_bias:
+            bq, bk, bv = (tensors[p + f"{n}_proj.bias"] for n in ("q", "k", "v"))
+            self.bqkv = weights.tensor(
+                f"layer{layer}_bqkv_{qkv_all}", bq,
+                lambda _: fuse(bq, bk, bv).reshape(1, 1, 1, qkv_all),
+                dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT,
+                memory_config=ttnn.DRAM_MEMORY_CONFIG, mapper=mesh.shard(3))
+        wo = tensors[p + "o_proj.weight"]  # [dim, nh dh]
+        self.wo = weights.tensor(
+            f"layer{layer}_wo_{wo.shape[1]}x{dim}", wo,
+            lambda t: t.float().T.reshape(1, 1, t.shape[1], dim),
+            dtype=prec.wo, layout=ttnn.TILE_LAYOUT,
+            memory_config=cfg.wo.weight_memcfg, mapper=mesh.shard(2))
+
+    # ------------------------------------------------------------------------------ decode
+    def decode(self, x, rot, cur_pos, page_table, cache_k, cache_v):
+        """x `[1, 1, B, dim]` (one row per user, padded to 32; normalised, width-sharded L1) ->
+        the attention output `[1, 1, B, dim]` in the residual memory config, summed over the mesh.
+
+        rot: (cos, sin) `[1, B, 1, dh]` height-sharded; cur_pos int32 `[B]` (-1 = idle user);
+        page_table int32 `[B, max_blocks]`."""
+        ttnn, cfg, geo = self.mesh.ttnn, self.cfg, self.cfg.geo
+        xin = ttnn.to_memory_config(x, cfg.qkv.input_memcfg)  # reshard onto the QKV grid
+        xqkv = ttnn.linear(xin, self.wqkv, program_config=cfg.qkv.program_config,
+                           memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
+                           dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("wqkv"))
+        ttnn.deallocate(xin)
+        xqkv_i = ttnn.sharded_to_interleaved(xqkv, ttnn.L1_MEMORY_CONFIG, ttnn.bfloat16)
+        ttnn.deallocate(xqkv)
+        if self.bqkv is not None:
+            biased = ttnn.add(xqkv_i, self.bqkv, memory_config=ttnn.L1_MEMORY_CONFIG)
+            ttnn.deallocate(xqkv_i)
+            xqkv_i = biased
+        q, k, v = ttnn.experimental.nlp_create_qkv_heads_decode(
+            xqkv_i, num_heads=geo.n_heads, num_kv_heads=geo.n_kv,
+            memory_config=ttnn.L1_HEIGHT_SHARDED_MEMORY_CONFIG)  # [1, B, nh|nkv, dh]
+        ttnn.deallocate(xqkv_i)
+        cos, sin = rot
+        q_rot = ttnn.experimental.rotary_embedding_llama(q, cos, sin, self.rope.trans_decode,
+                                                         is_decode_mode=True)
+        k_rot = ttnn.experimental.rotary_embedding_llama(k, cos, sin, self.rope.trans_decode,
+                                                         is_decode_mode=True)
+        ttnn.deallocate(q)
+        ttnn.deallocate(k)
+        ttnn.experimental.paged_update_cache(cache_k, k_rot, update_idxs_tensor=cur_pos,
+                                             page_table=page_table)
+        ttnn.experimental.paged_update_cache(cache_v, v, update_idxs_tensor=cur_pos,
+                                             page_table=page_table)
+        ttnn.deallocate(k_rot)
+        ttnn.deallocate(v)
+        o = ttnn.transformer.paged_scaled_dot_product_attention_decode(
+            q_rot, cache_k, cache_v, page_table, cur_pos_tensor=cur_pos, scale=self.scale,
+            program_config=cfg.sdpa_decode_program_config,
+            compute_kernel_config=cfg.kernels["sdpa"],
+            memory_config=ttnn.DRAM_MEMORY_CONFIG)  # [1, B, nh, dh]
+        ttnn.deallocate(q_rot)
+        o_sh = ttnn.to_memory_config(o, cfg.sdpa_out_memcfg)
+        ttnn.deallocate(o)
+        o_cat = ttnn.experimental.nlp_concat_heads_decode(
+            o_sh, num_heads=geo.n_heads)  # [1, 1, 32, nh dh] width-sharded, a head per core
+        ttnn.deallocate(o_sh)
+        out = ttnn.linear(o_cat, self.wo, program_config=cfg.wo.program_config,
+                          memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
+                          dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("wo"))
+        ttnn.deallocate(o_cat)
+        if self.mesh.ndev > 1:
+            partial = ttnn.sharded_to_interleaved(out, ttnn.L1_MEMORY_CONFIG)
+            ttnn.deallocate(out)
+            out = self.mesh.all_reduce(partial, ttnn.L1_MEMORY_CONFIG)  # [1, 1, B, dim]
+            ttnn.deallocate(partial)
+        res = ttnn.to_memory_config(out, cfg.residual_memcfg)
+        ttnn.deallocate(out)
+        return res
+
+    # ------------------------------------------------------------------------------ prefill
+    def prefill(self, x, rot, page_row, cache_k, cache_v, start: int = 0, fill_row=None):
+        """x `[1, 1, S, dim]` (one user's tokens at positions start.., normalised, DRAM) ->
+        `[1, 1, S, dim/ndev]`, the attention output reduce-scattered over the mesh (the full
+        width on one device).
+
+        rot: (cos, sin) `[1, 1, S, dh]` of those positions; page_row int32 `[1, max_blocks]` the
+        user's pages. A chunk at start > 0 (a multiple of the block size) writes its K/V through
+        fill_row (the pages from block start / block_size on) and attends to the whole cached
+        context with chunked flash attention."""
+        ttnn, cfg, geo, prec = self.mesh.ttnn, self.cfg, self.cfg.geo, self.cfg.precision
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        s = x.shape[-2]
+        xqkv = linear_in_chunks(ttnn, x, self.wqkv, cfg.qkv_chunk,
+                                program_config=cfg.prefill_matmul("wqkv", s, cfg.qkv_chunk),
+                                memory_config=dram, dtype=ttnn.bfloat16,
+                                compute_kernel_config=cfg.kernel("wqkv"))  # [1, 1, S, qkv]
+        if self.bqkv is not None:
+            xqkv = ttnn.add(xqkv, self.bqkv, memory_config=dram)
+        q, k, v = ttnn.experimental.nlp_create_qkv_heads(
+            xqkv, num_heads=geo.n_heads, num_kv_heads=geo.n_kv, transpose_k_heads=False,
+            memory_config=dram)  # q [1, nh, S, dh], k and v [1, nkv, S, dh]
+        ttnn.deallocate(xqkv)
+        cos, sin = rot
+        q = ttnn.experimental.rotary_embedding_llama(q, cos, sin, self.rope.trans_prefill,
+                                                     is_decode_mode=False)
+        k = ttnn.experimental.rotary_embedding_llama(k, cos, sin, self.rope.trans_prefill,
+                                                     is_decode_mode=False)
+        fill_row = page_row if fill_row is None else fill_row
+        capacity = fill_row.shape[-1] * cache_k.shape[2]  # tokens the page row can hold
+        for cache, t in ((cache_k, k), (cache_v, v)):
+            fill = t if t.dtype == prec.kv_cache else ttnn.typecast(t, prec.kv_cache)
+            if s > capacity:
+                fill = ttnn.slice(fill, (0, 0, 0, 0), (1, geo.n_kv, capacity, geo.head_dim))
+            ttnn.experimental.paged_fill_cache(cache, fill, fill_row, batch_idx=0)
+        q = q if q.dtype == prec.prefill_sdpa else ttnn.typecast(q, prec.prefill_sdpa)
+        if start == 0:
+            k, v = (t if t.dtype == prec.prefill_sdpa else ttnn.typecast(t, prec.prefill_sdpa)
+                    for t in (k, v))
+            o = ttnn.transformer.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, program_config=cfg.sdpa_prefill[s],
+                compute_kernel_config=cfg.kernels["sdpa"], memory_config=dram)  # [1, nh, S, dh]
+        else:  # queries at start.. attend causally to keys [0, start + S) in the paged cache
+            o = ttnn.transformer.chunked_scaled_dot_product_attention(
+                q, cache_k, cache_v, page_row, start, scale=self.scale,
+                program_config=cfg.sdpa_chunked_config(start, s),
+                compute_kernel_config=cfg.kernels["sdpa"], memory_config=dram)
+        o = ttnn.experimental.nlp_concat_heads(o, memory_config=dram)  # [1, 1, S, nh dh]
+        out = linear_in_chunks(ttnn, o, self.wo, cfg.mlp_chunk,
+                               program_config=cfg.prefill_matmul("wo", s, cfg.mlp_chunk),
+                               memory_config=dram, dtype=ttnn.bfloat16,
+                               compute_kernel_config=cfg.kernel("wo"))  # [1, 1, S, dim]
+        return self.mesh.reduce_scatter(out, dram)

@@ -1,0 +1,18 @@
+"""Prefill matmuls over long sequences: `[1, 1, S, K]` is reshaped to `[1, S/chunk, chunk, K]`
+so that each matmul program sees at most `chunk` rows (the 2-D program config is sized for
+`chunk`, batch looped), then reshaped back."""
+
+from __future__ import annotations
+
+
+def linear_in_chunks(ttnn, x, weight, chunk: int, **kwargs):
+    """x `[1, 1, S, K]` @ weight `[1, 1, K, N]` -> `[1, 1, S, N]`; S > chunk needs
+    S % chunk == 0."""
+    s, k = x.shape[-2], x.shape[-1]
+    if s <= chunk:
+        return ttnn.linear(x, weight, **kwargs)
+    if s % chunk:
+        raise ValueError(f"prefill of {s} rows is not a multiple of the {chunk}-row chunk")
+    x = ttnn.reshape(x, (1, s // chunk, chunk, k))  # [1, S/chunk, chunk, K]
+    out = ttnn.linear(x, weight, **kwargs)  # [1, S/chunk, chunk, N]
+    return ttnn.reshape(out, (1, 1, s, out.shape[-1]))  # [1, 1, S, N]

@@ -1,0 +1,37 @@
+"""The paged KV cache on the device: per layer, K and V page pools
+`[num_blocks, n_kv_local, block_size, head_dim]` in DRAM.
+
+Page ids are the Generator's (`llm.paged_kv`): page 0 is the padding page of page-table rows and
+is never handed to a user, so writes of padded prompt rows that land there are harmless. On a
+mesh each device holds the pools of its own KV heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.op_configs import OpConfigs
+from llm.config import RuntimeConfig
+
+
+class PagedKVCache:
+    """K/V page pools for every layer, in the precision policy's KV dtype."""
+
+    def __init__(self, mesh: Mesh, cfg: OpConfigs, runtime: RuntimeConfig,
+                 num_layers: int) -> None:
+        ttnn = mesh.ttnn
+        geo = cfg.geo
+        self.block_size = runtime.block_size
+        self.num_blocks = runtime.total_blocks
+        self.blocks_per_seq = runtime.blocks_per_seq
+        shape = (self.num_blocks, geo.n_kv, self.block_size, geo.head_dim)
+        zeros = torch.zeros(shape)
+
+        def pool():
+            return ttnn.from_torch(zeros, dtype=cfg.precision.kv_cache, layout=ttnn.TILE_LAYOUT,
+                                   device=mesh.device, memory_config=ttnn.DRAM_MEMORY_CONFIG,
+                                   mesh_mapper=mesh.replicate())
+
+        self.k = [pool() for _ in range(num_layers)]
+        self.v = [pool() for _ in range(num_layers)]

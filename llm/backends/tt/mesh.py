@@ -1,0 +1,72 @@
+"""The device handle the model code works on: the ttnn module, the (mesh) device and its
+collectives.
+
+Every module receives a `Mesh` and calls ttnn through `mesh.ttnn`; whether that is real ttnn or
+`llm.ttnn_emu` is decided once, by the runner, and never asked again. Tensor parallelism is 1-D
+over all devices of the mesh (a 1xN or Nx1 mesh is one ring of N devices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """ttnn module + opened mesh device; `ndev` devices in 1-D tensor parallelism."""
+
+    ttnn: Any
+    device: Any
+    rows: int
+    cols: int
+
+    @property
+    def ndev(self) -> int:
+        return self.rows * self.cols
+
+    # ------------------------------------------------------------------ host -> device mappers
+    def replicate(self):
+        """Mapper placing the same tensor on every device (None on a single device)."""
+        return self.ttnn.ReplicateTensorToMesh(self.device) if self.ndev > 1 else None
+
+    def shard(self, dim: int):
+        """Mapper splitting `dim` into ndev equal chunks in device order (None on one device)."""
+        return self.ttnn.ShardTensorToMesh(self.device, dim=dim) if self.ndev > 1 else None
+
+    # ------------------------------------------------------------------ device -> host
+    def read(self, t) -> torch.Tensor:
+        """A replicated device tensor (device 0's copy) as a torch tensor."""
+        if self.ndev == 1:
+            return self.ttnn.to_torch(t)
+        stacked = self.ttnn.to_torch(t, mesh_composer=self.ttnn.ConcatMeshToTensor(self.device,
+                                                                                    dim=0))
+        return stacked[:t.shape[0]]  # device 0's copy
+
+    def read_concat(self, t, dim: int) -> torch.Tensor:
+        """A tensor fractured over the mesh along `dim`, reassembled on the host."""
+        if self.ndev == 1:
+            return self.ttnn.to_torch(t)
+        return self.ttnn.to_torch(t, mesh_composer=self.ttnn.ConcatMeshToTensor(self.device,
+                                                                                dim=dim))
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, t, memory_config):
+        """Sum of the partial results of a row-parallel matmul, on every device (identity on 1)."""
+        if self.ndev == 1:
+            return t
+        return self.ttnn.all_reduce(t, memory_config=memory_config)
+
+    def reduce_scatter(self, t, memory_config):
+        """Sum of row-parallel partial results, each device keeping its width slice (dim 3)."""
+        if self.ndev == 1:
+            return t
+        return self.ttnn.reduce_scatter(t, 3, memory_config=memory_config)
+
+    def all_gather(self, t, dim: int, memory_config):
+        """Concatenate each device's slice along `dim` on every device (identity on 1)."""
+        if self.ndev == 1:
+            return t
+        return self.ttnn.all_gather(t, dim, memory_config=memory_config)

@@ -1,0 +1,89 @@
+"""SwiGLU feed-forward in TT-NN: w2(silu(w1 x) * w3 x).
+
+Decode: DRAM-sharded matmuls on L1 width-sharded activations, SiLU fused into the multiply.
+Prefill: 2-D multicast matmuls, sequences longer than one chunk reshaped into chunks. On a mesh,
+w1/w3 are column-parallel and w2 row-parallel (1-D weight sharding), its partial sums reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm.backends.tt.chunking import linear_in_chunks
+from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.weights import WeightStore
+
+
+class MLP:
+    """One layer's SwiGLU MLP."""
+
+    def __init__(self, mesh: Mesh, weights: WeightStore, cfg: OpConfigs,
+                 tensors: dict[str, torch.Tensor], layer: int) -> None:
+        ttnn = mesh.ttnn
+        self.mesh, self.cfg = mesh, cfg
+        prec = cfg.precision
+        p = f"model.layers.{layer}.mlp."
+
+        def put(name: str, group: str, shard_dim: int, memcfg):
+            w = tensors[p + name + ".weight"]  # [out, in]
+            k, n = w.shape[1], w.shape[0]
+            return weights.tensor(f"layer{layer}_{group}_{k}x{n}", w,
+                                  lambda t: t.float().T.reshape(1, 1, k, n),
+                                  dtype=getattr(prec, group), layout=ttnn.TILE_LAYOUT,
+                                  memory_config=memcfg, mapper=mesh.shard(shard_dim))
+
+        self.w1 = put("gate_proj", "w1", 3, cfg.w1.weight_memcfg)  # [1, 1, dim, hidden]
+        self.w3 = put("up_proj", "w3", 3, cfg.w1.weight_memcfg)
+        self.w2 = put("down_proj", "w2", 2, cfg.w2.weight_memcfg)  # [1, 1, hidden, dim]
+
+    def decode(self, x):
+        """x `[1, 1, B, dim]` normalised, width-sharded L1 -> `[1, 1, B, dim]` in the residual
+        memory config, summed over the mesh."""
+        ttnn, cfg = self.mesh.ttnn, self.cfg
+        l1ws = ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG
+        xin = ttnn.to_memory_config(x, cfg.w1.input_memcfg)
+        a = ttnn.linear(xin, self.w1, program_config=cfg.w1.program_config, memory_config=l1ws,
+                        dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("w1"))
+        b = ttnn.linear(xin, self.w3, program_config=cfg.w1.program_config, memory_config=l1ws,
+                        dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("w3"))
+        ttnn.deallocate(xin)
+        g = ttnn.mul(a, b, input_tensor_a_activations=[ttnn.UnaryOpType.SILU],
+                     dtype=cfg.precision.mlp_product, memory_config=a.memory_config())
+        ttnn.deallocate(a)
+        ttnn.deallocate(b)
+        g2 = ttnn.to_memory_config(g, cfg.w2.input_memcfg)  # [1, 1, 32, hidden] on the w2 grid
+        ttnn.deallocate(g)
+        out = ttnn.linear(g2, self.w2, program_config=cfg.w2.program_config, memory_config=l1ws,
+                          dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("w2"))
+        ttnn.deallocate(g2)
+        if self.mesh.ndev > 1:
+            partial = ttnn.sharded_to_interleaved(out, ttnn.L1_MEMORY_CONFIG)
+            ttnn.deallocate(out)
+            out = self.mesh.all_reduce(partial, ttnn.L1_MEMORY_CONFIG)
+            ttnn.deallocate(partial)
+        res = ttnn.to_memory_config(out, cfg.residual_memcfg)
+        ttnn.deallocate(out)
+        return res
+
+    def prefill(self, x):
+        """x `[1, 1, S, dim]` normalised, DRAM -> `[1, 1, S, dim/ndev]` reduce-scattered over the
+        mesh (the full width on one device)."""
+        ttnn, cfg = self.mesh.ttnn, self.cfg
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        s, c = x.shape[-2], cfg.mlp_chunk
+        a = linear_in_chunks(ttnn, x, self.w1, c, program_config=cfg.prefill_matmul("w1", s, c),
+                             memory_config=dram, dtype=ttnn.bfloat16,
+                             compute_kernel_config=cfg.kernel("w1"))  # [1, 1, S, hidden]
+        b = linear_in_chunks(ttnn, x, self.w3, c, program_config=cfg.prefill_matmul("w1", s, c),
+                             memory_config=dram, dtype=ttnn.bfloat16,
+                             compute_kernel_config=cfg.kernel("w3"))
+        g = ttnn.mul(a, b, input_tensor_a_activations=[ttnn.UnaryOpType.SILU],
+                     dtype=cfg.precision.mlp_product, memory_config=dram)
+        ttnn.deallocate(a)
+        ttnn.deallocate(b)
+        out = linear_in_chunks(ttnn, g, self.w2, c, program_config=cfg.prefill_matmul("w2", s, c),
+                               memory_config=dram, dtype=ttnn.bfloat16,
+                               compute_kernel_config=cfg.kernel("w2"))  # [1, 1, S, dim]
+        ttnn.deallocate(g)
+        return self.mesh.reduce_scatter(out, dram)

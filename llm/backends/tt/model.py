@@ -1,0 +1,166 @@
+"""The Llama decoder stack in TT-NN: embedding, decoder layers, final norm, LM head, argmax.
+
+Prefill runs one user's padded prompt through every layer (filling its KV pages), keeps only the
+32-row tile holding the last real token, and runs the norm and LM head on that tile. Decode runs
+one token for each of the B user rows (idle rows have position -1), entirely on device tensors,
+so it can be captured in a trace (see trace.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm.backends.tt.attention import Attention
+from llm.backends.tt.embedding import Embedding
+from llm.backends.tt.kv_cache import PagedKVCache
+from llm.backends.tt.lm_head import LMHead
+from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.mlp import MLP
+from llm.backends.tt.norm import DistributedNorm
+from llm.backends.tt.op_configs import OpConfigs, TTConfigError
+from llm.backends.tt.rope import RotarySetup
+from llm.backends.tt.weights import WeightStore
+from llm.config import ModelConfig, RuntimeConfig
+
+TILE = 32
+
+
+class DecoderLayer:
+    """h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, mesh: Mesh, weights: WeightStore, cfg: OpConfigs, config: ModelConfig,
+                 tensors: dict[str, torch.Tensor], layer: int, rope: RotarySetup) -> None:
+        p = f"model.layers.{layer}."
+        self.mesh = mesh
+        self.layer = layer
+        eps = config.rms_norm_eps
+        self.attn_norm = DistributedNorm(mesh, weights, cfg, f"layer{layer}_attn_norm",
+                                         tensors[p + "input_layernorm.weight"], eps)
+        self.attn = Attention(mesh, weights, cfg, config, tensors, layer, rope)
+        self.mlp_norm = DistributedNorm(mesh, weights, cfg, f"layer{layer}_mlp_norm",
+                                        tensors[p + "post_attention_layernorm.weight"], eps)
+        self.mlp = MLP(mesh, weights, cfg, tensors, layer)
+        self.residual_memcfg = cfg.residual_memcfg
+
+    def decode(self, x, rot, cur_pos, page_table, cache: PagedKVCache):
+        """x `[1, 1, B, dim]` (B rows of a 32-row tile) width-sharded L1 residual -> same."""
+        ttnn = self.mesh.ttnn
+        mem = self.residual_memcfg
+        h = self.attn_norm.decode(x)
+        a = self.attn.decode(h, rot, cur_pos, page_table, cache.k[self.layer],
+                             cache.v[self.layer])
+        ttnn.deallocate(h)
+        h1 = ttnn.add(x, a, memory_config=mem)
+        ttnn.deallocate(a)
+        m = self.mlp_norm.decode(h1)
+        f = self.mlp.decode(m)
+        ttnn.deallocate(m)
+        out = ttnn.add(h1, f, memory_config=mem)
+        ttnn.deallocate(h1)
+        ttnn.deallocate(f)
+        return out
+
+    def prefill(self, x, rot, page_row, cache: PagedKVCache, start: int = 0, fill_row=None):
+        """x `[1, 1, S, dim/ndev]` DRAM residual (fractured over the mesh) of the tokens at
+        positions start.. -> same (see Attention.prefill for start and fill_row)."""
+        ttnn = self.mesh.ttnn
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        h = self.attn_norm.prefill(x)  # [1, 1, S, dim]
+        a = self.attn.prefill(h, rot, page_row, cache.k[self.layer], cache.v[self.layer],
+                              start, fill_row)
+        ttnn.deallocate(h)
+        h1 = ttnn.add(x, a, memory_config=dram)
+        ttnn.deallocate(a)
+        m = self.mlp_norm.prefill(h1)
+        f = self.mlp.prefill(m)
+        ttnn.deallocate(m)
+        out = ttnn.add(h1, f, memory_config=dram)
+        ttnn.deallocate(h1)
+        ttnn.deallocate(f)
+        return out
+
+
+class Transformer:
+    """The whole model on a mesh, with its paged KV cache."""
+
+    def __init__(self, mesh: Mesh, config: ModelConfig, runtime: RuntimeConfig,
+                 tensors: dict[str, torch.Tensor], cfg: OpConfigs, weights: WeightStore) -> None:
+        if config.o_bias or config.mlp_bias:
+            raise TTConfigError("tt backend: o_proj / MLP biases are not implemented "
+                                "(q/k/v biases are)")
+        self.mesh, self.config, self.cfg = mesh, config, cfg
+        self.embed = Embedding(mesh, weights, tensors["model.embed_tokens.weight"])
+        self.rope = RotarySetup(mesh, config, cfg,
+                                max(cfg.prefill_lengths[-1], runtime.max_seq_len))
+        self.layers = [DecoderLayer(mesh, weights, cfg, config, tensors, i, self.rope)
+                       for i in range(config.num_layers)]
+        self.norm = DistributedNorm(mesh, weights, cfg, "final_norm", tensors["model.norm.weight"],
+                                    config.rms_norm_eps)
+        head = tensors["model.embed_tokens.weight"] if config.tie_word_embeddings \
+            else tensors["lm_head.weight"]
+        self.lm_head = LMHead(mesh, weights, cfg, head)
+        self.cache = PagedKVCache(mesh, cfg, runtime, config.num_layers)
+        weights.save_manifest()
+
+    # ------------------------------------------------------------------------------ prefill
+    def prefill_hidden(self, tokens, page_row, start: int = 0, fill_row=None):
+        """tokens uint32 `[1, 1, 1, S]` (S a padded prefill length) at positions start..,
+        page_row int32 `[1, max_blocks]` -> the final residual `[1, 1, S, dim/ndev]` (KV pages
+        filled). A chunk at start > 0 also needs fill_row, its own pages (Attention.prefill)."""
+        s = tokens.shape[-1]
+        rot = self.rope.prefill(s, start)
+        x = self.embed(tokens)  # [1, 1, S, dim/ndev]
+        for layer in self.layers:
+            x = layer.prefill(x, rot, page_row, self.cache, start, fill_row)
+        return x
+
+    def tile_logits(self, hidden, tile: int):
+        """Logits `[1, 1, 32, V_local]` of rows [32 tile, 32 tile + 32) of a prefill residual."""
+        ttnn = self.mesh.ttnn
+        dl = hidden.shape[-1]
+        last = ttnn.slice(hidden, (0, 0, TILE * tile, 0), (1, 1, TILE * (tile + 1), dl))
+        x = self.norm.prefill(last)  # [1, 1, 32, dim]
+        xs = ttnn.interleaved_to_sharded(x, self.cfg.residual_memcfg)
+        logits = self.lm_head(xs)
+        ttnn.deallocate(xs)
+        return logits
+
+    def prefill(self, tokens, page_row, last_index: int, start: int = 0, fill_row=None):
+        """Greedy next token after a prompt chunk whose last real token is row `last_index` of
+        the chunk: the argmax of the LM head over that tile only; uint32 `[1, 1, 32]` (row
+        last_index % 32)."""
+        hidden = self.prefill_hidden(tokens, page_row, start, fill_row)
+        logits = self.tile_logits(hidden, last_index // TILE)
+        return self.lm_head.argmax(logits)
+
+    # ------------------------------------------------------------------------------ decode
+    def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens):
+        """One decode step for the B user rows, all on device tensors (trace-safe).
+
+        tokens uint32 `[1, 1, 1, 32]` (users in the first B), rot_idxs uint32 `[1, 32]`,
+        cur_pos int32 `[B]`,
+        page_table int32 `[B, max_blocks]`. Writes the greedy tokens into next_tokens uint32
+        `[1, 1, 32]` and feeds them back into tokens, then advances cur_pos (idle rows stay -1)
+        and rot_idxs by one: the next step needs no host write when every user continues."""
+        ttnn = self.mesh.ttnn
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        b, dim = self.cfg.geo.batch, self.cfg.geo.dim
+        emb = self.embed(tokens)  # [1, 1, 32, dim/ndev]
+        full = self.mesh.all_gather(emb, 3, dram)  # replicated residual [1, 1, 32, dim]
+        full = ttnn.reshape(full, (1, 1, b, dim), (1, 1, TILE, dim))  # B real rows of the tile
+        x = ttnn.to_memory_config(full, self.cfg.residual_memcfg)
+        rot = self.rope.decode(rot_idxs)
+        for layer in self.layers:
+            x = layer.decode(x, rot, cur_pos, page_table, self.cache)
+        h = self.norm.decode(x)
+        ttnn.deallocate(x)
+        logits = self.lm_head(h)  # [1, 1, B, V_local]
+        ttnn.deallocate(h)
+        vl = logits.shape[-1]
+        rows = ttnn.reshape(logits, (1, 1, TILE, vl), (1, 1, TILE, vl))  # the whole tile again
+        self.lm_head.argmax(rows, output_tensor=next_tokens)
+        ttnn.to_memory_config(ttnn.reshape(next_tokens, (1, 1, 1, TILE)), dram,
+                              output_tensor=tokens)  # fed back on device
+        ttnn.plus_one(cur_pos, skip_negative_entries=True)
+        ttnn.plus_one(rot_idxs)
+        return logits

@@ -1,0 +1,200 @@
+"""The tt Backend: opens real ttnn when it imports and finds devices, else `llm.ttnn_emu`, builds
+the model on a (virtual) mesh and serves the Generator's prefill/decode calls.
+
+Only this module asks which ttnn it has (to open the device and to label `describe()`); the
+model code receives the module through `Mesh.ttnn`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.model import Transformer
+from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.precision import POLICIES, precision
+from llm.backends.tt.trace import DecodeRunner
+from llm.backends.tt.weights import WeightStore
+from llm.checkpoint import Checkpoint, default_cache_dir
+from llm.config import RuntimeConfig
+
+TILE = 32
+TRACE_REGION_SIZE = 64 << 20
+L1_SMALL_SIZE = 32768
+
+
+def parse_mesh(mesh: str | tuple[int, int] | None) -> tuple[int, int]:
+    """"RxC" or (R, C) -> (R, C); None means 1x1."""
+    if mesh is None:
+        return (1, 1)
+    if isinstance(mesh, str):
+        try:
+            rows, cols = (int(v) for v in mesh.lower().split("x"))
+        except ValueError as e:
+            raise ValueError(f"mesh must look like ROWSxCOLS (e.g. 1x8), got {mesh!r}") from e
+    else:
+        rows, cols = mesh
+    if rows < 1 or cols < 1:
+        raise ValueError(f"mesh dimensions must be positive, got {rows}x{cols}")
+    return rows, cols
+
+
+def open_mesh(shape: tuple[int, int], implementation: str = "auto") -> tuple[Mesh, str]:
+    """Open real ttnn when it imports and has enough devices (implementation "auto" or "ttnn"),
+    else the emulator; returns the mesh and a label saying which."""
+    rows, cols = shape
+    reason = "forced"
+    if implementation in ("auto", "ttnn"):
+        try:
+            ttnn = importlib.import_module("ttnn")
+            count = _device_count(ttnn)
+        except Exception as e:  # no wheel, or no driver / device
+            ttnn, count, reason = None, 0, f"ttnn unavailable: {type(e).__name__}"
+        if ttnn is not None and count >= rows * cols:
+            if rows * cols > 1:
+                ttnn.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+            device = ttnn.open_mesh_device(ttnn.MeshShape(rows, cols),
+                                           l1_small_size=L1_SMALL_SIZE,
+                                           trace_region_size=TRACE_REGION_SIZE)
+            return Mesh(ttnn, device, rows, cols), f"ttnn {getattr(ttnn, '__version__', '')}"
+        if ttnn is not None:
+            reason = f"ttnn found {count} device(s), {rows * cols} needed"
+        if implementation == "ttnn":
+            raise RuntimeError(f"tt backend: real ttnn requested but {reason}")
+    elif implementation != "emulator":
+        raise ValueError(f"implementation must be auto, ttnn or emulator, got {implementation!r}")
+    emu = importlib.import_module("llm.ttnn_emu")
+    device = emu.open_mesh_device(emu.MeshShape(rows, cols), l1_small_size=L1_SMALL_SIZE,
+                                  trace_region_size=TRACE_REGION_SIZE)
+    return Mesh(emu, device, rows, cols), f"llm.ttnn_emu emulator ({reason})"
+
+
+def _device_count(ttnn: Any) -> int:
+    """Tenstorrent devices real ttnn can open (the function name is not verified on 0.81)."""
+    for name in ("get_num_devices", "GetNumAvailableDevices"):
+        fn = getattr(ttnn, name, None)
+        if fn is not None:
+            return int(fn())
+    raise RuntimeError("ttnn has no device-count function")
+
+
+def _model_key(checkpoint: Checkpoint) -> str:
+    src = Path(checkpoint.source)
+    digest = checkpoint.source_sha256
+    if digest is None:  # HF directory: its config plus the weight files' sizes and mtimes
+        h = hashlib.sha256(json.dumps(checkpoint.config.to_hf_dict(), sort_keys=True).encode())
+        for f in sorted(src.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        digest = h.hexdigest()
+    return f"{src.stem}-{digest[:16]}"
+
+
+class TTBackend(Backend):
+    """The Llama model in TT-NN on one device or a 1-D tensor-parallel mesh; greedy decoding."""
+
+    name = "tt"
+
+    def __init__(self, checkpoint: Checkpoint, runtime: RuntimeConfig, *,
+                 mesh: str | tuple[int, int] | None = None, precision_policy: str = "accuracy",
+                 trace: bool = True, implementation: str = "auto",
+                 weights_dir: str | Path | None = None, cache: bool = True,
+                 max_columns_per_device: int = 16384, qkv_chunk: int = 2048,
+                 mlp_chunk: int = 1024) -> None:
+        if precision_policy not in POLICIES:
+            raise ValueError(f"precision must be one of {', '.join(POLICIES)}, "
+                             f"got {precision_policy!r}")
+        self.config = checkpoint.config
+        self.runtime = runtime
+        shape = parse_mesh(mesh)
+        self.mesh, self.implementation = open_mesh(shape, implementation)
+        ttnn = self.mesh.ttnn
+        try:
+            self.precision = precision(ttnn, precision_policy)
+            self.cfg = OpConfigs.build(self.mesh, self.config, runtime, self.precision,
+                                       max_columns_per_device=max_columns_per_device,
+                                       qkv_chunk=qkv_chunk, mlp_chunk=mlp_chunk)
+            if weights_dir is None and cache and checkpoint.source is not None:
+                impl = "emu" if getattr(ttnn, "EMULATED", False) else "ttnn"
+                weights_dir = (default_cache_dir() / _model_key(checkpoint) / "tt" /
+                               precision_policy / f"{impl}-{shape[0]}x{shape[1]}")
+            self.weights = WeightStore(self.mesh, weights_dir if cache else None)
+            self.model = Transformer(self.mesh, self.config, runtime, checkpoint.tensors,
+                                     self.cfg, self.weights)
+            self.decoder = DecodeRunner(self.model, traced=trace)
+        except BaseException:
+            ttnn.close_mesh_device(self.mesh.device)  # do not leave a real device open
+            raise
+
+    def close(self) -> None:
+        """Release the decode trace and close the device (the backend is unusable after)."""
+        self.decoder.release()
+        self.mesh.ttnn.close_mesh_device(self.mesh.device)
+
+    def describe(self) -> str:
+        p = self.precision
+        return (f"tt backend on {self.implementation}, mesh {self.mesh.rows}x{self.mesh.cols}, "
+                f"{p.name} precision (wqkv {p.wqkv.name}, w1/w3 {p.w1.name}, KV {p.kv_cache.name}),"
+                f" decode {'traced' if self.decoder.traced else 'untraced'}")
+
+    @staticmethod
+    def _require_greedy(sampling: list[SequenceSampling]) -> None:
+        if any(not s.params.greedy for s in sampling):
+            raise ValueError("tt backend: only greedy decoding (temperature 0) is implemented; "
+                             "on-device sampling (ttnn.topk + ttnn.sampling) is not")
+
+    def prefill(self, inp: PrefillInput) -> int:
+        """One user's prompt, or a chunk of it at start_pos (a multiple of the block size)."""
+        self._require_greedy([inp.sampling])
+        ttnn, mesh = self.mesh.ttnn, self.mesh
+        start, n, bs = inp.start_pos, len(inp.tokens), self.runtime.block_size
+        if start % bs:
+            raise ValueError(f"tt backend: a prefill chunk must start at a multiple of the block "
+                             f"size {bs}, got start_pos {start}")
+        s = self.cfg.prefill_length(n)
+        if start + s > len(inp.page_table) * bs:
+            raise ValueError(f"tt backend: prefill chunk [{start}, {start + n}) padded to {s} "
+                             f"tokens exceeds the user's {len(inp.page_table)} pages")
+        tok = torch.zeros(1, 1, 1, s, dtype=torch.int64)
+        tok[0, 0, 0, :n] = torch.tensor(list(inp.tokens), dtype=torch.int64)
+
+        def put(values: torch.Tensor, dtype):
+            return ttnn.from_torch(values, dtype=dtype, layout=ttnn.ROW_MAJOR_LAYOUT,
+                                   device=mesh.device, memory_config=ttnn.DRAM_MEMORY_CONFIG,
+                                   mesh_mapper=mesh.replicate())
+
+        pages = torch.tensor([list(inp.page_table)], dtype=torch.int64)  # [1, max_blocks]
+        fill_row = None
+        if start > 0:
+            fill_row = put(pages[:, start // bs:], ttnn.int32)  # this chunk's pages onwards
+        out = self.model.prefill(put(tok, ttnn.uint32), put(pages, ttnn.int32), n - 1, start,
+                                 fill_row)  # uint32 [1, 1, 32]
+        return int(mesh.read(out).reshape(-1)[(n - 1) % TILE].to(torch.int64))
+
+    def decode(self, inp: DecodeInput) -> list[int]:
+        self._require_greedy(list(inp.sampling))
+        return self.decoder.step(list(inp.slots), list(inp.tokens), list(inp.positions),
+                                 [list(r) for r in inp.page_table])
+
+    def step_cost(self) -> Any:
+        """Per-chip DRAM bytes and FLOPs of the latest traced decode step (emulator only)."""
+        cost_of = getattr(self.mesh.ttnn, "trace_step_cost", None)
+        if cost_of is None or self.decoder.trace_id is None:
+            return None
+        return cost_of(self.mesh.device, self.decoder.trace_id)
+
+
+def create(checkpoint: Checkpoint, runtime: RuntimeConfig, **options: Any) -> TTBackend:
+    """Registry entry point (see llm.backends.base.create_backend). Options: mesh ("1x8"),
+    precision ("accuracy" | "performance"), trace, implementation ("auto" | "ttnn" |
+    "emulator"), weights_dir, cache, max_columns_per_device, qkv_chunk, mlp_chunk."""
+    if "precision" in options:
+        options["precision_policy"] = options.pop("precision")
+    return TTBackend(checkpoint, runtime, **options)

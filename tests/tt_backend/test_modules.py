@@ -1,0 +1,209 @@
+"""PCC of every tt-backend module against the matching transformers module, prefill and decode,
+on one emulated device (several small configs) and on virtual 1x2 and 1x8 meshes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hf_reference import causal_mask, pcc
+from tt_helpers import MESH_CONFIG, MESHES, RUNTIME, TT_CONFIGS, build_parts, hf_rope, ints, put
+
+from llm.backends.tt.attention import Attention
+from llm.backends.tt.embedding import Embedding
+from llm.backends.tt.kv_cache import PagedKVCache
+from llm.backends.tt.lm_head import LMHead
+from llm.backends.tt.mlp import MLP
+from llm.backends.tt.model import DecoderLayer
+from llm.backends.tt.norm import DistributedNorm
+from llm.backends.tt.rope import interleaved_tables
+
+CASES = [(name, (1, 1)) for name in TT_CONFIGS] + [("mesh", m) for m in MESHES[1:]]
+MODULE_PCC, LAYER_PCC = 0.999, 0.998
+
+
+def _config(name):
+    return MESH_CONFIG if name == "mesh" else TT_CONFIGS[name]
+
+
+def _x(n: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _padded(parts, x: torch.Tensor, shard: bool = False):
+    """[n, dim] -> device [1, 1, S_pad, dim] DRAM (split over the mesh width if shard)."""
+    s = parts.cfg.prefill_length(x.shape[0])
+    xp = torch.zeros(1, 1, s, x.shape[1])
+    xp[0, 0, :x.shape[0]] = x
+    return put(parts, xp, shard_dim=3 if shard else None)
+
+
+def _decode_x(parts, rows: torch.Tensor):
+    """[B, dim] -> the decode residual [1, 1, B, dim] width-sharded in L1."""
+    return put(parts, rows[None, None], memory_config=parts.cfg.residual_memcfg)
+
+
+def _read(parts, t, fractured: bool = False) -> torch.Tensor:
+    return (parts.mesh.read_concat(t, 3) if fractured else parts.mesh.read(t)).float()
+
+
+@pytest.mark.parametrize("name,mesh", CASES)
+def test_embedding_norm_mlp_lm_head(name, mesh) -> None:
+    config = _config(name)
+    parts = build_parts(config, mesh, max_columns_per_device=32)
+    ttnn, w, hf = parts.ttnn, parts.tensors, parts.hf
+    assert len(parts.cfg.lm_head) > 1  # the vocabulary really is split into chunks
+    layer = hf.model.layers[0]
+    tokens = torch.randint(0, config.vocab_size, (32,), generator=torch.Generator().manual_seed(1))
+    emb = Embedding(parts.mesh, parts.weights, w["model.embed_tokens.weight"])
+    got = _read(parts, emb(ints(parts, tokens.view(1, 1, 1, 32), ttnn.uint32)), fractured=True)
+    assert torch.equal(got[0, 0], w["model.embed_tokens.weight"][tokens].bfloat16().float())
+
+    b, s = RUNTIME.max_batch, 40
+    x = _x(s, config.hidden_size, 2)
+    norm = DistributedNorm(parts.mesh, parts.weights, parts.cfg, "n",
+                           w["model.layers.0.input_layernorm.weight"], config.rms_norm_eps)
+    mlp = MLP(parts.mesh, parts.weights, parts.cfg, w, 0)
+    head_w = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    head = LMHead(parts.mesh, parts.weights, parts.cfg, head_w)
+    with torch.no_grad():
+        ref_norm = layer.input_layernorm(x)
+        ref_mlp = layer.mlp(x)
+        ref_logits = hf.lm_head(x)
+    # prefill: fractured input, full-width norm output; MLP output reduce-scattered
+    got = _read(parts, norm.prefill(_padded(parts, x, shard=True)))[0, 0, :s]
+    assert pcc(got, ref_norm) >= MODULE_PCC
+    got = _read(parts, mlp.prefill(_padded(parts, x)), fractured=True)[0, 0, :s]
+    assert pcc(got, ref_mlp) >= MODULE_PCC
+    # decode: B user rows, width-sharded L1
+    got = _read(parts, norm.decode(_decode_x(parts, x[:b])))[0, 0]
+    assert pcc(got, ref_norm[:b]) >= MODULE_PCC
+    got = _read(parts, mlp.decode(_decode_x(parts, x[:b])))[0, 0]
+    assert pcc(got, ref_mlp[:b]) >= MODULE_PCC
+    logits = head.gather(head(_decode_x(parts, x[:b])))
+    got = _read(parts, logits)[0, 0, :b]
+    assert got.shape == (b, config.vocab_size)
+    assert pcc(got, ref_logits[:b]) >= MODULE_PCC
+    tok = parts.mesh.read(head.argmax(head(_decode_x(parts, x[:b])))).reshape(-1)[:b]
+    assert tok.to(torch.int64).tolist() == got.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("name,mesh", CASES)
+def test_rope_tables(name, mesh) -> None:
+    config = _config(name)
+    parts = build_parts(config, mesh)
+    positions = torch.tensor([0, 1, 5, 63, 64, 100, 150, 159])
+    ref_cos, ref_sin = hf_rope(parts, torch.zeros(1), positions)  # rotate-half [N, hd]
+    cos, sin = interleaved_tables(config, 160)
+    half = config.head_dim // 2
+    torch.testing.assert_close(cos[positions, 0::2], ref_cos[0, :, :half].float())
+    torch.testing.assert_close(sin[positions, 0::2], ref_sin[0, :, :half].float())
+    # decode: per-user rows gathered on the device by position, one user per core
+    b = RUNTIME.max_batch
+    idx = torch.zeros(1, 32, dtype=torch.int64)
+    idx[0, :b] = positions[:b] * 37 % 160
+    dcos, dsin = parts.rope.decode(ints(parts, idx, parts.ttnn.uint32))
+    assert tuple(dcos.shape) == (1, b, 1, config.head_dim) and dcos.is_sharded()
+    torch.testing.assert_close(_read(parts, dcos)[0, :, 0], cos[idx[0, :b]], atol=1e-2, rtol=0)
+    torch.testing.assert_close(_read(parts, dsin)[0, :, 0], sin[idx[0, :b]], atol=1e-2, rtol=0)
+
+
+def _pages(parts, users: int, seed: int) -> torch.Tensor:
+    """Shuffled, interleaved page rows [users, blocks_per_seq] (page 0 never used)."""
+    per = RUNTIME.blocks_per_seq
+    pool = list(range(1, RUNTIME.total_blocks))
+    random.Random(seed).shuffle(pool)
+    return torch.tensor(pool[:users * per]).view(per, users).T.contiguous()
+
+
+def _decode_inputs(parts, positions: list[int], pages: torch.Tensor):
+    ttnn, b = parts.ttnn, RUNTIME.max_batch
+    pos = torch.full((b,), -1)
+    pos[:len(positions)] = torch.tensor(positions)
+    idx = torch.zeros(1, 32, dtype=torch.int64)
+    idx[0, :len(positions)] = torch.tensor(positions)
+    table = torch.zeros(b, RUNTIME.blocks_per_seq, dtype=torch.int64)
+    table[:len(positions)] = pages
+    rot = parts.rope.decode(ints(parts, idx, ttnn.uint32))
+    return rot, ints(parts, pos, ttnn.int32), ints(parts, table, ttnn.int32)
+
+
+def _run_users(parts, module, prompt_lens, steps, xs, fractured_prefill):
+    """Prefill each user into its pages, then decode `steps` tokens for all users together.
+
+    Returns (prefill outputs [n, dim] per user, decode outputs [steps, users, dim])."""
+    ttnn = parts.ttnn
+    cache = PagedKVCache(parts.mesh, parts.cfg, RUNTIME, parts.config.num_layers)
+    pages = _pages(parts, len(prompt_lens), seed=7)
+    pre = []
+    for u, n in enumerate(prompt_lens):
+        x = _padded(parts, xs[u][:n], shard=fractured_prefill)
+        s = x.shape[-2]
+        row = ints(parts, pages[u:u + 1], ttnn.int32)
+        out = module.prefill(x, parts.rope.prefill(s), row, cache)
+        pre.append(_read(parts, out, fractured=True)[0, 0, :n])
+    dec = []
+    for t in range(steps):
+        positions = [n + t for n in prompt_lens]
+        rows = torch.zeros(RUNTIME.max_batch, parts.config.hidden_size)
+        for u, p in enumerate(positions):
+            rows[u] = xs[u][p]
+        rot, cur, table = _decode_inputs(parts, positions, pages)
+        out = module.decode(_decode_x(parts, rows), rot, cur, table, cache)
+        dec.append(_read(parts, out)[0, 0, :len(prompt_lens)])
+    return pre, dec
+
+
+class _AttentionLayer:
+    """Attention with the (prefill, decode) call shape of a decoder layer, for _run_users."""
+
+    def __init__(self, attn: Attention) -> None:
+        self.attn = attn
+
+    def prefill(self, x, rot, row, cache):
+        return self.attn.prefill(x, rot, row, cache.k[0], cache.v[0])
+
+    def decode(self, x, rot, cur, table, cache):
+        return self.attn.decode(x, rot, cur, table, cache.k[0], cache.v[0])
+
+
+def _hf_full(parts, module, x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    with torch.no_grad():
+        out = module(x[None], position_embeddings=hf_rope(parts, x[None], torch.arange(n)),
+                     attention_mask=causal_mask(n, torch.float32))
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+@pytest.mark.parametrize("name,mesh", CASES)
+def test_attention_prefill_then_paged_decode(name, mesh) -> None:
+    """Three users (one prompt longer than the page row holds at its padded length, so its
+    K/V are sliced; one in chunked matmuls) prefill into shuffled pages, then decode together."""
+    config = _config(name)
+    parts = build_parts(config, mesh)
+    attn = Attention(parts.mesh, parts.weights, parts.cfg, config, parts.tensors, 0, parts.rope)
+    lens, steps = [5, 40, 130], 2
+    xs = [_x(n + steps, config.hidden_size, 10 + u) for u, n in enumerate(lens)]
+    refs = [_hf_full(parts, parts.hf.model.layers[0].self_attn, x) for x in xs]
+    pre, dec = _run_users(parts, _AttentionLayer(attn), lens, steps, xs, False)
+    for u, n in enumerate(lens):
+        assert pcc(pre[u], refs[u][:n]) >= MODULE_PCC, u
+        for t in range(steps):
+            assert pcc(dec[t][u], refs[u][n + t]) >= MODULE_PCC, (u, t)
+
+
+@pytest.mark.parametrize("name,mesh", CASES)
+def test_decoder_layer_prefill_then_decode(name, mesh) -> None:
+    config = _config(name)
+    parts = build_parts(config, mesh)
+    layer = DecoderLayer(parts.mesh, parts.weights, parts.cfg, config, parts.tensors, 0,
+                         parts.rope)
+    lens, steps = [7, 33], 2
+    xs = [_x(n + steps, config.hidden_size, 20 + u) for u, n in enumerate(lens)]
+    refs = [_hf_full(parts, parts.hf.model.layers[0], x) for x in xs]
+    pre, dec = _run_users(parts, layer, lens, steps, xs, True)
+    for u, n in enumerate(lens):
+        assert pcc(pre[u], refs[u][:n]) >= LAYER_PCC, u
+        for t in range(steps):
+            assert pcc(dec[t][u], refs[u][n + t]) >= LAYER_PCC, (u, t)

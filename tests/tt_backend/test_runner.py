@@ -1,0 +1,111 @@
+"""The tt Backend through its interface (prefill / decode with paged KV, as the Generator drives
+it): greedy tokens against transformers, on one device and on 1x2 / 1x8 meshes; clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_reference import hf_model, state_dict
+from tt_helpers import MESH_CONFIG, TT_CONFIGS
+
+from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling, create_backend
+from llm.backends.tt.op_configs import TTConfigError
+from llm.backends.tt.runner import TTBackend, parse_mesh
+from llm.checkpoint import Checkpoint
+from llm.config import RuntimeConfig
+from llm.paged_kv import PageTable, PageTableSpec
+from llm.sampling import SamplingParams
+
+GREEDY = SequenceSampling(SamplingParams(), 0)
+BF16_TIE = 0.05  # a token counts as greedy when its fp32 logit is this close to the max
+
+
+def generate(backend, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Prefill each prompt into its slot, then decode all users together (as the Generator)."""
+    rt = backend.runtime
+    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
+                      rt.max_batch)
+    out = []
+    for slot, p in enumerate(prompts):
+        pages.reserve(slot, len(p) + steps)
+        out.append([backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), GREEDY))])
+    slots = list(range(len(prompts)))
+    for t in range(steps - 1):
+        nxt = backend.decode(DecodeInput(slots, [o[-1] for o in out],
+                                         [len(p) + t for p in prompts], pages.table(slots),
+                                         [GREEDY] * len(slots)))
+        for o, tok in zip(out, nxt):
+            o.append(tok)
+    return out
+
+
+def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
+    """Every token is transformers' (fp32) argmax after the tokens before it, up to bf16 ties."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    top = logits.max(-1).values
+    chosen = logits.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    assert bool(((top - chosen) <= BF16_TIE).all()), (top - chosen).tolist()
+
+
+@pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("qwen2_bias", "1x1"),
+                                       ("odd_heads", "1x1"), ("mesh", "1x2"), ("mesh", "1x8")])
+def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
+    config = MESH_CONFIG if name == "mesh" else TT_CONFIGS[name]
+    model = hf_model(config)
+    rt = RuntimeConfig(max_batch=3, max_seq_len=96, block_size=32)
+    backend = create_backend("tt", Checkpoint(config, state_dict(model), source=None), rt,
+                             {"mesh": mesh, "implementation": "emulator"})
+    assert isinstance(backend, TTBackend) and f"mesh {mesh}" in backend.describe()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (7, 40, 12)]
+    for p, o in zip(prompts, generate(backend, prompts, 12)):
+        assert_greedy(model, p, o)
+
+
+def test_clear_errors() -> None:
+    config = TT_CONFIGS["llama_gqa"]
+    ck = Checkpoint(config, state_dict(hf_model(config)), source=None)
+    rt = RuntimeConfig(max_batch=2, max_seq_len=64, block_size=32)
+    with pytest.raises(ValueError, match="num_kv_heads 2 must be divisible by 8"):
+        TTBackend(ck, rt, mesh="1x8", implementation="emulator")
+    with pytest.raises(TTConfigError, match="block_size 8 must be a multiple of 32"):
+        TTBackend(ck, RuntimeConfig(max_batch=2, max_seq_len=64, block_size=8),
+                  implementation="emulator")
+    with pytest.raises(ValueError, match="ROWSxCOLS"):
+        parse_mesh("eight")
+    with pytest.raises(ValueError, match="precision"):
+        TTBackend(ck, rt, precision_policy="fast", implementation="emulator")
+    backend = TTBackend(ck, rt, implementation="emulator")
+    sampled = SequenceSampling(SamplingParams(temperature=0.7, seed=1), 1)
+    with pytest.raises(ValueError, match="only greedy decoding"):
+        backend.prefill(PrefillInput(0, [1, 2, 3], 0, [1, 2], sampled))
+    with pytest.raises(ValueError, match="multiple of the block size 32"):
+        backend.prefill(PrefillInput(0, [1, 2, 3], 5, [1, 2], GREEDY))
+    backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.prefill(PrefillInput(0, [1, 2, 3], 0, [1, 2], GREEDY))
+
+
+@pytest.mark.parametrize("mesh", ["1x1", "1x2"])
+def test_chunked_prefill_equals_whole_prompt(mesh: str) -> None:
+    """A prompt prefilled in chunks at block-aligned start positions (as the scheduler does)
+    gives the same next token and the same continuation as one prefill."""
+    config = MESH_CONFIG
+    model = hf_model(config)
+    ck = Checkpoint(config, state_dict(model), source=None)
+    rt = RuntimeConfig(max_batch=1, max_seq_len=128, block_size=32)
+    prompt = torch.randint(0, config.vocab_size, (70,),
+                           generator=torch.Generator().manual_seed(8)).tolist()
+    row = [3, 1, 4, 2]
+    outs = []
+    for chunks in ([(0, 70)], [(0, 32), (32, 64), (64, 70)]):
+        backend = TTBackend(ck, rt, mesh=mesh, implementation="emulator")
+        for a, b in chunks:
+            token = backend.prefill(PrefillInput(0, prompt[a:b], a, row, GREEDY))
+        seq = [token]
+        for t in range(4):
+            seq += backend.decode(DecodeInput([0], [seq[-1]], [70 + t], [row], [GREEDY]))
+        outs.append(seq)
+    assert outs[0] == outs[1]
+    assert_greedy(model, prompt, outs[1])

@@ -1,0 +1,102 @@
+"""Small model configs for the tt backend (head_dim a multiple of 32, as rotary_embedding_llama
+needs), the emulator parts to build single modules, and the transformers reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from hf_reference import hf_model, state_dict
+
+from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.precision import precision
+from llm.backends.tt.rope import RotarySetup
+from llm.backends.tt.runner import open_mesh
+from llm.backends.tt.weights import WeightStore
+from llm.config import ModelConfig, RopeScaling, RuntimeConfig
+
+_BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+             num_kv_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-5,
+             rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
+
+# Single-device configs: GQA, MHA with tied embeddings, Qwen2 q/k/v bias, llama3 RoPE scaling,
+# and odd head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple).
+TT_CONFIGS = {
+    "llama_gqa": ModelConfig(arch="llama", **_BASE),
+    "llama_mha_tied": ModelConfig(arch="llama", **{**_BASE, "num_kv_heads": 4},
+                                  tie_word_embeddings=True),
+    "qwen2_bias": ModelConfig(arch="qwen2", **_BASE, qkv_bias=True),
+    "llama3_rope": ModelConfig(arch="llama", **{**_BASE, "rope_theta": 500000.0},
+                               rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0,
+                                                        original_max_position_embeddings=64)),
+    "odd_heads": ModelConfig(arch="llama", **{**_BASE, "num_heads": 3, "num_kv_heads": 1,
+                                              "head_dim": 64, "hidden_size": 192,
+                                              "vocab_size": 300}),
+}
+# Splits over 1, 2 and 8 devices: 16 q / 8 kv heads, 256 wide, hidden 512.
+MESH_CONFIG = ModelConfig(arch="llama", **{**_BASE, "hidden_size": 256, "intermediate_size": 512,
+                                           "num_heads": 16, "num_kv_heads": 8})
+MESHES = [(1, 1), (1, 2), (1, 8)]
+RUNTIME = RuntimeConfig(max_batch=4, max_seq_len=160, block_size=32)
+
+
+@dataclass
+class Parts:
+    """What a module needs: mesh, configs, weight store, RoPE setup, and the HF reference."""
+
+    mesh: Mesh
+    cfg: OpConfigs
+    weights: WeightStore
+    rope: RotarySetup
+    config: ModelConfig
+    hf: Any
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def ttnn(self):
+        return self.mesh.ttnn
+
+
+def policy_precision(ttnn, policy: str):
+    """A named policy, or "bf8": the performance policy with bfloat8_b w1/w3 (no bfloat4_b)."""
+    if policy == "bf8":
+        return replace(precision(ttnn, "performance"), name="bf8", w1=ttnn.bfloat8_b,
+                       w3=ttnn.bfloat8_b)
+    return precision(ttnn, policy)
+
+
+def build_parts(config: ModelConfig, mesh_shape=(1, 1), policy: str = "accuracy",
+                runtime: RuntimeConfig = RUNTIME, **opts) -> Parts:
+    """Emulated mesh + configs for `config`; prefill chunks of 64 rows (QKV 128) so that the
+    160-token runtime exercises the chunked prefill matmuls."""
+    mesh, _ = open_mesh(mesh_shape, "emulator")
+    opts = {"mlp_chunk": 64, "qkv_chunk": 128, **opts}
+    cfg = OpConfigs.build(mesh, config, runtime, policy_precision(mesh.ttnn, policy), **opts)
+    hf = hf_model(config)
+    weights = WeightStore(mesh, None)
+    rope = RotarySetup(mesh, config, cfg, max(cfg.prefill_lengths[-1], runtime.max_seq_len))
+    return Parts(mesh, cfg, weights, rope, config, hf, state_dict(hf))
+
+
+def put(parts: Parts, x: torch.Tensor, memory_config=None, shard_dim: int | None = None,
+        dtype=None, layout=None):
+    """A torch tensor on the mesh (replicated, or split along shard_dim)."""
+    ttnn = parts.ttnn
+    mapper = parts.mesh.replicate() if shard_dim is None else parts.mesh.shard(shard_dim)
+    return ttnn.from_torch(x, dtype=dtype or ttnn.bfloat16, layout=layout or ttnn.TILE_LAYOUT,
+                           device=parts.mesh.device,
+                           memory_config=memory_config or ttnn.DRAM_MEMORY_CONFIG,
+                           mesh_mapper=mapper)
+
+
+def ints(parts: Parts, x: torch.Tensor, dtype):
+    """An integer ROW_MAJOR tensor replicated on the mesh."""
+    return put(parts, x.to(torch.int64), dtype=dtype, layout=parts.ttnn.ROW_MAJOR_LAYOUT)
+
+
+def hf_rope(parts: Parts, x: torch.Tensor, positions: torch.Tensor):
+    """(cos, sin) of transformers' rotary embedding at `positions` [N]."""
+    return parts.hf.model.rotary_emb(x, positions[None])
