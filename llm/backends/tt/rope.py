@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.torch.rope import inv_frequencies
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.config import ModelConfig
+from llm.rope import inv_frequencies
 
 TILE = 32
 
