@@ -1,0 +1,207 @@
+"""AsyncEngine: the continuous-batching Scheduler for asyncio applications.
+
+Every backend call runs on one engine thread (backends are not thread-safe); the asyncio side only
+validates and enqueues requests and cancellations, and reads events. `submit` returns at once with
+a `RequestStream` (an async iterator of StreamEvent) or raises: RequestError for a bad request,
+QueueFullError when the configured queue is full, EngineClosedError after `shutdown`.
+
+    engine = AsyncEngine(llm.LLM(), SchedulerConfig(max_queue=64))
+    stream = engine.submit(engine.tokenizer.encode("Once upon a time"), SamplingParams())
+    async for ev in stream:
+        print(ev.text, end="")
+    engine.shutdown()
+
+Do not call the LLM's own generate/stream while its AsyncEngine runs: both drive the same backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from llm.metrics import ServingMetrics
+from llm.sampling import SamplingParams
+from llm.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from llm.sequence import RequestOutput, Sequence, StreamEvent
+
+if TYPE_CHECKING:
+    from llm.engine import LLM
+
+_log = logging.getLogger(__name__)
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was shut down (or its thread died) and takes no more requests."""
+
+
+class RequestStream:
+    """The events of one submitted request; iterate it, or await `result()`. `cancel()` frees its
+    slot and pages; the stream then ends with a final event whose finish_reason is "cancelled".
+    """
+
+    def __init__(self, engine: AsyncEngine, seq: Sequence) -> None:
+        self._engine = engine
+        self.seq = seq
+        self.request_id = seq.index
+        self.prompt_tokens = seq.prompt_len
+        self._queue: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    async def result(self) -> RequestOutput:
+        """Wait for the end of the request; its RequestOutput."""
+        async for ev in self:
+            if ev.finished:
+                assert ev.output is not None
+                return ev.output
+        raise EngineClosedError("the request ended without a result")
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (no-op once its final event was read)."""
+        if not self._done:
+            self._engine._post(("cancel", self))
+
+
+class AsyncEngine:
+    """One Scheduler on an LLM's backend, stepped by a dedicated thread (see module docstring)."""
+
+    def __init__(self, model: LLM, config: SchedulerConfig | None = None,
+                 metrics: ServingMetrics | None = None) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.metrics = metrics if metrics is not None else ServingMetrics()
+        self.scheduler = Scheduler(model.backend, model.tokenizer, model.generator.pages, config,
+                                   self.metrics)
+        self.max_seq_len = self.scheduler.max_seq_len
+        self.metrics.add_gauge("llm_queue_depth", "Requests waiting for a slot",
+                               lambda: len(self.scheduler.waiting))
+        self.metrics.add_gauge("llm_active_slots", "Batch slots running a request",
+                               lambda: len(self.scheduler.active))
+        self.metrics.add_gauge("llm_kv_pages_free", "Free KV-cache pages",
+                               lambda: self.scheduler.pages.allocator.num_free)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[tuple[str, RequestStream]] = []
+        self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
+        self._in_flight = 0
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished."""
+        return self._in_flight
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Validate and queue one request (call from a running event loop)."""
+        loop = asyncio.get_running_loop()
+        seq = self.scheduler.make_sequence(next(self._ids), prompt_ids, params)
+        stream = RequestStream(self, seq)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            cap = self.scheduler.capacity
+            if cap is not None and self._in_flight >= cap:
+                self.metrics.on_reject()
+                raise QueueFullError(
+                    f"the server is at capacity ({self._in_flight} requests in flight, limit "
+                    f"{cap}); retry later")
+            self._in_flight += 1
+            self._streams[seq.index] = (stream, loop)
+            self._inbox.append(("add", stream))
+        self._wake.set()
+        return stream
+
+    def _post(self, command: tuple[str, RequestStream]) -> None:
+        with self._lock:
+            self._inbox.append(command)
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel everything in flight and stop the engine thread."""
+        with self._lock:
+            self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        sched = self.scheduler
+        try:
+            while True:
+                self._wake.clear()
+                with self._lock:
+                    commands, self._inbox = self._inbox, []
+                    closed = self._closed
+                for kind, stream in commands:
+                    if kind == "add" and not closed:
+                        sched.add(stream.seq)
+                    elif kind == "cancel":
+                        self._deliver(_cancel(sched, stream.seq))
+                if closed:
+                    for stream, _ in list(self._streams.values()):
+                        self._deliver(_cancel(sched, stream.seq))
+                    return
+                if sched.has_work:
+                    for events in sched.step_phases():  # first tokens go out before decode
+                        for ev in events:
+                            self._deliver(ev)
+                else:
+                    self._wake.wait()
+        except BaseException as exc:  # a backend failure: fail every request, free every page
+            self.error = exc
+            with self._lock:
+                self._closed = True
+            for stream, _ in list(self._streams.values()):
+                with contextlib.suppress(Exception):  # free what can be freed
+                    sched.cancel(stream.seq)
+                self._deliver(stream.seq.index, EngineClosedError(f"engine failed: {exc!r}"))
+            _log.exception("engine thread failed; every request was failed and the engine closed")
+
+    def _deliver(self, event: StreamEvent | int | None,
+                 error: BaseException | None = None) -> None:
+        """Hand an event (or an error for request id `event`) to its stream's event loop."""
+        if event is None:
+            return
+        index = event if isinstance(event, int) else event.index
+        finished = error is not None or (isinstance(event, StreamEvent) and event.finished)
+        with self._lock:
+            entry = self._streams.get(index)
+            if entry is not None and finished:
+                del self._streams[index]
+                self._in_flight -= 1
+        if entry is None:
+            return
+        stream, loop = entry
+        try:
+            loop.call_soon_threadsafe(stream._queue.put_nowait, error or event)
+        except RuntimeError:  # the submitting loop is closed: nobody is listening any more
+            pass
+
+
+def _cancel(sched: Scheduler, seq: Sequence) -> StreamEvent:
+    """Cancel `seq` wherever it is (scheduler or not yet added); the final event for its stream."""
+    event = sched.cancel(seq)
+    if event is not None:
+        return event
+    if not seq.finished:  # submitted but never handed to the scheduler
+        return seq.cancel()
+    return StreamEvent(seq.index, "", True, seq.out)  # already finished: a no-op for its stream

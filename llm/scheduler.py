@@ -1,0 +1,230 @@
+"""The continuous-batching scheduler: one `step()` at a time, driven by one thread.
+
+Each step (tech report section 3.4, with chunked prefill):
+
+1. admit: move waiting requests (FIFO) into free batch slots while the KV pool has pages for the
+   head's whole budget (prompt + max_new_tokens, capped at max_seq_len); a request that does not fit
+   yet waits, so running out of pages mid-decode cannot happen;
+2. prefill: run at most `prefill_chunk` prompt tokens, in chunks that start at multiples of
+   `prefill_chunk` (so a prompt is split the same way whatever else is running); a long prompt is
+   thus prefilled over several steps and the users already decoding are not stalled;
+3. decode: one batched decode step for every user whose prompt is done.
+
+A finished or cancelled request frees its slot and pages at once; the next waiting request is
+admitted in the following step while the others keep decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.metrics import ServingMetrics
+from llm.paged_kv import OutOfPagesError, PageTable
+from llm.sampling import SamplingParams, resolve_seed
+from llm.sequence import RequestError, RequestOutput, Sequence, StreamEvent
+from llm.tokenizer import Tokenizer
+
+
+class QueueFullError(RuntimeError):
+    """The scheduler already holds as many requests as its configuration allows."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one scheduler.
+
+    max_active: batch slots used (None: the backend's max_batch). max_queue: requests allowed to
+    wait beyond the active ones (None: unbounded). prefill_chunk: prompt tokens per prefill call
+    and per step.
+    """
+
+    max_active: int | None = None
+    max_queue: int | None = None
+    prefill_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        _check_limit("max_active", self.max_active, lo=1, optional=True)
+        _check_limit("max_queue", self.max_queue, lo=0, optional=True)
+        _check_limit("prefill_chunk", self.prefill_chunk, lo=1, optional=False)
+
+
+def _check_limit(name: str, value: object, lo: int, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+class Scheduler:
+    """Continuous batching of Sequences over one Backend and one PageTable (not thread-safe)."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, pages: PageTable,
+                 config: SchedulerConfig | None = None,
+                 metrics: ServingMetrics | None = None) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.pages = pages
+        self.config = config or SchedulerConfig()
+        self.metrics = metrics
+        rt = backend.runtime
+        self.max_seq_len = rt.max_seq_len
+        self.vocab_size = backend.config.vocab_size
+        self.max_active = min(self.config.max_active or rt.max_batch, rt.max_batch)
+        self.waiting: deque[Sequence] = deque()
+        self.active: dict[int, Sequence] = {}  # slot -> sequence, in admission order
+        self._free_slots = list(range(self.max_active - 1, -1, -1))
+        self._eos = frozenset(tokenizer.eos_ids)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @property
+    def capacity(self) -> int | None:
+        """Requests the scheduler may hold at once (active + waiting), None if unbounded."""
+        q = self.config.max_queue
+        return None if q is None else self.max_active + q
+
+    def make_sequence(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
+        """Validate one request (prompt token ids + parameters) and build its Sequence."""
+        if not ids:
+            raise RequestError(f"request {index}: the prompt is empty (it encodes to no tokens)")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(
+                f"request {index}: token ids {bad[:5]} outside [0, {self.vocab_size})")
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(
+                f"request {index}: prompt has {len(ids)} tokens but the context limit is "
+                f"{self.max_seq_len} (max_seq_len) and at least one new token must fit"
+            )
+        budget = min(len(ids) + params.max_new_tokens, self.max_seq_len)
+        if self.pages.blocks_needed(budget) > self.pages.allocator.capacity:
+            raise OutOfPagesError(
+                f"request {index}: needs {self.pages.blocks_needed(budget)} KV pages for {budget} "
+                f"tokens but the pool has only {self.pages.allocator.capacity}"
+            )
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self._eos)
+        return Sequence(
+            out=RequestOutput(index=index, prompt_token_ids=list(ids)),
+            params=params,
+            sampling=SequenceSampling(params, resolve_seed(params)),
+            budget=budget,
+            detok=self.tokenizer.stream(),
+            stop_ids=frozenset(stop_ids),
+        )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a validated Sequence; QueueFullError if the configured limit is reached."""
+        cap = self.capacity
+        if cap is not None and len(self.waiting) + len(self.active) >= cap:
+            raise QueueFullError(
+                f"the server is at capacity ({len(self.active)} running, {len(self.waiting)} "
+                f"waiting); retry later")
+        self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence) -> StreamEvent | None:
+        """Drop `seq` wherever it is, freeing its slot and pages; its final event, or None if it
+        had already finished.
+        """
+        if seq.finished:
+            return None
+        if seq.slot >= 0 and self.active.get(seq.slot) is seq:
+            self._retire(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            return None
+        event = seq.cancel()
+        if self.metrics is not None:
+            self.metrics.on_finish("cancelled")
+        return event
+
+    def step(self) -> list[StreamEvent]:
+        """One scheduling iteration (admit, one prefill budget, one decode step); its events."""
+        return [ev for events in self.step_phases() for ev in events]
+
+    def step_phases(self) -> Iterator[list[StreamEvent]]:
+        """`step` in two halves: the events of admission + prefill, then those of the decode
+        step, so that a caller can stream first tokens before the decode step runs.
+        """
+        self._admit()
+        events: list[StreamEvent] = []
+        self._prefill(events)
+        yield events
+        events = []
+        self._decode(events)
+        yield events
+
+    def _admit(self) -> None:
+        while self.waiting and self._free_slots and self.pages.can_reserve(self.waiting[0].budget):
+            seq = self.waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            self.pages.reserve(seq.slot, seq.budget)
+            self.active[seq.slot] = seq
+            if self.metrics is not None:
+                self.metrics.on_prompt(seq.prompt_len)
+        if self.waiting and not self.active:
+            raise OutOfPagesError(
+                f"KV pool cannot hold the next request ({self.waiting[0].budget} tokens, "
+                f"{self.pages.allocator.num_free} pages free): is another scheduler using it?")
+
+    def _prefill(self, events: list[StreamEvent]) -> None:
+        chunk = self.config.prefill_chunk
+        budget = chunk
+        for seq in [s for s in self.active.values() if not s.prompt_done]:
+            while not seq.prompt_done:
+                n = min(chunk, seq.prompt_len - seq.prefilled)  # chunks start at k * chunk
+                if n > budget and budget < chunk:
+                    return
+                start = seq.prefilled
+                token = self.backend.prefill(PrefillInput(
+                    seq.slot, seq.out.prompt_token_ids[start:start + n], start,
+                    self.pages.row(seq.slot), seq.sampling))
+                seq.prefilled += n
+                budget -= n
+                if seq.prompt_done:
+                    self._accept(seq, token, events)
+                if budget <= 0:
+                    return
+
+    def _decode(self, events: list[StreamEvent]) -> None:
+        batch = [s for s in self.active.values() if s.prompt_done]
+        if not batch:
+            return
+        slots = [s.slot for s in batch]
+        tokens = self.backend.decode(DecodeInput(
+            slots=slots,
+            tokens=[s.out.token_ids[-1] for s in batch],
+            positions=[s.position for s in batch],
+            page_table=self.pages.table(slots),  # [B, max_blocks_per_seq]
+            sampling=[s.sampling for s in batch],
+        ))
+        for seq, token in zip(batch, tokens):
+            self._accept(seq, token, events)
+
+    def _accept(self, seq: Sequence, token: int, events: list[StreamEvent]) -> None:
+        now = time.perf_counter()
+        first = not seq.out.token_ids
+        latency = now - (seq.arrival if first else seq.t_last)
+        event = seq.accept(token, now)
+        if self.metrics is not None:
+            self.metrics.on_token(latency, first)
+        if seq.finished:
+            self._retire(seq)
+            if self.metrics is not None:
+                self.metrics.on_finish(seq.out.finish_reason or "stop")
+        if event is not None:
+            events.append(event)
+
+    def _retire(self, seq: Sequence) -> None:
+        del self.active[seq.slot]
+        self.pages.release(seq.slot)
+        self._free_slots.append(seq.slot)

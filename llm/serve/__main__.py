@@ -1,0 +1,81 @@
+"""`python -m llm.serve`: load a model and serve it over HTTP (OpenAI-compatible API).
+
+    python -m llm.serve --model path/to/model --port 8000 --max-batch 16 --max-queue 64
+    LLM_API_KEY=secret python -m llm.serve          # require "Authorization: Bearer secret"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The engine thread makes many short GIL-releasing backend calls while the event-loop thread
+# serves HTTP; a shorter switch interval (default 5 ms) lets the engine thread get the GIL back
+# sooner after each call (measured on 2 CPU cores: 64 concurrent requests 56 s -> 46 s).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m llm.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None,
+                   help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the id clients send as 'model' (default: the model's file/dir name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots")
+    p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion limit")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV pages in the pool")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait beyond the active ones (then 429)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per scheduler step")
+    p.add_argument("--api-key", default=os.environ.get("LLM_API_KEY"),
+                   help="require this Bearer token (default: $LLM_API_KEY; none = open)")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    return DEFAULT_MODEL_NAME if args.model is None else Path(args.model).stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    import llm
+    from llm.async_engine import AsyncEngine
+    from llm.scheduler import SchedulerConfig
+    from llm.serve.app import ServerConfig, create_app
+
+    try:
+        sched = SchedulerConfig(max_active=args.max_batch, max_queue=args.max_queue,
+                                prefill_chunk=args.prefill_chunk)
+        model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                        max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                        num_blocks=args.num_blocks)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(model.backend.describe(), file=sys.stderr)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    engine = AsyncEngine(model, sched)
+    app = create_app(engine, ServerConfig(model_name=served_name(args), api_key=args.api_key))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

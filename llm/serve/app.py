@@ -1,0 +1,235 @@
+"""The OpenAI-compatible ASGI app (Starlette) over an AsyncEngine.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both streamed as SSE with
+`"stream": true`), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus).
+Every error is OpenAI's JSON error object: 400 bad input, 401 missing or wrong API key, 404 unknown
+model or route, 405 wrong method, 413 body too large, 429 queue full (with Retry-After), 503 engine
+shut down (with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from llm.async_engine import AsyncEngine, EngineClosedError, RequestStream
+from llm.paged_kv import OutOfPagesError
+from llm.scheduler import QueueFullError
+from llm.sequence import RequestError
+from llm.serve.protocol import (
+    DEFAULT_COMPLETION_TOKENS,
+    ApiError,
+    ParsedRequest,
+    parse_request,
+    short_repr,
+)
+from llm.serve.responses import SSE_DONE, ResponseShape, sse
+from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
+from llm.tokenizer import TokenizerError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """model_name: the id clients must send as "model". api_key: required Bearer token (None =
+    open). max_body_bytes: largest accepted request body. retry_after_s: Retry-After on 429/503.
+    """
+
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 2 * 1024 * 1024
+    retry_after_s: int = 1
+
+
+class _Handlers:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+
+    async def health(self, request: Request) -> Response:
+        if self.engine.error is not None:
+            raise ApiError(503, f"engine failed: {self.engine.error!r}", kind="server_error",
+                           headers=self._retry())
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        return PlainTextResponse(self.engine.metrics.render(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self._authorize(request)
+        name = request.path_params["model"]
+        if name != self.config.model_name:
+            raise ApiError(404, f"the model {short_repr(name)} does not exist", "model",
+                           code="model_not_found")
+        return JSONResponse(self._model_card())
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "llm",
+                "max_model_len": self.engine.max_seq_len}
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.config.retry_after_s)}
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+                token.strip().encode("utf-8", "replace"), key.encode()):
+            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           kind="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes")
+        body = bytearray()
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise ApiError(413, f"request body larger than {limit} bytes")
+        except ClientDisconnect as e:
+            raise ApiError(400, "the client disconnected while sending the body") from e
+        try:
+            return json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ApiError(400, f"the request body is not valid UTF-8: {e}") from e
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from e
+
+    def _encode(self, req: ParsedRequest, messages: Any) -> list[int]:
+        tok = self.engine.tokenizer
+        try:
+            if req.chat:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True)
+                return tok.encode(text, add_special_tokens=False)
+            return tok.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        except (TokenizerError, TypeError) as e:
+            raise ApiError(400, f"cannot tokenize the input: {e}",
+                           "messages" if req.chat else "prompt") from e
+
+    def _limit(self, req: ParsedRequest, prompt_len: int) -> int:
+        """The request's max_new_tokens, checked against the context."""
+        context = self.engine.max_seq_len
+        room = context - prompt_len
+        param = "messages" if req.chat else "prompt"
+        if prompt_len == 0:
+            raise ApiError(400, "the prompt is empty (it encodes to no tokens)", param)
+        if room < 1:
+            raise ApiError(400, f"the prompt has {prompt_len} tokens but the context is {context} "
+                                "tokens and at least one new token must fit", param,
+                           code="context_length_exceeded")
+        if req.max_tokens is None:
+            return room if req.chat else min(DEFAULT_COMPLETION_TOKENS, room)
+        if req.max_tokens > room:
+            raise ApiError(400, f"max_tokens={req.max_tokens} plus the prompt's {prompt_len} "
+                                f"tokens exceeds the context of {context} tokens", "max_tokens",
+                           code="context_length_exceeded")
+        return req.max_tokens
+
+    def _submit(self, ids: list[int], req: ParsedRequest) -> RequestStream:
+        params = dataclasses.replace(req.params, max_new_tokens=self._limit(req, len(ids)))
+        try:
+            return self.engine.submit(ids, params)
+        except (RequestError, OutOfPagesError) as e:
+            raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
+        except QueueFullError as e:
+            raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full",
+                           headers=self._retry()) from e
+        except EngineClosedError as e:
+            raise ApiError(503, str(e), kind="server_error", headers=self._retry()) from e
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        self._authorize(request)
+        body = await self._read_json(request)
+        req, messages = parse_request(body, chat=chat, model_name=self.config.model_name)
+        ids = await asyncio.to_thread(self._encode, req, messages)
+        stream = self._submit(ids, req)
+        shape = ResponseShape(chat, self.config.model_name)
+        if req.stream:
+            return EventStreamResponse(_sse_events(stream, shape, req.include_usage),
+                                       on_close=stream.cancel)
+        try:
+            out = await race_disconnect(stream.result(), request.receive)
+        except ClientGone:
+            return Response(status_code=499)
+        except EngineClosedError as e:
+            raise ApiError(503, str(e), kind="server_error", headers=self._retry()) from e
+        finally:
+            stream.cancel()
+        return JSONResponse(shape.full(out))
+
+
+async def _sse_events(stream: RequestStream, shape: ResponseShape,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+    first = True
+    try:
+        async for ev in stream:
+            if ev.text or (first and shape.chat):
+                yield shape.chunk(ev.text, first=first)
+                first = False
+            if ev.finished:
+                assert ev.output is not None
+                yield shape.chunk("", ev.output.finish_reason, out=ev.output)
+                if include_usage:
+                    yield shape.usage_chunk(ev.output)
+    except EngineClosedError as e:
+        yield sse(ApiError(503, str(e), kind="server_error").body())
+    yield SSE_DONE
+
+
+def _error_response(err: ApiError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error_response(ApiError(exc.status_code, str(exc.detail), kind=kind,
+                                    headers=dict(exc.headers or {})))
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig) -> Starlette:
+    """The ASGI app serving `engine` under `config`."""
+    h = _Handlers(engine, config)
+    routes = [
+        Route("/health", h.health, methods=["GET"]),
+        Route("/metrics", h.metrics, methods=["GET"]),
+        Route("/v1/models", h.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", h.model, methods=["GET"]),
+        Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/v1/chat/completions", h.chat, methods=["POST"]),
+    ]
+    return Starlette(routes=routes,
+                     exception_handlers={ApiError: _api_error, HTTPException: _http_error})

@@ -1,0 +1,223 @@
+"""OpenAI request bodies -> validated requests, with a 4xx `ApiError` naming what is wrong.
+
+Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions:
+a string, token ids, or a one-element list of either) or messages (chat), max_tokens
+(max_completion_tokens for chat), temperature, top_p, top_k (extension; -1 or 0 = off), seed, stop,
+stream, stream_options.include_usage, n (1 only), ignore_eos (extension). Fields this server cannot
+honour (n > 1, logprobs, echo, penalties, logit_bias) are refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from llm.sampling import SamplingParams, SamplingParamsError
+
+INT64_MAX = 2**63 - 1
+MAX_STOP_STRINGS = 16
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON error object with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request. prompt is text to encode or token ids; max_tokens None = default.
+
+    chat: prompt is the rendered chat template (encoded without adding special tokens).
+    """
+
+    prompt: str | list[int]
+    chat: bool
+    max_tokens: int | None
+    params: SamplingParams  # max_new_tokens is set once the prompt length is known
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
+    """Validate a request body; returns the request and the raw messages (chat) or None."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_kind(body)}")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' is required and must be a string", "model")
+    if model != model_name:
+        raise ApiError(404, f"the model {short_repr(model)} does not exist; this server serves "
+                            f"'{model_name}'", "model", code="model_not_found")
+    _refuse_unsupported(body)
+    messages = None
+    if chat:
+        messages = _messages(body.get("messages"))
+        prompt: str | list[int] = ""
+        max_tokens = _opt_int(body, "max_completion_tokens", 1)
+        if max_tokens is None:
+            max_tokens = _opt_int(body, "max_tokens", 1)
+    else:
+        prompt = _prompt(body.get("prompt"))
+        max_tokens = _opt_int(body, "max_tokens", 1)
+    top_k = _opt_int(body, "top_k", -1)
+    seed = _opt_int(body, "seed", 0)
+    stream = _opt_bool(body, "stream") or False
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    include_usage = _opt_bool(options or {}, "include_usage", "stream_options.include_usage")
+    try:
+        params = SamplingParams(
+            temperature=_opt_number(body, "temperature", 1.0),
+            top_p=_opt_number(body, "top_p", 1.0),
+            top_k=0 if top_k in (None, -1) else top_k,
+            seed=seed,
+            stop=_stop(body.get("stop")),
+            ignore_eos=_opt_bool(body, "ignore_eos") or False,
+        )
+    except SamplingParamsError as e:
+        raise ApiError(400, str(e)) from e
+    return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage)), messages
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ApiError(400, f"only n=1 is supported, got {short_repr(n)}", "n")
+    for name in ("best_of",):
+        if body.get(name) not in (None, 1):
+            raise ApiError(400, f"'{name}' is not supported (only 1)", name)
+    for name in ("logprobs", "echo", "top_logprobs", "suffix", "logit_bias", "tools"):
+        if body.get(name) not in (None, False, 0, {}, []):
+            raise ApiError(400, f"'{name}' is not supported by this server", name)
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = body.get(name)
+        neutral = 1.0 if name == "repetition_penalty" else 0.0
+        if value is not None and (not _is_number(value) or value != neutral):
+            raise ApiError(400, f"'{name}' is not supported (only {neutral:g})", name)
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one prompt
+    if isinstance(value, str):
+        return _utf8(value, "prompt")
+    if isinstance(value, list) and all(_is_int(t) for t in value):
+        return list(value)
+    raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list holding one "
+                        "of those (batches of several prompts are not supported)", "prompt")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'",
+                           "messages")
+        if m["role"] not in ("system", "user", "assistant", "developer"):
+            raise ApiError(400, f"messages[{i}].role {short_repr(m['role'])} is not one of system, "
+                                "user, assistant, developer", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"messages[{i}].content: only text parts "
+                                        "({'type': 'text', 'text': ...}) are supported",
+                                   "messages")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is None and m["role"] == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                           "messages")
+        _utf8(content, "messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"],
+                    "content": content})
+    return out
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most "
+                            f"{MAX_STOP_STRINGS} non-empty strings", "stop")
+    return tuple(_utf8(s, "stop") for s in stops)
+
+
+def _utf8(text: str, param: str) -> str:
+    """`text` if it is valid Unicode (JSON can smuggle in lone surrogates), else a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"'{param}' is not valid Unicode text: {e.reason} at index {e.start}",
+                       param) from e
+    return text
+
+
+def _opt_int(body: dict[str, Any], name: str, lo: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or not lo <= value <= INT64_MAX:
+        raise ApiError(400, f"'{name}' must be an integer in [{lo}, 2**63), got "
+                            f"{short_repr(value)}", name)
+    return value
+
+
+def _opt_number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number, got {short_repr(value)}", name)
+    return float(value)
+
+
+def _opt_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{param or name}' must be true or false, got {short_repr(value)}",
+                       param or name)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(value), "a number")
+
+
+def short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,120 @@
+"""At least 200 malformed or hostile requests: each gets its expected status (never a 5xx) with an
+OpenAI-style JSON error, and afterwards the server still serves and every page is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+from conftest import MODEL_NAME
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+OK_CHAT = [{"role": "user", "content": "Hi"}]
+NAN, INF = float("nan"), float("inf")
+
+
+def body(path: str, **fields) -> dict:
+    base = {"model": MODEL_NAME, "max_tokens": 1}
+    base.update({"messages": OK_CHAT} if path == CHAT else {"prompt": "Hi"})
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def cases() -> list[tuple[str, str, bytes, int]]:
+    """(method, path, raw body, expected status)."""
+    out: list[tuple[str, str, bytes, int]] = []
+
+    def add(path: str, status: int, raw: bytes | None = None, **fields) -> None:
+        if raw is None:
+            raw = json.dumps(body(path, **fields), allow_nan=True).encode()
+        out.append(("POST", path, raw, status))
+
+    bad_values = {
+        "model": [1, None, [], {}, "gpt-4", "", "x" * 10_000, "\ud800"],
+        "max_tokens": [-1, 0, "5", 1.5, True, 10**9, 10**30, NAN, [], 400 * 1000],
+        "temperature": [-1, "hot", NAN, INF, -INF, True, [], {"a": 1}],
+        "top_p": [0, -0.5, 1.5, NAN, "x", False],
+        "top_k": [-5, 1.5, "1", 10**40, True],
+        "seed": [-1, 2**64, "x", 1.5, NAN],
+        "stop": [1, [1], [""], "", ["a"] * 100, {}, ["\udfff"]],
+        "stream": ["yes", 1, [], "true"],
+        "n": [2, 0, "1", True, -1],
+        "logprobs": [5, True],
+        "echo": [True],
+        "best_of": [3],
+        "presence_penalty": [0.5, "x"],
+        "logit_bias": [{"50256": -100}],
+        "stream_options": ["x", {"include_usage": "yes"}, 5],
+        "ignore_eos": ["no", 3],
+    }
+    for path in (COMPLETIONS, CHAT):
+        for field, values in bad_values.items():
+            for v in values:
+                status = 404 if field == "model" and isinstance(v, str) else 400
+                add(path, status, **{field: v})
+    prompts = [None, 1, {}, [1.5], [[1], [2]], ["a", "b"], [True], [-1], [10**30], [49152], [],
+               "", "\ud800", "word " * 3000, [1] * 600, [[]], [["a"]]]
+    for p in prompts:
+        add(COMPLETIONS, 400, prompt=p)
+    messages = [None, "hi", [], [{}], [{"role": 1}], [{"role": "wizard", "content": "x"}],
+                [{"role": "user", "content": 1}], [{"role": "user"}], [None], [1],
+                [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}],
+                [{"role": "user", "content": [{"type": "text"}]}],
+                [{"role": "user", "content": "\udc00"}],
+                [{"role": "user", "content": "tell " * 3000}]]
+    for m in messages:
+        add(CHAT, 400, messages=m)
+    add(CHAT, 400, messages=..., prompt="Hi")
+    add(COMPLETIONS, 400, prompt=..., messages=OK_CHAT)
+    raws = [b"", b"{", b"[1,2", b"nul", b"{'model': 1}", b'{"model": "x",}', b"\xff\xfe\x00",
+            b'{"model": "\xc3\x28"}', b"\xc3\x28", b"[" * 100_000, b'{"a":' * 50_000,
+            b"1e999999", b"null", b"true", b"42", b'"text"', b"[]", b'{"prompt": "Hi"}',
+            b"\x00" * 100, b'{"model": "' + MODEL_NAME.encode() + b'", "prompt": "\\ud800"}']
+    for path in (COMPLETIONS, CHAT):
+        for raw in raws:
+            out.append(("POST", path, raw, 400))
+        out.append(("POST", path, b"x" * (3 * 1024 * 1024), 413))
+        out.append(("GET", path, b"", 405))
+        out.append(("PUT", path, b"{}", 405))
+    for path in ("/", "/v1", "/v1/complete", "/v2/completions", "/v1/models/nope",
+                 "/v1/models/%ff%fe", "/../etc/passwd", "/metrics/x"):
+        out.append(("GET", path, b"", 404))
+    out.append(("DELETE", "/health", b"", 405))
+    out.append(("POST", "/v1/models", b"{}", 405))
+    for path in (COMPLETIONS, CHAT):  # unknown fields are ignored: these succeed
+        add(path, 200, user="u1", frobnicate={"deep": [1, 2]}, metadata=None, logprobs=None)
+        add(path, 200, temperature=0, top_k=-1, seed=0, stop=["\n\n"], n=1, stream=False)
+    return out
+
+
+async def fire(url: str, all_cases) -> list[tuple[int, str, tuple]]:
+    sem = asyncio.Semaphore(16)
+
+    async def one(client: httpx.AsyncClient, case) -> tuple[int, str, tuple]:
+        method, path, raw, _ = case
+        async with sem:
+            r = await client.request(method, path, content=raw,
+                                     headers={"content-type": "application/json"})
+            return r.status_code, r.text, case
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(one(client, c) for c in all_cases))
+
+
+def test_hostile_requests_get_4xx_json_and_server_survives(live_server) -> None:
+    all_cases = cases()
+    assert len(all_cases) >= 200
+    results = asyncio.run(fire(live_server.url, all_cases))
+    wrong = [(status, text[:200], case[:2], case[2][:80], case[3])
+             for status, text, case in results if status != case[3]]
+    assert not wrong, f"{len(wrong)} unexpected statuses: {wrong[:10]}"
+    for status, text, _ in results:
+        if status >= 400:
+            err = json.loads(text)["error"]
+            assert isinstance(err["message"], str) and err["message"] and err["type"]
+    assert httpx.get(live_server.url + "/health").status_code == 200
+    r = httpx.post(live_server.url + COMPLETIONS, json=body(COMPLETIONS, max_tokens=2), timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert live_server.wait_all_free()

@@ -1,0 +1,96 @@
+"""The official `openai` client against the live server: completions and chat, streamed and not,
+models, usage, and the same greedy text as the in-process Generator.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from conftest import MODEL_NAME
+
+from llm.sampling import SamplingParams
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def client(live_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(serve_model):
+    """Greedy results of the in-process Generator (before the server engine runs anything)."""
+    prompt = serve_model.generate([PROMPT], SamplingParams(max_new_tokens=12))[0]
+    chat = serve_model.chat([{"role": "user", "content": "What is the capital of France?"}],
+                            SamplingParams(max_new_tokens=12))
+    return prompt, chat
+
+
+def test_models(client) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+
+
+def test_completion(client, reference) -> None:
+    want, _ = reference
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_completion_streamed(client, reference) -> None:
+    want, _ = reference
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 3  # really incremental
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_chat(client, reference) -> None:
+    _, want = reference
+    r = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=12, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text and "Paris" in want.text
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_streamed_with_stop_and_seed(client, reference) -> None:
+    _, want = reference
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=12, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+    word = want.text.split()[2]
+    r = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=12, temperature=0, stop=[word],
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == want.text[:want.text.index(word)]
+    sampled = [client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                         temperature=0.9, top_p=0.95, seed=7,
+                                         extra_body={"top_k": 40}).choices[0].text
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_client_sees_clean_errors(client) -> None:
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL_NAME, prompt="hi " * 600, max_tokens=2)

@@ -1,0 +1,137 @@
+"""API key, queue limit (429 + Retry-After), /health, /metrics in Prometheus text format, and the
+`python -m llm.serve` entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from conftest import MODEL_NAME
+
+from llm.async_engine import AsyncEngine
+from llm.scheduler import SchedulerConfig
+from llm.serve import ServerConfig, create_app
+
+PROM_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-z_]+="[^"]*"\})? -?[0-9.e+]+$')
+
+
+def asgi_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                             timeout=120)
+
+
+def completion(**fields) -> dict:
+    return {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 2, **fields}
+
+
+def test_api_key(live_server) -> None:
+    app = create_app(live_server.engine, ServerConfig(model_name=MODEL_NAME, api_key="sekret"))
+
+    async def go() -> list[httpx.Response]:
+        async with asgi_client(app) as c:
+            return [
+                await c.post("/v1/completions", json=completion()),
+                await c.post("/v1/completions", json=completion(),
+                             headers={"Authorization": "Bearer wrong"}),
+                await c.get("/v1/models", headers={"Authorization": "Basic sekret"}),
+                await c.post("/v1/completions", json=completion(),
+                             headers={"Authorization": "Bearer sekret"}),
+                await c.get("/health"),
+            ]
+
+    none, wrong, basic, right, health = asyncio.run(go())
+    for r in (none, wrong, basic):
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert right.status_code == 200 and right.json()["usage"]["completion_tokens"] >= 1
+    assert health.status_code == 200
+
+
+def test_full_queue_is_429_with_retry_after(serve_model) -> None:
+    engine = AsyncEngine(serve_model, SchedulerConfig(max_active=1, max_queue=1))
+    app = create_app(engine, ServerConfig(model_name=MODEL_NAME, retry_after_s=3))
+
+    async def go() -> list[httpx.Response]:
+        async with asgi_client(app) as c:
+            slow = completion(max_tokens=16, ignore_eos=True)
+            return await asyncio.gather(
+                c.post("/v1/completions", json=slow), c.post("/v1/completions", json=slow),
+                c.post("/v1/completions", json={**slow, "stream": True}),
+                c.post("/v1/chat/completions", json={
+                    "model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 16, "ignore_eos": True}))
+
+    try:
+        responses = asyncio.run(go())
+        metrics = engine.metrics.render()
+    finally:
+        engine.shutdown()
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200, 200, 429, 429], [r.text for r in responses]
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "3"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 16
+    assert "llm_requests_rejected_total 2" in metrics
+
+
+def test_health_and_metrics(live_server) -> None:
+    httpx.post(live_server.url + "/v1/completions", json=completion(max_tokens=4), timeout=60)
+    assert httpx.get(live_server.url + "/health").json() == {"status": "ok"}
+    r = httpx.get(live_server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in r.text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) [a-z_]+ .+$", line), line
+            continue
+        assert PROM_LINE.match(line), line
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    assert samples["llm_queue_depth"] == 0 and samples["llm_active_slots"] == 0
+    assert samples["llm_generation_tokens_total"] >= 4
+    assert samples["llm_generation_tokens_per_second"] > 0
+    assert samples['llm_time_to_first_token_seconds_bucket{le="+Inf"}'] >= 1
+    assert samples["llm_inter_token_latency_seconds_count"] >= 3
+    assert samples['llm_requests_finished_total{reason="length"}'] >= 1
+
+
+def test_python_m_llm_serve(tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LLM_API_KEY": "k1"}
+    cmd = [sys.executable, "-m", "llm.serve", "--port", str(port), "--max-batch", "2",
+           "--max-seq-len", "128", "--served-model-name", "tiny", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60,
+                       headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "llm.serve", "--model", "/nonexistent.gguf"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "/nonexistent.gguf" in bad.stderr
