@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
-from test_runner import GREEDY, generate
+from test_tt_runner import GREEDY, generate
 from tt_helpers import MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.base import DecodeInput, PrefillInput

@@ -4,7 +4,7 @@ corrupt or tampered cache file is detected (sha256 manifest), rebuilt and not lo
 from __future__ import annotations
 
 from hf_reference import hf_model, state_dict
-from test_runner import generate
+from test_tt_runner import generate
 from tt_helpers import TT_CONFIGS
 
 from llm.backends.tt.runner import TTBackend
