@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "LLM": "llm.engine",
+    "AsyncEngine": "llm.async_engine",
+    "SchedulerConfig": "llm.scheduler",
     "Generator": "llm.generator",
     "RequestOutput": "llm.generator",
     "StreamEvent": "llm.generator",
@@ -26,16 +28,18 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "LLM", "Generator", "ModelConfig", "RequestOutput", "RuntimeConfig", "SamplingParams",
-    "StreamEvent", "Tokenizer", "load_checkpoint",
+    "LLM", "AsyncEngine", "SchedulerConfig", "Generator", "ModelConfig", "RequestOutput",
+    "RuntimeConfig", "SamplingParams", "StreamEvent", "Tokenizer", "load_checkpoint",
 ]
 
 if TYPE_CHECKING:
+    from llm.async_engine import AsyncEngine
     from llm.checkpoint import load_checkpoint
     from llm.config import ModelConfig, RuntimeConfig
     from llm.engine import LLM
     from llm.generator import Generator, RequestOutput, StreamEvent
     from llm.sampling import SamplingParams
+    from llm.scheduler import SchedulerConfig
     from llm.tokenizer import Tokenizer
 
 

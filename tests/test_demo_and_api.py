@@ -19,7 +19,7 @@ def test_demo_generates_and_reports_speed() -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The capital of France is Paris")
     assert "TTFT" in r.stdout and "tok/s/user" in r.stdout and "tok/s total" in r.stdout
-    assert "torch backend on cpu (float32)" in r.stderr
+    assert "torch backend on cpu (float32" in r.stderr
 
 
 def test_demo_batch_of_prompts() -> None:
