@@ -54,12 +54,8 @@ def scaled_dot_product_attention(input_tensor_q, input_tensor_k, input_tensor_v,
     """Prefill flash attention: q [b,nqh,s,dh], k/v [b,nkv,s,dh] -> [b,nqh,s,dh]."""
     q, k, v = input_tensor_q, input_tensor_k, input_tensor_v  # ttnn 0.81.1 keyword names
     name = "scaled_dot_product_attention"
+    _require_prefill_inputs(name, q, k, v)
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
-        require_device(t, name, n)
-        require_tile(t, name, n)
-        require_dtype(t, _SDPA_DTYPES, name, n)
-        if t.is_sharded():
-            raise RuntimeError(f"{name}: {n} must be interleaved")
         if len(t.shape) != 4:
             raise RuntimeError(f"{name}: {n} must be 4-D")
         if t.shape[-1] != t.padded_shape[-1]:
@@ -307,12 +303,7 @@ def chunked_scaled_dot_product_attention(input_tensor_q, input_tensor_k, input_t
     contiguous cache rebuilt from the page table."""
     q, k, v = input_tensor_q, input_tensor_k, input_tensor_v  # ttnn 0.81.1 keyword names
     name = "chunked_scaled_dot_product_attention"
-    for t, n in ((q, "q"), (k, "k"), (v, "v")):
-        require_device(t, name, n)
-        require_tile(t, name, n)
-        require_dtype(t, _SDPA_DTYPES, name, n)
-        if t.is_sharded():
-            raise RuntimeError(f"{name}: {n} must be interleaved")
+    _require_prefill_inputs(name, q, k, v)
     same_device(name, q, k, v, page_table_tensor)
     if attention_sink is not None:
         raise RuntimeError("ttnn_emu: attention_sink is not supported")
@@ -357,3 +348,13 @@ def chunked_scaled_dot_product_attention(input_tensor_q, input_tensor_k, input_t
         outs.append(_attend(qi, kc, vc, scale, keep=keep))
     set_cost(flops=4 * b * nqh * sq * total * dh // 2)
     return output(q, outs, memory_config=memory_config or q.memory_config(), op=name)
+
+
+def _require_prefill_inputs(name: str, q, k, v) -> None:
+    """q, k and v of a prefill SDPA: on device, TILE, an SDPA dtype, interleaved."""
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        require_device(t, name, n)
+        require_tile(t, name, n)
+        require_dtype(t, _SDPA_DTYPES, name, n)
+        if t.is_sharded():
+            raise RuntimeError(f"{name}: {n} must be interleaved")

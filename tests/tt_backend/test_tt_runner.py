@@ -9,11 +9,11 @@ from hf_reference import hf_model, state_dict
 from tt_helpers import MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling, create_backend
+from llm.backends.drive import decode_together
 from llm.backends.tt.op_configs import TTConfigError
 from llm.backends.tt.runner import TTBackend, parse_mesh
 from llm.checkpoint import Checkpoint
 from llm.config import RuntimeConfig
-from llm.paged_kv import PageTable, PageTableSpec
 from llm.sampling import SamplingParams
 
 GREEDY = SequenceSampling(SamplingParams(), 0)
@@ -21,22 +21,8 @@ BF16_TIE = 0.05  # a token counts as greedy when its fp32 logit is this close to
 
 
 def generate(backend, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """Prefill each prompt into its slot, then decode all users together (as the Generator)."""
-    rt = backend.runtime
-    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
-                      rt.max_batch)
-    out = []
-    for slot, p in enumerate(prompts):
-        pages.reserve(slot, len(p) + steps)
-        out.append([backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), GREEDY))])
-    slots = list(range(len(prompts)))
-    for t in range(steps - 1):
-        nxt = backend.decode(DecodeInput(slots, [o[-1] for o in out],
-                                         [len(p) + t for p in prompts], pages.table(slots),
-                                         [GREEDY] * len(slots)))
-        for o, tok in zip(out, nxt):
-            o.append(tok)
-    return out
+    """Prefill each prompt into its slot, then decode all users together (greedy)."""
+    return decode_together(backend, prompts, steps, [GREEDY] * len(prompts))
 
 
 def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
