@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from llm.config import ModelConfig
+from llm.config import ModelConfig, RopeScaling
 
 _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -21,7 +21,7 @@ SMALL_CONFIGS = {
     "qwen2_bias": ModelConfig(arch="qwen2", **_BASE, qkv_bias=True),
     "llama3_rope": ModelConfig(
         arch="llama", **{**_BASE, "rope_theta": 500000.0},
-        rope_scaling=__import__("llm.config", fromlist=["RopeScaling"]).RopeScaling(
+        rope_scaling=RopeScaling(
             "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=64)),
     "odd_heads_headdim": ModelConfig(arch="llama", **{**_BASE, "num_heads": 9, "num_kv_heads": 3,
