@@ -156,31 +156,40 @@ def load_checkpoint(
     GGUF files are converted once and cached in `cache_dir` (default: `default_cache_dir()`).
     `progress` shows tqdm bars while hashing, converting and loading.
     """
+    path, kind = resolve_checkpoint(path)
+    if kind == "dir":
+        config, tensors = _load_hf_dir(path, progress)
+        return Checkpoint(config=config, tensors=tensors, source=path)
+    from llm.gguf_weights import load_gguf_cached  # here: it imports this module
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    config, tensors, digest = load_gguf_cached(path, cache, progress)
+    return Checkpoint(config=config, tensors=tensors, source=path, source_sha256=digest)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """The resolved path of a checkpoint and its kind, "dir" (Hugging Face) or "gguf"; anything
+    else (missing path, pickle, a lone safetensors file, unknown file) is a CheckpointError.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     path = path.resolve()
     if path.is_dir():
-        config, tensors = _load_hf_dir(path, progress)
-    elif path.suffix.lower() in _PICKLE_SUFFIXES:
+        return path, "dir"
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise _pickle_error(path, [path.name])
-    elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-        from llm.gguf_weights import load_gguf_cached  # here: it imports this module
-
-        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        config, tensors, digest = load_gguf_cached(path, cache, progress)
-        return Checkpoint(config=config, tensors=tensors, source=path, source_sha256=digest)
-    elif path.suffix == ".safetensors":
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        return path, "gguf"
+    if path.suffix == ".safetensors":
         raise CheckpointError(
             f"{path}: a safetensors file alone has no model config; "
             "pass its directory (with config.json)"
         )
-    else:
-        raise CheckpointError(
-            f"{path}: not a checkpoint (expected a Hugging Face directory with safetensors "
-            "or a .gguf file)"
-        )
-    return Checkpoint(config=config, tensors=tensors, source=path)
+    raise CheckpointError(
+        f"{path}: not a checkpoint (expected a Hugging Face directory with safetensors "
+        "or a .gguf file)"
+    )
 
 
 def _pickle_error(where: Path, names: list[str]) -> CheckpointError:
@@ -219,13 +228,19 @@ def _hf_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
     raise CheckpointError(f"{directory}: no {_SINGLE_FILE} or {_INDEX_FILE}{hint}")
 
 
-def _load_hf_dir(directory: Path, progress: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def hf_dir_headers(directory: Path) -> tuple[ModelConfig, dict[str, Path]]:
+    """Config and checked tensor index (name -> file) of an HF directory, from headers only.
+
+    Rejects a bad checkpoint (missing, unexpected, wrong-shape tensors; an inconsistent index)
+    before any tensor data is read. Ignored tensors (`_is_ignored`) are left out.
+    """
     files, weight_map = _hf_weight_files(directory)
     config = ModelConfig.from_hf_dir(directory)
     shapes: dict[str, tuple[int, ...]] = {}
     origin: dict[str, str] = {}
-    for file in files:  # headers only: reject a bad checkpoint before reading any data
-        with _open_safetensors(file) as f:
+    where: dict[str, Path] = {}
+    for file in files:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if name in origin:
                     raise CheckpointError(f"{file}: tensor {name!r} is also in {origin[name]}")
@@ -237,6 +252,7 @@ def _load_hf_dir(directory: Path, progress: bool) -> tuple[ModelConfig, dict[str
                 origin[name] = str(file)
                 if not _is_ignored(name, config):
                     shapes[name] = tuple(f.get_slice(name).get_shape())
+                    where[name] = file
     for name, file_name in (weight_map or {}).items():
         if name not in origin:
             raise CheckpointError(
@@ -244,19 +260,24 @@ def _load_hf_dir(directory: Path, progress: bool) -> tuple[ModelConfig, dict[str
                 "which does not contain it"
             )
     check_tensors(shapes, config, origin, directory)
+    return config, where
+
+
+def _load_hf_dir(directory: Path, progress: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    config, where = hf_dir_headers(directory)
     tensors: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(shapes), desc="loading weights", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(where), desc="loading weights", unit="tensor", disable=not progress)
     with bar:
-        for file in files:
-            with _open_safetensors(file) as f:
+        for file in dict.fromkeys(where.values()):
+            with open_safetensors(file) as f:
                 for name in f.keys():
-                    if name in shapes:
-                        tensors[name] = _get_tensor(f, name, file)
+                    if where.get(name) == file:
+                        tensors[name] = get_tensor(f, name, file)
                         bar.update()
     return config, {name: tensors[name] for name in expected_tensors(config)}
 
 
-def _open_safetensors(file: Path) -> safetensors.safe_open:
+def open_safetensors(file: Path) -> safetensors.safe_open:
     """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
     try:
         return safetensors.safe_open(str(file), framework="pt")
@@ -266,7 +287,7 @@ def _open_safetensors(file: Path) -> safetensors.safe_open:
         ) from e
 
 
-def _get_tensor(handle: safetensors.safe_open, name: str, file: Path) -> torch.Tensor:
+def get_tensor(handle: safetensors.safe_open, name: str, file: Path) -> torch.Tensor:
     try:
         tensor = handle.get_tensor(name)
     except Exception as e:
@@ -282,11 +303,11 @@ def read_safetensors(
     file: Path, progress: bool, desc: str = "loading weights"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of one safetensors file (CheckpointError if unreadable)."""
-    with _open_safetensors(file) as f:
+    with open_safetensors(file) as f:
         metadata = f.metadata() or {}
         names = list(f.keys())
         bar = tqdm(names, desc=desc, unit="tensor", disable=not progress)
-        tensors = {name: _get_tensor(f, name, file) for name in bar}
+        tensors = {name: get_tensor(f, name, file) for name in bar}
     return tensors, metadata
 
 

@@ -37,6 +37,7 @@ from llm.checkpoint import (
     CheckpointError,
     check_tensors,
     expected_tensors,
+    open_safetensors,
     read_safetensors,
 )
 from llm.config import ModelConfig, RopeScaling
@@ -163,24 +164,52 @@ def load_gguf_cached(
 def _read_cache(
     file: Path, digest: str, progress: bool
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    tensors, metadata = read_safetensors(file, progress, desc="loading cached weights")
+    config = cache_entry_config(file, digest)
+    tensors, _ = read_safetensors(file, progress, desc="loading cached weights")
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    check_tensors(shapes, config, dict.fromkeys(tensors, str(file)), file)
+    return config, {name: tensors[name] for name in expected_tensors(config)}
+
+
+def cache_entry_config(file: Path, digest: str) -> ModelConfig:
+    """The ModelConfig of the cache entry `file` for the GGUF with sha256 `digest`, from its
+    header only; CheckpointError if the entry is unreadable or not this GGUF's.
+    """
+    with open_safetensors(file) as f:
+        metadata = f.metadata() or {}
     header = {k: metadata.get(k) for k in ("format", "version", "source_sha256")}
     wanted = {"format": _CACHE_FORMAT, "version": str(CACHE_FORMAT_VERSION)}
     wanted["source_sha256"] = digest
     if header != wanted:
         raise CheckpointError(f"{file}: not a cache entry for this GGUF (metadata {header})")
     try:
-        config = config_from_json(metadata["config"])
+        return config_from_json(metadata["config"])
     except (KeyError, TypeError, ValueError) as e:  # ConfigError and JSON errors are ValueErrors
         raise CheckpointError(f"{file}: bad model config in the metadata: {e!r}") from e
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    check_tensors(shapes, config, dict.fromkeys(tensors, str(file)), file)
-    return config, {name: tensors[name] for name in expected_tensors(config)}
 
 
 def convert_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a GGUF file into (config, canonical tensors) without any cache."""
-    reader = open_gguf(path)
+    config, by_name = gguf_index(open_gguf(path), path)
+    permute = config.arch in _PERMUTED_ARCHS
+    tensors: dict[str, torch.Tensor] = {}
+    bar = tqdm(by_name.items(), desc=f"converting {path.name}", unit="tensor", disable=not progress)
+    for name, t in bar:
+        w = dequantize(t.data, t, path).reshape(hf_shape(t))  # (out, in) or (n,)
+        if permute and ".self_attn.q_proj." in name:
+            w = unpermute(w, config.num_heads)
+        elif permute and ".self_attn.k_proj." in name:
+            w = unpermute(w, config.num_kv_heads)
+        tensors[name] = w
+    return config, {name: tensors[name] for name in expected_tensors(config)}
+
+
+def gguf_index(
+    reader: gguf.GGUFReader, path: Path
+) -> tuple[ModelConfig, dict[str, gguf.ReaderTensor]]:
+    """The model config of an open GGUF and its tensors by canonical HF name, checked against
+    the config (names and shapes) before any data is read.
+    """
     try:
         metadata = gguf_metadata(reader)
     except Exception as e:
@@ -190,42 +219,42 @@ def convert_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[s
             f"{path}: is one part of a split GGUF ({metadata['split.count']} parts); merge the "
             "parts first (llama.cpp: `llama-gguf-split --merge first-part.gguf merged.gguf`)"
         )
-    by_name = {t.name: t for t in reader.tensors}
-    freqs = by_name.pop("rope_freqs.weight", None)
-    factors = tuple(_dequantize(freqs, path).flatten().tolist()) if freqs is not None else ()
+    by_gguf_name = {t.name: t for t in reader.tensors}
+    freqs = by_gguf_name.pop("rope_freqs.weight", None)
+    factors = (tuple(dequantize(freqs.data, freqs, path).flatten().tolist())
+               if freqs is not None else ())
     config = ModelConfig.from_gguf(
-        metadata, set(by_name), source=str(path), rope_freq_factors=factors
+        metadata, set(by_gguf_name), source=str(path), rope_freq_factors=factors
     )
-
-    names: dict[str, str] = {}
+    by_name: dict[str, gguf.ReaderTensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     origin: dict[str, str] = {}
-    for gname, t in by_name.items():
+    for gname, t in by_gguf_name.items():
         name = hf_name(gname)
-        names[gname] = name or gname  # an unknown name is reported as unexpected by check_tensors
-        # GGUF lists dims fastest first: [in, out] -> HF (out, in).
-        shapes[names[gname]] = tuple(int(d) for d in reversed(t.shape.tolist()))
-        origin[names[gname]] = f"{path} (GGUF tensor {gname!r})" if name else str(path)
-    check_tensors(shapes, config, origin, path)  # before dequantizing anything
-
-    permute = config.arch in _PERMUTED_ARCHS
-    tensors: dict[str, torch.Tensor] = {}
-    bar = tqdm(by_name.items(), desc=f"converting {path.name}", unit="tensor", disable=not progress)
-    for gname, t in bar:
-        name = names[gname]
-        w = _dequantize(t, path).reshape(shapes[name])  # (out, in) for matrices, (n,) for vectors
-        if permute and ".self_attn.q_proj." in name:
-            w = _unpermute(w, config.num_heads)
-        elif permute and ".self_attn.k_proj." in name:
-            w = _unpermute(w, config.num_kv_heads)
-        tensors[name] = w
-    return config, {name: tensors[name] for name in expected_tensors(config)}
+        key = name or gname  # an unknown name is reported as unexpected by check_tensors
+        by_name[key] = t
+        shapes[key] = hf_shape(t)
+        origin[key] = f"{path} (GGUF tensor {gname!r})" if name else str(path)
+    check_tensors(shapes, config, origin, path)
+    return config, by_name
 
 
-def _dequantize(t: gguf.ReaderTensor, path: Path) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor owning its memory, in its lossless dtype."""
+def hf_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
+    """HF shape of a GGUF tensor: GGUF lists dims fastest first, [in, out] -> (out, in)."""
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
+
+
+def unpermute_needed(config: ModelConfig) -> bool:
+    """Whether this GGUF architecture's Q/K rows carry llama.cpp's RoPE permutation."""
+    return config.arch in _PERMUTED_ARCHS
+
+
+def dequantize(data: np.ndarray, t: gguf.ReaderTensor, path: Path) -> torch.Tensor:
+    """GGUF tensor data (all of `t.data` or a slice of its rows) as a torch tensor owning its
+    memory, in the tensor's lossless dtype (float32, or float16/bfloat16 for F16/BF16).
+    """
     try:
-        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        array = gguf.quants.dequantize(data, t.tensor_type)
     except NotImplementedError as e:
         raise CheckpointError(
             f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which gguf "
@@ -238,7 +267,7 @@ def _dequantize(t: gguf.ReaderTensor, path: Path) -> torch.Tensor:
     return torch.from_numpy(array).to(_NATURAL_DTYPES.get(t.tensor_type, torch.float32))
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation: per head, interleaved RoPE pairs -> rotate-half."""
     rows = w.shape[0]
     # (rows, *in) -> (n_head, rows/n_head/2, 2, *in) -> (n_head, 2, rows/n_head/2, *in)
