@@ -3,6 +3,7 @@
     python demos/generate.py --prompt "Once upon a time"
     python demos/generate.py --prompt "What is RoPE?" --chat --max-new-tokens 200
     python demos/generate.py --prompt "A" --prompt "B" --temperature 0.8 --seed 1   # a batch of two
+    torchrun --nproc-per-node 2 demos/generate.py --tp 2 --prompt "Hi"   # tensor parallel (gloo)
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + completion (default: model context, at most 2048)")
     p.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (torch backend): start N processes with "
+                        "`torchrun --nproc-per-node N demos/generate.py --tp N ...`; --device cuda "
+                        "gives rank i GPU i (NCCL), cpu uses gloo")
     p.add_argument("--mesh", default="1x1", help="tt: mesh shape ROWSxCOLS (virtual on the "
                    "emulator), 1-D tensor parallel over all its devices")
     p.add_argument("--precision", default="accuracy", choices=["accuracy", "performance"],
@@ -80,12 +85,25 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--mesh, --precision and --stats apply to --backend tt only")
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=len(prompts), max_seq_len=args.max_seq_len,
-                        progress=not args.quiet, backend_options=options)
+                        progress=not args.quiet, backend_options=options,
+                        tensor_parallel=args.tp)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not model.is_leader:
+        model.follow()  # rank > 0: the leader's steps, until it closes
+        return 0
     print(f"[{model.backend.describe()}; loaded in {time.perf_counter() - t_load:.1f} s]",
           file=sys.stderr)
+    try:
+        return run(model, args, prompts, params)
+    finally:
+        model.close()
+
+
+def run(model: llm.LLM, args: argparse.Namespace, prompts: list[str],
+        params: SamplingParams) -> int:
+    """Stream the completions of `prompts` and print the timing line; returns the exit code."""
     single = len(prompts) == 1
     if single and not args.chat:
         print(prompts[0], end="", flush=True)

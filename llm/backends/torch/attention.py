@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.mesh import Mesh
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
 from llm.config import ModelConfig
 
@@ -91,13 +92,18 @@ class DecodeMeta:
 
 
 class Attention:
-    """Fused QKV projection, RoPE, paged K/V write, SDPA with GQA, output projection."""
+    """Fused QKV projection, RoPE, paged K/V write, SDPA with GQA, output projection.
+
+    On a mesh, `config` is the rank's local config (its heads and KV heads) and `w` its slices:
+    QKV is column-parallel, o_proj row-parallel, followed by the all-reduce of the partial sums.
+    """
 
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int,
-                 fused_rope: bool = False) -> None:
+                 fused_rope: bool = False, mesh: Mesh | None = None) -> None:
         """fused_rope: prefill rotates Q/K and writes the cache with the Triton kernel."""
         p = f"model.layers.{layer}.self_attn."
         self.layer = layer
+        self.mesh = mesh or Mesh.single()
         self.fused_rope = fused_rope
         self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         self.wqkv = torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"],
@@ -142,7 +148,7 @@ class Attention:
             k, v = k[:, :, :total], v[:, :, :total]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, enable_gqa=True)
         out = out[0].transpose(0, 1).reshape(s, self.n_heads * self.hd)  # [S, nh*hd]
-        return F.linear(out, self.wo, self.bo)
+        return self.mesh.all_reduce(F.linear(out, self.wo, self.bo))
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
@@ -162,4 +168,5 @@ class Attention:
             keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
             out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
                                                  attn_mask=meta.mask, enable_gqa=True)
-        return F.linear(out.reshape(b, self.n_heads * self.hd), self.wo, self.bo)
+        return self.mesh.all_reduce(F.linear(out.reshape(b, self.n_heads * self.hd), self.wo,
+                                             self.bo))

@@ -1,16 +1,29 @@
-"""Token embedding lookup."""
+"""Token embedding lookup (vocabulary-parallel over a mesh)."""
 
 from __future__ import annotations
 
 import torch
 
+from llm.backends.torch.mesh import Mesh
+
 
 class Embedding:
-    """Looks up rows of the embedding table `[vocab, hidden]`."""
+    """Looks up rows of the embedding table `[vocab, hidden]`.
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight  # [V, H]
+    On a mesh each rank holds the rows [offset, offset + rows) of the vocabulary: it looks up the
+    tokens it holds, writes zeros for the others, and the all-reduce sums the one real row.
+    """
+
+    def __init__(self, weight: torch.Tensor, mesh: Mesh | None = None, offset: int = 0) -> None:
+        self.weight = weight  # [V_local, H]
+        self.mesh = mesh or Mesh.single()
+        self.offset = offset
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [...] int64 -> [..., H]."""
-        return torch.nn.functional.embedding(tokens, self.weight)
+        if self.mesh.size == 1:
+            return torch.nn.functional.embedding(tokens, self.weight)
+        local = tokens - self.offset
+        held = (local >= 0) & (local < self.weight.shape[0])
+        x = torch.nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return self.mesh.all_reduce(torch.where(held[..., None], x, 0.0).to(x.dtype))

@@ -24,7 +24,7 @@ import torch
 
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.model import Transformer
-from llm.sampling import SamplingParams, SamplingTensors, sample
+from llm.sampling import SamplingParams, SamplingTensors
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -82,7 +82,7 @@ class DecodeGraphs:
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b])
         logits = self.model.decode(self.tokens[:b], self.positions[:b], self.page_table[:b],
                                    self.cache)  # [b, V]
-        self.out[:b] = sample(logits, st, self.positions[:b] + 1, all_greedy=greedy)
+        self.out[:b] = self.model.sample(logits, st, self.positions[:b] + 1, all_greedy=greedy)
 
     @torch.inference_mode()
     def capture(self) -> float:

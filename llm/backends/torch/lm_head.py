@@ -1,29 +1,39 @@
-"""The LM head, computed in vocabulary chunks."""
+"""The LM head, computed in vocabulary chunks (and vocabulary-parallel over a mesh)."""
 
 from __future__ import annotations
 
 import torch
+
+from llm.backends.torch.mesh import Mesh
 
 
 class LMHead:
     """logits = x @ W^T with W `[V, H]` split into column chunks of at most `chunk_size` rows of W.
 
     Chunking bounds the size of each matmul's output (the working set of one chunk) and mirrors the
-    tt backend's split LM head; the chunks write into one preallocated logits tensor.
+    tt backend's split LM head; the chunks write into one preallocated logits tensor. On a mesh, W
+    is this rank's vocabulary rows [offset, offset + V_local): `__call__` gives the local logits,
+    `gather` the whole row and `argmax` the global greedy token without gathering the logits.
     """
 
-    def __init__(self, weight: torch.Tensor, chunk_size: int = 16384) -> None:
+    def __init__(self, weight: torch.Tensor, chunk_size: int = 16384, mesh: Mesh | None = None,
+                 offset: int = 0, sizes: list[int] | None = None) -> None:
+        """sizes: every rank's number of vocabulary rows, in rank order (gathers pad to the
+        largest)."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.weight = weight  # [V, H]
+        self.weight = weight  # [V_local, H]
         self.chunks = list(torch.split(weight, chunk_size, dim=0))
+        self.mesh = mesh or Mesh.single()
+        self.offset = offset
+        self.sizes = sizes or [weight.shape[0]]
 
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] -> logits [N, V]."""
+        """x [N, H] -> logits [N, V_local]."""
         if len(self.chunks) == 1:
             return x @ self.weight.T
         out = torch.empty(x.shape[0], self.vocab_size, dtype=x.dtype, device=x.device)
@@ -32,3 +42,25 @@ class LMHead:
             out[:, col:col + w.shape[0]] = x @ w.T  # [N, chunk]
             col += w.shape[0]
         return out
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """Local logits [N, V_local] -> the whole vocabulary's [N, V] on every rank."""
+        if self.mesh.size == 1:
+            return logits
+        pad = max(self.sizes) - logits.shape[-1]
+        if pad:
+            logits = torch.nn.functional.pad(logits, (0, pad), value=float("-inf"))
+        parts = self.mesh.all_gather(logits)  # [ranks, N, max(sizes)]
+        return torch.cat([p[:, :n] for p, n in zip(parts, self.sizes)], dim=-1)  # [N, V]
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Local logits [N, V_local] -> global argmax token ids [N] (the lowest id among equal
+        maxima, as a single-device argmax), from one all-gather of [2, N] per rank.
+        """
+        if self.mesh.size == 1:
+            return torch.argmax(logits, dim=-1)
+        value, index = torch.max(logits.float(), dim=-1)  # [N]
+        pair = torch.stack([value, (index + self.offset).float()])  # ids < 2**24: exact in fp32
+        both = self.mesh.all_gather(pair)  # [ranks, 2, N]
+        best = torch.argmax(both[:, 0], dim=0)  # [N]: the first rank holding the maximum
+        return both[:, 1].gather(0, best[None])[0].to(torch.int64)

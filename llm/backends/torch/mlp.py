@@ -5,17 +5,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm.backends.torch.mesh import Mesh
+
 
 class MLP:
     """down(silu(gate(x)) * up(x)) with W_gate and W_up stacked as one `[2 * I, H]` weight.
 
-    fused: the activation runs as one Triton kernel instead of two torch ops.
+    fused: the activation runs as one Triton kernel instead of two torch ops. On a mesh the
+    weights are the rank's slice of the intermediate dimension (gate/up column-parallel, down
+    row-parallel) and the output is all-reduced.
     """
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor,
                  gate_up_bias: torch.Tensor | None = None,
-                 down_bias: torch.Tensor | None = None, fused: bool = False) -> None:
+                 down_bias: torch.Tensor | None = None, fused: bool = False,
+                 mesh: Mesh | None = None) -> None:
         self.fused = fused
+        self.mesh = mesh or Mesh.single()
         self.gate_up = gate_up  # [2I, H]
         self.down = down  # [H, I]
         self.gate_up_bias = gate_up_bias
@@ -23,14 +29,15 @@ class MLP:
         self.inter = down.shape[1]
 
     @classmethod
-    def from_weights(cls, w: dict[str, torch.Tensor], prefix: str, fused: bool = False) -> MLP:
+    def from_weights(cls, w: dict[str, torch.Tensor], prefix: str, fused: bool = False,
+                     mesh: Mesh | None = None) -> MLP:
         """Build from canonical names under `prefix` (e.g. `model.layers.0.mlp.`)."""
         gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]], dim=0)
         bias = None
         if prefix + "gate_proj.bias" in w:
             bias = torch.cat([w[prefix + "gate_proj.bias"], w[prefix + "up_proj.bias"]], dim=0)
         return cls(gate_up, w[prefix + "down_proj.weight"], bias, w.get(prefix + "down_proj.bias"),
-                   fused)
+                   fused, mesh)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
@@ -38,6 +45,6 @@ class MLP:
         if self.fused and gu.dim() == 2:
             from llm.backends.torch.kernels.silu_mul import silu_mul
 
-            return F.linear(silu_mul(gu), self.down, self.down_bias)
+            return self.mesh.all_reduce(F.linear(silu_mul(gu), self.down, self.down_bias))
         gate, up = gu.split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down, self.down_bias)
+        return self.mesh.all_reduce(F.linear(F.silu(gate) * up, self.down, self.down_bias))

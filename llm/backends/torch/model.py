@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from llm.backends.torch.attention import Attention, DecodeMeta, PrefillMeta
 from llm.backends.torch.embedding import Embedding
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.lm_head import LMHead
+from llm.backends.torch.mesh import Mesh
 from llm.backends.torch.mlp import MLP
 from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.config import ModelConfig, RuntimeConfig
+from llm.sampling import SamplingTensors, sample
+from llm.tensor_parallel import TensorParallelPlan
+from llm.weight_slices import TensorDictSlices, WeightSlices
 
 
 class DecoderLayer:
@@ -21,13 +27,13 @@ class DecoderLayer:
     """
 
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int,
-                 fused: bool = False) -> None:
+                 fused: bool = False, mesh: Mesh | None = None) -> None:
         p = f"model.layers.{layer}."
         eps = config.rms_norm_eps
         self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, fused)
-        self.attn = Attention(config, w, layer, fused)
+        self.attn = Attention(config, w, layer, fused, mesh)
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused)
-        self.mlp = MLP.from_weights(w, p + "mlp.", fused)
+        self.mlp = MLP.from_weights(w, p + "mlp.", fused, mesh)
 
     def prefill(self, x: torch.Tensor, residual: torch.Tensor | None, meta: PrefillMeta,
                 cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,29 +51,44 @@ class DecoderLayer:
 
 
 class Transformer:
-    """A whole Llama-family model whose weights live on one torch device in one dtype."""
+    """A whole Llama-family model whose weights live on one torch device in one dtype, or this
+    rank's part of it on a tensor-parallel mesh (`llm.tensor_parallel` says which part).
+    """
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor],
-                 runtime: RuntimeConfig, lm_head_chunk: int | None = None,
-                 decode_kernel: bool | None = None) -> None:
-        """decode_kernel: use the Triton paged-decode attention (default: on CUDA when Triton is
+    def __init__(self, config: ModelConfig,
+                 tensors: Mapping[str, torch.Tensor] | WeightSlices, runtime: RuntimeConfig,
+                 lm_head_chunk: int | None = None, decode_kernel: bool | None = None,
+                 mesh: Mesh | None = None) -> None:
+        """tensors: the canonical tensors, or a WeightSlices reading only this rank's slices.
+        decode_kernel: use the Triton paged-decode attention (default: on CUDA when Triton is
         installed and the head_dim / block_size suit it) with the fused Triton norm and RoPE
         kernels; otherwise the torch paths.
         """
         self.config = config
+        self.mesh = mesh = mesh or Mesh.single()
+        plan = TensorParallelPlan(config, mesh.size)
+        shard = plan.shard(mesh.rank)
+        self.local = local = plan.local_config(mesh.rank)  # this rank's heads, widths, vocab
         self.device = torch.device(runtime.device)
         self.dtype = getattr(torch, runtime.dtype)
         self.block_size = runtime.block_size
-        w = {k: v.to(device=self.device, dtype=self.dtype) for k, v in tensors.items()}
+        if not isinstance(tensors, WeightSlices):
+            tensors = TensorDictSlices(config, tensors)
+        w = {k: v.to(device=self.device, dtype=self.dtype)
+             for k, v in plan.read_local(tensors, mesh.rank).items()}
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in
+                                {id(t): t for t in w.values()}.values())
         if decode_kernel is None:
             decode_kernel = self.device.type == "cuda" and _triton_supports(config, runtime)
-        self.embed = Embedding(w["model.embed_tokens.weight"])
-        self.layers = [DecoderLayer(config, w, i, decode_kernel) for i in range(config.num_layers)]
+        self.embed = Embedding(w["model.embed_tokens.weight"], mesh, shard.vocab[0])
+        self.layers = [DecoderLayer(local, w, i, decode_kernel, mesh)
+                       for i in range(config.num_layers)]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, decode_kernel)
         head = w["model.embed_tokens.weight"] if config.tie_word_embeddings else w["lm_head.weight"]
         if lm_head_chunk is None:  # one matmul on a GPU; bounded working sets on a CPU
             lm_head_chunk = head.shape[0] if self.device.type == "cuda" else 16384
-        self.lm_head = LMHead(head, lm_head_chunk)
+        sizes = [plan.shard(r).vocab[1] - plan.shard(r).vocab[0] for r in range(mesh.size)]
+        self.lm_head = LMHead(head, lm_head_chunk, mesh, shard.vocab[0], sizes)
         self.rope = RotaryEmbedding(config, runtime.max_seq_len, self.device, self.dtype)
         self.max_pages = runtime.blocks_per_seq
         self.n_sm = (torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -79,7 +100,8 @@ class Transformer:
                 cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """tokens [S] at positions start_pos.. for one user with pages page_row [max_blocks].
 
-        Returns logits [V] of the last position (or [S, V] with all_logits, for tests and scoring).
+        Returns logits [V] of the last position (or [S, V] with all_logits, for tests and scoring);
+        on a mesh, this rank's vocabulary slice of them (`gather_logits` / `sample`).
         """
         meta = PrefillMeta.build(self.rope, start_pos, tokens.shape[0], page_row, self.block_size)
         x, residual = self.embed(tokens), None  # [S, H]
@@ -94,19 +116,34 @@ class Transformer:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                cache: PagedKVCache, max_pos: int | None = None) -> torch.Tensor:
         """tokens, positions [B]; page_table [B, max_blocks]; max_pos = max(positions) (host-known,
-        needed by the gather path only). Returns logits [B, V].
+        needed by the gather path only). Returns logits [B, V] (on a mesh: [B, V_local]).
         """
         ppp = None
         if self.decode_kernel:
             from llm.backends.torch.kernels.paged_decode import pages_per_split
 
-            ppp = pages_per_split(tokens.shape[0], self.config.num_kv_heads, self.max_pages,
+            ppp = pages_per_split(tokens.shape[0], self.local.num_kv_heads, self.max_pages,
                                   self.n_sm)
         meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos, ppp)
         x, residual = self.embed(tokens), None  # [B, H]
         for layer in self.layers:
             x, residual = layer.decode(x, residual, meta, cache)
         return self.lm_head(self.norm.add_norm(x, residual)[0])  # [B, V]
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits from prefill/decode -> the whole vocabulary's (identity on one rank)."""
+        if logits.dim() == 1:
+            return self.lm_head.gather(logits[None])[0]
+        return self.lm_head.gather(logits)
+
+    def sample(self, logits: torch.Tensor, st: SamplingTensors, positions: torch.Tensor,
+               all_greedy: bool) -> torch.Tensor:
+        """Next tokens [B] from decode logits [B, V(_local)]: greedy from a distributed argmax,
+        otherwise `llm.sampling.sample` over the gathered vocabulary; the same on every rank.
+        """
+        if all_greedy:
+            return self.lm_head.argmax(logits)
+        return sample(self.lm_head.gather(logits), st, positions, all_greedy=False)
 
 
 def _triton_supports(config: ModelConfig, runtime: RuntimeConfig) -> bool:

@@ -7,27 +7,35 @@ import torch
 from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
 from llm.backends.torch.graphs import DecodeGraphs
 from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.mesh import Mesh
 from llm.backends.torch.model import Transformer
 from llm.checkpoint import Checkpoint
 from llm.config import RuntimeConfig
-from llm.sampling import SamplingTensors, sample
+from llm.sampling import SamplingTensors
+from llm.weight_slices import WeightSlices
 
 
 class TorchBackend(Backend):
-    """PyTorch on CPU or CUDA, fp32 / bf16 / fp16."""
+    """PyTorch on CPU or CUDA, fp32 / bf16 / fp16; one process, or one rank of a tensor-parallel
+    mesh (every rank runs the same calls; see llm.backends.distributed).
+    """
 
     name = "torch"
 
-    def __init__(self, checkpoint: Checkpoint, runtime: RuntimeConfig,
-                 cuda_graphs: bool = True) -> None:
-        """cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs."""
+    def __init__(self, checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
+                 cuda_graphs: bool = True, mesh: Mesh | None = None) -> None:
+        """checkpoint: loaded weights, or slices read per rank (tensor parallel).
+        cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs.
+        """
         if runtime.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {runtime.device!r} requested but CUDA is not available")
         self.config = checkpoint.config
         self.runtime = runtime
         self.device = torch.device(runtime.device)
-        self.model = Transformer(self.config, checkpoint.tensors, runtime)
-        self.cache = PagedKVCache(self.config, runtime, self.device, self.model.dtype)
+        self.mesh = mesh or Mesh.single()
+        weights = checkpoint if isinstance(checkpoint, WeightSlices) else checkpoint.tensors
+        self.model = Transformer(self.config, weights, runtime, mesh=self.mesh)
+        self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.model.decode_kernel:
             self.graphs = DecodeGraphs(self.model, self.cache, runtime.max_batch,
@@ -40,7 +48,8 @@ class TorchBackend(Backend):
             mode = f"CUDA graphs, captured in {self.graphs.capture_s:.1f} s"
         elif self.model.decode_kernel:
             mode = "eager, Triton paged attention"
-        return f"torch backend on {self.device} ({self.runtime.dtype}, {mode})"
+        tp = f", rank {self.mesh.rank} of {self.mesh.size}" if self.mesh.size > 1 else ""
+        return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp})"
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -51,7 +60,7 @@ class TorchBackend(Backend):
         params = [s.params for s in sampling]
         all_greedy = all(p.greedy for p in params)
         st = SamplingTensors.build(params, [s.seed for s in sampling], self.device)
-        return sample(logits, st, self._tensor(positions), all_greedy).tolist()
+        return self.model.sample(logits, st, self._tensor(positions), all_greedy).tolist()
 
     def prefill(self, inp: PrefillInput) -> int:
         if self.graphs is not None:
@@ -71,7 +80,7 @@ class TorchBackend(Backend):
         return self._sample(logits, list(inp.sampling), [p + 1 for p in positions])
 
 
-def create(checkpoint: Checkpoint, runtime: RuntimeConfig,
-           cuda_graphs: bool = True) -> TorchBackend:
+def create(checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
+           cuda_graphs: bool = True, mesh: Mesh | None = None) -> TorchBackend:
     """Registry entry point (see llm.backends.base.create_backend)."""
-    return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs)
+    return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs, mesh=mesh)

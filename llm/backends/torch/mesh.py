@@ -1,0 +1,112 @@
+"""The ranks one model is split over (tensor parallelism on torch.distributed) and their
+collectives.
+
+Every module receives a `Mesh`; on a single rank (`Mesh.single()`) every collective is the
+identity, so the one-process path runs exactly the code it always ran. Tensor collectives use the
+process group the ranks were started with (NCCL on GPUs, gloo on CPUs; NCCL collectives are
+captured inside the decode CUDA graphs); host messages (the leader's schedule) go over a gloo
+group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llm.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """rank / size of this process in the tensor-parallel group; group None on a single rank."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # tensor collectives
+    control: Any = None  # gloo group for host objects
+
+    @classmethod
+    def single(cls) -> Mesh:
+        return cls()
+
+    @staticmethod
+    def check_launch(size: int, device: str) -> str:
+        """Raise ConfigError unless this process can be one of `size` ranks on `device` (the
+        world size matches, the device is "cpu" or "cuda", this rank has a GPU); returns the rank's
+        device: `cuda:<LOCAL_RANK>` for "cuda", "cpu" for "cpu". Joins nothing.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"tensor_parallel must be a positive integer, got {size!r}")
+        if size == 1:
+            return device
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"tensor parallel runs on device 'cpu' or 'cuda' (each rank takes "
+                              f"cuda:<LOCAL_RANK>), got {device!r}")
+        world = dist.get_world_size() if dist.is_initialized() else int(
+            os.environ.get("WORLD_SIZE", "1"))
+        if world != size:
+            raise ConfigError(
+                f"tensor_parallel={size} needs {size} processes, but this one was started as one "
+                f"of {world}; launch with `torchrun --nproc-per-node {size} ...`")
+        if device == "cpu":
+            return device
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found <= local_rank:
+            raise ConfigError(f"the rank with LOCAL_RANK={local_rank} needs a GPU of its own, but "
+                              f"{found} CUDA devices are visible")
+        return f"cuda:{local_rank}"
+
+    @classmethod
+    def from_env(cls, size: int, device: str) -> tuple[Mesh, str]:
+        """Join (or use the already initialised) torch.distributed group of `size` ranks, as
+        torchrun's environment describes (NCCL for "cuda", gloo for "cpu"); returns the mesh and
+        this rank's device (see `check_launch`, whose errors come first).
+        """
+        device = cls.check_launch(size, device)
+        if size == 1:
+            return cls.single(), device
+        if device != "cpu":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device != "cpu" else "gloo")
+        group = dist.group.WORLD
+        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else group
+        return cls(dist.get_rank(), size, group, control), device
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 owns the Generator, the tokenizer and all I/O."""
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the ranks, in place (identity on one rank)."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` stacked in rank order: [size, *x.shape] (x[None] on one rank)."""
+        if self.size == 1:
+            return x[None]
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        if dist.get_backend(self.group) == "nccl":
+            dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        else:
+            dist.all_gather(list(out.unbind(0)), x.contiguous(), group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """The leader's `obj` on every rank (followers pass nothing)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def close(self) -> None:
+        """Leave the process group (after the last collective)."""
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

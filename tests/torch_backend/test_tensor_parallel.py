@@ -1,0 +1,136 @@
+"""Tensor parallelism on the torch backend: the split plan, per-rank weight slices, and 2 / 4
+gloo processes on the CPU against the single-process model (module PCC >= 0.9999 in fp32, equal
+greedy and seeded-sampled tokens, about 1/N of the sharded weights per rank).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tp_ranks import default_model_rank, small_model_rank, spawn_ranks
+
+import llm
+from llm.checkpoint import expected_tensors, save_hf_checkpoint
+from llm.config import ConfigError, ModelConfig
+from llm.tensor_parallel import TensorParallelPlan
+
+REPO = Path(__file__).resolve().parents[2]
+_BASE = dict(arch="llama", hidden_size=64, intermediate_size=160, num_layers=2,
+             head_dim=16, max_position_embeddings=256, eos_token_ids=(2,))
+# 9 query / 3 KV heads (groups cut by rank boundaries), a vocabulary that does not divide, tied;
+# 8 / 2 heads (KV heads replicated at 4 ranks) with every bias, untied.
+CONFIGS = {
+    "odd_heads_tied": ModelConfig(**_BASE, vocab_size=321, num_heads=9, num_kv_heads=3,
+                                  tie_word_embeddings=True),
+    "gqa_all_bias": ModelConfig(**_BASE, vocab_size=320, num_heads=8, num_kv_heads=2,
+                                qkv_bias=True, o_bias=True, mlp_bias=True),
+}
+
+
+def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def random_model_dir(tmp: Path, config: ModelConfig) -> Path:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in expected_tensors(config).items():
+        base = 1.0 if name.endswith("norm.weight") else 0.0
+        tensors[name] = base + 0.1 * torch.randn(shape, generator=g)
+    save_hf_checkpoint(tmp, config, tensors, shard_size_bytes=60_000)  # several shard files
+    return tmp
+
+
+# ---------------------------------------------------------------- the plan (no processes)
+def test_plan_splits_heads_kv_heads_ffn_and_vocab() -> None:
+    c = CONFIGS["odd_heads_tied"]
+    two = [TensorParallelPlan(c, 2).shard(r) for r in range(2)]
+    assert [s.heads for s in two] == [(0, 4), (4, 9)]
+    assert [s.kv_heads for s in two] == [(0, 0, 0, 1), (1, 1, 2, 2, 2)]  # group 1 cut: replicated
+    assert [s.vocab for s in two] == [(0, 160), (160, 321)]
+    four = [TensorParallelPlan(c, 4).shard(r) for r in range(4)]
+    assert [s.heads for s in four] == [(0, 2), (2, 4), (4, 6), (6, 9)]
+    assert [s.kv_heads for s in four] == [(0,), (0, 1), (1,), (2,)]
+    assert [s.ffn for s in four] == [(0, 40), (40, 80), (80, 120), (120, 160)]
+    g = [TensorParallelPlan(CONFIGS["gqa_all_bias"], 4).shard(r).kv_heads for r in range(4)]
+    assert g == [(0,), (0,), (1,), (1,)]  # 4 ranks > 2 KV heads: each KV head on two ranks
+    local = TensorParallelPlan(c, 2).local_config(1)
+    assert (local.num_heads, local.num_kv_heads, local.head_dim) == (5, 5, 16)
+
+
+def test_plan_errors_name_the_limit() -> None:
+    c = CONFIGS["odd_heads_tied"]
+    with pytest.raises(ConfigError, match="tensor_parallel=10 exceeds the model's num_heads"):
+        TensorParallelPlan(c, 10)
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ConfigError, match="positive integer"):
+            TensorParallelPlan(c, bad)
+
+
+def test_wrong_launch_is_a_clear_error_before_loading(tmp_path) -> None:
+    cmd = [sys.executable, str(REPO / "demos" / "generate.py"), "--tp", "2", "--model",
+           str(tmp_path / "missing"), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "tensor_parallel=2 needs 2 processes, but this one was started as one of 1" in r.stderr
+    with pytest.raises(ConfigError, match="device 'cpu' or 'cuda'"):
+        llm.LLM(tensor_parallel=2, device="cuda:1")
+
+
+# ---------------------------------------------------------------- 2 and 4 gloo processes
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_small_model_sharded_equals_unsharded(tmp_path, name: str, ranks: int) -> None:
+    model_dir = random_model_dir(tmp_path / "model", CONFIGS[name])
+    out = spawn_ranks(small_model_rank, ranks, tmp_path, str(model_dir))
+    for r, res in enumerate(out):
+        for module, (sharded, whole) in res["pcc"].items():
+            assert sharded.shape == whole.shape, module
+            assert pcc(sharded, whole) >= 0.9999, (r, module)
+        sharded_tokens, single_tokens = res["tokens"]
+        assert sharded_tokens == single_tokens  # greedy users and a seeded sampled one
+    full = out[0]["full_bytes"]
+    for r, res in enumerate(out):  # exactly the plan's slices, read and nothing more
+        assert res["weight_bytes"] == res["bytes_read"] == planned_bytes(CONFIGS[name], ranks, r)
+        # about 1/N: over only by KV heads replicated where groups are cut (9 heads = 4 + 5)
+        assert res["weight_bytes"] <= 1.3 * full / ranks
+
+
+def planned_bytes(config: ModelConfig, ranks: int, rank: int) -> int:
+    """fp32 bytes of one rank's tensors by the plan's local config (biases after the all-reduce
+    on rank 0 only; a tied head counted once).
+    """
+    local = TensorParallelPlan(config, ranks).local_config(rank)
+    shapes = expected_tensors(local)
+    return sum(4 * torch.Size(s).numel() for k, s in shapes.items()
+               if rank == 0 or not k.endswith(("o_proj.bias", "down_proj.bias")))
+
+
+PROMPTS = ["Once upon a time", "The capital of France is"]
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def single_process_tokens() -> tuple[list[list[int]], int]:
+    model = llm.LLM(max_batch=2, max_seq_len=128, progress=False)
+    out = model.generate(PROMPTS, llm.SamplingParams(max_new_tokens=STEPS, ignore_eos=True))
+    full = sum(t.numel() * t.element_size() for t in model.checkpoint.tensors.values())
+    return [o.token_ids for o in out], full
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_default_model_greedy_equals_single_process(tmp_path, single_process_tokens,
+                                                     ranks: int) -> None:
+    tokens, full = single_process_tokens
+    out = spawn_ranks(default_model_rank, ranks, tmp_path, PROMPTS, STEPS)
+    assert out[0]["tokens"] == tokens
+    assert f"tensor parallel over {ranks} ranks" in out[0]["describe"]
+    assert all(res["calls"] == STEPS + 1 for res in out[1:])  # 2 prefills + STEPS - 1 decodes
+    for res in out:
+        assert res["weight_bytes"] <= 1.15 * full / ranks

@@ -1,0 +1,119 @@
+"""Rank programs for the tensor-parallel tests: each runs in its own spawned process (gloo, CPU).
+
+`spawn_ranks(fn, n, tmp, *args)` starts n processes running fn(rank, n, out_dir, *args) inside an
+initialised gloo group and returns what each rank saved with `save(out_dir, rank, obj)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from llm.backends.base import SequenceSampling
+from llm.backends.drive import decode_together
+from llm.backends.torch.attention import PrefillMeta
+from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.mesh import Mesh
+from llm.backends.torch.model import Transformer
+from llm.backends.torch.runner import TorchBackend
+from llm.checkpoint import load_checkpoint
+from llm.config import RuntimeConfig
+from llm.sampling import SamplingParams
+from llm.weight_slices import WeightSlices, open_weight_slices
+
+
+def spawn_ranks(fn, n: int, tmp: Path, *args) -> list:
+    """Run fn(rank, n, tmp, *args) on n spawned ranks of a gloo group; each rank's saved result."""
+    mp.start_processes(_entry, args=(fn, n, str(tmp), args), nprocs=n, join=True,
+                       start_method="spawn")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(n)]
+
+
+def _entry(rank: int, fn, n: int, tmp: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # n ranks share the machine's cores
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                            world_size=n)
+    try:
+        fn(rank, n, Path(tmp), *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def save(tmp: Path, rank: int, obj) -> None:
+    torch.save(obj, tmp / f"rank{rank}.pt")
+
+
+class CountingSlices(WeightSlices):
+    """Counts the bytes each read returns (to show a rank reads only its slices)."""
+
+    def __init__(self, inner: WeightSlices) -> None:
+        self.inner, self.config, self.source = inner, inner.config, inner.source
+        self.bytes_read = 0
+
+    def _read(self, name, dim, start, stop):
+        t = self.inner._read(name, dim, start, stop)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def small_model_rank(rank: int, n: int, tmp: Path, model_dir: str) -> None:
+    """Sharded modules vs the unsharded model (same weights), greedy/sampled tokens, memory."""
+    mesh, _ = Mesh.from_env(n, "cpu")
+    full_ck = load_checkpoint(model_dir, progress=False)
+    config = full_ck.config
+    runtime = RuntimeConfig(device="cpu", max_batch=3, max_seq_len=64, block_size=8)
+    slices = CountingSlices(open_weight_slices(model_dir, progress=False))
+    tp = Transformer(config, slices, runtime, mesh=mesh)
+    one = Transformer(config, full_ck.tensors, runtime)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, config.vocab_size, (11,), generator=g)
+    x = torch.randn(11, config.hidden_size, generator=g)
+    pcc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pcc["embedding"] = (tp.embed(tokens), one.embed(tokens))
+    pcc["mlp"] = (tp.layers[0].mlp(x), one.layers[0].mlp(x))
+    pages = torch.arange(1, 1 + runtime.blocks_per_seq)
+    caches = [PagedKVCache(m.local, runtime, "cpu", torch.float32) for m in (tp, one)]
+    outs = []
+    for m, cache in zip((tp, one), caches):
+        meta = PrefillMeta.build(m.rope, 0, 11, pages, runtime.block_size)
+        attn = m.layers[0].attn.prefill(x, meta, cache)
+        layer = m.layers[1].prefill(x, x, meta, cache)[0]
+        outs.append((attn, layer, m.gather_logits(m.lm_head(x))))
+    for i, what in enumerate(("attention", "decoder_layer", "lm_head")):
+        pcc[what] = (outs[0][i], outs[1][i])
+    logits = [m.gather_logits(m.prefill(tokens, 0, pages, c, all_logits=True))
+              for m, c in zip((tp, one), caches)]
+    pcc["model"] = (logits[0], logits[1])
+    prompts = [torch.randint(0, config.vocab_size, (k,), generator=g).tolist() for k in (5, 13, 9)]
+    sampling = [SequenceSampling(SamplingParams(), 0),
+                SequenceSampling(SamplingParams(temperature=0.9, top_p=0.8, seed=3), 3),
+                SequenceSampling(SamplingParams(), 0)]
+    backends = [TorchBackend(slices.inner, runtime, mesh=mesh), TorchBackend(full_ck, runtime)]
+    tokens_out = [decode_together(b, prompts, 12, sampling) for b in backends]
+    save(tmp, rank, {"pcc": {k: (a.detach(), b.detach()) for k, (a, b) in pcc.items()},
+                     "tokens": tokens_out, "weight_bytes": tp.weight_bytes,
+                     "full_bytes": one.weight_bytes, "bytes_read": slices.bytes_read})
+
+
+def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: int) -> None:
+    """The LLM API on the default model: rank 0 generates greedily, the others follow."""
+    import llm
+
+    model = llm.LLM(tensor_parallel=n, max_batch=len(prompts), max_seq_len=128, progress=False)
+    if not model.is_leader:
+        weight_bytes = model.backend.model.weight_bytes
+        save(tmp, rank, {"calls": model.follow(), "weight_bytes": weight_bytes})
+        return
+    try:
+        out = model.generate(prompts, llm.SamplingParams(max_new_tokens=steps, ignore_eos=True))
+    finally:
+        model.close()
+    save(tmp, rank, {"tokens": [o.token_ids for o in out],
+                     "weight_bytes": model.backend.backend.model.weight_bytes,
+                     "describe": model.backend.describe()})
