@@ -3,12 +3,18 @@
     python demos/benchmark.py --configs default --batches 1,4 --prompt-lens 128   # CPU
     python demos/benchmark.py --device cuda --dtype bfloat16 --configs 1b,8b \\
         --batches 1,8,32,64 --prompt-lens 128,2048 --json results.json                # GPU
+    torchrun --nproc-per-node 2 demos/benchmark.py --tp 2 --device cuda --dtype bfloat16 \\
+        --configs 8b --batches 1,32 --engines llm                      # tensor parallel, 2 GPUs
 
 Per model config and batch size: TTFT (prefill of one prompt, incl. choosing the first token), ms
 per decode step, tok/s per user and in total, and % of the memory roofline: the bytes one decode
 step must move (every weight once, plus the KV cache read and written) over the bandwidth of a large
 device-to-device copy measured in the same run. transformers runs the same weights through
 `generate` (eager, dynamic cache), timed per token by a streamer; medians throughout.
+
+With --tp N (under torchrun) every rank builds the same random weights and keeps its slices; rank
+0 drives the benchmark and prints, the others follow. The roofline is then per GPU: the bytes one
+rank moves per step (its weights and KV heads) over one GPU's copy bandwidth.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling  # noqa: E402
+from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling  # noqa: E402
+from llm.backends.distributed import LeaderBackend, follow  # noqa: E402
 from llm.backends.drive import decode_together  # noqa: E402
+from llm.backends.torch.mesh import Mesh  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
 from llm.checkpoint import (  # noqa: E402
     Checkpoint,
@@ -93,16 +101,21 @@ def random_checkpoint(config: ModelConfig, device: torch.device, dtype: torch.dt
     return Checkpoint(config, tensors, Path(f"random-{config.hidden_size}"))
 
 
-def step_bytes(config: ModelConfig, ck: Checkpoint, batch: int, context: int) -> int:
-    """Fewest bytes one decode step moves: every weight once (embedding: only B rows), plus K/V."""
-    weights = sum(t.numel() * t.element_size() for n, t in ck.tensors.items()
-                  if n != "model.embed_tokens.weight" or config.tie_word_embeddings)
-    elem = next(iter(ck.tensors.values())).element_size()
-    kv = 2 * config.num_layers * config.kv_size * elem * batch * (context + 1)
-    return weights + kv + batch * config.hidden_size * elem
+def step_bytes(backend: TorchBackend, batch: int, context: int) -> int:
+    """Fewest bytes one decode step moves on one rank: each of its weights once (embedding: only
+    B rows), plus its K/V heads.
+    """
+    model = backend.model
+    cfg, local = model.config, model.local
+    elem = model.embed.weight.element_size()
+    weights = model.weight_bytes
+    if not cfg.tie_word_embeddings:
+        weights -= model.embed.weight.numel() * elem
+    kv = 2 * cfg.num_layers * local.kv_size * elem * batch * (context + 1)
+    return weights + kv + batch * cfg.hidden_size * elem
 
 
-def bench_ours(backend: TorchBackend, batch: int, prompt_len: int, steps: int,
+def bench_ours(backend: Backend, batch: int, prompt_len: int, steps: int,
                vocab: int) -> tuple[float, float]:
     """(TTFT seconds for one prompt, seconds per decode step at `batch`)."""
     rt = backend.runtime
@@ -209,50 +222,47 @@ def main(argv: list[str] | None = None) -> int:
                         "transformers, transformers-static (static cache, compiled by "
                         "transformers)")
     p.add_argument("--check-greedy", type=int, default=0, metavar="STEPS",
-                   help="also check that CUDA-graph decode gives the same greedy tokens as eager "
-                        "decode over STEPS steps for 4 users")
+                   help="greedy tokens of 4 users over STEPS steps: check CUDA-graph decode "
+                        "against eager decode (one rank) and against --greedy-ref")
+    p.add_argument("--greedy-out", default=None, metavar="PATH",
+                   help="with --check-greedy: write the greedy tokens (CUDA graphs) here")
+    p.add_argument("--greedy-ref", default=None, metavar="PATH",
+                   help="with --check-greedy: compare the greedy tokens with those of --greedy-out "
+                        "of an earlier run (e.g. tp=1)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks; start with `torchrun --nproc-per-node N` "
+                        "(engines: llm only)")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    mesh, dev = Mesh.from_env(args.tp, args.device)
+    if args.tp > 1 and args.engines != "llm":
+        p.error("--tp > 1 runs --engines llm only (every rank must take the same path)")
+    if not mesh.leader:
+        return follow_configs(args, mesh, torch.device(dev))
+    device, dtype = torch.device(dev), getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     plens = [int(n) for n in args.prompt_lens.split(",")]
     bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (256 << 20))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": args.dtype, "copy_GBps": bw / 1e9,
-           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+           "tp": args.tp}
     print(f"# {env}", flush=True)
     rows: list[Row] = []
     for name in args.configs.split(","):
-        if name == "default":
-            ck = load_checkpoint(default_model_path(), progress=False)
-            ck = Checkpoint(ck.config, {k: v.to(device, dtype) for k, v in ck.tensors.items()},
-                            ck.source)
-        else:
-            ck = random_checkpoint(SHAPES[name], device, dtype)
+        ck = make_checkpoint(name, device, dtype)
         cfg = ck.config
-        max_len = max(max(plens) + args.steps, 130 + args.check_greedy) + 8
-        rt = RuntimeConfig(device=args.device, dtype=args.dtype, max_batch=max(batches + [4]),
-                           max_seq_len=max_len, block_size=32)
         engines = args.engines.split(",")
-        backend = TorchBackend(ck, rt)
+        backend = build_backend(ck, args, batches, plens, mesh)
+        driver: Backend = LeaderBackend(backend, mesh) if mesh.size > 1 else backend
         graphs = backend.graphs
         env.setdefault("capture_s", {})[name] = graphs.capture_s if graphs else None
-        print(f"# {name}: {backend.describe()}", flush=True)
+        print(f"# {name}: {driver.describe()}", flush=True)
         ref = hf_model(ck, device, dtype) if any(e.startswith("transformers")
                                                  for e in engines) else None
-        if args.check_greedy and graphs is not None:
-            g = torch.Generator().manual_seed(7)
-            prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
-                       for n in (5, 64, 130, 17)]
-            with_graphs = decode_together(backend, prompts, args.check_greedy, [GREEDY] * 4)
-            backend.graphs = None
-            eager = decode_together(backend, prompts, args.check_greedy, [GREEDY] * 4)
-            backend.graphs = graphs
-            same = with_graphs == eager
-            env.setdefault("greedy_graphs_equal_eager", {})[name] = same
-            print(f"# {name}: greedy tokens, CUDA graphs == eager over {args.check_greedy} steps "
-                  f"x 4 users: {same}", flush=True)
-        bench_ours(backend, 1, 16, 4, cfg.vocab_size)  # warm-up
+        if args.check_greedy:
+            check_greedy(name, cfg, driver, backend, args, env)
+        bench_ours(driver, 1, 16, 4, cfg.vocab_size)  # warm-up
         for plen in plens:
             for b in batches:
                 for engine in engines:
@@ -260,12 +270,12 @@ def main(argv: list[str] | None = None) -> int:
                         backend.graphs = None if engine == "llm-eager" else graphs
                         if graphs is not None:
                             graphs.pipeline = engine != "llm-sync"
-                        ttft, step = bench_ours(backend, b, plen, args.steps, cfg.vocab_size)
+                        ttft, step = bench_ours(driver, b, plen, args.steps, cfg.vocab_size)
                         backend.graphs = graphs
                     else:
                         ttft, step = bench_hf(ref, b, plen, args.steps, cfg.vocab_size, device,
                                               static=engine == "transformers-static")
-                    floor = step_bytes(cfg, ck, b, plen + args.steps // 2) / bw
+                    floor = step_bytes(backend, b, plen + args.steps // 2) / bw
                     rows.append(Row(name, b, plen, engine, ttft * 1e3, step * 1e3, 1 / step,
                                     b / step, 100 * floor / step))
                     r = rows[-1]
@@ -273,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"  step {r.step_ms:8.2f} ms  {r.tok_s_user:8.1f} tok/s/user"
                           f"  {r.tok_s_total:9.1f} tok/s  {r.roofline_pct:5.1f}% roofline",
                           flush=True)
-        del backend, graphs, ref, ck
+        if mesh.size > 1:
+            driver.close()
+        del backend, driver, graphs, ref, ck
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_table(rows)
@@ -281,6 +293,65 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"env": env, "rows": [asdict(r) for r in rows]},
                                               indent=1))
     return 0
+
+
+def make_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Checkpoint:
+    """The default model's weights, or random weights with the shapes of config `name`."""
+    if name != "default":
+        return random_checkpoint(SHAPES[name], device, dtype)
+    ck = load_checkpoint(default_model_path(), progress=False)
+    return Checkpoint(ck.config, {k: v.to(device, dtype) for k, v in ck.tensors.items()},
+                      ck.source)
+
+
+def build_backend(ck: Checkpoint, args: argparse.Namespace, batches: list[int],
+                  plens: list[int], mesh: Mesh) -> TorchBackend:
+    max_len = max(max(plens) + args.steps, 130 + args.check_greedy) + 8
+    rt = RuntimeConfig(device=str(ck.tensors["model.norm.weight"].device), dtype=args.dtype,
+                       max_batch=max(batches + [4]), max_seq_len=max_len, block_size=32)
+    return TorchBackend(ck, rt, mesh=mesh)
+
+
+def follow_configs(args: argparse.Namespace, mesh: Mesh, device: torch.device) -> int:
+    """A follower rank: build each config's backend as the leader does and run its calls."""
+    batches = [int(b) for b in args.batches.split(",")]
+    plens = [int(n) for n in args.prompt_lens.split(",")]
+    for name in args.configs.split(","):
+        backend = build_backend(make_checkpoint(name, device, getattr(torch, args.dtype)), args,
+                                batches, plens, mesh)
+        follow(backend, mesh)
+        del backend
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    mesh.close()
+    return 0
+
+
+def check_greedy(name: str, cfg: ModelConfig, driver: Backend, backend: TorchBackend,
+                 args: argparse.Namespace, env: dict) -> None:
+    """Greedy tokens of 4 users (CUDA graphs where used): == eager decode (one rank), == a saved
+    run's tokens (--greedy-ref), saved for a later run (--greedy-out).
+    """
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
+               for n in (5, 64, 130, 17)]
+    tokens = decode_together(driver, prompts, args.check_greedy, [GREEDY] * 4)
+    checks = env.setdefault("greedy", {}).setdefault(name, {})
+    if driver is backend and backend.graphs is not None:  # one rank: eager on the same weights
+        graphs, backend.graphs = backend.graphs, None
+        checks["graphs_equal_eager"] = tokens == decode_together(backend, prompts,
+                                                                 args.check_greedy, [GREEDY] * 4)
+        backend.graphs = graphs
+    if args.greedy_ref:
+        ref = json.loads(Path(args.greedy_ref).read_text())[name]
+        checks["equal_reference"] = tokens == ref
+        checks["first_difference"] = [next((i for i, (a, b) in enumerate(zip(t, r)) if a != b),
+                                           None) for t, r in zip(tokens, ref)]
+    if args.greedy_out:
+        out = Path(args.greedy_out)
+        saved = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps({**saved, name: tokens}))
+    print(f"# {name}: greedy tokens over {args.check_greedy} steps x 4 users: {checks}",
+          flush=True)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -56,6 +56,10 @@ class WeightSlices(ABC):
             if not 0 <= a < b <= size:
                 raise ValueError(f"range [{a}, {b}) of dim {dim} of {name!r} is outside its "
                                  f"size {size}")
+        if len(ranges) == 1 and tuple(ranges[0]) == (0, size):
+            return self._read(name, None, 0, 0)  # the whole tensor (no copy where it is in memory)
+        if len(ranges) == 1:
+            return self._read(name, dim, *ranges[0])
         return torch.cat([self._read(name, dim, a, b) for a, b in ranges], dim=dim)
 
     @abstractmethod
@@ -67,7 +71,9 @@ class WeightSlices(ABC):
 
 
 class TensorDictSlices(WeightSlices):
-    """Slices of tensors already in memory (a loaded `Checkpoint`)."""
+    """Slices of tensors already in memory (a loaded `Checkpoint`): a whole tensor is returned as
+    it is, a part as a copy of its own (so dropping the full tensors frees them).
+    """
 
     def __init__(self, config: ModelConfig, tensors: Mapping[str, torch.Tensor],
                  source: str = "the given tensors") -> None:
@@ -75,7 +81,7 @@ class TensorDictSlices(WeightSlices):
 
     def _read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         t = self.tensors[name]
-        return t if dim is None else t.narrow(dim, start, stop - start)
+        return t if dim is None else t.narrow(dim, start, stop - start).clone()
 
 
 class SafetensorsSlices(WeightSlices):
