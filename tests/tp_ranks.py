@@ -63,8 +63,12 @@ class CountingSlices(WeightSlices):
 
 
 def small_model_rank(rank: int, n: int, tmp: Path, model_dir: str) -> None:
-    """Sharded modules vs the unsharded model (same weights), greedy/sampled tokens, memory."""
-    mesh, _ = Mesh.from_env(n, "cpu")
+    """Sharded modules vs the unsharded model (same weights), greedy/sampled tokens, memory.
+
+    With n == 1 the rank still gets the process group, so every collective path runs.
+    """
+    mesh = Mesh.from_env(n, "cpu")[0] if n > 1 else Mesh(0, 1, dist.group.WORLD,
+                                                          dist.group.WORLD)
     full_ck = load_checkpoint(model_dir, progress=False)
     config = full_ck.config
     runtime = RuntimeConfig(device="cpu", max_batch=3, max_seq_len=64, block_size=8)

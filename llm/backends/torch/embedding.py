@@ -21,7 +21,7 @@ class Embedding:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [...] int64 -> [..., H]."""
-        if self.mesh.size == 1:
+        if not self.mesh.distributed:
             return torch.nn.functional.embedding(tokens, self.weight)
         local = tokens - self.offset
         held = (local >= 0) & (local < self.weight.shape[0])

@@ -45,7 +45,7 @@ class LMHead:
 
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
         """Local logits [N, V_local] -> the whole vocabulary's [N, V] on every rank."""
-        if self.mesh.size == 1:
+        if not self.mesh.distributed:
             return logits
         pad = max(self.sizes) - logits.shape[-1]
         if pad:
@@ -57,7 +57,7 @@ class LMHead:
         """Local logits [N, V_local] -> global argmax token ids [N] (the lowest id among equal
         maxima, as a single-device argmax), from one all-gather of [2, N] per rank.
         """
-        if self.mesh.size == 1:
+        if not self.mesh.distributed:
             return torch.argmax(logits, dim=-1)
         value, index = torch.max(logits.float(), dim=-1)  # [N]
         pair = torch.stack([value, (index + self.offset).float()])  # ids < 2**24: exact in fp32

@@ -79,19 +79,25 @@ class Mesh:
         return cls(dist.get_rank(), size, group, control), device
 
     @property
+    def distributed(self) -> bool:
+        """Whether collectives run (a process group exists; a group of one rank runs them too,
+        which exercises the tensor-parallel code paths on one device)."""
+        return self.group is not None
+
+    @property
     def leader(self) -> bool:
         """Rank 0 owns the Generator, the tokenizer and all I/O."""
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of `x` over the ranks, in place (identity on one rank)."""
-        if self.size > 1:
+        """Sum of `x` over the ranks, in place (identity without a process group)."""
+        if self.distributed:
             dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's `x` stacked in rank order: [size, *x.shape] (x[None] on one rank)."""
-        if self.size == 1:
+        """Every rank's `x` stacked in rank order: [size, *x.shape] (x[None] without a group)."""
+        if not self.distributed:
             return x[None]
         out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
         if dist.get_backend(self.group) == "nccl":
