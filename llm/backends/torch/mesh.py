@@ -10,6 +10,7 @@ group.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ class Mesh:
     size: int = 1
     group: Any = None  # tensor collectives
     control: Any = None  # gloo group for host objects
+    symmetric: SymmetricAllReduce | None = None  # small all-reduces on GPUs (see with_symmetric)
 
     @classmethod
     def single(cls) -> Mesh:
@@ -89,8 +91,23 @@ class Mesh:
         """Rank 0 owns the Generator, the tokenizer and all I/O."""
         return self.rank == 0
 
+    def with_symmetric(self, dtype: torch.dtype, device: torch.device,
+                       capacity: int) -> Mesh:
+        """This mesh with all-reduces of up to `capacity` elements of `dtype` (decode steps) done
+        by a one-shot kernel over PyTorch symmetric memory instead of NCCL; unchanged where that is
+        unavailable (one rank, no CUDA, no peer access, a torch without the op).
+        """
+        if not self.distributed or self.size == 1 or device.type != "cuda":
+            return self
+        if not SymmetricAllReduce.available(self.size):
+            return self
+        return dataclasses.replace(self, symmetric=SymmetricAllReduce(self.group, dtype, device,
+                                                                      capacity))
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the ranks, in place (identity without a process group)."""
+        if self.symmetric is not None and self.symmetric.fits(x):
+            return self.symmetric(x)
         if self.distributed:
             dist.all_reduce(x, group=self.group)
         return x
@@ -116,3 +133,41 @@ class Mesh:
         """Leave the process group (after the last collective)."""
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class SymmetricAllReduce:
+    """A one-shot all-reduce for small tensors through PyTorch symmetric memory: every rank copies
+    its tensor into a buffer its peers can read over NVLink, and one kernel (with its own barriers,
+    capturable in CUDA graphs) sums all ranks' buffers into the result. Lower latency than NCCL's
+    ring for the [B, H] activations of a decode step; NVLink multicast is not used.
+    """
+
+    def __init__(self, group: Any, dtype: torch.dtype, device: torch.device,
+                 capacity: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.name = group.group_name
+        self.buffer = symm_mem.empty(capacity, dtype=dtype, device=device)
+        symm_mem.rendezvous(self.buffer, self.name)  # same order on every rank
+
+    @staticmethod
+    def available(size: int) -> bool:
+        """The op exists and every GPU pair of the node has peer access."""
+        if not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem,
+                                                             "one_shot_all_reduce_out"):
+            return False
+        n = min(size, torch.cuda.device_count())
+        return all(torch.cuda.can_device_access_peer(i, j)
+                   for i in range(n) for j in range(n) if i != j)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return (x.is_cuda and x.dtype == self.buffer.dtype and x.is_contiguous()
+                and x.numel() <= self.buffer.numel())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks, in place."""
+        flat = x.view(-1)
+        slot = self.buffer[:flat.numel()]
+        slot.copy_(flat)
+        torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", self.name, flat)
+        return x

@@ -23,16 +23,24 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
-                 cuda_graphs: bool = True, mesh: Mesh | None = None) -> None:
+                 cuda_graphs: bool = True, mesh: Mesh | None = None,
+                 all_reduce: str = "auto") -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
         cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs.
+        all_reduce (tensor parallel on GPUs): "nccl", or "auto" = decode-sized all-reduces by the
+        symmetric-memory one-shot kernel where available, larger ones by NCCL.
         """
+        if all_reduce not in ("auto", "nccl"):
+            raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {all_reduce!r}")
         if runtime.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {runtime.device!r} requested but CUDA is not available")
         self.config = checkpoint.config
         self.runtime = runtime
         self.device = torch.device(runtime.device)
         self.mesh = mesh or Mesh.single()
+        if all_reduce == "auto":
+            self.mesh = self.mesh.with_symmetric(getattr(torch, runtime.dtype), self.device,
+                                                 runtime.max_batch * self.config.hidden_size)
         weights = checkpoint if isinstance(checkpoint, WeightSlices) else checkpoint.tensors
         self.model = Transformer(self.config, weights, runtime, mesh=self.mesh)
         self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
@@ -48,7 +56,10 @@ class TorchBackend(Backend):
             mode = f"CUDA graphs, captured in {self.graphs.capture_s:.1f} s"
         elif self.model.decode_kernel:
             mode = "eager, Triton paged attention"
-        tp = f", rank {self.mesh.rank} of {self.mesh.size}" if self.mesh.size > 1 else ""
+        tp = ""
+        if self.mesh.size > 1:
+            ar = "symmetric-memory" if self.mesh.symmetric is not None else "NCCL"
+            tp = f", rank {self.mesh.rank} of {self.mesh.size}, {ar} all-reduce in decode"
         return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp})"
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
@@ -81,6 +92,8 @@ class TorchBackend(Backend):
 
 
 def create(checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
-           cuda_graphs: bool = True, mesh: Mesh | None = None) -> TorchBackend:
+           cuda_graphs: bool = True, mesh: Mesh | None = None,
+           all_reduce: str = "auto") -> TorchBackend:
     """Registry entry point (see llm.backends.base.create_backend)."""
-    return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs, mesh=mesh)
+    return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs, mesh=mesh,
+                        all_reduce=all_reduce)
