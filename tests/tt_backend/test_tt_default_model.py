@@ -4,11 +4,16 @@
 tokens on 2 prompts decoded together. "performance" (bfloat8_b / bfloat4_b): teacher-forced top-1
 agreement with the torch backend over 64 positions (one prefill, compared position by position).
 
-The issue's target for "performance" is >= 90%; it is NOT met on this model: measured 0.797. The
-loss comes from the bfloat4_b gate/up weights the policy prescribes (tt_transformers'
-performance mode): with everything else bf16, bfloat4_b w1/w3 alone give 0.78; bfloat8_b
-everywhere (bf16 LM head) gives 0.92 (measurements in llm/backends/tt/STATUS.md). The test
-asserts the measured level so that a regression is caught, not the unmet target.
+The issue's target for "performance" is >= 90%; it is NOT met: measured 0.797 (51/64; 0.785 over
+256 positions). The policy is tt_transformers' performance mode (checked setting by setting, see
+llm/backends/tt/precision.py); the loss is its bfloat4_b gate/up weights: with bfloat8_b w1/w3
+(everything else unchanged) the same test gives 0.891. tt_transformers itself does not reach 90%
+top-1 with this mode on its smallest model (PERF.md: Llama-3.2-1B 79% on N150, 87% in accuracy
+mode), and it gives no rule that would select other settings for this model. Its setting for
+models "degraded under standard high-performance settings" (Qwen2.5-7B: bf16 attention and KV
+cache, bfloat8_b MLP), available here as the decoder_precision preset "bf16-attention-bf8-mlp",
+reaches the target on this model (measured 0.922); the second test checks that. The first
+asserts the measured level of plain "performance" so a regression is caught.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from llm.sampling import SamplingParams
 PROMPTS = ["Once upon a time", "Water boils at"]
 TIE_PROMPT = "The capital of France is"
 BF16_STEP = 0.25  # bf16 spacing of logits in [32, 64)
-PERFORMANCE_AGREEMENT = 0.75  # measured 0.797 (target 0.9 not met, see the module docstring)
+PERFORMANCE_AGREEMENT = 0.78  # measured 0.797 = 51/64 (target 0.9 not met, see the docstring)
+TARGET_AGREEMENT = 0.90  # the issue's target; measured 0.922 = 59/64 with the preset
 NEW_TOKENS = 32
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes "
         "Gutenberg combined movable metal type, oil-based ink and a wooden screw press. Within "
@@ -72,7 +78,10 @@ def test_accuracy_greedy_equals_torch_bf16(checkpoint) -> None:
               "torch-bf16)")
 
 
-def test_performance_teacher_forced_top1_agreement(checkpoint) -> None:
+@pytest.fixture(scope="module")
+def teacher_forced(checkpoint):
+    """agreement(decoder_precision) -> teacher-forced top-1 agreement of the performance policy
+    (with those decoder overrides) with the torch backend in bf16 over the 64 tokens of TEXT."""
     from llm.backends.torch.runner import TorchBackend
 
     tokenizer = llm.Tokenizer.from_path(default_model_path(), cache_dir=default_cache_dir(),
@@ -80,23 +89,41 @@ def test_performance_teacher_forced_top1_agreement(checkpoint) -> None:
     tokens = tokenizer.encode(TEXT)[:64]
     assert len(tokens) == 64
     rt = RuntimeConfig(max_batch=1, max_seq_len=128)
-    tt = TTBackend(checkpoint, rt, precision_policy="performance", implementation="emulator")
-    ttnn, mesh = tt.mesh.ttnn, tt.mesh
-    tok = ttnn.from_torch(torch.tensor(tokens).view(1, 1, 1, 64), dtype=ttnn.uint32,
-                          layout=ttnn.ROW_MAJOR_LAYOUT, device=mesh.device,
-                          memory_config=ttnn.DRAM_MEMORY_CONFIG)
-    pages = ttnn.from_torch(torch.arange(1, rt.blocks_per_seq + 1)[None], dtype=ttnn.int32,
-                            layout=ttnn.ROW_MAJOR_LAYOUT, device=mesh.device,
-                            memory_config=ttnn.DRAM_MEMORY_CONFIG)
-    hidden = tt.model.prefill_hidden(tok, pages)
-    ours = torch.cat([mesh.read(tt.model.lm_head.argmax(tt.model.tile_logits(hidden, t)))
-                      .reshape(-1).to(torch.int64) for t in range(2)])  # [64]
     ref_backend = TorchBackend(checkpoint, RuntimeConfig(max_batch=1, max_seq_len=128,
                                                          dtype="bfloat16"))
     with torch.no_grad():
         ref = ref_backend.model.prefill(torch.tensor(tokens), 0,
                                         torch.arange(1, rt.blocks_per_seq + 1),
                                         ref_backend.cache, all_logits=True).argmax(-1)
-    agreement = float((ours == ref).float().mean())
+
+    def agreement(decoder_precision=None) -> float:
+        tt = TTBackend(checkpoint, rt, precision_policy="performance",
+                       decoder_precision=decoder_precision, implementation="emulator")
+        ttnn, mesh = tt.mesh.ttnn, tt.mesh
+        tok = ttnn.from_torch(torch.tensor(tokens).view(1, 1, 1, 64), dtype=ttnn.uint32,
+                              layout=ttnn.ROW_MAJOR_LAYOUT, device=mesh.device,
+                              memory_config=ttnn.DRAM_MEMORY_CONFIG)
+        pages = ttnn.from_torch(torch.arange(1, rt.blocks_per_seq + 1)[None], dtype=ttnn.int32,
+                                layout=ttnn.ROW_MAJOR_LAYOUT, device=mesh.device,
+                                memory_config=ttnn.DRAM_MEMORY_CONFIG)
+        hidden = tt.model.prefill_hidden(tok, pages)
+        ours = torch.cat([mesh.read(tt.model.lm_head.argmax(tt.model.tile_logits(hidden, t)))
+                          .reshape(-1).to(torch.int64) for t in range(2)])  # [64]
+        tt.close()
+        return float((ours == ref).float().mean())
+
+    return agreement
+
+
+def test_performance_teacher_forced_top1_agreement(teacher_forced) -> None:
+    agreement = teacher_forced()
     print(f"\nperformance policy teacher-forced top-1 agreement: {agreement:.3f}")
     assert agreement >= PERFORMANCE_AGREEMENT
+
+
+def test_degraded_model_preset_reaches_the_target(teacher_forced) -> None:
+    """tt_transformers' settings for models degraded under its performance mode (bf16 attention
+    and KV cache, bfloat8_b MLP) reach the issue's 90% on the default model."""
+    agreement = teacher_forced("bf16-attention-bf8-mlp")
+    print(f"\nbf16-attention-bf8-mlp teacher-forced top-1 agreement: {agreement:.3f}")
+    assert agreement >= TARGET_AGREEMENT

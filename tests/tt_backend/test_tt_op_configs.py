@@ -24,7 +24,7 @@ LLAMA8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, interme
 def test_decode_matmul_grids_divide_k_and_n(config, mesh) -> None:
     m, _ = open_mesh(mesh, "emulator")
     rt = RuntimeConfig(max_batch=32, max_seq_len=4096, block_size=64)
-    cfg = OpConfigs.build(m, config, rt, precision(m.ttnn, "performance"))
+    cfg = OpConfigs.build(m, config, rt, precision(m.ttnn, "performance", config.num_layers))
     geo = cfg.geo
     for mm in (cfg.qkv, cfg.w1, cfg.w2, *cfg.lm_head):
         kt, nt = mm.k // 32, math.ceil(mm.n / 32)
@@ -40,7 +40,7 @@ def test_decode_matmul_grids_divide_k_and_n(config, mesh) -> None:
     assert cfg.norm_program_config.block_w * x * y == geo.dim // 32
     for s in cfg.prefill_lengths:
         for group, chunk in (("wqkv", cfg.qkv_chunk), ("w1", cfg.mlp_chunk)):
-            pc = cfg.prefill_matmul(group, s, chunk)
+            pc = cfg.prefill_matmul(group, s, chunk, cfg.kernel(group, 0))
             gx, gy = pc.compute_with_storage_grid_size
             assert pc.per_core_M * gy * 32 >= min(s, chunk)
             assert s <= chunk or s % chunk == 0
@@ -51,4 +51,5 @@ def test_prefill_lengths_and_clear_errors() -> None:
     assert _prefill_lengths(100, 1024, 2048) == (32, 64, 96, 128)
     m, _ = open_mesh((1, 2), "emulator")
     with pytest.raises(TTConfigError, match="num_kv_heads 3 must be divisible by 2"):
-        OpConfigs.build(m, SMOLLM, RuntimeConfig(), precision(m.ttnn, "accuracy"))
+        OpConfigs.build(m, SMOLLM, RuntimeConfig(),
+                        precision(m.ttnn, "accuracy", SMOLLM.num_layers))

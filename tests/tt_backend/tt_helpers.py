@@ -11,7 +11,7 @@ from hf_reference import hf_model, state_dict
 
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
-from llm.backends.tt.precision import precision
+from llm.backends.tt.precision import PRESETS, Precision, precision
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.runner import open_mesh
 from llm.backends.tt.weights import WeightStore
@@ -60,21 +60,29 @@ class Parts:
         return self.mesh.ttnn
 
 
-def policy_precision(ttnn, policy: str):
-    """A named policy, or "bf8": the performance policy with bfloat8_b w1/w3 (no bfloat4_b)."""
+BF8_MLP = {"decoders": {"all": {"precision": {"w1": "bf8", "w3": "bf8"}}}}
+
+
+def policy_precision(ttnn, policy: str, num_layers: int):
+    """A named policy; "bf8": the performance policy with bfloat8_b w1/w3 (no bfloat4_b); a
+    PRESETS name: the performance policy with that preset's decoder overrides."""
     if policy == "bf8":
-        return replace(precision(ttnn, "performance"), name="bf8", w1=ttnn.bfloat8_b,
-                       w3=ttnn.bfloat8_b)
-    return precision(ttnn, policy)
+        return replace(precision(ttnn, "performance", num_layers, BF8_MLP), name="bf8")
+    if policy in PRESETS:
+        return precision(ttnn, "performance", num_layers, policy)
+    return precision(ttnn, policy, num_layers)
 
 
-def build_parts(config: ModelConfig, mesh_shape=(1, 1), policy: str = "accuracy",
+def build_parts(config: ModelConfig, mesh_shape=(1, 1), policy: str | Precision = "accuracy",
                 runtime: RuntimeConfig = RUNTIME, **opts) -> Parts:
-    """Emulated mesh + configs for `config`; prefill chunks of 64 rows (QKV 128) so that the
-    160-token runtime exercises the chunked prefill matmuls."""
+    """Emulated mesh + configs for `config` under a policy name (see policy_precision) or a
+    Precision; prefill chunks of 64 rows (QKV 128) so that the 160-token runtime exercises the
+    chunked prefill matmuls."""
     mesh, _ = open_mesh(mesh_shape, "emulator")
     opts = {"mlp_chunk": 64, "qkv_chunk": 128, **opts}
-    cfg = OpConfigs.build(mesh, config, runtime, policy_precision(mesh.ttnn, policy), **opts)
+    prec = policy if isinstance(policy, Precision) else \
+        policy_precision(mesh.ttnn, policy, config.num_layers)
+    cfg = OpConfigs.build(mesh, config, runtime, prec, **opts)
     hf = hf_model(config)
     weights = WeightStore(mesh, None)
     rope = RotarySetup(mesh, config, cfg, max(cfg.prefill_lengths[-1], runtime.max_seq_len))

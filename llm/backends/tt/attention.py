@@ -26,7 +26,10 @@ class Attention:
                  tensors: dict[str, torch.Tensor], layer: int, rope: RotarySetup) -> None:
         ttnn = mesh.ttnn
         self.mesh, self.cfg, self.rope = mesh, cfg, rope
-        geo, prec, nd = cfg.geo, cfg.precision, mesh.ndev
+        geo, prec, nd = cfg.geo, cfg.precision.decoder(layer), mesh.ndev
+        self.prec = prec  # this decoder's dtypes; its compute-kernel configs:
+        self.kernels = {g: cfg.kernel(g, layer) for g in ("wqkv", "wo", "sdpa_prefill",
+                                                          "sdpa_decode")}
         self.scale = geo.head_dim ** -0.5
         p = f"model.layers.{layer}.self_attn."
         wq, wk, wv = (tensors[p + f"{n}_proj.weight"] for n in ("q", "k", "v"))
@@ -70,7 +73,7 @@ class Attention:
         xin = ttnn.to_memory_config(x, cfg.qkv.input_memcfg)  # reshard onto the QKV grid
         xqkv = ttnn.linear(xin, self.wqkv, program_config=cfg.qkv.program_config,
                            memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
-                           dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("wqkv"))
+                           dtype=ttnn.bfloat16, compute_kernel_config=self.kernels["wqkv"])
         ttnn.deallocate(xin)
         xqkv_i = ttnn.sharded_to_interleaved(xqkv, ttnn.L1_MEMORY_CONFIG, ttnn.bfloat16)
         ttnn.deallocate(xqkv)
@@ -98,7 +101,7 @@ class Attention:
         o = ttnn.transformer.paged_scaled_dot_product_attention_decode(
             q_rot, cache_k, cache_v, page_table, cur_pos_tensor=cur_pos, scale=self.scale,
             program_config=cfg.sdpa_decode_program_config,
-            compute_kernel_config=cfg.kernels["sdpa"],
+            compute_kernel_config=self.kernels["sdpa_decode"],
             memory_config=ttnn.DRAM_MEMORY_CONFIG)  # [1, B, nh, dh]
         ttnn.deallocate(q_rot)
         o_sh = ttnn.to_memory_config(o, cfg.sdpa_out_memcfg)
@@ -108,7 +111,7 @@ class Attention:
         ttnn.deallocate(o_sh)
         out = ttnn.linear(o_cat, self.wo, program_config=cfg.wo.program_config,
                           memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
-                          dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("wo"))
+                          dtype=ttnn.bfloat16, compute_kernel_config=self.kernels["wo"])
         ttnn.deallocate(o_cat)
         if self.mesh.ndev > 1:
             partial = ttnn.sharded_to_interleaved(out, ttnn.L1_MEMORY_CONFIG)
@@ -129,13 +132,15 @@ class Attention:
         user's pages. A chunk at start > 0 (a multiple of the block size) writes its K/V through
         fill_row (the pages from block start / block_size on) and attends to the whole cached
         context with chunked flash attention."""
-        ttnn, cfg, geo, prec = self.mesh.ttnn, self.cfg, self.cfg.geo, self.cfg.precision
+        ttnn, cfg, geo, prec, kern = self.mesh.ttnn, self.cfg, self.cfg.geo, self.prec, \
+            self.kernels
         dram = ttnn.DRAM_MEMORY_CONFIG
         s = x.shape[-2]
         xqkv = linear_in_chunks(ttnn, x, self.wqkv, cfg.qkv_chunk,
-                                program_config=cfg.prefill_matmul("wqkv", s, cfg.qkv_chunk),
+                                program_config=cfg.prefill_matmul("wqkv", s, cfg.qkv_chunk,
+                                                                  kern["wqkv"]),
                                 memory_config=dram, dtype=ttnn.bfloat16,
-                                compute_kernel_config=cfg.kernel("wqkv"))  # [1, 1, S, qkv]
+                                compute_kernel_config=kern["wqkv"])  # [1, 1, S, qkv]
         if self.bqkv is not None:
             xqkv = ttnn.add(xqkv, self.bqkv, memory_config=dram)
         q, k, v = ttnn.experimental.nlp_create_qkv_heads(
@@ -149,26 +154,29 @@ class Attention:
                                                      is_decode_mode=False)
         fill_row = page_row if fill_row is None else fill_row
         capacity = fill_row.shape[-1] * cache_k.shape[2]  # tokens the page row can hold
+        # K and V in the KV-cache dtype, for the cache and for flash attention; Q in the
+        # policy's prefill_q dtype (tt_transformers' forward_prefill)
+        k, v = (t if t.dtype == prec.kv_cache else ttnn.typecast(t, prec.kv_cache)
+                for t in (k, v))
         for cache, t in ((cache_k, k), (cache_v, v)):
-            fill = t if t.dtype == prec.kv_cache else ttnn.typecast(t, prec.kv_cache)
+            fill = t
             if s > capacity:
-                fill = ttnn.slice(fill, (0, 0, 0, 0), (1, geo.n_kv, capacity, geo.head_dim))
+                fill = ttnn.slice(t, (0, 0, 0, 0), (1, geo.n_kv, capacity, geo.head_dim))
             ttnn.experimental.paged_fill_cache(cache, fill, fill_row, batch_idx=0)
-        q = q if q.dtype == prec.prefill_sdpa else ttnn.typecast(q, prec.prefill_sdpa)
+        q = q if q.dtype == prec.prefill_q else ttnn.typecast(q, prec.prefill_q)
         if start == 0:
-            k, v = (t if t.dtype == prec.prefill_sdpa else ttnn.typecast(t, prec.prefill_sdpa)
-                    for t in (k, v))
             o = ttnn.transformer.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, program_config=cfg.sdpa_prefill[s],
-                compute_kernel_config=cfg.kernels["sdpa"], memory_config=dram)  # [1, nh, S, dh]
+                compute_kernel_config=kern["sdpa_prefill"], memory_config=dram)  # [1, nh, S, dh]
         else:  # queries at start.. attend causally to keys [0, start + S) in the paged cache
             o = ttnn.transformer.chunked_scaled_dot_product_attention(
                 q, cache_k, cache_v, page_row, start, scale=self.scale,
                 program_config=cfg.sdpa_chunked_config(start, s),
-                compute_kernel_config=cfg.kernels["sdpa"], memory_config=dram)
+                compute_kernel_config=kern["sdpa_prefill"], memory_config=dram)
         o = ttnn.experimental.nlp_concat_heads(o, memory_config=dram)  # [1, 1, S, nh dh]
         out = linear_in_chunks(ttnn, o, self.wo, cfg.mlp_chunk,
-                               program_config=cfg.prefill_matmul("wo", s, cfg.mlp_chunk),
+                               program_config=cfg.prefill_matmul("wo", s, cfg.mlp_chunk,
+                                                                 kern["wo"]),
                                memory_config=dram, dtype=ttnn.bfloat16,
-                               compute_kernel_config=cfg.kernel("wo"))  # [1, 1, S, dim]
+                               compute_kernel_config=kern["wo"])  # [1, 1, S, dim]
         return self.mesh.reduce_scatter(out, dram)

@@ -16,7 +16,7 @@ from llm.config import RuntimeConfig
 
 
 class PagedKVCache:
-    """K/V page pools for every layer, in the precision policy's KV dtype."""
+    """K/V page pools for every layer, each in its decoder's KV dtype."""
 
     def __init__(self, mesh: Mesh, cfg: OpConfigs, runtime: RuntimeConfig,
                  num_layers: int) -> None:
@@ -28,10 +28,11 @@ class PagedKVCache:
         shape = (self.num_blocks, geo.n_kv, self.block_size, geo.head_dim)
         zeros = torch.zeros(shape)
 
-        def pool():
-            return ttnn.from_torch(zeros, dtype=cfg.precision.kv_cache, layout=ttnn.TILE_LAYOUT,
-                                   device=mesh.device, memory_config=ttnn.DRAM_MEMORY_CONFIG,
+        def pool(layer: int):
+            return ttnn.from_torch(zeros, dtype=cfg.precision.decoder(layer).kv_cache,
+                                   layout=ttnn.TILE_LAYOUT, device=mesh.device,
+                                   memory_config=ttnn.DRAM_MEMORY_CONFIG,
                                    mesh_mapper=mesh.replicate())
 
-        self.k = [pool() for _ in range(num_layers)]
-        self.v = [pool() for _ in range(num_layers)]
+        self.k = [pool(i) for i in range(num_layers)]
+        self.v = [pool(i) for i in range(num_layers)]

@@ -51,7 +51,7 @@ class LMHead:
             xin = ttnn.to_memory_config(x, mm.input_memcfg)
             o = ttnn.linear(xin, w, program_config=mm.program_config,
                             memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
-                            dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("lm_head"))
+                            dtype=ttnn.bfloat16, compute_kernel_config=cfg.lm_head_kernel())
             ttnn.deallocate(xin)
             outs.append(ttnn.sharded_to_interleaved(o, ttnn.DRAM_MEMORY_CONFIG))
             ttnn.deallocate(o)

@@ -22,7 +22,9 @@ class MLP:
                  tensors: dict[str, torch.Tensor], layer: int) -> None:
         ttnn = mesh.ttnn
         self.mesh, self.cfg = mesh, cfg
-        prec = cfg.precision
+        prec = cfg.precision.decoder(layer)
+        self.product_dtype = prec.mlp_product
+        self.kernels = {g: cfg.kernel(g, layer) for g in ("w1", "w3", "w2")}
         p = f"model.layers.{layer}.mlp."
 
         def put(name: str, group: str, shard_dim: int, memcfg):
@@ -40,22 +42,22 @@ class MLP:
     def decode(self, x):
         """x `[1, 1, B, dim]` normalised, width-sharded L1 -> `[1, 1, B, dim]` in the residual
         memory config, summed over the mesh."""
-        ttnn, cfg = self.mesh.ttnn, self.cfg
+        ttnn, cfg, kern = self.mesh.ttnn, self.cfg, self.kernels
         l1ws = ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG
         xin = ttnn.to_memory_config(x, cfg.w1.input_memcfg)
         a = ttnn.linear(xin, self.w1, program_config=cfg.w1.program_config, memory_config=l1ws,
-                        dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("w1"))
+                        dtype=ttnn.bfloat16, compute_kernel_config=kern["w1"])
         b = ttnn.linear(xin, self.w3, program_config=cfg.w1.program_config, memory_config=l1ws,
-                        dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("w3"))
+                        dtype=ttnn.bfloat16, compute_kernel_config=kern["w3"])
         ttnn.deallocate(xin)
         g = ttnn.mul(a, b, input_tensor_a_activations=[ttnn.UnaryOpType.SILU],
-                     dtype=cfg.precision.mlp_product, memory_config=a.memory_config())
+                     dtype=self.product_dtype, memory_config=a.memory_config())
         ttnn.deallocate(a)
         ttnn.deallocate(b)
         g2 = ttnn.to_memory_config(g, cfg.w2.input_memcfg)  # [1, 1, 32, hidden] on the w2 grid
         ttnn.deallocate(g)
         out = ttnn.linear(g2, self.w2, program_config=cfg.w2.program_config, memory_config=l1ws,
-                          dtype=ttnn.bfloat16, compute_kernel_config=cfg.kernel("w2"))
+                          dtype=ttnn.bfloat16, compute_kernel_config=kern["w2"])
         ttnn.deallocate(g2)
         if self.mesh.ndev > 1:
             partial = ttnn.sharded_to_interleaved(out, ttnn.L1_MEMORY_CONFIG)
@@ -69,21 +71,24 @@ class MLP:
     def prefill(self, x):
         """x `[1, 1, S, dim]` normalised, DRAM -> `[1, 1, S, dim/ndev]` reduce-scattered over the
         mesh (the full width on one device)."""
-        ttnn, cfg = self.mesh.ttnn, self.cfg
+        ttnn, cfg, kern = self.mesh.ttnn, self.cfg, self.kernels
         dram = ttnn.DRAM_MEMORY_CONFIG
         s, c = x.shape[-2], cfg.mlp_chunk
-        a = linear_in_chunks(ttnn, x, self.w1, c, program_config=cfg.prefill_matmul("w1", s, c),
+        a = linear_in_chunks(ttnn, x, self.w1, c,
+                             program_config=cfg.prefill_matmul("w1", s, c, kern["w1"]),
                              memory_config=dram, dtype=ttnn.bfloat16,
-                             compute_kernel_config=cfg.kernel("w1"))  # [1, 1, S, hidden]
-        b = linear_in_chunks(ttnn, x, self.w3, c, program_config=cfg.prefill_matmul("w1", s, c),
+                             compute_kernel_config=kern["w1"])  # [1, 1, S, hidden]
+        b = linear_in_chunks(ttnn, x, self.w3, c,
+                             program_config=cfg.prefill_matmul("w1", s, c, kern["w3"]),
                              memory_config=dram, dtype=ttnn.bfloat16,
-                             compute_kernel_config=cfg.kernel("w3"))
+                             compute_kernel_config=kern["w3"])
         g = ttnn.mul(a, b, input_tensor_a_activations=[ttnn.UnaryOpType.SILU],
-                     dtype=cfg.precision.mlp_product, memory_config=dram)
+                     dtype=self.product_dtype, memory_config=dram)
         ttnn.deallocate(a)
         ttnn.deallocate(b)
-        out = linear_in_chunks(ttnn, g, self.w2, c, program_config=cfg.prefill_matmul("w2", s, c),
+        out = linear_in_chunks(ttnn, g, self.w2, c,
+                               program_config=cfg.prefill_matmul("w2", s, c, kern["w2"]),
                                memory_config=dram, dtype=ttnn.bfloat16,
-                               compute_kernel_config=cfg.kernel("w2"))  # [1, 1, S, dim]
+                               compute_kernel_config=kern["w2"])  # [1, 1, S, dim]
         ttnn.deallocate(g)
         return self.mesh.reduce_scatter(out, dram)

@@ -115,13 +115,14 @@ class OpConfigs:
     trans_mat_memcfg: Any  # [32, 32] per user on `batch` cores
     sdpa_out_memcfg: Any  # [pad32(nh), dh] per user, input of nlp_concat_heads_decode
     sdpa_decode_program_config: Any
-    kernels: dict[str, Any]  # "hifi4" | "hifi2" | "lofi" | "sdpa" -> WormholeComputeKernelConfig
+    kernels: dict[str, Any]  # precision.KERNELS name -> WormholeComputeKernelConfig
     # prefill
     prefill_lengths: tuple[int, ...]  # allowed padded prompt lengths
     qkv_chunk: int  # prefill rows per QKV matmul (longer prompts are reshaped into chunks)
     mlp_chunk: int  # prefill rows per MLP / wo matmul
-    # (weight group "wqkv" | "wo" | "w1" | "w2", rows per matmul) -> 2-D program config
-    prefill_matmuls: dict[tuple[str, int], Any]
+    # (weight shape "wqkv" | "wo" | "w1" (also w3) | "w2", rows per matmul, fp32 dest
+    # accumulation) -> 2-D program config, for the accumulation modes the policy uses
+    prefill_matmuls: dict[tuple[str, int, bool], Any]
     sdpa_prefill: dict[int, Any]  # padded length -> SDPAProgramConfig
     sdpa_chunked: dict[int, Any]  # q/k chunk size -> SDPAProgramConfig (prefill at start > 0)
 
@@ -132,6 +133,9 @@ class OpConfigs:
         """Derive all configs; raises TTConfigError when the shapes cannot be laid out."""
         ttnn, dev = mesh.ttnn, mesh.device
         geo = geometry(config, runtime, mesh.ndev)
+        if len(prec.decoders) != config.num_layers:
+            raise TTConfigError(f"precision policy has {len(prec.decoders)} decoders, the model "
+                                f"{config.num_layers}")
         if qkv_chunk % mlp_chunk or mlp_chunk % TILE:
             raise TTConfigError("qkv_chunk must be a multiple of mlp_chunk, a multiple of 32")
         grid = dev.compute_with_storage_grid_size()
@@ -157,13 +161,16 @@ class OpConfigs:
         kernels = _kernels(ttnn)
         lengths = _prefill_lengths(runtime.max_seq_len, mlp_chunk, qkv_chunk)
         prefill_mm = {}
+        groups = {"wqkv": ("wqkv",), "wo": ("wo",), "w1": ("w1", "w3"), "w2": ("w2",)}
         for rows in sorted({min(s, mlp_chunk) for s in lengths} | {min(s, qkv_chunk)
                                                                    for s in lengths}):
             for name, k, n in (("wqkv", geo.dim, geo.qkv),
                                ("wo", geo.n_heads * geo.head_dim, geo.dim),
                                ("w1", geo.dim, geo.hidden), ("w2", geo.hidden, geo.dim)):
-                fp32 = kernels[prec.fidelity[name]].fp32_dest_acc_en
-                prefill_mm[(name, rows)] = _prefill_matmul(ttnn, grid, rows, k, n, fp32)
+                for fp32 in {kernels[d.fidelity[g]].fp32_dest_acc_en
+                             for d in prec.decoders for g in groups[name]}:
+                    prefill_mm[(name, rows, fp32)] = _prefill_matmul(ttnn, grid, rows, k, n,
+                                                                     fp32)
         sdpa_prefill = {s: ttnn.SDPAProgramConfig(
             compute_with_storage_grid_size=(grid.x, grid.y),
             q_chunk_size=_sdpa_chunk(s), k_chunk_size=_sdpa_chunk(s), exp_approx_mode=False)
@@ -190,14 +197,20 @@ class OpConfigs:
             prefill_matmuls=prefill_mm, sdpa_prefill=sdpa_prefill, sdpa_chunked=sdpa_chunked,
         )
 
-    def kernel(self, group: str):
-        """The compute-kernel config of a weight group under this precision policy."""
-        return self.kernels[self.precision.fidelity[group]]
+    def kernel(self, group: str, layer: int):
+        """The compute-kernel config of op group `group` (precision.FIDELITY_GROUPS) in decoder
+        `layer` under this precision policy."""
+        return self.kernels[self.precision.decoder(layer).fidelity[group]]
 
-    def prefill_matmul(self, group: str, seq_len: int, chunk: int):
-        """2-D program config of weight group `group` for a prefill of `seq_len` rows run in
-        matmuls of at most `chunk` rows."""
-        return self.prefill_matmuls[(group, min(seq_len, chunk))]
+    def lm_head_kernel(self):
+        """The compute-kernel config of the LM head matmuls."""
+        return self.kernels[self.precision.lm_head_fidelity]
+
+    def prefill_matmul(self, shape: str, seq_len: int, chunk: int, kernel):
+        """2-D program config of the weight shape `shape` ("wqkv" | "wo" | "w1" | "w2") for a
+        prefill of `seq_len` rows run in matmuls of at most `chunk` rows under compute-kernel
+        config `kernel` (its fp32 accumulation bounds the output subblock)."""
+        return self.prefill_matmuls[(shape, min(seq_len, chunk), kernel.fp32_dest_acc_en)]
 
     def sdpa_chunked_config(self, start: int, seq_len: int):
         """SDPA config of a prefill chunk of `seq_len` rows starting at position `start`: q/k
@@ -268,10 +281,12 @@ def _prefill_matmul(ttnn, grid, rows: int, k: int, n: int, fp32_acc: bool):
 
 
 def _kernels(ttnn) -> dict[str, Any]:
+    """The compute-kernel configs of precision.KERNELS, as tt_transformers' ModelArgs builds
+    them (compute_kernel_config_hifi4 / _hifi2 / _hifi2_fp16 / _lofi)."""
     def cfg(fidelity, approx, fp32):
         return ttnn.WormholeComputeKernelConfig(math_fidelity=fidelity, math_approx_mode=approx,
                                                 fp32_dest_acc_en=fp32, packer_l1_acc=True)
 
     mf = ttnn.MathFidelity
     return {"hifi4": cfg(mf.HiFi4, False, True), "hifi2": cfg(mf.HiFi2, True, True),
-            "lofi": cfg(mf.LoFi, True, False), "sdpa": cfg(mf.HiFi4, False, True)}
+            "hifi2_fp16": cfg(mf.HiFi2, False, False), "lofi": cfg(mf.LoFi, False, False)}

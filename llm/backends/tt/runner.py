@@ -104,6 +104,7 @@ class TTBackend(Backend):
 
     def __init__(self, checkpoint: Checkpoint, runtime: RuntimeConfig, *,
                  mesh: str | tuple[int, int] | None = None, precision_policy: str = "accuracy",
+                 decoder_precision: str | Path | dict[str, Any] | None = None,
                  trace: bool = True, implementation: str = "auto",
                  weights_dir: str | Path | None = None, cache: bool = True,
                  max_columns_per_device: int = 16384, qkv_chunk: int = 2048,
@@ -117,7 +118,8 @@ class TTBackend(Backend):
         self.mesh, self.implementation = open_mesh(shape, implementation)
         ttnn = self.mesh.ttnn
         try:
-            self.precision = precision(ttnn, precision_policy)
+            self.precision = precision(ttnn, precision_policy, self.config.num_layers,
+                                       decoder_precision)
             self.cfg = OpConfigs.build(self.mesh, self.config, runtime, self.precision,
                                        max_columns_per_device=max_columns_per_device,
                                        qkv_chunk=qkv_chunk, mlp_chunk=mlp_chunk)
@@ -140,9 +142,12 @@ class TTBackend(Backend):
 
     def describe(self) -> str:
         p = self.precision
+        d = p.decoder(0)
+        changed = f", {len(p.overridden)} decoder(s) overridden" if p.overridden else ""
         return (f"tt backend on {self.implementation}, mesh {self.mesh.rows}x{self.mesh.cols}, "
-                f"{p.name} precision (wqkv {p.wqkv.name}, w1/w3 {p.w1.name}, KV {p.kv_cache.name}),"
-                f" decode {'traced' if self.decoder.traced else 'untraced'}")
+                f"{p.name} precision (decoder 0: wqkv {d.wqkv.name}, w1/w3 {d.w1.name}, KV "
+                f"{d.kv_cache.name}{changed}), decode "
+                f"{'traced' if self.decoder.traced else 'untraced'}")
 
     @staticmethod
     def _require_greedy(sampling: list[SequenceSampling]) -> None:
@@ -193,8 +198,10 @@ class TTBackend(Backend):
 
 def create(checkpoint: Checkpoint, runtime: RuntimeConfig, **options: Any) -> TTBackend:
     """Registry entry point (see llm.backends.base.create_backend). Options: mesh ("1x8"),
-    precision ("accuracy" | "performance"), trace, implementation ("auto" | "ttnn" |
-    "emulator"), weights_dir, cache, max_columns_per_device, qkv_chunk, mlp_chunk."""
+    precision ("accuracy" | "performance"), decoder_precision (per-decoder overrides: a
+    precision.PRESETS name, a .json file or a mapping, see precision.parse_overrides), trace,
+    implementation ("auto" | "ttnn" | "emulator"), weights_dir, cache, max_columns_per_device,
+    qkv_chunk, mlp_chunk."""
     if "precision" in options:
         options["precision_policy"] = options.pop("precision")
     return TTBackend(checkpoint, runtime, **options)
