@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="accuracy", choices=["accuracy", "performance"],
                    help="tt: accuracy = bf16 weights; performance = bfloat8_b attention, "
                         "bfloat4_b MLP weights")
+    p.add_argument("--decoder-precision", default=None, metavar="PRESET_OR_JSON",
+                   help="tt: per-decoder precision overrides on top of --precision: a preset "
+                        "(bf16-attention-bf8-mlp, bf8-mlp-last-decoder) or a JSON file in "
+                        "tt_transformers' decoder config format")
     p.add_argument("--stats", action="store_true",
                    help="tt: print the emulator's per-step DRAM traffic and the projected N150 "
                         "decode step time (a roofline projection, not a measurement)")
@@ -77,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         t_load = time.perf_counter()
         options = None
         if args.backend == "tt":
-            options = {"mesh": args.mesh, "precision": args.precision}
+            options = {"mesh": args.mesh, "precision": args.precision,
+                       "decoder_precision": args.decoder_precision}
             # on the emulator a decode step is ~750 small torch ops: intra-op threads only
             # contend (measured ~10x slower with 2 threads on a shared 2-core machine)
             torch.set_num_threads(1)
-        elif args.stats or args.mesh != "1x1" or args.precision != "accuracy":
-            raise ValueError("--mesh, --precision and --stats apply to --backend tt only")
+        elif (args.stats or args.mesh != "1x1" or args.precision != "accuracy"
+              or args.decoder_precision):
+            raise ValueError("--mesh, --precision, --decoder-precision and --stats apply to "
+                             "--backend tt only")
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=len(prompts), max_seq_len=args.max_seq_len,
                         progress=not args.quiet, backend_options=options,
