@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(engines: llm only)")
     p.add_argument("--all-reduce", default="auto", choices=["auto", "nccl"],
                    help="--tp: decode all-reduces by symmetric memory where available, or NCCL")
+    p.add_argument("--gemv-max-batch", type=int, default=None,
+                   help="decode batches up to this size use the fused Triton GEMVs "
+                        "(default: the engine's; 0 = never)")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)
     mesh, dev = Mesh.from_env(args.tp, args.device)
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": args.dtype, "copy_GBps": bw / 1e9,
            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-           "tp": args.tp, "all_reduce": args.all_reduce}
+           "tp": args.tp, "all_reduce": args.all_reduce, "gemv_max_batch": args.gemv_max_batch}
     print(f"# {env}", flush=True)
     rows: list[Row] = []
     for name in args.configs.split(","):
@@ -311,7 +314,8 @@ def build_backend(ck: Checkpoint, args: argparse.Namespace, batches: list[int],
     max_len = max(max(plens) + args.steps, 130 + args.check_greedy) + 8
     rt = RuntimeConfig(device=str(ck.tensors["model.norm.weight"].device), dtype=args.dtype,
                        max_batch=max(batches + [4]), max_seq_len=max_len, block_size=32)
-    return TorchBackend(ck, rt, mesh=mesh, all_reduce=args.all_reduce)
+    return TorchBackend(ck, rt, mesh=mesh, all_reduce=args.all_reduce,
+                        gemv_max_batch=args.gemv_max_batch)
 
 
 def follow_configs(args: argparse.Namespace, mesh: Mesh, device: torch.device) -> int:

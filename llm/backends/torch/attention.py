@@ -117,8 +117,12 @@ class Attention:
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [N, H] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k."""
-        n = x.shape[0]
-        q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.splits, dim=-1)
+        return self._split_rotate(F.linear(x, self.wqkv, self.bqkv), cos, sin)
+
+    def _split_rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """qkv [N, q + 2kv] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k."""
+        n = qkv.shape[0]
+        q, k, v = qkv.split(self.splits, dim=-1)
         q = apply_rotary(q.view(n, self.n_heads, self.hd), cos, sin)
         k = apply_rotary(k.view(n, self.n_kv, self.hd), cos, sin)
         return q, k, v.view(n, self.n_kv, self.hd)
@@ -152,21 +156,32 @@ class Attention:
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
-        b = x.shape[0]
+        return self.decode_qkv(F.linear(x, self.wqkv, self.bqkv), meta, cache)
+
+    def decode_qkv(self, qkv: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
+                   gemv: bool = False) -> torch.Tensor:
+        """Decode from the QKV projection qkv [B, q + 2kv] -> [B, H]. gemv: the output projection
+        by the small-batch Triton GEMV instead of cuBLAS.
+        """
+        b = qkv.shape[0]
         if meta.pages_per_program is not None:  # Triton: fused RoPE + K/V write, paged attention
             from llm.backends.torch.kernels.paged_decode import paged_decode_attention
             from llm.backends.torch.kernels.rope_kv import rope_and_cache
 
             kp, vp = cache.k[self.layer], cache.v[self.layer]
-            q = rope_and_cache(F.linear(x, self.wqkv, self.bqkv), meta.cos, meta.sin,
-                               meta.blocks, meta.offsets, kp, vp, self.n_heads)  # [B, nh, hd]
+            q = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets, kp, vp,
+                               self.n_heads)  # [B, nh, hd]
             out = paged_decode_attention(q, kp, vp, meta.page_table, meta.positions,
                                          self.hd ** -0.5, meta.pages_per_program)  # [B, nh, hd]
         else:
-            q, k, v = self._qkv(x, meta.cos, meta.sin)
+            q, k, v = self._split_rotate(qkv, meta.cos, meta.sin)
             cache.write(self.layer, k, v, meta.blocks, meta.offsets)
             keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
             out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
                                                  attn_mask=meta.mask, enable_gqa=True)
-        return self.mesh.all_reduce(F.linear(out.reshape(b, self.n_heads * self.hd), self.wo,
-                                             self.bo))
+        out = out.reshape(b, self.n_heads * self.hd)  # [B, nh*hd]
+        if gemv:
+            from llm.backends.torch.kernels.gemv import gemv as small_gemv
+
+            return self.mesh.all_reduce(small_gemv(out, self.wo, self.bo))
+        return self.mesh.all_reduce(F.linear(out, self.wo, self.bo))

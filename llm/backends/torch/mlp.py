@@ -39,6 +39,13 @@ class MLP:
         return cls(gate_up, w[prefix + "down_proj.weight"], bias, w.get(prefix + "down_proj.bias"),
                    fused, mesh)
 
+    def down_gemv(self, act: torch.Tensor) -> torch.Tensor:
+        """The down projection of silu(gate) * up `act` [B, I] by the small-batch Triton GEMV,
+        all-reduced on a mesh -> [B, H]."""
+        from llm.backends.torch.kernels.gemv import gemv
+
+        return self.mesh.all_reduce(gemv(act, self.down, self.down_bias))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
         gu = F.linear(x, self.gate_up, self.gate_up_bias)  # [..., 2I]

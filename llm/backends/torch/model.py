@@ -19,6 +19,12 @@ from llm.sampling import SamplingTensors, sample
 from llm.tensor_parallel import TensorParallelPlan
 from llm.weight_slices import TensorDictSlices, WeightSlices
 
+# Decode batches that use the fused GEMVs by default. Off until measured end to end: per layer on an
+# H100 (bf16, one row) the 4 fused kernels took 58.4 vs 61.4 us (1B shapes) and 161.6 vs 171.0 us
+# (8B) against cuBLAS + separate norm / SiLU kernels, and lost at four rows (docs/performance.md
+# v7); the whole model with them has not run on a GPU yet. Enable per model with gemv_max_batch=1.
+GEMV_MAX_BATCH = 0
+
 
 class DecoderLayer:
     """r = x + attn(norm(x)), then r + mlp(norm(r)), written so that every residual add is fused
@@ -43,8 +49,23 @@ class DecoderLayer:
         return self.mlp(h), residual
 
     def decode(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
-               cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual [B, H] -> (mlp output, residual stream), both [B, H]."""
+               cache: PagedKVCache, gemv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [B, H] -> (mlp output, residual stream), both [B, H].
+
+        gemv (small batches on CUDA): 4 Triton GEMVs instead of 7 kernels: the residual add and
+        norm in the prologue of QKV and of gate/up, SiLU*up in gate/up's epilogue, then o_proj
+        and down.
+        """
+        if gemv:
+            from llm.backends.torch.kernels.gemv import norm_gate_up_silu_gemv, norm_gemv
+
+            an, mn, mlp = self.attn_norm, self.mlp_norm, self.mlp
+            qkv, residual = norm_gemv(x, residual, an.weight, an.eps, self.attn.wqkv,
+                                      self.attn.bqkv)  # [B, q + 2kv]
+            o = self.attn.decode_qkv(qkv, meta, cache, gemv=True)
+            act, residual = norm_gate_up_silu_gemv(o, residual, mn.weight, mn.eps, mlp.gate_up,
+                                                   mlp.gate_up_bias)  # [B, I]
+            return mlp.down_gemv(act), residual
         h, residual = self.attn_norm.add_norm(x, residual)
         h, residual = self.mlp_norm.add_norm(self.attn.decode(h, meta, cache), residual)
         return self.mlp(h), residual
@@ -58,11 +79,13 @@ class Transformer:
     def __init__(self, config: ModelConfig,
                  tensors: Mapping[str, torch.Tensor] | WeightSlices, runtime: RuntimeConfig,
                  lm_head_chunk: int | None = None, decode_kernel: bool | None = None,
-                 mesh: Mesh | None = None) -> None:
+                 mesh: Mesh | None = None, gemv_max_batch: int | None = None) -> None:
         """tensors: the canonical tensors, or a WeightSlices reading only this rank's slices.
         decode_kernel: use the Triton paged-decode attention (default: on CUDA when Triton is
         installed and the head_dim / block_size suit it) with the fused Triton norm and RoPE
         kernels; otherwise the torch paths.
+        gemv_max_batch: decode batches up to this size run the layers' projections as fused
+        Triton GEMVs (DecoderLayer.decode, needs the decode kernels); default GEMV_MAX_BATCH.
         """
         self.config = config
         self.mesh = mesh = mesh or Mesh.single()
@@ -94,6 +117,11 @@ class Transformer:
         self.n_sm = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if decode_kernel and self.device.type == "cuda" else 1)
         self.decode_kernel = decode_kernel
+        if gemv_max_batch is None:
+            gemv_max_batch = GEMV_MAX_BATCH
+        if gemv_max_batch and not decode_kernel:
+            raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
+        self.gemv_max_batch = gemv_max_batch
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int, page_row: torch.Tensor,
@@ -126,8 +154,9 @@ class Transformer:
                                   self.n_sm)
         meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos, ppp)
         x, residual = self.embed(tokens), None  # [B, H]
+        gemv = tokens.shape[0] <= self.gemv_max_batch
         for layer in self.layers:
-            x, residual = layer.decode(x, residual, meta, cache)
+            x, residual = layer.decode(x, residual, meta, cache, gemv)
         return self.lm_head(self.norm.add_norm(x, residual)[0])  # [B, V]
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:

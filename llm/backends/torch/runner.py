@@ -24,11 +24,12 @@ class TorchBackend(Backend):
 
     def __init__(self, checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
                  cuda_graphs: bool = True, mesh: Mesh | None = None,
-                 all_reduce: str = "auto") -> None:
+                 all_reduce: str = "auto", gemv_max_batch: int | None = None) -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
         cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs.
         all_reduce (tensor parallel on GPUs): "nccl", or "auto" = decode-sized all-reduces by the
         symmetric-memory one-shot kernel where available, larger ones by NCCL.
+        gemv_max_batch: see Transformer (None: its default).
         """
         if all_reduce not in ("auto", "nccl"):
             raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {all_reduce!r}")
@@ -42,7 +43,8 @@ class TorchBackend(Backend):
             self.mesh = self.mesh.with_symmetric(getattr(torch, runtime.dtype), self.device,
                                                  runtime.max_batch * self.config.hidden_size)
         weights = checkpoint if isinstance(checkpoint, WeightSlices) else checkpoint.tensors
-        self.model = Transformer(self.config, weights, runtime, mesh=self.mesh)
+        self.model = Transformer(self.config, weights, runtime, mesh=self.mesh,
+                                 gemv_max_batch=gemv_max_batch)
         self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.model.decode_kernel:
@@ -93,7 +95,7 @@ class TorchBackend(Backend):
 
 def create(checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
            cuda_graphs: bool = True, mesh: Mesh | None = None,
-           all_reduce: str = "auto") -> TorchBackend:
+           all_reduce: str = "auto", gemv_max_batch: int | None = None) -> TorchBackend:
     """Registry entry point (see llm.backends.base.create_backend)."""
     return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs, mesh=mesh,
-                        all_reduce=all_reduce)
+                        all_reduce=all_reduce, gemv_max_batch=gemv_max_batch)
