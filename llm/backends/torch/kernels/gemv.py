@@ -137,8 +137,8 @@ def _row_rstd(x_ptr, res_ptr, sum_ptr, eps, M, stride_x, stride_r, stride_s, wri
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
             xv = (xv.to(tl.float32) + r.to(tl.float32)).to(xv.dtype)  # the residual stream
-            tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], xv,
-                     mask=mask & write_sum)
+            if write_sum:
+                tl.store(sum_ptr + rows[:, None] * stride_s + cols[None, :], xv, mask=mask)
         xf = xv.to(tl.float32)
         ssq += tl.sum(xf * xf, axis=1)
     return 1.0 / tl.sqrt(ssq / K + eps)
