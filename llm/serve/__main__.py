@@ -2,6 +2,7 @@
 
     python -m llm.serve --model path/to/model --port 8000 --max-batch 16 --max-queue 64
     LLM_API_KEY=secret python -m llm.serve          # require "Authorization: Bearer secret"
+    torchrun --nproc-per-node 2 -m llm.serve --tp 2 --device cuda   # tensor parallel: rank 0 serves
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt tokens prefilled per scheduler step")
     p.add_argument("--api-key", default=os.environ.get("LLM_API_KEY"),
                    help="require this Bearer token (default: $LLM_API_KEY; none = open)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (start with `torchrun --nproc-per-node N -m "
+                        "llm.serve --tp N`); rank 0 serves HTTP, the others follow")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -62,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
                                 prefill_chunk=args.prefill_chunk)
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                        num_blocks=args.num_blocks)
+                        num_blocks=args.num_blocks, tensor_parallel=args.tp,
+                        progress=args.tp == 1)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not model.is_leader:
+        model.follow()  # until the leader's server stops
+        return 0
     print(model.backend.describe(), file=sys.stderr)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     engine = AsyncEngine(model, sched)
@@ -74,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
+        model.close()  # releases tensor-parallel followers
     return 0
 
 

@@ -5,10 +5,14 @@ greedy and seeded-sampled tokens, about 1/N of the sharded weights per rank).
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from tp_ranks import default_model_rank, small_model_rank, spawn_ranks
@@ -117,20 +121,59 @@ STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def single_process_tokens() -> tuple[list[list[int]], int]:
+def single_process() -> tuple[list[list[int]], int, list[str]]:
+    """Greedy tokens and texts of PROMPTS in one process, and the model's weight bytes."""
     model = llm.LLM(max_batch=2, max_seq_len=128, progress=False)
     out = model.generate(PROMPTS, llm.SamplingParams(max_new_tokens=STEPS, ignore_eos=True))
     full = sum(t.numel() * t.element_size() for t in model.checkpoint.tensors.values())
-    return [o.token_ids for o in out], full
+    return [o.token_ids for o in out], full, [o.text for o in out]
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_default_model_greedy_equals_single_process(tmp_path, single_process_tokens,
+def test_default_model_greedy_equals_single_process(tmp_path, single_process,
                                                      ranks: int) -> None:
-    tokens, full = single_process_tokens
+    tokens, full, _ = single_process
     out = spawn_ranks(default_model_rank, ranks, tmp_path, PROMPTS, STEPS)
     assert out[0]["tokens"] == tokens
     assert f"tensor parallel over {ranks} ranks" in out[0]["describe"]
     assert all(res["calls"] == STEPS + 1 for res in out[1:])  # 2 prefills + STEPS - 1 decodes
     for res in out:
         assert res["weight_bytes"] <= 1.15 * full / ranks
+
+
+def test_server_over_two_ranks_answers_like_one_process(single_process) -> None:
+    """`torchrun --nproc-per-node 2 -m llm.serve --tp 2`: rank 0 serves, rank 1 follows; a
+    greedy completion equals the one-process text, and stopping torchrun stops both ranks."""
+    port, master = free_port(), free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(master), "-m", "llm.serve", "--tp", "2", "--port", str(port),
+           "--max-batch", "2", "--max-seq-len", "128", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPTS[0], "max_tokens": STEPS,
+                "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == single_process[2][0]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    left = subprocess.run(["pgrep", "-f", f"llm.serve --tp 2 --port {port}"], capture_output=True)
+    assert left.returncode == 1, left.stdout  # no rank left behind
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,12 +13,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from llm.config import ConfigError
+
+# Followers wait in a broadcast for the leader's next step; an idle server must not time them out
+# (gloo's default is 30 minutes). A leader that exits closes the connections, which ends them.
+CONTROL_TIMEOUT = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Mesh:
     group: Any = None  # tensor collectives
     control: Any = None  # gloo group for host objects
     symmetric: SymmetricAllReduce | None = None  # small all-reduces on GPUs (see with_symmetric)
+    library: str = "none"  # of the tensor collectives: "nccl" or "gloo"
 
     @classmethod
     def single(cls) -> Mesh:
@@ -76,9 +82,9 @@ class Mesh:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device != "cpu" else "gloo")
-        group = dist.group.WORLD
-        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else group
-        return cls(dist.get_rank(), size, group, control), device
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        return cls(dist.get_rank(), size, dist.group.WORLD, control,
+                   library=str(dist.get_backend())), device
 
     @property
     def distributed(self) -> bool:

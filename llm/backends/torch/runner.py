@@ -60,7 +60,7 @@ class TorchBackend(Backend):
             mode = "eager, Triton paged attention"
         tp = ""
         if self.mesh.size > 1:
-            ar = "symmetric-memory" if self.mesh.symmetric is not None else "NCCL"
+            ar = "symmetric-memory" if self.mesh.symmetric is not None else self.mesh.library
             tp = f", rank {self.mesh.rank} of {self.mesh.size}, {ar} all-reduce in decode"
         return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp})"
 
