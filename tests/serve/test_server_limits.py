@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 from conftest import MODEL_NAME
+from server_process import free_port, wait_healthy
 
 from llm.async_engine import AsyncEngine
 from llm.scheduler import SchedulerConfig
@@ -106,24 +105,14 @@ def test_health_and_metrics(live_server) -> None:
 
 
 def test_python_m_llm_serve(tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "LLM_API_KEY": "k1"}
     cmd = [sys.executable, "-m", "llm.serve", "--port", str(port), "--max-batch", "2",
            "--max-seq-len", "128", "--served-model-name", "tiny", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        wait_healthy(proc, url, 120)
         body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
         assert httpx.post(url + "/v1/completions", json=body).status_code == 401
         r = httpx.post(url + "/v1/completions", json=body, timeout=60,

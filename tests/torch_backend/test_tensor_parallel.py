@@ -6,15 +6,14 @@ greedy and seeded-sampled tokens, about 1/N of the sharded weights per rank).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from server_process import free_port, wait_healthy
 from tp_ranks import default_model_rank, small_model_rank, spawn_ranks
 
 import llm
@@ -152,15 +151,7 @@ def test_server_over_two_ranks_answers_like_one_process(single_process) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_healthy(proc, url, 180)
         body = {"model": "SmolLM2-135M-Instruct", "prompt": PROMPTS[0], "max_tokens": STEPS,
                 "temperature": 0}
         r = httpx.post(url + "/v1/completions", json=body, timeout=120)
@@ -172,8 +163,3 @@ def test_server_over_two_ranks_answers_like_one_process(single_process) -> None:
     left = subprocess.run(["pgrep", "-f", f"llm.serve --tp 2 --port {port}"], capture_output=True)
     assert left.returncode == 1, left.stdout  # no rank left behind
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
