@@ -38,6 +38,8 @@ class LLM:
                  cache_dir: str | Path | None = None, progress: bool = True,
                  backend_options: Mapping[str, Any] | None = None,
                  tensor_parallel: int = 1) -> None:
+        if tensor_parallel != 1:  # a wrong launch is an error before any model file is looked at
+            self._check_launch(backend, device, tensor_parallel)
         path = Path(model) if model is not None else default_model_path()
         self.mesh = None
         self.checkpoint = None
@@ -68,19 +70,24 @@ class LLM:
         self.tokenizer = Tokenizer.from_path(path, cache_dir=cache, digest=digest)
         self.generator = Generator(self.backend, self.tokenizer)
 
-    def _join_mesh(self, path: Path, backend: str, device: str, cache_dir: str | Path | None,
-                   progress: bool, size: int):
-        """Check the launch and the split (clear errors before any weight is read), join the
-        process group; returns this rank's weight slices and device.
-        """
-        from llm.tensor_parallel import TensorParallelPlan
-        from llm.weight_slices import open_weight_slices
-
+    @staticmethod
+    def _check_launch(backend: str, device: str, size: int) -> None:
+        """ConfigError unless this process can be one of `size` tensor-parallel ranks."""
         if backend != "torch":
             raise ConfigError(f"tensor_parallel needs the torch backend, not {backend!r}")
         from llm.backends.torch.mesh import Mesh
 
         Mesh.check_launch(size, device)
+
+    def _join_mesh(self, path: Path, backend: str, device: str, cache_dir: str | Path | None,
+                   progress: bool, size: int):
+        """Check the split (a clear error before any weight is read), join the process group;
+        returns this rank's weight slices and device.
+        """
+        from llm.backends.torch.mesh import Mesh
+        from llm.tensor_parallel import TensorParallelPlan
+        from llm.weight_slices import open_weight_slices
+
         weights = open_weight_slices(path, cache_dir=cache_dir, progress=progress)
         TensorParallelPlan(weights.config, size)
         self.mesh, device = Mesh.from_env(size, device)

@@ -170,12 +170,12 @@ def open_weight_slices(path: str | Path, *, cache_dir: str | Path | None = None,
     For a GGUF whose safetensors cache entry exists (written by `load_checkpoint`), slices come
     from the cache (no GGUF parsing); otherwise from the GGUF itself. Nothing is written.
     """
-    from llm.gguf_weights import cache_entry_config, cache_path, file_sha256
-
     path, kind = resolve_checkpoint(path)
     if kind == "dir":
         config, where = hf_dir_headers(path)
         return SafetensorsSlices(config, where, str(path))
+    from llm.gguf_weights import cache_entry_config, cache_path, file_sha256
+
     digest = file_sha256(path, progress)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = cache_path(cache, digest)

@@ -17,7 +17,10 @@ from llm.config import RuntimeConfig
 from llm.sampling import SamplingParams
 
 GREEDY = SequenceSampling(SamplingParams(), 0)
-BF16_TIE = 0.05  # a token counts as greedy when its fp32 logit is this close to the max
+# A token counts as greedy when its fp32 logit is within this many bf16 steps (at the size of the
+# maximum) of the max: the tt path rounds activations, partial sums of the mesh's all-reduces and
+# the logits themselves to bf16. Measured: up to 3.4 steps (mesh 1x8, transformers 5.24's init).
+BF16_TIE_STEPS = 4
 
 
 def generate(backend, prompts: list[list[int]], steps: int) -> list[list[int]]:
@@ -31,7 +34,9 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
         logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
     top = logits.max(-1).values
     chosen = logits.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-    assert bool(((top - chosen) <= BF16_TIE).all()), (top - chosen).tolist()
+    step = torch.exp2(torch.floor(torch.log2(top.abs())) - 7)  # bf16 spacing at the max
+    gaps = ((top - chosen) / step).tolist()
+    assert max(gaps) <= BF16_TIE_STEPS, gaps
 
 
 @pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("qwen2_bias", "1x1"),
