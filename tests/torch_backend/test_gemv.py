@@ -112,6 +112,33 @@ def test_gate_up_silu_gemv(m, norm, inter, k, config, dtype) -> None:
     _assert_close(y, _silu_mul_ref(_linear_ref(h, w, bias)))
 
 
+FMA_CONFIGS = [GemvConfig(4, 64, 4, 1, fma=True), GemvConfig(8, 128, 4, 3, fma=True),
+               GemvConfig(2, 256, 2, 2, fma=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("n, k", [(100, 300), (24, 1100), (48, 96)])
+@pytest.mark.parametrize("config", FMA_CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}")
+def test_fma_kernels_at_batch_1(n, k, config, dtype) -> None:
+    """The CUDA-core path (one row of x, block_n below the dot's 16) for all four kernels."""
+    g = torch.Generator().manual_seed(n + k + config.block_n)
+    x, res = _rand(1, k, g=g, dtype=dtype, scale=3.0), _rand(1, k, g=g, dtype=dtype)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    w = _rand(n, k, g=g, dtype=dtype, scale=k ** -0.5)
+    wgu = _rand(2 * n, k, g=g, dtype=dtype, scale=3 * k ** -0.5)
+    bias, bgu = _rand(n, g=g, dtype=dtype), _rand(2 * n, g=g, dtype=dtype)
+    h, ref_total = _norm_ref(x, res, nw)
+    _assert_close(gemv(x, w, bias, config=config), _linear_ref(x, w, bias))
+    y, total = norm_gemv(x, res, nw, EPS, w, bias, config=config)
+    assert torch.equal(total, ref_total)
+    _assert_close(y, _linear_ref(h, w, bias))
+    _assert_close(gate_up_silu_gemv(x, wgu, bgu, config=config),
+                  _silu_mul_ref(_linear_ref(x, wgu, bgu)))
+    y, total = norm_gate_up_silu_gemv(x, res, nw, EPS, wgu, None, config=config)
+    assert torch.equal(total, ref_total)
+    _assert_close(y, _silu_mul_ref(_linear_ref(h, wgu, None)))
+
+
 def test_gate_up_silu_matches_the_unfused_kernels() -> None:
     """Same semantics as the MLP's current path: F.linear then kernels/silu_mul.py."""
     from llm.backends.torch.kernels.silu_mul import silu_mul
@@ -124,20 +151,30 @@ def test_gate_up_silu_matches_the_unfused_kernels() -> None:
 
 def test_config_heuristic_fills_an_h100() -> None:
     n_sm = 132
-    shapes = [(2048, 2048), (3072, 2048), (8192, 2048), (2048, 8192), (576, 576),
+    shapes = [(2048, 2048), (3072, 2048), (8192, 2048), (2048, 8192), (576, 576), (960, 576),
               (4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
     for n, k in shapes:
         for m in (1, 4, 16):
             for glu in (False, True):
-                cfg = gemv_config(m, n, k, glu, 2, n_sm)
-                programs = -(-n // cfg.block_n)
-                assert cfg.block_n in (16, 32) and 16 <= cfg.block_k <= 256, (n, k, cfg)
-                assert programs >= min(0.7 * n_sm, n / 16), (n, k, cfg)  # SMs busy if possible
-                # shared memory per program (w tiles + x chunk, num_stages - 1 buffers) leaves
-                # room for at least two resident programs per SM (228 KB)
-                stage = ((2 if glu else 1) * cfg.block_n + 16) * cfg.block_k * 2
-                assert (cfg.num_stages - 1) * stage <= 114 * 1024, (n, k, glu, cfg)
-    assert gemv_config(1, 100, 40, elem_bytes=4).block_k == 64  # no chunk past a small K
+                for norm in (False, True):
+                    cfg = gemv_config(m, n, k, glu, 2, n_sm, norm)
+                    programs = -(-n // cfg.block_n)
+                    if m == 1:  # the CUDA-core path: short rows, long K chunks, every SM busy
+                        assert cfg.fma and cfg.block_n in (2, 4, 16), (n, k, cfg)
+                        assert 16 <= cfg.block_k <= 1024 and programs >= n_sm, (n, k, cfg)
+                        # the fp32 accumulators stay within 64 registers a thread
+                        acc = cfg.block_n * (2 if glu else 1) * cfg.block_k
+                        assert acc <= 64 * 32 * cfg.num_warps, (n, k, glu, cfg)
+                        continue
+                    assert not cfg.fma and cfg.block_n in (16, 32), (n, k, cfg)
+                    assert 16 <= cfg.block_k <= 256, (n, k, cfg)
+                    assert programs >= min(0.7 * n_sm, n / 16), (n, k, cfg)  # SMs busy
+                    # shared memory per program (w tiles + x chunk, num_stages - 1 buffers)
+                    # leaves room for at least two resident programs per SM (228 KB)
+                    stage = ((2 if glu else 1) * cfg.block_n + 16) * cfg.block_k * 2
+                    assert (cfg.num_stages - 1) * stage <= 114 * 1024, (n, k, glu, cfg)
+    assert gemv_config(4, 100, 40, elem_bytes=4).block_k == 64  # no chunk past a small K
+    assert gemv_config(1, 100, 40, elem_bytes=4).block_k == 64
 
 
 def test_rejects_what_it_cannot_compute() -> None:
@@ -150,6 +187,8 @@ def test_rejects_what_it_cannot_compute() -> None:
         gemv(torch.zeros(2, 64, device=DEVICE, dtype=torch.float64), w)
     with pytest.raises(ValueError, match="odd"):
         gate_up_silu_gemv(torch.zeros(2, 64, device=DEVICE), w[:31])
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.zeros(2, 64, device=DEVICE), w, config=GemvConfig(4, 64, 4, 1, fma=True))
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="full 1B shapes in bf16 need the GPU")

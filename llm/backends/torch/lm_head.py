@@ -32,8 +32,16 @@ class LMHead:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] -> logits [N, V_local]."""
+    def __call__(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+        """x [N, H] -> logits [N, V_local]. gemv (small decode batches on CUDA): the whole local
+        vocabulary in one launch of the small-batch Triton GEMV (no chunks: its output is N rows),
+        where the weight is within the kernel's 32-bit offsets."""
+        if gemv:
+            from llm.backends.torch.kernels.gemv import MAX_W_SPAN
+            from llm.backends.torch.kernels.gemv import gemv as small_gemv
+
+            if self.weight.shape[0] * self.weight.stride(0) < MAX_W_SPAN:
+                return small_gemv(x, self.weight)
         if len(self.chunks) == 1:
             return x @ self.weight.T
         out = torch.empty(x.shape[0], self.vocab_size, dtype=x.dtype, device=x.device)

@@ -19,11 +19,11 @@ from llm.sampling import SamplingTensors, sample
 from llm.tensor_parallel import TensorParallelPlan
 from llm.weight_slices import TensorDictSlices, WeightSlices
 
-# Decode batches that use the fused GEMVs by default. Off until measured end to end: per layer on an
-# H100 (bf16, one row) the 4 fused kernels took 58.4 vs 61.4 us (1B shapes) and 161.6 vs 171.0 us
-# (8B) against cuBLAS + separate norm / SiLU kernels, and lost at four rows (docs/performance.md
-# v7); the whole model with them has not run on a GPU yet. Enable per model with gemv_max_batch=1.
-GEMV_MAX_BATCH = 0
+# Decode batches that use the fused GEMVs (and the GEMV LM head) where the Triton decode kernels
+# run. One row, on an H200 (bf16, 2026-12-01, docs/performance.md v8): 4.63 -> 4.24 ms per step
+# (Llama-3.1-8B shapes) and 1.13 -> 0.98 ms (1B) against cuBLAS; from four rows up cuBLAS is as
+# fast or faster (v7).
+GEMV_MAX_BATCH = 1
 
 
 class DecoderLayer:
@@ -85,7 +85,8 @@ class Transformer:
         installed and the head_dim / block_size suit it) with the fused Triton norm and RoPE
         kernels; otherwise the torch paths.
         gemv_max_batch: decode batches up to this size run the layers' projections as fused
-        Triton GEMVs (DecoderLayer.decode, needs the decode kernels); default GEMV_MAX_BATCH.
+        Triton GEMVs (DecoderLayer.decode, needs the decode kernels); default GEMV_MAX_BATCH
+        with the decode kernels, else 0.
         """
         self.config = config
         self.mesh = mesh = mesh or Mesh.single()
@@ -118,7 +119,7 @@ class Transformer:
                      if decode_kernel and self.device.type == "cuda" else 1)
         self.decode_kernel = decode_kernel
         if gemv_max_batch is None:
-            gemv_max_batch = GEMV_MAX_BATCH
+            gemv_max_batch = GEMV_MAX_BATCH if decode_kernel else 0
         if gemv_max_batch and not decode_kernel:
             raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
         self.gemv_max_batch = gemv_max_batch
@@ -157,7 +158,7 @@ class Transformer:
         gemv = tokens.shape[0] <= self.gemv_max_batch
         for layer in self.layers:
             x, residual = layer.decode(x, residual, meta, cache, gemv)
-        return self.lm_head(self.norm.add_norm(x, residual)[0])  # [B, V]
+        return self.lm_head(self.norm.add_norm(x, residual)[0], gemv)  # [B, V]
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits from prefill/decode -> the whole vocabulary's (identity on one rank)."""

@@ -2,11 +2,14 @@
 
 y = x @ w.T with w [N, K] row-major (the F.linear layout). At batch 1 the work is reading w once:
 each program owns BLOCK_N rows of w and walks the whole of K in BLOCK_K chunks (no split-K, so no
-second pass and no atomics), accumulating in fp32 with a tensor-core dot whose M side is the batch
-padded to 16 rows. Weight tiles go through Triton's software pipeline (`num_stages` deep, cp.async
-into shared memory), which keeps enough bytes in flight per SM to stream w near the memory
-bandwidth. At batch 1 (and in every fused-norm kernel) only the live rows of x are loaded and
-normalised; the dot sees them broadcast to its 16 rows.
+second pass and no atomics), accumulating in fp32. Two inner products:
+- one row of x (`GemvConfig.fma`): elementwise multiply-adds on the CUDA cores into a
+  [BLOCK_N, BLOCK_K] fp32 accumulator, summed over K once at the end. BLOCK_N can be as small as
+  2, so thousands of short programs stream w with many wide loads in flight.
+- more rows: a tensor-core dot whose M side is the batch padded to 16 rows, weight tiles through
+  Triton's software pipeline (`num_stages` deep, cp.async into shared memory). At batch 1 (and
+  in every fused-norm kernel) only the live rows of x are loaded and normalised; the dot sees
+  them broadcast to its 16 rows.
 
 Fusions that remove whole kernels from a decode layer:
 - `norm_gemv`: the residual add + RMSNorm in front of the product. Every program recomputes the row
@@ -20,56 +23,24 @@ Fusions that remove whole kernels from a decode layer:
   the product in fp32 rounded to the dtype.
 - `norm_gate_up_silu_gemv`: both.
 
-Block sizes come from a deterministic heuristic (`gemv_config`), never from autotuning, so a first
-call made before CUDA-graph capture compiles everything the capture needs.
+Block sizes come from the deterministic rule in kernels/gemv_config.py. Every kernel loads its
+first weight chunk before waiting on the previous kernel (programmatic dependent launch,
+kernels/pdl.py), so with PDL the weight stream starts during the previous kernel's tail.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from llm.backends.torch.kernels.gemv_config import GemvConfig, gemv_config
+from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
+
 MAX_M = 16  # rows of x one launch handles: the dot's M side is padded to 16
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """Launch parameters: rows of w per program (per half of w for the gate/up kernels), K chunk,
-    warps, software-pipeline depth."""
-
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-def gemv_config(m: int, n: int, k: int, glu: bool = False, elem_bytes: int = 2,
-                n_sm: int = 132) -> GemvConfig:
-    """A deterministic choice of block sizes for x [m, k] @ w[n, k].T (n: output columns; for the
-    gate/up kernels, I, each program reading BLOCK_N gate rows and BLOCK_N up rows).
-
-    Memory-bound reasoning, checked by a sweep on an H100 (.bench/gemv_bench.py --sweep, bf16,
-    1B and 8B Llama shapes): a program streams BLOCK_N x K weights through Triton's cp.async
-    pipeline, holding per stage one chunk of every weight tile plus the input chunk in shared
-    memory. Every SM should pull bytes, and beyond that long pipelined K loops win over more
-    programs: BLOCK_N = 32 when that still gives >= 0.7 programs per SM (1B qkv, N = 3072: 96
-    programs, 7.4 us vs 8.3 us with 16), else 16, the dot's smallest side (1B o/down, N = 2048).
-    BLOCK_N = 64 was never better. BLOCK_K: 512 bytes of each weight row per chunk (256 bf16),
-    halved for the gate/up kernels when BLOCK_N = 32, so that two weight tiles per stage leave
-    room for several resident programs per SM (1B gate/up: 24.6 us vs 33 us at 16 x 256 with 4
-    stages). Warps and stages moved results by 1-3% (4 warps, 4 stages; 3 for gate/up).
-    """
-    del m  # the dot pads x to 16 rows: the weight traffic is the same for every m <= 16
-    block_n = 32 if triton.cdiv(n, 32) >= 0.7 * n_sm else 16
-    block_k = 512 // elem_bytes
-    if glu and block_n >= 32:
-        block_k //= 2
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    return GemvConfig(block_n, block_k, num_warps=4, num_stages=3 if glu else 4)
+MAX_W_SPAN = 2**31  # the kernel's weight offsets are 32-bit: rows * row stride stays below this
 
 
 @functools.lru_cache(maxsize=8)
@@ -153,35 +124,73 @@ def _dot_acc(acc, xv, wv, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _weight_chunk(w_rows, k0, ks, n_live, up_offset, K: tl.constexpr, GLU: tl.constexpr):
+    """Chunk k0 of this program's weight rows [BLOCK_N, BLOCK_K] (and of the matching up rows
+    with GLU; otherwise the gate chunk again, unused)."""
+    cols = k0 + ks
+    wmask = n_live[:, None] & (cols < K)[None, :]
+    wv = tl.load(w_rows + cols[None, :], mask=wmask, other=0.0)
+    wu = wv
+    if GLU:
+        wu = tl.load(w_rows + up_offset + cols[None, :], mask=wmask, other=0.0)
+    return wv, wu
+
+
+@triton.jit
+def _accumulate(acc, acc_up, xv, wv, wu, GLU: tl.constexpr, FMA: tl.constexpr,
+                IEEE: tl.constexpr):
+    """acc (+ acc_up) += one chunk: elementwise fp32 products with FMA ([BLOCK_N, BLOCK_K]
+    accumulators), else tensor-core dots ([BLOCK_M, BLOCK_N])."""
+    if FMA:
+        acc += xv.to(tl.float32) * wv.to(tl.float32)
+        if GLU:
+            acc_up += xv.to(tl.float32) * wu.to(tl.float32)
+    else:
+        acc = _dot_acc(acc, xv, wv, IEEE)
+        if GLU:
+            acc_up = _dot_acc(acc_up, xv, wu, IEEE)
+    return acc, acc_up
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, sum_ptr, w_ptr, b_ptr, y_ptr, eps, M, N, UP_ROW,
                  stride_x, stride_r, stride_s, stride_w, stride_y,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, ROWS: tl.constexpr, STAT_K: tl.constexpr,
                  COMPACT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, GLU: tl.constexpr, IEEE: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, GLU: tl.constexpr, IEEE: tl.constexpr,
+                 FMA: tl.constexpr, USE_GDC: tl.constexpr):
     """y[:, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N; with GLU, w's rows UP_ROW + n are the up
     rows that pair with gate row n, and y = silu(gate) * up."""
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
     n_live = ns < N
     ks = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + ns[:, None] * stride_w  # [BLOCK_N, 1]
+    # the first weight chunk depends on no other kernel: its loads are issued before the wait
+    wv, wu = _weight_chunk(w_rows, 0, ks, n_live, UP_ROW * stride_w, K, GLU)
+    wait_then_release(USE_GDC)
     rstd = tl.zeros([ROWS], tl.float32)
     if NORM:  # a first pass over x: row statistics; program 0 also stores the residual sum
         rstd = _row_rstd(x_ptr, res_ptr, sum_ptr, eps, M, stride_x, stride_r, stride_s, pid == 0,
                          K, ROWS, STAT_K, HAS_RESIDUAL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    w_rows = w_ptr + ns[:, None] * stride_w  # [BLOCK_N, 1]
-    for k0 in range(0, K, BLOCK_K):
+    if FMA:  # one row of x (BLOCK_M = 1): elementwise products, summed over K once at the end
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    xv = _input_chunk(x_ptr, res_ptr, nw_ptr, 0, M, rstd, stride_x, stride_r, K, BLOCK_M,
+                      BLOCK_K, ROWS, COMPACT, NORM, HAS_RESIDUAL)  # [BLOCK_M, BLOCK_K]
+    acc, acc_up = _accumulate(acc, acc_up, xv, wv, wu, GLU, FMA, IEEE)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         xv = _input_chunk(x_ptr, res_ptr, nw_ptr, k0, M, rstd, stride_x, stride_r, K, BLOCK_M,
-                          BLOCK_K, ROWS, COMPACT, NORM, HAS_RESIDUAL)  # [BLOCK_M, BLOCK_K]
-        cols = k0 + ks
-        wmask = n_live[:, None] & (cols < K)[None, :]
-        wv = tl.load(w_rows + cols[None, :], mask=wmask, other=0.0)  # [BLOCK_N, BLOCK_K]
-        acc = _dot_acc(acc, xv, wv, IEEE)
-        if GLU:
-            wu = tl.load(w_rows + UP_ROW * stride_w + cols[None, :], mask=wmask, other=0.0)
-            acc_up = _dot_acc(acc_up, xv, wu, IEEE)
+                          BLOCK_K, ROWS, COMPACT, NORM, HAS_RESIDUAL)
+        wv, wu = _weight_chunk(w_rows, k0, ks, n_live, UP_ROW * stride_w, K, GLU)
+        acc, acc_up = _accumulate(acc, acc_up, xv, wv, wu, GLU, FMA, IEEE)
+    if FMA:
+        acc = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+        acc_up = tl.sum(acc_up, axis=1)[None, :]
     out_ty = y_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)[None, :]
@@ -207,20 +216,21 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError(f"x is {x.dtype} but w is {w.dtype}")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("gemv wants x and w contiguous along K")
-    if w.shape[0] * w.stride(0) >= 2**31:
+    if w.shape[0] * w.stride(0) >= MAX_W_SPAN:
         raise ValueError("w is too large for the kernel's 32-bit offsets")
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int, glu: bool,
             residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
-            config: GemvConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            config: GemvConfig | None, pdl: bool | None,
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shared launcher: returns (y [M, n], new residual stream or None)."""
     _check(x, w)
     m, k = x.shape
     norm = norm_weight is not None
     if residual is not None and (residual.shape != x.shape or residual.stride(1) != 1):
         raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    cfg = config or gemv_config(m, n, k, glu, x.element_size(), _sm_count(x.device))
+    cfg = config or gemv_config(m, n, k, glu, x.element_size(), _sm_count(x.device), norm)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     total = torch.empty_like(x) if residual is not None else None
     res = residual if residual is not None else x
@@ -229,30 +239,36 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int,
     # measured on an H100: the compact input helps every fused-norm kernel and batch 1, and costs
     # the plain kernels at batch 4 (18.6 vs 16.9 us for the 1B down projection) and the gate/up
     # kernel at batch 1 (27.6 vs 24.8 us)
-    compact = norm or (live_rows == 1 and not glu)
+    gdc = use_pdl(x, pdl)
+    compact = norm or (live_rows == 1 and not glu) or cfg.fma
+    if cfg.fma and m != 1:
+        raise ValueError(f"the fma GEMV takes one row of x, got {m}")
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, res, norm_weight if norm else x, out_sum, w, bias if bias is not None else w, y,
         eps, m, n, n if glu else 0, x.stride(0), res.stride(0), out_sum.stride(0), w.stride(0),
-        y.stride(0), K=k, BLOCK_M=MAX_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ROWS=live_rows, STAT_K=stat_k, COMPACT=compact, NORM=norm,
+        y.stride(0), K=k, BLOCK_M=1 if cfg.fma else MAX_M, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, ROWS=live_rows, STAT_K=stat_k, COMPACT=compact, NORM=norm,
         HAS_RESIDUAL=norm and residual is not None, HAS_BIAS=bias is not None, GLU=glu,
-        IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        IEEE=x.dtype == torch.float32, FMA=cfg.fma, USE_GDC=gdc, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch_options(gdc))
     return y, total
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T (+ bias [N]) -> [M, N] in x's dtype; M <= 16."""
-    return _launch(x, w, bias, w.shape[0], False, None, None, 0.0, config)[0]
+         config: GemvConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T (+ bias [N]) -> [M, N] in x's dtype; M <= 16. pdl: launch with
+    programmatic dependent launch (kernels/pdl.py; default: where the GPU supports it)."""
+    return _launch(x, w, bias, w.shape[0], False, None, None, 0.0, config, pdl)[0]
 
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
               eps: float, w: torch.Tensor, bias: torch.Tensor | None = None,
-              config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              config: GemvConfig | None = None, pdl: bool | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(rms_norm(x + residual) * norm_weight, w, bias), x + residual) for x, residual
     [M, K]; residual None means zero (the second result is then x itself). Equals
     `add_rms_norm` followed by F.linear, up to summation order."""
-    y, total = _launch(x, w, bias, w.shape[0], False, residual, norm_weight, eps, config)
+    y, total = _launch(x, w, bias, w.shape[0], False, residual, norm_weight, eps, config, pdl)
     return y, (total if total is not None else x)
 
 
@@ -263,18 +279,19 @@ def _inter(w_gate_up: torch.Tensor) -> int:
 
 
 def gate_up_silu_gemv(x: torch.Tensor, w_gate_up: torch.Tensor, bias: torch.Tensor | None = None,
-                      config: GemvConfig | None = None) -> torch.Tensor:
+                      config: GemvConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """x [M, K], w_gate_up [2I, K] (gate rows, then up rows), bias [2I] -> silu(gate) * up
     [M, I]: `silu_mul(F.linear(x, w_gate_up, bias))` in one kernel."""
-    return _launch(x, w_gate_up, bias, _inter(w_gate_up), True, None, None, 0.0, config)[0]
+    return _launch(x, w_gate_up, bias, _inter(w_gate_up), True, None, None, 0.0, config,
+                   pdl)[0]
 
 
 def norm_gate_up_silu_gemv(x: torch.Tensor, residual: torch.Tensor | None,
                            norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
                            bias: torch.Tensor | None = None, config: GemvConfig | None = None,
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(silu(gate) * up of rms_norm(x + residual) * norm_weight, x + residual): `add_rms_norm`,
     the gate/up F.linear and `silu_mul` in one kernel; residual None means zero."""
     y, total = _launch(x, w_gate_up, bias, _inter(w_gate_up), True, residual, norm_weight, eps,
-                       config)
+                       config, pdl)
     return y, (total if total is not None else x)

@@ -10,14 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
+from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x, stride_r,
                          stride_o, stride_s, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
-                         HAS_RESIDUAL: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, USE_GDC: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     live = cols < HIDDEN
+    wait_then_release(USE_GDC)
     x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=live, other=0.0)
@@ -31,15 +34,17 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x,
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [N, H] -> (rms_norm(x + residual) * weight, x + residual); without a residual,
-    (rms_norm(x) * weight, x).
+    (rms_norm(x) * weight, x). pdl: see kernels/pdl.py (default: where supported).
     """
+    gdc = use_pdl(x, pdl)
     n, h = x.shape
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else x
     res = residual if residual is not None else x
     _add_rms_norm_kernel[(n,)](x, res, weight, out, total, eps, x.stride(0), res.stride(0),
                                out.stride(0), total.stride(0), HIDDEN=h,
-                               BLOCK=triton.next_power_of_2(h), HAS_RESIDUAL=residual is not None)
+                               BLOCK=triton.next_power_of_2(h), HAS_RESIDUAL=residual is not None,
+                               USE_GDC=gdc, **launch_options(gdc))
     return out, total

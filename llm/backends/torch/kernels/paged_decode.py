@@ -12,17 +12,21 @@ import torch
 import triton
 import triton.language as tl
 
+from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
+
 
 @triton.jit
 def _partial_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
                     stride_qb, stride_qh, stride_kp, stride_kh, stride_kt, stride_ptb,
                     stride_ab, stride_ah, stride_as,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                    USE_GDC: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n_splits = tl.num_programs(2)
+    wait_then_release(USE_GDC)
     pos = tl.load(pos_ptr + b)  # keys 0..pos are visible
     n_pages = (pos + BLOCK) // BLOCK
     g = tl.arange(0, GROUP_PAD)
@@ -74,10 +78,12 @@ def pages_per_split(batch: int, n_kv: int, max_pages: int, n_sm: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float,
-                           pages_per_program: int) -> torch.Tensor:
+                           pages_per_program: int, pdl: bool | None = None) -> torch.Tensor:
     """q [B, nh, hd]; pools [num_blocks, n_kv, block, hd]; page_table [B, max_pages] int;
     positions [B] int (the query's own position, whose K/V is already written) -> [B, nh, hd].
+    pdl: see kernels/pdl.py (default: where supported).
     """
+    gdc = use_pdl(q, pdl)
     b, nh, hd = q.shape
     _, n_kv, block, _ = k_pool.shape
     group = nh // n_kv
@@ -91,21 +97,23 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         page_table.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
         BLOCK=block, PAGES_PER_SPLIT=pages_per_program, IEEE=q.dtype == torch.float32,
-    )
+        USE_GDC=gdc, **launch_options(gdc))
     out = torch.empty_like(q)
     _combine_kernel[(b, nh)](acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2),
                              out.stride(0), out.stride(1), N_SPLITS=n_splits,
-                             SPLITS_PAD=triton.next_power_of_2(n_splits), HEAD_DIM=hd)
+                             SPLITS_PAD=triton.next_power_of_2(n_splits), HEAD_DIM=hd,
+                             USE_GDC=gdc, **launch_options(gdc))
     return out
 
 
 @triton.jit
 def _combine_kernel(acc_ptr, ml_ptr, out_ptr, stride_ab, stride_ah, stride_as, stride_ob,
                     stride_oh, N_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, USE_GDC: tl.constexpr):
     """Merge the splits' partial softmax states of one (user, head) into the output row."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    wait_then_release(USE_GDC)
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
     live = sp < N_SPLITS

@@ -12,15 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
+from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
+
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k_pool, v_pool,
                     k_out_ptr, stride_qkv, stride_cs, stride_qn, stride_qh, stride_kp, stride_kh,
                     stride_kt, stride_kon, stride_koh, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, K_OUT: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, K_OUT: tl.constexpr, USE_GDC: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)  # 0..N_HEADS-1: query heads; then N_KV key/value heads
     half = tl.arange(0, HEAD_DIM // 2)
+    wait_then_release(USE_GDC)
     c1 = tl.load(cos_ptr + n * stride_cs + half).to(tl.float32)
     c2 = tl.load(cos_ptr + n * stride_cs + HEAD_DIM // 2 + half).to(tl.float32)
     s1 = tl.load(sin_ptr + n * stride_cs + half).to(tl.float32)
@@ -54,12 +57,14 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocks: torch.Tensor,
                    offsets: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                   n_heads: int, return_k: bool = False):
+                   n_heads: int, return_k: bool = False, pdl: bool | None = None):
     """qkv [N, (nh + 2 n_kv) * hd]; cos/sin [N, hd]; blocks/offsets [N] -> rotated q [N, nh, hd]
     (and, with return_k, rotated k [N, n_kv, hd] too).
 
     K (rotated) and V of each token are written to k_pool/v_pool [num_blocks, n_kv, block, hd].
+    pdl: see kernels/pdl.py (default: where supported).
     """
+    gdc = use_pdl(qkv, pdl)
     n = qkv.shape[0]
     _, n_kv, _, hd = k_pool.shape
     q = torch.empty(n, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
@@ -67,5 +72,6 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bloc
     _rope_kv_kernel[(n, n_heads + n_kv)](
         qkv, cos, sin, blocks, offsets, q, k_pool, v_pool, k, qkv.stride(0), cos.stride(0),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        k.stride(0), k.stride(1), N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, K_OUT=return_k)
+        k.stride(0), k.stride(1), N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, K_OUT=return_k,
+        USE_GDC=gdc, **launch_options(gdc))
     return (q, k) if return_k else q
