@@ -214,3 +214,38 @@ def test_llama_1b_shapes_bf16(m) -> None:
     _assert_close(gate_up_silu_gemv(h, wgu), act)
     _assert_close(gemv(act, wdown), torch.nn.functional.linear(act, wdown))
     _assert_close(gemv(h, wqkv[:hdim]), torch.nn.functional.linear(h, wqkv[:hdim]))  # a view
+
+
+def test_lm_head_through_the_gemv(monkeypatch) -> None:
+    """LMHead(gemv=True): the whole (or a rank's slice of the) vocabulary in one GEMV launch,
+    equal to the chunked matmul; a weight past the kernel's 32-bit offsets takes the chunks."""
+    from llm.backends.torch.kernels import gemv as gemv_module
+    from llm.backends.torch.lm_head import LMHead
+
+    g = torch.Generator().manual_seed(11)
+    full = _rand(700, 96, g=g, dtype=torch.float32, scale=96 ** -0.5)
+    x = _rand(1, 96, g=g, dtype=torch.float32)
+    for w in (full, full[300:]):  # a tensor-parallel rank's rows are a view of the whole
+        head = LMHead(w, chunk_size=128)
+        _assert_close(head(x, gemv=True), _linear_ref(x, w, None))
+        assert torch.allclose(head(x, gemv=True), head(x), rtol=1e-5, atol=1e-5)
+    head = LMHead(full, chunk_size=128)
+    monkeypatch.setattr(gemv_module, "MAX_W_SPAN", full.numel())  # now "too large"
+    assert torch.equal(head(x, gemv=True), head(x))
+
+
+def test_transformer_uses_the_gemvs_only_with_the_decode_kernels() -> None:
+    """Batch 1 takes the GEMVs by default where the Triton decode kernels run, never without."""
+    from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+
+    from llm.backends.torch.model import GEMV_MAX_BATCH, Transformer
+    from llm.config import RuntimeConfig
+
+    config = SMALL_CONFIGS["qwen2_bias"]
+    weights = state_dict(hf_model(config))
+    runtime = RuntimeConfig(device=DEVICE, max_batch=2, max_seq_len=32, block_size=16)
+    assert GEMV_MAX_BATCH == 1
+    assert Transformer(config, weights, runtime, decode_kernel=True).gemv_max_batch == 1
+    assert Transformer(config, weights, runtime, decode_kernel=False).gemv_max_batch == 0
+    with pytest.raises(ValueError, match="needs the Triton decode kernels"):
+        Transformer(config, weights, runtime, decode_kernel=False, gemv_max_batch=1)

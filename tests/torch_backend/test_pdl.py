@@ -1,12 +1,23 @@
-"""Programmatic dependent launch (kernels/pdl.py): where it is chosen, and that a decode layer's
-kernels give bit-identical results with and without it."""
+"""Programmatic dependent launch (kernels/pdl.py): where it is chosen; each decode kernel, compiled
+for Hopper (no GPU needed), touches no other kernel's data before its griddepcontrol.wait; and a
+decode layer's kernels give bit-identical results with and without PDL on a GPU."""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
+import triton  # noqa: E402
+
+from llm.backends.torch.kernels import gemv, norm, paged_decode, rope_kv  # noqa: E402
 from llm.backends.torch.kernels.gemv import norm_gate_up_silu_gemv, norm_gemv  # noqa: E402
 from llm.backends.torch.kernels.norm import add_rms_norm  # noqa: E402
 from llm.backends.torch.kernels.paged_decode import paged_decode_attention  # noqa: E402
@@ -22,6 +33,89 @@ def test_chosen_only_where_supported() -> None:
     with pytest.raises(ValueError, match="compute capability >= 9"):
         use_pdl(cpu, True)
     assert launch_options(False) == {} and launch_options(True) == {"launch_pdl": True}
+
+
+GEMV_ONE_ROW = dict(K=2048, BLOCK_M=1, BLOCK_N=2, BLOCK_K=1024, ROWS=1, STAT_K=2048, COMPACT=True,
+                    NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True, GLU=True, IEEE=False, FMA=True)
+GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS": 4,
+            "STAT_K": 1024, "GLU": False, "FMA": False}
+KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed before the wait)
+    (norm._add_rms_norm_kernel, dict(HIDDEN=2048, BLOCK=2048, HAS_RESIDUAL=True), {}, False),
+    (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, K_OUT=False),
+     {"blocks_ptr": "*i64", "offsets_ptr": "*i64"}, False),
+    (paged_decode._partial_kernel, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=64, BLOCK=32,
+                                        PAGES_PER_SPLIT=2, IEEE=False),
+     {"pt_ptr": "*i32", "pos_ptr": "*i32", "acc_ptr": "*fp32", "ml_ptr": "*fp32"}, False),
+    (paged_decode._combine_kernel, dict(N_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=64),
+     {"acc_ptr": "*fp32", "ml_ptr": "*fp32"}, False),
+    (gemv._gemv_kernel, GEMV_ONE_ROW, {}, True),  # the first weight chunk: loaded before
+    (gemv._gemv_kernel, GEMV_DOT, {}, True),
+]
+
+
+IDS = ["norm", "rope_kv", "attn_partial", "attn_combine", "gemv_fma", "gemv_dot"]
+
+
+def hopper_ptx_before_wait() -> dict[str, dict]:
+    """Compile every kernel of KERNELS for sm_90 with USE_GDC (no GPU needed; must run with
+    Triton's interpreter off) -> per kernel: how many waits / releases, in order, and the global
+    writes and loads that come before the wait."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = {}
+    for name, (kernel, constexprs, pointers, _) in zip(IDS, KERNELS):
+        constexprs = {**constexprs, "USE_GDC": True}
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in pointers:
+                signature[arg] = pointers[arg]
+            elif arg.endswith(("_ptr", "_pool")):
+                signature[arg] = "*bf16"
+            else:
+                signature[arg] = "fp32" if arg in ("eps", "scale") else "i32"
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "launch_pdl": True})
+        lines = [re.sub(r"^@!?%\w+\s+", "", line.strip())  # drop predicate guards
+                 for line in compiled.asm["ptx"].splitlines()]
+        waits = [i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")]
+        releases = [i for i, line in enumerate(lines)
+                    if line.startswith("griddepcontrol.launch_dependents")]
+        before = lines[:waits[0]] if waits else lines
+        out[name] = {
+            "in_order": len(waits) == 1 and len(releases) == 1 and waits[0] < releases[0],
+            "writes": [x for x in before if x.startswith(("st.global", "atom.", "red."))],
+            "loads": [x for x in before if x.startswith(("ld.global", "cp.async"))]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def hopper_ptx() -> dict[str, dict]:
+    """hopper_ptx_before_wait() in a child process without TRITON_INTERPRET (the CPU test run
+    interprets kernels, and interpreted kernels do not compile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_pdl; "
+            "print(json.dumps(test_pdl.hopper_ptx_before_wait()))")
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode and "GPUTarget" in r.stderr and "ImportError" in r.stderr:
+        pytest.skip("this Triton cannot compile for a CUDA target here")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name, weight_loads", [(i, k[3]) for i, k in zip(IDS, KERNELS)])
+def test_nothing_dependent_before_the_wait(hopper_ptx, name: str, weight_loads: bool) -> None:
+    got = hopper_ptx[name]
+    assert got["in_order"]  # one wait, then one release
+    assert not got["writes"], got["writes"]
+    if weight_loads:  # the GEMV streams its first weight chunk during the previous kernel
+        assert got["loads"]
+    else:
+        assert not got["loads"], got["loads"]
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9,

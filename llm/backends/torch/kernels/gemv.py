@@ -236,10 +236,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int,
     res = residual if residual is not None else x
     out_sum = total if total is not None else x  # never written without a residual
     live_rows, stat_k = _stat_block(m, k)
+    gdc = use_pdl(x, pdl)
     # measured on an H100: the compact input helps every fused-norm kernel and batch 1, and costs
     # the plain kernels at batch 4 (18.6 vs 16.9 us for the 1B down projection) and the gate/up
     # kernel at batch 1 (27.6 vs 24.8 us)
-    gdc = use_pdl(x, pdl)
     compact = norm or (live_rows == 1 and not glu) or cfg.fma
     if cfg.fma and m != 1:
         raise ValueError(f"the fma GEMV takes one row of x, got {m}")

@@ -43,10 +43,11 @@ def gemv_config(m: int, n: int, k: int, glu: bool = False, elem_bytes: int = 2,
     One row of x (m = 1): the CUDA-core path, BLOCK_N = 2 rows of w per program and K chunks of
     1024, unless `_TUNED_ONE_ROW` names the shape. Swept on an H200 (bf16, Llama 1B/8B and
     SmolLM2 shapes, BLOCK_N 2-32 x BLOCK_K 256-1024, distinct weights per call so nothing is
-    served from L2; docs/performance.md v8): it beat the dot path and cuBLAS on every shape (1B
-    o_proj 4.5 vs 5.8 vs 6.2 us, 8B gate/up 58.9 vs 59.4 vs 60.8 us) and came within 5% of each
-    shape's best block; many short programs keep many wide loads in flight. Tiles of 8192
-    elements or more per step (e.g. 8 x 1024) lost up to 40%.
+    served from L2; docs/performance.md v8): it beat cuBLAS on every shape and the dot path on all
+    but the 8B LM head (243.2 vs 237.5 us); 1B o_proj 4.5 us vs dot 5.8 vs cuBLAS 6.2. With the
+    table, every swept shape is within 5% of its best block: many short programs keep many wide
+    loads in flight. Most tiles of 8192 elements per K step lost, up to 40% (e.g. 8 x 1024 for
+    8B gate/up); 16 x 512 for 8B qkv is the table's exception.
 
     More rows (the dot path): a program streams BLOCK_N x K weights through Triton's cp.async
     pipeline. Swept on an H100: BLOCK_N = 32 when that still gives >= 0.7 programs per SM (1B qkv,

@@ -14,6 +14,7 @@ waits as usual, so PDL and plain kernels mix safely.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -22,7 +23,11 @@ import triton.language as tl
 
 @functools.lru_cache(maxsize=8)
 def _supported(device: torch.device) -> bool:
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    """An NVIDIA GPU of compute capability >= 9, kernels compiled (not Triton's interpreter, where
+    griddepcontrol does not exist) by a Triton that knows launch_pdl."""
+    if device.type != "cuda" or torch.version.cuda is None or os.environ.get("TRITON_INTERPRET"):
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 9:
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -42,8 +47,7 @@ def use_pdl(t: torch.Tensor, pdl: bool | None = None) -> bool:
 
 
 def launch_options(use: bool) -> dict[str, bool]:
-    """Extra launch keywords for a Triton kernel: PDL or nothing (Triton's CPU interpreter takes
-    no launch_pdl)."""
+    """Extra launch keywords for a Triton kernel: launch_pdl where PDL is used, else none."""
     return {"launch_pdl": True} if use else {}
 
 
