@@ -48,7 +48,7 @@ class LLM:
             weights: Any = self.checkpoint
             digest = self.checkpoint.source_sha256
         else:
-            weights, device = self._join_mesh(path, backend, device, cache_dir, progress,
+            weights, device = self._join_mesh(path, device, cache_dir, progress,
                                               tensor_parallel)
             digest = weights.source_sha256
             progress = progress and self.mesh.leader
@@ -79,8 +79,8 @@ class LLM:
 
         Mesh.check_launch(size, device)
 
-    def _join_mesh(self, path: Path, backend: str, device: str, cache_dir: str | Path | None,
-                   progress: bool, size: int):
+    def _join_mesh(self, path: Path, device: str, cache_dir: str | Path | None, progress: bool,
+                   size: int):
         """Check the split (a clear error before any weight is read), join the process group;
         returns this rank's weight slices and device.
         """

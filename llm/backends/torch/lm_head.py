@@ -37,10 +37,10 @@ class LMHead:
         vocabulary in one launch of the small-batch Triton GEMV (no chunks: its output is N rows),
         where the weight is within the kernel's 32-bit offsets."""
         if gemv:
-            from llm.backends.torch.kernels.gemv import MAX_W_SPAN
+            from llm.backends.torch.kernels.gemv import fits
             from llm.backends.torch.kernels.gemv import gemv as small_gemv
 
-            if self.weight.shape[0] * self.weight.stride(0) < MAX_W_SPAN:
+            if fits(self.weight):
                 return small_gemv(x, self.weight)
         if len(self.chunks) == 1:
             return x @ self.weight.T

@@ -206,6 +206,11 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, sum_ptr, w_ptr, b_ptr, y_ptr, eps, M, N
              mask=(rows < M)[:, None] & n_live[None, :])
 
 
+def fits(w: torch.Tensor) -> bool:
+    """Whether w [N, K] is within the kernels' 32-bit weight offsets."""
+    return w.shape[0] * w.stride(0) < MAX_W_SPAN
+
+
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"gemv wants x [M, K] and w [N, K], got {tuple(x.shape)} and "
@@ -216,7 +221,7 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError(f"x is {x.dtype} but w is {w.dtype}")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("gemv wants x and w contiguous along K")
-    if w.shape[0] * w.stride(0) >= MAX_W_SPAN:
+    if not fits(w):
         raise ValueError("w is too large for the kernel's 32-bit offsets")
 
 
