@@ -117,7 +117,8 @@ def test_fused_add_rms_norm(with_residual: bool) -> None:
     assert torch.allclose(out, ref_out, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_rope_and_cache_write() -> None:
+@pytest.mark.parametrize("block_t", [None, 2, 4])  # tokens per program; 2: a masked tail
+def test_fused_rope_and_cache_write(block_t: int | None) -> None:
     from llm.backends.torch.kernels.rope_kv import rope_and_cache
     from llm.backends.torch.rope import apply_rotary
 
@@ -129,14 +130,38 @@ def test_fused_rope_and_cache_write() -> None:
     blocks, offsets = torch.tensor([3, 1, 3], device=DEVICE), torch.tensor([0, 7, 5], device=DEVICE)
     k_pool = torch.zeros(4, n_kv, 8, hd, device=DEVICE)
     v_pool = torch.zeros(4, n_kv, 8, hd, device=DEVICE)
-    q = rope_and_cache(qkv, cos, sin, blocks, offsets, k_pool, v_pool, nh)
+    q, k = rope_and_cache(qkv, cos, sin, blocks, offsets, k_pool, v_pool, nh, return_k=True,
+                          block_t=block_t)
     rq, rk, rv = qkv.split([nh * hd, n_kv * hd, n_kv * hd], dim=-1)
     assert torch.allclose(q, apply_rotary(rq.view(n, nh, hd), cos, sin), atol=1e-6)
     ref_k = apply_rotary(rk.view(n, n_kv, hd), cos, sin)
+    assert torch.allclose(k, ref_k, atol=1e-6)
     for i in range(n):
         assert torch.allclose(k_pool[blocks[i], :, offsets[i]], ref_k[i], atol=1e-6)
         assert torch.equal(v_pool[blocks[i], :, offsets[i]], rv.view(n, n_kv, hd)[i])
     assert int((k_pool != 0).any(-1).sum()) == n * n_kv  # nothing else written
+
+
+def test_prompt_sized_rope_and_cache_write_blocks_tokens_and_equals_one_per_program() -> None:
+    """Prompts (> 128 tokens) rotate 32 tokens per program; the result, q and both pools, is
+    bit-identical to one token per program, including the masked last block."""
+    from llm.backends.torch.kernels.rope_kv import rope_and_cache, tokens_per_program
+
+    g = torch.Generator().manual_seed(1)
+    nh, n_kv, hd, n, bs = 4, 2, 8, 150, 16
+    assert tokens_per_program(n) == 32 and tokens_per_program(128) == 1
+    qkv = torch.randn(n, (nh + 2 * n_kv) * hd, generator=g).to(DEVICE)
+    cos, sin = torch.randn(2, n, hd, generator=g).to(DEVICE)
+    pages = torch.randperm(12, generator=g)[: -(-n // bs)].to(DEVICE)
+    pos = torch.arange(n, device=DEVICE)
+    runs = []
+    for block_t in (None, 1):
+        pools = torch.zeros(2, 12, n_kv, bs, hd, device=DEVICE)
+        q, k = rope_and_cache(qkv, cos, sin, pages[pos // bs], pos % bs, pools[0], pools[1], nh,
+                              return_k=True, block_t=block_t)
+        runs.append((q, k, pools))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_fused_silu_mul() -> None:

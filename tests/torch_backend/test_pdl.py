@@ -41,8 +41,10 @@ GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS"
             "STAT_K": 1024, "GLU": False, "FMA": False}
 KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed before the wait)
     (norm._add_rms_norm_kernel, dict(HIDDEN=2048, BLOCK=2048, HAS_RESIDUAL=True), {}, False),
-    (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, K_OUT=False),
+    (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, BLOCK_T=1, K_OUT=False),
      {"blocks_ptr": "*i64", "offsets_ptr": "*i64"}, False),
+    (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, BLOCK_T=32, K_OUT=True),
+     {"blocks_ptr": "*i64", "offsets_ptr": "*i64"}, False),  # prefill: tokens per program
     (paged_decode._partial_kernel, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=64, BLOCK=32,
                                         PAGES_PER_SPLIT=2, IEEE=False),
      {"pt_ptr": "*i32", "pos_ptr": "*i32", "acc_ptr": "*fp32", "ml_ptr": "*fp32"}, False),
@@ -53,7 +55,8 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
 ]
 
 
-IDS = ["norm", "rope_kv", "attn_partial", "attn_combine", "gemv_fma", "gemv_dot"]
+IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "gemv_fma",
+       "gemv_dot"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:
