@@ -334,8 +334,9 @@ def follow_configs(args: argparse.Namespace, mesh: Mesh, device: torch.device) -
 
 def check_greedy(name: str, cfg: ModelConfig, driver: Backend, backend: TorchBackend,
                  args: argparse.Namespace, env: dict) -> None:
-    """Greedy tokens of 4 users (CUDA graphs where used): == eager decode (one rank), == a saved
-    run's tokens (--greedy-ref), saved for a later run (--greedy-out).
+    """Greedy tokens of 4 users (CUDA graphs where used): == eager decode (one rank; also one user
+    alone, the batch-1 GEMV path), == a saved run's tokens (--greedy-ref), saved for a later run
+    (--greedy-out).
     """
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
@@ -343,9 +344,12 @@ def check_greedy(name: str, cfg: ModelConfig, driver: Backend, backend: TorchBac
     tokens = decode_together(driver, prompts, args.check_greedy, [GREEDY] * 4)
     checks = env.setdefault("greedy", {}).setdefault(name, {})
     if driver is backend and backend.graphs is not None:  # one rank: eager on the same weights
+        alone = decode_together(driver, prompts[2:3], args.check_greedy, [GREEDY])  # batch 1
         graphs, backend.graphs = backend.graphs, None
         checks["graphs_equal_eager"] = tokens == decode_together(backend, prompts,
                                                                  args.check_greedy, [GREEDY] * 4)
+        checks["graphs_equal_eager_batch1"] = alone == decode_together(
+            backend, prompts[2:3], args.check_greedy, [GREEDY])
         backend.graphs = graphs
     if args.greedy_ref:
         ref = json.loads(Path(args.greedy_ref).read_text())[name]

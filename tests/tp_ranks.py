@@ -94,6 +94,12 @@ def small_model_rank(rank: int, n: int, tmp: Path, model_dir: str) -> None:
     logits = [m.gather_logits(m.prefill(tokens, 0, pages, c, all_logits=True))
               for m, c in zip((tp, one), caches)]
     pcc["model"] = (logits[0], logits[1])
+    greedy = None
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the split Triton argmax, on CPU tensors
+        tp.lm_head.fused_argmax = True
+        wide = torch.randn(4, config.hidden_size, generator=g) * 30  # well-separated maxima
+        greedy = (tp.lm_head.argmax(tp.lm_head(wide)), one.lm_head.argmax(one.lm_head(wide)))
+        tp.lm_head.fused_argmax = False
     prompts = [torch.randint(0, config.vocab_size, (k,), generator=g).tolist() for k in (5, 13, 9)]
     sampling = [SequenceSampling(SamplingParams(), 0),
                 SequenceSampling(SamplingParams(temperature=0.9, top_p=0.8, seed=3), 3),
@@ -101,7 +107,7 @@ def small_model_rank(rank: int, n: int, tmp: Path, model_dir: str) -> None:
     backends = [TorchBackend(slices.inner, runtime, mesh=mesh), TorchBackend(full_ck, runtime)]
     tokens_out = [decode_together(b, prompts, 12, sampling) for b in backends]
     save(tmp, rank, {"pcc": {k: (a.detach(), b.detach()) for k, (a, b) in pcc.items()},
-                     "tokens": tokens_out, "weight_bytes": tp.weight_bytes,
+                     "tokens": tokens_out, "greedy": greedy, "weight_bytes": tp.weight_bytes,
                      "full_bytes": one.weight_bytes, "bytes_read": slices.bytes_read})
 
 

@@ -164,6 +164,40 @@ def test_prompt_sized_rope_and_cache_write_blocks_tokens_and_equals_one_per_prog
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_argmax_equals_torch_argmax(dtype: torch.dtype) -> None:
+    """First index among equal maxima, NaN beating +inf, rows of -inf, a partial last block, and
+    maxima tied across blocks: the same index as torch.argmax, and the maximum itself."""
+    from llm.backends.torch.kernels.argmax import max_argmax
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1000, generator=g)
+    x[1, 700], x[1, 300] = 9.0, 9.0  # a tie across blocks: the first wins
+    x[2] = float("-inf")
+    x[3, 10], x[3, 600], x[3, 900] = float("inf"), float("nan"), float("nan")
+    x[4, 999] = 50.0  # in the partial last block
+    x = x.to(dtype).to(DEVICE)
+    value, index = max_argmax(x, block=256)
+    ref = torch.argmax(x, dim=-1)
+    assert index.dtype == torch.int64 and torch.equal(index, ref), (index, ref)
+    want = x.float().gather(1, ref[:, None])[:, 0]
+    assert torch.equal(value.isnan(), want.isnan())
+    assert torch.equal(value[~want.isnan()], want[~want.isnan()])
+    with pytest.raises(ValueError, match="contiguous rows"):
+        max_argmax(x.t())
+
+
+def test_lm_head_greedy_by_the_split_argmax() -> None:
+    from llm.backends.torch.lm_head import LMHead
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3000, 32, generator=g).to(DEVICE)
+    x = torch.randn(3, 32, generator=g).to(DEVICE)
+    fused, plain = LMHead(w, fused_argmax=True), LMHead(w)
+    logits = fused(x)
+    assert torch.equal(fused.argmax(logits), plain.argmax(logits))
+
+
 def test_fused_silu_mul() -> None:
     from llm.backends.torch.kernels.silu_mul import silu_mul
 

@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 import triton  # noqa: E402
 
-from llm.backends.torch.kernels import gemv, norm, paged_decode, rope_kv  # noqa: E402
+from llm.backends.torch.kernels import argmax, gemv, norm, paged_decode, rope_kv  # noqa: E402
+from llm.backends.torch.kernels.argmax import max_argmax  # noqa: E402
 from llm.backends.torch.kernels.gemv import norm_gate_up_silu_gemv, norm_gemv  # noqa: E402
 from llm.backends.torch.kernels.norm import add_rms_norm  # noqa: E402
 from llm.backends.torch.kernels.paged_decode import paged_decode_attention  # noqa: E402
@@ -50,13 +51,18 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
      {"pt_ptr": "*i32", "pos_ptr": "*i32", "acc_ptr": "*fp32", "ml_ptr": "*fp32"}, False),
     (paged_decode._combine_kernel, dict(N_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=64),
      {"acc_ptr": "*fp32", "ml_ptr": "*fp32"}, False),
+    (argmax._partial_kernel, dict(N_CHUNKS=63, BLOCK=2048),
+     {"val_ptr": "*fp32", "idx_ptr": "*i64"}, False),
+    (argmax._final_kernel, dict(N_CHUNKS=63, CHUNKS_PAD=64),
+     {"val_ptr": "*fp32", "idx_ptr": "*i64", "out_val_ptr": "*fp32", "out_idx_ptr": "*i64"},
+     False),
     (gemv._gemv_kernel, GEMV_ONE_ROW, {}, True),  # the first weight chunk: loaded before
     (gemv._gemv_kernel, GEMV_DOT, {}, True),
 ]
 
 
-IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "gemv_fma",
-       "gemv_dot"]
+IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
+       "argmax_final", "gemv_fma", "gemv_dot"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:
@@ -151,7 +157,8 @@ def test_decode_kernels_equal_with_and_without_pdl() -> None:
         act, total = norm_gate_up_silu_gemv(o.reshape(b, -1)[:, :h], total, nw, 1e-5, wgu,
                                             pdl=pdl)
         y = add_rms_norm(act[:, :h], total, nw, 1e-5, pdl=pdl)[0]
+        best, index = max_argmax(act, pdl=pdl)
         torch.cuda.synchronize()
-        outs.append([qkv, q, k_pool, o, act, y])
+        outs.append([qkv, q, k_pool, o, act, y, best, index])
     for a, c in zip(*outs):
         assert torch.equal(a, c)

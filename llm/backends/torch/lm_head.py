@@ -17,9 +17,11 @@ class LMHead:
     """
 
     def __init__(self, weight: torch.Tensor, chunk_size: int = 16384, mesh: Mesh | None = None,
-                 offset: int = 0, sizes: list[int] | None = None) -> None:
+                 offset: int = 0, sizes: list[int] | None = None,
+                 fused_argmax: bool = False) -> None:
         """sizes: every rank's number of vocabulary rows, in rank order (gathers pad to the
-        largest)."""
+        largest). fused_argmax: `argmax` by the split Triton kernel (kernels/argmax.py) instead
+        of torch's single-reduction argmax."""
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.weight = weight  # [V_local, H]
@@ -27,6 +29,7 @@ class LMHead:
         self.mesh = mesh or Mesh.single()
         self.offset = offset
         self.sizes = sizes or [weight.shape[0]]
+        self.fused_argmax = fused_argmax
 
     @property
     def vocab_size(self) -> int:
@@ -65,9 +68,16 @@ class LMHead:
         """Local logits [N, V_local] -> global argmax token ids [N] (the lowest id among equal
         maxima, as a single-device argmax), from one all-gather of [2, N] per rank.
         """
-        if not self.mesh.distributed:
+        if self.fused_argmax:
+            from llm.backends.torch.kernels.argmax import max_argmax
+
+            value, index = max_argmax(logits)  # [N] fp32, [N] int64
+        elif not self.mesh.distributed:
             return torch.argmax(logits, dim=-1)
-        value, index = torch.max(logits.float(), dim=-1)  # [N]
+        else:
+            value, index = torch.max(logits.float(), dim=-1)  # [N]
+        if not self.mesh.distributed:
+            return index
         pair = torch.stack([value, (index + self.offset).float()])  # ids < 2**24: exact in fp32
         both = self.mesh.all_gather(pair)  # [ranks, 2, N]
         best = torch.argmax(both[:, 0], dim=0)  # [N]: the first rank holding the maximum

@@ -112,7 +112,8 @@ class Transformer:
         if lm_head_chunk is None:  # one matmul on a GPU; bounded working sets on a CPU
             lm_head_chunk = head.shape[0] if self.device.type == "cuda" else 16384
         sizes = [plan.shard(r).vocab[1] - plan.shard(r).vocab[0] for r in range(mesh.size)]
-        self.lm_head = LMHead(head, lm_head_chunk, mesh, shard.vocab[0], sizes)
+        self.lm_head = LMHead(head, lm_head_chunk, mesh, shard.vocab[0], sizes,
+                              fused_argmax=decode_kernel)
         self.rope = RotaryEmbedding(config, runtime.max_seq_len, self.device, self.dtype)
         self.max_pages = runtime.blocks_per_seq
         self.n_sm = (torch.cuda.get_device_properties(self.device).multi_processor_count
