@@ -40,7 +40,7 @@ def _reference(q, k_pool, v_pool, page_table, positions, scale):
         DEVICE == "cpu", reason="Triton's CPU interpreter computes bf16 dots wrongly (numpy has "
         "no bfloat16); bf16 runs on the GPU")),
 ])
-@pytest.mark.parametrize("pages_per_program", [3, 64])  # 3: several splits, some empty
+@pytest.mark.parametrize("pages_per_program", [1, 3, 64])  # 1, 3: splits, some empty
 def test_paged_decode_matches_reference(nh, n_kv, hd, block, dtype, pages_per_program) -> None:
     g = torch.Generator().manual_seed(0)
     num_blocks, max_pages = 48, 8

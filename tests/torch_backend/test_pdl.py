@@ -47,7 +47,7 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, BLOCK_T=32, K_OUT=True),
      {"blocks_ptr": "*i64", "offsets_ptr": "*i64"}, False),  # prefill: tokens per program
     (paged_decode._partial_kernel, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=64, BLOCK=32,
-                                        PAGES_PER_SPLIT=2, IEEE=False),
+                                        IEEE=False),
      {"pt_ptr": "*i32", "pos_ptr": "*i32", "acc_ptr": "*fp32", "ml_ptr": "*fp32"}, False),
     (paged_decode._combine_kernel, dict(N_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=64),
      {"acc_ptr": "*fp32", "ml_ptr": "*fp32"}, False),

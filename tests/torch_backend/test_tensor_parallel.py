@@ -145,6 +145,7 @@ def test_default_model_greedy_equals_single_process(tmp_path, single_process,
 def test_server_over_two_ranks_answers_like_one_process(single_process) -> None:
     """`torchrun --nproc-per-node 2 -m llm.serve --tp 2`: rank 0 serves, rank 1 follows; a
     greedy completion equals the one-process text, and stopping torchrun stops both ranks."""
+    pytest.importorskip("starlette", reason="the server's dependencies: pip install -e '.[serve]'")
     port, master = free_port(), free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(master), "-m", "llm.serve", "--tp", "2", "--port", str(port),

@@ -3,7 +3,10 @@
 Grid: (user, KV head, split). Each program walks its share of the user's pages, up to the user's own
 position (read on the device, so the launch is shape-static and CUDA-graph safe), and computes all
 the query heads that share that KV head at once (GQA: each K/V page is read once per KV head).
-Splits keep every SM busy at small batch; a second pass merges their partial softmax states.
+Splits keep every SM busy at small batch; a second pass merges their partial softmax states. The
+number of splits is fixed by the longest context the cache holds; each user's live pages are
+spread over all of them (a short context in a long-context cache: one page per split, not a few
+splits of several pages each).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, pos_ptr, acc_ptr, ml_ptr, scale
                     stride_qb, stride_qh, stride_kp, stride_kh, stride_kt, stride_ptb,
                     stride_ab, stride_ah, stride_as,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK: tl.constexpr, IEEE: tl.constexpr,
                     USE_GDC: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -38,8 +41,9 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, pos_ptr, acc_ptr, ml_ptr, scale
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     lsum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    first = split * PAGES_PER_SPLIT
-    last = tl.minimum(first + PAGES_PER_SPLIT, n_pages)
+    per = (n_pages + n_splits - 1) // n_splits  # the live pages, spread over all the splits
+    first = split * per
+    last = tl.minimum(first + per, n_pages)
     p = first
     while p < last:  # a device-side bound (while, not range: Triton's interpreter needs it)
         page = tl.load(pt_ptr + b * stride_ptb + p)
@@ -81,7 +85,9 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            pages_per_program: int, pdl: bool | None = None) -> torch.Tensor:
     """q [B, nh, hd]; pools [num_blocks, n_kv, block, hd]; page_table [B, max_pages] int;
     positions [B] int (the query's own position, whose K/V is already written) -> [B, nh, hd].
-    pdl: see kernels/pdl.py (default: where supported).
+    pages_per_program: the most pages one program walks (a full context); it sets the number of
+    splits, ceil(max_pages / pages_per_program). pdl: see kernels/pdl.py (default: where
+    supported).
     """
     gdc = use_pdl(q, pdl)
     b, nh, hd = q.shape
@@ -96,7 +102,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         page_table.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
-        BLOCK=block, PAGES_PER_SPLIT=pages_per_program, IEEE=q.dtype == torch.float32,
+        BLOCK=block, IEEE=q.dtype == torch.float32,
         USE_GDC=gdc, **launch_options(gdc))
     out = torch.empty_like(q)
     _combine_kernel[(b, nh)](acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2),
