@@ -273,10 +273,14 @@ def main(argv: list[str] | None = None) -> int:
                 for engine in engines:
                     if engine.startswith("llm"):
                         backend.graphs = None if engine == "llm-eager" else graphs
+                        if backend.prefill_graphs is not None:
+                            backend.prefill_graphs.replay = engine != "llm-eager"
                         if graphs is not None:
                             graphs.pipeline = engine != "llm-sync"
                         ttft, step = bench_ours(driver, b, plen, args.steps, cfg.vocab_size)
                         backend.graphs = graphs
+                        if backend.prefill_graphs is not None:
+                            backend.prefill_graphs.replay = True
                     else:
                         ttft, step = bench_hf(ref, b, plen, args.steps, cfg.vocab_size, device,
                                               static=engine == "transformers-static")

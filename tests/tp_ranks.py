@@ -98,7 +98,15 @@ def small_model_rank(rank: int, n: int, tmp: Path, model_dir: str) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the split Triton argmax, on CPU tensors
         tp.lm_head.fused_argmax = True
         wide = torch.randn(4, config.hidden_size, generator=g) * 30  # well-separated maxima
-        greedy = (tp.lm_head.argmax(tp.lm_head(wide)), one.lm_head.argmax(one.lm_head(wide)))
+        greedy = [(tp.lm_head.argmax(tp.lm_head(wide)), one.lm_head.argmax(one.lm_head(wide)))]
+        full = torch.randn(4, config.vocab_size, generator=g)  # crafted rows, sliced per rank
+        full[0, [3, config.vocab_size - 2]] = 50.0  # equal maxima on the first and last rank
+        full[1, -1] = float("nan")  # NaN wins (on the last rank), though an earlier max is larger
+        full[1, 0] = 1e9
+        full[2] = 7.0  # every id ties: the first
+        lo = tp.lm_head.offset
+        local = full[:, lo:lo + tp.lm_head.vocab_size].contiguous()
+        greedy.append((tp.lm_head.argmax(local), torch.argmax(full, dim=-1)))
         tp.lm_head.fused_argmax = False
     prompts = [torch.randint(0, config.vocab_size, (k,), generator=g).tolist() for k in (5, 13, 9)]
     sampling = [SequenceSampling(SamplingParams(), 0),

@@ -162,6 +162,28 @@ def test_prompt_sized_rope_and_cache_write_blocks_tokens_and_equals_one_per_prog
         runs.append((q, k, pools))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="power of two"):
+        rope_and_cache(qkv, cos, sin, pages[pos // bs], pos % bs, pools[0], pools[1], nh,
+                       block_t=3)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="compiled bf16 on the GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_prompt_sized_rope_and_cache_write_bit_identical_compiled(dtype: torch.dtype) -> None:
+    from llm.backends.torch.kernels.rope_kv import rope_and_cache
+
+    nh, n_kv, hd, n, bs = 32, 8, 128, 2049, 32
+    qkv = torch.randn(n, (nh + 2 * n_kv) * hd, device=DEVICE).to(dtype)
+    cos, sin = torch.randn(2, n, hd, device=DEVICE).to(dtype)
+    pages = torch.randperm(80, device=DEVICE)[: -(-n // bs)]
+    pos = torch.arange(n, device=DEVICE)
+    runs = []
+    for block_t in (1, 32):
+        pools = torch.zeros(2, 80, n_kv, bs, hd, device=DEVICE, dtype=dtype)
+        runs.append((*rope_and_cache(qkv, cos, sin, pages[pos // bs], pos % bs, pools[0],
+                                     pools[1], nh, return_k=True, block_t=block_t), pools))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -185,6 +207,18 @@ def test_split_argmax_equals_torch_argmax(dtype: torch.dtype) -> None:
     assert torch.equal(value[~want.isnan()], want[~want.isnan()])
     with pytest.raises(ValueError, match="contiguous rows"):
         max_argmax(x.t())
+    with pytest.raises(ValueError, match="got torch.float64"):
+        max_argmax(x.double())
+
+
+def test_split_argmax_all_nan_rows_and_nan_in_every_block() -> None:
+    from llm.backends.torch.kernels.argmax import max_argmax
+
+    x = torch.randn(3, 5000, device=DEVICE)
+    x[0] = float("nan")
+    x[1, ::1000] = float("nan")  # one NaN in every block: the first wins
+    x[2, 4096:] = float("nan")  # a whole last block
+    assert torch.equal(max_argmax(x, block=1024)[1], torch.argmax(x, dim=-1))
 
 
 def test_lm_head_greedy_by_the_split_argmax() -> None:

@@ -99,7 +99,8 @@ def test_small_model_sharded_equals_unsharded(tmp_path, name: str, ranks: int) -
         sharded_tokens, single_tokens = res["tokens"]
         assert sharded_tokens == single_tokens  # greedy users and a seeded sampled one
         if res["greedy"] is not None:  # distributed greedy through the split Triton argmax
-            assert torch.equal(*res["greedy"])
+            for got, want in res["greedy"]:  # LM head logits; crafted ties and NaN across ranks
+                assert torch.equal(got, want), (got, want)
     full = out[0]["full_bytes"]
     for r, res in enumerate(out):  # exactly the plan's slices, read and nothing more
         assert res["weight_bytes"] == res["bytes_read"] == planned_bytes(CONFIGS[name], ranks, r)

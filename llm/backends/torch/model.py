@@ -127,18 +127,22 @@ class Transformer:
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int, page_row: torch.Tensor,
-                cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+                cache: PagedKVCache, all_logits: bool = False,
+                last: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [S] at positions start_pos.. for one user with pages page_row [max_blocks].
 
         Returns logits [V] of the last position (or [S, V] with all_logits, for tests and scoring);
-        on a mesh, this rank's vocabulary slice of them (`gather_logits` / `sample`).
+        on a mesh, this rank's vocabulary slice of them (`gather_logits` / `sample`). last: [1]
+        index of the last real token on the device, when `tokens` is padded at its end (CUDA-graph
+        prefill, see prefill_graphs.py); the logits are that token's.
         """
         meta = PrefillMeta.build(self.rope, start_pos, tokens.shape[0], page_row, self.block_size)
         x, residual = self.embed(tokens), None  # [S, H]
         for layer in self.layers:
             x, residual = layer.prefill(x, residual, meta, cache)
         if not all_logits:
-            x, residual = x[-1:], residual[-1:]
+            keep = slice(-1, None) if last is None else last
+            x, residual = x[keep], residual[keep]  # [1, H]
         logits = self.lm_head(self.norm.add_norm(x, residual)[0])  # [S or 1, V]
         return logits if all_logits else logits[0]
 

@@ -9,6 +9,7 @@ from llm.backends.torch.graphs import DecodeGraphs
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.mesh import Mesh
 from llm.backends.torch.model import Transformer
+from llm.backends.torch.prefill_graphs import PrefillGraphs
 from llm.checkpoint import Checkpoint
 from llm.config import RuntimeConfig
 from llm.sampling import SamplingTensors
@@ -26,7 +27,9 @@ class TorchBackend(Backend):
                  cuda_graphs: bool = True, mesh: Mesh | None = None,
                  all_reduce: str = "auto", gemv_max_batch: int | None = None) -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
-        cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs.
+        cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs, and
+        (one rank) prompts that start a sequence, per padded length bucket (prefill_graphs.py;
+        without graphs the same padded prefill runs eagerly).
         all_reduce (tensor parallel on GPUs): "nccl", or "auto" = decode-sized all-reduces by the
         symmetric-memory one-shot kernel where available, larger ones by NCCL.
         gemv_max_batch: see Transformer (None: its default).
@@ -51,11 +54,20 @@ class TorchBackend(Backend):
             self.graphs = DecodeGraphs(self.model, self.cache, runtime.max_batch,
                                        runtime.blocks_per_seq)
             self.graphs.capture()
+        self.prefill_graphs = None  # padded prompts on one CUDA rank; graphs with cuda_graphs
+        if self.device.type == "cuda" and self.model.decode_kernel and self.mesh.size == 1:
+            self.prefill_graphs = PrefillGraphs(self.model, self.cache, runtime.max_seq_len,
+                                                runtime.blocks_per_seq)
+            if cuda_graphs:
+                self.prefill_graphs.capture()
 
     def describe(self) -> str:
         mode = "eager"
         if self.graphs is not None:
-            mode = f"CUDA graphs, captured in {self.graphs.capture_s:.1f} s"
+            mode = f"CUDA graphs, decode captured in {self.graphs.capture_s:.1f} s"
+            pg = self.prefill_graphs
+            if pg is not None and pg.graphs:
+                mode += f", prompts of <= {pg.buckets[-1]} tokens in {pg.capture_s:.1f} s"
         elif self.model.decode_kernel:
             mode = "eager, Triton paged attention"
         tp = ""
@@ -78,8 +90,12 @@ class TorchBackend(Backend):
     def prefill(self, inp: PrefillInput) -> int:
         if self.graphs is not None:
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
-        logits = self.model.prefill(self._tensor(list(inp.tokens)), inp.start_pos,
-                                    self._tensor(list(inp.page_table)), self.cache)
+        pg = self.prefill_graphs
+        if pg is not None and pg.bucket(len(inp.tokens), inp.start_pos) is not None:
+            logits = pg.run(inp.tokens, inp.page_table)  # [V]
+        else:
+            logits = self.model.prefill(self._tensor(list(inp.tokens)), inp.start_pos,
+                                        self._tensor(list(inp.page_table)), self.cache)
         return self._sample(logits[None], [inp.sampling], [inp.start_pos + len(inp.tokens)])[0]
 
     def decode(self, inp: DecodeInput) -> list[int]:

@@ -19,8 +19,10 @@ from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_re
 @triton.jit
 def _first_max(x, idx, SIZE: tl.constexpr):
     """(max, position of its first occurrence) of x [SIZE] fp32; a NaN beats every number."""
-    v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    first_nan = tl.min(tl.where(x != x, idx, SIZE), axis=0)
+    nan = x != x
+    v, i = tl.max(tl.where(nan, float("-inf"), x), axis=0, return_indices=True,
+                  return_indices_tie_break_left=True)  # over the numbers only
+    first_nan = tl.min(tl.where(nan, idx, SIZE), axis=0)
     if first_nan < SIZE:
         v = float("nan")
         i = first_nan
@@ -30,7 +32,7 @@ def _first_max(x, idx, SIZE: tl.constexpr):
 @triton.jit
 def _partial_kernel(x_ptr, val_ptr, idx_ptr, n_cols, stride_x, N_CHUNKS: tl.constexpr,
                     BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     wait_then_release(USE_GDC)
@@ -55,8 +57,11 @@ def _final_kernel(val_ptr, idx_ptr, out_val_ptr, out_idx_ptr, N_CHUNKS: tl.const
 
 def max_argmax(x: torch.Tensor, block: int = 2048,
                pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, V] (any float dtype, last dim contiguous) -> (max [N] fp32, first index of it [N]
-    int64). block: columns per program (a power of two). pdl: see kernels/pdl.py."""
+    """x [N, V] (fp32, bf16 or fp16; last dim contiguous) -> (max [N] fp32, first index of it
+    [N] int64). block: columns per program (a power of two). pdl: see kernels/pdl.py."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"max_argmax takes fp32, bf16 or fp16 logits (compared in fp32), got "
+                         f"{x.dtype}")
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"max_argmax needs a [N, V] tensor with contiguous rows, got shape "
                          f"{tuple(x.shape)} strides {x.stride()}")

@@ -116,7 +116,9 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 def _combine_kernel(acc_ptr, ml_ptr, out_ptr, stride_ab, stride_ah, stride_as, stride_ob,
                     stride_oh, N_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
                     HEAD_DIM: tl.constexpr, USE_GDC: tl.constexpr):
-    """Merge the splits' partial softmax states of one (user, head) into the output row."""
+    """Merge the splits' partial softmax states of one (user, head) into the output row. Some
+    split always holds a key (positions are >= 0: the query's own K/V is written first), so the
+    largest m is finite and empty splits weigh exp(-inf) = 0."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     wait_then_release(USE_GDC)

@@ -25,7 +25,7 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr, q_ptr, k
     h = tl.program_id(1)  # 0..N_HEADS-1: query heads; then N_KV key/value heads
     half = tl.arange(0, HEAD_DIM // 2)[None, :]  # [1, hd/2]
     live = tok < n_tokens
-    t = tok[:, None]  # [T, 1]
+    t = tok.to(tl.int64)[:, None]  # [T, 1]; 64-bit: long prompts of wide models pass 2**31
     m = live[:, None]
     wait_then_release(USE_GDC)
     cs = cos_ptr + t * stride_cs + half
@@ -83,7 +83,9 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bloc
     gdc = use_pdl(qkv, pdl)
     n = qkv.shape[0]
     _, n_kv, _, hd = k_pool.shape
-    block_t = block_t or tokens_per_program(n)
+    block_t = tokens_per_program(n) if block_t is None else block_t
+    if block_t < 1 or block_t & (block_t - 1):
+        raise ValueError(f"block_t (tokens per program) must be a power of two, got {block_t}")
     q = torch.empty(n, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(n, n_kv, hd, dtype=qkv.dtype, device=qkv.device) if return_k else q
     _rope_kv_kernel[(triton.cdiv(n, block_t), n_heads + n_kv)](

@@ -1,0 +1,89 @@
+"""Padded prefill (CUDA-graph prompt buckets): bucket choice, padding equivalence, replay bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+
+from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.model import Transformer
+from llm.backends.torch.prefill_graphs import bucket_for, prefill_buckets
+from llm.config import RuntimeConfig
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # on the CPU the Triton kernels run in its interpreter
+
+
+def test_buckets_fit_the_cache_and_take_only_sequence_starts() -> None:
+    assert prefill_buckets(4096) == [16, 32, 64, 128, 256, 512, 1024, 1536, 2048]
+    assert prefill_buckets(300) == [16, 32, 64, 128, 256]  # pads never pass max_seq_len
+    assert prefill_buckets(8) == []
+    b = prefill_buckets(4096)
+    assert [bucket_for(b, n, 0) for n in (1, 16, 17, 256, 257, 1025, 2048)] == \
+        [16, 16, 32, 256, 512, 1536, 2048]
+    assert bucket_for(b, 2049, 0) is None  # longer prompts: eager, unpadded
+    assert bucket_for(b, 10, 5) is None  # a continuation attends over cached keys: eager
+    assert bucket_for(b, 0, 0) is None
+    assert bucket_for([], 5, 0) is None
+
+
+@pytest.mark.parametrize("decode_kernel", [False, True])  # torch RoPE / the fused Triton kernel
+def test_padded_prompt_gives_the_unpadded_logits_and_cache(decode_kernel: bool) -> None:
+    """A prompt padded at its end with junk tokens, read at its last real token: the same logits
+    and the same K/V at the prompt's positions; the pads' K/V lands in the user's later slots and
+    in page 0 past its pages, nowhere else."""
+    config = SMALL_CONFIGS["llama_gqa"]
+    rt = RuntimeConfig(device=DEVICE, max_batch=2, max_seq_len=64, block_size=8)
+    model = Transformer(config, state_dict(hf_model(config)), rt, decode_kernel=decode_kernel)
+    tol = 1e-4 if CUDA else 1e-5  # GEMMs of 13 and 32 rows may take other kernels on a GPU
+    n, bucket = 13, 32
+    tokens = torch.randint(0, config.vocab_size, (bucket,),
+                           generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    row = torch.zeros(rt.blocks_per_seq, dtype=torch.int64)
+    row[:3] = torch.tensor([5, 2, 7])  # pages for 24 positions: pads 24..31 fall in page 0
+    row = row.to(DEVICE)
+    caches = [PagedKVCache(config, rt, DEVICE, model.dtype) for _ in range(2)]
+    want = model.prefill(tokens[:n], 0, row, caches[0])
+    got = model.prefill(tokens, 0, row, caches[1], last=torch.tensor([n - 1], device=DEVICE))
+    assert torch.allclose(got, want, rtol=tol, atol=tol)
+    for layer in range(config.num_layers):
+        for a, b in ((caches[0].k[layer], caches[1].k[layer]),
+                     (caches[0].v[layer], caches[1].v[layer])):
+            for pos in range(n):
+                page, off = int(row[pos // 8]), pos % 8
+                assert torch.allclose(b[page, :, off], a[page, :, off], atol=tol)
+            touched = {int(p) for p in torch.nonzero(b.abs().sum((1, 2, 3)))[:, 0]}
+            assert touched == {5, 2, 7, 0}
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_replayed_prefill_has_the_eager_padded_bits(dtype: str) -> None:
+    """Graph replay == the same padded prefill run eagerly (logits and cache, bit for bit), and
+    close to the unpadded prefill; prompts at and across bucket edges, one per bucket in turn."""
+    from llm.backends.torch.runner import TorchBackend
+    from llm.checkpoint import Checkpoint
+
+    config = SMALL_CONFIGS["llama_gqa"]
+    rt = RuntimeConfig(device="cuda", dtype=dtype, max_batch=2, max_seq_len=160, block_size=16)
+    backend = TorchBackend(Checkpoint(config, state_dict(hf_model(config)), source=None), rt)
+    pg = backend.prefill_graphs
+    assert pg is not None and sorted(pg.graphs) == [16, 32, 64, 128]
+    row = list(range(1, rt.blocks_per_seq + 1))
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 16, 17, 100, 128):
+        prompt = torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
+        runs = []
+        for replay in (True, False):
+            pg.replay = replay
+            backend.cache.k[0].zero_()
+            logits = pg.run(prompt, row).clone()
+            runs.append((logits, backend.cache.k[0].clone()))
+        (a, ka), (b, kb) = runs
+        assert torch.equal(a, b) and torch.equal(ka, kb), n
+        plain = backend.model.prefill(torch.tensor(prompt, device="cuda"), 0,
+                                      torch.tensor(row, device="cuda"), backend.cache)
+        tol = 1e-2 if dtype == "bfloat16" else 1e-5
+        assert ((a.float() - plain.float()).norm() / plain.float().norm()) < tol
+    pg.replay = True
