@@ -23,8 +23,7 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, pos_ptr, acc_ptr, ml_ptr, scale
                     stride_qb, stride_qh, stride_kp, stride_kh, stride_kt, stride_ptb,
                     stride_ab, stride_ah, stride_as,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK: tl.constexpr, IEEE: tl.constexpr,
-                    USE_GDC: tl.constexpr):
+                    BLOCK: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -102,8 +101,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         page_table.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
-        BLOCK=block, IEEE=q.dtype == torch.float32,
-        USE_GDC=gdc, **launch_options(gdc))
+        BLOCK=block, IEEE=q.dtype == torch.float32, USE_GDC=gdc, **launch_options(gdc))
     out = torch.empty_like(q)
     _combine_kernel[(b, nh)](acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2),
                              out.stride(0), out.stride(1), N_SPLITS=n_splits,
