@@ -31,20 +31,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling  # noqa: E402
-from llm.backends.distributed import LeaderBackend, follow  # noqa: E402
-from llm.backends.drive import decode_together  # noqa: E402
-from llm.backends.torch.mesh import Mesh  # noqa: E402
+from llm.backends.torch.parallel.leader import LeaderBackend, follow  # noqa: E402
+from llm.backends.torch.parallel.mesh import Mesh  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
-from llm.checkpoint import (  # noqa: E402
+from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling  # noqa: E402
+from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
+from llm.engine.drive import decode_together  # noqa: E402
+from llm.engine.paged_kv import PageTable, PageTableSpec  # noqa: E402
+from llm.model.checkpoint.load import (  # noqa: E402
     Checkpoint,
     default_model_path,
     expected_tensors,
     load_checkpoint,  # noqa: E402
 )
-from llm.config import ModelConfig, RuntimeConfig  # noqa: E402
-from llm.paged_kv import PageTable, PageTableSpec  # noqa: E402
-from llm.sampling import SamplingParams  # noqa: E402
+from llm.model.config import ModelConfig, RuntimeConfig  # noqa: E402
 
 _LLAMA = dict(arch="llama", vocab_size=128256, num_heads=32, num_kv_heads=8, head_dim=64,
               max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import torch  # noqa: E402
 
 import llm  # noqa: E402
-from llm.sampling import SamplingParams  # noqa: E402
+from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

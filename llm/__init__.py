@@ -14,17 +14,17 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "LLM": "llm.engine",
-    "AsyncEngine": "llm.async_engine",
-    "SchedulerConfig": "llm.scheduler",
-    "Generator": "llm.generator",
-    "RequestOutput": "llm.generator",
-    "StreamEvent": "llm.generator",
-    "SamplingParams": "llm.sampling",
-    "ModelConfig": "llm.config",
-    "RuntimeConfig": "llm.config",
-    "Tokenizer": "llm.tokenizer",
-    "load_checkpoint": "llm.checkpoint",
+    "LLM": "llm.api.llm",
+    "AsyncEngine": "llm.engine.async_engine",
+    "SchedulerConfig": "llm.engine.scheduler",
+    "Generator": "llm.engine.generator",
+    "RequestOutput": "llm.engine.generator",
+    "StreamEvent": "llm.engine.generator",
+    "SamplingParams": "llm.engine.contract.sampling_params",
+    "ModelConfig": "llm.model.config",
+    "RuntimeConfig": "llm.model.config",
+    "Tokenizer": "llm.model.tokenizer.tokenizer",
+    "load_checkpoint": "llm.model.checkpoint.load",
 }
 
 __all__ = [
@@ -33,14 +33,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from llm.async_engine import AsyncEngine
-    from llm.checkpoint import load_checkpoint
-    from llm.config import ModelConfig, RuntimeConfig
-    from llm.engine import LLM
-    from llm.generator import Generator, RequestOutput, StreamEvent
-    from llm.sampling import SamplingParams
-    from llm.scheduler import SchedulerConfig
-    from llm.tokenizer import Tokenizer
+    from llm.api.llm import LLM
+    from llm.engine.async_engine import AsyncEngine
+    from llm.engine.contract.sampling_params import SamplingParams
+    from llm.engine.generator import Generator, RequestOutput, StreamEvent
+    from llm.engine.scheduler import SchedulerConfig
+    from llm.model.checkpoint.load import load_checkpoint
+    from llm.model.config import ModelConfig, RuntimeConfig
+    from llm.model.tokenizer.tokenizer import Tokenizer
 
 
 def __getattr__(name: str):

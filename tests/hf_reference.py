@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from llm.config import ModelConfig, RopeScaling
+from llm.model.config import ModelConfig, RopeScaling
 
 _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,

@@ -19,7 +19,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from llm.checkpoint import (
+from llm.model.checkpoint.gguf import cache_path, file_sha256
+from llm.model.checkpoint.load import (
     Checkpoint,
     CheckpointError,
     default_cache_dir,
@@ -28,8 +29,7 @@ from llm.checkpoint import (
     load_checkpoint,
     save_hf_checkpoint,
 )
-from llm.config import ConfigError, ModelConfig
-from llm.gguf_weights import cache_path, file_sha256
+from llm.model.config import ConfigError, ModelConfig
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llm.config import ConfigError, ModelConfig, RopeScaling, RuntimeConfig
+from llm.model.config import ConfigError, ModelConfig, RopeScaling, RuntimeConfig
 
 LLAMA3 = {
     "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,

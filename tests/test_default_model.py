@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import llm
-from llm.generator import RequestError
-from llm.sampling import SamplingParams
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.generator import RequestError
 
 PROMPTS = [
     "Once upon a time",

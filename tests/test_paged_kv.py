@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm.paged_kv import BlockAllocator, OutOfPagesError, PageTable, PageTableSpec
+from llm.engine.paged_kv import BlockAllocator, OutOfPagesError, PageTable, PageTableSpec
 
 
 def test_allocator_is_all_or_nothing() -> None:

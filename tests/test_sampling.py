@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from llm.sampling import SamplingParams, SamplingParamsError, SamplingTensors, sample
+from llm.backends.torch.sampling import SamplingTensors, sample
+from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,5 +1,6 @@
-"""Tests for llm.tokenizer against the libraries and transformers, on the default model's GGUF
-tokenizer and on small tokenizer.json / tokenizer.model / GGUF vocabularies built here."""
+"""Tests for llm.model.tokenizer.tokenizer against the libraries and transformers, on the default
+model's GGUF tokenizer and on small tokenizer.json / tokenizer.model / GGUF vocabularies built
+here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.tokenizer import Tokenizer, TokenizerError
+from llm.model.tokenizer.tokenizer import Tokenizer, TokenizerError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -492,7 +493,7 @@ def test_decode_rejects_ids_outside_the_vocabulary(hf_dirs):
 
 
 def test_gguf_vocab_cache_skips_the_parse_and_survives_corruption(smol, tmp_path, monkeypatch):
-    from llm import gguf_tokenizer
+    from llm.model.tokenizer import gguf_vocab as gguf_tokenizer
 
     path = smol.source
     first = Tokenizer.from_path(path, cache_dir=tmp_path)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_checkpoint import hf_dir, hf_model, tiny_gguf
 
-import llm.weight_slices as ws
-from llm.checkpoint import CheckpointError, expected_tensors, load_checkpoint
+import llm.backends.torch.parallel.slices as ws
+from llm.model.checkpoint.load import CheckpointError, expected_tensors, load_checkpoint
 
 Q = gguf.GGMLQuantizationType
 

@@ -13,17 +13,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llm.backends.base import SequenceSampling
-from llm.backends.drive import decode_together
 from llm.backends.torch.attention import PrefillMeta
 from llm.backends.torch.kv_cache import PagedKVCache
-from llm.backends.torch.mesh import Mesh
 from llm.backends.torch.model import Transformer
+from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.parallel.slices import WeightSlices, open_weight_slices
 from llm.backends.torch.runner import TorchBackend
-from llm.checkpoint import load_checkpoint
-from llm.config import RuntimeConfig
-from llm.sampling import SamplingParams
-from llm.weight_slices import WeightSlices, open_weight_slices
+from llm.engine.contract.backend import SequenceSampling
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.drive import decode_together
+from llm.model.checkpoint.load import load_checkpoint
+from llm.model.config import RuntimeConfig
 
 
 def spawn_ranks(fn, n: int, tmp: Path, *args) -> list:

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     import llm
-    from llm.async_engine import AsyncEngine
-    from llm.scheduler import SchedulerConfig
+    from llm.engine.async_engine import AsyncEngine
+    from llm.engine.scheduler import SchedulerConfig
     from llm.serve.app import ServerConfig, create_app
 
     try:

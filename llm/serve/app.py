@@ -23,10 +23,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from llm.async_engine import AsyncEngine, EngineClosedError, RequestStream
-from llm.paged_kv import OutOfPagesError
-from llm.scheduler import QueueFullError
-from llm.sequence import RequestError
+from llm.engine.async_engine import AsyncEngine, EngineClosedError, RequestStream
+from llm.engine.paged_kv import OutOfPagesError
+from llm.engine.scheduler import QueueFullError
+from llm.engine.sequence import RequestError
+from llm.model.tokenizer.tokenizer import TokenizerError
 from llm.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     ApiError,
@@ -36,7 +37,6 @@ from llm.serve.protocol import (
 )
 from llm.serve.responses import SSE_DONE, ResponseShape, sse
 from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
-from llm.tokenizer import TokenizerError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llm.sampling import SamplingParams, SamplingParamsError
+from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 
 INT64_MAX = 2**63 - 1
 MAX_STOP_STRINGS = 16

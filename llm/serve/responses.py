@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm.sequence import RequestOutput
+from llm.engine.sequence import RequestOutput
 
 
 @dataclass

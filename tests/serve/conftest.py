@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 
 import llm
-from llm.async_engine import AsyncEngine
-from llm.scheduler import SchedulerConfig
+from llm.engine.async_engine import AsyncEngine
+from llm.engine.scheduler import SchedulerConfig
 from llm.serve import ServerConfig, create_app
 from llm.serve.__main__ import GIL_SWITCH_INTERVAL_S
 

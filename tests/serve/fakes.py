@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llm.backends.base import Backend, DecodeInput, PrefillInput
-from llm.config import RuntimeConfig
-from llm.paged_kv import PageTable, PageTableSpec
-from llm.tokenizer import IncrementalDecoder
+from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput
+from llm.engine.paged_kv import PageTable, PageTableSpec
+from llm.model.config import RuntimeConfig
+from llm.model.tokenizer.tokenizer import IncrementalDecoder
 
 EOS = 0
 VOCAB = 100

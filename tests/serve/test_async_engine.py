@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from llm.async_engine import AsyncEngine, EngineClosedError
-from llm.generator import Generator
-from llm.sampling import SamplingParams
-from llm.scheduler import QueueFullError, SchedulerConfig
-from llm.sequence import RequestError
+from llm.engine.async_engine import AsyncEngine, EngineClosedError
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.generator import Generator
+from llm.engine.scheduler import QueueFullError, SchedulerConfig
+from llm.engine.sequence import RequestError
 
 LONG_PROMPT = ("Here is a long list of reasons why people enjoy hiking in the mountains during "
                "summer, written out in full detail: " + "fresh air, quiet trails, views, " * 6)

@@ -8,7 +8,7 @@ import openai
 import pytest
 from conftest import MODEL_NAME
 
-from llm.sampling import SamplingParams
+from llm.engine.contract.sampling_params import SamplingParams
 
 PROMPT = "The capital of France is"
 

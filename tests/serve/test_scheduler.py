@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from fakes import expected_tokens, fake_parts
 
-from llm.paged_kv import OutOfPagesError
-from llm.sampling import SamplingParams
-from llm.scheduler import QueueFullError, Scheduler, SchedulerConfig
-from llm.sequence import RequestError
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.paged_kv import OutOfPagesError
+from llm.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from llm.engine.sequence import RequestError
 
 
 def make(config: SchedulerConfig | None = None, **parts):
@@ -214,7 +214,7 @@ def test_engine_failure_fails_requests_frees_pages_and_closes() -> None:
     import asyncio
     from types import SimpleNamespace
 
-    from llm.async_engine import AsyncEngine, EngineClosedError
+    from llm.engine.async_engine import AsyncEngine, EngineClosedError
 
     backend, tok, pages = fake_parts()
 

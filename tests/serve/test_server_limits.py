@@ -14,8 +14,8 @@ import httpx
 from conftest import MODEL_NAME
 from server_process import free_port, wait_healthy
 
-from llm.async_engine import AsyncEngine
-from llm.scheduler import SchedulerConfig
+from llm.engine.async_engine import AsyncEngine
+from llm.engine.scheduler import SchedulerConfig
 from llm.serve import ServerConfig, create_app
 
 PROM_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-z_]+="[^"]*"\})? -?[0-9.e+]+$')

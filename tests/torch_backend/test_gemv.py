@@ -239,7 +239,7 @@ def test_transformer_uses_the_gemvs_only_with_the_decode_kernels() -> None:
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
     from llm.backends.torch.model import GEMV_MAX_BATCH, Transformer
-    from llm.config import RuntimeConfig
+    from llm.model.config import RuntimeConfig
 
     config = SMALL_CONFIGS["qwen2_bias"]
     weights = state_dict(hf_model(config))

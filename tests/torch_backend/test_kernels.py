@@ -78,7 +78,7 @@ def test_model_decode_through_the_kernel_equals_the_gather_path() -> None:
     from llm.backends.torch.graphs import buckets_for
     from llm.backends.torch.kv_cache import PagedKVCache
     from llm.backends.torch.model import Transformer
-    from llm.config import RuntimeConfig
+    from llm.model.config import RuntimeConfig
 
     assert buckets_for(1) == [1] and buckets_for(6) == [1, 2, 4, 6]
     assert buckets_for(128) == [1, 2, 4, 8, 16, 32, 64, 128]
@@ -248,7 +248,7 @@ def test_batch_one_decode_through_the_fused_gemvs_equals_the_cublas_path() -> No
 
     from llm.backends.torch.kv_cache import PagedKVCache
     from llm.backends.torch.model import Transformer
-    from llm.config import RuntimeConfig
+    from llm.model.config import RuntimeConfig
 
     config = SMALL_CONFIGS["qwen2_bias"]  # q/k/v biases through the GEMV's bias path
     rt = RuntimeConfig(device=DEVICE, max_batch=1, max_seq_len=64, block_size=16)

@@ -8,7 +8,7 @@ from hf_reference import SMALL_CONFIGS, hf_model, pcc, state_dict
 
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.model import Transformer
-from llm.config import RuntimeConfig
+from llm.model.config import RuntimeConfig
 
 DTYPES = {"fp32": (torch.float32, 0.9999), "bf16": (torch.bfloat16, 0.99)}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

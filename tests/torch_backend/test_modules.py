@@ -19,7 +19,7 @@ from llm.backends.torch.mlp import MLP
 from llm.backends.torch.model import DecoderLayer
 from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
-from llm.config import RuntimeConfig
+from llm.model.config import RuntimeConfig
 
 DTYPES = {"fp32": (torch.float32, 0.9999), "bf16": (torch.bfloat16, 0.999)}
 CONFIGS = list(SMALL_CONFIGS)

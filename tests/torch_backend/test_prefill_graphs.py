@@ -9,7 +9,7 @@ from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.model import Transformer
 from llm.backends.torch.prefill_graphs import bucket_for, prefill_buckets
-from llm.config import RuntimeConfig
+from llm.model.config import RuntimeConfig
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # on the CPU the Triton kernels run in its interpreter
@@ -63,7 +63,7 @@ def test_replayed_prefill_has_the_eager_padded_bits(dtype: str) -> None:
     """Graph replay == the same padded prefill run eagerly (logits and cache, bit for bit), and
     close to the unpadded prefill; prompts at and across bucket edges, one per bucket in turn."""
     from llm.backends.torch.runner import TorchBackend
-    from llm.checkpoint import Checkpoint
+    from llm.model.checkpoint.load import Checkpoint
 
     config = SMALL_CONFIGS["llama_gqa"]
     rt = RuntimeConfig(device="cuda", dtype=dtype, max_batch=2, max_seq_len=160, block_size=16)

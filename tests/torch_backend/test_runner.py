@@ -10,13 +10,13 @@ import pytest
 import torch
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
-from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling
-from llm.backends.drive import decode_together
 from llm.backends.torch.runner import TorchBackend
-from llm.checkpoint import Checkpoint
-from llm.config import RuntimeConfig
-from llm.paged_kv import PageTable, PageTableSpec
-from llm.sampling import SamplingParams
+from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampling
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.drive import decode_together
+from llm.engine.paged_kv import PageTable, PageTableSpec
+from llm.model.checkpoint.load import Checkpoint
+from llm.model.config import RuntimeConfig
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA is not available on this machine"))]

@@ -17,9 +17,9 @@ from server_process import free_port, wait_healthy
 from tp_ranks import default_model_rank, small_model_rank, spawn_ranks
 
 import llm
-from llm.checkpoint import expected_tensors, save_hf_checkpoint
-from llm.config import ConfigError, ModelConfig
-from llm.tensor_parallel import TensorParallelPlan
+from llm.backends.torch.parallel.plan import TensorParallelPlan
+from llm.model.checkpoint.load import expected_tensors, save_hf_checkpoint
+from llm.model.config import ConfigError, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 _BASE = dict(arch="llama", hidden_size=64, intermediate_size=160, num_layers=2,

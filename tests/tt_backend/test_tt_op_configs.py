@@ -10,7 +10,7 @@ import pytest
 from llm.backends.tt.op_configs import OpConfigs, TTConfigError, _prefill_lengths
 from llm.backends.tt.precision import precision
 from llm.backends.tt.runner import open_mesh
-from llm.config import ModelConfig, RuntimeConfig
+from llm.model.config import ModelConfig, RuntimeConfig
 
 SMOLLM = ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                      num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,

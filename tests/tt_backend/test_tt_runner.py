@@ -8,13 +8,13 @@ import torch
 from hf_reference import hf_model, state_dict
 from tt_helpers import MESH_CONFIG, TT_CONFIGS
 
-from llm.backends.base import DecodeInput, PrefillInput, SequenceSampling, create_backend
-from llm.backends.drive import decode_together
 from llm.backends.tt.op_configs import TTConfigError
 from llm.backends.tt.runner import TTBackend, parse_mesh
-from llm.checkpoint import Checkpoint
-from llm.config import RuntimeConfig
-from llm.sampling import SamplingParams
+from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampling, create_backend
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.drive import decode_together
+from llm.model.checkpoint.load import Checkpoint
+from llm.model.config import RuntimeConfig
 
 GREEDY = SequenceSampling(SamplingParams(), 0)
 # A token counts as greedy when its fp32 logit is within this many bf16 steps (at the size of the

@@ -10,10 +10,10 @@ from hf_reference import hf_model, state_dict
 from test_tt_runner import GREEDY, generate
 from tt_helpers import MESH_CONFIG, TT_CONFIGS
 
-from llm.backends.base import DecodeInput, PrefillInput
 from llm.backends.tt.runner import TTBackend
-from llm.checkpoint import Checkpoint
-from llm.config import RuntimeConfig
+from llm.engine.contract.backend import DecodeInput, PrefillInput
+from llm.model.checkpoint.load import Checkpoint
+from llm.model.config import RuntimeConfig
 
 
 @pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("mesh", "1x2")])

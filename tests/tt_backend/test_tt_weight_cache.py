@@ -8,8 +8,8 @@ from test_tt_runner import generate
 from tt_helpers import TT_CONFIGS
 
 from llm.backends.tt.runner import TTBackend
-from llm.checkpoint import Checkpoint
-from llm.config import RuntimeConfig
+from llm.model.checkpoint.load import Checkpoint
+from llm.model.config import RuntimeConfig
 
 
 def test_second_start_converts_nothing_and_corruption_is_rebuilt(tmp_path) -> None:

@@ -15,7 +15,7 @@ from llm.backends.tt.precision import PRESETS, Precision, precision
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.runner import open_mesh
 from llm.backends.tt.weights import WeightStore
-from llm.config import ModelConfig, RopeScaling, RuntimeConfig
+from llm.model.config import ModelConfig, RopeScaling, RuntimeConfig
 
 _BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-5,

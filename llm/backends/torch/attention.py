@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.kv_cache import PagedKVCache
-from llm.backends.torch.mesh import Mesh
+from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
-from llm.config import ModelConfig
+from llm.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

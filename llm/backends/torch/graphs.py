@@ -24,7 +24,8 @@ import torch
 
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.model import Transformer
-from llm.sampling import SamplingParams, SamplingTensors
+from llm.backends.torch.sampling import SamplingTensors
+from llm.engine.contract.sampling_params import SamplingParams
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from llm.config import ModelConfig, RuntimeConfig
+from llm.model.config import ModelConfig, RuntimeConfig
 
 
 class PagedKVCache:
-    """K/V page pools for every layer; page ids come from the Generator's `llm.paged_kv`."""
+    """K/V page pools for every layer; page ids come from the Generator's `llm.engine.paged_kv`."""
 
     def __init__(self, config: ModelConfig, runtime: RuntimeConfig, device: torch.device | str,
                  dtype: torch.dtype) -> None:

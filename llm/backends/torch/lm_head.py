@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.torch.mesh import Mesh
+from llm.backends.torch.parallel.mesh import Mesh
 
 
 class LMHead:

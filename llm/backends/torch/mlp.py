@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llm.backends.torch.mesh import Mesh
+from llm.backends.torch.parallel.mesh import Mesh
 
 
 class MLP:

@@ -10,14 +10,14 @@ from llm.backends.torch.attention import Attention, DecodeMeta, PrefillMeta
 from llm.backends.torch.embedding import Embedding
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.lm_head import LMHead
-from llm.backends.torch.mesh import Mesh
 from llm.backends.torch.mlp import MLP
 from llm.backends.torch.norm import RMSNorm
+from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.parallel.plan import TensorParallelPlan
+from llm.backends.torch.parallel.slices import TensorDictSlices, WeightSlices
 from llm.backends.torch.rope import RotaryEmbedding
-from llm.config import ModelConfig, RuntimeConfig
-from llm.sampling import SamplingTensors, sample
-from llm.tensor_parallel import TensorParallelPlan
-from llm.weight_slices import TensorDictSlices, WeightSlices
+from llm.backends.torch.sampling import SamplingTensors, sample
+from llm.model.config import ModelConfig, RuntimeConfig
 
 # Decode batches that use the fused GEMVs (and the GEMV LM head) where the Triton decode kernels
 # run. One row, on an H200 (bf16, 2026-12-01, docs/performance.md v8): 4.63 -> 4.24 ms per step
@@ -73,7 +73,8 @@ class DecoderLayer:
 
 class Transformer:
     """A whole Llama-family model whose weights live on one torch device in one dtype, or this
-    rank's part of it on a tensor-parallel mesh (`llm.tensor_parallel` says which part).
+    rank's part of it on a tensor-parallel mesh (`llm.backends.torch.parallel.plan` says which
+    part).
     """
 
     def __init__(self, config: ModelConfig,
@@ -174,7 +175,8 @@ class Transformer:
     def sample(self, logits: torch.Tensor, st: SamplingTensors, positions: torch.Tensor,
                all_greedy: bool) -> torch.Tensor:
         """Next tokens [B] from decode logits [B, V(_local)]: greedy from a distributed argmax,
-        otherwise `llm.sampling.sample` over the gathered vocabulary; the same on every rank.
+        otherwise `llm.backends.torch.sampling.sample` over the gathered vocabulary; the same on
+        every rank.
         """
         if all_greedy:
             return self.lm_head.argmax(logits)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llm.config import ModelConfig
-from llm.rope import inv_frequencies
+from llm.model.config import ModelConfig
+from llm.model.rope import inv_frequencies
 
 
 class RotaryEmbedding:

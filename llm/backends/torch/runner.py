@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
 from llm.backends.torch.graphs import DecodeGraphs
 from llm.backends.torch.kv_cache import PagedKVCache
-from llm.backends.torch.mesh import Mesh
 from llm.backends.torch.model import Transformer
+from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.parallel.slices import WeightSlices
 from llm.backends.torch.prefill_graphs import PrefillGraphs
-from llm.checkpoint import Checkpoint
-from llm.config import RuntimeConfig
-from llm.sampling import SamplingTensors
-from llm.weight_slices import WeightSlices
+from llm.backends.torch.sampling import SamplingTensors
+from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.model.checkpoint.load import Checkpoint
+from llm.model.config import RuntimeConfig
 
 
 class TorchBackend(Backend):
     """PyTorch on CPU or CUDA, fp32 / bf16 / fp16; one process, or one rank of a tensor-parallel
-    mesh (every rank runs the same calls; see llm.backends.distributed).
+    mesh (every rank runs the same calls; see llm.backends.torch.parallel.leader).
     """
 
     name = "torch"
@@ -112,6 +112,6 @@ class TorchBackend(Backend):
 def create(checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
            cuda_graphs: bool = True, mesh: Mesh | None = None,
            all_reduce: str = "auto", gemv_max_batch: int | None = None) -> TorchBackend:
-    """Registry entry point (see llm.backends.base.create_backend)."""
+    """Registry entry point (see llm.engine.contract.backend.create_backend)."""
     return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs, mesh=mesh,
                         all_reduce=all_reduce, gemv_max_batch=gemv_max_batch)

@@ -16,7 +16,7 @@ from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.weights import WeightStore, reverse_permute
-from llm.config import ModelConfig
+from llm.model.config import ModelConfig
 
 
 class Attention:

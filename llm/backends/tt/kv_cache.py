@@ -1,9 +1,9 @@
 """The paged KV cache on the device: per layer, K and V page pools
 `[num_blocks, n_kv_local, block_size, head_dim]` in DRAM.
 
-Page ids are the Generator's (`llm.paged_kv`): page 0 is the padding page of page-table rows and
-is never handed to a user, so writes of padded prompt rows that land there are harmless. On a
-mesh each device holds the pools of its own KV heads.
+Page ids are the Generator's (`llm.engine.paged_kv`): page 0 is the padding page of page-table
+rows and is never handed to a user, so writes of padded prompt rows that land there are harmless.
+On a mesh each device holds the pools of its own KV heads.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
-from llm.config import RuntimeConfig
+from llm.model.config import RuntimeConfig
 
 
 class PagedKVCache:

@@ -20,7 +20,7 @@ from llm.backends.tt.norm import DistributedNorm
 from llm.backends.tt.op_configs import OpConfigs, TTConfigError
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.weights import WeightStore
-from llm.config import ModelConfig, RuntimeConfig
+from llm.model.config import ModelConfig, RuntimeConfig
 
 TILE = 32
 

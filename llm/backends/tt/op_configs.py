@@ -13,7 +13,7 @@ from typing import Any
 
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.precision import Precision
-from llm.config import ModelConfig, RuntimeConfig
+from llm.model.config import ModelConfig, RuntimeConfig
 
 TILE = 32
 

@@ -12,8 +12,8 @@ import torch
 
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
-from llm.config import ModelConfig
-from llm.rope import inv_frequencies
+from llm.model.config import ModelConfig
+from llm.model.rope import inv_frequencies
 
 TILE = 32
 

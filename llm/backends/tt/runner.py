@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.precision import POLICIES, precision
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
-from llm.checkpoint import Checkpoint, default_cache_dir
-from llm.config import RuntimeConfig
+from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.model.checkpoint.load import Checkpoint, default_cache_dir
+from llm.model.config import RuntimeConfig
 
 TILE = 32
 TRACE_REGION_SIZE = 64 << 20
@@ -197,7 +197,7 @@ class TTBackend(Backend):
 
 
 def create(checkpoint: Checkpoint, runtime: RuntimeConfig, **options: Any) -> TTBackend:
-    """Registry entry point (see llm.backends.base.create_backend). Options: mesh ("1x8"),
+    """Registry entry point (see llm.engine.contract.backend.create_backend). Options: mesh ("1x8"),
     precision ("accuracy" | "performance"), decoder_precision (per-decoder overrides: a
     precision.PRESETS name, a .json file or a mapping, see precision.parse_overrides), trace,
     implementation ("auto" | "ttnn" | "emulator"), weights_dir, cache, max_columns_per_device,

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llm.checkpoint import Checkpoint
-from llm.config import ModelConfig, RuntimeConfig
-from llm.sampling import SamplingParams
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.model.checkpoint.load import Checkpoint
+from llm.model.config import ModelConfig, RuntimeConfig
 
 
 @dataclass(frozen=True)

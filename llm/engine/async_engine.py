@@ -23,13 +23,13 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from llm.metrics import ServingMetrics
-from llm.sampling import SamplingParams
-from llm.scheduler import QueueFullError, Scheduler, SchedulerConfig
-from llm.sequence import RequestOutput, Sequence, StreamEvent
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.metrics import ServingMetrics
+from llm.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from llm.engine.sequence import RequestOutput, Sequence, StreamEvent
 
 if TYPE_CHECKING:
-    from llm.engine import LLM
+    from llm.api.llm import LLM
 
 _log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """GGUF weights -> canonical Hugging Face tensors, with the conversion cached as safetensors.
 
-Used by `llm.checkpoint.load_checkpoint`; the tokenizer reads its vocabulary from the GGUF itself.
+Used by `llm.model.checkpoint.load.load_checkpoint`; the tokenizer reads its vocabulary from the
+GGUF itself.
 
 Conversion: every tensor type `gguf.quants.dequantize` supports is dequantized; GGUF dims (fastest
 first) become HF (out, in) shapes; llama.cpp names become HF names; llama.cpp's Q/K row
@@ -33,14 +34,14 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from llm.checkpoint import (
+from llm.model.checkpoint.load import (
     CheckpointError,
     check_tensors,
     expected_tensors,
     open_safetensors,
     read_safetensors,
 )
-from llm.config import ModelConfig, RopeScaling
+from llm.model.config import ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llm.checkpoint import expected_tensors
-from llm.config import ConfigError, ModelConfig
+from llm.model.checkpoint.load import expected_tensors
+from llm.model.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from llm.weight_slices import WeightSlices
+    from llm.backends.torch.parallel.slices import WeightSlices
 
 
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from llm.backends.base import Backend
-from llm.paged_kv import PageTable, PageTableSpec
-from llm.sampling import SamplingParams
-from llm.scheduler import Scheduler, SchedulerConfig
-from llm.sequence import RequestError, RequestOutput, StreamEvent
-from llm.sequence import Sequence as SequenceState
-from llm.tokenizer import Tokenizer
+from llm.engine.contract.backend import Backend
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.paged_kv import PageTable, PageTableSpec
+from llm.engine.scheduler import Scheduler, SchedulerConfig
+from llm.engine.sequence import RequestError, RequestOutput, StreamEvent
+from llm.engine.sequence import Sequence as SequenceState
+from llm.model.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["Generator", "RequestError", "RequestOutput", "StreamEvent"]
 

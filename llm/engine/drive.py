@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
-from llm.paged_kv import PageTable, PageTableSpec
+from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.engine.paged_kv import PageTable, PageTableSpec
 
 
 def decode_together(backend: Backend, prompts: Sequence[Sequence[int]], steps: int,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from llm.backends.base import SequenceSampling
-from llm.sampling import SamplingParams
-from llm.tokenizer import IncrementalDecoder
+from llm.engine.contract.backend import SequenceSampling
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.model.tokenizer.tokenizer import IncrementalDecoder
 
 
 class RequestError(ValueError):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from llm.config import ModelConfig
+from llm.model.config import ModelConfig
 
 
 def inv_frequencies(config: ModelConfig) -> torch.Tensor:

@@ -5,7 +5,8 @@ One interface, :class:`Tokenizer`, over three sources (see :meth:`Tokenizer.from
 - a Hugging Face directory with ``tokenizer.json`` (run by the ``tokenizers`` library), with
   ``tokenizer_config.json`` / ``special_tokens_map.json`` / ``generation_config.json`` beside it;
 - a directory with a SentencePiece ``tokenizer.model`` (run by ``sentencepiece``);
-- a ``.gguf`` file whose metadata holds the vocabulary (rebuilt by :mod:`llm.gguf_tokenizer`).
+- a ``.gguf`` file whose metadata holds the vocabulary (rebuilt by
+  :mod:`llm.model.tokenizer.gguf_vocab`).
 
 Encoding matches transformers' ``tokenizer(text)["input_ids"]`` for the same source; special
 tokens written in the text (``<|im_start|>``) are matched whole.
@@ -311,7 +312,7 @@ class Tokenizer:
     @classmethod
     def _from_gguf(cls, path: Path, reader: Any, cache_dir: str | Path | None,
                    digest: str | None) -> Tokenizer:
-        from llm import gguf_tokenizer
+        from llm.model.tokenizer import gguf_vocab as gguf_tokenizer
 
         if cache_dir is not None and reader is None:
             vocab = gguf_tokenizer.cached_gguf_vocab(path, Path(cache_dir), digest)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import (
+from llm.model.checkpoint.load import (
     CheckpointError,
     default_cache_dir,
     expected_tensors,
@@ -26,7 +26,7 @@ from llm.checkpoint import (
     open_safetensors,
     resolve_checkpoint,
 )
-from llm.config import ModelConfig
+from llm.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class GGUFSlices(WeightSlices):
     """Slices dequantized straight from a GGUF's memory-mapped data, Q/K rows un-permuted."""
 
     def __init__(self, path: Path, source_sha256: str | None = None) -> None:
-        from llm.gguf_weights import gguf_index, open_gguf, unpermute_needed
+        from llm.model.checkpoint.gguf import gguf_index, open_gguf, unpermute_needed
 
         self.path, self.source, self.source_sha256 = path, str(path), source_sha256
         self.reader = open_gguf(path)
@@ -133,7 +133,7 @@ class GGUFSlices(WeightSlices):
     def _read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         import gguf
 
-        from llm.gguf_weights import dequantize, hf_shape, unpermute
+        from llm.model.checkpoint.gguf import dequantize, hf_shape, unpermute
 
         t = self.tensors[name]
         shape = hf_shape(t)
@@ -174,7 +174,7 @@ def open_weight_slices(path: str | Path, *, cache_dir: str | Path | None = None,
     if kind == "dir":
         config, where = hf_dir_headers(path)
         return SafetensorsSlices(config, where, str(path))
-    from llm.gguf_weights import cache_entry_config, cache_path, file_sha256
+    from llm.model.checkpoint.gguf import cache_entry_config, cache_path, file_sha256
 
     digest = file_sha256(path, progress)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm.config import ConfigError
+from llm.model.config import ConfigError
 
 # Followers wait in a broadcast for the leader's next step; an idle server must not time them out
 # (gloo's default is 30 minutes). A leader that exits closes the connections, which ends them.

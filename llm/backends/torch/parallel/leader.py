@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from llm.backends.base import Backend, DecodeInput, PrefillInput
+from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput
 
 _STOP = "stop"
 
 
 class Channel(Protocol):
     """Host messages from the leader: `broadcast_object(obj)` on rank 0 returns obj, on the
-    others it returns what rank 0 sent (e.g. `llm.backends.torch.mesh.Mesh`).
+    others it returns what rank 0 sent (e.g. `llm.backends.torch.parallel.mesh.Mesh`).
     """
 
     size: int

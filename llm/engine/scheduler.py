@@ -21,12 +21,12 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from llm.backends.base import Backend, DecodeInput, PrefillInput, SequenceSampling
-from llm.metrics import ServingMetrics
-from llm.paged_kv import OutOfPagesError, PageTable
-from llm.sampling import SamplingParams, resolve_seed
-from llm.sequence import RequestError, RequestOutput, Sequence, StreamEvent
-from llm.tokenizer import Tokenizer
+from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.engine.contract.sampling_params import SamplingParams, resolve_seed
+from llm.engine.metrics import ServingMetrics
+from llm.engine.paged_kv import OutOfPagesError, PageTable
+from llm.engine.sequence import RequestError, RequestOutput, Sequence, StreamEvent
+from llm.model.tokenizer.tokenizer import Tokenizer
 
 
 class QueueFullError(RuntimeError):

@@ -6,12 +6,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm.backends.base import create_backend
-from llm.checkpoint import default_cache_dir, default_model_path, load_checkpoint
-from llm.config import ConfigError, ModelConfig, RuntimeConfig
-from llm.generator import Generator, RequestOutput, StreamEvent
-from llm.sampling import SamplingParams
-from llm.tokenizer import Tokenizer
+from llm.engine.contract.backend import create_backend
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.generator import Generator, RequestOutput, StreamEvent
+from llm.model.checkpoint.load import default_cache_dir, default_model_path, load_checkpoint
+from llm.model.config import ConfigError, ModelConfig, RuntimeConfig
+from llm.model.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
 
@@ -60,7 +60,7 @@ class LLM:
         self.backend = create_backend(backend, weights, self.runtime, backend_options)
         self.tokenizer = self.generator = None
         if self.mesh is not None:
-            from llm.backends.distributed import LeaderBackend
+            from llm.backends.torch.parallel.leader import LeaderBackend
 
             weights.close()
             if not self.mesh.leader:
@@ -75,7 +75,7 @@ class LLM:
         """ConfigError unless this process can be one of `size` tensor-parallel ranks."""
         if backend != "torch":
             raise ConfigError(f"tensor_parallel needs the torch backend, not {backend!r}")
-        from llm.backends.torch.mesh import Mesh
+        from llm.backends.torch.parallel.mesh import Mesh
 
         Mesh.check_launch(size, device)
 
@@ -84,9 +84,9 @@ class LLM:
         """Check the split (a clear error before any weight is read), join the process group;
         returns this rank's weight slices and device.
         """
-        from llm.backends.torch.mesh import Mesh
-        from llm.tensor_parallel import TensorParallelPlan
-        from llm.weight_slices import open_weight_slices
+        from llm.backends.torch.parallel.mesh import Mesh
+        from llm.backends.torch.parallel.plan import TensorParallelPlan
+        from llm.backends.torch.parallel.slices import open_weight_slices
 
         weights = open_weight_slices(path, cache_dir=cache_dir, progress=progress)
         TensorParallelPlan(weights.config, size)
@@ -110,7 +110,7 @@ class LLM:
 
     def follow(self) -> int:
         """On a tensor-parallel follower rank: run the leader's steps until it closes."""
-        from llm.backends.distributed import follow
+        from llm.backends.torch.parallel.leader import follow
 
         if self.is_leader:
             raise RuntimeError("follow() is for tensor-parallel ranks other than 0")

