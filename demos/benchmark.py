@@ -38,13 +38,10 @@ from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, Sequ
 from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
 from llm.engine.drive import decode_together  # noqa: E402
 from llm.engine.paged_kv import PageTable, PageTableSpec  # noqa: E402
-from llm.model.checkpoint.load import (  # noqa: E402
-    Checkpoint,
-    default_model_path,
-    expected_tensors,
-    load_checkpoint,  # noqa: E402
-)
+from llm.model.checkpoint.common import Checkpoint, expected_tensors
+from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ModelConfig, RuntimeConfig  # noqa: E402
+from llm.model.paths import default_model_path
 
 _LLAMA = dict(arch="llama", vocab_size=128256, num_heads=32, num_kv_heads=8, head_dim=64,
               max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0)

@@ -19,17 +19,13 @@ import safetensors.torch
 import torch
 import transformers
 
-from llm.model.checkpoint.gguf import cache_path, file_sha256
-from llm.model.checkpoint.load import (
-    Checkpoint,
-    CheckpointError,
-    default_cache_dir,
-    default_model_path,
-    expected_tensors,
-    load_checkpoint,
-    save_hf_checkpoint,
-)
+from llm.model.checkpoint.common import Checkpoint, CheckpointError, expected_tensors
+from llm.model.checkpoint.gguf_cache import cache_path
+from llm.model.checkpoint.hf import save_hf_checkpoint
+from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ConfigError, ModelConfig
+from llm.model.files import file_sha256
+from llm.model.paths import default_cache_dir, default_model_path
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

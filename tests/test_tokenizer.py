@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.model.tokenizer.tokenizer import Tokenizer, TokenizerError
+from llm.model.tokenizer.errors import TokenizerError
+from llm.model.tokenizer.tokenizer import Tokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -11,7 +11,8 @@ import torch
 from test_checkpoint import hf_dir, hf_model, tiny_gguf
 
 import llm.backends.torch.parallel.slices as ws
-from llm.model.checkpoint.load import CheckpointError, expected_tensors, load_checkpoint
+from llm.model.checkpoint.common import CheckpointError, expected_tensors
+from llm.model.checkpoint.load import load_checkpoint
 
 Q = gguf.GGMLQuantizationType
 

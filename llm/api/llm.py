@@ -9,8 +9,9 @@ from typing import Any
 from llm.engine.contract.backend import create_backend
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.generator import Generator, RequestOutput, StreamEvent
-from llm.model.checkpoint.load import default_cache_dir, default_model_path, load_checkpoint
+from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ConfigError, ModelConfig, RuntimeConfig
+from llm.model.paths import default_cache_dir, default_model_path
 from llm.model.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048

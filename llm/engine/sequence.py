@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.sampling_params import SamplingParams
-from llm.model.tokenizer.tokenizer import IncrementalDecoder
+from llm.model.tokenizer.detokenizer import IncrementalDecoder
 
 
 class RequestError(ValueError):

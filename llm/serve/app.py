@@ -27,7 +27,7 @@ from llm.engine.async_engine import AsyncEngine, EngineClosedError, RequestStrea
 from llm.engine.paged_kv import OutOfPagesError
 from llm.engine.scheduler import QueueFullError
 from llm.engine.sequence import RequestError
-from llm.model.tokenizer.tokenizer import TokenizerError
+from llm.model.tokenizer.errors import TokenizerError
 from llm.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     ApiError,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput
 from llm.engine.paged_kv import PageTable, PageTableSpec
 from llm.model.config import RuntimeConfig
-from llm.model.tokenizer.tokenizer import IncrementalDecoder
+from llm.model.tokenizer.detokenizer import IncrementalDecoder
 
 EOS = 0
 VOCAB = 100

@@ -63,7 +63,7 @@ def test_replayed_prefill_has_the_eager_padded_bits(dtype: str) -> None:
     """Graph replay == the same padded prefill run eagerly (logits and cache, bit for bit), and
     close to the unpadded prefill; prompts at and across bucket edges, one per bucket in turn."""
     from llm.backends.torch.runner import TorchBackend
-    from llm.model.checkpoint.load import Checkpoint
+    from llm.model.checkpoint.common import Checkpoint
 
     config = SMALL_CONFIGS["llama_gqa"]
     rt = RuntimeConfig(device="cuda", dtype=dtype, max_batch=2, max_seq_len=160, block_size=16)

@@ -15,7 +15,7 @@ from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampl
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.drive import decode_together
 from llm.engine.paged_kv import PageTable, PageTableSpec
-from llm.model.checkpoint.load import Checkpoint
+from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -18,7 +18,8 @@ from tp_ranks import default_model_rank, small_model_rank, spawn_ranks
 
 import llm
 from llm.backends.torch.parallel.plan import TensorParallelPlan
-from llm.model.checkpoint.load import expected_tensors, save_hf_checkpoint
+from llm.model.checkpoint.common import expected_tensors
+from llm.model.checkpoint.hf import save_hf_checkpoint
 from llm.model.config import ConfigError, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,8 +24,9 @@ import torch
 import llm
 from llm.backends.tt.runner import TTBackend
 from llm.engine.contract.sampling_params import SamplingParams
-from llm.model.checkpoint.load import default_cache_dir, default_model_path, load_checkpoint
+from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import RuntimeConfig
+from llm.model.paths import default_cache_dir, default_model_path
 
 PROMPTS = ["Once upon a time", "Water boils at"]
 TIE_PROMPT = "The capital of France is"

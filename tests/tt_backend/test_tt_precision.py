@@ -17,7 +17,7 @@ from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs, TTConfigError
 from llm.backends.tt.precision import PRESETS, parse_overrides, precision
 from llm.backends.tt.runner import TTBackend, open_mesh
-from llm.model.checkpoint.load import Checkpoint
+from llm.model.checkpoint.common import Checkpoint
 
 BF16, BF8, BF4 = ttnn.bfloat16, ttnn.bfloat8_b, ttnn.bfloat4_b
 

@@ -13,7 +13,7 @@ from llm.backends.tt.runner import TTBackend, parse_mesh
 from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampling, create_backend
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.drive import decode_together
-from llm.model.checkpoint.load import Checkpoint
+from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
 GREEDY = SequenceSampling(SamplingParams(), 0)

@@ -12,7 +12,7 @@ from tt_helpers import MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.tt.runner import TTBackend
 from llm.engine.contract.backend import DecodeInput, PrefillInput
-from llm.model.checkpoint.load import Checkpoint
+from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
 

@@ -8,7 +8,7 @@ from test_tt_runner import generate
 from tt_helpers import TT_CONFIGS
 
 from llm.backends.tt.runner import TTBackend
-from llm.model.checkpoint.load import Checkpoint
+from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
 

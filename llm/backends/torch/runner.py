@@ -12,7 +12,7 @@ from llm.backends.torch.parallel.slices import WeightSlices
 from llm.backends.torch.prefill_graphs import PrefillGraphs
 from llm.backends.torch.sampling import SamplingTensors
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
-from llm.model.checkpoint.load import Checkpoint
+from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
 

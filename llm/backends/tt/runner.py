@@ -22,8 +22,9 @@ from llm.backends.tt.precision import POLICIES, precision
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
-from llm.model.checkpoint.load import Checkpoint, default_cache_dir
+from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
+from llm.model.paths import default_cache_dir
 
 TILE = 32
 TRACE_REGION_SIZE = 64 << 20

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm.engine.contract.sampling_params import SamplingParams
-from llm.model.checkpoint.load import Checkpoint
+from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ModelConfig, RuntimeConfig
 
 

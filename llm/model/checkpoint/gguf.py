@@ -1,53 +1,27 @@
-"""GGUF weights -> canonical Hugging Face tensors, with the conversion cached as safetensors.
-
-Used by `llm.model.checkpoint.load.load_checkpoint`; the tokenizer reads its vocabulary from the
-GGUF itself.
+"""GGUF weights -> canonical Hugging Face tensors.
 
 Conversion: every tensor type `gguf.quants.dequantize` supports is dequantized; GGUF dims (fastest
 first) become HF (out, in) shapes; llama.cpp names become HF names; llama.cpp's Q/K row
 permutation (rotate-half -> interleaved RoPE pairs, for llama-family models) is undone. A
 `rope_freqs` tensor (Llama 3.1) is not a weight: its values go into `ModelConfig.rope_scaling`.
-
-Cache: `<cache_dir>/gguf-<sha256 of the GGUF bytes>.v<CACHE_FORMAT_VERSION>.safetensors` holds the
-converted tensors, with the ModelConfig as JSON in the safetensors metadata, so a cache hit reads no
-GGUF structure at all (only hashes its bytes). Dtypes are lossless: F32 and quantized tensors are
-stored as float32 (the exact dequantized values), F16/BF16 tensors keep float16/bfloat16.
+The conversion is cached by `llm.model.checkpoint.gguf_cache`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import logging
-import os
 import re
-import uuid
-from collections.abc import Callable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
-import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from llm.model.checkpoint.load import (
-    CheckpointError,
-    check_tensors,
-    expected_tensors,
-    open_safetensors,
-    read_safetensors,
-)
-from llm.model.config import ModelConfig, RopeScaling
+from llm.model.checkpoint.common import CheckpointError, check_tensors, expected_tensors
+from llm.model.config import ModelConfig
 
-log = logging.getLogger(__name__)
-
-# Bump when the conversion output changes: older cache entries are then simply not found.
-CACHE_FORMAT_VERSION = 1
-_CACHE_FORMAT = "llm.gguf-cache"
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -72,8 +46,6 @@ _NATURAL_DTYPES = {
     gguf.GGMLQuantizationType.F16: torch.float16,
     gguf.GGMLQuantizationType.BF16: torch.bfloat16,
 }
-_HASH_CHUNK = 16 << 20
-_HASH_PROGRESS_MIN_BYTES = 256 << 20
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -111,82 +83,6 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise CheckpointError(
             f"{path}: cannot read GGUF file (corrupt or truncated?): {e!r}"
         ) from e
-
-
-def file_sha256(path: Path, progress: bool = True) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (tqdm bar for big files)."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    quiet = not progress or size < _HASH_PROGRESS_MIN_BYTES
-    with open(path, "rb") as f, tqdm(
-        total=size, desc=f"hashing {path.name}", unit="B", unit_scale=True, disable=quiet
-    ) as bar:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def cache_path(cache_dir: Path, digest: str) -> Path:
-    """The cache entry of the GGUF whose bytes have sha256 `digest`."""
-    return cache_dir / f"gguf-{digest}.v{CACHE_FORMAT_VERSION}.safetensors"
-
-
-def load_gguf_cached(
-    path: Path, cache_dir: Path, progress: bool = True
-) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """Config, canonical tensors and content sha256 of a GGUF, from the cache or converted."""
-    digest = file_sha256(path, progress)
-    entry = cache_path(cache_dir, digest)
-    if entry.is_file():
-        try:
-            return (*_read_cache(entry, digest, progress), digest)
-        except CheckpointError as e:
-            log.warning("unusable weights cache entry, rebuilding it: %s", e)
-            try:
-                entry.unlink(missing_ok=True)
-            except OSError as unlink_error:  # the atomic rewrite below replaces it anyway
-                log.warning("could not delete %s: %s", entry, unlink_error)
-    config, tensors = convert_gguf(path, progress)
-    metadata = {
-        "format": _CACHE_FORMAT,
-        "version": str(CACHE_FORMAT_VERSION),
-        "source_sha256": digest,
-        "source": str(path),  # informational only: the key is the content hash
-        "config": config_to_json(config),
-    }
-    try:
-        write_safetensors_atomic(entry, tensors, metadata)
-    except OSError as e:  # a read-only or full disk costs a reconversion next time, nothing else
-        log.warning("could not write the weights cache %s: %s", entry, e)
-    return config, tensors, digest
-
-
-def _read_cache(
-    file: Path, digest: str, progress: bool
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    config = cache_entry_config(file, digest)
-    tensors, _ = read_safetensors(file, progress, desc="loading cached weights")
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    check_tensors(shapes, config, dict.fromkeys(tensors, str(file)), file)
-    return config, {name: tensors[name] for name in expected_tensors(config)}
-
-
-def cache_entry_config(file: Path, digest: str) -> ModelConfig:
-    """The ModelConfig of the cache entry `file` for the GGUF with sha256 `digest`, from its
-    header only; CheckpointError if the entry is unreadable or not this GGUF's.
-    """
-    with open_safetensors(file) as f:
-        metadata = f.metadata() or {}
-    header = {k: metadata.get(k) for k in ("format", "version", "source_sha256")}
-    wanted = {"format": _CACHE_FORMAT, "version": str(CACHE_FORMAT_VERSION)}
-    wanted["source_sha256"] = digest
-    if header != wanted:
-        raise CheckpointError(f"{file}: not a cache entry for this GGUF (metadata {header})")
-    try:
-        return config_from_json(metadata["config"])
-    except (KeyError, TypeError, ValueError) as e:  # ConfigError and JSON errors are ValueErrors
-        raise CheckpointError(f"{file}: bad model config in the metadata: {e!r}") from e
 
 
 def convert_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -274,55 +170,3 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # (rows, *in) -> (n_head, rows/n_head/2, 2, *in) -> (n_head, 2, rows/n_head/2, *in)
     # -> (rows, *in); `*in` is empty for a bias.
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def config_to_json(config: ModelConfig) -> str:
-    """ModelConfig as JSON (stored in cache metadata); `config_from_json` reverses it exactly."""
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
-
-
-def config_from_json(text: str) -> ModelConfig:
-    """Inverse of `config_to_json` (JSON lists back to the dataclass' tuples)."""
-    d = json.loads(text)
-    rs = d.pop("rope_scaling")
-    if rs is not None:
-        rs = RopeScaling(**{**rs, "freq_factors": tuple(rs["freq_factors"])})
-    d["eos_token_ids"] = tuple(d["eos_token_ids"])
-    return ModelConfig(**d, rope_scaling=rs)
-
-
-def write_safetensors_atomic(
-    file: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
-) -> None:
-    """Write a safetensors `file` so that it either appears complete or not at all."""
-    atomic_write(file, lambda tmp: safetensors.torch.save_file(dict(tensors), str(tmp),
-                                                               metadata=metadata))
-
-
-def atomic_write(file: Path, write: Callable[[Path], None]) -> None:
-    """Create `file` through `write(temp_path)` so that it appears complete or not at all.
-
-    The data goes to a temp file in the same directory, is fsynced, then renamed over `file`;
-    any exception (KeyboardInterrupt included) removes the temp file.
-    """
-    file.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name, created by the writer itself so that the file gets the umask's permissions.
-    tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible on every platform / file system
-        dir_fd = os.open(file.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -25,7 +25,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from llm.model.tokenizer.tokenizer import TokenizerError
+from llm.model.tokenizer.errors import TokenizerError
 
 log = logging.getLogger(__name__)
 VOCAB_CACHE_VERSION = 1
@@ -160,7 +160,7 @@ def cached_gguf_vocab(path: Path, cache_dir: Path, digest: str | None = None) ->
     milliseconds. `digest` is the file's sha256 when the caller already has it (the weights loader
     computes it). A missing, stale or unreadable entry is rebuilt, written atomically.
     """
-    from llm.model.checkpoint.gguf import atomic_write, file_sha256
+    from llm.model.files import atomic_write, file_sha256
 
     digest = digest or file_sha256(path, progress=False)
     entry = cache_dir / f"gguf-{digest}.tokenizer.v{VOCAB_CACHE_VERSION}.json"

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
+
+from llm.model.tokenizer import gguf_vocab
+from llm.model.tokenizer.detokenizer import IncrementalDecoder
+from llm.model.tokenizer.errors import TokenizerError
 
 _SPECIAL_NAMES = (
     "bos_token",
@@ -35,8 +39,6 @@ _SPECIAL_NAMES = (
 )
 
 
-class TokenizerError(ValueError):
-    """A tokenizer cannot be loaded or used; the message names the path when there is one."""
 
 
 class _Backend(Protocol):
@@ -312,20 +314,18 @@ class Tokenizer:
     @classmethod
     def _from_gguf(cls, path: Path, reader: Any, cache_dir: str | Path | None,
                    digest: str | None) -> Tokenizer:
-        from llm.model.tokenizer import gguf_vocab as gguf_tokenizer
-
         if cache_dir is not None and reader is None:
-            vocab = gguf_tokenizer.cached_gguf_vocab(path, Path(cache_dir), digest)
+            vocab = gguf_vocab.cached_gguf_vocab(path, Path(cache_dir), digest)
         else:
-            vocab = gguf_tokenizer.read_gguf_vocab(path, reader)
+            vocab = gguf_vocab.read_gguf_vocab(path, reader)
         if vocab.model == "gpt2":
-            tok = gguf_tokenizer.build_bpe_tokenizer(vocab)
+            tok = gguf_vocab.build_bpe_tokenizer(vocab)
             backend: _Backend = _HFBackend(tok, len(vocab.tokens))
         elif vocab.model == "llama":
             backend = _SpmBackend(
-                gguf_tokenizer.build_spm_model_proto(vocab),
+                gguf_vocab.build_spm_model_proto(vocab),
                 path,
-                add_bos=gguf_tokenizer.default_add_bos(vocab),
+                add_bos=gguf_vocab.default_add_bos(vocab),
                 add_eos=bool(vocab.add_eos),
                 bos_token=vocab.token_text(vocab.bos_id),
                 eos_token=vocab.token_text(vocab.eos_id),
@@ -457,49 +457,3 @@ def _compile_template(source: str, origin: Path) -> Any:
         raise TokenizerError(f"{origin}: chat template does not compile: {exc}") from exc
 
 
-class IncrementalDecoder:
-    """Turns a stream of token ids into text deltas, for streaming generation.
-
-    Each :meth:`add` decodes only a short window of recent ids (the prefix-offset / read-offset
-    technique): ids before ``prefix`` are final, ids in ``[prefix, read)`` were emitted and give
-    context, ids from ``read`` on are new. A delta is emitted only when the new text grew and does
-    not end in U+FFFD (a character cut between byte tokens), so concatenated deltas equal
-    ``decode(all ids)``. Call :meth:`flush` once at the end of the stream.
-    """
-
-    def __init__(self, decode: Callable[..., str], *, skip_special_tokens: bool = True) -> None:
-        self._decode = decode
-        self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-        self._prefix_text: str | None = ""
-        self.text = ""
-
-    def add(self, token_id: int) -> str:
-        """Append one token id; return the newly completed text (may be empty)."""
-        self._ids.append(int(token_id))
-        try:
-            return self._emit(final=False)
-        except Exception:
-            self._ids.pop()  # e.g. an id outside the vocabulary: leave the stream as it was
-            raise
-
-    def flush(self) -> str:
-        """Return whatever text is still held back (e.g. an incomplete character)."""
-        return self._emit(final=True)
-
-    def _emit(self, *, final: bool) -> str:
-        if self._read == len(self._ids):
-            return ""
-        if self._prefix_text is None:
-            self._prefix_text = self._decode(
-                self._ids[self._prefix : self._read], skip_special_tokens=self._skip
-            )
-        new_text = self._decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
-        if len(new_text) <= len(self._prefix_text) or (new_text.endswith("\ufffd") and not final):
-            return ""
-        delta = new_text[len(self._prefix_text) :]
-        self._prefix, self._read, self._prefix_text = self._read, len(self._ids), None
-        self.text += delta
-        return delta

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llm.model.checkpoint.load import expected_tensors
+from llm.model.checkpoint.common import expected_tensors
 from llm.model.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:

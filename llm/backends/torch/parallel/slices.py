@@ -17,16 +17,12 @@ from pathlib import Path
 
 import torch
 
-from llm.model.checkpoint.load import (
-    CheckpointError,
-    default_cache_dir,
-    expected_tensors,
-    get_tensor,
-    hf_dir_headers,
-    open_safetensors,
-    resolve_checkpoint,
-)
+from llm.model.checkpoint.common import CheckpointError, expected_tensors
+from llm.model.checkpoint.hf import hf_dir_headers
+from llm.model.checkpoint.load import resolve_checkpoint
+from llm.model.checkpoint.safetensors_io import get_tensor, open_safetensors
 from llm.model.config import ModelConfig
+from llm.model.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +170,8 @@ def open_weight_slices(path: str | Path, *, cache_dir: str | Path | None = None,
     if kind == "dir":
         config, where = hf_dir_headers(path)
         return SafetensorsSlices(config, where, str(path))
-    from llm.model.checkpoint.gguf import cache_entry_config, cache_path, file_sha256
+    from llm.model.checkpoint.gguf_cache import cache_entry_config, cache_path
+    from llm.model.files import file_sha256
 
     digest = file_sha256(path, progress)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

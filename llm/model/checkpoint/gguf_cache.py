@@ -1,0 +1,109 @@
+"""The GGUF conversion cache: converted tensors as one safetensors file per GGUF content hash.
+
+`<cache_dir>/gguf-<sha256 of the GGUF bytes>.v<CACHE_FORMAT_VERSION>.safetensors` holds the
+converted tensors, with the ModelConfig as JSON in the safetensors metadata, so a cache hit reads no
+GGUF structure at all (only hashes its bytes). Dtypes are lossless: F32 and quantized tensors are
+stored as float32 (the exact dequantized values), F16/BF16 tensors keep float16/bfloat16. Entries
+are written atomically; an unusable entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from llm.model.checkpoint.common import CheckpointError, check_tensors, expected_tensors
+from llm.model.checkpoint.gguf import convert_gguf
+from llm.model.checkpoint.safetensors_io import (
+    open_safetensors,
+    read_safetensors,
+    write_safetensors_atomic,
+)
+from llm.model.config import ModelConfig, RopeScaling
+from llm.model.files import file_sha256
+
+log = logging.getLogger(__name__)
+# Bump when the conversion output changes: older cache entries are then simply not found.
+CACHE_FORMAT_VERSION = 1
+_CACHE_FORMAT = "llm.gguf-cache"
+
+
+def cache_path(cache_dir: Path, digest: str) -> Path:
+    """The cache entry of the GGUF whose bytes have sha256 `digest`."""
+    return cache_dir / f"gguf-{digest}.v{CACHE_FORMAT_VERSION}.safetensors"
+
+
+def load_gguf_cached(
+    path: Path, cache_dir: Path, progress: bool = True
+) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """Config, canonical tensors and content sha256 of a GGUF, from the cache or converted."""
+    digest = file_sha256(path, progress)
+    entry = cache_path(cache_dir, digest)
+    if entry.is_file():
+        try:
+            return (*_read_cache(entry, digest, progress), digest)
+        except CheckpointError as e:
+            log.warning("unusable weights cache entry, rebuilding it: %s", e)
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError as unlink_error:  # the atomic rewrite below replaces it anyway
+                log.warning("could not delete %s: %s", entry, unlink_error)
+    config, tensors = convert_gguf(path, progress)
+    metadata = {
+        "format": _CACHE_FORMAT,
+        "version": str(CACHE_FORMAT_VERSION),
+        "source_sha256": digest,
+        "source": str(path),  # informational only: the key is the content hash
+        "config": config_to_json(config),
+    }
+    try:
+        write_safetensors_atomic(entry, tensors, metadata)
+    except OSError as e:  # a read-only or full disk costs a reconversion next time, nothing else
+        log.warning("could not write the weights cache %s: %s", entry, e)
+    return config, tensors, digest
+
+
+def _read_cache(
+    file: Path, digest: str, progress: bool
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    config = cache_entry_config(file, digest)
+    tensors, _ = read_safetensors(file, progress, desc="loading cached weights")
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    check_tensors(shapes, config, dict.fromkeys(tensors, str(file)), file)
+    return config, {name: tensors[name] for name in expected_tensors(config)}
+
+
+def cache_entry_config(file: Path, digest: str) -> ModelConfig:
+    """The ModelConfig of the cache entry `file` for the GGUF with sha256 `digest`, from its
+    header only; CheckpointError if the entry is unreadable or not this GGUF's.
+    """
+    with open_safetensors(file) as f:
+        metadata = f.metadata() or {}
+    header = {k: metadata.get(k) for k in ("format", "version", "source_sha256")}
+    wanted = {"format": _CACHE_FORMAT, "version": str(CACHE_FORMAT_VERSION)}
+    wanted["source_sha256"] = digest
+    if header != wanted:
+        raise CheckpointError(f"{file}: not a cache entry for this GGUF (metadata {header})")
+    try:
+        return config_from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError and JSON errors are ValueErrors
+        raise CheckpointError(f"{file}: bad model config in the metadata: {e!r}") from e
+
+
+def config_to_json(config: ModelConfig) -> str:
+    """ModelConfig as JSON (stored in cache metadata); `config_from_json` reverses it exactly."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def config_from_json(text: str) -> ModelConfig:
+    """Inverse of `config_to_json` (JSON lists back to the dataclass' tuples)."""
+    d = json.loads(text)
+    rs = d.pop("rope_scaling")
+    if rs is not None:
+        rs = RopeScaling(**{**rs, "freq_factors": tuple(rs["freq_factors"])})
+    d["eos_token_ids"] = tuple(d["eos_token_ids"])
+    return ModelConfig(**d, rope_scaling=rs)
