@@ -125,7 +125,7 @@ def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: 
 
     model = llm.LLM(tensor_parallel=n, max_batch=len(prompts), max_seq_len=128, progress=False)
     if not model.is_leader:
-        weight_bytes = model.backend.model.weight_bytes
+        weight_bytes = model.backend.weight_bytes
         save(tmp, rank, {"calls": model.follow(), "weight_bytes": weight_bytes})
         return
     try:
@@ -133,5 +133,5 @@ def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: 
     finally:
         model.close()
     save(tmp, rank, {"tokens": [o.token_ids for o in out],
-                     "weight_bytes": model.backend.backend.model.weight_bytes,
+                     "weight_bytes": model.backend.weight_bytes,
                      "describe": model.backend.describe()})

@@ -11,7 +11,9 @@ QueueFullError when the configured queue is full, EngineClosedError after `shutd
         print(ev.text, end="")
     engine.shutdown()
 
-Do not call the LLM's own generate/stream while its AsyncEngine runs: both drive the same backend.
+The AsyncEngine drives the LLM's one scheduler (`LLM.core`) from its construction until `shutdown`;
+meanwhile the LLM's own generate/stream are refused with EngineBusyError (and an AsyncEngine cannot
+start while they run).
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ import contextlib
 import itertools
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.core import EngineCore
 from llm.engine.metrics import ServingMetrics
 from llm.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
 from llm.engine.sequence import RequestOutput, Sequence, StreamEvent
 
-if TYPE_CHECKING:
-    from llm.api.llm import LLM
+
+class _HasCore(Protocol):
+    """What the AsyncEngine drives: an `llm.LLM` (or anything holding an EngineCore as `core`)."""
+
+    core: EngineCore
+
 
 _log = logging.getLogger(__name__)
 
@@ -79,15 +86,22 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """One Scheduler on an LLM's backend, stepped by a dedicated thread (see module docstring)."""
+    """The asynchronous front of an LLM's EngineCore: its one Scheduler, stepped by a dedicated
+    thread (see module docstring). It claims the core until `shutdown`."""
 
-    def __init__(self, model: LLM, config: SchedulerConfig | None = None,
+    def __init__(self, model: _HasCore, config: SchedulerConfig | None = None,
                  metrics: ServingMetrics | None = None) -> None:
         self.model = model
-        self.tokenizer = model.tokenizer
+        self.core = model.core
+        self.tokenizer = self.core.tokenizer
         self.metrics = metrics if metrics is not None else ServingMetrics()
-        self.scheduler = Scheduler(model.backend, model.tokenizer, model.generator.pages, config,
-                                   self.metrics)
+        self.core.claim(self, "an AsyncEngine")  # EngineBusyError while a generate/stream runs
+        try:
+            self._previous = self.core.configure(config or SchedulerConfig(), self.metrics)
+        except BaseException:
+            self.core.release(self)
+            raise
+        self.scheduler = self.core.scheduler
         self.max_seq_len = self.scheduler.max_seq_len
         self.metrics.add_gauge("llm_queue_depth", "Requests waiting for a slot",
                                lambda: len(self.scheduler.waiting))
@@ -102,6 +116,7 @@ class AsyncEngine:
         self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._in_flight = 0
         self._closed = False
+        self._released = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
@@ -137,11 +152,19 @@ class AsyncEngine:
         self._wake.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Cancel everything in flight and stop the engine thread."""
+        """Cancel everything in flight, stop the engine thread and hand the model back to its
+        synchronous front (its own scheduler limits restored).
+        """
         with self._lock:
             self._closed = True
+            released, self._released = self._released, True
         self._wake.set()
         self._thread.join(timeout)
+        if released or self._thread.is_alive():
+            return
+        if not self.scheduler.has_work:
+            self.core.configure(*self._previous)
+        self.core.release(self)
 
     def _run(self) -> None:
         sched = self.scheduler

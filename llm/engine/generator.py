@@ -12,35 +12,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from llm.engine.contract.backend import Backend
 from llm.engine.contract.sampling_params import SamplingParams
-from llm.engine.paged_kv import PageTable, PageTableSpec
-from llm.engine.scheduler import Scheduler, SchedulerConfig
+from llm.engine.core import EngineCore
 from llm.engine.sequence import RequestError, RequestOutput, StreamEvent
 from llm.engine.sequence import Sequence as SequenceState
-from llm.model.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["Generator", "RequestError", "RequestOutput", "StreamEvent"]
 
 
 class Generator:
-    """Runs requests on a Backend with a Tokenizer; one Generator per backend instance.
+    """The synchronous front of an EngineCore (its one Scheduler, page table and backend).
 
-    `pages` is the KV page table of the backend's cache (pass an existing one to share it); an
-    `AsyncEngine` built on the same backend shares it too (they must not run at the same time:
-    backends are not thread-safe).
+    While a `stream` runs it claims the core, so an AsyncEngine cannot drive it at the same time
+    (EngineBusyError), and vice versa.
     """
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer,
-                 config: SchedulerConfig | None = None, pages: PageTable | None = None) -> None:
-        self.backend = backend
-        self.tokenizer = tokenizer
-        rt = backend.runtime
-        self.max_seq_len = rt.max_seq_len
-        self.pages = pages or PageTable(
-            PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), rt.max_batch)
-        self.vocab_size = backend.config.vocab_size
-        self.scheduler = Scheduler(backend, tokenizer, self.pages, config)
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.backend = core.backend
+        self.tokenizer = core.tokenizer
+        self.scheduler = core.scheduler
+        self.pages = core.pages
+        self.max_seq_len = self.backend.runtime.max_seq_len
+        self.vocab_size = self.backend.config.vocab_size
 
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Text (optionally as one user chat message) or token ids -> token ids."""
@@ -75,6 +69,7 @@ class Generator:
 
     def _run(self, seqs: list[SequenceState]) -> Iterator[StreamEvent]:
         sched = self.scheduler
+        self.core.claim(self, "generate/stream")
         try:
             for seq in seqs:
                 sched.add(seq)
@@ -83,6 +78,7 @@ class Generator:
         finally:
             for seq in seqs:  # an abandoned stream still returns its slots and pages
                 sched.cancel(seq)
+            self.core.release(self)
 
 
 def _per_request(params: SamplingParams | Sequence[SamplingParams] | None,

@@ -68,16 +68,28 @@ class Scheduler:
         self.backend = backend
         self.tokenizer = tokenizer
         self.pages = pages
-        self.config = config or SchedulerConfig()
-        self.metrics = metrics
         rt = backend.runtime
         self.max_seq_len = rt.max_seq_len
         self.vocab_size = backend.config.vocab_size
-        self.max_active = min(self.config.max_active or rt.max_batch, rt.max_batch)
+        self.capabilities = backend.capabilities
         self.waiting: deque[Sequence] = deque()
         self.active: dict[int, Sequence] = {}  # slot -> sequence, in admission order
-        self._free_slots = list(range(self.max_active - 1, -1, -1))
         self._eos = frozenset(tokenizer.eos_ids)
+        self.config, self.metrics = SchedulerConfig(), None
+        self.configure(config or SchedulerConfig(), metrics)
+
+    def configure(self, config: SchedulerConfig, metrics: ServingMetrics | None = None
+                  ) -> tuple[SchedulerConfig, ServingMetrics | None]:
+        """Set the limits and metrics (only while no request is held); returns the previous."""
+        if self.has_work:
+            raise RuntimeError("the scheduler can be reconfigured only while it holds no request")
+        previous = (self.config, self.metrics)
+        self.config = config
+        self.metrics = metrics
+        self.max_active = min(config.max_active or self.backend.runtime.max_batch,
+                              self.backend.runtime.max_batch)
+        self._free_slots = list(range(self.max_active - 1, -1, -1))
+        return previous
 
     @property
     def has_work(self) -> bool:
@@ -91,6 +103,7 @@ class Scheduler:
 
     def make_sequence(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
         """Validate one request (prompt token ids + parameters) and build its Sequence."""
+        self.capabilities.check(params, self.backend.name)  # SamplingParamsError naming the param
         if not ids:
             raise RequestError(f"request {index}: the prompt is empty (it encodes to no tokens)")
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
@@ -174,7 +187,7 @@ class Scheduler:
         if self.waiting and not self.active:
             raise OutOfPagesError(
                 f"KV pool cannot hold the next request ({self.waiting[0].budget} tokens, "
-                f"{self.pages.allocator.num_free} pages free): is another scheduler using it?")
+                f"{self.pages.allocator.num_free} pages free)")
 
     def _prefill(self, events: list[StreamEvent]) -> None:
         chunk = self.config.prefill_chunk

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from llm.engine.async_engine import AsyncEngine, EngineClosedError, RequestStream
+from llm.engine.contract.sampling_params import SamplingParamsError
 from llm.engine.paged_kv import OutOfPagesError
 from llm.engine.scheduler import QueueFullError
 from llm.engine.sequence import RequestError
@@ -32,6 +33,7 @@ from llm.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     ApiError,
     ParsedRequest,
+    api_param,
     parse_request,
     short_repr,
 )
@@ -159,6 +161,8 @@ class _Handlers:
             return self.engine.submit(ids, params)
         except (RequestError, OutOfPagesError) as e:
             raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
+        except SamplingParamsError as e:  # valid, but beyond what this backend can do
+            raise ApiError(400, str(e), api_param(e.param)) from e
         except QueueFullError as e:
             raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full",
                            headers=self._retry()) from e

@@ -92,7 +92,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             ignore_eos=_opt_bool(body, "ignore_eos") or False,
         )
     except SamplingParamsError as e:
-        raise ApiError(400, str(e)) from e
+        raise ApiError(400, str(e), api_param(e.param)) from e
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage)), messages
 
 
@@ -221,3 +221,8 @@ def _kind(value: Any) -> str:
 def short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def api_param(param: str | None) -> str | None:
+    """The request field of a SamplingParams parameter (the API calls max_new_tokens max_tokens)."""
+    return {"max_new_tokens": "max_tokens"}.get(param or "", param)

@@ -58,11 +58,14 @@ def short_gil_switch_interval() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def live_server(serve_model: llm.LLM) -> Iterator[LiveServer]:
-    engine = AsyncEngine(serve_model, SchedulerConfig(max_queue=96))
+def live_server() -> Iterator[LiveServer]:
+    """A server on its own model: its AsyncEngine holds that model's engine for the session, while
+    tests drive `serve_model` synchronously as the reference."""
+    model = llm.LLM(max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN, progress=False)
+    engine = AsyncEngine(model, SchedulerConfig(max_queue=96))
     app = create_app(engine, ServerConfig(model_name=MODEL_NAME))
     with serve_in_thread(app) as url:
-        yield LiveServer(url, engine, serve_model)
+        yield LiveServer(url, engine, model)
     engine.shutdown()
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from llm.engine.async_engine import AsyncEngine, EngineClosedError
 from llm.engine.contract.sampling_params import SamplingParams
-from llm.engine.generator import Generator
 from llm.engine.scheduler import QueueFullError, SchedulerConfig
 from llm.engine.sequence import RequestError
 
@@ -26,10 +25,12 @@ def test_chunked_prefill_equals_whole_prefill(serve_model) -> None:
     assert len(ids) > 64
     params = SamplingParams(max_new_tokens=6)
     whole = serve_model.generate([ids], params)[0]
-    chunked_gen = Generator(serve_model.backend, serve_model.tokenizer,
-                            SchedulerConfig(prefill_chunk=16), pages=serve_model.generator.pages)
-    short = serve_model.tokenizer.encode("Once upon a time")
-    both = chunked_gen.generate([short, ids], [SamplingParams(max_new_tokens=8), params])
+    previous = serve_model.core.configure(SchedulerConfig(prefill_chunk=16))
+    try:
+        short = serve_model.tokenizer.encode("Once upon a time")
+        both = serve_model.generate([short, ids], [SamplingParams(max_new_tokens=8), params])
+    finally:
+        serve_model.core.configure(*previous)
     assert both[1].token_ids == whole.token_ids
     assert both[0].token_ids == serve_model.generate([short], SamplingParams(
         max_new_tokens=8))[0].token_ids

@@ -215,14 +215,17 @@ def test_engine_failure_fails_requests_frees_pages_and_closes() -> None:
     from types import SimpleNamespace
 
     from llm.engine.async_engine import AsyncEngine, EngineClosedError
+    from llm.engine.core import EngineCore
 
-    backend, tok, pages = fake_parts()
+    backend, tok, _ = fake_parts()
 
     def broken_decode(inp):
         raise RuntimeError("device lost")
 
     backend.decode = broken_decode
-    model = SimpleNamespace(backend=backend, tokenizer=tok, generator=SimpleNamespace(pages=pages))
+    core = EngineCore(backend, tok)
+    pages = core.pages
+    model = SimpleNamespace(core=core)
     engine = AsyncEngine(model, SchedulerConfig(max_queue=4))
 
     async def go() -> None:

@@ -20,6 +20,7 @@ import llm
 from llm.backends.torch.parallel.plan import TensorParallelPlan
 from llm.model.checkpoint.common import expected_tensors
 from llm.model.checkpoint.hf import save_hf_checkpoint
+from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ConfigError, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,7 +129,8 @@ def single_process() -> tuple[list[list[int]], int, list[str]]:
     """Greedy tokens and texts of PROMPTS in one process, and the model's weight bytes."""
     model = llm.LLM(max_batch=2, max_seq_len=128, progress=False)
     out = model.generate(PROMPTS, llm.SamplingParams(max_new_tokens=STEPS, ignore_eos=True))
-    full = sum(t.numel() * t.element_size() for t in model.checkpoint.tensors.values())
+    checkpoint = load_checkpoint(model.backend.source, progress=False)
+    full = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
     return [o.token_ids for o in out], full, [o.text for o in out]
 
 

@@ -10,7 +10,13 @@ from tt_helpers import MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.tt.op_configs import TTConfigError
 from llm.backends.tt.runner import TTBackend, parse_mesh
-from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampling, create_backend
+from llm.engine.contract.backend import (
+    BackendSpec,
+    DecodeInput,
+    PrefillInput,
+    SequenceSampling,
+    create_backend,
+)
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.drive import decode_together
 from llm.model.checkpoint.common import Checkpoint
@@ -44,9 +50,10 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
     config = MESH_CONFIG if name == "mesh" else TT_CONFIGS[name]
     model = hf_model(config)
-    rt = RuntimeConfig(max_batch=3, max_seq_len=96, block_size=32)
-    backend = create_backend("tt", Checkpoint(config, state_dict(model), source=None), rt,
-                             {"mesh": mesh, "implementation": "emulator"})
+    spec = BackendSpec(Checkpoint(config, state_dict(model), source=None), max_batch=3,
+                       max_seq_len=96, block_size=32,
+                       options={"mesh": mesh, "implementation": "emulator"})
+    backend = create_backend("tt", spec)
     assert isinstance(backend, TTBackend) and f"mesh {mesh}" in backend.describe()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (7, 40, 12)]
@@ -69,7 +76,7 @@ def test_clear_errors() -> None:
         TTBackend(ck, rt, precision_policy="fast", implementation="emulator")
     backend = TTBackend(ck, rt, implementation="emulator")
     sampled = SequenceSampling(SamplingParams(temperature=0.7, seed=1), 1)
-    with pytest.raises(ValueError, match="only greedy decoding"):
+    with pytest.raises(ValueError, match="temperature=0.7 is not supported by the tt backend"):
         backend.prefill(PrefillInput(0, [1, 2, 3], 0, [1, 2], sampled))
     with pytest.raises(ValueError, match="multiple of the block size 32"):
         backend.prefill(PrefillInput(0, [1, 2, 3], 5, [1, 2], GREEDY))

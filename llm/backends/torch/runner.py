@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from llm.backends.torch.graphs import DecodeGraphs
@@ -11,9 +13,18 @@ from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.slices import WeightSlices
 from llm.backends.torch.prefill_graphs import PrefillGraphs
 from llm.backends.torch.sampling import SamplingTensors
-from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.engine.contract.backend import (
+    SAMPLING_MODES,
+    Backend,
+    BackendSpec,
+    Capabilities,
+    DecodeInput,
+    PrefillInput,
+    SequenceSampling,
+)
 from llm.model.checkpoint.common import Checkpoint
-from llm.model.config import RuntimeConfig
+from llm.model.checkpoint.load import load_checkpoint
+from llm.model.config import ConfigError, RuntimeConfig
 
 
 class TorchBackend(Backend):
@@ -40,6 +51,9 @@ class TorchBackend(Backend):
             raise RuntimeError(f"device {runtime.device!r} requested but CUDA is not available")
         self.config = checkpoint.config
         self.runtime = runtime
+        source = getattr(checkpoint, "source", None)
+        self.source = Path(source) if source is not None else None
+        self.source_sha256 = checkpoint.source_sha256
         self.device = torch.device(runtime.device)
         self.mesh = mesh or Mesh.single()
         if all_reduce == "auto":
@@ -49,6 +63,7 @@ class TorchBackend(Backend):
         self.model = Transformer(self.config, weights, runtime, mesh=self.mesh,
                                  gemv_max_batch=gemv_max_batch)
         self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
+        self.weight_bytes = self.model.weight_bytes
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.model.decode_kernel:
             self.graphs = DecodeGraphs(self.model, self.cache, runtime.max_batch,
@@ -61,7 +76,30 @@ class TorchBackend(Backend):
             if cuda_graphs:
                 self.prefill_graphs.capture()
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """Every sampling mode, on the device (greedy, temperature, top-k, top-p)."""
+        return Capabilities(SAMPLING_MODES, self.runtime.max_batch, self.runtime.max_seq_len)
+
+    def close(self) -> None:
+        """Drop the CUDA graphs, the KV cache and the weights (their memory returns to the
+        allocator); later calls are an error."""
+        if self.closed:
+            return
+        self._closed_description = self.describe() + ", closed"
+        super().close()
+        self.graphs = self.prefill_graphs = None
+        self.cache = self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the torch backend was closed")
+
     def describe(self) -> str:
+        if self.closed:
+            return self._closed_description
         mode = "eager"
         if self.graphs is not None:
             mode = f"CUDA graphs, decode captured in {self.graphs.capture_s:.1f} s"
@@ -88,6 +126,7 @@ class TorchBackend(Backend):
         return self.model.sample(logits, st, self._tensor(positions), all_greedy).tolist()
 
     def prefill(self, inp: PrefillInput) -> int:
+        self._check_open()
         if self.graphs is not None:
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
         pg = self.prefill_graphs
@@ -99,6 +138,7 @@ class TorchBackend(Backend):
         return self._sample(logits[None], [inp.sampling], [inp.start_pos + len(inp.tokens)])[0]
 
     def decode(self, inp: DecodeInput) -> list[int]:
+        self._check_open()
         positions = list(inp.positions)
         if self.graphs is not None:
             return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table,
@@ -109,9 +149,27 @@ class TorchBackend(Backend):
         return self._sample(logits, list(inp.sampling), [p + 1 for p in positions])
 
 
-def create(checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
-           cuda_graphs: bool = True, mesh: Mesh | None = None,
-           all_reduce: str = "auto", gemv_max_batch: int | None = None) -> TorchBackend:
-    """Registry entry point (see llm.engine.contract.backend.create_backend)."""
-    return TorchBackend(checkpoint, runtime, cuda_graphs=cuda_graphs, mesh=mesh,
-                        all_reduce=all_reduce, gemv_max_batch=gemv_max_batch)
+_OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch")
+
+
+def create(spec: BackendSpec) -> Backend:
+    """Registry entry point (see llm.engine.contract.backend.create_backend).
+
+    Options: cuda_graphs (bool), all_reduce ("auto" | "nccl"), gemv_max_batch (int); see
+    TorchBackend. spec.tensor_parallel > 1 starts this process's rank (llm.backends.torch.parallel).
+    """
+    options = dict(spec.options)
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown torch backend option(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(_OPTIONS)})")
+    if spec.tensor_parallel != 1:
+        from llm.backends.torch.parallel.launch import launch
+
+        return launch(spec, lambda weights, runtime, mesh: TorchBackend(
+            weights, runtime, mesh=mesh, **options))
+    checkpoint = spec.model
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(spec.model_path(), cache_dir=spec.cache_dir,
+                                     progress=spec.progress)
+    return TorchBackend(checkpoint, spec.runtime(checkpoint.config), **options)

@@ -21,9 +21,17 @@ from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.precision import POLICIES, precision
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
-from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.engine.contract.backend import (
+    Backend,
+    BackendSpec,
+    Capabilities,
+    DecodeInput,
+    PrefillInput,
+    SequenceSampling,
+)
 from llm.model.checkpoint.common import Checkpoint
-from llm.model.config import RuntimeConfig
+from llm.model.checkpoint.load import load_checkpoint
+from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
 
 TILE = 32
@@ -115,6 +123,8 @@ class TTBackend(Backend):
                              f"got {precision_policy!r}")
         self.config = checkpoint.config
         self.runtime = runtime
+        self.source = Path(checkpoint.source) if checkpoint.source is not None else None
+        self.source_sha256 = checkpoint.source_sha256
         shape = parse_mesh(mesh)
         self.mesh, self.implementation = open_mesh(shape, implementation)
         ttnn = self.mesh.ttnn
@@ -136,8 +146,18 @@ class TTBackend(Backend):
             ttnn.close_mesh_device(self.mesh.device)  # do not leave a real device open
             raise
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """Greedy decoding only (on-device argmax); sampling on the device is not built yet."""
+        return Capabilities(frozenset({"greedy"}), self.runtime.max_batch,
+                            self.runtime.max_seq_len)
+
     def close(self) -> None:
-        """Release the decode trace and close the device (the backend is unusable after)."""
+        """Release the decode trace and close the device (the backend is unusable after).
+        Idempotent."""
+        if self.closed:
+            return
+        super().close()
         self.decoder.release()
         self.mesh.ttnn.close_mesh_device(self.mesh.device)
 
@@ -150,15 +170,16 @@ class TTBackend(Backend):
                 f"{d.kv_cache.name}{changed}), decode "
                 f"{'traced' if self.decoder.traced else 'untraced'}")
 
-    @staticmethod
-    def _require_greedy(sampling: list[SequenceSampling]) -> None:
-        if any(not s.params.greedy for s in sampling):
-            raise ValueError("tt backend: only greedy decoding (temperature 0) is implemented; "
-                             "on-device sampling (ttnn.topk + ttnn.sampling) is not")
+    def _check_call(self, sampling: list[SequenceSampling]) -> None:
+        """The engine checks capabilities at submission; a direct caller gets the same error."""
+        if self.closed:
+            raise RuntimeError("the tt backend was closed")
+        for s in sampling:
+            self.capabilities.check(s.params, self.name)
 
     def prefill(self, inp: PrefillInput) -> int:
         """One user's prompt, or a chunk of it at start_pos (a multiple of the block size)."""
-        self._require_greedy([inp.sampling])
+        self._check_call([inp.sampling])
         ttnn, mesh = self.mesh.ttnn, self.mesh
         start, n, bs = inp.start_pos, len(inp.tokens), self.runtime.block_size
         if start % bs:
@@ -185,7 +206,7 @@ class TTBackend(Backend):
         return int(mesh.read(out).reshape(-1)[(n - 1) % TILE].to(torch.int64))
 
     def decode(self, inp: DecodeInput) -> list[int]:
-        self._require_greedy(list(inp.sampling))
+        self._check_call(list(inp.sampling))
         return self.decoder.step(list(inp.slots), list(inp.tokens), list(inp.positions),
                                  [list(r) for r in inp.page_table])
 
@@ -197,12 +218,29 @@ class TTBackend(Backend):
         return cost_of(self.mesh.device, self.decoder.trace_id)
 
 
-def create(checkpoint: Checkpoint, runtime: RuntimeConfig, **options: Any) -> TTBackend:
-    """Registry entry point (see llm.engine.contract.backend.create_backend). Options: mesh ("1x8"),
-    precision ("accuracy" | "performance"), decoder_precision (per-decoder overrides: a
-    precision.PRESETS name, a .json file or a mapping, see precision.parse_overrides), trace,
-    implementation ("auto" | "ttnn" | "emulator"), weights_dir, cache, max_columns_per_device,
-    qkv_chunk, mlp_chunk."""
+_OPTIONS = ("mesh", "precision", "decoder_precision", "trace", "implementation", "weights_dir",
+            "cache", "max_columns_per_device", "qkv_chunk", "mlp_chunk")
+
+
+def create(spec: BackendSpec) -> TTBackend:
+    """Registry entry point (see llm.engine.contract.backend.create_backend). Options: mesh
+    ("RxC", e.g. "1x8": the device mesh the model is split over), precision ("accuracy" |
+    "performance"), decoder_precision (per-decoder overrides: a precision.PRESETS name, a .json
+    file or a mapping, see precision.parse_overrides), trace, implementation ("auto" | "ttnn" |
+    "emulator"), weights_dir, cache, max_columns_per_device, qkv_chunk, mlp_chunk."""
+    if spec.tensor_parallel != 1:
+        raise ConfigError("the tt backend splits a model over its device mesh (option "
+                          f"mesh='1x8'), not over processes: tensor_parallel={spec.tensor_parallel}"
+                          " needs the torch backend")
+    options = dict(spec.options)
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown tt backend option(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(_OPTIONS)})")
     if "precision" in options:
         options["precision_policy"] = options.pop("precision")
-    return TTBackend(checkpoint, runtime, **options)
+    checkpoint = spec.model
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(spec.model_path(), cache_dir=spec.cache_dir,
+                                     progress=spec.progress)
+    return TTBackend(checkpoint, spec.runtime(checkpoint.config), **options)

@@ -1,9 +1,11 @@
-"""The Backend interface that the Generator drives, and the lazy registry of backends.
+"""The backend contract: what the engine hands a backend, what a backend declares, and the lazy
+registry of backends.
 
-A backend owns the model weights on its device and the paged KV cache. The Generator owns the
+A backend owns the model weights on its device and the paged KV cache. The engine owns the
 schedule: which user sits in which batch slot, which KV pages each user holds, and when a user
 stops. Inputs cross this interface as plain Python values, so a backend is free in how it stages
-them on its device.
+them on its device. A backend declares what it can serve in its `Capabilities`; the engine refuses
+a request outside them when it is submitted, so it never reaches the backend.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 from llm.model.checkpoint.common import Checkpoint
-from llm.model.config import ModelConfig, RuntimeConfig
+from llm.model.config import ConfigError, ModelConfig, RuntimeConfig
+from llm.model.paths import default_model_path
+
+DEFAULT_MAX_SEQ_LEN = 2048
+SAMPLING_MODES = frozenset({"greedy", "temperature", "top_k", "top_p"})
 
 
 @dataclass(frozen=True)
@@ -57,12 +64,106 @@ class DecodeInput:
     sampling: Sequence[SequenceSampling]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend instance can serve.
+
+    sampling: the token-selection modes it implements, a subset of SAMPLING_MODES ("greedy" is
+    argmax; "temperature" samples from softmax(logits / T); "top_k" / "top_p" filter before
+    sampling). max_batch: users decoded together. max_context: prompt + completion tokens per user.
+    """
+
+    sampling: frozenset[str]
+    max_batch: int
+    max_context: int
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sampling) - SAMPLING_MODES
+        if unknown or "greedy" not in self.sampling:
+            raise ValueError(f"sampling modes must include 'greedy' and be among "
+                             f"{sorted(SAMPLING_MODES)}, got {sorted(self.sampling)}")
+
+    def check(self, params: SamplingParams, backend: str) -> None:
+        """SamplingParamsError (naming the parameter) unless these parameters can be honoured."""
+        if params.greedy:
+            return
+        wanted = [("temperature", params.temperature, "temperature"),
+                  ("top_k", params.top_k, "top_k" if params.top_k > 0 else None),
+                  ("top_p", params.top_p, "top_p" if params.top_p < 1.0 else None)]
+        for name, value, mode in wanted:
+            if mode is not None and mode not in self.sampling:
+                supported = ", ".join(sorted(self.sampling))
+                raise SamplingParamsError(
+                    f"{name}={value!r} is not supported by the {backend} backend (it implements: "
+                    f"{supported}); use temperature=0 for greedy decoding", param=name)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything a backend's `create` needs to load a model and size its caches.
+
+    model: a Hugging Face directory or .gguf path (None: the embedded default model), or weights
+    already loaded. max_seq_len: None = the model's context, at most DEFAULT_MAX_SEQ_LEN.
+    tensor_parallel: processes the model is split over (a backend without it refuses N > 1).
+    options: the backend's own keyword options, each with one meaning (see its `create`).
+    """
+
+    model: str | Path | Checkpoint | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch: int = 8
+    max_seq_len: int | None = None
+    block_size: int = 32
+    num_blocks: int | None = None
+    cache_dir: str | Path | None = None
+    progress: bool = True
+    tensor_parallel: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def model_path(self) -> Path:
+        """The checkpoint path to read (the default model's when `model` is None)."""
+        if isinstance(self.model, Checkpoint):
+            if self.model.source is None:
+                raise ConfigError("these in-memory weights have no source path to read")
+            return Path(self.model.source)
+        return Path(self.model).expanduser() if self.model is not None else default_model_path()
+
+    def runtime(self, config: ModelConfig, device: str | None = None) -> RuntimeConfig:
+        """The RuntimeConfig for `config` (checks max_seq_len against the model's context)."""
+        limit = config.max_context
+        max_seq_len = self.max_seq_len
+        if max_seq_len is None:
+            max_seq_len = min(limit, DEFAULT_MAX_SEQ_LEN)
+        elif max_seq_len > limit:
+            raise ConfigError(
+                f"max_seq_len={max_seq_len} exceeds the model's context of {limit} tokens")
+        return RuntimeConfig(device=device or self.device, dtype=self.dtype,
+                             max_batch=self.max_batch, max_seq_len=max_seq_len,
+                             block_size=self.block_size, num_blocks=self.num_blocks)
+
+
 class Backend(ABC):
-    """A device backend: weights on the device, a paged KV cache, prefill and decode."""
+    """A device backend: weights on the device, a paged KV cache, prefill and decode.
+
+    Attributes every backend sets: `name`, `config`, `runtime`, `source` (the checkpoint path, or
+    None for in-memory weights), `source_sha256` (its content hash when known, e.g. a GGUF's) and
+    `weight_bytes` (None where unknown).
+    A tensor-parallel backend has one instance per process: the leader (`leader` True) is driven
+    by the engine, every other rank calls `follow()`.
+    """
 
     name: str
     config: ModelConfig
     runtime: RuntimeConfig
+    source: Path | None = None
+    source_sha256: str | None = None
+    weight_bytes: int | None = None  # bytes of weights this process holds on its device
+    closed: bool = False
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this instance can serve (checked when a request is submitted)."""
 
     @abstractmethod
     def prefill(self, inp: PrefillInput) -> int:
@@ -76,15 +177,29 @@ class Backend(ABC):
     def describe(self) -> str:
         """One line saying what runs where (backend, device, dtype)."""
 
+    def close(self) -> None:
+        """Release the device and its memory; later prefill/decode calls are an error. Idempotent;
+        subclasses that hold a device override it and call this.
+        """
+        self.closed = True
+
+    @property
+    def leader(self) -> bool:
+        """True unless this is a tensor-parallel rank other than 0."""
+        return True
+
+    def follow(self) -> int:
+        """On a tensor-parallel follower rank: run the leader's calls until it closes; returns the
+        number of calls run."""
+        raise RuntimeError(f"the {self.name} backend is not a tensor-parallel follower")
+
 
 _BACKENDS = {"torch": "llm.backends.torch.runner", "tt": "llm.backends.tt.runner"}
 
 
-def create_backend(name: str, checkpoint: Checkpoint, runtime: RuntimeConfig,
-                   options: Mapping[str, Any] | None = None) -> Backend:
-    """Import backend `name` on first use and build it; unknown names are a clear error.
-
-    `options` are backend-specific keyword arguments of its `create` (e.g. a mesh shape for tt).
+def create_backend(name: str, spec: BackendSpec) -> Backend:
+    """Import backend `name` on first use and build it from `spec`; unknown names are a clear
+    error.
     """
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r} (available: {', '.join(sorted(_BACKENDS))})")
@@ -92,4 +207,4 @@ def create_backend(name: str, checkpoint: Checkpoint, runtime: RuntimeConfig,
         module = importlib.import_module(_BACKENDS[name])
     except ModuleNotFoundError as e:
         raise ValueError(f"backend {name!r} is not available in this installation: {e}") from e
-    return module.create(checkpoint, runtime, **dict(options or {}))
+    return module.create(spec)

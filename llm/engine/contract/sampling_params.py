@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 
 class SamplingParamsError(ValueError):
-    """An invalid sampling parameter; the message names it."""
+    """An invalid or unsupported sampling parameter; the message names it, `param` holds its name
+    (None when it is not one parameter).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,8 @@ class SamplingParams:
             _check_int("seed", self.seed, lo=0)
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}")
+                raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}",
+                                         param="stop")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t, lo=0)
 
@@ -62,17 +69,18 @@ class SamplingParams:
 def _check_number(name: str, value: object, lo: float, hi: float | None = None,
                   lo_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}")
+        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}", param=name)
     if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
         bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-        raise SamplingParamsError(f"{name} must be in {bounds}, got {value!r}")
+        raise SamplingParamsError(f"{name} must be in {bounds}, got {value!r}", param=name)
 
 
 def _check_int(name: str, value: object, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SamplingParamsError(f"{name} must be an integer, got {value!r}")
+        raise SamplingParamsError(f"{name} must be an integer, got {value!r}",
+                                  param=name.split()[0])
     if value < lo:
-        raise SamplingParamsError(f"{name} must be >= {lo}, got {value}")
+        raise SamplingParamsError(f"{name} must be >= {lo}, got {value}", param=name.split()[0])
 
 
 def resolve_seed(params: SamplingParams) -> int:

@@ -1,17 +1,19 @@
-"""One Generator driving a tensor-parallel backend whose ranks are separate processes.
+"""One engine driving a tensor-parallel backend whose ranks are separate processes.
 
-Rank 0 (the leader) owns the Generator, the tokenizer and all I/O. Its backend is wrapped in a
+Rank 0 (the leader) owns the engine, the tokenizer and all I/O. Its backend is wrapped in a
 `LeaderBackend`, which sends every call (prefill, decode) to the other ranks before running it
-itself; each follower runs `follow`, executing the same calls in the same order, so the ranks meet
-in every collective. Every rank computes the same tokens (greedy by a distributed argmax, sampling
-over the gathered vocabulary with the same counter-based noise); only the leader's are used.
+itself; each follower (a `FollowerBackend`) runs `follow`, executing the same calls in the same
+order, so the ranks meet in every collective. Every rank computes the same tokens (greedy by a
+distributed argmax, sampling over the gathered vocabulary with the same counter-based noise); only
+the leader's are used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput
+from llm.engine.contract.backend import Backend, Capabilities, DecodeInput, PrefillInput
 
 _STOP = "stop"
 
@@ -27,12 +29,22 @@ class Channel(Protocol):
 
 
 class LeaderBackend(Backend):
-    """Rank 0's view of a tensor-parallel backend: the Backend the Generator drives."""
+    """Rank 0's view of a tensor-parallel backend: the Backend the engine drives.
 
-    def __init__(self, backend: Backend, channel: Channel) -> None:
-        self.backend, self.channel = backend, channel
+    on_close: called once after the followers were released (e.g. to leave the process group).
+    """
+
+    def __init__(self, backend: Backend, channel: Channel,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.backend, self.channel, self._on_close = backend, channel, on_close
         self.name, self.config, self.runtime = backend.name, backend.config, backend.runtime
+        self.source, self.source_sha256 = backend.source, backend.source_sha256
+        self.weight_bytes = backend.weight_bytes
         self.closed = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.backend.capabilities
 
     def prefill(self, inp: PrefillInput) -> int:
         self._send("prefill", inp)
@@ -46,15 +58,67 @@ class LeaderBackend(Backend):
         return f"{self.backend.describe()}; tensor parallel over {self.channel.size} ranks"
 
     def close(self) -> None:
-        """Release the followers (their `follow` returns); later calls are an error."""
-        if not self.closed:
-            self.channel.broadcast_object((_STOP, None))
-            self.closed = True
+        """Release the followers (their `follow` returns), then this rank's backend; later calls
+        are an error.
+        """
+        if self.closed:
+            return
+        self.channel.broadcast_object((_STOP, None))
+        self.closed = True
+        self.backend.close()
+        if self._on_close is not None:
+            self._on_close()
 
     def _send(self, op: str, inp: Any) -> None:
         if self.closed:
             raise RuntimeError("the tensor-parallel backend was closed")
         self.channel.broadcast_object((op, inp))
+
+
+class FollowerBackend(Backend):
+    """A rank > 0 of a tensor-parallel backend: it is never driven directly, it `follow`s the
+    leader's calls until the leader closes.
+    """
+
+    def __init__(self, backend: Backend, channel: Channel,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.backend, self.channel, self._on_close = backend, channel, on_close
+        self.name, self.config, self.runtime = backend.name, backend.config, backend.runtime
+        self.source, self.source_sha256 = backend.source, backend.source_sha256
+        self.weight_bytes = backend.weight_bytes
+        self.closed = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.backend.capabilities
+
+    @property
+    def leader(self) -> bool:
+        return False
+
+    def prefill(self, inp: PrefillInput) -> int:
+        raise RuntimeError("a tensor-parallel follower runs the leader's calls: call follow()")
+
+    def decode(self, inp: DecodeInput) -> list[int]:
+        raise RuntimeError("a tensor-parallel follower runs the leader's calls: call follow()")
+
+    def describe(self) -> str:
+        return f"{self.backend.describe()}; follows rank 0"
+
+    def follow(self) -> int:
+        """Run the leader's calls until it closes, then close this rank; the number of calls."""
+        try:
+            return follow(self.backend, self.channel)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.backend.close()
+        if self._on_close is not None:
+            self._on_close()
 
 
 def follow(backend: Backend, channel: Channel) -> int:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput
+from llm.engine.contract.backend import (
+    SAMPLING_MODES,
+    Backend,
+    Capabilities,
+    DecodeInput,
+    PrefillInput,
+)
 from llm.engine.paged_kv import PageTable, PageTableSpec
 from llm.model.config import RuntimeConfig
 from llm.model.tokenizer.detokenizer import IncrementalDecoder
@@ -33,6 +39,10 @@ class FakeBackend(Backend):
         self.config = FakeModelConfig()  # type: ignore[assignment]
         self.calls: list[tuple] = []
         self.sampling: list = []
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(SAMPLING_MODES, self.runtime.max_batch, self.runtime.max_seq_len)
 
     def describe(self) -> str:
         return "fake backend"

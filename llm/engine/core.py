@@ -1,0 +1,66 @@
+"""EngineCore: one backend, its KV page table and the one Scheduler that runs requests on them.
+
+Both fronts drive this one scheduler: the synchronous `Generator` (generate / stream) and the
+asyncio `AsyncEngine` (the server). Backends are not thread-safe, so one front at a time may drive
+it: a front claims the core while it runs, and the other front is refused with EngineBusyError
+instead of sharing the page pool behind its back.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from llm.engine.contract.backend import Backend
+from llm.engine.metrics import ServingMetrics
+from llm.engine.paged_kv import PageTable, PageTableSpec
+from llm.engine.scheduler import Scheduler, SchedulerConfig
+from llm.model.tokenizer.tokenizer import Tokenizer
+
+
+class EngineBusyError(RuntimeError):
+    """The other front (synchronous or asynchronous) is driving this engine."""
+
+
+class EngineCore:
+    """Owns the page table and the Scheduler of one backend (see module docstring)."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer,
+                 config: SchedulerConfig | None = None) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        rt = backend.runtime
+        self.pages = PageTable(
+            PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), rt.max_batch)
+        self.scheduler = Scheduler(backend, tokenizer, self.pages, config)
+        self._lock = threading.Lock()
+        self._holder: tuple[object, str] | None = None  # (front, its name in errors)
+        self._depth = 0
+
+    def claim(self, front: object, name: str) -> None:
+        """Let `front` (named `name` in errors) drive the scheduler; EngineBusyError while another
+        front holds it. Claims by the same front nest (each needs a `release`).
+        """
+        with self._lock:
+            if self._holder is not None and self._holder[0] is not front:
+                raise EngineBusyError(
+                    f"{self._holder[1]} is driving this model; {name} must wait until it finishes "
+                    "(an AsyncEngine until its shutdown())")
+            self._holder = (front, name)
+            self._depth += 1
+
+    def release(self, front: object) -> None:
+        """End one claim of `front`."""
+        with self._lock:
+            if self._holder is None or self._holder[0] is not front:
+                raise RuntimeError("this front holds no claim on the engine")
+            self._depth -= 1
+            if not self._depth:
+                self._holder = None
+
+    def configure(self, config: SchedulerConfig,
+                  metrics: ServingMetrics | None = None) -> tuple[SchedulerConfig,
+                                                                    ServingMetrics | None]:
+        """Set the scheduler's limits and metrics (only while it holds no request); returns the
+        previous ones, so a front can restore them when it lets go.
+        """
+        return self.scheduler.configure(config, metrics)

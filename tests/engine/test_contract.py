@@ -1,0 +1,145 @@
+"""The backend contract, driven the same way on every backend: capabilities refuse what a backend
+cannot serve at submission (that request alone), close() releases it, and one engine core has one
+scheduler that the synchronous and asynchronous fronts take turns to drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from fakes import FakeBackend, fake_parts
+from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+
+from llm.engine.async_engine import AsyncEngine
+from llm.engine.contract.backend import (
+    SAMPLING_MODES,
+    BackendSpec,
+    Capabilities,
+    PrefillInput,
+    SequenceSampling,
+    create_backend,
+)
+from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
+from llm.engine.core import EngineBusyError, EngineCore
+from llm.engine.drive import decode_together
+from llm.engine.generator import Generator
+from llm.engine.scheduler import SchedulerConfig
+from llm.model.checkpoint.common import Checkpoint
+from llm.model.config import ConfigError
+
+GREEDY = SequenceSampling(SamplingParams(), 0)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_new_tokens=4)
+BACKENDS = {"torch": {}, "tt": {"implementation": "emulator"}}
+
+
+def _spec(name: str, **extra) -> BackendSpec:
+    config = dataclasses.replace(SMALL_CONFIGS["llama_gqa"], hidden_size=128, head_dim=32)
+    model = hf_model(config)
+    return BackendSpec(Checkpoint(config, state_dict(model), source=None), max_batch=2,
+                       max_seq_len=64, block_size=32, options={**BACKENDS[name], **extra})
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_backend_declares_serves_and_closes(name: str) -> None:
+    backend = create_backend(name, _spec(name))
+    caps = backend.capabilities
+    assert "greedy" in caps.sampling and caps.sampling <= SAMPLING_MODES
+    assert (caps.max_batch, caps.max_context) == (2, 64)
+    assert backend.leader and not backend.closed
+    tokens = decode_together(backend, [[1, 2, 3], [4, 5]], 3, [GREEDY, GREEDY])
+    assert [len(t) for t in tokens] == [3, 3]
+    for params in (SamplingParams(), SamplingParams(temperature=0.5, top_k=5, top_p=0.5)):
+        if all(m in caps.sampling for m in ("temperature", "top_k", "top_p")) or params.greedy:
+            caps.check(params, name)
+        else:
+            with pytest.raises(SamplingParamsError, match=f"not supported by the {name} backend"):
+                caps.check(params, name)
+    backend.close()
+    backend.close()  # idempotent
+    assert backend.closed and name in backend.describe()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.prefill(PrefillInput(0, [1, 2], 0, [1, 2], GREEDY))
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_unknown_options_and_tensor_parallel_are_refused_by_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown {name} backend option.*bogus"):
+        create_backend(name, _spec(name, bogus=1))
+    if name == "tt":
+        with pytest.raises(ConfigError, match="tensor_parallel=2 needs the torch backend"):
+            create_backend(name, BackendSpec(tensor_parallel=2))
+
+
+class GreedyOnly(FakeBackend):
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(frozenset({"greedy"}), self.runtime.max_batch,
+                            self.runtime.max_seq_len)
+
+
+def test_a_request_beyond_the_capabilities_is_refused_alone() -> None:
+    """The reproduction of the architecture issue: on a greedy-only backend, one request with
+    temperature=1.0 used to kill the engine and every later request."""
+    fake, tok, _ = fake_parts()
+    core = EngineCore(GreedyOnly(fake.runtime), tok)
+    engine = AsyncEngine(type("Model", (), {"core": core})())
+
+    async def go() -> list[int]:
+        with pytest.raises(SamplingParamsError, match="temperature=1.0") as info:
+            engine.submit([1, 2, 3], SamplingParams(temperature=1.0))
+        assert info.value.param == "temperature"
+        with pytest.raises(SamplingParamsError, match="temperature=0.5"):
+            engine.submit([1, 2, 3], SamplingParams(temperature=0.5, top_k=5))
+        out = await engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3)).result()
+        return out.token_ids
+
+    try:
+        assert len(asyncio.run(go())) == 3
+        assert engine.error is None
+    finally:
+        engine.shutdown()
+    with pytest.raises(SamplingParamsError, match="not supported by the fake backend"):
+        Generator(core).generate([[1, 2]], SAMPLED)
+    no_top_k = Capabilities(frozenset({"greedy", "temperature", "top_p"}), 1, 8)
+    with pytest.raises(SamplingParamsError, match="top_k=5") as info:
+        no_top_k.check(SamplingParams(temperature=0.5, top_k=5), "fake")
+    assert info.value.param == "top_k"
+    no_top_k.check(SamplingParams(temperature=0.5, top_p=0.5), "fake")
+
+
+def test_one_scheduler_two_fronts_take_turns() -> None:
+    fake, tok, _ = fake_parts()
+    core = EngineCore(fake, tok)
+    sync = Generator(core)
+    assert sync.scheduler is core.scheduler and sync.pages is core.pages
+    model = type("Model", (), {"core": core})()
+    before = sync.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))[0].token_ids
+    engine = AsyncEngine(model)
+    assert engine.scheduler is core.scheduler
+    try:
+        with pytest.raises(EngineBusyError, match="an AsyncEngine is driving this model"):
+            sync.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+        with pytest.raises(EngineBusyError):
+            AsyncEngine(model)  # a second asynchronous front on the same scheduler
+    finally:
+        engine.shutdown()
+    assert sync.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))[0].token_ids == before
+    stream = sync.stream([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+    next(stream)  # a synchronous stream in progress holds the core
+    with pytest.raises(EngineBusyError, match="generate/stream is driving this model"):
+        AsyncEngine(model)
+    stream.close()
+    AsyncEngine(model).shutdown()
+    a = core.pages.allocator
+    assert a.num_free == a.capacity
+
+
+def test_scheduler_limits_are_restored_after_an_async_front() -> None:
+    fake, tok, _ = fake_parts(max_batch=4)
+    core = EngineCore(fake, tok)
+    engine = AsyncEngine(type("Model", (), {"core": core})(), SchedulerConfig(max_active=1))
+    assert core.scheduler.max_active == 1
+    engine.shutdown()
+    assert core.scheduler.max_active == 4 and core.scheduler.config == SchedulerConfig()
