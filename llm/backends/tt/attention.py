@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.tt.chunking import linear_in_chunks
+from llm.backends.tt.chunking import prefill_linear
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
@@ -85,11 +85,7 @@ class Attention:
             xqkv_i, num_heads=geo.n_heads, num_kv_heads=geo.n_kv,
             memory_config=ttnn.L1_HEIGHT_SHARDED_MEMORY_CONFIG)  # [1, B, nh|nkv, dh]
         ttnn.deallocate(xqkv_i)
-        cos, sin = rot
-        q_rot = ttnn.experimental.rotary_embedding_llama(q, cos, sin, self.rope.trans_decode,
-                                                         is_decode_mode=True)
-        k_rot = ttnn.experimental.rotary_embedding_llama(k, cos, sin, self.rope.trans_decode,
-                                                         is_decode_mode=True)
+        q_rot, k_rot = self.rope.rotate(q, k, rot, decode=True)
         ttnn.deallocate(q)
         ttnn.deallocate(k)
         ttnn.experimental.paged_update_cache(cache_k, k_rot, update_idxs_tensor=cur_pos,
@@ -113,14 +109,7 @@ class Attention:
                           memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
                           dtype=ttnn.bfloat16, compute_kernel_config=self.kernels["wo"])
         ttnn.deallocate(o_cat)
-        if self.mesh.ndev > 1:
-            partial = ttnn.sharded_to_interleaved(out, ttnn.L1_MEMORY_CONFIG)
-            ttnn.deallocate(out)
-            out = self.mesh.all_reduce(partial, ttnn.L1_MEMORY_CONFIG)  # [1, 1, B, dim]
-            ttnn.deallocate(partial)
-        res = ttnn.to_memory_config(out, cfg.residual_memcfg)
-        ttnn.deallocate(out)
-        return res
+        return self.mesh.all_reduce_sharded(out, cfg.residual_memcfg)  # [1, 1, B, dim]
 
     # ------------------------------------------------------------------------------ prefill
     def prefill(self, x, rot, page_row, cache_k, cache_v, start: int = 0, fill_row=None):
@@ -136,22 +125,15 @@ class Attention:
             self.kernels
         dram = ttnn.DRAM_MEMORY_CONFIG
         s = x.shape[-2]
-        xqkv = linear_in_chunks(ttnn, x, self.wqkv, cfg.qkv_chunk,
-                                program_config=cfg.prefill_matmul("wqkv", s, cfg.qkv_chunk,
-                                                                  kern["wqkv"]),
-                                memory_config=dram, dtype=ttnn.bfloat16,
-                                compute_kernel_config=kern["wqkv"])  # [1, 1, S, qkv]
+        xqkv = prefill_linear(ttnn, cfg, x, self.wqkv, "wqkv", cfg.qkv_chunk,
+                              kern["wqkv"])  # [1, 1, S, qkv]
         if self.bqkv is not None:
             xqkv = ttnn.add(xqkv, self.bqkv, memory_config=dram)
         q, k, v = ttnn.experimental.nlp_create_qkv_heads(
             xqkv, num_heads=geo.n_heads, num_kv_heads=geo.n_kv, transpose_k_heads=False,
             memory_config=dram)  # q [1, nh, S, dh], k and v [1, nkv, S, dh]
         ttnn.deallocate(xqkv)
-        cos, sin = rot
-        q = ttnn.experimental.rotary_embedding_llama(q, cos, sin, self.rope.trans_prefill,
-                                                     is_decode_mode=False)
-        k = ttnn.experimental.rotary_embedding_llama(k, cos, sin, self.rope.trans_prefill,
-                                                     is_decode_mode=False)
+        q, k = self.rope.rotate(q, k, rot, decode=False)
         fill_row = page_row if fill_row is None else fill_row
         capacity = fill_row.shape[-1] * cache_k.shape[2]  # tokens the page row can hold
         # K and V in the KV-cache dtype, for the cache and for flash attention; Q in the
@@ -174,9 +156,6 @@ class Attention:
                 program_config=cfg.sdpa_chunked_config(start, s),
                 compute_kernel_config=kern["sdpa_prefill"], memory_config=dram)
         o = ttnn.experimental.nlp_concat_heads(o, memory_config=dram)  # [1, 1, S, nh dh]
-        out = linear_in_chunks(ttnn, o, self.wo, cfg.mlp_chunk,
-                               program_config=cfg.prefill_matmul("wo", s, cfg.mlp_chunk,
-                                                                 kern["wo"]),
-                               memory_config=dram, dtype=ttnn.bfloat16,
-                               compute_kernel_config=kern["wo"])  # [1, 1, S, dim]
+        out = prefill_linear(ttnn, cfg, o, self.wo, "wo", cfg.mlp_chunk,
+                             kern["wo"])  # [1, 1, S, dim]
         return self.mesh.reduce_scatter(out, dram)

@@ -3,7 +3,8 @@ collectives.
 
 Every module receives a `Mesh` and calls ttnn through `mesh.ttnn`; whether that is real ttnn or
 `llm.ttnn_emu` is decided once, by the runner, and never asked again. Tensor parallelism is 1-D
-over all devices of the mesh (a 1xN or Nx1 mesh is one ring of N devices).
+over all devices of the mesh (a 1xN or Nx1 mesh is one ring of N devices). `TILE`, the edge of
+ttnn's tiles, is defined here once for the whole backend.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+TILE = 32  # ttnn.TILE_SIZE: tiles are 32x32; decode users are the rows of one tile
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,19 @@ class Mesh:
         if self.ndev == 1:
             return t
         return self.ttnn.all_reduce(t, memory_config=memory_config)
+
+    def all_reduce_sharded(self, t, memory_config):
+        """Partial sums of a row-parallel decode matmul, L1 width-sharded, summed over the mesh
+        (interleaved in L1 for the all-reduce) and moved into memory_config; frees t."""
+        ttnn = self.ttnn
+        if self.ndev > 1:
+            partial = ttnn.sharded_to_interleaved(t, ttnn.L1_MEMORY_CONFIG)
+            ttnn.deallocate(t)
+            t = self.all_reduce(partial, ttnn.L1_MEMORY_CONFIG)
+            ttnn.deallocate(partial)
+        out = ttnn.to_memory_config(t, memory_config)
+        ttnn.deallocate(t)
+        return out
 
     def reduce_scatter(self, t, memory_config):
         """Sum of row-parallel partial results, each device keeping its width slice (dim 3)."""

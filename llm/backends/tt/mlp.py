@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.tt.chunking import linear_in_chunks
+from llm.backends.tt.chunking import prefill_linear
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.weights import WeightStore
@@ -59,36 +59,20 @@ class MLP:
         out = ttnn.linear(g2, self.w2, program_config=cfg.w2.program_config, memory_config=l1ws,
                           dtype=ttnn.bfloat16, compute_kernel_config=kern["w2"])
         ttnn.deallocate(g2)
-        if self.mesh.ndev > 1:
-            partial = ttnn.sharded_to_interleaved(out, ttnn.L1_MEMORY_CONFIG)
-            ttnn.deallocate(out)
-            out = self.mesh.all_reduce(partial, ttnn.L1_MEMORY_CONFIG)
-            ttnn.deallocate(partial)
-        res = ttnn.to_memory_config(out, cfg.residual_memcfg)
-        ttnn.deallocate(out)
-        return res
+        return self.mesh.all_reduce_sharded(out, cfg.residual_memcfg)  # [1, 1, B, dim]
 
     def prefill(self, x):
         """x `[1, 1, S, dim]` normalised, DRAM -> `[1, 1, S, dim/ndev]` reduce-scattered over the
         mesh (the full width on one device)."""
         ttnn, cfg, kern = self.mesh.ttnn, self.cfg, self.kernels
         dram = ttnn.DRAM_MEMORY_CONFIG
-        s, c = x.shape[-2], cfg.mlp_chunk
-        a = linear_in_chunks(ttnn, x, self.w1, c,
-                             program_config=cfg.prefill_matmul("w1", s, c, kern["w1"]),
-                             memory_config=dram, dtype=ttnn.bfloat16,
-                             compute_kernel_config=kern["w1"])  # [1, 1, S, hidden]
-        b = linear_in_chunks(ttnn, x, self.w3, c,
-                             program_config=cfg.prefill_matmul("w1", s, c, kern["w3"]),
-                             memory_config=dram, dtype=ttnn.bfloat16,
-                             compute_kernel_config=kern["w3"])
+        c = cfg.mlp_chunk
+        a = prefill_linear(ttnn, cfg, x, self.w1, "w1", c, kern["w1"])  # [1, 1, S, hidden]
+        b = prefill_linear(ttnn, cfg, x, self.w3, "w1", c, kern["w3"])  # w3 has w1's shape
         g = ttnn.mul(a, b, input_tensor_a_activations=[ttnn.UnaryOpType.SILU],
                      dtype=self.product_dtype, memory_config=dram)
         ttnn.deallocate(a)
         ttnn.deallocate(b)
-        out = linear_in_chunks(ttnn, g, self.w2, c,
-                               program_config=cfg.prefill_matmul("w2", s, c, kern["w2"]),
-                               memory_config=dram, dtype=ttnn.bfloat16,
-                               compute_kernel_config=kern["w2"])  # [1, 1, S, dim]
+        out = prefill_linear(ttnn, cfg, g, self.w2, "w2", c, kern["w2"])  # [1, 1, S, dim]
         ttnn.deallocate(g)
         return self.mesh.reduce_scatter(out, dram)

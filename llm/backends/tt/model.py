@@ -14,15 +14,13 @@ from llm.backends.tt.attention import Attention
 from llm.backends.tt.embedding import Embedding
 from llm.backends.tt.kv_cache import PagedKVCache
 from llm.backends.tt.lm_head import LMHead
-from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.mlp import MLP
 from llm.backends.tt.norm import DistributedNorm
 from llm.backends.tt.op_configs import OpConfigs, TTConfigError
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.weights import WeightStore
 from llm.model.config import ModelConfig, RuntimeConfig
-
-TILE = 32
 
 
 class DecoderLayer:
@@ -44,37 +42,33 @@ class DecoderLayer:
 
     def decode(self, x, rot, cur_pos, page_table, cache: PagedKVCache):
         """x `[1, 1, B, dim]` (B rows of a 32-row tile) width-sharded L1 residual -> same."""
-        ttnn = self.mesh.ttnn
-        mem = self.residual_memcfg
-        h = self.attn_norm.decode(x)
-        a = self.attn.decode(h, rot, cur_pos, page_table, cache.k[self.layer],
-                             cache.v[self.layer])
-        ttnn.deallocate(h)
-        h1 = ttnn.add(x, a, memory_config=mem)
-        ttnn.deallocate(a)
-        m = self.mlp_norm.decode(h1)
-        f = self.mlp.decode(m)
-        ttnn.deallocate(m)
-        out = ttnn.add(h1, f, memory_config=mem)
-        ttnn.deallocate(h1)
-        ttnn.deallocate(f)
-        return out
+        return self.forward("decode", x, cache, rot=rot, cur_pos=cur_pos, page_table=page_table)
 
     def prefill(self, x, rot, page_row, cache: PagedKVCache, start: int = 0, fill_row=None):
         """x `[1, 1, S, dim/ndev]` DRAM residual (fractured over the mesh) of the tokens at
         positions start.. -> same (see Attention.prefill for start and fill_row)."""
+        return self.forward("prefill", x, cache, rot=rot, page_row=page_row, start=start,
+                            fill_row=fill_row)
+
+    def forward(self, mode: str, x, cache: PagedKVCache, **attn_args):
+        """The layer in `mode` ("prefill" | "decode"): every sublayer runs its method of that
+        name, the residual adds write the mode's residual memory config (decode: width-sharded
+        L1; prefill: DRAM). attn_args: the rest of `Attention.<mode>`'s arguments, by name."""
+        if mode not in ("prefill", "decode"):
+            raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}")
         ttnn = self.mesh.ttnn
-        dram = ttnn.DRAM_MEMORY_CONFIG
-        h = self.attn_norm.prefill(x)  # [1, 1, S, dim]
-        a = self.attn.prefill(h, rot, page_row, cache.k[self.layer], cache.v[self.layer],
-                              start, fill_row)
+        mem = self.residual_memcfg if mode == "decode" else ttnn.DRAM_MEMORY_CONFIG
+        attn_norm, attn, mlp_norm, mlp = (getattr(m, mode) for m in (
+            self.attn_norm, self.attn, self.mlp_norm, self.mlp))
+        h = attn_norm(x)  # decode [1, 1, B, dim]; prefill [1, 1, S, dim] (the full width)
+        a = attn(h, cache_k=cache.k[self.layer], cache_v=cache.v[self.layer], **attn_args)
         ttnn.deallocate(h)
-        h1 = ttnn.add(x, a, memory_config=dram)
+        h1 = ttnn.add(x, a, memory_config=mem)
         ttnn.deallocate(a)
-        m = self.mlp_norm.prefill(h1)
-        f = self.mlp.prefill(m)
+        m = mlp_norm(h1)
+        f = mlp(m)
         ttnn.deallocate(m)
-        out = ttnn.add(h1, f, memory_config=dram)
+        out = ttnn.add(h1, f, memory_config=mem)
         ttnn.deallocate(h1)
         ttnn.deallocate(f)
         return out

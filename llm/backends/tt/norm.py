@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.weights import WeightStore
 
-TILE = 32
+
+def gain_sticks(mesh: Mesh, weights: WeightStore, name: str, gain: torch.Tensor, mapper):
+    """gain `[dim]` -> `[1, 1, dim/32, 32]` ROW_MAJOR bf16 in DRAM, placed by mapper, cached as
+    name."""
+    ttnn = mesh.ttnn
+    dim = gain.shape[0]
+    return weights.tensor(name, gain, lambda g: g.float().reshape(1, 1, dim // TILE, TILE),
+                          dtype=ttnn.bfloat16, layout=ttnn.ROW_MAJOR_LAYOUT,
+                          memory_config=ttnn.DRAM_MEMORY_CONFIG, mapper=mapper)
 
 
 class RMSNorm:
@@ -23,13 +31,9 @@ class RMSNorm:
 
     def __init__(self, mesh: Mesh, weights: WeightStore, cfg: OpConfigs, name: str,
                  gain: torch.Tensor, eps: float) -> None:
-        ttnn = mesh.ttnn
         self.mesh, self.cfg, self.eps = mesh, cfg, eps
-        dim = gain.shape[0]
-        self.weight = weights.tensor(
-            f"{name}_gain_{dim}", gain, lambda g: g.float().reshape(1, 1, dim // TILE, TILE),
-            dtype=ttnn.bfloat16, layout=ttnn.ROW_MAJOR_LAYOUT,
-            memory_config=ttnn.DRAM_MEMORY_CONFIG, mapper=mesh.replicate())
+        self.weight = gain_sticks(mesh, weights, f"{name}_gain_{gain.shape[0]}", gain,
+                                  mesh.replicate())
 
     def decode(self, x):
         """x `[1, 1, B, dim]` (B <= 32 rows) width-sharded L1 -> same shape and sharding."""
@@ -52,17 +56,13 @@ class DistributedNorm:
 
     def __init__(self, mesh: Mesh, weights: WeightStore, cfg: OpConfigs, name: str,
                  gain: torch.Tensor, eps: float) -> None:
-        ttnn = mesh.ttnn
         self.mesh, self.cfg, self.eps = mesh, cfg, eps
         self.norm = RMSNorm(mesh, weights, cfg, name, gain, eps)
         self.local_weight = None
-        if mesh.ndev > 1:
-            dim = gain.shape[0]
-            self.local_weight = weights.tensor(
-                f"{name}_gain_{dim}_split{mesh.ndev}", gain,
-                lambda g: g.float().reshape(1, 1, dim // TILE, TILE),
-                dtype=ttnn.bfloat16, layout=ttnn.ROW_MAJOR_LAYOUT,
-                memory_config=ttnn.DRAM_MEMORY_CONFIG, mapper=mesh.shard(2))
+        if mesh.ndev > 1:  # each device's slice of the sticks
+            self.local_weight = gain_sticks(
+                mesh, weights, f"{name}_gain_{gain.shape[0]}_split{mesh.ndev}", gain,
+                mesh.shard(2))
 
     def decode(self, x):
         """x `[1, 1, B, dim]` replicated, width-sharded L1 -> same."""

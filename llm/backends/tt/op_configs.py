@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.precision import Precision
 from llm.model.config import ModelConfig, RuntimeConfig
-
-TILE = 32
 
 
 class TTConfigError(ValueError):

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.model.config import ModelConfig
 from llm.model.rope import inv_frequencies
-
-TILE = 32
 
 
 def interleaved_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +56,15 @@ class RotarySetup:
         self.trans_prefill = put(tm[None, None], ttnn.TILE_LAYOUT)  # [1, 1, 32, 32]
         self.trans_decode = put(tm.repeat(1, 1, self.batch, 1), ttnn.TILE_LAYOUT,
                                 cfg.trans_mat_memcfg)  # [1, 1, 32 B, 32] one per user core
+
+    def rotate(self, q, k, rot, decode: bool):
+        """q, k heads rotated by rot = (cos, sin) from `prefill` or `decode` with that mode's
+        transformation matrix -> (q_rot, k_rot) of the same shapes; q and k are kept."""
+        rope = self.mesh.ttnn.experimental.rotary_embedding_llama
+        cos, sin = rot
+        trans = self.trans_decode if decode else self.trans_prefill
+        return (rope(q, cos, sin, trans, is_decode_mode=decode),
+                rope(k, cos, sin, trans, is_decode_mode=decode))
 
     def prefill(self, seq_len: int, start: int = 0):
         """cos, sin `[1, 1, seq_len, hd]` for positions start .. start + seq_len - 1."""

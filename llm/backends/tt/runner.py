@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.precision import POLICIES, precision
@@ -34,7 +34,6 @@ from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
 
-TILE = 32
 TRACE_REGION_SIZE = 64 << 20
 L1_SMALL_SIZE = 32768
 

@@ -13,10 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.model import Transformer
-
-TILE = 32
 
 
 class DecodeInputs:
