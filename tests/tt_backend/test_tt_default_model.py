@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import llm
+from llm.backends.torch.runner import TorchBackend
 from llm.backends.tt.runner import TTBackend
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.model.checkpoint.load import load_checkpoint
@@ -47,10 +48,13 @@ def checkpoint():
 
 
 def test_accuracy_greedy_equals_torch_bf16(checkpoint) -> None:
-    """Exact equality on 2 prompts; a third prompt ("The capital of France is") reaches a date
-    whose digits are a near-tie (fp32 top logits 36.925 / 36.922 / 36.855, below one bf16 step of
-    0.25 at that magnitude), where bf16 rounding order decides. For it the test checks that the
-    first divergence from torch-bf16 is such a tie in the fp32 torch model."""
+    """Greedy tokens equal torch-bf16's, except where two candidates are a bf16-level tie: the
+    first divergence, if any, must be a position whose two tokens are both within one bf16 step
+    (0.25 at that magnitude) of the fp32 model's top logit, where rounding order decides. Measured
+    (torch 2.13 CPU, 2026-12-03): "The capital of France is" reaches such a tie at a date's digits
+    (fp32 top logits 36.925 / 36.922 / 36.855), and torch-bf16 batched with 3 prompts picks
+    another token than alone at token 29 of "Once upon a time" (0.16 below the fp32 max; ours is
+    the fp32 argmax)."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     prompts = PROMPTS + [TIE_PROMPT]
     ours = llm.LLM(backend="tt", max_batch=3, max_seq_len=128, progress=False,
@@ -59,24 +63,26 @@ def test_accuracy_greedy_equals_torch_bf16(checkpoint) -> None:
     got = ours.generate(prompts, params)
     ref = llm.LLM(backend="torch", dtype="bfloat16", max_batch=3, max_seq_len=128,
                   progress=False).generate(prompts, params)
-    for g, r in zip(got[:2], ref[:2]):
-        assert len(g.token_ids) == NEW_TOKENS
-        assert g.token_ids == r.token_ids, (g.text, r.text)
     assert got[0].text.startswith(", the city of Nova Haven was a thriving metropolis")
-    a, b = got[2].token_ids, ref[2].token_ids
-    div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if div is not None:
-        from llm.backends.torch.runner import TorchBackend
-
-        fp32 = TorchBackend(checkpoint, RuntimeConfig(max_batch=1, max_seq_len=128))
-        ids = got[2].prompt_token_ids + a[:div]
+    fp32 = TorchBackend(checkpoint, RuntimeConfig(max_batch=1, max_seq_len=128))
+    equal = 0
+    for g, r in zip(got, ref):
+        a, b = g.token_ids, r.token_ids
+        assert len(a) == NEW_TOKENS
+        div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if div is None:
+            equal += 1
+            continue
+        assert div >= 8, (div, g.text, r.text)
         with torch.no_grad():
-            logits = fp32.model.prefill(torch.tensor(ids), 0, torch.arange(1, 5), fp32.cache)
+            logits = fp32.model.prefill(torch.tensor(g.prompt_token_ids + a[:div]), 0,
+                                        torch.arange(1, 5), fp32.cache)
         top = float(logits.max())
-        assert top - float(logits[a[div]]) < BF16_STEP and top - float(logits[b[div]]) < BF16_STEP
-        print(f"\ntie prompt: equal for {div} tokens, then a bf16-level tie (fp32 logits "
-              f"{top:.3f} max, {float(logits[a[div]]):.3f} ours, {float(logits[b[div]]):.3f} "
-              "torch-bf16)")
+        gaps = (top - float(logits[a[div]]), top - float(logits[b[div]]))
+        assert max(gaps) < BF16_STEP, (div, gaps, g.text, r.text)
+        print(f"\n{g.prompt_token_ids[:4]}...: equal for {div} tokens, then a bf16-level tie "
+              f"(fp32 gaps to the max {gaps[0]:.3f} ours, {gaps[1]:.3f} torch-bf16)")
+    assert equal >= 1
 
 
 @pytest.fixture(scope="module")
