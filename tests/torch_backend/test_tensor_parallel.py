@@ -1,6 +1,7 @@
 """Tensor parallelism on the torch backend: the split plan, per-rank weight slices, and 2 / 4
-gloo processes on the CPU against the single-process model (module PCC >= 0.9999 in fp32, equal
-greedy and seeded-sampled tokens, about 1/N of the sharded weights per rank).
+gloo processes on the CPU against the single-process model (modules in fp32: PCC >= 0.9999 and
+assert_close, hf_reference.FP32_CLOSE; equal greedy and seeded-sampled tokens, about 1/N of the
+sharded weights per rank).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hf_reference import assert_matches, fp32
 from server_process import free_port, wait_healthy
 from tp_ranks import default_model_rank, small_model_rank, spawn_ranks
 
@@ -34,12 +36,6 @@ CONFIGS = {
     "gqa_all_bias": ModelConfig(**_BASE, vocab_size=320, num_heads=8, num_kv_heads=2,
                                 qkv_bias=True, o_bias=True, mlp_bias=True),
 }
-
-
-def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b / (a.norm() * b.norm()))
 
 
 def random_model_dir(tmp: Path, config: ModelConfig) -> Path:
@@ -97,7 +93,7 @@ def test_small_model_sharded_equals_unsharded(tmp_path, name: str, ranks: int) -
     for r, res in enumerate(out):
         for module, (sharded, whole) in res["pcc"].items():
             assert sharded.shape == whole.shape, module
-            assert pcc(sharded, whole) >= 0.9999, (r, module)
+            assert_matches(sharded, whole, fp32(0.9999), (r, module))
         sharded_tokens, single_tokens = res["tokens"]
         assert sharded_tokens == single_tokens  # greedy users and a seeded sampled one
         if res["greedy"] is not None:  # distributed greedy through the split Triton argmax

@@ -1,34 +1,35 @@
-"""The whole tt model against transformers: logits PCC of prefill (last tile) and of decode steps
-in both precision policies, on one device and on 1x2 / 1x8 meshes."""
+"""The whole tt model against transformers: logits of prefill (last tile) and of decode steps
+in both precision policies, on one device and on 1x2 / 1x8 meshes; PCC, max relative error and
+gain error within the policy's tolerance (tt_helpers.TOLERANCE)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import pcc
-from tt_helpers import MESH_CONFIG, MESHES, RUNTIME, TT_CONFIGS, build_parts, ints
+from hf_reference import assert_matches, check_failures
+from tt_helpers import MESH_CONFIG, MESHES, RUNTIME, TOLERANCE, TT_CONFIGS, build_parts, ints
 
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.trace import DecodeRunner
 
-# Whole model: the tech report's ~0.99 with bfloat8_b weights ("bf8"); bf16 holds the module
-# threshold. The performance policy adds bfloat4_b w1/w3 (3-bit mantissas): measured 0.956-0.983
-# on these random 2-layer models (0.9977-0.9993 with bf8 w1/w3), hence its relaxed threshold.
-# The decoder-override presets (precision.PRESETS) take the threshold of their MLP format:
-# bfloat8_b MLP everywhere, or bfloat4_b MLP in every decoder but the last.
-THRESHOLD = {"accuracy": 0.999, "bf8": 0.99, "performance": 0.95,
-             "bf16-attention-bf8-mlp": 0.99, "bf8-mlp-last-decoder": 0.95}
-CASES = ([("llama_gqa", (1, 1), p) for p in THRESHOLD] + [("odd_heads", (1, 1), "performance")]
+# The decoder-override presets (precision.PRESETS) have their own tolerances, near those of
+# their MLP format: bfloat8_b MLP everywhere, or bfloat4_b MLP in every decoder but the last.
+CASES = ([("llama_gqa", (1, 1), p) for p in TOLERANCE] + [("odd_heads", (1, 1), "performance")]
          + [("mesh", m, p) for m in MESHES[1:] for p in ("accuracy", "bf8", "performance")]
          + [("mesh", (1, 2), "bf8-mlp-last-decoder")])
 
 
-@pytest.mark.parametrize("name,mesh,policy", CASES)
-def test_model_logits_prefill_and_decode(name, mesh, policy) -> None:
+def _logits(name: str, mesh, policy: str, planted: dict[str, float] | None = None):
+    """Yields (what, our logits, transformers' logits): the prefill's last tile up to the last
+    token, then 3 decode steps. `planted` scales some of our weights (name -> factor), the
+    reference's staying as they are."""
     config = MESH_CONFIG if name == "mesh" else TT_CONFIGS[name]
     parts = build_parts(config, mesh, policy)
     ttnn = parts.ttnn
-    model = Transformer(parts.mesh, config, RUNTIME, parts.tensors, parts.cfg, parts.weights)
+    w = dict(parts.tensors)
+    for k, factor in (planted or {}).items():
+        w[k] = w[k] * factor
+    model = Transformer(parts.mesh, config, RUNTIME, w, parts.cfg, parts.weights)
     g = torch.Generator().manual_seed(5)
     n, steps = 45, 3
     seq = torch.randint(0, config.vocab_size, (n + steps,), generator=g)
@@ -41,8 +42,7 @@ def test_model_logits_prefill_and_decode(name, mesh, policy) -> None:
     hidden = model.prefill_hidden(ints(parts, tok, ttnn.uint32), ints(parts, pages, ttnn.int32))
     logits = parts.mesh.read(model.lm_head.gather(model.tile_logits(hidden, (n - 1) // 32)))
     got = logits.float()[0, 0, :(n - 1) % 32 + 1]  # rows of the last tile up to the last token
-    want = ref[(n - 1) // 32 * 32:n]
-    assert pcc(got, want) >= THRESHOLD[policy]
+    yield "prefill", got, ref[(n - 1) // 32 * 32:n]
     runner = DecodeRunner(model, traced=False)
     for t in range(steps):
         pos = n + t
@@ -52,4 +52,28 @@ def test_model_logits_prefill_and_decode(name, mesh, policy) -> None:
                            d.dev["page_table"], d.next_tokens)
         d.advance(parts.mesh.read(d.next_tokens).reshape(-1).to(torch.int64))
         got = parts.mesh.read(model.lm_head.gather(out)).float()[0, 0, 0]
-        assert pcc(got, ref[pos]) >= THRESHOLD[policy], t
+        yield f"decode step {t}", got, ref[pos]
+
+
+@pytest.mark.parametrize("name,mesh,policy", CASES)
+def test_model_logits_prefill_and_decode(name, mesh, policy) -> None:
+    for what, got, want in _logits(name, mesh, policy):
+        assert_matches(got, want, TOLERANCE[policy], what)
+
+
+@pytest.mark.parametrize("name,mesh", [("llama_gqa", (1, 1)), ("mesh", (1, 2))])
+def test_planted_scale_error_fails_accuracy(name, mesh) -> None:
+    """The final norm's weight 1% too large in the accuracy policy: PCC passes, the gain bound
+    fails every comparison (gain error 0.0072..0.0113 measured)."""
+    outputs = list(_logits(name, mesh, "accuracy", {"model.norm.weight": 1.01}))
+    failed = check_failures(outputs, TOLERANCE["accuracy"])
+    assert len(failed) == len(outputs) == 4 and all("gain error" in m for m in failed), failed
+
+
+def test_planted_o_proj_error_fails_accuracy() -> None:
+    """The issue's case: layer 1's o_proj 5% too large on a 1x2 mesh in the accuracy policy.
+    PCC stays >= 0.999 (min 0.99943); the max relative error bound fails it. With rounding
+    noise near 2.5% not every comparison shows it (measured 0.029..0.043 against 0.035)."""
+    planted = {"model.layers.1.self_attn.o_proj.weight": 1.05}
+    failed = check_failures(_logits("mesh", (1, 2), "accuracy", planted), TOLERANCE["accuracy"])
+    assert failed and all("max relative error" in m for m in failed), failed

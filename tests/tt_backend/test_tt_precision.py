@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-from hf_reference import hf_model, pcc, state_dict
-from tt_helpers import RUNTIME, TT_CONFIGS, build_parts, ints
+from hf_reference import assert_matches, hf_model, state_dict
+from tt_helpers import RUNTIME, TOLERANCE, TT_CONFIGS, build_parts, ints
 
 import llm.ttnn_emu as ttnn
 from llm.backends.tt.model import Transformer
@@ -122,7 +122,8 @@ def test_model_puts_each_decoder_in_its_formats() -> None:
     hidden = model.prefill_hidden(ints(parts, tok, ttnn.uint32), ints(parts, pages, ttnn.int32))
     logits = parts.mesh.read(model.lm_head.gather(model.tile_logits(hidden, (n - 1) // 32)))
     got = logits.float()[0, 0, :(n - 1) % 32 + 1]
-    assert pcc(got, ref[(n - 1) // 32 * 32:n]) >= 0.95
+    # measured: PCC 0.982, max relative error 0.23, gain error 1.9e-2
+    assert_matches(got, ref[(n - 1) // 32 * 32:n], TOLERANCE["performance"])
 
 
 def test_backend_option_and_layer_count() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from hf_reference import hf_model, state_dict
+from hf_reference import Tolerance, hf_model, state_dict
 
 from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.op_configs import OpConfigs
@@ -41,6 +41,26 @@ MESH_CONFIG = ModelConfig(arch="llama", **{**_BASE, "hidden_size": 256, "interme
                                            "num_heads": 16, "num_kv_heads": 8})
 MESHES = [(1, 1), (1, 2), (1, 8)]
 RUNTIME = RuntimeConfig(max_batch=4, max_seq_len=160, block_size=32)
+
+
+# Whole-model logits against fp32 transformers, per policy name (see policy_precision): PCC (the
+# tech report's ~0.99 with bfloat8_b weights, "bf8"; bfloat4_b w1/w3 in "performance" give
+# 0.956-0.983 on these random 2-layer models), max relative error and gain error. Measured (max over
+# test_tt_model's cases): accuracy 0.025 / 2.2e-3; bf16-attention-bf8-mlp 0.034 / 3.2e-3; bf8
+# 0.062 / 8.3e-3; bf8-mlp-last-decoder 0.25 / 3.1e-2; performance 0.30 / 4.5e-2. The bounds are
+# about 1.4x those. Only "accuracy" (bf16) is fine enough to fail a 1% scale error (gain 0.0072 ..
+# 0.011 with the final norm's weight 1% too large) and a 5% error in one o_proj (max relative
+# error 0.038 .. 0.043; PCC 0.99908 .. 0.99944, which passes 0.999). With bfloat8_b weights the
+# gain noise is itself 0.8% and the max relative error 6%, with bfloat4_b MLP weights 4.5% and 30%:
+# there a 1% scale error cannot be told from rounding, and these are the tightest bounds that
+# pass with margin.
+TOLERANCE = {
+    "accuracy": Tolerance(0.999, max_rel=0.035, gain=0.005),
+    "bf16-attention-bf8-mlp": Tolerance(0.99, max_rel=0.05, gain=0.006),
+    "bf8": Tolerance(0.99, max_rel=0.09, gain=0.012),
+    "bf8-mlp-last-decoder": Tolerance(0.95, max_rel=0.35, gain=0.045),
+    "performance": Tolerance(0.95, max_rel=0.4, gain=0.065),
+}
 
 
 @dataclass
