@@ -21,6 +21,9 @@ _EXPORTS = {
     "RequestOutput": "llm.engine.generator",
     "StreamEvent": "llm.engine.generator",
     "SamplingParams": "llm.engine.contract.sampling_params",
+    "SamplingParamsError": "llm.engine.contract.sampling_params",
+    "Capabilities": "llm.engine.contract.backend",
+    "EngineBusyError": "llm.engine.core",
     "ModelConfig": "llm.model.config",
     "RuntimeConfig": "llm.model.config",
     "Tokenizer": "llm.model.tokenizer.tokenizer",
@@ -28,14 +31,17 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "LLM", "AsyncEngine", "SchedulerConfig", "Generator", "ModelConfig", "RequestOutput",
-    "RuntimeConfig", "SamplingParams", "StreamEvent", "Tokenizer", "load_checkpoint",
+    "LLM", "AsyncEngine", "Capabilities", "EngineBusyError", "SchedulerConfig", "Generator",
+    "ModelConfig", "RequestOutput", "RuntimeConfig", "SamplingParams", "SamplingParamsError",
+    "StreamEvent", "Tokenizer", "load_checkpoint",
 ]
 
 if TYPE_CHECKING:
     from llm.api.llm import LLM
     from llm.engine.async_engine import AsyncEngine
-    from llm.engine.contract.sampling_params import SamplingParams
+    from llm.engine.contract.backend import Capabilities
+    from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
+    from llm.engine.core import EngineBusyError
     from llm.engine.generator import Generator, RequestOutput, StreamEvent
     from llm.engine.scheduler import SchedulerConfig
     from llm.model.checkpoint.load import load_checkpoint
