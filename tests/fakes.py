@@ -59,6 +59,17 @@ class FakeBackend(Backend):
         return [next_token(t, p) for t, p in zip(inp.tokens, inp.positions)]
 
 
+class GreedyOnlyBackend(FakeBackend):
+    """The fake model on a backend that declares greedy decoding only (as the tt backend does)."""
+
+    name = "greedy-only"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(frozenset({"greedy"}), self.runtime.max_batch,
+                            self.runtime.max_seq_len)
+
+
 class FakeTokenizer:
     """Token t decodes to "<t>"; EOS is token 0."""
 

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 
 import pytest
-from fakes import FakeBackend, fake_parts
+from fakes import GreedyOnlyBackend, fake_parts
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
 from llm.engine.async_engine import AsyncEngine
@@ -72,18 +72,11 @@ def test_unknown_options_and_tensor_parallel_are_refused_by_name(name: str) -> N
             create_backend(name, BackendSpec(tensor_parallel=2))
 
 
-class GreedyOnly(FakeBackend):
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(frozenset({"greedy"}), self.runtime.max_batch,
-                            self.runtime.max_seq_len)
-
-
 def test_a_request_beyond_the_capabilities_is_refused_alone() -> None:
     """The reproduction of the architecture issue: on a greedy-only backend, one request with
     temperature=1.0 used to kill the engine and every later request."""
     fake, tok, _ = fake_parts()
-    core = EngineCore(GreedyOnly(fake.runtime), tok)
+    core = EngineCore(GreedyOnlyBackend(fake.runtime), tok)
     engine = AsyncEngine(type("Model", (), {"core": core})())
 
     async def go() -> list[int]:
@@ -100,7 +93,7 @@ def test_a_request_beyond_the_capabilities_is_refused_alone() -> None:
         assert engine.error is None
     finally:
         engine.shutdown()
-    with pytest.raises(SamplingParamsError, match="not supported by the fake backend"):
+    with pytest.raises(SamplingParamsError, match="not supported by the greedy-only backend"):
         Generator(core).generate([[1, 2]], SAMPLED)
     no_top_k = Capabilities(frozenset({"greedy", "temperature", "top_p"}), 1, 8)
     with pytest.raises(SamplingParamsError, match="top_k=5") as info:
