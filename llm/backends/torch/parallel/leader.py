@@ -28,10 +28,9 @@ class Channel(Protocol):
     def broadcast_object(self, obj: Any = None) -> Any: ...
 
 
-class LeaderBackend(Backend):
-    """Rank 0's view of a tensor-parallel backend: the Backend the engine drives.
-
-    on_close: called once after the followers were released (e.g. to leave the process group).
+class _Rank(Backend):
+    """What a leader and a follower share: this rank's backend, the channel, and its description
+    (name, config, runtime, source, capabilities) taken from the rank's backend.
     """
 
     def __init__(self, backend: Backend, channel: Channel,
@@ -45,6 +44,18 @@ class LeaderBackend(Backend):
     @property
     def capabilities(self) -> Capabilities:
         return self.backend.capabilities
+
+    def _release(self) -> None:
+        self.backend.close()
+        if self._on_close is not None:
+            self._on_close()
+
+
+class LeaderBackend(_Rank):
+    """Rank 0's view of a tensor-parallel backend: the Backend the engine drives.
+
+    on_close: called once after the followers were released (e.g. to leave the process group).
+    """
 
     def prefill(self, inp: PrefillInput) -> int:
         self._send("prefill", inp)
@@ -65,9 +76,7 @@ class LeaderBackend(Backend):
             return
         self.channel.broadcast_object((_STOP, None))
         self.closed = True
-        self.backend.close()
-        if self._on_close is not None:
-            self._on_close()
+        self._release()
 
     def _send(self, op: str, inp: Any) -> None:
         if self.closed:
@@ -75,22 +84,10 @@ class LeaderBackend(Backend):
         self.channel.broadcast_object((op, inp))
 
 
-class FollowerBackend(Backend):
+class FollowerBackend(_Rank):
     """A rank > 0 of a tensor-parallel backend: it is never driven directly, it `follow`s the
     leader's calls until the leader closes.
     """
-
-    def __init__(self, backend: Backend, channel: Channel,
-                 on_close: Callable[[], None] | None = None) -> None:
-        self.backend, self.channel, self._on_close = backend, channel, on_close
-        self.name, self.config, self.runtime = backend.name, backend.config, backend.runtime
-        self.source, self.source_sha256 = backend.source, backend.source_sha256
-        self.weight_bytes = backend.weight_bytes
-        self.closed = False
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.backend.capabilities
 
     @property
     def leader(self) -> bool:
@@ -116,9 +113,7 @@ class FollowerBackend(Backend):
         if self.closed:
             return
         self.closed = True
-        self.backend.close()
-        if self._on_close is not None:
-            self._on_close()
+        self._release()
 
 
 def follow(backend: Backend, channel: Channel) -> int:
