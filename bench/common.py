@@ -25,12 +25,8 @@ from llm.backends.torch.runner import TorchBackend
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.paged_kv import PageTable, PageTableSpec
+from llm.model.checkpoint.common import Checkpoint, expected_tensors
 from llm.model.config import ModelConfig, RuntimeConfig
-
-try:  # where they live since 2026-12-03 (commit 501d3a5)
-    from llm.model.checkpoint.common import Checkpoint, expected_tensors
-except ImportError:  # before that commit
-    from llm.model.checkpoint.load import Checkpoint, expected_tensors
 
 _LLAMA = dict(arch="llama", vocab_size=128256, num_heads=32, num_kv_heads=8, head_dim=64,
               max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0)
