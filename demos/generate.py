@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 import llm  # noqa: E402
 from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
+from llm.model.checkpoint.common import WEIGHT_MODES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute and weight dtype")
+    p.add_argument("--weights", default="dequantize", choices=list(WEIGHT_MODES),
+                   help="dequantize: all weights in --dtype; stored: a GGUF's quantized blocks "
+                        "kept as stored (small cache; dequantized per call until the quantized "
+                        "kernels land); int8 / int4: quantize a Hugging Face model at load")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=len(prompts), max_seq_len=args.max_seq_len,
                         progress=not args.quiet, backend_options=options,
-                        tensor_parallel=args.tp)
+                        tensor_parallel=args.tp, weights=args.weights)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

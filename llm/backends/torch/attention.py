@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
+from llm.backends.torch.weight import linear, stack_rows
 from llm.model.config import ModelConfig
 
 
@@ -106,8 +107,8 @@ class Attention:
         self.mesh = mesh or Mesh.single()
         self.fused_rope = fused_rope
         self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
-        self.wqkv = torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"],
-                               w[p + "v_proj.weight"]], dim=0)  # [q + 2kv, H]
+        self.wqkv = stack_rows([w[p + "q_proj.weight"], w[p + "k_proj.weight"],
+                                w[p + "v_proj.weight"]])  # [q + 2kv, H]
         self.bqkv = None
         if config.qkv_bias:
             self.bqkv = torch.cat([w[p + n + "_proj.bias"] for n in ("q", "k", "v")])
@@ -117,7 +118,7 @@ class Attention:
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [N, H] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k."""
-        return self._split_rotate(F.linear(x, self.wqkv, self.bqkv), cos, sin)
+        return self._split_rotate(linear(x, self.wqkv, self.bqkv), cos, sin)
 
     def _split_rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """qkv [N, q + 2kv] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k."""
@@ -133,7 +134,7 @@ class Attention:
         if self.fused_rope:
             from llm.backends.torch.kernels.rope_kv import rope_and_cache
 
-            qkv = F.linear(x, self.wqkv, self.bqkv)  # [S, q + 2kv]
+            qkv = linear(x, self.wqkv, self.bqkv)  # [S, q + 2kv]
             q, k = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets,
                                   cache.k[self.layer], cache.v[self.layer], self.n_heads,
                                   return_k=True)
@@ -152,11 +153,11 @@ class Attention:
             k, v = k[:, :, :total], v[:, :, :total]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, enable_gqa=True)
         out = out[0].transpose(0, 1).reshape(s, self.n_heads * self.hd)  # [S, nh*hd]
-        return self.mesh.all_reduce(F.linear(out, self.wo, self.bo))
+        return self.mesh.all_reduce(linear(out, self.wo, self.bo))
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
-        return self.decode_qkv(F.linear(x, self.wqkv, self.bqkv), meta, cache)
+        return self.decode_qkv(linear(x, self.wqkv, self.bqkv), meta, cache)
 
     def decode_qkv(self, qkv: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
                    gemv: bool = False) -> torch.Tensor:
@@ -184,4 +185,4 @@ class Attention:
             from llm.backends.torch.kernels.gemv import gemv as small_gemv
 
             return self.mesh.all_reduce(small_gemv(out, self.wo, self.bo))
-        return self.mesh.all_reduce(F.linear(out, self.wo, self.bo))
+        return self.mesh.all_reduce(linear(out, self.wo, self.bo))

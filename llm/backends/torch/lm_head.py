@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.weight import QuantLinear, is_dense, linear
 
 
 class LMHead:
@@ -16,7 +17,8 @@ class LMHead:
     `gather` the whole row and `argmax` the global greedy token without gathering the logits.
     """
 
-    def __init__(self, weight: torch.Tensor, chunk_size: int = 16384, mesh: Mesh | None = None,
+    def __init__(self, weight: torch.Tensor | QuantLinear, chunk_size: int = 16384,
+                 mesh: Mesh | None = None,
                  offset: int = 0, sizes: list[int] | None = None,
                  fused_argmax: bool = False) -> None:
         """sizes: every rank's number of vocabulary rows, in rank order (gathers pad to the
@@ -25,7 +27,8 @@ class LMHead:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.weight = weight  # [V_local, H]
-        self.chunks = list(torch.split(weight, chunk_size, dim=0))
+        self.chunks = (weight.split_rows(chunk_size) if isinstance(weight, QuantLinear)
+                       else list(torch.split(weight, chunk_size, dim=0)))
         self.mesh = mesh or Mesh.single()
         self.offset = offset
         self.sizes = sizes or [weight.shape[0]]
@@ -43,14 +46,14 @@ class LMHead:
             from llm.backends.torch.kernels.gemv import fits
             from llm.backends.torch.kernels.gemv import gemv as small_gemv
 
-            if fits(self.weight):
+            if is_dense(self.weight) and fits(self.weight):
                 return small_gemv(x, self.weight)
         if len(self.chunks) == 1:
-            return x @ self.weight.T
+            return linear(x, self.weight)
         out = torch.empty(x.shape[0], self.vocab_size, dtype=x.dtype, device=x.device)
         col = 0
         for w in self.chunks:
-            out[:, col:col + w.shape[0]] = x @ w.T  # [N, chunk]
+            out[:, col:col + w.shape[0]] = linear(x, w)  # [N, chunk]
             col += w.shape[0]
         return out
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.weight import QuantLinear, linear, stack_rows
 
 
 class MLP:
@@ -16,7 +17,7 @@ class MLP:
     row-parallel) and the output is all-reduced.
     """
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor,
+    def __init__(self, gate_up: torch.Tensor | QuantLinear, down: torch.Tensor | QuantLinear,
                  gate_up_bias: torch.Tensor | None = None,
                  down_bias: torch.Tensor | None = None, fused: bool = False,
                  mesh: Mesh | None = None) -> None:
@@ -32,7 +33,7 @@ class MLP:
     def from_weights(cls, w: dict[str, torch.Tensor], prefix: str, fused: bool = False,
                      mesh: Mesh | None = None) -> MLP:
         """Build from canonical names under `prefix` (e.g. `model.layers.0.mlp.`)."""
-        gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]], dim=0)
+        gate_up = stack_rows([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]])
         bias = None
         if prefix + "gate_proj.bias" in w:
             bias = torch.cat([w[prefix + "gate_proj.bias"], w[prefix + "up_proj.bias"]], dim=0)
@@ -48,10 +49,10 @@ class MLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
-        gu = F.linear(x, self.gate_up, self.gate_up_bias)  # [..., 2I]
+        gu = linear(x, self.gate_up, self.gate_up_bias)  # [..., 2I]
         if self.fused and gu.dim() == 2:
             from llm.backends.torch.kernels.silu_mul import silu_mul
 
-            return self.mesh.all_reduce(F.linear(silu_mul(gu), self.down, self.down_bias))
+            return self.mesh.all_reduce(linear(silu_mul(gu), self.down, self.down_bias))
         gate, up = gu.split(self.inter, dim=-1)
-        return self.mesh.all_reduce(F.linear(F.silu(gate) * up, self.down, self.down_bias))
+        return self.mesh.all_reduce(linear(F.silu(gate) * up, self.down, self.down_bias))

@@ -17,6 +17,7 @@ from llm.backends.torch.parallel.plan import TensorParallelPlan
 from llm.backends.torch.parallel.slices import TensorDictSlices, WeightSlices
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.backends.torch.sampling import SamplingTensors, sample
+from llm.backends.torch.weight import is_dense, nbytes, on_device
 from llm.model.config import ModelConfig, RuntimeConfig
 
 # Decode batches that use the fused GEMVs (and the GEMV LM head) where the Triton decode kernels
@@ -99,10 +100,10 @@ class Transformer:
         self.block_size = runtime.block_size
         if not isinstance(tensors, WeightSlices):
             tensors = TensorDictSlices(config, tensors)
-        w = {k: v.to(device=self.device, dtype=self.dtype)
+        w = {k: on_device(v, self.device, self.dtype)
              for k, v in plan.read_local(tensors, mesh.rank).items()}
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in
-                                {id(t): t for t in w.values()}.values())
+        self.weight_bytes = sum(nbytes(t) for t in {id(t): t for t in w.values()}.values())
+        self.quantized = any(not is_dense(t) for t in w.values())
         if decode_kernel is None:
             decode_kernel = self.device.type == "cuda" and _triton_supports(config, runtime)
         self.embed = Embedding(w["model.embed_tokens.weight"], mesh, shard.vocab[0])
@@ -120,8 +121,10 @@ class Transformer:
         self.n_sm = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if decode_kernel and self.device.type == "cuda" else 1)
         self.decode_kernel = decode_kernel
-        if gemv_max_batch is None:
-            gemv_max_batch = GEMV_MAX_BATCH if decode_kernel else 0
+        if gemv_max_batch is None:  # the fused GEMVs read dense weights only
+            gemv_max_batch = GEMV_MAX_BATCH if decode_kernel and not self.quantized else 0
+        if gemv_max_batch and self.quantized:
+            raise ValueError("gemv_max_batch > 0 needs dense weights; these are quantized")
         if gemv_max_batch and not decode_kernel:
             raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
         self.gemv_max_batch = gemv_max_batch

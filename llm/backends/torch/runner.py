@@ -23,7 +23,6 @@ from llm.engine.contract.backend import (
     SequenceSampling,
 )
 from llm.model.checkpoint.common import Checkpoint
-from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
 
 
@@ -168,8 +167,5 @@ def create(spec: BackendSpec) -> Backend:
 
         return launch(spec, lambda weights, runtime, mesh: TorchBackend(
             weights, runtime, mesh=mesh, **options))
-    checkpoint = spec.model
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = load_checkpoint(spec.model_path(), cache_dir=spec.cache_dir,
-                                     progress=spec.progress)
+    checkpoint = spec.load()
     return TorchBackend(checkpoint, spec.runtime(checkpoint.config), **options)

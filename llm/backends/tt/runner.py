@@ -7,6 +7,7 @@ model code receives the module through `Mesh.ttnn`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -30,9 +31,9 @@ from llm.engine.contract.backend import (
     SequenceSampling,
 )
 from llm.model.checkpoint.common import Checkpoint
-from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
+from llm.model.quant.tensor import QuantizedTensor
 
 TRACE_REGION_SIZE = 64 << 20
 L1_SMALL_SIZE = 32768
@@ -238,8 +239,11 @@ def create(spec: BackendSpec) -> TTBackend:
                           f"(known: {', '.join(_OPTIONS)})")
     if "precision" in options:
         options["precision_policy"] = options.pop("precision")
-    checkpoint = spec.model
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = load_checkpoint(spec.model_path(), cache_dir=spec.cache_dir,
-                                     progress=spec.progress)
+    checkpoint = spec.load()
+    if any(isinstance(t, QuantizedTensor) for t in checkpoint.tensors.values()):
+        # the tt backend converts every weight to its own tile formats (bf16 / bfloat8_b /
+        # bfloat4_b); quantized-as-stored weights are dequantized first (exact ggml values)
+        tensors = {k: t.dequantize() if isinstance(t, QuantizedTensor) else t
+                   for k, t in checkpoint.tensors.items()}
+        checkpoint = dataclasses.replace(checkpoint, tensors=tensors)
     return TTBackend(checkpoint, spec.runtime(checkpoint.config), **options)

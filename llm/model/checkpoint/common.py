@@ -18,6 +18,13 @@ from llm.model.config import ModelConfig
 if TYPE_CHECKING:
     import torch
 
+    from llm.model.quant.tensor import QuantizedTensor
+
+# How load_checkpoint hands the weights over: "dequantize" (every tensor floating point; a GGUF's
+# quantized tensors dequantized), "stored" (a GGUF's quantized tensors kept as stored), "int8" /
+# "int4" (a floating-point checkpoint's matrices quantized at load, per channel / per group).
+WEIGHT_MODES = ("dequantize", "stored", "int8", "int4")
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Non-persistent RoPE buffers some old exports saved: not weights (transformers ignores them too).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -31,12 +38,15 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """Loaded weights: canonical HF names and layout, CPU tensors in their stored dtype.
 
-    Dtypes: an HF directory keeps its file dtypes (often bf16); a GGUF gives float32 for F32 and
-    quantized tensors, float16/bfloat16 for F16/BF16 tensors. Backends cast to their runtime dtype.
+    Dtypes: an HF directory keeps its file dtypes (often bf16); a GGUF gives float16/bfloat16 for
+    F16/BF16 tensors, float32 for F32 ones, and for quantized ones float32 (dequantized) or, loaded
+    with weights="stored", a `llm.model.quant.QuantizedTensor` holding the stored blocks (as do
+    matrices quantized at load with weights="int8" / "int4"). Backends cast float tensors to their
+    runtime dtype.
     """
 
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | QuantizedTensor]
     source: Path
     source_sha256: str | None = None  # content hash of a GGUF source (its cache key)
 

@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from llm.model.checkpoint.common import CheckpointError, check_tensors, expected_tensors
 from llm.model.config import ModelConfig
+from llm.model.quant.gguf_repack import GGUF_FORMATS, from_gguf_tensor
+from llm.model.quant.state import Weight
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -85,19 +87,32 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         ) from e
 
 
-def convert_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a GGUF file into (config, canonical tensors) without any cache."""
+def convert_gguf(path: Path, progress: bool = True, stored: bool = False
+                 ) -> tuple[ModelConfig, dict[str, Weight]]:
+    """Read a GGUF file into (config, canonical tensors) without any cache.
+
+    stored: quantized tensors of the formats in `GGUF_FORMATS` stay quantized as they are stored
+    (a lossless QuantizedTensor, rows un-permuted like the dense ones); otherwise every tensor is
+    dequantized.
+    """
     config, by_name = gguf_index(open_gguf(path), path)
     permute = config.arch in _PERMUTED_ARCHS
-    tensors: dict[str, torch.Tensor] = {}
-    bar = tqdm(by_name.items(), desc=f"converting {path.name}", unit="tensor", disable=not progress)
+    tensors: dict[str, Weight] = {}
+    verb = "repacking" if stored else "converting"
+    bar = tqdm(by_name.items(), desc=f"{verb} {path.name}", unit="tensor", disable=not progress)
     for name, t in bar:
-        w = dequantize(t.data, t, path).reshape(hf_shape(t))  # (out, in) or (n,)
+        heads = None
         if permute and ".self_attn.q_proj." in name:
-            w = unpermute(w, config.num_heads)
+            heads = config.num_heads
         elif permute and ".self_attn.k_proj." in name:
-            w = unpermute(w, config.num_kv_heads)
-        tensors[name] = w
+            heads = config.num_kv_heads
+        if stored and gguf.GGMLQuantizationType(t.tensor_type) in GGUF_FORMATS:
+            q = from_gguf_tensor(t)
+            tensors[name] = q if heads is None else q.take_rows(unpermute_index(q.shape[0],
+                                                                                heads))
+            continue
+        w = dequantize(t.data, t, path).reshape(hf_shape(t))  # (out, in) or (n,)
+        tensors[name] = w if heads is None else unpermute(w, heads)
     return config, {name: tensors[name] for name in expected_tensors(config)}
 
 
@@ -170,3 +185,8 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # (rows, *in) -> (n_head, rows/n_head/2, 2, *in) -> (n_head, 2, rows/n_head/2, *in)
     # -> (rows, *in); `*in` is empty for a bias.
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_index(rows: int, n_head: int) -> torch.Tensor:
+    """[rows] the source row of each row after `unpermute` (for quantized rows: `take_rows`)."""
+    return unpermute(torch.arange(rows), n_head)

@@ -3,8 +3,10 @@
 `<cache_dir>/gguf-<sha256 of the GGUF bytes>.v<CACHE_FORMAT_VERSION>.safetensors` holds the
 converted tensors, with the ModelConfig as JSON in the safetensors metadata, so a cache hit reads no
 GGUF structure at all (only hashes its bytes). Dtypes are lossless: F32 and quantized tensors are
-stored as float32 (the exact dequantized values), F16/BF16 tensors keep float16/bfloat16. Entries
-are written atomically; an unusable entry is rebuilt.
+stored as float32 (the exact dequantized values), F16/BF16 tensors keep float16/bfloat16. With the
+quantized tensors kept as stored, `gguf-<sha256>.stored.v<STORED_FORMAT_VERSION>.safetensors` holds
+their planes instead (`llm.model.quant.state`), about the GGUF's own size. Entries are written
+atomically; an unusable entry is rebuilt.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-
-import torch
 
 from llm.model.checkpoint.common import CheckpointError, check_tensors, expected_tensors
 from llm.model.checkpoint.gguf import convert_gguf
@@ -25,66 +25,83 @@ from llm.model.checkpoint.safetensors_io import (
 )
 from llm.model.config import ModelConfig, RopeScaling
 from llm.model.files import file_sha256
+from llm.model.quant.state import Weight, flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
 # Bump when the conversion output changes: older cache entries are then simply not found.
 CACHE_FORMAT_VERSION = 1
+STORED_FORMAT_VERSION = 1
 _CACHE_FORMAT = "llm.gguf-cache"
+_STORED_FORMAT = "llm.gguf-stored-cache"
 
 
-def cache_path(cache_dir: Path, digest: str) -> Path:
-    """The cache entry of the GGUF whose bytes have sha256 `digest`."""
+def cache_path(cache_dir: Path, digest: str, stored: bool = False) -> Path:
+    """The cache entry of the GGUF whose bytes have sha256 `digest` (dequantized, or with the
+    quantized tensors as stored)."""
+    if stored:
+        return cache_dir / f"gguf-{digest}.stored.v{STORED_FORMAT_VERSION}.safetensors"
     return cache_dir / f"gguf-{digest}.v{CACHE_FORMAT_VERSION}.safetensors"
 
 
 def load_gguf_cached(
-    path: Path, cache_dir: Path, progress: bool = True
-) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """Config, canonical tensors and content sha256 of a GGUF, from the cache or converted."""
+    path: Path, cache_dir: Path, progress: bool = True, stored: bool = False
+) -> tuple[ModelConfig, dict[str, Weight], str]:
+    """Config, canonical tensors and content sha256 of a GGUF, from the cache or converted.
+
+    stored: quantized tensors stay as stored (QuantizedTensor planes; the entry is about the
+    GGUF's size), else every tensor is dequantized (float32 for quantized ones).
+    """
     digest = file_sha256(path, progress)
-    entry = cache_path(cache_dir, digest)
+    entry = cache_path(cache_dir, digest, stored)
     if entry.is_file():
         try:
-            return (*_read_cache(entry, digest, progress), digest)
+            return (*_read_cache(entry, digest, progress, stored), digest)
         except CheckpointError as e:
             log.warning("unusable weights cache entry, rebuilding it: %s", e)
             try:
                 entry.unlink(missing_ok=True)
             except OSError as unlink_error:  # the atomic rewrite below replaces it anyway
                 log.warning("could not delete %s: %s", entry, unlink_error)
-    config, tensors = convert_gguf(path, progress)
-    metadata = {
-        "format": _CACHE_FORMAT,
-        "version": str(CACHE_FORMAT_VERSION),
+    config, tensors = convert_gguf(path, progress, stored)
+    flat, metadata = flatten_state(tensors) if stored else (tensors, {})
+    metadata.update({
+        "format": _STORED_FORMAT if stored else _CACHE_FORMAT,
+        "version": str(STORED_FORMAT_VERSION if stored else CACHE_FORMAT_VERSION),
         "source_sha256": digest,
         "source": str(path),  # informational only: the key is the content hash
         "config": config_to_json(config),
-    }
+    })
     try:
-        write_safetensors_atomic(entry, tensors, metadata)
+        write_safetensors_atomic(entry, flat, metadata)
     except OSError as e:  # a read-only or full disk costs a reconversion next time, nothing else
         log.warning("could not write the weights cache %s: %s", entry, e)
     return config, tensors, digest
 
 
 def _read_cache(
-    file: Path, digest: str, progress: bool
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    config = cache_entry_config(file, digest)
-    tensors, _ = read_safetensors(file, progress, desc="loading cached weights")
+    file: Path, digest: str, progress: bool, stored: bool = False
+) -> tuple[ModelConfig, dict[str, Weight]]:
+    config = cache_entry_config(file, digest, stored)
+    flat, metadata = read_safetensors(file, progress, desc="loading cached weights",
+                                      floating=not stored)
+    try:
+        tensors = unflatten_state(flat, metadata) if stored else flat
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: bad quantized tensors in the cache entry: {e}") from e
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     check_tensors(shapes, config, dict.fromkeys(tensors, str(file)), file)
     return config, {name: tensors[name] for name in expected_tensors(config)}
 
 
-def cache_entry_config(file: Path, digest: str) -> ModelConfig:
+def cache_entry_config(file: Path, digest: str, stored: bool = False) -> ModelConfig:
     """The ModelConfig of the cache entry `file` for the GGUF with sha256 `digest`, from its
     header only; CheckpointError if the entry is unreadable or not this GGUF's.
     """
     with open_safetensors(file) as f:
         metadata = f.metadata() or {}
     header = {k: metadata.get(k) for k in ("format", "version", "source_sha256")}
-    wanted = {"format": _CACHE_FORMAT, "version": str(CACHE_FORMAT_VERSION)}
+    wanted = {"format": _STORED_FORMAT if stored else _CACHE_FORMAT,
+              "version": str(STORED_FORMAT_VERSION if stored else CACHE_FORMAT_VERSION)}
     wanted["source_sha256"] = digest
     if header != wanted:
         raise CheckpointError(f"{file}: not a cache entry for this GGUF (metadata {header})")

@@ -10,28 +10,72 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm.model.checkpoint.common import PICKLE_SUFFIXES, Checkpoint, CheckpointError, pickle_error
+import torch
+from tqdm import tqdm
+
+from llm.model.checkpoint.common import (
+    PICKLE_SUFFIXES,
+    WEIGHT_MODES,
+    Checkpoint,
+    CheckpointError,
+    pickle_error,
+)
 from llm.model.checkpoint.gguf_cache import load_gguf_cached
 from llm.model.checkpoint.hf import load_hf_dir
 from llm.model.paths import default_cache_dir
+from llm.model.quant.quantize import quantize_int4, quantize_int8
+from llm.model.quant.tensor import QuantizedTensor
 
 
 def load_checkpoint(
-    path: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True
+    path: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True,
+    weights: str = "dequantize",
 ) -> Checkpoint:
     """Load a Hugging Face safetensors directory or a GGUF file into canonical HF tensors.
 
     GGUF files are converted once and cached in `cache_dir` (default: `default_cache_dir()`).
-    `progress` shows tqdm bars while hashing, converting and loading.
+    `progress` shows tqdm bars while hashing, converting and loading. `weights` (one of
+    WEIGHT_MODES): "dequantize" gives floating-point tensors only; "stored" keeps a GGUF's
+    quantized tensors as stored (QuantizedTensor); "int8" / "int4" quantize a floating-point
+    checkpoint's 2-D weights at load (a GGUF is already quantized: use "stored").
     """
+    if weights not in WEIGHT_MODES:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
+                              f"{weights!r}")
     path, kind = resolve_checkpoint(path)
     if kind == "dir":
         config, tensors = load_hf_dir(path, progress)
+        if weights in ("int8", "int4"):
+            tensors = quantize_matrices(tensors, weights, progress)
         return Checkpoint(config=config, tensors=tensors, source=path)
-
+    if weights in ("int8", "int4"):
+        raise CheckpointError(f"{path}: weights={weights!r} quantizes a floating-point Hugging "
+                              "Face checkpoint; a GGUF runs as stored (weights='stored') or "
+                              "dequantized")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    config, tensors, digest = load_gguf_cached(path, cache, progress)
+    config, tensors, digest = load_gguf_cached(path, cache, progress, stored=weights == "stored")
     return Checkpoint(config=config, tensors=tensors, source=path, source_sha256=digest)
+
+
+def quantize_matrices(tensors: dict[str, torch.Tensor], mode: str, progress: bool
+                      ) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """Every 2-D weight (projections, embedding, LM head) quantized at load: "int8" per output
+    channel, "int4" per group of 128 columns, or 64 / 32 where in_features is no multiple of 128
+    (llm.model.quant.quantize); norms and biases stay as they are."""
+    out: dict[str, torch.Tensor | QuantizedTensor] = {}
+    bar = tqdm(tensors.items(), desc=f"quantizing to {mode}", unit="tensor", disable=not progress)
+    for name, t in bar:
+        if t.dim() != 2:
+            out[name] = t
+        elif mode == "int8":
+            out[name] = quantize_int8(t)
+        else:
+            group = next((g for g in (128, 64, 32) if t.shape[1] % g == 0), None)
+            if group is None:
+                raise CheckpointError(f"{name}: in_features {t.shape[1]} is no multiple of 32, "
+                                      "the smallest int4 group")
+            out[name] = quantize_int4(t, group)
+    return out
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:

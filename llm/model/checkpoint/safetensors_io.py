@@ -24,12 +24,14 @@ def open_safetensors(file: Path) -> safetensors.safe_open:
         ) from e
 
 
-def get_tensor(handle: safetensors.safe_open, name: str, file: Path) -> torch.Tensor:
+def get_tensor(handle: safetensors.safe_open, name: str, file: Path,
+               floating: bool = True) -> torch.Tensor:
+    """One tensor; with `floating`, a CheckpointError unless it has a floating-point dtype."""
     try:
         tensor = handle.get_tensor(name)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from e
-    if not tensor.is_floating_point():
+    if floating and not tensor.is_floating_point():
         raise CheckpointError(
             f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected floating point"
         )
@@ -37,14 +39,15 @@ def get_tensor(handle: safetensors.safe_open, name: str, file: Path) -> torch.Te
 
 
 def read_safetensors(
-    file: Path, progress: bool, desc: str = "loading weights"
+    file: Path, progress: bool, desc: str = "loading weights", floating: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of one safetensors file (CheckpointError if unreadable)."""
+    """All tensors and the metadata of one safetensors file (CheckpointError if unreadable;
+    `floating`: every tensor must have a floating-point dtype)."""
     with open_safetensors(file) as f:
         metadata = f.metadata() or {}
         names = list(f.keys())
         bar = tqdm(names, desc=desc, unit="tensor", disable=not progress)
-        tensors = {name: get_tensor(f, name, file) for name in bar}
+        tensors = {name: get_tensor(f, name, file, floating) for name in bar}
     return tensors, metadata
 
 

@@ -150,3 +150,19 @@ class QuantizedTensor:
 def _check_range(what: str, lo: int, hi: int, size: int) -> None:
     if not 0 <= lo < hi <= size:
         raise ValueError(f"{what} range [{lo}, {hi}) is empty or outside [0, {size})")
+
+
+def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """The row-wise concatenation of quantized matrices of one format and one in_features (e.g.
+    q/k/v or gate/up fused into one projection); ValueError otherwise.
+    """
+    if not parts:
+        raise ValueError("cat_rows needs at least one tensor")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.format != first.format or p.in_features != first.in_features:
+            raise ValueError(f"cannot stack {p.format} {p.shape} under {first.format} "
+                             f"{first.shape}: formats and in_features must match")
+    planes = {name: torch.cat([p.planes[name] for p in parts]) for name in first.planes}
+    return QuantizedTensor(first.format, (sum(p.out_features for p in parts),
+                                          first.in_features), planes)

@@ -26,6 +26,9 @@ def launch(spec: BackendSpec, build: Any) -> Backend:
     size = spec.tensor_parallel
     if isinstance(spec.model, Checkpoint):
         raise ConfigError("tensor_parallel needs a checkpoint path (each rank reads its slices)")
+    if spec.weights != "dequantize":
+        raise ConfigError(f"tensor_parallel reads dequantized weight slices; weights="
+                          f"{spec.weights!r} is not supported with it yet")
     Mesh.check_launch(size, spec.device)
     path = spec.model_path()
     weights = open_weight_slices(path, cache_dir=spec.cache_dir, progress=spec.progress)

@@ -23,6 +23,8 @@ from llm.model.checkpoint.load import resolve_checkpoint
 from llm.model.checkpoint.safetensors_io import get_tensor, open_safetensors
 from llm.model.config import ModelConfig
 from llm.model.paths import default_cache_dir
+from llm.model.quant.state import Weight
+from llm.model.quant.tensor import QuantizedTensor, cat_rows
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,13 @@ class WeightSlices(ABC):
             return self._read(name, None, 0, 0)  # the whole tensor (no copy where it is in memory)
         if len(ranges) == 1:
             return self._read(name, dim, *ranges[0])
-        return torch.cat([self._read(name, dim, a, b) for a, b in ranges], dim=dim)
+        parts = [self._read(name, dim, a, b) for a, b in ranges]
+        if isinstance(parts[0], QuantizedTensor):
+            if dim != 0:
+                raise ValueError(f"{name!r}: quantized tensors join several ranges along rows "
+                                 f"only, not dim {dim}")
+            return cat_rows(parts)
+        return torch.cat(parts, dim=dim)
 
     @abstractmethod
     def _read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
@@ -75,9 +83,14 @@ class TensorDictSlices(WeightSlices):
                  source: str = "the given tensors") -> None:
         self.config, self.tensors, self.source = config, tensors, source
 
-    def _read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+    def _read(self, name: str, dim: int | None, start: int, stop: int) -> Weight:
         t = self.tensors[name]
-        return t if dim is None else t.narrow(dim, start, stop - start).clone()
+        if dim is None:
+            return t
+        if isinstance(t, QuantizedTensor):  # row ranges, or block-aligned column ranges
+            part = t.slice_rows(start, stop) if dim == 0 else t.slice_cols(start, stop)
+            return part.contiguous()
+        return t.narrow(dim, start, stop - start).clone()
 
 
 class SafetensorsSlices(WeightSlices):

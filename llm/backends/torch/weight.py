@@ -1,0 +1,88 @@
+"""Weights of the torch backend that stay quantized as stored, and the calls that use them.
+
+A checkpoint loaded with weights="stored" (a GGUF's blocks) or "int8" / "int4" holds
+`llm.model.quant.QuantizedTensor` matrices. The backend keeps each one as a `QuantLinear` on its
+device (packed bytes, never a float copy of the matrix) and applies it through `linear`, the one
+entry point every projection uses; plain tensors go to `F.linear` as before. `QuantLinear` runs the
+reference computation, dequantize-then-matmul in the activation dtype, one call at a time; faster
+kernels (Triton on CUDA, CPU kernels) plug in behind the same call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llm.model.quant.tensor import QuantizedTensor, cat_rows
+
+Weight = torch.Tensor | QuantizedTensor
+
+
+class QuantLinear:
+    """A quantized [N, K] weight on the backend's device, applied as x @ W^T."""
+
+    def __init__(self, weight: QuantizedTensor, dtype: torch.dtype) -> None:
+        self.weight = weight
+        self.dtype = dtype  # the activations' dtype: dequantized values are rounded to it
+        self.shape = torch.Size(weight.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored planes (what one pass over the matrix reads)."""
+        return self.weight.nbytes
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] -> [..., N]."""
+        return F.linear(x, self.weight.dequantize(torch.float32).to(x.dtype), bias)
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup: the dequantized rows of `tokens` [...] -> [..., K]."""
+        flat = tokens.reshape(-1)  # [T]
+        out = self.weight.take_rows(flat).dequantize(torch.float32).to(self.dtype)  # [T, K]
+        return out.reshape(*tokens.shape, self.shape[1])
+
+    def split_rows(self, size: int) -> list[QuantLinear]:
+        """Consecutive row blocks of at most `size` rows (e.g. LM head chunks)."""
+        n = self.shape[0]
+        return [QuantLinear(self.weight.slice_rows(lo, min(lo + size, n)), self.dtype)
+                for lo in range(0, n, size)]
+
+
+def on_device(w: Weight, device: torch.device, dtype: torch.dtype) -> torch.Tensor | QuantLinear:
+    """A checkpoint weight as the backend holds it: a float tensor cast to `dtype`, or a
+    quantized one kept as stored on `device`."""
+    if isinstance(w, QuantizedTensor):
+        return QuantLinear(w.to(device).contiguous(), dtype)
+    return w.to(device=device, dtype=dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantLinear,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w^T (+ bias) for a dense or a quantized weight -> [..., N]."""
+    if isinstance(w, QuantLinear):
+        return w(x, bias)
+    return F.linear(x, w, bias)
+
+
+def stack_rows(parts: list[torch.Tensor | QuantLinear]) -> torch.Tensor | QuantLinear:
+    """Fuse projections by stacking their rows (q/k/v, gate/up). Quantized parts of one format
+    stay quantized; a mix of formats (as in Q4_K_M files) or of dense and quantized is
+    dequantized to one dense matrix in the activation dtype."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, dim=0)  # type: ignore[arg-type]
+    quant = [p for p in parts if isinstance(p, QuantLinear)]
+    if len(quant) == len(parts) and len({q.weight.format for q in quant}) == 1:
+        return QuantLinear(cat_rows([q.weight for q in quant]), quant[0].dtype)
+    dtype = quant[0].dtype
+    return torch.cat([p.weight.dequantize(torch.float32).to(dtype) if isinstance(p, QuantLinear)
+                      else p for p in parts], dim=0)
+
+
+def nbytes(w: torch.Tensor | QuantLinear) -> int:
+    """Bytes a weight occupies on the device."""
+    return w.nbytes if isinstance(w, QuantLinear) else w.numel() * w.element_size()
+
+
+def is_dense(w: object) -> bool:
+    """True for a plain tensor (what the fused Triton GEMVs take)."""
+    return isinstance(w, torch.Tensor)

@@ -1,0 +1,117 @@
+"""Quantized weights end to end on the CPU: a GGUF loaded with weights="stored" keeps its blocks
+(a cache entry about the GGUF's size, values bit-identical to the dequantized load), Hugging Face
+matrices quantized at load ("int8" / "int4"), and the torch backend running them to the same
+logits as the same weights dequantized."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from test_checkpoint import cache_files, hf_dir, hf_model, tiny_gguf
+
+import llm
+from llm.backends.torch.parallel.slices import TensorDictSlices
+from llm.backends.torch.runner import TorchBackend
+from llm.model.checkpoint.common import Checkpoint, CheckpointError
+from llm.model.checkpoint.load import load_checkpoint
+from llm.model.config import RuntimeConfig
+from llm.model.quant.tensor import QuantizedTensor
+
+Q = gguf.GGMLQuantizationType
+
+
+def dequantized(ck: Checkpoint) -> Checkpoint:
+    return Checkpoint(ck.config, {k: t.dequantize() if isinstance(t, QuantizedTensor) else t
+                                  for k, t in ck.tensors.items()}, ck.source)
+
+
+def logits(ck: Checkpoint, tokens: list[int]) -> torch.Tensor:
+    backend = TorchBackend(ck, RuntimeConfig(max_batch=1, max_seq_len=64, block_size=16))
+    return backend.model.prefill(torch.tensor(tokens), 0, torch.arange(1, 5), backend.cache,
+                                 all_logits=True)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_stored_gguf_equals_the_dequantized_load_and_caches_small(tmp_path, qtype) -> None:
+    path, _ = tiny_gguf(tmp_path, qtype=qtype)
+    dense = load_checkpoint(path, cache_dir=tmp_path / "d", progress=False)
+    stored = load_checkpoint(path, cache_dir=tmp_path / "s", progress=False, weights="stored")
+    again = load_checkpoint(path, cache_dir=tmp_path / "s", progress=False, weights="stored")
+    (entry,) = cache_files(tmp_path / "s")
+    assert ".stored." in entry
+    assert (tmp_path / "s" / entry).stat().st_size < 1.3 * path.stat().st_size
+    n_quant = 0
+    for name, want in dense.tensors.items():
+        for ck in (stored, again):
+            got = ck.tensors[name]
+            if isinstance(got, QuantizedTensor):
+                n_quant += 1
+                assert got.format == qtype.name.lower(), name
+                assert torch.equal(got.dequantize(), want), name
+            else:
+                assert torch.equal(got, want), name
+    assert n_quant == 2 * 7 * dense.config.num_layers + 2 * (1 + (
+        not dense.config.tie_word_embeddings))
+    tokens = [3, 17, 5, 9, 30]
+    torch.testing.assert_close(logits(stored, tokens), logits(dense, tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_hf_weights_quantized_at_load_run_like_their_dequantized_values(tmp_path, mode) -> None:
+    d = hf_dir(tmp_path, hf_model("llama"))
+    ref = load_checkpoint(d, progress=False)
+    q = load_checkpoint(d, progress=False, weights=mode)
+    kinds = {type(t) for n, t in q.tensors.items() if ref.tensors[n].dim() == 2}
+    assert kinds == {QuantizedTensor}
+    assert all(torch.equal(q.tensors[n], t) for n, t in ref.tensors.items() if t.dim() == 1)
+    tokens = [1, 2, 3, 4, 5, 6]
+    ours, same_values = logits(q, tokens), logits(dequantized(q), tokens)
+    torch.testing.assert_close(ours, same_values, rtol=0, atol=0)
+
+
+def test_int8_is_much_closer_to_the_float_model_than_int4(tmp_path) -> None:
+    """Measured on this random 2-layer model (no structure for 4 bits to keep): relative logit
+    error 0.029 with int8, 0.51 with int4 (group 64: in_features is 64)."""
+    d = hf_dir(tmp_path, hf_model("llama"))
+    tokens = [1, 2, 3, 4, 5, 6]
+    full = logits(load_checkpoint(d, progress=False), tokens)
+    err = {m: float((logits(load_checkpoint(d, progress=False, weights=m), tokens) - full).norm()
+                    / full.norm()) for m in ("int8", "int4")}
+    assert err["int8"] < 0.05 and err["int8"] * 5 < err["int4"], err
+
+
+
+def test_bad_weight_modes_are_refused_by_name(tmp_path) -> None:
+    path, _ = tiny_gguf(tmp_path, qtype=Q.Q8_0)
+    with pytest.raises(CheckpointError, match="weights must be one of"):
+        load_checkpoint(path, cache_dir=tmp_path, progress=False, weights="fp8")
+    with pytest.raises(CheckpointError, match="a GGUF runs as stored"):
+        load_checkpoint(path, cache_dir=tmp_path, progress=False, weights="int4")
+
+
+def test_quantized_tensors_slice_for_tensor_parallel_ranks(tmp_path) -> None:
+    path, _ = tiny_gguf(tmp_path, qtype=Q.Q4_1)
+    ck = load_checkpoint(path, cache_dir=tmp_path, progress=False, weights="stored")
+    slices = TensorDictSlices(ck.config, ck.tensors)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    full = ck.tensors[name].dequantize()
+    cols = slices.read(name, 1, [(32, 64)])
+    assert torch.equal(cols.dequantize(), full[:, 32:64])
+    rows = slices.read("model.layers.0.self_attn.k_proj.weight", 0, [(0, 16), (0, 16)])
+    k = ck.tensors["model.layers.0.self_attn.k_proj.weight"].dequantize()
+    assert torch.equal(rows.dequantize(), torch.cat([k[:16], k[:16]]))
+    with pytest.raises(ValueError, match="block size 32"):
+        slices.read(name, 1, [(8, 40)])
+
+
+@pytest.mark.slow
+def test_default_model_as_stored_gives_the_same_tokens(tmp_path) -> None:
+    params = llm.SamplingParams(max_new_tokens=4)
+    prompts = ["The capital of France is"]
+    stored = llm.LLM(max_batch=1, max_seq_len=64, progress=False, weights="stored")
+    assert stored.backend.weight_bytes < 120e6  # 96.6 MB of Q4_1 / Q8_0 blocks and norms
+    dense = llm.LLM(max_batch=1, max_seq_len=64, progress=False)
+    assert dense.backend.weight_bytes > 500e6  # the same model in fp32
+    assert stored.generate(prompts, params)[0].token_ids == dense.generate(prompts,
+                                                                           params)[0].token_ids
