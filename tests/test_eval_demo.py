@@ -1,0 +1,60 @@
+"""demos/eval.py: perplexity and agreement on a text, against this engine in fp32 and against
+transformers, on a small random Hugging Face model with a tokenizer (built here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from test_tokenizer import _tokenizer_json_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def eval_demo():
+    spec = importlib.util.spec_from_file_location("eval_demo", ROOT / "demos" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eval_demo"] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256)
+    d = tmp_path / "hf"
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    return _tokenizer_json_dir(d, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+def test_fp32_engine_agrees_with_itself_and_with_transformers(tmp_path, eval_demo) -> None:
+    d = model_dir(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log " * 8)
+    out = tmp_path / "r.json"
+    for reference in ("dequantized", "transformers"):
+        assert eval_demo.main(["--model", str(d), "--text", str(text), "--weights", "dequantize",
+                               "--reference", reference, "--window", "24",
+                               "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["tokens"] > 40 and r["top1"] == 1.0 and r["top5"] == 1.0
+        assert r["ppl"] == pytest.approx(r["ppl_reference"], rel=1e-4)
+    assert eval_demo.main(["--model", str(d), "--text", str(text), "--weights", "int4",
+                           "--window", "24", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["top1"] < 1.0 and r["ppl"] != r["ppl_reference"]
+
+
+def test_bad_input_is_a_clear_error(tmp_path, eval_demo, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert eval_demo.main(["--model", str(model_dir(tmp_path)), "--text", str(empty)]) == 2
+    assert "too short to score" in capsys.readouterr().err
