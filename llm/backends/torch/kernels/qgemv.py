@@ -1,20 +1,29 @@
 """Small-batch GEMV on quantized weights as stored (`QuantizedTensor`), for decode (M <= 16).
 
 y = x @ W.T with W [N, K] given by its planes (llm.model.quant): each program owns BLOCK_N rows
-and walks K in BLOCK_K chunks; a chunk is BLOCK_K/32 32-groups, each seen as 16 lanes i holding
-columns 32g+i ("lo") and 32g+16+i ("hi"): exactly the two nibbles of byte 16g+i of every 4-bit
-format, so one 16-byte load feeds 32 weights. Codes and scales are loaded packed, dequantized in
-fp32 registers with the formula and operation order of the format's `dequantize` (the weight
-values are ggml's, bit for bit), multiplied with x in fp32 and accumulated in fp32
-([BLOCK_M, BLOCK_N, G, 16] accumulators, summed over K once at the end; no split-K).
+and walks K in BLOCK_K chunks (no split-K). A chunk is BLOCK_K/16 half-groups of 8 lanes: lane e
+of half-group h is column 32g + 8*(h%2) + e of group g = h // 2 ("lo") and that column + 16
+("hi"), i.e. the two nibbles of byte 8h + e of every 4-bit format, so the chunk's packed bytes
+are contiguous and one 8-byte load feeds 16 weights. Codes and scales are loaded packed,
+dequantized in fp32 registers with the formula and operation order of the format's `dequantize`
+(the weight values are ggml's, bit for bit), multiplied with x in fp32 and accumulated in fp32
+([BLOCK_N, H, 8] accumulators per row of x, summed over K once at the end). At batch 1, x is
+loaded as a tile of the weights' own shape and lane width, so the compiler keeps both in one
+register layout (a [H, 8] x tile would be shuffled through shared memory every chunk).
 
 Codes become floats without an int-to-float conversion: a code c in 0..255 OR-ed into the bits of
-2^23 is the float 2^23 + c, and subtracting 2^23 + offset gives c - offset exactly.
+2^23 is the float 2^23 + c, and subtracting 2^23 + offset gives c - offset exactly. Compiled, the
+4-bit formats do this 4 bytes at a time with byte permutes (`_nibbles`).
 
 Q4_K/Q5_K compute (d*sc)*q - dmin*m with the product rounded before the difference; compiled,
 that product is `mul.rn` (libdevice), which the compiler may not fuse into the subtraction. In
 every other format the products that precede an addition are exact (fp16/bf16 scale times a
 code of at most 8 bits), so a fused multiply-add cannot change the weight.
+
+Speed (H200, measured 2026-12-03, kernels/qgemv_config.py): at batch 1 Q8_0/int8 read their bytes
+at 2.4-2.6 TB/s, near the bf16 GEMV's 3.9 TB/s; the 4-bit formats reach 1.2-1.8 TB/s, limited
+by the per-weight instructions (unpack, unbias, scale, multiply-add, x conversion), not by
+memory. Batch 8 multiplies the fp32 multiply-adds by 8 and is slower than bf16 cuBLAS.
 
 One kernel, specialised per format family by the constexpr FMT. `qgemv` falls back to
 `quantized_linear` (dequantize, then F.linear) where Triton cannot run: CPU tensors outside the
@@ -210,7 +219,7 @@ def _qgemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_
                   stride_x, stride_y, s_qs, s_qh, s_d, s_m, s_sc, s_mn, K: tl.constexpr,
                   FMT: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  UNROLL: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+                  COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
     """y[:, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N."""
     H: tl.constexpr = BLOCK_K // 16  # half-groups of 8 lanes per chunk
     pid = tl.program_id(0)
@@ -224,16 +233,10 @@ def _qgemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_
         acc = tl.zeros([BLOCK_N, H, 8], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, H, 8], tl.float32)
-    if UNROLL:
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            acc = _chunk(acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, M, stride_x,
-                         s_qs, s_qh, s_d, s_m, s_sc, s_mn, ns, n_live, ms, lane, k0, K, FMT, GS,
-                         H, BLOCK_M, BLOCK_N, COMPILED)
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            acc = _chunk(acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, M, stride_x,
-                         s_qs, s_qh, s_d, s_m, s_sc, s_mn, ns, n_live, ms, lane, k0, K, FMT, GS,
-                         H, BLOCK_M, BLOCK_N, COMPILED)
+    for k0 in range(0, K, BLOCK_K):
+        acc = _chunk(acc, x_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, M, stride_x, s_qs,
+                     s_qh, s_d, s_m, s_sc, s_mn, ns, n_live, ms, lane, k0, K, FMT, GS, H,
+                     BLOCK_M, BLOCK_N, COMPILED)
     if BLOCK_M == 1:
         out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
     else:
@@ -283,7 +286,6 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
         x, y, bias if bias is not None else x, *planes, m, n, x.stride(0), y.stride(0),
         *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, UNROLL=cfg.unroll,
-        COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc,
+        HAS_BIAS=bias is not None, COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return y
