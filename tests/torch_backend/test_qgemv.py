@@ -1,0 +1,223 @@
+"""Quantized small-batch GEMV (kernels/qgemv.py) against x @ dequantize(W).T, every format.
+
+Small shapes run everywhere (Triton's interpreter on the CPU); Llama-3.1-8B shapes and the
+bandwidth table only on a GPU (`pytest -s` prints the table).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from llm.backends.torch.kernels.qgemv import MAX_M, qgemv  # noqa: E402
+from llm.backends.torch.kernels.qgemv_config import QGemvConfig, qgemv_config  # noqa: E402
+from llm.model.quant import QuantizedTensor, get_format, quantize_int4, quantize_int8  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GGML = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+INT = ["int8", "int4_g128", "int4_g32"]
+# (N, K, config): N odd (never a multiple of BLOCK_N); K a multiple of the format's block but
+# not of BLOCK_K, so the last chunk is partial; int8 (block 1) gets K = 100. Few programs and
+# chunks: the interpreter's time grows with both.
+SMALL = {"legacy": (13, 160, QGemvConfig(8, 64)),
+         "k": (11, 768, QGemvConfig(8, 512)),
+         "int8": (9, 100, QGemvConfig(8, 64))}
+
+
+def random_quantized(fmt: str, n: int, k: int, g: torch.Generator,
+                     device: str = DEVICE) -> QuantizedTensor:
+    """Random planes (any code bits; finite scales) for a GGUF format, or our quantizers' output
+    for random weights."""
+    if fmt in INT:
+        w = torch.randn(n, k, generator=g) * 0.05
+        q = quantize_int8(w) if fmt == "int8" else quantize_int4(w, int(fmt[len("int4_g"):]))
+        return q.to(device)
+    planes = {}
+    for p in get_format(fmt).planes:
+        shape = (n, p.width(k))
+        if p.dtype == torch.float16:
+            planes[p.name] = (torch.randn(shape, generator=g) * 0.01).half()
+        else:
+            bits = torch.randint(0, 256, shape, generator=g, dtype=torch.int32)
+            if p.name in ("scales", "mins") and p.dtype == torch.uint8:
+                bits &= 63  # Q4_K / Q5_K 6-bit sub-block scales
+            planes[p.name] = bits.to(torch.uint8).view(p.dtype)
+    return QuantizedTensor(fmt, (n, k), planes).to(device)
+
+
+def _ref(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ dequantize(w).T (+ bias) in float64 from the fp32 weights (exact products)."""
+    y = x.double() @ w.dequantize(torch.float32).double().T
+    return y if bias is None else y + bias.double()
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor) -> None:
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < (1e-5 if x.dtype == torch.float32 else 8e-3), err
+
+
+def _shape(fmt: str) -> tuple[int, int, QGemvConfig]:
+    if fmt == "int8":
+        return SMALL["int8"]
+    if fmt.endswith("_k") or fmt == "int4_g128":
+        return SMALL["k"]
+    return SMALL["legacy"]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("fmt", GGML + INT)
+def test_qgemv_matches_the_dequantized_matmul(fmt: str, m: int) -> None:
+    g = torch.Generator().manual_seed(m * 100 + len(fmt))
+    n, k, cfg = _shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    x = torch.randn(m, k, generator=g).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE) if m != 3 else None
+    _assert_close(qgemv(x, w, bias, config=cfg), _ref(x, w, bias), x)
+    if m != 3:  # the default config too (one row; 16 rows: 8 x 64 blocks)
+        _assert_close(qgemv(x, w, bias), _ref(x, w, bias), x)
+
+
+@pytest.mark.parametrize("fmt", GGML + INT)
+def test_one_hot_rows_read_back_the_exact_weights(fmt: str) -> None:
+    """x = unit rows e_k: y[:, n] = w[n, k] exactly, so the kernel's weights are ggml's bits."""
+    g = torch.Generator().manual_seed(7)
+    n, k, cfg = _shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    cols = torch.randperm(k, generator=g)[:MAX_M]
+    x = torch.zeros(MAX_M, k).index_put_((torch.arange(MAX_M), cols), torch.tensor(1.0))
+    y = qgemv(x.to(DEVICE), w, config=cfg)
+    assert torch.equal(y.T.cpu(), w.dequantize(torch.float32)[:, cols].cpu())
+
+
+def test_half_precision_activations() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = random_quantized("q4_k", 11, 768, g)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(3, 768, generator=g).to(DEVICE, dtype)
+        _assert_close(qgemv(x, w, config=QGemvConfig(8, 256)), _ref(x, w, None), x)
+
+
+def test_cpu_fallback_is_the_reference(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(4)
+    w = random_quantized("q6_k", 5, 256, g, device="cpu")
+    x = torch.randn(2, 256, generator=g)
+    assert torch.equal(qgemv(x, w), x @ w.dequantize().T)
+
+
+def test_rejects_what_it_cannot_compute() -> None:
+    g = torch.Generator().manual_seed(5)
+    w = random_quantized("q4_0", 4, 64, g)
+    with pytest.raises(ValueError, match="at most 16"):
+        qgemv(torch.randn(MAX_M + 1, 64).to(DEVICE), w)
+    with pytest.raises(ValueError, match=r"x \[M, 64\]"):
+        qgemv(torch.randn(2, 32).to(DEVICE), w)
+
+
+def test_config_keeps_the_accumulator_bounded() -> None:
+    assert qgemv_config(1, 4096, 4096) == QGemvConfig(2, 1024)
+    assert qgemv_config(8, 4096, 4096) == QGemvConfig(8, 128)
+    for m in range(1, MAX_M + 1):
+        cfg = qgemv_config(m, 4096, 4096)
+        assert cfg.block_k % 32 == 0 and triton_pow2(m) * cfg.block_n * cfg.block_k // 2 <= 4096
+    assert qgemv_config(1, 8, 64).block_k == 64
+
+
+def triton_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
+GPU = pytest.mark.skipif(DEVICE == "cpu", reason="Llama-3.1-8B shapes and timings need a GPU")
+SHAPES_8B = [(4096, 4096), (14336, 4096), (4096, 14336)]  # o_proj, gate or up, down
+
+
+@GPU
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0", "int4_g128", "int8"])
+@pytest.mark.parametrize("n, k", SHAPES_8B[:2])
+def test_llama_8b_shapes(fmt: str, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    w = random_quantized(fmt, n, k, g)
+    for m in (1, 8):
+        x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
+        _assert_close(qgemv(x, w), _ref(x, w, None), x)
+
+
+def _graph_us(calls: list, reps: int = 25) -> float:
+    """Median microseconds per call of `calls` replayed as one CUDA graph (after a warm-up)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 1000 * sorted(times)[reps // 2] / len(calls)
+
+
+def _copies(w, nbytes: int) -> list:
+    """w and distinct copies of it, together well over the L2 (so every call reads HBM)."""
+    def clone(w):
+        if isinstance(w, torch.Tensor):
+            return w.clone()
+        return QuantizedTensor(w.format, w.shape, {p: t.clone() for p, t in w.planes.items()})
+
+    return [w] + [clone(w) for _ in range(max(1, -(-512 * 2**20 // nbytes)) - 1)]
+
+
+def _copy_gbps() -> float:
+    src = torch.randint(0, 255, (2**31,), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    _graph_us([lambda: dst.copy_(src)] * 4, reps=5)  # clocks up
+    us = _graph_us([lambda: dst.copy_(src)] * 4, reps=10)
+    return 2 * src.numel() / us / 1e3  # bytes read + written
+
+
+def _row(rows: list, line: str) -> None:
+    """Keep a table row and print it at once (a run cut short still shows what it measured)."""
+    rows.append(line)
+    print(line, flush=True)
+
+
+@GPU
+def test_h200_bandwidth_table() -> None:
+    """Prints us per call, GB/s of packed weight bytes, % of the copy bandwidth, and the bf16
+    F.linear of the same shape (run with -s)."""
+    from llm.backends.torch.kernels.gemv import gemv
+
+    copy = _copy_gbps()
+    rows = [f"copy bandwidth {copy:.0f} GB/s (read + write); {torch.cuda.get_device_name()}"]
+    print(rows[0], flush=True)
+    g = torch.Generator().manual_seed(0)
+    for n, k in SHAPES_8B:
+        wf = _copies(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02, n * k * 2)
+        bf = {m: torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16) for m in (1, 8)}
+        lin = {m: _graph_us([lambda w=w, x=bf[m]: torch.nn.functional.linear(x, w) for w in wf])
+               for m in (1, 8)}
+        eng = _graph_us([lambda w=w, x=bf[1]: gemv(x, w) for w in wf])
+        _row(rows, f"bf16 {n}x{k}: F.linear B=1 {lin[1]:.1f} us B=8 {lin[8]:.1f} us, "
+                    f"engine gemv B=1 {eng:.1f} us ({n * k * 2 / eng / 1e3:.0f} GB/s)")
+        for fmt in ("q4_0", "q4_k", "q6_k", "q8_0", "int4_g128", "int8"):
+            w0 = random_quantized(fmt, n, k, g)
+            ws = _copies(w0, w0.nbytes)
+            for m in (1, 8):
+                us = _graph_us([lambda w=w, x=bf[m]: qgemv(x, w) for w in ws])
+                gbps = w0.nbytes / us / 1e3
+                _row(rows, f"{fmt:9s} {n:5d}x{k:5d} B={m}: {us:7.1f} us {gbps:6.0f} GB/s "
+                     f"{100 * gbps / copy:4.0f}% of copy, bf16 F.linear {lin[m]:.1f} us "
+                     f"({lin[m] / us:.2f}x)")
+    print("\n" + "\n".join(rows))  # the table again, last
