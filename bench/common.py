@@ -22,6 +22,7 @@ from llm.backends.torch.kernels.gemv_config import GemvConfig
 from llm.backends.torch.model import Transformer
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.runner import TorchBackend
+from llm.backends.torch.weight import nbytes
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.paged_kv import PageTable, PageTableSpec
@@ -252,10 +253,10 @@ def step_bytes(model: Transformer, batch: int, context: int) -> int:
     """Fewest bytes one decode step moves on one rank (demos/benchmark.py's roofline): each of
     its weights once (embedding: only B rows), plus its K/V heads."""
     cfg, local = model.config, model.local
-    elem = model.embed.weight.element_size()
-    weights = model.weight_bytes
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    weights = model.weight_bytes  # quantized weights count their stored bytes
     if not cfg.tie_word_embeddings:
-        weights -= model.embed.weight.numel() * elem
+        weights -= nbytes(model.embed.weight)
     kv = 2 * cfg.num_layers * local.kv_size * elem * batch * (context + 1)
     return weights + kv + batch * cfg.hidden_size * elem
 

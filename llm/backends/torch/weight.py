@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from llm.model.quant.tensor import QuantizedTensor, cat_rows
 
 Weight = torch.Tensor | QuantizedTensor
+QGEMV_MAX_ROWS = 16  # the Triton quantized GEMV's batch limit (kernels/qgemv.py MAX_M)
 
 
 class QuantLinear:
@@ -32,7 +33,12 @@ class QuantLinear:
         return self.weight.nbytes
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., K] -> [..., N]."""
+        """x [..., K] -> [..., N]: decode-sized batches on CUDA by the Triton GEMV that
+        dequantizes in registers (kernels/qgemv.py), everything else dequantize-then-matmul."""
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= QGEMV_MAX_ROWS:
+            from llm.backends.torch.kernels.qgemv import qgemv
+
+            return qgemv(x, self.weight, bias)
         return F.linear(x, self.weight.dequantize(torch.float32).to(x.dtype), bias)
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:

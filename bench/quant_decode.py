@@ -1,0 +1,149 @@
+"""Decode with weights quantized as stored (Q4_0, Q8_0, Q4_K, ...) against the same model in bf16.
+
+    python bench/quant_decode.py --configs 8b --formats bf16,q4_0,q8_0,q4_k --batches 1,8
+
+Random planes with the shapes of real models (every 2-D weight in the format; norms in bf16), run
+through the torch backend with CUDA graphs: decode-sized batches go through the Triton GEMV that
+dequantizes in registers (kernels/qgemv.py). Per format and batch: ms per decode step, tok/s, and
+% of the roofline, whose bytes are the weights as stored plus the KV cache (bench/common.step_bytes)
+over a large copy's bandwidth measured in the same run. Checks first, per format: greedy tokens
+of the graphs equal eager decode, and decode logits within bf16 noise of a bf16 model built from
+the same (dequantized) weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import bench  # noqa: F401  (sets Triton's interpreter where there is no GPU)
+from bench.common import (
+    SHAPES,
+    configs_for,
+    copy_bandwidth,
+    csv,
+    decode_step_ms,
+    device_for,
+    fmt,
+    parser,
+    print_table,
+    random_checkpoint,
+    random_prompts,
+    step_bytes,
+)
+from llm.backends.torch.runner import TorchBackend
+from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampling
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.paged_kv import PageTable, PageTableSpec
+from llm.model.checkpoint.common import Checkpoint
+from llm.model.config import RuntimeConfig
+from llm.model.quant.registry import get_format
+from llm.model.quant.tensor import QuantizedTensor
+
+GREEDY = SequenceSampling(SamplingParams(), 0)
+
+
+def random_quantized(fmt_name: str, n: int, k: int, g: torch.Generator,
+                     device: torch.device) -> QuantizedTensor:
+    """Planes of random codes with small finite fp16 scales (what a decode step reads is the
+    same whatever the values)."""
+    planes = {}
+    for p in get_format(fmt_name).planes:
+        shape = (n, p.width(k))
+        if p.dtype == torch.float16:
+            planes[p.name] = (torch.rand(shape, generator=g, device=device) * 2e-3).half()
+        else:
+            bits = torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.int32)
+            if p.name in ("scales", "mins") and p.dtype == torch.uint8:
+                bits &= 63
+            planes[p.name] = bits.to(torch.uint8).view(p.dtype)
+    return QuantizedTensor(fmt_name, (n, k), planes)
+
+
+def quantized_checkpoint(dense: Checkpoint, fmt_name: str, device: torch.device) -> Checkpoint:
+    g = torch.Generator(device=device).manual_seed(0)
+    tensors = {name: random_quantized(fmt_name, *t.shape, g, device) if t.dim() == 2 else t
+               for name, t in dense.tensors.items()}
+    return Checkpoint(dense.config, tensors, dense.source)
+
+
+def greedy(backend: TorchBackend, prompts: list[list[int]], steps: int, eager: bool
+           ) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Greedy tokens of every prompt (graphs, or eager model.decode) and, eager, the last
+    step's logits [B, V]."""
+    rt = backend.runtime
+    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
+                      rt.max_batch)
+    out = []
+    for slot, p in enumerate(prompts):
+        pages.reserve(slot, len(p) + steps + 1)
+        out.append([backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), GREEDY))])
+    slots, logits = list(range(len(prompts))), None
+    for i in range(steps):
+        pos = [len(p) + i for p in prompts]
+        if eager:
+            dev = backend.device
+            logits = backend.model.decode(
+                torch.tensor([o[-1] for o in out], device=dev), torch.tensor(pos, device=dev),
+                torch.tensor(pages.table(slots), device=dev), backend.cache, max(pos))
+            nxt = logits.argmax(-1).tolist()
+        else:
+            nxt = backend.decode(DecodeInput(slots, [o[-1] for o in out], pos,
+                                             pages.table(slots), [GREEDY] * len(slots)))
+        for o, t in zip(out, nxt):
+            o.append(t)
+    return out, logits
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--configs", default="1b", help="comma list of: " + ", ".join(SHAPES))
+    p.add_argument("--formats", default="bf16,q4_0,q8_0,q4_k",
+                   help="comma list: bf16 (dense baseline) and quantized formats")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    args = p.parse_args(argv)
+    device = device_for(args)
+    bw = copy_bandwidth(device)
+    rows = []
+    for name in configs_for(args, csv(args.configs)):
+        config = SHAPES[name]
+        batches = csv(args.batches, int)
+        rt = RuntimeConfig(device=str(device), dtype="bfloat16", max_batch=max(*batches, 4),
+                           max_seq_len=args.prompt_len + args.steps + 64, block_size=32)
+        dense = random_checkpoint(config, device, torch.bfloat16)
+        for fmt_name in csv(args.formats):
+            ck = dense if fmt_name == "bf16" else quantized_checkpoint(dense, fmt_name, device)
+            backend = TorchBackend(ck, rt, cuda_graphs=device.type == "cuda")
+            prompts = random_prompts(4, 16, config.vocab_size)
+            check = ""
+            if fmt_name != "bf16":
+                graphs, _ = greedy(backend, prompts, 4, eager=False)
+                eager, logits = greedy(backend, prompts, 4, eager=True)
+                ref_ck = Checkpoint(config, {k: v.dequantize(torch.float32).to(torch.bfloat16)
+                                             if isinstance(v, QuantizedTensor) else v
+                                             for k, v in ck.tensors.items()}, ck.source)
+                ref = TorchBackend(ref_ck, rt, cuda_graphs=False)
+                _, ref_logits = greedy(ref, prompts, 4, eager=True)
+                diff = (logits.float() - ref_logits.float()).norm()
+                rel = float(diff / ref_logits.float().norm())
+                check = f"graphs==eager {graphs == eager}, logits vs bf16 {rel:.4f}"
+                del ref, ref_ck
+            for b in batches:
+                ms = decode_step_ms(backend, b, args.prompt_len, args.steps)
+                roof = step_bytes(backend.model, b, args.prompt_len + args.steps // 2) / bw * 1e3
+                rows.append([name, fmt_name, b, fmt(ms, 3), fmt(1e3 / ms), fmt(b * 1e3 / ms),
+                             fmt(100 * roof / ms), fmt(backend.model.weight_bytes / 1e9, 2),
+                             check])
+                print(rows[-1], flush=True)
+            backend.close()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print_table(["config", "weights", "batch", "ms/step", "tok/s/user", "tok/s total",
+                 "% roofline", "weight GB", "check"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
