@@ -7,33 +7,40 @@ an OpenMP hand-off, and spinning workers fight any other busy process for the co
 Measured 2026-12-03 on the 2-core CI machine (x86-64, torch 2.13 CPU, OpenMP, fp32, the default
 model SmolLM2-135M, 16-token prompts then 24 decode steps, medians; /tmp script, not in the repo).
 The machine was shared: other sessions kept the load average at 2.5-6 throughout, so "quiet" means
-no competing process of ours, "busy" one more `python -c "while True: pass"`.
+no competing process of ours, "busy" one more `python -c "while True: pass"`. Two quiet runs
+(the second in brackets), one busy run:
 
-    decode, ms per step (tok/s per user)   1 thread          2 threads
-    batch 1, quiet                           78 (12.8)        472 (2.1)
-    batch 2, quiet                           80 (12.6)        555 (1.8)
-    batch 4, quiet                          135 (7.4)         739 (1.4)
-    batch 8, quiet                          180 (5.6)        1004 (1.0)
-    batch 1, busy                           243 (4.1)        1962 (0.5)
-    batch 8, busy                           760 (1.3)        5333 (0.2)
+    decode, ms per step (tok/s per user)   1 thread                2 threads
+    batch 1, quiet                          78 (12.8) [65 (15.3)]   472 (2.1) [537 (1.9)]
+    batch 2, quiet                          80 (12.6) [100 (10.0)]  555 (1.8) [479 (2.1)]
+    batch 4, quiet                         135 (7.4)  [193 (5.2)]   739 (1.4) [603 (1.7)]
+    batch 8, quiet                         180 (5.6)  [182 (5.5)]  1004 (1.0) [1032 (1.0)]
+    batch 1, busy                          243 (4.1)               1962 (0.5)
+    batch 2, busy                          263 (3.8)               1410 (0.7)
+    batch 4, busy                          538 (1.9)               2574 (0.4)
+    batch 8, busy                          760 (1.3)               5333 (0.2)
 
-    prefill of one prompt, ms              1 thread          2 threads
-    128 tokens, quiet                       350              1385
-    256 tokens, quiet                      1058              2846
-    512 tokens, quiet                      2112              5956
-    512 tokens, busy                       5016             25798
+    prefill of one prompt, ms              1 thread                2 threads
+    128 tokens, quiet                      350 [356]               1385 [921]
+    256 tokens, quiet                     1058 [769]               2846 [3637]
+    512 tokens, quiet                     2112 [1412]              5956 [3942]
+    128 tokens, busy                      1808                     8116
+    512 tokens, busy                      5016                    25798
 
 The issue's own numbers (12-13 tok/s at 2 threads on a truly idle machine, 16.6 tok/s at 1 thread
 with a busy process) agree for decode: 1 thread never lost. Prefill never won from a second thread
 here either, under any load this machine had. Defaults (ThreadPolicy.default):
 
-- decode: 1 thread, always (per-step work is small up to batch 8 and the hand-off dominates);
+- decode: 1 thread, always (up to batch 8 the per-step work is small and the hand-off
+  dominates; larger batches and machines were not measured: the `threads` option overrides);
 - prefill: 1 thread with at most 2 usable cores (measured above); all usable cores above that,
   where one thread leaves most of the machine idle on a long prompt (not measured here: no such
   machine was available).
 
-Switching the count is ~0.4 us per set/restore pair (torch.set_num_threads), nothing next to a
-step of tens of ms; the backend sets it only when it differs.
+Switching costs nothing noticeable: a set/restore pair of torch.set_num_threads takes ~0.4 us, and
+batch-1 decode on 1 thread measured 101.4 ms/step with a set-to-1 and restore-to-2 around every
+step against 101.8 ms/step with the process already at 1 thread (96 steps each, interleaved). The
+backend sets the count only when it differs.
 """
 
 from __future__ import annotations
