@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -129,7 +129,7 @@ class TorchBackend(Backend):
         cpu = f", {self.threads.describe()}" if self.threads is not None else ""
         return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp}{cpu})"
 
-    def _threads(self, phase: str):
+    def _threads(self, phase: str) -> AbstractContextManager[None]:
         """A context running one call with the policy's thread count for `phase` (CPU only)."""
         if self.threads is None:
             return nullcontext()
@@ -185,15 +185,15 @@ def create(spec: BackendSpec) -> Backend:
     """Registry entry point (see llm.engine.contract.backend.create_backend).
 
     Options: cuda_graphs (bool), all_reduce ("auto" | "nccl"), gemv_max_batch (int), threads
-    (int >= 1, CPU only); see
-    TorchBackend. spec.tensor_parallel > 1 starts this process's rank (llm.backends.torch.parallel).
+    (int >= 1, CPU only; None = the default policy); see TorchBackend. spec.tensor_parallel > 1
+    starts this process's rank (llm.backends.torch.parallel).
     """
     options = dict(spec.options)
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown torch backend option(s) {', '.join(unknown)} "
                           f"(known: {', '.join(_OPTIONS)})")
-    if "threads" in options:
+    if options.get("threads") is not None:
         try:
             check_threads(options["threads"])
         except ValueError as e:
