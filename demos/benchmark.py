@@ -22,8 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm.backends.torch.parallel.leader import LeaderBackend, follow  # noqa: E402
 from llm.backends.torch.parallel.mesh import Mesh  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
+from llm.backends.torch.threads import ThreadPolicy  # noqa: E402
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling  # noqa: E402
 from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
 from llm.engine.drive import decode_together  # noqa: E402
@@ -234,20 +238,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemv-max-batch", type=int, default=None,
                    help="decode batches up to this size use the fused Triton GEMVs "
                         "(default: the engine's; 0 = never)")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="CPU: run N competing busy processes (`while True: pass`) for the whole "
+                        "benchmark, stopped at its end, also on error or Ctrl-C")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)
+    if args.busy < 0:
+        p.error("--busy must be >= 0")
+    if args.busy and not args.device.startswith("cpu"):
+        p.error("--busy applies to the CPU benchmark (--device cpu) only")
     mesh, dev = Mesh.from_env(args.tp, args.device)
     if args.tp > 1 and args.engines != "llm":
         p.error("--tp > 1 runs --engines llm only (every rank must take the same path)")
     if not mesh.leader:
         return follow_configs(args, mesh, torch.device(dev))
+    with busy_processes(args.busy):
+        return run_benchmark(args, mesh, dev)
+
+
+@contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """Run the block with `n` busy-looping Python processes competing for the CPU; they are
+    killed on the way out, whatever ends the block (Ctrl-C also stops them silently: they keep the
+    default SIGINT action and our process group)."""
+    loop = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\nwhile True: pass"
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", loop]))
+        if procs:
+            print(f"# started {n} busy process(es) competing for the CPU: pids "
+                  f"{', '.join(str(q.pid) for q in procs)}", flush=True)
+        yield
+    finally:
+        for q in procs:
+            q.kill()
+        for q in procs:
+            q.wait()
+        if procs:
+            print(f"# stopped the {len(procs)} busy process(es)", flush=True)
+
+
+def run_benchmark(args: argparse.Namespace, mesh: Mesh, dev: str) -> int:
+    """The leader's benchmark: every config, prompt length, batch and engine; prints the rows."""
     device, dtype = torch.device(dev), getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     plens = [int(n) for n in args.prompt_lens.split(",")]
     bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (256 << 20))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": args.dtype, "copy_GBps": bw / 1e9,
-           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+           "threads": torch.get_num_threads(), "busy": args.busy,
+           "llm_cpu_threads": ThreadPolicy.default().describe() if device.type == "cpu" else None,
+           "date": time.strftime("%Y-%m-%d"),
            "tp": args.tp, "all_reduce": args.all_reduce, "gemv_max_batch": args.gemv_max_batch}
     print(f"# {env}", flush=True)
     rows: list[Row] = []

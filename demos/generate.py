@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="device backend (tt: real ttnn when a device is found, else the "
                         "llm.ttnn_emu emulator)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch on the CPU: intra-op threads for prefill and decode (default: the "
+                        "backend's measured policy, decode on 1 thread; see "
+                        "llm/backends/torch/threads.py)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute and weight dtype")
     p.add_argument("--weights", default="dequantize", choices=list(WEIGHT_MODES),
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         t_load = time.perf_counter()
         options = None
         if args.backend == "tt":
+            if args.threads is not None:
+                raise ValueError("--threads applies to --backend torch only")
             options = {"mesh": args.mesh, "precision": args.precision,
                        "decoder_precision": args.decoder_precision}
             # on the emulator a decode step is ~750 small torch ops: intra-op threads only
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
               or args.decoder_precision):
             raise ValueError("--mesh, --precision, --decoder-precision and --stats apply to "
                              "--backend tt only")
+        elif args.threads is not None:
+            options = {"threads": args.threads}
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=len(prompts), max_seq_len=args.max_seq_len,
                         progress=not args.quiet, backend_options=options,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.slices import WeightSlices
 from llm.backends.torch.prefill_graphs import PrefillGraphs
 from llm.backends.torch.sampling import SamplingTensors
+from llm.backends.torch.threads import ThreadPolicy, check_threads, intra_op_threads
 from llm.engine.contract.backend import (
     SAMPLING_MODES,
     Backend,
@@ -35,7 +37,8 @@ class TorchBackend(Backend):
 
     def __init__(self, checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
                  cuda_graphs: bool = True, mesh: Mesh | None = None,
-                 all_reduce: str = "auto", gemv_max_batch: int | None = None) -> None:
+                 all_reduce: str = "auto", gemv_max_batch: int | None = None,
+                 threads: int | None = None) -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
         cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs, and
         (one rank) prompts that start a sequence, per padded length bucket (prefill_graphs.py;
@@ -43,9 +46,16 @@ class TorchBackend(Backend):
         all_reduce (tensor parallel on GPUs): "nccl", or "auto" = decode-sized all-reduces by the
         symmetric-memory one-shot kernel where available, larger ones by NCCL.
         gemv_max_batch: see Transformer (None: its default).
+        threads: on the CPU, intra-op threads for prefill and decode alike (None: the measured
+        ThreadPolicy.default, see llm.backends.torch.threads); set around each call, restored
+        after. Not allowed on CUDA, where the thread count is never touched.
         """
         if all_reduce not in ("auto", "nccl"):
             raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {all_reduce!r}")
+        if threads is not None:
+            check_threads(threads)
+            if not runtime.device.startswith("cpu"):
+                raise ValueError(f"threads applies to the CPU device only, not {runtime.device!r}")
         if runtime.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {runtime.device!r} requested but CUDA is not available")
         self.config = checkpoint.config
@@ -54,6 +64,10 @@ class TorchBackend(Backend):
         self.source = Path(source) if source is not None else None
         self.source_sha256 = checkpoint.source_sha256
         self.device = torch.device(runtime.device)
+        self.threads: ThreadPolicy | None = None  # None: the thread count is left alone
+        if self.device.type == "cpu":
+            self.threads = (ThreadPolicy.default() if threads is None
+                            else ThreadPolicy.fixed(threads))
         self.mesh = mesh or Mesh.single()
         if all_reduce == "auto":
             self.mesh = self.mesh.with_symmetric(getattr(torch, runtime.dtype), self.device,
@@ -111,7 +125,14 @@ class TorchBackend(Backend):
         if self.mesh.size > 1:
             ar = "symmetric-memory" if self.mesh.symmetric is not None else self.mesh.library
             tp = f", rank {self.mesh.rank} of {self.mesh.size}, {ar} all-reduce in decode"
-        return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp})"
+        cpu = f", {self.threads.describe()}" if self.threads is not None else ""
+        return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp}{cpu})"
+
+    def _threads(self, phase: str) -> AbstractContextManager[None]:
+        """A context running one call with the policy's thread count for `phase` (CPU only)."""
+        if self.threads is None:
+            return nullcontext()
+        return intra_op_threads(getattr(self.threads, phase))
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -126,6 +147,10 @@ class TorchBackend(Backend):
 
     def prefill(self, inp: PrefillInput) -> int:
         self._check_open()
+        with self._threads("prefill"):
+            return self._prefill(inp)
+
+    def _prefill(self, inp: PrefillInput) -> int:
         if self.graphs is not None:
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
         pg = self.prefill_graphs
@@ -138,6 +163,10 @@ class TorchBackend(Backend):
 
     def decode(self, inp: DecodeInput) -> list[int]:
         self._check_open()
+        with self._threads("decode"):
+            return self._decode(inp)
+
+    def _decode(self, inp: DecodeInput) -> list[int]:
         positions = list(inp.positions)
         if self.graphs is not None:
             return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table,
@@ -148,20 +177,26 @@ class TorchBackend(Backend):
         return self._sample(logits, list(inp.sampling), [p + 1 for p in positions])
 
 
-_OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch")
+_OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch", "threads")
 
 
 def create(spec: BackendSpec) -> Backend:
     """Registry entry point (see llm.engine.contract.backend.create_backend).
 
-    Options: cuda_graphs (bool), all_reduce ("auto" | "nccl"), gemv_max_batch (int); see
-    TorchBackend. spec.tensor_parallel > 1 starts this process's rank (llm.backends.torch.parallel).
+    Options: cuda_graphs (bool), all_reduce ("auto" | "nccl"), gemv_max_batch (int), threads
+    (int >= 1, CPU only; None = the default policy); see TorchBackend. spec.tensor_parallel > 1
+    starts this process's rank (llm.backends.torch.parallel).
     """
     options = dict(spec.options)
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown torch backend option(s) {', '.join(unknown)} "
                           f"(known: {', '.join(_OPTIONS)})")
+    if options.get("threads") is not None:
+        try:
+            check_threads(options["threads"])
+        except ValueError as e:
+            raise ConfigError(f"torch backend option {e}") from None
     if spec.tensor_parallel != 1:
         from llm.backends.torch.parallel.launch import launch
 
