@@ -10,6 +10,8 @@ Tolerances are relative to B = |x| @ Gmax.T, Gmax[n, k] the largest |w| of k's 3
   measured), and the output is rounded once to bf16 (<= u * B): in all <= 2.5 u * B < 2^-6 * B.
   `dense` bf16 (Q6_K) and int8pack round each weight instead (<= u * |w|): the same bound.
 - float16 (`dense`, u = 2^-11): weights and output rounded, < 2^-9 * B.
+- float32 activations with bf16 compute: as bf16 plus the rounding of x to bf16 (<= u * B) and
+  with the output rounded in bf16 before widening: <= 3.5 u * B < 2^-6 * B.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from llm.model.quant import GGUF_FORMATS, quantize_int4, quantize_int8, repack_g
 
 N, K = 40, 512  # N not a multiple of 16: the int4 path pads rows
 TOL = {torch.float32: 2.0**-14, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+# (activation dtype, compute dtype or None) -> tolerance
+CASES = {(dtype, None): tol for dtype, tol in TOL.items()}
+CASES[(torch.float32, torch.bfloat16)] = 2.0**-6
 INT4_KINDS = {"q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q8_0", "int4_g128", "int4_g32",
               "int4_g96"}
 
@@ -49,17 +54,18 @@ def group_max(w: torch.Tensor) -> torch.Tensor:
     return g.expand(n, k // 32, 32).reshape(n, k)
 
 
-def expected_kind(fmt: str, dtype: torch.dtype) -> str:
-    if dtype != torch.bfloat16 or fmt == "q6_k":
+def expected_kind(fmt: str, compute: torch.dtype) -> str:
+    if compute != torch.bfloat16 or fmt == "q6_k":
         return "dense"
     return "int8pack" if fmt == "int8" else "int4pack"
 
 
-@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=lambda c: f"{c[0]}-compute-{c[1]}")
 @pytest.mark.parametrize("w", FORMATS, ids=lambda w: w.format)
-def test_output_equals_the_dequantized_matmul(w, dtype) -> None:
-    lin = prepare_cpu(w, dtype)
-    assert lin.kind == expected_kind(w.format, dtype)
+def test_output_equals_the_dequantized_matmul(w, case) -> None:
+    dtype, compute = case
+    lin = prepare_cpu(w, dtype, compute)
+    assert lin.kind == expected_kind(w.format, compute or dtype)
     weight = w.dequantize().double()
     gen = torch.Generator().manual_seed(1)
     for m in (1, 3, 17):
@@ -73,8 +79,8 @@ def test_output_equals_the_dequantized_matmul(w, dtype) -> None:
             if b is not None:
                 bound = bound + b.double().abs()
             err = (y.double() - ref).abs()
-            assert bool((err <= TOL[dtype] * bound + 1e-30).all()), (
-                f"{w.format} {dtype} M={m}: max err/bound {(err / bound).max().item():.3g}"
+            assert bool((err <= CASES[case] * bound + 1e-30).all()), (
+                f"{w.format} {case} M={m}: max err/bound {(err / bound).max().item():.3g}"
             )
 
 
@@ -143,6 +149,10 @@ def test_bad_inputs_are_refused_clearly() -> None:
         lin(torch.randn(2, K).bfloat16(), torch.randn(40))
     with pytest.raises(TypeError, match="activation dtype must be one of"):
         prepare_cpu(w, torch.float64)
+    with pytest.raises(TypeError, match="only bf16 compute for float32 activations"):
+        prepare_cpu(w, torch.float16, torch.bfloat16)
+    with pytest.raises(TypeError, match="only bf16 compute for float32 activations"):
+        prepare_cpu(w, torch.bfloat16, torch.float32)
     with pytest.raises(TypeError, match="needs a QuantizedTensor, got Tensor"):
         prepare_cpu(torch.randn(N, K), torch.bfloat16)
     assert isinstance(lin, CpuQuantLinear)

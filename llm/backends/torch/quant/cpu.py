@@ -12,7 +12,8 @@ Three ways to apply a `QuantizedTensor` W [N, K] to activations x [M, K]:
 
 Both torch kernels are vectorized (AVX-512 / AVX2) for bfloat16 activations only; for float32 and
 float16 they run a scalar loop, 10-100x slower than `F.linear` (measured below), so only
-bfloat16 activations take them. On AVX-512 the int4 kernel computes each weight as
+bfloat16 activations take them (or float32 activations cast to bf16 around the call:
+`compute_dtype`). On AVX-512 the int4 kernel computes each weight as
 fma(c - 8, s, z) in float32 from bf16 s and z, accumulates x*w in float32 and rounds the result
 to bf16.
 
@@ -69,6 +70,8 @@ Decode estimate at batch 1, linears only: 30 * (qkv + gate_up + down + o) + lm_h
 slower) and 2-4x slower than fp32 `F.linear` at M = 128 (the kernel dequantizes the weights again
 for every 4 rows of x; bf16 `F.linear` is slow too without AMX): prefill is better served by dense
 fp32 weights where memory allows. (llama.cpp: 83-119 tok/s on these cores, everything included.)
+float32 activations with `compute_dtype=torch.bfloat16` add the two casts: 0.002-0.03 ms per call
+at M = 1 (qkv 0.077 -> 0.095, gate_up 0.133 -> 0.159, LM head 4.36 -> 4.48 ms; ~1.5 ms per step).
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ class CpuQuantLinear:
 
     kind `int4pack`: `weight` the packed codes uint8 [N', copies*K/2] (N' = N rounded up to 16),
     `scales` [copies*K/group, N', 2] (scale, zero); `int8pack`: `weight` int8 [N, K], `scales`
-    [N]; `dense`: `weight` [N, K] in `dtype`, `scales` None.
+    [N]; `dense`: `weight` [N, K] in `dtype`, `scales` None. `compute_dtype` (default `dtype`)
+    is the dtype the kernel runs in: float32 x is cast to bfloat16 and the result back.
     """
 
     kind: str
@@ -104,6 +108,7 @@ class CpuQuantLinear:
     scales: torch.Tensor | None = None
     group: int = 0
     copies: int = 1
+    compute_dtype: torch.dtype | None = None
 
     @property
     def out_features(self) -> int:
@@ -135,7 +140,7 @@ class CpuQuantLinear:
             )
         if self.kind == "dense":
             return F.linear(x, self.weight, bias)
-        x = x.contiguous()
+        x = x.to(self.compute_dtype or self.dtype).contiguous()
         if self.kind == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
         else:
@@ -144,25 +149,36 @@ class CpuQuantLinear:
                                                             self.scales)  # [M, N']
             if y.shape[1] != self.out_features:
                 y = y[:, : self.out_features]
+        y = y.to(self.dtype)
         return y if bias is None else y + bias
 
 
-def prepare_cpu(w: QuantizedTensor, act_dtype: torch.dtype) -> CpuQuantLinear:
+def prepare_cpu(w: QuantizedTensor, act_dtype: torch.dtype,
+                compute_dtype: torch.dtype | None = None) -> CpuQuantLinear:
     """The fastest CPU layer for `w` with activations of `act_dtype` (float32, bfloat16 or
     float16): a torch int4/int8 kernel for bfloat16 when the format maps onto one, else the
     weights dequantized once to `act_dtype` (see the module docstring).
+
+    `compute_dtype=torch.bfloat16` with float32 activations runs the kernels in bf16 (x rounded to
+    bf16 on the way in, the result widened to float32, bias added in float32): the fast path for a
+    float32 model; formats without a kernel stay dense in float32.
     """
     if not isinstance(w, QuantizedTensor):
         raise TypeError(f"prepare_cpu needs a QuantizedTensor, got {type(w).__name__}")
     if act_dtype not in ACT_DTYPES:
         raise TypeError(f"activation dtype must be one of {ACT_DTYPES}, got {act_dtype}")
-    if act_dtype == KERNEL_DTYPE:
+    compute = act_dtype if compute_dtype is None else compute_dtype
+    if compute != act_dtype and (act_dtype, compute) != (torch.float32, KERNEL_DTYPE):
+        raise TypeError(f"compute dtype {compute} with activations {act_dtype}: only bf16 "
+                        "compute for float32 activations is supported")
+    if compute == KERNEL_DTYPE:
         if w.format == "int8":
             qs, d = w.planes["qs"].cpu().contiguous(), w.planes["d"].cpu().reshape(-1)
-            return CpuQuantLinear("int8pack", w.format, w.shape, act_dtype, qs, d.to(act_dtype))
+            return CpuQuantLinear("int8pack", w.format, w.shape, act_dtype, qs, d.to(compute),
+                                  compute_dtype=compute)
         groups = to_int4_groups(w)
         if groups is not None:
-            return _int4pack(w, groups, act_dtype)
+            return _int4pack(w, groups, act_dtype, compute)
     dense = w.dequantize(act_dtype).cpu().contiguous()
     return CpuQuantLinear("dense", w.format, w.shape, act_dtype, dense)
 
@@ -180,7 +196,8 @@ def pack_int4(codes: torch.Tensor, rows: int = PACK_ROWS) -> torch.Tensor:
                       for i in range(0, codes.shape[0], rows)])
 
 
-def _int4pack(w: QuantizedTensor, groups: Int4Groups, act_dtype: torch.dtype) -> CpuQuantLinear:
+def _int4pack(w: QuantizedTensor, groups: Int4Groups, act_dtype: torch.dtype,
+              compute: torch.dtype) -> CpuQuantLinear:
     """Pack `groups` (an `Int4Groups`) for the int4 kernel, padding N to a multiple of 16."""
     codes, scale, zero = groups.codes, groups.scale, groups.zero
     pad = -w.out_features % N_ALIGN
@@ -189,6 +206,6 @@ def _int4pack(w: QuantizedTensor, groups: Int4Groups, act_dtype: torch.dtype) ->
         scale = torch.cat((scale, scale.new_zeros(pad, scale.shape[1])))
         zero = torch.cat((zero, zero.new_zeros(pad, zero.shape[1])))
     packed = pack_int4(codes)
-    scales = torch.stack((scale.T, zero.T), dim=-1).to(act_dtype).contiguous()  # [K'/G, N', 2]
+    scales = torch.stack((scale.T, zero.T), dim=-1).to(compute).contiguous()  # [K'/G, N', 2]
     return CpuQuantLinear("int4pack", w.format, w.shape, act_dtype, packed, scales,
-                          groups.group, groups.copies)
+                          groups.group, groups.copies, compute)
