@@ -28,48 +28,67 @@ Q4_1 layers 4.1e-3 (3.5e-3), Q8_0 embedding 3.9e-3 (3.6e-3); relative to |w| its
 still 2^-8 of the group range, 1/17 of the format's own step). int8pack: w' = q * bf16(d),
 |w' - w| <= u * |w|. The kernels accumulate in float32 and round the output to bf16 once.
 
-Timings (`python -m llm.backends.torch.quant.cpu_bench`): 2-core Intel Xeon (AVX-512 with bf16,
-fp16 and VNNI, no AMX), torch 2.13 CPU, 2026-12-03; the machine was shared with other jobs (load
-3-6 on 2 cores), so each entry is the best of two runs of best-of-5, and the 2-thread column is the
-noisier one. ms per call; fp32 / bf16 / fp16 are `F.linear` on the dequantized weight, `q` is
-`prepare_cpu(w, bfloat16)` (int4pack: Q4_1 layers, the Q8_0 LM head as two 4-bit parts). For
-comparison the same int4 kernel with float32 / float16 x (scalar loop): qkv M=1 5.6 / 9.2 ms,
-M=16 65 / 113 ms.
+Timings (`python -m llm.backends.torch.quant.cpu_bench [--sweep]`): 2-core Intel Xeon (AVX-512
+with bf16, fp16 and VNNI, no AMX; L2 2 x 2 MB, L3 260 MB shared), torch 2.13 CPU, 2026-12-03. The
+machine was shared with other jobs (load 2-6 on 2 cores): every entry is the best of three runs of
+best-of-5, and 2-thread entries are the noisier. ms per call; fp32 / bf16 / fp16 are `F.linear`
+on the dequantized weight, `q` is `prepare_cpu(w, bfloat16)` (int4pack: the Q4_1 layers, the Q8_0
+LM head as two 4-bit parts). The same int4 kernel with float32 / float16 x (its scalar loop): qkv
+M=1 5.6 / 9.2 ms, M=16 65 / 113 ms.
 
                               1 thread                       2 threads
   shape     N x K      M    fp32    bf16    fp16       q    fp32    bf16    fp16       q
-  qkv       1728x576    1   0.203   0.206   0.205   0.066   0.068   0.180   0.206   0.049
-  qkv       1728x576    4   0.340   0.283   0.328   0.140   0.653   0.578   0.349   0.290
-  qkv       1728x576   16   0.557   0.607   0.521   0.538   1.011   0.953   0.963   1.049
-  qkv       1728x576  128   2.050   3.424   2.227   4.264   1.106   6.157   1.337   6.296
-  gate_up   3072x576    1   0.338   0.361   0.360   0.119   0.575   0.618   0.614   0.069
-  gate_up   3072x576    4   0.609   0.488   0.553   0.247   0.943   0.928   0.685   0.339
-  gate_up   3072x576   16   0.973   1.075   0.780   1.008   1.888   1.840   1.943   1.146
-  gate_up   3072x576  128   3.315   6.242   3.243   7.345   6.111   7.808   6.371   7.968
-  down      576x1536    1   0.147   0.149   0.163   0.068   0.045   0.283   0.287   0.049
-  down      576x1536    4   0.322   0.227   0.323   0.131   0.083   0.363   0.367   0.067
-  down      576x1536   16   0.541   0.593   0.430   0.473   1.060   0.270   0.946   0.881
-  down      576x1536  128   1.826   3.115   1.660   3.688   1.015   6.417   1.156   5.935
-  o          576x576    1   0.034   0.076   0.068   0.031   0.018   0.044   0.035   0.022
-  o          576x576    4   0.059   0.096   0.117   0.053   0.072   0.075   0.079   0.028
-  o          576x576   16   0.113   0.204   0.175   0.185   0.092   0.106   0.140   0.109
-  o          576x576  128   0.707   1.181   0.787   1.431   0.370   0.680   0.448   0.755
-  lm_head  49152x576    1  10.832   8.873   9.382   3.652  15.214  14.231  14.953   7.960
-  lm_head  49152x576    4  19.289   9.916  11.640   9.093  25.998  14.885  15.938  10.947
-  lm_head  49152x576   16  21.586  20.047  15.368  33.194  28.986  23.708  15.972  31.596
-  lm_head  49152x576  128  84.227   124.7  55.902   255.4  73.299   104.0  63.970   268.4
+  qkv       1728x576    1   0.192   0.192   0.205   0.066   0.068   0.096   0.111   0.048
+  qkv       1728x576    4   0.340   0.283   0.328   0.140   0.268   0.175   0.174   0.084
+  qkv       1728x576   16   0.557   0.607   0.415   0.525   0.264   0.325   0.270   0.288
+  qkv       1728x576  128   1.855   3.158   1.997   4.264   1.106   2.205   1.337   2.558
+  gate_up   3072x576    1   0.329   0.361   0.318   0.119   0.234   0.262   0.218   0.069
+  gate_up   3072x576    4   0.609   0.488   0.533   0.244   0.396   0.334   0.400   0.156
+  gate_up   3072x576   16   0.973   1.075   0.780   0.909   0.799   0.633   0.562   0.571
+  gate_up   3072x576  128   3.315   6.242   3.243   7.345   2.345   3.765   2.901   4.581
+  down      576x1536    1   0.147   0.149   0.163   0.068   0.045   0.112   0.094   0.042
+  down      576x1536    4   0.292   0.227   0.298   0.115   0.083   0.156   0.187   0.067
+  down      576x1536   16   0.458   0.486   0.377   0.437   0.654   0.270   0.361   0.324
+  down      576x1536  128   1.826   2.954   1.660   3.632   1.015   1.878   1.156   1.951
+  o          576x576    1   0.034   0.059   0.060   0.028   0.018   0.044   0.035   0.022
+  o          576x576    4   0.040   0.093   0.107   0.048   0.071   0.059   0.073   0.028
+  o          576x576   16   0.113   0.204   0.175   0.185   0.092   0.106   0.133   0.094
+  o          576x576  128   0.707   1.181   0.629   1.431   0.325   0.552   0.408   0.704
+  lm_head  49152x576    1   9.997   8.873   9.382   3.652   5.402   2.911   3.027   2.137
+  lm_head  49152x576    4  19.289   9.916  11.640   7.507  10.006   5.810   4.501   3.610
+  lm_head  49152x576   16  21.586  19.772  15.368  33.194  11.080   9.472   7.460  14.646
+  lm_head  49152x576  128  59.557  93.835  53.946   255.4  29.322  89.290  51.010   135.2
 
-Decode estimate at batch 1, linears only: 30 * (qkv + gate_up + down + o) + lm_head at M = 1
-  fp32  1 thread  32.5 ms =  31 tok/s, 2 threads  36.4 ms =  27 tok/s
-  bf16  1 thread  32.6 ms =  31 tok/s, 2 threads  48.0 ms =  21 tok/s
-  fp16  1 thread  33.3 ms =  30 tok/s, 2 threads  49.2 ms =  20 tok/s
-  q     1 thread  12.2 ms =  82 tok/s, 2 threads  13.6 ms =  73 tok/s
+Sum at M = 1, 30 * (qkv + gate_up + down + o) + lm_head, ms per step (warm caches):
+  fp32  1 thread  31.1 ms ( 32/s), 2 threads  16.4 ms ( 61/s)
+  bf16  1 thread  31.7 ms ( 32/s), 2 threads  18.3 ms ( 55/s)
+  fp16  1 thread  31.8 ms ( 31/s), 2 threads  16.8 ms ( 60/s)
+  q     1 thread  12.1 ms ( 83/s), 2 threads   7.6 ms (132/s)
 
-`q` beats the best dense dtype by 2.2-3.1x per call at M = 1 (1.1x for the small o projection;
-2.7x for a whole decode step), by 1.1-2x at M = 4, is about even at M = 16 (the LM head 1.5x
-slower) and 2-4x slower than fp32 `F.linear` at M = 128 (the kernel dequantizes the weights again
-for every 4 rows of x; bf16 `F.linear` is slow too without AMX): prefill is better served by dense
-fp32 weights where memory allows. (llama.cpp: 83-119 tok/s on these cores, everything included.)
+`--sweep`, the same step over 30 distinct layers (cold caches, as in the model), ms per step
+(steps/s = decode tok/s at batch 1 from the linears alone, an upper bound):
+  threads   M     fp32     bf16     fp16        q
+        1   1     50.9     61.9     60.0     18.7   (53 vs 20 steps/s)
+        1   4    106.4     65.7     78.3     29.7
+        1  16    117.6    116.2     85.9     95.5
+        2   1     32.3     30.1     28.8     10.7   (93 vs 35 steps/s)
+        2   4     55.4     41.4     44.1     15.7
+        2  16     68.4     57.8     57.2     56.9
+
+Per call `q` beats the best dense dtype by 0.8-3.2x at M = 1 (the small o and down projections
+least), by 0.8-2.1x at M = 4, is about even at M = 16 (the LM head 1.5-2x slower) and 2-4x slower
+than fp32 `F.linear` at M = 128: the kernel dequantizes the weights again for every 4 rows of x,
+and bf16 `F.linear` is slow too without AMX, so prefill is better served by dense fp32 weights
+where memory allows. Over a whole decode step with cold caches `q` is 2.7x faster than the best
+dense dtype on 1 thread and on 2 (93 steps/s for the linears alone; llama.cpp: 83-119 tok/s on
+these cores, everything included).
+
+Bytes read per weight: one-part formats 5.0 bits (codes and a bf16 scale and zero per 32;
+int4_g128 4.25), two-part formats 10.0, int8 8.02, dense bf16 16. On a [3072, 768] weight
+(1 thread, warm caches, M = 1) one-part formats take 0.16-0.25 ms against 0.39-0.53 dense, two-part
+formats 0.43-0.50 against 0.40-0.48 (even; they win where the dense weight is not cache-resident:
+the Q8_0 LM head above), int8 0.26, Q6_K (dense) 0.41-0.54.
+
 float32 activations with `compute_dtype=torch.bfloat16` add the two casts: 0.002-0.03 ms per call
 at M = 1 (qkv 0.077 -> 0.095, gate_up 0.133 -> 0.159, LM head 4.36 -> 4.48 ms; ~1.5 ms per step).
 """

@@ -1,15 +1,17 @@
 """Timing of the CPU quantized linears against dense `F.linear` at the default model's shapes.
 
-    python -m llm.backends.torch.quant.cpu_bench [--threads 1 2] [--ms 1 4 16 128]
+    python -m llm.backends.torch.quant.cpu_bench [--threads 1 2] [--ms 1 4 16 128] [--sweep]
 
 Prints ms per call (best of 5 rounds) for float32 / bfloat16 / float16 `F.linear` and for
 `prepare_cpu(w, bfloat16)` (`q`), then the decode estimate at batch 1 from the M = 1 column:
-1000 / (layers * sum of the per-layer linears + LM head) tokens/s (linears only).
+1000 / (layers * sum of the per-layer linears + LM head) tokens/s (linears only). `--sweep` times
+whole steps over 30 distinct layers instead (cold caches, as in the model).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -81,12 +83,48 @@ def bench(ms: list[int], calls: int) -> dict[tuple[str, int], dict[str, float]]:
     return results
 
 
+def sweep(m: int, rounds: int = 5) -> dict[str, float]:
+    """{"fp32" | "bf16" | "fp16" | "q": ms} for the linears of one whole forward step at batch m:
+    LAYERS distinct layers and the LM head, so that, as in the model, no weight is still in the
+    caches when it is read again (a loop over one weight keeps a few MB in L2/L3).
+    """
+    layers = [[random_weight(*SHAPES[s]) for s in SHAPES if s != "lm_head"] for _ in range(LAYERS)]
+    weights = [w for layer in layers for w in layer] + [random_weight(*SHAPES["lm_head"])]
+    x = {k: torch.randn(m, k) for k in {w.in_features for w in weights}}
+    result = {}
+    for key, dtype in (*DTYPES.items(), ("q", torch.bfloat16)):
+        if key == "q":
+            linears = [prepare_cpu(w, dtype) for w in weights]
+            calls = [(lin, x[lin.in_features].to(dtype)) for lin in linears]
+        else:
+            calls = [(functools.partial(F.linear, weight=w.dequantize(dtype)),
+                      x[w.in_features].to(dtype)) for w in weights]
+
+        def step(calls=calls) -> None:
+            for fn, xs in calls:
+                fn(xs)
+
+        result[key] = best_ms(step, 1, rounds)
+        del calls
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16, 128])
     parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--sweep", action="store_true",
+                        help="time whole steps over distinct layer weights instead")
     args = parser.parse_args()
+    if args.sweep:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for m in args.ms:
+                row = sweep(m)
+                print(f"threads {threads} M={m}: " + ", ".join(
+                    f"{k} {v:.1f} ms ({1e3 / v:.0f} steps/s)" for k, v in row.items()))
+        return
     for threads in args.threads:
         torch.set_num_threads(threads)
         results = bench(args.ms, args.calls)
