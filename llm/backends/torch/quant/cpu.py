@@ -21,12 +21,13 @@ Exactness. `dense` float32 is ggml's dequantization bit for bit. With scale and 
 the int4 rewrite is too (Q4_0, Q4_1, Q8_0, Q4_K; see `int4_groups` for the one-rounding caveats),
 but the kernel is fast only in bf16, where s and z are rounded to bf16 (unit roundoff u = 2^-8):
 each weight moves by at most u * (|c - 8| |s| + |z|), i.e. about u times its group's range, where
-`dense` bf16 rounds each weight by at most u * |w|. Measured on the default model, max |w' - w|
-over max |w| of the weight's 32-group (the default model's tensors; `dense` bf16 in brackets):
-Q4_1 layers 4.1e-3 (3.5e-3), Q8_0 embedding 3.9e-3 (3.6e-3); relative to |w| itself Q8_0 3.9e-3
-(3.9e-3: w' = bf16(d) * q), Q4_1 unbounded near w = 0 (the zero's rounding is absolute; it is
-still 2^-8 of the group range, 1/17 of the format's own step). int8pack: w' = q * bf16(d),
-|w' - w| <= u * |w|. The kernels accumulate in float32 and round the output to bf16 once.
+`dense` bf16 rounds each weight by at most u * |w|. Measured on the default model by
+`python -m llm.backends.torch.quant.cpu_exactness`, max |w' - w| over max |w| of the weight's
+32-group (`dense` bf16 in brackets): Q4_1 layers 4.1e-3 (3.5e-3), Q8_0 embedding 3.9e-3
+(3.6e-3). Relative to |w| itself: Q8_0 3.9e-3 (3.9e-3; w' = bf16(d) * q), Q4_1 up to 23 (3.9e-3)
+on weights near 0, as the zero's rounding is absolute: still 2^-8 of the group's range, 1/17 of
+the format's own step. int8pack: w' = q * bf16(d), |w' - w| <= u * |w|. The kernels accumulate
+in float32 and round the output to bf16 once.
 
 Timings (`python -m llm.backends.torch.quant.cpu_bench [--sweep]`): 2-core Intel Xeon (AVX-512
 with bf16, fp16 and VNNI, no AMX; L2 2 x 2 MB, L3 260 MB shared), torch 2.13 CPU, 2026-12-03. The
