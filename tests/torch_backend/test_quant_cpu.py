@@ -6,8 +6,8 @@ Tolerances are relative to B = |x| @ Gmax.T, Gmax[n, k] the largest |w| of k's 3
 - float32 (`dense`: exact ggml weights): only summation order differs, |err| <= K * 2^-24 * B,
   and K * 2^-24 < 2^-14 for K <= 1024.
 - bfloat16 (unit roundoff u = 2^-8): the int4 kernel's weights differ by the bf16 rounding of
-  scale and zero, <= u * (8|s| + |z|), which is <= 1.5 u * Gmax on these blocks (at most 1.3 u
-  measured), and the output is rounded once to bf16 (<= u * B): in all <= 2.5 u * B < 2^-6 * B.
+  scale and zero, <= u * (8|s| + |z|), at most 1.3 u * Gmax on these blocks (1.5 u asserted
+  below), and the output is rounded once to bf16 (<= u * B): in all <= 2.5 u * B < 2^-6 * B.
   `dense` bf16 (Q6_K) and int8pack round each weight instead (<= u * |w|): the same bound.
 - float16 (`dense`, u = 2^-11): weights and output rounded, < 2^-9 * B.
 - float32 activations with bf16 compute: as bf16 plus the rounding of x to bf16 (<= u * B) and
