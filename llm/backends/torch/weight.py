@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm.backends.torch.quant.cpu import CpuQuantLinear, prepare_cpu
 from llm.model.quant.tensor import QuantizedTensor, cat_rows
 
 Weight = torch.Tensor | QuantizedTensor
@@ -26,16 +27,29 @@ class QuantLinear:
         self.weight = weight
         self.dtype = dtype  # the activations' dtype: dequantized values are rounded to it
         self.shape = torch.Size(weight.shape)
+        self._cpu: CpuQuantLinear | None = None  # prepared on first use (fusions come first)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored planes (what one pass over the matrix reads)."""
-        return self.weight.nbytes
+        """Bytes one pass over the matrix reads: the stored planes, or on the CPU what its
+        prepared layer holds (torch's packed int4/int8 layout, or a dense copy)."""
+        return self.cpu().nbytes if self.weight.device.type == "cpu" else self.weight.nbytes
+
+    def cpu(self) -> CpuQuantLinear:
+        """The CPU layer (backends/torch/quant/cpu.py): torch's int4 / int8 kernels for bf16
+        activations where the format maps onto them, else the matrix dequantized once."""
+        if self._cpu is None:
+            self._cpu = prepare_cpu(self.weight, self.dtype)
+        return self._cpu
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., K] -> [..., N]: decode-sized batches on CUDA by the Triton GEMV that
-        dequantizes in registers (kernels/qgemv.py), everything else dequantize-then-matmul."""
-        if x.is_cuda and x.dim() == 2 and x.shape[0] <= QGEMV_MAX_ROWS:
+        """x [..., K] -> [..., N]: on the CPU by its prepared layer; on CUDA, decode-sized
+        batches by the Triton GEMV that dequantizes in registers (kernels/qgemv.py), prompts by
+        dequantize-then-matmul."""
+        if not x.is_cuda:
+            y = self.cpu()(x.reshape(-1, self.shape[1]), bias)  # [M, N]
+            return y.reshape(*x.shape[:-1], self.shape[0])
+        if x.dim() == 2 and x.shape[0] <= QGEMV_MAX_ROWS:
             from llm.backends.torch.kernels.qgemv import qgemv
 
             return qgemv(x, self.weight, bias)
