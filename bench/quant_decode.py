@@ -59,24 +59,37 @@ def random_quantized(fmt_name: str, n: int, k: int, g: torch.Generator,
     return QuantizedTensor(fmt_name, (n, k), planes)
 
 
+def scaled(w: QuantizedTensor) -> QuantizedTensor:
+    """`w` with its fp16 scale planes (d, m, dmin) multiplied by one factor so that the weights'
+    standard deviation is 1 / sqrt(in_features), as the dense model's: a random model with larger
+    weights is chaotic, and its logits would not tell a kernel error from rounding."""
+    sample = w.slice_rows(0, min(64, w.out_features)).dequantize()
+    factor = float(w.in_features ** -0.5 / sample.std())
+    planes = {k: (v.float() * factor).half() if v.dtype == torch.float16 else v
+              for k, v in w.planes.items()}
+    return QuantizedTensor(w.format, w.shape, planes)
+
+
 def quantized_checkpoint(dense: Checkpoint, fmt_name: str, device: torch.device) -> Checkpoint:
     g = torch.Generator(device=device).manual_seed(0)
-    tensors = {name: random_quantized(fmt_name, *t.shape, g, device) if t.dim() == 2 else t
-               for name, t in dense.tensors.items()}
+    tensors = {name: scaled(random_quantized(fmt_name, *t.shape, g, device)) if t.dim() == 2
+               else t for name, t in dense.tensors.items()}
     return Checkpoint(dense.config, tensors, dense.source)
 
 
-def greedy(backend: TorchBackend, prompts: list[list[int]], steps: int, eager: bool
-           ) -> tuple[list[list[int]], torch.Tensor | None]:
+def greedy(backend: TorchBackend, prompts: list[list[int]], steps: int, eager: bool,
+           forced: list[list[int]] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
     """Greedy tokens of every prompt (graphs, or eager model.decode) and, eager, the last
-    step's logits [B, V]."""
+    step's logits [B, V]. forced: feed these tokens instead (the same history for two models
+    whose near-tied random logits may pick different tokens)."""
     rt = backend.runtime
     pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
                       rt.max_batch)
     out = []
     for slot, p in enumerate(prompts):
         pages.reserve(slot, len(p) + steps + 1)
-        out.append([backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), GREEDY))])
+        first = backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), GREEDY))
+        out.append([first if forced is None else forced[slot][0]])
     slots, logits = list(range(len(prompts))), None
     for i in range(steps):
         pos = [len(p) + i for p in prompts]
@@ -89,8 +102,8 @@ def greedy(backend: TorchBackend, prompts: list[list[int]], steps: int, eager: b
         else:
             nxt = backend.decode(DecodeInput(slots, [o[-1] for o in out], pos,
                                              pages.table(slots), [GREEDY] * len(slots)))
-        for o, t in zip(out, nxt):
-            o.append(t)
+        for j, (o, t) in enumerate(zip(out, nxt)):
+            o.append(t if forced is None else forced[j][i + 1])
     return out, logits
 
 
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                              if isinstance(v, QuantizedTensor) else v
                                              for k, v in ck.tensors.items()}, ck.source)
                 ref = TorchBackend(ref_ck, rt, cuda_graphs=False)
-                _, ref_logits = greedy(ref, prompts, 4, eager=True)
+                _, ref_logits = greedy(ref, prompts, 4, eager=True, forced=eager)
                 diff = (logits.float() - ref_logits.float()).norm()
                 rel = float(diff / ref_logits.float().norm())
                 check = f"graphs==eager {graphs == eager}, logits vs bf16 {rel:.4f}"

@@ -52,7 +52,8 @@ def pack2(codes: torch.Tensor) -> torch.Tensor:
 def unpack2(packed: torch.Tensor) -> torch.Tensor:
     """Packed [..., K/4] -> uint8 codes 0..3 [..., K]."""
     g = _groups(packed, 8).unsqueeze(-2)  # [..., K/32, 1, 8]
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(4, 1)
+    # made on the device (no host copy: dequantizing stays capturable in a CUDA graph)
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device).view(4, 1)
     return ((g >> shifts) & 0x3).reshape(*packed.shape[:-1], -1)  # [..., K/32, 4, 8] -> [..., K]
 
 
