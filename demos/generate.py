@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if not model.is_leader:
         model.follow()  # rank > 0: the leader's steps, until it closes
         return 0
-    print(f"[{model.backend.describe()}; loaded in {time.perf_counter() - t_load:.1f} s]",
+    wb = model.backend.weight_bytes
+    held = f"; weights {wb / 1e6:.0f} MB" if wb is not None else ""
+    print(f"[{model.backend.describe()}; loaded in {time.perf_counter() - t_load:.1f} s{held}]",
           file=sys.stderr)
     try:
         return run(model, args, prompts, params)

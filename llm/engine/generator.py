@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from llm.engine.contract.backend import Backend
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.core import EngineCore
+from llm.engine.scheduler import SchedulerConfig
 from llm.engine.sequence import RequestError, RequestOutput, StreamEvent
 from llm.engine.sequence import Sequence as SequenceState
+from llm.model.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["Generator", "RequestError", "RequestOutput", "StreamEvent"]
 
@@ -27,7 +30,16 @@ class Generator:
     (EngineBusyError), and vice versa.
     """
 
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore | Backend, tokenizer: Tokenizer | None = None,
+                 config: SchedulerConfig | None = None) -> None:
+        """core: the engine to drive; or a Backend and its Tokenizer (and SchedulerConfig), for
+        which a new EngineCore is made (one per backend: do not make two on one backend)."""
+        if not isinstance(core, EngineCore):
+            if tokenizer is None:
+                raise TypeError("Generator(backend, tokenizer): the tokenizer is missing")
+            core = EngineCore(core, tokenizer, config)
+        elif tokenizer is not None or config is not None:
+            raise TypeError("Generator(core) takes no tokenizer or config: the core has them")
         self.core = core
         self.backend = core.backend
         self.tokenizer = core.tokenizer

@@ -127,6 +127,8 @@ def test_one_scheduler_two_fronts_take_turns() -> None:
     AsyncEngine(model).shutdown()
     a = core.pages.allocator
     assert a.num_free == a.capacity
+    alone = Generator(fake_parts()[0], tok)  # the pre-EngineCore signature makes its own core
+    assert alone.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))[0].token_ids == before
 
 
 def test_scheduler_limits_are_restored_after_an_async_front() -> None:
