@@ -21,10 +21,12 @@ class LLM:
     max_seq_len: longest prompt + completion per request (default: the model's context, at most
     2048). max_batch: users decoded together. num_blocks: KV pages in the pool (default: every slot
     at max_seq_len). backend_options: the backend's own options (see its `create`).
-    weights: "dequantize" (default: every weight in floating point), "stored" (a GGUF's quantized
-    blocks kept as stored: its cache entry is about the GGUF's size; the torch backend applies
-    them by dequantize-then-matmul per call until the quantized kernels land), "int8" / "int4"
-    (a Hugging Face checkpoint's matrices quantized at load).
+    weights: "auto" (default: the backend's choice; torch: "stored" on the CPU, "dequantize" on
+    CUDA and for tensor parallel; tt: "dequantize"), "dequantize" (every weight in floating
+    point), "stored" (a GGUF's quantized blocks kept as stored: its cache entry is about the
+    GGUF's size; CUDA decode runs them through a Triton GEMV, the CPU through torch's int4/int8
+    kernels in bf16, else a dense copy), "int8" / "int4" (a Hugging Face checkpoint's matrices
+    quantized at load).
 
     tensor_parallel: split the model over this many processes (torch backend; start them with
     `torchrun --nproc-per-node N`, each constructing the LLM; device "cuda" gives each rank the GPU
@@ -43,7 +45,7 @@ class LLM:
                  num_blocks: int | None = None,
                  cache_dir: str | Path | None = None, progress: bool = True,
                  backend_options: Mapping[str, Any] | None = None,
-                 tensor_parallel: int = 1, weights: str = "dequantize") -> None:
+                 tensor_parallel: int = 1, weights: str = "auto") -> None:
         spec = BackendSpec(model=model, device=device, dtype=dtype, max_batch=max_batch,
                            max_seq_len=max_seq_len, block_size=block_size,
                            num_blocks=num_blocks, cache_dir=cache_dir, progress=progress,

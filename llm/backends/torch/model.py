@@ -17,7 +17,7 @@ from llm.backends.torch.parallel.plan import TensorParallelPlan
 from llm.backends.torch.parallel.slices import TensorDictSlices, WeightSlices
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.backends.torch.sampling import SamplingTensors, sample
-from llm.backends.torch.weight import is_dense, nbytes, on_device
+from llm.backends.torch.weight import QuantLinear, is_dense, nbytes, on_device
 from llm.model.config import ModelConfig, RuntimeConfig
 
 # Decode batches that use the fused GEMVs (and the GEMV LM head) where the Triton decode kernels
@@ -102,7 +102,6 @@ class Transformer:
             tensors = TensorDictSlices(config, tensors)
         w = {k: on_device(v, self.device, self.dtype)
              for k, v in plan.read_local(tensors, mesh.rank).items()}
-        self.weight_bytes = sum(nbytes(t) for t in {id(t): t for t in w.values()}.values())
         self.quantized = any(not is_dense(t) for t in w.values())
         if decode_kernel is None:
             decode_kernel = self.device.type == "cuda" and _triton_supports(config, runtime)
@@ -116,6 +115,7 @@ class Transformer:
         sizes = [plan.shard(r).vocab[1] - plan.shard(r).vocab[0] for r in range(mesh.size)]
         self.lm_head = LMHead(head, lm_head_chunk, mesh, shard.vocab[0], sizes,
                               fused_argmax=decode_kernel)
+        self.weight_bytes = sum(nbytes(t) for t in self._held_weights())
         self.rope = RotaryEmbedding(config, runtime.max_seq_len, self.device, self.dtype)
         self.max_pages = runtime.blocks_per_seq
         self.n_sm = (torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -128,6 +128,24 @@ class Transformer:
         if gemv_max_batch and not decode_kernel:
             raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
         self.gemv_max_batch = gemv_max_batch
+
+    def _held_weights(self) -> list:
+        """Every weight the modules hold, each once (fused ones as fused; a tied dense head is
+        the embedding; a quantized head is its chunks), with the quantized linear layers
+        prepared for the CPU here, at load, rather than in the first request."""
+        head = self.lm_head
+        linears = list(head.chunks) if isinstance(head.weight, QuantLinear) else [head.weight]
+        norms = [self.norm.weight]
+        for layer in self.layers:
+            a, m = layer.attn, layer.mlp
+            linears += [a.wqkv, a.bqkv, a.wo, a.bo, m.gate_up, m.gate_up_bias, m.down,
+                        m.down_bias]
+            norms += [layer.attn_norm.weight, layer.mlp_norm.weight]
+        for t in linears:
+            if isinstance(t, QuantLinear):
+                t.prepare()
+        held = [self.embed.weight, *norms, *linears]
+        return list({id(t): t for t in held if t is not None}.values())
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int, page_row: torch.Tensor,

@@ -202,5 +202,8 @@ def create(spec: BackendSpec) -> Backend:
 
         return launch(spec, lambda weights, runtime, mesh: TorchBackend(
             weights, runtime, mesh=mesh, **options))
-    checkpoint = spec.load()
+    # weights="auto": a GGUF's blocks as stored on the CPU (a cache entry of the GGUF's size; in
+    # fp32 the layers are dequantized once, exactly, in bf16 they run torch's int4 / int8
+    # kernels), dequantized on CUDA (its batched and prefill paths are faster on dense weights)
+    checkpoint = spec.load(auto="stored" if spec.device == "cpu" else "dequantize")
     return TorchBackend(checkpoint, spec.runtime(checkpoint.config), **options)

@@ -31,9 +31,15 @@ class QuantLinear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes one pass over the matrix reads: the stored planes, or on the CPU what its
-        prepared layer holds (torch's packed int4/int8 layout, or a dense copy)."""
-        return self.cpu().nbytes if self.weight.device.type == "cpu" else self.weight.nbytes
+        """Bytes one pass over the matrix reads: on the CPU once prepared, what its prepared
+        layer holds (torch's packed int4 / int8 layout, or a dense copy), else the stored planes
+        (what the GPU kernel and embedding lookups read)."""
+        return self._cpu.nbytes if self._cpu is not None else self.weight.nbytes
+
+    def prepare(self) -> None:
+        """Build the CPU layer now (at load) rather than in the first request; no-op on CUDA."""
+        if self.weight.device.type == "cpu":
+            self.cpu()
 
     def cpu(self) -> CpuQuantLinear:
         """The CPU layer (backends/torch/quant/cpu.py): torch's int4 / int8 kernels for bf16

@@ -105,10 +105,10 @@ class BackendSpec:
     model: a Hugging Face directory or .gguf path (None: the embedded default model), or weights
     already loaded. max_seq_len: None = the model's context, at most DEFAULT_MAX_SEQ_LEN.
     tensor_parallel: processes the model is split over (a backend without it refuses N > 1).
-    weights: how the weights are held, one of llm.model.checkpoint.common.WEIGHT_MODES
-    ("dequantize": floating point; "stored": a GGUF's quantized blocks as stored; "int8" / "int4":
-    quantized at load). options: the backend's own keyword options, each with one meaning (see
-    its `create`).
+    weights: how the weights are held: "auto" (the backend's choice, see its `create`) or one of
+    llm.model.checkpoint.common.WEIGHT_MODES ("dequantize": floating point; "stored": a GGUF's
+    quantized blocks as stored; "int8" / "int4": quantized at load). options: the backend's own
+    keyword options, each with one meaning (see its `create`).
     """
 
     model: str | Path | Checkpoint | None = None
@@ -121,17 +121,22 @@ class BackendSpec:
     cache_dir: str | Path | None = None
     progress: bool = True
     tensor_parallel: int = 1
-    weights: str = "dequantize"
+    weights: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    def load(self) -> Checkpoint:
-        """The checkpoint: `model` itself when already loaded, else read as `weights` says."""
+    def load(self, auto: str = "dequantize") -> Checkpoint:
+        """The checkpoint: `model` itself when already loaded, else read as `weights` says
+        (`auto`: the mode the backend picks for weights="auto")."""
         if isinstance(self.model, Checkpoint):
             return self.model
         from llm.model.checkpoint.load import load_checkpoint  # torch: only where weights load
 
         return load_checkpoint(self.model_path(), cache_dir=self.cache_dir,
-                               progress=self.progress, weights=self.weights)
+                               progress=self.progress, weights=self.weights_mode(auto))
+
+    def weights_mode(self, auto: str) -> str:
+        """`weights`, with "auto" replaced by the backend's choice `auto`."""
+        return auto if self.weights == "auto" else self.weights
 
     def model_path(self) -> Path:
         """The checkpoint path to read (the default model's when `model` is None)."""

@@ -26,7 +26,7 @@ def launch(spec: BackendSpec, build: Any) -> Backend:
     size = spec.tensor_parallel
     if isinstance(spec.model, Checkpoint):
         raise ConfigError("tensor_parallel needs a checkpoint path (each rank reads its slices)")
-    if spec.weights != "dequantize":
+    if spec.weights_mode("dequantize") != "dequantize":
         raise ConfigError(f"tensor_parallel reads dequantized weight slices; weights="
                           f"{spec.weights!r} is not supported with it yet")
     Mesh.check_launch(size, spec.device)
