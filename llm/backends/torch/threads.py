@@ -28,8 +28,9 @@ no competing process of ours, "busy" one more `python -c "while True: pass"`. Tw
     512 tokens, busy                      5016                    25798
 
 The issue's own numbers (12-13 tok/s at 2 threads on a truly idle machine, 16.6 tok/s at 1 thread
-with a busy process) agree for decode at batch 1. Later the same day the machine was truly idle (load
-average 0.03) and a second thread did pay off beyond batch 1 (demos/generate.py, --threads 1 vs 2):
+with a busy process) agree for decode at batch 1. Later the same day the machine was truly idle
+(load average 0.03) and a second thread did pay off beyond batch 1 (demos/generate.py, --threads 1
+vs 2):
 batch 1 17.2 vs 15.1 tok/s, batch 4 26.4 vs 43.1 tok/s in total, TTFT 127-194 vs 107-159 ms; and
 transformers' two threads beat our one at batch 4 (docs/performance.md, "CPU: beside transformers").
 So the fixed policy below is right under competition and at batch 1, and leaves speed unused on an
