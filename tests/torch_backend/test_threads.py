@@ -63,11 +63,32 @@ def test_usable_cores_is_affinity_capped_by_quota(tmp_path: Path, monkeypatch, a
     assert usable_cores(_write(tmp_path, files)) == cores
 
 
-def test_default_policy_decodes_on_one_thread() -> None:
-    assert ThreadPolicy.default(1) == ThreadPolicy(prefill=1, decode=1)
-    assert ThreadPolicy.default(2) == ThreadPolicy(prefill=1, decode=1)
-    assert ThreadPolicy.default(8) == ThreadPolicy(prefill=8, decode=1)
-    assert ThreadPolicy.fixed(3) == ThreadPolicy(prefill=3, decode=3)
+@pytest.mark.parametrize(("cores", "others", "phase", "batch", "want"), [
+    (2, 0, "decode", 1, 1), (2, 0, "decode", 3, 1),  # small decode batches: one thread
+    (2, 0, "decode", 4, 2), (2, 0, "prefill", 1, 2),  # idle machine: every core
+    (2, 1, "decode", 8, 1), (2, 1, "prefill", 1, 1),  # one busy process: give it its core
+    (8, 3, "decode", 16, 5), (8, 9, "prefill", 1, 1),  # the free cores, at least one
+    (1, 0, "decode", 16, 1),
+])
+def test_default_policy_uses_the_free_cores(monkeypatch, cores, others, phase, batch,
+                                            want) -> None:
+    monkeypatch.setattr(threads_mod, "competing_tasks", lambda: others)
+    assert ThreadPolicy.default(cores).count(phase, batch) == want
+    fixed = ThreadPolicy.fixed(3)
+    assert fixed == ThreadPolicy(prefill=3, decode=3) and fixed.count(phase, batch) == 3
+
+
+def test_competing_tasks_subtracts_this_process_running_threads(tmp_path: Path) -> None:
+    load = tmp_path / "loadavg"
+    load.write_text("0.50 0.40 0.30 3/412 9999\n")
+    tasks = tmp_path / "task"
+    for tid, state in ((1, "R"), (2, "S"), (3, "R")):
+        (tasks / str(tid)).mkdir(parents=True)
+        (tasks / str(tid) / "stat").write_text(f"{tid} (py thread (x)) {state} 1 2 3\n")
+    assert threads_mod.competing_tasks(load, tasks) == 1  # 3 running, 2 of them ours
+    load.write_text("garbage")
+    assert threads_mod.competing_tasks(load, tasks) == 0
+    assert threads_mod.competing_tasks() >= 0  # the real /proc of this machine
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, "2", True, None])

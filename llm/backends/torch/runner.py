@@ -128,11 +128,11 @@ class TorchBackend(Backend):
         cpu = f", {self.threads.describe()}" if self.threads is not None else ""
         return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp}{cpu})"
 
-    def _threads(self, phase: str) -> AbstractContextManager[None]:
+    def _threads(self, phase: str, batch: int = 1) -> AbstractContextManager[None]:
         """A context running one call with the policy's thread count for `phase` (CPU only)."""
         if self.threads is None:
             return nullcontext()
-        return intra_op_threads(getattr(self.threads, phase))
+        return intra_op_threads(self.threads.count(phase, batch))
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -163,7 +163,7 @@ class TorchBackend(Backend):
 
     def decode(self, inp: DecodeInput) -> list[int]:
         self._check_open()
-        with self._threads("decode"):
+        with self._threads("decode", len(inp.slots)):
             return self._decode(inp)
 
     def _decode(self, inp: DecodeInput) -> list[int]:

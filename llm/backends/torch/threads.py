@@ -33,9 +33,10 @@ with a busy process) agree for decode at batch 1. Later the same day the machine
 vs 2):
 batch 1 17.2 vs 15.1 tok/s, batch 4 26.4 vs 43.1 tok/s in total, TTFT 127-194 vs 107-159 ms; and
 transformers' two threads beat our one at batch 4 (docs/performance.md, "CPU: beside transformers").
-So the fixed policy below is right under competition and at batch 1, and leaves speed unused on an
-idle machine at batch 4+; choosing by the competition seen at run time is the next step. Defaults
-(ThreadPolicy.default):
+So a fixed count is wrong one way or the other: the default policy (ThreadPolicy.default) looks at
+the competition at each call instead. It counts the other processes' runnable tasks (the running
+count of /proc/loadavg less this process's own running threads) and uses the free cores, and keeps
+decode batches below 4 on one thread. The earlier fixed defaults, for the record:
 
 - decode: 1 thread, always (up to batch 8 the per-step work is small and the hand-off
   dominates; larger batches and machines were not measured: the `threads` option overrides);
@@ -61,6 +62,11 @@ from pathlib import Path
 import torch
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_LOADAVG = Path("/proc/loadavg")
+PROC_SELF_TASKS = Path("/proc/self/task")
+# Decode batches from this size use more than one thread when cores are free (idle 2-core machine,
+# 2026-12-03: batch 4 43.1 tok/s on 2 threads vs 26.4 on 1; batch 1 15.1 vs 17.2).
+WIDE_DECODE_BATCH = 4
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
@@ -108,12 +114,37 @@ def check_threads(value: object) -> int:
     return value
 
 
+def competing_tasks(loadavg: Path = PROC_LOADAVG, tasks: Path = PROC_SELF_TASKS) -> int:
+    """Runnable tasks of other processes right now: the running count of /proc/loadavg less this
+    process's own running threads (its spinning OpenMP workers included); 0 where /proc cannot be
+    read."""
+    try:
+        running = int(loadavg.read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    own = 0
+    for stat in tasks.glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        end = text.rfind(")")  # the state follows the command name, which may hold spaces
+        own += text[end + 2:end + 3] == "R"
+    return max(0, running - own)
+
+
 @dataclass(frozen=True)
 class ThreadPolicy:
-    """Intra-op threads for prefill and for decode on the CPU."""
+    """Intra-op threads for prefill and for decode on the CPU.
+
+    Fixed (`fixed`, the `threads` option): `prefill` / `decode` threads always. Adaptive (the
+    default): per call, as many threads as cores are free of other processes' runnable tasks (at
+    most `prefill` / `decode`), and one thread for decode batches below WIDE_DECODE_BATCH.
+    """
 
     prefill: int
     decode: int
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         check_threads(self.prefill)
@@ -121,17 +152,29 @@ class ThreadPolicy:
 
     @classmethod
     def default(cls, cores: int | None = None) -> ThreadPolicy:
-        """The measured defaults (module docstring) for `cores` usable cores (None: this
+        """The adaptive policy (module docstring) over `cores` usable cores (None: this
         process's)."""
         cores = usable_cores() if cores is None else cores
-        return cls(prefill=cores if cores > 2 else 1, decode=1)
+        return cls(prefill=cores, decode=cores, adaptive=cores > 1)
 
     @classmethod
     def fixed(cls, threads: int) -> ThreadPolicy:
         """`threads` for both (the backend option `threads`)."""
         return cls(prefill=threads, decode=threads)
 
+    def count(self, phase: str, batch: int = 1) -> int:
+        """Threads for one `phase` ("prefill" or "decode") call of `batch` users."""
+        most = self.prefill if phase == "prefill" else self.decode
+        if not self.adaptive:
+            return most
+        if phase == "decode" and batch < WIDE_DECODE_BATCH:
+            return 1
+        return max(1, min(most, most - competing_tasks()))
+
     def describe(self) -> str:
+        if self.adaptive:
+            return (f"up to {max(self.prefill, self.decode)} CPU threads (fewer while other "
+                    f"processes run; decode batches < {WIDE_DECODE_BATCH} on 1)")
         if self.prefill == self.decode:
             return f"{self.decode} CPU thread{'s' if self.decode > 1 else ''}"
         return f"CPU threads: prefill {self.prefill}, decode {self.decode}"
