@@ -70,6 +70,9 @@ def test_unknown_options_and_tensor_parallel_are_refused_by_name(name: str) -> N
     if name == "tt":
         with pytest.raises(ConfigError, match="tensor_parallel=2 needs the torch backend"):
             create_backend(name, BackendSpec(tensor_parallel=2))
+    loaded = dataclasses.replace(_spec(name), weights="stored")
+    with pytest.raises(ConfigError, match="weights='stored' applies when a checkpoint is read"):
+        create_backend(name, loaded)  # already loaded weights: refused, not ignored
 
 
 def test_a_request_beyond_the_capabilities_is_refused_alone() -> None:

@@ -2,11 +2,12 @@
 
 A checkpoint loaded with weights="stored" (a GGUF's blocks) or "int8" / "int4" holds
 `llm.model.quant.QuantizedTensor` matrices. The backend keeps each one as a `QuantLinear` on its
-device (packed bytes, never a float copy of the matrix) and applies it through `linear`, the one
-entry point every projection uses; plain tensors go to `F.linear` as before. `QuantLinear` runs the
-reference computation, dequantize-then-matmul in the activation dtype, one call at a time; faster
-kernels (Triton on CUDA, CPU kernels) plug in behind the same call.
-"""
+device and applies it through `linear`, the one entry point every projection uses; plain tensors go
+to `F.linear` as before. On CUDA the stored planes are all it holds: decode-sized batches run the
+Triton GEMV that dequantizes in registers, prompts dequantize-then-matmul. On the CPU each layer is
+prepared once (backends/torch/quant/cpu.py): torch's int4 / int8 kernels for bf16 activations, a
+dense copy in the activation dtype (dequantized exactly) otherwise; embedding rows are dequantized
+per lookup from the planes."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.quant.cpu import CpuQuantLinear, prepare_cpu
+from llm.model.quant.state import Weight
 from llm.model.quant.tensor import QuantizedTensor, cat_rows
 
-Weight = torch.Tensor | QuantizedTensor
 QGEMV_MAX_ROWS = 16  # the Triton quantized GEMV's batch limit (kernels/qgemv.py MAX_M)
 
 

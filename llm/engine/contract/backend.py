@@ -128,6 +128,9 @@ class BackendSpec:
         """The checkpoint: `model` itself when already loaded, else read as `weights` says
         (`auto`: the mode the backend picks for weights="auto")."""
         if isinstance(self.model, Checkpoint):
+            if self.weights != "auto":  # already loaded: nothing could honour it
+                raise ConfigError(f"weights={self.weights!r} applies when a checkpoint is read; "
+                                  "these weights are already loaded")
             return self.model
         from llm.model.checkpoint.load import load_checkpoint  # torch: only where weights load
 
@@ -139,11 +142,8 @@ class BackendSpec:
         return auto if self.weights == "auto" else self.weights
 
     def model_path(self) -> Path:
-        """The checkpoint path to read (the default model's when `model` is None)."""
-        if isinstance(self.model, Checkpoint):
-            if self.model.source is None:
-                raise ConfigError("these in-memory weights have no source path to read")
-            return Path(self.model.source)
+        """The checkpoint path to read (the default model's when `model` is None); callers
+        handle already loaded weights first."""
         return Path(self.model).expanduser() if self.model is not None else default_model_path()
 
     def runtime(self, config: ModelConfig, device: str | None = None) -> RuntimeConfig:
