@@ -120,7 +120,7 @@ def test_fused_add_rms_norm(with_residual: bool) -> None:
 @pytest.mark.parametrize("block_t", [None, 2, 4])  # tokens per program; 2: a masked tail
 def test_fused_rope_and_cache_write(block_t: int | None) -> None:
     from llm.backends.torch.kernels.rope_kv import rope_and_cache
-    from llm.backends.torch.rope import apply_rotary
+    from llm.backends.torch.rope import apply_rotary, rot_sin
 
     g = torch.Generator().manual_seed(0)
     nh, n_kv, hd, n = 6, 2, 16, 3
@@ -133,8 +133,8 @@ def test_fused_rope_and_cache_write(block_t: int | None) -> None:
     q, k = rope_and_cache(qkv, cos, sin, blocks, offsets, k_pool, v_pool, nh, return_k=True,
                           block_t=block_t)
     rq, rk, rv = qkv.split([nh * hd, n_kv * hd, n_kv * hd], dim=-1)
-    assert torch.allclose(q, apply_rotary(rq.view(n, nh, hd), cos, sin), atol=1e-6)
-    ref_k = apply_rotary(rk.view(n, n_kv, hd), cos, sin)
+    assert torch.allclose(q, apply_rotary(rq.view(n, nh, hd), cos, rot_sin(sin)), atol=1e-6)
+    ref_k = apply_rotary(rk.view(n, n_kv, hd), cos, rot_sin(sin))
     assert torch.allclose(k, ref_k, atol=1e-6)
     for i in range(n):
         assert torch.allclose(k_pool[blocks[i], :, offsets[i]], ref_k[i], atol=1e-6)

@@ -28,7 +28,7 @@ from llm.backends.torch.lm_head import LMHead
 from llm.backends.torch.mlp import MLP
 from llm.backends.torch.model import DecoderLayer
 from llm.backends.torch.norm import RMSNorm
-from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
+from llm.backends.torch.rope import RotaryEmbedding, apply_rotary, rot_sin
 from llm.model.config import RuntimeConfig
 
 # bf16 against bf16 transformers, measured (max over SMALL_CONFIGS and comparisons): max relative
@@ -94,7 +94,8 @@ def test_rope(name: str, dt: str) -> None:
     assert torch.allclose(sin.float(), ref_sin[0].float(), atol=1e-6 if dt == "fp32" else 1e-2)
     q = torch.randn(1, config.num_heads, len(positions), config.head_dim).to(dtype)
     ref_q, _ = apply_rotary_pos_emb(q, q, ref_cos, ref_sin)
-    ours = apply_rotary(q[0].transpose(0, 1), cos, sin).transpose(0, 1)  # [N, nh, hd] layout
+    ours = apply_rotary(q[0].transpose(0, 1), cos, rot_sin(sin))  # [N, nh, hd] layout
+    ours = ours.transpose(0, 1)
     assert_matches(ours, ref_q[0], tol)
 
 

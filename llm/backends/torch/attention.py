@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
 from llm.backends.torch.weight import linear, stack_rows
 from llm.model.config import ModelConfig
@@ -18,14 +19,15 @@ from llm.model.config import ModelConfig
 class PrefillMeta:
     """Shared by every layer for one prefill (one user, S tokens starting at start_pos).
 
-    cos/sin [S, hd]; blocks/offsets [S] where each token's K/V goes; page_row [nb] the user's pages
-    covering positions [0, start_pos + S) (used only when start_pos > 0); mask [S, start_pos + S]
-    bool or None for a plain causal prompt.
+    cos/sin/sin_rot [S, hd] (`RotaryEmbedding`); blocks/offsets [S] where each token's K/V goes;
+    page_row [nb] the user's pages covering positions [0, start_pos + S) (used only when
+    start_pos > 0); mask [S, start_pos + S] bool or None for a plain causal prompt.
     """
 
     start_pos: int
     cos: torch.Tensor
     sin: torch.Tensor
+    sin_rot: torch.Tensor
     blocks: torch.Tensor
     offsets: torch.Tensor
     page_row: torch.Tensor
@@ -43,31 +45,36 @@ class PrefillMeta:
             keys = torch.arange(start_pos + s, device=device)
             mask = keys[None, :] <= pos[:, None]  # [S, start_pos + S]
         nb = -(-(start_pos + s) // block_size)
-        return cls(start_pos, cos, sin, page_row[pos // block_size], pos % block_size,
-                   page_row[:nb], mask)
+        return cls(start_pos, cos, sin, rope.gather_rot(pos), page_row[pos // block_size],
+                   pos % block_size, page_row[:nb], mask)
 
 
 @dataclass(frozen=True)
 class DecodeMeta:
     """Shared by every layer for one decode step of B users.
 
-    cos/sin [B, hd]; blocks/offsets [B] where each new K/V goes; positions [B]. Two attention paths:
+    cos/sin/sin_rot [B, hd]; blocks/offsets [B] where each new K/V goes; positions [B]. Two
+    attention paths:
     - kernel (pages_per_program set): the Triton paged flash-decode reads each user's pages up to
     its
       position on the device; page_table is the full [B, max_blocks] table and mask is None. Nothing
       depends on host values, so the step can be captured in a CUDA graph.
     - gather (CPU, or shapes the kernel does not take): page_table [B, nb] covers the longest user;
-      mask [B, 1, 1, nb * block_size] is True where key position <= the user's position.
+      mask [B, 1, 1, nb * block_size] is True where key position <= the user's position; with
+      one user, mask is None and `length` = max_pos + 1 keys are attended.
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
+    sin_rot: torch.Tensor
     blocks: torch.Tensor
     offsets: torch.Tensor
     positions: torch.Tensor
     page_table: torch.Tensor
     mask: torch.Tensor | None
     pages_per_program: int | None = None
+    length: int = 0
+    max_pos: int = 0
 
     @classmethod
     def build(cls, rope: RotaryEmbedding, positions: torch.Tensor, page_table: torch.Tensor,
@@ -83,13 +90,19 @@ class DecodeMeta:
         blocks = page_table[rows, positions // block_size]
         offsets = positions % block_size
         if pages_per_program is not None:
-            return cls(cos, sin, blocks, offsets, positions, page_table, None, pages_per_program)
+            return cls(cos, sin, sin, blocks, offsets, positions, page_table, None,
+                       pages_per_program)
         if max_pos is None:
             raise ValueError("the gather attention path needs max_pos")
         nb = max_pos // block_size + 1
+        sin_rot = rope.gather_rot(positions)
+        if b == 1:  # one user: its keys up to its position, no mask
+            return cls(cos, sin, sin_rot, blocks, offsets, positions, page_table[:, :nb], None,
+                       length=max_pos + 1, max_pos=max_pos)
         keys = torch.arange(nb * block_size, device=device)
         mask = (keys[None, :] <= positions[:, None]).view(b, 1, 1, -1)  # [B, 1, 1, nb*bs]
-        return cls(cos, sin, blocks, offsets, positions, page_table[:, :nb], mask)
+        return cls(cos, sin, sin_rot, blocks, offsets, positions, page_table[:, :nb], mask,
+                   max_pos=max_pos)
 
 
 class Attention:
@@ -116,17 +129,14 @@ class Attention:
         self.bo = w.get(p + "o_proj.bias")
         self.splits = (config.q_size, config.kv_size, config.kv_size)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [N, H] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k."""
-        return self._split_rotate(linear(x, self.wqkv, self.bqkv), cos, sin)
-
-    def _split_rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """qkv [N, q + 2kv] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k."""
-        n = qkv.shape[0]
-        q, k, v = qkv.split(self.splits, dim=-1)
-        q = apply_rotary(q.view(n, self.n_heads, self.hd), cos, sin)
-        k = apply_rotary(k.view(n, self.n_kv, self.hd), cos, sin)
-        return q, k, v.view(n, self.n_kv, self.hd)
+    def _split_rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor):
+        """qkv [N, q + 2kv] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k
+        (in one pass over their heads)."""
+        n, nh = qkv.shape[0], self.n_heads
+        qk = qkv[:, : self.splits[0] + self.splits[1]].view(n, nh + self.n_kv, self.hd)
+        qk = apply_rotary(qk, cos, sin_rot)  # [N, nh + n_kv, hd]
+        v = qkv[:, self.splits[0] + self.splits[1]:].view(n, self.n_kv, self.hd)
+        return qk[:, :nh], qk[:, nh:], v
 
     def prefill(self, x: torch.Tensor, meta: PrefillMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [S, H] (one user) -> [S, H]; writes the S tokens' K/V into the user's pages."""
@@ -140,7 +150,7 @@ class Attention:
                                   return_k=True)
             v = qkv[:, self.splits[0] + self.splits[1]:].view(s, self.n_kv, self.hd)
         else:
-            q, k, v = self._qkv(x, meta.cos, meta.sin)
+            q, k, v = self._split_rotate(linear(x, self.wqkv, self.bqkv), meta.cos, meta.sin_rot)
             cache.write(self.layer, k, v, meta.blocks, meta.offsets)
         q = q.transpose(0, 1).unsqueeze(0)  # [1, nh, S, hd]
         if meta.mask is None:
@@ -159,6 +169,16 @@ class Attention:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
         return self.decode_qkv(linear(x, self.wqkv, self.bqkv), meta, cache)
 
+    def decode_native(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
+                      kernels: NativeKernels) -> torch.Tensor:
+        """decode() in float32 on the CPU with the C kernels: QKV projection, then RoPE, K/V write
+        and attention in one call (cpu_kernels.c `attention_decode`), then o_proj."""
+        qkv = linear(x, self.wqkv, self.bqkv).contiguous()  # [B, q + 2kv]
+        out = kernels.attention_decode(qkv, meta.cos, meta.sin, cache.k[self.layer],
+                                       cache.v[self.layer], meta.page_table, meta.positions,
+                                       self.n_heads, meta.max_pos, self.hd ** -0.5)  # [B, q]
+        return self.mesh.all_reduce(linear(out, self.wo, self.bo))
+
     def decode_qkv(self, qkv: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
                    gemv: bool = False) -> torch.Tensor:
         """Decode from the QKV projection qkv [B, q + 2kv] -> [B, H]. gemv: the output projection
@@ -175,9 +195,11 @@ class Attention:
             out = paged_decode_attention(q, kp, vp, meta.page_table, meta.positions,
                                          self.hd ** -0.5, meta.pages_per_program)  # [B, nh, hd]
         else:
-            q, k, v = self._split_rotate(qkv, meta.cos, meta.sin)
+            q, k, v = self._split_rotate(qkv, meta.cos, meta.sin_rot)
             cache.write(self.layer, k, v, meta.blocks, meta.offsets)
             keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
+            if meta.mask is None:  # one user: its first `length` keys
+                keys, values = keys[:, :, : meta.length], values[:, :, : meta.length]
             out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
                                                  attn_mask=meta.mask, enable_gqa=True)
         out = out.reshape(b, self.n_heads * self.hd)  # [B, nh*hd]

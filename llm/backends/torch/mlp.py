@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.weight import QuantLinear, linear, stack_rows
 
 
@@ -46,6 +47,11 @@ class MLP:
         from llm.backends.torch.kernels.gemv import gemv
 
         return self.mesh.all_reduce(gemv(act, self.down, self.down_bias))
+
+    def native(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
+        """x float32 [B, H] -> [B, H] on the CPU, the activation by the C kernels."""
+        act = kernels.silu_mul(linear(x, self.gate_up, self.gate_up_bias).contiguous())  # [B, I]
+        return self.mesh.all_reduce(linear(act, self.down, self.down_bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
@@ -15,6 +16,7 @@ from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.plan import TensorParallelPlan
 from llm.backends.torch.parallel.slices import TensorDictSlices, WeightSlices
+from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.backends.torch.sampling import SamplingTensors, sample
 from llm.backends.torch.weight import QuantLinear, is_dense, nbytes, on_device
@@ -71,6 +73,17 @@ class DecoderLayer:
         h, residual = self.mlp_norm.add_norm(self.attn.decode(h, meta, cache), residual)
         return self.mlp(h), residual
 
+    def decode_native(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
+                      cache: PagedKVCache, kernels: NativeKernels,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode() in float32 on the CPU with the C kernels: each norm with its residual add,
+        the attention after QKV and the SiLU*up are one call each (quant/cpu_kernels.c)."""
+        an, mn = self.attn_norm, self.mlp_norm
+        h, residual = kernels.add_rms_norm(x, residual, an.weight, an.eps)
+        h, residual = kernels.add_rms_norm(self.attn.decode_native(h, meta, cache, kernels),
+                                           residual, mn.weight, mn.eps)
+        return self.mlp.native(h, kernels), residual
+
 
 class Transformer:
     """A whole Llama-family model whose weights live on one torch device in one dtype, or this
@@ -81,7 +94,8 @@ class Transformer:
     def __init__(self, config: ModelConfig,
                  tensors: Mapping[str, torch.Tensor] | WeightSlices, runtime: RuntimeConfig,
                  lm_head_chunk: int | None = None, decode_kernel: bool | None = None,
-                 mesh: Mesh | None = None, gemv_max_batch: int | None = None) -> None:
+                 mesh: Mesh | None = None, gemv_max_batch: int | None = None,
+                 cpu_kernels: NativeKernels | None = None) -> None:
         """tensors: the canonical tensors, or a WeightSlices reading only this rank's slices.
         decode_kernel: use the Triton paged-decode attention (default: on CUDA when Triton is
         installed and the head_dim / block_size suit it) with the fused Triton norm and RoPE
@@ -89,6 +103,8 @@ class Transformer:
         gemv_max_batch: decode batches up to this size run the layers' projections as fused
         Triton GEMVs (DecoderLayer.decode, needs the decode kernels); default GEMV_MAX_BATCH
         with the decode kernels, else 0.
+        cpu_kernels: the C kernels that apply quantized weights to float32 activations on the CPU
+        (quant/native.py; None: torch ops only).
         """
         self.config = config
         self.mesh = mesh = mesh or Mesh.single()
@@ -100,7 +116,7 @@ class Transformer:
         self.block_size = runtime.block_size
         if not isinstance(tensors, WeightSlices):
             tensors = TensorDictSlices(config, tensors)
-        w = {k: on_device(v, self.device, self.dtype)
+        w = {k: on_device(v, self.device, self.dtype, cpu_kernels)
              for k, v in plan.read_local(tensors, mesh.rank).items()}
         self.quantized = any(not is_dense(t) for t in w.values())
         if decode_kernel is None:
@@ -128,6 +144,10 @@ class Transformer:
         if gemv_max_batch and not decode_kernel:
             raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
         self.gemv_max_batch = gemv_max_batch
+        self.cpu_kernels = None  # the decode step by the C kernels: CPU, float32, no Triton
+        if (cpu_kernels is not None and self.device.type == "cpu" and self.dtype == torch.float32
+                and config.head_dim % 2 == 0):
+            self.cpu_kernels = cpu_kernels
 
     def _held_weights(self) -> list:
         """Every weight the modules hold, each once (fused ones as fused; a tied dense head is
@@ -182,6 +202,12 @@ class Transformer:
                                   self.n_sm)
         meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos, ppp)
         x, residual = self.embed(tokens), None  # [B, H]
+        k = self.cpu_kernels
+        if k is not None:
+            meta = replace(meta, page_table=meta.page_table.contiguous())
+            for layer in self.layers:
+                x, residual = layer.decode_native(x, residual, meta, cache, k)
+            return self.lm_head(k.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0])
         gemv = tokens.shape[0] <= self.gemv_max_batch
         for layer in self.layers:
             x, residual = layer.decode(x, residual, meta, cache, gemv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -13,8 +14,14 @@ from llm.backends.torch.model import Transformer
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.slices import WeightSlices
 from llm.backends.torch.prefill_graphs import PrefillGraphs
+from llm.backends.torch.quant.native import NativeKernels, NativeKernelsUnavailable, load_kernels
 from llm.backends.torch.sampling import SamplingTensors
-from llm.backends.torch.threads import ThreadPolicy, check_threads, intra_op_threads
+from llm.backends.torch.threads import (
+    WIDE_DECODE_BATCH,
+    ThreadPolicy,
+    check_threads,
+    intra_op_threads,
+)
 from llm.engine.contract.backend import (
     SAMPLING_MODES,
     Backend,
@@ -26,6 +33,7 @@ from llm.engine.contract.backend import (
 )
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
+from llm.model.paths import default_cache_dir
 
 
 class TorchBackend(Backend):
@@ -38,7 +46,8 @@ class TorchBackend(Backend):
     def __init__(self, checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
                  cuda_graphs: bool = True, mesh: Mesh | None = None,
                  all_reduce: str = "auto", gemv_max_batch: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, native_kernels: bool = True,
+                 cache_dir: str | Path | None = None) -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
         cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs, and
         (one rank) prompts that start a sequence, per padded length bucket (prefill_graphs.py;
@@ -49,6 +58,9 @@ class TorchBackend(Backend):
         threads: on the CPU, intra-op threads for prefill and decode alike (None: the measured
         ThreadPolicy.default, see llm.backends.torch.threads); set around each call, restored
         after. Not allowed on CUDA, where the thread count is never touched.
+        native_kernels: on the CPU in float32, apply quantized weights with the C kernels
+        (quant/cpu_kernels.c, built on first use into `cache_dir`/kernels; without a C compiler a
+        warning says why and the layers are dequantized once instead). False: torch ops only.
         """
         if all_reduce not in ("auto", "nccl"):
             raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {all_reduce!r}")
@@ -64,17 +76,21 @@ class TorchBackend(Backend):
         self.source = Path(source) if source is not None else None
         self.source_sha256 = checkpoint.source_sha256
         self.device = torch.device(runtime.device)
-        self.threads: ThreadPolicy | None = None  # None: the thread count is left alone
-        if self.device.type == "cpu":
-            self.threads = (ThreadPolicy.default() if threads is None
-                            else ThreadPolicy.fixed(threads))
         self.mesh = mesh or Mesh.single()
         if all_reduce == "auto":
             self.mesh = self.mesh.with_symmetric(getattr(torch, runtime.dtype), self.device,
                                                  runtime.max_batch * self.config.hidden_size)
         weights = checkpoint if isinstance(checkpoint, WeightSlices) else checkpoint.tensors
+        self.kernels = None
+        if native_kernels and self.device.type == "cpu" and runtime.dtype == "float32":
+            self.kernels = _native_kernels(cache_dir)
         self.model = Transformer(self.config, weights, runtime, mesh=self.mesh,
-                                 gemv_max_batch=gemv_max_batch)
+                                 gemv_max_batch=gemv_max_batch, cpu_kernels=self.kernels)
+        self.threads: ThreadPolicy | None = None  # None: the thread count is left alone
+        if self.device.type == "cpu":  # a step by the C kernels uses every free core from batch 1
+            wide = 1 if self.model.cpu_kernels is not None else WIDE_DECODE_BATCH
+            self.threads = (ThreadPolicy.default(wide_decode_batch=wide) if threads is None
+                            else ThreadPolicy.fixed(threads))
         self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
         self.weight_bytes = self.model.weight_bytes
         self.graphs = None
@@ -126,6 +142,8 @@ class TorchBackend(Backend):
             ar = "symmetric-memory" if self.mesh.symmetric is not None else self.mesh.library
             tp = f", rank {self.mesh.rank} of {self.mesh.size}, {ar} all-reduce in decode"
         cpu = f", {self.threads.describe()}" if self.threads is not None else ""
+        if self.kernels is not None and self.model.quantized:
+            cpu += ", quantized layers by the C kernels"
         return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp}{cpu})"
 
     def _threads(self, phase: str, batch: int = 1) -> AbstractContextManager[None]:
@@ -177,15 +195,25 @@ class TorchBackend(Backend):
         return self._sample(logits, list(inp.sampling), [p + 1 for p in positions])
 
 
-_OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch", "threads")
+_OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch", "threads", "native_kernels")
+
+
+def _native_kernels(cache_dir: str | Path | None) -> NativeKernels | None:
+    """The C kernels, built on first use; None (with a warning saying why) where they cannot be."""
+    try:
+        return load_kernels(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    except NativeKernelsUnavailable as e:
+        warnings.warn(f"{e}; quantized layers are dequantized to float32 instead (slower)",
+                      RuntimeWarning, stacklevel=3)
+        return None
 
 
 def create(spec: BackendSpec) -> Backend:
     """Registry entry point (see llm.engine.contract.backend.create_backend).
 
     Options: cuda_graphs (bool), all_reduce ("auto" | "nccl"), gemv_max_batch (int), threads
-    (int >= 1, CPU only; None = the default policy); see TorchBackend. spec.tensor_parallel > 1
-    starts this process's rank (llm.backends.torch.parallel).
+    (int >= 1, CPU only; None = the default policy), native_kernels (bool); see TorchBackend.
+    spec.tensor_parallel > 1 starts this process's rank (llm.backends.torch.parallel).
     """
     options = dict(spec.options)
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -206,4 +234,5 @@ def create(spec: BackendSpec) -> Backend:
     # fp32 the layers are dequantized once, exactly, in bf16 they run torch's int4 / int8
     # kernels), dequantized on CUDA (its batched and prefill paths are faster on dense weights)
     checkpoint = spec.load(auto="stored" if spec.device == "cpu" else "dequantize")
-    return TorchBackend(checkpoint, spec.runtime(checkpoint.config), **options)
+    return TorchBackend(checkpoint, spec.runtime(checkpoint.config), cache_dir=spec.cache_dir,
+                        **options)

@@ -139,23 +139,28 @@ class ThreadPolicy:
 
     Fixed (`fixed`, the `threads` option): `prefill` / `decode` threads always. Adaptive (the
     default): per call, as many threads as cores are free of other processes' runnable tasks (at
-    most `prefill` / `decode`), and one thread for decode batches below WIDE_DECODE_BATCH.
+    most `prefill` / `decode`), and one thread for decode batches below `wide_decode_batch`
+    (WIDE_DECODE_BATCH for a step of torch ops; 1 when the C kernels run the step, whose few
+    calls each have work for every thread: see quant/native.py).
     """
 
     prefill: int
     decode: int
     adaptive: bool = False
+    wide_decode_batch: int = WIDE_DECODE_BATCH
 
     def __post_init__(self) -> None:
         check_threads(self.prefill)
         check_threads(self.decode)
 
     @classmethod
-    def default(cls, cores: int | None = None) -> ThreadPolicy:
+    def default(cls, cores: int | None = None,
+                wide_decode_batch: int = WIDE_DECODE_BATCH) -> ThreadPolicy:
         """The adaptive policy (module docstring) over `cores` usable cores (None: this
         process's)."""
         cores = usable_cores() if cores is None else cores
-        return cls(prefill=cores, decode=cores, adaptive=cores > 1)
+        return cls(prefill=cores, decode=cores, adaptive=cores > 1,
+                   wide_decode_batch=wide_decode_batch)
 
     @classmethod
     def fixed(cls, threads: int) -> ThreadPolicy:
@@ -167,14 +172,16 @@ class ThreadPolicy:
         most = self.prefill if phase == "prefill" else self.decode
         if not self.adaptive:
             return most
-        if phase == "decode" and batch < WIDE_DECODE_BATCH:
+        if phase == "decode" and batch < self.wide_decode_batch:
             return 1
         return max(1, min(most, most - competing_tasks()))
 
     def describe(self) -> str:
         if self.adaptive:
+            narrow = (f"; decode batches < {self.wide_decode_batch} on 1"
+                      if self.wide_decode_batch > 1 else "")
             return (f"up to {max(self.prefill, self.decode)} CPU threads (fewer while other "
-                    f"processes run; decode batches < {WIDE_DECODE_BATCH} on 1)")
+                    f"processes run{narrow})")
         if self.prefill == self.decode:
             return f"{self.decode} CPU thread{'s' if self.decode > 1 else ''}"
         return f"CPU threads: prefill {self.prefill}, decode {self.decode}"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.quant.cpu import CpuQuantLinear, prepare_cpu
+from llm.backends.torch.quant.native import NativeKernels
 from llm.model.quant.state import Weight
 from llm.model.quant.tensor import QuantizedTensor, cat_rows
 
@@ -24,9 +25,12 @@ QGEMV_MAX_ROWS = 16  # the Triton quantized GEMV's batch limit (kernels/qgemv.py
 class QuantLinear:
     """A quantized [N, K] weight on the backend's device, applied as x @ W^T."""
 
-    def __init__(self, weight: QuantizedTensor, dtype: torch.dtype) -> None:
+    def __init__(self, weight: QuantizedTensor, dtype: torch.dtype,
+                 kernels: NativeKernels | None = None) -> None:
+        """kernels: the C kernels for float32 activations on the CPU (None: torch ops only)."""
         self.weight = weight
         self.dtype = dtype  # the activations' dtype: dequantized values are rounded to it
+        self.kernels = kernels
         self.shape = torch.Size(weight.shape)
         self._cpu: CpuQuantLinear | None = None  # prepared on first use (fusions come first)
 
@@ -46,7 +50,7 @@ class QuantLinear:
         """The CPU layer (backends/torch/quant/cpu.py): torch's int4 / int8 kernels for bf16
         activations where the format maps onto them, else the matrix dequantized once."""
         if self._cpu is None:
-            self._cpu = prepare_cpu(self.weight, self.dtype)
+            self._cpu = prepare_cpu(self.weight, self.dtype, kernels=self.kernels)
         return self._cpu
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,15 +75,16 @@ class QuantLinear:
     def split_rows(self, size: int) -> list[QuantLinear]:
         """Consecutive row blocks of at most `size` rows (e.g. LM head chunks)."""
         n = self.shape[0]
-        return [QuantLinear(self.weight.slice_rows(lo, min(lo + size, n)), self.dtype)
-                for lo in range(0, n, size)]
+        return [QuantLinear(self.weight.slice_rows(lo, min(lo + size, n)), self.dtype,
+                            self.kernels) for lo in range(0, n, size)]
 
 
-def on_device(w: Weight, device: torch.device, dtype: torch.dtype) -> torch.Tensor | QuantLinear:
+def on_device(w: Weight, device: torch.device, dtype: torch.dtype,
+              kernels: NativeKernels | None = None) -> torch.Tensor | QuantLinear:
     """A checkpoint weight as the backend holds it: a float tensor cast to `dtype`, or a
-    quantized one kept as stored on `device`."""
+    quantized one kept as stored on `device` (applied by `kernels` where given, on the CPU)."""
     if isinstance(w, QuantizedTensor):
-        return QuantLinear(w.to(device).contiguous(), dtype)
+        return QuantLinear(w.to(device).contiguous(), dtype, kernels)
     return w.to(device=device, dtype=dtype)
 
 
@@ -99,7 +104,7 @@ def stack_rows(parts: list[torch.Tensor | QuantLinear]) -> torch.Tensor | QuantL
         return torch.cat(parts, dim=0)  # type: ignore[arg-type]
     quant = [p for p in parts if isinstance(p, QuantLinear)]
     if len(quant) == len(parts) and len({q.weight.format for q in quant}) == 1:
-        return QuantLinear(cat_rows([q.weight for q in quant]), quant[0].dtype)
+        return QuantLinear(cat_rows([q.weight for q in quant]), quant[0].dtype, quant[0].kernels)
     dtype = quant[0].dtype
     return torch.cat([p.weight.dequantize(torch.float32).to(dtype) if isinstance(p, QuantLinear)
                       else p for p in parts], dim=0)

@@ -101,19 +101,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llm.backends.torch.quant.code_groups import to_code_groups
 from llm.backends.torch.quant.int4_groups import Int4Groups, to_int4_groups
+from llm.backends.torch.quant.native import NativeKernels
 from llm.model.quant.tensor import QuantizedTensor
 
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype torch's CPU kernels vectorize
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 N_ALIGN = 16  # the int4 packing needs N % 16 == 0
 PACK_ROWS = 4096  # rows packed per call (a multiple of the kernel's 64-row blocks)
+NATIVE_MAX_ROWS = 16  # larger float32 batches dequantize the layer and run F.linear (measured)
 
 
 @dataclass(frozen=True, eq=False)
 class CpuQuantLinear:
     """x [M, K] (dtype `dtype`) -> x @ W.T [M, N] (+ bias), W prepared by `prepare_cpu`.
 
+    kind `native` (float32 activations, cpu_kernels.c): `weight` the codes of a `CodeGroups`
+    (`bits` 4 or 8), `scales` and `zero` float32 [N, K/32]; up to NATIVE_MAX_ROWS rows of x by
+    the kernel, more by F.linear on the layer dequantized for the call.
     kind `int4pack`: `weight` the packed codes uint8 [N', copies*K/2] (N' = N rounded up to 16),
     `scales` [copies*K/group, N', 2] (scale, zero); `int8pack`: `weight` int8 [N, K], `scales`
     [N]; `dense`: `weight` [N, K] in `dtype`, `scales` None. `compute_dtype` (default `dtype`)
@@ -129,6 +135,9 @@ class CpuQuantLinear:
     group: int = 0
     copies: int = 1
     compute_dtype: torch.dtype | None = None
+    zero: torch.Tensor | None = None
+    bits: int = 0
+    kernels: NativeKernels | None = None
 
     @property
     def out_features(self) -> int:
@@ -141,7 +150,7 @@ class CpuQuantLinear:
     @property
     def nbytes(self) -> int:
         """Bytes this layer reads per call (weights and scales)."""
-        tensors = [self.weight] + ([self.scales] if self.scales is not None else [])
+        tensors = [t for t in (self.weight, self.scales, self.zero) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,6 +169,8 @@ class CpuQuantLinear:
             )
         if self.kind == "dense":
             return F.linear(x, self.weight, bias)
+        if self.kind == "native":
+            return self._native(x.contiguous(), bias)
         x = x.to(self.compute_dtype or self.dtype).contiguous()
         if self.kind == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
@@ -172,12 +183,22 @@ class CpuQuantLinear:
         y = y.to(self.dtype)
         return y if bias is None else y + bias
 
+    def _native(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        k, n = self.kernels, self.out_features
+        if x.shape[0] > NATIVE_MAX_ROWS:
+            w = k.dequant(self.bits, self.weight, self.scales, self.zero, n, self.in_features)
+            return F.linear(x, w, bias)
+        y = k.matmul(self.bits, x, self.weight, self.scales, self.zero, n)  # [M, N]
+        return y if bias is None else y + bias
+
 
 def prepare_cpu(w: QuantizedTensor, act_dtype: torch.dtype,
-                compute_dtype: torch.dtype | None = None) -> CpuQuantLinear:
+                compute_dtype: torch.dtype | None = None,
+                kernels: NativeKernels | None = None) -> CpuQuantLinear:
     """The fastest CPU layer for `w` with activations of `act_dtype` (float32, bfloat16 or
-    float16): a torch int4/int8 kernel for bfloat16 when the format maps onto one, else the
-    weights dequantized once to `act_dtype` (see the module docstring).
+    float16): a torch int4/int8 kernel for bfloat16 when the format maps onto one; for float32,
+    the C kernels (`kernels`, native.py) when given and the format maps onto them
+    (code_groups.py); else the weights dequantized once to `act_dtype` (module docstring).
 
     `compute_dtype=torch.bfloat16` with float32 activations runs the kernels in bf16 (x rounded to
     bf16 on the way in, the result widened to float32, bias added in float32): the fast path for a
@@ -191,6 +212,12 @@ def prepare_cpu(w: QuantizedTensor, act_dtype: torch.dtype,
     if compute != act_dtype and (act_dtype, compute) != (torch.float32, KERNEL_DTYPE):
         raise TypeError(f"compute dtype {compute} with activations {act_dtype}: only bf16 "
                         "compute for float32 activations is supported")
+    if compute == torch.float32 and kernels is not None:
+        groups = to_code_groups(w)
+        if groups is not None:
+            return CpuQuantLinear("native", w.format, w.shape, act_dtype, groups.codes,
+                                  groups.scale, zero=groups.zero, bits=groups.bits,
+                                  kernels=kernels)
     if compute == KERNEL_DTYPE:
         if w.format == "int8":
             qs, d = w.planes["qs"].cpu().contiguous(), w.planes["d"].cpu().reshape(-1)

@@ -72,7 +72,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-def _k_scales(p: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def k_scales(p: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(S = d*sc, O = dmin*m) of Q4_K/Q5_K per 32 columns, float32 [N, K/32] (both exact)."""
     d = _f32(p["d"]).reshape(n, -1, 1)  # [N, K/256, 1]
     dmin = _f32(p["dmin"]).reshape(n, -1, 1)
@@ -111,12 +111,12 @@ def to_int4_groups(w: QuantizedTensor) -> Int4Groups | None:
         return Int4Groups(unpack4(p["qs"]), d.repeat_interleave(rep, dim=1),
                           zero.repeat_interleave(rep, dim=1), kernel_group, 1)
     if fmt == "q4_k":
-        s, o = _k_scales(p, n)
+        s, o = k_scales(p, n)
         return Int4Groups(unpack4(p["qs"]), s, 8 * s - o, GROUP, 1)
     if fmt in ("q5_0", "q5_1", "q5_k"):
         lo, hi = unpack4(p["qs"]), unpack1(p["qh"]) + 8
         if fmt == "q5_k":
-            s, o = _k_scales(p, n)
+            s, o = k_scales(p, n)
             return _two_parts(lo, hi, s, 8 * s - o, 16 * s)
         d = _f32(p["d"])
         z = _f32(p["m"]) + 8 * d if fmt == "q5_1" else -8 * d

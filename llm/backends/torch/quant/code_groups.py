@@ -1,0 +1,97 @@
+"""Quantized formats rewritten for the C kernels (cpu_kernels.c): codes with a float32 scale and
+zero per block of 32 columns, each weight w = fma(c, s, z) in float32.
+
+  format      layout  c                          s              z
+  q4_0        q4      q (the GGUF's packed bytes)  d              -8d
+  q4_1        q4      q                            d              m
+  int4_g<G>   q4      q                            d (per 32)     m (per 32)
+  q4_k        q4      q                            S = d*sc       -dmin*m
+  q5_0        q8      q | b << 4 (0..31)           d              -16d
+  q5_1        q8      q | b << 4                   d              m
+  q5_k        q8      q | b << 4                   S              -dmin*m
+  q8_0        q8      q (int8)                     d              0
+  int8        q8      q (int8)                     d[n] per 32    0
+
+(b the fifth bit; S and dmin*m are products of a float16 and a 6-bit integer, exact in float32.)
+Every row is the format's dequantization in exact arithmetic, and each product c*s has at most
+11 + 6 + 5 significant bits, so fma(c, s, z) rounds once, like `QuantizedTensor.dequantize` in
+float32: the kernels apply the very float32 matrix that dequantize-then-matmul applies. Q6_K (a
+scale per 16 columns) has no form here, nor int8 with K not a multiple of 32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm.backends.torch.quant.int4_groups import k_scales
+from llm.model.quant.bits import unpack1, unpack4
+from llm.model.quant.tensor import QuantizedTensor
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class CodeGroups:
+    """W [N, K] for the C kernels: bits 4 (`codes` uint8 [N, K/2], ggml nibble order per 32) or
+    8 (`codes` int8 [N, K]); `scale`, `zero` float32 [N, K/32]; all contiguous on the CPU."""
+
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [N, K] matrix these groups stand for (reference for tests)."""
+        c = unpack4(self.codes) if self.bits == 4 else self.codes
+        n, k = c.shape
+        w = torch.addcmul(self.zero.reshape(n, -1, 1), c.float().reshape(n, -1, BLOCK),
+                          self.scale.reshape(n, -1, 1))
+        return w.reshape(n, k)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _groups(bits: int, codes: torch.Tensor, scale: torch.Tensor,
+            zero: torch.Tensor) -> CodeGroups:
+    return CodeGroups(bits, codes.contiguous(), _f32(scale), _f32(zero))
+
+
+def to_code_groups(w: QuantizedTensor) -> CodeGroups | None:
+    """`w` in the kernels' form (table of the module docstring), or None where it has none."""
+    p = {name: t.cpu() for name, t in w.planes.items()}
+    n, k = w.shape
+    fmt = w.format
+    if k % BLOCK:
+        return None
+    if fmt in ("q4_0", "q4_1"):
+        d = _f32(p["d"])
+        return _groups(4, p["qs"], d, p["m"] if fmt == "q4_1" else -8 * d)
+    if fmt.startswith("int4_g"):
+        rep = w.layout.block // BLOCK
+        d, m = (_f32(p[x]).repeat_interleave(rep, dim=1) for x in ("d", "m"))
+        return _groups(4, p["qs"], d, m)
+    if fmt == "q4_k":
+        s, o = k_scales(p, n)
+        return _groups(4, p["qs"], s, -o)
+    if fmt in ("q5_0", "q5_1", "q5_k"):
+        codes = (unpack4(p["qs"]) | (unpack1(p["qh"]) << 4)).to(torch.int8)  # [N, K] 0..31
+        if fmt == "q5_k":
+            s, o = k_scales(p, n)
+            return _groups(8, codes, s, -o)
+        d = _f32(p["d"])
+        return _groups(8, codes, d, p["m"] if fmt == "q5_1" else -16 * d)
+    if fmt == "q8_0":
+        d = _f32(p["d"])
+        return _groups(8, p["qs"], d, torch.zeros_like(d))
+    if fmt == "int8":
+        d = _f32(p["d"]).reshape(n, 1).expand(n, k // BLOCK)
+        return _groups(8, p["qs"], d, torch.zeros(n, k // BLOCK))
+    return None

@@ -1,0 +1,274 @@
+/* Weight-only quantized matrix products on the CPU with float32 activations.
+
+   A weight W [N, K] is stored in blocks of 32 columns; block b of row n holds 32 codes c and one
+   float32 scale s[n, b] and zero z[n, b], and stands for the float32 weights
+
+       w[n, 32 b + j] = fma(c[j], s[n, b], z[n, b])
+
+   (exactly the dequantized GGUF value for the formats mapped onto it: see code_groups.py).
+   Two code layouts:
+     q4: 16 bytes per block, byte j = c[j] | c[j + 16] << 4 (c in 0..15), ggml's nibble order;
+     q8: 32 int8 codes per block.
+
+   q?_matmul: y[M, N] = x[M, K] @ W^T, x and y row-major float32. Each weight is formed once in
+   float32 as above and multiplied into up to 4 rows of x at a time, with float32 accumulators
+   (16 lanes per half block, summed at the end of the row). Rows of W are split over OpenMP
+   threads (the caller's omp_get_max_threads(): torch.set_num_threads).
+   q?_dequant: W -> float32 [N, K] (for prompts, which then run a dense matmul).
+
+   Built at first use by native.py with -O3 -march=native -fopenmp; the AVX-512 path is taken
+   where the compiler targets it, portable loops elsewhere. */
+
+#include <stdint.h>
+
+#define BLOCK 32
+#define MR 4 /* rows of x per pass over a row of W */
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* The 32 weights of one block as two vectors of 16 (elements 0..15 and 16..31). */
+static inline void q4_block(const uint8_t *c, float s, float z, __m512 *lo, __m512 *hi) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+    __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), vs, vz);
+    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), vs, vz);
+}
+
+static inline void q8_block(const int8_t *c, float s, float z, __m512 *lo, __m512 *hi) {
+    __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+    __m512i a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c));
+    __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)));
+    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), vs, vz);
+    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), vs, vz);
+}
+
+/* Rows n and n2 of W (n2 == n for a lone last row) against rows m0..m0+mr of x. */
+#define ROWS_KERNEL(NAME, CT, BYTES, DECODE)                                                     \
+    static inline void NAME(const float *x, int64_t K, int mr, const CT *c1, const CT *c2,       \
+                            const float *s1, const float *z1, const float *s2, const float *z2, \
+                            float *out1, float *out2, int64_t ld1, int64_t ld2) {                            \
+        __m512 a1[MR][2], a2[MR][2];                                                             \
+        for (int m = 0; m < MR; m++)                                                             \
+            a1[m][0] = a1[m][1] = a2[m][0] = a2[m][1] = _mm512_setzero_ps();                     \
+        int64_t nb = K / BLOCK;                                                                  \
+        for (int64_t b = 0; b < nb; b++) {                                                       \
+            __m512 w1l, w1h, w2l, w2h;                                                           \
+            DECODE(c1 + b * BYTES, s1[b], z1[b], &w1l, &w1h);                                    \
+            DECODE(c2 + b * BYTES, s2[b], z2[b], &w2l, &w2h);                                    \
+            for (int m = 0; m < MR; m++) {                                                       \
+                if (m < mr) {                                                                    \
+                    const float *xm = x + m * K + b * BLOCK;                                     \
+                    __m512 xl = _mm512_loadu_ps(xm), xh = _mm512_loadu_ps(xm + 16);              \
+                    a1[m][0] = _mm512_fmadd_ps(xl, w1l, a1[m][0]);                               \
+                    a1[m][1] = _mm512_fmadd_ps(xh, w1h, a1[m][1]);                               \
+                    a2[m][0] = _mm512_fmadd_ps(xl, w2l, a2[m][0]);                               \
+                    a2[m][1] = _mm512_fmadd_ps(xh, w2h, a2[m][1]);                               \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int m = 0; m < mr; m++) {                                                           \
+            out1[m * ld1] = _mm512_reduce_add_ps(_mm512_add_ps(a1[m][0], a1[m][1]));             \
+            out2[m * ld2] = _mm512_reduce_add_ps(_mm512_add_ps(a2[m][0], a2[m][1]));             \
+        }                                                                                        \
+    }
+
+#else /* portable: the compiler vectorizes the 16-lane loops as it can */
+
+static inline void q4_block_f(const uint8_t *c, float s, float z, float *w) {
+    for (int j = 0; j < 16; j++) {
+        w[j] = (float)(c[j] & 15) * s + z;
+        w[j + 16] = (float)(c[j] >> 4) * s + z;
+    }
+}
+
+static inline void q8_block_f(const int8_t *c, float s, float z, float *w) {
+    for (int j = 0; j < 32; j++) w[j] = (float)c[j] * s + z;
+}
+
+#define ROWS_KERNEL(NAME, CT, BYTES, DECODE)                                                     \
+    static inline void NAME(const float *x, int64_t K, int mr, const CT *c1, const CT *c2,       \
+                            const float *s1, const float *z1, const float *s2, const float *z2, \
+                            float *out1, float *out2, int64_t ld1, int64_t ld2) {                            \
+        float a1[MR][32] = {{0}}, a2[MR][32] = {{0}};                                            \
+        int64_t nb = K / BLOCK;                                                                  \
+        for (int64_t b = 0; b < nb; b++) {                                                       \
+            float w1[32], w2[32];                                                                \
+            DECODE##_f(c1 + b * BYTES, s1[b], z1[b], w1);                                        \
+            DECODE##_f(c2 + b * BYTES, s2[b], z2[b], w2);                                        \
+            for (int m = 0; m < mr; m++) {                                                       \
+                const float *xm = x + m * K + b * BLOCK;                                         \
+                for (int j = 0; j < 32; j++) {                                                   \
+                    a1[m][j] += xm[j] * w1[j];                                                   \
+                    a2[m][j] += xm[j] * w2[j];                                                   \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int m = 0; m < mr; m++) {                                                           \
+            float t1 = 0, t2 = 0;                                                                \
+            for (int j = 0; j < 32; j++) {                                                       \
+                t1 += a1[m][j];                                                                  \
+                t2 += a2[m][j];                                                                  \
+            }                                                                                    \
+            out1[m * ld1] = t1;                                                                  \
+            out2[m * ld2] = t2;                                                                  \
+        }                                                                                        \
+    }
+#endif
+
+ROWS_KERNEL(q4_rows, uint8_t, 16, q4_block)
+ROWS_KERNEL(q8_rows, int8_t, 32, q8_block)
+
+/* y[M, N] = x[M, K] @ W^T; K a multiple of 32. */
+#define MATMUL(NAME, ROWS, CT, BYTES)                                                            \
+    void NAME(const float *x, int64_t M, int64_t K, const CT *codes, const float *s,            \
+              const float *z, int64_t N, float *y) {                                             \
+        int64_t nb = K / BLOCK, pairs = (N + 1) / 2;                                             \
+        _Pragma("omp parallel for schedule(static)")                                             \
+        for (int64_t p = 0; p < pairs; p++) {                                                    \
+            int64_t n1 = 2 * p, n2 = n1 + 1 < N ? n1 + 1 : n1;                                   \
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {                                             \
+                int mr = M - m0 < MR ? (int)(M - m0) : MR;                                       \
+                float lone[MR];                                                                  \
+                float *o2 = n2 != n1 ? y + m0 * N + n2 : lone;                                   \
+                ROWS(x + m0 * K, K, mr, codes + n1 * nb * BYTES, codes + n2 * nb * BYTES,        \
+                     s + n1 * nb, z + n1 * nb, s + n2 * nb, z + n2 * nb, y + m0 * N + n1, o2, N, \
+                     n2 != n1 ? N : 1);                                                          \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+MATMUL(q4_matmul, q4_rows, uint8_t, 16)
+MATMUL(q8_matmul, q8_rows, int8_t, 32)
+
+/* W -> out float32 [N, K]. */
+void q4_dequant(const uint8_t *codes, const float *s, const float *z, int64_t N, int64_t K,
+                float *out) {
+    int64_t nb = K / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *c = codes + (n * nb + b) * 16;
+            float *w = out + n * K + b * BLOCK, sb = s[n * nb + b], zb = z[n * nb + b];
+            for (int j = 0; j < 16; j++) {
+                w[j] = (float)(c[j] & 15) * sb + zb;
+                w[j + 16] = (float)(c[j] >> 4) * sb + zb;
+            }
+        }
+    }
+}
+
+void q8_dequant(const int8_t *codes, const float *s, const float *z, int64_t N, int64_t K,
+                float *out) {
+    int64_t nb = K / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t *c = codes + (n * nb + b) * 32;
+            float *w = out + n * K + b * BLOCK, sb = s[n * nb + b], zb = z[n * nb + b];
+            for (int j = 0; j < 32; j++) w[j] = (float)c[j] * sb + zb;
+        }
+    }
+}
+
+/* ---- The rest of a float32 decode step (one token per user), so that a layer is a few calls. */
+
+#include <math.h>
+
+/* sum a[i] * b[i] over n, in 16 independent lanes (vectorizable without reassociating). */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lane[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] += a[i + l] * b[i + l];
+    float acc = 0.0f;
+    for (int l = 0; l < 16; l++) acc += lane[l];
+    for (; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+/* total = x + residual (residual NULL: x), out = total * rsqrt(mean(total^2) + eps) * w;
+   rows of H; total is written to total_out (may alias x). */
+void add_rms_norm(const float *x, const float *residual, const float *w, float eps, int64_t M,
+                  int64_t H, float *total_out, float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * H;
+        float *t = total_out + m * H, *o = out + m * H;
+        for (int64_t i = 0; i < H; i++) t[i] = residual ? xm[i] + residual[m * H + i] : xm[i];
+        float ss = dot(t, t, H);
+        float r = 1.0f / sqrtf(ss / (float)H + eps);
+        for (int64_t i = 0; i < H; i++) o[i] = t[i] * r * w[i];
+    }
+}
+
+/* out[M, I] = silu(gu[:, :I]) * gu[:, I:] for gu [M, 2I]. */
+void silu_mul(const float *gu, int64_t M, int64_t I, float *out) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i++) {
+            float g = gu[m * 2 * I + i];
+            out[m * I + i] = g / (1.0f + expf(-g)) * gu[m * 2 * I + I + i];
+        }
+}
+
+/* Rotate-half RoPE of one head x[hd] in place with cos/sin rows [hd]. */
+static inline void rope_head(float *x, const float *cs, const float *sn, int64_t hd) {
+    int64_t half = hd / 2;
+    for (int64_t d = 0; d < half; d++) {
+        float a = x[d], b = x[d + half];
+        x[d] = a * cs[d] - b * sn[d];
+        x[d + half] = b * cs[d + half] + a * sn[d + half];
+    }
+}
+
+/* One decode step of attention for B users: qkv [B, (nh + 2 nkv) hd] is rotated (q, k) in
+   place, k and v are written into the layer's pools [blocks, nkv, bs, hd] at each user's
+   position, and out [B, nh hd] = softmax(q K^T * scale) V over the user's keys 0..pos, GQA
+   (head h reads KV head h / (nh / nkv)). page_table [B, max_blocks] int64, positions [B] int64. */
+void attention_decode(float *qkv, const float *cos, const float *sin, float *kpool, float *vpool,
+                      const int64_t *page_table, const int64_t *positions, int64_t B, int64_t nh,
+                      int64_t nkv, int64_t hd, int64_t bs, int64_t max_blocks, float scale,
+                      float *scores, int64_t max_len, float *out) {
+    int64_t width = (nh + 2 * nkv) * hd;
+    for (int64_t b = 0; b < B; b++) {
+        float *row = qkv + b * width;
+        int64_t pos = positions[b];
+        for (int64_t h = 0; h < nh + nkv; h++) rope_head(row + h * hd, cos + b * hd, sin + b * hd, hd);
+        int64_t blk = page_table[b * max_blocks + pos / bs], off = pos % bs;
+        for (int64_t g = 0; g < nkv; g++) {
+            float *kd = kpool + ((blk * nkv + g) * bs + off) * hd;
+            float *vd = vpool + ((blk * nkv + g) * bs + off) * hd;
+            for (int64_t d = 0; d < hd; d++) {
+                kd[d] = row[(nh + g) * hd + d];
+                vd[d] = row[(nh + nkv + g) * hd + d];
+            }
+        }
+    }
+    int64_t group = nh / nkv;
+#pragma omp parallel for collapse(2) schedule(static) if (B * nh * (positions[0] + 1) > 65536)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < nh; h++) {
+            const float *q = qkv + b * width + h * hd;
+            int64_t len = positions[b] + 1, g = h / group;
+            float *s = scores + (b * nh + h) * max_len, mx = -INFINITY;
+            for (int64_t t = 0; t < len; t++) {
+                int64_t blk = page_table[b * max_blocks + t / bs];
+                const float *k = kpool + ((blk * nkv + g) * bs + t % bs) * hd;
+                s[t] = dot(q, k, hd) * scale;
+                mx = s[t] > mx ? s[t] : mx;
+            }
+            float sum = 0.0f;
+            for (int64_t t = 0; t < len; t++) {
+                s[t] = expf(s[t] - mx);
+                sum += s[t];
+            }
+            float *o = out + b * nh * hd + h * hd;
+            for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+            for (int64_t t = 0; t < len; t++) {
+                int64_t blk = page_table[b * max_blocks + t / bs];
+                const float *v = vpool + ((blk * nkv + g) * bs + t % bs) * hd;
+                float p = s[t] / sum;
+                for (int64_t d = 0; d < hd; d++) o[d] += p * v[d];
+            }
+        }
+    }
+}

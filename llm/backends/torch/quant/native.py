@@ -1,0 +1,171 @@
+"""The CPU kernels of cpu_kernels.c, compiled on first use and loaded with ctypes.
+
+The shared library is built with the machine's C compiler ($CC, else `cc`) for this CPU
+(-O3 -march=native -fopenmp) into `<weights cache>/kernels/`, named by a hash of the source, the
+flags, the compiler's version and the CPU's feature flags, so a changed source, compiler or
+machine builds a new one; the build writes a temporary file and renames it, so an interrupted
+build leaves nothing half-written. It links the OpenMP runtime torch has already loaded
+(`libgomp.so.1`), so its threads are torch's (`torch.set_num_threads` sets their number).
+
+Without a working compiler `load_kernels` raises `NativeKernelsUnavailable`, whose message says
+why (the compiler's own error); the caller falls back to torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+BUILD_TIMEOUT_S = 120
+
+
+class NativeKernelsUnavailable(RuntimeError):
+    """The C kernels could not be built or loaded (no compiler, a failed build)."""
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    """The loaded library; every function takes raw pointers of contiguous tensors."""
+
+    path: Path
+    lib: ctypes.CDLL
+
+    def matmul(self, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+               zero: torch.Tensor, n: int) -> torch.Tensor:
+        """x float32 [M, K] @ W^T -> float32 [M, n] for W in the q4 (bits 4) or q8 layout."""
+        m, k = x.shape
+        y = torch.empty(m, n, dtype=torch.float32)
+        fn = self.lib.q4_matmul if bits == 4 else self.lib.q8_matmul
+        fn(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), n,
+           y.data_ptr())
+        return y
+
+    def dequant(self, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                n: int, k: int) -> torch.Tensor:
+        """W in the q4 / q8 layout -> float32 [n, k]."""
+        out = torch.empty(n, k, dtype=torch.float32)
+        fn = self.lib.q4_dequant if bits == 4 else self.lib.q8_dequant
+        fn(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k, out.data_ptr())
+        return out
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual) * weight, x + residual) for float32 x, residual [M, H]."""
+        m, h = x.shape
+        total, out = torch.empty(m, h), torch.empty(m, h)
+        self.lib.add_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                              weight.data_ptr(), eps, m, h, total.data_ptr(), out.data_ptr())
+        return out, total
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up float32 [M, 2I] -> silu(gate) * up [M, I]."""
+        m, i2 = gate_up.shape
+        out = torch.empty(m, i2 // 2)
+        self.lib.silu_mul(gate_up.data_ptr(), m, i2 // 2, out.data_ptr())
+        return out
+
+    def attention_decode(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
+                         positions: torch.Tensor, n_heads: int, max_pos: int,
+                         scale: float) -> torch.Tensor:
+        """One decode step of attention (cpu_kernels.c `attention_decode`): qkv float32
+        [B, (nh + 2 n_kv) hd] (q and k rotated in place), K/V written into the pools
+        [blocks, n_kv, bs, hd] at each user's position -> [B, nh * hd]."""
+        b = qkv.shape[0]
+        _, n_kv, bs, hd = k_pool.shape
+        scores = torch.empty(b * n_heads * (max_pos + 1))
+        out = torch.empty(b, n_heads * hd)
+        self.lib.attention_decode(
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+            page_table.data_ptr(), positions.data_ptr(), b, n_heads, n_kv, hd, bs,
+            page_table.shape[1], scale, scores.data_ptr(), max_pos + 1, out.data_ptr())
+        return out
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise NativeKernelsUnavailable("no C compiler found (set CC or install gcc)")
+    return cc
+
+
+def _fingerprint(cc: str) -> str:
+    """Hash of what the built library depends on: source, flags, compiler, CPU features."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeKernelsUnavailable(f"C compiler {cc!r} does not run: {e}") from e
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode()):
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        try:
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True, timeout=BUILD_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise NativeKernelsUnavailable(f"building {SOURCE.name} with {cc} failed: {e}") from e
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise NativeKernelsUnavailable(
+                f"building {SOURCE.name} with {cc} failed (exit {done.returncode}): "
+                + " | ".join(tail))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_kernels(cache_dir: Path) -> NativeKernels:
+    """Build (once per source, compiler and CPU) and load the kernels from `cache_dir`/kernels."""
+    cc = _compiler()
+    target = Path(cache_dir) / "kernels" / f"cpu_kernels-{_fingerprint(cc)}.so"
+    if not target.is_file():
+        _build(cc, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        raise NativeKernelsUnavailable(f"loading {target} failed: {e}") from e
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in ("q4_matmul", "q8_matmul"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
+        fn.restype = None
+    f32 = ctypes.c_float
+    signatures = {
+        "q4_dequant": [ptr, ptr, ptr, i64, i64, ptr],
+        "q8_dequant": [ptr, ptr, ptr, i64, i64, ptr],
+        "add_rms_norm": [ptr, ptr, ptr, f32, i64, i64, ptr, ptr],
+        "silu_mul": [ptr, i64, i64, ptr],
+        "attention_decode": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
+                             f32, ptr, i64, ptr],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = None
+    return NativeKernels(target, lib)

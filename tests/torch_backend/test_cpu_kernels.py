@@ -1,0 +1,138 @@
+"""The C kernels of llm/backends/torch/quant/cpu_kernels.c (built here with the machine's C
+compiler) against torch: quantized matmuls against F.linear on the dequantized float32 matrix,
+the fused norm / activation / decode attention against the torch backend's own modules, and the
+fallback when no compiler works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_quant_cpu import FORMATS, group_max
+
+from llm.backends.torch.attention import Attention, DecodeMeta
+from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.norm import RMSNorm
+from llm.backends.torch.quant.code_groups import to_code_groups
+from llm.backends.torch.quant.cpu import prepare_cpu
+from llm.backends.torch.quant.native import NativeKernelsUnavailable, load_kernels
+from llm.backends.torch.rope import RotaryEmbedding
+from llm.model.config import ModelConfig, RuntimeConfig
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    try:
+        return load_kernels(tmp_path_factory.mktemp("kernels"))
+    except NativeKernelsUnavailable as e:  # CI and the dev machines have gcc: this must not skip
+        pytest.fail(f"the C kernels do not build here: {e}")
+
+
+MAPPED = [w for w in FORMATS if to_code_groups(w) is not None]
+
+
+def test_every_format_but_q6_k_maps_onto_the_kernels() -> None:
+    assert {w.format for w in FORMATS} - {w.format for w in MAPPED} == {"q6_k"}
+
+
+@pytest.mark.parametrize("w", MAPPED, ids=lambda w: w.format)
+def test_code_groups_are_the_dequantized_matrix_bit_for_bit(w) -> None:
+    assert torch.equal(to_code_groups(w).dequantize(), w.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 17, 40])  # 17, 40: dequantize + F.linear
+@pytest.mark.parametrize("w", MAPPED, ids=lambda w: w.format)
+def test_matmul_equals_the_dequantized_matmul(kernels, w, m) -> None:
+    """Only the summation order differs: |err| <= K * 2^-24 * |x| @ |W|^T, asserted with the
+    looser group-max scale of test_quant_cpu (2^-14 * B)."""
+    layer = prepare_cpu(w, torch.float32, kernels=kernels)
+    assert layer.kind == "native"
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, w.in_features, generator=g)
+    bias = torch.randn(w.out_features, generator=g)
+    dense = w.dequantize(torch.float32)
+    want = F.linear(x.double(), dense.double(), bias.double())
+    got = layer(x, bias)
+    bound = 2.0**-14 * (x.abs() @ group_max(dense).T) + 1e-6
+    assert got.shape == (m, w.out_features) and got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def test_odd_row_counts_and_a_lone_last_row(kernels) -> None:
+    """N odd: the kernels take rows in pairs; the last one alone must not write elsewhere."""
+    w = next(x for x in MAPPED if x.format == "q4_1")
+    w = w.slice_rows(0, 7)
+    for m in (1, 3, 6):
+        x = torch.randn(m, w.in_features)
+        got = prepare_cpu(w, torch.float32, kernels=kernels)(x)
+        want = x.double() @ w.dequantize(torch.float32).double().T
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_and_silu_mul(kernels) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, r, w = (torch.randn(3, 576, generator=g) for _ in range(3))
+    norm = RMSNorm(w[0], 1e-5)
+    out, total = kernels.add_rms_norm(x, r, w[0], 1e-5)
+    ref_out, ref_total = norm.add_norm(x, r)
+    assert torch.equal(total, ref_total)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    out, total = kernels.add_rms_norm(x, None, w[0], 1e-5)
+    assert torch.equal(total, x)
+    torch.testing.assert_close(out, norm(x), rtol=1e-5, atol=1e-6)
+    gu = torch.randn(2, 64, generator=g) * 4
+    torch.testing.assert_close(kernels.silu_mul(gu), F.silu(gu[:, :32]) * gu[:, 32:],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_attention_decode_equals_the_torch_path(kernels) -> None:
+    """Three users at different positions on scattered pages, GQA 6 heads over 2 KV heads:
+    the same K/V written and the same attention output as Attention.decode_qkv's torch path."""
+    config = ModelConfig(arch="llama", vocab_size=32, hidden_size=96, intermediate_size=64,
+                         num_layers=1, num_heads=6, num_kv_heads=2, head_dim=16,
+                         max_position_embeddings=64)
+    runtime = RuntimeConfig(max_batch=3, max_seq_len=64, block_size=8)
+    g = torch.Generator().manual_seed(0)
+    w = {f"model.layers.0.self_attn.{n}_proj.weight": torch.randn(o, 96, generator=g) * 0.1
+         for n, o in (("q", 96), ("k", 32), ("v", 32))}
+    w["model.layers.0.self_attn.o_proj.weight"] = torch.randn(96, 96, generator=g) * 0.1
+    attn = Attention(config, w, 0)
+    rope = RotaryEmbedding(config, 64, "cpu", torch.float32)
+    caches = [PagedKVCache(config, runtime, "cpu", torch.float32) for _ in range(2)]
+    for i, pool in enumerate((caches[0].k[0], caches[0].v[0])):  # earlier tokens in the pages
+        pool.copy_(torch.randn(pool.shape, generator=g))
+        (caches[1].k, caches[1].v)[i][0].copy_(pool)
+    page_table = torch.tensor([[5, 2, 7, 0], [1, 3, 4, 6], [9, 8, 10, 11]])
+    positions = torch.tensor([3, 17, 30])
+    meta = DecodeMeta.build(rope, positions, page_table, 8, 30)
+    qkv = torch.randn(3, 160, generator=g)
+    want = attn.decode_qkv(qkv.clone(), meta, caches[0])
+    out = kernels.attention_decode(qkv.clone(), meta.cos, meta.sin, caches[1].k[0],
+                                   caches[1].v[0], page_table, positions, 6, 30, 16 ** -0.5)
+    torch.testing.assert_close(F.linear(out, attn.wo), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].k[0], caches[0].k[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(caches[1].v[0], caches[0].v[0])
+
+
+def test_no_compiler_is_a_clear_error_and_the_backend_falls_back(tmp_path, monkeypatch) -> None:
+    from test_checkpoint import tiny_gguf
+    from test_quant_loading import logits
+
+    from llm.model.checkpoint.load import load_checkpoint
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(NativeKernelsUnavailable, match="no-such-cc"):
+        load_kernels(tmp_path / "k")
+    path, _ = tiny_gguf(tmp_path)
+    stored = load_checkpoint(path, cache_dir=tmp_path / "s", progress=False, weights="stored")
+    with pytest.warns(RuntimeWarning, match="dequantized to float32 instead"):
+        got = logits(stored, [3, 1, 4])
+    torch.testing.assert_close(got, logits(stored, [3, 1, 4], native=False), rtol=0, atol=0)
+    assert not list((tmp_path / "k").rglob("*.tmp"))
+
+
+def test_built_once_per_source_and_machine(tmp_path) -> None:
+    a = load_kernels(tmp_path)
+    b = load_kernels(tmp_path)
+    assert a.path == b.path and a.path.parent == tmp_path / "kernels"
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [a.path.name]
