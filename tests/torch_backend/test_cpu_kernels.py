@@ -15,7 +15,7 @@ from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.quant.code_groups import to_code_groups
 from llm.backends.torch.quant.cpu import prepare_cpu
-from llm.backends.torch.quant.native import NativeKernelsUnavailable, load_kernels
+from llm.backends.torch.quant.native import FLAGS, NativeKernelsUnavailable, load_kernels
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.model.config import ModelConfig, RuntimeConfig
 
@@ -29,6 +29,17 @@ def kernels(tmp_path_factory):
 
 
 MAPPED = [w for w in FORMATS if to_code_groups(w) is not None]
+PORTABLE = tuple("-march=x86-64-v2" if f == "-march=native" else f for f in FLAGS)
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory):
+    """The loops the compiler vectorizes itself (machines without AVX-512)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-march=x86-64-v2 is an x86-64 flag")
+    return load_kernels(tmp_path_factory.mktemp("portable"), PORTABLE)
 
 
 def test_every_format_but_q6_k_maps_onto_the_kernels() -> None:
@@ -56,6 +67,17 @@ def test_matmul_equals_the_dequantized_matmul(kernels, w, m) -> None:
     bound = 2.0**-14 * (x.abs() @ group_max(dense).T) + 1e-6
     assert got.shape == (m, w.out_features) and got.dtype == torch.float32
     assert ((got.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("w", MAPPED, ids=lambda w: w.format)
+def test_portable_matmul_equals_the_dequantized_matmul(portable, w, m) -> None:
+    layer = prepare_cpu(w, torch.float32, kernels=portable)
+    x = torch.randn(m, w.in_features, generator=torch.Generator().manual_seed(m))
+    dense = w.dequantize(torch.float32)
+    want = x.double() @ dense.double().T
+    bound = 2.0**-14 * (x.abs() @ group_max(dense).T) + 1e-6
+    assert ((layer(x).double() - want).abs() <= bound).all()
 
 
 def test_odd_row_counts_and_a_lone_last_row(kernels) -> None:

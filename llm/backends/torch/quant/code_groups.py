@@ -1,5 +1,6 @@
-"""Quantized formats rewritten for the C kernels (cpu_kernels.c): codes with a float32 scale and
-zero per block of 32 columns, each weight w = fma(c, s, z) in float32.
+"""Quantized formats rewritten for the C kernels (cpu_kernels.c): codes with a scale and zero per
+block of 32 columns, each weight w = fma(c, s, z) in float32 (float32 scale and zero: float16
+ones, the GGUF's own bytes for Q4_0 / Q4_1, measured slower, see cpu_kernels.c).
 
   format      layout  c                          s              z
   q4_0        q4      q (the GGUF's packed bytes)  d              -8d

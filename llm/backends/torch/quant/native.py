@@ -46,18 +46,23 @@ class NativeKernels:
         """x float32 [M, K] @ W^T -> float32 [M, n] for W in the q4 (bits 4) or q8 layout."""
         m, k = x.shape
         y = torch.empty(m, n, dtype=torch.float32)
-        fn = self.lib.q4_matmul if bits == 4 else self.lib.q8_matmul
-        fn(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), n,
-           y.data_ptr())
+        self._fn("matmul", bits, scale)(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(),
+                                        zero.data_ptr(), n, y.data_ptr())
         return y
 
     def dequant(self, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 n: int, k: int) -> torch.Tensor:
         """W in the q4 / q8 layout -> float32 [n, k]."""
         out = torch.empty(n, k, dtype=torch.float32)
-        fn = self.lib.q4_dequant if bits == 4 else self.lib.q8_dequant
-        fn(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k, out.data_ptr())
+        self._fn("dequant", bits, scale)(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), n,
+                                         k, out.data_ptr())
         return out
+
+    def _fn(self, op: str, bits: int, scale: torch.Tensor):
+        """The C function of `op` for the code layout (4 / 8 bits); float32 scales."""
+        if scale.dtype != torch.float32:
+            raise TypeError(f"the C kernels take float32 scales, got {scale.dtype}")
+        return getattr(self.lib, f"q{bits}_{op}")
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +105,7 @@ def _compiler() -> str:
     return cc
 
 
-def _fingerprint(cc: str) -> str:
+def _fingerprint(cc: str, flags: tuple[str, ...]) -> str:
     """Hash of what the built library depends on: source, flags, compiler, CPU features."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True,
@@ -114,18 +119,18 @@ def _fingerprint(cc: str) -> str:
     except OSError:
         pass
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode()):
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), cpu.encode()):
         h.update(part)
     return h.hexdigest()[:16]
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
     os.close(fd)
     try:
         try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
                                   text=True, timeout=BUILD_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as e:
             raise NativeKernelsUnavailable(f"building {SOURCE.name} with {cc} failed: {e}") from e
@@ -140,25 +145,23 @@ def _build(cc: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-def load_kernels(cache_dir: Path) -> NativeKernels:
-    """Build (once per source, compiler and CPU) and load the kernels from `cache_dir`/kernels."""
+def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS) -> NativeKernels:
+    """Build (once per source, flags, compiler and CPU) and load the kernels from
+    `cache_dir`/kernels. `flags`: the compiler's (tests build the portable path with an -march
+    without AVX-512)."""
     cc = _compiler()
-    target = Path(cache_dir) / "kernels" / f"cpu_kernels-{_fingerprint(cc)}.so"
+    target = Path(cache_dir) / "kernels" / f"cpu_kernels-{_fingerprint(cc, flags)}.so"
     if not target.is_file():
-        _build(cc, target)
+        _build(cc, flags, target)
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         raise NativeKernelsUnavailable(f"loading {target} failed: {e}") from e
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name in ("q4_matmul", "q8_matmul"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
-        fn.restype = None
     f32 = ctypes.c_float
     signatures = {
-        "q4_dequant": [ptr, ptr, ptr, i64, i64, ptr],
-        "q8_dequant": [ptr, ptr, ptr, i64, i64, ptr],
+        **{f"q{b}_matmul": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr] for b in (4, 8)},
+        **{f"q{b}_dequant": [ptr, ptr, ptr, i64, i64, ptr] for b in (4, 8)},
         "add_rms_norm": [ptr, ptr, ptr, f32, i64, i64, ptr, ptr],
         "silu_mul": [ptr, i64, i64, ptr],
         "attention_decode": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
