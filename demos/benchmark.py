@@ -37,15 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm.backends.torch.parallel.leader import LeaderBackend, follow  # noqa: E402
 from llm.backends.torch.parallel.mesh import Mesh  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
-from llm.backends.torch.threads import ThreadPolicy  # noqa: E402
+from llm.backends.torch.weight import nbytes  # noqa: E402
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling  # noqa: E402
 from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
 from llm.engine.drive import decode_together  # noqa: E402
 from llm.engine.paged_kv import PageTable, PageTableSpec  # noqa: E402
-from llm.model.checkpoint.common import Checkpoint, expected_tensors
-from llm.model.checkpoint.load import load_checkpoint
+from llm.model.checkpoint.common import Checkpoint, expected_tensors  # noqa: E402
+from llm.model.checkpoint.load import load_checkpoint, quantize_matrices  # noqa: E402
 from llm.model.config import ModelConfig, RuntimeConfig  # noqa: E402
-from llm.model.paths import default_model_path
+from llm.model.paths import default_model_path  # noqa: E402
+from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
 
 _LLAMA = dict(arch="llama", vocab_size=128256, num_heads=32, num_kv_heads=8, head_dim=64,
               max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0)
@@ -108,10 +109,10 @@ def step_bytes(backend: TorchBackend, batch: int, context: int) -> int:
     """
     model = backend.model
     cfg, local = model.config, model.local
-    elem = model.embed.weight.element_size()
-    weights = model.weight_bytes
+    elem = torch.finfo(model.dtype).bits // 8  # activations and KV cache
+    weights = model.weight_bytes  # quantized ones as held: codes and scales
     if not cfg.tie_word_embeddings:
-        weights -= model.embed.weight.numel() * elem
+        weights -= nbytes(model.embed.weight)
     kv = 2 * cfg.num_layers * local.kv_size * elem * batch * (context + 1)
     return weights + kv + batch * cfg.hidden_size * elem
 
@@ -241,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--busy", type=int, default=0, metavar="N",
                    help="CPU: run N competing busy processes (`while True: pass`) for the whole "
                         "benchmark, stopped at its end, also on error or Ctrl-C")
+    p.add_argument("--weights", default="auto",
+                   choices=["auto", "dequantize", "stored", "int8", "int4"],
+                   help="our engine's weights (as LLM(weights=...)): auto = the default model's "
+                        "GGUF blocks as stored on the CPU, dense on CUDA; stored: the GGUF's "
+                        "blocks (default model only); int8 / int4: quantized at load. "
+                        "transformers runs the same values dequantized")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)
     if args.busy < 0:
@@ -288,22 +295,23 @@ def run_benchmark(args: argparse.Namespace, mesh: Mesh, dev: str) -> int:
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": args.dtype, "copy_GBps": bw / 1e9,
            "threads": torch.get_num_threads(), "busy": args.busy,
-           "llm_cpu_threads": ThreadPolicy.default().describe() if device.type == "cpu" else None,
            "date": time.strftime("%Y-%m-%d"),
-           "tp": args.tp, "all_reduce": args.all_reduce, "gemv_max_batch": args.gemv_max_batch}
+           "tp": args.tp, "all_reduce": args.all_reduce, "gemv_max_batch": args.gemv_max_batch,
+           "weights": args.weights}
     print(f"# {env}", flush=True)
     rows: list[Row] = []
     for name in args.configs.split(","):
-        ck = make_checkpoint(name, device, dtype)
+        ck = make_checkpoint(name, device, dtype, args.weights)
         cfg = ck.config
         engines = args.engines.split(",")
         backend = build_backend(ck, args, batches, plens, mesh)
         driver: Backend = LeaderBackend(backend, mesh) if mesh.size > 1 else backend
         graphs = backend.graphs
         env.setdefault("capture_s", {})[name] = graphs.capture_s if graphs else None
+        env.setdefault("llm", {})[name] = driver.describe()
         print(f"# {name}: {driver.describe()}", flush=True)
-        ref = hf_model(ck, device, dtype) if any(e.startswith("transformers")
-                                                 for e in engines) else None
+        ref = hf_model(dequantized(ck, device, dtype), device, dtype) if any(
+            e.startswith("transformers") for e in engines) else None
         if args.check_greedy:
             check_greedy(name, cfg, driver, backend, args, env)
         bench_ours(driver, 1, 16, 4, cfg.vocab_size)  # warm-up
@@ -343,13 +351,30 @@ def run_benchmark(args: argparse.Namespace, mesh: Mesh, dev: str) -> int:
     return 0
 
 
-def make_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Checkpoint:
-    """The default model's weights, or random weights with the shapes of config `name`."""
+def make_checkpoint(name: str, device: torch.device, dtype: torch.dtype,
+                    weights: str = "auto") -> Checkpoint:
+    """The default model's weights, or random weights with the shapes of config `name`, loaded or
+    quantized as `weights` says (quantized matrices stay on the CPU: the backend places them)."""
     if name != "default":
-        return random_checkpoint(SHAPES[name], device, dtype)
-    ck = load_checkpoint(default_model_path(), progress=False)
-    return Checkpoint(ck.config, {k: v.to(device, dtype) for k, v in ck.tensors.items()},
-                      ck.source)
+        if weights == "stored":
+            raise SystemExit("--weights stored needs a GGUF (--configs default); random GGUF "
+                             "blocks on the GPU: bench/quant_decode.py")
+        ck = random_checkpoint(SHAPES[name], device, dtype)
+        if weights in ("int8", "int4"):
+            ck = Checkpoint(ck.config, quantize_matrices(ck.tensors, weights, False), ck.source)
+        return ck
+    if weights == "auto":
+        weights = "stored" if device.type == "cpu" else "dequantize"
+    ck = load_checkpoint(default_model_path(), progress=False, weights=weights)
+    return Checkpoint(ck.config, {k: v if isinstance(v, QuantizedTensor) else v.to(device, dtype)
+                                  for k, v in ck.tensors.items()}, ck.source)
+
+
+def dequantized(ck: Checkpoint, device: torch.device, dtype: torch.dtype) -> Checkpoint:
+    """The same weights, every quantized matrix dequantized to `dtype` on `device`."""
+    return Checkpoint(ck.config, {k: v.dequantize(torch.float32).to(device, dtype)
+                                  if isinstance(v, QuantizedTensor) else v
+                                  for k, v in ck.tensors.items()}, ck.source)
 
 
 def build_backend(ck: Checkpoint, args: argparse.Namespace, batches: list[int],
