@@ -56,7 +56,7 @@ def test_stored_gguf_equals_the_dequantized_load_and_caches_small(tmp_path, qtyp
     assert n_quant == 2 * 7 * dense.config.num_layers + 2 * (1 + (
         not dense.config.tie_word_embeddings))
     tokens = [3, 17, 5, 9, 30]
-    want = logits(dense, tokens)
+    want = logits(dense, tokens, native=False)
     # torch ops on the stored blocks: the dequantized matrices exactly; the C kernels: the same
     # matrices, summed in another order
     torch.testing.assert_close(logits(stored, tokens, native=False), want, rtol=0, atol=0)
@@ -72,7 +72,7 @@ def test_hf_weights_quantized_at_load_run_like_their_dequantized_values(tmp_path
     assert kinds == {QuantizedTensor}
     assert all(torch.equal(q.tensors[n], t) for n, t in ref.tensors.items() if t.dim() == 1)
     tokens = [1, 2, 3, 4, 5, 6]
-    same_values = logits(dequantized(q), tokens)
+    same_values = logits(dequantized(q), tokens, native=False)
     torch.testing.assert_close(logits(q, tokens, native=False), same_values, rtol=0, atol=0)
     torch.testing.assert_close(logits(q, tokens), same_values, rtol=1e-4, atol=1e-4)
 

@@ -36,12 +36,13 @@ class DecoderLayer:
     """
 
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], layer: int,
-                 fused: bool = False, mesh: Mesh | None = None) -> None:
+                 fused: bool = False, mesh: Mesh | None = None,
+                 cpu_kernels: NativeKernels | None = None) -> None:
         p = f"model.layers.{layer}."
         eps = config.rms_norm_eps
-        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, fused)
+        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, fused, cpu_kernels)
         self.attn = Attention(config, w, layer, fused, mesh)
-        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused)
+        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused, cpu_kernels)
         self.mlp = MLP.from_weights(w, p + "mlp.", fused, mesh)
 
     def prefill(self, x: torch.Tensor, residual: torch.Tensor | None, meta: PrefillMeta,
@@ -78,10 +79,9 @@ class DecoderLayer:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """decode() in float32 on the CPU with the C kernels: each norm with its residual add,
         the attention after QKV and the SiLU*up are one call each (quant/cpu_kernels.c)."""
-        an, mn = self.attn_norm, self.mlp_norm
-        h, residual = kernels.add_rms_norm(x, residual, an.weight, an.eps)
-        h, residual = kernels.add_rms_norm(self.attn.decode_native(h, meta, cache, kernels),
-                                           residual, mn.weight, mn.eps)
+        h, residual = self.attn_norm.add_norm(x, residual)
+        h, residual = self.mlp_norm.add_norm(self.attn.decode_native(h, meta, cache, kernels),
+                                             residual)
         return self.mlp.native(h, kernels), residual
 
 
@@ -116,15 +116,20 @@ class Transformer:
         self.block_size = runtime.block_size
         if not isinstance(tensors, WeightSlices):
             tensors = TensorDictSlices(config, tensors)
+        self.cpu_kernels = None  # the decode step and norms by the C kernels: CPU, float32
+        if (cpu_kernels is not None and self.device.type == "cpu" and self.dtype == torch.float32
+                and config.head_dim % 2 == 0):
+            self.cpu_kernels = cpu_kernels
         w = {k: on_device(v, self.device, self.dtype, cpu_kernels)
              for k, v in plan.read_local(tensors, mesh.rank).items()}
         self.quantized = any(not is_dense(t) for t in w.values())
         if decode_kernel is None:
             decode_kernel = self.device.type == "cuda" and _triton_supports(config, runtime)
         self.embed = Embedding(w["model.embed_tokens.weight"], mesh, shard.vocab[0])
-        self.layers = [DecoderLayer(local, w, i, decode_kernel, mesh)
+        self.layers = [DecoderLayer(local, w, i, decode_kernel, mesh, self.cpu_kernels)
                        for i in range(config.num_layers)]
-        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, decode_kernel)
+        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, decode_kernel,
+                            self.cpu_kernels)
         head = w["model.embed_tokens.weight"] if config.tie_word_embeddings else w["lm_head.weight"]
         if lm_head_chunk is None:  # one matmul on a GPU; bounded working sets on a CPU
             lm_head_chunk = head.shape[0] if self.device.type == "cuda" else 16384
@@ -144,10 +149,6 @@ class Transformer:
         if gemv_max_batch and not decode_kernel:
             raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
         self.gemv_max_batch = gemv_max_batch
-        self.cpu_kernels = None  # the decode step by the C kernels: CPU, float32, no Triton
-        if (cpu_kernels is not None and self.device.type == "cpu" and self.dtype == torch.float32
-                and config.head_dim % 2 == 0):
-            self.cpu_kernels = cpu_kernels
 
     def _held_weights(self) -> list:
         """Every weight the modules hold, each once (fused ones as fused; a tied dense head is
@@ -207,7 +208,7 @@ class Transformer:
             meta = replace(meta, page_table=meta.page_table.contiguous())
             for layer in self.layers:
                 x, residual = layer.decode_native(x, residual, meta, cache, k)
-            return self.lm_head(k.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0])
+            return self.lm_head(self.norm.add_norm(x, residual)[0])
         gemv = tokens.shape[0] <= self.gemv_max_batch
         for layer in self.layers:
             x, residual = layer.decode(x, residual, meta, cache, gemv)

@@ -5,17 +5,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm.backends.torch.quant.native import NativeKernels
+
 
 class RMSNorm:
     """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32, result in the input dtype.
 
-    fused: use the Triton kernel (residual add and norm in one pass); otherwise torch ops.
+    fused: use the Triton kernel (residual add and norm in one pass); kernels: the C kernels
+    (quant/native.py) do the same for float32 on the CPU; otherwise torch ops.
     """
 
-    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False,
+                 kernels: NativeKernels | None = None) -> None:
         self.weight = weight  # [H]
         self.eps = eps
         self.fused = fused
+        self.kernels = kernels
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +29,9 @@ class RMSNorm:
             from llm.backends.torch.kernels.norm import add_rms_norm
 
             return add_rms_norm(x, residual, self.weight, self.eps)
+        if self.kernels is not None and x.dtype == torch.float32 and x.dim() == 2:
+            res = None if residual is None else residual.contiguous()
+            return self.kernels.add_rms_norm(x.contiguous(), res, self.weight, self.eps)
         total = x if residual is None else x + residual
         return self(total), total
 

@@ -65,6 +65,21 @@ static inline void q8_block(const int8_t *c, float s, float z, __m512 *lo, __m51
     *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), vs, vz);
 }
 
+/* One block's 32 weights stored to w (dequantization). */
+static inline void q4_block_out(const uint8_t *c, float s, float z, float *w) {
+    __m512 lo, hi;
+    q4_block(c, s, z, &lo, &hi);
+    _mm512_storeu_ps(w, lo);
+    _mm512_storeu_ps(w + 16, hi);
+}
+
+static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
+    __m512 lo, hi;
+    q8_block(c, s, z, &lo, &hi);
+    _mm512_storeu_ps(w, lo);
+    _mm512_storeu_ps(w + 16, hi);
+}
+
 /* Rows n and n2 of W (n2 == n for a lone last row) against rows 0..mr of x. */
 #define ROWS_KERNEL(NAME, CT, BYTES, DECODE)                                                     \
     static inline void NAME(const float *x, int64_t K, int mr, const CT *c1, const CT *c2,       \
@@ -97,6 +112,8 @@ static inline void q8_block(const int8_t *c, float s, float z, __m512 *lo, __m51
     }
 
 #else /* portable: the compiler vectorizes the 32-lane loops as it can */
+#define q4_block_out q4_block_scalar
+#define q8_block_out q8_block_scalar
 
 #define ROWS_KERNEL(NAME, CT, BYTES, DECODE)                                                     \
     static inline void NAME(const float *x, int64_t K, int mr, const CT *c1, const CT *c2,       \
@@ -164,8 +181,8 @@ static inline void q8_block(const int8_t *c, float s, float z, __m512 *lo, __m51
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t n = 0; n < N; n++)                                                          \
             for (int64_t b = 0; b < nb; b++)                                                     \
-                Q##_block_scalar(codes + (n * nb + b) * BYTES, s[n * nb + b], z[n * nb + b],     \
-                                 out + n * K + b * BLOCK);                                       \
+                Q##_block_out(codes + (n * nb + b) * BYTES, s[n * nb + b], z[n * nb + b],        \
+                              out + n * K + b * BLOCK);                                          \
     }
 
 KERNELS(q4, uint8_t, 16)

@@ -20,7 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,15 @@ class NativeKernels:
 
     path: Path
     lib: ctypes.CDLL
+    scratch: list[torch.Tensor] = field(default_factory=list)  # see `dequant_scratch`
+
+    def dequant_scratch(self, numel: int) -> torch.Tensor:
+        """A float32 buffer of at least `numel` values, reused from call to call: a prompt's
+        layers are dequantized one after another into it (a fresh tensor per call would fault
+        its pages in anew each time: 1.5 ms instead of ~0.3 ms for a [3072, 576] layer)."""
+        if not self.scratch or self.scratch[0].numel() < numel:
+            self.scratch[:] = [torch.empty(numel)]
+        return self.scratch[0][:numel]
 
     def matmul(self, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                zero: torch.Tensor, n: int) -> torch.Tensor:
@@ -51,9 +60,10 @@ class NativeKernels:
         return y
 
     def dequant(self, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                n: int, k: int) -> torch.Tensor:
-        """W in the q4 / q8 layout -> float32 [n, k]."""
-        out = torch.empty(n, k, dtype=torch.float32)
+                n: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W in the q4 / q8 layout -> float32 [n, k] (into `out`, contiguous, when given)."""
+        if out is None:
+            out = torch.empty(n, k, dtype=torch.float32)
         self._fn("dequant", bits, scale)(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), n,
                                          k, out.data_ptr())
         return out
