@@ -27,8 +27,12 @@ class LMHead:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.weight = weight  # [V_local, H]
-        self.chunks = (weight.split_rows(chunk_size) if isinstance(weight, QuantLinear)
-                       else list(torch.split(weight, chunk_size, dim=0)))
+        if chunk_size >= weight.shape[0]:  # one chunk: the weight itself (a tied one is shared)
+            self.chunks = [weight]
+        elif isinstance(weight, QuantLinear):
+            self.chunks = weight.split_rows(chunk_size)
+        else:
+            self.chunks = list(torch.split(weight, chunk_size, dim=0))
         self.mesh = mesh or Mesh.single()
         self.offset = offset
         self.sizes = sizes or [weight.shape[0]]

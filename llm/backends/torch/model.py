@@ -131,8 +131,9 @@ class Transformer:
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, decode_kernel,
                             self.cpu_kernels)
         head = w["model.embed_tokens.weight"] if config.tie_word_embeddings else w["lm_head.weight"]
-        if lm_head_chunk is None:  # one matmul on a GPU; bounded working sets on a CPU
-            lm_head_chunk = head.shape[0] if self.device.type == "cuda" else 16384
+        if lm_head_chunk is None:  # one matmul on a GPU and by the C kernels, else bounded
+            one = self.device.type == "cuda" or self.cpu_kernels is not None
+            lm_head_chunk = head.shape[0] if one else 16384
         sizes = [plan.shard(r).vocab[1] - plan.shard(r).vocab[0] for r in range(mesh.size)]
         self.lm_head = LMHead(head, lm_head_chunk, mesh, shard.vocab[0], sizes,
                               fused_argmax=decode_kernel)

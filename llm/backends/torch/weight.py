@@ -69,7 +69,9 @@ class QuantLinear:
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantized rows of `tokens` [...] -> [..., K]."""
         flat = tokens.reshape(-1)  # [T]
-        out = self.weight.take_rows(flat).dequantize(torch.float32).to(self.dtype)  # [T, K]
+        out = self._cpu.rows(flat) if self._cpu is not None else None  # the C kernels' codes
+        if out is None:
+            out = self.weight.take_rows(flat).dequantize(torch.float32).to(self.dtype)  # [T, K]
         return out.reshape(*tokens.shape, self.shape[1])
 
     def split_rows(self, size: int) -> list[QuantLinear]:

@@ -183,6 +183,17 @@ class CpuQuantLinear:
         y = y.to(self.dtype)
         return y if bias is None else y + bias
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Rows `ids` (int64 [n]) of W in `dtype` [n, K] (embedding lookups), for the layers
+        that keep codes (`native`); None for the others (their caller dequantizes rows)."""
+        if self.kind != "native":
+            return None
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.out_features):
+            raise IndexError(f"token ids must be in [0, {self.out_features}), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        return self.kernels.take(self.bits, self.weight, self.scales, self.zero, ids,
+                                 self.in_features)
+
     def _native(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, n = self.kernels, self.out_features
         if x.shape[0] > NATIVE_MAX_ROWS:

@@ -74,6 +74,15 @@ class NativeKernels:
             raise TypeError(f"the C kernels take float32 scales, got {scale.dtype}")
         return getattr(self.lib, f"q{bits}_{op}")
 
+    def take(self, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Rows `ids` (int64 [n], in range) of W in the q4 / q8 layout -> float32 [n, k]."""
+        ids = ids.contiguous()
+        out = torch.empty(ids.shape[0], k)
+        self._fn("take", bits, scale)(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                      ids.data_ptr(), ids.shape[0], k, out.data_ptr())
+        return out
+
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(x + residual) * weight, x + residual) for float32 x, residual [M, H]."""
@@ -172,6 +181,7 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS) -> NativeKerne
     signatures = {
         **{f"q{b}_matmul": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr] for b in (4, 8)},
         **{f"q{b}_dequant": [ptr, ptr, ptr, i64, i64, ptr] for b in (4, 8)},
+        **{f"q{b}_take": [ptr, ptr, ptr, ptr, i64, i64, ptr] for b in (4, 8)},
         "add_rms_norm": [ptr, ptr, ptr, f32, i64, i64, ptr, ptr],
         "silu_mul": [ptr, i64, i64, ptr],
         "attention_decode": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
