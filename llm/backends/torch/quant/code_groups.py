@@ -1,6 +1,7 @@
 """Quantized formats rewritten for the C kernels (cpu_kernels.c): codes with a scale and zero per
-block of 32 columns, each weight w = fma(c, s, z) in float32 (float32 scale and zero: float16
-ones, the GGUF's own bytes for Q4_0 / Q4_1, measured slower, see cpu_kernels.c).
+block of 32 columns, each weight w = fma(c, s, z) in float32. Scale and zero are float16 where
+that holds every one of them exactly (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1: a Q4_1 block in the GGUF's 20
+bytes instead of 24, and the decode step is memory-bound on one core), else float32.
 
   format      layout  c                          s              z
   q4_0        q4      q (the GGUF's packed bytes)  d              -8d
@@ -36,7 +37,8 @@ BLOCK = 32
 @dataclass(frozen=True)
 class CodeGroups:
     """W [N, K] for the C kernels: bits 4 (`codes` uint8 [N, K/2], ggml nibble order per 32) or
-    8 (`codes` int8 [N, K]); `scale`, `zero` float32 [N, K/32]; all contiguous on the CPU."""
+    8 (`codes` int8 [N, K]); `scale`, `zero` [N, K/32], both float16 or both float32; all
+    contiguous on the CPU."""
 
     bits: int
     codes: torch.Tensor
@@ -51,8 +53,8 @@ class CodeGroups:
         """The float32 [N, K] matrix these groups stand for (reference for tests)."""
         c = unpack4(self.codes) if self.bits == 4 else self.codes
         n, k = c.shape
-        w = torch.addcmul(self.zero.reshape(n, -1, 1), c.float().reshape(n, -1, BLOCK),
-                          self.scale.reshape(n, -1, 1))
+        w = torch.addcmul(self.zero.float().reshape(n, -1, 1), c.float().reshape(n, -1, BLOCK),
+                          self.scale.float().reshape(n, -1, 1))
         return w.reshape(n, k)
 
 
@@ -62,7 +64,12 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def _groups(bits: int, codes: torch.Tensor, scale: torch.Tensor,
             zero: torch.Tensor) -> CodeGroups:
-    return CodeGroups(bits, codes.contiguous(), _f32(scale), _f32(zero))
+    """Scale and zero in float16 when it holds every value exactly, else float32."""
+    scale, zero = _f32(scale), _f32(zero)
+    s16, z16 = scale.half(), zero.half()
+    if torch.equal(s16.float(), scale) and torch.equal(z16.float(), zero):
+        scale, zero = s16, z16
+    return CodeGroups(bits, codes.contiguous(), scale, zero)
 
 
 def to_code_groups(w: QuantizedTensor) -> CodeGroups | None:

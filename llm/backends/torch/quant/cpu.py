@@ -118,8 +118,8 @@ class CpuQuantLinear:
     """x [M, K] (dtype `dtype`) -> x @ W.T [M, N] (+ bias), W prepared by `prepare_cpu`.
 
     kind `native` (float32 activations, cpu_kernels.c): `weight` the codes of a `CodeGroups`
-    (`bits` 4 or 8), `scales` and `zero` float32 [N, K/32]; up to NATIVE_MAX_ROWS rows of x by
-    the kernel, more by F.linear on the layer dequantized for the call.
+    (`bits` 4 or 8), `scales` and `zero` [N, K/32] (float16 or float32); up to NATIVE_MAX_ROWS
+    rows of x by the kernel, more by F.linear on the layer dequantized for the call.
     kind `int4pack`: `weight` the packed codes uint8 [N', copies*K/2] (N' = N rounded up to 16),
     `scales` [copies*K/group, N', 2] (scale, zero); `int8pack`: `weight` int8 [N, K], `scales`
     [N]; `dense`: `weight` [N, K] in `dtype`, `scales` None. `compute_dtype` (default `dtype`)

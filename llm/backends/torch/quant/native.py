@@ -52,7 +52,8 @@ class NativeKernels:
 
     def matmul(self, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                zero: torch.Tensor, n: int) -> torch.Tensor:
-        """x float32 [M, K] @ W^T -> float32 [M, n] for W in the q4 (bits 4) or q8 layout."""
+        """x float32 [M, K] @ W^T -> float32 [M, n] for W in the q4 (bits 4) or q8 layout, scale
+        and zero both float32 or both float16."""
         m, k = x.shape
         y = torch.empty(m, n, dtype=torch.float32)
         self._fn("matmul", bits, scale)(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(),
@@ -69,10 +70,11 @@ class NativeKernels:
         return out
 
     def _fn(self, op: str, bits: int, scale: torch.Tensor):
-        """The C function of `op` for the code layout (4 / 8 bits); float32 scales."""
-        if scale.dtype != torch.float32:
-            raise TypeError(f"the C kernels take float32 scales, got {scale.dtype}")
-        return getattr(self.lib, f"q{bits}_{op}")
+        """The C function of `op` for the code layout (4 / 8 bits) and scale dtype."""
+        suffix = {torch.float32: "", torch.float16: "_f16"}.get(scale.dtype)
+        if suffix is None:
+            raise TypeError(f"the C kernels take float32 or float16 scales, got {scale.dtype}")
+        return getattr(self.lib, f"q{bits}_{op}{suffix}")
 
     def take(self, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
              ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -179,9 +181,10 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS) -> NativeKerne
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     f32 = ctypes.c_float
     signatures = {
-        **{f"q{b}_matmul": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr] for b in (4, 8)},
-        **{f"q{b}_dequant": [ptr, ptr, ptr, i64, i64, ptr] for b in (4, 8)},
-        **{f"q{b}_take": [ptr, ptr, ptr, ptr, i64, i64, ptr] for b in (4, 8)},
+        **{f"q{b}_{op}{t}": args for b in (4, 8) for t in ("", "_f16") for op, args in (
+            ("matmul", [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]),
+            ("dequant", [ptr, ptr, ptr, i64, i64, ptr]),
+            ("take", [ptr, ptr, ptr, ptr, i64, i64, ptr]))},
         "add_rms_norm": [ptr, ptr, ptr, f32, i64, i64, ptr, ptr],
         "silu_mul": [ptr, i64, i64, ptr],
         "attention_decode": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
