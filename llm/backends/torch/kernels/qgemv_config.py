@@ -44,3 +44,32 @@ def qgemv_config(m: int, n: int, k: int) -> QGemvConfig:
         block_k = max(GROUP, 2 * _ACC_BUDGET // (triton.next_power_of_2(m) * block_n))
     block_k = min(block_k, max(GROUP, triton.next_power_of_2(k)))
     return QGemvConfig(block_n, block_k)
+
+
+# the v2 kernel (kernels/qgemv.py `_qgemv_w_kernel`): batches of x up to this many rows
+W_MAX_M = 16
+
+
+@dataclass(frozen=True)
+class QGemvWConfig:
+    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, and whether
+    4-bit codes enter as 0.5 + q / 256 (one instruction fewer per weight, corrected per group)."""
+
+    block_n: int
+    block_g: int
+    num_warps: int = 4
+    num_stages: int = 1
+    magic: bool = False
+
+
+def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
+    """Launch parameters of the v2 kernel for x [m, k] @ w[n, k].T with w in format `fmt`.
+
+    One thread owns whole 32-groups (16 bytes of 4-bit codes, 32 of int8) of several rows of w,
+    so a chunk of 32 * num_warps groups covers all threads; rows of w repeat in each thread and
+    share its x values."""
+    groups = k // GROUP
+    num_warps = 4
+    block_g = min(triton.next_power_of_2(groups), 32 * num_warps)
+    block_n = 4 if m == 1 else 2
+    return QGemvWConfig(block_n, block_g, num_warps)
