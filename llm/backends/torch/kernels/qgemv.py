@@ -41,9 +41,9 @@ from triton.language.extra.cuda import libdevice
 
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
 from llm.backends.torch.kernels.qgemv_config import (
-    W_MAX_M,
     QGemvConfig,
     QGemvWConfig,
+    qgemm_tc_config,
     qgemv_config,
     qgemv_w_config,
 )
@@ -628,9 +628,14 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
     if not triton_runs(x):
         return quantized_linear(x, w, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
-    if isinstance(config, QGemvWConfig) or (config is None and x.shape[0] <= W_MAX_M
-                                            and words_kernel_runs(x, w)):
+    if isinstance(config, QGemvWConfig):
         return qgemv_words(x, w, bias, config, pdl)
+    if config is None and os.environ.get("LLM_QGEMV") != "v1":  # LLM_QGEMV=v1: the first kernel
+        if x.shape[0] == 1 and words_kernel_runs(x, w):
+            return qgemv_words(x, w, bias, None, pdl)
+        if x.shape[0] > 1 and tc_kernel_runs(x, w):
+            return qgemm_tc(x, w, bias, *qgemm_tc_config(x.shape[0], w.out_features,
+                                                         w.in_features), pdl=pdl)
     fmt, gs = _family(w.format)
     m, k = x.shape
     n = w.out_features

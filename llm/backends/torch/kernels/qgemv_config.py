@@ -46,10 +46,6 @@ def qgemv_config(m: int, n: int, k: int) -> QGemvConfig:
     return QGemvConfig(block_n, block_k)
 
 
-# the v2 kernel (kernels/qgemv.py `_qgemv_w_kernel`): batches of x up to this many rows
-W_MAX_M = 16
-
-
 @dataclass(frozen=True)
 class QGemvWConfig:
     """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, and whether
@@ -70,6 +66,18 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     share its x values."""
     groups = k // GROUP
     num_warps = 4
-    block_g = min(triton.next_power_of_2(groups), 32 * num_warps)
+    block_g = 128  # the largest power of two <= 128 that divides the groups (no masked chunk)
+    while block_g > 32 and groups % block_g:
+        block_g //= 2
+    block_g = min(block_g, triton.next_power_of_2(groups))
     block_n = 4 if m == 1 else 2
     return QGemvWConfig(block_n, block_g, num_warps)
+
+
+def qgemm_tc_config(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, pipeline stages) of the tensor-core kernel for x [m, k] @ w[n, k].T:
+    16 rows of w per warp; 32 rows where that still gives two programs per multiprocessor of an
+    H200 (132)."""
+    if n // 32 >= 2 * 132:
+        return 32, 2, 3
+    return 16, 1, 3
