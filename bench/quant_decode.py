@@ -5,10 +5,11 @@
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
-w:BLOCK_N:BLOCK_G:WARPS[:m] = the v2 kernel (m: 4-bit codes as 0.5 + q / 256), tc:BLOCK_N:WARPS
-= the tensor-core kernel, auto = what `qgemv` picks, bf16 = F.linear on a dense bf16 weight);
-microseconds per call as a CUDA graph over copies of the weight that together exceed the L2 several
-times, GB/s of stored bytes, and the error against x @ dequantize(W).T in float64.
+w:BLOCK_N:BLOCK_G:WARPS[:m] = the v2 kernel (m: 4-bit codes as 0.5 + q / 256),
+tc:BLOCK_N:WARPS[:GROUPS[:STAGES]] = the tensor-core kernel, auto = what `qgemv` picks,
+bf16 = F.linear on a dense bf16 weight); microseconds per call as a CUDA graph over copies of the
+weight that together exceed the L2 several times, GB/s of stored bytes, and the error against
+x @ dequantize(W).T in float64.
 
 Random planes with the shapes of real models (every 2-D weight in the format; norms in bf16), run
 through the torch backend with CUDA graphs: decode-sized batches go through the Triton GEMV that
@@ -78,7 +79,10 @@ def variant_call(v: str, x: torch.Tensor):
         cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic=len(f) > 4 and f[4] == "m")
         return lambda w: qgemv(x, w, config=cfg)
     if f[0] == "tc":
-        return lambda w: qgemm_tc(x, w, block_n=int(f[1]), num_warps=int(f[2]))
+        extra = {"groups": int(f[3])} if len(f) > 3 else {}
+        if len(f) > 4:
+            extra["num_stages"] = int(f[4])
+        return lambda w: qgemm_tc(x, w, block_n=int(f[1]), num_warps=int(f[2]), **extra)
     raise SystemExit(f"unknown variant {v!r}")
 
 

@@ -32,6 +32,7 @@ interpreter.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -476,10 +477,45 @@ def _tc_codes(b, OFF: tl.constexpr, COMPILED: tl.constexpr):
 
 
 @triton.jit
+def _tc_group(acc, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_d, s_m, s_sc,
+              s_mn, rows, n_live, i16, FMT: tl.constexpr, GS: tl.constexpr,
+              BLOCK_N: tl.constexpr, COMPILED: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] + the products of group g."""
+    x0 = tl.load(x_cols + 32 * g, mask=xmask, other=0.0)
+    x1 = tl.load(x_cols + 32 * g + 16, mask=xmask, other=0.0)
+    if not COMPILED:  # see _tc_codes
+        x0 = x0.to(tl.float32)
+        x1 = x1.to(tl.float32)
+    if FMT == 0:  # int8 codes: columns 0..15 and 16..31 of the group
+        c = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
+        lo = tl.load(c, mask=n_live[:, None], other=0).to(tl.int32)
+        hi = tl.load(c + 16, mask=n_live[:, None], other=0).to(tl.int32)
+        a0 = _tc_codes(lo + 128, 128.0, COMPILED)
+        a1 = _tc_codes(hi + 128, 128.0, COMPILED)
+    else:  # byte i: column i (low nibble) and 16 + i (high nibble)
+        bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=n_live[:, None],
+                     other=0).to(tl.int32)
+        off: tl.constexpr = 8.0 if FMT == 1 else 0.0
+        a0 = _tc_codes(bq & 15, off, COMPILED)
+        a1 = _tc_codes(bq >> 4, off, COMPILED)
+    S = tl.dot(a1, x1, tl.dot(a0, x0))  # [BLOCK_N, BLOCK_M] sum over the group of x * q'
+    g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
+    mask2 = n_live[:, None]
+    if FMT == 0 or FMT == 1:
+        acc += _load_f32(d_ptr, rows, s_d, g2, mask2) * S
+    else:
+        sx = (tl.sum(x0.to(tl.float32), axis=0) + tl.sum(x1.to(tl.float32), axis=0))[None, :]
+        acc += _group_scale(S, sx, rows, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
+                            s_sc, s_mn, FMT, GS, COMPILED)
+    return acc
+
+
+@triton.jit
 def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, M, N, stride_x,
                      stride_y, s_qs, s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr,
                      GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+                     GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
+                     USE_GDC: tl.constexpr):
     """y[:, n0:n0 + BLOCK_N] (n0 = program * BLOCK_N) for up to BLOCK_M (>= 16) rows of x, one
     32-group per step: its codes (exact in bf16) times x's 32 columns on the tensor cores (fp32
     accumulation), then the group's scale (and offset times the sum of x) in fp32, in the order
@@ -495,33 +531,11 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     x_cols = x_ptr + ms[None, :] * stride_x + i16[:, None]  # [16, BLOCK_M]: x^T, 16 columns
     wait_then_release(USE_GDC)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g in range(0, NG):
-        x0 = tl.load(x_cols + 32 * g, mask=xmask, other=0.0)
-        x1 = tl.load(x_cols + 32 * g + 16, mask=xmask, other=0.0)
-        if not COMPILED:  # see _tc_codes
-            x0 = x0.to(tl.float32)
-            x1 = x1.to(tl.float32)
-        if FMT == 0:  # int8 codes: columns 0..15 and 16..31 of the group
-            c = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
-            lo = tl.load(c, mask=n_live[:, None], other=0).to(tl.int32)
-            hi = tl.load(c + 16, mask=n_live[:, None], other=0).to(tl.int32)
-            a0 = _tc_codes(lo + 128, 128.0, COMPILED)
-            a1 = _tc_codes(hi + 128, 128.0, COMPILED)
-        else:  # byte i: column i (low nibble) and 16 + i (high nibble)
-            bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=n_live[:, None],
-                         other=0).to(tl.int32)
-            off: tl.constexpr = 8.0 if FMT == 1 else 0.0
-            a0 = _tc_codes(bq & 15, off, COMPILED)
-            a1 = _tc_codes(bq >> 4, off, COMPILED)
-        S = tl.dot(a1, x1, tl.dot(a0, x0))  # [BLOCK_N, BLOCK_M] sum over the group of x * q'
-        g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
-        mask2 = n_live[:, None]
-        if FMT == 0 or FMT == 1:
-            acc += _load_f32(d_ptr, rows, s_d, g2, mask2) * S
-        else:
-            sx = (tl.sum(x0.to(tl.float32), axis=0) + tl.sum(x1.to(tl.float32), axis=0))[None, :]
-            acc += _group_scale(S, sx, rows, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
-                                s_sc, s_mn, FMT, GS, COMPILED)
+    for g0 in range(0, NG, GROUPS):  # GROUPS divides NG
+        for gi in tl.static_range(GROUPS):
+            acc = _tc_group(acc, g0 + gi, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr,
+                            s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, FMT, GS, BLOCK_N,
+                            COMPILED)
     out = acc
     if HAS_BIAS:
         out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)[:, None]
@@ -595,7 +609,7 @@ def tc_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
 
 
 def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
-             block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
+             block_n: int = 64, num_warps: int = 4, num_stages: int = 3, groups: int = 8,
              pdl: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16, M <= 16) @ w.dequantize().T (+ bias) on the tensor cores."""
     fmt, gs = _family(w.format)
@@ -610,7 +624,8 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
     _qgemm_tc_kernel[(triton.cdiv(n, block_n),)](
         x, y, bias if bias is not None else x, *planes, m, n, x.stride(0), y.stride(0),
         *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
+        GROUPS=math.gcd(groups, k // 32), HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=num_warps,
         num_stages=num_stages, **launch_options(gdc))
     return y
