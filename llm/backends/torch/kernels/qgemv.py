@@ -335,29 +335,9 @@ def _codes8(w, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def _dot_words(x0, x1, x2, x3, c0, c1, c2, c3, x4, x5, x6, x7, c4, c5, c6, c7,
-               PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """sum over a group's words of x_e * c_e for the first PAIRS pairs: [BLOCK_N, G] from
-    [1, G, WPG] x and [BLOCK_N, G, WPG] codes, or [BLOCK_M, BLOCK_N, G] from [BLOCK_M, G, WPG]
-    x (x rows as dim 0)."""
-    if BLOCK_M == 1:
-        p = x0 * c0 + x1 * c1 + x2 * c2 + x3 * c3
-        if PAIRS == 8:
-            p += x4 * c4 + x5 * c5 + x6 * c6 + x7 * c7
-        s = tl.sum(p, axis=2)
-    else:
-        p = (x0[:, None] * c0[None] + x1[:, None] * c1[None] + x2[:, None] * c2[None]
-             + x3[:, None] * c3[None])
-        if PAIRS == 8:
-            p += (x4[:, None] * c4[None] + x5[:, None] * c5[None] + x6[:, None] * c6[None]
-                  + x7[:, None] * c7[None])
-        s = tl.sum(p, axis=3)
-    return s
-
-
-@triton.jit
 def _group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn,
                  FMT: tl.constexpr, GS: tl.constexpr, COMPILED: tl.constexpr):
+    # rows2, g2: broadcastable row and 32-group indices of S
     """Sum over a group of x * w from S = sum x * q' (q' the code the format multiplies by its
     scale: q - 8 for Q4_0, the signed code for Q8_0, q for the rest) and sx = sum x, in the
     order of the format's dequantize where x is one column's unit vector (so that one-hot x reads
@@ -380,52 +360,49 @@ def _group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m
 
 
 @triton.jit
-def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, M, N,
-                    stride_xw, stride_y, s_qw, s_d, s_m, s_sc, s_mn, K: tl.constexpr,
-                    FMT: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, s_qw, s_d,
+                    s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, MAGIC: tl.constexpr,
                     XF16: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
                     USE_GDC: tl.constexpr):
-    """y[:, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N; rows of x as the dim 0 of [BLOCK_M, ...]
-    tensors. A chunk is BLOCK_G whole 32-groups of BLOCK_N rows: [BLOCK_N, BLOCK_G, WPG] 32-bit
-    words of codes (WPG = 4 words of 4-bit codes, 8 of int8 per group). Word j of a group holds
-    columns 4j + e (low nibbles, or the int8 bytes) and 16 + 4j + e (high nibbles), e = 0..3,
-    whose x values are the 64-bit words 8g + j and 8g + 4 + j of x. Each word's codes become
-    float32 once and are multiplied with every row of x; per group the sum is scaled once."""
+    """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x.
+
+    A chunk is BLOCK_G whole 32-groups of BLOCK_N rows of w: [BLOCK_G, BLOCK_N, WPG] 32-bit
+    words of codes (WPG = 4 words of 4-bit codes, 8 of int8 per group), the groups as dim 0 so
+    that threads spread over groups and each thread's rows of w share its x values. Word j of a
+    group holds columns 4j + e (low nibbles, or the int8 bytes) and 16 + 4j + e (high nibbles),
+    e = 0..3, whose x values are the 64-bit words 8g + j and 8g + 4 + j of x ([BLOCK_G, 1, WPG],
+    the same register layout). Codes become float32 exactly; per group the sum of x times code
+    is scaled once (`_group_scale`)."""
     WPG: tl.constexpr = 8 if FMT == 0 else 4
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = ns < N
-    rows3 = ns[:, None, None]
-    rows2 = ns[:, None]
+    rows3 = ns[None, :, None]  # [1, BLOCK_N, 1]
+    rows2 = ns[None, :]
     gl = tl.arange(0, BLOCK_G)
     js = tl.arange(0, WPG)[None, None, :]  # [1, 1, WPG]
-    ms = tl.arange(0, BLOCK_M)[:, None, None]  # [BLOCK_M, 1, 1] rows of x
     wait_then_release(USE_GDC)
-    if BLOCK_M == 1:  # [BLOCK_N, G, WPG] codes and [1, G, WPG] x: one register layout
-        acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
-    else:  # x rows as dim 0 of [BLOCK_M, BLOCK_N, G, WPG]
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     for g0 in range(0, NG, BLOCK_G):
         g1 = g0 + gl  # [G]
-        g2 = g1[None, :]  # [1, G]
-        g3 = g1[None, :, None]  # [1, G, 1]
-        mask2 = n_live[:, None] & (g2 < NG)
+        g2 = g1[:, None]  # [G, 1]
+        g3 = g1[:, None, None]  # [G, 1, 1]
+        mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
         # codes: at most 2 words per load, as x's 64-bit words, so both get one layout
         widx = tl.max_contiguous(WPG * g3 + js, [1, 1, 2])
         w = tl.load(qw_ptr + rows3 * s_qw + widx, mask=mask2[:, :, None], other=0)
-        xmask = (ms < M) & (g3 < NG)  # [BLOCK_M, G, 1]
-        xrow = xw_ptr + ms * stride_xw + 8 * g3 + js  # [BLOCK_M, G, WPG]
-        xl0, xl1, xl2, xl3 = _x_words(xrow, 0, xmask, XF16, COMPILED)
+        xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
+        xl0, xl1, xl2, xl3 = _x_words(xrow, 0, g3 < NG, XF16, COMPILED)
         if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
             c0, c1, c2, c3 = _codes8(w, COMPILED)
             off: tl.constexpr = 8388736.0  # 2^23 + 128
-            S = _dot_words(xl0, xl1, xl2, xl3, c0 - off, c1 - off, c2 - off, c3 - off,
-                           xl0, xl1, xl2, xl3, c0, c1, c2, c3, 4, BLOCK_M)
+            S = tl.sum(xl0 * (c0 - off) + xl1 * (c1 - off) + xl2 * (c2 - off)
+                       + xl3 * (c3 - off), axis=2)  # [G, BLOCK_N]
             sx = 0.0  # unused: Q8_0 has no offset
         else:
-            xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, xmask, XF16, COMPILED)
+            xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, g3 < NG, XF16, COMPILED)
             l0, l1, l2, l3, h0, h1, h2, h3 = _codes4(w, MAGIC, COMPILED)
             if not MAGIC:  # codes 2^23 + q: unbias each (exact)
                 if FMT == 1:
@@ -434,31 +411,20 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
                     off4: tl.constexpr = 8388608.0  # 2^23
                 l0, l1, l2, l3 = l0 - off4, l1 - off4, l2 - off4, l3 - off4
                 h0, h1, h2, h3 = h0 - off4, h1 - off4, h2 - off4, h3 - off4
-            S = _dot_words(xl0, xl1, xl2, xl3, l0, l1, l2, l3, xh0, xh1, xh2, xh3, h0, h1, h2,
-                           h3, 8, BLOCK_M)
-            sx = tl.sum(xl0 + xl1 + xl2 + xl3 + xh0 + xh1 + xh2 + xh3, axis=2)
-            if BLOCK_M > 1:
-                sx = sx[:, None, :]  # [BLOCK_M, 1, G]
+            S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3 + xh0 * h0 + xh1 * h1
+                       + xh2 * h2 + xh3 * h3, axis=2)  # [G, BLOCK_N]
+            sx = tl.sum(xl0 + xl1 + xl2 + xl3 + xh0 + xh1 + xh2 + xh3, axis=2)  # [G, 1]
             if MAGIC:  # codes 0.5 + q / 256: sum x * q' = 256 * S - (128 + bias) * sum x
                 if FMT == 1:
                     S = 256.0 * S - 136.0 * sx
                 else:
                     S = 256.0 * S - 128.0 * sx
-        if BLOCK_M == 1:
-            acc += _group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
-                                s_sc, s_mn, FMT, GS, COMPILED)
-        else:
-            acc += _group_scale(S, sx, rows2[None], g2[None], mask2[None], d_ptr, m_ptr, sc_ptr,
-                                mn_ptr, s_d, s_m, s_sc, s_mn, FMT, GS, COMPILED)
-    if BLOCK_M == 1:
-        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
-    else:
-        out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+        acc += _group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
+                            s_sc, s_mn, FMT, GS, COMPILED)
+    out = tl.sum(acc, axis=0)  # [BLOCK_N]
     if HAS_BIAS:
-        out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)[None, :]
-    rows = tl.arange(0, BLOCK_M)[:, None]
-    tl.store(y_ptr + rows * stride_y + ns[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=(rows < M) & n_live[None, :])
+        out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
+    tl.store(y_ptr + ns, out.to(y_ptr.dtype.element_ty), mask=n_live)
 
 
 # ---- v2 for several rows of x: tensor cores on the exact codes, scales per group after -------
@@ -576,24 +542,26 @@ def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                 config: QGemvWConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
-    """`qgemv` by the v2 kernel (see `words_kernel_runs`)."""
+    """`qgemv` of one row of x by the v2 kernel (see `words_kernel_runs`); several rows are
+    taken one launch each (the tensor-core kernel is the one for batches)."""
+    if x.shape[0] != 1:
+        return torch.cat([qgemv_words(r, w, bias, config, pdl) for r in x.split(1)])
     fmt, gs = _family(w.format)
-    m, k = x.shape
+    k = x.shape[1]
     n = w.out_features
     xw = _words(x, torch.int64)
     names = _PLANES.get(w.format, _DEFAULT_PLANES)
     planes = [w.planes[p] if p in w.planes else None for p in names]
     qw = _words(planes[0], torch.int32)
     rest = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes[2:]]
-    cfg = config or qgemv_w_config(m, n, k, w.format)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    cfg = config or qgemv_w_config(1, n, k, w.format)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
     _qgemv_w_kernel[(triton.cdiv(n, cfg.block_n),)](
-        xw, y, bias if bias is not None else x, qw, *rest, m, n, xw.stride(0), y.stride(0),
-        qw.stride(0), *(p.stride(0) for p in rest), K=k, FMT=fmt, GS=gs,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_G=cfg.block_g,
-        MAGIC=cfg.magic and fmt != 0, XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
-        COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc,
+        xw, y, bias if bias is not None else x, qw, *rest, n, qw.stride(0),
+        *(p.stride(0) for p in rest), K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
+        BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, XF16=x.dtype == torch.float16,
+        HAS_BIAS=bias is not None, COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return y
 
