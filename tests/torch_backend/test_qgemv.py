@@ -203,8 +203,9 @@ def test_v2_kernels_are_picked_for_half_precision_only() -> None:
     assert not words_kernel_runs(x, w) and not tc_kernel_runs(x, w)  # fp32: the first kernel
     assert not words_kernel_runs(x.bfloat16(), random_quantized("q6_k", 4, 256, g))
     assert not tc_kernel_runs(x.half(), w)  # the tensor-core kernel takes bf16 only
-    assert qgemv_w_config(1, 4096, 14336, "q4_0").block_g == 64  # divides the 448 groups
-    assert qgemv_w_config(1, 4096, 4096, "q4_0").block_g == 128
+    assert qgemv_w_config(1, 4096, 14336, "q4_0") == QGemvWConfig(8, 128, 4, magic=True)
+    assert qgemv_w_config(1, 4096, 4096, "q8_0") == QGemvWConfig(4, 128, 4)
+    assert qgemv_w_config(1, 64, 64, "q4_0").block_g == 2
 
 
 GPU = pytest.mark.skipif(DEVICE == "cpu", reason="Llama-3.1-8B shapes and timings need a GPU")

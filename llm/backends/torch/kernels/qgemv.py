@@ -617,8 +617,9 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
         if x.shape[0] == 1 and words_kernel_runs(x, w):
             return qgemv_words(x, w, bias, None, pdl)
         if x.shape[0] > 1 and tc_kernel_runs(x, w):
-            return qgemm_tc(x, w, bias, *qgemm_tc_config(x.shape[0], w.out_features,
-                                                         w.in_features), pdl=pdl)
+            bn, warps, stages, groups = qgemm_tc_config(x.shape[0], w.out_features,
+                                                        w.in_features)
+            return qgemm_tc(x, w, bias, bn, warps, stages, groups, pdl=pdl)
     fmt, gs = _family(w.format)
     m, k = x.shape
     n = w.out_features
