@@ -1,6 +1,15 @@
 """Decode with weights quantized as stored (Q4_0, Q8_0, Q4_K, ...) against the same model in bf16.
 
     python bench/quant_decode.py --configs 8b --formats bf16,q4_0,q8_0,q4_k --batches 1,8
+    python bench/quant_decode.py --configs 8b --formats q4_0 --batches 1,8 --kernels
+
+--kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
+kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
+w:BLOCK_N:BLOCK_G:WARPS[:m] = the v2 kernel (m: 4-bit codes as 0.5 + q / 256),
+tc:BLOCK_N:WARPS[:GROUPS[:STAGES]] = the tensor-core kernel, auto = what `qgemv` picks,
+bf16 = F.linear on a dense bf16 weight); microseconds per call as a CUDA graph over copies of the
+weight that together exceed the L2 several times, GB/s of stored bytes, and the error against
+x @ dequantize(W).T in float64.
 
 Random planes with the shapes of real models (every 2-D weight in the format; norms in bf16), run
 through the torch backend with CUDA graphs: decode-sized batches go through the Triton GEMV that
@@ -40,6 +49,88 @@ from llm.model.quant.registry import get_format
 from llm.model.quant.tensor import QuantizedTensor
 
 GREEDY = SequenceSampling(SamplingParams(), 0)
+DEFAULT_VARIANTS = ("bf16,v1,auto,w:4:128:4,w:4:128:4:m,w:8:64:4,w:8:64:4:m,w:2:128:4,"
+                    "tc:16:1,tc:32:2")
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of the model's linears as the backend fuses them (q/k/v, gate/up), the
+    LM head as its 16384-row chunks."""
+    h, hd = config.hidden_size, config.head_dim or config.hidden_size // config.num_heads
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * hd
+    return {"qkv": (qkv, h), "o": (h, config.num_heads * hd),
+            "gate_up": (2 * config.intermediate_size, h), "down": (h, config.intermediate_size),
+            "head_chunk": (16384, h)}
+
+
+def variant_call(v: str, x: torch.Tensor):
+    """The GEMV of --variants entry `v` as a function of the weight."""
+    from llm.backends.torch.kernels.qgemv import qgemm_tc, qgemv
+    from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, qgemv_config
+
+    f = v.split(":")
+    if f[0] == "bf16":
+        return lambda w: torch.nn.functional.linear(x, w)
+    if f[0] == "v1":
+        return lambda w: qgemv(x, w, config=qgemv_config(x.shape[0], *w.shape))
+    if f[0] == "auto":
+        return lambda w: qgemv(x, w)
+    if f[0] == "w":
+        cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic=len(f) > 4 and f[4] == "m")
+        return lambda w: qgemv(x, w, config=cfg)
+    if f[0] == "tc":
+        extra = {"groups": int(f[3])} if len(f) > 3 else {}
+        if len(f) > 4:
+            extra["num_stages"] = int(f[4])
+        return lambda w: qgemm_tc(x, w, block_n=int(f[1]), num_warps=int(f[2]), **extra)
+    raise SystemExit(f"unknown variant {v!r}")
+
+
+def kernel_sweep(args, device: torch.device) -> int:
+    """The --kernels table (see the module docstring)."""
+    from bench.common import graph_us, l2_bytes
+
+    bw = copy_bandwidth(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for name in csv(args.configs):
+        for lin, (n, k) in linear_shapes(SHAPES[name]).items():
+            for fmt_name in [f for f in csv(args.formats) if f != "bf16"]:
+                w0 = random_quantized(fmt_name, n, k, g, device)
+                copies = max(2, -(-4 * l2_bytes(device) // w0.nbytes))
+                ws = [w0] + [QuantizedTensor(w0.format, w0.shape, {p: t.clone() for p, t in
+                                                                 w0.planes.items()})
+                             for _ in range(copies - 1)]
+                wd = w0.dequantize(torch.float32)
+                dense = [wd.to(torch.bfloat16)
+                         for _ in range(max(2, -(-4 * l2_bytes(device) // (2 * n * k))))]
+                for b in csv(args.batches, int):
+                    x = (torch.randn(b, k, device=device) * 0.5).to(torch.bfloat16)
+                    ref = x.double() @ wd.double().T
+                    for v in csv(args.variants):
+                        if (v.startswith("w:") and b > 4) or (v.startswith("tc:") and b == 1):
+                            continue  # the v2 CUDA-core kernel is for 1..4 rows, tc for 2..16
+                        call = variant_call(v, x)
+                        mats, nbytes = (dense, 2 * n * k) if v == "bf16" else (ws, w0.nbytes)
+                        try:
+                            out = call(mats[0])
+                            err = float((out.double() - ref).norm() / ref.norm())
+                            us = graph_us([lambda w=w, call=call: call(w) for w in mats], device)
+                        except Exception as e:  # noqa: BLE001  (report it and go on)
+                            rows.append([name, lin, fmt_name, b, v, "-", "-", "-",
+                                         type(e).__name__])
+                            print(rows[-1], str(e)[:400], flush=True)
+                            continue
+                        rows.append([name, lin, fmt_name, b, v, fmt(us, 1),
+                                     fmt(nbytes / us / 1e3, 0),
+                                     fmt(100 * nbytes / (us * 1e-6) / bw, 0), f"{err:.1e}"])
+                        print(rows[-1], flush=True)
+                del ws, wd, dense
+                torch.cuda.empty_cache()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print_table(["config", "linear", "weights", "batch", "variant", "us", "GB/s", "% copy",
+                 "rel err"], rows)
+    return 0
 
 
 def random_quantized(fmt_name: str, n: int, k: int, g: torch.Generator,
@@ -115,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--kernels", action="store_true", help="the GEMV alone per shape and variant")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS)
     args = p.parse_args(argv)
     device = device_for(args)
+    if args.kernels:
+        return kernel_sweep(args, device)
     bw = copy_bandwidth(device)
     rows = []
     for name in configs_for(args, csv(args.configs)):

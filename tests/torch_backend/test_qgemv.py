@@ -10,8 +10,19 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
-from llm.backends.torch.kernels.qgemv import MAX_M, qgemv  # noqa: E402
-from llm.backends.torch.kernels.qgemv_config import QGemvConfig, qgemv_config  # noqa: E402
+from llm.backends.torch.kernels.qgemv import (  # noqa: E402
+    MAX_M,
+    qgemm_tc,
+    qgemv,
+    tc_kernel_runs,
+    words_kernel_runs,
+)
+from llm.backends.torch.kernels.qgemv_config import (  # noqa: E402
+    QGemvConfig,
+    QGemvWConfig,
+    qgemv_config,
+    qgemv_w_config,
+)
 from llm.model.quant import QuantizedTensor, get_format, quantize_int4, quantize_int8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,6 +139,73 @@ def test_config_keeps_the_accumulator_bounded() -> None:
 
 def triton_pow2(m: int) -> int:
     return 1 << (m - 1).bit_length()
+
+
+# v2 kernels (bf16 / fp16 activations): the one-row kernel on whole 32-groups and the
+# tensor-core kernel for batches; formats they implement
+V2 = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128"]
+
+
+def _v2_shape(fmt: str) -> tuple[int, int]:
+    # N odd; K = 5 or 3 chunks of the configs below, plus a partial one where the format allows
+    return (11, 768) if fmt in ("q4_k", "int4_g128") else (13, 160)
+
+
+@pytest.mark.parametrize("magic", [False, True])
+@pytest.mark.parametrize("fmt", V2)
+def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool) -> None:
+    g = torch.Generator().manual_seed(11 + len(fmt))
+    n, k = _v2_shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    for dtype, bias in ((torch.bfloat16, None), (torch.float16, torch.randn(n, generator=g))):
+        x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+        b = None if bias is None else bias.to(DEVICE)
+        assert words_kernel_runs(x, w)
+        # 4 groups per chunk: K = 160 leaves a partial chunk, 768 none; 8 rows: N = 11 and 13
+        # leave a partial program
+        _assert_close(qgemv(x, w, b, config=QGemvWConfig(8, 4, 4, magic=magic)),
+                      _ref(x, w, b), x)
+    _assert_close(qgemv(x, w, b), _ref(x, w, b), x)  # the default config, picked by qgemv
+
+
+@pytest.mark.parametrize("magic", [False, True])
+@pytest.mark.parametrize("fmt", V2)
+def test_one_row_kernel_reads_back_the_exact_weights(fmt: str, magic: bool) -> None:
+    """x = a unit row e_k in fp16 (exact, and so is the fp16 output of any weight of these
+    random planes' range): y[n] = w[n, k] as ggml dequantizes it, rounded once to fp16."""
+    g = torch.Generator().manual_seed(17)
+    n, k = _v2_shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    ref = w.dequantize(torch.float32)
+    for col in torch.randperm(k, generator=g)[:4].tolist():
+        x = torch.zeros(1, k).index_fill_(1, torch.tensor([col]), 1.0).to(DEVICE, torch.float16)
+        y = qgemv(x, w, config=QGemvWConfig(8, 4, 4, magic=magic))
+        assert torch.equal(y[0].cpu(), ref[:, col].half().cpu())
+
+
+@pytest.mark.parametrize("m", [2, 16])
+@pytest.mark.parametrize("fmt", V2)
+def test_tensor_core_kernel_matches_the_dequantized_matmul(fmt: str, m: int) -> None:
+    g = torch.Generator().manual_seed(m + len(fmt))
+    n, k = _v2_shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(DEVICE) if m == 2 else None
+    assert tc_kernel_runs(x, w)
+    _assert_close(qgemm_tc(x, w, bias, block_n=16, num_warps=1, groups=2), _ref(x, w, bias), x)
+    _assert_close(qgemv(x, w, bias), _ref(x, w, bias), x)  # picked by qgemv (or the first)
+
+
+def test_v2_kernels_are_picked_for_half_precision_only() -> None:
+    g = torch.Generator().manual_seed(19)
+    w = random_quantized("q4_0", 4, 64, g)
+    x = torch.randn(1, 64).to(DEVICE)
+    assert not words_kernel_runs(x, w) and not tc_kernel_runs(x, w)  # fp32: the first kernel
+    assert not words_kernel_runs(x.bfloat16(), random_quantized("q6_k", 4, 256, g))
+    assert not tc_kernel_runs(x.half(), w)  # the tensor-core kernel takes bf16 only
+    assert qgemv_w_config(1, 4096, 14336, "q4_0") == QGemvWConfig(8, 128, 4, magic=True)
+    assert qgemv_w_config(1, 4096, 4096, "q8_0") == QGemvWConfig(4, 128, 4)
+    assert qgemv_w_config(1, 64, 64, "q4_0").block_g == 2
 
 
 GPU = pytest.mark.skipif(DEVICE == "cpu", reason="Llama-3.1-8B shapes and timings need a GPU")

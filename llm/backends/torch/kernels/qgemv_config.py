@@ -44,3 +44,42 @@ def qgemv_config(m: int, n: int, k: int) -> QGemvConfig:
         block_k = max(GROUP, 2 * _ACC_BUDGET // (triton.next_power_of_2(m) * block_n))
     block_k = min(block_k, max(GROUP, triton.next_power_of_2(k)))
     return QGemvConfig(block_n, block_k)
+
+
+@dataclass(frozen=True)
+class QGemvWConfig:
+    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, and whether
+    4-bit codes enter as 0.5 + q / 256 (one instruction fewer per weight, corrected per group)."""
+
+    block_n: int
+    block_g: int
+    num_warps: int = 4
+    num_stages: int = 1
+    magic: bool = False
+
+
+def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
+    """Launch parameters of the v2 one-row kernel for x [1, k] @ w[n, k].T, w in format `fmt`.
+
+    Threads spread over the 32-groups of a chunk (64 per CTA at 4 warps: 2 threads a group), the
+    rows of w repeat in each thread and share its x values. Measured on an H200 (2026-12-03,
+    `bench/quant_decode.py --kernels`, 8B and 1B shapes, graph replay over copies > L2):
+    - 4-bit: 8 rows, 128 groups, codes as 0.5 + q / 256 (`magic`): 8B gate_up Q4_0 23.3 us
+      (69% of copy bandwidth) against 25.8 (exact codes), 27.5 (4 rows), 26.3 (8 rows x 64
+      groups), 30.1 (8 warps), 36.0 (the first kernel); down (K = 14336, a partial chunk) 16.6
+      against 18.1-22.1;
+    - Q8_0: 4 rows, 128 groups: gate_up 34.4 us (89%), against 37.3 (8 rows), 45.6 (first)."""
+    groups = k // GROUP
+    num_warps = 4
+    block_g = min(128, triton.next_power_of_2(groups))
+    if fmt == "q8_0":
+        return QGemvWConfig(4, block_g, num_warps)
+    return QGemvWConfig(8, block_g, num_warps, magic=True)
+
+
+def qgemm_tc_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, warps, pipeline stages, 32-groups per loop step) of the tensor-core kernel for
+    x [m, k] @ w[n, k].T. Measured on an H200 (batch 8, 8B shapes): 32 rows, 2 warps, 3 stages,
+    4 groups: gate_up Q4_0 74 us, against 95-107 (8 or 16 groups, 4 stages), 106-123 (64 or 128
+    rows); 16 rows, 1 warp, was 113 us."""
+    return 32, 2, 3, 4
