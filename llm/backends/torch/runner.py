@@ -47,7 +47,7 @@ class TorchBackend(Backend):
                  cuda_graphs: bool = True, mesh: Mesh | None = None,
                  all_reduce: str = "auto", gemv_max_batch: int | None = None,
                  threads: int | None = None, native_kernels: bool = True,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, progress: bool = False) -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
         cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs, and
         (one rank) prompts that start a sequence, per padded length bucket (prefill_graphs.py;
@@ -61,6 +61,7 @@ class TorchBackend(Backend):
         native_kernels: on the CPU in float32, apply quantized weights with the C kernels
         (quant/cpu_kernels.c, built on first use into `cache_dir`/kernels; without a C compiler a
         warning says why and the layers are dequantized once instead). False: torch ops only.
+        progress: say when the C kernels are being built (first use on a machine).
         """
         if all_reduce not in ("auto", "nccl"):
             raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {all_reduce!r}")
@@ -83,7 +84,7 @@ class TorchBackend(Backend):
         weights = checkpoint if isinstance(checkpoint, WeightSlices) else checkpoint.tensors
         self.kernels = None
         if native_kernels and self.device.type == "cpu" and runtime.dtype == "float32":
-            self.kernels = _native_kernels(cache_dir)
+            self.kernels = _native_kernels(cache_dir, progress)
         self.model = Transformer(self.config, weights, runtime, mesh=self.mesh,
                                  gemv_max_batch=gemv_max_batch, cpu_kernels=self.kernels)
         self.threads: ThreadPolicy | None = None  # None: the thread count is left alone
@@ -198,10 +199,11 @@ class TorchBackend(Backend):
 _OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch", "threads", "native_kernels")
 
 
-def _native_kernels(cache_dir: str | Path | None) -> NativeKernels | None:
+def _native_kernels(cache_dir: str | Path | None, progress: bool) -> NativeKernels | None:
     """The C kernels, built on first use; None (with a warning saying why) where they cannot be."""
     try:
-        return load_kernels(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        return load_kernels(Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+                            progress=progress)
     except NativeKernelsUnavailable as e:
         warnings.warn(f"{e}; quantized layers are dequantized to float32 instead (slower)",
                       RuntimeWarning, stacklevel=3)
@@ -235,4 +237,4 @@ def create(spec: BackendSpec) -> Backend:
     # kernels), dequantized on CUDA (its batched and prefill paths are faster on dense weights)
     checkpoint = spec.load(auto="stored" if spec.device == "cpu" else "dequantize")
     return TorchBackend(checkpoint, spec.runtime(checkpoint.config), cache_dir=spec.cache_dir,
-                        **options)
+                        progress=spec.progress, **options)

@@ -612,9 +612,13 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
 
 def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
           config: QGemvConfig | QGemvWConfig | None = None,
-          pdl: bool | None = None) -> torch.Tensor:
+          pdl: bool | None = None, variant: str = "auto") -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ w.dequantize().T (+ bias [N]) -> [M, N] in x's dtype, M <= 16,
-    accumulated in fp32 from fp32 weights; `quantized_linear` where Triton cannot run."""
+    accumulated in fp32 from fp32 weights; `quantized_linear` where Triton cannot run.
+    variant: "auto" (the v2 kernel for one row, the tensor-core kernel for 2..16 rows where they
+    run, else the first kernel) or "v1" (the first kernel always, for comparisons)."""
+    if variant not in ("auto", "v1"):
+        raise ValueError(f"qgemv variant must be 'auto' or 'v1', got {variant!r}")
     if x.dim() != 2 or x.shape[1] != w.in_features:
         raise ValueError(f"qgemv wants x [M, {w.in_features}], got {tuple(x.shape)}")
     if x.shape[0] > MAX_M:
@@ -624,7 +628,7 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
     x = x if x.stride(1) == 1 else x.contiguous()
     if isinstance(config, QGemvWConfig):
         return qgemv_words(x, w, bias, config, pdl)
-    if config is None and os.environ.get("LLM_QGEMV") != "v1":  # LLM_QGEMV=v1: the first kernel
+    if config is None and variant == "auto":
         if x.shape[0] == 1 and words_kernel_runs(x, w):
             return qgemv_words(x, w, bias, None, pdl)
         if x.shape[0] > 1 and tc_kernel_runs(x, w) and _family(w.format)[0] in _TC_PICKED:

@@ -19,7 +19,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,14 +168,21 @@ def _build(cc: str, flags: tuple[str, ...], target: Path) -> None:
             os.unlink(tmp)
 
 
-def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS) -> NativeKernels:
+def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
+                 progress: bool = False) -> NativeKernels:
     """Build (once per source, flags, compiler and CPU) and load the kernels from
     `cache_dir`/kernels. `flags`: the compiler's (tests build the portable path with an -march
-    without AVX-512)."""
+    without AVX-512). progress: say on stderr when a build runs (~2 s) and how long it took."""
     cc = _compiler()
     target = Path(cache_dir) / "kernels" / f"cpu_kernels-{_fingerprint(cc, flags)}.so"
     if not target.is_file():
+        if progress:
+            print(f"building the CPU kernels for this machine with {cc} (once) ...", end="",
+                  file=sys.stderr, flush=True)
+        start = time.perf_counter()
         _build(cc, flags, target)
+        if progress:
+            print(f" {time.perf_counter() - start:.1f} s -> {target}", file=sys.stderr)
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
