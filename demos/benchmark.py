@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from help_format import DefaultsOnce  # noqa: E402
+
 from llm.backends.torch.parallel.leader import LeaderBackend, follow  # noqa: E402
 from llm.backends.torch.parallel.mesh import Mesh  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
@@ -211,7 +213,7 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnce)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--configs", default="default", help="comma list of: default, 1b, 8b")

