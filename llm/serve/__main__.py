@@ -19,6 +19,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
+
+# Idle keep-alive connections are closed after this long. Longer than the 5 s that HTTP clients
+# (httpx, hence the openai package) keep idle connections, so a client never reuses a connection
+# the server is closing at that moment (uvicorn's own default is also 5 s: a request sent on such
+# a connection fails with a read error; seen in tests/serve/test_concurrency.py).
+KEEP_ALIVE_S = 65
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llm.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None,
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = AsyncEngine(model, sched)
     app = create_app(engine, ServerConfig(model_name=served_name(args), api_key=args.api_key))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         engine.shutdown()
         model.close()  # releases tensor-parallel followers

@@ -18,7 +18,7 @@ import llm
 from llm.engine.async_engine import AsyncEngine
 from llm.engine.scheduler import SchedulerConfig
 from llm.serve import ServerConfig, create_app
-from llm.serve.__main__ import GIL_SWITCH_INTERVAL_S
+from llm.serve.__main__ import GIL_SWITCH_INTERVAL_S, KEEP_ALIVE_S
 
 MODEL_NAME = "smollm2-test"
 MAX_BATCH = 16
@@ -76,7 +76,8 @@ class serve_in_thread:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+                                                    timeout_graceful_shutdown=2,
+                                                    timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
 
