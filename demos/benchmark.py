@@ -34,8 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from help_format import DefaultsOnce  # noqa: E402
-
+from demos.help_format import DefaultsOnce  # noqa: E402
 from llm.backends.torch.parallel.leader import LeaderBackend, follow  # noqa: E402
 from llm.backends.torch.parallel.mesh import Mesh  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402

@@ -28,8 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from help_format import DefaultsOnce  # noqa: E402
-
+from demos.help_format import DefaultsOnce  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
 from llm.model.checkpoint.common import WEIGHT_MODES  # noqa: E402
 from llm.model.checkpoint.load import load_checkpoint, resolve_checkpoint  # noqa: E402

@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import torch  # noqa: E402
-from help_format import DefaultsOnce  # noqa: E402
 
 import llm  # noqa: E402
+from demos.help_format import DefaultsOnce  # noqa: E402
 from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
 from llm.model.checkpoint.common import WEIGHT_MODES  # noqa: E402
 
