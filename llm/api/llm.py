@@ -59,7 +59,7 @@ class LLM:
             return
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.tokenizer = Tokenizer.from_path(self.backend.source, cache_dir=cache,
-                                             digest=self.backend.source_sha256)
+                                             digest=self.backend.source_sha256, progress=progress)
         self.core = EngineCore(self.backend, self.tokenizer)
         self.generator = Generator(self.core)
 

@@ -10,6 +10,8 @@ The conversion is cached by `llm.model.checkpoint.gguf_cache`.
 from __future__ import annotations
 
 import re
+import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,13 @@ def convert_gguf(path: Path, progress: bool = True, stored: bool = False
     (a lossless QuantizedTensor, rows un-permuted like the dense ones); otherwise every tensor is
     dequantized.
     """
-    config, by_name = gguf_index(open_gguf(path), path)
+    start = time.perf_counter()
+    if progress:  # the gguf package parses every metadata field up front: seconds, silently
+        print(f"reading the metadata of {path.name} ...", end="", file=sys.stderr, flush=True)
+    reader = open_gguf(path)
+    if progress:
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    config, by_name = gguf_index(reader, path)
     permute = config.arch in _PERMUTED_ARCHS
     tensors: dict[str, Weight] = {}
     verb = "repacking" if stored else "converting"

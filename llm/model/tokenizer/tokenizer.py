@@ -245,19 +245,20 @@ class Tokenizer:
 
     @classmethod
     def from_path(cls, path: str | Path, *, reader: Any = None, cache_dir: str | Path | None = None,
-                  digest: str | None = None) -> Tokenizer:
+                  digest: str | None = None, progress: bool = False) -> Tokenizer:
         """Load the tokenizer of a Hugging Face model directory or of a ``.gguf`` file.
 
         ``reader`` may be an already-open ``gguf.GGUFReader`` of that file, to avoid parsing it
         twice. With ``cache_dir``, a GGUF vocabulary is cached there (keyed by the file's sha256,
         ``digest`` if the caller knows it), so later loads skip the slow metadata parse. Raises
-        TokenizerError naming the path when no tokenizer is found or it is corrupt.
+        TokenizerError naming the path when no tokenizer is found or it is corrupt. ``progress``:
+        say on stderr when a GGUF's vocabulary is parsed (seconds; once per file with a cache).
         """
         path = Path(path)
         if path.is_dir():
             return cls._from_hf_dir(path)
         if path.is_file() and (reader is not None or _is_gguf(path)):
-            return cls._from_gguf(path, reader, cache_dir, digest)
+            return cls._from_gguf(path, reader, cache_dir, digest, progress)
         raise TokenizerError(
             f"{path}: no tokenizer found (expected a directory with tokenizer.json or "
             "tokenizer.model, or a .gguf file)"
@@ -313,9 +314,9 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf(cls, path: Path, reader: Any, cache_dir: str | Path | None,
-                   digest: str | None) -> Tokenizer:
+                   digest: str | None, progress: bool = False) -> Tokenizer:
         if cache_dir is not None and reader is None:
-            vocab = gguf_vocab.cached_gguf_vocab(path, Path(cache_dir), digest)
+            vocab = gguf_vocab.cached_gguf_vocab(path, Path(cache_dir), digest, progress)
         else:
             vocab = gguf_vocab.read_gguf_vocab(path, reader)
         if vocab.model == "gpt2":
