@@ -161,3 +161,14 @@ def test_built_once_per_source_and_machine(tmp_path) -> None:
     b = load_kernels(tmp_path)
     assert a.path == b.path and a.path.parent == tmp_path / "kernels"
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [a.path.name]
+
+
+def test_a_rows_result_never_depends_on_the_batch(kernels) -> None:
+    """Decode batches of 1..16 rows run the same arithmetic per row (one row: four rows of W at a
+    time; more: pairs), so greedy tokens cannot depend on who else is decoding: bit-equal rows."""
+    for w in (next(x for x in MAPPED if x.format == f) for f in ("q4_1", "q8_0", "q4_k")):
+        layer = prepare_cpu(w, torch.float32, kernels=kernels)
+        x = torch.randn(16, w.in_features, generator=torch.Generator().manual_seed(3))
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(16)])
+        for m in (2, 3, 5, 16):
+            assert torch.equal(layer(x[:m]), alone[:m]), (w.format, m)
