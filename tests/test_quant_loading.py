@@ -16,6 +16,7 @@ from llm.backends.torch.runner import TorchBackend
 from llm.model.checkpoint.common import Checkpoint, CheckpointError
 from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import RuntimeConfig
+from llm.model.paths import default_model_path
 from llm.model.quant.tensor import QuantizedTensor
 
 Q = gguf.GGMLQuantizationType
@@ -114,16 +115,31 @@ def test_quantized_tensors_slice_for_tensor_parallel_ranks(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_default_model_as_stored(tmp_path) -> None:
-    """fp32: the stored blocks are dequantized once (exactly) and give the dense model's tokens;
+    """fp32: the C kernels on the stored blocks give the dense model's tokens in the GGUF's 98 MB;
     bf16: the layers run torch's int4 / int8 CPU kernels on the blocks as stored (Q4_1 layers,
     Q8_0 embedding / LM head), about 132 MB instead of 538 MB (fp32) or 269 MB (bf16)."""
     params = llm.SamplingParams(max_new_tokens=4)
     prompts = ["The capital of France is"]
-    dense = llm.LLM(max_batch=1, max_seq_len=64, progress=False)
+    dense = llm.LLM(max_batch=1, max_seq_len=64, progress=False, weights="dequantize")
     want = dense.generate(prompts, params)[0].token_ids
     stored = llm.LLM(max_batch=1, max_seq_len=64, progress=False, weights="stored")
     assert stored.generate(prompts, params)[0].token_ids == want
+    assert stored.backend.weight_bytes < 1.01 * default_model_path().stat().st_size
     fast = llm.LLM(max_batch=1, max_seq_len=64, progress=False, weights="stored",
                    dtype="bfloat16")
     assert fast.backend.weight_bytes < 140e6  # 132 MB: Q4_1 layers, Q8_0 embedding + head
     assert fast.generate(prompts, params)[0].token_ids == want  # measured equal for 24 tokens
+
+
+def test_first_load_parses_the_gguf_once(tmp_path, monkeypatch) -> None:
+    """The conversion writes the tokenizer's cache entry from the reader it opened: the metadata
+    parse (seconds) happens once, not once for the weights and once for the tokenizer."""
+    opened = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: opened.append(a) or reader(*a, **k))
+    model = llm.LLM(max_batch=1, max_seq_len=64, progress=False, cache_dir=tmp_path)
+    assert len(opened) == 1
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.is_file()) == [".json", ".safetensors"]
+    assert len(model.generate(["Hi"], llm.SamplingParams(max_new_tokens=2))[0].token_ids) == 2
+    llm.LLM(max_batch=1, max_seq_len=64, progress=False, cache_dir=tmp_path)  # from the cache
+    assert len(opened) == 1

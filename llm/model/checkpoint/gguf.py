@@ -89,20 +89,28 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         ) from e
 
 
-def convert_gguf(path: Path, progress: bool = True, stored: bool = False
+def read_gguf(path: Path, progress: bool = True) -> gguf.GGUFReader:
+    """`open_gguf`, saying on stderr how long the parse took (the gguf package reads every
+    metadata field up front, the vocabulary's strings included: seconds)."""
+    start = time.perf_counter()
+    if progress:
+        print(f"reading the metadata of {path.name} ...", end="", file=sys.stderr, flush=True)
+    reader = open_gguf(path)
+    if progress:
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return reader
+
+
+def convert_gguf(path: Path, progress: bool = True, stored: bool = False,
+                 reader: gguf.GGUFReader | None = None
                  ) -> tuple[ModelConfig, dict[str, Weight]]:
     """Read a GGUF file into (config, canonical tensors) without any cache.
 
     stored: quantized tensors of the formats in `GGUF_FORMATS` stay quantized as they are stored
     (a lossless QuantizedTensor, rows un-permuted like the dense ones); otherwise every tensor is
-    dequantized.
+    dequantized. reader: the file already opened (`read_gguf`), to parse it once.
     """
-    start = time.perf_counter()
-    if progress:  # the gguf package parses every metadata field up front: seconds, silently
-        print(f"reading the metadata of {path.name} ...", end="", file=sys.stderr, flush=True)
-    reader = open_gguf(path)
-    if progress:
-        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    reader = reader if reader is not None else read_gguf(path, progress)
     config, by_name = gguf_index(reader, path)
     permute = config.arch in _PERMUTED_ARCHS
     tensors: dict[str, Weight] = {}

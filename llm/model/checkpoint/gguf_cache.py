@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from llm.model.checkpoint.common import CheckpointError, check_tensors, expected_tensors
-from llm.model.checkpoint.gguf import convert_gguf
+from llm.model.checkpoint.gguf import convert_gguf, read_gguf
 from llm.model.checkpoint.safetensors_io import (
     open_safetensors,
     read_safetensors,
@@ -62,7 +62,9 @@ def load_gguf_cached(
                 entry.unlink(missing_ok=True)
             except OSError as unlink_error:  # the atomic rewrite below replaces it anyway
                 log.warning("could not delete %s: %s", entry, unlink_error)
-    config, tensors = convert_gguf(path, progress, stored)
+    reader = read_gguf(path, progress)
+    config, tensors = convert_gguf(path, progress, stored, reader)
+    _cache_vocab(path, cache_dir, digest, reader)
     flat, metadata = flatten_state(tensors) if stored else (tensors, {})
     metadata.update({
         "format": _STORED_FORMAT if stored else _CACHE_FORMAT,
@@ -76,6 +78,19 @@ def load_gguf_cached(
     except OSError as e:  # a read-only or full disk costs a reconversion next time, nothing else
         log.warning("could not write the weights cache %s: %s", entry, e)
     return config, tensors, digest
+
+
+def _cache_vocab(path: Path, cache_dir: Path, digest: str, reader: object) -> None:
+    """Write the tokenizer's cache entry from the reader the conversion opened, so that the
+    tokenizer does not parse the file a second time (seconds; `gguf_vocab.cached_gguf_vocab`).
+    A GGUF without a usable tokenizer still converts: the tokenizer reports it when asked for."""
+    from llm.model.tokenizer.errors import TokenizerError
+    from llm.model.tokenizer.gguf_vocab import cached_gguf_vocab
+
+    try:
+        cached_gguf_vocab(path, cache_dir, digest, reader=reader)
+    except TokenizerError as e:
+        log.info("no tokenizer cached for %s: %s", path, e)
 
 
 def _read_cache(

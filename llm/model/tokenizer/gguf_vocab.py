@@ -156,13 +156,14 @@ def read_gguf_vocab(path: str | Path, reader: Any = None) -> GGUFVocab:
 
 
 def cached_gguf_vocab(path: Path, cache_dir: Path, digest: str | None = None,
-                      progress: bool = False) -> GGUFVocab:
+                      progress: bool = False, reader: Any = None) -> GGUFVocab:
     """`read_gguf_vocab`, memoised as JSON in `cache_dir` under the file's content sha256.
 
     Parsing a GGUF's metadata costs seconds (every token string is a field); the cache entry costs
     milliseconds. `digest` is the file's sha256 when the caller already has it (the weights loader
     computes it). A missing, stale or unreadable entry is rebuilt, written atomically; with
-    `progress` the parse says so on stderr (it takes ~5 s for a 49k-token vocabulary).
+    `progress` the parse says so on stderr (it takes ~5 s for a 49k-token vocabulary). `reader`:
+    the file already opened (the weights' conversion writes the entry this way: one parse).
     """
     from llm.model.files import atomic_write, file_sha256
 
@@ -177,11 +178,12 @@ def cached_gguf_vocab(path: Path, cache_dir: Path, digest: str | None = None,
         except (OSError, ValueError, TypeError, KeyError) as e:
             log.warning("unusable tokenizer cache entry %s, rebuilding it: %s", entry, e)
     start = time.perf_counter()
-    if progress:
+    say = progress and reader is None
+    if say:
         print(f"reading the tokenizer of {path.name} (once) ...", end="", file=sys.stderr,
               flush=True)
-    vocab = read_gguf_vocab(path)
-    if progress:
+    vocab = read_gguf_vocab(path, reader)
+    if say:
         print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
     fields = {k: v for k, v in dataclasses.asdict(vocab).items() if k != "path"}
     text = json.dumps({"source_sha256": digest, "vocab": fields}, ensure_ascii=False)
