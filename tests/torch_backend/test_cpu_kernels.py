@@ -172,3 +172,27 @@ def test_a_rows_result_never_depends_on_the_batch(kernels) -> None:
         alone = torch.cat([layer(x[i:i + 1]) for i in range(16)])
         for m in (2, 3, 5, 16):
             assert torch.equal(layer(x[:m]), alone[:m]), (w.format, m)
+
+
+@pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q4_1"), ("qwen2", "Q8_0")])
+def test_one_call_per_layer_equals_the_per_op_path(tmp_path, arch, qtype) -> None:
+    """`layer_decode` (one C call per layer) runs the per-op path's functions in its order: the
+    same logits bit for bit, at batch 1 and 3 (qwen2: q/k/v biases), and the same K/V written."""
+    import gguf
+    from test_checkpoint import tiny_gguf
+
+    from llm.backends.torch.runner import TorchBackend
+    from llm.model.checkpoint.load import load_checkpoint
+
+    path, _ = tiny_gguf(tmp_path, arch=arch, qtype=getattr(gguf.GGMLQuantizationType, qtype))
+    ck = load_checkpoint(path, cache_dir=tmp_path / "c", progress=False, weights="stored")
+    runtime = RuntimeConfig(max_batch=3, max_seq_len=64, block_size=16)
+    fused, per_op = (TorchBackend(ck, runtime, cache_dir=tmp_path) for _ in range(2))
+    per_op.model._layer_plans = lambda cache: None
+    for b in (1, 3):
+        tokens, positions = torch.tensor([5, 9, 2][:b]), torch.tensor([0, 7, 19][:b])
+        table = torch.arange(4 * b).view(b, 4)
+        logits = [be.model.decode(tokens, positions, table, be.cache, 19) for be in (fused, per_op)]
+        assert fused.model._layer_plans(fused.cache), "the fused path did not run"
+        assert torch.equal(logits[0], logits[1])
+        assert all(torch.equal(a, c) for a, c in zip(fused.cache.k, per_op.cache.k))

@@ -151,6 +151,29 @@ class Transformer:
             raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
         self.gemv_max_batch = gemv_max_batch
 
+    def _layer_plans(self, cache: PagedKVCache) -> list | None:
+        """The layers as `NativeKernels.layer_plan`s (built on first use, rebuilt for another
+        cache), or None where a layer cannot run as one C call: a projection that is not
+        quantized for the C kernels (dense, Q6_K), or a mesh (its all-reduces)."""
+        plans = getattr(self, "_plans", None)
+        if plans is not None and all(p.kpool is cache.k[i] for i, p in enumerate(plans)):
+            return plans
+        self._plans = None
+        if self.mesh.size > 1:
+            return None
+        built = []
+        for i, layer in enumerate(self.layers):
+            a, m = layer.attn, layer.mlp
+            ws = [a.wqkv, a.wo, m.gate_up, m.down]
+            if not all(isinstance(w, QuantLinear) and w.cpu().kind == "native" for w in ws):
+                return None
+            built.append(self.cpu_kernels.layer_plan(
+                *(w.cpu() for w in ws), (a.bqkv, a.bo, m.gate_up_bias, m.down_bias),
+                layer.attn_norm.weight, layer.mlp_norm.weight, layer.attn_norm.eps,
+                cache.k[i], cache.v[i], a.n_heads))
+        self._plans = built
+        return built
+
     def _held_weights(self) -> list:
         """Every weight the modules hold, each once (fused ones as fused; a tied dense head is
         the embedding; a quantized head is its chunks), with the quantized linear layers
@@ -207,8 +230,13 @@ class Transformer:
         k = self.cpu_kernels
         if k is not None:
             meta = replace(meta, page_table=meta.page_table.contiguous())
-            for layer in self.layers:
-                x, residual = layer.decode_native(x, residual, meta, cache, k)
+            plans = self._layer_plans(cache)
+            if plans:  # one C call per layer
+                x, residual = k.decode_layers(plans, x.contiguous(), meta.cos, meta.sin,
+                                              meta.page_table, meta.positions, meta.max_pos)
+            else:
+                for layer in self.layers:
+                    x, residual = layer.decode_native(x, residual, meta, cache, k)
             return self.lm_head(self.norm.add_norm(x, residual)[0])
         gemv = tokens.shape[0] <= self.gemv_max_batch
         for layer in self.layers:

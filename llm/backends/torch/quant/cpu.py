@@ -197,7 +197,7 @@ class CpuQuantLinear:
     def _native(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, n = self.kernels, self.out_features
         if x.shape[0] > NATIVE_MAX_ROWS:
-            out = k.dequant_scratch(n * self.in_features).view(n, self.in_features)
+            out = k.scratch("dequant", n * self.in_features).view(n, self.in_features)
             w = k.dequant(self.bits, self.weight, self.scales, self.zero, n, self.in_features, out)
             return F.linear(x, w, bias)
         y = k.matmul(self.bits, x, self.weight, self.scales, self.zero, n)  # [M, N]

@@ -439,3 +439,56 @@ void attention_decode(float *qkv, const float *cos, const float *sin, float *kpo
         }
     }
 }
+
+/* ---- A whole decoder layer's decode step in one call (the same functions, in the same order,
+   as the per-op path: bit-equal results, ~60 calls from Python fewer per layer). ---- */
+
+typedef struct {
+    const void *codes, *scale, *zero; /* a q4 / q8 matrix [n, k] (code_groups.py) */
+    const float *bias;                /* [n] or NULL */
+    int64_t n, k;
+    int32_t bits, f16;                /* 4 or 8; scale and zero float16 (1) or float32 (0) */
+} qmat;
+
+typedef struct {
+    qmat qkv, o, gate_up, down;
+    const float *attn_norm, *mlp_norm;
+    float eps, scale;
+    float *kpool, *vpool;
+    int64_t nh, nkv, hd, bs;
+} layer_t;
+
+static void qmat_apply(const qmat *w, const float *x, int64_t M, float *y) {
+    if (w->bits == 4 && w->f16)
+        q4_matmul_f16(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
+    else if (w->bits == 4)
+        q4_matmul(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
+    else if (w->f16)
+        q8_matmul_f16(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
+    else
+        q8_matmul(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
+    if (w->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = 0; i < w->n; i++) y[m * w->n + i] += w->bias[i];
+}
+
+/* x [B, H]: the previous layer's MLP output (in: the embeddings, with has_residual 0);
+   residual [B, H] in/out; out [B, H] this layer's MLP output. scratch: B * (2 H + qkv + q + 2 I
+   + I) floats; scores: B * nh * (max_pos + 1). */
+void layer_decode(const layer_t *L, int64_t B, const float *x, float *residual, int has_residual,
+                  const float *cos, const float *sin, const int64_t *page_table,
+                  int64_t max_blocks, const int64_t *positions, int64_t max_pos, float *scores,
+                  float *scratch, float *out) {
+    int64_t H = L->o.n, q = L->nh * L->hd, I = L->down.k;
+    float *h = scratch, *qkv = h + B * H, *att = qkv + B * L->qkv.n, *o = att + B * q;
+    float *gu = o + B * H, *act = gu + B * 2 * I;
+    add_rms_norm(x, has_residual ? residual : NULL, L->attn_norm, L->eps, B, H, residual, h);
+    qmat_apply(&L->qkv, h, B, qkv);
+    attention_decode(qkv, cos, sin, L->kpool, L->vpool, page_table, positions, B, L->nh, L->nkv,
+                     L->hd, L->bs, max_blocks, L->scale, scores, max_pos + 1, att);
+    qmat_apply(&L->o, att, B, o);
+    add_rms_norm(o, residual, L->mlp_norm, L->eps, B, H, residual, h);
+    qmat_apply(&L->gate_up, h, B, gu);
+    silu_mul(gu, B, I, act);
+    qmat_apply(&L->down, act, B, out);
+}

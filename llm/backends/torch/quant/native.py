@@ -36,21 +36,90 @@ class NativeKernelsUnavailable(RuntimeError):
     """The C kernels could not be built or loaded (no compiler, a failed build)."""
 
 
+class _QMat(ctypes.Structure):  # cpu_kernels.c `qmat`
+    _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("bits", ctypes.c_int32), ("f16", ctypes.c_int32)]
+
+
+class _Layer(ctypes.Structure):  # cpu_kernels.c `layer_t`
+    _fields_ = [("qkv", _QMat), ("o", _QMat), ("gate_up", _QMat), ("down", _QMat),
+                ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("kpool", ctypes.c_void_p), ("vpool", ctypes.c_void_p), ("nh", ctypes.c_int64),
+                ("nkv", ctypes.c_int64), ("hd", ctypes.c_int64), ("bs", ctypes.c_int64)]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One decoder layer as `layer_decode` takes it: the C struct of pointers, and the tensors
+    they point into (kept alive here). Built once per layer (`NativeKernels.layer_plan`)."""
+
+    struct: _Layer
+    tensors: tuple
+    kpool: torch.Tensor
+    vpool: torch.Tensor
+
+
 @dataclass(frozen=True)
 class NativeKernels:
     """The loaded library; every function takes raw pointers of contiguous tensors."""
 
     path: Path
     lib: ctypes.CDLL
-    scratch: list[torch.Tensor] = field(default_factory=list)  # see `dequant_scratch`
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # see `scratch`
 
-    def dequant_scratch(self, numel: int) -> torch.Tensor:
-        """A float32 buffer of at least `numel` values, reused from call to call: a prompt's
-        layers are dequantized one after another into it (a fresh tensor per call would fault
-        its pages in anew each time: 1.5 ms instead of ~0.3 ms for a [3072, 576] layer)."""
-        if not self.scratch or self.scratch[0].numel() < numel:
-            self.scratch[:] = [torch.empty(numel)]
-        return self.scratch[0][:numel]
+    def scratch(self, name: str, numel: int) -> torch.Tensor:
+        """A float32 buffer `name` of at least `numel` values, reused from call to call (a
+        prompt's layers are dequantized one after another into "dequant"; a fresh tensor per call
+        would fault its pages in anew each time: 1.5 ms instead of ~0.3 ms for a [3072, 576]
+        layer). One engine drives a backend at a time, so a buffer has one user at a time."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel)
+        return buf[:numel]
+
+    def layer_plan(self, qkv, o, gate_up, down, biases: tuple, attn_norm: torch.Tensor,
+                   mlp_norm: torch.Tensor, eps: float, kpool: torch.Tensor, vpool: torch.Tensor,
+                   n_heads: int) -> LayerPlan:
+        """The struct `layer_decode` reads for one layer: its four projections (native
+        `CpuQuantLinear`s, cpu.py) with their biases (tensors or None), its norms, its K/V pools
+        [blocks, n_kv, bs, hd]."""
+        def mat(w, bias) -> _QMat:
+            return _QMat(w.weight.data_ptr(), w.scales.data_ptr(), w.zero.data_ptr(),
+                         None if bias is None else bias.data_ptr(), w.out_features,
+                         w.in_features, w.bits, int(w.scales.dtype == torch.float16))
+
+        _, n_kv, bs, hd = kpool.shape
+        struct = _Layer(mat(qkv, biases[0]), mat(o, biases[1]), mat(gate_up, biases[2]),
+                        mat(down, biases[3]), attn_norm.data_ptr(), mlp_norm.data_ptr(), eps,
+                        hd ** -0.5, kpool.data_ptr(), vpool.data_ptr(), n_heads, n_kv, hd, bs)
+        return LayerPlan(struct, (qkv, o, gate_up, down, biases, attn_norm, mlp_norm), kpool,
+                         vpool)
+
+    def decode_layers(self, plans: list[LayerPlan], x: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor,
+                      max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's decode step, one C call each (`layer_decode`: the per-op path's
+        functions in its order, so the same bits): x [B, H] embeddings -> (last MLP output,
+        residual stream) [B, H]. page_table [B, nb] int64 contiguous, positions [B] int64."""
+        b, h = x.shape
+        first = plans[0].tensors
+        width = first[0].out_features  # q + 2 kv: the QKV output, and more than attention's q
+        inter = first[3].in_features
+        n_heads = plans[0].struct.nh
+        scratch = self.scratch("layer", b * (2 * h + 2 * width + 3 * inter))
+        scores = self.scratch("scores", b * n_heads * (max_pos + 1))
+        residual, out = torch.empty(b, h), [torch.empty(b, h), torch.empty(b, h)]
+        fn, args = self.lib.layer_decode, (
+            cos.data_ptr(), sin.data_ptr(), page_table.data_ptr(), page_table.shape[1],
+            positions.data_ptr(), max_pos, scores.data_ptr(), scratch.data_ptr())
+        for i, plan in enumerate(plans):
+            y = out[i % 2]
+            fn(ctypes.byref(plan.struct), b, x.data_ptr(), residual.data_ptr(), int(i > 0), *args,
+               y.data_ptr())
+            x = y
+        return x, residual
 
     def matmul(self, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                zero: torch.Tensor, n: int) -> torch.Tensor:
@@ -198,6 +267,8 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
         "silu_mul": [ptr, i64, i64, ptr],
         "attention_decode": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
                              f32, ptr, i64, ptr],
+        "layer_decode": [ptr, i64, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr,
+                         ptr],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
