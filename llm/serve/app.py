@@ -196,11 +196,11 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape,
     try:
         async for ev in stream:
             if ev.text or (first and shape.chat):
-                yield shape.chunk(ev.text, first=first)
+                yield shape.chunk(ev.text, first=first, usage_field=include_usage)
                 first = False
             if ev.finished:
                 assert ev.output is not None
-                yield shape.chunk("", ev.output.finish_reason, out=ev.output)
+                yield shape.chunk("", ev.output.finish_reason, usage_field=include_usage)
                 if include_usage:
                     yield shape.usage_chunk(ev.output)
     except EngineClosedError as e:

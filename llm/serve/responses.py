@@ -44,8 +44,11 @@ class ResponseShape:
         return {**self._head(False), "choices": [choice], "usage": usage(out)}
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
-              out: RequestOutput | None = None) -> bytes:
-        """One SSE event carrying a text delta; the last one (with out) also carries usage."""
+              usage_field: bool = False) -> bytes:
+        """One SSE event carrying a text delta. Usage is never in it: with
+        stream_options.include_usage it comes in the extra last chunk (`usage_chunk`) and every
+        other chunk has "usage": null (`usage_field`), as OpenAI streams it; without, no chunk has
+        the field (a client summing usage over chunks counts it once)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text or not first:
@@ -55,8 +58,8 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
         body = {**self._head(True), "choices": [choice]}
-        if out is not None:
-            body["usage"] = usage(out)
+        if usage_field:
+            body["usage"] = None
         return sse(body)
 
     def usage_chunk(self, out: RequestOutput) -> bytes:

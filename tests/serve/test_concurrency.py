@@ -43,6 +43,7 @@ async def run_one(client: httpx.AsyncClient, body: dict) -> tuple[str, int]:
         data = r.json()
         return data["choices"][0]["text"], data["usage"]["completion_tokens"]
     text, usage = [], None
+    body = {**body, "stream_options": {"include_usage": True}}  # usage in a last extra chunk
     async with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():

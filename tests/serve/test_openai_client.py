@@ -4,6 +4,9 @@ models, usage, and the same greedy text as the in-process Generator.
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import openai
 import pytest
 from conftest import MODEL_NAME
@@ -68,11 +71,13 @@ def test_chat_streamed_with_stop_and_seed(client, reference) -> None:
     _, want = reference
     stream = client.chat.completions.create(
         model=MODEL_NAME, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
         messages=[{"role": "user", "content": "What is the capital of France?"}])
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == want.text
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-2].usage is None and not chunks[-1].choices
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
     word = want.text.split()[2]
     r = client.chat.completions.create(
@@ -94,3 +99,19 @@ def test_client_sees_clean_errors(client) -> None:
         client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, temperature=-1)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model=MODEL_NAME, prompt="hi " * 600, max_tokens=2)
+
+
+def test_streamed_usage_is_counted_once(live_server) -> None:
+    """Usage only in the extra last chunk of include_usage (every other chunk: usage null), and in
+    no chunk without it: a client summing usage over the chunks counts the request once."""
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 5,
+            "temperature": 0, "stream": True}
+    for include, want_total in ((True, 5), (False, 0)):
+        r = httpx.post(live_server.url + "/v1/completions",
+                       json={**body, "stream_options": {"include_usage": include}}, timeout=60)
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        assert all(("usage" in c) == include for c in chunks), chunks
+        assert sum((c.get("usage") or {}).get("completion_tokens", 0) for c in chunks) == want_total
+        if include:
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5

@@ -63,7 +63,8 @@ def test_full_queue_is_429_with_retry_after(serve_model) -> None:
             slow = completion(max_tokens=16, ignore_eos=True)
             return await asyncio.gather(
                 c.post("/v1/completions", json=slow), c.post("/v1/completions", json=slow),
-                c.post("/v1/completions", json={**slow, "stream": True}),
+                c.post("/v1/completions", json={**slow, "stream": True,
+                                                "stream_options": {"include_usage": True}}),
                 c.post("/v1/chat/completions", json={
                     "model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
                     "max_tokens": 16, "ignore_eos": True}))
