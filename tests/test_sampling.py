@@ -22,7 +22,8 @@ from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsEr
     ({"top_k": 2.5}, "top_k must be an integer"),
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
     ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
-    ({"seed": -3}, "seed must be >= 0"),
+    ({"seed": 2**63}, "seed must be < 2**63"),
+    ({"seed": -2**63 - 1}, "seed must be >= "),
     ({"stop": ["ok", ""]}, "stop strings must be non-empty"),
     ({"stop_token_ids": [-1]}, "stop_token_ids entry must be >= 0"),
 ])
@@ -104,3 +105,20 @@ def test_different_seeds_give_different_streams_and_same_seed_repeats() -> None:
     assert run(1) != run(2)
     assert len(set(run(3))) > 50  # uniform over 1000 tokens: few collisions among 64 draws
     assert math.isclose(SamplingParams(top_k=1, temperature=1.0).greedy, True)
+
+
+def test_any_int64_seed_samples_reproducibly() -> None:
+    """OpenAI's API takes any int64 seed: negative and extreme ones sample like any other,
+    reproducibly and differently from each other."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500)
+    pos = torch.tensor([7])
+    p = SamplingParams(temperature=1.0)
+    draws = {}
+    for seed in (-1, -2**63, 2**63 - 1, 0, 1):
+        SamplingParams(temperature=1.0, seed=seed)  # accepted
+        runs = [sample(logits, _tensors([p], [seed]), pos).item() for _ in range(2)]
+        assert runs[0] == runs[1]
+        draws[seed] = [sample(torch.randn(1, 500, generator=torch.Generator().manual_seed(k)),
+                              _tensors([p], [seed]), pos).item() for k in range(8)]
+    assert len({tuple(v) for v in draws.values()}) == len(draws)

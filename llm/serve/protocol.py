@@ -76,7 +76,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
         prompt = _prompt(body.get("prompt"))
         max_tokens = _opt_int(body, "max_tokens", 1)
     top_k = _opt_int(body, "top_k", -1)
-    seed = _opt_int(body, "seed", 0)
+    seed = _opt_int(body, "seed", -2**63)  # any int64, as OpenAI's API
     stream = _opt_bool(body, "stream") or False
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):

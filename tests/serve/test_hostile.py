@@ -37,7 +37,7 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         "temperature": [-1, "hot", NAN, INF, -INF, True, [], {"a": 1}],
         "top_p": [0, -0.5, 1.5, NAN, "x", False],
         "top_k": [-5, 1.5, "1", 10**40, True],
-        "seed": [-1, 2**64, "x", 1.5, NAN],
+        "seed": [-2**63 - 1, 2**64, "x", 1.5, NAN],
         "stop": [1, [1], [""], "", ["a"] * 100, {}, ["\udfff"]],
         "stream": ["yes", 1, [], "true"],
         "n": [2, 0, "1", True, -1],

@@ -62,10 +62,13 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def counter_uniform(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniform (0, 1) noise [B, vocab] that depends only on (seed[b], position[b], column).
 
-    seed, position: [B] int64.
+    seed, position: [B] int64 (any int64 seed: both halves are mixed in, so seeds that share
+    their low 32 bits, e.g. 0 and -2**63, draw different noise).
     """
     col = torch.arange(vocab, device=seed.device, dtype=torch.int64)  # [V]
-    key = _hash32(_hash32(seed * 0x9E3779B1 + 0x632BE5AB) ^ _hash32(position + 0x5BD1E995))  # [B]
+    lo, hi = seed & _MASK32, (seed >> 32) & _MASK32  # the two 32-bit halves (two's complement)
+    mixed = _hash32(lo * 0x9E3779B1 + 0x632BE5AB) ^ _hash32(hi + 0x7F4A7C15)
+    key = _hash32(mixed ^ _hash32(position + 0x5BD1E995))  # [B]
     bits = _hash32(key[:, None] ^ _hash32(col[None, :] * 0x85EBCA6B + 0xC2B2AE35))  # [B, V]
     return (bits.to(torch.float64) + 0.5) / 4294967296.0
 

@@ -52,8 +52,10 @@ class SamplingParams:
         _check_number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
         _check_int("top_k", self.top_k, lo=0)
         _check_int("max_new_tokens", self.max_new_tokens, lo=1)
-        if self.seed is not None:
-            _check_int("seed", self.seed, lo=0)
+        if self.seed is not None:  # any int64, as OpenAI's API takes (the sampler's tensors)
+            _check_int("seed", self.seed, lo=-2**63)
+            if self.seed >= 2**63:
+                raise SamplingParamsError(f"seed must be < 2**63, got {self.seed}", param="seed")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}",
