@@ -75,7 +75,7 @@ class Generator:
             raise TypeError("prompts must be a list of prompts; wrap a single prompt in a list")
         plist = _per_request(params, len(prompts))
         sched = self.scheduler
-        seqs = [sched.make_sequence(i, self.encode_prompt(p, chat), sp)
+        seqs = [sched.make_sequence(i, self.encode_prompt(p, chat), sp, label=f"request {i}")
                 for i, (p, sp) in enumerate(zip(prompts, plist))]
         return self._run(seqs)
 

@@ -101,25 +101,29 @@ class Scheduler:
         q = self.config.max_queue
         return None if q is None else self.max_active + q
 
-    def make_sequence(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
-        """Validate one request (prompt token ids + parameters) and build its Sequence."""
+    def make_sequence(self, index: int, ids: list[int], params: SamplingParams,
+                      label: str | None = None) -> Sequence:
+        """Validate one request (prompt token ids + parameters) and build its Sequence. label:
+        how errors name the request to its sender (e.g. "request 2" for the third prompt of a
+        `generate` call); None names none (a server's internal index means nothing to a client)."""
         self.capabilities.check(params, self.backend.name)  # SamplingParamsError naming the param
+        at = f"{label}: " if label else ""
         if not ids:
-            raise RequestError(f"request {index}: the prompt is empty (it encodes to no tokens)")
+            raise RequestError(f"{at}the prompt is empty (it encodes to no tokens)")
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
                or not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(
-                f"request {index}: token ids {bad[:5]} outside [0, {self.vocab_size})")
+                f"{at}token ids {bad[:5]} outside [0, {self.vocab_size})")
         if len(ids) >= self.max_seq_len:
             raise RequestError(
-                f"request {index}: prompt has {len(ids)} tokens but the context limit is "
+                f"{at}the prompt has {len(ids)} tokens but the context limit is "
                 f"{self.max_seq_len} (max_seq_len) and at least one new token must fit"
             )
         budget = min(len(ids) + params.max_new_tokens, self.max_seq_len)
         if self.pages.blocks_needed(budget) > self.pages.allocator.capacity:
             raise OutOfPagesError(
-                f"request {index}: needs {self.pages.blocks_needed(budget)} KV pages for {budget} "
+                f"{at}needs {self.pages.blocks_needed(budget)} KV pages for {budget} "
                 f"tokens but the pool has only {self.pages.allocator.capacity}"
             )
         stop_ids = set(params.stop_token_ids)

@@ -135,3 +135,15 @@ def test_python_m_llm_serve(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "llm.serve", "--model", "/nonexistent.gguf"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "/nonexistent.gguf" in bad.stderr
+
+
+def test_request_errors_name_no_internal_counter(live_server) -> None:
+    """A prompt beyond the context is a 400 that says why, without the engine's internal request
+    index (which means nothing to the client)."""
+    too_long = {"model": MODEL_NAME, "prompt": "word " * 2000, "max_tokens": 4}
+    bad_ids = {"model": MODEL_NAME, "prompt": [1, 10**6], "max_tokens": 4}
+    for body, says in ((too_long, "context"), (bad_ids, "outside"), (too_long, "context")):
+        r = httpx.post(live_server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400
+        message = r.json()["error"]["message"]
+        assert says in message and not re.search(r"request \d", message), message
