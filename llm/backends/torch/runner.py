@@ -46,7 +46,7 @@ class TorchBackend(Backend):
     def __init__(self, checkpoint: Checkpoint | WeightSlices, runtime: RuntimeConfig,
                  cuda_graphs: bool = True, mesh: Mesh | None = None,
                  all_reduce: str = "auto", gemv_max_batch: int | None = None,
-                 threads: int | None = None, native_kernels: bool = True,
+                 threads: int | None = None, native_kernels: bool | None = None,
                  cache_dir: str | Path | None = None, progress: bool = False) -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
         cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs, and
@@ -60,7 +60,8 @@ class TorchBackend(Backend):
         after. Not allowed on CUDA, where the thread count is never touched.
         native_kernels: on the CPU in float32, apply quantized weights with the C kernels
         (quant/cpu_kernels.c, built on first use into `cache_dir`/kernels; without a C compiler a
-        warning says why and the layers are dequantized once instead). False: torch ops only.
+        warning says why and the layers are dequantized once instead). None: where that applies;
+        True: the same, and any other device or dtype is refused; False: torch ops only.
         progress: say when the C kernels are being built (first use on a machine).
         """
         if all_reduce not in ("auto", "nccl"):
@@ -83,7 +84,11 @@ class TorchBackend(Backend):
                                                  runtime.max_batch * self.config.hidden_size)
         weights = checkpoint if isinstance(checkpoint, WeightSlices) else checkpoint.tensors
         self.kernels = None
-        if native_kernels and self.device.type == "cpu" and runtime.dtype == "float32":
+        applies = self.device.type == "cpu" and runtime.dtype == "float32"
+        if native_kernels and not applies:
+            raise ValueError(f"native_kernels=True needs device cpu and dtype float32, not "
+                             f"{runtime.device} {runtime.dtype} (None: where they apply)")
+        if native_kernels is not False and applies:
             self.kernels = _native_kernels(cache_dir, progress)
         self.model = Transformer(self.config, weights, runtime, mesh=self.mesh,
                                  gemv_max_batch=gemv_max_batch, cpu_kernels=self.kernels)
@@ -214,8 +219,8 @@ def create(spec: BackendSpec) -> Backend:
     """Registry entry point (see llm.engine.contract.backend.create_backend).
 
     Options: cuda_graphs (bool), all_reduce ("auto" | "nccl"), gemv_max_batch (int), threads
-    (int >= 1, CPU only; None = the default policy), native_kernels (bool); see TorchBackend.
-    spec.tensor_parallel > 1 starts this process's rank (llm.backends.torch.parallel).
+    (int >= 1, CPU only; None = the default policy), native_kernels (bool or None); see
+    TorchBackend. spec.tensor_parallel > 1 starts this process's rank (llm.backends.torch.parallel).
     """
     options = dict(spec.options)
     unknown = sorted(set(options) - set(_OPTIONS))

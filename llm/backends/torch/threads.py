@@ -36,7 +36,8 @@ transformers' two threads beat our one at batch 4 (docs/performance.md, "CPU: be
 So a fixed count is wrong one way or the other: the default policy (ThreadPolicy.default) looks at
 the competition at each call instead. It counts the other processes' runnable tasks (the running
 count of /proc/loadavg less this process's own running threads) and uses the free cores, and keeps
-decode batches below 4 on one thread. The earlier fixed defaults, for the record:
+decode batches below 4 on one thread when the step is torch ops (from batch 1 the free cores when
+the C kernels run it: ThreadPolicy.wide_decode_batch). The earlier fixed defaults, for the record:
 
 - decode: 1 thread, always (up to batch 8 the per-step work is small and the hand-off
   dominates; larger batches and machines were not measured: the `threads` option overrides);
