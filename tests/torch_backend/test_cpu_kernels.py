@@ -110,30 +110,41 @@ def test_add_rms_norm_and_silu_mul(kernels) -> None:
                                rtol=1e-6, atol=1e-6)
 
 
-def test_attention_decode_equals_the_torch_path(kernels) -> None:
-    """Three users at different positions on scattered pages, GQA 6 heads over 2 KV heads:
-    the same K/V written and the same attention output as Attention.decode_qkv's torch path."""
-    config = ModelConfig(arch="llama", vocab_size=32, hidden_size=96, intermediate_size=64,
-                         num_layers=1, num_heads=6, num_kv_heads=2, head_dim=16,
-                         max_position_embeddings=64)
-    runtime = RuntimeConfig(max_batch=3, max_seq_len=64, block_size=8)
+@pytest.mark.parametrize("build", ["kernels", "portable"])
+@pytest.mark.parametrize("heads, kv_heads, hd, bs, positions", [
+    (6, 2, 16, 8, [3, 17, 30]),  # short: one chunk of positions per user
+    (10, 2, 64, 32, [0, 129, 300]),  # 5 heads per KV head (two sets), up to 3 chunks of 128
+])
+def test_attention_decode_equals_the_torch_path(request, build, heads, kv_heads, hd, bs,
+                                                positions) -> None:
+    """Three users at different positions on scattered pages, GQA: the same K/V written and the
+    same attention output as Attention.decode_qkv's torch path."""
+    kernels = request.getfixturevalue(build)
+    hidden, kv = heads * hd, kv_heads * hd
+    config = ModelConfig(arch="llama", vocab_size=32, hidden_size=hidden, intermediate_size=64,
+                         num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+                         max_position_embeddings=512)
+    pages = -(-(max(positions) + 1) // bs)
+    runtime = RuntimeConfig(max_batch=3, max_seq_len=pages * bs, block_size=bs)
     g = torch.Generator().manual_seed(0)
-    w = {f"model.layers.0.self_attn.{n}_proj.weight": torch.randn(o, 96, generator=g) * 0.1
-         for n, o in (("q", 96), ("k", 32), ("v", 32))}
-    w["model.layers.0.self_attn.o_proj.weight"] = torch.randn(96, 96, generator=g) * 0.1
+    w = {f"model.layers.0.self_attn.{n}_proj.weight": torch.randn(o, hidden, generator=g) * 0.1
+         for n, o in (("q", hidden), ("k", kv), ("v", kv))}
+    w["model.layers.0.self_attn.o_proj.weight"] = torch.randn(hidden, hidden, generator=g) * 0.1
     attn = Attention(config, w, 0)
-    rope = RotaryEmbedding(config, 64, "cpu", torch.float32)
+    rope = RotaryEmbedding(config, 512, "cpu", torch.float32)
     caches = [PagedKVCache(config, runtime, "cpu", torch.float32) for _ in range(2)]
     for i, pool in enumerate((caches[0].k[0], caches[0].v[0])):  # earlier tokens in the pages
-        pool.copy_(torch.randn(pool.shape, generator=g))
+        pool.copy_(torch.randn(pool.shape, generator=g) * (1 + 3 * i))
         (caches[1].k, caches[1].v)[i][0].copy_(pool)
-    page_table = torch.tensor([[5, 2, 7, 0], [1, 3, 4, 6], [9, 8, 10, 11]])
-    positions = torch.tensor([3, 17, 30])
-    meta = DecodeMeta.build(rope, positions, page_table, 8, 30)
-    qkv = torch.randn(3, 160, generator=g)
+    blocks = caches[0].k[0].shape[0]
+    page_table = torch.randperm(blocks, generator=g)[:3 * pages].reshape(3, pages)
+    positions = torch.tensor(positions)
+    meta = DecodeMeta.build(rope, positions, page_table, bs, int(positions.max()))
+    qkv = torch.randn(3, hidden + 2 * kv, generator=g) * 2  # spread scores: exp's whole range
     want = attn.decode_qkv(qkv.clone(), meta, caches[0])
     out = kernels.attention_decode(qkv.clone(), meta.cos, meta.sin, caches[1].k[0],
-                                   caches[1].v[0], page_table, positions, 6, 30, 16 ** -0.5)
+                                   caches[1].v[0], page_table, positions, heads,
+                                   int(positions.max()), hd ** -0.5)
     torch.testing.assert_close(F.linear(out, attn.wo), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1].k[0], caches[0].k[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(caches[1].v[0], caches[0].v[0])

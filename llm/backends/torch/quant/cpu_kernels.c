@@ -21,6 +21,9 @@
    Measured on the 2-core AVX-512 CI machine (2026-12-03): the decode step is bound by these
    instructions more than by memory: the table lookup for q4 instead of convert + fma saved 2-4%,
    float16 scales (a Q4_1 block in 20 bytes instead of 24) cost 5-10% for their conversion.
+   2026-12-04: out of cache one core's demand misses do not overlap the arithmetic (3.2-4.4 ns
+   per block and row against 1.8 in cache, 5-6 GB/s against the core's 11-13 GB/s streaming
+   read), so the matmuls prefetch rows of W a few groups ahead: 2.3 ns, -20-30% per matmul.
 
    Built at first use by native.py with -O3 -march=native -fopenmp; the AVX-512 path is taken
    where the compiler targets it, portable loops elsewhere. */
@@ -77,9 +80,31 @@ static inline void widen(const half *src, float *dst, int64_t n) {
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i + 8 <= n; i += 8) /* e.g. K = 576: 4 rows of 18 scales are 4 x 16 + 8 */
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
 #endif
     for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
+
+/* Ask for `bytes` from p into the cache ahead of use. One core's demand loads alone reach about
+   half the memory bandwidth here (the kernel's arithmetic does not overlap the misses), so the
+   matmuls fetch rows of W a few groups ahead of the rows they compute. */
+#define AHEAD 4 /* groups of rows (4 at M = 1, 2 otherwise) ahead */
+static inline void prefetch(const void *p, int64_t bytes) {
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+/* Rows [row, row + rows) of a q4 / q8 matrix [N, K] (codes, scale and zero planes with `sb`
+   bytes per scale) into the cache, if they exist. */
+#define PREFETCH_ROWS(codes, s, z, row, rows, N, nb, BYTES, sb)                                 \
+    do {                                                                                         \
+        if ((row) + (rows) <= (N)) {                                                             \
+            prefetch((codes) + (row) * (nb) * (BYTES), (rows) * (nb) * (BYTES));                 \
+            prefetch((s) + (row) * (nb), (rows) * (nb) * (sb));                                  \
+            prefetch((z) + (row) * (nb), (rows) * (nb) * (sb));                                  \
+        }                                                                                        \
+    } while (0)
 
 #if defined(__AVX512F__)
 
@@ -244,9 +269,11 @@ static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
         if (M == 1) { /* rows of W by fours, the last N % 4 by pairs */                          \
             int64_t quads = N / 4;                                                               \
             _Pragma("omp parallel for schedule(static)")                                         \
-            for (int64_t q = 0; q < quads; q++)                                                  \
+            for (int64_t q = 0; q < quads; q++) {                                                \
+                PREFETCH_ROWS(codes, s, z, 4 * (q + AHEAD), 4, N, nb, BYTES, 4);                 \
                 Q##_rows4(x, K, codes + 4 * q * nb * BYTES, s + 4 * q * nb, z + 4 * q * nb,      \
                           y + 4 * q);                                                            \
+            }                                                                                    \
             for (int64_t n1 = 4 * quads; n1 < N; n1 += 2) {                                      \
                 int64_t n2 = n1 + 1 < N ? n1 + 1 : n1;                                           \
                 Q##_pair(x, M, K, codes, s + n1 * nb, z + n1 * nb, s + n2 * nb, z + n2 * nb, N,  \
@@ -257,6 +284,7 @@ static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t p = 0; p < pairs; p++) {                                                    \
             int64_t n1 = 2 * p, n2 = n1 + 1 < N ? n1 + 1 : n1;                                   \
+            PREFETCH_ROWS(codes, s, z, n1 + 2 * AHEAD, 2, N, nb, BYTES, 4);                      \
             Q##_pair(x, M, K, codes, s + n1 * nb, z + n1 * nb, s + n2 * nb, z + n2 * nb, N, n1,  \
                      n2, y);                                                                     \
         }                                                                                        \
@@ -280,6 +308,7 @@ static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
         int64_t nb = K / BLOCK, quads = M == 1 ? N / 4 : 0;                                      \
         _Pragma("omp parallel for schedule(static)")                                             \
         for (int64_t q = 0; q < quads; q++) {                                                    \
+            PREFETCH_ROWS(codes, s, z, 4 * (q + AHEAD), 4, N, nb, BYTES, 2);                     \
             float sb[4 * nb], zb[4 * nb];                                                        \
             widen(s + 4 * q * nb, sb, 4 * nb);                                                   \
             widen(z + 4 * q * nb, zb, 4 * nb);                                                   \
@@ -289,6 +318,7 @@ static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
         _Pragma("omp parallel for schedule(static) if (pairs > 8)")                              \
         for (int64_t p = 0; p < pairs; p++) {                                                    \
             int64_t n1 = first + 2 * p, n2 = n1 + 1 < N ? n1 + 1 : n1;                           \
+            PREFETCH_ROWS(codes, s, z, n1 + 2 * AHEAD, 2, N, nb, BYTES, 2);                      \
             float sz[4 * nb];                                                                    \
             widen(s + n1 * nb, sz, nb);                                                          \
             widen(z + n1 * nb, sz + nb, nb);                                                     \
@@ -387,6 +417,130 @@ static inline void rope_head(float *x, const float *cs, const float *sn, int64_t
     }
 }
 
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0, 16 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a degree-7
+   polynomial (Cephes' expf coefficients), within 2 ulp of expf; 0 below -87.3 (underflow).
+   Masked lanes compute the same, so a value never depends on where it sits in the vector. */
+static inline __m512 exp_neg(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)),
+                                  23);
+    return _mm512_maskz_mov_ps(~under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
+#endif
+
+#define ATT_CHUNK 128 /* positions per attention task (fixed: the result depends on it) */
+#define ATT_HEADS 4   /* query heads of one KV head handled together (registers) */
+
+/* Floats of the `scores` scratch attention_decode needs: per (user, head) max_len scores, then
+   per (user, head, chunk of ATT_CHUNK positions) the chunk's max, sum and hd partial outputs. */
+int64_t attention_scratch(int64_t B, int64_t nh, int64_t hd, int64_t max_len) {
+    return B * nh * (max_len + (max_len + ATT_CHUNK - 1) / ATT_CHUNK * (hd + 2));
+}
+
+/* Heads q[0..G) [G, hd] (all reading KV head g) against positions [t0, t1) of one user: for
+   each head i, s[i] [t] = q_i . k_t * scale, then part[i] = (max m, sum l of exp(s - m),
+   sum of exp(s - m) v_t [hd]). s rows `ld` apart, part rows `pld` apart. */
+static void attend_chunk(const float *q, int G, const float *kpool, const float *vpool,
+                         const int64_t *pages, int64_t t0, int64_t t1, int64_t g, int64_t nkv,
+                         int64_t hd, int64_t bs, float scale, float *s, int64_t ld, float *part,
+                         int64_t pld) {
+    int64_t n = t1 - t0;
+    const float *krow[ATT_CHUNK], *vrow[ATT_CHUNK]; /* rows of t0 + i, one division per page */
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t at = ((pages[t / bs] * nkv + g) * bs + t % bs) * hd;
+        krow[t - t0] = kpool + at;
+        vrow[t - t0] = vpool + at;
+    }
+#if defined(__AVX512F__)
+    if (hd % 16 == 0) {
+        for (int64_t t = t0; t < t1; t++) {
+            const float *k = krow[t - t0];
+            for (int i = 0; i < G; i++) {
+                const float *qi = q + i * hd;
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), _mm512_loadu_ps(k));
+                for (int64_t d = 16; d < hd; d += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi + d), _mm512_loadu_ps(k + d), acc);
+                s[i * ld + t - t0] = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+        for (int i = 0; i < G; i++) {
+            float *si = s + i * ld;
+            __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+            for (int64_t t = 0; t < n; t += 16) {
+                __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+                mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, si + t));
+            }
+            float top = _mm512_reduce_max_ps(mx);
+            for (int64_t t = 0; t < n; t += 16) {
+                __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+                __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, si + t),
+                                                 _mm512_set1_ps(top)));
+                _mm512_mask_storeu_ps(si + t, m, e);
+                sum = _mm512_mask_add_ps(sum, m, sum, e);
+            }
+            part[i * pld] = top;
+            part[i * pld + 1] = _mm512_reduce_add_ps(sum);
+        }
+        for (int64_t d = 0; d < hd; d += 16) {
+            __m512 acc[ATT_HEADS];
+            for (int i = 0; i < G; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t t = t0; t < t1; t++) {
+                __m512 v = _mm512_loadu_ps(vrow[t - t0] + d);
+                for (int i = 0; i < G; i++)
+                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(s[i * ld + t - t0]), v, acc[i]);
+            }
+            for (int i = 0; i < G; i++) _mm512_storeu_ps(part + i * pld + 2 + d, acc[i]);
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < G; i++) {
+        float *si = s + i * ld, *pi = part + i * pld, mx = -INFINITY, sum = 0.0f;
+        for (int64_t t = t0; t < t1; t++) {
+            si[t - t0] = dot(q + i * hd, krow[t - t0], hd) * scale;
+            mx = si[t - t0] > mx ? si[t - t0] : mx;
+        }
+        for (int64_t d = 0; d < hd; d++) pi[2 + d] = 0.0f;
+        for (int64_t t = t0; t < t1; t++) {
+            float e = expf(si[t - t0] - mx);
+            const float *v = vrow[t - t0];
+            sum += e;
+            for (int64_t d = 0; d < hd; d++) pi[2 + d] += e * v[d];
+        }
+        pi[0] = mx;
+        pi[1] = sum;
+    }
+}
+
+/* out [hd] = the softmax-weighted values of one head from its chunks' parts [chunks, hd + 2]. */
+static void merge_chunks(const float *part, int64_t chunks, int64_t hd, float *out) {
+    float top = -INFINITY, sum = 0.0f;
+    for (int64_t c = 0; c < chunks; c++) top = part[c * (hd + 2)] > top ? part[c * (hd + 2)] : top;
+    for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
+    for (int64_t c = 0; c < chunks; c++) {
+        const float *pc = part + c * (hd + 2);
+        float w = expf(pc[0] - top);
+        sum += pc[1] * w;
+        for (int64_t d = 0; d < hd; d++) out[d] += pc[2 + d] * w;
+    }
+    float inv = 1.0f / sum;
+    for (int64_t d = 0; d < hd; d++) out[d] *= inv;
+}
+
 /* One decode step of attention for B users: qkv [B, (nh + 2 nkv) hd] is rotated (q, k) in
    place, k and v are written into the layer's pools [blocks, nkv, bs, hd] at each user's
    position, and out [B, nh hd] = softmax(q K^T * scale) V over the user's keys 0..pos, GQA
@@ -410,33 +564,37 @@ void attention_decode(float *qkv, const float *cos, const float *sin, float *kpo
             }
         }
     }
-    int64_t group = nh / nkv;
-#pragma omp parallel for collapse(2) schedule(static) if (B * nh * (positions[0] + 1) > 65536)
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < nh; h++) {
-            const float *q = qkv + b * width + h * hd;
-            int64_t len = positions[b] + 1, g = h / group;
-            float *s = scores + (b * nh + h) * max_len, mx = -INFINITY;
-            for (int64_t t = 0; t < len; t++) {
-                int64_t blk = page_table[b * max_blocks + t / bs];
-                const float *k = kpool + ((blk * nkv + g) * bs + t % bs) * hd;
-                s[t] = dot(q, k, hd) * scale;
-                mx = s[t] > mx ? s[t] : mx;
-            }
-            float sum = 0.0f;
-            for (int64_t t = 0; t < len; t++) {
-                s[t] = expf(s[t] - mx);
-                sum += s[t];
-            }
-            float *o = out + b * nh * hd + h * hd;
-            for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
-            for (int64_t t = 0; t < len; t++) {
-                int64_t blk = page_table[b * max_blocks + t / bs];
-                const float *v = vpool + ((blk * nkv + g) * bs + t % bs) * hd;
-                float p = s[t] / sum;
-                for (int64_t d = 0; d < hd; d++) o[d] += p * v[d];
-            }
-        }
+    /* Tasks: (user, KV head, chunk of ATT_CHUNK positions), each for up to ATT_HEADS of the KV
+       head's query heads (their K and V rows read once); then each head merges its chunks. The
+       arithmetic depends on the user's length only: the same for any batch and thread count. */
+    int64_t group = nh / nkv, chunks = (max_len + ATT_CHUNK - 1) / ATT_CHUNK, work = 0;
+    int64_t hsets = (group + ATT_HEADS - 1) / ATT_HEADS;
+    float *parts = scores + B * nh * max_len;
+    for (int64_t b = 0; b < B; b++) work += nh * (positions[b] + 1);
+#pragma omp parallel if (work > 1024)
+    {
+#pragma omp for collapse(3) schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t gs = 0; gs < nkv * hsets; gs++)
+                for (int64_t c = 0; c < chunks; c++) {
+                    int64_t len = positions[b] + 1, t0 = c * ATT_CHUNK, g = gs / hsets;
+                    int64_t h0 = g * group + (gs % hsets) * ATT_HEADS;
+                    int G = (int)(g * group + group - h0 < ATT_HEADS ? g * group + group - h0
+                                                                    : ATT_HEADS);
+                    if (t0 >= len) continue;
+                    attend_chunk(qkv + b * width + h0 * hd, G, kpool, vpool,
+                                 page_table + b * max_blocks, t0,
+                                 t0 + ATT_CHUNK < len ? t0 + ATT_CHUNK : len, g, nkv, hd, bs,
+                                 scale, scores + (b * nh + h0) * max_len + t0, max_len,
+                                 parts + ((b * nh + h0) * chunks + c) * (hd + 2),
+                                 chunks * (hd + 2));
+                }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < nh; h++)
+                merge_chunks(parts + (b * nh + h) * chunks * (hd + 2),
+                             (positions[b] + ATT_CHUNK) / ATT_CHUNK, hd,
+                             out + b * nh * hd + h * hd);
     }
 }
 
@@ -474,7 +632,7 @@ static void qmat_apply(const qmat *w, const float *x, int64_t M, float *y) {
 
 /* x [B, H]: the previous layer's MLP output (in: the embeddings, with has_residual 0);
    residual [B, H] in/out; out [B, H] this layer's MLP output. scratch: B * (2 H + qkv + q + 2 I
-   + I) floats; scores: B * nh * (max_pos + 1). */
+   + I) floats; scores: attention_scratch(B, nh, hd, max_pos + 1) floats. */
 void layer_decode(const layer_t *L, int64_t B, const float *x, float *residual, int has_residual,
                   const float *cos, const float *sin, const int64_t *page_table,
                   int64_t max_blocks, const int64_t *positions, int64_t max_pos, float *scores,

@@ -109,7 +109,8 @@ class NativeKernels:
         inter = first[3].in_features
         n_heads = plans[0].struct.nh
         scratch = self.scratch("layer", b * (2 * h + 2 * width + 3 * inter))
-        scores = self.scratch("scores", b * n_heads * (max_pos + 1))
+        hd = plans[0].struct.hd
+        scores = self.scratch("scores", self.lib.attention_scratch(b, n_heads, hd, max_pos + 1))
         residual, out = torch.empty(b, h), [torch.empty(b, h), torch.empty(b, h)]
         fn, args = self.lib.layer_decode, (
             cos.data_ptr(), sin.data_ptr(), page_table.data_ptr(), page_table.shape[1],
@@ -181,7 +182,7 @@ class NativeKernels:
         [blocks, n_kv, bs, hd] at each user's position -> [B, nh * hd]."""
         b = qkv.shape[0]
         _, n_kv, bs, hd = k_pool.shape
-        scores = torch.empty(b * n_heads * (max_pos + 1))
+        scores = torch.empty(self.lib.attention_scratch(b, n_heads, hd, max_pos + 1))
         out = torch.empty(b, n_heads * hd)
         self.lib.attention_decode(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
@@ -267,11 +268,12 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
         "silu_mul": [ptr, i64, i64, ptr],
         "attention_decode": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
                              f32, ptr, i64, ptr],
+        "attention_scratch": [i64, i64, i64, i64],
         "layer_decode": [ptr, i64, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr,
                          ptr],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = None
+        fn.restype = i64 if name == "attention_scratch" else None
     return NativeKernels(target, lib)
