@@ -24,48 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from llm.model.tokenizer.errors import TokenizerError
+from llm.model.tokenizer.pretokenizers import PRE_TOKENIZERS, PreTokenizer
 
 log = logging.getLogger(__name__)
 VOCAB_CACHE_VERSION = 1
 
 # llama.cpp token types (gguf.TokenType); SentencePiece's ModelProto uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# tokenizer.ggml.pre -> (pre-tokenizer family, ignore_merges), following llama.cpp's table.
-# "gpt2": the GPT-2 regex; "digits": every digit alone, then the GPT-2 regex.
-_PRE_TOKENIZERS: dict[str, tuple[str, bool]] = {
-    **dict.fromkeys(
-        ("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "roberta-bpe"), ("gpt2", False)
-    ),
-    **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-        ("digits", False),
-    ),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), ("llama3", True)),
-    **dict.fromkeys(("dbrx", "smaug-bpe", "chatglm-bpe"), ("llama3", False)),
-    **dict.fromkeys(("qwen2", "stablelm2", "megrez", "deepseek-r1-qwen"), ("qwen2", False)),
-    "tekken": ("tekken", True),
-}
-_SPLITS = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}
-
 
 @dataclass(frozen=True)
 class GGUFVocab:
@@ -207,22 +176,37 @@ def default_add_bos(vocab: GGUFVocab) -> bool:
         return bool(vocab.add_bos)
     if vocab.model == "llama":
         return True
-    return vocab.pre in ("llama3", "llama-v3", "llama-bpe", "falcon3", "tekken")
+    family = PRE_TOKENIZERS.get(vocab.pre or "default")
+    return family is not None and family.add_bos
+
+
+def pre_tokenizer_of(vocab: GGUFVocab) -> PreTokenizer:
+    """The pre-tokenizer named by ``tokenizer.ggml.pre`` ("default" when the key is absent).
+
+    Raises TokenizerError naming the value and the file when llama.cpp's table has no such
+    value for a model this engine runs.
+    """
+    if vocab.pre is None:
+        log.warning("%s: no tokenizer.ggml.pre; using llama.cpp's 'default' pre-tokenizer "
+                    "(llama.cpp warns that generation quality degrades)", vocab.path)
+    name = vocab.pre or "default"
+    if name not in PRE_TOKENIZERS:
+        raise TokenizerError(
+            f"{vocab.path}: unsupported pre-tokenizer tokenizer.ggml.pre={name!r} "
+            f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
+    return PRE_TOKENIZERS[name]
 
 
 def build_bpe_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
     """Build a byte-level BPE ``tokenizers.Tokenizer`` from a ``gpt2`` GGUF vocabulary.
 
-    Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain
-    added tokens, so both are matched whole in text. BOS/EOS are added per the file's flags.
+    The pre-tokenizer is llama.cpp's for ``tokenizer.ggml.pre`` (see
+    :mod:`llm.model.tokenizer.pretokenizers`). Control tokens (type 3) become special added
+    tokens and user-defined ones (type 4) plain added tokens, so both are matched whole in text.
+    BOS/EOS are added per the file's flags, or llama.cpp's default for the pre-tokenizer.
     """
-    pre_name = vocab.pre or "default"
-    if pre_name not in _PRE_TOKENIZERS:
-        raise TokenizerError(
-            f"{vocab.path}: unsupported pre-tokenizer tokenizer.ggml.pre={pre_name!r} "
-            f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
-        )
-    family, ignore_merges = _PRE_TOKENIZERS[pre_name]
+    pre = pre_tokenizer_of(vocab)
     alphabet = _byte_alphabet()
     spelled = set(alphabet.values())
     table: dict[str, int] = {}
@@ -237,23 +221,11 @@ def build_bpe_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
             raise TokenizerError(f"{vocab.path}: malformed BPE merge {merge!r}")
         merges.append((pair[0], pair[1]))
     try:
-        model = models.BPE(table, merges, ignore_merges=ignore_merges)
+        model = models.BPE(table, merges, ignore_merges=pre.ignore_merges)
     except Exception as exc:
         raise TokenizerError(f"{vocab.path}: cannot build the BPE model ({exc})") from exc
     tok = HFTokenizer(model)
-    if family == "gpt2":
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif family == "digits":
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    else:
-        split = pre_tokenizers.Split(Regex(_SPLITS[family]), behavior="isolated")
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    tok.pre_tokenizer = pre.build()
     tok.decoder = decoders.ByteLevel()
     added = [
         AddedToken(text, special=kind == CONTROL, normalized=False)
