@@ -198,6 +198,27 @@ def pre_tokenizer_of(vocab: GGUFVocab) -> PreTokenizer:
     return PRE_TOKENIZERS[name]
 
 
+def bpe_token_table(vocab: GGUFVocab) -> dict[str, int]:
+    """Byte-level spelling -> token id for a ``gpt2`` vocabulary.
+
+    Some converters store a few normal tokens as raw text instead of in GPT-2's byte alphabet.
+    llama.cpp matches words only in the byte-level spelling, so a raw-text token is never
+    produced where a token stored in that spelling exists: that token keeps the spelling,
+    whichever id comes first. A raw-text token is respelled and takes its spelling only where
+    none is stored so; between tokens with the same stored or respelled text the last id wins.
+    """
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    stored: dict[str, int] = {}
+    respelled: dict[str, int] = {}
+    for index, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
+        if kind == NORMAL and not set(token) <= spelled:
+            respelled["".join(alphabet[b] for b in token.encode("utf-8"))] = index
+        else:
+            stored[token] = index
+    return {**respelled, **stored}
+
+
 def build_bpe_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
     """Build a byte-level BPE ``tokenizers.Tokenizer`` from a ``gpt2`` GGUF vocabulary.
 
@@ -207,13 +228,6 @@ def build_bpe_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
     BOS/EOS are added per the file's flags, or llama.cpp's default for the pre-tokenizer.
     """
     pre = pre_tokenizer_of(vocab)
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    table: dict[str, int] = {}
-    for index, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
-        if kind == NORMAL and not set(token) <= spelled:
-            token = "".join(alphabet[b] for b in token.encode("utf-8"))
-        table.setdefault(token, index)
     merges = []
     for merge in vocab.merges or []:
         pair = merge.split(" ")
@@ -221,7 +235,7 @@ def build_bpe_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
             raise TokenizerError(f"{vocab.path}: malformed BPE merge {merge!r}")
         merges.append((pair[0], pair[1]))
     try:
-        model = models.BPE(table, merges, ignore_merges=pre.ignore_merges)
+        model = models.BPE(bpe_token_table(vocab), merges, ignore_merges=pre.ignore_merges)
     except Exception as exc:
         raise TokenizerError(f"{vocab.path}: cannot build the BPE model ({exc})") from exc
     tok = HFTokenizer(model)
