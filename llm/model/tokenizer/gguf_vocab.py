@@ -301,9 +301,20 @@ def build_spm_model_proto(vocab: GGUFVocab) -> bytes:
     """
     if vocab.scores is None:
         raise TokenizerError(f"{vocab.path}: a 'llama' vocabulary needs tokenizer.ggml.scores")
+    # SentencePiece wants exactly one UNKNOWN piece: the file's unknown_token_id (llama.cpp's
+    # default is 0), whatever its stored type. Other UNKNOWN-typed tokens (Phi-3's padding)
+    # become control pieces: like llama.cpp, matched whole in text and never merged into.
+    unk_id = 0 if vocab.unk_id is None else vocab.unk_id
     pieces = bytearray()
-    for token, score, kind in zip(vocab.tokens, vocab.scores, vocab.token_types):
-        kind = kind if kind in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL
+    for index, (token, score, kind) in enumerate(
+        zip(vocab.tokens, vocab.scores, vocab.token_types)
+    ):
+        if index == unk_id:
+            kind = UNKNOWN
+        elif kind == UNKNOWN:
+            kind = CONTROL
+        elif kind not in (NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            kind = NORMAL
         piece = (
             _bytes_field(1, token.encode("utf-8"))
             + _varint(2 << 3 | 5)
@@ -311,9 +322,6 @@ def build_spm_model_proto(vocab: GGUFVocab) -> bytes:
             + _int_field(3, kind)
         )
         pieces += _bytes_field(1, piece)
-    unk_id = vocab.unk_id
-    if unk_id is None:
-        unk_id = next((i for i, t in enumerate(vocab.token_types) if t == UNKNOWN), 0)
     trainer = (
         _int_field(3, 2)  # model_type = BPE
         + _int_field(4, len(vocab.tokens))
