@@ -3,9 +3,9 @@
 A GGUF file has no ``tokenizer.json``: llama.cpp stores the vocabulary under ``tokenizer.ggml.*``
 keys. Two kinds matter for Llama-family models:
 
-- ``tokenizer.ggml.model == "gpt2"``: byte-level BPE (tokens already spelled in the GPT-2 byte
-  alphabet, merges, and ``tokenizer.ggml.pre`` naming the pre-tokenizer regex). Rebuilt here as a
-  ``tokenizers.Tokenizer``.
+- ``tokenizer.ggml.model == "gpt2"``: byte-level BPE (tokens spelled in the GPT-2 byte alphabet,
+  merges, and ``tokenizer.ggml.pre`` naming llama.cpp's pre-tokenizer, see
+  :mod:`llm.model.tokenizer.pretokenizers`). Rebuilt here as a ``tokenizers.Tokenizer``.
 - ``tokenizer.ggml.model == "llama"``: a SentencePiece BPE vocabulary (pieces, scores, types).
   Rebuilt here as a serialized SentencePiece ``ModelProto`` that ``sentencepiece`` loads itself.
 

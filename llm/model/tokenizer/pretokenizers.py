@@ -7,8 +7,14 @@ each word in GPT-2's byte alphabet and runs BPE on it. This table gives, for eve
 rewrites, not the ones of the models' ``tokenizer.json`` where llama.cpp changed them: Tekken's
 case classes, for one, treat every non-ASCII letter as both upper and lower case there), whether
 a word found whole in the vocabulary skips the merges (``ignore_merges``), and whether BOS is
-added when the file does not say. Supported are the values of models with an architecture this
-engine runs (Llama-family); the others are refused by name.
+added when the file does not say.
+
+Supported are the values of Llama-family models (Llama 3, Falcon3, Mistral-Nemo's Tekken,
+Pixtral, Qwen2, DeepSeek LLM and Coder, SmolLM, Minerva, Viking, Seed-Coder, Megrez, Mellum,
+Trillion, A.X, Mi:dm...), Falcon's, and the values of other families that share one of these
+splits (GPT-2, StarCoder, Command-R...). A value outside the table is refused by name: among
+them llama.cpp's own refusal "gpt2", and families this engine cannot run (Llama 4, GLM,
+Chameleon, BLOOM, the BERT-like embedders).
 """
 
 from __future__ import annotations
