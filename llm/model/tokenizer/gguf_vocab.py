@@ -3,9 +3,9 @@
 A GGUF file has no ``tokenizer.json``: llama.cpp stores the vocabulary under ``tokenizer.ggml.*``
 keys. Two kinds matter for Llama-family models:
 
-- ``tokenizer.ggml.model == "gpt2"``: byte-level BPE (tokens already spelled in the GPT-2 byte
-  alphabet, merges, and ``tokenizer.ggml.pre`` naming the pre-tokenizer regex). Rebuilt here as a
-  ``tokenizers.Tokenizer``.
+- ``tokenizer.ggml.model == "gpt2"``: byte-level BPE (tokens spelled in the GPT-2 byte alphabet,
+  merges, and ``tokenizer.ggml.pre`` naming llama.cpp's pre-tokenizer, see
+  :mod:`llm.model.tokenizer.pretokenizers`). Rebuilt here as a ``tokenizers.Tokenizer``.
 - ``tokenizer.ggml.model == "llama"``: a SentencePiece BPE vocabulary (pieces, scores, types).
   Rebuilt here as a serialized SentencePiece ``ModelProto`` that ``sentencepiece`` loads itself.
 
@@ -24,48 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from llm.model.tokenizer.errors import TokenizerError
+from llm.model.tokenizer.pretokenizers import PRE_TOKENIZERS, PreTokenizer
 
 log = logging.getLogger(__name__)
 VOCAB_CACHE_VERSION = 1
 
 # llama.cpp token types (gguf.TokenType); SentencePiece's ModelProto uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# tokenizer.ggml.pre -> (pre-tokenizer family, ignore_merges), following llama.cpp's table.
-# "gpt2": the GPT-2 regex; "digits": every digit alone, then the GPT-2 regex.
-_PRE_TOKENIZERS: dict[str, tuple[str, bool]] = {
-    **dict.fromkeys(
-        ("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "roberta-bpe"), ("gpt2", False)
-    ),
-    **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-        ("digits", False),
-    ),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), ("llama3", True)),
-    **dict.fromkeys(("dbrx", "smaug-bpe", "chatglm-bpe"), ("llama3", False)),
-    **dict.fromkeys(("qwen2", "stablelm2", "megrez", "deepseek-r1-qwen"), ("qwen2", False)),
-    "tekken": ("tekken", True),
-}
-_SPLITS = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}
-
 
 @dataclass(frozen=True)
 class GGUFVocab:
@@ -207,29 +176,58 @@ def default_add_bos(vocab: GGUFVocab) -> bool:
         return bool(vocab.add_bos)
     if vocab.model == "llama":
         return True
-    return vocab.pre in ("llama3", "llama-v3", "llama-bpe", "falcon3", "tekken")
+    family = PRE_TOKENIZERS.get(vocab.pre or "default")
+    return family is not None and family.add_bos
+
+
+def pre_tokenizer_of(vocab: GGUFVocab) -> PreTokenizer:
+    """The pre-tokenizer named by ``tokenizer.ggml.pre`` ("default" when the key is absent).
+
+    Raises TokenizerError naming the value and the file when llama.cpp's table has no such
+    value for a model this engine runs.
+    """
+    if vocab.pre is None:
+        log.warning("%s: no tokenizer.ggml.pre; using llama.cpp's 'default' pre-tokenizer "
+                    "(llama.cpp warns that generation quality degrades)", vocab.path)
+    name = vocab.pre or "default"
+    if name not in PRE_TOKENIZERS:
+        raise TokenizerError(
+            f"{vocab.path}: unsupported pre-tokenizer tokenizer.ggml.pre={name!r} "
+            f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
+    return PRE_TOKENIZERS[name]
+
+
+def bpe_token_table(vocab: GGUFVocab) -> dict[str, int]:
+    """Byte-level spelling -> token id for a ``gpt2`` vocabulary.
+
+    Some converters store a few normal tokens as raw text instead of in GPT-2's byte alphabet.
+    llama.cpp matches words only in the byte-level spelling, so a raw-text token is never
+    produced where a token stored in that spelling exists: that token keeps the spelling,
+    whichever id comes first. A raw-text token is respelled and takes its spelling only where
+    none is stored so; between tokens with the same stored or respelled text the last id wins.
+    """
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    stored: dict[str, int] = {}
+    respelled: dict[str, int] = {}
+    for index, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
+        if kind == NORMAL and not set(token) <= spelled:
+            respelled["".join(alphabet[b] for b in token.encode("utf-8"))] = index
+        else:
+            stored[token] = index
+    return {**respelled, **stored}
 
 
 def build_bpe_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
     """Build a byte-level BPE ``tokenizers.Tokenizer`` from a ``gpt2`` GGUF vocabulary.
 
-    Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain
-    added tokens, so both are matched whole in text. BOS/EOS are added per the file's flags.
+    The pre-tokenizer is llama.cpp's for ``tokenizer.ggml.pre`` (see
+    :mod:`llm.model.tokenizer.pretokenizers`). Control tokens (type 3) become special added
+    tokens and user-defined ones (type 4) plain added tokens, so both are matched whole in text.
+    BOS/EOS are added per the file's flags, or llama.cpp's default for the pre-tokenizer.
     """
-    pre_name = vocab.pre or "default"
-    if pre_name not in _PRE_TOKENIZERS:
-        raise TokenizerError(
-            f"{vocab.path}: unsupported pre-tokenizer tokenizer.ggml.pre={pre_name!r} "
-            f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
-        )
-    family, ignore_merges = _PRE_TOKENIZERS[pre_name]
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    table: dict[str, int] = {}
-    for index, (token, kind) in enumerate(zip(vocab.tokens, vocab.token_types)):
-        if kind == NORMAL and not set(token) <= spelled:
-            token = "".join(alphabet[b] for b in token.encode("utf-8"))
-        table.setdefault(token, index)
+    pre = pre_tokenizer_of(vocab)
     merges = []
     for merge in vocab.merges or []:
         pair = merge.split(" ")
@@ -237,23 +235,11 @@ def build_bpe_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
             raise TokenizerError(f"{vocab.path}: malformed BPE merge {merge!r}")
         merges.append((pair[0], pair[1]))
     try:
-        model = models.BPE(table, merges, ignore_merges=ignore_merges)
+        model = models.BPE(bpe_token_table(vocab), merges, ignore_merges=pre.ignore_merges)
     except Exception as exc:
         raise TokenizerError(f"{vocab.path}: cannot build the BPE model ({exc})") from exc
     tok = HFTokenizer(model)
-    if family == "gpt2":
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif family == "digits":
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    else:
-        split = pre_tokenizers.Split(Regex(_SPLITS[family]), behavior="isolated")
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    tok.pre_tokenizer = pre.build()
     tok.decoder = decoders.ByteLevel()
     added = [
         AddedToken(text, special=kind == CONTROL, normalized=False)
@@ -315,9 +301,20 @@ def build_spm_model_proto(vocab: GGUFVocab) -> bytes:
     """
     if vocab.scores is None:
         raise TokenizerError(f"{vocab.path}: a 'llama' vocabulary needs tokenizer.ggml.scores")
+    # SentencePiece wants exactly one UNKNOWN piece: the file's unknown_token_id (llama.cpp's
+    # default is 0), whatever its stored type. Other UNKNOWN-typed tokens (Phi-3's padding)
+    # become control pieces: like llama.cpp, matched whole in text and never merged into.
+    unk_id = 0 if vocab.unk_id is None else vocab.unk_id
     pieces = bytearray()
-    for token, score, kind in zip(vocab.tokens, vocab.scores, vocab.token_types):
-        kind = kind if kind in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL
+    for index, (token, score, kind) in enumerate(
+        zip(vocab.tokens, vocab.scores, vocab.token_types)
+    ):
+        if index == unk_id:
+            kind = UNKNOWN
+        elif kind == UNKNOWN:
+            kind = CONTROL
+        elif kind not in (NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            kind = NORMAL
         piece = (
             _bytes_field(1, token.encode("utf-8"))
             + _varint(2 << 3 | 5)
@@ -325,9 +322,6 @@ def build_spm_model_proto(vocab: GGUFVocab) -> bytes:
             + _int_field(3, kind)
         )
         pieces += _bytes_field(1, piece)
-    unk_id = vocab.unk_id
-    if unk_id is None:
-        unk_id = next((i for i, t in enumerate(vocab.token_types) if t == UNKNOWN), 0)
     trainer = (
         _int_field(3, 2)  # model_type = BPE
         + _int_field(4, len(vocab.tokens))
