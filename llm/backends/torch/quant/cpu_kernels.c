@@ -458,7 +458,6 @@ static void attend_chunk(const float *q, int G, const float *kpool, const float 
                          const int64_t *pages, int64_t t0, int64_t t1, int64_t g, int64_t nkv,
                          int64_t hd, int64_t bs, float scale, float *s, int64_t ld, float *part,
                          int64_t pld) {
-    int64_t n = t1 - t0;
     const float *krow[ATT_CHUNK], *vrow[ATT_CHUNK]; /* rows of t0 + i, one division per page */
     for (int64_t t = t0; t < t1; t++) {
         int64_t at = ((pages[t / bs] * nkv + g) * bs + t % bs) * hd;
@@ -467,7 +466,12 @@ static void attend_chunk(const float *q, int G, const float *kpool, const float 
     }
 #if defined(__AVX512F__)
     if (hd % 16 == 0) {
+        int64_t n = t1 - t0;
         for (int64_t t = t0; t < t1; t++) {
+            if (t + 8 < t1) { /* the rows are scattered over pages: fetch K and V a few ahead */
+                prefetch(krow[t + 8 - t0], hd * (int64_t)sizeof(float));
+                prefetch(vrow[t + 8 - t0], hd * (int64_t)sizeof(float));
+            }
             const float *k = krow[t - t0];
             for (int i = 0; i < G; i++) {
                 const float *qi = q + i * hd;
