@@ -63,6 +63,7 @@ from llm.backends.torch.kernels.qgemv_config import (
     qgemv_config,
 )
 from llm.backends.torch.kernels.qgemv_words import qgemv_words, words_kernel_runs
+from llm.backends.torch.kernels.silu_mul import silu_mul
 from llm.model.quant.linear import quantized_linear
 from llm.model.quant.tensor import QuantizedTensor
 
@@ -289,3 +290,15 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
         HAS_BIAS=bias is not None, COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return y
+
+
+def qgemv_silu_mul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
+                   config: QGemvWConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
+    """silu(gate) * up [M, I] of x [M, K] through a fused gate/up weight w [2I, K] (gate rows
+    first; bias [2I]): for one row of bf16 / fp16 x, one launch of the v2 kernel with the
+    activation in its epilogue (rounded as `silu_mul` of the unfused product); otherwise `qgemv`
+    then `silu_mul`."""
+    if x.dim() == 2 and x.shape[0] == 1 and triton_runs(x) and words_kernel_runs(x, w):
+        x = x if x.stride(1) == 1 else x.contiguous()
+        return qgemv_words(x, w, bias, config, pdl, glu=True)
+    return silu_mul(qgemv(x, w, bias, config, pdl), pdl)

@@ -48,33 +48,41 @@ def qgemv_config(m: int, n: int, k: int) -> QGemvConfig:
 
 @dataclass(frozen=True)
 class QGemvWConfig:
-    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, and whether
-    4-bit codes enter as 0.5 + q / 256 (one instruction fewer per weight, corrected per group)."""
+    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, whether
+    4-bit codes enter as 0.5 + q / 256 (one instruction fewer per weight, corrected per group),
+    and whether codes are prefetched (the first chunk before the PDL wait, each next chunk
+    before the current one's arithmetic)."""
 
     block_n: int
     block_g: int
     num_warps: int = 4
     num_stages: int = 1
     magic: bool = False
+    prefetch: bool = False
 
 
 def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     """Launch parameters of the v2 one-row kernel for x [1, k] @ w[n, k].T, w in format `fmt`.
 
     Threads spread over the 32-groups of a chunk (64 per CTA at 4 warps: 2 threads a group), the
-    rows of w repeat in each thread and share its x values. Measured on an H200 (2026-12-03,
-    `bench/quant_decode.py --kernels`, 8B and 1B shapes, graph replay over copies > L2):
+    rows of w repeat in each thread and share its x values. Codes are prefetched (the first
+    chunk before the PDL wait). A chunk is at most 128 groups and, where K allows, divides K's
+    groups (no masked partial chunk). Measured on an H200 (2026-12-03/04, `bench/quant_decode.py
+    --kernels`, 8B and 1B shapes, graph replay over copies > L2; docs/performance.md v2, v3):
     - 4-bit: 8 rows, 128 groups, codes as 0.5 + q / 256 (`magic`): 8B gate_up Q4_0 23.3 us
-      (69% of copy bandwidth) against 25.8 (exact codes), 27.5 (4 rows), 26.3 (8 rows x 64
-      groups), 30.1 (8 warps), 36.0 (the first kernel); down (K = 14336, a partial chunk) 16.6
-      against 18.1-22.1;
-    - Q8_0: 4 rows, 128 groups: gate_up 34.4 us (89%), against 37.3 (8 rows), 45.6 (first)."""
+      (69% of copy bandwidth) against 25.8 (exact codes), 27.5 (4 rows), 30.1 (8 warps), 36.0
+      (the first kernel); o 7.0 -> 5.3 and qkv 7.8 -> 6.5 with the prefetch. Where K has more
+      than 128 groups (down): 4 rows, 8B 4 x 64 groups 14.6 us against 17.4 (8 x 128);
+    - Q8_0: 4 rows: gate_up 34.4 us (87%), against 40.4 (8 rows); 8B down 4 x 64 groups 18.9
+      against 24.0 (4 x 128, a partial last chunk)."""
     groups = k // GROUP
-    num_warps = 4
     block_g = min(128, triton.next_power_of_2(groups))
+    whole = groups & -groups  # the largest power of two dividing the groups
+    if 32 <= whole < block_g:
+        block_g = whole
     if fmt == "q8_0":
-        return QGemvWConfig(4, block_g, num_warps)
-    return QGemvWConfig(8, block_g, num_warps, magic=True)
+        return QGemvWConfig(4, block_g, 4, prefetch=True)
+    return QGemvWConfig(4 if groups > 128 else 8, block_g, 4, magic=True, prefetch=True)
 
 
 def qgemm_tc_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:

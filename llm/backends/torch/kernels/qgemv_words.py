@@ -103,12 +103,25 @@ def _codes8(w, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, s_qw, s_d,
-                    s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
+def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG: tl.constexpr):
+    """Code words of 32-groups g0 .. g0 + BLOCK_G - 1 of the program's rows, [BLOCK_G, BLOCK_N,
+    WPG] (zero past the last group); at most 2 words per load, as x's 64-bit words, so that
+    both get one register layout."""
+    g3 = (g0 + gl)[:, None, None]  # [G, 1, 1]
+    widx = tl.max_contiguous(WPG * g3 + js, [1, 1, 2])
+    return tl.load(qw_ptr + rows3 * s_qw + widx, mask=(g3 < NG) & n_live[None, :, None],
+                   other=0)
+
+
+@triton.jit
+def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW, s_qw,
+                    s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, MAGIC: tl.constexpr,
-                    XF16: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
-                    USE_GDC: tl.constexpr):
-    """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x.
+                    PREFETCH: tl.constexpr, GLU: tl.constexpr, XF16: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+    """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x; with GLU, y[0, n0:n0 +
+    BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW + n of w
+    are the up rows of gate row n.
 
     A chunk is BLOCK_G whole 32-groups of BLOCK_N rows of w: [BLOCK_G, BLOCK_N, WPG] 32-bit
     words of codes (WPG = 4 words of 4-bit codes, 8 of int8 per group), the groups as dim 0 so
@@ -116,26 +129,43 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     group holds columns 4j + e (low nibbles, or the int8 bytes) and 16 + 4j + e (high nibbles),
     e = 0..3, whose x values are the 64-bit words 8g + j and 8g + 4 + j of x ([BLOCK_G, 1, WPG],
     the same register layout). Codes become float32 exactly; per group the sum of x times code
-    is scaled once (`group_scale`)."""
+    is scaled once (`group_scale`).
+
+    PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
+    depend on none; with PDL they stream during its tail), and where K has several chunks each
+    chunk's successor is loaded before the chunk's arithmetic (two chunks of codes in
+    registers)."""
     WPG: tl.constexpr = 8 if FMT == 0 else 4
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
-    ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_live = ns < N
+    r = tl.arange(0, BLOCK_N)
+    if GLU:  # program row 2i + s: gate row (s = 0) or up row (s = 1) of output n0 + i
+        HALF: tl.constexpr = BLOCK_N // 2
+        n_live = pid * HALF + r // 2 < N
+        ns = pid * HALF + r // 2 + (r % 2) * UP_ROW
+    else:
+        ns = pid * BLOCK_N + r
+        n_live = ns < N
     rows3 = ns[None, :, None]  # [1, BLOCK_N, 1]
     rows2 = ns[None, :]
     gl = tl.arange(0, BLOCK_G)
     js = tl.arange(0, WPG)[None, None, :]  # [1, 1, WPG]
+    if PREFETCH:
+        w_next = _chunk_codes(qw_ptr, rows3, s_qw, 0, gl, js, n_live, NG, WPG)
     wait_then_release(USE_GDC)
     acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     for g0 in range(0, NG, BLOCK_G):
+        if PREFETCH:
+            w = w_next
+            if NG > BLOCK_G:  # several chunks: the next one's codes in flight (else no loop)
+                w_next = _chunk_codes(qw_ptr, rows3, s_qw, g0 + BLOCK_G, gl, js, n_live, NG,
+                                      WPG)
+        else:
+            w = _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG, WPG)
         g1 = g0 + gl  # [G]
         g2 = g1[:, None]  # [G, 1]
         g3 = g1[:, None, None]  # [G, 1, 1]
         mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
-        # codes: at most 2 words per load, as x's 64-bit words, so both get one layout
-        widx = tl.max_contiguous(WPG * g3 + js, [1, 1, 2])
-        w = tl.load(qw_ptr + rows3 * s_qw + widx, mask=mask2[:, :, None], other=0)
         xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
         xl0, xl1, xl2, xl3 = _x_words(xrow, 0, g3 < NG, XF16, COMPILED)
         if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
@@ -163,11 +193,19 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
                 else:
                     S = 256.0 * S - 128.0 * sx
         acc += group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
-                            s_sc, s_mn, FMT, GS, COMPILED)
+                           s_sc, s_mn, FMT, GS, COMPILED)
     out = tl.sum(acc, axis=0)  # [BLOCK_N]
     if HAS_BIAS:
         out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
-    tl.store(y_ptr + ns, out.to(y_ptr.dtype.element_ty), mask=n_live)
+    out_ty = y_ptr.dtype.element_ty
+    if GLU:  # rounded as F.linear's output, then as kernels/silu_mul.py
+        gate, up = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+        cols = pid * HALF + tl.arange(0, HALF)
+        tl.store(y_ptr + cols, (act * up).to(out_ty), mask=cols < N)
+    else:
+        tl.store(y_ptr + ns, out.to(out_ty), mask=n_live)
+
 
 def words_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
     """Whether `qgemv` takes the v2 kernel (`_qgemv_w_kernel`) for x and w: bf16 / fp16
@@ -187,26 +225,35 @@ def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
-                config: QGemvWConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
+                config: QGemvWConfig | None = None, pdl: bool | None = None,
+                glu: bool = False) -> torch.Tensor:
     """`qgemv` of one row of x by the v2 kernel (see `words_kernel_runs`); several rows are
-    taken one launch each (the tensor-core kernel is the one for batches)."""
+    taken one launch each (the tensor-core kernel is the one for batches). glu: w is a fused
+    [2I, K] gate/up weight (gate rows first) and the result silu(gate) * up [M, I], rounded as
+    `silu_mul` of the unfused product."""
     if x.shape[0] != 1:
-        return torch.cat([qgemv_words(r, w, bias, config, pdl) for r in x.split(1)])
+        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu) for r in x.split(1)])
     fmt, gs = family(w.format)
     k = x.shape[1]
-    n = w.out_features
+    n = w.out_features // 2 if glu else w.out_features  # columns of y
+    if glu and w.out_features % 2:
+        raise ValueError(f"a gate/up weight has an even number of rows, got {w.out_features}")
     xw = _words(x, torch.int64)
     names = PLANES.get(w.format, DEFAULT_PLANES)
     planes = [w.planes[p] if p in w.planes else None for p in names]
     qw = _words(planes[0], torch.int32)
     rest = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes[2:]]
-    cfg = config or qgemv_w_config(1, n, k, w.format)
+    cfg = config or qgemv_w_config(1, w.out_features, k, w.format)
+    if glu and cfg.block_n % 2:
+        raise ValueError(f"glu needs an even block_n, got {cfg.block_n}")
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
-    _qgemv_w_kernel[(triton.cdiv(n, cfg.block_n),)](
-        xw, y, bias if bias is not None else x, qw, *rest, n, qw.stride(0),
+    per_program = cfg.block_n // 2 if glu else cfg.block_n  # columns of y
+    _qgemv_w_kernel[(triton.cdiv(n, per_program),)](
+        xw, y, bias if bias is not None else x, qw, *rest, n, n, qw.stride(0),
         *(p.stride(0) for p in rest), K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
-        BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, XF16=x.dtype == torch.float16,
-        HAS_BIAS=bias is not None, COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
+        BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
+        XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
+        COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch_options(gdc))
     return y
