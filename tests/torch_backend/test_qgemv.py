@@ -243,8 +243,10 @@ def test_v2_kernels_are_picked_for_half_precision_only() -> None:
     # K = 14336: 448 groups, 7 whole chunks of 64
     assert qgemv_w_config(1, 4096, 14336, "q4_0") == QGemvWConfig(4, 64, 4, magic=True,
                                                                   prefetch=True)
-    assert qgemv_w_config(1, 4096, 4096, "q8_0") == QGemvWConfig(4, 128, 4, prefetch=True)
-    assert qgemv_w_config(1, 4096, 14336, "q8_0").block_g == 64
+    assert qgemv_w_config(1, 4096, 4096, "q8_0") == QGemvWConfig(4, 128, 4)
+    assert qgemv_w_config(1, 4096, 14336, "q8_0") == QGemvWConfig(4, 64, 4, prefetch=True)
+    assert qgemv_w_config(1, 3072, 2048, "q8_0") == QGemvWConfig(8, 64, 4, prefetch=True)
+    assert qgemv_w_config(1, 16384, 2048, "q4_0").block_n == 16
     assert qgemv_w_config(1, 64, 3200, "q4_0").block_g == 128  # 100 groups: no small divisor
     assert qgemv_w_config(1, 64, 64, "q4_0").block_g == 2
 
