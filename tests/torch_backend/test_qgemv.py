@@ -12,7 +12,6 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 from llm.backends.torch.kernels.qgemv import (  # noqa: E402
     MAX_M,
-    norm_qgemv,
     qgemm_tc,
     qgemv,
     qgemv_silu_mul,
@@ -230,42 +229,6 @@ def test_tensor_core_kernel_matches_the_dequantized_matmul(fmt: str, m: int) -> 
     assert tc_kernel_runs(x, w)
     _assert_close(qgemm_tc(x, w, bias, block_n=16, num_warps=1, groups=2), _ref(x, w, bias), x)
     _assert_close(qgemv(x, w, bias), _ref(x, w, bias), x)  # picked by qgemv (or the first)
-
-
-def _add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual) * weight, x + residual) rounded as kernels/norm.py rounds them."""
-    total = x if residual is None else (x.float() + residual.float()).to(x.dtype)
-    tf = total.float()
-    rstd = torch.rsqrt(tf.pow(2).mean(dim=1, keepdim=True) + eps)
-    return ((tf * rstd).to(x.dtype).float() * weight.float()).to(x.dtype), total
-
-
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's silu
-@pytest.mark.parametrize("glu", [False, True])
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
-def test_one_row_kernel_fuses_the_norm(fmt: str, glu: bool) -> None:
-    """The residual add and RMSNorm in the v2 kernel's prologue: the residual sum exact, the
-    product that of the normalised row against float64 (fp16; bf16 without glu, see the SiLU
-    test), and several rows or no residual take the unfused path or the plain sum."""
-    g = torch.Generator().manual_seed(29 + len(fmt) + glu)
-    n, k = _v2_shape(fmt)
-    w = random_quantized(fmt, 2 * n if glu else n, k, g)
-    cfg = QGemvWConfig(8, 4, 4, magic=True, prefetch=True)
-    # bf16 on a GPU only: Triton's interpreter truncates float32 -> bf16 (torch rounds)
-    for dtype in (torch.float16,) + ((torch.bfloat16,) if DEVICE == "cuda" else ()):
-        x = torch.randn(2, k, generator=g).to(DEVICE, dtype)
-        r = torch.randn(2, k, generator=g).to(DEVICE, dtype)
-        nw = (1 + 0.2 * torch.randn(k, generator=g)).to(DEVICE, dtype)
-        b = torch.randn(w.out_features, generator=g).to(DEVICE)
-        for rows, res in ((1, r[:1]), (1, None), (2, r)):
-            y, total = norm_qgemv(x[:rows], res, nw, 1e-5, w, b, glu, config=cfg)
-            h, ref_total = _add_rms_norm_ref(x[:rows], res, nw, 1e-5)
-            assert torch.equal(total, ref_total)
-            if glu and dtype == torch.bfloat16:
-                continue
-            ref = _ref(h, w, b)
-            _assert_close(y, _silu_mul_ref(ref, dtype) if glu else ref, x)
 
 
 def test_v2_kernels_are_picked_for_half_precision_only() -> None:

@@ -48,11 +48,6 @@ class MLP:
 
         return self.mesh.all_reduce(gemv(act, self.down, self.down_bias))
 
-    def down_proj(self, act: torch.Tensor) -> torch.Tensor:
-        """The down projection of silu(gate) * up `act` [..., I], all-reduced on a mesh ->
-        [..., H]."""
-        return self.mesh.all_reduce(linear(act, self.down, self.down_bias))
-
     def native(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
         """x float32 [B, H] -> [B, H] on the CPU, the activation by the C kernels."""
         act = kernels.silu_mul(linear(x, self.gate_up, self.gate_up_bias).contiguous())  # [B, I]
@@ -66,7 +61,8 @@ class MLP:
         if self.fused and isinstance(gate_up, QuantLinear) and gate_up.decodes(x):
             from llm.backends.torch.kernels.qgemv import qgemv_silu_mul
 
-            return self.down_proj(qgemv_silu_mul(x, gate_up.weight, self.gate_up_bias))
+            act = qgemv_silu_mul(x, gate_up.weight, self.gate_up_bias)  # [B, I]
+            return self.mesh.all_reduce(linear(act, self.down, self.down_bias))
         gu = linear(x, gate_up, self.gate_up_bias)  # [..., 2I]
         if self.fused and gu.dim() == 2:
             from llm.backends.torch.kernels.silu_mul import silu_mul

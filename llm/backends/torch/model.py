@@ -44,9 +44,6 @@ class DecoderLayer:
         self.attn = Attention(config, w, layer, fused, mesh)
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused, cpu_kernels)
         self.mlp = MLP.from_weights(w, p + "mlp.", fused, mesh)
-        # one-row decode with quantized QKV and gate/up on CUDA: norms fused into their GEMVs
-        self.quant_fused = fused and isinstance(self.attn.wqkv, QuantLinear) \
-            and isinstance(self.mlp.gate_up, QuantLinear)
 
     def prefill(self, x: torch.Tensor, residual: torch.Tensor | None, meta: PrefillMeta,
                 cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,26 +70,9 @@ class DecoderLayer:
             act, residual = norm_gate_up_silu_gemv(o, residual, mn.weight, mn.eps, mlp.gate_up,
                                                    mlp.gate_up_bias)  # [B, I]
             return mlp.down_gemv(act), residual
-        if self.quant_fused and x.shape[0] == 1 and x.is_cuda:
-            return self._decode_quantized(x, residual, meta, cache)
         h, residual = self.attn_norm.add_norm(x, residual)
         h, residual = self.mlp_norm.add_norm(self.attn.decode(h, meta, cache), residual)
         return self.mlp(h), residual
-
-    def _decode_quantized(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
-                          cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """decode() of one row with quantized QKV and gate/up weights on CUDA: the residual add
-        and norm in the prologue of the QKV and gate/up GEMVs, SiLU*up in gate/up's epilogue
-        (kernels/qgemv.py `norm_qgemv`), then o_proj and down as they are."""
-        from llm.backends.torch.kernels.qgemv import norm_qgemv
-
-        an, mn, mlp = self.attn_norm, self.mlp_norm, self.mlp
-        qkv, residual = norm_qgemv(x, residual, an.weight, an.eps, self.attn.wqkv.weight,
-                                   self.attn.bqkv)  # [1, q + 2kv]
-        o = self.attn.decode_qkv(qkv, meta, cache)  # [1, H]
-        act, residual = norm_qgemv(o, residual, mn.weight, mn.eps, mlp.gate_up.weight,
-                                   mlp.gate_up_bias, glu=True)  # [1, I]
-        return mlp.down_proj(act), residual
 
     def decode_native(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
                       cache: PagedKVCache, kernels: NativeKernels,

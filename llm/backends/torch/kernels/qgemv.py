@@ -46,7 +46,6 @@ import torch
 import triton
 import triton.language as tl
 
-from llm.backends.torch.kernels.norm import add_rms_norm
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
 from llm.backends.torch.kernels.qgemm_tc import TC_PICKED, qgemm_tc, tc_kernel_runs
 from llm.backends.torch.kernels.qgemv_common import (
@@ -266,10 +265,10 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
         return quantized_linear(x, w, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
     if isinstance(config, QGemvWConfig):
-        return qgemv_words(x, w, bias, config, pdl)[0]
+        return qgemv_words(x, w, bias, config, pdl)
     if config is None and variant == "auto":
         if x.shape[0] == 1 and words_kernel_runs(x, w):
-            return qgemv_words(x, w, bias, None, pdl)[0]
+            return qgemv_words(x, w, bias, None, pdl)
         if x.shape[0] > 1 and tc_kernel_runs(x, w) and family(w.format)[0] in TC_PICKED:
             bn, warps, stages, groups = qgemm_tc_config(x.shape[0], w.out_features,
                                                         w.in_features)
@@ -301,24 +300,5 @@ def qgemv_silu_mul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | Non
     then `silu_mul`."""
     if x.dim() == 2 and x.shape[0] == 1 and triton_runs(x) and words_kernel_runs(x, w):
         x = x if x.stride(1) == 1 else x.contiguous()
-        return qgemv_words(x, w, bias, config, pdl, glu=True)[0]
+        return qgemv_words(x, w, bias, config, pdl, glu=True)
     return silu_mul(qgemv(x, w, bias, config, pdl), pdl)
-
-
-def norm_qgemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-               eps: float, w: QuantizedTensor, bias: torch.Tensor | None = None,
-               glu: bool = False, config: QGemvWConfig | None = None, pdl: bool | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`qgemv` of rms_norm(x + residual) * norm_weight, or `qgemv_silu_mul` of it with glu;
-    x + residual) for x, residual [M, K] (residual None means zero: the second result is x).
-    For one row of bf16 / fp16 x, one launch of the v2 kernel with the residual add and the
-    norm as its prologue (rounded as `add_rms_norm`; every program recomputes the row's
-    statistics); otherwise `add_rms_norm`, then the GEMV."""
-    if (x.dim() == 2 and x.shape[0] == 1 and triton_runs(x) and words_kernel_runs(x, w)
-            and norm_weight.dtype == x.dtype):
-        x = x if x.stride(1) == 1 else x.contiguous()
-        y, total = qgemv_words(x, w, bias, config, pdl, glu, (residual, norm_weight, eps))
-        return y, total
-    h, total = add_rms_norm(x, residual, norm_weight, eps, pdl)
-    y = qgemv_silu_mul(h, w, bias, config, pdl) if glu else qgemv(h, w, bias, config, pdl)
-    return y, total

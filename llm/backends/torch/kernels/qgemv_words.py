@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from llm.backends.torch.kernels.gemv import _row_rstd, _stat_block
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
 from llm.backends.torch.kernels.qgemv_common import (
     DEFAULT_PLANES,
@@ -52,33 +51,6 @@ def _x_words(xw_ptr, idx, mask, XF16: tl.constexpr, COMPILED: tl.constexpr):
         else:
             out = out + ((bits << 16).to(tl.float32, bitcast=True),)
     return out
-
-
-@triton.jit
-def _round(v, XF16: tl.constexpr):
-    """float32 v rounded to the activation dtype (fp16 or bf16), back in float32."""
-    if XF16:
-        return v.to(tl.float16).to(tl.float32)
-    return v.to(tl.bfloat16).to(tl.float32)
-
-
-@triton.jit
-def _x_in(xw_ptr, rw_ptr, nw_ptr, idx, mask, rstd, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-          XF16: tl.constexpr, COMPILED: tl.constexpr):
-    """The 4 input values at 64-bit words idx: x's, or with NORM rms_norm(x + residual) *
-    weight, rounded as kernels/norm.py rounds it (the sum, then x * rstd, then the product)."""
-    a0, a1, a2, a3 = _x_words(xw_ptr, idx, mask, XF16, COMPILED)
-    if NORM:
-        if HAS_RES:
-            r0, r1, r2, r3 = _x_words(rw_ptr, idx, mask, XF16, COMPILED)
-            a0, a1 = _round(a0 + r0, XF16), _round(a1 + r1, XF16)
-            a2, a3 = _round(a2 + r2, XF16), _round(a3 + r3, XF16)
-        n0, n1, n2, n3 = _x_words(nw_ptr, idx, mask, XF16, COMPILED)
-        a0 = _round(_round(a0 * rstd, XF16) * n0, XF16)
-        a1 = _round(_round(a1 * rstd, XF16) * n1, XF16)
-        a2 = _round(_round(a2 * rstd, XF16) * n2, XF16)
-        a3 = _round(_round(a3 * rstd, XF16) * n3, XF16)
-    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -142,13 +114,11 @@ def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG:
 
 
 @triton.jit
-def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, x_ptr, res_ptr,
-                    rw_ptr, nw_ptr, sum_ptr, eps, N, UP_ROW, s_qw, s_d, s_m, s_sc, s_mn,
-                    K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_G: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr,
-                    GLU: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                    STAT_K: tl.constexpr, XF16: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW, s_qw,
+                    s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, MAGIC: tl.constexpr,
+                    PREFETCH: tl.constexpr, GLU: tl.constexpr, XF16: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
     """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x; with GLU, y[0, n0:n0 +
     BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW + n of w
     are the up rows of gate row n.
@@ -164,12 +134,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
     depend on none; with PDL they stream during its tail), and where K has several chunks each
     chunk's successor is loaded before the chunk's arithmetic (two chunks of codes in
-    registers).
-
-    NORM: the input is rms_norm(x + residual) * weight (residual, weight and x as 64-bit words
-    at xw_ptr, rw_ptr, nw_ptr; x and residual also as elements at x_ptr, res_ptr): every program
-    first computes the row's statistics (gemv.py `_row_rstd`), and program 0 stores x + residual
-    at sum_ptr."""
+    registers)."""
     WPG: tl.constexpr = 8 if FMT == 0 else 4
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
@@ -188,10 +153,6 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     if PREFETCH:
         w_next = _chunk_codes(qw_ptr, rows3, s_qw, 0, gl, js, n_live, NG, WPG)
     wait_then_release(USE_GDC)
-    rstd = 0.0
-    if NORM:  # [1] -> scalar
-        rstd = tl.sum(_row_rstd(x_ptr, res_ptr, sum_ptr, eps, 1, 0, 0, 0, pid == 0, K, 1, STAT_K,
-                                HAS_RES), axis=0)
     acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     for g0 in range(0, NG, BLOCK_G):
         if PREFETCH:
@@ -205,9 +166,8 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
         g2 = g1[:, None]  # [G, 1]
         g3 = g1[:, None, None]  # [G, 1, 1]
         mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
-        xidx = 8 * g3 + js  # [G, 1, WPG] 64-bit words of x
-        xl0, xl1, xl2, xl3 = _x_in(xw_ptr, rw_ptr, nw_ptr, xidx, g3 < NG, rstd, NORM, HAS_RES,
-                                   XF16, COMPILED)
+        xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
+        xl0, xl1, xl2, xl3 = _x_words(xrow, 0, g3 < NG, XF16, COMPILED)
         if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
             c0, c1, c2, c3 = _codes8(w, COMPILED)
             off: tl.constexpr = 8388736.0  # 2^23 + 128
@@ -215,8 +175,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
                        + xl3 * (c3 - off), axis=2)  # [G, BLOCK_N]
             sx = 0.0  # unused: Q8_0 has no offset
         else:
-            xh0, xh1, xh2, xh3 = _x_in(xw_ptr, rw_ptr, nw_ptr, xidx + 4, g3 < NG, rstd, NORM,
-                                       HAS_RES, XF16, COMPILED)
+            xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, g3 < NG, XF16, COMPILED)
             l0, l1, l2, l3, h0, h1, h2, h3 = _codes4(w, MAGIC, COMPILED)
             if not MAGIC:  # codes 2^23 + q: unbias each (exact)
                 if FMT == 1:
@@ -267,18 +226,13 @@ def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                 config: QGemvWConfig | None = None, pdl: bool | None = None,
-                glu: bool = False, norm: tuple | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(`qgemv` of x by the v2 kernel (see `words_kernel_runs`), new residual stream or None);
-    several rows of x are taken one launch each (the tensor-core kernel is the one for
-    batches). glu: w is a fused [2I, K] gate/up weight (gate rows first) and the product
-    silu(gate) * up [M, I], rounded as `silu_mul` of the unfused one. norm (one row of x):
-    (residual or None, norm weight [K], eps): the product is of rms_norm(x + residual) * weight
-    rounded as `add_rms_norm`, and the second result x + residual (x without a residual)."""
+                glu: bool = False) -> torch.Tensor:
+    """`qgemv` of one row of x by the v2 kernel (see `words_kernel_runs`); several rows are
+    taken one launch each (the tensor-core kernel is the one for batches). glu: w is a fused
+    [2I, K] gate/up weight (gate rows first) and the result silu(gate) * up [M, I], rounded as
+    `silu_mul` of the unfused product."""
     if x.shape[0] != 1:
-        if norm is not None:
-            raise ValueError(f"the fused norm takes one row of x, got {x.shape[0]}")
-        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu)[0] for r in x.split(1)]), None
+        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu) for r in x.split(1)])
     fmt, gs = family(w.format)
     k = x.shape[1]
     n = w.out_features // 2 if glu else w.out_features  # columns of y
@@ -292,24 +246,14 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     cfg = config or qgemv_w_config(1, w.out_features, k, w.format)
     if glu and cfg.block_n % 2:
         raise ValueError(f"glu needs an even block_n, got {cfg.block_n}")
-    residual, nw, eps = norm if norm is not None else (None, None, 0.0)
-    if norm is not None and (nw.dtype != x.dtype or nw.shape != (k,)):
-        raise ValueError(f"the norm weight must be [{k}] in {x.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    res = residual.contiguous() if residual is not None else x
-    total = torch.empty_like(x) if residual is not None else None
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
     per_program = cfg.block_n // 2 if glu else cfg.block_n  # columns of y
     _qgemv_w_kernel[(triton.cdiv(n, per_program),)](
-        xw, y, bias if bias is not None else x, qw, *rest, x, res, _words(res, torch.int64),
-        _words(nw[None], torch.int64) if nw is not None else xw,
-        total if total is not None else x, eps, n, n, qw.stride(0),
+        xw, y, bias if bias is not None else x, qw, *rest, n, n, qw.stride(0),
         *(p.stride(0) for p in rest), K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
-        NORM=norm is not None, HAS_RES=residual is not None, STAT_K=_stat_block(1, k)[1],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_options(gdc))
-    return y, (total if total is not None else (x if norm is not None else None))
+    return y
