@@ -2,10 +2,13 @@
 
     python bench/quant_decode.py --configs 8b --formats bf16,q4_0,q8_0,q4_k --batches 1,8
     python bench/quant_decode.py --configs 8b --formats q4_0 --batches 1,8 --kernels
+    python bench/quant_decode.py --gguf /tmp/lw/8b-Q4_0.gguf,/tmp/lw/8b-Q8_0.gguf --batches 1
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
-w:BLOCK_N:BLOCK_G:WARPS[:m] = the v2 kernel (m: 4-bit codes as 0.5 + q / 256),
+w:BLOCK_N:BLOCK_G:WARPS[:FLAGS] = the v2 kernel (FLAGS: m = 4-bit codes as 0.5 + q / 256, p =
+codes prefetched before the PDL wait and one chunk ahead), g:... = the same with SiLU*up in its
+epilogue (`qgemv_silu_mul`; the weight read as a fused gate/up one, no error column),
 tc:BLOCK_N:WARPS[:GROUPS[:STAGES]] = the tensor-core kernel, auto = what `qgemv` picks,
 bf16 = F.linear on a dense bf16 weight); microseconds per call as a CUDA graph over copies of the
 weight that together exceed the L2 several times, GB/s of stored bytes, and the error against
@@ -65,7 +68,7 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
 
 def variant_call(v: str, x: torch.Tensor):
     """The GEMV of --variants entry `v` as a function of the weight."""
-    from llm.backends.torch.kernels.qgemv import qgemm_tc, qgemv
+    from llm.backends.torch.kernels.qgemv import qgemm_tc, qgemv, qgemv_silu_mul
     from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, qgemv_config
 
     f = v.split(":")
@@ -76,8 +79,15 @@ def variant_call(v: str, x: torch.Tensor):
     if f[0] == "auto":
         return lambda w: qgemv(x, w)
     if f[0] == "w":
-        cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic=len(f) > 4 and f[4] == "m")
+        flags = f[4] if len(f) > 4 else ""
+        cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic="m" in flags,
+                           prefetch="p" in flags)
         return lambda w: qgemv(x, w, config=cfg)
+    if f[0] == "g":  # w is a fused gate/up weight: silu(gate) * up in the epilogue
+        flags = f[4] if len(f) > 4 else ""
+        cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic="m" in flags,
+                           prefetch="p" in flags)
+        return lambda w: qgemv_silu_mul(x, w, config=cfg)
     if f[0] == "tc":
         extra = {"groups": int(f[3])} if len(f) > 3 else {}
         if len(f) > 4:
@@ -114,7 +124,8 @@ def kernel_sweep(args, device: torch.device) -> int:
                         mats, nbytes = (dense, 2 * n * k) if v == "bf16" else (ws, w0.nbytes)
                         try:
                             out = call(mats[0])
-                            err = float((out.double() - ref).norm() / ref.norm())
+                            err = float((out.double() - ref).norm() / ref.norm()) \
+                                if out.shape == ref.shape else float("nan")  # g: [1, N / 2]
                             us = graph_us([lambda w=w, call=call: call(w) for w in mats], device)
                         except Exception as e:  # noqa: BLE001  (report it and go on)
                             rows.append([name, lin, fmt_name, b, v, "-", "-", "-",
@@ -198,6 +209,63 @@ def greedy(backend: TorchBackend, prompts: list[list[int]], steps: int, eager: b
     return out, logits
 
 
+def check(backend: TorchBackend, ck: Checkpoint, rt: RuntimeConfig) -> str:
+    """Greedy tokens of the CUDA graphs against eager decode, and the last eager step's logits
+    against a bf16 model of the same (dequantized) weights fed the same tokens."""
+    prompts = random_prompts(4, 16, ck.config.vocab_size)
+    graphs, _ = greedy(backend, prompts, 4, eager=False)
+    eager, logits = greedy(backend, prompts, 4, eager=True)
+    dev = backend.device
+    ref_ck = Checkpoint(ck.config, {k: v.to(dev).dequantize(torch.float32).bfloat16()
+                                    if isinstance(v, QuantizedTensor) else v
+                                    for k, v in ck.tensors.items()}, ck.source)
+    ref = TorchBackend(ref_ck, rt, cuda_graphs=False)
+    _, ref_logits = greedy(ref, prompts, 4, eager=True, forced=eager)
+    ref.close()
+    rel = float((logits.float() - ref_logits.float()).norm() / ref_logits.float().norm())
+    return f"graphs==eager {graphs == eager}, logits vs bf16 {rel:.4f}"
+
+
+def decode_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float,
+                note: str) -> list[list]:
+    """One table row per batch of --batches: ms per step, tok/s, % roofline, weight GB."""
+    rows = []
+    for b in csv(args.batches, int):
+        ms = decode_step_ms(backend, b, args.prompt_len, args.steps)
+        roof = step_bytes(backend.model, b, args.prompt_len + args.steps // 2) / bw * 1e3
+        rows.append([name, fmt_name, b, fmt(ms, 3), fmt(1e3 / ms), fmt(b * 1e3 / ms),
+                     fmt(100 * roof / ms), fmt(backend.model.weight_bytes / 1e9, 2), note])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
+    """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
+    from pathlib import Path
+
+    from llm.model.checkpoint.load import load_checkpoint
+
+    rows = []
+    for path in csv(args.gguf):
+        ck = load_checkpoint(path, progress=False, weights="stored")
+        ck = Checkpoint(ck.config, {k: v if isinstance(v, QuantizedTensor)
+                                    else v.to(device, torch.bfloat16)
+                                    for k, v in ck.tensors.items()}, ck.source)
+        formats = sorted({v.format for v in ck.tensors.values()
+                          if isinstance(v, QuantizedTensor)})
+        rt = RuntimeConfig(device=str(device), dtype="bfloat16",
+                           max_batch=max(*csv(args.batches, int), 4),
+                           max_seq_len=args.prompt_len + args.steps + 64, block_size=32)
+        backend = TorchBackend(ck, rt, cuda_graphs=device.type == "cuda")
+        rows += decode_rows(backend, Path(path).name, "+".join(formats), args, bw,
+                            check(backend, ck, rt))
+        backend.close()
+        del ck, backend
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--configs", default="1b", help="comma list of: " + ", ".join(SHAPES))
@@ -208,42 +276,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--kernels", action="store_true", help="the GEMV alone per shape and variant")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--gguf", default=None,
+                   help="comma list of GGUF files to decode as stored, instead of random planes "
+                        "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
     args = p.parse_args(argv)
     device = device_for(args)
     if args.kernels:
         return kernel_sweep(args, device)
     bw = copy_bandwidth(device)
-    rows = []
-    for name in configs_for(args, csv(args.configs)):
+    rows = gguf_rows(args, device, bw) if args.gguf else []
+    for name in [] if args.gguf else configs_for(args, csv(args.configs)):
         config = SHAPES[name]
-        batches = csv(args.batches, int)
-        rt = RuntimeConfig(device=str(device), dtype="bfloat16", max_batch=max(*batches, 4),
+        rt = RuntimeConfig(device=str(device), dtype="bfloat16",
+                           max_batch=max(*csv(args.batches, int), 4),
                            max_seq_len=args.prompt_len + args.steps + 64, block_size=32)
         dense = random_checkpoint(config, device, torch.bfloat16)
         for fmt_name in csv(args.formats):
             ck = dense if fmt_name == "bf16" else quantized_checkpoint(dense, fmt_name, device)
             backend = TorchBackend(ck, rt, cuda_graphs=device.type == "cuda")
-            prompts = random_prompts(4, 16, config.vocab_size)
-            check = ""
-            if fmt_name != "bf16":
-                graphs, _ = greedy(backend, prompts, 4, eager=False)
-                eager, logits = greedy(backend, prompts, 4, eager=True)
-                ref_ck = Checkpoint(config, {k: v.dequantize(torch.float32).to(torch.bfloat16)
-                                             if isinstance(v, QuantizedTensor) else v
-                                             for k, v in ck.tensors.items()}, ck.source)
-                ref = TorchBackend(ref_ck, rt, cuda_graphs=False)
-                _, ref_logits = greedy(ref, prompts, 4, eager=True, forced=eager)
-                diff = (logits.float() - ref_logits.float()).norm()
-                rel = float(diff / ref_logits.float().norm())
-                check = f"graphs==eager {graphs == eager}, logits vs bf16 {rel:.4f}"
-                del ref, ref_ck
-            for b in batches:
-                ms = decode_step_ms(backend, b, args.prompt_len, args.steps)
-                roof = step_bytes(backend.model, b, args.prompt_len + args.steps // 2) / bw * 1e3
-                rows.append([name, fmt_name, b, fmt(ms, 3), fmt(1e3 / ms), fmt(b * 1e3 / ms),
-                             fmt(100 * roof / ms), fmt(backend.model.weight_bytes / 1e9, 2),
-                             check])
-                print(rows[-1], flush=True)
+            note = "" if fmt_name == "bf16" else check(backend, ck, rt)
+            rows += decode_rows(backend, name, fmt_name, args, bw, note)
             backend.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -17,7 +17,15 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 import triton  # noqa: E402
 
-from llm.backends.torch.kernels import argmax, gemv, norm, paged_decode, rope_kv  # noqa: E402
+from llm.backends.torch.kernels import (  # noqa: E402
+    argmax,
+    gemv,
+    norm,
+    paged_decode,
+    qgemv_words,
+    rope_kv,
+    silu_mul,
+)
 from llm.backends.torch.kernels.argmax import max_argmax  # noqa: E402
 from llm.backends.torch.kernels.gemv import norm_gate_up_silu_gemv, norm_gemv  # noqa: E402
 from llm.backends.torch.kernels.norm import add_rms_norm  # noqa: E402
@@ -40,6 +48,9 @@ GEMV_ONE_ROW = dict(K=2048, BLOCK_M=1, BLOCK_N=2, BLOCK_K=1024, ROWS=1, STAT_K=2
                     NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True, GLU=True, IEEE=False, FMA=True)
 GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS": 4,
             "STAT_K": 1024, "GLU": False, "FMA": False}
+QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
+                   GLU=True, XF16=False, HAS_BIAS=True, COMPILED=True)
+QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
 KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed before the wait)
     (norm._add_rms_norm_kernel, dict(HIDDEN=2048, BLOCK=2048, HAS_RESIDUAL=True), {}, False),
     (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, BLOCK_T=1, K_OUT=False),
@@ -58,11 +69,17 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
      False),
     (gemv._gemv_kernel, GEMV_ONE_ROW, {}, True),  # the first weight chunk: loaded before
     (gemv._gemv_kernel, GEMV_DOT, {}, True),
+    (silu_mul._silu_mul_kernel, dict(INTER=8192, BLOCK=1024), {}, False),
+    # the quantized one-row GEMV with its SiLU epilogue: codes prefetched before the wait, or
+    # (PREFETCH off) nothing
+    (qgemv_words._qgemv_w_kernel, QGEMV_WORDS, QGEMV_POINTERS, True),
+    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False}, QGEMV_POINTERS, False),
 ]
 
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
-       "argmax_final", "gemv_fma", "gemv_dot"]
+       "argmax_final", "gemv_fma", "gemv_dot", "silu_mul", "qgemv_words",
+       "qgemv_words_no_prefetch"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:

@@ -14,6 +14,7 @@ from llm.backends.torch.kernels.qgemv import (  # noqa: E402
     MAX_M,
     qgemm_tc,
     qgemv,
+    qgemv_silu_mul,
     tc_kernel_runs,
     words_kernel_runs,
 )
@@ -151,9 +152,10 @@ def _v2_shape(fmt: str) -> tuple[int, int]:
     return (11, 768) if fmt in ("q4_k", "int4_g128") else (13, 160)
 
 
-@pytest.mark.parametrize("magic", [False, True])
+@pytest.mark.parametrize("magic, prefetch", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("fmt", V2)
-def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool) -> None:
+def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool,
+                                                       prefetch: bool) -> None:
     g = torch.Generator().manual_seed(11 + len(fmt))
     n, k = _v2_shape(fmt)
     w = random_quantized(fmt, n, k, g)
@@ -161,11 +163,44 @@ def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool) ->
         x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
         b = None if bias is None else bias.to(DEVICE)
         assert words_kernel_runs(x, w)
-        # 4 groups per chunk: K = 160 leaves a partial chunk, 768 none; 8 rows: N = 11 and 13
-        # leave a partial program
-        _assert_close(qgemv(x, w, b, config=QGemvWConfig(8, 4, 4, magic=magic)),
-                      _ref(x, w, b), x)
+        # 4 groups per chunk: K = 160 leaves a partial chunk, 768 none (2 and 6 chunks, so the
+        # prefetch loop's last load is past K); 8 rows: N = 11 and 13 leave a partial program
+        cfg = QGemvWConfig(8, 4, 4, magic=magic, prefetch=prefetch)
+        _assert_close(qgemv(x, w, b, config=cfg), _ref(x, w, b), x)
     _assert_close(qgemv(x, w, b), _ref(x, w, b), x)  # the default config, picked by qgemv
+
+
+def _silu_mul_ref(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up of the exact product y [M, 2I] (float64), rounded as F.linear's output
+    and then as kernels/silu_mul.py rounds."""
+    gate, up = y.to(dtype).float().chunk(2, dim=1)
+    act = torch.nn.functional.silu(gate).to(dtype).float()
+    return (act * up).to(dtype).double()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's silu
+@pytest.mark.parametrize("fmt", V2)
+def test_one_row_kernel_fuses_silu_mul(fmt: str) -> None:
+    """The activation in the v2 kernel's epilogue: bit-equal to `silu_mul` after the unfused
+    kernel with the same config (the same per-row sums), close to the float64 reference."""
+    from llm.backends.torch.kernels.silu_mul import silu_mul
+
+    g = torch.Generator().manual_seed(23 + len(fmt))
+    n, k = _v2_shape(fmt)
+    w = random_quantized(fmt, 2 * n, k, g)  # I = n: odd, a partial last program
+    for dtype, bias in ((torch.bfloat16, None), (torch.float16, torch.randn(2 * n, generator=g))):
+        x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+        b = None if bias is None else bias.to(DEVICE)
+        for prefetch in (False, True):
+            cfg = QGemvWConfig(8, 4, 4, magic=True, prefetch=prefetch)
+            fused = qgemv_silu_mul(x, w, b, config=cfg)
+            assert fused.shape == (1, n)
+            assert torch.equal(fused, silu_mul(qgemv(x, w, b, config=cfg)))
+    # against float64, in fp16 (bf16's four roundings, each up to 2^-9, compound through silu's
+    # slope to a few % per element: there the bit-equality above is the check)
+    _assert_close(qgemv_silu_mul(x, w, b), _silu_mul_ref(_ref(x, w, b), torch.float16), x)
+    x3 = torch.randn(3, k, generator=g).to(DEVICE, torch.float16)  # several rows: unfused
+    _assert_close(qgemv_silu_mul(x3, w), _silu_mul_ref(_ref(x3, w, None), torch.float16), x3)
 
 
 @pytest.mark.parametrize("magic", [False, True])
@@ -203,8 +238,16 @@ def test_v2_kernels_are_picked_for_half_precision_only() -> None:
     assert not words_kernel_runs(x, w) and not tc_kernel_runs(x, w)  # fp32: the first kernel
     assert not words_kernel_runs(x.bfloat16(), random_quantized("q6_k", 4, 256, g))
     assert not tc_kernel_runs(x.half(), w)  # the tensor-core kernel takes bf16 only
-    assert qgemv_w_config(1, 4096, 14336, "q4_0") == QGemvWConfig(8, 128, 4, magic=True)
+    assert qgemv_w_config(1, 14336, 4096, "q4_0") == QGemvWConfig(8, 128, 4, magic=True,
+                                                                  prefetch=True)
+    # K = 14336: 448 groups, 7 whole chunks of 64
+    assert qgemv_w_config(1, 4096, 14336, "q4_0") == QGemvWConfig(4, 64, 4, magic=True,
+                                                                  prefetch=True)
     assert qgemv_w_config(1, 4096, 4096, "q8_0") == QGemvWConfig(4, 128, 4)
+    assert qgemv_w_config(1, 4096, 14336, "q8_0") == QGemvWConfig(4, 64, 4, prefetch=True)
+    assert qgemv_w_config(1, 3072, 2048, "q8_0") == QGemvWConfig(8, 64, 4, prefetch=True)
+    assert qgemv_w_config(1, 16384, 2048, "q4_0").block_n == 16
+    assert qgemv_w_config(1, 64, 3200, "q4_0").block_g == 128  # 100 groups: no small divisor
     assert qgemv_w_config(1, 64, 64, "q4_0").block_g == 2
 
 

@@ -54,8 +54,16 @@ class MLP:
         return self.mesh.all_reduce(linear(act, self.down, self.down_bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> [..., H]."""
-        gu = linear(x, self.gate_up, self.gate_up_bias)  # [..., 2I]
+        """x [..., H] -> [..., H]. fused, with a quantized gate/up weight and a decode-sized batch
+        on CUDA: the activation in the quantized GEMV's epilogue where it has one
+        (kernels/qgemv.py `qgemv_silu_mul`)."""
+        gate_up = self.gate_up
+        if self.fused and isinstance(gate_up, QuantLinear) and gate_up.decodes(x):
+            from llm.backends.torch.kernels.qgemv import qgemv_silu_mul
+
+            act = qgemv_silu_mul(x, gate_up.weight, self.gate_up_bias)  # [B, I]
+            return self.mesh.all_reduce(linear(act, self.down, self.down_bias))
+        gu = linear(x, gate_up, self.gate_up_bias)  # [..., 2I]
         if self.fused and gu.dim() == 2:
             from llm.backends.torch.kernels.silu_mul import silu_mul
 

@@ -60,11 +60,16 @@ class QuantLinear:
         if not x.is_cuda:
             y = self.cpu()(x.reshape(-1, self.shape[1]), bias)  # [M, N]
             return y.reshape(*x.shape[:-1], self.shape[0])
-        if x.dim() == 2 and x.shape[0] <= QGEMV_MAX_ROWS:
+        if self.decodes(x):
             from llm.backends.torch.kernels.qgemv import qgemv
 
             return qgemv(x, self.weight, bias)
         return F.linear(x, self.weight.dequantize(torch.float32).to(x.dtype), bias)
+
+    def decodes(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the Triton GEMV that dequantizes in registers: a decode-sized
+        batch [M <= 16, K] on CUDA."""
+        return x.is_cuda and x.dim() == 2 and x.shape[0] <= QGEMV_MAX_ROWS
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantized rows of `tokens` [...] -> [..., K]."""

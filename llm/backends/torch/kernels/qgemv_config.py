@@ -48,33 +48,47 @@ def qgemv_config(m: int, n: int, k: int) -> QGemvConfig:
 
 @dataclass(frozen=True)
 class QGemvWConfig:
-    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, and whether
-    4-bit codes enter as 0.5 + q / 256 (one instruction fewer per weight, corrected per group)."""
+    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, whether
+    4-bit codes enter as 0.5 + q / 256 (one instruction fewer per weight, corrected per group),
+    and whether codes are prefetched (the first chunk before the PDL wait, each next chunk
+    before the current one's arithmetic)."""
 
     block_n: int
     block_g: int
     num_warps: int = 4
     num_stages: int = 1
     magic: bool = False
+    prefetch: bool = False
 
 
 def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     """Launch parameters of the v2 one-row kernel for x [1, k] @ w[n, k].T, w in format `fmt`.
 
     Threads spread over the 32-groups of a chunk (64 per CTA at 4 warps: 2 threads a group), the
-    rows of w repeat in each thread and share its x values. Measured on an H200 (2026-12-03,
-    `bench/quant_decode.py --kernels`, 8B and 1B shapes, graph replay over copies > L2):
-    - 4-bit: 8 rows, 128 groups, codes as 0.5 + q / 256 (`magic`): 8B gate_up Q4_0 23.3 us
-      (69% of copy bandwidth) against 25.8 (exact codes), 27.5 (4 rows), 26.3 (8 rows x 64
-      groups), 30.1 (8 warps), 36.0 (the first kernel); down (K = 14336, a partial chunk) 16.6
-      against 18.1-22.1;
-    - Q8_0: 4 rows, 128 groups: gate_up 34.4 us (89%), against 37.3 (8 rows), 45.6 (first)."""
+    rows of w repeat in each thread and share its x values. A chunk is at most 128 groups and,
+    where K allows, divides K's groups (no masked partial chunk). Measured on an H200
+    (2026-12-03/04, `bench/quant_decode.py --kernels`, 8B and 1B shapes, graph replay over
+    copies > L2; docs/performance.md v2, v3):
+    - 4-bit: codes as 0.5 + q / 256 (`magic`), prefetched; 8 rows x 128 groups: 8B gate_up Q4_0
+      23.2 us (69% of copy bandwidth) against 25.8 (exact codes), 25.7 (4 rows), 30.1 (8
+      warps), 36.0 (the first kernel); o 7.0 -> 5.2 and qkv 7.8 -> 6.6 with the prefetch.
+      Several chunks (down): 4 rows, 8B 4 x 64 groups 15.0 us against 17.5 (8 x 128). K of 64
+      groups and N >= 16384 (1B gate_up, LM head): 16 rows, 8.7-8.8 us against 9.0-9.3 (8);
+    - Q8_0: 4 rows (8 where K has at most 64 groups: 1B gate_up 12.5 us against 13.3);
+      prefetched where K has several chunks (8B down 4 x 64 groups 18.7 against 24.0 at 4 x
+      128) or the matrix is small (1B qkv 3.8 against 4.0), not on the large one-chunk ones,
+      where it cost (8B gate_up 34.3 us without, 35.9 with)."""
     groups = k // GROUP
-    num_warps = 4
     block_g = min(128, triton.next_power_of_2(groups))
+    whole = groups & -groups  # the largest power of two dividing the groups
+    if 32 <= whole < block_g:
+        block_g = whole
+    several = groups > block_g  # chunks along K
     if fmt == "q8_0":
-        return QGemvWConfig(4, block_g, num_warps)
-    return QGemvWConfig(8, block_g, num_warps, magic=True)
+        return QGemvWConfig(8 if groups <= 64 else 4, block_g, 4,
+                            prefetch=several or n * groups <= 4096 * 64)
+    rows = 4 if several else (16 if groups <= 64 and n >= 16384 else 8)
+    return QGemvWConfig(rows, block_g, 4, magic=True, prefetch=True)
 
 
 def qgemm_tc_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:

@@ -1,0 +1,74 @@
+"""Pieces the quantized GEMV kernels share (kernels/qgemv.py, qgemv_words.py, qgemm_tc.py): the
+format families and the planes each kernel pointer stands for, scale loads, the per-group scaling
+in the order of each format's dequantize, and where Triton can run."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import libdevice
+
+# format family -> FMT id; int4_g<G> is Q4_1's formula with bf16 scales per G columns
+FAMILIES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q5_0": 3, "q5_1": 4, "q4_k": 5, "q5_k": 6,
+            "q6_k": 7, "int8": 8}
+INT4 = 9
+# plane names the kernel's pointers qs, qh, d, m, sc, mn stand for, per family (None: unused)
+PLANES = {"q4_k": ("qs", "qh", "d", "dmin", "scales", "mins"),
+          "q5_k": ("qs", "qh", "d", "dmin", "scales", "mins"),
+          "q6_k": ("qs", "qh", "d", None, "scales", None)}
+DEFAULT_PLANES = ("qs", "qh", "d", "m", None, None)
+
+
+@triton.jit
+def mul_rn(a, b, COMPILED: tl.constexpr):
+    """a * b rounded to fp32, never fused with a following add."""
+    if COMPILED:
+        return libdevice.mul_rn(a, b)
+    return a * b
+
+
+@triton.jit
+def load_f32(ptr, rows, stride, idx, mask):
+    """ptr[rows, idx] as float32 ([BLOCK_N, H] from rows [BLOCK_N, 1] and idx [1, H])."""
+    return tl.load(ptr + rows * stride + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn,
+                 FMT: tl.constexpr, GS: tl.constexpr, COMPILED: tl.constexpr):
+    # rows2, g2: broadcastable row and 32-group indices of S
+    """Sum over a group of x * w from S = sum x * q' (q' the code the format multiplies by its
+    scale: q - 8 for Q4_0, the signed code for Q8_0, q for the rest) and sx = sum x, in the
+    order of the format's dequantize where x is one column's unit vector (so that one-hot x reads
+    the exact weight back)."""
+    if FMT == 0 or FMT == 1:  # f(d[g]) * q'
+        return load_f32(d_ptr, rows2, s_d, g2, mask2) * S
+    if FMT == 5:  # (f(d[s]) * f(sc[g])) * q - f(dmin[s]) * f(mins[g])
+        a = load_f32(d_ptr, rows2, s_d, g2 // 8, mask2) * load_f32(sc_ptr, rows2, s_sc, g2,
+                                                                     mask2)
+        c = load_f32(m_ptr, rows2, s_m, g2 // 8, mask2) * load_f32(mn_ptr, rows2, s_mn, g2,
+                                                                     mask2)
+        return mul_rn(a, S, COMPILED) - c * sx
+    if FMT == 9:  # int4_g<GS>
+        gi = (32 * g2) // GS
+    else:
+        gi = g2
+    # Q4_1, int4: f(d[g]) * q + f(m[g])
+    d = load_f32(d_ptr, rows2, s_d, gi, mask2)
+    return mul_rn(d, S, COMPILED) + load_f32(m_ptr, rows2, s_m, gi, mask2) * sx
+
+def family(fmt: str) -> tuple[int, int]:
+    """(FMT id, columns per scale GS of int4_g<GS>; else 32)."""
+    if fmt in FAMILIES:
+        return FAMILIES[fmt], 32
+    if fmt.startswith("int4_g"):
+        return INT4, int(fmt[len("int4_g"):])
+    raise ValueError(f"qgemv has no kernel for the format {fmt!r}")
+
+
+def triton_runs(t: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on t's device (a GPU, or the interpreter on the CPU)."""
+    return t.device.type == "cuda" or bool(os.environ.get("TRITON_INTERPRET"))

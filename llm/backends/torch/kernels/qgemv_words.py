@@ -1,0 +1,259 @@
+"""The v2 one-row quantized GEMV: whole 32-groups per thread, for one row of bf16 / fp16 x.
+
+Each thread owns whole halves of 32-groups of several rows of w, so x is converted once per thread
+and the group scale is applied once per group sum (8B gate_up Q4_0 23 us = 69% of the copy
+bandwidth, Q8_0 89%, on an H200; docs/performance.md). `qgemv` (kernels/qgemv.py) picks it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
+from llm.backends.torch.kernels.qgemv_common import (
+    DEFAULT_PLANES,
+    INT4,
+    PLANES,
+    family,
+    group_scale,
+)
+from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, qgemv_w_config
+from llm.model.quant.tensor import QuantizedTensor
+
+# Formats of the v2 kernel (FMT ids as above): codes read as 32-bit words, x as 64-bit words.
+_WORD_FAMILIES = {0, 1, 2, 5, INT4}
+
+
+@triton.jit
+def _x_words(xw_ptr, idx, mask, XF16: tl.constexpr, COMPILED: tl.constexpr):
+    """64-bit words of x (4 bf16 / fp16 values each) at idx -> the 4 values as float32."""
+    v = tl.load(xw_ptr + idx, mask=mask, other=0)
+    if COMPILED:
+        if XF16:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b; .reg .b16 h0, h1, h2, h3; mov.b64 {a, b}, $4; "
+                "mov.b32 {h0, h1}, a; mov.b32 {h2, h3}, b; cvt.f32.f16 $0, h0; "
+                "cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3; }",
+                "=r,=r,=r,=r,l", [v], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b; mov.b64 {a, b}, $4; shl.b32 $0, a, 16; "
+            "and.b32 $1, a, 0xFFFF0000; shl.b32 $2, b, 16; and.b32 $3, b, 0xFFFF0000; }",
+            "=r,=r,=r,=r,l", [v], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    out = ()
+    for e in tl.static_range(4):
+        bits = ((v >> (16 * e)) & 0xFFFF).to(tl.uint32)
+        if XF16:
+            out = out + (bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32),)
+        else:
+            out = out + ((bits << 16).to(tl.float32, bitcast=True),)
+    return out
+
+
+@triton.jit
+def _codes4(w, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
+    """A 32-bit word of 4-bit codes (bytes b0..b3: low nibbles lo_e, high nibbles hi_e) ->
+    (lo_0..lo_3, hi_0..hi_3) as float32 2^23 + q (exact), or with MAGIC 0.5 + q / 256 (exact)."""
+    if COMPILED:
+        if MAGIC:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t, u; and.b32 t, $8, 0x0F0F0F0F; shr.u32 u, $8, 4; "
+                "and.b32 u, u, 0x0F0F0F0F; "
+                "prmt.b32 $0, t, 0x3F000000, 0x7044; prmt.b32 $1, t, 0x3F000000, 0x7144; "
+                "prmt.b32 $2, t, 0x3F000000, 0x7244; prmt.b32 $3, t, 0x3F000000, 0x7344; "
+                "prmt.b32 $4, u, 0x3F000000, 0x7044; prmt.b32 $5, u, 0x3F000000, 0x7144; "
+                "prmt.b32 $6, u, 0x3F000000, 0x7244; prmt.b32 $7, u, 0x3F000000, 0x7344; }",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, u; and.b32 t, $8, 0x0F0F0F0F; shr.u32 u, $8, 4; "
+            "and.b32 u, u, 0x0F0F0F0F; "
+            "prmt.b32 $0, t, 0x4B000000, 0x7540; prmt.b32 $1, t, 0x4B000000, 0x7541; "
+            "prmt.b32 $2, t, 0x4B000000, 0x7542; prmt.b32 $3, t, 0x4B000000, 0x7543; "
+            "prmt.b32 $4, u, 0x4B000000, 0x7540; prmt.b32 $5, u, 0x4B000000, 0x7541; "
+            "prmt.b32 $6, u, 0x4B000000, 0x7542; prmt.b32 $7, u, 0x4B000000, 0x7543; }",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    out = ()
+    for s in tl.static_range(2):
+        for e in tl.static_range(4):
+            q = ((w >> (8 * e + 4 * s)) & 15).to(tl.float32)
+            if MAGIC:
+                out = out + (0.5 + q / 256.0,)
+            else:
+                out = out + (q + 8388608.0,)
+    return out
+
+
+@triton.jit
+def _codes8(w, COMPILED: tl.constexpr):
+    """A 32-bit word of 4 int8 codes c_e -> float32 2^23 + 128 + c_e (exact)."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; "
+            "prmt.b32 $0, t, 0x4B000000, 0x7540; prmt.b32 $1, t, 0x4B000000, 0x7541; "
+            "prmt.b32 $2, t, 0x4B000000, 0x7542; prmt.b32 $3, t, 0x4B000000, 0x7543; }",
+            "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    out = ()
+    for e in tl.static_range(4):
+        c = (((w >> (8 * e)) & 255) ^ 128).to(tl.float32)
+        out = out + (c + 8388608.0,)
+    return out
+
+
+@triton.jit
+def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG: tl.constexpr):
+    """Code words of 32-groups g0 .. g0 + BLOCK_G - 1 of the program's rows, [BLOCK_G, BLOCK_N,
+    WPG] (zero past the last group); at most 2 words per load, as x's 64-bit words, so that
+    both get one register layout."""
+    g3 = (g0 + gl)[:, None, None]  # [G, 1, 1]
+    widx = tl.max_contiguous(WPG * g3 + js, [1, 1, 2])
+    return tl.load(qw_ptr + rows3 * s_qw + widx, mask=(g3 < NG) & n_live[None, :, None],
+                   other=0)
+
+
+@triton.jit
+def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW, s_qw,
+                    s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, MAGIC: tl.constexpr,
+                    PREFETCH: tl.constexpr, GLU: tl.constexpr, XF16: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+    """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x; with GLU, y[0, n0:n0 +
+    BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW + n of w
+    are the up rows of gate row n.
+
+    A chunk is BLOCK_G whole 32-groups of BLOCK_N rows of w: [BLOCK_G, BLOCK_N, WPG] 32-bit
+    words of codes (WPG = 4 words of 4-bit codes, 8 of int8 per group), the groups as dim 0 so
+    that threads spread over groups and each thread's rows of w share its x values. Word j of a
+    group holds columns 4j + e (low nibbles, or the int8 bytes) and 16 + 4j + e (high nibbles),
+    e = 0..3, whose x values are the 64-bit words 8g + j and 8g + 4 + j of x ([BLOCK_G, 1, WPG],
+    the same register layout). Codes become float32 exactly; per group the sum of x times code
+    is scaled once (`group_scale`).
+
+    PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
+    depend on none; with PDL they stream during its tail), and where K has several chunks each
+    chunk's successor is loaded before the chunk's arithmetic (two chunks of codes in
+    registers)."""
+    WPG: tl.constexpr = 8 if FMT == 0 else 4
+    NG: tl.constexpr = K // 32
+    pid = tl.program_id(0)
+    r = tl.arange(0, BLOCK_N)
+    if GLU:  # program row 2i + s: gate row (s = 0) or up row (s = 1) of output n0 + i
+        HALF: tl.constexpr = BLOCK_N // 2
+        n_live = pid * HALF + r // 2 < N
+        ns = pid * HALF + r // 2 + (r % 2) * UP_ROW
+    else:
+        ns = pid * BLOCK_N + r
+        n_live = ns < N
+    rows3 = ns[None, :, None]  # [1, BLOCK_N, 1]
+    rows2 = ns[None, :]
+    gl = tl.arange(0, BLOCK_G)
+    js = tl.arange(0, WPG)[None, None, :]  # [1, 1, WPG]
+    if PREFETCH:
+        w_next = _chunk_codes(qw_ptr, rows3, s_qw, 0, gl, js, n_live, NG, WPG)
+    wait_then_release(USE_GDC)
+    acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    for g0 in range(0, NG, BLOCK_G):
+        if PREFETCH:
+            w = w_next
+            if NG > BLOCK_G:  # several chunks: the next one's codes in flight (else no loop)
+                w_next = _chunk_codes(qw_ptr, rows3, s_qw, g0 + BLOCK_G, gl, js, n_live, NG,
+                                      WPG)
+        else:
+            w = _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG, WPG)
+        g1 = g0 + gl  # [G]
+        g2 = g1[:, None]  # [G, 1]
+        g3 = g1[:, None, None]  # [G, 1, 1]
+        mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
+        xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
+        xl0, xl1, xl2, xl3 = _x_words(xrow, 0, g3 < NG, XF16, COMPILED)
+        if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
+            c0, c1, c2, c3 = _codes8(w, COMPILED)
+            off: tl.constexpr = 8388736.0  # 2^23 + 128
+            S = tl.sum(xl0 * (c0 - off) + xl1 * (c1 - off) + xl2 * (c2 - off)
+                       + xl3 * (c3 - off), axis=2)  # [G, BLOCK_N]
+            sx = 0.0  # unused: Q8_0 has no offset
+        else:
+            xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, g3 < NG, XF16, COMPILED)
+            l0, l1, l2, l3, h0, h1, h2, h3 = _codes4(w, MAGIC, COMPILED)
+            if not MAGIC:  # codes 2^23 + q: unbias each (exact)
+                if FMT == 1:
+                    off4: tl.constexpr = 8388616.0  # 2^23 + 8
+                else:
+                    off4: tl.constexpr = 8388608.0  # 2^23
+                l0, l1, l2, l3 = l0 - off4, l1 - off4, l2 - off4, l3 - off4
+                h0, h1, h2, h3 = h0 - off4, h1 - off4, h2 - off4, h3 - off4
+            S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3 + xh0 * h0 + xh1 * h1
+                       + xh2 * h2 + xh3 * h3, axis=2)  # [G, BLOCK_N]
+            sx = tl.sum(xl0 + xl1 + xl2 + xl3 + xh0 + xh1 + xh2 + xh3, axis=2)  # [G, 1]
+            if MAGIC:  # codes 0.5 + q / 256: sum x * q' = 256 * S - (128 + bias) * sum x
+                if FMT == 1:
+                    S = 256.0 * S - 136.0 * sx
+                else:
+                    S = 256.0 * S - 128.0 * sx
+        acc += group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
+                           s_sc, s_mn, FMT, GS, COMPILED)
+    out = tl.sum(acc, axis=0)  # [BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
+    out_ty = y_ptr.dtype.element_ty
+    if GLU:  # rounded as F.linear's output, then as kernels/silu_mul.py
+        gate, up = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+        cols = pid * HALF + tl.arange(0, HALF)
+        tl.store(y_ptr + cols, (act * up).to(out_ty), mask=cols < N)
+    else:
+        tl.store(y_ptr + ns, out.to(out_ty), mask=n_live)
+
+
+def words_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
+    """Whether `qgemv` takes the v2 kernel (`_qgemv_w_kernel`) for x and w: bf16 / fp16
+    activations, a format it implements, whole 32-groups."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.in_features % 32:
+        return False
+    fmt, gs = family(w.format)
+    return fmt in _WORD_FAMILIES and gs % 32 == 0
+
+
+def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 2-D tensor with contiguous rows reinterpreted as `dtype` words along dim 1."""
+    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % dtype.itemsize \
+            or (t.storage_offset() * t.element_size()) % dtype.itemsize:
+        t = t.contiguous()
+    return t.view(dtype)
+
+
+def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
+                config: QGemvWConfig | None = None, pdl: bool | None = None,
+                glu: bool = False) -> torch.Tensor:
+    """`qgemv` of one row of x by the v2 kernel (see `words_kernel_runs`); several rows are
+    taken one launch each (the tensor-core kernel is the one for batches). glu: w is a fused
+    [2I, K] gate/up weight (gate rows first) and the result silu(gate) * up [M, I], rounded as
+    `silu_mul` of the unfused product."""
+    if x.shape[0] != 1:
+        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu) for r in x.split(1)])
+    fmt, gs = family(w.format)
+    k = x.shape[1]
+    n = w.out_features // 2 if glu else w.out_features  # columns of y
+    if glu and w.out_features % 2:
+        raise ValueError(f"a gate/up weight has an even number of rows, got {w.out_features}")
+    xw = _words(x, torch.int64)
+    names = PLANES.get(w.format, DEFAULT_PLANES)
+    planes = [w.planes[p] if p in w.planes else None for p in names]
+    qw = _words(planes[0], torch.int32)
+    rest = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes[2:]]
+    cfg = config or qgemv_w_config(1, w.out_features, k, w.format)
+    if glu and cfg.block_n % 2:
+        raise ValueError(f"glu needs an even block_n, got {cfg.block_n}")
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    gdc = use_pdl(x, pdl)
+    per_program = cfg.block_n // 2 if glu else cfg.block_n  # columns of y
+    _qgemv_w_kernel[(triton.cdiv(n, per_program),)](
+        xw, y, bias if bias is not None else x, qw, *rest, n, n, qw.stride(0),
+        *(p.stride(0) for p in rest), K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
+        BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
+        XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
+        COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch_options(gdc))
+    return y
