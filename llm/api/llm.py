@@ -24,9 +24,10 @@ class LLM:
     weights: "auto" (default: the backend's choice; torch: "stored" on the CPU, "dequantize" on
     CUDA and for tensor parallel; tt: "dequantize"), "dequantize" (every weight in floating
     point), "stored" (a GGUF's quantized blocks kept as stored: its cache entry is about the
-    GGUF's size; CUDA decode runs them through a Triton GEMV, the CPU through torch's int4/int8
-    kernels in bf16, else a dense copy), "int8" / "int4" (a Hugging Face checkpoint's matrices
-    quantized at load).
+    GGUF's size; CUDA decode runs them through a Triton GEMV; the CPU in float32 through the C
+    kernels of llm/backends/torch/quant/cpu_kernels.c (Q6_K as a dense copy), in bfloat16 through
+    torch's int4/int8 kernels), "int8" / "int4" (a Hugging Face checkpoint's matrices quantized at
+    load).
 
     tensor_parallel: split the model over this many processes (torch backend; start them with
     `torchrun --nproc-per-node N`, each constructing the LLM; device "cuda" gives each rank the GPU
