@@ -73,7 +73,8 @@ class SlotPenalties:
     def count(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Count the generated `tokens` [B] fed at `positions` [B] into rows `slots` [B] (once)."""
         new = positions >= self.counted[slots]  # [B]
-        self.counts.index_put_((slots, tokens), new.to(torch.int32), accumulate=True)
+        flat = slots * self.counts.shape[1] + tokens  # [B] into counts.view(-1); atomics on CUDA
+        self.counts.view(-1).scatter_add_(0, flat, new.to(torch.int32))
         self.counted[slots] = torch.maximum(self.counted[slots], positions + 1)
 
     def apply(self, logits: torch.Tensor, slots: torch.Tensor,
