@@ -101,3 +101,21 @@ def test_bad_values_name_the_parameter_and_hold_nothing(engine) -> None:
         engine.generate([PROMPT], SamplingParams(logprobs=21))
     assert e.value.param == "logprobs"
     assert _all_free(engine)
+
+
+def test_tokens_and_logprobs_do_not_depend_on_the_batch(engine) -> None:
+    """A sampled, penalized request with logprobs gives the same tokens and logprobs alone and
+    next to others (plain, penalized, with prompt logprobs)."""
+    mine = SamplingParams(max_new_tokens=12, temperature=0.8, seed=11, logprobs=4,
+                          presence_penalty=0.7, repetition_penalty=1.1, logit_bias={13: 2.0})
+    others = [SamplingParams(max_new_tokens=5),
+              SamplingParams(max_new_tokens=9, frequency_penalty=1.0, logprobs=1),
+              SamplingParams(max_new_tokens=7, prompt_logprobs=2, temperature=1.0, seed=2)]
+    alone = engine.generate([PROMPT], mine)[0]
+    together = engine.generate([PROMPT, "Once upon a time", "Hello", PROMPT],
+                               [mine, *others])[0]
+    assert together.token_ids == alone.token_ids
+    for a, b in zip(together.logprobs, alone.logprobs, strict=True):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert _all_free(engine)

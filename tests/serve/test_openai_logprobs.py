@@ -6,6 +6,7 @@ and a clear 400 naming the parameter for every malformed value, with nothing lef
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -207,4 +208,33 @@ def test_raw_sse_chunks_of_a_logprobs_stream_are_json_with_finite_values(live_se
     values = [v for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
               for v in c["choices"][0]["logprobs"]["token_logprobs"]]
     assert len(values) == 6
+    assert live_server.wait_all_free()
+
+
+def test_concurrent_requests_answer_as_alone(client, live_server) -> None:
+    """Penalized, logprob and plain requests batched together by the server: each answer (text
+    and logprobs) is the one it gets alone."""
+    variants = [{"logprobs": 2, "presence_penalty": 1.0, "temperature": 0.7, "seed": 1},
+                {"logprobs": 0},
+                {"frequency_penalty": 1.5, "logit_bias": {"28": -5}},
+                {"logprobs": 5, "echo": True, "extra_body": {"repetition_penalty": 1.3}},
+                {"temperature": 0.9, "seed": 8, "extra_body": {"min_tokens": 6}},
+                {}]
+
+    def ask(kwargs):
+        r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=10,
+                                      **{"temperature": 0, **kwargs})
+        lp = r.choices[0].logprobs
+        return r.choices[0].text, lp.token_logprobs if lp else None
+
+    alone = [ask(v) for v in variants]
+    with ThreadPoolExecutor(len(variants)) as pool:
+        together = list(pool.map(ask, variants * 2))
+    for (text, lps), (want_text, want_lps) in zip(together, alone * 2):
+        assert text == want_text
+        assert (lps is None) == (want_lps is None)
+        if lps is not None:  # an echoed prompt's first token has None
+            assert [v is None for v in lps] == [v is None for v in want_lps]
+            assert [v for v in lps if v is not None] == pytest.approx(
+                [v for v in want_lps if v is not None], abs=1e-4)
     assert live_server.wait_all_free()
