@@ -41,9 +41,10 @@ def logprobs_of(x: torch.Tensor, temperature: torch.Tensor,
     """log_softmax(x / T) of processed logits x [B, V] (T = 1 where temperature is 0): the
     logprob of `tokens` [B], and the K best values and ids [B, K]."""
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))  # [B]
-    lp = torch.log_softmax(x.float() / t[:, None], dim=-1)  # [B, V]
-    values, ids = torch.topk(lp, top_k_width(x.shape[-1]), dim=-1)  # [B, K]
-    return lp.gather(1, tokens[:, None])[:, 0], values, ids
+    z = x.float() / t[:, None]  # [B, V]
+    lse = torch.logsumexp(z, dim=-1)  # [B]; log_softmax(z) = z - lse, never materialized
+    values, ids = torch.topk(z, top_k_width(x.shape[-1]), dim=-1)  # [B, K]
+    return z.gather(1, tokens[:, None])[:, 0] - lse, values - lse[:, None], ids
 
 
 def select(logits: torch.Tensor, st: SamplingTensors, sample_pos: torch.Tensor,

@@ -18,6 +18,7 @@ frequency_penalty * count and presence_penalty * (count > 0) subtracted (OpenAI)
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -28,9 +29,16 @@ from llm.engine.contract.backend import SequenceSampling
 class SlotPenalties:
     """The penalty buffers of `slots` batch slots over a vocabulary of `vocab` (see module)."""
 
-    def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
+    def __init__(self, slots: int, vocab: int, device: torch.device,
+                 fused: bool | None = None) -> None:
+        """fused: apply the penalties by the Triton kernel (kernels/penalties.py); None: on CUDA
+        where Triton is installed."""
         n = slots + 1  # + the scratch row of padding
         self.scratch = slots
+        if fused is None:
+            fused = torch.device(device).type == "cuda" and importlib.util.find_spec(
+                "triton") is not None
+        self.fused = fused
         with torch.inference_mode():
             self.counts = torch.zeros(n, vocab, dtype=torch.int32, device=device)
             self.counted = torch.zeros(n, dtype=torch.int64, device=device)
@@ -80,6 +88,12 @@ class SlotPenalties:
     def apply(self, logits: torch.Tensor, slots: torch.Tensor,
               sample_pos: torch.Tensor) -> torch.Tensor:
         """Penalized logits [B, V] f32 for rows `slots` [B] choosing the tokens at `sample_pos`."""
+        if self.fused:
+            from llm.backends.torch.kernels.penalties import fused_penalties
+
+            return fused_penalties(logits.contiguous(), slots, sample_pos, self.bias, self.stop,
+                                   self.counts, self.in_prompt, self.min_pos, self.presence,
+                                   self.frequency, self.repetition)
         x = logits.float() + self.bias[slots]  # [B, V]
         early = (sample_pos < self.min_pos[slots])[:, None] & self.stop[slots]  # [B, V]
         x = x.masked_fill(early, float("-inf"))
