@@ -136,10 +136,16 @@ CASES = {
 }
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA is not available"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_penalties_and_logprobs_match_the_reference(hf, case: str) -> None:
+def test_penalties_and_logprobs_match_the_reference(hf, case: str, device: str) -> None:
+    """On CUDA: the fused penalty kernel inside the captured decode graphs."""
     params = CASES[case]
-    backend = _backend(hf)
+    backend = _backend(hf, device)
     prompt = PROMPTS[0]
     stop = (2,)
     if case == "min_tokens":  # stop on the tokens the model would pick first, unpenalized
