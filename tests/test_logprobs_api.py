@@ -119,3 +119,15 @@ def test_tokens_and_logprobs_do_not_depend_on_the_batch(engine) -> None:
         assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-5)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
     assert _all_free(engine)
+
+
+def test_min_tokens_holds_off_stop_strings_too(engine) -> None:
+    plain = engine.generate([PROMPT], SamplingParams(max_new_tokens=8))[0]
+    word = engine.tokenizer.decode(plain.token_ids[:1])  # the first token's text
+    early = engine.generate([PROMPT], SamplingParams(max_new_tokens=8, stop=(word,)))[0]
+    assert early.text == "" and early.finish_reason == "stop" and len(early.token_ids) == 1
+    held = engine.generate([PROMPT], SamplingParams(max_new_tokens=8, stop=(word,),
+                                                    min_tokens=3))[0]
+    assert held.token_ids[:3] == plain.token_ids[:3]  # not ended by the early occurrence
+    assert held.text.startswith(word) and len(held.token_ids) >= 3
+    assert _all_free(engine)

@@ -72,6 +72,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens whose K/V are in the cache
     emitted: int = 0  # characters of out.text already streamed
     logprobs_emitted: int = 0  # entries of out.logprobs already streamed
+    stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there
     t_first: float = 0.0
     t_last: float = 0.0
 
@@ -120,7 +121,12 @@ class Sequence:
             out.finish_reason = "stop"
         else:
             out.text += self.detok.add(token)
-            hit = _find_stop(out.text, params.stop, max(0, self.emitted - self.stop_hold))
+            hit = -1
+            if len(out.token_ids) < params.min_tokens:  # no stop string ends it before then
+                self.stop_floor = len(out.text)
+            else:
+                hit = _find_stop(out.text, params.stop, max(0, self.emitted - self.stop_hold),
+                                 self.stop_floor)
             if hit >= 0:
                 out.text = out.text[:hit]
                 out.finish_reason = "stop"
@@ -159,7 +165,8 @@ class Sequence:
         return event
 
 
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
-    """Earliest index where any stop string begins in text[start:], or -1."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+def _find_stop(text: str, stops: tuple[str, ...], start: int, floor: int = 0) -> int:
+    """Earliest index where any stop string begins in text[start:] and ends after text[:floor],
+    or -1."""
+    hits = [i for i in (text.find(s, max(start, floor - len(s) + 1)) for s in stops) if i >= 0]
     return min(hits) if hits else -1

@@ -46,7 +46,8 @@ class SamplingParams:
     the logit of every token in the prompt or generated so far is divided by it when positive,
     multiplied when negative. logit_bias: {token id: bias in [-100, 100]} added to the logits
     (given as a mapping or pairs; kept as sorted pairs). min_tokens: EOS and stop_token_ids are
-    masked until this many tokens were generated.
+    masked until this many tokens were generated, and no stop string ends the request before
+    then (vLLM's semantics).
     """
 
     temperature: float = 0.0
