@@ -6,8 +6,10 @@ token text to logprob for the best alternatives and always holds the chosen toke
 logprobs + 1 entries, as OpenAI documents). /v1/chat/completions: {"content": [{"token",
 "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}]}.
 
-A token's text is that token decoded alone (special tokens included); text_offset counts the
-characters of those texts from the start of the response's text, across the chunks of a stream.
+A token's text is that token decoded alone (special tokens included): a token holding only part
+of a UTF-8 character decodes to U+FFFD, and its "bytes" are that text's, not the token's raw
+bytes. text_offset counts the characters of those texts from the start of the response's text,
+across the chunks of a stream.
 -inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf.
 """
 
