@@ -78,7 +78,7 @@ def apply(backend: TorchBackend, settings: dict[str, str]) -> None:
         backend.graphs = None
         torch.cuda.empty_cache()
         graphs = DecodeGraphs(model, backend.cache, backend.runtime.max_batch,
-                              backend.runtime.blocks_per_seq)
+                              backend.runtime.blocks_per_seq, backend.penalties)
         graphs.capture()
         backend.graphs = graphs
 

@@ -15,6 +15,10 @@ device-to-device copy measured in the same run. transformers runs the same weigh
 With --tp N (under torchrun) every rank builds the same random weights and keeps its slices; rank
 0 drives the benchmark and prints, the others follow. The roofline is then per GPU: the bytes one
 rank moves per step (its weights and KV heads) over one GPU's copy bandwidth.
+
+--sampling full gives every user presence, frequency and repetition penalties, a logit bias and 5
+logprobs per token (the penalty / logprobs path; greedy, so the tokens stay comparable): run it
+next to the default --sampling greedy to measure what that path costs per step.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ SHAPES = {  # random-weight models with the shapes of real ones (no download nee
                       num_layers=32),
 }
 GREEDY = SequenceSampling(SamplingParams(), 0)
+SAMPLINGS = {"greedy": GREEDY, "full": SequenceSampling(SamplingParams(
+    presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={0: -1.0},
+    logprobs=5), 0)}
 
 
 @dataclass
@@ -118,9 +125,10 @@ def step_bytes(backend: TorchBackend, batch: int, context: int) -> int:
     return weights + kv + batch * cfg.hidden_size * elem
 
 
-def bench_ours(backend: Backend, batch: int, prompt_len: int, steps: int,
-               vocab: int) -> tuple[float, float]:
-    """(TTFT seconds for one prompt, seconds per decode step at `batch`)."""
+def bench_ours(backend: Backend, batch: int, prompt_len: int, steps: int, vocab: int,
+               sampling: SequenceSampling = GREEDY) -> tuple[float, float]:
+    """(TTFT seconds for one prompt, seconds per decode step at `batch`), every user with
+    `sampling`."""
     rt = backend.runtime
     pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
                       rt.max_batch)
@@ -130,19 +138,19 @@ def bench_ours(backend: Backend, batch: int, prompt_len: int, steps: int,
     ttfts = []
     for _ in range(3):  # TTFT: the first prefill of this length warms up, the median of the rest
         t = time.perf_counter()
-        backend.prefill(PrefillInput(0, prompts[0], 0, pages.row(0), GREEDY))
+        backend.prefill(PrefillInput(0, prompts[0], 0, pages.row(0), sampling))
         ttfts.append(time.perf_counter() - t)
     firsts = []
     for slot in range(batch):
         pages.reserve(slot, prompt_len + steps + 1)
         firsts.append(backend.prefill(PrefillInput(slot, prompts[slot], 0, pages.row(slot),
-                                                   GREEDY)))
+                                                   sampling)))
     slots = list(range(batch))
     tokens, times = firsts, []
     for i in range(steps):
         t = time.perf_counter()
         tokens = backend.decode(DecodeInput(slots, tokens, [prompt_len + i] * batch,
-                                            pages.table(slots), [GREEDY] * batch))
+                                            pages.table(slots), [sampling] * batch))
         times.append(time.perf_counter() - t)
     for slot in slots:
         pages.release(slot)
@@ -219,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4", help="comma list of decode batch sizes")
     p.add_argument("--prompt-lens", default="128", help="comma list of prompt lengths")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
+    p.add_argument("--sampling", default="greedy", choices=sorted(SAMPLINGS),
+                   help="every user's sampling: greedy, or full (penalties, bias, logprobs)")
     p.add_argument("--engines", default="llm,transformers",
                    help="comma list of: llm (CUDA graphs where available), llm-sync (graphs, "
                         "no step launched ahead), llm-eager, "
@@ -298,7 +308,7 @@ def run_benchmark(args: argparse.Namespace, mesh: Mesh, dev: str) -> int:
            "threads": torch.get_num_threads(), "busy": args.busy,
            "date": time.strftime("%Y-%m-%d"),
            "tp": args.tp, "all_reduce": args.all_reduce, "gemv_max_batch": args.gemv_max_batch,
-           "weights": args.weights}
+           "weights": args.weights, "sampling": args.sampling}
     print(f"# {env}", flush=True)
     rows: list[Row] = []
     for name in args.configs.split(","):
@@ -315,7 +325,7 @@ def run_benchmark(args: argparse.Namespace, mesh: Mesh, dev: str) -> int:
             e.startswith("transformers") for e in engines) else None
         if args.check_greedy:
             check_greedy(name, cfg, driver, backend, args, env)
-        bench_ours(driver, 1, 16, 4, cfg.vocab_size)  # warm-up
+        bench_ours(driver, 1, 16, 4, cfg.vocab_size, SAMPLINGS[args.sampling])  # warm-up
         for plen in plens:
             for b in batches:
                 for engine in engines:
@@ -325,7 +335,8 @@ def run_benchmark(args: argparse.Namespace, mesh: Mesh, dev: str) -> int:
                             backend.prefill_graphs.replay = engine != "llm-eager"
                         if graphs is not None:
                             graphs.pipeline = engine != "llm-sync"
-                        ttft, step = bench_ours(driver, b, plen, args.steps, cfg.vocab_size)
+                        ttft, step = bench_ours(driver, b, plen, args.steps, cfg.vocab_size,
+                                                SAMPLINGS[args.sampling])
                         backend.graphs = graphs
                         if backend.prefill_graphs is not None:
                             backend.prefill_graphs.replay = True

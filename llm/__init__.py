@@ -20,6 +20,7 @@ _EXPORTS = {
     "Generator": "llm.engine.generator",
     "RequestOutput": "llm.engine.generator",
     "StreamEvent": "llm.engine.generator",
+    "TokenLogprobs": "llm.engine.contract.outputs",
     "SamplingParams": "llm.engine.contract.sampling_params",
     "SamplingParamsError": "llm.engine.contract.sampling_params",
     "Capabilities": "llm.engine.contract.backend",
@@ -33,13 +34,14 @@ _EXPORTS = {
 __all__ = [
     "LLM", "AsyncEngine", "Capabilities", "EngineBusyError", "SchedulerConfig", "Generator",
     "ModelConfig", "RequestOutput", "RuntimeConfig", "SamplingParams", "SamplingParamsError",
-    "StreamEvent", "Tokenizer", "load_checkpoint",
+    "StreamEvent", "TokenLogprobs", "Tokenizer", "load_checkpoint",
 ]
 
 if TYPE_CHECKING:
     from llm.api.llm import LLM
     from llm.engine.async_engine import AsyncEngine
     from llm.engine.contract.backend import Capabilities
+    from llm.engine.contract.outputs import TokenLogprobs
     from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
     from llm.engine.core import EngineBusyError
     from llm.engine.generator import Generator, RequestOutput, StreamEvent

@@ -26,11 +26,33 @@ from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsEr
     ({"seed": -2**63 - 1}, "seed must be >= "),
     ({"stop": ["ok", ""]}, "stop strings must be non-empty"),
     ({"stop_token_ids": [-1]}, "stop_token_ids entry must be >= 0"),
+    ({"logprobs": 21}, "logprobs must be at most 20"),
+    ({"logprobs": -1}, "logprobs must be >= 0"),
+    ({"prompt_logprobs": 1.5}, "prompt_logprobs must be an integer"),
+    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2.0, 2.0]"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty must be a finite number"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be in (0.0, inf]"),
+    ({"logit_bias": {"12": 1.0}}, "logit_bias key '12' is not a token id"),
+    ({"logit_bias": {-3: 1.0}}, "logit_bias key -3 is not a token id"),
+    ({"logit_bias": {5: 101}}, "logit_bias[5] must be in [-100.0, 100.0]"),
+    ({"logit_bias": 7}, "logit_bias must map token ids to numbers"),
+    ({"min_tokens": -1}, "min_tokens must be >= 0"),
+    ({"min_tokens": 9, "max_new_tokens": 8}, "min_tokens=9 exceeds max_new_tokens=8"),
 ])
 def test_invalid_params_name_the_argument(kwargs, message) -> None:
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(**kwargs)
     assert message in str(e.value)
+    assert e.value.param == ("min_tokens" if "min_tokens" in kwargs else next(iter(kwargs)))
+
+
+def test_penalty_params_are_kept_normalised() -> None:
+    p = SamplingParams(logit_bias={9: 1, 3: -2.5}, presence_penalty=0.5)
+    assert p.logit_bias == ((3, -2.5), (9, 1.0)) and p.penalized
+    assert p == SamplingParams(logit_bias=[(9, 1.0), (3, -2.5)], presence_penalty=0.5)
+    assert not SamplingParams(logprobs=3).penalized
+    for kwargs in ({"repetition_penalty": 1.1}, {"frequency_penalty": -1}, {"min_tokens": 1}):
+        assert SamplingParams(**kwargs).penalized
 
 
 def test_stop_accepts_a_single_string() -> None:

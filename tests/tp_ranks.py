@@ -114,9 +114,20 @@ def small_model_rank(rank: int, n: int, tmp: Path, model_dir: str) -> None:
                 SequenceSampling(SamplingParams(), 0)]
     backends = [TorchBackend(slices.inner, runtime, mesh=mesh), TorchBackend(full_ck, runtime)]
     tokens_out = [decode_together(b, prompts, 12, sampling) for b in backends]
+    penalized = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, logit_bias={7: 3.0},
+                               min_tokens=2, logprobs=3)  # the full path, over the gathered vocab
+    sampling[2] = SequenceSampling(penalized, 0, (2,))
+    full_out = [decode_together(b, prompts, 12, sampling) for b in backends]
     save(tmp, rank, {"pcc": {k: (a.detach(), b.detach()) for k, (a, b) in pcc.items()},
-                     "tokens": tokens_out, "greedy": greedy, "weight_bytes": tp.weight_bytes,
-                     "full_bytes": one.weight_bytes, "bytes_read": slices.bytes_read})
+                     "tokens": tokens_out, "tokens_full": full_out, "greedy": greedy,
+                     "weight_bytes": tp.weight_bytes, "full_bytes": one.weight_bytes,
+                     "bytes_read": slices.bytes_read})
+
+
+def scored_params(steps: int) -> SamplingParams:
+    """Logprobs, prompt logprobs and penalties: the full path and the leader's step calls."""
+    return SamplingParams(max_new_tokens=steps, ignore_eos=True, logprobs=2, prompt_logprobs=1,
+                          repetition_penalty=1.2, frequency_penalty=0.5)
 
 
 def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: int) -> None:
@@ -130,8 +141,10 @@ def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: 
         return
     try:
         out = model.generate(prompts, llm.SamplingParams(max_new_tokens=steps, ignore_eos=True))
+        scored = model.generate(prompts, scored_params(steps))  # through LeaderBackend.*_step
     finally:
         model.close()
     save(tmp, rank, {"tokens": [o.token_ids for o in out],
+                     "scored": [(o.token_ids, o.logprobs, o.prompt_logprobs) for o in scored],
                      "weight_bytes": model.backend.weight_bytes,
                      "describe": model.backend.describe()})

@@ -19,10 +19,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
-from llm.engine.contract.sampling_params import SamplingParams, resolve_seed
+from llm.engine.contract.outputs import TokenLogprobs
+from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError, resolve_seed
 from llm.engine.metrics import ServingMetrics
 from llm.engine.paged_kv import OutOfPagesError, PageTable
 from llm.engine.sequence import RequestError, RequestOutput, Sequence, StreamEvent
@@ -126,13 +128,23 @@ class Scheduler:
                 f"{at}needs {self.pages.blocks_needed(budget)} KV pages for {budget} "
                 f"tokens but the pool has only {self.pages.allocator.capacity}"
             )
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise SamplingParamsError(f"{at}logit_bias keys {bad[:5]} are not token ids of this "
+                                      f"model's vocabulary [0, {self.vocab_size})",
+                                      param="logit_bias")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self._eos)
+        out = RequestOutput(index=index, prompt_token_ids=list(ids))
+        if params.logprobs is not None:
+            out.logprobs = []
+        if params.prompt_logprobs is not None:
+            out.prompt_logprobs = [None]  # the first prompt token has no context
         return Sequence(
-            out=RequestOutput(index=index, prompt_token_ids=list(ids)),
+            out=out,
             params=params,
-            sampling=SequenceSampling(params, resolve_seed(params)),
+            sampling=SequenceSampling(params, resolve_seed(params), tuple(sorted(stop_ids))),
             budget=budget,
             detok=self.tokenizer.stream(),
             stop_ids=frozenset(stop_ids),
@@ -202,13 +214,20 @@ class Scheduler:
                 if n > budget and budget < chunk:
                     return
                 start = seq.prefilled
-                token = self.backend.prefill(PrefillInput(
-                    seq.slot, seq.out.prompt_token_ids[start:start + n], start,
-                    self.pages.row(seq.slot), seq.sampling))
+                prompt = seq.out.prompt_token_ids
+                targets = None
+                if seq.out.prompt_logprobs is not None:
+                    targets = prompt[start + 1:start + n + 1]
+                result = self.backend.prefill_step(PrefillInput(
+                    seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),
+                    seq.sampling, targets))
+                if targets is not None:
+                    seq.out.prompt_logprobs.extend(_checked(result.prompt_logprobs, targets))
                 seq.prefilled += n
                 budget -= n
                 if seq.prompt_done:
-                    self._accept(seq, token, events)
+                    self._accept(seq, result.tokens[0], events,
+                                 result.logprobs[0] if result.logprobs else None)
                 if budget <= 0:
                     return
 
@@ -217,21 +236,23 @@ class Scheduler:
         if not batch:
             return
         slots = [s.slot for s in batch]
-        tokens = self.backend.decode(DecodeInput(
+        result = self.backend.decode_step(DecodeInput(
             slots=slots,
             tokens=[s.out.token_ids[-1] for s in batch],
             positions=[s.position for s in batch],
             page_table=self.pages.table(slots),  # [B, max_blocks_per_seq]
             sampling=[s.sampling for s in batch],
         ))
-        for seq, token in zip(batch, tokens):
-            self._accept(seq, token, events)
+        logprobs = result.logprobs or [None] * len(batch)
+        for seq, token, lp in zip(batch, result.tokens, logprobs):
+            self._accept(seq, token, events, lp)
 
-    def _accept(self, seq: Sequence, token: int, events: list[StreamEvent]) -> None:
+    def _accept(self, seq: Sequence, token: int, events: list[StreamEvent],
+                logprobs: TokenLogprobs | None = None) -> None:
         now = time.perf_counter()
         first = not seq.out.token_ids
         latency = now - (seq.arrival if first else seq.t_last)
-        event = seq.accept(token, now)
+        event = seq.accept(token, now, logprobs)
         if self.metrics is not None:
             self.metrics.on_token(latency, first)
         if seq.finished:
@@ -245,3 +266,11 @@ class Scheduler:
         del self.active[seq.slot]
         self.pages.release(seq.slot)
         self._free_slots.append(seq.slot)
+
+
+def _checked(logprobs: Sequence_[TokenLogprobs] | None,
+             targets: list[int]) -> Sequence_[TokenLogprobs]:
+    """The prompt logprobs a backend returned for `targets`, checked to be theirs."""
+    if logprobs is None or [lp.token for lp in logprobs] != targets:
+        raise RuntimeError("the backend returned no prompt logprobs for the chunk's tokens")
+    return logprobs

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from llm.engine.contract.backend import SequenceSampling
+from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.model.tokenizer.detokenizer import IncrementalDecoder
 
@@ -25,6 +26,9 @@ class RequestOutput:
     """The result of one request.
 
     finish_reason: "stop" (EOS, stop token or string), "length", or "cancelled".
+    logprobs: one TokenLogprobs per generated token when SamplingParams.logprobs was set, else
+    None. prompt_logprobs: one per prompt token (None for the first, which has no context) when
+    SamplingParams.prompt_logprobs was set, else None.
     """
 
     index: int
@@ -34,16 +38,23 @@ class RequestOutput:
     finish_reason: str | None = None
     ttft_s: float = 0.0
     decode_tok_s: float = 0.0
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """New text of one request; `finished` is True on its last event, which carries `output`."""
+    """New text of one request; `finished` is True on its last event, which carries `output`.
+
+    logprobs: those of the tokens generated since the previous event (requests with
+    SamplingParams.logprobs; empty otherwise).
+    """
 
     index: int
     text: str
     finished: bool = False
     output: RequestOutput | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass
@@ -60,6 +71,8 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose K/V are in the cache
     emitted: int = 0  # characters of out.text already streamed
+    logprobs_emitted: int = 0  # entries of out.logprobs already streamed
+    stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there
     t_first: float = 0.0
     t_last: float = 0.0
 
@@ -89,20 +102,31 @@ class Sequence:
         """Characters held back while they could begin a stop string."""
         return max((len(s) for s in self.params.stop), default=1) - 1
 
-    def accept(self, token: int, now: float) -> StreamEvent | None:
-        """Record one new token; return its text delta (None if nothing is ready to stream)."""
+    def accept(self, token: int, now: float,
+               logprobs: TokenLogprobs | None = None) -> StreamEvent | None:
+        """Record one new token (and its logprobs, if the request asked for them); return its
+        text delta (None if nothing is ready to stream)."""
         out, params = self.out, self.params
         if not out.token_ids:
             self.t_first = now
             out.ttft_s = now - self.arrival
         self.t_last = now
         out.token_ids.append(token)
+        if out.logprobs is not None:  # the request asked for them (see Scheduler.make_sequence)
+            if logprobs is None or logprobs.token != token:
+                raise RuntimeError(f"the backend returned no logprobs for token {token}")
+            out.logprobs.append(logprobs)
         if token in self.stop_ids:
             out.text += self.detok.flush()
             out.finish_reason = "stop"
         else:
             out.text += self.detok.add(token)
-            hit = _find_stop(out.text, params.stop, max(0, self.emitted - self.stop_hold))
+            hit = -1
+            if len(out.token_ids) < params.min_tokens:  # no stop string ends it before then
+                self.stop_floor = len(out.text)
+            else:
+                hit = _find_stop(out.text, params.stop, max(0, self.emitted - self.stop_hold),
+                                 self.stop_floor)
             if hit >= 0:
                 out.text = out.text[:hit]
                 out.finish_reason = "stop"
@@ -115,9 +139,15 @@ class Sequence:
         safe = len(out.text) - self.stop_hold
         if safe <= self.emitted:
             return None
-        event = StreamEvent(out.index, out.text[self.emitted:safe])
+        event = StreamEvent(out.index, out.text[self.emitted:safe], logprobs=self._new_logprobs())
         self.emitted = safe
         return event
+
+    def _new_logprobs(self) -> tuple[TokenLogprobs, ...]:
+        done = self.out.logprobs or []
+        new = tuple(done[self.logprobs_emitted:])
+        self.logprobs_emitted = len(done)
+        return new
 
     def cancel(self) -> StreamEvent:
         """Mark the request cancelled and return its final event (text not yet streamed)."""
@@ -129,12 +159,14 @@ class Sequence:
         n = len(out.token_ids)
         span = self.t_last - self.t_first
         out.decode_tok_s = (n - 1) / span if n > 1 and span > 0 else 0.0
-        event = StreamEvent(out.index, out.text[self.emitted:], finished=True, output=out)
+        event = StreamEvent(out.index, out.text[self.emitted:], finished=True, output=out,
+                            logprobs=self._new_logprobs())
         self.emitted = len(out.text)
         return event
 
 
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
-    """Earliest index where any stop string begins in text[start:], or -1."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+def _find_stop(text: str, stops: tuple[str, ...], start: int, floor: int = 0) -> int:
+    """Earliest index where any stop string begins in text[start:] and ends after text[:floor],
+    or -1."""
+    hits = [i for i in (text.find(s, max(start, floor - len(s) + 1)) for s in stops) if i >= 0]
     return min(hits) if hits else -1

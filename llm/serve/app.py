@@ -29,6 +29,7 @@ from llm.engine.paged_kv import OutOfPagesError
 from llm.engine.scheduler import QueueFullError
 from llm.engine.sequence import RequestError
 from llm.model.tokenizer.errors import TokenizerError
+from llm.serve.logprobs import LogprobsFormatter
 from llm.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     ApiError,
@@ -156,12 +157,13 @@ class _Handlers:
         return req.max_tokens
 
     def _submit(self, ids: list[int], req: ParsedRequest) -> RequestStream:
-        params = dataclasses.replace(req.params, max_new_tokens=self._limit(req, len(ids)))
+        limit = self._limit(req, len(ids))
         try:
+            params = dataclasses.replace(req.params, max_new_tokens=limit)  # checks min_tokens
             return self.engine.submit(ids, params)
         except (RequestError, OutOfPagesError) as e:
             raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
-        except SamplingParamsError as e:  # valid, but beyond what this backend can do
+        except SamplingParamsError as e:  # beyond the backend, the vocabulary or max_tokens
             raise ApiError(400, str(e), api_param(e.param)) from e
         except QueueFullError as e:
             raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full",
@@ -176,6 +178,11 @@ class _Handlers:
         ids = await asyncio.to_thread(self._encode, req, messages)
         stream = self._submit(ids, req)
         shape = ResponseShape(chat, self.config.model_name)
+        if req.params.logprobs is not None:
+            shape.logprobs = LogprobsFormatter(self.engine.tokenizer)
+        if req.echo:
+            shape.echo = (req.prompt if isinstance(req.prompt, str)
+                          else self.engine.tokenizer.decode(ids, skip_special_tokens=False))
         if req.stream:
             return EventStreamResponse(_sse_events(stream, shape, req.include_usage),
                                        on_close=stream.cancel)
@@ -195,9 +202,12 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape,
     first = True
     try:
         async for ev in stream:
-            if ev.text or (first and shape.chat):
-                yield shape.chunk(ev.text, first=first, usage_field=include_usage)
-                first = False
+            if first and shape.echo is not None:  # the prompt's logprobs are known by now
+                yield shape.echo_chunk(stream.seq.out, usage_field=include_usage)
+            if ev.text or ev.logprobs or (first and shape.chat):
+                yield shape.chunk(ev.text, first=first, usage_field=include_usage,
+                                  logprobs=ev.logprobs)
+            first = False
             if ev.finished:
                 assert ev.output is not None
                 yield shape.chunk("", ev.output.finish_reason, usage_field=include_usage)

@@ -3,8 +3,12 @@
 Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions:
 a string, token ids, or a one-element list of either) or messages (chat), max_tokens
 (max_completion_tokens for chat), temperature, top_p, top_k (extension; -1 or 0 = off), seed, stop,
-stream, stream_options.include_usage, n (1 only), ignore_eos (extension). Fields this server cannot
-honour (n > 1, logprobs, echo, penalties, logit_bias) are refused rather than silently ignored.
+stream, stream_options.include_usage, n (1 only), ignore_eos (extension), presence_penalty,
+frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
+(completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
+logprobs, the prompt's logprobs too). Fields this server cannot honour (n > 1, best_of, suffix,
+tools, prompt_logprobs, chat's echo) are refused rather than silently ignored; a parameter the
+backend cannot serve is refused at submission, naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
+from llm.engine.contract.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 INT64_MAX = 2**63 - 1
 MAX_STOP_STRINGS = 16
@@ -44,6 +48,8 @@ class ParsedRequest:
     """A validated request. prompt is text to encode or token ids; max_tokens None = default.
 
     chat: prompt is the rendered chat template (encoded without adding special tokens).
+    echo (completions): the response text begins with the prompt (and, with logprobs, so do the
+    logprobs, from params.prompt_logprobs).
     """
 
     prompt: str | list[int]
@@ -52,6 +58,7 @@ class ParsedRequest:
     params: SamplingParams  # max_new_tokens is set once the prompt length is known
     stream: bool
     include_usage: bool
+    echo: bool = False
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -64,7 +71,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     if model != model_name:
         raise ApiError(404, f"the model {short_repr(model)} does not exist; this server serves "
                             f"'{model_name}'", "model", code="model_not_found")
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, chat)
     messages = None
     if chat:
         messages = _messages(body.get("messages"))
@@ -82,6 +89,9 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
     include_usage = _opt_bool(options or {}, "include_usage", "stream_options.include_usage")
+    logprobs = _chat_logprobs(body) if chat else _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
+    echo = _opt_bool(body, "echo") or False
+    min_tokens = _opt_int(body, "min_tokens", 0) or 0
     try:
         params = SamplingParams(
             temperature=_opt_number(body, "temperature", 1.0),
@@ -90,27 +100,68 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             seed=seed,
             stop=_stop(body.get("stop")),
             ignore_eos=_opt_bool(body, "ignore_eos") or False,
+            max_new_tokens=max(max_tokens or 1, min_tokens, 1),  # the real limit comes later
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if echo else None,
+            presence_penalty=_opt_number(body, "presence_penalty", 0.0),
+            frequency_penalty=_opt_number(body, "frequency_penalty", 0.0),
+            repetition_penalty=_opt_number(body, "repetition_penalty", 1.0),
+            logit_bias=_logit_bias(body.get("logit_bias")),
+            min_tokens=min_tokens,
         )
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e
-    return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage)), messages
+    return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
+                         echo), messages
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat's logprobs (true/false) and top_logprobs (0..20) -> the number of alternatives."""
+    wanted = _opt_bool(body, "logprobs")
+    top = _opt_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """logit_bias: an object of token ids (as strings) to numbers (range checked by
+    SamplingParams, ids against the vocabulary at submission)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, "'logit_bias' must be an object mapping token ids to numbers",
+                       "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 19:
+            raise ApiError(400, f"'logit_bias' key {short_repr(key)} is not a token id",
+                           "logit_bias")
+        if not _is_number(bias):
+            raise ApiError(400, f"'logit_bias' value of {short_repr(key)} must be a number, got "
+                                f"{short_repr(bias)}", "logit_bias")
+        out[int(key)] = bias
+    return out
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise ApiError(400, f"only n=1 is supported, got {short_repr(n)}", "n")
     for name in ("best_of",):
         if body.get(name) not in (None, 1):
             raise ApiError(400, f"'{name}' is not supported (only 1)", name)
-    for name in ("logprobs", "echo", "top_logprobs", "suffix", "logit_bias", "tools"):
+    for name in ("suffix", "tools"):
         if body.get(name) not in (None, False, 0, {}, []):
             raise ApiError(400, f"'{name}' is not supported by this server", name)
-    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-        value = body.get(name)
-        neutral = 1.0 if name == "repetition_penalty" else 0.0
-        if value is not None and (not _is_number(value) or value != neutral):
-            raise ApiError(400, f"'{name}' is not supported (only {neutral:g})", name)
+    if body.get("prompt_logprobs") is not None:
+        raise ApiError(400, "'prompt_logprobs' is not supported by this server; send 'echo': "
+                            "true with 'logprobs' for the prompt's logprobs", "prompt_logprobs")
+    if chat and body.get("echo") not in (None, False):
+        raise ApiError(400, "'echo' is a /v1/completions parameter", "echo")
+    if not chat and body.get("top_logprobs") is not None:
+        raise ApiError(400, "'top_logprobs' is a chat parameter; /v1/completions takes "
+                            "'logprobs': <number of alternatives>", "top_logprobs")
 
 
 def _prompt(value: Any) -> str | list[int]:
@@ -178,12 +229,13 @@ def _utf8(text: str, param: str) -> str:
     return text
 
 
-def _opt_int(body: dict[str, Any], name: str, lo: int) -> int | None:
+def _opt_int(body: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value) or not lo <= value <= INT64_MAX:
-        raise ApiError(400, f"'{name}' must be an integer in [{lo}, 2**63), got "
+    if not _is_int(value) or not lo <= value <= (INT64_MAX if hi is None else hi):
+        bounds = f"[{lo}, 2**63)" if hi is None else f"[{lo}, {hi}]"
+        raise ApiError(400, f"'{name}' must be an integer in {bounds}, got "
                             f"{short_repr(value)}", name)
     return value
 
@@ -225,4 +277,4 @@ def short_repr(value: Any) -> str:
 
 def api_param(param: str | None) -> str | None:
     """The request field of a SamplingParams parameter (the API calls max_new_tokens max_tokens)."""
-    return {"max_new_tokens": "max_tokens"}.get(param or "", param)
+    return {"max_new_tokens": "max_tokens", "prompt_logprobs": "echo"}.get(param or "", param)

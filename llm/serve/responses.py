@@ -7,20 +7,28 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.sequence import RequestOutput
+from llm.serve.logprobs import LogprobsFormatter
 
 
 @dataclass
 class ResponseShape:
-    """The identity of one response: kind (chat or not), id, model and creation time."""
+    """The identity of one response: kind (chat or not), id, model and creation time; and what
+    it carries besides the completion: the echoed prompt's text (completions with echo, else
+    None) and the logprobs formatter (requests with logprobs, else None).
+    """
 
     chat: bool
     model: str
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    echo: str | None = None
+    logprobs: LogprobsFormatter | None = None
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -37,30 +45,59 @@ class ResponseShape:
         """The non-streamed response of a finished request."""
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                      "finish_reason": out.finish_reason, "logprobs": None}
+                      "finish_reason": out.finish_reason,
+                      "logprobs": self._logprobs(out.logprobs or [])}
         else:
-            choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason,
-                      "logprobs": None}
+            text, logprobs = out.text, None
+            if self.echo is not None:
+                text = self.echo + text
+            if self.logprobs is not None:
+                tokens, entries = out.token_ids, list(out.logprobs or [])
+                if self.echo is not None:
+                    tokens = out.prompt_token_ids + tokens
+                    entries = list(out.prompt_logprobs or []) + entries
+                logprobs = self.logprobs.completion(tokens, entries)
+            choice = {"index": 0, "text": text, "finish_reason": out.finish_reason,
+                      "logprobs": logprobs}
         return {**self._head(False), "choices": [choice], "usage": usage(out)}
 
+    def echo_chunk(self, out: RequestOutput, usage_field: bool = False) -> bytes:
+        """The first SSE event of an echoing completion: the prompt (and its logprobs)."""
+        assert self.echo is not None and not self.chat
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self.logprobs.completion(out.prompt_token_ids, out.prompt_logprobs or [])
+        choice = {"index": 0, "text": self.echo, "finish_reason": None, "logprobs": logprobs}
+        return sse({**self._head(True), "choices": [choice],
+                    **({"usage": None} if usage_field else {})})
+
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
-              usage_field: bool = False) -> bytes:
-        """One SSE event carrying a text delta. Usage is never in it: with
-        stream_options.include_usage it comes in the extra last chunk (`usage_chunk`) and every
-        other chunk has "usage": null (`usage_field`), as OpenAI streams it; without, no chunk has
-        the field (a client summing usage over chunks counts it once)."""
+              usage_field: bool = False, logprobs: Sequence[TokenLogprobs] = ()) -> bytes:
+        """One SSE event carrying a text delta (and the logprobs of its tokens). Usage is never
+        in it: with stream_options.include_usage it comes in the extra last chunk (`usage_chunk`)
+        and every other chunk has "usage": null (`usage_field`), as OpenAI streams it; without,
+        no chunk has the field (a client summing usage over chunks counts it once)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text or not first:
                 delta["content"] = text
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
-                      "logprobs": None}
+                      "logprobs": self._logprobs(logprobs) if logprobs else None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason,
+                      "logprobs": self._logprobs(logprobs) if logprobs else None}
         body = {**self._head(True), "choices": [choice]}
         if usage_field:
             body["usage"] = None
         return sse(body)
+
+    def _logprobs(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
+        """The logprobs object of generated tokens' `entries` (None without logprobs)."""
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            return self.logprobs.chat(entries)
+        return self.logprobs.completion([e.token for e in entries], entries)
 
     def usage_chunk(self, out: RequestOutput) -> bytes:
         """The extra final chunk of stream_options.include_usage (empty choices)."""

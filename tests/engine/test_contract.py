@@ -14,6 +14,7 @@ from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
 from llm.engine.async_engine import AsyncEngine
 from llm.engine.contract.backend import (
+    FEATURES,
     SAMPLING_MODES,
     BackendSpec,
     Capabilities,
@@ -56,11 +57,48 @@ def test_every_backend_declares_serves_and_closes(name: str) -> None:
         else:
             with pytest.raises(SamplingParamsError, match=f"not supported by the {name} backend"):
                 caps.check(params, name)
+    _check_features(backend, name)
     backend.close()
     backend.close()  # idempotent
     assert backend.closed and name in backend.describe()
     with pytest.raises(RuntimeError, match="closed"):
         backend.prefill(PrefillInput(0, [1, 2], 0, [1, 2], GREEDY))
+
+
+FEATURE_PARAMS = {"logprobs": {"logprobs": 2}, "prompt_logprobs": {"prompt_logprobs": 1},
+                  "presence_penalty": {"presence_penalty": 0.5},
+                  "frequency_penalty": {"frequency_penalty": -0.5},
+                  "repetition_penalty": {"repetition_penalty": 1.2},
+                  "logit_bias": {"logit_bias": {3: 5.0}}, "min_tokens": {"min_tokens": 2}}
+
+
+def _check_features(backend, name: str) -> None:
+    """Each feature parameter is either served (the step returns the logprobs asked for) or
+    refused by the capabilities, naming the parameter."""
+    caps = backend.capabilities
+    for param, kwargs in FEATURE_PARAMS.items():
+        params = SamplingParams(**kwargs)
+        try:
+            caps.check(params, name)
+        except SamplingParamsError as e:
+            assert e.param == param and f"not supported by the {name} backend" in str(e)
+            continue
+        s = SequenceSampling(params, 0, (2,))
+        out = backend.prefill_step(PrefillInput(0, [1, 2, 3], 0, [1, 2], s,
+                                                [2, 3] if param == "prompt_logprobs" else None))
+        assert len(out.tokens) == 1
+        assert (out.logprobs is not None) == (param == "logprobs")
+        if param == "logprobs":
+            assert out.logprobs[0].token == out.tokens[0] and len(out.logprobs[0].top) == 2
+        if param == "prompt_logprobs":
+            assert [lp.token for lp in out.prompt_logprobs] == [2, 3]
+
+
+def test_torch_serves_every_feature_and_tt_none() -> None:
+    for name, features in (("torch", FEATURES), ("tt", frozenset())):
+        backend = create_backend(name, _spec(name))
+        assert backend.capabilities.features == features
+        backend.close()
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import openai
 import pytest
 import uvicorn
 
@@ -67,6 +68,13 @@ def live_server() -> Iterator[LiveServer]:
     with serve_in_thread(app) as url:
         yield LiveServer(url, engine, model)
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(live_server) -> openai.OpenAI:
+    """The official openai client on the live server (no retries: a refusal is seen as sent)."""
+    return openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
 
 
 class serve_in_thread:

@@ -17,12 +17,6 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def client(live_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
-
-
-@pytest.fixture(scope="module")
 def reference(serve_model):
     """Greedy results of the in-process Generator (before the server engine runs anything)."""
     prompt = serve_model.generate([PROMPT], SamplingParams(max_new_tokens=12))[0]

@@ -266,3 +266,48 @@ def test_batch_one_decode_through_the_fused_gemvs_equals_the_cublas_path() -> No
     (a, ka), (b, kb) = runs
     assert (a - b).norm() / b.norm() < 1e-5
     assert (ka - kb).norm() / kb.norm() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_penalties_equal_the_torch_penalties(dtype: torch.dtype) -> None:
+    """Every term (bias, min_tokens mask before and after its position, repetition on positive
+    and negative logits from prompt and counts, frequency, presence), padding rows on the
+    scratch slot, a partial last block: the torch path of SlotPenalties."""
+    from llm.backends.torch.kernels.penalties import fused_penalties
+    from llm.backends.torch.penalties import SlotPenalties
+    from llm.engine.contract.backend import SequenceSampling
+    from llm.engine.contract.sampling_params import SamplingParams
+
+    vocab = 1000
+    state = SlotPenalties(4, vocab, torch.device(DEVICE), fused=False)
+    params = [SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4, repetition_penalty=1.5,
+                             logit_bias={3: 5.0, 999: -100.0}, min_tokens=3),
+              SamplingParams(),
+              SamplingParams(repetition_penalty=0.5, min_tokens=1, logit_bias={500: 2.5}),
+              SamplingParams(frequency_penalty=2.0)]
+    g = torch.Generator().manual_seed(5)
+    for slot, p in enumerate(params):
+        s = SequenceSampling(p, 0, (2, 998))
+        state.begin(slot, s)
+        prompt = torch.randint(0, vocab, (30,), generator=g).to(DEVICE)
+        state.add_prompt(slot, s, prompt, 30)
+    for step in range(6):  # generated tokens, one repeated
+        fed = torch.tensor([7, 7, 100 + step, 2], device=DEVICE)
+        state.count(torch.arange(4, device=DEVICE), fed, torch.full((4,), 30 + step,
+                                                                     device=DEVICE))
+    slots = torch.tensor([0, 1, 2, 3, state.scratch, state.scratch], device=DEVICE)
+    sample_pos = torch.tensor([32, 40, 30, 36, 0, 0], device=DEVICE)  # slot 0 still early
+    logits = (torch.randn(6, vocab, generator=g) * 4).to(dtype).to(DEVICE)
+    want = state.apply(logits, slots, sample_pos)
+    got = fused_penalties(logits, slots, sample_pos, state.bias, state.stop, state.counts,
+                          state.in_prompt, state.min_pos, state.presence, state.frequency,
+                          state.repetition, block=256)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got.isinf(), want.isinf()) and want[0, [2, 998]].isinf().all()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(want[:4], logits[:4].float())  # the terms did something
+    assert torch.equal(want[1], logits[1].float())  # a neutral row is untouched
+    with pytest.raises(ValueError, match="contiguous rows"):
+        fused_penalties(logits.t(), slots, sample_pos, state.bias, state.stop, state.counts,
+                        state.in_prompt, state.min_pos, state.presence, state.frequency,
+                        state.repetition)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hf_reference import assert_matches, fp32
 from server_process import free_port, wait_healthy
-from tp_ranks import default_model_rank, small_model_rank, spawn_ranks
+from tp_ranks import default_model_rank, scored_params, small_model_rank, spawn_ranks
 
 import llm
 from llm.backends.torch.parallel.plan import TensorParallelPlan
@@ -96,6 +96,8 @@ def test_small_model_sharded_equals_unsharded(tmp_path, name: str, ranks: int) -
             assert_matches(sharded, whole, fp32(0.9999), (r, module))
         sharded_tokens, single_tokens = res["tokens"]
         assert sharded_tokens == single_tokens  # greedy users and a seeded sampled one
+        sharded_tokens, single_tokens = res["tokens_full"]
+        assert sharded_tokens == single_tokens  # the same with a penalized user in the batch
         if res["greedy"] is not None:  # distributed greedy through the split Triton argmax
             for got, want in res["greedy"]:  # LM head logits; crafted ties and NaN across ranks
                 assert torch.equal(got, want), (got, want)
@@ -127,17 +129,27 @@ def single_process() -> tuple[list[list[int]], int, list[str]]:
     out = model.generate(PROMPTS, llm.SamplingParams(max_new_tokens=STEPS, ignore_eos=True))
     checkpoint = load_checkpoint(model.backend.source, progress=False)
     full = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
-    return [o.token_ids for o in out], full, [o.text for o in out]
+    scored = model.generate(PROMPTS, scored_params(STEPS))
+    return [o.token_ids for o in out], full, [o.text for o in out], scored
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_default_model_greedy_equals_single_process(tmp_path, single_process,
                                                      ranks: int) -> None:
-    tokens, full, _ = single_process
+    tokens, full, _, scored = single_process
     out = spawn_ranks(default_model_rank, ranks, tmp_path, PROMPTS, STEPS)
     assert out[0]["tokens"] == tokens
+    for (got_tokens, got_lps, got_prompt), want in zip(out[0]["scored"], scored, strict=True):
+        assert got_tokens == want.token_ids  # penalties and logprobs over the gathered vocab
+        assert got_prompt[0] is None and len(got_prompt) == len(want.prompt_logprobs)
+        pairs = list(zip(got_lps, want.logprobs, strict=True)) + list(
+            zip(got_prompt[1:], want.prompt_logprobs[1:], strict=True))
+        for g, w in pairs:
+            assert g.token == w.token and g.logprob == pytest.approx(w.logprob, abs=1e-3)
+            assert len(g.top) == len(w.top)
     assert f"tensor parallel over {ranks} ranks" in out[0]["describe"]
-    assert all(res["calls"] == STEPS + 1 for res in out[1:])  # 2 prefills + STEPS - 1 decodes
+    # per generate: 2 prefills + STEPS - 1 decodes
+    assert all(res["calls"] == 2 * (STEPS + 1) for res in out[1:])
     for res in out:
         assert res["weight_bytes"] <= 1.15 * full / ranks
 

@@ -1,9 +1,13 @@
 """CUDA-graph decode: the torch backend's "trace".
 
-One graph per (padded batch bucket, sampling mode) is captured once; a decode step is one replay
-(embedding, all layers with the Triton kernels, final norm, LM head and token selection) over static
-device buffers. Rows past the live batch are padding: they feed token 0 at position 0 through page
-0, which the page allocator never hands out, so they cannot touch a user's cache.
+One graph per (padded batch bucket, sampling mode, selection path) is captured once; a decode step
+is one replay (embedding, all layers with the Triton kernels, final norm, LM head and token
+selection) over static device buffers. Rows past the live batch are padding: they feed token 0 at
+position 0 through page 0, which the page allocator never hands out, so they cannot touch a user's
+cache, and they use the scratch row of the penalty state. The selection path is host-known: the
+plain sampler when no request of the batch uses penalties or logprobs (the speed of a batch that
+does not is unchanged), else the full path (penalties.py, logprobs.py), whose logprobs are copied
+to the host with the tokens.
 
 Pipelining (the host reads tokens one step behind): after step t is replayed, its tokens are copied
 to pinned memory and step t+1 is launched at once with its inputs produced on the device (the
@@ -23,11 +27,16 @@ from dataclasses import dataclass
 import torch
 
 from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.logprobs import select, to_host, top_k_width
 from llm.backends.torch.model import Transformer
+from llm.backends.torch.penalties import SlotPenalties
 from llm.backends.torch.sampling import SamplingTensors
+from llm.engine.contract.backend import SequenceSampling
+from llm.engine.contract.outputs import StepOutput
 from llm.engine.contract.sampling_params import SamplingParams
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_MODES = ((True, False), (False, False), (True, True), (False, True))  # (greedy, full)
 
 
 def buckets_for(max_batch: int) -> list[int]:
@@ -47,13 +56,15 @@ class _Launched:
 
 
 class DecodeGraphs:
-    """Captured decode steps over static input buffers (one per batch bucket and sampling mode)."""
+    """Captured decode steps over static input buffers (one per batch bucket, sampling mode and
+    selection path); `penalties` is the backend's per-slot penalty state."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int,
-                 max_pages: int) -> None:
+                 max_pages: int, penalties: SlotPenalties) -> None:
         if not model.decode_kernel:
             raise ValueError("CUDA-graph decode needs the Triton paged-decode attention")
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.penalties = model, cache, penalties
+        k = top_k_width(model.config.vocab_size)
         self.buckets = buckets_for(max_batch)
         dev = model.device
         n = self.buckets[-1]
@@ -65,25 +76,43 @@ class DecodeGraphs:
             self.top_k = torch.zeros(n, dtype=torch.int64, device=dev)
             self.top_p = torch.ones(n, dtype=torch.float32, device=dev)
             self.seed = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.slots = torch.full((n,), penalties.scratch, dtype=torch.int64, device=dev)
             self.out = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.logprob = torch.zeros(n, dtype=torch.float32, device=dev)
+            self.top_values = torch.zeros(n, k, dtype=torch.float32, device=dev)
+            self.top_ids = torch.zeros(n, k, dtype=torch.int64, device=dev)
         # Host staging: one pinned row per input, copied to the device asynchronously.
         self._host = torch.zeros(5, n, dtype=torch.int64, pin_memory=True)
         self._host_f = torch.zeros(2, n, dtype=torch.float32, pin_memory=True)
         self._host_pt = torch.zeros(n, max_pages, dtype=torch.int64, pin_memory=True)
         self._out_host = torch.zeros(n, dtype=torch.int64, pin_memory=True)
+        self._lp_host = torch.zeros(n, dtype=torch.float32, pin_memory=True)
+        self._top_values_host = torch.zeros(n, k, dtype=torch.float32, pin_memory=True)
+        self._top_ids_host = torch.zeros(n, k, dtype=torch.int64, pin_memory=True)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0
         self.pipeline = True  # launch the next step before returning this one's tokens
         self._ahead: _Launched | None = None
         self._copied = torch.cuda.Event()
         self.stats = {"steps": 0, "ahead_hits": 0}
 
-    def _step(self, b: int, greedy: bool) -> None:
+    def _step(self, b: int, greedy: bool, full: bool) -> None:
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b])
         logits = self.model.decode(self.tokens[:b], self.positions[:b], self.page_table[:b],
                                    self.cache)  # [b, V]
-        self.out[:b] = self.model.sample(logits, st, self.positions[:b] + 1, all_greedy=greedy)
+        if not full:
+            self.out[:b] = self.model.sample(logits, st, self.positions[:b] + 1,
+                                             all_greedy=greedy)
+            return
+        slots = self.slots[:b]
+        self.penalties.count(slots, self.tokens[:b], self.positions[:b])  # the fed tokens, once
+        sel = select(self.model.gather_logits(logits), st, self.positions[:b] + 1, greedy,
+                     self.penalties, slots)
+        self.out[:b] = sel.tokens
+        self.logprob[:b] = sel.logprob
+        self.top_values[:b] = sel.top_values
+        self.top_ids[:b] = sel.top_ids
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -93,15 +122,17 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks its kernels
             for b in self.buckets:
-                for greedy in (True, False):
-                    self._step(b, greedy)
+                for key in _MODES:
+                    self._step(b, *key)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         for b in reversed(self.buckets):
-            for greedy in (True, False):
+            for greedy, full in _MODES:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self._step(b, greedy)
-                self.graphs[(b, greedy)] = graph
+                    self._step(b, greedy, full)
+                self.graphs[(b, greedy, full)] = graph
+        self.penalties.counts.zero_()  # the warm-up counted padding tokens
+        self.penalties.counted.zero_()
         torch.cuda.synchronize(self.model.device)
         self.capture_s = time.perf_counter() - t0
         return self.capture_s
@@ -112,22 +143,32 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
-            page_table: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-            seeds: Sequence[int]) -> list[int]:
-        """One decode step for B <= max_batch users; returns each user's next token."""
+            page_table: Sequence[Sequence[int]], sampling: Sequence[SequenceSampling],
+            full: bool) -> StepOutput:
+        """One decode step for B <= max_batch users: each user's next token, and the logprobs of
+        those who asked. full: the penalty / logprobs path (host-known, see penalties.full_path).
+        """
         b = len(tokens)
         bucket = next(x for x in self.buckets if x >= b)
-        graph = self.graphs[(bucket, all(p.greedy for p in params))]
+        params = [s.params for s in sampling]
+        seeds = [s.seed for s in sampling]
+        graph = self.graphs[(bucket, all(p.greedy for p in params), full)]
         want = _Launched(tuple(slots), tuple(tokens), tuple(positions),
                          tuple(tuple(r) for r in page_table), tuple(zip(params, seeds)))
         self.stats["steps"] += 1
         if want == self._ahead:
             self.stats["ahead_hits"] += 1  # already running on the device
         else:
-            self._stage(b, bucket, tokens, positions, page_table, params, seeds)
+            self._stage(b, bucket, slots, tokens, positions, page_table, params, seeds)
             graph.replay()
         stream = torch.cuda.current_stream(self.model.device)
         self._out_host[:b].copy_(self.out[:b], non_blocking=True)
+        wanted = [p.logprobs for p in params]
+        logprobs = full and any(k is not None for k in wanted)
+        if logprobs:  # queued before the step launched ahead overwrites them
+            self._lp_host[:b].copy_(self.logprob[:b], non_blocking=True)
+            self._top_values_host[:b].copy_(self.top_values[:b], non_blocking=True)
+            self._top_ids_host[:b].copy_(self.top_ids[:b], non_blocking=True)
         self._copied.record(stream)
         if self.pipeline:  # launch the next step now, fed on the device, while the host reads
             self.tokens[:b].copy_(self.out[:b])
@@ -135,16 +176,20 @@ class DecodeGraphs:
             graph.replay()
         self._copied.synchronize()
         result = self._out_host[:b].tolist()
+        out = StepOutput(result)
+        if logprobs:
+            out = StepOutput(result, to_host(result, self._lp_host[:b], self._top_values_host[:b],
+                                             self._top_ids_host[:b], wanted))
         if not self.pipeline:
             self._ahead = None
-            return result
+            return out
         self._ahead = _Launched(want.slots, tuple(result), tuple(p + 1 for p in positions),
                                 want.page_table, want.sampling)
-        return result
+        return out
 
-    def _stage(self, b: int, bucket: int, tokens: Sequence[int], positions: Sequence[int],
-               page_table: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-               seeds: Sequence[int]) -> None:
+    def _stage(self, b: int, bucket: int, slots: Sequence[int], tokens: Sequence[int],
+               positions: Sequence[int], page_table: Sequence[Sequence[int]],
+               params: Sequence[SamplingParams], seeds: Sequence[int]) -> None:
         """Copy one step's inputs (padded to the bucket) to the static device buffers."""
         host, host_f, pt = self._host, self._host_f, self._host_pt
         host[:, :bucket] = 0
@@ -152,6 +197,8 @@ class DecodeGraphs:
         host[1, :b] = torch.tensor(positions)
         host[2, :b] = torch.tensor([p.top_k for p in params])
         host[3, :b] = torch.tensor(seeds)
+        host[4, :bucket] = self.penalties.scratch
+        host[4, :b] = torch.tensor(list(slots))
         host_f[0, :bucket] = 0.0
         host_f[1, :bucket] = 1.0
         host_f[0, :b] = torch.tensor([p.temperature for p in params])
@@ -159,7 +206,7 @@ class DecodeGraphs:
         pt[:bucket] = 0
         pt[:b, : len(page_table[0])] = torch.tensor([list(r) for r in page_table])
         for dst, src in ((self.tokens, host[0]), (self.positions, host[1]),
-                         (self.top_k, host[2]), (self.seed, host[3]),
+                         (self.top_k, host[2]), (self.seed, host[3]), (self.slots, host[4]),
                          (self.temperature, host_f[0]), (self.top_p, host_f[1])):
             dst[:bucket].copy_(src[:bucket], non_blocking=True)
         self.page_table[:bucket].copy_(pt[:bucket], non_blocking=True)

@@ -10,9 +10,11 @@ import torch
 
 from llm.backends.torch.graphs import DecodeGraphs
 from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.logprobs import prompt_logprobs, select, to_host
 from llm.backends.torch.model import Transformer
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.slices import WeightSlices
+from llm.backends.torch.penalties import SlotPenalties, full_path
 from llm.backends.torch.prefill_graphs import PrefillGraphs
 from llm.backends.torch.quant.native import NativeKernels, NativeKernelsUnavailable, load_kernels
 from llm.backends.torch.sampling import SamplingTensors
@@ -23,6 +25,7 @@ from llm.backends.torch.threads import (
     intra_op_threads,
 )
 from llm.engine.contract.backend import (
+    FEATURES,
     SAMPLING_MODES,
     Backend,
     BackendSpec,
@@ -31,6 +34,7 @@ from llm.engine.contract.backend import (
     PrefillInput,
     SequenceSampling,
 )
+from llm.engine.contract.outputs import StepOutput
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
@@ -98,11 +102,12 @@ class TorchBackend(Backend):
             self.threads = (ThreadPolicy.default(wide_decode_batch=wide) if threads is None
                             else ThreadPolicy.fixed(threads))
         self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
+        self.penalties = SlotPenalties(runtime.max_batch, self.config.vocab_size, self.device)
         self.weight_bytes = self.model.weight_bytes
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.model.decode_kernel:
             self.graphs = DecodeGraphs(self.model, self.cache, runtime.max_batch,
-                                       runtime.blocks_per_seq)
+                                       runtime.blocks_per_seq, self.penalties)
             self.graphs.capture()
         self.prefill_graphs = None  # padded prompts on one CUDA rank; graphs with cuda_graphs
         if self.device.type == "cuda" and self.model.decode_kernel and self.mesh.size == 1:
@@ -113,8 +118,10 @@ class TorchBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Every sampling mode, on the device (greedy, temperature, top-k, top-p)."""
-        return Capabilities(SAMPLING_MODES, self.runtime.max_batch, self.runtime.max_seq_len)
+        """Every sampling mode (greedy, temperature, top-k, top-p) and every feature (logprobs,
+        prompt logprobs, penalties, logit_bias, min_tokens), on the device."""
+        return Capabilities(SAMPLING_MODES, self.runtime.max_batch, self.runtime.max_seq_len,
+                            FEATURES)
 
     def close(self) -> None:
         """Drop the CUDA graphs, the KV cache and the weights (their memory returns to the
@@ -124,7 +131,7 @@ class TorchBackend(Backend):
         self._closed_description = self.describe() + ", closed"
         super().close()
         self.graphs = self.prefill_graphs = None
-        self.cache = self.model = None
+        self.cache = self.model = self.penalties = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -161,44 +168,85 @@ class TorchBackend(Backend):
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
-    def _sample(self, logits: torch.Tensor, sampling: list[SequenceSampling],
-                positions: list[int]) -> list[int]:
-        """logits [B, V] -> tokens; `positions` are those of the tokens being chosen."""
+    def _select(self, logits: torch.Tensor, sampling: list[SequenceSampling], slots: list[int],
+                positions: list[int], full: bool) -> StepOutput:
+        """logits [B, V(_local)] -> tokens (and logprobs); `positions` are those of the tokens
+        being chosen. full: the penalty / logprobs path (see logprobs.select)."""
         params = [s.params for s in sampling]
         all_greedy = all(p.greedy for p in params)
         st = SamplingTensors.build(params, [s.seed for s in sampling], self.device)
-        return self.model.sample(logits, st, self._tensor(positions), all_greedy).tolist()
+        pos = self._tensor(positions)
+        if not full:
+            return StepOutput(self.model.sample(logits, st, pos, all_greedy).tolist())
+        sel = select(self.model.gather_logits(logits), st, pos, all_greedy, self.penalties,
+                     self._tensor(slots))
+        tokens = sel.tokens.tolist()
+        wanted = [p.logprobs for p in params]
+        if all(k is None for k in wanted):
+            return StepOutput(tokens)
+        return StepOutput(tokens, to_host(tokens, sel.logprob.cpu(), sel.top_values.cpu(),
+                                          sel.top_ids.cpu(), wanted))
 
     def prefill(self, inp: PrefillInput) -> int:
+        return self.prefill_step(inp).tokens[0]
+
+    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+        """`prefill`, with the logprobs the request asked for (see the contract)."""
         self._check_open()
         with self._threads("prefill"):
             return self._prefill(inp)
 
-    def _prefill(self, inp: PrefillInput) -> int:
+    def _prefill(self, inp: PrefillInput) -> StepOutput:
         if self.graphs is not None:
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
+        tokens = self._tensor(list(inp.tokens))  # [S]
+        end = inp.start_pos + len(inp.tokens)
+        if inp.start_pos == 0:
+            self.penalties.begin(inp.slot, inp.sampling)
+        self.penalties.add_prompt(inp.slot, inp.sampling, tokens, end)
+        page_row = self._tensor(list(inp.page_table))
+        params = inp.sampling.params
+        if inp.targets is not None:
+            if params.prompt_logprobs is None:
+                raise ValueError("PrefillInput.targets given for a request without "
+                                 "prompt_logprobs")
+            local = self.model.prefill(tokens, inp.start_pos, page_row, self.cache,
+                                       all_logits=True)  # [S, V(_local)]
+            prompt = prompt_logprobs(self.model.gather_logits(local), params.temperature,
+                                     inp.targets, params.prompt_logprobs)
+            out = self._select(local[-1:], [inp.sampling], [inp.slot], [end], full=True)
+            return StepOutput(out.tokens, out.logprobs, prompt)
         pg = self.prefill_graphs
         if pg is not None and pg.bucket(len(inp.tokens), inp.start_pos) is not None:
             logits = pg.run(inp.tokens, inp.page_table)  # [V]
         else:
-            logits = self.model.prefill(self._tensor(list(inp.tokens)), inp.start_pos,
-                                        self._tensor(list(inp.page_table)), self.cache)
-        return self._sample(logits[None], [inp.sampling], [inp.start_pos + len(inp.tokens)])[0]
+            logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache)
+        return self._select(logits[None], [inp.sampling], [inp.slot], [end],
+                            full_path([inp.sampling]))
 
     def decode(self, inp: DecodeInput) -> list[int]:
+        return list(self.decode_step(inp).tokens)
+
+    def decode_step(self, inp: DecodeInput) -> StepOutput:
+        """`decode`, with the logprobs the requests asked for (see the contract)."""
         self._check_open()
         with self._threads("decode", len(inp.slots)):
             return self._decode(inp)
 
-    def _decode(self, inp: DecodeInput) -> list[int]:
+    def _decode(self, inp: DecodeInput) -> StepOutput:
         positions = list(inp.positions)
+        sampling = list(inp.sampling)
+        full = full_path(sampling)
         if self.graphs is not None:
-            return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table,
-                                   [s.params for s in inp.sampling], [s.seed for s in inp.sampling])
-        logits = self.model.decode(self._tensor(list(inp.tokens)), self._tensor(positions),
-                                   self._tensor([list(r) for r in inp.page_table]), self.cache,
-                                   max(positions))
-        return self._sample(logits, list(inp.sampling), [p + 1 for p in positions])
+            return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table, sampling,
+                                   full)
+        tokens = self._tensor(list(inp.tokens))
+        pos = self._tensor(positions)
+        logits = self.model.decode(tokens, pos, self._tensor([list(r) for r in inp.page_table]),
+                                   self.cache, max(positions))
+        if full:  # the fed tokens are generated ones: count them (once) before penalizing
+            self.penalties.count(self._tensor(list(inp.slots)), tokens, pos)
+        return self._select(logits, sampling, list(inp.slots), [p + 1 for p in positions], full)
 
 
 _OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch", "threads", "native_kernels")

@@ -148,7 +148,8 @@ class TTBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Greedy decoding only (on-device argmax); sampling on the device is not built yet."""
+        """Greedy decoding only (on-device argmax), and none of the features (no logprobs,
+        penalties, logit_bias or min_tokens): sampling on the device is not built yet."""
         return Capabilities(frozenset({"greedy"}), self.runtime.max_batch,
                             self.runtime.max_seq_len)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm.engine.contract.outputs import StepOutput
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError, ModelConfig, RuntimeConfig
@@ -24,14 +25,18 @@ from llm.model.paths import default_model_path
 
 DEFAULT_MAX_SEQ_LEN = 2048
 SAMPLING_MODES = frozenset({"greedy", "temperature", "top_k", "top_p"})
+FEATURES = frozenset({"logprobs", "prompt_logprobs", "penalties", "logit_bias", "min_tokens"})
 
 
 @dataclass(frozen=True)
 class SequenceSampling:
-    """The sampling parameters of one user and the seed its random stream is keyed by."""
+    """The sampling parameters of one user, the seed its random stream is keyed by, and the
+    token ids that would end it (EOS unless ignore_eos, and stop_token_ids: what min_tokens masks).
+    """
 
     params: SamplingParams
     seed: int
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class PrefillInput:
 
     tokens: [S] token ids at positions start_pos .. start_pos + S - 1.
     page_table: [max_blocks_per_seq] page ids of this user (padded with page 0).
+    targets: with prompt logprobs wanted, the prompt tokens that follow each position of this
+    chunk (the prompt's tokens start_pos + 1 ..; S - 1 of them in the last chunk), whose
+    logprobs the backend returns in StepOutput.prompt_logprobs; None otherwise.
     """
 
     slot: int
@@ -47,6 +55,7 @@ class PrefillInput:
     start_pos: int
     page_table: Sequence[int]
     sampling: SequenceSampling
+    targets: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,20 +80,28 @@ class Capabilities:
     sampling: the token-selection modes it implements, a subset of SAMPLING_MODES ("greedy" is
     argmax; "temperature" samples from softmax(logits / T); "top_k" / "top_p" filter before
     sampling). max_batch: users decoded together. max_context: prompt + completion tokens per user.
+    features: what it computes beyond the next token, a subset of FEATURES ("logprobs" /
+    "prompt_logprobs": log probabilities of generated / prompt tokens; "penalties": presence,
+    frequency and repetition penalties; "logit_bias"; "min_tokens").
     """
 
     sampling: frozenset[str]
     max_batch: int
     max_context: int
+    features: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         unknown = set(self.sampling) - SAMPLING_MODES
         if unknown or "greedy" not in self.sampling:
             raise ValueError(f"sampling modes must include 'greedy' and be among "
                              f"{sorted(SAMPLING_MODES)}, got {sorted(self.sampling)}")
+        if set(self.features) - FEATURES:
+            raise ValueError(f"features must be among {sorted(FEATURES)}, got "
+                             f"{sorted(self.features)}")
 
     def check(self, params: SamplingParams, backend: str) -> None:
         """SamplingParamsError (naming the parameter) unless these parameters can be honoured."""
+        self._check_features(params, backend)
         if params.greedy:
             return
         wanted = [("temperature", params.temperature, "temperature"),
@@ -96,6 +113,20 @@ class Capabilities:
                 raise SamplingParamsError(
                     f"{name}={value!r} is not supported by the {backend} backend (it implements: "
                     f"{supported}); use temperature=0 for greedy decoding", param=name)
+
+    def _check_features(self, params: SamplingParams, backend: str) -> None:
+        wanted = [("logprobs", params.logprobs is not None, "logprobs"),
+                  ("prompt_logprobs", params.prompt_logprobs is not None, "prompt_logprobs"),
+                  ("presence_penalty", params.presence_penalty != 0.0, "penalties"),
+                  ("frequency_penalty", params.frequency_penalty != 0.0, "penalties"),
+                  ("repetition_penalty", params.repetition_penalty != 1.0, "penalties"),
+                  ("logit_bias", bool(params.logit_bias), "logit_bias"),
+                  ("min_tokens", params.min_tokens > 0, "min_tokens")]
+        for name, used, feature in wanted:
+            if used and feature not in self.features:
+                raise SamplingParamsError(
+                    f"{name}={getattr(params, name)!r} is not supported by the {backend} backend",
+                    param=name)
 
 
 @dataclass(frozen=True)
@@ -190,6 +221,15 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, inp: DecodeInput) -> list[int]:
         """Run one token per user, write its K/V, return the next token of each user ([B])."""
+
+    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+        """`prefill` with what the request asked for beyond the token (log probabilities); a
+        backend declaring "logprobs" or "prompt_logprobs" overrides it (and `decode_step`)."""
+        return StepOutput([self.prefill(inp)])
+
+    def decode_step(self, inp: DecodeInput) -> StepOutput:
+        """`decode` with what the requests asked for beyond the tokens (see `prefill_step`)."""
+        return StepOutput(self.decode(inp))
 
     @abstractmethod
     def describe(self) -> str:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit; vLLM's default cap)
 
 
 class SamplingParamsError(ValueError):
@@ -31,6 +34,20 @@ class SamplingParams:
     random seed). max_new_tokens: generated-token limit. stop: strings that end generation (not
     included in the text). stop_token_ids: token ids that end generation besides the model's EOS.
     ignore_eos: keep going after EOS.
+
+    logprobs: None = none; k in [0, 20] = each generated token's log probability plus the k most
+    likely alternatives. prompt_logprobs: the same for every prompt token (the first has none).
+    Generated-token logprobs are "processed": log_softmax of the logits the sampler picks from,
+    after logit_bias, min_tokens, the penalties and temperature (temperature 0 counts as 1), before
+    top-k / top-p; prompt logprobs are log_softmax(logits / temperature) of the model alone.
+
+    presence_penalty / frequency_penalty (OpenAI, [-2, 2]): subtract p once from the logit of every
+    token generated so far / f times its count. repetition_penalty (Hugging Face, > 0; 1 = off):
+    the logit of every token in the prompt or generated so far is divided by it when positive,
+    multiplied when negative. logit_bias: {token id: bias in [-100, 100]} added to the logits
+    (given as a mapping or pairs; kept as sorted pairs). min_tokens: EOS and stop_token_ids are
+    masked until this many tokens were generated, and no stop string ends the request before
+    then (vLLM's semantics).
     """
 
     temperature: float = 0.0
@@ -41,6 +58,13 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
@@ -62,19 +86,64 @@ class SamplingParams:
                                          param="stop")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t, lo=0)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, lo=0)
+                if value > MAX_LOGPROBS:
+                    raise SamplingParamsError(f"{name} must be at most {MAX_LOGPROBS}, got "
+                                              f"{value}", param=name)
+        _check_number("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        _check_number("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        _check_int("min_tokens", self.min_tokens, lo=0)
+        if self.min_tokens > self.max_new_tokens:
+            raise SamplingParamsError(f"min_tokens={self.min_tokens} exceeds max_new_tokens="
+                                      f"{self.max_new_tokens}", param="min_tokens")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        """True if any penalty, bias or min_tokens changes the logits before selection."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0 or self.min_tokens)
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """Validated logit_bias as sorted (token id, bias) pairs (ids are checked against the
+    vocabulary where it is known, at submission)."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = list(pairs)  # type: ignore[arg-type]
+    except TypeError:
+        raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {value!r}",
+                                  param="logit_bias") from None
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {pair!r}",
+                                      param="logit_bias")
+        token, bias = pair
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise SamplingParamsError(f"logit_bias key {token!r} is not a token id (an integer "
+                                      ">= 0)", param="logit_bias")
+        _check_number(f"logit_bias[{token}]", bias, lo=-100.0, hi=100.0)
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
 
 def _check_number(name: str, value: object, lo: float, hi: float | None = None,
                   lo_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}", param=name)
+        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}",
+                                  param=name.split("[")[0])
     if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
         bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-        raise SamplingParamsError(f"{name} must be in {bounds}, got {value!r}", param=name)
+        raise SamplingParamsError(f"{name} must be in {bounds}, got {value!r}",
+                                  param=name.split("[")[0])
 
 
 def _check_int(name: str, value: object, lo: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from llm.engine.contract.backend import Backend, Capabilities, DecodeInput, PrefillInput
+from llm.engine.contract.outputs import StepOutput
 
 _STOP = "stop"
 
@@ -64,6 +65,16 @@ class LeaderBackend(_Rank):
     def decode(self, inp: DecodeInput) -> list[int]:
         self._send("decode", inp)
         return self.backend.decode(inp)
+
+    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+        """`prefill` with log probabilities (the followers run the same work in `prefill`)."""
+        self._send("prefill", inp)
+        return self.backend.prefill_step(inp)
+
+    def decode_step(self, inp: DecodeInput) -> StepOutput:
+        """`decode` with log probabilities (the followers run the same work in `decode`)."""
+        self._send("decode", inp)
+        return self.backend.decode_step(inp)
 
     def describe(self) -> str:
         return f"{self.backend.describe()}; tensor parallel over {self.channel.size} ranks"

@@ -1,0 +1,77 @@
+"""OpenAI's logprobs objects from the engine's TokenLogprobs.
+
+/v1/completions: {"tokens", "token_logprobs", "top_logprobs", "text_offset"}, one entry per token
+(an echoed prompt's first token has null logprob and alternatives); each top_logprobs entry maps
+token text to logprob for the best alternatives and always holds the chosen token too (so up to
+logprobs + 1 entries, as OpenAI documents). /v1/chat/completions: {"content": [{"token",
+"logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}]}.
+
+A token's text is that token decoded alone (special tokens included): a token holding only part
+of a UTF-8 character decodes to U+FFFD, and its "bytes" are that text's, not the token's raw
+bytes. text_offset counts the characters of those texts from the start of the response's text,
+across the chunks of a stream.
+-inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from llm.engine.contract.outputs import TokenLogprobs
+from llm.model.tokenizer.tokenizer import Tokenizer
+
+MASKED_LOGPROB = -9999.0
+
+
+class LogprobsFormatter:
+    """The logprobs objects of one response (it keeps the text offset between chunks)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.offset = 0
+        self._texts: dict[int, str] = {}
+
+    def text(self, token: int) -> str:
+        """The token decoded alone."""
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def completion(self, tokens: Sequence[int],
+                   entries: Sequence[TokenLogprobs | None]) -> dict[str, Any]:
+        """/v1/completions' object for `tokens` and their logprobs (None: the prompt's first)."""
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                     "text_offset": []}
+        for token, entry in zip(tokens, entries, strict=True):
+            text = self.text(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top = {self.text(t): _finite(v) for t, v in entry.top}
+            top.setdefault(text, _finite(entry.logprob))
+            out["token_logprobs"].append(_finite(entry.logprob))
+            out["top_logprobs"].append(top)
+        return out
+
+    def chat(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
+        """/v1/chat/completions' object for generated tokens' logprobs."""
+        content = [{**self._chat_entry(e.token, e.logprob),
+                    "top_logprobs": [self._chat_entry(t, v) for t, v in e.top]}
+                   for e in entries]
+        return {"content": content, "refusal": None}
+
+    def _chat_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.text(token)
+        return {"token": text, "logprob": _finite(logprob),
+                "bytes": list(text.encode("utf-8", "surrogatepass"))}
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else MASKED_LOGPROB
