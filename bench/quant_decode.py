@@ -25,9 +25,14 @@ the same (dequantized) weights.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
-import bench  # noqa: F401  (sets Triton's interpreter where there is no GPU)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench  # noqa: E402, F401  (sets Triton's interpreter where there is no GPU)
 from bench.common import (
     SHAPES,
     configs_for,
