@@ -213,6 +213,23 @@ def test_greedy_with_penalties_is_deterministic(hf) -> None:
     assert run(backend, PROMPTS, [s] * 3) == first
 
 
+def test_uncount_forgets_only_the_discarded_step() -> None:
+    """The counts of a step launched ahead and thrown away are undone; a step's counts that are
+    not the latest are left alone."""
+    from llm.backends.torch.penalties import SlotPenalties
+
+    pen = SlotPenalties(2, 10, torch.device("cpu"), fused=False)
+    slots = torch.tensor([0, 1])
+    pen.count(slots, torch.tensor([3, 4]), torch.tensor([5, 6]))
+    before = pen.counts.clone(), pen.counted.clone()
+    pen.count(slots, torch.tensor([7, 4]), torch.tensor([6, 7]))  # the step launched ahead
+    assert int(pen.counts[1, 4]) == 2
+    pen.uncount(slots, torch.tensor([7, 4]), torch.tensor([6, 7]))
+    assert torch.equal(pen.counts, before[0]) and torch.equal(pen.counted, before[1])
+    pen.uncount(slots, torch.tensor([3, 4]), torch.tensor([2, 2]))  # not their latest count
+    assert torch.equal(pen.counts, before[0]) and torch.equal(pen.counted, before[1])
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
 

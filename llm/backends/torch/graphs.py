@@ -94,6 +94,7 @@ class DecodeGraphs:
         self.capture_s = 0.0
         self.pipeline = True  # launch the next step before returning this one's tokens
         self._ahead: _Launched | None = None
+        self._ahead_full = False  # the step launched ahead took the penalty path (it counted)
         self._copied = torch.cuda.Event()
         self.stats = {"steps": 0, "ahead_hits": 0}
 
@@ -159,6 +160,8 @@ class DecodeGraphs:
         if want == self._ahead:
             self.stats["ahead_hits"] += 1  # already running on the device
         else:
+            if self._ahead is not None and self._ahead_full:  # its counts are not this step's
+                self._uncount(self._ahead)
             self._stage(b, bucket, slots, tokens, positions, page_table, params, seeds)
             graph.replay()
         stream = torch.cuda.current_stream(self.model.device)
@@ -185,7 +188,16 @@ class DecodeGraphs:
             return out
         self._ahead = _Launched(want.slots, tuple(result), tuple(p + 1 for p in positions),
                                 want.page_table, want.sampling)
+        self._ahead_full = full
         return out
+
+    def _uncount(self, ahead: _Launched) -> None:
+        """Undo the penalty counts of the step launched ahead (its fed tokens at its positions;
+        stream-ordered after it). Slots are not reassigned in between: a prefill `reset`s first."""
+        dev = self.model.device
+        self.penalties.uncount(torch.tensor(ahead.slots, device=dev),
+                               torch.tensor(ahead.tokens, device=dev),
+                               torch.tensor(ahead.positions, device=dev))
 
     def _stage(self, b: int, bucket: int, slots: Sequence[int], tokens: Sequence[int],
                positions: Sequence[int], page_table: Sequence[Sequence[int]],

@@ -7,8 +7,9 @@ decode step needs no per-request input beyond its slot ids (and it fits in a CUD
 Counts of generated tokens are updated on the device by each decode step from the token it feeds
 (the previous step's choice), guarded by `counted`: a slot's counts hold its generated tokens at
 positions < counted[slot], so a step that is run again on the same inputs (graphs.py recomputes a
-step launched ahead when the batch changed) does not count its token twice. Row `slots` (one past
-the last slot) is scratch for padding rows.
+step launched ahead when the batch changed) does not count its token twice, and a step launched
+ahead whose result is thrown away for an earlier position is undone (`uncount`). Row `slots`
+(one past the last slot) is scratch for padding rows.
 
 Order of application (vLLM's): logit_bias, min_tokens (EOS and stop_token_ids at -inf until
 min_tokens were generated), repetition_penalty (Hugging Face: a token seen in the prompt or
@@ -84,6 +85,17 @@ class SlotPenalties:
         flat = slots * self.counts.shape[1] + tokens  # [B] into counts.view(-1); atomics on CUDA
         self.counts.view(-1).scatter_add_(0, flat, new.to(torch.int32))
         self.counted[slots] = torch.maximum(self.counted[slots], positions + 1)
+
+    @torch.inference_mode()
+    def uncount(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Undo `count` of a step whose result is thrown away (graphs.py's step launched ahead,
+        when the next call asks for an earlier position): rows whose latest count is the token at
+        `positions` forget it, so a step recomputed at an earlier position sees only the tokens
+        before it."""
+        last = self.counted[slots] == positions + 1  # [B]
+        flat = slots * self.counts.shape[1] + tokens  # [B]
+        self.counts.view(-1).scatter_add_(0, flat, -last.to(torch.int32))
+        self.counted[slots] = torch.where(last, positions, self.counted[slots])
 
     def apply(self, logits: torch.Tensor, slots: torch.Tensor,
               sample_pos: torch.Tensor) -> torch.Tensor:
