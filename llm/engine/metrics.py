@@ -9,6 +9,7 @@ scheduler (queue depth, active slots) are read through callables at render time.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import time
 from collections import deque
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
+MAX_RETRY_AFTER_S = 60  # the openai client honours a Retry-After up to 60 s
 
 
 class Histogram:
@@ -56,6 +58,8 @@ class ServingMetrics:
         self.finished: dict[str, int] = {}
         self.rejected = 0
         self._recent: deque[float] = deque()  # times of recent generated tokens
+        self._finished_at: deque[float] = deque()  # ... of recently finished requests
+        self._rejected_at: deque[float] = deque()  # ... of recently refused requests
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
@@ -78,10 +82,24 @@ class ServingMetrics:
     def on_finish(self, reason: str) -> None:
         with self._lock:
             self.finished[reason] = self.finished.get(reason, 0) + 1
+            self._finished_at.append(self._clock())
 
     def on_reject(self) -> None:
         with self._lock:
             self.rejected += 1
+            self._rejected_at.append(self._clock())
+
+    def retry_after_s(self, fallback_s: int) -> int:
+        """Seconds a client refused just now should wait: with r requests finished per second
+        over the last RATE_WINDOW_S and k requests refused in that time (this one included; those
+        refused before it come back first), ceil(k / r), between 1 and MAX_RETRY_AFTER_S;
+        `fallback_s` while nothing finished in the window (no drain rate to go by)."""
+        with self._lock:
+            self._trim(self._clock())
+            rate = len(self._finished_at) / RATE_WINDOW_S
+            if rate == 0:
+                return fallback_s
+            return min(MAX_RETRY_AFTER_S, max(1, math.ceil(len(self._rejected_at) / rate)))
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last RATE_WINDOW_S seconds."""
@@ -90,8 +108,9 @@ class ServingMetrics:
             return len(self._recent) / RATE_WINDOW_S
 
     def _trim(self, now: float) -> None:
-        while self._recent and self._recent[0] < now - RATE_WINDOW_S:
-            self._recent.popleft()
+        for times in (self._recent, self._finished_at, self._rejected_at):
+            while times and times[0] < now - RATE_WINDOW_S:
+                times.popleft()
 
     def render(self) -> str:
         """The Prometheus text format of every metric."""

@@ -45,7 +45,9 @@ from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
 @dataclass(frozen=True)
 class ServerConfig:
     """model_name: the id clients must send as "model". api_key: required Bearer token (None =
-    open). max_body_bytes: largest accepted request body. retry_after_s: Retry-After on 429/503.
+    open). max_body_bytes: largest accepted request body. retry_after_s: Retry-After on 503, and
+    on 429 until requests have finished recently (then it follows their drain rate: see
+    ServingMetrics.retry_after_s).
     """
 
     model_name: str
@@ -166,8 +168,9 @@ class _Handlers:
         except SamplingParamsError as e:  # beyond the backend, the vocabulary or max_tokens
             raise ApiError(400, str(e), api_param(e.param)) from e
         except QueueFullError as e:
+            wait = self.engine.metrics.retry_after_s(self.config.retry_after_s)
             raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full",
-                           headers=self._retry()) from e
+                           headers={"Retry-After": str(wait)}) from e
         except EngineClosedError as e:
             raise ApiError(503, str(e), kind="server_error", headers=self._retry()) from e
 

@@ -88,6 +88,9 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    if options is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
+                       "stream_options")
     include_usage = _opt_bool(options or {}, "include_usage", "stream_options.include_usage")
     logprobs = _chat_logprobs(body) if chat else _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
     echo = _opt_bool(body, "echo") or False

@@ -16,6 +16,7 @@ from conftest import MODEL_NAME
 from server_process import free_port, wait_healthy
 
 from llm.engine.async_engine import AsyncEngine
+from llm.engine.metrics import ServingMetrics
 from llm.engine.scheduler import SchedulerConfig
 from llm.serve import ServerConfig, create_app
 
@@ -83,6 +84,44 @@ def test_full_queue_is_429_with_retry_after(serve_model) -> None:
         else:  # which two are admitted depends on arrival order: the streamed one may be
             assert usage(r)["completion_tokens"] == 16
     assert "llm_requests_rejected_total 2" in metrics
+
+
+def test_retry_after_follows_the_drain_rate() -> None:
+    """Refused clients are told to come back when the requests ahead of them should have
+    drained: ceil(refused in the window / finished per second), within [1, 60]; the configured
+    value while nothing has finished recently."""
+    now = [100.0]
+    m = ServingMetrics(clock=lambda: now[0])
+    m.on_reject()
+    assert m.retry_after_s(7) == 7  # nothing finished yet: no rate to go by
+    for _ in range(4):  # 4 requests finished in the 10 s window: 0.4 per second
+        m.on_finish("stop")
+        now[0] += 1.0
+    assert m.retry_after_s(7) == 3  # 1 refused: ceil(1 / 0.4)
+    m.on_reject()
+    m.on_reject()
+    assert m.retry_after_s(7) == 8  # the third in line: ceil(3 / 0.4)
+    for _ in range(50):
+        m.on_reject()
+    assert m.retry_after_s(7) == 60  # capped
+    now[0] += 11.0  # the window has passed: nothing recent
+    assert m.retry_after_s(7) == 7
+
+
+def test_stream_options_without_stream_is_400(live_server) -> None:
+    """stream_options applies to streams only: with stream false (or absent) it is refused,
+    not ignored."""
+    app = create_app(live_server.engine, ServerConfig(model_name=MODEL_NAME))
+
+    async def go() -> list[httpx.Response]:
+        async with asgi_client(app) as c:
+            return [await c.post("/v1/completions", json=completion(
+                        stream_options={"include_usage": True}, **extra))
+                    for extra in ({}, {"stream": False})]
+
+    for r in asyncio.run(go()):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "stream_options"
 
 
 def usage(r: httpx.Response) -> dict:
