@@ -311,3 +311,28 @@ def test_fused_penalties_equal_the_torch_penalties(dtype: torch.dtype) -> None:
         fused_penalties(logits.t(), slots, sample_pos, state.bias, state.stop, state.counts,
                         state.in_prompt, state.min_pos, state.presence, state.frequency,
                         state.repetition)
+
+
+def test_lse_topk_equals_torch() -> None:
+    """logsumexp and the K best (values and ids, best first) of rows with a partial last block,
+    a block of -inf only, -inf scattered and a row of one finite value: torch's."""
+    from llm.backends.torch.kernels.logprobs import lse_topk
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 1000, generator=g) * 6
+    z[1, 256:512] = float("-inf")  # a whole block
+    z[2, ::3] = float("-inf")
+    z[3, 1:] = float("-inf")  # one finite value: the rest of its top are -inf
+    z = z.to(DEVICE)
+    lse, values, ids = lse_topk(z, 20, block=256)
+    want_values, want_ids = torch.topk(z, 20, dim=-1)
+    torch.testing.assert_close(lse, torch.logsumexp(z, dim=-1), rtol=1e-6, atol=1e-5)
+    assert torch.equal(values, want_values)
+    finite = want_values.isfinite()
+    assert torch.equal(ids[finite], want_ids[finite])
+    assert int(ids[3, 0]) == 0 and values[3, 1:].isinf().all()
+    with pytest.raises(ValueError, match="contiguous rows"):
+        lse_topk(z.t(), 20)
+    with pytest.raises(ValueError, match="k must be"):
+        lse_topk(z, 300, block=256)
+

@@ -9,6 +9,7 @@ request keeps as many as it asked for on the host (`to_host`).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from llm.backends.torch.penalties import SlotPenalties
 from llm.backends.torch.sampling import SamplingTensors, sample
 from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.contract.sampling_params import MAX_LOGPROBS
+
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,14 @@ def logprobs_of(x: torch.Tensor, temperature: torch.Tensor,
     logprob of `tokens` [B], and the K best values and ids [B, K]."""
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))  # [B]
     z = x.float() / t[:, None]  # [B, V]
-    lse = torch.logsumexp(z, dim=-1)  # [B]; log_softmax(z) = z - lse, never materialized
-    values, ids = torch.topk(z, top_k_width(x.shape[-1]), dim=-1)  # [B, K]
+    k = top_k_width(x.shape[-1])
+    if z.is_cuda and _TRITON:  # two Triton passes instead of torch's logsumexp and topk
+        from llm.backends.torch.kernels.logprobs import lse_topk
+
+        lse, values, ids = lse_topk(z.contiguous(), k)  # [B], [B, K], [B, K]
+    else:
+        lse = torch.logsumexp(z, dim=-1)  # [B]; log_softmax(z) = z - lse, never materialized
+        values, ids = torch.topk(z, k, dim=-1)  # [B, K]
     return z.gather(1, tokens[:, None])[:, 0] - lse, values - lse[:, None], ids
 
 
