@@ -5,8 +5,8 @@ a real signature.
 Calls are read from the source (ttnn_signatures.calls_in: name, positional count, keywords). Real
 ttnn's signatures (nanobind's, parsed; names, kinds, which have defaults) are recorded in
 ttnn_0_81_1_signatures.json, so the CI checks run without the wheel; where `ttnn` imports, the
-last two tests check the recording and the calls against the installed wheel. To run those
-(ttnn 0.81.1 imports only in Python 3.12; no device is needed):
+last three tests check the recording, the calls and a few refusals against the installed
+wheel. To run those (ttnn 0.81.1 imports only in Python 3.12; no device is needed):
 
     python3.12 -m venv /tmp/ttnn312
     /tmp/ttnn312/bin/pip install ttnn==0.81.1 pytest
