@@ -24,11 +24,11 @@ SNAPSHOT = Path(__file__).with_name("ttnn_0_81_1_signatures.json")
 
 # called on real ttnn only (device discovery in device.py), so not checked against the emulator
 REAL_ONLY = frozenset({"get_num_devices"})
-# not comparable from their recorded signatures: the emulator merges these overloads into one
-# signature (each overload's calls bind it; mixing them is refused at run time), and
-# open_device's hand-written nanobind signature leaves out the defaults its docstring states
-NOT_COMPARED = {"interleaved_to_sharded": "overloads merged", "reshape": "overloads merged",
-                "typecast": "overloads merged", "open_device": "defaults not in the signature"}
+# compared loosely (keywords and positional count only, by unknown_keywords): the emulator
+# merges these overloads into one signature, and open_device's hand-written nanobind signature
+# leaves out the defaults its docstring states
+LOOSE = {"interleaved_to_sharded": "overloads merged", "reshape": "overloads merged",
+         "typecast": "overloads merged", "open_device": "defaults not in the signature"}
 
 # backend helpers that forward to one ttnn op: name -> (op, positional args dropped in front,
 # positional args kept after those, as the op's leading positionals)
@@ -243,6 +243,25 @@ def looser(emu_sig: inspect.Signature, overloads: list[inspect.Signature]) -> li
         if best is None or len(problems) < len(best):
             best = problems
     return best or []
+
+
+def unknown_keywords(emu_sig: inspect.Signature,
+                     overloads: list[inspect.Signature]) -> list[str]:
+    """The looser check: keywords the emulator takes that no real overload takes by name, and
+    more positionals than any overload takes."""
+    P = inspect.Parameter
+    by_name = {p.name for sig in overloads for p in sig.parameters.values()
+               if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+    most = max(sum(p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)
+                   for p in sig.parameters.values()) for sig in overloads)
+    emu = list(emu_sig.parameters.values())
+    problems = [f"takes {p.name}= which no real overload does" for p in emu
+                if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) and p.name not in by_name]
+    problems += [f"accepts {p}" for p in emu if p.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    npos = sum(p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD) for p in emu)
+    if npos > most:
+        problems.append(f"takes {npos} positionals, real at most {most}")
+    return problems
 
 
 def binds(sigs: list[inspect.Signature], call: Call) -> str | None:
