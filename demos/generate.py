@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="torch", choices=["torch", "tt"],
                    help="device backend (tt: real ttnn when a device is found, else the "
                         "llm.ttnn_emu emulator)")
+    p.add_argument("--tt-device", default="auto", choices=["auto", "ttnn", "emulator"],
+                   help="tt: auto = real ttnn on a usable device, else the emulator (one line on "
+                        "stderr says why); ttnn = real or an error; emulator = always emulated")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch on the CPU: intra-op threads for prefill and decode (default: "
@@ -95,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads is not None:
                 raise ValueError("--threads applies to --backend torch only")
             options = {"mesh": args.mesh, "precision": args.precision,
-                       "decoder_precision": args.decoder_precision}
+                       "decoder_precision": args.decoder_precision,
+                       "implementation": args.tt_device}
             # on the emulator a decode step is ~750 small torch ops: intra-op threads only
             # contend (measured ~10x slower with 2 threads on a shared 2-core machine)
             torch.set_num_threads(1)
         elif (args.stats or args.mesh != "1x1" or args.precision != "accuracy"
-              or args.decoder_precision):
-            raise ValueError("--mesh, --precision, --decoder-precision and --stats apply to "
-                             "--backend tt only")
+              or args.decoder_precision or args.tt_device != "auto"):
+            raise ValueError("--mesh, --precision, --decoder-precision, --tt-device and --stats "
+                             "apply to --backend tt only")
         elif args.threads is not None:
             options = {"threads": args.threads}
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="torch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--tt-device", default=None, choices=["auto", "ttnn", "emulator"],
+                   help="tt backend: auto (default) = real ttnn on a usable device, else the "
+                        "emulator; ttnn = real or an error; emulator = always emulated")
     p.add_argument("--max-batch", type=int, default=8, help="decode slots")
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion limit")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages in the pool")
@@ -59,6 +62,15 @@ def served_name(args: argparse.Namespace) -> str:
     return DEFAULT_MODEL_NAME if args.model is None else Path(args.model).stem
 
 
+def backend_options(args: argparse.Namespace) -> dict[str, str]:
+    """The backend's own options from the command line (--tt-device for the tt backend)."""
+    if args.tt_device is None:
+        return {}
+    if args.backend != "tt":
+        raise ValueError("--tt-device applies to --backend tt only")
+    return {"implementation": args.tt_device}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
@@ -74,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                         num_blocks=args.num_blocks, tensor_parallel=args.tp,
-                        progress=args.tp == 1)
-    except (ValueError, OSError) as e:
+                        progress=args.tp == 1, backend_options=backend_options(args))
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not model.is_leader:

@@ -41,16 +41,19 @@ def to_layout(tensor, layout, dtype=None, memory_config=None, sub_core_grids=Non
 
 
 @op("tilize")
-def tilize(input_tensor, *, memory_config=None, dtype=None, use_multicore=True, **_kw):
-    """ttnn.tilize: ROW_MAJOR -> TILE on device."""
+def tilize(input_tensor, *, memory_config=None, dtype=None, use_multicore=True, use_low_perf=False,
+           tile=None, sub_core_grids=None):
+    """ttnn.tilize: ROW_MAJOR -> TILE on device (32x32 tiles only)."""
     require_device(input_tensor, "tilize")
+    if tile is not None:
+        raise NotImplementedError("tilize(tile=...): only the default 32x32 tile is emulated")
     if input_tensor.layout != Layout.ROW_MAJOR:
         raise RuntimeError("tilize: input must be ROW_MAJOR")
     return _rebuild(input_tensor, dtype=dtype, layout=Layout.TILE, memory_config=memory_config)
 
 
 @op("untilize")
-def untilize(input_tensor, *, memory_config=None, use_multicore=True, **_kw):
+def untilize(input_tensor, *, memory_config=None, use_multicore=True, sub_core_grids=None):
     """ttnn.untilize: TILE -> ROW_MAJOR on device (bf16/fp32/int inputs)."""
     require_device(input_tensor, "untilize")
     if input_tensor.layout != Layout.TILE:
@@ -112,7 +115,7 @@ def interleaved_to_sharded(
 
 
 @op("sharded_to_interleaved")
-def sharded_to_interleaved(input_tensor, memory_config=None, output_dtype=None, **_kw):
+def sharded_to_interleaved(input_tensor, memory_config=None, output_dtype=None):
     """ttnn.sharded_to_interleaved: identity on values, optional cast."""
     require_device(input_tensor, "sharded_to_interleaved")
     if not input_tensor.is_sharded():

@@ -34,15 +34,18 @@ class FabricConfig(enum.Enum):
 _fabric = {"config": FabricConfig.DISABLED}
 
 
-def set_fabric_config(config, *args, **kwargs) -> None:
-    """ttnn.set_fabric_config: records the fabric mode."""
+def set_fabric_config(config, reliability_mode=None, num_planes=None, fabric_tensix_config=None,
+                      fabric_udm_mode=None, fabric_manager_mode=None, router_config=None) -> None:
+    """ttnn.set_fabric_config: records the fabric mode (the other settings do not change what
+    the emulator computes)."""
     _fabric["config"] = config
 
 
 class MeshShape(tuple):
-    """ttnn.MeshShape(rows, cols)."""
+    """ttnn.MeshShape(rows, cols) or MeshShape((rows, cols)); positional (ttnn names them s0,
+    s1)."""
 
-    def __new__(cls, rows, cols=None):
+    def __new__(cls, rows, cols=None, /):
         if cols is None:
             rows, cols = rows
         if rows < 1 or cols < 1:

@@ -243,7 +243,7 @@ def get_device_tensors(tensor) -> list:
     ]
 
 
-def combine_device_tensors(tensors) -> Tensor:
+def combine_device_tensors(*, tensors) -> Tensor:
     """ttnn.combine_device_tensors: the inverse of get_device_tensors (host tensors)."""
     first = tensors[0]
     for t in tensors:
@@ -300,7 +300,7 @@ def dump_tensor(file_name, tensor) -> None:
     )
 
 
-def load_tensor(file_name, device=None):
+def load_tensor(file_name, *, device=None):
     """Read a tensor written by dump_tensor, onto `device` with its stored memory config."""
     d = torch.load(file_name, weights_only=True)
     if d.get("format") != "ttnn_emu.tensorbin.v1":
@@ -334,7 +334,7 @@ def as_tensor(
     path = f"{cache_file_name}_dtype_{eff_dtype.name}_layout_{layout.name}.tensorbin"
     if os.path.exists(path):
         try:
-            return load_tensor(path, device)
+            return load_tensor(path, device=device)
         except Exception:
             pass  # a load error triggers a rebuild, as in ttnn
     host = build_host()

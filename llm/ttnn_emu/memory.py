@@ -51,10 +51,14 @@ class ShardStrategy(enum.Enum):
 
 @dataclass(frozen=True)
 class CoreCoord:
-    """ttnn.CoreCoord(x, y)."""
+    """ttnn.CoreCoord(x, y): positional-only, as in ttnn 0.81.1."""
 
     x: int
     y: int
+
+    def __init__(self, x, y, /):
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y)
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,8 @@ class CoreRange:
 class CoreRangeSet:
     """ttnn.CoreRangeSet({ranges}); ranges must not overlap."""
 
-    def __init__(self, ranges):
-        self._ranges = tuple(sorted(ranges, key=lambda r: (r.start.y, r.start.x)))
+    def __init__(self, core_ranges):
+        self._ranges = tuple(sorted(core_ranges, key=lambda r: (r.start.y, r.start.x)))
         seen: set[CoreCoord] = set()
         for r in self._ranges:
             for c in r.cores():
@@ -129,9 +133,9 @@ class CoreRangeSet:
         return f"CoreRangeSet({list(self._ranges)})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CoreGrid:
-    """ttnn.CoreGrid(x=, y=)."""
+    """ttnn.CoreGrid(x=, y=): keyword-only, as in ttnn 0.81.1."""
 
     x: int
     y: int
@@ -170,13 +174,13 @@ def num_cores_to_corerangeset(target_num_cores, grid_size, row_wise: bool = Fals
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """ttnn.ShardSpec(grid, shard_shape, orientation)."""
+    """ttnn.ShardSpec(grid, shard_shape, shard_orientation), all required as in ttnn 0.81.1."""
 
     grid: CoreRangeSet
     shape: tuple
     orientation: ShardOrientation = ShardOrientation.ROW_MAJOR
 
-    def __init__(self, grid, shard_shape, shard_orientation=ShardOrientation.ROW_MAJOR):
+    def __init__(self, grid, shard_shape, shard_orientation):
         object.__setattr__(self, "grid", grid)
         object.__setattr__(self, "shape", tuple(int(s) for s in shard_shape))
         object.__setattr__(self, "orientation", shard_orientation)

@@ -30,7 +30,7 @@ class MatmulMultiCoreReuseMultiCastProgramConfig:
     out_block_w: int | None = None
     per_core_M: int
     per_core_N: int
-    transpose_mcast: bool = False
+    transpose_mcast: bool
     fused_activation: object = None
     fuse_batch: bool = True
     allowed_worker_cores: object = None
@@ -112,8 +112,8 @@ class SDPAProgramConfig:
 
     compute_with_storage_grid_size: object
     sub_core_grids: object = None
-    q_chunk_size: int = 32
-    k_chunk_size: int = 32
+    q_chunk_size: int
+    k_chunk_size: int
     exp_approx_mode: bool | None = None
     max_cores_per_head_batch: int = 16
     max_k_splits: int = 1

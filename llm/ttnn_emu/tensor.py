@@ -28,7 +28,7 @@ from .types import (
 class Shape(tuple):
     """ttnn.Shape: a tuple of ints that prints like ttnn."""
 
-    def __new__(cls, dims):
+    def __new__(cls, dims, /):
         return super().__new__(cls, (int(d) for d in dims))
 
     @property

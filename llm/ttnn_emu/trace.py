@@ -18,7 +18,10 @@ _trace_ids = itertools.count()
 
 
 class MeshTraceId(int):
-    """ttnn.MeshTraceId."""
+    """ttnn.MeshTraceId(id): one positional argument, as in ttnn 0.81.1."""
+
+    def __new__(cls, value, /):
+        return super().__new__(cls, value)
 
 
 class _Capture:

@@ -70,16 +70,20 @@ class UnaryOpType(enum.Enum):
 
 @dataclass(frozen=True)
 class UnaryWithParam:
-    """ttnn.UnaryWithParam(op_type[, param])."""
+    """ttnn.UnaryWithParam(op_type[, param]): positional-only, as in ttnn 0.81.1."""
 
     op_type: UnaryOpType
     param: float | None = None
+
+    def __init__(self, op_type, param=None, /):
+        object.__setattr__(self, "op_type", op_type)
+        object.__setattr__(self, "param", param)
 
 
 EltwiseUnaryWithParam = UnaryWithParam
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WormholeComputeKernelConfig:
     """ttnn.WormholeComputeKernelConfig (keyword-only in ttnn; reference 0.3)."""
 

@@ -129,7 +129,8 @@ def test_sdpa_decode_validation(device):
     l1k = on(device, torch.randn(3, 2, 128, 32), mem=ttnn.L1_MEMORY_CONFIG)
     with pytest.raises(RuntimeError, match="must be in DRAM"):
         ttnn.transformer.scaled_dot_product_attention_decode(tq, l1k, tv, cur_pos=[1, 1, 1])
-    pc = ttnn.SDPAProgramConfig(compute_with_storage_grid_size=(8, 8), k_chunk_size=96)
+    pc = ttnn.SDPAProgramConfig(compute_with_storage_grid_size=(8, 8), q_chunk_size=32,
+                                k_chunk_size=96)
     with pytest.raises(RuntimeError, match="divisible by k_chunk"):
         ttnn.transformer.scaled_dot_product_attention_decode(tq, tk, tv, cur_pos=[1, 1, 1],
                                                              program_config=pc)
@@ -196,7 +197,8 @@ def test_fill_cache(device):
 def _decode_kv(device, users, nkv, dh, dtype=ttnn.bfloat16):
     x = torch.randn(1, users, nkv, dh)
     mem = ttnn.MemoryConfig(ttnn.TensorMemoryLayout.HEIGHT_SHARDED, ttnn.BufferType.L1,
-                            ttnn.ShardSpec(crs(0, 0, users - 1, 0), (32, dh)))
+                            ttnn.ShardSpec(crs(0, 0, users - 1, 0), (32, dh),
+                                           ttnn.ShardOrientation.ROW_MAJOR))
     return x, on(device, x, dtype, mem=mem)
 
 

@@ -68,7 +68,8 @@ def test_rms_norm_sharded(device):
 def test_rms_norm_validation(device):
     x = torch.randn(1, 2, 32, 64)
     hs = ttnn.MemoryConfig(ttnn.TensorMemoryLayout.HEIGHT_SHARDED, ttnn.BufferType.L1,
-                           ttnn.ShardSpec(crs(0, 0, 1, 0), (32, 64)))
+                           ttnn.ShardSpec(crs(0, 0, 1, 0), (32, 64),
+                                          ttnn.ShardOrientation.ROW_MAJOR))
     with pytest.raises(RuntimeError, match="height-sharded"):
         ttnn.rms_norm(on(device, x, mem=hs))
     with pytest.raises(RuntimeError, match="last dim 32"):

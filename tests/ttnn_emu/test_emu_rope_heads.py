@@ -34,7 +34,8 @@ def ref_rope(x, c, s):
 
 def height_mem(ncores, shard):
     return ttnn.MemoryConfig(ttnn.TensorMemoryLayout.HEIGHT_SHARDED, ttnn.BufferType.L1,
-                             ttnn.ShardSpec(crs(0, 0, ncores - 1, 0), shard))
+                             ttnn.ShardSpec(crs(0, 0, ncores - 1, 0), shard,
+                                            ttnn.ShardOrientation.ROW_MAJOR))
 
 
 def test_rope_prefill(device):

@@ -1,22 +1,23 @@
-"""The tt Backend: opens real ttnn when it imports and finds devices, else `llm.ttnn_emu`, builds
-the model on a (virtual) mesh and serves the Generator's prefill/decode calls.
+"""The tt Backend: opens real ttnn on a usable device, else `llm.ttnn_emu` (see
+`llm.backends.tt.device`), builds the model on a (virtual) mesh and serves the Generator's
+prefill/decode calls.
 
-Only this module asks which ttnn it has (to open the device and to label `describe()`); the
-model code receives the module through `Mesh.ttnn`.
+Only this module and `device` ask which ttnn they have (to open the device and to label
+`describe()`); the model code receives the module through `Mesh.ttnn`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm.backends.tt.mesh import TILE, Mesh
+from llm.backends.tt.device import open_mesh
+from llm.backends.tt.mesh import TILE
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.precision import POLICIES, precision
@@ -35,9 +36,6 @@ from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
 from llm.model.quant.tensor import QuantizedTensor
 
-TRACE_REGION_SIZE = 64 << 20
-L1_SMALL_SIZE = 32768
-
 
 def parse_mesh(mesh: str | tuple[int, int] | None) -> tuple[int, int]:
     """"RxC" or (R, C) -> (R, C); None means 1x1."""
@@ -53,45 +51,6 @@ def parse_mesh(mesh: str | tuple[int, int] | None) -> tuple[int, int]:
     if rows < 1 or cols < 1:
         raise ValueError(f"mesh dimensions must be positive, got {rows}x{cols}")
     return rows, cols
-
-
-def open_mesh(shape: tuple[int, int], implementation: str = "auto") -> tuple[Mesh, str]:
-    """Open real ttnn when it imports and has enough devices (implementation "auto" or "ttnn"),
-    else the emulator; returns the mesh and a label saying which."""
-    rows, cols = shape
-    reason = "forced"
-    if implementation in ("auto", "ttnn"):
-        try:
-            ttnn = importlib.import_module("ttnn")
-            count = _device_count(ttnn)
-        except Exception as e:  # no wheel, or no driver / device
-            ttnn, count, reason = None, 0, f"ttnn unavailable: {type(e).__name__}"
-        if ttnn is not None and count >= rows * cols:
-            if rows * cols > 1:
-                ttnn.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
-            device = ttnn.open_mesh_device(ttnn.MeshShape(rows, cols),
-                                           l1_small_size=L1_SMALL_SIZE,
-                                           trace_region_size=TRACE_REGION_SIZE)
-            return Mesh(ttnn, device, rows, cols), f"ttnn {getattr(ttnn, '__version__', '')}"
-        if ttnn is not None:
-            reason = f"ttnn found {count} device(s), {rows * cols} needed"
-        if implementation == "ttnn":
-            raise RuntimeError(f"tt backend: real ttnn requested but {reason}")
-    elif implementation != "emulator":
-        raise ValueError(f"implementation must be auto, ttnn or emulator, got {implementation!r}")
-    emu = importlib.import_module("llm.ttnn_emu")
-    device = emu.open_mesh_device(emu.MeshShape(rows, cols), l1_small_size=L1_SMALL_SIZE,
-                                  trace_region_size=TRACE_REGION_SIZE)
-    return Mesh(emu, device, rows, cols), f"llm.ttnn_emu emulator ({reason})"
-
-
-def _device_count(ttnn: Any) -> int:
-    """Tenstorrent devices real ttnn can open (the function name is not verified on 0.81)."""
-    for name in ("get_num_devices", "GetNumAvailableDevices"):
-        fn = getattr(ttnn, name, None)
-        if fn is not None:
-            return int(fn())
-    raise RuntimeError("ttnn has no device-count function")
 
 
 def _model_key(checkpoint: Checkpoint) -> str:
