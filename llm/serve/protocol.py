@@ -7,8 +7,10 @@ stream, stream_options.include_usage, n (1 only), ignore_eos (extension), presen
 frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
 (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
 logprobs, the prompt's logprobs too). Fields this server cannot honour (n > 1, best_of, suffix,
-tools, prompt_logprobs, chat's echo) are refused rather than silently ignored; a parameter the
-backend cannot serve is refused at submission, naming it.
+tools / functions / tool_choice / function_call, response_format other than text, vLLM's guided_*
+structured output, prompt_logprobs, chat's echo, stream_options without stream) are refused
+rather than silently ignored; a parameter the backend cannot serve is refused at submission,
+naming it.
 """
 
 from __future__ import annotations
@@ -154,9 +156,17 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     for name in ("best_of",):
         if body.get(name) not in (None, 1):
             raise ApiError(400, f"'{name}' is not supported (only 1)", name)
-    for name in ("suffix", "tools"):
+    for name in ("suffix", "tools", "functions", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar", "structured_outputs"):
         if body.get(name) not in (None, False, 0, {}, []):
             raise ApiError(400, f"'{name}' is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, "'response_format' is not supported by this server (structured "
+                            "output: only {\"type\": \"text\"})", "response_format")
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none"):
+            raise ApiError(400, f"'{name}' is not supported by this server (no tools)", name)
     if body.get("prompt_logprobs") is not None:
         raise ApiError(400, "'prompt_logprobs' is not supported by this server; send 'echo': "
                             "true with 'logprobs' for the prompt's logprobs", "prompt_logprobs")

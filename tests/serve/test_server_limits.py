@@ -124,6 +124,31 @@ def test_stream_options_without_stream_is_400(live_server) -> None:
         assert r.json()["error"]["param"] == "stream_options"
 
 
+def test_structured_output_and_tools_are_refused_not_ignored(live_server) -> None:
+    """Fields this server cannot honour yet are 400s naming them; their neutral values pass."""
+    app = create_app(live_server.engine, ServerConfig(model_name=MODEL_NAME))
+    refused = [("response_format", {"type": "json_object"}),
+               ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
+               ("guided_json", {"type": "object"}), ("guided_regex", "[a-z]+"),
+               ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"),
+               ("tool_choice", "auto"), ("function_call", "auto"),
+               ("functions", [{"name": "f"}])]
+    neutral = [("response_format", {"type": "text"}), ("tool_choice", "none")]
+
+    async def go() -> list[httpx.Response]:
+        async with asgi_client(app) as c:
+            return [await c.post("/v1/chat/completions", json={
+                        "model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
+                        "max_tokens": 2, name: value}) for name, value in refused + neutral]
+
+    responses = asyncio.run(go())
+    for (name, _), r in zip(refused, responses):
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["error"]["param"] == name
+    for r in responses[len(refused):]:
+        assert r.status_code == 200, r.text
+
+
 def usage(r: httpx.Response) -> dict:
     """The usage of a whole response, or of the last SSE chunk of a streamed one that has it."""
     if not r.headers["content-type"].startswith("text/event-stream"):
