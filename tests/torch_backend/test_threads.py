@@ -78,6 +78,19 @@ def test_default_policy_uses_the_free_cores(monkeypatch, cores, others, phase, b
     assert fixed == ThreadPolicy(prefill=3, decode=3) and fixed.count(phase, batch) == 3
 
 
+def test_the_competition_is_read_at_most_every_ttl(monkeypatch) -> None:
+    """Steps in quick succession reuse one reading of /proc; a later step reads it again."""
+    readings = iter([0, 1])
+    calls = []
+    monkeypatch.setattr(threads_mod, "competing_tasks", lambda: calls.append(1) or next(readings))
+    now = [50.0]
+    monkeypatch.setattr(threads_mod.time, "monotonic", lambda: now[0])
+    policy = ThreadPolicy.default(2)
+    assert [policy.count("prefill") for _ in range(5)] == [2] * 5 and len(calls) == 1
+    now[0] += threads_mod.COMPETITION_TTL_S + 0.01
+    assert policy.count("prefill") == 1 and len(calls) == 2  # a busy process appeared
+
+
 def test_competing_tasks_subtracts_this_process_running_threads(tmp_path: Path) -> None:
     load = tmp_path / "loadavg"
     load.write_text("0.50 0.40 0.30 3/412 9999\n")
