@@ -398,15 +398,6 @@ void add_rms_norm(const float *x, const float *residual, const float *w, float e
     }
 }
 
-/* out[M, I] = silu(gu[:, :I]) * gu[:, I:] for gu [M, 2I]. */
-void silu_mul(const float *gu, int64_t M, int64_t I, float *out) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t i = 0; i < I; i++) {
-            float g = gu[m * 2 * I + i];
-            out[m * I + i] = g / (1.0f + expf(-g)) * gu[m * 2 * I + I + i];
-        }
-}
-
 /* Rotate-half RoPE of one head x[hd] in place with cos/sin rows [hd]. */
 static inline void rope_head(float *x, const float *cs, const float *sn, int64_t hd) {
     int64_t half = hd / 2;
@@ -441,6 +432,33 @@ static inline __m512 exp_neg(__m512 x) {
     return _mm512_maskz_mov_ps(~under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
 }
 #endif
+
+/* out[M, I] = silu(gu[:, :I]) * gu[:, I:] for gu [M, 2I]: silu(g) = g sigmoid(g), the sigmoid
+   from e = exp(-|g|) (it never overflows): 1 / (1 + e) for g >= 0, e / (1 + e) below; 16 lanes
+   at a time, masked at the end of a row (the same arithmetic for every element). */
+void silu_mul(const float *gu, int64_t M, int64_t I, float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * I, *u = g + I;
+        float *o = out + m * I;
+#if defined(__AVX512F__)
+        const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+        for (int64_t i = 0; i < I; i += 16) {
+            __mmask16 k = I - i >= 16 ? 0xffff : (__mmask16)((1u << (I - i)) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(k, g + i);
+            __m512 e = exp_neg(_mm512_sub_ps(zero, _mm512_abs_ps(x)));
+            __mmask16 pos = _mm512_cmp_ps_mask(x, zero, _CMP_GE_OQ);
+            __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), _mm512_add_ps(one, e));
+            _mm512_mask_storeu_ps(o + i, k, _mm512_mul_ps(_mm512_mul_ps(x, sig),
+                                                          _mm512_maskz_loadu_ps(k, u + i)));
+        }
+#else
+        for (int64_t i = 0; i < I; i++) {
+            float x = g[i], e = expf(-fabsf(x));
+            o[i] = x * ((x >= 0.0f ? 1.0f : e) / (1.0f + e)) * u[i];
+        }
+#endif
+    }
+}
 
 #define ATT_CHUNK 128 /* positions per attention task (fixed: the result depends on it) */
 #define ATT_HEADS 4   /* query heads of one KV head handled together (registers) */
