@@ -23,7 +23,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias", "qwen3_qk_norm"])
 def test_greedy_tokens_equal_transformers(name: str, device: str) -> None:
     config = SMALL_CONFIGS[name]
     model = hf_model(config)
