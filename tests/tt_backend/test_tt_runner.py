@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
-from tt_helpers import MESH_CONFIG, TT_CONFIGS
+from tt_helpers import MESH_CONFIG, QWEN3_MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.tt.op_configs import TTConfigError
 from llm.backends.tt.runner import TTBackend, parse_mesh
@@ -46,9 +46,11 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
 
 
 @pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("qwen2_bias", "1x1"),
-                                       ("odd_heads", "1x1"), ("mesh", "1x2"), ("mesh", "1x8")])
+                                       ("qwen3_qk_norm", "1x1"), ("odd_heads", "1x1"),
+                                       ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2")])
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
-    config = MESH_CONFIG if name == "mesh" else TT_CONFIGS[name]
+    configs = {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG}
+    config = configs.get(name) or TT_CONFIGS[name]
     model = hf_model(config)
     spec = BackendSpec(Checkpoint(config, state_dict(model), source=None), max_batch=3,
                        max_seq_len=96, block_size=32,
