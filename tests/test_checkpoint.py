@@ -180,8 +180,9 @@ def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
     assert_same(load_checkpoint(d, progress=False).tensors, state)
 
 
-def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path):
-    ref = load_checkpoint(hf_dir(tmp_path, hf_model("llama")), progress=False)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path, arch):
+    ref = load_checkpoint(hf_dir(tmp_path, hf_model(arch)), progress=False)
     out = tmp_path / "saved"
     save_hf_checkpoint(out, ref.config, ref.tensors, shard_size_bytes=50_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -190,6 +191,7 @@ def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path):
     assert ck.config == ref.config
     assert_same(ck.tensors, ref.tensors)
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == arch
     assert_same(hf_state(model), ref.tensors)
 
 

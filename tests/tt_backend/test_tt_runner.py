@@ -109,3 +109,23 @@ def test_chunked_prefill_equals_whole_prompt(mesh: str) -> None:
         outs.append(seq)
     assert outs[0] == outs[1]
     assert_greedy(model, prompt, outs[1])
+
+
+def test_qwen3_gguf_greedy_tokens_follow_transformers(tmp_path) -> None:
+    """A Qwen3 GGUF (written as llama.cpp writes one: `attn_q_norm` / `attn_k_norm`, key_length
+    64 != hidden / heads) through load_checkpoint and the tt backend: transformers' greedy
+    tokens."""
+    from test_checkpoint import write_gguf
+
+    from llm.model.checkpoint.load import load_checkpoint
+
+    config = TT_CONFIGS["qwen3_qk_norm"]
+    model = hf_model(config)
+    path = write_gguf(tmp_path / "qwen3.gguf", config, state_dict(model))
+    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    assert ck.config == config
+    spec = BackendSpec(ck, max_batch=2, max_seq_len=96, block_size=32,
+                       options={"mesh": "1x1", "implementation": "emulator", "cache": False})
+    prompts = [[5, 17, 200, 3, 9], [44] * 19]
+    for p, o in zip(prompts, generate(create_backend("tt", spec), prompts, 12)):
+        assert_greedy(model, p, o)
