@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from llm.model.config import ModelConfig, RopeScaling
 
@@ -15,13 +22,14 @@ _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2
              rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
 
 # name -> ModelConfig; together they cover GQA and MHA, tied and untied embeddings, Qwen2 q/k/v
-# bias, llama3 RoPE scaling, an explicit head_dim != hidden / heads, and odd head counts (9 q / 3
-# kv).
+# bias, Qwen3 q/k head norms (with head_dim 32 != hidden / heads = 16, as Qwen3 checkpoints have),
+# llama3 RoPE scaling, an explicit head_dim != hidden / heads, and odd head counts (9 q / 3 kv).
 SMALL_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
     "llama_mha_tied": ModelConfig(arch="llama", **{**_BASE, "num_kv_heads": 4},
                                   tie_word_embeddings=True),
     "qwen2_bias": ModelConfig(arch="qwen2", **_BASE, qkv_bias=True),
+    "qwen3_qk_norm": ModelConfig(arch="qwen3", **{**_BASE, "head_dim": 32}, qk_norm=True),
     "llama3_rope": ModelConfig(
         arch="llama", **{**_BASE, "rope_theta": 500000.0},
         rope_scaling=RopeScaling(
@@ -39,6 +47,8 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
     d.pop("model_type")
     if config.arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**d, attn_implementation="eager"))
+    elif config.arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**d, attn_implementation="eager"))
     else:
         model = LlamaForCausalLM(LlamaConfig(**d, attn_implementation="eager"))
     with torch.no_grad():

@@ -36,8 +36,11 @@ GGUF_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
+# Qwen3 test models: head_dim 32 != hidden / heads = 16, as in the real Qwen3 checkpoints.
+QWEN3_HEAD_DIM = 32
 
 
 def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transformers.PreTrainedModel:
@@ -46,6 +49,9 @@ def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transform
     if arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(
             transformers.Qwen2Config(**SMALL, tie_word_embeddings=tie))
+    elif arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(**SMALL, head_dim=QWEN3_HEAD_DIM, tie_word_embeddings=tie))
     else:
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie))
@@ -93,6 +99,9 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_heads)
     w.add_head_count_kv(config.num_kv_heads)
+    if config.head_dim != config.hidden_size // config.num_heads:
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_theta)
     w.add_vocab_size(config.vocab_size)
@@ -145,6 +154,7 @@ def cache_files(cache: Path) -> list[str]:
     ("llama", True, "100KB", torch.float32),
     ("llama", False, "60KB", torch.bfloat16),
     ("qwen2", False, "100KB", torch.float32),
+    ("qwen3", True, "100KB", torch.bfloat16),
 ])
 def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard, dtype):
     model = hf_model(arch, tie).to(dtype)
@@ -154,9 +164,11 @@ def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard
     assert ck.source == d.resolve()
     assert_same(ck.tensors, hf_state(model))
     assert list(ck.tensors) == list(expected_tensors(ck.config))
-    assert (ck.config.arch, ck.config.num_kv_heads, ck.config.head_dim) == (arch, 2, 16)
+    head_dim = QWEN3_HEAD_DIM if arch == "qwen3" else 16
+    assert (ck.config.arch, ck.config.num_kv_heads, ck.config.head_dim) == (arch, 2, head_dim)
     assert ck.config.tie_word_embeddings == tie
     assert ck.config.qkv_bias == (arch == "qwen2")
+    assert ck.config.qk_norm == (arch == "qwen3")
 
 
 def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
@@ -168,8 +180,9 @@ def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
     assert_same(load_checkpoint(d, progress=False).tensors, state)
 
 
-def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path):
-    ref = load_checkpoint(hf_dir(tmp_path, hf_model("llama")), progress=False)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path, arch):
+    ref = load_checkpoint(hf_dir(tmp_path, hf_model(arch)), progress=False)
     out = tmp_path / "saved"
     save_hf_checkpoint(out, ref.config, ref.tensors, shard_size_bytes=50_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -178,6 +191,7 @@ def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path):
     assert ck.config == ref.config
     assert_same(ck.tensors, ref.tensors)
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == arch
     assert_same(hf_state(model), ref.tensors)
 
 
@@ -199,7 +213,8 @@ def test_expected_tensors_of_default_model_config():
 
 
 # ---------------------------------------------------------------- GGUF
-@pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False),
+                                         ("qwen3", False), ("qwen3", True)])
 def test_gguf_f32_gives_exact_hf_layout(tmp_path, arch, tie):
     path, ref = tiny_gguf(tmp_path, arch, tie)
     ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
@@ -444,16 +459,30 @@ def test_gguf_tensor_mismatch_names_tensor_and_file(tmp_path):
     del t["model.layers.1.mlp.up_proj.weight"]
     t["model.layers.0.post_attention_layernorm.weight"] = torch.ones(65)
     path = write_gguf(tmp_path / "bad.gguf", src.config, t,
-                      extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}).resolve()
+                      extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32),
+                             "blk.0.attn_foo.weight": np.ones(16, np.float32)}).resolve()
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path, cache_dir=cache, progress=False)
     msg = str(e.value)
     assert f"missing tensor 'model.layers.1.mlp.up_proj.weight' (expected shape [96, 64]) " \
            f"in {path}" in msg
-    assert f"unexpected tensor 'blk.0.attn_q_norm.weight' in {path}" in msg
+    assert f"unexpected tensor 'blk.0.attn_foo.weight' in {path}" in msg
+    assert (f"unexpected tensor 'model.layers.0.self_attn.q_norm.weight' in {path} "
+            "(GGUF tensor 'blk.0.attn_q_norm.weight')") in msg  # a Qwen3 tensor in a llama file
     assert (f"tensor 'model.layers.0.post_attention_layernorm.weight' in {path} "
             "(GGUF tensor 'blk.0.ffn_norm.weight') has shape [65], expected [64]") in msg
     assert cache_files(cache) == []
+
+
+def test_qwen3_gguf_without_k_norm_names_the_tensor(tmp_path):
+    src = load_checkpoint(hf_dir(tmp_path, hf_model("qwen3")), progress=False)
+    t = dict(src.tensors)
+    del t["model.layers.1.self_attn.k_norm.weight"]
+    path = write_gguf(tmp_path / "bad.gguf", src.config, t).resolve()
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"missing tensor 'model.layers.1.self_attn.k_norm.weight' (expected shape "
+            f"[{QWEN3_HEAD_DIM}]) in {path}")):
+        load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
 
 
 # ---------------------------------------------------------------- the real default model

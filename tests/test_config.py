@@ -120,3 +120,36 @@ def test_runtime_config_validation() -> None:
         RuntimeConfig(dtype="int8")
     with pytest.raises(ConfigError, match="max_batch must be a positive integer"):
         RuntimeConfig(max_batch=0)
+
+
+QWEN3 = {  # Qwen3-0.6B's config.json (transformers 5 layout), head_dim 128 != 1024 / 16
+    "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+    "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+}
+
+
+def test_qwen3_has_qk_norm_from_hf_and_gguf() -> None:
+    c = ModelConfig.from_hf_dict(QWEN3)
+    assert c.qk_norm and not c.qkv_bias and not c.o_bias
+    assert (c.head_dim, c.q_size, c.rope_theta) == (128, 2048, 1000000.0)
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    biased = ModelConfig.from_hf_dict({**QWEN3, "attention_bias": True})
+    assert biased.qkv_bias and biased.o_bias and biased.qk_norm
+    assert not ModelConfig.from_hf_dict({**QWEN3, "model_type": "qwen2"}).qk_norm
+    meta = {k.replace("llama.", "qwen3."): v for k, v in GGUF_META.items()}
+    meta |= {"general.architecture": "qwen3", "qwen3.attention.key_length": 128}
+    g = ModelConfig.from_gguf(meta, {"token_embd.weight", "blk.0.attn_q_norm.weight"})
+    assert g.qk_norm and g.head_dim == 128 and not g.qkv_bias
+    assert not ModelConfig.from_gguf(GGUF_META, {"token_embd.weight"}).qk_norm
+
+
+def test_qk_norm_of_another_architecture_is_refused_in_config_json() -> None:
+    c = ModelConfig.from_hf_dict(QWEN3)
+    with pytest.raises(ConfigError, match="a qwen3 config.json cannot express qk_norm=False"):
+        ModelConfig(**{**c.__dict__, "qk_norm": False}).to_hf_dict()
+    with pytest.raises(ConfigError, match="a llama config.json cannot express qk_norm=True"):
+        ModelConfig(**{**c.__dict__, "arch": "llama"}).to_hf_dict()

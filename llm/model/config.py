@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 # HF `model_type` / GGUF `general.architecture` values we can run, and what they imply.
+# qk_norm: an RMSNorm over head_dim applied to every head's q and k before RoPE (Qwen3).
 _SUPPORTED_ARCHS = {
-    "llama": {"qkv_bias": False},
-    "mistral": {"qkv_bias": False},
-    "qwen2": {"qkv_bias": True},
-    "smollm": {"qkv_bias": False},
+    "llama": {"qkv_bias": False, "qk_norm": False},
+    "mistral": {"qkv_bias": False, "qk_norm": False},
+    "qwen2": {"qkv_bias": True, "qk_norm": False},
+    "qwen3": {"qkv_bias": False, "qk_norm": True},
+    "smollm": {"qkv_bias": False, "qk_norm": False},
 }
 
 
@@ -53,7 +55,11 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM)."""
+    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
+
+    qk_norm: per-head RMSNorm of q and k (weights `self_attn.q_norm` / `k_norm`, [head_dim]),
+    applied before RoPE.
+    """
 
     arch: str
     vocab_size: int
@@ -71,6 +77,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -138,7 +145,7 @@ class ModelConfig:
             raise ConfigError(
                 f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
         sliding = None
-        if arch == "mistral" or (arch == "qwen2" and cfg.get("use_sliding_window")):
+        if arch == "mistral" or (arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window")):
             sliding = cfg.get("sliding_window")
         attention_bias = bool(cfg.get("attention_bias", False))
         qkv_bias = _SUPPORTED_ARCHS[arch]["qkv_bias"] or attention_bias
@@ -164,6 +171,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=attention_bias and arch != "qwen2",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=_SUPPORTED_ARCHS[arch]["qk_norm"],
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -252,13 +260,15 @@ class ModelConfig:
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
             o_bias="blk.0.attn_output.bias" in tensor_names,
             mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+            qk_norm=_SUPPORTED_ARCHS[arch]["qk_norm"],
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers `LlamaConfig`/`Qwen2Config`-compatible dict (used by tests and caches)."""
+        """A transformers `LlamaConfig`/`Qwen2Config`/`Qwen3Config`-compatible dict (used by tests
+        and caches)."""
         d: dict[str, Any] = {
             "model_type": "llama" if self.arch == "smollm" else self.arch,
             "vocab_size": self.vocab_size,
@@ -274,15 +284,18 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
         }
-        if self.arch in ("llama", "smollm"):
+        if self.qk_norm != _SUPPORTED_ARCHS.get(self.arch, {}).get("qk_norm", False):
+            raise ConfigError(f"a {self.arch} config.json cannot express qk_norm={self.qk_norm}")
+        if self.arch in ("llama", "smollm", "qwen3"):
             if self.qkv_bias != self.o_bias:
-                raise ConfigError(
-                    "a Llama config.json cannot express q/k/v bias without o_proj bias")
+                raise ConfigError(f"a {self.arch} config.json cannot express q/k/v bias without "
+                                  "o_proj bias")
             d["attention_bias"] = self.qkv_bias
+        if self.arch in ("llama", "smollm"):
             d["mlp_bias"] = self.mlp_bias
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
-            if self.arch == "qwen2":
+            if self.arch in ("qwen2", "qwen3"):
                 d["use_sliding_window"] = True
         if self.rope_scaling is not None and self.rope_scaling.rope_type in ("llama3", "linear"):
             rs = self.rope_scaling

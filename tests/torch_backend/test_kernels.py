@@ -71,8 +71,11 @@ def test_split_sizing_and_support() -> None:
     assert not supported(96, 32) and not supported(64, 8)
 
 
-def test_model_decode_through_the_kernel_equals_the_gather_path() -> None:
-    """Prefill and a decode step through the Triton kernels (interpreted on CPU) vs torch."""
+@pytest.mark.parametrize("name", ["odd_heads_headdim", "qwen3_qk_norm"])
+def test_model_decode_through_the_kernel_equals_the_gather_path(name: str) -> None:
+    """Prefill and a decode step through the Triton kernels (interpreted on CPU) vs torch;
+    odd_heads_headdim: 9 q heads over 3 KV heads, head_dim 16; qwen3_qk_norm: the q/k head
+    norms before the fused RoPE + cache write."""
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
     from llm.backends.torch.graphs import buckets_for
@@ -82,7 +85,7 @@ def test_model_decode_through_the_kernel_equals_the_gather_path() -> None:
 
     assert buckets_for(1) == [1] and buckets_for(6) == [1, 2, 4, 6]
     assert buckets_for(128) == [1, 2, 4, 8, 16, 32, 64, 128]
-    config = SMALL_CONFIGS["odd_heads_headdim"]  # 9 q heads over 3 KV heads, head_dim 16
+    config = SMALL_CONFIGS[name]
     rt = RuntimeConfig(device=DEVICE, max_batch=2, max_seq_len=64, block_size=16)
     w = state_dict(hf_model(config))
     logits, prefill = [], []
@@ -240,9 +243,11 @@ def test_fused_silu_mul() -> None:
     assert torch.allclose(silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=1e-6)
 
 
-def test_batch_one_decode_through_the_fused_gemvs_equals_the_cublas_path() -> None:
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_qk_norm"])
+def test_batch_one_decode_through_the_fused_gemvs_equals_the_cublas_path(name: str) -> None:
     """At batch 1 the layers run 4 fused Triton GEMVs (norm prologues, SiLU*up epilogue) instead
-    of norm + matmul kernels: same logits (fp32), same cache writes, for a few steps.
+    of norm + matmul kernels: same logits (fp32), same cache writes, for a few steps (qwen2:
+    q/k/v biases through the GEMV's bias path; qwen3: q/k head norms after the QKV GEMV).
     """
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
@@ -250,7 +255,7 @@ def test_batch_one_decode_through_the_fused_gemvs_equals_the_cublas_path() -> No
     from llm.backends.torch.model import Transformer
     from llm.model.config import RuntimeConfig
 
-    config = SMALL_CONFIGS["qwen2_bias"]  # q/k/v biases through the GEMV's bias path
+    config = SMALL_CONFIGS[name]
     rt = RuntimeConfig(device=DEVICE, max_batch=1, max_seq_len=64, block_size=16)
     w = state_dict(hf_model(config))
     runs = []

@@ -23,7 +23,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias", "qwen3_qk_norm"])
 def test_greedy_tokens_equal_transformers(name: str, device: str) -> None:
     config = SMALL_CONFIGS[name]
     model = hf_model(config)
@@ -124,3 +124,25 @@ def test_pipelined_graph_decode_with_users_leaving_and_joining() -> None:
     assert _churn(graphs, prompts) == _churn(eager, prompts)
     stats = graphs.graphs.stats
     assert stats["ahead_hits"] >= stats["steps"] - 4  # only the steps after a change missed
+
+
+def test_qwen3_gguf_greedy_tokens_equal_transformers(tmp_path) -> None:
+    """A Qwen3 GGUF written as llama.cpp writes one (architecture `qwen3`: Q/K rows not
+    permuted, `attn_q_norm` / `attn_k_norm`, key_length 32 != hidden / heads) loads to the config
+    it was written from, and decodes transformers' greedy tokens."""
+    from test_checkpoint import write_gguf
+
+    from llm.model.checkpoint.load import load_checkpoint
+
+    config = SMALL_CONFIGS["qwen3_qk_norm"]
+    model = hf_model(config)
+    path = write_gguf(tmp_path / "qwen3.gguf", config, state_dict(model))
+    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    assert ck.config == config
+    backend = TorchBackend(ck, RuntimeConfig(max_batch=2, max_seq_len=64, block_size=8))
+    prompts = [[5, 17, 200, 3, 9], [44] * 19]
+    ours = decode_together(backend, prompts, 12, [SequenceSampling(SamplingParams(), 0)] * 2)
+    for p, o in zip(prompts, ours):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + o])).logits[0, len(p) - 1:-1]
+        assert o == logits.argmax(-1).tolist()

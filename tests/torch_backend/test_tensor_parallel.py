@@ -29,12 +29,15 @@ REPO = Path(__file__).resolve().parents[2]
 _BASE = dict(arch="llama", hidden_size=64, intermediate_size=160, num_layers=2,
              head_dim=16, max_position_embeddings=256, eos_token_ids=(2,))
 # 9 query / 3 KV heads (groups cut by rank boundaries), a vocabulary that does not divide, tied;
-# 8 / 2 heads (KV heads replicated at 4 ranks) with every bias, untied.
+# 8 / 2 heads (KV heads replicated at 4 ranks) with every bias, untied; Qwen3's q/k head norms
+# (replicated on every rank).
 CONFIGS = {
     "odd_heads_tied": ModelConfig(**_BASE, vocab_size=321, num_heads=9, num_kv_heads=3,
                                   tie_word_embeddings=True),
     "gqa_all_bias": ModelConfig(**_BASE, vocab_size=320, num_heads=8, num_kv_heads=2,
                                 qkv_bias=True, o_bias=True, mlp_bias=True),
+    "qwen3_qk_norm": ModelConfig(**{**_BASE, "arch": "qwen3"}, vocab_size=320, num_heads=8,
+                                 num_kv_heads=2, qk_norm=True),
 }
 
 

@@ -9,7 +9,17 @@ import random
 import pytest
 import torch
 from hf_reference import Tolerance, assert_matches, causal_mask, check_failures
-from tt_helpers import MESH_CONFIG, MESHES, RUNTIME, TT_CONFIGS, build_parts, hf_rope, ints, put
+from tt_helpers import (
+    MESH_CONFIG,
+    MESHES,
+    QWEN3_MESH_CONFIG,
+    RUNTIME,
+    TT_CONFIGS,
+    build_parts,
+    hf_rope,
+    ints,
+    put,
+)
 
 from llm.backends.tt.attention import Attention
 from llm.backends.tt.embedding import Embedding
@@ -20,7 +30,8 @@ from llm.backends.tt.model import DecoderLayer
 from llm.backends.tt.norm import DistributedNorm
 from llm.backends.tt.rope import interleaved_tables
 
-CASES = [(name, (1, 1)) for name in TT_CONFIGS] + [("mesh", m) for m in MESHES[1:]]
+CASES = ([(name, (1, 1)) for name in TT_CONFIGS] + [("mesh", m) for m in MESHES[1:]]
+         + [("qwen3_mesh", (1, 2))])
 # Measured (max over CASES and comparisons): max relative error 3.7e-3 (LM head) .. 8.1e-3 (norm,
 # MLP), 1.2e-2 attention decode, 1.8e-2 decoder layer decode; gain error up to 1.2e-3 (MLP decode),
 # 3.3e-3 (attention and decoder layer decode rows). A 1% scale error moves the gain by ~0.01 (see
@@ -30,7 +41,7 @@ LAYER = Tolerance(0.998, max_rel=0.025, gain=0.005)
 
 
 def _config(name):
-    return MESH_CONFIG if name == "mesh" else TT_CONFIGS[name]
+    return {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG}.get(name) or TT_CONFIGS[name]
 
 
 def _x(n: int, dim: int, seed: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
-from tt_helpers import MESH_CONFIG, TT_CONFIGS
+from tt_helpers import MESH_CONFIG, QWEN3_MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.tt.op_configs import TTConfigError
 from llm.backends.tt.runner import TTBackend, parse_mesh
@@ -46,9 +46,11 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
 
 
 @pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("qwen2_bias", "1x1"),
-                                       ("odd_heads", "1x1"), ("mesh", "1x2"), ("mesh", "1x8")])
+                                       ("qwen3_qk_norm", "1x1"), ("odd_heads", "1x1"),
+                                       ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2")])
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
-    config = MESH_CONFIG if name == "mesh" else TT_CONFIGS[name]
+    configs = {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG}
+    config = configs.get(name) or TT_CONFIGS[name]
     model = hf_model(config)
     spec = BackendSpec(Checkpoint(config, state_dict(model), source=None), max_batch=3,
                        max_seq_len=96, block_size=32,
@@ -107,3 +109,23 @@ def test_chunked_prefill_equals_whole_prompt(mesh: str) -> None:
         outs.append(seq)
     assert outs[0] == outs[1]
     assert_greedy(model, prompt, outs[1])
+
+
+def test_qwen3_gguf_greedy_tokens_follow_transformers(tmp_path) -> None:
+    """A Qwen3 GGUF (written as llama.cpp writes one: `attn_q_norm` / `attn_k_norm`, key_length
+    64 != hidden / heads) through load_checkpoint and the tt backend: transformers' greedy
+    tokens."""
+    from test_checkpoint import write_gguf
+
+    from llm.model.checkpoint.load import load_checkpoint
+
+    config = TT_CONFIGS["qwen3_qk_norm"]
+    model = hf_model(config)
+    path = write_gguf(tmp_path / "qwen3.gguf", config, state_dict(model))
+    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    assert ck.config == config
+    spec = BackendSpec(ck, max_batch=2, max_seq_len=96, block_size=32,
+                       options={"mesh": "1x1", "implementation": "emulator", "cache": False})
+    prompts = [[5, 17, 200, 3, 9], [44] * 19]
+    for p, o in zip(prompts, generate(create_backend("tt", spec), prompts, 12)):
+        assert_greedy(model, p, o)

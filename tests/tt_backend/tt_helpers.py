@@ -21,13 +21,15 @@ _BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=
              num_kv_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-5,
              rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
 
-# Single-device configs: GQA, MHA with tied embeddings, Qwen2 q/k/v bias, llama3 RoPE scaling,
-# and odd head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple).
+# Single-device configs: GQA, MHA with tied embeddings, Qwen2 q/k/v bias, Qwen3 q/k head norms
+# (head_dim 64 != hidden / heads = 32, as in Qwen3 checkpoints), llama3 RoPE scaling, and odd
+# head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple).
 TT_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
     "llama_mha_tied": ModelConfig(arch="llama", **{**_BASE, "num_kv_heads": 4},
                                   tie_word_embeddings=True),
     "qwen2_bias": ModelConfig(arch="qwen2", **_BASE, qkv_bias=True),
+    "qwen3_qk_norm": ModelConfig(arch="qwen3", **{**_BASE, "head_dim": 64}, qk_norm=True),
     "llama3_rope": ModelConfig(arch="llama", **{**_BASE, "rope_theta": 500000.0},
                                rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0,
@@ -40,6 +42,8 @@ TT_CONFIGS = {
 MESH_CONFIG = ModelConfig(arch="llama", **{**_BASE, "hidden_size": 256, "intermediate_size": 512,
                                            "num_heads": 16, "num_kv_heads": 8})
 MESHES = [(1, 1), (1, 2), (1, 8)]
+# The same split with Qwen3's q/k head norms (their gains replicated on every device).
+QWEN3_MESH_CONFIG = replace(MESH_CONFIG, arch="qwen3", qk_norm=True)
 RUNTIME = RuntimeConfig(max_batch=4, max_seq_len=160, block_size=32)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.kv_cache import PagedKVCache
+from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
@@ -108,6 +109,9 @@ class DecodeMeta:
 class Attention:
     """Fused QKV projection, RoPE, paged K/V write, SDPA with GQA, output projection.
 
+    With `config.qk_norm` (Qwen3), every head of q and k is RMS-normalised over head_dim right
+    after the projection, before RoPE, on every path (torch, Triton, the C kernels).
+
     On a mesh, `config` is the rank's local config (its heads and KV heads) and `w` its slices:
     QKV is column-parallel, o_proj row-parallel, followed by the all-reduce of the partial sums.
     """
@@ -128,6 +132,25 @@ class Attention:
         self.wo = w[p + "o_proj.weight"]  # [H, q]
         self.bo = w.get(p + "o_proj.bias")
         self.splits = (config.q_size, config.kv_size, config.kv_size)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(w[p + "q_norm.weight"], config.rms_norm_eps)  # [hd]
+            self.k_norm = RMSNorm(w[p + "k_norm.weight"], config.rms_norm_eps)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H] -> qkv [N, q + 2kv]: the QKV projection, then the q/k head norms."""
+        return self._norm_qk(linear(x, self.wqkv, self.bqkv))
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [N, q + 2kv] -> the same with each q and k head RMS-normalised over head_dim
+        (Qwen3); qkv itself without qk_norm."""
+        if self.q_norm is None:
+            return qkv
+        n = qkv.shape[0]
+        q, k, v = qkv.split(self.splits, dim=1)
+        q = self.q_norm(q.reshape(n, self.n_heads, self.hd)).reshape(n, -1)  # [N, q]
+        k = self.k_norm(k.reshape(n, self.n_kv, self.hd)).reshape(n, -1)  # [N, kv]
+        return torch.cat([q, k, v], dim=1)
 
     def _split_rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor):
         """qkv [N, q + 2kv] -> q [N, nh, hd], k and v [N, n_kv, hd], RoPE applied to q and k
@@ -144,13 +167,13 @@ class Attention:
         if self.fused_rope:
             from llm.backends.torch.kernels.rope_kv import rope_and_cache
 
-            qkv = linear(x, self.wqkv, self.bqkv)  # [S, q + 2kv]
+            qkv = self._project(x)  # [S, q + 2kv]
             q, k = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets,
                                   cache.k[self.layer], cache.v[self.layer], self.n_heads,
                                   return_k=True)
             v = qkv[:, self.splits[0] + self.splits[1]:].view(s, self.n_kv, self.hd)
         else:
-            q, k, v = self._split_rotate(linear(x, self.wqkv, self.bqkv), meta.cos, meta.sin_rot)
+            q, k, v = self._split_rotate(self._project(x), meta.cos, meta.sin_rot)
             cache.write(self.layer, k, v, meta.blocks, meta.offsets)
         q = q.transpose(0, 1).unsqueeze(0)  # [1, nh, S, hd]
         if meta.mask is None:
@@ -173,7 +196,7 @@ class Attention:
                       kernels: NativeKernels) -> torch.Tensor:
         """decode() in float32 on the CPU with the C kernels: QKV projection, then RoPE, K/V write
         and attention in one call (cpu_kernels.c `attention_decode`), then o_proj."""
-        qkv = linear(x, self.wqkv, self.bqkv).contiguous()  # [B, q + 2kv]
+        qkv = self._project(x).contiguous()  # [B, q + 2kv]
         out = kernels.attention_decode(qkv, meta.cos, meta.sin, cache.k[self.layer],
                                        cache.v[self.layer], meta.page_table, meta.positions,
                                        self.n_heads, meta.max_pos, self.hd ** -0.5)  # [B, q]
@@ -181,10 +204,11 @@ class Attention:
 
     def decode_qkv(self, qkv: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
                    gemv: bool = False) -> torch.Tensor:
-        """Decode from the QKV projection qkv [B, q + 2kv] -> [B, H]. gemv: the output projection
-        by the small-batch Triton GEMV instead of cuBLAS.
+        """Decode from the QKV projection qkv [B, q + 2kv] (before the q/k head norms) -> [B, H].
+        gemv: the output projection by the small-batch Triton GEMV instead of cuBLAS.
         """
         b = qkv.shape[0]
+        qkv = self._norm_qk(qkv)
         if meta.pages_per_program is not None:  # Triton: fused RoPE + K/V write, paged attention
             from llm.backends.torch.kernels.paged_decode import paged_decode_attention
             from llm.backends.torch.kernels.rope_kv import rope_and_cache

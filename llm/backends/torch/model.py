@@ -154,12 +154,13 @@ class Transformer:
     def _layer_plans(self, cache: PagedKVCache) -> list | None:
         """The layers as `NativeKernels.layer_plan`s (built on first use, rebuilt for another
         cache), or None where a layer cannot run as one C call: a projection that is not
-        quantized for the C kernels (dense, Q6_K), or a mesh (its all-reduces)."""
+        quantized for the C kernels (dense, Q6_K), a mesh (its all-reduces), or q/k head norms
+        (Qwen3; cpu_kernels.c `layer_decode` has none: such layers decode op by op)."""
         plans = getattr(self, "_plans", None)
         if plans is not None and all(p.kpool is cache.k[i] for i, p in enumerate(plans)):
             return plans
         self._plans = None
-        if self.mesh.size > 1:
+        if self.mesh.size > 1 or self.config.qk_norm:
             return None
         built = []
         for i, layer in enumerate(self.layers):
@@ -186,6 +187,7 @@ class Transformer:
             linears += [a.wqkv, a.bqkv, a.wo, a.bo, m.gate_up, m.gate_up_bias, m.down,
                         m.down_bias]
             norms += [layer.attn_norm.weight, layer.mlp_norm.weight]
+            norms += [n.weight for n in (a.q_norm, a.k_norm) if n is not None]
         for t in linears:
             if isinstance(t, QuantLinear):
                 t.prepare()

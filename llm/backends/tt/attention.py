@@ -5,6 +5,8 @@ Weights: wqkv `[1, 1, dim, (nh + 2 nkv) dh]` with Q/K rows permuted to Meta's in
 order, per device the columns [Q_i | K_i | V_i] of its heads (column-parallel); wo
 `[1, 1, nh dh, dim]` split by rows over the devices (row-parallel), its partial sums reduced by
 an all-reduce (decode, replicated residual) or a reduce-scatter (prefill, fractured residual).
+With `config.qk_norm` (Qwen3), q and k heads are RMS-normalised over head_dim before RoPE, their
+gains `[dh]` permuted to the interleaved order like the Q/K rows and replicated on every device.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from llm.backends.tt.chunking import prefill_linear
 from llm.backends.tt.mesh import Mesh
+from llm.backends.tt.norm import gain_sticks
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.weights import WeightStore, reverse_permute
@@ -55,12 +58,46 @@ class Attention:
                 lambda _: fuse(bq, bk, bv).reshape(1, 1, 1, qkv_all),
                 dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT,
                 memory_config=ttnn.DRAM_MEMORY_CONFIG, mapper=mesh.shard(3))
+        self.q_norm = self.k_norm = None
+        self.eps = config.rms_norm_eps
+        if config.qk_norm:
+            self.q_norm, self.k_norm = (
+                gain_sticks(mesh, weights, f"layer{layer}_{n}_norm_interleaved_{geo.head_dim}",
+                            reverse_permute(tensors[p + f"{n}_norm.weight"].float(), 1),
+                            mesh.replicate())
+                for n in ("q", "k"))
         wo = tensors[p + "o_proj.weight"]  # [dim, nh dh]
         self.wo = weights.tensor(
             f"layer{layer}_wo_{wo.shape[1]}x{dim}", wo,
             lambda t: t.float().T.reshape(1, 1, t.shape[1], dim),
             dtype=prec.wo, layout=ttnn.TILE_LAYOUT,
             memory_config=cfg.wo.weight_memcfg, mapper=mesh.shard(2))
+
+    def _norm_heads(self, q, k, decode: bool):
+        """q, k heads -> the same heads RMS-normalised over dh with the q_norm / k_norm gains
+        (Qwen3), q and k deallocated; (q, k) themselves without qk_norm. rms_norm does not take
+        the height-sharded decode heads: they are normalised interleaved in L1 and resharded."""
+        if self.q_norm is None:
+            return q, k
+        ttnn = self.mesh.ttnn
+        kernel = self.cfg.kernels["hifi4"]
+        out = []
+        for t, gain in ((q, self.q_norm), (k, self.k_norm)):
+            if decode:  # [1, B, nh|nkv, dh] height-sharded
+                mem = t.memory_config()
+                flat = ttnn.sharded_to_interleaved(t, ttnn.L1_MEMORY_CONFIG)
+                normed = ttnn.rms_norm(flat, epsilon=self.eps, weight=gain,
+                                       memory_config=ttnn.L1_MEMORY_CONFIG,
+                                       compute_kernel_config=kernel)
+                ttnn.deallocate(flat)
+                out.append(ttnn.interleaved_to_sharded(normed, mem))
+                ttnn.deallocate(normed)
+            else:  # [1, nh|nkv, S, dh] DRAM
+                out.append(ttnn.rms_norm(t, epsilon=self.eps, weight=gain,
+                                         memory_config=ttnn.DRAM_MEMORY_CONFIG,
+                                         compute_kernel_config=kernel))
+            ttnn.deallocate(t)
+        return tuple(out)
 
     # ------------------------------------------------------------------------------ decode
     def decode(self, x, rot, cur_pos, page_table, cache_k, cache_v):
@@ -85,6 +122,7 @@ class Attention:
             xqkv_i, num_heads=geo.n_heads, num_kv_heads=geo.n_kv,
             memory_config=ttnn.L1_HEIGHT_SHARDED_MEMORY_CONFIG)  # [1, B, nh|nkv, dh]
         ttnn.deallocate(xqkv_i)
+        q, k = self._norm_heads(q, k, decode=True)
         q_rot, k_rot = self.rope.rotate(q, k, rot, decode=True)
         ttnn.deallocate(q)
         ttnn.deallocate(k)
@@ -133,6 +171,7 @@ class Attention:
             xqkv, num_heads=geo.n_heads, num_kv_heads=geo.n_kv, transpose_k_heads=False,
             memory_config=dram)  # q [1, nh, S, dh], k and v [1, nkv, S, dh]
         ttnn.deallocate(xqkv)
+        q, k = self._norm_heads(q, k, decode=False)
         q, k = self.rope.rotate(q, k, rot, decode=False)
         fill_row = page_row if fill_row is None else fill_row
         capacity = fill_row.shape[-1] * cache_k.shape[2]  # tokens the page row can hold

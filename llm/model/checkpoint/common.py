@@ -62,6 +62,9 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}self_attn.{proj}.weight"] = (rows, h)
             if config.qkv_bias:
                 shapes[f"{p}self_attn.{proj}.bias"] = (rows,)
+        if config.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (config.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (config.head_dim,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
         if config.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)

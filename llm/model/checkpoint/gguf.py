@@ -38,13 +38,16 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 _NAME_RE = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 # llama.cpp permutes Q/K rows only for its LLAMA architecture (Mistral/SmolLM GGUFs are written as
-# "llama"); Qwen2 uses NeoX-style RoPE in llama.cpp, which is HF's rotate-half: no permutation.
+# "llama"); Qwen2 and Qwen3 use NeoX-style RoPE in llama.cpp, which is HF's rotate-half: no
+# permutation.
 _PERMUTED_ARCHS = frozenset({"llama", "mistral", "smollm"})
 _NATURAL_DTYPES = {
     gguf.GGMLQuantizationType.F16: torch.float16,
