@@ -51,3 +51,17 @@ def test_second_start_converts_nothing_and_corruption_is_rebuilt(tmp_path) -> No
     # another policy has its own directory and its own conversions
     other = start("accuracy")
     assert other.weights.converted == n
+
+
+def test_the_default_cache_path_changes_with_the_converter(tmp_path) -> None:
+    """The default weight cache's path carries a digest of the tt backend's sources: a change to
+    the conversion code cannot load files an older conversion wrote."""
+    from llm.backends.tt.runner import converter_key
+
+    (tmp_path / "weights.py").write_text("SCALE = 1\n")
+    (tmp_path / "model.py").write_text("x = 1\n")
+    before = converter_key(tmp_path)
+    assert converter_key(tmp_path) == before and len(before) == 12
+    (tmp_path / "weights.py").write_text("SCALE = 2\n")
+    assert converter_key(tmp_path) != before
+    assert converter_key() != before  # the real package: its own sources

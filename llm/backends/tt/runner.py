@@ -65,6 +65,16 @@ def _model_key(checkpoint: Checkpoint) -> str:
     return f"{src.stem}-{digest[:16]}"
 
 
+def converter_key(package: Path = Path(__file__).parent) -> str:
+    """A digest of the tt backend's sources (`package`/*.py): part of the weight cache's path,
+    so a change to how weights are converted (permuted, padded, quantized, split) never loads
+    files an older conversion wrote (the checkpoint's own digest cannot see that change)."""
+    h = hashlib.sha256()
+    for f in sorted(package.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 class TTBackend(Backend):
     """The Llama model in TT-NN on one device or a 1-D tensor-parallel mesh; greedy decoding."""
 
@@ -96,7 +106,8 @@ class TTBackend(Backend):
             if weights_dir is None and cache and checkpoint.source is not None:
                 impl = "emu" if getattr(ttnn, "EMULATED", False) else "ttnn"
                 weights_dir = (default_cache_dir() / _model_key(checkpoint) / "tt" /
-                               precision_policy / f"{impl}-{shape[0]}x{shape[1]}")
+                               precision_policy /
+                               f"{impl}-{shape[0]}x{shape[1]}-{converter_key()}")
             self.weights = WeightStore(self.mesh, weights_dir if cache else None)
             self.model = Transformer(self.mesh, self.config, runtime, checkpoint.tensors,
                                      self.cfg, self.weights)
