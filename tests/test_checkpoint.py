@@ -90,7 +90,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor], *,
                qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
                arch: str | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a GGUF like llama.cpp would: llama Q/K permuted, matrices in `qtype`, vectors F32."""
+    """Write a GGUF like llama.cpp would: llama and granite Q/K permuted, matrices in `qtype`,
+    vectors F32."""
     arch = arch or config.arch
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_layers)
@@ -109,11 +110,16 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
         w.add_bos_token_id(config.bos_token_id)
     if config.eos_token_ids:
         w.add_eos_token_id(config.eos_token_ids[0])
+    if config.scaled:  # Granite, as llama.cpp's converter writes its multipliers
+        w.add_embedding_scale(config.embedding_multiplier)
+        w.add_residual_scale(config.residual_multiplier)
+        w.add_attention_scale(config.attention_scale)
+        w.add_logit_scale(config.logits_scaling)
     for name, t in tensors.items():
         a = t.float().numpy()
-        if arch == "llama" and ".q_proj." in name:
+        if arch in ("llama", "granite") and ".q_proj." in name:
             a = llama_cpp_permute(a, config.num_heads)
-        elif arch == "llama" and ".k_proj." in name:
+        elif arch in ("llama", "granite") and ".k_proj." in name:
             a = llama_cpp_permute(a, config.num_kv_heads)
         if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gguf_name(name), a)

@@ -153,3 +153,41 @@ def test_qk_norm_of_another_architecture_is_refused_in_config_json() -> None:
         ModelConfig(**{**c.__dict__, "qk_norm": False}).to_hf_dict()
     with pytest.raises(ConfigError, match="a llama config.json cannot express qk_norm=True"):
         ModelConfig(**{**c.__dict__, "arch": "llama"}).to_hf_dict()
+
+
+GRANITE = {  # granite-3.1-2b-instruct's config.json, the fields this engine reads
+    "model_type": "granite", "vocab_size": 49155, "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 5000000.0,
+    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+    "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
+    "logits_scaling": 8.0, "bos_token_id": 0, "eos_token_id": 0,
+}
+
+
+def test_granite_multipliers_from_hf_and_gguf() -> None:
+    c = ModelConfig.from_hf_dict(GRANITE)
+    assert (c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier,
+            c.logits_scaling) == (12.0, 0.22, 0.015625, 8.0)
+    assert c.scaled and c.attention_scale == 0.015625 and c.head_dim == 64
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    llama = ModelConfig.from_hf_dict({**GRANITE, "model_type": "llama"})  # reads no multiplier
+    assert not llama.scaled and llama.attention_scale == 64 ** -0.5
+    meta = {k.replace("llama.", "granite."): v for k, v in GGUF_META.items()}
+    meta |= {"general.architecture": "granite", "granite.embedding_scale": 12.0,
+             "granite.residual_scale": 0.22, "granite.attention.scale": 0.015625,
+             "granite.logit_scale": 8.0}
+    g = ModelConfig.from_gguf(meta, {"token_embd.weight"})
+    assert (g.embedding_multiplier, g.residual_multiplier, g.attention_scale,
+            g.logits_scaling) == (12.0, 0.22, 0.015625, 8.0)
+    plain = ModelConfig.from_gguf({**meta, "granite.attention.scale": 0.0}, {"token_embd.weight"})
+    assert plain.attention_multiplier is None and plain.attention_scale == g.head_dim ** -0.5
+    assert not ModelConfig.from_gguf(GGUF_META, {"token_embd.weight"}).scaled
+
+
+def test_multipliers_of_another_architecture_are_refused() -> None:
+    c = ModelConfig.from_hf_dict(GRANITE)
+    with pytest.raises(ConfigError, match="llama has no embedding / residual / attention / logits"):
+        ModelConfig(**{**c.__dict__, "arch": "llama"})
+    with pytest.raises(ConfigError, match="logits_scaling must not be 0"):
+        ModelConfig(**{**c.__dict__, "logits_scaling": 0.0})

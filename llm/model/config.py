@@ -14,12 +14,16 @@ from typing import Any
 
 # HF `model_type` / GGUF `general.architecture` values we can run, and what they imply.
 # qk_norm: an RMSNorm over head_dim applied to every head's q and k before RoPE (Qwen3).
+# multipliers: the config carries Granite's embedding / residual / attention / logits multipliers
+# (HF `embedding_multiplier`, `residual_multiplier`, `attention_multiplier`, `logits_scaling`;
+# GGUF `{arch}.embedding_scale`, `.residual_scale`, `.attention.scale`, `.logit_scale`).
 _SUPPORTED_ARCHS = {
-    "llama": {"qkv_bias": False, "qk_norm": False},
-    "mistral": {"qkv_bias": False, "qk_norm": False},
-    "qwen2": {"qkv_bias": True, "qk_norm": False},
-    "qwen3": {"qkv_bias": False, "qk_norm": True},
-    "smollm": {"qkv_bias": False, "qk_norm": False},
+    "granite": {"qkv_bias": False, "qk_norm": False, "multipliers": True},
+    "llama": {"qkv_bias": False, "qk_norm": False, "multipliers": False},
+    "mistral": {"qkv_bias": False, "qk_norm": False, "multipliers": False},
+    "qwen2": {"qkv_bias": True, "qk_norm": False, "multipliers": False},
+    "qwen3": {"qkv_bias": False, "qk_norm": True, "multipliers": False},
+    "smollm": {"qkv_bias": False, "qk_norm": False, "multipliers": False},
 }
 
 
@@ -55,10 +59,15 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
+    """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM,
+    Granite 3.x).
 
     qk_norm: per-head RMSNorm of q and k (weights `self_attn.q_norm` / `k_norm`, [head_dim]),
     applied before RoPE.
+    Granite's multipliers (1.0 / None elsewhere): the embeddings are multiplied by
+    embedding_multiplier, each sublayer's output by residual_multiplier before its residual add,
+    the attention scores by attention_multiplier (None: 1/sqrt(head_dim)), and the logits are
+    divided by logits_scaling.
     """
 
     arch: str
@@ -78,6 +87,10 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -95,6 +108,24 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not _SUPPORTED_ARCHS.get(self.arch, {}).get("multipliers", False) and self.scaled:
+            raise ConfigError(f"{self.arch} has no embedding / residual / attention / logits "
+                              "multipliers (only granite)")
+        if self.logits_scaling == 0:
+            raise ConfigError("logits_scaling must not be 0")
+
+    @property
+    def scaled(self) -> bool:
+        """Whether any of Granite's multipliers differs from the plain Llama computation."""
+        return (self.embedding_multiplier != 1.0 or self.residual_multiplier != 1.0
+                or self.attention_multiplier is not None or self.logits_scaling != 1.0)
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor of q.k in the attention scores."""
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
+        return self.head_dim ** -0.5
 
     @property
     def q_size(self) -> int:
@@ -172,6 +203,8 @@ class ModelConfig:
             o_bias=attention_bias and arch != "qwen2",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=_SUPPORTED_ARCHS[arch]["qk_norm"],
+            **_multipliers(arch, cfg, ("embedding_multiplier", "residual_multiplier",
+                                       "attention_multiplier", "logits_scaling")),
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -261,6 +294,8 @@ class ModelConfig:
             o_bias="blk.0.attn_output.bias" in tensor_names,
             mlp_bias="blk.0.ffn_up.bias" in tensor_names,
             qk_norm=_SUPPORTED_ARCHS[arch]["qk_norm"],
+            **_multipliers(arch, metadata, (f"{arch}.embedding_scale", f"{arch}.residual_scale",
+                                            f"{arch}.attention.scale", f"{arch}.logit_scale")),
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids,
@@ -286,13 +321,18 @@ class ModelConfig:
         }
         if self.qk_norm != _SUPPORTED_ARCHS.get(self.arch, {}).get("qk_norm", False):
             raise ConfigError(f"a {self.arch} config.json cannot express qk_norm={self.qk_norm}")
-        if self.arch in ("llama", "smollm", "qwen3"):
+        if self.arch in ("llama", "smollm", "qwen3", "granite"):
             if self.qkv_bias != self.o_bias:
                 raise ConfigError(f"a {self.arch} config.json cannot express q/k/v bias without "
                                   "o_proj bias")
             d["attention_bias"] = self.qkv_bias
-        if self.arch in ("llama", "smollm"):
+        if self.arch in ("llama", "smollm", "granite"):
             d["mlp_bias"] = self.mlp_bias
+        if self.arch == "granite":
+            d.update(embedding_multiplier=self.embedding_multiplier,
+                     residual_multiplier=self.residual_multiplier,
+                     attention_multiplier=self.attention_scale,
+                     logits_scaling=self.logits_scaling)
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
             if self.arch in ("qwen2", "qwen3"):
@@ -311,6 +351,23 @@ class ModelConfig:
         if self.eos_token_ids:
             d["eos_token_id"] = list(self.eos_token_ids)
         return d
+
+
+def _multipliers(arch: str, values: dict[str, Any], keys: tuple[str, str, str, str],
+                 ) -> dict[str, float | None]:
+    """Granite's multipliers read from `values` under `keys` (embedding, residual, attention,
+    logits, in the source's names); {} for an architecture without them. An absent value is the
+    plain computation's; an absent or zero attention scale is 1/sqrt(head_dim) (llama.cpp's
+    convention)."""
+    if not _SUPPORTED_ARCHS[arch]["multipliers"]:
+        return {}
+    emb, res, att, logit = (values.get(k) for k in keys)
+    return {
+        "embedding_multiplier": 1.0 if emb is None else float(emb),
+        "residual_multiplier": 1.0 if res is None else float(res),
+        "attention_multiplier": float(att) if att else None,
+        "logits_scaling": 1.0 if logit is None else float(logit),
+    }
 
 
 def _rope_scaling_from_hf(rs: dict[str, Any] | None, source: str) -> RopeScaling | None:

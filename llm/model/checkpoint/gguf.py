@@ -46,9 +46,9 @@ _LAYER_NAMES = {
 }
 _NAME_RE = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 # llama.cpp permutes Q/K rows only for its LLAMA architecture (Mistral/SmolLM GGUFs are written as
-# "llama"); Qwen2 and Qwen3 use NeoX-style RoPE in llama.cpp, which is HF's rotate-half: no
-# permutation.
-_PERMUTED_ARCHS = frozenset({"llama", "mistral", "smollm"})
+# "llama") and for Granite (its converter is Llama's, normal RoPE); Qwen2 and Qwen3 use NeoX-style
+# RoPE in llama.cpp, which is HF's rotate-half: no permutation.
+_PERMUTED_ARCHS = frozenset({"llama", "mistral", "smollm", "granite"})
 _NATURAL_DTYPES = {
     gguf.GGMLQuantizationType.F16: torch.float16,
     gguf.GGMLQuantizationType.BF16: torch.bfloat16,
