@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -22,7 +24,8 @@ _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2
              rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
 
 # name -> ModelConfig; together they cover GQA and MHA, tied and untied embeddings, Qwen2 q/k/v
-# bias, Qwen3 q/k head norms (with head_dim 32 != hidden / heads = 16, as Qwen3 checkpoints have),
+# bias, Granite's four multipliers (of granite-3.x's kind, tied embeddings as there), Qwen3 q/k
+# head norms (with head_dim 32 != hidden / heads = 16, as Qwen3 checkpoints have),
 # llama3 RoPE scaling, an explicit head_dim != hidden / heads, and odd head counts (9 q / 3 kv).
 SMALL_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
@@ -30,6 +33,9 @@ SMALL_CONFIGS = {
                                   tie_word_embeddings=True),
     "qwen2_bias": ModelConfig(arch="qwen2", **_BASE, qkv_bias=True),
     "qwen3_qk_norm": ModelConfig(arch="qwen3", **{**_BASE, "head_dim": 32}, qk_norm=True),
+    "granite_scaled": ModelConfig(arch="granite", **_BASE, tie_word_embeddings=True,
+                                  embedding_multiplier=12.0, residual_multiplier=0.22,
+                                  attention_multiplier=0.015625, logits_scaling=8.0),
     "llama3_rope": ModelConfig(
         arch="llama", **{**_BASE, "rope_theta": 500000.0},
         rope_scaling=RopeScaling(
@@ -49,6 +55,8 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         model = Qwen2ForCausalLM(Qwen2Config(**d, attn_implementation="eager"))
     elif config.arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**d, attn_implementation="eager"))
+    elif config.arch == "granite":
+        model = GraniteForCausalLM(GraniteConfig(**d, attn_implementation="eager"))
     else:
         model = LlamaForCausalLM(LlamaConfig(**d, attn_implementation="eager"))
     with torch.no_grad():

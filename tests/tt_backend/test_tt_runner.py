@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import hf_model, state_dict
+from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 from tt_helpers import MESH_CONFIG, QWEN3_MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.tt.op_configs import TTConfigError
@@ -129,3 +129,13 @@ def test_qwen3_gguf_greedy_tokens_follow_transformers(tmp_path) -> None:
     prompts = [[5, 17, 200, 3, 9], [44] * 19]
     for p, o in zip(prompts, generate(create_backend("tt", spec), prompts, 12)):
         assert_greedy(model, p, o)
+
+
+def test_granite_is_refused_naming_the_architecture() -> None:
+    """Granite's multipliers are not implemented on tt: the backend says so before converting a
+    weight, naming the architecture."""
+    config = SMALL_CONFIGS["granite_scaled"]
+    ck = Checkpoint(config, state_dict(hf_model(config)), source=None)
+    with pytest.raises(TTConfigError, match="architecture 'granite' is not supported"):
+        TTBackend(ck, RuntimeConfig(max_batch=2, max_seq_len=64, block_size=32),
+                  implementation="emulator")

@@ -124,6 +124,7 @@ class Attention:
         self.mesh = mesh or Mesh.single()
         self.fused_rope = fused_rope
         self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.attention_scale  # of q.k: 1/sqrt(head_dim), Granite's multiplier
         self.wqkv = stack_rows([w[p + "q_proj.weight"], w[p + "k_proj.weight"],
                                 w[p + "v_proj.weight"]])  # [q + 2kv, H]
         self.bqkv = None
@@ -179,12 +180,14 @@ class Attention:
         if meta.mask is None:
             k = k.transpose(0, 1).unsqueeze(0)  # [1, n_kv, S, hd]
             v = v.transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                 scale=self.scale)
         else:
             total = meta.start_pos + s
             k, v = cache.gather(self.layer, meta.page_row[None])  # [1, n_kv, nb*bs, hd]
             k, v = k[:, :, :total], v[:, :, :total]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.mask, enable_gqa=True,
+                                                 scale=self.scale)
         out = out[0].transpose(0, 1).reshape(s, self.n_heads * self.hd)  # [S, nh*hd]
         return self.mesh.all_reduce(linear(out, self.wo, self.bo))
 
@@ -199,7 +202,7 @@ class Attention:
         qkv = self._project(x).contiguous()  # [B, q + 2kv]
         out = kernels.attention_decode(qkv, meta.cos, meta.sin, cache.k[self.layer],
                                        cache.v[self.layer], meta.page_table, meta.positions,
-                                       self.n_heads, meta.max_pos, self.hd ** -0.5)  # [B, q]
+                                       self.n_heads, meta.max_pos, self.scale)  # [B, q]
         return self.mesh.all_reduce(linear(out, self.wo, self.bo))
 
     def decode_qkv(self, qkv: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
@@ -217,7 +220,7 @@ class Attention:
             q = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets, kp, vp,
                                self.n_heads)  # [B, nh, hd]
             out = paged_decode_attention(q, kp, vp, meta.page_table, meta.positions,
-                                         self.hd ** -0.5, meta.pages_per_program)  # [B, nh, hd]
+                                         self.scale, meta.pages_per_program)  # [B, nh, hd]
         else:
             q, k, v = self._split_rotate(qkv, meta.cos, meta.sin_rot)
             cache.write(self.layer, k, v, meta.blocks, meta.offsets)
@@ -225,7 +228,8 @@ class Attention:
             if meta.mask is None:  # one user: its first `length` keys
                 keys, values = keys[:, :, : meta.length], values[:, :, : meta.length]
             out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
-                                                 attn_mask=meta.mask, enable_gqa=True)
+                                                 attn_mask=meta.mask, enable_gqa=True,
+                                                 scale=self.scale)
         out = out.reshape(b, self.n_heads * self.hd)  # [B, nh*hd]
         if gemv:
             from llm.backends.torch.kernels.gemv import gemv as small_gemv

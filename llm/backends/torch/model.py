@@ -44,13 +44,19 @@ class DecoderLayer:
         self.attn = Attention(config, w, layer, fused, mesh)
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused, cpu_kernels)
         self.mlp = MLP.from_weights(w, p + "mlp.", fused, mesh)
+        self.res = config.residual_multiplier  # Granite's, of each sublayer's output
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        """A sublayer's output as it enters the residual stream (Granite: times res)."""
+        return out if self.res == 1.0 else out * self.res
 
     def prefill(self, x: torch.Tensor, residual: torch.Tensor | None, meta: PrefillMeta,
                 cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """x, residual [S, H] -> (mlp output, residual stream), both [S, H]."""
         h, residual = self.attn_norm.add_norm(x, residual)
-        h, residual = self.mlp_norm.add_norm(self.attn.prefill(h, meta, cache), residual)
-        return self.mlp(h), residual
+        h, residual = self.mlp_norm.add_norm(self._scaled(self.attn.prefill(h, meta, cache)),
+                                             residual)
+        return self._scaled(self.mlp(h)), residual
 
     def decode(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
                cache: PagedKVCache, gemv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,13 +72,14 @@ class DecoderLayer:
             an, mn, mlp = self.attn_norm, self.mlp_norm, self.mlp
             qkv, residual = norm_gemv(x, residual, an.weight, an.eps, self.attn.wqkv,
                                       self.attn.bqkv)  # [B, q + 2kv]
-            o = self.attn.decode_qkv(qkv, meta, cache, gemv=True)
+            o = self._scaled(self.attn.decode_qkv(qkv, meta, cache, gemv=True))
             act, residual = norm_gate_up_silu_gemv(o, residual, mn.weight, mn.eps, mlp.gate_up,
                                                    mlp.gate_up_bias)  # [B, I]
-            return mlp.down_gemv(act), residual
+            return self._scaled(mlp.down_gemv(act)), residual
         h, residual = self.attn_norm.add_norm(x, residual)
-        h, residual = self.mlp_norm.add_norm(self.attn.decode(h, meta, cache), residual)
-        return self.mlp(h), residual
+        h, residual = self.mlp_norm.add_norm(self._scaled(self.attn.decode(h, meta, cache)),
+                                             residual)
+        return self._scaled(self.mlp(h)), residual
 
     def decode_native(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
                       cache: PagedKVCache, kernels: NativeKernels,
@@ -80,9 +87,9 @@ class DecoderLayer:
         """decode() in float32 on the CPU with the C kernels: each norm with its residual add,
         the attention after QKV and the SiLU*up are one call each (quant/cpu_kernels.c)."""
         h, residual = self.attn_norm.add_norm(x, residual)
-        h, residual = self.mlp_norm.add_norm(self.attn.decode_native(h, meta, cache, kernels),
-                                             residual)
-        return self.mlp.native(h, kernels), residual
+        h, residual = self.mlp_norm.add_norm(
+            self._scaled(self.attn.decode_native(h, meta, cache, kernels)), residual)
+        return self._scaled(self.mlp.native(h, kernels)), residual
 
 
 class Transformer:
@@ -154,13 +161,14 @@ class Transformer:
     def _layer_plans(self, cache: PagedKVCache) -> list | None:
         """The layers as `NativeKernels.layer_plan`s (built on first use, rebuilt for another
         cache), or None where a layer cannot run as one C call: a projection that is not
-        quantized for the C kernels (dense, Q6_K), a mesh (its all-reduces), or q/k head norms
-        (Qwen3; cpu_kernels.c `layer_decode` has none: such layers decode op by op)."""
+        quantized for the C kernels (dense, Q6_K), a mesh (its all-reduces), q/k head norms
+        (Qwen3) or Granite's multipliers (cpu_kernels.c `layer_decode` has neither: such layers
+        decode op by op)."""
         plans = getattr(self, "_plans", None)
         if plans is not None and all(p.kpool is cache.k[i] for i, p in enumerate(plans)):
             return plans
         self._plans = None
-        if self.mesh.size > 1 or self.config.qk_norm:
+        if self.mesh.size > 1 or self.config.qk_norm or self.config.scaled:
             return None
         built = []
         for i, layer in enumerate(self.layers):
@@ -206,13 +214,13 @@ class Transformer:
         prefill, see prefill_graphs.py); the logits are that token's.
         """
         meta = PrefillMeta.build(self.rope, start_pos, tokens.shape[0], page_row, self.block_size)
-        x, residual = self.embed(tokens), None  # [S, H]
+        x, residual = self._embed(tokens), None  # [S, H]
         for layer in self.layers:
             x, residual = layer.prefill(x, residual, meta, cache)
         if not all_logits:
             keep = slice(-1, None) if last is None else last
             x, residual = x[keep], residual[keep]  # [1, H]
-        logits = self.lm_head(self.norm.add_norm(x, residual)[0])  # [S or 1, V]
+        logits = self._logits(self.norm.add_norm(x, residual)[0])  # [S or 1, V]
         return logits if all_logits else logits[0]
 
     @torch.inference_mode()
@@ -228,7 +236,7 @@ class Transformer:
             ppp = pages_per_split(tokens.shape[0], self.local.num_kv_heads, self.max_pages,
                                   self.n_sm)
         meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos, ppp)
-        x, residual = self.embed(tokens), None  # [B, H]
+        x, residual = self._embed(tokens), None  # [B, H]
         k = self.cpu_kernels
         if k is not None:
             meta = replace(meta, page_table=meta.page_table.contiguous())
@@ -239,11 +247,23 @@ class Transformer:
             else:
                 for layer in self.layers:
                     x, residual = layer.decode_native(x, residual, meta, cache, k)
-            return self.lm_head(self.norm.add_norm(x, residual)[0])
+            return self._logits(self.norm.add_norm(x, residual)[0])
         gemv = tokens.shape[0] <= self.gemv_max_batch
         for layer in self.layers:
             x, residual = layer.decode(x, residual, meta, cache, gemv)
-        return self.lm_head(self.norm.add_norm(x, residual)[0], gemv)  # [B, V]
+        return self._logits(self.norm.add_norm(x, residual)[0], gemv)  # [B, V]
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [N] -> the first layer's input [N, H] (Granite: times embedding_multiplier)."""
+        x = self.embed(tokens)
+        m = self.config.embedding_multiplier
+        return x if m == 1.0 else x * m
+
+    def _logits(self, h: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+        """The final norm's output h [N, H] -> logits [N, V] (Granite: over logits_scaling)."""
+        logits = self.lm_head(h, gemv)
+        s = self.config.logits_scaling
+        return logits if s == 1.0 else logits / s
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits from prefill/decode -> the whole vocabulary's (identity on one rank)."""
