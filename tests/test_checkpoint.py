@@ -39,6 +39,9 @@ GGUF_NAMES = {
     "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
 }
+# Granite test models: multipliers of granite-3.x's kind.
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                           attention_multiplier=0.015625, logits_scaling=8.0)
 # Qwen3 test models: head_dim 32 != hidden / heads = 16, as in the real Qwen3 checkpoints.
 QWEN3_HEAD_DIM = 32
 
@@ -52,6 +55,9 @@ def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transform
     elif arch == "qwen3":
         model = transformers.Qwen3ForCausalLM(
             transformers.Qwen3Config(**SMALL, head_dim=QWEN3_HEAD_DIM, tie_word_embeddings=tie))
+    elif arch == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            **SMALL, tie_word_embeddings=tie, **GRANITE_MULTIPLIERS))
     else:
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie))
@@ -161,6 +167,7 @@ def cache_files(cache: Path) -> list[str]:
     ("llama", False, "60KB", torch.bfloat16),
     ("qwen2", False, "100KB", torch.float32),
     ("qwen3", True, "100KB", torch.bfloat16),
+    ("granite", True, None, torch.float32),
 ])
 def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard, dtype):
     model = hf_model(arch, tie).to(dtype)
@@ -175,6 +182,11 @@ def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard
     assert ck.config.tie_word_embeddings == tie
     assert ck.config.qkv_bias == (arch == "qwen2")
     assert ck.config.qk_norm == (arch == "qwen3")
+    assert ck.config.scaled == (arch == "granite")
+    if arch == "granite":
+        assert (ck.config.embedding_multiplier, ck.config.residual_multiplier,
+                ck.config.attention_multiplier, ck.config.logits_scaling) == tuple(
+                    GRANITE_MULTIPLIERS.values())
 
 
 def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
@@ -186,7 +198,7 @@ def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
     assert_same(load_checkpoint(d, progress=False).tensors, state)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "granite"])
 def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path, arch):
     ref = load_checkpoint(hf_dir(tmp_path, hf_model(arch)), progress=False)
     out = tmp_path / "saved"

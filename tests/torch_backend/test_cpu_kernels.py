@@ -218,10 +218,11 @@ def test_one_call_per_layer_equals_the_per_op_path(tmp_path, arch, qtype) -> Non
         assert all(torch.equal(a, c) for a, c in zip(fused.cache.k, per_op.cache.k))
 
 
-def test_qwen3_quantized_decodes_op_by_op_with_head_norms(tmp_path) -> None:
-    """A stored-Q8_0 Qwen3 GGUF on the C kernels: `layer_decode` has no q/k head norms, so the
-    layers decode op by op (`decode_native`), and prefill and decode logits follow transformers
-    run on the same (dequantized) weights."""
+@pytest.mark.parametrize("arch", ["qwen3", "granite"])
+def test_quantized_decodes_op_by_op_with_head_norms_or_multipliers(tmp_path, arch) -> None:
+    """A stored-Q8_0 Qwen3 or Granite GGUF on the C kernels: `layer_decode` has neither q/k head
+    norms nor Granite's multipliers, so the layers decode op by op (`decode_native`), and prefill
+    and decode logits follow transformers run on the same (dequantized) weights."""
     import gguf
     from hf_reference import assert_matches, fp32, hf_model
     from test_checkpoint import tiny_gguf
@@ -229,10 +230,10 @@ def test_qwen3_quantized_decodes_op_by_op_with_head_norms(tmp_path) -> None:
     from llm.backends.torch.runner import TorchBackend
     from llm.model.checkpoint.load import load_checkpoint
 
-    path, _ = tiny_gguf(tmp_path, arch="qwen3", qtype=gguf.GGMLQuantizationType.Q8_0)
+    path, _ = tiny_gguf(tmp_path, arch=arch, qtype=gguf.GGMLQuantizationType.Q8_0)
     ck = load_checkpoint(path, cache_dir=tmp_path / "c", progress=False, weights="stored")
     dense = load_checkpoint(path, cache_dir=tmp_path / "c", progress=False)
-    assert ck.config.qk_norm
+    assert ck.config.qk_norm if arch == "qwen3" else ck.config.scaled
     model = hf_model(ck.config)
     model.load_state_dict(dense.tensors, strict=not ck.config.tie_word_embeddings)
     backend = TorchBackend(ck, RuntimeConfig(max_batch=1, max_seq_len=64, block_size=16),
