@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+from hf_reference import hf_model, state_dict
 from tt_helpers import MESH_CONFIG, QWEN3_MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.tt.op_configs import TTConfigError
@@ -46,7 +46,8 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
 
 
 @pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("qwen2_bias", "1x1"),
-                                       ("qwen3_qk_norm", "1x1"), ("odd_heads", "1x1"),
+                                       ("qwen3_qk_norm", "1x1"), ("granite_scaled", "1x1"),
+                                       ("odd_heads", "1x1"),
                                        ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2")])
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
     configs = {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG}
@@ -111,17 +112,18 @@ def test_chunked_prefill_equals_whole_prompt(mesh: str) -> None:
     assert_greedy(model, prompt, outs[1])
 
 
-def test_qwen3_gguf_greedy_tokens_follow_transformers(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled"])
+def test_gguf_greedy_tokens_follow_transformers(tmp_path, name: str) -> None:
     """A Qwen3 GGUF (written as llama.cpp writes one: `attn_q_norm` / `attn_k_norm`, key_length
-    64 != hidden / heads) through load_checkpoint and the tt backend: transformers' greedy
-    tokens."""
+    64 != hidden / heads) or a Granite one (Q/K permuted, the four `granite.*` scales) through
+    load_checkpoint and the tt backend: transformers' greedy tokens."""
     from test_checkpoint import write_gguf
 
     from llm.model.checkpoint.load import load_checkpoint
 
-    config = TT_CONFIGS["qwen3_qk_norm"]
+    config = TT_CONFIGS[name]
     model = hf_model(config)
-    path = write_gguf(tmp_path / "qwen3.gguf", config, state_dict(model))
+    path = write_gguf(tmp_path / f"{name}.gguf", config, state_dict(model))
     ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
     assert ck.config == config
     spec = BackendSpec(ck, max_batch=2, max_seq_len=96, block_size=32,
@@ -130,12 +132,3 @@ def test_qwen3_gguf_greedy_tokens_follow_transformers(tmp_path) -> None:
     for p, o in zip(prompts, generate(create_backend("tt", spec), prompts, 12)):
         assert_greedy(model, p, o)
 
-
-def test_granite_is_refused_naming_the_architecture() -> None:
-    """Granite's multipliers are not implemented on tt: the backend says so before converting a
-    weight, naming the architecture."""
-    config = SMALL_CONFIGS["granite_scaled"]
-    ck = Checkpoint(config, state_dict(hf_model(config)), source=None)
-    with pytest.raises(TTConfigError, match="architecture 'granite' is not supported"):
-        TTBackend(ck, RuntimeConfig(max_batch=2, max_seq_len=64, block_size=32),
-                  implementation="emulator")

@@ -21,7 +21,8 @@ _BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=
              num_kv_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-5,
              rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
 
-# Single-device configs: GQA, MHA with tied embeddings, Qwen2 q/k/v bias, Qwen3 q/k head norms
+# Single-device configs: GQA, MHA with tied embeddings, Qwen2 q/k/v bias, Granite's multipliers
+# (tied, as granite-3.x), Qwen3 q/k head norms
 # (head_dim 64 != hidden / heads = 32, as in Qwen3 checkpoints), llama3 RoPE scaling, and odd
 # head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple).
 TT_CONFIGS = {
@@ -30,6 +31,9 @@ TT_CONFIGS = {
                                   tie_word_embeddings=True),
     "qwen2_bias": ModelConfig(arch="qwen2", **_BASE, qkv_bias=True),
     "qwen3_qk_norm": ModelConfig(arch="qwen3", **{**_BASE, "head_dim": 64}, qk_norm=True),
+    "granite_scaled": ModelConfig(arch="granite", **_BASE, tie_word_embeddings=True,
+                                  embedding_multiplier=12.0, residual_multiplier=0.22,
+                                  attention_multiplier=0.015625, logits_scaling=8.0),
     "llama3_rope": ModelConfig(arch="llama", **{**_BASE, "rope_theta": 500000.0},
                                rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0,

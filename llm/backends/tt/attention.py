@@ -33,7 +33,7 @@ class Attention:
         self.prec = prec  # this decoder's dtypes; its compute-kernel configs:
         self.kernels = {g: cfg.kernel(g, layer) for g in ("wqkv", "wo", "sdpa_prefill",
                                                           "sdpa_decode")}
-        self.scale = geo.head_dim ** -0.5
+        self.scale = config.attention_scale  # 1/sqrt(head_dim), or Granite's multiplier
         p = f"model.layers.{layer}.self_attn."
         wq, wk, wv = (tensors[p + f"{n}_proj.weight"] for n in ("q", "k", "v"))
         dim, qkv_all = geo.dim, geo.qkv * nd

@@ -29,6 +29,11 @@ class DecoderLayer:
     def __init__(self, mesh: Mesh, weights: WeightStore, cfg: OpConfigs, config: ModelConfig,
                  tensors: dict[str, torch.Tensor], layer: int, rope: RotarySetup) -> None:
         p = f"model.layers.{layer}."
+        # Granite: each sublayer's output times residual_multiplier, folded into o_proj and down
+        # (the products of linear maps; the SDPA scale is Attention's)
+        res = config.residual_multiplier
+        tensors = {**tensors, **{p + n: _scaled(tensors[p + n], res)
+                                 for n in ("self_attn.o_proj.weight", "mlp.down_proj.weight")}}
         self.mesh = mesh
         self.layer = layer
         eps = config.rms_norm_eps
@@ -74,6 +79,11 @@ class DecoderLayer:
         return out
 
 
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t times factor in float32 (t itself for 1)."""
+    return t if factor == 1.0 else t.float() * factor
+
+
 class Transformer:
     """The whole model on a mesh, with its paged KV cache."""
 
@@ -83,16 +93,18 @@ class Transformer:
             raise TTConfigError("tt backend: o_proj / MLP biases are not implemented "
                                 "(q/k/v biases are)")
         self.mesh, self.config, self.cfg = mesh, config, cfg
-        self.embed = Embedding(mesh, weights, tensors["model.embed_tokens.weight"])
+        table = tensors["model.embed_tokens.weight"]
+        # Granite: the embeddings times embedding_multiplier and the logits over logits_scaling,
+        # folded into the embedding table and the LM head (a tied head is its own copy on tt)
+        self.embed = Embedding(mesh, weights, _scaled(table, config.embedding_multiplier))
         self.rope = RotarySetup(mesh, config, cfg,
                                 max(cfg.prefill_lengths[-1], runtime.max_seq_len))
         self.layers = [DecoderLayer(mesh, weights, cfg, config, tensors, i, self.rope)
                        for i in range(config.num_layers)]
         self.norm = DistributedNorm(mesh, weights, cfg, "final_norm", tensors["model.norm.weight"],
                                     config.rms_norm_eps)
-        head = tensors["model.embed_tokens.weight"] if config.tie_word_embeddings \
-            else tensors["lm_head.weight"]
-        self.lm_head = LMHead(mesh, weights, cfg, head)
+        head = table if config.tie_word_embeddings else tensors["lm_head.weight"]
+        self.lm_head = LMHead(mesh, weights, cfg, _scaled(head, 1.0 / config.logits_scaling))
         self.cache = PagedKVCache(mesh, cfg, runtime, config.num_layers)
         weights.save_manifest()
 

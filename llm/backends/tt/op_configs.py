@@ -65,10 +65,6 @@ class Geometry:
 def geometry(config: ModelConfig, runtime: RuntimeConfig, ndev: int) -> Geometry:
     """Check that the model splits over `ndev` devices in tiles; per-device sizes."""
     c = config
-    if c.scaled:
-        raise TTConfigError(f"tt backend: architecture {c.arch!r} is not supported (Granite's "
-                            "embedding / residual / attention / logits multipliers are not "
-                            "implemented; the torch backend runs it)")
     problems = []
     if c.hidden_size % (TILE * ndev):
         problems.append(f"hidden_size {c.hidden_size} must be a multiple of 32 x {ndev} devices")
