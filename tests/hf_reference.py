@@ -11,6 +11,8 @@ from transformers import (
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -25,7 +27,8 @@ _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2
 
 # name -> ModelConfig; together they cover GQA and MHA, tied and untied embeddings, Qwen2 q/k/v
 # bias, Granite's four multipliers (of granite-3.x's kind, tied embeddings as there), Qwen3 q/k
-# head norms (with head_dim 32 != hidden / heads = 16, as Qwen3 checkpoints have),
+# head norms (with head_dim 32 != hidden / heads = 16, as Qwen3 checkpoints have), Mistral with
+# an explicit head_dim 32 != hidden / heads = 16 (as Mistral-Nemo: 5120 / 32 heads, head_dim 128),
 # llama3 RoPE scaling, an explicit head_dim != hidden / heads, and odd head counts (9 q / 3 kv).
 SMALL_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
@@ -36,6 +39,7 @@ SMALL_CONFIGS = {
     "granite_scaled": ModelConfig(arch="granite", **_BASE, tie_word_embeddings=True,
                                   embedding_multiplier=12.0, residual_multiplier=0.22,
                                   attention_multiplier=0.015625, logits_scaling=8.0),
+    "mistral_nemo_headdim": ModelConfig(arch="mistral", **{**_BASE, "head_dim": 32}),
     "llama3_rope": ModelConfig(
         arch="llama", **{**_BASE, "rope_theta": 500000.0},
         rope_scaling=RopeScaling(
@@ -55,6 +59,8 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         model = Qwen2ForCausalLM(Qwen2Config(**d, attn_implementation="eager"))
     elif config.arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**d, attn_implementation="eager"))
+    elif config.arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**d, attn_implementation="eager"))
     elif config.arch == "granite":
         model = GraniteForCausalLM(GraniteConfig(**d, attn_implementation="eager"))
     else:

@@ -6,6 +6,8 @@ lengths decoded together; seeded sampling agrees across devices.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
@@ -23,7 +25,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias", "qwen3_qk_norm", "granite_scaled"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias", "qwen3_qk_norm", "granite_scaled",
+                                  "mistral_nemo_headdim"])
 def test_greedy_tokens_equal_transformers(name: str, device: str) -> None:
     config = SMALL_CONFIGS[name]
     model = hf_model(config)
@@ -126,21 +129,23 @@ def test_pipelined_graph_decode_with_users_leaving_and_joining() -> None:
     assert stats["ahead_hits"] >= stats["steps"] - 4  # only the steps after a change missed
 
 
-@pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled"])
+@pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled", "mistral_nemo_headdim"])
 def test_gguf_greedy_tokens_equal_transformers(tmp_path, name: str) -> None:
     """A Qwen3 GGUF written as llama.cpp writes one (architecture `qwen3`: Q/K rows not
     permuted, `attn_q_norm` / `attn_k_norm`, key_length 32 != hidden / heads), or a Granite one
-    (Q/K permuted as Llama's, the four `granite.*` scales), loads to the config it was written
-    from, and decodes transformers' greedy tokens."""
+    (Q/K permuted as Llama's, the four `granite.*` scales), or a Mistral-Nemo-like one (written
+    as `llama`, as llama.cpp does, key_length 32 != hidden / heads) loads to the config it was
+    written from, and decodes transformers' greedy tokens."""
     from test_checkpoint import write_gguf
 
     from llm.model.checkpoint.load import load_checkpoint
 
     config = SMALL_CONFIGS[name]
     model = hf_model(config)
-    path = write_gguf(tmp_path / f"{name}.gguf", config, state_dict(model))
+    arch = "llama" if config.arch == "mistral" else config.arch  # as llama.cpp writes Mistral
+    path = write_gguf(tmp_path / f"{name}.gguf", config, state_dict(model), arch=arch)
     ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
-    assert ck.config == config
+    assert ck.config == replace(config, arch=arch)
     backend = TorchBackend(ck, RuntimeConfig(max_batch=2, max_seq_len=64, block_size=8))
     prompts = [[5, 17, 200, 3, 9], [44] * 19]
     ours = decode_together(backend, prompts, 12, [SequenceSampling(SamplingParams(), 0)] * 2)

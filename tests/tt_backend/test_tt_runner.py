@@ -3,6 +3,8 @@ it): greedy tokens against transformers, on one device and on 1x2 / 1x8 meshes; 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
@@ -47,7 +49,7 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
 
 @pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("qwen2_bias", "1x1"),
                                        ("qwen3_qk_norm", "1x1"), ("granite_scaled", "1x1"),
-                                       ("odd_heads", "1x1"),
+                                       ("mistral_nemo_headdim", "1x1"), ("odd_heads", "1x1"),
                                        ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2")])
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
     configs = {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG}
@@ -112,10 +114,11 @@ def test_chunked_prefill_equals_whole_prompt(mesh: str) -> None:
     assert_greedy(model, prompt, outs[1])
 
 
-@pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled"])
+@pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled", "mistral_nemo_headdim"])
 def test_gguf_greedy_tokens_follow_transformers(tmp_path, name: str) -> None:
     """A Qwen3 GGUF (written as llama.cpp writes one: `attn_q_norm` / `attn_k_norm`, key_length
-    64 != hidden / heads) or a Granite one (Q/K permuted, the four `granite.*` scales) through
+    64 != hidden / heads), a Granite one (Q/K permuted, the four `granite.*` scales) or a
+    Mistral-Nemo-like one (written as `llama`, key_length 64 != hidden / heads) through
     load_checkpoint and the tt backend: transformers' greedy tokens."""
     from test_checkpoint import write_gguf
 
@@ -123,9 +126,10 @@ def test_gguf_greedy_tokens_follow_transformers(tmp_path, name: str) -> None:
 
     config = TT_CONFIGS[name]
     model = hf_model(config)
-    path = write_gguf(tmp_path / f"{name}.gguf", config, state_dict(model))
+    arch = "llama" if config.arch == "mistral" else config.arch  # as llama.cpp writes Mistral
+    path = write_gguf(tmp_path / f"{name}.gguf", config, state_dict(model), arch=arch)
     ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
-    assert ck.config == config
+    assert ck.config == replace(config, arch=arch)
     spec = BackendSpec(ck, max_batch=2, max_seq_len=96, block_size=32,
                        options={"mesh": "1x1", "implementation": "emulator", "cache": False})
     prompts = [[5, 17, 200, 3, 9], [44] * 19]

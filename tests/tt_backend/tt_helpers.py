@@ -22,7 +22,8 @@ _BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=
              rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
 
 # Single-device configs: GQA, MHA with tied embeddings, Qwen2 q/k/v bias, Granite's multipliers
-# (tied, as granite-3.x), Qwen3 q/k head norms
+# (tied, as granite-3.x), Mistral with an explicit head_dim 64 != hidden / heads = 32 (as
+# Mistral-Nemo), Qwen3 q/k head norms
 # (head_dim 64 != hidden / heads = 32, as in Qwen3 checkpoints), llama3 RoPE scaling, and odd
 # head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple).
 TT_CONFIGS = {
@@ -34,6 +35,7 @@ TT_CONFIGS = {
     "granite_scaled": ModelConfig(arch="granite", **_BASE, tie_word_embeddings=True,
                                   embedding_multiplier=12.0, residual_multiplier=0.22,
                                   attention_multiplier=0.015625, logits_scaling=8.0),
+    "mistral_nemo_headdim": ModelConfig(arch="mistral", **{**_BASE, "head_dim": 64}),
     "llama3_rope": ModelConfig(arch="llama", **{**_BASE, "rope_theta": 500000.0},
                                rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0,
