@@ -142,6 +142,19 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
     return path
 
 
+def gguf_like_llama_cpp(tmp_path: Path, name: str, config: ModelConfig,
+                        tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    """`tensors` written to a GGUF as llama.cpp writes `config`'s architecture (Mistral as
+    `llama`), loaded back; its config must be the one it was written from."""
+    from dataclasses import replace
+
+    arch = "llama" if config.arch == "mistral" else config.arch
+    path = write_gguf(tmp_path / f"{name}.gguf", config, tensors, arch=arch)
+    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    assert ck.config == replace(config, arch=arch)
+    return ck
+
+
 def hf_dir(tmp_path: Path, model: transformers.PreTrainedModel, **save_kw) -> Path:
     d = tmp_path / "hf"
     model.save_pretrained(d, **save_kw)

@@ -6,8 +6,6 @@ lengths decoded together; seeded sampling agrees across devices.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
@@ -136,16 +134,11 @@ def test_gguf_greedy_tokens_equal_transformers(tmp_path, name: str) -> None:
     (Q/K permuted as Llama's, the four `granite.*` scales), or a Mistral-Nemo-like one (written
     as `llama`, as llama.cpp does, key_length 32 != hidden / heads) loads to the config it was
     written from, and decodes transformers' greedy tokens."""
-    from test_checkpoint import write_gguf
-
-    from llm.model.checkpoint.load import load_checkpoint
+    from test_checkpoint import gguf_like_llama_cpp
 
     config = SMALL_CONFIGS[name]
     model = hf_model(config)
-    arch = "llama" if config.arch == "mistral" else config.arch  # as llama.cpp writes Mistral
-    path = write_gguf(tmp_path / f"{name}.gguf", config, state_dict(model), arch=arch)
-    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
-    assert ck.config == replace(config, arch=arch)
+    ck = gguf_like_llama_cpp(tmp_path, name, config, state_dict(model))
     backend = TorchBackend(ck, RuntimeConfig(max_batch=2, max_seq_len=64, block_size=8))
     prompts = [[5, 17, 200, 3, 9], [44] * 19]
     ours = decode_together(backend, prompts, 12, [SequenceSampling(SamplingParams(), 0)] * 2)

@@ -3,8 +3,6 @@ it): greedy tokens against transformers, on one device and on 1x2 / 1x8 meshes; 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
@@ -120,16 +118,11 @@ def test_gguf_greedy_tokens_follow_transformers(tmp_path, name: str) -> None:
     64 != hidden / heads), a Granite one (Q/K permuted, the four `granite.*` scales) or a
     Mistral-Nemo-like one (written as `llama`, key_length 64 != hidden / heads) through
     load_checkpoint and the tt backend: transformers' greedy tokens."""
-    from test_checkpoint import write_gguf
-
-    from llm.model.checkpoint.load import load_checkpoint
+    from test_checkpoint import gguf_like_llama_cpp
 
     config = TT_CONFIGS[name]
     model = hf_model(config)
-    arch = "llama" if config.arch == "mistral" else config.arch  # as llama.cpp writes Mistral
-    path = write_gguf(tmp_path / f"{name}.gguf", config, state_dict(model), arch=arch)
-    ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
-    assert ck.config == replace(config, arch=arch)
+    ck = gguf_like_llama_cpp(tmp_path, name, config, state_dict(model))
     spec = BackendSpec(ck, max_batch=2, max_seq_len=96, block_size=32,
                        options={"mesh": "1x1", "implementation": "emulator", "cache": False})
     prompts = [[5, 17, 200, 3, 9], [44] * 19]
