@@ -340,6 +340,33 @@ def test_lse_topk_equals_torch() -> None:
     assert int(ids[3, 0]) == 0 and values[3, 1:].isinf().all()
     with pytest.raises(ValueError, match="contiguous rows"):
         lse_topk(z.t(), 20)
+
+
+def test_lse_topk_threshold_and_flat_rows() -> None:
+    """Rows of many blocks (the K best found through the K-th largest block maximum), values
+    rounded to bfloat16 (ties, broken by the lower column), a row whose best sit in one block,
+    a flat row and a two-valued row (more candidates than CAP: the exact fallback): torch's."""
+    from llm.backends.torch.kernels.logprobs import lse_topk
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(7, 9000, generator=g) * 3
+    z[1] = z[1].to(torch.bfloat16).float()  # ties among the best
+    z[2, 4000:4030] = 50 + torch.arange(30.0)  # the 20 best in one block
+    z[3] = 0.0  # flat: every value ties
+    z[4] = (torch.rand(9000, generator=g) < 0.5).float()  # two values, many ties at the top
+    z[5, :] = float("-inf")
+    z[5, 8999] = 1.0
+    z[6, 2560:] = float("-inf")  # 10 finite blocks of 36: tau -inf, 200 candidates
+    z = z.to(DEVICE)
+    lse, values, ids = lse_topk(z, 20, block=256)
+    want_values = torch.topk(z, 20, dim=-1).values
+    torch.testing.assert_close(lse, torch.logsumexp(z, dim=-1), rtol=1e-6, atol=1e-5)
+    assert torch.equal(values, want_values)
+    zc = z.cpu()
+    for r in (0, 1, 2, 3, 4, 6):  # ids: the values' columns, equal values by the lower column
+        order = sorted(range(zc.shape[1]), key=lambda c: (-float(zc[r, c]), c))[:20]
+        assert ids[r].tolist() == order, r
+    assert int(ids[5, 0]) == 8999 and values[5, 1:].isinf().all()
     with pytest.raises(ValueError, match="k must be"):
         lse_topk(z, 300, block=256)
 
