@@ -73,11 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mesh", default="1x1", help="tt: mesh shape ROWSxCOLS (virtual on the "
                    "emulator), 1-D tensor parallel over all its devices")
     p.add_argument("--precision", default="accuracy", choices=["accuracy", "performance"],
-                   help="tt: accuracy = bf16 weights; performance = bfloat8_b attention, "
-                        "bfloat4_b MLP weights")
+                   help="tt: accuracy = bf16 weights; performance = per model: under 1B "
+                        "parameters bf16 attention and bfloat8_b MLP, else bfloat8_b attention "
+                        "and bfloat4_b MLP (tt_transformers' performance mode)")
     p.add_argument("--decoder-precision", default=None, metavar="PRESET_OR_JSON",
                    help="tt: per-decoder precision overrides on top of --precision: a preset "
-                        "(bf16-attention-bf8-mlp, bf8-mlp-last-decoder) or a JSON file in "
+                        "(bf16-attention-bf8-mlp, bf8-mlp-last-decoder, bf4-mlp) or a JSON file in "
                         "tt_transformers' decoder config format")
     p.add_argument("--stats", action="store_true",
                    help="tt: print the emulator's per-step DRAM traffic and the projected N150 "

@@ -25,9 +25,11 @@ def eval_demo():
     return module
 
 
-def model_dir(tmp_path: Path) -> Path:
+def model_dir(tmp_path: Path, hidden: int = 64) -> Path:
+    """A random 2-layer Llama with 4 heads of hidden / 4 and a tokenizer, saved under tmp_path."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=hidden,
+                                      intermediate_size=2 * hidden,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=256)
     d = tmp_path / "hf"

@@ -15,7 +15,14 @@ from tt_helpers import RUNTIME, TOLERANCE, TT_CONFIGS, build_parts, ints
 import llm.ttnn_emu as ttnn
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs, TTConfigError
-from llm.backends.tt.precision import PRESETS, parse_overrides, precision
+from llm.backends.tt.precision import (
+    PRESETS,
+    SMALL_MODEL_PRESET,
+    default_overrides,
+    num_params,
+    parse_overrides,
+    precision,
+)
 from llm.backends.tt.runner import TTBackend, open_mesh
 from llm.model.checkpoint.common import Checkpoint
 
@@ -68,7 +75,7 @@ def test_all_then_index_and_json_file(tmp_path) -> None:
     assert precision(ttnn, "performance", 3, file) == p
     assert precision(ttnn, "performance", 3, str(file)) == p
     assert parse_overrides(None, 3) == {}
-    assert set(PRESETS) == {"bf8-mlp-last-decoder", "bf16-attention-bf8-mlp"}
+    assert set(PRESETS) == {"bf8-mlp-last-decoder", "bf16-attention-bf8-mlp", "bf4-mlp"}
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -141,3 +148,35 @@ def test_backend_option_and_layer_count() -> None:
     m, _ = open_mesh((1, 1), "emulator")
     with pytest.raises(TTConfigError, match="precision policy has 3 decoders, the model 2"):
         OpConfigs.build(m, config, RUNTIME, precision(ttnn, "performance", 3))
+
+
+def test_performance_is_per_model() -> None:
+    """"performance" on a model under 1B parameters: the bf16-attention-bf8-mlp preset unless
+    overrides are asked for; 1B and more: tt_transformers' mode as is; "bf4-mlp" names the plain
+    mode on any model."""
+    from llm.model.config import ModelConfig
+
+    smollm = ModelConfig(arch="llama", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                         head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)
+    assert num_params(smollm) == 134_515_008 - 61 * 576  # HF's count less the norm weights
+    llama8b = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096,
+                          intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                          head_dim=128, max_position_embeddings=8192)
+    assert 8.0e9 < num_params(llama8b) < 8.1e9
+    assert default_overrides("performance", smollm) == SMALL_MODEL_PRESET
+    assert default_overrides("performance", llama8b) is None
+    assert default_overrides("accuracy", smollm) is None
+    assert precision(ttnn, "performance", 3, "bf4-mlp") == precision(ttnn, "performance", 3)
+
+    config = TT_CONFIGS["llama_gqa"]
+    ck = Checkpoint(config, state_dict(hf_model(config)), source=None)
+    small = TTBackend(ck, RUNTIME, precision_policy="performance", implementation="emulator")
+    assert f"decoder preset {SMALL_MODEL_PRESET}" in small.describe()
+    assert [layer.mlp.w1.dtype for layer in small.model.layers] == [BF8, BF8]
+    assert small.model.layers[0].attn.wqkv.dtype == BF16
+    small.close()
+    plain = TTBackend(ck, RUNTIME, precision_policy="performance", decoder_precision="bf4-mlp",
+                      implementation="emulator")
+    assert [layer.mlp.w1.dtype for layer in plain.model.layers] == [BF4, BF4]
+    plain.close()

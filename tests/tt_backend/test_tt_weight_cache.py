@@ -18,9 +18,10 @@ def test_second_start_converts_nothing_and_corruption_is_rebuilt(tmp_path) -> No
     rt = RuntimeConfig(max_batch=2, max_seq_len=64, block_size=32)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
 
-    def start(policy: str = "performance") -> TTBackend:
-        return TTBackend(ck, rt, precision_policy=policy, implementation="emulator",
-                         weights_dir=tmp_path / policy)
+    def start(policy: str = "performance") -> TTBackend:  # plain performance: bfloat4_b MLP
+        presets = {"performance": "bf4-mlp", "accuracy": None}
+        return TTBackend(ck, rt, precision_policy=policy, decoder_precision=presets[policy],
+                         implementation="emulator", weights_dir=tmp_path / policy)
 
     first = start()
     n = first.weights.converted

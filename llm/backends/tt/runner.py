@@ -20,7 +20,7 @@ from llm.backends.tt.device import open_mesh
 from llm.backends.tt.mesh import TILE
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
-from llm.backends.tt.precision import POLICIES, precision
+from llm.backends.tt.precision import POLICIES, default_overrides, precision
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import (
@@ -98,6 +98,9 @@ class TTBackend(Backend):
         self.mesh, self.implementation = open_mesh(shape, implementation)
         ttnn = self.mesh.ttnn
         try:
+            if decoder_precision is None:
+                decoder_precision = default_overrides(precision_policy, self.config)
+            self.decoder_precision = decoder_precision
             self.precision = precision(ttnn, precision_policy, self.config.num_layers,
                                        decoder_precision)
             self.cfg = OpConfigs.build(self.mesh, self.config, runtime, self.precision,
@@ -136,6 +139,8 @@ class TTBackend(Backend):
         p = self.precision
         d = p.decoder(0)
         changed = f", {len(p.overridden)} decoder(s) overridden" if p.overridden else ""
+        if isinstance(self.decoder_precision, str):
+            changed += f", decoder preset {self.decoder_precision}"
         return (f"tt backend on {self.implementation}, mesh {self.mesh.rows}x{self.mesh.cols}, "
                 f"{p.name} precision (decoder 0: wqkv {d.wqkv.name}, w1/w3 {d.w1.name}, KV "
                 f"{d.kv_cache.name}{changed}), decode "
