@@ -1,7 +1,7 @@
 """Op accounting: every emulated op records the DRAM bytes it moves and the FLOPs it performs.
 
 Costs are per chip: on a mesh every chip runs the same program on its own shard, so an op's cost is
-that of one shard. The `op` decorator also feeds trace capture (see trace.py).
+that of one shard. The `op` decorator also feeds trace capture (see trace_capture.py).
 """
 
 from __future__ import annotations
@@ -113,8 +113,23 @@ def find_device(args, kwargs):
     return None
 
 
+def run_op(name: str, fn, args, kwargs):
+    """Run op body `fn` and return (its output, its OpRecord): the FLOPs and DRAM bytes it set
+    with set_cost, else the DRAM bytes of its device tensors."""
+    rec = OpRecord(name)
+    _active.append(rec)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        _active.pop()
+    if rec.dram_bytes is None:
+        rec.dram_bytes = dram_bytes_of(args, kwargs, out)
+    return out, rec
+
+
 def op(name: str):
-    """Decorate an emulated ttnn op: record its cost and let trace capture see it.
+    """Decorate an emulated ttnn op: record its cost and let trace capture see it (the device's
+    _before_op / _after_op hooks; see trace_capture.py).
 
     Ops called from inside other ops are not recorded separately.
     """
@@ -125,18 +140,11 @@ def op(name: str):
             if _active:
                 return fn(*args, **kwargs)
             device = find_device(args, kwargs)
-            if device is not None:
-                device._check_op_allowed(name)
-            rec = OpRecord(name)
-            _active.append(rec)
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                _active.pop()
-            if rec.dram_bytes is None:
-                rec.dram_bytes = dram_bytes_of(args, kwargs, out)
-            if device is not None:
-                device._on_op(rec, wrapper, args, kwargs, out)
+            if device is None:
+                return run_op(name, fn, args, kwargs)[0]
+            guard = device._before_op(name, args, kwargs)
+            out, rec = run_op(name, fn, args, kwargs)
+            device._after_op(name, fn, args, kwargs, out, rec, guard)
             return out
 
         wrapper.op_name = name
