@@ -19,7 +19,7 @@ from .memory import (
     ShardSpec,
     TensorMemoryLayout,
 )
-from .tensor import Tensor, make_tensor
+from .tensor import Tensor, make_tensor, tile_padded_shape
 from .types import BLOCK_FLOAT_DTYPES, TILE_SIZE, DataType, Layout, dtype_from_torch, to_torch_dtype
 
 _INT_BITS = {DataType.UINT32: (32, False), DataType.INT32: (32, True), DataType.UINT16: (16, False)}
@@ -205,9 +205,19 @@ def copy_host_to_device_tensor(host_tensor, device_tensor, cq_id=None):
 
 def allocate_tensor_on_device(shape, dtype, layout, mesh_device, memory_config=None):
     """ttnn.allocate_tensor_on_device: an uninitialised device tensor (the emulator zero-fills).
-    Allowed inside a trace capture, as on a device (it allocates and writes nothing)."""
+
+    Allowed inside a trace capture, as on a device (it allocates and writes nothing). There it
+    takes the storage of the latest buffer of the same spec freed inside the capture, as the
+    allocator hands back that address: tt-metal's trace guide relies on this to re-create an
+    input the traced model deallocates, at the address the trace reads."""
+    mem = memory_config or DRAM_MEMORY_CONFIG
+    capture = mesh_device._capture
+    padded = tile_padded_shape(shape, layout)
+    freed = capture.reuse((tuple(shape), padded, dtype, layout, mem)) if capture else None
+    if freed is not None:
+        return Tensor(freed, shape, padded, dtype, layout, mem, mesh_device)
     values = torch.zeros(tuple(shape), dtype=torch.float32)
-    return make_tensor(values, dtype, layout, memory_config or DRAM_MEMORY_CONFIG, mesh_device)
+    return make_tensor(values, dtype, layout, mem, mesh_device)
 
 
 def deallocate(tensor, force=True) -> None:

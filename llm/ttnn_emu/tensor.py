@@ -179,6 +179,9 @@ class Tensor:
     def deallocate(self, force: bool = True) -> None:
         """Free the device buffer; later use raises (a trace that captured it keeps its
         storage)."""
+        capture = self._device._capture if self._device is not None else None
+        if capture is not None and self._shards is not None:
+            capture.note_free(self)
         if self._finalizer is not None:
             self._finalizer()
         self._shards = None

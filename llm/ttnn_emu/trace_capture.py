@@ -36,6 +36,10 @@ def program_key(name: str, args, kwargs) -> tuple:
     return name, specs, tuple(sorted(k for k, v in kwargs.items() if v is not None))
 
 
+def _spec(t: Tensor) -> tuple:
+    return tuple(t.shape), tuple(t.padded_shape), t.dtype, t.layout, t.memory_config()
+
+
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
@@ -133,6 +137,7 @@ class Capture:
         self.records: list = []
         self._buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._allocated: weakref.WeakSet = weakref.WeakSet()
+        self._freed: list = []  # (spec, storage) of buffers freed inside the capture
         self._saved: dict = {}  # storage address -> (storage, its copy before the capture wrote)
         rng = getattr(device, "_rng", None)
         self._rng_state = None if rng is None else rng.get_state()
@@ -141,6 +146,17 @@ class Capture:
     def note_alloc(self, tensor: Tensor) -> None:
         """A device buffer allocated inside the capture (the trace owns it)."""
         self._allocated.add(tensor)
+
+    def note_free(self, tensor: Tensor) -> None:
+        """A buffer deallocated inside the capture: its address may be handed out again."""
+        self._freed.append((_spec(tensor), tensor._shards))
+
+    def reuse(self, spec: tuple):
+        """The storage of the latest buffer of `spec` freed inside the capture, or None."""
+        for i in range(len(self._freed) - 1, -1, -1):
+            if self._freed[i][0] == spec:
+                return self._freed.pop(i)[1]
+        return None
 
     def before_write(self, tensor: Tensor) -> None:
         """Save a pre-existing buffer (its whole storage, so aliases are covered) before the

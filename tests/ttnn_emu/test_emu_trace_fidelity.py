@@ -192,3 +192,27 @@ def test_an_op_writing_an_input_behind_the_capture_is_caught(device):
     ttnn.begin_trace_capture(device)
     with pytest.raises(RuntimeError, match="without Tensor.mutable_shards"):
         bad_inplace(x)
+
+
+def test_an_input_freed_and_reallocated_inside_the_capture_is_the_trace_input(device):
+    """tt-metal's trace guide, 'Trace with Non-Persistent L1 Input': the model frees its L1
+    input; allocate_tensor_on_device at the end of the capture gets that address back, so
+    writing the new tensor feeds the trace."""
+    l1 = ttnn.L1_MEMORY_CONFIG
+
+    def run_model(inp):
+        out = ttnn.multiply(inp, 2.0)
+        ttnn.deallocate(inp)
+        return out
+
+    run_model(ttnn.to_device(_host(torch.full(SHAPE, 1.0)), device, l1))  # compile run
+    inp = ttnn.to_device(_host(torch.full(SHAPE, 1.0)), device, l1)
+    tid = ttnn.begin_trace_capture(device)
+    out = run_model(inp)
+    inp = ttnn.allocate_tensor_on_device(inp.shape, inp.dtype, inp.layout, device, l1)
+    other = ttnn.allocate_tensor_on_device(inp.shape, inp.dtype, inp.layout, device, l1)
+    ttnn.end_trace_capture(device, tid)
+    ttnn.copy_host_to_device_tensor(_host(torch.full(SHAPE, 5.0)), inp)
+    ttnn.copy_host_to_device_tensor(_host(torch.full(SHAPE, 7.0)), other)  # a new address
+    ttnn.execute_trace(device, tid)
+    assert _val(out) == 10.0
