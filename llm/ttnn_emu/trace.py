@@ -11,6 +11,7 @@ capture raise, as on hardware; allocate_tensor_on_device is allowed.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 from .accounting import StepCost, run_op
 from .trace_capture import Capture
@@ -37,6 +38,8 @@ class Trace:
         self.captured_cost = StepCost.of(capture.records)
         self.last_cost: StepCost | None = None
         self.replays = 0
+        self.alloc_mark = max(capture.device._allocs, default=-1)  # later buffers: after capture
+        self.warned = False
 
     def check_inputs(self) -> None:
         """Every pre-existing buffer the trace uses must still be allocated."""
@@ -85,6 +88,7 @@ def execute_trace(mesh_device, trace_id, *, cq_id=0, blocking=True) -> None:
     if trace is None:
         raise RuntimeError(f"Unknown or released trace {trace_id}")
     trace.check_inputs()
+    _warn_on_buffers_allocated_after_capture(mesh_device, trace)
     views: dict = {}
     records = []
     mesh_device._replaying = True
@@ -102,6 +106,21 @@ def execute_trace(mesh_device, trace_id, *, cq_id=0, blocking=True) -> None:
     trace.produced = []
     trace.last_cost = StepCost.of(records)
     trace.replays += 1
+
+
+def _warn_on_buffers_allocated_after_capture(mesh_device, trace: Trace) -> None:
+    """tt-metal's allocator rule: a buffer allocated while a trace exists must be freed before
+    the trace runs, or the trace may overwrite it (addresses its own buffers used). The emulator
+    keeps them apart, so it warns (once per trace) where a device could corrupt them."""
+    live = sum(1 for token in mesh_device._allocs if token > trace.alloc_mark)
+    if live and not trace.warned:
+        trace.warned = True
+        warnings.warn(
+            f"execute_trace: {live} device buffer(s) allocated after trace {trace.id} was"
+            " captured are still allocated; on a device the trace may overwrite them"
+            " (tt-metal: allocating device buffers is unsafe while a trace exists)",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def release_trace(mesh_device, trace_id) -> None:

@@ -5,13 +5,16 @@ weights instead would free buffers the trace reads, which execute_trace refuses.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
-from test_tt_runner import generate
+from test_tt_runner import GREEDY, generate
 from tt_helpers import TT_CONFIGS
 
 from llm.backends.tt.runner import TTBackend
+from llm.engine.contract.backend import DecodeInput, PrefillInput
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
@@ -61,6 +64,10 @@ def test_traced_tokens_come_from_the_captured_graph() -> None:
     trace = backend.mesh.device._traces[int(backend.decoder.trace_id)]
     assert trace.replays == steps - 1
     assert traced == untraced
+    with warnings.catch_warnings():  # a prefill after the capture frees what it allocates
+        warnings.simplefilter("error", RuntimeWarning)  # before the next replay
+        token = backend.prefill(PrefillInput(0, [3, 4, 5], 0, [1, 2], GREEDY))
+        backend.decode(DecodeInput([0], [token], [3], [[1, 2]], [GREEDY]))
 
 
 def test_freeing_weights_a_trace_reads_is_refused() -> None:

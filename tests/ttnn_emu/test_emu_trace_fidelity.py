@@ -1,6 +1,7 @@
 """Trace fidelity: a replay runs the op sequence the capture recorded on the buffers it resolved,
 not the Python code that issued it; a capture itself changes nothing; allocation rules."""
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -216,3 +217,17 @@ def test_an_input_freed_and_reallocated_inside_the_capture_is_the_trace_input(de
     ttnn.copy_host_to_device_tensor(_host(torch.full(SHAPE, 7.0)), other)  # a new address
     ttnn.execute_trace(device, tid)
     assert _val(out) == 10.0
+
+
+def test_buffers_allocated_after_capture_and_alive_at_replay_warn(device):
+    x = on(device, torch.full(SHAPE, 1.0))
+    tid, _ = _capture(device, lambda: ttnn.add(x, 1.0))
+    temp = on(device, torch.zeros(SHAPE))
+    ttnn.deallocate(temp)  # freed before the replay: allowed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ttnn.execute_trace(device, tid)
+    kept = on(device, torch.zeros(SHAPE))
+    with pytest.warns(RuntimeWarning, match="1 device buffer.* allocated after trace"):
+        ttnn.execute_trace(device, tid)
+    assert kept.is_allocated()
