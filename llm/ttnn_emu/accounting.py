@@ -79,24 +79,25 @@ def set_cost(*, dram_bytes: int | None = None, flops: int | None = None) -> None
         rec.flops = int(flops)
 
 
-def _tensors(obj):
+def tensors_in(obj):
+    """Every ttnn Tensor in `obj` (nested lists, tuples and dict values), in order."""
     from .tensor import Tensor
 
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from _tensors(o)
+            yield from tensors_in(o)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from _tensors(o)
+            yield from tensors_in(o)
 
 
 def dram_bytes_of(*objs) -> int:
     """Bytes of the distinct DRAM-resident device tensors among `objs` (one shard each)."""
     seen = set()
     total = 0
-    for t in _tensors(objs):
+    for t in tensors_in(objs):
         if id(t) in seen or t.device() is None or not t.is_allocated():
             continue
         seen.add(id(t))
@@ -107,7 +108,7 @@ def dram_bytes_of(*objs) -> int:
 
 def find_device(args, kwargs):
     """The device of the first device tensor among an op's arguments, or None."""
-    for t in _tensors((args, kwargs)):
+    for t in tensors_in((args, kwargs)):
         if t.device() is not None:
             return t.device()
     return None
@@ -144,7 +145,7 @@ def op(name: str):
                 return run_op(name, fn, args, kwargs)[0]
             guard = device._before_op(name, args, kwargs)
             out, rec = run_op(name, fn, args, kwargs)
-            device._after_op(name, fn, args, kwargs, out, rec, guard)
+            device._after_op(fn, out, rec, guard)
             return out
 
         wrapper.op_name = name

@@ -171,10 +171,11 @@ class MeshDevice:
         self._compiled.add(program_key(name, args, kwargs))
         return None
 
-    def _after_op(self, name: str, fn, args, kwargs, out, rec, guard) -> None:
+    def _after_op(self, fn, out, rec, guard) -> None:
+        """Called by every top-level op after it ran: log its cost; record it in a capture."""
         self.op_log.add(rec)
         if self._capture is not None:
-            self._capture.after_op(name, fn, out, rec, guard)
+            self._capture.after_op(rec.name, fn, out, rec, guard)
 
     def _check_no_host_io(self, what: str, kind: str = "Writes are") -> None:
         """Raise inside a trace capture: `kind` names the rule, as ttnn's message does."""

@@ -21,23 +21,20 @@ import weakref
 
 import torch
 
-from .accounting import _tensors
+from .accounting import tensors_in
 from .tensor import Tensor
+
+
+def _spec(t: Tensor) -> tuple:
+    return tuple(t.shape), tuple(t.padded_shape), t.dtype, t.layout, t.memory_config()
 
 
 def program_key(name: str, args, kwargs) -> tuple:
     """What distinguishes compiled programs here: the op, the spec of each device tensor it
     takes, and which keyword arguments are set. Real ttnn hashes more (op attributes), so this
     is a lower bound: a key missing here is certainly a program-cache miss on a device."""
-    specs = tuple(
-        (tuple(t.shape), tuple(t.padded_shape), t.dtype, t.layout, t.memory_config())
-        for t in _tensors((args, kwargs)) if t.device() is not None
-    )
+    specs = tuple(_spec(t) for t in tensors_in((args, kwargs)) if t.device() is not None)
     return name, specs, tuple(sorted(k for k, v in kwargs.items() if v is not None))
-
-
-def _spec(t: Tensor) -> tuple:
-    return tuple(t.shape), tuple(t.padded_shape), t.dtype, t.layout, t.memory_config()
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -191,7 +188,7 @@ class Capture:
             )
         memo = {id(self.device): self.device}
         frozen = (_freeze(args, self, memo), _freeze(kwargs, self, memo))
-        versions = [(t, [s._version for s in t._shards]) for t in _tensors((args, kwargs))
+        versions = [(t, [s._version for s in t._shards]) for t in tensors_in((args, kwargs))
                     if t.device() is not None and t not in self._allocated]
         return frozen, versions
 
