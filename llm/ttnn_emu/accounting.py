@@ -1,7 +1,7 @@
 """Op accounting: every emulated op records the DRAM bytes it moves and the FLOPs it performs.
 
 Costs are per chip: on a mesh every chip runs the same program on its own shard, so an op's cost is
-that of one shard. The `op` decorator also feeds trace capture (see trace.py).
+that of one shard. The `op` decorator also feeds trace capture (see trace_capture.py).
 """
 
 from __future__ import annotations
@@ -79,24 +79,25 @@ def set_cost(*, dram_bytes: int | None = None, flops: int | None = None) -> None
         rec.flops = int(flops)
 
 
-def _tensors(obj):
+def tensors_in(obj):
+    """Every ttnn Tensor in `obj` (nested lists, tuples and dict values), in order."""
     from .tensor import Tensor
 
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from _tensors(o)
+            yield from tensors_in(o)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from _tensors(o)
+            yield from tensors_in(o)
 
 
 def dram_bytes_of(*objs) -> int:
     """Bytes of the distinct DRAM-resident device tensors among `objs` (one shard each)."""
     seen = set()
     total = 0
-    for t in _tensors(objs):
+    for t in tensors_in(objs):
         if id(t) in seen or t.device() is None or not t.is_allocated():
             continue
         seen.add(id(t))
@@ -107,14 +108,29 @@ def dram_bytes_of(*objs) -> int:
 
 def find_device(args, kwargs):
     """The device of the first device tensor among an op's arguments, or None."""
-    for t in _tensors((args, kwargs)):
+    for t in tensors_in((args, kwargs)):
         if t.device() is not None:
             return t.device()
     return None
 
 
+def run_op(name: str, fn, args, kwargs):
+    """Run op body `fn` and return (its output, its OpRecord): the FLOPs and DRAM bytes it set
+    with set_cost, else the DRAM bytes of its device tensors."""
+    rec = OpRecord(name)
+    _active.append(rec)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        _active.pop()
+    if rec.dram_bytes is None:
+        rec.dram_bytes = dram_bytes_of(args, kwargs, out)
+    return out, rec
+
+
 def op(name: str):
-    """Decorate an emulated ttnn op: record its cost and let trace capture see it.
+    """Decorate an emulated ttnn op: record its cost and let trace capture see it (the device's
+    _before_op / _after_op hooks; see trace_capture.py).
 
     Ops called from inside other ops are not recorded separately.
     """
@@ -125,18 +141,11 @@ def op(name: str):
             if _active:
                 return fn(*args, **kwargs)
             device = find_device(args, kwargs)
-            if device is not None:
-                device._check_op_allowed(name)
-            rec = OpRecord(name)
-            _active.append(rec)
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                _active.pop()
-            if rec.dram_bytes is None:
-                rec.dram_bytes = dram_bytes_of(args, kwargs, out)
-            if device is not None:
-                device._on_op(rec, wrapper, args, kwargs, out)
+            if device is None:
+                return run_op(name, fn, args, kwargs)[0]
+            guard = device._before_op(name, args, kwargs)
+            out, rec = run_op(name, fn, args, kwargs)
+            device._after_op(fn, out, rec, guard)
             return out
 
         wrapper.op_name = name

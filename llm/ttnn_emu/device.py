@@ -14,6 +14,7 @@ import torch
 
 from .accounting import OpLog
 from .memory import WORMHOLE_L1_BYTES_PER_CORE, CoreCoord, CoreGrid
+from .trace_capture import program_key
 
 DEFAULT_L1_SMALL_SIZE = 0
 DEFAULT_TRACE_REGION_SIZE = 0
@@ -74,9 +75,10 @@ class MeshDevice:
         self.op_log = OpLog()
         self._program_cache = False
         self._program_keys: set = set()
-        self._capture = None
+        self._compiled: set = set()  # program keys run outside a capture (trace_capture.py)
+        self._capture = None  # the trace_capture.Capture in progress
         self._traces: dict = {}
-        self._replay_records = None
+        self._replaying = False
 
     # --- ttnn API -------------------------------------------------------------------------
     @property
@@ -110,6 +112,7 @@ class MeshDevice:
         """Stop counting program cache entries and clear them."""
         self._program_cache = False
         self._program_keys.clear()
+        self._compiled.clear()
 
     def num_program_cache_entries(self) -> int:
         """Distinct ops run since the cache was enabled."""
@@ -135,8 +138,12 @@ class MeshDevice:
         if not self._open:
             raise RuntimeError("Device is closed")
 
-    def _allocate(self, placement: dict) -> int:
+    def _allocate(self, placement: dict) -> int | None:
+        """Charge a new buffer's L1; None (nothing charged) while a trace replays, whose
+        buffers were allocated at capture."""
         self._require_open()
+        if self._replaying:
+            return None
         for core, nbytes in placement.items():
             if self._l1_used[core] + nbytes > self.l1_budget_per_core:
                 raise RuntimeError(
@@ -154,22 +161,27 @@ class MeshDevice:
         for core, nbytes in self._allocs.pop(token, {}).items():
             self._l1_used[core] -= nbytes
 
-    def _check_op_allowed(self, name: str) -> None:
+    def _before_op(self, name: str, args, kwargs):
+        """Called by every top-level op before it runs; returns what _after_op needs."""
         self._require_open()
         if self._program_cache:
             self._program_keys.add(name)
+        if self._capture is not None:
+            return self._capture.before_op(name, args, kwargs, self._compiled)
+        self._compiled.add(program_key(name, args, kwargs))
+        return None
 
-    def _on_op(self, rec, wrapper, args, kwargs, out) -> None:
+    def _after_op(self, fn, out, rec, guard) -> None:
+        """Called by every top-level op after it ran: log its cost; record it in a capture."""
         self.op_log.add(rec)
         if self._capture is not None:
-            self._capture.record(wrapper, args, kwargs, out)
-            self._capture.records.append(rec)
-        if self._replay_records is not None:
-            self._replay_records.append(rec)
+            self._capture.after_op(rec.name, fn, out, rec, guard)
 
-    def _check_no_host_io(self, what: str) -> None:
+    def _check_no_host_io(self, what: str, kind: str = "Writes are") -> None:
+        """Raise inside a trace capture: `kind` names the rule, as ttnn's message does."""
         if self._capture is not None:
-            raise RuntimeError(f"{what} is not allowed while a trace is being captured")
+            raise RuntimeError(f"{kind} not supported during trace capture: {what} is not"
+                               " allowed while a trace is being captured")
 
     def __repr__(self):
         return f"MeshDevice(id={self.id}, shape={tuple(self._shape)})"
@@ -208,8 +220,10 @@ def close_mesh_device(mesh_device: MeshDevice) -> None:
 
 
 def synchronize_device(device, cq_id=None, sub_device_ids=()) -> None:
-    """ttnn.synchronize_device: the emulator runs ops eagerly, so nothing is outstanding."""
+    """ttnn.synchronize_device: the emulator runs ops eagerly, so nothing is outstanding.
+    Refused inside a trace capture, as on a device."""
     device._require_open()
+    device._check_no_host_io("synchronize_device", "Event Synchronization is")
 
 
 # --- mappers and composers ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .memory import (
     ShardSpec,
     TensorMemoryLayout,
 )
-from .tensor import Tensor, make_tensor
+from .tensor import Tensor, make_tensor, tile_padded_shape
 from .types import BLOCK_FLOAT_DTYPES, TILE_SIZE, DataType, Layout, dtype_from_torch, to_torch_dtype
 
 _INT_BITS = {DataType.UINT32: (32, False), DataType.INT32: (32, True), DataType.UINT16: (16, False)}
@@ -131,7 +131,7 @@ def from_torch(
 def to_torch(tensor, dtype=None, *, torch_rank=None, mesh_composer=None, device=None, cq_id=None):
     """ttnn.to_torch: values at the logical shape (device tensors are read back first)."""
     if tensor.device() is not None:
-        tensor.device()._check_no_host_io("to_torch of a device tensor")
+        tensor.device()._check_no_host_io("to_torch of a device tensor", "Reads are")
     shards = tensor.logical_shards()
     out_dtype = to_torch_dtype(tensor.dtype)
     if mesh_composer is not None:
@@ -182,7 +182,7 @@ def from_device(tensor, blocking=True, *, queue_id=None):
     """ttnn.from_device: a host copy (keeps the memory config record)."""
     if tensor.device() is None:
         return tensor
-    tensor.device()._check_no_host_io("from_device")
+    tensor.device()._check_no_host_io("from_device", "Reads are")
     return Tensor(
         [s.clone() for s in tensor.padded_shards()], tensor.shape, tensor.padded_shape,
         tensor.dtype, tensor.layout, tensor.memory_config(), None,
@@ -204,10 +204,20 @@ def copy_host_to_device_tensor(host_tensor, device_tensor, cq_id=None):
 
 
 def allocate_tensor_on_device(shape, dtype, layout, mesh_device, memory_config=None):
-    """ttnn.allocate_tensor_on_device: an uninitialised device tensor (the emulator zero-fills)."""
-    mesh_device._check_no_host_io("allocate_tensor_on_device")
+    """ttnn.allocate_tensor_on_device: an uninitialised device tensor (the emulator zero-fills).
+
+    Allowed inside a trace capture, as on a device (it allocates and writes nothing). There it
+    takes the storage of the latest buffer of the same spec freed inside the capture, as the
+    allocator hands back that address: tt-metal's trace guide relies on this to re-create an
+    input the traced model deallocates, at the address the trace reads."""
+    mem = memory_config or DRAM_MEMORY_CONFIG
+    capture = mesh_device._capture
+    padded = tile_padded_shape(shape, layout)
+    freed = capture.reuse((tuple(shape), padded, dtype, layout, mem)) if capture else None
+    if freed is not None:
+        return Tensor(freed, shape, padded, dtype, layout, mem, mesh_device)
     values = torch.zeros(tuple(shape), dtype=torch.float32)
-    return make_tensor(values, dtype, layout, memory_config or DRAM_MEMORY_CONFIG, mesh_device)
+    return make_tensor(values, dtype, layout, mem, mesh_device)
 
 
 def deallocate(tensor, force=True) -> None:
@@ -235,7 +245,7 @@ def get_device_tensors(tensor) -> list:
     The emulator's per-chip tensors are host copies, so splitting a device tensor is a host read
     here and is refused inside a trace capture like to_torch."""
     if tensor.device() is not None:
-        tensor.device()._check_no_host_io("get_device_tensors of a device tensor")
+        tensor.device()._check_no_host_io("get_device_tensors of a device tensor", "Reads are")
     return [
         Tensor([s.clone()], tensor.shape, tensor.padded_shape, tensor.dtype, tensor.layout,
                tensor.memory_config(), None)

@@ -24,7 +24,7 @@ def _check_cache(cache, name):
 
 def _write_rows(cache, chip: int, index, rows: torch.Tensor) -> None:
     """cache[index] = rows, where `index` selects whole rows ([..., :dh]) of the padded storage."""
-    store = cache.padded_shards()[chip]
+    store = cache.mutable_shards()[chip]
     dh = rows.shape[-1]
     region = store[index].to(torch.float32)  # [..., padded_dh]
     region[..., :dh] = rows
@@ -183,7 +183,7 @@ def paged_fill_cache(cache_tensor, input_tensor, page_table, *, batch_idx_tensor
         batch_idx = int(batch_idx_tensor.logical_shards()[0].reshape(-1)[0])
     tiles = input_tensor.padded_shape[2] // TILE_SIZE
     copied = 0
-    pairs = zip(input_tensor.padded_shards(), cache_tensor.padded_shards())
+    pairs = zip(input_tensor.padded_shards(), cache_tensor.mutable_shards())
     for i, (src, dst) in enumerate(pairs):
         pt = page_table.logical_shards()[i].to(torch.int64)
         if not 0 <= batch_idx < pt.shape[0]:

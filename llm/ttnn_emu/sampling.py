@@ -140,7 +140,7 @@ def plus_one(input_tensor, sub_core_grids=None, skip_negative_entries=False):
     input = input_tensor  # noqa: A001 (ttnn 0.81.1 names the argument `input_tensor`)
     require_device(input, "plus_one")
     require_dtype(input, (DataType.INT32, DataType.UINT32), "plus_one")
-    for store in input.padded_shards():
+    for store in input.mutable_shards():
         inc = torch.ones_like(store)
         if skip_negative_entries:
             inc = torch.where(store < 0, torch.zeros_like(store), inc)

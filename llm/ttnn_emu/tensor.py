@@ -95,14 +95,29 @@ class Tensor:
         self._memory_config = memory_config
         self._device = device
         self._finalizer = None
+        self._unwritten = False  # produced inside a trace capture, not yet executed
         if device is not None:
             placement = validate_and_place(
                 padded_shape, dtype, layout, memory_config, device.num_worker_cores()
             )
             token = device._allocate(placement)
-            self._finalizer = weakref.finalize(self, device._free, token)
+            if token is not None:
+                self._finalizer = weakref.finalize(self, device._free, token)
+            if device._capture is not None:
+                device._capture.note_alloc(self)
         else:
             validate_and_place(padded_shape, dtype, layout, memory_config, 64)
+
+    @classmethod
+    def borrow(cls, shards, logical_shape, padded_shape, dtype, layout, memory_config,
+               device) -> Tensor:
+        """A tensor over existing per-chip storage that allocates nothing (trace replay)."""
+        t = cls.__new__(cls)
+        t._shards = list(shards)
+        t._logical, t._padded = Shape(logical_shape), Shape(padded_shape)
+        t._dtype, t._layout, t._memory_config = dtype, layout, memory_config
+        t._device, t._finalizer, t._unwritten = device, None, False
+        return t
 
     # --- metadata -------------------------------------------------------------------------
     @property
@@ -162,10 +177,11 @@ class Tensor:
         return storage_bytes(math.prod(self._padded), self._dtype)
 
     def deallocate(self, force: bool = True) -> None:
-        """Free the device buffer; later use raises (a trace being captured keeps it alive)."""
+        """Free the device buffer; later use raises (a trace that captured it keeps its
+        storage)."""
         capture = self._device._capture if self._device is not None else None
         if capture is not None and self._shards is not None:
-            capture.note_dealloc(self, self._shards)
+            capture.note_free(self)
         if self._finalizer is not None:
             self._finalizer()
         self._shards = None
@@ -176,18 +192,36 @@ class Tensor:
             raise RuntimeError("Tensor is not allocated (it was deallocated)")
         return self._shards
 
-    def padded_shards(self) -> list[torch.Tensor]:
-        """Per-chip storage at the padded shape (do not mutate; use write_shards)."""
+    def _check_readable(self):
+        if self._unwritten:
+            raise RuntimeError(
+                "Tensor was produced inside a trace capture and holds no data until"
+                " execute_trace runs the trace (on a device its contents are undefined)"
+            )
         return self._check_alive()
+
+    def padded_shards(self) -> list[torch.Tensor]:
+        """Per-chip storage at the padded shape (read only: writers use mutable_shards or
+        write_shards)."""
+        return self._check_readable()
 
     def logical_shards(self) -> list[torch.Tensor]:
         """Per-chip values at the logical shape, in the storage torch dtype."""
         idx = tuple(slice(0, d) for d in self._logical)
-        return [s[idx] for s in self._check_alive()]
+        return [s[idx] for s in self._check_readable()]
+
+    def mutable_shards(self) -> list[torch.Tensor]:
+        """Per-chip storage for an op that writes it in place. Every in-place write goes through
+        here or write_shards, so a trace capture can undo its writes to pre-existing buffers."""
+        cur = self._check_alive()
+        capture = self._device._capture if self._device is not None else None
+        if capture is not None:
+            capture.before_write(self)
+        return cur
 
     def write_shards(self, shards) -> None:
         """Overwrite the buffer in place with padded storage from another tensor of this spec."""
-        cur = self._check_alive()
+        cur = self.mutable_shards()
         if len(shards) != len(cur):
             raise RuntimeError(f"write_shards: {len(shards)} shards for a {len(cur)}-shard tensor")
         for dst, src in zip(cur, shards):

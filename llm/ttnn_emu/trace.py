@@ -1,18 +1,20 @@
 """Trace capture and replay (reference 8).
 
-Capture records every op (with its argument and output tensor objects) while running it once.
-Replay re-runs the recorded ops on the same tensor objects and writes each result into the
-recorded output buffers in place, so inputs updated with copy_host_to_device_tensor (or on
-device, e.g. plus_one) are re-read and outputs keep their "address". During capture, host reads
-and writes and new host->device allocations raise, as on hardware.
+begin_trace_capture / end_trace_capture record the ops run in between (trace_capture.py: each
+op with its resolved buffers and frozen arguments); execute_trace replays exactly that sequence
+on the captured buffers, allocating nothing. Inside a capture, host reads and writes
+(to_torch, from_device, copy_host_to_device_tensor, from_torch/to_device onto the device),
+synchronize_device, nested captures, execute_trace, and ops that were never run outside a
+capture raise, as on hardware; allocate_tensor_on_device is allowed.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 
-from .accounting import StepCost
-from .tensor import Tensor
+from .accounting import StepCost, run_op
+from .trace_capture import Capture
 
 _trace_ids = itertools.count()
 
@@ -24,30 +26,31 @@ class MeshTraceId(int):
         return super().__new__(cls, value)
 
 
-class _Capture:
-    def __init__(self, trace_id: MeshTraceId):
-        self.trace_id = trace_id
-        self.ops: list = []
-        self.records: list = []
-        self.deallocated: list = []
-
-    def record(self, wrapper, args, kwargs, out) -> None:
-        self.ops.append((wrapper, args, kwargs, out))
-
-    def note_dealloc(self, tensor: Tensor, shards) -> None:
-        self.deallocated.append((tensor, shards))
-
-
 class Trace:
-    """A captured trace: the op list, its captured cost and the cost of the latest replay."""
+    """A captured trace: the recorded ops, the pre-existing buffers they use, the tensors the
+    capture produced (unreadable until the first replay), and the captured / latest cost."""
 
-    def __init__(self, capture: _Capture):
+    def __init__(self, capture: Capture):
         self.id = capture.trace_id
         self.ops = capture.ops
-        self.deallocated = capture.deallocated
+        self.inputs = [(buf, buf.owner) for buf in capture.inputs()]
+        self.produced = capture.finish()
         self.captured_cost = StepCost.of(capture.records)
         self.last_cost: StepCost | None = None
         self.replays = 0
+        self.alloc_mark = max(capture.device._allocs, default=-1)  # later buffers: after capture
+        self.warned = False
+
+    def check_inputs(self) -> None:
+        """Every pre-existing buffer the trace uses must still be allocated."""
+        for buf, owner in self.inputs:
+            tensor = owner()
+            if tensor is None or tensor._shards is None:
+                raise RuntimeError(
+                    f"execute_trace: trace {self.id} uses a device buffer ({buf.describe()}) that"
+                    " was deallocated after capture; on a device the trace would read or"
+                    " overwrite whatever is now at that address"
+                )
 
 
 def begin_trace_capture(mesh_device, *, cq_id=0) -> MeshTraceId:
@@ -58,53 +61,66 @@ def begin_trace_capture(mesh_device, *, cq_id=0) -> MeshTraceId:
     if mesh_device._capture is not None:
         raise RuntimeError("A trace is already being captured on this device")
     tid = MeshTraceId(next(_trace_ids))
-    mesh_device._capture = _Capture(tid)
+    mesh_device._capture = Capture(tid, mesh_device)
     return tid
 
 
 def end_trace_capture(mesh_device, trace_id, *, cq_id=0) -> None:
-    """ttnn.end_trace_capture."""
+    """ttnn.end_trace_capture: store the recorded trace. The capture run's writes to buffers
+    that existed before it are undone, and tensors it produced are undefined until replayed."""
     cap = mesh_device._capture
     if cap is None or cap.trace_id != trace_id:
         raise RuntimeError(f"No trace capture {trace_id} in progress")
-    if not cap.ops:
-        mesh_device._capture = None
-        raise RuntimeError("Trace capture recorded no ops")
-    mesh_device._traces[int(trace_id)] = Trace(cap)
     mesh_device._capture = None
-
-
-def _assign(recorded, new) -> None:
-    if recorded is new:
-        return
-    if isinstance(recorded, Tensor):
-        recorded.write_shards(new.padded_shards())
-    elif isinstance(recorded, (list, tuple)):
-        for r, n in zip(recorded, new):
-            _assign(r, n)
+    trace = Trace(cap)
+    if not trace.ops:
+        raise RuntimeError("Trace capture recorded no ops")
+    mesh_device._traces[int(trace_id)] = trace
 
 
 def execute_trace(mesh_device, trace_id, *, cq_id=0, blocking=True) -> None:
-    """ttnn.execute_trace: replay the recorded ops in place; sums their cost into last_cost."""
+    """ttnn.execute_trace: run the recorded ops on the captured buffers; sums their cost into
+    the trace's last_cost (and the device op log)."""
     mesh_device._require_open()
     if mesh_device._capture is not None:
         raise RuntimeError("execute_trace is not allowed while a trace is being captured")
     trace = mesh_device._traces.get(int(trace_id))
     if trace is None:
         raise RuntimeError(f"Unknown or released trace {trace_id}")
-    for tensor, shards in trace.deallocated:  # buffers freed inside the trace live in it
-        tensor._shards = shards
-    mesh_device._replay_records = []
+    trace.check_inputs()
+    _warn_on_buffers_allocated_after_capture(mesh_device, trace)
+    views: dict = {}
+    records = []
+    mesh_device._replaying = True
     try:
-        for wrapper, args, kwargs, out in trace.ops:
-            _assign(out, wrapper(*args, **kwargs))
+        for traced in trace.ops:
+            records.append(traced.replay(views, run_op))
     finally:
-        records = mesh_device._replay_records
-        mesh_device._replay_records = None
-        for tensor, _ in trace.deallocated:
-            tensor._shards = None
+        mesh_device._replaying = False
+    for rec in records:
+        mesh_device.op_log.add(rec)
+    for ref in trace.produced:
+        tensor = ref()
+        if tensor is not None:
+            tensor._unwritten = False
+    trace.produced = []
     trace.last_cost = StepCost.of(records)
     trace.replays += 1
+
+
+def _warn_on_buffers_allocated_after_capture(mesh_device, trace: Trace) -> None:
+    """tt-metal's allocator rule: a buffer allocated while a trace exists must be freed before
+    the trace runs, or the trace may overwrite it (addresses its own buffers used). The emulator
+    keeps them apart, so it warns (once per trace) where a device could corrupt them."""
+    live = sum(1 for token in mesh_device._allocs if token > trace.alloc_mark)
+    if live and not trace.warned:
+        trace.warned = True
+        warnings.warn(
+            f"execute_trace: {live} device buffer(s) allocated after trace {trace.id} was"
+            " captured are still allocated; on a device the trace may overwrite them"
+            " (tt-metal: allocating device buffers is unsafe while a trace exists)",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def release_trace(mesh_device, trace_id) -> None:

@@ -175,11 +175,13 @@ def test_l1_interleaved_rounds_pages_up_per_core():
 def test_reallocate_is_recorded_by_trace_capture(device):
     x = ttnn.from_torch(torch.zeros(1, 1, 32, 32), dtype=ttnn.bfloat16,
                         layout=ttnn.TILE_LAYOUT, device=device)
+    ttnn.multiply(ttnn.reallocate(ttnn.add(x, 1.0)), 2.0)  # compile run
     tid = ttnn.begin_trace_capture(device)
     y = ttnn.add(x, 1.0)
     z = ttnn.reallocate(y)
     w = ttnn.multiply(z, 2.0)
     ttnn.end_trace_capture(device, tid)
+    ttnn.execute_trace(device, tid)
     assert ttnn.to_torch(w)[0, 0, 0, 0].item() == 2.0
     ttnn.copy_host_to_device_tensor(
         ttnn.from_torch(torch.full((1, 1, 32, 32), 5.0), dtype=ttnn.bfloat16,
