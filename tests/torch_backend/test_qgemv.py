@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
+from llm.backends.torch.kernels.dequant import dequantize_dense  # noqa: E402
 from llm.backends.torch.kernels.qgemv import (  # noqa: E402
     MAX_M,
     qgemm_tc,
@@ -118,6 +119,19 @@ def test_cpu_fallback_is_the_reference(monkeypatch) -> None:
     w = random_quantized("q6_k", 5, 256, g, device="cpu")
     x = torch.randn(2, 256, generator=g)
     assert torch.equal(qgemv(x, w), x @ w.dequantize().T)
+
+
+@pytest.mark.parametrize("fmt", GGML + INT)
+def test_dequantize_dense_equals_dequantize_then_cast(fmt: str) -> None:
+    """The prompt path's dense copy (kernels/dequant.py) is dequantize(float32).to(dtype) bit for
+    bit: N odd, K not a multiple of the kernel's 256 columns where the format allows."""
+    g = torch.Generator().manual_seed(len(fmt))
+    n, k, _ = _shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out = dequantize_dense(w, dtype)
+        assert out.dtype == dtype and out.is_contiguous()
+        assert torch.equal(out, w.dequantize(torch.float32).to(dtype))
 
 
 def test_rejects_what_it_cannot_compute() -> None:

@@ -56,7 +56,8 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> [..., N]: on the CPU by its prepared layer; on CUDA, decode-sized
         batches by the Triton GEMV that dequantizes in registers (kernels/qgemv.py), prompts by
-        dequantize-then-matmul."""
+        dequantize-then-matmul (one Triton pass into a dense copy for the call,
+        kernels/dequant.py, then cuBLAS)."""
         if not x.is_cuda:
             y = self.cpu()(x.reshape(-1, self.shape[1]), bias)  # [M, N]
             return y.reshape(*x.shape[:-1], self.shape[0])
@@ -64,7 +65,9 @@ class QuantLinear:
             from llm.backends.torch.kernels.qgemv import qgemv
 
             return qgemv(x, self.weight, bias)
-        return F.linear(x, self.weight.dequantize(torch.float32).to(x.dtype), bias)
+        from llm.backends.torch.kernels.dequant import dequantize_dense
+
+        return F.linear(x, dequantize_dense(self.weight, x.dtype), bias)
 
     def decodes(self, x: torch.Tensor) -> bool:
         """Whether x goes through the Triton GEMV that dequantizes in registers: a decode-sized
