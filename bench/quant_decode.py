@@ -9,7 +9,8 @@ kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its defaul
 w:BLOCK_N:BLOCK_G:WARPS[:FLAGS] = the v2 kernel (FLAGS: m = 4-bit codes as 0.5 + q / 256, p =
 codes prefetched before the PDL wait and one chunk ahead), g:... = the same with SiLU*up in its
 epilogue (`qgemv_silu_mul`; the weight read as a fused gate/up one, no error column),
-tc:BLOCK_N:WARPS[:GROUPS[:STAGES]] = the tensor-core kernel, auto = what `qgemv` picks,
+tc:BLOCK_N:WARPS[:STAGES[:x]] = the tensor-core kernel (x: 4-bit codes converted
+through float32 instead of by byte permutes), auto = what `qgemv` picks,
 bf16 = F.linear on a dense bf16 weight); microseconds per call as a CUDA graph over copies of the
 weight that together exceed the L2 several times, GB/s of stored bytes, and the error against
 x @ dequantize(W).T in float64.
@@ -94,9 +95,9 @@ def variant_call(v: str, x: torch.Tensor):
                            prefetch="p" in flags)
         return lambda w: qgemv_silu_mul(x, w, config=cfg)
     if f[0] == "tc":
-        extra = {"groups": int(f[3])} if len(f) > 3 else {}
-        if len(f) > 4:
-            extra["num_stages"] = int(f[4])
+        extra = {"num_stages": int(f[3])} if len(f) > 3 else {}
+        if len(f) > 4 and "x" in f[4]:
+            extra["fast"] = False
         return lambda w: qgemm_tc(x, w, block_n=int(f[1]), num_warps=int(f[2]), **extra)
     raise SystemExit(f"unknown variant {v!r}")
 
@@ -244,6 +245,25 @@ def decode_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float
     return rows
 
 
+def tc_config_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--tc-configs: decode again with each BLOCK_N:WARPS:STAGES as the tensor-core kernel's
+    launch config for every shape (graphs captured again), then the rule restored."""
+    from llm.backends.torch.kernels import qgemv
+
+    rows, rule = [], qgemv.qgemm_tc_config
+    for cfg in csv(args.tc_configs):
+        bn, warps, stages = (int(v) for v in cfg.split(":"))
+        qgemv.qgemm_tc_config = lambda m, n, k, c=(bn, warps, stages): c
+        try:
+            backend.graphs.capture()
+            rows += decode_rows(backend, name, fmt_name, args, bw, f"tc {cfg}")
+        finally:
+            qgemv.qgemm_tc_config = rule
+    if rows:
+        backend.graphs.capture()
+    return rows
+
+
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
     """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
     from pathlib import Path
@@ -281,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--kernels", action="store_true", help="the GEMV alone per shape and variant")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--tc-configs", default="",
+                   help="comma list of BLOCK_N:WARPS:STAGES: decode again with each as the "
+                        "tensor-core kernel's config (batches 2..16) instead of its rule")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -301,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             backend = TorchBackend(ck, rt, cuda_graphs=device.type == "cuda")
             note = "" if fmt_name == "bf16" else check(backend, ck, rt)
             rows += decode_rows(backend, name, fmt_name, args, bw, note)
+            if fmt_name != "bf16" and backend.graphs is not None:
+                rows += tc_config_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

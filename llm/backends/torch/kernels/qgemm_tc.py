@@ -1,13 +1,16 @@
-"""The v2 quantized GEMM for 2..16 rows of x: tensor cores on the exact codes, scales per group.
+"""The quantized GEMM for 2..16 rows of x: tensor cores on the exact codes, scales per group.
 
 Per 32-group, the codes (exact in bf16) times 16 padded rows of x on the tensor cores (fp32
-accumulation), then the group's scale in fp32 (8B Q4_0 batch 8: 1.7x the first kernel, still 1.7x
-slower than bf16; docs/performance.md). `qgemv` (kernels/qgemv.py) picks it for Q8_0 and Q4_0.
+accumulation), then the group's scale in fp32. v3 (this file; the v2 kernel measured 8B Q4_0 at
+1652 tok/s at batch 16, half of bf16, docs/performance.md): four groups per loop step with the
+Q8_0 / Q4_0 scales of the next step loaded one step ahead (v2 loaded each group's scales inside
+the step, a global-memory latency per step), and 4-bit codes turned into bf16 pairs by byte
+permutes (`_tc_nibbles`). NOT YET MEASURED OR TESTED COMPILED on a GPU (branch h-quant-tc2-wip;
+interpreter tests only). `qgemv` (kernels/qgemv.py) picks it for Q8_0 and Q4_0.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -21,7 +24,6 @@ from llm.backends.torch.kernels.qgemv_common import (
     PLANES,
     family,
     group_scale,
-    load_f32,
 )
 from llm.model.quant.tensor import QuantizedTensor
 
@@ -43,37 +45,68 @@ def _tc_codes(b, OFF: tl.constexpr, COMPILED: tl.constexpr):
     return f
 
 
+def _nibble_asm(high: bool, off: int) -> str:
+    """PTX for 4 packed bytes ($2) -> 4 bfloat16 ($0, $1) of the low (or high) nibbles less off:
+    each nibble q becomes the low byte of the bfloat16 128 + q (exponent byte 0x43, q under 7
+    mantissa bits) by one byte permute per pair, then one packed fma subtracts 128 + off (an
+    integer of at most 8 bits: exact)."""
+    neg = 0xC300C300 + 0x10001 * off  # bfloat16x2 -(128 + off), off < 128
+    take = "shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; " if high else "and.b32 t, $2, 0x0F0F0F0F; "
+    return ("{ .reg .b32 t, one, neg; mov.b32 one, 0x3F803F80; mov.b32 neg, " + hex(neg) + "; "
+            + take + "prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; "
+            "fma.rn.bf16x2 $0, $0, one, neg; fma.rn.bf16x2 $1, $1, one, neg; }")
+
+
+_LO8 = tl.constexpr(_nibble_asm(False, 8))
+_HI8 = tl.constexpr(_nibble_asm(True, 8))
+_LO0 = tl.constexpr(_nibble_asm(False, 0))
+_HI0 = tl.constexpr(_nibble_asm(True, 0))
+
+
 @triton.jit
-def _tc_group(acc, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_d, s_m, s_sc,
-              s_mn, rows, n_live, i16, FMT: tl.constexpr, GS: tl.constexpr,
-              BLOCK_N: tl.constexpr, COMPILED: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] + the products of group g."""
-    x0 = tl.load(x_cols + 32 * g, mask=xmask, other=0.0)
-    x1 = tl.load(x_cols + 32 * g + 16, mask=xmask, other=0.0)
+def _tc_nibbles(b, OFF: tl.constexpr):
+    """Packed 4-bit codes b (uint8; compiled only) -> bfloat16 (low nibble - OFF, high nibble -
+    OFF), exactly, 4 bytes at a time (`_nibble_asm`); OFF is 8 (Q4_0) or 0."""
+    lo = tl.inline_asm_elementwise(_LO8 if OFF == 8 else _LO0, "=r,=r,r", [b],
+                                   dtype=tl.bfloat16, is_pure=True, pack=4)
+    hi = tl.inline_asm_elementwise(_HI8 if OFF == 8 else _HI0, "=r,=r,r", [b],
+                                   dtype=tl.bfloat16, is_pure=True, pack=4)
+    return lo, hi
+
+
+@triton.jit
+def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_d, s_m,
+              s_sc, s_mn, rows, n_live, i16, NG: tl.constexpr, FMT: tl.constexpr,
+              GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
+              COMPILED: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= NG); d [BLOCK_N, 1]:
+    the group's scales (Q8_0 / Q4_0, loaded ahead by the caller)."""
+    live = n_live[:, None] & (g < NG)
+    x0 = tl.load(x_cols + 32 * g, mask=xmask & (g < NG), other=0.0)
+    x1 = tl.load(x_cols + 32 * g + 16, mask=xmask & (g < NG), other=0.0)
     if not COMPILED:  # see _tc_codes
         x0 = x0.to(tl.float32)
         x1 = x1.to(tl.float32)
     if FMT == 0:  # int8 codes: columns 0..15 and 16..31 of the group
         c = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
-        lo = tl.load(c, mask=n_live[:, None], other=0).to(tl.int32)
-        hi = tl.load(c + 16, mask=n_live[:, None], other=0).to(tl.int32)
-        a0 = _tc_codes(lo + 128, 128.0, COMPILED)
-        a1 = _tc_codes(hi + 128, 128.0, COMPILED)
+        a0 = _tc_codes(tl.load(c, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
+        a1 = _tc_codes(tl.load(c + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
     else:  # byte i: column i (low nibble) and 16 + i (high nibble)
-        bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=n_live[:, None],
-                     other=0).to(tl.int32)
-        off: tl.constexpr = 8.0 if FMT == 1 else 0.0
-        a0 = _tc_codes(bq & 15, off, COMPILED)
-        a1 = _tc_codes(bq >> 4, off, COMPILED)
+        bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
+        off: tl.constexpr = 8 if FMT == 1 else 0
+        if COMPILED and FAST:
+            a0, a1 = _tc_nibbles(bq, off)
+        else:
+            a0 = _tc_codes(bq.to(tl.int32) & 15, off, COMPILED)
+            a1 = _tc_codes(bq.to(tl.int32) >> 4, off, COMPILED)
     S = tl.dot(a1, x1, tl.dot(a0, x0))  # [BLOCK_N, BLOCK_M] sum over the group of x * q'
-    g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
-    mask2 = n_live[:, None]
     if FMT == 0 or FMT == 1:
-        acc += load_f32(d_ptr, rows, s_d, g2, mask2) * S
+        acc += d * S
     else:
+        g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
         sx = (tl.sum(x0.to(tl.float32), axis=0) + tl.sum(x1.to(tl.float32), axis=0))[None, :]
-        acc += group_scale(S, sx, rows, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
-                            s_sc, s_mn, FMT, GS, COMPILED)
+        acc += group_scale(S, sx, rows, g2, live, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
+                           s_mn, FMT, GS, COMPILED)
     return acc
 
 
@@ -81,12 +114,14 @@ def _tc_group(acc, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs,
 def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, M, N, stride_x,
                      stride_y, s_qs, s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr,
                      GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
+                     FAST: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
                      USE_GDC: tl.constexpr):
-    """y[:, n0:n0 + BLOCK_N] (n0 = program * BLOCK_N) for up to BLOCK_M (>= 16) rows of x, one
-    32-group per step: its codes (exact in bf16) times x's 32 columns on the tensor cores (fp32
-    accumulation), then the group's scale (and offset times the sum of x) in fp32, in the order
-    of the format's dequantize where x is a unit vector."""
+    """y[:, n0:n0 + BLOCK_N] (n0 = program * BLOCK_N) for up to BLOCK_M (>= 16) rows of x, four
+    32-groups per step: per group, its codes (exact in bf16) times x's 32 columns on the tensor
+    cores (fp32 accumulation), then the group's scale (and offset times the sum of x) in fp32,
+    in the order of the format's dequantize where x is a unit vector. The codes and x go through
+    the compiler's pipelined copies; the Q8_0 / Q4_0 scales of the next step are loaded one
+    step ahead into registers ([BLOCK_N, 4], split into columns), so no step waits on them."""
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,13 +131,33 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     ms = tl.arange(0, BLOCK_M)
     xmask = (ms < M)[None, :]  # [1, BLOCK_M]
     x_cols = x_ptr + ms[None, :] * stride_x + i16[:, None]  # [16, BLOCK_M]: x^T, 16 columns
+    c4 = tl.arange(0, 4)[None, :]  # [1, 4] the step's groups
     wait_then_release(USE_GDC)
+    if FMT == 0 or FMT == 1:
+        d_next = tl.load(d_ptr + rows * s_d + c4, mask=n_live[:, None] & (c4 < NG), other=0.0)
+    else:  # scales loaded per group by group_scale
+        d_next = tl.zeros([BLOCK_N, 4], tl.float16)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g0 in range(0, NG, GROUPS):  # GROUPS divides NG
-        for gi in tl.static_range(GROUPS):
-            acc = _tc_group(acc, g0 + gi, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr,
-                            s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, FMT, GS, BLOCK_N,
-                            COMPILED)
+    for g0 in range(0, NG, 4):
+        d_even, d_odd = tl.split(tl.reshape(d_next.to(tl.float32), [BLOCK_N, 2, 2]))
+        d0, d2 = tl.split(d_even)  # [BLOCK_N] scales of groups g0 .. g0 + 3
+        d1, d3 = tl.split(d_odd)
+        if FMT == 0 or FMT == 1:
+            gn = g0 + 4 + c4
+            d_next = tl.load(d_ptr + rows * s_d + gn, mask=n_live[:, None] & (gn < NG),
+                             other=0.0)
+        acc = _tc_group(acc, d0[:, None], g0, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        BLOCK_N, FAST, COMPILED)
+        acc = _tc_group(acc, d1[:, None], g0 + 1, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        BLOCK_N, FAST, COMPILED)
+        acc = _tc_group(acc, d2[:, None], g0 + 2, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        BLOCK_N, FAST, COMPILED)
+        acc = _tc_group(acc, d3[:, None], g0 + 3, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        BLOCK_N, FAST, COMPILED)
     out = acc
     if HAS_BIAS:
         out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)[:, None]
@@ -121,9 +176,10 @@ def tc_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
 
 
 def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
-             block_n: int = 64, num_warps: int = 4, num_stages: int = 3, groups: int = 8,
+             block_n: int = 64, num_warps: int = 4, num_stages: int = 3, fast: bool = True,
              pdl: bool | None = None) -> torch.Tensor:
-    """x [M, K] (bf16, M <= 16) @ w.dequantize().T (+ bias) on the tensor cores."""
+    """x [M, K] (bf16, M <= 16) @ w.dequantize().T (+ bias) on the tensor cores. fast: 4-bit
+    codes to bfloat16 by byte permutes (`_tc_nibbles`), else through float32 (`_tc_codes`)."""
     fmt, gs = family(w.format)
     m, k = x.shape
     n = w.out_features
@@ -136,8 +192,8 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
     _qgemm_tc_kernel[(triton.cdiv(n, block_n),)](
         x, y, bias if bias is not None else x, *planes, m, n, x.stride(0), y.stride(0),
         *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
-        GROUPS=math.gcd(groups, k // 32), HAS_BIAS=bias is not None,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, FAST=fast,
+        HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=num_warps,
         num_stages=num_stages, **launch_options(gdc))
     return y

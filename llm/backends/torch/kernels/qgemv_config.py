@@ -91,9 +91,7 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     return QGemvWConfig(rows, block_g, 4, magic=True, prefetch=True)
 
 
-def qgemm_tc_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, warps, pipeline stages, 32-groups per loop step) of the tensor-core kernel for
-    x [m, k] @ w[n, k].T. Measured on an H200 (batch 8, 8B shapes): 32 rows, 2 warps, 3 stages,
-    4 groups: gate_up Q4_0 74 us, against 95-107 (8 or 16 groups, 4 stages), 106-123 (64 or 128
-    rows); 16 rows, 1 warp, was 113 us."""
-    return 32, 2, 3, 4
+def qgemm_tc_config(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, pipeline stages) of the tensor-core kernel for x [m, k] @ w[n, k].T (any
+    m <= 16: the kernel pads x to 16 rows)."""
+    return 32, 2, 3
