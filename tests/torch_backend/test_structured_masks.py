@@ -1,0 +1,73 @@
+"""Structured output on the torch backend with a small random model and a trained byte-level BPE
+tokenizer (its model vocabulary 5 ids wider than the tokenizer's, as padded embeddings are): the
+constrained users' outputs match their grammars beside unconstrained users (penalties, logprobs,
+sampling) in one batch, on the CPU and on CUDA, where the CUDA-graph decode (pipelined, a step
+launched ahead) gives exactly the tokens of eager decode while constrained users come and go."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+from test_tokenizer import _tokenizer_json_dir
+
+from llm.backends.torch.runner import TorchBackend
+from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.contract.structured import StructuredOutput
+from llm.engine.generator import Generator
+from llm.model.checkpoint.common import Checkpoint
+from llm.model.config import RuntimeConfig
+from llm.model.tokenizer.tokenizer import Tokenizer
+
+pytest.importorskip("llguidance")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA is not available on this machine"))]
+WORD = r"[a-z]{3,8}"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> tuple[Tokenizer, Checkpoint]:
+    root = tmp_path_factory.mktemp("tok")
+    tok = Tokenizer.from_path(_tokenizer_json_dir(root, {"eos_token": "</s>"}))
+    config = dataclasses.replace(SMALL_CONFIGS["llama_gqa"], vocab_size=tok.vocab_size + 5,
+                                 eos_token_ids=tok.eos_ids)
+    return tok, Checkpoint(config, state_dict(hf_model(config)), source=None)
+
+
+def _requests(tok: Tokenizer) -> tuple[list[list[int]], list[SamplingParams]]:
+    prompt = tok.encode("the quick brown fox", add_special_tokens=False)
+    params = [
+        SamplingParams(max_new_tokens=20, structured=StructuredOutput("regex", WORD)),
+        SamplingParams(max_new_tokens=24, logprobs=2, presence_penalty=0.5),
+        SamplingParams(max_new_tokens=20, temperature=1.0, seed=3,
+                       structured=StructuredOutput("choice", choices=("yes", "no"))),
+        SamplingParams(max_new_tokens=24, temperature=0.8, seed=5),
+        SamplingParams(max_new_tokens=10, temperature=0.9, seed=6, logprobs=1,
+                       structured=StructuredOutput("grammar", 'root ::= "(" [a-z]+ ")"')),
+    ]
+    return [prompt, prompt[:2], prompt[1:], prompt[:3], prompt], params
+
+
+def _check(outs) -> None:
+    assert re.fullmatch(WORD, outs[0].text), outs[0].text
+    assert outs[2].text in ("yes", "no"), outs[2].text
+    assert outs[4].finish_reason == "length" or re.fullmatch(r"\([a-z]+\)", outs[4].text)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constrained_and_free_users_in_one_batch(parts, device: str) -> None:
+    tok, checkpoint = parts
+    prompts, params = _requests(tok)
+    rt = RuntimeConfig(device=device, max_batch=8, max_seq_len=96, block_size=16)
+    outs = Generator(TorchBackend(checkpoint, rt, cuda_graphs=False), tok).generate(prompts,
+                                                                                     params)
+    _check(outs)
+    if device == "cuda":  # the same with CUDA graphs: constrained batches run eagerly
+        backend = TorchBackend(checkpoint, rt)
+        graphed = Generator(backend, tok).generate(prompts, params)
+        assert [o.token_ids for o in graphed] == [o.token_ids for o in outs]
+        assert [o.logprobs for o in graphed] == [o.logprobs for o in outs]
+        assert backend.graphs.stats["steps"] > 0  # the free users' last steps ran in graphs
