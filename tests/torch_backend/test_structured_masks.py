@@ -2,27 +2,31 @@
 tokenizer (its model vocabulary 5 ids wider than the tokenizer's, as padded embeddings are): the
 constrained users' outputs match their grammars beside unconstrained users (penalties, logprobs,
 sampling) in one batch, on the CPU and on CUDA, where the CUDA-graph decode (pipelined, a step
-launched ahead) gives exactly the tokens of eager decode while constrained users come and go."""
+launched ahead) gives exactly the tokens of eager decode while constrained users come and go; and
+the backend alone under masks that come and go, graphs against eager (no llguidance needed)."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from concurrent.futures import Future
 
+import numpy as np
 import pytest
 import torch
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 from test_tokenizer import _tokenizer_json_dir
 
 from llm.backends.torch.runner import TorchBackend
+from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampling
 from llm.engine.contract.sampling_params import SamplingParams
-from llm.engine.contract.structured import StructuredOutput
+from llm.engine.contract.structured import StructuredOutput, TokenMasks
 from llm.engine.generator import Generator
+from llm.engine.paged_kv import PageTable, PageTableSpec
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 from llm.model.tokenizer.tokenizer import Tokenizer
 
-pytest.importorskip("llguidance")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA is not available on this machine"))]
 WORD = r"[a-z]{3,8}"
@@ -59,6 +63,7 @@ def _check(outs) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_constrained_and_free_users_in_one_batch(parts, device: str) -> None:
+    pytest.importorskip("llguidance")
     tok, checkpoint = parts
     prompts, params = _requests(tok)
     rt = RuntimeConfig(device=device, max_batch=8, max_seq_len=96, block_size=16)
@@ -71,3 +76,54 @@ def test_constrained_and_free_users_in_one_batch(parts, device: str) -> None:
         assert [o.token_ids for o in graphed] == [o.token_ids for o in outs]
         assert [o.logprobs for o in graphed] == [o.logprobs for o in outs]
         assert backend.graphs.stats["steps"] > 0  # the free users' last steps ran in graphs
+
+
+def _masks(rows: tuple[int, ...], allowed: list[set[int]], vocab: int) -> TokenMasks:
+    bits = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.uint32)
+    for row, tokens in zip(bits, allowed):
+        for t in tokens:
+            row[t // 32] |= np.uint32(1 << (t % 32))
+    done: Future = Future()
+    done.set_result(bits.view(np.int32))
+    return TokenMasks(rows, done)
+
+
+def _masked_decode(backend: TorchBackend) -> list[tuple[int, object]]:
+    """Three users (penalties + logprobs, sampled, greedy) decoded 16 steps; on steps 3-8 the
+    middle user is masked to a few tokens, so the batch switches between graphs and eager."""
+    rt, vocab = backend.runtime, backend.config.vocab_size
+    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq),
+                      rt.max_batch)
+    sampling = [SequenceSampling(SamplingParams(logprobs=2, presence_penalty=0.5), 0, (2,)),
+                SequenceSampling(SamplingParams(temperature=0.9, seed=4), 4),
+                SequenceSampling(SamplingParams(), 0)]
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [3, 4]]
+    last, steps = [], []
+    for slot, (p, s) in enumerate(zip(prompts, sampling)):
+        pages.reserve(slot, len(p) + 20)
+        last.append(backend.prefill(PrefillInput(slot, p, 0, pages.row(slot), s)))
+    lens = [len(p) for p in prompts]
+    for step in range(16):
+        allowed = None
+        if 3 <= step <= 8:
+            allowed = _masks((1,), [{t for t in range(vocab) if t % 7 == step % 7}], vocab)
+        out = backend.decode_step(DecodeInput([0, 1, 2], last, [n + step for n in lens],
+                                              pages.table([0, 1, 2]), sampling, allowed))
+        if allowed is not None:
+            assert out.tokens[1] % 7 == step % 7
+        last = list(out.tokens)
+        steps.append((last, out.logprobs))
+    return steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_token_masks_under_cuda_graphs_equal_eager() -> None:
+    """Masked steps leave the graphs for eager decode (the step launched ahead is dropped) and the
+    unmasked steps return to them: every token and logprob equals eager decode's."""
+    config = SMALL_CONFIGS["llama_gqa"]
+    w = state_dict(hf_model(config))
+    rt = RuntimeConfig(device="cuda", dtype="float32", max_batch=4, max_seq_len=96, block_size=16)
+    graphs = TorchBackend(Checkpoint(config, w, source=None), rt)
+    eager = TorchBackend(Checkpoint(config, w, source=None), rt, cuda_graphs=False)
+    assert _masked_decode(graphs) == _masked_decode(eager)
+    assert graphs.graphs.stats["ahead_hits"] > 0

@@ -12,20 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from llm.engine.contract.errors import SamplingParamsError
+
 if TYPE_CHECKING:
     from llm.engine.contract.structured import StructuredOutput
 
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "SamplingParamsError", "resolve_seed"]
+
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit; vLLM's default cap)
-
-
-class SamplingParamsError(ValueError):
-    """An invalid or unsupported sampling parameter; the message names it, `param` holds its name
-    (None when it is not one parameter).
-    """
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from llm.engine.contract.sampling_params import SamplingParamsError
+from llm.engine.contract.errors import SamplingParamsError
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 # JSON is written as json.dumps writes it: ", " and ": " and no other whitespace (free whitespace
