@@ -18,6 +18,7 @@ from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 from test_tokenizer import _tokenizer_json_dir
 
 from llm.backends.torch.runner import TorchBackend
+from llm.backends.torch.token_masks import apply_token_masks
 from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampling
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.contract.structured import StructuredOutput, TokenMasks
@@ -76,6 +77,24 @@ def test_constrained_and_free_users_in_one_batch(parts, device: str) -> None:
         assert [o.token_ids for o in graphed] == [o.token_ids for o in outs]
         assert [o.logprobs for o in graphed] == [o.logprobs for o in outs]
         assert backend.graphs.stats["steps"] > 0  # the free users' last steps ran in graphs
+
+
+@pytest.mark.parametrize("host_unpack", [True, False])
+def test_apply_token_masks_matches_a_per_token_reference(host_unpack: bool) -> None:
+    """Both expansions (numpy on the host, shifts on the device) against a loop over tokens; the
+    unmasked rows come back bit for bit, the vocabulary need not be a multiple of 32."""
+    vocab, rng = 100, np.random.default_rng(0)
+    bits = rng.integers(-2**31, 2**31, size=(2, 4), dtype=np.int64).astype(np.int32)
+    done: Future = Future()
+    done.set_result(bits)
+    logits = torch.randn(4, vocab)
+    out = apply_token_masks(logits, TokenMasks((3, 1), done), host_unpack)
+    want = logits.clone()
+    for row, b in zip((3, 1), bits.view(np.uint32)):
+        for t in range(vocab):
+            if not (int(b[t // 32]) >> (t % 32)) & 1:
+                want[row, t] = float("-inf")
+    assert torch.equal(out, want) and torch.equal(out[[0, 2]], logits[[0, 2]])
 
 
 def _masks(rows: tuple[int, ...], allowed: list[set[int]], vocab: int) -> TokenMasks:
