@@ -4,7 +4,7 @@
            engine's worker thread), over walks through the test suite's 100 JSON schemas and a
            few regexes / grammars: each walk picks allowed tokens at random (seeded) until the
            grammar is complete or --steps tokens
-  apply    ms to expand --rows bitmasks and mask the logits [rows, vocab] in torch on the CPU
+  apply    ms to expand --rows bitmasks and mask the logits [rows, vocab] on the CPU (p50, min)
   wait     ms the backend waited for the masks after its forward (the part of compute left on
            the critical path), per decode step of --rows structured requests on the default
            model, beside the step's ms
@@ -64,7 +64,9 @@ def compute_ms(grammars: Grammars, specs: list[StructuredOutput], steps: int) ->
     return times
 
 
-def apply_ms(rows: int, vocab: int, reps: int = 50) -> float:
+def apply_ms(rows: int, vocab: int, reps: int = 50) -> str:
+    """'p50 (min)' ms of apply_token_masks on `rows` masked rows (the min: the machine's other
+    work left out)."""
     from concurrent.futures import Future
 
     bits = np.full((rows, (vocab + 31) // 32), 0x55555555, dtype=np.int32)
@@ -76,7 +78,7 @@ def apply_ms(rows: int, vocab: int, reps: int = 50) -> float:
         t0 = time.perf_counter()
         apply_token_masks(logits, TokenMasks(tuple(range(rows)), done))
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return f"{statistics.median(times):.3f} ({min(times):.3f})"
 
 
 def wait_ms(rows: int, steps: int) -> tuple[float, float]:
@@ -125,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["compute, per user per step", "mean ms", "p50 ms", "p99 ms", "max ms"], table)
     rows = [1] if args.smoke else csv(args.rows, int)
     table = []
+    threads = torch.get_num_threads()
     for r in rows:
+        applied = []
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            applied.append(apply_ms(r, tok.vocab_size))
+        torch.set_num_threads(threads)
         wait, step = wait_ms(r, 4 if args.smoke else args.steps)
-        table.append([r, fmt(apply_ms(r, tok.vocab_size), 3), fmt(wait, 3), fmt(step, 1)])
-    print_table(["rows", "apply ms", "wait ms (p50)", "ms per token (whole run)"], table)
+        table.append([r, *applied, fmt(wait, 3), fmt(step, 1)])
+    heads = [f"apply ms, {n} thread(s): p50 (min)" for n in sorted({1, threads})]
+    print_table(["rows", *heads, "wait ms (p50)", "ms per token (whole run)"], table)
     return 0
 
 
