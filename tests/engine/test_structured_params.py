@@ -1,6 +1,7 @@
 """StructuredOutput and SamplingParams.structured are validated at construction: every kind
 compiles, a bad schema / regex / grammar / choice list is a SamplingParamsError naming the
-parameter it came from, and structured output does not combine with ignore_eos."""
+parameter it came from, and structured output does not combine with ignore_eos or min_tokens
+(the grammar decides where the output ends)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def test_sampling_params_checks_the_field() -> None:
     with pytest.raises(SamplingParamsError, match="StructuredOutput") as info:
         SamplingParams(structured={"type": "object"})
     assert info.value.param == "structured"
-    with pytest.raises(SamplingParamsError, match="ignore_eos") as info:
-        SamplingParams(structured=StructuredOutput("json_object"), ignore_eos=True)
-    assert info.value.param == "ignore_eos"
+    for name, value in (("ignore_eos", True), ("min_tokens", 3)):
+        with pytest.raises(SamplingParamsError, match=name) as info:
+            SamplingParams(structured=StructuredOutput("json_object"), **{name: value})
+        assert info.value.param == name

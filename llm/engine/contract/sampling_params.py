@@ -51,7 +51,7 @@ class SamplingParams:
     (JSON schema, JSON object, regex, choice or grammar): tokens outside it are masked before
     selection and logprobs (so logprobs are those of the constrained distribution), EOS only
     where the grammar may end, and the request stops ("stop") when the grammar is complete.
-    Not with ignore_eos (the grammar decides where the output ends).
+    Not with ignore_eos or min_tokens (the grammar decides where the output ends).
     """
 
     temperature: float = 0.0
@@ -112,10 +112,11 @@ class SamplingParams:
             if not isinstance(self.structured, StructuredOutput):
                 raise SamplingParamsError(f"structured must be a StructuredOutput, got "
                                           f"{self.structured!r:.60}", param="structured")
-            if self.ignore_eos:
-                raise SamplingParamsError("ignore_eos cannot be combined with structured output "
-                                          "(the grammar decides where the output ends)",
-                                          param="ignore_eos")
+            for name, used in (("ignore_eos", self.ignore_eos), ("min_tokens", self.min_tokens)):
+                if used:
+                    raise SamplingParamsError(f"{name} cannot be combined with structured output "
+                                              "(the grammar decides where the output ends)",
+                                              param=name)
 
     @property
     def greedy(self) -> bool:
