@@ -23,6 +23,7 @@ _EXPORTS = {
     "TokenLogprobs": "llm.engine.contract.outputs",
     "SamplingParams": "llm.engine.contract.sampling_params",
     "SamplingParamsError": "llm.engine.contract.sampling_params",
+    "StructuredOutput": "llm.engine.contract.structured",
     "Capabilities": "llm.engine.contract.backend",
     "EngineBusyError": "llm.engine.core",
     "ModelConfig": "llm.model.config",
@@ -34,7 +35,7 @@ _EXPORTS = {
 __all__ = [
     "LLM", "AsyncEngine", "Capabilities", "EngineBusyError", "SchedulerConfig", "Generator",
     "ModelConfig", "RequestOutput", "RuntimeConfig", "SamplingParams", "SamplingParamsError",
-    "StreamEvent", "TokenLogprobs", "Tokenizer", "load_checkpoint",
+    "StreamEvent", "StructuredOutput", "TokenLogprobs", "Tokenizer", "load_checkpoint",
 ]
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from llm.engine.contract.backend import Capabilities
     from llm.engine.contract.outputs import TokenLogprobs
     from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
+    from llm.engine.contract.structured import StructuredOutput
     from llm.engine.core import EngineBusyError
     from llm.engine.generator import Generator, RequestOutput, StreamEvent
     from llm.engine.scheduler import SchedulerConfig

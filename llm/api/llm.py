@@ -86,6 +86,8 @@ class LLM:
         """
         if not self.backend.closed:
             self.backend.close()
+        if self.core is not None:
+            self.core.scheduler.grammars.close()  # structured output's worker thread, if any
 
     def __enter__(self) -> LLM:
         return self

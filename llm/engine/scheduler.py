@@ -20,11 +20,15 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Sequence_
+from concurrent.futures import wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
 from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError, resolve_seed
+from llm.engine.contract.structured import TokenMasks
+from llm.engine.grammar import Grammars
 from llm.engine.metrics import ServingMetrics
 from llm.engine.paged_kv import OutOfPagesError, PageTable
 from llm.engine.sequence import RequestError, RequestOutput, Sequence, StreamEvent
@@ -77,6 +81,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.active: dict[int, Sequence] = {}  # slot -> sequence, in admission order
         self._eos = frozenset(tokenizer.eos_ids)
+        self.grammars = Grammars(tokenizer, self.vocab_size)  # structured output's matchers
         self.config, self.metrics = SchedulerConfig(), None
         self.configure(config or SchedulerConfig(), metrics)
 
@@ -141,6 +146,9 @@ class Scheduler:
             out.logprobs = []
         if params.prompt_logprobs is not None:
             out.prompt_logprobs = [None]  # the first prompt token has no context
+        grammar = None
+        if params.structured is not None:
+            grammar = self.grammars.matcher(params.structured)
         return Sequence(
             out=out,
             params=params,
@@ -148,6 +156,7 @@ class Scheduler:
             budget=budget,
             detok=self.tokenizer.stream(),
             stop_ids=frozenset(stop_ids),
+            grammar=grammar,
         )
 
     def add(self, seq: Sequence) -> None:
@@ -218,9 +227,12 @@ class Scheduler:
                 targets = None
                 if seq.out.prompt_logprobs is not None:
                     targets = prompt[start + 1:start + n + 1]
-                result = self.backend.prefill_step(PrefillInput(
-                    seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),
-                    seq.sampling, targets))
+                last = start + n == seq.prompt_len
+                masks = self.grammars.masks([seq.grammar]) if last else None
+                with _joined(masks):
+                    result = self.backend.prefill_step(PrefillInput(
+                        seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),
+                        seq.sampling, targets, masks))
                 if targets is not None:
                     seq.out.prompt_logprobs.extend(_checked(result.prompt_logprobs, targets))
                 seq.prefilled += n
@@ -236,13 +248,16 @@ class Scheduler:
         if not batch:
             return
         slots = [s.slot for s in batch]
-        result = self.backend.decode_step(DecodeInput(
-            slots=slots,
-            tokens=[s.out.token_ids[-1] for s in batch],
-            positions=[s.position for s in batch],
-            page_table=self.pages.table(slots),  # [B, max_blocks_per_seq]
-            sampling=[s.sampling for s in batch],
-        ))
+        masks = self.grammars.masks([s.grammar for s in batch])  # computed during the forward
+        with _joined(masks):
+            result = self.backend.decode_step(DecodeInput(
+                slots=slots,
+                tokens=[s.out.token_ids[-1] for s in batch],
+                positions=[s.position for s in batch],
+                page_table=self.pages.table(slots),  # [B, max_blocks_per_seq]
+                sampling=[s.sampling for s in batch],
+                allowed=masks,
+            ))
         logprobs = result.logprobs or [None] * len(batch)
         for seq, token, lp in zip(batch, result.tokens, logprobs):
             self._accept(seq, token, events, lp)
@@ -266,6 +281,17 @@ class Scheduler:
         del self.active[seq.slot]
         self.pages.release(seq.slot)
         self._free_slots.append(seq.slot)
+
+
+@contextmanager
+def _joined(masks: TokenMasks | None) -> Iterator[None]:
+    """Run a backend step and wait for its masks' worker after it, whatever happened (the
+    matchers are advanced only once the worker is done with them)."""
+    try:
+        yield
+    finally:
+        if masks is not None:
+            wait([masks.future])
 
 
 def _checked(logprobs: Sequence_[TokenLogprobs] | None,

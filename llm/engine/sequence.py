@@ -1,9 +1,9 @@
 """One request in flight: its result so far, its prefill progress, and its stop conditions.
 
 A `Sequence` is created (validated) by the Scheduler and lives until it finishes or is cancelled.
-`accept` records each new token, applies the stop conditions (EOS / stop token, stop string,
-max_new_tokens, the sequence budget) and returns the text delta to stream, holding back text that
-could still turn out to be the beginning of a stop string.
+`accept` records each new token, applies the stop conditions (EOS / stop token, stop string, a
+structured output's grammar complete, max_new_tokens, the sequence budget) and returns the text
+delta to stream, holding back text that could still turn out to be the beginning of a stop string.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.grammar import GrammarMatcher
 from llm.model.tokenizer.detokenizer import IncrementalDecoder
 
 
@@ -75,6 +76,7 @@ class Sequence:
     stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there
     t_first: float = 0.0
     t_last: float = 0.0
+    grammar: GrammarMatcher | None = None  # with structured output: advanced by each token
 
     @property
     def index(self) -> int:
@@ -116,6 +118,8 @@ class Sequence:
             if logprobs is None or logprobs.token != token:
                 raise RuntimeError(f"the backend returned no logprobs for token {token}")
             out.logprobs.append(logprobs)
+        if self.grammar is not None:
+            self.grammar.consume(token)
         if token in self.stop_ids:
             out.text += self.detok.flush()
             out.finish_reason = "stop"
@@ -129,6 +133,9 @@ class Sequence:
                                  self.stop_floor)
             if hit >= 0:
                 out.text = out.text[:hit]
+                out.finish_reason = "stop"
+            elif self.grammar is not None and self.grammar.stopped:  # complete: nothing may follow
+                out.text += self.detok.flush()
                 out.finish_reason = "stop"
             elif len(out.token_ids) >= params.max_new_tokens or (
                     self.prompt_len + len(out.token_ids) >= self.budget):

@@ -6,11 +6,12 @@ a string, token ids, or a one-element list of either) or messages (chat), max_to
 stream, stream_options.include_usage, n (1 only), ignore_eos (extension), presence_penalty,
 frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
 (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
-logprobs, the prompt's logprobs too). Fields this server cannot honour (n > 1, best_of, suffix,
-tools / functions / tool_choice / function_call, response_format other than text, vLLM's guided_*
-structured output, prompt_logprobs, chat's echo, stream_options without stream) are refused
-rather than silently ignored; a parameter the backend cannot serve is refused at submission,
-naming it.
+logprobs, the prompt's logprobs too); structured output (structured_output.py): response_format
+(text, json_object, json_schema) and vLLM's guided_json / guided_regex / guided_choice /
+guided_grammar, one at a time. Fields this server cannot honour (n > 1, best_of, suffix, tools /
+functions / tool_choice / function_call, vLLM's structured_outputs and guided_whitespace_pattern,
+prompt_logprobs, chat's echo, stream_options without stream) are refused rather than silently
+ignored; a parameter the backend cannot serve is refused at submission, naming it.
 """
 
 from __future__ import annotations
@@ -20,29 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm.engine.contract.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+from llm.serve.errors import ApiError, short_repr
+from llm.serve.structured_output import structured_output
 
 INT64_MAX = 2**63 - 1
 MAX_STOP_STRINGS = 16
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error object with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.kind = kind
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -113,6 +97,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             repetition_penalty=_opt_number(body, "repetition_penalty", 1.0),
             logit_bias=_logit_bias(body.get("logit_bias")),
             min_tokens=min_tokens,
+            structured=structured_output(body),
         )
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e
@@ -156,14 +141,10 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     for name in ("best_of",):
         if body.get(name) not in (None, 1):
             raise ApiError(400, f"'{name}' is not supported (only 1)", name)
-    for name in ("suffix", "tools", "functions", "guided_json", "guided_regex", "guided_choice",
-                 "guided_grammar", "structured_outputs"):
+    for name in ("suffix", "tools", "functions", "structured_outputs",
+                 "guided_whitespace_pattern"):
         if body.get(name) not in (None, False, 0, {}, []):
             raise ApiError(400, f"'{name}' is not supported by this server", name)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError(400, "'response_format' is not supported by this server (structured "
-                            "output: only {\"type\": \"text\"})", "response_format")
     for name in ("tool_choice", "function_call"):
         if body.get(name) not in (None, "none"):
             raise ApiError(400, f"'{name}' is not supported by this server (no tools)", name)
@@ -281,11 +262,6 @@ def _is_number(value: Any) -> bool:
 def _kind(value: Any) -> str:
     return {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(
         type(value), "a number")
-
-
-def short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def api_param(param: str | None) -> str | None:

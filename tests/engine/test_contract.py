@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from concurrent.futures import Future
 
+import numpy as np
 import pytest
 from fakes import GreedyOnlyBackend, fake_parts
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
@@ -18,11 +20,13 @@ from llm.engine.contract.backend import (
     SAMPLING_MODES,
     BackendSpec,
     Capabilities,
+    DecodeInput,
     PrefillInput,
     SequenceSampling,
     create_backend,
 )
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
+from llm.engine.contract.structured import StructuredOutput, TokenMasks
 from llm.engine.core import EngineBusyError, EngineCore
 from llm.engine.drive import decode_together
 from llm.engine.generator import Generator
@@ -58,6 +62,7 @@ def test_every_backend_declares_serves_and_closes(name: str) -> None:
             with pytest.raises(SamplingParamsError, match=f"not supported by the {name} backend"):
                 caps.check(params, name)
     _check_features(backend, name)
+    _check_token_masks(backend, name)
     backend.close()
     backend.close()  # idempotent
     assert backend.closed and name in backend.describe()
@@ -92,6 +97,37 @@ def _check_features(backend, name: str) -> None:
             assert out.logprobs[0].token == out.tokens[0] and len(out.logprobs[0].top) == 2
         if param == "prompt_logprobs":
             assert [lp.token for lp in out.prompt_logprobs] == [2, 3]
+
+
+def _masks(rows: tuple[int, ...], allowed: list[int], vocab: int) -> TokenMasks:
+    """TokenMasks of `rows`, each allowing only the token `allowed[i]`."""
+    bits = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.int32)
+    for row, token in zip(bits, allowed):
+        row.view(np.uint32)[token // 32] = 1 << (token % 32)
+    future = Future()
+    future.set_result(bits)
+    return TokenMasks(rows, future)
+
+
+def _check_token_masks(backend, name: str) -> None:
+    """Structured output: a backend either applies TokenMasks to the rows they name (the others'
+    tokens unchanged) or refuses structured requests by its capabilities, naming the parameter."""
+    params = SamplingParams(structured=StructuredOutput("regex", "[ab]"))
+    if "structured_output" not in backend.capabilities.features:
+        with pytest.raises(SamplingParamsError, match=f"not supported by the {name} backend") as e:
+            backend.capabilities.check(params, name)
+        assert e.value.param == "structured"
+        return
+    vocab = backend.config.vocab_size
+    s = SequenceSampling(params, 0, (2,))
+    step = backend.prefill_step(PrefillInput(0, [1, 2, 3], 0, [1, 2], s,
+                                             allowed=_masks((0,), [vocab - 3], vocab)))
+    assert list(step.tokens) == [vocab - 3]
+    backend.prefill_step(PrefillInput(1, [4, 5], 0, [3, 4], GREEDY))
+    inp = DecodeInput([0, 1], [9, 10], [3, 2], [[1, 2], [3, 4]], [s, GREEDY])
+    free = backend.decode_step(inp).tokens[1]
+    masked = backend.decode_step(dataclasses.replace(inp, allowed=_masks((0,), [7], vocab)))
+    assert list(masked.tokens) == [7, free]
 
 
 def test_torch_serves_every_feature_and_tt_none() -> None:

@@ -124,15 +124,12 @@ def test_stream_options_without_stream_is_400(live_server) -> None:
         assert r.json()["error"]["param"] == "stream_options"
 
 
-def test_structured_output_and_tools_are_refused_not_ignored(live_server) -> None:
-    """Fields this server cannot honour yet are 400s naming them; their neutral values pass."""
+def test_tools_are_refused_not_ignored(live_server) -> None:
+    """Fields this server cannot honour yet are 400s naming them; their neutral values pass
+    (structured output: tests/serve/test_openai_structured.py)."""
     app = create_app(live_server.engine, ServerConfig(model_name=MODEL_NAME))
-    refused = [("response_format", {"type": "json_object"}),
-               ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
-               ("guided_json", {"type": "object"}), ("guided_regex", "[a-z]+"),
-               ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"),
-               ("tool_choice", "auto"), ("function_call", "auto"),
-               ("functions", [{"name": "f"}])]
+    refused = [("tool_choice", "auto"), ("function_call", "auto"),
+               ("functions", [{"name": "f"}]), ("tools", [{"type": "function"}])]
     neutral = [("response_format", {"type": "text"}), ("tool_choice", "none")]
 
     async def go() -> list[httpx.Response]:

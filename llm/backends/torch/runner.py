@@ -24,6 +24,7 @@ from llm.backends.torch.threads import (
     check_threads,
     intra_op_threads,
 )
+from llm.backends.torch.token_masks import apply_token_masks
 from llm.engine.contract.backend import (
     FEATURES,
     SAMPLING_MODES,
@@ -35,6 +36,7 @@ from llm.engine.contract.backend import (
     SequenceSampling,
 )
 from llm.engine.contract.outputs import StepOutput
+from llm.engine.contract.structured import TokenMasks
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
@@ -119,9 +121,11 @@ class TorchBackend(Backend):
     @property
     def capabilities(self) -> Capabilities:
         """Every sampling mode (greedy, temperature, top-k, top-p) and every feature (logprobs,
-        prompt logprobs, penalties, logit_bias, min_tokens), on the device."""
+        prompt logprobs, penalties, logit_bias, min_tokens, structured output), on the device;
+        tensor parallel: all but structured output."""
+        features = FEATURES if self.mesh.size == 1 else FEATURES - {"structured_output"}
         return Capabilities(SAMPLING_MODES, self.runtime.max_batch, self.runtime.max_seq_len,
-                            FEATURES)
+                            features)
 
     def close(self) -> None:
         """Drop the CUDA graphs, the KV cache and the weights (their memory returns to the
@@ -169,9 +173,13 @@ class TorchBackend(Backend):
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _select(self, logits: torch.Tensor, sampling: list[SequenceSampling], slots: list[int],
-                positions: list[int], full: bool) -> StepOutput:
+                positions: list[int], full: bool, allowed: TokenMasks | None = None
+                ) -> StepOutput:
         """logits [B, V(_local)] -> tokens (and logprobs); `positions` are those of the tokens
-        being chosen. full: the penalty / logprobs path (see logprobs.select)."""
+        being chosen. full: the penalty / logprobs path (see logprobs.select). allowed: the
+        structured-output masks, applied first (one rank: the whole vocabulary is local)."""
+        if allowed is not None:
+            logits = apply_token_masks(logits, allowed)
         params = [s.params for s in sampling]
         all_greedy = all(p.greedy for p in params)
         st = SamplingTensors.build(params, [s.seed for s in sampling], self.device)
@@ -214,7 +222,8 @@ class TorchBackend(Backend):
                                        all_logits=True)  # [S, V(_local)]
             prompt = prompt_logprobs(self.model.gather_logits(local), params.temperature,
                                      inp.targets, params.prompt_logprobs)
-            out = self._select(local[-1:], [inp.sampling], [inp.slot], [end], full=True)
+            out = self._select(local[-1:], [inp.sampling], [inp.slot], [end], full=True,
+                               allowed=inp.allowed)
             return StepOutput(out.tokens, out.logprobs, prompt)
         pg = self.prefill_graphs
         if pg is not None and pg.bucket(len(inp.tokens), inp.start_pos) is not None:
@@ -222,7 +231,7 @@ class TorchBackend(Backend):
         else:
             logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache)
         return self._select(logits[None], [inp.sampling], [inp.slot], [end],
-                            full_path([inp.sampling]))
+                            full_path([inp.sampling]), inp.allowed)
 
     def decode(self, inp: DecodeInput) -> list[int]:
         return list(self.decode_step(inp).tokens)
@@ -238,15 +247,20 @@ class TorchBackend(Backend):
         sampling = list(inp.sampling)
         full = full_path(sampling)
         if self.graphs is not None:
-            return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table, sampling,
-                                   full)
+            if inp.allowed is None:
+                return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table,
+                                       sampling, full)
+            # a batch with structured output decodes eagerly: its masks exist only after the
+            # previous tokens were read, so no step may run ahead of them (graphs.py)
+            self.graphs.reset()
         tokens = self._tensor(list(inp.tokens))
         pos = self._tensor(positions)
         logits = self.model.decode(tokens, pos, self._tensor([list(r) for r in inp.page_table]),
                                    self.cache, max(positions))
         if full:  # the fed tokens are generated ones: count them (once) before penalizing
             self.penalties.count(self._tensor(list(inp.slots)), tokens, pos)
-        return self._select(logits, sampling, list(inp.slots), [p + 1 for p in positions], full)
+        return self._select(logits, sampling, list(inp.slots), [p + 1 for p in positions], full,
+                            inp.allowed)
 
 
 _OPTIONS = ("cuda_graphs", "all_reduce", "gemv_max_batch", "threads", "native_kernels")

@@ -19,13 +19,15 @@ from typing import Any
 
 from llm.engine.contract.outputs import StepOutput
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
+from llm.engine.contract.structured import TokenMasks
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError, ModelConfig, RuntimeConfig
 from llm.model.paths import default_model_path
 
 DEFAULT_MAX_SEQ_LEN = 2048
 SAMPLING_MODES = frozenset({"greedy", "temperature", "top_k", "top_p"})
-FEATURES = frozenset({"logprobs", "prompt_logprobs", "penalties", "logit_bias", "min_tokens"})
+FEATURES = frozenset({"logprobs", "prompt_logprobs", "penalties", "logit_bias", "min_tokens",
+                      "structured_output"})
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class PrefillInput:
     targets: with prompt logprobs wanted, the prompt tokens that follow each position of this
     chunk (the prompt's tokens start_pos + 1 ..; S - 1 of them in the last chunk), whose
     logprobs the backend returns in StepOutput.prompt_logprobs; None otherwise.
+    allowed: with a structured-output request, in the chunk that ends the prompt, the mask of
+    the token chosen from its last position (row 0); None otherwise.
     """
 
     slot: int
@@ -56,6 +60,7 @@ class PrefillInput:
     page_table: Sequence[int]
     sampling: SequenceSampling
     targets: Sequence[int] | None = None
+    allowed: TokenMasks | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class DecodeInput:
     """One decode step: one token per active user.
 
     tokens / positions: [B] the token each user feeds and its position. page_table: [B,
-    max_blocks_per_seq].
+    max_blocks_per_seq]. allowed: the token masks of the users with structured output (None when
+    there are none; only given to a backend declaring "structured_output").
     """
 
     slots: Sequence[int]
@@ -71,6 +77,7 @@ class DecodeInput:
     positions: Sequence[int]
     page_table: Sequence[Sequence[int]]
     sampling: Sequence[SequenceSampling]
+    allowed: TokenMasks | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,8 @@ class Capabilities:
     sampling). max_batch: users decoded together. max_context: prompt + completion tokens per user.
     features: what it computes beyond the next token, a subset of FEATURES ("logprobs" /
     "prompt_logprobs": log probabilities of generated / prompt tokens; "penalties": presence,
-    frequency and repetition penalties; "logit_bias"; "min_tokens").
+    frequency and repetition penalties; "logit_bias"; "min_tokens"; "structured_output": the
+    TokenMasks of PrefillInput / DecodeInput applied to the logits before selection and logprobs).
     """
 
     sampling: frozenset[str]
@@ -127,6 +135,10 @@ class Capabilities:
                 raise SamplingParamsError(
                     f"{name}={getattr(params, name)!r} is not supported by the {backend} backend",
                     param=name)
+        s = params.structured
+        if s is not None and "structured_output" not in self.features:
+            raise SamplingParamsError(f"{s.param}: structured output is not supported by the "
+                                      f"{backend} backend", param=s.param)
 
 
 @dataclass(frozen=True)

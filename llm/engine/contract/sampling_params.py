@@ -10,18 +10,16 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llm.engine.contract.errors import SamplingParamsError
+
+if TYPE_CHECKING:
+    from llm.engine.contract.structured import StructuredOutput
+
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "SamplingParamsError", "resolve_seed"]
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit; vLLM's default cap)
-
-
-class SamplingParamsError(ValueError):
-    """An invalid or unsupported sampling parameter; the message names it, `param` holds its name
-    (None when it is not one parameter).
-    """
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,12 @@ class SamplingParams:
     (given as a mapping or pairs; kept as sorted pairs). min_tokens: EOS and stop_token_ids are
     masked until this many tokens were generated, and no stop string ends the request before
     then (vLLM's semantics).
+
+    structured: a StructuredOutput (llm.engine.contract.structured) the whole output must match
+    (JSON schema, JSON object, regex, choice or grammar): tokens outside it are masked before
+    selection and logprobs (so logprobs are those of the constrained distribution), EOS only
+    where the grammar may end, and the request stops ("stop") when the grammar is complete.
+    Not with ignore_eos or min_tokens (the grammar decides where the output ends).
     """
 
     temperature: float = 0.0
@@ -65,6 +69,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     min_tokens: int = 0
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
@@ -101,6 +106,17 @@ class SamplingParams:
         if self.min_tokens > self.max_new_tokens:
             raise SamplingParamsError(f"min_tokens={self.min_tokens} exceeds max_new_tokens="
                                       f"{self.max_new_tokens}", param="min_tokens")
+        if self.structured is not None:
+            from llm.engine.contract.structured import StructuredOutput
+
+            if not isinstance(self.structured, StructuredOutput):
+                raise SamplingParamsError(f"structured must be a StructuredOutput, got "
+                                          f"{self.structured!r:.60}", param="structured")
+            for name, used in (("ignore_eos", self.ignore_eos), ("min_tokens", self.min_tokens)):
+                if used:
+                    raise SamplingParamsError(f"{name} cannot be combined with structured output "
+                                              "(the grammar decides where the output ends)",
+                                              param=name)
 
     @property
     def greedy(self) -> bool:

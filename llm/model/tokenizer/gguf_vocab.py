@@ -163,7 +163,7 @@ def cached_gguf_vocab(path: Path, cache_dir: Path, digest: str | None = None,
     return vocab
 
 
-def _byte_alphabet() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     extra = iter(range(256, 512))
@@ -207,7 +207,7 @@ def bpe_token_table(vocab: GGUFVocab) -> dict[str, int]:
     whichever id comes first. A raw-text token is respelled and takes its spelling only where
     none is stored so; between tokens with the same stored or respelled text the last id wins.
     """
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     spelled = set(alphabet.values())
     stored: dict[str, int] = {}
     respelled: dict[str, int] = {}

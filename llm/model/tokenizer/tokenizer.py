@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from llm.model.tokenizer import gguf_vocab
+from llm.model.tokenizer import gguf_vocab, token_bytes
 from llm.model.tokenizer.detokenizer import IncrementalDecoder
 from llm.model.tokenizer.errors import TokenizerError
 
@@ -50,6 +50,8 @@ class _Backend(Protocol):
 
     def token_to_id(self, token: str) -> int | None: ...
 
+    def token_bytes(self) -> list[bytes]: ...
+
 
 class _HFBackend:
     """A ``tokenizers.Tokenizer`` (tokenizer.json, or a GGUF byte-level BPE vocabulary)."""
@@ -68,6 +70,9 @@ class _HFBackend:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def token_bytes(self) -> list[bytes]:
+        return token_bytes.hf_token_bytes(self._tok, self.vocab_size)
 
 
 class _SpmBackend:
@@ -122,6 +127,9 @@ class _SpmBackend:
             "pad_token": self._sp.pad_id(),
         }
         return {name: self._sp.id_to_piece(i) for name, i in ids.items() if i >= 0}
+
+    def token_bytes(self) -> list[bytes]:
+        return token_bytes.spm_token_bytes(self._sp, self.vocab_size, self._text, self._skip)
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._by_text:
@@ -238,6 +246,7 @@ class Tokenizer:
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         self.chat_template: str | None = chat_template
         self._template: Any = None
+        self._token_bytes: tuple[bytes, ...] | None = None
         with_special, without = backend.encode("a", True), backend.encode("a", False)
         self.add_bos: bool = (
             bos_id is not None and with_special[:1] == [bos_id] and without[:1] != [bos_id]
@@ -390,6 +399,13 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"{self.source}: chat template error: {exc}") from exc
+
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """The bytes of every token id (see llm.model.tokenizer.token_bytes: special tokens are
+        0xFF + their text), computed once."""
+        if self._token_bytes is None:
+            self._token_bytes = tuple(self._backend.token_bytes())
+        return self._token_bytes
 
     def stream(self, *, skip_special_tokens: bool = True) -> IncrementalDecoder:
         """A new incremental decoder for one generated sequence."""

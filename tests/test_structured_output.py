@@ -1,0 +1,109 @@
+"""Structured output end to end on the default model (torch backend, CPU): 100 JSON-schema
+requests all validate with jsonschema; regex, choice, Lark and GBNF grammars and json_object
+hold; EOS comes only where the grammar may end and a complete grammar stops the request;
+logprobs are those of the constrained distribution; unconstrained requests are bit-identical
+with or without constrained neighbours; nothing stays held after."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from structured_schemas import schemas
+
+import llm
+from llm import SamplingParams, StructuredOutput
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+
+@pytest.fixture(scope="module")
+def engine() -> llm.LLM:
+    return llm.LLM(max_batch=16, max_seq_len=256, progress=False)
+
+
+def _all_free(engine: llm.LLM) -> bool:
+    alloc = engine.generator.pages.allocator
+    return alloc.num_free == alloc.capacity and not engine.generator.scheduler.has_work
+
+
+def test_one_hundred_json_schemas_validate(engine) -> None:
+    cases = schemas()
+    params = [SamplingParams(max_new_tokens=48, temperature=0.0 if i % 2 else 0.7, seed=i,
+                             structured=StructuredOutput.json_schema(s))
+              for i, s in enumerate(cases)]
+    outs = engine.generate(["Reply in JSON."] * len(cases), params, chat=True)
+    for schema, out in zip(cases, outs):
+        assert out.finish_reason == "stop", (out.text, schema)
+        jsonschema.validate(json.loads(out.text), schema)
+    assert _all_free(engine)
+
+
+def test_regex_choice_grammars_and_json_object(engine) -> None:
+    cases = [
+        (StructuredOutput("regex", r"[0-9]{3}-[a-z]{2,4}"),
+         lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t)),
+        (StructuredOutput("regex", r"(red|green|blue) [0-9]{5}"),  # EOS only after 5 digits
+         lambda t: re.fullmatch(r"(red|green|blue) [0-9]{5}", t)),
+        (StructuredOutput("choice", choices=("yes", "no", "maybe")),
+         lambda t: t in ("yes", "no", "maybe")),
+        (StructuredOutput("grammar", 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]{1,2}/'),
+         lambda t: re.fullmatch(r"\([0-9]{1,2}(\+[0-9]{1,2})*\)", t)),
+        (StructuredOutput("grammar", 'root ::= "Answer: " ("A" | "B" | "C") "."'),
+         lambda t: t in ("Answer: A.", "Answer: B.", "Answer: C.")),
+    ]
+    prompts = ["Give me a code.", "Name a color and a zip code.", "Is the sky blue?",
+               "Write a sum.", "Pick A, B or C."]
+    for temperature in (0.0, 0.9):
+        params = [SamplingParams(max_new_tokens=64, temperature=temperature, seed=5,
+                                 structured=spec) for spec, _ in cases]
+        outs = engine.generate(prompts, params, chat=True)
+        for (spec, ok), out in zip(cases, outs):
+            assert out.finish_reason == "stop" and ok(out.text), (spec, out.text)
+    obj = engine.generate(["Reply with a JSON object with one key."], SamplingParams(
+        max_new_tokens=64, structured=StructuredOutput("json_object")), chat=True)[0]
+    assert obj.finish_reason == "stop" and isinstance(json.loads(obj.text), dict), obj.text
+    streamed = "".join(ev.text for ev in engine.stream(
+        ["Is the sky blue?"], SamplingParams(structured=cases[2][0]), chat=True))
+    assert streamed in ("yes", "no", "maybe")
+    assert _all_free(engine)
+
+
+def test_logprobs_are_those_of_the_constrained_distribution(engine) -> None:
+    """Each step's finite alternatives are tokens the grammar allows there (EOS only once it may
+    end), and they hold all the probability."""
+    eos = set(engine.tokenizer.eos_ids)
+    table = engine.tokenizer.token_bytes()
+    for seed in range(3):
+        out = engine.generate(["Pick letters."], SamplingParams(
+            logprobs=20, temperature=1.0, seed=seed,
+            structured=StructuredOutput("regex", "[ab]{2,6}")), chat=True)[0]
+        assert re.fullmatch("[ab]{2,6}", out.text) and out.finish_reason == "stop"
+        assert len(out.logprobs) == len(out.token_ids)
+        done = b""
+        for token, lp in zip(out.token_ids, out.logprobs):
+            finite = [(t, v) for t, v in lp.top if v > -math.inf]
+            for t, _ in finite:
+                text = done + table[t]
+                assert (t in eos and 2 <= len(done)) or re.fullmatch(b"[ab]{1,6}", text)
+            assert math.isclose(sum(math.exp(v) for _, v in finite), 1.0, rel_tol=1e-4)
+            done += b"" if token in eos else table[token]
+
+
+def test_unconstrained_requests_are_unchanged_by_constrained_neighbours(engine) -> None:
+    free = [SamplingParams(max_new_tokens=12, logprobs=2),
+            SamplingParams(max_new_tokens=12, temperature=0.8, seed=3, logprobs=2)]
+    prompts = ["Once upon a time", "The capital of France is"]
+    alone = [engine.generate([p], q)[0] for p, q in zip(prompts, free)]
+    spec = StructuredOutput("regex", "[a-z ]{20,30}")
+    mixed = engine.generate(
+        ["Spell a word.", prompts[0], "Spell a word.", prompts[1]],
+        [SamplingParams(max_new_tokens=40, structured=spec), free[0],
+         SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, structured=spec), free[1]])
+    for a, b in zip(alone, (mixed[1], mixed[3])):
+        assert (a.token_ids, a.text) == (b.token_ids, b.text)
+        assert a.logprobs == b.logprobs  # bit for bit
+    assert all(re.fullmatch("[a-z ]{20,30}", mixed[i].text) for i in (0, 2))
