@@ -134,3 +134,18 @@ def test_degraded_model_preset_reaches_the_target(teacher_forced) -> None:
     agreement = teacher_forced("bf16-attention-bf8-mlp")
     print(f"\nbf16-attention-bf8-mlp teacher-forced top-1 agreement: {agreement:.3f}")
     assert agreement >= TARGET_AGREEMENT
+
+
+def test_mesh_1x2_greedy_equals_1x1() -> None:
+    """The default model's 9 query / 3 KV heads on a 1x2 mesh (query heads 4 + 5 padded to 5 per
+    device, the KV head whose group the boundary cuts replicated): greedy tokens equal 1x1's."""
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    tokens = {}
+    for mesh in ("1x1", "1x2"):
+        model = llm.LLM(backend="tt", max_batch=2, max_seq_len=64, progress=False,
+                        backend_options={"precision": "accuracy", "implementation": "emulator",
+                                         "mesh": mesh})
+        assert f"mesh {mesh}" in model.backend.describe()
+        tokens[mesh] = [o.token_ids for o in model.generate(PROMPTS, params)]
+        model.close()
+    assert tokens["1x2"] == tokens["1x1"]

@@ -17,7 +17,7 @@ from llm.backends.tt.lm_head import LMHead
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.mlp import MLP
 from llm.backends.tt.norm import DistributedNorm
-from llm.backends.tt.op_configs import OpConfigs, TTConfigError
+from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.weights import WeightStore
 from llm.model.config import ModelConfig, RuntimeConfig
@@ -42,7 +42,7 @@ class DecoderLayer:
         self.attn = Attention(mesh, weights, cfg, config, tensors, layer, rope)
         self.mlp_norm = DistributedNorm(mesh, weights, cfg, f"layer{layer}_mlp_norm",
                                         tensors[p + "post_attention_layernorm.weight"], eps)
-        self.mlp = MLP(mesh, weights, cfg, tensors, layer)
+        self.mlp = MLP(mesh, weights, cfg, tensors, layer, config.mlp_bias)
         self.residual_memcfg = cfg.residual_memcfg
 
     def decode(self, x, rot, cur_pos, page_table, cache: PagedKVCache):
@@ -50,7 +50,7 @@ class DecoderLayer:
         return self.forward("decode", x, cache, rot=rot, cur_pos=cur_pos, page_table=page_table)
 
     def prefill(self, x, rot, page_row, cache: PagedKVCache, start: int = 0, fill_row=None):
-        """x `[1, 1, S, dim/ndev]` DRAM residual (fractured over the mesh) of the tokens at
+        """x `[1, 1, S, dim_local]` DRAM residual (fractured over the mesh) of the tokens at
         positions start.. -> same (see Attention.prefill for start and fill_row)."""
         return self.forward("prefill", x, cache, rot=rot, page_row=page_row, start=start,
                             fill_row=fill_row)
@@ -89,14 +89,12 @@ class Transformer:
 
     def __init__(self, mesh: Mesh, config: ModelConfig, runtime: RuntimeConfig,
                  tensors: dict[str, torch.Tensor], cfg: OpConfigs, weights: WeightStore) -> None:
-        if config.o_bias or config.mlp_bias:
-            raise TTConfigError("tt backend: o_proj / MLP biases are not implemented "
-                                "(q/k/v biases are)")
         self.mesh, self.config, self.cfg = mesh, config, cfg
         table = tensors["model.embed_tokens.weight"]
         # Granite: the embeddings times embedding_multiplier and the logits over logits_scaling,
         # folded into the embedding table and the LM head (a tied head is its own copy on tt)
-        self.embed = Embedding(mesh, weights, _scaled(table, config.embedding_multiplier))
+        self.embed = Embedding(mesh, weights, _scaled(table, config.embedding_multiplier),
+                               cfg.geo.fractured)
         self.rope = RotarySetup(mesh, config, cfg,
                                 max(cfg.prefill_lengths[-1], runtime.max_seq_len))
         self.layers = [DecoderLayer(mesh, weights, cfg, config, tensors, i, self.rope)
@@ -111,11 +109,11 @@ class Transformer:
     # ------------------------------------------------------------------------------ prefill
     def prefill_hidden(self, tokens, page_row, start: int = 0, fill_row=None):
         """tokens uint32 `[1, 1, 1, S]` (S a padded prefill length) at positions start..,
-        page_row int32 `[1, max_blocks]` -> the final residual `[1, 1, S, dim/ndev]` (KV pages
+        page_row int32 `[1, max_blocks]` -> the final residual `[1, 1, S, dim_local]` (KV pages
         filled). A chunk at start > 0 also needs fill_row, its own pages (Attention.prefill)."""
         s = tokens.shape[-1]
         rot = self.rope.prefill(s, start)
-        x = self.embed(tokens)  # [1, 1, S, dim/ndev]
+        x = self.embed(tokens)  # [1, 1, S, dim_local]
         for layer in self.layers:
             x = layer.prefill(x, rot, page_row, self.cache, start, fill_row)
         return x
@@ -151,8 +149,9 @@ class Transformer:
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, dim = self.cfg.geo.batch, self.cfg.geo.dim
-        emb = self.embed(tokens)  # [1, 1, 32, dim/ndev]
-        full = self.mesh.all_gather(emb, 3, dram)  # replicated residual [1, 1, 32, dim]
+        emb = self.embed(tokens)  # [1, 1, 32, dim_local]
+        full = self.mesh.all_gather(emb, 3, dram) if self.cfg.geo.fractured else emb
+        # full: the replicated residual [1, 1, 32, dim]
         full = ttnn.reshape(full, (1, 1, b, dim), (1, 1, TILE, dim))  # B real rows of the tile
         x = ttnn.to_memory_config(full, self.cfg.residual_memcfg)
         rot = self.rope.decode(rot_idxs)
