@@ -95,9 +95,9 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="precision"):
         TTBackend(ck, rt, precision_policy="fast", implementation="emulator")
     backend = TTBackend(ck, rt, implementation="emulator")
-    sampled = SequenceSampling(SamplingParams(temperature=0.7, seed=1), 1)
-    with pytest.raises(ValueError, match="temperature=0.7 is not supported by the tt backend"):
-        backend.prefill(PrefillInput(0, [1, 2, 3], 0, [1, 2], sampled))
+    with_logprobs = SequenceSampling(SamplingParams(temperature=0.7, seed=1, logprobs=2), 1)
+    with pytest.raises(ValueError, match="logprobs=2 is not supported by the tt backend"):
+        backend.prefill(PrefillInput(0, [1, 2, 3], 0, [1, 2], with_logprobs))
     with pytest.raises(ValueError, match="multiple of the block size 32"):
         backend.prefill(PrefillInput(0, [1, 2, 3], 5, [1, 2], GREEDY))
     backend.close()

@@ -105,3 +105,30 @@ def test_plus_one_in_place(device):
     assert ttnn.to_torch(t).tolist() == [5, 0, 2, 11]
     with pytest.raises(RuntimeError, match="dtype"):
         ttnn.plus_one(on(device, torch.zeros(4), ttnn.bfloat16, RM))
+
+
+def test_manual_seed_per_user_cores(device):
+    """A seeds tensor with a user_ids tensor seeds each user's core: a user's draw depends on
+    its own seed only (the same seed on another core draws the same), and reseeding repeats it."""
+    users = 4
+    vals = torch.zeros(1, 1, users, 64)  # uniform over 64 candidates: draws spread widely
+    idx = torch.arange(64).expand(1, 1, users, 64)
+    tv, ti = on(device, vals), on(device, idx, ttnn.int32, RM)
+    tk = on(device, torch.full((users,), 32), ttnn.int32, RM)
+    one = on(device, torch.ones(users), ttnn.bfloat16, RM)
+    ids = on(device, torch.arange(users), ttnn.uint32, RM)
+
+    def draw(seeds):
+        ttnn.manual_seed(on(device, torch.tensor(seeds), ttnn.uint32, RM), user_ids=ids)
+        return ttnn.to_torch(ttnn.sampling(tv, ti, tk, one, one)).to(torch.int64)[0, 0, 0]
+
+    a = draw([5, 6, 7, 8])
+    assert torch.equal(draw([5, 6, 7, 8]), a)
+    b = draw([8, 7, 6, 5])
+    assert b.tolist() == a.flip(0).tolist()  # the seed decides, not the core
+    firsts = {int(draw([s, 0, 0, 0])[0]) for s in range(20)}
+    assert len(firsts) > 5  # different seeds, different draws
+    with pytest.raises(RuntimeError, match="user_ids"):
+        ttnn.manual_seed(on(device, torch.tensor([1]), ttnn.uint32, RM))
+    with pytest.raises(RuntimeError, match="UINT32"):
+        ttnn.manual_seed(on(device, torch.tensor([1]), ttnn.int32, RM), user_ids=ids)

@@ -1,4 +1,5 @@
-"""The Llama decoder stack in TT-NN: embedding, decoder layers, final norm, LM head, argmax.
+"""The Llama decoder stack in TT-NN: embedding, decoder layers, final norm, LM head, argmax or
+sampling.
 
 Prefill runs one user's padded prompt through every layer (filling its KV pages), keeps only the
 32-row tile holding the last real token, and runs the norm and LM head on that tile. Decode runs
@@ -19,6 +20,7 @@ from llm.backends.tt.mlp import MLP
 from llm.backends.tt.norm import DistributedNorm
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
+from llm.backends.tt.sampling import Sampler
 from llm.backends.tt.weights import WeightStore
 from llm.model.config import ModelConfig, RuntimeConfig
 
@@ -104,6 +106,7 @@ class Transformer:
         head = table if config.tie_word_embeddings else tensors["lm_head.weight"]
         self.lm_head = LMHead(mesh, weights, cfg, _scaled(head, 1.0 / config.logits_scaling))
         self.cache = PagedKVCache(mesh, cfg, runtime, config.num_layers)
+        self.sampler = Sampler(mesh, cfg)
         weights.save_manifest()
 
     # ------------------------------------------------------------------------------ prefill
@@ -129,23 +132,30 @@ class Transformer:
         ttnn.deallocate(xs)
         return logits
 
-    def prefill(self, tokens, page_row, last_index: int, start: int = 0, fill_row=None):
-        """Greedy next token after a prompt chunk whose last real token is row `last_index` of
-        the chunk: the argmax of the LM head over that tile only; uint32 `[1, 1, 32]` (row
-        last_index % 32)."""
+    def prefill(self, tokens, page_row, last_index: int, start: int = 0, fill_row=None,
+                sampling: dict | None = None):
+        """Next token after a prompt chunk whose last real token is row `last_index` of the
+        chunk, from the LM head over that tile only: uint32 with the token at flat index
+        last_index % 32. Greedy (argmax, `[1, 1, 32]`) unless `sampling` gives the Sampler's
+        device inputs (`[1, 1, 1, 32]`)."""
         hidden = self.prefill_hidden(tokens, page_row, start, fill_row)
         logits = self.tile_logits(hidden, last_index // TILE)
+        if sampling is not None:
+            return self.sampler(logits, **sampling)
         return self.lm_head.argmax(logits)
 
     # ------------------------------------------------------------------------------ decode
-    def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens):
+    def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens,
+               sampling: dict | None = None):
         """One decode step for the B user rows, all on device tensors (trace-safe).
 
         tokens uint32 `[1, 1, 1, 32]` (users in the first B), rot_idxs uint32 `[1, 32]`,
         cur_pos int32 `[B]`,
-        page_table int32 `[B, max_blocks]`. Writes the greedy tokens into next_tokens uint32
+        page_table int32 `[B, max_blocks]`. Writes the next tokens into next_tokens uint32
         `[1, 1, 32]` and feeds them back into tokens, then advances cur_pos (idle rows stay -1)
-        and rot_idxs by one: the next step needs no host write when every user continues."""
+        and rot_idxs by one: the next step needs no host write when every user continues. The
+        tokens are the argmax (greedy fast path) unless `sampling` gives the Sampler's device
+        inputs (k, p, temp, rank_mask, seeds), whose seeds then advance by one too."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, dim = self.cfg.geo.batch, self.cfg.geo.dim
@@ -163,7 +173,14 @@ class Transformer:
         ttnn.deallocate(h)
         vl = logits.shape[-1]
         rows = ttnn.reshape(logits, (1, 1, TILE, vl), (1, 1, TILE, vl))  # the whole tile again
-        self.lm_head.argmax(rows, output_tensor=next_tokens)
+        if sampling is None:
+            self.lm_head.argmax(rows, output_tensor=next_tokens)
+        else:
+            drawn = self.sampler(rows, **sampling)  # [1, 1, 1, 32]
+            ttnn.to_memory_config(ttnn.reshape(drawn, (1, 1, TILE)), dram,
+                                  output_tensor=next_tokens)
+            ttnn.deallocate(drawn)
+            ttnn.plus_one(sampling["seeds"])
         ttnn.to_memory_config(ttnn.reshape(next_tokens, (1, 1, 1, TILE)), dram,
                               output_tensor=tokens)  # fed back on device
         ttnn.plus_one(cur_pos, skip_negative_entries=True)
