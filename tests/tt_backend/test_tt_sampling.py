@@ -7,12 +7,14 @@ serves."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
 from scipy.stats import chi2
 from test_tt_runner import GREEDY
-from tt_helpers import TT_CONFIGS, build_parts, put
+from tt_helpers import MESH_CONFIG, TT_CONFIGS, build_parts, put
 
 from llm.backends.torch.runner import TorchBackend
 from llm.backends.tt.mesh import TILE
@@ -116,6 +118,34 @@ def test_greedy_and_top_k_1_rows_draw_the_argmax(draws) -> None:
     x, out = draws
     best = int(torch.argmax(x))
     assert out[len(ROWS)].eq(best).all() and out[len(ROWS) + 1].eq(best).all()
+
+
+@pytest.mark.parametrize("mesh", [(1, 2), (1, 8)])
+def test_mesh_draws_equal_one_device(mesh) -> None:
+    """The vocabulary split over a mesh (all-gathered before the top-k) draws the same tokens as
+    one device from the same logits and seeds; the padding columns (vocabulary 300 padded to
+    320 / 512) are never drawn, though their logits are the largest."""
+    config = replace(MESH_CONFIG, vocab_size=300)
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=4),
+              SamplingParams(temperature=1.2, top_p=0.5), SamplingParams()]
+    g = torch.Generator().manual_seed(2)  # distinct values, exact in bf16: no top-k ties
+    x = torch.stack([torch.randperm(config.vocab_size, generator=g) - 150.0
+                     for _ in range(TILE)]) / 32
+    got = {}
+    for shape in ((1, 1), mesh):
+        parts = build_parts(config, shape)
+        sampler = Sampler(parts.mesh, parts.cfg)
+        tile = torch.full((1, 1, TILE, parts.cfg.geo.vocab_padded), 50.0)
+        tile[..., :config.vocab_size] = x
+        logits = put(parts, tile, shard_dim=3)
+        draws = []
+        for i in range(40):
+            rows = {r: (pr, 7 + r, i) for r, pr in enumerate(params)}
+            drawn = sampler(logits, **sampler.put(host_inputs(rows)))
+            draws.append(parts.mesh.read(drawn).reshape(-1)[:len(params)].tolist())
+        got[shape] = torch.tensor(draws)
+    assert torch.equal(got[mesh], got[(1, 1)])
+    assert got[mesh].max() < config.vocab_size and len(set(got[mesh][:, 0].tolist())) > 5
 
 
 def _backend(trace: bool = True) -> tuple[TTBackend, object]:
