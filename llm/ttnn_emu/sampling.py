@@ -10,8 +10,9 @@ import math
 import torch
 
 from .accounting import op, set_cost
-from .memory import DRAM_MEMORY_CONFIG
+from .memory import DRAM_MEMORY_CONFIG, CoreRangeSet
 from .opsupport import floats, output, require_device, require_dtype, write_output
+from .tensor import Tensor
 from .types import TILE_SIZE, DataType, Layout
 
 
@@ -94,36 +95,55 @@ def _uint32s(t, name: str, what: str) -> list[list[int]]:
     return [s.reshape(-1).to(torch.int64).tolist() for s in t.logical_shards()]
 
 
+_SKIP_SEED = 0xFFFFFFFF  # ttnn: a seed of UINT32_MAX leaves the PRNG state unchanged
+
+
+def _cores_of(sub_core_grids, users: int, name: str) -> None:
+    """Raise unless `sub_core_grids` (if given) is a CoreRangeSet of at least `users` cores."""
+    if sub_core_grids is None:
+        return
+    if not isinstance(sub_core_grids, CoreRangeSet):
+        raise TypeError(f"{name}: sub_core_grids must be a CoreRangeSet")
+    if sub_core_grids.num_cores() < users:
+        raise RuntimeError(f"{name}: sub_core_grids has {sub_core_grids.num_cores()} cores, "
+                           f"{users} needed")
+
+
 @op("manual_seed")
 def manual_seed(seeds=None, *, device=None, user_ids=None, sub_core_grids=None):
-    """ttnn.manual_seed: seed the sampling PRNGs. An int seeds every core of `device` (user_ids
-    None) or the core of one user id; a UINT32 tensor of seeds with a UINT32 tensor of user ids
-    seeds the core of each user (user u's draws in `sampling` run on core u), per chip."""
+    """ttnn.manual_seed: seed the sampling PRNGs, per chip. An int seed goes to every core of
+    `device` (user_ids None), to one core (an int user id, 0..31) or to the cores of a UINT32
+    user_ids tensor; a UINT32 seeds tensor needs a user_ids tensor of the same length, seed i
+    going to core user_ids[i] (user u's draws in `sampling` run on core u). A seed of
+    UINT32_MAX leaves that core's PRNG as it is."""
     name = "manual_seed"
+    if isinstance(user_ids, int) and not 0 <= user_ids < TILE_SIZE:
+        raise RuntimeError(f"{name}: user id {user_ids} outside 0..31")
     if isinstance(seeds, int):
-        if user_ids is not None and not isinstance(user_ids, int):
-            raise RuntimeError(f"{name}: an int seed takes an int user_id")
-        if device is None:
-            raise RuntimeError(f"{name}: device is required with an int seed")
-        cores = range(TILE_SIZE) if user_ids is None else [user_ids]
-        gens = _core_generators(device)
-        for chip in range(device.get_num_devices()):
-            for core in cores:
-                gens[(chip, core)] = torch.Generator().manual_seed(seeds)
-        return None
-    if user_ids is None or isinstance(user_ids, int):
-        raise RuntimeError(f"{name}: a seeds tensor needs a user_ids tensor")
-    per_chip_seeds = _uint32s(seeds, name, "seeds")
-    per_chip_users = _uint32s(user_ids, name, "user_ids")
-    gens = _core_generators(seeds.device())
-    for chip, (ss, us) in enumerate(zip(per_chip_seeds, per_chip_users)):
+        if isinstance(user_ids, Tensor):
+            users = _uint32s(user_ids, name, "user_ids")
+            dev, per_chip = user_ids.device(), [[seeds] * len(u) for u in users]
+        else:
+            if device is None:
+                raise RuntimeError(f"{name}: device is required with an int seed")
+            cores = list(range(TILE_SIZE)) if user_ids is None else [user_ids]
+            dev, users = device, [cores] * device.get_num_devices()
+            per_chip = [[seeds] * len(cores)] * len(users)
+    else:
+        if not isinstance(user_ids, Tensor):
+            raise RuntimeError(f"{name}: a seeds tensor needs a user_ids tensor")
+        per_chip, users = _uint32s(seeds, name, "seeds"), _uint32s(user_ids, name, "user_ids")
+        dev = seeds.device()
+    gens = _core_generators(dev)
+    for chip, (ss, us) in enumerate(zip(per_chip, users)):
         if len(ss) != len(us):
             raise RuntimeError(f"{name}: {len(ss)} seeds for {len(us)} user ids")
         for seed, user in zip(ss, us):
             if not 0 <= user < TILE_SIZE:
                 raise RuntimeError(f"{name}: user id {user} outside 0..31")
-            gens[(chip, user)] = torch.Generator().manual_seed(seed)
-    set_cost(flops=0)
+            _cores_of(sub_core_grids, user + 1, name)
+            if seed != _SKIP_SEED:
+                gens[(chip, user)] = torch.Generator().manual_seed(seed)
     return None
 
 
@@ -143,6 +163,7 @@ def sampling(input_values_tensor, input_indices_tensor, k, p, temp, *, seed=None
     if idx_t.dtype not in (DataType.INT32, DataType.UINT32) or idx_t.layout != Layout.ROW_MAJOR:
         raise RuntimeError(f"{name}: indices must be int32/uint32 ROW_MAJOR")
     one, one2, users, width = vals_t.shape
+    _cores_of(sub_core_grids, users, name)
     if (one, one2) != (1, 1) or users > TILE_SIZE or tuple(idx_t.shape) != tuple(vals_t.shape):
         raise RuntimeError(f"{name}: values/indices must be [1, 1, U<=32, W] and equal")
     if width % TILE_SIZE or (width // TILE_SIZE) & (width // TILE_SIZE - 1):

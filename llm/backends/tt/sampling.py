@@ -77,6 +77,9 @@ class Sampler:
         ttnn = mesh.ttnn
         self.mesh, geo = mesh, cfg.geo
         self.supported = geo.vocab_padded <= TOPK_MAX_WIDTH
+        # the 32 cores the rows draw on (row u on core u), for manual_seed and sampling alike
+        self.cores = ttnn.num_cores_to_corerangeset(
+            TILE, mesh.device.compute_with_storage_grid_size(), row_wise=True)
         self.user_ids = ttnn.from_torch(torch.arange(TILE), dtype=ttnn.uint32,
                                         layout=ttnn.ROW_MAJOR_LAYOUT, device=mesh.device,
                                         memory_config=ttnn.DRAM_MEMORY_CONFIG,
@@ -123,8 +126,8 @@ class Sampler:
         ttnn.deallocate(indices)
         ids = ttnn.untilize(wide, memory_config=dram)  # uint32 ROW_MAJOR [1, 1, 32, 32]
         ttnn.deallocate(wide)
-        ttnn.manual_seed(seeds, user_ids=self.user_ids)
-        out = ttnn.sampling(kept, ids, k, p, temp)  # [1, 1, 1, 32]
+        ttnn.manual_seed(seeds, user_ids=self.user_ids, sub_core_grids=self.cores)
+        out = ttnn.sampling(kept, ids, k, p, temp, sub_core_grids=self.cores)  # [1, 1, 1, 32]
         ttnn.deallocate(kept)
         ttnn.deallocate(ids)
         return out
