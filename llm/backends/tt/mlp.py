@@ -33,12 +33,15 @@ class MLP:
         inner = cfg.geo.hidden * mesh.ndev  # the intermediate size zero-padded to 32 ndev
 
         def put(name: str, group: str, shard_dim: int, memcfg):
-            w = tensors[p + name + ".weight"].float()  # [out, in]
-            wt = F.pad(w.T, (0, inner - w.shape[0]) if shard_dim == 3 else
-                       (0, 0, 0, inner - w.shape[1]))  # [in, out], intermediate padded
-            k, n = wt.shape
-            return weights.tensor(f"layer{layer}_{group}_{k}x{n}", w,
-                                  lambda _: wt.reshape(1, 1, k, n),
+            w = tensors[p + name + ".weight"]  # [out, in]
+            pad = inner - (w.shape[0] if shard_dim == 3 else w.shape[1])
+            k, n = (w.shape[1], inner) if shard_dim == 3 else (inner, w.shape[0])
+
+            def prepare(t: torch.Tensor) -> torch.Tensor:  # [in, out], intermediate padded
+                wt = F.pad(t.float().T, (0, pad) if shard_dim == 3 else (0, 0, 0, pad))
+                return wt.reshape(1, 1, k, n)
+
+            return weights.tensor(f"layer{layer}_{group}_{k}x{n}", w, prepare,
                                   dtype=getattr(prec, group), layout=ttnn.TILE_LAYOUT,
                                   memory_config=memcfg, mapper=mesh.shard(shard_dim))
 
