@@ -68,7 +68,7 @@ class DecodeInputs:
             self.host[name] = value.clone()
             self.host_writes += 1
 
-    def advance(self, next_tokens: torch.Tensor, sampled: bool) -> None:
+    def advance(self, next_tokens: torch.Tensor, sampled: bool = False) -> None:
         """Mirror what the decode graph did on the device: tokens fed back, positions + 1 (and
         the seeds + 1 after a sampling step)."""
         self.host["tokens"] = next_tokens.reshape(1, 1, 1, TILE).clone()
