@@ -12,6 +12,7 @@ from hf_reference import Tolerance, assert_matches, causal_mask, check_failures
 from tt_helpers import (
     MESH_CONFIG,
     MESHES,
+    ODD_MESH_CONFIG,
     QWEN3_MESH_CONFIG,
     RUNTIME,
     TT_CONFIGS,
@@ -31,17 +32,22 @@ from llm.backends.tt.norm import DistributedNorm
 from llm.backends.tt.rope import interleaved_tables
 
 CASES = ([(name, (1, 1)) for name in TT_CONFIGS] + [("mesh", m) for m in MESHES[1:]]
-         + [("qwen3_mesh", (1, 2))])
+         + [("qwen3_mesh", (1, 2))] + [("odd_mesh", m) for m in MESHES])
 # Measured (max over CASES and comparisons): max relative error 3.7e-3 (LM head) .. 8.1e-3 (norm,
 # MLP), 1.2e-2 attention decode, 1.8e-2 decoder layer decode; gain error up to 1.2e-3 (MLP decode),
 # 3.3e-3 (attention and decoder layer decode rows). A 1% scale error moves the gain by ~0.01 (see
 # test_planted_norm_scale_error_fails).
 MODULE = Tolerance(0.999, max_rel=0.02, gain=0.005)
 LAYER = Tolerance(0.998, max_rel=0.025, gain=0.005)
+# ODD_MESH_CONFIG's attention (q/k/v biases, hidden 576): decode max relative error 0.0234 on
+# 1x1, 1x2 and 1x8 alike (the same numbers: the split adds nothing), 0.0139 with its q/k/v
+# biases zeroed; one user's first decode row, the other rows 0.005-0.010.
+BIASED_ATTENTION = Tolerance(0.999, max_rel=0.03, gain=0.005)
 
 
 def _config(name):
-    return {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG}.get(name) or TT_CONFIGS[name]
+    return {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG,
+            "odd_mesh": ODD_MESH_CONFIG}.get(name) or TT_CONFIGS[name]
 
 
 def _x(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -49,11 +55,12 @@ def _x(n: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def _padded(parts, x: torch.Tensor, shard: bool = False):
-    """[n, dim] -> device [1, 1, S_pad, dim] DRAM (split over the mesh width if shard)."""
+    """[n, dim] -> device [1, 1, S_pad, dim] DRAM (split over the mesh width if shard and the
+    prefill residual is fractured)."""
     s = parts.cfg.prefill_length(x.shape[0])
     xp = torch.zeros(1, 1, s, x.shape[1])
     xp[0, 0, :x.shape[0]] = x
-    return put(parts, xp, shard_dim=3 if shard else None)
+    return put(parts, xp, shard_dim=3 if shard and parts.cfg.geo.fractured else None)
 
 
 def _decode_x(parts, rows: torch.Tensor):
@@ -62,6 +69,9 @@ def _decode_x(parts, rows: torch.Tensor):
 
 
 def _read(parts, t, fractured: bool = False) -> torch.Tensor:
+    """A device tensor on the host: reassembled from its width slices if `fractured` and the
+    prefill residual is, else device 0's copy."""
+    fractured = fractured and parts.cfg.geo.fractured
     return (parts.mesh.read_concat(t, 3) if fractured else parts.mesh.read(t)).float()
 
 
@@ -73,7 +83,8 @@ def test_embedding_norm_mlp_lm_head(name, mesh) -> None:
     assert len(parts.cfg.lm_head) > 1  # the vocabulary really is split into chunks
     layer = hf.model.layers[0]
     tokens = torch.randint(0, config.vocab_size, (32,), generator=torch.Generator().manual_seed(1))
-    emb = Embedding(parts.mesh, parts.weights, w["model.embed_tokens.weight"])
+    emb = Embedding(parts.mesh, parts.weights, w["model.embed_tokens.weight"],
+                    parts.cfg.geo.fractured)
     got = _read(parts, emb(ints(parts, tokens.view(1, 1, 1, 32), ttnn.uint32)), fractured=True)
     assert torch.equal(got[0, 0], w["model.embed_tokens.weight"][tokens].bfloat16().float())
 
@@ -81,7 +92,7 @@ def test_embedding_norm_mlp_lm_head(name, mesh) -> None:
     x = _x(s, config.hidden_size, 2)
     norm = DistributedNorm(parts.mesh, parts.weights, parts.cfg, "n",
                            w["model.layers.0.input_layernorm.weight"], config.rms_norm_eps)
-    mlp = MLP(parts.mesh, parts.weights, parts.cfg, w, 0)
+    mlp = MLP(parts.mesh, parts.weights, parts.cfg, w, 0, config.mlp_bias)
     head_w = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     head = LMHead(parts.mesh, parts.weights, parts.cfg, head_w)
     with torch.no_grad():
@@ -204,10 +215,11 @@ def test_attention_prefill_then_paged_decode(name, mesh) -> None:
     xs = [_x(n + steps, config.hidden_size, 10 + u) for u, n in enumerate(lens)]
     refs = [_hf_full(parts, parts.hf.model.layers[0].self_attn, x) for x in xs]
     pre, dec = _run_users(parts, _AttentionLayer(attn), lens, steps, xs, False)
+    tol = BIASED_ATTENTION if name == "odd_mesh" else MODULE
     for u, n in enumerate(lens):
-        assert_matches(pre[u], refs[u][:n], MODULE, u)
+        assert_matches(pre[u], refs[u][:n], tol, u)
         for t in range(steps):
-            assert_matches(dec[t][u], refs[u][n + t], MODULE, (u, t))
+            assert_matches(dec[t][u], refs[u][n + t], tol, (u, t))
 
 
 @pytest.mark.parametrize("name,mesh", CASES)

@@ -20,7 +20,8 @@ LLAMA8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, interme
                       max_position_embeddings=8192)
 
 
-@pytest.mark.parametrize("config,mesh", [(SMOLLM, (1, 1)), (LLAMA8B, (1, 1)), (LLAMA8B, (1, 8))])
+@pytest.mark.parametrize("config,mesh", [(SMOLLM, (1, 1)), (SMOLLM, (1, 2)), (SMOLLM, (1, 8)),
+                                         (LLAMA8B, (1, 1)), (LLAMA8B, (1, 8))])
 def test_decode_matmul_grids_divide_k_and_n(config, mesh) -> None:
     m, _ = open_mesh(mesh, "emulator")
     rt = RuntimeConfig(max_batch=32, max_seq_len=4096, block_size=64)
@@ -50,6 +51,8 @@ def test_prefill_lengths_and_clear_errors() -> None:
     assert _prefill_lengths(8192, 1024, 2048)[-6:] == (992, 1024, 2048, 4096, 6144, 8192)
     assert _prefill_lengths(100, 1024, 2048) == (32, 64, 96, 128)
     m, _ = open_mesh((1, 2), "emulator")
-    with pytest.raises(TTConfigError, match="num_kv_heads 3 must be divisible by 2"):
-        OpConfigs.build(m, SMOLLM, RuntimeConfig(),
-                        precision(m.ttnn, "accuracy", SMOLLM.num_layers))
+    tiny = ModelConfig(arch="llama", vocab_size=64, hidden_size=96, intermediate_size=64,
+                       num_layers=1, num_heads=1, num_kv_heads=1, head_dim=96,
+                       max_position_embeddings=64)
+    with pytest.raises(TTConfigError, match="a mesh of 2 devices exceeds the model's 1 query"):
+        OpConfigs.build(m, tiny, RuntimeConfig(), precision(m.ttnn, "accuracy", 1))

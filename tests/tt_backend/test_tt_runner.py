@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
-from tt_helpers import MESH_CONFIG, QWEN3_MESH_CONFIG, TT_CONFIGS
+from tt_helpers import MESH_CONFIG, ODD_MESH_CONFIG, QWEN3_MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.tt.op_configs import TTConfigError
 from llm.backends.tt.runner import TTBackend, parse_mesh
@@ -23,6 +23,7 @@ from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
 GREEDY = SequenceSampling(SamplingParams(), 0)
+CONFIGS = {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG, "odd_mesh": ODD_MESH_CONFIG}
 # A token counts as greedy when its fp32 logit is within this many bf16 steps (at the size of the
 # maximum) of the max: the tt path rounds activations, partial sums of the mesh's all-reduces and
 # the logits themselves to bf16. Measured: up to 3.4 steps (mesh 1x8, transformers 5.24's init).
@@ -48,11 +49,17 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
 @pytest.mark.parametrize("name,mesh", [("llama_gqa", "1x1"), ("qwen2_bias", "1x1"),
                                        ("qwen3_qk_norm", "1x1"), ("granite_scaled", "1x1"),
                                        ("mistral_nemo_headdim", "1x1"), ("odd_heads", "1x1"),
-                                       ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2")])
+                                       ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2"),
+                                       ("odd_mesh", "1x2"), ("odd_mesh", "1x8")])
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
-    configs = {"mesh": MESH_CONFIG, "qwen3_mesh": QWEN3_MESH_CONFIG}
-    config = configs.get(name) or TT_CONFIGS[name]
+    config = CONFIGS.get(name) or TT_CONFIGS[name]
     model = hf_model(config)
+    for p, o in zip(*_greedy_run(model, config, mesh)):
+        assert_greedy(model, p, o)
+
+
+def _greedy_run(model, config, mesh: str):
+    """(prompts, greedy continuations) of three users decoding together on `mesh`."""
     spec = BackendSpec(Checkpoint(config, state_dict(model), source=None), max_batch=3,
                        max_seq_len=96, block_size=32,
                        options={"mesh": mesh, "implementation": "emulator"})
@@ -60,15 +67,25 @@ def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
     assert isinstance(backend, TTBackend) and f"mesh {mesh}" in backend.describe()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (7, 40, 12)]
-    for p, o in zip(prompts, generate(backend, prompts, 12)):
-        assert_greedy(model, p, o)
+    outs = generate(backend, prompts, 12)
+    backend.close()
+    return prompts, outs
+
+
+def test_default_head_counts_give_the_same_tokens_on_every_mesh() -> None:
+    """The default model's head counts (9 q / 3 kv: query heads padded, KV heads replicated) with
+    every bias: greedy tokens on 1x2 and 1x8 equal those on 1x1."""
+    model = hf_model(ODD_MESH_CONFIG)
+    one = _greedy_run(model, ODD_MESH_CONFIG, "1x1")[1]
+    for mesh in ("1x2", "1x8"):
+        assert _greedy_run(model, ODD_MESH_CONFIG, mesh)[1] == one, mesh
 
 
 def test_clear_errors() -> None:
     config = TT_CONFIGS["llama_gqa"]
     ck = Checkpoint(config, state_dict(hf_model(config)), source=None)
     rt = RuntimeConfig(max_batch=2, max_seq_len=64, block_size=32)
-    with pytest.raises(ValueError, match="num_kv_heads 2 must be divisible by 8"):
+    with pytest.raises(TTConfigError, match="a mesh of 8 devices exceeds the model's 4 query"):
         TTBackend(ck, rt, mesh="1x8", implementation="emulator")
     with pytest.raises(TTConfigError, match="block_size 8 must be a multiple of 32"):
         TTBackend(ck, RuntimeConfig(max_batch=2, max_seq_len=64, block_size=8),
@@ -78,9 +95,9 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="precision"):
         TTBackend(ck, rt, precision_policy="fast", implementation="emulator")
     backend = TTBackend(ck, rt, implementation="emulator")
-    sampled = SequenceSampling(SamplingParams(temperature=0.7, seed=1), 1)
-    with pytest.raises(ValueError, match="temperature=0.7 is not supported by the tt backend"):
-        backend.prefill(PrefillInput(0, [1, 2, 3], 0, [1, 2], sampled))
+    with_logprobs = SequenceSampling(SamplingParams(temperature=0.7, seed=1, logprobs=2), 1)
+    with pytest.raises(ValueError, match="logprobs=2 is not supported by the tt backend"):
+        backend.prefill(PrefillInput(0, [1, 2, 3], 0, [1, 2], with_logprobs))
     with pytest.raises(ValueError, match="multiple of the block size 32"):
         backend.prefill(PrefillInput(0, [1, 2, 3], 5, [1, 2], GREEDY))
     backend.close()

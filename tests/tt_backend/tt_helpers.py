@@ -50,6 +50,14 @@ MESH_CONFIG = ModelConfig(arch="llama", **{**_BASE, "hidden_size": 256, "interme
 MESHES = [(1, 1), (1, 2), (1, 8)]
 # The same split with Qwen3's q/k head norms (their gains replicated on every device).
 QWEN3_MESH_CONFIG = replace(MESH_CONFIG, arch="qwen3", qk_norm=True)
+# The default model's head counts (9 q / 3 kv heads: groups cut by the 1x2 split, 8 devices
+# exceeding the KV heads) and widths (hidden 576, head_dim 64) with every bias (q/k/v, o_proj,
+# MLP); the hidden size fractures over 1x2 but not 1x8, the intermediate size 160 is padded on
+# both.
+ODD_MESH_CONFIG = ModelConfig(arch="llama", **{**_BASE, "num_heads": 9, "num_kv_heads": 3,
+                                               "head_dim": 64, "hidden_size": 576,
+                                               "intermediate_size": 160},
+                              qkv_bias=True, o_bias=True, mlp_bias=True)
 RUNTIME = RuntimeConfig(max_batch=4, max_seq_len=160, block_size=32)
 
 

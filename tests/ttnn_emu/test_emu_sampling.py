@@ -105,3 +105,57 @@ def test_plus_one_in_place(device):
     assert ttnn.to_torch(t).tolist() == [5, 0, 2, 11]
     with pytest.raises(RuntimeError, match="dtype"):
         ttnn.plus_one(on(device, torch.zeros(4), ttnn.bfloat16, RM))
+
+
+def test_manual_seed_per_user_cores(device):
+    """A seeds tensor with a user_ids tensor seeds each user's core: a user's draw depends on
+    its own seed only (the same seed on another core draws the same), and reseeding repeats it."""
+    users = 4
+    vals = torch.zeros(1, 1, users, 64)  # uniform over 64 candidates: draws spread widely
+    idx = torch.arange(64).expand(1, 1, users, 64)
+    tv, ti = on(device, vals), on(device, idx, ttnn.int32, RM)
+    tk = on(device, torch.full((users,), 32), ttnn.int32, RM)
+    one = on(device, torch.ones(users), ttnn.bfloat16, RM)
+    ids = on(device, torch.arange(users), ttnn.uint32, RM)
+
+    def draw(seeds):
+        ttnn.manual_seed(on(device, torch.tensor(seeds), ttnn.uint32, RM), user_ids=ids)
+        return ttnn.to_torch(ttnn.sampling(tv, ti, tk, one, one)).to(torch.int64)[0, 0, 0]
+
+    a = draw([5, 6, 7, 8])
+    assert torch.equal(draw([5, 6, 7, 8]), a)
+    b = draw([8, 7, 6, 5])
+    assert b.tolist() == a.flip(0).tolist()  # the seed decides, not the core
+    firsts = {int(draw([s, 0, 0, 0])[0]) for s in range(20)}
+    assert len(firsts) > 5  # different seeds, different draws
+    with pytest.raises(RuntimeError, match="user_ids"):
+        ttnn.manual_seed(on(device, torch.tensor([1]), ttnn.uint32, RM))
+    with pytest.raises(RuntimeError, match="UINT32"):
+        ttnn.manual_seed(on(device, torch.tensor([1]), ttnn.int32, RM), user_ids=ids)
+
+
+def test_manual_seed_forms(device):
+    """An int seed for the cores listed in a user_ids tensor; UINT32_MAX leaves a core's PRNG
+    as it is; sub_core_grids needs enough cores."""
+    vals = torch.zeros(1, 1, 2, 64)
+    idx = torch.arange(64).expand(1, 1, 2, 64)
+    tv, ti = on(device, vals), on(device, idx, ttnn.int32, RM)
+    tk = on(device, torch.full((2,), 32), ttnn.int32, RM)
+    one = on(device, torch.ones(2), ttnn.bfloat16, RM)
+    ids = on(device, torch.arange(2), ttnn.uint32, RM)
+
+    def draw():
+        return ttnn.to_torch(ttnn.sampling(tv, ti, tk, one, one)).to(torch.int64)[0, 0, 0]
+
+    ttnn.manual_seed(9, user_ids=ids)
+    first, second = draw(), draw()
+    assert first[0] == first[1] and second[0] == second[1]  # both cores seeded alike
+    ttnn.manual_seed(9, user_ids=ids)
+    assert torch.equal(draw(), first)
+    ttnn.manual_seed(0xFFFFFFFF, user_ids=ids)  # skipped: each stream goes on
+    assert torch.equal(draw(), second)
+    grid = ttnn.CoreRangeSet({ttnn.CoreRange(ttnn.CoreCoord(0, 0), ttnn.CoreCoord(0, 0))})
+    with pytest.raises(RuntimeError, match="sub_core_grids has 1 cores, 2 needed"):
+        ttnn.sampling(tv, ti, tk, one, one, sub_core_grids=grid)
+    with pytest.raises(RuntimeError, match="outside 0..31"):
+        ttnn.manual_seed(1, device=device, user_ids=40)

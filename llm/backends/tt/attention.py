@@ -2,9 +2,11 @@
 paged flash-decode), following reference section 9.
 
 Weights: wqkv `[1, 1, dim, (nh + 2 nkv) dh]` with Q/K rows permuted to Meta's interleaved RoPE
-order, per device the columns [Q_i | K_i | V_i] of its heads (column-parallel); wo
+order, per device the columns [Q_i | K_i | V_i] of its heads (column-parallel; which heads, with
+padding heads and replicated KV heads where the counts do not divide the mesh: heads.py); wo
 `[1, 1, nh dh, dim]` split by rows over the devices (row-parallel), its partial sums reduced by
-an all-reduce (decode, replicated residual) or a reduce-scatter (prefill, fractured residual).
+an all-reduce (decode, replicated residual) or a reduce-scatter (prefill, fractured residual),
+the o_proj bias (if any) added once, on device 0, before the reduction.
 With `config.qk_norm` (Qwen3), q and k heads are RMS-normalised over head_dim before RoPE, their
 gains `[dh]` permuted to the interleaved order like the Q/K rows and replicated on every device.
 """
@@ -18,7 +20,7 @@ from llm.backends.tt.mesh import Mesh
 from llm.backends.tt.norm import gain_sticks
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
-from llm.backends.tt.weights import WeightStore, reverse_permute
+from llm.backends.tt.weights import WeightStore, once_bias, reverse_permute
 from llm.model.config import ModelConfig
 
 
@@ -36,13 +38,14 @@ class Attention:
         self.scale = config.attention_scale  # 1/sqrt(head_dim), or Granite's multiplier
         p = f"model.layers.{layer}.self_attn."
         wq, wk, wv = (tensors[p + f"{n}_proj.weight"] for n in ("q", "k", "v"))
-        dim, qkv_all = geo.dim, geo.qkv * nd
+        dim, qkv_all, dh, heads = geo.dim, geo.qkv * nd, geo.head_dim, geo.heads
 
         def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            """Per device [Q_i | K_i | V_i] along the output dim, devices concatenated."""
-            q = reverse_permute(q.float(), config.num_heads)
-            k = reverse_permute(k.float(), config.num_kv_heads)
-            parts = zip(q.chunk(nd, 0), k.chunk(nd, 0), v.float().chunk(nd, 0))
+            """Per device [Q_i | K_i | V_i] of its head slots along the output dim (zero rows
+            for padding heads, replicated KV heads repeated), devices concatenated."""
+            q = heads.q_rows(reverse_permute(q.float(), config.num_heads), dh)
+            k = heads.kv_rows(reverse_permute(k.float(), config.num_kv_heads), dh)
+            parts = zip(q.chunk(nd, 0), k.chunk(nd, 0), heads.kv_rows(v.float(), dh).chunk(nd, 0))
             return torch.cat([torch.cat(qkv, 0) for qkv in parts], 0)  # [qkv_all, ...]
 
         self.wqkv = weights.tensor(
@@ -67,11 +70,15 @@ class Attention:
                             mesh.replicate())
                 for n in ("q", "k"))
         wo = tensors[p + "o_proj.weight"]  # [dim, nh dh]
+        rows = nd * geo.n_heads * dh  # the input rows of every device's head slots
         self.wo = weights.tensor(
-            f"layer{layer}_wo_{wo.shape[1]}x{dim}", wo,
-            lambda t: t.float().T.reshape(1, 1, t.shape[1], dim),
+            f"layer{layer}_wo_{rows}x{dim}", wo,
+            lambda t: heads.q_rows(t.float().T, dh).reshape(1, 1, rows, dim),
             dtype=prec.wo, layout=ttnn.TILE_LAYOUT,
             memory_config=cfg.wo.weight_memcfg, mapper=mesh.shard(2))
+        self.bo = None  # o_proj bias, added once before the mesh's reduction
+        if config.o_bias:
+            self.bo = once_bias(mesh, weights, f"layer{layer}_bo", tensors[p + "o_proj.bias"])
 
     def _norm_heads(self, q, k, decode: bool):
         """q, k heads -> the same heads RMS-normalised over dh with the q_norm / k_norm gains
@@ -147,13 +154,14 @@ class Attention:
                           memory_config=ttnn.L1_WIDTH_SHARDED_MEMORY_CONFIG,
                           dtype=ttnn.bfloat16, compute_kernel_config=self.kernels["wo"])
         ttnn.deallocate(o_cat)
-        return self.mesh.all_reduce_sharded(out, cfg.residual_memcfg)  # [1, 1, B, dim]
+        return self.mesh.all_reduce_sharded(out, cfg.residual_memcfg,
+                                            bias=self.bo)  # [1, 1, B, dim]
 
     # ------------------------------------------------------------------------------ prefill
     def prefill(self, x, rot, page_row, cache_k, cache_v, start: int = 0, fill_row=None):
         """x `[1, 1, S, dim]` (one user's tokens at positions start.., normalised, DRAM) ->
-        `[1, 1, S, dim/ndev]`, the attention output reduce-scattered over the mesh (the full
-        width on one device).
+        `[1, 1, S, dim_local]`, the attention output summed over the mesh (reduce-scattered when the
+        residual is fractured; the full width otherwise).
 
         rot: (cos, sin) `[1, 1, S, dh]` of those positions; page_row int32 `[1, max_blocks]` the
         user's pages. A chunk at start > 0 (a multiple of the block size) writes its K/V through
@@ -197,4 +205,4 @@ class Attention:
         o = ttnn.experimental.nlp_concat_heads(o, memory_config=dram)  # [1, 1, S, nh dh]
         out = prefill_linear(ttnn, cfg, o, self.wo, "wo", cfg.mlp_chunk,
                              kern["wo"])  # [1, 1, S, dim]
-        return self.mesh.reduce_scatter(out, dram)
+        return self.mesh.reduce_prefill(out, dram, geo.fractured, bias=self.bo)

@@ -62,18 +62,35 @@ class Mesh:
             return t
         return self.ttnn.all_reduce(t, memory_config=memory_config)
 
-    def all_reduce_sharded(self, t, memory_config):
+    def all_reduce_sharded(self, t, memory_config, bias=None):
         """Partial sums of a row-parallel decode matmul, L1 width-sharded, summed over the mesh
-        (interleaved in L1 for the all-reduce) and moved into memory_config; frees t."""
+        (interleaved in L1 for the all-reduce) and moved into memory_config; frees t. bias: a
+        row `[1, 1, 1, N]` added to the partial sums (a `once_bias`: device 0's, so once)."""
         ttnn = self.ttnn
-        if self.ndev > 1:
+        if self.ndev > 1 or bias is not None:
             partial = ttnn.sharded_to_interleaved(t, ttnn.L1_MEMORY_CONFIG)
             ttnn.deallocate(t)
+            if bias is not None:
+                biased = ttnn.add(partial, bias, memory_config=ttnn.L1_MEMORY_CONFIG)
+                ttnn.deallocate(partial)
+                partial = biased
             t = self.all_reduce(partial, ttnn.L1_MEMORY_CONFIG)
-            ttnn.deallocate(partial)
+            if t is not partial:
+                ttnn.deallocate(partial)
         out = ttnn.to_memory_config(t, memory_config)
         ttnn.deallocate(t)
         return out
+
+    def reduce_prefill(self, t, memory_config, fractured: bool, bias=None):
+        """Partial sums of a row-parallel prefill matmul `[1, 1, S, N]` summed over the mesh:
+        each device keeps its width slice when the residual is `fractured` (reduce-scatter),
+        else the whole sum (all-reduce). bias as in all_reduce_sharded."""
+        if bias is not None:
+            biased = self.ttnn.add(t, bias, memory_config=memory_config)
+            self.ttnn.deallocate(t)
+            t = biased
+        return self.reduce_scatter(t, memory_config) if fractured else \
+            self.all_reduce(t, memory_config)
 
     def reduce_scatter(self, t, memory_config):
         """Sum of row-parallel partial results, each device keeping its width slice (dim 3)."""

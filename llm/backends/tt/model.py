@@ -1,4 +1,5 @@
-"""The Llama decoder stack in TT-NN: embedding, decoder layers, final norm, LM head, argmax.
+"""The Llama decoder stack in TT-NN: embedding, decoder layers, final norm, LM head, argmax or
+sampling.
 
 Prefill runs one user's padded prompt through every layer (filling its KV pages), keeps only the
 32-row tile holding the last real token, and runs the norm and LM head on that tile. Decode runs
@@ -17,8 +18,9 @@ from llm.backends.tt.lm_head import LMHead
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.mlp import MLP
 from llm.backends.tt.norm import DistributedNorm
-from llm.backends.tt.op_configs import OpConfigs, TTConfigError
+from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
+from llm.backends.tt.sampling import Sampler
 from llm.backends.tt.weights import WeightStore
 from llm.model.config import ModelConfig, RuntimeConfig
 
@@ -42,7 +44,7 @@ class DecoderLayer:
         self.attn = Attention(mesh, weights, cfg, config, tensors, layer, rope)
         self.mlp_norm = DistributedNorm(mesh, weights, cfg, f"layer{layer}_mlp_norm",
                                         tensors[p + "post_attention_layernorm.weight"], eps)
-        self.mlp = MLP(mesh, weights, cfg, tensors, layer)
+        self.mlp = MLP(mesh, weights, cfg, tensors, layer, config.mlp_bias)
         self.residual_memcfg = cfg.residual_memcfg
 
     def decode(self, x, rot, cur_pos, page_table, cache: PagedKVCache):
@@ -50,7 +52,7 @@ class DecoderLayer:
         return self.forward("decode", x, cache, rot=rot, cur_pos=cur_pos, page_table=page_table)
 
     def prefill(self, x, rot, page_row, cache: PagedKVCache, start: int = 0, fill_row=None):
-        """x `[1, 1, S, dim/ndev]` DRAM residual (fractured over the mesh) of the tokens at
+        """x `[1, 1, S, dim_local]` DRAM residual (fractured over the mesh) of the tokens at
         positions start.. -> same (see Attention.prefill for start and fill_row)."""
         return self.forward("prefill", x, cache, rot=rot, page_row=page_row, start=start,
                             fill_row=fill_row)
@@ -89,14 +91,12 @@ class Transformer:
 
     def __init__(self, mesh: Mesh, config: ModelConfig, runtime: RuntimeConfig,
                  tensors: dict[str, torch.Tensor], cfg: OpConfigs, weights: WeightStore) -> None:
-        if config.o_bias or config.mlp_bias:
-            raise TTConfigError("tt backend: o_proj / MLP biases are not implemented "
-                                "(q/k/v biases are)")
         self.mesh, self.config, self.cfg = mesh, config, cfg
         table = tensors["model.embed_tokens.weight"]
         # Granite: the embeddings times embedding_multiplier and the logits over logits_scaling,
         # folded into the embedding table and the LM head (a tied head is its own copy on tt)
-        self.embed = Embedding(mesh, weights, _scaled(table, config.embedding_multiplier))
+        self.embed = Embedding(mesh, weights, _scaled(table, config.embedding_multiplier),
+                               cfg.geo.fractured)
         self.rope = RotarySetup(mesh, config, cfg,
                                 max(cfg.prefill_lengths[-1], runtime.max_seq_len))
         self.layers = [DecoderLayer(mesh, weights, cfg, config, tensors, i, self.rope)
@@ -106,16 +106,17 @@ class Transformer:
         head = table if config.tie_word_embeddings else tensors["lm_head.weight"]
         self.lm_head = LMHead(mesh, weights, cfg, _scaled(head, 1.0 / config.logits_scaling))
         self.cache = PagedKVCache(mesh, cfg, runtime, config.num_layers)
+        self.sampler = Sampler(mesh, cfg)
         weights.save_manifest()
 
     # ------------------------------------------------------------------------------ prefill
     def prefill_hidden(self, tokens, page_row, start: int = 0, fill_row=None):
         """tokens uint32 `[1, 1, 1, S]` (S a padded prefill length) at positions start..,
-        page_row int32 `[1, max_blocks]` -> the final residual `[1, 1, S, dim/ndev]` (KV pages
+        page_row int32 `[1, max_blocks]` -> the final residual `[1, 1, S, dim_local]` (KV pages
         filled). A chunk at start > 0 also needs fill_row, its own pages (Attention.prefill)."""
         s = tokens.shape[-1]
         rot = self.rope.prefill(s, start)
-        x = self.embed(tokens)  # [1, 1, S, dim/ndev]
+        x = self.embed(tokens)  # [1, 1, S, dim_local]
         for layer in self.layers:
             x = layer.prefill(x, rot, page_row, self.cache, start, fill_row)
         return x
@@ -131,28 +132,36 @@ class Transformer:
         ttnn.deallocate(xs)
         return logits
 
-    def prefill(self, tokens, page_row, last_index: int, start: int = 0, fill_row=None):
-        """Greedy next token after a prompt chunk whose last real token is row `last_index` of
-        the chunk: the argmax of the LM head over that tile only; uint32 `[1, 1, 32]` (row
-        last_index % 32)."""
+    def prefill(self, tokens, page_row, last_index: int, start: int = 0, fill_row=None,
+                sampling: dict | None = None):
+        """Next token after a prompt chunk whose last real token is row `last_index` of the
+        chunk, from the LM head over that tile only: uint32 with the token at flat index
+        last_index % 32. Greedy (argmax, `[1, 1, 32]`) unless `sampling` gives the Sampler's
+        device inputs (`[1, 1, 1, 32]`)."""
         hidden = self.prefill_hidden(tokens, page_row, start, fill_row)
         logits = self.tile_logits(hidden, last_index // TILE)
+        if sampling is not None:
+            return self.sampler(logits, **sampling)
         return self.lm_head.argmax(logits)
 
     # ------------------------------------------------------------------------------ decode
-    def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens):
+    def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens,
+               sampling: dict | None = None):
         """One decode step for the B user rows, all on device tensors (trace-safe).
 
         tokens uint32 `[1, 1, 1, 32]` (users in the first B), rot_idxs uint32 `[1, 32]`,
         cur_pos int32 `[B]`,
-        page_table int32 `[B, max_blocks]`. Writes the greedy tokens into next_tokens uint32
+        page_table int32 `[B, max_blocks]`. Writes the next tokens into next_tokens uint32
         `[1, 1, 32]` and feeds them back into tokens, then advances cur_pos (idle rows stay -1)
-        and rot_idxs by one: the next step needs no host write when every user continues."""
+        and rot_idxs by one: the next step needs no host write when every user continues. The
+        tokens are the argmax (greedy fast path) unless `sampling` gives the Sampler's device
+        inputs (k, p, temp, rank_mask, seeds), whose seeds then advance by one too."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, dim = self.cfg.geo.batch, self.cfg.geo.dim
-        emb = self.embed(tokens)  # [1, 1, 32, dim/ndev]
-        full = self.mesh.all_gather(emb, 3, dram)  # replicated residual [1, 1, 32, dim]
+        emb = self.embed(tokens)  # [1, 1, 32, dim_local]
+        full = self.mesh.all_gather(emb, 3, dram) if self.cfg.geo.fractured else emb
+        # full: the replicated residual [1, 1, 32, dim]
         full = ttnn.reshape(full, (1, 1, b, dim), (1, 1, TILE, dim))  # B real rows of the tile
         x = ttnn.to_memory_config(full, self.cfg.residual_memcfg)
         rot = self.rope.decode(rot_idxs)
@@ -164,7 +173,14 @@ class Transformer:
         ttnn.deallocate(h)
         vl = logits.shape[-1]
         rows = ttnn.reshape(logits, (1, 1, TILE, vl), (1, 1, TILE, vl))  # the whole tile again
-        self.lm_head.argmax(rows, output_tensor=next_tokens)
+        if sampling is None:
+            self.lm_head.argmax(rows, output_tensor=next_tokens)
+        else:
+            drawn = self.sampler(rows, **sampling)  # [1, 1, 1, 32]
+            ttnn.to_memory_config(ttnn.reshape(drawn, (1, 1, TILE)), dram,
+                                  output_tensor=next_tokens)
+            ttnn.deallocate(drawn)
+            ttnn.plus_one(sampling["seeds"])
         ttnn.to_memory_config(ttnn.reshape(next_tokens, (1, 1, 1, TILE)), dram,
                               output_tensor=tokens)  # fed back on device
         ttnn.plus_one(cur_pos, skip_negative_entries=True)

@@ -52,14 +52,15 @@ class RMSNorm:
 class DistributedNorm:
     """Prefill norm of activations fractured `[1, 1, S, dim/ndev]` over the mesh; returns the
     full-width normalised `[1, 1, S, dim]` on every device. Decode (replicated residual) uses the
-    plain sharded norm. On one device both are the plain RMSNorm."""
+    plain sharded norm. On one device, or a mesh whose residual is not fractured (the hidden size
+    not a multiple of 32 ndev), both are the plain RMSNorm."""
 
     def __init__(self, mesh: Mesh, weights: WeightStore, cfg: OpConfigs, name: str,
                  gain: torch.Tensor, eps: float) -> None:
         self.mesh, self.cfg, self.eps = mesh, cfg, eps
         self.norm = RMSNorm(mesh, weights, cfg, name, gain, eps)
         self.local_weight = None
-        if mesh.ndev > 1:  # each device's slice of the sticks
+        if cfg.geo.fractured:  # each device's slice of the sticks
             self.local_weight = gain_sticks(
                 mesh, weights, f"{name}_gain_{gain.shape[0]}_split{mesh.ndev}", gain,
                 mesh.shard(2))
@@ -69,8 +70,8 @@ class DistributedNorm:
         return self.norm.decode(x)
 
     def prefill(self, x):
-        """x `[1, 1, S, dim/ndev]` (fractured) -> `[1, 1, S, dim]` on every device."""
-        if self.mesh.ndev == 1:
+        """x `[1, 1, S, dim_local]` (fractured) -> `[1, 1, S, dim]` on every device."""
+        if not self.cfg.geo.fractured:
             return self.norm.prefill(x)
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG

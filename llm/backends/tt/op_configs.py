@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llm.backends.tt.heads import HeadLayout, head_layout
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.precision import Precision
 from llm.model.config import ModelConfig, RuntimeConfig
@@ -50,12 +51,14 @@ class Geometry:
     """Per-device sizes of one model on one mesh."""
 
     dim: int
-    dim_local: int  # residual width per device when activations are fractured (prefill)
-    n_heads: int  # local query heads
-    n_kv: int  # local KV heads
+    dim_local: int  # prefill residual width per device (dim / ndev if fractured, else dim)
+    fractured: bool  # prefill residual split over the mesh's width (dim divides into tiles)
+    heads: HeadLayout  # which query / KV heads each device holds (padding, KV replication)
+    n_heads: int  # local query heads (padding heads included)
+    n_kv: int  # local KV heads (replicas included)
     head_dim: int
     qkv: int  # local fused QKV width
-    hidden: int  # local MLP hidden width
+    hidden: int  # local MLP hidden width (the intermediate size padded to 32 ndev, split)
     vocab: int
     vocab_padded: int  # multiple of 32 * ndev
     vocab_local: int
@@ -63,32 +66,39 @@ class Geometry:
 
 
 def geometry(config: ModelConfig, runtime: RuntimeConfig, ndev: int) -> Geometry:
-    """Check that the model splits over `ndev` devices in tiles; per-device sizes."""
+    """Check that the model lays out over `ndev` devices in tiles; per-device sizes.
+
+    Head counts need not divide the mesh (heads.py pads query heads and replicates KV heads),
+    the intermediate size is zero-padded to a multiple of 32 ndev, and a hidden size that is not
+    a multiple of 32 ndev keeps the prefill residual replicated (all-reduce instead of
+    reduce-scatter) instead of fractured."""
     c = config
     problems = []
-    if c.hidden_size % (TILE * ndev):
-        problems.append(f"hidden_size {c.hidden_size} must be a multiple of 32 x {ndev} devices")
+    if c.hidden_size % TILE:
+        problems.append(f"hidden_size {c.hidden_size} must be a multiple of 32")
     if c.head_dim % TILE:
         problems.append(f"head_dim {c.head_dim} must be a multiple of 32 (rotary_embedding_llama)")
-    if c.num_kv_heads % ndev:
-        problems.append(f"num_kv_heads {c.num_kv_heads} must be divisible by {ndev} devices")
-    if c.intermediate_size % (TILE * ndev):
-        problems.append(f"intermediate_size {c.intermediate_size} must be a multiple of 32 x "
-                        f"{ndev} devices")
+    if ndev > c.num_heads:
+        problems.append(f"a mesh of {ndev} devices exceeds the model's {c.num_heads} query "
+                        "heads")
     if runtime.block_size % TILE:
         problems.append(f"block_size {runtime.block_size} must be a multiple of 32 (paged cache "
                         "pages are whole tiles)")
     if runtime.max_batch > TILE:
         problems.append(f"max_batch {runtime.max_batch} exceeds the 32 users of a decode tile")
-    if (c.num_heads // ndev) > TILE:
-        problems.append(f"{c.num_heads // ndev} query heads per device exceed 32")
+    heads = head_layout(c, ndev) if ndev <= c.num_heads else None
+    if heads is not None and heads.n_heads > TILE:
+        problems.append(f"{heads.n_heads} query heads per device exceed 32")
     if problems:
         raise TTConfigError("tt backend: " + "; ".join(problems))
     vocab_padded = _round_up(c.vocab_size, TILE * ndev)
-    nh, nkv = c.num_heads // ndev, c.num_kv_heads // ndev
+    fractured = ndev > 1 and c.hidden_size % (TILE * ndev) == 0
+    nh, nkv = heads.n_heads, heads.n_kv
     return Geometry(
-        dim=c.hidden_size, dim_local=c.hidden_size // ndev, n_heads=nh, n_kv=nkv,
-        head_dim=c.head_dim, qkv=(nh + 2 * nkv) * c.head_dim, hidden=c.intermediate_size // ndev,
+        dim=c.hidden_size, dim_local=c.hidden_size // ndev if fractured else c.hidden_size,
+        fractured=fractured, heads=heads, n_heads=nh, n_kv=nkv, head_dim=c.head_dim,
+        qkv=(nh + 2 * nkv) * c.head_dim,
+        hidden=_round_up(c.intermediate_size, TILE * ndev) // ndev,
         vocab=c.vocab_size, vocab_padded=vocab_padded, vocab_local=vocab_padded // ndev,
         batch=runtime.max_batch,
     )

@@ -21,6 +21,7 @@ from llm.backends.tt.mesh import TILE
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.precision import POLICIES, default_overrides, precision
+from llm.backends.tt.sampling import host_inputs
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import (
@@ -121,10 +122,12 @@ class TTBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Greedy decoding only (on-device argmax), and none of the features (no logprobs,
-        penalties, logit_bias or min_tokens): sampling on the device is not built yet."""
-        return Capabilities(frozenset({"greedy"}), self.runtime.max_batch,
-                            self.runtime.max_seq_len)
+        """Greedy decoding (on-device argmax) and temperature / top-k / top-p sampling on the
+        device (sampling.py; a vocabulary too wide for one ttnn.topk: greedy only); none of the
+        features (no logprobs, penalties, logit_bias or min_tokens)."""
+        modes = {"greedy"} | ({"temperature", "top_k", "top_p"}
+                              if self.model.sampler.supported else set())
+        return Capabilities(frozenset(modes), self.runtime.max_batch, self.runtime.max_seq_len)
 
     def close(self) -> None:
         """Release the decode trace and close the device (the backend is unusable after).
@@ -177,14 +180,19 @@ class TTBackend(Backend):
         fill_row = None
         if start > 0:
             fill_row = put(pages[:, start // bs:], ttnn.int32)  # this chunk's pages onwards
+        sampling = None
+        if not inp.sampling.params.greedy:  # the row holding the last token draws token start+n
+            row = (n - 1) % TILE
+            sampling = self.model.sampler.put(host_inputs(
+                {row: (inp.sampling.params, inp.sampling.seed, start + n)}))
         out = self.model.prefill(put(tok, ttnn.uint32), put(pages, ttnn.int32), n - 1, start,
-                                 fill_row)  # uint32 [1, 1, 32]
+                                 fill_row, sampling)  # uint32, the token at (n - 1) % 32
         return int(mesh.read(out).reshape(-1)[(n - 1) % TILE].to(torch.int64))
 
     def decode(self, inp: DecodeInput) -> list[int]:
         self._check_call(list(inp.sampling))
         return self.decoder.step(list(inp.slots), list(inp.tokens), list(inp.positions),
-                                 [list(r) for r in inp.page_table])
+                                 [list(r) for r in inp.page_table], list(inp.sampling))
 
     def step_cost(self) -> Any:
         """Per-chip DRAM bytes and FLOPs of the latest traced decode step (emulator only)."""

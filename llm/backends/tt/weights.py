@@ -31,6 +31,22 @@ def reverse_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def once_bias(mesh: Mesh, weights: WeightStore, name: str, bias: torch.Tensor):
+    """A row-parallel layer's bias `[N]` (o_proj, down_proj) as `[1, 1, 1, N]` bf16 on every
+    device, zero except on device 0: added to the partial sums before the mesh's reduction,
+    it is counted once."""
+    ttnn, nd, n = mesh.ttnn, mesh.ndev, bias.shape[0]
+
+    def prepare(b: torch.Tensor) -> torch.Tensor:
+        row = torch.zeros(1, 1, 1, nd * n)
+        row[..., :n] = b.float()
+        return row
+
+    return weights.tensor(f"{name}_once{nd}_{n}", bias, prepare, dtype=ttnn.bfloat16,
+                          layout=ttnn.TILE_LAYOUT, memory_config=ttnn.DRAM_MEMORY_CONFIG,
+                          mapper=mesh.shard(3))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
