@@ -136,8 +136,9 @@ class Capture:
         self._allocated: weakref.WeakSet = weakref.WeakSet()
         self._freed: list = []  # (spec, storage) of buffers freed inside the capture
         self._saved: dict = {}  # storage address -> (storage, its copy before the capture wrote)
-        rng = getattr(device, "_rng", None)
-        self._rng_state = None if rng is None else rng.get_state()
+        # the sampling PRNGs, one per (chip, core) (sampling.py): generators and their states
+        self._rngs = {key: (gen, gen.get_state())
+                      for key, gen in getattr(device, "_core_rngs", {}).items()}
 
     # --- hooks called by tensors and ops ----------------------------------------------------
     def note_alloc(self, tensor: Tensor) -> None:
@@ -209,10 +210,11 @@ class Capture:
         tensors it produced, whose data is undefined until the trace runs."""
         for storage, saved in self._saved.values():
             storage.copy_(saved)
-        if self._rng_state is not None:
-            self.device._rng.set_state(self._rng_state)
-        else:  # a generator first made by the capture run starts fresh at the first replay
-            self.device.__dict__.pop("_rng", None)
+        if hasattr(self.device, "_core_rngs"):  # generators the capture run made or reseeded
+            self.device._core_rngs.clear()  # start fresh at the first replay; the others resume
+            for key, (gen, state) in self._rngs.items():
+                gen.set_state(state)
+                self.device._core_rngs[key] = gen
         external = {s.untyped_storage().data_ptr()
                     for t, buf in self._buffers.items() if not buf.internal for s in buf.shards}
         external |= set(self._saved)
