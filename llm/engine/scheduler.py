@@ -4,14 +4,18 @@ Each step (tech report section 3.4, with chunked prefill):
 
 1. admit: move waiting requests (FIFO) into free batch slots while the KV pool has pages for the
    head's whole budget (prompt + max_new_tokens, capped at max_seq_len); a request that does not fit
-   yet waits, so running out of pages mid-decode cannot happen;
+   yet waits, so running out of pages mid-decode cannot happen. With the prefix cache, a request
+   starts with the cached pages of its prompt's leading chunks (shared, costing no new page) and
+   its prefill starts after them (llm.engine.prefix_cache says which pages and why);
 2. prefill: run at most `prefill_chunk` prompt tokens, in chunks that start at multiples of
    `prefill_chunk` (so a prompt is split the same way whatever else is running); a long prompt is
-   thus prefilled over several steps and the users already decoding are not stalled;
+   thus prefilled over several steps and the users already decoding are not stalled; the pages of
+   each full chunk are then registered in the prefix cache;
 3. decode: one batched decode step for every user whose prompt is done.
 
-A finished or cancelled request frees its slot and pages at once; the next waiting request is
-admitted in the following step while the others keep decoding.
+A finished or cancelled request frees its slot and drops its hold on its pages at once (cached
+ones stay reusable until the pool needs them); the next waiting request is admitted in the
+following step while the others keep decoding.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError, resolve_seed
 from llm.engine.metrics import ServingMetrics
 from llm.engine.paged_kv import OutOfPagesError, PageTable
+from llm.engine.prefix_cache import PrefixCachePolicy
 from llm.engine.sequence import RequestError, RequestOutput, Sequence, StreamEvent
 from llm.model.tokenizer.tokenizer import Tokenizer
 
@@ -41,17 +46,21 @@ class SchedulerConfig:
 
     max_active: batch slots used (None: the backend's max_batch). max_queue: requests allowed to
     wait beyond the active ones (None: unbounded). prefill_chunk: prompt tokens per prefill call
-    and per step.
+    and per step. prefix_cache: reuse the KV pages of prompt prefixes computed by earlier requests
+    (outputs are bit-identical either way; see llm.engine.prefix_cache).
     """
 
     max_active: int | None = None
     max_queue: int | None = None
     prefill_chunk: int = 256
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_limit("max_active", self.max_active, lo=1, optional=True)
         _check_limit("max_queue", self.max_queue, lo=0, optional=True)
         _check_limit("prefill_chunk", self.prefill_chunk, lo=1, optional=False)
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {self.prefix_cache!r}")
 
 
 def _check_limit(name: str, value: object, lo: int, optional: bool) -> None:
@@ -82,12 +91,16 @@ class Scheduler:
 
     def configure(self, config: SchedulerConfig, metrics: ServingMetrics | None = None
                   ) -> tuple[SchedulerConfig, ServingMetrics | None]:
-        """Set the limits and metrics (only while no request is held); returns the previous."""
+        """Set the limits and metrics (only while no request is held; the prefix cache is
+        emptied); returns the previous."""
         if self.has_work:
             raise RuntimeError("the scheduler can be reconfigured only while it holds no request")
         previous = (self.config, self.metrics)
         self.config = config
         self.metrics = metrics
+        self.pages.allocator.clear_cache()
+        self.prefix = (PrefixCachePolicy(self.pages.spec.block_size, config.prefill_chunk)
+                       if config.prefix_cache else None)
         self.max_active = min(config.max_active or self.backend.runtime.max_batch,
                               self.backend.runtime.max_batch)
         self._free_slots = list(range(self.max_active - 1, -1, -1))
@@ -193,17 +206,45 @@ class Scheduler:
         yield events
 
     def _admit(self) -> None:
-        while self.waiting and self._free_slots and self.pages.can_reserve(self.waiting[0].budget):
-            seq = self.waiting.popleft()
+        while self.waiting and self._free_slots:
+            seq = self.waiting[0]
+            shared = self._cached_pages(seq)
+            if not self.pages.can_reserve(seq.budget, shared):
+                break
+            self.waiting.popleft()
             seq.slot = self._free_slots.pop()
-            self.pages.reserve(seq.slot, seq.budget)
+            self.pages.reserve(seq.slot, seq.budget, shared)
+            seq.registered = len(shared)
+            seq.prefilled = seq.out.cached_tokens = len(shared) * self.pages.spec.block_size
             self.active[seq.slot] = seq
             if self.metrics is not None:
-                self.metrics.on_prompt(seq.prompt_len)
+                self.metrics.on_prompt(seq.prompt_len, seq.out.cached_tokens)
         if self.waiting and not self.active:
             raise OutOfPagesError(
                 f"KV pool cannot hold the next request ({self.waiting[0].budget} tokens, "
                 f"{self.pages.allocator.num_free} pages free)")
+
+    def _cached_pages(self, seq: Sequence) -> list[int]:
+        """The cached pages `seq` may start with (none without the prefix cache, or for a request
+        that wants prompt logprobs)."""
+        if self.prefix is None or seq.out.prompt_logprobs is not None:
+            return []
+        if seq.page_keys is None:
+            seq.page_keys = self.prefix.page_keys(seq.out.prompt_token_ids)
+        found = self.pages.allocator.lookup(seq.page_keys)
+        return found[:self.prefix.usable_pages(seq.prompt_len, len(found))]
+
+    def _register(self, seq: Sequence, chunk_len: int) -> None:
+        """Register the pages the prefill chunk just run completed, where they may be cached."""
+        if self.prefix is None or seq.page_keys is None:
+            return
+        upto = self.prefix.registrable_pages(seq.prefilled, chunk_len)
+        if upto <= seq.registered:
+            return
+        pages = self.pages.pages(seq.slot)
+        for i in range(seq.registered, upto):
+            self.pages.allocator.register(pages[i], seq.page_keys[i])
+        seq.registered = upto
 
     def _prefill(self, events: list[StreamEvent]) -> None:
         chunk = self.config.prefill_chunk
@@ -218,12 +259,14 @@ class Scheduler:
                 targets = None
                 if seq.out.prompt_logprobs is not None:
                     targets = prompt[start + 1:start + n + 1]
+                cached = prompt[:start] if start == seq.out.cached_tokens else ()
                 result = self.backend.prefill_step(PrefillInput(
                     seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),
-                    seq.sampling, targets))
+                    seq.sampling, targets, cached))
                 if targets is not None:
                     seq.out.prompt_logprobs.extend(_checked(result.prompt_logprobs, targets))
                 seq.prefilled += n
+                self._register(seq, n)
                 budget -= n
                 if seq.prompt_done:
                     self._accept(seq, result.tokens[0], events,

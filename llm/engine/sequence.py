@@ -28,7 +28,8 @@ class RequestOutput:
     finish_reason: "stop" (EOS, stop token or string), "length", or "cancelled".
     logprobs: one TokenLogprobs per generated token when SamplingParams.logprobs was set, else
     None. prompt_logprobs: one per prompt token (None for the first, which has no context) when
-    SamplingParams.prompt_logprobs was set, else None.
+    SamplingParams.prompt_logprobs was set, else None. cached_tokens: leading prompt tokens whose
+    K/V came from the prefix cache (not computed for this request).
     """
 
     index: int
@@ -40,6 +41,7 @@ class RequestOutput:
     decode_tok_s: float = 0.0
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose K/V are in the cache
+    page_keys: list[bytes] | None = None  # prefix-cache keys of the prompt's full pages
+    registered: int = 0  # leading pages of this request that are in the prefix cache
     emitted: int = 0  # characters of out.text already streamed
     logprobs_emitted: int = 0  # entries of out.logprobs already streamed
     stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there

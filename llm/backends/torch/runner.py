@@ -201,8 +201,11 @@ class TorchBackend(Backend):
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
         tokens = self._tensor(list(inp.tokens))  # [S]
         end = inp.start_pos + len(inp.tokens)
-        if inp.start_pos == 0:
+        if inp.start_pos == len(inp.cached):  # the request's first call
             self.penalties.begin(inp.slot, inp.sampling)
+            if inp.cached:  # a prefix-cache hit: its tokens are prompt tokens too
+                self.penalties.add_prompt(inp.slot, inp.sampling, self._tensor(list(inp.cached)),
+                                          inp.start_pos)
         self.penalties.add_prompt(inp.slot, inp.sampling, tokens, end)
         page_row = self._tensor(list(inp.page_table))
         params = inp.sampling.params

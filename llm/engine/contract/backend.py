@@ -48,6 +48,10 @@ class PrefillInput:
     targets: with prompt logprobs wanted, the prompt tokens that follow each position of this
     chunk (the prompt's tokens start_pos + 1 ..; S - 1 of them in the last chunk), whose
     logprobs the backend returns in StepOutput.prompt_logprobs; None otherwise.
+    cached: on a request's first call that starts past 0 (a prefix-cache hit), the prompt tokens
+    at positions 0 .. start_pos - 1, whose K/V the user's pages already hold (computed for
+    another request); empty otherwise. A request's first call is thus the one with start_pos ==
+    len(cached): where per-request state starts (e.g. the prompt tokens penalties count).
     """
 
     slot: int
@@ -56,6 +60,7 @@ class PrefillInput:
     page_table: Sequence[int]
     sampling: SequenceSampling
     targets: Sequence[int] | None = None
+    cached: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
