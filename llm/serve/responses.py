@@ -104,9 +104,12 @@ class ResponseShape:
         return sse({**self._head(True), "choices": [], "usage": usage(out)})
 
 
-def usage(out: RequestOutput) -> dict[str, int]:
+def usage(out: RequestOutput) -> dict[str, Any]:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens served by the
+    prefix cache."""
     p, c = len(out.prompt_token_ids), len(out.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 def sse(body: dict[str, Any] | str) -> bytes:

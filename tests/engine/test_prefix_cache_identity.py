@@ -17,6 +17,7 @@ import dataclasses
 import random
 
 import pytest
+import torch
 from fakes import FakeTokenizer
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
@@ -28,20 +29,27 @@ from llm.engine.scheduler import SchedulerConfig
 from llm.model.checkpoint.common import Checkpoint
 
 CHUNK = 32  # prefill chunk = page size: hits come in multiples of 32 tokens
-BACKENDS = {"torch": {}, "tt": {"implementation": "emulator"}}
+# name -> (backend, device, dtype, options); torch-cuda: CUDA graphs, Triton kernels, bf16
+BACKENDS = {"torch": ("torch", "cpu", "float32", {}),
+            "tt": ("tt", "cpu", "float32", {"implementation": "emulator"}),
+            "torch-cuda": ("torch", "cuda", "bfloat16", {})}
 
 
 def _backend(name: str):
+    backend, device, dtype, options = BACKENDS[name]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     config = dataclasses.replace(SMALL_CONFIGS["llama_gqa"], hidden_size=128, head_dim=32)
     model = hf_model(config)
-    spec = BackendSpec(Checkpoint(config, state_dict(model), source=None), max_batch=3,
-                       max_seq_len=192, block_size=32, options=BACKENDS[name])
-    return create_backend(name, spec)
+    spec = BackendSpec(Checkpoint(config, state_dict(model), source=None), device=device,
+                       dtype=dtype, max_batch=3, max_seq_len=192, block_size=32,
+                       options=options)
+    return create_backend(backend, spec)
 
 
 def _params(name: str) -> list[SamplingParams]:
     greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    if name == "tt":  # greedy only (its capabilities)
+    if BACKENDS[name][0] == "tt":  # greedy only (its capabilities)
         return [greedy]
     return [greedy,
             SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=6, logprobs=3,
@@ -70,7 +78,7 @@ def _workload(gen: Generator, name: str) -> tuple[list, list]:
         out, = gen.generate([history], _params(name)[0])
         outs.append(out)
         history = history + out.token_ids + tokens(20)
-    if name == "torch":
+    if BACKENDS[name][0] == "torch":
         outs += gen.generate([system + tokens(9)], SamplingParams(max_new_tokens=3,
                                                                    prompt_logprobs=2))
     return outs, together
@@ -91,9 +99,9 @@ def test_outputs_are_bit_identical_with_and_without_the_prefix_cache(name: str) 
     assert all(o.cached_tokens == 0 for o in cold + cold_together)
     hits = [o.cached_tokens for o in warm]
     assert hits[0] == 0 and hits[1:2 * len(_params(name))] == [64] * (2 * len(_params(name)) - 1)
-    chat = hits[-4:-1] if name == "torch" else hits[-3:]
+    chat = hits[-4:-1] if BACKENDS[name][0] == "torch" else hits[-3:]
     assert chat == [64, 64, 96]  # the system prompt, then turn 2's full chunks (134 tokens)
-    if name == "torch":
+    if BACKENDS[name][0] == "torch":
         assert hits[-1] == 0  # prompt logprobs: never from the cache
     assert all(o.cached_tokens == 64 for o in warm_together)
     for c, w in zip(cold, warm, strict=True):
