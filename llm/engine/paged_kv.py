@@ -184,11 +184,12 @@ class PageTable:
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.spec.block_size)
 
-    def can_reserve(self, num_tokens: int, shared: Sequence[int] = ()) -> bool:
-        """Whether `num_tokens` positions fit right now, the first pages being the cached pages
-        `shared` (they cost no new page, but an evictable one is no longer free once shared)."""
+    def can_reserve(self, num_tokens: int, shared: Sequence[int] = (), extra: int = 0) -> bool:
+        """Whether `num_tokens` positions (and `extra` more pages) fit right now, the first pages
+        being the cached pages `shared` (they cost no new page, but an evictable one is no longer
+        free once shared)."""
         alloc = self.allocator
-        missing = self.blocks_needed(num_tokens) - len(shared)
+        missing = self.blocks_needed(num_tokens) - len(shared) + extra
         return missing <= alloc.num_free - sum(alloc.refs(p) == 0 for p in shared)
 
     def reserve(self, slot: int, num_tokens: int, shared: Sequence[int] = ()) -> list[int]:

@@ -31,6 +31,7 @@ from llm.engine.contract.backend import (
     PrefillInput,
     SequenceSampling,
 )
+from llm.engine.contract.outputs import StepOutput
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
@@ -175,6 +176,17 @@ class TTBackend(Backend):
         out = self.model.prefill(put(tok, ttnn.uint32), put(pages, ttnn.int32), n - 1, start,
                                  fill_row)  # uint32 [1, 1, 32]
         return int(mesh.read(out).reshape(-1)[(n - 1) % TILE].to(torch.int64))
+
+    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+        """`prefill`; forks (n > 1) get its token too: every request this backend serves is
+        greedy (its capabilities), so all pick the argmax of the same logits."""
+        self._check_call([f.sampling for f in inp.forks])
+        return StepOutput([self.prefill(inp)] * (1 + len(inp.forks)))
+
+    def copy_pages(self, pairs) -> None:
+        """See the contract (Backend.copy_pages)."""
+        self._check_call([])
+        self.model.cache.copy_pages(list(pairs))
 
     def decode(self, inp: DecodeInput) -> list[int]:
         self._check_call(list(inp.sampling))

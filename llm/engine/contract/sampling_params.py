@@ -6,6 +6,7 @@ declares which of them it can honour in its Capabilities.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Mapping
@@ -48,6 +49,11 @@ class SamplingParams:
     (given as a mapping or pairs; kept as sorted pairs). min_tokens: EOS and stop_token_ids are
     masked until this many tokens were generated, and no stop string ends the request before
     then (vLLM's semantics).
+
+    n: completions of the prompt (its prefill is shared by all of them). best_of: generate this
+    many (>= n; None = n) and return the n with the highest cumulative logprob. Sequence i of a
+    request samples with a seed derived from the request's seed and i (`choice_seed`), so the n
+    samples differ and each is reproducible.
     """
 
     temperature: float = 0.0
@@ -65,6 +71,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     min_tokens: int = 0
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
@@ -101,6 +109,17 @@ class SamplingParams:
         if self.min_tokens > self.max_new_tokens:
             raise SamplingParamsError(f"min_tokens={self.min_tokens} exceeds max_new_tokens="
                                       f"{self.max_new_tokens}", param="min_tokens")
+        _check_int("n", self.n, lo=1)
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, lo=1)
+            if self.best_of < self.n:
+                raise SamplingParamsError(f"best_of={self.best_of} must be >= n={self.n}",
+                                          param="best_of")
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated for the prompt: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:
@@ -152,6 +171,15 @@ def _check_int(name: str, value: object, lo: int) -> None:
                                   param=name.split()[0])
     if value < lo:
         raise SamplingParamsError(f"{name} must be >= {lo}, got {value}", param=name.split()[0])
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of sequence `choice` of a request seeded `seed`: the seed itself for the first,
+    a 63-bit hash of both for the others."""
+    if choice == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{choice}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def resolve_seed(params: SamplingParams) -> int:
