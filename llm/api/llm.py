@@ -102,7 +102,9 @@ class LLM:
     def generate(self, prompts: str | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, chat: bool = False) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); with chat=True each is one user message."""
+        """Complete each prompt (text or token ids); with chat=True each is one user message.
+        One RequestOutput per prompt; with SamplingParams n > 1 (or best_of) it is the first of
+        the prompt's choices, all of which are in its `choices`."""
         return self._leader().generate(_as_list(prompts), params, chat)
 
     def stream(self, prompts: str | Sequence[str | Sequence[int]],

@@ -29,6 +29,9 @@ import math
 from array import array
 from collections.abc import Sequence
 
+from llm.engine.paged_kv import PageTable
+from llm.engine.sequence import Sequence as Request
+
 
 class PrefixCachePolicy:
     """The page keys of prompts and the part of a prompt the cache may serve, for one page size
@@ -64,3 +67,35 @@ class PrefixCachePolicy:
         if chunk_len != self.prefill_chunk:
             return 0
         return prefilled // self.block_size
+
+
+class PrefixCache:
+    """The prefix cache of one scheduler over its page table: which cached pages a request starts
+    with, and registering the pages its prefill chunks complete."""
+
+    def __init__(self, pages: PageTable, prefill_chunk: int) -> None:
+        self.pages = pages
+        self.policy = PrefixCachePolicy(pages.spec.block_size, prefill_chunk)
+
+    def lookup(self, seq: Request) -> list[int]:
+        """The cached pages `seq` may start with (none for a request wanting prompt
+        logprobs)."""
+        if seq.out.prompt_logprobs is not None:
+            return []
+        if seq.page_keys is None:
+            seq.page_keys = self.policy.page_keys(seq.out.prompt_token_ids)
+        found = self.pages.allocator.lookup(seq.page_keys)
+        return found[:self.policy.usable_pages(seq.prompt_len, len(found))]
+
+    def register(self, seq: Request, chunk_len: int) -> None:
+        """Register the pages the prefill chunk of `chunk_len` tokens just run completed, where
+        they may be cached."""
+        if seq.page_keys is None:
+            return
+        upto = self.policy.registrable_pages(seq.prefilled, chunk_len)
+        if upto <= seq.registered:
+            return
+        pages = self.pages.pages(seq.slot)
+        for i in range(seq.registered, upto):
+            self.pages.allocator.register(pages[i], seq.page_keys[i])
+        seq.registered = upto

@@ -42,7 +42,7 @@ from llm.engine.contract.sampling_params import (
 )
 from llm.engine.metrics import ServingMetrics
 from llm.engine.paged_kv import OutOfPagesError, PageTable
-from llm.engine.prefix_cache import PrefixCachePolicy
+from llm.engine.prefix_cache import PrefixCache
 from llm.engine.sequence import RequestError, RequestOutput, Sequence, StreamEvent
 from llm.model.tokenizer.tokenizer import Tokenizer
 
@@ -110,8 +110,7 @@ class Scheduler:
         self.config = config
         self.metrics = metrics
         self.pages.allocator.clear_cache()
-        self.prefix = (PrefixCachePolicy(self.pages.spec.block_size, config.prefill_chunk)
-                       if config.prefix_cache else None)
+        self.prefix = PrefixCache(self.pages, config.prefill_chunk) if config.prefix_cache else None
         self.max_active = min(config.max_active or self.backend.runtime.max_batch,
                               self.backend.runtime.max_batch)
         self._free_slots = list(range(self.max_active - 1, -1, -1))
@@ -202,8 +201,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> StreamEvent | None:
-        """Drop `seq` wherever it is, freeing its slot and pages; its final event, or None if it
-        had already finished.
+        """Drop the request of `seq` (every sequence of it) wherever it is, freeing its slots
+        and pages; its final event, or None if it had already finished.
         """
         group = seq.group
         active = [s for s in group if s.slot >= 0 and self.active.get(s.slot) is s]
@@ -216,7 +215,7 @@ class Scheduler:
             self.waiting.remove(group[0])
         else:
             return None
-        event = seq.cancel()
+        event = next(s for s in group if not s.finished).cancel()  # cancels every one left
         if self.metrics is not None:
             self.metrics.on_finish("cancelled")
         return event
@@ -241,7 +240,7 @@ class Scheduler:
         while self.waiting and len(self._free_slots) >= len(self.waiting[0].group):
             seq = self.waiting[0]
             group = seq.group
-            shared = self._cached_pages(seq)
+            shared = self.prefix.lookup(seq) if self.prefix is not None else []
             extra = self._group_pages(seq.prompt_len, seq.budget, len(group)) - (
                 self.pages.blocks_needed(seq.budget))
             if not self.pages.can_reserve(seq.budget, shared, extra):
@@ -262,28 +261,6 @@ class Scheduler:
             raise OutOfPagesError(
                 f"KV pool cannot hold the next request ({self.waiting[0].budget} tokens, "
                 f"{self.pages.allocator.num_free} pages free)")
-
-    def _cached_pages(self, seq: Sequence) -> list[int]:
-        """The cached pages `seq` may start with (none without the prefix cache, or for a request
-        that wants prompt logprobs)."""
-        if self.prefix is None or seq.out.prompt_logprobs is not None:
-            return []
-        if seq.page_keys is None:
-            seq.page_keys = self.prefix.page_keys(seq.out.prompt_token_ids)
-        found = self.pages.allocator.lookup(seq.page_keys)
-        return found[:self.prefix.usable_pages(seq.prompt_len, len(found))]
-
-    def _register(self, seq: Sequence, chunk_len: int) -> None:
-        """Register the pages the prefill chunk just run completed, where they may be cached."""
-        if self.prefix is None or seq.page_keys is None:
-            return
-        upto = self.prefix.registrable_pages(seq.prefilled, chunk_len)
-        if upto <= seq.registered:
-            return
-        pages = self.pages.pages(seq.slot)
-        for i in range(seq.registered, upto):
-            self.pages.allocator.register(pages[i], seq.page_keys[i])
-        seq.registered = upto
 
     def _prefill(self, events: list[StreamEvent]) -> None:
         chunk = self.config.prefill_chunk
@@ -307,7 +284,8 @@ class Scheduler:
                 if targets is not None:
                     seq.out.prompt_logprobs.extend(_checked(result.prompt_logprobs, targets))
                 seq.prefilled += n
-                self._register(seq, n)
+                if self.prefix is not None:
+                    self.prefix.register(seq, n)
                 budget -= n
                 if seq.prompt_done:
                     self._fork(seq)

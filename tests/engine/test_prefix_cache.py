@@ -115,7 +115,7 @@ def test_concurrent_requests_share_pages_and_admission_counts_them_once() -> Non
     assert big in sched.waiting and a.num_cached == 4
     while not all(s.finished for s in seqs):
         sched.step()
-    keys = sched.prefix.page_keys(SYSTEM[:16])
+    keys = sched.prefix.policy.page_keys(SYSTEM[:16])
     assert a.lookup(keys) == shared and a.num_unused == 6
     sched.step()  # `big` is admitted: 6 unused pages, then the deepest cached page is evicted
     assert big.slot >= 0 and a.lookup(keys) == shared[:3]
