@@ -77,6 +77,22 @@ def test_a_page_aligned_prompt_needs_no_copy_and_groups_wait_for_enough_slots() 
     assert no_leak(sched)
 
 
+def test_a_group_starts_from_a_cached_prefix() -> None:
+    sched, backend = make()
+    system = list(range(1, 17))  # two full 8-token chunks
+    run(sched, sched.make_sequence(0, system + [40, 41], SamplingParams(max_new_tokens=2)))
+    seq = sched.make_sequence(1, system + [50, 51, 52], SamplingParams(n=2, max_new_tokens=3))
+    sched.add(seq)
+    sched.step()
+    assert [s.out.cached_tokens for s in seq.group] == [16, 16]
+    cached = sched.pages.pages(seq.slot)[:4]
+    assert sched.pages.pages(seq.children[0].slot)[:4] == cached
+    assert [sched.pages.allocator.refs(p) for p in cached] == [2] * 4
+    run(sched, seq, add=False)
+    assert all(s.out.token_ids == expected_tokens(system + [50, 51, 52], 3) for s in seq.group)
+    assert no_leak(sched) and sched.pages.allocator.num_cached >= 4
+
+
 def test_cancelling_a_group_frees_every_sequence() -> None:
     sched, _ = make()
     seq = sched.make_sequence(0, list(range(1, 11)), SamplingParams(n=2, max_new_tokens=20))

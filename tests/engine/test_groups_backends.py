@@ -11,6 +11,7 @@ import dataclasses
 import random
 
 import pytest
+import torch
 from fakes import FakeTokenizer
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
@@ -28,17 +29,23 @@ from llm.engine.generator import Generator
 from llm.engine.scheduler import SchedulerConfig
 from llm.model.checkpoint.common import Checkpoint
 
-BACKENDS = {"torch": {}, "tt": {"implementation": "emulator"}}
+# name -> (backend, device, dtype, options); torch-cuda: CUDA graphs, Triton kernels, bf16
+BACKENDS = {"torch": ("torch", "cpu", "float32", {}),
+            "tt": ("tt", "cpu", "float32", {"implementation": "emulator"}),
+            "torch-cuda": ("torch", "cuda", "bfloat16", {})}
 GREEDY = SequenceSampling(SamplingParams(), 0)
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))
 def backend(request):
+    name, device, dtype, options = BACKENDS[request.param]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     config = dataclasses.replace(SMALL_CONFIGS["llama_gqa"], hidden_size=128, head_dim=32)
     spec = BackendSpec(Checkpoint(config, state_dict(hf_model(config)), source=None),
-                       max_batch=4, max_seq_len=128, block_size=32,
-                       options=BACKENDS[request.param])
-    b = create_backend(request.param, spec)
+                       device=device, dtype=dtype, max_batch=4, max_seq_len=128, block_size=32,
+                       options=options)
+    b = create_backend(name, spec)
     yield b
     b.close()
 
@@ -87,7 +94,11 @@ def test_n_choices_continue_one_prefill(backend) -> None:
     alone = gen.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
     group = gen.generate([prompt], SamplingParams(n=3, max_new_tokens=6, ignore_eos=True))[0]
     assert [c.token_ids for c in group.choices] == [alone.token_ids] * 3
-    if backend.name == "torch":
+    if backend.name == "torch":  # the forks' penalty rows start as the prompt's
+        pen = SamplingParams(repetition_penalty=1.8, max_new_tokens=6, ignore_eos=True)
+        alone = gen.generate([prompt], pen)[0]
+        group = gen.generate([prompt], dataclasses.replace(pen, n=2))[0]
+        assert [c.token_ids for c in group.choices] == [alone.token_ids] * 2
         params = SamplingParams(n=3, temperature=1.5, seed=11, max_new_tokens=6,
                                 ignore_eos=True)
         a = gen.generate([prompt], params)[0]
