@@ -185,11 +185,11 @@ class Scheduler:
         seqs[0].children = seqs[1:]
         return seqs[0]
 
-    def _group_pages(self, prompt_len: int, budget: int, m: int, shared: int = 0) -> int:
-        """New pages a request of m sequences takes: the parent's (but `shared` cached ones),
-        and each other sequence's beyond the prompt's full pages (which it shares)."""
+    def _group_pages(self, prompt_len: int, budget: int, m: int) -> int:
+        """Pages a request of m sequences takes: the parent's budget, and each other sequence's
+        beyond the prompt's full pages (which it shares with the parent)."""
         per = self.pages.blocks_needed(budget)
-        return per - shared + (m - 1) * (per - prompt_len // self.pages.spec.block_size)
+        return per + (m - 1) * (per - prompt_len // self.pages.spec.block_size)
 
     def add(self, seq: Sequence) -> None:
         """Queue a validated Sequence; QueueFullError if the configured limit is reached."""
