@@ -1,11 +1,20 @@
 """Load-test the OpenAI-compatible server: N concurrent clients, then a request-rate sweep.
 
 Reports per load point: TTFT p50/p99, inter-token latency p50/p99 (gaps between streamed chunks),
-output tokens/s and requests/s. Starts its own server in-process (default model unless --model),
-or targets a running one with --url.
+output tokens/s and requests/s. Starts its own server in-process (default model unless --model;
+--random 1b: random weights of Llama-3.2-1B's shapes, prompts and outputs as token ids), or
+targets a running one with --url.
+
+--shared-prefix measures the prefix cache instead: every request is one long prefix (a system
+prompt of --prefix-tokens token ids) plus its own --suffix-tokens; the first request computes
+the prefix, the others can find it cached. In-process, it runs twice, on a server with the cache
+and on one without (--url: the running server only), and reports the hit rate (/metrics) and the
+TTFT of the first request and p50/p99 of the others.
 
     python demos/benchmark_serving.py --concurrency 1 4 16 --rates 1 4 --num-requests 32
     python demos/benchmark_serving.py --url http://127.0.0.1:8000 --model-name SmolLM2-135M-Instruct
+    python demos/benchmark_serving.py --shared-prefix --prefix-tokens 512 --num-requests 8  # CPU
+    python demos/benchmark_serving.py --shared-prefix --random 1b --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -19,9 +28,13 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 WORDS = "a quick survey of rivers mountains cities and the people who live near them".split()
 
@@ -53,8 +66,9 @@ def prompt(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-async def one_request(client: httpx.AsyncClient, args, rng: random.Random) -> Sample:
-    body = {"model": args.model_name, "prompt": prompt(rng, args.prompt_words),
+async def one_request(client: httpx.AsyncClient, args, text: str | list[int]) -> Sample:
+    """One streamed greedy completion of `text` (a string or token ids)."""
+    body = {"model": args.model_name, "prompt": text,
             "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     s = Sample()
     t0 = time.perf_counter()
@@ -88,7 +102,7 @@ async def closed_loop(client, args, clients: int) -> tuple[list[Sample], float]:
     async def user(k: int) -> None:
         rng = random.Random(k)
         for _ in range(per_client):
-            samples.append(await one_request(client, args, rng))
+            samples.append(await one_request(client, args, prompt(rng, args.prompt_words)))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(user(k) for k in range(clients)))
@@ -101,7 +115,8 @@ async def open_loop(client, args, rate: float) -> tuple[list[Sample], float]:
     tasks = []
     t0 = time.perf_counter()
     for k in range(args.num_requests):
-        tasks.append(asyncio.create_task(one_request(client, args, random.Random(k))))
+        text = prompt(random.Random(k), args.prompt_words)
+        tasks.append(asyncio.create_task(one_request(client, args, text)))
         await asyncio.sleep(rng.expovariate(rate))
     samples = await asyncio.gather(*tasks)
     return list(samples), time.perf_counter() - t0
@@ -121,7 +136,7 @@ async def run(args, url: str) -> list[Point]:
     points = []
     limits = httpx.Limits(max_connections=1000)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_request(client, args, random.Random(0))  # warm-up
+        await one_request(client, args, prompt(random.Random(0), args.prompt_words))  # warm-up
         for c in args.concurrency:
             samples, wall = await closed_loop(client, args, c)
             points.append(summarize("clients", c, samples, wall))
@@ -143,35 +158,165 @@ def fmt(p: Point) -> str:
             f"{p.itl_p99_ms:>6.0f}ms {p.out_tok_s:>10.1f} {p.req_s:>6.2f}")
 
 
-def start_server(args) -> tuple[str, object]:
-    """Load the model and serve it from a background thread; (url, shutdown callable)."""
+@dataclass
+class PrefixPoint:
+    cache: str
+    requests: int
+    ok: int
+    hit_rate: float
+    first_ttft_ms: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+
+
+async def metric_values(client: httpx.AsyncClient) -> dict[str, float]:
+    """The server's /metrics samples, by name."""
+    text = (await client.get("/metrics")).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def shared_prefix(args, url: str, cache: str) -> PrefixPoint:
+    """--shared-prefix on the server at `url`: a warm-up request of the same length (nothing
+    shared), then the first request with the prefix (it computes it), then the others, from
+    --concurrency's first value of clients."""
+    rng = random.Random(args.seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(10, args.max_token_id) for _ in range(n)]
+
+    prefix = ids(args.prefix_tokens)
+    prompts = [prefix + ids(args.suffix_tokens) for _ in range(args.num_requests)]
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_request(client, args, ids(args.prefix_tokens + args.suffix_tokens))
+        before = await metric_values(client)
+        first = await one_request(client, args, prompts[0])
+        queue = list(prompts[1:])
+        rest: list[Sample] = []
+
+        async def user() -> None:
+            while queue:
+                rest.append(await one_request(client, args, queue.pop()))
+
+        await asyncio.gather(*(user() for _ in range(args.concurrency[0])))
+        after = await metric_values(client)
+    prompt_tokens = after["llm_prompt_tokens_total"] - before["llm_prompt_tokens_total"]
+    hits = (after.get("llm_prefix_cache_hit_tokens_total", 0)
+            - before.get("llm_prefix_cache_hit_tokens_total", 0))
+    ok = [s for s in [first, *rest] if s.status == 200]
+    ttft = np.array([s.ttft_s for s in rest if s.status == 200] or [np.nan]) * 1e3
+    return PrefixPoint(cache, len(prompts), len(ok), hits / prompt_tokens if prompt_tokens else 0,
+                       first.ttft_s * 1e3, float(np.percentile(ttft, 50)),
+                       float(np.percentile(ttft, 99)))
+
+
+PREFIX_HEADER = (f"{'cache':>6} {'ok/req':>8} {'hit rate':>9} {'first TTFT':>11} "
+                 f"{'TTFT p50':>9} {'p99':>8}   (p50/p99: requests 2..N)")
+
+
+def fmt_prefix(p: PrefixPoint) -> str:
+    return (f"{p.cache:>6} {p.ok:>4}/{p.requests:<3} {p.hit_rate:>9.3f} {p.first_ttft_ms:>9.1f}ms "
+            f"{p.ttft_p50_ms:>7.1f}ms {p.ttft_p99_ms:>6.1f}ms")
+
+
+class IdTokenizer:
+    """The tokenizer of a random-weight model: prompts are token ids, token t reads " t"."""
+
+    eos_ids = ()
+
+    @staticmethod
+    def decode(ids, skip_special_tokens: bool = True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+    def stream(self):
+        from llm.model.tokenizer.detokenizer import IncrementalDecoder
+
+        return IncrementalDecoder(self.decode)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise TypeError("a random-weight model has no tokenizer: send token ids")
+
+    def apply_chat_template(self, messages, **kwargs) -> str:
+        raise TypeError("a random-weight model has no chat template: use /v1/completions")
+
+
+def load_model(args) -> SimpleNamespace:
+    """The model to serve: its engine core (`core`) and a description."""
+    import llm
+
+    if args.random is None:
+        model = llm.LLM(args.model, device=args.device, dtype=args.dtype,
+                        max_batch=args.max_batch, max_seq_len=args.max_seq_len, progress=False)
+        return SimpleNamespace(core=model.core, describe=model.backend.describe())
+    import torch
+
+    from demos.benchmark import SHAPES, random_checkpoint
+    from llm.engine.contract.backend import BackendSpec, create_backend
+    from llm.engine.core import EngineCore
+
+    ck = random_checkpoint(SHAPES[args.random], torch.device(args.device),
+                           getattr(torch, args.dtype))
+    backend = create_backend("torch", BackendSpec(ck, device=args.device, dtype=args.dtype,
+                                                  max_batch=args.max_batch,
+                                                  max_seq_len=args.max_seq_len))
+    return SimpleNamespace(core=EngineCore(backend, IdTokenizer()),
+                           describe=f"random {args.random} weights, {backend.describe()}")
+
+
+def start_server(args, model: SimpleNamespace, prefix_cache: bool = True) -> tuple[str, object]:
+    """Serve `model` from a background thread; (url, shutdown callable)."""
     import uvicorn
 
-    import llm
     from llm.engine.async_engine import AsyncEngine
     from llm.engine.scheduler import SchedulerConfig
     from llm.serve import ServerConfig, create_app
     from llm.serve.__main__ import GIL_SWITCH_INTERVAL_S
 
-    model = llm.LLM(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                    max_seq_len=args.max_seq_len, progress=False)
-    print(model.backend.describe(), file=sys.stderr)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     engine = AsyncEngine(model, SchedulerConfig(max_queue=args.max_queue,
-                                                prefill_chunk=args.prefill_chunk))
+                                                prefill_chunk=args.prefill_chunk,
+                                                prefix_cache=prefix_cache))
     app = create_app(engine, ServerConfig(model_name=args.model_name))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.05)
 
     def stop() -> None:
         server.should_exit = True
+        thread.join(10)
         engine.shutdown()
 
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def run_shared_prefix(args) -> list[PrefixPoint]:
+    """--shared-prefix: with and without the cache in-process, or the server at --url."""
+    print(f"{args.num_requests} requests of {args.prefix_tokens} shared + {args.suffix_tokens} "
+          f"own prompt tokens, {args.max_tokens} output tokens, greedy, "
+          f"{args.concurrency[0]} client(s)\n{PREFIX_HEADER}", flush=True)
+    points = []
+    if args.url:
+        points.append(asyncio.run(shared_prefix(args, args.url, "server")))
+        print(fmt_prefix(points[-1]), flush=True)
+        return points
+    args.max_seq_len = max(args.max_seq_len,
+                           args.prefix_tokens + args.suffix_tokens + args.max_tokens)
+    model = load_model(args)
+    print(model.describe, file=sys.stderr)
+    for cache in (True, False):
+        url, stop = start_server(args, model, prefix_cache=cache)
+        try:
+            points.append(asyncio.run(shared_prefix(args, url, "on" if cache else "off")))
+        finally:
+            stop()
+        print(fmt_prefix(points[-1]), flush=True)
+    on, off = points
+    print(f"TTFT p50 with the cache / without: {on.ttft_p50_ms / off.ttft_p50_ms:.3f}")
+    return points
 
 
 def main() -> int:
@@ -191,8 +336,29 @@ def main() -> int:
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--random", default=None, choices=["1b", "8b"],
+                   help="serve random weights of these shapes (torch backend; token-id prompts)")
+    p.add_argument("--shared-prefix", action="store_true",
+                   help="measure the prefix cache (see the module docstring)")
+    p.add_argument("--prefix-tokens", type=int, default=1536, help="--shared-prefix: shared part")
+    p.add_argument("--suffix-tokens", type=int, default=64, help="--shared-prefix: own part")
+    p.add_argument("--max-token-id", type=int, default=32000,
+                   help="--shared-prefix prompts use token ids in [10, this)")
+    p.add_argument("--seed", type=int, default=0, help="--shared-prefix prompts' seed")
     args = p.parse_args()
-    url, stop = (args.url, None) if args.url else start_server(args)
+    if args.random and not args.shared_prefix:
+        p.error("--random serves token-id prompts: it goes with --shared-prefix")
+    if args.shared_prefix:
+        points = run_shared_prefix(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([asdict(pt) for pt in points], f, indent=1)
+        return 0
+    url, stop = args.url, None
+    if not args.url:
+        model = load_model(args)
+        print(model.describe, file=sys.stderr)
+        url, stop = start_server(args, model)
     print(f"{args.num_requests} requests per point, ~{args.prompt_words}-word prompts, "
           f"{args.max_tokens} output tokens, greedy\n{HEADER}", flush=True)
     try:

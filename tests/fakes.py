@@ -11,6 +11,7 @@ from llm.engine.contract.backend import (
     DecodeInput,
     PrefillInput,
 )
+from llm.engine.contract.outputs import StepOutput
 from llm.engine.paged_kv import PageTable, PageTableSpec
 from llm.model.config import RuntimeConfig
 from llm.model.tokenizer.detokenizer import IncrementalDecoder
@@ -52,6 +53,13 @@ class FakeBackend(Backend):
         assert inp.page_table[0] != 0, "prefill into a slot without pages"
         last = inp.start_pos + len(inp.tokens) - 1
         return next_token(inp.tokens[-1], last)
+
+    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+        """The fake model's token for this user and each fork (they share the prompt)."""
+        return StepOutput([self.prefill(inp)] * (1 + len(inp.forks)))
+
+    def copy_pages(self, pairs) -> None:
+        self.calls.append(("copy", tuple(pairs)))
 
     def decode(self, inp: DecodeInput) -> list[int]:
         self.calls.append(("decode", tuple(inp.slots)))

@@ -10,6 +10,7 @@ from llm.engine.contract.backend import BackendSpec, Capabilities, create_backen
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.core import EngineCore
 from llm.engine.generator import Generator, RequestOutput, StreamEvent
+from llm.engine.scheduler import SchedulerConfig
 from llm.model.paths import default_cache_dir
 from llm.model.tokenizer.tokenizer import Tokenizer
 
@@ -28,6 +29,9 @@ class LLM:
     kernels of llm/backends/torch/quant/cpu_kernels.c (Q6_K as a dense copy), in bfloat16 through
     torch's int4/int8 kernels), "int8" / "int4" (a Hugging Face checkpoint's matrices quantized at
     load).
+    prefix_cache: reuse the KV pages of prompt prefixes that earlier requests computed (a shared
+    system prompt, the earlier turns of a chat); outputs are bit-identical with and without it
+    (see llm.engine.prefix_cache). An AsyncEngine on this LLM follows its own SchedulerConfig.
 
     tensor_parallel: split the model over this many processes (torch backend; start them with
     `torchrun --nproc-per-node N`, each constructing the LLM; device "cuda" gives each rank the GPU
@@ -46,7 +50,8 @@ class LLM:
                  num_blocks: int | None = None,
                  cache_dir: str | Path | None = None, progress: bool = True,
                  backend_options: Mapping[str, Any] | None = None,
-                 tensor_parallel: int = 1, weights: str = "auto") -> None:
+                 tensor_parallel: int = 1, weights: str = "auto",
+                 prefix_cache: bool = True) -> None:
         spec = BackendSpec(model=model, device=device, dtype=dtype, max_batch=max_batch,
                            max_seq_len=max_seq_len, block_size=block_size,
                            num_blocks=num_blocks, cache_dir=cache_dir, progress=progress,
@@ -61,7 +66,8 @@ class LLM:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.tokenizer = Tokenizer.from_path(self.backend.source, cache_dir=cache,
                                              digest=self.backend.source_sha256, progress=progress)
-        self.core = EngineCore(self.backend, self.tokenizer)
+        self.core = EngineCore(self.backend, self.tokenizer,
+                               SchedulerConfig(prefix_cache=prefix_cache))
         self.generator = Generator(self.core)
 
     @property
@@ -98,7 +104,9 @@ class LLM:
     def generate(self, prompts: str | Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, chat: bool = False) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); with chat=True each is one user message."""
+        """Complete each prompt (text or token ids); with chat=True each is one user message.
+        One RequestOutput per prompt; with SamplingParams n > 1 (or best_of) it is the first of
+        the prompt's choices, all of which are in its `choices`."""
         return self._leader().generate(_as_list(prompts), params, chat)
 
     def stream(self, prompts: str | Sequence[str | Sequence[int]],

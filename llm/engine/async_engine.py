@@ -107,8 +107,13 @@ class AsyncEngine:
                                lambda: len(self.scheduler.waiting))
         self.metrics.add_gauge("llm_active_slots", "Batch slots running a request",
                                lambda: len(self.scheduler.active))
-        self.metrics.add_gauge("llm_kv_pages_free", "Free KV-cache pages",
-                               lambda: self.scheduler.pages.allocator.num_free)
+        alloc = self.scheduler.pages.allocator
+        self.metrics.add_gauge("llm_kv_pages_free",
+                               "KV-cache pages free (including cached pages no request holds)",
+                               lambda: alloc.num_free)
+        self.metrics.add_gauge("llm_prefix_cache_pages",
+                               "KV-cache pages holding a cached prompt prefix",
+                               lambda: alloc.num_cached)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -85,7 +85,7 @@ class Generator:
         try:
             for seq in seqs:
                 sched.add(seq)
-            while any(not s.finished for s in seqs):
+            while any(not m.finished for s in seqs for m in s.group):
                 yield from sched.step()
         finally:
             for seq in seqs:  # an abandoned stream still returns its slots and pages

@@ -54,6 +54,7 @@ class ServingMetrics:
         self.ttft = Histogram()
         self.itl = Histogram()
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         self.generation_tokens = 0
         self.finished: dict[str, int] = {}
         self.rejected = 0
@@ -66,9 +67,17 @@ class ServingMetrics:
         """Report `read()` as gauge `name` at every render."""
         self.gauges[name] = (help_text, read)
 
-    def on_prompt(self, num_tokens: int) -> None:
+    def on_prompt(self, num_tokens: int, cached_tokens: int = 0) -> None:
+        """A request admitted with a prompt of num_tokens, cached_tokens of them served by the
+        prefix cache."""
         with self._lock:
             self.prompt_tokens += num_tokens
+            self.cached_prompt_tokens += cached_tokens
+
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served by the prefix cache / prompt tokens admitted (0 before any)."""
+        with self._lock:
+            return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def on_token(self, latency_s: float, first: bool) -> None:
         """A generated token; latency_s is the TTFT (first) or the gap since the previous one."""
@@ -115,6 +124,7 @@ class ServingMetrics:
     def render(self) -> str:
         """The Prometheus text format of every metric."""
         rate = self.tokens_per_second()
+        hit_rate = self.prefix_cache_hit_rate()
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, lines: list[str]) -> None:
@@ -128,6 +138,12 @@ class ServingMetrics:
                    [f"llm_generation_tokens_per_second {rate:.3f}"])
             metric("llm_prompt_tokens_total", "counter", "Prompt tokens admitted",
                    [f"llm_prompt_tokens_total {self.prompt_tokens}"])
+            metric("llm_prefix_cache_hit_tokens_total", "counter",
+                   "Prompt tokens whose KV came from the prefix cache",
+                   [f"llm_prefix_cache_hit_tokens_total {self.cached_prompt_tokens}"])
+            metric("llm_prefix_cache_hit_rate", "gauge",
+                   "Prompt tokens served by the prefix cache / prompt tokens admitted",
+                   [f"llm_prefix_cache_hit_rate {hit_rate:.6f}"])
             metric("llm_generation_tokens_total", "counter", "Tokens generated",
                    [f"llm_generation_tokens_total {self.generation_tokens}"])
             metric("llm_requests_finished_total", "counter", "Requests finished, by reason",

@@ -4,18 +4,28 @@ Each step (tech report section 3.4, with chunked prefill):
 
 1. admit: move waiting requests (FIFO) into free batch slots while the KV pool has pages for the
    head's whole budget (prompt + max_new_tokens, capped at max_seq_len); a request that does not fit
-   yet waits, so running out of pages mid-decode cannot happen;
+   yet waits, so running out of pages mid-decode cannot happen. With the prefix cache, a request
+   starts with the cached pages of its prompt's leading chunks (shared, costing no new page) and
+   its prefill starts after them (llm.engine.prefix_cache says which pages and why);
 2. prefill: run at most `prefill_chunk` prompt tokens, in chunks that start at multiples of
    `prefill_chunk` (so a prompt is split the same way whatever else is running); a long prompt is
-   thus prefilled over several steps and the users already decoding are not stalled;
+   thus prefilled over several steps and the users already decoding are not stalled; the pages of
+   each full chunk are then registered in the prefix cache;
 3. decode: one batched decode step for every user whose prompt is done.
 
-A finished or cancelled request frees its slot and pages at once; the next waiting request is
-admitted in the following step while the others keep decoding.
+A request with n > 1 (or best_of) is admitted as a group of sequences in as many slots: the first
+prefills the prompt; the others hold its full prompt pages (shared) and pages of their own, the
+first of which receives a copy of the prompt's last partial page (`Backend.copy_pages`, copy on
+write) when the prompt is done; all pick their first tokens from the prompt's last logits.
+
+A finished or cancelled request frees its slot and drops its hold on its pages at once (cached
+ones stay reusable until the pool needs them); the next waiting request is admitted in the
+following step while the others keep decoding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,13 +34,19 @@ from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, SequenceSampling
+from llm.engine.contract.backend import Backend, DecodeInput, Fork, PrefillInput, SequenceSampling
 from llm.engine.contract.outputs import TokenLogprobs
-from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError, resolve_seed
+from llm.engine.contract.sampling_params import (
+    SamplingParams,
+    SamplingParamsError,
+    choice_seed,
+    resolve_seed,
+)
 from llm.engine.contract.structured import TokenMasks
 from llm.engine.grammar import Grammars
 from llm.engine.metrics import ServingMetrics
 from llm.engine.paged_kv import OutOfPagesError, PageTable
+from llm.engine.prefix_cache import PrefixCache
 from llm.engine.sequence import RequestError, RequestOutput, Sequence, StreamEvent
 from llm.model.tokenizer.tokenizer import Tokenizer
 
@@ -45,17 +61,21 @@ class SchedulerConfig:
 
     max_active: batch slots used (None: the backend's max_batch). max_queue: requests allowed to
     wait beyond the active ones (None: unbounded). prefill_chunk: prompt tokens per prefill call
-    and per step.
+    and per step. prefix_cache: reuse the KV pages of prompt prefixes computed by earlier requests
+    (outputs are bit-identical either way; see llm.engine.prefix_cache).
     """
 
     max_active: int | None = None
     max_queue: int | None = None
     prefill_chunk: int = 256
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_limit("max_active", self.max_active, lo=1, optional=True)
         _check_limit("max_queue", self.max_queue, lo=0, optional=True)
         _check_limit("prefill_chunk", self.prefill_chunk, lo=1, optional=False)
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {self.prefix_cache!r}")
 
 
 def _check_limit(name: str, value: object, lo: int, optional: bool) -> None:
@@ -87,12 +107,15 @@ class Scheduler:
 
     def configure(self, config: SchedulerConfig, metrics: ServingMetrics | None = None
                   ) -> tuple[SchedulerConfig, ServingMetrics | None]:
-        """Set the limits and metrics (only while no request is held); returns the previous."""
+        """Set the limits and metrics (only while no request is held; the prefix cache is
+        emptied); returns the previous."""
         if self.has_work:
             raise RuntimeError("the scheduler can be reconfigured only while it holds no request")
         previous = (self.config, self.metrics)
         self.config = config
         self.metrics = metrics
+        self.pages.allocator.clear_cache()
+        self.prefix = PrefixCache(self.pages, config.prefill_chunk) if config.prefix_cache else None
         self.max_active = min(config.max_active or self.backend.runtime.max_batch,
                               self.backend.runtime.max_batch)
         self._free_slots = list(range(self.max_active - 1, -1, -1))
@@ -128,11 +151,16 @@ class Scheduler:
                 f"{self.max_seq_len} (max_seq_len) and at least one new token must fit"
             )
         budget = min(len(ids) + params.max_new_tokens, self.max_seq_len)
-        if self.pages.blocks_needed(budget) > self.pages.allocator.capacity:
+        m = params.num_sequences
+        name = "best_of" if params.best_of is not None else "n"
+        if m > self.max_active:
+            raise SamplingParamsError(f"{at}{name}={m} sequences run in {m} batch slots at once "
+                                      f"but this engine runs {self.max_active}", param=name)
+        need = self._group_pages(len(ids), budget, m)
+        if need > self.pages.allocator.capacity:
             raise OutOfPagesError(
-                f"{at}needs {self.pages.blocks_needed(budget)} KV pages for {budget} "
-                f"tokens but the pool has only {self.pages.allocator.capacity}"
-            )
+                f"{at}needs {need} KV pages for {m} x {budget} tokens but the pool has only "
+                f"{self.pages.allocator.capacity}")
         bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
         if bad:
             raise SamplingParamsError(f"{at}logit_bias keys {bad[:5]} are not token ids of this "
@@ -141,23 +169,35 @@ class Scheduler:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self._eos)
-        out = RequestOutput(index=index, prompt_token_ids=list(ids))
-        if params.logprobs is not None:
-            out.logprobs = []
-        if params.prompt_logprobs is not None:
-            out.prompt_logprobs = [None]  # the first prompt token has no context
-        grammar = None
+        # best_of ranks sequences by cumulative logprob: the backend computes them for all
+        computed = params
+        if params.best_of is not None and params.best_of > params.n and params.logprobs is None:
+            computed = dataclasses.replace(params, logprobs=0)
+        seed = resolve_seed(params)
+        prompt_logprobs = None if params.prompt_logprobs is None else [None]  # none for token 0
+        grammar = None  # structured output: one sequence per request (SamplingParams checks)
         if params.structured is not None:
             grammar = self.grammars.matcher(params.structured)
-        return Sequence(
-            out=out,
-            params=params,
-            sampling=SequenceSampling(params, resolve_seed(params), tuple(sorted(stop_ids))),
-            budget=budget,
-            detok=self.tokenizer.stream(),
-            stop_ids=frozenset(stop_ids),
-            grammar=grammar,
-        )
+        seqs = []
+        for choice in range(m):
+            out = RequestOutput(index=index, prompt_token_ids=list(ids), choice=choice,
+                                prompt_logprobs=prompt_logprobs)  # one list: the parent fills it
+            if params.logprobs is not None:
+                out.logprobs = []
+            seqs.append(Sequence(
+                out=out, params=params,
+                sampling=SequenceSampling(computed, choice_seed(seed, choice),
+                                          tuple(sorted(stop_ids))),
+                budget=budget, detok=self.tokenizer.stream(), stop_ids=frozenset(stop_ids),
+                parent=seqs[0] if seqs else None, grammar=grammar))
+        seqs[0].children = seqs[1:]
+        return seqs[0]
+
+    def _group_pages(self, prompt_len: int, budget: int, m: int) -> int:
+        """Pages a request of m sequences takes: the parent's budget, and each other sequence's
+        beyond the prompt's full pages (which it shares with the parent)."""
+        per = self.pages.blocks_needed(budget)
+        return per + (m - 1) * (per - prompt_len // self.pages.spec.block_size)
 
     def add(self, seq: Sequence) -> None:
         """Queue a validated Sequence; QueueFullError if the configured limit is reached."""
@@ -169,18 +209,21 @@ class Scheduler:
         self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> StreamEvent | None:
-        """Drop `seq` wherever it is, freeing its slot and pages; its final event, or None if it
-        had already finished.
+        """Drop the request of `seq` (every sequence of it) wherever it is, freeing its slots
+        and pages; its final event, or None if it had already finished.
         """
-        if seq.finished:
+        group = seq.group
+        active = [s for s in group if s.slot >= 0 and self.active.get(s.slot) is s]
+        if all(s.finished for s in group):
             return None
-        if seq.slot >= 0 and self.active.get(seq.slot) is seq:
-            self._retire(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        if active:
+            for s in active:
+                self._retire(s)
+        elif group[0] in self.waiting:
+            self.waiting.remove(group[0])
         else:
             return None
-        event = seq.cancel()
+        event = next(s for s in group if not s.finished).cancel()  # cancels every one left
         if self.metrics is not None:
             self.metrics.on_finish("cancelled")
         return event
@@ -202,13 +245,26 @@ class Scheduler:
         yield events
 
     def _admit(self) -> None:
-        while self.waiting and self._free_slots and self.pages.can_reserve(self.waiting[0].budget):
-            seq = self.waiting.popleft()
-            seq.slot = self._free_slots.pop()
-            self.pages.reserve(seq.slot, seq.budget)
-            self.active[seq.slot] = seq
+        while self.waiting and len(self._free_slots) >= len(self.waiting[0].group):
+            seq = self.waiting[0]
+            group = seq.group
+            shared = self.prefix.lookup(seq) if self.prefix is not None else []
+            extra = self._group_pages(seq.prompt_len, seq.budget, len(group)) - (
+                self.pages.blocks_needed(seq.budget))
+            if not self.pages.can_reserve(seq.budget, shared, extra):
+                break
+            self.waiting.popleft()
+            for s in group:
+                s.slot = self._free_slots.pop()
+                self.active[s.slot] = s
+            self.pages.reserve(seq.slot, seq.budget, shared)
+            prompt_pages = self.pages.pages(seq.slot)[:seq.prompt_len // self.pages.spec.block_size]
+            for child in seq.children:
+                self.pages.reserve(child.slot, child.budget, prompt_pages)
+            seq.registered = len(shared)
+            seq.prefilled = seq.out.cached_tokens = len(shared) * self.pages.spec.block_size
             if self.metrics is not None:
-                self.metrics.on_prompt(seq.prompt_len)
+                self.metrics.on_prompt(seq.prompt_len, seq.out.cached_tokens)
         if self.waiting and not self.active:
             raise OutOfPagesError(
                 f"KV pool cannot hold the next request ({self.waiting[0].budget} tokens, "
@@ -217,7 +273,7 @@ class Scheduler:
     def _prefill(self, events: list[StreamEvent]) -> None:
         chunk = self.config.prefill_chunk
         budget = chunk
-        for seq in [s for s in self.active.values() if not s.prompt_done]:
+        for seq in [s for s in self.active.values() if not s.prompt_done and s.parent is None]:
             while not seq.prompt_done:
                 n = min(chunk, seq.prompt_len - seq.prefilled)  # chunks start at k * chunk
                 if n > budget and budget < chunk:
@@ -227,21 +283,41 @@ class Scheduler:
                 targets = None
                 if seq.out.prompt_logprobs is not None:
                     targets = prompt[start + 1:start + n + 1]
+                cached = prompt[:start] if start == seq.out.cached_tokens else ()
                 last = start + n == seq.prompt_len
+                forks = [Fork(c.slot, c.sampling) for c in seq.children] if last else []
                 masks = self.grammars.masks([seq.grammar]) if last else None
                 with _joined(masks):
                     result = self.backend.prefill_step(PrefillInput(
                         seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),
-                        seq.sampling, targets, masks))
+                        seq.sampling, targets, masks, cached, forks))
                 if targets is not None:
                     seq.out.prompt_logprobs.extend(_checked(result.prompt_logprobs, targets))
                 seq.prefilled += n
+                if self.prefix is not None:
+                    self.prefix.register(seq, n)
                 budget -= n
                 if seq.prompt_done:
-                    self._accept(seq, result.tokens[0], events,
-                                 result.logprobs[0] if result.logprobs else None)
+                    self._fork(seq)
+                    logprobs = result.logprobs or [None] * (1 + len(forks))
+                    for s, token, lp in zip(seq.group, result.tokens, logprobs, strict=True):
+                        self._accept(s, token, events, lp)
                 if budget <= 0:
                     return
+
+    def _fork(self, seq: Sequence) -> None:
+        """The prompt of `seq` is done: its other sequences start from it (the prompt's last
+        partial page copied into each one's own page)."""
+        if not seq.children:
+            return
+        bs = self.pages.spec.block_size
+        if seq.prompt_len % bs:
+            src = self.pages.pages(seq.slot)[seq.prompt_len // bs]
+            self.backend.copy_pages([(src, self.pages.pages(c.slot)[seq.prompt_len // bs])
+                                     for c in seq.children])
+        for c in seq.children:
+            c.prefilled = c.prompt_len
+            c.out.cached_tokens = seq.out.cached_tokens
 
     def _decode(self, events: list[StreamEvent]) -> None:
         batch = [s for s in self.active.values() if s.prompt_done]
@@ -272,7 +348,7 @@ class Scheduler:
             self.metrics.on_token(latency, first)
         if seq.finished:
             self._retire(seq)
-            if self.metrics is not None:
+            if self.metrics is not None and event is not None and event.finished:
                 self.metrics.on_finish(seq.out.finish_reason or "stop")
         if event is not None:
             events.append(event)

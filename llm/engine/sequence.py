@@ -4,6 +4,10 @@ A `Sequence` is created (validated) by the Scheduler and lives until it finishes
 `accept` records each new token, applies the stop conditions (EOS / stop token, stop string, a
 structured output's grammar complete, max_new_tokens, the sequence budget) and returns the text
 delta to stream, holding back text that could still turn out to be the beginning of a stop string.
+
+A request with n > 1 (or best_of) is a group of Sequences over one prompt: the first (the parent)
+prefills it, the others (its `children`) start from its pages and last logits. The request ends
+when every member has: its final event carries the chosen outputs (`RequestOutput.choices`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ class RequestOutput:
     finish_reason: "stop" (EOS, stop token or string), "length", or "cancelled".
     logprobs: one TokenLogprobs per generated token when SamplingParams.logprobs was set, else
     None. prompt_logprobs: one per prompt token (None for the first, which has no context) when
-    SamplingParams.prompt_logprobs was set, else None.
+    SamplingParams.prompt_logprobs was set, else None. cached_tokens: leading prompt tokens whose
+    K/V came from the prefix cache (not computed for this request).
+    choice: this sequence's index among the request's choices. cumulative_logprob: the sum of
+    its tokens' logprobs, where they were computed (logprobs asked for, or best_of). choices: on
+    the output a request with n > 1 or best_of returns, its n choices, best first for best_of
+    (this output is the first of them); None otherwise.
     """
 
     index: int
@@ -41,6 +50,10 @@ class RequestOutput:
     decode_tok_s: float = 0.0
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    cached_tokens: int = 0
+    choice: int = 0
+    cumulative_logprob: float = 0.0
+    choices: list[RequestOutput] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,9 @@ class StreamEvent:
     """New text of one request; `finished` is True on its last event, which carries `output`.
 
     logprobs: those of the tokens generated since the previous event (requests with
-    SamplingParams.logprobs; empty otherwise).
+    SamplingParams.logprobs; empty otherwise). choice: the sequence of the request this text is
+    of (n > 1); choice_finish: its finish_reason when this event ends it (with n > 1 the request
+    ends, `finished`, when its last sequence does).
     """
 
     index: int
@@ -56,6 +71,8 @@ class StreamEvent:
     finished: bool = False
     output: RequestOutput | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
+    choice: int = 0
+    choice_finish: str | None = None
 
 
 @dataclass
@@ -71,16 +88,26 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose K/V are in the cache
+    page_keys: list[bytes] | None = None  # prefix-cache keys of the prompt's full pages
+    registered: int = 0  # leading pages of this request that are in the prefix cache
     emitted: int = 0  # characters of out.text already streamed
     logprobs_emitted: int = 0  # entries of out.logprobs already streamed
     stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there
     t_first: float = 0.0
     t_last: float = 0.0
     grammar: GrammarMatcher | None = None  # with structured output: advanced by each token
+    parent: Sequence | None = None  # n > 1: the sequence that prefills the shared prompt
+    children: list[Sequence] = field(default_factory=list)  # ... and the others, on the parent
 
     @property
     def index(self) -> int:
         return self.out.index
+
+    @property
+    def group(self) -> list[Sequence]:
+        """Every sequence of this request, the parent first."""
+        head = self.parent or self
+        return [head, *head.children]
 
     @property
     def prompt_len(self) -> int:
@@ -114,6 +141,8 @@ class Sequence:
             out.ttft_s = now - self.arrival
         self.t_last = now
         out.token_ids.append(token)
+        if logprobs is not None:
+            out.cumulative_logprob += logprobs.logprob
         if out.logprobs is not None:  # the request asked for them (see Scheduler.make_sequence)
             if logprobs is None or logprobs.token != token:
                 raise RuntimeError(f"the backend returned no logprobs for token {token}")
@@ -146,7 +175,8 @@ class Sequence:
         safe = len(out.text) - self.stop_hold
         if safe <= self.emitted:
             return None
-        event = StreamEvent(out.index, out.text[self.emitted:safe], logprobs=self._new_logprobs())
+        event = StreamEvent(out.index, out.text[self.emitted:safe], logprobs=self._new_logprobs(),
+                            choice=out.choice)
         self.emitted = safe
         return event
 
@@ -157,19 +187,43 @@ class Sequence:
         return new
 
     def cancel(self) -> StreamEvent:
-        """Mark the request cancelled and return its final event (text not yet streamed)."""
-        self.out.finish_reason = "cancelled"
+        """Mark the request (each of its sequences still running) cancelled and return its final
+        event (with this sequence's text not yet streamed)."""
+        for s in self.group:
+            if not s.finished:
+                s.out.finish_reason = "cancelled"
         return self.final_event()
 
     def final_event(self) -> StreamEvent:
+        """The last event of this sequence; it ends the request if no other sequence of the
+        request is still running (then with the request's output)."""
         out = self.out
         n = len(out.token_ids)
         span = self.t_last - self.t_first
         out.decode_tok_s = (n - 1) / span if n > 1 and span > 0 else 0.0
-        event = StreamEvent(out.index, out.text[self.emitted:], finished=True, output=out,
-                            logprobs=self._new_logprobs())
+        group = self.group
+        done = all(s.finished for s in group)
+        event = StreamEvent(out.index, out.text[self.emitted:], finished=done,
+                            output=_chosen(group, self.params) if done else None,
+                            logprobs=self._new_logprobs(), choice=out.choice,
+                            choice_finish=out.finish_reason)
         self.emitted = len(out.text)
         return event
+
+
+def _chosen(group: list[Sequence], params: SamplingParams) -> RequestOutput:
+    """The output a finished request returns: its only sequence's; with n > 1 or best_of, the
+    first of its n choices (best_of: the n of highest cumulative logprob, best first; renumbered
+    0..n-1), all in `choices`."""
+    if len(group) == 1:
+        return group[0].out
+    outs = [s.out for s in group]
+    if params.best_of is not None and params.best_of > params.n:
+        outs = sorted(outs, key=lambda o: -o.cumulative_logprob)[:params.n]
+        for i, o in enumerate(outs):
+            o.choice = i
+    outs[0].choices = outs
+    return outs[0]
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int, floor: int = 0) -> int:

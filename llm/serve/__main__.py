@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests allowed to wait beyond the active ones (then 429)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per scheduler step")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn off automatic prefix caching (reuse of the KV pages of prompt "
+                        "prefixes earlier requests computed; outputs are identical either way)")
     p.add_argument("--api-key", default=os.environ.get("LLM_API_KEY"),
                    help="require this Bearer token (default: $LLM_API_KEY; none = open)")
     p.add_argument("--tp", type=int, default=1,
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sched = SchedulerConfig(max_active=args.max_batch, max_queue=args.max_queue,
-                                prefill_chunk=args.prefill_chunk)
+                                prefill_chunk=args.prefill_chunk,
+                                prefix_cache=not args.no_prefix_cache)
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                         num_blocks=args.num_blocks, tensor_parallel=args.tp,

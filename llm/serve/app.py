@@ -202,18 +202,23 @@ class _Handlers:
 
 async def _sse_events(stream: RequestStream, shape: ResponseShape,
                       include_usage: bool) -> AsyncIterator[bytes]:
-    first = True
+    started: set[int] = set()  # choices whose first chunk went out
     try:
         async for ev in stream:
-            if first and shape.echo is not None:  # the prompt's logprobs are known by now
-                yield shape.echo_chunk(stream.seq.out, usage_field=include_usage)
+            if not started and shape.echo is not None:  # the prompt's logprobs are known by now
+                for index in range(stream.seq.params.n):
+                    yield shape.echo_chunk(stream.seq.out, usage_field=include_usage,
+                                           index=index)
+            first = ev.choice not in started
             if ev.text or ev.logprobs or (first and shape.chat):
                 yield shape.chunk(ev.text, first=first, usage_field=include_usage,
-                                  logprobs=ev.logprobs)
-            first = False
+                                  logprobs=ev.logprobs, index=ev.choice)
+            started.add(ev.choice)
+            if ev.choice_finish is not None:
+                yield shape.chunk("", ev.choice_finish, usage_field=include_usage,
+                                  index=ev.choice)
             if ev.finished:
                 assert ev.output is not None
-                yield shape.chunk("", ev.output.finish_reason, usage_field=include_usage)
                 if include_usage:
                     yield shape.usage_chunk(ev.output)
     except EngineClosedError as e:

@@ -3,15 +3,17 @@
 Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions:
 a string, token ids, or a one-element list of either) or messages (chat), max_tokens
 (max_completion_tokens for chat), temperature, top_p, top_k (extension; -1 or 0 = off), seed, stop,
-stream, stream_options.include_usage, n (1 only), ignore_eos (extension), presence_penalty,
+stream, stream_options.include_usage, n, best_of (completions; not streamed when > n),
+ignore_eos (extension), presence_penalty,
 frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
 (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
 logprobs, the prompt's logprobs too); structured output (structured_output.py): response_format
 (text, json_object, json_schema) and vLLM's guided_json / guided_regex / guided_choice /
-guided_grammar, one at a time. Fields this server cannot honour (n > 1, best_of, suffix, tools /
-functions / tool_choice / function_call, vLLM's structured_outputs and guided_whitespace_pattern,
-prompt_logprobs, chat's echo, stream_options without stream) are refused rather than silently
-ignored; a parameter the backend cannot serve is refused at submission, naming it.
+guided_grammar, one at a time; n choices (best_of on /v1/completions). Fields this server cannot
+honour (suffix, tools / functions / tool_choice / function_call, vLLM's structured_outputs and
+guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream) are
+refused rather than silently ignored; a parameter the backend cannot serve is refused at
+submission, naming it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     logprobs = _chat_logprobs(body) if chat else _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
     echo = _opt_bool(body, "echo") or False
     min_tokens = _opt_int(body, "min_tokens", 0) or 0
+    n = _opt_int(body, "n", 1) or 1
+    best_of = _opt_int(body, "best_of", 1)
+    if best_of is not None and best_of > n and stream:
+        raise ApiError(400, f"best_of={best_of} > n={n} cannot be streamed (the best are known "
+                            "only at the end)", "best_of")
     try:
         params = SamplingParams(
             temperature=_opt_number(body, "temperature", 1.0),
@@ -98,6 +105,8 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             logit_bias=_logit_bias(body.get("logit_bias")),
             min_tokens=min_tokens,
             structured=structured_output(body),
+            n=n,
+            best_of=best_of,
         )
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e
@@ -135,12 +144,8 @@ def _logit_bias(value: Any) -> dict[int, float]:
 
 
 def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise ApiError(400, f"only n=1 is supported, got {short_repr(n)}", "n")
-    for name in ("best_of",):
-        if body.get(name) not in (None, 1):
-            raise ApiError(400, f"'{name}' is not supported (only 1)", name)
+    if chat and body.get("best_of") is not None:
+        raise ApiError(400, "'best_of' is a /v1/completions parameter", "best_of")
     for name in ("suffix", "tools", "functions", "structured_outputs",
                  "guided_whitespace_pattern"):
         if body.get(name) not in (None, False, 0, {}, []):

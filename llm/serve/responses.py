@@ -42,9 +42,15 @@ class ResponseShape:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def full(self, out: RequestOutput) -> dict[str, Any]:
-        """The non-streamed response of a finished request."""
+        """The non-streamed response of a finished request (one choice per returned sequence,
+        n > 1)."""
+        choices = [self._choice(o) for o in (out.choices or [out])]
+        return {**self._head(False), "choices": choices, "usage": usage(out)}
+
+    def _choice(self, out: RequestOutput) -> dict[str, Any]:
+        """One choice of a whole response."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
+            choice = {"index": out.choice, "message": {"role": "assistant", "content": out.text},
                       "finish_reason": out.finish_reason,
                       "logprobs": self._logprobs(out.logprobs or [])}
         else:
@@ -57,23 +63,26 @@ class ResponseShape:
                     tokens = out.prompt_token_ids + tokens
                     entries = list(out.prompt_logprobs or []) + entries
                 logprobs = self.logprobs.completion(tokens, entries)
-            choice = {"index": 0, "text": text, "finish_reason": out.finish_reason,
+            choice = {"index": out.choice, "text": text, "finish_reason": out.finish_reason,
                       "logprobs": logprobs}
-        return {**self._head(False), "choices": [choice], "usage": usage(out)}
+        return choice
 
-    def echo_chunk(self, out: RequestOutput, usage_field: bool = False) -> bytes:
-        """The first SSE event of an echoing completion: the prompt (and its logprobs)."""
+    def echo_chunk(self, out: RequestOutput, usage_field: bool = False, index: int = 0) -> bytes:
+        """The first SSE event of an echoing completion's choice `index`: the prompt (and its
+        logprobs)."""
         assert self.echo is not None and not self.chat
         logprobs = None
         if self.logprobs is not None:
             logprobs = self.logprobs.completion(out.prompt_token_ids, out.prompt_logprobs or [])
-        choice = {"index": 0, "text": self.echo, "finish_reason": None, "logprobs": logprobs}
+        choice = {"index": index, "text": self.echo, "finish_reason": None, "logprobs": logprobs}
         return sse({**self._head(True), "choices": [choice],
                     **({"usage": None} if usage_field else {})})
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
-              usage_field: bool = False, logprobs: Sequence[TokenLogprobs] = ()) -> bytes:
-        """One SSE event carrying a text delta (and the logprobs of its tokens). Usage is never
+              usage_field: bool = False, logprobs: Sequence[TokenLogprobs] = (),
+              index: int = 0) -> bytes:
+        """One SSE event carrying a text delta of choice `index` (and the logprobs of its
+        tokens); first: the choice's first chunk (chat: it carries the role). Usage is never
         in it: with stream_options.include_usage it comes in the extra last chunk (`usage_chunk`)
         and every other chunk has "usage": null (`usage_field`), as OpenAI streams it; without,
         no chunk has the field (a client summing usage over chunks counts it once)."""
@@ -81,10 +90,10 @@ class ResponseShape:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text or not first:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
                       "logprobs": self._logprobs(logprobs) if logprobs else None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason,
+            choice = {"index": index, "text": text, "finish_reason": finish_reason,
                       "logprobs": self._logprobs(logprobs) if logprobs else None}
         body = {**self._head(True), "choices": [choice]}
         if usage_field:
@@ -104,9 +113,12 @@ class ResponseShape:
         return sse({**self._head(True), "choices": [], "usage": usage(out)})
 
 
-def usage(out: RequestOutput) -> dict[str, int]:
-    p, c = len(out.prompt_token_ids), len(out.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def usage(out: RequestOutput) -> dict[str, Any]:
+    """OpenAI's usage object (completion tokens: of every returned choice);
+    prompt_tokens_details.cached_tokens: prompt tokens served by the prefix cache."""
+    p, c = len(out.prompt_token_ids), sum(len(o.token_ids) for o in (out.choices or [out]))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 def sse(body: dict[str, Any] | str) -> bytes:

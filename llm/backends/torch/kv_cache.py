@@ -19,6 +19,12 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
+    @torch.inference_mode()
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy pages src [P] into pages dst [P] in every layer."""
+        for pool in (*self.k, *self.v):
+            pool[dst] = pool[src]
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
               offsets: torch.Tensor) -> None:
         """Store k, v [N, n_kv, hd] at (blocks[i], :, offsets[i]) for each of the N tokens."""

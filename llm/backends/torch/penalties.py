@@ -69,6 +69,14 @@ class SlotPenalties:
             self.stop[slot, torch.tensor(sampling.stop_ids, dtype=torch.int64, device=dev)] = True
 
     @torch.inference_mode()
+    def fork(self, src: int, dst: int) -> None:
+        """Start row `dst` as a copy of row `src`: another user of the same request (the same
+        parameters) after the same prompt."""
+        for t in (self.counts, self.counted, self.in_prompt, self.bias, self.stop, self.min_pos,
+                  self.presence, self.frequency, self.repetition):
+            t[dst] = t[src]
+
+    @torch.inference_mode()
     def add_prompt(self, slot: int, sampling: SequenceSampling, tokens: torch.Tensor,
                    end: int) -> None:
         """One prefill chunk `tokens` [S] of the request in `slot`, ending at position `end`

@@ -209,9 +209,16 @@ class TorchBackend(Backend):
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
         tokens = self._tensor(list(inp.tokens))  # [S]
         end = inp.start_pos + len(inp.tokens)
-        if inp.start_pos == 0:
+        if inp.start_pos == len(inp.cached):  # the request's first call
             self.penalties.begin(inp.slot, inp.sampling)
+            if inp.cached:  # a prefix-cache hit: its tokens are prompt tokens too
+                self.penalties.add_prompt(inp.slot, inp.sampling, self._tensor(list(inp.cached)),
+                                          inp.start_pos)
         self.penalties.add_prompt(inp.slot, inp.sampling, tokens, end)
+        for fork in inp.forks:
+            self.penalties.fork(inp.slot, fork.slot)
+        users = [inp.sampling] + [f.sampling for f in inp.forks]  # who picks from the last logits
+        slots = [inp.slot] + [f.slot for f in inp.forks]
         page_row = self._tensor(list(inp.page_table))
         params = inp.sampling.params
         if inp.targets is not None:
@@ -222,16 +229,23 @@ class TorchBackend(Backend):
                                        all_logits=True)  # [S, V(_local)]
             prompt = prompt_logprobs(self.model.gather_logits(local), params.temperature,
                                      inp.targets, params.prompt_logprobs)
-            out = self._select(local[-1:], [inp.sampling], [inp.slot], [end], full=True,
-                               allowed=inp.allowed)
+            out = self._select(local[-1:].expand(len(users), -1), users, slots,
+                               [end] * len(users), full=True, allowed=inp.allowed)
             return StepOutput(out.tokens, out.logprobs, prompt)
         pg = self.prefill_graphs
         if pg is not None and pg.bucket(len(inp.tokens), inp.start_pos) is not None:
             logits = pg.run(inp.tokens, inp.page_table)  # [V]
         else:
             logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache)
-        return self._select(logits[None], [inp.sampling], [inp.slot], [end],
-                            full_path([inp.sampling]), inp.allowed)
+        return self._select(logits[None].expand(len(users), -1), users, slots,
+                            [end] * len(users), full_path(users), inp.allowed)
+
+    def copy_pages(self, pairs) -> None:
+        """See the contract (Backend.copy_pages)."""
+        self._check_open()
+        if pairs:
+            self.cache.copy_pages(self._tensor([s for s, _ in pairs]),
+                                  self._tensor([d for _, d in pairs]))
 
     def decode(self, inp: DecodeInput) -> list[int]:
         return list(self.decode_step(inp).tokens)

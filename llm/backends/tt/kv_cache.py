@@ -22,6 +22,7 @@ class PagedKVCache:
                  num_layers: int) -> None:
         ttnn = mesh.ttnn
         geo = cfg.geo
+        self.mesh = mesh
         self.block_size = runtime.block_size
         self.num_blocks = runtime.total_blocks
         self.blocks_per_seq = runtime.blocks_per_seq
@@ -36,3 +37,19 @@ class PagedKVCache:
 
         self.k = [pool(i) for i in range(num_layers)]
         self.v = [pool(i) for i in range(num_layers)]
+
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """For each (src, dst): copy page src into page dst in every layer's K and V pool (a
+        page sliced out in the pool's dtype, filled back through a one-page page table)."""
+        ttnn, mesh = self.mesh.ttnn, self.mesh
+        for src, dst in pairs:
+            row = ttnn.from_torch(torch.tensor([[dst]], dtype=torch.int32), dtype=ttnn.int32,
+                                  layout=ttnn.ROW_MAJOR_LAYOUT, device=mesh.device,
+                                  memory_config=ttnn.DRAM_MEMORY_CONFIG,
+                                  mesh_mapper=mesh.replicate())  # [1, 1] page table
+            for pool in (*self.k, *self.v):
+                _, n_kv, bs, hd = pool.shape
+                page = ttnn.slice(pool, (src, 0, 0, 0), (src + 1, n_kv, bs, hd))  # [1, kv, bs, hd]
+                ttnn.experimental.paged_fill_cache(pool, page, row, batch_idx=0)
+                ttnn.deallocate(page)
+            ttnn.deallocate(row)

@@ -132,18 +132,6 @@ class Transformer:
         ttnn.deallocate(xs)
         return logits
 
-    def prefill(self, tokens, page_row, last_index: int, start: int = 0, fill_row=None,
-                sampling: dict | None = None):
-        """Next token after a prompt chunk whose last real token is row `last_index` of the
-        chunk, from the LM head over that tile only: uint32 with the token at flat index
-        last_index % 32. Greedy (argmax, `[1, 1, 32]`) unless `sampling` gives the Sampler's
-        device inputs (`[1, 1, 1, 32]`)."""
-        hidden = self.prefill_hidden(tokens, page_row, start, fill_row)
-        logits = self.tile_logits(hidden, last_index // TILE)
-        if sampling is not None:
-            return self.sampler(logits, **sampling)
-        return self.lm_head.argmax(logits)
-
     # ------------------------------------------------------------------------------ decode
     def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens,
                sampling: dict | None = None):

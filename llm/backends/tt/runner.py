@@ -32,6 +32,7 @@ from llm.engine.contract.backend import (
     PrefillInput,
     SequenceSampling,
 )
+from llm.engine.contract.outputs import StepOutput
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
@@ -158,8 +159,17 @@ class TTBackend(Backend):
 
     def prefill(self, inp: PrefillInput) -> int:
         """One user's prompt, or a chunk of it at start_pos (a multiple of the block size)."""
-        self._check_call([inp.sampling])
-        ttnn, mesh = self.mesh.ttnn, self.mesh
+        return self._prefill(inp, [inp.sampling])[0]
+
+    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+        """`prefill`; forks (n > 1) draw their first tokens from the same last logits, each with
+        its own sampling parameters and seed."""
+        return StepOutput(self._prefill(inp, [inp.sampling] + [f.sampling for f in inp.forks]))
+
+    def _prefill(self, inp: PrefillInput, users: list[SequenceSampling]) -> list[int]:
+        """Run the chunk; then the token each of `users` chooses from its last position."""
+        self._check_call(users)
+        ttnn, mesh, model = self.mesh.ttnn, self.mesh, self.model
         start, n, bs = inp.start_pos, len(inp.tokens), self.runtime.block_size
         if start % bs:
             raise ValueError(f"tt backend: a prefill chunk must start at a multiple of the block "
@@ -180,14 +190,24 @@ class TTBackend(Backend):
         fill_row = None
         if start > 0:
             fill_row = put(pages[:, start // bs:], ttnn.int32)  # this chunk's pages onwards
-        sampling = None
-        if not inp.sampling.params.greedy:  # the row holding the last token draws token start+n
-            row = (n - 1) % TILE
-            sampling = self.model.sampler.put(host_inputs(
-                {row: (inp.sampling.params, inp.sampling.seed, start + n)}))
-        out = self.model.prefill(put(tok, ttnn.uint32), put(pages, ttnn.int32), n - 1, start,
-                                 fill_row, sampling)  # uint32, the token at (n - 1) % 32
-        return int(mesh.read(out).reshape(-1)[(n - 1) % TILE].to(torch.int64))
+        hidden = model.prefill_hidden(put(tok, ttnn.uint32), put(pages, ttnn.int32), start,
+                                      fill_row)  # [1, 1, S, dim_local]
+        logits = model.tile_logits(hidden, (n - 1) // TILE)  # [1, 1, 32, V_local]
+        row = (n - 1) % TILE  # the row holding the last token, which draws token start + n
+        tokens = []
+        for user in users:
+            if user.params.greedy:
+                out = model.lm_head.argmax(logits)  # uint32 [1, 1, 32]
+            else:
+                out = model.sampler(logits, **model.sampler.put(host_inputs(
+                    {row: (user.params, user.seed, start + n)})))  # uint32 [1, 1, 1, 32]
+            tokens.append(int(mesh.read(out).reshape(-1)[row].to(torch.int64)))
+        return tokens
+
+    def copy_pages(self, pairs) -> None:
+        """See the contract (Backend.copy_pages)."""
+        self._check_call([])
+        self.model.cache.copy_pages(list(pairs))
 
     def decode(self, inp: DecodeInput) -> list[int]:
         self._check_call(list(inp.sampling))

@@ -42,6 +42,15 @@ class SequenceSampling:
 
 
 @dataclass(frozen=True)
+class Fork:
+    """Another user starting from the same prompt (a request with n > 1): its batch slot and
+    sampling (the request's parameters, its own seed)."""
+
+    slot: int
+    sampling: SequenceSampling
+
+
+@dataclass(frozen=True)
 class PrefillInput:
     """One user's prompt (or a chunk of it) to run through the model.
 
@@ -52,6 +61,14 @@ class PrefillInput:
     logprobs the backend returns in StepOutput.prompt_logprobs; None otherwise.
     allowed: with a structured-output request, in the chunk that ends the prompt, the mask of
     the token chosen from its last position (row 0); None otherwise.
+    cached: on a request's first call that starts past 0 (a prefix-cache hit), the prompt tokens
+    at positions 0 .. start_pos - 1, whose K/V the user's pages already hold (computed for
+    another request); empty otherwise. A request's first call is thus the one with start_pos ==
+    len(cached): where per-request state starts (e.g. the prompt tokens penalties count).
+    forks: on a prompt's last chunk, other users of the same prompt: their first tokens are
+    chosen from this chunk's last logits too (StepOutput.tokens and .logprobs then hold 1 +
+    len(forks) entries, this user's first), and their per-request state starts as this user's.
+    Their K/V pages are the engine's business (shared pages, `Backend.copy_pages`).
     """
 
     slot: int
@@ -61,6 +78,8 @@ class PrefillInput:
     sampling: SequenceSampling
     targets: Sequence[int] | None = None
     allowed: TokenMasks | None = None
+    cached: Sequence[int] = ()
+    forks: Sequence[Fork] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +148,8 @@ class Capabilities:
                   ("frequency_penalty", params.frequency_penalty != 0.0, "penalties"),
                   ("repetition_penalty", params.repetition_penalty != 1.0, "penalties"),
                   ("logit_bias", bool(params.logit_bias), "logit_bias"),
-                  ("min_tokens", params.min_tokens > 0, "min_tokens")]
+                  ("min_tokens", params.min_tokens > 0, "min_tokens"),
+                  ("best_of", params.num_sequences > params.n, "logprobs")]  # ranks by them
         for name, used, feature in wanted:
             if used and feature not in self.features:
                 raise SamplingParamsError(
@@ -242,6 +262,11 @@ class Backend(ABC):
     def decode_step(self, inp: DecodeInput) -> StepOutput:
         """`decode` with what the requests asked for beyond the tokens (see `prefill_step`)."""
         return StepOutput(self.decode(inp))
+
+    @abstractmethod
+    def copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """For each (src, dst): copy the K/V of page src into page dst, in every layer (the
+        copy-on-write of a prompt's last partial page when n users share the prompt)."""
 
     @abstractmethod
     def describe(self) -> str:

@@ -6,6 +6,7 @@ declares which of them it can honour in its Capabilities.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Mapping
@@ -51,7 +52,12 @@ class SamplingParams:
     (JSON schema, JSON object, regex, choice or grammar): tokens outside it are masked before
     selection and logprobs (so logprobs are those of the constrained distribution), EOS only
     where the grammar may end, and the request stops ("stop") when the grammar is complete.
-    Not with ignore_eos or min_tokens (the grammar decides where the output ends).
+    Not with ignore_eos or min_tokens (the grammar decides where the output ends), nor with n or
+    best_of > 1 (one grammar state per request).
+    n: completions of the prompt (its prefill is shared by all of them). best_of: generate this
+    many (>= n; None = n) and return the n with the highest cumulative logprob. Sequence i of a
+    request samples with a seed derived from the request's seed and i (`choice_seed`), so the n
+    samples differ and each is reproducible.
     """
 
     temperature: float = 0.0
@@ -70,6 +76,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     min_tokens: int = 0
     structured: StructuredOutput | None = None
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
@@ -117,6 +125,22 @@ class SamplingParams:
                     raise SamplingParamsError(f"{name} cannot be combined with structured output "
                                               "(the grammar decides where the output ends)",
                                               param=name)
+        _check_int("n", self.n, lo=1)
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, lo=1)
+            if self.best_of < self.n:
+                raise SamplingParamsError(f"best_of={self.best_of} must be >= n={self.n}",
+                                          param="best_of")
+        if self.structured is not None and self.num_sequences > 1:
+            name = "n" if self.best_of is None else "best_of"
+            raise SamplingParamsError(f"{name}={self.num_sequences} cannot be combined with "
+                                      "structured output yet (one grammar state per request)",
+                                      param=name)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated for the prompt: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:
@@ -168,6 +192,15 @@ def _check_int(name: str, value: object, lo: int) -> None:
                                   param=name.split()[0])
     if value < lo:
         raise SamplingParamsError(f"{name} must be >= {lo}, got {value}", param=name.split()[0])
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of sequence `choice` of a request seeded `seed`: the seed itself for the first,
+    a 63-bit hash of both for the others."""
+    if choice == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{choice}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def resolve_seed(params: SamplingParams) -> int:

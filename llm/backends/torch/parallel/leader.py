@@ -66,6 +66,10 @@ class LeaderBackend(_Rank):
         self._send("decode", inp)
         return self.backend.decode(inp)
 
+    def copy_pages(self, pairs) -> None:
+        self._send("copy_pages", list(pairs))
+        self.backend.copy_pages(pairs)
+
     def prefill_step(self, inp: PrefillInput) -> StepOutput:
         """`prefill` with log probabilities (the followers run the same work in `prefill`)."""
         self._send("prefill", inp)
@@ -110,6 +114,9 @@ class FollowerBackend(_Rank):
     def decode(self, inp: DecodeInput) -> list[int]:
         raise RuntimeError("a tensor-parallel follower runs the leader's calls: call follow()")
 
+    def copy_pages(self, pairs) -> None:
+        raise RuntimeError("a tensor-parallel follower runs the leader's calls: call follow()")
+
     def describe(self) -> str:
         return f"{self.backend.describe()}; follows rank 0"
 
@@ -142,6 +149,8 @@ def follow(backend: Backend, channel: Channel) -> int:
             backend.prefill(inp)
         elif op == "decode":
             backend.decode(inp)
+        elif op == "copy_pages":
+            backend.copy_pages(inp)
         else:
             raise RuntimeError(f"unknown tensor-parallel message {op!r} from the leader")
         calls += 1
