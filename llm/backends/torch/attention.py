@@ -40,13 +40,14 @@ class PrefillMeta:
         """Metadata for S tokens at start_pos.. of a user whose pages are page_row [max_blocks]."""
         device = page_row.device
         pos = torch.arange(start_pos, start_pos + s, device=device)  # [S]
-        cos, sin = rope.gather(pos)
+        cos_table, sin_table, rot_table = rope.tables(start_pos + s)  # LongRoPE: by the end
+        cos, sin = cos_table[pos], sin_table[pos]
         mask = None
         if start_pos > 0:
             keys = torch.arange(start_pos + s, device=device)
             mask = keys[None, :] <= pos[:, None]  # [S, start_pos + S]
         nb = -(-(start_pos + s) // block_size)
-        return cls(start_pos, cos, sin, rope.gather_rot(pos), page_row[pos // block_size],
+        return cls(start_pos, cos, sin, rot_table[pos], page_row[pos // block_size],
                    pos % block_size, page_row[:nb], mask)
 
 
