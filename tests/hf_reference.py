@@ -35,7 +35,8 @@ _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2
 # llama3 RoPE scaling, an explicit head_dim != hidden / heads, odd head counts (9 q / 3 kv), and
 # Phi-3 (fused qkv_proj / gate_up_proj in the checkpoint) plain and with LongRoPE: original context
 # 16, so that the 23-token prompt of the model tests rotates with the long factors, the 9-token
-# one (14 tokens with its decode steps) with the short ones.
+# one (14 tokens with its decode steps) with the short ones; and Phi-4-mini's kind: RoPE on 12 of
+# each head's 16 dims (partial_rotary_factor 0.75) with LongRoPE, tied embeddings.
 SMALL_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
     "llama_mha_tied": ModelConfig(arch="llama", **{**_BASE, "num_kv_heads": 4},
@@ -58,6 +59,11 @@ SMALL_CONFIGS = {
         "longrope", original_max_position_embeddings=16,
         short_factor=(1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8),
         long_factor=(1.0, 1.4, 2.2, 3.5, 5.0, 8.0, 12.0, 20.0),
+        attention_factor=1.1908)),
+    "phi4_mini_partial": ModelConfig(arch="phi3", **_BASE, tie_word_embeddings=True,
+                                     partial_rotary_dim=12, rope_scaling=RopeScaling(
+        "longrope", original_max_position_embeddings=16,
+        short_factor=(1.0, 1.2, 1.5, 2.0, 2.6, 3.3), long_factor=(1.0, 2.0, 4.0, 7.0, 11.0, 16.0),
         attention_factor=1.1908)),
 }
 

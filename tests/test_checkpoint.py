@@ -67,6 +67,12 @@ def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transform
     elif arch == "phi3":
         model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
             **SMALL, tie_word_embeddings=tie, pad_token_id=None, **PHI3_ROPE))
+    elif arch == "phi4_mini":  # Phi-3 with RoPE on 12 of 16 dims
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **SMALL, tie_word_embeddings=tie, pad_token_id=None, partial_rotary_factor=0.75,
+            original_max_position_embeddings=64, rope_scaling={
+                "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                "long_factor": [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]}))
     else:
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie))
@@ -143,7 +149,7 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
         w.add_eos_token_id(config.eos_token_ids[0])
     rs = config.rope_scaling
     if arch == "phi3":  # as llama.cpp's Phi3MiniModel writes it
-        w.add_rope_dimension_count(config.head_dim)
+        w.add_rope_dimension_count(config.rotary_dim)
         w.add_sliding_window(config.sliding_window or 0)
         w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings if rs else
                                         config.max_position_embeddings)
@@ -236,6 +242,7 @@ def cache_files(cache: Path) -> list[str]:
     ("granite", True, None, torch.float32),
     ("phi3", False, "100KB", torch.float32),
     ("phi3", True, None, torch.bfloat16),
+    ("phi4_mini", True, None, torch.float32),
 ])
 def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard, dtype):
     model = hf_model(arch, tie).to(dtype)
@@ -246,7 +253,9 @@ def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard
     assert_same(ck.tensors, hf_state(model))
     assert list(ck.tensors) == list(expected_tensors(ck.config))
     head_dim = QWEN3_HEAD_DIM if arch == "qwen3" else 16
-    assert (ck.config.arch, ck.config.num_kv_heads, ck.config.head_dim) == (arch, 2, head_dim)
+    assert (ck.config.arch, ck.config.num_kv_heads, ck.config.head_dim) == (
+        "phi3" if arch == "phi4_mini" else arch, 2, head_dim)
+    assert ck.config.rotary_dim == (12 if arch == "phi4_mini" else head_dim)
     assert ck.config.tie_word_embeddings == tie
     assert ck.config.qkv_bias == (arch == "qwen2")
     assert ck.config.qk_norm == (arch == "qwen3")
@@ -305,7 +314,7 @@ def test_expected_tensors_of_default_model_config():
 # ---------------------------------------------------------------- GGUF
 @pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False),
                                          ("qwen3", False), ("qwen3", True), ("phi3", False),
-                                         ("phi3", True)])
+                                         ("phi3", True), ("phi4_mini", True)])
 def test_gguf_f32_gives_exact_hf_layout(tmp_path, arch, tie):
     path, ref = tiny_gguf(tmp_path, arch, tie)
     ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)

@@ -247,13 +247,30 @@ def test_phi3_4k_without_scaling_keeps_its_window() -> None:
     assert c.rope_scaling is None and c.max_context == 2047
 
 
-def test_partial_rotary_and_bad_longrope_are_refused() -> None:
-    phi4_mini = {**PHI3_128K, "hidden_size": 3072, "num_attention_heads": 24,
-                 "num_key_value_heads": 8, "partial_rotary_factor": 0.75}
-    with pytest.raises(ConfigError, match="partial_rotary_factor=0.75 .* not supported"):
-        ModelConfig.from_hf_dict(phi4_mini)
+def test_phi4_mini_partial_rotary() -> None:
+    """Phi-4-mini: head_dim 128, RoPE on 96 of its dims (48 LongRoPE factors); the GGUF says it
+    as rope.dimension_count."""
+    phi4_mini = {**PHI3_128K, "num_attention_heads": 24, "num_key_value_heads": 8,
+                 "partial_rotary_factor": 0.75, "tie_word_embeddings": True}
+    c = ModelConfig.from_hf_dict(phi4_mini)
+    assert (c.head_dim, c.rotary_dim, c.partial_rotary_dim) == (128, 96, 96)
+    assert c.attention_scale == 128 ** -0.5  # the factor stays on the rotary dims' cos/sin
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    meta = {**PHI3_GGUF_META, "phi3.attention.head_count": 24, "phi3.attention.head_count_kv": 8}
+    factors = (c.rope_scaling.long_factor, c.rope_scaling.short_factor)
+    assert ModelConfig.from_gguf(meta, {"blk.0.attn_qkv.weight"}, rope_long_short=factors) == c
+    with pytest.raises(ConfigError, match="partial rotation of Q/K rows llama.cpp permuted"):
+        ModelConfig.from_gguf({**GGUF_META, "llama.rope.dimension_count": 32}, set())
+    whole = ModelConfig.from_hf_dict({**phi4_mini, "partial_rotary_factor": 1.0,
+                                      "rope_scaling": None})
+    assert whole.partial_rotary_dim is None and whole.rotary_dim == 128
+    with pytest.raises(ConfigError, match="partial_rotary_dim must be even and in"):
+        ModelConfig.from_hf_dict({**phi4_mini, "partial_rotary_factor": 0.7, "rope_scaling": None})
+
+
+def test_bad_longrope_is_refused() -> None:
     short = {**PHI3_128K["rope_scaling"], "short_factor": [1.0] * 47, "long_factor": [1.0] * 47}
-    with pytest.raises(ConfigError, match="47 values, expected head_dim / 2 = 48"):
+    with pytest.raises(ConfigError, match="47 values, expected rotary dims / 2 = 48"):
         ModelConfig.from_hf_dict({**PHI3_128K, "rope_scaling": short})
     no_long = {k: v for k, v in PHI3_128K["rope_scaling"].items() if k != "long_factor"}
     with pytest.raises(ConfigError, match="'longrope' is missing field 'long_factor'"):
@@ -288,7 +305,3 @@ def test_phi3_longrope_from_gguf() -> None:
             if k != "phi3.rope.scaling.original_context_length"}
     with pytest.raises(ConfigError, match="no 'phi3.rope.scaling.original_context_length'"):
         ModelConfig.from_gguf(meta, {"output.weight"}, rope_long_short=factors)
-    phi4_mini = {**PHI3_GGUF_META, "phi3.attention.head_count": 24,
-                 "phi3.rope.dimension_count": 96}
-    with pytest.raises(ConfigError, match="rope.dimension_count=96 != head_dim 128"):
-        ModelConfig.from_gguf(phi4_mini, {"output.weight"})

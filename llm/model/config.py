@@ -39,7 +39,8 @@ class ModelConfig:
     consult for its names and switches.
 
     qk_norm: per-head RMSNorm of q and k (weights `self_attn.q_norm` / `k_norm`, [head_dim]),
-    applied before RoPE.
+    applied before RoPE. partial_rotary_dim: RoPE rotates only these leading dims of each head
+    (Phi-4-mini; None: all of them; `llm.model.rope.rotary_row_order`).
     Granite's multipliers (1.0 / None elsewhere): the embeddings are multiplied by
     embedding_multiplier, each sublayer's output by residual_multiplier before its residual add,
     the attention scores by attention_multiplier (None: 1/sqrt(head_dim)), and the logits are
@@ -68,6 +69,7 @@ class ModelConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     sliding_window: int | None = None
+    partial_rotary_dim: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -87,11 +89,15 @@ class ModelConfig:
         if architecture(self.arch) is None:
             raise ConfigError(f"unknown architecture {self.arch!r} (known: "
                               f"{', '.join(sorted(a.name for a in ARCHITECTURES))})")
+        d = self.partial_rotary_dim
+        if d is not None and not (0 < d < self.head_dim and d % 2 == 0):
+            raise ConfigError(f"partial_rotary_dim must be even and in (0, head_dim "
+                              f"{self.head_dim}), got {d}")
         rs = self.rope_scaling
         longrope = rs is not None and rs.rope_type == "longrope"
-        if longrope and len(rs.short_factor) * 2 != self.head_dim:
+        if longrope and len(rs.short_factor) * 2 != self.rotary_dim:
             raise ConfigError(f"longrope short/long factors have {len(rs.short_factor)} values, "
-                              f"expected head_dim / 2 = {self.head_dim // 2}")
+                              f"expected rotary dims / 2 = {self.rotary_dim // 2}")
         if not self.spec.multipliers and self.scaled:
             raise ConfigError(f"{self.arch} has no embedding / residual / attention / logits "
                               "multipliers (only granite)")
@@ -110,15 +116,23 @@ class ModelConfig:
                 or self.attention_multiplier is not None or self.logits_scaling != 1.0)
 
     @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each q/k head that RoPE rotates (all of head_dim, or
+        partial_rotary_dim: Phi-4-mini's partial_rotary_factor; the others pass unrotated)."""
+        return self.head_dim if self.partial_rotary_dim is None else self.partial_rotary_dim
+
+    @property
     def attention_scale(self) -> float:
         """The factor of q.k in the attention scores: 1/sqrt(head_dim) or Granite's
-        attention_multiplier, times LongRoPE's attention_factor squared (transformers scales
-        RoPE's cos and sin, so both q and k, by it)."""
+        attention_multiplier; with LongRoPE rotating whole heads, times its attention_factor
+        squared (transformers scales RoPE's cos and sin, so both q and k, by it; with partial
+        rotation it scales the rotated dims only and stays in the cos/sin tables,
+        `llm.model.rope.cos_sin`)."""
         scale = self.head_dim ** -0.5
         if self.attention_multiplier is not None:
             scale = self.attention_multiplier
         rs = self.rope_scaling
-        if rs is not None and rs.rope_type == "longrope":
+        if rs is not None and rs.rope_type == "longrope" and self.partial_rotary_dim is None:
             scale *= rs.attention_factor ** 2
         return scale
 
@@ -183,10 +197,9 @@ class ModelConfig:
         # level.
         rope = cfg.get("rope_parameters") or {}
         partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-        if partial not in (None, 1, 1.0):
-            raise ConfigError(
-                f"{source}: partial_rotary_factor={partial} (RoPE on part of each head, as "
-                "Phi-4-mini) is not supported: every backend rotates whole heads")
+        rotary = None  # transformers rotates int(head_dim * partial_rotary_factor) dims
+        if partial is not None and int(int(head_dim) * float(partial)) != int(head_dim):
+            rotary = int(int(head_dim) * float(partial))
         return cls(
             arch=arch,
             vocab_size=int(need("vocab_size")),
@@ -208,6 +221,7 @@ class ModelConfig:
             **_multipliers(spec, cfg, ("embedding_multiplier", "residual_multiplier",
                                        "attention_multiplier", "logits_scaling")),
             sliding_window=int(sliding) if sliding else None,
+            partial_rotary_dim=rotary,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -268,11 +282,11 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing metadata key {arch + '.vocab_size'!r}")
             vocab = len(tokens)
         rotated = metadata.get(f"{arch}.rope.dimension_count")
-        if rotated is not None and int(rotated) != head_dim:
+        rotated = None if rotated is None or int(rotated) == head_dim else int(rotated)
+        if rotated is not None and spec.gguf_permuted_qk:
             raise ConfigError(
-                f"{source}: {arch}.rope.dimension_count={rotated} != head_dim {head_dim} (RoPE "
-                "on part of each head, as Phi-4-mini) is not supported: every backend rotates "
-                "whole heads")
+                f"{source}: {arch}.rope.dimension_count={rotated} of head_dim {head_dim}: partial "
+                f"rotation of Q/K rows llama.cpp permuted ({arch}) is not supported")
         scaling = rope_scaling_from_gguf(metadata, arch, source, rope_freq_factors,
                                          rope_long_short)
         eos_ids = tuple(dict.fromkeys(
@@ -300,6 +314,7 @@ class ModelConfig:
             **_multipliers(spec, metadata, (f"{arch}.embedding_scale", f"{arch}.residual_scale",
                                             f"{arch}.attention.scale", f"{arch}.logit_scale")),
             sliding_window=int(sliding) if sliding else None,
+            partial_rotary_dim=rotated,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -350,6 +365,8 @@ class ModelConfig:
             d["sliding_window"] = self.sliding_window
             if spec.sliding_window == "flag":
                 d["use_sliding_window"] = True
+        if self.partial_rotary_dim is not None:
+            d["partial_rotary_factor"] = self.partial_rotary_dim / self.head_dim
         rope_scaling = rope_scaling_to_hf(self.rope_scaling)
         if rope_scaling is not None:
             d["rope_scaling"] = rope_scaling

@@ -86,6 +86,9 @@ def test_embedding_norm_mlp_lmhead(name: str, dt: str) -> None:
 def test_rope(name: str, dt: str) -> None:
     dtype, tol = DTYPES[dt]
     config, model, _ = _setup(name, dtype)
+    if config.partial_rotary_dim is not None:
+        pytest.skip("partial rotation reorders q/k rows (its tables are not transformers'): "
+                    "tested through attention, decoder layer and model")
     positions = torch.tensor([0, 1, 5, 63, 64, 100, 300, 511])
     x = _hidden(config, len(positions), dtype)
     rope = RotaryEmbedding(config, config.max_position_embeddings, "cpu", dtype)

@@ -149,16 +149,18 @@ def test_gguf_greedy_tokens_equal_transformers(tmp_path, name: str) -> None:
         assert o == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("name", ["phi3_longrope", "phi4_mini_partial"])
 @pytest.mark.parametrize("source", ["hf", "gguf"])
-def test_longrope_greedy_tokens_equal_transformers(tmp_path, source: str) -> None:
-    """Phi-3 with LongRoPE (original context 16), from its tensors or from a GGUF written as
-    llama.cpp writes Phi-3 (attn_qkv, 2 x intermediate ffn_up, rope_factors_long/short): a user
-    whose prompt is past the original context (long factors throughout) and one that stays
-    within it (short factors throughout) decode transformers' greedy tokens (full forward of the
-    whole sequence per step)."""
+def test_longrope_greedy_tokens_equal_transformers(tmp_path, source: str, name: str) -> None:
+    """Phi-3 with LongRoPE (original context 16), or Phi-4-mini's kind (also RoPE on 12 of 16
+    dims), from its tensors or from a GGUF written as llama.cpp writes Phi-3 (attn_qkv,
+    2 x intermediate ffn_up, rope_factors_long/short, rope.dimension_count): a user whose prompt
+    is past the original context (long factors throughout) and one that stays within it (short
+    factors throughout) decode transformers' greedy tokens (full forward of the whole sequence
+    per step)."""
     from test_checkpoint import gguf_like_llama_cpp
 
-    config = SMALL_CONFIGS["phi3_longrope"]
+    config = SMALL_CONFIGS[name]
     model = hf_model(config)
     ck = (Checkpoint(config, state_dict(model), source=None) if source == "hf"
           else gguf_like_llama_cpp(tmp_path, "phi3", config, state_dict(model)))

@@ -109,6 +109,9 @@ def test_embedding_norm_mlp_lm_head(name, mesh) -> None:
 @pytest.mark.parametrize("name,mesh", CASES)
 def test_rope_tables(name, mesh) -> None:
     config = _config(name)
+    if config.partial_rotary_dim is not None:
+        pytest.skip("partial rotation reorders q/k rows (its tables are not transformers'): "
+                    "tested through attention, decoder layer and model")
     parts = build_parts(config, mesh)
     positions = torch.tensor([0, 1, 5, 63, 64, 100, 150, 159])
     # one forward pass over all positions (LongRoPE: the long set, as they reach past the

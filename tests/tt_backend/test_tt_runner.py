@@ -49,7 +49,8 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
                                        ("qwen3_qk_norm", "1x1"), ("granite_scaled", "1x1"),
                                        ("mistral_nemo_headdim", "1x1"), ("odd_heads", "1x1"),
                                        ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2"),
-                                       ("phi3_fused", "1x1"), ("phi3_longrope", "1x1")])
+                                       ("phi3_fused", "1x1"), ("phi3_longrope", "1x1"),
+                                       ("phi4_mini_partial", "1x1")])
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
     """(phi3_longrope, original context 32: the 40-token prompt rotates with the long factors,
     the others, 19 and 24 tokens with their decode steps, with the short ones.)"""
@@ -116,7 +117,7 @@ def test_chunked_prefill_equals_whole_prompt(mesh: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled", "mistral_nemo_headdim",
-                                  "phi3_longrope"])
+                                  "phi3_longrope", "phi4_mini_partial"])
 def test_gguf_greedy_tokens_follow_transformers(tmp_path, name: str) -> None:
     """A Qwen3 GGUF (written as llama.cpp writes one: `attn_q_norm` / `attn_k_norm`, key_length
     64 != hidden / heads), a Granite one (Q/K permuted, the four `granite.*` scales), a

@@ -27,7 +27,8 @@ _BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=
 # (head_dim 64 != hidden / heads = 32, as in Qwen3 checkpoints), llama3 RoPE scaling, and odd
 # head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple), Phi-3 (fused qkv /
 # gate_up in the checkpoint) plain and with LongRoPE over an original context of 32 (prompts
-# past it rotate with the long factors, shorter ones with the short factors).
+# past it rotate with the long factors, shorter ones with the short factors), and Phi-4-mini's
+# kind (RoPE on 24 of 32 dims, LongRoPE, tied).
 TT_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
     "llama_mha_tied": ModelConfig(arch="llama", **{**_BASE, "num_kv_heads": 4},
@@ -50,6 +51,12 @@ TT_CONFIGS = {
         "longrope", original_max_position_embeddings=32,
         short_factor=tuple(round(1.0 + 0.05 * i * i, 2) for i in range(16)),
         long_factor=tuple(round(1.0 + 0.6 * i * i, 2) for i in range(16)),
+        attention_factor=1.2)),
+    "phi4_mini_partial": ModelConfig(arch="phi3", **_BASE, tie_word_embeddings=True,
+                                     partial_rotary_dim=24, rope_scaling=RopeScaling(
+        "longrope", original_max_position_embeddings=32,
+        short_factor=tuple(round(1.0 + 0.05 * i * i, 2) for i in range(12)),
+        long_factor=tuple(round(1.0 + 0.6 * i * i, 2) for i in range(12)),
         attention_factor=1.2)),
 }
 # Splits over 1, 2 and 8 devices: 16 q / 8 kv heads, 256 wide, hidden 512.

@@ -20,6 +20,7 @@ from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.weights import WeightStore, reverse_permute
 from llm.model.config import ModelConfig
+from llm.model.rope import head_row_index, rotary_row_order
 
 
 class Attention:
@@ -38,10 +39,17 @@ class Attention:
         wq, wk, wv = (tensors[p + f"{n}_proj.weight"] for n in ("q", "k", "v"))
         dim, qkv_all = geo.dim, geo.qkv * nd
 
+        order = rotary_row_order(config)  # partial rotation: rotary dims first in each head
+
+        def rows(t: torch.Tensor, heads: int) -> torch.Tensor:
+            """Q/K rows (or a q/k norm gain, heads 1): rotary order, then interleaved."""
+            if order is not None:
+                t = t[head_row_index(heads, order)]
+            return reverse_permute(t.float(), heads)
+
         def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Per device [Q_i | K_i | V_i] along the output dim, devices concatenated."""
-            q = reverse_permute(q.float(), config.num_heads)
-            k = reverse_permute(k.float(), config.num_kv_heads)
+            q, k = rows(q, config.num_heads), rows(k, config.num_kv_heads)
             parts = zip(q.chunk(nd, 0), k.chunk(nd, 0), v.float().chunk(nd, 0))
             return torch.cat([torch.cat(qkv, 0) for qkv in parts], 0)  # [qkv_all, ...]
 
@@ -63,7 +71,7 @@ class Attention:
         if config.qk_norm:
             self.q_norm, self.k_norm = (
                 gain_sticks(mesh, weights, f"layer{layer}_{n}_norm_interleaved_{geo.head_dim}",
-                            reverse_permute(tensors[p + f"{n}_norm.weight"].float(), 1),
+                            rows(tensors[p + f"{n}_norm.weight"], 1),
                             mesh.replicate())
                 for n in ("q", "k"))
         wo = tensors[p + "o_proj.weight"]  # [dim, nh dh]

@@ -3,7 +3,7 @@ and gate/up in one `mlp.gate_up_proj` (split at load into the canonical tensors)
 ("su" / "longrope") scaling, a sliding window in the config. llama.cpp writes `attn_qkv` and a
 2 x intermediate `ffn_up` (gate rows first), NeoX-style RoPE (no Q/K permutation), and the
 LongRoPE factors as the tensors `rope_factors_long` / `rope_factors_short`. Phi-4-mini rotates
-only part of each head (partial_rotary_factor 0.75), which the config reader refuses."""
+only part of each head (partial_rotary_factor 0.75: `ModelConfig.partial_rotary_dim`)."""
 
 from types import MappingProxyType
 
