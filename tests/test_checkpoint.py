@@ -351,6 +351,18 @@ def test_phi3_fused_tensor_of_wrong_rows_names_it(tmp_path):
         load_checkpoint(d, progress=False)
 
 
+def test_phi3_tensor_stored_fused_and_alone_is_refused(tmp_path):
+    model = hf_model("phi3")
+    d = hf_dir(tmp_path, model)
+    state = dict(model.state_dict())
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 64)
+    safetensors.torch.save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "tensor 'model.layers.0.self_attn.k_proj.weight' is stored twice: as ")) as e:
+        load_checkpoint(d, progress=False)
+    assert "'model.layers.0.self_attn.qkv_proj.weight' in " in str(e.value)
+
+
 def test_gguf_f16_keeps_float16(tmp_path):
     path, ref = tiny_gguf(tmp_path, qtype=gguf.GGMLQuantizationType.F16)
     ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)

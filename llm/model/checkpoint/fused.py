@@ -32,19 +32,28 @@ def locate(config: ModelConfig, stored: Mapping[str, tuple[int, ...]],
     """Canonical name -> Part for the stored tensors `stored` (HF name -> shape). A tensor the
     architecture declares fused gives its parts, in the rows `expected_tensors` assigns them;
     every other tensor stands for itself (an unknown one is left to `check_tensors` to report).
-    `origin` names each stored tensor's file for errors.
+    A canonical tensor stored twice (fused and alone) is an error. `origin` names each stored
+    tensor's file for errors.
     """
     expected = expected_tensors(config)
     parts: dict[str, Part] = {}
+
+    def add(canonical: str, part: Part) -> None:
+        if canonical in parts:
+            raise CheckpointError(
+                f"tensor {canonical!r} is stored twice: as {parts[canonical].name!r} in "
+                f"{origin[parts[canonical].name]} and as {part.name!r} in {origin[part.name]}")
+        parts[canonical] = part
+
     for name, shape in stored.items():
         split = config.spec.split_name(name)
         if split is None or not all(p in expected for p in split):
-            parts[name] = Part(name)
+            add(name, Part(name))
             continue
         start = 0
         for p in split:
             rows = expected[p][0]
-            parts[p] = Part(name, (start, start + rows))
+            add(p, Part(name, (start, start + rows)))
             start += rows
         if tuple(shape) != (start, *expected[split[0]][1:]):
             raise CheckpointError(
