@@ -71,7 +71,8 @@ def tt_logits(backend: TTBackend, window: list[int]) -> torch.Tensor:
         return ttnn.from_torch(values, dtype=dtype, layout=ttnn.ROW_MAJOR_LAYOUT,
                                device=mesh.device, memory_config=ttnn.DRAM_MEMORY_CONFIG)
 
-    hidden = model.prefill_hidden(put(tok, ttnn.uint32), put(pages, ttnn.int32))  # [1,1,S,dim]
+    hidden = model.prefill_hidden(put(tok, ttnn.uint32), put(pages, ttnn.int32),
+                                  length=n)  # [1, 1, S, dim]
     tiles = [mesh.read(model.tile_logits(hidden, t)).reshape(32, -1)
              for t in range(-(-n // 32))]  # [32, V] each
     return torch.cat(tiles)[:n, :backend.config.vocab_size].float()  # [S, V]

@@ -13,12 +13,15 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
 
+from llm.model.checkpoint.fused import canonical_index
 from llm.model.config import ModelConfig, RopeScaling
 
 _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
@@ -29,7 +32,11 @@ _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_layers=2
 # bias, Granite's four multipliers (of granite-3.x's kind, tied embeddings as there), Qwen3 q/k
 # head norms (with head_dim 32 != hidden / heads = 16, as Qwen3 checkpoints have), Mistral with
 # an explicit head_dim 32 != hidden / heads = 16 (as Mistral-Nemo: 5120 / 32 heads, head_dim 128),
-# llama3 RoPE scaling, an explicit head_dim != hidden / heads, and odd head counts (9 q / 3 kv).
+# llama3 RoPE scaling, an explicit head_dim != hidden / heads, odd head counts (9 q / 3 kv), and
+# Phi-3 (fused qkv_proj / gate_up_proj in the checkpoint) plain and with LongRoPE: original context
+# 16, so that the 23-token prompt of the model tests rotates with the long factors, the 9-token
+# one (14 tokens with its decode steps) with the short ones; and Phi-4-mini's kind: RoPE on 12 of
+# each head's 16 dims (partial_rotary_factor 0.75) with LongRoPE, tied embeddings.
 SMALL_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
     "llama_mha_tied": ModelConfig(arch="llama", **{**_BASE, "num_kv_heads": 4},
@@ -47,6 +54,17 @@ SMALL_CONFIGS = {
             original_max_position_embeddings=64)),
     "odd_heads_headdim": ModelConfig(arch="llama", **{**_BASE, "num_heads": 9, "num_kv_heads": 3,
                                                       "head_dim": 16, "hidden_size": 72}),
+    "phi3_fused": ModelConfig(arch="phi3", **_BASE),
+    "phi3_longrope": ModelConfig(arch="phi3", **_BASE, rope_scaling=RopeScaling(
+        "longrope", original_max_position_embeddings=16,
+        short_factor=(1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8),
+        long_factor=(1.0, 1.4, 2.2, 3.5, 5.0, 8.0, 12.0, 20.0),
+        attention_factor=1.1908)),
+    "phi4_mini_partial": ModelConfig(arch="phi3", **_BASE, tie_word_embeddings=True,
+                                     partial_rotary_dim=12, rope_scaling=RopeScaling(
+        "longrope", original_max_position_embeddings=16,
+        short_factor=(1.0, 1.2, 1.5, 2.0, 2.6, 3.3), long_factor=(1.0, 2.0, 4.0, 7.0, 11.0, 16.0),
+        attention_factor=1.1908)),
 }
 
 
@@ -63,6 +81,8 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         model = MistralForCausalLM(MistralConfig(**d, attn_implementation="eager"))
     elif config.arch == "granite":
         model = GraniteForCausalLM(GraniteConfig(**d, attn_implementation="eager"))
+    elif config.arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**d, attn_implementation="eager"))
     else:
         model = LlamaForCausalLM(LlamaConfig(**d, attn_implementation="eager"))
     with torch.no_grad():
@@ -81,11 +101,18 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
 
 
 def state_dict(model) -> dict[str, torch.Tensor]:
-    """Canonical tensors (HF names) of a transformers model, tied lm_head dropped."""
+    """Canonical tensors (HF names) of a transformers model, tied lm_head dropped, a fused
+    tensor's parts (Phi-3's qkv_proj, gate_up_proj) split as the loader splits them."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    return sd
+    config = ModelConfig.from_hf_dict(model.config.to_dict())
+    if not config.spec.hf_fused:
+        return sd
+    parts, _, _ = canonical_index(config, {k: tuple(v.shape) for k, v in sd.items()},
+                                  dict.fromkeys(sd, "the transformers model"))
+    return {name: sd[p.name] if p.rows is None else sd[p.name][slice(*p.rows)].clone()
+            for name, p in parts.items()}
 
 
 def pcc(a: torch.Tensor, b: torch.Tensor) -> float:

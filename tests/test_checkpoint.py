@@ -26,6 +26,7 @@ from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import ConfigError, ModelConfig
 from llm.model.files import file_sha256
 from llm.model.paths import default_cache_dir, default_model_path
+from llm.model.quant.tensor import QuantizedTensor
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -38,12 +39,17 @@ GGUF_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused ones
 }
 # Granite test models: multipliers of granite-3.x's kind.
 GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22,
                            attention_multiplier=0.015625, logits_scaling=8.0)
 # Qwen3 test models: head_dim 32 != hidden / heads = 16, as in the real Qwen3 checkpoints.
 QWEN3_HEAD_DIM = 32
+# Phi-3 test models: LongRoPE over an original context of 64 (8 factors for head_dim 16).
+PHI3_ROPE = dict(original_max_position_embeddings=64, rope_scaling={
+    "rope_type": "longrope", "short_factor": [round(1.0 + 0.1 * i, 2) for i in range(8)],
+    "long_factor": [1.0 + 2.0 * i for i in range(8)]})
 
 
 def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transformers.PreTrainedModel:
@@ -58,6 +64,15 @@ def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transform
     elif arch == "granite":
         model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
             **SMALL, tie_word_embeddings=tie, **GRANITE_MULTIPLIERS))
+    elif arch == "phi3":
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **SMALL, tie_word_embeddings=tie, pad_token_id=None, **PHI3_ROPE))
+    elif arch == "phi4_mini":  # Phi-3 with RoPE on 12 of 16 dims
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **SMALL, tie_word_embeddings=tie, pad_token_id=None, partial_rotary_factor=0.75,
+            original_max_position_embeddings=64, rope_scaling={
+                "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                "long_factor": [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]}))
     else:
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie))
@@ -68,8 +83,22 @@ def hf_model(arch: str = "llama", tie: bool = False, seed: int = 0) -> transform
 
 
 def hf_state(model: transformers.PreTrainedModel) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items()
-            if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    """A transformers model's tensors as canonical ones: a tied lm_head dropped, Phi-3's fused
+    qkv_proj / gate_up_proj split into q/k/v and gate/up (written here independently of the
+    loader: q, k, v and gate, up are stacked in that order along the rows)."""
+    state = {k: v for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    for name in [n for n in state if n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]:
+        w, prefix = state.pop(name), name.rsplit(".", 2)[0]
+        if name.endswith("qkv_proj.weight"):
+            parts = dict(zip(("q_proj", "k_proj", "v_proj"), w.split([q, kv, kv])))
+        else:
+            parts = dict(zip(("gate_proj", "up_proj"), w.chunk(2)))
+        state |= {f"{prefix}.{p}.weight": t for p, t in parts.items()}
+    return state
 
 
 def assert_same(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
@@ -99,6 +128,8 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
     """Write a GGUF like llama.cpp would: llama and granite Q/K permuted, matrices in `qtype`,
     vectors F32."""
     arch = arch or config.arch
+    if arch == "phi3":
+        tensors = phi3_fused(config, tensors)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_layers)
     w.add_context_length(config.max_position_embeddings)
@@ -116,6 +147,17 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
         w.add_bos_token_id(config.bos_token_id)
     if config.eos_token_ids:
         w.add_eos_token_id(config.eos_token_ids[0])
+    rs = config.rope_scaling
+    if arch == "phi3":  # as llama.cpp's Phi3MiniModel writes it
+        w.add_rope_dimension_count(config.rotary_dim)
+        w.add_sliding_window(config.sliding_window or 0)
+        w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings if rs else
+                                        config.max_position_embeddings)
+    if rs is not None and rs.rope_type == "longrope":
+        w.add_rope_scaling_attn_factors(rs.attention_factor)
+        extra = {**(extra or {}),
+                 "rope_factors_long.weight": np.array(rs.long_factor, dtype=np.float32),
+                 "rope_factors_short.weight": np.array(rs.short_factor, dtype=np.float32)}
     if config.scaled:  # Granite, as llama.cpp's converter writes its multipliers
         w.add_embedding_scale(config.embedding_multiplier)
         w.add_residual_scale(config.residual_multiplier)
@@ -140,6 +182,23 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def phi3_fused(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical tensors stacked as llama.cpp stores Phi-3: q, k, v rows in one qkv_proj, gate
+    and up rows in one gate_up_proj, per layer, in the place of the first part."""
+    out = {}
+    for name, t in tensors.items():
+        prefix, kind = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+        if name.endswith(".q_proj.weight"):
+            out[f"{prefix}.qkv_proj.{kind}"] = torch.cat(
+                [t, tensors[f"{prefix}.k_proj.{kind}"], tensors[f"{prefix}.v_proj.{kind}"]])
+        elif name.endswith(".gate_proj.weight"):
+            up = tensors[f"{prefix}.up_proj.{kind}"]
+            out[f"{prefix}.gate_up_proj.{kind}"] = torch.cat([t, up])
+        elif not name.endswith((".k_proj.weight", ".v_proj.weight", ".up_proj.weight")):
+            out[name] = t
+    return out
 
 
 def gguf_like_llama_cpp(tmp_path: Path, name: str, config: ModelConfig,
@@ -181,6 +240,9 @@ def cache_files(cache: Path) -> list[str]:
     ("qwen2", False, "100KB", torch.float32),
     ("qwen3", True, "100KB", torch.bfloat16),
     ("granite", True, None, torch.float32),
+    ("phi3", False, "100KB", torch.float32),
+    ("phi3", True, None, torch.bfloat16),
+    ("phi4_mini", True, None, torch.float32),
 ])
 def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard, dtype):
     model = hf_model(arch, tie).to(dtype)
@@ -191,7 +253,9 @@ def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard
     assert_same(ck.tensors, hf_state(model))
     assert list(ck.tensors) == list(expected_tensors(ck.config))
     head_dim = QWEN3_HEAD_DIM if arch == "qwen3" else 16
-    assert (ck.config.arch, ck.config.num_kv_heads, ck.config.head_dim) == (arch, 2, head_dim)
+    assert (ck.config.arch, ck.config.num_kv_heads, ck.config.head_dim) == (
+        "phi3" if arch == "phi4_mini" else arch, 2, head_dim)
+    assert ck.config.rotary_dim == (12 if arch == "phi4_mini" else head_dim)
     assert ck.config.tie_word_embeddings == tie
     assert ck.config.qkv_bias == (arch == "qwen2")
     assert ck.config.qk_norm == (arch == "qwen3")
@@ -200,6 +264,10 @@ def test_hf_directory_matches_transformers_state_dict(tmp_path, arch, tie, shard
         assert (ck.config.embedding_multiplier, ck.config.residual_multiplier,
                 ck.config.attention_multiplier, ck.config.logits_scaling) == tuple(
                     GRANITE_MULTIPLIERS.values())
+    if arch == "phi3":
+        rs = ck.config.rope_scaling
+        assert rs.rope_type == "longrope" and rs.original_max_position_embeddings == 64
+        assert list(rs.long_factor) == PHI3_ROPE["rope_scaling"]["long_factor"]
 
 
 def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
@@ -211,7 +279,7 @@ def test_tied_model_with_saved_lm_head_is_accepted(tmp_path):
     assert_same(load_checkpoint(d, progress=False).tensors, state)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "granite"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "granite", "phi3"])
 def test_save_hf_checkpoint_round_trip_and_transformers_reads_it(tmp_path, arch):
     ref = load_checkpoint(hf_dir(tmp_path, hf_model(arch)), progress=False)
     out = tmp_path / "saved"
@@ -245,13 +313,54 @@ def test_expected_tensors_of_default_model_config():
 
 # ---------------------------------------------------------------- GGUF
 @pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False),
-                                         ("qwen3", False), ("qwen3", True)])
+                                         ("qwen3", False), ("qwen3", True), ("phi3", False),
+                                         ("phi3", True), ("phi4_mini", True)])
 def test_gguf_f32_gives_exact_hf_layout(tmp_path, arch, tie):
     path, ref = tiny_gguf(tmp_path, arch, tie)
     ck = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
     assert ck.source == path.resolve()
     assert ck.config == ref.config  # GGUF metadata decodes to the same config as config.json
     assert_same(ck.tensors, ref.tensors)
+
+
+def test_phi3_gguf_stored_quantized_parts_are_the_rows_of_the_fused_tensors(tmp_path):
+    """Q8_0 kept as stored: q/k/v and gate/up are row ranges of attn_qkv / ffn_up, equal to the
+    dequantized load's tensors (which the F32 test ties to transformers)."""
+    path, ref = tiny_gguf(tmp_path, "phi3", qtype=gguf.GGMLQuantizationType.Q8_0)
+    dense = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False)
+    stored = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False,
+                             weights="stored")
+    assert list(stored.tensors) == list(dense.tensors) == list(expected_tensors(ref.config))
+    q = stored.tensors["model.layers.1.self_attn.k_proj.weight"]
+    assert isinstance(q, QuantizedTensor) and q.shape == (32, 64)
+    for name, t in stored.tensors.items():
+        got = t.dequantize() if isinstance(t, QuantizedTensor) else t
+        assert torch.equal(got.float(), dense.tensors[name]), name
+
+
+def test_phi3_fused_tensor_of_wrong_rows_names_it(tmp_path):
+    model = hf_model("phi3")
+    d = hf_dir(tmp_path, model)
+    state = dict(model.state_dict())
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    state[name] = state[name][:-16].clone()
+    safetensors.torch.save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"tensor {name!r} in {d / 'model.safetensors'} has shape [112, 64], expected "
+            "[128, 64] (model.layers.1.self_attn.q_proj.weight + ")):
+        load_checkpoint(d, progress=False)
+
+
+def test_phi3_tensor_stored_fused_and_alone_is_refused(tmp_path):
+    model = hf_model("phi3")
+    d = hf_dir(tmp_path, model)
+    state = dict(model.state_dict())
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 64)
+    safetensors.torch.save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "tensor 'model.layers.0.self_attn.k_proj.weight' is stored twice: as ")) as e:
+        load_checkpoint(d, progress=False)
+    assert "'model.layers.0.self_attn.qkv_proj.weight' in " in str(e.value)
 
 
 def test_gguf_f16_keeps_float16(tmp_path):

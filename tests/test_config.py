@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -191,3 +192,116 @@ def test_multipliers_of_another_architecture_are_refused() -> None:
         ModelConfig(**{**c.__dict__, "arch": "llama"})
     with pytest.raises(ConfigError, match="logits_scaling must not be 0"):
         ModelConfig(**{**c.__dict__, "logits_scaling": 0.0})
+
+
+# Phi-3-mini-128k-instruct's config.json, the fields this engine reads (its 48 LongRoPE factors
+# replaced by made-up ones of the same count and kind).
+PHI3_128K = {
+    "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "vocab_size": 32064,
+    "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 100 for i in range(48)],
+                     "long_factor": [1.0 + i for i in range(48)]},
+    "sliding_window": 262144, "tie_word_embeddings": False, "hidden_act": "silu",
+    "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+}
+
+
+def test_phi3_longrope_from_hf() -> None:
+    c = ModelConfig.from_hf_dict(PHI3_128K)
+    assert c.arch == "phi3" and (c.head_dim, c.num_kv_heads) == (96, 32)
+    rs = c.rope_scaling
+    assert rs.rope_type == "longrope" and rs.original_max_position_embeddings == 4096
+    assert rs.short_factor[1] == 1.01 and rs.long_factor[47] == 48.0 and len(rs.long_factor) == 48
+    assert rs.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    assert c.attention_scale == pytest.approx(96 ** -0.5 * rs.attention_factor ** 2)
+    assert not rs.uses_long(4096) and rs.uses_long(4097)
+    assert c.sliding_window == 262144 and c.max_context == 131072
+    assert not (c.qkv_bias or c.o_bias or c.mlp_bias or c.qk_norm or c.scaled)
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    su = ModelConfig.from_hf_dict({**PHI3_128K, "rope_scaling": {**PHI3_128K["rope_scaling"],
+                                                                 "type": "su"}})
+    assert su == c
+    explicit = {**PHI3_128K["rope_scaling"], "attention_factor": 1.5}
+    assert ModelConfig.from_hf_dict({**PHI3_128K, "rope_scaling": explicit}) \
+        .rope_scaling.attention_factor == 1.5
+    no_model_type = {k: v for k, v in PHI3_128K.items() if k != "model_type"}
+    assert ModelConfig.from_hf_dict(no_model_type) == c  # by its architectures class
+
+
+def test_phi3_written_by_transformers_5_reads_the_same() -> None:
+    """transformers 5 moves rope_theta and the scaling into rope_parameters (and keeps
+    original_max_position_embeddings at the top level too)."""
+    from transformers import Phi3Config
+
+    d = {k: v for k, v in PHI3_128K.items() if k not in ("model_type", "architectures")}
+    written = Phi3Config(**d).to_dict()
+    assert "rope_parameters" in written
+    assert ModelConfig.from_hf_dict(written) == ModelConfig.from_hf_dict(PHI3_128K)
+
+
+def test_phi3_4k_without_scaling_keeps_its_window() -> None:
+    c = ModelConfig.from_hf_dict({**PHI3_128K, "max_position_embeddings": 4096,
+                                  "rope_scaling": None, "sliding_window": 2047})
+    assert c.rope_scaling is None and c.max_context == 2047
+
+
+def test_phi4_mini_partial_rotary() -> None:
+    """Phi-4-mini: head_dim 128, RoPE on 96 of its dims (48 LongRoPE factors); the GGUF says it
+    as rope.dimension_count."""
+    phi4_mini = {**PHI3_128K, "num_attention_heads": 24, "num_key_value_heads": 8,
+                 "partial_rotary_factor": 0.75, "tie_word_embeddings": True}
+    c = ModelConfig.from_hf_dict(phi4_mini)
+    assert (c.head_dim, c.rotary_dim, c.partial_rotary_dim) == (128, 96, 96)
+    assert c.attention_scale == 128 ** -0.5  # the factor stays on the rotary dims' cos/sin
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    meta = {**PHI3_GGUF_META, "phi3.attention.head_count": 24, "phi3.attention.head_count_kv": 8}
+    factors = (c.rope_scaling.long_factor, c.rope_scaling.short_factor)
+    assert ModelConfig.from_gguf(meta, {"blk.0.attn_qkv.weight"}, rope_long_short=factors) == c
+    with pytest.raises(ConfigError, match="partial rotation of Q/K rows llama.cpp permuted"):
+        ModelConfig.from_gguf({**GGUF_META, "llama.rope.dimension_count": 32}, set())
+    whole = ModelConfig.from_hf_dict({**phi4_mini, "partial_rotary_factor": 1.0,
+                                      "rope_scaling": None})
+    assert whole.partial_rotary_dim is None and whole.rotary_dim == 128
+    with pytest.raises(ConfigError, match="partial_rotary_dim must be even and in"):
+        ModelConfig.from_hf_dict({**phi4_mini, "partial_rotary_factor": 0.7, "rope_scaling": None})
+
+
+def test_bad_longrope_is_refused() -> None:
+    short = {**PHI3_128K["rope_scaling"], "short_factor": [1.0] * 47, "long_factor": [1.0] * 47}
+    with pytest.raises(ConfigError, match="47 values, expected rotary dims / 2 = 48"):
+        ModelConfig.from_hf_dict({**PHI3_128K, "rope_scaling": short})
+    no_long = {k: v for k, v in PHI3_128K["rope_scaling"].items() if k != "long_factor"}
+    with pytest.raises(ConfigError, match="'longrope' is missing field 'long_factor'"):
+        ModelConfig.from_hf_dict({**PHI3_128K, "rope_scaling": no_long})
+    with pytest.raises(ConfigError, match="a phi3 config.json cannot express qkv_bias=True"):
+        ModelConfig(**{**ModelConfig.from_hf_dict(PHI3_128K).__dict__, "qkv_bias": True}) \
+            .to_hf_dict()
+
+
+PHI3_GGUF_META = {  # as llama.cpp's converter writes Phi-3-mini-128k
+    "general.architecture": "phi3", "phi3.block_count": 32, "phi3.context_length": 131072,
+    "phi3.rope.scaling.original_context_length": 4096, "phi3.embedding_length": 3072,
+    "phi3.feed_forward_length": 8192, "phi3.attention.head_count": 32,
+    "phi3.attention.head_count_kv": 32, "phi3.attention.layer_norm_rms_epsilon": 1e-5,
+    "phi3.rope.dimension_count": 96, "phi3.rope.freq_base": 10000.0,
+    "phi3.attention.sliding_window": 262144, "phi3.rope.scaling.attn_factor": 1.1902380,
+    "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 32000,
+    "phi3.vocab_size": 32064,
+}
+
+
+def test_phi3_longrope_from_gguf() -> None:
+    hf = ModelConfig.from_hf_dict(PHI3_128K)
+    factors = (hf.rope_scaling.long_factor, hf.rope_scaling.short_factor)
+    g = ModelConfig.from_gguf(PHI3_GGUF_META, {"output.weight", "blk.0.attn_qkv.weight"},
+                              rope_long_short=factors)
+    assert g == hf  # the file's float32 attn_factor is the default: exactly the default
+    other = ModelConfig.from_gguf({**PHI3_GGUF_META, "phi3.rope.scaling.attn_factor": 1.5},
+                                  {"output.weight"}, rope_long_short=factors)
+    assert other.rope_scaling.attention_factor == 1.5
+    meta = {k: v for k, v in PHI3_GGUF_META.items()
+            if k != "phi3.rope.scaling.original_context_length"}
+    with pytest.raises(ConfigError, match="no 'phi3.rope.scaling.original_context_length'"):
+        ModelConfig.from_gguf(meta, {"output.weight"}, rope_long_short=factors)

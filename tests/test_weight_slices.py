@@ -31,9 +31,11 @@ def assert_slices_match(slices: ws.WeightSlices, full: dict[str, torch.Tensor]) 
                                    torch.cat([t[:, a:b] for a, b in cols], dim=1)), name
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0])
-def test_gguf_slices_equal_the_converted_tensors(tmp_path, qtype) -> None:
-    path, _ = tiny_gguf(tmp_path, qtype=qtype)
+@pytest.mark.parametrize(("arch", "qtype"), [("llama", Q.F32), ("llama", Q.F16),
+                                           ("llama", Q.Q8_0), ("phi3", Q.Q8_0)])
+def test_gguf_slices_equal_the_converted_tensors(tmp_path, arch, qtype) -> None:
+    """(Phi-3: q/k/v and gate/up are row ranges of the fused attn_qkv / ffn_up.)"""
+    path, _ = tiny_gguf(tmp_path, arch, qtype=qtype)
     full = load_checkpoint(path, cache_dir=tmp_path / "cache", progress=False).tensors
     assert_slices_match(ws.GGUFSlices(path), full)
 
@@ -56,10 +58,12 @@ def test_gguf_without_cache_is_read_directly_and_nothing_is_written(tmp_path) ->
     assert not (tmp_path / "cache").exists()
 
 
-def test_sharded_hf_directory_slices(tmp_path) -> None:
-    d = hf_dir(tmp_path, hf_model("llama", False, 0), max_shard_size="20KB")
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_sharded_hf_directory_slices(tmp_path, arch) -> None:
+    """(Phi-3: q/k/v and gate/up are row ranges of the stored qkv_proj / gate_up_proj.)"""
+    d = hf_dir(tmp_path, hf_model(arch, False, 0), max_shard_size="20KB")
     slices = ws.open_weight_slices(d, progress=False)
-    assert len(set(slices.where.values())) > 1
+    assert len({file for file, _ in slices.where.values()}) > 1
     assert_slices_match(slices, load_checkpoint(d, progress=False).tensors)
     slices.close()
 

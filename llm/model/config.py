@@ -12,58 +12,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# HF `model_type` / GGUF `general.architecture` values we can run, and what they imply.
-# qk_norm: an RMSNorm over head_dim applied to every head's q and k before RoPE (Qwen3).
-# multipliers: the config carries Granite's embedding / residual / attention / logits multipliers
-# (HF `embedding_multiplier`, `residual_multiplier`, `attention_multiplier`, `logits_scaling`;
-# GGUF `{arch}.embedding_scale`, `.residual_scale`, `.attention.scale`, `.logit_scale`).
-_SUPPORTED_ARCHS = {
-    "granite": {"qkv_bias": False, "qk_norm": False, "multipliers": True},
-    "llama": {"qkv_bias": False, "qk_norm": False, "multipliers": False},
-    "mistral": {"qkv_bias": False, "qk_norm": False, "multipliers": False},
-    "qwen2": {"qkv_bias": True, "qk_norm": False, "multipliers": False},
-    "qwen3": {"qkv_bias": False, "qk_norm": True, "multipliers": False},
-    "smollm": {"qkv_bias": False, "qk_norm": False, "multipliers": False},
-}
+from llm.model.arch import (
+    ARCHITECTURES,
+    Architecture,
+    architecture,
+    for_gguf,
+    for_hf,
+    supported_gguf,
+    supported_hf,
+)
+from llm.model.errors import ConfigError
+from llm.model.rope_scaling import (
+    RopeScaling,
+    rope_scaling_from_gguf,
+    rope_scaling_from_hf,
+    rope_scaling_to_hf,
+)
 
-
-class ConfigError(ValueError):
-    """A model configuration lacks a field, names an unknown architecture or is inconsistent."""
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling.
-
-    rope_type "llama3": Llama 3.1 smooth interpolation (factor, low/high_freq_factor, original
-    context). rope_type "linear": positions divided by `factor`. rope_type "freq_factors": explicit
-    per-frequency divisors (GGUF `rope_freqs.weight`).
-    """
-
-    rope_type: str
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-    freq_factors: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.rope_type not in ("llama3", "linear", "freq_factors"):
-            raise ConfigError(
-                f"rope_scaling type {self.rope_type!r} is not supported "
-                "(supported: 'llama3', 'linear', GGUF rope_freqs)"
-            )
-        if self.rope_type != "freq_factors" and not self.factor > 0:
-            raise ConfigError(f"rope_scaling factor must be > 0, got {self.factor}")
+__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "RuntimeConfig"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM,
-    Granite 3.x).
+    Granite 3.x, Phi-3). `arch` names its `llm.model.arch` description, which the readers below
+    consult for its names and switches.
 
     qk_norm: per-head RMSNorm of q and k (weights `self_attn.q_norm` / `k_norm`, [head_dim]),
-    applied before RoPE.
+    applied before RoPE. partial_rotary_dim: RoPE rotates only these leading dims of each head
+    (Phi-4-mini; None: all of them; `llm.model.rope.rotary_row_order`).
     Granite's multipliers (1.0 / None elsewhere): the embeddings are multiplied by
     embedding_multiplier, each sublayer's output by residual_multiplier before its residual add,
     the attention scores by attention_multiplier (None: 1/sqrt(head_dim)), and the logits are
@@ -92,6 +69,7 @@ class ModelConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     sliding_window: int | None = None
+    partial_rotary_dim: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -108,11 +86,28 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not _SUPPORTED_ARCHS.get(self.arch, {}).get("multipliers", False) and self.scaled:
+        if architecture(self.arch) is None:
+            raise ConfigError(f"unknown architecture {self.arch!r} (known: "
+                              f"{', '.join(sorted(a.name for a in ARCHITECTURES))})")
+        d = self.partial_rotary_dim
+        if d is not None and not (0 < d < self.head_dim and d % 2 == 0):
+            raise ConfigError(f"partial_rotary_dim must be even and in (0, head_dim "
+                              f"{self.head_dim}), got {d}")
+        rs = self.rope_scaling
+        longrope = rs is not None and rs.rope_type == "longrope"
+        if longrope and len(rs.short_factor) * 2 != self.rotary_dim:
+            raise ConfigError(f"longrope short/long factors have {len(rs.short_factor)} values, "
+                              f"expected rotary dims / 2 = {self.rotary_dim // 2}")
+        if not self.spec.multipliers and self.scaled:
             raise ConfigError(f"{self.arch} has no embedding / residual / attention / logits "
                               "multipliers (only granite)")
         if self.logits_scaling == 0:
             raise ConfigError("logits_scaling must not be 0")
+
+    @property
+    def spec(self) -> Architecture:
+        """This model's architecture description (`llm.model.arch`)."""
+        return architecture(self.arch)
 
     @property
     def scaled(self) -> bool:
@@ -121,11 +116,25 @@ class ModelConfig:
                 or self.attention_multiplier is not None or self.logits_scaling != 1.0)
 
     @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each q/k head that RoPE rotates (all of head_dim, or
+        partial_rotary_dim: Phi-4-mini's partial_rotary_factor; the others pass unrotated)."""
+        return self.head_dim if self.partial_rotary_dim is None else self.partial_rotary_dim
+
+    @property
     def attention_scale(self) -> float:
-        """The factor of q.k in the attention scores."""
+        """The factor of q.k in the attention scores: 1/sqrt(head_dim) or Granite's
+        attention_multiplier; with LongRoPE rotating whole heads, times its attention_factor
+        squared (transformers scales RoPE's cos and sin, so both q and k, by it; with partial
+        rotation it scales the rotated dims only and stays in the cos/sin tables,
+        `llm.model.rope.cos_sin`)."""
+        scale = self.head_dim ** -0.5
         if self.attention_multiplier is not None:
-            return self.attention_multiplier
-        return self.head_dim ** -0.5
+            scale = self.attention_multiplier
+        rs = self.rope_scaling
+        if rs is not None and rs.rope_type == "longrope" and self.partial_rotary_dim is None:
+            scale *= rs.attention_factor ** 2
+        return scale
 
     @property
     def q_size(self) -> int:
@@ -155,14 +164,16 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from the dict of a Hugging Face `config.json`; `source` names it in errors."""
-        arch = cfg.get("model_type")
-        if arch is None:
+        model_type = cfg.get("model_type")
+        spec = for_hf(model_type, cfg.get("architectures"))
+        if model_type is None and spec is None:
             raise ConfigError(f"{source}: missing field 'model_type'")
-        if arch not in _SUPPORTED_ARCHS:
+        if spec is None:
             raise ConfigError(
-                f"{source}: unknown architecture model_type={arch!r} "
-                f"(supported: {', '.join(sorted(_SUPPORTED_ARCHS))})"
+                f"{source}: unknown architecture model_type={model_type!r} "
+                f"(supported: {', '.join(supported_hf())})"
             )
+        arch = spec.name
 
         def need(key: str) -> Any:
             if cfg.get(key) is None:
@@ -176,15 +187,19 @@ class ModelConfig:
             raise ConfigError(
                 f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
         sliding = None
-        if arch == "mistral" or (arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window")):
+        if spec.sliding_window == "always" or (spec.sliding_window == "flag"
+                                               and cfg.get("use_sliding_window")):
             sliding = cfg.get("sliding_window")
         attention_bias = bool(cfg.get("attention_bias", False))
-        qkv_bias = _SUPPORTED_ARCHS[arch]["qkv_bias"] or attention_bias
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         # transformers >= 5 writes theta and scaling under "rope_parameters", older ones at top
         # level.
         rope = cfg.get("rope_parameters") or {}
+        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+        rotary = None  # transformers rotates int(head_dim * partial_rotary_factor) dims
+        if partial is not None and int(int(head_dim) * float(partial)) != int(head_dim):
+            rotary = int(int(head_dim) * float(partial))
         return cls(
             arch=arch,
             vocab_size=int(need("vocab_size")),
@@ -197,15 +212,16 @@ class ModelConfig:
             max_position_embeddings=int(need("max_position_embeddings")),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            rope_scaling=_rope_scaling_from_hf(rope or cfg.get("rope_scaling"), source),
+            rope_scaling=rope_scaling_from_hf(cfg, rope or cfg.get("rope_scaling"), source),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=attention_bias and arch != "qwen2",
+            qkv_bias=spec.qkv_bias or attention_bias,
+            o_bias=attention_bias and spec.attention_bias_on_o,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=_SUPPORTED_ARCHS[arch]["qk_norm"],
-            **_multipliers(arch, cfg, ("embedding_multiplier", "residual_multiplier",
+            qk_norm=spec.qk_norm,
+            **_multipliers(spec, cfg, ("embedding_multiplier", "residual_multiplier",
                                        "attention_multiplier", "logits_scaling")),
             sliding_window=int(sliding) if sliding else None,
+            partial_rotary_dim=rotary,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -230,21 +246,24 @@ class ModelConfig:
         tensor_names: set[str],
         source: str = "gguf",
         rope_freq_factors: tuple[float, ...] = (),
+        rope_long_short: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     ) -> ModelConfig:
         """Build from GGUF key/value metadata (already decoded to Python values) and the tensor
         names.
 
         Tied embeddings are recognised by the absence of `output.weight`; Qwen2 bias by
         `blk.0.attn_q.bias`. `rope_freq_factors` are the values of a `rope_freqs.weight` tensor when
-        the file has one.
+        the file has one; `rope_long_short` those of `rope_factors_long` and `rope_factors_short`
+        (LongRoPE).
         """
         arch = metadata.get("general.architecture")
         if arch is None:
             raise ConfigError(f"{source}: missing metadata key 'general.architecture'")
-        if arch not in _SUPPORTED_ARCHS:
+        spec = for_gguf(arch)
+        if spec is None:
             raise ConfigError(
                 f"{source}: unknown architecture general.architecture={arch!r} "
-                f"(supported: {', '.join(sorted(_SUPPORTED_ARCHS))})"
+                f"(supported: {', '.join(supported_gguf())})"
             )
 
         def need(key: str) -> Any:
@@ -262,22 +281,20 @@ class ModelConfig:
             if tokens is None:
                 raise ConfigError(f"{source}: missing metadata key {arch + '.vocab_size'!r}")
             vocab = len(tokens)
-        scaling = None
-        if rope_freq_factors:
-            scaling = RopeScaling("freq_factors", freq_factors=tuple(rope_freq_factors))
-        elif metadata.get(f"{arch}.rope.scaling.type") == "linear":
-            scaling = RopeScaling("linear", factor=float(metadata[f"{arch}.rope.scaling.factor"]))
-        elif metadata.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+        rotated = metadata.get(f"{arch}.rope.dimension_count")
+        rotated = None if rotated is None or int(rotated) == head_dim else int(rotated)
+        if rotated is not None and spec.gguf_permuted_qk:
             raise ConfigError(
-                f"{source}: rope scaling type "
-                f"{metadata[f'{arch}.rope.scaling.type']!r} is not supported"
-            )
+                f"{source}: {arch}.rope.dimension_count={rotated} of head_dim {head_dim}: partial "
+                f"rotation of Q/K rows llama.cpp permuted ({arch}) is not supported")
+        scaling = rope_scaling_from_gguf(metadata, arch, source, rope_freq_factors,
+                                         rope_long_short)
         eos_ids = tuple(dict.fromkeys(
             int(metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
             if metadata.get(k) is not None))
         sliding = metadata.get(f"{arch}.attention.sliding_window")
         return cls(
-            arch=arch,
+            arch=spec.name,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(need("feed_forward_length")),
@@ -293,19 +310,22 @@ class ModelConfig:
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
             o_bias="blk.0.attn_output.bias" in tensor_names,
             mlp_bias="blk.0.ffn_up.bias" in tensor_names,
-            qk_norm=_SUPPORTED_ARCHS[arch]["qk_norm"],
-            **_multipliers(arch, metadata, (f"{arch}.embedding_scale", f"{arch}.residual_scale",
+            qk_norm=spec.qk_norm,
+            **_multipliers(spec, metadata, (f"{arch}.embedding_scale", f"{arch}.residual_scale",
                                             f"{arch}.attention.scale", f"{arch}.logit_scale")),
             sliding_window=int(sliding) if sliding else None,
+            partial_rotary_dim=rotated,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers `LlamaConfig`/`Qwen2Config`/`Qwen3Config`-compatible dict (used by tests
-        and caches)."""
+        """A dict of the transformers config class of this architecture (`LlamaConfig`,
+        `Qwen3Config`, `Phi3Config`, ...; used by tests and caches); ConfigError if that class
+        cannot express this config."""
+        spec = self.spec
         d: dict[str, Any] = {
-            "model_type": "llama" if self.arch == "smollm" else self.arch,
+            "model_type": spec.hf_model_type_out,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -318,34 +338,41 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
+            "pad_token_id": None,  # not the class default (Phi3Config's 32000 may be no token)
         }
-        if self.qk_norm != _SUPPORTED_ARCHS.get(self.arch, {}).get("qk_norm", False):
+        if self.qk_norm != spec.qk_norm:
             raise ConfigError(f"a {self.arch} config.json cannot express qk_norm={self.qk_norm}")
-        if self.arch in ("llama", "smollm", "qwen3", "granite"):
+        if spec.hf_writes_attention_bias:
             if self.qkv_bias != self.o_bias:
                 raise ConfigError(f"a {self.arch} config.json cannot express q/k/v bias without "
                                   "o_proj bias")
             d["attention_bias"] = self.qkv_bias
-        if self.arch in ("llama", "smollm", "granite"):
+        elif (self.qkv_bias, self.o_bias) != (spec.qkv_bias, False):
+            raise ConfigError(f"a {self.arch} config.json cannot express qkv_bias={self.qkv_bias}"
+                              f", o_bias={self.o_bias}")
+        if spec.hf_writes_mlp_bias:
             d["mlp_bias"] = self.mlp_bias
-        if self.arch == "granite":
+        elif self.mlp_bias:
+            raise ConfigError(f"a {self.arch} config.json cannot express mlp_bias=True")
+        if spec.multipliers:
             d.update(embedding_multiplier=self.embedding_multiplier,
                      residual_multiplier=self.residual_multiplier,
-                     attention_multiplier=self.attention_scale,
+                     attention_multiplier=(self.head_dim ** -0.5
+                                           if self.attention_multiplier is None
+                                           else self.attention_multiplier),
                      logits_scaling=self.logits_scaling)
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
-            if self.arch in ("qwen2", "qwen3"):
+            if spec.sliding_window == "flag":
                 d["use_sliding_window"] = True
-        if self.rope_scaling is not None and self.rope_scaling.rope_type in ("llama3", "linear"):
-            rs = self.rope_scaling
-            d["rope_scaling"] = {"rope_type": rs.rope_type, "factor": rs.factor}
-            if rs.rope_type == "llama3":
-                d["rope_scaling"].update(
-                    low_freq_factor=rs.low_freq_factor,
-                    high_freq_factor=rs.high_freq_factor,
-                    original_max_position_embeddings=rs.original_max_position_embeddings,
-                )
+        if self.partial_rotary_dim is not None:
+            d["partial_rotary_factor"] = self.partial_rotary_dim / self.head_dim
+        rope_scaling = rope_scaling_to_hf(self.rope_scaling)
+        if rope_scaling is not None:
+            d["rope_scaling"] = rope_scaling
+            if self.rope_scaling.rope_type == "longrope":  # Phi3Config reads it at the top level
+                d["original_max_position_embeddings"] = (
+                    self.rope_scaling.original_max_position_embeddings)
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_ids:
@@ -353,13 +380,13 @@ class ModelConfig:
         return d
 
 
-def _multipliers(arch: str, values: dict[str, Any], keys: tuple[str, str, str, str],
+def _multipliers(spec: Architecture, values: dict[str, Any], keys: tuple[str, str, str, str],
                  ) -> dict[str, float | None]:
     """Granite's multipliers read from `values` under `keys` (embedding, residual, attention,
     logits, in the source's names); {} for an architecture without them. An absent value is the
     plain computation's; an absent or zero attention scale is 1/sqrt(head_dim) (llama.cpp's
     convention)."""
-    if not _SUPPORTED_ARCHS[arch]["multipliers"]:
+    if not spec.multipliers:
         return {}
     emb, res, att, logit = (values.get(k) for k in keys)
     return {
@@ -368,30 +395,6 @@ def _multipliers(arch: str, values: dict[str, Any], keys: tuple[str, str, str, s
         "attention_multiplier": float(att) if att else None,
         "logits_scaling": 1.0 if logit is None else float(logit),
     }
-
-
-def _rope_scaling_from_hf(rs: dict[str, Any] | None, source: str) -> RopeScaling | None:
-    if not rs:
-        return None
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind in (None, "default"):
-        return None
-    if kind == "llama3":
-        try:
-            return RopeScaling(
-                "llama3",
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs["low_freq_factor"]),
-                high_freq_factor=float(rs["high_freq_factor"]),
-                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-            )
-        except KeyError as e:
-            raise ConfigError(
-                f"{source}: rope_scaling of type 'llama3' is missing field {e}") from e
-    if kind == "linear":
-        return RopeScaling("linear", factor=float(rs["factor"]))
-    raise ConfigError(
-        f"{source}: rope_scaling type {kind!r} is not supported (supported: llama3, linear)")
 
 
 @dataclass(frozen=True)

@@ -71,12 +71,15 @@ def test_split_sizing_and_support() -> None:
     assert not supported(96, 32) and not supported(64, 8)
 
 
-@pytest.mark.parametrize("name", ["odd_heads_headdim", "qwen3_qk_norm", "granite_scaled"])
+@pytest.mark.parametrize("name", ["odd_heads_headdim", "qwen3_qk_norm", "granite_scaled",
+                                  "phi3_longrope", "phi4_mini_partial"])
 def test_model_decode_through_the_kernel_equals_the_gather_path(name: str) -> None:
     """Prefill and a decode step through the Triton kernels (interpreted on CPU) vs torch;
     odd_heads_headdim: 9 q heads over 3 KV heads, head_dim 16; qwen3_qk_norm: the q/k head
     norms before the fused RoPE + cache write; granite_scaled: its attention scale in the paged
-    kernel, its residual multiplier on the sublayer outputs."""
+    kernel, its residual multiplier on the sublayer outputs; phi3_longrope: LongRoPE's tables
+    in the fused RoPE, its attention factor in the kernel's scale; phi4_mini_partial: partial
+    rotation (reordered q/k rows, zero-frequency pairs) through the fused RoPE."""
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
     from llm.backends.torch.graphs import buckets_for
@@ -244,7 +247,8 @@ def test_fused_silu_mul() -> None:
     assert torch.allclose(silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_qk_norm", "granite_scaled"])
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_qk_norm", "granite_scaled",
+                                  "phi4_mini_partial"])
 def test_batch_one_decode_through_the_fused_gemvs_equals_the_cublas_path(name: str) -> None:
     """At batch 1 the layers run 4 fused Triton GEMVs (norm prologues, SiLU*up epilogue) instead
     of norm + matmul kernels: same logits (fp32), same cache writes, for a few steps (qwen2:

@@ -30,6 +30,7 @@ from llm.backends.torch.model import DecoderLayer
 from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary, rot_sin
 from llm.model.config import RuntimeConfig
+from llm.model.rope import has_long_table
 
 # bf16 against bf16 transformers, measured (max over SMALL_CONFIGS and comparisons): max relative
 # error 5.3e-3 attention prefill, 7.2e-3 paged decode (one row), 7.6e-3 decoder layer; gain error
@@ -85,17 +86,34 @@ def test_embedding_norm_mlp_lmhead(name: str, dt: str) -> None:
 def test_rope(name: str, dt: str) -> None:
     dtype, tol = DTYPES[dt]
     config, model, _ = _setup(name, dtype)
+    if config.partial_rotary_dim is not None:
+        pytest.skip("partial rotation reorders q/k rows (its tables are not transformers'): "
+                    "tested through attention, decoder layer and model")
     positions = torch.tensor([0, 1, 5, 63, 64, 100, 300, 511])
     x = _hidden(config, len(positions), dtype)
     rope = RotaryEmbedding(config, config.max_position_embeddings, "cpu", dtype)
-    cos, sin = rope.gather(positions)
+    atol = 1e-6 if dt == "fp32" else 1e-2
+    # transformers multiplies LongRoPE's cos and sin by its attention factor; ours is in the
+    # attention scale instead (squared: q and k).
+    af = config.rope_scaling.attention_factor if has_long_table(config) else 1.0
+    # One forward pass over all positions (LongRoPE: the long set, as they reach past the
+    # original context), ...
+    cos_table, sin_table, _ = rope.tables(int(positions.max()) + 1)
+    cos, sin = cos_table[positions], sin_table[positions]
     ref_cos, ref_sin = _hf_rope(model, x, positions)
-    assert torch.allclose(cos.float(), ref_cos[0].float(), atol=1e-6 if dt == "fp32" else 1e-2)
-    assert torch.allclose(sin.float(), ref_sin[0].float(), atol=1e-6 if dt == "fp32" else 1e-2)
+    assert torch.allclose(cos.float() * af, ref_cos[0].float(), atol=atol)
+    assert torch.allclose(sin.float() * af, ref_sin[0].float(), atol=atol)
+    # ... and one position per forward pass, as decode gathers them (LongRoPE: short factors up
+    # to the original context, long beyond).
+    for i in range(len(positions)):
+        step_cos, step_sin = _hf_rope(model, x[:, i:i + 1], positions[i:i + 1])
+        one_cos, one_sin = rope.gather(positions[i:i + 1])
+        assert torch.allclose(one_cos.float() * af, step_cos[0].float(), atol=atol), i
+        assert torch.allclose(one_sin.float() * af, step_sin[0].float(), atol=atol), i
     q = torch.randn(1, config.num_heads, len(positions), config.head_dim).to(dtype)
     ref_q, _ = apply_rotary_pos_emb(q, q, ref_cos, ref_sin)
     ours = apply_rotary(q[0].transpose(0, 1), cos, rot_sin(sin))  # [N, nh, hd] layout
-    ours = ours.transpose(0, 1)
+    ours = ours.transpose(0, 1) * af
     assert_matches(ours, ref_q[0], tol)
 
 
@@ -129,10 +147,16 @@ def test_attention_prefill_and_chunked_prefill(name: str, dt: str) -> None:
     out = attn.prefill(x[0], PrefillMeta.build(rope, 0, SEQ, row, BLOCK), cache)
     assert_matches(out, ref[0], tol, "prefill")
     # The same prompt in two chunks (13 + 27 tokens) through a fresh cache: the second chunk attends
-    # to the first chunk's K/V read back from the pages.
+    # to the first chunk's K/V read back from the pages. With LongRoPE the first chunk reaches
+    # past the original context (20 + 20), so that both rotate with the long factors as the single
+    # forward pass of the reference does (a chunk below it rotates with the short ones, as
+    # transformers does in a forward pass of it: test_model's LongRoPE test).
     cache = _cache(config, dtype)
-    a = attn.prefill(x[0, :13], PrefillMeta.build(rope, 0, 13, row, BLOCK), cache)
-    b = attn.prefill(x[0, 13:], PrefillMeta.build(rope, 13, SEQ - 13, row, BLOCK), cache)
+    cut = 13
+    if has_long_table(config):
+        cut = config.rope_scaling.original_max_position_embeddings + 4
+    a = attn.prefill(x[0, :cut], PrefillMeta.build(rope, 0, cut, row, BLOCK), cache)
+    b = attn.prefill(x[0, cut:], PrefillMeta.build(rope, cut, SEQ - cut, row, BLOCK), cache)
     assert_matches(torch.cat([a, b]), ref[0], tol, "chunked prefill")
 
 

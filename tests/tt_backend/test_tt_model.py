@@ -30,6 +30,8 @@ CASES = ([("llama_gqa", (1, 1), p) for p in TOLERANCE] + [("odd_heads", (1, 1), 
          + [("qwen3_qk_norm", (1, 1), p) for p in ("accuracy", "bf8")]
          + [("granite_scaled", (1, 1), p) for p in ("accuracy", "bf8")]
          + [("mistral_nemo_headdim", (1, 1), "accuracy")]
+         + [("phi3_fused", (1, 1), "accuracy"), ("phi3_longrope", (1, 1), "accuracy"),
+            ("phi3_longrope", (1, 1), "bf8"), ("phi4_mini_partial", (1, 1), "accuracy")]
          + [("mesh", m, p) for m in MESHES[1:] for p in ("accuracy", "bf8", "performance")]
          + [("mesh", (1, 2), "bf8-mlp-last-decoder")]
          + [("odd_mesh", m, p) for m in MESHES for p in ("accuracy", "bf8")])

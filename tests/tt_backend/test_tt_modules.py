@@ -120,13 +120,30 @@ def test_embedding_norm_mlp_lm_head(name, mesh) -> None:
 @pytest.mark.parametrize("name,mesh", CASES)
 def test_rope_tables(name, mesh) -> None:
     config = _config(name)
+    if config.partial_rotary_dim is not None:
+        pytest.skip("partial rotation reorders q/k rows (its tables are not transformers'): "
+                    "tested through attention, decoder layer and model")
     parts = build_parts(config, mesh)
     positions = torch.tensor([0, 1, 5, 63, 64, 100, 150, 159])
+    # one forward pass over all positions (LongRoPE: the long set, as they reach past the
+    # original context) ...
     ref_cos, ref_sin = hf_rope(parts, torch.zeros(1), positions)  # rotate-half [N, hd]
-    cos, sin = interleaved_tables(config, 160)
+    long = config.rope_scaling is not None and config.rope_scaling.uses_long(160)
+    # transformers multiplies LongRoPE's cos and sin by its attention factor; ours is in the
+    # attention scale instead (squared: q and k)
+    af = config.rope_scaling.attention_factor if long else 1.0
+    cos, sin = interleaved_tables(config, 160, long=long)
+    cos, sin = cos * af, sin * af
     half = config.head_dim // 2
     torch.testing.assert_close(cos[positions, 0::2], ref_cos[0, :, :half].float())
     torch.testing.assert_close(sin[positions, 0::2], ref_sin[0, :, :half].float())
+    # ... and one position per forward pass, as decode gathers them (LongRoPE: short factors up
+    # to the original context, long beyond)
+    cos, sin = interleaved_tables(config, 160)
+    for p in positions.tolist():
+        one_cos, one_sin = hf_rope(parts, torch.zeros(1), torch.tensor([p]))
+        torch.testing.assert_close(cos[p, 0::2] * af, one_cos[0, 0, :half].float())
+        torch.testing.assert_close(sin[p, 0::2] * af, one_sin[0, 0, :half].float())
     # decode: per-user rows gathered on the device by position, one user per core
     b = RUNTIME.max_batch
     idx = torch.zeros(1, 32, dtype=torch.int64)
@@ -169,7 +186,7 @@ def _run_users(parts, module, prompt_lens, steps, xs, fractured_prefill):
         x = _padded(parts, xs[u][:n], shard=fractured_prefill)
         s = x.shape[-2]
         row = ints(parts, pages[u:u + 1], ttnn.int32)
-        out = module.prefill(x, parts.rope.prefill(s), row, cache)
+        out = module.prefill(x, parts.rope.prefill(s, 0, n), row, cache)
         pre.append(_read(parts, out, fractured=True)[0, 0, :n])
     dec = []
     for t in range(steps):

@@ -50,8 +50,12 @@ def assert_greedy(model, prompt: list[int], tokens: list[int]) -> None:
                                        ("qwen3_qk_norm", "1x1"), ("granite_scaled", "1x1"),
                                        ("mistral_nemo_headdim", "1x1"), ("odd_heads", "1x1"),
                                        ("mesh", "1x2"), ("mesh", "1x8"), ("qwen3_mesh", "1x2"),
-                                       ("odd_mesh", "1x2"), ("odd_mesh", "1x8")])
+                                       ("odd_mesh", "1x2"), ("odd_mesh", "1x8"),
+                                       ("phi3_fused", "1x1"), ("phi3_longrope", "1x1"),
+                                       ("phi4_mini_partial", "1x1")])
 def test_greedy_tokens_follow_transformers(name: str, mesh: str) -> None:
+    """(phi3_longrope, original context 32: the 40-token prompt rotates with the long factors,
+    the others, 19 and 24 tokens with their decode steps, with the short ones.)"""
     config = CONFIGS.get(name) or TT_CONFIGS[name]
     model = hf_model(config)
     for p, o in zip(*_greedy_run(model, config, mesh)):
@@ -129,12 +133,14 @@ def test_chunked_prefill_equals_whole_prompt(mesh: str) -> None:
     assert_greedy(model, prompt, outs[1])
 
 
-@pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled", "mistral_nemo_headdim"])
+@pytest.mark.parametrize("name", ["qwen3_qk_norm", "granite_scaled", "mistral_nemo_headdim",
+                                  "phi3_longrope", "phi4_mini_partial"])
 def test_gguf_greedy_tokens_follow_transformers(tmp_path, name: str) -> None:
     """A Qwen3 GGUF (written as llama.cpp writes one: `attn_q_norm` / `attn_k_norm`, key_length
-    64 != hidden / heads), a Granite one (Q/K permuted, the four `granite.*` scales) or a
-    Mistral-Nemo-like one (written as `llama`, key_length 64 != hidden / heads) through
-    load_checkpoint and the tt backend: transformers' greedy tokens."""
+    64 != hidden / heads), a Granite one (Q/K permuted, the four `granite.*` scales), a
+    Mistral-Nemo-like one (written as `llama`, key_length 64 != hidden / heads) or a Phi-3 one
+    (`attn_qkv`, gate and up in `ffn_up`, rope_factors_long/short) through load_checkpoint and
+    the tt backend: transformers' greedy tokens."""
     from test_checkpoint import gguf_like_llama_cpp
 
     config = TT_CONFIGS[name]

@@ -25,7 +25,10 @@ _BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=
 # (tied, as granite-3.x), Mistral with an explicit head_dim 64 != hidden / heads = 32 (as
 # Mistral-Nemo), Qwen3 q/k head norms
 # (head_dim 64 != hidden / heads = 32, as in Qwen3 checkpoints), llama3 RoPE scaling, and odd
-# head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple).
+# head counts (3 q / 1 kv heads of 64, hidden 192, vocab not a tile multiple), Phi-3 (fused qkv /
+# gate_up in the checkpoint) plain and with LongRoPE over an original context of 32 (prompts
+# past it rotate with the long factors, shorter ones with the short factors), and Phi-4-mini's
+# kind (RoPE on 24 of 32 dims, LongRoPE, tied).
 TT_CONFIGS = {
     "llama_gqa": ModelConfig(arch="llama", **_BASE),
     "llama_mha_tied": ModelConfig(arch="llama", **{**_BASE, "num_kv_heads": 4},
@@ -43,6 +46,18 @@ TT_CONFIGS = {
     "odd_heads": ModelConfig(arch="llama", **{**_BASE, "num_heads": 3, "num_kv_heads": 1,
                                               "head_dim": 64, "hidden_size": 192,
                                               "vocab_size": 300}),
+    "phi3_fused": ModelConfig(arch="phi3", **_BASE),
+    "phi3_longrope": ModelConfig(arch="phi3", **_BASE, rope_scaling=RopeScaling(
+        "longrope", original_max_position_embeddings=32,
+        short_factor=tuple(round(1.0 + 0.05 * i * i, 2) for i in range(16)),
+        long_factor=tuple(round(1.0 + 0.6 * i * i, 2) for i in range(16)),
+        attention_factor=1.2)),
+    "phi4_mini_partial": ModelConfig(arch="phi3", **_BASE, tie_word_embeddings=True,
+                                     partial_rotary_dim=24, rope_scaling=RopeScaling(
+        "longrope", original_max_position_embeddings=32,
+        short_factor=tuple(round(1.0 + 0.05 * i * i, 2) for i in range(12)),
+        long_factor=tuple(round(1.0 + 0.6 * i * i, 2) for i in range(12)),
+        attention_factor=1.2)),
 }
 # Splits over 1, 2 and 8 devices: 16 q / 8 kv heads, 256 wide, hidden 512.
 MESH_CONFIG = ModelConfig(arch="llama", **{**_BASE, "hidden_size": 256, "intermediate_size": 512,

@@ -12,8 +12,9 @@ from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
-from llm.backends.torch.weight import linear, stack_rows
+from llm.backends.torch.weight import head_rows, linear, stack_rows
 from llm.model.config import ModelConfig
+from llm.model.rope import rotary_row_order
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,14 @@ class PrefillMeta:
         """Metadata for S tokens at start_pos.. of a user whose pages are page_row [max_blocks]."""
         device = page_row.device
         pos = torch.arange(start_pos, start_pos + s, device=device)  # [S]
-        cos, sin = rope.gather(pos)
+        cos_table, sin_table, rot_table = rope.tables(start_pos + s)  # LongRoPE: by the end
+        cos, sin = cos_table[pos], sin_table[pos]
         mask = None
         if start_pos > 0:
             keys = torch.arange(start_pos + s, device=device)
             mask = keys[None, :] <= pos[:, None]  # [S, start_pos + S]
         nb = -(-(start_pos + s) // block_size)
-        return cls(start_pos, cos, sin, rope.gather_rot(pos), page_row[pos // block_size],
+        return cls(start_pos, cos, sin, rot_table[pos], page_row[pos // block_size],
                    pos % block_size, page_row[:nb], mask)
 
 
@@ -125,18 +127,27 @@ class Attention:
         self.fused_rope = fused_rope
         self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         self.scale = config.attention_scale  # of q.k: 1/sqrt(head_dim), Granite's multiplier
-        self.wqkv = stack_rows([w[p + "q_proj.weight"], w[p + "k_proj.weight"],
-                                w[p + "v_proj.weight"]])  # [q + 2kv, H]
+        order = rotary_row_order(config)  # partial rotation: rotary dims first in each head
+
+        def qk(kind: str) -> list:
+            """q, k (rows in `order`) and v projections' `kind` tensors."""
+            return [head_rows(w[p + f"q_proj.{kind}"], config.num_heads, order),
+                    head_rows(w[p + f"k_proj.{kind}"], config.num_kv_heads, order),
+                    w[p + f"v_proj.{kind}"]]
+
+        self.wqkv = stack_rows(qk("weight"))  # [q + 2kv, H]
         self.bqkv = None
         if config.qkv_bias:
-            self.bqkv = torch.cat([w[p + n + "_proj.bias"] for n in ("q", "k", "v")])
+            self.bqkv = torch.cat(qk("bias"))
         self.wo = w[p + "o_proj.weight"]  # [H, q]
         self.bo = w.get(p + "o_proj.bias")
         self.splits = (config.q_size, config.kv_size, config.kv_size)
         self.q_norm = self.k_norm = None
         if config.qk_norm:
-            self.q_norm = RMSNorm(w[p + "q_norm.weight"], config.rms_norm_eps)  # [hd]
-            self.k_norm = RMSNorm(w[p + "k_norm.weight"], config.rms_norm_eps)
+            self.q_norm = RMSNorm(head_rows(w[p + "q_norm.weight"], 1, order),
+                                  config.rms_norm_eps)  # [hd]
+            self.k_norm = RMSNorm(head_rows(w[p + "k_norm.weight"], 1, order),
+                                  config.rms_norm_eps)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> qkv [N, q + 2kv]: the QKV projection, then the q/k head norms."""

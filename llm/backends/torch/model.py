@@ -162,13 +162,14 @@ class Transformer:
         """The layers as `NativeKernels.layer_plan`s (built on first use, rebuilt for another
         cache), or None where a layer cannot run as one C call: a projection that is not
         quantized for the C kernels (dense, Q6_K), a mesh (its all-reduces), q/k head norms
-        (Qwen3) or Granite's multipliers (cpu_kernels.c `layer_decode` has neither: such layers
-        decode op by op)."""
+        (Qwen3), Granite's multipliers or another attention scale than 1/sqrt(head_dim) (LongRoPE)
+        (cpu_kernels.c `layer_decode` has none of them: such layers decode op by op)."""
         plans = getattr(self, "_plans", None)
         if plans is not None and all(p.kpool is cache.k[i] for i, p in enumerate(plans)):
             return plans
         self._plans = None
-        if self.mesh.size > 1 or self.config.qk_norm or self.config.scaled:
+        c = self.config
+        if self.mesh.size > 1 or c.qk_norm or c.scaled or c.attention_scale != c.head_dim ** -0.5:
             return None
         built = []
         for i, layer in enumerate(self.layers):

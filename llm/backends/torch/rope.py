@@ -5,33 +5,51 @@ from __future__ import annotations
 import torch
 
 from llm.model.config import ModelConfig
-from llm.model.rope import inv_frequencies
+from llm.model.rope import cos_sin, has_long_table
 
 
 class RotaryEmbedding:
     """cos/sin tables `[max_seq_len, head_dim]` computed once in fp32, kept in the model dtype;
     `sin_rot` is sin with its first half negated, so that rotate_half(x) * sin, which is
     cat(-x2, x1) * sin, is roll(x) * sin_rot: the same values in two ops fewer (`apply_rotary`).
+
+    With LongRoPE there are two sets: `cos`/`sin`/`sin_rot` rotate one position per step as
+    transformers does (long factors from original_max_position_embeddings on, `gather`), and
+    `tables(end)` gives the set of a prefill reaching position end - 1 (all long past it).
     """
 
     def __init__(self, config: ModelConfig, max_seq_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
-        inv = inv_frequencies(config)
-        pos = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = pos[:, None] * inv[None, :]  # [S, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [S, hd]
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
-        self.sin_rot = rot_sin(self.sin)
+        self.scaling = config.rope_scaling
+        self.cos, self.sin, self.sin_rot = _tables(config, max_seq_len, False, device, dtype)
+        self._long = (_tables(config, max_seq_len, True, device, dtype)
+                      if has_long_table(config) else None)
         self.max_seq_len = max_seq_len
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] -> (cos, sin) each [N, hd]."""
+        """positions [N] -> (cos, sin) each [N, hd] (single-position steps)."""
         return self.cos[positions], self.sin[positions]
 
     def gather_rot(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [N] -> sin_rot [N, hd] (for `apply_rotary`)."""
+        """positions [N] -> sin_rot [N, hd] (for `apply_rotary`; single-position steps)."""
         return self.sin_rot[positions]
+
+    def tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, sin, sin_rot) `[max_seq_len, hd]` for a forward pass over positions below
+        `end`: LongRoPE's long set when `end` is past original_max_position_embeddings."""
+        if self._long is not None and self.scaling.uses_long(end):
+            return self._long
+        return self.cos, self.sin, self.sin_rot
+
+
+def _tables(config: ModelConfig, length: int, long: bool, device: torch.device | str,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos, sin, sin_rot) [length, hd] in `dtype`: each frequency's column twice
+    (rotate-half)."""
+    cos, sin = cos_sin(config, length, long)  # [L, hd/2]
+    cos = torch.cat([cos, cos], dim=-1).to(device=device, dtype=dtype)  # [L, hd]
+    sin = torch.cat([sin, sin], dim=-1).to(device=device, dtype=dtype)
+    return cos, sin, rot_sin(sin)
 
 
 def rot_sin(sin: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from llm.backends.torch.quant.cpu import CpuQuantLinear, prepare_cpu
 from llm.backends.torch.quant.native import NativeKernels
 from llm.model.quant.state import Weight
 from llm.model.quant.tensor import QuantizedTensor, cat_rows
+from llm.model.rope import head_row_index
 
 QGEMV_MAX_ROWS = 16  # the Triton quantized GEMV's batch limit (kernels/qgemv.py MAX_M)
 
@@ -118,6 +119,18 @@ def stack_rows(parts: list[torch.Tensor | QuantLinear]) -> torch.Tensor | QuantL
     dtype = quant[0].dtype
     return torch.cat([p.weight.dequantize(torch.float32).to(dtype) if isinstance(p, QuantLinear)
                       else p for p in parts], dim=0)
+
+
+def head_rows(w: torch.Tensor | QuantLinear, heads: int, order: torch.Tensor | None
+              ) -> torch.Tensor | QuantLinear:
+    """The rows of a per-head projection (or bias, or a [head_dim] gain with heads 1) reordered
+    within each head by `order` [head_dim] (None: as they are)."""
+    if order is None:
+        return w
+    index = head_row_index(heads, order)  # [heads * hd]
+    if isinstance(w, QuantLinear):
+        return QuantLinear(w.weight.take_rows(index), w.dtype, w.kernels)
+    return w[index.to(w.device)]
 
 
 def nbytes(w: torch.Tensor | QuantLinear) -> int:

@@ -22,6 +22,7 @@ from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.weights import WeightStore, once_bias, reverse_permute
 from llm.model.config import ModelConfig
+from llm.model.rope import head_row_index, rotary_row_order
 
 
 class Attention:
@@ -40,11 +41,19 @@ class Attention:
         wq, wk, wv = (tensors[p + f"{n}_proj.weight"] for n in ("q", "k", "v"))
         dim, qkv_all, dh, heads = geo.dim, geo.qkv * nd, geo.head_dim, geo.heads
 
+        order = rotary_row_order(config)  # partial rotation: rotary dims first in each head
+
+        def rows(t: torch.Tensor, heads: int) -> torch.Tensor:
+            """Q/K rows (or a q/k norm gain, heads 1): rotary order, then interleaved."""
+            if order is not None:
+                t = t[head_row_index(heads, order)]
+            return reverse_permute(t.float(), heads)
+
         def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Per device [Q_i | K_i | V_i] of its head slots along the output dim (zero rows
             for padding heads, replicated KV heads repeated), devices concatenated."""
-            q = heads.q_rows(reverse_permute(q.float(), config.num_heads), dh)
-            k = heads.kv_rows(reverse_permute(k.float(), config.num_kv_heads), dh)
+            q = heads.q_rows(rows(q, config.num_heads), dh)
+            k = heads.kv_rows(rows(k, config.num_kv_heads), dh)
             parts = zip(q.chunk(nd, 0), k.chunk(nd, 0), heads.kv_rows(v.float(), dh).chunk(nd, 0))
             return torch.cat([torch.cat(qkv, 0) for qkv in parts], 0)  # [qkv_all, ...]
 
@@ -66,7 +75,7 @@ class Attention:
         if config.qk_norm:
             self.q_norm, self.k_norm = (
                 gain_sticks(mesh, weights, f"layer{layer}_{n}_norm_interleaved_{geo.head_dim}",
-                            reverse_permute(tensors[p + f"{n}_norm.weight"].float(), 1),
+                            rows(tensors[p + f"{n}_norm.weight"], 1),
                             mesh.replicate())
                 for n in ("q", "k"))
         wo = tensors[p + "o_proj.weight"]  # [dim, nh dh]

@@ -110,12 +110,14 @@ class Transformer:
         weights.save_manifest()
 
     # ------------------------------------------------------------------------------ prefill
-    def prefill_hidden(self, tokens, page_row, start: int = 0, fill_row=None):
+    def prefill_hidden(self, tokens, page_row, start: int = 0, fill_row=None,
+                       length: int | None = None):
         """tokens uint32 `[1, 1, 1, S]` (S a padded prefill length) at positions start..,
         page_row int32 `[1, max_blocks]` -> the final residual `[1, 1, S, dim_local]` (KV pages
-        filled). A chunk at start > 0 also needs fill_row, its own pages (Attention.prefill)."""
+        filled). A chunk at start > 0 also needs fill_row, its own pages (Attention.prefill).
+        length: the chunk's real tokens (default S), which pick LongRoPE's factors."""
         s = tokens.shape[-1]
-        rot = self.rope.prefill(s, start)
+        rot = self.rope.prefill(s, start, start + (s if length is None else length))
         x = self.embed(tokens)  # [1, 1, S, dim_local]
         for layer in self.layers:
             x = layer.prefill(x, rot, page_row, self.cache, start, fill_row)

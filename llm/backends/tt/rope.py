@@ -13,15 +13,15 @@ import torch
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.model.config import ModelConfig
-from llm.model.rope import inv_frequencies
+from llm.model.rope import cos_sin, has_long_table
 
 
-def interleaved_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def interleaved_tables(config: ModelConfig, length: int, long: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin `[length, head_dim]` fp32 with each frequency repeated for its pair:
-    [c0, c0, c1, c1, ...]."""
-    pos = torch.arange(length, dtype=torch.float32)
-    ang = pos[:, None] * inv_frequencies(config)[None, :]  # [L, hd/2]
-    return ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+    [c0, c0, c1, c1, ...]; `long` as in `llm.model.rope.cos_sin` (LongRoPE)."""
+    cos, sin = cos_sin(config, length, long)  # [L, hd/2]
+    return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
 
 
 def transformation_matrix() -> torch.Tensor:
@@ -34,7 +34,10 @@ def transformation_matrix() -> torch.Tensor:
 
 
 class RotarySetup:
-    """Device-resident cos/sin tables and transformation matrices, built once."""
+    """Device-resident cos/sin tables and transformation matrices, built once. With LongRoPE a
+    second pair of prefill tables holds the long factors, for a prefill reaching past
+    original_max_position_embeddings; decode gathers from the single-step tables (long rows from
+    there on), as transformers rotates."""
 
     def __init__(self, mesh: Mesh, config: ModelConfig, cfg: OpConfigs, length: int) -> None:
         ttnn = mesh.ttnn
@@ -50,6 +53,12 @@ class RotarySetup:
 
         self.cos_prefill = put(cos[None, None], ttnn.TILE_LAYOUT)  # [1, 1, L, hd]
         self.sin_prefill = put(sin[None, None], ttnn.TILE_LAYOUT)
+        self.scaling = config.rope_scaling
+        self.long_prefill = None
+        if has_long_table(config):
+            cos_long, sin_long = interleaved_tables(config, length, long=True)
+            self.long_prefill = (put(cos_long[None, None], ttnn.TILE_LAYOUT),
+                                 put(sin_long[None, None], ttnn.TILE_LAYOUT))
         self.cos_rows = put(cos[None, None], ttnn.ROW_MAJOR_LAYOUT)  # embedding tables
         self.sin_rows = put(sin[None, None], ttnn.ROW_MAJOR_LAYOUT)
         tm = transformation_matrix()
@@ -66,15 +75,21 @@ class RotarySetup:
         return (rope(q, cos, sin, trans, is_decode_mode=decode),
                 rope(k, cos, sin, trans, is_decode_mode=decode))
 
-    def prefill(self, seq_len: int, start: int = 0):
-        """cos, sin `[1, 1, seq_len, hd]` for positions start .. start + seq_len - 1."""
+    def prefill(self, seq_len: int, start: int = 0, end: int | None = None):
+        """cos, sin `[1, 1, seq_len, hd]` for positions start .. start + seq_len - 1; `end`: one
+        past the chunk's last real (unpadded) position, which picks LongRoPE's factors (default
+        start + seq_len)."""
         if start + seq_len > self.length:
             raise ValueError(f"prefill of positions [{start}, {start + seq_len}) exceeds the RoPE "
                              f"table ({self.length})")
         ttnn = self.mesh.ttnn
         hd = self.cfg.geo.head_dim
+        tables = (self.cos_prefill, self.sin_prefill)
+        end = start + seq_len if end is None else end
+        if self.long_prefill is not None and self.scaling.uses_long(end):
+            tables = self.long_prefill
         return tuple(ttnn.slice(t, (0, 0, start, 0), (1, 1, start + seq_len, hd))
-                     for t in (self.cos_prefill, self.sin_prefill))
+                     for t in tables)
 
     def decode(self, rot_idxs):
         """rot_idxs uint32 `[1, 32]` (user positions, padded) -> cos, sin `[1, B, 1, hd]`,

@@ -191,7 +191,7 @@ class TTBackend(Backend):
         if start > 0:
             fill_row = put(pages[:, start // bs:], ttnn.int32)  # this chunk's pages onwards
         hidden = model.prefill_hidden(put(tok, ttnn.uint32), put(pages, ttnn.int32), start,
-                                      fill_row)  # [1, 1, S, dim_local]
+                                      fill_row, n)  # [1, 1, S, dim_local]
         logits = model.tile_logits(hidden, (n - 1) // TILE)  # [1, 1, 32, V_local]
         row = (n - 1) % TILE  # the row holding the last token, which draws token start + n
         tokens = []

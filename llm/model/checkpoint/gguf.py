@@ -1,15 +1,16 @@
 """GGUF weights -> canonical Hugging Face tensors.
 
 Conversion: every tensor type `gguf.quants.dequantize` supports is dequantized; GGUF dims (fastest
-first) become HF (out, in) shapes; llama.cpp names become HF names; llama.cpp's Q/K row
-permutation (rotate-half -> interleaved RoPE pairs, for llama-family models) is undone. A
-`rope_freqs` tensor (Llama 3.1) is not a weight: its values go into `ModelConfig.rope_scaling`.
+first) become HF (out, in) shapes; llama.cpp names become HF names (the architecture's table,
+`llm.model.arch`) and fused tensors are split into their canonical parts; llama.cpp's Q/K row
+permutation (rotate-half -> interleaved RoPE pairs, for the architectures it converts with
+LLAMA-style RoPE) is undone. `rope_freqs` (Llama 3.1) and `rope_factors_long` /
+`rope_factors_short` (LongRoPE) are not weights: their values go into `ModelConfig.rope_scaling`.
 The conversion is cached by `llm.model.checkpoint.gguf_cache`.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from importlib.metadata import version
@@ -22,50 +23,15 @@ import torch
 from tqdm import tqdm
 
 from llm.model.checkpoint.common import CheckpointError, check_tensors, expected_tensors
+from llm.model.checkpoint.fused import Part, canonical_index
 from llm.model.config import ModelConfig
 from llm.model.quant.gguf_repack import GGUF_FORMATS, from_gguf_tensor
 from llm.model.quant.state import Weight
 
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_NAME_RE = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
-# llama.cpp permutes Q/K rows only for its LLAMA architecture (Mistral/SmolLM GGUFs are written as
-# "llama") and for Granite (its converter is Llama's, normal RoPE); Qwen2 and Qwen3 use NeoX-style
-# RoPE in llama.cpp, which is HF's rotate-half: no permutation.
-_PERMUTED_ARCHS = frozenset({"llama", "mistral", "smollm", "granite"})
 _NATURAL_DTYPES = {
     gguf.GGMLQuantizationType.F16: torch.float16,
     gguf.GGMLQuantizationType.BF16: torch.bfloat16,
 }
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """The HF name of a llama.cpp tensor name (`blk.3.attn_q.weight` -> ...), or None if unknown."""
-    m = _NAME_RE.fullmatch(gguf_name)
-    if m is None:
-        return None
-    layer, base, kind = m.groups()
-    if layer is None:
-        return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
-    if base not in _LAYER_NAMES:
-        return None
-    return f"model.layers.{int(layer)}.{_LAYER_NAMES[base]}.{kind}"
 
 
 def gguf_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -115,11 +81,11 @@ def convert_gguf(path: Path, progress: bool = True, stored: bool = False,
     """
     reader = reader if reader is not None else read_gguf(path, progress)
     config, by_name = gguf_index(reader, path)
-    permute = config.arch in _PERMUTED_ARCHS
+    permute = config.spec.gguf_permuted_qk
     tensors: dict[str, Weight] = {}
     verb = "repacking" if stored else "converting"
     bar = tqdm(by_name.items(), desc=f"{verb} {path.name}", unit="tensor", disable=not progress)
-    for name, t in bar:
+    for name, (t, part) in bar:
         heads = None
         if permute and ".self_attn.q_proj." in name:
             heads = config.num_heads
@@ -127,19 +93,24 @@ def convert_gguf(path: Path, progress: bool = True, stored: bool = False,
             heads = config.num_kv_heads
         if stored and gguf.GGMLQuantizationType(t.tensor_type) in GGUF_FORMATS:
             q = from_gguf_tensor(t)
-            tensors[name] = q if heads is None else q.take_rows(unpermute_index(q.shape[0],
-                                                                                heads))
+            rows = torch.arange(*part.rows) if part.rows is not None else None
+            if heads is not None:
+                order = unpermute_index(part.shape(hf_shape(t))[0], heads)
+                rows = order if rows is None else rows[order]
+            tensors[name] = q if rows is None else q.take_rows(rows)  # take_rows copies
             continue
-        w = dequantize(t.data, t, path).reshape(hf_shape(t))  # (out, in) or (n,)
+        data = t.data if part.rows is None else t.data[slice(*part.rows)]
+        w = dequantize(data, t, path).reshape(part.shape(hf_shape(t)))  # (out, in) or (n,)
         tensors[name] = w if heads is None else unpermute(w, heads)
     return config, {name: tensors[name] for name in expected_tensors(config)}
 
 
 def gguf_index(
     reader: gguf.GGUFReader, path: Path
-) -> tuple[ModelConfig, dict[str, gguf.ReaderTensor]]:
-    """The model config of an open GGUF and its tensors by canonical HF name, checked against
-    the config (names and shapes) before any data is read.
+) -> tuple[ModelConfig, dict[str, tuple[gguf.ReaderTensor, Part]]]:
+    """The model config of an open GGUF and, by canonical HF name, the tensor holding each
+    canonical tensor and where in it (whole, or rows of a fused one), checked against the config
+    (names and shapes) before any data is read.
     """
     try:
         metadata = gguf_metadata(reader)
@@ -151,23 +122,32 @@ def gguf_index(
             "parts first (llama.cpp: `llama-gguf-split --merge first-part.gguf merged.gguf`)"
         )
     by_gguf_name = {t.name: t for t in reader.tensors}
-    freqs = by_gguf_name.pop("rope_freqs.weight", None)
-    factors = (tuple(dequantize(freqs.data, freqs, path).flatten().tolist())
-               if freqs is not None else ())
-    config = ModelConfig.from_gguf(
-        metadata, set(by_gguf_name), source=str(path), rope_freq_factors=factors
-    )
-    by_name: dict[str, gguf.ReaderTensor] = {}
+    rope = {}
+    for key in ("rope_freqs", "rope_factors_long", "rope_factors_short"):
+        t = by_gguf_name.pop(f"{key}.weight", None)
+        if t is not None:
+            rope[key] = tuple(dequantize(t.data, t, path).flatten().tolist())
+    if ("rope_factors_long" in rope) != ("rope_factors_short" in rope):
+        raise CheckpointError(f"{path}: has only one of rope_factors_long / rope_factors_short")
+    long_short = None
+    if "rope_factors_long" in rope:  # float32 values as the shortest decimals (1.1, not 1.100..)
+        long_short = tuple(tuple(float(str(np.float32(v))) for v in rope[k])
+                           for k in ("rope_factors_long", "rope_factors_short"))
+    config = ModelConfig.from_gguf(metadata, set(by_gguf_name), source=str(path),
+                                   rope_freq_factors=rope.get("rope_freqs", ()),
+                                   rope_long_short=long_short)
+    stored: dict[str, gguf.ReaderTensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     origin: dict[str, str] = {}
     for gname, t in by_gguf_name.items():
-        name = hf_name(gname)
+        name = config.spec.hf_name(gname)
         key = name or gname  # an unknown name is reported as unexpected by check_tensors
-        by_name[key] = t
+        stored[key] = t
         shapes[key] = hf_shape(t)
         origin[key] = f"{path} (GGUF tensor {gname!r})" if name else str(path)
+    parts, shapes, origin = canonical_index(config, shapes, origin)
     check_tensors(shapes, config, origin, path)
-    return config, by_name
+    return config, {name: (stored[p.name], p) for name, p in parts.items()}
 
 
 def hf_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
@@ -177,7 +157,7 @@ def hf_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
 
 def unpermute_needed(config: ModelConfig) -> bool:
     """Whether this GGUF architecture's Q/K rows carry llama.cpp's RoPE permutation."""
-    return config.arch in _PERMUTED_ARCHS
+    return config.spec.gguf_permuted_qk
 
 
 def dequantize(data: np.ndarray, t: gguf.ReaderTensor, path: Path) -> torch.Tensor:

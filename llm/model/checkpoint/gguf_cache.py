@@ -136,6 +136,6 @@ def config_from_json(text: str) -> ModelConfig:
     d = json.loads(text)
     rs = d.pop("rope_scaling")
     if rs is not None:
-        rs = RopeScaling(**{**rs, "freq_factors": tuple(rs["freq_factors"])})
+        rs = RopeScaling(**{k: tuple(v) if isinstance(v, list) else v for k, v in rs.items()})
     d["eos_token_ids"] = tuple(d["eos_token_ids"])
     return ModelConfig(**d, rope_scaling=rs)

@@ -18,6 +18,7 @@ from llm.model.checkpoint.common import (
     is_ignored,
     pickle_error,
 )
+from llm.model.checkpoint.fused import Part, canonical_index, fuse
 from llm.model.checkpoint.safetensors_io import get_tensor, open_safetensors
 from llm.model.config import ModelConfig
 
@@ -48,11 +49,13 @@ def _hf_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
     raise CheckpointError(f"{directory}: no {_SINGLE_FILE} or {_INDEX_FILE}{hint}")
 
 
-def hf_dir_headers(directory: Path) -> tuple[ModelConfig, dict[str, Path]]:
-    """Config and checked tensor index (name -> file) of an HF directory, from headers only.
+def hf_dir_headers(directory: Path) -> tuple[ModelConfig, dict[str, tuple[Path, Part]]]:
+    """Config and checked tensor index (canonical name -> file and where in it) of an HF
+    directory, from headers only.
 
     Rejects a bad checkpoint (missing, unexpected, wrong-shape tensors; an inconsistent index)
-    before any tensor data is read. Ignored tensors (`is_ignored`) are left out.
+    before any tensor data is read. Ignored tensors (`is_ignored`) are left out. The canonical
+    parts of a fused tensor (`llm.model.arch.Fused`) are rows of it.
     """
     files, weight_map = _hf_weight_files(directory)
     config = ModelConfig.from_hf_dir(directory)
@@ -79,8 +82,9 @@ def hf_dir_headers(directory: Path) -> tuple[ModelConfig, dict[str, Path]]:
                 f"{directory / _INDEX_FILE}: lists tensor {name!r} in {file_name}, "
                 "which does not contain it"
             )
-    check_tensors(shapes, config, origin, directory)
-    return config, where
+    parts, shapes, canonical_origin = canonical_index(config, shapes, origin)
+    check_tensors(shapes, config, canonical_origin, directory)
+    return config, {name: (where[p.name], p) for name, p in parts.items()}
 
 
 def load_hf_dir(directory: Path, progress: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -88,12 +92,17 @@ def load_hf_dir(directory: Path, progress: bool) -> tuple[ModelConfig, dict[str,
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(where), desc="loading weights", unit="tensor", disable=not progress)
     with bar:
-        for file in dict.fromkeys(where.values()):
+        for file in dict.fromkeys(file for file, _ in where.values()):
             with open_safetensors(file) as f:
-                for name in f.keys():
-                    if where.get(name) == file:
-                        tensors[name] = get_tensor(f, name, file)
-                        bar.update()
+                stored: dict[str, torch.Tensor] = {}
+                for name, (in_file, part) in where.items():
+                    if in_file != file:
+                        continue
+                    if part.name not in stored:
+                        stored[part.name] = get_tensor(f, part.name, file)
+                    t = stored[part.name]
+                    tensors[name] = t if part.rows is None else t[slice(*part.rows)].clone()
+                    bar.update()
     return config, {name: tensors[name] for name in expected_tensors(config)}
 
 
@@ -105,14 +114,16 @@ def save_hf_checkpoint(
 ) -> None:
     """Write a Hugging Face directory: config.json and model.safetensors, or shards plus an index.
 
-    `tensors` must match `expected_tensors(config)` (a tied lm_head is dropped). With
+    `tensors` must match `expected_tensors(config)` (a tied lm_head is dropped); tensors the
+    architecture stores fused (`llm.model.arch.Fused`) are written stacked. With
     `shard_size_bytes`, tensors are packed in order into `model-0000k-of-0000n.safetensors` files
     of at most that size (a single larger tensor gets a shard of its own).
     """
     directory = Path(directory)
     shapes = {n: tuple(t.shape) for n, t in tensors.items() if not is_ignored(n, config)}
     check_tensors(shapes, config, {n: "the given tensors" for n in tensors}, "the given tensors")
-    ordered = {n: tensors[n].detach().cpu().contiguous() for n in expected_tensors(config)}
+    ordered = fuse(config, {n: tensors[n].detach().cpu().contiguous()
+                            for n in expected_tensors(config)})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     meta = {"format": "pt"}

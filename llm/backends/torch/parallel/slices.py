@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llm.model.checkpoint.common import CheckpointError, expected_tensors
+from llm.model.checkpoint.fused import Part
 from llm.model.checkpoint.hf import hf_dir_headers
 from llm.model.checkpoint.load import resolve_checkpoint
 from llm.model.checkpoint.safetensors_io import get_tensor, open_safetensors
@@ -94,9 +95,10 @@ class TensorDictSlices(WeightSlices):
 
 
 class SafetensorsSlices(WeightSlices):
-    """Slices read from safetensors files (name -> file), each file opened once."""
+    """Slices read from safetensors files (canonical name -> file and the stored tensor or rows
+    of it holding it), each file opened once."""
 
-    def __init__(self, config: ModelConfig, where: Mapping[str, Path], source: str,
+    def __init__(self, config: ModelConfig, where: Mapping[str, tuple[Path, Part]], source: str,
                  source_sha256: str | None = None) -> None:
         self.config, self.where, self.source = config, dict(where), source
         self.source_sha256 = source_sha256
@@ -108,13 +110,17 @@ class SafetensorsSlices(WeightSlices):
         return self._handles[file]
 
     def _read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
-        file = self.where[name]
+        file, part = self.where[name]
         f = self._handle(file)
+        if dim is None and part.rows is None:
+            return get_tensor(f, part.name, file)
         if dim is None:
-            return get_tensor(f, name, file)
-        index = (slice(None),) * dim + (slice(start, stop),)
+            dim, start, stop = 0, 0, part.rows[1] - part.rows[0]
+        offset = part.rows[0] if part.rows is not None else 0
+        rows = slice(start + offset, stop + offset) if dim == 0 else slice(*(part.rows or (None,)))
+        index = (rows,) if dim == 0 else (rows, slice(start, stop))
         try:
-            t = f.get_slice(name)[index]
+            t = f.get_slice(part.name)[index]
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from e
         if not t.is_floating_point():
@@ -136,7 +142,7 @@ class GGUFSlices(WeightSlices):
 
         self.path, self.source, self.source_sha256 = path, str(path), source_sha256
         self.reader = open_gguf(path)
-        self.config, self.tensors = gguf_index(self.reader, path)
+        self.config, self.tensors = gguf_index(self.reader, path)  # name -> (tensor, Part)
         self.permute = unpermute_needed(self.config)
 
     def _read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
@@ -144,9 +150,9 @@ class GGUFSlices(WeightSlices):
 
         from llm.model.checkpoint.gguf import dequantize, hf_shape, unpermute
 
-        t = self.tensors[name]
-        shape = hf_shape(t)
-        data = t.data
+        t, part = self.tensors[name]
+        shape = part.shape(hf_shape(t))
+        data = t.data if part.rows is None else t.data[slice(*part.rows)]
         if dim is None:
             w = dequantize(data, t, self.path).reshape(shape)
         elif dim == 0 and (len(shape) == 2 or data.dtype != "uint8"):
@@ -196,7 +202,8 @@ def open_weight_slices(path: str | Path, *, cache_dir: str | Path | None = None,
                 shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
             if shapes != dict(expected_tensors(config)):
                 raise CheckpointError(f"{entry}: tensors do not match its config")
-            return SafetensorsSlices(config, dict.fromkeys(shapes, entry), str(path), digest)
+            where = {name: (entry, Part(name)) for name in shapes}
+            return SafetensorsSlices(config, where, str(path), digest)
         except CheckpointError as e:
             log.warning("unusable weights cache entry, reading the GGUF instead: %s", e)
     return GGUFSlices(path, digest)
