@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute and weight dtype")
     p.add_argument("--weights", default="auto", choices=["auto", *WEIGHT_MODES],
-                   help="auto: stored on the CPU, dequantize on CUDA and with --tp; dequantize: "
+                   help="auto: stored on the CPU, dequantize on CUDA (with --tp too); dequantize: "
                         "all weights in --dtype; stored: a GGUF's quantized blocks as stored "
                         "(CUDA: Triton GEMV; CPU: int4/int8 kernels in bfloat16, a dense copy "
                         "otherwise); int8 / int4: "

@@ -137,11 +137,11 @@ def single_process() -> tuple[list[list[int]], int, list[str]]:
     return [o.token_ids for o in out], full, [o.text for o in out], scored, stored
 
 
-@pytest.mark.parametrize("ranks,weights", [(2, "auto"), (4, "auto"), (2, "stored")])
+@pytest.mark.parametrize("ranks,weights", [(2, "auto"), (4, "auto"), (2, "dequantize")])
 def test_default_model_greedy_equals_single_process(tmp_path, single_process,
                                                      ranks: int, weights: str) -> None:
-    """auto: dequantized slices on every rank; stored: each rank's Q4_1 / Q8_0 blocks as stored
-    (the single process runs them as stored too)."""
+    """auto (on the CPU: stored): each rank's Q4_1 / Q8_0 blocks as stored, as the single process
+    runs them; dequantize: float32 slices on every rank."""
     tokens, full, _, scored, stored = single_process
     out = spawn_ranks(default_model_rank, ranks, tmp_path, PROMPTS, STEPS, weights)
     assert out[0]["tokens"] == tokens
@@ -157,7 +157,7 @@ def test_default_model_greedy_equals_single_process(tmp_path, single_process,
     # per generate: 2 prefills + STEPS - 1 decodes
     assert all(res["calls"] == 2 * (STEPS + 1) for res in out[1:])
     for res in out:  # about 1/N of the dense or of the stored bytes
-        assert res["weight_bytes"] <= 1.15 * (stored if weights == "stored" else full) / ranks
+        assert res["weight_bytes"] <= 1.15 * (full if weights == "dequantize" else stored) / ranks
 
 
 def test_server_over_two_ranks_answers_like_one_process(single_process) -> None:
