@@ -124,9 +124,12 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor], *,
                qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-               arch: str | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
+               arch: str | None = None, extra: dict[str, np.ndarray] | None = None,
+               blocks: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None
+               ) -> Path:
     """Write a GGUF like llama.cpp would: llama and granite Q/K permuted, matrices in `qtype`,
-    vectors F32."""
+    vectors F32. blocks: matrices given as raw ggml blocks of a type (uint8 [rows, bytes], e.g.
+    K-quants, which gguf cannot quantize), written as they are, in place of `tensors`' ones."""
     arch = arch or config.arch
     if arch == "phi3":
         tensors = phi3_fused(config, tensors)
@@ -164,6 +167,8 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
         w.add_attention_scale(config.attention_scale)
         w.add_logit_scale(config.logits_scaling)
     for name, t in tensors.items():
+        if name in (blocks or {}):
+            continue
         a = t.float().numpy()
         if arch in ("llama", "granite") and ".q_proj." in name:
             a = llama_cpp_permute(a, config.num_heads)
@@ -175,6 +180,8 @@ def write_gguf(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
             w.add_tensor(gguf_name(name), a.astype(np.float16))
         else:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    for name, (raw, raw_type) in (blocks or {}).items():
+        w.add_tensor(gguf_name(name), raw, raw_dtype=raw_type)
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)
     w.write_header_to_file()

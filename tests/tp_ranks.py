@@ -17,13 +17,15 @@ from llm.backends.torch.attention import PrefillMeta
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.model import Transformer
 from llm.backends.torch.parallel.mesh import Mesh
+from llm.backends.torch.parallel.quantizing_slices import QuantizingSlices, open_slices_as
 from llm.backends.torch.parallel.slices import WeightSlices, open_weight_slices
 from llm.backends.torch.runner import TorchBackend
-from llm.engine.contract.backend import SequenceSampling
+from llm.engine.contract.backend import BackendSpec, SequenceSampling, create_backend
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.drive import decode_together
 from llm.model.checkpoint.load import load_checkpoint
 from llm.model.config import RuntimeConfig
+from llm.model.quant.tensor import QuantizedTensor
 
 
 def spawn_ranks(fn, n: int, tmp: Path, *args) -> list:
@@ -50,15 +52,25 @@ def save(tmp: Path, rank: int, obj) -> None:
 
 
 class CountingSlices(WeightSlices):
-    """Counts the bytes each read returns (to show a rank reads only its slices)."""
+    """Counts the bytes each read returns (to show a rank reads only its slices); quantized
+    tensors' bytes (all planes) also apart, by tensor name."""
 
     def __init__(self, inner: WeightSlices) -> None:
         self.inner, self.config, self.source = inner, inner.config, inner.source
+        self.source_sha256 = inner.source_sha256
         self.bytes_read = 0
+        self.quantized_bytes: dict[str, int] = {}
+
+    def column_block(self, name):
+        return self.inner.column_block(name)
 
     def _read(self, name, dim, start, stop):
         t = self.inner._read(name, dim, start, stop)
-        self.bytes_read += t.numel() * t.element_size()
+        if isinstance(t, QuantizedTensor):
+            self.quantized_bytes[name] = self.quantized_bytes.get(name, 0) + t.nbytes
+            self.bytes_read += t.nbytes
+        else:
+            self.bytes_read += t.numel() * t.element_size()
         return t
 
 
@@ -130,11 +142,13 @@ def scored_params(steps: int) -> SamplingParams:
                           repetition_penalty=1.2, frequency_penalty=0.5)
 
 
-def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: int) -> None:
+def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: int,
+                       weights: str = "auto") -> None:
     """The LLM API on the default model: rank 0 generates greedily, the others follow."""
     import llm
 
-    model = llm.LLM(tensor_parallel=n, max_batch=len(prompts), max_seq_len=128, progress=False)
+    model = llm.LLM(tensor_parallel=n, max_batch=len(prompts), max_seq_len=128, progress=False,
+                    weights=weights)
     if not model.is_leader:
         weight_bytes = model.backend.weight_bytes
         save(tmp, rank, {"calls": model.follow(), "weight_bytes": weight_bytes})
@@ -148,3 +162,60 @@ def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: 
                      "scored": [(o.token_ids, o.logprobs, o.prompt_logprobs) for o in scored],
                      "weight_bytes": model.backend.weight_bytes,
                      "describe": model.backend.describe()})
+
+
+def quantized_models_rank(rank: int, n: int, tmp: Path, cases: list[dict]) -> None:
+    """Per case (name, path, weights mode, cache dir): this rank's backend on its slices of the
+    quantized checkpoint beside the single-process backend of the same checkpoint: logits of a
+    prompt's every position, greedy tokens of two users decoding together, what it read."""
+    mesh = Mesh.from_env(n, "cpu")[0]
+    runtime = RuntimeConfig(device="cpu", max_batch=2, max_seq_len=32, block_size=8)
+    results = {}
+    for case in cases:
+        slices = open_slices_as(case["path"], case["weights"], cache_dir=case["cache"],
+                                progress=False)
+        reader = type(slices).__name__
+        if isinstance(slices, QuantizingSlices):
+            slices = slices.across(mesh)  # int8 row scales agreed over the ranks
+        counting = CountingSlices(slices)
+        single = load_checkpoint(case["path"], cache_dir=tmp / f"single{rank}", progress=False,
+                                 weights=case["weights"])
+        backends = [TorchBackend(counting, runtime, mesh=mesh), TorchBackend(single, runtime)]
+        g = torch.Generator().manual_seed(5)
+        tokens = torch.randint(0, single.config.vocab_size, (9,), generator=g)
+        pages = torch.arange(1, 1 + runtime.blocks_per_seq)
+        logits = [b.model.gather_logits(b.model.prefill(tokens, 0, pages, b.cache,
+                                                        all_logits=True)) for b in backends]
+        prompts = [torch.randint(0, single.config.vocab_size, (k,), generator=g).tolist()
+                   for k in (6, 11)]
+        greedy = [SequenceSampling(SamplingParams(), 0)] * 2
+        results[case["name"]] = {
+            "reader": reader, "logits": logits, "prompt": tokens, "prompts": prompts,
+            "tokens": [decode_together(b, prompts, 8, greedy) for b in backends],
+            "quantized_bytes": counting.quantized_bytes,
+            "formats": {k: (t.format, t.nbytes) for k, t in single.tensors.items()
+                        if isinstance(t, QuantizedTensor)},
+            "local": backends[0].model.local}
+        for b in backends:
+            b.close()
+        slices.close()
+    # last (closing it leaves the process group): the launch a user gets, LLM(tensor_parallel=n,
+    # weights=...) without the tokenizer, on the last case
+    case = cases[-1]
+    spec = BackendSpec(model=case["path"], tensor_parallel=n, weights=case["weights"],
+                       max_batch=2, max_seq_len=32, block_size=8, progress=False,
+                       cache_dir=case["cache"])
+    backend = create_backend("torch", spec)
+    own = backend.backend  # this rank's TorchBackend: every rank runs the same prefill
+    pages = torch.arange(1, 1 + own.runtime.blocks_per_seq)
+    launched = {"logits": own.model.gather_logits(own.model.prefill(
+        results[case["name"]]["prompt"], 0, pages, own.cache, all_logits=True))}
+    if backend.leader:
+        prompts = results[case["name"]]["prompts"]
+        launched["tokens"] = decode_together(backend, prompts, 8, [SequenceSampling(
+            SamplingParams(), 0)] * 2)
+        results["launched"] = launched
+        backend.close()
+    else:
+        backend.follow()
+    save(tmp, rank, results)

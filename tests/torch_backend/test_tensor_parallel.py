@@ -133,14 +133,17 @@ def single_process() -> tuple[list[list[int]], int, list[str]]:
     checkpoint = load_checkpoint(model.backend.source, progress=False)
     full = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
     scored = model.generate(PROMPTS, scored_params(STEPS))
-    return [o.token_ids for o in out], full, [o.text for o in out], scored
+    stored = model.backend.weight_bytes  # weights="auto" on the CPU: the GGUF's blocks as stored
+    return [o.token_ids for o in out], full, [o.text for o in out], scored, stored
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks,weights", [(2, "auto"), (4, "auto"), (2, "dequantize")])
 def test_default_model_greedy_equals_single_process(tmp_path, single_process,
-                                                     ranks: int) -> None:
-    tokens, full, _, scored = single_process
-    out = spawn_ranks(default_model_rank, ranks, tmp_path, PROMPTS, STEPS)
+                                                     ranks: int, weights: str) -> None:
+    """auto (on the CPU: stored): each rank's Q4_1 / Q8_0 blocks as stored, as the single process
+    runs them; dequantize: float32 slices on every rank."""
+    tokens, full, _, scored, stored = single_process
+    out = spawn_ranks(default_model_rank, ranks, tmp_path, PROMPTS, STEPS, weights)
     assert out[0]["tokens"] == tokens
     for (got_tokens, got_lps, got_prompt), want in zip(out[0]["scored"], scored, strict=True):
         assert got_tokens == want.token_ids  # penalties and logprobs over the gathered vocab
@@ -153,8 +156,8 @@ def test_default_model_greedy_equals_single_process(tmp_path, single_process,
     assert f"tensor parallel over {ranks} ranks" in out[0]["describe"]
     # per generate: 2 prefills + STEPS - 1 decodes
     assert all(res["calls"] == 2 * (STEPS + 1) for res in out[1:])
-    for res in out:
-        assert res["weight_bytes"] <= 1.15 * full / ranks
+    for res in out:  # about 1/N of the dense or of the stored bytes
+        assert res["weight_bytes"] <= 1.15 * (full if weights == "dequantize" else stored) / ranks
 
 
 def test_server_over_two_ranks_answers_like_one_process(single_process) -> None:

@@ -115,14 +115,14 @@ class Transformer:
         """
         self.config = config
         self.mesh = mesh = mesh or Mesh.single()
-        plan = TensorParallelPlan(config, mesh.size)
+        if not isinstance(tensors, WeightSlices):
+            tensors = TensorDictSlices(config, tensors)
+        plan = TensorParallelPlan.for_weights(tensors, mesh.size)  # quantized: group-aligned
         shard = plan.shard(mesh.rank)
         self.local = local = plan.local_config(mesh.rank)  # this rank's heads, widths, vocab
         self.device = torch.device(runtime.device)
         self.dtype = getattr(torch, runtime.dtype)
         self.block_size = runtime.block_size
-        if not isinstance(tensors, WeightSlices):
-            tensors = TensorDictSlices(config, tensors)
         self.cpu_kernels = None  # the decode step and norms by the C kernels: CPU, float32
         if (cpu_kernels is not None and self.device.type == "cpu" and self.dtype == torch.float32
                 and config.head_dim % 2 == 0):

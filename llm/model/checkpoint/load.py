@@ -62,25 +62,36 @@ WIDER_IN_INT4 = ("model.embed_tokens.weight", "lm_head.weight")  # int8 in "int4
 
 def quantize_matrices(tensors: dict[str, torch.Tensor], mode: str, progress: bool
                       ) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """Every 2-D weight (projections, embedding, LM head) quantized at load: "int8" per output
-    channel; "int4" per group of 128 columns, or 64 / 32 where in_features is no multiple of 128
-    (llm.model.quant.quantize), with the embedding and LM head in int8 (as llama.cpp's K-quant
-    mixes keep them wider: on the default model's weights, perplexity 53.4 with them in int4, 47.6
-    in int8, bf16 29.3; demos/eval.py); norms and biases stay as they are."""
+    """Every 2-D weight (projections, embedding, LM head) quantized at load (`quantize_matrix`);
+    norms and biases stay as they are."""
     out: dict[str, torch.Tensor | QuantizedTensor] = {}
     bar = tqdm(tensors.items(), desc=f"quantizing to {mode}", unit="tensor", disable=not progress)
     for name, t in bar:
-        if t.dim() != 2:
-            out[name] = t
-        elif mode == "int8" or name in WIDER_IN_INT4:
-            out[name] = quantize_int8(t)
-        else:
-            group = next((g for g in (128, 64, 32) if t.shape[1] % g == 0), None)
-            if group is None:
-                raise CheckpointError(f"{name}: in_features {t.shape[1]} is no multiple of 32, "
-                                      "the smallest int4 group")
-            out[name] = quantize_int4(t, group)
+        out[name] = t if t.dim() != 2 else quantize_matrix(name, t, mode)
     return out
+
+
+def quantize_matrix(name: str, t: torch.Tensor, mode: str, in_features: int | None = None,
+                    absmax: torch.Tensor | None = None) -> QuantizedTensor:
+    """Matrix `name` (or a slice of it: rows, or columns at whole int4 groups) quantized at load:
+    "int8" per output channel; "int4" per group of `int4_group` columns, with the embedding and
+    LM head in int8 (as llama.cpp's K-quant mixes keep them wider: on the default model's weights,
+    perplexity 53.4 with them in int4, 47.6 in int8, bf16 29.3; demos/eval.py).
+    in_features: the whole matrix's (default t's; it picks the int4 group). absmax: for an int8
+    column slice, the whole rows' max |w| (`quantize_int8`)."""
+    if mode == "int8" or name in WIDER_IN_INT4:
+        return quantize_int8(t, absmax)
+    return quantize_int4(t, int4_group(name, in_features or t.shape[1]))
+
+
+def int4_group(name: str, in_features: int) -> int:
+    """The int4 group of a matrix with `in_features` columns: 128, or 64 / 32 where
+    in_features is no multiple of 128; CheckpointError naming `name` if none divides it."""
+    group = next((g for g in (128, 64, 32) if in_features % g == 0), None)
+    if group is None:
+        raise CheckpointError(f"{name}: in_features {in_features} is no multiple of 32, the "
+                              "smallest int4 group")
+    return group
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:

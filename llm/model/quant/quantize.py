@@ -46,10 +46,20 @@ def _bf16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(wrong, step, r)
 
 
-def quantize_int8(w: torch.Tensor) -> QuantizedTensor:
-    """Per-output-channel symmetric int8 quantization of an [N, K] matrix (format `int8`)."""
+def quantize_int8(w: torch.Tensor, absmax: torch.Tensor | None = None) -> QuantizedTensor:
+    """Per-output-channel symmetric int8 quantization of an [N, K] matrix (format `int8`).
+
+    absmax: float32 [N, 1], each row's max |w| over the whole matrix when `w` is a column slice
+    of it (a tensor-parallel rank's part): the slice then gets exactly the whole matrix's codes
+    and scales for its columns. Default: w's own.
+    """
     w = _matrix(w)
-    d = w.abs().amax(dim=1, keepdim=True) / 127  # [N, 1]
+    if absmax is None:
+        absmax = w.abs().amax(dim=1, keepdim=True)
+    elif absmax.shape != (w.shape[0], 1) or absmax.dtype != torch.float32:
+        raise ValueError(f"absmax must be float32 {(w.shape[0], 1)}, got {absmax.dtype} "
+                         f"{tuple(absmax.shape)}")
+    d = absmax / 127  # [N, 1]
     q = torch.round(w / torch.where(d == 0, 1.0, d)).clamp_(-127, 127).to(torch.int8)
     return QuantizedTensor(INT8.name, tuple(w.shape), {"qs": q, "d": d})
 

@@ -12,7 +12,7 @@ from typing import Any
 from llm.backends.torch.parallel.leader import FollowerBackend, LeaderBackend
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.plan import TensorParallelPlan
-from llm.backends.torch.parallel.slices import open_weight_slices
+from llm.backends.torch.parallel.quantizing_slices import QuantizingSlices, open_slices_as
 from llm.engine.contract.backend import Backend, BackendSpec
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import ConfigError
@@ -21,20 +21,26 @@ from llm.model.config import ConfigError
 def launch(spec: BackendSpec, build: Any) -> Backend:
     """This process's rank: a LeaderBackend on rank 0, a FollowerBackend elsewhere.
 
-    build(weights, runtime, mesh) -> the rank's torch backend.
+    build(weights, runtime, mesh) -> the rank's torch backend. "stored" keeps a GGUF's quantized
+    blocks, "int8" / "int4" quantize an HF model's slices, each rank holding only its share of the
+    quantized bytes (`llm.backends.torch.parallel.plan`). weights="auto" is as on one process:
+    "stored" on the CPU (2 gloo ranks, default model: 52 MB a rank instead of 287, decode 8.4-10.6
+    tok/s against 6.8-7.5 dequantized), "dequantize" on CUDA (stored not measured there with
+    tensor parallelism yet).
     """
     size = spec.tensor_parallel
     if isinstance(spec.model, Checkpoint):
         raise ConfigError("tensor_parallel needs a checkpoint path (each rank reads its slices)")
-    if spec.weights_mode("dequantize") != "dequantize":
-        raise ConfigError(f"tensor_parallel reads dequantized weight slices; weights="
-                          f"{spec.weights!r} is not supported with it yet")
     Mesh.check_launch(size, spec.device)
     path = spec.model_path()
-    weights = open_weight_slices(path, cache_dir=spec.cache_dir, progress=spec.progress)
+    auto = "stored" if spec.device == "cpu" else "dequantize"
+    weights = open_slices_as(path, spec.weights_mode(auto), cache_dir=spec.cache_dir,
+                             progress=spec.progress)
     try:
-        TensorParallelPlan(weights.config, size)
+        TensorParallelPlan.for_weights(weights, size)
         mesh, device = Mesh.from_env(size, spec.device)
+        if isinstance(weights, QuantizingSlices):
+            weights = weights.across(mesh)
         backend = build(weights, spec.runtime(weights.config, device), mesh)
     finally:
         weights.close()

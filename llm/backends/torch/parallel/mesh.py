@@ -118,6 +118,14 @@ class Mesh:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def all_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max of a CPU tensor `x` over the ranks, in place, over the host (gloo)
+        group: for load-time agreement (e.g. int8 row scales of row-parallel slices), on CPU and
+        GPU meshes alike (identity without a group)."""
+        if self.distributed:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.control)
+        return x
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` stacked in rank order: [size, *x.shape] (x[None] without a group)."""
         if not self.distributed:

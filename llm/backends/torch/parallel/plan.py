@@ -14,6 +14,12 @@ Megatron-style 1-D split, as the tech report's section 3.3 describes for a mesh:
   then an all-reduce) and the LM head computes only its own logits (argmax or sampling over the
   gathered pieces).
 - Norm weights (and o_proj / down biases, added once) are replicated.
+- Quantized row-parallel weights (o_proj, down_proj kept as stored or quantized at load) split
+  their input columns only at their quantization groups' boundaries (`ColumnBlock`: 32 or 256
+  columns for GGUF blocks, the int4 group): query heads are then split in units of
+  lcm(head_dim, group) / head_dim heads and the intermediate dimension in units of a group, as
+  evenly as those units allow (the same split as above whenever that one is aligned). A split that
+  cannot give every rank a whole unit is a ConfigError naming the tensor, its group and the split.
 """
 
 from __future__ import annotations
@@ -57,11 +63,27 @@ class RankShard:
 
 
 @dataclass(frozen=True)
+class ColumnBlock:
+    """Input columns of a row-parallel weight split only at multiples of `columns` (its
+    quantization group); `tensor` and `format` name the weight that needs it (for errors)."""
+
+    columns: int = 1
+    tensor: str = ""
+    format: str = ""
+
+
+@dataclass(frozen=True)
 class TensorParallelPlan:
-    """The split of `config` over `size` ranks; construction validates it (ConfigError)."""
+    """The split of `config` over `size` ranks; construction validates it (ConfigError).
+
+    o_block / down_block: the column granularity of o_proj's / down_proj's input columns (1 for
+    dense weights); `for_weights` reads them from a checkpoint's tensors.
+    """
 
     config: ModelConfig
     size: int
+    o_block: ColumnBlock = ColumnBlock()
+    down_block: ColumnBlock = ColumnBlock()
 
     def __post_init__(self) -> None:
         c, n = self.config, self.size
@@ -74,21 +96,67 @@ class TensorParallelPlan:
                 raise ConfigError(
                     f"tensor_parallel={n} exceeds the model's {what} of {value}: every rank needs "
                     f"at least one (choose tensor_parallel <= {min(limits.values())})")
+        hd = c.head_dim
+        self._check_aligned(self.o_block, c.num_heads, self._head_unit(), hd,
+                            f"{c.num_heads} query heads x head_dim {hd}",
+                            [split_range(c.num_heads, n, r)[0] * hd for r in range(1, n)])
+        self._check_aligned(self.down_block, c.intermediate_size, self.down_block.columns, 1,
+                            "intermediate_size",
+                            [split_range(c.intermediate_size, n, r)[0] for r in range(1, n)])
+
+    @classmethod
+    def for_weights(cls, weights: WeightSlices, size: int) -> TensorParallelPlan:
+        """The plan of `weights.config` over `size` ranks, its row-parallel splits aligned to the
+        quantization groups of the o_proj / down_proj weights as `weights` gives them."""
+        c = weights.config
+
+        def block(kind: str) -> ColumnBlock:
+            found = ColumnBlock()
+            for i in range(c.num_layers):
+                name = f"model.layers.{i}.{kind}.weight"
+                columns, fmt = weights.column_block(name)
+                if math.lcm(found.columns, columns) != found.columns:
+                    found = ColumnBlock(math.lcm(found.columns, columns), name, fmt)
+            return found
+
+        return cls(c, size, block("self_attn.o_proj"), block("mlp.down_proj"))
+
+    def _head_unit(self) -> int:
+        """Query heads per split unit: the fewest whole heads spanning whole o_proj groups."""
+        hd = self.config.head_dim
+        return math.lcm(hd, self.o_block.columns) // hd
+
+    def _check_aligned(self, block: ColumnBlock, total: int, unit: int, width: int, what: str,
+                       even: list[int]) -> None:
+        """ConfigError unless `total` heads (width head_dim) or columns (width 1) split into
+        `size` non-empty ranges of whole `unit`s; `even`: the unaligned split's boundaries."""
+        if block.columns == 1 or (total % unit == 0 and total // unit >= self.size):
+            return
+        columns = total * width
+        cut = [b for b in even if b % block.columns]
+        raise ConfigError(
+            f"tensor_parallel={self.size} cannot split the input columns of {block.tensor} "
+            f"({block.format}, quantization groups of {block.columns} columns) at group "
+            f"boundaries: its {columns} columns ({what}) are {columns / block.columns:g} groups "
+            f"for {self.size} ranks (the even split at columns {even} cuts groups at {cut}); "
+            f"choose a tensor_parallel that gives every rank whole groups, or "
+            f"weights='dequantize'")
 
     def shard(self, rank: int) -> RankShard:
         """The part of the model that `rank` (0 <= rank < size) holds."""
         if not 0 <= rank < self.size:
             raise ValueError(f"rank {rank} is outside 0..{self.size - 1}")
         c, n = self.config, self.size
-        h0, h1 = split_range(c.num_heads, n, rank)
+        u, f = self._head_unit(), self.down_block.columns  # split units (1, 1 when dense)
+        h0, h1 = (u * i for i in split_range(c.num_heads // u, n, rank))
         group = c.group_size
         runs: dict[int, int] = {}  # KV head -> local query heads using it
         for h in range(h0, h1):
             runs[h // group] = runs.get(h // group, 0) + 1
         g = math.gcd(*runs.values())
         kv = tuple(k for k, r in runs.items() for _ in range(r // g))
-        return RankShard(rank, (h0, h1), kv, split_range(c.intermediate_size, n, rank),
-                         split_range(c.vocab_size, n, rank))
+        ffn = tuple(f * i for i in split_range(c.intermediate_size // f, n, rank))
+        return RankShard(rank, (h0, h1), kv, ffn, split_range(c.vocab_size, n, rank))
 
     def local_config(self, rank: int) -> ModelConfig:
         """The config of the rank's slice as if it were a model of its own (local head counts,
