@@ -41,7 +41,11 @@ ODD = ModelConfig(**_BASE, hidden_size=64, intermediate_size=96, head_dim=32, nu
 # K-quants (groups of 256): every input dim a multiple of 256; tied Q6_K embedding / LM head.
 KQ = ModelConfig(**_BASE, hidden_size=256, intermediate_size=512, head_dim=128, num_heads=4,
                  num_kv_heads=2, vocab_size=64, tie_word_embeddings=True)
-CASES = ("Q8_0", "Q4_0", "k_quants", "int4", "int8")
+# Phi-3's fused qkv_proj / gate_up_proj (llama.cpp attn_qkv, 2 x intermediate ffn_up): each
+# rank's q / k / v and gate / up rows are read from the fused tensor's blocks
+PHI3 = ModelConfig(**{**_BASE, "arch": "phi3"}, hidden_size=64, intermediate_size=96,
+                   head_dim=32, num_heads=6, num_kv_heads=3, vocab_size=96)
+CASES = ("Q8_0", "Q4_0", "k_quants", "int4", "int8", "phi3_Q8_0")
 
 
 def float_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -81,6 +85,9 @@ def ranks_out(tmp_path_factory) -> list[dict]:
         cases.append(dict(name=qtype.name, path=str(path), weights="stored", cache=str(cache)))
     cases.append(dict(name="k_quants", path=k_quant_gguf(tmp / "kq.gguf"), weights="stored",
                       cache=str(tmp / "cache-kq")))
+    phi3 = write_gguf(tmp / "phi3.gguf", PHI3, float_tensors(PHI3), qtype=Q.Q8_0)
+    cases.append(dict(name="phi3_Q8_0", path=str(phi3), weights="stored",
+                      cache=str(tmp / "cache-phi3")))
     hf = random_model_dir(tmp / "hf", ODD)
     cases += [dict(name=m, path=str(hf), weights=m, cache=str(tmp / "c")) for m in ("int4", "int8")]
     return spawn_ranks(quantized_models_rank, 2, tmp, cases)
@@ -89,7 +96,7 @@ def ranks_out(tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_compute_the_single_process_quantized_model(ranks_out, case) -> None:
     readers = {"Q8_0": "GGUFSlices", "Q4_0": "SafetensorsSlices", "k_quants": "GGUFSlices",
-               "int8": "QuantizingSlices", "int4": "QuantizingSlices"}
+               "int8": "QuantizingSlices", "int4": "QuantizingSlices", "phi3_Q8_0": "GGUFSlices"}
     for res in ranks_out:
         got = res[case]
         assert got["reader"] == readers[case]
@@ -124,7 +131,8 @@ def test_each_rank_holds_only_its_share_of_the_quantized_bytes(ranks_out, case) 
         # 1/2 of the whole, over only by the KV heads the odd split replicates
         limit = 1.0 if case == "k_quants" else 1.35
         assert sum(planned.values()) <= limit * whole / 2
-    if case in ("Q8_0", "Q4_0", "k_quants"):  # stored blocks partition exactly, KV heads aside
+    if case in ("Q8_0", "Q4_0", "k_quants", "phi3_Q8_0"):  # stored blocks partition exactly,
+        # KV heads aside
         def apart(r: int) -> int:
             return sum(b for n, b in ranks_out[r][case]["quantized_bytes"].items()
                        if not n.endswith(("k_proj.weight", "v_proj.weight")))
