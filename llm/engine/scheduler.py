@@ -175,9 +175,6 @@ class Scheduler:
             computed = dataclasses.replace(params, logprobs=0)
         seed = resolve_seed(params)
         prompt_logprobs = None if params.prompt_logprobs is None else [None]  # none for token 0
-        grammar = None  # structured output: one sequence per request (SamplingParams checks)
-        if params.structured is not None:
-            grammar = self.grammars.matcher(params.structured)
         seqs = []
         for choice in range(m):
             out = RequestOutput(index=index, prompt_token_ids=list(ids), choice=choice,
@@ -189,7 +186,9 @@ class Scheduler:
                 sampling=SequenceSampling(computed, choice_seed(seed, choice),
                                           tuple(sorted(stop_ids))),
                 budget=budget, detok=self.tokenizer.stream(), stop_ids=frozenset(stop_ids),
-                parent=seqs[0] if seqs else None, grammar=grammar))
+                parent=seqs[0] if seqs else None,
+                grammar=None if params.structured is None else  # each its own grammar state
+                self.grammars.matcher(params.structured)))
         seqs[0].children = seqs[1:]
         return seqs[0]
 
@@ -286,7 +285,7 @@ class Scheduler:
                 cached = prompt[:start] if start == seq.out.cached_tokens else ()
                 last = start + n == seq.prompt_len
                 forks = [Fork(c.slot, c.sampling) for c in seq.children] if last else []
-                masks = self.grammars.masks([seq.grammar]) if last else None
+                masks = self.grammars.masks([s.grammar for s in seq.group]) if last else None
                 with _joined(masks):
                     result = self.backend.prefill_step(PrefillInput(
                         seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),

@@ -53,7 +53,3 @@ def test_sampling_params_checks_the_field() -> None:
         with pytest.raises(SamplingParamsError, match=name) as info:
             SamplingParams(structured=StructuredOutput("json_object"), **{name: value})
         assert info.value.param == name
-    for name, value in (("n", {"n": 2}), ("best_of", {"best_of": 3})):
-        with pytest.raises(SamplingParamsError, match="one grammar state") as info:
-            SamplingParams(structured=StructuredOutput("json_object"), **value)
-        assert info.value.param == name

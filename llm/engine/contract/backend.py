@@ -59,8 +59,9 @@ class PrefillInput:
     targets: with prompt logprobs wanted, the prompt tokens that follow each position of this
     chunk (the prompt's tokens start_pos + 1 ..; S - 1 of them in the last chunk), whose
     logprobs the backend returns in StepOutput.prompt_logprobs; None otherwise.
-    allowed: with a structured-output request, in the chunk that ends the prompt, the mask of
-    the token chosen from its last position (row 0); None otherwise.
+    allowed: with a structured-output request, in the chunk that ends the prompt, the masks of
+    the tokens chosen from its last position: row 0 this user's, row 1 + i forks[i]'s; None
+    otherwise.
     cached: on a request's first call that starts past 0 (a prefix-cache hit), the prompt tokens
     at positions 0 .. start_pos - 1, whose K/V the user's pages already hold (computed for
     another request); empty otherwise. A request's first call is thus the one with start_pos ==

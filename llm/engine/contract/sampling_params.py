@@ -52,8 +52,8 @@ class SamplingParams:
     (JSON schema, JSON object, regex, choice or grammar): tokens outside it are masked before
     selection and logprobs (so logprobs are those of the constrained distribution), EOS only
     where the grammar may end, and the request stops ("stop") when the grammar is complete.
-    Not with ignore_eos or min_tokens (the grammar decides where the output ends), nor with n or
-    best_of > 1 (one grammar state per request).
+    Not with ignore_eos or min_tokens (the grammar decides where the output ends). With n or
+    best_of > 1 every sequence follows the grammar on its own.
     n: completions of the prompt (its prefill is shared by all of them). best_of: generate this
     many (>= n; None = n) and return the n with the highest cumulative logprob. Sequence i of a
     request samples with a seed derived from the request's seed and i (`choice_seed`), so the n
@@ -131,11 +131,6 @@ class SamplingParams:
             if self.best_of < self.n:
                 raise SamplingParamsError(f"best_of={self.best_of} must be >= n={self.n}",
                                           param="best_of")
-        if self.structured is not None and self.num_sequences > 1:
-            name = "n" if self.best_of is None else "best_of"
-            raise SamplingParamsError(f"{name}={self.num_sequences} cannot be combined with "
-                                      "structured output yet (one grammar state per request)",
-                                      param=name)
 
     @property
     def num_sequences(self) -> int:
