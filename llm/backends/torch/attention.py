@@ -24,9 +24,11 @@ class PrefillMeta:
     cos/sin/sin_rot [S, hd] (`RotaryEmbedding`); blocks/offsets [S] where each token's K/V goes;
     page_row [nb] the user's pages covering positions [0, start_pos + S) (used only when
     start_pos > 0); mask [S, start_pos + S] bool or None for a plain causal prompt.
+    `paged` (start [1] on the device, start_pos None): the Triton paged prefill attention reads
+    the keys through the whole page_row [max_blocks], `rows` (token, head) rows per program.
     """
 
-    start_pos: int
+    start_pos: int | None
     cos: torch.Tensor
     sin: torch.Tensor
     sin_rot: torch.Tensor
@@ -34,6 +36,8 @@ class PrefillMeta:
     offsets: torch.Tensor
     page_row: torch.Tensor
     mask: torch.Tensor | None
+    start: torch.Tensor | None = None
+    rows: int = 16
 
     @classmethod
     def build(cls, rope: RotaryEmbedding, start_pos: int, s: int, page_row: torch.Tensor,
@@ -50,6 +54,20 @@ class PrefillMeta:
         nb = -(-(start_pos + s) // block_size)
         return cls(start_pos, cos, sin, rot_table[pos], page_row[pos // block_size],
                    pos % block_size, page_row[:nb], mask)
+
+    @classmethod
+    def paged(cls, rope: RotaryEmbedding, start: torch.Tensor, s: int, page_row: torch.Tensor,
+              block_size: int, rows: int) -> PrefillMeta:
+        """Metadata for S tokens at start.. where start [1] is on the device: every index is
+        computed there (one CUDA graph serves any start). The caller keeps start + S within the
+        RoPE table and the page row (max_seq_len); LongRoPE (tables chosen by the end position,
+        on the host) is refused."""
+        if rope.by_end:
+            raise ValueError("a device-side start needs RoPE tables that do not depend on the "
+                             "end position (LongRoPE: prefill with a host start_pos)")
+        pos = start + torch.arange(s, device=start.device)  # [S]
+        return cls(None, rope.cos[pos], rope.sin[pos], rope.sin_rot[pos],
+                   page_row[pos // block_size], pos % block_size, page_row, None, start, rows)
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,8 @@ class Attention:
     def prefill(self, x: torch.Tensor, meta: PrefillMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [S, H] (one user) -> [S, H]; writes the S tokens' K/V into the user's pages."""
         s = x.shape[0]
+        if meta.start is not None:
+            return self._prefill_paged(x, meta, cache)
         if self.fused_rope:
             from llm.backends.torch.kernels.rope_kv import rope_and_cache
 
@@ -201,6 +221,23 @@ class Attention:
                                                  scale=self.scale)
         out = out[0].transpose(0, 1).reshape(s, self.n_heads * self.hd)  # [S, nh*hd]
         return self.mesh.all_reduce(linear(out, self.wo, self.bo))
+
+    def _prefill_paged(self, x: torch.Tensor, meta: PrefillMeta,
+                       cache: PagedKVCache) -> torch.Tensor:
+        """prefill() with the start on the device (`PrefillMeta.paged`): the fused RoPE + K/V
+        write, then the Triton paged prefill attention over the user's pages."""
+        if not self.fused_rope:
+            raise ValueError("a device-side prefill start needs the Triton kernels (fused_rope)")
+        from llm.backends.torch.kernels.paged_prefill import paged_prefill_attention
+        from llm.backends.torch.kernels.rope_kv import rope_and_cache
+
+        s = x.shape[0]
+        kp, vp = cache.k[self.layer], cache.v[self.layer]
+        q = rope_and_cache(self._project(x), meta.cos, meta.sin, meta.blocks, meta.offsets, kp,
+                           vp, self.n_heads)  # [S, nh, hd]
+        out = paged_prefill_attention(q, kp, vp, meta.page_row, meta.start, self.scale,
+                                      rows=meta.rows)  # [S, nh, hd]
+        return self.mesh.all_reduce(linear(out.reshape(s, -1), self.wo, self.bo))
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""

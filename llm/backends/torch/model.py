@@ -204,17 +204,29 @@ class Transformer:
         return list({id(t): t for t in held if t is not None}.values())
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, start_pos: int, page_row: torch.Tensor,
+    def prefill(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, page_row: torch.Tensor,
                 cache: PagedKVCache, all_logits: bool = False,
                 last: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [S] at positions start_pos.. for one user with pages page_row [max_blocks].
+        start_pos: an int, or a [1] int64 tensor on the device: then the Triton paged prefill
+        attention (needs decode_kernel) and nothing read on the host (a CUDA-graph continuation
+        chunk, see prefill_graphs.py); start_pos + S must stay within max_seq_len.
 
         Returns logits [V] of the last position (or [S, V] with all_logits, for tests and scoring);
         on a mesh, this rank's vocabulary slice of them (`gather_logits` / `sample`). last: [1]
         index of the last real token on the device, when `tokens` is padded at its end (CUDA-graph
         prefill, see prefill_graphs.py); the logits are that token's.
         """
-        meta = PrefillMeta.build(self.rope, start_pos, tokens.shape[0], page_row, self.block_size)
+        s = tokens.shape[0]
+        if isinstance(start_pos, torch.Tensor):
+            from llm.backends.torch.kernels.paged_prefill import rows_per_program
+
+            lc = self.local
+            rows = rows_per_program(s, lc.num_heads // lc.num_kv_heads, lc.num_kv_heads,
+                                    self.n_sm)
+            meta = PrefillMeta.paged(self.rope, start_pos, s, page_row, self.block_size, rows)
+        else:
+            meta = PrefillMeta.build(self.rope, start_pos, s, page_row, self.block_size)
         x, residual = self._embed(tokens), None  # [S, H]
         for layer in self.layers:
             x, residual = layer.prefill(x, residual, meta, cache)

@@ -26,6 +26,11 @@ class RotaryEmbedding:
                       if has_long_table(config) else None)
         self.max_seq_len = max_seq_len
 
+    @property
+    def by_end(self) -> bool:
+        """Whether a prefill's tables depend on its end position (LongRoPE, `tables`)."""
+        return self._long is not None
+
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N] -> (cos, sin) each [N, hd] (single-position steps)."""
         return self.cos[positions], self.sin[positions]

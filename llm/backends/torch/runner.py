@@ -56,8 +56,8 @@ class TorchBackend(Backend):
                  cache_dir: str | Path | None = None, progress: bool = False) -> None:
         """checkpoint: loaded weights, or slices read per rank (tensor parallel).
         cuda_graphs: on CUDA with the Triton paged attention, capture decode as CUDA graphs, and
-        (one rank) prompts that start a sequence, per padded length bucket (prefill_graphs.py;
-        without graphs the same padded prefill runs eagerly).
+        (one rank) prompt chunks, first ones and continuations, per padded length bucket
+        (prefill_graphs.py; without graphs the same padded prefill runs eagerly).
         all_reduce (tensor parallel on GPUs): "nccl", or "auto" = decode-sized all-reduces by the
         symmetric-memory one-shot kernel where available, larger ones by NCCL.
         gemv_max_batch: see Transformer (None: its default).
@@ -151,7 +151,8 @@ class TorchBackend(Backend):
             mode = f"CUDA graphs, decode captured in {self.graphs.capture_s:.1f} s"
             pg = self.prefill_graphs
             if pg is not None and pg.graphs:
-                mode += f", prompts of <= {pg.buckets[-1]} tokens in {pg.capture_s:.1f} s"
+                chunks = "prompt chunks" if pg.continuations else "first prompt chunks"
+                mode += f", {chunks} of <= {pg.buckets[-1]} tokens in {pg.capture_s:.1f} s"
         elif self.model.decode_kernel:
             mode = "eager, Triton paged attention"
         tp = ""
@@ -234,7 +235,7 @@ class TorchBackend(Backend):
             return StepOutput(out.tokens, out.logprobs, prompt)
         pg = self.prefill_graphs
         if pg is not None and pg.bucket(len(inp.tokens), inp.start_pos) is not None:
-            logits = pg.run(inp.tokens, inp.page_table)  # [V]
+            logits = pg.run(inp.tokens, inp.page_table, inp.start_pos)  # [V]
         else:
             logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache)
         return self._select(logits[None].expand(len(users), -1), users, slots,
