@@ -25,7 +25,7 @@ class PrefillMeta:
     page_row [nb] the user's pages covering positions [0, start_pos + S) (used only when
     start_pos > 0); mask [S, start_pos + S] bool or None for a plain causal prompt.
     `paged` (start [1] on the device, start_pos None): the Triton paged prefill attention reads
-    the keys through the whole page_row [max_blocks], `rows` (token, head) rows per program.
+    the keys through the whole page_row [max_blocks] (n_sm: the GPU's SMs, for its tiling).
     """
 
     start_pos: int | None
@@ -37,7 +37,7 @@ class PrefillMeta:
     page_row: torch.Tensor
     mask: torch.Tensor | None
     start: torch.Tensor | None = None
-    rows: int = 16
+    n_sm: int = 1
 
     @classmethod
     def build(cls, rope: RotaryEmbedding, start_pos: int, s: int, page_row: torch.Tensor,
@@ -57,7 +57,7 @@ class PrefillMeta:
 
     @classmethod
     def paged(cls, rope: RotaryEmbedding, start: torch.Tensor, s: int, page_row: torch.Tensor,
-              block_size: int, rows: int) -> PrefillMeta:
+              block_size: int, n_sm: int) -> PrefillMeta:
         """Metadata for S tokens at start.. where start [1] is on the device: every index is
         computed there (one CUDA graph serves any start). The caller keeps start + S within the
         RoPE table and the page row (max_seq_len); LongRoPE (tables chosen by the end position,
@@ -67,7 +67,7 @@ class PrefillMeta:
                              "end position (LongRoPE: prefill with a host start_pos)")
         pos = start + torch.arange(s, device=start.device)  # [S]
         return cls(None, rope.cos[pos], rope.sin[pos], rope.sin_rot[pos],
-                   page_row[pos // block_size], pos % block_size, page_row, None, start, rows)
+                   page_row[pos // block_size], pos % block_size, page_row, None, start, n_sm)
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ class Attention:
         q = rope_and_cache(self._project(x), meta.cos, meta.sin, meta.blocks, meta.offsets, kp,
                            vp, self.n_heads)  # [S, nh, hd]
         out = paged_prefill_attention(q, kp, vp, meta.page_row, meta.start, self.scale,
-                                      rows=meta.rows)  # [S, nh, hd]
+                                      n_sm=meta.n_sm)  # [S, nh, hd]
         return self.mesh.all_reduce(linear(out.reshape(s, -1), self.wo, self.bo))
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:

@@ -219,12 +219,7 @@ class Transformer:
         """
         s = tokens.shape[0]
         if isinstance(start_pos, torch.Tensor):
-            from llm.backends.torch.kernels.paged_prefill import rows_per_program
-
-            lc = self.local
-            rows = rows_per_program(s, lc.num_heads // lc.num_kv_heads, lc.num_kv_heads,
-                                    self.n_sm)
-            meta = PrefillMeta.paged(self.rope, start_pos, s, page_row, self.block_size, rows)
+            meta = PrefillMeta.paged(self.rope, start_pos, s, page_row, self.block_size, self.n_sm)
         else:
             meta = PrefillMeta.build(self.rope, start_pos, s, page_row, self.block_size)
         x, residual = self._embed(tokens), None  # [S, H]
