@@ -9,7 +9,9 @@ Paths, each including the greedy choice of the first token on the device:
                 attention, launched op by op (the backend's eager mode; same bits as the graph)
   graph         the same as one CUDA-graph replay
 Columns: CUDA events around the call (GPU time plus idle gaps: what a user waits for), host
-enqueue time, and the kernels' sum under the torch profiler (GPU work). Then the attention of one
+enqueue time, and the kernels' sum under the torch profiler (GPU work; a replay's kernels are
+recorded as graph nodes where CUPTI supports it, else the graph row's sum reads ~0: then its
+CUDA events are the GPU time). Then the attention of one
 layer alone, gather + SDPA against the paged prefill kernel, each captured in a CUDA graph.
 
 docs/performance.md, "H200: prefix caching (issue 16)", continuation chunks in CUDA graphs:
