@@ -3,6 +3,13 @@
     python bench/quant_decode.py --configs 8b --formats bf16,q4_0,q8_0,q4_k --batches 1,8
     python bench/quant_decode.py --configs 8b --formats q4_0 --batches 1,8 --kernels
     python bench/quant_decode.py --gguf /tmp/lw/8b-Q4_0.gguf,/tmp/lw/8b-Q8_0.gguf --batches 1
+    python bench/quant_decode.py --configs 8b,1b --formats q4_0,q4_0/q6_k --batches 1 \
+        --v1-formats q6_k
+
+--formats A/B: the linears in A, the LM head (the tied embedding where the config ties them) in
+B, as llama.cpp's Q4_0 files keep it in Q6_K. --v1-formats: decode again with the first kernel
+(kernels/qgemv.py) for these formats' one-row GEMVs instead of the v2 kernel (graphs captured
+again), to time the two on the same model in one call.
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
@@ -178,9 +185,17 @@ def scaled(w: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(w.format, w.shape, planes)
 
 
+def head_name(dense: Checkpoint) -> str:
+    """The tensor the LM head multiplies by: lm_head.weight, or the tied embedding."""
+    return "lm_head.weight" if "lm_head.weight" in dense.tensors else "model.embed_tokens.weight"
+
+
 def quantized_checkpoint(dense: Checkpoint, fmt_name: str, device: torch.device) -> Checkpoint:
+    """Every 2-D weight in random planes of `fmt_name`; "A/B": the LM head's in B."""
+    body, _, head = fmt_name.partition("/")
     g = torch.Generator(device=device).manual_seed(0)
-    tensors = {name: scaled(random_quantized(fmt_name, *t.shape, g, device)) if t.dim() == 2
+    tensors = {name: scaled(random_quantized(head if head and name == head_name(dense) else body,
+                                             *t.shape, g, device)) if t.dim() == 2
                else t for name, t in dense.tensors.items()}
     return Checkpoint(dense.config, tensors, dense.source)
 
@@ -264,6 +279,25 @@ def tc_config_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: fl
     return rows
 
 
+def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--v1-formats: decode again with the v2 one-row kernel off for those formats (`qgemv` and
+    `qgemv_silu_mul` then take the first kernel; graphs captured again), then restored."""
+    from llm.backends.torch.kernels import qgemv
+
+    off = set(csv(args.v1_formats))
+    if not off & set(fmt_name.split("/")) or backend.graphs is None:
+        return []
+    rule = qgemv.words_kernel_runs
+    qgemv.words_kernel_runs = lambda x, w: w.format not in off and rule(x, w)
+    try:
+        backend.graphs.capture()
+        rows = decode_rows(backend, name, fmt_name, args, bw, f"v1 for {args.v1_formats}")
+    finally:
+        qgemv.words_kernel_runs = rule
+    backend.graphs.capture()
+    return rows
+
+
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
     """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
     from pathlib import Path
@@ -282,8 +316,9 @@ def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
                            max_batch=max(*csv(args.batches, int), 4),
                            max_seq_len=args.prompt_len + args.steps + 64, block_size=32)
         backend = TorchBackend(ck, rt, cuda_graphs=device.type == "cuda")
-        rows += decode_rows(backend, Path(path).name, "+".join(formats), args, bw,
-                            check(backend, ck, rt))
+        label = "+".join(formats)
+        rows += decode_rows(backend, Path(path).name, label, args, bw, check(backend, ck, rt))
+        rows += v1_rows(backend, Path(path).name, "/".join(formats), args, bw)
         backend.close()
         del ck, backend
         if device.type == "cuda":
@@ -304,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tc-configs", default="",
                    help="comma list of BLOCK_N:WARPS:STAGES: decode again with each as the "
                         "tensor-core kernel's config (batches 2..16) instead of its rule")
+    p.add_argument("--v1-formats", default="",
+                   help="comma list of formats: decode again with the first kernel for their "
+                        "one-row GEMVs (e.g. q6_k: the LM head of --formats q4_0/q6_k)")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -326,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += decode_rows(backend, name, fmt_name, args, bw, note)
             if fmt_name != "bf16" and backend.graphs is not None:
                 rows += tc_config_rows(backend, name, fmt_name, args, bw)
+                rows += v1_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -161,7 +161,7 @@ class Transformer:
     def _layer_plans(self, cache: PagedKVCache) -> list | None:
         """The layers as `NativeKernels.layer_plan`s (built on first use, rebuilt for another
         cache), or None where a layer cannot run as one C call: a projection that is not
-        quantized for the C kernels (dense, Q6_K), a mesh (its all-reduces), q/k head norms
+        quantized for the C kernels (dense), a mesh (its all-reduces), q/k head norms
         (Qwen3), Granite's multipliers or another attention scale than 1/sqrt(head_dim) (LongRoPE)
         (cpu_kernels.c `layer_decode` has none of them: such layers decode op by op)."""
         plans = getattr(self, "_plans", None)

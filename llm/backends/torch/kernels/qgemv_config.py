@@ -77,7 +77,9 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     - Q8_0: 4 rows (8 where K has at most 64 groups: 1B gate_up 12.5 us against 13.3);
       prefetched where K has several chunks (8B down 4 x 64 groups 18.7 against 24.0 at 4 x
       128) or the matrix is small (1B qkv 3.8 against 4.0), not on the large one-chunk ones,
-      where it cost (8B gate_up 34.3 us without, 35.9 with)."""
+      where it cost (8B gate_up 34.3 us without, 35.9 with).
+    - Q6_K takes the 4-bit rule, not yet timed on a GPU (Triton 3.6 for sm_90: 8 x 128 groups
+      128 registers a thread against Q4_0's 79, no spills; 16 x 64 at K = 2048 105)."""
     groups = k // GROUP
     block_g = min(128, triton.next_power_of_2(groups))
     whole = groups & -groups  # the largest power of two dividing the groups

@@ -3,6 +3,12 @@
 Each thread owns whole halves of 32-groups of several rows of w, so x is converted once per thread
 and the group scale is applied once per group sum (8B gate_up Q4_0 23 us = 69% of the copy
 bandwidth, Q8_0 89%, on an H200; docs/performance.md). `qgemv` (kernels/qgemv.py) picks it.
+
+Q6_K (the LM head / tied embedding of llama.cpp's Q4_0 and Q4_K_M files): the 4-bit words of
+`qs` with the two high bits of each code from the 2-bit `qh` plane OR-ed in (one 32-bit `qh` word
+covers 4 columns of both 16-column halves of a group), a sum per 16-column half, each scaled by
+its (d * scale) as ggml dequantizes: sum x * w = (f(d) * f(sc_lo)) * sum x (q - 32) + (f(d) *
+f(sc_hi)) * sum x (q - 32) over the other half.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from llm.backends.torch.kernels.qgemv_common import (
     PLANES,
     family,
     group_scale,
+    load_f32,
 )
 from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, qgemv_w_config
 from llm.model.quant.tensor import QuantizedTensor
 
 # Formats of the v2 kernel (FMT ids as above): codes read as 32-bit words, x as 64-bit words.
-_WORD_FAMILIES = {0, 1, 2, 5, INT4}
+_WORD_FAMILIES = {0, 1, 2, 5, 7, INT4}
 
 
 @triton.jit
@@ -103,6 +110,65 @@ def _codes8(w, COMPILED: tl.constexpr):
 
 
 @triton.jit
+def _bytes4(t, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
+    """A 32-bit word of 4 byte codes c_e < 128 -> float32 2^23 + c_e (exact), or with MAGIC
+    0.5 + c_e / 256 (exact)."""
+    if COMPILED:
+        if MAGIC:
+            return tl.inline_asm_elementwise(
+                "{ prmt.b32 $0, $4, 0x3F000000, 0x7044; prmt.b32 $1, $4, 0x3F000000, 0x7144; "
+                "prmt.b32 $2, $4, 0x3F000000, 0x7244; prmt.b32 $3, $4, 0x3F000000, 0x7344; }",
+                "=r,=r,=r,=r,r", [t], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ prmt.b32 $0, $4, 0x4B000000, 0x7540; prmt.b32 $1, $4, 0x4B000000, 0x7541; "
+            "prmt.b32 $2, $4, 0x4B000000, 0x7542; prmt.b32 $3, $4, 0x4B000000, 0x7543; }",
+            "=r,=r,=r,=r,r", [t], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    out = ()
+    for e in tl.static_range(4):
+        c = ((t >> (8 * e)) & 255).to(tl.float32)
+        if MAGIC:
+            out = out + (0.5 + c / 256.0,)
+        else:
+            out = out + (c + 8388608.0,)
+    return out
+
+
+@triton.jit
+def _codes6(w, h, js, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
+    """Q6_K: word j of a group's 4-bit codes w and the group's 2-bit word h = qh word j % 2 ->
+    (lo_0..lo_3, hi_0..hi_3), the 6-bit codes q of columns 4j + e and 16 + 4j + e as float32
+    2^23 + q, or with MAGIC 0.5 + q / 256 (exact). Byte e of h holds bits 4-5 of the codes of
+    columns 8s + 4(j % 2) + e in bits 2s, 2s + 1 (s = 0..3): s = j // 2 for lo, 2 + j // 2 for
+    hi."""
+    hq = h >> (2 * (js // 2))  # [.., WPG]: lo's bits at 0-1, hi's at 4-5 of each byte
+    lo = (w & 0x0F0F0F0F) | ((hq << 4) & 0x30303030)
+    hi = ((w >> 4) & 0x0F0F0F0F) | (hq & 0x30303030)
+    l0, l1, l2, l3 = _bytes4(lo, MAGIC, COMPILED)
+    h0, h1, h2, h3 = _bytes4(hi, MAGIC, COMPILED)
+    return l0, l1, l2, l3, h0, h1, h2, h3
+
+
+@triton.jit
+def _q6k_group(S_lo, S_hi, rows2, g2, mask2, d_ptr, sc_ptr, s_d, s_sc):
+    """Q6_K: sum over a group of x * w from the sums S_lo, S_hi of x * (q - 32) over its two
+    16-column halves, in the order of the format's dequantize ((f(d[s]) * f(sc)) * q')."""
+    d = load_f32(d_ptr, rows2, s_d, g2 // 8, mask2)
+    a_lo = d * load_f32(sc_ptr, rows2, s_sc, 2 * g2, mask2)
+    a_hi = d * load_f32(sc_ptr, rows2, s_sc, 2 * g2 + 1, mask2)
+    return a_lo * S_lo + a_hi * S_hi
+
+
+@triton.jit
+def _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG: tl.constexpr):
+    """Q6_K: the `qh` word each code word of `_chunk_codes` needs, [BLOCK_G, BLOCK_N, 4]: word
+    2g + j % 2 (8 bytes a group) for code word j of group g."""
+    g3 = (g0 + gl)[:, None, None]  # [G, 1, 1]
+    widx = tl.max_contiguous(2 * g3 + js % 2, [1, 1, 2])
+    return tl.load(qh_ptr + rows3 * s_qh + widx, mask=(g3 < NG) & n_live[None, :, None],
+                   other=0)
+
+
+@triton.jit
 def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG: tl.constexpr):
     """Code words of 32-groups g0 .. g0 + BLOCK_G - 1 of the program's rows, [BLOCK_G, BLOCK_N,
     WPG] (zero past the last group); at most 2 words per load, as x's 64-bit words, so that
@@ -114,11 +180,12 @@ def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG:
 
 
 @triton.jit
-def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW, s_qw,
-                    s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, MAGIC: tl.constexpr,
-                    PREFETCH: tl.constexpr, GLU: tl.constexpr, XF16: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW,
+                    s_qw, s_qh, s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr,
+                    GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                    MAGIC: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
+                    XF16: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
+                    USE_GDC: tl.constexpr):
     """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x; with GLU, y[0, n0:n0 +
     BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW + n of w
     are the up rows of gate row n.
@@ -129,7 +196,8 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     group holds columns 4j + e (low nibbles, or the int8 bytes) and 16 + 4j + e (high nibbles),
     e = 0..3, whose x values are the 64-bit words 8g + j and 8g + 4 + j of x ([BLOCK_G, 1, WPG],
     the same register layout). Codes become float32 exactly; per group the sum of x times code
-    is scaled once (`group_scale`).
+    is scaled once (`group_scale`; Q6_K: per 16-column half, `_q6k_group`, with the `qh` words
+    of `_chunk_high` loaded and prefetched beside the codes).
 
     PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
     depend on none; with PDL they stream during its tail), and where K has several chunks each
@@ -152,16 +220,24 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     js = tl.arange(0, WPG)[None, None, :]  # [1, 1, WPG]
     if PREFETCH:
         w_next = _chunk_codes(qw_ptr, rows3, s_qw, 0, gl, js, n_live, NG, WPG)
+        if FMT == 7:
+            h_next = _chunk_high(qh_ptr, rows3, s_qh, 0, gl, js, n_live, NG)
     wait_then_release(USE_GDC)
     acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     for g0 in range(0, NG, BLOCK_G):
         if PREFETCH:
             w = w_next
+            if FMT == 7:
+                h = h_next
             if NG > BLOCK_G:  # several chunks: the next one's codes in flight (else no loop)
                 w_next = _chunk_codes(qw_ptr, rows3, s_qw, g0 + BLOCK_G, gl, js, n_live, NG,
                                       WPG)
+                if FMT == 7:
+                    h_next = _chunk_high(qh_ptr, rows3, s_qh, g0 + BLOCK_G, gl, js, n_live, NG)
         else:
             w = _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG, WPG)
+            if FMT == 7:
+                h = _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG)
         g1 = g0 + gl  # [G]
         g2 = g1[:, None]  # [G, 1]
         g3 = g1[:, None, None]  # [G, 1, 1]
@@ -174,6 +250,18 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
             S = tl.sum(xl0 * (c0 - off) + xl1 * (c1 - off) + xl2 * (c2 - off)
                        + xl3 * (c3 - off), axis=2)  # [G, BLOCK_N]
             sx = 0.0  # unused: Q8_0 has no offset
+        elif FMT == 7:  # Q6_K: 6-bit codes, a scale per 16-column half (lo lanes, hi lanes)
+            xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, g3 < NG, XF16, COMPILED)
+            l0, l1, l2, l3, h0, h1, h2, h3 = _codes6(w, h, js, MAGIC, COMPILED)
+            if not MAGIC:  # codes 2^23 + q: q - 32 (exact)
+                off6: tl.constexpr = 8388640.0  # 2^23 + 32
+                l0, l1, l2, l3 = l0 - off6, l1 - off6, l2 - off6, l3 - off6
+                h0, h1, h2, h3 = h0 - off6, h1 - off6, h2 - off6, h3 - off6
+            S_lo = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3, axis=2)  # [G, BLOCK_N]
+            S_hi = tl.sum(xh0 * h0 + xh1 * h1 + xh2 * h2 + xh3 * h3, axis=2)
+            if MAGIC:  # codes 0.5 + q / 256: sum x * (q - 32) = 256 * S - 160 * sum x
+                S_lo = 256.0 * S_lo - 160.0 * tl.sum(xl0 + xl1 + xl2 + xl3, axis=2)
+                S_hi = 256.0 * S_hi - 160.0 * tl.sum(xh0 + xh1 + xh2 + xh3, axis=2)
         else:
             xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, g3 < NG, XF16, COMPILED)
             l0, l1, l2, l3, h0, h1, h2, h3 = _codes4(w, MAGIC, COMPILED)
@@ -192,8 +280,11 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
                     S = 256.0 * S - 136.0 * sx
                 else:
                     S = 256.0 * S - 128.0 * sx
-        acc += group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
-                           s_sc, s_mn, FMT, GS, COMPILED)
+        if FMT == 7:
+            acc += _q6k_group(S_lo, S_hi, rows2, g2, mask2, d_ptr, sc_ptr, s_d, s_sc)
+        else:
+            acc += group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
+                               s_sc, s_mn, FMT, GS, COMPILED)
     out = tl.sum(acc, axis=0)  # [BLOCK_N]
     if HAS_BIAS:
         out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
@@ -209,7 +300,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
 
 def words_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
     """Whether `qgemv` takes the v2 kernel (`_qgemv_w_kernel`) for x and w: bf16 / fp16
-    activations, a format it implements, whole 32-groups."""
+    activations, a format it implements (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, int4), whole 32-groups."""
     if x.dtype not in (torch.bfloat16, torch.float16) or w.in_features % 32:
         return False
     fmt, gs = family(w.format)
@@ -242,6 +333,7 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     names = PLANES.get(w.format, DEFAULT_PLANES)
     planes = [w.planes[p] if p in w.planes else None for p in names]
     qw = _words(planes[0], torch.int32)
+    qh = qw if planes[1] is None else _words(planes[1], torch.int32)  # Q6_K's 2-bit plane
     rest = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes[2:]]
     cfg = config or qgemv_w_config(1, w.out_features, k, w.format)
     if glu and cfg.block_n % 2:
@@ -250,7 +342,7 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     gdc = use_pdl(x, pdl)
     per_program = cfg.block_n // 2 if glu else cfg.block_n  # columns of y
     _qgemv_w_kernel[(triton.cdiv(n, per_program),)](
-        xw, y, bias if bias is not None else x, qw, *rest, n, n, qw.stride(0),
+        xw, y, bias if bias is not None else x, qw, qh, *rest, n, n, qw.stride(0), qh.stride(0),
         *(p.stride(0) for p in rest), K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,

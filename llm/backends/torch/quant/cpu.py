@@ -1,14 +1,16 @@
 """Quantized linear layers on the CPU: `prepare_cpu` once at load, then `CpuQuantLinear(x)`.
 
-Three ways to apply a `QuantizedTensor` W [N, K] to activations x [M, K]:
+Four ways to apply a `QuantizedTensor` W [N, K] to activations x [M, K]:
 
 - `int4pack`: torch's int4 kernel `aten._weight_int4pack_mm_for_cpu` on the rewrite of
   `llm.backends.torch.quant.int4_groups` (Q4_0, Q4_1, int4_g<G>, Q4_K; Q5_0, Q5_1, Q5_K and Q8_0
   as two 4-bit parts). Packed by `aten._convert_weight_to_int4pack_for_cpu` (N a multiple of 16:
   other N are padded with zero rows), one scale and zero per group in x's dtype.
 - `int8pack`: `aten._weight_int8pack_mm`, int8 codes times one scale per row (format `int8`).
+- `native` (float32 activations, when the C kernels are given): cpu_kernels.c on the rewrite of
+  `llm.backends.torch.quant.code_groups` (every GGUF format, Q6_K included, and int8 / int4).
 - `dense`: W dequantized once to x's dtype and `F.linear` (what the engine did before), for Q6_K
-  and for float32 / float16 activations.
+  with bf16 compute and for float32 / float16 activations without the C kernels.
 
 Both torch kernels are vectorized (AVX-512 / AVX2) for bfloat16 activations only; for float32 and
 float16 they run a scalar loop, 10-100x slower than `F.linear` (measured below), so only
@@ -118,7 +120,7 @@ class CpuQuantLinear:
     """x [M, K] (dtype `dtype`) -> x @ W.T [M, N] (+ bias), W prepared by `prepare_cpu`.
 
     kind `native` (float32 activations, cpu_kernels.c): `weight` the codes of a `CodeGroups`
-    (`bits` 4 or 8), `scales` and `zero` [N, K/32] (float16 or float32); up to NATIVE_MAX_ROWS
+    (`bits` 4, 6 or 8), `scales` and `zero` [N, K/32] (float16 or float32); up to NATIVE_MAX_ROWS
     rows of x by the kernel, more by F.linear on the layer dequantized for the call.
     kind `int4pack`: `weight` the packed codes uint8 [N', copies*K/2] (N' = N rounded up to 16),
     `scales` [copies*K/group, N', 2] (scale, zero); `int8pack`: `weight` int8 [N, K], `scales`

@@ -1,11 +1,14 @@
 """Timing of the CPU quantized linears against dense `F.linear` at the default model's shapes.
 
     python -m llm.backends.torch.quant.cpu_bench [--threads 1 2] [--ms 1 4 16 128] [--sweep]
+    python -m llm.backends.torch.quant.cpu_bench --q6k [--threads 1 2] [--ms 1 4]
 
 Prints ms per call (best of 5 rounds) for float32 / bfloat16 / float16 `F.linear` and for
 `prepare_cpu(w, bfloat16)` (`q`), then the decode estimate at batch 1 from the M = 1 column:
 1000 / (layers * sum of the per-layer linears + LM head) tokens/s (linears only). `--sweep` times
-whole steps over 30 distinct layers instead (cold caches, as in the model).
+whole steps over 30 distinct layers instead (cold caches, as in the model). `--q6k`: a Q6_K
+matrix on the C kernels (`native`) against its dense float32 copy (what Q6_K ran as before), float32
+activations, warm (one matrix) and cold (LAYERS distinct copies in turn), with the bytes each holds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import functools
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +113,40 @@ def sweep(m: int, rounds: int = 5) -> dict[str, float]:
     return result
 
 
+# Q6_K needs K a multiple of 256: of the default model's matrices only down (K = 1536) can be
+# Q6_K; the LM head's K = 576 cannot, so its stand-in has the next legal K
+Q6K_SHAPES = {"down": (576, 1536), "head_k768": (49152, 768)}
+
+
+def _q6k_row(x: torch.Tensor, dense: list, native: list, reps: int) -> str:
+    """Warm (the first matrix again and again) and cold (each matrix in turn) ms per call."""
+    warm = (best_ms(lambda: F.linear(x, dense[0]), reps), best_ms(lambda: native[0](x), reps))
+    cold = tuple(best_ms(lambda fn=fn, ws=ws: [fn(w) for w in ws], 1) / len(ws) for fn, ws in
+                 ((lambda d: F.linear(x, d), dense), (lambda q: q(x), native)))
+    return (f"warm fp32 {warm[0]:.3f} native {warm[1]:.3f} ms ({warm[0] / warm[1]:.2f}x); "
+            f"cold fp32 {cold[0]:.3f} native {cold[1]:.3f} ms ({cold[0] / cold[1]:.2f}x)")
+
+
+def bench_q6k(ms: list[int], calls: int) -> None:
+    """Prints ms per call of dense float32 `F.linear` and of the C kernels on Q6_K weights, and
+    the MB each form holds (distinct copies: LAYERS, or 3 of the LM head, beyond the L3)."""
+    import tempfile
+
+    from llm.backends.torch.quant.native import load_kernels
+
+    kernels = load_kernels(Path(tempfile.mkdtemp()))
+    for name, (n, k) in Q6K_SHAPES.items():
+        copies = [random_weight("q6_k", n, k) for _ in range(LAYERS if n * k < 2**22 else 3)]
+        dense = [w.dequantize(torch.float32) for w in copies]
+        native = [prepare_cpu(w, torch.float32, kernels=kernels) for w in copies]
+        mb = (4 * n * k / 2**20, native[0].nbytes / 2**20, copies[0].nbytes / 2**20)
+        print(f"  {name:9s} {n}x{k}: MB dense fp32 {mb[0]:.1f}, native {mb[1]:.1f}, "
+              f"stored {mb[2]:.1f}")
+        for m in ms:
+            reps = max(1, calls // (10 if n > 10000 else 1))
+            print(f"    M={m}: " + _q6k_row(torch.randn(m, k), dense, native, reps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -116,7 +154,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--sweep", action="store_true",
                         help="time whole steps over distinct layer weights instead")
+    parser.add_argument("--q6k", action="store_true",
+                        help="Q6_K on the C kernels against its dense float32 copy")
     args = parser.parse_args()
+    if args.q6k:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            print(f"threads {threads}")
+            bench_q6k(args.ms, args.calls)
+        return
     if args.sweep:
         for threads in args.threads:
             torch.set_num_threads(threads)

@@ -6,17 +6,20 @@
        w[n, 32 b + j] = fma(c[j], s[n, b], z[n, b])
 
    (exactly the dequantized GGUF value for the formats mapped onto it: see code_groups.py).
-   Two code layouts:
+   Three code layouts:
      q4: 16 bytes per block, byte j = c[j] | c[j + 16] << 4 (c in 0..15), ggml's nibble order;
-     q8: 32 int8 codes per block.
+     q8: 32 int8 codes per block;
+     q6: 32 int8 codes per block (Q6_K's q - 32) and a scale per 16 columns, no zero: the scale
+         plane holds the first half's, the zero plane the second half's,
+         w[n, 32 b + j] = c[j] * s[n, b] (j < 16), c[j] * z[n, b] (j >= 16).
 
-   q{4,8}_matmul: y[M, N] = x[M, K] @ W^T, x and y row-major float32.
+   q{4,6,8}_matmul: y[M, N] = x[M, K] @ W^T, x and y row-major float32.
    Each weight is formed once in float32 as above and multiplied into up to 4 rows of x at a
    time, with float32 accumulators (16 lanes per half block, summed at the end of the row); q4
    forms a block's 16 possible weights once (fma(0..15, s, z)) and looks its 32 codes up in them.
    Rows of W are split over OpenMP threads (the caller's omp_get_max_threads():
-   torch.set_num_threads). q{4,8}_dequant: W -> float32 [N, K] (prompts, which then run a dense
-   matmul).
+   torch.set_num_threads). q{4,6,8}_dequant: W -> float32 [N, K] (prompts, which then run a
+   dense matmul).
 
    Measured on the 2-core AVX-512 CI machine (2026-12-03): the decode step is bound by these
    instructions more than by memory: the table lookup for q4 instead of convert + fma saved 2-4%,
@@ -47,6 +50,14 @@ static inline void q4_block_scalar(const uint8_t *c, float s, float z, float *w)
 
 static inline void q8_block_scalar(const int8_t *c, float s, float z, float *w) {
     for (int j = 0; j < 32; j++) w[j] = (float)c[j] * s + z;
+}
+
+/* q6: s scales columns 0..15, z (the zero plane) columns 16..31. */
+static inline void q6_block_scalar(const int8_t *c, float s, float z, float *w) {
+    for (int j = 0; j < 16; j++) {
+        w[j] = (float)c[j] * s;
+        w[j + 16] = (float)c[j + 16] * z;
+    }
 }
 
 
@@ -125,6 +136,13 @@ static inline void q8_block(const int8_t *c, float s, float z, __m512 *lo, __m51
     *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), vs, vz);
 }
 
+static inline void q6_block(const int8_t *c, float s, float z, __m512 *lo, __m512 *hi) {
+    __m512i a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c));
+    __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)));
+    *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s));
+    *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(b), _mm512_set1_ps(z));
+}
+
 /* One block's 32 weights stored to w (dequantization). */
 static inline void q4_block_out(const uint8_t *c, float s, float z, float *w) {
     __m512 lo, hi;
@@ -136,6 +154,13 @@ static inline void q4_block_out(const uint8_t *c, float s, float z, float *w) {
 static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
     __m512 lo, hi;
     q8_block(c, s, z, &lo, &hi);
+    _mm512_storeu_ps(w, lo);
+    _mm512_storeu_ps(w + 16, hi);
+}
+
+static inline void q6_block_out(const int8_t *c, float s, float z, float *w) {
+    __m512 lo, hi;
+    q6_block(c, s, z, &lo, &hi);
     _mm512_storeu_ps(w, lo);
     _mm512_storeu_ps(w + 16, hi);
 }
@@ -195,6 +220,7 @@ static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
 #else /* portable: the compiler vectorizes the 32-lane loops as it can */
 #define q4_block_out q4_block_scalar
 #define q8_block_out q8_block_scalar
+#define q6_block_out q6_block_scalar
 
 #define ROWS_KERNEL(NAME, CT, BYTES, DECODE)                                                     \
     static inline void NAME(const float *x, int64_t K, int mr, const CT *c1, const CT *c2,       \
@@ -349,8 +375,10 @@ static inline void q8_block_out(const int8_t *c, float s, float z, float *w) {
 
 KERNELS(q4, uint8_t, 16)
 KERNELS(q8, int8_t, 32)
+KERNELS(q6, int8_t, 32)
 KERNELS_F16(q4, uint8_t, 16)
 KERNELS_F16(q8, int8_t, 32)
+KERNELS_F16(q6, int8_t, 32)
 
 /* Rows ids[0..n) of W -> out float32 [n, K] (embedding lookups). */
 #define TAKE(Q, CT, BYTES)                                                                       \
@@ -366,6 +394,7 @@ KERNELS_F16(q8, int8_t, 32)
 
 TAKE(q4, uint8_t, 16)
 TAKE(q8, int8_t, 32)
+TAKE(q6, int8_t, 32)
 
 /* ---- The rest of a float32 decode step (one token per user), so that a layer is a few calls. */
 
@@ -624,10 +653,10 @@ void attention_decode(float *qkv, const float *cos, const float *sin, float *kpo
    as the per-op path: bit-equal results, ~60 calls from Python fewer per layer). ---- */
 
 typedef struct {
-    const void *codes, *scale, *zero; /* a q4 / q8 matrix [n, k] (code_groups.py) */
+    const void *codes, *scale, *zero; /* a q4 / q6 / q8 matrix [n, k] (code_groups.py) */
     const float *bias;                /* [n] or NULL */
     int64_t n, k;
-    int32_t bits, f16;                /* 4 or 8; scale and zero float16 (1) or float32 (0) */
+    int32_t bits, f16;                /* 4, 6 or 8; scale and zero float16 (1) or float32 (0) */
 } qmat;
 
 typedef struct {
@@ -643,6 +672,10 @@ static void qmat_apply(const qmat *w, const float *x, int64_t M, float *y) {
         q4_matmul_f16(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
     else if (w->bits == 4)
         q4_matmul(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
+    else if (w->bits == 6 && w->f16)
+        q6_matmul_f16(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
+    else if (w->bits == 6)
+        q6_matmul(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
     else if (w->f16)
         q8_matmul_f16(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
     else

@@ -124,8 +124,8 @@ class NativeKernels:
 
     def matmul(self, bits: int, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                zero: torch.Tensor, n: int) -> torch.Tensor:
-        """x float32 [M, K] @ W^T -> float32 [M, n] for W in the q4 (bits 4) or q8 layout, scale
-        and zero both float32 or both float16."""
+        """x float32 [M, K] @ W^T -> float32 [M, n] for W in the q4 (bits 4), q6 or q8 layout,
+        scale and zero both float32 or both float16."""
         m, k = x.shape
         y = torch.empty(m, n, dtype=torch.float32)
         self._fn("matmul", bits, scale)(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(),
@@ -134,7 +134,7 @@ class NativeKernels:
 
     def dequant(self, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 n: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """W in the q4 / q8 layout -> float32 [n, k] (into `out`, contiguous, when given)."""
+        """W in the q4 / q6 / q8 layout -> float32 [n, k] (into `out`, contiguous, when given)."""
         if out is None:
             out = torch.empty(n, k, dtype=torch.float32)
         self._fn("dequant", bits, scale)(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), n,
@@ -142,7 +142,7 @@ class NativeKernels:
         return out
 
     def _fn(self, op: str, bits: int, scale: torch.Tensor):
-        """The C function of `op` for the code layout (4 / 8 bits) and scale dtype."""
+        """The C function of `op` for the code layout (bits 4, 6 or 8) and scale dtype."""
         suffix = {torch.float32: "", torch.float16: "_f16"}.get(scale.dtype)
         if suffix is None:
             raise TypeError(f"the C kernels take float32 or float16 scales, got {scale.dtype}")
@@ -150,7 +150,7 @@ class NativeKernels:
 
     def take(self, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
              ids: torch.Tensor, k: int) -> torch.Tensor:
-        """Rows `ids` (int64 [n], in range) of W in the q4 / q8 layout -> float32 [n, k]."""
+        """Rows `ids` (int64 [n], in range) of W in the q4 / q6 / q8 layout -> float32 [n, k]."""
         ids = ids.contiguous()
         out = torch.empty(ids.shape[0], k)
         self._fn("take", bits, scale)(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
@@ -260,7 +260,7 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     f32 = ctypes.c_float
     signatures = {
-        **{f"q{b}_{op}{t}": args for b in (4, 8) for t in ("", "_f16") for op, args in (
+        **{f"q{b}_{op}{t}": args for b in (4, 6, 8) for t in ("", "_f16") for op, args in (
             ("matmul", [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]),
             ("dequant", [ptr, ptr, ptr, i64, i64, ptr]),
             ("take", [ptr, ptr, ptr, ptr, i64, i64, ptr]))},
