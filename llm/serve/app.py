@@ -178,7 +178,10 @@ class _Handlers:
         self._authorize(request)
         body = await self._read_json(request)
         req, messages = parse_request(body, chat=chat, model_name=self.config.model_name)
-        ids = await asyncio.to_thread(self._encode, req, messages)
+        if req.chat or isinstance(req.prompt, str):  # tokenizing: off the event loop
+            ids = await asyncio.to_thread(self._encode, req, messages)
+        else:  # token ids: nothing to run on a thread
+            ids = self._encode(req, messages)
         stream = self._submit(ids, req)
         shape = ResponseShape(chat, self.config.model_name)
         if req.params.logprobs is not None:
