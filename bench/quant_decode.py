@@ -16,8 +16,10 @@ kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its defaul
 w:BLOCK_N:BLOCK_G:WARPS[:FLAGS] = the v2 kernel (FLAGS: m = 4-bit codes as 0.5 + q / 256, p =
 codes prefetched before the PDL wait and one chunk ahead), g:... = the same with SiLU*up in its
 epilogue (`qgemv_silu_mul`; the weight read as a fused gate/up one, no error column),
-tc:BLOCK_N:WARPS[:STAGES[:x]] = the tensor-core kernel (x: 4-bit codes converted
-through float32 instead of by byte permutes), auto = what `qgemv` picks,
+tc:BLOCK_N:WARPS[:STAGES[:FLAG...]] = the tensor-core kernel (FLAGs: x = 4-bit codes converted
+through float32 instead of by byte permutes; sS = split-K into S programs along K; pP = split-K by
+`QGemmTcRule`: K halved until the grid has >= P programs; e.g. tc:64:4:3:s4, tc:64:4:3:p264; the
+row's variant names the split that ran), auto = what `qgemv` picks,
 bf16 = F.linear on a dense bf16 weight); microseconds per call as a CUDA graph over copies of the
 weight that together exceed the L2 several times, GB/s of stored bytes, and the error against
 x @ dequantize(W).T in float64.
@@ -34,6 +36,7 @@ the same (dequantized) weights.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -102,11 +105,40 @@ def variant_call(v: str, x: torch.Tensor):
                            prefetch="p" in flags)
         return lambda w: qgemv_silu_mul(x, w, config=cfg)
     if f[0] == "tc":
-        extra = {"num_stages": int(f[3])} if len(f) > 3 else {}
-        if len(f) > 4 and "x" in f[4]:
-            extra["fast"] = False
-        return lambda w: qgemm_tc(x, w, block_n=int(f[1]), num_warps=int(f[2]), **extra)
+        rule = tc_rule(f[1:])
+        fast = "x" not in f[4:]
+        return lambda w: qgemm_tc(x, w, block_n=rule.block_n, num_warps=rule.num_warps,
+                                  num_stages=rule.num_stages, fast=fast,
+                                  split_k=rule.split_for(*w.shape))
     raise SystemExit(f"unknown variant {v!r}")
+
+
+def tc_rule(fields: list[str]):
+    """BLOCK_N, WARPS[, STAGES[, FLAG...]] (see the module docstring) -> the QGemmTcRule (flag
+    x is the caller's)."""
+    from llm.backends.torch.kernels.qgemv_config import QGemmTcRule
+
+    try:
+        rule = QGemmTcRule(*(int(v) for v in fields[:3]))
+        for flag in fields[3:]:
+            if flag[:1] == "s":
+                rule = replace(rule, split_k=int(flag[1:]))
+            elif flag[:1] == "p":
+                rule = replace(rule, programs=int(flag[1:]))
+            elif flag != "x":
+                raise ValueError(f"unknown flag {flag!r}")
+    except ValueError as e:
+        raise SystemExit(f"tensor-core config {':'.join(fields)!r}: {e}") from None
+    return rule
+
+
+def variant_name(v: str, n: int, k: int) -> str:
+    """--variants entry v as a table row names it: tc ones with the splits that ran."""
+    from llm.backends.torch.kernels.splitk import split_groups
+
+    if not v.startswith("tc:"):
+        return v
+    return f"{v} (s{split_groups(k // 32, tc_rule(v.split(':')[1:]).split_for(n, k))[1]})"
 
 
 def kernel_sweep(args, device: torch.device) -> int:
@@ -145,7 +177,7 @@ def kernel_sweep(args, device: torch.device) -> int:
                                          type(e).__name__])
                             print(rows[-1], str(e)[:400], flush=True)
                             continue
-                        rows.append([name, lin, fmt_name, b, v, fmt(us, 1),
+                        rows.append([name, lin, fmt_name, b, variant_name(v, n, k), fmt(us, 1),
                                      fmt(nbytes / us / 1e3, 0),
                                      fmt(100 * nbytes / (us * 1e-6) / bw, 0), f"{err:.1e}"])
                         print(rows[-1], flush=True)
@@ -261,19 +293,20 @@ def decode_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float
 
 
 def tc_config_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--tc-configs: decode again with each BLOCK_N:WARPS:STAGES as the tensor-core kernel's
-    launch config for every shape (graphs captured again), then the rule restored."""
+    """--tc-configs: decode again with each BLOCK_N:WARPS:STAGES[:sS|:pP] as the tensor-core
+    kernel's rule for every shape (graphs captured again), then the default rule restored."""
     from llm.backends.torch.kernels import qgemv
+    from llm.backends.torch.kernels.qgemv_config import qgemm_tc_config
 
-    rows, rule = [], qgemv.qgemm_tc_config
+    rows, default = [], qgemv.qgemm_tc_config
     for cfg in csv(args.tc_configs):
-        bn, warps, stages = (int(v) for v in cfg.split(":"))
-        qgemv.qgemm_tc_config = lambda m, n, k, c=(bn, warps, stages): c
+        rule = tc_rule(cfg.split(":"))
+        qgemv.qgemm_tc_config = lambda m, n, k, r=rule: qgemm_tc_config(m, n, k, r)
         try:
             backend.graphs.capture()
             rows += decode_rows(backend, name, fmt_name, args, bw, f"tc {cfg}")
         finally:
-            qgemv.qgemm_tc_config = rule
+            qgemv.qgemm_tc_config = default
     if rows:
         backend.graphs.capture()
     return rows
@@ -337,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", action="store_true", help="the GEMV alone per shape and variant")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--tc-configs", default="",
-                   help="comma list of BLOCK_N:WARPS:STAGES: decode again with each as the "
-                        "tensor-core kernel's config (batches 2..16) instead of its rule")
+                   help="comma list of BLOCK_N:WARPS:STAGES[:sS|:pP] (split-K: S programs "
+                        "along K, or K halved until the grid has >= P programs): decode again "
+                        "with each as the tensor-core kernel's rule (batches 2..16) instead of "
+                        "the default (qgemv_config.TC_RULE)")
     p.add_argument("--v1-formats", default="",
                    help="comma list of formats: decode again with the first kernel for their "
                         "one-row GEMVs (e.g. q6_k: the LM head of --formats q4_0/q6_k)")

@@ -4,18 +4,14 @@ decode layer's kernels give bit-identical results with and without PDL on a GPU.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 import triton  # noqa: E402
+from uninterpreted import call_uninterpreted  # noqa: E402
 
 from llm.backends.torch.kernels import (  # noqa: E402
     argmax,
@@ -120,17 +116,8 @@ def hopper_ptx_before_wait() -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def hopper_ptx() -> dict[str, dict]:
-    """hopper_ptx_before_wait() in a child process without TRITON_INTERPRET (the CPU test run
-    interprets kernels, and interpreted kernels do not compile)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_pdl; "
-            "print(json.dumps(test_pdl.hopper_ptx_before_wait()))")
-    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode and "GPUTarget" in r.stderr and "ImportError" in r.stderr:
-        pytest.skip("this Triton cannot compile for a CUDA target here")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """hopper_ptx_before_wait() in a child process without TRITON_INTERPRET."""
+    return call_uninterpreted("test_pdl", "hopper_ptx_before_wait")
 
 
 @pytest.mark.parametrize("name, weight_loads", [(i, k[3]) for i, k in zip(IDS, KERNELS)])

@@ -5,8 +5,11 @@ accumulation), then the group's scale in fp32. v3 (this file; the v2 kernel meas
 1652 tok/s at batch 16, half of bf16, docs/performance.md): four groups per loop step with the
 Q8_0 / Q4_0 scales of the next step loaded one step ahead (v2 loaded each group's scales inside
 the step, a global-memory latency per step), and 4-bit codes turned into bf16 pairs by byte
-permutes (`_tc_nibbles`). NOT YET MEASURED OR TESTED COMPILED on a GPU (branch h-quant-tc2-wip;
-interpreter tests only). `qgemv` (kernels/qgemv.py) picks it for Q8_0 and Q4_0.
+permutes (`_tc_nibbles`): 8B Q4_0 batch 16 at 2,182 tok/s on an H200 (2026-12-04). Split-K
+(`split_k`, kernels/splitk.py): programs along K as well, for the matrices whose N gives fewer
+programs than the GPU has SMs (8B qkv, o, down: 64-96 programs of 64 rows); their partials are
+added in a fixed order. Interpreter tests only so far; the launch rule is
+qgemv_config.qgemm_tc_config. `qgemv` (kernels/qgemv.py) picks this kernel for Q8_0 and Q4_0.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from llm.backends.torch.kernels.qgemv_common import (
     family,
     group_scale,
 )
+from llm.backends.torch.kernels.splitk import split_groups, split_sum, tile_counters
 from llm.model.quant.tensor import QuantizedTensor
 
 # formats the tensor-core kernel takes when qgemv picks it (measured faster than the first
@@ -76,14 +80,16 @@ def _tc_nibbles(b, OFF: tl.constexpr):
 
 @triton.jit
 def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_d, s_m,
-              s_sc, s_mn, rows, n_live, i16, NG: tl.constexpr, FMT: tl.constexpr,
-              GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
-              COMPILED: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= NG); d [BLOCK_N, 1]:
-    the group's scales (Q8_0 / Q4_0, loaded ahead by the caller)."""
-    live = n_live[:, None] & (g < NG)
-    x0 = tl.load(x_cols + 32 * g, mask=xmask & (g < NG), other=0.0)
-    x1 = tl.load(x_cols + 32 * g + 16, mask=xmask & (g < NG), other=0.0)
+              s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr, GS: tl.constexpr,
+              BLOCK_N: tl.constexpr, FAST: tl.constexpr, COMPILED: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= g_end, the end of
+    the program's groups); d [BLOCK_N, 1]: the group's scales (Q8_0 / Q4_0, loaded ahead by the
+    caller)."""
+    inside = (tl.zeros([1, 1], tl.int32) + g) < g_end  # [1, 1] (the interpreter misreads a
+    # splat comparison of scalars as a mask)
+    live = n_live[:, None] & inside
+    x0 = tl.load(x_cols + 32 * g, mask=xmask & inside, other=0.0)
+    x1 = tl.load(x_cols + 32 * g + 16, mask=xmask & inside, other=0.0)
     if not COMPILED:  # see _tc_codes
         x0 = x0.to(tl.float32)
         x1 = x1.to(tl.float32)
@@ -111,9 +117,10 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_
 
 
 @triton.jit
-def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, M, N, stride_x,
-                     stride_y, s_qs, s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr,
-                     GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, p_ptr, cnt_ptr,
+                     M, N, stride_x, stride_y, s_qs, s_d, s_m, s_sc, s_mn, K: tl.constexpr,
+                     FMT: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_G: tl.constexpr,
                      FAST: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
                      USE_GDC: tl.constexpr):
     """y[:, n0:n0 + BLOCK_N] (n0 = program * BLOCK_N) for up to BLOCK_M (>= 16) rows of x, four
@@ -121,9 +128,17 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     cores (fp32 accumulation), then the group's scale (and offset times the sum of x) in fp32,
     in the order of the format's dequantize where x is a unit vector. The codes and x go through
     the compiler's pipelined copies; the Q8_0 / Q4_0 scales of the next step are loaded one
-    step ahead into registers ([BLOCK_N, 4], split into columns), so no step waits on them."""
+    step ahead into registers ([BLOCK_N, 4], split into columns), so no step waits on them.
+    SPLITS > 1 (split-K, kernels/splitk.py): program (pid, s) sums groups s * SPLIT_G up to the
+    next split's first into a float32 partial; the tile's last program adds the partials."""
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
+    if SPLITS == 1:
+        g_lo = 0
+        g_hi = NG
+    else:
+        g_lo = tl.program_id(1) * SPLIT_G
+        g_hi = tl.minimum(g_lo + SPLIT_G, NG)
     ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = ns < N
     rows = ns[:, None]  # [BLOCK_N, 1]
@@ -134,35 +149,40 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
     c4 = tl.arange(0, 4)[None, :]  # [1, 4] the step's groups
     wait_then_release(USE_GDC)
     if FMT == 0 or FMT == 1:
-        d_next = tl.load(d_ptr + rows * s_d + c4, mask=n_live[:, None] & (c4 < NG), other=0.0)
+        g4 = g_lo + c4
+        d_next = tl.load(d_ptr + rows * s_d + g4, mask=n_live[:, None] & (g4 < g_hi), other=0.0)
     else:  # scales loaded per group by group_scale
         d_next = tl.zeros([BLOCK_N, 4], tl.float16)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g0 in range(0, NG, 4):
+    for g0 in range(g_lo, g_hi, 4):
         d_even, d_odd = tl.split(tl.reshape(d_next.to(tl.float32), [BLOCK_N, 2, 2]))
         d0, d2 = tl.split(d_even)  # [BLOCK_N] scales of groups g0 .. g0 + 3
         d1, d3 = tl.split(d_odd)
         if FMT == 0 or FMT == 1:
             gn = g0 + 4 + c4
-            d_next = tl.load(d_ptr + rows * s_d + gn, mask=n_live[:, None] & (gn < NG),
+            d_next = tl.load(d_ptr + rows * s_d + gn, mask=n_live[:, None] & (gn < g_hi),
                              other=0.0)
         acc = _tc_group(acc, d0[:, None], g0, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
                         BLOCK_N, FAST, COMPILED)
         acc = _tc_group(acc, d1[:, None], g0 + 1, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
                         BLOCK_N, FAST, COMPILED)
         acc = _tc_group(acc, d2[:, None], g0 + 2, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
                         BLOCK_N, FAST, COMPILED)
         acc = _tc_group(acc, d3[:, None], g0 + 3, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, NG, FMT, GS,
+                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
                         BLOCK_N, FAST, COMPILED)
-    out = acc
+    live = xmask & n_live[:, None]
+    if SPLITS == 1:
+        out = acc
+    else:  # acc: this split's partial; out: the sum (in the last program)
+        out, live = split_sum(acc, p_ptr, cnt_ptr, ms[None, :] * N + rows, live, pid,
+                              tl.program_id(1), SPLITS, M * N)
     if HAS_BIAS:
         out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + ms[None, :] * stride_y + rows, out.to(y_ptr.dtype.element_ty),
-             mask=xmask & n_live[:, None])
+    tl.store(y_ptr + ms[None, :] * stride_y + rows, out.to(y_ptr.dtype.element_ty), mask=live)
 
 
 def tc_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
@@ -177,9 +197,13 @@ def tc_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
 
 def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
              block_n: int = 64, num_warps: int = 4, num_stages: int = 3, fast: bool = True,
-             pdl: bool | None = None) -> torch.Tensor:
-    """x [M, K] (bf16, M <= 16) @ w.dequantize().T (+ bias) on the tensor cores. fast: 4-bit
-    codes to bfloat16 by byte permutes (`_tc_nibbles`), else through float32 (`_tc_codes`)."""
+             pdl: bool | None = None, split_k: int = 1,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] (bf16, M <= 16) @ w.dequantize().T (+ bias) on the tensor cores -> [M, N] in
+    out_dtype (default x's). fast: 4-bit codes to bfloat16 by byte permutes (`_tc_nibbles`),
+    else through float32 (`_tc_codes`). split_k: at most this many programs along K
+    (kernels/splitk.py; `split_groups` says how many run), their partials added in a fixed
+    order, so the result is the same on every call."""
     fmt, gs = family(w.format)
     m, k = x.shape
     n = w.out_features
@@ -187,13 +211,20 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
     planes = [w.planes[p] if p in w.planes else None for p in names]
     planes = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes]
     del planes[1]  # qh: not used by these formats
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    tiles = triton.cdiv(n, block_n)
+    split_g, splits = split_groups(k // 32, split_k)
+    if splits > 1:
+        partials = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, tiles)
+    else:
+        partials = counters = y  # not read
     gdc = use_pdl(x, pdl)
-    _qgemm_tc_kernel[(triton.cdiv(n, block_n),)](
-        x, y, bias if bias is not None else x, *planes, m, n, x.stride(0), y.stride(0),
-        *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, FAST=fast,
-        HAS_BIAS=bias is not None,
+    _qgemm_tc_kernel[(tiles, splits)](
+        x, y, bias if bias is not None else x, *planes, partials, counters, m, n, x.stride(0),
+        y.stride(0), *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, SPLITS=splits,
+        SPLIT_G=split_g, FAST=fast, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=num_warps,
         num_stages=num_stages, **launch_options(gdc))
     return y

@@ -270,8 +270,9 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
         if x.shape[0] == 1 and words_kernel_runs(x, w):
             return qgemv_words(x, w, bias, None, pdl)
         if x.shape[0] > 1 and tc_kernel_runs(x, w) and family(w.format)[0] in TC_PICKED:
-            bn, warps, stages = qgemm_tc_config(x.shape[0], w.out_features, w.in_features)
-            return qgemm_tc(x, w, bias, bn, warps, stages, pdl=pdl)
+            tc = qgemm_tc_config(x.shape[0], w.out_features, w.in_features)
+            return qgemm_tc(x, w, bias, tc.block_n, tc.num_warps, tc.num_stages, pdl=pdl,
+                            split_k=tc.split_k)
     fmt, gs = family(w.format)
     m, k = x.shape
     n = w.out_features

@@ -93,10 +93,52 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     return QGemvWConfig(rows, block_g, 4, magic=True, prefetch=True)
 
 
-def qgemm_tc_config(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, warps, pipeline stages) of the tensor-core kernel for x [m, k] @ w[n, k].T (any
-    m <= 16: the kernel pads x to 16 rows). Measured on an H200 (2026-12-04, 8B Q4_0, batch 16,
-    `bench/quant_decode.py --tc-configs`): 64 rows, 4 warps, 3 stages 7.33 ms a decode step,
-    against 8.09 for 32 / 2 / 3 and 10.13 for 16 / 2 / 3 (alone, 64 / 4 / 3 was faster on
-    gate_up and the head, slower on qkv, o and down: the end-to-end step decides)."""
-    return 64, 4, 3
+@dataclass(frozen=True)
+class QGemmTcConfig:
+    """One launch of the tensor-core kernel (kernels/qgemm_tc.py): rows of w per program, warps,
+    pipeline depth, and split_k: programs along K (each sums a range of K's 32-groups into a
+    float32 partial; the last of a tile's programs to finish adds the partials in a fixed
+    order). 1: each program walks the whole of K."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+
+@dataclass(frozen=True)
+class QGemmTcRule:
+    """How `qgemm_tc_config` picks a launch: one block shape for every matrix, and split-K either
+    fixed (`split_k`, where programs is 0) or by the grid: K's groups are halved until the grid
+    has at least `programs` programs, while each split keeps >= `min_groups` 32-groups. Never a
+    function of the batch, so a row's sums are the same at every batch of 2..16."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+    programs: int = 0
+    min_groups: int = 16
+
+    def split_for(self, n: int, k: int) -> int:
+        """Programs along K for w [n, k]."""
+        if self.programs <= 0:
+            return self.split_k
+        tiles, groups, split = -(-n // self.block_n), k // GROUP, 1
+        while tiles * split < self.programs and groups // (2 * split) >= self.min_groups:
+            split *= 2
+        return split
+
+
+# Measured on an H200 (2026-12-04, 8B Q4_0, batch 16, `bench/quant_decode.py --tc-configs`):
+# 64 rows, 4 warps, 3 stages 7.33 ms a decode step, against 8.09 for 32 / 2 / 3 and 10.13 for
+# 16 / 2 / 3 (alone, 64 / 4 / 3 was faster on gate_up and the head, slower on qkv, o and down: the
+# end-to-end step decides). Split-K is not measured yet: off (`--tc-configs 64:4:3:p264` tries
+# the rule that fills the grid to 2x the H200's 132 SMs).
+TC_RULE = QGemmTcRule()
+
+
+def qgemm_tc_config(m: int, n: int, k: int, rule: QGemmTcRule = TC_RULE) -> QGemmTcConfig:
+    """The tensor-core kernel's launch for x [m, k] @ w[n, k].T (any m <= 16: the kernel pads x
+    to 16 rows; m does not change the launch) by `rule`."""
+    return QGemmTcConfig(rule.block_n, rule.num_warps, rule.num_stages, rule.split_for(n, k))
