@@ -132,10 +132,11 @@ class QGemmTcRule:
 
 # Measured on an H200 (2026-12-04, 8B Q4_0, batch 16, `bench/quant_decode.py --tc-configs`):
 # 64 rows, 4 warps, 3 stages 7.33 ms a decode step, against 8.09 for 32 / 2 / 3 and 10.13 for
-# 16 / 2 / 3 (alone, 64 / 4 / 3 was faster on gate_up and the head, slower on qkv, o and down: the
-# end-to-end step decides). Split-K is not measured yet: off (`--tc-configs 64:4:3:p264` tries
-# the rule that fills the grid to 2x the H200's 132 SMs).
-TC_RULE = QGemmTcRule()
+# 16 / 2 / 3. Split-K (same lease, kernels alone at batch 16, us, no split / best split): qkv 25.0
+# / 16.0 (4), o 24.5 / 12.2 (4), gate_up 67.0 / 60.3 (2), down 82.3 / 33.2 (4), head chunk 34.8
+# (none; 2 splits 54.6); halving K until the grid has 256 programs picks 4, 4, 1, 4, 1 (1.94x the
+# H200's 132 SMs; 264 and 528 picked 8 for o or qkv and down, slower). docs/performance.md.
+TC_RULE = QGemmTcRule(programs=256)
 
 
 def qgemm_tc_config(m: int, n: int, k: int, rule: QGemmTcRule = TC_RULE) -> QGemmTcConfig:
