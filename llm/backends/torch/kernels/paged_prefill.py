@@ -15,8 +15,9 @@ and the longest context the page row holds; the blocks the start (read on the de
 are spread over all of them, a split without keys leaving a neutral partial. Each split writes
 its partial (acc, max, sum) to a scratch; the last of a tile's splits to arrive (an atomic
 counter, which it resets to 0 for the next launch or graph replay) merges them in split order,
-so the result has the same bits whatever the arrival order, in the same launch. Scores are q.k times `scale` as in kernels/paged_decode.py; the
-probabilities meet V in V's dtype (fp32 caches: true fp32 products, not TF32). Any page size
+so the result has the same bits whatever the arrival order, in the same launch. Scores are q.k
+times `scale` as in kernels/paged_decode.py; the probabilities meet V in V's dtype (fp32 caches:
+true fp32 products, not TF32). Any page size
 works (keys are addressed one by one through the row); head_dim must be a power of two >= 16.
 """
 
