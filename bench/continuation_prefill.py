@@ -12,7 +12,8 @@ Columns: CUDA events around the call (GPU time plus idle gaps: what a user waits
 enqueue time, and the kernels' sum under the torch profiler (GPU work; a replay's kernels are
 recorded as graph nodes where CUPTI supports it, else the graph row's sum reads ~0: then its
 CUDA events are the GPU time). Then the attention of one
-layer alone, gather + SDPA against the paged prefill kernel, each captured in a CUDA graph.
+layer alone, gather + SDPA against the paged prefill kernel (its tiling and key splits as the
+engine picks them, and the same tiles unsplit), each captured in a CUDA graph.
 
 docs/performance.md, "H200: prefix caching (issue 16)", continuation chunks in CUDA graphs:
   python bench/continuation_prefill.py --configs 1b --starts 1536 --tokens 64
@@ -45,6 +46,7 @@ from bench.prefill_profile import measure  # noqa: E402
 from llm.backends.torch.kernels.paged_prefill import (  # noqa: E402
     paged_prefill_attention,
     rows_per_program,
+    splits_per_tile,
 )
 from llm.backends.torch.prefill_graphs import bucket_for, prefill_buckets  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
@@ -72,9 +74,10 @@ def paths(backend: TorchBackend, chunk: list[int], start: int, bucket: int) -> d
     return calls
 
 
-def attention_us(backend: TorchBackend, start: int, n: int) -> tuple[float, float]:
-    """us of one layer's attention for n queries at `start`: gather + masked SDPA (eager path),
-    and the paged prefill kernel."""
+def attention_us(backend: TorchBackend, start: int, n: int) -> list[str]:
+    """One layer's attention for n queries at `start`: the paged kernel's rows and splits, then
+    us of gather + masked SDPA (eager path), the paged prefill kernel as the engine launches it,
+    and the same tiles without the split over the keys."""
     model, cache, device = backend.model, backend.cache, backend.device
     cfg = model.local
     nh, n_kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -94,12 +97,15 @@ def attention_us(backend: TorchBackend, start: int, n: int) -> tuple[float, floa
 
     start_t = torch.tensor([start], device=device)
     rows = rows_per_program(n, nh // n_kv, n_kv, model.n_sm)
+    splits = splits_per_tile(-(-n // (rows // (nh // n_kv))) * n_kv, row.numel() * bs, 64,
+                             model.n_sm)
 
-    def paged() -> torch.Tensor:
+    def paged(split: int | None) -> torch.Tensor:
         return paged_prefill_attention(q, cache.k[0], cache.v[0], row, start_t, scale,
-                                       rows=rows)
+                                       n_sm=model.n_sm, splits=split)
 
-    return graph_us([eager], device), graph_us([paged], device)
+    times = [graph_us([fn], device) for fn in (eager, lambda: paged(None), lambda: paged(1))]
+    return [str(rows), str(splits)] + [f"{us:.1f}" for us in times]
 
 
 @torch.inference_mode()
@@ -135,15 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                     kernels_ms = sum(us for _, us in kernel_times(run, device).values()) / 1e3
                     summary.append([name, start, n, bucket, path, f"{events_ms:.2f}",
                                     f"{host:.2f}", f"{kernels_ms:.2f}"])
-                eager, paged = attention_us(backend, start, n)
-                attention.append([name, start, n, f"{eager:.1f}", f"{paged:.1f}"])
+                attention.append([name, start, n, *attention_us(backend, start, n)])
         backend.close()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_table(["config", "start", "tokens", "bucket", "path", "CUDA events ms",
                  "host enqueue ms", "kernel sum ms"], summary)
-    print_table(["config", "start", "tokens", "gather + SDPA us/layer",
-                 "paged prefill us/layer"], attention)
+    print_table(["config", "start", "tokens", "rows", "splits", "gather + SDPA us/layer",
+                 "paged prefill us/layer", "paged, no split us/layer"], attention)
     return 0
 
 

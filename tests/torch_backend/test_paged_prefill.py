@@ -1,5 +1,6 @@
 """The Triton paged prefill attention (a chunk at any start position) against the eager path's
-SDPA over the gathered keys with a causal-offset mask (interpreted on CPU, compiled on a GPU)."""
+SDPA over the gathered keys with a causal-offset mask (interpreted on CPU, compiled on a GPU),
+unsplit and split over the keys (partials merged by the last split of each tile)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from llm.backends.torch.kernels.paged_prefill import (  # noqa: E402
     paged_prefill_attention,
     rows_per_program,
+    splits_per_tile,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,15 +112,114 @@ def test_bf16_close_to_eager(start: int, s: int) -> None:
     assert (got - want).norm() / want.norm() < 5e-3
 
 
-def test_rows_per_program_and_refused_shapes() -> None:
-    assert rows_per_program(64, 4, 8, 132) == 16  # a short chunk: spread over the SMs
+@pytest.mark.parametrize("nh, n_kv, hd, page", [(4, 4, 64, 16), (8, 2, 64, 8), (6, 2, 128, 16)])
+@pytest.mark.parametrize("start, s", [(0, 13), (13, 8), (37, 20)])
+@pytest.mark.parametrize("splits", [1, 2, 3, 16])
+def test_split_keys_match_the_eager_sdpa_path(nh, n_kv, hd, page, start, s, splits) -> None:
+    """fp32, keys 16 at a time, the key range of each tile split 1 (no split), 2, 3 or 16 ways:
+    (0, 13) has one key block, so splits past the first get no keys (neutral partials); at
+    (13, 8) the first tile ends at position 16, alone in the second block (rows that see no key
+    of a split); 16 splits of a few blocks leave most splits empty."""
+    q, kp, vp, row = _case(nh, n_kv, hd, page, start, s, torch.float32)
+    scale = hd ** -0.5
+    want = _eager(q, kp.nan_to_num(), vp.nan_to_num(), row, start, scale)
+    got = _run(q, kp, vp, row, start, scale, rows=max(16, nh // n_kv), block_n=16, splits=splits)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_split_runs_are_deterministic_and_leave_the_counters_zero() -> None:
+    """Two launches with one persistent counter buffer (as a CUDA graph replays): the kernel
+    leaves it zero, and the second launch has the first one's bits; the default split count for
+    132 SMs over this page row (12 pages of 16: 12 blocks of 16 keys) splits, and is right."""
+    q, kp, vp, row = _case(8, 2, 64, 16, 40, 24, torch.float32, seed=5)
+    want = _eager(q, kp.nan_to_num(), vp.nan_to_num(), row, 40, 0.125)
+    counters = torch.zeros(12, dtype=torch.int32, device=DEVICE)  # 6 tiles x 2
+    runs = [_run(q, kp, vp, row, 40, 0.125, rows=16, block_n=16, splits=3, counters=counters)
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert not counters.any()
+    torch.testing.assert_close(runs[0], want, rtol=2e-5, atol=2e-5)
+    rows = rows_per_program(24, 4, 2, 132)
+    tiles = -(-24 // (rows // 4))
+    assert splits_per_tile(tiles * 2, 12 * 16, 16, 132) == 6
+    auto = [_run(q, kp, vp, row, 40, 0.125, block_n=16, n_sm=132) for _ in range(2)]
+    assert torch.equal(auto[0], auto[1])
+    torch.testing.assert_close(auto[0], want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("persistent", [False, True])
+def test_split_graph_replays_have_the_eager_bits(persistent: bool) -> None:
+    """1B shapes in bf16, 64 tokens over a row of 64 pages of 32 (the engine's tiling for this
+    GPU: split keys): one captured launch replayed at several starts (twice each: the counters
+    are reset in between, by the graph's memset or, persistent, by the kernel) has the bits of
+    the eager launch at the same start, whatever order the splits arrived in."""
+    nh, n_kv, hd, page, s = 32, 8, 64, 32, 64
+    n_sm = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    g = torch.Generator().manual_seed(2)
+    kp = torch.randn(80, n_kv, page, hd, generator=g).to(DEVICE, torch.bfloat16)
+    vp = torch.randn(80, n_kv, page, hd, generator=g).to(DEVICE, torch.bfloat16)
+    row = (torch.randperm(79, generator=g)[:64] + 1).to(DEVICE)
+    q = torch.randn(s, nh, hd, generator=g).to(DEVICE, torch.bfloat16)
+    start = torch.tensor([0], device=DEVICE)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE) if persistent else None
+    rows = rows_per_program(s, nh // n_kv, n_kv, n_sm)
+    assert splits_per_tile(-(-s // (rows // 4)) * n_kv, 64 * page, 64, n_sm) > 1
+
+    def call() -> torch.Tensor:
+        return paged_prefill_attention(q, kp, vp, row, start, 0.125, n_sm=n_sm,
+                                       counters=counters)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for pos in (1536, 256, 1900, 0):
+        start.fill_(pos)
+        want = call()
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want), pos
+        ref = _eager(q, kp, vp, row, pos, 0.125).float()
+        assert (want.float() - ref).norm() / ref.norm() < 5e-3, pos
+    if persistent:
+        assert not counters.any()
+
+
+def test_rows_and_splits_per_program() -> None:
+    """1B shapes (32 heads, 8 KV heads) on 132 SMs, a page row of 1,856 keys: long chunks take
+    tiles of 128 rows and no split; short chunks tiles of up to 64 rows and their keys split."""
+    assert rows_per_program(64, 4, 8, 132) == 64  # 4 tiles of 16 tokens: split the keys
+    assert rows_per_program(16, 4, 8, 132) == 64
     assert rows_per_program(2048, 4, 8, 132) == 128
     assert rows_per_program(1, 32, 1, 132) == 32  # a group of 32 heads needs 32 rows
+    assert rows_per_program(1, 2, 1, 132) == 16
+    assert splits_per_tile(32, 1856, 64, 132) == 14  # 29 key blocks, 2 per split
+    assert splits_per_tile(32, 8192, 64, 132) == 16  # at most MAX_SPLITS
+    assert splits_per_tile(128, 8192, 64, 132) == 4  # 4 programs per SM
+    assert splits_per_tile(512, 8192, 64, 132) == 1  # enough programs already
+    assert splits_per_tile(8, 64, 64, 132) == 1  # one key block: nothing to split
+
+
+def test_refused_shapes() -> None:
     q, kp, vp, row = _case(4, 4, 64, 16, 0, 3, torch.float32)
     with pytest.raises(ValueError, match="rows must be a power of two >= 16"):
         _run(q, kp, vp, row, 0, 1.0, rows=24)
     with pytest.raises(ValueError, match="block_n"):
         _run(q, kp, vp, row, 0, 1.0, block_n=8)
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        _run(q, kp, vp, row, 0, 1.0, splits=0)
+    with pytest.raises(ValueError, match="counters must be int32"):
+        _run(q, kp, vp, row, 0, 1.0, splits=2, counters=torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match=r">= 4 elements"):
+        _run(q, kp, vp, row, 0, 1.0, rows=16, splits=2,
+             counters=torch.zeros(3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="multiple of the KV heads"):
         _run(q[:, :3], kp, vp, row, 0, 1.0)
     with pytest.raises(ValueError, match="head_dim >= 16"):
