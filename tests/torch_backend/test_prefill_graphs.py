@@ -117,7 +117,7 @@ def test_longrope_refuses_a_device_start() -> None:
         model.prefill(torch.zeros(4, dtype=torch.int64, device=DEVICE),
                       torch.tensor([20], device=DEVICE), row, cache)
     with pytest.raises(ValueError, match="LongRoPE"):
-        PrefillMeta.paged(model.rope, torch.tensor([0]), 4, row, 16, 1)
+        PrefillMeta.paged(model.rope, torch.tensor([0]), 4, row, 16, 1, 2)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -25,7 +25,9 @@ class PrefillMeta:
     page_row [nb] the user's pages covering positions [0, start_pos + S) (used only when
     start_pos > 0); mask [S, start_pos + S] bool or None for a plain causal prompt.
     `paged` (start [1] on the device, start_pos None): the Triton paged prefill attention reads
-    the keys through the whole page_row [max_blocks] (n_sm: the GPU's SMs, for its tiling).
+    the keys through the whole page_row [max_blocks] (n_sm: the GPU's SMs, for its tiling;
+    counters: its split arrival counters, int32 zeros that every layer's launch leaves zero, so
+    one zeroing serves the whole forward).
     """
 
     start_pos: int | None
@@ -38,6 +40,7 @@ class PrefillMeta:
     mask: torch.Tensor | None
     start: torch.Tensor | None = None
     n_sm: int = 1
+    counters: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rope: RotaryEmbedding, start_pos: int, s: int, page_row: torch.Tensor,
@@ -57,17 +60,19 @@ class PrefillMeta:
 
     @classmethod
     def paged(cls, rope: RotaryEmbedding, start: torch.Tensor, s: int, page_row: torch.Tensor,
-              block_size: int, n_sm: int) -> PrefillMeta:
+              block_size: int, n_sm: int, n_kv: int) -> PrefillMeta:
         """Metadata for S tokens at start.. where start [1] is on the device: every index is
         computed there (one CUDA graph serves any start). The caller keeps start + S within the
         RoPE table and the page row (max_seq_len); LongRoPE (tables chosen by the end position,
-        on the host) is refused."""
+        on the host) is refused. n_kv: the cache's KV heads (counters: one per token and KV
+        head bounds the kernel's (tile, KV head) pairs)."""
         if rope.by_end:
             raise ValueError("a device-side start needs RoPE tables that do not depend on the "
                              "end position (LongRoPE: prefill with a host start_pos)")
         pos = start + torch.arange(s, device=start.device)  # [S]
         return cls(None, rope.cos[pos], rope.sin[pos], rope.sin_rot[pos],
-                   page_row[pos // block_size], pos % block_size, page_row, None, start, n_sm)
+                   page_row[pos // block_size], pos % block_size, page_row, None, start, n_sm,
+                   torch.zeros(s * n_kv, dtype=torch.int32, device=start.device))
 
 
 @dataclass(frozen=True)
@@ -236,7 +241,7 @@ class Attention:
         q = rope_and_cache(self._project(x), meta.cos, meta.sin, meta.blocks, meta.offsets, kp,
                            vp, self.n_heads)  # [S, nh, hd]
         out = paged_prefill_attention(q, kp, vp, meta.page_row, meta.start, self.scale,
-                                      n_sm=meta.n_sm)  # [S, nh, hd]
+                                      n_sm=meta.n_sm, counters=meta.counters)  # [S, nh, hd]
         return self.mesh.all_reduce(linear(out.reshape(s, -1), self.wo, self.bo))
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:

@@ -219,7 +219,8 @@ class Transformer:
         """
         s = tokens.shape[0]
         if isinstance(start_pos, torch.Tensor):
-            meta = PrefillMeta.paged(self.rope, start_pos, s, page_row, self.block_size, self.n_sm)
+            meta = PrefillMeta.paged(self.rope, start_pos, s, page_row, self.block_size, self.n_sm,
+                                     cache.k[0].shape[1])
         else:
             meta = PrefillMeta.build(self.rope, start_pos, s, page_row, self.block_size)
         x, residual = self._embed(tokens), None  # [S, H]
