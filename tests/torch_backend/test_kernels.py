@@ -301,7 +301,7 @@ def test_fused_penalties_equal_the_torch_penalties(dtype: torch.dtype) -> None:
         s = SequenceSampling(p, 0, (2, 998))
         state.begin(slot, s)
         prompt = torch.randint(0, vocab, (30,), generator=g).to(DEVICE)
-        state.add_prompt(slot, s, prompt, 30)
+        state.add_prompt(slot, s, prompt.tolist(), 30)
     for step in range(6):  # generated tokens, one repeated
         fed = torch.tensor([7, 7, 100 + step, 2], device=DEVICE)
         state.count(torch.arange(4, device=DEVICE), fed, torch.full((4,), 30 + step,

@@ -77,13 +77,15 @@ class SlotPenalties:
             t[dst] = t[src]
 
     @torch.inference_mode()
-    def add_prompt(self, slot: int, sampling: SequenceSampling, tokens: torch.Tensor,
+    def add_prompt(self, slot: int, sampling: SequenceSampling, tokens: Sequence[int],
                    end: int) -> None:
-        """One prefill chunk `tokens` [S] of the request in `slot`, ending at position `end`
+        """One prefill chunk `tokens` (S ids) of the request in `slot`, ending at position `end`
         (exclusive): its tokens count as seen by repetition_penalty; min_tokens counts from end.
+        Only a repetition penalty copies the ids to the device.
         """
         if sampling.params.repetition_penalty != 1.0:
-            self.in_prompt[slot, tokens] = True
+            ids = torch.tensor(list(tokens), dtype=torch.int64, device=self.in_prompt.device)
+            self.in_prompt[slot, ids] = True  # [S] columns
         self.min_pos[slot] = end + sampling.params.min_tokens
 
     @torch.inference_mode()

@@ -208,20 +208,25 @@ class TorchBackend(Backend):
     def _prefill(self, inp: PrefillInput) -> StepOutput:
         if self.graphs is not None:
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
-        tokens = self._tensor(list(inp.tokens))  # [S]
         end = inp.start_pos + len(inp.tokens)
         if inp.start_pos == len(inp.cached):  # the request's first call
             self.penalties.begin(inp.slot, inp.sampling)
             if inp.cached:  # a prefix-cache hit: its tokens are prompt tokens too
-                self.penalties.add_prompt(inp.slot, inp.sampling, self._tensor(list(inp.cached)),
-                                          inp.start_pos)
-        self.penalties.add_prompt(inp.slot, inp.sampling, tokens, end)
+                self.penalties.add_prompt(inp.slot, inp.sampling, inp.cached, inp.start_pos)
+        self.penalties.add_prompt(inp.slot, inp.sampling, inp.tokens, end)
         for fork in inp.forks:
             self.penalties.fork(inp.slot, fork.slot)
         users = [inp.sampling] + [f.sampling for f in inp.forks]  # who picks from the last logits
         slots = [inp.slot] + [f.slot for f in inp.forks]
-        page_row = self._tensor(list(inp.page_table))
         params = inp.sampling.params
+        pg = self.prefill_graphs
+        if inp.targets is None and pg is not None and pg.bucket(len(inp.tokens),
+                                                                inp.start_pos) is not None:
+            logits = pg.run(inp.tokens, inp.page_table, inp.start_pos)  # [V]; it stages its own
+            return self._select(logits[None].expand(len(users), -1), users, slots,
+                                [end] * len(users), full_path(users), inp.allowed)
+        tokens = self._tensor(list(inp.tokens))  # [S]
+        page_row = self._tensor(list(inp.page_table))
         if inp.targets is not None:
             if params.prompt_logprobs is None:
                 raise ValueError("PrefillInput.targets given for a request without "
@@ -233,11 +238,7 @@ class TorchBackend(Backend):
             out = self._select(local[-1:].expand(len(users), -1), users, slots,
                                [end] * len(users), full=True, allowed=inp.allowed)
             return StepOutput(out.tokens, out.logprobs, prompt)
-        pg = self.prefill_graphs
-        if pg is not None and pg.bucket(len(inp.tokens), inp.start_pos) is not None:
-            logits = pg.run(inp.tokens, inp.page_table, inp.start_pos)  # [V]
-        else:
-            logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache)
+        logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache)  # [V]
         return self._select(logits[None].expand(len(users), -1), users, slots,
                             [end] * len(users), full_path(users), inp.allowed)
 
