@@ -134,6 +134,24 @@ def test_fused_in_a_cuda_graph_replays_to_the_same_bits() -> None:
         assert torch.equal(out, ref)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="the ordering between programs needs a GPU")
+def test_fused_under_load_on_the_gpu() -> None:
+    """Many programs racing for the counters (32 users x 8 KV heads x 33 splits, every user's
+    pages live), 200 launches back to back: every output equals the two-kernel path's; a store
+    not yet visible to the merging program would show as a wrong row in some launch."""
+    q, k_pool, v_pool, page_table, _ = _case(32, 32, 8, 128, 32, 33, "scattered", torch.bfloat16)
+    positions = torch.full((32,), 33 * 32 - 1, device=DEVICE)
+    for u in range(32):
+        page_table[u] = torch.arange(1 + 33 * u, 1 + 33 * (u + 1), device=DEVICE)
+    counters = decode_counters(32, 8, DEVICE)
+    ref = paged_decode_attention(q, k_pool, v_pool, page_table, positions, 128 ** -0.5, 1)
+    outs = [paged_decode_attention(q, k_pool, v_pool, page_table, positions, 128 ** -0.5, 1,
+                                   counters=counters) for _ in range(200)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, ref) for o in outs)
+    assert not counters.any()
+
+
 def test_model_decode_fused_equals_two_kernels() -> None:
     """A whole decode step of a small GQA model through the Triton kernels with the fused merge
     and with the two-kernel path: the same logits, bit for bit."""

@@ -172,7 +172,8 @@ def pages_per_split(batch: int, n_kv: int, max_pages: int, n_sm: int) -> int:
 def decode_counters(max_batch: int, n_kv: int, device: torch.device | str) -> torch.Tensor:
     """The fused merge's counters for up to max_batch users of n_kv KV heads: int32 zeros, which
     every launch leaves at zero. Allocate once and keep (CUDA graphs capture its address); one
-    launch at a time may use it (one stream: the layers of a step run one after another)."""
+    launch at a time may use it (one stream: the layers of a step run one after another). A
+    launch that does not finish (a device fault) may leave counts behind: allocate anew."""
     return torch.zeros(max_batch * n_kv, dtype=torch.int32, device=device)
 
 
