@@ -10,8 +10,6 @@ default (listed first):
                        head goes through the GEMV too, as since v8, where v7 kept cuBLAS)
   pdl=on|off           programmatic dependent launch of the Triton kernels
   argmax=split|torch   the greedy token by the split Triton argmax, or torch.argmax
-  attn=fused|two       the paged attention's split merge in its one launch, or in a second
-                       kernel (before the fused merge)
 e.g. `gemv=dot+pdl=off+argmax=torch` is the v7 code path on today's kernels.
 
 docs/performance.md:
@@ -21,8 +19,6 @@ docs/performance.md:
       --variants pdl=off+argmax=torch,argmax=torch                                # v9
   python bench/decode_ab.py --configs 1b,8b --batches 1,32 --repeats 3 \\
       --variants argmax=torch,default                                             # v11
-  python bench/decode_ab.py --configs 1b,8b --batches 1,32 --repeats 3 \\
-      --variants attn=two,default                                  # decode attention in one launch
 """
 
 from __future__ import annotations
@@ -54,8 +50,7 @@ from llm.backends.torch.graphs import DecodeGraphs  # noqa: E402
 from llm.backends.torch.model import GEMV_MAX_BATCH  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
 
-SWITCHES = {"gemv": ("fma", "cublas", "dot"), "pdl": ("on", "off"), "argmax": ("split", "torch"),
-            "attn": ("fused", "two")}
+SWITCHES = {"gemv": ("fma", "cublas", "dot"), "pdl": ("on", "off"), "argmax": ("split", "torch")}
 
 
 def parse_variant(text: str) -> dict[str, str]:
@@ -79,7 +74,6 @@ def apply(backend: TorchBackend, settings: dict[str, str]) -> None:
     set_gemv_dot(settings["gemv"] == "dot")
     set_pdl(settings["pdl"] == "on")
     model.lm_head.fused_argmax = settings["argmax"] == "split"
-    model.fused_attention = settings["attn"] == "fused"
     if backend.device.type == "cuda":
         backend.graphs = None
         torch.cuda.empty_cache()

@@ -5,14 +5,11 @@
     python bench/quant_decode.py --gguf /tmp/lw/8b-Q4_0.gguf,/tmp/lw/8b-Q8_0.gguf --batches 1
     python bench/quant_decode.py --configs 8b,1b --formats q4_0,q4_0/q6_k --batches 1 \
         --v1-formats q6_k
-    python bench/quant_decode.py --configs 1b --formats q4_0,bf16 --batches 1,8,32 --attention-ab
 
 --formats A/B: the linears in A, the LM head (the tied embedding where the config ties them) in
 B, as llama.cpp's Q4_0 files keep it in Q6_K. --v1-formats: decode again with the first kernel
 (kernels/qgemv.py) for these formats' one-row GEMVs instead of the v2 kernel (graphs captured
-again), to time the two on the same model in one call. --attention-ab: decode again with the
-paged attention's split merge in a second launch (the two-kernel path, `fused_attention` off)
-instead of in its one launch, every format, bf16 included.
+again), to time the two on the same model in one call.
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
@@ -334,25 +331,6 @@ def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) ->
     return rows
 
 
-def two_kernel_attention_rows(backend: TorchBackend, name: str, fmt_name: str, args,
-                              bw: float) -> list:
-    """--attention-ab: decode again with the attention's splits merged by a second kernel
-    (graphs captured again), then the one-launch merge restored."""
-    model = backend.model
-    if not args.attention_ab or not model.decode_kernel:
-        return []
-    model.fused_attention = False
-    try:
-        if backend.graphs is not None:
-            backend.graphs.capture()
-        rows = decode_rows(backend, name, fmt_name, args, bw, "attention in 2 launches")
-    finally:
-        model.fused_attention = True
-    if backend.graphs is not None:
-        backend.graphs.capture()
-    return rows
-
-
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
     """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
     from pathlib import Path
@@ -374,7 +352,6 @@ def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
         label = "+".join(formats)
         rows += decode_rows(backend, Path(path).name, label, args, bw, check(backend, ck, rt))
         rows += v1_rows(backend, Path(path).name, "/".join(formats), args, bw)
-        rows += two_kernel_attention_rows(backend, Path(path).name, label, args, bw)
         backend.close()
         del ck, backend
         if device.type == "cuda":
@@ -400,9 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v1-formats", default="",
                    help="comma list of formats: decode again with the first kernel for their "
                         "one-row GEMVs (e.g. q6_k: the LM head of --formats q4_0/q6_k)")
-    p.add_argument("--attention-ab", action="store_true",
-                   help="decode again with the paged attention's split merge in a second launch "
-                        "(the two-kernel path) to time it against the one-launch merge")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -423,7 +397,6 @@ def main(argv: list[str] | None = None) -> int:
             backend = TorchBackend(ck, rt, cuda_graphs=device.type == "cuda")
             note = "" if fmt_name == "bf16" else check(backend, ck, rt)
             rows += decode_rows(backend, name, fmt_name, args, bw, note)
-            rows += two_kernel_attention_rows(backend, name, fmt_name, args, bw)
             if fmt_name != "bf16" and backend.graphs is not None:
                 rows += tc_config_rows(backend, name, fmt_name, args, bw)
                 rows += v1_rows(backend, name, fmt_name, args, bw)

@@ -82,10 +82,9 @@ class DecodeMeta:
     cos/sin/sin_rot [B, hd]; blocks/offsets [B] where each new K/V goes; positions [B]. Two
     attention paths:
     - kernel (pages_per_program set): the Triton paged flash-decode reads each user's pages up to
-      its position on the device; page_table is the full [B, max_blocks] table and mask is None.
-      Nothing depends on host values, so the step can be captured in a CUDA graph. counters: the
-      model's `decode_counters` (its splits merged in the one launch), or None (a second launch
-      merges them).
+    its
+      position on the device; page_table is the full [B, max_blocks] table and mask is None. Nothing
+      depends on host values, so the step can be captured in a CUDA graph.
     - gather (CPU, or shapes the kernel does not take): page_table [B, nb] covers the longest user;
       mask [B, 1, 1, nb * block_size] is True where key position <= the user's position; with
       one user, mask is None and `length` = max_pos + 1 keys are attended.
@@ -102,16 +101,13 @@ class DecodeMeta:
     pages_per_program: int | None = None
     length: int = 0
     max_pos: int = 0
-    counters: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rope: RotaryEmbedding, positions: torch.Tensor, page_table: torch.Tensor,
               block_size: int, max_pos: int | None = None,
-              pages_per_program: int | None = None,
-              counters: torch.Tensor | None = None) -> DecodeMeta:
+              pages_per_program: int | None = None) -> DecodeMeta:
         """positions [B], page_table [B, max_blocks]. The gather path needs max_pos =
-        max(positions), known on the host; the kernel path needs pages_per_program instead (and
-        takes counters, see above).
+        max(positions), known on the host; the kernel path needs pages_per_program instead.
         """
         device = positions.device
         b = positions.shape[0]
@@ -121,7 +117,7 @@ class DecodeMeta:
         offsets = positions % block_size
         if pages_per_program is not None:
             return cls(cos, sin, sin, blocks, offsets, positions, page_table, None,
-                       pages_per_program, counters=counters)
+                       pages_per_program)
         if max_pos is None:
             raise ValueError("the gather attention path needs max_pos")
         nb = max_pos // block_size + 1
@@ -277,8 +273,7 @@ class Attention:
             q = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets, kp, vp,
                                self.n_heads)  # [B, nh, hd]
             out = paged_decode_attention(q, kp, vp, meta.page_table, meta.positions,
-                                         self.scale, meta.pages_per_program,
-                                         counters=meta.counters)  # [B, nh, hd]
+                                         self.scale, meta.pages_per_program)  # [B, nh, hd]
         else:
             q, k, v = self._split_rotate(qkv, meta.cos, meta.sin_rot)
             cache.write(self.layer, k, v, meta.blocks, meta.offsets)

@@ -150,13 +150,6 @@ class Transformer:
         self.n_sm = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if decode_kernel and self.device.type == "cuda" else 1)
         self.decode_kernel = decode_kernel
-        self.fused_attention = decode_kernel  # the attention's split merge in its one launch
-        self.attn_counters = None  # that merge's counters, shared by the layers (one at a time)
-        if decode_kernel:
-            from llm.backends.torch.kernels.paged_decode import decode_counters
-
-            self.attn_counters = decode_counters(runtime.max_batch, local.num_kv_heads,
-                                                 self.device)
         if gemv_max_batch is None:  # the fused GEMVs read dense weights only
             gemv_max_batch = GEMV_MAX_BATCH if decode_kernel and not self.quantized else 0
         if gemv_max_batch and self.quantized:
@@ -244,20 +237,14 @@ class Transformer:
                cache: PagedKVCache, max_pos: int | None = None) -> torch.Tensor:
         """tokens, positions [B]; page_table [B, max_blocks]; max_pos = max(positions) (host-known,
         needed by the gather path only). Returns logits [B, V] (on a mesh: [B, V_local]).
-        The paged attention merges its splits in its one launch (`fused_attention`, the default
-        with the decode kernels) up to the runtime's max_batch users (its counters' size), in a
-        second launch otherwise or with fused_attention off (the same bits).
         """
-        ppp = counters = None
+        ppp = None
         if self.decode_kernel:
             from llm.backends.torch.kernels.paged_decode import pages_per_split
 
-            b, n_kv = tokens.shape[0], self.local.num_kv_heads
-            ppp = pages_per_split(b, n_kv, self.max_pages, self.n_sm)
-            if self.fused_attention and b * n_kv <= self.attn_counters.numel():
-                counters = self.attn_counters
-        meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos, ppp,
-                                counters)
+            ppp = pages_per_split(tokens.shape[0], self.local.num_kv_heads, self.max_pages,
+                                  self.n_sm)
+        meta = DecodeMeta.build(self.rope, positions, page_table, self.block_size, max_pos, ppp)
         x, residual = self._embed(tokens), None  # [B, H]
         k = self.cpu_kernels
         if k is not None:
