@@ -143,10 +143,10 @@ def test_rule_fills_the_grid_of_the_8b_shapes() -> None:
     assert rule.split_for(4096, 512) == 1  # 16 groups: no split leaves 16 in each
     assert QGemmTcRule(split_k=4).split_for(28672, 4096) == 4  # fixed
     assert qgemm_tc_config(16, 4096, 4096, rule) == QGemmTcConfig(64, 4, 3, 8)
-    # the default, from the H200 sweep (qgemv_config): the grid filled to 256 programs
+    # the default, from the H200 runs (qgemv_config): the grid filled to 528 programs
     assert {s: TC_RULE.split_for(n, k) for s, (n, k) in shapes.items()} == {
-        "qkv": 4, "o": 4, "gate_up": 1, "down": 4, "head_chunk": 1}
-    assert qgemm_tc_config(16, 4096, 14336) == QGemmTcConfig(64, 4, 3, 4)
+        "qkv": 8, "o": 8, "gate_up": 2, "down": 16, "head_chunk": 4}
+    assert qgemm_tc_config(16, 4096, 14336) == QGemmTcConfig(64, 4, 3, 16)
 
 
 def hopper_ptx_of_the_split_kernel() -> dict:

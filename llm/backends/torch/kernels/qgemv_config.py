@@ -134,9 +134,10 @@ class QGemmTcRule:
 # 64 rows, 4 warps, 3 stages 7.33 ms a decode step, against 8.09 for 32 / 2 / 3 and 10.13 for
 # 16 / 2 / 3. Split-K (same lease, kernels alone at batch 16, us, no split / best split): qkv 25.0
 # / 16.0 (4), o 24.5 / 12.2 (4), gate_up 67.0 / 60.3 (2), down 82.3 / 33.2 (4), head chunk 34.8
-# (none; 2 splits 54.6); halving K until the grid has 256 programs picks 4, 4, 1, 4, 1 (1.94x the
-# H200's 132 SMs; 264 and 528 picked 8 for o or qkv and down, slower). docs/performance.md.
-TC_RULE = QGemmTcRule(programs=256)
+# (none; 2 splits 54.6). End to end the whole step decides (graphs, one lease, 8B Q4_0 batch 16):
+# a grid of >= 528 programs (4x the H200's 132 SMs: 8, 8, 2, 16, 4 splits) 5.16-5.20 ms a step,
+# >= 264 5.27-5.28, >= 256 (the kernels' best but gate_up) 5.61-5.94. docs/performance.md.
+TC_RULE = QGemmTcRule(programs=528)
 
 
 def qgemm_tc_config(m: int, n: int, k: int, rule: QGemmTcRule = TC_RULE) -> QGemmTcConfig:
