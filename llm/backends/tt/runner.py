@@ -17,14 +17,18 @@ from typing import Any
 import torch
 
 from llm.backends.tt.device import open_mesh
+from llm.backends.tt.logprobs import inv_temperatures, prompt_logprobs, select, to_host
 from llm.backends.tt.mesh import TILE
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.penalties import full_path
 from llm.backends.tt.precision import POLICIES, default_overrides, precision
 from llm.backends.tt.sampling import host_inputs
+from llm.backends.tt.token_masks import additive_masks
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import (
+    FEATURES,
     Backend,
     BackendSpec,
     Capabilities,
@@ -123,12 +127,14 @@ class TTBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Greedy decoding (on-device argmax) and temperature / top-k / top-p sampling on the
-        device (sampling.py; a vocabulary too wide for one ttnn.topk: greedy only); none of the
-        features (no logprobs, penalties, logit_bias or min_tokens)."""
-        modes = {"greedy"} | ({"temperature", "top_k", "top_p"}
-                              if self.model.sampler.supported else set())
-        return Capabilities(frozenset(modes), self.runtime.max_batch, self.runtime.max_seq_len)
+        """Greedy decoding (on-device argmax), temperature / top-k / top-p sampling and every
+        feature (logprobs, prompt logprobs, penalties, logit_bias, min_tokens, structured output)
+        on the device (sampling.py, logprobs.py); a vocabulary too wide for one ttnn.topk:
+        greedy only, no features."""
+        supported = self.model.sampler.supported
+        modes = {"greedy"} | ({"temperature", "top_k", "top_p"} if supported else set())
+        return Capabilities(frozenset(modes), self.runtime.max_batch, self.runtime.max_seq_len,
+                            FEATURES if supported else frozenset())
 
     def close(self) -> None:
         """Release the decode trace and close the device (the backend is unusable after).
@@ -159,14 +165,14 @@ class TTBackend(Backend):
 
     def prefill(self, inp: PrefillInput) -> int:
         """One user's prompt, or a chunk of it at start_pos (a multiple of the block size)."""
-        return self._prefill(inp, [inp.sampling])[0]
+        return self.prefill_step(dataclasses.replace(inp, forks=())).tokens[0]
 
     def prefill_step(self, inp: PrefillInput) -> StepOutput:
-        """`prefill`; forks (n > 1) draw their first tokens from the same last logits, each with
-        its own sampling parameters and seed."""
-        return StepOutput(self._prefill(inp, [inp.sampling] + [f.sampling for f in inp.forks]))
+        """`prefill`, with the logprobs the request asked for; forks (n > 1) draw their first
+        tokens from the same last logits, each with its own sampling parameters and seed."""
+        return self._prefill(inp, [inp.sampling] + [f.sampling for f in inp.forks])
 
-    def _prefill(self, inp: PrefillInput, users: list[SequenceSampling]) -> list[int]:
+    def _prefill(self, inp: PrefillInput, users: list[SequenceSampling]) -> StepOutput:
         """Run the chunk; then the token each of `users` chooses from its last position."""
         self._check_call(users)
         ttnn, mesh, model = self.mesh.ttnn, self.mesh, self.model
@@ -192,8 +198,24 @@ class TTBackend(Backend):
             fill_row = put(pages[:, start // bs:], ttnn.int32)  # this chunk's pages onwards
         hidden = model.prefill_hidden(put(tok, ttnn.uint32), put(pages, ttnn.int32), start,
                                       fill_row, n)  # [1, 1, S, dim_local]
+        slots = [inp.slot] + [f.slot for f in inp.forks]
+        if model.penalties is not None:
+            self._admit(inp)
+        prompt = None
+        if inp.targets is not None:
+            params = inp.sampling.params
+            if params.prompt_logprobs is None:
+                raise ValueError("PrefillInput.targets given for a request without "
+                                 "prompt_logprobs")
+            prompt = prompt_logprobs(mesh, lambda t: model.tile_logits(hidden, t),
+                                     model.sampler, model.penalties, model.logprob_ops,
+                                     params.temperature, inp.targets, params.prompt_logprobs)
         logits = model.tile_logits(hidden, (n - 1) // TILE)  # [1, 1, 32, V_local]
         row = (n - 1) % TILE  # the row holding the last token, which draws token start + n
+        if full_path(users, inp.allowed is not None) or prompt is not None:
+            out = self._select_prefill(logits, row, users, slots, start + n, inp.allowed)
+            ttnn.deallocate(hidden)
+            return StepOutput(out.tokens, out.logprobs, prompt)
         tokens = []
         for user in users:
             if user.params.greedy:
@@ -202,7 +224,59 @@ class TTBackend(Backend):
                 out = model.sampler(logits, **model.sampler.put(host_inputs(
                     {row: (user.params, user.seed, start + n)})))  # uint32 [1, 1, 1, 32]
             tokens.append(int(mesh.read(out).reshape(-1)[row].to(torch.int64)))
-        return tokens
+        return StepOutput(tokens)
+
+    def _admit(self, inp: PrefillInput) -> None:
+        """The per-slot penalty state of a prefill chunk (penalties.py; host mirror only)."""
+        pen = self.model.penalties
+        end = inp.start_pos + len(inp.tokens)
+        if inp.start_pos == len(inp.cached):  # the request's first call
+            pen.begin(inp.slot, inp.sampling)
+            if inp.cached:  # a prefix-cache hit: its tokens are prompt tokens too
+                pen.add_prompt(inp.slot, inp.sampling, list(inp.cached), inp.start_pos)
+        pen.add_prompt(inp.slot, inp.sampling, list(inp.tokens), end)
+        for fork in inp.forks:
+            pen.fork(inp.slot, fork.slot)
+
+    def _select_prefill(self, logits, row: int, users: list[SequenceSampling],
+                        slots: list[int], end: int, allowed) -> StepOutput:
+        """The full selection path (logprobs.select) for `users` in tile rows `slots`, all
+        choosing the token at position `end` from row `row` of the prefill logits tile."""
+        ttnn, mesh, model = self.mesh.ttnn, self.mesh, self.model
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        geo = self.cfg.geo
+        spread = torch.zeros(1, 1, TILE, TILE)
+        spread[..., row] = 1.0  # every row of the product is logits[row]
+        spread_dev = ttnn.from_torch(spread, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT,
+                                     device=mesh.device, memory_config=dram,
+                                     mesh_mapper=mesh.replicate())
+        rows = ttnn.matmul(spread_dev, logits, dtype=ttnn.bfloat16, memory_config=dram,
+                           compute_kernel_config=self.cfg.kernels["hifi4"])  # [1, 1, 32, V_l]
+        for t in (spread_dev, logits):
+            ttnn.deallocate(t)
+        host = host_inputs({s: (u.params, u.seed, end) for s, u in zip(slots, users)})
+        host.update(model.penalties.columns({s: end for s in slots}))
+        host["inv_temp"] = inv_temperatures({s: u.params.temperature
+                                             for s, u in zip(slots, users)})
+        host["token_mask"] = additive_masks(allowed, slots, geo.vocab, geo.vocab_padded)
+        layouts = self.decoder.inputs.layouts
+        inputs = {name: ttnn.from_torch(v, dtype=layouts[name][0], layout=layouts[name][1],
+                                        device=mesh.device, memory_config=dram,
+                                        mesh_mapper=mesh.replicate())
+                  for name, v in host.items()}
+        model.penalties.sync()
+        sel = select(rows, model.sampler, model.penalties, model.logprob_ops, inputs)
+        ttnn.deallocate(rows)
+        drawn = mesh.read(sel.tokens).reshape(-1).to(torch.int64)  # [32]
+        tokens = [int(drawn[s]) for s in slots]
+        wanted = [u.params.logprobs for u in users]
+        logprobs = None
+        if any(k is not None for k in wanted):
+            logprobs = to_host(mesh, sel, slots, tokens, wanted)
+        sel.free(ttnn)
+        for t in inputs.values():
+            ttnn.deallocate(t)
+        return StepOutput(tokens, logprobs)
 
     def copy_pages(self, pairs) -> None:
         """See the contract (Backend.copy_pages)."""
@@ -210,9 +284,16 @@ class TTBackend(Backend):
         self.model.cache.copy_pages(list(pairs))
 
     def decode(self, inp: DecodeInput) -> list[int]:
+        return list(self.decode_step(inp).tokens)
+
+    def decode_step(self, inp: DecodeInput) -> StepOutput:
+        """`decode`, with the logprobs the requests asked for (see the contract)."""
         self._check_call(list(inp.sampling))
-        return self.decoder.step(list(inp.slots), list(inp.tokens), list(inp.positions),
-                                 [list(r) for r in inp.page_table], list(inp.sampling))
+        tokens, logprobs = self.decoder.step(list(inp.slots), list(inp.tokens),
+                                             list(inp.positions),
+                                             [list(r) for r in inp.page_table],
+                                             list(inp.sampling), inp.allowed)
+        return StepOutput(tokens, logprobs)
 
     def step_cost(self) -> Any:
         """Per-chip DRAM bytes and FLOPs of the latest traced decode step (emulator only)."""

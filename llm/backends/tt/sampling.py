@@ -102,9 +102,10 @@ class Sampler:
                                       mesh_mapper=mesh.replicate())
                 for name, v in host.items()}
 
-    def __call__(self, logits, *, k, p, temp, rank_mask, seeds):
-        """logits `[1, 1, 32, V_local]` TILE bf16 (this device's vocabulary slice) -> one drawn
-        token id per row, uint32 `[1, 1, 1, 32]` on every device (trace-safe)."""
+    def gathered(self, logits):
+        """logits `[1, 1, 32, V_local]` TILE (this device's vocabulary slice) -> the whole padded
+        vocabulary `[1, 1, 32, V_pad]` on every device, padded columns at -inf (a new tensor
+        unless the mesh is one device and nothing is padded)."""
         if not self.supported:
             raise ValueError(f"tt backend: sampling needs a padded vocabulary of at most "
                              f"{TOPK_MAX_WIDTH} (one ttnn.topk)")
@@ -116,18 +117,40 @@ class Sampler:
             if full is not logits:
                 ttnn.deallocate(full)
             full = masked
-        values, indices = ttnn.topk(full, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
-                                    memory_config=dram)  # [1, 1, 32, 32] best first
-        if full is not logits:
-            ttnn.deallocate(full)
+        return full
+
+    def draw(self, values, indices, *, k, p, temp, rank_mask, seeds):
+        """The candidates `topk(x, 32)` of whole-vocabulary logits x (values TILE bf16 or fp32,
+        indices uint16 / uint32, best first; not freed) -> one drawn token id per row, uint32
+        `[1, 1, 1, 32]` (trace-safe)."""
+        ttnn = self.mesh.ttnn
+        dram = ttnn.DRAM_MEMORY_CONFIG
         kept = ttnn.add(values, rank_mask, memory_config=dram)  # ranks >= k[row] -> -inf
-        ttnn.deallocate(values)
-        wide = ttnn.typecast(indices, ttnn.uint32, memory_config=dram)
-        ttnn.deallocate(indices)
+        if kept.dtype != ttnn.bfloat16:  # ttnn.sampling takes bf16 values
+            narrow = ttnn.typecast(kept, ttnn.bfloat16, memory_config=dram)
+            ttnn.deallocate(kept)
+            kept = narrow
+        wide = ttnn.typecast(indices, ttnn.uint32, memory_config=dram) \
+            if indices.dtype != ttnn.uint32 else indices
         ids = ttnn.untilize(wide, memory_config=dram)  # uint32 ROW_MAJOR [1, 1, 32, 32]
-        ttnn.deallocate(wide)
+        if wide is not indices:
+            ttnn.deallocate(wide)
         ttnn.manual_seed(seeds, user_ids=self.user_ids, sub_core_grids=self.cores)
         out = ttnn.sampling(kept, ids, k, p, temp, sub_core_grids=self.cores)  # [1, 1, 1, 32]
         ttnn.deallocate(kept)
         ttnn.deallocate(ids)
+        return out
+
+    def __call__(self, logits, *, k, p, temp, rank_mask, seeds):
+        """logits `[1, 1, 32, V_local]` TILE bf16 (this device's vocabulary slice) -> one drawn
+        token id per row, uint32 `[1, 1, 1, 32]` on every device (trace-safe)."""
+        ttnn = self.mesh.ttnn
+        full = self.gathered(logits)
+        values, indices = ttnn.topk(full, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
+                                    memory_config=ttnn.DRAM_MEMORY_CONFIG)  # [1, 1, 32, 32]
+        if full is not logits:
+            ttnn.deallocate(full)
+        out = self.draw(values, indices, k=k, p=p, temp=temp, rank_mask=rank_mask, seeds=seeds)
+        ttnn.deallocate(values)
+        ttnn.deallocate(indices)
         return out
