@@ -254,3 +254,30 @@ def test_token_masks_constrain_tokens_and_logprobs_as_torch(backends) -> None:
                 assert_greedy_as_torch(outs[u][step], want[u][step], u)
             assert_close_logprobs(type(g)(g.token, g.logprob, tuple(finite_g)),
                                   type(w)(w.token, w.logprob, tuple(finite_w)))
+
+
+def test_full_steps_write_nothing_while_the_same_users_continue(backends) -> None:
+    """Penalty counts, seeds, positions and min_left advance inside the traced full step: once
+    the batch is set, a step copies nothing from the host; a new request's admission writes the
+    per-slot buffers it changed, once."""
+    tt, _ = backends
+    users = [([5, 9, 33], SequenceSampling(SamplingParams(frequency_penalty=1.0, min_tokens=3),
+                                           0, (2,))),
+             ([7, 7, 7], SequenceSampling(SamplingParams(temperature=0.9, repetition_penalty=1.3,
+                                                         logprobs=1), 4))]
+    inputs, pen = tt.decoder.inputs, tt.model.penalties
+    writes = []
+    real_step = tt.decoder.step
+
+    def counting_step(*args, **kw):
+        before = (inputs.host_writes, pen.host_writes)
+        out = real_step(*args, **kw)
+        writes.append((inputs.host_writes - before[0], pen.host_writes - before[1]))
+        return out
+
+    tt.decoder.step = counting_step
+    try:
+        run(tt, users)
+    finally:
+        del tt.decoder.step
+    assert writes[0] != (0, 0) and writes[1:] == [(0, 0)] * (STEPS - 1)

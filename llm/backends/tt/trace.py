@@ -144,6 +144,10 @@ class DecodeRunner:
         if sampling is not None:
             out.update(host_inputs({r: (s.params, s.seed, p + 1)
                                     for r, p, s in zip(rows, positions, sampling)}))
+            idle = torch.ones(TILE, dtype=torch.bool)
+            idle[list(rows)] = False
+            # an idle row's seed is never used: keep what the device holds (no write)
+            out["seeds"] = torch.where(idle, host["seeds"], out["seeds"])
         if full:
             geo = self.model.cfg.geo
             out.update(self.model.penalties.columns({r: p + 1 for r, p in zip(rows, positions)},
