@@ -109,7 +109,7 @@ def test_logprobs_and_prompt_logprobs_match_torch(backends) -> None:
              ([2, 4, 6], SequenceSampling(SamplingParams(logprobs=0), 0)),
              ([9, 8], SequenceSampling(SamplingParams(temperature=1.0, seed=5), 5))]
     seqs, outs = run(tt, users)
-    assert "full" in tt.decoder.traces  # the traced full path served the decode steps
+    assert tt.decoder.mode == "logprobs" and "logprobs" in tt.decoder.traces  # traced
     _, want = run(ref, users, forced=seqs)
     got_prompt, want_prompt = outs[0][0].prompt_logprobs, want[0][0].prompt_logprobs
     assert [p.token for p in got_prompt] == prompt[1:]
@@ -170,6 +170,7 @@ def test_penalties_change_greedy_tokens_as_torch(backends, name: str) -> None:
     users = [(p, SequenceSampling(params, 0, (2,))) for p in prompts[:3]]
     users.append((prompts[3], SequenceSampling(SamplingParams(), 0)))
     seqs, outs = run(tt, users)
+    assert tt.decoder.mode == "penalties" and "penalties" in tt.decoder.traces
     plain, _ = run(tt, [(p, SequenceSampling(SamplingParams(), 0)) for p in prompts])
     assert plain[3] == seqs[3]  # the unpenalized user beside them
     assert any(seqs[u] != plain[u] for u in range(3))
@@ -257,7 +258,7 @@ def test_token_masks_constrain_tokens_and_logprobs_as_torch(backends) -> None:
 
 
 def test_full_steps_write_nothing_while_the_same_users_continue(backends) -> None:
-    """Penalty counts, seeds, positions and min_left advance inside the traced full step: once
+    """Penalty counts, seeds, positions and min_left advance inside the traced step: once
     the batch is set, a step copies nothing from the host; a new request's admission writes the
     per-slot buffers it changed, once."""
     tt, _ = backends

@@ -48,6 +48,33 @@ class Selected:
         for t in (self.tokens, self.logprob, self.top_values, self.top_ids):
             ttnn.deallocate(t)
 
+    @classmethod
+    def allocate(cls, mesh: Mesh) -> Selected:
+        """Persistent device buffers of one step's choices, for `copy_into` (a trace's outputs
+        must not be allocated after another trace was captured: that trace may overwrite them).
+        """
+        ttnn = mesh.ttnn
+
+        def zeros(shape, dtype, layout):
+            return ttnn.from_torch(torch.zeros(shape, dtype=torch.int64 if dtype in (
+                ttnn.uint32,) else torch.float32), dtype=dtype, layout=layout,
+                device=mesh.device, memory_config=ttnn.DRAM_MEMORY_CONFIG,
+                mesh_mapper=mesh.replicate())
+        tile, rm = ttnn.TILE_LAYOUT, ttnn.ROW_MAJOR_LAYOUT
+        return cls(zeros((1, 1, 1, TILE), ttnn.uint32, rm),
+                   zeros((1, 1, TILE, 1), ttnn.float32, tile),
+                   zeros((1, 1, TILE, MAX_TOP_K), ttnn.float32, tile),
+                   zeros((1, 1, TILE, MAX_TOP_K), ttnn.uint32, tile))
+
+    def copy_into(self, ttnn, out: Selected) -> Selected:
+        """Copy these tensors into the buffers of `out` and free them (trace-safe); -> out."""
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        for src, dst in ((self.tokens, out.tokens), (self.logprob, out.logprob),
+                         (self.top_values, out.top_values), (self.top_ids, out.top_ids)):
+            ttnn.to_memory_config(src, dram, output_tensor=dst)
+            ttnn.deallocate(src)
+        return out
+
 
 class LogprobsOps:
     """The device constants the log probabilities need (ones for the row sums)."""
@@ -106,14 +133,16 @@ def id_column(ttnn, ids):
 
 
 def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
-           inputs: Mapping, fed=None) -> Selected:
+           inputs: Mapping, fed=None, penalize: bool = True) -> Selected:
     """The full selection path of the 32 rows (see module): logits `[1, 1, 32, V_local]` TILE
-    bf16; inputs: the sampler's (SAMPLING_INPUTS), the penalty columns (penalties.COLUMNS) and
-    FULL_INPUTS as device tensors; fed: the tokens the rows fed this step (uint32 `[1, 1, 1, 32]`,
-    counted first; None in prefill). Trace-safe; advances the seeds and min_left."""
+    bf16; inputs: the sampler's (SAMPLING_INPUTS), FULL_INPUTS and, with `penalize`, the penalty
+    columns (penalties.COLUMNS) as device tensors; fed: the tokens the rows fed this step (uint32
+    `[1, 1, 1, 32]`, counted first; None in prefill). Without `penalize` (no row of the batch
+    penalizes) the penalties' passes over the logits are left out. Trace-safe; advances min_left
+    (with `penalize`)."""
     ttnn = sampler.mesh.ttnn
     dram = ttnn.DRAM_MEMORY_CONFIG
-    if fed is not None:
+    if fed is not None and penalize:
         fed_col = id_column(ttnn, fed)
         penalties.count(fed_col)
         ttnn.deallocate(fed_col)
@@ -123,8 +152,10 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
         ttnn.deallocate(full)
     masked = ttnn.add(wide, inputs["token_mask"], memory_config=dram)  # structured output
     ttnn.deallocate(wide)
-    x = penalties.apply(masked, inputs)  # fp32 [1, 1, 32, V_pad]
-    ttnn.deallocate(masked)
+    x = masked
+    if penalize:
+        x = penalties.apply(masked, inputs)  # fp32 [1, 1, 32, V_pad]
+        ttnn.deallocate(masked)
     values, ids = ttnn.topk(x, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
                             memory_config=dram)  # fp32, uint32 [1, 1, 32, 32]
     tokens = sampler.draw(values, ids, **{k: inputs[k] for k in

@@ -15,7 +15,7 @@ from llm.backends.tt.attention import Attention
 from llm.backends.tt.embedding import Embedding
 from llm.backends.tt.kv_cache import PagedKVCache
 from llm.backends.tt.lm_head import LMHead
-from llm.backends.tt.logprobs import LogprobsOps, select
+from llm.backends.tt.logprobs import LogprobsOps, Selected, select
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.mlp import MLP
 from llm.backends.tt.norm import DistributedNorm
@@ -142,7 +142,8 @@ class Transformer:
 
     # ------------------------------------------------------------------------------ decode
     def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens,
-               sampling: dict | None = None, features: bool = False):
+               sampling: dict | None = None, features: str | None = None,
+               selected: Selected | None = None):
         """One decode step for the B user rows, all on device tensors (trace-safe).
 
         tokens uint32 `[1, 1, 1, 32]` (users in the first B), rot_idxs uint32 `[1, 32]`,
@@ -151,10 +152,12 @@ class Transformer:
         `[1, 1, 32]` and feeds them back into tokens, then advances cur_pos (idle rows stay -1)
         and rot_idxs by one: the next step needs no host write when every user continues. The
         tokens are the argmax (greedy fast path) unless `sampling` gives the Sampler's device
-        inputs (k, p, temp, rank_mask, seeds), whose seeds then advance by one too. With `features`,
-        `sampling` also holds the penalty columns and logprobs.FULL_INPUTS, the tokens come from
-        logprobs.select (the fed tokens counted, masks and penalties applied) and the return
-        value is its Selected (else the logits)."""
+        inputs (k, p, temp, rank_mask, seeds), whose seeds then advance by one too. With `features`
+        ("logprobs", or "penalties" where some row penalizes) `sampling` also holds
+        logprobs.FULL_INPUTS (and for "penalties" the penalty columns), the tokens come from
+        logprobs.select (masks applied; for "penalties" the fed tokens counted and the penalties
+        applied), copied into the persistent buffers `selected`, which are returned (else the
+        logits)."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, dim = self.cfg.geo.batch, self.cfg.geo.dim
@@ -177,9 +180,10 @@ class Transformer:
             self.lm_head.argmax(rows, output_tensor=next_tokens)
         else:
             if features:
-                out = select(rows, self.sampler, self.penalties, self.logprob_ops, sampling,
-                             fed=tokens)
-                drawn = out.tokens  # [1, 1, 1, 32], kept as the trace's output
+                sel = select(rows, self.sampler, self.penalties, self.logprob_ops, sampling,
+                             fed=tokens, penalize=features == "penalties")
+                out = sel.copy_into(ttnn, selected)
+                drawn = out.tokens  # [1, 1, 1, 32], a persistent output
             else:
                 drawn = self.sampler(rows, **sampling)  # [1, 1, 1, 32]
             ttnn.to_memory_config(ttnn.reshape(drawn, (1, 1, TILE)), dram,

@@ -142,10 +142,11 @@ class SlotPenalties:
 
     # ------------------------------------------------------------------ device
     def one_hot(self, ids_col):
-        """ids_col fp32 `[1, 1, 32, 1]` -> fp32 `[1, 1, 32, V_pad]`, 1.0 at each row's id."""
+        """ids_col fp32 `[1, 1, 32, 1]` -> bf16 `[1, 1, 32, V_pad]`, 1.0 at each row's id (0 / 1
+        are exact in bf16, half the bytes of fp32)."""
         ttnn = self.mesh.ttnn
         return ttnn.subtract(self.iota, ids_col, activations=[ttnn.UnaryOpType.EQZ],
-                             memory_config=ttnn.DRAM_MEMORY_CONFIG)
+                             dtype=ttnn.bfloat16, memory_config=ttnn.DRAM_MEMORY_CONFIG)
 
     def count(self, fed_col) -> None:
         """Add the one-hot rows of the fed tokens fed_col fp32 `[1, 1, 32, 1]` into `counts`
@@ -170,10 +171,11 @@ class SlotPenalties:
             return t
 
         x = keep(ttnn.add(x, d["bias"], memory_config=dram))
-        early = keep(ttnn.multiply(d["stop"], cols["min_left"], dtype=ttnn.float32,
+        early = keep(ttnn.multiply(d["stop"], cols["min_left"], dtype=ttnn.bfloat16,
                                    input_tensor_b_activations=[u.GTZ], memory_config=dram))
         x = keep(ttnn.add(x, early, memory_config=dram))
-        hit = keep(ttnn.add(d["counts"], d["prompt"], activations=[u.GTZ], memory_config=dram))
+        hit = keep(ttnn.add(d["counts"], d["prompt"], activations=[u.GTZ], dtype=ttnn.bfloat16,
+                            memory_config=dram))  # 0 / 1
         up = keep(ttnn.multiply(x, cols["inv_repetition"], input_tensor_a_activations=[u.RELU],
                                 memory_config=dram))  # x / rep where x > 0
         down = keep(ttnn.multiply(x, cols["repetition"], input_tensor_a_activations=[u.NEG, u.RELU],

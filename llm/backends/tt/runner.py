@@ -254,8 +254,10 @@ class TTBackend(Backend):
                            compute_kernel_config=self.cfg.kernels["hifi4"])  # [1, 1, 32, V_l]
         for t in (spread_dev, logits):
             ttnn.deallocate(t)
+        penalize = any(u.params.penalized for u in users)
         host = host_inputs({s: (u.params, u.seed, end) for s, u in zip(slots, users)})
-        host.update(model.penalties.columns({s: end for s in slots}))
+        if penalize:
+            host.update(model.penalties.columns({s: end for s in slots}))
         host["inv_temp"] = inv_temperatures({s: u.params.temperature
                                              for s, u in zip(slots, users)})
         host["token_mask"] = additive_masks(allowed, slots, geo.vocab, geo.vocab_padded)
@@ -264,8 +266,10 @@ class TTBackend(Backend):
                                         device=mesh.device, memory_config=dram,
                                         mesh_mapper=mesh.replicate())
                   for name, v in host.items()}
-        model.penalties.sync()
-        sel = select(rows, model.sampler, model.penalties, model.logprob_ops, inputs)
+        if penalize:
+            model.penalties.sync()
+        sel = select(rows, model.sampler, model.penalties, model.logprob_ops, inputs,
+                     penalize=penalize)
         ttnn.deallocate(rows)
         drawn = mesh.read(sel.tokens).reshape(-1).to(torch.int64)  # [32]
         tokens = [int(drawn[s]) for s in slots]

@@ -28,8 +28,8 @@ from llm.engine.contract.structured import TokenMasks
 class DecodeInputs:
     """The persistent decode input/output tensors on the device and their host mirrors: the
     graph inputs (tokens, rot_idxs, cur_pos, page_table), the sampling inputs (sampling.py;
-    written only for steps that sample) and the full path's (penalties.COLUMNS and
-    logprobs.FULL_INPUTS: written only for its steps). width: the padded vocabulary."""
+    written only for steps that sample) and the full path's (logprobs.FULL_INPUTS and
+    penalties.COLUMNS: written only for its steps). width: the padded vocabulary."""
 
     def __init__(self, mesh: Mesh, batch: int, blocks_per_seq: int, width: int) -> None:
         ttnn = mesh.ttnn
@@ -61,12 +61,14 @@ class DecodeInputs:
                                            device=mesh.device,
                                            memory_config=ttnn.DRAM_MEMORY_CONFIG,
                                            mesh_mapper=mesh.replicate())
+        self.selected = Selected.allocate(mesh)  # the full path's outputs (logprobs.select)
         self.host_writes = 0  # copy_host_to_device_tensor calls so far
 
-    def sampling(self, full: bool = False) -> dict:
-        """The sampling inputs on the device (with `full` the full path's too), by the names
-        Transformer.decode takes."""
-        names = SAMPLING_INPUTS + (COLUMNS + FULL_INPUTS if full else ())
+    def sampling(self, features: str | None = None) -> dict:
+        """The sampling inputs on the device (with `features` the full path's too: "logprobs"
+        or "penalties"), by the names Transformer.decode takes."""
+        names = SAMPLING_INPUTS + (FULL_INPUTS if features else ()) + (
+            COLUMNS if features == "penalties" else ())
         return {name: self.dev[name] for name in names}
 
     def write(self, wanted: dict[str, torch.Tensor], force: bool = False) -> None:
@@ -83,11 +85,11 @@ class DecodeInputs:
             self.host_writes += 1
 
     def advance(self, next_tokens: torch.Tensor, sampled: bool = False,
-                full: bool = False) -> None:
+                penalized: bool = False) -> None:
         """Mirror what the decode graph did on the device: tokens fed back, positions + 1 (and
-        the seeds + 1 after a sampling step, min_left - 1 after a full one)."""
+        the seeds + 1 after a sampling step, min_left - 1 after a penalizing one)."""
         self.host["tokens"] = next_tokens.reshape(1, 1, 1, TILE).clone()
-        if full:
+        if penalized:
             self.host["min_left"] = self.host["min_left"] - 1
         pos = self.host["cur_pos"]
         self.host["cur_pos"] = torch.where(pos >= 0, pos + 1, pos)
@@ -98,9 +100,10 @@ class DecodeInputs:
 
 class DecodeRunner:
     """Runs decode steps of `model`, traced (default) or eagerly: one trace per mode, "greedy"
-    (the argmax fast path, when no row samples), "sample" (any mix of sampling and greedy rows)
-    and "full" (some row uses logprobs, penalties, logit_bias, min_tokens or structured output:
-    logprobs.select), each captured the first time a step needs it."""
+    (the argmax fast path, when no row samples), "sample" (any mix of sampling and greedy rows),
+    "logprobs" (some row asks for logprobs or has token masks: logprobs.select) and "penalties"
+    (that path with the penalties, where some row uses penalties, logit_bias or min_tokens), each
+    captured the first time a step needs it."""
 
     def __init__(self, model: Transformer, traced: bool = True) -> None:
         self.model = model
@@ -112,7 +115,6 @@ class DecodeRunner:
         self.inputs = DecodeInputs(model.mesh, geo.batch, model.cache.blocks_per_seq,
                                    geo.vocab_padded)
         self.traces: dict[str, int] = {}  # mode -> trace id
-        self.outputs: dict[str, Selected] = {}  # mode -> the captured trace's outputs
         self.mode = "greedy"  # of the latest step
         self.steps = 0
 
@@ -124,11 +126,13 @@ class DecodeRunner:
     def wanted(self, rows: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
                page_rows: Sequence[Sequence[int]],
                sampling: Sequence[SequenceSampling] | None = None,
-               full: bool = False, allowed: TokenMasks | None = None) -> dict[str, torch.Tensor]:
+               features: str | None = None,
+               allowed: TokenMasks | None = None) -> dict[str, torch.Tensor]:
         """The decode inputs for these user rows (other rows idle, position -1), as host
         tensors to pass to `DecodeInputs.write`; with `sampling` (one per row) the sampling
         inputs too (a row's draw is keyed by the position of the token it draws, position + 1),
-        with `full` the full path's (penalty columns, 1/T, the additive token masks)."""
+        with `features` the full path's (1/T, the additive token masks; for "penalties" the
+        penalty columns)."""
         host = self.inputs.host
         tok = host["tokens"].clone()
         # idle rows keep counting up on the device; restart them before they leave the table
@@ -148,23 +152,25 @@ class DecodeRunner:
             idle[list(rows)] = False
             # an idle row's seed is never used: keep what the device holds (no write)
             out["seeds"] = torch.where(idle, host["seeds"], out["seeds"])
-        if full:
-            geo = self.model.cfg.geo
+        if features == "penalties":
             out.update(self.model.penalties.columns({r: p + 1 for r, p in zip(rows, positions)},
                                                     previous=host))
+        if features:
+            geo = self.model.cfg.geo
             out["inv_temp"] = inv_temperatures({r: s.params.temperature
                                                 for r, s in zip(rows, sampling)})
             out["token_mask"] = additive_masks(allowed, list(rows), geo.vocab, geo.vocab_padded)
         return out
 
-    def run_graph(self, sample: bool = False, full: bool = False):
+    def run_graph(self, sample: bool = False, features: str | None = None):
         """Run (or, inside a capture, record) the decode graph on the persistent inputs;
-        returns the full path's Selected (else the logits)."""
+        returns the full path's Selected (the persistent DecodeInputs.selected; else the
+        logits)."""
         d = self.inputs.dev
         return self.model.decode(d["tokens"], d["rot_idxs"], d["cur_pos"], d["page_table"],
                                  self.inputs.next_tokens,
-                                 sampling=self.inputs.sampling(full) if sample else None,
-                                 features=full)
+                                 sampling=self.inputs.sampling(features) if sample else None,
+                                 features=features, selected=self.inputs.selected)
 
     def step(self, rows: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
              page_rows: Sequence[Sequence[int]],
@@ -179,51 +185,48 @@ class DecodeRunner:
         if full and self.model.penalties is None:
             raise ValueError("tt backend: logprobs, penalties and structured output need a "
                              "padded vocabulary of at most 65536 (one ttnn.topk)")
+        penalize = full and any(s.params.penalized for s in sampling)
+        features = "penalties" if penalize else "logprobs" if full else None
         sample = full or (sampling is not None and any(not s.params.greedy for s in sampling))
-        self.mode = "full" if full else "sample" if sample else "greedy"
+        self.mode = features or ("sample" if sample else "greedy")
         wanted = self.wanted(rows, tokens, positions, page_rows,
-                             sampling if sample else None, full, allowed)
+                             sampling if sample else None, features, allowed)
         self.inputs.write(wanted)
         penalties = self.model.penalties
-        if full:
+        if penalize:
             penalties.sync()
         fed = self.inputs.host["tokens"].reshape(-1)  # what the rows feed this step
         if self.traced and self.mode not in self.traces:
-            first = self.run_graph(sample, full)  # compile run, undone by the rewrites below
-            if full:
-                first.free(ttnn)
-            self._restore(wanted, full)
+            self.run_graph(sample, features)  # compile run, undone by the rewrites below
+            self._restore(wanted, penalize)
             tid = ttnn.begin_trace_capture(dev, cq_id=0)
-            captured = self.run_graph(sample, full)
+            self.run_graph(sample, features)
             ttnn.end_trace_capture(dev, tid, cq_id=0)
             self.traces[self.mode] = tid
-            if full:
-                self.outputs[self.mode] = captured
-            self._restore(wanted, full)  # capture may have executed (emulator)
+            self._restore(wanted, penalize)  # capture may have executed (emulator)
         if self.traced:
             ttnn.execute_trace(dev, self.traces[self.mode], cq_id=0, blocking=False)
-            sel = self.outputs.get(self.mode)
         else:
-            sel = self.run_graph(sample, full)
+            self.run_graph(sample, features)
         out = self.mesh.read(self.inputs.next_tokens).reshape(-1).to(torch.int64)  # [32]
         next_tokens = [int(out[r]) for r in rows]
         logprobs = None
         if full:
-            penalties.count_mirror(fed)
+            if penalize:
+                penalties.count_mirror(fed)
             wanted_k = [s.params.logprobs for s in sampling]
             if any(k is not None for k in wanted_k):
-                logprobs = to_host(self.mesh, sel, rows, next_tokens, wanted_k)
-            if not self.traced:
-                sel.free(ttnn)
-        self.inputs.advance(out, sample, full)
+                logprobs = to_host(self.mesh, self.inputs.selected, rows, next_tokens,
+                                   wanted_k)
+        self.inputs.advance(out, sample, penalize)
         self.steps += 1
         return next_tokens, logprobs
 
-    def _restore(self, wanted: dict[str, torch.Tensor], full: bool) -> None:
+    def _restore(self, wanted: dict[str, torch.Tensor], penalize: bool) -> None:
         """Rewrite what a compile run or a capture changed on the device: the inputs, and the
-        token counts of the full path."""
+        token counts of the penalties path."""
         self.inputs.write(wanted, force=True)
-        if full:
+        if penalize:
             self.model.penalties.sync(force=True)
 
     def release(self) -> None:
@@ -231,6 +234,3 @@ class DecodeRunner:
         for tid in self.traces.values():
             self.mesh.ttnn.release_trace(self.mesh.device, tid)
         self.traces = {}
-        for sel in self.outputs.values():
-            sel.free(self.mesh.ttnn)
-        self.outputs = {}
