@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hf_reference import hf_model, state_dict
-from tt_helpers import TT_CONFIGS
+from tt_helpers import MESH_CONFIG, TT_CONFIGS
 
 from llm.backends.torch.runner import TorchBackend
 from llm.backends.tt.runner import TTBackend
@@ -282,3 +282,25 @@ def test_full_steps_write_nothing_while_the_same_users_continue(backends) -> Non
     finally:
         del tt.decoder.step
     assert writes[0] != (0, 0) and writes[1:] == [(0, 0)] * (STEPS - 1)
+
+
+def test_a_1x2_mesh_gives_one_device_s_logprobs_and_penalized_tokens() -> None:
+    """The full path on a mesh (logits all-gathered, the per-slot buffers replicated): teacher-
+    forced with one device's tokens, the same logprobs (within bf16) and greedy choices."""
+    config = MESH_CONFIG
+    ck = Checkpoint(config, state_dict(hf_model(config)), source=None)
+    rt = RuntimeConfig(max_batch=2, max_seq_len=96, block_size=32)
+    users = [([5, 9, 5, 9, 33], SequenceSampling(SamplingParams(
+                 logprobs=4, repetition_penalty=2.0, frequency_penalty=0.5), 0)),
+             ([7, 1, 7], SequenceSampling(SamplingParams(temperature=0.8, logprobs=2), 6))]
+    one = TTBackend(ck, rt, implementation="emulator")
+    seqs, outs = run(one, users)
+    one.close()
+    two = TTBackend(ck, rt, mesh="1x2", implementation="emulator")
+    _, want = run(two, users, forced=seqs)
+    two.close()
+    for u in range(2):
+        for step in range(STEPS + 1):
+            assert_close_logprobs(_lp(outs[u][step], u), _lp(want[u][step], u))
+            if u == 0:
+                assert_greedy_as_torch(outs[u][step], want[u][step], u)
