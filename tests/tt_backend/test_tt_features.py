@@ -109,7 +109,7 @@ def test_logprobs_and_prompt_logprobs_match_torch(backends) -> None:
              ([2, 4, 6], SequenceSampling(SamplingParams(logprobs=0), 0)),
              ([9, 8], SequenceSampling(SamplingParams(temperature=1.0, seed=5), 5))]
     seqs, outs = run(tt, users)
-    assert tt.decoder.mode == "logprobs" and "logprobs" in tt.decoder.traces  # traced
+    assert tt.decoder.mode == "logprobs+exact" and "logprobs+exact" in tt.decoder.traces
     _, want = run(ref, users, forced=seqs)
     got_prompt, want_prompt = outs[0][0].prompt_logprobs, want[0][0].prompt_logprobs
     assert [p.token for p in got_prompt] == prompt[1:]

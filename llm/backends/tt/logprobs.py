@@ -22,14 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from llm.backends.tt.inverse_cdf import InverseCdf
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.penalties import SlotPenalties
-from llm.backends.tt.sampling import MAX_TOP_K, Sampler
+from llm.backends.tt.sampling import MAX_TOP_K, Sampler, id_column
 from llm.backends.tt.token_masks import MASKED
 from llm.engine.contract.outputs import TokenLogprobs
 
-FULL_INPUTS = ("token_mask", "inv_temp")  # select's per-step device inputs besides the columns
+FULL_INPUTS = ("token_mask",)  # select's per-step device inputs besides sampling and columns
 
 
 @dataclass(frozen=True)
@@ -121,25 +122,16 @@ class LogprobsOps:
         return chosen, top, top_ids
 
 
-def id_column(ttnn, ids):
-    """uint32 ROW_MAJOR `[1, 1, 1, 32]` token ids -> fp32 `[1, 1, 32, 1]` TILE."""
-    dram = ttnn.DRAM_MEMORY_CONFIG
-    tiled = ttnn.to_layout(ids, ttnn.TILE_LAYOUT, memory_config=dram)
-    row = ttnn.typecast(tiled, ttnn.float32, memory_config=dram)
-    ttnn.deallocate(tiled)
-    col = ttnn.transpose(row, 2, 3, memory_config=dram)
-    ttnn.deallocate(row)
-    return col
-
-
 def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
-           inputs: Mapping, fed=None, penalize: bool = True) -> Selected:
+           inputs: Mapping, fed=None, penalize: bool = True,
+           cdf: InverseCdf | None = None) -> Selected:
     """The full selection path of the 32 rows (see module): logits `[1, 1, 32, V_local]` TILE
     bf16; inputs: the sampler's (SAMPLING_INPUTS), FULL_INPUTS and, with `penalize`, the penalty
     columns (penalties.COLUMNS) as device tensors; fed: the tokens the rows fed this step (uint32
     `[1, 1, 1, 32]`, counted first; None in prefill). Without `penalize` (no row of the batch
-    penalizes) the penalties' passes over the logits are left out. Trace-safe; advances min_left
-    (with `penalize`)."""
+    penalizes) the penalties' passes over the logits are left out; with `cdf` the rows marked
+    exact draw from the whole vocabulary (Sampler.whole_vocabulary). Trace-safe; advances
+    min_left (with `penalize`)."""
     ttnn = sampler.mesh.ttnn
     dram = ttnn.DRAM_MEMORY_CONFIG
     if fed is not None and penalize:
@@ -164,6 +156,10 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
     ttnn.deallocate(x)
     top_z = ttnn.multiply(values, inputs["inv_temp"], memory_config=dram)
     ttnn.deallocate(values)
+    if cdf is not None:
+        m = ttnn.slice(top_z, (0, 0, 0, 0), (1, 1, TILE, 1), memory_config=dram)
+        tokens = sampler.whole_vocabulary(tokens, z, m, inputs["exact"], cdf)
+        ttnn.deallocate(m)
     col = id_column(ttnn, tokens)
     hot = penalties.one_hot(col)
     ttnn.deallocate(col)
@@ -171,14 +167,6 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
     for t in (z, top_z, hot):
         ttnn.deallocate(t)
     return Selected(tokens, chosen, top, top_ids)
-
-
-def inv_temperatures(rows: Mapping[int, float]) -> torch.Tensor:
-    """1/T of each row (1 for greedy and idle rows) as fp32 `[1, 1, 32, 1]`; rows: row -> T."""
-    out = torch.ones(1, 1, TILE, 1)
-    for r, t in rows.items():
-        out[0, 0, r] = 1.0 / t if t > 0 else 1.0
-    return out
 
 
 def _finite(v: float) -> float:

@@ -13,6 +13,7 @@ import torch
 
 from llm.backends.tt.attention import Attention
 from llm.backends.tt.embedding import Embedding
+from llm.backends.tt.inverse_cdf import InverseCdf
 from llm.backends.tt.kv_cache import PagedKVCache
 from llm.backends.tt.lm_head import LMHead
 from llm.backends.tt.logprobs import LogprobsOps, Selected, select
@@ -109,10 +110,13 @@ class Transformer:
         self.lm_head = LMHead(mesh, weights, cfg, _scaled(head, 1.0 / config.logits_scaling))
         self.cache = PagedKVCache(mesh, cfg, runtime, config.num_layers)
         self.sampler = Sampler(mesh, cfg)
-        self.penalties = self.logprob_ops = None  # the full selection path (logprobs.select)
+        # the full selection path (logprobs.select) and the whole-vocabulary draw
+        self.penalties = self.logprob_ops = self.inverse_cdf = None
         if self.sampler.supported:
-            self.penalties = SlotPenalties(mesh, cfg.geo.vocab_padded)
-            self.logprob_ops = LogprobsOps(mesh, cfg, cfg.geo.vocab_padded)
+            width = cfg.geo.vocab_padded
+            self.penalties = SlotPenalties(mesh, width)
+            self.logprob_ops = LogprobsOps(mesh, cfg, width)
+            self.inverse_cdf = InverseCdf(mesh, cfg, width, self.logprob_ops.ones)
         weights.save_manifest()
 
     # ------------------------------------------------------------------------------ prefill
@@ -143,7 +147,7 @@ class Transformer:
     # ------------------------------------------------------------------------------ decode
     def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens,
                sampling: dict | None = None, features: str | None = None,
-               selected: Selected | None = None):
+               selected: Selected | None = None, exact: bool = False):
         """One decode step for the B user rows, all on device tensors (trace-safe).
 
         tokens uint32 `[1, 1, 1, 32]` (users in the first B), rot_idxs uint32 `[1, 32]`,
@@ -157,7 +161,7 @@ class Transformer:
         logprobs.FULL_INPUTS (and for "penalties" the penalty columns), the tokens come from
         logprobs.select (masks applied; for "penalties" the fed tokens counted and the penalties
         applied), copied into the persistent buffers `selected`, which are returned (else the
-        logits)."""
+        logits). exact: the rows marked so draw from the whole vocabulary (inverse_cdf.py)."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, dim = self.cfg.geo.batch, self.cfg.geo.dim
@@ -181,11 +185,13 @@ class Transformer:
         else:
             if features:
                 sel = select(rows, self.sampler, self.penalties, self.logprob_ops, sampling,
-                             fed=tokens, penalize=features == "penalties")
+                             fed=tokens, penalize=features == "penalties",
+                             cdf=self.inverse_cdf if exact else None)
                 out = sel.copy_into(ttnn, selected)
                 drawn = out.tokens  # [1, 1, 1, 32], a persistent output
             else:
-                drawn = self.sampler(rows, **sampling)  # [1, 1, 1, 32]
+                drawn = self.sampler(rows, **sampling,
+                                     cdf=self.inverse_cdf if exact else None)  # [1, 1, 1, 32]
             ttnn.to_memory_config(ttnn.reshape(drawn, (1, 1, TILE)), dram,
                                   output_tensor=next_tokens)
             if not features:

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from llm.backends.tt.device import open_mesh
-from llm.backends.tt.logprobs import inv_temperatures, prompt_logprobs, select, to_host
+from llm.backends.tt.logprobs import prompt_logprobs, select, to_host
 from llm.backends.tt.mesh import TILE
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.penalties import full_path
 from llm.backends.tt.precision import POLICIES, default_overrides, precision
-from llm.backends.tt.sampling import host_inputs
+from llm.backends.tt.sampling import host_inputs, whole_vocabulary
 from llm.backends.tt.token_masks import additive_masks
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
@@ -221,8 +221,9 @@ class TTBackend(Backend):
             if user.params.greedy:
                 out = model.lm_head.argmax(logits)  # uint32 [1, 1, 32]
             else:
+                cdf = model.inverse_cdf if whole_vocabulary(user.params) else None
                 out = model.sampler(logits, **model.sampler.put(host_inputs(
-                    {row: (user.params, user.seed, start + n)})))  # uint32 [1, 1, 1, 32]
+                    {row: (user.params, user.seed, start + n)})), cdf=cdf)  # [1, 1, 1, 32]
             tokens.append(int(mesh.read(out).reshape(-1)[row].to(torch.int64)))
         return StepOutput(tokens)
 
@@ -258,8 +259,6 @@ class TTBackend(Backend):
         host = host_inputs({s: (u.params, u.seed, end) for s, u in zip(slots, users)})
         if penalize:
             host.update(model.penalties.columns({s: end for s in slots}))
-        host["inv_temp"] = inv_temperatures({s: u.params.temperature
-                                             for s, u in zip(slots, users)})
         host["token_mask"] = additive_masks(allowed, slots, geo.vocab, geo.vocab_padded)
         layouts = self.decoder.inputs.layouts
         inputs = {name: ttnn.from_torch(v, dtype=layouts[name][0], layout=layouts[name][1],
@@ -268,8 +267,9 @@ class TTBackend(Backend):
                   for name, v in host.items()}
         if penalize:
             model.penalties.sync()
+        exact = any(whole_vocabulary(u.params) for u in users)
         sel = select(rows, model.sampler, model.penalties, model.logprob_ops, inputs,
-                     penalize=penalize)
+                     penalize=penalize, cdf=model.inverse_cdf if exact else None)
         ttnn.deallocate(rows)
         drawn = mesh.read(sel.tokens).reshape(-1).to(torch.int64)  # [32]
         tokens = [int(drawn[s]) for s in slots]

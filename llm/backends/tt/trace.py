@@ -14,11 +14,16 @@ from collections.abc import Sequence
 
 import torch
 
-from llm.backends.tt.logprobs import FULL_INPUTS, Selected, inv_temperatures, to_host
+from llm.backends.tt.logprobs import FULL_INPUTS, Selected, to_host
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.penalties import COLUMNS, full_path, neutral_columns
-from llm.backends.tt.sampling import SAMPLING_INPUTS, device_layouts, host_inputs
+from llm.backends.tt.sampling import (
+    SAMPLING_INPUTS,
+    device_layouts,
+    host_inputs,
+    whole_vocabulary,
+)
 from llm.backends.tt.token_masks import additive_masks
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import TokenLogprobs
@@ -43,14 +48,13 @@ class DecodeInputs:
             **host_inputs({}),
             **neutral_columns(),
             "token_mask": torch.zeros(1, 1, TILE, width),
-            "inv_temp": inv_temperatures({}),
         }
         tile = ttnn.TILE_LAYOUT
         self.layouts = {"tokens": (ttnn.uint32, rm), "rot_idxs": (ttnn.uint32, rm),
                         "cur_pos": (ttnn.int32, rm), "page_table": (ttnn.int32, rm),
                         **device_layouts(ttnn),
                         **{name: (ttnn.float32, tile) for name in COLUMNS},
-                        "token_mask": (ttnn.bfloat16, tile), "inv_temp": (ttnn.float32, tile)}
+                        "token_mask": (ttnn.bfloat16, tile)}
         self.dev = {name: ttnn.from_torch(v, dtype=self.layouts[name][0],
                                           layout=self.layouts[name][1], device=mesh.device,
                                           memory_config=ttnn.DRAM_MEMORY_CONFIG,
@@ -103,7 +107,8 @@ class DecodeRunner:
     (the argmax fast path, when no row samples), "sample" (any mix of sampling and greedy rows),
     "logprobs" (some row asks for logprobs or has token masks: logprobs.select) and "penalties"
     (that path with the penalties, where some row uses penalties, logit_bias or min_tokens), each
-    captured the first time a step needs it."""
+    with "+exact" where some row samples without top-k / top-p (inverse_cdf.py), each captured the
+    first time a step needs it."""
 
     def __init__(self, model: Transformer, traced: bool = True) -> None:
         self.model = model
@@ -157,20 +162,20 @@ class DecodeRunner:
                                                     previous=host))
         if features:
             geo = self.model.cfg.geo
-            out["inv_temp"] = inv_temperatures({r: s.params.temperature
-                                                for r, s in zip(rows, sampling)})
             out["token_mask"] = additive_masks(allowed, list(rows), geo.vocab, geo.vocab_padded)
         return out
 
-    def run_graph(self, sample: bool = False, features: str | None = None):
+    def run_graph(self, sample: bool = False, features: str | None = None,
+                  exact: bool = False):
         """Run (or, inside a capture, record) the decode graph on the persistent inputs;
         returns the full path's Selected (the persistent DecodeInputs.selected; else the
-        logits)."""
+        logits). exact: with the whole-vocabulary draw (inverse_cdf.py)."""
         d = self.inputs.dev
         return self.model.decode(d["tokens"], d["rot_idxs"], d["cur_pos"], d["page_table"],
                                  self.inputs.next_tokens,
                                  sampling=self.inputs.sampling(features) if sample else None,
-                                 features=features, selected=self.inputs.selected)
+                                 features=features, selected=self.inputs.selected,
+                                 exact=exact)
 
     def step(self, rows: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
              page_rows: Sequence[Sequence[int]],
@@ -188,7 +193,8 @@ class DecodeRunner:
         penalize = full and any(s.params.penalized for s in sampling)
         features = "penalties" if penalize else "logprobs" if full else None
         sample = full or (sampling is not None and any(not s.params.greedy for s in sampling))
-        self.mode = features or ("sample" if sample else "greedy")
+        exact = sample and any(whole_vocabulary(s.params) for s in sampling)
+        self.mode = (features or ("sample" if sample else "greedy")) + ("+exact" if exact else "")
         wanted = self.wanted(rows, tokens, positions, page_rows,
                              sampling if sample else None, features, allowed)
         self.inputs.write(wanted)
@@ -197,17 +203,17 @@ class DecodeRunner:
             penalties.sync()
         fed = self.inputs.host["tokens"].reshape(-1)  # what the rows feed this step
         if self.traced and self.mode not in self.traces:
-            self.run_graph(sample, features)  # compile run, undone by the rewrites below
+            self.run_graph(sample, features, exact)  # compile run, undone by the rewrites
             self._restore(wanted, penalize)
             tid = ttnn.begin_trace_capture(dev, cq_id=0)
-            self.run_graph(sample, features)
+            self.run_graph(sample, features, exact)
             ttnn.end_trace_capture(dev, tid, cq_id=0)
             self.traces[self.mode] = tid
             self._restore(wanted, penalize)  # capture may have executed (emulator)
         if self.traced:
             ttnn.execute_trace(dev, self.traces[self.mode], cq_id=0, blocking=False)
         else:
-            self.run_graph(sample, features)
+            self.run_graph(sample, features, exact)
         out = self.mesh.read(self.inputs.next_tokens).reshape(-1).to(torch.int64)  # [32]
         next_tokens = [int(out[r]) for r in rows]
         logprobs = None
