@@ -26,9 +26,17 @@ from llm.backends.tt.inverse_cdf import InverseCdf
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.penalties import SlotPenalties
-from llm.backends.tt.sampling import MAX_TOP_K, Sampler, id_column
-from llm.backends.tt.token_masks import MASKED
-from llm.engine.contract.outputs import TokenLogprobs
+from llm.backends.tt.sampling import (
+    MAX_TOP_K,
+    Sampler,
+    host_inputs,
+    id_column,
+    whole_vocabulary,
+)
+from llm.backends.tt.token_masks import MASKED, additive_masks
+from llm.engine.contract.backend import SequenceSampling
+from llm.engine.contract.outputs import StepOutput, TokenLogprobs
+from llm.engine.contract.structured import TokenMasks
 
 FULL_INPUTS = ("token_mask",)  # select's per-step device inputs besides sampling and columns
 
@@ -167,6 +175,52 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
     for t in (z, top_z, hot):
         ttnn.deallocate(t)
     return Selected(tokens, chosen, top, top_ids)
+
+
+def select_row(model, layouts: Mapping, logits, row: int, users: Sequence[SequenceSampling],
+               slots: Sequence[int], end: int, allowed: TokenMasks | None) -> StepOutput:
+    """Prefill's full selection path: `users` (in tile rows `slots`) all choose the token at
+    position `end` from row `row` of the prefill logits `[1, 1, 32, V_local]` (freed), through
+    `select`. model: the tt Transformer (its sampler, penalties, logprob_ops, inverse_cdf);
+    layouts: the device (dtype, layout) of each input name (trace.DecodeInputs.layouts)."""
+    mesh = model.mesh
+    ttnn = mesh.ttnn
+    dram = ttnn.DRAM_MEMORY_CONFIG
+    geo = model.cfg.geo
+    spread = torch.zeros(1, 1, TILE, TILE)
+    spread[..., row] = 1.0  # every row of the product is logits[row]
+    spread_dev = ttnn.from_torch(spread, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT,
+                                 device=mesh.device, memory_config=dram,
+                                 mesh_mapper=mesh.replicate())
+    rows = ttnn.matmul(spread_dev, logits, dtype=ttnn.bfloat16, memory_config=dram,
+                       compute_kernel_config=model.cfg.kernels["hifi4"])  # [1, 1, 32, V_l]
+    for t in (spread_dev, logits):
+        ttnn.deallocate(t)
+    penalize = any(u.params.penalized for u in users)
+    host = host_inputs({s: (u.params, u.seed, end) for s, u in zip(slots, users)})
+    if penalize:
+        host.update(model.penalties.columns({s: end for s in slots}))
+    host["token_mask"] = additive_masks(allowed, list(slots), geo.vocab, geo.vocab_padded)
+    inputs = {name: ttnn.from_torch(v, dtype=layouts[name][0], layout=layouts[name][1],
+                                    device=mesh.device, memory_config=dram,
+                                    mesh_mapper=mesh.replicate())
+              for name, v in host.items()}
+    if penalize:
+        model.penalties.sync()
+    exact = any(whole_vocabulary(u.params) for u in users)
+    sel = select(rows, model.sampler, model.penalties, model.logprob_ops, inputs,
+                 penalize=penalize, cdf=model.inverse_cdf if exact else None)
+    ttnn.deallocate(rows)
+    drawn = mesh.read(sel.tokens).reshape(-1).to(torch.int64)  # [32]
+    tokens = [int(drawn[s]) for s in slots]
+    wanted = [u.params.logprobs for u in users]
+    logprobs = None
+    if any(k is not None for k in wanted):
+        logprobs = to_host(mesh, sel, slots, tokens, wanted)
+    sel.free(ttnn)
+    for t in inputs.values():
+        ttnn.deallocate(t)
+    return StepOutput(tokens, logprobs)
 
 
 def _finite(v: float) -> float:

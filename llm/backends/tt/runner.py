@@ -17,14 +17,13 @@ from typing import Any
 import torch
 
 from llm.backends.tt.device import open_mesh
-from llm.backends.tt.logprobs import prompt_logprobs, select, to_host
+from llm.backends.tt.logprobs import prompt_logprobs, select_row
 from llm.backends.tt.mesh import TILE
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.penalties import full_path
 from llm.backends.tt.precision import POLICIES, default_overrides, precision
 from llm.backends.tt.sampling import host_inputs, whole_vocabulary
-from llm.backends.tt.token_masks import additive_masks
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import (
@@ -213,7 +212,8 @@ class TTBackend(Backend):
         logits = model.tile_logits(hidden, (n - 1) // TILE)  # [1, 1, 32, V_local]
         row = (n - 1) % TILE  # the row holding the last token, which draws token start + n
         if full_path(users, inp.allowed is not None) or prompt is not None:
-            out = self._select_prefill(logits, row, users, slots, start + n, inp.allowed)
+            out = select_row(model, self.decoder.inputs.layouts, logits, row, users, slots,
+                             start + n, inp.allowed)
             ttnn.deallocate(hidden)
             return StepOutput(out.tokens, out.logprobs, prompt)
         tokens = []
@@ -238,49 +238,6 @@ class TTBackend(Backend):
         pen.add_prompt(inp.slot, inp.sampling, list(inp.tokens), end)
         for fork in inp.forks:
             pen.fork(inp.slot, fork.slot)
-
-    def _select_prefill(self, logits, row: int, users: list[SequenceSampling],
-                        slots: list[int], end: int, allowed) -> StepOutput:
-        """The full selection path (logprobs.select) for `users` in tile rows `slots`, all
-        choosing the token at position `end` from row `row` of the prefill logits tile."""
-        ttnn, mesh, model = self.mesh.ttnn, self.mesh, self.model
-        dram = ttnn.DRAM_MEMORY_CONFIG
-        geo = self.cfg.geo
-        spread = torch.zeros(1, 1, TILE, TILE)
-        spread[..., row] = 1.0  # every row of the product is logits[row]
-        spread_dev = ttnn.from_torch(spread, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT,
-                                     device=mesh.device, memory_config=dram,
-                                     mesh_mapper=mesh.replicate())
-        rows = ttnn.matmul(spread_dev, logits, dtype=ttnn.bfloat16, memory_config=dram,
-                           compute_kernel_config=self.cfg.kernels["hifi4"])  # [1, 1, 32, V_l]
-        for t in (spread_dev, logits):
-            ttnn.deallocate(t)
-        penalize = any(u.params.penalized for u in users)
-        host = host_inputs({s: (u.params, u.seed, end) for s, u in zip(slots, users)})
-        if penalize:
-            host.update(model.penalties.columns({s: end for s in slots}))
-        host["token_mask"] = additive_masks(allowed, slots, geo.vocab, geo.vocab_padded)
-        layouts = self.decoder.inputs.layouts
-        inputs = {name: ttnn.from_torch(v, dtype=layouts[name][0], layout=layouts[name][1],
-                                        device=mesh.device, memory_config=dram,
-                                        mesh_mapper=mesh.replicate())
-                  for name, v in host.items()}
-        if penalize:
-            model.penalties.sync()
-        exact = any(whole_vocabulary(u.params) for u in users)
-        sel = select(rows, model.sampler, model.penalties, model.logprob_ops, inputs,
-                     penalize=penalize, cdf=model.inverse_cdf if exact else None)
-        ttnn.deallocate(rows)
-        drawn = mesh.read(sel.tokens).reshape(-1).to(torch.int64)  # [32]
-        tokens = [int(drawn[s]) for s in slots]
-        wanted = [u.params.logprobs for u in users]
-        logprobs = None
-        if any(k is not None for k in wanted):
-            logprobs = to_host(mesh, sel, slots, tokens, wanted)
-        sel.free(ttnn)
-        for t in inputs.values():
-            ttnn.deallocate(t)
-        return StepOutput(tokens, logprobs)
 
     def copy_pages(self, pairs) -> None:
         """See the contract (Backend.copy_pages)."""
