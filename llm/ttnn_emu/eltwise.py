@@ -33,9 +33,25 @@ def as_unary(act) -> UnaryWithParam:
     raise TypeError(f"Unsupported activation {act!r}")
 
 
+_SIMPLE = {
+    UnaryOpType.EXP: torch.exp,
+    UnaryOpType.LOG: torch.log,
+    UnaryOpType.NEG: torch.neg,
+    UnaryOpType.GTZ: lambda x: (x > 0).to(x.dtype),  # 1.0 where x > 0, else 0.0
+    UnaryOpType.LTZ: lambda x: (x < 0).to(x.dtype),
+    UnaryOpType.EQZ: lambda x: (x == 0).to(x.dtype),
+    UnaryOpType.IDENTITY: lambda x: x,
+}
+
+
 def apply_unary(x: torch.Tensor, act) -> torch.Tensor:
-    """Apply one activation in fp32. GELU with param 1.0 is the tanh approximation."""
+    """Apply one activation in fp32. GELU with param 1.0 is the tanh approximation; the
+    comparisons (GTZ, LTZ, EQZ) give 1.0 where true and 0.0 elsewhere, as ttnn's SFPU ops."""
     a = as_unary(act)
+    if a.op_type in _SIMPLE:
+        if a.param is not None:
+            raise RuntimeError(f"{a.op_type.name} takes no parameter, got {a.param!r}")
+        return _SIMPLE[a.op_type](x)
     if a.op_type == UnaryOpType.RELU:
         return torch.relu(x)
     if a.op_type == UnaryOpType.SILU:
@@ -47,7 +63,7 @@ def apply_unary(x: torch.Tensor, act) -> torch.Tensor:
         return torch.sigmoid(x)
     if a.op_type == UnaryOpType.TANH:
         return torch.tanh(x)
-    return x
+    raise NotImplementedError(f"activation {a.op_type.name} is not emulated")
 
 
 def _apply_all(x, acts):

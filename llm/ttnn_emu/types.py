@@ -58,7 +58,8 @@ class ThrottleLevel(enum.Enum):
 
 
 class UnaryOpType(enum.Enum):
-    """The unary activations fused into matmul / eltwise ops."""
+    """The unary activations fused into matmul / eltwise ops (a subset of ttnn 0.81.1's members,
+    same names; eltwise.apply_unary gives each its meaning)."""
 
     RELU = 0
     SILU = 1
@@ -66,6 +67,12 @@ class UnaryOpType(enum.Enum):
     SIGMOID = 3
     TANH = 4
     IDENTITY = 5
+    EXP = 6
+    LOG = 7
+    NEG = 8
+    GTZ = 9
+    LTZ = 10
+    EQZ = 11
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,7 @@ def test_forks_pick_their_first_tokens_from_the_same_logits(backend) -> None:
     out = backend.prefill_step(PrefillInput(0, prompt, 0, [1, 0, 0, 0], GREEDY,
                                             forks=[Fork(1, GREEDY), Fork(2, GREEDY)]))
     assert list(out.tokens) == list(one) * 3
-    logprobs = 1 if backend.name == "torch" else None  # tt serves no logprobs
-    sampled = [SequenceSampling(SamplingParams(temperature=5.0, logprobs=logprobs),
+    sampled = [SequenceSampling(SamplingParams(temperature=5.0, logprobs=1),
                                 choice_seed(3, i)) for i in range(3)]
     out = backend.prefill_step(PrefillInput(0, prompt, 0, [1, 0, 0, 0], sampled[0],
                                             forks=[Fork(i, s) for i, s in
@@ -88,8 +87,7 @@ def test_forks_pick_their_first_tokens_from_the_same_logits(backend) -> None:
                for s in sampled]
     assert list(out.tokens) == singles  # each fork draws with its own seed
     assert len(set(singles)) > 1  # at temperature 5 three seeds do not all agree
-    if logprobs:
-        assert [lp.token for lp in out.logprobs] == list(out.tokens)
+    assert [lp.token for lp in out.logprobs] == list(out.tokens)
 
 
 def test_n_choices_continue_one_prefill(backend) -> None:
@@ -99,11 +97,11 @@ def test_n_choices_continue_one_prefill(backend) -> None:
     alone = gen.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
     group = gen.generate([prompt], SamplingParams(n=3, max_new_tokens=6, ignore_eos=True))[0]
     assert [c.token_ids for c in group.choices] == [alone.token_ids] * 3
-    if backend.name == "torch":  # the forks' penalty rows start as the prompt's
-        pen = SamplingParams(repetition_penalty=1.8, max_new_tokens=6, ignore_eos=True)
-        alone = gen.generate([prompt], pen)[0]
-        group = gen.generate([prompt], dataclasses.replace(pen, n=2))[0]
-        assert [c.token_ids for c in group.choices] == [alone.token_ids] * 2
+    # the forks' penalty rows start as the prompt's
+    pen = SamplingParams(repetition_penalty=1.8, max_new_tokens=6, ignore_eos=True)
+    alone = gen.generate([prompt], pen)[0]
+    group = gen.generate([prompt], dataclasses.replace(pen, n=2))[0]
+    assert [c.token_ids for c in group.choices] == [alone.token_ids] * 2
     params = SamplingParams(n=3, temperature=1.5, seed=11, max_new_tokens=6,
                             ignore_eos=True)
     a = gen.generate([prompt], params)[0]
@@ -113,11 +111,10 @@ def test_n_choices_continue_one_prefill(backend) -> None:
     singles = [gen.generate([prompt], dataclasses.replace(
         params, n=1, seed=choice_seed(11, i)))[0] for i in range(3)]
     assert [c.token_ids[0] for c in a.choices] == [s.token_ids[0] for s in singles]
-    if backend.name == "torch":  # best_of ranks by logprobs, which tt does not serve
-        every = gen.generate([prompt], dataclasses.replace(params, logprobs=0))[0].choices
-        best = gen.generate([prompt], dataclasses.replace(params, n=2, best_of=3))[0]
-        ranked = sorted(every, key=lambda o: -o.cumulative_logprob)[:2]
-        assert [c.token_ids for c in best.choices] == [o.token_ids for o in ranked]
-        assert [c.choice for c in best.choices] == [0, 1] and best.logprobs is None
+    every = gen.generate([prompt], dataclasses.replace(params, logprobs=0))[0].choices
+    best = gen.generate([prompt], dataclasses.replace(params, n=2, best_of=3))[0]
+    ranked = sorted(every, key=lambda o: -o.cumulative_logprob)[:2]
+    assert [c.token_ids for c in best.choices] == [o.token_ids for o in ranked]
+    assert [c.choice for c in best.choices] == [0, 1] and best.logprobs is None
     a = core.pages.allocator
     assert a.num_free == a.capacity and all(a.refs(p) == 0 for p in range(a.num_blocks))

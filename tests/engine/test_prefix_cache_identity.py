@@ -49,8 +49,6 @@ def _backend(name: str):
 
 def _params(name: str) -> list[SamplingParams]:
     greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    if BACKENDS[name][0] == "tt":  # greedy only (its capabilities)
-        return [greedy]
     return [greedy,
             SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=6, logprobs=3,
                            ignore_eos=True),

@@ -42,7 +42,7 @@ def test_unsupported_sampling_is_a_400_and_the_server_keeps_serving() -> None:
 
 
 def test_features_the_backend_lacks_are_400s_naming_the_parameter() -> None:
-    """A backend without logprobs / penalties (as the tt backend declares) refuses each of them
+    """A backend without logprobs / penalties (a greedy-only one) refuses each of them
     over HTTP, naming the request's parameter, and holds nothing after."""
     fake, tok, _ = fake_parts()
     core = EngineCore(GreedyOnlyBackend(fake.runtime), tok)

@@ -17,6 +17,8 @@ from test_tt_runner import GREEDY
 from tt_helpers import MESH_CONFIG, TT_CONFIGS, build_parts, put
 
 from llm.backends.torch.runner import TorchBackend
+from llm.backends.tt.inverse_cdf import InverseCdf
+from llm.backends.tt.logprobs import LogprobsOps
 from llm.backends.tt.mesh import TILE
 from llm.backends.tt.runner import TTBackend
 from llm.backends.tt.sampling import Sampler, host_inputs
@@ -112,6 +114,38 @@ def test_the_statistic_rejects_a_wrong_distribution(draws) -> None:
     for r, (t, k, p) in wrong.items():
         counts = torch.bincount(out[r], minlength=x.numel())
         assert _chi_square_p_value(counts, _expected(x, t, k, p)) < SIGNIFICANCE, ROWS[r]
+
+
+def test_rows_without_top_k_or_top_p_sample_the_whole_vocabulary() -> None:
+    """top_k = 0 with top_p = 1 draws from softmax over every token (inverse_cdf.py): on logits
+    spreading 60% of the mass past the 32 most likely tokens, the frequencies match the whole
+    softmax and reject the 32-candidate one; masked (padded) ids are never drawn; a greedy
+    neighbour row still draws its argmax."""
+    config = TT_CONFIGS["odd_heads"]  # vocab 300, padded to 320
+    parts = build_parts(config)
+    sampler = Sampler(parts.mesh, parts.cfg)
+    ops = LogprobsOps(parts.mesh, parts.cfg, parts.cfg.geo.vocab_padded)
+    cdf = InverseCdf(parts.mesh, parts.cfg, parts.cfg.geo.vocab_padded, ops.ones)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(config.vocab_size, generator=gen) * 0.5).bfloat16().float()
+    tile = torch.zeros(1, 1, TILE, parts.cfg.geo.vocab_padded)
+    tile[..., :config.vocab_size] = x
+    logits = put(parts, tile)
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=2.0), SamplingParams()]
+    n = 800
+    out = torch.zeros(len(params), n, dtype=torch.int64)
+    for i in range(n):
+        rows = {r: (pr, 50 + r, i) for r, pr in enumerate(params)}
+        drawn = sampler(logits, **sampler.put(host_inputs(rows)), cdf=cdf)
+        out[:, i] = parts.mesh.read(drawn).reshape(-1)[:len(params)].to(torch.int64)
+    for r, t in enumerate((1.0, 2.0)):
+        whole = torch.softmax(x.double() / t, 0)
+        assert float(whole[torch.argsort(x, descending=True)[32:]].sum()) > 0.6
+        counts = torch.bincount(out[r], minlength=x.numel())
+        assert counts.numel() == x.numel()  # no padded id
+        assert _chi_square_p_value(counts, whole) > SIGNIFICANCE, r
+        assert _chi_square_p_value(counts, _expected(x, t, 32, 1.0)) < SIGNIFICANCE, r
+    assert out[2].eq(int(torch.argmax(x))).all()
 
 
 def test_greedy_and_top_k_1_rows_draw_the_argmax(draws) -> None:

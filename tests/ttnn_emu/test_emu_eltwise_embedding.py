@@ -39,6 +39,28 @@ def test_activation_forms(device):
     torch.testing.assert_close(ttnn.to_torch(r2), a * torch.relu(b))
 
 
+def test_sfpu_activations_exp_log_and_comparisons(device):
+    """EXP / LOG / NEG and the comparisons GTZ / LTZ / EQZ (1.0 where true, else 0.0), as the tt
+    backend's penalties and logprobs use them: one-hot rows by EQZ(iota - id), log-sum-exp."""
+    x = torch.tensor([[-2.0, 0.0, 3.0, 0.5] * 8] * 32)[None, None]  # [1, 1, 32, 32]
+    t = on(device, x, ttnn.float32)
+    U = ttnn.UnaryOpType
+
+    def act(kind, b=0.0):
+        return ttnn.to_torch(ttnn.add(t, b, activations=[kind]))
+
+    assert torch.equal(act(U.GTZ), (x > 0).float())
+    assert torch.equal(act(U.LTZ), (x < 0).float())
+    assert torch.equal(act(U.EQZ, -3.0), (x == 3.0).float())
+    torch.testing.assert_close(act(U.EXP), torch.exp(x))
+    torch.testing.assert_close(act(U.LOG, 3.0), torch.log(x + 3.0))
+    assert torch.equal(act(U.NEG), -x)
+    logz = ttnn.add(t, 2.5, input_tensor_a_activations=[U.EXP], activations=[U.LOG])
+    torch.testing.assert_close(ttnn.to_torch(logz), torch.log(torch.exp(x) + 2.5))
+    with pytest.raises(RuntimeError, match="takes no parameter"):
+        ttnn.add(t, 0.0, activations=[(U.GTZ, 1.0)])
+
+
 def test_singular_activation_kwarg_is_type_error(device):
     t = on(device, torch.randn(1, 1, 32, 32))
     with pytest.raises(TypeError):

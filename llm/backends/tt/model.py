@@ -13,12 +13,15 @@ import torch
 
 from llm.backends.tt.attention import Attention
 from llm.backends.tt.embedding import Embedding
+from llm.backends.tt.inverse_cdf import InverseCdf
 from llm.backends.tt.kv_cache import PagedKVCache
 from llm.backends.tt.lm_head import LMHead
+from llm.backends.tt.logprobs import LogprobsOps, Selected, select
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.mlp import MLP
 from llm.backends.tt.norm import DistributedNorm
 from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.penalties import SlotPenalties
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.sampling import Sampler
 from llm.backends.tt.weights import WeightStore
@@ -107,6 +110,13 @@ class Transformer:
         self.lm_head = LMHead(mesh, weights, cfg, _scaled(head, 1.0 / config.logits_scaling))
         self.cache = PagedKVCache(mesh, cfg, runtime, config.num_layers)
         self.sampler = Sampler(mesh, cfg)
+        # the full selection path (logprobs.select) and the whole-vocabulary draw
+        self.penalties = self.logprob_ops = self.inverse_cdf = None
+        if self.sampler.supported:
+            width = cfg.geo.vocab_padded
+            self.penalties = SlotPenalties(mesh, width)
+            self.logprob_ops = LogprobsOps(mesh, cfg, width)
+            self.inverse_cdf = InverseCdf(mesh, cfg, width, self.logprob_ops.ones)
         weights.save_manifest()
 
     # ------------------------------------------------------------------------------ prefill
@@ -136,7 +146,8 @@ class Transformer:
 
     # ------------------------------------------------------------------------------ decode
     def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens,
-               sampling: dict | None = None):
+               sampling: dict | None = None, features: str | None = None,
+               selected: Selected | None = None, exact: bool = False):
         """One decode step for the B user rows, all on device tensors (trace-safe).
 
         tokens uint32 `[1, 1, 1, 32]` (users in the first B), rot_idxs uint32 `[1, 32]`,
@@ -145,7 +156,12 @@ class Transformer:
         `[1, 1, 32]` and feeds them back into tokens, then advances cur_pos (idle rows stay -1)
         and rot_idxs by one: the next step needs no host write when every user continues. The
         tokens are the argmax (greedy fast path) unless `sampling` gives the Sampler's device
-        inputs (k, p, temp, rank_mask, seeds), whose seeds then advance by one too."""
+        inputs (k, p, temp, rank_mask, seeds), whose seeds then advance by one too. With `features`
+        ("logprobs", or "penalties" where some row penalizes) `sampling` also holds
+        logprobs.FULL_INPUTS (and for "penalties" the penalty columns), the tokens come from
+        logprobs.select (masks applied; for "penalties" the fed tokens counted and the penalties
+        applied), copied into the persistent buffers `selected`, which are returned (else the
+        logits). exact: the rows marked so draw from the whole vocabulary (inverse_cdf.py)."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, dim = self.cfg.geo.batch, self.cfg.geo.dim
@@ -163,16 +179,26 @@ class Transformer:
         ttnn.deallocate(h)
         vl = logits.shape[-1]
         rows = ttnn.reshape(logits, (1, 1, TILE, vl), (1, 1, TILE, vl))  # the whole tile again
+        out = logits
         if sampling is None:
             self.lm_head.argmax(rows, output_tensor=next_tokens)
         else:
-            drawn = self.sampler(rows, **sampling)  # [1, 1, 1, 32]
+            if features:
+                sel = select(rows, self.sampler, self.penalties, self.logprob_ops, sampling,
+                             fed=tokens, penalize=features == "penalties",
+                             cdf=self.inverse_cdf if exact else None)
+                out = sel.copy_into(ttnn, selected)
+                drawn = out.tokens  # [1, 1, 1, 32], a persistent output
+            else:
+                drawn = self.sampler(rows, **sampling,
+                                     cdf=self.inverse_cdf if exact else None)  # [1, 1, 1, 32]
             ttnn.to_memory_config(ttnn.reshape(drawn, (1, 1, TILE)), dram,
                                   output_tensor=next_tokens)
-            ttnn.deallocate(drawn)
+            if not features:
+                ttnn.deallocate(drawn)
             ttnn.plus_one(sampling["seeds"])
         ttnn.to_memory_config(ttnn.reshape(next_tokens, (1, 1, 1, TILE)), dram,
                               output_tensor=tokens)  # fed back on device
         ttnn.plus_one(cur_pos, skip_negative_entries=True)
         ttnn.plus_one(rot_idxs)
-        return logits
+        return out

@@ -17,14 +17,17 @@ from typing import Any
 import torch
 
 from llm.backends.tt.device import open_mesh
+from llm.backends.tt.logprobs import prompt_logprobs, select_row
 from llm.backends.tt.mesh import TILE
 from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.penalties import full_path
 from llm.backends.tt.precision import POLICIES, default_overrides, precision
-from llm.backends.tt.sampling import host_inputs
+from llm.backends.tt.sampling import host_inputs, whole_vocabulary
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import (
+    FEATURES,
     Backend,
     BackendSpec,
     Capabilities,
@@ -123,12 +126,14 @@ class TTBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Greedy decoding (on-device argmax) and temperature / top-k / top-p sampling on the
-        device (sampling.py; a vocabulary too wide for one ttnn.topk: greedy only); none of the
-        features (no logprobs, penalties, logit_bias or min_tokens)."""
-        modes = {"greedy"} | ({"temperature", "top_k", "top_p"}
-                              if self.model.sampler.supported else set())
-        return Capabilities(frozenset(modes), self.runtime.max_batch, self.runtime.max_seq_len)
+        """Greedy decoding (on-device argmax), temperature / top-k / top-p sampling and every
+        feature (logprobs, prompt logprobs, penalties, logit_bias, min_tokens, structured output)
+        on the device (sampling.py, logprobs.py); a vocabulary too wide for one ttnn.topk:
+        greedy only, no features."""
+        supported = self.model.sampler.supported
+        modes = {"greedy"} | ({"temperature", "top_k", "top_p"} if supported else set())
+        return Capabilities(frozenset(modes), self.runtime.max_batch, self.runtime.max_seq_len,
+                            FEATURES if supported else frozenset())
 
     def close(self) -> None:
         """Release the decode trace and close the device (the backend is unusable after).
@@ -159,14 +164,14 @@ class TTBackend(Backend):
 
     def prefill(self, inp: PrefillInput) -> int:
         """One user's prompt, or a chunk of it at start_pos (a multiple of the block size)."""
-        return self._prefill(inp, [inp.sampling])[0]
+        return self.prefill_step(dataclasses.replace(inp, forks=())).tokens[0]
 
     def prefill_step(self, inp: PrefillInput) -> StepOutput:
-        """`prefill`; forks (n > 1) draw their first tokens from the same last logits, each with
-        its own sampling parameters and seed."""
-        return StepOutput(self._prefill(inp, [inp.sampling] + [f.sampling for f in inp.forks]))
+        """`prefill`, with the logprobs the request asked for; forks (n > 1) draw their first
+        tokens from the same last logits, each with its own sampling parameters and seed."""
+        return self._prefill(inp, [inp.sampling] + [f.sampling for f in inp.forks])
 
-    def _prefill(self, inp: PrefillInput, users: list[SequenceSampling]) -> list[int]:
+    def _prefill(self, inp: PrefillInput, users: list[SequenceSampling]) -> StepOutput:
         """Run the chunk; then the token each of `users` chooses from its last position."""
         self._check_call(users)
         ttnn, mesh, model = self.mesh.ttnn, self.mesh, self.model
@@ -192,17 +197,47 @@ class TTBackend(Backend):
             fill_row = put(pages[:, start // bs:], ttnn.int32)  # this chunk's pages onwards
         hidden = model.prefill_hidden(put(tok, ttnn.uint32), put(pages, ttnn.int32), start,
                                       fill_row, n)  # [1, 1, S, dim_local]
+        slots = [inp.slot] + [f.slot for f in inp.forks]
+        if model.penalties is not None:
+            self._admit(inp)
+        prompt = None
+        if inp.targets is not None:
+            params = inp.sampling.params
+            if params.prompt_logprobs is None:
+                raise ValueError("PrefillInput.targets given for a request without "
+                                 "prompt_logprobs")
+            prompt = prompt_logprobs(mesh, lambda t: model.tile_logits(hidden, t),
+                                     model.sampler, model.penalties, model.logprob_ops,
+                                     params.temperature, inp.targets, params.prompt_logprobs)
         logits = model.tile_logits(hidden, (n - 1) // TILE)  # [1, 1, 32, V_local]
         row = (n - 1) % TILE  # the row holding the last token, which draws token start + n
+        if full_path(users, inp.allowed is not None) or prompt is not None:
+            out = select_row(model, self.decoder.inputs.layouts, logits, row, users, slots,
+                             start + n, inp.allowed)
+            ttnn.deallocate(hidden)
+            return StepOutput(out.tokens, out.logprobs, prompt)
         tokens = []
         for user in users:
             if user.params.greedy:
                 out = model.lm_head.argmax(logits)  # uint32 [1, 1, 32]
             else:
+                cdf = model.inverse_cdf if whole_vocabulary(user.params) else None
                 out = model.sampler(logits, **model.sampler.put(host_inputs(
-                    {row: (user.params, user.seed, start + n)})))  # uint32 [1, 1, 1, 32]
+                    {row: (user.params, user.seed, start + n)})), cdf=cdf)  # [1, 1, 1, 32]
             tokens.append(int(mesh.read(out).reshape(-1)[row].to(torch.int64)))
-        return tokens
+        return StepOutput(tokens)
+
+    def _admit(self, inp: PrefillInput) -> None:
+        """The per-slot penalty state of a prefill chunk (penalties.py; host mirror only)."""
+        pen = self.model.penalties
+        end = inp.start_pos + len(inp.tokens)
+        if inp.start_pos == len(inp.cached):  # the request's first call
+            pen.begin(inp.slot, inp.sampling)
+            if inp.cached:  # a prefix-cache hit: its tokens are prompt tokens too
+                pen.add_prompt(inp.slot, inp.sampling, list(inp.cached), inp.start_pos)
+        pen.add_prompt(inp.slot, inp.sampling, list(inp.tokens), end)
+        for fork in inp.forks:
+            pen.fork(inp.slot, fork.slot)
 
     def copy_pages(self, pairs) -> None:
         """See the contract (Backend.copy_pages)."""
@@ -210,9 +245,16 @@ class TTBackend(Backend):
         self.model.cache.copy_pages(list(pairs))
 
     def decode(self, inp: DecodeInput) -> list[int]:
+        return list(self.decode_step(inp).tokens)
+
+    def decode_step(self, inp: DecodeInput) -> StepOutput:
+        """`decode`, with the logprobs the requests asked for (see the contract)."""
         self._check_call(list(inp.sampling))
-        return self.decoder.step(list(inp.slots), list(inp.tokens), list(inp.positions),
-                                 [list(r) for r in inp.page_table], list(inp.sampling))
+        tokens, logprobs = self.decoder.step(list(inp.slots), list(inp.tokens),
+                                             list(inp.positions),
+                                             [list(r) for r in inp.page_table],
+                                             list(inp.sampling), inp.allowed)
+        return StepOutput(tokens, logprobs)
 
     def step_cost(self) -> Any:
         """Per-chip DRAM bytes and FLOPs of the latest traced decode step (emulator only)."""
