@@ -3,6 +3,7 @@
     python demos/eval.py                                     # default model as stored, vs fp32
     python demos/eval.py --weights dequantize --dtype bfloat16 --reference transformers
     python demos/eval.py --model path/to/hf_dir --weights int4 --device cuda --dtype bfloat16
+    python demos/eval.py --model path/to/hf_dir --weights int4 --int4-group 32   # finer groups
 
 The text (default: demos/data/eval_text.txt, 775 words of English prose) is tokenized once and
 scored teacher-forced in windows of --window tokens (each window starts a fresh sequence). Per
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--weights", default="stored", choices=list(WEIGHT_MODES),
                    help="how this engine holds the weights (see llm.LLM)")
+    p.add_argument("--int4-group", type=int, default=None,
+                   help="with --weights int4: columns per int4 group, a multiple of 32 "
+                        "(default: 128, or 64 / 32 where a matrix's width needs it)")
     p.add_argument("--reference", default="dequantized", choices=["dequantized", "transformers"])
     p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window")
     p.add_argument("--max-tokens", type=int, default=4096, help="score at most this many tokens")
@@ -100,8 +105,9 @@ def transformers_scorer(path: Path):
     return score
 
 
-def build(path: Path, weights: str, device: str, dtype: str, window: int) -> TorchBackend:
-    checkpoint = load_checkpoint(path, weights=weights, progress=False)
+def build(path: Path, weights: str, device: str, dtype: str, window: int,
+          int4_group: int | None = None) -> TorchBackend:
+    checkpoint = load_checkpoint(path, weights=weights, progress=False, int4_group=int4_group)
     blocks = -(-window // 32) * 32
     return TorchBackend(checkpoint, RuntimeConfig(device=device, dtype=dtype, max_batch=1,
                                                   max_seq_len=blocks, block_size=32),
@@ -117,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> Result:
     ids = tokenizer.encode(text)[:args.max_tokens]
     if len(ids) < 2:
         raise ValueError(f"{args.text}: too short to score ({len(ids)} tokens)")
-    ours = build(path, args.weights, args.device, args.dtype, args.window)
+    ours = build(path, args.weights, args.device, args.dtype, args.window, args.int4_group)
     if args.reference == "transformers":
         reference = transformers_scorer(path)
     else:
@@ -126,20 +132,40 @@ def evaluate(args: argparse.Namespace) -> Result:
         def reference(window: list[int]) -> torch.Tensor:
             return engine_logits(ref_backend, window)
 
+    s = score(ours, reference, ids, args.window)
+    weights = args.weights if args.int4_group is None else f"int4_g{args.int4_group}"
+    return Result(model=path.name, device=args.device, dtype=args.dtype, weights=weights,
+                  reference=args.reference, tokens=s.tokens, ppl=s.ppl,
+                  ppl_reference=s.ppl_reference, top1=s.top1, top5=s.top5,
+                  weight_bytes=ours.weight_bytes)
+
+
+@dataclass(frozen=True)
+class Scores:
+    tokens: int  # next tokens scored
+    ppl: float
+    ppl_reference: float
+    top1: float
+    top5: float
+
+
+def score(ours: TorchBackend, reference: Callable[[list[int]], torch.Tensor], ids: list[int],
+          window: int) -> Scores:
+    """Perplexities of `ours` and `reference` (teacher-forced logits [S, V] of a window) on
+    `ids` in windows of `window` tokens, and how often ours agrees with the reference's top-1."""
     nll = nll_ref = top1 = top5 = count = 0.0
-    for window in windows(ids, args.window):
-        a, b = engine_logits(ours, window)[:-1], reference(window)[:-1]  # [S-1, V]
-        target = torch.tensor(window[1:])
+    for part in windows(ids, window):
+        a, b = engine_logits(ours, part)[:-1], reference(part)[:-1]  # [S-1, V]
+        target = torch.tensor(part[1:])
         nll += float(torch.nn.functional.cross_entropy(a, target, reduction="sum"))
         nll_ref += float(torch.nn.functional.cross_entropy(b, target, reduction="sum"))
         best = b.argmax(-1)  # [S-1]
         top1 += float((a.argmax(-1) == best).sum())
         top5 += float((a.topk(5, dim=-1).indices == best[:, None]).any(-1).sum())
-        count += len(window) - 1
-    return Result(model=path.name, device=args.device, dtype=args.dtype, weights=args.weights,
-                  reference=args.reference, tokens=int(count), ppl=math.exp(nll / count),
-                  ppl_reference=math.exp(nll_ref / count), top1=top1 / count, top5=top5 / count,
-                  weight_bytes=ours.weight_bytes)
+        count += len(part) - 1
+    return Scores(tokens=int(count), ppl=math.exp(nll / count),
+                  ppl_reference=math.exp(nll_ref / count), top1=top1 / count,
+                  top5=top5 / count)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,10 +53,24 @@ def test_fp32_engine_agrees_with_itself_and_with_transformers(tmp_path, eval_dem
                            "--window", "24", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["top1"] < 1.0 and r["ppl"] != r["ppl_reference"]
+    assert eval_demo.main(["--model", str(d), "--text", str(text), "--weights", "int4",
+                           "--int4-group", "32", "--window", "24", "--json", str(out)]) == 0
+    g32 = json.loads(out.read_text())  # default groups here: 64, and 128 for down_proj
+    assert g32["weights"] == "int4_g32" and g32["ppl"] != r["ppl"]
 
 
 def test_bad_input_is_a_clear_error(tmp_path, eval_demo, capsys) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert eval_demo.main(["--model", str(model_dir(tmp_path)), "--text", str(empty)]) == 2
+    d = model_dir(tmp_path)
+    assert eval_demo.main(["--model", str(d), "--text", str(empty)]) == 2
     assert "too short to score" in capsys.readouterr().err
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat " * 4)
+    for weights, group, error in (("int8", "32", "int4_group applies to weights='int4'"),
+                                  ("int4", "48", "int4_group must be a positive multiple of 32"),
+                                  ("int4", "128", "in_features 64 is no multiple of the int4 "
+                                                  "group 128")):
+        assert eval_demo.main(["--model", str(d), "--text", str(text), "--weights", weights,
+                               "--int4-group", group]) == 2
+        assert error in capsys.readouterr().err

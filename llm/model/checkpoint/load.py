@@ -23,13 +23,14 @@ from llm.model.checkpoint.common import (
 from llm.model.checkpoint.gguf_cache import load_gguf_cached
 from llm.model.checkpoint.hf import load_hf_dir
 from llm.model.paths import default_cache_dir
+from llm.model.quant.int_formats import INT4_PACK
 from llm.model.quant.quantize import quantize_int4, quantize_int8
 from llm.model.quant.tensor import QuantizedTensor
 
 
 def load_checkpoint(
     path: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True,
-    weights: str = "dequantize",
+    weights: str = "dequantize", int4_group: int | None = None,
 ) -> Checkpoint:
     """Load a Hugging Face safetensors directory or a GGUF file into canonical HF tensors.
 
@@ -37,16 +38,23 @@ def load_checkpoint(
     `progress` shows tqdm bars while hashing, converting and loading. `weights` (one of
     WEIGHT_MODES): "dequantize" gives floating-point tensors only; "stored" keeps a GGUF's
     quantized tensors as stored (QuantizedTensor); "int8" / "int4" quantize a floating-point
-    checkpoint's 2-D weights at load (a GGUF is already quantized: use "stored").
+    checkpoint's 2-D weights at load (a GGUF is already quantized: use "stored"). `int4_group`:
+    with weights="int4", the group size of every int4 matrix (a multiple of 32 dividing its
+    in_features; default: `int4_group`'s choice per matrix).
     """
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
                               f"{weights!r}")
+    if int4_group is not None and weights != "int4":
+        raise CheckpointError(f"int4_group applies to weights='int4', not {weights!r}")
+    if int4_group is not None and (int4_group <= 0 or int4_group % INT4_PACK):
+        raise CheckpointError(f"int4_group must be a positive multiple of {INT4_PACK}, got "
+                              f"{int4_group}")
     path, kind = resolve_checkpoint(path)
     if kind == "dir":
         config, tensors = load_hf_dir(path, progress)
         if weights in ("int8", "int4"):
-            tensors = quantize_matrices(tensors, weights, progress)
+            tensors = quantize_matrices(tensors, weights, progress, int4_group)
         return Checkpoint(config=config, tensors=tensors, source=path)
     if weights in ("int8", "int4"):
         raise CheckpointError(f"{path}: weights={weights!r} quantizes a floating-point Hugging "
@@ -60,28 +68,35 @@ def load_checkpoint(
 WIDER_IN_INT4 = ("model.embed_tokens.weight", "lm_head.weight")  # int8 in "int4" mode
 
 
-def quantize_matrices(tensors: dict[str, torch.Tensor], mode: str, progress: bool
-                      ) -> dict[str, torch.Tensor | QuantizedTensor]:
+def quantize_matrices(tensors: dict[str, torch.Tensor], mode: str, progress: bool,
+                      group: int | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
     """Every 2-D weight (projections, embedding, LM head) quantized at load (`quantize_matrix`);
-    norms and biases stay as they are."""
+    norms and biases stay as they are. group: the int4 group of every int4 matrix (default:
+    `int4_group`'s choice per matrix)."""
     out: dict[str, torch.Tensor | QuantizedTensor] = {}
     bar = tqdm(tensors.items(), desc=f"quantizing to {mode}", unit="tensor", disable=not progress)
     for name, t in bar:
-        out[name] = t if t.dim() != 2 else quantize_matrix(name, t, mode)
+        out[name] = t if t.dim() != 2 else quantize_matrix(name, t, mode, group=group)
     return out
 
 
 def quantize_matrix(name: str, t: torch.Tensor, mode: str, in_features: int | None = None,
-                    absmax: torch.Tensor | None = None) -> QuantizedTensor:
+                    absmax: torch.Tensor | None = None, group: int | None = None
+                    ) -> QuantizedTensor:
     """Matrix `name` (or a slice of it: rows, or columns at whole int4 groups) quantized at load:
-    "int8" per output channel; "int4" per group of `int4_group` columns, with the embedding and
-    LM head in int8 (as llama.cpp's K-quant mixes keep them wider: on the default model's weights,
-    perplexity 53.4 with them in int4, 47.6 in int8, bf16 29.3; demos/eval.py).
-    in_features: the whole matrix's (default t's; it picks the int4 group). absmax: for an int8
-    column slice, the whole rows' max |w| (`quantize_int8`)."""
+    "int8" per output channel; "int4" per group of `group` columns (default `int4_group`'s), with
+    the embedding and LM head in int8 (as llama.cpp's K-quant mixes keep them wider: on the
+    default model's weights, perplexity 53.4 with them in int4, 47.6 in int8, bf16 29.3;
+    demos/eval.py). in_features: the whole matrix's (default t's; it picks the int4 group).
+    absmax: for an int8 column slice, the whole rows' max |w| (`quantize_int8`)."""
     if mode == "int8" or name in WIDER_IN_INT4:
         return quantize_int8(t, absmax)
-    return quantize_int4(t, int4_group(name, in_features or t.shape[1]))
+    if group is None:
+        group = int4_group(name, in_features or t.shape[1])
+    elif t.shape[1] % group:
+        raise CheckpointError(f"{name}: in_features {t.shape[1]} is no multiple of the int4 "
+                              f"group {group}")
+    return quantize_int4(t, group)
 
 
 def int4_group(name: str, in_features: int) -> int:
