@@ -144,7 +144,7 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
     dram = ttnn.DRAM_MEMORY_CONFIG
     if fed is not None and penalize:
         fed_col = id_column(ttnn, fed)
-        penalties.count(fed_col)
+        penalties.count(fed_col, inputs["counting"])
         ttnn.deallocate(fed_col)
     full = sampler.gathered(logits)  # [1, 1, 32, V_pad]
     wide = ttnn.typecast(full, ttnn.float32, memory_config=dram)

@@ -35,14 +35,16 @@ from llm.backends.tt.token_masks import MASKED
 from llm.engine.contract.backend import SequenceSampling
 
 BUFFERS = ("counts", "prompt", "bias", "stop")  # the [1, 1, 32, V_pad] per-slot buffers
-COLUMNS = ("presence", "frequency", "repetition", "inv_repetition", "min_left")
+# counting: 1.0 for the rows of the step's batch, whose fed token is a generated one (an idle row,
+# or one between its prefill chunks, feeds a stale token that must not count)
+COLUMNS = ("presence", "frequency", "repetition", "inv_repetition", "min_left", "counting")
 
 
 def neutral_columns() -> dict[str, torch.Tensor]:
     """Per-row parameters that change nothing, `[1, 1, 32, 1]` fp32 each."""
     ones = torch.ones(1, 1, TILE, 1)
     return {"presence": ones * 0, "frequency": ones * 0, "repetition": ones.clone(),
-            "inv_repetition": ones.clone(), "min_left": ones * 0}
+            "inv_repetition": ones.clone(), "min_left": ones * 0, "counting": ones * 0}
 
 
 class SlotPenalties:
@@ -125,6 +127,7 @@ class SlotPenalties:
             out["repetition"][0, 0, r] = rep
             out["inv_repetition"][0, 0, r] = 1.0 / rep
             out["min_left"][0, 0, r] = float(min_pos - sample_pos)  # > 0: stop ids masked
+            out["counting"][0, 0, r] = 1.0
         return out
 
     def sync(self, force: bool = False) -> None:
@@ -136,9 +139,11 @@ class SlotPenalties:
             self.host_writes += 1
         self.dirty.clear()
 
-    def count_mirror(self, fed: torch.Tensor) -> None:
-        """Mirror the decode graph's count of the fed tokens `fed` [32] (one per row)."""
-        self.host["counts"][0, 0, torch.arange(TILE), fed.to(torch.int64)] += 1
+    def count_mirror(self, fed: torch.Tensor, rows: Sequence[int]) -> None:
+        """Mirror the decode graph's count of the fed tokens `fed` [32] (one per row) of the
+        batch's `rows` (the others' counting column is 0)."""
+        rows_t = torch.tensor(list(rows), dtype=torch.int64)
+        self.host["counts"][0, 0, rows_t, fed.to(torch.int64)[rows_t]] += 1
 
     # ------------------------------------------------------------------ device
     def one_hot(self, ids_col):
@@ -148,14 +153,18 @@ class SlotPenalties:
         return ttnn.subtract(self.iota, ids_col, activations=[ttnn.UnaryOpType.EQZ],
                              dtype=ttnn.bfloat16, memory_config=ttnn.DRAM_MEMORY_CONFIG)
 
-    def count(self, fed_col) -> None:
-        """Add the one-hot rows of the fed tokens fed_col fp32 `[1, 1, 32, 1]` into `counts`
-        (in place; trace-safe)."""
+    def count(self, fed_col, counting) -> None:
+        """Add the one-hot rows of the fed tokens fed_col fp32 `[1, 1, 32, 1]` into `counts` for
+        the rows whose `counting` column (fp32 `[1, 1, 32, 1]`, 0 / 1) is 1 (in place;
+        trace-safe)."""
         ttnn = self.mesh.ttnn
+        dram = ttnn.DRAM_MEMORY_CONFIG
         hot = self.one_hot(fed_col)
-        counts = self.dev["counts"]
-        ttnn.add(counts, hot, memory_config=ttnn.DRAM_MEMORY_CONFIG, output_tensor=counts)
+        kept = ttnn.multiply(hot, counting, dtype=ttnn.bfloat16, memory_config=dram)  # 0 / 1
         ttnn.deallocate(hot)
+        counts = self.dev["counts"]
+        ttnn.add(counts, kept, memory_config=dram, output_tensor=counts)
+        ttnn.deallocate(kept)
 
     def apply(self, x, cols: Mapping):
         """Penalized logits: x fp32 `[1, 1, 32, V_pad]` -> fp32 `[1, 1, 32, V_pad]`; cols: the

@@ -219,7 +219,7 @@ class DecodeRunner:
         logprobs = None
         if full:
             if penalize:
-                penalties.count_mirror(fed)
+                penalties.count_mirror(fed, rows)
             wanted_k = [s.params.logprobs for s in sampling]
             if any(k is not None for k in wanted_k):
                 logprobs = to_host(self.mesh, self.inputs.selected, rows, next_tokens,
