@@ -7,6 +7,8 @@ ties even when ttnn.topk orders tied candidates otherwise."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_tt_sampling import SIGNIFICANCE, _backend, _chi_square_p_value, _expected, _run
@@ -194,3 +196,21 @@ def test_ties_at_the_top_give_argmax_first_index(parts, monkeypatch) -> None:
     ttnn = p.ttnn
     values, ids = ttnn.topk(logits, k=32, dim=-1, largest=True, sorted=True)
     assert int(p.mesh.read(ids).reshape(TILE, 32)[0, 0]) == 200  # the patch is in effect
+
+
+def test_the_full_path_filters_exactly_too() -> None:
+    """Through logprobs.select (a user asks for logprobs): top_k = 64 and top_p = 0.7 users
+    replay "logprobs+exact+topk+topp", traced == untraced, and each user's tokens equal its tokens
+    through the plain sampling path (the same filtered distribution and stream)."""
+    plain = {0: SamplingParams(temperature=1.1, top_k=64), 1: SamplingParams(temperature=0.9,
+                                                                               top_p=0.7)}
+    prompts = {0: [5, 9, 33, 7], 1: [11] * 37}
+    full = {u: SequenceSampling(replace(p, logprobs=2), 40 + u) for u, p in plain.items()}
+    backend, _ = _backend()
+    traced = _run(backend, {u: (prompts[u], s) for u, s in full.items()}, 5)
+    assert backend.decoder.mode == "logprobs+exact+topk+topp"
+    untraced = _run(_backend(trace=False)[0], {u: (prompts[u], s) for u, s in full.items()}, 5)
+    assert untraced == traced
+    sampled = _run(backend, {u: (prompts[u], SequenceSampling(p, 40 + u))
+                             for u, p in plain.items()}, 5)
+    assert sampled == traced and len(set(traced[0] + traced[1])) > 4
