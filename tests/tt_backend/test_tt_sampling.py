@@ -27,9 +27,10 @@ from llm.engine.contract.sampling_params import SamplingParams
 from llm.model.checkpoint.common import Checkpoint
 from llm.model.config import RuntimeConfig
 
-# (temperature, top_k, top_p) per row; top_p values are exact in bf16 (the op's p dtype). top_k
-# 0 and 50 are beyond ttnn.sampling's 32 candidates: exact here because the logits below put
-# no mass (< 1e-11) outside their 12 best tokens.
+# (temperature, top_k, top_p) per row; top_p values are exact in bf16 (the op's p dtype). The
+# draws below pass no `cdf`, so the rows with top_k 0 and 50 take the 32-candidate path here,
+# which equals their exact distribution because these logits put no mass (< 1e-11) outside their
+# 12 best tokens; their exact path is tested in test_tt_sampling_exact.py.
 ROWS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.75), (1.0, 8, 0.5), (0.5, 50, 0.875),
         (2.0, 12, 1.0)]
 DRAWS = 1200
@@ -226,7 +227,8 @@ def test_seeded_tokens_do_not_depend_on_the_batch() -> None:
     assert mixed[1] == greedy  # the greedy user beside two sampling users
     top1 = SequenceSampling(SamplingParams(temperature=0.7, top_k=1), 5)
     assert _run(backend, {1: (c_prompt, top1)}, steps)[1] == greedy
-    assert backend.decoder.traces.keys() == {"greedy", "sample"}
+    # a (top_p < 1, no top-k) draws by inverse CDF after the top-p search (thresholds.py)
+    assert backend.decoder.traces.keys() == {"greedy", "sample+exact+topp"}
 
 
 def test_tt_serves_every_sampling_mode_torch_serves() -> None:

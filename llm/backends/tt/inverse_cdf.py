@@ -1,10 +1,11 @@
-"""Exact sampling from the whole vocabulary (top_k = 0, top_p = 1) on the device, by inverse CDF.
+"""Exact sampling over the whole vocabulary on the device, by inverse CDF.
 
-`ttnn.sampling` sees at most 32 candidates, so a row that asks for no top-k / top-p filter would
-otherwise draw from its 32 most likely tokens only. Here such a row draws from softmax(z) over
-every token instead, with documented ops only:
+`ttnn.sampling` sees at most 32 candidates, so a row with no top-k / top-p filter, top_k > 32,
+or top_p < 1 without a top-k of at most 32 would draw from its 32 most likely tokens only. Here
+such a row draws from its distribution over every token instead, with documented ops only:
 
-- e = EXP(z - m) (m the row maximum), and its inclusive running sum c over the vocabulary in two
+- e = EXP(z - m) (m the row maximum), zeroed past the row's top-k / top-p thresholds
+  (thresholds.py), and its inclusive running sum c over the vocabulary in two
   levels: each block of B tokens (a row reshaped to `[blocks, B]`) times an upper-triangular
   ones matrix, plus the block offsets (the block totals times a strictly upper-triangular one);
 - a uniform u in [0, 1) per row from DIGITS draws of `ttnn.sampling` over 32 equal candidates
@@ -23,6 +24,7 @@ import torch
 
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.thresholds import ThresholdSearch
 
 DIGITS = 5  # 5 bits each: u has 25 bits, as many as a float32 mantissa holds
 
@@ -39,6 +41,7 @@ class InverseCdf:
         ttnn = mesh.ttnn
         self.mesh, self.width, self.ones = mesh, width, ones  # ones: bf16 [1, 1, width, 32]
         self.kernel = cfg.kernels["hifi4"]
+        self.search = ThresholdSearch(mesh, ones, self.kernel)  # the top-k / top-p filters
         self.block = b = block_size(width)
         self.blocks = nb = width // b
 
@@ -76,14 +79,14 @@ class InverseCdf:
                 u = total
         return u
 
-    def draw(self, z, m, u):
-        """z fp32 `[1, 1, 32, width]` (logits / T, masked entries -1e30), m its row maxima and u
-        uniforms, fp32 `[1, 1, 32, 1]` -> the drawn token of each row, fp32 `[1, 1, 32, 1]`."""
+    def draw(self, e, u):
+        """e fp32 `[1, 1, 32, width]` (each row's unnormalised distribution, ThresholdSearch.
+        weights; freed) and u uniforms, fp32 `[1, 1, 32, 1]` -> the drawn token of each row,
+        fp32 `[1, 1, 32, 1]`."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, nb = self.block, self.blocks
         # a reshape may be a view of its input: only the reshaped names are freed
-        e = ttnn.subtract(z, m, activations=[ttnn.UnaryOpType.EXP], memory_config=dram)
         rows = ttnn.reshape(e, (1, 1, TILE * nb, b))  # each row as nb blocks of b tokens
         inside = ttnn.matmul(rows, self.within, dtype=ttnn.float32, memory_config=dram,
                              compute_kernel_config=self.kernel)  # running sums within each block

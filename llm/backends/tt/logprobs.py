@@ -29,10 +29,11 @@ from llm.backends.tt.penalties import SlotPenalties
 from llm.backends.tt.sampling import (
     MAX_TOP_K,
     Sampler,
+    filters_for,
     host_inputs,
     id_column,
-    whole_vocabulary,
 )
+from llm.backends.tt.thresholds import Filters, row_sums
 from llm.backends.tt.token_masks import MASKED, additive_masks
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import StepOutput, TokenLogprobs
@@ -98,13 +99,7 @@ class LogprobsOps:
 
     def row_sums(self, x):
         """fp32 `[1, 1, 32, V_pad]` -> each row's sum, fp32 `[1, 1, 32, 1]`."""
-        ttnn = self.mesh.ttnn
-        dram = ttnn.DRAM_MEMORY_CONFIG
-        s = ttnn.matmul(x, self.ones, dtype=ttnn.float32, memory_config=dram,
-                        compute_kernel_config=self.kernel)  # [1, 1, 32, 32], equal columns
-        col = ttnn.slice(s, (0, 0, 0, 0), (1, 1, TILE, 1), memory_config=dram)
-        ttnn.deallocate(s)
-        return col
+        return row_sums(self.mesh.ttnn, x, self.ones, self.kernel)
 
     def logprobs(self, z, top_z, top_ids, chosen_hot) -> tuple:
         """z fp32 `[1, 1, 32, V_pad]` (logits / T), its top-32 values top_z; chosen_hot: the
@@ -132,13 +127,13 @@ class LogprobsOps:
 
 def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
            inputs: Mapping, fed=None, penalize: bool = True,
-           cdf: InverseCdf | None = None) -> Selected:
+           cdf: InverseCdf | None = None, filters: Filters | None = None) -> Selected:
     """The full selection path of the 32 rows (see module): logits `[1, 1, 32, V_local]` TILE
     bf16; inputs: the sampler's (SAMPLING_INPUTS), FULL_INPUTS and, with `penalize`, the penalty
     columns (penalties.COLUMNS) as device tensors; fed: the tokens the rows fed this step (uint32
     `[1, 1, 1, 32]`, counted first; None in prefill). Without `penalize` (no row of the batch
     penalizes) the penalties' passes over the logits are left out; with `cdf` the rows marked
-    exact draw from the whole vocabulary (Sampler.whole_vocabulary). Trace-safe; advances
+    exact draw by inverse CDF after the `filters` searches (Sampler.finish). Trace-safe; advances
     min_left (with `penalize`)."""
     ttnn = sampler.mesh.ttnn
     dram = ttnn.DRAM_MEMORY_CONFIG
@@ -158,15 +153,16 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
         ttnn.deallocate(masked)
     values, ids = ttnn.topk(x, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
                             memory_config=dram)  # fp32, uint32 [1, 1, 32, 32]
-    tokens = sampler.draw(values, ids, **{k: inputs[k] for k in
-                                          ("k", "p", "temp", "rank_mask", "seeds")})
+    drawn = sampler.draw(values, ids, **{k: inputs[k] for k in
+                                         ("k", "p", "temp", "rank_mask", "seeds")})
     z = ttnn.multiply(x, inputs["inv_temp"], memory_config=dram)  # / T (1 for greedy rows)
-    ttnn.deallocate(x)
     top_z = ttnn.multiply(values, inputs["inv_temp"], memory_config=dram)
     ttnn.deallocate(values)
-    if cdf is not None:
-        m = ttnn.slice(top_z, (0, 0, 0, 0), (1, 1, TILE, 1), memory_config=dram)
-        tokens = sampler.whole_vocabulary(tokens, z, m, inputs["exact"], cdf)
+    m = ttnn.slice(top_z, (0, 0, 0, 0), (1, 1, TILE, 1), memory_config=dram) \
+        if cdf is not None else None
+    tokens = sampler.finish(drawn, x, z, m, inputs, cdf, filters)  # exact and argmax rows
+    ttnn.deallocate(x)
+    if m is not None:
         ttnn.deallocate(m)
     col = id_column(ttnn, tokens)
     hot = penalties.one_hot(col)
@@ -207,9 +203,9 @@ def select_row(model, layouts: Mapping, logits, row: int, users: Sequence[Sequen
               for name, v in host.items()}
     if penalize:
         model.penalties.sync()
-    exact = any(whole_vocabulary(u.params) for u in users)
+    filters = filters_for(u.params for u in users)
     sel = select(rows, model.sampler, model.penalties, model.logprob_ops, inputs,
-                 penalize=penalize, cdf=model.inverse_cdf if exact else None)
+                 penalize=penalize, cdf=model.inverse_cdf if filters else None, filters=filters)
     ttnn.deallocate(rows)
     drawn = mesh.read(sel.tokens).reshape(-1).to(torch.int64)  # [32]
     tokens = [int(drawn[s]) for s in slots]

@@ -24,6 +24,7 @@ from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.penalties import SlotPenalties
 from llm.backends.tt.rope import RotarySetup
 from llm.backends.tt.sampling import Sampler
+from llm.backends.tt.thresholds import Filters
 from llm.backends.tt.weights import WeightStore
 from llm.model.config import ModelConfig, RuntimeConfig
 
@@ -147,7 +148,7 @@ class Transformer:
     # ------------------------------------------------------------------------------ decode
     def decode(self, tokens, rot_idxs, cur_pos, page_table, next_tokens,
                sampling: dict | None = None, features: str | None = None,
-               selected: Selected | None = None, exact: bool = False):
+               selected: Selected | None = None, exact: Filters | None = None):
         """One decode step for the B user rows, all on device tensors (trace-safe).
 
         tokens uint32 `[1, 1, 1, 32]` (users in the first B), rot_idxs uint32 `[1, 32]`,
@@ -161,7 +162,8 @@ class Transformer:
         logprobs.FULL_INPUTS (and for "penalties" the penalty columns), the tokens come from
         logprobs.select (masks applied; for "penalties" the fed tokens counted and the penalties
         applied), copied into the persistent buffers `selected`, which are returned (else the
-        logits). exact: the rows marked so draw from the whole vocabulary (inverse_cdf.py)."""
+        logits). exact: the threshold searches of the rows drawn by inverse CDF (inverse_cdf.py,
+        thresholds.py); None where no row is."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         b, dim = self.cfg.geo.batch, self.cfg.geo.dim
@@ -186,12 +188,12 @@ class Transformer:
             if features:
                 sel = select(rows, self.sampler, self.penalties, self.logprob_ops, sampling,
                              fed=tokens, penalize=features == "penalties",
-                             cdf=self.inverse_cdf if exact else None)
+                             cdf=self.inverse_cdf if exact else None, filters=exact)
                 out = sel.copy_into(ttnn, selected)
                 drawn = out.tokens  # [1, 1, 1, 32], a persistent output
             else:
-                drawn = self.sampler(rows, **sampling,
-                                     cdf=self.inverse_cdf if exact else None)  # [1, 1, 1, 32]
+                drawn = self.sampler(rows, **sampling, cdf=self.inverse_cdf if exact else None,
+                                     filters=exact)  # [1, 1, 1, 32]
             ttnn.to_memory_config(ttnn.reshape(drawn, (1, 1, TILE)), dram,
                                   output_tensor=next_tokens)
             if not features:

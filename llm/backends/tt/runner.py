@@ -23,7 +23,7 @@ from llm.backends.tt.model import Transformer
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.penalties import full_path
 from llm.backends.tt.precision import POLICIES, default_overrides, precision
-from llm.backends.tt.sampling import host_inputs, whole_vocabulary
+from llm.backends.tt.sampling import filters_for, host_inputs
 from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import (
@@ -221,9 +221,11 @@ class TTBackend(Backend):
             if user.params.greedy:
                 out = model.lm_head.argmax(logits)  # uint32 [1, 1, 32]
             else:
-                cdf = model.inverse_cdf if whole_vocabulary(user.params) else None
+                filters = filters_for([user.params])
                 out = model.sampler(logits, **model.sampler.put(host_inputs(
-                    {row: (user.params, user.seed, start + n)})), cdf=cdf)  # [1, 1, 1, 32]
+                    {row: (user.params, user.seed, start + n)})),
+                    cdf=model.inverse_cdf if filters else None,
+                    filters=filters)  # [1, 1, 1, 32]
             tokens.append(int(mesh.read(out).reshape(-1)[row].to(torch.int64)))
         return StepOutput(tokens)
 

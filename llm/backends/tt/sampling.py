@@ -3,15 +3,16 @@ samples: `topk` (k = 32) over the gathered logits, then `manual_seed` and `sampl
 decoding does not come here: it is the argmax fast path (lm_head.py).
 
 Per user row of the 32-row decode tile: k, p, temp (= 1/T) and a seed, as device tensors, so the
-decode trace serves any mix of requests (a greedy row is k = 1). The candidates beyond a row's
-top-k are masked to -inf before `ttnn.sampling`, whose softmax then runs over exactly the row's
-top-k: top-p cuts the renormalised top-k distribution, as the torch backend does.
+decode trace serves any mix of requests. The candidates beyond a row's top-k are masked to -inf
+before `ttnn.sampling`, whose softmax then runs over exactly the row's top-k: top-p cuts the
+renormalised top-k distribution, as the torch backend does.
 
-A row with no filter at all (top_k = 0, top_p = 1) draws exactly from the whole vocabulary
-instead (`whole_vocabulary`, by inverse CDF: inverse_cdf.py) when the caller passes `cdf`.
-What cannot be exact: `ttnn.sampling` keeps at most 32 candidates, so top_k > 32, or top_k = 0
-with top_p < 1, samples from the 32 most likely tokens (tt_transformers' max_top_k is 32 too),
-and p and 1/T are bf16 (the op's dtype).
+`ttnn.sampling` keeps at most 32 candidates, so a row whose filter may reach past them (top_k =
+0 or > 32; `exact_row`) draws by inverse CDF over the whole vocabulary instead when the caller
+passes `cdf` (inverse_cdf.py), after exact top-k / top-p thresholds (thresholds.py) as the step's
+`Filters` ask. Greedy and top_k = 1 rows take the argmax of the logits (its first index on ties,
+as the greedy path), not `ttnn.topk`'s first candidate, whose order among ties is arbitrary on
+hardware. What stays rounded: p and 1/T of the 32-candidate path are bf16 (the op's dtype).
 
 Seeds: the token at sequence position q of a request with seed s is drawn right after
 `manual_seed` of its row's core with `seed_base(s) + q`, so it depends on (s, q) and the logits
@@ -22,21 +23,26 @@ with `plus_one`, as it advances the positions.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from llm.backends.tt.inverse_cdf import InverseCdf
 from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
+from llm.backends.tt.thresholds import Filters
 from llm.engine.contract.sampling_params import SamplingParams
 
 MAX_TOP_K = 32  # ttnn.sampling's limit on k (and the candidates it can see)
 TOPK_MAX_WIDTH = 65536  # the widest row ttnn.topk takes in one call
 _MASKED = -1e30  # a masked candidate's value: finite in bf16, exp() underflows to 0
+_NO_TOP_K = float(2 ** 24)  # bound_k of a row without top-k: no count reaches it
+_NO_TOP_P = 2.0  # bound_p of a row without top-p: no mass reaches it
 # the Sampler's per-row device inputs (inv_temp: 1/T in fp32, 1 for greedy rows; exact: 1.0 for
-# rows drawn from the whole vocabulary by inverse_cdf.py)
-SAMPLING_INPUTS = ("k", "p", "temp", "rank_mask", "seeds", "inv_temp", "exact")
+# rows drawn by inverse_cdf.py; greedy: 1.0 for rows taking the argmax; bound_k = top_k - 0.5 and
+# bound_p = top_p for the exact rows' threshold searches, thresholds.py)
+SAMPLING_INPUTS = ("k", "p", "temp", "rank_mask", "seeds", "inv_temp", "exact", "greedy",
+                   "bound_k", "bound_p")
 
 
 def seed_base(seed: int) -> int:
@@ -45,9 +51,24 @@ def seed_base(seed: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def whole_vocabulary(params: SamplingParams | None) -> bool:
-    """A row that samples with no top-k / top-p filter: drawn exactly by inverse_cdf.py."""
-    return params is not None and not params.greedy and params.top_k == 0 and params.top_p == 1
+def exact_row(params: SamplingParams | None) -> bool:
+    """A sampling row whose top-k is 0 (off) or past ttnn.sampling's 32 candidates: drawn by
+    inverse CDF (inverse_cdf.py) after its exact filters (thresholds.py)."""
+    return params is not None and not params.greedy and not 1 <= params.top_k <= MAX_TOP_K
+
+
+def argmax_row(params: SamplingParams | None) -> bool:
+    """A row that takes the argmax: idle or greedy (temperature 0 or top_k = 1)."""
+    return params is None or params.greedy
+
+
+def filters_for(params: Iterable[SamplingParams]) -> Filters | None:
+    """The threshold searches a batch's exact rows need (None: no exact row)."""
+    rows = [p for p in params if exact_row(p)]
+    if not rows:
+        return None
+    return Filters(top_k=any(p.top_k > MAX_TOP_K for p in rows),
+                   top_p=any(p.top_p < 1 for p in rows))
 
 
 def row_settings(params: SamplingParams | None) -> tuple[int, float, float]:
@@ -62,20 +83,26 @@ def host_inputs(rows: Mapping[int, tuple[SamplingParams, int, int]]) -> dict[str
     """The sampling inputs of the 32 rows as host tensors: rows maps a row to (params, seed,
     position of the token it draws); other rows are greedy. k, seeds int64 [32]; p, temp float
     [32]; rank_mask float [1, 1, 32, 32] (0 for the row's first k candidates, -inf after);
-    inv_temp, exact float [1, 1, 32, 1]."""
+    inv_temp, exact, greedy, bound_k, bound_p float [1, 1, 32, 1]."""
     k = torch.ones(TILE, dtype=torch.int64)
     p, temp = torch.ones(TILE), torch.ones(TILE)
     seeds = torch.zeros(TILE, dtype=torch.int64)
-    inv_temp, exact = torch.ones(1, 1, TILE, 1), torch.zeros(1, 1, TILE, 1)
+    col = {name: torch.full((1, 1, TILE, 1), v) for name, v in
+           (("inv_temp", 1.0), ("exact", 0.0), ("greedy", 1.0), ("bound_k", _NO_TOP_K),
+            ("bound_p", _NO_TOP_P))}
     for r, (params, seed, position) in rows.items():
         k[r], p[r], temp[r] = row_settings(params)
         seeds[r] = seed_base(seed) + position
-        inv_temp[0, 0, r] = 1.0 / params.temperature if params.temperature > 0 else 1.0
-        exact[0, 0, r] = float(whole_vocabulary(params))
+        col["inv_temp"][0, 0, r] = 1.0 / params.temperature if params.temperature > 0 else 1.0
+        col["exact"][0, 0, r] = float(exact_row(params))
+        col["greedy"][0, 0, r] = float(argmax_row(params))
+        if exact_row(params) and params.top_k > MAX_TOP_K:
+            col["bound_k"][0, 0, r] = params.top_k - 0.5
+        if exact_row(params) and params.top_p < 1:
+            col["bound_p"][0, 0, r] = float(params.top_p)
     ranks = torch.arange(MAX_TOP_K)
     rank_mask = torch.where(ranks[None, :] < k[:, None], 0.0, _MASKED)[None, None]
-    return {"k": k, "p": p, "temp": temp, "rank_mask": rank_mask, "seeds": seeds,
-            "inv_temp": inv_temp, "exact": exact}
+    return {"k": k, "p": p, "temp": temp, "rank_mask": rank_mask, "seeds": seeds, **col}
 
 
 def device_layouts(ttnn) -> dict[str, tuple]:
@@ -84,7 +111,8 @@ def device_layouts(ttnn) -> dict[str, tuple]:
     tile = ttnn.TILE_LAYOUT
     return {"k": (ttnn.uint32, rm), "p": (ttnn.bfloat16, rm), "temp": (ttnn.bfloat16, rm),
             "rank_mask": (ttnn.bfloat16, tile), "seeds": (ttnn.uint32, rm),
-            "inv_temp": (ttnn.float32, tile), "exact": (ttnn.float32, tile)}
+            **{name: (ttnn.float32, tile)
+               for name in ("inv_temp", "exact", "greedy", "bound_k", "bound_p")}}
 
 
 class Sampler:
@@ -158,53 +186,79 @@ class Sampler:
         ttnn.deallocate(ids)
         return out
 
-    def whole_vocabulary(self, drawn, z, m, exact, cdf: InverseCdf):
-        """Replace the draws of the rows with exact = 1 by an inverse-CDF draw from softmax(z)
-        over the whole vocabulary (inverse_cdf.py): drawn uint32 `[1, 1, 1, 32]` (freed), z fp32
-        `[1, 1, 32, V_pad]`, m its row maxima `[1, 1, 32, 1]` -> uint32 `[1, 1, 1, 32]`."""
+    def finish(self, drawn, x, z, m, inputs: Mapping, cdf: InverseCdf | None = None,
+               filters: Filters | None = None):
+        """The rows' tokens from `ttnn.sampling`'s draws (drawn uint32 `[1, 1, 1, 32]`, freed):
+        with `cdf`, the rows with exact = 1 replaced by an inverse-CDF draw from their filtered
+        distribution (z fp32 `[1, 1, 32, V_pad]` = x / T, m its row maxima `[1, 1, 32, 1]`,
+        `filters` the searches to run); then the rows with greedy = 1 replaced by the argmax of
+        x (`[1, 1, 32, V_pad]` TILE, bf16 or fp32) -> uint32 `[1, 1, 1, 32]` ROW_MAJOR."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
-        u = cdf.uniform(self.cores, id_column)  # the rows' streams, right after their draws
-        tok = cdf.draw(z, m, u)
-        col = id_column(ttnn, drawn)
+        col = id_column(ttnn, drawn)  # fp32 [1, 1, 32, 1]
         ttnn.deallocate(drawn)
-        diff = ttnn.subtract(tok, col, memory_config=dram)
-        moved = ttnn.multiply(diff, exact, memory_config=dram)
-        mixed = ttnn.add(col, moved, memory_config=dram)  # ids < 2^24: exact in fp32
-        for t in (u, tok, col, diff, moved):
-            ttnn.deallocate(t)
-        row = ttnn.transpose(mixed, 2, 3, memory_config=dram)  # [1, 1, 1, 32]
-        ttnn.deallocate(mixed)
+        if cdf is not None:
+            u = cdf.uniform(self.cores, id_column)  # the rows' streams, right after their draws
+            e = cdf.search.weights(z, m, inputs["bound_k"], inputs["bound_p"],
+                                   filters or Filters())
+            tok = cdf.draw(e, u)
+            ttnn.deallocate(u)
+            col = _mix(ttnn, col, tok, inputs["exact"])
+        best = ttnn.argmax(x, dim=3, keepdim=True, memory_config=dram)  # uint32 [1, 1, 32, 1]
+        tiled = ttnn.to_layout(best, ttnn.TILE_LAYOUT, memory_config=dram)
+        ttnn.deallocate(best)
+        best_col = ttnn.typecast(tiled, ttnn.float32, memory_config=dram)
+        ttnn.deallocate(tiled)
+        col = _mix(ttnn, col, best_col, inputs["greedy"])
+        row = ttnn.transpose(col, 2, 3, memory_config=dram)  # [1, 1, 1, 32]
+        ttnn.deallocate(col)
         ids = ttnn.typecast(row, ttnn.uint32, memory_config=dram)
         ttnn.deallocate(row)
         out = ttnn.to_layout(ids, ttnn.ROW_MAJOR_LAYOUT, memory_config=dram)
         ttnn.deallocate(ids)
         return out
 
-    def __call__(self, logits, *, k, p, temp, rank_mask, seeds, inv_temp, exact,
-                 cdf: InverseCdf | None = None):
+    def __call__(self, logits, *, k, p, temp, rank_mask, seeds, inv_temp, exact, greedy,
+                 bound_k, bound_p, cdf: InverseCdf | None = None, filters: Filters | None = None):
         """logits `[1, 1, 32, V_local]` TILE bf16 (this device's vocabulary slice) -> one drawn
         token id per row, uint32 `[1, 1, 1, 32]` on every device (trace-safe). With `cdf`, the
-        rows with exact = 1 draw from the whole vocabulary (whole_vocabulary)."""
+        rows with exact = 1 draw by inverse CDF after the `filters` searches (finish)."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         full = self.gathered(logits)
         values, indices = ttnn.topk(full, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
                                     memory_config=dram)  # [1, 1, 32, 32]
-        out = self.draw(values, indices, k=k, p=p, temp=temp, rank_mask=rank_mask, seeds=seeds)
+        drawn = self.draw(values, indices, k=k, p=p, temp=temp, rank_mask=rank_mask, seeds=seeds)
+        inputs = {"exact": exact, "greedy": greedy, "bound_k": bound_k, "bound_p": bound_p}
+        z = m = None
         if cdf is not None:
             wide = ttnn.typecast(full, ttnn.float32, memory_config=dram)
             z = ttnn.multiply(wide, inv_temp, memory_config=dram)
+            ttnn.deallocate(wide)
             top = ttnn.slice(values, (0, 0, 0, 0), (1, 1, TILE, 1), memory_config=dram)
             m = ttnn.multiply(top, inv_temp, dtype=ttnn.float32, memory_config=dram)
-            out = self.whole_vocabulary(out, z, m, exact, cdf)
-            for t in (wide, z, top, m):
+            ttnn.deallocate(top)
+        out = self.finish(drawn, full, z, m, inputs, cdf, filters)
+        for t in (z, m):
+            if t is not None:
                 ttnn.deallocate(t)
         if full is not logits:
             ttnn.deallocate(full)
         ttnn.deallocate(values)
         ttnn.deallocate(indices)
         return out
+
+
+def _mix(ttnn, col, other, flag):
+    """col + flag * (other - col): other's ids where flag = 1, fp32 `[1, 1, 32, 1]` (ids < 2^24
+    are exact); frees col and other."""
+    dram = ttnn.DRAM_MEMORY_CONFIG
+    diff = ttnn.subtract(other, col, memory_config=dram)
+    moved = ttnn.multiply(diff, flag, memory_config=dram)
+    mixed = ttnn.add(col, moved, memory_config=dram)
+    for t in (col, other, diff, moved):
+        ttnn.deallocate(t)
+    return mixed
 
 
 def id_column(ttnn, ids):

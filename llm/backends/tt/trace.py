@@ -21,9 +21,10 @@ from llm.backends.tt.penalties import COLUMNS, full_path, neutral_columns
 from llm.backends.tt.sampling import (
     SAMPLING_INPUTS,
     device_layouts,
+    filters_for,
     host_inputs,
-    whole_vocabulary,
 )
+from llm.backends.tt.thresholds import Filters
 from llm.backends.tt.token_masks import additive_masks
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import TokenLogprobs
@@ -107,7 +108,8 @@ class DecodeRunner:
     (the argmax fast path, when no row samples), "sample" (any mix of sampling and greedy rows),
     "logprobs" (some row asks for logprobs or has token masks: logprobs.select) and "penalties"
     (that path with the penalties, where some row uses penalties, logit_bias or min_tokens), each
-    with "+exact" where some row samples without top-k / top-p (inverse_cdf.py), each captured the
+    with "+exact" where some row samples with top_k = 0 or > 32 (inverse_cdf.py; "+exact+topk" /
+    "+exact+topp" with the threshold searches such rows need, thresholds.py), each captured the
     first time a step needs it."""
 
     def __init__(self, model: Transformer, traced: bool = True) -> None:
@@ -166,10 +168,10 @@ class DecodeRunner:
         return out
 
     def run_graph(self, sample: bool = False, features: str | None = None,
-                  exact: bool = False):
+                  exact: Filters | None = None):
         """Run (or, inside a capture, record) the decode graph on the persistent inputs;
         returns the full path's Selected (the persistent DecodeInputs.selected; else the
-        logits). exact: with the whole-vocabulary draw (inverse_cdf.py)."""
+        logits). exact: the inverse-CDF draw's threshold searches (None: no such draw)."""
         d = self.inputs.dev
         return self.model.decode(d["tokens"], d["rot_idxs"], d["cur_pos"], d["page_table"],
                                  self.inputs.next_tokens,
@@ -193,8 +195,9 @@ class DecodeRunner:
         penalize = full and any(s.params.penalized for s in sampling)
         features = "penalties" if penalize else "logprobs" if full else None
         sample = full or (sampling is not None and any(not s.params.greedy for s in sampling))
-        exact = sample and any(whole_vocabulary(s.params) for s in sampling)
-        self.mode = (features or ("sample" if sample else "greedy")) + ("+exact" if exact else "")
+        exact = filters_for(s.params for s in sampling) if sample else None
+        self.mode = (features or ("sample" if sample else "greedy")) + (
+            exact.suffix if exact else "")
         wanted = self.wanted(rows, tokens, positions, page_rows,
                              sampling if sample else None, features, allowed)
         self.inputs.write(wanted)
