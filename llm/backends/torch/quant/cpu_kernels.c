@@ -165,20 +165,23 @@ static inline void q6_block_out(const int8_t *c, float s, float z, float *w) {
     _mm512_storeu_ps(w + 16, hi);
 }
 
-/* Rows n and n2 of W (n2 == n for a lone last row) against rows 0..mr of x. */
+/* Rows n and n2 of W (n2 == n for a lone last row) against rows 0..mr of x; NAME##_mr inlined
+   twice, once with mr the constant MR (a batch's full groups of rows: no per-row branches in the
+   loop over K) and once with mr as given (the last group). */
 #define ROWS_KERNEL(NAME, CT, BYTES, DECODE)                                                     \
-    static inline void NAME(const float *x, int64_t K, int mr, const CT *c1, const CT *c2,       \
-                            const float *s1, const float *z1, const float *s2,             \
-                            const float *z2,                                                    \
-                            float *out1, float *out2, int64_t ld1, int64_t ld2) {               \
+    static inline __attribute__((always_inline)) void NAME##_mr(                                 \
+        const float *x, int64_t K, const int mr, const CT *c1, const CT *c2, const float *s1,    \
+        const float *z1, const float *s2, const float *z2, float *out1, float *out2,             \
+        int64_t ld1, int64_t ld2) {                                                              \
         __m512 a1[MR][2], a2[MR][2];                                                             \
         for (int m = 0; m < MR; m++)                                                             \
             a1[m][0] = a1[m][1] = a2[m][0] = a2[m][1] = _mm512_setzero_ps();                     \
         int64_t nb = K / BLOCK;                                                                  \
         for (int64_t b = 0; b < nb; b++) {                                                       \
             __m512 w1l, w1h, w2l, w2h;                                                           \
-            DECODE(c1 + b * BYTES, s1[b], z1[b], &w1l, &w1h);                        \
-            DECODE(c2 + b * BYTES, s2[b], z2[b], &w2l, &w2h);                        \
+            DECODE(c1 + b * BYTES, s1[b], z1[b], &w1l, &w1h);                                    \
+            DECODE(c2 + b * BYTES, s2[b], z2[b], &w2l, &w2h);                                    \
+            _Pragma("GCC unroll 4")                                                              \
             for (int m = 0; m < MR; m++) {                                                       \
                 if (m < mr) {                                                                    \
                     const float *xm = x + m * K + b * BLOCK;                                     \
@@ -194,6 +197,14 @@ static inline void q6_block_out(const int8_t *c, float s, float z, float *w) {
             out1[m * ld1] = _mm512_reduce_add_ps(_mm512_add_ps(a1[m][0], a1[m][1]));             \
             out2[m * ld2] = _mm512_reduce_add_ps(_mm512_add_ps(a2[m][0], a2[m][1]));             \
         }                                                                                        \
+    }                                                                                            \
+    static void NAME(const float *x, int64_t K, int mr, const CT *c1, const CT *c2,              \
+                     const float *s1, const float *z1, const float *s2, const float *z2,         \
+                     float *out1, float *out2, int64_t ld1, int64_t ld2) {                       \
+        if (mr == MR)                                                                            \
+            NAME##_mr(x, K, MR, c1, c2, s1, z1, s2, z2, out1, out2, ld1, ld2);                   \
+        else                                                                                     \
+            NAME##_mr(x, K, mr, c1, c2, s1, z1, s2, z2, out1, out2, ld1, ld2);                   \
     }
 
 /* One row of x against rows n..n+4 of W: 8 independent accumulators, no branches (decode's
