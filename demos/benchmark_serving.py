@@ -263,6 +263,16 @@ def load_model(args) -> SimpleNamespace:
                            describe=f"random {args.random} weights, {backend.describe()}")
 
 
+def listening_socket() -> socket.socket:
+    """A socket bound to a free port of 127.0.0.1 for uvicorn, made as uvicorn makes its own: with
+    proto IPPROTO_TCP, the sockets on which asyncio sets TCP_NODELAY. (A plain socket.socket() has
+    proto 0: then each streamed chunk after the headers waited for the client's delayed ACK on a
+    kept-alive connection, 40 ms added to the TTFT of every request but a connection's first.)"""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def start_server(args, model: SimpleNamespace, prefix_cache: bool = True) -> tuple[str, object]:
     """Serve `model` from a background thread; (url, shutdown callable)."""
     import uvicorn
@@ -277,8 +287,7 @@ def start_server(args, model: SimpleNamespace, prefix_cache: bool = True) -> tup
                                                 prefill_chunk=args.prefill_chunk,
                                                 prefix_cache=prefix_cache))
     app = create_app(engine, ServerConfig(model_name=args.model_name))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = listening_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
