@@ -29,8 +29,11 @@ from llm.engine.scheduler import SchedulerConfig
 from llm.model.checkpoint.common import Checkpoint
 
 CHUNK = 32  # prefill chunk = page size: hits come in multiples of 32 tokens
-# name -> (backend, device, dtype, options); torch-cuda: CUDA graphs, Triton kernels, bf16
-BACKENDS = {"torch": ("torch", "cpu", "float32", {}),
+# name -> (backend, device, dtype, options); torch-cuda: CUDA graphs, Triton kernels, bf16.
+# torch on the CPU at a fixed thread count: the default policy takes the cores free at each call,
+# and MKL's matmuls differ in the last bits between thread counts (README), which a 16-core host
+# under load showed here as a cold / warm logprob difference in the 7th digit
+BACKENDS = {"torch": ("torch", "cpu", "float32", {"threads": 2}),
             "tt": ("tt", "cpu", "float32", {"implementation": "emulator"}),
             "torch-cuda": ("torch", "cuda", "bfloat16", {})}
 
