@@ -16,6 +16,10 @@ for exactly that step, it is already running and nothing is copied to the device
 left or joined) the step is recomputed from the host's inputs: a continuing user's K/V writes are
 the same values at the same slots, and a departed user's extra write lands in its own pages before
 any later prefill can reuse them (same stream), never past the pages reserved for its budget.
+
+A batch with structured output cannot run ahead: its next masks exist only after the host has read
+this step's tokens. Its steps replay a logits-only graph per bucket (captured on first use: the
+forward into a static logits buffer), then the runner applies the masks and selects eagerly.
 """
 
 from __future__ import annotations
@@ -96,7 +100,9 @@ class DecodeGraphs:
         self._ahead: _Launched | None = None
         self._ahead_full = False  # the step launched ahead took the penalty path (it counted)
         self._copied = torch.cuda.Event()
-        self.stats = {"steps": 0, "ahead_hits": 0}
+        self._logit_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: torch.Tensor | None = None  # [max bucket, V(_local)], on first use
+        self.stats = {"steps": 0, "ahead_hits": 0, "logits_steps": 0}
 
     def _step(self, b: int, greedy: bool, full: bool) -> None:
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b])
@@ -141,6 +147,39 @@ class DecodeGraphs:
     def reset(self) -> None:
         """Forget the step launched ahead (its result will not be used)."""
         self._ahead = None
+
+    @torch.inference_mode()
+    def logits(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
+               page_table: Sequence[Sequence[int]], sampling: Sequence[SequenceSampling]
+               ) -> torch.Tensor:
+        """One decode step's logits [B, V(_local)] by a captured forward alone, nothing launched
+        ahead (the step launched ahead, if any, is dropped): for a batch whose selection needs
+        the host first (structured output). A view of a static buffer, valid until the next
+        call."""
+        self.reset()
+        b = len(tokens)
+        bucket = next(x for x in self.buckets if x >= b)
+        graph = self._logit_graphs.get(bucket) or self._capture_logits(bucket)
+        self._stage(b, bucket, slots, tokens, positions, page_table,
+                    [s.params for s in sampling], [s.seed for s in sampling])
+        graph.replay()
+        self.stats["logits_steps"] += 1
+        return self._logits[:b]
+
+    def _capture_logits(self, bucket: int) -> torch.cuda.CUDAGraph:
+        """Capture the forward of `bucket` rows into the static logits buffer (the kernels were
+        compiled and warmed by `capture`)."""
+        if self._logits is None:  # outside the graphs' pool: it outlives every replay
+            m = self.model
+            self._logits = torch.empty(self.buckets[-1], m.lm_head.vocab_size, dtype=m.dtype,
+                                       device=m.device)  # [max bucket, V(_local)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._logits[:bucket].copy_(self.model.decode(
+                self.tokens[:bucket], self.positions[:bucket], self.page_table[:bucket],
+                self.cache))
+        self._logit_graphs[bucket] = graph
+        return graph
 
     @torch.inference_mode()
     def run(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
