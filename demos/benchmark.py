@@ -403,8 +403,8 @@ def follow_configs(args: argparse.Namespace, mesh: Mesh, device: torch.device) -
     batches = [int(b) for b in args.batches.split(",")]
     plens = [int(n) for n in args.prompt_lens.split(",")]
     for name in args.configs.split(","):
-        backend = build_backend(make_checkpoint(name, device, getattr(torch, args.dtype)), args,
-                                batches, plens, mesh)
+        backend = build_backend(make_checkpoint(name, device, getattr(torch, args.dtype),
+                                                args.weights), args, batches, plens, mesh)
         follow(backend, mesh)
         del backend
         torch.cuda.empty_cache() if device.type == "cuda" else None
