@@ -45,7 +45,10 @@ GEMV_ONE_ROW = dict(K=2048, BLOCK_M=1, BLOCK_N=2, BLOCK_K=1024, ROWS=1, STAT_K=2
 GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS": 4,
             "STAT_K": 1024, "GLU": False, "FMA": False}
 QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
-                   GLU=True, XF16=False, HAS_BIAS=True, COMPILED=True)
+                   GLU=True, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2, XF16=False,
+                   HAS_BIAS=True, COMPILED=True)
+QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
+              "HEAD_DIM": 64}
 QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
 KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed before the wait)
     (norm._add_rms_norm_kernel, dict(HIDDEN=2048, BLOCK=2048, HAS_RESIDUAL=True), {}, False),
@@ -70,12 +73,15 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     # (PREFETCH off) nothing
     (qgemv_words._qgemv_w_kernel, QGEMV_WORDS, QGEMV_POINTERS, True),
     (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False}, QGEMV_POINTERS, False),
+    # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
+    (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
+     {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
 ]
 
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gemv_fma", "gemv_dot", "silu_mul", "qgemv_words",
-       "qgemv_words_no_prefetch"]
+       "qgemv_words_no_prefetch", "qgemv_words_rope"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:

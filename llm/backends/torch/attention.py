@@ -12,7 +12,7 @@ from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
-from llm.backends.torch.weight import head_rows, linear, stack_rows
+from llm.backends.torch.weight import QuantLinear, head_rows, linear, stack_rows
 from llm.model.config import ModelConfig
 from llm.model.rope import rotary_row_order
 
@@ -246,7 +246,32 @@ class Attention:
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
+        q = self._qkv_rope(x, meta, cache)
+        if q is not None:
+            return self._attend(q, meta, cache)
         return self.decode_qkv(linear(x, self.wqkv, self.bqkv), meta, cache)
+
+    def _qkv_rope(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache
+                  ) -> torch.Tensor | None:
+        """One token's rotated q [1, nh, hd] by the quantized QKV GEMV with RoPE and the K/V write
+        in its epilogue (kernels/qgemv_words.py, bit-equal to the GEMV then `rope_and_cache`), or
+        None where it does not run: batches, dense weights, q/k head norms, the gather path."""
+        w = self.wqkv
+        if (meta.pages_per_program is None or x.shape[0] != 1 or not x.is_cuda
+                or not isinstance(w, QuantLinear) or self.q_norm is not None):
+            return None
+        from llm.backends.torch.kernels.qgemv_words import (
+            RopeTarget,
+            qgemv_words,
+            words_kernel_runs,
+        )
+
+        if not words_kernel_runs(x, w.weight):
+            return None
+        target = RopeTarget(meta.cos, meta.sin, meta.blocks, meta.offsets, cache.k[self.layer],
+                            cache.v[self.layer], self.n_heads)
+        q = qgemv_words(x, w.weight, self.bqkv, rope=target)  # [1, nh * hd]
+        return q.view(1, self.n_heads, self.hd)
 
     def decode_native(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
                       kernels: NativeKernels) -> torch.Tensor:
@@ -266,24 +291,34 @@ class Attention:
         b = qkv.shape[0]
         qkv = self._norm_qk(qkv)
         if meta.pages_per_program is not None:  # Triton: fused RoPE + K/V write, paged attention
-            from llm.backends.torch.kernels.paged_decode import paged_decode_attention
             from llm.backends.torch.kernels.rope_kv import rope_and_cache
 
-            kp, vp = cache.k[self.layer], cache.v[self.layer]
-            q = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets, kp, vp,
+            q = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets,
+                               cache.k[self.layer], cache.v[self.layer],
                                self.n_heads)  # [B, nh, hd]
-            out = paged_decode_attention(q, kp, vp, meta.page_table, meta.positions,
-                                         self.scale, meta.pages_per_program)  # [B, nh, hd]
-        else:
-            q, k, v = self._split_rotate(qkv, meta.cos, meta.sin_rot)
-            cache.write(self.layer, k, v, meta.blocks, meta.offsets)
-            keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
-            if meta.mask is None:  # one user: its first `length` keys
-                keys, values = keys[:, :, : meta.length], values[:, :, : meta.length]
-            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
-                                                 attn_mask=meta.mask, enable_gqa=True,
-                                                 scale=self.scale)
-        out = out.reshape(b, self.n_heads * self.hd)  # [B, nh*hd]
+            return self._attend(q, meta, cache, gemv)
+        q, k, v = self._split_rotate(qkv, meta.cos, meta.sin_rot)
+        cache.write(self.layer, k, v, meta.blocks, meta.offsets)
+        keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
+        if meta.mask is None:  # one user: its first `length` keys
+            keys, values = keys[:, :, : meta.length], values[:, :, : meta.length]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.mask,
+                                             enable_gqa=True, scale=self.scale)
+        return self._project_out(out.reshape(b, self.n_heads * self.hd), gemv)  # [B, H]
+
+    def _attend(self, q: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
+                gemv: bool = False) -> torch.Tensor:
+        """Rotated q [B, nh, hd] (its K/V written) -> [B, H] by the Triton paged attention and
+        the output projection."""
+        from llm.backends.torch.kernels.paged_decode import paged_decode_attention
+
+        out = paged_decode_attention(q, cache.k[self.layer], cache.v[self.layer],
+                                     meta.page_table, meta.positions, self.scale,
+                                     meta.pages_per_program)  # [B, nh, hd]
+        return self._project_out(out.reshape(q.shape[0], self.n_heads * self.hd), gemv)
+
+    def _project_out(self, out: torch.Tensor, gemv: bool) -> torch.Tensor:
+        """The attention's output [B, nh*hd] -> o_proj [B, H] (all-reduced on a mesh)."""
         if gemv:
             from llm.backends.torch.kernels.gemv import gemv as small_gemv
 

@@ -14,6 +14,7 @@ f(sc_hi)) * sum x (q - 32) over the other half.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -149,6 +150,29 @@ def _codes6(w, h, js, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
 
 
 @triton.jit
+def _rotated(a, b, c, d, XF16: tl.constexpr, COMPILED: tl.constexpr):
+    """a * b + c * d as transformers' RoPE computes q * cos + rotate_half(q) * sin in bf16 / fp16:
+    each product rounded to the activation dtype, their sum in float32 (returned; the caller
+    rounds it). Inline PTX on the GPU: with FP fusion on, the compiler turned the expression into
+    one fused multiply-add in bf16 (a single rounding of the product and sum), 1 ulp off in about
+    a fifth of the values."""
+    if COMPILED:
+        if XF16:
+            return tl.inline_asm_elementwise(
+                "{ .reg .f32 p, q; .reg .b16 hp, hq; mul.rn.f32 p, $1, $2; mul.rn.f32 q, $3, $4; "
+                "cvt.rn.f16.f32 hp, p; cvt.rn.f16.f32 hq, q; cvt.f32.f16 p, hp; "
+                "cvt.f32.f16 q, hq; add.rn.f32 $0, p, q; }",
+                "=f,f,f,f,f", [a, b, c, d], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 p, q; .reg .b16 hp, hq; mul.rn.f32 p, $1, $2; mul.rn.f32 q, $3, $4; "
+            "cvt.rn.bf16.f32 hp, p; cvt.rn.bf16.f32 hq, q; cvt.f32.bf16 p, hp; "
+            "cvt.f32.bf16 q, hq; add.rn.f32 $0, p, q; }",
+            "=f,f,f,f,f", [a, b, c, d], dtype=tl.float32, is_pure=True, pack=1)
+    dt = tl.float16 if XF16 else tl.bfloat16
+    return (a * b).to(dt).to(tl.float32) + (c * d).to(dt).to(tl.float32)
+
+
+@triton.jit
 def _q6k_group(S_lo, S_hi, rows2, g2, mask2, d_ptr, sc_ptr, s_d, s_sc):
     """Q6_K: sum over a group of x * w from the sums S_lo, S_hi of x * (q - 32) over its two
     16-column halves, in the order of the format's dequantize ((f(d[s]) * f(sc)) * q')."""
@@ -181,11 +205,13 @@ def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG:
 
 @triton.jit
 def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW,
-                    s_qw, s_qh, s_d, s_m, s_sc, s_mn, K: tl.constexpr, FMT: tl.constexpr,
+                    s_qw, s_qh, s_d, s_m, s_sc, s_mn, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr,
+                    k_pool, v_pool, s_kp, s_kh, s_kt, K: tl.constexpr, FMT: tl.constexpr,
                     GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                     MAGIC: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
-                    XF16: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
-                    USE_GDC: tl.constexpr):
+                    ROPE: tl.constexpr, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, XF16: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
     """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x; with GLU, y[0, n0:n0 +
     BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW + n of w
     are the up rows of gate row n.
@@ -199,6 +225,11 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     is scaled once (`group_scale`; Q6_K: per 16-column half, `_q6k_group`, with the `qh` words
     of `_chunk_high` loaded and prefetched beside the codes).
 
+    ROPE (the fused QKV weight of one token, see `qgemv_rope`): program row 2i + s is column d
+    (s = 0) or d + HEAD_DIM / 2 (s = 1) of a head, for pair p = program * BLOCK_N / 2 + i = head
+    * HEAD_DIM / 2 + d; the epilogue rotates the query and key pairs as kernels/rope_kv.py does
+    and stores q to y, K and V into the token's page slot.
+
     PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
     depend on none; with PDL they stream during its tail), and where K has several chunks each
     chunk's successor is loaded before the chunk's arithmetic (two chunks of codes in
@@ -207,10 +238,15 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
     r = tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_N // 2
+    HD2: tl.constexpr = HEAD_DIM // 2
     if GLU:  # program row 2i + s: gate row (s = 0) or up row (s = 1) of output n0 + i
-        HALF: tl.constexpr = BLOCK_N // 2
         n_live = pid * HALF + r // 2 < N
         ns = pid * HALF + r // 2 + (r % 2) * UP_ROW
+    elif ROPE:  # program row 2i + s: column d + s * hd / 2 of the head of pair pid * HALF + i
+        pair = pid * HALF + r // 2
+        n_live = pair < N // 2
+        ns = (pair // HD2) * HEAD_DIM + pair % HD2 + (r % 2) * HD2
     else:
         ns = pid * BLOCK_N + r
         n_live = ns < N
@@ -294,6 +330,32 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
         cols = pid * HALF + tl.arange(0, HALF)
         tl.store(y_ptr + cols, (act * up).to(out_ty), mask=cols < N)
+    elif ROPE:  # rounded as F.linear's output, then rotated as kernels/rope_kv.py
+        f1, f2 = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
+        pair = pid * HALF + tl.arange(0, HALF)
+        live = pair < N // 2
+        head = pair // HD2
+        d = pair % HD2
+        c1 = tl.load(cos_ptr + d).to(tl.float32)
+        c2 = tl.load(cos_ptr + d + HD2).to(tl.float32)
+        s1 = tl.load(sin_ptr + d).to(tl.float32)
+        s2 = tl.load(sin_ptr + d + HD2).to(tl.float32)
+        o1 = _rotated(f1, c1, -f2, s1, XF16, COMPILED)
+        o2 = _rotated(f2, c2, f1, s2, XF16, COMPILED)
+        is_q = head < N_HEADS
+        is_v = head >= N_HEADS + N_KV
+        o1 = tl.where(is_v, f1, o1).to(out_ty)  # V: as computed
+        o2 = tl.where(is_v, f2, o2).to(out_ty)
+        q_at = y_ptr + head * HEAD_DIM + d
+        tl.store(q_at, o1, mask=live & is_q)
+        tl.store(q_at + HD2, o2, mask=live & is_q)
+        kvh = tl.where(is_v, head - N_HEADS - N_KV, head - N_HEADS)
+        slot = tl.load(blocks_ptr) * s_kp + kvh * s_kh + tl.load(offsets_ptr) * s_kt + d
+        is_k = live & ~is_q & ~is_v
+        tl.store(k_pool + slot, o1, mask=is_k)
+        tl.store(k_pool + slot + HD2, o2, mask=is_k)
+        tl.store(v_pool + slot, o1, mask=live & is_v)
+        tl.store(v_pool + slot + HD2, o2, mask=live & is_v)
     else:
         tl.store(y_ptr + ns, out.to(out_ty), mask=n_live)
 
@@ -315,14 +377,33 @@ def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.view(dtype)
 
 
+@dataclass(frozen=True)
+class RopeTarget:
+    """Where `qgemv_words(rope=...)` puts one token's fused QKV projection: RoPE tables rows cos,
+    sin [1, hd]; the token's page and slot blocks, offsets [1] (int64); the layer's pools
+    [num_blocks, n_kv, block, hd]; n_heads query heads (q [1, n_heads * hd] is the result)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    blocks: torch.Tensor
+    offsets: torch.Tensor
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    n_heads: int
+
+
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                 config: QGemvWConfig | None = None, pdl: bool | None = None,
-                glu: bool = False) -> torch.Tensor:
+                glu: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
     """`qgemv` of one row of x by the v2 kernel (see `words_kernel_runs`); several rows are
     taken one launch each (the tensor-core kernel is the one for batches). glu: w is a fused
     [2I, K] gate/up weight (gate rows first) and the result silu(gate) * up [M, I], rounded as
-    `silu_mul` of the unfused product."""
+    `silu_mul` of the unfused product. rope (one row): w is a fused QKV weight [(nh + 2 n_kv)
+    hd, K]; q and k rotated as kernels/rope_kv.py `rope_and_cache` does (bit-equal), K and V
+    written into the pools, and the result is q [1, nh * hd]."""
     if x.shape[0] != 1:
+        if rope is not None:
+            raise ValueError(f"qgemv_words(rope=...) takes one token, got {x.shape[0]}")
         return torch.cat([qgemv_words(r, w, bias, config, pdl, glu) for r in x.split(1)])
     fmt, gs = family(w.format)
     k = x.shape[1]
@@ -338,13 +419,30 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     cfg = config or qgemv_w_config(1, w.out_features, k, w.format)
     if glu and cfg.block_n % 2:
         raise ValueError(f"glu needs an even block_n, got {cfg.block_n}")
+    heads, rope_args = (0, 0, 2), (x,) * 6 + (0, 0, 0)  # unused without rope
+    if rope is not None:
+        _, n_kv, _, hd = rope.k_pool.shape
+        if glu or cfg.block_n % 2 or hd % 2 or w.out_features != (rope.n_heads + 2 * n_kv) * hd:
+            raise ValueError(f"qgemv_words(rope=...) needs a QKV weight of (nh + 2 n_kv) * hd = "
+                             f"({rope.n_heads} + 2 * {n_kv}) * {hd} rows, got {w.out_features} "
+                             f"(block_n {cfg.block_n}, glu {glu})")
+        if rope.v_pool.stride() != rope.k_pool.stride():
+            raise ValueError("qgemv_words(rope=...) needs K and V pools of one layout")
+        heads = (rope.n_heads, n_kv, hd)
+        rope_args = (rope.cos, rope.sin, rope.blocks, rope.offsets, rope.k_pool, rope.v_pool,
+                     *rope.k_pool.stride()[:3])
+        n = rope.n_heads * hd  # columns of y: q
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
-    per_program = cfg.block_n // 2 if glu else cfg.block_n  # columns of y
-    _qgemv_w_kernel[(triton.cdiv(n, per_program),)](
-        xw, y, bias if bias is not None else x, qw, qh, *rest, n, n, qw.stride(0), qh.stride(0),
-        *(p.stride(0) for p in rest), K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
+    per_program = cfg.block_n // 2 if glu or rope is not None else cfg.block_n  # columns of y
+    grid_n = w.out_features // 2 if rope is not None else n  # pairs, or columns of y
+    n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
+    _qgemv_w_kernel[(triton.cdiv(grid_n, per_program),)](
+        xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, n_arg, qw.stride(0),
+        qh.stride(0),
+        *(p.stride(0) for p in rest), *rope_args, K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
+        ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_options(gdc))
