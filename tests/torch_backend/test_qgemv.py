@@ -134,6 +134,20 @@ def test_dequantize_dense_equals_dequantize_then_cast(fmt: str) -> None:
         assert torch.equal(out, w.dequantize(torch.float32).to(dtype))
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q6_k", "int4_g32"])
+def test_dequantize_dense_rows_is_an_embedding_lookup(fmt: str) -> None:
+    """rows=: the listed rows only (repeats, any order), equal to take_rows then dequantize; the
+    quantized embedding's lookup on CUDA (QuantLinear.rows) is this one launch."""
+    g = torch.Generator().manual_seed(len(fmt) + 1)
+    n, k, _ = _shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    rows = torch.tensor([n - 1, 0, 3, 3, n // 2], device=DEVICE)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        out = dequantize_dense(w, dtype, rows=rows)
+        assert out.shape == (5, k) and out.dtype == dtype
+        assert torch.equal(out, w.take_rows(rows).dequantize(torch.float32).to(dtype))
+
+
 def test_rejects_what_it_cannot_compute() -> None:
     g = torch.Generator().manual_seed(5)
     w = random_quantized("q4_0", 4, 64, g)

@@ -76,9 +76,14 @@ class QuantLinear:
         return x.is_cuda and x.dim() == 2 and x.shape[0] <= QGEMV_MAX_ROWS
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Embedding lookup: the dequantized rows of `tokens` [...] -> [..., K]."""
+        """Embedding lookup: the dequantized rows of `tokens` [...] -> [..., K] (on CUDA one
+        Triton launch, kernels/dequant.py)."""
         flat = tokens.reshape(-1)  # [T]
         out = self._cpu.rows(flat) if self._cpu is not None else None  # the C kernels' codes
+        if out is None and flat.is_cuda:
+            from llm.backends.torch.kernels.dequant import dequantize_dense
+
+            out = dequantize_dense(self.weight, self.dtype, rows=flat)  # [T, K]
         if out is None:
             out = self.weight.take_rows(flat).dequantize(torch.float32).to(self.dtype)  # [T, K]
         return out.reshape(*tokens.shape, self.shape[1])
