@@ -78,8 +78,10 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
       prefetched where K has several chunks (8B down 4 x 64 groups 18.7 against 24.0 at 4 x
       128) or the matrix is small (1B qkv 3.8 against 4.0), not on the large one-chunk ones,
       where it cost (8B gate_up 34.3 us without, 35.9 with).
-    - Q6_K takes the 4-bit rule, not yet timed on a GPU (Triton 3.6 for sm_90: 8 x 128 groups
-      128 registers a thread against Q4_0's 79, no spills; 16 x 64 at K = 2048 105)."""
+    - Q6_K takes the 4-bit rule (Triton 3.6 for sm_90: 8 x 128 groups 128 registers a thread
+      against Q4_0's 79, no spills; 16 x 64 at K = 2048 105). Timed at 1B shapes (2026-12-04):
+      16 x 64 the fastest of 7 configs, head chunk 11.8 us (59% of the copy bandwidth) against
+      12.4 (8 rows), 13.0 (4), 12.9 (no prefetch), 21.4-24.9 (32-group chunks, 8 warps)."""
     groups = k // GROUP
     block_g = min(128, triton.next_power_of_2(groups))
     whole = groups & -groups  # the largest power of two dividing the groups
