@@ -1,8 +1,9 @@
 """The one-row quantized GEMV with RoPE and the K/V write in its epilogue (kernels/qgemv_words.py,
 `rope=`): q, the written K and V and every other cache slot are bit-equal to the plain GEMV
 followed by kernels/rope_kv.py's `rope_and_cache`, for the word formats, with a QKV bias, GQA
-heads and a page slot in the middle of the pool (Triton's interpreter on the CPU); on a GPU the
-model's decode takes it for quantized QKV weights at batch 1 (test_quant_model / graphs tests)."""
+heads and a page slot in the middle of the pool (Triton's interpreter on the CPU); compiled, q and
+K also equal transformers' rotation in the dtype; on a GPU a quantized model's batch-1 decode
+takes it in every layer with the logits of the unfused path (the last test)."""
 
 from __future__ import annotations
 
