@@ -71,14 +71,14 @@ def test_constrained_and_free_users_in_one_batch(parts, device: str) -> None:
     outs = Generator(TorchBackend(checkpoint, rt, cuda_graphs=False), tok).generate(prompts,
                                                                                      params)
     _check(outs)
-    if device == "cuda":  # the same with CUDA graphs: constrained batches' forwards replay a
-        # logits graph, their masks and selection run eagerly
+    if device == "cuda":  # the same with CUDA graphs: constrained batches replay masked graphs
+        # (the masks applied inside; no step launched ahead)
         backend = TorchBackend(checkpoint, rt)
         graphed = Generator(backend, tok).generate(prompts, params)
         assert [o.token_ids for o in graphed] == [o.token_ids for o in outs]
         assert [o.logprobs for o in graphed] == [o.logprobs for o in outs]
         assert backend.graphs.stats["steps"] > 0  # the free users' last steps ran in graphs
-        assert backend.graphs.stats["logits_steps"] > 0
+        assert backend.graphs.stats["masked_steps"] > 0
 
 
 @pytest.mark.parametrize("host_unpack", [True, False])
@@ -139,9 +139,9 @@ def _masked_decode(backend: TorchBackend) -> list[tuple[int, object]]:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 def test_token_masks_under_cuda_graphs_equal_eager() -> None:
-    """Masked steps replay the logits graphs and select eagerly (the step launched ahead is
-    dropped), the unmasked steps return to the full graphs: every token and logprob equals eager
-    decode's."""
+    """Masked steps replay masked graphs (the step launched ahead is dropped, none is launched
+    after them), the unmasked steps return to the pipelined graphs: every token and logprob
+    equals eager decode's."""
     config = SMALL_CONFIGS["llama_gqa"]
     w = state_dict(hf_model(config))
     rt = RuntimeConfig(device="cuda", dtype="float32", max_batch=4, max_seq_len=96, block_size=16)
@@ -149,4 +149,4 @@ def test_token_masks_under_cuda_graphs_equal_eager() -> None:
     eager = TorchBackend(Checkpoint(config, w, source=None), rt, cuda_graphs=False)
     assert _masked_decode(graphs) == _masked_decode(eager)
     assert graphs.graphs.stats["ahead_hits"] > 0
-    assert graphs.graphs.stats["logits_steps"] > 0
+    assert graphs.graphs.stats["masked_steps"] > 0

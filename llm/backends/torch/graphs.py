@@ -18,8 +18,9 @@ the same values at the same slots, and a departed user's extra write lands in it
 any later prefill can reuse them (same stream), never past the pages reserved for its budget.
 
 A batch with structured output cannot run ahead: its next masks exist only after the host has read
-this step's tokens. Its steps replay a logits-only graph per bucket (captured on first use: the
-forward into a static logits buffer), then the runner applies the masks and selects eagerly.
+this step's tokens. Its steps replay masked graphs (captured on first use, per bucket and mode):
+the token masks' bits are staged into a static buffer with the other inputs, expanded and applied
+to the logits inside the graph before the selection, and no step is launched ahead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llm.backends.torch.kv_cache import PagedKVCache
@@ -38,6 +40,7 @@ from llm.backends.torch.sampling import SamplingTensors
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import StepOutput
 from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.contract.structured import TokenMasks
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _MODES = ((True, False), (False, False), (True, True), (False, True))  # (greedy, full)
@@ -100,14 +103,20 @@ class DecodeGraphs:
         self._ahead: _Launched | None = None
         self._ahead_full = False  # the step launched ahead took the penalty path (it counted)
         self._copied = torch.cuda.Event()
-        self._logit_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: torch.Tensor | None = None  # [max bucket, V(_local)], on first use
-        self.stats = {"steps": 0, "ahead_hits": 0, "logits_steps": 0}
+        self._masked: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._mask_words: torch.Tensor | None = None  # [max bucket, W] int32, on first use
+        self._mask_host: torch.Tensor | None = None
+        self.stats = {"steps": 0, "ahead_hits": 0, "masked_steps": 0}
 
-    def _step(self, b: int, greedy: bool, full: bool) -> None:
+    def _step(self, b: int, greedy: bool, full: bool, masked: bool = False) -> None:
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b])
         logits = self.model.decode(self.tokens[:b], self.positions[:b], self.page_table[:b],
                                    self.cache)  # [b, V]
+        if masked:  # as token_masks.apply_token_masks: the disallowed tokens' logits at -inf
+            words = self._mask_words[:b]  # [b, W]
+            shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+            keep = ((words[:, :, None] >> shifts) & 1).bool().reshape(b, -1)  # [b, 32 W]
+            logits = torch.where(keep[:, :logits.shape[1]], logits, float("-inf"))
         if not full:
             self.out[:b] = self.model.sample(logits, st, self.positions[:b] + 1,
                                              all_greedy=greedy)
@@ -149,59 +158,31 @@ class DecodeGraphs:
         self._ahead = None
 
     @torch.inference_mode()
-    def logits(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
-               page_table: Sequence[Sequence[int]], sampling: Sequence[SequenceSampling]
-               ) -> torch.Tensor:
-        """One decode step's logits [B, V(_local)] by a captured forward alone, nothing launched
-        ahead (the step launched ahead, if any, is dropped): for a batch whose selection needs
-        the host first (structured output). A view of a static buffer, valid until the next
-        call."""
-        self.reset()
-        b = len(tokens)
-        bucket = next(x for x in self.buckets if x >= b)
-        graph = self._logit_graphs.get(bucket) or self._capture_logits(bucket)
-        self._stage(b, bucket, slots, tokens, positions, page_table,
-                    [s.params for s in sampling], [s.seed for s in sampling])
-        graph.replay()
-        self.stats["logits_steps"] += 1
-        return self._logits[:b]
-
-    def _capture_logits(self, bucket: int) -> torch.cuda.CUDAGraph:
-        """Capture the forward of `bucket` rows into the static logits buffer (the kernels were
-        compiled and warmed by `capture`)."""
-        if self._logits is None:  # outside the graphs' pool: it outlives every replay
-            m = self.model
-            self._logits = torch.empty(self.buckets[-1], m.lm_head.vocab_size, dtype=m.dtype,
-                                       device=m.device)  # [max bucket, V(_local)]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._logits[:bucket].copy_(self.model.decode(
-                self.tokens[:bucket], self.positions[:bucket], self.page_table[:bucket],
-                self.cache))
-        self._logit_graphs[bucket] = graph
-        return graph
-
-    @torch.inference_mode()
     def run(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int],
             page_table: Sequence[Sequence[int]], sampling: Sequence[SequenceSampling],
-            full: bool) -> StepOutput:
+            full: bool, allowed: TokenMasks | None = None) -> StepOutput:
         """One decode step for B <= max_batch users: each user's next token, and the logprobs of
         those who asked. full: the penalty / logprobs path (host-known, see penalties.full_path).
+        allowed: structured output's token masks (a masked graph; nothing launched ahead).
         """
         b = len(tokens)
         bucket = next(x for x in self.buckets if x >= b)
         params = [s.params for s in sampling]
         seeds = [s.seed for s in sampling]
-        graph = self.graphs[(bucket, all(p.greedy for p in params), full)]
+        key = (bucket, all(p.greedy for p in params), full)
+        graph = self.graphs[key] if allowed is None else self._masked_graph(key)
         want = _Launched(tuple(slots), tuple(tokens), tuple(positions),
                          tuple(tuple(r) for r in page_table), tuple(zip(params, seeds)))
         self.stats["steps"] += 1
-        if want == self._ahead:
+        if allowed is None and want == self._ahead:
             self.stats["ahead_hits"] += 1  # already running on the device
         else:
             if self._ahead is not None and self._ahead_full:  # its counts are not this step's
                 self._uncount(self._ahead)
             self._stage(b, bucket, slots, tokens, positions, page_table, params, seeds)
+            if allowed is not None:
+                self._stage_masks(bucket, allowed)
+                self.stats["masked_steps"] += 1
             graph.replay()
         stream = torch.cuda.current_stream(self.model.device)
         self._out_host[:b].copy_(self.out[:b], non_blocking=True)
@@ -212,7 +193,8 @@ class DecodeGraphs:
             self._top_values_host[:b].copy_(self.top_values[:b], non_blocking=True)
             self._top_ids_host[:b].copy_(self.top_ids[:b], non_blocking=True)
         self._copied.record(stream)
-        if self.pipeline:  # launch the next step now, fed on the device, while the host reads
+        ahead = self.pipeline and allowed is None  # a masked step's successor needs new masks
+        if ahead:  # launch the next step now, fed on the device, while the host reads
             self.tokens[:b].copy_(self.out[:b])
             self.positions[:b] += 1
             graph.replay()
@@ -222,13 +204,45 @@ class DecodeGraphs:
         if logprobs:
             out = StepOutput(result, to_host(result, self._lp_host[:b], self._top_values_host[:b],
                                              self._top_ids_host[:b], wanted))
-        if not self.pipeline:
+        if not ahead:
             self._ahead = None
             return out
         self._ahead = _Launched(want.slots, tuple(result), tuple(p + 1 for p in positions),
                                 want.page_table, want.sampling)
         self._ahead_full = full
         return out
+
+    def _masked_graph(self, key: tuple[int, bool, bool]) -> torch.cuda.CUDAGraph:
+        """The masked graph of (bucket, greedy, full), captured on first use (the kernels were
+        compiled and warmed by `capture`; the mask buffers are allocated then, outside the
+        graphs' pool)."""
+        graph = self._masked.get(key)
+        if graph is not None:
+            return graph
+        if self._mask_words is None:
+            n, words = self.buckets[-1], -(-self.model.lm_head.vocab_size // 32)
+            self._mask_words = torch.full((n, words), -1, dtype=torch.int32,
+                                          device=self.model.device)
+            self._mask_host = torch.full((n, words), -1, dtype=torch.int32, pin_memory=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            self._step(*key, masked=True)
+        self._masked[key] = graph
+        return graph
+
+    def _stage_masks(self, bucket: int, allowed: TokenMasks) -> None:
+        """Copy the masks' bits (rows not listed: every token allowed) to the static buffer; waits
+        for the masks to be computed."""
+        bits = allowed.result()  # [R, W] 32-bit words
+        host = self._mask_host
+        words = host.shape[1]
+        if bits.shape[1] < words:
+            raise ValueError(f"token masks cover {32 * bits.shape[1]} tokens, the logits "
+                             f"{self.model.lm_head.vocab_size}")
+        host[:bucket] = -1
+        host[list(allowed.rows)] = torch.from_numpy(
+            np.ascontiguousarray(bits[:, :words]).view(np.int32))
+        self._mask_words[:bucket].copy_(host[:bucket], non_blocking=True)
 
     def _uncount(self, ahead: _Launched) -> None:
         """Undo the penalty counts of the step launched ahead (its fed tokens at its positions;

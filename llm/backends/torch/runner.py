@@ -262,19 +262,13 @@ class TorchBackend(Backend):
         positions = list(inp.positions)
         sampling = list(inp.sampling)
         full = full_path(sampling)
-        if self.graphs is not None and inp.allowed is None:
+        if self.graphs is not None:  # structured output's masks too, applied in the graph
             return self.graphs.run(inp.slots, inp.tokens, positions, inp.page_table, sampling,
-                                   full)
+                                   full, inp.allowed)
         tokens = self._tensor(list(inp.tokens))
         pos = self._tensor(positions)
-        if self.graphs is not None:  # structured output: its masks exist only after the previous
-            # tokens were read, so no step runs ahead; the forward alone replays a graph
-            logits = self.graphs.logits(inp.slots, inp.tokens, positions, inp.page_table,
-                                        sampling)
-        else:
-            logits = self.model.decode(tokens, pos,
-                                       self._tensor([list(r) for r in inp.page_table]),
-                                       self.cache, max(positions))
+        logits = self.model.decode(tokens, pos, self._tensor([list(r) for r in inp.page_table]),
+                                   self.cache, max(positions))
         if full:  # the fed tokens are generated ones: count them (once) before penalizing
             self.penalties.count(self._tensor(list(inp.slots)), tokens, pos)
         return self._select(logits, sampling, list(inp.slots), [p + 1 for p in positions], full,
