@@ -68,7 +68,7 @@ def _run_clients(fn, args, url: str, *extra):
     """asyncio.run(fn(args, url, *extra)) in this process, or by default in a spawned child
     process (its result pickled back)."""
     if args.clients_in_process:
-        return asyncio.run(fn(args, url, *extra))
+        return _client_main(fn, args, url, *extra)
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:

@@ -434,13 +434,12 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         n = rope.n_heads * hd  # columns of y: q
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
-    per_program = cfg.block_n // 2 if glu or rope is not None else cfg.block_n  # columns of y
-    grid_n = w.out_features // 2 if rope is not None else n  # pairs, or columns of y
     n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
-    _qgemv_w_kernel[(triton.cdiv(grid_n, per_program),)](
+    # every mode: a program takes BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
+    _qgemv_w_kernel[(triton.cdiv(w.out_features, cfg.block_n),)](
         xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, n_arg, qw.stride(0),
-        qh.stride(0),
-        *(p.stride(0) for p in rest), *rope_args, K=k, FMT=fmt, GS=gs, BLOCK_N=cfg.block_n,
+        qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k, FMT=fmt, GS=gs,
+        BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
