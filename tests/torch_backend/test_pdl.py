@@ -44,7 +44,7 @@ GEMV_ONE_ROW = dict(K=2048, BLOCK_M=1, BLOCK_N=2, BLOCK_K=1024, ROWS=1, STAT_K=2
                     NORM=True, HAS_RESIDUAL=True, HAS_BIAS=True, GLU=True, IEEE=False, FMA=True)
 GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS": 4,
             "STAT_K": 1024, "GLU": False, "FMA": False}
-QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
+QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, M=1, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
                    GLU=True, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2, XF16=False,
                    HAS_BIAS=True, COMPILED=True)
 QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
@@ -73,6 +73,7 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     # (PREFETCH off) nothing
     (qgemv_words._qgemv_w_kernel, QGEMV_WORDS, QGEMV_POINTERS, True),
     (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False}, QGEMV_POINTERS, False),
+    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "M": 4, "BLOCK_N": 2}, QGEMV_POINTERS, True),
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
@@ -81,7 +82,7 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gemv_fma", "gemv_dot", "silu_mul", "qgemv_words",
-       "qgemv_words_no_prefetch", "qgemv_words_rope"]
+       "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_rope"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:

@@ -24,7 +24,9 @@ from llm.backends.torch.kernels.qgemv_config import (  # noqa: E402
     QGemvWConfig,
     qgemv_config,
     qgemv_w_config,
+    words_rows_max,
 )
+from llm.backends.torch.kernels.qgemv_words import qgemv_words  # noqa: E402
 from llm.model.quant import QuantizedTensor, get_format, quantize_int4, quantize_int8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -244,6 +246,49 @@ def test_one_row_kernel_reads_back_the_exact_weights(fmt: str, magic: bool) -> N
         x = torch.zeros(1, k).index_fill_(1, torch.tensor([col]), 1.0).to(DEVICE, torch.float16)
         y = qgemv(x, w, config=QGemvWConfig(8, 4, 4, magic=magic))
         assert torch.equal(y[0].cpu(), ref[:, col].half().cpu())
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's silu
+@pytest.mark.parametrize("fmt", V2 + ["q6_k"])
+def test_rows_of_one_launch_match_the_dequantized_matmul(fmt: str) -> None:
+    """The v2 kernel with 2..4 rows of x in one launch (codes decoded once for all rows), with
+    bias, with SiLU*up in its epilogue, prefetching or not: each row as close to the float64
+    reference as one-row launches are, and the rows of a launch independent of each other."""
+    g = torch.Generator().manual_seed(31 + len(fmt))
+    n, k = _v2_shape(fmt) if fmt != "q6_k" else (11, 512)
+    w = random_quantized(fmt, 2 * n, k, g)
+    x = torch.randn(4, k, generator=g).to(DEVICE, torch.float16)
+    bias = torch.randn(2 * n, generator=g).to(DEVICE)
+    ref = _ref(x, w, bias)
+    for cfg in (QGemvWConfig(8, 4, 4, magic=True, prefetch=True), QGemvWConfig(4, 4, 4)):
+        for m in (2, 3, 4):
+            y = qgemv_words(x[:m], w, bias, cfg)
+            _assert_close(y, ref[:m], x)
+            assert torch.equal(qgemv_words(x[[0, m - 1]], w, bias, cfg)[1], y[m - 1])
+            if fmt != "q6_k":  # its random planes' products overflow fp16 in silu
+                _assert_close(qgemv_words(x[:m], w, bias, cfg, glu=True),
+                              _silu_mul_ref(ref[:m], torch.float16), x)
+    xb = x.bfloat16()
+    _assert_close(qgemv(xb, w, bias), _ref(xb, w, bias), xb)  # picked by qgemv, default config
+    x7 = xb.repeat(2, 1)[:7]  # more rows than one launch takes
+    _assert_close(qgemv_words(x7, w, bias), _ref(x7, w, bias), x7)
+
+
+def test_batches_up_to_the_limit_take_the_v2_kernel(monkeypatch) -> None:
+    """`qgemv` sends up to `words_rows_max` rows of bf16 x to the v2 kernel in one launch, more
+    to the tensor-core kernel (where it runs) or the first kernel."""
+    from llm.backends.torch.kernels import qgemv as module
+
+    calls = []
+    monkeypatch.setattr(module, "qgemv_words",
+                        lambda x, *a, **kw: calls.append(x.shape[0]) or torch.zeros(1))
+    g = torch.Generator().manual_seed(3)
+    for fmt in ("q4_0", "q8_0"):
+        calls.clear()
+        w = random_quantized(fmt, 13, 160, g)
+        for m in range(1, words_rows_max(fmt) + 2):
+            qgemv(torch.randn(m, 160, generator=g).to(DEVICE, torch.bfloat16), w)
+        assert calls == list(range(1, words_rows_max(fmt) + 1))
 
 
 @pytest.mark.parametrize("m", [2, 16])

@@ -1,4 +1,4 @@
-"""The quantized GEMM for 2..16 rows of x: tensor cores on the exact codes, scales per group.
+"""The quantized GEMM for up to 16 rows of x: tensor cores on the exact codes, scales per group.
 
 Per 32-group, the codes (exact in bf16) times 16 padded rows of x on the tensor cores (fp32
 accumulation), then the group's scale in fp32. v3 (this file; the v2 kernel measured 8B Q4_0 at
@@ -9,7 +9,8 @@ permutes (`_tc_nibbles`): 8B Q4_0 batch 16 at 2,182 tok/s on an H200 (2026-12-04
 (`split_k`, kernels/splitk.py): programs along K as well, for the matrices whose N gives fewer
 programs than the GPU has SMs (8B qkv, o, down: 64-96 programs of 64 rows); their partials are
 added in a fixed order. Interpreter tests only so far; the launch rule is
-qgemv_config.qgemm_tc_config. `qgemv` (kernels/qgemv.py) picks this kernel for Q8_0 and Q4_0.
+qgemv_config.qgemm_tc_config. `qgemv` (kernels/qgemv.py) picks this kernel for Q8_0 and Q4_0
+batches above `qgemv_config.words_rows_max` rows.
 """
 
 from __future__ import annotations

@@ -25,10 +25,11 @@ at 2.4-2.6 TB/s, near the bf16 GEMV's 3.9 TB/s; the 4-bit formats reach 1.2-1.8 
 by the per-weight instructions (unpack, unbias, scale, multiply-add, x conversion), not by
 memory. Batch 8 multiplies the fp32 multiply-adds by 8 and is slower than bf16 cuBLAS.
 
-v2 (kernels/qgemv_words.py): for one row of bf16 / fp16 x, `_qgemv_w_kernel` gives each
+v2 (kernels/qgemv_words.py): for up to 4 rows of bf16 / fp16 x, `_qgemv_w_kernel` gives each
 thread whole halves of 32-groups of several rows of w, so x is converted once per thread and the
 group scale is applied once per group sum (8B gate_up Q4_0 23 us = 69% of the copy bandwidth,
-Q8_0 89%; the first kernel 45% / 67%). For 2..16 rows, `_qgemm_tc_kernel`
+Q8_0 89%; the first kernel 45% / 67%); the codes are decoded once for all rows of x. For
+more rows (qgemv_config.`words_rows_max`), `_qgemm_tc_kernel`
 (kernels/qgemm_tc.py) multiplies the exact codes with x on the tensor cores per 32-group and
 scales each group's sums in fp32 (8B Q4_0 batch 8: 1.7x the first kernel, still 1.7x slower
 than bf16; see docs/performance.md).
@@ -61,8 +62,12 @@ from llm.backends.torch.kernels.qgemv_config import (
     QGemvWConfig,
     qgemm_tc_config,
     qgemv_config,
+    words_rows_max,
 )
-from llm.backends.torch.kernels.qgemv_words import qgemv_words, words_kernel_runs
+from llm.backends.torch.kernels.qgemv_words import (
+    qgemv_words,
+    words_kernel_runs,
+)
 from llm.backends.torch.kernels.silu_mul import silu_mul
 from llm.model.quant.linear import quantized_linear
 from llm.model.quant.tensor import QuantizedTensor
@@ -253,8 +258,8 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
           pdl: bool | None = None, variant: str = "auto") -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ w.dequantize().T (+ bias [N]) -> [M, N] in x's dtype, M <= 16,
     accumulated in fp32 from fp32 weights; `quantized_linear` where Triton cannot run.
-    variant: "auto" (the v2 kernel for one row, the tensor-core kernel for 2..16 rows where they
-    run, else the first kernel) or "v1" (the first kernel always, for comparisons)."""
+    variant: "auto" (the v2 kernel up to `words_rows_max` rows, the tensor-core kernel above,
+    where they run, else the first kernel) or "v1" (the first kernel always, for comparisons)."""
     if variant not in ("auto", "v1"):
         raise ValueError(f"qgemv variant must be 'auto' or 'v1', got {variant!r}")
     if x.dim() != 2 or x.shape[1] != w.in_features:
@@ -267,7 +272,7 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
     if isinstance(config, QGemvWConfig):
         return qgemv_words(x, w, bias, config, pdl)
     if config is None and variant == "auto":
-        if x.shape[0] == 1 and words_kernel_runs(x, w):
+        if x.shape[0] <= words_rows_max(w.format) and words_kernel_runs(x, w):
             return qgemv_words(x, w, bias, None, pdl)
         if x.shape[0] > 1 and tc_kernel_runs(x, w) and family(w.format)[0] in TC_PICKED:
             tc = qgemm_tc_config(x.shape[0], w.out_features, w.in_features)
@@ -295,10 +300,11 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
 def qgemv_silu_mul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                    config: QGemvWConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """silu(gate) * up [M, I] of x [M, K] through a fused gate/up weight w [2I, K] (gate rows
-    first; bias [2I]): for one row of bf16 / fp16 x, one launch of the v2 kernel with the
-    activation in its epilogue (rounded as `silu_mul` of the unfused product); otherwise `qgemv`
-    then `silu_mul`."""
-    if x.dim() == 2 and x.shape[0] == 1 and triton_runs(x) and words_kernel_runs(x, w):
+    first; bias [2I]): for up to `words_rows_max` rows of bf16 / fp16 x, one launch of the v2
+    kernel with the activation in its epilogue (rounded as `silu_mul` of the unfused product);
+    otherwise `qgemv` then `silu_mul`."""
+    if (x.dim() == 2 and x.shape[0] <= words_rows_max(w.format) and triton_runs(x)
+            and words_kernel_runs(x, w)):
         x = x if x.stride(1) == 1 else x.contiguous()
         return qgemv_words(x, w, bias, config, pdl, glu=True)
     return silu_mul(qgemv(x, w, bias, config, pdl), pdl)

@@ -4,7 +4,7 @@ everything the capture needs)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import triton
 
@@ -62,7 +62,7 @@ class QGemvWConfig:
 
 
 def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
-    """Launch parameters of the v2 one-row kernel for x [1, k] @ w[n, k].T, w in format `fmt`.
+    """Launch parameters of the v2 kernel for x [m, k] @ w[n, k].T (m <= 4), w in format `fmt`.
 
     Threads spread over the 32-groups of a chunk (64 per CTA at 4 warps: 2 threads a group), the
     rows of w repeat in each thread and share its x values. A chunk is at most 128 groups and,
@@ -89,10 +89,28 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
         block_g = whole
     several = groups > block_g  # chunks along K
     if fmt == "q8_0":
-        return QGemvWConfig(8 if groups <= 64 else 4, block_g, 4,
-                            prefetch=several or n * groups <= 4096 * 64)
-    rows = 4 if several else (16 if groups <= 64 and n >= 16384 else 8)
-    return QGemvWConfig(rows, block_g, 4, magic=True, prefetch=True)
+        cfg = QGemvWConfig(8 if groups <= 64 else 4, block_g, 4,
+                           prefetch=several or n * groups <= 4096 * 64)
+    else:
+        rows = 4 if several else (16 if groups <= 64 and n >= 16384 else 8)
+        cfg = QGemvWConfig(rows, block_g, 4, magic=True, prefetch=True)
+    if m > 1:  # an accumulator and x values per row of x: fewer rows of w, the same chunks
+        cfg = replace(cfg, block_n=max(4, cfg.block_n // triton.next_power_of_2(m)))
+    return cfg
+
+
+def words_rows_max(fmt: str) -> int:
+    """The most rows of x `qgemv` sends to the v2 kernel for weights in format `fmt` (one
+    launch; more rows go to the tensor-core kernel where it runs, else the first kernel).
+    Measured on an H200 (2026-12-04, 8B shapes, kernels alone over copies > L2, us, v2 with
+    the rule above against the tensor-core kernel's default; docs/performance.md): Q4_0 at 3
+    rows qkv 14.4 / 19.6, o 10.9 / 15.0, down 27.1 / 36.9, head chunk 35.3 / 37.4, gate_up
+    59.8 / 54.0 (a layer 13 us less), at 4 rows gate_up 83-98 / 54.8, head chunk 49 / 37 (the
+    per-row accumulators and x values take registers: fewer programs an SM, fewer bytes in
+    flight); Q8_0 at 4 rows still ahead: gate_up 79.8 / 93.2, down 45.0 / 48.6, o 14.4 / 19.7;
+    Q4_K (no tensor-core kernel picked) at 4 rows against the first kernel: every shape ahead,
+    gate_up 105.5 / 112.4 the least."""
+    return 3 if fmt == "q4_0" else 4
 
 
 @dataclass(frozen=True)

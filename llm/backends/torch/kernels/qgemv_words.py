@@ -1,8 +1,10 @@
-"""The v2 one-row quantized GEMV: whole 32-groups per thread, for one row of bf16 / fp16 x.
+"""The v2 quantized GEMV: whole 32-groups per thread, for 1..4 rows of bf16 / fp16 x.
 
 Each thread owns whole halves of 32-groups of several rows of w, so x is converted once per thread
 and the group scale is applied once per group sum (8B gate_up Q4_0 23 us = 69% of the copy
-bandwidth, Q8_0 89%, on an H200; docs/performance.md). `qgemv` (kernels/qgemv.py) picks it.
+bandwidth, Q8_0 89%, on an H200; docs/performance.md). Several rows of x share each decoded code
+(one accumulator a row): at 2 rows 8B Q4_0 gate_up 49 us, against 54 for the tensor-core kernel.
+`qgemv` (kernels/qgemv.py) picks it up to `qgemv_config.words_rows_max` rows.
 
 Q6_K (the LM head / tied embedding of llama.cpp's Q4_0 and Q4_K_M files): the 4-bit words of
 `qs` with the two high bits of each code from the 2-bit `qh` plane OR-ed in (one 32-bit `qh` word
@@ -26,14 +28,15 @@ from llm.backends.torch.kernels.qgemv_common import (
     INT4,
     PLANES,
     family,
-    group_scale,
-    load_f32,
+    group_coeffs,
+    scale_sums,
 )
 from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, qgemv_w_config
 from llm.model.quant.tensor import QuantizedTensor
 
 # Formats of the v2 kernel (FMT ids as above): codes read as 32-bit words, x as 64-bit words.
 _WORD_FAMILIES = {0, 1, 2, 5, 7, INT4}
+WORDS_MAX_M = 4  # rows of x one launch takes (an accumulator each)
 
 
 @triton.jit
@@ -173,16 +176,6 @@ def _rotated(a, b, c, d, XF16: tl.constexpr, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def _q6k_group(S_lo, S_hi, rows2, g2, mask2, d_ptr, sc_ptr, s_d, s_sc):
-    """Q6_K: sum over a group of x * w from the sums S_lo, S_hi of x * (q - 32) over its two
-    16-column halves, in the order of the format's dequantize ((f(d[s]) * f(sc)) * q')."""
-    d = load_f32(d_ptr, rows2, s_d, g2 // 8, mask2)
-    a_lo = d * load_f32(sc_ptr, rows2, s_sc, 2 * g2, mask2)
-    a_hi = d * load_f32(sc_ptr, rows2, s_sc, 2 * g2 + 1, mask2)
-    return a_lo * S_lo + a_hi * S_hi
-
-
-@triton.jit
 def _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG: tl.constexpr):
     """Q6_K: the `qh` word each code word of `_chunk_codes` needs, [BLOCK_G, BLOCK_N, 4]: word
     2g + j % 2 (8 bytes a group) for code word j of group g."""
@@ -204,31 +197,130 @@ def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG:
 
 
 @triton.jit
+def _decode(w, h, js, FMT: tl.constexpr, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
+    """A chunk's code words w (and Q6_K's high-bit words h) -> 8 float32 tensors [G, BLOCK_N,
+    WPG], the codes each row of x multiplies: Q8_0 words j: columns 4j + e, c - 128 (the last
+    four repeat the first, unused); the rest: columns 4j + e (lo) and 16 + 4j + e (hi), as the
+    code q' less the format's bias (Q4_0 8, Q6_K 32), or with MAGIC 0.5 + q / 256 (see
+    `_row_sums`)."""
+    if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
+        c0, c1, c2, c3 = _codes8(w, COMPILED)
+        off: tl.constexpr = 8388736.0  # 2^23 + 128
+        c0, c1, c2, c3 = c0 - off, c1 - off, c2 - off, c3 - off
+        return c0, c1, c2, c3, c0, c1, c2, c3
+    if FMT == 7:  # Q6_K: 6-bit codes
+        l0, l1, l2, l3, h0, h1, h2, h3 = _codes6(w, h, js, MAGIC, COMPILED)
+        off6: tl.constexpr = 8388640.0  # 2^23 + 32
+    else:
+        l0, l1, l2, l3, h0, h1, h2, h3 = _codes4(w, MAGIC, COMPILED)
+        if FMT == 1:
+            off6: tl.constexpr = 8388616.0  # 2^23 + 8
+        else:
+            off6: tl.constexpr = 8388608.0  # 2^23
+    if not MAGIC:  # codes 2^23 + q: unbias each (exact)
+        l0, l1, l2, l3 = l0 - off6, l1 - off6, l2 - off6, l3 - off6
+        h0, h1, h2, h3 = h0 - off6, h1 - off6, h2 - off6, h3 - off6
+    return l0, l1, l2, l3, h0, h1, h2, h3
+
+
+@triton.jit
+def _x_values(xrow, xmask, FMT: tl.constexpr, XF16: tl.constexpr, COMPILED: tl.constexpr):
+    """One row of x at a chunk's groups as 8 float32 tensors [G, 1, WPG]: the values of x's
+    64-bit words 8g + j (lo) and 8g + 4 + j (hi) of group g (Q8_0: the words 8g + j only,
+    returned twice). xrow: the row's words at [G, 1, WPG] offsets."""
+    xl0, xl1, xl2, xl3 = _x_words(xrow, 0, xmask, XF16, COMPILED)
+    if FMT == 0:
+        xh0, xh1, xh2, xh3 = xl0, xl1, xl2, xl3
+    else:
+        xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, xmask, XF16, COMPILED)
+    return xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3
+
+
+@triton.jit
+def _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3,
+          FMT: tl.constexpr, MAGIC: tl.constexpr):
+    """One row of x (`_x_values`) against a chunk's decoded codes (`_decode`): per group and row
+    of w, (S, sx) for `scale_sums`, [G, BLOCK_N] and [G, 1] (Q6_K: the two halves' sums, [G,
+    BLOCK_N] each)."""
+    if FMT == 0:  # (one return statement: the branches' results differ in shape)
+        S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3, axis=2)  # [G, BLOCK_N]
+        sx = S  # Q8_0 has no offset: unused
+    elif FMT == 7:
+        S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3, axis=2)  # [G, BLOCK_N]: lo half
+        sx = tl.sum(xh0 * h0 + xh1 * h1 + xh2 * h2 + xh3 * h3, axis=2)  # hi half
+        if MAGIC:  # codes 0.5 + q / 256: sum x * (q - 32) = 256 * S - 160 * sum x
+            S = 256.0 * S - 160.0 * tl.sum(xl0 + xl1 + xl2 + xl3, axis=2)
+            sx = 256.0 * sx - 160.0 * tl.sum(xh0 + xh1 + xh2 + xh3, axis=2)
+    else:
+        S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3 + xh0 * h0 + xh1 * h1
+                   + xh2 * h2 + xh3 * h3, axis=2)  # [G, BLOCK_N]
+        sx = tl.sum(xl0 + xl1 + xl2 + xl3 + xh0 + xh1 + xh2 + xh3, axis=2)  # [G, 1]
+        if MAGIC:  # codes 0.5 + q / 256: sum x * q' = 256 * S - (128 + bias) * sum x
+            if FMT == 1:
+                S = 256.0 * S - 136.0 * sx
+            else:
+                S = 256.0 * S - 128.0 * sx
+    return S, sx
+
+
+@triton.jit
+def _row_chunk(acc, xrow, xmask, a, c, l0, l1, l2, l3, h0, h1, h2, h3, FMT: tl.constexpr,
+               MAGIC: tl.constexpr, XF16: tl.constexpr, COMPILED: tl.constexpr):
+    """acc [G, BLOCK_N] plus one more row of x's scaled group sums of a chunk (the rows after
+    the first, whose coefficients a, c the first loaded)."""
+    xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _x_values(xrow, xmask, FMT, XF16, COMPILED)
+    S, sx = _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3, FMT,
+                  MAGIC)
+    return acc + scale_sums(S, sx, a, c, FMT, COMPILED)
+
+
+@triton.jit
+def _store_row(y_row, acc, b_ptr, ns, n_live, pid, N, HALF: tl.constexpr, GLU: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """One row's result: the sum of its accumulator over the groups (+ bias) stored at y_row;
+    with GLU, silu(gate) * up, rounded as F.linear's output, then as kernels/silu_mul.py."""
+    out = tl.sum(acc, axis=0)  # [BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
+    out_ty = y_row.dtype.element_ty
+    if GLU:
+        gate, up = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+        cols = pid * HALF + tl.arange(0, HALF)
+        tl.store(y_row + cols, (act * up).to(out_ty), mask=cols < N)
+    else:
+        tl.store(y_row + ns, out.to(out_ty), mask=n_live)
+
+
+@triton.jit
 def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW,
-                    s_qw, s_qh, s_d, s_m, s_sc, s_mn, cos_ptr, sin_ptr, blocks_ptr, offsets_ptr,
-                    k_pool, v_pool, s_kp, s_kh, s_kt, K: tl.constexpr, FMT: tl.constexpr,
-                    GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                    MAGIC: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
-                    ROPE: tl.constexpr, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, XF16: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
-    """y[0, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and one row of x; with GLU, y[0, n0:n0 +
-    BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW + n of w
-    are the up rows of gate row n.
+                    s_xw, s_y, s_qw, s_qh, s_d, s_m, s_sc, s_mn, cos_ptr, sin_ptr, blocks_ptr,
+                    offsets_ptr, k_pool, v_pool, s_kp, s_kh, s_kt, K: tl.constexpr,
+                    FMT: tl.constexpr, GS: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_G: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr,
+                    GLU: tl.constexpr, ROPE: tl.constexpr, N_HEADS: tl.constexpr,
+                    N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, XF16: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+    """y[r, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and the M (1..4) rows r of x; with GLU,
+    y[r, n0:n0 + BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW
+    + n of w are the up rows of gate row n.
 
     A chunk is BLOCK_G whole 32-groups of BLOCK_N rows of w: [BLOCK_G, BLOCK_N, WPG] 32-bit
     words of codes (WPG = 4 words of 4-bit codes, 8 of int8 per group), the groups as dim 0 so
     that threads spread over groups and each thread's rows of w share its x values. Word j of a
     group holds columns 4j + e (low nibbles, or the int8 bytes) and 16 + 4j + e (high nibbles),
     e = 0..3, whose x values are the 64-bit words 8g + j and 8g + 4 + j of x ([BLOCK_G, 1, WPG],
-    the same register layout). Codes become float32 exactly; per group the sum of x times code
-    is scaled once (`group_scale`; Q6_K: per 16-column half, `_q6k_group`, with the `qh` words
-    of `_chunk_high` loaded and prefetched beside the codes).
+    the same register layout). Codes become float32 exactly, once for all rows of x; per group
+    and row of x the sum of x times code is scaled once (`scale_sums`; Q6_K: per 16-column half;
+    the scales loaded once a chunk, Q6_K's `qh` words loaded and prefetched beside the codes).
+    Each row of x has its own accumulator and the per-group arithmetic of a one-row launch; the
+    order of the final sums follows the register layout the compiler picks, which may differ
+    with M (on an H200 some shapes gave other last bits than one-row launches).
 
-    ROPE (the fused QKV weight of one token, see `qgemv_rope`): program row 2i + s is column d
-    (s = 0) or d + HEAD_DIM / 2 (s = 1) of a head, for pair p = program * BLOCK_N / 2 + i = head
-    * HEAD_DIM / 2 + d; the epilogue rotates the query and key pairs as kernels/rope_kv.py does
-    and stores q to y, K and V into the token's page slot.
+    ROPE (M = 1, the fused QKV weight of one token, see `qgemv_words(rope=)`): program row 2i +
+    s is column d (s = 0) or d + HEAD_DIM / 2 (s = 1) of a head, for pair p = program * BLOCK_N
+    / 2 + i = head * HEAD_DIM / 2 + d; the epilogue rotates the query and key pairs as
+    kernels/rope_kv.py does and stores q to y, K and V into the token's page slot.
 
     PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
     depend on none; with PDL they stream during its tail), and where K has several chunks each
@@ -259,10 +351,14 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         if FMT == 7:
             h_next = _chunk_high(qh_ptr, rows3, s_qh, 0, gl, js, n_live, NG)
     wait_then_release(USE_GDC)
-    acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    acc0 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    acc1 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     for g0 in range(0, NG, BLOCK_G):
         if PREFETCH:
             w = w_next
+            h = w  # Q6_K's high-bit words (unused by the other formats)
             if FMT == 7:
                 h = h_next
             if NG > BLOCK_G:  # several chunks: the next one's codes in flight (else no loop)
@@ -272,6 +368,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
                     h_next = _chunk_high(qh_ptr, rows3, s_qh, g0 + BLOCK_G, gl, js, n_live, NG)
         else:
             w = _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG, WPG)
+            h = w
             if FMT == 7:
                 h = _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG)
         g1 = g0 + gl  # [G]
@@ -279,58 +376,28 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         g3 = g1[:, None, None]  # [G, 1, 1]
         mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
         xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
-        xl0, xl1, xl2, xl3 = _x_words(xrow, 0, g3 < NG, XF16, COMPILED)
-        if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
-            c0, c1, c2, c3 = _codes8(w, COMPILED)
-            off: tl.constexpr = 8388736.0  # 2^23 + 128
-            S = tl.sum(xl0 * (c0 - off) + xl1 * (c1 - off) + xl2 * (c2 - off)
-                       + xl3 * (c3 - off), axis=2)  # [G, BLOCK_N]
-            sx = 0.0  # unused: Q8_0 has no offset
-        elif FMT == 7:  # Q6_K: 6-bit codes, a scale per 16-column half (lo lanes, hi lanes)
-            xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, g3 < NG, XF16, COMPILED)
-            l0, l1, l2, l3, h0, h1, h2, h3 = _codes6(w, h, js, MAGIC, COMPILED)
-            if not MAGIC:  # codes 2^23 + q: q - 32 (exact)
-                off6: tl.constexpr = 8388640.0  # 2^23 + 32
-                l0, l1, l2, l3 = l0 - off6, l1 - off6, l2 - off6, l3 - off6
-                h0, h1, h2, h3 = h0 - off6, h1 - off6, h2 - off6, h3 - off6
-            S_lo = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3, axis=2)  # [G, BLOCK_N]
-            S_hi = tl.sum(xh0 * h0 + xh1 * h1 + xh2 * h2 + xh3 * h3, axis=2)
-            if MAGIC:  # codes 0.5 + q / 256: sum x * (q - 32) = 256 * S - 160 * sum x
-                S_lo = 256.0 * S_lo - 160.0 * tl.sum(xl0 + xl1 + xl2 + xl3, axis=2)
-                S_hi = 256.0 * S_hi - 160.0 * tl.sum(xh0 + xh1 + xh2 + xh3, axis=2)
-        else:
-            xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, g3 < NG, XF16, COMPILED)
-            l0, l1, l2, l3, h0, h1, h2, h3 = _codes4(w, MAGIC, COMPILED)
-            if not MAGIC:  # codes 2^23 + q: unbias each (exact)
-                if FMT == 1:
-                    off4: tl.constexpr = 8388616.0  # 2^23 + 8
-                else:
-                    off4: tl.constexpr = 8388608.0  # 2^23
-                l0, l1, l2, l3 = l0 - off4, l1 - off4, l2 - off4, l3 - off4
-                h0, h1, h2, h3 = h0 - off4, h1 - off4, h2 - off4, h3 - off4
-            S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3 + xh0 * h0 + xh1 * h1
-                       + xh2 * h2 + xh3 * h3, axis=2)  # [G, BLOCK_N]
-            sx = tl.sum(xl0 + xl1 + xl2 + xl3 + xh0 + xh1 + xh2 + xh3, axis=2)  # [G, 1]
-            if MAGIC:  # codes 0.5 + q / 256: sum x * q' = 256 * S - (128 + bias) * sum x
-                if FMT == 1:
-                    S = 256.0 * S - 136.0 * sx
-                else:
-                    S = 256.0 * S - 128.0 * sx
-        if FMT == 7:
-            acc += _q6k_group(S_lo, S_hi, rows2, g2, mask2, d_ptr, sc_ptr, s_d, s_sc)
-        else:
-            acc += group_scale(S, sx, rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m,
-                               s_sc, s_mn, FMT, GS, COMPILED)
-    out = tl.sum(acc, axis=0)  # [BLOCK_N]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
-    out_ty = y_ptr.dtype.element_ty
-    if GLU:  # rounded as F.linear's output, then as kernels/silu_mul.py
-        gate, up = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
-        cols = pid * HALF + tl.arange(0, HALF)
-        tl.store(y_ptr + cols, (act * up).to(out_ty), mask=cols < N)
-    elif ROPE:  # rounded as F.linear's output, then rotated as kernels/rope_kv.py
+        xmask = g3 < NG
+        xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _x_values(xrow, xmask, FMT, XF16, COMPILED)
+        l0, l1, l2, l3, h0, h1, h2, h3 = _decode(w, h, js, FMT, MAGIC, COMPILED)
+        S, sx = _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3,
+                      FMT, MAGIC)
+        a, c = group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
+                            s_mn, FMT, GS)
+        acc0 += scale_sums(S, sx, a, c, FMT, COMPILED)
+        if M > 1:
+            acc1 = _row_chunk(acc1, xrow + s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2, h3,
+                              FMT, MAGIC, XF16, COMPILED)
+        if M > 2:
+            acc2 = _row_chunk(acc2, xrow + 2 * s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2,
+                              h3, FMT, MAGIC, XF16, COMPILED)
+        if M > 3:
+            acc3 = _row_chunk(acc3, xrow + 3 * s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2,
+                              h3, FMT, MAGIC, XF16, COMPILED)
+    if ROPE:  # rounded as F.linear's output, then rotated as kernels/rope_kv.py
+        out = tl.sum(acc0, axis=0)  # [BLOCK_N]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
+        out_ty = y_ptr.dtype.element_ty
         f1, f2 = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
         pair = pid * HALF + tl.arange(0, HALF)
         live = pair < N // 2
@@ -357,7 +424,13 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         tl.store(v_pool + slot, o1, mask=live & is_v)
         tl.store(v_pool + slot + HD2, o2, mask=live & is_v)
     else:
-        tl.store(y_ptr + ns, out.to(out_ty), mask=n_live)
+        _store_row(y_ptr, acc0, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
+        if M > 1:
+            _store_row(y_ptr + s_y, acc1, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
+        if M > 2:
+            _store_row(y_ptr + 2 * s_y, acc2, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
+        if M > 3:
+            _store_row(y_ptr + 3 * s_y, acc3, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
 
 
 def words_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
@@ -395,16 +468,19 @@ class RopeTarget:
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                 config: QGemvWConfig | None = None, pdl: bool | None = None,
                 glu: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
-    """`qgemv` of one row of x by the v2 kernel (see `words_kernel_runs`); several rows are
-    taken one launch each (the tensor-core kernel is the one for batches). glu: w is a fused
-    [2I, K] gate/up weight (gate rows first) and the result silu(gate) * up [M, I], rounded as
-    `silu_mul` of the unfused product. rope (one row): w is a fused QKV weight [(nh + 2 n_kv)
-    hd, K]; q and k rotated as kernels/rope_kv.py `rope_and_cache` does (bit-equal), K and V
-    written into the pools, and the result is q [1, nh * hd]."""
-    if x.shape[0] != 1:
-        if rope is not None:
-            raise ValueError(f"qgemv_words(rope=...) takes one token, got {x.shape[0]}")
-        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu) for r in x.split(1)])
+    """`qgemv` of up to WORDS_MAX_M rows of x in one launch of the v2 kernel (see
+    `words_kernel_runs`; more rows: one launch per WORDS_MAX_M), the codes decoded once for all
+    rows. glu: w is a fused [2I, K] gate/up weight
+    (gate rows first) and the result silu(gate) * up [M, I], rounded as `silu_mul` of the
+    unfused product. rope (one row): w is a fused QKV weight [(nh + 2 n_kv) hd, K]; q and k
+    rotated as kernels/rope_kv.py `rope_and_cache` does (bit-equal), K and V written into the
+    pools, and the result is q [1, nh * hd]."""
+    m = x.shape[0]
+    if rope is not None and m != 1:
+        raise ValueError(f"qgemv_words(rope=...) takes one token, got {m}")
+    if m > WORDS_MAX_M:
+        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu)
+                          for r in x.split(WORDS_MAX_M)])
     fmt, gs = family(w.format)
     k = x.shape[1]
     n = w.out_features // 2 if glu else w.out_features  # columns of y
@@ -416,7 +492,7 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     qw = _words(planes[0], torch.int32)
     qh = qw if planes[1] is None else _words(planes[1], torch.int32)  # Q6_K's 2-bit plane
     rest = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes[2:]]
-    cfg = config or qgemv_w_config(1, w.out_features, k, w.format)
+    cfg = config or qgemv_w_config(m, w.out_features, k, w.format)
     if glu and cfg.block_n % 2:
         raise ValueError(f"glu needs an even block_n, got {cfg.block_n}")
     heads, rope_args = (0, 0, 2), (x,) * 6 + (0, 0, 0)  # unused without rope
@@ -432,14 +508,14 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         rope_args = (rope.cos, rope.sin, rope.blocks, rope.offsets, rope.k_pool, rope.v_pool,
                      *rope.k_pool.stride()[:3])
         n = rope.n_heads * hd  # columns of y: q
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
     n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
     # every mode: a program takes BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
     _qgemv_w_kernel[(triton.cdiv(w.out_features, cfg.block_n),)](
-        xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, n_arg, qw.stride(0),
-        qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k, FMT=fmt, GS=gs,
-        BLOCK_N=cfg.block_n,
+        xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, n_arg, xw.stride(0),
+        y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k,
+        FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
