@@ -25,6 +25,7 @@ from llm.backends.torch.kernels.qgemv_config import (  # noqa: E402
     QGemmTcConfig,
     QGemmTcRule,
     qgemm_tc_config,
+    words_rows_max,
 )
 from llm.backends.torch.kernels.splitk import _counters, split_groups  # noqa: E402
 from llm.model.quant import QuantizedTensor  # noqa: E402
@@ -113,10 +114,11 @@ def test_rows_do_not_depend_on_the_batch() -> None:
 
 
 def test_qgemv_launches_the_configured_split(monkeypatch) -> None:
-    """qgemv (the model's entry point) runs the split its config rule gives."""
+    """qgemv (the model's entry point) runs the split its config rule gives (for more rows than
+    it sends to the v2 kernel)."""
     g = torch.Generator().manual_seed(37)
     w = random_quantized("q8_0", 21, 704, g)
-    x = torch.randn(4, 704, generator=g).to(DEVICE, torch.bfloat16)
+    x = torch.randn(words_rows_max("q8_0") + 1, 704, generator=g).to(DEVICE, torch.bfloat16)
     rule = QGemmTcRule(16, 1, 3, split_k=3)
     monkeypatch.setattr(qgemv_module, "qgemm_tc_config",
                         lambda m, n, k: qgemm_tc_config(m, n, k, rule))
