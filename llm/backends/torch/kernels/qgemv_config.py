@@ -81,7 +81,11 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     - Q6_K takes the 4-bit rule (Triton 3.6 for sm_90: 8 x 128 groups 128 registers a thread
       against Q4_0's 79, no spills; 16 x 64 at K = 2048 105). Timed at 1B shapes (2026-12-04):
       16 x 64 the fastest of 7 configs, head chunk 11.8 us (59% of the copy bandwidth) against
-      12.4 (8 rows), 13.0 (4), 12.9 (no prefetch), 21.4-24.9 (32-group chunks, 8 warps)."""
+      12.4 (8 rows), 13.0 (4), 12.9 (no prefetch), 21.4-24.9 (32-group chunks, 8 warps).
+    - m = 2..4 rows of x: the same chunks, the rows of w halved per doubling of m but at least 4
+      (8B Q4_0 at m = 2: gate_up 4 x 128 49.0 us against 8 x 128 49.9 and 2 x 128 57.2, down
+      4 x 64 22.3 against 2 x 64 28.1; Q8_0 at m = 4: gate_up 4 x 128 79.8 against 2 x 128
+      86.3). Q6_K at m > 1 is not timed yet."""
     groups = k // GROUP
     block_g = min(128, triton.next_power_of_2(groups))
     whole = groups & -groups  # the largest power of two dividing the groups
