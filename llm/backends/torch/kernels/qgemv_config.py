@@ -85,7 +85,7 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     - m = 2..4 rows of x: the same chunks, the rows of w halved per doubling of m but at least 4
       (8B Q4_0 at m = 2: gate_up 4 x 128 49.0 us against 8 x 128 49.9 and 2 x 128 57.2, down
       4 x 64 22.3 against 2 x 64 28.1; Q8_0 at m = 4: gate_up 4 x 128 79.8 against 2 x 128
-      86.3). Q6_K at m > 1 is not timed yet."""
+      86.3)."""
     groups = k // GROUP
     block_g = min(128, triton.next_power_of_2(groups))
     whole = groups & -groups  # the largest power of two dividing the groups
@@ -112,8 +112,9 @@ def words_rows_max(fmt: str) -> int:
     59.8 / 54.0 (a layer 13 us less), at 4 rows gate_up 83-98 / 54.8, head chunk 49 / 37 (the
     per-row accumulators and x values take registers: fewer programs an SM, fewer bytes in
     flight); Q8_0 at 4 rows still ahead: gate_up 79.8 / 93.2, down 45.0 / 48.6, o 14.4 / 19.7;
-    Q4_K (no tensor-core kernel picked) at 4 rows against the first kernel: every shape ahead,
-    gate_up 105.5 / 112.4 the least."""
+    Q4_K and Q6_K (no tensor-core kernel picked) against the first kernel at 2 and 4 rows: every
+    shape ahead (Q6_K head chunk 36.5 / 60.0 and 62.8 / 75.4; the least, Q4_K gate_up at 4 rows,
+    105.5 / 112.4)."""
     return 3 if fmt == "q4_0" else 4
 
 
