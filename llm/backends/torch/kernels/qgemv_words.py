@@ -202,7 +202,7 @@ def _decode(w, h, js, FMT: tl.constexpr, MAGIC: tl.constexpr, COMPILED: tl.const
     WPG], the codes each row of x multiplies: Q8_0 words j: columns 4j + e, c - 128 (the last
     four repeat the first, unused); the rest: columns 4j + e (lo) and 16 + 4j + e (hi), as the
     code q' less the format's bias (Q4_0 8, Q6_K 32), or with MAGIC 0.5 + q / 256 (see
-    `_row_sums`)."""
+    `_sums`)."""
     if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
         c0, c1, c2, c3 = _codes8(w, COMPILED)
         off: tl.constexpr = 8388736.0  # 2^23 + 128
