@@ -37,6 +37,7 @@ from llm.backends.torch.logprobs import select, to_host, top_k_width
 from llm.backends.torch.model import Transformer
 from llm.backends.torch.penalties import SlotPenalties
 from llm.backends.torch.sampling import SamplingTensors
+from llm.backends.torch.token_masks import unpack_words
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import StepOutput
 from llm.engine.contract.sampling_params import SamplingParams
@@ -113,9 +114,7 @@ class DecodeGraphs:
         logits = self.model.decode(self.tokens[:b], self.positions[:b], self.page_table[:b],
                                    self.cache)  # [b, V]
         if masked:  # as token_masks.apply_token_masks: the disallowed tokens' logits at -inf
-            words = self._mask_words[:b]  # [b, W]
-            shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-            keep = ((words[:, :, None] >> shifts) & 1).bool().reshape(b, -1)  # [b, 32 W]
+            keep = unpack_words(self._mask_words[:b])  # [b, 32 W]
             logits = torch.where(keep[:, :logits.shape[1]], logits, float("-inf"))
         if not full:
             self.out[:b] = self.model.sample(logits, st, self.positions[:b] + 1,
@@ -233,12 +232,9 @@ class DecodeGraphs:
     def _stage_masks(self, bucket: int, allowed: TokenMasks) -> None:
         """Copy the masks' bits (rows not listed: every token allowed) to the static buffer; waits
         for the masks to be computed."""
-        bits = allowed.result()  # [R, W] 32-bit words
+        bits = allowed.result_for(self.model.lm_head.vocab_size)  # [R, W] 32-bit words
         host = self._mask_host
         words = host.shape[1]
-        if bits.shape[1] < words:
-            raise ValueError(f"token masks cover {32 * bits.shape[1]} tokens, the logits "
-                             f"{self.model.lm_head.vocab_size}")
         host[:bucket] = -1
         host[list(allowed.rows)] = torch.from_numpy(
             np.ascontiguousarray(bits[:, :words]).view(np.int32))

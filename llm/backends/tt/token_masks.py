@@ -32,9 +32,7 @@ def additive_masks(masks: TokenMasks | None, rows: Sequence[int], vocab: int,
     out = torch.zeros(1, 1, TILE, width)
     if masks is None:
         return out
-    bits = masks.result()  # [R, W] int32
-    if bits.shape[1] * 32 < vocab:
-        raise ValueError(f"token masks cover {bits.shape[1] * 32} tokens, the logits {vocab}")
+    bits = masks.result_for(vocab)  # [R, W] int32
     allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")  # [R, 32 W]
     cols = vocab
     keep = torch.zeros(len(masks.rows), width, dtype=torch.bool)

@@ -123,3 +123,11 @@ class TokenMasks:
     def result(self) -> np.ndarray:
         """The bitmasks [len(rows), words] (waits for the worker computing them)."""
         return self.future.result()
+
+    def result_for(self, vocab: int) -> np.ndarray:
+        """`result()`, refused with ValueError where its words cover fewer than `vocab` tokens
+        (the logits the masks are applied to)."""
+        bits = self.result()
+        if bits.shape[1] * 32 < vocab:
+            raise ValueError(f"token masks cover {bits.shape[1] * 32} tokens, the logits {vocab}")
+        return bits
