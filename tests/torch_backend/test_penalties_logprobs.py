@@ -230,6 +230,39 @@ def test_uncount_forgets_only_the_discarded_step() -> None:
     assert torch.equal(pen.counts, before[0]) and torch.equal(pen.counted, before[1])
 
 
+
+def test_slot_reuse_skips_neutral_rows_and_resets_the_others() -> None:
+    """A plain request in a neutral row launches nothing and its logits stay as they are, even
+    over a previous request's counts; a penalized request after it starts from a clean row."""
+    from llm.backends.torch.penalties import SlotPenalties
+
+    pen = SlotPenalties(2, 10, torch.device("cpu"), fused=False)
+    penalized = SequenceSampling(SamplingParams(presence_penalty=1.0, frequency_penalty=0.5,
+                                                repetition_penalty=2.0, logit_bias={1: -3.0},
+                                                min_tokens=2), 0, (5,))
+    plain = SequenceSampling(SamplingParams(), 0, (5,))
+    slot, logits = torch.tensor([0]), torch.linspace(-2.0, 2.0, 10)[None]  # [1, V]
+    pen.begin(0, penalized)
+    pen.add_prompt(0, penalized, [2, 3], 2)
+    pen.count(slot, torch.tensor([4]), torch.tensor([2]))
+    assert not torch.equal(pen.apply(logits, slot, torch.tensor([3])), logits)
+    pen.begin(0, plain)  # a non-neutral row: reset
+    pen.add_prompt(0, plain, [4, 4], 2)
+    pen.count(slot, torch.tensor([4]), torch.tensor([2]))  # a full-path batch counts it too
+    assert torch.equal(pen.apply(logits, slot, torch.tensor([3])), logits)
+    before = [t.clone() for t in (pen.counts, pen.counted, pen.min_pos)]
+    pen.begin(0, plain)  # neutral: nothing written, the stale counts are unused
+    pen.add_prompt(0, plain, [6], 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, (pen.counts, pen.counted, pen.min_pos)))
+    assert torch.equal(pen.apply(logits, slot, torch.tensor([1])), logits)
+    fresh = SlotPenalties(2, 10, torch.device("cpu"), fused=False)
+    for p in (pen, fresh):  # a penalized request after them sees none of their counts
+        p.begin(0, penalized)
+        p.add_prompt(0, penalized, [2], 1)
+    assert torch.equal(pen.apply(logits, slot, torch.tensor([1])),
+                       fresh.apply(logits, slot, torch.tensor([1])))
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
 

@@ -280,14 +280,16 @@ class Transformer:
             return self.lm_head.gather(logits[None])[0]
         return self.lm_head.gather(logits)
 
-    def sample(self, logits: torch.Tensor, st: SamplingTensors, positions: torch.Tensor,
-               all_greedy: bool) -> torch.Tensor:
-        """Next tokens [B] from decode logits [B, V(_local)]: greedy from a distributed argmax,
-        otherwise `llm.backends.torch.sampling.sample` over the gathered vocabulary; the same on
-        every rank.
+    def sample(self, logits: torch.Tensor, st: SamplingTensors | None,
+               positions: torch.Tensor | None, all_greedy: bool) -> torch.Tensor:
+        """Next tokens [B] from decode logits [B, V(_local)]: greedy from a distributed argmax
+        (st and positions unused: they may be None), otherwise
+        `llm.backends.torch.sampling.sample` over the gathered vocabulary; the same on every rank.
         """
         if all_greedy:
             return self.lm_head.argmax(logits)
+        if st is None or positions is None:
+            raise ValueError("sampling needs its SamplingTensors and positions")
         return sample(self.lm_head.gather(logits), st, positions, all_greedy=False)
 
 

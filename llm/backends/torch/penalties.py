@@ -50,11 +50,20 @@ class SlotPenalties:
             self.presence = torch.zeros(n, dtype=torch.float32, device=device)
             self.frequency = torch.zeros(n, dtype=torch.float32, device=device)
             self.repetition = torch.ones(n, dtype=torch.float32, device=device)
+        # host-known: the row's bias, stop, presence, frequency and repetition are neutral (0, no
+        # stop, 0, 0, 1), so apply() leaves its logits as they are whatever its counts, counted,
+        # in_prompt and min_pos hold
+        self._neutral = [True] * n
 
     @torch.inference_mode()
     def begin(self, slot: int, sampling: SequenceSampling) -> None:
-        """A new request in `slot` (its first prefill chunk): reset the row to its parameters."""
+        """A new request in `slot` (its first prefill chunk): reset the row to its parameters.
+        A request without penalties, bias or min_tokens in a neutral row launches nothing: the
+        row's counts are read only by a request that has them, and its own begin resets them."""
         p = sampling.params
+        if not p.penalized and self._neutral[slot]:
+            return
+        self._neutral[slot] = not p.penalized
         for t in (self.counts, self.counted, self.in_prompt, self.bias, self.stop):
             t[slot] = 0
         self.presence[slot] = p.presence_penalty
@@ -72,9 +81,12 @@ class SlotPenalties:
     def fork(self, src: int, dst: int) -> None:
         """Start row `dst` as a copy of row `src`: another user of the same request (the same
         parameters) after the same prompt."""
+        if self._neutral[src] and self._neutral[dst]:
+            return
         for t in (self.counts, self.counted, self.in_prompt, self.bias, self.stop, self.min_pos,
                   self.presence, self.frequency, self.repetition):
             t[dst] = t[src]
+        self._neutral[dst] = self._neutral[src]
 
     @torch.inference_mode()
     def add_prompt(self, slot: int, sampling: SequenceSampling, tokens: Sequence[int],
@@ -86,7 +98,8 @@ class SlotPenalties:
         if sampling.params.repetition_penalty != 1.0:
             ids = torch.tensor(list(tokens), dtype=torch.int64, device=self.in_prompt.device)
             self.in_prompt[slot, ids] = True  # [S] columns
-        self.min_pos[slot] = end + sampling.params.min_tokens
+        if sampling.params.min_tokens:  # else the row's stop columns are all False (begin)
+            self.min_pos[slot] = end + sampling.params.min_tokens
 
     @torch.inference_mode()
     def count(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
