@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from typing import Protocol
 
 from llm.engine.contract.sampling_params import SamplingParams
@@ -39,6 +40,10 @@ class _HasCore(Protocol):
 
 
 _log = logging.getLogger(__name__)
+# The longest the engine thread waits, after a step's prefill, for the event loops to stream the
+# first tokens it just produced before it starts the decode step (see _hand_over), and the
+# longest `submit` waits for an idle engine thread to pick a request up.
+HAND_OVER_S = 0.002
 
 
 class EngineClosedError(RuntimeError):
@@ -117,6 +122,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._idle = False  # the engine thread waits for work (set and cleared by it)
+        self._picked_up = threading.Event()  # the engine thread took the inbox after waiting
         self._inbox: list[tuple[str, RequestStream]] = []
         self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._in_flight = 0
@@ -132,7 +139,11 @@ class AsyncEngine:
         return self._in_flight
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        """Validate and queue one request (call from a running event loop)."""
+        """Validate and queue one request (call from a running event loop). Where the engine
+        thread was idle and the backend computes off this host's cores, it waits for the engine
+        to pick the request up (at most HAND_OVER_S, the GIL released), so that the engine starts
+        the request's prefill before the event loop goes on with the response: the loop's own
+        work then runs while the device computes."""
         loop = asyncio.get_running_loop()
         seq = self.scheduler.make_sequence(next(self._ids), prompt_ids, params)
         stream = RequestStream(self, seq)
@@ -148,7 +159,10 @@ class AsyncEngine:
             self._in_flight += 1
             self._streams[seq.index] = (stream, loop)
             self._inbox.append(("add", stream))
+            idle = self._idle and not self.core.backend.host_compute
         self._wake.set()
+        if idle:
+            self._picked_up.wait(HAND_OVER_S)
         return stream
 
     def _post(self, command: tuple[str, RequestStream]) -> None:
@@ -179,6 +193,8 @@ class AsyncEngine:
                 with self._lock:
                     commands, self._inbox = self._inbox, []
                     closed = self._closed
+                    self._idle = False
+                self._picked_up.set()
                 for kind, stream in commands:
                     if kind == "add" and not closed:
                         sched.add(stream.seq)
@@ -189,10 +205,14 @@ class AsyncEngine:
                         self._deliver(_cancel(sched, stream.seq))
                     return
                 if sched.has_work:
-                    for events in sched.step_phases():  # first tokens go out before decode
-                        for ev in events:
-                            self._deliver(ev)
+                    for phase, events in enumerate(sched.step_phases()):
+                        loops = {self._deliver(ev) for ev in events} - {None}
+                        if phase == 0 and loops:  # first tokens go out before the decode step
+                            _hand_over(loops, HAND_OVER_S)
                 else:
+                    with self._lock:
+                        self._idle = not self._inbox
+                        self._picked_up.clear()
                     self._wake.wait()
         except BaseException as exc:  # a backend failure: fail every request, free every page
             self.error = exc
@@ -205,10 +225,11 @@ class AsyncEngine:
             _log.exception("engine thread failed; every request was failed and the engine closed")
 
     def _deliver(self, event: StreamEvent | int | None,
-                 error: BaseException | None = None) -> None:
-        """Hand an event (or an error for request id `event`) to its stream's event loop."""
+                 error: BaseException | None = None) -> asyncio.AbstractEventLoop | None:
+        """Hand an event (or an error for request id `event`) to its stream's event loop; that
+        loop, or None where nobody listens."""
         if event is None:
-            return
+            return None
         index = event if isinstance(event, int) else event.index
         finished = error is not None or (isinstance(event, StreamEvent) and event.finished)
         with self._lock:
@@ -217,12 +238,30 @@ class AsyncEngine:
                 del self._streams[index]
                 self._in_flight -= 1
         if entry is None:
-            return
+            return None
         stream, loop = entry
         try:
             loop.call_soon_threadsafe(stream._queue.put_nowait, error or event)
         except RuntimeError:  # the submitting loop is closed: nobody is listening any more
-            pass
+            return None
+        return loop
+
+
+def _hand_over(loops: set[asyncio.AbstractEventLoop], timeout_s: float) -> None:
+    """Wait (the GIL released) until each of `loops` has run the callbacks posted to it so far
+    and the tasks they woke, at most `timeout_s` in all. The engine thread calls it between a
+    step's prefill and its decode step: the decode step's host work would otherwise hold the
+    interpreter lock while the loop waits to stream the first tokens (up to the switch
+    interval)."""
+    deadline = time.monotonic() + timeout_s
+    for loop in loops:
+        done = threading.Event()
+        try:  # one iteration for the deliveries, the next for the tasks they woke
+            loop.call_soon_threadsafe(loop.call_soon, done.set)
+        except RuntimeError:  # closed meanwhile
+            continue
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            return
 
 
 def _cancel(sched: Scheduler, seq: Sequence) -> StreamEvent:

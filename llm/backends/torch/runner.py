@@ -106,6 +106,7 @@ class TorchBackend(Backend):
         self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
         self.penalties = SlotPenalties(runtime.max_batch, self.config.vocab_size, self.device)
         self.weight_bytes = self.model.weight_bytes
+        self.host_compute = self.device.type == "cpu"
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.model.decode_kernel:
             self.graphs = DecodeGraphs(self.model, self.cache, runtime.max_batch,
@@ -183,6 +184,8 @@ class TorchBackend(Backend):
             logits = apply_token_masks(logits, allowed)
         params = [s.params for s in sampling]
         all_greedy = all(p.greedy for p in params)
+        if all_greedy and not full:  # an argmax: no sampling tensors to copy to the device
+            return StepOutput(self.model.sample(logits, None, None, True).tolist())
         st = SamplingTensors.build(params, [s.seed for s in sampling], self.device)
         pos = self._tensor(positions)
         if not full:

@@ -102,6 +102,7 @@ class TTBackend(Backend):
         shape = parse_mesh(mesh)
         self.mesh, self.implementation = open_mesh(shape, implementation)
         ttnn = self.mesh.ttnn
+        self.host_compute = bool(getattr(ttnn, "EMULATED", False))
         try:
             if decoder_precision is None:
                 decoder_precision = default_overrides(precision_policy, self.config)

@@ -228,8 +228,10 @@ class Backend(ABC):
     """A device backend: weights on the device, a paged KV cache, prefill and decode.
 
     Attributes every backend sets: `name`, `config`, `runtime`, `source` (the checkpoint path, or
-    None for in-memory weights), `source_sha256` (its content hash when known, e.g. a GGUF's) and
-    `weight_bytes` (None where unknown).
+    None for in-memory weights), `source_sha256` (its content hash when known, e.g. a GGUF's),
+    `weight_bytes` (None where unknown) and `host_compute` (whether its steps compute on this
+    process's CPU cores, as a CPU device or an emulator does: then the engine does not run the
+    event loop's work beside them, which would take their cores).
     A tensor-parallel backend has one instance per process: the leader (`leader` True) is driven
     by the engine, every other rank calls `follow()`.
     """
@@ -240,6 +242,7 @@ class Backend(ABC):
     source: Path | None = None
     source_sha256: str | None = None
     weight_bytes: int | None = None  # bytes of weights this process holds on its device
+    host_compute: bool = True  # steps compute on this host's CPU cores (see above)
     closed: bool = False
 
     @property

@@ -39,7 +39,7 @@ class _Rank(Backend):
         self.backend, self.channel, self._on_close = backend, channel, on_close
         self.name, self.config, self.runtime = backend.name, backend.config, backend.runtime
         self.source, self.source_sha256 = backend.source, backend.source_sha256
-        self.weight_bytes = backend.weight_bytes
+        self.weight_bytes, self.host_compute = backend.weight_bytes, backend.host_compute
         self.closed = False
 
     @property
