@@ -140,8 +140,9 @@ class Scheduler:
         at = f"{label}: " if label else ""
         if not ids:
             raise RequestError(f"{at}the prompt is empty (it encodes to no tokens)")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-               or not 0 <= t < self.vocab_size]
+        plain = set(map(type, ids)) <= {int} and 0 <= min(ids) and max(ids) < self.vocab_size
+        bad = [] if plain else [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                                or not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(
                 f"{at}token ids {bad[:5]} outside [0, {self.vocab_size})")

@@ -168,7 +168,8 @@ def _prompt(value: Any) -> str | list[int]:
         value = value[0]  # a batch of one prompt
     if isinstance(value, str):
         return _utf8(value, "prompt")
-    if isinstance(value, list) and all(_is_int(t) for t in value):
+    if isinstance(value, list) and (set(map(type, value)) <= {int}  # fast path of the next
+                                    or all(_is_int(t) for t in value)):
         return list(value)
     raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list holding one "
                         "of those (batches of several prompts are not supported)", "prompt")
