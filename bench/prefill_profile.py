@@ -59,8 +59,9 @@ def projection_flops(cfg: ModelConfig, tokens: int) -> float:
     return 2.0 * tokens * cfg.num_layers * per_layer
 
 
-def prefill_fn(backend: TorchBackend, prompt: list[int], graph: bool):
-    """A call that enqueues the prefill of `prompt` and its greedy first token, reading nothing."""
+def prefill_fn(backend: TorchBackend, prompt: list[int], graph: bool, start: int = 0):
+    """A call that enqueues the prefill of `prompt` at position `start` (a chunk continuing a
+    sequence whose earlier K/V the cache holds) and its greedy first token, reading nothing."""
     model, device = backend.model, backend.device
     row = list(range(1, backend.runtime.blocks_per_seq + 1))
     tokens_t = torch.tensor(prompt, device=device)
@@ -68,9 +69,9 @@ def prefill_fn(backend: TorchBackend, prompt: list[int], graph: bool):
 
     def run() -> torch.Tensor:
         if graph:
-            logits = backend.prefill_graphs.run(prompt, row)
+            logits = backend.prefill_graphs.run(prompt, row, start)
         else:
-            logits = model.prefill(tokens_t, 0, row_t, backend.cache)
+            logits = model.prefill(tokens_t, start, row_t, backend.cache)
         return model.lm_head.argmax(logits[None])
 
     return run
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="2048", help="comma list of prompt lengths")
     p.add_argument("--reps", type=int, default=10, help="prefills timed (median)")
     p.add_argument("--graph", action="store_true", help="the CUDA-graph prefill (v13)")
+    p.add_argument("--start", type=int, default=0,
+                   help="the prompt's first position (> 0: a chunk after cached tokens)")
     p.add_argument("--rope-tokens", type=int, default=None,
                    help="tokens per program of the prefill RoPE kernel (default: the engine's)")
     p.add_argument("--torch-argmax", action="store_true", help="the first token by torch.argmax")
@@ -118,16 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for name in configs_for(args, csv(args.configs)):
         cfg = SHAPES[name]
-        backend = build_backend(cfg, device, dtype, 1, max(max(lengths), 2048) + 8,
+        backend = build_backend(cfg, device, dtype, 1, max(max(lengths) + args.start, 2048) + 8,
                                 cuda_graphs=args.graph)
         if not args.graph:
             backend.prefill_graphs = None
         backend.model.lm_head.fused_argmax = not args.torch_argmax
         for n in lengths:
-            run = prefill_fn(backend, random_prompts(1, n, cfg.vocab_size)[0], args.graph)
+            run = prefill_fn(backend, random_prompts(1, n, cfg.vocab_size)[0], args.graph,
+                             args.start)
             events_ms, host = measure(run, device, args.reps)
-            print(f"\n## {name}, {n} tokens: CUDA events {events_ms:.2f} ms, host enqueue "
-                  f"{host:.2f} ms", flush=True)
+            print(f"\n## {name}, {n} tokens at {args.start}: CUDA events {events_ms:.2f} ms, "
+                  f"host enqueue {host:.2f} ms", flush=True)
             times = kernel_times(run, device)
             kernels_ms = print_kernel_tables(times, top=args.top) / 1e3
             gemm_us = sum(us for k, (_, us) in times.items() if "GEMM" in category(k))
