@@ -290,7 +290,7 @@ class Scheduler:
                 with _joined(masks):
                     result = self.backend.prefill_step(PrefillInput(
                         seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),
-                        seq.sampling, targets, masks, cached, forks))
+                        seq.sampling, targets, masks, cached, forks, select=last))
                 if targets is not None:
                     seq.out.prompt_logprobs.extend(_checked(result.prompt_logprobs, targets))
                 seq.prefilled += n

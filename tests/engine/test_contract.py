@@ -130,6 +130,25 @@ def _check_token_masks(backend, name: str) -> None:
     assert list(masked.tokens) == [7, free]
 
 
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_a_chunk_that_selects_nothing_writes_the_same_kv(name: str) -> None:
+    """A chunk before the prompt's last (select=False) returns no token and leaves the same K/V
+    as one that selects: the last chunk then picks the same token with the same logprobs."""
+    backend = create_backend(name, _spec(name))
+    prompt = [(7 * i) % 90 + 3 for i in range(40)]
+    s = SequenceSampling(SamplingParams(logprobs=2), 0)
+    results = []
+    for slot, pages, select in ((0, [1, 2], True), (1, [3, 4], False)):
+        first = backend.prefill_step(PrefillInput(slot, prompt[:32], 0, pages, s, select=select))
+        assert len(first.tokens) == (1 if select else 0)
+        results.append(backend.prefill_step(PrefillInput(slot, prompt[32:], 32, pages, s)))
+    assert list(results[0].tokens) == list(results[1].tokens)
+    assert results[0].logprobs == results[1].logprobs
+    with pytest.raises(ValueError, match="select=True"):
+        PrefillInput(0, [1], 0, [1], s, allowed=TokenMasks((0,), Future()), select=False)
+    backend.close()
+
 def test_torch_and_tt_serve_every_feature() -> None:
     for name in ("torch", "tt"):
         backend = create_backend(name, _spec(name))

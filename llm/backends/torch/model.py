@@ -206,7 +206,7 @@ class Transformer:
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, page_row: torch.Tensor,
                 cache: PagedKVCache, all_logits: bool = False,
-                last: torch.Tensor | None = None) -> torch.Tensor:
+                last: torch.Tensor | None = None, logits: bool = True) -> torch.Tensor | None:
         """tokens [S] at positions start_pos.. for one user with pages page_row [max_blocks].
         start_pos: an int, or a [1] int64 tensor on the device: then the Triton paged prefill
         attention (needs decode_kernel) and nothing read on the host (a CUDA-graph continuation
@@ -215,7 +215,8 @@ class Transformer:
         Returns logits [V] of the last position (or [S, V] with all_logits, for tests and scoring);
         on a mesh, this rank's vocabulary slice of them (`gather_logits` / `sample`). last: [1]
         index of the last real token on the device, when `tokens` is padded at its end (CUDA-graph
-        prefill, see prefill_graphs.py); the logits are that token's.
+        prefill, see prefill_graphs.py); the logits are that token's. logits=False: only the K/V
+        are written (a chunk before the prompt's last); returns None.
         """
         s = tokens.shape[0]
         if isinstance(start_pos, torch.Tensor):
@@ -226,11 +227,13 @@ class Transformer:
         x, residual = self._embed(tokens), None  # [S, H]
         for layer in self.layers:
             x, residual = layer.prefill(x, residual, meta, cache)
+        if not logits:
+            return None
         if not all_logits:
             keep = slice(-1, None) if last is None else last
             x, residual = x[keep], residual[keep]  # [1, H]
-        logits = self._logits(self.norm.add_norm(x, residual)[0])  # [S or 1, V]
-        return logits if all_logits else logits[0]
+        out = self._logits(self.norm.add_norm(x, residual)[0])  # [S or 1, V]
+        return out if all_logits else out[0]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -200,7 +201,7 @@ class TorchBackend(Backend):
                                           sel.top_ids.cpu(), wanted))
 
     def prefill(self, inp: PrefillInput) -> int:
-        return self.prefill_step(inp).tokens[0]
+        return self.prefill_step(dataclasses.replace(inp, select=True)).tokens[0]
 
     def prefill_step(self, inp: PrefillInput) -> StepOutput:
         """`prefill`, with the logprobs the request asked for (see the contract)."""
@@ -226,6 +227,8 @@ class TorchBackend(Backend):
         if inp.targets is None and pg is not None and pg.bucket(len(inp.tokens),
                                                                 inp.start_pos) is not None:
             logits = pg.run(inp.tokens, inp.page_table, inp.start_pos)  # [V]; it stages its own
+            if not inp.select:  # nothing read back: the next chunk is staged while this one runs
+                return StepOutput(())
             return self._select(logits[None].expand(len(users), -1), users, slots,
                                 [end] * len(users), full_path(users), inp.allowed)
         tokens = self._tensor(list(inp.tokens))  # [S]
@@ -238,10 +241,15 @@ class TorchBackend(Backend):
                                        all_logits=True)  # [S, V(_local)]
             prompt = prompt_logprobs(self.model.gather_logits(local), params.temperature,
                                      inp.targets, params.prompt_logprobs)
+            if not inp.select:
+                return StepOutput((), None, prompt)
             out = self._select(local[-1:].expand(len(users), -1), users, slots,
                                [end] * len(users), full=True, allowed=inp.allowed)
             return StepOutput(out.tokens, out.logprobs, prompt)
-        logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache)  # [V]
+        logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache,
+                                    logits=inp.select)  # [V], or None
+        if logits is None:
+            return StepOutput(())
         return self._select(logits[None].expand(len(users), -1), users, slots,
                             [end] * len(users), full_path(users), inp.allowed)
 

@@ -165,7 +165,7 @@ class TTBackend(Backend):
 
     def prefill(self, inp: PrefillInput) -> int:
         """One user's prompt, or a chunk of it at start_pos (a multiple of the block size)."""
-        return self.prefill_step(dataclasses.replace(inp, forks=())).tokens[0]
+        return self.prefill_step(dataclasses.replace(inp, forks=(), select=True)).tokens[0]
 
     def prefill_step(self, inp: PrefillInput) -> StepOutput:
         """`prefill`, with the logprobs the request asked for; forks (n > 1) draw their first
@@ -210,6 +210,9 @@ class TTBackend(Backend):
             prompt = prompt_logprobs(mesh, lambda t: model.tile_logits(hidden, t),
                                      model.sampler, model.penalties, model.logprob_ops,
                                      params.temperature, inp.targets, params.prompt_logprobs)
+        if not inp.select:  # a chunk before the prompt's last: its K/V are written
+            ttnn.deallocate(hidden)
+            return StepOutput((), None, prompt)
         logits = model.tile_logits(hidden, (n - 1) // TILE)  # [1, 1, 32, V_local]
         row = (n - 1) % TILE  # the row holding the last token, which draws token start + n
         if full_path(users, inp.allowed is not None) or prompt is not None:

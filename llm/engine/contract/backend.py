@@ -10,6 +10,7 @@ a request outside them when it is submitted, so it never reaches the backend.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -70,6 +71,10 @@ class PrefillInput:
     chosen from this chunk's last logits too (StepOutput.tokens and .logprobs then hold 1 +
     len(forks) entries, this user's first), and their per-request state starts as this user's.
     Their K/V pages are the engine's business (shared pages, `Backend.copy_pages`).
+    select: whether a token is chosen from this chunk's last position: True on the chunk that
+    ends the prompt; False on an earlier one, whose call writes its K/V (and the prompt logprobs
+    of its targets) and nothing else: StepOutput.tokens is empty, no forks nor masks come with
+    it, and the backend need not compute the chunk's logits nor wait for the device.
     """
 
     slot: int
@@ -81,6 +86,12 @@ class PrefillInput:
     allowed: TokenMasks | None = None
     cached: Sequence[int] = ()
     forks: Sequence[Fork] = ()
+    select: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.select and (self.forks or self.allowed is not None):
+            raise ValueError("forks and token masks come with the chunk that ends the prompt "
+                             "(select=True)")
 
 
 @dataclass(frozen=True)
@@ -252,7 +263,8 @@ class Backend(ABC):
 
     @abstractmethod
     def prefill(self, inp: PrefillInput) -> int:
-        """Run the prompt, write its K/V into the user's pages, return the next token."""
+        """Run the prompt, write its K/V into the user's pages, return the next token (a chunk
+        with select=False goes through `prefill_step`, which returns no token for it)."""
 
     @abstractmethod
     def decode(self, inp: DecodeInput) -> list[int]:
@@ -261,6 +273,9 @@ class Backend(ABC):
     def prefill_step(self, inp: PrefillInput) -> StepOutput:
         """`prefill` with what the request asked for beyond the token (log probabilities); a
         backend declaring "logprobs" or "prompt_logprobs" overrides it (and `decode_step`)."""
+        if not inp.select:
+            self.prefill(dataclasses.replace(inp, select=True))  # the token is not wanted
+            return StepOutput(())
         return StepOutput([self.prefill(inp)])
 
     def decode_step(self, inp: DecodeInput) -> StepOutput:

@@ -10,6 +10,7 @@ the leader's are used.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -59,6 +60,7 @@ class LeaderBackend(_Rank):
     """
 
     def prefill(self, inp: PrefillInput) -> int:
+        inp = dataclasses.replace(inp, select=True)  # a token wanted: the followers select too
         self._send("prefill", inp)
         return self.backend.prefill(inp)
 
@@ -71,7 +73,7 @@ class LeaderBackend(_Rank):
         self.backend.copy_pages(pairs)
 
     def prefill_step(self, inp: PrefillInput) -> StepOutput:
-        """`prefill` with log probabilities (the followers run the same work in `prefill`)."""
+        """`prefill` with log probabilities (the followers run the same `prefill_step`)."""
         self._send("prefill", inp)
         return self.backend.prefill_step(inp)
 
@@ -145,8 +147,8 @@ def follow(backend: Backend, channel: Channel) -> int:
         op, inp = channel.broadcast_object()
         if op == _STOP:
             return calls
-        if op == "prefill":
-            backend.prefill(inp)
+        if op == "prefill":  # the leader's prefill_step (or prefill, whose inp selects)
+            backend.prefill_step(inp)
         elif op == "decode":
             backend.decode(inp)
         elif op == "copy_pages":
