@@ -207,8 +207,8 @@ class AsyncEngine:
                 if sched.has_work:
                     for phase, events in enumerate(sched.step_phases()):
                         loops = {self._deliver(ev) for ev in events} - {None}
-                        if phase == 0 and loops:  # first tokens go out before the decode step
-                            _hand_over(loops, HAND_OVER_S)
+                        if phase == 0 and loops and _only_new(sched):  # first tokens go out
+                            _hand_over(loops, HAND_OVER_S)  # before the decode step
                 else:
                     with self._lock:
                         self._idle = not self._inbox
@@ -245,6 +245,13 @@ class AsyncEngine:
         except RuntimeError:  # the submitting loop is closed: nobody is listening any more
             return None
         return loop
+
+
+def _only_new(sched: Scheduler) -> bool:
+    """Whether no running sequence has more than its first token: then streaming the first
+    tokens before the decode step delays no other stream's next token (under load the engine
+    does not wait: the decode step of the others goes first)."""
+    return all(len(s.out.token_ids) <= 1 for s in sched.active.values())
 
 
 def _hand_over(loops: set[asyncio.AbstractEventLoop], timeout_s: float) -> None:

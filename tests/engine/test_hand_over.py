@@ -83,3 +83,13 @@ def test_first_token_is_read_before_the_next_decode_step(monkeypatch) -> None:
     finally:
         engine.shutdown()
     assert log[:3] == ["prefill", log[1], "decode"] and log[1].startswith("read ")
+
+
+def test_no_hand_over_while_other_sequences_decode() -> None:
+    """The engine waits for the event loop only when no running sequence is past its first
+    token (else their decode step would wait for the loop)."""
+    def seq(tokens: int) -> SimpleNamespace:
+        return SimpleNamespace(out=SimpleNamespace(token_ids=[5] * tokens))
+
+    assert async_engine._only_new(SimpleNamespace(active={0: seq(1), 1: seq(0)}))
+    assert not async_engine._only_new(SimpleNamespace(active={0: seq(1), 1: seq(2)}))
