@@ -48,8 +48,9 @@ def test_submit_to_an_idle_engine(monkeypatch, host_compute: bool) -> None:
     async def go() -> list[int]:
         await asyncio.sleep(0.05)  # the engine thread is waiting for work by now
         engine.scheduler.add = _gated(engine.scheduler.add, gate)
+        engine._picked_up = picked = _CountedEvent()
         stream = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4))
-        taken.append(not engine._inbox)  # the engine thread took it before submit returned
+        taken.append((picked.waits, not engine._inbox))
         gate.set()
         return (await stream.result()).token_ids
 
@@ -57,7 +58,22 @@ def test_submit_to_an_idle_engine(monkeypatch, host_compute: bool) -> None:
         assert asyncio.run(go()) == expected_tokens([1, 2, 3], 4)
     finally:
         engine.shutdown()
-    assert taken == [not host_compute]
+    if host_compute:  # submit did not wait
+        assert taken[0][0] == 0
+    else:  # it waited, and the engine thread took the request before submit returned
+        assert taken == [(1, True)]
+
+
+class _CountedEvent(threading.Event):
+    """An Event that counts the waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
 
 
 def _gated(add, gate: threading.Event):

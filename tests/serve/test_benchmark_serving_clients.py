@@ -28,7 +28,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     while True:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, ConnectionError):  # the client closed
             break
         length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length"))
@@ -65,6 +65,7 @@ def test_client_reads_a_stream_and_a_refusal(name: str) -> None:
         async with CLIENTS[name](url) as client:
             samples = [await one_request(client, args, [1, 2, 3]) for _ in range(2)]
             refused = await one_request(client, args, "busy")
+        await asyncio.sleep(0.05)  # the handler sees the client's close and returns
         server.close()
         await server.wait_closed()
         return samples, refused
@@ -72,5 +73,6 @@ def test_client_reads_a_stream_and_a_refusal(name: str) -> None:
     samples, refused = asyncio.run(main())
     for s in samples:  # the second on the kept-alive connection
         assert s.status == 200 and s.tokens == 3
-        assert s.ttft_s > 0 and len(s.itl_s) == 2 and all(g >= 0.002 for g in s.itl_s)
+        assert s.ttft_s > 0 and len(s.itl_s) == 2 and all(g > 0 for g in s.itl_s)
+        assert s.ttft_s + sum(s.itl_s) >= 0.004  # the server paused 2 ms after each chunk
     assert refused.status == 429 and refused.ttft_s == 0.0 and refused.tokens == 0
