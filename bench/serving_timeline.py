@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import functools
 import random
 import statistics
@@ -115,7 +116,7 @@ def instrument(marks: Marks, gpu: list) -> None:
     PrefillGraphs.run = timed_run
 
 
-async def _requests(args, url: str, prompts: list[list[int]]) -> list[tuple[float, float]]:
+async def requests(args, url: str, prompts: list[list[int]]) -> list[tuple[float, float]]:
     """Send `prompts` one after another, streamed; (send time, first token time) of each."""
     times = []
     async with bs.CLIENTS[args.client](url) as client:
@@ -125,21 +126,20 @@ async def _requests(args, url: str, prompts: list[list[int]]) -> list[tuple[floa
     return times
 
 
-def client_main(args, url: str, prompts: list[list[int]]) -> list[tuple[float, float]]:
-    return asyncio.run(_requests(args, url, prompts))
+def request_of(t: float, sends: list[tuple[float, float]]) -> int:
+    """The request a host-clock time `t` belongs to: the last one sent at or before it (-1:
+    before the first)."""
+    return bisect.bisect_right([t0 for t0, _ in sends], t) - 1
 
 
 def timeline(marks: list[tuple[str, float]], sends: list[tuple[float, float]]) -> list[dict]:
     """Per request: each phase's first stamp after its send, as ms from the send."""
-    out = []
-    for i, (t0, t1) in enumerate(sends):
-        end = sends[i + 1][0] if i + 1 < len(sends) else float("inf")
-        row: dict[str, float] = {"client": (t1 - t0) * 1e3}
-        for label, t in marks:
-            if t0 <= t < end and label not in row:
-                row[label] = (t - t0) * 1e3
-        out.append(row)
-    return out
+    rows: list[dict[str, float]] = [{"client": (t1 - t0) * 1e3} for t0, t1 in sends]
+    for label, t in marks:
+        i = request_of(t, sends)
+        if i >= 0 and label not in rows[i]:
+            rows[i][label] = (t - sends[i][0]) * 1e3
+    return rows
 
 
 def main() -> int:
@@ -181,8 +181,6 @@ def main() -> int:
     rng = random.Random(0)
     prefix = [rng.randrange(10, 32000 if not args.smoke else 500)
               for _ in range(args.prefix_tokens)]
-    import multiprocessing
-
     for cache in {"on": (True,), "off": (False,), "both": (True, False)}[args.cache]:
         marks.items.clear()
         gpu.clear()
@@ -192,8 +190,7 @@ def main() -> int:
         if args.switch_interval is not None:
             sys.setswitchinterval(args.switch_interval)
         try:
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                sends = pool.apply(client_main, (args, url, prompts))
+            sends = bs.run_clients(requests, args, url, prompts)
         finally:
             stop()
         rows = timeline(marks.items, sends)[1:]  # the first computes the prefix
@@ -209,9 +206,8 @@ def main() -> int:
                 torch.cuda.synchronize()
             per_request: dict[int, float] = {}
             for t, start, end in gpu:
-                for i, (t0, _) in enumerate(sends):
-                    if t >= t0 and (i + 1 == len(sends) or t < sends[i + 1][0]):
-                        per_request[i] = per_request.get(i, 0.0) + start.elapsed_time(end)
+                i = request_of(t, sends)
+                per_request[i] = per_request.get(i, 0.0) + start.elapsed_time(end)
             vals = [v for i, v in per_request.items() if i > 0]
             if vals:
                 print(f"  prefill GPU (CUDA events, all chunks) {statistics.median(vals):.2f} ms")

@@ -142,7 +142,7 @@ class AiohttpClient:
 CLIENTS = {"httpx": HttpxClient, "aiohttp": AiohttpClient}
 
 
-def _run_clients(fn, args, url: str, *extra):
+def run_clients(fn, args, url: str, *extra):
     """asyncio.run(fn(args, url, *extra)) in this process, or by default in a spawned child
     process (its result pickled back)."""
     if args.clients_in_process:
@@ -387,7 +387,7 @@ def run_shared_prefix(args) -> list[PrefixPoint]:
           f"{args.concurrency[0]} client(s)\n{PREFIX_HEADER}", flush=True)
     points = []
     if args.url:
-        points.append(_run_clients(shared_prefix, args, args.url, "server"))
+        points.append(run_clients(shared_prefix, args, args.url, "server"))
         print(fmt_prefix(points[-1]), flush=True)
         return points
     args.max_seq_len = max(args.max_seq_len,
@@ -397,7 +397,7 @@ def run_shared_prefix(args) -> list[PrefixPoint]:
     for cache in (True, False):
         url, stop = start_server(args, model, prefix_cache=cache)
         try:
-            points.append(_run_clients(shared_prefix, args, url, "on" if cache else "off"))
+            points.append(run_clients(shared_prefix, args, url, "on" if cache else "off"))
         finally:
             stop()
         print(fmt_prefix(points[-1]), flush=True)
@@ -453,7 +453,7 @@ def main() -> int:
     print(f"{args.num_requests} requests per point, ~{args.prompt_words}-word prompts, "
           f"{args.max_tokens} output tokens, greedy\n{HEADER}", flush=True)
     try:
-        points = _run_clients(run, args, url)
+        points = run_clients(run, args, url)
     finally:
         if stop is not None:
             stop()
