@@ -149,7 +149,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--num-requests", type=int, default=24)
-    p.add_argument("--prefix-tokens", type=int, default=1536)
+    p.add_argument("--prefix-tokens", type=int, default=None,
+                   help="shared prompt tokens (default 1,536; 512 with --smoke)")
     p.add_argument("--suffix-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--prefill-chunk", type=int, default=256)
@@ -168,7 +169,8 @@ def main() -> int:
     if args.smoke:
         db.SHAPES["1b"] = SHAPES["tiny"]
         args.random, args.device, args.dtype = "1b", "cpu", "float32"
-        args.prefix_tokens = 512
+    if args.prefix_tokens is None:
+        args.prefix_tokens = 512 if args.smoke else 1536
     defaults = dict(model=None, model_name="m", max_batch=4, max_queue=64,
                     max_seq_len=args.prefix_tokens + args.suffix_tokens + args.max_tokens,
                     concurrency=[1], clients_in_process=False)
