@@ -31,7 +31,9 @@ from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsEr
     ({"prompt_logprobs": 1.5}, "prompt_logprobs must be an integer"),
     ({"presence_penalty": 2.5}, "presence_penalty must be in [-2.0, 2.0]"),
     ({"frequency_penalty": float("nan")}, "frequency_penalty must be a finite number"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be in (0.0, inf]"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be in [1e-30, 1e+30]"),
+    ({"repetition_penalty": 1e308}, "repetition_penalty must be in [1e-30, 1e+30]"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty must be in [1e-30, 1e+30]"),
     ({"logit_bias": {"12": 1.0}}, "logit_bias key '12' is not a token id"),
     ({"logit_bias": {-3: 1.0}}, "logit_bias key -3 is not a token id"),
     ({"logit_bias": {5: 101}}, "logit_bias[5] must be in [-100.0, 100.0]"),
@@ -113,6 +115,13 @@ def test_top_k_and_top_p_truncate_then_renormalise() -> None:
     nucleus[3:] = 0
     _close(_histogram(logits, SamplingParams(temperature=1.0, top_p=0.9, seed=6)),
            nucleus / nucleus.sum())
+
+
+def test_a_top_p_below_float32s_range_keeps_the_top_token() -> None:
+    p = SamplingParams(temperature=1.0, top_p=5e-324, seed=7)  # 0.0 in float32
+    assert p.top_p == 2.0 ** -24
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    _close(_histogram(logits, p), torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64))
 
 
 def test_different_seeds_give_different_streams_and_same_seed_repeats() -> None:

@@ -197,7 +197,10 @@ class AsyncEngine:
                 self._picked_up.set()
                 for kind, stream in commands:
                     if kind == "add" and not closed:
-                        sched.add(stream.seq)
+                        try:
+                            sched.add(stream.seq)
+                        except QueueFullError as exc:  # submit counts the same: a guard
+                            self._deliver(stream.seq.index, exc)
                     elif kind == "cancel":
                         self._deliver(_cancel(sched, stream.seq))
                 if closed:
@@ -221,7 +224,7 @@ class AsyncEngine:
             for stream, _ in list(self._streams.values()):
                 with contextlib.suppress(Exception):  # free what can be freed
                     sched.cancel(stream.seq)
-                self._deliver(stream.seq.index, EngineClosedError(f"engine failed: {exc!r}"))
+                self._deliver(stream.seq.index, EngineClosedError(f"engine failed: {exc!r:.500}"))
             _log.exception("engine thread failed; every request was failed and the engine closed")
 
     def _deliver(self, event: StreamEvent | int | None,

@@ -23,6 +23,16 @@ from llm.model.tokenizer.token_bytes import SPECIAL_PREFIX
 from llm.model.tokenizer.tokenizer import Tokenizer
 
 
+class GrammarError(RuntimeError):
+    """One request's grammar failed while it generated (a token its matcher rejects, e.g. past
+    one of llguidance's parser limits): that request fails, with `param` (its structured-output
+    parameter) named; the engine and the other requests go on."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class GrammarMatcher:
     """Where one request's output stands in its grammar (llguidance's LLMatcher)."""
 
@@ -31,11 +41,13 @@ class GrammarMatcher:
         self.spec = spec
 
     def consume(self, token: int) -> None:
-        """Advance by one accepted token; RuntimeError if the grammar does not allow it (the
-        backend did not apply the mask)."""
+        """Advance by one accepted token; GrammarError if the grammar does not take it (its
+        matcher failed, e.g. at a parser limit, or the backend did not apply the mask)."""
         if not self._m.consume_token(token):
-            raise RuntimeError(f"token {token} is not allowed by the {self.spec.param} grammar: "
-                               f"{self._m.get_error()}")
+            error = self._m.get_error()
+            raise GrammarError(f"{self.spec.param}: the grammar failed at output token "
+                               f"{token}: {error[:300]}{'...' if len(error) > 300 else ''}",
+                               self.spec.param)
 
     @property
     def stopped(self) -> bool:

@@ -43,11 +43,17 @@ from llm.engine.contract.sampling_params import (
     resolve_seed,
 )
 from llm.engine.contract.structured import TokenMasks
-from llm.engine.grammar import Grammars
+from llm.engine.grammar import GrammarError, Grammars
 from llm.engine.metrics import ServingMetrics
 from llm.engine.paged_kv import OutOfPagesError, PageTable
 from llm.engine.prefix_cache import PrefixCache
-from llm.engine.sequence import RequestError, RequestOutput, Sequence, StreamEvent
+from llm.engine.sequence import (
+    RequestError,
+    RequestFailure,
+    RequestOutput,
+    Sequence,
+    StreamEvent,
+)
 from llm.model.tokenizer.tokenizer import Tokenizer
 
 
@@ -126,6 +132,11 @@ class Scheduler:
         return bool(self.waiting or self.active)
 
     @property
+    def running_requests(self) -> int:
+        """Requests with a sequence in a batch slot (a request with n > 1 holds several)."""
+        return len({s.index for s in self.active.values()})
+
+    @property
     def capacity(self) -> int | None:
         """Requests the scheduler may hold at once (active + waiting), None if unbounded."""
         q = self.config.max_queue
@@ -202,9 +213,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a validated Sequence; QueueFullError if the configured limit is reached."""
         cap = self.capacity
-        if cap is not None and len(self.waiting) + len(self.active) >= cap:
+        running = self.running_requests
+        if cap is not None and len(self.waiting) + running >= cap:
             raise QueueFullError(
-                f"the server is at capacity ({len(self.active)} running, {len(self.waiting)} "
+                f"the server is at capacity ({running} requests running, {len(self.waiting)} "
                 f"waiting); retry later")
         self.waiting.append(seq)
 
@@ -340,10 +352,16 @@ class Scheduler:
 
     def _accept(self, seq: Sequence, token: int, events: list[StreamEvent],
                 logprobs: TokenLogprobs | None = None) -> None:
+        if seq.finished:  # its request failed earlier in this step (another of its sequences)
+            return
         now = time.perf_counter()
         first = not seq.out.token_ids
         latency = now - (seq.arrival if first else seq.t_last)
-        event = seq.accept(token, now, logprobs)
+        try:
+            event = seq.accept(token, now, logprobs)
+        except GrammarError as exc:  # this request's own grammar: it alone fails
+            events.append(self._fail(seq, RequestFailure(str(exc), exc.param)))
+            return
         if self.metrics is not None:
             self.metrics.on_token(latency, first)
         if seq.finished:
@@ -352,6 +370,17 @@ class Scheduler:
                 self.metrics.on_finish(seq.out.finish_reason or "stop")
         if event is not None:
             events.append(event)
+
+    def _fail(self, seq: Sequence, failure: RequestFailure) -> StreamEvent:
+        """End the running request of `seq` with `failure`, freeing the slots and pages of all
+        its sequences; its final event."""
+        event = seq.fail(failure)
+        for s in seq.group:
+            if s.slot >= 0 and self.active.get(s.slot) is s:
+                self._retire(s)
+        if self.metrics is not None:
+            self.metrics.on_finish("error")
+        return event
 
     def _retire(self, seq: Sequence) -> None:
         del self.active[seq.slot]

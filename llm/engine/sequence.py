@@ -12,6 +12,7 @@ when every member has: its final event carries the chosen outputs (`RequestOutpu
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -30,15 +31,18 @@ class RequestError(ValueError):
 class RequestOutput:
     """The result of one request.
 
-    finish_reason: "stop" (EOS, stop token or string), "length", or "cancelled".
-    logprobs: one TokenLogprobs per generated token when SamplingParams.logprobs was set, else
-    None. prompt_logprobs: one per prompt token (None for the first, which has no context) when
-    SamplingParams.prompt_logprobs was set, else None. cached_tokens: leading prompt tokens whose
-    K/V came from the prefix cache (not computed for this request).
-    choice: this sequence's index among the request's choices. cumulative_logprob: the sum of
-    its tokens' logprobs, where they were computed (logprobs asked for, or best_of). choices: on
-    the output a request with n > 1 or best_of returns, its n choices, best first for best_of
-    (this output is the first of them); None otherwise.
+    finish_reason: "stop" (EOS, stop token or string), "length", "cancelled", or "error": the
+    request failed on its own while it ran (its structured-output grammar failed, see
+    `llm.engine.grammar.GrammarError`); `error` then says why, and which parameter.
+    logprobs: one TokenLogprobs per generated token when SamplingParams.logprobs was set, else None;
+    where a stop string cut the text, the tokens that start in the cut part have none (the entries
+    match the text; token_ids keep every generated token). prompt_logprobs: one per prompt token
+    (None for the first, which has no context) when SamplingParams.prompt_logprobs was set, else
+    None. cached_tokens: leading prompt tokens whose K/V came from the prefix cache (not computed
+    for this request). choice: this sequence's index among the request's choices.
+    cumulative_logprob: the sum of its tokens' logprobs, where they were computed (logprobs asked
+    for, or best_of). choices: on the output a request with n > 1 or best_of returns, its n choices,
+    best first for best_of (this output is the first of them); None otherwise.
     """
 
     index: int
@@ -54,6 +58,16 @@ class RequestOutput:
     choice: int = 0
     cumulative_logprob: float = 0.0
     choices: list[RequestOutput] | None = field(default=None, repr=False, compare=False)
+    error: RequestFailure | None = None
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """Why a request ended with finish_reason "error": a message, and the request parameter at
+    fault (None if none is)."""
+
+    message: str
+    param: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class Sequence:
     registered: int = 0  # leading pages of this request that are in the prefix cache
     emitted: int = 0  # characters of out.text already streamed
     logprobs_emitted: int = 0  # entries of out.logprobs already streamed
+    starts: list[int] = field(default_factory=list)  # len(out.text) before each token's text
     stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there
     t_first: float = 0.0
     t_last: float = 0.0
@@ -141,6 +156,7 @@ class Sequence:
             out.ttft_s = now - self.arrival
         self.t_last = now
         out.token_ids.append(token)
+        self.starts.append(len(out.text))
         if logprobs is not None:
             out.cumulative_logprob += logprobs.logprob
         if out.logprobs is not None:  # the request asked for them (see Scheduler.make_sequence)
@@ -162,6 +178,8 @@ class Sequence:
                                  self.stop_floor)
             if hit >= 0:
                 out.text = out.text[:hit]
+                if out.logprobs is not None:  # none for the tokens wholly in the cut part
+                    del out.logprobs[bisect.bisect_left(self.starts, hit):]
                 out.finish_reason = "stop"
             elif self.grammar is not None and self.grammar.stopped:  # complete: nothing may follow
                 out.text += self.detok.flush()
@@ -175,15 +193,18 @@ class Sequence:
         safe = len(out.text) - self.stop_hold
         if safe <= self.emitted:
             return None
-        event = StreamEvent(out.index, out.text[self.emitted:safe], logprobs=self._new_logprobs(),
-                            choice=out.choice)
+        event = StreamEvent(out.index, out.text[self.emitted:safe],
+                            logprobs=self._new_logprobs(safe), choice=out.choice)
         self.emitted = safe
         return event
 
-    def _new_logprobs(self) -> tuple[TokenLogprobs, ...]:
+    def _new_logprobs(self, upto: int | None = None) -> tuple[TokenLogprobs, ...]:
+        """The logprobs not streamed yet of the tokens whose text starts before character `upto`
+        of out.text (None: all), as the text streamed so far (held-back text's tokens wait)."""
         done = self.out.logprobs or []
-        new = tuple(done[self.logprobs_emitted:])
-        self.logprobs_emitted = len(done)
+        end = len(done) if upto is None else min(len(done), bisect.bisect_left(self.starts, upto))
+        new = tuple(done[self.logprobs_emitted:end])
+        self.logprobs_emitted = max(self.logprobs_emitted, end)
         return new
 
     def cancel(self) -> StreamEvent:
@@ -192,6 +213,15 @@ class Sequence:
         for s in self.group:
             if not s.finished:
                 s.out.finish_reason = "cancelled"
+        return self.final_event()
+
+    def fail(self, failure: RequestFailure) -> StreamEvent:
+        """End the request (each of its sequences still running) with finish_reason "error" and
+        `failure`; its final event."""
+        for s in self.group:
+            if not s.finished:
+                s.out.finish_reason = "error"
+                s.out.error = failure
         return self.final_event()
 
     def final_event(self) -> StreamEvent:

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from llm.engine.async_engine import AsyncEngine, EngineClosedError, RequestStrea
 from llm.engine.contract.sampling_params import SamplingParamsError
 from llm.engine.paged_kv import OutOfPagesError
 from llm.engine.scheduler import QueueFullError
-from llm.engine.sequence import RequestError
+from llm.engine.sequence import RequestError, RequestFailure
 from llm.model.tokenizer.errors import TokenizerError
 from llm.serve.logprobs import LogprobsFormatter
 from llm.serve.protocol import (
@@ -167,12 +167,8 @@ class _Handlers:
             raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
         except SamplingParamsError as e:  # beyond the backend, the vocabulary or max_tokens
             raise ApiError(400, str(e), api_param(e.param)) from e
-        except QueueFullError as e:
-            wait = self.engine.metrics.retry_after_s(self.config.retry_after_s)
-            raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(wait)}) from e
-        except EngineClosedError as e:
-            raise ApiError(503, str(e), kind="server_error", headers=self._retry()) from e
+        except (QueueFullError, EngineClosedError) as e:
+            raise self._ended(e) from e
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         self._authorize(request)
@@ -190,24 +186,46 @@ class _Handlers:
             shape.echo = (req.prompt if isinstance(req.prompt, str)
                           else self.engine.tokenizer.decode(ids, skip_special_tokens=False))
         if req.stream:
-            return EventStreamResponse(_sse_events(stream, shape, req.include_usage),
+            return EventStreamResponse(_sse_events(stream, shape, req.include_usage, self._ended),
                                        on_close=stream.cancel)
         try:
             out = await race_disconnect(stream.result(), request.receive)
         except ClientGone:
             return Response(status_code=499)
-        except EngineClosedError as e:
-            raise ApiError(503, str(e), kind="server_error", headers=self._retry()) from e
+        except (EngineClosedError, QueueFullError) as e:
+            raise self._ended(e) from e
         finally:
             stream.cancel()
+        if out.error is not None:
+            raise _failed(out.error)
         return JSONResponse(shape.full(out))
 
+    def _ended(self, exc: EngineClosedError | QueueFullError) -> ApiError:
+        """The error response of a request the engine ended without running it."""
+        if isinstance(exc, QueueFullError):
+            wait = self.engine.metrics.retry_after_s(self.config.retry_after_s)
+            return ApiError(429, str(exc), kind="rate_limit_error", code="queue_full",
+                            headers={"Retry-After": str(wait)})
+        return ApiError(503, str(exc), kind="server_error", headers=self._retry())
 
-async def _sse_events(stream: RequestStream, shape: ResponseShape,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+
+def _failed(failure: RequestFailure) -> ApiError:
+    """The error response of a request that failed on its own while it ran (400: what failed
+    is the request's, e.g. its grammar)."""
+    return ApiError(400, failure.message, api_param(failure.param) if failure.param else None)
+
+
+async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage: bool,
+                      ended: Callable[[EngineClosedError | QueueFullError], ApiError]
+                      ) -> AsyncIterator[bytes]:
+    """The SSE chunks of a streamed request; an error event instead of the rest where the
+    request failed (`RequestFailure`) or the engine ended it (`ended` makes its error)."""
     started: set[int] = set()  # choices whose first chunk went out
     try:
         async for ev in stream:
+            if ev.finished and ev.output is not None and ev.output.error is not None:
+                yield sse(_failed(ev.output.error).body())
+                break
             if not started and shape.echo is not None:  # the prompt's logprobs are known by now
                 for index in range(stream.seq.params.n):
                     yield shape.echo_chunk(stream.seq.out, usage_field=include_usage,
@@ -224,8 +242,8 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape,
                 assert ev.output is not None
                 if include_usage:
                     yield shape.usage_chunk(ev.output)
-    except EngineClosedError as e:
-        yield sse(ApiError(503, str(e), kind="server_error").body())
+    except (EngineClosedError, QueueFullError) as e:
+        yield sse(ended(e).body())
     yield SSE_DONE
 
 

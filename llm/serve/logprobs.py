@@ -8,8 +8,8 @@ logprobs + 1 entries, as OpenAI documents). /v1/chat/completions: {"content": [{
 
 A token's text is that token decoded alone (special tokens included): a token holding only part
 of a UTF-8 character decodes to U+FFFD, and its "bytes" are that text's, not the token's raw
-bytes. text_offset counts the characters of those texts from the start of the response's text,
-across the chunks of a stream.
+bytes. text_offset counts the characters of those texts from the start of the choice's text,
+across the chunks of a stream (each choice of an n > 1 response from 0).
 -inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf.
 """
 
@@ -26,11 +26,12 @@ MASKED_LOGPROB = -9999.0
 
 
 class LogprobsFormatter:
-    """The logprobs objects of one response (it keeps the text offset between chunks)."""
+    """The logprobs objects of one response (it keeps each choice's text offset between
+    chunks)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.offset = 0
+        self.offsets: dict[int, int] = {}  # choice -> characters of its tokens so far
         self._texts: dict[int, str] = {}
 
     def text(self, token: int) -> str:
@@ -40,16 +41,19 @@ class LogprobsFormatter:
             text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return text
 
-    def completion(self, tokens: Sequence[int],
-                   entries: Sequence[TokenLogprobs | None]) -> dict[str, Any]:
-        """/v1/completions' object for `tokens` and their logprobs (None: the prompt's first)."""
+    def completion(self, tokens: Sequence[int], entries: Sequence[TokenLogprobs | None],
+                   choice: int = 0) -> dict[str, Any]:
+        """/v1/completions' object for `tokens` of choice `choice` and their logprobs (None: the
+        prompt's first)."""
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                      "text_offset": []}
+        offset = self.offsets.get(choice, 0)
         for token, entry in zip(tokens, entries, strict=True):
             text = self.text(token)
             out["tokens"].append(text)
-            out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            self.offsets[choice] = offset
             if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)

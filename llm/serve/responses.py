@@ -52,17 +52,18 @@ class ResponseShape:
         if self.chat:
             choice = {"index": out.choice, "message": {"role": "assistant", "content": out.text},
                       "finish_reason": out.finish_reason,
-                      "logprobs": self._logprobs(out.logprobs or [])}
+                      "logprobs": self._logprobs(out.logprobs or [], out.choice)}
         else:
             text, logprobs = out.text, None
             if self.echo is not None:
                 text = self.echo + text
             if self.logprobs is not None:
-                tokens, entries = out.token_ids, list(out.logprobs or [])
+                entries: list[TokenLogprobs | None] = list(out.logprobs or [])
+                tokens = [e.token for e in entries]  # those of the text (see RequestOutput)
                 if self.echo is not None:
                     tokens = out.prompt_token_ids + tokens
                     entries = list(out.prompt_logprobs or []) + entries
-                logprobs = self.logprobs.completion(tokens, entries)
+                logprobs = self.logprobs.completion(tokens, entries, out.choice)
             choice = {"index": out.choice, "text": text, "finish_reason": out.finish_reason,
                       "logprobs": logprobs}
         return choice
@@ -73,7 +74,8 @@ class ResponseShape:
         assert self.echo is not None and not self.chat
         logprobs = None
         if self.logprobs is not None:
-            logprobs = self.logprobs.completion(out.prompt_token_ids, out.prompt_logprobs or [])
+            logprobs = self.logprobs.completion(out.prompt_token_ids, out.prompt_logprobs or [],
+                                                index)
         choice = {"index": index, "text": self.echo, "finish_reason": None, "logprobs": logprobs}
         return sse({**self._head(True), "choices": [choice],
                     **({"usage": None} if usage_field else {})})
@@ -91,22 +93,23 @@ class ResponseShape:
             if text or not first:
                 delta["content"] = text
             choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
-                      "logprobs": self._logprobs(logprobs) if logprobs else None}
+                      "logprobs": self._logprobs(logprobs, index) if logprobs else None}
         else:
             choice = {"index": index, "text": text, "finish_reason": finish_reason,
-                      "logprobs": self._logprobs(logprobs) if logprobs else None}
+                      "logprobs": self._logprobs(logprobs, index) if logprobs else None}
         body = {**self._head(True), "choices": [choice]}
         if usage_field:
             body["usage"] = None
         return sse(body)
 
-    def _logprobs(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
-        """The logprobs object of generated tokens' `entries` (None without logprobs)."""
+    def _logprobs(self, entries: Sequence[TokenLogprobs], choice: int) -> dict[str, Any] | None:
+        """The logprobs object of choice `choice`'s generated tokens' `entries` (None without
+        logprobs)."""
         if self.logprobs is None:
             return None
         if self.chat:
             return self.logprobs.chat(entries)
-        return self.logprobs.completion([e.token for e in entries], entries)
+        return self.logprobs.completion([e.token for e in entries], entries, choice)
 
     def usage_chunk(self, out: RequestOutput) -> bytes:
         """The extra final chunk of stream_options.include_usage (empty choices)."""

@@ -147,7 +147,7 @@ BAD = {
     "echo": ["yes", 1],
     "presence_penalty": [2.5, -3, "x", [1]],
     "frequency_penalty": [2.01, "0.5", {}],
-    "repetition_penalty": [0, -1.0, "x"],
+    "repetition_penalty": [0, -1.0, "x", 1e308, 1e-40],
     "logit_bias": [{"49152": 1}, {"abc": 1}, {"-5": 1}, {"5": 101}, {"5": "a"}, [5], "x",
                    {"5": None}],
     "min_tokens": [-1, 1.5, "2", 9],
@@ -237,4 +237,41 @@ def test_concurrent_requests_answer_as_alone(client, live_server) -> None:
             assert [v is None for v in lps] == [v is None for v in want_lps]
             assert [v for v in lps if v is not None] == pytest.approx(
                 [v for v in want_lps if v is not None], abs=1e-4)
+    assert live_server.wait_all_free()
+
+
+def test_text_offsets_count_from_each_choice_start(client, live_server) -> None:
+    r = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=4,
+                                  temperature=1.0, seed=1, n=2, logprobs=1, echo=True)
+    for choice in r.choices:
+        lp = choice.logprobs
+        assert lp.text_offset[0] == 0 and "".join(lp.tokens) == choice.text
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="Once upon a time",
+                                            max_tokens=4, temperature=1.0, seed=1, n=2,
+                                            logprobs=1, stream=True))
+    for index in (0, 1):
+        lps = [c.choices[0].logprobs for c in chunks
+               if c.choices and c.choices[0].index == index and c.choices[0].logprobs]
+        assert [o for lp in lps for o in lp.text_offset][0] == 0
+    assert live_server.wait_all_free()
+
+
+def test_logprobs_stop_with_the_text_at_a_stop_string(client, live_server, serve_model) -> None:
+    free = serve_model.generate([PROMPT], SamplingParams(max_new_tokens=12))[0]
+    tokens = [_text(serve_model, t) for t in free.token_ids]
+    cut = len(tokens[0]) + len(tokens[1])  # a stop string starting at the third token's text
+    stop = free.text[cut:cut + 4]
+    assert len(stop) == 4 and stop not in free.text[:cut + 3]
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1,
+              stop=[stop])
+    r = client.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.text == free.text[:cut] and choice.finish_reason == "stop"
+    assert choice.logprobs.tokens == tokens[:2]  # none of the tokens in the cut part
+    assert all(o < len(choice.text) for o in choice.logprobs.text_offset)
+    chunks = list(client.completions.create(**kw, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.tokens]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == tokens[:2] and text == choice.text
     assert live_server.wait_all_free()

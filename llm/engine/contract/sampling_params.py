@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 __all__ = ["MAX_LOGPROBS", "SamplingParams", "SamplingParamsError", "resolve_seed"]
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit; vLLM's default cap)
+# top_p below this keeps the same nucleus (the top token: its probability is >= 1 / vocab > 2^-24)
+# and stays > 0 in the samplers' float32
+MIN_TOP_P = 2.0 ** -24
+# repetition_penalty's range: beyond it logits divided / multiplied by it overflow float32
+REPETITION_RANGE = (1e-30, 1e30)
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,8 @@ class SamplingParams:
 
     temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature). top_k:
     keep the k most likely tokens (0 = no limit). top_p: keep the smallest set of tokens whose
-    probability reaches top_p (1.0 = no limit). seed: makes sampling reproducible (None = a fresh
+    probability reaches top_p (1.0 = no limit; values below MIN_TOP_P, whose nucleus is the top
+    token alone, are kept as MIN_TOP_P). seed: makes sampling reproducible (None = a fresh
     random seed). max_new_tokens: generated-token limit. stop: strings that end generation (not
     included in the text). stop_token_ids: token ids that end generation besides the model's EOS.
     ignore_eos: keep going after EOS.
@@ -41,11 +47,11 @@ class SamplingParams:
     top-k / top-p; prompt logprobs are log_softmax(logits / temperature) of the model alone.
 
     presence_penalty / frequency_penalty (OpenAI, [-2, 2]): subtract p once from the logit of every
-    token generated so far / f times its count. repetition_penalty (Hugging Face, > 0; 1 = off):
-    the logit of every token in the prompt or generated so far is divided by it when positive,
-    multiplied when negative. logit_bias: {token id: bias in [-100, 100]} added to the logits
-    (given as a mapping or pairs; kept as sorted pairs). min_tokens: EOS and stop_token_ids are
-    masked until this many tokens were generated, and no stop string ends the request before
+    token generated so far / f times its count. repetition_penalty (Hugging Face, in [1e-30, 1e30];
+    1 = off): the logit of every token in the prompt or generated so far is divided by it when
+    positive, multiplied when negative. logit_bias: {token id: bias in [-100, 100]} added to the
+    logits (given as a mapping or pairs; kept as sorted pairs). min_tokens: EOS and stop_token_ids
+    are masked until this many tokens were generated, and no stop string ends the request before
     then (vLLM's semantics).
 
     structured: a StructuredOutput (llm.engine.contract.structured) the whole output must match
@@ -87,6 +93,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _check_number("temperature", self.temperature, lo=0.0)
         _check_number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
+        if self.top_p < MIN_TOP_P:  # the same nucleus (the top token), and > 0 in float32
+            object.__setattr__(self, "top_p", MIN_TOP_P)
         _check_int("top_k", self.top_k, lo=0)
         _check_int("max_new_tokens", self.max_new_tokens, lo=1)
         if self.seed is not None:  # any int64, as OpenAI's API takes (the sampler's tensors)
@@ -108,7 +116,8 @@ class SamplingParams:
                                               f"{value}", param=name)
         _check_number("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         _check_number("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
-        _check_number("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        _check_number("repetition_penalty", self.repetition_penalty, lo=REPETITION_RANGE[0],
+                      hi=REPETITION_RANGE[1])
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         _check_int("min_tokens", self.min_tokens, lo=0)
         if self.min_tokens > self.max_new_tokens:

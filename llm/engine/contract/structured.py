@@ -102,9 +102,15 @@ class StructuredOutput:
             return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.spec)
-        if self.kind == "choice":
-            return grammar_from("choice", list(self.choices))
+        if self.kind == "choice":  # one lexeme: no parser row per choice (llguidance caps those)
+            return grammar_from("regex", "(" + "|".join(map(_literal, self.choices)) + ")")
         return grammar_from("grammar", self.spec)
+
+
+def _literal(text: str) -> str:
+    """`text` as a regular expression (Rust syntax) matching exactly it: every ASCII character
+    but letters and digits as a hex escape."""
+    return "".join(c if c.isalnum() or ord(c) > 127 else f"\\x{{{ord(c):x}}}" for c in text)
 
 
 @dataclass(frozen=True)
