@@ -108,6 +108,10 @@ def transformers_scorer(path: Path):
 def build(path: Path, weights: str, device: str, dtype: str, window: int,
           int4_group: int | None = None) -> TorchBackend:
     checkpoint = load_checkpoint(path, weights=weights, progress=False, int4_group=int4_group)
+    context = checkpoint.config.max_context
+    if window > context:
+        raise ValueError(f"--window {window} is longer than the model's context of {context} "
+                         "tokens")
     blocks = -(-window // 32) * 32
     return TorchBackend(checkpoint, RuntimeConfig(device=device, dtype=dtype, max_batch=1,
                                                   max_seq_len=blocks, block_size=32),
@@ -118,6 +122,8 @@ def evaluate(args: argparse.Namespace) -> Result:
     path, _ = resolve_checkpoint(args.model or default_model_path())
     if args.window < 2:
         raise ValueError(f"--window must be at least 2, got {args.window}")
+    if args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     text = args.text.read_text(encoding="utf-8")
     tokenizer = Tokenizer.from_path(path, cache_dir=default_cache_dir())
     ids = tokenizer.encode(text)[:args.max_tokens]

@@ -74,3 +74,8 @@ def test_bad_input_is_a_clear_error(tmp_path, eval_demo, capsys) -> None:
         assert eval_demo.main(["--model", str(d), "--text", str(text), "--weights", weights,
                                "--int4-group", group]) == 2
         assert error in capsys.readouterr().err
+    for flags, error in ((["--max-tokens", "-5"], "--max-tokens must be at least 2, got -5"),
+                         (["--window", "100000"], "--window 100000 is longer than the model's "
+                                                  "context")):
+        assert eval_demo.main(["--model", str(d), "--text", str(text), *flags]) == 2
+        assert error in capsys.readouterr().err

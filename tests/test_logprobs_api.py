@@ -131,3 +131,14 @@ def test_min_tokens_holds_off_stop_strings_too(engine) -> None:
     assert held.token_ids[:3] == plain.token_ids[:3]  # not ended by the early occurrence
     assert held.text.startswith(word) and len(held.token_ids) >= 3
     assert _all_free(engine)
+
+
+def test_streamed_best_of_text_stays_with_its_sequence(engine) -> None:
+    params = SamplingParams(max_new_tokens=8, n=1, best_of=3, temperature=1.0, seed=2)
+    texts: dict[int, str] = {}
+    for ev in engine.stream(["Once upon a time"], params):
+        texts[ev.choice] = texts.get(ev.choice, "") + ev.text
+        if ev.finished:
+            final = ev.output
+    assert len(texts) == 3 and final.text in texts.values()
+    assert final.choice == 0 and _all_free(engine)

@@ -25,6 +25,8 @@ from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsEr
     ({"seed": 2**63}, "seed must be < 2**63"),
     ({"seed": -2**63 - 1}, "seed must be >= "),
     ({"stop": ["ok", ""]}, "stop strings must be non-empty"),
+    ({"stop": None}, "stop must be a string or a list of strings, got None"),
+    ({"stop_token_ids": None}, "stop_token_ids must be a list of ints, got None"),
     ({"stop_token_ids": [-1]}, "stop_token_ids entry must be >= 0"),
     ({"logprobs": 21}, "logprobs must be at most 20"),
     ({"logprobs": -1}, "logprobs must be >= 0"),

@@ -62,6 +62,7 @@ class RequestStream:
         self.prompt_tokens = seq.prompt_len
         self._queue: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
         self._done = False
+        self._output: RequestOutput | None = None  # the final event's, once read
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -74,10 +75,15 @@ class RequestStream:
             self._done = True
             raise item
         self._done = item.finished
+        if item.finished:
+            self._output = item.output
         return item
 
     async def result(self) -> RequestOutput:
-        """Wait for the end of the request; its RequestOutput."""
+        """Wait for the end of the request; its RequestOutput (also after the events were
+        iterated)."""
+        if self._output is not None:
+            return self._output
         async for ev in self:
             if ev.finished:
                 assert ev.output is not None

@@ -34,28 +34,26 @@ class EngineCore:
         self.scheduler = Scheduler(backend, tokenizer, self.pages, config)
         self._lock = threading.Lock()
         self._holder: tuple[object, str] | None = None  # (front, its name in errors)
-        self._depth = 0
 
     def claim(self, front: object, name: str) -> None:
-        """Let `front` (named `name` in errors) drive the scheduler; EngineBusyError while another
-        front holds it. Claims by the same front nest (each needs a `release`).
-        """
+        """Let `front` (named `name` in errors) drive the scheduler; EngineBusyError while any
+        claim is held, the same front's too (a second generate/stream while a stream is open
+        would step the other's requests and take their events)."""
         with self._lock:
-            if self._holder is not None and self._holder[0] is not front:
+            if self._holder is not None:
+                same = "another " if self._holder[0] is front else ""
                 raise EngineBusyError(
-                    f"{self._holder[1]} is driving this model; {name} must wait until it finishes "
-                    "(an AsyncEngine until its shutdown())")
+                    f"{same}{self._holder[1]} is driving this model; {name} must wait until it "
+                    "finishes (a stream until it is exhausted or closed, an AsyncEngine until its "
+                    "shutdown())")
             self._holder = (front, name)
-            self._depth += 1
 
     def release(self, front: object) -> None:
-        """End one claim of `front`."""
+        """End the claim of `front`."""
         with self._lock:
             if self._holder is None or self._holder[0] is not front:
                 raise RuntimeError("this front holds no claim on the engine")
-            self._depth -= 1
-            if not self._depth:
-                self._holder = None
+            self._holder = None
 
     def configure(self, config: SchedulerConfig,
                   metrics: ServingMetrics | None = None) -> tuple[SchedulerConfig,

@@ -233,10 +233,11 @@ class Sequence:
         out.decode_tok_s = (n - 1) / span if n > 1 and span > 0 else 0.0
         group = self.group
         done = all(s.finished for s in group)
-        event = StreamEvent(out.index, out.text[self.emitted:], finished=done,
+        text, choice, logprobs = out.text[self.emitted:], out.choice, self._new_logprobs()
+        # (read first: with best_of, _chosen numbers the returned outputs' choices anew)
+        event = StreamEvent(out.index, text, finished=done,
                             output=_chosen(group, self.params) if done else None,
-                            logprobs=self._new_logprobs(), choice=out.choice,
-                            choice_finish=out.finish_reason)
+                            logprobs=logprobs, choice=choice, choice_finish=out.finish_reason)
         self.emitted = len(out.text)
         return event
 

@@ -219,6 +219,10 @@ def test_one_scheduler_two_fronts_take_turns() -> None:
     next(stream)  # a synchronous stream in progress holds the core
     with pytest.raises(EngineBusyError, match="generate/stream is driving this model"):
         AsyncEngine(model)
+    with pytest.raises(EngineBusyError, match="another generate/stream is driving"):
+        sync.generate([[4, 5]], SamplingParams(max_new_tokens=2))  # it would take our events
+    rest = list(stream)
+    assert rest[-1].finished and rest[-1].output.token_ids == before
     stream.close()
     AsyncEngine(model).shutdown()
     a = core.pages.allocator

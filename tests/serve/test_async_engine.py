@@ -46,6 +46,7 @@ async def _engine_session(engine: AsyncEngine, tok) -> dict:
     async for ev in streams[0]:
         deltas.append(ev.text)
     got["stream0"] = ("".join(deltas), ev.output)
+    assert await streams[0].result() is ev.output  # after the events were read too
     got["result1"] = await streams[1].result()
     doomed = engine.submit(tok.encode("Tell me a long story"),
                            SamplingParams(max_new_tokens=300, ignore_eos=True))

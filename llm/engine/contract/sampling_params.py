@@ -89,8 +89,12 @@ class SamplingParams:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+                what = "a string or a list of strings" if name == "stop" else "a list of ints"
+                raise SamplingParamsError(f"{name} must be {what}, got {value!r:.60}", param=name)
+            object.__setattr__(self, name, tuple(value))
         _check_number("temperature", self.temperature, lo=0.0)
         _check_number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
         if self.top_p < MIN_TOP_P:  # the same nucleus (the top token), and > 0 in float32
