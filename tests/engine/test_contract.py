@@ -163,9 +163,15 @@ def test_unknown_options_and_tensor_parallel_are_refused_by_name(name: str) -> N
     if name == "tt":
         with pytest.raises(ConfigError, match="tensor_parallel=2 needs the torch backend"):
             create_backend(name, BackendSpec(tensor_parallel=2))
-    loaded = dataclasses.replace(_spec(name), weights="stored")
-    with pytest.raises(ConfigError, match="weights='stored' applies when a checkpoint is read"):
+    mode = "stored" if name == "torch" else "dequantize"  # tt refuses stored anyway (below)
+    loaded = dataclasses.replace(_spec(name), weights=mode)
+    with pytest.raises(ConfigError, match=f"weights='{mode}' applies when a checkpoint is read"):
         create_backend(name, loaded)  # already loaded weights: refused, not ignored
+    if name == "tt":  # torch's settings: refused, not ignored
+        for field, value in (("device", "cuda"), ("dtype", "bfloat16"), ("weights", "stored")):
+            spec = dataclasses.replace(_spec(name), **{field: value})
+            with pytest.raises(ConfigError, match=f"{field}='{value}' applies to the torch"):
+                create_backend(name, spec)
 
 
 def test_a_request_beyond_the_capabilities_is_refused_alone() -> None:

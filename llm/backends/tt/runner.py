@@ -284,6 +284,17 @@ def create(spec: BackendSpec) -> TTBackend:
         raise ConfigError("the tt backend splits a model over its device mesh (option "
                           f"mesh='1x8'), not over processes: tensor_parallel={spec.tensor_parallel}"
                           " needs the torch backend")
+    # torch's settings: refused, not ignored (the tt backend runs on a Tenstorrent device or the
+    # emulator, in the number formats its precision policy picks, from dequantized weights)
+    for name, value, ok, instead in (
+            ("device", spec.device, ("cpu",), "the tt backend picks its device (option "
+                                              "implementation)"),
+            ("dtype", spec.dtype, ("float32",), "the tt backend's number formats come from "
+                                                "its precision policy (option precision)"),
+            ("weights", spec.weights, ("auto", "dequantize"), "the tt backend converts every "
+                                                               "weight to its own tile formats")):
+        if value not in ok:
+            raise ConfigError(f"{name}={value!r} applies to the torch backend: {instead}")
     options = dict(spec.options)
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
