@@ -454,7 +454,7 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch, exc):
     assert cache_files(cache) == []
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_tensors", "wrong_key"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_tensors", "wrong_key", "nan"])
 def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage, caplog):
     path, ref = tiny_gguf(tmp_path)
     cache = tmp_path / "cache"
@@ -469,6 +469,8 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage, caplog):
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         if damage == "wrong_tensors":
             del tensors["model.layers.1.mlp.up_proj.weight"]
+        elif damage == "nan":  # flipped bits: the entry reads, its values do not
+            tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
         else:
             meta["source_sha256"] = "0" * 64
         safetensors.torch.save_file(tensors, str(entry), metadata=meta)
@@ -657,3 +659,40 @@ def test_default_model_matches_transformers_gguf_loader(default_checkpoint, hf_d
     theirs = hf_default_model[0].state_dict()
     for name, tensor in default_checkpoint.tensors.items():
         assert torch.equal(tensor, theirs[name]), name
+
+
+# ---------------------------------------------------------------- non-finite weights
+def test_a_nan_or_inf_weight_is_a_checkpoint_error_naming_the_tensor(tmp_path):
+    model = hf_model("llama", False)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[2, 7] = float("inf")
+    d = hf_dir(tmp_path, model)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj"
+                                              r"\.weight' holds a non-finite value.*corrupt"):
+        load_checkpoint(d, progress=False)
+    ref = load_checkpoint(hf_dir(tmp_path / "ok", hf_model("llama", False)), progress=False)
+    tensors = dict(ref.tensors)
+    q = tensors["model.layers.0.self_attn.q_proj.weight"].clone()
+    q[0, 0] = float("nan")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = q
+    cache = tmp_path / "cache"
+    path = write_gguf(tmp_path / "nan.gguf", ref.config, tensors)
+    for weights in ("dequantize", "stored"):
+        with pytest.raises(CheckpointError, match=r"nan\.gguf: tensor 'model\.layers\.0\."
+                                                  r"self_attn\.q_proj\.weight'"):
+            load_checkpoint(path, cache_dir=cache, progress=False, weights=weights)
+    assert not [n for n in cache_files(cache) if "safetensors" in n]  # nothing cached
+
+
+def test_a_nan_scale_of_a_quantized_tensor_is_named_with_its_plane(tmp_path):
+    from llm.model.checkpoint.common import check_finite
+    from llm.model.quant.quantize import quantize_int8
+
+    q = quantize_int8(torch.randn(8, 64))
+    planes = {k: v.clone() for k, v in q.planes.items()}
+    scale = next(k for k, v in planes.items() if v.is_floating_point())
+    planes[scale][3, 0] = float("nan")
+    bad = type(q)(q.format, q.shape, planes)
+    with pytest.raises(CheckpointError, match=f"tensor 'w' \\(plane '{scale}'\\) holds a "
+                                              "non-finite value"):
+        check_finite({"ok": q, "w": bad}, Path("x"))

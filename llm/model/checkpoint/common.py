@@ -124,3 +124,32 @@ def pickle_error(where: Path, names: list[str]) -> CheckpointError:
         "can run arbitrary code; convert them to safetensors first (e.g. transformers' "
         "`model.save_pretrained(dir, safe_serialization=True)`)"
     )
+
+
+_FINITE_CHUNK = 1 << 24  # elements per isfinite pass: a bounded temporary for big matrices
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor | QuantizedTensor], where: Path) -> None:
+    """CheckpointError naming the first tensor of `tensors` (read from `where`) that holds a NaN
+    or an infinity: a floating-point tensor's values, or a quantized tensor's floating-point
+    planes (its scales and offsets). A corrupt file would otherwise load and generate garbage."""
+    import torch
+
+    from llm.model.quant.tensor import QuantizedTensor
+
+    for name, t in tensors.items():
+        parts = t.planes.items() if isinstance(t, QuantizedTensor) else (("", t),)
+        for plane, values in parts:
+            if not values.is_floating_point():
+                continue
+            flat = values.reshape(-1)
+            for start in range(0, flat.numel(), _FINITE_CHUNK):
+                chunk = flat[start:start + _FINITE_CHUNK]
+                lo, hi = torch.aminmax(chunk)  # NaN propagates: ~20x faster than isfinite
+                if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                    continue
+                first = start + int((~torch.isfinite(chunk)).nonzero()[0, 0])
+                what = f"{name!r}" + (f" (plane {plane!r})" if plane else "")
+                raise CheckpointError(f"{where}: tensor {what} holds a non-finite value (NaN or "
+                                      f"inf), the first at flat index {first}: the file is "
+                                      "corrupt")

@@ -16,7 +16,12 @@ import json
 import logging
 from pathlib import Path
 
-from llm.model.checkpoint.common import CheckpointError, check_tensors, expected_tensors
+from llm.model.checkpoint.common import (
+    CheckpointError,
+    check_finite,
+    check_tensors,
+    expected_tensors,
+)
 from llm.model.checkpoint.gguf import convert_gguf, read_gguf
 from llm.model.checkpoint.safetensors_io import (
     open_safetensors,
@@ -64,6 +69,7 @@ def load_gguf_cached(
                 log.warning("could not delete %s: %s", entry, unlink_error)
     reader = read_gguf(path, progress)
     config, tensors = convert_gguf(path, progress, stored, reader)
+    check_finite(tensors, path)  # before anything is cached
     _cache_vocab(path, cache_dir, digest, reader)
     flat, metadata = flatten_state(tensors) if stored else (tensors, {})
     metadata.update({
@@ -105,7 +111,9 @@ def _read_cache(
         raise CheckpointError(f"{file}: bad quantized tensors in the cache entry: {e}") from e
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     check_tensors(shapes, config, dict.fromkeys(tensors, str(file)), file)
-    return config, {name: tensors[name] for name in expected_tensors(config)}
+    tensors = {name: tensors[name] for name in expected_tensors(config)}
+    check_finite(tensors, file)  # a damaged entry is rebuilt from the GGUF (load_gguf_cached)
+    return config, tensors
 
 
 def cache_entry_config(file: Path, digest: str, stored: bool = False) -> ModelConfig:

@@ -18,6 +18,7 @@ from llm.model.checkpoint.common import (
     WEIGHT_MODES,
     Checkpoint,
     CheckpointError,
+    check_finite,
     pickle_error,
 )
 from llm.model.checkpoint.gguf_cache import load_gguf_cached
@@ -53,6 +54,7 @@ def load_checkpoint(
     path, kind = resolve_checkpoint(path)
     if kind == "dir":
         config, tensors = load_hf_dir(path, progress)
+        check_finite(tensors, path)
         if weights in ("int8", "int4"):
             tensors = quantize_matrices(tensors, weights, progress, int4_group)
         return Checkpoint(config=config, tensors=tensors, source=path)
