@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 from demos.help_format import DefaultsOnce  # noqa: E402
 from llm.model.checkpoint.load import resolve_checkpoint  # noqa: E402
+from llm.model.files import umask  # noqa: E402
 from llm.model.paths import default_model_path  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,12 +70,16 @@ def save_hf(model, tokenizer, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    for weights in out.glob("*.safetensors"):  # safetensors writes them 0600, the rest 0666
+        weights.chmod(0o666 & ~umask())
     return out
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: exists and is not an empty directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is a file, not a directory")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: the directory is not empty")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import stat
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from llm.model.checkpoint.load import load_checkpoint
+from llm.model.files import umask
 from llm.model.paths import default_cache_dir, default_model_path
 from llm.model.quant.bits import unpack4
 from llm.model.quant.quantize import quantize_int4
@@ -41,6 +43,8 @@ def exported(tmp_path_factory, hf_default_model) -> Path:
 
 
 def test_export_loads_with_the_gguf_paths_logits_and_int8_ppl_within_2pct(exported) -> None:
+    for weights in exported.glob("*.safetensors"):  # safetensors alone would make them 0600
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask(), weights
     names = {p.name for p in exported.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
     assert "quantization_config" not in json.loads((exported / "config.json").read_text())
@@ -69,7 +73,9 @@ def test_export_refuses_a_non_gguf_and_a_used_directory(tmp_path, capsys) -> Non
     assert export.main(["--model", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a GGUF file" in capsys.readouterr().err
     assert export.main(["--out", str(tmp_path)]) == 2
-    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert "the directory is not empty" in capsys.readouterr().err
+    assert export.main(["--out", str(tmp_path / "config.json")]) == 2
+    assert "exists and is a file, not a directory" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
