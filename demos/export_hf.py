@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 from demos.help_format import DefaultsOnce  # noqa: E402
+from llm.model.checkpoint.gguf import open_gguf  # noqa: E402
 from llm.model.checkpoint.load import resolve_checkpoint  # noqa: E402
 from llm.model.files import umask  # noqa: E402
 from llm.model.paths import default_model_path  # noqa: E402
@@ -48,6 +49,7 @@ def export_hf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     if kind != "gguf":
         raise ValueError(f"{path}: not a GGUF file (this exports GGUF models only)")
     _check_out(out)
+    open_gguf(path)  # a corrupt or truncated file: an error naming it (and the cut tensor)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return save_hf(model, tokenizer, out)

@@ -49,13 +49,42 @@ def gguf_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
-    """GGUFReader, with a corrupt or truncated file reported as a CheckpointError naming it."""
+    """GGUFReader, with a corrupt or truncated file reported as a CheckpointError naming it (and,
+    for a truncated one, the first tensor whose data is cut)."""
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
+        cut = _cut_tensor(path)
+        if cut is not None:
+            raise CheckpointError(f"{path}: truncated GGUF file: {cut}") from e
         raise CheckpointError(
             f"{path}: cannot read GGUF file (corrupt or truncated?): {e!r}"
         ) from e
+
+
+def _cut_tensor(path: Path) -> str | None:
+    """Where a GGUF whose header parses is cut short: its first tensor whose data ends past
+    the end of the file, with the numbers; None if none is (or the header does not parse)."""
+    size = path.stat().st_size
+    cut: list[str] = []
+
+    class _Probe(gguf.GGUFReader):  # the header and tensor infos, no data views
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type[0])]
+                end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+                if end > size:
+                    cut.append(f"tensor {bytes(name).decode('utf-8', 'replace')!r} needs bytes "
+                               f"up to {end}, the file has {size}")
+                    break
+            self.tensors = []
+
+    try:
+        _Probe(path)
+    except Exception:  # a diagnosis only: the caller reports the reader's error
+        return None
+    return cut[0] if cut else None
 
 
 def read_gguf(path: Path, progress: bool = True) -> gguf.GGUFReader:
@@ -64,9 +93,11 @@ def read_gguf(path: Path, progress: bool = True) -> gguf.GGUFReader:
     start = time.perf_counter()
     if progress:
         print(f"reading the metadata of {path.name} ...", end="", file=sys.stderr, flush=True)
-    reader = open_gguf(path)
-    if progress:
-        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    try:
+        reader = open_gguf(path)
+    finally:  # the line ends with the time, or before the error
+        if progress:
+            print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return reader
 
 
