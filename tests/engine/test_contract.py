@@ -244,3 +244,9 @@ def test_scheduler_limits_are_restored_after_an_async_front() -> None:
     assert core.scheduler.max_active == 1
     engine.shutdown()
     assert core.scheduler.max_active == 4 and core.scheduler.config == SchedulerConfig()
+
+
+def test_an_unknown_torch_device_is_refused_by_name() -> None:
+    spec = dataclasses.replace(_spec("torch"), device="tpu")
+    with pytest.raises(ConfigError, match="device 'tpu' is not a torch device"):
+        create_backend("torch", spec)

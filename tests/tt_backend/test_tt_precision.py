@@ -75,6 +75,10 @@ def test_all_then_index_and_json_file(tmp_path) -> None:
     assert precision(ttnn, "performance", 3, file) == p
     assert precision(ttnn, "performance", 3, str(file)) == p
     assert parse_overrides(None, 3) == {}
+    broken = tmp_path / "broken.json"
+    broken.write_text("{bad")
+    with pytest.raises(ValueError, match="decoder precision file '.*broken.json': Expecting"):
+        parse_overrides(broken, 3)
     assert set(PRESETS) == {"bf8-mlp-last-decoder", "bf16-attention-bf8-mlp", "bf4-mlp"}
 
 

@@ -84,7 +84,11 @@ class TorchBackend(Backend):
         source = getattr(checkpoint, "source", None)
         self.source = Path(source) if source is not None else None
         self.source_sha256 = checkpoint.source_sha256
-        self.device = torch.device(runtime.device)
+        try:
+            self.device = torch.device(runtime.device)
+        except RuntimeError as e:  # torch lists its device types, without the argument
+            raise ConfigError(f"device {runtime.device!r} is not a torch device (cpu, cuda, "
+                              f"cuda:N): {e}") from e
         self.mesh = mesh or Mesh.single()
         if all_reduce == "auto":
             self.mesh = self.mesh.with_symmetric(getattr(torch, runtime.dtype), self.device,

@@ -152,7 +152,10 @@ def parse_overrides(spec: str | Path | Mapping[str, Any] | None,
         if isinstance(spec, str) and spec in PRESETS:
             spec = PRESETS[spec]
         elif Path(spec).suffix == ".json" and Path(spec).is_file():
-            spec = json.loads(Path(spec).read_text())
+            try:
+                spec = json.loads(Path(spec).read_text())
+            except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
+                raise ValueError(f"decoder precision file {str(spec)!r}: {e}") from e
         else:
             raise ValueError(f"decoder precision {str(spec)!r} is neither a preset "
                              f"({', '.join(PRESETS)}) nor a .json file")
