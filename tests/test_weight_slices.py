@@ -78,3 +78,15 @@ def test_bad_requests_name_the_tensor(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="pickle"):
         (tmp_path / "pytorch_model.bin").write_bytes(b"x")
         ws.open_weight_slices(tmp_path / "pytorch_model.bin")
+
+
+def test_a_non_finite_value_in_a_ranks_slice_is_an_error_naming_the_tensor(tmp_path) -> None:
+    model = hf_model("llama", False, 0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[5, 3] = float("nan")
+    slices = ws.open_weight_slices(hf_dir(tmp_path, model), progress=False)
+    assert torch.isfinite(slices.read("model.layers.0.mlp.up_proj.weight", 0, [(0, 4)])).all()
+    with pytest.raises(CheckpointError, match="tensor 'model.layers.0.mlp.up_proj.weight' "
+                                              "holds a non-finite value"):
+        slices.read("model.layers.0.mlp.up_proj.weight", 0, [(4, 8)])
+    slices.close()

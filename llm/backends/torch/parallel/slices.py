@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llm.model.checkpoint.common import CheckpointError, expected_tensors
+from llm.model.checkpoint.common import CheckpointError, check_finite, expected_tensors
 from llm.model.checkpoint.fused import Part
 from llm.model.checkpoint.hf import hf_dir_headers
 from llm.model.checkpoint.load import resolve_checkpoint
@@ -48,8 +48,14 @@ class WeightSlices(ABC):
 
     def read(self, name: str, dim: int | None = None, ranges: Ranges = ()) -> torch.Tensor:
         """Tensor `name` whole (dim None), or the concatenation of its [start, stop) `ranges`
-        along `dim` (repeated ranges give repeated copies).
+        along `dim` (repeated ranges give repeated copies); CheckpointError if it holds a NaN or
+        an infinity (`check_finite`).
         """
+        out = self._ranges(name, dim, ranges)
+        check_finite({name: out}, Path(self.source))
+        return out
+
+    def _ranges(self, name: str, dim: int | None, ranges: Ranges) -> torch.Tensor:
         shapes = expected_tensors(self.config)
         if name not in shapes:
             raise CheckpointError(f"{self.source}: no tensor {name!r} in a {self.config.arch} "
