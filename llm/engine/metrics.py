@@ -18,6 +18,7 @@ from collections.abc import Callable
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
 MAX_RETRY_AFTER_S = 60  # the openai client honours a Retry-After up to 60 s
+BUSY_BUCKET_S = 0.125  # the drain rate counts time in slices of this holding a generated token
 
 
 class Histogram:
@@ -61,6 +62,8 @@ class ServingMetrics:
         self._recent: deque[float] = deque()  # times of recent generated tokens
         self._finished_at: deque[float] = deque()  # ... of recently finished requests
         self._rejected_at: deque[float] = deque()  # ... of recently refused requests
+        self._promised: list[float] = []  # when the refused clients were told to come back
+        self._busy: deque[int] = deque()  # BUSY_BUCKET_S slices of time with a token generated
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
@@ -86,6 +89,9 @@ class ServingMetrics:
             self.generation_tokens += 1
             now = self._clock()
             self._recent.append(now)
+            bucket = int(now // BUSY_BUCKET_S)
+            if not self._busy or self._busy[-1] != bucket:
+                self._busy.append(bucket)
             self._trim(now)
 
     def on_finish(self, reason: str) -> None:
@@ -99,16 +105,24 @@ class ServingMetrics:
             self._rejected_at.append(self._clock())
 
     def retry_after_s(self, fallback_s: int) -> int:
-        """Seconds a client refused just now should wait: with r requests finished per second
-        over the last RATE_WINDOW_S and k requests refused in that time (this one included; those
-        refused before it come back first), ceil(k / r), between 1 and MAX_RETRY_AFTER_S;
-        `fallback_s` while nothing finished in the window (no drain rate to go by)."""
+        """Seconds a client refused just now should wait, and that promise recorded: with r
+        requests finished per second of busy time over the last RATE_WINDOW_S (time while no
+        token was generated does not count: BUSY_BUCKET_S slices holding a token) and k refused
+        clients still waiting for the time they were told, ceil((k + 1) / r), between 1 and
+        MAX_RETRY_AFTER_S; `fallback_s` while nothing finished in the window (no rate)."""
         with self._lock:
-            self._trim(self._clock())
-            rate = len(self._finished_at) / RATE_WINDOW_S
-            if rate == 0:
-                return fallback_s
-            return min(MAX_RETRY_AFTER_S, max(1, math.ceil(len(self._rejected_at) / rate)))
+            now = self._clock()
+            self._trim(now)
+            self._promised = [t for t in self._promised if t > now]
+            busy_s = len(self._busy) * BUSY_BUCKET_S
+            if not self._finished_at or not busy_s:
+                wait = fallback_s
+            else:
+                rate = len(self._finished_at) / busy_s
+                wait = min(MAX_RETRY_AFTER_S,
+                           max(1, math.ceil((len(self._promised) + 1) / rate)))
+            self._promised.append(now + wait)
+            return wait
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last RATE_WINDOW_S seconds."""
@@ -120,6 +134,8 @@ class ServingMetrics:
         for times in (self._recent, self._finished_at, self._rejected_at):
             while times and times[0] < now - RATE_WINDOW_S:
                 times.popleft()
+        while self._busy and self._busy[0] < (now - RATE_WINDOW_S) // BUSY_BUCKET_S:
+            self._busy.popleft()
 
     def render(self) -> str:
         """The Prometheus text format of every metric."""

@@ -160,6 +160,11 @@ class _Handlers:
 
     def _submit(self, ids: list[int], req: ParsedRequest) -> RequestStream:
         limit = self._limit(req, len(ids))
+        if req.params.min_tokens > limit:  # in the API's words (max_tokens, and its default)
+            given = "" if req.max_tokens is not None else (
+                " (its default here: the request gives none)")
+            raise ApiError(400, f"min_tokens={req.params.min_tokens} exceeds max_tokens={limit}"
+                                f"{given}", "min_tokens")
         try:
             params = dataclasses.replace(req.params, max_new_tokens=limit)  # checks min_tokens
             return self.engine.submit(ids, params)

@@ -275,3 +275,13 @@ def test_logprobs_stop_with_the_text_at_a_stop_string(client, live_server, serve
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert streamed == tokens[:2] and text == choice.text
     assert live_server.wait_all_free()
+
+
+def test_min_tokens_past_the_default_max_tokens_is_named_in_the_apis_words(live_server) -> None:
+    r = httpx.post(f"{live_server.url}/v1/completions", timeout=60,
+                   json={"model": MODEL_NAME, "prompt": PROMPT, "min_tokens": 20})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "min_tokens"
+    assert err["message"] == ("min_tokens=20 exceeds max_tokens=16 (its default here: the "
+                              "request gives none)")

@@ -87,24 +87,34 @@ def test_full_queue_is_429_with_retry_after(serve_model) -> None:
 
 
 def test_retry_after_follows_the_drain_rate() -> None:
-    """Refused clients are told to come back when the requests ahead of them should have
-    drained: ceil(refused in the window / finished per second), within [1, 60]; the configured
-    value while nothing has finished recently."""
+    """Refused clients are told to come back when the clients refused before them (and still
+    waiting) and they should have drained: ceil((waiting + 1) / finished per busy second), time
+    without generated tokens not counted, within [1, 60]; the configured value while nothing
+    finished recently."""
     now = [100.0]
     m = ServingMetrics(clock=lambda: now[0])
-    m.on_reject()
+
+    def busy(seconds: float, finishes: int) -> None:
+        """Tokens every 1/16 s for `seconds`, `finishes` requests ending along the way (binary
+        fractions: exact times, so exact busy slices)."""
+        steps = int(seconds * 16)
+        for i in range(steps):
+            m.on_token(1 / 16, False)
+            if i % (steps // finishes) == 0:
+                m.on_finish("stop")
+            now[0] += 1 / 16
+
     assert m.retry_after_s(7) == 7  # nothing finished yet: no rate to go by
-    for _ in range(4):  # 4 requests finished in the 10 s window: 0.4 per second
-        m.on_finish("stop")
-        now[0] += 1.0
-    assert m.retry_after_s(7) == 3  # 1 refused: ceil(1 / 0.4)
-    m.on_reject()
-    m.on_reject()
-    assert m.retry_after_s(7) == 8  # the third in line: ceil(3 / 0.4)
-    for _ in range(50):
-        m.on_reject()
+    busy(0.5, 2)
+    now[0] += 8.0  # idle: it does not dilute the rate
+    assert m.retry_after_s(7) == 1  # 2 finished in 0.5 busy s: 4 / s; first in line
+    assert [m.retry_after_s(7) for _ in range(6)] == [1, 1, 1, 2, 2, 2]  # 2nd..7th in line
+    busy(2.0, 4)  # 6 finished in 2.5 busy s: 2.4 / s; every client told 1-2 s came back
+    assert [m.retry_after_s(7) for _ in range(6)] == [1, 1, 2, 2, 3, 3]  # ceil(k / 2.4)
+    for _ in range(400):
+        m.retry_after_s(7)
     assert m.retry_after_s(7) == 60  # capped
-    now[0] += 11.0  # the window has passed: nothing recent
+    now[0] += 61.0  # every promise has passed and nothing finished recently
     assert m.retry_after_s(7) == 7
 
 
