@@ -166,6 +166,16 @@ def test_default_model_chat_template(smol, smol_ref):
             )
             assert smol.apply_chat_template(messages, add_generation_prompt=prompt) == expected
     assert smol.apply_chat_template(CONVERSATION).endswith("<|im_start|>assistant\n")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                          {"type": "text", "text": "there"}]}]
+    assert smol.apply_chat_template(parts) == smol.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}])  # OpenAI's text parts, joined
+    for bad, where in (([{"role": "user", "content": None}], r"messages\[0\]\.content must"),
+                       ([{"role": "user", "content": [{"type": "image"}]}], r"\[0\]\.content"),
+                       ([{"role": "user"}], r"messages\[0\] must be an object"),
+                       ("Hi", "messages must be a list")):
+        with pytest.raises(TokenizerError, match=where):
+            smol.apply_chat_template(bad)
 
 
 @needs_default_model

@@ -156,9 +156,15 @@ def default_model_rank(rank: int, n: int, tmp: Path, prompts: list[str], steps: 
     try:
         out = model.generate(prompts, llm.SamplingParams(max_new_tokens=steps, ignore_eos=True))
         scored = model.generate(prompts, scored_params(steps))  # through LeaderBackend.*_step
+        try:  # refused on the leader (what a single process supports is not named as missing)
+            model.generate(prompts[:1], llm.SamplingParams(
+                max_new_tokens=2, structured=llm.StructuredOutput("regex", "[ab]+")))
+            refusal = None
+        except llm.SamplingParamsError as e:
+            refusal = str(e)
     finally:
         model.close()
-    save(tmp, rank, {"tokens": [o.token_ids for o in out],
+    save(tmp, rank, {"tokens": [o.token_ids for o in out], "refusal": refusal,
                      "scored": [(o.token_ids, o.logprobs, o.prompt_logprobs) for o in scored],
                      "weight_bytes": model.backend.weight_bytes,
                      "describe": model.backend.describe()})

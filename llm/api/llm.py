@@ -89,7 +89,11 @@ class LLM:
     def close(self) -> None:
         """Release the backend's device; on rank 0 of a tensor-parallel group also release the
         followers and leave the group. Later generate calls are an error. Idempotent.
+        EngineBusyError while an AsyncEngine drives the model (its thread may be in a step:
+        shut it down first); a synchronous stream left open ends with an error at its next step.
         """
+        if self.core is not None:
+            self.core.check_idle("close()", but=self.generator)
         if not self.backend.closed:
             self.backend.close()
         if self.core is not None:

@@ -48,6 +48,15 @@ class EngineCore:
                     "shutdown())")
             self._holder = (front, name)
 
+    def check_idle(self, name: str, but: object = None) -> None:
+        """EngineBusyError (naming `name`, what wants the engine) while a front other than `but`
+        holds it."""
+        with self._lock:
+            if self._holder is not None and self._holder[0] is not but:
+                raise EngineBusyError(f"{self._holder[1]} is driving this model; {name} must "
+                                      "wait until it finishes (an AsyncEngine until its "
+                                      "shutdown())")
+
     def release(self, front: object) -> None:
         """End the claim of `front`."""
         with self._lock:

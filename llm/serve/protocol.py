@@ -186,6 +186,10 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if m["role"] not in ("system", "user", "assistant", "developer"):
             raise ApiError(400, f"messages[{i}].role {short_repr(m['role'])} is not one of system, "
                                 "user, assistant, developer", "messages")
+        for field in ("tool_calls", "function_call"):  # no tool use: not silently dropped
+            if m.get(field) is not None:
+                raise ApiError(400, f"messages[{i}].{field} is not supported (this server runs "
+                                    "no tools)", "messages")
         content = m.get("content")
         if isinstance(content, list):
             parts = []

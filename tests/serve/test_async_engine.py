@@ -8,6 +8,7 @@ import pytest
 
 from llm.engine.async_engine import AsyncEngine, EngineClosedError
 from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.core import EngineBusyError
 from llm.engine.scheduler import QueueFullError, SchedulerConfig
 from llm.engine.sequence import RequestError
 
@@ -69,6 +70,8 @@ async def _engine_session(engine: AsyncEngine, tok) -> dict:
 def test_async_engine_stream_result_cancel_and_limits(serve_model) -> None:
     engine = AsyncEngine(serve_model, SchedulerConfig(max_active=1, max_queue=1))
     try:
+        with pytest.raises(EngineBusyError, match="close\\(\\) must wait"):
+            serve_model.close()  # its thread may be in a step on the backend
         got = asyncio.run(_engine_session(engine, serve_model.tokenizer))
         assert engine.in_flight == 0
     finally:

@@ -154,6 +154,20 @@ def test_tools_are_refused_not_ignored(live_server) -> None:
         assert r.json()["error"]["param"] == name
     for r in responses[len(refused):]:
         assert r.status_code == 200, r.text
+    turn = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "1", "type": "function",
+                            "function": {"name": "f", "arguments": "{}"}}]}
+
+    async def with_tool_calls() -> httpx.Response:
+        async with asgi_client(app) as c:
+            return await c.post("/v1/chat/completions", json={
+                "model": MODEL_NAME, "max_tokens": 2,
+                "messages": [{"role": "user", "content": "Hi"}, turn,
+                             {"role": "user", "content": "And?"}]})
+
+    r = asyncio.run(with_tool_calls())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "messages[1].tool_calls is not supported" in r.json()["error"]["message"]
 
 
 def usage(r: httpx.Response) -> dict:

@@ -154,6 +154,8 @@ def test_default_model_greedy_equals_single_process(tmp_path, single_process,
             assert g.token == w.token and g.logprob == pytest.approx(w.logprob, abs=1e-3)
             assert len(g.top) == len(w.top)
     assert f"tensor parallel over {ranks} ranks" in out[0]["describe"]
+    assert (f"not supported by the torch (tensor parallel over {ranks} ranks) backend"
+            in out[0]["refusal"])
     # per generate: 2 prefills + STEPS - 1 decodes
     assert all(res["calls"] == 2 * (STEPS + 1) for res in out[1:])
     for res in out:  # about 1/N of the dense or of the stored bytes

@@ -391,7 +391,7 @@ class Tokenizer:
             self._template = _compile_template(self.chat_template, self.source)
         try:
             return self._template.render(
-                messages=messages,
+                messages=_text_messages(messages),
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
@@ -474,3 +474,29 @@ def _compile_template(source: str, origin: Path) -> Any:
         raise TokenizerError(f"{origin}: chat template does not compile: {exc}") from exc
 
 
+
+
+def _text_messages(messages: object) -> list[dict[str, str]]:
+    """`messages` with each content as one string (OpenAI's list of text parts joined, an
+    assistant turn's None as ""); TokenizerError naming the first message that is not a
+    {"role": str, "content": str | text parts} object."""
+    if not isinstance(messages, (list, tuple)):
+        raise TokenizerError(f"messages must be a list of {{'role', 'content'}} objects, got "
+                             f"{type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise TokenizerError(f"messages[{i}] must be an object with a string 'role' and a "
+                                 f"'content', got {m!r:.80}")
+        content = m["content"]
+        if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content):
+            content = "".join(p["text"] for p in content)
+        elif content is None and m["role"] == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise TokenizerError(f"messages[{i}].content must be a string or a list of text "
+                                 f"parts ({{'type': 'text', 'text': ...}}), got {content!r:.80}")
+        out.append({**m, "content": content})
+    return out

@@ -38,7 +38,10 @@ class _Rank(Backend):
     def __init__(self, backend: Backend, channel: Channel,
                  on_close: Callable[[], None] | None = None) -> None:
         self.backend, self.channel, self._on_close = backend, channel, on_close
-        self.name, self.config, self.runtime = backend.name, backend.config, backend.runtime
+        self.config, self.runtime = backend.config, backend.runtime
+        # as errors name it: "... not supported by the torch (tensor parallel over 2 ranks)
+        # backend" (the one-process backend may support it)
+        self.name = f"{backend.name} (tensor parallel over {channel.size} ranks)"
         self.source, self.source_sha256 = backend.source, backend.source_sha256
         self.weight_bytes, self.host_compute = backend.weight_bytes, backend.host_compute
         self.closed = False
