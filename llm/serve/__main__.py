@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from llm.model.checkpoint.common import WEIGHT_MODES
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The engine thread makes many short GIL-releasing backend calls while the event-loop thread
 # serves HTTP; a shorter switch interval (default 5 ms) lets the engine thread get the GIL back
@@ -40,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tt-device", default=None, choices=["auto", "ttnn", "emulator"],
                    help="tt backend: auto (default) = real ttnn on a usable device, else the "
                         "emulator; ttnn = real or an error; emulator = always emulated")
+    p.add_argument("--weights", default="auto", choices=["auto", *WEIGHT_MODES],
+                   help="how the weights are held, as `LLM(weights=)` (README): auto, dequantize, "
+                        "stored (a GGUF's blocks), int8 / int4 (an HF model quantized at load)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch on the CPU: intra-op threads (default: the cores other processes "
+                        "leave free, per call); fixed N makes outputs bit-identical run to run")
     p.add_argument("--max-batch", type=int, default=8, help="decode slots")
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion limit")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pages in the pool")
@@ -65,13 +73,19 @@ def served_name(args: argparse.Namespace) -> str:
     return DEFAULT_MODEL_NAME if args.model is None else Path(args.model).stem
 
 
-def backend_options(args: argparse.Namespace) -> dict[str, str]:
-    """The backend's own options from the command line (--tt-device for the tt backend)."""
-    if args.tt_device is None:
-        return {}
-    if args.backend != "tt":
-        raise ValueError("--tt-device applies to --backend tt only")
-    return {"implementation": args.tt_device}
+def backend_options(args: argparse.Namespace) -> dict[str, str | int]:
+    """The backend's own options from the command line (--tt-device for the tt backend,
+    --threads for torch)."""
+    options: dict[str, str | int] = {}
+    if args.tt_device is not None:
+        if args.backend != "tt":
+            raise ValueError("--tt-device applies to --backend tt only")
+        options["implementation"] = args.tt_device
+    if args.threads is not None:
+        if args.backend != "torch":
+            raise ValueError("--threads applies to --backend torch only")
+        options["threads"] = args.threads
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                         num_blocks=args.num_blocks, tensor_parallel=args.tp,
-                        progress=args.tp == 1, backend_options=backend_options(args))
+                        progress=args.tp == 1, backend_options=backend_options(args),
+                        weights=args.weights)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -204,7 +204,8 @@ def test_python_m_llm_serve(tmp_path) -> None:
     port = free_port()
     env = {**os.environ, "LLM_API_KEY": "k1"}
     cmd = [sys.executable, "-m", "llm.serve", "--port", str(port), "--max-batch", "2",
-           "--max-seq-len", "128", "--served-model-name", "tiny", "--log-level", "warning"]
+           "--max-seq-len", "128", "--served-model-name", "tiny", "--log-level", "warning",
+           "--threads", "1", "--weights", "dequantize"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -220,6 +221,9 @@ def test_python_m_llm_serve(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "llm.serve", "--model", "/nonexistent.gguf"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "/nonexistent.gguf" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "llm.serve", "--backend", "tt", "--threads",
+                          "2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--threads applies to --backend torch only" in bad.stderr
 
 
 def test_request_errors_name_no_internal_counter(live_server) -> None:
