@@ -109,6 +109,10 @@ class _Handlers:
                            headers={"WWW-Authenticate": "Bearer"})
 
     async def _read_json(self, request: Request) -> Any:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ApiError(415, f"Content-Encoding {encoding!r} is not supported: send the body "
+                                "uncompressed")
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:

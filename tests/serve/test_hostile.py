@@ -5,6 +5,7 @@ OpenAI-style JSON error, and afterwards the server still serves and every page i
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import httpx
@@ -121,4 +122,13 @@ def test_hostile_requests_get_4xx_json_and_server_survives(live_server) -> None:
     assert httpx.get(live_server.url + "/health").status_code == 200
     r = httpx.post(live_server.url + COMPLETIONS, json=body(COMPLETIONS, max_tokens=2), timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert live_server.wait_all_free()
+
+
+def test_a_compressed_body_is_415_naming_the_encoding(live_server) -> None:
+    raw = gzip.compress(json.dumps(body(COMPLETIONS)).encode())
+    r = httpx.post(live_server.url + COMPLETIONS, content=raw, timeout=60,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415
+    assert "Content-Encoding 'gzip' is not supported" in r.json()["error"]["message"]
     assert live_server.wait_all_free()
