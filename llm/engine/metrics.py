@@ -82,10 +82,12 @@ class ServingMetrics:
         with self._lock:
             return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
-    def on_token(self, latency_s: float, first: bool) -> None:
-        """A generated token; latency_s is the TTFT (first) or the gap since the previous one."""
+    def on_token(self, latency_s: float | None, first: bool) -> None:
+        """A generated token; latency_s is the TTFT (first) or the gap since the previous one
+        (None: counted, not observed, e.g. the first token of a request's second sequence)."""
         with self._lock:
-            (self.ttft if first else self.itl).observe(latency_s)
+            if latency_s is not None:
+                (self.ttft if first else self.itl).observe(latency_s)
             self.generation_tokens += 1
             now = self._clock()
             self._recent.append(now)

@@ -362,12 +362,13 @@ class Scheduler:
         except GrammarError as exc:  # this request's own grammar: it alone fails
             events.append(self._fail(seq, RequestFailure(str(exc), exc.param)))
             return
-        if self.metrics is not None:
-            self.metrics.on_token(latency, first)
+        if self.metrics is not None:  # a request's TTFT once: its first sequence's
+            self.metrics.on_token(None if first and seq.parent is not None else latency, first)
         if seq.finished:
             self._retire(seq)
             if self.metrics is not None and event is not None and event.finished:
-                self.metrics.on_finish(seq.out.finish_reason or "stop")
+                out = event.output  # the request's: its first choice says why it ended
+                self.metrics.on_finish((out.finish_reason if out else None) or "stop")
         if event is not None:
             events.append(event)
 

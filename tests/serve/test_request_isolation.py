@@ -128,3 +128,19 @@ def test_grammar_failure_over_http_is_a_400_and_the_server_goes_on(live_server) 
                     json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 4})
     assert ok.status_code == 200 and live_server.engine.error is None
     assert live_server.wait_all_free()
+
+
+def test_a_request_with_n_sequences_is_one_ttft_and_one_finish_in_the_metrics(
+        serve_model) -> None:
+    from llm.engine.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    previous = serve_model.core.configure(SchedulerConfig(), metrics)
+    try:
+        out = serve_model.generate(["Hi"], SamplingParams(n=4, temperature=1.0, seed=5,
+                                                          max_new_tokens=3, ignore_eos=True))[0]
+    finally:
+        serve_model.core.configure(*previous)
+    assert len(out.choices) == 4
+    assert metrics.ttft.count == 1 and metrics.finished == {"length": 1}
+    assert metrics.generation_tokens == 12 and metrics.itl.count == 8  # 4 x (3 - 1) gaps
