@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                         "transformers runs the same values dequantized")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)
+    check_args(p, args)
     if args.busy < 0:
         p.error("--busy must be >= 0")
     if args.busy and not args.device.startswith("cpu"):
@@ -272,6 +273,32 @@ def main(argv: list[str] | None = None) -> int:
         return follow_configs(args, mesh, torch.device(dev))
     with busy_processes(args.busy):
         return run_benchmark(args, mesh, dev)
+
+
+ENGINES = ("llm", "llm-sync", "llm-eager", "transformers", "transformers-static")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (argparse's error, naming the flag) what the benchmark cannot run."""
+    for flag, text in (("--batches", args.batches), ("--prompt-lens", args.prompt_lens)):
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            p.error(f"{flag} must be a comma list of integers, got {text!r}")
+        if min(values) < 1:
+            p.error(f"{flag} must be >= 1, got {text!r}")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    unknown = [c for c in args.configs.split(",") if c not in ("default", *SHAPES)]
+    if unknown:
+        p.error(f"--configs: unknown {', '.join(unknown)} (known: default, {', '.join(SHAPES)})")
+    unknown = [e for e in args.engines.split(",") if e not in ENGINES]
+    if unknown:
+        p.error(f"--engines: unknown {', '.join(unknown)} (known: {', '.join(ENGINES)})")
+    if args.gemv_max_batch is not None and args.gemv_max_batch < 0:
+        p.error(f"--gemv-max-batch must be >= 0, got {args.gemv_max_batch}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here")
 
 
 @contextmanager

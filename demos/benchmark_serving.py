@@ -437,6 +437,7 @@ def main() -> int:
     p.add_argument("--clients-in-process", action="store_true",
                    help="run the clients in the server's process (they share its GIL)")
     args = p.parse_args()
+    check_args(p, args)
     if args.random and not args.shared_prefix:
         p.error("--random serves token-id prompts: it goes with --shared-prefix")
     if args.shared_prefix:
@@ -460,7 +461,30 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(pt) for pt in points], f, indent=1)
+    failed = [f"{pt.mode} {pt.load:g}" for pt in points if pt.ok == 0]
+    if failed:
+        print(f"error: no request succeeded at {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (argparse's error, naming the flag) what cannot be measured."""
+    for flag in ("max_batch", "max_seq_len", "max_queue", "prefill_chunk", "num_requests",
+                 "prompt_words", "max_tokens", "prefix_tokens", "suffix_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if any(c < 1 for c in args.concurrency):
+        p.error(f"--concurrency values must be >= 1, got {args.concurrency}")
+    if any(not r > 0 for r in args.rates):
+        p.error(f"--rates values must be > 0 requests/s, got {args.rates}")
+    if not args.concurrency and not args.rates and not args.shared_prefix:
+        p.error("nothing to measure: give --concurrency or --rates values")
+    if args.url:
+        try:
+            httpx.get(args.url.rstrip("/") + "/models", timeout=10)
+        except httpx.HTTPError as e:
+            p.error(f"--url {args.url}: cannot reach the server: {e!r}")
 
 
 if __name__ == "__main__":
