@@ -14,7 +14,8 @@ again), to time the two on the same model in one call.
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
 w:BLOCK_N:BLOCK_G:WARPS[:FLAGS] = the v2 kernel (FLAGS: m = 4-bit codes as 0.5 + q / 256, p =
-codes prefetched before the PDL wait and one chunk ahead), g:... = the same with SiLU*up in its
+codes prefetched before the PDL wait and one chunk ahead, sN = the chunk loop pipelined N stages
+deep through shared memory instead, e.g. w:8:32:4:ms4), g:... = the same with SiLU*up in its
 epilogue (`qgemv_silu_mul`; the weight read as a fused gate/up one, no error column),
 tc:BLOCK_N:WARPS[:STAGES[:FLAG...]] = the tensor-core kernel (FLAGs: x = 4-bit codes converted
 through float32 instead of by byte permutes; sS = split-K into S programs along K; pP = split-K by
@@ -35,6 +36,7 @@ the same (dequantized) weights.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -94,16 +96,14 @@ def variant_call(v: str, x: torch.Tensor):
         return lambda w: qgemv(x, w, config=qgemv_config(x.shape[0], *w.shape))
     if f[0] == "auto":
         return lambda w: qgemv(x, w)
-    if f[0] == "w":
+    if f[0] in ("w", "g"):  # g: w is a fused gate/up weight, silu(gate) * up in the epilogue
         flags = f[4] if len(f) > 4 else ""
+        stages = re.search(r"s(\d+)", flags)
         cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic="m" in flags,
-                           prefetch="p" in flags)
+                           prefetch="p" in flags, num_stages=int(stages[1]) if stages else 1)
+        if f[0] == "g":
+            return lambda w: qgemv_silu_mul(x, w, config=cfg)
         return lambda w: qgemv(x, w, config=cfg)
-    if f[0] == "g":  # w is a fused gate/up weight: silu(gate) * up in the epilogue
-        flags = f[4] if len(f) > 4 else ""
-        cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic="m" in flags,
-                           prefetch="p" in flags)
-        return lambda w: qgemv_silu_mul(x, w, config=cfg)
     if f[0] == "tc":
         rule = tc_rule(f[1:])
         fast = "x" not in f[4:]

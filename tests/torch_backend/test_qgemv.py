@@ -182,10 +182,11 @@ def _v2_shape(fmt: str) -> tuple[int, int]:
     return (11, 768) if fmt in ("q4_k", "int4_g128") else (13, 160)
 
 
-@pytest.mark.parametrize("magic, prefetch", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("magic, prefetch, stages", [(False, False, 1), (True, False, 1),
+                                                     (True, True, 1), (True, False, 3)])
 @pytest.mark.parametrize("fmt", V2)
-def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool,
-                                                       prefetch: bool) -> None:
+def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool, prefetch: bool,
+                                                       stages: int) -> None:
     g = torch.Generator().manual_seed(11 + len(fmt))
     n, k = _v2_shape(fmt)
     w = random_quantized(fmt, n, k, g)
@@ -195,9 +196,14 @@ def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool,
         assert words_kernel_runs(x, w)
         # 4 groups per chunk: K = 160 leaves a partial chunk, 768 none (2 and 6 chunks, so the
         # prefetch loop's last load is past K); 8 rows: N = 11 and 13 leave a partial program
-        cfg = QGemvWConfig(8, 4, 4, magic=magic, prefetch=prefetch)
+        cfg = QGemvWConfig(8, 4, 4, num_stages=stages, magic=magic, prefetch=prefetch)
         _assert_close(qgemv(x, w, b, config=cfg), _ref(x, w, b), x)
     _assert_close(qgemv(x, w, b), _ref(x, w, b), x)  # the default config, picked by qgemv
+
+
+def test_a_config_loads_ahead_one_way_only() -> None:
+    with pytest.raises(ValueError, match="prefetch or num_stages > 1, not both"):
+        QGemvWConfig(8, 4, 4, num_stages=3, prefetch=True)
 
 
 def _silu_mul_ref(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -48,10 +48,11 @@ def qgemv_config(m: int, n: int, k: int) -> QGemvConfig:
 
 @dataclass(frozen=True)
 class QGemvWConfig:
-    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth, whether
-    4-bit codes enter as 0.5 + q / 256 (one instruction fewer per weight, corrected per group),
-    and whether codes are prefetched (the first chunk before the PDL wait, each next chunk
-    before the current one's arithmetic)."""
+    """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth (chunks
+    staged in shared memory by Triton's software pipeline; 1: none), whether 4-bit codes enter
+    as 0.5 + q / 256 (one instruction fewer per weight, corrected per group), and whether codes
+    are prefetched (the first chunk before the PDL wait, each next chunk before the current
+    one's arithmetic; not with num_stages > 1)."""
 
     block_n: int
     block_g: int
@@ -59,6 +60,11 @@ class QGemvWConfig:
     num_stages: int = 1
     magic: bool = False
     prefetch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefetch and self.num_stages > 1:  # both load ahead: registers or shared memory
+            raise ValueError(f"a v2 config loads ahead by prefetch or num_stages > 1, not both: "
+                             f"{self}")
 
 
 def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:

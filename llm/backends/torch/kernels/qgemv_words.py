@@ -300,7 +300,8 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
                     BLOCK_G: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr,
                     GLU: tl.constexpr, ROPE: tl.constexpr, N_HEADS: tl.constexpr,
                     N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, XF16: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr,
+                    STAGES: tl.constexpr = 1):
     """y[r, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and the M (1..4) rows r of x; with GLU,
     y[r, n0:n0 + BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW
     + n of w are the up rows of gate row n.
@@ -325,7 +326,10 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
     depend on none; with PDL they stream during its tail), and where K has several chunks each
     chunk's successor is loaded before the chunk's arithmetic (two chunks of codes in
-    registers)."""
+    registers). STAGES > 1 (without PREFETCH): Triton pipelines the chunk loop instead, its
+    loads staged in shared memory by cp.async, STAGES - 1 chunks ahead (no registers held by
+    the chunks in flight; compiled for sm_90 with Triton 3.9: cp.async present; at 1 the code is
+    that of a plain loop)."""
     WPG: tl.constexpr = 8 if FMT == 0 else 4
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
@@ -355,7 +359,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     acc1 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     acc3 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-    for g0 in range(0, NG, BLOCK_G):
+    for g0 in tl.range(0, NG, BLOCK_G, num_stages=STAGES):
         if PREFETCH:
             w = w_next
             h = w  # Q6_K's high-bit words (unused by the other formats)
@@ -519,6 +523,6 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
-        COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **launch_options(gdc))
+        COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return y
