@@ -11,6 +11,7 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
+import torch
 from fakes import GreedyOnlyBackend, fake_parts
 from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
@@ -249,4 +250,13 @@ def test_scheduler_limits_are_restored_after_an_async_front() -> None:
 def test_an_unknown_torch_device_is_refused_by_name() -> None:
     spec = dataclasses.replace(_spec("torch"), device="tpu")
     with pytest.raises(ConfigError, match="device 'tpu' is not a torch device"):
+        create_backend("torch", spec)
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_before_loading(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    spec = dataclasses.replace(_spec("torch"), device="cuda:3")
+    monkeypatch.setattr(BackendSpec, "load", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ConfigError, match="device 'cuda:3': this machine has 1 CUDA device"):
         create_backend("torch", spec)

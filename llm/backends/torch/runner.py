@@ -84,11 +84,7 @@ class TorchBackend(Backend):
         source = getattr(checkpoint, "source", None)
         self.source = Path(source) if source is not None else None
         self.source_sha256 = checkpoint.source_sha256
-        try:
-            self.device = torch.device(runtime.device)
-        except RuntimeError as e:  # torch lists its device types, without the argument
-            raise ConfigError(f"device {runtime.device!r} is not a torch device (cpu, cuda, "
-                              f"cuda:N): {e}") from e
+        self.device = _check_device(runtime.device)
         self.mesh = mesh or Mesh.single()
         if all_reduce == "auto":
             self.mesh = self.mesh.with_symmetric(getattr(torch, runtime.dtype), self.device,
@@ -321,14 +317,30 @@ def create(spec: BackendSpec) -> Backend:
             check_threads(options["threads"])
         except ValueError as e:
             raise ConfigError(f"torch backend option {e}") from None
-    if spec.tensor_parallel != 1:
+    if spec.tensor_parallel != 1:  # (the launch checks each rank's device itself)
         from llm.backends.torch.parallel.launch import launch
 
         return launch(spec, lambda weights, runtime, mesh: TorchBackend(
             weights, runtime, mesh=mesh, **options))
+    _check_device(spec.device)  # before any weight is read
     # weights="auto": a GGUF's blocks as stored on the CPU (a cache entry of the GGUF's size; in
     # fp32 the layers are dequantized once, exactly, in bf16 they run torch's int4 / int8
     # kernels), dequantized on CUDA (its batched and prefill paths are faster on dense weights)
     checkpoint = spec.load(auto="stored" if spec.device == "cpu" else "dequantize")
     return TorchBackend(checkpoint, spec.runtime(checkpoint.config), cache_dir=spec.cache_dir,
                         progress=spec.progress, **options)
+
+
+def _check_device(name: str) -> torch.device:
+    """The torch device `name`; ConfigError naming it if torch has no such device type or this
+    machine has no such CUDA device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # torch lists its device types, without the argument
+        raise ConfigError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N): "
+                          f"{e}") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s)")
+    return device
