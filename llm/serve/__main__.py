@@ -63,8 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (start with `torchrun --nproc-per-node N -m "
                         "llm.serve --tp N`); rank 0 serves HTTP, the others follow")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client may take to send a request body (then 408)")
     p.add_argument("--log-level", default="info")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.body_timeout > 0:
+        p.error(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
+    return args
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(model.backend.describe(), file=sys.stderr)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     engine = AsyncEngine(model, sched)
-    app = create_app(engine, ServerConfig(model_name=served_name(args), api_key=args.api_key))
+    app = create_app(engine, ServerConfig(model_name=served_name(args), api_key=args.api_key,
+                                          body_timeout_s=args.body_timeout))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_keep_alive=KEEP_ALIVE_S)

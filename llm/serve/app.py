@@ -45,14 +45,16 @@ from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
 @dataclass(frozen=True)
 class ServerConfig:
     """model_name: the id clients must send as "model". api_key: required Bearer token (None =
-    open). max_body_bytes: largest accepted request body. retry_after_s: Retry-After on 503, and
-    on 429 until requests have finished recently (then it follows their drain rate: see
-    ServingMetrics.retry_after_s).
+    open). max_body_bytes: largest accepted request body. body_timeout_s: longest a client may
+    take to send its body (a stalled one gets 408 and its connection back). retry_after_s:
+    Retry-After on 503, and on 429 until requests have finished recently (then it follows their
+    drain rate: see ServingMetrics.retry_after_s).
     """
 
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 2 * 1024 * 1024
+    body_timeout_s: float = 30.0
     retry_after_s: int = 1
 
 
@@ -117,14 +119,14 @@ class _Handlers:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise ApiError(413, f"request body larger than {limit} bytes")
-        body = bytearray()
         try:
-            async for part in request.stream():
-                body += part
-                if len(body) > limit:
-                    raise ApiError(413, f"request body larger than {limit} bytes")
+            body = await asyncio.wait_for(_body(request, limit), self.config.body_timeout_s)
         except ClientDisconnect as e:
             raise ApiError(400, "the client disconnected while sending the body") from e
+        except asyncio.TimeoutError as e:  # (TimeoutError itself from Python 3.11)
+            raise ApiError(408, f"the request body did not arrive within "
+                                f"{self.config.body_timeout_s:g} s",
+                           headers={"Connection": "close"}) from e
         try:
             return json.loads(body.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -222,6 +224,16 @@ def _failed(failure: RequestFailure) -> ApiError:
     """The error response of a request that failed on its own while it ran (400: what failed
     is the request's, e.g. its grammar)."""
     return ApiError(400, failure.message, api_param(failure.param) if failure.param else None)
+
+
+async def _body(request: Request, limit: int) -> bytearray:
+    """The request's body; 413 past `limit` bytes."""
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes")
+    return body
 
 
 async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage: bool,

@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
+import time
 
 import httpx
-from conftest import MODEL_NAME
+from conftest import MODEL_NAME, serve_in_thread
+
+from llm.serve import ServerConfig, create_app
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 OK_CHAT = [{"role": "user", "content": "Hi"}]
@@ -131,4 +135,21 @@ def test_a_compressed_body_is_415_naming_the_encoding(live_server) -> None:
                    headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert r.status_code == 415
     assert "Content-Encoding 'gzip' is not supported" in r.json()["error"]["message"]
+    assert live_server.wait_all_free()
+
+
+def test_a_stalled_body_is_408_and_other_requests_go_on(live_server) -> None:
+    app = create_app(live_server.engine, ServerConfig(model_name=MODEL_NAME, body_timeout_s=0.5))
+    with serve_in_thread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+            t0 = time.monotonic()
+            reply = s.recv(4096).decode()  # then nothing more: the server must not wait forever
+            waited = time.monotonic() - t0
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
+        assert 0.4 < waited < 5
+        r = httpx.post(url + COMPLETIONS, json=body(COMPLETIONS), timeout=60)
+        assert r.status_code == 200
     assert live_server.wait_all_free()
