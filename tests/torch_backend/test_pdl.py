@@ -46,7 +46,7 @@ GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS"
             "STAT_K": 1024, "GLU": False, "FMA": False}
 QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, M=1, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
                    GLU=True, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2, XF16=False,
-                   HAS_BIAS=True, COMPILED=True)
+                   HAS_BIAS=True, COMPILED=True, STAGES=1)
 QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
               "HEAD_DIM": 64}
 QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
@@ -74,6 +74,9 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     (qgemv_words._qgemv_w_kernel, QGEMV_WORDS, QGEMV_POINTERS, True),
     (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False}, QGEMV_POINTERS, False),
     (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "M": 4, "BLOCK_N": 2}, QGEMV_POINTERS, True),
+    # the chunk loop pipelined through shared memory: its cp.async loads after the wait too
+    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False, "STAGES": 3,
+                                   "BLOCK_G": 32}, QGEMV_POINTERS, False),
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
@@ -82,7 +85,8 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gemv_fma", "gemv_dot", "silu_mul", "qgemv_words",
-       "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_rope"]
+       "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
+       "qgemv_words_rope"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:
