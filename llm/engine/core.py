@@ -40,12 +40,7 @@ class EngineCore:
         claim is held, the same front's too (a second generate/stream while a stream is open
         would step the other's requests and take their events)."""
         with self._lock:
-            if self._holder is not None:
-                same = "another " if self._holder[0] is front else ""
-                raise EngineBusyError(
-                    f"{same}{self._holder[1]} is driving this model; {name} must wait until it "
-                    "finishes (a stream until it is exhausted or closed, an AsyncEngine until its "
-                    "shutdown())")
+            self._refuse_if_held(name, front)
             self._holder = (front, name)
 
     def check_idle(self, name: str, but: object = None) -> None:
@@ -53,9 +48,18 @@ class EngineCore:
         holds it."""
         with self._lock:
             if self._holder is not None and self._holder[0] is not but:
-                raise EngineBusyError(f"{self._holder[1]} is driving this model; {name} must "
-                                      "wait until it finishes (an AsyncEngine until its "
-                                      "shutdown())")
+                self._refuse_if_held(name)
+
+    def _refuse_if_held(self, name: str, front: object = None) -> None:
+        """EngineBusyError while a claim is held (`front`: the one asking, "another" if it is
+        the holder itself); call with the lock held."""
+        if self._holder is None:
+            return
+        same = "another " if self._holder[0] is front else ""
+        raise EngineBusyError(
+            f"{same}{self._holder[1]} is driving this model; {name} must wait until it "
+            "finishes (a stream until it is exhausted or closed, an AsyncEngine until its "
+            "shutdown())")
 
     def release(self, front: object) -> None:
         """End the claim of `front`."""

@@ -61,7 +61,6 @@ class ServingMetrics:
         self.rejected = 0
         self._recent: deque[float] = deque()  # times of recent generated tokens
         self._finished_at: deque[float] = deque()  # ... of recently finished requests
-        self._rejected_at: deque[float] = deque()  # ... of recently refused requests
         self._promised: list[float] = []  # when the refused clients were told to come back
         self._busy: deque[int] = deque()  # BUSY_BUCKET_S slices of time with a token generated
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
@@ -104,7 +103,6 @@ class ServingMetrics:
     def on_reject(self) -> None:
         with self._lock:
             self.rejected += 1
-            self._rejected_at.append(self._clock())
 
     def retry_after_s(self, fallback_s: int) -> int:
         """Seconds a client refused just now should wait, and that promise recorded: with r
@@ -133,7 +131,7 @@ class ServingMetrics:
             return len(self._recent) / RATE_WINDOW_S
 
     def _trim(self, now: float) -> None:
-        for times in (self._recent, self._finished_at, self._rejected_at):
+        for times in (self._recent, self._finished_at):
             while times and times[0] < now - RATE_WINDOW_S:
                 times.popleft()
         while self._busy and self._busy[0] < (now - RATE_WINDOW_S) // BUSY_BUCKET_S:

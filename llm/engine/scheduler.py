@@ -225,16 +225,12 @@ class Scheduler:
         and pages; its final event, or None if it had already finished.
         """
         group = seq.group
-        active = [s for s in group if s.slot >= 0 and self.active.get(s.slot) is s]
         if all(s.finished for s in group):
             return None
-        if active:
-            for s in active:
-                self._retire(s)
-        elif group[0] in self.waiting:
+        if not self._retire_group(seq):
+            if group[0] not in self.waiting:
+                return None
             self.waiting.remove(group[0])
-        else:
-            return None
         event = next(s for s in group if not s.finished).cancel()  # cancels every one left
         if self.metrics is not None:
             self.metrics.on_finish("cancelled")
@@ -366,9 +362,9 @@ class Scheduler:
             self.metrics.on_token(None if first and seq.parent is not None else latency, first)
         if seq.finished:
             self._retire(seq)
-            if self.metrics is not None and event is not None and event.finished:
-                out = event.output  # the request's: its first choice says why it ended
-                self.metrics.on_finish((out.finish_reason if out else None) or "stop")
+            if self.metrics is not None and event is not None and event.output is not None:
+                # the request ended: its output (the first choice) says why
+                self.metrics.on_finish(event.output.finish_reason or "stop")
         if event is not None:
             events.append(event)
 
@@ -376,12 +372,18 @@ class Scheduler:
         """End the running request of `seq` with `failure`, freeing the slots and pages of all
         its sequences; its final event."""
         event = seq.fail(failure)
-        for s in seq.group:
-            if s.slot >= 0 and self.active.get(s.slot) is s:
-                self._retire(s)
+        self._retire_group(seq)
         if self.metrics is not None:
             self.metrics.on_finish("error")
         return event
+
+    def _retire_group(self, seq: Sequence) -> bool:
+        """Retire every sequence of the request of `seq` that holds a batch slot; whether any
+        did."""
+        active = [s for s in seq.group if s.slot >= 0 and self.active.get(s.slot) is s]
+        for s in active:
+            self._retire(s)
+        return bool(active)
 
     def _retire(self, seq: Sequence) -> None:
         del self.active[seq.slot]

@@ -210,18 +210,17 @@ class Sequence:
     def cancel(self) -> StreamEvent:
         """Mark the request (each of its sequences still running) cancelled and return its final
         event (with this sequence's text not yet streamed)."""
-        for s in self.group:
-            if not s.finished:
-                s.out.finish_reason = "cancelled"
-        return self.final_event()
+        return self._end("cancelled")
 
     def fail(self, failure: RequestFailure) -> StreamEvent:
         """End the request (each of its sequences still running) with finish_reason "error" and
         `failure`; its final event."""
+        return self._end("error", failure)
+
+    def _end(self, reason: str, failure: RequestFailure | None = None) -> StreamEvent:
         for s in self.group:
             if not s.finished:
-                s.out.finish_reason = "error"
-                s.out.error = failure
+                s.out.finish_reason, s.out.error = reason, failure
         return self.final_event()
 
     def final_event(self) -> StreamEvent:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm.engine.contract.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+from llm.model.tokenizer.tokenizer import message_text
 from llm.serve.errors import ApiError, short_repr
 from llm.serve.structured_output import structured_output
 
@@ -190,20 +191,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
             if m.get(field) is not None:
                 raise ApiError(400, f"messages[{i}].{field} is not supported (this server runs "
                                     "no tools)", "messages")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    raise ApiError(400, f"messages[{i}].content: only text parts "
-                                        "({'type': 'text', 'text': ...}) are supported",
-                                   "messages")
-                parts.append(part["text"])
-            content = "".join(parts)
-        if content is None and m["role"] == "assistant":
-            content = ""
-        if not isinstance(content, str):
+        content = message_text(m.get("content"), m["role"])
+        if content is None and isinstance(m.get("content"), list):
+            raise ApiError(400, f"messages[{i}].content: only text parts "
+                                "({'type': 'text', 'text': ...}) are supported", "messages")
+        if content is None:
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            "messages")
         _utf8(content, "messages")

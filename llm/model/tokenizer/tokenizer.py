@@ -474,12 +474,22 @@ def _compile_template(source: str, origin: Path) -> Any:
         raise TokenizerError(f"{origin}: chat template does not compile: {exc}") from exc
 
 
+def message_text(content: object, role: str) -> str | None:
+    """A chat message's content as one string: a string as is, OpenAI's list of text parts
+    ({"type": "text", "text": ...}) joined, an assistant turn's None as ""; None for anything
+    else (the caller says what is wrong, in its own terms)."""
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content):
+        return "".join(p["text"] for p in content)
+    if content is None and role == "assistant":
+        return ""
+    return content if isinstance(content, str) else None
 
 
 def _text_messages(messages: object) -> list[dict[str, str]]:
-    """`messages` with each content as one string (OpenAI's list of text parts joined, an
-    assistant turn's None as ""); TokenizerError naming the first message that is not a
-    {"role": str, "content": str | text parts} object."""
+    """`messages` with each content as one string (`message_text`); TokenizerError naming the
+    first message that is not a {"role": str, "content": str | text parts} object."""
     if not isinstance(messages, (list, tuple)):
         raise TokenizerError(f"messages must be a list of {{'role', 'content'}} objects, got "
                              f"{type(messages).__name__}")
@@ -488,15 +498,10 @@ def _text_messages(messages: object) -> list[dict[str, str]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise TokenizerError(f"messages[{i}] must be an object with a string 'role' and a "
                                  f"'content', got {m!r:.80}")
-        content = m["content"]
-        if isinstance(content, list) and all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content):
-            content = "".join(p["text"] for p in content)
-        elif content is None and m["role"] == "assistant":
-            content = ""
-        if not isinstance(content, str):
+        content = message_text(m["content"], m["role"])
+        if content is None:
             raise TokenizerError(f"messages[{i}].content must be a string or a list of text "
-                                 f"parts ({{'type': 'text', 'text': ...}}), got {content!r:.80}")
+                                 f"parts ({{'type': 'text', 'text': ...}}), got "
+                                 f"{m['content']!r:.80}")
         out.append({**m, "content": content})
     return out
