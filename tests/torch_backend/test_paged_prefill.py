@@ -142,7 +142,7 @@ def test_split_runs_are_deterministic_and_leave_the_counters_zero() -> None:
     torch.testing.assert_close(runs[0], want, rtol=2e-5, atol=2e-5)
     rows = rows_per_program(24, 4, 2, 132)
     tiles = -(-24 // (rows // 4))
-    assert splits_per_tile(tiles * 2, 12 * 16, 16, 132) == 6
+    assert splits_per_tile(tiles * 2, 12 * 16, 16, 132) == 3
     auto = [_run(q, kp, vp, row, 40, 0.125, block_n=16, n_sm=132) for _ in range(2)]
     assert torch.equal(auto[0], auto[1])
     torch.testing.assert_close(auto[0], want, rtol=2e-5, atol=2e-5)
@@ -200,7 +200,7 @@ def test_rows_and_splits_per_program() -> None:
     assert rows_per_program(2048, 4, 8, 132) == 128
     assert rows_per_program(1, 32, 1, 132) == 32  # a group of 32 heads needs 32 rows
     assert rows_per_program(1, 2, 1, 132) == 16
-    assert splits_per_tile(32, 1856, 64, 132) == 14  # 29 key blocks, 2 per split
+    assert splits_per_tile(32, 1856, 64, 132) == 7  # 29 key blocks, 4 per split
     assert splits_per_tile(32, 8192, 64, 132) == 16  # at most MAX_SPLITS
     assert splits_per_tile(128, 8192, 64, 132) == 4  # 4 programs per SM
     assert splits_per_tile(512, 8192, 64, 132) == 1  # enough programs already

@@ -30,7 +30,10 @@ import triton.language as tl
 ROW_CHOICES = (16, 32, 64, 128)  # (token, head) rows of one program, powers of two for tl.dot
 SPLIT_ROWS = 64  # the most rows of a short chunk's tiles (when the key splits fill the SMs)
 MAX_SPLITS = 16  # the last split merges them all: its work grows with the count
-MIN_BLOCKS_PER_SPLIT = 2  # key blocks of the longest context per split
+MIN_BLOCKS_PER_SPLIT = 4  # key blocks of the longest context per split (a split's walk costs
+# ~1 us a block and the merge ~0.7 us a split: H200, 64 tokens at 1,536, 16 splits 20.0 us a
+# layer, 8 splits 16.4, 4 splits 18.4)
+SPLIT_STAGES = 1  # a split walks a few blocks: no software pipeline (stages 3 cost 0.3-1.6 us)
 SPLIT_WAVES = 4  # programs per SM the splits aim at (several per SM hide the loads' latency)
 
 
@@ -153,7 +156,8 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                             page_row: torch.Tensor, start: torch.Tensor, scale: float,
                             rows: int | None = None, block_n: int = 64, n_sm: int = 1,
                             splits: int | None = None,
-                            counters: torch.Tensor | None = None) -> torch.Tensor:
+                            counters: torch.Tensor | None = None, num_warps: int = 4,
+                            num_stages: int | None = None) -> torch.Tensor:
     """q [S, nh, hd] (rotated) of tokens at positions start..start+S-1; pools [num_blocks, n_kv,
     block, hd] holding their K/V already; page_row [max_pages] int the user's pages; start [1]
     int on the device -> attention output [S, nh, hd] in q's dtype.
@@ -162,7 +166,9 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     `rows_per_program` for n_sm SMs); block_n: keys per step, a power of two >= 16; splits: key
     ranges per tile, >= 1 (default `splits_per_tile`; 1: no split, no scratch); counters: int32
     zeros, at least one per (tile, KV head), left zero by the kernel: pass a persistent one to
-    save the zeroing of a fresh one (a memset) per call when splits > 1.
+    save the zeroing of a fresh one (a memset) per call when splits > 1; num_warps, num_stages:
+    Triton's launch options (num_stages: the key loop's software pipeline, default 3 unsplit,
+    SPLIT_STAGES split).
     """
     s, nh, hd = q.shape
     _, n_kv, page, _ = k_pool.shape
@@ -180,6 +186,8 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         splits = splits_per_tile(tiles * n_kv, page_row.shape[0] * page, block_n, n_sm)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
+    if num_stages is None:
+        num_stages = SPLIT_STAGES if splits > 1 else 3
     out = torch.empty_like(q)
     acc = ml = cnt = out  # unused when splits == 1
     if splits > 1:
@@ -190,7 +198,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         q, k_pool, v_pool, page_row, start, out, acc, ml, cnt, scale, s, q.stride(0),
         q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), out.stride(0),
         out.stride(1), GROUP=group, ROWS=rows, HEAD_DIM=hd, PAGE=page, BLOCK_N=block_n,
-        SPLITS=splits, IEEE=q.dtype == torch.float32)
+        SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
