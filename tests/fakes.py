@@ -87,8 +87,8 @@ class FakeTokenizer:
     def decode(ids, skip_special_tokens: bool = True) -> str:
         return "".join(f"<{i}>" for i in ids if not (skip_special_tokens and i == EOS))
 
-    def stream(self) -> IncrementalDecoder:
-        return IncrementalDecoder(self.decode)
+    def stream(self, *, skip_special_tokens: bool = True) -> IncrementalDecoder:
+        return IncrementalDecoder(self.decode, skip_special_tokens=skip_special_tokens)
 
 
 def fake_parts(max_batch: int = 4, max_seq_len: int = 128, block_size: int = 8,

@@ -478,6 +478,55 @@ def test_chat_template_errors(tmp_path, hf_dirs):
         Tokenizer.from_path(path).apply_chat_template(CONVERSATION)
 
 
+TRIMMING = (  # as Llama 3's template: each message's text trimmed of surrounding whitespace
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] | trim + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BEGUN = ["The capital is", "The capital is ", "  Paris,\n\n", "x", "is is"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "trimming"])
+def test_continue_final_message_matches_transformers(tmp_path, hf_dirs, template):
+    """The render cut after the last message's text, as transformers cuts it: the message's
+    trailing whitespace kept where the template keeps it (ChatML), dropped where it trims."""
+    transformers = pytest.importorskip("transformers")
+    path = hf_dirs["plain"]
+    if template == "trimming":
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        path = _tokenizer_json_dir(tmp_path / "trim", {**config, "chat_template": TRIMMING})
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+    tok = Tokenizer.from_path(path)
+    for begun in BEGUN:
+        for role in ("assistant", "user"):
+            messages = CONVERSATION + [{"role": role, "content": begun}]
+            expected = ref.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=False,
+                                               continue_final_message=True)
+            got = tok.apply_chat_template(messages, add_generation_prompt=False,
+                                          continue_final_message=True)
+            assert got == expected, (template, begun, role)
+            assert not got.endswith("<|im_end|>")
+
+
+def test_continue_final_message_refusals(tmp_path, hf_dirs):
+    tok = Tokenizer.from_path(hf_dirs["plain"])
+    begun = CONVERSATION + [{"role": "assistant", "content": "Paris"}]
+    with pytest.raises(TokenizerError, match="exclude each other"):
+        tok.apply_chat_template(begun, continue_final_message=True)
+    with pytest.raises(TokenizerError, match=r"messages\[2\], has no text to continue"):
+        tok.apply_chat_template(CONVERSATION + [{"role": "assistant", "content": " \n"}],
+                                add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(TokenizerError, match="at least one message"):
+        tok.apply_chat_template([], add_generation_prompt=False, continue_final_message=True)
+    config = json.loads((hf_dirs["plain"] / "tokenizer_config.json").read_text())
+    hiding = "{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}{% endfor %}"
+    path = _tokenizer_json_dir(tmp_path / "hiding", {**config, "chat_template": hiding})
+    with pytest.raises(TokenizerError, match="does not keep the last message's text"):
+        Tokenizer.from_path(path).apply_chat_template(begun, add_generation_prompt=False,
+                                                      continue_final_message=True)
+
+
 def test_decode_rejects_ids_outside_the_vocabulary(hf_dirs):
     tok = Tokenizer.from_path(hf_dirs["plain"])
     with pytest.raises(TokenizerError, match="outside the vocabulary"):

@@ -178,6 +178,11 @@ class Scheduler:
             raise SamplingParamsError(f"{at}logit_bias keys {bad[:5]} are not token ids of this "
                                       f"model's vocabulary [0, {self.vocab_size})",
                                       param="logit_bias")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise SamplingParamsError(f"{at}stop_token_ids {bad[:5]} are not token ids of this "
+                                      f"model's vocabulary [0, {self.vocab_size})",
+                                      param="stop_token_ids")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self._eos)
@@ -197,7 +202,8 @@ class Scheduler:
                 out=out, params=params,
                 sampling=SequenceSampling(computed, choice_seed(seed, choice),
                                           tuple(sorted(stop_ids))),
-                budget=budget, detok=self.tokenizer.stream(), stop_ids=frozenset(stop_ids),
+                budget=budget, stop_ids=frozenset(stop_ids),
+                detok=self.tokenizer.stream(skip_special_tokens=params.skip_special_tokens),
                 parent=seqs[0] if seqs else None,
                 grammar=None if params.structured is None else  # each its own grammar state
                 self.grammars.matcher(params.structured)))

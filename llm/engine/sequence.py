@@ -166,6 +166,8 @@ class Sequence:
         if self.grammar is not None:
             self.grammar.consume(token)
         if token in self.stop_ids:
+            if params.include_stop_str_in_output:
+                out.text += self.detok.add(token)
             out.text += self.detok.flush()
             out.finish_reason = "stop"
         else:
@@ -177,9 +179,11 @@ class Sequence:
                 hit = _find_stop(out.text, params.stop, max(0, self.emitted - self.stop_hold),
                                  self.stop_floor)
             if hit >= 0:
-                out.text = out.text[:hit]
+                cut = hit + (_stop_at(out.text, params.stop, hit, self.stop_floor)
+                             if params.include_stop_str_in_output else 0)
+                out.text = out.text[:cut]
                 if out.logprobs is not None:  # none for the tokens wholly in the cut part
-                    del out.logprobs[bisect.bisect_left(self.starts, hit):]
+                    del out.logprobs[bisect.bisect_left(self.starts, cut):]
                 out.finish_reason = "stop"
             elif self.grammar is not None and self.grammar.stopped:  # complete: nothing may follow
                 out.text += self.detok.flush()
@@ -254,6 +258,12 @@ def _chosen(group: list[Sequence], params: SamplingParams) -> RequestOutput:
             o.choice = i
     outs[0].choices = outs
     return outs[0]
+
+
+def _stop_at(text: str, stops: tuple[str, ...], at: int, floor: int) -> int:
+    """The length of the first stop string (in list order) that begins at text[at] and ends
+    after text[:floor] (one does, where _find_stop returned at)."""
+    return next(len(s) for s in stops if text.startswith(s, at) and at + len(s) > floor)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int, floor: int = 0) -> int:

@@ -138,7 +138,9 @@ class _Handlers:
         tok = self.engine.tokenizer
         try:
             if req.chat:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True)
+                text = tok.apply_chat_template(
+                    messages, add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message)
                 return tok.encode(text, add_special_tokens=False)
             return tok.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
         except (TokenizerError, TypeError) as e:

@@ -3,17 +3,20 @@
 Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions:
 a string, token ids, or a one-element list of either) or messages (chat), max_tokens
 (max_completion_tokens for chat), temperature, top_p, top_k (extension; -1 or 0 = off), seed, stop,
-stream, stream_options.include_usage, n, best_of (completions; not streamed when > n),
-ignore_eos (extension), presence_penalty,
+stop_token_ids, include_stop_str_in_output and skip_special_tokens (extensions), stream,
+stream_options.include_usage, n, best_of (completions; not streamed when > n),
+add_generation_prompt and continue_final_message (chat, vLLM's extensions: open a new assistant
+turn, or continue the last message), ignore_eos (extension), presence_penalty,
 frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
 (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
 logprobs, the prompt's logprobs too); structured output (structured_output.py): response_format
 (text, json_object, json_schema) and vLLM's guided_json / guided_regex / guided_choice /
 guided_grammar, one at a time; n choices (best_of on /v1/completions). Fields this server cannot
 honour (suffix, tools / functions / tool_choice / function_call, vLLM's structured_outputs and
-guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream) are
-refused rather than silently ignored; a parameter the backend cannot serve is refused at
-submission, naming it.
+guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream, and
+the vLLM / OpenAI fields of UNHONOURED, such as min_p or use_beam_search, unless they hold the
+value meaning "not used") are refused rather than silently ignored; a parameter the backend
+cannot serve is refused at submission, naming it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ from llm.serve.structured_output import structured_output
 
 INT64_MAX = 2**63 - 1
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 256
+# vLLM's and OpenAI's request fields this server cannot honour, each with the values that mean
+# "not used" (a client may send those): anything else is refused, naming the field
+UNHONOURED = {
+    "min_p": (0, 0.0), "use_beam_search": (False,), "length_penalty": (1, 1.0),
+    "spaces_between_special_tokens": (True,), "bad_words": ([],), "allowed_token_ids": ([],),
+    "truncate_prompt_tokens": (), "chat_template": (), "chat_template_kwargs": ({},),
+    "documents": ([],), "mm_processor_kwargs": ({},), "logits_processors": ([],),
+    "return_tokens_as_token_ids": (False,), "guided_decoding_backend": (),
+    "priority": (0,), "prediction": (), "audio": (), "modalities": (["text"],),
+    "reasoning_effort": (), "web_search_options": (),
+}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
@@ -36,7 +51,9 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 class ParsedRequest:
     """A validated request. prompt is text to encode or token ids; max_tokens None = default.
 
-    chat: prompt is the rendered chat template (encoded without adding special tokens).
+    chat: prompt is the rendered chat template (encoded without adding special tokens), with a
+    new assistant turn opened (add_generation_prompt) or the last message left open to continue
+    (continue_final_message).
     echo (completions): the response text begins with the prompt (and, with logprobs, so do the
     logprobs, from params.prompt_logprobs).
     """
@@ -48,6 +65,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -62,8 +81,10 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
                             f"'{model_name}'", "model", code="model_not_found")
     _refuse_unsupported(body, chat)
     messages = None
+    turn = (True, False)  # add_generation_prompt, continue_final_message
     if chat:
         messages = _messages(body.get("messages"))
+        turn = _turn(body)
         prompt: str | list[int] = ""
         max_tokens = _opt_int(body, "max_completion_tokens", 1)
         if max_tokens is None:
@@ -96,7 +117,10 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             top_k=0 if top_k in (None, -1) else top_k,
             seed=seed,
             stop=_stop(body.get("stop")),
+            stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
             ignore_eos=_opt_bool(body, "ignore_eos") or False,
+            include_stop_str_in_output=_opt_bool(body, "include_stop_str_in_output") or False,
+            skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False,
             max_new_tokens=max(max_tokens or 1, min_tokens, 1),  # the real limit comes later
             logprobs=logprobs,
             prompt_logprobs=logprobs if echo else None,
@@ -112,7 +136,32 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
-                         echo), messages
+                         echo, *turn), messages
+
+
+def _turn(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Chat's add_generation_prompt (default: unless continue_final_message) and
+    continue_final_message (vLLM's extensions); both true is a 400."""
+    opened = _opt_bool(body, "add_generation_prompt")
+    continued = _opt_bool(body, "continue_final_message") or False
+    if opened and continued:
+        raise ApiError(400, "'continue_final_message' and 'add_generation_prompt' cannot both be "
+                            "true: a continued message gets no new turn after it",
+                       "continue_final_message")
+    return (not continued) if opened is None else opened, continued
+
+
+def _stop_token_ids(value: Any) -> tuple[int, ...]:
+    """stop_token_ids (vLLM's extension): token ids that end generation besides EOS (checked
+    against the vocabulary at submission)."""
+    if value is None:
+        return ()
+    if (not isinstance(value, list) or len(value) > MAX_STOP_TOKEN_IDS
+            or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in value)):
+        raise ApiError(400, f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} "
+                            f"token ids (integers >= 0), got {short_repr(value)}",
+                       "stop_token_ids")
+    return tuple(value)
 
 
 def _chat_logprobs(body: dict[str, Any]) -> int | None:
@@ -147,6 +196,19 @@ def _logit_bias(value: Any) -> dict[int, float]:
 def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     if chat and body.get("best_of") is not None:
         raise ApiError(400, "'best_of' is a /v1/completions parameter", "best_of")
+    for name, unused in UNHONOURED.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(u) and value == u for u in unused):
+            raise ApiError(400, f"'{name}' is not supported by this server (got "
+                                f"{short_repr(value)})", name)
+    for name in ("add_generation_prompt", "continue_final_message"):
+        if not chat and body.get(name) is not None:
+            raise ApiError(400, f"'{name}' is a chat parameter", name)
+    add_special = body.get("add_special_tokens")
+    if add_special is not None and add_special is not (not chat):
+        raise ApiError(400, f"'add_special_tokens' other than {str(not chat).lower()} is not "
+                            f"supported on this endpoint (got {short_repr(add_special)})",
+                       "add_special_tokens")
     for name in ("suffix", "tools", "functions", "structured_outputs",
                  "guided_whitespace_pattern"):
         if body.get(name) not in (None, False, 0, {}, []):

@@ -57,6 +57,15 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         "min_tokens": [-1, 2, "1"],
         "stream_options": ["x", {"include_usage": "yes"}, 5],
         "ignore_eos": ["no", 3],
+        "stop_token_ids": [[-1], "1", [1.5], [49152], [1] * 300, {}, [True]],
+        "add_generation_prompt": ["yes", 1],
+        "continue_final_message": ["yes", 0],
+        "min_p": [0.1, "0"], "use_beam_search": [True], "length_penalty": [0.5],
+        "include_stop_str_in_output": ["yes", 1], "skip_special_tokens": [0, "false"],
+        "bad_words": [["x"]], "allowed_token_ids": [[1, 2]], "truncate_prompt_tokens": [5],
+        "chat_template": ["{{ x }}"], "chat_template_kwargs": [{"enable_thinking": False}],
+        "priority": [1], "modalities": [["text", "audio"]], "reasoning_effort": ["low"],
+        "add_special_tokens": ["yes"],
     }
     for path in (COMPLETIONS, CHAT):
         for field, values in bad_values.items():
@@ -95,6 +104,17 @@ def cases() -> list[tuple[str, str, bytes, int]]:
     for path in (COMPLETIONS, CHAT):  # unknown fields are ignored: these succeed
         add(path, 200, user="u1", frobnicate={"deep": [1, 2]}, metadata=None, logprobs=None)
         add(path, 200, temperature=0, top_k=-1, seed=0, stop=["\n\n"], n=1, stream=False)
+        add(path, 200, min_p=0, use_beam_search=False, length_penalty=1.0,  # "not used" values
+            skip_special_tokens=False, include_stop_str_in_output=True, bad_words=[],
+            modalities=["text"], priority=0, stop_token_ids=[])
+    add(COMPLETIONS, 200, add_special_tokens=True)
+    add(CHAT, 200, add_special_tokens=False, add_generation_prompt=True)
+    add(COMPLETIONS, 400, add_special_tokens=False)
+    add(CHAT, 400, add_special_tokens=True)
+    add(COMPLETIONS, 400, add_generation_prompt=True)  # a chat parameter
+    add(CHAT, 400, add_generation_prompt=True, continue_final_message=True)
+    add(CHAT, 400, continue_final_message=True,  # an empty last message: nothing to continue
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}])
     return out
 
 

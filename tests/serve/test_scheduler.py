@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from fakes import expected_tokens, fake_parts
 
-from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 from llm.engine.paged_kv import OutOfPagesError
 from llm.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
 from llm.engine.sequence import RequestError
@@ -206,6 +206,32 @@ def test_stop_conditions_and_held_back_stop_text() -> None:
     run(sched, [eos])
     assert eos.out.token_ids == want[:2] and eos.out.finish_reason == "stop"
     assert all_free(sched)
+
+
+def test_stop_text_included_on_request() -> None:
+    """include_stop_str_in_output: the text ends after the stop string that ended it (the first
+    complete one; the first of the list where one token completes two that begin at one
+    character; held-back text streams with it) or with the stop token's text."""
+    sched, _ = make()
+    want = expected_tokens([5], 6)
+    a, ab = f"<{want[2]}>", f"<{want[2]}><{want[3]}>"
+    part = a[:-1]  # completed by the same token as a, beginning where a does
+    for stops, shown in (((ab,), ab), ((a, ab), a), ((ab, a), a), ((part, a), part),
+                         ((a, part), a)):
+        seq = sched.make_sequence(0, [5], SamplingParams(max_new_tokens=20, stop=stops,
+                                                         include_stop_str_in_output=True))
+        sched.add(seq)
+        events = [e for step in run(sched, [seq]) for e in step]
+        assert seq.out.finish_reason == "stop"
+        assert "".join(e.text for e in events) == seq.out.text == f"<{want[0]}><{want[1]}>{shown}"
+    tok = sched.make_sequence(1, [5], SamplingParams(max_new_tokens=20, stop_token_ids=(want[1],),
+                                                     include_stop_str_in_output=True))
+    sched.add(tok)
+    run(sched, [tok])
+    assert tok.out.text == f"<{want[0]}><{want[1]}>" and tok.out.finish_reason == "stop"
+    assert all_free(sched)
+    with pytest.raises(SamplingParamsError, match="skip_special_tokens must be True or False"):
+        SamplingParams(skip_special_tokens="no")
 
 
 def test_engine_failure_fails_requests_frees_pages_and_closes() -> None:

@@ -37,8 +37,11 @@ class SamplingParams:
     probability reaches top_p (1.0 = no limit; values below MIN_TOP_P, whose nucleus is the top
     token alone, are kept as MIN_TOP_P). seed: makes sampling reproducible (None = a fresh
     random seed). max_new_tokens: generated-token limit. stop: strings that end generation (not
-    included in the text). stop_token_ids: token ids that end generation besides the model's EOS.
-    ignore_eos: keep going after EOS.
+    included in the text unless include_stop_str_in_output; where several begin at the same
+    character, the first of the list is the one included). stop_token_ids: token ids that end
+    generation besides the model's EOS (their text, if any, is included only with
+    include_stop_str_in_output). ignore_eos: keep going after EOS. skip_special_tokens: leave
+    special tokens' text (e.g. "<|im_end|>") out of the output text (the default).
 
     logprobs: None = none; k in [0, 20] = each generated token's log probability plus the k most
     likely alternatives. prompt_logprobs: the same for every prompt token (the first has none).
@@ -74,6 +77,8 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
@@ -111,6 +116,10 @@ class SamplingParams:
                                          param="stop")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t, lo=0)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(f"{name} must be True or False, got "
+                                          f"{getattr(self, name)!r:.60}", param=name)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:

@@ -379,19 +379,30 @@ class Tokenizer:
         return self._backend.decode(ids, skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> str:
         """Render ``messages`` with the model's chat template, as transformers renders it
-        (sandboxed Jinja2, ``raise_exception``, ``bos_token``/``eos_token`` variables)."""
+        (sandboxed Jinja2, ``raise_exception``, ``bos_token``/``eos_token`` variables).
+
+        continue_final_message: the text ends right after the last message's content, without
+        the end of turn the template puts after it, so that the model continues that message
+        (e.g. an assistant answer the caller has begun); it excludes add_generation_prompt, and
+        the last message's text must appear in the rendered chat (as transformers'
+        ``continue_final_message``)."""
         import jinja2
 
+        if continue_final_message and add_generation_prompt:
+            raise TokenizerError("continue_final_message and add_generation_prompt exclude each "
+                                 "other: a continued message gets no new turn after it")
         if self.chat_template is None:
             raise TokenizerError(f"{self.source}: this model has no chat template")
         if self._template is None:
             self._template = _compile_template(self.chat_template, self.source)
+        texts = _text_messages(messages)
         try:
-            return self._template.render(
-                messages=_text_messages(messages),
+            rendered = self._template.render(
+                messages=texts,
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
@@ -399,6 +410,9 @@ class Tokenizer:
             )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"{self.source}: chat template error: {exc}") from exc
+        if not continue_final_message:
+            return rendered
+        return _open_final_message(rendered, texts, self.source)
 
     def token_bytes(self) -> tuple[bytes, ...]:
         """The bytes of every token id (see llm.model.tokenizer.token_bytes: special tokens are
@@ -485,6 +499,28 @@ def message_text(content: object, role: str) -> str | None:
     if content is None and role == "assistant":
         return ""
     return content if isinstance(content, str) else None
+
+
+def _open_final_message(rendered: str, texts: list[dict[str, str]], origin: Path) -> str:
+    """`rendered` cut right after the last message's text (its last occurrence): with the
+    message's trailing whitespace where the template kept it, without it where the template
+    stripped it."""
+    if not texts:
+        raise TokenizerError("continue_final_message needs at least one message to continue")
+    final = texts[-1]["content"]
+    core = final.strip()
+    if not core:
+        raise TokenizerError(f"continue_final_message: the last message, messages[{len(texts) - 1}"
+                             "], has no text to continue (to start a new turn, use "
+                             "add_generation_prompt instead)")
+    at = rendered.rfind(core)
+    if at < 0:
+        raise TokenizerError(f"{origin}: continue_final_message: the chat template does not keep "
+                             f"the last message's text ({core[:40]!r}...), so there is no place "
+                             "to continue it")
+    kept = final.lstrip()
+    end = at + len(kept) if rendered.startswith(kept, at) else at + len(core)
+    return rendered[:end]
 
 
 def _text_messages(messages: object) -> list[dict[str, str]]:
