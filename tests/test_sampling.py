@@ -41,6 +41,11 @@ from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsEr
     ({"logit_bias": {5: 101}}, "logit_bias[5] must be in [-100.0, 100.0]"),
     ({"logit_bias": 7}, "logit_bias must map token ids to numbers"),
     ({"min_tokens": -1}, "min_tokens must be >= 0"),
+    ({"min_p": 1.5}, "min_p must be in [0.0, 1.0]"),
+    ({"min_p": -0.1}, "min_p must be in"),
+    ({"min_p": float("nan")}, "min_p must be a finite number"),
+    ({"skip_special_tokens": "yes"}, "skip_special_tokens must be True or False"),
+    ({"include_stop_str_in_output": 1}, "include_stop_str_in_output must be True or False"),
     ({"min_tokens": 9, "max_new_tokens": 8}, "min_tokens=9 exceeds max_new_tokens=8"),
 ])
 def test_invalid_params_name_the_argument(kwargs, message) -> None:
@@ -117,6 +122,30 @@ def test_top_k_and_top_p_truncate_then_renormalise() -> None:
     nucleus[3:] = 0
     _close(_histogram(logits, SamplingParams(temperature=1.0, top_p=0.9, seed=6)),
            nucleus / nucleus.sum())
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_one_then_renormalises() -> None:
+    """At temperature 0.5 the probabilities are ~[.86, .12, .02, ...]: min_p 0.1 keeps the
+    tokens with p >= 0.086 (0 and 1), applied before top-k / top-p (vLLM's order: top_p 0.87
+    then keeps token 0 alone, .881 of the renormalised pair, where on the whole distribution
+    its .865 would let token 1 in); a min_p that drops nothing samples as min_p 0, draw for
+    draw."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits[0].double() / 0.5, -1)
+    kept = probs.clone()
+    kept[2:] = 0
+    _close(_histogram(logits, SamplingParams(temperature=0.5, min_p=0.1, seed=8)),
+           kept / kept.sum())
+    _close(_histogram(logits, SamplingParams(temperature=0.5, min_p=0.1, top_p=0.87, seed=9)),
+           torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64))
+    n = 4000
+    for p in (SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.0, seed=3,
+                                                                        top_k=3, top_p=0.95)):
+        off = _tensors([p] * n, [3] * n)
+        same = sample(logits.expand(n, -1), off, torch.arange(n))
+        on = SamplingParams(**{**p.__dict__, "min_p": 1e-9})  # drops nothing here
+        assert torch.equal(sample(logits.expand(n, -1), _tensors([on] * n, [3] * n),
+                                  torch.arange(n)), same)
 
 
 def test_a_top_p_below_float32s_range_keeps_the_top_token() -> None:

@@ -2,20 +2,20 @@
 
 Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions:
 a string, token ids, or a one-element list of either) or messages (chat), max_tokens
-(max_completion_tokens for chat), temperature, top_p, top_k (extension; -1 or 0 = off), seed, stop,
-stop_token_ids, include_stop_str_in_output and skip_special_tokens (extensions), stream,
-stream_options.include_usage, n, best_of (completions; not streamed when > n),
-add_generation_prompt and continue_final_message (chat, vLLM's extensions: open a new assistant
-turn, or continue the last message), ignore_eos (extension), presence_penalty,
+(max_completion_tokens for chat), temperature, top_p, top_k and min_p (extensions; top_k -1 or
+0 = off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_tokens
+(extensions), stream, stream_options.include_usage, n, best_of (completions; not streamed when
+> n), add_generation_prompt and continue_final_message (chat, vLLM's extensions: open a new
+assistant turn, or continue the last message), ignore_eos (extension), presence_penalty,
 frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
 (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
 logprobs, the prompt's logprobs too); structured output (structured_output.py): response_format
 (text, json_object, json_schema) and vLLM's guided_json / guided_regex / guided_choice /
 guided_grammar, one at a time; n choices (best_of on /v1/completions). Fields this server cannot
 honour (suffix, tools / functions / tool_choice / function_call, vLLM's structured_outputs and
-guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream, and
-the vLLM / OpenAI fields of UNHONOURED, such as min_p or use_beam_search, unless they hold the
-value meaning "not used") are refused rather than silently ignored; a parameter the backend
+guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream, and the
+vLLM / OpenAI fields of UNHONOURED, such as use_beam_search or chat_template, unless they hold
+the value meaning "not used") are refused rather than silently ignored; a parameter the backend
 cannot serve is refused at submission, naming it.
 """
 
@@ -36,7 +36,7 @@ MAX_STOP_TOKEN_IDS = 256
 # vLLM's and OpenAI's request fields this server cannot honour, each with the values that mean
 # "not used" (a client may send those): anything else is refused, naming the field
 UNHONOURED = {
-    "min_p": (0, 0.0), "use_beam_search": (False,), "length_penalty": (1, 1.0),
+    "use_beam_search": (False,), "length_penalty": (1, 1.0),
     "spaces_between_special_tokens": (True,), "bad_words": ([],), "allowed_token_ids": ([],),
     "truncate_prompt_tokens": (), "chat_template": (), "chat_template_kwargs": ({},),
     "documents": ([],), "mm_processor_kwargs": ({},), "logits_processors": ([],),
@@ -114,6 +114,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
         params = SamplingParams(
             temperature=_opt_number(body, "temperature", 1.0),
             top_p=_opt_number(body, "top_p", 1.0),
+            min_p=_opt_number(body, "min_p", 0.0),
             top_k=0 if top_k in (None, -1) else top_k,
             seed=seed,
             stop=_stop(body.get("stop")),

@@ -203,6 +203,10 @@ def test_a_request_beyond_the_capabilities_is_refused_alone() -> None:
         no_top_k.check(SamplingParams(temperature=0.5, top_k=5), "fake")
     assert info.value.param == "top_k"
     no_top_k.check(SamplingParams(temperature=0.5, top_p=0.5), "fake")
+    with pytest.raises(SamplingParamsError, match="min_p=0.1") as info:
+        no_top_k.check(SamplingParams(temperature=0.5, min_p=0.1), "fake")
+    assert info.value.param == "min_p"
+    no_top_k.check(SamplingParams(temperature=0, min_p=0.1), "fake")  # greedy: nothing to filter
 
 
 def test_one_scheduler_two_fronts_take_turns() -> None:

@@ -60,7 +60,7 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         "stop_token_ids": [[-1], "1", [1.5], [49152], [1] * 300, {}, [True]],
         "add_generation_prompt": ["yes", 1],
         "continue_final_message": ["yes", 0],
-        "min_p": [0.1, "0"], "use_beam_search": [True], "length_penalty": [0.5],
+        "min_p": [1.5, "0", -0.1, NAN], "use_beam_search": [True], "length_penalty": [0.5],
         "include_stop_str_in_output": ["yes", 1], "skip_special_tokens": [0, "false"],
         "bad_words": [["x"]], "allowed_token_ids": [[1, 2]], "truncate_prompt_tokens": [5],
         "chat_template": ["{{ x }}"], "chat_template_kwargs": [{"enable_thinking": False}],

@@ -66,7 +66,20 @@ def test_stop_token_ids_end_the_output(client, serve_model) -> None:
     assert r.choices[0].text == serve_model.tokenizer.decode(full.token_ids[:first])
 
 
-@pytest.mark.parametrize("field, value", [("min_p", 0.05), ("use_beam_search", True),
+def test_min_p_samples_as_the_python_api(client, serve_model) -> None:
+    """min_p (vLLM's extension) with a seed: the server's sample is the in-process one."""
+    params = SamplingParams(temperature=1.3, min_p=0.1, seed=5, max_new_tokens=10)
+    want = serve_model.generate(["Once upon a time"], params)[0]
+    r = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=10,
+                                  temperature=1.3, seed=5, extra_body={"min_p": 0.1})
+    assert r.choices[0].text == want.text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2,
+                                  extra_body={"min_p": 1.5})
+    assert e.value.body["param"] == "min_p"
+
+
+@pytest.mark.parametrize("field, value", [("use_beam_search", True),
                                           ("spaces_between_special_tokens", False),
                                           ("chat_template_kwargs", {"x": 1})])
 def test_unhonoured_fields_are_refused_by_name(client, live_server, field, value) -> None:

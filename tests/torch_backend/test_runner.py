@@ -60,13 +60,15 @@ def test_seeded_sampling_agrees_between_cpu_and_cuda() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_decode_equals_eager(dtype: str) -> None:
-    """Greedy and seeded-sampled users mixed in one batch (3 users: bucket 4, one padding row)."""
+    """Greedy and seeded-sampled users mixed in one batch (3 users: bucket 4, one padding row;
+    one of them with min_p)."""
     config = SMALL_CONFIGS["llama_gqa"]
     w = state_dict(hf_model(config))
     rt = RuntimeConfig(device="cuda", dtype=dtype, max_batch=5, max_seq_len=96, block_size=16)
     sampling = [SequenceSampling(SamplingParams(), 0),
                 SequenceSampling(SamplingParams(temperature=0.7, top_k=20, seed=4), 4),
-                SequenceSampling(SamplingParams(temperature=1.0, top_p=0.8, seed=5), 5)]
+                SequenceSampling(SamplingParams(temperature=1.0, top_p=0.8, min_p=0.05, seed=5),
+                                 5)]
     prompts = [[5, 6, 7, 8, 9], list(range(10, 50)), [3]]
     graphs = TorchBackend(Checkpoint(config, w, source=None), rt)
     eager = TorchBackend(Checkpoint(config, w, source=None), rt, cuda_graphs=False)

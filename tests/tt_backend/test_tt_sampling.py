@@ -7,6 +7,7 @@ serves."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -33,6 +34,9 @@ from llm.model.config import RuntimeConfig
 # 12 best tokens; their exact path is tested in test_tt_sampling_exact.py.
 ROWS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.75), (1.0, 8, 0.5), (0.5, 50, 0.875),
         (2.0, 12, 1.0)]
+# (temperature, top_k, top_p, min_p): min_p keeps 7 and 6 of the 12 tokens; before top-p (the
+# third row: 5 tokens, where top-p on the whole distribution would keep 6)
+MIN_P_ROWS = [(1.0, 0, 1.0, 0.1), (0.7, 8, 1.0, 0.05), (1.0, 0, 0.875, 0.1)]
 DRAWS = 1200
 SIGNIFICANCE = 1e-4  # per row; a correct sampler fails one of the rows with probability ~6e-4
 
@@ -45,11 +49,15 @@ def _logits(vocab: int) -> torch.Tensor:
     return x.bfloat16().float()
 
 
-def _expected(x: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The torch backend's distribution: top-k of x / T, softmax, then the smallest prefix of
-    mass reaching top_p (the best token always kept), renormalised."""
+def _expected(x: torch.Tensor, temperature: float, top_k: int, top_p: float,
+              min_p: float = 0.0) -> torch.Tensor:
+    """The torch backend's distribution: x / T without the tokens below min_p times the best
+    one's probability, top-k, softmax, then the smallest prefix of mass reaching top_p (the best
+    token always kept), renormalised."""
     order = torch.argsort(x, descending=True)
     s = x[order].double() / temperature
+    if min_p > 0:
+        s[s < s[0] + math.log(min_p)] = float("-inf")
     if top_k > 0:
         s[top_k:] = float("-inf")
     probs = torch.softmax(s, 0)
@@ -90,6 +98,8 @@ def draws():
     logits = put(parts, tile)
     params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in ROWS]
     params += [SamplingParams(), SamplingParams(temperature=0.8, top_k=1)]
+    params += [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
+               for t, k, p, m in MIN_P_ROWS]
     out = torch.zeros(len(params), DRAWS, dtype=torch.int64)
     for i in range(DRAWS):
         rows = {r: (pr, 1000 + r, i) for r, pr in enumerate(params)}
@@ -115,6 +125,17 @@ def test_the_statistic_rejects_a_wrong_distribution(draws) -> None:
     for r, (t, k, p) in wrong.items():
         counts = torch.bincount(out[r], minlength=x.numel())
         assert _chi_square_p_value(counts, _expected(x, t, k, p)) < SIGNIFICANCE, ROWS[r]
+
+
+def test_min_p_rows_match_and_without_min_p_is_rejected(draws) -> None:
+    """The 32-candidate path with min_p: the frequencies match the torch backend's min_p
+    filter, and the same counts reject the distribution without it."""
+    x, out = draws
+    first = len(ROWS) + 2
+    for i, (t, k, p, m) in enumerate(MIN_P_ROWS):
+        counts = torch.bincount(out[first + i], minlength=x.numel())
+        assert _chi_square_p_value(counts, _expected(x, t, k, p, m)) > SIGNIFICANCE, m
+        assert _chi_square_p_value(counts, _expected(x, t, k, p)) < SIGNIFICANCE, m
 
 
 def test_rows_without_top_k_or_top_p_sample_the_whole_vocabulary() -> None:
@@ -238,5 +259,6 @@ def test_tt_serves_every_sampling_mode_torch_serves() -> None:
     assert torch_caps.sampling <= backend.capabilities.sampling
     for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.6, top_k=64),
                    SamplingParams(temperature=1.2, top_p=0.3),
-                   SamplingParams(temperature=0.8, top_k=3, top_p=0.9)):
+                   SamplingParams(temperature=0.8, top_k=3, top_p=0.9),
+                   SamplingParams(temperature=0.8, min_p=0.05)):
         backend.capabilities.check(params, "tt")

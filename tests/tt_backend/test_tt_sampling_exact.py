@@ -62,30 +62,57 @@ def _draw(parts, logits, rows: dict, exact: bool = True) -> torch.Tensor:
     return p.mesh.read(drawn).reshape(-1).to(torch.int64)
 
 
-def test_kept_sets_equal_the_torch_filter(parts) -> None:
-    """Row for row, the tokens the searches keep are the torch backend's top-k / top-p set (on
-    random logits with distinct values, masked padding), and their weights exp(z - m)."""
+def _row_params(with_min_p: bool) -> list[SamplingParams]:
+    """32 rows mixing top-k (0, past 32), top-p and, with_min_p, min_p (0 to 1)."""
+    if not with_min_p:
+        ks, ps = (0, 40, 100, 33, 250, 300, 64), (1.0, 0.5, 0.9, 0.3, 0.99)
+        return [SamplingParams(temperature=1.0, top_k=ks[r % 7], top_p=ps[r % 5])
+                for r in range(TILE)]
+    ks, ps, ms = (0, 40, 100, 33), (1.0, 0.5, 0.9), (0.0, 0.01, 0.1, 0.3, 1.0)
+    return [SamplingParams(temperature=1.0, top_k=ks[r % 4], top_p=ps[r % 3], min_p=ms[r % 5])
+            for r in range(TILE)]
+
+
+@pytest.mark.parametrize("with_min_p", [False, True])
+def test_kept_sets_equal_the_torch_filter(parts, with_min_p) -> None:
+    """Row for row, the tokens the searches keep are the torch backend's set (on random logits
+    with distinct values, masked padding), and their weights exp(z - m): top-k / top-p, and with
+    min_p first (the tokens below min_p times the best one's probability dropped, then top-k and
+    top-p over what is left; rows with min_p 0 keep their top-k / top-p sets)."""
     p, _, cdf = parts
     ttnn, width, vocab = p.ttnn, p.cfg.geo.vocab_padded, CONFIG.vocab_size
-    x = torch.randn(TILE, vocab, generator=torch.Generator().manual_seed(1)) * 2
+    x = torch.randn(TILE, vocab, generator=torch.Generator().manual_seed(1 + with_min_p)) * 2
     z = torch.full((1, 1, TILE, width), -1e30)
     z[..., :vocab] = x
-    ks, ps = (0, 40, 100, 33, 250, 300, 64), (1.0, 0.5, 0.9, 0.3, 0.99)
-    params = [SamplingParams(temperature=1.0, top_k=ks[r % 7], top_p=ps[r % 5])
-              for r in range(TILE)]
+    params = _row_params(with_min_p)
     host = host_inputs({r: (pr, 0, 0) for r, pr in enumerate(params)})
+    filters = filters_for(params)
+    assert filters == Filters(top_k=True, top_p=True, min_p=with_min_p)
 
     def f32(t):
         return put(p, t, dtype=ttnn.float32)
     m = x.max(-1).values.reshape(1, 1, TILE, 1)
-    e = cdf.search.weights(f32(z), f32(m), f32(host["bound_k"]), f32(host["bound_p"]),
-                           Filters(top_k=True, top_p=True))
+    e = cdf.search.weights(f32(z), f32(m), f32(host["bound_k"]), f32(host["bound_p"]), filters,
+                           f32(host["min_log"]))
     e = p.mesh.read(e).float().reshape(TILE, width)
     assert e[:, vocab:].eq(0).all()
     for r, pr in enumerate(params):
-        want = _expected(x[r], 1.0, pr.top_k, pr.top_p) > 0
+        want = _expected(x[r], 1.0, pr.top_k, pr.top_p, pr.min_p) > 0
         assert torch.equal(e[r, :vocab] > 0, want), (pr, int(want.sum()), int((e[r] > 0).sum()))
         assert torch.allclose(e[r, :vocab][want], torch.exp(x[r] - x[r].max())[want])
+
+
+def test_min_p_decode_traced_equals_untraced() -> None:
+    """A min_p user beside a top-p one replays "sample+exact+minp+topp": the untraced backend's
+    tokens, and the user's tokens alone."""
+    backend, _ = _backend()
+    a = SequenceSampling(SamplingParams(temperature=1.5, min_p=0.2), 31)
+    b = SequenceSampling(SamplingParams(temperature=1.0, top_p=0.9), 32)
+    users = {0: ([5, 9, 33, 7], a), 3: ([11] * 37, b)}
+    traced = _run(backend, users, 6)
+    assert backend.decoder.mode == "sample+exact+minp+topp"
+    assert _run(_backend(trace=False)[0], users, 6) == traced
+    assert _run(backend, {1: ([5, 9, 33, 7], a)}, 6)[1] == traced[0]
 
 
 @pytest.fixture(scope="module")

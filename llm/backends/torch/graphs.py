@@ -83,6 +83,7 @@ class DecodeGraphs:
             self.temperature = torch.zeros(n, dtype=torch.float32, device=dev)
             self.top_k = torch.zeros(n, dtype=torch.int64, device=dev)
             self.top_p = torch.ones(n, dtype=torch.float32, device=dev)
+            self.min_p = torch.zeros(n, dtype=torch.float32, device=dev)
             self.seed = torch.zeros(n, dtype=torch.int64, device=dev)
             self.slots = torch.full((n,), penalties.scratch, dtype=torch.int64, device=dev)
             self.out = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -91,7 +92,7 @@ class DecodeGraphs:
             self.top_ids = torch.zeros(n, k, dtype=torch.int64, device=dev)
         # Host staging: one pinned row per input, copied to the device asynchronously.
         self._host = torch.zeros(5, n, dtype=torch.int64, pin_memory=True)
-        self._host_f = torch.zeros(2, n, dtype=torch.float32, pin_memory=True)
+        self._host_f = torch.zeros(3, n, dtype=torch.float32, pin_memory=True)
         self._host_pt = torch.zeros(n, max_pages, dtype=torch.int64, pin_memory=True)
         self._out_host = torch.zeros(n, dtype=torch.int64, pin_memory=True)
         self._lp_host = torch.zeros(n, dtype=torch.float32, pin_memory=True)
@@ -110,7 +111,8 @@ class DecodeGraphs:
         self.stats = {"steps": 0, "ahead_hits": 0, "masked_steps": 0}
 
     def _step(self, b: int, greedy: bool, full: bool, masked: bool = False) -> None:
-        st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b])
+        st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b],
+                             self.min_p[:b])
         logits = self.model.decode(self.tokens[:b], self.positions[:b], self.page_table[:b],
                                    self.cache)  # [b, V]
         if masked:  # as token_masks.apply_token_masks: the disallowed tokens' logits at -inf
@@ -262,12 +264,15 @@ class DecodeGraphs:
         host[4, :b] = torch.tensor(list(slots))
         host_f[0, :bucket] = 0.0
         host_f[1, :bucket] = 1.0
+        host_f[2, :bucket] = 0.0
         host_f[0, :b] = torch.tensor([p.temperature for p in params])
         host_f[1, :b] = torch.tensor([p.top_p for p in params])
+        host_f[2, :b] = torch.tensor([p.min_p for p in params])
         pt[:bucket] = 0
         pt[:b, : len(page_table[0])] = torch.tensor([list(r) for r in page_table])
         for dst, src in ((self.tokens, host[0]), (self.positions, host[1]),
                          (self.top_k, host[2]), (self.seed, host[3]), (self.slots, host[4]),
-                         (self.temperature, host_f[0]), (self.top_p, host_f[1])):
+                         (self.temperature, host_f[0]), (self.top_p, host_f[1]),
+                         (self.min_p, host_f[2])):
             dst[:bucket].copy_(src[:bucket], non_blocking=True)
         self.page_table[:bucket].copy_(pt[:bucket], non_blocking=True)

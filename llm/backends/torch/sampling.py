@@ -21,13 +21,15 @@ from llm.engine.contract.sampling_params import SamplingParams
 class SamplingTensors:
     """Per-row sampling parameters as device tensors, one row per user in the batch.
 
-    temperature [B] f32 (0 = greedy), top_k [B] i64 (0 = off), top_p [B] f32, seed [B] i64.
+    temperature [B] f32 (0 = greedy), top_k [B] i64 (0 = off), top_p [B] f32, seed [B] i64,
+    min_p [B] f32 (0 = off).
     """
 
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     seed: torch.Tensor
+    min_p: torch.Tensor
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int],
@@ -38,6 +40,7 @@ class SamplingTensors:
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             seed=torch.tensor(seeds, dtype=torch.int64, device=device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
         )
 
     @property
@@ -85,6 +88,9 @@ def sample(logits: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
         return greedy_tokens
     vocab = logits.shape[-1]
     x = logits.float() / st.temperature.clamp_min(1e-6)[:, None]  # [B, V]
+    # min_p: p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log(0) = -inf: none dropped)
+    floor = x.amax(dim=-1) + torch.log(st.min_p)  # [B]
+    x = x.masked_fill(x < floor[:, None], float("-inf"))
     sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [B, V]
     ranks = torch.arange(vocab, device=x.device)[None, :]  # [1, V]
     k = torch.where(st.top_k > 0, st.top_k, torch.full_like(st.top_k, vocab))  # [B]

@@ -27,6 +27,7 @@ from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.op_configs import OpConfigs
 from llm.backends.tt.penalties import SlotPenalties
 from llm.backends.tt.sampling import (
+    DRAW_INPUTS,
     MAX_TOP_K,
     Sampler,
     filters_for,
@@ -153,8 +154,7 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
         ttnn.deallocate(masked)
     values, ids = ttnn.topk(x, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
                             memory_config=dram)  # fp32, uint32 [1, 1, 32, 32]
-    drawn = sampler.draw(values, ids, **{k: inputs[k] for k in
-                                         ("k", "p", "temp", "rank_mask", "seeds")})
+    drawn = sampler.draw(values, ids, **{k: inputs[k] for k in DRAW_INPUTS})
     z = ttnn.multiply(x, inputs["inv_temp"], memory_config=dram)  # / T (1 for greedy rows)
     top_z = ttnn.multiply(values, inputs["inv_temp"], memory_config=dram)
     ttnn.deallocate(values)

@@ -127,12 +127,12 @@ class TTBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Greedy decoding (on-device argmax), temperature / top-k / top-p sampling and every
-        feature (logprobs, prompt logprobs, penalties, logit_bias, min_tokens, structured output)
-        on the device (sampling.py, logprobs.py); a vocabulary too wide for one ttnn.topk:
-        greedy only, no features."""
+        """Greedy decoding (on-device argmax), temperature / min-p / top-k / top-p sampling and
+        every feature (logprobs, prompt logprobs, penalties, logit_bias, min_tokens, structured
+        output) on the device (sampling.py, logprobs.py); a vocabulary too wide for one
+        ttnn.topk: greedy only, no features."""
         supported = self.model.sampler.supported
-        modes = {"greedy"} | ({"temperature", "top_k", "top_p"} if supported else set())
+        modes = {"greedy"} | ({"temperature", "top_k", "top_p", "min_p"} if supported else set())
         return Capabilities(frozenset(modes), self.runtime.max_batch, self.runtime.max_seq_len,
                             FEATURES if supported else frozenset())
 

@@ -5,7 +5,8 @@ decoding does not come here: it is the argmax fast path (lm_head.py).
 Per user row of the 32-row decode tile: k, p, temp (= 1/T) and a seed, as device tensors, so the
 decode trace serves any mix of requests. The candidates beyond a row's top-k are masked to -inf
 before `ttnn.sampling`, whose softmax then runs over exactly the row's top-k: top-p cuts the
-renormalised top-k distribution, as the torch backend does.
+renormalised top-k distribution, as the torch backend does. min_p masks the candidates below
+max + T ln(min_p) first (min_gap), as the torch backend drops them before top-k / top-p.
 
 `ttnn.sampling` keeps at most 32 candidates, so a row whose filter may reach past them (top_k =
 0 or > 32; `exact_row`) draws by inverse CDF over the whole vocabulary instead when the caller
@@ -23,6 +24,7 @@ with `plus_one`, as it advances the positions.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -38,11 +40,15 @@ TOPK_MAX_WIDTH = 65536  # the widest row ttnn.topk takes in one call
 _MASKED = -1e30  # a masked candidate's value: finite in bf16, exp() underflows to 0
 _NO_TOP_K = float(2 ** 24)  # bound_k of a row without top-k: no count reaches it
 _NO_TOP_P = 2.0  # bound_p of a row without top-p: no mass reaches it
+_NO_MIN_GAP = -1e30  # min_gap of a row without min_p: no candidate is that far below the top
+_NO_MIN_LOG = -128.0  # min_log of such a row: exp(-128) is 0 in fp32 (thresholds.SPAN)
 # the Sampler's per-row device inputs (inv_temp: 1/T in fp32, 1 for greedy rows; exact: 1.0 for
 # rows drawn by inverse_cdf.py; greedy: 1.0 for rows taking the argmax; bound_k = top_k - 0.5 and
-# bound_p = top_p for the exact rows' threshold searches, thresholds.py)
+# bound_p = top_p for the exact rows' threshold searches, thresholds.py; min_gap = T ln(min_p)
+# for the 32 candidates' raw logits, min_log = ln(min_p) for the exact rows' z = logits / T)
 SAMPLING_INPUTS = ("k", "p", "temp", "rank_mask", "seeds", "inv_temp", "exact", "greedy",
-                   "bound_k", "bound_p")
+                   "bound_k", "bound_p", "min_gap", "min_log")
+DRAW_INPUTS = ("k", "p", "temp", "rank_mask", "seeds", "min_gap")  # Sampler.draw's
 
 
 def seed_base(seed: int) -> int:
@@ -68,7 +74,8 @@ def filters_for(params: Iterable[SamplingParams]) -> Filters | None:
     if not rows:
         return None
     return Filters(top_k=any(p.top_k > MAX_TOP_K for p in rows),
-                   top_p=any(p.top_p < 1 for p in rows))
+                   top_p=any(p.top_p < 1 for p in rows),
+                   min_p=any(p.min_p > 0 for p in rows))
 
 
 def row_settings(params: SamplingParams | None) -> tuple[int, float, float]:
@@ -83,13 +90,13 @@ def host_inputs(rows: Mapping[int, tuple[SamplingParams, int, int]]) -> dict[str
     """The sampling inputs of the 32 rows as host tensors: rows maps a row to (params, seed,
     position of the token it draws); other rows are greedy. k, seeds int64 [32]; p, temp float
     [32]; rank_mask float [1, 1, 32, 32] (0 for the row's first k candidates, -inf after);
-    inv_temp, exact, greedy, bound_k, bound_p float [1, 1, 32, 1]."""
+    inv_temp, exact, greedy, bound_k, bound_p, min_gap, min_log float [1, 1, 32, 1]."""
     k = torch.ones(TILE, dtype=torch.int64)
     p, temp = torch.ones(TILE), torch.ones(TILE)
     seeds = torch.zeros(TILE, dtype=torch.int64)
     col = {name: torch.full((1, 1, TILE, 1), v) for name, v in
            (("inv_temp", 1.0), ("exact", 0.0), ("greedy", 1.0), ("bound_k", _NO_TOP_K),
-            ("bound_p", _NO_TOP_P))}
+            ("bound_p", _NO_TOP_P), ("min_gap", _NO_MIN_GAP), ("min_log", _NO_MIN_LOG))}
     for r, (params, seed, position) in rows.items():
         k[r], p[r], temp[r] = row_settings(params)
         seeds[r] = seed_base(seed) + position
@@ -100,6 +107,9 @@ def host_inputs(rows: Mapping[int, tuple[SamplingParams, int, int]]) -> dict[str
             col["bound_k"][0, 0, r] = params.top_k - 0.5
         if exact_row(params) and params.top_p < 1:
             col["bound_p"][0, 0, r] = float(params.top_p)
+        if not argmax_row(params) and params.min_p > 0:
+            col["min_log"][0, 0, r] = math.log(params.min_p)
+            col["min_gap"][0, 0, r] = params.temperature * math.log(params.min_p)
     ranks = torch.arange(MAX_TOP_K)
     rank_mask = torch.where(ranks[None, :] < k[:, None], 0.0, _MASKED)[None, None]
     return {"k": k, "p": p, "temp": temp, "rank_mask": rank_mask, "seeds": seeds, **col}
@@ -112,7 +122,8 @@ def device_layouts(ttnn) -> dict[str, tuple]:
     return {"k": (ttnn.uint32, rm), "p": (ttnn.bfloat16, rm), "temp": (ttnn.bfloat16, rm),
             "rank_mask": (ttnn.bfloat16, tile), "seeds": (ttnn.uint32, rm),
             **{name: (ttnn.float32, tile)
-               for name in ("inv_temp", "exact", "greedy", "bound_k", "bound_p")}}
+               for name in ("inv_temp", "exact", "greedy", "bound_k", "bound_p", "min_gap",
+                            "min_log")}}
 
 
 class Sampler:
@@ -164,13 +175,14 @@ class Sampler:
             full = masked
         return full
 
-    def draw(self, values, indices, *, k, p, temp, rank_mask, seeds):
+    def draw(self, values, indices, *, k, p, temp, rank_mask, seeds, min_gap):
         """The candidates `topk(x, 32)` of whole-vocabulary logits x (values TILE bf16 or fp32,
         indices uint16 / uint32, best first; not freed) -> one drawn token id per row, uint32
         `[1, 1, 1, 32]` (trace-safe)."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
-        kept = ttnn.add(values, rank_mask, memory_config=dram)  # ranks >= k[row] -> -inf
+        ranked = ttnn.add(values, rank_mask, memory_config=dram)  # ranks >= k[row] -> -inf
+        kept = self._min_p(values, ranked, min_gap)
         if kept.dtype != ttnn.bfloat16:  # ttnn.sampling takes bf16 values
             narrow = ttnn.typecast(kept, ttnn.bfloat16, memory_config=dram)
             ttnn.deallocate(kept)
@@ -186,6 +198,20 @@ class Sampler:
         ttnn.deallocate(ids)
         return out
 
+    def _min_p(self, values, ranked, min_gap):
+        """ranked with the candidates below the row's top + min_gap masked (ranked freed)."""
+        ttnn = self.mesh.ttnn
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        top = ttnn.slice(values, (0, 0, 0, 0), (1, 1, TILE, 1), memory_config=dram)
+        floor = ttnn.add(top, min_gap, dtype=ttnn.float32, memory_config=dram)  # [1, 1, 32, 1]
+        below = ttnn.subtract(values, floor, activations=[ttnn.UnaryOpType.LTZ],
+                              dtype=ttnn.float32, memory_config=dram)  # 1 where below
+        masked = ttnn.multiply(below, _MASKED, memory_config=dram)
+        kept = ttnn.add(ranked, masked, dtype=ranked.dtype, memory_config=dram)
+        for t in (top, floor, below, masked, ranked):
+            ttnn.deallocate(t)
+        return kept
+
     def finish(self, drawn, x, z, m, inputs: Mapping, cdf: InverseCdf | None = None,
                filters: Filters | None = None):
         """The rows' tokens from `ttnn.sampling`'s draws (drawn uint32 `[1, 1, 1, 32]`, freed):
@@ -200,7 +226,7 @@ class Sampler:
         if cdf is not None:
             u = cdf.uniform(self.cores, id_column)  # the rows' streams, right after their draws
             e = cdf.search.weights(z, m, inputs["bound_k"], inputs["bound_p"],
-                                   filters or Filters())
+                                   filters or Filters(), inputs["min_log"])
             tok = cdf.draw(e, u)
             ttnn.deallocate(u)
             col = _mix(ttnn, col, tok, inputs["exact"])
@@ -219,7 +245,8 @@ class Sampler:
         return out
 
     def __call__(self, logits, *, k, p, temp, rank_mask, seeds, inv_temp, exact, greedy,
-                 bound_k, bound_p, cdf: InverseCdf | None = None, filters: Filters | None = None):
+                 bound_k, bound_p, min_gap, min_log, cdf: InverseCdf | None = None,
+                 filters: Filters | None = None):
         """logits `[1, 1, 32, V_local]` TILE bf16 (this device's vocabulary slice) -> one drawn
         token id per row, uint32 `[1, 1, 1, 32]` on every device (trace-safe). With `cdf`, the
         rows with exact = 1 draw by inverse CDF after the `filters` searches (finish)."""
@@ -228,8 +255,10 @@ class Sampler:
         full = self.gathered(logits)
         values, indices = ttnn.topk(full, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
                                     memory_config=dram)  # [1, 1, 32, 32]
-        drawn = self.draw(values, indices, k=k, p=p, temp=temp, rank_mask=rank_mask, seeds=seeds)
-        inputs = {"exact": exact, "greedy": greedy, "bound_k": bound_k, "bound_p": bound_p}
+        drawn = self.draw(values, indices, k=k, p=p, temp=temp, rank_mask=rank_mask, seeds=seeds,
+                          min_gap=min_gap)
+        inputs = {"exact": exact, "greedy": greedy, "bound_k": bound_k, "bound_p": bound_p,
+                  "min_log": min_log}
         z = m = None
         if cdf is not None:
             wide = ttnn.typecast(full, ttnn.float32, memory_config=dram)

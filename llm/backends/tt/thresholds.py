@@ -49,16 +49,18 @@ def row_sums(ttnn, x, ones, kernel):
 
 @dataclass(frozen=True)
 class Filters:
-    """Which threshold searches a step's exact draw runs (the trace variant): top_k where some
-    row has top_k > 32, top_p where some exact row has top_p < 1."""
+    """Which filters a step's exact draw runs (the trace variant): top_k where some row has top_k
+    > 32, top_p where some exact row has top_p < 1, min_p where some exact row has min_p > 0."""
 
     top_k: bool = False
     top_p: bool = False
+    min_p: bool = False
 
     @property
     def suffix(self) -> str:
-        """The trace mode's suffix: "+exact", "+exact+topk", "+exact+topp", "+exact+topk+topp"."""
-        return "+exact" + ("+topk" if self.top_k else "") + ("+topp" if self.top_p else "")
+        """The trace mode's suffix: "+exact", then "+minp", "+topk", "+topp" as run."""
+        return ("+exact" + ("+minp" if self.min_p else "") + ("+topk" if self.top_k else "")
+                + ("+topp" if self.top_p else ""))
 
 
 class ThresholdSearch:
@@ -152,14 +154,18 @@ class ThresholdSearch:
             ttnn.deallocate(t)
         return lo
 
-    def weights(self, z, m, bound_k, bound_p, filters: Filters):
+    def weights(self, z, m, bound_k, bound_p, filters: Filters, min_log=None):
         """z fp32 `[1, 1, 32, width]` (logits / T, masked entries -1e30), m its row maxima ->
         exp(z - m) over each row's kept tokens, 0 elsewhere, fp32 `[1, 1, 32, width]`: the
-        unnormalised distribution inverse_cdf.py draws from."""
+        unnormalised distribution inverse_cdf.py draws from. min_p first (the tokens with
+        z < m + min_log dropped; min_log fp32 `[1, 1, 32, 1]`, needed with filters.min_p), then
+        top-k, then top-p over what is left (the torch backend's order)."""
         ttnn = self.mesh.ttnn
         dram = ttnn.DRAM_MEMORY_CONFIG
         u = ttnn.UnaryOpType
         e = ttnn.subtract(z, m, activations=[u.EXP], memory_config=dram)
+        if filters.min_p:
+            e = self._drop_below(e, z, m, min_log)
         lo = None
         if filters.top_k:
             lo = self.top_k(z, m, bound_k)
@@ -171,6 +177,18 @@ class ThresholdSearch:
         if lo is not None:
             ttnn.deallocate(lo)
         return e
+
+    def _drop_below(self, e, z, m, min_log):
+        """e with the entries where z < m + min_log zeroed (e freed; e - e * below is exact)."""
+        ttnn = self.mesh.ttnn
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        floor = ttnn.add(m, min_log, memory_config=dram)  # [1, 1, 32, 1]
+        below = ttnn.subtract(z, floor, activations=[ttnn.UnaryOpType.LTZ], memory_config=dram)
+        dropped = ttnn.multiply(e, below, memory_config=dram)
+        kept = ttnn.subtract(e, dropped, memory_config=dram)
+        for t in (floor, below, dropped, e):
+            ttnn.deallocate(t)
+        return kept
 
     def _keep(self, e, z, lo):
         """e with the entries where z <= lo zeroed (e freed)."""

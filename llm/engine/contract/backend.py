@@ -26,7 +26,7 @@ from llm.model.config import ConfigError, ModelConfig, RuntimeConfig
 from llm.model.paths import default_model_path
 
 DEFAULT_MAX_SEQ_LEN = 2048
-SAMPLING_MODES = frozenset({"greedy", "temperature", "top_k", "top_p"})
+SAMPLING_MODES = frozenset({"greedy", "temperature", "top_k", "top_p", "min_p"})
 FEATURES = frozenset({"logprobs", "prompt_logprobs", "penalties", "logit_bias", "min_tokens",
                       "structured_output"})
 
@@ -116,8 +116,9 @@ class Capabilities:
     """What a backend instance can serve.
 
     sampling: the token-selection modes it implements, a subset of SAMPLING_MODES ("greedy" is
-    argmax; "temperature" samples from softmax(logits / T); "top_k" / "top_p" filter before
-    sampling). max_batch: users decoded together. max_context: prompt + completion tokens per user.
+    argmax; "temperature" samples from softmax(logits / T); "top_k" / "top_p" / "min_p" filter
+    before sampling). max_batch: users decoded together. max_context: prompt + completion
+    tokens per user.
     features: what it computes beyond the next token, a subset of FEATURES ("logprobs" /
     "prompt_logprobs": log probabilities of generated / prompt tokens; "penalties": presence,
     frequency and repetition penalties; "logit_bias"; "min_tokens"; "structured_output": the
@@ -145,7 +146,8 @@ class Capabilities:
             return
         wanted = [("temperature", params.temperature, "temperature"),
                   ("top_k", params.top_k, "top_k" if params.top_k > 0 else None),
-                  ("top_p", params.top_p, "top_p" if params.top_p < 1.0 else None)]
+                  ("top_p", params.top_p, "top_p" if params.top_p < 1.0 else None),
+                  ("min_p", params.min_p, "min_p" if params.min_p > 0.0 else None)]
         for name, value, mode in wanted:
             if mode is not None and mode not in self.sampling:
                 supported = ", ".join(sorted(self.sampling))

@@ -32,7 +32,9 @@ REPETITION_RANGE = (1e-30, 1e30)
 class SamplingParams:
     """How to pick tokens for one request.
 
-    temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature). top_k:
+    temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature). min_p
+    (in [0, 1], 0 = off): drop the tokens whose probability is below min_p times the most likely
+    one's (vLLM's order: on softmax(logits / temperature), before top-k / top-p). top_k:
     keep the k most likely tokens (0 = no limit). top_p: keep the smallest set of tokens whose
     probability reaches top_p (1.0 = no limit; values below MIN_TOP_P, whose nucleus is the top
     token alone, are kept as MIN_TOP_P). seed: makes sampling reproducible (None = a fresh
@@ -47,7 +49,7 @@ class SamplingParams:
     likely alternatives. prompt_logprobs: the same for every prompt token (the first has none).
     Generated-token logprobs are "processed": log_softmax of the logits the sampler picks from,
     after logit_bias, min_tokens, the penalties and temperature (temperature 0 counts as 1), before
-    top-k / top-p; prompt logprobs are log_softmax(logits / temperature) of the model alone.
+    min_p / top-k / top-p; prompt logprobs are log_softmax(logits / temperature) of the model alone.
 
     presence_penalty / frequency_penalty (OpenAI, [-2, 2]): subtract p once from the logit of every
     token generated so far / f times its count. repetition_penalty (Hugging Face, in [1e-30, 1e30];
@@ -72,6 +74,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int | None = None
     max_new_tokens: int = 128
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -105,6 +108,7 @@ class SamplingParams:
         if self.top_p < MIN_TOP_P:  # the same nucleus (the top token), and > 0 in float32
             object.__setattr__(self, "top_p", MIN_TOP_P)
         _check_int("top_k", self.top_k, lo=0)
+        _check_number("min_p", self.min_p, lo=0.0, hi=1.0)
         _check_int("max_new_tokens", self.max_new_tokens, lo=1)
         if self.seed is not None:  # any int64, as OpenAI's API takes (the sampler's tensors)
             _check_int("seed", self.seed, lo=-2**63)
