@@ -16,6 +16,8 @@ from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsEr
     ({"temperature": float("nan")}, "temperature must be a finite number"),
     ({"temperature": float("inf")}, "temperature must be a finite number"),
     ({"temperature": "hot"}, "temperature must be a finite number"),
+    ({"temperature": 10**400}, "temperature must be a finite number"),
+    ({"logit_bias": {5: -10**400}}, "logit_bias[5] must be a finite number"),
     ({"top_p": 0.0}, "top_p must be in (0.0, 1.0]"),
     ({"top_p": 1.5}, "top_p must be in"),
     ({"top_k": -1}, "top_k must be >= 0"),

@@ -169,7 +169,7 @@ def test_default_model_chat_template(smol, smol_ref):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "},
                                           {"type": "text", "text": "there"}]}]
     assert smol.apply_chat_template(parts) == smol.apply_chat_template(
-        [{"role": "user", "content": "Hi there"}])  # OpenAI's text parts, joined
+        [{"role": "user", "content": "Hi \nthere"}])  # OpenAI's text parts, joined as vLLM
     for bad, where in (([{"role": "user", "content": None}], r"messages\[0\]\.content must"),
                        ([{"role": "user", "content": [{"type": "image"}]}], r"\[0\]\.content"),
                        ([{"role": "user"}], r"messages\[0\] must be an object"),
@@ -507,6 +507,25 @@ def test_continue_final_message_matches_transformers(tmp_path, hf_dirs, template
                                           continue_final_message=True)
             assert got == expected, (template, begun, role)
             assert not got.endswith("<|im_end|>")
+
+
+def test_template_kwargs_reach_the_template(tmp_path, hf_dirs):
+    """Extra template variables, as transformers passes its **kwargs; the variables
+    apply_chat_template sets itself are refused."""
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((hf_dirs["plain"] / "tokenizer_config.json").read_text())
+    template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                "{% if shout %}!{% endif %}{{ suffix | default('') }}")
+    path = _tokenizer_json_dir(tmp_path / "kwargs", {**config, "chat_template": template})
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+    tok = Tokenizer.from_path(path)
+    for kwargs in ({}, {"shout": True}, {"shout": False, "suffix": "?"}):
+        assert tok.apply_chat_template(CONVERSATION, template_kwargs=kwargs) == \
+            ref.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True,
+                                    **kwargs)
+    for taken in ("messages", "add_generation_prompt", "bos_token"):
+        with pytest.raises(TokenizerError, match=f"may not set .*{taken}"):
+            tok.apply_chat_template(CONVERSATION, template_kwargs={taken: 1})
 
 
 def test_continue_final_message_refusals(tmp_path, hf_dirs):

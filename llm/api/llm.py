@@ -120,20 +120,21 @@ class LLM:
         return self._leader().stream(_as_list(prompts), params, chat)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *,
-             add_generation_prompt: bool | None = None,
-             continue_final_message: bool = False) -> RequestOutput:
+             add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+             chat_template_kwargs: Mapping[str, Any] | None = None) -> RequestOutput:
         """Answer one conversation (list of {"role", "content"}) rendered by the model's chat
         template. add_generation_prompt: open a new assistant turn after the messages (default:
         unless continue_final_message). continue_final_message: continue the last message where
         it ends instead (e.g. an assistant answer begun by the caller); the output holds only the
-        new text. Both True is a TokenizerError.
+        new text. Both True is a TokenizerError. chat_template_kwargs: more variables for the
+        template (e.g. {"enable_thinking": False}).
         """
         self._leader()
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message)
+            continue_final_message=continue_final_message, template_kwargs=chat_template_kwargs)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return self._leader().generate([ids], params)[0]
 

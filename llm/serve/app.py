@@ -138,11 +138,15 @@ class _Handlers:
         tok = self.engine.tokenizer
         try:
             if req.chat:
+                opt = req.options
                 text = tok.apply_chat_template(
-                    messages, add_generation_prompt=req.add_generation_prompt,
-                    continue_final_message=req.continue_final_message)
-                return tok.encode(text, add_special_tokens=False)
-            return tok.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+                    messages, add_generation_prompt=opt.add_generation_prompt,
+                    continue_final_message=opt.continue_final_message,
+                    template_kwargs=opt.template_kwargs)
+                return tok.encode(text, add_special_tokens=opt.add_special_tokens)
+            if isinstance(req.prompt, str):
+                return tok.encode(req.prompt, add_special_tokens=req.options.add_special_tokens)
+            return req.prompt
         except (TokenizerError, TypeError) as e:
             raise ApiError(400, f"cannot tokenize the input: {e}",
                            "messages" if req.chat else "prompt") from e

@@ -5,45 +5,40 @@ a string, token ids, or a one-element list of either) or messages (chat), max_to
 (max_completion_tokens for chat), temperature, top_p, top_k and min_p (extensions; top_k -1 or
 0 = off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_tokens
 (extensions), stream, stream_options.include_usage, n, best_of (completions; not streamed when
-> n), add_generation_prompt and continue_final_message (chat, vLLM's extensions: open a new
-assistant turn, or continue the last message), ignore_eos (extension), presence_penalty,
+> n), add_generation_prompt, continue_final_message and chat_template_kwargs (chat, vLLM's
+extensions), add_special_tokens (chat_options.py), ignore_eos (extension), presence_penalty,
 frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
 (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
 logprobs, the prompt's logprobs too); structured output (structured_output.py): response_format
 (text, json_object, json_schema) and vLLM's guided_json / guided_regex / guided_choice /
 guided_grammar, one at a time; n choices (best_of on /v1/completions). Fields this server cannot
 honour (suffix, tools / functions / tool_choice / function_call, vLLM's structured_outputs and
-guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream, and the
-vLLM / OpenAI fields of UNHONOURED, such as use_beam_search or chat_template, unless they hold
-the value meaning "not used") are refused rather than silently ignored; a parameter the backend
-cannot serve is refused at submission, naming it.
+guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream, and
+the vLLM / OpenAI fields of refusals.py, such as use_beam_search or chat_template, unless they
+hold the value meaning "not used") are refused rather than silently ignored; a parameter the
+backend cannot serve is refused at submission, naming it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from llm.engine.contract.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+from llm.engine.contract.sampling_params import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    SamplingParamsError,
+    finite_number,
+)
 from llm.model.tokenizer.tokenizer import message_text
+from llm.serve.chat_options import ChatOptions, chat_options
 from llm.serve.errors import ApiError, short_repr
+from llm.serve.refusals import refuse_unsupported
 from llm.serve.structured_output import structured_output
 
 INT64_MAX = 2**63 - 1
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 256
-# vLLM's and OpenAI's request fields this server cannot honour, each with the values that mean
-# "not used" (a client may send those): anything else is refused, naming the field
-UNHONOURED = {
-    "use_beam_search": (False,), "length_penalty": (1, 1.0),
-    "spaces_between_special_tokens": (True,), "bad_words": ([],), "allowed_token_ids": ([],),
-    "truncate_prompt_tokens": (), "chat_template": (), "chat_template_kwargs": ({},),
-    "documents": ([],), "mm_processor_kwargs": ({},), "logits_processors": ([],),
-    "return_tokens_as_token_ids": (False,), "guided_decoding_backend": (),
-    "priority": (0,), "prediction": (), "audio": (), "modalities": (["text"],),
-    "reasoning_effort": (), "web_search_options": (),
-}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
@@ -51,9 +46,8 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 class ParsedRequest:
     """A validated request. prompt is text to encode or token ids; max_tokens None = default.
 
-    chat: prompt is the rendered chat template (encoded without adding special tokens), with a
-    new assistant turn opened (add_generation_prompt) or the last message left open to continue
-    (continue_final_message).
+    chat: prompt is the rendered chat template; options: how it is rendered and encoded
+    (chat_options.py).
     echo (completions): the response text begins with the prompt (and, with logprobs, so do the
     logprobs, from params.prompt_logprobs).
     """
@@ -65,8 +59,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     echo: bool = False
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    options: ChatOptions = ChatOptions(add_special_tokens=True)
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -79,12 +72,11 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     if model != model_name:
         raise ApiError(404, f"the model {short_repr(model)} does not exist; this server serves "
                             f"'{model_name}'", "model", code="model_not_found")
-    _refuse_unsupported(body, chat)
+    refuse_unsupported(body, chat)
     messages = None
-    turn = (True, False)  # add_generation_prompt, continue_final_message
+    rendering = chat_options(body, chat)
     if chat:
         messages = _messages(body.get("messages"))
-        turn = _turn(body)
         prompt: str | list[int] = ""
         max_tokens = _opt_int(body, "max_completion_tokens", 1)
         if max_tokens is None:
@@ -137,19 +129,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
-                         echo, *turn), messages
-
-
-def _turn(body: dict[str, Any]) -> tuple[bool, bool]:
-    """Chat's add_generation_prompt (default: unless continue_final_message) and
-    continue_final_message (vLLM's extensions); both true is a 400."""
-    opened = _opt_bool(body, "add_generation_prompt")
-    continued = _opt_bool(body, "continue_final_message") or False
-    if opened and continued:
-        raise ApiError(400, "'continue_final_message' and 'add_generation_prompt' cannot both be "
-                            "true: a continued message gets no new turn after it",
-                       "continue_final_message")
-    return (not continued) if opened is None else opened, continued
+                         echo, rendering), messages
 
 
 def _stop_token_ids(value: Any) -> tuple[int, ...]:
@@ -169,7 +149,7 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
     """Chat's logprobs (true/false) and top_logprobs (0..20) -> the number of alternatives."""
     wanted = _opt_bool(body, "logprobs")
     top = _opt_int(body, "top_logprobs", 0, MAX_LOGPROBS)
-    if top is not None and not wanted:
+    if top and not wanted:  # 0 is the default: vLLM's clients send it
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return (top or 0) if wanted else None
 
@@ -187,44 +167,11 @@ def _logit_bias(value: Any) -> dict[int, float]:
         if not (key.isascii() and key.isdigit()) or len(key) > 19:
             raise ApiError(400, f"'logit_bias' key {short_repr(key)} is not a token id",
                            "logit_bias")
-        if not _is_number(bias):
-            raise ApiError(400, f"'logit_bias' value of {short_repr(key)} must be a number, got "
-                                f"{short_repr(bias)}", "logit_bias")
+        if not finite_number(bias):
+            raise ApiError(400, f"'logit_bias' value of {short_repr(key)} must be a finite "
+                                f"number, got {short_repr(bias)}", "logit_bias")
         out[int(key)] = bias
     return out
-
-
-def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
-    if chat and body.get("best_of") is not None:
-        raise ApiError(400, "'best_of' is a /v1/completions parameter", "best_of")
-    for name, unused in UNHONOURED.items():
-        value = body.get(name)
-        if value is not None and not any(type(value) is type(u) and value == u for u in unused):
-            raise ApiError(400, f"'{name}' is not supported by this server (got "
-                                f"{short_repr(value)})", name)
-    for name in ("add_generation_prompt", "continue_final_message"):
-        if not chat and body.get(name) is not None:
-            raise ApiError(400, f"'{name}' is a chat parameter", name)
-    add_special = body.get("add_special_tokens")
-    if add_special is not None and add_special is not (not chat):
-        raise ApiError(400, f"'add_special_tokens' other than {str(not chat).lower()} is not "
-                            f"supported on this endpoint (got {short_repr(add_special)})",
-                       "add_special_tokens")
-    for name in ("suffix", "tools", "functions", "structured_outputs",
-                 "guided_whitespace_pattern"):
-        if body.get(name) not in (None, False, 0, {}, []):
-            raise ApiError(400, f"'{name}' is not supported by this server", name)
-    for name in ("tool_choice", "function_call"):
-        if body.get(name) not in (None, "none"):
-            raise ApiError(400, f"'{name}' is not supported by this server (no tools)", name)
-    if body.get("prompt_logprobs") is not None:
-        raise ApiError(400, "'prompt_logprobs' is not supported by this server; send 'echo': "
-                            "true with 'logprobs' for the prompt's logprobs", "prompt_logprobs")
-    if chat and body.get("echo") not in (None, False):
-        raise ApiError(400, "'echo' is a /v1/completions parameter", "echo")
-    if not chat and body.get("top_logprobs") is not None:
-        raise ApiError(400, "'top_logprobs' is a chat parameter; /v1/completions takes "
-                            "'logprobs': <number of alternatives>", "top_logprobs")
 
 
 def _prompt(value: Any) -> str | list[int]:
@@ -303,7 +250,7 @@ def _opt_number(body: dict[str, Any], name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if not _is_number(value) or not math.isfinite(value):
+    if not finite_number(value):
         raise ApiError(400, f"'{name}' must be a finite number, got {short_repr(value)}", name)
     return float(value)
 
@@ -318,10 +265,6 @@ def _opt_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _kind(value: Any) -> str:

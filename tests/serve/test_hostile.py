@@ -39,7 +39,7 @@ def cases() -> list[tuple[str, str, bytes, int]]:
     bad_values = {
         "model": [1, None, [], {}, "gpt-4", "", "x" * 10_000, "\ud800"],
         "max_tokens": [-1, 0, "5", 1.5, True, 10**9, 10**30, NAN, [], 400 * 1000],
-        "temperature": [-1, "hot", NAN, INF, -INF, True, [], {"a": 1}],
+        "temperature": [-1, "hot", NAN, INF, -INF, True, [], {"a": 1}, 10**400],
         "top_p": [0, -0.5, 1.5, NAN, "x", False],
         "top_k": [-5, 1.5, "1", 10**40, True],
         "seed": [-2**63 - 1, 2**64, "x", 1.5, NAN],
@@ -53,17 +53,18 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         "presence_penalty": [2.5, "x", NAN],
         "frequency_penalty": [-2.5, []],
         "repetition_penalty": [0, -1, "x"],
-        "logit_bias": [{"50256": -100}, {"x": 1}, {"1": 1e9}, [1], {"1": NAN}],
+        "logit_bias": [{"50256": -100}, {"x": 1}, {"1": 1e9}, [1], {"1": NAN}, {"1": 10**400}],
         "min_tokens": [-1, 2, "1"],
         "stream_options": ["x", {"include_usage": "yes"}, 5],
         "ignore_eos": ["no", 3],
         "stop_token_ids": [[-1], "1", [1.5], [49152], [1] * 300, {}, [True]],
         "add_generation_prompt": ["yes", 1],
         "continue_final_message": ["yes", 0],
-        "min_p": [1.5, "0", -0.1, NAN], "use_beam_search": [True], "length_penalty": [0.5],
+        "min_p": [1.5, "0", -0.1, NAN, 10**400], "structural_tag": ["<json>"],
+        "use_beam_search": [True], "length_penalty": [0.5],
         "include_stop_str_in_output": ["yes", 1], "skip_special_tokens": [0, "false"],
         "bad_words": [["x"]], "allowed_token_ids": [[1, 2]], "truncate_prompt_tokens": [5],
-        "chat_template": ["{{ x }}"], "chat_template_kwargs": [{"enable_thinking": False}],
+        "chat_template": ["{{ x }}"], "chat_template_kwargs": ["x", {"messages": []}],
         "priority": [1], "modalities": [["text", "audio"]], "reasoning_effort": ["low"],
         "add_special_tokens": ["yes"],
     }
@@ -107,11 +108,17 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         add(path, 200, min_p=0, use_beam_search=False, length_penalty=1.0,  # "not used" values
             skip_special_tokens=False, include_stop_str_in_output=True, bad_words=[],
             modalities=["text"], priority=0, stop_token_ids=[])
-    add(COMPLETIONS, 200, add_special_tokens=True)
-    add(CHAT, 200, add_special_tokens=False, add_generation_prompt=True)
-    add(COMPLETIONS, 400, add_special_tokens=False)
-    add(CHAT, 400, add_special_tokens=True)
-    add(COMPLETIONS, 400, add_generation_prompt=True)  # a chat parameter
+    for flag in (True, False):
+        add(COMPLETIONS, 200, add_special_tokens=flag)
+        add(CHAT, 200, add_special_tokens=flag)
+    add(CHAT, 200, add_generation_prompt=True, top_logprobs=0, best_of=1, priority=0.0,
+        chat_template_kwargs={"enable_thinking": False})  # neutral values clients send
+    add(COMPLETIONS, 200, add_generation_prompt=True, continue_final_message=False,
+        top_logprobs=0)  # chat fields at their neutral values
+    add(COMPLETIONS, 400, add_generation_prompt=False)  # a chat parameter
+    add(COMPLETIONS, 400, chat_template_kwargs={"a": 1})
+    add(CHAT, 400, best_of=2)
+    add(CHAT, 400, stream=True, stream_options={"continuous_usage_stats": True})
     add(CHAT, 400, add_generation_prompt=True, continue_final_message=True)
     add(CHAT, 400, continue_final_message=True,  # an empty last message: nothing to continue
         messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}])

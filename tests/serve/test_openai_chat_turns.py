@@ -45,6 +45,27 @@ def test_add_generation_prompt_false_renders_without_a_new_turn(client, serve_mo
     assert r.choices[0].message.content == want.text
 
 
+def test_chat_template_kwargs_and_add_special_tokens(client, serve_model) -> None:
+    """chat_template_kwargs reach the template (SmolLM2's reads none: the same prompt) and may
+    not replace the server's variables; add_special_tokens at either value encodes as the
+    tokenizer does (SmolLM2 adds no BOS: the same ids)."""
+    messages = [{"role": "user", "content": "Hi"}]
+    want = serve_model.chat(messages, SamplingParams(max_new_tokens=4))
+    for extra in ({"chat_template_kwargs": {"enable_thinking": False}},
+                  {"add_special_tokens": True}, {"add_special_tokens": False}):
+        r = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4,
+                                           temperature=0, extra_body=extra)
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert r.choices[0].message.content == want.text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"messages": []}})
+    assert e.value.body["param"] == "chat_template_kwargs" and "messages" in e.value.message
+    r = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2, temperature=0,
+                                  extra_body={"add_special_tokens": False})
+    assert r.usage.prompt_tokens == len(serve_model.tokenizer.encode("Hi"))
+
+
 def test_python_api_refuses_both_turn_flags(serve_model) -> None:
     from llm.model.tokenizer.errors import TokenizerError
     with pytest.raises(TokenizerError, match="exclude each other"):
@@ -81,7 +102,7 @@ def test_min_p_samples_as_the_python_api(client, serve_model) -> None:
 
 @pytest.mark.parametrize("field, value", [("use_beam_search", True),
                                           ("spaces_between_special_tokens", False),
-                                          ("chat_template_kwargs", {"x": 1})])
+                                          ("structural_tag", "<json>")])
 def test_unhonoured_fields_are_refused_by_name(client, live_server, field, value) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL_NAME, messages=BEGUN[:1], max_tokens=2,

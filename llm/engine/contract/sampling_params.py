@@ -198,13 +198,24 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
 
 def _check_number(name: str, value: object, lo: float, hi: float | None = None,
                   lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}",
+    if not finite_number(value):
+        raise SamplingParamsError(f"{name} must be a finite number, got {value!r:.60}",
                                   param=name.split("[")[0])
     if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
         bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
         raise SamplingParamsError(f"{name} must be in {bounds}, got {value!r}",
                                   param=name.split("[")[0])
+
+
+def finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is a finite float: an int too large for a float (JSON
+    allows any) is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_int(name: str, value: object, lo: int) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +37,9 @@ _SPECIAL_NAMES = (
     "cls_token",
     "mask_token",
 )
+# the chat template variables apply_chat_template sets (template_kwargs may not replace them)
+TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                                *_SPECIAL_NAMES})
 
 
 
@@ -380,7 +383,7 @@ class Tokenizer:
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
+        continue_final_message: bool = False, template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """Render ``messages`` with the model's chat template, as transformers renders it
         (sandboxed Jinja2, ``raise_exception``, ``bos_token``/``eos_token`` variables).
@@ -389,7 +392,8 @@ class Tokenizer:
         the end of turn the template puts after it, so that the model continues that message
         (e.g. an assistant answer the caller has begun); it excludes add_generation_prompt, and
         the last message's text must appear in the rendered chat (as transformers'
-        ``continue_final_message``)."""
+        ``continue_final_message``). template_kwargs: more variables for the template (e.g.
+        ``{"enable_thinking": False}``); not those of TEMPLATE_VARIABLES, which it sets."""
         import jinja2
 
         if continue_final_message and add_generation_prompt:
@@ -400,6 +404,11 @@ class Tokenizer:
         if self._template is None:
             self._template = _compile_template(self.chat_template, self.source)
         texts = _text_messages(messages)
+        extra = dict(template_kwargs or {})
+        taken = sorted(set(extra) & (TEMPLATE_VARIABLES | set(self.special_tokens)))
+        if taken:
+            raise TokenizerError(f"template_kwargs may not set {taken}: apply_chat_template sets "
+                                 "them")
         try:
             rendered = self._template.render(
                 messages=texts,
@@ -407,6 +416,7 @@ class Tokenizer:
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
+                **extra,
             )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"{self.source}: chat template error: {exc}") from exc
@@ -490,12 +500,13 @@ def _compile_template(source: str, origin: Path) -> Any:
 
 def message_text(content: object, role: str) -> str | None:
     """A chat message's content as one string: a string as is, OpenAI's list of text parts
-    ({"type": "text", "text": ...}) joined, an assistant turn's None as ""; None for anything
-    else (the caller says what is wrong, in its own terms)."""
+    ({"type": "text", "text": ...}) joined by newlines (as vLLM joins them), an assistant
+    turn's None as ""; None for anything else (the caller says what is wrong, in its own
+    terms)."""
     if isinstance(content, list) and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
             for p in content):
-        return "".join(p["text"] for p in content)
+        return "\n".join(p["text"] for p in content)
     if content is None and role == "assistant":
         return ""
     return content if isinstance(content, str) else None

@@ -1,0 +1,69 @@
+"""Request fields this server cannot honour: a 400 naming the field, never accepted and ignored.
+
+A field is refused unless it holds the value that means "not used" (clients such as the openai
+SDK, LangChain or LiteLLM send defaults: those pass). Fields that change nothing of the output
+(user, metadata, store, service_tier) are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm.serve.errors import ApiError, short_repr
+
+# vLLM's and OpenAI's fields that would change the output or the response, each with its
+# "not used" values (numbers compare as numbers: priority 0 and 0.0 alike)
+UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,), "length_penalty": (1,), "spaces_between_special_tokens": (True,),
+    "bad_words": ([],), "allowed_token_ids": ([],), "truncate_prompt_tokens": (),
+    "chat_template": (), "documents": ([],), "mm_processor_kwargs": ({},),
+    "logits_processors": ([],), "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,), "guided_decoding_backend": (), "structural_tag": (),
+    "prompt_embeds": (), "vllm_xargs": ({},), "priority": (0,), "prediction": (), "audio": (),
+    "modalities": (["text"],), "reasoning_effort": (), "verbosity": (),
+    "web_search_options": (), "suffix": ("",), "tools": ([],), "functions": ([],),
+    "structured_outputs": (), "guided_whitespace_pattern": (),
+}
+# chat-only fields and their "not used" values on /v1/completions (no chat template there)
+CHAT_ONLY = {"add_generation_prompt": (True,), "continue_final_message": (False,),
+             "chat_template_kwargs": ({},), "top_logprobs": (0,), "tool_choice": ("none",)}
+
+
+def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """ApiError (400) naming the first field of `body` this server cannot honour on the chat
+    (chat) or completions endpoint."""
+    for name, unused in UNHONOURED.items():
+        _refuse_unless(body, name, unused, f"'{name}' is not supported by this server")
+    for name in ("tool_choice", "function_call"):
+        _refuse_unless(body, name, ("none",), f"'{name}' is not supported by this server (no "
+                                              "tools)")
+    if body.get("prompt_logprobs") is not None:
+        raise ApiError(400, "'prompt_logprobs' is not supported by this server; send 'echo': "
+                            "true with 'logprobs' for the prompt's logprobs", "prompt_logprobs")
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        _refuse_unless(options, "continuous_usage_stats", (False,),
+                       "'stream_options.continuous_usage_stats' is not supported by this server")
+    if chat:
+        _refuse_unless(body, "best_of", (1,), "'best_of' > 1 is a /v1/completions parameter")
+        _refuse_unless(body, "echo", (False,), "'echo' is a /v1/completions parameter")
+        return
+    for name, unused in CHAT_ONLY.items():
+        _refuse_unless(body, name, unused, f"'{name}' is a chat parameter"
+                       + ("; /v1/completions takes 'logprobs': <number of alternatives>"
+                          if name == "top_logprobs" else ""))
+
+
+def _refuse_unless(body: dict[str, Any], name: str, unused: tuple[Any, ...], what: str) -> None:
+    value = body.get(name)
+    if value is not None and not any(_same(value, u) for u in unused):
+        raise ApiError(400, f"{what} (got {short_repr(value)})", name)
+
+
+def _same(value: Any, unused: Any) -> bool:
+    """value is the "not used" value: equal numbers (not bools), else equal values of one type."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if number(value) and number(unused):
+        return value == unused
+    return type(value) is type(unused) and value == unused
