@@ -29,13 +29,15 @@ _EXPORTS = {
     "ModelConfig": "llm.model.config",
     "RuntimeConfig": "llm.model.config",
     "Tokenizer": "llm.model.tokenizer.tokenizer",
+    "TokenizerError": "llm.model.tokenizer.errors",
     "load_checkpoint": "llm.model.checkpoint.load",
 }
 
 __all__ = [
     "LLM", "AsyncEngine", "Capabilities", "EngineBusyError", "SchedulerConfig", "Generator",
     "ModelConfig", "RequestOutput", "RuntimeConfig", "SamplingParams", "SamplingParamsError",
-    "StreamEvent", "StructuredOutput", "TokenLogprobs", "Tokenizer", "load_checkpoint",
+    "StreamEvent", "StructuredOutput", "TokenLogprobs", "Tokenizer", "TokenizerError",
+    "load_checkpoint",
 ]
 
 if TYPE_CHECKING:

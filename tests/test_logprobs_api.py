@@ -142,3 +142,11 @@ def test_streamed_best_of_text_stays_with_its_sequence(engine) -> None:
             final = ev.output
     assert len(texts) == 3 and final.text in texts.values()
     assert final.choice == 0 and _all_free(engine)
+    two = SamplingParams(max_new_tokens=8, n=2, best_of=4, temperature=1.0, seed=1)
+    texts = {}
+    for ev in engine.stream(["Once upon a time"], two):
+        texts[ev.choice] = texts.get(ev.choice, "") + ev.text
+        if ev.finished:
+            final = ev.output
+    assert [c.choice for c in final.choices] == [0, 1]  # renumbered, best first
+    assert [texts[c.sequence] for c in final.choices] == [c.text for c in final.choices]

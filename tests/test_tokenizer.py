@@ -483,18 +483,30 @@ TRIMMING = (  # as Llama 3's template: each message's text trimmed of surroundin
     "message['content'] | trim + '<|im_end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-BEGUN = ["The capital is", "The capital is ", "  Paris,\n\n", "x", "is is"]
+# begun answers: trailing / leading whitespace, text that also appears in the markup after the
+# message ("|", "<", "end", "im", "s") or earlier in the chat ("You are terse."), empty ones
+BEGUN = ["The capital is", "The capital is ", "  Paris,\n\n", "x", "is is", "|", "<", "end", "im",
+         "s", "You are terse.", "", " "]
+GENERATION = (  # a training template: the assistant's turns in {% generation %} blocks
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+    "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}"
+    "<|im_end|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
 
 
-@pytest.mark.parametrize("template", ["chatml", "trimming"])
+@pytest.mark.parametrize("template", ["chatml", "trimming", "generation"])
 def test_continue_final_message_matches_transformers(tmp_path, hf_dirs, template):
     """The render cut after the last message's text, as transformers cuts it: the message's
-    trailing whitespace kept where the template keeps it (ChatML), dropped where it trims."""
+    trailing whitespace kept where the template keeps it (ChatML), dropped where it trims, and
+    never inside the markup after it or at an earlier copy of the text; a {% generation %}
+    block renders as its body."""
     transformers = pytest.importorskip("transformers")
     path = hf_dirs["plain"]
-    if template == "trimming":
+    if template != "chatml":
         config = json.loads((path / "tokenizer_config.json").read_text())
-        path = _tokenizer_json_dir(tmp_path / "trim", {**config, "chat_template": TRIMMING})
+        source = TRIMMING if template == "trimming" else GENERATION
+        path = _tokenizer_json_dir(tmp_path / template, {**config, "chat_template": source})
     ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
     tok = Tokenizer.from_path(path)
     for begun in BEGUN:
@@ -503,10 +515,12 @@ def test_continue_final_message_matches_transformers(tmp_path, hf_dirs, template
             expected = ref.apply_chat_template(messages, tokenize=False,
                                                add_generation_prompt=False,
                                                continue_final_message=True)
-            got = tok.apply_chat_template(messages, add_generation_prompt=False,
-                                          continue_final_message=True)
+            got = tok.apply_chat_template(messages, continue_final_message=True)
             assert got == expected, (template, begun, role)
-            assert not got.endswith("<|im_end|>")
+            assert begun.endswith("<") or not got.endswith(("<|im_end|>", "<|im_end|", "<"))
+    for prompt in (True, False):
+        assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=prompt) == \
+            ref.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=prompt)
 
 
 def test_template_kwargs_reach_the_template(tmp_path, hf_dirs):
@@ -532,14 +546,11 @@ def test_continue_final_message_refusals(tmp_path, hf_dirs):
     tok = Tokenizer.from_path(hf_dirs["plain"])
     begun = CONVERSATION + [{"role": "assistant", "content": "Paris"}]
     with pytest.raises(TokenizerError, match="exclude each other"):
-        tok.apply_chat_template(begun, continue_final_message=True)
-    with pytest.raises(TokenizerError, match=r"messages\[2\], has no text to continue"):
-        tok.apply_chat_template(CONVERSATION + [{"role": "assistant", "content": " \n"}],
-                                add_generation_prompt=False, continue_final_message=True)
+        tok.apply_chat_template(begun, add_generation_prompt=True, continue_final_message=True)
     with pytest.raises(TokenizerError, match="at least one message"):
         tok.apply_chat_template([], add_generation_prompt=False, continue_final_message=True)
     config = json.loads((hf_dirs["plain"] / "tokenizer_config.json").read_text())
-    hiding = "{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}{% endfor %}"
+    hiding = "{% for m in messages %}<{{ m.role }}>{{ m.content | lower }}{% endfor %}"
     path = _tokenizer_json_dir(tmp_path / "hiding", {**config, "chat_template": hiding})
     with pytest.raises(TokenizerError, match="does not keep the last message's text"):
         Tokenizer.from_path(path).apply_chat_template(begun, add_generation_prompt=False,

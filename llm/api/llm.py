@@ -116,7 +116,9 @@ class LLM:
     def stream(self, prompts: str | Sequence[str | Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams] | None = None,
                *, chat: bool = False) -> Iterator[StreamEvent]:
-        """Like generate, yielding text deltas as they are produced."""
+        """Like generate, yielding text deltas as they are produced. With best_of > n every
+        sequence streams (StreamEvent.choice is its RequestOutput.sequence); the final output's
+        choices are the n best, renumbered, each keeping its `sequence`."""
         return self._leader().stream(_as_list(prompts), params, chat)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *,
@@ -130,8 +132,6 @@ class LLM:
         template (e.g. {"enable_thinking": False}).
         """
         self._leader()
-        if add_generation_prompt is None:
-            add_generation_prompt = not continue_final_message
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, template_kwargs=chat_template_kwargs)

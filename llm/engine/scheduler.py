@@ -195,7 +195,8 @@ class Scheduler:
         seqs = []
         for choice in range(m):
             out = RequestOutput(index=index, prompt_token_ids=list(ids), choice=choice,
-                                prompt_logprobs=prompt_logprobs)  # one list: the parent fills it
+                                prompt_logprobs=prompt_logprobs,  # one list: the parent fills it
+                                sequence=choice)
             if params.logprobs is not None:
                 out.logprobs = []
             seqs.append(Sequence(

@@ -42,7 +42,11 @@ class RequestOutput:
     for this request). choice: this sequence's index among the request's choices.
     cumulative_logprob: the sum of its tokens' logprobs, where they were computed (logprobs asked
     for, or best_of). choices: on the output a request with n > 1 or best_of returns, its n choices,
-    best first for best_of (this output is the first of them); None otherwise.
+    best first for best_of (this output is the first of them); None otherwise. sequence: its
+    index among the request's n (or best_of) sequences, the `choice` of its StreamEvents; equal
+    to `choice` except where best_of renumbered the returned choices.
+    A stop token's logprobs entry is kept (it is a generated token) although its text is not in
+    `text` unless include_stop_str_in_output.
     """
 
     index: int
@@ -59,6 +63,7 @@ class RequestOutput:
     cumulative_logprob: float = 0.0
     choices: list[RequestOutput] | None = field(default=None, repr=False, compare=False)
     error: RequestFailure | None = None
+    sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,9 @@ class StreamEvent:
 
     logprobs: those of the tokens generated since the previous event (requests with
     SamplingParams.logprobs; empty otherwise). choice: the sequence of the request this text is
-    of (n > 1); choice_finish: its finish_reason when this event ends it (with n > 1 the request
-    ends, `finished`, when its last sequence does).
+    of (n > 1; its RequestOutput.sequence, which best_of's returned choices keep);
+    choice_finish: its finish_reason when this event ends it (with n > 1 the request ends,
+    `finished`, when its last sequence does).
     """
 
     index: int

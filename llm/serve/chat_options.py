@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm.model.tokenizer.tokenizer import TEMPLATE_VARIABLES
+from llm.model.tokenizer.chat_template import TEMPLATE_VARIABLES
 from llm.serve.errors import ApiError, short_repr
 
 

@@ -30,7 +30,7 @@ from llm.engine.contract.sampling_params import (
     SamplingParamsError,
     finite_number,
 )
-from llm.model.tokenizer.tokenizer import message_text
+from llm.model.tokenizer.chat_template import message_text
 from llm.serve.chat_options import ChatOptions, chat_options
 from llm.serve.errors import ApiError, short_repr
 from llm.serve.refusals import refuse_unsupported

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,23 +24,9 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from llm.model.tokenizer import gguf_vocab, token_bytes
+from llm.model.tokenizer.chat_template import SPECIAL_NAMES, compile_template, render_chat
 from llm.model.tokenizer.detokenizer import IncrementalDecoder
 from llm.model.tokenizer.errors import TokenizerError
-
-_SPECIAL_NAMES = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
-# the chat template variables apply_chat_template sets (template_kwargs may not replace them)
-TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt",
-                                *_SPECIAL_NAMES})
-
-
 
 
 class _Backend(Protocol):
@@ -283,7 +268,7 @@ class Tokenizer:
         generation = _read_json(path / "generation_config.json")
         names = {
             name: _token_content(config.get(name)) or _token_content(special_map.get(name))
-            for name in _SPECIAL_NAMES
+            for name in SPECIAL_NAMES
         }
         json_file, spm_file = path / "tokenizer.json", path / "tokenizer.model"
         if json_file.is_file():
@@ -382,47 +367,24 @@ class Tokenizer:
         return self._backend.decode(ids, skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+        self, messages: list[dict[str, str]], *, add_generation_prompt: bool | None = None,
         continue_final_message: bool = False, template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """Render ``messages`` with the model's chat template, as transformers renders it
-        (sandboxed Jinja2, ``raise_exception``, ``bos_token``/``eos_token`` variables).
-
-        continue_final_message: the text ends right after the last message's content, without
-        the end of turn the template puts after it, so that the model continues that message
-        (e.g. an assistant answer the caller has begun); it excludes add_generation_prompt, and
-        the last message's text must appear in the rendered chat (as transformers'
-        ``continue_final_message``). template_kwargs: more variables for the template (e.g.
-        ``{"enable_thinking": False}``); not those of TEMPLATE_VARIABLES, which it sets."""
-        import jinja2
-
-        if continue_final_message and add_generation_prompt:
-            raise TokenizerError("continue_final_message and add_generation_prompt exclude each "
-                                 "other: a continued message gets no new turn after it")
+        (chat_template.py): add_generation_prompt (default: unless continue_final_message)
+        opens a new assistant turn; continue_final_message ends the text right after the last
+        message's content, so that the model continues it; template_kwargs: more variables for
+        the template (e.g. ``{"enable_thinking": False}``)."""
         if self.chat_template is None:
             raise TokenizerError(f"{self.source}: this model has no chat template")
         if self._template is None:
-            self._template = _compile_template(self.chat_template, self.source)
-        texts = _text_messages(messages)
-        extra = dict(template_kwargs or {})
-        taken = sorted(set(extra) & (TEMPLATE_VARIABLES | set(self.special_tokens)))
-        if taken:
-            raise TokenizerError(f"template_kwargs may not set {taken}: apply_chat_template sets "
-                                 "them")
-        try:
-            rendered = self._template.render(
-                messages=texts,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-                **extra,
-            )
-        except jinja2.TemplateError as exc:
-            raise TokenizerError(f"{self.source}: chat template error: {exc}") from exc
-        if not continue_final_message:
-            return rendered
-        return _open_final_message(rendered, texts, self.source)
+            self._template = compile_template(self.chat_template, self.source)
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        return render_chat(self._template, self.source, messages, self.special_tokens,
+                           add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message,
+                           template_kwargs=template_kwargs)
 
     def token_bytes(self) -> tuple[bytes, ...]:
         """The bytes of every token id (see llm.model.tokenizer.token_bytes: special tokens are
@@ -460,95 +422,3 @@ def _load_tokenizer_json(
     missing = [t for t in dict.fromkeys(wanted) if t is not None and t not in present]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return _HFBackend(tok)
-
-
-def _compile_template(source: str, origin: Path) -> Any:
-    """Compile a chat template in the environment transformers uses for chat templates."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(
-        value: Any,
-        ensure_ascii: bool = False,
-        indent: Any = None,
-        separators: Any = None,
-        sort_keys: bool = False,
-    ) -> str:
-        return json.dumps(
-            value,
-            ensure_ascii=ensure_ascii,
-            indent=indent,
-            separators=separators,
-            sort_keys=sort_keys,
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as exc:
-        raise TokenizerError(f"{origin}: chat template does not compile: {exc}") from exc
-
-
-def message_text(content: object, role: str) -> str | None:
-    """A chat message's content as one string: a string as is, OpenAI's list of text parts
-    ({"type": "text", "text": ...}) joined by newlines (as vLLM joins them), an assistant
-    turn's None as ""; None for anything else (the caller says what is wrong, in its own
-    terms)."""
-    if isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            for p in content):
-        return "\n".join(p["text"] for p in content)
-    if content is None and role == "assistant":
-        return ""
-    return content if isinstance(content, str) else None
-
-
-def _open_final_message(rendered: str, texts: list[dict[str, str]], origin: Path) -> str:
-    """`rendered` cut right after the last message's text (its last occurrence): with the
-    message's trailing whitespace where the template kept it, without it where the template
-    stripped it."""
-    if not texts:
-        raise TokenizerError("continue_final_message needs at least one message to continue")
-    final = texts[-1]["content"]
-    core = final.strip()
-    if not core:
-        raise TokenizerError(f"continue_final_message: the last message, messages[{len(texts) - 1}"
-                             "], has no text to continue (to start a new turn, use "
-                             "add_generation_prompt instead)")
-    at = rendered.rfind(core)
-    if at < 0:
-        raise TokenizerError(f"{origin}: continue_final_message: the chat template does not keep "
-                             f"the last message's text ({core[:40]!r}...), so there is no place "
-                             "to continue it")
-    kept = final.lstrip()
-    end = at + len(kept) if rendered.startswith(kept, at) else at + len(core)
-    return rendered[:end]
-
-
-def _text_messages(messages: object) -> list[dict[str, str]]:
-    """`messages` with each content as one string (`message_text`); TokenizerError naming the
-    first message that is not a {"role": str, "content": str | text parts} object."""
-    if not isinstance(messages, (list, tuple)):
-        raise TokenizerError(f"messages must be a list of {{'role', 'content'}} objects, got "
-                             f"{type(messages).__name__}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise TokenizerError(f"messages[{i}] must be an object with a string 'role' and a "
-                                 f"'content', got {m!r:.80}")
-        content = message_text(m["content"], m["role"])
-        if content is None:
-            raise TokenizerError(f"messages[{i}].content must be a string or a list of text "
-                                 f"parts ({{'type': 'text', 'text': ...}}), got "
-                                 f"{m['content']!r:.80}")
-        out.append({**m, "content": content})
-    return out
