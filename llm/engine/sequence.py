@@ -182,11 +182,10 @@ class Sequence:
             if len(out.token_ids) < params.min_tokens:  # no stop string ends it before then
                 self.stop_floor = len(out.text)
             else:
-                hit = _find_stop(out.text, params.stop, max(0, self.emitted - self.stop_hold),
-                                 self.stop_floor)
+                hit, size = _find_stop(out.text, params.stop,
+                                       max(0, self.emitted - self.stop_hold), self.stop_floor)
             if hit >= 0:
-                cut = hit + (_stop_at(out.text, params.stop, hit, self.stop_floor)
-                             if params.include_stop_str_in_output else 0)
+                cut = hit + (size if params.include_stop_str_in_output else 0)
                 out.text = out.text[:cut]
                 if out.logprobs is not None:  # none for the tokens wholly in the cut part
                     del out.logprobs[bisect.bisect_left(self.starts, cut):]
@@ -266,14 +265,13 @@ def _chosen(group: list[Sequence], params: SamplingParams) -> RequestOutput:
     return outs[0]
 
 
-def _stop_at(text: str, stops: tuple[str, ...], at: int, floor: int) -> int:
-    """The length of the first stop string (in list order) that begins at text[at] and ends
-    after text[:floor] (one does, where _find_stop returned at)."""
-    return next(len(s) for s in stops if text.startswith(s, at) and at + len(s) > floor)
-
-
-def _find_stop(text: str, stops: tuple[str, ...], start: int, floor: int = 0) -> int:
-    """Earliest index where any stop string begins in text[start:] and ends after text[:floor],
-    or -1."""
-    hits = [i for i in (text.find(s, max(start, floor - len(s) + 1)) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
+def _find_stop(text: str, stops: tuple[str, ...], start: int,
+               floor: int = 0) -> tuple[int, int]:
+    """(the earliest index where a stop string begins in text[start:] and ends after
+    text[:floor], the length of the first such stop of the list there), or (-1, 0)."""
+    at, size = -1, 0
+    for s in stops:
+        i = text.find(s, max(start, floor - len(s) + 1))
+        if i >= 0 and (at < 0 or i < at):
+            at, size = i, len(s)
+    return at, size

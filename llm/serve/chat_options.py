@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm.model.tokenizer.chat_template import TEMPLATE_VARIABLES
-from llm.serve.errors import ApiError, short_repr
+from llm.serve.errors import ApiError, opt_bool, short_repr
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,12 @@ class ChatOptions:
 def chat_options(body: dict[str, Any], chat: bool) -> ChatOptions:
     """The request's ChatOptions; a 400 naming the field for a bad value (the chat-only fields
     on /v1/completions are refused before, by refusals.py, unless neutral)."""
-    add_special = _bool(body, "add_special_tokens")
+    add_special = opt_bool(body, "add_special_tokens")
     default = ChatOptions(add_special_tokens=not chat if add_special is None else add_special)
     if not chat:
         return default
-    opened = _bool(body, "add_generation_prompt")
-    continued = _bool(body, "continue_final_message") or False
+    opened = opt_bool(body, "add_generation_prompt")
+    continued = opt_bool(body, "continue_final_message") or False
     if opened and continued:
         raise ApiError(400, "'continue_final_message' and 'add_generation_prompt' cannot both be "
                             "true: a continued message gets no new turn after it",
@@ -52,10 +52,3 @@ def chat_options(body: dict[str, Any], chat: bool) -> ChatOptions:
                        "chat_template_kwargs")
     return ChatOptions(default.add_special_tokens,
                        (not continued) if opened is None else opened, continued, dict(kwargs))
-
-
-def _bool(body: dict[str, Any], name: str) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {short_repr(value)}", name)
-    return value

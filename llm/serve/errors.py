@@ -24,6 +24,15 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
+def opt_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
+    """body[name] if it is true, false or absent (None); else a 400 naming `param` (or name)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{param or name}' must be true or false, got {short_repr(value)}",
+                       param or name)
+    return value
+
+
 def short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

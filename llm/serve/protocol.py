@@ -32,7 +32,7 @@ from llm.engine.contract.sampling_params import (
 )
 from llm.model.tokenizer.chat_template import message_text
 from llm.serve.chat_options import ChatOptions, chat_options
-from llm.serve.errors import ApiError, short_repr
+from llm.serve.errors import ApiError, opt_bool, short_repr
 from llm.serve.refusals import refuse_unsupported
 from llm.serve.structured_output import structured_output
 
@@ -86,16 +86,16 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
         max_tokens = _opt_int(body, "max_tokens", 1)
     top_k = _opt_int(body, "top_k", -1)
     seed = _opt_int(body, "seed", -2**63)  # any int64, as OpenAI's API
-    stream = _opt_bool(body, "stream") or False
+    stream = opt_bool(body, "stream") or False
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
     if options is not None and not stream:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
                        "stream_options")
-    include_usage = _opt_bool(options or {}, "include_usage", "stream_options.include_usage")
+    include_usage = opt_bool(options or {}, "include_usage", "stream_options.include_usage")
     logprobs = _chat_logprobs(body) if chat else _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
-    echo = _opt_bool(body, "echo") or False
+    echo = opt_bool(body, "echo") or False
     min_tokens = _opt_int(body, "min_tokens", 0) or 0
     n = _opt_int(body, "n", 1) or 1
     best_of = _opt_int(body, "best_of", 1)
@@ -111,9 +111,9 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             seed=seed,
             stop=_stop(body.get("stop")),
             stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
-            ignore_eos=_opt_bool(body, "ignore_eos") or False,
-            include_stop_str_in_output=_opt_bool(body, "include_stop_str_in_output") or False,
-            skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False,
+            ignore_eos=opt_bool(body, "ignore_eos") or False,
+            include_stop_str_in_output=opt_bool(body, "include_stop_str_in_output") or False,
+            skip_special_tokens=opt_bool(body, "skip_special_tokens") is not False,
             max_new_tokens=max(max_tokens or 1, min_tokens, 1),  # the real limit comes later
             logprobs=logprobs,
             prompt_logprobs=logprobs if echo else None,
@@ -147,7 +147,7 @@ def _stop_token_ids(value: Any) -> tuple[int, ...]:
 
 def _chat_logprobs(body: dict[str, Any]) -> int | None:
     """Chat's logprobs (true/false) and top_logprobs (0..20) -> the number of alternatives."""
-    wanted = _opt_bool(body, "logprobs")
+    wanted = opt_bool(body, "logprobs")
     top = _opt_int(body, "top_logprobs", 0, MAX_LOGPROBS)
     if top and not wanted:  # 0 is the default: vLLM's clients send it
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
@@ -253,14 +253,6 @@ def _opt_number(body: dict[str, Any], name: str, default: float) -> float:
     if not finite_number(value):
         raise ApiError(400, f"'{name}' must be a finite number, got {short_repr(value)}", name)
     return float(value)
-
-
-def _opt_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise ApiError(400, f"'{param or name}' must be true or false, got {short_repr(value)}",
-                       param or name)
-    return value
 
 
 def _is_int(value: Any) -> bool:

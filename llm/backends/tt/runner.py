@@ -28,6 +28,7 @@ from llm.backends.tt.trace import DecodeRunner
 from llm.backends.tt.weights import WeightStore
 from llm.engine.contract.backend import (
     FEATURES,
+    SAMPLING_MODES,
     Backend,
     BackendSpec,
     Capabilities,
@@ -132,8 +133,8 @@ class TTBackend(Backend):
         output) on the device (sampling.py, logprobs.py); a vocabulary too wide for one
         ttnn.topk: greedy only, no features."""
         supported = self.model.sampler.supported
-        modes = {"greedy"} | ({"temperature", "top_k", "top_p", "min_p"} if supported else set())
-        return Capabilities(frozenset(modes), self.runtime.max_batch, self.runtime.max_seq_len,
+        modes = SAMPLING_MODES if supported else frozenset({"greedy"})
+        return Capabilities(modes, self.runtime.max_batch, self.runtime.max_seq_len,
                             FEATURES if supported else frozenset())
 
     def close(self) -> None:
