@@ -523,6 +523,51 @@ def test_continue_final_message_matches_transformers(tmp_path, hf_dirs, template
             ref.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=prompt)
 
 
+PART_TEMPLATES = {  # templates that loop over a message's content, as vLLM detects them
+    # Gemma 3's form: a string printed as is, parts looped over
+    "either": "{% for m in messages %}<{{ m['role'] }}>{% if m['content'] is string %}"
+              "{{ m['content'] }}{% else %}{% for p in m['content'] %}[{{ p['text'] }}]"
+              "{% endfor %}{% endif %}</>{% endfor %}{% if add_generation_prompt %}<assistant>"
+              "{% endif %}",
+    # only parts, through a variable set from the content and attribute access
+    "alias": "{% for m in messages %}{% set c = m.content %}<{{ m.role }}>{% for p in c %}"
+             "{{ p.type }}:{{ p.text }};{% endfor %}{% endfor %}",
+}
+PART_CHATS = [
+    [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                  {"type": "text", "text": "there"}]}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": [{"type": "text", "text": "a"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "b"},
+                                       {"type": "text", "text": "The answer is"}]}],
+]
+
+
+@pytest.mark.parametrize("name", sorted(PART_TEMPLATES))
+def test_templates_that_loop_over_parts_get_parts(tmp_path, hf_dirs, name):
+    """A template that loops over a message's content gets OpenAI's text parts (a string
+    content as one part), rendered as transformers renders the same parts, continue_final_message
+    cut after the last part; a template that prints the content gets one joined string."""
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((hf_dirs["plain"] / "tokenizer_config.json").read_text())
+    path = _tokenizer_json_dir(tmp_path / name, {**config,
+                                                 "chat_template": PART_TEMPLATES[name]})
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+    tok = Tokenizer.from_path(path)
+    for messages in PART_CHATS:
+        as_parts = [{**m, "content": m["content"] if isinstance(m["content"], list)
+                     else [{"type": "text", "text": m["content"]}]} for m in messages]
+        for cont in (False, True):
+            got = tok.apply_chat_template(messages, continue_final_message=cont)
+            assert got == ref.apply_chat_template(as_parts, tokenize=False,
+                                                  add_generation_prompt=not cont,
+                                                  continue_final_message=cont), (name, cont)
+    assert tok.apply_chat_template(PART_CHATS[0]) in ("<user>[Hi][there]</><assistant>",
+                                                      "<user>text:Hi;text:there;")
+    plain = Tokenizer.from_path(hf_dirs["plain"])  # ChatML prints the content
+    assert "Hi\nthere<|im_end|>" in plain.apply_chat_template(PART_CHATS[0])
+
+
 def test_template_kwargs_reach_the_template(tmp_path, hf_dirs):
     """Extra template variables, as transformers passes its **kwargs; the variables
     apply_chat_template sets itself are refused."""

@@ -186,7 +186,7 @@ def _prompt(value: Any) -> str | list[int]:
                         "of those (batches of several prompts are not supported)", "prompt")
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
     out = []
@@ -209,8 +209,10 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            "messages")
         _utf8(content, "messages")
+        parts = m.get("content")  # text parts stay parts: the chat template picks its form
         out.append({"role": "system" if m["role"] == "developer" else m["role"],
-                    "content": content})
+                    "content": [{"type": "text", "text": p["text"]} for p in parts]
+                    if isinstance(parts, list) else content})
     return out
 
 

@@ -66,6 +66,29 @@ def test_chat_template_kwargs_and_add_special_tokens(client, serve_model) -> Non
     assert r.usage.prompt_tokens == len(serve_model.tokenizer.encode("Hi"))
 
 
+def test_text_parts_reach_the_template_as_the_python_api_sends_them(client, serve_model) -> None:
+    """Content as text parts: the server renders what LLM.chat renders for the same parts
+    (SmolLM2's template prints the content, so they are joined by newlines), and a continued
+    answer given as parts continues after its last part."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                          {"type": "text", "text": "of France?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "The capital"},
+                                               {"type": "text", "text": "of France is"}]}]
+    joined = [{"role": m["role"], "content": "\n".join(p["text"] for p in m["content"])}
+              for m in parts]
+    for cont in (False, True):
+        want = serve_model.chat(parts, SamplingParams(max_new_tokens=6),
+                                continue_final_message=cont)
+        same = serve_model.chat(joined, SamplingParams(max_new_tokens=6),
+                                continue_final_message=cont)
+        assert want.prompt_token_ids == same.prompt_token_ids
+        r = client.chat.completions.create(model=MODEL_NAME, messages=parts, max_tokens=6,
+                                           temperature=0,
+                                           extra_body={"continue_final_message": cont})
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert r.choices[0].message.content == want.text
+
+
 def test_python_api_refuses_both_turn_flags(serve_model) -> None:
     from llm.model.tokenizer.errors import TokenizerError
     with pytest.raises(TokenizerError, match="exclude each other"):

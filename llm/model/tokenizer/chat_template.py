@@ -1,6 +1,12 @@
 """Chat templates rendered as transformers renders them: a sandboxed Jinja2 environment with
 transformers' globals and filters (raise_exception, strftime_now, tojson, loop controls, the
-`{% generation %}` block), messages whose content is one string, and continue_final_message.
+`{% generation %}` block), continue_final_message, and each message's content in the form the
+template reads.
+
+Content forms (vLLM's "auto" content format): a template that loops over a message's content
+(`{% for part in message['content'] %}`, e.g. Gemma 3's or Llama 3.2 Vision's) gets every
+content as OpenAI's list of text parts, a string content as one part; any other template gets
+one string, text parts joined by newlines.
 
 continue_final_message (transformers' semantics): the last message's text gets a marker
 appended before rendering; the render is cut where the marker is (its last occurrence), so
@@ -30,6 +36,39 @@ CONTINUE_MARKER = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker: the sam
 def compile_template(source: str, origin: Path) -> Any:
     """Compile a chat template in the environment transformers uses for chat templates."""
     import jinja2
+
+    env = _environment()
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise TokenizerError(f"{origin}: chat template does not compile: {exc}") from exc
+
+
+def reads_parts(source: str) -> bool:
+    """Whether the template loops over a message's content (directly, or through a variable
+    set from it), i.e. reads content as a list of parts; False for a template that does not
+    parse (compile_template reports that)."""
+    import jinja2
+    from jinja2 import nodes
+
+    def is_content(node: nodes.Node) -> bool:
+        return (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const)
+                and node.arg.value == "content") or (
+            isinstance(node, nodes.Getattr) and node.attr == "content")
+
+    try:
+        tree = _environment().parse(source)
+    except jinja2.TemplateError:
+        return False
+    aliases = {a.target.name for a in tree.find_all(nodes.Assign)
+               if isinstance(a.target, nodes.Name) and is_content(a.node)}
+    return any(is_content(f.iter) or (isinstance(f.iter, nodes.Name) and f.iter.name in aliases)
+               for f in tree.find_all(nodes.For))
+
+
+def _environment() -> Any:
+    """transformers' sandboxed environment for chat templates, with its globals and filters."""
+    import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -47,10 +86,7 @@ def compile_template(source: str, origin: Path) -> Any:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as exc:
-        raise TokenizerError(f"{origin}: chat template does not compile: {exc}") from exc
+    return env
 
 
 def _generation_block() -> type:
@@ -71,9 +107,10 @@ def _generation_block() -> type:
 
 def render_chat(template: Any, origin: Path, messages: object, special_tokens: Mapping[str, str],
                 *, add_generation_prompt: bool, continue_final_message: bool = False,
-                template_kwargs: Mapping[str, Any] | None = None) -> str:
-    """`messages` rendered by the compiled `template` (see the module); TokenizerError for bad
-    messages, a template error, both add_generation_prompt and continue_final_message, or
+                template_kwargs: Mapping[str, Any] | None = None, parts: bool = False) -> str:
+    """`messages` rendered by the compiled `template` (see the module), contents as lists of
+    text parts if `parts` (`reads_parts` of the template), else as strings; TokenizerError for
+    bad messages, a template error, both add_generation_prompt and continue_final_message, or
     template_kwargs that set TEMPLATE_VARIABLES."""
     import jinja2
 
@@ -81,14 +118,18 @@ def render_chat(template: Any, origin: Path, messages: object, special_tokens: M
         raise TokenizerError("continue_final_message and add_generation_prompt exclude each "
                              "other: a continued message gets no new turn after it")
     texts = _text_messages(messages)
+    begun = texts[-1]["content"] if texts else ""
     extra = dict(template_kwargs or {})
     taken = sorted(set(extra) & (TEMPLATE_VARIABLES | set(special_tokens)))
     if taken:
         raise TokenizerError(f"template_kwargs may not set {taken}: apply_chat_template sets them")
+    if parts:
+        texts = [{**m, "content": _parts(raw["content"])}
+                 for m, raw in zip(texts, messages, strict=True)]
     if continue_final_message:
         if not texts:
             raise TokenizerError("continue_final_message needs at least one message to continue")
-        texts[-1] = {**texts[-1], "content": texts[-1]["content"] + CONTINUE_MARKER}
+        texts[-1] = {**texts[-1], "content": _with_marker(texts[-1]["content"])}
     try:
         rendered = template.render(messages=texts, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt,
@@ -100,7 +141,7 @@ def render_chat(template: Any, origin: Path, messages: object, special_tokens: M
     at = rendered.rfind(CONTINUE_MARKER.strip())
     if at < 0:
         raise TokenizerError(f"{origin}: continue_final_message: the chat template does not keep "
-                             f"the last message's text ({texts[-1]['content'][:40]!r}...), so "
+                             f"the last message's text ({begun[:40]!r}...), so "
                              "there is no place to continue it")
     if rendered.startswith(CONTINUE_MARKER, at):  # the template kept the trailing space
         return rendered[:at]
@@ -119,6 +160,21 @@ def message_text(content: object, role: str) -> str | None:
     if content is None and role == "assistant":
         return ""
     return content if isinstance(content, str) else None
+
+
+def _parts(content: object) -> list[dict[str, str]]:
+    """A valid message content (see `message_text`) as OpenAI's text parts."""
+    if isinstance(content, list):
+        return [{"type": "text", "text": p["text"]} for p in content]
+    return [{"type": "text", "text": content or ""}]
+
+
+def _with_marker(content: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+    """The content with CONTINUE_MARKER after its text (after its last part's, for parts)."""
+    if isinstance(content, str):
+        return content + CONTINUE_MARKER
+    last = content[-1] if content else {"type": "text", "text": ""}
+    return [*content[:-1], {**last, "text": last["text"] + CONTINUE_MARKER}]
 
 
 def _text_messages(messages: object) -> list[dict[str, str]]:

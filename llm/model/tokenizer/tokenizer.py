@@ -24,7 +24,12 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from llm.model.tokenizer import gguf_vocab, token_bytes
-from llm.model.tokenizer.chat_template import SPECIAL_NAMES, compile_template, render_chat
+from llm.model.tokenizer.chat_template import (
+    SPECIAL_NAMES,
+    compile_template,
+    reads_parts,
+    render_chat,
+)
 from llm.model.tokenizer.detokenizer import IncrementalDecoder
 from llm.model.tokenizer.errors import TokenizerError
 
@@ -234,6 +239,7 @@ class Tokenizer:
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
         self.chat_template: str | None = chat_template
         self._template: Any = None
+        self._template_reads_parts = False
         self._token_bytes: tuple[bytes, ...] | None = None
         with_special, without = backend.encode("a", True), backend.encode("a", False)
         self.add_bos: bool = (
@@ -379,12 +385,13 @@ class Tokenizer:
             raise TokenizerError(f"{self.source}: this model has no chat template")
         if self._template is None:
             self._template = compile_template(self.chat_template, self.source)
+            self._template_reads_parts = reads_parts(self.chat_template)
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
         return render_chat(self._template, self.source, messages, self.special_tokens,
                            add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message,
-                           template_kwargs=template_kwargs)
+                           template_kwargs=template_kwargs, parts=self._template_reads_parts)
 
     def token_bytes(self) -> tuple[bytes, ...]:
         """The bytes of every token id (see llm.model.tokenizer.token_bytes: special tokens are
