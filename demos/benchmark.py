@@ -19,7 +19,8 @@ rank moves per step (its weights and KV heads) over one GPU's copy bandwidth.
 --sampling full gives every user presence, frequency and repetition penalties, a logit bias and 5
 logprobs per token (the penalty / logprobs path; greedy, so the tokens stay comparable): run it
 next to the default --sampling greedy to measure what that path costs per step. --sampling top_p
-(temperature 0.8, top_p 0.9, seeded) and min_p (the same with min_p 0.05) time the sampled path.
+(temperature 0.8, top_p 0.9, seeded), min_p (the same with min_p 0.05) and temperature (0.8
+alone) time the sampled path.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ SAMPLINGS = {
                                             logprobs=5), 0),
     "top_p": SequenceSampling(SamplingParams(temperature=0.8, top_p=0.9, seed=1), 1),
     "min_p": SequenceSampling(SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05, seed=1), 1),
+    "temperature": SequenceSampling(SamplingParams(temperature=0.8, seed=1), 1),
 }
 
 
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
     p.add_argument("--sampling", default="greedy", choices=sorted(SAMPLINGS),
                    help="every user's sampling: greedy, full (penalties, bias, logprobs), "
-                   "top_p or min_p (sampled)")
+                   "top_p, min_p or temperature (sampled)")
     p.add_argument("--engines", default="llm,transformers",
                    help="comma list of: llm (CUDA graphs where available), llm-sync (graphs, "
                         "no step launched ahead), llm-eager, "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from llm.backends.torch.sampling import SamplingTensors, sample
+from llm.backends.torch.sampling import SamplingTensors, draw_whole_rows, sample
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -93,6 +94,48 @@ def test_seeded_rows_do_not_depend_on_batch_company() -> None:
         alone = sample(logits[i:i + 1], _tensors([params[i]], [params[i].seed or 0]), pos[i:i + 1])
         assert int(alone) == int(together[i])
     assert int(together[2]) == int(logits[2].argmax())
+
+
+def test_rows_without_top_k_or_top_p_skip_the_sort_with_the_same_tokens() -> None:
+    """A batch where no row uses top-k / top-p is not sorted (SamplingTensors.filtered False);
+    its rows draw what they draw sorted, in a batch beside a top-p row; bf16-rounded logits
+    (ties) included, a top_p of 1.0 keeps every token either way."""
+    torch.manual_seed(1)
+    logits = torch.cat([torch.randn(4, 3000), torch.randn(4, 3000).bfloat16().float()]) * 3
+    plain = [SamplingParams(temperature=t, min_p=m, top_p=1.0) for t in (0.5, 1.0, 2.0, 0.8)
+             for m in (0.0, 0.05)]
+    seeds, pos = list(range(8)), torch.arange(8) * 11
+    st = _tensors(plain, seeds)
+    assert not st.filtered
+    unsorted = sample(logits, st, pos)
+    assert sample(logits, dataclasses.replace(st, filtered=True), pos).tolist() == \
+        unsorted.tolist()
+    mixed = plain[:7] + [SamplingParams(temperature=0.8, top_p=0.5)]
+    st_mixed = _tensors(mixed, seeds)
+    assert st_mixed.filtered
+    assert sample(logits, st_mixed, pos)[:7].tolist() == unsorted[:7].tolist()
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0, 40.0])
+def test_the_row_draw_equals_the_whole_row_definition(scale) -> None:
+    """The CPU's draw over the tokens that can win equals the torch ops over whole rows
+    (`draw_whole_rows`, what the GPU kernel computes) for every mode: flat and peaked rows,
+    bf16-rounded values (ties at the top-k boundary), rows with masked (-inf) tokens."""
+    g = torch.Generator().manual_seed(int(scale))
+    modes = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, top_p=0.9),
+             SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.2, top_k=300),
+             SamplingParams(temperature=1.0, min_p=0.1), SamplingParams(temperature=0.9, top_p=0.5,
+                                                                        top_k=40, min_p=0.02),
+             SamplingParams(temperature=2.0, top_k=2000, top_p=0.95)]
+    n = 12 * len(modes)
+    logits = torch.randn(n, 3000, generator=g) * scale
+    logits[::3] = logits[::3].bfloat16().float()
+    logits[1::4, ::7] = float("-inf")
+    params = [modes[i % len(modes)] for i in range(n)]
+    st = _tensors(params, list(range(n)))
+    pos = torch.arange(n) * 13
+    x = logits / st.temperature[:, None]
+    assert sample(logits, st, pos).tolist() == draw_whole_rows(x, st, pos).tolist()
 
 
 def _histogram(logits: torch.Tensor, p: SamplingParams, n: int = 20000) -> torch.Tensor:

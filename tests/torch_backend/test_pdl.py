@@ -16,6 +16,7 @@ from uninterpreted import call_uninterpreted  # noqa: E402
 from llm.backends.torch.kernels import (  # noqa: E402
     argmax,
     gemv,
+    gumbel,
     norm,
     paged_decode,
     qgemv_words,
@@ -66,6 +67,11 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     (argmax._final_kernel, dict(N_CHUNKS=63, CHUNKS_PAD=64),
      {"val_ptr": "*fp32", "idx_ptr": "*i64", "out_val_ptr": "*fp32", "out_idx_ptr": "*i64"},
      False),
+    (gumbel._partial_kernel, dict(HAS_TOKENS=True, N_CHUNKS=63, BLOCK=2048),
+     {"x_ptr": "*fp32", "tok_ptr": "*i64", "seed_ptr": "*i64", "pos_ptr": "*i64",
+      "val_ptr": "*fp64", "best_ptr": "*i64"}, False),
+    (gumbel._final_kernel, dict(N_CHUNKS=63, CHUNKS_PAD=64),
+     {"val_ptr": "*fp64", "best_ptr": "*i64", "out_ptr": "*i64"}, False),
     (gemv._gemv_kernel, GEMV_ONE_ROW, {}, True),  # the first weight chunk: loaded before
     (gemv._gemv_kernel, GEMV_DOT, {}, True),
     (silu_mul._silu_mul_kernel, dict(INTER=8192, BLOCK=1024), {}, False),
@@ -84,8 +90,8 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
 
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
-       "argmax_final", "gemv_fma", "gemv_dot", "silu_mul", "qgemv_words",
-       "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
+       "argmax_final", "gumbel_partial", "gumbel_final", "gemv_fma", "gemv_dot", "silu_mul",
+       "qgemv_words", "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
        "qgemv_words_rope"]
 
 

@@ -61,7 +61,7 @@ def test_seeded_sampling_agrees_between_cpu_and_cuda() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_decode_equals_eager(dtype: str) -> None:
     """Greedy and seeded-sampled users mixed in one batch (3 users: bucket 4, one padding row;
-    one of them with min_p)."""
+    one of them with min_p), with top-k / top-p (the sorted graphs) and without; then greedy."""
     config = SMALL_CONFIGS["llama_gqa"]
     w = state_dict(hf_model(config))
     rt = RuntimeConfig(device="cuda", dtype=dtype, max_batch=5, max_seq_len=96, block_size=16)
@@ -73,7 +73,10 @@ def test_cuda_graph_decode_equals_eager(dtype: str) -> None:
     graphs = TorchBackend(Checkpoint(config, w, source=None), rt)
     eager = TorchBackend(Checkpoint(config, w, source=None), rt, cuda_graphs=False)
     assert graphs.graphs is not None and eager.graphs is None
-    for mode in (sampling, [SequenceSampling(SamplingParams(), 0)] * 3):  # mixed, then greedy
+    unsorted = [SequenceSampling(SamplingParams(), 0),  # no top-k / top-p: no sort
+                SequenceSampling(SamplingParams(temperature=0.7, seed=4), 4),
+                SequenceSampling(SamplingParams(temperature=1.0, min_p=0.05, seed=5), 5)]
+    for mode in (sampling, unsorted, [SequenceSampling(SamplingParams(), 0)] * 3):
         want = decode_together(eager, prompts, 24, mode)
         assert decode_together(graphs, prompts, 24, mode) == want
 

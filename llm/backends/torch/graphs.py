@@ -1,6 +1,7 @@
 """CUDA-graph decode: the torch backend's "trace".
 
-One graph per (padded batch bucket, sampling mode, selection path) is captured once; a decode step
+One graph per (padded batch bucket, sampling mode, selection path) is captured once (modes:
+greedy, sampled, sampled with top-k / top-p, which sorts); a decode step
 is one replay (embedding, all layers with the Triton kernels, final norm, LM head and token
 selection) over static device buffers. Rows past the live batch are padding: they feed token 0 at
 position 0 through page 0, which the page allocator never hands out, so they cannot touch a user's
@@ -36,7 +37,7 @@ from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.logprobs import select, to_host, top_k_width
 from llm.backends.torch.model import Transformer
 from llm.backends.torch.penalties import SlotPenalties
-from llm.backends.torch.sampling import SamplingTensors
+from llm.backends.torch.sampling import SamplingTensors, needs_sort
 from llm.backends.torch.token_masks import unpack_words
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import StepOutput
@@ -44,7 +45,9 @@ from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.contract.structured import TokenMasks
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-_MODES = ((True, False), (False, False), (True, True), (False, True))  # (greedy, full)
+# (greedy, filtered, full): filtered = some sampled row uses top-k / top-p (the rows are sorted)
+_MODES = tuple((greedy, filtered, full) for full in (False, True) for greedy, filtered in
+               ((True, False), (False, False), (False, True)))
 
 
 def buckets_for(max_batch: int) -> list[int]:
@@ -99,20 +102,21 @@ class DecodeGraphs:
         self._top_values_host = torch.zeros(n, k, dtype=torch.float32, pin_memory=True)
         self._top_ids_host = torch.zeros(n, k, dtype=torch.int64, pin_memory=True)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool, bool, bool], torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0
         self.pipeline = True  # launch the next step before returning this one's tokens
         self._ahead: _Launched | None = None
         self._ahead_full = False  # the step launched ahead took the penalty path (it counted)
         self._copied = torch.cuda.Event()
-        self._masked: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._masked: dict[tuple[int, bool, bool, bool], torch.cuda.CUDAGraph] = {}
         self._mask_words: torch.Tensor | None = None  # [max bucket, W] int32, on first use
         self._mask_host: torch.Tensor | None = None
         self.stats = {"steps": 0, "ahead_hits": 0, "masked_steps": 0}
 
-    def _step(self, b: int, greedy: bool, full: bool, masked: bool = False) -> None:
+    def _step(self, b: int, greedy: bool, filtered: bool, full: bool,
+              masked: bool = False) -> None:
         st = SamplingTensors(self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b],
-                             self.min_p[:b])
+                             self.min_p[:b], filtered)
         logits = self.model.decode(self.tokens[:b], self.positions[:b], self.page_table[:b],
                                    self.cache)  # [b, V]
         if masked:  # as token_masks.apply_token_masks: the disallowed tokens' logits at -inf
@@ -143,11 +147,11 @@ class DecodeGraphs:
                     self._step(b, *key)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         for b in reversed(self.buckets):
-            for greedy, full in _MODES:
+            for mode in _MODES:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self._step(b, greedy, full)
-                self.graphs[(b, greedy, full)] = graph
+                    self._step(b, *mode)
+                self.graphs[(b, *mode)] = graph
         self.penalties.counts.zero_()  # the warm-up counted padding tokens
         self.penalties.counted.zero_()
         torch.cuda.synchronize(self.model.device)
@@ -170,7 +174,8 @@ class DecodeGraphs:
         bucket = next(x for x in self.buckets if x >= b)
         params = [s.params for s in sampling]
         seeds = [s.seed for s in sampling]
-        key = (bucket, all(p.greedy for p in params), full)
+        greedy = all(p.greedy for p in params)
+        key = (bucket, greedy, not greedy and needs_sort(params), full)
         graph = self.graphs[key] if allowed is None else self._masked_graph(key)
         want = _Launched(tuple(slots), tuple(tokens), tuple(positions),
                          tuple(tuple(r) for r in page_table), tuple(zip(params, seeds)))
@@ -213,10 +218,10 @@ class DecodeGraphs:
         self._ahead_full = full
         return out
 
-    def _masked_graph(self, key: tuple[int, bool, bool]) -> torch.cuda.CUDAGraph:
-        """The masked graph of (bucket, greedy, full), captured on first use (the kernels were
-        compiled and warmed by `capture`; the mask buffers are allocated then, outside the
-        graphs' pool)."""
+    def _masked_graph(self, key: tuple[int, bool, bool, bool]) -> torch.cuda.CUDAGraph:
+        """The masked graph of (bucket, greedy, filtered, full), captured on first use (the
+        kernels were compiled and warmed by `capture`; the mask buffers are allocated then,
+        outside the graphs' pool)."""
         graph = self._masked.get(key)
         if graph is not None:
             return graph
