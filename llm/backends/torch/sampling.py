@@ -3,9 +3,11 @@
 Token selection runs on the device tensors of the logits (no host round trip): greedy argmax, or
 temperature / top-k / top-p sampling by the Gumbel-max trick with a counter-based random number per
 (seed, position, vocabulary index). The noise for a request therefore depends only on its own seed
-and the position being sampled, never on which other requests share the batch, and the whole
+and the position being sampled, never on which other requests share the batch. On CUDA the whole
 function is free of host synchronisation and global generator state (so it can live inside a CUDA
-graph).
+graph): whole rows, the draw in a Triton kernel (`draw_kernel`). On the CPU each sampled row draws
+over the tokens it can draw only (`_draw_rows`); both equal `draw_whole_rows`, the definition in
+torch ops.
 """
 
 from __future__ import annotations
@@ -188,24 +190,25 @@ def _draw_rows(x: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
         above = int((row >= floor).sum())
         limit = min(k, above) if k > 0 else above  # the tokens min_p and top-k keep
         z = _normaliser(row, best, floor, limit, above) if top_p < 1.0 else None
+        sort = limit < above or z is not None  # top-k or top-p cut the row
         cut = torch.maximum(floor, best - NOISE_SPAN)
-        if limit < above or z is not None:  # below the limit's / the nucleus's last value
+        if sort:  # nothing kept below the limit's / the nucleus's last value
             cut = torch.maximum(cut, _nucleus_floor(row, best, limit, z, top_p))
-        sort = limit < above or z is not None
         if sort or int((row >= cut).sum()) * 4 < len(row):
             ids = torch.nonzero(row >= cut)[:, 0]  # [n] ascending
             vals = row[ids]
         else:  # most of the row: masked in place is cheaper than gathered
-            ids, vals = torch.arange(len(row)), row.masked_fill(row < cut, float("-inf"))
+            ids = torch.arange(len(row), device=row.device)
+            vals = row.masked_fill(row < cut, float("-inf"))
         if sort:
             vals, order = torch.sort(vals, descending=True, stable=True)  # ties: the lower id
             ids = ids[order]
-            keep = torch.arange(len(ids)) < limit
+            keep = torch.arange(len(ids), device=row.device) < limit
             if z is not None:
                 probs = (torch.exp(vals - best) / z).masked_fill(~keep, 0.0)
                 keep &= torch.cumsum(probs, dim=0) - probs < top_p
             vals = vals.masked_fill(~keep, float("-inf"))
-        key = torch.tensor(keys[b], dtype=torch.int64)
+        key = torch.tensor(keys[b], dtype=torch.int64, device=row.device)
         score = vals.double() - torch.log(-torch.log(_uniform_at(key, ids)))  # [n]
         out[b] = ids[score == score.max()].min()
     return out
