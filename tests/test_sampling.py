@@ -138,6 +138,17 @@ def test_the_row_draw_equals_the_whole_row_definition(scale) -> None:
     assert sample(logits, st, pos).tolist() == draw_whole_rows(x, st, pos).tolist()
 
 
+def test_a_row_of_nans_gets_its_argmax_not_an_error() -> None:
+    """A broken row (NaN logits) in a sampled batch: the other rows sample as usual."""
+    logits = torch.randn(2, 300)
+    logits[0] = float("nan")
+    st = _tensors([SamplingParams(temperature=0.8, top_p=0.9)] * 2, [1, 2])
+    pos = torch.tensor([4, 5])
+    got = sample(logits, st, pos)
+    assert got[0] == torch.argmax(logits[0]) and got[1] == sample(logits[1:], _tensors(
+        [SamplingParams(temperature=0.8, top_p=0.9)], [2]), pos[1:])[0]
+
+
 def _histogram(logits: torch.Tensor, p: SamplingParams, n: int = 20000) -> torch.Tensor:
     """Sample one distribution at n different positions (independent draws of the counter RNG)."""
     st = _tensors([p] * n, [p.seed] * n)

@@ -136,8 +136,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
     x = logits.float() / st.temperature.clamp_min(1e-6)[:, None]  # [B, V]
     if not (x.is_cuda and _TRITON):  # row by row, only the tokens that can win
         return _draw_rows(x, st, position, greedy_tokens)
-    sampled = draw_kernel(x, st, position)
-    return torch.where(st.temperature > 0, sampled, greedy_tokens)
+    sampled = draw_kernel(x, st, position)  # a row of NaNs has no candidate: its argmax
+    return torch.where((st.temperature > 0) & (sampled < x.shape[-1]), sampled, greedy_tokens)
 
 
 def _kept(x: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -188,6 +188,8 @@ def _draw_rows(x: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
         best = row.max()
         floor = best + log_min_p[b]  # min_p's
         above = int((row >= floor).sum())
+        if not above:  # a NaN best (a broken row): no candidate, its argmax stands
+            continue
         limit = min(k, above) if k > 0 else above  # the tokens min_p and top-k keep
         z = _normaliser(row, best, floor, limit, above) if top_p < 1.0 else None
         sort = limit < above or z is not None  # top-k or top-p cut the row

@@ -93,8 +93,9 @@ def gumbel_argmax(x: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
                   tokens: torch.Tensor | None = None, block: int = 2048,
                   pdl: bool | None = None) -> torch.Tensor:
     """The token of each row with the largest x + Gumbel noise (see the module): x [B, N] fp32
-    (-inf: not a candidate; every row needs one), tokens [B, N] int64 the token of each value
-    (None: column j is token j), seed and position [B] int64 -> [B] int64."""
+    (-inf: not a candidate), tokens [B, N] int64 the token of each value (None: column j is
+    token j), seed and position [B] int64 -> [B] int64; 2**62 for a row without a candidate
+    (all -inf, or NaN)."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"gumbel_argmax takes [B, N] fp32 values with contiguous rows, got "
                          f"{x.dtype} {tuple(x.shape)} strides {x.stride()}")
