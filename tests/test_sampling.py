@@ -138,8 +138,24 @@ def test_the_row_draw_equals_the_whole_row_definition(scale) -> None:
     assert sample(logits, st, pos).tolist() == draw_whole_rows(x, st, pos).tolist()
 
 
+def test_a_top_k_of_one_beside_plain_sampled_rows_is_its_argmax() -> None:
+    """top_k 1 with a temperature is greedy, yet the sampler sees its temperature: the batch
+    must be sorted for it (found by review: unsorted, it drew from the whole row)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    params = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0)]
+    st = _tensors(params, [1, 2])
+    assert st.filtered
+    for step in range(50):
+        pos = torch.tensor([step, step])
+        assert sample(logits, st, pos)[0] == torch.argmax(logits[0])
+        assert draw_whole_rows(logits / st.temperature[:, None], st, pos)[0] == \
+            torch.argmax(logits[0])
+
+
 def test_a_row_of_nans_gets_its_argmax_not_an_error() -> None:
-    """A broken row (NaN logits) in a sampled batch: the other rows sample as usual."""
+    """A broken row (NaN logits) in a sampled batch: no error, the other rows sample as usual
+    (on the CPU; the GPU's sorted path gives another token of the broken row)."""
     logits = torch.randn(2, 300)
     logits[0] = float("nan")
     st = _tensors([SamplingParams(temperature=0.8, top_p=0.9)] * 2, [1, 2])

@@ -65,6 +65,8 @@ def test_gumbel_argmax_refuses_bad_inputs():
     seed = pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="fp32"):
         gumbel_argmax(x.double(), seed, pos)
+    with pytest.raises(ValueError, match="one entry per row"):
+        gumbel_argmax(x, seed[:1], pos)
     with pytest.raises(ValueError, match="tokens must be int64"):
         gumbel_argmax(x, seed, pos, tokens=torch.zeros(2, 8, dtype=torch.int32, device=DEVICE))
 

@@ -56,9 +56,10 @@ class SamplingTensors:
 
 
 def needs_sort(params: list[SamplingParams]) -> bool:
-    """Whether a batch's token selection needs its rows sorted: some sampled row uses top-k or
-    top-p (top_p 1.0 keeps every token: no filter)."""
-    return any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params)
+    """Whether a batch's token selection needs its rows sorted: some row with a temperature
+    uses top-k or top-p (top_p 1.0 keeps every token: no filter). A top_k 1 row counts: it is
+    greedy, but the sampler sees its temperature and draws from its one kept token."""
+    return any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0) for p in params)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -125,7 +126,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
     position [B]: the sequence position of the token being chosen (keys the random stream).
     all_greedy: pass the host-known answer to skip the sampling math entirely (greedy fast path).
     """
-    if logits.is_cuda and _TRITON and logits.stride(-1) == 1:  # torch.argmax: ~36 us a 128K row
+    if (logits.is_cuda and _TRITON and logits.stride(-1) == 1  # torch.argmax: ~36 us a row
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         from llm.backends.torch.kernels.argmax import max_argmax
 
         greedy_tokens = max_argmax(logits)[1]  # [B]; the first maximum, as torch.argmax
@@ -136,7 +138,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
     x = logits.float() / st.temperature.clamp_min(1e-6)[:, None]  # [B, V]
     if not (x.is_cuda and _TRITON):  # row by row, only the tokens that can win
         return _draw_rows(x, st, position, greedy_tokens)
-    sampled = draw_kernel(x, st, position)  # a row of NaNs has no candidate: its argmax
+    sampled = draw_kernel(x, st, position)  # a row of NaNs: no candidate, its argmax
     return torch.where((st.temperature > 0) & (sampled < x.shape[-1]), sampled, greedy_tokens)
 
 

@@ -94,8 +94,8 @@ def gumbel_argmax(x: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
                   pdl: bool | None = None) -> torch.Tensor:
     """The token of each row with the largest x + Gumbel noise (see the module): x [B, N] fp32
     (-inf: not a candidate), tokens [B, N] int64 the token of each value (None: column j is
-    token j), seed and position [B] int64 -> [B] int64; 2**62 for a row without a candidate
-    (all -inf, or NaN)."""
+    token j), seed and position [B] int64 -> [B] int64 (a row of -inf gives its first token;
+    one of NaN, which no score equals, 2**62)."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"gumbel_argmax takes [B, N] fp32 values with contiguous rows, got "
                          f"{x.dtype} {tuple(x.shape)} strides {x.stride()}")
@@ -103,6 +103,9 @@ def gumbel_argmax(x: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
                                or tokens.stride(1) != 1):
         raise ValueError(f"gumbel_argmax: tokens must be int64 {tuple(x.shape)} with contiguous "
                          f"rows, got {tokens.dtype} {tuple(tokens.shape)}")
+    if seed.shape != (x.shape[0],) or position.shape != (x.shape[0],):
+        raise ValueError(f"gumbel_argmax: seed and position need one entry per row "
+                         f"({x.shape[0]}), got {tuple(seed.shape)} and {tuple(position.shape)}")
     gdc = use_pdl(x, pdl)
     n, v = x.shape
     chunks = triton.cdiv(v, block)
