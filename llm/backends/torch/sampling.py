@@ -126,20 +126,25 @@ def sample(logits: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
     position [B]: the sequence position of the token being chosen (keys the random stream).
     all_greedy: pass the host-known answer to skip the sampling math entirely (greedy fast path).
     """
-    if (logits.is_cuda and _TRITON and logits.stride(-1) == 1  # torch.argmax: ~36 us a row
+    if all_greedy if all_greedy is not None else st.all_greedy:
+        return _argmax(logits)
+    x = logits.float() / st.temperature.clamp_min(1e-6)[:, None]  # [B, V]
+    if not (x.is_cuda and _TRITON):  # row by row, only the tokens that can win
+        return _draw_rows(logits, x, st, position)
+    greedy_tokens = _argmax(logits)
+    sampled = draw_kernel(x, st, position)  # a row of NaNs: no candidate, its argmax
+    return torch.where((st.temperature > 0) & (sampled < x.shape[-1]), sampled, greedy_tokens)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dim [B]; on CUDA the split Triton argmax (v11: torch.argmax
+    takes ~36 us a 128K row), which picks the same first maximum."""
+    if (logits.is_cuda and _TRITON and logits.stride(-1) == 1
             and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         from llm.backends.torch.kernels.argmax import max_argmax
 
-        greedy_tokens = max_argmax(logits)[1]  # [B]; the first maximum, as torch.argmax
-    else:
-        greedy_tokens = torch.argmax(logits, dim=-1)  # [B]
-    if all_greedy if all_greedy is not None else st.all_greedy:
-        return greedy_tokens
-    x = logits.float() / st.temperature.clamp_min(1e-6)[:, None]  # [B, V]
-    if not (x.is_cuda and _TRITON):  # row by row, only the tokens that can win
-        return _draw_rows(x, st, position, greedy_tokens)
-    sampled = draw_kernel(x, st, position)  # a row of NaNs: no candidate, its argmax
-    return torch.where((st.temperature > 0) & (sampled < x.shape[-1]), sampled, greedy_tokens)
+        return max_argmax(logits)[1]
+    return torch.argmax(logits, dim=-1)
 
 
 def _kept(x: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,26 +176,25 @@ def draw_kernel(x: torch.Tensor, st: SamplingTensors, position: torch.Tensor) ->
     return gumbel_argmax(kept, st.seed, position, tokens=order)
 
 
-def _draw_rows(x: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
-               greedy_tokens: torch.Tensor) -> torch.Tensor:
-    """`draw_whole_rows` one sampled row at a time (greedy rows keep greedy_tokens), with noise
+def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
+               position: torch.Tensor) -> torch.Tensor:
+    """`draw_whole_rows` one sampled row at a time (greedy rows: the argmax of logits), with noise
     and a sort only for the tokens that can be drawn: those kept by top-k / top-p (found by
     torch.topk of growing width) and within NOISE_SPAN of the row's best. They are a prefix of
     the row's sorted order, so top-k ranks and top-p masses are the same (the top-p normaliser
     sums the whole kept row). For the CPU, where whole rows' noise and sort cost ~1 and ~4 ms a
     row of 49,152 tokens."""
-    out = greedy_tokens.clone()
+    out = torch.empty(len(x), dtype=torch.int64, device=x.device)
     keys = _stream_key(st.seed, position).tolist()
     log_min_p = torch.log(st.min_p).tolist()
     for b, (temp, k, top_p) in enumerate(zip(st.temperature.tolist(), st.top_k.tolist(),
                                              st.top_p.tolist(), strict=True)):
-        if temp <= 0:
-            continue
         row = x[b]  # [V]
         best = row.max()
         floor = best + log_min_p[b]  # min_p's
-        above = int((row >= floor).sum())
-        if not above:  # a NaN best (a broken row): no candidate, its argmax stands
+        above = len(row) if log_min_p[b] == float("-inf") else int((row >= floor).sum())
+        if temp <= 0 or not above or bool(best.isnan()):  # greedy, or a broken row: argmax
+            out[b] = torch.argmax(logits[b])
             continue
         limit = min(k, above) if k > 0 else above  # the tokens min_p and top-k keep
         z = _normaliser(row, best, floor, limit, above) if top_p < 1.0 else None
@@ -214,7 +218,8 @@ def _draw_rows(x: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
             vals = vals.masked_fill(~keep, float("-inf"))
         key = torch.tensor(keys[b], dtype=torch.int64, device=row.device)
         score = vals.double() - torch.log(-torch.log(_uniform_at(key, ids)))  # [n]
-        out[b] = ids[score == score.max()].min()
+        # the lowest id among equal scores: argmax's first where ids ascend (unsorted)
+        out[b] = ids[score == score.max()].min() if sort else ids[torch.argmax(score)]
     return out
 
 
