@@ -211,8 +211,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         _utf8(content, "messages")
         parts = m.get("content")  # text parts stay parts: the chat template picks its form
         out.append({"role": "system" if m["role"] == "developer" else m["role"],
-                    "content": [{"type": "text", "text": p["text"]} for p in parts]
-                    if isinstance(parts, list) else content})
+                    "content": parts if isinstance(parts, list) else content})
     return out
 
 

@@ -46,8 +46,8 @@ from llm.engine.contract.structured import TokenMasks
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # (greedy, filtered, full): filtered = some sampled row uses top-k / top-p (the rows are sorted)
-_MODES = tuple((greedy, filtered, full) for full in (False, True) for greedy, filtered in
-               ((True, False), (False, False), (False, True)))
+_MODES = ((True, False, False), (False, False, False), (False, True, False),
+          (True, False, True), (False, False, True), (False, True, True))
 
 
 def buckets_for(max_batch: int) -> list[int]:
