@@ -306,10 +306,10 @@ class IdTokenizer:
     def decode(ids, skip_special_tokens: bool = True) -> str:
         return "".join(f" {i}" for i in ids)
 
-    def stream(self):
+    def stream(self, *, skip_special_tokens: bool = True):
         from llm.model.tokenizer.detokenizer import IncrementalDecoder
 
-        return IncrementalDecoder(self.decode)
+        return IncrementalDecoder(self.decode, skip_special_tokens=skip_special_tokens)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise TypeError("a random-weight model has no tokenizer: send token ids")
