@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("decode_profile.py needs a CUDA GPU (--smoke checks the script on the CPU)")
+    if args.smoke:  # each step runs Triton's interpreter on the CPU: a few suffice
+        args.prompt_len, args.steps, args.replays, args.profile_steps = 16, 4, 2, 1
     mesh, dev = Mesh.from_env(args.tp, "cpu" if args.smoke and not torch.cuda.is_available()
                               else "cuda")
     device, dtype = torch.device(dev), dtype_for(args)

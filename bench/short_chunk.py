@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench  # noqa: E402, F401, I001  (first: it picks Triton's interpreter where there is no GPU)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from bench.common import (  # noqa: E402
     SHAPES,
     configs_for,
