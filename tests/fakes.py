@@ -54,8 +54,10 @@ class FakeBackend(Backend):
         last = inp.start_pos + len(inp.tokens) - 1
         return next_token(inp.tokens[-1], last)
 
-    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+    def prefill_step(self, inp: PrefillInput, launched=None) -> StepOutput:
         """The fake model's token for this user and each fork (they share the prompt)."""
+        if launched is not None:
+            launched()
         return StepOutput([self.prefill(inp)] * (1 + len(inp.forks)))
 
     def copy_pages(self, pairs) -> None:

@@ -42,7 +42,7 @@ class _HasCore(Protocol):
 _log = logging.getLogger(__name__)
 # The longest the engine thread waits, after a step's prefill, for the event loops to stream the
 # first tokens it just produced before it starts the decode step (see _hand_over), and the
-# longest `submit` waits for an idle engine thread to pick a request up.
+# longest `submit` waits for an idle engine thread to launch a request's first prefill chunk.
 HAND_OVER_S = 0.002
 
 
@@ -129,7 +129,9 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = False  # the engine thread waits for work (set and cleared by it)
-        self._picked_up = threading.Event()  # the engine thread took the inbox after waiting
+        # set by the engine thread once a step's first prefill chunk is launched, or the step
+        # ended without one (what `submit` to an idle engine waits for)
+        self._launched = threading.Event()
         self._inbox: list[tuple[str, RequestStream]] = []
         self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._in_flight = 0
@@ -146,10 +148,11 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Validate and queue one request (call from a running event loop). Where the engine
-        thread was idle and the backend computes off this host's cores, it waits for the engine
-        to pick the request up (at most HAND_OVER_S, the GIL released), so that the engine starts
-        the request's prefill before the event loop goes on with the response: the loop's own
-        work then runs while the device computes."""
+        thread was idle and the backend computes off this host's cores, it waits (at most
+        HAND_OVER_S, the GIL released) until the engine has launched the request's first prefill
+        chunk on the device (the backend's `launched`), or finished its step without one: the
+        engine's admission and launch then run without the event loop's work beside them, and
+        the loop's work (the response's setup) runs while the device computes."""
         loop = asyncio.get_running_loop()
         seq = self.scheduler.make_sequence(next(self._ids), prompt_ids, params)
         stream = RequestStream(self, seq)
@@ -166,9 +169,11 @@ class AsyncEngine:
             self._streams[seq.index] = (stream, loop)
             self._inbox.append(("add", stream))
             idle = self._idle and not self.core.backend.host_compute
+            if idle:
+                self._launched.clear()
         self._wake.set()
         if idle:
-            self._picked_up.wait(HAND_OVER_S)
+            self._launched.wait(HAND_OVER_S)
         return stream
 
     def _post(self, command: tuple[str, RequestStream]) -> None:
@@ -200,7 +205,6 @@ class AsyncEngine:
                     commands, self._inbox = self._inbox, []
                     closed = self._closed
                     self._idle = False
-                self._picked_up.set()
                 for kind, stream in commands:
                     if kind == "add" and not closed:
                         try:
@@ -210,23 +214,27 @@ class AsyncEngine:
                     elif kind == "cancel":
                         self._deliver(_cancel(sched, stream.seq))
                 if closed:
+                    self._launched.set()
                     for stream, _ in list(self._streams.values()):
                         self._deliver(_cancel(sched, stream.seq))
                     return
                 if sched.has_work:
-                    for phase, events in enumerate(sched.step_phases()):
+                    for phase, events in enumerate(sched.step_phases(self._launched.set)):
+                        if phase == 0:  # no chunk launched (no prefill this step): done too
+                            self._launched.set()
                         loops = {self._deliver(ev) for ev in events} - {None}
                         if phase == 0 and loops and _only_new(sched):  # first tokens go out
                             _hand_over(loops, HAND_OVER_S)  # before the decode step
                 else:
-                    with self._lock:
+                    with self._lock:  # (set under the lock: a submit clears it after)
                         self._idle = not self._inbox
-                        self._picked_up.clear()
+                        self._launched.set()
                     self._wake.wait()
         except BaseException as exc:  # a backend failure: fail every request, free every page
             self.error = exc
             with self._lock:
                 self._closed = True
+            self._launched.set()
             for stream, _ in list(self._streams.values()):
                 with contextlib.suppress(Exception):  # free what can be freed
                     sched.cancel(stream.seq)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Sequence_
 from concurrent.futures import wait
 from contextlib import contextmanager
@@ -247,13 +247,16 @@ class Scheduler:
         """One scheduling iteration (admit, one prefill budget, one decode step); its events."""
         return [ev for events in self.step_phases() for ev in events]
 
-    def step_phases(self) -> Iterator[list[StreamEvent]]:
+    def step_phases(self, launched: Callable[[], None] | None = None
+                    ) -> Iterator[list[StreamEvent]]:
         """`step` in two halves: the events of admission + prefill, then those of the decode
         step, so that a caller can stream first tokens before the decode step runs.
+        launched: passed to each prefill_step of the step (see the backend contract): called
+        as each prefill chunk's device work is enqueued.
         """
         self._admit()
         events: list[StreamEvent] = []
-        self._prefill(events)
+        self._prefill(events, launched)
         yield events
         events = []
         self._decode(events)
@@ -285,7 +288,7 @@ class Scheduler:
                 f"KV pool cannot hold the next request ({self.waiting[0].budget} tokens, "
                 f"{self.pages.allocator.num_free} pages free)")
 
-    def _prefill(self, events: list[StreamEvent]) -> None:
+    def _prefill(self, events: list[StreamEvent], launched: Callable[[], None] | None) -> None:
         chunk = self.config.prefill_chunk
         budget = chunk
         for seq in [s for s in self.active.values() if not s.prompt_done and s.parent is None]:
@@ -305,7 +308,7 @@ class Scheduler:
                 with _joined(masks):
                     result = self.backend.prefill_step(PrefillInput(
                         seq.slot, prompt[start:start + n], start, self.pages.row(seq.slot),
-                        seq.sampling, targets, masks, cached, forks, select=last))
+                        seq.sampling, targets, masks, cached, forks, select=last), launched)
                 if targets is not None:
                     seq.out.prompt_logprobs.extend(_checked(result.prompt_logprobs, targets))
                 seq.prefilled += n

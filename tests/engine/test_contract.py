@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from concurrent.futures import Future
+from functools import partial
 
 import numpy as np
 import pytest
@@ -149,6 +150,30 @@ def test_a_chunk_that_selects_nothing_writes_the_same_kv(name: str) -> None:
     with pytest.raises(ValueError, match="select=True"):
         PrefillInput(0, [1], 0, [1], s, allowed=TokenMasks((0,), Future()), select=False)
     backend.close()
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_prefill_step_says_launched_once_per_call(name: str) -> None:
+    """Every backend calls prefill_step's `launched` exactly once per call, whether the chunk
+    selects a token or not and with prompt logprobs, and returns the same as without it."""
+    backend = create_backend(name, _spec(name))
+    prompt = [(5 * i) % 90 + 3 for i in range(40)]
+    for params in (SamplingParams(), SamplingParams(prompt_logprobs=1)):
+        s = SequenceSampling(params, 0)
+        targets = {"first": None, "last": None}
+        if params.prompt_logprobs is not None:
+            targets = {"first": prompt[1:33], "last": prompt[33:]}
+        calls: list[int] = []
+        first = backend.prefill_step(PrefillInput(0, prompt[:32], 0, [1, 2], s, targets["first"],
+                                                  select=False), partial(calls.append, 1))
+        assert calls == [1] and not first.tokens
+        last = backend.prefill_step(PrefillInput(0, prompt[32:], 32, [1, 2], s, targets["last"]),
+                                    partial(calls.append, 2))
+        assert calls == [1, 2]
+        again = backend.prefill_step(PrefillInput(1, prompt, 0, [3, 4], s,
+                                                  prompt[1:] if targets["last"] else None))
+        assert list(last.tokens) == list(again.tokens)
+    backend.close()
+
 
 def test_torch_and_tt_serve_every_feature() -> None:
     for name in ("torch", "tt"):

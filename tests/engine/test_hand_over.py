@@ -1,11 +1,12 @@
-"""The AsyncEngine's hand-overs: an idle engine thread takes a request before `submit` returns
-where the backend computes off the host, and the first token reaches the event loop before the
-decode step that follows its prefill starts."""
+"""The AsyncEngine's hand-overs: an idle engine thread launches a request's first prefill chunk
+before `submit` returns where the backend computes off the host, and the first token reaches the
+event loop before the decode step that follows its prefill starts."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -27,9 +28,9 @@ def _engine(host_compute: bool) -> tuple[AsyncEngine, list[str]]:
     prefill, decode = backend.prefill_step, backend.decode_step
 
     def logged(name, fn):
-        def call(inp):
+        def call(inp, *launched):
             log.append(name)
-            return fn(inp)
+            return fn(inp, *launched)
         return call
 
     backend.prefill_step = logged("prefill", prefill)
@@ -39,49 +40,65 @@ def _engine(host_compute: bool) -> tuple[AsyncEngine, list[str]]:
 
 
 @pytest.mark.parametrize("host_compute", [False, True])
-def test_submit_to_an_idle_engine(monkeypatch, host_compute: bool) -> None:
+def test_submit_to_an_idle_engine_waits_for_the_launch(monkeypatch, host_compute: bool) -> None:
+    """submit returns once the backend said the first chunk was launched, while that chunk's
+    prefill_step still runs (the device computing); where the backend computes on the host it
+    does not wait at all."""
     monkeypatch.setattr(async_engine, "HAND_OVER_S", 10.0)  # a slow machine cannot make it flaky
     engine, log = _engine(host_compute)
-    gate = threading.Event()
-    taken = []
+    backend = engine.core.backend
+    step = backend.prefill_step
+    computing, seen = threading.Event(), []
+
+    def prefill_step(inp, launched=None):
+        def launch() -> None:
+            log.append("launched")
+            launched()
+        out = step(inp, launch)
+        computing.wait(10)  # the device still computes: the token is not read yet
+        log.append("read back")
+        return out
+
+    backend.prefill_step = prefill_step
 
     async def go() -> list[int]:
         await asyncio.sleep(0.05)  # the engine thread is waiting for work by now
-        engine.scheduler.add = _gated(engine.scheduler.add, gate)
-        engine._picked_up = picked = _CountedEvent()
         stream = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4))
-        taken.append((picked.waits, not engine._inbox))
-        gate.set()
+        seen.append(list(log))
+        computing.set()
         return (await stream.result()).token_ids
 
     try:
         assert asyncio.run(go()) == expected_tokens([1, 2, 3], 4)
     finally:
         engine.shutdown()
-    if host_compute:  # submit did not wait
-        assert taken[0][0] == 0
-    else:  # it waited, and the engine thread took the request before submit returned
-        assert taken == [(1, True)]
+    if host_compute:  # submit did not wait (the engine may not have started yet)
+        assert "read back" not in seen[0]
+    else:  # it waited for the launch, and not for the chunk's result
+        assert seen == [["prefill", "launched"]]
 
 
-class _CountedEvent(threading.Event):
-    """An Event that counts the waits on it."""
+def test_submit_stops_waiting_when_the_step_launches_nothing(monkeypatch) -> None:
+    """A backend that never calls `launched` (or a step without a prefill) still lets submit go
+    once the step's prefill phase is over, not after HAND_OVER_S."""
+    monkeypatch.setattr(async_engine, "HAND_OVER_S", 10.0)
+    engine, log = _engine(host_compute=False)
+    backend = engine.core.backend
+    step = backend.prefill_step
+    backend.prefill_step = lambda inp, launched=None: step(inp)  # never says launched
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.waits = 0
+    async def go() -> float:
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        stream = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2))
+        waited = time.monotonic() - t0
+        await stream.result()
+        return waited
 
-    def wait(self, timeout: float | None = None) -> bool:
-        self.waits += 1
-        return super().wait(timeout)
-
-
-def _gated(add, gate: threading.Event):
-    """`add` that blocks until `gate` is set (so a request taken stays visible as taken)."""
-    def call(seq):
-        gate.wait(10)
-        return add(seq)
-    return call
+    try:
+        assert asyncio.run(go()) < 5.0
+    finally:
+        engine.shutdown()
 
 
 def test_first_token_is_read_before_the_next_decode_step(monkeypatch) -> None:

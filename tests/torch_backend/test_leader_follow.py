@@ -34,9 +34,9 @@ def _recording_backend(calls: list):
     backend = fake_parts()[0]
     step = backend.prefill_step
 
-    def prefill_step(inp: PrefillInput) -> StepOutput:
+    def prefill_step(inp: PrefillInput, launched=None) -> StepOutput:
         calls.append(("prefill_step", inp.select))
-        out = step(inp)
+        out = step(inp, launched)
         return out if inp.select else StepOutput(())
     backend.prefill_step = prefill_step
     return backend

@@ -151,3 +151,30 @@ def test_replayed_prefill_has_the_eager_padded_bits(dtype: str) -> None:
         tol = 1e-2 if dtype == "bfloat16" else 1e-5
         assert ((a.float() - plain.float()).norm() / plain.float().norm()) < tol
     pg.replay = True
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_a_replayed_chunk_says_launched_before_its_token_is_read() -> None:
+    """On the graph path prefill_step calls `launched` once, after the replay is enqueued and
+    before the host reads the token: a chunk made slow by a kernel queued ahead of it is still
+    running when `launched` is called."""
+    from llm.backends.torch.runner import TorchBackend
+    from llm.engine.contract.backend import PrefillInput, SequenceSampling
+    from llm.engine.contract.sampling_params import SamplingParams
+    from llm.model.checkpoint.common import Checkpoint
+
+    config = SMALL_CONFIGS["llama_gqa"]
+    rt = RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=2, max_seq_len=160,
+                       block_size=16)
+    backend = TorchBackend(Checkpoint(config, state_dict(hf_model(config)), source=None), rt)
+    row = list(range(1, rt.blocks_per_seq + 1))
+    s = SequenceSampling(SamplingParams(), 0)
+    busy = []
+
+    def launched() -> None:
+        busy.append(not torch.cuda.current_stream().query())
+
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the chunk
+    out = backend.prefill_step(PrefillInput(0, list(range(3, 40)), 0, row, s), launched)
+    assert busy == [True] and len(out.tokens) == 1
+    backend.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -203,13 +204,14 @@ class TorchBackend(Backend):
     def prefill(self, inp: PrefillInput) -> int:
         return self.prefill_step(dataclasses.replace(inp, select=True)).tokens[0]
 
-    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+    def prefill_step(self, inp: PrefillInput,
+                     launched: Callable[[], None] | None = None) -> StepOutput:
         """`prefill`, with the logprobs the request asked for (see the contract)."""
         self._check_open()
         with self._threads("prefill"):
-            return self._prefill(inp)
+            return self._prefill(inp, launched or _nothing)
 
-    def _prefill(self, inp: PrefillInput) -> StepOutput:
+    def _prefill(self, inp: PrefillInput, launched: Callable[[], None]) -> StepOutput:
         if self.graphs is not None:
             self.graphs.reset()  # a new user changes the batch: the step launched ahead is moot
         end = inp.start_pos + len(inp.tokens)
@@ -227,6 +229,7 @@ class TorchBackend(Backend):
         if inp.targets is None and pg is not None and pg.bucket(len(inp.tokens),
                                                                 inp.start_pos) is not None:
             logits = pg.run(inp.tokens, inp.page_table, inp.start_pos)  # [V]; it stages its own
+            launched()
             if not inp.select:  # nothing read back: the next chunk is staged while this one runs
                 return StepOutput(())
             return self._select(logits[None].expand(len(users), -1), users, slots,
@@ -239,6 +242,7 @@ class TorchBackend(Backend):
                                  "prompt_logprobs")
             local = self.model.prefill(tokens, inp.start_pos, page_row, self.cache,
                                        all_logits=True)  # [S, V(_local)]
+            launched()
             prompt = prompt_logprobs(self.model.gather_logits(local), params.temperature,
                                      inp.targets, params.prompt_logprobs)
             if not inp.select:
@@ -248,6 +252,7 @@ class TorchBackend(Backend):
             return StepOutput(out.tokens, out.logprobs, prompt)
         logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache,
                                     logits=inp.select)  # [V], or None
+        launched()
         if logits is None:
             return StepOutput(())
         return self._select(logits[None].expand(len(users), -1), users, slots,
@@ -344,3 +349,7 @@ def _check_device(name: str) -> torch.device:
         if count == 0 or (device.index or 0) >= count:
             raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s)")
     return device
+
+
+def _nothing() -> None:
+    """The `launched` of a prefill_step call that was given none."""

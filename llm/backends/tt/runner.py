@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +169,15 @@ class TTBackend(Backend):
         """One user's prompt, or a chunk of it at start_pos (a multiple of the block size)."""
         return self.prefill_step(dataclasses.replace(inp, forks=(), select=True)).tokens[0]
 
-    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+    def prefill_step(self, inp: PrefillInput,
+                     launched: Callable[[], None] | None = None) -> StepOutput:
         """`prefill`, with the logprobs the request asked for; forks (n > 1) draw their first
-        tokens from the same last logits, each with its own sampling parameters and seed."""
-        return self._prefill(inp, [inp.sampling] + [f.sampling for f in inp.forks])
+        tokens from the same last logits, each with its own sampling parameters and seed.
+        launched: see the contract (called once the chunk's forward is enqueued)."""
+        return self._prefill(inp, [inp.sampling] + [f.sampling for f in inp.forks], launched)
 
-    def _prefill(self, inp: PrefillInput, users: list[SequenceSampling]) -> StepOutput:
+    def _prefill(self, inp: PrefillInput, users: list[SequenceSampling],
+                 launched: Callable[[], None] | None = None) -> StepOutput:
         """Run the chunk; then the token each of `users` chooses from its last position."""
         self._check_call(users)
         ttnn, mesh, model = self.mesh.ttnn, self.mesh, self.model
@@ -199,6 +203,8 @@ class TTBackend(Backend):
             fill_row = put(pages[:, start // bs:], ttnn.int32)  # this chunk's pages onwards
         hidden = model.prefill_hidden(put(tok, ttnn.uint32), put(pages, ttnn.int32), start,
                                       fill_row, n)  # [1, 1, S, dim_local]
+        if launched is not None:  # ops are enqueued; the reads below wait for them
+            launched()
         slots = [inp.slot] + [f.slot for f in inp.forks]
         if model.penalties is not None:
             self._admit(inp)

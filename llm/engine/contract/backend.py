@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,9 +272,18 @@ class Backend(ABC):
     def decode(self, inp: DecodeInput) -> list[int]:
         """Run one token per user, write its K/V, return the next token of each user ([B])."""
 
-    def prefill_step(self, inp: PrefillInput) -> StepOutput:
+    def prefill_step(self, inp: PrefillInput,
+                     launched: Callable[[], None] | None = None) -> StepOutput:
         """`prefill` with what the request asked for beyond the token (log probabilities); a
-        backend declaring "logprobs" or "prompt_logprobs" overrides it (and `decode_step`)."""
+        backend declaring "logprobs" or "prompt_logprobs" overrides it (and `decode_step`).
+
+        launched: called once in the call, as soon as the chunk's device work is enqueued and
+        before the backend waits for any of it (one that cannot tell, or computes on the host,
+        calls it anywhere in the call, as this default does). The engine hands the host to the
+        event loop then, so that the loop's work runs while the device computes instead of
+        delaying the launch."""
+        if launched is not None:
+            launched()
         if not inp.select:
             self.prefill(dataclasses.replace(inp, select=True))  # the token is not wanted
             return StepOutput(())

@@ -75,10 +75,12 @@ class LeaderBackend(_Rank):
         self._send("copy_pages", list(pairs))
         self.backend.copy_pages(pairs)
 
-    def prefill_step(self, inp: PrefillInput) -> StepOutput:
-        """`prefill` with log probabilities (the followers run the same `prefill_step`)."""
+    def prefill_step(self, inp: PrefillInput,
+                     launched: Callable[[], None] | None = None) -> StepOutput:
+        """`prefill` with log probabilities (the followers run the same `prefill_step`;
+        `launched` is this rank's, as the contract says)."""
         self._send("prefill", inp)
-        return self.backend.prefill_step(inp)
+        return self.backend.prefill_step(inp, launched)
 
     def decode_step(self, inp: DecodeInput) -> StepOutput:
         """`decode` with log probabilities (the followers run the same work in `decode`)."""
