@@ -80,8 +80,11 @@ class StreamEvent:
     """New text of one request; `finished` is True on its last event, which carries `output`.
 
     logprobs: those of the tokens generated since the previous event (requests with
-    SamplingParams.logprobs; empty otherwise). choice: the sequence of the request this text is
-    of (n > 1; its RequestOutput.sequence, which best_of's returned choices keep);
+    SamplingParams.logprobs; empty otherwise). token_ids: the ids of the tokens generated since
+    this sequence's previous event (over its events, every generated token once, the stop
+    token included, as in RequestOutput.token_ids; not aligned with the event's text, whose end
+    can be held back while it may begin a stop string). choice: the sequence of the request
+    this text is of (n > 1; its RequestOutput.sequence, which best_of's returned choices keep);
     choice_finish: its finish_reason when this event ends it (with n > 1 the request ends,
     `finished`, when its last sequence does).
     """
@@ -93,6 +96,7 @@ class StreamEvent:
     logprobs: tuple[TokenLogprobs, ...] = ()
     choice: int = 0
     choice_finish: str | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -112,6 +116,7 @@ class Sequence:
     registered: int = 0  # leading pages of this request that are in the prefix cache
     emitted: int = 0  # characters of out.text already streamed
     logprobs_emitted: int = 0  # entries of out.logprobs already streamed
+    tokens_emitted: int = 0  # entries of out.token_ids already streamed
     starts: list[int] = field(default_factory=list)  # len(out.text) before each token's text
     stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there
     t_first: float = 0.0
@@ -203,7 +208,8 @@ class Sequence:
         if safe <= self.emitted:
             return None
         event = StreamEvent(out.index, out.text[self.emitted:safe],
-                            logprobs=self._new_logprobs(safe), choice=out.choice)
+                            logprobs=self._new_logprobs(safe), choice=out.choice,
+                            token_ids=self._new_tokens())
         self.emitted = safe
         return event
 
@@ -214,6 +220,12 @@ class Sequence:
         end = len(done) if upto is None else min(len(done), bisect.bisect_left(self.starts, upto))
         new = tuple(done[self.logprobs_emitted:end])
         self.logprobs_emitted = max(self.logprobs_emitted, end)
+        return new
+
+    def _new_tokens(self) -> tuple[int, ...]:
+        """The ids of the tokens generated since the previous event."""
+        new = tuple(self.out.token_ids[self.tokens_emitted:])
+        self.tokens_emitted += len(new)
         return new
 
     def cancel(self) -> StreamEvent:
@@ -245,7 +257,8 @@ class Sequence:
         # (read first: with best_of, _chosen numbers the returned outputs' choices anew)
         event = StreamEvent(out.index, text, finished=done,
                             output=_chosen(group, self.params) if done else None,
-                            logprobs=logprobs, choice=choice, choice_finish=out.finish_reason)
+                            logprobs=logprobs, choice=choice, choice_finish=out.finish_reason,
+                            token_ids=self._new_tokens())
         self.emitted = len(out.text)
         return event
 

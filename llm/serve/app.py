@@ -196,9 +196,9 @@ class _Handlers:
         else:  # token ids: nothing to run on a thread
             ids = self._encode(req, messages)
         stream = self._submit(ids, req)
-        shape = ResponseShape(chat, self.config.model_name)
+        shape = ResponseShape(chat, self.config.model_name, token_ids=req.token_ids)
         if req.params.logprobs is not None:
-            shape.logprobs = LogprobsFormatter(self.engine.tokenizer)
+            shape.logprobs = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids)
         if req.echo:
             shape.echo = (req.prompt if isinstance(req.prompt, str)
                           else self.engine.tokenizer.decode(ids, skip_special_tokens=False))
@@ -258,9 +258,12 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage
                     yield shape.echo_chunk(stream.seq.out, usage_field=include_usage,
                                            index=index)
             first = ev.choice not in started
-            if ev.text or ev.logprobs or (first and shape.chat):
+            ids = shape.token_ids and (first or ev.token_ids)
+            if ev.text or ev.logprobs or (first and shape.chat) or ids:
+                prompt = stream.seq.out.prompt_token_ids if first and shape.echo is None else None
                 yield shape.chunk(ev.text, first=first, usage_field=include_usage,
-                                  logprobs=ev.logprobs, index=ev.choice)
+                                  logprobs=ev.logprobs, index=ev.choice, token_ids=ev.token_ids,
+                                  prompt_ids=prompt)
             started.add(ev.choice)
             if ev.choice_finish is not None:
                 yield shape.chunk("", ev.choice_finish, usage_field=include_usage,

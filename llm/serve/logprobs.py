@@ -11,6 +11,9 @@ of a UTF-8 character decodes to U+FFFD, and its "bytes" are that text's, not the
 bytes. text_offset counts the characters of those texts from the start of the choice's text,
 across the chunks of a stream (each choice of an n > 1 response from 0).
 -inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf.
+With as_ids (vLLM's return_tokens_as_token_ids) each token is named "token_id:<id>" instead of
+its text, in "tokens", the top_logprobs keys and chat's "token" and "bytes" alike; text_offset
+still counts the characters of the tokens' texts, so that it indexes the choice's text.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ class LogprobsFormatter:
     """The logprobs objects of one response (it keeps each choice's text offset between
     chunks)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, as_ids: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         self.offsets: dict[int, int] = {}  # choice -> characters of its tokens so far
         self._texts: dict[int, str] = {}
 
@@ -41,6 +45,10 @@ class LogprobsFormatter:
             text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return text
 
+    def label(self, token: int) -> str:
+        """How the response names a token: its text, or "token_id:<id>" with as_ids."""
+        return f"token_id:{token}" if self.as_ids else self.text(token)
+
     def completion(self, tokens: Sequence[int], entries: Sequence[TokenLogprobs | None],
                    choice: int = 0) -> dict[str, Any]:
         """/v1/completions' object for `tokens` of choice `choice` and their logprobs (None: the
@@ -49,17 +57,16 @@ class LogprobsFormatter:
                                      "text_offset": []}
         offset = self.offsets.get(choice, 0)
         for token, entry in zip(tokens, entries, strict=True):
-            text = self.text(token)
-            out["tokens"].append(text)
+            out["tokens"].append(self.label(token))
             out["text_offset"].append(offset)
-            offset += len(text)
+            offset += len(self.text(token))
             self.offsets[choice] = offset
             if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            top = {self.text(t): _finite(v) for t, v in entry.top}
-            top.setdefault(text, _finite(entry.logprob))
+            top = {self.label(t): _finite(v) for t, v in entry.top}
+            top.setdefault(self.label(token), _finite(entry.logprob))
             out["token_logprobs"].append(_finite(entry.logprob))
             out["top_logprobs"].append(top)
         return out
@@ -72,7 +79,7 @@ class LogprobsFormatter:
         return {"content": content, "refusal": None}
 
     def _chat_entry(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self.text(token)
+        text = self.label(token)
         return {"token": text, "logprob": _finite(logprob),
                 "bytes": list(text.encode("utf-8", "surrogatepass"))}
 

@@ -9,7 +9,8 @@ a string, token ids, or a one-element list of either) or messages (chat), max_to
 extensions), add_special_tokens (chat_options.py), ignore_eos (extension), presence_penalty,
 frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
 (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
-logprobs, the prompt's logprobs too); structured output (structured_output.py): response_format
+logprobs, the prompt's logprobs too); return_token_ids and return_tokens_as_token_ids (vLLM's
+extensions); structured output (structured_output.py): response_format
 (text, json_object, json_schema) and vLLM's guided_json / guided_regex / guided_choice /
 guided_grammar, one at a time; n choices (best_of on /v1/completions). Fields this server cannot
 honour (suffix, tools / functions / tool_choice / function_call, vLLM's structured_outputs and
@@ -50,6 +51,9 @@ class ParsedRequest:
     (chat_options.py).
     echo (completions): the response text begins with the prompt (and, with logprobs, so do the
     logprobs, from params.prompt_logprobs).
+    token_ids (vLLM's return_token_ids): the response carries the prompt's and each choice's
+    generated token ids. tokens_as_ids (vLLM's return_tokens_as_token_ids): logprobs name each
+    token "token_id:<id>" instead of its text.
     """
 
     prompt: str | list[int]
@@ -60,6 +64,8 @@ class ParsedRequest:
     include_usage: bool
     echo: bool = False
     options: ChatOptions = ChatOptions(add_special_tokens=True)
+    token_ids: bool = False
+    tokens_as_ids: bool = False
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -129,7 +135,8 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
-                         echo, rendering), messages
+                         echo, rendering, opt_bool(body, "return_token_ids") or False,
+                         opt_bool(body, "return_tokens_as_token_ids") or False), messages
 
 
 def _stop_token_ids(value: Any) -> tuple[int, ...]:

@@ -20,7 +20,11 @@ from llm.serve.logprobs import LogprobsFormatter
 class ResponseShape:
     """The identity of one response: kind (chat or not), id, model and creation time; and what
     it carries besides the completion: the echoed prompt's text (completions with echo, else
-    None) and the logprobs formatter (requests with logprobs, else None).
+    None), the logprobs formatter (requests with logprobs, else None) and whether token ids come
+    too (vLLM's return_token_ids: completions put "prompt_token_ids" and "token_ids" in each
+    choice; chat puts "prompt_token_ids" in the response, or the chunk, and "token_ids" in each
+    choice; streamed, the prompt's go in each choice's first chunk, the generated ones as
+    deltas).
     """
 
     chat: bool
@@ -29,6 +33,7 @@ class ResponseShape:
     created: int = field(default_factory=lambda: int(time.time()))
     echo: str | None = None
     logprobs: LogprobsFormatter | None = None
+    token_ids: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -45,7 +50,10 @@ class ResponseShape:
         """The non-streamed response of a finished request (one choice per returned sequence,
         n > 1)."""
         choices = [self._choice(o) for o in (out.choices or [out])]
-        return {**self._head(False), "choices": choices, "usage": usage(out)}
+        body = {**self._head(False), "choices": choices, "usage": usage(out)}
+        if self.token_ids and self.chat:
+            body["prompt_token_ids"] = list(out.prompt_token_ids)
+        return body
 
     def _choice(self, out: RequestOutput) -> dict[str, Any]:
         """One choice of a whole response."""
@@ -66,6 +74,10 @@ class ResponseShape:
                 logprobs = self.logprobs.completion(tokens, entries, out.choice)
             choice = {"index": out.choice, "text": text, "finish_reason": out.finish_reason,
                       "logprobs": logprobs}
+            if self.token_ids:
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
+        if self.token_ids:
+            choice["token_ids"] = list(out.token_ids)
         return choice
 
     def echo_chunk(self, out: RequestOutput, usage_field: bool = False, index: int = 0) -> bytes:
@@ -77,14 +89,19 @@ class ResponseShape:
             logprobs = self.logprobs.completion(out.prompt_token_ids, out.prompt_logprobs or [],
                                                 index)
         choice = {"index": index, "text": self.echo, "finish_reason": None, "logprobs": logprobs}
+        if self.token_ids:
+            choice.update(prompt_token_ids=list(out.prompt_token_ids), token_ids=[])
         return sse({**self._head(True), "choices": [choice],
                     **({"usage": None} if usage_field else {})})
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
               usage_field: bool = False, logprobs: Sequence[TokenLogprobs] = (),
-              index: int = 0) -> bytes:
+              index: int = 0, token_ids: Sequence[int] = (),
+              prompt_ids: Sequence[int] | None = None) -> bytes:
         """One SSE event carrying a text delta of choice `index` (and the logprobs of its
-        tokens); first: the choice's first chunk (chat: it carries the role). Usage is never
+        tokens); first: the choice's first chunk (chat: it carries the role). With token ids
+        wanted: `token_ids`, the ids generated since the choice's previous chunk, and
+        `prompt_ids`, the prompt's (given on the choice's first chunk). Usage is never
         in it: with stream_options.include_usage it comes in the extra last chunk (`usage_chunk`)
         and every other chunk has "usage": null (`usage_field`), as OpenAI streams it; without,
         no chunk has the field (a client summing usage over chunks counts it once)."""
@@ -98,6 +115,10 @@ class ResponseShape:
             choice = {"index": index, "text": text, "finish_reason": finish_reason,
                       "logprobs": self._logprobs(logprobs, index) if logprobs else None}
         body = {**self._head(True), "choices": [choice]}
+        if self.token_ids:
+            if prompt_ids is not None:
+                (body if self.chat else choice)["prompt_token_ids"] = list(prompt_ids)
+            choice["token_ids"] = list(token_ids)
         if usage_field:
             body["usage"] = None
         return sse(body)

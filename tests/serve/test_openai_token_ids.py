@@ -1,0 +1,117 @@
+"""vLLM's return_token_ids and return_tokens_as_token_ids with the official `openai` client: the
+prompt's and the generated token ids, whole and streamed (the deltas add up to the whole), equal
+to the Python API's; logprobs naming tokens "token_id:<id>" with the same values and text
+offsets; and a clear 400 for a malformed value, with nothing left held after."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from conftest import MODEL_NAME
+
+from llm.engine.contract.sampling_params import SamplingParams
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+IDS = {"return_token_ids": True}
+
+
+@pytest.fixture(scope="module")
+def reference(serve_model):
+    """The Python API's greedy completion of PROMPT (8 tokens, 2 logprobs alternatives)."""
+    return serve_model.generate([PROMPT], SamplingParams(max_new_tokens=8, logprobs=2))[0]
+
+
+def _extra(obj, name: str):
+    return (obj.model_extra or {}).get(name)
+
+
+def test_completion_token_ids_whole_and_streamed(client, reference) -> None:
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                  extra_body=IDS)
+    choice = r.choices[0]
+    assert _extra(choice, "prompt_token_ids") == reference.prompt_token_ids
+    assert _extra(choice, "token_ids") == reference.token_ids
+    assert choice.text == reference.text
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                            temperature=0, stream=True, extra_body=IDS))
+    with_choice = [c.choices[0] for c in chunks if c.choices]
+    assert _extra(with_choice[0], "prompt_token_ids") == reference.prompt_token_ids
+    assert all(_extra(c, "prompt_token_ids") is None for c in with_choice[1:])
+    assert [t for c in with_choice for t in _extra(c, "token_ids")] == reference.token_ids
+    assert "".join(c.text for c in with_choice) == reference.text
+    plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                      temperature=0)
+    assert _extra(plain.choices[0], "token_ids") is None  # only when asked for
+
+
+def test_chat_token_ids_whole_and_streamed(client, serve_model) -> None:
+    want = serve_model.chat(CHAT, SamplingParams(max_new_tokens=6))
+    r = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=6,
+                                       temperature=0, extra_body=IDS)
+    assert _extra(r, "prompt_token_ids") == want.prompt_token_ids
+    assert _extra(r.choices[0], "token_ids") == want.token_ids
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=6,
+                                                 temperature=0, stream=True, extra_body=IDS))
+    assert _extra(chunks[0], "prompt_token_ids") == want.prompt_token_ids
+    assert all(_extra(c, "prompt_token_ids") is None for c in chunks[1:])
+    assert [t for c in chunks for t in _extra(c.choices[0], "token_ids")] == want.token_ids
+
+
+def test_n_choices_carry_their_own_token_ids(client, serve_model) -> None:
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=5, n=3, seed=7,
+                                  temperature=1.0, extra_body=IDS)
+    streamed = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=5,
+                                              n=3, seed=7, temperature=1.0, stream=True,
+                                              extra_body=IDS))
+    assert sum(len(_extra(c, "token_ids")) for c in r.choices) == r.usage.completion_tokens
+    for choice in r.choices:
+        ids = _extra(choice, "token_ids")
+        assert serve_model.tokenizer.decode(ids) == choice.text
+        mine = [c.choices[0] for c in streamed if c.choices and c.choices[0].index == choice.index]
+        assert [t for c in mine for t in _extra(c, "token_ids")] == ids
+        assert sum(_extra(c, "prompt_token_ids") is not None for c in mine) == 1
+
+
+def test_echo_puts_the_prompt_ids_in_the_echo_chunk(client, reference) -> None:
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                            temperature=0, echo=True, stream=True,
+                                            extra_body=IDS))
+    first = chunks[0].choices[0]
+    assert first.text == PROMPT and _extra(first, "token_ids") == []
+    assert _extra(first, "prompt_token_ids") == reference.prompt_token_ids
+    rest = [c.choices[0] for c in chunks[1:] if c.choices]
+    assert all(_extra(c, "prompt_token_ids") is None for c in rest)
+    assert [t for c in rest for t in _extra(c, "token_ids")] == reference.token_ids
+
+
+def test_logprobs_name_tokens_by_id(client, reference, serve_model) -> None:
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                  logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{e.token}" for e in reference.logprobs]
+    texts = [serve_model.tokenizer.decode([e.token], skip_special_tokens=False)
+             for e in reference.logprobs]
+    assert lp.text_offset == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    for top, e in zip(lp.top_logprobs, reference.logprobs, strict=True):
+        want = {f"token_id:{t}": v for t, v in e.top}
+        want.setdefault(f"token_id:{e.token}", e.logprob)
+        assert set(top) == set(want)
+        assert [top[k] for k in want] == pytest.approx(list(want.values()), abs=1e-3)
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"return_tokens_as_token_ids": True})
+    ids = [int(c.token.removeprefix("token_id:")) for c in chat.choices[0].logprobs.content]
+    assert serve_model.tokenizer.decode(ids) == chat.choices[0].message.content
+    for c in chat.choices[0].logprobs.content:
+        assert bytes(c.bytes).decode() == c.token
+        assert all(t.token.startswith("token_id:") for t in c.top_logprobs)
+
+
+@pytest.mark.parametrize("field", ["return_token_ids", "return_tokens_as_token_ids"])
+def test_malformed_flags_are_refused_by_name(client, live_server, field) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                  extra_body={field: "yes"})
+    assert e.value.body["param"] == field
+    assert live_server.wait_all_free()
