@@ -212,11 +212,13 @@ class AsyncEngine:
                         except QueueFullError as exc:  # submit counts the same: a guard
                             self._deliver(stream.seq.index, exc)
                     elif kind == "cancel":
-                        self._deliver(_cancel(sched, stream.seq))
+                        for event in _cancel(sched, stream.seq):
+                            self._deliver(event)
                 if closed:
                     self._launched.set()
                     for stream, _ in list(self._streams.values()):
-                        self._deliver(_cancel(sched, stream.seq))
+                        for event in _cancel(sched, stream.seq):
+                            self._deliver(event)
                     return
                 if sched.has_work:
                     for phase, events in enumerate(sched.step_phases(self._launched.set)):
@@ -288,11 +290,12 @@ def _hand_over(loops: set[asyncio.AbstractEventLoop], timeout_s: float) -> None:
             return
 
 
-def _cancel(sched: Scheduler, seq: Sequence) -> StreamEvent:
-    """Cancel `seq` wherever it is (scheduler or not yet added); the final event for its stream."""
-    event = sched.cancel(seq)
-    if event is not None:
-        return event
+def _cancel(sched: Scheduler, seq: Sequence) -> list[StreamEvent]:
+    """Cancel `seq` wherever it is (scheduler or not yet added); the final events for its stream
+    (one per sequence of the request still running; the last ends the stream)."""
+    events = sched.cancel(seq)
+    if events:
+        return events
     if not seq.finished:  # submitted but never handed to the scheduler
         return seq.cancel()
-    return StreamEvent(seq.index, "", True, seq.out)  # already finished: a no-op for its stream
+    return [StreamEvent(seq.index, "", True, seq.out)]  # already finished: a no-op for its stream

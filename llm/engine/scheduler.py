@@ -227,21 +227,22 @@ class Scheduler:
                 f"waiting); retry later")
         self.waiting.append(seq)
 
-    def cancel(self, seq: Sequence) -> StreamEvent | None:
+    def cancel(self, seq: Sequence) -> list[StreamEvent]:
         """Drop the request of `seq` (every sequence of it) wherever it is, freeing its slots
-        and pages; its final event, or None if it had already finished.
+        and pages; the final events of its sequences still running (`Sequence.cancel`: the
+        last one ends the request), none if it had already finished.
         """
         group = seq.group
         if all(s.finished for s in group):
-            return None
+            return []
         if not self._retire_group(seq):
             if group[0] not in self.waiting:
-                return None
+                return []
             self.waiting.remove(group[0])
-        event = next(s for s in group if not s.finished).cancel()  # cancels every one left
+        events = seq.cancel()  # cancels every one left
         if self.metrics is not None:
             self.metrics.on_finish("cancelled")
-        return event
+        return events
 
     def step(self) -> list[StreamEvent]:
         """One scheduling iteration (admit, one prefill budget, one decode step); its events."""
@@ -366,7 +367,7 @@ class Scheduler:
         try:
             event = seq.accept(token, now, logprobs)
         except GrammarError as exc:  # this request's own grammar: it alone fails
-            events.append(self._fail(seq, RequestFailure(str(exc), exc.param)))
+            events.extend(self._fail(seq, RequestFailure(str(exc), exc.param)))
             return
         if self.metrics is not None:  # a request's TTFT once: its first sequence's
             self.metrics.on_token(None if first and seq.parent is not None else latency, first)
@@ -378,14 +379,14 @@ class Scheduler:
         if event is not None:
             events.append(event)
 
-    def _fail(self, seq: Sequence, failure: RequestFailure) -> StreamEvent:
+    def _fail(self, seq: Sequence, failure: RequestFailure) -> list[StreamEvent]:
         """End the running request of `seq` with `failure`, freeing the slots and pages of all
-        its sequences; its final event."""
-        event = seq.fail(failure)
+        its sequences; their final events (`Sequence.fail`)."""
+        events = seq.fail(failure)
         self._retire_group(seq)
         if self.metrics is not None:
             self.metrics.on_finish("error")
-        return event
+        return events
 
     def _retire_group(self, seq: Sequence) -> bool:
         """Retire every sequence of the request of `seq` that holds a batch slot; whether any

@@ -228,21 +228,23 @@ class Sequence:
         self.tokens_emitted += len(new)
         return new
 
-    def cancel(self) -> StreamEvent:
-        """Mark the request (each of its sequences still running) cancelled and return its final
-        event (with this sequence's text not yet streamed)."""
+    def cancel(self) -> list[StreamEvent]:
+        """Mark the request (each of its sequences still running) cancelled; the final event of
+        each of those, with what it had not streamed yet (the last one ends the request)."""
         return self._end("cancelled")
 
-    def fail(self, failure: RequestFailure) -> StreamEvent:
+    def fail(self, failure: RequestFailure) -> list[StreamEvent]:
         """End the request (each of its sequences still running) with finish_reason "error" and
-        `failure`; its final event."""
+        `failure`; the final events, as `cancel`."""
         return self._end("error", failure)
 
-    def _end(self, reason: str, failure: RequestFailure | None = None) -> StreamEvent:
-        for s in self.group:
+    def _end(self, reason: str, failure: RequestFailure | None = None) -> list[StreamEvent]:
+        events = []
+        for s in self.group:  # one at a time: only the last one's event ends the request
             if not s.finished:
                 s.out.finish_reason, s.out.error = reason, failure
-        return self.final_event()
+                events.append(s.final_event())
+        return events
 
     def final_event(self) -> StreamEvent:
         """The last event of this sequence; it ends the request if no other sequence of the

@@ -253,6 +253,8 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage
             if ev.finished and ev.output is not None and ev.output.error is not None:
                 yield sse(_failed(ev.output.error).body())
                 break
+            if ev.choice_finish == "error":  # another choice of a failed request: its error
+                continue  # event follows (no "error" finish_reason, which OpenAI does not have)
             if not started and shape.echo is not None:  # the prompt's logprobs are known by now
                 for index in range(stream.seq.params.n):
                     yield shape.echo_chunk(stream.seq.out, usage_field=include_usage,

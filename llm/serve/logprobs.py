@@ -12,8 +12,9 @@ bytes. text_offset counts the characters of those texts from the start of the ch
 across the chunks of a stream (each choice of an n > 1 response from 0).
 -inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf.
 With as_ids (vLLM's return_tokens_as_token_ids) each token is named "token_id:<id>" instead of
-its text, in "tokens", the top_logprobs keys and chat's "token" and "bytes" alike; text_offset
-still counts the characters of the tokens' texts, so that it indexes the choice's text.
+its text, in "tokens", the top_logprobs keys and chat's "token" (chat's "bytes" are the label's
+for the alternatives, the text's for the chosen token, as vLLM has them); text_offset still
+counts the characters of the tokens' texts, so that it indexes the choice's text.
 """
 
 from __future__ import annotations
@@ -73,14 +74,17 @@ class LogprobsFormatter:
 
     def chat(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
         """/v1/chat/completions' object for generated tokens' logprobs."""
-        content = [{**self._chat_entry(e.token, e.logprob),
+        content = [{**self._chat_entry(e.token, e.logprob, chosen=True),
                     "top_logprobs": [self._chat_entry(t, v) for t, v in e.top]}
                    for e in entries]
         return {"content": content, "refusal": None}
 
-    def _chat_entry(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self.label(token)
-        return {"token": text, "logprob": _finite(logprob),
+    def _chat_entry(self, token: int, logprob: float, chosen: bool = False) -> dict[str, Any]:
+        """One entry; its "bytes" are those of its "token", but a chosen token's are those of
+        its text also with as_ids (as vLLM's: the output's bytes stay recoverable)."""
+        label = self.label(token)
+        text = self.text(token) if chosen else label
+        return {"token": label, "logprob": _finite(logprob),
                 "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
 

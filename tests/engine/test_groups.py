@@ -99,10 +99,34 @@ def test_cancelling_a_group_frees_every_sequence() -> None:
     sched.add(seq)
     sched.step()
     sched.step()
-    event = sched.cancel(seq.children[0])  # any member cancels the request
-    assert event is not None and event.finished
+    events = sched.cancel(seq.children[0])  # any member cancels the request
+    assert [(e.choice, e.choice_finish, e.finished) for e in events] == [
+        (0, "cancelled", False), (1, "cancelled", True)]  # each choice's end; the last ends it
     assert [s.out.finish_reason for s in seq.group] == ["cancelled", "cancelled"]
-    assert sched.cancel(seq) is None and no_leak(sched)
+    assert sched.cancel(seq) == [] and no_leak(sched)
+
+
+def test_a_cancelled_group_streams_every_choice_to_its_end() -> None:
+    """Text held back for a stop string, and its tokens' ids, reach each choice's last event
+    when the request is cancelled: over its events every choice streams all its tokens."""
+    sched, _ = make()
+    params = SamplingParams(n=2, max_new_tokens=20, stop=["a stop string no fake token makes"])
+    seq = sched.make_sequence(0, list(range(1, 11)), params)
+    sched.add(seq)
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    texts: dict[int, str] = {0: "", 1: ""}
+    for _ in range(4):
+        for ev in sched.step():
+            streamed[ev.choice] += ev.token_ids
+            texts[ev.choice] += ev.text
+    events = sched.cancel(seq)
+    for ev in events:
+        streamed[ev.choice] += ev.token_ids
+        texts[ev.choice] += ev.text
+    for s in seq.group:
+        assert streamed[s.out.choice] == s.out.token_ids and len(s.out.token_ids) >= 4
+        assert texts[s.out.choice] == s.out.text
+    assert events[-1].finished and no_leak(sched)
 
 
 def test_too_many_sequences_and_best_of_without_logprobs_are_refused_by_name() -> None:

@@ -103,9 +103,11 @@ def test_logprobs_name_tokens_by_id(client, reference, serve_model) -> None:
                                           extra_body={"return_tokens_as_token_ids": True})
     ids = [int(c.token.removeprefix("token_id:")) for c in chat.choices[0].logprobs.content]
     assert serve_model.tokenizer.decode(ids) == chat.choices[0].message.content
-    for c in chat.choices[0].logprobs.content:
-        assert bytes(c.bytes).decode() == c.token
+    content = chat.choices[0].logprobs.content
+    assert b"".join(bytes(c.bytes) for c in content).decode() == chat.choices[0].message.content
+    for c in content:  # the chosen token's bytes are its text's, the alternatives' their label's
         assert all(t.token.startswith("token_id:") for t in c.top_logprobs)
+        assert all(bytes(t.bytes).decode() == t.token for t in c.top_logprobs)
 
 
 @pytest.mark.parametrize("field", ["return_token_ids", "return_tokens_as_token_ids"])

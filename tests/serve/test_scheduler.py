@@ -170,11 +170,11 @@ def test_cancel_frees_slot_and_pages_active_or_waiting() -> None:
     sched.step()
     alloc = sched.pages.allocator
     assert running.slot in sched.active and alloc.num_free == alloc.capacity - 7  # 53 tokens
-    ev = sched.cancel(running)
+    [ev] = sched.cancel(running)
     assert ev.finished and ev.output.finish_reason == "cancelled"
     assert ev.output.token_ids == running.out.token_ids and len(running.out.token_ids) == 2
-    assert sched.cancel(running) is None  # twice: nothing more
-    assert sched.cancel(queued).output.finish_reason == "cancelled"
+    assert sched.cancel(running) == []  # twice: nothing more
+    assert sched.cancel(queued)[0].output.finish_reason == "cancelled"
     assert all_free(sched)
     assert sched.step() == []
 

@@ -46,8 +46,12 @@ def test_followers_replay_the_leaders_prefill_calls() -> None:
     leader_calls, follower_calls = [], []
     channel = Recorder()
     leader = LeaderBackend(_recording_backend(leader_calls), channel)
-    assert leader.prefill_step(PrefillInput(0, [1, 2], 0, [1], GREEDY, select=False)).tokens == ()
+    launched: list[int] = []
+    assert leader.prefill_step(PrefillInput(0, [1, 2], 0, [1], GREEDY, select=False),
+                               lambda: launched.append(1)).tokens == ()
     assert len(leader.prefill_step(PrefillInput(0, [3], 2, [1], GREEDY)).tokens) == 1
+    assert launched == [1]  # the leader's own backend calls it; the broadcast holds inputs only
+    assert all(isinstance(inp, PrefillInput) for _, inp in channel.sent)
     leader.prefill(PrefillInput(1, [4], 0, [2], GREEDY, select=False))  # prefill: a token
     leader.close()
     assert follow(_recording_backend(follower_calls), Recorder(channel.sent)) == 3

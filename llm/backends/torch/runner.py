@@ -44,6 +44,10 @@ from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.paths import default_cache_dir
 
 
+def _nothing() -> None:
+    """The `launched` of a prefill_step call that was given none (and of decode's selection)."""
+
+
 class TorchBackend(Backend):
     """PyTorch on CPU or CUDA, fp32 / bf16 / fp16; one process, or one rank of a tensor-parallel
     mesh (every rank runs the same calls; see llm.backends.torch.parallel.leader).
@@ -177,17 +181,23 @@ class TorchBackend(Backend):
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _select(self, logits: torch.Tensor, sampling: list[SequenceSampling], slots: list[int],
-                positions: list[int], full: bool, allowed: TokenMasks | None = None
-                ) -> StepOutput:
+                positions: list[int], full: bool, allowed: TokenMasks | None = None,
+                launched: Callable[[], None] = _nothing) -> StepOutput:
         """logits [B, V(_local)] -> tokens (and logprobs); `positions` are those of the tokens
         being chosen. full: the penalty / logprobs path (see logprobs.select). allowed: the
-        structured-output masks, applied first (one rank: the whole vocabulary is local)."""
-        if allowed is not None:
+        structured-output masks, applied first (one rank: the whole vocabulary is local).
+        launched: called before the first copy that waits for the device (prefill_step's)."""
+        if allowed is not None:  # the masks may wait for the grammar thread, and copy
+            launched()
+            launched = _nothing
             logits = apply_token_masks(logits, allowed)
         params = [s.params for s in sampling]
         all_greedy = all(p.greedy for p in params)
         if all_greedy and not full:  # an argmax: no sampling tensors to copy to the device
-            return StepOutput(self.model.sample(logits, None, None, True).tolist())
+            tokens = self.model.sample(logits, None, None, True)
+            launched()
+            return StepOutput(tokens.tolist())
+        launched()  # (the sampling tensors' copies from pageable memory wait for the device)
         st = SamplingTensors.build(params, [s.seed for s in sampling], self.device)
         pos = self._tensor(positions)
         if not full:
@@ -229,11 +239,11 @@ class TorchBackend(Backend):
         if inp.targets is None and pg is not None and pg.bucket(len(inp.tokens),
                                                                 inp.start_pos) is not None:
             logits = pg.run(inp.tokens, inp.page_table, inp.start_pos)  # [V]; it stages its own
-            launched()
             if not inp.select:  # nothing read back: the next chunk is staged while this one runs
+                launched()
                 return StepOutput(())
             return self._select(logits[None].expand(len(users), -1), users, slots,
-                                [end] * len(users), full_path(users), inp.allowed)
+                                [end] * len(users), full_path(users), inp.allowed, launched)
         tokens = self._tensor(list(inp.tokens))  # [S]
         page_row = self._tensor(list(inp.page_table))
         if inp.targets is not None:
@@ -252,11 +262,11 @@ class TorchBackend(Backend):
             return StepOutput(out.tokens, out.logprobs, prompt)
         logits = self.model.prefill(tokens, inp.start_pos, page_row, self.cache,
                                     logits=inp.select)  # [V], or None
-        launched()
         if logits is None:
+            launched()
             return StepOutput(())
         return self._select(logits[None].expand(len(users), -1), users, slots,
-                            [end] * len(users), full_path(users), inp.allowed)
+                            [end] * len(users), full_path(users), inp.allowed, launched)
 
     def copy_pages(self, pairs) -> None:
         """See the contract (Backend.copy_pages)."""
@@ -350,6 +360,3 @@ def _check_device(name: str) -> torch.device:
             raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s)")
     return device
 
-
-def _nothing() -> None:
-    """The `launched` of a prefill_step call that was given none."""

@@ -277,11 +277,12 @@ class Backend(ABC):
         """`prefill` with what the request asked for beyond the token (log probabilities); a
         backend declaring "logprobs" or "prompt_logprobs" overrides it (and `decode_step`).
 
-        launched: called once in the call, as soon as the chunk's device work is enqueued and
-        before the backend waits for any of it (one that cannot tell, or computes on the host,
-        calls it anywhere in the call, as this default does). The engine hands the host to the
-        event loop then, so that the loop's work runs while the device computes instead of
-        delaying the launch."""
+        launched: called once in the call, once the chunk's forward is enqueued on the device
+        (and, where no wait comes before, the token's selection) and before the backend waits
+        for any of that work (one that cannot tell, or computes on the host, calls it anywhere
+        in the call, as this default does). The engine hands the host to the event loop then,
+        so that the loop's work runs while the device computes instead of delaying the
+        launch."""
         if launched is not None:
             launched()
         if not inp.select:
