@@ -151,6 +151,18 @@ class _Handlers:
             raise ApiError(400, f"cannot tokenize the input: {e}",
                            "messages" if req.chat else "prompt") from e
 
+    def _truncated(self, ids: list[int], keep: int | None) -> list[int]:
+        """The prompt's last `keep` tokens (truncate_prompt_tokens; -1: the context's size)."""
+        if keep is None:
+            return ids
+        context = self.engine.max_seq_len
+        if keep == -1:
+            keep = context
+        if keep > context:
+            raise ApiError(400, f"truncate_prompt_tokens={keep} is greater than the context of "
+                                f"{context} tokens", "truncate_prompt_tokens")
+        return ids[-keep:]
+
     def _limit(self, req: ParsedRequest, prompt_len: int) -> int:
         """The request's max_new_tokens, checked against the context."""
         context = self.engine.max_seq_len
@@ -195,12 +207,14 @@ class _Handlers:
             ids = await asyncio.to_thread(self._encode, req, messages)
         else:  # token ids: nothing to run on a thread
             ids = self._encode(req, messages)
+        whole = len(ids)
+        ids = self._truncated(ids, req.truncate)
         stream = self._submit(ids, req)
         shape = ResponseShape(chat, self.config.model_name, token_ids=req.token_ids)
         if req.params.logprobs is not None:
             shape.logprobs = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids)
-        if req.echo:
-            shape.echo = (req.prompt if isinstance(req.prompt, str)
+        if req.echo:  # the prompt as run: a truncated one as its kept tokens read
+            shape.echo = (req.prompt if isinstance(req.prompt, str) and len(ids) == whole
                           else self.engine.tokenizer.decode(ids, skip_special_tokens=False))
         if req.stream:
             return EventStreamResponse(_sse_events(stream, shape, req.include_usage, self._ended),

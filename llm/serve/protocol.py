@@ -1,23 +1,23 @@
 """OpenAI request bodies -> validated requests, with a 4xx `ApiError` naming what is wrong.
 
-Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions:
-a string, token ids, or a one-element list of either) or messages (chat), max_tokens
-(max_completion_tokens for chat), temperature, top_p, top_k and min_p (extensions; top_k -1 or
-0 = off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_tokens
-(extensions), stream, stream_options.include_usage, n, best_of (completions; not streamed when
-> n), add_generation_prompt, continue_final_message and chat_template_kwargs (chat, vLLM's
-extensions), add_special_tokens (chat_options.py), ignore_eos (extension), presence_penalty,
-frequency_penalty, repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs
-(completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
-logprobs, the prompt's logprobs too); return_token_ids and return_tokens_as_token_ids (vLLM's
-extensions); structured output (structured_output.py): response_format
-(text, json_object, json_schema) and vLLM's guided_json / guided_regex / guided_choice /
-guided_grammar, one at a time; n choices (best_of on /v1/completions). Fields this server cannot
-honour (suffix, tools / functions / tool_choice / function_call, vLLM's structured_outputs and
-guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options without stream, and
-the vLLM / OpenAI fields of refusals.py, such as use_beam_search or chat_template, unless they
-hold the value meaning "not used") are refused rather than silently ignored; a parameter the
-backend cannot serve is refused at submission, naming it.
+Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions: a
+string, token ids, or a one-element list of either) or messages (chat), max_tokens
+(max_completion_tokens for chat), temperature, top_p, top_k and min_p (extensions; top_k -1 or 0 =
+off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_tokens (extensions),
+stream, stream_options.include_usage, n, best_of (completions; not streamed when > n),
+add_generation_prompt, continue_final_message and chat_template_kwargs (chat, vLLM's extensions),
+add_special_tokens (chat_options.py), ignore_eos (extension), presence_penalty, frequency_penalty,
+repetition_penalty (extension), logit_bias, min_tokens (extension); logprobs (completions: 0..20
+alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with logprobs, the
+prompt's logprobs too); return_token_ids, return_tokens_as_token_ids and truncate_prompt_tokens
+(vLLM's extensions); structured output (structured_output.py): response_format (text, json_object,
+json_schema) and vLLM's guided_json / guided_regex / guided_choice / guided_grammar, one at a time;
+n choices (best_of on /v1/completions). Fields this server cannot honour (suffix, tools / functions
+/ tool_choice / function_call, vLLM's structured_outputs and guided_whitespace_pattern,
+prompt_logprobs, chat's echo, stream_options without stream, and the vLLM / OpenAI fields of
+refusals.py, such as use_beam_search or chat_template, unless they hold the value meaning "not
+used") are refused rather than silently ignored; a parameter the backend cannot serve is refused at
+submission, naming it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class ParsedRequest:
     logprobs, from params.prompt_logprobs).
     token_ids (vLLM's return_token_ids): the response carries the prompt's and each choice's
     generated token ids. tokens_as_ids (vLLM's return_tokens_as_token_ids): logprobs name each
-    token "token_id:<id>" instead of its text.
+    token "token_id:<id>" instead of its text. truncate (vLLM's truncate_prompt_tokens): keep
+    only the prompt's last `truncate` tokens (-1: as many as the context holds), None: all.
     """
 
     prompt: str | list[int]
@@ -66,6 +67,7 @@ class ParsedRequest:
     options: ChatOptions = ChatOptions(add_special_tokens=True)
     token_ids: bool = False
     tokens_as_ids: bool = False
+    truncate: int | None = None
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -136,7 +138,8 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
         raise ApiError(400, str(e), api_param(e.param)) from e
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
                          echo, rendering, opt_bool(body, "return_token_ids") or False,
-                         opt_bool(body, "return_tokens_as_token_ids") or False), messages
+                         opt_bool(body, "return_tokens_as_token_ids") or False,
+                         _truncation(body)), messages
 
 
 def _stop_token_ids(value: Any) -> tuple[int, ...]:
@@ -241,6 +244,14 @@ def _utf8(text: str, param: str) -> str:
         raise ApiError(400, f"'{param}' is not valid Unicode text: {e.reason} at index {e.start}",
                        param) from e
     return text
+
+
+def _truncation(body: dict[str, Any]) -> int | None:
+    """truncate_prompt_tokens: a positive count of tokens, or -1 (the context's size)."""
+    value = body.get("truncate_prompt_tokens")
+    if value is None or (_is_int(value) and value == -1):
+        return value
+    return _opt_int(body, "truncate_prompt_tokens", 1)
 
 
 def _opt_int(body: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int | None:

@@ -117,3 +117,34 @@ def test_malformed_flags_are_refused_by_name(client, live_server, field) -> None
                                   extra_body={field: "yes"})
     assert e.value.body["param"] == field
     assert live_server.wait_all_free()
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, serve_model) -> None:
+    ids = serve_model.tokenizer.encode("Once upon a time there was a little dog called Max who")
+    keep = 6
+    want = serve_model.generate([ids[-keep:]], SamplingParams(max_new_tokens=5))[0]
+    r = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=5, temperature=0,
+                                  echo=True, extra_body={"truncate_prompt_tokens": keep, **IDS})
+    choice = r.choices[0]
+    assert r.usage.prompt_tokens == keep and _extra(choice, "prompt_token_ids") == ids[-keep:]
+    assert _extra(choice, "token_ids") == want.token_ids
+    kept = serve_model.tokenizer.decode(ids[-keep:], skip_special_tokens=False)
+    assert choice.text == kept + want.text  # echo shows the prompt as it ran
+    text = serve_model.tokenizer.decode(ids)
+    r = client.completions.create(model=MODEL_NAME, prompt=text, max_tokens=2, temperature=0,
+                                  echo=True, extra_body={"truncate_prompt_tokens": 500})
+    assert r.choices[0].text.startswith(text)  # nothing cut: the prompt as sent
+    r = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=2,
+                                       extra_body={"truncate_prompt_tokens": -1})
+    assert r.usage.prompt_tokens == len(serve_model.tokenizer.encode(
+        serve_model.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True),
+        add_special_tokens=False))
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "3", True, 10**6])
+def test_bad_truncate_prompt_tokens_is_refused(client, live_server, value) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"truncate_prompt_tokens": value})
+    assert e.value.body["param"] == "truncate_prompt_tokens"
+    assert live_server.wait_all_free()
