@@ -178,6 +178,11 @@ class Scheduler:
             raise SamplingParamsError(f"{at}logit_bias keys {bad[:5]} are not token ids of this "
                                       f"model's vocabulary [0, {self.vocab_size})",
                                       param="logit_bias")
+        bad = [t for t in params.allowed_token_ids if t >= self.vocab_size]
+        if bad:
+            raise SamplingParamsError(f"{at}allowed_token_ids {bad[:5]} are not token ids of "
+                                      f"this model's vocabulary [0, {self.vocab_size})",
+                                      param="allowed_token_ids")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise SamplingParamsError(f"{at}stop_token_ids {bad[:5]} are not token ids of this "

@@ -15,7 +15,7 @@ from llm.serve.errors import ApiError, short_repr
 # "not used" values (numbers compare as numbers: priority 0 and 0.0 alike)
 UNHONOURED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,), "length_penalty": (1,), "spaces_between_special_tokens": (True,),
-    "bad_words": ([],), "allowed_token_ids": ([],),
+    "bad_words": ([],),
     "chat_template": (), "documents": ([],), "mm_processor_kwargs": ({},),
     "logits_processors": ([],), "guided_decoding_backend": (), "structural_tag": (),
     "prompt_embeds": (), "vllm_xargs": ({},), "priority": (0,), "prediction": (), "audio": (),

@@ -76,7 +76,9 @@ FEATURE_PARAMS = {"logprobs": {"logprobs": 2}, "prompt_logprobs": {"prompt_logpr
                   "presence_penalty": {"presence_penalty": 0.5},
                   "frequency_penalty": {"frequency_penalty": -0.5},
                   "repetition_penalty": {"repetition_penalty": 1.2},
-                  "logit_bias": {"logit_bias": {3: 5.0}}, "min_tokens": {"min_tokens": 2}}
+                  "logit_bias": {"logit_bias": {3: 5.0}}, "min_tokens": {"min_tokens": 2},
+                  "allowed_token_ids": {"allowed_token_ids": (5, 17), "logit_bias": {17: -1.0,
+                                                                                     9: 100.0}}}
 
 
 def _check_features(backend, name: str) -> None:
@@ -99,6 +101,12 @@ def _check_features(backend, name: str) -> None:
             assert out.logprobs[0].token == out.tokens[0] and len(out.logprobs[0].top) == 2
         if param == "prompt_logprobs":
             assert [lp.token for lp in out.prompt_logprobs] == [2, 3]
+        if param == "allowed_token_ids":  # a bias does not let token 9 back in
+            assert out.tokens[0] in (5, 17)
+            for seed in range(8):  # sampled: within the set too
+                hot = SequenceSampling(SamplingParams(temperature=2.0, **kwargs), seed, (2,))
+                step = backend.prefill_step(PrefillInput(0, [1, 2, 3], 0, [1, 2], hot))
+                assert step.tokens[0] in (5, 17)
 
 
 def _masks(rows: tuple[int, ...], allowed: list[int], vocab: int) -> TokenMasks:

@@ -148,3 +148,29 @@ def test_bad_truncate_prompt_tokens_is_refused(client, live_server, value) -> No
                                   extra_body={"truncate_prompt_tokens": value})
     assert e.value.body["param"] == "truncate_prompt_tokens"
     assert live_server.wait_all_free()
+
+
+def test_allowed_token_ids_restrict_the_choice(client, serve_model) -> None:
+    allowed = serve_model.tokenizer.encode(" Paris London Rome yes no")
+    want = serve_model.generate([PROMPT], SamplingParams(max_new_tokens=6, logprobs=2,
+                                                         allowed_token_ids=allowed))[0]
+    assert set(want.token_ids) <= set(allowed)
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                  logprobs=2, extra_body={"allowed_token_ids": allowed, **IDS})
+    choice = r.choices[0]
+    assert _extra(choice, "token_ids") == want.token_ids and choice.text == want.text
+    for top in choice.logprobs.top_logprobs:  # the alternatives are allowed tokens too
+        assert set(top) <= {serve_model.tokenizer.decode([t]) for t in allowed}
+    sampled = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12,
+                                        temperature=1.5, seed=3,
+                                        extra_body={"allowed_token_ids": allowed[:2], **IDS})
+    assert set(_extra(sampled.choices[0], "token_ids")) <= set(allowed[:2])
+
+
+@pytest.mark.parametrize("value", [[], [-1], [1.5], "1", [True], [10**6], {"1": 1}])
+def test_bad_allowed_token_ids_are_refused(client, live_server, value) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"allowed_token_ids": value})
+    assert e.value.body["param"] == "allowed_token_ids"
+    assert live_server.wait_all_free()

@@ -70,10 +70,13 @@ class SlotPenalties:
         self.frequency[slot] = p.frequency_penalty
         self.repetition[slot] = p.repetition_penalty
         dev = self.bias.device
-        if p.logit_bias:
+        if p.allowed_token_ids:  # every other token masked
+            self.bias[slot] = float("-inf")
+            self.bias[slot, torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=dev)] = 0
+        if p.logit_bias:  # (added: a masked token stays masked)
             ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.int64, device=dev)
-            self.bias[slot, ids] = torch.tensor([b for _, b in p.logit_bias],
-                                                dtype=torch.float32, device=dev)
+            self.bias[slot, ids] += torch.tensor([b for _, b in p.logit_bias],
+                                                 dtype=torch.float32, device=dev)
         if p.min_tokens and sampling.stop_ids:
             self.stop[slot, torch.tensor(sampling.stop_ids, dtype=torch.int64, device=dev)] = True
 

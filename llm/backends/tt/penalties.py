@@ -84,8 +84,12 @@ class SlotPenalties:
             if bool(self.host[name][0, 0, slot].any()):
                 self.host[name][0, 0, slot] = 0
                 self.dirty.add(name)
-        for tok, b in p.logit_bias:
-            self.host["bias"][0, 0, slot, tok] = b
+        if p.allowed_token_ids:  # every other token masked
+            self.host["bias"][0, 0, slot] = MASKED
+            self.host["bias"][0, 0, slot, list(p.allowed_token_ids)] = 0
+            self.dirty.add("bias")
+        for tok, b in p.logit_bias:  # (added: a masked token stays masked)
+            self.host["bias"][0, 0, slot, tok] += b
             self.dirty.add("bias")
         if p.min_tokens and sampling.stop_ids:
             self.host["stop"][0, 0, slot, list(sampling.stop_ids)] = MASKED

@@ -162,6 +162,7 @@ class Capabilities:
                   ("frequency_penalty", params.frequency_penalty != 0.0, "penalties"),
                   ("repetition_penalty", params.repetition_penalty != 1.0, "penalties"),
                   ("logit_bias", bool(params.logit_bias), "logit_bias"),
+                  ("allowed_token_ids", bool(params.allowed_token_ids), "logit_bias"),
                   ("min_tokens", params.min_tokens > 0, "min_tokens"),
                   ("best_of", params.num_sequences > params.n, "logprobs")]  # ranks by them
         for name, used, feature in wanted:

@@ -55,7 +55,10 @@ class SamplingParams:
     token generated so far / f times its count. repetition_penalty (Hugging Face, in [1e-30, 1e30];
     1 = off): the logit of every token in the prompt or generated so far is divided by it when
     positive, multiplied when negative. logit_bias: {token id: bias in [-100, 100]} added to the
-    logits (given as a mapping or pairs; kept as sorted pairs). min_tokens: EOS and stop_token_ids
+    logits (given as a mapping or pairs; kept as sorted pairs). allowed_token_ids (vLLM's
+    extension): when not empty, only these token ids can be chosen; the others' logits are
+    masked (-inf) before logit_bias, the penalties and selection, so logprobs are those of the
+    restricted distribution (kept sorted, without repeats). min_tokens: EOS and stop_token_ids
     are masked until this many tokens were generated, and no stop string ends the request before
     then (vLLM's semantics).
 
@@ -88,6 +91,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    allowed_token_ids: tuple[int, ...] = field(default_factory=tuple)
     min_tokens: int = 0
     structured: StructuredOutput | None = None
     n: int = 1
@@ -136,6 +140,7 @@ class SamplingParams:
         _check_number("repetition_penalty", self.repetition_penalty, lo=REPETITION_RANGE[0],
                       hi=REPETITION_RANGE[1])
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        object.__setattr__(self, "allowed_token_ids", _token_set(self.allowed_token_ids))
         _check_int("min_tokens", self.min_tokens, lo=0)
         if self.min_tokens > self.max_new_tokens:
             raise SamplingParamsError(f"min_tokens={self.min_tokens} exceeds max_new_tokens="
@@ -171,7 +176,22 @@ class SamplingParams:
     def penalized(self) -> bool:
         """True if any penalty, bias or min_tokens changes the logits before selection."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or self.repetition_penalty != 1.0 or self.min_tokens)
+                    or self.repetition_penalty != 1.0 or self.min_tokens
+                    or self.allowed_token_ids)
+
+
+def _token_set(value: object) -> tuple[int, ...]:
+    """Validated allowed_token_ids: sorted ids without repeats (checked against the vocabulary
+    where it is known, at submission)."""
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise SamplingParamsError(f"allowed_token_ids must be a list of token ids, got "
+                                  f"{value!r:.60}", param="allowed_token_ids")
+    ids = list(value)  # type: ignore[call-overload]
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise SamplingParamsError(f"allowed_token_ids entry {t!r:.40} is not a token id (an "
+                                      "integer >= 0)", param="allowed_token_ids")
+    return tuple(sorted(set(ids)))
 
 
 def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
