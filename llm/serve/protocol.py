@@ -107,6 +107,10 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     min_tokens = _opt_int(body, "min_tokens", 0) or 0
     n = _opt_int(body, "n", 1) or 1
     best_of = _opt_int(body, "best_of", 1)
+    # vLLM's spaces_between_special_tokens only needs to be a bool: special tokens' texts are
+    # joined without spaces whatever its value, as Hugging Face's fast tokenizers (and vLLM
+    # with one) join them: what false asks for, and what true gives there
+    opt_bool(body, "spaces_between_special_tokens")
     if best_of is not None and best_of > n and stream:
         raise ApiError(400, f"best_of={best_of} > n={n} cannot be streamed (the best are known "
                             "only at the end)", "best_of")

@@ -14,7 +14,7 @@ from llm.serve.errors import ApiError, short_repr
 # vLLM's and OpenAI's fields that would change the output or the response, each with its
 # "not used" values (numbers compare as numbers: priority 0 and 0.0 alike)
 UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "use_beam_search": (False,), "length_penalty": (1,), "spaces_between_special_tokens": (True,),
+    "use_beam_search": (False,), "length_penalty": (1,),
     "bad_words": ([],),
     "chat_template": (), "documents": ([],), "mm_processor_kwargs": ({},),
     "logits_processors": ([],), "guided_decoding_backend": (), "structural_tag": (),

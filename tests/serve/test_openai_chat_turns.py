@@ -124,7 +124,7 @@ def test_min_p_samples_as_the_python_api(client, serve_model) -> None:
 
 
 @pytest.mark.parametrize("field, value", [("use_beam_search", True),
-                                          ("spaces_between_special_tokens", False),
+                                          ("spaces_between_special_tokens", "no"),
                                           ("structural_tag", "<json>")])
 def test_unhonoured_fields_are_refused_by_name(client, live_server, field, value) -> None:
     with pytest.raises(openai.BadRequestError) as e:
@@ -163,3 +163,9 @@ def test_stop_text_and_special_tokens_shown_on_request(client, serve_model) -> N
         extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True}).choices[0]
     assert default.finish_reason == raw.finish_reason == "stop"
     assert raw.message.content == default.message.content + "<|im_end|>"
+    for spaces in (False, True):  # no space before the special token's text either way (as
+        again = client.chat.completions.create(  # HF's fast tokenizers and vLLM with one)
+            model=MODEL_NAME, messages=hi, max_tokens=60, temperature=0,
+            extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True,
+                        "spaces_between_special_tokens": spaces}).choices[0]
+        assert again.message.content == raw.message.content
