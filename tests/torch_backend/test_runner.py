@@ -76,9 +76,15 @@ def test_cuda_graph_decode_equals_eager(dtype: str) -> None:
     unsorted = [SequenceSampling(SamplingParams(), 0),  # no top-k / top-p: no sort
                 SequenceSampling(SamplingParams(temperature=0.7, seed=4), 4),
                 SequenceSampling(SamplingParams(temperature=1.0, min_p=0.05, seed=5), 5)]
-    for mode in (sampling, unsorted, [SequenceSampling(SamplingParams(), 0)] * 3):
+    allowed = (3, 9, 17, 40, 41)  # the penalty path: a restricted sampled user beside others
+    restricted = [sampling[0], SequenceSampling(SamplingParams(temperature=1.2, seed=6,
+                                                               allowed_token_ids=allowed), 6),
+                  sampling[2]]
+    for mode in (sampling, unsorted, restricted, [SequenceSampling(SamplingParams(), 0)] * 3):
         want = decode_together(eager, prompts, 24, mode)
         assert decode_together(graphs, prompts, 24, mode) == want
+        if mode is restricted:
+            assert set(want[1]) <= set(allowed)
 
 
 def _churn(backend: TorchBackend, prompts: list[list[int]]) -> list[list[int]]:
