@@ -34,6 +34,7 @@ from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from llm.engine.bad_words import BadWords, banned_sequences
 from llm.engine.contract.backend import Backend, DecodeInput, Fork, PrefillInput, SequenceSampling
 from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.contract.sampling_params import (
@@ -43,7 +44,7 @@ from llm.engine.contract.sampling_params import (
     resolve_seed,
 )
 from llm.engine.contract.structured import TokenMasks
-from llm.engine.grammar import GrammarError, Grammars
+from llm.engine.grammar import GrammarError, GrammarMatcher, Grammars
 from llm.engine.metrics import ServingMetrics
 from llm.engine.paged_kv import OutOfPagesError, PageTable
 from llm.engine.prefix_cache import PrefixCache
@@ -196,6 +197,7 @@ class Scheduler:
         if params.best_of is not None and params.best_of > params.n and params.logprobs is None:
             computed = dataclasses.replace(params, logprobs=0)
         seed = resolve_seed(params)
+        banned = banned_sequences(self.tokenizer, params.bad_words) if params.bad_words else ()
         prompt_logprobs = None if params.prompt_logprobs is None else [None]  # none for token 0
         seqs = []
         for choice in range(m):
@@ -211,10 +213,16 @@ class Scheduler:
                 budget=budget, stop_ids=frozenset(stop_ids),
                 detok=self.tokenizer.stream(skip_special_tokens=params.skip_special_tokens),
                 parent=seqs[0] if seqs else None,
-                grammar=None if params.structured is None else  # each its own grammar state
-                self.grammars.matcher(params.structured)))
+                grammar=self._matcher(params, banned)))  # each its own state
         seqs[0].children = seqs[1:]
         return seqs[0]
+
+    def _matcher(self, params: SamplingParams, banned: tuple[tuple[int, ...], ...]
+                 ) -> GrammarMatcher | BadWords | None:
+        """A sequence's token-mask state: its structured output's grammar, narrowed by its bad
+        words' sequences `banned` (None: neither)."""
+        grammar = None if params.structured is None else self.grammars.matcher(params.structured)
+        return BadWords(banned, grammar) if banned else grammar
 
     def _group_pages(self, prompt_len: int, budget: int, m: int) -> int:
         """Pages a request of m sequences takes: the parent's budget, and each other sequence's

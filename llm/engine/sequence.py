@@ -16,6 +16,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from llm.engine.bad_words import BadWords
 from llm.engine.contract.backend import SequenceSampling
 from llm.engine.contract.outputs import TokenLogprobs
 from llm.engine.contract.sampling_params import SamplingParams
@@ -121,7 +122,8 @@ class Sequence:
     stop_floor: int = 0  # characters of out.text before min_tokens: no stop string ends there
     t_first: float = 0.0
     t_last: float = 0.0
-    grammar: GrammarMatcher | None = None  # with structured output: advanced by each token
+    # with structured output or bad words: advanced by each token, it makes the token masks
+    grammar: GrammarMatcher | BadWords | None = None
     parent: Sequence | None = None  # n > 1: the sequence that prefills the shared prompt
     children: list[Sequence] = field(default_factory=list)  # ... and the others, on the parent
 

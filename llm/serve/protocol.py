@@ -7,17 +7,17 @@ off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_to
 stream, stream_options.include_usage, n, best_of (completions; not streamed when > n),
 add_generation_prompt, continue_final_message and chat_template_kwargs (chat, vLLM's extensions),
 add_special_tokens (chat_options.py), ignore_eos (extension), presence_penalty, frequency_penalty,
-repetition_penalty (extension), logit_bias, allowed_token_ids and min_tokens (extensions); logprobs
-(completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and echo (completions; with
-logprobs, the prompt's logprobs too); return_token_ids, return_tokens_as_token_ids and
-truncate_prompt_tokens (vLLM's extensions); structured output (structured_output.py):
-response_format (text, json_object, json_schema) and vLLM's guided_json / guided_regex /
-guided_choice / guided_grammar, one at a time; n choices (best_of on /v1/completions). Fields this
-server cannot honour (suffix, tools / functions / tool_choice / function_call, vLLM's
-structured_outputs and guided_whitespace_pattern, prompt_logprobs, chat's echo, stream_options
-without stream, and the vLLM / OpenAI fields of refusals.py, such as use_beam_search or
-chat_template, unless they hold the value meaning "not used") are refused rather than silently
-ignored; a parameter the backend cannot serve is refused at submission, naming it.
+repetition_penalty (extension), logit_bias, allowed_token_ids, bad_words and min_tokens
+(extensions); logprobs (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and
+echo (completions; with logprobs, the prompt's logprobs too); return_token_ids,
+return_tokens_as_token_ids and truncate_prompt_tokens (vLLM's extensions); structured output
+(structured_output.py): response_format (text, json_object, json_schema) and vLLM's guided_json /
+guided_regex / guided_choice / guided_grammar, one at a time; n choices (best_of on
+/v1/completions). Fields this server cannot honour (suffix, tools / functions / tool_choice /
+function_call, vLLM's structured_outputs and guided_whitespace_pattern, prompt_logprobs, chat's
+echo, stream_options without stream, and the vLLM / OpenAI fields of refusals.py, such as
+use_beam_search or chat_template, unless they hold the value meaning "not used") are refused rather
+than silently ignored; a parameter the backend cannot serve is refused at submission, naming it.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             repetition_penalty=_opt_number(body, "repetition_penalty", 1.0),
             logit_bias=_logit_bias(body.get("logit_bias")),
             allowed_token_ids=_allowed_token_ids(body.get("allowed_token_ids")),
+            bad_words=_bad_words(body.get("bad_words")),
             min_tokens=min_tokens,
             structured=structured_output(body),
             n=n,
@@ -259,6 +260,17 @@ def _allowed_token_ids(value: Any) -> tuple[int, ...]:
         raise ApiError(400, f"'allowed_token_ids' must be a non-empty list of token ids "
                             f"(integers >= 0), got {short_repr(value)}", "allowed_token_ids")
     return tuple(value)
+
+
+def _bad_words(value: Any) -> tuple[str, ...]:
+    """bad_words: absent, or a list of non-blank strings (at most MAX_STOP_STRINGS * 4)."""
+    if value is None:
+        return ()
+    if (not isinstance(value, list) or len(value) > 4 * MAX_STOP_STRINGS
+            or not all(isinstance(w, str) and w.strip() for w in value)):
+        raise ApiError(400, f"'bad_words' must be a list of at most {4 * MAX_STOP_STRINGS} "
+                            f"non-blank strings, got {short_repr(value)}", "bad_words")
+    return tuple(_utf8(w, "bad_words") for w in value)
 
 
 def _truncation(body: dict[str, Any]) -> int | None:

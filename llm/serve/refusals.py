@@ -14,9 +14,8 @@ from llm.serve.errors import ApiError, short_repr
 # vLLM's and OpenAI's fields that would change the output or the response, each with its
 # "not used" values (numbers compare as numbers: priority 0 and 0.0 alike)
 UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "use_beam_search": (False,), "length_penalty": (1,),
-    "bad_words": ([],),
-    "chat_template": (), "documents": ([],), "mm_processor_kwargs": ({},),
+    "use_beam_search": (False,), "length_penalty": (1,), "chat_template": (),
+    "documents": ([],), "mm_processor_kwargs": ({},),
     "logits_processors": ([],), "guided_decoding_backend": (), "structural_tag": (),
     "prompt_embeds": (), "vllm_xargs": ({},), "priority": (0,), "prediction": (), "audio": (),
     "modalities": (["text"],), "reasoning_effort": (), "verbosity": (),

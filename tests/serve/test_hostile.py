@@ -63,7 +63,7 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         "min_p": [1.5, "0", -0.1, NAN, 10**400], "structural_tag": ["<json>"],
         "use_beam_search": [True], "length_penalty": [0.5],
         "include_stop_str_in_output": ["yes", 1], "skip_special_tokens": [0, "false"],
-        "bad_words": [["x"]], "allowed_token_ids": [[], [-1], "x", [49152]],
+        "bad_words": ["x", [""], [1]], "allowed_token_ids": [[], [-1], "x", [49152]],
         "truncate_prompt_tokens": [0, -2, "5", 1.5, 10**6],
         "return_token_ids": ["yes", 1], "return_tokens_as_token_ids": [0, "true"],
         "chat_template": ["{{ x }}"], "chat_template_kwargs": ["x", {"messages": []}],

@@ -151,7 +151,8 @@ def test_allowed_token_ids_restrict_the_choice(client, serve_model) -> None:
 
 BAD = {"return_token_ids": ["yes"], "return_tokens_as_token_ids": [1],
        "truncate_prompt_tokens": [0, -2, 1.5, "3", True, 10**6],
-       "allowed_token_ids": [[], [-1], [1.5], "1", [True], [10**6], {"1": 1}]}
+       "allowed_token_ids": [[], [-1], [1.5], "1", [True], [10**6], {"1": 1}],
+       "bad_words": ["x", [""], [" "], [1], ["a"] * 65]}
 
 
 @pytest.mark.parametrize("field, value", [(f, v) for f, vs in BAD.items() for v in vs])
@@ -161,3 +162,19 @@ def test_malformed_values_are_refused_by_name(client, live_server, field, value)
                                   extra_body={field: value})
     assert e.value.body["param"] == field
     assert live_server.wait_all_free()
+
+
+def test_bad_words_never_appear_in_the_output(client, serve_model, reference) -> None:
+    from llm.engine.bad_words import banned_sequences
+
+    word = reference.text.split()[0].strip(".,")  # the word greedy decoding says first
+    banned = banned_sequences(serve_model.tokenizer, [word])
+    params = SamplingParams(max_new_tokens=8, bad_words=[word])
+    want = serve_model.generate([PROMPT], params)[0]
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                  extra_body={"bad_words": [word], **IDS})
+    ids = _extra(r.choices[0], "token_ids")
+    assert ids == want.token_ids and ids != reference.token_ids
+    for seq in banned:
+        assert all(tuple(ids[i:i + len(seq)]) != seq for i in range(len(ids)))
+    assert word not in r.choices[0].text.split()

@@ -170,6 +170,10 @@ class Capabilities:
                 raise SamplingParamsError(
                     f"{name}={getattr(params, name)!r} is not supported by the {backend} backend",
                     param=name)
+        if params.bad_words and "structured_output" not in self.features:
+            raise SamplingParamsError(f"bad_words: the token masks it needs (structured output) "
+                                      f"are not supported by the {backend} backend",
+                                      param="bad_words")
         s = params.structured
         if s is not None and "structured_output" not in self.features:
             raise SamplingParamsError(f"{s.param}: structured output is not supported by the "

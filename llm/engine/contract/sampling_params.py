@@ -58,7 +58,10 @@ class SamplingParams:
     logits (given as a mapping or pairs; kept as sorted pairs). allowed_token_ids (vLLM's
     extension): when not empty, only these token ids can be chosen; the others' logits are
     masked (-inf) before logit_bias, the penalties and selection, so logprobs are those of the
-    restricted distribution (kept sorted, without repeats). min_tokens: EOS and stop_token_ids
+    restricted distribution (kept sorted, without repeats). bad_words (vLLM's extension): words
+    the output may not contain (llm.engine.bad_words: each word's token sequences, alone and after
+    a space; the last token of one is masked where the output ends with the rest of it); they
+    need a backend with structured output (token masks). min_tokens: EOS and stop_token_ids
     are masked until this many tokens were generated, and no stop string ends the request before
     then (vLLM's semantics).
 
@@ -92,6 +95,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     allowed_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    bad_words: tuple[str, ...] = field(default_factory=tuple)
     min_tokens: int = 0
     structured: StructuredOutput | None = None
     n: int = 1
@@ -99,12 +103,14 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "bad_words"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
+        for name in ("stop", "stop_token_ids", "bad_words"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-                what = "a string or a list of strings" if name == "stop" else "a list of ints"
+                what = "a list of ints" if name == "stop_token_ids" else (
+                    "a string or a list of strings")
                 raise SamplingParamsError(f"{name} must be {what}, got {value!r:.60}", param=name)
             object.__setattr__(self, name, tuple(value))
         _check_number("temperature", self.temperature, lo=0.0)
@@ -124,6 +130,10 @@ class SamplingParams:
                                          param="stop")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t, lo=0)
+        for w in self.bad_words:
+            if not isinstance(w, str) or not w.strip():
+                raise SamplingParamsError(f"bad_words must be non-blank strings, got {w!r:.60}",
+                                          param="bad_words")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(f"{name} must be True or False, got "
