@@ -192,6 +192,11 @@ class Scheduler:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self._eos)
+        if params.min_tokens and params.allowed_token_ids and set(
+                params.allowed_token_ids) <= stop_ids:
+            raise SamplingParamsError(f"{at}allowed_token_ids holds only stop tokens, which "
+                                      f"min_tokens={params.min_tokens} masks: no token could be "
+                                      "chosen", param="allowed_token_ids")
         # best_of ranks sequences by cumulative logprob: the backend computes them for all
         computed = params
         if params.best_of is not None and params.best_of > params.n and params.logprobs is None:

@@ -241,10 +241,13 @@ class Sequence:
         return self._end("error", failure)
 
     def _end(self, reason: str, failure: RequestFailure | None = None) -> list[StreamEvent]:
+        if failure is not None:  # the request failed: every choice's output says so, also one
+            for s in self.group:  # that had ended (the request's output may be that one)
+                s.out.error = failure
         events = []
         for s in self.group:  # one at a time: only the last one's event ends the request
             if not s.finished:
-                s.out.finish_reason, s.out.error = reason, failure
+                s.out.finish_reason = reason
                 events.append(s.final_event())
         return events
 

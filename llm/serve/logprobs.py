@@ -10,7 +10,9 @@ A token's text is that token decoded alone (special tokens included): a token ho
 of a UTF-8 character decodes to U+FFFD, and its "bytes" are that text's, not the token's raw
 bytes. text_offset counts the characters of those texts from the start of the choice's text,
 across the chunks of a stream (each choice of an n > 1 response from 0).
--inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf.
+-inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf;
+masked alternatives (where fewer tokens than asked for can be chosen: allowed_token_ids, bad words,
+a grammar) are left out of top_logprobs.
 With as_ids (vLLM's return_tokens_as_token_ids) each token is named "token_id:<id>" instead of
 its text, in "tokens", the top_logprobs keys and chat's "token" (chat's "bytes" are the label's
 for the alternatives, the text's for the chosen token, as vLLM has them); text_offset still
@@ -66,7 +68,7 @@ class LogprobsFormatter:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            top = {self.label(t): _finite(v) for t, v in entry.top}
+            top = {self.label(t): _finite(v) for t, v in entry.top if v != -math.inf}
             top.setdefault(self.label(token), _finite(entry.logprob))
             out["token_logprobs"].append(_finite(entry.logprob))
             out["top_logprobs"].append(top)
@@ -75,7 +77,8 @@ class LogprobsFormatter:
     def chat(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
         """/v1/chat/completions' object for generated tokens' logprobs."""
         content = [{**self._chat_entry(e.token, e.logprob, chosen=True),
-                    "top_logprobs": [self._chat_entry(t, v) for t, v in e.top]}
+                    "top_logprobs": [self._chat_entry(t, v) for t, v in e.top
+                                     if v != -math.inf]}
                    for e in entries]
         return {"content": content, "refusal": None}
 

@@ -276,9 +276,10 @@ def _bad_words(value: Any) -> tuple[str, ...]:
 def _truncation(body: dict[str, Any]) -> int | None:
     """truncate_prompt_tokens: a positive count of tokens, or -1 (the context's size)."""
     value = body.get("truncate_prompt_tokens")
-    if value is None or (_is_int(value) and value == -1):
+    if value is None or (_is_int(value) and (value == -1 or 1 <= value <= INT64_MAX)):
         return value
-    return _opt_int(body, "truncate_prompt_tokens", 1)
+    raise ApiError(400, f"'truncate_prompt_tokens' must be -1 or an integer >= 1, got "
+                        f"{short_repr(value)}", "truncate_prompt_tokens")
 
 
 def _opt_int(body: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int | None:

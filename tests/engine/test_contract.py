@@ -183,6 +183,24 @@ def test_prefill_step_says_launched_once_per_call(name: str) -> None:
     backend.close()
 
 
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("rep", [1e9, 1e-30])
+def test_masks_hold_under_extreme_repetition_penalties(name: str, rep: float) -> None:
+    """allowed_token_ids' and min_tokens' masks are not scaled by a repetition penalty (on tt a
+    finite mask times 1e9 overflowed to NaN, times 1e-30 unmasked tokens): the one token left is
+    chosen, with a finite logprob, greedy and sampled, in prefill and decode."""
+    backend = create_backend(name, _spec(name))
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(allowed_token_ids=(2, 40), min_tokens=3, temperature=temperature,
+                                repetition_penalty=rep, logprobs=1, seed=3)
+        s = SequenceSampling(params, 3, (2,))  # 2: a stop id, masked by min_tokens
+        first = backend.prefill_step(PrefillInput(0, [1, 2, 3, 40, 5], 0, [1, 2], s))
+        step = backend.decode_step(DecodeInput([0], [first.tokens[0]], [5], [[1, 2]], [s]))
+        for out in (first, step):
+            assert list(out.tokens) == [40] and np.isfinite(out.logprobs[0].logprob)
+    backend.close()
+
+
 def test_torch_and_tt_serve_every_feature() -> None:
     for name in ("torch", "tt"):
         backend = create_backend(name, _spec(name))

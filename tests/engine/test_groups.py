@@ -10,6 +10,7 @@ import pytest
 from fakes import expected_tokens, fake_parts
 
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError, choice_seed
+from llm.engine.grammar import GrammarError
 from llm.engine.scheduler import Scheduler, SchedulerConfig
 
 
@@ -141,3 +142,41 @@ def test_too_many_sequences_and_best_of_without_logprobs_are_refused_by_name() -
         SamplingParams(n=2, best_of=1)
     with pytest.raises(SamplingParamsError, match="n must be >= 1"):
         SamplingParams(n=0)
+
+
+class _Grammar:
+    """A stand-in token-mask state: complete after `stop_after` tokens, or failing at token
+    `fail_at` (the scheduler fails the request alone)."""
+
+    def __init__(self, stop_after: int | None = None, fail_at: int | None = None) -> None:
+        self.taken, self.stop_after, self.fail_at = 0, stop_after, fail_at
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_after is not None and self.taken >= self.stop_after
+
+    def consume(self, token: int) -> None:
+        self.taken += 1
+        if self.taken == self.fail_at:
+            raise GrammarError("guided_regex: the grammar failed", "guided_regex")
+
+    def fill(self, row) -> None:
+        row[:] = -1
+
+
+def test_a_choice_failing_after_another_ended_fails_the_request() -> None:
+    """Choice 0 completes its grammar, then choice 1's fails: the request's output (choice 0's)
+    carries the failure, and each choice ends once."""
+    sched, _ = make()
+    seq = sched.make_sequence(0, list(range(1, 6)), SamplingParams(n=2, max_new_tokens=20))
+    seq.group[0].grammar, seq.group[1].grammar = _Grammar(stop_after=2), _Grammar(fail_at=4)
+    sched.add(seq)
+    ends = []
+    while sched.has_work:
+        ends += [(ev.choice, ev.choice_finish, ev.finished, ev.output) for ev in sched.step()
+                 if ev.choice_finish is not None]
+    assert [e[:3] for e in ends] == [(0, "stop", False), (1, "error", True)]
+    out = ends[-1][3]
+    assert out.error is not None and out.error.param == "guided_regex"
+    assert [c.finish_reason for c in out.choices] == ["stop", "error"] and no_leak(sched)
+

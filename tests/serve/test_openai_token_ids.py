@@ -149,6 +149,18 @@ def test_allowed_token_ids_restrict_the_choice(client, serve_model) -> None:
     assert set(_extra(sampled.choices[0], "token_ids")) <= set(allowed[:2])
 
 
+def test_allowed_stop_tokens_alone_under_min_tokens_are_refused(client, serve_model) -> None:
+    eos = list(serve_model.tokenizer.eos_ids)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4,
+                                  extra_body={"allowed_token_ids": eos, "min_tokens": 2})
+    assert e.value.body["param"] == "allowed_token_ids" and "only stop tokens" in e.value.message
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0,
+                                  extra_body={"allowed_token_ids": eos + [5], "min_tokens": 2,
+                                              **IDS})
+    assert _extra(r.choices[0], "token_ids")[:2] == [5, 5]
+
+
 BAD = {"return_token_ids": ["yes"], "return_tokens_as_token_ids": [1],
        "truncate_prompt_tokens": [0, -2, 1.5, "3", True, 10**6],
        "allowed_token_ids": [[], [-1], [1.5], "1", [True], [10**6], {"1": 1}],

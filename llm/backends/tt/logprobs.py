@@ -146,12 +146,12 @@ def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
     wide = ttnn.typecast(full, ttnn.float32, memory_config=dram)
     if full is not logits:
         ttnn.deallocate(full)
-    masked = ttnn.add(wide, inputs["token_mask"], memory_config=dram)  # structured output
+    if penalize:  # the structured-output mask after the penalties (see penalties.py)
+        penalized = penalties.apply(wide, inputs)  # fp32 [1, 1, 32, V_pad]
+        ttnn.deallocate(wide)
+        wide = penalized
+    x = ttnn.add(wide, inputs["token_mask"], memory_config=dram)  # structured output
     ttnn.deallocate(wide)
-    x = masked
-    if penalize:
-        x = penalties.apply(masked, inputs)  # fp32 [1, 1, 32, V_pad]
-        ttnn.deallocate(masked)
     values, ids = ttnn.topk(x, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
                             memory_config=dram)  # fp32, uint32 [1, 1, 32, 32]
     drawn = sampler.draw(values, ids, **{k: inputs[k] for k in DRAW_INPUTS})

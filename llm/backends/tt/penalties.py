@@ -1,9 +1,10 @@
 """Per-slot penalty state on the device: token counts, prompt tokens, logit bias, min_tokens.
 
 A batch slot is a row of the 32-row decode tile (slot u decodes in row u), so each slot owns row
-u of four device buffers `[1, 1, 32, V_pad]`: `counts` (fp32, generated tokens per id), `prompt`
-(bf16, 1 where the id is in the prompt), `bias` (fp32, logit_bias) and `stop` (bf16, MASKED at EOS
-and stop_token_ids of a request with min_tokens). The host keeps a mirror of each; `begin` /
+u of five device buffers `[1, 1, 32, V_pad]`: `counts` (fp32, generated tokens per id), `prompt`
+(bf16, 1 where the id is in the prompt), `bias` (fp32, logit_bias), `stop` (bf16, MASKED at EOS
+and stop_token_ids of a request with min_tokens) and `allowed` (bf16, MASKED but at the ids of
+allowed_token_ids, 0 in a row without them). The host keeps a mirror of each; `begin` /
 `fork` / `add_prompt` change the mirror when a request's prompt is prefilled into a slot and
 `sync` copies the changed buffers to the device (copy_host_to_device_tensor, once per admission),
 where every decode step reads them.
@@ -16,10 +17,13 @@ graph, so there is no host round trip per step; `count_mirror` repeats the updat
 to be generated before min_tokens is met, decremented by the graph) are `[1, 1, 32, 1]` fp32
 columns in the decode inputs (columns()).
 
-Order of application (vLLM's, as the torch backend): logit_bias, min_tokens (stop ids at MASKED
-while min_left > 0), repetition_penalty (Hugging Face: a token seen in the prompt or generated has
-its logit divided by the penalty when positive, multiplied when negative), then
-frequency_penalty * count and presence_penalty * (count > 0) subtracted (OpenAI). The division is
+Order of application (vLLM's, as the torch backend): logit_bias, repetition_penalty (Hugging
+Face: a token seen in the prompt or generated has its logit divided by the penalty when positive,
+multiplied when negative), then frequency_penalty * count and presence_penalty * (count > 0)
+subtracted (OpenAI); the masks last: allowed_token_ids' and min_tokens' (stop ids at MASKED while
+min_left > 0). A masked token is masked wherever the mask goes (the torch backend's -inf passes
+the penalties unchanged); added after them, MASKED is never scaled by a repetition penalty (1e9
+would overflow it to -inf, and -inf * 0 is NaN; 1e-30 would unmask it). The division is
 a multiplication by the host-computed reciprocal (no division op), so it may round differently
 in the last bit of fp32.
 """
@@ -34,7 +38,7 @@ from llm.backends.tt.mesh import TILE, Mesh
 from llm.backends.tt.token_masks import MASKED
 from llm.engine.contract.backend import SequenceSampling
 
-BUFFERS = ("counts", "prompt", "bias", "stop")  # the [1, 1, 32, V_pad] per-slot buffers
+BUFFERS = ("counts", "prompt", "bias", "stop", "allowed")  # the [1, 1, 32, V_pad] per-slot buffers
 # counting: 1.0 for the rows of the step's batch, whose fed token is a generated one (an idle row,
 # or one between its prefill chunks, feeds a stale token that must not count)
 COLUMNS = ("presence", "frequency", "repetition", "inv_repetition", "min_left", "counting")
@@ -56,9 +60,9 @@ class SlotPenalties:
         self.mesh, self.width = mesh, width
         z = torch.zeros(1, 1, TILE, width)
         self.host = {"counts": z.clone(), "prompt": z.clone(), "bias": z.clone(),
-                     "stop": z.clone()}
+                     "stop": z.clone(), "allowed": z.clone()}
         self.dtypes = {"counts": ttnn.float32, "prompt": ttnn.bfloat16, "bias": ttnn.float32,
-                       "stop": ttnn.bfloat16}
+                       "stop": ttnn.bfloat16, "allowed": ttnn.bfloat16}
         self.dev = {name: self._put(name, v, mesh.device) for name, v in self.host.items()}
         self.dirty: set[str] = set()
         self.params = {u: (0.0, 0.0, 1.0, 0) for u in range(TILE)}  # pres, freq, rep, min_pos
@@ -85,11 +89,11 @@ class SlotPenalties:
                 self.host[name][0, 0, slot] = 0
                 self.dirty.add(name)
         if p.allowed_token_ids:  # every other token masked
-            self.host["bias"][0, 0, slot] = MASKED
-            self.host["bias"][0, 0, slot, list(p.allowed_token_ids)] = 0
-            self.dirty.add("bias")
-        for tok, b in p.logit_bias:  # (added: a masked token stays masked)
-            self.host["bias"][0, 0, slot, tok] += b
+            self.host["allowed"][0, 0, slot] = MASKED
+            self.host["allowed"][0, 0, slot, list(p.allowed_token_ids)] = 0
+            self.dirty.add("allowed")
+        for tok, b in p.logit_bias:
+            self.host["bias"][0, 0, slot, tok] = b
             self.dirty.add("bias")
         if p.min_tokens and sampling.stop_ids:
             self.host["stop"][0, 0, slot, list(sampling.stop_ids)] = MASKED
@@ -184,9 +188,6 @@ class SlotPenalties:
             return t
 
         x = keep(ttnn.add(x, d["bias"], memory_config=dram))
-        early = keep(ttnn.multiply(d["stop"], cols["min_left"], dtype=ttnn.bfloat16,
-                                   input_tensor_b_activations=[u.GTZ], memory_config=dram))
-        x = keep(ttnn.add(x, early, memory_config=dram))
         hit = keep(ttnn.add(d["counts"], d["prompt"], activations=[u.GTZ], dtype=ttnn.bfloat16,
                             memory_config=dram))  # 0 / 1
         up = keep(ttnn.multiply(x, cols["inv_repetition"], input_tensor_a_activations=[u.RELU],
@@ -202,7 +203,11 @@ class SlotPenalties:
         x = keep(ttnn.subtract(x, freq, memory_config=dram))
         pres = keep(ttnn.multiply(d["counts"], cols["presence"],
                                   input_tensor_a_activations=[u.GTZ], memory_config=dram))
-        out = ttnn.subtract(x, pres, memory_config=dram)
+        x = keep(ttnn.subtract(x, pres, memory_config=dram))
+        x = keep(ttnn.add(x, d["allowed"], memory_config=dram))  # the masks (see module)
+        early = keep(ttnn.multiply(d["stop"], cols["min_left"], dtype=ttnn.bfloat16,
+                                   input_tensor_b_activations=[u.GTZ], memory_config=dram))
+        out = ttnn.add(x, early, memory_config=dram)
         for t in steps:
             ttnn.deallocate(t)
         ttnn.add(cols["min_left"], -1.0, memory_config=dram, output_tensor=cols["min_left"])
