@@ -57,13 +57,13 @@ class SamplingParams:
     positive, multiplied when negative. logit_bias: {token id: bias in [-100, 100]} added to the
     logits (given as a mapping or pairs; kept as sorted pairs). allowed_token_ids (vLLM's
     extension): when not empty, only these token ids can be chosen; the others' logits are
-    masked (-inf) before logit_bias, the penalties and selection, so logprobs are those of the
-    restricted distribution (kept sorted, without repeats). bad_words (vLLM's extension): words
-    the output may not contain (llm.engine.bad_words: each word's token sequences, alone and after
-    a space; the last token of one is masked where the output ends with the rest of it); they
-    need a backend with structured output (token masks). min_tokens: EOS and stop_token_ids
-    are masked until this many tokens were generated, and no stop string ends the request before
-    then (vLLM's semantics).
+    masked (-inf whatever logit_bias and the penalties do) before selection, so logprobs are
+    those of the restricted distribution (kept sorted, without repeats). bad_words (vLLM's
+    extension): words the output may not contain (llm.engine.bad_words: each word's token
+    sequences, alone and after a space; the last token of one is masked where the output ends
+    with the rest of it); they need a backend with structured output (token masks).
+    min_tokens: EOS and stop_token_ids are masked until this many tokens were generated, and no
+    stop string ends the request before then (vLLM's semantics).
 
     structured: a StructuredOutput (llm.engine.contract.structured) the whole output must match
     (JSON schema, JSON object, regex, choice or grammar): tokens outside it are masked before
