@@ -35,6 +35,8 @@ class RequestOutput:
     finish_reason: "stop" (EOS, stop token or string), "length", "cancelled", or "error": the
     request failed on its own while it ran (its structured-output grammar failed, see
     `llm.engine.grammar.GrammarError`); `error` then says why, and which parameter.
+    stop_reason (vLLM's): with finish_reason "stop", the stop string that ended the output, or
+    the token id of stop_token_ids; None otherwise (EOS, a complete grammar, another reason).
     logprobs: one TokenLogprobs per generated token when SamplingParams.logprobs was set, else None;
     where a stop string cut the text, the tokens that start in the cut part have none (the entries
     match the text; token_ids keep every generated token). prompt_logprobs: one per prompt token
@@ -55,6 +57,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     ttft_s: float = 0.0
     decode_tok_s: float = 0.0
     logprobs: list[TokenLogprobs] | None = None
@@ -86,8 +89,8 @@ class StreamEvent:
     token included, as in RequestOutput.token_ids; not aligned with the event's text, whose end
     can be held back while it may begin a stop string). choice: the sequence of the request
     this text is of (n > 1; its RequestOutput.sequence, which best_of's returned choices keep);
-    choice_finish: its finish_reason when this event ends it (with n > 1 the request ends,
-    `finished`, when its last sequence does).
+    choice_finish, choice_stop: its finish_reason and stop_reason (RequestOutput's) when this
+    event ends it (with n > 1 the request ends, `finished`, when its last sequence does).
     """
 
     index: int
@@ -97,6 +100,7 @@ class StreamEvent:
     logprobs: tuple[TokenLogprobs, ...] = ()
     choice: int = 0
     choice_finish: str | None = None
+    choice_stop: int | str | None = None
     token_ids: tuple[int, ...] = ()
 
 
@@ -183,6 +187,8 @@ class Sequence:
                 out.text += self.detok.add(token)
             out.text += self.detok.flush()
             out.finish_reason = "stop"
+            if token in params.stop_token_ids:
+                out.stop_reason = token
         else:
             out.text += self.detok.add(token)
             hit = -1
@@ -193,6 +199,7 @@ class Sequence:
                                        max(0, self.emitted - self.stop_hold), self.stop_floor)
             if hit >= 0:
                 cut = hit + (size if params.include_stop_str_in_output else 0)
+                out.stop_reason = out.text[hit:hit + size]
                 out.text = out.text[:cut]
                 if out.logprobs is not None:  # none for the tokens wholly in the cut part
                     del out.logprobs[bisect.bisect_left(self.starts, cut):]
@@ -265,6 +272,7 @@ class Sequence:
         event = StreamEvent(out.index, text, finished=done,
                             output=_chosen(group, self.params) if done else None,
                             logprobs=logprobs, choice=choice, choice_finish=out.finish_reason,
+                            choice_stop=out.stop_reason,
                             token_ids=self._new_tokens())
         self.emitted = len(out.text)
         return event

@@ -283,6 +283,7 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage
             started.add(ev.choice)
             if ev.choice_finish is not None:
                 yield shape.chunk("", ev.choice_finish, usage_field=include_usage,
+                                  stop_reason=ev.choice_stop,
                                   index=ev.choice)
             if ev.finished:
                 assert ev.output is not None

@@ -59,7 +59,7 @@ class ResponseShape:
         """One choice of a whole response."""
         if self.chat:
             choice = {"index": out.choice, "message": {"role": "assistant", "content": out.text},
-                      "finish_reason": out.finish_reason,
+                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
                       "logprobs": self._logprobs(out.logprobs or [], out.choice)}
         else:
             text, logprobs = out.text, None
@@ -73,7 +73,7 @@ class ResponseShape:
                     entries = list(out.prompt_logprobs or []) + entries
                 logprobs = self.logprobs.completion(tokens, entries, out.choice)
             choice = {"index": out.choice, "text": text, "finish_reason": out.finish_reason,
-                      "logprobs": logprobs}
+                      "stop_reason": out.stop_reason, "logprobs": logprobs}
             if self.token_ids:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
         if self.token_ids:
@@ -97,11 +97,13 @@ class ResponseShape:
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
               usage_field: bool = False, logprobs: Sequence[TokenLogprobs] = (),
               index: int = 0, token_ids: Sequence[int] = (),
-              prompt_ids: Sequence[int] | None = None) -> bytes:
+              prompt_ids: Sequence[int] | None = None,
+              stop_reason: int | str | None = None) -> bytes:
         """One SSE event carrying a text delta of choice `index` (and the logprobs of its
         tokens); first: the choice's first chunk (chat: it carries the role). With token ids
         wanted: `token_ids`, the ids generated since the choice's previous chunk, and
-        `prompt_ids`, the prompt's (given on the choice's first chunk). Usage is never
+        `prompt_ids`, the prompt's (given on the choice's first chunk). A chunk with a
+        finish_reason carries the choice's vLLM `stop_reason`. Usage is never
         in it: with stream_options.include_usage it comes in the extra last chunk (`usage_chunk`)
         and every other chunk has "usage": null (`usage_field`), as OpenAI streams it; without,
         no chunk has the field (a client summing usage over chunks counts it once)."""
@@ -114,6 +116,8 @@ class ResponseShape:
         else:
             choice = {"index": index, "text": text, "finish_reason": finish_reason,
                       "logprobs": self._logprobs(logprobs, index) if logprobs else None}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
         body = {**self._head(True), "choices": [choice]}
         if self.token_ids:
             if prompt_ids is not None:

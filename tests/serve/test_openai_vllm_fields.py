@@ -1,7 +1,8 @@
-"""vLLM's return_token_ids and return_tokens_as_token_ids with the official `openai` client: the
-prompt's and the generated token ids, whole and streamed (the deltas add up to the whole), equal
-to the Python API's; logprobs naming tokens "token_id:<id>" with the same values and text
-offsets; and a clear 400 for a malformed value, with nothing left held after."""
+"""vLLM's request fields with the official `openai` client: return_token_ids (the prompt's and
+the generated token ids, whole and streamed: the deltas add up to the whole) and
+return_tokens_as_token_ids (logprobs naming tokens "token_id:<id>"), truncate_prompt_tokens,
+allowed_token_ids, bad_words and stop_reason, equal to the Python API's; and a clear 400 for each
+malformed value, with nothing left held after."""
 
 from __future__ import annotations
 
@@ -190,3 +191,25 @@ def test_bad_words_never_appear_in_the_output(client, serve_model, reference) ->
     for seq in banned:
         assert all(tuple(ids[i:i + len(seq)]) != seq for i in range(len(ids)))
     assert word not in r.choices[0].text.split()
+
+
+def test_stop_reason_names_the_stop_string_or_token(client, serve_model, reference) -> None:
+    """vLLM's stop_reason: the stop string, or the stop_token_ids entry, that ended the output;
+    null for EOS and for a length finish; whole, and on a stream's finish chunk."""
+    stop, token = reference.text[3:6], reference.token_ids[2]
+    cases = [({"stop": [stop]}, {"stop": [stop]}, stop),
+             ({"stop_token_ids": [token]}, {"extra_body": {"stop_token_ids": [token]}}, token),
+             ({}, {}, None)]
+    for python, http, want in cases:
+        params = SamplingParams(max_new_tokens=8, **python)
+        assert serve_model.generate([PROMPT], params)[0].stop_reason == want
+        r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                      temperature=0, **http)
+        assert _extra(r.choices[0], "stop_reason") == want
+        chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                                temperature=0, stream=True, **http))
+        ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(ends) == 1 and _extra(ends[0], "stop_reason") == want
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=30,
+                                          temperature=0).choices[0]
+    assert chat.finish_reason == "stop" and _extra(chat, "stop_reason") is None  # EOS
