@@ -39,15 +39,15 @@ class RequestOutput:
     the token id of stop_token_ids; None otherwise (EOS, a complete grammar, another reason).
     logprobs: one TokenLogprobs per generated token when SamplingParams.logprobs was set, else None;
     where a stop string cut the text, the tokens that start in the cut part have none (the entries
-    match the text; token_ids keep every generated token). prompt_logprobs: one per prompt token
-    (None for the first, which has no context) when SamplingParams.prompt_logprobs was set, else
-    None. cached_tokens: leading prompt tokens whose K/V came from the prefix cache (not computed
-    for this request). choice: this sequence's index among the request's choices.
-    cumulative_logprob: the sum of its tokens' logprobs, where they were computed (logprobs asked
-    for, or best_of). choices: on the output a request with n > 1 or best_of returns, its n choices,
-    best first for best_of (this output is the first of them); None otherwise. sequence: its
-    index among the request's n (or best_of) sequences, the `choice` of its StreamEvents; equal
-    to `choice` except where best_of renumbered the returned choices.
+    match the text; token_ids keep every generated token): theirs are in cut_logprobs.
+    prompt_logprobs: one per prompt token (None for the first, which has no context) when
+    SamplingParams.prompt_logprobs was set, else None. cached_tokens: leading prompt tokens whose
+    K/V came from the prefix cache (not computed for this request). choice: this sequence's index
+    among the request's choices. cumulative_logprob: the sum of its tokens' logprobs, where they
+    were computed (logprobs asked for, or best_of). choices: on the output a request with n > 1 or
+    best_of returns, its n choices, best first for best_of (this output is the first of them); None
+    otherwise. sequence: its index among the request's n (or best_of) sequences, the `choice` of its
+    StreamEvents; equal to `choice` except where best_of renumbered the returned choices.
     A stop token's logprobs entry is kept (it is a generated token) although its text is not in
     `text` unless include_stop_str_in_output.
     """
@@ -62,6 +62,7 @@ class RequestOutput:
     decode_tok_s: float = 0.0
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    cut_logprobs: list[TokenLogprobs] = field(default_factory=list)
     cached_tokens: int = 0
     choice: int = 0
     cumulative_logprob: float = 0.0
@@ -202,7 +203,9 @@ class Sequence:
                 out.stop_reason = out.text[hit:hit + size]
                 out.text = out.text[:cut]
                 if out.logprobs is not None:  # none for the tokens wholly in the cut part
-                    del out.logprobs[bisect.bisect_left(self.starts, cut):]
+                    first_cut = bisect.bisect_left(self.starts, cut)
+                    out.cut_logprobs = out.logprobs[first_cut:]
+                    del out.logprobs[first_cut:]
                 out.finish_reason = "stop"
             elif self.grammar is not None and self.grammar.stopped:  # complete: nothing may follow
                 out.text += self.detok.flush()

@@ -282,8 +282,9 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage
                                   prompt_ids=prompt)
             started.add(ev.choice)
             if ev.choice_finish is not None:
+                cut = stream.seq.group[ev.choice].out.cut_logprobs if shape.token_ids else []
                 yield shape.chunk("", ev.choice_finish, usage_field=include_usage,
-                                  stop_reason=ev.choice_stop,
+                                  stop_reason=ev.choice_stop, logprobs=cut,
                                   index=ev.choice)
             if ev.finished:
                 assert ev.output is not None

@@ -60,13 +60,13 @@ class ResponseShape:
         if self.chat:
             choice = {"index": out.choice, "message": {"role": "assistant", "content": out.text},
                       "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                      "logprobs": self._logprobs(out.logprobs or [], out.choice)}
+                      "logprobs": self._logprobs(self.generated(out), out.choice)}
         else:
             text, logprobs = out.text, None
             if self.echo is not None:
                 text = self.echo + text
             if self.logprobs is not None:
-                entries: list[TokenLogprobs | None] = list(out.logprobs or [])
+                entries: list[TokenLogprobs | None] = list(self.generated(out))
                 tokens = [e.token for e in entries]  # those of the text (see RequestOutput)
                 if self.echo is not None:
                     tokens = out.prompt_token_ids + tokens
@@ -79,6 +79,12 @@ class ResponseShape:
         if self.token_ids:
             choice["token_ids"] = list(out.token_ids)
         return choice
+
+    def generated(self, out: RequestOutput) -> list[TokenLogprobs]:
+        """The logprobs entries of a choice's generated tokens: those of its text; with token ids
+        wanted, of every token id (also those a stop string cut, as vLLM gives them)."""
+        entries = list(out.logprobs or [])
+        return entries + out.cut_logprobs if self.token_ids else entries
 
     def echo_chunk(self, out: RequestOutput, usage_field: bool = False, index: int = 0) -> bytes:
         """The first SSE event of an echoing completion's choice `index`: the prompt (and its

@@ -213,3 +213,22 @@ def test_stop_reason_names_the_stop_string_or_token(client, serve_model, referen
     chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=30,
                                           temperature=0).choices[0]
     assert chat.finish_reason == "stop" and _extra(chat, "stop_reason") is None  # EOS
+
+
+def test_with_token_ids_logprobs_cover_every_token_id(client, reference, serve_model) -> None:
+    """A stop string cuts the text (and, as before, the logprobs matching it), but with
+    return_token_ids the logprobs cover every token id, as vLLM's do: whole and streamed."""
+    stop = serve_model.tokenizer.decode(reference.token_ids[2:4])  # tokens 2 and 3 are cut
+    base = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1,
+                stop=[stop], extra_body={**IDS, "return_tokens_as_token_ids": True})
+    choice = client.completions.create(**base).choices[0]
+    ids = _extra(choice, "token_ids")
+    assert choice.logprobs.tokens == [f"token_id:{t}" for t in ids] and len(ids) == 4
+    chunks = list(client.completions.create(**base, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.tokens]
+    assert streamed == choice.logprobs.tokens
+    plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                      temperature=0, logprobs=1, stop=[stop]).choices[0]
+    assert "".join(plain.logprobs.tokens) == plain.text  # without: the text's tokens only
+    assert len(plain.logprobs.tokens) == 2
