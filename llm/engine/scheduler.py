@@ -192,17 +192,12 @@ class Scheduler:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self._eos)
-        if params.min_tokens and params.allowed_token_ids and set(
-                params.allowed_token_ids) <= stop_ids:
-            raise SamplingParamsError(f"{at}allowed_token_ids holds only stop tokens, which "
-                                      f"min_tokens={params.min_tokens} masks: no token could be "
-                                      "chosen", param="allowed_token_ids")
+        banned = self._banned(params, stop_ids, at)
         # best_of ranks sequences by cumulative logprob: the backend computes them for all
         computed = params
         if params.best_of is not None and params.best_of > params.n and params.logprobs is None:
             computed = dataclasses.replace(params, logprobs=0)
         seed = resolve_seed(params)
-        banned = banned_sequences(self.tokenizer, params.bad_words) if params.bad_words else ()
         prompt_logprobs = None if params.prompt_logprobs is None else [None]  # none for token 0
         seqs = []
         for choice in range(m):
@@ -215,12 +210,29 @@ class Scheduler:
                 out=out, params=params,
                 sampling=SequenceSampling(computed, choice_seed(seed, choice),
                                           tuple(sorted(stop_ids))),
-                budget=budget, stop_ids=frozenset(stop_ids),
+                budget=budget, stop_ids=frozenset(stop_ids), eos=self._eos,
                 detok=self.tokenizer.stream(skip_special_tokens=params.skip_special_tokens),
                 parent=seqs[0] if seqs else None,
                 grammar=self._matcher(params, banned)))  # each its own state
         seqs[0].children = seqs[1:]
         return seqs[0]
+
+    def _banned(self, params: SamplingParams, stop_ids: set[int], at: str
+                ) -> tuple[tuple[int, ...], ...]:
+        """The bad words' token sequences this model can produce (ids in its vocabulary);
+        SamplingParamsError where allowed_token_ids leaves nothing to choose: only stop ids that
+        min_tokens masks, or only one-token banned words."""
+        allowed = set(params.allowed_token_ids)
+        if params.min_tokens and allowed and allowed <= stop_ids:
+            raise SamplingParamsError(f"{at}allowed_token_ids holds only stop tokens, which "
+                                      f"min_tokens={params.min_tokens} masks: no token could be "
+                                      "chosen", param="allowed_token_ids")
+        banned = tuple(s for s in banned_sequences(self.tokenizer, params.bad_words)
+                       if max(s) < self.vocab_size) if params.bad_words else ()
+        if allowed and allowed <= {s[0] for s in banned if len(s) == 1}:
+            raise SamplingParamsError(f"{at}allowed_token_ids holds only tokens that bad_words "
+                                      "bans: no token could be chosen", param="bad_words")
+        return banned
 
     def _matcher(self, params: SamplingParams, banned: tuple[tuple[int, ...], ...]
                  ) -> GrammarMatcher | BadWords | None:

@@ -115,6 +115,7 @@ class Sequence:
     budget: int  # positions reserved: prompt + generated tokens
     detok: IncrementalDecoder
     stop_ids: frozenset[int]
+    eos: frozenset[int] = frozenset()  # the model's EOS ids (a stop ends with no stop_reason)
     arrival: float = field(default_factory=time.perf_counter)
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose K/V are in the cache
@@ -188,8 +189,8 @@ class Sequence:
                 out.text += self.detok.add(token)
             out.text += self.detok.flush()
             out.finish_reason = "stop"
-            if token in params.stop_token_ids:
-                out.stop_reason = token
+            if token in params.stop_token_ids and (params.ignore_eos or token not in self.eos):
+                out.stop_reason = token  # (EOS first, as vLLM checks it)
         else:
             out.text += self.detok.add(token)
             hit = -1

@@ -10,9 +10,9 @@ A token's text is that token decoded alone (special tokens included): a token ho
 of a UTF-8 character decodes to U+FFFD, and its "bytes" are that text's, not the token's raw
 bytes. text_offset counts the characters of those texts from the start of the choice's text,
 across the chunks of a stream (each choice of an n > 1 response from 0).
--inf (a token masked by min_tokens) is written as -9999.0, as vLLM does, since JSON has no -inf;
-masked alternatives (where fewer tokens than asked for can be chosen: allowed_token_ids, bad words,
-a grammar) are left out of top_logprobs.
+Masked alternatives (-inf: where fewer tokens can be chosen than alternatives were asked for, as
+under allowed_token_ids, bad words, a grammar or min_tokens) are left out of top_logprobs; a -inf
+that remains (a chosen token's) is written as -9999.0, as vLLM does, since JSON has no -inf.
 With as_ids (vLLM's return_tokens_as_token_ids) each token is named "token_id:<id>" instead of
 its text, in "tokens", the top_logprobs keys and chat's "token" (chat's "bytes" are the label's
 for the alternatives, the text's for the chosen token, as vLLM has them); text_offset still

@@ -73,3 +73,22 @@ def test_bad_values_are_refused_by_name(bad) -> None:
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(bad_words=bad)
     assert e.value.param == "bad_words"
+
+
+def test_the_scheduler_keeps_producible_sequences_and_refuses_an_empty_choice(
+        monkeypatch) -> None:
+    """Sequences with an id past the model's vocabulary cannot be produced (a mask row has no bit
+    for them): dropped. allowed_token_ids that bad_words bans entirely leave nothing: refused."""
+    from fakes import VOCAB as FAKE_VOCAB
+    from fakes import fake_parts
+
+    from llm.engine import scheduler as sched_mod
+
+    backend, tok, pages = fake_parts()
+    sched = sched_mod.Scheduler(backend, tok, pages)
+    monkeypatch.setattr(sched_mod, "banned_sequences",
+                        lambda t, words: ((7,), (FAKE_VOCAB + 3,), (5, FAKE_VOCAB)))
+    assert sched._banned(SamplingParams(bad_words=["w"]), set(), "") == ((7,),)
+    with pytest.raises(SamplingParamsError, match="bad_words bans") as e:
+        sched._banned(SamplingParams(bad_words=["w"], allowed_token_ids=[7]), set(), "")
+    assert e.value.param == "bad_words"

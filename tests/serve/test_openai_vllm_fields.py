@@ -213,6 +213,12 @@ def test_stop_reason_names_the_stop_string_or_token(client, serve_model, referen
     chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=30,
                                           temperature=0).choices[0]
     assert chat.finish_reason == "stop" and _extra(chat, "stop_reason") is None  # EOS
+    eos = list(serve_model.tokenizer.eos_ids)
+    listed = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=30,
+                                            temperature=0,
+                                            extra_body={"stop_token_ids": eos}).choices[0]
+    assert listed.message.content == chat.message.content
+    assert _extra(listed, "stop_reason") is None  # EOS first, as vLLM checks it
 
 
 def test_with_token_ids_logprobs_cover_every_token_id(client, reference, serve_model) -> None:
