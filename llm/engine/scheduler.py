@@ -174,21 +174,15 @@ class Scheduler:
             raise OutOfPagesError(
                 f"{at}needs {need} KV pages for {m} x {budget} tokens but the pool has only "
                 f"{self.pages.allocator.capacity}")
-        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
-        if bad:
-            raise SamplingParamsError(f"{at}logit_bias keys {bad[:5]} are not token ids of this "
-                                      f"model's vocabulary [0, {self.vocab_size})",
-                                      param="logit_bias")
-        bad = [t for t in params.allowed_token_ids if t >= self.vocab_size]
-        if bad:
-            raise SamplingParamsError(f"{at}allowed_token_ids {bad[:5]} are not token ids of "
-                                      f"this model's vocabulary [0, {self.vocab_size})",
-                                      param="allowed_token_ids")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise SamplingParamsError(f"{at}stop_token_ids {bad[:5]} are not token ids of this "
-                                      f"model's vocabulary [0, {self.vocab_size})",
-                                      param="stop_token_ids")
+        checked = (("logit_bias", "logit_bias keys", [t for t, _ in params.logit_bias]),
+                   ("allowed_token_ids", "allowed_token_ids", params.allowed_token_ids),
+                   ("stop_token_ids", "stop_token_ids", params.stop_token_ids))
+        for param, what, listed in checked:  # every id must be one of the vocabulary's
+            bad = [t for t in listed if t >= self.vocab_size]
+            if bad:
+                raise SamplingParamsError(f"{at}{what} {bad[:5]} are not token ids of this "
+                                          f"model's vocabulary [0, {self.vocab_size})",
+                                          param=param)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self._eos)

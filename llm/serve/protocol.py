@@ -256,7 +256,7 @@ def _allowed_token_ids(value: Any) -> tuple[int, ...]:
     """allowed_token_ids: absent, or a non-empty list of token ids."""
     if value is None:
         return ()
-    if not isinstance(value, list) or not value or not all(_is_int(t) and t >= 0 for t in value):
+    if not isinstance(value, list) or not value:  # (the ids themselves: SamplingParams)
         raise ApiError(400, f"'allowed_token_ids' must be a non-empty list of token ids "
                             f"(integers >= 0), got {short_repr(value)}", "allowed_token_ids")
     return tuple(value)

@@ -359,4 +359,3 @@ def _check_device(name: str) -> torch.device:
         if count == 0 or (device.index or 0) >= count:
             raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s)")
     return device
-
