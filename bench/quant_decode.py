@@ -75,19 +75,34 @@ DEFAULT_VARIANTS = ("bf16,v1,auto,w:4:128:4,w:4:128:4:m,w:8:64:4,w:8:64:4:m,w:2:
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """name -> (N, K) of the model's linears as the backend fuses them (q/k/v, gate/up), the
-    LM head as its 16384-row chunks."""
+    """name -> (N, K) of the model's linears as the backend fuses them (q/k/v, gate/up), a
+    16384-row chunk of the LM head (the shape earlier sweeps timed) and the whole head (one
+    launch on a GPU)."""
     h, hd = config.hidden_size, config.head_dim or config.hidden_size // config.num_heads
     qkv = (config.num_heads + 2 * config.num_kv_heads) * hd
     return {"qkv": (qkv, h), "o": (h, config.num_heads * hd),
             "gate_up": (2 * config.intermediate_size, h), "down": (h, config.intermediate_size),
-            "head_chunk": (16384, h)}
+            "head_chunk": (16384, h), "head": (config.vocab_size, h)}
+
+
+def w_config(fields: list[str]):
+    """BLOCK_N, BLOCK_G, WARPS[, FLAGS] of a w: / g: variant (see the module docstring) -> the
+    v2 kernel's QGemvWConfig."""
+    from llm.backends.torch.kernels.qgemv_config import QGemvWConfig
+
+    flags = fields[3] if len(fields) > 3 else ""
+    stages = re.search(r"s(\d+)", flags)
+    try:
+        return QGemvWConfig(int(fields[0]), int(fields[1]), int(fields[2]), magic="m" in flags,
+                            prefetch="p" in flags, num_stages=int(stages[1]) if stages else 1)
+    except (ValueError, IndexError) as e:
+        raise SystemExit(f"one-row config {':'.join(fields)!r}: {e}") from None
 
 
 def variant_call(v: str, x: torch.Tensor):
     """The GEMV of --variants entry `v` as a function of the weight."""
     from llm.backends.torch.kernels.qgemv import qgemm_tc, qgemv, qgemv_silu_mul
-    from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, qgemv_config
+    from llm.backends.torch.kernels.qgemv_config import qgemv_config
 
     f = v.split(":")
     if f[0] == "bf16":
@@ -97,10 +112,7 @@ def variant_call(v: str, x: torch.Tensor):
     if f[0] == "auto":
         return lambda w: qgemv(x, w)
     if f[0] in ("w", "g"):  # g: w is a fused gate/up weight, silu(gate) * up in the epilogue
-        flags = f[4] if len(f) > 4 else ""
-        stages = re.search(r"s(\d+)", flags)
-        cfg = QGemvWConfig(int(f[1]), int(f[2]), int(f[3]), magic="m" in flags,
-                           prefetch="p" in flags, num_stages=int(stages[1]) if stages else 1)
+        cfg = w_config(f[1:])
         if f[0] == "g":
             return lambda w: qgemv_silu_mul(x, w, config=cfg)
         return lambda w: qgemv(x, w, config=cfg)
@@ -150,6 +162,8 @@ def kernel_sweep(args, device: torch.device) -> int:
     rows = []
     for name in csv(args.configs):
         for lin, (n, k) in linear_shapes(SHAPES[name]).items():
+            if args.linears and lin not in csv(args.linears):
+                continue
             for fmt_name in [f for f in csv(args.formats) if f != "bf16"]:
                 w0 = random_quantized(fmt_name, n, k, g, device)
                 copies = max(2, -(-4 * l2_bytes(device) // w0.nbytes))
@@ -312,6 +326,52 @@ def tc_config_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: fl
     return rows
 
 
+def w_rule_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--w-rules: decode with each rule set in place of `qgemv_w_config`'s one-row choice for
+    its shapes, then with the default again, --w-repeats times (graphs captured again each
+    time), so that the sets and the default alternate in one process."""
+    from llm.backends.torch.kernels import qgemv_words
+
+    sets = [parse_w_rules(s) for s in csv(args.w_rules)]
+    if not sets or backend.graphs is None:
+        return []
+    rows, default = [], qgemv_words.qgemv_w_config
+    for _ in range(args.w_repeats):
+        for text, table in zip(csv(args.w_rules), sets):
+            used = set()
+
+            def rule(m, n, k, f, t=table, used=used):
+                if m == 1 and (f, n, k) in t:
+                    used.add((f, n, k))
+                    return t[(f, n, k)]
+                return default(m, n, k, f)
+
+            qgemv_words.qgemv_w_config = rule
+            try:
+                backend.graphs.capture()
+                unused = " ".join(f"{f}:{n}x{k}" for f, n, k in table.keys() - used)
+                note = f"rules {text}" + (f" (never asked: {unused})" if unused else "")
+                rows += decode_rows(backend, name, fmt_name, args, bw, note)
+            finally:
+                qgemv_words.qgemv_w_config = default
+        backend.graphs.capture()
+        rows += decode_rows(backend, name, fmt_name, args, bw, "default rule")
+    return rows
+
+
+def parse_w_rules(text: str) -> dict:
+    """'FMT:NxK=BLOCK_N:BLOCK_G:WARPS[:FLAGS]+...' -> {(fmt, n, k): QGemvWConfig}."""
+    table = {}
+    for entry in text.split("+"):
+        where, _, cfg = entry.partition("=")
+        m = re.fullmatch(r"(\w+):(\d+)x(\d+)", where)
+        if m is None or not cfg:
+            raise SystemExit(f"--w-rules entry {entry!r}: expected FMT:NxK=BLOCK_N:BLOCK_G:WARPS"
+                             "[:FLAGS], e.g. q4_0:16384x2048=16:64:4:ms3")
+        table[(m[1], int(m[2]), int(m[3]))] = w_config(cfg.split(":"))
+    return table
+
+
 def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--v1-formats: decode again with the v2 one-row kernel off for those formats (`qgemv` and
     `qgemv_silu_mul` then take the first kernel; graphs captured again), then restored."""
@@ -377,6 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v1-formats", default="",
                    help="comma list of formats: decode again with the first kernel for their "
                         "one-row GEMVs (e.g. q6_k: the LM head of --formats q4_0/q6_k)")
+    p.add_argument("--linears", default="",
+                   help="--kernels: comma list of the shapes to time (qkv, o, gate_up, down, "
+                        "head_chunk, head; default all)")
+    p.add_argument("--w-rules", default="",
+                   help="comma list of rule sets, each '+'-joined FMT:NxK=BLOCK_N:BLOCK_G:WARPS"
+                        "[:FLAGS] (one-row v2 configs for those shapes, e.g. "
+                        "q4_0:16384x2048=16:64:4:ms3): decode again with each set in place of "
+                        "qgemv_w_config's choice, then with the default, --w-repeats times")
+    p.add_argument("--w-repeats", type=int, default=2)
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -400,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             if fmt_name != "bf16" and backend.graphs is not None:
                 rows += tc_config_rows(backend, name, fmt_name, args, bw)
                 rows += v1_rows(backend, name, fmt_name, args, bw)
+                rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
