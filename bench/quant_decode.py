@@ -372,23 +372,6 @@ def parse_w_rules(text: str) -> dict:
     return table
 
 
-def norm_ab_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--norm-ab: decode with each layer's norms as kernels of their own
-    (`DecoderLayer.norm_prologue` off), then in the GEMVs' prologue again, --w-repeats times
-    (graphs captured again each time)."""
-    if not args.norm_ab or backend.graphs is None:
-        return []
-    rows = []
-    for _ in range(args.w_repeats):
-        for on in (False, True):
-            for layer in backend.model.layers:
-                layer.norm_prologue = on
-            backend.graphs.capture()
-            rows += decode_rows(backend, name, fmt_name, args, bw,
-                                "norms in the GEMVs' prologue" if on else "separate norms")
-    return rows
-
-
 def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--v1-formats: decode again with the v2 one-row kernel off for those formats (`qgemv` and
     `qgemv_silu_mul` then take the first kernel; graphs captured again), then restored."""
@@ -399,16 +382,11 @@ def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) ->
         return []
     rule = qgemv.words_kernel_runs
     qgemv.words_kernel_runs = lambda x, w: w.format not in off and rule(x, w)
-    prologue = [layer.norm_prologue for layer in backend.model.layers]
-    for layer in backend.model.layers:  # the norm prologue is the v2 kernel's: separate norms
-        layer.norm_prologue = False
     try:
         backend.graphs.capture()
         rows = decode_rows(backend, name, fmt_name, args, bw, f"v1 for {args.v1_formats}")
     finally:
         qgemv.words_kernel_runs = rule
-        for layer, on in zip(backend.model.layers, prologue):
-            layer.norm_prologue = on
     backend.graphs.capture()
     return rows
 
@@ -468,9 +446,6 @@ def main(argv: list[str] | None = None) -> int:
                         "q4_0:16384x2048=16:64:4:ms3): decode again with each set in place of "
                         "qgemv_w_config's choice, then with the default, --w-repeats times")
     p.add_argument("--w-repeats", type=int, default=2)
-    p.add_argument("--norm-ab", action="store_true",
-                   help="decode again with separate norm kernels, then with the norms in the "
-                        "quantized GEMVs' prologue (the default), --w-repeats times")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -495,7 +470,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows += tc_config_rows(backend, name, fmt_name, args, bw)
                 rows += v1_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
-                rows += norm_ab_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -47,13 +47,10 @@ GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS"
             "STAT_K": 1024, "GLU": False, "FMA": False}
 QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, M=1, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
                    GLU=True, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2, XF16=False,
-                   HAS_BIAS=True, COMPILED=True, STAGES=1, NORM=False, HAS_RESIDUAL=False,
-                   STAT_K=64)
+                   HAS_BIAS=True, COMPILED=True, STAGES=1)
 QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
               "HEAD_DIM": 64}
 QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
-QGEMV_NORM = {**QGEMV_WORDS, "NORM": True, "HAS_RESIDUAL": True, "STAT_K": 4096}
-NORM_POINTERS = {**QGEMV_POINTERS, "rw_ptr": "*i64", "nw_ptr": "*i64"}
 KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed before the wait)
     (norm._add_rms_norm_kernel, dict(HIDDEN=2048, BLOCK=2048, HAS_RESIDUAL=True), {}, False),
     (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, BLOCK_T=1, K_OUT=False),
@@ -89,19 +86,13 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
-    # with the residual add and RMSNorm in its prologue (x, the residual and the norm weight read
-    # after the wait), with SiLU*up, and with RoPE
-    (qgemv_words._qgemv_w_kernel, QGEMV_NORM, NORM_POINTERS, True),
-    (qgemv_words._qgemv_w_kernel, {**QGEMV_ROPE, "NORM": True, "HAS_RESIDUAL": True,
-                                   "STAT_K": 4096},
-     {**NORM_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
 ]
 
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gumbel_partial", "gumbel_final", "gemv_fma", "gemv_dot", "silu_mul",
        "qgemv_words", "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
-       "qgemv_words_rope", "qgemv_words_norm", "qgemv_words_norm_rope"]
+       "qgemv_words_rope"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:
@@ -155,9 +146,6 @@ def test_nothing_dependent_before_the_wait(hopper_ptx, name: str, weight_loads: 
         assert got["loads"]
     else:
         assert not got["loads"], got["loads"]
-    plain = {"qgemv_words_norm": "qgemv_words", "qgemv_words_norm_rope": "qgemv_words_rope"}
-    if name in plain:  # the norm's loads (x, residual, weight) all after the wait
-        assert len(got["loads"]) == len(hopper_ptx[plain[name]]["loads"])
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9,

@@ -421,3 +421,14 @@ def test_h200_bandwidth_table() -> None:
                      f"{100 * gbps / copy:4.0f}% of copy, bf16 F.linear {lin[m]:.1f} us "
                      f"({lin[m] / us:.2f}x)")
     print("\n" + "\n".join(rows))  # the table again, last
+
+
+def test_words_kernel_takes_x_at_an_unaligned_offset() -> None:
+    """x contiguous but starting one element into its storage (not on an 8-byte word): the
+    kernel reads it as 64-bit words, so it is copied to an aligned buffer first (it raised)."""
+    g = torch.Generator().manual_seed(3)
+    w = random_quantized("q4_0", 32, 64, g)
+    flat = torch.randn(65, generator=g).to(DEVICE, torch.bfloat16)
+    x = flat[1:].view(1, 64)  # storage offset 1: contiguous, not word-aligned
+    assert x.is_contiguous() and x.storage_offset() == 1
+    assert torch.equal(qgemv_words(x, w), qgemv_words(x.clone(), w))

@@ -67,13 +67,15 @@ def test_rope_epilogue_refuses_what_it_cannot_do() -> None:
         qgemv_words(x[:1], w, rope=RopeTarget(cs, cs, idx, idx, pool, pool.clone(), 3))
 
 
-def quantized_decode_logits(name: str, mode: str, norm_prologue: bool,
-                            steps: int = 6) -> torch.Tensor:
-    """Logits [steps, V] of a small random model (hf_reference.SMALL_CONFIGS[name]) quantized
-    with `mode`, decoding one user greedily on CUDA eagerly (no graphs) after a 7-token prompt;
-    norm_prologue: the layers' `DecoderLayer.norm_prologue`."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+@pytest.mark.parametrize("name, mode", [("llama_gqa", "int4"), ("qwen2_bias", "int4")])
+def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
+                                                        mode: str) -> None:
+    """A quantized model's batch-1 decode on CUDA runs the fused QKV GEMV in every layer, and its
+    logits over 6 steps equal those of the same model with the fusion switched off, bit for bit."""
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
+    from llm.backends.torch import attention
     from llm.backends.torch.runner import TorchBackend
     from llm.engine.contract.backend import PrefillInput, SequenceSampling
     from llm.engine.contract.sampling_params import SamplingParams
@@ -83,39 +85,27 @@ def quantized_decode_logits(name: str, mode: str, norm_prologue: bool,
     from llm.model.config import RuntimeConfig
 
     config = SMALL_CONFIGS[name]
-    torch.manual_seed(0)
     tensors = quantize_matrices(state_dict(hf_model(config)), mode, False)
     rt = RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=2, max_seq_len=64,
                        block_size=16)
-    backend = TorchBackend(Checkpoint(config, tensors, source=None), rt, cuda_graphs=False)
-    for layer in backend.model.layers:
-        layer.norm_prologue = norm_prologue
-    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), 2)
-    prompt = [5, 9, 17, 33, 65, 100, 7]
-    pages.reserve(0, 20)
-    token = backend.prefill(PrefillInput(0, prompt, 0, pages.row(0),
-                                         SequenceSampling(SamplingParams(), 0)))
-    out = []
-    for i in range(steps):
-        pos = len(prompt) + i
-        logits = backend.model.decode(
-            torch.tensor([token], device="cuda"), torch.tensor([pos], device="cuda"),
-            torch.tensor(pages.table([0]), device="cuda"), backend.cache, pos)  # [1, V]
-        out.append(logits)
-        token = int(logits.argmax())
-    backend.close()
-    return torch.cat(out)
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
-@pytest.mark.parametrize("name, mode", [("llama_gqa", "int4"), ("qwen2_bias", "int4")])
-def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
-                                                        mode: str) -> None:
-    """A quantized model's batch-1 decode on CUDA runs the fused QKV GEMV in every layer, and its
-    logits over 6 steps equal those of the same model with the fusion switched off, bit for bit
-    (each norm a kernel of its own in both: see test_qgemv_norm.py for the norms in the
-    GEMVs' prologue)."""
-    from llm.backends.torch import attention
+    def decode_logits() -> torch.Tensor:
+        backend = TorchBackend(Checkpoint(config, tensors, source=None), rt, cuda_graphs=False)
+        pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), 2)
+        prompt = [5, 9, 17, 33, 65, 100, 7]
+        pages.reserve(0, 20)
+        token = backend.prefill(PrefillInput(0, prompt, 0, pages.row(0),
+                                             SequenceSampling(SamplingParams(), 0)))
+        out = []
+        for i in range(6):
+            pos = len(prompt) + i
+            logits = backend.model.decode(
+                torch.tensor([token], device="cuda"), torch.tensor([pos], device="cuda"),
+                torch.tensor(pages.table([0]), device="cuda"), backend.cache, pos)  # [1, V]
+            out.append(logits)
+            token = int(logits.argmax())
+        backend.close()
+        return torch.cat(out)
 
     calls = []
     fused = attention.Attention._qkv_rope
@@ -126,7 +116,7 @@ def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
         return q
 
     monkeypatch.setattr(attention.Attention, "_qkv_rope", counting)
-    with_fusion = quantized_decode_logits(name, mode, norm_prologue=False)
+    with_fusion = decode_logits()
     assert calls and all(calls)  # every layer of every step
     monkeypatch.setattr(attention.Attention, "_qkv_rope", lambda self, *args: None)
-    assert torch.equal(with_fusion, quantized_decode_logits(name, mode, norm_prologue=False))
+    assert torch.equal(with_fusion, decode_logits())

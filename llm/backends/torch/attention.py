@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +15,6 @@ from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
 from llm.backends.torch.weight import QuantLinear, head_rows, linear, stack_rows
 from llm.model.config import ModelConfig
 from llm.model.rope import rotary_row_order
-
-if TYPE_CHECKING:
-    from llm.backends.torch.kernels.qgemv_words import AddNorm
 
 
 @dataclass(frozen=True)
@@ -250,50 +246,32 @@ class Attention:
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
-        fused = self._qkv_rope(x, meta, cache)
-        if fused is not None:
-            return self._attend(fused[0], meta, cache)
+        q = self._qkv_rope(x, meta, cache)
+        if q is not None:
+            return self._attend(q, meta, cache)
         return self.decode_qkv(linear(x, self.wqkv, self.bqkv), meta, cache)
 
-    def decode_normed(self, x: torch.Tensor, norm: AddNorm, meta: DecodeMeta,
-                      cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(decode(rms_norm(x + residual) * weight), x + residual) for one token x [1, H], the
-        residual add and the norm in the prologue of the fused QKV + RoPE GEMV (`_qkv_rope`), or
-        None where that GEMV does not run."""
-        fused = self._qkv_rope(x, meta, cache, norm)
-        if fused is None:
-            return None
-        return self._attend(fused[0], meta, cache), fused[1]
-
-    def _qkv_rope(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
-                  norm: AddNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def _qkv_rope(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache
+                  ) -> torch.Tensor | None:
         """One token's rotated q [1, nh, hd] by the quantized QKV GEMV with RoPE and the K/V write
         in its epilogue (kernels/qgemv_words.py, bit-equal to the GEMV then `rope_and_cache`), or
-        None where it does not run: batches, dense weights, q/k head norms, the gather path.
-        With norm, the GEMV's input is rms_norm(x + residual) * weight, computed in its prologue,
-        and x + residual is returned beside q (else None)."""
+        None where it does not run: batches, dense weights, q/k head norms, the gather path."""
         w = self.wqkv
         if (meta.pages_per_program is None or x.shape[0] != 1 or not x.is_cuda
                 or not isinstance(w, QuantLinear) or self.q_norm is not None):
             return None
         from llm.backends.torch.kernels.qgemv_words import (
             RopeTarget,
-            norm_runs,
             qgemv_words,
-            qgemv_words_norm,
             words_kernel_runs,
         )
 
-        if not words_kernel_runs(x, w.weight) or (norm is not None and not norm_runs(x, norm)):
+        if not words_kernel_runs(x, w.weight):
             return None
         target = RopeTarget(meta.cos, meta.sin, meta.blocks, meta.offsets, cache.k[self.layer],
                             cache.v[self.layer], self.n_heads)
-        total = None
-        if norm is None:
-            q = qgemv_words(x, w.weight, self.bqkv, rope=target)  # [1, nh * hd]
-        else:
-            q, total = qgemv_words_norm(x, norm, w.weight, self.bqkv, rope=target)
-        return q.view(1, self.n_heads, self.hd), total
+        q = qgemv_words(x, w.weight, self.bqkv, rope=target)  # [1, nh * hd]
+        return q.view(1, self.n_heads, self.hd)
 
     def decode_native(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
                       kernels: NativeKernels) -> torch.Tensor:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.weight import QuantLinear, linear, stack_rows
-
-if TYPE_CHECKING:
-    from llm.backends.torch.kernels.qgemv_words import AddNorm
 
 
 class MLP:
@@ -52,27 +47,6 @@ class MLP:
         from llm.backends.torch.kernels.gemv import gemv
 
         return self.mesh.all_reduce(gemv(act, self.down, self.down_bias))
-
-    def normed(self, x: torch.Tensor, norm: AddNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(rms_norm(x + residual) * weight), x + residual) for one token x [1, H], the
-        residual add and the norm in the prologue of the quantized gate/up GEMV (SiLU*up in its
-        epilogue, kernels/qgemv_words.py `qgemv_words_norm`), or None where that GEMV does not
-        run (dense weights, batches, activations it does not take)."""
-        gate_up = self.gate_up
-        if not (self.fused and isinstance(gate_up, QuantLinear) and x.is_cuda and x.dim() == 2
-                and x.shape[0] == 1):
-            return None
-        from llm.backends.torch.kernels.qgemv_words import (
-            norm_runs,
-            qgemv_words_norm,
-            words_kernel_runs,
-        )
-
-        if not words_kernel_runs(x, gate_up.weight) or not norm_runs(x, norm):
-            return None
-        act, total = qgemv_words_norm(x, norm, gate_up.weight, self.gate_up_bias,
-                                      glu=True)  # [1, I]
-        return self.mesh.all_reduce(linear(act, self.down, self.down_bias)), total
 
     def native(self, x: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
         """x float32 [B, H] -> [B, H] on the CPU, the activation by the C kernels."""

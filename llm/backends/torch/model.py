@@ -45,9 +45,6 @@ class DecoderLayer:
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused, cpu_kernels)
         self.mlp = MLP.from_weights(w, p + "mlp.", fused, mesh)
         self.res = config.residual_multiplier  # Granite's, of each sublayer's output
-        # one token on CUDA with quantized weights: each norm in the prologue of the GEMV after it
-        # (kernels/qgemv_words.py `qgemv_words_norm`) where that GEMV runs; False: separate norms
-        self.norm_prologue = fused
 
     def _scaled(self, out: torch.Tensor) -> torch.Tensor:
         """A sublayer's output as it enters the residual stream (Granite: times res)."""
@@ -79,34 +76,10 @@ class DecoderLayer:
             act, residual = norm_gate_up_silu_gemv(o, residual, mn.weight, mn.eps, mlp.gate_up,
                                                    mlp.gate_up_bias)  # [B, I]
             return self._scaled(mlp.down_gemv(act)), residual
-        if self.norm_prologue and x.shape[0] == 1 and x.is_cuda:
-            return self._decode_normed(x, residual, meta, cache)
         h, residual = self.attn_norm.add_norm(x, residual)
         h, residual = self.mlp_norm.add_norm(self._scaled(self.attn.decode(h, meta, cache)),
                                              residual)
         return self._scaled(self.mlp(h)), residual
-
-    def _decode_normed(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
-                       cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """decode() of one token with each norm in the prologue of the quantized GEMV that
-        follows it (QKV + RoPE, gate/up + SiLU*up), so 6 launches a layer instead of 8; a
-        sublayer whose GEMV does not take it (dense weights, q/k head norms, ...) keeps its
-        separate norm."""
-        from llm.backends.torch.kernels.qgemv_words import AddNorm
-
-        an, mn = self.attn_norm, self.mlp_norm
-        fused = self.attn.decode_normed(x, AddNorm(residual, an.weight, an.eps), meta, cache)
-        if fused is None:
-            h, residual = an.add_norm(x, residual)
-            out = self.attn.decode(h, meta, cache)
-        else:
-            out, residual = fused
-        out = self._scaled(out)
-        fused = self.mlp.normed(out, AddNorm(residual, mn.weight, mn.eps))
-        if fused is None:
-            h, residual = mn.add_norm(out, residual)
-            return self._scaled(self.mlp(h)), residual
-        return self._scaled(fused[0]), fused[1]
 
     def decode_native(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
                       cache: PagedKVCache, kernels: NativeKernels,

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from llm.backends.torch.kernels.gemv import _row_rstd, _stat_block
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
 from llm.backends.torch.kernels.qgemv_common import (
     DEFAULT_PLANES,
@@ -238,44 +237,6 @@ def _x_values(xrow, xmask, FMT: tl.constexpr, XF16: tl.constexpr, COMPILED: tl.c
 
 
 @triton.jit
-def _round(v, XF16: tl.constexpr):
-    """float32 v rounded to the activation dtype (bf16 / fp16), back as float32."""
-    if XF16:
-        return v.to(tl.float16).to(tl.float32)
-    return v.to(tl.bfloat16).to(tl.float32)
-
-
-@triton.jit
-def _normed_words(xrow, rrow, nrow, xmask, rstd, XF16: tl.constexpr, COMPILED: tl.constexpr,
-                  HAS_RESIDUAL: tl.constexpr):
-    """The 4 values of x's 64-bit words at xrow as rms_norm(x + residual) * weight gives them,
-    rounded as kernels/norm.py rounds (the residual sum, x * rstd, then the weight's product)."""
-    x0, x1, x2, x3 = _x_words(xrow, 0, xmask, XF16, COMPILED)
-    if HAS_RESIDUAL:
-        r0, r1, r2, r3 = _x_words(rrow, 0, xmask, XF16, COMPILED)
-        x0, x1 = _round(x0 + r0, XF16), _round(x1 + r1, XF16)
-        x2, x3 = _round(x2 + r2, XF16), _round(x3 + r3, XF16)
-    n0, n1, n2, n3 = _x_words(nrow, 0, xmask, XF16, COMPILED)
-    return (_round(_round(x0 * rstd, XF16) * n0, XF16), _round(_round(x1 * rstd, XF16) * n1, XF16),
-            _round(_round(x2 * rstd, XF16) * n2, XF16), _round(_round(x3 * rstd, XF16) * n3, XF16))
-
-
-@triton.jit
-def _x_values_norm(xrow, rrow, nrow, xmask, rstd, FMT: tl.constexpr, XF16: tl.constexpr,
-                   COMPILED: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """`_x_values` of rms_norm(x + residual) * weight (one row; rrow, nrow: the residual's and
-    the norm weight's words at xrow's offsets)."""
-    xl0, xl1, xl2, xl3 = _normed_words(xrow, rrow, nrow, xmask, rstd, XF16, COMPILED,
-                                       HAS_RESIDUAL)
-    if FMT == 0:
-        xh0, xh1, xh2, xh3 = xl0, xl1, xl2, xl3
-    else:
-        xh0, xh1, xh2, xh3 = _normed_words(xrow + 4, rrow + 4, nrow + 4, xmask, rstd, XF16,
-                                           COMPILED, HAS_RESIDUAL)
-    return xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3
-
-
-@triton.jit
 def _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3,
           FMT: tl.constexpr, MAGIC: tl.constexpr):
     """One row of x (`_x_values`) against a chunk's decoded codes (`_decode`): per group and row
@@ -334,15 +295,13 @@ def _store_row(y_row, acc, b_ptr, ns, n_live, pid, N, HALF: tl.constexpr, GLU: t
 @triton.jit
 def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW,
                     s_xw, s_y, s_qw, s_qh, s_d, s_m, s_sc, s_mn, cos_ptr, sin_ptr, blocks_ptr,
-                    offsets_ptr, k_pool, v_pool, s_kp, s_kh, s_kt, x_ptr, res_ptr, rw_ptr, nw_ptr,
-                    sum_ptr, eps, K: tl.constexpr,
+                    offsets_ptr, k_pool, v_pool, s_kp, s_kh, s_kt, K: tl.constexpr,
                     FMT: tl.constexpr, GS: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_G: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr,
                     GLU: tl.constexpr, ROPE: tl.constexpr, N_HEADS: tl.constexpr,
                     N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, XF16: tl.constexpr,
                     HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr,
-                    STAGES: tl.constexpr = 1, NORM: tl.constexpr = False,
-                    HAS_RESIDUAL: tl.constexpr = False, STAT_K: tl.constexpr = 64):
+                    STAGES: tl.constexpr = 1):
     """y[r, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and the M (1..4) rows r of x; with GLU,
     y[r, n0:n0 + BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW
     + n of w are the up rows of gate row n.
@@ -370,12 +329,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     registers). STAGES > 1 (without PREFETCH): Triton pipelines the chunk loop instead, its
     loads staged in shared memory by cp.async, STAGES - 1 chunks ahead (no registers held by
     the chunks in flight; compiled for sm_90 with Triton 3.9: cp.async present; at 1 the code is
-    that of a plain loop).
-
-    NORM (M = 1, any mode): x is the sublayer's output, the GEMV's input rms_norm(x + residual) *
-    weight, computed by every program (a first pass over x and the residual for the statistic,
-    as kernels/gemv.py's fused norm; program 0 also stores x + residual to sum_ptr), then per
-    chunk from the words of x, the residual (rw_ptr) and the norm weight (nw_ptr)."""
+    that of a plain loop)."""
     WPG: tl.constexpr = 8 if FMT == 0 else 4
     NG: tl.constexpr = K // 32
     pid = tl.program_id(0)
@@ -401,10 +355,6 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         if FMT == 7:
             h_next = _chunk_high(qh_ptr, rows3, s_qh, 0, gl, js, n_live, NG)
     wait_then_release(USE_GDC)
-    rstd = 0.0
-    if NORM:  # x's statistic (the residual sum stored once, by program 0)
-        rstd = tl.sum(_row_rstd(x_ptr, res_ptr, sum_ptr, eps, 1, 0, 0, 0, pid == 0, K, 1,
-                                STAT_K, HAS_RESIDUAL), axis=0)
     acc0 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     acc1 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
@@ -431,12 +381,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
         xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
         xmask = g3 < NG
-        if NORM:
-            xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _x_values_norm(
-                xrow, rw_ptr + 8 * g3 + js, nw_ptr + 8 * g3 + js, xmask, rstd, FMT, XF16,
-                COMPILED, HAS_RESIDUAL)
-        else:
-            xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _x_values(xrow, xmask, FMT, XF16, COMPILED)
+        xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _x_values(xrow, xmask, FMT, XF16, COMPILED)
         l0, l1, l2, l3, h0, h1, h2, h3 = _decode(w, h, js, FMT, MAGIC, COMPILED)
         S, sx = _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3,
                       FMT, MAGIC)
@@ -524,49 +469,6 @@ class RopeTarget:
     n_heads: int
 
 
-@dataclass(frozen=True)
-class AddNorm:
-    """The RMSNorm (with the residual add before it) that `qgemv_words_norm` applies to its x:
-    residual [1, K] or None (zero), weight [K] in x's dtype, eps."""
-
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-
-
-def norm_runs(x: torch.Tensor, norm: AddNorm) -> bool:
-    """Whether `qgemv_words_norm` takes x with norm: one row, the residual and the norm weight in
-    x's dtype and of its width."""
-    k = x.shape[-1]
-    return x.dim() == 2 and x.shape[0] == 1 and all(
-        t is None or (t.dtype == x.dtype and t.numel() == k) for t in (norm.residual, norm.weight))
-
-
-def qgemv_words_norm(x: torch.Tensor, norm: AddNorm, w: QuantizedTensor,
-                     bias: torch.Tensor | None = None, config: QGemvWConfig | None = None,
-                     pdl: bool | None = None, glu: bool = False, rope: RopeTarget | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`qgemv_words` of rms_norm(x + residual) * weight, x + residual) for one row x [1, K]:
-    kernels/norm.py `add_rms_norm` and the GEMV in one launch (the norm rounded as that kernel
-    rounds; its statistic summed in another order, so equal up to that order). glu and rope as
-    `qgemv_words`."""
-    if x.dim() != 2 or x.shape[0] != 1:
-        raise ValueError(f"qgemv_words_norm takes one row of x [1, K], got {tuple(x.shape)}")
-    if x.shape[1] != w.in_features or not words_kernel_runs(x, w):
-        raise ValueError(f"qgemv_words_norm: x {tuple(x.shape)} {x.dtype} against a {w.format} "
-                         f"weight of {w.in_features} columns (bf16 / fp16 x of its width, a "
-                         "format of the v2 kernel)")
-    k = x.shape[1]
-    for name, t in (("residual", norm.residual), ("norm weight", norm.weight)):
-        if t is not None and (t.dtype != x.dtype or t.numel() != k):
-            raise ValueError(f"qgemv_words_norm: the {name} is {tuple(t.shape)} {t.dtype}, x is "
-                             f"{tuple(x.shape)} {x.dtype}")
-    x = x if x.is_contiguous() else x.contiguous()
-    total = torch.empty_like(x) if norm.residual is not None else None
-    y = _launch(x, w, bias, config, pdl, glu, rope, norm, total)
-    return y, (total if total is not None else x)
-
-
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                 config: QGemvWConfig | None = None, pdl: bool | None = None,
                 glu: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
@@ -577,20 +479,12 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     unfused product. rope (one row): w is a fused QKV weight [(nh + 2 n_kv) hd, K]; q and k
     rotated as kernels/rope_kv.py `rope_and_cache` does (bit-equal), K and V written into the
     pools, and the result is q [1, nh * hd]."""
-    if x.shape[0] > WORDS_MAX_M and rope is None:
-        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu)
-                          for r in x.split(WORDS_MAX_M)])
-    return _launch(x, w, bias, config, pdl, glu, rope, None, None)
-
-
-def _launch(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None,
-            config: QGemvWConfig | None, pdl: bool | None, glu: bool, rope: RopeTarget | None,
-            norm: AddNorm | None, total: torch.Tensor | None) -> torch.Tensor:
-    """One launch of the v2 kernel for up to WORDS_MAX_M rows of x (one with rope or norm);
-    with norm, x + residual is stored into `total` (given where norm has a residual)."""
     m = x.shape[0]
     if rope is not None and m != 1:
         raise ValueError(f"qgemv_words(rope=...) takes one token, got {m}")
+    if m > WORDS_MAX_M:
+        return torch.cat([qgemv_words(r, w, bias, config, pdl, glu)
+                          for r in x.split(WORDS_MAX_M)])
     fmt, gs = family(w.format)
     k = x.shape[1]
     n = w.out_features // 2 if glu else w.out_features  # columns of y
@@ -618,27 +512,17 @@ def _launch(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None,
         rope_args = (rope.cos, rope.sin, rope.blocks, rope.offsets, rope.k_pool, rope.v_pool,
                      *rope.k_pool.stride()[:3])
         n = rope.n_heads * hd  # columns of y: q
-    norm_args, stat_k = (x,) * 5 + (0.0,), 64  # unused without norm
-    if norm is not None:
-        res = norm.residual if norm.residual is not None else x
-        res = res.reshape(1, k) if res.is_contiguous() else res.contiguous().reshape(1, k)
-        norm_args = (x, res, _words(res, torch.int64),
-                     _words(norm.weight.contiguous().reshape(1, k), torch.int64),
-                     total if total is not None else x, norm.eps)
-        stat_k = _stat_block(1, k)[1]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
     n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
     # every mode: a program takes BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
     _qgemv_w_kernel[(triton.cdiv(w.out_features, cfg.block_n),)](
         xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, n_arg, xw.stride(0),
-        y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args,
-        *norm_args, K=k, FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
+        y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k,
+        FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, STAGES=cfg.num_stages,
-        NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-        STAT_K=stat_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **launch_options(gdc))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return y
