@@ -12,9 +12,9 @@ repetition_penalty (extension), logit_bias, allowed_token_ids, bad_words and min
 echo (completions; with logprobs, the prompt's logprobs too); return_token_ids,
 return_tokens_as_token_ids and truncate_prompt_tokens (vLLM's extensions); structured output
 (structured_output.py): response_format (text, json_object, json_schema) and vLLM's guided_json /
-guided_regex / guided_choice / guided_grammar, one at a time; n choices (best_of on
-/v1/completions). Fields this server cannot honour (suffix, tools / functions / tool_choice /
-function_call, vLLM's structured_outputs and guided_whitespace_pattern, prompt_logprobs, chat's
+guided_regex / guided_choice / guided_grammar or structured_outputs, one at a time; n choices
+(best_of on /v1/completions). Fields this server cannot honour (suffix, tools / functions /
+tool_choice / function_call, vLLM's guided_whitespace_pattern, prompt_logprobs, chat's
 echo, stream_options without stream, and the vLLM / OpenAI fields of refusals.py, such as
 use_beam_search or chat_template, unless they hold the value meaning "not used") are refused rather
 than silently ignored; a parameter the backend cannot serve is refused at submission, naming it.

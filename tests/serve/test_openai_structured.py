@@ -1,7 +1,8 @@
 """Structured output over HTTP with the official openai client: response_format json_schema and
-json_object on chat, vLLM's guided_json / guided_regex / guided_choice / guided_grammar on
-completions and chat, streamed and whole; a 400 naming the field for every malformed value (the
-field named even when the grammar fails to compile), and nothing left held after."""
+json_object on chat, vLLM's guided_json / guided_regex / guided_choice / guided_grammar and their
+successor structured_outputs on completions and chat, streamed and whole; a 400 naming the field
+for every malformed value (the field named even when the grammar fails to compile), and nothing
+left held after."""
 
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ def test_chat_response_format_json_schema_and_json_object(client, live_server) -
      lambda t: re.fullmatch(r"x = [0-9]{1,2};", t)),
     ({"guided_grammar": 'start: "x = " /[0-9]{1,2}/ ";"'},
      lambda t: re.fullmatch(r"x = [0-9]{1,2};", t)),
+    ({"structured_outputs": {"json": PERSON, "disable_fallback": True}},
+     lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
+    ({"structured_outputs": {"regex": r"[A-Z][a-z]{2,8} [0-9]{2}", "json_object": False}},
+     lambda t: re.fullmatch(r"[A-Z][a-z]{2,8} [0-9]{2}", t)),
+    ({"structured_outputs": {"choice": ["positive", "negative"], "whitespace_pattern": None}},
+     lambda t: t in ("positive", "negative")),
+    ({"structured_outputs": {"grammar": 'root ::= "x = " [0-9] [0-9]? ";"',
+                             "disable_any_whitespace": False}},
+     lambda t: re.fullmatch(r"x = [0-9]{1,2};", t)),
 ])
 def test_guided_extensions_on_completions_and_chat(client, live_server, extra, ok) -> None:
     r = client.completions.create(model=MODEL_NAME, prompt="Here is the answer:", max_tokens=64,
@@ -89,7 +99,22 @@ BAD = [
     ("guided_grammar", "root ::= undefined"),
     ("guided_grammar", 3),
     ("guided_whitespace_pattern", " "),
-    ("structured_outputs", {"regex": "a"}),
+    ("structured_outputs", "regex"),
+    ("structured_outputs", {}),
+    ("structured_outputs", {"json_object": False}),
+    ("structured_outputs", {"regex": "a", "choice": ["a"]}),
+    ("structured_outputs", {"regex": "a(b"}),
+    ("structured_outputs", {"json": 5}),
+    ("structured_outputs", {"json": {"type": "strin"}}),
+    ("structured_outputs", {"json_object": "yes"}),
+    ("structured_outputs", {"choice": []}),
+    ("structured_outputs", {"grammar": "start: ("}),
+    ("structured_outputs", {"regex": "a", "disable_any_whitespace": True}),
+    ("structured_outputs", {"regex": "a", "disable_additional_properties": True}),
+    ("structured_outputs", {"regex": "a", "whitespace_pattern": " "}),
+    ("structured_outputs", {"regex": "a", "structural_tag": "{}"}),
+    ("structured_outputs", {"regex": "a", "disable_fallback": "no"}),
+    ("structured_outputs", {"regex": "a", "backend": "xgrammar"}),
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
 ]
 
@@ -100,7 +125,10 @@ def test_malformed_values_are_400s_naming_the_field(live_server, path) -> None:
     base.update({"messages": CHAT} if path.startswith("/chat") else {"prompt": "Hi"})
     cases = [(field, {field: value}) for field, value in BAD] + [
         ("guided_choice", {"guided_regex": "a", "guided_choice": ["a"]}),  # one at a time
-        ("guided_json", {"response_format": {"type": "json_object"}, "guided_json": PERSON})]
+        ("guided_json", {"response_format": {"type": "json_object"}, "guided_json": PERSON}),
+        ("guided_regex", {"structured_outputs": {"regex": "a"}, "guided_regex": "a"}),
+        ("structured_outputs", {"response_format": {"type": "json_object"},
+                                "structured_outputs": {"regex": "a"}})]
     for field, value in cases:
         body = {**base, **value}
         for stream in (False, True):
