@@ -144,3 +144,20 @@ def test_n_sequences_each_follow_the_grammar(engine) -> None:
     for c in best.choices:
         jsonschema.validate(json.loads(c.text), schema)
     assert _all_free(engine)
+
+
+def test_json_whitespace_layouts() -> None:
+    """StructuredOutput.whitespace: "" (json.dumps' ", " and ": "), "compact", or a whitespace
+    regex; part of equality; refused for the other kinds and when malformed, naming the param."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    spaced = StructuredOutput.json_schema(schema)
+    compact = StructuredOutput.json_schema(schema, whitespace="compact")
+    free = StructuredOutput("json_object", whitespace="pattern:[ \\n]*")
+    assert spaced != compact and compact == StructuredOutput.json_schema(schema, "x", "compact")
+    assert compact.llguidance_grammar() != spaced.llguidance_grammar()
+    assert free.kind == "json_object"
+    for bad in (dict(kind="regex", spec="a", whitespace="compact"),
+                dict(kind="json_object", whitespace="tabs"),
+                dict(kind="json_object", whitespace="pattern:(", param="ws")):
+        with pytest.raises(llm.SamplingParamsError, match=bad.get("param", "structured")):
+            StructuredOutput(**bad)

@@ -14,10 +14,10 @@ return_tokens_as_token_ids and truncate_prompt_tokens (vLLM's extensions); struc
 (structured_output.py): response_format (text, json_object, json_schema) and vLLM's guided_json /
 guided_regex / guided_choice / guided_grammar or structured_outputs, one at a time; n choices
 (best_of on /v1/completions). Fields this server cannot honour (suffix, tools / functions /
-tool_choice / function_call, vLLM's guided_whitespace_pattern, prompt_logprobs, chat's
-echo, stream_options without stream, and the vLLM / OpenAI fields of refusals.py, such as
-use_beam_search or chat_template, unless they hold the value meaning "not used") are refused rather
-than silently ignored; a parameter the backend cannot serve is refused at submission, naming it.
+tool_choice / function_call, prompt_logprobs, chat's echo, stream_options without stream, and the
+vLLM / OpenAI fields of refusals.py, such as use_beam_search or chat_template, unless they hold
+the value meaning "not used") are refused rather than silently ignored; a parameter the backend
+cannot serve is refused at submission, naming it.
 """
 
 from __future__ import annotations

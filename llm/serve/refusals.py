@@ -20,7 +20,6 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
     "prompt_embeds": (), "vllm_xargs": ({},), "priority": (0,), "prediction": (), "audio": (),
     "modalities": (["text"],), "reasoning_effort": (), "verbosity": (),
     "web_search_options": (), "suffix": ("",), "tools": ([],), "functions": ([],),
-    "guided_whitespace_pattern": (),
 }
 # chat-only fields and their "not used" values on /v1/completions (no chat template there)
 CHAT_ONLY = {"add_generation_prompt": (True,), "continue_final_message": (False,),

@@ -25,6 +25,15 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                                   "minItems": 1, "maxItems": 2}}}
 
 
+def _layout(text: str) -> str:
+    """The JSON text outside its string literals: where its whitespace is."""
+    return re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+
+
+def _valid(text: str) -> bool:
+    return jsonschema.validate(json.loads(text), PERSON) is None
+
+
 def test_chat_response_format_json_schema_and_json_object(client, live_server) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
                                                   "strict": True}}
@@ -64,6 +73,14 @@ def test_chat_response_format_json_schema_and_json_object(client, live_server) -
     ({"structured_outputs": {"grammar": 'root ::= "x = " [0-9] [0-9]? ";"',
                              "disable_any_whitespace": False}},
      lambda t: re.fullmatch(r"x = [0-9]{1,2};", t)),
+    # the layout: by default ", " and ": " (json.dumps'), compact, or a whitespace pattern
+    ({"guided_json": PERSON}, lambda t: _valid(t) and ", " in _layout(t) and '": ' in t),
+    ({"structured_outputs": {"json": PERSON, "disable_any_whitespace": True}},
+     lambda t: _valid(t) and not re.search(r"\s", _layout(t))),
+    ({"structured_outputs": {"json": PERSON, "whitespace_pattern": "[\t]?"}},
+     lambda t: _valid(t) and not re.search(r"[^\S\t]", _layout(t))),
+    ({"guided_json": PERSON, "guided_whitespace_pattern": "[\t]?"},
+     lambda t: _valid(t) and not re.search(r"[^\S\t]", _layout(t))),
 ])
 def test_guided_extensions_on_completions_and_chat(client, live_server, extra, ok) -> None:
     r = client.completions.create(model=MODEL_NAME, prompt="Here is the answer:", max_tokens=64,
@@ -115,6 +132,11 @@ BAD = [
     ("structured_outputs", {"regex": "a", "structural_tag": "{}"}),
     ("structured_outputs", {"regex": "a", "disable_fallback": "no"}),
     ("structured_outputs", {"regex": "a", "backend": "xgrammar"}),
+    ("structured_outputs", {"json": PERSON, "disable_any_whitespace": True,
+                            "whitespace_pattern": " "}),
+    ("structured_outputs", {"json": PERSON, "whitespace_pattern": "("}),
+    ("structured_outputs", {"json": PERSON, "whitespace_pattern": 3}),
+    ("structured_outputs", {"json_object": True, "disable_additional_properties": True}),
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
 ]
 
@@ -127,6 +149,12 @@ def test_malformed_values_are_400s_naming_the_field(live_server, path) -> None:
         ("guided_choice", {"guided_regex": "a", "guided_choice": ["a"]}),  # one at a time
         ("guided_json", {"response_format": {"type": "json_object"}, "guided_json": PERSON}),
         ("guided_regex", {"structured_outputs": {"regex": "a"}, "guided_regex": "a"}),
+        ("guided_whitespace_pattern", {"guided_regex": "a", "guided_whitespace_pattern": " "}),
+        ("guided_whitespace_pattern", {"guided_json": PERSON, "guided_whitespace_pattern": "("}),
+        ("guided_whitespace_pattern", {"guided_json": PERSON, "guided_whitespace_pattern": ""}),
+        ("guided_whitespace_pattern", {"structured_outputs": {"json": PERSON,
+                                                              "disable_any_whitespace": True},
+                                       "guided_whitespace_pattern": " "}),
         ("structured_outputs", {"response_format": {"type": "json_object"},
                                 "structured_outputs": {"regex": "a"}})]
     for field, value in cases:
@@ -138,6 +166,28 @@ def test_malformed_values_are_400s_naming_the_field(live_server, path) -> None:
             err = r.json()["error"]
             assert err["param"] == field and field in err["message"], (field, value, err)
     assert live_server.wait_all_free()
+
+
+def test_disable_additional_properties_closes_every_object_schema() -> None:
+    """vLLM's disable_additional_properties: each object schema that does not say whether it
+    allows other properties allows none (nested ones too); ones that say so keep their word."""
+    from llm.serve.structured_output import structured_output
+
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+        "c": {"type": "array", "items": {"properties": {"d": {"type": "string"}}}},
+        "e": {"type": "object", "additionalProperties": True}}}
+    closed = json.loads(structured_output({"structured_outputs": {
+        "json": schema, "disable_additional_properties": True}}).spec)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["e"]["additionalProperties"] is True
+    as_text = structured_output({"structured_outputs": {
+        "json": json.dumps(schema), "disable_additional_properties": True}})
+    assert json.loads(as_text.spec) == closed
+    assert "additionalProperties" not in json.loads(
+        structured_output({"structured_outputs": {"json": schema}}).spec)
 
 
 def test_client_gets_bad_request_naming_the_field(client, live_server) -> None:

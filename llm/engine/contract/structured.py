@@ -23,6 +23,8 @@ KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 # JSON is written as json.dumps writes it: ", " and ": " and no other whitespace (free whitespace
 # lets a small model fill max_tokens with newlines); a schema's "x-guidance" may override it.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# StructuredOutput.whitespace "compact": no whitespace at all (json.dumps with separators "," ":")
+COMPACT_LAYOUT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
 def llguidance_module(param: str) -> Any:
@@ -45,6 +47,9 @@ class StructuredOutput:
     syntax) the whole output matches.
     "choice": the output is exactly one of `choices`. "grammar": `spec` is a context-free grammar
     in llguidance's Lark dialect, or llama.cpp's GBNF (EBNF) which llguidance converts to Lark.
+    whitespace (JSON kinds only): "" for JSON_LAYOUT, "compact" for no whitespace at all
+    (COMPACT_LAYOUT), or "pattern:<regex>" for free whitespace matching <regex> around the
+    separators and brackets (vLLM's whitespace_pattern).
     param: the request field it came from, named in errors (not part of equality).
     Raises SamplingParamsError naming `param` when the spec does not compile.
     """
@@ -52,6 +57,7 @@ class StructuredOutput:
     kind: str
     spec: str = ""
     choices: tuple[str, ...] = ()
+    whitespace: str = ""
     param: str = field(default="structured", compare=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +75,11 @@ class StructuredOutput:
                                           f"strings, got {list(self.choices)!r:.60}", param=p)
         elif self.kind != "json_object" and not self.spec:
             raise SamplingParamsError(f"{p}: the {self.kind} is empty", param=p)
+        if self.whitespace and (self.kind not in ("json_schema", "json_object") or not (
+                self.whitespace == "compact" or self.whitespace.startswith("pattern:"))):
+            raise SamplingParamsError(f"{p}: whitespace must be '', 'compact' or 'pattern:<regex>'"
+                                      f" and only for JSON, got {self.whitespace!r:.60} for "
+                                      f"{self.kind}", param=p)
         llg = llguidance_module(p)
         try:
             error = llg.LLMatcher.validate_grammar(self.llguidance_grammar())
@@ -79,8 +90,8 @@ class StructuredOutput:
                                       f"{error.strip()}", param=p)
 
     @classmethod
-    def json_schema(cls, schema: Mapping[str, Any] | str, param: str = "structured"
-                    ) -> StructuredOutput:
+    def json_schema(cls, schema: Mapping[str, Any] | str, param: str = "structured",
+                    whitespace: str = "") -> StructuredOutput:
         """From a schema object (or its JSON text)."""
         if isinstance(schema, str):
             try:
@@ -91,7 +102,8 @@ class StructuredOutput:
         if not isinstance(schema, (Mapping, bool)):
             raise SamplingParamsError(f"{param}: a JSON schema must be an object, got "
                                       f"{schema!r:.60}", param=param)
-        return cls("json_schema", json.dumps(schema, sort_keys=True), param=param)
+        return cls("json_schema", json.dumps(schema, sort_keys=True), whitespace=whitespace,
+                   param=param)
 
     def llguidance_grammar(self) -> str:
         """The grammar as llguidance's matcher takes it."""
@@ -99,7 +111,13 @@ class StructuredOutput:
 
         if self.kind in ("json_schema", "json_object"):
             schema = self.spec if self.kind == "json_schema" else {"type": "object"}
-            return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            layout = JSON_LAYOUT
+            if self.whitespace == "compact":
+                layout = COMPACT_LAYOUT
+            elif self.whitespace:
+                layout = {"whitespace_flexible": True,
+                          "whitespace_pattern": self.whitespace.removeprefix("pattern:")}
+            return LLMatcher.grammar_from_json_schema(schema, defaults=layout)
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.spec)
         if self.kind == "choice":  # one lexeme: no parser row per choice (llguidance caps those)
