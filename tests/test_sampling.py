@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llm.backends.torch.sampling import SamplingTensors, draw_whole_rows, sample
+from llm.backends.torch.sampling import SamplingTensors, column_hashes, draw_whole_rows, sample
 from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -135,7 +135,13 @@ def test_the_row_draw_equals_the_whole_row_definition(scale) -> None:
     st = _tensors(params, list(range(n)))
     pos = torch.arange(n) * 13
     x = logits / st.temperature[:, None]
-    assert sample(logits, st, pos).tolist() == draw_whole_rows(x, st, pos).tolist()
+    want = draw_whole_rows(x, st, pos).tolist()
+    assert sample(logits, st, pos).tolist() == want
+    # with the vocabulary's column hashes held (as the torch backend holds them on the CPU)
+    held = dataclasses.replace(st, col_hash=column_hashes(3000, "cpu"))
+    assert sample(logits, held, pos).tolist() == want
+    wrong = dataclasses.replace(st, col_hash=column_hashes(2999, "cpu"))  # not this vocabulary
+    assert sample(logits, wrong, pos).tolist() == want
 
 
 def test_a_top_k_of_one_beside_plain_sampled_rows_is_its_argmax() -> None:
@@ -256,3 +262,17 @@ def test_any_int64_seed_samples_reproducibly() -> None:
         draws[seed] = [sample(torch.randn(1, 500, generator=torch.Generator().manual_seed(k)),
                               _tensors([p], [seed]), pos).item() for k in range(8)]
     assert len({tuple(v) for v in draws.values()}) == len(draws)
+
+
+def test_host_stream_keys_equal_the_tensor_keys() -> None:
+    """The CPU draw's per-row keys in Python integers equal `_stream_key`'s int64 tensor ops,
+    for extreme, negative and random seeds and positions."""
+    from llm.backends.torch.sampling import _stream_key, _stream_keys_host
+
+    g = torch.Generator().manual_seed(0)
+    seeds = [0, 1, -1, 2**63 - 1, -2**63, 2**32, 2**32 - 1, -2**32] + torch.randint(
+        -2**63, 2**63 - 1, (500,), generator=g).tolist()
+    positions = [0, 1, 2**31 - 1, 131071] + torch.randint(
+        0, 2**31, (len(seeds) - 4,), generator=g).tolist()
+    want = _stream_key(torch.tensor(seeds), torch.tensor(positions)).tolist()
+    assert _stream_keys_host(seeds, positions) == want

@@ -19,7 +19,7 @@ from llm.backends.torch.parallel.slices import WeightSlices
 from llm.backends.torch.penalties import SlotPenalties, full_path
 from llm.backends.torch.prefill_graphs import PrefillGraphs
 from llm.backends.torch.quant.native import NativeKernels, NativeKernelsUnavailable, load_kernels
-from llm.backends.torch.sampling import SamplingTensors
+from llm.backends.torch.sampling import SamplingTensors, column_hashes
 from llm.backends.torch.threads import (
     WIDE_DECODE_BATCH,
     ThreadPolicy,
@@ -111,6 +111,9 @@ class TorchBackend(Backend):
                             else ThreadPolicy.fixed(threads))
         self.cache = PagedKVCache(self.model.local, runtime, self.device, self.model.dtype)
         self.penalties = SlotPenalties(runtime.max_batch, self.config.vocab_size, self.device)
+        # the CPU draw's per-token hashes, once (CUDA hashes in its Triton kernel's registers)
+        self._col_hash = (column_hashes(self.config.vocab_size, self.device)
+                          if self.device.type == "cpu" else None)
         self.weight_bytes = self.model.weight_bytes
         self.host_compute = self.device.type == "cpu"
         self.graphs = None
@@ -198,7 +201,8 @@ class TorchBackend(Backend):
             launched()
             return StepOutput(tokens.tolist())
         launched()  # (the sampling tensors' copies from pageable memory wait for the device)
-        st = SamplingTensors.build(params, [s.seed for s in sampling], self.device)
+        st = SamplingTensors.build(params, [s.seed for s in sampling], self.device,
+                                   self._col_hash)
         pos = self._tensor(positions)
         if not full:
             return StepOutput(self.model.sample(logits, st, pos, all_greedy).tolist())

@@ -27,6 +27,8 @@ class SamplingTensors:
     temperature [B] f32 (0 = greedy), top_k [B] i64 (0 = off), top_p [B] f32, seed [B] i64,
     min_p [B] f32 (0 = off). filtered (host-known): some row may use top-k or top-p, so the
     rows are sorted; False skips the sort (the same tokens for rows that use neither).
+    col_hash: the vocabulary's `column_hashes`, held by the backend so that the CPU draw hashes
+    each token once a step instead of twice (None: hashed in each call; the same noise).
     """
 
     temperature: torch.Tensor
@@ -35,10 +37,12 @@ class SamplingTensors:
     seed: torch.Tensor
     min_p: torch.Tensor
     filtered: bool = True
+    col_hash: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int],
-              device: torch.device | str) -> SamplingTensors:
+              device: torch.device | str, col_hash: torch.Tensor | None = None,
+              ) -> SamplingTensors:
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32,
                                      device=device),
@@ -47,6 +51,7 @@ class SamplingTensors:
             seed=torch.tensor(seeds, dtype=torch.int64, device=device),
             min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
             filtered=needs_sort(params),
+            col_hash=col_hash,
         )
 
     @property
@@ -96,9 +101,40 @@ def _stream_key(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return _hash32(mixed ^ _hash32(position + 0x5BD1E995))
 
 
-def _uniform_at(key: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """The uniform (0, 1) float64 of each token id `col` under `key` (broadcast together)."""
-    bits = _hash32(key ^ _hash32(col * 0x85EBCA6B + 0xC2B2AE35))
+def _stream_keys_host(seeds: list[int], positions: list[int]) -> list[int]:
+    """`_stream_key` in Python integers (the CPU draw's keys: ~60 one-element tensor ops a step
+    otherwise). The same bits: an int64 product that wraps keeps its low 32 bits, all that
+    `_hash32` reads, and Python's & and >> act on negative seeds as two's complement."""
+    def h(x: int) -> int:
+        x &= _MASK32
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) & _MASK32
+        x ^= x >> 15
+        x = (x * 0x735A2D97) & _MASK32
+        return x ^ (x >> 15)
+
+    out = []
+    for seed, pos in zip(seeds, positions, strict=True):
+        lo, hi = seed & _MASK32, (seed >> 32) & _MASK32
+        out.append(h(h(lo * 0x9E3779B1 + 0x632BE5AB) ^ h(hi + 0x7F4A7C15) ^ h(pos + 0x5BD1E995)))
+    return out
+
+
+def column_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
+    """The per-token half of the counter noise's hash, [vocab] int64: it depends on the token id
+    only, so a backend can hash its vocabulary once (SamplingTensors.col_hash)."""
+    return _column_hash(torch.arange(vocab, device=device, dtype=torch.int64))
+
+
+def _column_hash(col: torch.Tensor) -> torch.Tensor:
+    return _hash32(col * 0x85EBCA6B + 0xC2B2AE35)
+
+
+def _uniform_at(key: torch.Tensor, col: torch.Tensor,
+                col_hash: torch.Tensor | None = None) -> torch.Tensor:
+    """The uniform (0, 1) float64 of each token id `col` under `key` (broadcast together);
+    col_hash: `_column_hash(col)` where the caller has it."""
+    bits = _hash32(key ^ (_column_hash(col) if col_hash is None else col_hash))
     return (bits.to(torch.float64) + 0.5) / 4294967296.0
 
 
@@ -185,7 +221,7 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
     sums the whole kept row). For the CPU, where whole rows' noise and sort cost ~1 and ~4 ms a
     row of 49,152 tokens."""
     out = torch.empty(len(x), dtype=torch.int64, device=x.device)
-    keys = _stream_key(st.seed, position).tolist()
+    keys = _stream_keys_host(st.seed.tolist(), position.tolist())
     log_min_p = torch.log(st.min_p).tolist()
     for b, (temp, k, top_p) in enumerate(zip(st.temperature.tolist(), st.top_k.tolist(),
                                              st.top_p.tolist(), strict=True)):
@@ -202,12 +238,13 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
         cut = torch.maximum(floor, best - NOISE_SPAN)
         if sort:  # nothing kept below the limit's / the nucleus's last value
             cut = torch.maximum(cut, _nucleus_floor(row, best, limit, z, top_p))
-        if sort or int((row >= cut).sum()) * 4 < len(row):
-            ids = torch.nonzero(row >= cut)[:, 0]  # [n] ascending
-            vals = row[ids]
-        else:  # most of the row: masked in place is cheaper than gathered
+        whole = not sort and int((row >= cut).sum()) * 4 >= len(row)
+        if whole:  # most of the row: masked in place is cheaper than gathered
             ids = torch.arange(len(row), device=row.device)
             vals = row.masked_fill(row < cut, float("-inf"))
+        else:
+            ids = torch.nonzero(row >= cut)[:, 0]  # [n] ascending
+            vals = row[ids]
         if sort:
             vals, order = torch.sort(vals, descending=True, stable=True)  # ties: the lower id
             ids = ids[order]
@@ -217,9 +254,13 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
                 keep &= torch.cumsum(probs, dim=0) - probs < top_p
             vals = vals.masked_fill(~keep, float("-inf"))
         key = torch.tensor(keys[b], dtype=torch.int64, device=row.device)
-        score = vals.double() - torch.log(-torch.log(_uniform_at(key, ids)))  # [n]
-        # the lowest id among equal scores: argmax's first where ids ascend (unsorted)
-        out[b] = ids[score == score.max()].min() if sort else ids[torch.argmax(score)]
+        ch = st.col_hash if st.col_hash is not None and len(st.col_hash) == len(row) else None
+        if ch is not None and not whole:
+            ch = ch[ids]
+        score = vals.double() - torch.log(-torch.log(_uniform_at(key, ids, ch)))  # [n]
+        # the lowest id among equal scores: the first maximum where ids ascend (unsorted; max
+        # over a dim gives the first, as argmax, and takes ~40 us a 49K float64 row against 70)
+        out[b] = ids[score == score.max()].min() if sort else ids[torch.max(score, 0).indices]
     return out
 
 
