@@ -32,8 +32,7 @@ class RequestError(ValueError):
 class RequestOutput:
     """The result of one request.
 
-    finish_reason: "stop" (EOS, stop token or string), "length" (max_new_tokens or the context
-    reached, also where that last token is a stop token, as vLLM), "cancelled", or "error": the
+    finish_reason: "stop" (EOS, stop token or string), "length", "cancelled", or "error": the
     request failed on its own while it ran (its structured-output grammar failed, see
     `llm.engine.grammar.GrammarError`); `error` then says why, and which parameter.
     stop_reason (vLLM's): with finish_reason "stop", the stop string that ended the output, or
@@ -185,11 +184,7 @@ class Sequence:
             out.logprobs.append(logprobs)
         if self.grammar is not None:
             self.grammar.consume(token)
-        # the length limit first, as vLLM checks it: a stop token that is also the last one
-        # allowed ends the request by length and keeps its text (a stop string still stops it)
-        capped = len(out.token_ids) >= params.max_new_tokens or (
-            self.prompt_len + len(out.token_ids) >= self.budget)
-        if token in self.stop_ids and not capped:
+        if token in self.stop_ids:
             if params.include_stop_str_in_output:
                 out.text += self.detok.add(token)
             out.text += self.detok.flush()
@@ -216,7 +211,8 @@ class Sequence:
             elif self.grammar is not None and self.grammar.stopped:  # complete: nothing may follow
                 out.text += self.detok.flush()
                 out.finish_reason = "stop"
-            elif capped:
+            elif len(out.token_ids) >= params.max_new_tokens or (
+                    self.prompt_len + len(out.token_ids) >= self.budget):
                 out.text += self.detok.flush()
                 out.finish_reason = "length"
         if out.finish_reason is not None:

@@ -208,31 +208,6 @@ def test_stop_conditions_and_held_back_stop_text() -> None:
     assert all_free(sched)
 
 
-def test_the_length_limit_comes_before_a_stop_token() -> None:
-    """A stop token that is also the last token allowed ends the request by length, its text
-    kept and no stop_reason (vLLM's order); one token earlier it stops it; a stop string that
-    the last allowed token completes still stops it."""
-    sched, _ = make()
-    want = expected_tokens([5], 6)
-    capped = sched.make_sequence(0, [5], SamplingParams(max_new_tokens=2,
-                                                        stop_token_ids=(want[1],)))
-    sched.add(capped)
-    run(sched, [capped])
-    assert capped.out.token_ids == want[:2] and capped.out.finish_reason == "length"
-    assert capped.out.text == f"<{want[0]}><{want[1]}>" and capped.out.stop_reason is None
-    early = sched.make_sequence(1, [5], SamplingParams(max_new_tokens=3,
-                                                       stop_token_ids=(want[1],)))
-    sched.add(early)
-    run(sched, [early])
-    assert early.out.finish_reason == "stop" and early.out.stop_reason == want[1]
-    assert early.out.text == f"<{want[0]}>"
-    text = sched.make_sequence(2, [5], SamplingParams(max_new_tokens=2, stop=(f"<{want[1]}>",)))
-    sched.add(text)
-    run(sched, [text])
-    assert text.out.finish_reason == "stop" and text.out.text == f"<{want[0]}>"
-    assert all_free(sched)
-
-
 def test_stop_text_included_on_request() -> None:
     """include_stop_str_in_output: the text ends after the stop string that ended it (the first
     complete one; the first of the list where one token completes two that begin at one
