@@ -171,6 +171,18 @@ def test_a_row_of_nans_gets_its_argmax_not_an_error() -> None:
         [SamplingParams(temperature=0.8, top_p=0.9)], [2]), pos[1:])[0]
 
 
+def test_a_row_with_positive_infinity_gets_its_first_infinity() -> None:
+    """Overflowed logits (+inf) in a sampled row: its first +inf token, as the whole-row
+    definition's fallback picks it (min_p's floor would be inf - inf there), never an error."""
+    logits = torch.randn(3, 300)
+    logits[0, [7, 40]] = float("inf")
+    logits[1, :] = float("-inf")  # every token masked: its argmax, 0
+    st = _tensors([SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, min_p=0.1),
+                   SamplingParams(temperature=0.8)], [1, 2, 3])
+    got = sample(logits, st, torch.tensor([4, 5, 6])).tolist()
+    assert got[:2] == [7, 0]
+
+
 def _histogram(logits: torch.Tensor, p: SamplingParams, n: int = 20000) -> torch.Tensor:
     """Sample one distribution at n different positions (independent draws of the counter RNG)."""
     st = _tensors([p] * n, [p.seed] * n)

@@ -63,9 +63,9 @@ def structured_output(body: dict[str, Any]) -> StructuredOutput | None:
         raise ApiError(400, f"'{name}' must be a non-empty regular expression, got "
                             f"{short_repr(pattern)}", name)
     if out is None or out.kind not in _JSON or out.whitespace:
-        raise ApiError(400, f"'{name}' applies to a JSON constraint ('guided_json' or "
-                            "'response_format' json_schema / json_object) without a whitespace "
-                            "option of its own", name)
+        raise ApiError(400, f"'{name}' applies to a JSON constraint ('guided_json', "
+                            "'response_format' json_schema / json_object, or structured_outputs' "
+                            "json / json_object) without a whitespace option of its own", name)
     return StructuredOutput(out.kind, out.spec, whitespace="pattern:" + pattern, param=name)
 
 
@@ -105,7 +105,7 @@ def _structured_outputs(spec: Any) -> StructuredOutput:
     if spec.get("structural_tag") is not None:
         raise ApiError(400, "'structured_outputs.structural_tag' is not supported by this server",
                        param)
-    kinds = [k for k in _KINDS if spec.get(k) not in (None, False)]
+    kinds = [k for k in _KINDS if spec.get(k) is not None and spec.get(k) is not False]
     if len(kinds) != 1:
         raise ApiError(400, "'structured_outputs' takes exactly one of "
                             f"{', '.join(_KINDS)}, got {kinds or 'none'}", param)
@@ -133,8 +133,9 @@ def _whitespace(spec: dict[str, Any], kind: str) -> str:
     if not compact and pattern is None:
         return ""
     if kind not in ("json", "json_object"):
-        raise ApiError(400, "'structured_outputs' whitespace options apply to 'json' or "
-                            f"'json_object', not to '{kind}'", param)
+        given = "disable_any_whitespace" if compact else "whitespace_pattern"
+        raise ApiError(400, f"'structured_outputs.{given}' applies to 'json' or 'json_object', "
+                            f"not to '{kind}'", param)
     if compact and pattern is not None:
         raise ApiError(400, "'structured_outputs.disable_any_whitespace' cannot be combined with "
                             "'structured_outputs.whitespace_pattern'", param)
@@ -155,14 +156,15 @@ def _is_json(text: str) -> bool:
 
 
 def _closed_objects(node: Any) -> Any:
-    """A copy of the schema `node` where every object schema that does not say whether it
-    allows other properties allows none (vLLM's disable_additional_properties)."""
+    """A copy of the schema `node` where every schema with properties (or patternProperties)
+    that does not say whether it allows others allows none, as vLLM's
+    disable_additional_properties does (a bare {"type": "object"} stays any object)."""
     if isinstance(node, list):
         return [_closed_objects(v) for v in node]
     if not isinstance(node, dict):
         return node
     out = {k: _closed_objects(v) for k, v in node.items()}
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+    if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 

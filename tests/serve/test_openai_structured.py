@@ -122,6 +122,7 @@ BAD = [
     ("structured_outputs", {"regex": "a", "choice": ["a"]}),
     ("structured_outputs", {"regex": "a(b"}),
     ("structured_outputs", {"json": 5}),
+    ("structured_outputs", {"json": 0}),
     ("structured_outputs", {"json": {"type": "strin"}}),
     ("structured_outputs", {"json_object": "yes"}),
     ("structured_outputs", {"choice": []}),
@@ -176,13 +177,16 @@ def test_disable_additional_properties_closes_every_object_schema() -> None:
     schema = {"type": "object", "properties": {
         "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
         "c": {"type": "array", "items": {"properties": {"d": {"type": "string"}}}},
-        "e": {"type": "object", "additionalProperties": True}}}
+        "e": {"type": "object", "additionalProperties": True},
+        "f": {"type": "object"}, "g": {"patternProperties": {"^x": {"type": "integer"}}}}}
     closed = json.loads(structured_output({"structured_outputs": {
         "json": schema, "disable_additional_properties": True}}).spec)
     assert closed["additionalProperties"] is False
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["c"]["items"]["additionalProperties"] is False
     assert closed["properties"]["e"]["additionalProperties"] is True
+    assert closed["properties"]["f"] == {"type": "object"}  # any object, as in vLLM
+    assert closed["properties"]["g"]["additionalProperties"] is False
     as_text = structured_output({"structured_outputs": {
         "json": json.dumps(schema), "disable_additional_properties": True}})
     assert json.loads(as_text.spec) == closed

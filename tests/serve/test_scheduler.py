@@ -208,6 +208,28 @@ def test_stop_conditions_and_held_back_stop_text() -> None:
     assert all_free(sched)
 
 
+def test_a_stop_token_at_the_length_limit_is_a_stop() -> None:
+    """A stop token that is also the last token allowed ends the request with "stop" and its
+    stop_reason, its text left out (vLLM checks the stop conditions before the length since
+    late 2025, and OpenAI's "stop" is a natural end); so does a stop string that token
+    completes; a plain last token is "length"."""
+    sched, _ = make()
+    want = expected_tokens([5], 6)
+    for i, params in enumerate([SamplingParams(max_new_tokens=2, stop_token_ids=(want[1],)),
+                                SamplingParams(max_new_tokens=2, stop=(f"<{want[1]}>",)),
+                                SamplingParams(max_new_tokens=2)]):
+        seq = sched.make_sequence(i, [5], params)
+        sched.add(seq)
+        run(sched, [seq])
+        assert seq.out.token_ids == want[:2]
+        if i < 2:
+            assert seq.out.finish_reason == "stop" and seq.out.text == f"<{want[0]}>"
+            assert seq.out.stop_reason == (want[1] if i == 0 else f"<{want[1]}>")
+        else:
+            assert seq.out.finish_reason == "length" and seq.out.stop_reason is None
+    assert all_free(sched)
+
+
 def test_stop_text_included_on_request() -> None:
     """include_stop_str_in_output: the text ends after the stop string that ended it (the first
     complete one; the first of the list where one token completes two that begin at one

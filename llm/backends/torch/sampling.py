@@ -229,7 +229,8 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
         best = row.max()
         floor = best + log_min_p[b]  # min_p's
         above = len(row) if log_min_p[b] == float("-inf") else int((row >= floor).sum())
-        if temp <= 0 or not above or bool(best.isnan()):  # greedy, or a broken row: argmax
+        if temp <= 0 or not above or not bool(best.isfinite()):  # greedy, or a broken row
+            # (NaN, +inf, or every token masked): its argmax, as the whole-row draw falls back
             out[b] = torch.argmax(logits[b])
             continue
         limit = min(k, above) if k > 0 else above  # the tokens min_p and top-k keep
