@@ -43,6 +43,30 @@ def test_greedy_tokens_equal_transformers(name: str, device: str) -> None:
         assert o == seq[len(p):]
 
 
+def test_cpu_sampling_hashes_the_vocabulary_once(monkeypatch) -> None:
+    """On the CPU the backend hashes its vocabulary's columns once, at construction, and its
+    sampled steps use that table (no per-step column hash), with the tokens of the draw's
+    definition (the same seeded tokens without the table)."""
+    from llm.backends.torch import sampling
+
+    config = SMALL_CONFIGS["llama_gqa"]
+    w = state_dict(hf_model(config))
+    params = [SequenceSampling(SamplingParams(temperature=0.9, seed=s), s) for s in (3, 4)]
+    calls = []
+    hash_columns = sampling._column_hash
+    monkeypatch.setattr(sampling, "_column_hash", lambda col: calls.append(1) or
+                        hash_columns(col))
+    rt = RuntimeConfig(device="cpu", max_batch=2, max_seq_len=64, block_size=8)
+    backend = TorchBackend(Checkpoint(config, w, source=None), rt)
+    assert len(calls) == 1  # the table
+    held = decode_together(backend, [[5, 6, 7], [9]], 8, params)
+    assert len(calls) == 1
+    plain = TorchBackend(Checkpoint(config, w, source=None), rt)
+    plain._col_hash = None  # no table: hashed in each draw, the same tokens
+    assert decode_together(plain, [[5, 6, 7], [9]], 8, params) == held
+    assert len(calls) > 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 def test_seeded_sampling_agrees_between_cpu_and_cuda() -> None:
     config = SMALL_CONFIGS["llama_gqa"]
