@@ -38,7 +38,7 @@ from llm.serve.protocol import (
     parse_request,
     short_repr,
 )
-from llm.serve.responses import SSE_DONE, ResponseShape, sse
+from llm.serve.responses import SSE_DONE, ResponseShape, sse, usage_so_far
 from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
 
 
@@ -217,8 +217,9 @@ class _Handlers:
             shape.echo = (req.prompt if isinstance(req.prompt, str) and len(ids) == whole
                           else self.engine.tokenizer.decode(ids, skip_special_tokens=False))
         if req.stream:
-            return EventStreamResponse(_sse_events(stream, shape, req.include_usage, self._ended),
-                                       on_close=stream.cancel)
+            return EventStreamResponse(
+                _sse_events(stream, shape, req.include_usage, self._ended, req.continuous_usage),
+                on_close=stream.cancel)
         try:
             out = await race_disconnect(stream.result(), request.receive)
         except ClientGone:
@@ -257,11 +258,17 @@ async def _body(request: Request, limit: int) -> bytearray:
 
 
 async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage: bool,
-                      ended: Callable[[EngineClosedError | QueueFullError], ApiError]
-                      ) -> AsyncIterator[bytes]:
+                      ended: Callable[[EngineClosedError | QueueFullError], ApiError],
+                      continuous: bool = False) -> AsyncIterator[bytes]:
     """The SSE chunks of a streamed request; an error event instead of the rest where the
-    request failed (`RequestFailure`) or the engine ended it (`ended` makes its error)."""
+    request failed (`RequestFailure`) or the engine ended it (`ended` makes its error).
+    continuous (vLLM's continuous_usage_stats): every chunk of a choice carries the usage so far
+    (the prompt and that choice's tokens), not null."""
     started: set[int] = set()  # choices whose first chunk went out
+
+    def live(index: int) -> dict | None:
+        return usage_so_far(stream.seq.out, stream.seq.group[index].out) if continuous else None
+
     try:
         async for ev in stream:
             if ev.finished and ev.output is not None and ev.output.error is not None:
@@ -272,20 +279,20 @@ async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage
             if not started and shape.echo is not None:  # the prompt's logprobs are known by now
                 for index in range(stream.seq.params.n):
                     yield shape.echo_chunk(stream.seq.out, usage_field=include_usage,
-                                           index=index)
+                                           index=index, usage_now=live(index))
             first = ev.choice not in started
             ids = shape.token_ids and (first or ev.token_ids)
             if ev.text or ev.logprobs or (first and shape.chat) or ids:
                 prompt = stream.seq.out.prompt_token_ids if first and shape.echo is None else None
                 yield shape.chunk(ev.text, first=first, usage_field=include_usage,
                                   logprobs=ev.logprobs, index=ev.choice, token_ids=ev.token_ids,
-                                  prompt_ids=prompt)
+                                  prompt_ids=prompt, usage_now=live(ev.choice))
             started.add(ev.choice)
             if ev.choice_finish is not None:
                 cut = stream.seq.group[ev.choice].out.cut_logprobs if shape.token_ids else []
                 yield shape.chunk("", ev.choice_finish, usage_field=include_usage,
                                   stop_reason=ev.choice_stop, logprobs=cut,
-                                  index=ev.choice)
+                                  index=ev.choice, usage_now=live(ev.choice))
             if ev.finished:
                 assert ev.output is not None
                 if include_usage:

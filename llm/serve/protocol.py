@@ -4,8 +4,9 @@ Accepted fields (others are ignored, as OpenAI-compatible servers do): model, pr
 string, token ids, or a one-element list of either) or messages (chat), max_tokens
 (max_completion_tokens for chat), temperature, top_p, top_k and min_p (extensions; top_k -1 or 0 =
 off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_tokens (extensions),
-stream, stream_options.include_usage, n, best_of (completions; not streamed when > n),
-add_generation_prompt, continue_final_message and chat_template_kwargs (chat, vLLM's extensions),
+stream, stream_options.include_usage (with it, vLLM's continuous_usage_stats), n, best_of
+(completions; not streamed when > n), add_generation_prompt, continue_final_message and
+chat_template_kwargs (chat, vLLM's extensions),
 add_special_tokens (chat_options.py), ignore_eos (extension), presence_penalty, frequency_penalty,
 repetition_penalty (extension), logit_bias, allowed_token_ids, bad_words and min_tokens
 (extensions); logprobs (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and
@@ -68,6 +69,7 @@ class ParsedRequest:
     token_ids: bool = False
     tokens_as_ids: bool = False
     truncate: int | None = None
+    continuous_usage: bool = False
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -102,6 +104,11 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true",
                        "stream_options")
     include_usage = opt_bool(options or {}, "include_usage", "stream_options.include_usage")
+    continuous = opt_bool(options or {}, "continuous_usage_stats",
+                          "stream_options.continuous_usage_stats") or False
+    if continuous and not include_usage:
+        raise ApiError(400, "'stream_options.continuous_usage_stats' needs "
+                            "'stream_options.include_usage': true", "stream_options")
     logprobs = _chat_logprobs(body) if chat else _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
     echo = opt_bool(body, "echo") or False
     min_tokens = _opt_int(body, "min_tokens", 0) or 0
@@ -145,7 +152,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
                          echo, rendering, opt_bool(body, "return_token_ids") or False,
                          opt_bool(body, "return_tokens_as_token_ids") or False,
-                         _truncation(body)), messages
+                         _truncation(body), continuous), messages
 
 
 def _stop_token_ids(value: Any) -> tuple[int, ...]:

@@ -37,10 +37,6 @@ def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     if body.get("prompt_logprobs") is not None:
         raise ApiError(400, "'prompt_logprobs' is not supported by this server; send 'echo': "
                             "true with 'logprobs' for the prompt's logprobs", "prompt_logprobs")
-    options = body.get("stream_options")
-    if isinstance(options, dict):
-        _refuse_unless(options, "continuous_usage_stats", (False,),
-                       "'stream_options.continuous_usage_stats' is not supported by this server")
     if chat:
         _refuse_unless(body, "best_of", (1,), "'best_of' > 1 is a /v1/completions parameter")
         _refuse_unless(body, "echo", (False,), "'echo' is a /v1/completions parameter")

@@ -86,9 +86,10 @@ class ResponseShape:
         entries = list(out.logprobs or [])
         return entries + out.cut_logprobs if self.token_ids else entries
 
-    def echo_chunk(self, out: RequestOutput, usage_field: bool = False, index: int = 0) -> bytes:
+    def echo_chunk(self, out: RequestOutput, usage_field: bool = False, index: int = 0,
+                   usage_now: dict[str, Any] | None = None) -> bytes:
         """The first SSE event of an echoing completion's choice `index`: the prompt (and its
-        logprobs)."""
+        logprobs); usage_now as `chunk`'s."""
         assert self.echo is not None and not self.chat
         logprobs = None
         if self.logprobs is not None:
@@ -98,21 +99,23 @@ class ResponseShape:
         if self.token_ids:
             choice.update(prompt_token_ids=list(out.prompt_token_ids), token_ids=[])
         return sse({**self._head(True), "choices": [choice],
-                    **({"usage": None} if usage_field else {})})
+                    **({"usage": usage_now} if usage_field else {})})
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
               usage_field: bool = False, logprobs: Sequence[TokenLogprobs] = (),
               index: int = 0, token_ids: Sequence[int] = (),
               prompt_ids: Sequence[int] | None = None,
-              stop_reason: int | str | None = None) -> bytes:
+              stop_reason: int | str | None = None,
+              usage_now: dict[str, Any] | None = None) -> bytes:
         """One SSE event carrying a text delta of choice `index` (and the logprobs of its
         tokens); first: the choice's first chunk (chat: it carries the role). With token ids
         wanted: `token_ids`, the ids generated since the choice's previous chunk, and
         `prompt_ids`, the prompt's (given on the choice's first chunk). A chunk with a
         finish_reason carries the choice's vLLM `stop_reason`. Usage is never
         in it: with stream_options.include_usage it comes in the extra last chunk (`usage_chunk`)
-        and every other chunk has "usage": null (`usage_field`), as OpenAI streams it; without,
-        no chunk has the field (a client summing usage over chunks counts it once)."""
+        and every other chunk has "usage": null (`usage_field`), as OpenAI streams it, or with
+        vLLM's continuous_usage_stats the usage so far (`usage_now`); without, no chunk has the
+        field (a client summing usage over chunks counts it once)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text or not first:
@@ -130,7 +133,7 @@ class ResponseShape:
                 (body if self.chat else choice)["prompt_token_ids"] = list(prompt_ids)
             choice["token_ids"] = list(token_ids)
         if usage_field:
-            body["usage"] = None
+            body["usage"] = usage_now
         return sse(body)
 
     def _logprobs(self, entries: Sequence[TokenLogprobs], choice: int) -> dict[str, Any] | None:
@@ -145,6 +148,13 @@ class ResponseShape:
     def usage_chunk(self, out: RequestOutput) -> bytes:
         """The extra final chunk of stream_options.include_usage (empty choices)."""
         return sse({**self._head(True), "choices": [], "usage": usage(out)})
+
+
+def usage_so_far(request: RequestOutput, choice: RequestOutput) -> dict[str, int]:
+    """vLLM's continuous usage of a streamed chunk: the prompt's tokens and those choice `choice`
+    has generated so far."""
+    p, c = len(request.prompt_token_ids), len(choice.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def usage(out: RequestOutput) -> dict[str, Any]:

@@ -109,3 +109,32 @@ def test_streamed_usage_is_counted_once(live_server) -> None:
         assert sum((c.get("usage") or {}).get("completion_tokens", 0) for c in chunks) == want_total
         if include:
             assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_continuous_usage_stats(live_server, path) -> None:
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries
+    the usage so far, the prompt's tokens and its choice's tokens, growing to the final chunk's
+    count; without include_usage it is a 400 naming stream_options."""
+    body = {"model": MODEL_NAME, "max_tokens": 6, "temperature": 0, "stream": True, "n": 2,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if path.startswith("/chat")
+                else {"prompt": "Once upon a time", "echo": True})
+    r = httpx.post(f"{live_server.url}/v1{path}", json=body, timeout=60)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    *per_choice, final = chunks
+    prompt = final["usage"]["prompt_tokens"]
+    seen = {0: 0, 1: 0}
+    for c in per_choice:
+        (choice,) = c["choices"]
+        u = c["usage"]
+        assert u["prompt_tokens"] == prompt and u["total_tokens"] == prompt + u["completion_tokens"]
+        assert u["completion_tokens"] >= seen[choice["index"]]
+        seen[choice["index"]] = u["completion_tokens"]
+    assert seen == {0: 6, 1: 6} and final["usage"]["completion_tokens"] == 12
+    bad = {**body, "stream_options": {"continuous_usage_stats": True}}
+    r = httpx.post(f"{live_server.url}/v1{path}", json=bad, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    assert "continuous_usage_stats" in r.json()["error"]["message"]
+    assert live_server.wait_all_free()
