@@ -121,8 +121,12 @@ def _structured_outputs(spec: Any) -> StructuredOutput:
         return StructuredOutput("json_object", whitespace=whitespace, param=param)
     value = spec[kind]
     if kind == "json" and spec.get("disable_additional_properties"):
-        value = _closed_objects(json.loads(value) if isinstance(value, str) and _is_json(value)
-                                else value)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass  # not JSON: the schema's own check names it
+        value = _closed_objects(value)
     return _constraint(kind, value, f"structured_outputs.{kind}", param, whitespace)
 
 
@@ -145,14 +149,6 @@ def _whitespace(spec: dict[str, Any], kind: str) -> str:
         raise ApiError(400, "'structured_outputs.whitespace_pattern' must be a non-empty regular"
                             f" expression, got {short_repr(pattern)}", param)
     return "pattern:" + pattern
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _closed_objects(node: Any) -> Any:

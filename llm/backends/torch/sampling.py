@@ -95,29 +95,18 @@ def counter_uniform(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> t
 
 
 def _stream_key(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """The per-row key of the counter noise, from its seed and position (int64 [B])."""
+    """The per-row key of the counter noise, from its seed and position (int64 [B]; or Python
+    ints, the same bits: `_stream_keys_host`)."""
     lo, hi = seed & _MASK32, (seed >> 32) & _MASK32  # the two 32-bit halves (two's complement)
     mixed = _hash32(lo * 0x9E3779B1 + 0x632BE5AB) ^ _hash32(hi + 0x7F4A7C15)
     return _hash32(mixed ^ _hash32(position + 0x5BD1E995))
 
 
 def _stream_keys_host(seeds: list[int], positions: list[int]) -> list[int]:
-    """`_stream_key` in Python integers (the CPU draw's keys: ~60 one-element tensor ops a step
+    """`_stream_key` on Python integers (the CPU draw's keys: ~60 one-element tensor ops a step
     otherwise). The same bits: an int64 product that wraps keeps its low 32 bits, all that
     `_hash32` reads, and Python's & and >> act on negative seeds as two's complement."""
-    def h(x: int) -> int:
-        x &= _MASK32
-        x ^= x >> 16
-        x = (x * 0x21F0AAAD) & _MASK32
-        x ^= x >> 15
-        x = (x * 0x735A2D97) & _MASK32
-        return x ^ (x >> 15)
-
-    out = []
-    for seed, pos in zip(seeds, positions, strict=True):
-        lo, hi = seed & _MASK32, (seed >> 32) & _MASK32
-        out.append(h(h(lo * 0x9E3779B1 + 0x632BE5AB) ^ h(hi + 0x7F4A7C15) ^ h(pos + 0x5BD1E995)))
-    return out
+    return [_stream_key(seed, pos) for seed, pos in zip(seeds, positions, strict=True)]
 
 
 def column_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
