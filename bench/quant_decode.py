@@ -15,7 +15,8 @@ again), to time the two on the same model in one call.
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
 w:BLOCK_N:BLOCK_G:WARPS[:FLAGS] = the v2 kernel (FLAGS: m = 4-bit codes as 0.5 + q / 256, p =
 codes prefetched before the PDL wait and one chunk ahead, sN = the chunk loop pipelined N stages
-deep through shared memory instead, e.g. w:8:32:4:ms4), g:... = the same with SiLU*up in its
+deep through shared memory instead, tN = N row tiles a program, x read once, e.g. w:8:32:4:ms4,
+w:4:128:4:pt4), g:... = the same with SiLU*up in its
 epilogue (`qgemv_silu_mul`; the weight read as a fused gate/up one, no error column),
 tc:BLOCK_N:WARPS[:STAGES[:FLAG...]] = the tensor-core kernel (FLAGs: x = 4-bit codes converted
 through float32 instead of by byte permutes; sS = split-K into S programs along K; pP = split-K by
@@ -91,10 +92,11 @@ def w_config(fields: list[str]):
     from llm.backends.torch.kernels.qgemv_config import QGemvWConfig
 
     flags = fields[3] if len(fields) > 3 else ""
-    stages = re.search(r"s(\d+)", flags)
+    stages, tiles = re.search(r"s(\d+)", flags), re.search(r"t(\d+)", flags)
     try:
         return QGemvWConfig(int(fields[0]), int(fields[1]), int(fields[2]), magic="m" in flags,
-                            prefetch="p" in flags, num_stages=int(stages[1]) if stages else 1)
+                            prefetch="p" in flags, num_stages=int(stages[1]) if stages else 1,
+                            tiles=int(tiles[1]) if tiles else 1)
     except (ValueError, IndexError) as e:
         raise SystemExit(f"one-row config {':'.join(fields)!r}: {e}") from None
 

@@ -47,7 +47,7 @@ GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS"
             "STAT_K": 1024, "GLU": False, "FMA": False}
 QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, M=1, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
                    GLU=True, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2, XF16=False,
-                   HAS_BIAS=True, COMPILED=True, STAGES=1)
+                   HAS_BIAS=True, COMPILED=True, STAGES=1, TILES=1)
 QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
               "HEAD_DIM": 64}
 QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
@@ -83,6 +83,9 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     # the chunk loop pipelined through shared memory: its cp.async loads after the wait too
     (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False, "STAGES": 3,
                                    "BLOCK_G": 32}, QGEMV_POINTERS, False),
+    # several row tiles a program: the next tile's codes loaded after the wait
+    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "TILES": 3, "BLOCK_G": 128}, QGEMV_POINTERS,
+     True),
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
@@ -92,7 +95,7 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gumbel_partial", "gumbel_final", "gemv_fma", "gemv_dot", "silu_mul",
        "qgemv_words", "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
-       "qgemv_words_rope"]
+       "qgemv_words_tiles", "qgemv_words_rope"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:

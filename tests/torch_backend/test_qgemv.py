@@ -6,10 +6,12 @@ bandwidth table only on a GPU (`pytest -s` prints the table).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed")
+triton = pytest.importorskip("triton", reason="triton is not installed")
 from llm.backends.torch.kernels.dequant import dequantize_dense  # noqa: E402
 from llm.backends.torch.kernels.qgemv import (  # noqa: E402
     MAX_M,
@@ -201,6 +203,40 @@ def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool, pr
     _assert_close(qgemv(x, w, b), _ref(x, w, b), x)  # the default config, picked by qgemv
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's silu
+@pytest.mark.parametrize("fmt", V2 + ["q6_k"])
+def test_row_tiles_of_one_program_equal_one_tile_programs(fmt: str) -> None:
+    """`tiles` > 1 (a program walks several row tiles, x read once): bit-equal to the one-tile
+    launch of the same block shape, with and without the prefetch, for 1 and 2 rows of x, with
+    bias and with SiLU*up; the last program's tiles partly or wholly past N."""
+    g = torch.Generator().manual_seed(41 + len(fmt))
+    n, k = _v2_shape(fmt) if fmt != "q6_k" else (11, 512)
+    block_g = triton.next_power_of_2(k // 32)  # K in one chunk (a masked partial one at 160)
+    w = random_quantized(fmt, 2 * n, k, g)
+    x = torch.randn(2, k, generator=g).to(DEVICE, torch.float16)
+    bias = torch.randn(2 * n, generator=g).to(DEVICE, torch.float16)
+    for prefetch in (False, True):
+        one = QGemvWConfig(4, block_g, 4, magic=fmt != "q8_0", prefetch=prefetch)
+        for tiles in (2, 3):  # 2n = 22 or 26 rows: 6 or 7 tiles of 4
+            cfg = replace(one, tiles=tiles)
+            for m in (1, 2):
+                assert torch.equal(qgemv_words(x[:m], w, bias, cfg),
+                                   qgemv_words(x[:m], w, bias, one))
+            if fmt != "q6_k":  # its random planes' products overflow fp16 in silu
+                assert torch.equal(qgemv_words(x[:1], w, None, cfg, glu=True),
+                                   qgemv_words(x[:1], w, None, one, glu=True))
+    _assert_close(qgemv_words(x[:1], w, bias, replace(one, tiles=2)), _ref(x[:1], w, bias), x)
+
+
+def test_row_tiles_need_k_in_one_chunk() -> None:
+    w = random_quantized("q4_0", 8, 256, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 256).to(DEVICE, torch.bfloat16)
+    with pytest.raises(ValueError, match="K in one chunk"):
+        qgemv_words(x, w, config=QGemvWConfig(4, 4, 4, tiles=2))
+    with pytest.raises(ValueError, match="at least one row tile"):
+        QGemvWConfig(4, 4, 4, tiles=0)
+
+
 def test_a_config_loads_ahead_one_way_only() -> None:
     with pytest.raises(ValueError, match="prefetch or num_stages > 1, not both"):
         QGemvWConfig(8, 4, 4, num_stages=3, prefetch=True)
@@ -326,6 +362,13 @@ def test_v2_kernels_are_picked_for_half_precision_only() -> None:
     assert qgemv_w_config(1, 4096, 14336, "q8_0") == QGemvWConfig(4, 64, 4, prefetch=True)
     assert qgemv_w_config(1, 3072, 2048, "q8_0") == QGemvWConfig(8, 64, 4, prefetch=True)
     assert qgemv_w_config(1, 16384, 2048, "q4_0").block_n == 16
+    # Q4_0 one-chunk K = 4096 with many rows (8B gate_up): 2 row tiles a program; not at 2 rows,
+    # not Q8_0, not the smaller matrices, not K = 2048
+    assert qgemv_w_config(1, 28672, 4096, "q4_0") == QGemvWConfig(8, 128, 4, magic=True,
+                                                                  prefetch=True, tiles=2)
+    assert qgemv_w_config(2, 28672, 4096, "q4_0").tiles == 1
+    assert qgemv_w_config(1, 28672, 4096, "q8_0").tiles == 1
+    assert qgemv_w_config(1, 16384, 2048, "q4_0").tiles == 1
     assert qgemv_w_config(1, 64, 3200, "q4_0").block_g == 128  # 100 groups: no small divisor
     assert qgemv_w_config(1, 64, 64, "q4_0").block_g == 2
 

@@ -52,7 +52,8 @@ class QGemvWConfig:
     staged in shared memory by Triton's software pipeline; 1: none), whether 4-bit codes enter
     as 0.5 + q / 256 (one instruction fewer per weight, corrected per group), and whether codes
     are prefetched (the first chunk before the PDL wait, each next chunk before the current
-    one's arithmetic; not with num_stages > 1)."""
+    one's arithmetic; not with num_stages > 1), and how many row tiles of block_n rows a
+    program takes in turn (`tiles` > 1 where K is one chunk: x read once a program)."""
 
     block_n: int
     block_g: int
@@ -60,8 +61,11 @@ class QGemvWConfig:
     num_stages: int = 1
     magic: bool = False
     prefetch: bool = False
+    tiles: int = 1
 
     def __post_init__(self) -> None:
+        if self.tiles < 1:
+            raise ValueError(f"a v2 config takes at least one row tile a program: {self}")
         if self.prefetch and self.num_stages > 1:  # both load ahead: registers or shared memory
             raise ValueError(f"a v2 config loads ahead by prefetch or num_stages > 1, not both: "
                              f"{self}")
@@ -88,6 +92,10 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
       against Q4_0's 79, no spills; 16 x 64 at K = 2048 105). Timed at 1B shapes (2026-12-04):
       16 x 64 the fastest of 7 configs, head chunk 11.8 us (59% of the copy bandwidth) against
       12.4 (8 rows), 13.0 (4), 12.9 (no prefetch), 21.4-24.9 (32-group chunks, 8 warps).
+    - Q4_0 at one row, K of 128 groups and N >= 16384 (8B gate_up, the head): 2 row tiles a
+      program (x read once for both); end to end 8B Q4_0 1.972 -> 1.955 ms a step (gate_up 24.0
+      -> 22.8 us alone). Every other shape timed lost with tiles (fewer programs, fewer code bytes
+      in flight): 8B Q8_0 gate_up 34.0 -> 34.8-45.6 us, 1B gate_up end to end +19 us a step.
     - m = 2..4 rows of x: the same chunks, the rows of w halved per doubling of m but at least 4
       (8B Q4_0 at m = 2: gate_up 4 x 128 49.0 us against 8 x 128 49.9 and 2 x 128 57.2, down
       4 x 64 22.3 against 2 x 64 28.1; Q8_0 at m = 4: gate_up 4 x 128 79.8 against 2 x 128
@@ -106,6 +114,8 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
         cfg = QGemvWConfig(rows, block_g, 4, magic=True, prefetch=True)
     if m > 1:  # an accumulator and x values per row of x: fewer rows of w, the same chunks
         cfg = replace(cfg, block_n=max(4, cfg.block_n // triton.next_power_of_2(m)))
+    elif fmt == "q4_0" and groups == 128 and n >= 16384:
+        cfg = replace(cfg, tiles=2)
     return cfg
 
 

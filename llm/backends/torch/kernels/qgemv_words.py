@@ -275,7 +275,7 @@ def _row_chunk(acc, xrow, xmask, a, c, l0, l1, l2, l3, h0, h1, h2, h3, FMT: tl.c
 
 
 @triton.jit
-def _store_row(y_row, acc, b_ptr, ns, n_live, pid, N, HALF: tl.constexpr, GLU: tl.constexpr,
+def _store_row(y_row, acc, b_ptr, ns, n_live, tile, N, HALF: tl.constexpr, GLU: tl.constexpr,
                HAS_BIAS: tl.constexpr):
     """One row's result: the sum of its accumulator over the groups (+ bias) stored at y_row;
     with GLU, silu(gate) * up, rounded as F.linear's output, then as kernels/silu_mul.py."""
@@ -286,10 +286,31 @@ def _store_row(y_row, acc, b_ptr, ns, n_live, pid, N, HALF: tl.constexpr, GLU: t
     if GLU:
         gate, up = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
         act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
-        cols = pid * HALF + tl.arange(0, HALF)
+        cols = tile * HALF + tl.arange(0, HALF)
         tl.store(y_row + cols, (act * up).to(out_ty), mask=cols < N)
     else:
         tl.store(y_row + ns, out.to(out_ty), mask=n_live)
+
+
+@triton.jit
+def _tile_rows(tile, N, UP_ROW, BLOCK_N: tl.constexpr, GLU: tl.constexpr, ROPE: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """The rows of w that row tile `tile` of `_qgemv_w_kernel` takes, and which of them exist:
+    ns, n_live [BLOCK_N] (GLU, ROPE: pairs of rows, see the kernel)."""
+    r = tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_N // 2
+    HD2: tl.constexpr = HEAD_DIM // 2
+    if GLU:  # program row 2i + s: gate row (s = 0) or up row (s = 1) of output n0 + i
+        n_live = tile * HALF + r // 2 < N
+        ns = tile * HALF + r // 2 + (r % 2) * UP_ROW
+    elif ROPE:  # program row 2i + s: column d + s * hd / 2 of the head of pair tile * HALF + i
+        pair = tile * HALF + r // 2
+        n_live = pair < N // 2
+        ns = (pair // HD2) * HEAD_DIM + pair % HD2 + (r % 2) * HD2
+    else:
+        ns = tile * BLOCK_N + r
+        n_live = ns < N
+    return ns, n_live
 
 
 @triton.jit
@@ -301,10 +322,11 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
                     GLU: tl.constexpr, ROPE: tl.constexpr, N_HEADS: tl.constexpr,
                     N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, XF16: tl.constexpr,
                     HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr,
-                    STAGES: tl.constexpr = 1):
-    """y[r, n0:n0 + BLOCK_N] for n0 = program * BLOCK_N and the M (1..4) rows r of x; with GLU,
-    y[r, n0:n0 + BLOCK_N / 2] = silu(gate) * up for n0 = program * BLOCK_N / 2, where rows UP_ROW
-    + n of w are the up rows of gate row n.
+                    STAGES: tl.constexpr = 1, TILES: tl.constexpr = 1):
+    """y[r, n0:n0 + BLOCK_N] for n0 = tile * BLOCK_N and the M (1..4) rows r of x; with GLU,
+    y[r, n0:n0 + BLOCK_N / 2] = silu(gate) * up for n0 = tile * BLOCK_N / 2, where rows UP_ROW
+    + n of w are the up rows of gate row n. Program p takes the row tiles p * TILES .. p * TILES
+    + TILES - 1 in turn.
 
     A chunk is BLOCK_G whole 32-groups of BLOCK_N rows of w: [BLOCK_G, BLOCK_N, WPG] 32-bit
     words of codes (WPG = 4 words of 4-bit codes, 8 of int8 per group), the groups as dim 0 so
@@ -318,36 +340,29 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     order of the final sums follows the register layout the compiler picks, which may differ
     with M (on an H200 some shapes gave other last bits than one-row launches).
 
-    ROPE (M = 1, the fused QKV weight of one token, see `qgemv_words(rope=)`): program row 2i +
-    s is column d (s = 0) or d + HEAD_DIM / 2 (s = 1) of a head, for pair p = program * BLOCK_N
-    / 2 + i = head * HEAD_DIM / 2 + d; the epilogue rotates the query and key pairs as
+    ROPE (M = 1, the fused QKV weight of one token, see `qgemv_words(rope=)`): tile row 2i + s
+    is column d (s = 0) or d + HEAD_DIM / 2 (s = 1) of a head, for pair p = tile * BLOCK_N / 2
+    + i = head * HEAD_DIM / 2 + d; the epilogue rotates the query and key pairs as
     kernels/rope_kv.py does and stores q to y, K and V into the token's page slot.
 
     PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
-    depend on none; with PDL they stream during its tail), and where K has several chunks each
-    chunk's successor is loaded before the chunk's arithmetic (two chunks of codes in
-    registers). STAGES > 1 (without PREFETCH): Triton pipelines the chunk loop instead, its
-    loads staged in shared memory by cp.async, STAGES - 1 chunks ahead (no registers held by
-    the chunks in flight; compiled for sm_90 with Triton 3.9: cp.async present; at 1 the code is
-    that of a plain loop)."""
+    depend on none; with PDL they stream during its tail), and each next chunk's codes (the
+    same tile's next chunk along K, else the next tile's first) before the current chunk's
+    arithmetic (two chunks of codes in registers). STAGES > 1 (without PREFETCH): Triton
+    pipelines the chunk loop instead, its loads staged in shared memory by cp.async, STAGES - 1
+    chunks ahead (no registers held by the chunks in flight; compiled for sm_90 with Triton
+    3.9: cp.async present; at 1 the code is that of a plain loop). TILES > 1 where K is one
+    chunk: the first row of x is read once into registers for all the program's tiles (each
+    program of a one-tile launch reads x whole: 8B gate_up Q8_0, 7,168 programs, ~57 MB of L2
+    reads beside 122 MB of codes)."""
     WPG: tl.constexpr = 8 if FMT == 0 else 4
     NG: tl.constexpr = K // 32
+    HOIST: tl.constexpr = TILES > 1  # one chunk (the caller checks): x's first row read once
     pid = tl.program_id(0)
-    r = tl.arange(0, BLOCK_N)
     HALF: tl.constexpr = BLOCK_N // 2
     HD2: tl.constexpr = HEAD_DIM // 2
-    if GLU:  # program row 2i + s: gate row (s = 0) or up row (s = 1) of output n0 + i
-        n_live = pid * HALF + r // 2 < N
-        ns = pid * HALF + r // 2 + (r % 2) * UP_ROW
-    elif ROPE:  # program row 2i + s: column d + s * hd / 2 of the head of pair pid * HALF + i
-        pair = pid * HALF + r // 2
-        n_live = pair < N // 2
-        ns = (pair // HD2) * HEAD_DIM + pair % HD2 + (r % 2) * HD2
-    else:
-        ns = pid * BLOCK_N + r
-        n_live = ns < N
+    ns, n_live = _tile_rows(pid * TILES, N, UP_ROW, BLOCK_N, GLU, ROPE, HEAD_DIM)
     rows3 = ns[None, :, None]  # [1, BLOCK_N, 1]
-    rows2 = ns[None, :]
     gl = tl.arange(0, BLOCK_G)
     js = tl.arange(0, WPG)[None, None, :]  # [1, 1, WPG]
     if PREFETCH:
@@ -355,86 +370,109 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         if FMT == 7:
             h_next = _chunk_high(qh_ptr, rows3, s_qh, 0, gl, js, n_live, NG)
     wait_then_release(USE_GDC)
-    acc0 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-    acc1 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-    acc2 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-    acc3 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-    for g0 in tl.range(0, NG, BLOCK_G, num_stages=STAGES):
-        if PREFETCH:
-            w = w_next
-            h = w  # Q6_K's high-bit words (unused by the other formats)
-            if FMT == 7:
-                h = h_next
-            if NG > BLOCK_G:  # several chunks: the next one's codes in flight (else no loop)
-                w_next = _chunk_codes(qw_ptr, rows3, s_qw, g0 + BLOCK_G, gl, js, n_live, NG,
-                                      WPG)
+    if HOIST:
+        gx = gl[:, None, None]  # [G, 1, 1]
+        xk0, xk1, xk2, xk3, xk4, xk5, xk6, xk7 = _x_values(xw_ptr + 8 * gx + js, gx < NG, FMT,
+                                                           XF16, COMPILED)
+    for t in tl.static_range(TILES):
+        tile = pid * TILES + t
+        if t > 0:
+            ns, n_live = _tile_rows(tile, N, UP_ROW, BLOCK_N, GLU, ROPE, HEAD_DIM)
+            rows3 = ns[None, :, None]
+        rows2 = ns[None, :]
+        acc0 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        acc1 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        acc2 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        acc3 = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        for g0 in tl.range(0, NG, BLOCK_G, num_stages=STAGES):
+            if PREFETCH:
+                w = w_next
+                h = w  # Q6_K's high-bit words (unused by the other formats)
                 if FMT == 7:
-                    h_next = _chunk_high(qh_ptr, rows3, s_qh, g0 + BLOCK_G, gl, js, n_live, NG)
+                    h = h_next
+                if NG > BLOCK_G:  # several chunks: the next one's codes in flight
+                    w_next = _chunk_codes(qw_ptr, rows3, s_qw, g0 + BLOCK_G, gl, js, n_live, NG,
+                                          WPG)
+                    if FMT == 7:
+                        h_next = _chunk_high(qh_ptr, rows3, s_qh, g0 + BLOCK_G, gl, js, n_live,
+                                             NG)
+                elif t + 1 < TILES:  # one chunk: the next tile's codes in flight
+                    ns1, live1 = _tile_rows(tile + 1, N, UP_ROW, BLOCK_N, GLU, ROPE, HEAD_DIM)
+                    rows1 = ns1[None, :, None]
+                    w_next = _chunk_codes(qw_ptr, rows1, s_qw, 0, gl, js, live1, NG, WPG)
+                    if FMT == 7:
+                        h_next = _chunk_high(qh_ptr, rows1, s_qh, 0, gl, js, live1, NG)
+            else:
+                w = _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG, WPG)
+                h = w
+                if FMT == 7:
+                    h = _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG)
+            g1 = g0 + gl  # [G]
+            g2 = g1[:, None]  # [G, 1]
+            g3 = g1[:, None, None]  # [G, 1, 1]
+            mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
+            xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
+            xmask = g3 < NG
+            if HOIST:
+                xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = xk0, xk1, xk2, xk3, xk4, xk5, xk6, xk7
+            else:
+                xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _x_values(xrow, xmask, FMT, XF16,
+                                                                   COMPILED)
+            l0, l1, l2, l3, h0, h1, h2, h3 = _decode(w, h, js, FMT, MAGIC, COMPILED)
+            S, sx = _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3,
+                          FMT, MAGIC)
+            a, c = group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
+                                s_mn, FMT, GS)
+            acc0 += scale_sums(S, sx, a, c, FMT, COMPILED)
+            if M > 1:
+                acc1 = _row_chunk(acc1, xrow + s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2,
+                                  h3, FMT, MAGIC, XF16, COMPILED)
+            if M > 2:
+                acc2 = _row_chunk(acc2, xrow + 2 * s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2,
+                                  h3, FMT, MAGIC, XF16, COMPILED)
+            if M > 3:
+                acc3 = _row_chunk(acc3, xrow + 3 * s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2,
+                                  h3, FMT, MAGIC, XF16, COMPILED)
+        if ROPE:  # rounded as F.linear's output, then rotated as kernels/rope_kv.py
+            out = tl.sum(acc0, axis=0)  # [BLOCK_N]
+            if HAS_BIAS:
+                out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
+            out_ty = y_ptr.dtype.element_ty
+            f1, f2 = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
+            pair = tile * HALF + tl.arange(0, HALF)
+            live = pair < N // 2
+            head = pair // HD2
+            d = pair % HD2
+            c1 = tl.load(cos_ptr + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + d + HD2).to(tl.float32)
+            s1 = tl.load(sin_ptr + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + d + HD2).to(tl.float32)
+            o1 = _rotated(f1, c1, -f2, s1, XF16, COMPILED)
+            o2 = _rotated(f2, c2, f1, s2, XF16, COMPILED)
+            is_q = head < N_HEADS
+            is_v = head >= N_HEADS + N_KV
+            o1 = tl.where(is_v, f1, o1).to(out_ty)  # V: as computed
+            o2 = tl.where(is_v, f2, o2).to(out_ty)
+            q_at = y_ptr + head * HEAD_DIM + d
+            tl.store(q_at, o1, mask=live & is_q)
+            tl.store(q_at + HD2, o2, mask=live & is_q)
+            kvh = tl.where(is_v, head - N_HEADS - N_KV, head - N_HEADS)
+            slot = tl.load(blocks_ptr) * s_kp + kvh * s_kh + tl.load(offsets_ptr) * s_kt + d
+            is_k = live & ~is_q & ~is_v
+            tl.store(k_pool + slot, o1, mask=is_k)
+            tl.store(k_pool + slot + HD2, o2, mask=is_k)
+            tl.store(v_pool + slot, o1, mask=live & is_v)
+            tl.store(v_pool + slot + HD2, o2, mask=live & is_v)
         else:
-            w = _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG, WPG)
-            h = w
-            if FMT == 7:
-                h = _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG)
-        g1 = g0 + gl  # [G]
-        g2 = g1[:, None]  # [G, 1]
-        g3 = g1[:, None, None]  # [G, 1, 1]
-        mask2 = (g2 < NG) & n_live[None, :]  # [G, BLOCK_N]
-        xrow = xw_ptr + 8 * g3 + js  # [G, 1, WPG]
-        xmask = g3 < NG
-        xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _x_values(xrow, xmask, FMT, XF16, COMPILED)
-        l0, l1, l2, l3, h0, h1, h2, h3 = _decode(w, h, js, FMT, MAGIC, COMPILED)
-        S, sx = _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3,
-                      FMT, MAGIC)
-        a, c = group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
-                            s_mn, FMT, GS)
-        acc0 += scale_sums(S, sx, a, c, FMT, COMPILED)
-        if M > 1:
-            acc1 = _row_chunk(acc1, xrow + s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2, h3,
-                              FMT, MAGIC, XF16, COMPILED)
-        if M > 2:
-            acc2 = _row_chunk(acc2, xrow + 2 * s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2,
-                              h3, FMT, MAGIC, XF16, COMPILED)
-        if M > 3:
-            acc3 = _row_chunk(acc3, xrow + 3 * s_xw, xmask, a, c, l0, l1, l2, l3, h0, h1, h2,
-                              h3, FMT, MAGIC, XF16, COMPILED)
-    if ROPE:  # rounded as F.linear's output, then rotated as kernels/rope_kv.py
-        out = tl.sum(acc0, axis=0)  # [BLOCK_N]
-        if HAS_BIAS:
-            out += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)
-        out_ty = y_ptr.dtype.element_ty
-        f1, f2 = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
-        pair = pid * HALF + tl.arange(0, HALF)
-        live = pair < N // 2
-        head = pair // HD2
-        d = pair % HD2
-        c1 = tl.load(cos_ptr + d).to(tl.float32)
-        c2 = tl.load(cos_ptr + d + HD2).to(tl.float32)
-        s1 = tl.load(sin_ptr + d).to(tl.float32)
-        s2 = tl.load(sin_ptr + d + HD2).to(tl.float32)
-        o1 = _rotated(f1, c1, -f2, s1, XF16, COMPILED)
-        o2 = _rotated(f2, c2, f1, s2, XF16, COMPILED)
-        is_q = head < N_HEADS
-        is_v = head >= N_HEADS + N_KV
-        o1 = tl.where(is_v, f1, o1).to(out_ty)  # V: as computed
-        o2 = tl.where(is_v, f2, o2).to(out_ty)
-        q_at = y_ptr + head * HEAD_DIM + d
-        tl.store(q_at, o1, mask=live & is_q)
-        tl.store(q_at + HD2, o2, mask=live & is_q)
-        kvh = tl.where(is_v, head - N_HEADS - N_KV, head - N_HEADS)
-        slot = tl.load(blocks_ptr) * s_kp + kvh * s_kh + tl.load(offsets_ptr) * s_kt + d
-        is_k = live & ~is_q & ~is_v
-        tl.store(k_pool + slot, o1, mask=is_k)
-        tl.store(k_pool + slot + HD2, o2, mask=is_k)
-        tl.store(v_pool + slot, o1, mask=live & is_v)
-        tl.store(v_pool + slot + HD2, o2, mask=live & is_v)
-    else:
-        _store_row(y_ptr, acc0, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
-        if M > 1:
-            _store_row(y_ptr + s_y, acc1, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
-        if M > 2:
-            _store_row(y_ptr + 2 * s_y, acc2, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
-        if M > 3:
-            _store_row(y_ptr + 3 * s_y, acc3, b_ptr, ns, n_live, pid, N, HALF, GLU, HAS_BIAS)
+            _store_row(y_ptr, acc0, b_ptr, ns, n_live, tile, N, HALF, GLU, HAS_BIAS)
+            if M > 1:
+                _store_row(y_ptr + s_y, acc1, b_ptr, ns, n_live, tile, N, HALF, GLU, HAS_BIAS)
+            if M > 2:
+                _store_row(y_ptr + 2 * s_y, acc2, b_ptr, ns, n_live, tile, N, HALF, GLU,
+                           HAS_BIAS)
+            if M > 3:
+                _store_row(y_ptr + 3 * s_y, acc3, b_ptr, ns, n_live, tile, N, HALF, GLU,
+                           HAS_BIAS)
 
 
 def words_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
@@ -499,6 +537,9 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     cfg = config or qgemv_w_config(m, w.out_features, k, w.format)
     if glu and cfg.block_n % 2:
         raise ValueError(f"glu needs an even block_n, got {cfg.block_n}")
+    if cfg.tiles > 1 and k > 32 * cfg.block_g:
+        raise ValueError(f"a config of {cfg.tiles} row tiles a program needs K in one chunk of "
+                         f"block_g 32-groups: K {k} > 32 * {cfg.block_g}")
     heads, rope_args = (0, 0, 2), (x,) * 6 + (0, 0, 0)  # unused without rope
     if rope is not None:
         _, n_kv, _, hd = rope.k_pool.shape
@@ -515,8 +556,9 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
     n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
-    # every mode: a program takes BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
-    _qgemv_w_kernel[(triton.cdiv(w.out_features, cfg.block_n),)](
+    # every mode: a tile is BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
+    grid = triton.cdiv(triton.cdiv(w.out_features, cfg.block_n), cfg.tiles)
+    _qgemv_w_kernel[(grid,)](
         xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, n_arg, xw.stride(0),
         y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k,
         FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
@@ -524,5 +566,5 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
+        TILES=cfg.tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return y
