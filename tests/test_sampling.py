@@ -144,6 +144,30 @@ def test_the_row_draw_equals_the_whole_row_definition(scale) -> None:
     assert sample(logits, wrong, pos).tolist() == want
 
 
+@pytest.mark.parametrize("scale", [3.0, 8.0])
+def test_the_row_draw_skips_only_tokens_that_cannot_win(scale) -> None:
+    """The CPU draw cuts below the best token's score less the largest noise, and scores a token
+    more than _FAR below it only if its noise can exceed _FAR: many rows whose tokens spread over
+    that band (thousands of candidates), plain, with a tiny min_p (the anchor's cut first), with
+    top-p 0.999 and top-k 4000 (sorted candidates, then pruned): the same tokens as the torch
+    ops over whole rows."""
+    g = torch.Generator().manual_seed(int(scale))
+    modes = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, min_p=1e-9),
+             SamplingParams(temperature=1.0, top_p=0.999), SamplingParams(temperature=1.3,
+                                                                         top_k=4000)]
+    n = 24 * len(modes)
+    logits = torch.randn(n, 6000, generator=g) * scale
+    logits[::5, :40] += 6 * scale  # a few strong tokens over the bulk
+    logits[1::6, ::11] = float("-inf")
+    params = [modes[i % len(modes)] for i in range(n)]
+    st = dataclasses.replace(_tensors(params, list(range(100, 100 + n))),
+                             col_hash=column_hashes(6000, "cpu"))
+    pos = torch.arange(n) * 7 + 3
+    want = draw_whole_rows(logits / st.temperature[:, None], st, pos).tolist()
+    assert sample(logits, st, pos).tolist() == want
+    assert sample(logits, dataclasses.replace(st, col_hash=None), pos).tolist() == want
+
+
 def test_a_top_k_of_one_beside_plain_sampled_rows_is_its_argmax() -> None:
     """top_k 1 with a temperature is greedy, yet the sampler sees its temperature: the batch
     must be sorted for it (found by review: unsorted, it drew from the whole row)."""

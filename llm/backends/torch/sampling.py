@@ -13,6 +13,7 @@ torch ops.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,13 @@ _MASK32 = 0xFFFFFFFF
 # The Gumbel noise -log(-log(u)) of u in [2^-33, 1 - 2^-33] lies in (-3.14, 22.87): a token whose
 # x is more than this below the row's best x cannot win the draw (the CPU draw skips its noise)
 NOISE_SPAN = 27.0
+# The largest noise, -log(-log(1 - 2^-33)): no token more than this below an actual score wins
+_G_MAX = -math.log(-math.log1p(-(2.0 ** -33)))
+# Tokens more than _FAR below the anchor score win only with noise above _FAR, i.e. with hash
+# bits above _FAR_BITS (0.7% of them): the rest need no logarithms (margin 0.01 for rounding)
+_FAR = 5.0
+_FAR_BITS = math.floor(math.exp(-math.exp(-(_FAR - 0.01))) * 4294967296.0 - 0.5)
+_FEW = 256  # candidates scored whole without that test (its ops cost more than it saves)
 _TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -226,6 +234,10 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
         z = _normaliser(row, best, floor, limit, above) if top_p < 1.0 else None
         sort = limit < above or z is not None  # top-k or top-p cut the row
         cut = torch.maximum(floor, best - NOISE_SPAN)
+        anchor = None  # the best token's score, where it may cut far above min_p's floor
+        if not sort and log_min_p[b] < -15.0:
+            anchor = _anchor(keys[b], best, row)
+            cut = torch.maximum(cut, torch.tensor(anchor - _G_MAX - 0.01))
         if sort:  # nothing kept below the limit's / the nucleus's last value
             cut = torch.maximum(cut, _nucleus_floor(row, best, limit, z, top_p))
         whole = not sort and int((row >= cut).sum()) * 4 >= len(row)
@@ -243,15 +255,32 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
                 probs = (torch.exp(vals - best) / z).masked_fill(~keep, 0.0)
                 keep &= torch.cumsum(probs, dim=0) - probs < top_p
             vals = vals.masked_fill(~keep, float("-inf"))
-        key = torch.tensor(keys[b], dtype=torch.int64, device=row.device)
         ch = st.col_hash if st.col_hash is not None and len(st.col_hash) == len(row) else None
         if ch is not None and not whole:
             ch = ch[ids]
-        score = vals.double() - torch.log(-torch.log(_uniform_at(key, ids, ch)))  # [n]
+        bits = _hash32(keys[b] ^ (_column_hash(ids) if ch is None else ch))  # [n]
+        if len(ids) > _FEW:  # only tokens near the anchor, or far with large noise, can reach it
+            anchor = _anchor(keys[b], best, row) if anchor is None else anchor
+            live = (vals >= anchor - _FAR) | (bits > _FAR_BITS)
+            if int(live.sum()) * 2 < len(ids):  # else scoring all costs less
+                live = torch.nonzero(live)[:, 0]  # ascending
+                ids, vals, bits = ids[live], vals[live], bits[live]
+        u = (bits.to(torch.float64) + 0.5) / 4294967296.0  # as `_uniform_at`
+        score = vals.double() - torch.log(-torch.log(u))  # [n]
         # the lowest id among equal scores: the first maximum where ids ascend (unsorted; max
         # over a dim gives the first, as argmax, and takes ~40 us a 49K float64 row against 70)
         out[b] = ids[score == score.max()].min() if sort else ids[torch.max(score, 0).indices]
     return out
+
+
+
+def _anchor(key: int, best: torch.Tensor, row: torch.Tensor) -> float:
+    """About the score (x + Gumbel noise) of the row's first best token (value `best`) under the
+    row's `key`, in Python floats: within rounding of what the draw computes for it, which the
+    margins of its uses absorb. Every filter keeps that token, so nothing scoring far below it
+    can be drawn."""
+    u = (_hash32(key ^ _column_hash(int(torch.argmax(row)))) + 0.5) / 4294967296.0
+    return float(best) - math.log(-math.log(u))
 
 
 def _normaliser(row: torch.Tensor, best: torch.Tensor, floor: torch.Tensor, limit: int,
@@ -259,6 +288,8 @@ def _normaliser(row: torch.Tensor, best: torch.Tensor, floor: torch.Tensor, limi
     """softmax's denominator over the `limit` best tokens of those >= floor (`above` of them):
     sum exp(x - best)."""
     if limit >= above:
+        if above == len(row):  # the whole row (no masked copy; the same sum)
+            return torch.exp(row - best).sum()
         return torch.exp(row[row >= floor] - best).sum()
     return torch.exp(torch.topk(row, limit).values - best).sum()
 
