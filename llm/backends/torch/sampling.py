@@ -215,8 +215,12 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
     and a sort only for the tokens that can be drawn: those kept by top-k / top-p (found by
     torch.topk of growing width) and within NOISE_SPAN of the row's best. They are a prefix of
     the row's sorted order, so top-k ranks and top-p masses are the same (the top-p normaliser
-    sums the whole kept row). For the CPU, where whole rows' noise and sort cost ~1 and ~4 ms a
-    row of 49,152 tokens."""
+    sums the whole kept row). Then exact cuts by the anchor (`_anchor`, the best token's score):
+    nothing more than the largest noise below it, and no token more than _FAR below it whose
+    hash bits give a noise under _FAR, is scored (the cuts compare float32 values with bounds
+    rounded to float32, which keeps their order; the 0.01 margins absorb the anchor's Python
+    logarithms). For the CPU, where whole rows' noise and sort cost ~1 and ~4 ms a row of 49,152
+    tokens."""
     out = torch.empty(len(x), dtype=torch.int64, device=x.device)
     keys = _stream_keys_host(st.seed.tolist(), position.tolist())
     log_min_p = torch.log(st.min_p).tolist()
@@ -236,7 +240,7 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
         cut = torch.maximum(floor, best - NOISE_SPAN)
         anchor = None  # the best token's score, where it may cut far above min_p's floor
         if not sort and log_min_p[b] < -15.0:
-            anchor = _anchor(keys[b], best, row)
+            anchor = _anchor(keys[b], best, int(torch.argmax(row)))
             cut = torch.maximum(cut, torch.tensor(anchor - _G_MAX - 0.01))
         if sort:  # nothing kept below the limit's / the nucleus's last value
             cut = torch.maximum(cut, _nucleus_floor(row, best, limit, z, top_p))
@@ -260,7 +264,8 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
             ch = ch[ids]
         bits = _hash32(keys[b] ^ (_column_hash(ids) if ch is None else ch))  # [n]
         if len(ids) > _FEW:  # only tokens near the anchor, or far with large noise, can reach it
-            anchor = _anchor(keys[b], best, row) if anchor is None else anchor
+            if anchor is None:  # sorted: the best token first
+                anchor = _anchor(keys[b], best, int(ids[0] if sort else torch.argmax(row)))
             live = (vals >= anchor - _FAR) | (bits > _FAR_BITS)
             if int(live.sum()) * 2 < len(ids):  # else scoring all costs less
                 live = torch.nonzero(live)[:, 0]  # ascending
@@ -273,13 +278,12 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
     return out
 
 
-
-def _anchor(key: int, best: torch.Tensor, row: torch.Tensor) -> float:
-    """About the score (x + Gumbel noise) of the row's first best token (value `best`) under the
-    row's `key`, in Python floats: within rounding of what the draw computes for it, which the
-    margins of its uses absorb. Every filter keeps that token, so nothing scoring far below it
-    can be drawn."""
-    u = (_hash32(key ^ _column_hash(int(torch.argmax(row)))) + 0.5) / 4294967296.0
+def _anchor(key: int, best: torch.Tensor, top: int) -> float:
+    """About the score (x + Gumbel noise) of the row's first best token `top` (value `best`)
+    under the row's `key`, in Python floats: within rounding of what the draw computes for it,
+    which the margins of its uses absorb. Every filter keeps that token, so nothing scoring far
+    below it can be drawn."""
+    u = (_hash32(key ^ _column_hash(top)) + 0.5) / 4294967296.0
     return float(best) - math.log(-math.log(u))
 
 
