@@ -238,9 +238,10 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
         z = _normaliser(row, best, floor, limit, above) if top_p < 1.0 else None
         sort = limit < above or z is not None  # top-k or top-p cut the row
         cut = torch.maximum(floor, best - NOISE_SPAN)
+        table = st.col_hash if st.col_hash is not None and len(st.col_hash) == len(row) else None
         anchor = None  # the best token's score, where it may cut far above min_p's floor
         if not sort and log_min_p[b] < -15.0:
-            anchor = _anchor(keys[b], best, int(torch.argmax(row)))
+            anchor = _anchor(keys[b], best, int(torch.argmax(row)), table)
             cut = torch.maximum(cut, torch.tensor(anchor - _G_MAX - 0.01))
         if sort:  # nothing kept below the limit's / the nucleus's last value
             cut = torch.maximum(cut, _nucleus_floor(row, best, limit, z, top_p))
@@ -259,13 +260,12 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
                 probs = (torch.exp(vals - best) / z).masked_fill(~keep, 0.0)
                 keep &= torch.cumsum(probs, dim=0) - probs < top_p
             vals = vals.masked_fill(~keep, float("-inf"))
-        ch = st.col_hash if st.col_hash is not None and len(st.col_hash) == len(row) else None
-        if ch is not None and not whole:
-            ch = ch[ids]
+        ch = table if table is None or whole else table[ids]
         bits = _hash32(keys[b] ^ (_column_hash(ids) if ch is None else ch))  # [n]
         if len(ids) > _FEW:  # only tokens near the anchor, or far with large noise, can reach it
             if anchor is None:  # sorted: the best token first
-                anchor = _anchor(keys[b], best, int(ids[0] if sort else torch.argmax(row)))
+                anchor = _anchor(keys[b], best, int(ids[0] if sort else torch.argmax(row)),
+                                 table)
             live = (vals >= anchor - _FAR) | (bits > _FAR_BITS)
             if int(live.sum()) * 2 < len(ids):  # else scoring all costs less
                 live = torch.nonzero(live)[:, 0]  # ascending
@@ -278,12 +278,13 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
     return out
 
 
-def _anchor(key: int, best: torch.Tensor, top: int) -> float:
+def _anchor(key: int, best: torch.Tensor, top: int, table: torch.Tensor | None) -> float:
     """About the score (x + Gumbel noise) of the row's first best token `top` (value `best`)
     under the row's `key`, in Python floats: within rounding of what the draw computes for it,
     which the margins of its uses absorb. Every filter keeps that token, so nothing scoring far
-    below it can be drawn."""
-    u = (_hash32(key ^ _column_hash(top)) + 0.5) / 4294967296.0
+    below it can be drawn. table: the vocabulary's `column_hashes`, where held."""
+    col = int(table[top]) if table is not None else _column_hash(top)
+    u = (_hash32(key ^ col) + 0.5) / 4294967296.0
     return float(best) - math.log(-math.log(u))
 
 
