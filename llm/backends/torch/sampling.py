@@ -75,9 +75,11 @@ NOISE_SPAN = 27.0
 # The largest noise, -log(-log(1 - 2^-33)): no token more than this below an actual score wins
 _G_MAX = -math.log(-math.log1p(-(2.0 ** -33)))
 # Tokens more than _FAR below the anchor score win only with noise above _FAR, i.e. with hash
-# bits above _FAR_BITS (0.7% of them): the rest need no logarithms (margin 0.01 for rounding)
+# bits above _FAR_BITS (0.7% of them): the rest need no logarithms. _MARGIN absorbs the anchor's
+# Python logarithms in both cuts
+_MARGIN = 0.01
 _FAR = 5.0
-_FAR_BITS = math.floor(math.exp(-math.exp(-(_FAR - 0.01))) * 4294967296.0 - 0.5)
+_FAR_BITS = math.floor(math.exp(-math.exp(-(_FAR - _MARGIN))) * 4294967296.0 - 0.5)
 _FEW = 256  # candidates scored whole without that test (its ops cost more than it saves)
 _TRITON = importlib.util.find_spec("triton") is not None
 
@@ -132,6 +134,11 @@ def _uniform_at(key: torch.Tensor, col: torch.Tensor,
     """The uniform (0, 1) float64 of each token id `col` under `key` (broadcast together);
     col_hash: `_column_hash(col)` where the caller has it."""
     bits = _hash32(key ^ (_column_hash(col) if col_hash is None else col_hash))
+    return _bits_uniform(bits)
+
+
+def _bits_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hash values (int64) -> the uniform (0, 1) float64 the noise is made of."""
     return (bits.to(torch.float64) + 0.5) / 4294967296.0
 
 
@@ -218,7 +225,7 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
     sums the whole kept row). Then exact cuts by the anchor (`_anchor`, the best token's score):
     nothing more than the largest noise below it, and no token more than _FAR below it whose
     hash bits give a noise under _FAR, is scored (the cuts compare float32 values with bounds
-    rounded to float32, which keeps their order; the 0.01 margins absorb the anchor's Python
+    rounded to float32, which keeps their order; _MARGIN absorbs the anchor's Python
     logarithms). For the CPU, where whole rows' noise and sort cost ~1 and ~4 ms a row of 49,152
     tokens."""
     out = torch.empty(len(x), dtype=torch.int64, device=x.device)
@@ -242,7 +249,7 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
         anchor = None  # the best token's score, where it may cut far above min_p's floor
         if not sort and log_min_p[b] < -15.0:
             anchor = _anchor(keys[b], best, int(torch.argmax(row)), table)
-            cut = torch.maximum(cut, torch.tensor(anchor - _G_MAX - 0.01))
+            cut = torch.maximum(cut, torch.tensor(anchor - _G_MAX - _MARGIN))
         if sort:  # nothing kept below the limit's / the nucleus's last value
             cut = torch.maximum(cut, _nucleus_floor(row, best, limit, z, top_p))
         whole = not sort and int((row >= cut).sum()) * 4 >= len(row)
@@ -270,8 +277,7 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
             if int(live.sum()) * 2 < len(ids):  # else scoring all costs less
                 live = torch.nonzero(live)[:, 0]  # ascending
                 ids, vals, bits = ids[live], vals[live], bits[live]
-        u = (bits.to(torch.float64) + 0.5) / 4294967296.0  # as `_uniform_at`
-        score = vals.double() - torch.log(-torch.log(u))  # [n]
+        score = vals.double() - torch.log(-torch.log(_bits_uniform(bits)))  # [n]
         # the lowest id among equal scores: the first maximum where ids ascend (unsorted; max
         # over a dim gives the first, as argmax, and takes ~40 us a 49K float64 row against 70)
         out[b] = ids[score == score.max()].min() if sort else ids[torch.max(score, 0).indices]
