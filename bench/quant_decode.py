@@ -21,10 +21,7 @@ epilogue (`qgemv_silu_mul`; the weight read as a fused gate/up one, no error col
 tc:BLOCK_N:WARPS[:STAGES[:FLAG...]] = the tensor-core kernel (FLAGs: x = 4-bit codes converted
 through float32 instead of by byte permutes; sS = split-K into S programs along K; pP = split-K by
 `QGemmTcRule`: K halved until the grid has >= P programs; e.g. tc:64:4:3:s4, tc:64:4:3:p264; the
-row's variant names the split that ran), dq:BLOCK_N:WARPS[:STAGES[:FLAG...]] = the dequantizing
-tensor-core kernel that `qgemv` picks above the one-row kernel's rows (kernels/qgemm_dq.py; FLAGs:
-sS, pP as tc's; r = the weights rounded once to bf16 instead of split into exact bf16 pieces; gN
-= N 32-groups a loop step, default 4), auto = what `qgemv` picks,
+row's variant names the split that ran), auto = what `qgemv` picks,
 bf16 = F.linear on a dense bf16 weight); microseconds per call as a CUDA graph over copies of the
 weight that together exceed the L2 several times, GB/s of stored bytes, and the error against
 x @ dequantize(W).T in float64.
@@ -106,9 +103,7 @@ def w_config(fields: list[str]):
 
 def variant_call(v: str, x: torch.Tensor):
     """The GEMV of --variants entry `v` as a function of the weight."""
-    from llm.backends.torch.kernels.qgemm_dq import qgemm_dq
-    from llm.backends.torch.kernels.qgemm_tc import qgemm_tc
-    from llm.backends.torch.kernels.qgemv import qgemv, qgemv_silu_mul
+    from llm.backends.torch.kernels.qgemv import qgemm_tc, qgemv, qgemv_silu_mul
     from llm.backends.torch.kernels.qgemv_config import qgemv_config
 
     f = v.split(":")
@@ -129,13 +124,6 @@ def variant_call(v: str, x: torch.Tensor):
         return lambda w: qgemm_tc(x, w, block_n=rule.block_n, num_warps=rule.num_warps,
                                   num_stages=rule.num_stages, fast=fast,
                                   split_k=rule.split_for(*w.shape))
-    if f[0] == "dq":
-        rule = tc_rule([v for v in f[1:] if v != "r" and not v.startswith("g")])
-        groups = next((int(v[1:]) for v in f[4:] if v.startswith("g")), 4)
-        pieces = 1 if "r" in f[4:] else None
-        return lambda w: qgemm_dq(x, w, block_n=rule.block_n, num_warps=rule.num_warps,
-                                  num_stages=rule.num_stages, groups=groups,
-                                  split_k=rule.split_for(*w.shape), pieces=pieces)
     raise SystemExit(f"unknown variant {v!r}")
 
 
@@ -162,10 +150,9 @@ def variant_name(v: str, n: int, k: int) -> str:
     """--variants entry v as a table row names it: tc ones with the splits that ran."""
     from llm.backends.torch.kernels.splitk import split_groups
 
-    if not v.startswith(("tc:", "dq:")):
+    if not v.startswith("tc:"):
         return v
-    fields = [f for f in v.split(":")[1:] if f != "r" and not f.startswith("g")]
-    return f"{v} (s{split_groups(k // 32, tc_rule(fields).split_for(n, k))[1]})"
+    return f"{v} (s{split_groups(k // 32, tc_rule(v.split(':')[1:]).split_for(n, k))[1]})"
 
 
 def kernel_sweep(args, device: torch.device) -> int:
@@ -192,8 +179,8 @@ def kernel_sweep(args, device: torch.device) -> int:
                     x = (torch.randn(b, k, device=device) * 0.5).to(torch.bfloat16)
                     ref = x.double() @ wd.double().T
                     for v in csv(args.variants):
-                        if (v.startswith("w:") and b > 4) or (v[:3] in ("tc:", "dq:") and b == 1):
-                            continue  # the v2 CUDA-core kernel: 1..4 rows; tc, dq: 2..16
+                        if (v.startswith("w:") and b > 4) or (v.startswith("tc:") and b == 1):
+                            continue  # the v2 CUDA-core kernel is for 1..4 rows, tc for 2..16
                         call = variant_call(v, x)
                         mats, nbytes = (dense, 2 * n * k) if v == "bf16" else (ws, w0.nbytes)
                         try:
@@ -321,22 +308,21 @@ def decode_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float
     return rows
 
 
-def dq_config_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--dq-configs: decode again with each BLOCK_N:WARPS:STAGES[:sS|:pP] as the dequantizing
-    tensor-core kernel's rule for every shape (graphs captured again), then the default rule
-    restored."""
+def tc_config_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--tc-configs: decode again with each BLOCK_N:WARPS:STAGES[:sS|:pP] as the tensor-core
+    kernel's rule for every shape (graphs captured again), then the default rule restored."""
     from llm.backends.torch.kernels import qgemv
-    from llm.backends.torch.kernels.qgemv_config import qgemm_dq_config
+    from llm.backends.torch.kernels.qgemv_config import qgemm_tc_config
 
-    rows, default = [], qgemv.qgemm_dq_config
-    for cfg in csv(args.dq_configs):
+    rows, default = [], qgemv.qgemm_tc_config
+    for cfg in csv(args.tc_configs):
         rule = tc_rule(cfg.split(":"))
-        qgemv.qgemm_dq_config = lambda m, n, k, r=rule: qgemm_dq_config(m, n, k, r)
+        qgemv.qgemm_tc_config = lambda m, n, k, r=rule: qgemm_tc_config(m, n, k, r)
         try:
             backend.graphs.capture()
-            rows += decode_rows(backend, name, fmt_name, args, bw, f"dq {cfg}")
+            rows += decode_rows(backend, name, fmt_name, args, bw, f"tc {cfg}")
         finally:
-            qgemv.qgemm_dq_config = default
+            qgemv.qgemm_tc_config = default
     if rows:
         backend.graphs.capture()
     return rows
@@ -445,12 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--kernels", action="store_true", help="the GEMV alone per shape and variant")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
-    p.add_argument("--dq-configs", default="",
+    p.add_argument("--tc-configs", default="",
                    help="comma list of BLOCK_N:WARPS:STAGES[:sS|:pP] (split-K: S programs "
                         "along K, or K halved until the grid has >= P programs): decode again "
-                        "with each as the dequantizing tensor-core kernel's rule (batches above "
-                        "the one-row kernel's rows) instead of the default "
-                        "(qgemv_config.DQ_RULE)")
+                        "with each as the tensor-core kernel's rule (batches 2..16) instead of "
+                        "the default (qgemv_config.TC_RULE)")
     p.add_argument("--v1-formats", default="",
                    help="comma list of formats: decode again with the first kernel for their "
                         "one-row GEMVs (e.g. q6_k: the LM head of --formats q4_0/q6_k)")
@@ -484,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             note = "" if fmt_name == "bf16" else check(backend, ck, rt)
             rows += decode_rows(backend, name, fmt_name, args, bw, note)
             if fmt_name != "bf16" and backend.graphs is not None:
-                rows += dq_config_rows(backend, name, fmt_name, args, bw)
+                rows += tc_config_rows(backend, name, fmt_name, args, bw)
                 rows += v1_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()

@@ -19,7 +19,6 @@ from llm.backends.torch.kernels import (  # noqa: E402
     gumbel,
     norm,
     paged_decode,
-    qgemm_dq,
     qgemv_words,
     rope_kv,
     silu_mul,
@@ -52,9 +51,6 @@ QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, M=1, BLOCK_N=8, BLOCK_G=64, MAGIC=True,
 QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
               "HEAD_DIM": 64}
 QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
-QGEMM_DQ = dict(K=4096, FMT=1, BLOCK_M=16, BLOCK_N=64, GROUPS=4, STAGES=3, SPLITS=1,
-                SPLIT_G=128, K_TAIL=False, PIECES=2, HAS_BIAS=True, COMPILED=True)
-QGEMM_DQ_POINTERS = {"qs_ptr": "*u8", "d_ptr": "*fp16", "p_ptr": "*fp32", "cnt_ptr": "*i32"}
 KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed before the wait)
     (norm._add_rms_norm_kernel, dict(HIDDEN=2048, BLOCK=2048, HAS_RESIDUAL=True), {}, False),
     (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, BLOCK_T=1, K_OUT=False),
@@ -93,17 +89,13 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
-    # the dequantizing tensor-core GEMM of batches: no split, and 4 splits (counters after)
-    (qgemm_dq._qgemm_dq_kernel, QGEMM_DQ, QGEMM_DQ_POINTERS, False),
-    (qgemm_dq._qgemm_dq_kernel, {**QGEMM_DQ, "SPLITS": 4, "SPLIT_G": 32}, QGEMM_DQ_POINTERS,
-     False),
 ]
 
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gumbel_partial", "gumbel_final", "gemv_fma", "gemv_dot", "silu_mul",
        "qgemv_words", "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
-       "qgemv_words_tiles", "qgemv_words_rope", "qgemm_dq", "qgemm_dq_split"]
+       "qgemv_words_tiles", "qgemv_words_rope"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:

@@ -18,18 +18,19 @@ pytest.importorskip("triton", reason="triton is not installed")
 from test_qgemv import DEVICE, random_quantized  # noqa: E402
 from uninterpreted import call_uninterpreted  # noqa: E402
 
+from llm.backends.torch.kernels import qgemv as qgemv_module  # noqa: E402
 from llm.backends.torch.kernels.qgemm_tc import qgemm_tc  # noqa: E402
 from llm.backends.torch.kernels.qgemv_config import (  # noqa: E402
     TC_RULE,
     QGemmTcConfig,
     QGemmTcRule,
     qgemm_tc_config,
+    words_rows_max,
 )
 from llm.backends.torch.kernels.splitk import _counters, split_groups  # noqa: E402
 from llm.model.quant import QuantizedTensor  # noqa: E402
 
-# every format the tensor-core kernel computes (qgemv picks kernels/qgemm_dq.py instead:
-# test_qgemm_dq.py)
+# every format the tensor-core kernel computes (qgemv picks it for Q8_0 and Q4_0)
 FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128", "int4_g32"]
 SPLITS = [1, 2, 3, 7]
 
@@ -110,6 +111,27 @@ def test_rows_do_not_depend_on_the_batch() -> None:
     assert torch.equal(_tc(x[5:12], w, split_k=3), full[5:12])
     cfgs = {qgemm_tc_config(m, 6144, 4096, QGemmTcRule(programs=264)) for m in range(2, 17)}
     assert len(cfgs) == 1
+
+
+def test_qgemv_launches_the_configured_split(monkeypatch) -> None:
+    """qgemv (the model's entry point) runs the split its config rule gives (for more rows than
+    it sends to the v2 kernel)."""
+    g = torch.Generator().manual_seed(37)
+    w = random_quantized("q8_0", 21, 704, g)
+    x = torch.randn(words_rows_max("q8_0") + 1, 704, generator=g).to(DEVICE, torch.bfloat16)
+    rule = QGemmTcRule(16, 1, 3, split_k=3)
+    monkeypatch.setattr(qgemv_module, "qgemm_tc_config",
+                        lambda m, n, k: qgemm_tc_config(m, n, k, rule))
+    launches = []
+
+    def spy(*args, **kwargs):
+        launches.append((args[3:6], kwargs["split_k"]))
+        return qgemm_tc(*args, **kwargs)
+
+    monkeypatch.setattr(qgemv_module, "qgemm_tc", spy)
+    out = qgemv_module.qgemv(x, w)
+    assert launches == [((16, 1, 3), 3)]
+    assert torch.equal(out, _tc(x, w, split_k=3))
 
 
 def test_rule_fills_the_grid_of_the_8b_shapes() -> None:

@@ -13,11 +13,12 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from llm.backends.torch.kernels.dequant import dequantize_dense  # noqa: E402
-from llm.backends.torch.kernels.qgemm_tc import qgemm_tc, tc_kernel_runs  # noqa: E402
 from llm.backends.torch.kernels.qgemv import (  # noqa: E402
     MAX_M,
+    qgemm_tc,
     qgemv,
     qgemv_silu_mul,
+    tc_kernel_runs,
     words_kernel_runs,
 )
 from llm.backends.torch.kernels.qgemv_config import (  # noqa: E402

@@ -29,12 +29,10 @@ v2 (kernels/qgemv_words.py): for up to 4 rows of bf16 / fp16 x, `_qgemv_w_kernel
 thread whole halves of 32-groups of several rows of w, so x is converted once per thread and the
 group scale is applied once per group sum (8B gate_up Q4_0 23 us = 69% of the copy bandwidth,
 Q8_0 89%; the first kernel 45% / 67%); the codes are decoded once for all rows of x. For
-more rows than `qgemv_config.words_rows_max` gives, Q8_0 and Q4_0 go to `qgemm_dq`
-(kernels/qgemm_dq.py): the weights dequantized in registers to x's dtype, as
-`dequantize(float32).to(x.dtype)` gives them (the values the prefill path and the dense model
-use), multiplied on the tensor cores with one float32 accumulator over K; 23-29% a layer under
-the tensor-core kernel on exact codes (kernels/qgemm_tc.py, no longer picked), see
-docs/performance.md. Every other path computes from the float32 weights.
+more rows than `qgemv_config.words_rows_max` gives, `_qgemm_tc_kernel` (kernels/qgemm_tc.py)
+multiplies the exact codes with x on the tensor cores per 32-group and
+scales each group's sums in fp32 (8B Q4_0 batch 8: 1.7x the first kernel, still 1.7x slower
+than bf16; see docs/performance.md).
 
 One kernel, specialised per format family by the constexpr FMT. `qgemv` falls back to
 `quantized_linear` (dequantize, then F.linear) where Triton cannot run: CPU tensors outside the
@@ -50,7 +48,7 @@ import triton
 import triton.language as tl
 
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
-from llm.backends.torch.kernels.qgemm_dq import dq_kernel_runs, qgemm_dq
+from llm.backends.torch.kernels.qgemm_tc import TC_PICKED, qgemm_tc, tc_kernel_runs
 from llm.backends.torch.kernels.qgemv_common import (
     DEFAULT_PLANES,
     PLANES,
@@ -62,7 +60,7 @@ from llm.backends.torch.kernels.qgemv_common import (
 from llm.backends.torch.kernels.qgemv_config import (
     QGemvConfig,
     QGemvWConfig,
-    qgemm_dq_config,
+    qgemm_tc_config,
     qgemv_config,
     words_rows_max,
 )
@@ -259,9 +257,8 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
           config: QGemvConfig | QGemvWConfig | None = None,
           pdl: bool | None = None, variant: str = "auto") -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ w.dequantize().T (+ bias [N]) -> [M, N] in x's dtype, M <= 16,
-    accumulated in fp32 from fp32 weights (Q8_0 / Q4_0 above `words_rows_max` rows of bf16 /
-    fp16 x: from the weights rounded to x's dtype, `qgemm_dq`); `quantized_linear` where Triton
-    cannot run. variant: "auto" (the v2 kernel up to `words_rows_max` rows, `qgemm_dq` above,
+    accumulated in fp32 from fp32 weights; `quantized_linear` where Triton cannot run.
+    variant: "auto" (the v2 kernel up to `words_rows_max` rows, the tensor-core kernel above,
     where they run, else the first kernel) or "v1" (the first kernel always, for comparisons)."""
     if variant not in ("auto", "v1"):
         raise ValueError(f"qgemv variant must be 'auto' or 'v1', got {variant!r}")
@@ -277,10 +274,10 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
     if config is None and variant == "auto":
         if x.shape[0] <= words_rows_max(w.format) and words_kernel_runs(x, w):
             return qgemv_words(x, w, bias, None, pdl)
-        if x.shape[0] > 1 and dq_kernel_runs(x, w):
-            dq = qgemm_dq_config(x.shape[0], w.out_features, w.in_features)
-            return qgemm_dq(x, w, bias, dq.block_n, dq.num_warps, dq.num_stages, pdl=pdl,
-                            split_k=dq.split_k)
+        if x.shape[0] > 1 and tc_kernel_runs(x, w) and family(w.format)[0] in TC_PICKED:
+            tc = qgemm_tc_config(x.shape[0], w.out_features, w.in_features)
+            return qgemm_tc(x, w, bias, tc.block_n, tc.num_warps, tc.num_stages, pdl=pdl,
+                            split_k=tc.split_k)
     fmt, gs = family(w.format)
     m, k = x.shape
     n = w.out_features

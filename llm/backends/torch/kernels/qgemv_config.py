@@ -136,8 +136,7 @@ def words_rows_max(fmt: str) -> int:
 
 @dataclass(frozen=True)
 class QGemmTcConfig:
-    """One launch of a tensor-core kernel (kernels/qgemm_dq.py, qgemm_tc.py): rows of w per
-    program, warps,
+    """One launch of the tensor-core kernel (kernels/qgemm_tc.py): rows of w per program, warps,
     pipeline depth, and split_k: programs along K (each sums a range of K's 32-groups into a
     float32 partial; the last of a tile's programs to finish adds the partials in a fixed
     order). 1: each program walks the whole of K."""
@@ -150,8 +149,7 @@ class QGemmTcConfig:
 
 @dataclass(frozen=True)
 class QGemmTcRule:
-    """How `qgemm_dq_config` / `qgemm_tc_config` pick a launch: one block shape for every matrix,
-    and split-K either
+    """How `qgemm_tc_config` picks a launch: one block shape for every matrix, and split-K either
     fixed (`split_k`, where programs is 0) or by the grid: K's groups are halved until the grid
     has at least `programs` programs, while each split keeps >= `min_groups` 32-groups. Never a
     function of the batch, so a row's sums are the same at every batch of 2..16."""
@@ -181,19 +179,6 @@ class QGemmTcRule:
 # a grid of >= 528 programs (4x the H200's 132 SMs: 8, 8, 2, 16, 4 splits) 5.16-5.20 ms a step,
 # >= 264 5.27-5.28, >= 256 (the kernels' best but gate_up) 5.61-5.94. docs/performance.md.
 TC_RULE = QGemmTcRule(programs=528)
-
-
-# The kernel qgemv picks above the one-row kernel's rows (kernels/qgemm_dq.py). Measured on an
-# H100 (2026-12-05, 8B Q4_0, batch 16, kernels alone, us, no split / best): qkv 19.8 / 15.9 (4
-# splits), o 19.0 / 12.2 (4), gate_up 51.8 / 51.0 (2), down 62.2 / 29.8 (8); >= 384 programs
-# gives 4, 8, 1, 8 splits. docs/performance.md.
-DQ_RULE = QGemmTcRule(programs=384)
-
-
-def qgemm_dq_config(m: int, n: int, k: int, rule: QGemmTcRule = DQ_RULE) -> QGemmTcConfig:
-    """The dequantizing tensor-core kernel's launch for x [m, k] @ w[n, k].T (any m <= 16: the
-    kernel pads x to 16 rows; m does not change the launch) by `rule`."""
-    return QGemmTcConfig(rule.block_n, rule.num_warps, rule.num_stages, rule.split_for(n, k))
 
 
 def qgemm_tc_config(m: int, n: int, k: int, rule: QGemmTcRule = TC_RULE) -> QGemmTcConfig:
