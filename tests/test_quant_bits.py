@@ -40,16 +40,19 @@ def test_pack2_layout() -> None:
                     assert (int(p[r, 8 * g + i]) >> (2 * s)) & 3 == c[r, 32 * g + 8 * s + i]
 
 
-def test_pack1_layout_is_a_little_endian_word_per_group() -> None:
+def test_pack1_layout_follows_the_words_of_the_4_bit_codes() -> None:
+    """Byte j of a group holds the bits of columns 4j..4j+3 (bits 0-3) and 16+4j..16+4j+3 (bits
+    4-7): the columns of the group's 32-bit word j of 4-bit codes (pack4)."""
     c = codes(1, 2)
     p = pack1(c)
     assert p.shape == (ROWS, COLS // 8)
-    words = p.view(ROWS, -1, 4).to(torch.int64)  # [ROWS, groups, 4 bytes]
     for r in range(ROWS):
         for g in range(COLS // 32):
-            word = sum(int(words[r, g, b]) << (8 * b) for b in range(4))
-            for j in range(32):
-                assert (word >> j) & 1 == c[r, 32 * g + j]
+            for j in range(4):
+                byte = int(p[r, 4 * g + j])
+                for t in range(4):
+                    assert (byte >> t) & 1 == c[r, 32 * g + 4 * j + t]
+                    assert (byte >> (4 + t)) & 1 == c[r, 32 * g + 16 + 4 * j + t]
 
 
 @pytest.mark.parametrize(("bits", "pack", "unpack"), [

@@ -86,6 +86,10 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     # several row tiles a program: the next tile's codes loaded after the wait
     (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "TILES": 3, "BLOCK_G": 128}, QGEMV_POINTERS,
      True),
+    # Q5_K: its `qh` words prefetched beside the codes
+    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "FMT": 6},
+     {**QGEMV_POINTERS, "qh_ptr": "*i32", "m_ptr": "*fp16", "sc_ptr": "*u8", "mn_ptr": "*u8"},
+     True),
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
@@ -95,7 +99,7 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gumbel_partial", "gumbel_final", "gemv_fma", "gemv_dot", "silu_mul",
        "qgemv_words", "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
-       "qgemv_words_tiles", "qgemv_words_rope"]
+       "qgemv_words_tiles", "qgemv_words_q5_k", "qgemv_words_rope"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:

@@ -176,17 +176,18 @@ def triton_pow2(m: int) -> int:
 
 # v2 kernels (bf16 / fp16 activations): the one-row kernel on whole 32-groups and the
 # tensor-core kernel for batches; formats they implement
-V2 = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128"]
+V2 = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128"]  # the tensor-core kernel's formats too
+WORDS = V2 + ["q5_0", "q5_1", "q5_k"]  # the v2 one-row kernel's (and Q6_K: test_qgemv_q6k.py)
 
 
 def _v2_shape(fmt: str) -> tuple[int, int]:
     # N odd; K = 5 or 3 chunks of the configs below, plus a partial one where the format allows
-    return (11, 768) if fmt in ("q4_k", "int4_g128") else (13, 160)
+    return (11, 768) if fmt in ("q4_k", "q5_k", "int4_g128") else (13, 160)
 
 
 @pytest.mark.parametrize("magic, prefetch, stages", [(False, False, 1), (True, False, 1),
                                                      (True, True, 1), (True, False, 3)])
-@pytest.mark.parametrize("fmt", V2)
+@pytest.mark.parametrize("fmt", WORDS)
 def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool, prefetch: bool,
                                                        stages: int) -> None:
     g = torch.Generator().manual_seed(11 + len(fmt))
@@ -204,7 +205,7 @@ def test_one_row_kernel_matches_the_dequantized_matmul(fmt: str, magic: bool, pr
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's silu
-@pytest.mark.parametrize("fmt", V2 + ["q6_k"])
+@pytest.mark.parametrize("fmt", WORDS + ["q6_k"])
 def test_row_tiles_of_one_program_equal_one_tile_programs(fmt: str) -> None:
     """`tiles` > 1 (a program walks several row tiles, x read once): bit-equal to the one-tile
     launch of the same block shape, with and without the prefetch, for 1 and 2 rows of x, with
@@ -251,7 +252,7 @@ def _silu_mul_ref(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's silu
-@pytest.mark.parametrize("fmt", V2)
+@pytest.mark.parametrize("fmt", WORDS)
 def test_one_row_kernel_fuses_silu_mul(fmt: str) -> None:
     """The activation in the v2 kernel's epilogue: bit-equal to `silu_mul` after the unfused
     kernel with the same config (the same per-row sums), close to the float64 reference."""
@@ -260,8 +261,11 @@ def test_one_row_kernel_fuses_silu_mul(fmt: str) -> None:
     g = torch.Generator().manual_seed(23 + len(fmt))
     n, k = _v2_shape(fmt)
     w = random_quantized(fmt, 2 * n, k, g)  # I = n: odd, a partial last program
+    # Q5_K's random planes (codes up to 31) give products that overflow fp16 in silu * up at
+    # unit-variance x (so in test_rows_of_one_launch_match_the_dequantized_matmul)
+    scale = 0.25 if fmt == "q5_k" else 1.0
     for dtype, bias in ((torch.bfloat16, None), (torch.float16, torch.randn(2 * n, generator=g))):
-        x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+        x = (torch.randn(1, k, generator=g) * scale).to(DEVICE, dtype)
         b = None if bias is None else bias.to(DEVICE)
         for prefetch in (False, True):
             cfg = QGemvWConfig(8, 4, 4, magic=True, prefetch=prefetch)
@@ -271,12 +275,12 @@ def test_one_row_kernel_fuses_silu_mul(fmt: str) -> None:
     # against float64, in fp16 (bf16's four roundings, each up to 2^-9, compound through silu's
     # slope to a few % per element: there the bit-equality above is the check)
     _assert_close(qgemv_silu_mul(x, w, b), _silu_mul_ref(_ref(x, w, b), torch.float16), x)
-    x3 = torch.randn(3, k, generator=g).to(DEVICE, torch.float16)  # several rows: unfused
+    x3 = (torch.randn(3, k, generator=g) * scale).to(DEVICE, torch.float16)  # several rows
     _assert_close(qgemv_silu_mul(x3, w), _silu_mul_ref(_ref(x3, w, None), torch.float16), x3)
 
 
 @pytest.mark.parametrize("magic", [False, True])
-@pytest.mark.parametrize("fmt", V2)
+@pytest.mark.parametrize("fmt", WORDS)
 def test_one_row_kernel_reads_back_the_exact_weights(fmt: str, magic: bool) -> None:
     """x = a unit row e_k in fp16 (exact, and so is the fp16 output of any weight of these
     random planes' range): y[n] = w[n, k] as ggml dequantizes it, rounded once to fp16."""
@@ -291,7 +295,7 @@ def test_one_row_kernel_reads_back_the_exact_weights(fmt: str, magic: bool) -> N
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's silu
-@pytest.mark.parametrize("fmt", V2 + ["q6_k"])
+@pytest.mark.parametrize("fmt", WORDS + ["q6_k"])
 def test_rows_of_one_launch_match_the_dequantized_matmul(fmt: str) -> None:
     """The v2 kernel with 2..4 rows of x in one launch (codes decoded once for all rows), with
     bias, with SiLU*up in its epilogue, prefetching or not: each row as close to the float64
@@ -299,7 +303,9 @@ def test_rows_of_one_launch_match_the_dequantized_matmul(fmt: str) -> None:
     g = torch.Generator().manual_seed(31 + len(fmt))
     n, k = _v2_shape(fmt) if fmt != "q6_k" else (11, 512)
     w = random_quantized(fmt, 2 * n, k, g)
-    x = torch.randn(4, k, generator=g).to(DEVICE, torch.float16)
+    # Q5_K: see test_one_row_kernel_fuses_silu_mul
+    x = (torch.randn(4, k, generator=g) * (0.25 if fmt == "q5_k" else 1.0)).to(DEVICE,
+                                                                               torch.float16)
     bias = torch.randn(2 * n, generator=g).to(DEVICE)
     ref = _ref(x, w, bias)
     for cfg in (QGemvWConfig(8, 4, 4, magic=True, prefetch=True), QGemvWConfig(4, 4, 4)):
@@ -351,7 +357,9 @@ def test_v2_kernels_are_picked_for_half_precision_only() -> None:
     w = random_quantized("q4_0", 4, 64, g)
     x = torch.randn(1, 64).to(DEVICE)
     assert not words_kernel_runs(x, w) and not tc_kernel_runs(x, w)  # fp32: the first kernel
-    assert not words_kernel_runs(x.bfloat16(), random_quantized("q5_0", 4, 64, g))
+    assert not words_kernel_runs(x.bfloat16(), random_quantized("int8", 4, 64, g))
+    for fmt in ("q5_0", "q5_1", "q5_k", "q6_k"):  # the 5- and 6-bit formats: since 2026-12-05
+        assert words_kernel_runs(x.bfloat16(), random_quantized(fmt, 4, 256, g))
     assert not tc_kernel_runs(x.half(), w)  # the tensor-core kernel takes bf16 only
     assert qgemv_w_config(1, 14336, 4096, "q4_0") == QGemvWConfig(8, 128, 4, magic=True,
                                                                   prefetch=True)
@@ -378,7 +386,8 @@ SHAPES_8B = [(4096, 4096), (14336, 4096), (4096, 14336)]  # o_proj, gate or up, 
 
 
 @GPU
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0", "int4_g128", "int8"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0", "int4_g128",
+                                 "int8"])
 @pytest.mark.parametrize("n, k", SHAPES_8B[:2])
 def test_llama_8b_shapes(fmt: str, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(n + k)

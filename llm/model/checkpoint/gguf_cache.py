@@ -35,7 +35,7 @@ from llm.model.quant.state import Weight, flatten_state, unflatten_state
 log = logging.getLogger(__name__)
 # Bump when the conversion output changes: older cache entries are then simply not found.
 CACHE_FORMAT_VERSION = 1
-STORED_FORMAT_VERSION = 1
+STORED_FORMAT_VERSION = 2  # 2: Q5 `qh` bits in llm.model.quant.bits' word order
 _CACHE_FORMAT = "llm.gguf-cache"
 _STORED_FORMAT = "llm.gguf-stored-cache"
 

@@ -7,8 +7,11 @@ block-aligned column range of the codes is a plain slice of the packed plane:
   column 32*g + 16 + i in bits 4-7 (ggml's Q4_0 byte order).
 - 2-bit (`pack2`, K/4 bytes): byte 8*g + i (i < 8) holds column 32*g + 8*s + i in bits 2*s and
   2*s+1, s = 0..3.
-- 1-bit (`pack1`, K/8 bytes): byte 4*g + b (b < 4) holds column 32*g + 8*b + t in bit t, i.e. the
-  little-endian 32-bit word of group g holds column 32*g + j in bit j (ggml's Q5_0 `qh`).
+- 1-bit (`pack1`, K/8 bytes): byte 4*g + j (j < 4) holds column 32*g + 4*j + t in bit t and
+  column 32*g + 16 + 4*j + t in bit 4 + t (t < 4): the bits of the columns whose 4-bit codes are
+  byte-for-byte the 32-bit word j of the group's 4-bit codes, so a GEMV that reads codes by the
+  word finds their fifth bits in one byte. (ggml's Q5_0 `qh` is another order: its little-endian
+  32-bit word of group g holds column 32*g + c in bit c; llm.model.quant.gguf_repack converts.)
 
 Inputs are uint8 tensors of codes already in range; outputs are new contiguous uint8 tensors.
 """
@@ -59,14 +62,17 @@ def unpack2(packed: torch.Tensor) -> torch.Tensor:
 
 def pack1(bits: torch.Tensor) -> torch.Tensor:
     """uint8 bits 0..1 [..., K] -> packed [..., K/8] (1-bit layout of the module docstring)."""
-    g = _groups(bits, 8)  # [..., K/8, 8]
-    out = g[..., 0].clone()
-    for t in range(1, 8):
-        out |= g[..., t] << t
-    return out
+    g = _groups(bits, 2, 4, 4)  # [..., K/32, half, j, t]: column 16 * half + 4 * j + t
+    out = torch.zeros_like(g[..., 0, :, 0])  # [..., K/32, j]
+    for half in range(2):
+        for t in range(4):
+            out |= g[..., half, :, t] << (4 * half + t)
+    return out.reshape(*bits.shape[:-1], -1)
 
 
 def unpack1(packed: torch.Tensor) -> torch.Tensor:
     """Packed [..., K/8] -> uint8 bits 0..1 [..., K]."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 0x1).reshape(*packed.shape[:-1], -1)
+    b = (_groups(packed, 4).unsqueeze(-1) >> shifts) & 0x1  # [..., K/32, j, bit 4 * half + t]
+    b = b.reshape(*b.shape[:-1], 2, 4).transpose(-3, -2)  # [..., K/32, half, j, t]
+    return b.reshape(*packed.shape[:-1], -1)

@@ -13,12 +13,15 @@ K/block consecutive ggml blocks. Block byte layouts (little-endian; fp16 fields 
   Q6_K (210 B / 256): ql[128] | qh[64] | scales[16] int8 | d f16
 
 The legacy formats' bytes already are our planes' bytes (`llm.model.quant.ggml_formats`): their
-fields are only cut apart. The K-quants are reordered to the per-32-group packing:
+fields are only cut apart, but for Q5_0/Q5_1's `qh`, whose bits are reordered (below). The
+K-quants are reordered to the per-32-group packing:
 
 - Q4_K/Q5_K `qs`: chunk c (bytes 32c..32c+31) holds columns 64c+l in its low nibbles and
   64c+32+l in its high nibbles; Q6_K `ql`: half h (bytes 64h..64h+63) holds columns 128h+l in its
   low nibbles and 128h+64+l in its high nibbles. Both become the 4-bit `qs` plane.
-- Q5_K `qh`: bit i of byte l is bit 4 of column 32i+l -> 1-bit `qh` plane.
+- Q5_0/Q5_1 `qh` (a little-endian 32-bit word per block, bit c = bit 4 of column c) and Q5_K
+  `qh` (bit i of byte l is bit 4 of column 32i+l) -> the 1-bit `qh` plane of
+  llm.model.quant.bits (byte j of a group: bits of columns 4j..4j+3, then of 16+4j..16+4j+3).
 - Q6_K `qh`: bits 2s..2s+1 of byte 32h+l are bits 4-5 of column 128h+32s+l -> 2-bit `qh` plane.
 - Q4_K/Q5_K `scales[12]`: eight 6-bit scales and eight 6-bit mins (ggml's get_scale_min_k4):
   for j < 4, scale j = b[j] & 63 and min j = b[j+4] & 63; for j >= 4,
@@ -127,17 +130,37 @@ def _k_scales(sc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             torch.from_numpy(mins.view(np.uint8).reshape(n, -1)))
 
 
+def _high_bytes(words: np.ndarray) -> np.ndarray:
+    """Fifth code bits as little-endian uint32 words, one a 32-group (bit c: column c) -> the
+    1-bit plane's 4 bytes a group (llm.model.quant.bits: byte j = bits 4j..4j+3, then bits
+    16+4j..16+4j+3 in its high nibble), uint8 [..., 4]."""
+    u32 = np.uint32
+    out = np.empty((*words.shape, 4), np.uint8)
+    for j in range(4):
+        out[..., j] = ((words >> u32(4 * j)) & u32(15)) | (((words >> u32(16 + 4 * j)) & u32(15))
+                                                           << u32(4))
+    return out
+
+
+def _q5_high(qh: np.ndarray) -> torch.Tensor:
+    """Q5_0/Q5_1 qh [N, B, 4] (a little-endian uint32 a block, bit c: column c) -> 1-bit `qh`
+    plane [N, K/8]."""
+    return torch.from_numpy(_high_bytes(qh.view(np.uint32)[..., 0]).reshape(qh.shape[0], -1))
+
+
 def _q5_k_high(qh: np.ndarray) -> torch.Tensor:
     """Q5_K qh [N, B, 32] (bit i of byte l: column 32i+l) -> 1-bit `qh` plane [N, K/8].
 
-    Word q (bytes 8q..8q+7 of the 32) gives group i's byte q: bit i of each of its 8 bytes.
+    Word q (bytes 8q..8q+7 of the 32) gives group i's byte q of its little-endian uint32 (bit
+    c: column c): bit i of each of its 8 bytes; then `_high_bytes`.
     """
     w = _words(qh, _U64, 4)  # [N*B, word q]
     out = np.empty((w.shape[0], 8, 4), np.uint8)  # [N*B, group i, byte q]
     for i in range(8):
         for q in range(4):
             out[:, i, q] = (((w[:, q] >> _U64(i)) & _ONE_BIT) * _GATHER_BITS) >> _U64(56)
-    return torch.from_numpy(out.reshape(qh.shape[0], -1))
+    words = out.view(np.uint32)[..., 0]  # [N*B, group i]
+    return torch.from_numpy(_high_bytes(words).reshape(qh.shape[0], -1))
 
 
 def _q6_k_high(qh: np.ndarray) -> torch.Tensor:
@@ -168,11 +191,11 @@ def _q4_1(b: _Blocks) -> Planes:
 
 
 def _q5_0(b: _Blocks) -> Planes:
-    return {"d": b.f16(0), "qh": b.plane(2, 6), "qs": b.plane(6, 22)}
+    return {"d": b.f16(0), "qh": _q5_high(b.bytes(2, 6)), "qs": b.plane(6, 22)}
 
 
 def _q5_1(b: _Blocks) -> Planes:
-    return {"d": b.f16(0), "m": b.f16(2), "qh": b.plane(4, 8), "qs": b.plane(8, 24)}
+    return {"d": b.f16(0), "m": b.f16(2), "qh": _q5_high(b.bytes(4, 8)), "qs": b.plane(8, 24)}
 
 
 def _q4_k(b: _Blocks) -> Planes:

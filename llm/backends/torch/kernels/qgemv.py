@@ -118,11 +118,12 @@ def _bit_planes(qh_ptr, rows3, s_qh, g3, half3, e3, mask, FMT: tl.constexpr):
         h = tl.load(qh_ptr + rows3 * s_qh + 8 * g3 + e3, mask=mask, other=0).to(tl.int32)
         s = 2 * half3
         return ((h >> s) & 3) << 4, ((h >> (s + 4)) & 3) << 4
-    # Q5_*: byte 4g+b bit e for column 32g+8b+e
-    base = qh_ptr + rows3 * s_qh + 4 * g3 + half3
-    lo = tl.load(base, mask=mask, other=0).to(tl.int32)
-    hi = tl.load(base + 2, mask=mask, other=0).to(tl.int32)
-    return ((lo >> e3) & 1) << 4, ((hi >> e3) & 1) << 4
+    # Q5_*: byte 4g+j, bit t for column 32g+4j+t and bit 4+t for column 32g+16+4j+t; the lo
+    # lane's column 8*half + e is in byte 2*half + e // 4, its hi lane's in the same byte
+    b = tl.load(qh_ptr + rows3 * s_qh + 4 * g3 + 2 * half3 + e3 // 4, mask=mask,
+                other=0).to(tl.int32)
+    t = e3 % 4
+    return ((b >> t) & 1) << 4, ((b >> (t + 4)) & 1) << 4
 
 
 @triton.jit

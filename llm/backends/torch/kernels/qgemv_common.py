@@ -41,13 +41,13 @@ def group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
                  FMT: tl.constexpr, GS: tl.constexpr):
     # rows2, g2: broadcastable row and 32-group indices of the sums
     """The two coefficients `scale_sums` applies to a group's sums, as float32 (loaded once
-    however many rows of x share them): Q8_0 / Q4_0 (f(d[g]), unused), Q4_K (f(d[s]) * f(sc[g]),
-    f(dmin[s]) * f(mins[g])), Q6_K (f(d[s]) * f(sc) of each 16-column half), Q4_1 / int4 (f(d),
-    f(m)) of the group's scale block."""
-    if FMT == 0 or FMT == 1:
+    however many rows of x share them): Q8_0 / Q4_0 / Q5_0 (f(d[g]), unused), Q4_K / Q5_K
+    (f(d[s]) * f(sc[g]), f(dmin[s]) * f(mins[g])), Q6_K (f(d[s]) * f(sc) of each 16-column
+    half), Q4_1 / Q5_1 / int4 (f(d), f(m)) of the group's scale block."""
+    if FMT == 0 or FMT == 1 or FMT == 3:
         a = load_f32(d_ptr, rows2, s_d, g2, mask2)
         return a, a
-    if FMT == 5:
+    if FMT == 5 or FMT == 6:
         a = load_f32(d_ptr, rows2, s_d, g2 // 8, mask2) * load_f32(sc_ptr, rows2, s_sc, g2, mask2)
         c = load_f32(m_ptr, rows2, s_m, g2 // 8, mask2) * load_f32(mn_ptr, rows2, s_mn, g2,
                                                                      mask2)
@@ -66,17 +66,18 @@ def group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
 @triton.jit
 def scale_sums(S, sx, a, c, FMT: tl.constexpr, COMPILED: tl.constexpr):
     """Sum over a group of x * w from S = sum x * q' (q' the code the format multiplies by its
-    scale: q - 8 for Q4_0, the signed code for Q8_0, q for the rest) and sx = sum x (Q6_K: S, sx
+    scale: q - 8 for Q4_0, q - 16 for Q5_0, the signed code for Q8_0, q for the rest) and sx =
+    sum x (Q6_K: S, sx
     are the sums of x * (q - 32) over the two 16-column halves), with `group_coeffs`' a, c, in
     the order of the format's dequantize where x is one column's unit vector (so that one-hot x
     reads the exact weight back)."""
-    if FMT == 0 or FMT == 1:  # f(d[g]) * q'
+    if FMT == 0 or FMT == 1 or FMT == 3:  # f(d[g]) * q'
         return a * S
-    if FMT == 5:  # (f(d[s]) * f(sc[g])) * q - f(dmin[s]) * f(mins[g])
+    if FMT == 5 or FMT == 6:  # (f(d[s]) * f(sc[g])) * q - f(dmin[s]) * f(mins[g])
         return mul_rn(a, S, COMPILED) - c * sx
     if FMT == 7:  # (f(d[s]) * f(sc)) * (q - 32), per half
         return a * S + c * sx
-    return mul_rn(a, S, COMPILED) + c * sx  # Q4_1, int4: f(d[g]) * q + f(m[g])
+    return mul_rn(a, S, COMPILED) + c * sx  # Q4_1, Q5_1, int4: f(d[g]) * q + f(m[g])
 
 
 @triton.jit

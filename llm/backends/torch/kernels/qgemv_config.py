@@ -88,6 +88,8 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
       prefetched where K has several chunks (8B down 4 x 64 groups 18.7 against 24.0 at 4 x
       128) or the matrix is small (1B qkv 3.8 against 4.0), not on the large one-chunk ones,
       where it cost (8B gate_up 34.3 us without, 35.9 with).
+    - Q5_0 / Q5_1 / Q5_K take it too (2026-12-05, H100: 8B gate_up Q5_K 38.7 us, 73% of copy
+      bandwidth; down 26.8 at 4 x 64 against 23.9 at 4 x 128, one run, not changed).
     - Q6_K takes the 4-bit rule (Triton 3.6 for sm_90: 8 x 128 groups 128 registers a thread
       against Q4_0's 79, no spills; 16 x 64 at K = 2048 105). Timed at 1B shapes (2026-12-04):
       16 x 64 the fastest of 7 configs, head chunk 11.8 us (59% of the copy bandwidth) against

@@ -35,7 +35,8 @@ from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, qgemv_w_config
 from llm.model.quant.tensor import QuantizedTensor
 
 # Formats of the v2 kernel (FMT ids as above): codes read as 32-bit words, x as 64-bit words.
-_WORD_FAMILIES = {0, 1, 2, 5, 7, INT4}
+_WORD_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, INT4}
+_Q5 = (3, 4, 6)  # Q5_0, Q5_1, Q5_K: a fifth code bit from the 1-bit `qh` plane
 WORDS_MAX_M = 4  # rows of x one launch takes (an accumulator each)
 
 
@@ -153,6 +154,24 @@ def _codes6(w, h, js, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
 
 
 @triton.jit
+def _codes5(w, h, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
+    """Q5_0 / Q5_1 / Q5_K: word j of a group's 4-bit codes w and byte j of its `qh` bits h
+    (llm.model.quant.bits: bit e = bit 4 of column 4j + e, bit 4 + e of column 16 + 4j + e) ->
+    (lo_0..lo_3, hi_0..hi_3), the 5-bit codes q of columns 4j + e and 16 + 4j + e as float32
+    2^23 + q, or with MAGIC 0.5 + q / 256 (exact). A nibble of h moves to bit 4 of bytes 0..3
+    by one multiply (bit e by 4 + 7e places: the four shifted copies do not overlap, so nothing
+    carries)."""
+    b = h.to(tl.int32)
+    lo_bits = (b & 15) * 0x02040810  # bit e at 8e + 4
+    hi_bits = (b >> 4) * 0x02040810
+    lo = (w & 0x0F0F0F0F) | (lo_bits & 0x10101010)
+    hi = ((w >> 4) & 0x0F0F0F0F) | (hi_bits & 0x10101010)
+    l0, l1, l2, l3 = _bytes4(lo, MAGIC, COMPILED)
+    h0, h1, h2, h3 = _bytes4(hi, MAGIC, COMPILED)
+    return l0, l1, l2, l3, h0, h1, h2, h3
+
+
+@triton.jit
 def _rotated(a, b, c, d, XF16: tl.constexpr, COMPILED: tl.constexpr):
     """a * b + c * d as transformers' RoPE computes q * cos + rotate_half(q) * sin in bf16 / fp16:
     each product rounded to the activation dtype, their sum in float32 (returned; the caller
@@ -176,11 +195,17 @@ def _rotated(a, b, c, d, XF16: tl.constexpr, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG: tl.constexpr):
-    """Q6_K: the `qh` word each code word of `_chunk_codes` needs, [BLOCK_G, BLOCK_N, 4]: word
-    2g + j % 2 (8 bytes a group) for code word j of group g."""
+def _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG: tl.constexpr, FMT: tl.constexpr):
+    """The high code bits the code words of `_chunk_codes` need, [BLOCK_G, BLOCK_N, 4]. Q6_K:
+    32-bit word 2g + j % 2 of `qh` (8 bytes a group) for code word j of group g; Q5_*: byte 4g +
+    j (4 bytes a group), an index of the codes' own pattern, so the load takes their register
+    layout (a per-group word shared by the 4 code words took another on Triton 3.6, and the
+    decoded words went through shared memory)."""
     g3 = (g0 + gl)[:, None, None]  # [G, 1, 1]
-    widx = tl.max_contiguous(2 * g3 + js % 2, [1, 1, 2])
+    if FMT == 7:
+        widx = tl.max_contiguous(2 * g3 + js % 2, [1, 1, 2])
+    else:
+        widx = tl.max_contiguous(4 * g3 + js, [1, 1, 2])
     return tl.load(qh_ptr + rows3 * s_qh + widx, mask=(g3 < NG) & n_live[None, :, None],
                    other=0)
 
@@ -201,7 +226,7 @@ def _decode(w, h, js, FMT: tl.constexpr, MAGIC: tl.constexpr, COMPILED: tl.const
     """A chunk's code words w (and Q6_K's high-bit words h) -> 8 float32 tensors [G, BLOCK_N,
     WPG], the codes each row of x multiplies: Q8_0 words j: columns 4j + e, c - 128 (the last
     four repeat the first, unused); the rest: columns 4j + e (lo) and 16 + 4j + e (hi), as the
-    code q' less the format's bias (Q4_0 8, Q6_K 32), or with MAGIC 0.5 + q / 256 (see
+    code q' less the format's bias (Q4_0 8, Q5_0 16, Q6_K 32), or with MAGIC 0.5 + q / 256 (see
     `_sums`)."""
     if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
         c0, c1, c2, c3 = _codes8(w, COMPILED)
@@ -211,6 +236,12 @@ def _decode(w, h, js, FMT: tl.constexpr, MAGIC: tl.constexpr, COMPILED: tl.const
     if FMT == 7:  # Q6_K: 6-bit codes
         l0, l1, l2, l3, h0, h1, h2, h3 = _codes6(w, h, js, MAGIC, COMPILED)
         off6: tl.constexpr = 8388640.0  # 2^23 + 32
+    elif FMT == 3 or FMT == 4 or FMT == 6:  # Q5_*: 5-bit codes
+        l0, l1, l2, l3, h0, h1, h2, h3 = _codes5(w, h, MAGIC, COMPILED)
+        if FMT == 3:
+            off6: tl.constexpr = 8388624.0  # 2^23 + 16
+        else:
+            off6: tl.constexpr = 8388608.0  # 2^23
     else:
         l0, l1, l2, l3, h0, h1, h2, h3 = _codes4(w, MAGIC, COMPILED)
         if FMT == 1:
@@ -258,6 +289,8 @@ def _sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h2, h3
         if MAGIC:  # codes 0.5 + q / 256: sum x * q' = 256 * S - (128 + bias) * sum x
             if FMT == 1:
                 S = 256.0 * S - 136.0 * sx
+            elif FMT == 3:
+                S = 256.0 * S - 144.0 * sx
             else:
                 S = 256.0 * S - 128.0 * sx
     return S, sx
@@ -335,7 +368,8 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     e = 0..3, whose x values are the 64-bit words 8g + j and 8g + 4 + j of x ([BLOCK_G, 1, WPG],
     the same register layout). Codes become float32 exactly, once for all rows of x; per group
     and row of x the sum of x times code is scaled once (`scale_sums`; Q6_K: per 16-column half;
-    the scales loaded once a chunk, Q6_K's `qh` words loaded and prefetched beside the codes).
+    the scales loaded once a chunk, Q5 / Q6_K's `qh` words loaded and prefetched beside the
+    codes).
     Each row of x has its own accumulator and the per-group arithmetic of a one-row launch; the
     order of the final sums follows the register layout the compiler picks, which may differ
     with M (on an H200 some shapes gave other last bits than one-row launches).
@@ -357,6 +391,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     reads beside 122 MB of codes)."""
     WPG: tl.constexpr = 8 if FMT == 0 else 4
     NG: tl.constexpr = K // 32
+    HAS_QH: tl.constexpr = FMT == 7 or FMT == 3 or FMT == 4 or FMT == 6  # high bits in `qh`
     HOIST: tl.constexpr = TILES > 1  # one chunk (the caller checks): x's first row read once
     pid = tl.program_id(0)
     HALF: tl.constexpr = BLOCK_N // 2
@@ -367,8 +402,8 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     js = tl.arange(0, WPG)[None, None, :]  # [1, 1, WPG]
     if PREFETCH:
         w_next = _chunk_codes(qw_ptr, rows3, s_qw, 0, gl, js, n_live, NG, WPG)
-        if FMT == 7:
-            h_next = _chunk_high(qh_ptr, rows3, s_qh, 0, gl, js, n_live, NG)
+        if HAS_QH:
+            h_next = _chunk_high(qh_ptr, rows3, s_qh, 0, gl, js, n_live, NG, FMT)
     wait_then_release(USE_GDC)
     if HOIST:
         gx = gl[:, None, None]  # [G, 1, 1]
@@ -387,26 +422,26 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         for g0 in tl.range(0, NG, BLOCK_G, num_stages=STAGES):
             if PREFETCH:
                 w = w_next
-                h = w  # Q6_K's high-bit words (unused by the other formats)
-                if FMT == 7:
+                h = w  # Q5 / Q6_K's high-bit words (unused by the other formats)
+                if HAS_QH:
                     h = h_next
                 if NG > BLOCK_G:  # several chunks: the next one's codes in flight
                     w_next = _chunk_codes(qw_ptr, rows3, s_qw, g0 + BLOCK_G, gl, js, n_live, NG,
                                           WPG)
-                    if FMT == 7:
+                    if HAS_QH:
                         h_next = _chunk_high(qh_ptr, rows3, s_qh, g0 + BLOCK_G, gl, js, n_live,
-                                             NG)
+                                             NG, FMT)
                 elif t + 1 < TILES:  # one chunk: the next tile's codes in flight
                     ns1, live1 = _tile_rows(tile + 1, N, UP_ROW, BLOCK_N, GLU, ROPE, HEAD_DIM)
                     rows1 = ns1[None, :, None]
                     w_next = _chunk_codes(qw_ptr, rows1, s_qw, 0, gl, js, live1, NG, WPG)
-                    if FMT == 7:
-                        h_next = _chunk_high(qh_ptr, rows1, s_qh, 0, gl, js, live1, NG)
+                    if HAS_QH:
+                        h_next = _chunk_high(qh_ptr, rows1, s_qh, 0, gl, js, live1, NG, FMT)
             else:
                 w = _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG, WPG)
                 h = w
-                if FMT == 7:
-                    h = _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG)
+                if HAS_QH:
+                    h = _chunk_high(qh_ptr, rows3, s_qh, g0, gl, js, n_live, NG, FMT)
             g1 = g0 + gl  # [G]
             g2 = g1[:, None]  # [G, 1]
             g3 = g1[:, None, None]  # [G, 1, 1]
@@ -477,7 +512,8 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
 
 def words_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
     """Whether `qgemv` takes the v2 kernel (`_qgemv_w_kernel`) for x and w: bf16 / fp16
-    activations, a format it implements (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, int4), whole 32-groups."""
+    activations, a format it implements (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K,
+    int4), whole 32-groups."""
     if x.dtype not in (torch.bfloat16, torch.float16) or w.in_features % 32:
         return False
     fmt, gs = family(w.format)
@@ -532,7 +568,12 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     names = PLANES.get(w.format, DEFAULT_PLANES)
     planes = [w.planes[p] if p in w.planes else None for p in names]
     qw = _words(planes[0], torch.int32)
-    qh = qw if planes[1] is None else _words(planes[1], torch.int32)  # Q6_K's 2-bit plane
+    if planes[1] is None:
+        qh = qw  # not read
+    elif fmt == 7:
+        qh = _words(planes[1], torch.int32)  # Q6_K: 32-bit words of its 2-bit plane
+    else:
+        qh = planes[1] if planes[1].stride(1) == 1 else planes[1].contiguous()  # Q5: bytes
     rest = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes[2:]]
     cfg = config or qgemv_w_config(m, w.out_features, k, w.format)
     if glu and cfg.block_n % 2:
