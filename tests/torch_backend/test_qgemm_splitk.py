@@ -113,12 +113,14 @@ def test_rows_do_not_depend_on_the_batch() -> None:
     assert len(cfgs) == 1
 
 
-def test_qgemv_launches_the_configured_split(monkeypatch) -> None:
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q4_k"])
+def test_qgemv_launches_the_configured_split(fmt: str, monkeypatch) -> None:
     """qgemv (the model's entry point) runs the split its config rule gives (for more rows than
-    it sends to the v2 kernel)."""
+    it sends to the v2 kernel), for every format it picks the kernel for (`TC_PICKED`)."""
     g = torch.Generator().manual_seed(37)
-    w = random_quantized("q8_0", 21, 704, g)
-    x = torch.randn(words_rows_max("q8_0") + 1, 704, generator=g).to(DEVICE, torch.bfloat16)
+    n, k = _shape(fmt)
+    w = random_quantized(fmt, n, k, g)
+    x = torch.randn(words_rows_max(fmt) + 1, k, generator=g).to(DEVICE, torch.bfloat16)
     rule = QGemmTcRule(16, 1, 3, split_k=3)
     monkeypatch.setattr(qgemv_module, "qgemm_tc_config",
                         lambda m, n, k: qgemm_tc_config(m, n, k, rule))

@@ -8,9 +8,9 @@ the step, a global-memory latency per step), and 4-bit codes turned into bf16 pa
 permutes (`_tc_nibbles`): 8B Q4_0 batch 16 at 2,182 tok/s on an H200 (2026-12-04). Split-K
 (`split_k`, kernels/splitk.py): programs along K as well, for the matrices whose N gives fewer
 programs than the GPU has SMs (8B qkv, o, down: 64-96 programs of 64 rows); their partials are
-added in a fixed order. Interpreter tests only so far; the launch rule is
-qgemv_config.qgemm_tc_config. `qgemv` (kernels/qgemv.py) picks this kernel for Q8_0 and Q4_0
-batches above `qgemv_config.words_rows_max` rows.
+added in a fixed order. The launch rule is qgemv_config.qgemm_tc_config. `qgemv`
+(kernels/qgemv.py) picks this kernel for Q8_0, Q4_0, Q4_1 and Q4_K batches above
+`qgemv_config.words_rows_max` rows (`TC_PICKED`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from llm.backends.torch.kernels.qgemv_common import (
 from llm.backends.torch.kernels.splitk import split_groups, split_sum, tile_counters
 from llm.model.quant.tensor import QuantizedTensor
 
-# formats the tensor-core kernel takes when qgemv picks it (measured faster than the first
-# kernel at batch 8 on an H200: Q8_0, Q4_0); the kernel itself also computes Q4_1, Q4_K and
-# int4_g (tested), which measured slower end to end (8B Q4_K batch 8: 449 against 556 tok/s)
+# formats qgemv picks the tensor-core kernel for, above the one-row kernel's rows: Q8_0, Q4_0
+# (H200, 2026-12-03/04), Q4_1 and Q4_K (H100, 2026-12-05, with split-K: 8B batch 16 26.2 ->
+# 8.5 ms a step for Q4_1, 26.1 -> 9.1 for Q4_K against the first kernel; on 2026-12-03, without
+# split-K, Q4_K had lost at batch 8). It also computes int4_g (tested), not yet timed against
+# the first kernel, which keeps it.
 _TC_FAMILIES = {0, 1, 2, 5, INT4}
-TC_PICKED = {0, 1}
+TC_PICKED = {0, 1, 2, 5}
 
 
 @triton.jit
