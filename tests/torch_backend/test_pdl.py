@@ -88,7 +88,7 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
      True),
     # Q5_K: its `qh` words prefetched beside the codes
     (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "FMT": 6},
-     {**QGEMV_POINTERS, "qh_ptr": "*i32", "m_ptr": "*fp16", "sc_ptr": "*u8", "mn_ptr": "*u8"},
+     {**QGEMV_POINTERS, "qh_ptr": "*u8", "m_ptr": "*fp16", "sc_ptr": "*u8", "mn_ptr": "*u8"},
      True),
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,

@@ -5,7 +5,8 @@ g = k // 32 (and 256-column super-block s = k // 256 for the K-quants). Codes ar
 32-group as described in `llm.model.quant.bits`:
 
 - `qs` 4-bit: byte 16g+i holds column 32g+i (bits 0-3) and 32g+16+i (bits 4-7);
-- `qh` 1-bit (Q5_*): byte 4g+b bit t is bit 4 of the code of column 32g+8b+t;
+- `qh` 1-bit (Q5_*): byte 4g+j bit t is bit 4 of the code of column 32g+4j+t, bit 4+t that of
+  column 32g+16+4j+t (t < 4);
 - `qh` 2-bit (Q6_K): byte 8g+i bits 2s..2s+1 are bits 4-5 of the code of column 32g+8s+i.
 
 fp16 scales stay fp16; all arithmetic below is float32, one IEEE rounding per operation, in

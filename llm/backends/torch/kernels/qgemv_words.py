@@ -36,7 +36,6 @@ from llm.model.quant.tensor import QuantizedTensor
 
 # Formats of the v2 kernel (FMT ids as above): codes read as 32-bit words, x as 64-bit words.
 _WORD_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, INT4}
-_Q5 = (3, 4, 6)  # Q5_0, Q5_1, Q5_K: a fifth code bit from the 1-bit `qh` plane
 WORDS_MAX_M = 4  # rows of x one launch takes (an accumulator each)
 
 
@@ -223,7 +222,7 @@ def _chunk_codes(qw_ptr, rows3, s_qw, g0, gl, js, n_live, NG: tl.constexpr, WPG:
 
 @triton.jit
 def _decode(w, h, js, FMT: tl.constexpr, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
-    """A chunk's code words w (and Q6_K's high-bit words h) -> 8 float32 tensors [G, BLOCK_N,
+    """A chunk's code words w (and Q5 / Q6_K's high bits h) -> 8 float32 tensors [G, BLOCK_N,
     WPG], the codes each row of x multiplies: Q8_0 words j: columns 4j + e, c - 128 (the last
     four repeat the first, unused); the rest: columns 4j + e (lo) and 16 + 4j + e (hi), as the
     code q' less the format's bias (Q4_0 8, Q5_0 16, Q6_K 32), or with MAGIC 0.5 + q / 256 (see
