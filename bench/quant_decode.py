@@ -207,13 +207,13 @@ def kernel_sweep(args, device: torch.device) -> int:
 
 def random_quantized(fmt_name: str, n: int, k: int, g: torch.Generator,
                      device: torch.device) -> QuantizedTensor:
-    """Planes of random codes with small finite fp16 scales (what a decode step reads is the
-    same whatever the values)."""
+    """Planes of random codes with small finite scales (what a decode step reads is the same
+    whatever the values)."""
     planes = {}
     for p in get_format(fmt_name).planes:
         shape = (n, p.width(k))
-        if p.dtype == torch.float16:
-            planes[p.name] = (torch.rand(shape, generator=g, device=device) * 2e-3).half()
+        if p.dtype.is_floating_point:  # scales: fp16 (GGUF), bf16 (int4_g<G>)
+            planes[p.name] = (torch.rand(shape, generator=g, device=device) * 2e-3).to(p.dtype)
         else:
             bits = torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.int32)
             if p.name in ("scales", "mins") and p.dtype == torch.uint8:
@@ -223,12 +223,13 @@ def random_quantized(fmt_name: str, n: int, k: int, g: torch.Generator,
 
 
 def scaled(w: QuantizedTensor) -> QuantizedTensor:
-    """`w` with its fp16 scale planes (d, m, dmin) multiplied by one factor so that the weights'
-    standard deviation is 1 / sqrt(in_features), as the dense model's: a random model with larger
-    weights is chaotic, and its logits would not tell a kernel error from rounding."""
+    """`w` with its scale planes (d, m, dmin: fp16, or bf16 for int4_g<G>) multiplied by one
+    factor so that the weights' standard deviation is 1 / sqrt(in_features), as the dense
+    model's: a random model with larger weights is chaotic, and its logits would not tell a
+    kernel error from rounding."""
     sample = w.slice_rows(0, min(64, w.out_features)).dequantize()
     factor = float(w.in_features ** -0.5 / sample.std())
-    planes = {k: (v.float() * factor).half() if v.dtype == torch.float16 else v
+    planes = {k: (v.float() * factor).to(v.dtype) if v.dtype.is_floating_point else v
               for k, v in w.planes.items()}
     return QuantizedTensor(w.format, w.shape, planes)
 
