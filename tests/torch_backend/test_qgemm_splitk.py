@@ -31,15 +31,16 @@ from llm.backends.torch.kernels.splitk import _counters, split_groups  # noqa: E
 from llm.model.quant import QuantizedTensor  # noqa: E402
 
 # every format the tensor-core kernel computes (qgemv picks it for Q8_0 and Q4_0)
-FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128", "int4_g32"]
+FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128", "int4_g32", "q5_0", "q5_1", "q5_k",
+           "q6_k"]
 SPLITS = [1, 2, 3, 7]
 
 
 def _shape(fmt: str) -> tuple[int, int]:
-    """N odd (two 16-row tiles, the second partial); K of 22 groups (Q4_K and int4_g128: 40,
+    """N odd (two 16-row tiles, the second partial); K of 22 groups (the K-quants and int4_g128: 40,
     whole 256-column blocks), so that 2, 3 and 7 splits leave a last split shorter than the
     others, or a split whose groups are not a multiple of the kernel's 4-group step."""
-    return (21, 1280) if fmt in ("q4_k", "int4_g128") else (21, 704)
+    return (21, 1280) if fmt in ("q4_k", "q5_k", "q6_k", "int4_g128") else (21, 704)
 
 
 def _ref32(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -164,7 +165,7 @@ def hopper_ptx_of_the_split_kernel() -> dict:
 
     constexprs = dict(K=4096, FMT=1, GS=32, BLOCK_M=16, BLOCK_N=64, SPLITS=4, SPLIT_G=32,
                       FAST=True, HAS_BIAS=False, COMPILED=True, USE_GDC=True)
-    types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16", "qs_ptr": "*u8",
+    types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16", "qs_ptr": "*u8", "qh_ptr": "*u8",
              "d_ptr": "*fp16", "m_ptr": "*fp16", "sc_ptr": "*u8", "mn_ptr": "*u8",
              "p_ptr": "*fp32", "cnt_ptr": "*i32"}
     signature = {a: "constexpr" if a in constexprs else types.get(a, "i32")

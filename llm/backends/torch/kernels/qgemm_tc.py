@@ -35,9 +35,10 @@ from llm.model.quant.tensor import QuantizedTensor
 # formats qgemv picks the tensor-core kernel for, above the one-row kernel's rows: Q8_0, Q4_0
 # (H200, 2026-12-03/04), Q4_1 and Q4_K (H100, 2026-12-05, with split-K: 8B batch 16 26.2 ->
 # 8.5 ms a step for Q4_1, 26.1 -> 9.1 for Q4_K against the first kernel; on 2026-12-03, without
-# split-K, Q4_K had lost at batch 8). It also computes int4_g (tested), not yet timed against
-# the first kernel, which keeps it.
-_TC_FAMILIES = {0, 1, 2, 5, INT4}
+# split-K, Q4_K had lost at batch 8). It also computes int4_g and (the high code bits from
+# `qh`) Q5_0, Q5_1, Q5_K and Q6_K (tested), not yet timed against the first kernel, which keeps
+# them.
+_TC_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, INT4}
 TC_PICKED = {0, 1, 2, 5}
 
 
@@ -82,12 +83,28 @@ def _tc_nibbles(b, OFF: tl.constexpr):
 
 
 @triton.jit
-def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_d, s_m,
-              s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr, GS: tl.constexpr,
-              BLOCK_N: tl.constexpr, FAST: tl.constexpr, COMPILED: tl.constexpr):
+def _high_bits(qh_ptr, rows, s_qh, g, i16, live, FMT: tl.constexpr):
+    """The high code bits of group g's columns i and 16 + i (i = i16), shifted to bit 4, as int32
+    [BLOCK_N, 16] each. Q5_*: 1-bit plane, byte 4g + i // 4 holds column i in bit i % 4 and
+    16 + i in bit 4 + i % 4 (llm.model.quant.bits); Q6_K: 2-bit plane, byte 8g + c % 8 holds
+    bits 4-5 of column c in its bits 2 (c // 8), 2 (c // 8) + 1."""
+    i = i16[None, :]  # [1, 16]
+    if FMT == 7:
+        b = tl.load(qh_ptr + rows * s_qh + 8 * g + i % 8, mask=live, other=0).to(tl.int32)
+        s = 2 * (i // 8)
+        return ((b >> s) & 3) << 4, ((b >> (s + 4)) & 3) << 4
+    b = tl.load(qh_ptr + rows * s_qh + 4 * g + i // 4, mask=live, other=0).to(tl.int32)
+    return ((b >> (i % 4)) & 1) << 4, ((b >> (4 + i % 4)) & 1) << 4
+
+
+@triton.jit
+def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs,
+              s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr,
+              GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
+              COMPILED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= g_end, the end of
     the program's groups); d [BLOCK_N, 1]: the group's scales (Q8_0 / Q4_0, loaded ahead by the
-    caller)."""
+    caller). Q5_* / Q6_K: the codes' high bits from `qh` (`_high_bits`)."""
     inside = (tl.zeros([1, 1], tl.int32) + g) < g_end  # [1, 1] (the interpreter misreads a
     # splat comparison of scalars as a mask)
     live = n_live[:, None] & inside
@@ -100,6 +117,12 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_
         c = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
         a0 = _tc_codes(tl.load(c, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
         a1 = _tc_codes(tl.load(c + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
+    elif FMT == 3 or FMT == 4 or FMT == 6 or FMT == 7:  # 4-bit codes and their high bits
+        bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
+        h0, h1 = _high_bits(qh_ptr, rows, s_qh, g, i16, live, FMT)
+        off5: tl.constexpr = 16 if FMT == 3 else (32 if FMT == 7 else 0)
+        a0 = _tc_codes((bq.to(tl.int32) & 15) | h0, off5, COMPILED)
+        a1 = _tc_codes((bq.to(tl.int32) >> 4) | h1, off5, COMPILED)
     else:  # byte i: column i (low nibble) and 16 + i (high nibble)
         bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
         off: tl.constexpr = 8 if FMT == 1 else 0
@@ -108,6 +131,11 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_
         else:
             a0 = _tc_codes(bq.to(tl.int32) & 15, off, COMPILED)
             a1 = _tc_codes(bq.to(tl.int32) >> 4, off, COMPILED)
+    if FMT == 7:  # Q6_K: a scale per 16-column half, so the halves' sums apart
+        g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
+        acc += group_scale(tl.dot(a0, x0), tl.dot(a1, x1), rows, g2, live, d_ptr, m_ptr, sc_ptr,
+                           mn_ptr, s_d, s_m, s_sc, s_mn, FMT, GS, COMPILED)
+        return acc
     S = tl.dot(a1, x1, tl.dot(a0, x0))  # [BLOCK_N, BLOCK_M] sum over the group of x * q'
     if FMT == 0 or FMT == 1:
         acc += d * S
@@ -120,8 +148,9 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_
 
 
 @triton.jit
-def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, p_ptr, cnt_ptr,
-                     M, N, stride_x, stride_y, s_qs, s_d, s_m, s_sc, s_mn, K: tl.constexpr,
+def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, p_ptr,
+                     cnt_ptr, M, N, stride_x, stride_y, s_qs, s_qh, s_d, s_m, s_sc, s_mn,
+                     K: tl.constexpr,
                      FMT: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_G: tl.constexpr,
                      FAST: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
@@ -165,18 +194,18 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, 
             gn = g0 + 4 + c4
             d_next = tl.load(d_ptr + rows * s_d + gn, mask=n_live[:, None] & (gn < g_hi),
                              other=0.0)
-        acc = _tc_group(acc, d0[:, None], g0, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
-                        BLOCK_N, FAST, COMPILED)
-        acc = _tc_group(acc, d1[:, None], g0 + 1, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
-                        BLOCK_N, FAST, COMPILED)
-        acc = _tc_group(acc, d2[:, None], g0 + 2, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
-                        BLOCK_N, FAST, COMPILED)
-        acc = _tc_group(acc, d3[:, None], g0 + 3, x_cols, xmask, qs_ptr, d_ptr, m_ptr, sc_ptr,
-                        mn_ptr, s_qs, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_hi, FMT, GS,
-                        BLOCK_N, FAST, COMPILED)
+        acc = _tc_group(acc, d0[:, None], g0, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
+                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
+                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
+        acc = _tc_group(acc, d1[:, None], g0 + 1, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
+                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
+                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
+        acc = _tc_group(acc, d2[:, None], g0 + 2, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
+                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
+                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
+        acc = _tc_group(acc, d3[:, None], g0 + 3, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
+                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
+                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
     live = xmask & n_live[:, None]
     if SPLITS == 1:
         out = acc
@@ -213,7 +242,6 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
     names = PLANES.get(w.format, DEFAULT_PLANES)
     planes = [w.planes[p] if p in w.planes else None for p in names]
     planes = [x if p is None else (p if p.stride(1) == 1 else p.contiguous()) for p in planes]
-    del planes[1]  # qh: not used by these formats
     y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     tiles = triton.cdiv(n, block_n)
     split_g, splits = split_groups(k // 32, split_k)
