@@ -207,6 +207,20 @@ def test_a_row_with_positive_infinity_gets_its_first_infinity() -> None:
     assert got[:2] == [7, 0]
 
 
+def test_logits_over_temperature_that_overflow_draw_as_the_whole_row_definition() -> None:
+    """Finite logits whose quotient by the temperature overflows float32 to +inf in several
+    places: the first of them, as `draw_whole_rows` gives (was the argmax of the logits, here
+    token 20, on the CPU: a mismatch found by a review on 2026-12-05)."""
+    logits = torch.randn(2, 300)
+    logits[0, 10], logits[0, 20] = 4e33, 5e33
+    st = _tensors([SamplingParams(temperature=1e-5), SamplingParams(temperature=0.7)], [1, 2])
+    pos = torch.tensor([3, 4])
+    x = logits / st.temperature.clamp_min(1e-6)[:, None]
+    assert torch.isinf(x[0, [10, 20]]).all()
+    got = sample(logits, st, pos)
+    assert got.tolist() == draw_whole_rows(x, st, pos).tolist() and int(got[0]) == 10
+
+
 def _histogram(logits: torch.Tensor, p: SamplingParams, n: int = 20000) -> torch.Tensor:
     """Sample one distribution at n different positions (independent draws of the counter RNG)."""
     st = _tensors([p] * n, [p.seed] * n)

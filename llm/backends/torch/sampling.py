@@ -237,9 +237,13 @@ def _draw_rows(logits: torch.Tensor, x: torch.Tensor, st: SamplingTensors,
         best = row.max()
         floor = best + log_min_p[b]  # min_p's
         above = len(row) if log_min_p[b] == float("-inf") else int((row >= floor).sum())
-        if temp <= 0 or not above or not bool(best.isfinite()):  # greedy, or a broken row
-            # (NaN, +inf, or every token masked): its argmax, as the whole-row draw falls back
+        if temp <= 0:  # greedy
             out[b] = torch.argmax(logits[b])
+            continue
+        if not above or not bool(best.isfinite()):  # a broken row (NaN, +inf, also where
+            # logits / temperature overflowed, or every token masked): the argmax of x, as the
+            # whole-row draw falls back (noise added to +inf is +inf: its first +inf)
+            out[b] = torch.argmax(row)
             continue
         limit = min(k, above) if k > 0 else above  # the tokens min_p and top-k keep
         z = _normaliser(row, best, floor, limit, above) if top_p < 1.0 else None
