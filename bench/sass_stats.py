@@ -1,0 +1,105 @@
+"""Registers, spills and instruction counts of the quantized GEMV kernels compiled for sm_90, with
+no GPU: the figures behind docs/performance.md's SASS counts (e.g. "Q5_0, Q5_1 and Q5_K in the
+one-row kernel").
+
+    python bench/sass_stats.py words:q5_k:8:128 words:q4_k:8:128 tc:q6_k:64:2
+    PYTHONPATH=/tmp/t36:. python bench/sass_stats.py words:q5_k:8:128   # another Triton
+
+Each spec is `words:FORMAT:BLOCK_N:BLOCK_G` (the v2 one-row kernel, kernels/qgemv_words.py: one
+row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SPLITS` (the
+tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096). The kernel is
+compiled for sm_90 with PDL by the Triton that Python imports (the GPU machine's is 3.6; a wheel
+of that version installed with `pip install --no-deps --target /tmp/t36 triton==3.6.0` and put
+first on PYTHONPATH reproduces its SASS), and Triton's bundled `cuobjdump -sass -res-usage`
+reads the cubin. Prints one table: registers a thread, local-memory loads / stores (spills),
+shared-memory matrix loads (LDSM: layout conversions), barriers, global loads, all instructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from llm.backends.torch.kernels.qgemv_common import family  # noqa: E402
+
+_QH_BYTES = {"q5_0", "q5_1", "q5_k"}  # `qh` as bytes; Q6_K's as 32-bit words (qgemv_words)
+
+
+def _compile(spec: str):
+    """The compiled kernel of one spec (see the module docstring)."""
+    kind, fmt_name, a, b = spec.split(":")
+    fmt, gs = family(fmt_name)
+    types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16", "xw_ptr": "*i64",
+             "qw_ptr": "*i32", "qs_ptr": "*u8", "d_ptr": "*fp16", "m_ptr": "*fp16",
+             "sc_ptr": "*u8", "mn_ptr": "*u8", "p_ptr": "*fp32", "cnt_ptr": "*i32"}
+    if kind == "words":
+        from llm.backends.torch.kernels.qgemv_words import _qgemv_w_kernel as kernel
+
+        types["qh_ptr"] = "*u8" if fmt_name in _QH_BYTES else "*i32"
+        ce = dict(K=4096, FMT=fmt, GS=gs, M=1, BLOCK_N=int(a), BLOCK_G=int(b), MAGIC=fmt != 0,
+                  PREFETCH=True, GLU=False, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2,
+                  XF16=False, HAS_BIAS=False, COMPILED=True, STAGES=1, TILES=1, USE_GDC=True)
+        options = {"num_warps": 4, "launch_pdl": True}
+    elif kind == "tc":
+        from llm.backends.torch.kernels.qgemm_tc import _qgemm_tc_kernel as kernel
+
+        types["qh_ptr"] = "*u8"
+        splits = int(b)
+        ce = dict(K=4096, FMT=fmt, GS=gs, BLOCK_M=16, BLOCK_N=int(a), SPLITS=splits,
+                  SPLIT_G=128 // splits, FAST=True, HAS_BIAS=False, COMPILED=True, USE_GDC=True)
+        options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
+    else:
+        raise SystemExit(f"unknown kernel {kind!r} in {spec!r} (words or tc)")
+    signature = {arg: "constexpr" if arg in ce else types.get(
+        arg, "*bf16" if arg.endswith(("_ptr", "_pool")) else "i32") for arg in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, signature, ce), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def sass_stats(spec: str) -> list:
+    """[spec, registers, LDL, STL, LDSM, BAR, LDG, instructions] of one spec."""
+    compiled = _compile(spec)
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([str(tool), "-sass", "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    ops = collections.Counter(m.group(2).split(".")[0] for m in re.finditer(
+        r"\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out))
+    regs = re.search(r"REG:(\d+)", out)
+    return [spec, regs.group(1) if regs else "?", ops["LDL"], ops["STL"], ops["LDSM"],
+            ops["BAR"], ops["LDG"], sum(ops.values())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G or "
+                                            "tc:FORMAT:BLOCK_N:SPLITS")
+    args = p.parse_args(argv)
+    rows = [sass_stats(s) for s in args.specs]
+    print(f"Triton {triton.__version__}, sm_90")
+    print("| kernel | registers | LDL | STL | LDSM | BAR | LDG | instructions |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(str(v) for v in r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
