@@ -30,7 +30,7 @@ from llm.backends.torch.kernels.qgemv_config import (  # noqa: E402
 from llm.backends.torch.kernels.splitk import _counters, split_groups  # noqa: E402
 from llm.model.quant import QuantizedTensor  # noqa: E402
 
-# every format the tensor-core kernel computes (qgemv picks it for Q8_0 and Q4_0)
+# every format the tensor-core kernel computes (qgemv picks it for Q8_0, Q4_0, Q4_1 and Q4_K)
 FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128", "int4_g32", "q5_0", "q5_1", "q5_k",
            "q6_k"]
 SPLITS = [1, 2, 3, 7]

@@ -26,6 +26,7 @@ from llm.backends.torch.kernels.qgemv_common import (
     DEFAULT_PLANES,
     INT4,
     PLANES,
+    bit_planes,
     family,
     group_scale,
 )
@@ -83,28 +84,13 @@ def _tc_nibbles(b, OFF: tl.constexpr):
 
 
 @triton.jit
-def _high_bits(qh_ptr, rows, s_qh, g, i16, live, FMT: tl.constexpr):
-    """The high code bits of group g's columns i and 16 + i (i = i16), shifted to bit 4, as int32
-    [BLOCK_N, 16] each. Q5_*: 1-bit plane, byte 4g + i // 4 holds column i in bit i % 4 and
-    16 + i in bit 4 + i % 4 (llm.model.quant.bits); Q6_K: 2-bit plane, byte 8g + c % 8 holds
-    bits 4-5 of column c in its bits 2 (c // 8), 2 (c // 8) + 1."""
-    i = i16[None, :]  # [1, 16]
-    if FMT == 7:
-        b = tl.load(qh_ptr + rows * s_qh + 8 * g + i % 8, mask=live, other=0).to(tl.int32)
-        s = 2 * (i // 8)
-        return ((b >> s) & 3) << 4, ((b >> (s + 4)) & 3) << 4
-    b = tl.load(qh_ptr + rows * s_qh + 4 * g + i // 4, mask=live, other=0).to(tl.int32)
-    return ((b >> (i % 4)) & 1) << 4, ((b >> (4 + i % 4)) & 1) << 4
-
-
-@triton.jit
 def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs,
               s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr,
               GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
               COMPILED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= g_end, the end of
     the program's groups); d [BLOCK_N, 1]: the group's scales (Q8_0 / Q4_0, loaded ahead by the
-    caller). Q5_* / Q6_K: the codes' high bits from `qh` (`_high_bits`)."""
+    caller). Q5_* / Q6_K: the codes' high bits from `qh` (`bit_planes`)."""
     inside = (tl.zeros([1, 1], tl.int32) + g) < g_end  # [1, 1] (the interpreter misreads a
     # splat comparison of scalars as a mask)
     live = n_live[:, None] & inside
@@ -117,20 +103,21 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn
         c = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
         a0 = _tc_codes(tl.load(c, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
         a1 = _tc_codes(tl.load(c + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
-    elif FMT == 3 or FMT == 4 or FMT == 6 or FMT == 7:  # 4-bit codes and their high bits
-        bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
-        h0, h1 = _high_bits(qh_ptr, rows, s_qh, g, i16, live, FMT)
-        off5: tl.constexpr = 16 if FMT == 3 else (32 if FMT == 7 else 0)
-        a0 = _tc_codes((bq.to(tl.int32) & 15) | h0, off5, COMPILED)
-        a1 = _tc_codes((bq.to(tl.int32) >> 4) | h1, off5, COMPILED)
     else:  # byte i: column i (low nibble) and 16 + i (high nibble)
         bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
-        off: tl.constexpr = 8 if FMT == 1 else 0
-        if COMPILED and FAST:
-            a0, a1 = _tc_nibbles(bq, off)
+        if FMT == 3 or FMT == 4 or FMT == 6 or FMT == 7:  # and their high bits from `qh`
+            i = i16[None, :]  # [1, 16]: columns i and 16 + i, the lanes (i // 8, i % 8)
+            h0, h1 = bit_planes(qh_ptr, rows, s_qh, g, i // 8, i % 8, live, FMT)
+            off5: tl.constexpr = 16 if FMT == 3 else (32 if FMT == 7 else 0)
+            a0 = _tc_codes((bq.to(tl.int32) & 15) | h0, off5, COMPILED)
+            a1 = _tc_codes((bq.to(tl.int32) >> 4) | h1, off5, COMPILED)
         else:
-            a0 = _tc_codes(bq.to(tl.int32) & 15, off, COMPILED)
-            a1 = _tc_codes(bq.to(tl.int32) >> 4, off, COMPILED)
+            off: tl.constexpr = 8 if FMT == 1 else 0
+            if COMPILED and FAST:
+                a0, a1 = _tc_nibbles(bq, off)
+            else:
+                a0 = _tc_codes(bq.to(tl.int32) & 15, off, COMPILED)
+                a1 = _tc_codes(bq.to(tl.int32) >> 4, off, COMPILED)
     if FMT == 7:  # Q6_K: a scale per 16-column half, so the halves' sums apart
         g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
         acc += group_scale(tl.dot(a0, x0), tl.dot(a1, x1), rows, g2, live, d_ptr, m_ptr, sc_ptr,

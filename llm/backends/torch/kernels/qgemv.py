@@ -52,6 +52,7 @@ from llm.backends.torch.kernels.qgemm_tc import TC_PICKED, qgemm_tc, tc_kernel_r
 from llm.backends.torch.kernels.qgemv_common import (
     DEFAULT_PLANES,
     PLANES,
+    bit_planes,
     family,
     load_f32,
     mul_rn,
@@ -111,22 +112,6 @@ def _nibbles(b, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def _bit_planes(qh_ptr, rows3, s_qh, g3, half3, e3, mask, FMT: tl.constexpr):
-    """High code bits (already shifted to bits 4+) of the lo and hi lanes [BLOCK_N, H, 8]; the
-    lo lane (half, e) of group g is column 32g + 8*half + e."""
-    if FMT == 7:  # Q6_K: byte 8g+e, bits 2s..2s+1 for column 32g+8s+e
-        h = tl.load(qh_ptr + rows3 * s_qh + 8 * g3 + e3, mask=mask, other=0).to(tl.int32)
-        s = 2 * half3
-        return ((h >> s) & 3) << 4, ((h >> (s + 4)) & 3) << 4
-    # Q5_*: byte 4g+j, bit t for column 32g+4j+t and bit 4+t for column 32g+16+4j+t; the lo
-    # lane's column 8*half + e is in byte 2*half + e // 4, its hi lane's in the same byte
-    b = tl.load(qh_ptr + rows3 * s_qh + 4 * g3 + 2 * half3 + e3 // 4, mask=mask,
-                other=0).to(tl.int32)
-    t = e3 % 4
-    return ((b >> t) & 1) << 4, ((b >> (t + 4)) & 1) << 4
-
-
-@triton.jit
 def _dequant_chunk(qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc,
                    s_mn, ns, n_live, h0, K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
                    H: tl.constexpr, COMPILED: tl.constexpr):
@@ -161,7 +146,7 @@ def _dequant_chunk(qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d
         return _code(lo, 128.0) * d, _code(hi, 128.0) * d
     b = tl.load(qs_ptr + rows3 * s_qs + 8 * h3 + e3, mask=m_lo, other=0)
     if FMT == 3 or FMT == 4 or FMT == 6 or FMT == 7:  # a 5th/6th code bit from qh
-        h_lo, h_hi = _bit_planes(qh_ptr, rows3, s_qh, g3, half3, e3, m_lo, FMT)
+        h_lo, h_hi = bit_planes(qh_ptr, rows3, s_qh, g3, half3, e3, m_lo, FMT)
         lo = ((b.to(tl.int32) & 15) | h_lo | 0x4B000000).to(tl.float32, bitcast=True)
         hi = ((b.to(tl.int32) >> 4) | h_hi | 0x4B000000).to(tl.float32, bitcast=True)
     else:

@@ -1,6 +1,7 @@
 """Pieces the quantized GEMV kernels share (kernels/qgemv.py, qgemv_words.py, qgemm_tc.py): the
-format families and the planes each kernel pointer stands for, scale loads, the per-group scaling
-in the order of each format's dequantize, and where Triton can run."""
+format families and the planes each kernel pointer stands for, scale loads, the high code bits of
+the Q5 / Q6_K `qh` planes, the per-group scaling in the order of each format's dequantize, and
+where Triton can run."""
 
 from __future__ import annotations
 
@@ -37,6 +38,24 @@ def load_f32(ptr, rows, stride, idx, mask):
 
 
 @triton.jit
+def bit_planes(qh_ptr, rows3, s_qh, g3, half3, e3, mask, FMT: tl.constexpr):
+    """Q5_* / Q6_K: the high code bits (shifted to bit 4) of columns 32g + 8*half + e ("lo") and
+    those + 16 ("hi") of rows rows3, from the `qh` plane (llm.model.quant.bits), as int32 in the
+    broadcast shape of the indices (the first kernel's lanes [BLOCK_N, H, 8], the tensor-core
+    kernel's 16 columns [BLOCK_N, 16])."""
+    if FMT == 7:  # Q6_K: byte 8g+e, bits 2s..2s+1 for column 32g+8s+e
+        h = tl.load(qh_ptr + rows3 * s_qh + 8 * g3 + e3, mask=mask, other=0).to(tl.int32)
+        s = 2 * half3
+        return ((h >> s) & 3) << 4, ((h >> (s + 4)) & 3) << 4
+    # Q5_*: byte 4g+j, bit t for column 32g+4j+t and bit 4+t for column 32g+16+4j+t; the lo
+    # lane's column 8*half + e is in byte 2*half + e // 4, its hi lane's in the same byte
+    b = tl.load(qh_ptr + rows3 * s_qh + 4 * g3 + 2 * half3 + e3 // 4, mask=mask,
+                other=0).to(tl.int32)
+    t = e3 % 4
+    return ((b >> t) & 1) << 4, ((b >> (t + 4)) & 1) << 4
+
+
+@triton.jit
 def group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn,
                  FMT: tl.constexpr, GS: tl.constexpr):
     # rows2, g2: broadcastable row and 32-group indices of the sums
@@ -67,10 +86,9 @@ def group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
 def scale_sums(S, sx, a, c, FMT: tl.constexpr, COMPILED: tl.constexpr):
     """Sum over a group of x * w from S = sum x * q' (q' the code the format multiplies by its
     scale: q - 8 for Q4_0, q - 16 for Q5_0, the signed code for Q8_0, q for the rest) and sx =
-    sum x (Q6_K: S, sx
-    are the sums of x * (q - 32) over the two 16-column halves), with `group_coeffs`' a, c, in
-    the order of the format's dequantize where x is one column's unit vector (so that one-hot x
-    reads the exact weight back)."""
+    sum x (Q6_K: S, sx are the sums of x * (q - 32) over the two 16-column halves), with
+    `group_coeffs`' a, c, in the order of the format's dequantize where x is one column's unit
+    vector (so that one-hot x reads the exact weight back)."""
     if FMT == 0 or FMT == 1 or FMT == 3:  # f(d[g]) * q'
         return a * S
     if FMT == 5 or FMT == 6:  # (f(d[s]) * f(sc[g])) * q - f(dmin[s]) * f(mins[g])
