@@ -110,3 +110,23 @@ def test_cuda_sampler_equals_the_cpu_sampler(params):
     want = sample(logits, st_cpu, pos, all_greedy=False)
     got = sample(logits.to(DEVICE), st_gpu, pos.to(DEVICE), all_greedy=False)
     assert got.cpu().tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1e-5),
+                                    SamplingParams(temperature=1e-5, top_k=40, top_p=0.9)])
+def test_logits_over_temperature_that_overflow_draw_their_first_infinity(params):
+    """Finite logits whose quotient by the temperature overflows float32 to +inf in several
+    places: the kernel's draw and the whole sampler give the first of them, as the whole-row
+    definition and the CPU sampler do (tests/test_sampling.py), on the interpreter or the GPU."""
+    logits = torch.randn(2, 3000, generator=torch.Generator().manual_seed(9))
+    logits[0, 10], logits[0, 20], logits[1, 2999], logits[1, 5] = 4e33, 5e33, 4e33, 4e33
+    seeds, pos = [3, 4], torch.tensor([7, 8])
+    st = SamplingTensors.build([params] * 2, seeds, "cpu")
+    x = logits / st.temperature[:, None]
+    assert int(torch.isinf(x).sum()) == 4
+    want = draw_whole_rows(x, st, pos)
+    assert want.tolist() == [10, 5]
+    st_dev = SamplingTensors.build([params] * 2, seeds, DEVICE)
+    assert draw_kernel(x.to(DEVICE), st_dev, pos.to(DEVICE)).cpu().tolist() == want.tolist()
+    got = sample(logits.to(DEVICE), st_dev, pos.to(DEVICE), all_greedy=False)
+    assert got.cpu().tolist() == want.tolist() == sample(logits, st, pos, all_greedy=False).tolist()

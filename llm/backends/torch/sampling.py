@@ -150,9 +150,16 @@ def _filter_sorted(x: torch.Tensor, st: SamplingTensors,
     sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # [B, V]
     ranks = torch.arange(vocab, device=x.device)[None, :]  # [1, V]
     k = torch.where(st.top_k > 0, st.top_k, torch.full_like(st.top_k, vocab))  # [B]
-    # min_p against the row's max, sorted_x[:, 0]; the tokens it drops sort last (ranks stay)
-    keep = (ranks < k[:, None]) & (sorted_x >= sorted_x[:, :1] + log_min_p)
-    probs = torch.softmax(sorted_x.masked_fill(~keep, float("-inf")), dim=-1)
+    # min_p against the row's max, sorted_x[:, 0]; the tokens it drops sort last (ranks stay);
+    # min_p off keeps every rank (a +inf max would make the floor inf - inf = NaN)
+    floor = torch.where(log_min_p > float("-inf"), sorted_x[:, :1] + log_min_p, -torch.inf)
+    keep = (ranks < k[:, None]) & (sorted_x >= floor)
+    # a row whose max is +inf (logits / temperature overflowed): its limit distribution, the
+    # +inf tokens equally likely and the others 0, so that top-p's masses are not NaN
+    inf_row = torch.isposinf(sorted_x[:, :1])  # [B, 1]
+    limit = torch.where(torch.isposinf(sorted_x), 0.0, -torch.inf)
+    probs = torch.softmax(torch.where(inf_row, limit, sorted_x).masked_fill(~keep, -torch.inf),
+                          dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of strictly better tokens
     # top-p; the best token always survives; top_p 1.0 keeps all (no float rounding of the mass)
     keep &= (mass_before < st.top_p[:, None]) | (st.top_p[:, None] >= 1.0)
