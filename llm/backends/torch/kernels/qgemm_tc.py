@@ -33,14 +33,13 @@ from llm.backends.torch.kernels.qgemv_common import (
 from llm.backends.torch.kernels.splitk import split_groups, split_sum, tile_counters
 from llm.model.quant.tensor import QuantizedTensor
 
-# formats qgemv picks the tensor-core kernel for, above the one-row kernel's rows: Q8_0, Q4_0
-# (H200, 2026-12-03/04), Q4_1 and Q4_K (H100, 2026-12-05, with split-K: 8B batch 16 26.2 ->
-# 8.5 ms a step for Q4_1, 26.1 -> 9.1 for Q4_K against the first kernel; on 2026-12-03, without
-# split-K, Q4_K had lost at batch 8). It also computes int4_g and (the high code bits from
-# `qh`) Q5_0, Q5_1, Q5_K and Q6_K (tested), not yet timed against the first kernel, which keeps
-# them.
+# formats qgemv picks the tensor-core kernel for, above the one-row kernel's rows: all it
+# computes. Q8_0, Q4_0 (H200, 2026-12-03/04); Q4_1, Q4_K (H100, 2026-12-05, with split-K: 8B
+# batch 16 26.2 -> 8.5 ms a step for Q4_1, 26.1 -> 9.1 for Q4_K against the first kernel); Q5_K,
+# Q6_K, Q5_0, int4_g128 (H100, 2026-12-05 19:15 UTC: 8B Q5_K batch 16 71.4 -> 18.4 ms, int4_g128
+# 23.5 -> 7.5; kernels alone 2.5-4x); Q5_1 (Q5_0's high bits with Q4_1's offset) not timed alone.
 _TC_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, INT4}
-TC_PICKED = {0, 1, 2, 5}
+TC_PICKED = _TC_FAMILIES
 
 
 @triton.jit
