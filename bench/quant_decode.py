@@ -7,9 +7,11 @@
         --v1-formats q6_k
 
 --formats A/B: the linears in A, the LM head (the tied embedding where the config ties them) in
-B, as llama.cpp's Q4_0 files keep it in Q6_K. --v1-formats: decode again with the first kernel
-(kernels/qgemv.py) for these formats' one-row GEMVs instead of the v2 kernel (graphs captured
-again), to time the two on the same model in one call.
+B, as llama.cpp's Q4_0 files keep it in Q6_K; q4_k_m, q5_k_m: the formats llama-quantize gives
+each tensor in those mixes (attn_v and ffn_down in Q6_K in half the layers, the head in Q6_K).
+--v1-formats: decode again with the first kernel (kernels/qgemv.py) for these formats' one-row
+GEMVs instead of the v2 kernel (graphs captured again), to time the two on the same model in one
+call.
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
@@ -239,13 +241,35 @@ def head_name(dense: Checkpoint) -> str:
     return "lm_head.weight" if "lm_head.weight" in dense.tensors else "model.embed_tokens.weight"
 
 
+# llama-quantize's K-quant mixes: body format; attn_v and ffn_down in Q6_K in its use_more_bits
+# layers (the first and last eighth, and every third between), the LM head in Q6_K
+MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+
+
+def _mix_format(mix: str, name: str, layers: int) -> str:
+    """The format llama-quantize gives tensor `name` (canonical) in the mix `mix`."""
+    if name == "lm_head.weight":
+        return "q6_k"
+    if name.endswith(("v_proj.weight", "down_proj.weight")):
+        i = int(name.split(".")[2])
+        if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2:
+            return "q6_k"
+    return MIXES[mix]
+
+
 def quantized_checkpoint(dense: Checkpoint, fmt_name: str, device: torch.device) -> Checkpoint:
-    """Every 2-D weight in random planes of `fmt_name`; "A/B": the LM head's in B."""
+    """Every 2-D weight in random planes of `fmt_name`; "A/B": the LM head's in B; a mix of
+    MIXES (q4_k_m, q5_k_m): the formats llama-quantize gives each tensor."""
     body, _, head = fmt_name.partition("/")
     g = torch.Generator(device=device).manual_seed(0)
-    tensors = {name: scaled(random_quantized(head if head and name == head_name(dense) else body,
-                                             *t.shape, g, device)) if t.dim() == 2
-               else t for name, t in dense.tensors.items()}
+
+    def fmt_of(name: str) -> str:
+        if fmt_name in MIXES:
+            return _mix_format(fmt_name, name, dense.config.num_layers)
+        return head if head and name == head_name(dense) else body
+
+    tensors = {name: scaled(random_quantized(fmt_of(name), *t.shape, g, device))
+               if t.dim() == 2 else t for name, t in dense.tensors.items()}
     return Checkpoint(dense.config, tensors, dense.source)
 
 
@@ -426,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--configs", default="1b", help="comma list of: " + ", ".join(SHAPES))
     p.add_argument("--formats", default="bf16,q4_0,q8_0,q4_k",
-                   help="comma list: bf16 (dense baseline) and quantized formats")
+                   help="comma list: bf16 (dense baseline), quantized formats (A/B: the LM "
+                        "head in B) and llama-quantize's mixes q4_k_m, q5_k_m")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)

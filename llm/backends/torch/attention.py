@@ -12,7 +12,7 @@ from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
-from llm.backends.torch.weight import QuantLinear, head_rows, linear, stack_rows
+from llm.backends.torch.weight import QuantLinear, RowBlocks, head_rows, linear, stack_rows
 from llm.model.config import ModelConfig
 from llm.model.rope import rotary_row_order
 
@@ -254,11 +254,14 @@ class Attention:
     def _qkv_rope(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache
                   ) -> torch.Tensor | None:
         """One token's rotated q [1, nh, hd] by the quantized QKV GEMV with RoPE and the K/V write
-        in its epilogue (kernels/qgemv_words.py, bit-equal to the GEMV then `rope_and_cache`), or
+        in its epilogue (kernels/qgemv_words.py, bit-equal to the GEMV then `rope_and_cache`; one
+        launch a row block where q/k and v are stored in different formats, `RowBlocks`), or
         None where it does not run: batches, dense weights, q/k head norms, the gather path."""
         w = self.wqkv
+        blocks = w.blocks if isinstance(w, RowBlocks) else [w]
         if (meta.pages_per_program is None or x.shape[0] != 1 or not x.is_cuda
-                or not isinstance(w, QuantLinear) or self.q_norm is not None):
+                or not all(isinstance(b, QuantLinear) for b in blocks)
+                or self.q_norm is not None):
             return None
         from llm.backends.torch.kernels.qgemv_words import (
             RopeTarget,
@@ -266,11 +269,17 @@ class Attention:
             words_kernel_runs,
         )
 
-        if not words_kernel_runs(x, w.weight):
+        if not all(words_kernel_runs(x, b.weight) for b in blocks):
             return None
-        target = RopeTarget(meta.cos, meta.sin, meta.blocks, meta.offsets, cache.k[self.layer],
-                            cache.v[self.layer], self.n_heads)
-        q = qgemv_words(x, w.weight, self.bqkv, rope=target)  # [1, nh * hd]
+        starts = w.starts if isinstance(w, RowBlocks) else [0, w.shape[0]]
+        if any(lo % self.hd for lo in starts):
+            return None  # a block boundary inside a head: the unfused path
+        q = torch.empty(1, self.n_heads * self.hd, dtype=x.dtype, device=x.device)
+        for b, lo, hi in zip(blocks, starts[:-1], starts[1:], strict=True):
+            target = RopeTarget(meta.cos, meta.sin, meta.blocks, meta.offsets,
+                                cache.k[self.layer], cache.v[self.layer], self.n_heads, lo, q)
+            bias = None if self.bqkv is None else self.bqkv[lo:hi]
+            qgemv_words(x, b.weight, bias, rope=target)  # q's columns of this block into q
         return q.view(1, self.n_heads, self.hd)
 
     def decode_native(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,

@@ -19,7 +19,7 @@ from llm.backends.torch.parallel.slices import TensorDictSlices, WeightSlices
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.backends.torch.sampling import SamplingTensors, sample
-from llm.backends.torch.weight import QuantLinear, is_dense, nbytes, on_device
+from llm.backends.torch.weight import QuantLinear, RowBlocks, is_dense, nbytes, on_device
 from llm.model.config import ModelConfig, RuntimeConfig
 
 # Decode batches that use the fused GEMVs (and the GEMV LM head) where the Triton decode kernels
@@ -198,7 +198,7 @@ class Transformer:
             norms += [layer.attn_norm.weight, layer.mlp_norm.weight]
             norms += [n.weight for n in (a.q_norm, a.k_norm) if n is not None]
         for t in linears:
-            if isinstance(t, QuantLinear):
+            if isinstance(t, (QuantLinear, RowBlocks)):
                 t.prepare()
         held = [self.embed.weight, *norms, *linears]
         return list({id(t): t for t in held if t is not None}.values())

@@ -104,23 +104,66 @@ def on_device(w: Weight, device: torch.device, dtype: torch.dtype,
     return w.to(device=device, dtype=dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | QuantLinear,
+class RowBlocks:
+    """A fused projection (q/k/v, gate/up) whose row blocks are quantized in different formats,
+    as Q4_K_M / Q5_K_M files store attn_v in Q6_K in half the layers and attn_q / attn_k in Q4_K
+    / Q5_K: each block stays as stored (consecutive parts of one format fused into one block)
+    and is applied by its own kernel, the outputs side by side, [..., N] as one matrix gives."""
+
+    def __init__(self, blocks: list[QuantLinear]) -> None:
+        if len(blocks) < 2 or len({b.shape[1] for b in blocks}) != 1:
+            raise ValueError("RowBlocks takes two or more quantized blocks of one in_features")
+        self.blocks = blocks
+        self.dtype = blocks[0].dtype
+        self.starts = [0]  # the first row of each block, then the row count
+        for b in blocks:
+            self.starts.append(self.starts[-1] + b.shape[0])
+        self.shape = torch.Size((self.starts[-1], blocks[0].shape[1]))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over the blocks reads (see `QuantLinear.nbytes`)."""
+        return sum(b.nbytes for b in self.blocks)
+
+    def prepare(self) -> None:
+        """Each block's `QuantLinear.prepare`."""
+        for b in self.blocks:
+            b.prepare()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] -> [..., N]: each block's `QuantLinear` on x (with its slice of the bias),
+        concatenated."""
+        return torch.cat([b(x, None if bias is None else bias[lo:hi]) for b, lo, hi in
+                          zip(self.blocks, self.starts[:-1], self.starts[1:], strict=True)], dim=-1)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantLinear | RowBlocks,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w^T (+ bias) for a dense or a quantized weight -> [..., N]."""
-    if isinstance(w, QuantLinear):
+    if isinstance(w, (QuantLinear, RowBlocks)):
         return w(x, bias)
     return F.linear(x, w, bias)
 
 
-def stack_rows(parts: list[torch.Tensor | QuantLinear]) -> torch.Tensor | QuantLinear:
-    """Fuse projections by stacking their rows (q/k/v, gate/up). Quantized parts of one format
-    stay quantized; a mix of formats (as in Q4_K_M files) or of dense and quantized is
-    dequantized to one dense matrix in the activation dtype."""
+def stack_rows(parts: list[torch.Tensor | QuantLinear]
+               ) -> torch.Tensor | QuantLinear | RowBlocks:
+    """Fuse projections by stacking their rows (q/k/v, gate/up). Quantized parts stay as stored:
+    one `QuantLinear` where they share a format, else `RowBlocks` (consecutive parts of one
+    format fused); a mix of dense and quantized parts is dequantized to one dense matrix in the
+    activation dtype."""
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts, dim=0)  # type: ignore[arg-type]
     quant = [p for p in parts if isinstance(p, QuantLinear)]
-    if len(quant) == len(parts) and len({q.weight.format for q in quant}) == 1:
-        return QuantLinear(cat_rows([q.weight for q in quant]), quant[0].dtype, quant[0].kernels)
+    if len(quant) == len(parts):
+        runs: list[list[QuantLinear]] = []
+        for q in quant:
+            if runs and runs[-1][0].weight.format == q.weight.format:
+                runs[-1].append(q)
+            else:
+                runs.append([q])
+        blocks = [QuantLinear(cat_rows([q.weight for q in run]), run[0].dtype, run[0].kernels)
+                  if len(run) > 1 else run[0] for run in runs]
+        return blocks[0] if len(blocks) == 1 else RowBlocks(blocks)
     dtype = quant[0].dtype
     return torch.cat([p.weight.dequantize(torch.float32).to(dtype) if isinstance(p, QuantLinear)
                       else p for p in parts], dim=0)
@@ -138,9 +181,9 @@ def head_rows(w: torch.Tensor | QuantLinear, heads: int, order: torch.Tensor | N
     return w[index.to(w.device)]
 
 
-def nbytes(w: torch.Tensor | QuantLinear) -> int:
+def nbytes(w: torch.Tensor | QuantLinear | RowBlocks) -> int:
     """Bytes a weight occupies on the device."""
-    return w.nbytes if isinstance(w, QuantLinear) else w.numel() * w.element_size()
+    return w.nbytes if isinstance(w, (QuantLinear, RowBlocks)) else w.numel() * w.element_size()
 
 
 def is_dense(w: object) -> bool:

@@ -374,9 +374,10 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     with M (on an H200 some shapes gave other last bits than one-row launches).
 
     ROPE (M = 1, the fused QKV weight of one token, see `qgemv_words(rope=)`): tile row 2i + s
-    is column d (s = 0) or d + HEAD_DIM / 2 (s = 1) of a head, for pair p = tile * BLOCK_N / 2
-    + i = head * HEAD_DIM / 2 + d; the epilogue rotates the query and key pairs as
-    kernels/rope_kv.py does and stores q to y, K and V into the token's page slot.
+    is column d (s = 0) or d + HEAD_DIM / 2 (s = 1) of a head, for pair p = UP_ROW + tile *
+    BLOCK_N / 2 + i = head * HEAD_DIM / 2 + d (UP_ROW: the pair of the fused QKV that w's first
+    two rows are, 0 unless w is a row block of it); the epilogue rotates the query and key pairs
+    as kernels/rope_kv.py does and stores q to y, K and V into the token's page slot.
 
     PREFETCH: the first chunk's codes are loaded before waiting on the previous kernel (they
     depend on none; with PDL they stream during its tail), and each next chunk's codes (the
@@ -475,8 +476,8 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
             f1, f2 = tl.split(tl.reshape(out.to(out_ty).to(tl.float32), [HALF, 2]))  # [HALF]
             pair = tile * HALF + tl.arange(0, HALF)
             live = pair < N // 2
-            head = pair // HD2
-            d = pair % HD2
+            head = (pair + UP_ROW) // HD2  # ROPE: UP_ROW is the fused QKV's pair of w's row 0
+            d = (pair + UP_ROW) % HD2
             c1 = tl.load(cos_ptr + d).to(tl.float32)
             c2 = tl.load(cos_ptr + d + HD2).to(tl.float32)
             s1 = tl.load(sin_ptr + d).to(tl.float32)
@@ -531,7 +532,11 @@ def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class RopeTarget:
     """Where `qgemv_words(rope=...)` puts one token's fused QKV projection: RoPE tables rows cos,
     sin [1, hd]; the token's page and slot blocks, offsets [1] (int64); the layer's pools
-    [num_blocks, n_kv, block, hd]; n_heads query heads (q [1, n_heads * hd] is the result)."""
+    [num_blocks, n_kv, block, hd]; n_heads query heads (q [1, n_heads * hd] is the result).
+    row0: the fused QKV's row that the weight's first row is, where the weight is a block of
+    whole heads of it (a QKV whose q/k and v are stored in different formats runs one launch a
+    block, `weight.RowBlocks`); q: the q tensor the launches write their query columns into
+    (None: a new one)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -540,6 +545,8 @@ class RopeTarget:
     k_pool: torch.Tensor
     v_pool: torch.Tensor
     n_heads: int
+    row0: int = 0
+    q: torch.Tensor | None = None
 
 
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -549,7 +556,8 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     `words_kernel_runs`; more rows: one launch per WORDS_MAX_M), the codes decoded once for all
     rows. glu: w is a fused [2I, K] gate/up weight
     (gate rows first) and the result silu(gate) * up [M, I], rounded as `silu_mul` of the
-    unfused product. rope (one row): w is a fused QKV weight [(nh + 2 n_kv) hd, K]; q and k
+    unfused product. rope (one row): w is a fused QKV weight [(nh + 2 n_kv) hd, K] (or the
+    block of its whole heads at rope.row0); q and k
     rotated as kernels/rope_kv.py `rope_and_cache` does (bit-equal), K and V written into the
     pools, and the result is q [1, nh * hd]."""
     m = x.shape[0]
@@ -583,9 +591,12 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     heads, rope_args = (0, 0, 2), (x,) * 6 + (0, 0, 0)  # unused without rope
     if rope is not None:
         _, n_kv, _, hd = rope.k_pool.shape
-        if glu or cfg.block_n % 2 or hd % 2 or w.out_features != (rope.n_heads + 2 * n_kv) * hd:
+        rows = (rope.n_heads + 2 * n_kv) * hd
+        if (glu or cfg.block_n % 2 or hd % 2 or rope.row0 % hd or w.out_features % hd
+                or not 0 <= rope.row0 < rope.row0 + w.out_features <= rows):
             raise ValueError(f"qgemv_words(rope=...) needs a QKV weight of (nh + 2 n_kv) * hd = "
-                             f"({rope.n_heads} + 2 * {n_kv}) * {hd} rows, got {w.out_features} "
+                             f"({rope.n_heads} + 2 * {n_kv}) * {hd} rows, or a block of whole "
+                             f"heads of it, got {w.out_features} rows at row {rope.row0} "
                              f"(block_n {cfg.block_n}, glu {glu})")
         if rope.v_pool.stride() != rope.k_pool.stride():
             raise ValueError("qgemv_words(rope=...) needs K and V pools of one layout")
@@ -593,13 +604,19 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         rope_args = (rope.cos, rope.sin, rope.blocks, rope.offsets, rope.k_pool, rope.v_pool,
                      *rope.k_pool.stride()[:3])
         n = rope.n_heads * hd  # columns of y: q
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if rope.q is not None and (rope.q.shape != (1, n) or rope.q.dtype != x.dtype
+                                   or not rope.q.is_contiguous()):
+            raise ValueError(f"qgemv_words(rope=...): q must be a contiguous [1, {n}] "
+                             f"{x.dtype} tensor, got {tuple(rope.q.shape)} {rope.q.dtype}")
+    y = rope.q if rope is not None and rope.q is not None else torch.empty(
+        m, n, dtype=x.dtype, device=x.device)
     gdc = use_pdl(x, pdl)
     n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
+    up_row = rope.row0 // 2 if rope is not None else n_arg  # ROPE: w's first pair in the QKV
     # every mode: a tile is BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
     grid = triton.cdiv(triton.cdiv(w.out_features, cfg.block_n), cfg.tiles)
     _qgemv_w_kernel[(grid,)](
-        xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, n_arg, xw.stride(0),
+        xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, up_row, xw.stride(0),
         y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k,
         FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
