@@ -52,7 +52,7 @@ def test_stack_rows_one_format_is_one_linear_and_dense_mixes_are_dense() -> None
     g = torch.Generator().manual_seed(2)
     same = stack_rows(_parts(["q8_0", "q8_0", "q8_0"], [64, 32, 32], 64, g))
     assert isinstance(same, QuantLinear) and same.shape == (128, 64)
-    mixed = stack_rows([*_parts(["q8_0"], [64], 64, g), torch.randn(32, 64).bfloat16()])
+    mixed = stack_rows([*_parts(["q8_0"], [64], 64, g), torch.randn(32, 64).to(DEVICE).bfloat16()])
     assert isinstance(mixed, torch.Tensor) and mixed.shape == (96, 64)
     with pytest.raises(ValueError, match="two or more"):
         RowBlocks(_parts(["q8_0"], [64], 64, g))
