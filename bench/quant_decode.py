@@ -161,6 +161,10 @@ def kernel_sweep(args, device: torch.device) -> int:
     """The --kernels table (see the module docstring)."""
     from bench.common import graph_us, l2_bytes
 
+    mixes = [f for f in csv(args.formats) if f in MIXES]
+    if mixes:
+        raise SystemExit(f"--kernels times one format at a time; {mixes[0]} is {MIXES[mixes[0]]} "
+                         "with q6_k: pass those")
     bw = copy_bandwidth(device)
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
@@ -246,9 +250,11 @@ def head_name(dense: Checkpoint) -> str:
 MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}
 
 
-def _mix_format(mix: str, name: str, layers: int) -> str:
-    """The format llama-quantize gives tensor `name` (canonical) in the mix `mix`."""
-    if name == "lm_head.weight":
+def _mix_format(mix: str, name: str, layers: int, head: str) -> str:
+    """The format llama-quantize gives tensor `name` (canonical) in the mix `mix`; head: the
+    tensor the LM head multiplies by (the tied embedding, where there is no lm_head.weight, takes
+    the head's Q6_K as llama-quantize gives token_embd without an output tensor)."""
+    if name == head:
         return "q6_k"
     if name.endswith(("v_proj.weight", "down_proj.weight")):
         i = int(name.split(".")[2])
@@ -265,7 +271,7 @@ def quantized_checkpoint(dense: Checkpoint, fmt_name: str, device: torch.device)
 
     def fmt_of(name: str) -> str:
         if fmt_name in MIXES:
-            return _mix_format(fmt_name, name, dense.config.num_layers)
+            return _mix_format(fmt_name, name, dense.config.num_layers, head_name(dense))
         return head if head and name == head_name(dense) else body
 
     tensors = {name: scaled(random_quantized(fmt_of(name), *t.shape, g, device))

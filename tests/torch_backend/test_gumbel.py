@@ -112,8 +112,11 @@ def test_cuda_sampler_equals_the_cpu_sampler(params):
     assert got.cpu().tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1e-5),
-                                    SamplingParams(temperature=1e-5, top_k=40, top_p=0.9)])
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-5, top_p=0.9),
+    SamplingParams(temperature=1e-5, top_k=40),
+    SamplingParams(temperature=1e-5, top_k=40, top_p=0.9, min_p=0.1),
+])
 def test_logits_over_temperature_that_overflow_draw_their_first_infinity(params):
     """Finite logits whose quotient by the temperature overflows float32 to +inf in several
     places: the kernel's draw and the whole sampler give the first of them, as the whole-row

@@ -58,14 +58,24 @@ def test_stack_rows_one_format_is_one_linear_and_dense_mixes_are_dense() -> None
         RowBlocks(_parts(["q8_0"], [64], 64, g))
 
 
-@pytest.mark.parametrize("formats", [("q4_k", "q6_k"), ("q8_0", "q4_0")])
-def test_rope_epilogue_one_launch_a_block(formats: tuple[str, str]) -> None:
-    """q and k in one format, v in another: q, the K / V slot and every other cache slot as
-    the block GEMVs side by side, then `rope_and_cache`, bit for bit."""
+@pytest.mark.parametrize("formats, heads", [
+    (("q4_k", "q6_k"), (6, 2)),  # q + k, then v
+    (("q8_0", "q4_0"), (6, 2)),
+    (("q4_0", "q8_0", "q6_k"), (4, 2, 2)),  # q, k, v in three formats
+    (("q4_0", "q8_0"), (3, 5)),  # a block boundary inside the query heads
+])
+def test_rope_epilogue_one_launch_a_block(formats: tuple[str, ...], heads: tuple[int, ...]
+                                          ) -> None:
+    """A QKV of `heads` heads per block, each block in its format: q (pre-filled with NaN), the
+    K / V slot and every other cache slot as the block GEMVs side by side, then
+    `rope_and_cache`, bit for bit."""
     g = torch.Generator().manual_seed(3)
     nh, n_kv, hd, k, dtype = 4, 2, 32, 256, torch.bfloat16
-    qk = random_quantized(formats[0], (nh + n_kv) * hd, k, g).to(DEVICE)
-    v = random_quantized(formats[1], n_kv * hd, k, g).to(DEVICE)
+    ws = [random_quantized(f, h * hd, k, g).to(DEVICE) for f, h in zip(formats, heads,
+                                                                       strict=True)]
+    starts = [0]
+    for w in ws:
+        starts.append(starts[-1] + w.out_features)
     x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
     bias = (0.1 * torch.randn((nh + 2 * n_kv) * hd, generator=g)).to(DEVICE, dtype)
     angles = torch.rand(1, hd // 2, generator=g) * 6
@@ -74,14 +84,14 @@ def test_rope_epilogue_one_launch_a_block(formats: tuple[str, str]) -> None:
     blocks, offsets = (torch.tensor([i], device=DEVICE) for i in (2, 7))
     pools = [torch.randn(4, n_kv, 16, hd, generator=g).to(DEVICE, dtype) for _ in range(2)]
     k_ref, v_ref = (p.clone() for p in pools)
-    cfg, split = QGemvWConfig(8, 4), qk.out_features
-    whole = torch.cat([qgemv_words(x, qk, bias[:split], cfg),
-                       qgemv_words(x, v, bias[split:], cfg)], dim=1)  # [1, q + 2kv]
+    cfg, spans = QGemvWConfig(8, 4), list(zip(starts[:-1], starts[1:], strict=True))
+    whole = torch.cat([qgemv_words(x, w, bias[lo:hi], cfg)
+                       for w, (lo, hi) in zip(ws, spans, strict=True)], dim=1)  # [1, q + 2kv]
     q_ref = rope_and_cache(whole, cos, sin, blocks, offsets, k_ref, v_ref, nh)  # [1, nh, hd]
-    q = torch.empty(1, nh * hd, dtype=dtype, device=DEVICE)
-    for w, lo, b in ((qk, 0, bias[:split]), (v, split, bias[split:])):
-        out = qgemv_words(x, w, b, cfg, rope=RopeTarget(cos, sin, blocks, offsets, *pools, nh,
-                                                         lo, q))
+    q = torch.full((1, nh * hd), float("nan"), dtype=dtype, device=DEVICE)
+    for w, (lo, hi) in zip(ws, spans, strict=True):
+        out = qgemv_words(x, w, bias[lo:hi], cfg,
+                          rope=RopeTarget(cos, sin, blocks, offsets, *pools, nh, lo, q))
         assert out is q
     assert torch.equal(q.reshape(-1), q_ref.reshape(-1))
     assert torch.equal(pools[0], k_ref) and torch.equal(pools[1], v_ref)
@@ -107,7 +117,8 @@ def test_rope_epilogue_refuses_blocks_it_cannot_place() -> None:
 
 
 def _mixed_model_tensors(config) -> dict:
-    """int4 weights at load, v_proj in groups of 32 where the others take 64: a mixed QKV."""
+    """int4 weights at load, v_proj and up_proj in groups of 32 where the others take 64: a
+    mixed QKV and a mixed gate/up."""
     from hf_reference import hf_model, state_dict
 
     from llm.model.checkpoint.load import quantize_matrices
@@ -115,7 +126,7 @@ def _mixed_model_tensors(config) -> dict:
     sd = state_dict(hf_model(config))
     tensors = quantize_matrices(sd, "int4", False)
     for name, t in sd.items():
-        if name.endswith("v_proj.weight"):
+        if name.endswith(("v_proj.weight", "up_proj.weight")):
             tensors[name] = quantize_int4(t, 32)
     assert tensors["model.layers.0.self_attn.q_proj.weight"].format != \
         tensors["model.layers.0.self_attn.v_proj.weight"].format
@@ -156,7 +167,8 @@ def test_a_model_with_a_mixed_qkv_gives_the_dequantized_models_logits(name: str)
     rt = RuntimeConfig(device="cpu", dtype="float32", max_batch=1, max_seq_len=64,
                        block_size=16)
     mixed = Transformer(config, tensors, rt)
-    assert all(isinstance(layer.attn.wqkv, RowBlocks) for layer in mixed.layers)
+    assert all(isinstance(layer.attn.wqkv, RowBlocks) and isinstance(layer.mlp.gate_up, RowBlocks)
+               for layer in mixed.layers)
     got = _prompt_and_decode(mixed, config, rt, "cpu")
     want = _prompt_and_decode(Transformer(config, dense, rt), config, rt, "cpu")
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
