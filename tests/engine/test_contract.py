@@ -201,6 +201,30 @@ def test_masks_hold_under_extreme_repetition_penalties(name: str, rep: float) ->
     backend.close()
 
 
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_a_vanishing_temperature_samples_the_argmax_beside_another_request(name: str) -> None:
+    """temperature 1e-40 (1 / T is infinite in float32; tt's sampling inputs could not hold it
+    and the step failed for the whole batch; torch's logprobs were NaN): sampled as
+    MIN_TEMPERATURE, so the greedy token with finite logprobs, in prefill and in a decode step
+    shared with a request at temperature 1."""
+    assert SamplingParams(temperature=1e-40).temperature == 1e-6
+    assert SamplingParams(temperature=0.0).temperature == 0.0
+    backend = create_backend(name, _spec(name))
+    prompt = [1, 7, 3, 40, 5]
+    greedy = backend.prefill_step(PrefillInput(0, prompt, 0, [1, 2], GREEDY)).tokens[0]
+    tiny = SequenceSampling(SamplingParams(temperature=1e-40, top_k=5, logprobs=2, seed=3), 3)
+    other = SequenceSampling(SamplingParams(temperature=1.0, logprobs=2, seed=4), 4)
+    first = backend.prefill_step(PrefillInput(0, prompt, 0, [1, 2], tiny))
+    assert list(first.tokens) == [greedy] and np.isfinite(first.logprobs[0].logprob)
+    second = backend.prefill_step(PrefillInput(1, prompt, 0, [3, 4], other))
+    want = backend.prefill_step(PrefillInput(0, [*prompt, greedy], 0, [1, 2], GREEDY)).tokens[0]
+    step = backend.decode_step(DecodeInput([0, 1], [greedy, second.tokens[0]], [5, 5],
+                                           [[1, 2], [3, 4]], [tiny, other]))
+    assert step.tokens[0] == want
+    assert all(np.isfinite(lp.logprob) for lp in step.logprobs)
+    backend.close()
+
+
 def test_torch_and_tt_serve_every_feature() -> None:
     for name in ("torch", "tt"):
         backend = create_backend(name, _spec(name))

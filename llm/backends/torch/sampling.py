@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm.engine.contract.sampling_params import SamplingParams
+from llm.engine.contract.sampling_params import MIN_TEMPERATURE, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, position: torch.Tensor,
     """
     if all_greedy if all_greedy is not None else st.all_greedy:
         return _argmax(logits)
-    x = logits.float() / st.temperature.clamp_min(1e-6)[:, None]  # [B, V]
+    x = logits.float() / st.temperature.clamp_min(MIN_TEMPERATURE)[:, None]  # [B, V]
     if not (x.is_cuda and _TRITON):  # row by row, only the tokens that can win
         return _draw_rows(logits, x, st, position)
     greedy_tokens = _argmax(logits)

@@ -26,13 +26,18 @@ MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit; vLLM's def
 MIN_TOP_P = 2.0 ** -24
 # repetition_penalty's range: beyond it logits divided / multiplied by it overflow float32
 REPETITION_RANGE = (1e-30, 1e30)
+# a positive temperature below this samples as this: logits / T stay finite in float32 and 1 / T in
+# bfloat16 (a temperature of 1e-40 made 1 / T infinite), and at 1e-6 the draw is the argmax unless
+# two logits are within ~1e-5 of each other
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request.
 
-    temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature). min_p
+    temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature)
+    (values below MIN_TEMPERATURE are kept as MIN_TEMPERATURE: the float limit). min_p
     (in [0, 1], 0 = off): drop the tokens whose probability is below min_p times the most likely
     one's (vLLM's order: on softmax(logits / temperature), before top-k / top-p). top_k:
     keep the k most likely tokens (0 = no limit). top_p: keep the smallest set of tokens whose
@@ -114,6 +119,8 @@ class SamplingParams:
                 raise SamplingParamsError(f"{name} must be {what}, got {value!r:.60}", param=name)
             object.__setattr__(self, name, tuple(value))
         _check_number("temperature", self.temperature, lo=0.0)
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
         _check_number("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
         if self.top_p < MIN_TOP_P:  # the same nucleus (the top token), and > 0 in float32
             object.__setattr__(self, "top_p", MIN_TOP_P)
