@@ -164,3 +164,52 @@ def test_a_q6_k_model_decodes_through_layer_decode(tmp_path) -> None:
         assert torch.equal(got[0], got[1])
         assert max_rel(got[0], got[2].double()) <= 1e-3
     assert fused.model.weight_bytes < 0.45 * ref.model.weight_bytes
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, sliced per block
+def test_a_k_quant_mix_decodes_through_layer_decode(tmp_path, arch) -> None:
+    """Q4_K_M's layout: q, k, o and gate in Q4_K, v, up and down in Q6_K, so the fused QKV and
+    gate/up are row blocks of two formats (`RowBlocks`): `layer_decode` takes them as chained
+    blocks, bit-equal to the per-op path (each block's matmul, then the concatenation) at batch
+    1 and 3, logits within 1e-3 of the dequantized float32 model."""
+    from llm.backends.torch.runner import TorchBackend
+    from llm.backends.torch.weight import RowBlocks
+    from llm.model.checkpoint.common import Checkpoint, expected_tensors
+    from llm.model.config import ModelConfig, RuntimeConfig
+
+    config = ModelConfig(arch=arch, vocab_size=512, hidden_size=256, intermediate_size=512,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         qkv_bias=arch == "qwen2")
+    q4_k = gguf.GGMLQuantizationType.Q4_K
+    tensors = {}
+    for i, (name, shape) in enumerate(expected_tensors(config).items()):
+        if len(shape) == 1:
+            tensors[name] = torch.ones(shape) if name.endswith("norm.weight") else \
+                0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(i))
+        elif name.endswith(("v_proj.weight", "up_proj.weight", "down_proj.weight")) or \
+                "embed" in name:
+            tensors[name] = q6k(*shape, seed=i, scale=1.0 / (1370 * shape[1] ** 0.5))
+        else:  # |d * sc * q| up to ~945 d
+            tensors[name] = repack_gguf(random_blocks(q4_k, *shape, seed=i,
+                                                      scale=1.0 / (500 * shape[1] ** 0.5)),
+                                        q4_k, shape)
+    quant = Checkpoint(config, tensors, tmp_path / "mix")
+    dense = Checkpoint(config, {k: v.dequantize(torch.float32)
+                                if isinstance(v, QuantizedTensor) else v
+                                for k, v in tensors.items()}, tmp_path / "dense")
+    runtime = RuntimeConfig(max_batch=3, max_seq_len=64, block_size=16)
+    fused, per_op = (TorchBackend(quant, runtime, cache_dir=tmp_path) for _ in range(2))
+    ref = TorchBackend(dense, runtime, cache_dir=tmp_path)
+    layer = fused.model.layers[0]
+    assert isinstance(layer.attn.wqkv, RowBlocks) and isinstance(layer.mlp.gate_up, RowBlocks)
+    per_op.model._layer_plans = lambda cache: None
+    for b in (1, 3):
+        tokens, positions = torch.tensor([5, 9, 2][:b]), torch.tensor([0, 7, 19][:b])
+        table = torch.arange(4 * b).view(b, 4)
+        got = [be.model.decode(tokens, positions, table, be.cache, 19)
+               for be in (fused, per_op, ref)]
+        assert fused.model._layer_plans(fused.cache), "the fused path did not run"
+        assert torch.equal(got[0], got[1])
+        assert torch.equal(fused.cache.k[1], per_op.cache.k[1])
+        assert max_rel(got[0], got[2].double()) <= 1e-3

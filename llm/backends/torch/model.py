@@ -16,6 +16,7 @@ from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.plan import TensorParallelPlan
 from llm.backends.torch.parallel.slices import TensorDictSlices, WeightSlices
+from llm.backends.torch.quant.cpu import CpuQuantLinear
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.backends.torch.sampling import SamplingTensors, sample
@@ -90,6 +91,16 @@ class DecoderLayer:
         h, residual = self.mlp_norm.add_norm(
             self._scaled(self.attn.decode_native(h, meta, cache, kernels)), residual)
         return self._scaled(self.mlp.native(h, kernels)), residual
+
+
+def _native(w: object) -> CpuQuantLinear | list[CpuQuantLinear] | None:
+    """A projection as `NativeKernels.layer_plan` takes it (its C kernels' layer, or its row
+    blocks' layers), or None where a block is not quantized for the C kernels."""
+    blocks = w.blocks if isinstance(w, RowBlocks) else [w]
+    if not all(isinstance(b, QuantLinear) and b.cpu().kind == "native" for b in blocks):
+        return None
+    layers = [b.cpu() for b in blocks]
+    return layers if isinstance(w, RowBlocks) else layers[0]
 
 
 class Transformer:
@@ -174,11 +185,11 @@ class Transformer:
         built = []
         for i, layer in enumerate(self.layers):
             a, m = layer.attn, layer.mlp
-            ws = [a.wqkv, a.wo, m.gate_up, m.down]
-            if not all(isinstance(w, QuantLinear) and w.cpu().kind == "native" for w in ws):
+            ws = [_native(w) for w in (a.wqkv, a.wo, m.gate_up, m.down)]
+            if any(w is None for w in ws):
                 return None
             built.append(self.cpu_kernels.layer_plan(
-                *(w.cpu() for w in ws), (a.bqkv, a.bo, m.gate_up_bias, m.down_bias),
+                *ws, (a.bqkv, a.bo, m.gate_up_bias, m.down_bias),
                 layer.attn_norm.weight, layer.mlp_norm.weight, layer.attn_norm.eps,
                 cache.k[i], cache.v[i], a.n_heads))
         self._plans = built

@@ -663,11 +663,13 @@ void attention_decode(float *qkv, const float *cos, const float *sin, float *kpo
 /* ---- A whole decoder layer's decode step in one call (the same functions, in the same order,
    as the per-op path: bit-equal results, ~60 calls from Python fewer per layer). ---- */
 
-typedef struct {
+typedef struct qmat_s {
     const void *codes, *scale, *zero; /* a q4 / q6 / q8 matrix [n, k] (code_groups.py) */
     const float *bias;                /* [n] or NULL */
     int64_t n, k;
     int32_t bits, f16;                /* 4, 6 or 8; scale and zero float16 (1) or float32 (0) */
+    const struct qmat_s *next;        /* the next row block of a fused projection whose blocks
+                                         are stored in different formats (NULL: none) */
 } qmat;
 
 typedef struct {
@@ -678,7 +680,7 @@ typedef struct {
     int64_t nh, nkv, hd, bs;
 } layer_t;
 
-static void qmat_apply(const qmat *w, const float *x, int64_t M, float *y) {
+static void qmat_apply_block(const qmat *w, const float *x, int64_t M, float *y) {
     if (w->bits == 4 && w->f16)
         q4_matmul_f16(x, M, w->k, w->codes, w->scale, w->zero, w->n, y);
     else if (w->bits == 4)
@@ -696,23 +698,50 @@ static void qmat_apply(const qmat *w, const float *x, int64_t M, float *y) {
             for (int64_t i = 0; i < w->n; i++) y[m * w->n + i] += w->bias[i];
 }
 
+/* rows of a projection: of its blocks together */
+static int64_t qmat_rows(const qmat *w) {
+    int64_t n = 0;
+    for (; w; w = w->next) n += w->n;
+    return n;
+}
+
+/* y [M, qmat_rows(w)] = x [M, k] @ W^T, W the blocks of w one under the other; tmp: M * the
+   widest block's rows floats (unused with one block or M = 1) */
+static void qmat_apply(const qmat *w, const float *x, int64_t M, float *y, float *tmp) {
+    if (!w->next) {
+        qmat_apply_block(w, x, M, y);
+        return;
+    }
+    int64_t n = qmat_rows(w), lo = 0;
+    for (; w; lo += w->n, w = w->next) {
+        if (M == 1) {
+            qmat_apply_block(w, x, 1, y + lo);
+            continue;
+        }
+        qmat_apply_block(w, x, M, tmp);
+        for (int64_t m = 0; m < M; m++)
+            memcpy(y + m * n + lo, tmp + m * w->n, (size_t)w->n * sizeof(float));
+    }
+}
+
 /* x [B, H]: the previous layer's MLP output (in: the embeddings, with has_residual 0);
    residual [B, H] in/out; out [B, H] this layer's MLP output. scratch: B * (2 H + qkv + q + 2 I
-   + I) floats; scores: attention_scratch(B, nh, hd, max_pos + 1) floats. */
+   + I + max(qkv, 2 I)) floats (the last: the blocks of a projection in several formats);
+   scores: attention_scratch(B, nh, hd, max_pos + 1) floats. */
 void layer_decode(const layer_t *L, int64_t B, const float *x, float *residual, int has_residual,
                   const float *cos, const float *sin, const int64_t *page_table,
                   int64_t max_blocks, const int64_t *positions, int64_t max_pos, float *scores,
                   float *scratch, float *out) {
     int64_t H = L->o.n, q = L->nh * L->hd, I = L->down.k;
-    float *h = scratch, *qkv = h + B * H, *att = qkv + B * L->qkv.n, *o = att + B * q;
-    float *gu = o + B * H, *act = gu + B * 2 * I;
+    float *h = scratch, *qkv = h + B * H, *att = qkv + B * qmat_rows(&L->qkv), *o = att + B * q;
+    float *gu = o + B * H, *act = gu + B * 2 * I, *tmp = act + B * I;
     add_rms_norm(x, has_residual ? residual : NULL, L->attn_norm, L->eps, B, H, residual, h);
-    qmat_apply(&L->qkv, h, B, qkv);
+    qmat_apply(&L->qkv, h, B, qkv, tmp);
     attention_decode(qkv, cos, sin, L->kpool, L->vpool, page_table, positions, B, L->nh, L->nkv,
                      L->hd, L->bs, max_blocks, L->scale, scores, max_pos + 1, att);
-    qmat_apply(&L->o, att, B, o);
+    qmat_apply(&L->o, att, B, o, tmp);
     add_rms_norm(o, residual, L->mlp_norm, L->eps, B, H, residual, h);
-    qmat_apply(&L->gate_up, h, B, gu);
+    qmat_apply(&L->gate_up, h, B, gu, tmp);
     silu_mul(gu, B, I, act);
-    qmat_apply(&L->down, act, B, out);
+    qmat_apply(&L->down, act, B, out, tmp);
 }

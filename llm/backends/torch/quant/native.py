@@ -39,7 +39,8 @@ class NativeKernelsUnavailable(RuntimeError):
 class _QMat(ctypes.Structure):  # cpu_kernels.c `qmat`
     _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64),
-                ("k", ctypes.c_int64), ("bits", ctypes.c_int32), ("f16", ctypes.c_int32)]
+                ("k", ctypes.c_int64), ("bits", ctypes.c_int32), ("f16", ctypes.c_int32),
+                ("next", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):  # cpu_kernels.c `layer_t`
@@ -48,6 +49,11 @@ class _Layer(ctypes.Structure):  # cpu_kernels.c `layer_t`
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("kpool", ctypes.c_void_p), ("vpool", ctypes.c_void_p), ("nh", ctypes.c_int64),
                 ("nkv", ctypes.c_int64), ("hd", ctypes.c_int64), ("bs", ctypes.c_int64)]
+
+
+def _blocks(w) -> list:
+    """A projection's layers as `layer_plan` takes them: one, or its row blocks' list."""
+    return w if isinstance(w, list) else [w]
 
 
 @dataclass(frozen=True)
@@ -83,19 +89,33 @@ class NativeKernels:
                    mlp_norm: torch.Tensor, eps: float, kpool: torch.Tensor, vpool: torch.Tensor,
                    n_heads: int) -> LayerPlan:
         """The struct `layer_decode` reads for one layer: its four projections (native
-        `CpuQuantLinear`s, cpu.py) with their biases (tensors or None), its norms, its K/V pools
-        [blocks, n_kv, bs, hd]."""
+        `CpuQuantLinear`s, cpu.py, or for a projection whose row blocks are stored in different
+        formats the list of its blocks' layers) with their biases (tensors or None), its norms,
+        its K/V pools [blocks, n_kv, bs, hd]."""
+        chained: list = []  # the blocks after a projection's first, which its struct points to
+
         def mat(w, bias) -> _QMat:
-            return _QMat(w.weight.data_ptr(), w.scales.data_ptr(), w.zero.data_ptr(),
-                         None if bias is None else bias.data_ptr(), w.out_features,
-                         w.in_features, w.bits, int(w.scales.dtype == torch.float16))
+            blocks = _blocks(w)
+            starts = [0]
+            for b in blocks:
+                starts.append(starts[-1] + b.out_features)
+            after = None
+            for b, lo, hi in reversed(list(zip(blocks, starts[:-1], starts[1:], strict=True))):
+                m = _QMat(b.weight.data_ptr(), b.scales.data_ptr(), b.zero.data_ptr(),
+                          None if bias is None else bias[lo:hi].data_ptr(), b.out_features,
+                          b.in_features, b.bits, int(b.scales.dtype == torch.float16),
+                          None if after is None else ctypes.addressof(after))
+                if after is not None:
+                    chained.append(after)
+                after = m
+            return after
 
         _, n_kv, bs, hd = kpool.shape
         struct = _Layer(mat(qkv, biases[0]), mat(o, biases[1]), mat(gate_up, biases[2]),
                         mat(down, biases[3]), attn_norm.data_ptr(), mlp_norm.data_ptr(), eps,
                         hd ** -0.5, kpool.data_ptr(), vpool.data_ptr(), n_heads, n_kv, hd, bs)
-        return LayerPlan(struct, (qkv, o, gate_up, down, biases, attn_norm, mlp_norm), kpool,
-                         vpool)
+        return LayerPlan(struct, (qkv, o, gate_up, down, biases, attn_norm, mlp_norm, chained),
+                         kpool, vpool)
 
     def decode_layers(self, plans: list[LayerPlan], x: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor,
@@ -105,10 +125,11 @@ class NativeKernels:
         residual stream) [B, H]. page_table [B, nb] int64 contiguous, positions [B] int64."""
         b, h = x.shape
         first = plans[0].tensors
-        width = first[0].out_features  # q + 2 kv: the QKV output, and more than attention's q
-        inter = first[3].in_features
+        width = sum(w.out_features for w in _blocks(first[0]))  # q + 2 kv: more than q
+        inter = _blocks(first[3])[0].in_features
         n_heads = plans[0].struct.nh
-        scratch = self.scratch("layer", b * (2 * h + 2 * width + 3 * inter))
+        scratch = self.scratch("layer", b * (2 * h + 2 * width + 3 * inter
+                                             + max(width, 2 * inter)))
         hd = plans[0].struct.hd
         scores = self.scratch("scores", self.lib.attention_scratch(b, n_heads, hd, max_pos + 1))
         residual, out = torch.empty(b, h), [torch.empty(b, h), torch.empty(b, h)]
