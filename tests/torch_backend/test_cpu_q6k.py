@@ -1,8 +1,8 @@
 """Q6_K on the C kernels (cpu_kernels.c's q6 layout, quant/code_groups.py) against dequantize-then-
 matmul in float32: the matrix bit for bit, matmuls within accumulation order (issue 15's per-module
 max relative error <= 1e-3, and the summation-order bound of test_quant_cpu), embedding rows, the
-float16-scale variant, the portable build, and a whole model whose every matrix is Q6_K decoding
-through `layer_decode` bit-equal to the per-op path."""
+float16-scale variant, the portable build, and whole models decoding through `layer_decode`
+bit-equal to the per-op path: every matrix Q6_K, and Q4_K_M's mix of Q4_K and Q6_K blocks."""
 
 from __future__ import annotations
 
@@ -134,9 +134,8 @@ def test_a_q6_k_model_decodes_through_layer_decode(tmp_path) -> None:
     """Every matrix Q6_K (the tied embedding too): `layer_decode` (one C call a layer, its
     projections through q6_matmul) bit-equal to the per-op path, logits within 1e-3 of the same
     model on the dequantized float32 weights."""
-    from llm.backends.torch.runner import TorchBackend
-    from llm.model.checkpoint.common import Checkpoint, expected_tensors
-    from llm.model.config import ModelConfig, RuntimeConfig
+    from llm.model.checkpoint.common import expected_tensors
+    from llm.model.config import ModelConfig
 
     config = ModelConfig(arch="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
@@ -147,7 +146,19 @@ def test_a_q6_k_model_decodes_through_layer_decode(tmp_path) -> None:
             tensors[name] = torch.ones(shape)
         else:  # weights of std ~ 1 / sqrt(K): codes ~18 and int8 scales ~74 times d
             tensors[name] = q6k(*shape, seed=i, scale=1.0 / (1370 * shape[1] ** 0.5))
-    quant = Checkpoint(config, tensors, tmp_path / "q6k")
+    fused, ref = _layer_decode_equals_per_op(config, tensors, tmp_path)
+    assert fused.model.weight_bytes < 0.45 * ref.model.weight_bytes
+
+
+def _layer_decode_equals_per_op(config, tensors: dict, tmp_path) -> tuple:
+    """Decode steps at batch 1 and 3 by `layer_decode` and by the per-op path: the same logits
+    and K/V bit for bit, within 1e-3 of the model on the dequantized float32 weights. Returns
+    the fused backend and the float32 one."""
+    from llm.backends.torch.runner import TorchBackend
+    from llm.model.checkpoint.common import Checkpoint
+    from llm.model.config import RuntimeConfig
+
+    quant = Checkpoint(config, tensors, tmp_path / "quant")
     dense = Checkpoint(config, {k: v.dequantize(torch.float32)
                                 if isinstance(v, QuantizedTensor) else v
                                 for k, v in tensors.items()}, tmp_path / "dense")
@@ -162,8 +173,9 @@ def test_a_q6_k_model_decodes_through_layer_decode(tmp_path) -> None:
                for be in (fused, per_op, ref)]
         assert fused.model._layer_plans(fused.cache), "the fused path did not run"
         assert torch.equal(got[0], got[1])
+        assert all(torch.equal(a, c) for a, c in zip(fused.cache.k, per_op.cache.k, strict=True))
         assert max_rel(got[0], got[2].double()) <= 1e-3
-    assert fused.model.weight_bytes < 0.45 * ref.model.weight_bytes
+    return fused, ref
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, sliced per block
@@ -172,10 +184,9 @@ def test_a_k_quant_mix_decodes_through_layer_decode(tmp_path, arch) -> None:
     gate/up are row blocks of two formats (`RowBlocks`): `layer_decode` takes them as chained
     blocks, bit-equal to the per-op path (each block's matmul, then the concatenation) at batch
     1 and 3, logits within 1e-3 of the dequantized float32 model."""
-    from llm.backends.torch.runner import TorchBackend
     from llm.backends.torch.weight import RowBlocks
-    from llm.model.checkpoint.common import Checkpoint, expected_tensors
-    from llm.model.config import ModelConfig, RuntimeConfig
+    from llm.model.checkpoint.common import expected_tensors
+    from llm.model.config import ModelConfig
 
     config = ModelConfig(arch=arch, vocab_size=512, hidden_size=256, intermediate_size=512,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
@@ -194,22 +205,6 @@ def test_a_k_quant_mix_decodes_through_layer_decode(tmp_path, arch) -> None:
             tensors[name] = repack_gguf(random_blocks(q4_k, *shape, seed=i,
                                                       scale=1.0 / (500 * shape[1] ** 0.5)),
                                         q4_k, shape)
-    quant = Checkpoint(config, tensors, tmp_path / "mix")
-    dense = Checkpoint(config, {k: v.dequantize(torch.float32)
-                                if isinstance(v, QuantizedTensor) else v
-                                for k, v in tensors.items()}, tmp_path / "dense")
-    runtime = RuntimeConfig(max_batch=3, max_seq_len=64, block_size=16)
-    fused, per_op = (TorchBackend(quant, runtime, cache_dir=tmp_path) for _ in range(2))
-    ref = TorchBackend(dense, runtime, cache_dir=tmp_path)
+    fused, _ = _layer_decode_equals_per_op(config, tensors, tmp_path)
     layer = fused.model.layers[0]
     assert isinstance(layer.attn.wqkv, RowBlocks) and isinstance(layer.mlp.gate_up, RowBlocks)
-    per_op.model._layer_plans = lambda cache: None
-    for b in (1, 3):
-        tokens, positions = torch.tensor([5, 9, 2][:b]), torch.tensor([0, 7, 19][:b])
-        table = torch.arange(4 * b).view(b, 4)
-        got = [be.model.decode(tokens, positions, table, be.cache, 19)
-               for be in (fused, per_op, ref)]
-        assert fused.model._layer_plans(fused.cache), "the fused path did not run"
-        assert torch.equal(got[0], got[1])
-        assert torch.equal(fused.cache.k[1], per_op.cache.k[1])
-        assert max_rel(got[0], got[2].double()) <= 1e-3
