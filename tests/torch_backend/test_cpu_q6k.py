@@ -162,18 +162,21 @@ def _layer_decode_equals_per_op(config, tensors: dict, tmp_path) -> tuple:
     dense = Checkpoint(config, {k: v.dequantize(torch.float32)
                                 if isinstance(v, QuantizedTensor) else v
                                 for k, v in tensors.items()}, tmp_path / "dense")
-    runtime = RuntimeConfig(max_batch=3, max_seq_len=64, block_size=16)
+    runtime = RuntimeConfig(max_batch=17, max_seq_len=64, block_size=16)
     fused, per_op = (TorchBackend(quant, runtime, cache_dir=tmp_path) for _ in range(2))
     ref = TorchBackend(dense, runtime, cache_dir=tmp_path)
     per_op.model._layer_plans = lambda cache: None
-    for b in (1, 3):
-        tokens, positions = torch.tensor([5, 9, 2][:b]), torch.tensor([0, 7, 19][:b])
+    g = torch.Generator().manual_seed(1)
+    for b in (1, 3, 17):  # 17: past the C matmuls' rows, op by op on both
+        tokens = torch.randint(0, config.vocab_size, (b,), generator=g)
+        positions = torch.randint(0, 20, (b,), generator=g)
         table = torch.arange(4 * b).view(b, 4)
         got = [be.model.decode(tokens, positions, table, be.cache, 19)
                for be in (fused, per_op, ref)]
         assert fused.model._layer_plans(fused.cache), "the fused path did not run"
         assert torch.equal(got[0], got[1])
-        assert all(torch.equal(a, c) for a, c in zip(fused.cache.k, per_op.cache.k, strict=True))
+        for pools in ((fused.cache.k, per_op.cache.k), (fused.cache.v, per_op.cache.v)):
+            assert all(torch.equal(a, c) for a, c in zip(*pools, strict=True))
         assert max_rel(got[0], got[2].double()) <= 1e-3
     return fused, ref
 
