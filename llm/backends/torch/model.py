@@ -16,7 +16,7 @@ from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.plan import TensorParallelPlan
 from llm.backends.torch.parallel.slices import TensorDictSlices, WeightSlices
-from llm.backends.torch.quant.cpu import NATIVE_MAX_ROWS, CpuQuantLinear
+from llm.backends.torch.quant.cpu import CpuQuantLinear
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.backends.torch.sampling import SamplingTensors, sample
@@ -263,10 +263,10 @@ class Transformer:
         k = self.cpu_kernels
         if k is not None:
             meta = replace(meta, page_table=meta.page_table.contiguous())
-            # one C call per layer up to the C matmuls' rows; larger batches run op by op, whose
-            # layers then dequantize and use F.linear (the same bits as the per-op path either way)
-            plans = self._layer_plans(cache) if tokens.shape[0] <= NATIVE_MAX_ROWS else None
-            if plans:
+            plans = self._layer_plans(cache)
+            if plans:  # one C call per layer (any batch: beyond the C matmuls' 16 rows the
+                # per-op path's layers dequantize and use F.linear, faster for prompts, slower
+                # here; the two then differ in the last bits)
                 x, residual = k.decode_layers(plans, x.contiguous(), meta.cos, meta.sin,
                                               meta.page_table, meta.positions, meta.max_pos)
             else:
