@@ -67,6 +67,21 @@ def test_rope_epilogue_refuses_what_it_cannot_do() -> None:
         qgemv_words(x[:1], w, rope=RopeTarget(cs, cs, idx, idx, pool, pool.clone(), 3))
 
 
+def count_fused_qkv(monkeypatch) -> list[bool]:
+    """Patch `Attention._qkv_rope` to record, per call, whether the fused QKV GEMV ran."""
+    from llm.backends.torch import attention
+
+    calls, fused = [], attention.Attention._qkv_rope
+
+    def counting(self, *args):
+        q = fused(self, *args)
+        calls.append(q is not None)
+        return q
+
+    monkeypatch.setattr(attention.Attention, "_qkv_rope", counting)
+    return calls
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 @pytest.mark.parametrize("name, mode", [("llama_gqa", "int4"), ("qwen2_bias", "int4")])
 def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
@@ -107,15 +122,7 @@ def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
         backend.close()
         return torch.cat(out)
 
-    calls = []
-    fused = attention.Attention._qkv_rope
-
-    def counting(self, *args):
-        q = fused(self, *args)
-        calls.append(q is not None)
-        return q
-
-    monkeypatch.setattr(attention.Attention, "_qkv_rope", counting)
+    calls = count_fused_qkv(monkeypatch)
     with_fusion = decode_logits()
     assert calls and all(calls)  # every layer of every step
     monkeypatch.setattr(attention.Attention, "_qkv_rope", lambda self, *args: None)

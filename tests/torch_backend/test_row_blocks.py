@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 from test_qgemv import random_quantized  # noqa: E402
+from test_qgemv_rope import count_fused_qkv  # noqa: E402
 
 from llm.backends.torch.kernels.qgemv_config import QGemvWConfig  # noqa: E402
 from llm.backends.torch.kernels.qgemv_words import RopeTarget, qgemv_words  # noqa: E402
@@ -193,15 +194,7 @@ def test_a_mixed_qkv_decodes_through_the_rope_epilogue_with_the_unfused_logits(
     model = Transformer(config, tensors, rt)
     assert model.weight_bytes == sum(  # the blocks as stored, not a bf16 QKV
         t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * 2 for t in tensors.values())
-    calls = []
-    fused = attention.Attention._qkv_rope
-
-    def counting(self, *args):
-        q = fused(self, *args)
-        calls.append(q is not None)
-        return q
-
-    monkeypatch.setattr(attention.Attention, "_qkv_rope", counting)
+    calls = count_fused_qkv(monkeypatch)
     with_fusion = _prompt_and_decode(model, config, rt, "cuda")
     assert len(calls) == 4 * config.num_layers and all(calls)
     monkeypatch.setattr(attention.Attention, "_qkv_rope", lambda self, *args: None)

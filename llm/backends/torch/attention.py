@@ -12,7 +12,14 @@ from llm.backends.torch.norm import RMSNorm
 from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding, apply_rotary
-from llm.backends.torch.weight import QuantLinear, RowBlocks, head_rows, linear, stack_rows
+from llm.backends.torch.weight import (
+    QuantLinear,
+    RowBlocks,
+    blocks_of,
+    head_rows,
+    linear,
+    stack_rows,
+)
 from llm.model.config import ModelConfig
 from llm.model.rope import rotary_row_order
 
@@ -258,7 +265,7 @@ class Attention:
         launch a row block where q/k and v are stored in different formats, `RowBlocks`), or
         None where it does not run: batches, dense weights, q/k head norms, the gather path."""
         w = self.wqkv
-        blocks = w.blocks if isinstance(w, RowBlocks) else [w]
+        blocks = blocks_of(w)
         if (meta.pages_per_program is None or x.shape[0] != 1 or not x.is_cuda
                 or not all(isinstance(b, QuantLinear) for b in blocks)
                 or self.q_norm is not None):

@@ -20,7 +20,14 @@ from llm.backends.torch.quant.cpu import CpuQuantLinear
 from llm.backends.torch.quant.native import NativeKernels
 from llm.backends.torch.rope import RotaryEmbedding
 from llm.backends.torch.sampling import SamplingTensors, sample
-from llm.backends.torch.weight import QuantLinear, RowBlocks, is_dense, nbytes, on_device
+from llm.backends.torch.weight import (
+    QuantLinear,
+    RowBlocks,
+    blocks_of,
+    is_dense,
+    nbytes,
+    on_device,
+)
 from llm.model.config import ModelConfig, RuntimeConfig
 
 # Decode batches that use the fused GEMVs (and the GEMV LM head) where the Triton decode kernels
@@ -96,7 +103,7 @@ class DecoderLayer:
 def _native(w: object) -> CpuQuantLinear | list[CpuQuantLinear] | None:
     """A projection as `NativeKernels.layer_plan` takes it (its C kernels' layer, or its row
     blocks' layers), or None where a block is not quantized for the C kernels."""
-    blocks = w.blocks if isinstance(w, RowBlocks) else [w]
+    blocks = blocks_of(w)
     if not all(isinstance(b, QuantLinear) and b.cpu().kind == "native" for b in blocks):
         return None
     layers = [b.cpu() for b in blocks]

@@ -11,6 +11,8 @@ per lookup from the planes."""
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
@@ -115,9 +117,8 @@ class RowBlocks:
             raise ValueError("RowBlocks takes two or more quantized blocks of one in_features")
         self.blocks = blocks
         self.dtype = blocks[0].dtype
-        self.starts = [0]  # the first row of each block, then the row count
-        for b in blocks:
-            self.starts.append(self.starts[-1] + b.shape[0])
+        # the first row of each block, then the row count
+        self.starts = list(accumulate((b.shape[0] for b in blocks), initial=0))
         self.shape = torch.Size((self.starts[-1], blocks[0].shape[1]))
 
     @property
@@ -135,6 +136,11 @@ class RowBlocks:
         concatenated."""
         return torch.cat([b(x, None if bias is None else bias[lo:hi]) for b, lo, hi in
                           zip(self.blocks, self.starts[:-1], self.starts[1:], strict=True)], dim=-1)
+
+
+def blocks_of(w: torch.Tensor | QuantLinear | RowBlocks) -> list:
+    """A projection's row blocks: a `RowBlocks`' blocks, or the weight itself alone."""
+    return w.blocks if isinstance(w, RowBlocks) else [w]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantLinear | RowBlocks,

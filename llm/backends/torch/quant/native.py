@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -96,9 +97,7 @@ class NativeKernels:
 
         def mat(w, bias) -> _QMat:
             blocks = _blocks(w)
-            starts = [0]
-            for b in blocks:
-                starts.append(starts[-1] + b.out_features)
+            starts = list(accumulate((b.out_features for b in blocks), initial=0))
             after = None
             for b, lo, hi in reversed(list(zip(blocks, starts[:-1], starts[1:], strict=True))):
                 m = _QMat(b.weight.data_ptr(), b.scales.data_ptr(), b.zero.data_ptr(),
