@@ -21,12 +21,12 @@ deep through shared memory instead, tN = N row tiles a program, x read once, e.g
 w:4:128:4:pt4), g:... = the same with SiLU*up in its
 epilogue (`qgemv_silu_mul`; the weight read as a fused gate/up one, no error column),
 tc:BLOCK_N:WARPS[:STAGES[:FLAG...]] = the tensor-core kernel (FLAGs: x = 4-bit codes converted
-through float32 instead of by byte permutes; sS = split-K into S programs along K; pP = split-K by
-`QGemmTcRule`: K halved until the grid has >= P programs; e.g. tc:64:4:3:s4, tc:64:4:3:p264; the
-row's variant names the split that ran), auto = what `qgemv` picks,
-bf16 = F.linear on a dense bf16 weight); microseconds per call as a CUDA graph over copies of the
-weight that together exceed the L2 several times, GB/s of stored bytes, and the error against
-x @ dequantize(W).T in float64.
+through float32 instead of by byte permutes; o = the kernel before v4, `qgemm_tc(v4=False)`;
+sS = split-K into S programs along K; pP = split-K by `QGemmTcRule`: K halved until the grid
+has >= P programs; e.g. tc:64:4:3:s4, tc:64:4:3:p264; the row's variant names the split that
+ran), auto = what `qgemv` picks, bf16 = F.linear on a dense bf16 weight); microseconds per call
+as a CUDA graph over copies of the weight that together exceed the L2 several times, GB/s of
+stored bytes, and the error against x @ dequantize(W).T in float64.
 
 Random planes with the shapes of real models (every 2-D weight in the format; norms in bf16), run
 through the torch backend with CUDA graphs: decode-sized batches go through the Triton GEMV that
@@ -123,15 +123,16 @@ def variant_call(v: str, x: torch.Tensor):
     if f[0] == "tc":
         rule = tc_rule(f[1:])
         fast = "x" not in f[4:]
+        v4 = "o" not in f[4:]
         return lambda w: qgemm_tc(x, w, block_n=rule.block_n, num_warps=rule.num_warps,
-                                  num_stages=rule.num_stages, fast=fast,
+                                  num_stages=rule.num_stages, fast=fast, v4=v4,
                                   split_k=rule.split_for(*w.shape))
     raise SystemExit(f"unknown variant {v!r}")
 
 
 def tc_rule(fields: list[str]):
-    """BLOCK_N, WARPS[, STAGES[, FLAG...]] (see the module docstring) -> the QGemmTcRule (flag
-    x is the caller's)."""
+    """BLOCK_N, WARPS[, STAGES[, FLAG...]] (see the module docstring) -> the QGemmTcRule (flags
+    x and o are the caller's)."""
     from llm.backends.torch.kernels.qgemv_config import QGemmTcRule
 
     try:
@@ -141,7 +142,7 @@ def tc_rule(fields: list[str]):
                 rule = replace(rule, split_k=int(flag[1:]))
             elif flag[:1] == "p":
                 rule = replace(rule, programs=int(flag[1:]))
-            elif flag != "x":
+            elif flag not in ("x", "o"):
                 raise ValueError(f"unknown flag {flag!r}")
     except ValueError as e:
         raise SystemExit(f"tensor-core config {':'.join(fields)!r}: {e}") from None

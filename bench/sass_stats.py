@@ -6,13 +6,16 @@ one-row kernel").
     PYTHONPATH=/tmp/t36:. python bench/sass_stats.py words:q5_k:8:128   # another Triton
 
 Each spec is `words:FORMAT:BLOCK_N:BLOCK_G` (the v2 one-row kernel, kernels/qgemv_words.py: one
-row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SPLITS` (the
-tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096). The kernel is
+row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SPLITS[:o]` (the
+tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096; o: the kernel
+before v4, `qgemm_tc(v4=False)`). The kernel is
 compiled for sm_90 with PDL by the Triton that Python imports (the GPU machine's is 3.6; a wheel
 of that version installed with `pip install --no-deps --target /tmp/t36 triton==3.6.0` and put
 first on PYTHONPATH reproduces its SASS), and Triton's bundled `cuobjdump -sass -res-usage`
 reads the cubin. Prints one table: registers a thread, local-memory loads / stores (spills),
-shared-memory matrix loads (LDSM: layout conversions), barriers, global loads, all instructions.
+shared-memory matrix loads (LDSM: layout conversions), barriers, global loads, all instructions,
+and those of one step of the main loop. Pointers and integer arguments but M and N carry the
+divisibility by 16 that a launch specializes on (without it the loads compile to single bytes).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ _QH_BYTES = {"q5_0", "q5_1", "q5_k"}  # `qh` as bytes; Q6_K's as 32-bit words (q
 
 def _compile(spec: str):
     """The compiled kernel of one spec (see the module docstring)."""
-    kind, fmt_name, a, b = spec.split(":")
+    kind, fmt_name, a, b, *flags = spec.split(":")
+    old = "o" in flags  # tc: the kernel before v4
     fmt, gs = family(fmt_name)
     types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16", "xw_ptr": "*i64",
              "qw_ptr": "*i32", "qs_ptr": "*u8", "d_ptr": "*fp16", "m_ptr": "*fp16",
@@ -58,18 +62,38 @@ def _compile(spec: str):
         types["qh_ptr"] = "*u8"
         splits = int(b)
         ce = dict(K=4096, FMT=fmt, GS=gs, BLOCK_M=16, BLOCK_N=int(a), SPLITS=splits,
-                  SPLIT_G=128 // splits, FAST=True, HAS_BIAS=False, COMPILED=True, USE_GDC=True)
+                  SPLIT_G=128 // splits, FAST=True, V4=not old, HAS_BIAS=False, COMPILED=True,
+                  USE_GDC=True)
         options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
     else:
         raise SystemExit(f"unknown kernel {kind!r} in {spec!r} (words or tc)")
     signature = {arg: "constexpr" if arg in ce else types.get(
         arg, "*bf16" if arg.endswith(("_ptr", "_pool")) else "i32") for arg in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, ce), target=GPUTarget("cuda", 90, 32),
-                          options=options)
+    # what a launch specializes: pointers and integers that are multiples of 16 (all but the
+    # rows of x and the output features here) are known to be so, which vectorizes the loads
+    hints = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
+             if arg not in ce and arg not in ("M", "N")}
+    return triton.compile(ASTSource(kernel, signature, ce, hints),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions of the longest loop body in the SASS (a backward conditional branch's
+    span): one step of the kernel's main loop."""
+    at = re.compile(r"/\*([0-9a-f]{4,})\*/")
+    best = 0
+    for line in sass.splitlines():
+        m = re.search(r"@!?U?P\w+\s+BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line)
+        here = at.search(line)
+        if m and m.group(1) and here:
+            start, end = int(m.group(1), 16), int(here.group(1), 16)
+            if start < end:
+                best = max(best, (end - start) // 16 + 1)
+    return best
 
 
 def sass_stats(spec: str) -> list:
-    """[spec, registers, LDL, STL, LDSM, BAR, LDG, instructions] of one spec."""
+    """[spec, registers, LDL, STL, LDSM, BAR, LDG, instructions, loop step] of one spec."""
     compiled = _compile(spec)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -83,7 +107,7 @@ def sass_stats(spec: str) -> list:
         r"\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out))
     regs = re.search(r"REG:(\d+)", out)
     return [spec, regs.group(1) if regs else "?", ops["LDL"], ops["STL"], ops["LDSM"],
-            ops["BAR"], ops["LDG"], sum(ops.values())]
+            ops["BAR"], ops["LDG"], sum(ops.values()), loop_instructions(out)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [sass_stats(s) for s in args.specs]
     print(f"Triton {triton.__version__}, sm_90")
-    print("| kernel | registers | LDL | STL | LDSM | BAR | LDG | instructions |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | registers | LDL | STL | LDSM | BAR | LDG | instructions | a loop step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(v) for v in r) + " |")
     return 0

@@ -243,3 +243,27 @@ def test_cuda_8b_shapes_with_the_split_rule(fmt: str, n: int, k: int) -> None:
         x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
         y32 = qgemm_tc(x, w, split_k=split, out_dtype=torch.float32)
         assert _max_rel(y32, _ref32(x, w, None)) <= 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "int4_g32"])
+def test_v4_matches_the_kernel_before(fmt: str) -> None:
+    """v4 (x's sums once a step, the K-quants' scales a step ahead, Q5 / Q6_K codes by
+    `_tc_q5` / `_tc_q6` where compiled) against the kernel of 2026-12-05 (`v4=False`): the same
+    function up to the order of x's sums, so equal bits where no sum of x enters (Q5_0, Q6_K)
+    and within float32 rounding elsewhere; both within 1e-3 of dequantize-then-matmul. On the
+    GPU the 8B gate/up shape as well."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [_shape(fmt)] + ([(28672, 4096)] if DEVICE != "cpu" else [])
+    for n, k in shapes:
+        w = random_quantized(fmt, n, k, g)
+        for m in (5, 16):
+            x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
+            kw = dict(block_n=16, num_warps=1) if DEVICE == "cpu" else {}
+            new = qgemm_tc(x, w, out_dtype=torch.float32, **kw)
+            old = qgemm_tc(x, w, out_dtype=torch.float32, v4=False, **kw)
+            ref = _ref32(x, w, None)
+            assert _max_rel(new, ref) <= 1e-3 and _max_rel(old, ref) <= 1e-3
+            if fmt in ("q5_0", "q6_k"):
+                assert torch.equal(new, old)
+            else:
+                assert _max_rel(new, old) <= 1e-5

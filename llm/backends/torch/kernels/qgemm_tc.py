@@ -29,6 +29,7 @@ from llm.backends.torch.kernels.qgemv_common import (
     bit_planes,
     family,
     group_scale,
+    scale_sums,
 )
 from llm.backends.torch.kernels.splitk import split_groups, split_sum, tile_counters
 from llm.model.quant.tensor import QuantizedTensor
@@ -65,10 +66,45 @@ def _nibble_asm(high: bool, off: int) -> str:
             "fma.rn.bf16x2 $0, $0, one, neg; fma.rn.bf16x2 $1, $1, one, neg; }")
 
 
+def _q5_asm(high: bool, off: int) -> str:
+    """PTX for 4 packed bytes of 4-bit codes ($2) and their `qh` byte, 4 times ($3) -> 4
+    bfloat16 ($0, $1) of the 5-bit codes less off, as `_nibble_asm`: the qh byte's bit t (4 + t
+    for the high nibbles) is the fifth bit of byte t's code (llm.model.quant.bits), spread to
+    bit 4 of byte t by one multiply (4 copies of the 4 bits, none overlapping) and a mask."""
+    neg = 0xC300C300 + 0x10001 * off
+    take = ("shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; shr.u32 s, $3, 4; and.b32 s, s, 0xF; "
+            if high else "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $3, 0xF; ")
+    return ("{ .reg .b32 t, s, one, neg; mov.b32 one, 0x3F803F80; mov.b32 neg, " + hex(neg) + "; "
+            + take + "mul.lo.u32 s, s, 0x02040810; and.b32 s, s, 0x10101010; or.b32 t, t, s; "
+            "prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; "
+            "fma.rn.bf16x2 $0, $0, one, neg; fma.rn.bf16x2 $1, $1, one, neg; }")
+
+
+def _q6_asm(high: bool) -> str:
+    """PTX for 4 packed bytes of 4-bit codes ($2), the 4 `qh` bytes of their columns ($3) and
+    the shift of those columns' two bits in them ($4's low byte: 0 or 2; + 4 for the high
+    nibbles, llm.model.quant.bits) -> 4 bfloat16 ($0, $1) of the 6-bit codes less 32, as
+    `_nibble_asm`: the bits moved to bits 4-5 of each byte by one shift each way and a mask."""
+    neg = 0xC300C300 + 0x10001 * 32
+    take = ("shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 s, $4, 0xFF; add.u32 s, s, 4; "
+            if high else "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $4, 0xFF; ")
+    return ("{ .reg .b32 t, s, h, one, neg; mov.b32 one, 0x3F803F80; mov.b32 neg, " + hex(neg)
+            + "; " + take + "shr.b32 h, $3, s; shl.b32 h, h, 4; and.b32 h, h, 0x30303030; "
+            "or.b32 t, t, h; prmt.b32 $0, t, 0x43434343, 0x4140; "
+            "prmt.b32 $1, t, 0x43434343, 0x4342; fma.rn.bf16x2 $0, $0, one, neg; "
+            "fma.rn.bf16x2 $1, $1, one, neg; }")
+
+
 _LO8 = tl.constexpr(_nibble_asm(False, 8))
 _HI8 = tl.constexpr(_nibble_asm(True, 8))
 _LO0 = tl.constexpr(_nibble_asm(False, 0))
 _HI0 = tl.constexpr(_nibble_asm(True, 0))
+_Q5LO16 = tl.constexpr(_q5_asm(False, 16))
+_Q5HI16 = tl.constexpr(_q5_asm(True, 16))
+_Q5LO0 = tl.constexpr(_q5_asm(False, 0))
+_Q5HI0 = tl.constexpr(_q5_asm(True, 0))
+_Q6LO = tl.constexpr(_q6_asm(False))
+_Q6HI = tl.constexpr(_q6_asm(True))
 
 
 @triton.jit
@@ -83,13 +119,82 @@ def _tc_nibbles(b, OFF: tl.constexpr):
 
 
 @triton.jit
-def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs,
-              s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr,
-              GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr,
+def _tc_q5(b, h, OFF: tl.constexpr):
+    """Packed 4-bit codes b and, per byte, its group's `qh` byte h (uint8; compiled only) ->
+    bfloat16 (low 5-bit code - OFF, high 5-bit code - OFF), exactly (`_q5_asm`); OFF 16 (Q5_0)
+    or 0."""
+    lo = tl.inline_asm_elementwise(_Q5LO16 if OFF == 16 else _Q5LO0, "=r,=r,r,r", [b, h],
+                                   dtype=tl.bfloat16, is_pure=True, pack=4)
+    hi = tl.inline_asm_elementwise(_Q5HI16 if OFF == 16 else _Q5HI0, "=r,=r,r,r", [b, h],
+                                   dtype=tl.bfloat16, is_pure=True, pack=4)
+    return lo, hi
+
+
+@triton.jit
+def _tc_q6(b, h, sh):
+    """Packed 4-bit codes b, per byte its column's `qh` byte h and that column's bit shift sh
+    in it (uint8; compiled only) -> bfloat16 (low 6-bit code - 32, high - 32), exactly
+    (`_q6_asm`)."""
+    lo = tl.inline_asm_elementwise(_Q6LO, "=r,=r,r,r,r", [b, h, sh], dtype=tl.bfloat16,
+                                   is_pure=True, pack=4)
+    hi = tl.inline_asm_elementwise(_Q6HI, "=r,=r,r,r,r", [b, h, sh], dtype=tl.bfloat16,
+                                   is_pure=True, pack=4)
+    return lo, hi
+
+
+@triton.jit
+def _columns4(t):
+    """The 4 columns of t [R, 4] as [R] tensors."""
+    even, odd = tl.split(tl.reshape(t, [t.shape[0], 2, 2]))
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn, rows, live, g0, g_end,
+                 FMT: tl.constexpr):
+    """The scales of the 4 groups from g0 as [BLOCK_N, 4] (a, c) of `scale_sums`: Q8_0 / Q4_0
+    d[g] (float16, c unused); Q4_K / Q5_K f(d[s]) * f(sc[g]), f(dmin[s]) * f(mins[g])
+    (g0 a multiple of 4: the 4 groups share a super-block s)."""
+    g4 = g0 + tl.arange(0, 4)[None, :]
+    m4 = live & (g4 < g_end)
+    if FMT == 5 or FMT == 6:
+        a = (tl.load(d_ptr + rows * s_d + g0 // 8, mask=live, other=0.0).to(tl.float32)
+             * tl.load(sc_ptr + rows * s_sc + g4, mask=m4, other=0).to(tl.float32))
+        c = (tl.load(m_ptr + rows * s_m + g0 // 8, mask=live, other=0.0).to(tl.float32)
+             * tl.load(mn_ptr + rows * s_mn + g4, mask=m4, other=0).to(tl.float32))
+    elif FMT == 7:
+        d = tl.load(d_ptr + rows * s_d + g0 // 8, mask=live, other=0.0).to(tl.float32)
+        a = d * tl.load(sc_ptr + rows * s_sc + 2 * g4, mask=m4, other=0).to(tl.float32)
+        c = d * tl.load(sc_ptr + rows * s_sc + 2 * g4 + 1, mask=m4, other=0).to(tl.float32)
+    else:
+        a = tl.load(d_ptr + rows * s_d + g4, mask=m4, other=0.0)  # converted by the caller
+        c = a
+    return a, c
+
+
+@triton.jit
+def _step_sums(x_ptr, ms, M, stride_x, g0, g_end, BLOCK_M: tl.constexpr):
+    """Sums of x over each of the 4 groups from g0 (none past g_end) as 4 [BLOCK_M] float32:
+    one load of the step's 128 columns, each thread adding a run of one group's columns."""
+    kk = 32 * g0 + tl.arange(0, 128)
+    xs = tl.load(x_ptr + ms[:, None] * stride_x + kk[None, :],
+                 mask=(ms < M)[:, None] & (kk < 32 * g_end)[None, :], other=0.0)
+    return _columns4(tl.sum(tl.reshape(xs.to(tl.float32), [BLOCK_M, 4, 32]), axis=2))
+
+
+@triton.jit
+def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr,
+              s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr,
+              GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr, V4: tl.constexpr,
               COMPILED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= g_end, the end of
-    the program's groups); d [BLOCK_N, 1]: the group's scales (Q8_0 / Q4_0, loaded ahead by the
-    caller). Q5_* / Q6_K: the codes' high bits from `qh` (`bit_planes`)."""
+    the program's groups); d, c [BLOCK_N, 1]: the group's coefficients of `scale_sums` (Q8_0 /
+    Q4_0, and Q4_K / Q5_K where V4; loaded ahead by the caller, `_step_coeffs`); sx
+    [BLOCK_M]: the sum of x over the group (V4, the formats with an offset; `_step_sums`),
+    else summed here. Q5_* / Q6_K: the codes' high bits from `qh` (V4 and compiled: Q5_* by
+    `_tc_q5`; else `bit_planes`)."""
     inside = (tl.zeros([1, 1], tl.int32) + g) < g_end  # [1, 1] (the interpreter misreads a
     # splat comparison of scalars as a mask)
     live = n_live[:, None] & inside
@@ -104,7 +209,16 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn
         a1 = _tc_codes(tl.load(c + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
     else:  # byte i: column i (low nibble) and 16 + i (high nibble)
         bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
-        if FMT == 3 or FMT == 4 or FMT == 6 or FMT == 7:  # and their high bits from `qh`
+        if (FMT == 3 or FMT == 4 or FMT == 6) and COMPILED and FAST and V4:
+            q4 = tl.load(qh_ptr + rows * s_qh + 4 * g + tl.arange(0, 4)[None, :], mask=live,
+                         other=0)  # [BLOCK_N, 4] the group's qh bytes
+            qb = tl.reshape(tl.join(tl.join(q4, q4), tl.join(q4, q4)), [BLOCK_N, 16])
+            a0, a1 = _tc_q5(bq, qb, 16 if FMT == 3 else 0)
+        elif FMT == 7 and COMPILED and FAST and V4:  # byte 8g + i % 8, bits 2 (i // 8) + ..
+            qb = tl.load(qh_ptr + rows * s_qh + 8 * g + i16[None, :] % 8, mask=live, other=0)
+            sh = tl.broadcast_to((2 * (i16 // 8)).to(tl.uint8)[None, :], [BLOCK_N, 16])
+            a0, a1 = _tc_q6(bq, qb, sh)
+        elif FMT == 3 or FMT == 4 or FMT == 6 or FMT == 7:  # and their high bits from `qh`
             i = i16[None, :]  # [1, 16]: columns i and 16 + i, the lanes (i // 8, i % 8)
             h0, h1 = bit_planes(qh_ptr, rows, s_qh, g, i // 8, i % 8, live, FMT)
             off5: tl.constexpr = 16 if FMT == 3 else (32 if FMT == 7 else 0)
@@ -117,7 +231,10 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn
             else:
                 a0 = _tc_codes(bq.to(tl.int32) & 15, off, COMPILED)
                 a1 = _tc_codes(bq.to(tl.int32) >> 4, off, COMPILED)
-    if FMT == 7:  # Q6_K: a scale per 16-column half, so the halves' sums apart
+    if FMT == 7 and V4:  # Q6_K: a scale per 16-column half, so the halves' sums apart
+        acc += scale_sums(tl.dot(a0, x0), tl.dot(a1, x1), d, c, FMT, COMPILED)
+        return acc
+    if FMT == 7:
         g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
         acc += group_scale(tl.dot(a0, x0), tl.dot(a1, x1), rows, g2, live, d_ptr, m_ptr, sc_ptr,
                            mn_ptr, s_d, s_m, s_sc, s_mn, FMT, GS, COMPILED)
@@ -127,8 +244,15 @@ def _tc_group(acc, d, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn
         acc += d * S
     else:
         g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
-        sx = (tl.sum(x0.to(tl.float32), axis=0) + tl.sum(x1.to(tl.float32), axis=0))[None, :]
-        acc += group_scale(S, sx, rows, g2, live, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
+        if V4:
+            sx2 = sx[None, :]
+        else:
+            sx2 = (tl.sum(x0.to(tl.float32), axis=0)
+                   + tl.sum(x1.to(tl.float32), axis=0))[None, :]
+        if V4 and (FMT == 5 or FMT == 6):
+            acc += scale_sums(S, sx2, d, c, FMT, COMPILED)
+            return acc
+        acc += group_scale(S, sx2, rows, g2, live, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
                            s_mn, FMT, GS, COMPILED)
     return acc
 
@@ -139,14 +263,15 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
                      K: tl.constexpr,
                      FMT: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_G: tl.constexpr,
-                     FAST: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr,
-                     USE_GDC: tl.constexpr):
+                     FAST: tl.constexpr, V4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
     """y[:, n0:n0 + BLOCK_N] (n0 = program * BLOCK_N) for up to BLOCK_M (>= 16) rows of x, four
     32-groups per step: per group, its codes (exact in bf16) times x's 32 columns on the tensor
     cores (fp32 accumulation), then the group's scale (and offset times the sum of x) in fp32,
     in the order of the format's dequantize where x is a unit vector. The codes and x go through
-    the compiler's pipelined copies; the Q8_0 / Q4_0 scales of the next step are loaded one
-    step ahead into registers ([BLOCK_N, 4], split into columns), so no step waits on them.
+    the compiler's pipelined copies; the Q8_0 / Q4_0 (V4: and Q4_K / Q5_K) scales of the next
+    step are loaded one step ahead into registers ([BLOCK_N, 4], split into columns), so no
+    step waits on them; V4: x's sums over the step's groups once per step (`_step_sums`).
     SPLITS > 1 (split-K, kernels/splitk.py): program (pid, s) sums groups s * SPLIT_G up to the
     next split's first into a float32 partial; the tile's last program adds the partials."""
     NG: tl.constexpr = K // 32
@@ -164,34 +289,40 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     ms = tl.arange(0, BLOCK_M)
     xmask = (ms < M)[None, :]  # [1, BLOCK_M]
     x_cols = x_ptr + ms[None, :] * stride_x + i16[:, None]  # [16, BLOCK_M]: x^T, 16 columns
-    c4 = tl.arange(0, 4)[None, :]  # [1, 4] the step's groups
     wait_then_release(USE_GDC)
-    if FMT == 0 or FMT == 1:
-        g4 = g_lo + c4
-        d_next = tl.load(d_ptr + rows * s_d + g4, mask=n_live[:, None] & (g4 < g_hi), other=0.0)
+    PRE: tl.constexpr = FMT == 0 or FMT == 1 or (V4 and (FMT == 5 or FMT == 6 or FMT == 7))
+    if PRE:
+        a_next, c_next = _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn, rows,
+                                      n_live[:, None], g_lo, g_hi, FMT)
     else:  # scales loaded per group by group_scale
-        d_next = tl.zeros([BLOCK_N, 4], tl.float16)
+        a_next = tl.zeros([BLOCK_N, 4], tl.float32)
+        c_next = a_next
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for g0 in range(g_lo, g_hi, 4):
-        d_even, d_odd = tl.split(tl.reshape(d_next.to(tl.float32), [BLOCK_N, 2, 2]))
-        d0, d2 = tl.split(d_even)  # [BLOCK_N] scales of groups g0 .. g0 + 3
-        d1, d3 = tl.split(d_odd)
-        if FMT == 0 or FMT == 1:
-            gn = g0 + 4 + c4
-            d_next = tl.load(d_ptr + rows * s_d + gn, mask=n_live[:, None] & (gn < g_hi),
-                             other=0.0)
-        acc = _tc_group(acc, d0[:, None], g0, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
-                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
-                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
-        acc = _tc_group(acc, d1[:, None], g0 + 1, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
-                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
-                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
-        acc = _tc_group(acc, d2[:, None], g0 + 2, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
-                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
-                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
-        acc = _tc_group(acc, d3[:, None], g0 + 3, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr,
-                        sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16,
-                        g_hi, FMT, GS, BLOCK_N, FAST, COMPILED)
+        d0, d1, d2, d3 = _columns4(a_next.to(tl.float32))  # [BLOCK_N] groups g0 .. g0 + 3
+        e0, e1, e2, e3 = _columns4(c_next.to(tl.float32))
+        if PRE:
+            a_next, c_next = _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn,
+                                          rows, n_live[:, None], g0 + 4, g_hi, FMT)
+        if V4 and FMT != 0 and FMT != 1 and FMT != 3 and FMT != 7:  # formats with an offset
+            sx0, sx1, sx2, sx3 = _step_sums(x_ptr, ms, M, stride_x, g0, g_hi, BLOCK_M)
+        else:  # not read
+            sx0 = tl.zeros([BLOCK_M], tl.float32)
+            sx1 = sx0
+            sx2 = sx0
+            sx3 = sx0
+        acc = _tc_group(acc, d0[:, None], e0[:, None], sx0, g0, x_cols, xmask, qs_ptr, qh_ptr,
+                        d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
+        acc = _tc_group(acc, d1[:, None], e1[:, None], sx1, g0 + 1, x_cols, xmask, qs_ptr, qh_ptr,
+                        d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
+        acc = _tc_group(acc, d2[:, None], e2[:, None], sx2, g0 + 2, x_cols, xmask, qs_ptr, qh_ptr,
+                        d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
+        acc = _tc_group(acc, d3[:, None], e3[:, None], sx3, g0 + 3, x_cols, xmask, qs_ptr, qh_ptr,
+                        d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
     live = xmask & n_live[:, None]
     if SPLITS == 1:
         out = acc
@@ -216,7 +347,7 @@ def tc_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
 def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
              block_n: int = 64, num_warps: int = 4, num_stages: int = 3, fast: bool = True,
              pdl: bool | None = None, split_k: int = 1,
-             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype | None = None, v4: bool = True) -> torch.Tensor:
     """x [M, K] (bf16, M <= 16) @ w.dequantize().T (+ bias) on the tensor cores -> [M, N] in
     out_dtype (default x's). fast: 4-bit codes to bfloat16 by byte permutes (`_tc_nibbles`),
     else through float32 (`_tc_codes`). split_k: at most this many programs along K
@@ -241,7 +372,7 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
         x, y, bias if bias is not None else x, *planes, partials, counters, m, n, x.stride(0),
         y.stride(0), *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, SPLITS=splits,
-        SPLIT_G=split_g, FAST=fast, HAS_BIAS=bias is not None,
+        SPLIT_G=split_g, FAST=fast, V4=v4, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=num_warps,
         num_stages=num_stages, **launch_options(gdc))
     return y
