@@ -247,8 +247,8 @@ def test_cuda_8b_shapes_with_the_split_rule(fmt: str, n: int, k: int) -> None:
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "int4_g32"])
 def test_v4_matches_the_kernel_before(fmt: str) -> None:
-    """v4 (x's sums once a step, the K-quants' scales a step ahead, Q5 / Q6_K codes by
-    `_tc_q5` / `_tc_q6` where compiled) against the kernel of 2026-12-05 (`v4=False`): the same
+    """v4 (x's sums once a step, the K-quants' scales a step ahead, Q5 codes by `_tc_q5` where
+    compiled) against the kernel of 2026-12-05 (`v4=False`): the same
     function up to the order of x's sums, so equal bits where no sum of x enters (Q5_0, Q6_K)
     and within float32 rounding elsewhere; both within 1e-3 of dequantize-then-matmul. On the
     GPU the 8B gate/up shape as well."""

@@ -67,30 +67,17 @@ def _nibble_asm(high: bool, off: int) -> str:
 
 
 def _q5_asm(high: bool, off: int) -> str:
-    """PTX for 4 packed bytes of 4-bit codes ($2) and their `qh` byte, 4 times ($3) -> 4
-    bfloat16 ($0, $1) of the 5-bit codes less off, as `_nibble_asm`: the qh byte's bit t (4 + t
-    for the high nibbles) is the fifth bit of byte t's code (llm.model.quant.bits), spread to
-    bit 4 of byte t by one multiply (4 copies of the 4 bits, none overlapping) and a mask."""
+    """PTX for 4 packed bytes of 4-bit codes ($2), per byte its group's `qh` byte ($3) and the
+    bit of its column in it ($4: 1 << (column % 4), llm.model.quant.bits; << 4 for the high
+    nibbles) -> 4 bfloat16 ($0, $1) of the 5-bit codes less off, as `_nibble_asm`: each byte's
+    bit, once selected, is carried to bit 7 by adding 0x7F and moved to bit 4. Every byte
+    apart: no assumption on which elements are packed together."""
     neg = 0xC300C300 + 0x10001 * off
-    take = ("shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; shr.u32 s, $3, 4; and.b32 s, s, 0xF; "
-            if high else "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $3, 0xF; ")
+    take = ("shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; shl.b32 s, $4, 4; and.b32 s, $3, s; "
+            if high else "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $3, $4; ")
     return ("{ .reg .b32 t, s, one, neg; mov.b32 one, 0x3F803F80; mov.b32 neg, " + hex(neg) + "; "
-            + take + "mul.lo.u32 s, s, 0x02040810; and.b32 s, s, 0x10101010; or.b32 t, t, s; "
-            "prmt.b32 $0, t, 0x43434343, 0x4140; prmt.b32 $1, t, 0x43434343, 0x4342; "
-            "fma.rn.bf16x2 $0, $0, one, neg; fma.rn.bf16x2 $1, $1, one, neg; }")
-
-
-def _q6_asm(high: bool) -> str:
-    """PTX for 4 packed bytes of 4-bit codes ($2), the 4 `qh` bytes of their columns ($3) and
-    the shift of those columns' two bits in them ($4's low byte: 0 or 2; + 4 for the high
-    nibbles, llm.model.quant.bits) -> 4 bfloat16 ($0, $1) of the 6-bit codes less 32, as
-    `_nibble_asm`: the bits moved to bits 4-5 of each byte by one shift each way and a mask."""
-    neg = 0xC300C300 + 0x10001 * 32
-    take = ("shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 s, $4, 0xFF; add.u32 s, s, 4; "
-            if high else "and.b32 t, $2, 0x0F0F0F0F; and.b32 s, $4, 0xFF; ")
-    return ("{ .reg .b32 t, s, h, one, neg; mov.b32 one, 0x3F803F80; mov.b32 neg, " + hex(neg)
-            + "; " + take + "shr.b32 h, $3, s; shl.b32 h, h, 4; and.b32 h, h, 0x30303030; "
-            "or.b32 t, t, h; prmt.b32 $0, t, 0x43434343, 0x4140; "
+            + take + "add.u32 s, s, 0x7F7F7F7F; and.b32 s, s, 0x80808080; shr.u32 s, s, 3; "
+            "or.b32 t, t, s; prmt.b32 $0, t, 0x43434343, 0x4140; "
             "prmt.b32 $1, t, 0x43434343, 0x4342; fma.rn.bf16x2 $0, $0, one, neg; "
             "fma.rn.bf16x2 $1, $1, one, neg; }")
 
@@ -103,8 +90,6 @@ _Q5LO16 = tl.constexpr(_q5_asm(False, 16))
 _Q5HI16 = tl.constexpr(_q5_asm(True, 16))
 _Q5LO0 = tl.constexpr(_q5_asm(False, 0))
 _Q5HI0 = tl.constexpr(_q5_asm(True, 0))
-_Q6LO = tl.constexpr(_q6_asm(False))
-_Q6HI = tl.constexpr(_q6_asm(True))
 
 
 @triton.jit
@@ -119,26 +104,14 @@ def _tc_nibbles(b, OFF: tl.constexpr):
 
 
 @triton.jit
-def _tc_q5(b, h, OFF: tl.constexpr):
-    """Packed 4-bit codes b and, per byte, its group's `qh` byte h (uint8; compiled only) ->
-    bfloat16 (low 5-bit code - OFF, high 5-bit code - OFF), exactly (`_q5_asm`); OFF 16 (Q5_0)
-    or 0."""
-    lo = tl.inline_asm_elementwise(_Q5LO16 if OFF == 16 else _Q5LO0, "=r,=r,r,r", [b, h],
-                                   dtype=tl.bfloat16, is_pure=True, pack=4)
-    hi = tl.inline_asm_elementwise(_Q5HI16 if OFF == 16 else _Q5HI0, "=r,=r,r,r", [b, h],
-                                   dtype=tl.bfloat16, is_pure=True, pack=4)
-    return lo, hi
-
-
-@triton.jit
-def _tc_q6(b, h, sh):
-    """Packed 4-bit codes b, per byte its column's `qh` byte h and that column's bit shift sh
-    in it (uint8; compiled only) -> bfloat16 (low 6-bit code - 32, high - 32), exactly
-    (`_q6_asm`)."""
-    lo = tl.inline_asm_elementwise(_Q6LO, "=r,=r,r,r,r", [b, h, sh], dtype=tl.bfloat16,
-                                   is_pure=True, pack=4)
-    hi = tl.inline_asm_elementwise(_Q6HI, "=r,=r,r,r,r", [b, h, sh], dtype=tl.bfloat16,
-                                   is_pure=True, pack=4)
+def _tc_q5(b, h, bit, OFF: tl.constexpr):
+    """Packed 4-bit codes b, per byte its group's `qh` byte h and its column's bit in it
+    (uint8; compiled only) -> bfloat16 (low 5-bit code - OFF, high - OFF), exactly
+    (`_q5_asm`); OFF 16 (Q5_0) or 0 (Q5_1, Q5_K)."""
+    lo = tl.inline_asm_elementwise(_Q5LO16 if OFF == 16 else _Q5LO0, "=r,=r,r,r,r",
+                                   [b, h, bit], dtype=tl.bfloat16, is_pure=True, pack=4)
+    hi = tl.inline_asm_elementwise(_Q5HI16 if OFF == 16 else _Q5HI0, "=r,=r,r,r,r",
+                                   [b, h, bit], dtype=tl.bfloat16, is_pure=True, pack=4)
     return lo, hi
 
 
@@ -159,13 +132,15 @@ def _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn, rows, live,
     (g0 a multiple of 4: the 4 groups share a super-block s)."""
     g4 = g0 + tl.arange(0, 4)[None, :]
     m4 = live & (g4 < g_end)
+    m0 = live & ((tl.zeros([1, 1], tl.int32) + g0) < g_end)  # the super-block's scales: none
+    # past the end (the caller's prefetch after the last step)
     if FMT == 5 or FMT == 6:
-        a = (tl.load(d_ptr + rows * s_d + g0 // 8, mask=live, other=0.0).to(tl.float32)
+        a = (tl.load(d_ptr + rows * s_d + g0 // 8, mask=m0, other=0.0).to(tl.float32)
              * tl.load(sc_ptr + rows * s_sc + g4, mask=m4, other=0).to(tl.float32))
-        c = (tl.load(m_ptr + rows * s_m + g0 // 8, mask=live, other=0.0).to(tl.float32)
+        c = (tl.load(m_ptr + rows * s_m + g0 // 8, mask=m0, other=0.0).to(tl.float32)
              * tl.load(mn_ptr + rows * s_mn + g4, mask=m4, other=0).to(tl.float32))
     elif FMT == 7:
-        d = tl.load(d_ptr + rows * s_d + g0 // 8, mask=live, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + rows * s_d + g0 // 8, mask=m0, other=0.0).to(tl.float32)
         a = d * tl.load(sc_ptr + rows * s_sc + 2 * g4, mask=m4, other=0).to(tl.float32)
         c = d * tl.load(sc_ptr + rows * s_sc + 2 * g4 + 1, mask=m4, other=0).to(tl.float32)
     else:
@@ -211,13 +186,10 @@ def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
         bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
         if (FMT == 3 or FMT == 4 or FMT == 6) and COMPILED and FAST and V4:
             q4 = tl.load(qh_ptr + rows * s_qh + 4 * g + tl.arange(0, 4)[None, :], mask=live,
-                         other=0)  # [BLOCK_N, 4] the group's qh bytes
+                         other=0)  # [BLOCK_N, 4] the group's qh bytes: byte i // 4 for column i
             qb = tl.reshape(tl.join(tl.join(q4, q4), tl.join(q4, q4)), [BLOCK_N, 16])
-            a0, a1 = _tc_q5(bq, qb, 16 if FMT == 3 else 0)
-        elif FMT == 7 and COMPILED and FAST and V4:  # byte 8g + i % 8, bits 2 (i // 8) + ..
-            qb = tl.load(qh_ptr + rows * s_qh + 8 * g + i16[None, :] % 8, mask=live, other=0)
-            sh = tl.broadcast_to((2 * (i16 // 8)).to(tl.uint8)[None, :], [BLOCK_N, 16])
-            a0, a1 = _tc_q6(bq, qb, sh)
+            bit = tl.broadcast_to((1 << (i16 % 4)).to(tl.uint8)[None, :], [BLOCK_N, 16])
+            a0, a1 = _tc_q5(bq, qb, bit, 16 if FMT == 3 else 0)
         elif FMT == 3 or FMT == 4 or FMT == 6 or FMT == 7:  # and their high bits from `qh`
             i = i16[None, :]  # [1, 16]: columns i and 16 + i, the lanes (i // 8, i % 8)
             h0, h1 = bit_planes(qh_ptr, rows, s_qh, g, i // 8, i % 8, live, FMT)
