@@ -249,9 +249,10 @@ def test_cuda_8b_shapes_with_the_split_rule(fmt: str, n: int, k: int) -> None:
 def test_v4_matches_the_kernel_before(fmt: str) -> None:
     """v4 (x's sums once a step, the K-quants' scales a step ahead, Q5 codes by `_tc_q5` where
     compiled) against the kernel of 2026-12-05 (`v4=False`): the same
-    function up to the order of x's sums, so equal bits where no sum of x enters (Q5_0, Q6_K)
-    and within float32 rounding elsewhere; both within 1e-3 of dequantize-then-matmul. On the
-    GPU the 8B gate/up shape as well."""
+    function up to the order of x's sums, so equal bits where one product per group is added
+    (Q5_0) and within float32 rounding elsewhere (x's sums; Q6_K's two products, which the
+    compiler may fuse into the sum differently: not bit-equal on an H100); both within 1e-3 of
+    dequantize-then-matmul. On the GPU the 8B gate/up shape as well."""
     g = torch.Generator().manual_seed(7)
     shapes = [_shape(fmt)] + ([(28672, 4096)] if DEVICE != "cpu" else [])
     for n, k in shapes:
@@ -263,7 +264,7 @@ def test_v4_matches_the_kernel_before(fmt: str) -> None:
             old = qgemm_tc(x, w, out_dtype=torch.float32, v4=False, **kw)
             ref = _ref32(x, w, None)
             assert _max_rel(new, ref) <= 1e-3 and _max_rel(old, ref) <= 1e-3
-            if fmt in ("q5_0", "q6_k"):
+            if fmt == "q5_0":
                 assert torch.equal(new, old)
             else:
                 assert _max_rel(new, old) <= 1e-5
