@@ -9,8 +9,11 @@ permutes (`_tc_nibbles`): 8B Q4_0 batch 16 at 2,182 tok/s on an H200 (2026-12-04
 (`split_k`, kernels/splitk.py): programs along K as well, for the matrices whose N gives fewer
 programs than the GPU has SMs (8B qkv, o, down: 64-96 programs of 64 rows); their partials are
 added in a fixed order. The launch rule is qgemv_config.qgemm_tc_config. `qgemv`
-(kernels/qgemv.py) picks this kernel for Q8_0, Q4_0, Q4_1 and Q4_K batches above
-`qgemv_config.words_rows_max` rows (`TC_PICKED`).
+(kernels/qgemv.py) picks this kernel for every format it computes, batches above
+`qgemv_config.words_rows_max` rows (`TC_PICKED`). v4 (`v4=True`, the default): the formats with
+an offset sum x over a step's groups once per step instead of per group across threads, the
+K-quants' and Q6_K's scales come a step ahead, and Q5_* codes take byte permutes (`_tc_q5`): 8B
+batch 16 on an H100 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 -> 1,487 (2026-12-05).
 """
 
 from __future__ import annotations
@@ -128,8 +131,9 @@ def _columns4(t):
 def _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn, rows, live, g0, g_end,
                  FMT: tl.constexpr):
     """The scales of the 4 groups from g0 as [BLOCK_N, 4] (a, c) of `scale_sums`: Q8_0 / Q4_0
-    d[g] (float16, c unused); Q4_K / Q5_K f(d[s]) * f(sc[g]), f(dmin[s]) * f(mins[g])
-    (g0 a multiple of 4: the 4 groups share a super-block s)."""
+    d[g] (float16, c unused); Q4_K / Q5_K f(d[s]) * f(sc[g]), f(dmin[s]) * f(mins[g]); Q6_K
+    f(d[s]) * f(sc) of each 16-column half (g0 a multiple of 4: the 4 groups share a
+    super-block s)."""
     g4 = g0 + tl.arange(0, 4)[None, :]
     m4 = live & (g4 < g_end)
     m0 = live & ((tl.zeros([1, 1], tl.int32) + g0) < g_end)  # the super-block's scales: none
@@ -166,7 +170,7 @@ def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
               COMPILED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= g_end, the end of
     the program's groups); d, c [BLOCK_N, 1]: the group's coefficients of `scale_sums` (Q8_0 /
-    Q4_0, and Q4_K / Q5_K where V4; loaded ahead by the caller, `_step_coeffs`); sx
+    Q4_0, and Q4_K / Q5_K / Q6_K where V4; loaded ahead by the caller, `_step_coeffs`); sx
     [BLOCK_M]: the sum of x over the group (V4, the formats with an offset; `_step_sums`),
     else summed here. Q5_* / Q6_K: the codes' high bits from `qh` (V4 and compiled: Q5_* by
     `_tc_q5`; else `bit_planes`)."""
@@ -241,7 +245,7 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     32-groups per step: per group, its codes (exact in bf16) times x's 32 columns on the tensor
     cores (fp32 accumulation), then the group's scale (and offset times the sum of x) in fp32,
     in the order of the format's dequantize where x is a unit vector. The codes and x go through
-    the compiler's pipelined copies; the Q8_0 / Q4_0 (V4: and Q4_K / Q5_K) scales of the next
+    the compiler's pipelined copies; the Q8_0 / Q4_0 (V4: and K-quant) scales of the next
     step are loaded one step ahead into registers ([BLOCK_N, 4], split into columns), so no
     step waits on them; V4: x's sums over the step's groups once per step (`_step_sums`).
     SPLITS > 1 (split-K, kernels/splitk.py): program (pid, s) sums groups s * SPLIT_G up to the
