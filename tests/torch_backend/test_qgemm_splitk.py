@@ -31,16 +31,16 @@ from llm.backends.torch.kernels.splitk import _counters, split_groups  # noqa: E
 from llm.model.quant import QuantizedTensor  # noqa: E402
 
 # every format the tensor-core kernel computes (qgemv picks it for Q8_0, Q4_0, Q4_1 and Q4_K)
-FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128", "int4_g32", "q5_0", "q5_1", "q5_k",
-           "q6_k"]
+FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128", "int4_g64", "int4_g32", "q5_0", "q5_1",
+           "q5_k", "q6_k"]
 SPLITS = [1, 2, 3, 7]
 
 
 def _shape(fmt: str) -> tuple[int, int]:
-    """N odd (two 16-row tiles, the second partial); K of 22 groups (the K-quants and int4_g128: 40,
-    whole 256-column blocks), so that 2, 3 and 7 splits leave a last split shorter than the
-    others, or a split whose groups are not a multiple of the kernel's 4-group step."""
-    return (21, 1280) if fmt in ("q4_k", "q5_k", "q6_k", "int4_g128") else (21, 704)
+    """N odd (two 16-row tiles, the second partial); K of 22 groups (the K-quants, int4_g128 and
+    int4_g64: 40, whole 256-column blocks), so that 2, 3 and 7 splits leave a last split shorter
+    than the others, or a split whose groups are not a multiple of the kernel's 4-group step."""
+    return (21, 1280) if fmt in ("q4_k", "q5_k", "q6_k", "int4_g128", "int4_g64") else (21, 704)
 
 
 def _ref32(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -46,7 +46,7 @@ def random_quantized(fmt: str, n: int, k: int, g: torch.Generator,
                      device: str = DEVICE) -> QuantizedTensor:
     """Random planes (any code bits; finite scales) for a GGUF format, or our quantizers' output
     for random weights."""
-    if fmt in INT:
+    if fmt in INT or fmt.startswith("int4_g"):  # our quantizers' output, any group size
         w = torch.randn(n, k, generator=g) * 0.05
         q = quantize_int8(w) if fmt == "int8" else quantize_int4(w, int(fmt[len("int4_g"):]))
         return q.to(device)
