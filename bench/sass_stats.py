@@ -43,6 +43,8 @@ _QH_BYTES = {"q5_0", "q5_1", "q5_k"}  # `qh` as bytes; Q6_K's as 32-bit words (q
 def _compile(spec: str):
     """The compiled kernel of one spec (see the module docstring)."""
     kind, fmt_name, a, b, *flags = spec.split(":")
+    if flags not in ([], ["o"]) or (flags and kind != "tc"):
+        raise SystemExit(f"unknown flags {flags} in {spec!r} (tc takes o)")
     old = "o" in flags  # tc: the kernel before v4
     fmt, gs = family(fmt_name)
     types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16", "xw_ptr": "*i64",

@@ -13,7 +13,8 @@ added in a fixed order. The launch rule is qgemv_config.qgemm_tc_config. `qgemv`
 `qgemv_config.words_rows_max` rows (`TC_PICKED`). v4 (`v4=True`, the default): the formats with
 an offset sum x over a step's groups once per step instead of per group across threads, the
 K-quants' and Q6_K's scales come a step ahead, and Q5_* codes take byte permutes (`_tc_q5`): 8B
-batch 16 on an H100 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 -> 1,487 (2026-12-05).
+batch 16 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 -> 1,487 (2026-12-05; two H100s of one
+kind, before and after in different calls: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from llm.model.quant.tensor import QuantizedTensor
 # Q6_K, Q5_0, int4_g128 (H100, 2026-12-05 19:15 UTC: 8B Q5_K batch 16 71.4 -> 18.4 ms, int4_g128
 # 23.5 -> 7.5; kernels alone 2.5-4x); Q5_1 (Q5_0's high bits with Q4_1's offset) not timed alone.
 _TC_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, INT4}
+INT4_FMT = tl.constexpr(INT4)
 TC_PICKED = _TC_FAMILIES
 
 
@@ -167,12 +169,12 @@ def _step_sums(x_ptr, ms, M, stride_x, g0, g_end, BLOCK_M: tl.constexpr):
 def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr,
               s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr,
               GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr, V4: tl.constexpr,
-              COMPILED: tl.constexpr):
+              PRE: tl.constexpr, OFFSET: tl.constexpr, COMPILED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= g_end, the end of
-    the program's groups); d, c [BLOCK_N, 1]: the group's coefficients of `scale_sums` (Q8_0 /
-    Q4_0, and Q4_K / Q5_K / Q6_K where V4; loaded ahead by the caller, `_step_coeffs`); sx
-    [BLOCK_M]: the sum of x over the group (V4, the formats with an offset; `_step_sums`),
-    else summed here. Q5_* / Q6_K: the codes' high bits from `qh` (V4 and compiled: Q5_* by
+    the program's groups); d, c [BLOCK_N, 1]: the group's coefficients of `scale_sums` where
+    PRE (loaded ahead by the caller, `_step_coeffs`), else loaded here; sx [BLOCK_M]: the sum of
+    x over the group where V4 and OFFSET (the format has an offset; `_step_sums`), else summed
+    here if OFFSET. Q5_* / Q6_K: the codes' high bits from `qh` (V4 and compiled: Q5_* by
     `_tc_q5`; else `bit_planes`)."""
     inside = (tl.zeros([1, 1], tl.int32) + g) < g_end  # [1, 1] (the interpreter misreads a
     # splat comparison of scalars as a mask)
@@ -183,9 +185,9 @@ def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
         x0 = x0.to(tl.float32)
         x1 = x1.to(tl.float32)
     if FMT == 0:  # int8 codes: columns 0..15 and 16..31 of the group
-        c = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
-        a0 = _tc_codes(tl.load(c, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
-        a1 = _tc_codes(tl.load(c + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
+        at = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
+        a0 = _tc_codes(tl.load(at, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
+        a1 = _tc_codes(tl.load(at + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
     else:  # byte i: column i (low nibble) and 16 + i (high nibble)
         bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
         if (FMT == 3 or FMT == 4 or FMT == 6) and COMPILED and FAST and V4:
@@ -207,28 +209,20 @@ def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
             else:
                 a0 = _tc_codes(bq.to(tl.int32) & 15, off, COMPILED)
                 a1 = _tc_codes(bq.to(tl.int32) >> 4, off, COMPILED)
-    if FMT == 7 and V4:  # Q6_K: a scale per 16-column half, so the halves' sums apart
-        acc += scale_sums(tl.dot(a0, x0), tl.dot(a1, x1), d, c, FMT, COMPILED)
-        return acc
-    if FMT == 7:
-        g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
-        acc += group_scale(tl.dot(a0, x0), tl.dot(a1, x1), rows, g2, live, d_ptr, m_ptr, sc_ptr,
-                           mn_ptr, s_d, s_m, s_sc, s_mn, FMT, GS, COMPILED)
-        return acc
-    S = tl.dot(a1, x1, tl.dot(a0, x0))  # [BLOCK_N, BLOCK_M] sum over the group of x * q'
-    if FMT == 0 or FMT == 1:
-        acc += d * S
+    if FMT == 7:  # Q6_K: a scale per 16-column half, so the halves' sums apart
+        S = tl.dot(a0, x0)
+        T = tl.dot(a1, x1)
+    else:
+        S = tl.dot(a1, x1, tl.dot(a0, x0))  # [BLOCK_N, BLOCK_M] sum over the group of x * q'
+        if OFFSET and not V4:  # the sum of x over the group, for the offset
+            T = (tl.sum(x0.to(tl.float32), axis=0) + tl.sum(x1.to(tl.float32), axis=0))[None, :]
+        else:
+            T = sx[None, :]  # `_step_sums` (unread without an offset)
+    if PRE:
+        acc += scale_sums(S, T, d, c, FMT, COMPILED)
     else:
         g2 = tl.full([BLOCK_N, 1], 0, tl.int32) + g
-        if V4:
-            sx2 = sx[None, :]
-        else:
-            sx2 = (tl.sum(x0.to(tl.float32), axis=0)
-                   + tl.sum(x1.to(tl.float32), axis=0))[None, :]
-        if V4 and (FMT == 5 or FMT == 6):
-            acc += scale_sums(S, sx2, d, c, FMT, COMPILED)
-            return acc
-        acc += group_scale(S, sx2, rows, g2, live, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
+        acc += group_scale(S, T, rows, g2, live, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
                            s_mn, FMT, GS, COMPILED)
     return acc
 
@@ -266,7 +260,9 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     xmask = (ms < M)[None, :]  # [1, BLOCK_M]
     x_cols = x_ptr + ms[None, :] * stride_x + i16[:, None]  # [16, BLOCK_M]: x^T, 16 columns
     wait_then_release(USE_GDC)
+    # the groups' coefficients loaded a step ahead; the format adds an offset times the sum of x
     PRE: tl.constexpr = FMT == 0 or FMT == 1 or (V4 and (FMT == 5 or FMT == 6 or FMT == 7))
+    OFFSET: tl.constexpr = FMT == 2 or FMT == 4 or FMT == 5 or FMT == 6 or FMT == INT4_FMT
     if PRE:
         a_next, c_next = _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn, rows,
                                       n_live[:, None], g_lo, g_hi, FMT)
@@ -280,7 +276,7 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
         if PRE:
             a_next, c_next = _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn,
                                           rows, n_live[:, None], g0 + 4, g_hi, FMT)
-        if V4 and FMT != 0 and FMT != 1 and FMT != 3 and FMT != 7:  # formats with an offset
+        if V4 and OFFSET:
             sx0, sx1, sx2, sx3 = _step_sums(x_ptr, ms, M, stride_x, g0, g_hi, BLOCK_M)
         else:  # not read
             sx0 = tl.zeros([BLOCK_M], tl.float32)
@@ -289,16 +285,20 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
             sx3 = sx0
         acc = _tc_group(acc, d0[:, None], e0[:, None], sx0, g0, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        COMPILED)
         acc = _tc_group(acc, d1[:, None], e1[:, None], sx1, g0 + 1, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        COMPILED)
         acc = _tc_group(acc, d2[:, None], e2[:, None], sx2, g0 + 2, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        COMPILED)
         acc = _tc_group(acc, d3[:, None], e3[:, None], sx3, g0 + 3, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, COMPILED)
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        COMPILED)
     live = xmask & n_live[:, None]
     if SPLITS == 1:
         out = acc
