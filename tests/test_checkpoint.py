@@ -483,6 +483,41 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage, caplog):
     assert_same(load_checkpoint(path, cache_dir=cache, progress=False).tensors, ref.tensors)
 
 
+@pytest.mark.parametrize("weights", ["dequantize", "stored"])
+@pytest.mark.parametrize("damage", ["flipped_bit", "no_checksums"])
+def test_cache_entry_checksums(tmp_path, caplog, weights, damage):
+    """A flipped bit in a tensor's bytes reads as a valid value (a quantized code, a finite float):
+    the entry's crc32s catch it, and the warning names the tensor; an entry without them (an
+    older version's) is rebuilt too."""
+    path, ref = tiny_gguf(tmp_path, qtype=gguf.GGMLQuantizationType.Q4_0)
+    cache = tmp_path / "cache"
+    first = load_checkpoint(path, cache_dir=cache, progress=False, weights=weights)
+    entry = cache_path(cache, file_sha256(path), stored=weights == "stored")
+    with safetensors.safe_open(str(entry), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in tensors if "layers.1.mlp.up_proj" in k and "scale" not in k)
+    if damage == "flipped_bit":
+        raw = tensors[name].reshape(-1).view(torch.uint8)
+        raw[7] ^= 1  # the lowest bit of one byte: a code, or a float's last mantissa bit
+        assert torch.isfinite(tensors[name].float()).all()
+    else:
+        del meta["llm.crc32"]
+    safetensors.torch.save_file(tensors, str(entry), metadata=meta)
+    with caplog.at_level(logging.WARNING):
+        ck = load_checkpoint(path, cache_dir=cache, progress=False, weights=weights)
+    assert "rebuilding" in caplog.text and entry.name in caplog.text
+    assert (f"tensor {name!r} fails its crc32 check" if damage == "flipped_bit"
+            else "no tensor checksums") in caplog.text
+    for key, want in first.tensors.items():
+        got = ck.tensors[key]
+        assert torch.equal(got.dequantize() if isinstance(got, QuantizedTensor) else got,
+                           want.dequantize() if isinstance(want, QuantizedTensor) else want), key
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(path, cache_dir=cache, progress=False, weights=weights)
+    assert "rebuilding" not in caplog.text
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_WEIGHTS_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

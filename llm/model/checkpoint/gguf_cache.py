@@ -6,7 +6,8 @@ GGUF structure at all (only hashes its bytes). Dtypes are lossless: F32 and quan
 stored as float32 (the exact dequantized values), F16/BF16 tensors keep float16/bfloat16. With the
 quantized tensors kept as stored, `gguf-<sha256>.stored.v<STORED_FORMAT_VERSION>.safetensors` holds
 their planes instead (`llm.model.quant.state`), about the GGUF's own size. Entries are written
-atomically; an unusable entry is rebuilt.
+atomically, with a crc32 of every tensor's bytes in the metadata; an unusable entry (unreadable,
+another GGUF's, a tensor missing, misshapen, non-finite or failing its checksum) is rebuilt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zlib
 from pathlib import Path
+
+import torch
 
 from llm.model.checkpoint.common import (
     CheckpointError,
@@ -38,6 +42,7 @@ CACHE_FORMAT_VERSION = 1
 STORED_FORMAT_VERSION = 2  # 2: Q5 `qh` bits in llm.model.quant.bits' word order
 _CACHE_FORMAT = "llm.gguf-cache"
 _STORED_FORMAT = "llm.gguf-stored-cache"
+_CHECKSUMS = "llm.crc32"  # metadata key: JSON {tensor name: crc32 of its bytes}
 
 
 def cache_path(cache_dir: Path, digest: str, stored: bool = False) -> Path:
@@ -78,6 +83,7 @@ def load_gguf_cached(
         "source_sha256": digest,
         "source": str(path),  # informational only: the key is the content hash
         "config": config_to_json(config),
+        _CHECKSUMS: json.dumps(checksums(flat), sort_keys=True),
     })
     try:
         write_safetensors_atomic(entry, flat, metadata)
@@ -105,6 +111,7 @@ def _read_cache(
     config = cache_entry_config(file, digest, stored)
     flat, metadata = read_safetensors(file, progress, desc="loading cached weights",
                                       floating=not stored)
+    verify_checksums(file, flat, metadata.get(_CHECKSUMS))
     try:
         tensors = unflatten_state(flat, metadata) if stored else flat
     except (ValueError, KeyError, TypeError) as e:
@@ -114,6 +121,36 @@ def _read_cache(
     tensors = {name: tensors[name] for name in expected_tensors(config)}
     check_finite(tensors, file)  # a damaged entry is rebuilt from the GGUF (load_gguf_cached)
     return config, tensors
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """crc32 of a tensor's bytes (its dtype's in-memory layout, row-major)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else zlib.crc32(b"")
+
+
+def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Every tensor's crc32 (what a cache entry's metadata keeps, see `verify_checksums`)."""
+    return {name: tensor_crc32(t) for name, t in tensors.items()}
+
+
+def verify_checksums(file: Path, tensors: dict[str, torch.Tensor], text: str | None) -> None:
+    """CheckpointError naming `file` and the tensor unless every tensor's bytes match the crc32
+    the entry was written with (a flipped bit on the disk: codes and scales of quantized planes
+    read as valid values, so no other check would see it)."""
+    if text is None:
+        raise CheckpointError(f"{file}: the entry has no tensor checksums (written by an older "
+                              "version of llm)")
+    try:
+        want = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: unreadable tensor checksums: {e}") from e
+    if not isinstance(want, dict) or set(want) != set(tensors):
+        raise CheckpointError(f"{file}: the tensor checksums do not name the entry's tensors")
+    for name, tensor in tensors.items():
+        if tensor_crc32(tensor) != want[name]:
+            raise CheckpointError(f"{file}: tensor {name!r} fails its crc32 check (the entry's "
+                                  "bytes were damaged)")
 
 
 def cache_entry_config(file: Path, digest: str, stored: bool = False) -> ModelConfig:
