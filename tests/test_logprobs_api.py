@@ -44,6 +44,12 @@ def test_logprobs_and_prompt_logprobs_equal_transformers(engine, hf_default_mode
         assert [t for t, _ in entry.top][:1] == lp[i].topk(1).indices.tolist()
         for t, v in entry.top:
             assert v == pytest.approx(float(lp[i, t]), abs=2e-3)
+        if i < n - 1:  # a prompt token's rank: tokens at least as likely (vLLM's)
+            ahead = int((lp[i] > lp[i, ids[i + 1]] + 2e-3).sum())
+            tied = int((lp[i] >= lp[i, ids[i + 1]] - 2e-3).sum())
+            assert ahead < entry.rank <= tied, (i, entry.rank, ahead, tied)
+        else:
+            assert entry.rank is None  # generated tokens carry none
     assert [e.token for e in out.logprobs] == out.token_ids
     assert out.logprobs[0].top[0][0] == out.token_ids[0]  # greedy: the best is the chosen one
 

@@ -195,7 +195,7 @@ class _Handlers:
         except (RequestError, OutOfPagesError) as e:
             raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
         except SamplingParamsError as e:  # beyond the backend, the vocabulary or max_tokens
-            raise ApiError(400, str(e), api_param(e.param)) from e
+            raise ApiError(400, str(e), api_param(e.param, req)) from e
         except (QueueFullError, EngineClosedError) as e:
             raise self._ended(e) from e
 
@@ -211,8 +211,12 @@ class _Handlers:
         ids = self._truncated(ids, req.truncate)
         stream = self._submit(ids, req)
         shape = ResponseShape(chat, self.config.model_name, token_ids=req.token_ids)
-        if req.params.logprobs is not None:
-            shape.logprobs = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids)
+        if req.params.logprobs is not None or req.prompt_logprobs is not None:
+            formatter = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids)
+            if req.params.logprobs is not None:
+                shape.logprobs, shape.logprobs_k = formatter, req.params.logprobs
+            if req.prompt_logprobs is not None:
+                shape.prompt, shape.prompt_k = formatter, req.prompt_logprobs
         if req.echo:  # the prompt as run: a truncated one as its kept tokens read
             shape.echo = (req.prompt if isinstance(req.prompt, str) and len(ids) == whole
                           else self.engine.tokenizer.decode(ids, skip_special_tokens=False))

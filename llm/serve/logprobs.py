@@ -17,6 +17,11 @@ With as_ids (vLLM's return_tokens_as_token_ids) each token is named "token_id:<i
 its text, in "tokens", the top_logprobs keys and chat's "token" (chat's "bytes" are the label's
 for the alternatives, the text's for the chosen token, as vLLM has them); text_offset still
 counts the characters of the tokens' texts, so that it indexes the choice's text.
+
+vLLM's prompt_logprobs (`prompt`): one entry per prompt token, null for the first, else an object
+keyed by token id (as a string): the prompt token's own {"logprob", "rank", "decoded_token"}
+first, then the best alternatives' (rank 1, 2, ...); decoded_token is the token decoded alone,
+or "token_id:<id>" with as_ids.
 """
 
 from __future__ import annotations
@@ -53,9 +58,9 @@ class LogprobsFormatter:
         return f"token_id:{token}" if self.as_ids else self.text(token)
 
     def completion(self, tokens: Sequence[int], entries: Sequence[TokenLogprobs | None],
-                   choice: int = 0) -> dict[str, Any]:
+                   choice: int = 0, k: int | None = None) -> dict[str, Any]:
         """/v1/completions' object for `tokens` of choice `choice` and their logprobs (None: the
-        prompt's first)."""
+        prompt's first); k: at most that many alternatives of each entry (None: all)."""
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                      "text_offset": []}
         offset = self.offsets.get(choice, 0)
@@ -68,11 +73,29 @@ class LogprobsFormatter:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            top = {self.label(t): _finite(v) for t, v in entry.top if v != -math.inf}
+            top = {self.label(t): _finite(v) for t, v in entry.top[:k] if v != -math.inf}
             top.setdefault(self.label(token), _finite(entry.logprob))
             out["token_logprobs"].append(_finite(entry.logprob))
             out["top_logprobs"].append(top)
         return out
+
+    def prompt(self, entries: Sequence[TokenLogprobs | None],
+               k: int) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM's prompt_logprobs from a request's prompt entries (None for the first token),
+        k alternatives each."""
+        out: list[dict[str, dict[str, Any]] | None] = []
+        for entry in entries:
+            if entry is None:
+                out.append(None)
+                continue
+            best = {str(entry.token): self._ranked(entry.token, entry.logprob, entry.rank)}
+            for rank, (t, v) in enumerate(entry.top[:k], 1):
+                best.setdefault(str(t), self._ranked(t, v, rank))
+            out.append(best)
+        return out
+
+    def _ranked(self, token: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": self.label(token)}
 
     def chat(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
         """/v1/chat/completions' object for generated tokens' logprobs."""

@@ -10,12 +10,13 @@ chat_template_kwargs (chat, vLLM's extensions),
 add_special_tokens (chat_options.py), ignore_eos (extension), presence_penalty, frequency_penalty,
 repetition_penalty (extension), logit_bias, allowed_token_ids, bad_words and min_tokens
 (extensions); logprobs (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and
-echo (completions; with logprobs, the prompt's logprobs too); return_token_ids,
-return_tokens_as_token_ids and truncate_prompt_tokens (vLLM's extensions); structured output
-(structured_output.py): response_format (text, json_object, json_schema) and vLLM's guided_json /
-guided_regex / guided_choice / guided_grammar or structured_outputs, one at a time; n choices
-(best_of on /v1/completions). Fields this server cannot honour (suffix, tools / functions /
-tool_choice / function_call, prompt_logprobs, chat's echo, stream_options without stream, and the
+echo (completions; with logprobs, the prompt's logprobs too); prompt_logprobs (vLLM's extension,
+both endpoints, not streamed: 0..20 alternatives for every prompt token, in vLLM's shape);
+return_token_ids, return_tokens_as_token_ids and truncate_prompt_tokens (vLLM's extensions);
+structured output (structured_output.py): response_format (text, json_object, json_schema) and
+vLLM's guided_json / guided_regex / guided_choice / guided_grammar or structured_outputs, one at a
+time; n choices (best_of on /v1/completions). Fields this server cannot honour (suffix, tools /
+functions / tool_choice / function_call, chat's echo, stream_options without stream, and the
 vLLM / OpenAI fields of refusals.py, such as use_beam_search or chat_template, unless they hold
 the value meaning "not used") are refused rather than silently ignored; a parameter the backend
 cannot serve is refused at submission, naming it.
@@ -56,6 +57,9 @@ class ParsedRequest:
     generated token ids. tokens_as_ids (vLLM's return_tokens_as_token_ids): logprobs name each
     token "token_id:<id>" instead of its text. truncate (vLLM's truncate_prompt_tokens): keep
     only the prompt's last `truncate` tokens (-1: as many as the context holds), None: all.
+    prompt_logprobs (vLLM's): the alternatives wanted for every prompt token in the response's
+    prompt_logprobs, None: no such field (params.prompt_logprobs is the larger of it and an
+    echo's logprobs: what the engine computes).
     """
 
     prompt: str | list[int]
@@ -70,6 +74,7 @@ class ParsedRequest:
     tokens_as_ids: bool = False
     truncate: int | None = None
     continuous_usage: bool = False
+    prompt_logprobs: int | None = None
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -111,6 +116,12 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
                             "'stream_options.include_usage': true", "stream_options")
     logprobs = _chat_logprobs(body) if chat else _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
     echo = opt_bool(body, "echo") or False
+    prompt_logprobs = _opt_int(body, "prompt_logprobs", 0, MAX_LOGPROBS)
+    if prompt_logprobs is not None and stream:
+        raise ApiError(400, "'prompt_logprobs' is not available when 'stream' is true (send the "
+                            "request unstreamed; or, on /v1/completions, 'echo' with 'logprobs' "
+                            "streams the prompt's logprobs first)", "prompt_logprobs")
+    wanted = [k for k in (prompt_logprobs, logprobs if echo else None) if k is not None]
     min_tokens = _opt_int(body, "min_tokens", 0) or 0
     n = _opt_int(body, "n", 1) or 1
     best_of = _opt_int(body, "best_of", 1)
@@ -135,7 +146,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             skip_special_tokens=opt_bool(body, "skip_special_tokens") is not False,
             max_new_tokens=max(max_tokens or 1, min_tokens, 1),  # the real limit comes later
             logprobs=logprobs,
-            prompt_logprobs=logprobs if echo else None,
+            prompt_logprobs=max(wanted) if wanted else None,
             presence_penalty=_opt_number(body, "presence_penalty", 0.0),
             frequency_penalty=_opt_number(body, "frequency_penalty", 0.0),
             repetition_penalty=_opt_number(body, "repetition_penalty", 1.0),
@@ -152,7 +163,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
                          echo, rendering, opt_bool(body, "return_token_ids") or False,
                          opt_bool(body, "return_tokens_as_token_ids") or False,
-                         _truncation(body), continuous), messages
+                         _truncation(body), continuous, prompt_logprobs), messages
 
 
 def _stop_token_ids(value: Any) -> tuple[int, ...]:
@@ -318,6 +329,9 @@ def _kind(value: Any) -> str:
         type(value), "a number")
 
 
-def api_param(param: str | None) -> str | None:
-    """The request field of a SamplingParams parameter (the API calls max_new_tokens max_tokens)."""
+def api_param(param: str | None, req: ParsedRequest | None = None) -> str | None:
+    """The request field of a SamplingParams parameter (the API calls max_new_tokens max_tokens;
+    prompt_logprobs is the request's own field where it sent one, else what echo asked for)."""
+    if param == "prompt_logprobs" and req is not None and req.prompt_logprobs is not None:
+        return param
     return {"max_new_tokens": "max_tokens", "prompt_logprobs": "echo"}.get(param or "", param)

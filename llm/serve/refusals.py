@@ -34,9 +34,6 @@ def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     for name in ("tool_choice", "function_call"):
         _refuse_unless(body, name, ("none",), f"'{name}' is not supported by this server (no "
                                               "tools)")
-    if body.get("prompt_logprobs") is not None:
-        raise ApiError(400, "'prompt_logprobs' is not supported by this server; send 'echo': "
-                            "true with 'logprobs' for the prompt's logprobs", "prompt_logprobs")
     if chat:
         _refuse_unless(body, "best_of", (1,), "'best_of' > 1 is a /v1/completions parameter")
         _refuse_unless(body, "echo", (False,), "'echo' is a /v1/completions parameter")

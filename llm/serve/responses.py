@@ -24,7 +24,9 @@ class ResponseShape:
     too (vLLM's return_token_ids: completions put "prompt_token_ids" and "token_ids" in each
     choice; chat puts "prompt_token_ids" in the response, or the chunk, and "token_ids" in each
     choice; streamed, the prompt's go in each choice's first chunk, the generated ones as
-    deltas).
+    deltas). logprobs_k: the alternatives a logprobs object shows (an echo's prompt entries may
+    hold more, for prompt_logprobs). prompt (vLLM's prompt_logprobs, whole responses only): its
+    formatter, prompt_k alternatives, in each choice (completions) or the response (chat).
     """
 
     chat: bool
@@ -34,6 +36,9 @@ class ResponseShape:
     echo: str | None = None
     logprobs: LogprobsFormatter | None = None
     token_ids: bool = False
+    logprobs_k: int | None = None
+    prompt: LogprobsFormatter | None = None
+    prompt_k: int = 0
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -53,7 +58,13 @@ class ResponseShape:
         body = {**self._head(False), "choices": choices, "usage": usage(out)}
         if self.token_ids and self.chat:
             body["prompt_token_ids"] = list(out.prompt_token_ids)
+        if self.prompt is not None and self.chat:
+            body["prompt_logprobs"] = self._prompt_logprobs(out)
         return body
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None]:
+        assert self.prompt is not None
+        return self.prompt.prompt(out.prompt_logprobs or [], self.prompt_k)
 
     def _choice(self, out: RequestOutput) -> dict[str, Any]:
         """One choice of a whole response."""
@@ -71,9 +82,11 @@ class ResponseShape:
                 if self.echo is not None:
                     tokens = out.prompt_token_ids + tokens
                     entries = list(out.prompt_logprobs or []) + entries
-                logprobs = self.logprobs.completion(tokens, entries, out.choice)
+                logprobs = self.logprobs.completion(tokens, entries, out.choice, self.logprobs_k)
             choice = {"index": out.choice, "text": text, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason, "logprobs": logprobs}
+            if self.prompt is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs(out)
             if self.token_ids:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
         if self.token_ids:
@@ -94,7 +107,7 @@ class ResponseShape:
         logprobs = None
         if self.logprobs is not None:
             logprobs = self.logprobs.completion(out.prompt_token_ids, out.prompt_logprobs or [],
-                                                index)
+                                                index, self.logprobs_k)
         choice = {"index": index, "text": self.echo, "finish_reason": None, "logprobs": logprobs}
         if self.token_ids:
             choice.update(prompt_token_ids=list(out.prompt_token_ids), token_ids=[])

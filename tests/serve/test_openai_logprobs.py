@@ -86,6 +86,77 @@ def test_completion_echo_with_prompt_logprobs(client, reference, serve_model) ->
     assert tokens == choice.logprobs.tokens
 
 
+def _check_prompt_logprobs(got, entries, serve_model, k: int, as_ids: bool = False) -> None:
+    """vLLM's prompt_logprobs (a list of {token id: {logprob, rank, decoded_token}}) against the
+    Python API's prompt TokenLogprobs (None first)."""
+    def name(t: int) -> str:
+        return f"token_id:{t}" if as_ids else _text(serve_model, t)
+
+    assert len(got) == len(entries) and got[0] is None and entries[0] is None
+    for d, e in zip(got[1:], entries[1:], strict=True):
+        assert next(iter(d)) == str(e.token)  # the prompt token first
+        own = d[str(e.token)]
+        assert own["logprob"] == pytest.approx(e.logprob, abs=1e-3)
+        assert own["rank"] == e.rank >= 1 and own["decoded_token"] == name(e.token)
+        top = e.top[:k]
+        assert len(d) == len(top) + (e.token not in dict(top))
+        for rank, (t, v) in enumerate(top, 1):
+            assert d[str(t)]["logprob"] == pytest.approx(v, abs=1e-3)
+            assert d[str(t)]["decoded_token"] == name(t)
+            if t != e.token:
+                assert d[str(t)]["rank"] == rank
+
+
+def test_prompt_logprobs_in_vllms_shape(client, reference, serve_model, live_server) -> None:
+    """vLLM's prompt_logprobs extension: in each completion choice and in the chat response,
+    the Python API's values; alone or beside echo's logprobs (each with its own count); not
+    streamed (a 400 naming it)."""
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                  extra_body={"prompt_logprobs": 3})
+    choice = r.choices[0]
+    assert choice.text == reference.text and choice.logprobs is None
+    _check_prompt_logprobs(choice.prompt_logprobs, reference.prompt_logprobs, serve_model, 3)
+    both = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                     temperature=0, logprobs=1, echo=True,
+                                     extra_body={"prompt_logprobs": 3}).choices[0]
+    _check_prompt_logprobs(both.prompt_logprobs, reference.prompt_logprobs, serve_model, 3)
+    assert all(t is None or len(t) <= 2 for t in both.logprobs.top_logprobs)  # echo's own 1
+    fewer = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                      temperature=0, logprobs=3, echo=True,
+                                      extra_body={"prompt_logprobs": 0}).choices[0]
+    _check_prompt_logprobs(fewer.prompt_logprobs, reference.prompt_logprobs, serve_model, 0)
+    n = len(reference.prompt_logprobs)
+    assert [len(t) for t in fewer.logprobs.top_logprobs[1:n]] == [
+        len({*dict(e.top), e.token}) for e in reference.prompt_logprobs[1:]]
+    ids = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=0,
+                                    extra_body={"prompt_logprobs": 2,
+                                                "return_tokens_as_token_ids": True}).choices[0]
+    _check_prompt_logprobs(ids.prompt_logprobs, reference.prompt_logprobs, serve_model, 2,
+                           as_ids=True)
+    many = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, n=2,
+                                     temperature=1.0, seed=3, extra_body={"prompt_logprobs": 1})
+    assert [c.prompt_logprobs for c in many.choices] == [many.choices[0].prompt_logprobs] * 2
+    _check_prompt_logprobs(many.choices[0].prompt_logprobs, reference.prompt_logprobs,
+                           serve_model, 1)
+    want = serve_model.chat(CHAT, SamplingParams(max_new_tokens=4, prompt_logprobs=2))
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=4,
+                                          temperature=0, extra_body={"prompt_logprobs": 2})
+    assert chat.choices[0].message.content == want.text
+    assert len(chat.prompt_logprobs) == chat.usage.prompt_tokens
+    _check_prompt_logprobs(chat.prompt_logprobs, want.prompt_logprobs, serve_model, 2)
+    plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                      temperature=0, logprobs=1, echo=True)
+    assert "prompt_logprobs" not in plain.choices[0].model_extra  # only where asked
+    for path, body in (("/completions", {"prompt": PROMPT}), ("/chat/completions",
+                                                               {"messages": CHAT})):
+        r = httpx.post(f"{live_server.url}/v1{path}", timeout=60,
+                       json={"model": MODEL_NAME, "max_tokens": 2, "stream": True,
+                             "prompt_logprobs": 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+        assert "stream" in r.json()["error"]["message"]
+    assert live_server.wait_all_free()
+
+
 def test_chat_logprobs_whole_and_streamed(client, serve_model) -> None:
     want = serve_model.chat(CHAT, SamplingParams(max_new_tokens=10, logprobs=2))
     r = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=10,
@@ -152,9 +223,10 @@ BAD = {
                    {"5": None}],
     "min_tokens": [-1, 1.5, "2", 9],
     "top_logprobs": [3],
-    "prompt_logprobs": [1],
+    "prompt_logprobs": [21, -1, "2", 1.5, True],
 }
 BAD_CHAT = {
+    "prompt_logprobs": [21, "1"],
     "logprobs": [3, "true"],
     "top_logprobs": [21, -1, "2", 1.5],
     "echo": [True],

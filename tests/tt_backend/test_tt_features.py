@@ -116,6 +116,10 @@ def test_logprobs_and_prompt_logprobs_match_torch(backends) -> None:
     for g, w in zip(got_prompt, want_prompt, strict=True):
         assert len(g.top) == 3
         assert_close_logprobs(g, w)
+        # bf16 logits reorder near-ties: the rank within a few percent (exact: test_tt_sampling)
+        assert abs(g.rank - w.rank) <= max(2, w.rank // 25), (g, w)
+        if g.top[0][0] == g.token and g.top[1][1] < g.logprob:
+            assert g.rank == 1
     for u in range(3):
         for step in range(STEPS + 1):
             g, w = _lp(outs[u][step], u), _lp(want[u][step], u)

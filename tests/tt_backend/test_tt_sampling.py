@@ -170,6 +170,34 @@ def test_rows_without_top_k_or_top_p_sample_the_whole_vocabulary() -> None:
     assert out[2].eq(int(torch.argmax(x))).all()
 
 
+def test_prompt_token_ranks_are_exact() -> None:
+    """LogprobsOps.below counts, per row, the columns whose fp32 z is below the token's, exactly
+    (ties count as not below: vLLM's rank is V_pad less it); padded columns (-inf) are always
+    below; the token's z is found by a topk, so no sum rounds it."""
+    config = TT_CONFIGS["odd_heads"]  # vocab 300, padded to 320
+    parts = build_parts(config)
+    width = parts.cfg.geo.vocab_padded
+    ops = LogprobsOps(parts.mesh, parts.cfg, width)
+    penalties_hot = torch.zeros(1, 1, TILE, width)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 1, TILE, width, generator=gen) * 3.0 + 1e-3 * torch.arange(width)
+    z[..., 100:140] = z[..., 100:101]  # ties with column 100
+    z[..., config.vocab_size:] = float("-inf")
+    tokens = torch.randint(0, config.vocab_size, (TILE,), generator=gen)
+    real = z[0, 0, :, :config.vocab_size]
+    tokens[:4] = torch.tensor([100, 120, int(real[2].argmax()), int(real[3].argmin())])
+    penalties_hot[0, 0, torch.arange(TILE), tokens] = 1.0
+    got = parts.mesh.read(ops.below(put(parts, z, dtype=parts.ttnn.float32),
+                                    put(parts, penalties_hot))).float().reshape(TILE)
+    zc = z[0, 0, torch.arange(TILE), tokens]  # [32]
+    want = (z[0, 0] < zc[:, None]).sum(-1)  # [32]
+    assert torch.equal(got.to(torch.int64), want)
+    ranks = width - got.to(torch.int64)
+    assert ranks[2] == 1 and ranks[3] == config.vocab_size  # the best and the worst token
+    for r in (0, 1):  # a token tied with 39 others: the tie's worst rank
+        assert ranks[r] == int((real[r] > zc[r]).sum()) + 40
+
+
 def test_greedy_and_top_k_1_rows_draw_the_argmax(draws) -> None:
     x, out = draws
     best = int(torch.argmax(x))

@@ -78,11 +78,14 @@ def to_host(tokens: Sequence[int], logprob: torch.Tensor, values: torch.Tensor,
 def prompt_logprobs(logits: torch.Tensor, temperature: float, targets: Sequence[int],
                     k: int) -> list[TokenLogprobs]:
     """Logprobs of the prompt's `targets` [T] from the model's logits [>= T, V] at the positions
-    before them: log_softmax(logits / temperature) (1 for greedy), the k best of each."""
+    before them: log_softmax(logits / temperature) (1 for greedy), the k best of each, and each
+    target's rank (tokens with a logprob >= its own)."""
     x = logits[: len(targets)].float() / (temperature if temperature > 0 else 1.0)  # [T, V]
     lp = torch.log_softmax(x, dim=-1)  # [T, V]
     ids = torch.tensor(list(targets), dtype=torch.int64, device=lp.device)
     chosen = lp.gather(1, ids[:, None])[:, 0]  # [T]
+    rank = (lp >= chosen[:, None]).sum(dim=-1)  # [T]
     values, top = torch.topk(lp, k, dim=-1)  # [T, k]
-    return [TokenLogprobs(t, c, tuple(zip(i, v)))
-            for t, c, i, v in zip(targets, chosen.tolist(), top.tolist(), values.tolist())]
+    return [TokenLogprobs(t, c, tuple(zip(i, v)), r)
+            for t, c, i, v, r in zip(targets, chosen.tolist(), top.tolist(), values.tolist(),
+                                     rank.tolist())]

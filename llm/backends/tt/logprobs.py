@@ -18,7 +18,7 @@ of z times its one-hot row (EQZ(iota - id)), by the same matmul, as there is no 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -124,6 +124,30 @@ class LogprobsOps:
         top = ttnn.subtract(top_z, lse, memory_config=dram)
         ttnn.deallocate(lse)
         return chosen, top, top_ids
+
+    def below(self, z, chosen_hot):
+        """z fp32 `[1, 1, 32, V_pad]` (padded columns -inf), chosen_hot: the one-hot rows of
+        each row's token -> how many columns of each row have z below the token's, fp32
+        `[1, 1, 32, 1]` (a token's rank is V_pad less it). The token's z is taken exactly, by a
+        topk over z with every other column pushed down by 1e30, not by a sum."""
+        ttnn = self.mesh.ttnn
+        dram = ttnn.DRAM_MEMORY_CONFIG
+        off = ttnn.subtract(chosen_hot, 1.0, dtype=ttnn.float32, memory_config=dram)  # 0 / -1
+        pushed = ttnn.multiply(off, 1e30, memory_config=dram)
+        ttnn.deallocate(off)
+        only = ttnn.add(z, pushed, memory_config=dram)  # the token's z, the rest ~ -1e30
+        ttnn.deallocate(pushed)
+        values, ids = ttnn.topk(only, k=MAX_TOP_K, dim=-1, largest=True, sorted=True,
+                                memory_config=dram)
+        ttnn.deallocate(only)
+        ttnn.deallocate(ids)
+        zc = ttnn.slice(values, (0, 0, 0, 0), (1, 1, TILE, 1), memory_config=dram)
+        ttnn.deallocate(values)
+        lower = ttnn.subtract(z, zc, activations=[ttnn.UnaryOpType.LTZ], memory_config=dram)
+        ttnn.deallocate(zc)
+        count = self.row_sums(lower)  # 0 / 1 summed: exact
+        ttnn.deallocate(lower)
+        return count
 
 
 def select(logits, sampler: Sampler, penalties: SlotPenalties, ops: LogprobsOps,
@@ -247,7 +271,8 @@ def prompt_logprobs(mesh: Mesh, tile_logits, sampler: Sampler, penalties: SlotPe
                     ops: LogprobsOps, temperature: float, targets: Sequence[int], k: int,
                     first_tile: int = 0) -> list[TokenLogprobs]:
     """Logprobs of the prompt's `targets` [T] from the logits at the positions before them:
-    log_softmax(logits / temperature) (1 for greedy), the k best of each. tile_logits(t): the
+    log_softmax(logits / temperature) (1 for greedy), the k best of each, and each target's rank
+    (`LogprobsOps.below`). tile_logits(t): the
     logits `[1, 1, 32, V_local]` of the chunk's rows [32 t, 32 t + 32), from `first_tile`."""
     ttnn = mesh.ttnn
     dram = ttnn.DRAM_MEMORY_CONFIG
@@ -272,8 +297,13 @@ def prompt_logprobs(mesh: Mesh, tile_logits, sampler: Sampler, penalties: SlotPe
                               memory_config=dram, mesh_mapper=mesh.replicate())
         hot = penalties.one_hot(col)
         sel = Selected(col, *ops.logprobs(z, values, ids, hot))
-        out += to_host(mesh, sel, range(len(part)), part, [k] * len(part))
-        for t_ in (z, values, hot):
+        below = ops.below(z, hot)
+        width = z.shape[-1]
+        lower = mesh.read(below).float().reshape(TILE).tolist()
+        out += [replace(e, rank=width - int(n))
+                for e, n in zip(to_host(mesh, sel, range(len(part)), part, [k] * len(part)),
+                                lower)]
+        for t_ in (z, values, hot, below):
             ttnn.deallocate(t_)
         sel.free(ttnn)
     return out

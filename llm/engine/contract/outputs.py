@@ -11,12 +11,16 @@ class TokenLogprobs:
     """The log probability of one token and the most likely alternatives at its position.
 
     token: the token id; logprob: its log probability; top: (token id, logprob) pairs of the
-    most likely tokens, best first (as many as the request asked for, possibly 0).
+    most likely tokens, best first (as many as the request asked for, possibly 0). rank (prompt
+    logprobs): how many tokens of the vocabulary have a log probability >= the token's (1: the
+    most likely; vLLM's rank, ties counted against it); None where not computed (generated
+    tokens).
     """
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
