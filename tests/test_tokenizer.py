@@ -631,6 +631,12 @@ def test_gguf_vocab_cache_skips_the_parse_and_survives_corruption(smol, tmp_path
     text = "Héllo wörld, 12345 <|im_start|>user\n🙂"
     assert cached.encode(text) == first.encode(text) == smol.encode(text)
     assert cached.chat_template == smol.chat_template and cached.eos_ids == smol.eos_ids
+    good = entry.read_text(encoding="utf-8")
+    flipped = good.replace('"world"', '"worle"', 1)  # valid JSON, one token's text changed
+    assert flipped != good
+    entry.write_text(flipped, encoding="utf-8")
+    assert Tokenizer.from_path(path, cache_dir=tmp_path).encode(text) == smol.encode(text)
+    assert entry.read_text(encoding="utf-8") == good  # caught by its checksum and rebuilt
     entry.write_text('{"source_sha256": "trunc')  # corrupt: rebuilt, not loaded
     rebuilt = Tokenizer.from_path(path, cache_dir=tmp_path)
     assert rebuilt.encode(text) == smol.encode(text)

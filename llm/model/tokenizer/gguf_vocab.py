@@ -15,6 +15,7 @@ This module only reads and builds; ``llm.model.tokenizer.tokenizer`` wraps the r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import struct
@@ -130,7 +131,9 @@ def cached_gguf_vocab(path: Path, cache_dir: Path, digest: str | None = None,
 
     Parsing a GGUF's metadata costs seconds (every token string is a field); the cache entry costs
     milliseconds. `digest` is the file's sha256 when the caller already has it (the weights loader
-    computes it). A missing, stale or unreadable entry is rebuilt, written atomically; with
+    computes it). The entry carries a sha256 of its vocabulary's JSON: a flipped bit that leaves
+    valid JSON (a token's text, a score) is caught. A missing, stale, unreadable or damaged entry
+    is rebuilt, written atomically; with
     `progress` the parse says so on stderr (it takes ~5 s for a 49k-token vocabulary). `reader`:
     the file already opened (the weights' conversion writes the entry this way: one parse).
     """
@@ -143,6 +146,8 @@ def cached_gguf_vocab(path: Path, cache_dir: Path, digest: str | None = None,
             data = json.loads(entry.read_text(encoding="utf-8"))
             if data["source_sha256"] != digest:
                 raise ValueError(f"entry is for {data['source_sha256']}")
+            if data["vocab_sha256"] != _vocab_sha256(data["vocab"]):
+                raise ValueError("the vocabulary fails its sha256 check (the entry was damaged)")
             return GGUFVocab(path=path, **data["vocab"])
         except (OSError, ValueError, TypeError, KeyError) as e:
             log.warning("unusable tokenizer cache entry %s, rebuilding it: %s", entry, e)
@@ -155,12 +160,19 @@ def cached_gguf_vocab(path: Path, cache_dir: Path, digest: str | None = None,
     if say:
         print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
     fields = {k: v for k, v in dataclasses.asdict(vocab).items() if k != "path"}
-    text = json.dumps({"source_sha256": digest, "vocab": fields}, ensure_ascii=False)
+    text = json.dumps({"source_sha256": digest, "vocab_sha256": _vocab_sha256(fields),
+                       "vocab": fields}, ensure_ascii=False)
     try:
         atomic_write(entry, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as e:  # a read-only or full disk costs a re-parse next time, nothing else
         log.warning("could not write the tokenizer cache %s: %s", entry, e)
     return vocab
+
+
+def _vocab_sha256(fields: dict[str, Any]) -> str:
+    """sha256 of a vocabulary's fields as the cache entry writes them (JSON round-trips them
+    exactly: floats by repr, key order kept)."""
+    return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def byte_alphabet() -> dict[int, str]:
