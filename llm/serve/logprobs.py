@@ -20,8 +20,9 @@ counts the characters of the tokens' texts, so that it indexes the choice's text
 
 vLLM's prompt_logprobs (`prompt`): one entry per prompt token, null for the first, else an object
 keyed by token id (as a string): the prompt token's own {"logprob", "rank", "decoded_token"}
-first, then the best alternatives' (rank 1, 2, ...); decoded_token is the token decoded alone,
-or "token_id:<id>" with as_ids.
+first, then the best alternatives' (rank 1, 2, ...; a prompt token among them takes its place
+there, as vLLM's does); decoded_token is the token decoded alone (with as_ids too: the key
+names the id, as vLLM leaves it).
 """
 
 from __future__ import annotations
@@ -90,12 +91,12 @@ class LogprobsFormatter:
                 continue
             best = {str(entry.token): self._ranked(entry.token, entry.logprob, entry.rank)}
             for rank, (t, v) in enumerate(entry.top[:k], 1):
-                best.setdefault(str(t), self._ranked(t, v, rank))
+                best[str(t)] = self._ranked(t, v, rank)
             out.append(best)
         return out
 
     def _ranked(self, token: int, logprob: float, rank: int | None) -> dict[str, Any]:
-        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": self.label(token)}
+        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": self.text(token)}
 
     def chat(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
         """/v1/chat/completions' object for generated tokens' logprobs."""

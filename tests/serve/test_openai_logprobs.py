@@ -86,25 +86,29 @@ def test_completion_echo_with_prompt_logprobs(client, reference, serve_model) ->
     assert tokens == choice.logprobs.tokens
 
 
-def _check_prompt_logprobs(got, entries, serve_model, k: int, as_ids: bool = False) -> None:
+def _check_prompt_logprobs(got, entries, serve_model, k: int) -> None:
     """vLLM's prompt_logprobs (a list of {token id: {logprob, rank, decoded_token}}) against the
-    Python API's prompt TokenLogprobs (None first)."""
-    def name(t: int) -> str:
-        return f"token_id:{t}" if as_ids else _text(serve_model, t)
-
+    Python API's prompt TokenLogprobs (None first): the prompt token first, with its rank, or
+    its place among the k best where it is one of them (as vLLM's)."""
     assert len(got) == len(entries) and got[0] is None and entries[0] is None
     for d, e in zip(got[1:], entries[1:], strict=True):
         assert next(iter(d)) == str(e.token)  # the prompt token first
         own = d[str(e.token)]
         assert own["logprob"] == pytest.approx(e.logprob, abs=1e-3)
-        assert own["rank"] == e.rank >= 1 and own["decoded_token"] == name(e.token)
+        assert own["decoded_token"] == _text(serve_model, e.token) and e.rank >= 1
         top = e.top[:k]
         assert len(d) == len(top) + (e.token not in dict(top))
+        places = {t: rank for rank, (t, _) in enumerate(top, 1)}
+        assert own["rank"] == places.get(e.token, e.rank)
         for rank, (t, v) in enumerate(top, 1):
-            assert d[str(t)]["logprob"] == pytest.approx(v, abs=1e-3)
-            assert d[str(t)]["decoded_token"] == name(t)
-            if t != e.token:
-                assert d[str(t)]["rank"] == rank
+            assert d[str(t)] == {"logprob": pytest.approx(v, abs=1e-3), "rank": rank,
+                                 "decoded_token": _text(serve_model, t)}
+
+
+def choice_k(client, k: int) -> list:
+    return client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                     temperature=0,
+                                     extra_body={"prompt_logprobs": k}).choices[0].prompt_logprobs
 
 
 def test_prompt_logprobs_in_vllms_shape(client, reference, serve_model, live_server) -> None:
@@ -131,8 +135,8 @@ def test_prompt_logprobs_in_vllms_shape(client, reference, serve_model, live_ser
     ids = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=0,
                                     extra_body={"prompt_logprobs": 2,
                                                 "return_tokens_as_token_ids": True}).choices[0]
-    _check_prompt_logprobs(ids.prompt_logprobs, reference.prompt_logprobs, serve_model, 2,
-                           as_ids=True)
+    _check_prompt_logprobs(ids.prompt_logprobs, reference.prompt_logprobs, serve_model, 2)
+    assert ids.prompt_logprobs == choice_k(client, 2)  # as vLLM: only the keys name ids
     many = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, n=2,
                                      temperature=1.0, seed=3, extra_body={"prompt_logprobs": 1})
     assert [c.prompt_logprobs for c in many.choices] == [many.choices[0].prompt_logprobs] * 2
