@@ -60,11 +60,13 @@ def _compile(spec: str):
         options = {"num_warps": 4, "launch_pdl": True}
     elif kind == "tc":
         from llm.backends.torch.kernels.qgemm_tc import _qgemm_tc_kernel as kernel
+        from llm.backends.torch.kernels.qgemm_tc import q5_permutes
 
         types["qh_ptr"] = "*u8"
         splits = int(b)
         ce = dict(K=4096, FMT=fmt, GS=gs, BLOCK_M=16, BLOCK_N=int(a), SPLITS=splits,
-                  SPLIT_G=128 // splits, FAST=True, V4=not old, HAS_BIAS=False, COMPILED=True,
+                  SPLIT_G=128 // splits, FAST=True, V4=not old,
+                  Q5P=q5_permutes(int(a), 4, True, not old), HAS_BIAS=False, COMPILED=True,
                   USE_GDC=True)
         options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
     else:

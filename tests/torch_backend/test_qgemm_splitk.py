@@ -19,7 +19,7 @@ from test_qgemv import DEVICE, random_quantized  # noqa: E402
 from uninterpreted import call_uninterpreted  # noqa: E402
 
 from llm.backends.torch.kernels import qgemv as qgemv_module  # noqa: E402
-from llm.backends.torch.kernels.qgemm_tc import qgemm_tc  # noqa: E402
+from llm.backends.torch.kernels.qgemm_tc import q5_permutes, qgemm_tc  # noqa: E402
 from llm.backends.torch.kernels.qgemv_config import (  # noqa: E402
     TC_RULE,
     QGemmTcConfig,
@@ -98,6 +98,10 @@ def test_split_k_matches_the_dequantized_matmul(fmt: str, split: int) -> None:
         assert y.dtype == torch.bfloat16
         _assert_rounded(y, y32)
         assert torch.equal(_tc(x, w, bias, split), y)  # deterministic, counters reset
+        if DEVICE != "cpu" and fmt.startswith("q5"):  # the engine's launch: Q5 by `_tc_q5`
+            assert q5_permutes(64, 4, True, True) and not q5_permutes(16, 1, True, True)
+            y64 = qgemm_tc(x, w, bias, split_k=split, out_dtype=torch.float32)
+            assert _max_rel(y64, _ref32(x, w, bias)) <= 1e-3
     assert not _counters(y.device).any()
 
 
@@ -247,8 +251,8 @@ def test_cuda_8b_shapes_with_the_split_rule(fmt: str, n: int, k: int) -> None:
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "int4_g32"])
 def test_v4_matches_the_kernel_before(fmt: str) -> None:
-    """v4 (x's sums once a step, the K-quants' scales a step ahead, Q5 codes by `_tc_q5` where
-    compiled) against the kernel of 2026-12-05 (`v4=False`): the same
+    """v4 (x's sums once a step, the K-quants' scales a step ahead, Q5 codes by `_tc_q5` in
+    the engine's launch where compiled) against the kernel of 2026-12-05 (`v4=False`): the same
     function up to the order of x's sums, so equal bits where one product per group is added
     (Q5_0) and within float32 rounding elsewhere (x's sums; Q6_K's two products, which the
     compiler may fuse into the sum differently: not bit-equal on an H100); both within 1e-3 of

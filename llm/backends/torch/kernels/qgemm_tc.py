@@ -13,8 +13,11 @@ added in a fixed order. The launch rule is qgemv_config.qgemm_tc_config. `qgemv`
 `qgemv_config.words_rows_max` rows (`TC_PICKED`). v4 (`v4=True`, the default): the formats with
 an offset sum x over a step's groups once per step instead of per group across threads, the
 K-quants' and Q6_K's scales come a step ahead, and Q5_* codes take byte permutes (`_tc_q5`): 8B
-batch 16 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 -> 1,487 (2026-12-05; two H100s of one
-kind, before and after in different calls: docs/performance.md).
+batch 16 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 -> 1,487 (2026-12-05 on an H100; old and
+new again in one call on 2026-12-06: 1,605 -> 1,916 and 928 -> 1,497). `_tc_q5` gave wrong codes
+on an H100 in a launch of 16 rows and 1 warp (2026-12-06; right in the engine's 64 rows and 4
+warps, odd shapes included; the cause is not found), so it runs only in that launch
+(`q5_permutes`); any other takes the Q5 codes through `bit_planes`, as Q6_K does.
 """
 
 from __future__ import annotations
@@ -169,13 +172,13 @@ def _step_sums(x_ptr, ms, M, stride_x, g0, g_end, BLOCK_M: tl.constexpr):
 def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr,
               s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows, n_live, i16, g_end, FMT: tl.constexpr,
               GS: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr, V4: tl.constexpr,
-              PRE: tl.constexpr, OFFSET: tl.constexpr, COMPILED: tl.constexpr):
+              PRE: tl.constexpr, OFFSET: tl.constexpr, Q5P: tl.constexpr, COMPILED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the products of group g (nothing where g >= g_end, the end of
     the program's groups); d, c [BLOCK_N, 1]: the group's coefficients of `scale_sums` where
     PRE (loaded ahead by the caller, `_step_coeffs`), else loaded here; sx [BLOCK_M]: the sum of
     x over the group where V4 and OFFSET (the format has an offset; `_step_sums`), else summed
-    here if OFFSET. Q5_* / Q6_K: the codes' high bits from `qh` (V4 and compiled: Q5_* by
-    `_tc_q5`; else `bit_planes`)."""
+    here if OFFSET. Q5_* / Q6_K: the codes' high bits from `qh` (Q5_* by `_tc_q5` where Q5P,
+    compiled: `q5_permutes`; else `bit_planes`)."""
     inside = (tl.zeros([1, 1], tl.int32) + g) < g_end  # [1, 1] (the interpreter misreads a
     # splat comparison of scalars as a mask)
     live = n_live[:, None] & inside
@@ -190,7 +193,7 @@ def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
         a1 = _tc_codes(tl.load(at + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
     else:  # byte i: column i (low nibble) and 16 + i (high nibble)
         bq = tl.load(qs_ptr + rows * s_qs + 16 * g + i16[None, :], mask=live, other=0)
-        if (FMT == 3 or FMT == 4 or FMT == 6) and COMPILED and FAST and V4:
+        if (FMT == 3 or FMT == 4 or FMT == 6) and COMPILED and Q5P:
             q4 = tl.load(qh_ptr + rows * s_qh + 4 * g + tl.arange(0, 4)[None, :], mask=live,
                          other=0)  # [BLOCK_N, 4] the group's qh bytes: byte i // 4 for column i
             qb = tl.reshape(tl.join(tl.join(q4, q4), tl.join(q4, q4)), [BLOCK_N, 16])
@@ -233,8 +236,8 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
                      K: tl.constexpr,
                      FMT: tl.constexpr, GS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_G: tl.constexpr,
-                     FAST: tl.constexpr, V4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+                     FAST: tl.constexpr, V4: tl.constexpr, Q5P: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
     """y[:, n0:n0 + BLOCK_N] (n0 = program * BLOCK_N) for up to BLOCK_M (>= 16) rows of x, four
     32-groups per step: per group, its codes (exact in bf16) times x's 32 columns on the tensor
     cores (fp32 accumulation), then the group's scale (and offset times the sum of x) in fp32,
@@ -285,19 +288,19 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
             sx3 = sx0
         acc = _tc_group(acc, d0[:, None], e0[:, None], sx0, g0, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET, Q5P,
                         COMPILED)
         acc = _tc_group(acc, d1[:, None], e1[:, None], sx1, g0 + 1, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET, Q5P,
                         COMPILED)
         acc = _tc_group(acc, d2[:, None], e2[:, None], sx2, g0 + 2, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET, Q5P,
                         COMPILED)
         acc = _tc_group(acc, d3[:, None], e3[:, None], sx3, g0 + 3, x_cols, xmask, qs_ptr, qh_ptr,
                         d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh, s_d, s_m, s_sc, s_mn, rows,
-                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET,
+                        n_live, i16, g_hi, FMT, GS, BLOCK_N, FAST, V4, PRE, OFFSET, Q5P,
                         COMPILED)
     live = xmask & n_live[:, None]
     if SPLITS == 1:
@@ -318,6 +321,13 @@ def tc_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
         return False
     fmt, gs = family(w.format)
     return fmt in _TC_FAMILIES and gs % 32 == 0
+
+
+def q5_permutes(block_n: int, num_warps: int, fast: bool, v4: bool) -> bool:
+    """Whether a launch builds Q5 codes by `_tc_q5`: v4 and fast, in the one launch where it was
+    verified on the GPU (64 rows, 4 warps: the engine's, `qgemv_config.TC_RULE`); 16 rows and
+    1 warp gave wrong codes on an H100 (2026-12-06)."""
+    return fast and v4 and block_n == 64 and num_warps == 4
 
 
 def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -348,7 +358,8 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
         x, y, bias if bias is not None else x, *planes, partials, counters, m, n, x.stride(0),
         y.stride(0), *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, SPLITS=splits,
-        SPLIT_G=split_g, FAST=fast, V4=v4, HAS_BIAS=bias is not None,
+        SPLIT_G=split_g, FAST=fast, V4=v4, Q5P=q5_permutes(block_n, num_warps, fast, v4),
+        HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, num_warps=num_warps,
         num_stages=num_stages, **launch_options(gdc))
     return y
