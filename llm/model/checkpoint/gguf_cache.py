@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -130,8 +132,14 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
 
 
 def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Every tensor's crc32 (what a cache entry's metadata keeps, see `verify_checksums`)."""
-    return {name: tensor_crc32(t) for name, t in tensors.items()}
+    """Every tensor's crc32 (what a cache entry's metadata keeps, see `verify_checksums`), on up
+    to 8 threads: zlib releases the GIL over large buffers, so an 8B model's ~5 GB take a
+    fraction of a second on a many-core host instead of ~1.2 s on one core."""
+    workers = min(8, os.cpu_count() or 1, max(1, len(tensors)))
+    if workers == 1:
+        return {name: tensor_crc32(t) for name, t in tensors.items()}
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(tensors, pool.map(tensor_crc32, tensors.values()), strict=True))
 
 
 def verify_checksums(file: Path, tensors: dict[str, torch.Tensor], text: str | None) -> None:
@@ -147,8 +155,8 @@ def verify_checksums(file: Path, tensors: dict[str, torch.Tensor], text: str | N
         raise CheckpointError(f"{file}: unreadable tensor checksums: {e}") from e
     if not isinstance(want, dict) or set(want) != set(tensors):
         raise CheckpointError(f"{file}: the tensor checksums do not name the entry's tensors")
-    for name, tensor in tensors.items():
-        if tensor_crc32(tensor) != want[name]:
+    for name, got in checksums(tensors).items():
+        if got != want[name]:
             raise CheckpointError(f"{file}: tensor {name!r} fails its crc32 check (the entry's "
                                   "bytes were damaged)")
 
