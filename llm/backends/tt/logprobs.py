@@ -272,8 +272,8 @@ def prompt_logprobs(mesh: Mesh, tile_logits, sampler: Sampler, penalties: SlotPe
                     first_tile: int = 0) -> list[TokenLogprobs]:
     """Logprobs of the prompt's `targets` [T] from the logits at the positions before them:
     log_softmax(logits / temperature) (1 for greedy), the k best of each, and each target's rank
-    (`LogprobsOps.below`). tile_logits(t): the
-    logits `[1, 1, 32, V_local]` of the chunk's rows [32 t, 32 t + 32), from `first_tile`."""
+    (`LogprobsOps.below`). tile_logits(t): the logits `[1, 1, 32, V_local]` of the chunk's rows
+    [32 t, 32 t + 32), from `first_tile`."""
     ttnn = mesh.ttnn
     dram = ttnn.DRAM_MEMORY_CONFIG
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
