@@ -14,10 +14,12 @@ added in a fixed order. The launch rule is qgemv_config.qgemm_tc_config. `qgemv`
 an offset sum x over a step's groups once per step instead of per group across threads, the
 K-quants' and Q6_K's scales come a step ahead, and Q5_* codes take byte permutes (`_tc_q5`): 8B
 batch 16 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 -> 1,487 (2026-12-05 on an H100; old and
-new again in one call on 2026-12-06: 1,605 -> 1,916 and 928 -> 1,497). `_tc_q5` gave wrong codes
-on an H100 in a launch of 16 rows and 1 warp (2026-12-06; right in the engine's 64 rows and 4
-warps, odd shapes included; the cause is not found), so it runs only in that launch
-(`q5_permutes`); any other takes the Q5 codes through `bit_planes`, as Q6_K does.
+new again in one call on 2026-12-06: 1,605 -> 1,916 and 928 -> 1,497). `_tc_q5` runs only in
+the engine's launch, 64 rows and 4 warps (`q5_permutes`); any other takes the Q5 codes through
+`bit_planes`, as Q6_K does: where Triton 3.6 multiplies by `mma.sync` (fewer rows or warps;
+64 / 4 takes `wgmma`), the `qh` bytes joined and reshaped into the codes' shape reach the dot
+operand wrong (codes repeated and zeroed, H200 2026-12-06), while the asm's own outputs stored
+without the dot, and codes whose `qh` bytes are loaded in their shape, are right in every launch.
 """
 
 from __future__ import annotations
@@ -324,9 +326,10 @@ def tc_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
 
 
 def q5_permutes(block_n: int, num_warps: int, fast: bool, v4: bool) -> bool:
-    """Whether a launch builds Q5 codes by `_tc_q5`: v4 and fast, in the one launch where it was
-    verified on the GPU (64 rows, 4 warps: the engine's, `qgemv_config.TC_RULE`); 16 rows and
-    1 warp gave wrong codes on an H100 (2026-12-06)."""
+    """Whether a launch builds Q5 codes by `_tc_q5`: v4 and fast, in the one launch where it is
+    right on the GPU (64 rows, 4 warps: the engine's, `qgemv_config.TC_RULE`, multiplied by
+    `wgmma`); launches that Triton 3.6 multiplies by `mma.sync` (16 / 1, 32 / 2, 16 / 4, 64 / 1)
+    got wrong codes from the joined `qh` bytes (module docstring)."""
     return fast and v4 and block_n == 64 and num_warps == 4
 
 
