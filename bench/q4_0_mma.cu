@@ -1,12 +1,13 @@
 // Exploration, not in the engine (bench/q4_mma_explore.py compiles it by NVRTC and times it).
-// Q4_0 GEMV for one row of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32 sums).
-// x [K] bf16; qs [N, ldq] 32-bit words of Q4_0 codes (per 32-group 4 words; byte i holds column i
-// in its low nibble and column 16 + i in its high one); d [N, ldd] fp16; y [N] bf16.
-// A CTA takes 32 rows (two 16-row mma blocks per warp); its W warps split K's groups in quads.
-// Lane (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16) with word t of a group: columns
-// 4t..4t+3 as the low nibbles (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t.. as the high ones
-// (second mma); B holds x's same columns in all 8 of its columns, so every lane's c0 / c2 is the
-// sum of its rows. Codes enter as bf16 128 + q (exact); a group adds d * (C - 136 * sum x).
+// Q4_0 GEMM for 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32).
+// x [M, K] bf16 (row stride ldx); qs [N, ldq] 32-bit words of Q4_0 codes (per 32-group 4 words;
+// byte i holds column i in its low nibble and column 16 + i in its high one); d [N, ldd] fp16;
+// y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks a warp); its
+// W warps split K's groups in quads. Lane (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8
+// (+ 16, + 24) with word t of a group: columns 4t..4t+3 as its low nibbles (first mma, k = 2t,
+// 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 as its high ones (second mma); B's column n holds row
+// 8 * tile + n of x at the same columns (ONE: row 0 in all 8, so every lane's c0 / c2 is its
+// rows' sum). Codes enter as bf16 128 + q (exact); a group adds d * (C - 136 * sum x).
 #define MAXW 8
 __device__ __forceinline__ unsigned lo2(unsigned w) {  // bytes 0, 1 -> bf16x2 128 + byte
   unsigned d; asm("prmt.b32 %0, %1, 0x43434343, 0x4140;" : "=r"(d) : "r"(w)); return d;
@@ -16,10 +17,11 @@ __device__ __forceinline__ unsigned hi2(unsigned w) {  // bytes 2, 3 -> bf16x2 1
 }
 __device__ __forceinline__ float bf_lo(unsigned v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf_hi(unsigned v) { return __uint_as_float(v & 0xFFFF0000u); }
-__device__ __forceinline__ float h2f(unsigned short h) {
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+__device__ __forceinline__ float h2f(unsigned h) {
+  float f; asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
+  return f;
 }
-// c (+)= A (rows g, g+8 of words w0, w1; nibbles picked by SHIFT) x B (b0, b1)
+// c (+)= A (rows g, g+8 of words w0, w1; nibbles by SHIFT) x B (b0, b1)
 template <int SHIFT>
 __device__ __forceinline__ void mma(float* c, unsigned w0, unsigned w1, unsigned b0, unsigned b1) {
   const unsigned l0 = (w0 >> SHIFT) & 0x0F0F0F0Fu, l1 = (w1 >> SHIFT) & 0x0F0F0F0Fu;
@@ -28,23 +30,29 @@ __device__ __forceinline__ void mma(float* c, unsigned w0, unsigned w1, unsigned
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(lo2(l0)), "r"(lo2(l1)), "r"(hi2(l0)), "r"(hi2(l1)), "r"(b0), "r"(b1));
 }
-extern "C" __global__ void __launch_bounds__(256) q4_0_mma_gemv(
+template <int NT, bool ONE>
+__device__ __forceinline__ void q4_0_mma(
     const unsigned short* __restrict__ x, const unsigned* __restrict__ qs,
     const unsigned short* __restrict__ d, unsigned short* __restrict__ y,
-    int N, int K, int ldq, int ldd) {
-  extern __shared__ float sx[];  // [K / 32] sums of x per group
-  __shared__ float part[MAXW][32];
+    int M, int N, int K, int ldq, int ldd, int ldx, int ldy) {
+  extern __shared__ float smem[];  // sx [8 * NT][K / 32]: 136 * sum of x per row and group,
+  // then the warps' partials [W][32][8 * NT]
   const int G = K >> 5, W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int gi = threadIdx.x; gi < G; gi += blockDim.x) {
-    const uint4* xp = reinterpret_cast<const uint4*>(x + gi * 32);
+  const int MP = ONE ? 1 : 8 * NT;
+  float* sx = smem;
+  for (int i = threadIdx.x; i < MP * G; i += blockDim.x) {
+    const int m = i / G, gi = i - m * G;
     float s = 0.f;
+    if (m < M) {
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + gi * 32);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint4 v = __ldg(xp + j);
-      s += bf_lo(v.x) + bf_hi(v.x) + bf_lo(v.y) + bf_hi(v.y) + bf_lo(v.z) + bf_hi(v.z)
-           + bf_lo(v.w) + bf_hi(v.w);
+      for (int j = 0; j < 4; ++j) {
+        const uint4 v = __ldg(xp + j);
+        s += bf_lo(v.x) + bf_hi(v.x) + bf_lo(v.y) + bf_hi(v.y) + bf_lo(v.z) + bf_hi(v.z)
+             + bf_lo(v.w) + bf_hi(v.w);
+      }
     }
-    sx[gi] = s;
+    sx[i] = 136.f * s;
   }
   __syncthreads();
   const int gq = lane >> 2, t = lane & 3;
@@ -54,46 +62,112 @@ extern "C" __global__ void __launch_bounds__(256) q4_0_mma_gemv(
   const size_t q8 = (size_t)8 * ldq;
   const uint2* dp = reinterpret_cast<const uint2*>(d + (size_t)r0 * ldd) + q_lo;
   const size_t d8 = (size_t)2 * ldd;  // 8 rows of d in uint2
-  const uint2* xw = reinterpret_cast<const uint2*>(x) + t + q_lo * 32;
-  const float* sp = sx + q_lo * 4;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  // B: lane (g, t) gives column g of each tile: row 8 * tile + g of x (ONE: row 0)
+  const uint2* xw[NT];
+  bool live[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = ONE ? 0 : 8 * nt + gq;
+    live[nt] = m < M;
+    xw[nt] = reinterpret_cast<const uint2*>(x + (size_t)(live[nt] ? m : 0) * ldx) + t + q_lo * 32;
+  }
+  // sums of C: [block of 16 rows][tile][c0..c3]; c1 / c3 unused with ONE
+  float acc[2][NT][4];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[b][nt][e] = 0.f;
   for (int q = q_lo; q < q_hi; ++q) {
     uint2 dv[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) dv[r] = __ldg(dp + r * d8);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {  // the quad's groups
+      const int gi = 4 * q + j;
       const unsigned w0 = __ldg(qp + 4 * j), w1 = __ldg(qp + 4 * j + q8);
       const unsigned w2 = __ldg(qp + 4 * j + 2 * q8), w3 = __ldg(qp + 4 * j + 3 * q8);
-      const uint2 xl = __ldg(xw + 8 * j), xh = __ldg(xw + 8 * j + 4);
-      float c[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-      mma<0>(c, w0, w1, xl.x, xl.y);
-      mma<0>(e, w2, w3, xl.x, xl.y);
-      mma<4>(c, w0, w1, xh.x, xh.y);
-      mma<4>(e, w2, w3, xh.x, xh.y);
-      const float s = 136.f * sp[j];
       const unsigned sh = (j & 1) * 16;
-      a0 = fmaf(h2f((unsigned short)(((j < 2) ? dv[0].x : dv[0].y) >> sh)), c[0] - s, a0);
-      a1 = fmaf(h2f((unsigned short)(((j < 2) ? dv[1].x : dv[1].y) >> sh)), c[2] - s, a1);
-      a2 = fmaf(h2f((unsigned short)(((j < 2) ? dv[2].x : dv[2].y) >> sh)), e[0] - s, a2);
-      a3 = fmaf(h2f((unsigned short)(((j < 2) ? dv[3].x : dv[3].y) >> sh)), e[2] - s, a3);
+      float dd[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) dd[r] = h2f(((j < 2) ? dv[r].x : dv[r].y) >> sh);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint2 xl = make_uint2(0u, 0u), xh = make_uint2(0u, 0u);
+        if (live[nt]) {
+          xl = __ldg(xw[nt] + 8 * j);
+          xh = __ldg(xw[nt] + 8 * j + 4);
+        }
+        float c[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
+        mma<0>(c, w0, w1, xl.x, xl.y);
+        mma<0>(e, w2, w3, xl.x, xl.y);
+        mma<4>(c, w0, w1, xh.x, xh.y);
+        mma<4>(e, w2, w3, xh.x, xh.y);
+        if (ONE) {
+          const float s = sx[gi];
+          acc[0][nt][0] = fmaf(dd[0], c[0] - s, acc[0][nt][0]);
+          acc[0][nt][2] = fmaf(dd[1], c[2] - s, acc[0][nt][2]);
+          acc[1][nt][0] = fmaf(dd[2], e[0] - s, acc[1][nt][0]);
+          acc[1][nt][2] = fmaf(dd[3], e[2] - s, acc[1][nt][2]);
+        } else {  // c0 / c2: column 2t of the tile, c1 / c3: 2t + 1
+          const float s0 = sx[(8 * nt + 2 * t) * G + gi], s1 = sx[(8 * nt + 2 * t + 1) * G + gi];
+          acc[0][nt][0] = fmaf(dd[0], c[0] - s0, acc[0][nt][0]);
+          acc[0][nt][1] = fmaf(dd[0], c[1] - s1, acc[0][nt][1]);
+          acc[0][nt][2] = fmaf(dd[1], c[2] - s0, acc[0][nt][2]);
+          acc[0][nt][3] = fmaf(dd[1], c[3] - s1, acc[0][nt][3]);
+          acc[1][nt][0] = fmaf(dd[2], e[0] - s0, acc[1][nt][0]);
+          acc[1][nt][1] = fmaf(dd[2], e[1] - s1, acc[1][nt][1]);
+          acc[1][nt][2] = fmaf(dd[3], e[2] - s0, acc[1][nt][2]);
+          acc[1][nt][3] = fmaf(dd[3], e[3] - s1, acc[1][nt][3]);
+        }
+      }
     }
     qp += 16;
     dp += 1;
-    xw += 32;
-    sp += 4;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
   }
-  if (t == 0) {
-    part[warp][gq] = a0;
-    part[warp][gq + 8] = a1;
-    part[warp][gq + 16] = a2;
-    part[warp][gq + 24] = a3;
-  }
+  __syncthreads();  // sx is read no more: its space takes the partials
+  float* part = smem;  // [W][32 rows][MP]
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int row = 16 * b + gq;
+      if (ONE) {
+        if (t == 0) {
+          part[(warp * 32 + row) * MP] = acc[b][nt][0];
+          part[(warp * 32 + row + 8) * MP] = acc[b][nt][2];
+        }
+      } else {
+        const int col = 8 * nt + 2 * t;
+        part[(warp * 32 + row) * MP + col] = acc[b][nt][0];
+        part[(warp * 32 + row) * MP + col + 1] = acc[b][nt][1];
+        part[(warp * 32 + row + 8) * MP + col] = acc[b][nt][2];
+        part[(warp * 32 + row + 8) * MP + col + 1] = acc[b][nt][3];
+      }
+    }
   __syncthreads();
-  if (threadIdx.x < 32) {
+  for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
+    const int row = i / MP, m = i - row * MP;
+    if (m >= M) continue;
     float s = 0.f;
-    for (int w = 0; w < W; ++w) s += part[w][threadIdx.x];
+    for (int w = 0; w < W; ++w) s += part[(w * 32 + row) * MP + m];
     const unsigned u = __float_as_uint(s);
-    y[blockIdx.x * 32 + threadIdx.x] = (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    y[(size_t)m * ldy + blockIdx.x * 32 + row] =
+        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
   }
+}
+#define ARGS const unsigned short* __restrict__ x, const unsigned* __restrict__ qs, \
+    const unsigned short* __restrict__ d, unsigned short* __restrict__ y, int M, int N, int K, \
+    int ldq, int ldd, int ldx, int ldy
+extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m1(ARGS) {
+  q4_0_mma<1, true>(x, qs, d, y, M, N, K, ldq, ldd, ldx, ldy);
+}
+extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m8(ARGS) {
+  q4_0_mma<1, false>(x, qs, d, y, M, N, K, ldq, ldd, ldx, ldy);
+}
+extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m16(ARGS) {
+  q4_0_mma<2, false>(x, qs, d, y, M, N, K, ldq, ldd, ldx, ldy);
 }

@@ -1,24 +1,27 @@
-"""Exploration, not in the engine: Q4_0 at batch 1 on the tensor cores, below Triton.
+"""Exploration, not in the engine: Q4_0 for 1..16 rows of x on the tensor cores, below Triton.
 
 Why (docs/performance.md, "Why 8B Q4_0 at batch 1 does not follow the bandwidth"): the one-row
 kernel (kernels/qgemv_words.py) spends 3.6 instructions a weight (SASS, Triton 3.6), so its step
-is bound by the SMs (the same time on an H100 and an H200). `bench/q4_0_mma.cu` multiplies the
-exact codes (bf16 128 + q) by x on the tensor cores by `mma.sync` m16n8k16, x in B's columns, one
-16-row block per mma, the group scale and the offset (d * (C - 136 * sum x)) in float32 after
-each group's two mmas: 1.9 instructions a weight in its loop (SASS of sm_90, CUDA 12.9 NVRTC).
-It reads the engine's Q4_0 planes as they are (`qs` [N, K / 2] bytes, `d` [N, K / 32] fp16);
-N a multiple of 32 and K of 128.
+is bound by the SMs (the same time on an H100 and an H200), and the tensor-core kernel for 5..16
+rows (kernels/qgemm_tc.py) 6, with a wait after each `wgmma`. `bench/q4_0_mma.cu` multiplies the
+exact codes (bf16 128 + q) by x on the tensor cores by `mma.sync` m16n8k16: the codes in A (one
+16-row block a mma), up to 8 rows of x in B's columns (two B tiles for 16), the group scale and
+the offset (d * (C - 136 * sum x)) in float32 after each group's two mmas. Its loops (SASS of
+sm_90, CUDA 12.9 NVRTC): 2.05 instructions a weight for one row of x (`q4_0_mma_m1`: x in all
+of B's columns), 2.3 for up to 8 (`_m8`), 3.3 for up to 16 (`_m16`). It reads the engine's Q4_0
+planes as they are (`qs` [N, K / 2] bytes, `d` [N, K / 32] fp16); N a multiple of 32, K of 128.
 
-    python bench/q4_mma_explore.py --configs 8b,1b --warps 2,4,8   # a GPU: check, then time
-    python bench/q4_mma_explore.py --emulate                       # the CPU: the lane mapping
+    python bench/q4_mma_explore.py --configs 8b,1b --batches 1,4,16 --warps 2,4,8   # a GPU
+    python bench/q4_mma_explore.py --emulate                                       # the CPU
 
-On a GPU (torch's NVRTC, `torch.cuda._compile_kernel`): per linear shape of the configs, the
-kernel at each --warps (warps a CTA: they split K) against `qgemv` (the engine's choice), both
-checked against x @ dequantize(W).T in float64 (max relative error; issue 15 asks <= 1e-3) and
-timed as CUDA graphs over copies of the weight > 4x the L2 (`bench.common.graph_us`).
---emulate: the kernel's lane arithmetic in numpy, each mma by the PTX ISA's fragment layout of
-m16n8k16 (A rows groupID / +8, columns 2 * tid (+1, +8, +9); B rows 2 * tid.., column groupID;
-C likewise), against dequantize-then-matmul: what makes the column order of the codes right.
+On a GPU (torch's NVRTC, `torch.cuda._compile_kernel`): per linear shape of the configs and
+batch, the kernel at each --warps (warps a CTA: they split K) against `qgemv` (the engine's
+choice), both checked against x @ dequantize(W).T in float64 (max relative error; issue 15
+asks <= 1e-3) and timed as CUDA graphs over copies of the weight > 4x the L2
+(`bench.common.graph_us`). --emulate: the kernel's lane arithmetic in numpy, each mma by the PTX
+ISA's fragment layout of m16n8k16 (A rows groupID / + 8, columns 2 * tid (+ 1, + 8, + 9); B rows
+2 * tid (..), column groupID; C rows groupID / + 8, columns 2 * tid, + 1), against
+dequantize-then-matmul: what makes the column order of codes and x agree.
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ from bench.quant_decode import linear_shapes, random_quantized  # noqa: E402
 from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
 
 SOURCE = Path(__file__).with_name("q4_0_mma.cu")
-ROWS = 32  # rows a CTA
+ROWS = 32  # rows of w a CTA
+
+
+def kernel_name(m: int) -> str:
+    """The kernel for m rows of x: x in all of B's columns for one row, else 8 rows a B tile."""
+    if not 1 <= m <= 16:
+        raise ValueError(f"the mma kernel takes 1..16 rows of x, not {m}")
+    return "q4_0_mma_m1" if m == 1 else ("q4_0_mma_m8" if m <= 8 else "q4_0_mma_m16")
 
 
 def _pair(word: int, shift: int, first: int) -> tuple[float, float]:
@@ -70,65 +80,99 @@ def _mma(c: np.ndarray, a: list, b: list) -> None:
 
 
 def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
-    """The kernel's result for float32 x (bf16 values) [K] and Q4_0 `w`, lane by lane."""
+    """`kernel_name(M)`'s result for x [M, K] (float32 holding bf16 values) and Q4_0 `w`, lane by
+    lane as bench/q4_0_mma.cu computes it; [M, N]."""
     n, k = w.shape
+    m_rows = x.shape[0]
+    one = m_rows == 1
+    tiles = 1 if m_rows <= 8 else 2
     words = w.planes["qs"].contiguous().numpy().view("<u4")  # [N, K / 8]
     d = w.planes["d"].float().numpy()
     quads = k // 128
-    sx = x.reshape(-1, 32).sum(1)
-    y = np.zeros(n)
+    sx = 136.0 * x.reshape(m_rows, -1, 32).sum(2)  # [M, groups]
+    y = np.zeros((m_rows, n))
     for blk in range(n // ROWS):
-        part = np.zeros((warps, ROWS))
+        part = np.zeros((warps, ROWS, m_rows))
         for warp in range(warps):
-            acc = np.zeros((32, 4))
+            acc = np.zeros((2, tiles, 32, 4))  # [16-row block][tile][lane][c0..c3]
             for gi in range(4 * (quads * warp // warps), 4 * (quads * (warp + 1) // warps)):
-                c, e = np.zeros((32, 4)), np.zeros((32, 4))
-                for shift, xoff in ((0, 0), (4, 16)):
-                    a0, a1, b = [], [], []
+                for nt in range(tiles):
+                    c = np.zeros((2, 32, 4))
+                    for shift, xoff in ((0, 0), (4, 16)):
+                        a, b = ([], []), []
+                        for lane in range(32):
+                            g, t = lane >> 2, lane & 3
+                            r0 = blk * ROWS + g
+                            ws = [int(words[r0 + 8 * i, 4 * gi + t]) for i in range(4)]
+                            for blk16 in range(2):
+                                w0, w1 = ws[2 * blk16], ws[2 * blk16 + 1]
+                                a[blk16].append((_pair(w0, shift, 0), _pair(w1, shift, 0),
+                                                 _pair(w0, shift, 2), _pair(w1, shift, 2)))
+                            row = 0 if one else 8 * nt + g
+                            if row < m_rows:
+                                at = 32 * gi + xoff + 4 * t
+                                xs = x[row, at:at + 4]
+                            else:
+                                xs = np.zeros(4)
+                            b.append(((xs[0], xs[1]), (xs[2], xs[3])))
+                        _mma(c[0], a[0], b)
+                        _mma(c[1], a[1], b)
                     for lane in range(32):
-                        r0, t = blk * ROWS + (lane >> 2), lane & 3
-                        ws = [int(words[r0 + 8 * m, 4 * gi + t]) for m in range(4)]
-                        a0.append((_pair(ws[0], shift, 0), _pair(ws[1], shift, 0),
-                                   _pair(ws[0], shift, 2), _pair(ws[1], shift, 2)))
-                        a1.append((_pair(ws[2], shift, 0), _pair(ws[3], shift, 0),
-                                   _pair(ws[2], shift, 2), _pair(ws[3], shift, 2)))
-                        xs = x[32 * gi + xoff + 4 * t:32 * gi + xoff + 4 * t + 4]
-                        b.append(((xs[0], xs[1]), (xs[2], xs[3])))
-                    _mma(c, a0, b)
-                    _mma(e, a1, b)
-                s = 136.0 * sx[gi]
-                for lane in range(32):
-                    r0 = blk * ROWS + (lane >> 2)
-                    acc[lane] += [d[r0 + 8 * m, gi] * (v - s) for m, v in
-                                  enumerate((c[lane][0], c[lane][2], e[lane][0], e[lane][2]))]
-            for lane in range(0, 32, 4):  # lanes with tid 0 write their four rows
-                part[warp, [lane >> 2, (lane >> 2) + 8, (lane >> 2) + 16, (lane >> 2) + 24]] = \
-                    acc[lane]
-        y[blk * ROWS:(blk + 1) * ROWS] = part.sum(0)
+                        g, t = lane >> 2, lane & 3
+                        r0 = blk * ROWS + g
+                        cols = (0, 0) if one else (8 * nt + 2 * t, 8 * nt + 2 * t + 1)
+                        s = [sx[col, gi] if col < m_rows else 0.0 for col in cols]
+                        for blk16 in range(2):
+                            d0, d1 = d[r0 + 16 * blk16, gi], d[r0 + 16 * blk16 + 8, gi]
+                            cc = c[blk16][lane]
+                            acc[blk16, nt, lane] += (d0 * (cc[0] - s[0]), d0 * (cc[1] - s[1]),
+                                                     d1 * (cc[2] - s[0]), d1 * (cc[3] - s[1]))
+            for lane in range(32):  # the partials as the kernel stores them
+                g, t = lane >> 2, lane & 3
+                for blk16 in range(2):
+                    for nt in range(tiles):
+                        row = 16 * blk16 + g
+                        if one:
+                            if t == 0:
+                                part[warp, row, 0] = acc[blk16, nt, lane, 0]
+                                part[warp, row + 8, 0] = acc[blk16, nt, lane, 2]
+                            continue
+                        for i, (dr, col) in enumerate(((0, 2 * t), (0, 2 * t + 1), (8, 2 * t),
+                                                       (8, 2 * t + 1))):
+                            if 8 * nt + col < m_rows:
+                                part[warp, row + dr, 8 * nt + col] = acc[blk16, nt, lane, i]
+        y[:, blk * ROWS:(blk + 1) * ROWS] = part.sum(0).T
     return y
 
 
 def run_emulation() -> int:
-    """--emulate: a random Q4_0 matrix of 64 x 512 over 2 and 3 warps (uneven quads)."""
+    """--emulate: a random Q4_0 matrix of 32 x 512 at 1, 5 and 11 rows of x (the three
+    kernels), over 2 and 3 warps (uneven quads)."""
     g = torch.Generator().manual_seed(0)
-    w = random_quantized("q4_0", 64, 512, g, torch.device("cpu"))
-    x = torch.randn(512, generator=g).to(torch.bfloat16).float()
-    ref = (w.dequantize(torch.float64) @ x.double()).numpy()
-    for warps in (2, 3):
+    w = random_quantized("q4_0", 32, 512, g, torch.device("cpu"))
+    for m, warps in ((1, 2), (5, 3), (11, 2)):
+        x = torch.randn(m, 512, generator=g).to(torch.bfloat16).float()
+        ref = (x.double() @ w.dequantize(torch.float64).T).numpy()
         err = float(np.abs(emulate(w, x.numpy(), warps) - ref).max() / np.abs(ref).max())
-        print(f"emulated, {warps} warps: max relative error {err:.1e}")
+        print(f"emulated {kernel_name(m)}, {m} rows, {warps} warps: max relative error {err:.1e}")
         if err > 1e-6:
             return 1
     return 0
 
 
-def mma_call(kernel, x: torch.Tensor, y: torch.Tensor, warps: int):
-    """The kernel as a function of the weight (x [K] bf16, y [N] bf16 its output)."""
+def mma_call(kernels: dict, x: torch.Tensor, y: torch.Tensor, warps: int):
+    """The kernel for x [M, K] (bf16) as a function of the weight; y [M, N] bf16 its output."""
+    m = x.shape[0]
+    kernel = kernels[kernel_name(m)]
+    mp = 1 if m == 1 else (8 if m <= 8 else 16)
+
     def call(w: QuantizedTensor) -> torch.Tensor:
         n, k = w.shape
         qs, d = w.planes["qs"], w.planes["d"]
+        smem = 4 * max(mp * (k // 32), warps * ROWS * mp)
         kernel(grid=(n // ROWS, 1, 1), block=(32 * warps, 1, 1),
-               args=[x, qs, d, y, n, k, qs.stride(0) // 4, d.stride(0)], shared_mem=k // 32 * 4)
+               args=[x, qs, d, y, m, n, k, qs.stride(0) // 4, d.stride(0), x.stride(0),
+                     y.stride(0)], shared_mem=smem)
         return y
     return call
 
@@ -140,7 +184,9 @@ def run_gpu(args) -> int:
     if not hasattr(torch.cuda, "_compile_kernel"):
         raise SystemExit(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
     device = torch.device("cuda")
-    kernel = torch.cuda._compile_kernel(SOURCE.read_text(), "q4_0_mma_gemv")
+    source = SOURCE.read_text()
+    kernels = {name: torch.cuda._compile_kernel(source, name)
+               for name in ("q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m16")}
     bw = copy_bandwidth(device)
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
@@ -154,24 +200,27 @@ def run_gpu(args) -> int:
             ws = [w0] + [QuantizedTensor("q4_0", w0.shape, {p: t.clone() for p, t in
                                                              w0.planes.items()})
                          for _ in range(copies - 1)]
-            x = (torch.randn(1, k, device=device, generator=g) * 0.5).to(torch.bfloat16)
-            ref = (x.double() @ w0.dequantize(torch.float64).T)[0]
-            y = torch.empty(n, device=device, dtype=torch.bfloat16)
-            variants = [("auto", lambda w, x=x: qgemv(x, w)[0])]
-            variants += [(f"mma w{v}", mma_call(kernel, x[0], y, v))
-                         for v in csv(args.warps, int)]
-            for label, call in variants:
-                out = call(w0).double()
-                torch.cuda.synchronize()
-                err = float((out - ref).abs().max() / ref.abs().max())
-                us = graph_us([lambda w=w, call=call: call(w) for w in ws], device)
-                rows.append([name, lin, f"{n}x{k}", label, fmt(us, 1),
-                             fmt(100 * w0.nbytes / (us * 1e-6) / bw, 0), f"{err:.1e}"])
-                print(rows[-1], flush=True)
-            del ws
+            wd = w0.dequantize(torch.float64)
+            for m in csv(args.batches, int):
+                x = (torch.randn(m, k, device=device, generator=g) * 0.5).to(torch.bfloat16)
+                ref = x.double() @ wd.T
+                y = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+                variants = [("auto", lambda w, x=x: qgemv(x, w))]
+                variants += [(f"mma w{v}", mma_call(kernels, x, y, v))
+                             for v in csv(args.warps, int)]
+                for label, call in variants:
+                    out = call(w0).double()
+                    torch.cuda.synchronize()
+                    err = float((out - ref).abs().max() / ref.abs().max())
+                    us = graph_us([lambda w=w, call=call: call(w) for w in ws], device)
+                    rows.append([name, lin, f"{n}x{k}", m, label, fmt(us, 1),
+                                 fmt(100 * w0.nbytes / (us * 1e-6) / bw, 0), f"{err:.1e}"])
+                    print(rows[-1], flush=True)
+            del ws, wd
             torch.cuda.empty_cache()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    print_table(["config", "linear", "N x K", "variant", "us", "% copy", "max rel err"], rows)
+    print_table(["config", "linear", "N x K", "rows of x", "variant", "us", "% copy",
+                 "max rel err"], rows)
     return 0
 
 
@@ -179,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="8b,1b")
+    p.add_argument("--batches", default="1,4,16", help="comma list of rows of x (1..16)")
     p.add_argument("--warps", default="2,4,8", help="comma list of warps a CTA (at most 8)")
     p.add_argument("--emulate", action="store_true", help="the lane mapping in numpy (CPU)")
     args = p.parse_args(argv)
@@ -188,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the kernel needs a CUDA GPU (--emulate checks its lane mapping here)")
     if any(not 1 <= v <= 8 for v in csv(args.warps, int)):
         raise SystemExit("--warps: 1..8 warps a CTA")
+    if any(not 1 <= v <= 16 for v in csv(args.batches, int)):
+        raise SystemExit("--batches: 1..16 rows of x")
     return run_gpu(args)
 
 
