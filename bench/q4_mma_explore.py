@@ -45,7 +45,11 @@ from bench.common import (  # noqa: E402
     l2_bytes,
     print_table,
 )
-from bench.quant_decode import linear_shapes, random_quantized  # noqa: E402
+from bench.quant_decode import (  # noqa: E402
+    linear_shapes,
+    random_quantized,
+    weight_copies,
+)
 from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
 
 SOURCE = Path(__file__).with_name("q4_0_mma.cu")
@@ -196,10 +200,7 @@ def run_gpu(args) -> int:
                 print(f"{name} {lin} {n}x{k}: not a multiple of 32 rows / 128 columns, skipped")
                 continue
             w0 = random_quantized("q4_0", n, k, g, device)
-            copies = max(2, -(-4 * l2_bytes(device) // w0.nbytes))
-            ws = [w0] + [QuantizedTensor("q4_0", w0.shape, {p: t.clone() for p, t in
-                                                             w0.planes.items()})
-                         for _ in range(copies - 1)]
+            ws = weight_copies(w0, l2_bytes(device))
             wd = w0.dequantize(torch.float64)
             for m in csv(args.batches, int):
                 x = (torch.randn(m, k, device=device, generator=g) * 0.5).to(torch.bfloat16)

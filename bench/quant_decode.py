@@ -175,10 +175,7 @@ def kernel_sweep(args, device: torch.device) -> int:
                 continue
             for fmt_name in [f for f in csv(args.formats) if f != "bf16"]:
                 w0 = random_quantized(fmt_name, n, k, g, device)
-                copies = max(2, -(-4 * l2_bytes(device) // w0.nbytes))
-                ws = [w0] + [QuantizedTensor(w0.format, w0.shape, {p: t.clone() for p, t in
-                                                                 w0.planes.items()})
-                             for _ in range(copies - 1)]
+                ws = weight_copies(w0, l2_bytes(device))
                 wd = w0.dequantize(torch.float32)
                 dense = [wd.to(torch.bfloat16)
                          for _ in range(max(2, -(-4 * l2_bytes(device) // (2 * n * k))))]
@@ -210,6 +207,15 @@ def kernel_sweep(args, device: torch.device) -> int:
     print_table(["config", "linear", "weights", "batch", "variant", "us", "GB/s", "% copy",
                  "rel err"], rows)
     return 0
+
+
+def weight_copies(w0: QuantizedTensor, l2: int) -> list[QuantizedTensor]:
+    """w0 and clones of its planes, together > 4x the L2 (`l2` bytes; at least 2): a timing
+    graph cycling over them reads each from memory, not from the L2."""
+    copies = max(2, -(-4 * l2 // w0.nbytes))
+    return [w0] + [QuantizedTensor(w0.format, w0.shape, {p: t.clone() for p, t in
+                                                         w0.planes.items()})
+                   for _ in range(copies - 1)]
 
 
 def random_quantized(fmt_name: str, n: int, k: int, g: torch.Generator,
