@@ -2,13 +2,17 @@
 // Q4_0 GEMM for 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32).
 // x [M, K] bf16 (row stride ldx); qs [N, ldq] 32-bit words of Q4_0 codes (per 32-group 4 words;
 // byte i holds column i in its low nibble and column 16 + i in its high one); d [N, ldd] fp16;
-// y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks a warp); its
-// W warps split K's groups in quads. Lane (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8
-// (+ 16, + 24) with word t of a group: columns 4t..4t+3 as its low nibbles (first mma, k = 2t,
-// 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 as its high ones (second mma); B's column n holds row
-// 8 * tile + n of x at the same columns (ONE: row 0 in all 8, so every lane's c0 / c2 is its
-// rows' sum). Codes enter as bf16 128 + q (exact); a group adds d * (C - 136 * sum x).
-#define MAXW 8
+// y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks a warp) and
+// slice blockIdx.y of gridDim.y of K's quads of groups; its W warps split the slice's quads. Lane
+// (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24) with word t of a group: columns
+// 4t..4t+3 as its low nibbles (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 as its
+// high ones (second mma); B's column n holds row 8 * tile + n of x at the same columns (ONE: row 0
+// in all 8, so every lane's c0 / c2 is its rows' sum). Codes enter as bf16 128 + q (exact); a
+// group adds d * (C - 136 * sum x). A warp loads the next quad's codes and scales before it
+// multiplies the current one (one memory round trip a quad, overlapped). With gridDim.y > 1 each
+// CTA writes its float32 partial to `part` [gridDim.y, M, N]; the last of a row block's CTAs to
+// arrive (counter `cnt` [N / 32], left at 0) adds them in slice order: the same bits whatever
+// the arrival order.
 __device__ __forceinline__ unsigned lo2(unsigned w) {  // bytes 0, 1 -> bf16x2 128 + byte
   unsigned d; asm("prmt.b32 %0, %1, 0x43434343, 0x4140;" : "=r"(d) : "r"(w)); return d;
 }
@@ -25,26 +29,86 @@ __device__ __forceinline__ float h2f(unsigned h) {
 template <int SHIFT>
 __device__ __forceinline__ void mma(float* c, unsigned w0, unsigned w1, unsigned b0, unsigned b1) {
   const unsigned l0 = (w0 >> SHIFT) & 0x0F0F0F0Fu, l1 = (w1 >> SHIFT) & 0x0F0F0F0Fu;
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(lo2(l0)), "r"(lo2(l1)), "r"(hi2(l0)), "r"(hi2(l1)), "r"(b0), "r"(b1));
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+      "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(lo2(l0)), "r"(lo2(l1)), "r"(hi2(l0)), "r"(hi2(l1)), "r"(b0), "r"(b1));
+}
+struct Quad {  // one lane's share of a quad of groups: words [group][row g + 8r], scales [r]
+  unsigned w[4][4];
+  uint2 d[4];
+};
+__device__ __forceinline__ void load_quad(Quad& f, const unsigned* qp, size_t q8, const uint2* dp,
+                                          size_t d8) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) f.d[r] = __ldg(dp + r * d8);
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) f.w[j][r] = __ldg(qp + 4 * j + r * q8);
+}
+// acc += the quad's four groups (gi0..gi0+3) times x; xw[nt] points at the quad's x of tile nt
+template <int NT, bool ONE>
+__device__ __forceinline__ void step(float (&acc)[2][NT][4], const Quad& f,
+                                     const uint2* const (&xw)[NT], const bool (&live)[NT],
+                                     const float* sx, int gi0, int G, int t) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int gi = gi0 + j;
+    float dd[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) dd[r] = h2f(((j < 2) ? f.d[r].x : f.d[r].y) >> ((j & 1) * 16));
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint2 xl = make_uint2(0u, 0u), xh = make_uint2(0u, 0u);
+      if (live[nt]) {
+        xl = __ldg(xw[nt] + 8 * j);
+        xh = __ldg(xw[nt] + 8 * j + 4);
+      }
+      float c[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
+      mma<0>(c, f.w[j][0], f.w[j][1], xl.x, xl.y);
+      mma<0>(e, f.w[j][2], f.w[j][3], xl.x, xl.y);
+      mma<4>(c, f.w[j][0], f.w[j][1], xh.x, xh.y);
+      mma<4>(e, f.w[j][2], f.w[j][3], xh.x, xh.y);
+      if (ONE) {
+        const float s = sx[gi];
+        acc[0][nt][0] = fmaf(dd[0], c[0] - s, acc[0][nt][0]);
+        acc[0][nt][2] = fmaf(dd[1], c[2] - s, acc[0][nt][2]);
+        acc[1][nt][0] = fmaf(dd[2], e[0] - s, acc[1][nt][0]);
+        acc[1][nt][2] = fmaf(dd[3], e[2] - s, acc[1][nt][2]);
+      } else {  // c0 / c2: column 2t of the tile, c1 / c3: 2t + 1
+        const float s0 = sx[(8 * nt + 2 * t) * G + gi], s1 = sx[(8 * nt + 2 * t + 1) * G + gi];
+        acc[0][nt][0] = fmaf(dd[0], c[0] - s0, acc[0][nt][0]);
+        acc[0][nt][1] = fmaf(dd[0], c[1] - s1, acc[0][nt][1]);
+        acc[0][nt][2] = fmaf(dd[1], c[2] - s0, acc[0][nt][2]);
+        acc[0][nt][3] = fmaf(dd[1], c[3] - s1, acc[0][nt][3]);
+        acc[1][nt][0] = fmaf(dd[2], e[0] - s0, acc[1][nt][0]);
+        acc[1][nt][1] = fmaf(dd[2], e[1] - s1, acc[1][nt][1]);
+        acc[1][nt][2] = fmaf(dd[3], e[2] - s0, acc[1][nt][2]);
+        acc[1][nt][3] = fmaf(dd[3], e[3] - s1, acc[1][nt][3]);
+      }
+    }
+  }
 }
 template <int NT, bool ONE>
 __device__ __forceinline__ void q4_0_mma(
     const unsigned short* __restrict__ x, const unsigned* __restrict__ qs,
     const unsigned short* __restrict__ d, unsigned short* __restrict__ y,
+    float* __restrict__ part, int* __restrict__ cnt,
     int M, int N, int K, int ldq, int ldd, int ldx, int ldy) {
-  extern __shared__ float smem[];  // sx [8 * NT][K / 32]: 136 * sum of x per row and group,
-  // then the warps' partials [W][32][8 * NT]
-  const int G = K >> 5, W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  extern __shared__ float smem[];  // sx [8 * NT][slice's groups]: 136 * sum of x per row and
+  // group, then the warps' partials [W][32][8 * NT]
+  __shared__ int last;
+  const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int S = gridDim.y, sl = blockIdx.y, Q = K >> 7;
+  const int s_lo = Q * sl / S, s_hi = Q * (sl + 1) / S, G = 4 * (s_hi - s_lo);  // slice's quads
   const int MP = ONE ? 1 : 8 * NT;
   float* sx = smem;
   for (int i = threadIdx.x; i < MP * G; i += blockDim.x) {
     const int m = i / G, gi = i - m * G;
     float s = 0.f;
     if (m < M) {
-      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + gi * 32);
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + (4 * s_lo + gi) * 32);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint4 v = __ldg(xp + j);
@@ -57,7 +121,7 @@ __device__ __forceinline__ void q4_0_mma(
   __syncthreads();
   const int gq = lane >> 2, t = lane & 3;
   const int r0 = blockIdx.x * 32 + gq;  // rows r0, r0 + 8, r0 + 16, r0 + 24
-  const int q_lo = (G >> 2) * warp / W, q_hi = (G >> 2) * (warp + 1) / W;  // quads of groups
+  const int q_lo = s_lo + (s_hi - s_lo) * warp / W, q_hi = s_lo + (s_hi - s_lo) * (warp + 1) / W;
   const unsigned* qp = qs + (size_t)r0 * ldq + t + q_lo * 16;
   const size_t q8 = (size_t)8 * ldq;
   const uint2* dp = reinterpret_cast<const uint2*>(d + (size_t)r0 * ldd) + q_lo;
@@ -79,57 +143,23 @@ __device__ __forceinline__ void q4_0_mma(
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][nt][e] = 0.f;
-  for (int q = q_lo; q < q_hi; ++q) {
-    uint2 dv[4];
+  Quad fa, fb;
+  if (q_lo < q_hi) load_quad(fa, qp, q8, dp, d8);
+  for (int q = q_lo; q < q_hi; q += 2) {  // two quads a turn: fa, then fb, each prefetched
+    if (q + 1 < q_hi) load_quad(fb, qp + 16, q8, dp + 1, d8);
+    step<NT, ONE>(acc, fa, xw, live, sx, 4 * (q - s_lo), G, t);
+    if (q + 1 >= q_hi) break;
+    if (q + 2 < q_hi) load_quad(fa, qp + 32, q8, dp + 2, d8);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) dv[r] = __ldg(dp + r * d8);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // the quad's groups
-      const int gi = 4 * q + j;
-      const unsigned w0 = __ldg(qp + 4 * j), w1 = __ldg(qp + 4 * j + q8);
-      const unsigned w2 = __ldg(qp + 4 * j + 2 * q8), w3 = __ldg(qp + 4 * j + 3 * q8);
-      const unsigned sh = (j & 1) * 16;
-      float dd[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) dd[r] = h2f(((j < 2) ? dv[r].x : dv[r].y) >> sh);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint2 xl = make_uint2(0u, 0u), xh = make_uint2(0u, 0u);
-        if (live[nt]) {
-          xl = __ldg(xw[nt] + 8 * j);
-          xh = __ldg(xw[nt] + 8 * j + 4);
-        }
-        float c[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-        mma<0>(c, w0, w1, xl.x, xl.y);
-        mma<0>(e, w2, w3, xl.x, xl.y);
-        mma<4>(c, w0, w1, xh.x, xh.y);
-        mma<4>(e, w2, w3, xh.x, xh.y);
-        if (ONE) {
-          const float s = sx[gi];
-          acc[0][nt][0] = fmaf(dd[0], c[0] - s, acc[0][nt][0]);
-          acc[0][nt][2] = fmaf(dd[1], c[2] - s, acc[0][nt][2]);
-          acc[1][nt][0] = fmaf(dd[2], e[0] - s, acc[1][nt][0]);
-          acc[1][nt][2] = fmaf(dd[3], e[2] - s, acc[1][nt][2]);
-        } else {  // c0 / c2: column 2t of the tile, c1 / c3: 2t + 1
-          const float s0 = sx[(8 * nt + 2 * t) * G + gi], s1 = sx[(8 * nt + 2 * t + 1) * G + gi];
-          acc[0][nt][0] = fmaf(dd[0], c[0] - s0, acc[0][nt][0]);
-          acc[0][nt][1] = fmaf(dd[0], c[1] - s1, acc[0][nt][1]);
-          acc[0][nt][2] = fmaf(dd[1], c[2] - s0, acc[0][nt][2]);
-          acc[0][nt][3] = fmaf(dd[1], c[3] - s1, acc[0][nt][3]);
-          acc[1][nt][0] = fmaf(dd[2], e[0] - s0, acc[1][nt][0]);
-          acc[1][nt][1] = fmaf(dd[2], e[1] - s1, acc[1][nt][1]);
-          acc[1][nt][2] = fmaf(dd[3], e[2] - s0, acc[1][nt][2]);
-          acc[1][nt][3] = fmaf(dd[3], e[3] - s1, acc[1][nt][3]);
-        }
-      }
-    }
-    qp += 16;
-    dp += 1;
+    for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
+    step<NT, ONE>(acc, fb, xw, live, sx, 4 * (q + 1 - s_lo), G, t);
+    qp += 32;
+    dp += 2;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
   }
   __syncthreads();  // sx is read no more: its space takes the partials
-  float* part = smem;  // [W][32 rows][MP]
+  float* wp = smem;  // [W][32 rows][MP]
 #pragma unroll
   for (int b = 0; b < 2; ++b)
 #pragma unroll
@@ -137,15 +167,15 @@ __device__ __forceinline__ void q4_0_mma(
       const int row = 16 * b + gq;
       if (ONE) {
         if (t == 0) {
-          part[(warp * 32 + row) * MP] = acc[b][nt][0];
-          part[(warp * 32 + row + 8) * MP] = acc[b][nt][2];
+          wp[(warp * 32 + row) * MP] = acc[b][nt][0];
+          wp[(warp * 32 + row + 8) * MP] = acc[b][nt][2];
         }
       } else {
         const int col = 8 * nt + 2 * t;
-        part[(warp * 32 + row) * MP + col] = acc[b][nt][0];
-        part[(warp * 32 + row) * MP + col + 1] = acc[b][nt][1];
-        part[(warp * 32 + row + 8) * MP + col] = acc[b][nt][2];
-        part[(warp * 32 + row + 8) * MP + col + 1] = acc[b][nt][3];
+        wp[(warp * 32 + row) * MP + col] = acc[b][nt][0];
+        wp[(warp * 32 + row) * MP + col + 1] = acc[b][nt][1];
+        wp[(warp * 32 + row + 8) * MP + col] = acc[b][nt][2];
+        wp[(warp * 32 + row + 8) * MP + col + 1] = acc[b][nt][3];
       }
     }
   __syncthreads();
@@ -153,21 +183,37 @@ __device__ __forceinline__ void q4_0_mma(
     const int row = i / MP, m = i - row * MP;
     if (m >= M) continue;
     float s = 0.f;
-    for (int w = 0; w < W; ++w) s += part[(w * 32 + row) * MP + m];
+    for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+    if (S == 1) {
+      const unsigned u = __float_as_uint(s);
+      y[(size_t)m * ldy + blockIdx.x * 32 + row] =
+          (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
+    } else {
+      part[((size_t)sl * M + m) * N + blockIdx.x * 32 + row] = s;
+    }
+  }
+  if (S == 1) return;
+  __threadfence();  // this CTA's partial is visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == S - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < 32 * M; i += blockDim.x) {
+    const int m = i >> 5, row = i & 31;
+    float s = 0.f;
+    for (int k = 0; k < S; ++k) s += __ldcg(part + ((size_t)k * M + m) * N + blockIdx.x * 32 + row);
     const unsigned u = __float_as_uint(s);
     y[(size_t)m * ldy + blockIdx.x * 32 + row] =
-        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
+        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;  // for the next launch or graph replay
 }
 #define ARGS const unsigned short* __restrict__ x, const unsigned* __restrict__ qs, \
-    const unsigned short* __restrict__ d, unsigned short* __restrict__ y, int M, int N, int K, \
-    int ldq, int ldd, int ldx, int ldy
-extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m1(ARGS) {
-  q4_0_mma<1, true>(x, qs, d, y, M, N, K, ldq, ldd, ldx, ldy);
-}
-extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m8(ARGS) {
-  q4_0_mma<1, false>(x, qs, d, y, M, N, K, ldq, ldd, ldx, ldy);
-}
-extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m16(ARGS) {
-  q4_0_mma<2, false>(x, qs, d, y, M, N, K, ldq, ldd, ldx, ldy);
-}
+    const unsigned short* __restrict__ d, unsigned short* __restrict__ y, \
+    float* __restrict__ part, int* __restrict__ cnt, int M, int N, int K, int ldq, int ldd, \
+    int ldx, int ldy
+#define PASS x, qs, d, y, part, cnt, M, N, K, ldq, ldd, ldx, ldy
+extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m1(ARGS) { q4_0_mma<1, true>(PASS); }
+extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m8(ARGS) { q4_0_mma<1, false>(PASS); }
+extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m16(ARGS) { q4_0_mma<2, false>(PASS); }

@@ -83,9 +83,10 @@ def _mma(c: np.ndarray, a: list, b: list) -> None:
         c[lane] += (cm[g, 2 * t], cm[g, 2 * t + 1], cm[g + 8, 2 * t], cm[g + 8, 2 * t + 1])
 
 
-def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
+def emulate(w: QuantizedTensor, x: np.ndarray, warps: int, splits: int = 1) -> np.ndarray:
     """`kernel_name(M)`'s result for x [M, K] (float32 holding bf16 values) and Q4_0 `w`, lane by
-    lane as bench/q4_0_mma.cu computes it; [M, N]."""
+    lane as bench/q4_0_mma.cu computes it, K's quads cut in `splits` slices (CTAs) and each slice's
+    among `warps` warps; [M, N]."""
     n, k = w.shape
     m_rows = x.shape[0]
     one = m_rows == 1
@@ -96,10 +97,14 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
     sx = 136.0 * x.reshape(m_rows, -1, 32).sum(2)  # [M, groups]
     y = np.zeros((m_rows, n))
     for blk in range(n // ROWS):
-        part = np.zeros((warps, ROWS, m_rows))
-        for warp in range(warps):
+        part = np.zeros((splits * warps, ROWS, m_rows))
+        for sw in range(splits * warps):
+            sl, warp = divmod(sw, warps)
+            s_lo, s_hi = quads * sl // splits, quads * (sl + 1) // splits
+            q_lo = s_lo + (s_hi - s_lo) * warp // warps
+            q_hi = s_lo + (s_hi - s_lo) * (warp + 1) // warps
             acc = np.zeros((2, tiles, 32, 4))  # [16-row block][tile][lane][c0..c3]
-            for gi in range(4 * (quads * warp // warps), 4 * (quads * (warp + 1) // warps)):
+            for gi in range(4 * q_lo, 4 * q_hi):
                 for nt in range(tiles):
                     c = np.zeros((2, 32, 4))
                     for shift, xoff in ((0, 0), (4, 16)):
@@ -138,47 +143,57 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
                         row = 16 * blk16 + g
                         if one:
                             if t == 0:
-                                part[warp, row, 0] = acc[blk16, nt, lane, 0]
-                                part[warp, row + 8, 0] = acc[blk16, nt, lane, 2]
+                                part[sw, row, 0] = acc[blk16, nt, lane, 0]
+                                part[sw, row + 8, 0] = acc[blk16, nt, lane, 2]
                             continue
                         for i, (dr, col) in enumerate(((0, 2 * t), (0, 2 * t + 1), (8, 2 * t),
                                                        (8, 2 * t + 1))):
                             if 8 * nt + col < m_rows:
-                                part[warp, row + dr, 8 * nt + col] = acc[blk16, nt, lane, i]
+                                part[sw, row + dr, 8 * nt + col] = acc[blk16, nt, lane, i]
         y[:, blk * ROWS:(blk + 1) * ROWS] = part.sum(0).T
     return y
 
 
 def run_emulation() -> int:
     """--emulate: a random Q4_0 matrix of 32 x 512 at 1, 5 and 11 rows of x (the three
-    kernels), over 2 and 3 warps (uneven quads)."""
+    kernels), over 2 and 3 warps and 1, 2 and 3 slices of K (uneven quads)."""
     g = torch.Generator().manual_seed(0)
     w = random_quantized("q4_0", 32, 512, g, torch.device("cpu"))
-    for m, warps in ((1, 2), (5, 3), (11, 2)):
+    for m, warps, splits in ((1, 2, 1), (5, 3, 2), (11, 2, 3)):
         x = torch.randn(m, 512, generator=g).to(torch.bfloat16).float()
         ref = (x.double() @ w.dequantize(torch.float64).T).numpy()
-        err = float(np.abs(emulate(w, x.numpy(), warps) - ref).max() / np.abs(ref).max())
-        print(f"emulated {kernel_name(m)}, {m} rows, {warps} warps: max relative error {err:.1e}")
+        err = float(np.abs(emulate(w, x.numpy(), warps, splits) - ref).max()
+                    / np.abs(ref).max())
+        print(f"emulated {kernel_name(m)}, {m} rows, {warps} warps, {splits} slices of K: "
+              f"max relative error {err:.1e}")
         if err > 1e-6:
             return 1
     return 0
 
 
-def mma_call(kernels: dict, x: torch.Tensor, y: torch.Tensor, warps: int):
-    """The kernel for x [M, K] (bf16) as a function of the weight; y [M, N] bf16 its output."""
-    m = x.shape[0]
+def mma_call(kernels: dict, x: torch.Tensor, y: torch.Tensor, warps: int, splits: int):
+    """The kernel for x [M, K] (bf16) as a function of the weight, K cut in `splits` slices (CTAs
+    a row block); y [M, N] bf16 its output."""
+    m, n = y.shape
     kernel = kernels[kernel_name(m)]
     mp = 1 if m == 1 else (8 if m <= 8 else 16)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    cnt = torch.zeros(n // ROWS, dtype=torch.int32, device=x.device)
 
     def call(w: QuantizedTensor) -> torch.Tensor:
-        n, k = w.shape
+        k = w.shape[1]
         qs, d = w.planes["qs"], w.planes["d"]
-        smem = 4 * max(mp * (k // 32), warps * ROWS * mp)
-        kernel(grid=(n // ROWS, 1, 1), block=(32 * warps, 1, 1),
-               args=[x, qs, d, y, m, n, k, qs.stride(0) // 4, d.stride(0), x.stride(0),
-                     y.stride(0)], shared_mem=smem)
+        smem = 4 * max(mp * 4 * -(-(k // 128) // splits), warps * ROWS * mp)
+        kernel(grid=(n // ROWS, splits, 1), block=(32 * warps, 1, 1),
+               args=[x, qs, d, y, part, cnt, m, n, k, qs.stride(0) // 4, d.stride(0),
+                     x.stride(0), y.stride(0)], shared_mem=smem)
         return y
     return call
+
+
+def auto_splits(n: int, k: int, sms: int) -> int:
+    """Slices of K for an N x K weight: enough CTAs for ~4 a SM, each slice >= 8 quads."""
+    return max(1, min(-(-4 * sms // (n // ROWS)), (k // 128) // 8))
 
 
 def run_gpu(args) -> int:
@@ -192,6 +207,7 @@ def run_gpu(args) -> int:
     kernels = {name: torch.cuda._compile_kernel(source, name)
                for name in ("q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m16")}
     bw = copy_bandwidth(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for name in csv(args.configs):
@@ -207,13 +223,15 @@ def run_gpu(args) -> int:
                 ref = x.double() @ wd.T
                 y = torch.empty(m, n, device=device, dtype=torch.bfloat16)
                 variants = [("auto", lambda w, x=x: qgemv(x, w))]
-                variants += [(f"mma w{v}", mma_call(kernels, x, y, v))
-                             for v in csv(args.warps, int)]
+                sk = auto_splits(n, k, sms)
+                variants += [(f"mma w{v} s{s}", mma_call(kernels, x, y, v, s))
+                             for v in csv(args.warps, int) for s in sorted({1, sk})]
                 for label, call in variants:
-                    out = call(w0).double()
-                    torch.cuda.synchronize()
-                    err = float((out - ref).abs().max() / ref.abs().max())
+                    out = call(w0).clone()
+                    err = float((out.double() - ref).abs().max() / ref.abs().max())
                     us = graph_us([lambda w=w, call=call: call(w) for w in ws], device)
+                    if not torch.equal(call(w0), out):  # the slices' counters were left at 0
+                        raise SystemExit(f"{name} {lin} {m} rows {label}: not the same bits")
                     rows.append([name, lin, f"{n}x{k}", m, label, fmt(us, 1),
                                  fmt(100 * w0.nbytes / (us * 1e-6) / bw, 0), f"{err:.1e}"])
                     print(rows[-1], flush=True)
