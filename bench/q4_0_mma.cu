@@ -8,8 +8,10 @@
 // 4t..4t+3 as its low nibbles (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 as its
 // high ones (second mma); B's column n holds row 8 * tile + n of x at the same columns (ONE: row 0
 // in all 8, so every lane's c0 / c2 is its rows' sum). Codes enter as bf16 128 + q (exact); a
-// group adds d * (C - 136 * sum x). A warp loads the next quad's codes and scales before it
-// multiplies the current one (one memory round trip a quad, overlapped). With gridDim.y > 1 each
+// group adds d * (C - 136 * sum x). Each warp streams its quads' codes and scales into its own ring
+// of STAGES shared-memory buffers by cp.async (16-byte copies, a warp's 512 bytes contiguous;
+// STAGES - 1 quads in flight while it multiplies one), and reads its words from there (rows
+// padded to 80 bytes: no bank conflicts). With gridDim.y > 1 each
 // CTA writes its float32 partial to `part` [gridDim.y, M, N]; the last of a row block's CTAs to
 // arrive (counter `cnt` [N / 32], left at 0) adds them in slice order: the same bits whatever
 // the arrival order.
@@ -34,18 +36,42 @@ __device__ __forceinline__ void mma(float* c, unsigned w0, unsigned w1, unsigned
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(lo2(l0)), "r"(lo2(l1)), "r"(hi2(l0)), "r"(hi2(l1)), "r"(b0), "r"(b1));
 }
+constexpr int STAGES = 4;       // quads a warp has in flight + 1
+constexpr int ROWB = 80;        // bytes a row of a stage's codes (64 + 16 of padding)
+constexpr int STAGE = 32 * ROWB + 32 * 8;  // codes [32 rows][ROWB], scales [32 rows][4 fp16]
 struct Quad {  // one lane's share of a quad of groups: words [group][row g + 8r], scales [r]
   unsigned w[4][4];
   uint2 d[4];
 };
-__device__ __forceinline__ void load_quad(Quad& f, const unsigned* qp, size_t q8, const uint2* dp,
-                                          size_t d8) {
+__device__ __forceinline__ void cp_async(unsigned dst, const void* src, int bytes) {
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// the copies of quad q of the CTA's 32 rows (qs0, d0: their row 0) into the stage at `dst`
+__device__ __forceinline__ void issue_quad(unsigned dst, const unsigned char* qs0, size_t qrow,
+                                           const unsigned char* d0, size_t drow, int q, int lane) {
 #pragma unroll
-  for (int r = 0; r < 4; ++r) f.d[r] = __ldg(dp + r * d8);
+  for (int i = 0; i < 4; ++i) {  // chunk 32i + lane: row (32i + lane) / 4, group lane % 4
+    const int c = 32 * i + lane, row = c >> 2, part = c & 3;
+    cp_async(dst + row * ROWB + part * 16, qs0 + row * qrow + q * 64 + part * 16, 16);
+  }
+  cp_async(dst + 32 * ROWB + lane * 8, d0 + lane * drow + q * 8, 8);  // row lane's 4 scales
+}
+__device__ __forceinline__ void read_quad(Quad& f, const unsigned char* src, int gq, int t) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int r = 0; r < 4; ++r) {
+    f.d[r] = *reinterpret_cast<const uint2*>(src + 32 * ROWB + (gq + 8 * r) * 8);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) f.w[j][r] = __ldg(qp + 4 * j + r * q8);
+    for (int j = 0; j < 4; ++j)
+      f.w[j][r] = *reinterpret_cast<const unsigned*>(src + (gq + 8 * r) * ROWB + j * 16 + t * 4);
+  }
 }
 // acc += the quad's four groups (gi0..gi0+3) times x; xw[nt] points at the quad's x of tile nt
 template <int NT, bool ONE>
@@ -96,8 +122,8 @@ __device__ __forceinline__ void q4_0_mma(
     const unsigned short* __restrict__ d, unsigned short* __restrict__ y,
     float* __restrict__ part, int* __restrict__ cnt,
     int M, int N, int K, int ldq, int ldd, int ldx, int ldy) {
-  extern __shared__ float smem[];  // sx [8 * NT][slice's groups]: 136 * sum of x per row and
-  // group, then the warps' partials [W][32][8 * NT]
+  extern __shared__ __align__(16) float smem[];  // sx [8 * NT][slice's groups]: 136 * sum of x
+  // per row and group, then the warps' partials [W][32][8 * NT]; from `ring`: [W][STAGES][STAGE]
   __shared__ int last;
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int S = gridDim.y, sl = blockIdx.y, Q = K >> 7;
@@ -120,12 +146,13 @@ __device__ __forceinline__ void q4_0_mma(
   }
   __syncthreads();
   const int gq = lane >> 2, t = lane & 3;
-  const int r0 = blockIdx.x * 32 + gq;  // rows r0, r0 + 8, r0 + 16, r0 + 24
   const int q_lo = s_lo + (s_hi - s_lo) * warp / W, q_hi = s_lo + (s_hi - s_lo) * (warp + 1) / W;
-  const unsigned* qp = qs + (size_t)r0 * ldq + t + q_lo * 16;
-  const size_t q8 = (size_t)8 * ldq;
-  const uint2* dp = reinterpret_cast<const uint2*>(d + (size_t)r0 * ldd) + q_lo;
-  const size_t d8 = (size_t)2 * ldd;  // 8 rows of d in uint2
+  const int SX = (4 * (MP * G > W * 32 * MP ? MP * G : W * 32 * MP) + 15) & ~15;
+  unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
+  const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
+  const unsigned char* qs0 = reinterpret_cast<const unsigned char*>(qs + (size_t)blockIdx.x * 32 * ldq);
+  const unsigned char* d0 = reinterpret_cast<const unsigned char*>(d + (size_t)blockIdx.x * 32 * ldd);
+  const size_t qrow = (size_t)4 * ldq, drow = (size_t)2 * ldd;
   // B: lane (g, t) gives column g of each tile: row 8 * tile + g of x (ONE: row 0)
   const uint2* xw[NT];
   bool live[NT];
@@ -143,21 +170,26 @@ __device__ __forceinline__ void q4_0_mma(
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][nt][e] = 0.f;
-  Quad fa, fb;
-  if (q_lo < q_hi) load_quad(fa, qp, q8, dp, d8);
-  for (int q = q_lo; q < q_hi; q += 2) {  // two quads a turn: fa, then fb, each prefetched
-    if (q + 1 < q_hi) load_quad(fb, qp + 16, q8, dp + 1, d8);
-    step<NT, ONE>(acc, fa, xw, live, sx, 4 * (q - s_lo), G, t);
-    if (q + 1 >= q_hi) break;
-    if (q + 2 < q_hi) load_quad(fa, qp + 32, q8, dp + 2, d8);
+  const int n = q_hi - q_lo;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
-    step<NT, ONE>(acc, fb, xw, live, sx, 4 * (q + 1 - s_lo), G, t);
-    qp += 32;
-    dp += 2;
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n) issue_quad(ring_s + i * STAGE, qs0, qrow, d0, drow, q_lo + i, lane);
+    cp_commit();
+  }
+  for (int i = 0; i < n; ++i) {
+    cp_wait<STAGES - 2>();  // quad i's copies (this lane's) are done
+    __syncwarp();           // ... and the other lanes'; stage (i - 1) % STAGES is read by all
+    if (i + STAGES - 1 < n)
+      issue_quad(ring_s + ((i + STAGES - 1) % STAGES) * STAGE, qs0, qrow, d0, drow,
+                 q_lo + i + STAGES - 1, lane);
+    cp_commit();
+    Quad f;
+    read_quad(f, ring + (i % STAGES) * STAGE, gq, t);
+    step<NT, ONE>(acc, f, xw, live, sx, 4 * (q_lo + i - s_lo), G, t);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
   }
+  cp_wait<0>();
   __syncthreads();  // sx is read no more: its space takes the partials
   float* wp = smem;  // [W][32 rows][MP]
 #pragma unroll

@@ -54,6 +54,7 @@ from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
 
 SOURCE = Path(__file__).with_name("q4_0_mma.cu")
 ROWS = 32  # rows of w a CTA
+STAGES, STAGE_BYTES = 4, 32 * 80 + 32 * 8  # a warp's ring of quads (q4_0_mma.cu's STAGES, STAGE)
 
 
 def kernel_name(m: int) -> str:
@@ -183,7 +184,8 @@ def mma_call(kernels: dict, x: torch.Tensor, y: torch.Tensor, warps: int, splits
     def call(w: QuantizedTensor) -> torch.Tensor:
         k = w.shape[1]
         qs, d = w.planes["qs"], w.planes["d"]
-        smem = 4 * max(mp * 4 * -(-(k // 128) // splits), warps * ROWS * mp)
+        sx = -(-4 * max(mp * 4 * -(-(k // 128) // splits), warps * ROWS * mp) // 16) * 16
+        smem = sx + warps * STAGES * STAGE_BYTES
         kernel(grid=(n // ROWS, splits, 1), block=(32 * warps, 1, 1),
                args=[x, qs, d, y, part, cnt, m, n, k, qs.stride(0) // 4, d.stride(0),
                      x.stride(0), y.stride(0)], shared_mem=smem)
@@ -206,6 +208,9 @@ def run_gpu(args) -> int:
     source = SOURCE.read_text()
     kernels = {name: torch.cuda._compile_kernel(source, name)
                for name in ("q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m16")}
+    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    for kernel in kernels.values():
+        kernel.set_shared_memory_config(optin)
     bw = copy_bandwidth(device)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     g = torch.Generator(device=device).manual_seed(0)
