@@ -2,8 +2,8 @@
 // Q4_0 GEMM for 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32).
 // x [M, K] bf16 (row stride ldx); qs [N, ldq] 32-bit words of Q4_0 codes (per 32-group 4 words;
 // byte i holds column i in its low nibble and column 16 + i in its high one); d [N, ldd] fp16;
-// y [M, N] bf16 (row stride ldy). A warp takes 32 rows of w (two 16-row mma blocks) and one of S
-// slices of K's quads of groups; a CTA's W warps take W consecutive row blocks of one slice. Lane
+// y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks a warp) and
+// slice blockIdx.y of gridDim.y of K's quads of groups; its W warps split the slice's quads. Lane
 // (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24) with word t of a group: columns
 // 4t..4t+3 as its low nibbles (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 as its
 // high ones (second mma); B's column n holds row 8 * tile + n of x at the same columns (ONE: row 0
@@ -11,10 +11,10 @@
 // group adds d * (C - 136 * sum x). Each warp streams its quads' codes and scales into its own ring
 // of STAGES shared-memory buffers by cp.async (16-byte copies, a warp's 512 bytes contiguous;
 // STAGES - 1 quads in flight while it multiplies one), and reads its words from there (rows
-// padded to 80 bytes: no bank conflicts). With S > 1 each warp
-// writes its float32 partial to `part` [S, M, N]; the last of a row block's warps to arrive
-// (counter `cnt` [N / 32], left at 0) adds them in slice order: the same bits whatever the
-// arrival order.
+// padded to 80 bytes: no bank conflicts). With gridDim.y > 1 each
+// CTA writes its float32 partial to `part` [gridDim.y, M, N]; the last of a row block's CTAs to
+// arrive (counter `cnt` [N / 32], left at 0) adds them in slice order: the same bits whatever
+// the arrival order.
 __device__ __forceinline__ unsigned lo2(unsigned w) {  // bytes 0, 1 -> bf16x2 128 + byte
   unsigned d; asm("prmt.b32 %0, %1, 0x43434343, 0x4140;" : "=r"(d) : "r"(w)); return d;
 }
@@ -36,7 +36,10 @@ __device__ __forceinline__ void mma(float* c, unsigned w0, unsigned w1, unsigned
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(lo2(l0)), "r"(lo2(l1)), "r"(hi2(l0)), "r"(hi2(l1)), "r"(b0), "r"(b1));
 }
-constexpr int STAGES = 4;       // quads a warp has in flight + 1
+#ifndef STAGES_N
+#define STAGES_N 4
+#endif
+constexpr int STAGES = STAGES_N;  // quads a warp has in flight + 1 (at least 2)
 constexpr int ROWB = 80;        // bytes a row of a stage's codes (64 + 16 of padding)
 constexpr int STAGE = 32 * ROWB + 32 * 8;  // codes [32 rows][ROWB], scales [32 rows][4 fp16]
 struct Quad {  // one lane's share of a quad of groups: words [group][row g + 8r], scales [r]
@@ -116,23 +119,18 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const Quad& f,
     }
   }
 }
-// bf16 of a finite float, to nearest even
-__device__ __forceinline__ unsigned short to_bf16(float v) {
-  const unsigned u = __float_as_uint(v);
-  return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 template <int NT, bool ONE>
 __device__ __forceinline__ void q4_0_mma(
     const unsigned short* __restrict__ x, const unsigned* __restrict__ qs,
     const unsigned short* __restrict__ d, unsigned short* __restrict__ y,
-    float* __restrict__ part, int* __restrict__ cnt, int S,
+    float* __restrict__ part, int* __restrict__ cnt,
     int M, int N, int K, int ldq, int ldd, int ldx, int ldy) {
   extern __shared__ __align__(16) float smem[];  // sx [8 * NT][slice's groups]: 136 * sum of x
-  // per row and group; then the warps' rings [W][STAGES][STAGE]
+  // per row and group, then the warps' partials [W][32][8 * NT]; from `ring`: [W][STAGES][STAGE]
+  __shared__ int last;
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int per_slice = (N >> 5) / W;  // CTAs a slice (W divides N / 32)
-  const int sl = blockIdx.x / per_slice, rb = (blockIdx.x - sl * per_slice) * W + warp;
-  const int Q = K >> 7, s_lo = Q * sl / S, s_hi = Q * (sl + 1) / S, G = 4 * (s_hi - s_lo);
+  const int S = gridDim.y, sl = blockIdx.y, Q = K >> 7;
+  const int s_lo = Q * sl / S, s_hi = Q * (sl + 1) / S, G = 4 * (s_hi - s_lo);  // slice's quads
   const int MP = ONE ? 1 : 8 * NT;
   float* sx = smem;
   for (int i = threadIdx.x; i < MP * G; i += blockDim.x) {
@@ -151,11 +149,12 @@ __device__ __forceinline__ void q4_0_mma(
   }
   __syncthreads();
   const int gq = lane >> 2, t = lane & 3;
-  unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + ((4 * MP * G + 15) & ~15)
-                        + warp * STAGES * STAGE;
+  const int q_lo = s_lo + (s_hi - s_lo) * warp / W, q_hi = s_lo + (s_hi - s_lo) * (warp + 1) / W;
+  const int SX = (4 * (MP * G > W * 32 * MP ? MP * G : W * 32 * MP) + 15) & ~15;
+  unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
-  const unsigned char* qs0 = reinterpret_cast<const unsigned char*>(qs + (size_t)rb * 32 * ldq);
-  const unsigned char* d0 = reinterpret_cast<const unsigned char*>(d + (size_t)rb * 32 * ldd);
+  const unsigned char* qs0 = reinterpret_cast<const unsigned char*>(qs + (size_t)blockIdx.x * 32 * ldq);
+  const unsigned char* d0 = reinterpret_cast<const unsigned char*>(d + (size_t)blockIdx.x * 32 * ldd);
   const size_t qrow = (size_t)4 * ldq, drow = (size_t)2 * ldd;
   // B: lane (g, t) gives column g of each tile: row 8 * tile + g of x (ONE: row 0)
   const uint2* xw[NT];
@@ -164,7 +163,7 @@ __device__ __forceinline__ void q4_0_mma(
   for (int nt = 0; nt < NT; ++nt) {
     const int m = ONE ? 0 : 8 * nt + gq;
     live[nt] = m < M;
-    xw[nt] = reinterpret_cast<const uint2*>(x + (size_t)(live[nt] ? m : 0) * ldx) + t + s_lo * 32;
+    xw[nt] = reinterpret_cast<const uint2*>(x + (size_t)(live[nt] ? m : 0) * ldx) + t + q_lo * 32;
   }
   // sums of C: [block of 16 rows][tile][c0..c3]; c1 / c3 unused with ONE
   float acc[2][NT][4];
@@ -174,10 +173,10 @@ __device__ __forceinline__ void q4_0_mma(
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][nt][e] = 0.f;
-  const int n = s_hi - s_lo;
+  const int n = q_hi - q_lo;
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < n) issue_quad(ring_s + i * STAGE, qs0, qrow, d0, drow, s_lo + i, lane);
+    if (i < n) issue_quad(ring_s + i * STAGE, qs0, qrow, d0, drow, q_lo + i, lane);
     cp_commit();
   }
   for (int i = 0; i < n; ++i) {
@@ -185,67 +184,71 @@ __device__ __forceinline__ void q4_0_mma(
     __syncwarp();           // ... and the other lanes'; stage (i - 1) % STAGES is read by all
     if (i + STAGES - 1 < n)
       issue_quad(ring_s + ((i + STAGES - 1) % STAGES) * STAGE, qs0, qrow, d0, drow,
-                 s_lo + i + STAGES - 1, lane);
+                 q_lo + i + STAGES - 1, lane);
     cp_commit();
     Quad f;
     read_quad(f, ring + (i % STAGES) * STAGE, gq, t);
-    step<NT, ONE>(acc, f, xw, live, sx, 4 * i, G, t);
+    step<NT, ONE>(acc, f, xw, live, sx, 4 * (q_lo + i - s_lo), G, t);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
   }
   cp_wait<0>();
-  // lane (g, t) holds rows 16b + g (c0, c1) and 16b + g + 8 (c2, c3) of its block, columns
-  // 8nt + 2t (c0, c2) and + 1 (c1, c3) of x's rows (ONE: all columns are row 0 of x)
-  const int row0 = rb * 32 + gq;
-  if (S == 1) {
+  __syncthreads();  // sx is read no more: its space takes the partials
+  float* wp = smem;  // [W][32 rows][MP]
 #pragma unroll
-    for (int b = 0; b < 2; ++b)
+  for (int b = 0; b < 2; ++b)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = ONE ? 0 : 8 * nt + 2 * t + (e & 1), row = row0 + 16 * b + 8 * (e >> 1);
-          if ((ONE ? (t == 0 && (e & 1) == 0) : m < M))
-            y[(size_t)m * ldy + row] = to_bf16(acc[b][nt][e]);
+    for (int nt = 0; nt < NT; ++nt) {
+      const int row = 16 * b + gq;
+      if (ONE) {
+        if (t == 0) {
+          wp[(warp * 32 + row) * MP] = acc[b][nt][0];
+          wp[(warp * 32 + row + 8) * MP] = acc[b][nt][2];
         }
-    return;
+      } else {
+        const int col = 8 * nt + 2 * t;
+        wp[(warp * 32 + row) * MP + col] = acc[b][nt][0];
+        wp[(warp * 32 + row) * MP + col + 1] = acc[b][nt][1];
+        wp[(warp * 32 + row + 8) * MP + col] = acc[b][nt][2];
+        wp[(warp * 32 + row + 8) * MP + col + 1] = acc[b][nt][3];
+      }
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
+    const int row = i / MP, m = i - row * MP;
+    if (m >= M) continue;
+    float s = 0.f;
+    for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+    if (S == 1) {
+      const unsigned u = __float_as_uint(s);
+      y[(size_t)m * ldy + blockIdx.x * 32 + row] =
+          (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
+    } else {
+      part[((size_t)sl * M + m) * N + blockIdx.x * 32 + row] = s;
+    }
   }
-#pragma unroll
-  for (int b = 0; b < 2; ++b)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = ONE ? 0 : 8 * nt + 2 * t + (e & 1), row = row0 + 16 * b + 8 * (e >> 1);
-        if ((ONE ? (t == 0 && (e & 1) == 0) : m < M))
-          part[((size_t)sl * M + m) * N + row] = acc[b][nt][e];
-      }
-  __threadfence();  // this warp's partial is visible before its arrival is counted
-  __syncwarp();
-  int last = 0;
-  if (lane == 0) last = atomicAdd(cnt + rb, 1) == S - 1;
-  if (!__shfl_sync(0xFFFFFFFFu, last, 0)) return;
+  if (S == 1) return;
+  __threadfence();  // this CTA's partial is visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == S - 1;
+  __syncthreads();
+  if (!last) return;
   __threadfence();
-#pragma unroll
-  for (int b = 0; b < 2; ++b)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = ONE ? 0 : 8 * nt + 2 * t + (e & 1), row = row0 + 16 * b + 8 * (e >> 1);
-        if ((ONE ? (t == 0 && (e & 1) == 0) : m < M)) {
-          float v = 0.f;
-          for (int k = 0; k < S; ++k) v += __ldcg(part + ((size_t)k * M + m) * N + row);
-          y[(size_t)m * ldy + row] = to_bf16(v);
-        }
-      }
-  if (lane == 0) cnt[rb] = 0;  // for the next launch or graph replay
+  for (int i = threadIdx.x; i < 32 * M; i += blockDim.x) {
+    const int m = i >> 5, row = i & 31;
+    float s = 0.f;
+    for (int k = 0; k < S; ++k) s += __ldcg(part + ((size_t)k * M + m) * N + blockIdx.x * 32 + row);
+    const unsigned u = __float_as_uint(s);
+    y[(size_t)m * ldy + blockIdx.x * 32 + row] =
+        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;  // for the next launch or graph replay
 }
 #define ARGS const unsigned short* __restrict__ x, const unsigned* __restrict__ qs, \
     const unsigned short* __restrict__ d, unsigned short* __restrict__ y, \
-    float* __restrict__ part, int* __restrict__ cnt, int S, int M, int N, int K, int ldq, \
-    int ldd, int ldx, int ldy
-#define PASS x, qs, d, y, part, cnt, S, M, N, K, ldq, ldd, ldx, ldy
+    float* __restrict__ part, int* __restrict__ cnt, int M, int N, int K, int ldq, int ldd, \
+    int ldx, int ldy
+#define PASS x, qs, d, y, part, cnt, M, N, K, ldq, ldd, ldx, ldy
 extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m1(ARGS) { q4_0_mma<1, true>(PASS); }
 extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m8(ARGS) { q4_0_mma<1, false>(PASS); }
 extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m16(ARGS) { q4_0_mma<2, false>(PASS); }

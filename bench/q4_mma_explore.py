@@ -15,13 +15,13 @@ planes as they are (`qs` [N, K / 2] bytes, `d` [N, K / 32] fp16); N a multiple o
     python bench/q4_mma_explore.py --emulate                                       # the CPU
 
 On a GPU (torch's NVRTC, `torch.cuda._compile_kernel`): per linear shape of the configs and
-batch, the kernel at each --warps (row blocks of 32 a CTA, a warp each) and 1..3 counts of K's
-slices against `qgemv` (the engine's choice), both checked against x @ dequantize(W).T in
-float64 (max relative error; issue 15 asks <= 1e-3) and timed as CUDA graphs over copies of the
-weight > 4x the L2 (`bench.common.graph_us`). --emulate: the kernel's lane arithmetic in numpy,
-each mma by the PTX ISA's fragment layout of m16n8k16 (A rows groupID / + 8, columns 2 * tid
-(+ 1, + 8, + 9); B rows 2 * tid (..), column groupID; C rows groupID / + 8, columns 2 * tid, + 1),
-against dequantize-then-matmul: what makes the column order of codes and x agree.
+batch, the kernel at each --warps (warps a CTA: they split K) against `qgemv` (the engine's
+choice), both checked against x @ dequantize(W).T in float64 (max relative error; issue 15
+asks <= 1e-3) and timed as CUDA graphs over copies of the weight > 4x the L2
+(`bench.common.graph_us`). --emulate: the kernel's lane arithmetic in numpy, each mma by the PTX
+ISA's fragment layout of m16n8k16 (A rows groupID / + 8, columns 2 * tid (+ 1, + 8, + 9); B rows
+2 * tid (..), column groupID; C rows groupID / + 8, columns 2 * tid, + 1), against
+dequantize-then-matmul: what makes the column order of codes and x agree.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
 
 SOURCE = Path(__file__).with_name("q4_0_mma.cu")
 ROWS = 32  # rows of w a CTA
-STAGES, STAGE_BYTES = 4, 32 * 80 + 32 * 8  # a warp's ring of quads (q4_0_mma.cu's STAGES, STAGE)
+STAGE_BYTES = 32 * 80 + 32 * 8  # a quad's stage of a warp's ring (q4_0_mma.cu's STAGE)
 
 
 def kernel_name(m: int) -> str:
@@ -84,10 +84,10 @@ def _mma(c: np.ndarray, a: list, b: list) -> None:
         c[lane] += (cm[g, 2 * t], cm[g, 2 * t + 1], cm[g + 8, 2 * t], cm[g + 8, 2 * t + 1])
 
 
-def emulate(w: QuantizedTensor, x: np.ndarray, splits: int = 1) -> np.ndarray:
+def emulate(w: QuantizedTensor, x: np.ndarray, warps: int, splits: int = 1) -> np.ndarray:
     """`kernel_name(M)`'s result for x [M, K] (float32 holding bf16 values) and Q4_0 `w`, lane by
-    lane as bench/q4_0_mma.cu computes it, K's quads cut in `splits` slices (a warp each);
-    [M, N]."""
+    lane as bench/q4_0_mma.cu computes it, K's quads cut in `splits` slices (CTAs) and each slice's
+    among `warps` warps; [M, N]."""
     n, k = w.shape
     m_rows = x.shape[0]
     one = m_rows == 1
@@ -98,9 +98,12 @@ def emulate(w: QuantizedTensor, x: np.ndarray, splits: int = 1) -> np.ndarray:
     sx = 136.0 * x.reshape(m_rows, -1, 32).sum(2)  # [M, groups]
     y = np.zeros((m_rows, n))
     for blk in range(n // ROWS):
-        part = np.zeros((splits, ROWS, m_rows))
-        for sw in range(splits):
-            q_lo, q_hi = quads * sw // splits, quads * (sw + 1) // splits
+        part = np.zeros((splits * warps, ROWS, m_rows))
+        for sw in range(splits * warps):
+            sl, warp = divmod(sw, warps)
+            s_lo, s_hi = quads * sl // splits, quads * (sl + 1) // splits
+            q_lo = s_lo + (s_hi - s_lo) * warp // warps
+            q_hi = s_lo + (s_hi - s_lo) * (warp + 1) // warps
             acc = np.zeros((2, tiles, 32, 4))  # [16-row block][tile][lane][c0..c3]
             for gi in range(4 * q_lo, 4 * q_hi):
                 for nt in range(tiles):
@@ -154,25 +157,27 @@ def emulate(w: QuantizedTensor, x: np.ndarray, splits: int = 1) -> np.ndarray:
 
 def run_emulation() -> int:
     """--emulate: a random Q4_0 matrix of 32 x 512 at 1, 5 and 11 rows of x (the three
-    kernels), in 1, 2 and 3 slices of K (uneven quads)."""
+    kernels), over 2 and 3 warps and 1, 2 and 3 slices of K (uneven quads)."""
     g = torch.Generator().manual_seed(0)
     w = random_quantized("q4_0", 32, 512, g, torch.device("cpu"))
-    for m, splits in ((1, 1), (5, 2), (11, 3)):
+    for m, warps, splits in ((1, 2, 1), (5, 3, 2), (11, 2, 3)):
         x = torch.randn(m, 512, generator=g).to(torch.bfloat16).float()
         ref = (x.double() @ w.dequantize(torch.float64).T).numpy()
-        err = float(np.abs(emulate(w, x.numpy(), splits) - ref).max() / np.abs(ref).max())
-        print(f"emulated {kernel_name(m)}, {m} rows, {splits} slices of K: max relative error "
-              f"{err:.1e}")
+        err = float(np.abs(emulate(w, x.numpy(), warps, splits) - ref).max()
+                    / np.abs(ref).max())
+        print(f"emulated {kernel_name(m)}, {m} rows, {warps} warps, {splits} slices of K: "
+              f"max relative error {err:.1e}")
         if err > 1e-6:
             return 1
     return 0
 
 
-def mma_call(kernels: dict, x: torch.Tensor, y: torch.Tensor, warps: int, splits: int):
-    """The kernel for x [M, K] (bf16) as a function of the weight, `warps` row blocks of 32 a CTA,
-    K cut in `splits` slices (a warp each); y [M, N] bf16 its output."""
+def mma_call(kernels: dict, x: torch.Tensor, y: torch.Tensor, warps: int, splits: int,
+             stages: int):
+    """The kernel for x [M, K] (bf16) as a function of the weight, K cut in `splits` slices (CTAs
+    a row block); y [M, N] bf16 its output."""
     m, n = y.shape
-    kernel = kernels[kernel_name(m)]
+    kernel = kernels[kernel_name(m), stages]
     mp = 1 if m == 1 else (8 if m <= 8 else 16)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     cnt = torch.zeros(n // ROWS, dtype=torch.int32, device=x.device)
@@ -180,18 +185,18 @@ def mma_call(kernels: dict, x: torch.Tensor, y: torch.Tensor, warps: int, splits
     def call(w: QuantizedTensor) -> torch.Tensor:
         k = w.shape[1]
         qs, d = w.planes["qs"], w.planes["d"]
-        sx = -(-4 * mp * 4 * -(-(k // 128) // splits) // 16) * 16
-        smem = sx + warps * STAGES * STAGE_BYTES
-        kernel(grid=(n // ROWS // warps * splits, 1, 1), block=(32 * warps, 1, 1),
-               args=[x, qs, d, y, part, cnt, splits, m, n, k, qs.stride(0) // 4, d.stride(0),
+        sx = -(-4 * max(mp * 4 * -(-(k // 128) // splits), warps * ROWS * mp) // 16) * 16
+        smem = sx + warps * stages * STAGE_BYTES
+        kernel(grid=(n // ROWS, splits, 1), block=(32 * warps, 1, 1),
+               args=[x, qs, d, y, part, cnt, m, n, k, qs.stride(0) // 4, d.stride(0),
                      x.stride(0), y.stride(0)], shared_mem=smem)
         return y
     return call
 
 
 def auto_splits(n: int, k: int, sms: int) -> int:
-    """Slices of K for an N x K weight: enough warps for ~12 a SM, each slice >= 4 quads."""
-    return max(1, min(-(-12 * sms // (n // ROWS)), (k // 128) // 4))
+    """Slices of K for an N x K weight: enough CTAs for ~4 a SM, each slice >= 8 quads."""
+    return max(1, min(-(-4 * sms // (n // ROWS)), (k // 128) // 8))
 
 
 def run_gpu(args) -> int:
@@ -202,8 +207,9 @@ def run_gpu(args) -> int:
         raise SystemExit(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
     device = torch.device("cuda")
     source = SOURCE.read_text()
-    kernels = {name: torch.cuda._compile_kernel(source, name)
-               for name in ("q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m16")}
+    kernels = {(name, st): torch.cuda._compile_kernel(f"#define STAGES_N {st}\n" + source, name)
+               for name in ("q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m16")
+               for st in csv(args.stages, int)}
     optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     for kernel in kernels.values():
         kernel.set_shared_memory_config(optin - 4096)  # room for the static shared memory
@@ -225,9 +231,9 @@ def run_gpu(args) -> int:
                 y = torch.empty(m, n, device=device, dtype=torch.bfloat16)
                 variants = [("auto", lambda w, x=x: qgemv(x, w))]
                 sk = auto_splits(n, k, sms)
-                variants += [(f"mma w{v} s{s}", mma_call(kernels, x, y, v, s))
-                             for v in csv(args.warps, int) if (n // ROWS) % v == 0
-                             for s in sorted({1, max(1, sk // 2), sk})]
+                variants += [(f"mma w{v} s{s} st{st}", mma_call(kernels, x, y, v, s, st))
+                             for v in csv(args.warps, int) for s in sorted({1, sk})
+                             for st in csv(args.stages, int)]
                 for label, call in variants:
                     out = call(w0).clone()
                     err = float((out.double() - ref).abs().max() / ref.abs().max())
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="8b,1b")
     p.add_argument("--batches", default="1,4,16", help="comma list of rows of x (1..16)")
     p.add_argument("--warps", default="2,4,8", help="comma list of warps a CTA (at most 8)")
+    p.add_argument("--stages", default="4", help="comma list of a warp's ring stages (>= 2)")
     p.add_argument("--emulate", action="store_true", help="the lane mapping in numpy (CPU)")
     args = p.parse_args(argv)
     if args.emulate:
@@ -259,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the kernel needs a CUDA GPU (--emulate checks its lane mapping here)")
     if any(not 1 <= v <= 8 for v in csv(args.warps, int)):
         raise SystemExit("--warps: 1..8 warps a CTA")
+    if any(v < 2 for v in csv(args.stages, int)):
+        raise SystemExit("--stages: at least 2")
     if any(not 1 <= v <= 16 for v in csv(args.batches, int)):
         raise SystemExit("--batches: 1..16 rows of x")
     return run_gpu(args)
