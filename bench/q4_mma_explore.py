@@ -6,13 +6,16 @@ is bound by the SMs (the same time on an H100 and an H200), and the tensor-core 
 rows (kernels/qgemm_tc.py) 6, with a wait after each `wgmma`. `bench/q4_0_mma.cu` multiplies the
 exact codes (bf16 128 + q) by x on the tensor cores by `mma.sync` m16n8k16: the codes in A (one
 16-row block a mma), up to 8 rows of x in B's columns (two B tiles for 16), the group scale and
-the offset (d * (C - 136 * sum x)) in float32 after each group's two mmas. Its loops (SASS of
-sm_90, CUDA 12.9 NVRTC): 2.05 instructions a weight for one row of x (`q4_0_mma_m1`: x in all
-of B's columns), 2.3 for up to 8 (`_m8`), 3.3 for up to 16 (`_m16`). It reads the engine's Q4_0
-planes as they are (`qs` [N, K / 2] bytes, `d` [N, K / 32] fp16); N a multiple of 32, K of 128.
+the offset (d * (C - 136 * sum x)) in float32 after each group's two mmas; a CTA's warps split
+K, each streaming its quads of groups through a cp.async ring in shared memory (v3; v1, v2 and
+v4 and their H100 timings are in docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync").
+One row of x runs `q4_0_mma_m1` (x in all of B's columns), up to 8 `_m8`, up to 16 `_m16`. It
+reads the engine's Q4_0 planes as they are (`qs` [N, K / 2] bytes, `d` [N, K / 32] fp16); N a
+multiple of 32, K of 128. On an H100 (2026-12-06): 1.1-1.6x the engine's kernels at 2..8 rows of
+x, slower at 1 and 16.
 
-    python bench/q4_mma_explore.py --configs 8b,1b --batches 1,4,16 --warps 2,4,8   # a GPU
-    python bench/q4_mma_explore.py --emulate                                       # the CPU
+    python bench/q4_mma_explore.py --configs 8b,1b --batches 1,4,16 --warps 4,8 --stages 2,4  # GPU
+    python bench/q4_mma_explore.py --emulate                                                # CPU
 
 On a GPU (torch's NVRTC, `torch.cuda._compile_kernel`): per linear shape of the configs and
 batch, the kernel at each --warps (warps a CTA: they split K) against `qgemv` (the engine's
