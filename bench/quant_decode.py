@@ -431,6 +431,25 @@ def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) ->
     return rows
 
 
+def triton_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--triton-too: decode again with the Q4_0 tensor-core kernel (kernels/q4_mma.py) off, i.e.
+    `qgemv`'s Triton kernels only (graphs captured again), then restored: the A/B of that kernel
+    in one process."""
+    from llm.backends.torch.kernels import qgemv
+
+    if not args.triton_too or backend.graphs is None or "q4_0" not in fmt_name.split("/"):
+        return []
+    rule = qgemv.q4_mma_runs
+    qgemv.q4_mma_runs = lambda *a, **k: False
+    try:
+        backend.graphs.capture()
+        rows = decode_rows(backend, name, fmt_name, args, bw, "Triton only")
+    finally:
+        qgemv.q4_mma_runs = rule
+    backend.graphs.capture()
+    return rows
+
+
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
     """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
     from pathlib import Path
@@ -487,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                         "q4_0:16384x2048=16:64:4:ms3): decode again with each set in place of "
                         "qgemv_w_config's choice, then with the default, --w-repeats times")
     p.add_argument("--w-repeats", type=int, default=2)
+    p.add_argument("--triton-too", action="store_true",
+                   help="Q4_0: decode again with the CUDA tensor-core kernel off (A/B)")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -510,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             if fmt_name != "bf16" and backend.graphs is not None:
                 rows += tc_config_rows(backend, name, fmt_name, args, bw)
                 rows += v1_rows(backend, name, fmt_name, args, bw)
+                rows += triton_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":

@@ -1,20 +1,19 @@
-// Exploration, not in the engine (bench/q4_mma_explore.py compiles it by NVRTC and times it).
-// Q4_0 GEMM for 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32).
+// Q4_0 weights times 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x,
+// fp32 sums), compiled at first use by NVRTC (kernels/q4_mma.py launches it; the engine uses
+// `q4_0_mma_m8` for 2..8 rows, the others are timed by bench/q4_mma_explore.py).
 // x [M, K] bf16 (row stride ldx); qs [N, ldq] 32-bit words of Q4_0 codes (per 32-group 4 words;
 // byte i holds column i in its low nibble and column 16 + i in its high one); d [N, ldd] fp16;
-// y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks a warp) and
-// slice blockIdx.y of gridDim.y of K's quads of groups; its W warps split the slice's quads. Lane
-// (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24) with word t of a group: columns
-// 4t..4t+3 as its low nibbles (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 as its
-// high ones (second mma); B's column n holds row 8 * tile + n of x at the same columns (ONE: row 0
-// in all 8, so every lane's c0 / c2 is its rows' sum). Codes enter as bf16 128 + q (exact); a
-// group adds d * (C - 136 * sum x). Each warp streams its quads' codes and scales into its own ring
-// of STAGES shared-memory buffers by cp.async (16-byte copies, a warp's 512 bytes contiguous;
-// STAGES - 1 quads in flight while it multiplies one), and reads its words from there (rows
-// padded to 80 bytes: no bank conflicts). With gridDim.y > 1 each
-// CTA writes its float32 partial to `part` [gridDim.y, M, N]; the last of a row block's CTAs to
-// arrive (counter `cnt` [N / 32], left at 0) adds them in slice order: the same bits whatever
-// the arrival order.
+// y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks); its W warps
+// split K's quads of groups. Lane (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24)
+// with word t of a group: columns 4t..4t+3 as its low nibbles (first mma, k = 2t, 2t+1, 2t+8,
+// 2t+9) and 16+4t..16+4t+3 as its high ones (second mma); B's column n holds row 8 * tile + n of
+// x at the same columns (ONE: row 0 in all 8, so every lane's c0 / c2 is its rows' sum). Codes
+// enter as bf16 128 + q (exact: the products are exact in fp32); a group adds d * (C - 136 * sum
+// x). Each warp streams its quads' codes and scales into its own ring of STAGES shared-memory
+// buffers by cp.async (16-byte copies, a warp instruction's 512 bytes contiguous) and reads its
+// words from there (rows padded to 80 bytes: no bank conflicts). The warps' sums meet in shared
+// memory in warp order: the result does not depend on timing. With PDL the first quads' copies
+// start before the kernel before it has finished.
 __device__ __forceinline__ unsigned lo2(unsigned w) {  // bytes 0, 1 -> bf16x2 128 + byte
   unsigned d; asm("prmt.b32 %0, %1, 0x43434343, 0x4140;" : "=r"(d) : "r"(w)); return d;
 }
@@ -23,6 +22,14 @@ __device__ __forceinline__ unsigned hi2(unsigned w) {  // bytes 2, 3 -> bf16x2 1
 }
 __device__ __forceinline__ float bf_lo(unsigned v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf_hi(unsigned v) { return __uint_as_float(v & 0xFFFF0000u); }
+// PDL: wait for the kernel before (x is its output), then let the next one launch; both are
+// no-ops in a launch without the programmatic attribute (and below sm_90)
+__device__ __forceinline__ void wait_then_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ float h2f(unsigned h) {
   float f; asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
   return f;
@@ -123,21 +130,35 @@ template <int NT, bool ONE>
 __device__ __forceinline__ void q4_0_mma(
     const unsigned short* __restrict__ x, const unsigned* __restrict__ qs,
     const unsigned short* __restrict__ d, unsigned short* __restrict__ y,
-    float* __restrict__ part, int* __restrict__ cnt,
-    int M, int N, int K, int ldq, int ldd, int ldx, int ldy) {
-  extern __shared__ __align__(16) float smem[];  // sx [8 * NT][slice's groups]: 136 * sum of x
-  // per row and group, then the warps' partials [W][32][8 * NT]; from `ring`: [W][STAGES][STAGE]
-  __shared__ int last;
+    int M, int K, int ldq, int ldd, int ldx, int ldy) {
+  extern __shared__ __align__(16) float smem[];  // sx [8 * NT][K / 32]: 136 * sum of x per row
+  // and group, then the warps' partials [W][32][8 * NT]; from `ring`: [W][STAGES][STAGE]
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int S = gridDim.y, sl = blockIdx.y, Q = K >> 7;
-  const int s_lo = Q * sl / S, s_hi = Q * (sl + 1) / S, G = 4 * (s_hi - s_lo);  // slice's quads
+  const int G = K >> 5, Q = K >> 7;
   const int MP = ONE ? 1 : 8 * NT;
+  const int gq = lane >> 2, t = lane & 3;
+  const int q_lo = Q * warp / W, q_hi = Q * (warp + 1) / W, n = q_hi - q_lo;
+  const int SX = (4 * (MP * G > W * 32 * MP ? MP * G : W * 32 * MP) + 15) & ~15;
+  unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
+  const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
+  const unsigned char* qs0 =
+      reinterpret_cast<const unsigned char*>(qs + (size_t)blockIdx.x * 32 * ldq);
+  const unsigned char* d0 =
+      reinterpret_cast<const unsigned char*>(d + (size_t)blockIdx.x * 32 * ldd);
+  const size_t qrow = (size_t)4 * ldq, drow = (size_t)2 * ldd;
+  // the weights are no other kernel's output: their first quads are fetched before the wait
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n) issue_quad(ring_s + i * STAGE, qs0, qrow, d0, drow, q_lo + i, lane);
+    cp_commit();
+  }
+  wait_then_release();
   float* sx = smem;
   for (int i = threadIdx.x; i < MP * G; i += blockDim.x) {
     const int m = i / G, gi = i - m * G;
     float s = 0.f;
     if (m < M) {
-      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + (4 * s_lo + gi) * 32);
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + gi * 32);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint4 v = __ldg(xp + j);
@@ -148,14 +169,6 @@ __device__ __forceinline__ void q4_0_mma(
     sx[i] = 136.f * s;
   }
   __syncthreads();
-  const int gq = lane >> 2, t = lane & 3;
-  const int q_lo = s_lo + (s_hi - s_lo) * warp / W, q_hi = s_lo + (s_hi - s_lo) * (warp + 1) / W;
-  const int SX = (4 * (MP * G > W * 32 * MP ? MP * G : W * 32 * MP) + 15) & ~15;
-  unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
-  const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
-  const unsigned char* qs0 = reinterpret_cast<const unsigned char*>(qs + (size_t)blockIdx.x * 32 * ldq);
-  const unsigned char* d0 = reinterpret_cast<const unsigned char*>(d + (size_t)blockIdx.x * 32 * ldd);
-  const size_t qrow = (size_t)4 * ldq, drow = (size_t)2 * ldd;
   // B: lane (g, t) gives column g of each tile: row 8 * tile + g of x (ONE: row 0)
   const uint2* xw[NT];
   bool live[NT];
@@ -173,12 +186,6 @@ __device__ __forceinline__ void q4_0_mma(
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][nt][e] = 0.f;
-  const int n = q_hi - q_lo;
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < n) issue_quad(ring_s + i * STAGE, qs0, qrow, d0, drow, q_lo + i, lane);
-    cp_commit();
-  }
   for (int i = 0; i < n; ++i) {
     cp_wait<STAGES - 2>();  // quad i's copies (this lane's) are done
     __syncwarp();           // ... and the other lanes'; stage (i - 1) % STAGES is read by all
@@ -188,7 +195,7 @@ __device__ __forceinline__ void q4_0_mma(
     cp_commit();
     Quad f;
     read_quad(f, ring + (i % STAGES) * STAGE, gq, t);
-    step<NT, ONE>(acc, f, xw, live, sx, 4 * (q_lo + i - s_lo), G, t);
+    step<NT, ONE>(acc, f, xw, live, sx, 4 * (q_lo + i), G, t);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
   }
@@ -219,36 +226,15 @@ __device__ __forceinline__ void q4_0_mma(
     if (m >= M) continue;
     float s = 0.f;
     for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
-    if (S == 1) {
-      const unsigned u = __float_as_uint(s);
-      y[(size_t)m * ldy + blockIdx.x * 32 + row] =
-          (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
-    } else {
-      part[((size_t)sl * M + m) * N + blockIdx.x * 32 + row] = s;
-    }
-  }
-  if (S == 1) return;
-  __threadfence();  // this CTA's partial is visible before its arrival is counted
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == S - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int i = threadIdx.x; i < 32 * M; i += blockDim.x) {
-    const int m = i >> 5, row = i & 31;
-    float s = 0.f;
-    for (int k = 0; k < S; ++k) s += __ldcg(part + ((size_t)k * M + m) * N + blockIdx.x * 32 + row);
     const unsigned u = __float_as_uint(s);
     y[(size_t)m * ldy + blockIdx.x * 32 + row] =
-        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
   }
-  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;  // for the next launch or graph replay
 }
 #define ARGS const unsigned short* __restrict__ x, const unsigned* __restrict__ qs, \
     const unsigned short* __restrict__ d, unsigned short* __restrict__ y, \
-    float* __restrict__ part, int* __restrict__ cnt, int M, int N, int K, int ldq, int ldd, \
-    int ldx, int ldy
-#define PASS x, qs, d, y, part, cnt, M, N, K, ldq, ldd, ldx, ldy
+    int M, int K, int ldq, int ldd, int ldx, int ldy
+#define PASS x, qs, d, y, M, K, ldq, ldd, ldx, ldy
 extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m1(ARGS) { q4_0_mma<1, true>(PASS); }
 extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m8(ARGS) { q4_0_mma<1, false>(PASS); }
 extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m16(ARGS) { q4_0_mma<2, false>(PASS); }
