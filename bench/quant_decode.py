@@ -432,12 +432,13 @@ def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) ->
 
 
 def triton_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--triton-too: decode again with the Q4_0 tensor-core kernel (kernels/q4_mma.py) off, i.e.
+    """--triton-too: decode again with the 4-bit tensor-core kernel (kernels/q4_mma.py) off, i.e.
     `qgemv`'s Triton kernels only (graphs captured again), then restored: the A/B of that kernel
     in one process."""
     from llm.backends.torch.kernels import qgemv
 
-    if not args.triton_too or backend.graphs is None or "q4_0" not in fmt_name.split("/"):
+    if not args.triton_too or backend.graphs is None or not {"q4_0", "q4_k", "q4_k_m"} & set(
+            fmt_name.split("/")):
         return []
     rule = qgemv.q4_mma_runs
     qgemv.q4_mma_runs = lambda *a, **k: False
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                         "qgemv_w_config's choice, then with the default, --w-repeats times")
     p.add_argument("--w-repeats", type=int, default=2)
     p.add_argument("--triton-too", action="store_true",
-                   help="Q4_0: decode again with the CUDA tensor-core kernel off (A/B)")
+                   help="Q4_0 / Q4_K: decode again with the CUDA tensor-core kernel off (A/B)")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")

@@ -1,4 +1,4 @@
-"""The Q4_0 tensor-core kernel (kernels/q4_mma.py, kernels/q4_0_mma.cu) against
+"""The 4-bit tensor-core kernel (kernels/q4_mma.py, kernels/q4_mma.cu) for Q4_0 and Q4_K against
 dequantize-then-matmul, and the rule that routes `qgemv` to it.
 
 Everywhere: the kernel's lane arithmetic emulated in numpy, each m16n8k16 `mma.sync` by the PTX
@@ -19,7 +19,12 @@ pytest.importorskip("triton", reason="triton is not installed")
 from test_qgemv import DEVICE, random_quantized  # noqa: E402
 
 from llm.backends.torch.kernels import q4_mma  # noqa: E402
-from llm.backends.torch.kernels.q4_mma import ROWS, kernel_name, mma_rows, q4_0_mma  # noqa: E402
+from llm.backends.torch.kernels.q4_mma import (  # noqa: E402
+    ROWS,
+    kernel_name,
+    mma_rows,
+    q4_mma_matmul,
+)
 from llm.backends.torch.kernels.qgemv import qgemv, qgemv_silu_mul  # noqa: E402
 from llm.backends.torch.kernels.silu_mul import silu_mul  # noqa: E402
 from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
@@ -45,17 +50,30 @@ def _mma(c: np.ndarray, a: list, b: list) -> None:
         c[lane] += (cm[g, 2 * t], cm[g, 2 * t + 1], cm[g + 8, 2 * t], cm[g + 8, 2 * t + 1])
 
 
+def _group_scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and 32-group, what the kernel multiplies the mma sum C and the sum of x by: Q4_0
+    d and 136 d (d * (C - 136 sum x)); Q4_K s = d * scale and 128 s + o, o = dmin * min."""
+    p = w.planes
+    if w.format == "q4_0":
+        d = p["d"].double().numpy()
+        return d, 136.0 * d
+    n = w.shape[0]
+    s = (p["d"].double().numpy().repeat(8, axis=1) * p["scales"].double().numpy()).reshape(n, -1)
+    o = (p["dmin"].double().numpy().repeat(8, axis=1) * p["mins"].double().numpy()).reshape(n, -1)
+    return s, 128.0 * s + o
+
+
 def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
-    """`kernel_name(M)`'s result for x [M, K] (float32 holding bf16 values) and Q4_0 `w`, lane by
-    lane as kernels/q4_0_mma.cu computes it, K's quads split among `warps` warps; [M, N]."""
+    """The kernel's result for x [M, K] (float32 holding bf16 values) and Q4_0 / Q4_K `w`, lane
+    by lane as kernels/q4_mma.cu computes it, K's quads split among `warps` warps; [M, N]."""
     n, k = w.shape
     m_rows = x.shape[0]
     one = m_rows == 1
     tiles = 1 if m_rows <= 8 else 2
     words = w.planes["qs"].contiguous().numpy().view("<u4")  # [N, K / 8]
-    d = w.planes["d"].float().numpy()
+    mult, off = _group_scales(w)  # [N, groups]: a group adds mult * C - off * sum x
     quads = k // 128
-    sx = 136.0 * x.reshape(m_rows, -1, 32).sum(2)  # [M, groups]
+    sx = x.reshape(m_rows, -1, 32).sum(2)  # [M, groups]
     y = np.zeros((m_rows, n))
     for blk in range(n // ROWS):
         part = np.zeros((warps, ROWS, m_rows))
@@ -90,10 +108,12 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
                         cols = (0, 0) if one else (8 * nt + 2 * t, 8 * nt + 2 * t + 1)
                         s = [sx[col, gi] if col < m_rows else 0.0 for col in cols]
                         for blk16 in range(2):
-                            d0, d1 = d[r0 + 16 * blk16, gi], d[r0 + 16 * blk16 + 8, gi]
+                            ra, rb = r0 + 16 * blk16, r0 + 16 * blk16 + 8
+                            da, db = mult[ra, gi], mult[rb, gi]
+                            oa, ob = off[ra, gi], off[rb, gi]
                             cc = c[blk16][lane]
-                            acc[blk16, nt, lane] += (d0 * (cc[0] - s[0]), d0 * (cc[1] - s[1]),
-                                                     d1 * (cc[2] - s[0]), d1 * (cc[3] - s[1]))
+                            acc[blk16, nt, lane] += (da * cc[0] - oa * s[0], da * cc[1] - oa * s[1],
+                                                     db * cc[2] - ob * s[0], db * cc[3] - ob * s[1])
             for lane in range(32):  # the partials as the kernel stores them
                 g, t = lane >> 2, lane & 3
                 for blk16 in range(2):
@@ -112,12 +132,14 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
     return y
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
 @pytest.mark.parametrize(("m", "warps"), [(1, 2), (5, 3), (11, 2), (16, 8)])
-def test_emulated_lanes_give_the_dequantized_matmul(m: int, warps: int) -> None:
-    """32 x 512 (4 quads: 3 warps split them unevenly, 8 leave some idle) at one row of x (x in
-    all of B's columns), 5 (one B tile, 3 columns empty), 11 and 16 (two tiles)."""
+def test_emulated_lanes_give_the_dequantized_matmul(fmt: str, m: int, warps: int) -> None:
+    """32 x 512 (4 quads: 3 warps split them unevenly, 8 leave some idle; Q4_K: 2 super-blocks)
+    at one row of x (x in all of B's columns), 5 (one B tile, 3 columns empty), 11 and 16 (two
+    tiles)."""
     g = torch.Generator().manual_seed(m)
-    w = random_quantized("q4_0", 32, 512, g, "cpu")
+    w = random_quantized(fmt, 32, 512, g, "cpu")
     x = torch.randn(m, 512, generator=g).to(torch.bfloat16).float()
     ref = (x.double() @ w.dequantize(torch.float64).T).numpy()
     err = np.abs(emulate(w, x.numpy(), warps) - ref).max() / np.abs(ref).max()
@@ -145,10 +167,14 @@ def test_the_rule() -> None:
     assert not mma_rows("q4_0", 1, 28672, 4096) and not mma_rows("q4_0", 9, 28672, 4096)
     assert not mma_rows("q4_1", 4, 28672, 4096) and not mma_rows("q8_0", 4, 28672, 4096)
     assert not mma_rows("q4_0", 4, 28672 + 16, 4096) and not mma_rows("q4_0", 4, 4096, 4096 + 32)
-    assert [kernel_name(m) for m in (1, 2, 8, 9, 16)] == ["q4_0_mma_m1"] + ["q4_0_mma_m8"] * 2 + [
-        "q4_0_mma_m16"] * 2
+    assert [kernel_name("q4_0", m) for m in (1, 2, 8, 9, 16)] == [
+        "q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m8", "q4_0_mma_m16", "q4_0_mma_m16"]
+    assert kernel_name("q4_k", 4) == "q4_k_mma_m8"
+    assert mma_rows("q4_k", 4, 28672, 4096) and not mma_rows("q5_k", 4, 28672, 4096)
     with pytest.raises(ValueError, match="1..16 rows"):
-        kernel_name(17)
+        kernel_name("q4_0", 17)
+    with pytest.raises(ValueError, match="Q4_0|q4_0 or q4_k weights, not q6_k"):
+        kernel_name("q6_k", 4)
 
 
 def test_refusals_name_what_is_wrong() -> None:
@@ -157,18 +183,18 @@ def test_refusals_name_what_is_wrong() -> None:
     x = torch.randn(4, 256, generator=g).to(torch.bfloat16)
     assert not q4_mma.q4_mma_runs(x, w)  # the CPU
     with pytest.raises(ValueError, match="bf16 x"):
-        q4_0_mma(x.float(), w)
+        q4_mma_matmul(x.float(), w)
     with pytest.raises(ValueError, match=r"x \[M, 256\]"):
-        q4_0_mma(x[:, :128], w)
-    with pytest.raises(ValueError, match="Q4_0 weights, not q8_0"):
-        q4_0_mma(x, random_quantized("q8_0", 64, 256, g, "cpu"))
+        q4_mma_matmul(x[:, :128], w)
+    with pytest.raises(ValueError, match="q4_0 or q4_k weights, not q8_0"):
+        q4_mma_matmul(x, random_quantized("q8_0", 64, 256, g, "cpu"))
     with pytest.raises(ValueError, match="N % 32"):
-        q4_0_mma(x, random_quantized("q4_0", 48, 256, g, "cpu"))
+        q4_mma_matmul(x, random_quantized("q4_0", 48, 256, g, "cpu"))
     with pytest.raises(ValueError, match="warps must be 1..8"):
-        q4_0_mma(x, w, warps=9)
+        q4_mma_matmul(x, w, warps=9)
     unaligned = torch.empty(4 * 256 + 1, dtype=torch.bfloat16)[1:].view(4, 256)
     with pytest.raises(ValueError, match="aligned"):
-        q4_0_mma(unaligned, w)
+        q4_mma_matmul(unaligned, w)
 
 
 GPU = pytest.mark.skipif(DEVICE == "cpu", reason="the CUDA kernel needs a GPU")
@@ -183,20 +209,22 @@ def _close_to_dequantized(y: torch.Tensor, x: torch.Tensor, w: QuantizedTensor) 
 
 @GPU
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 16])
-@pytest.mark.parametrize(("n", "k"), [(64, 384), (3072, 2048), (4096, 14336)])
-def test_cuda_kernel_matches_the_dequantized_matmul(m: int, n: int, k: int) -> None:
-    """Every row count (the three kernels, tiles partly empty); K of 3 quads (8 warps: some
+@pytest.mark.parametrize(("fmt", "n", "k"), [("q4_0", 64, 384), ("q4_k", 64, 768),
+                                             ("q4_0", 3072, 2048), ("q4_k", 3072, 2048),
+                                             ("q4_0", 4096, 14336), ("q4_k", 4096, 14336)])
+def test_cuda_kernel_matches_the_dequantized_matmul(m: int, fmt: str, n: int, k: int) -> None:
+    """Every row count (the three kernels, tiles partly empty); K of 3 / 6 quads (8 warps: some
     without work) to the 8B down shape; PDL on and off give the same bits, as do repeated
     calls and 4 warps with a 2-deep ring against the defaults (warps add in a fixed order, but
     another warp count splits K elsewhere: close, not equal)."""
     g = torch.Generator().manual_seed(m * 7 + n)
-    w = random_quantized("q4_0", n, k, g)
+    w = random_quantized(fmt, n, k, g)
     x = (torch.randn(m, k, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
-    y = q4_0_mma(x, w, pdl=False)
+    y = q4_mma_matmul(x, w, pdl=False)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     _close_to_dequantized(y, x, w)
-    assert torch.equal(q4_0_mma(x, w, pdl=True), y) and torch.equal(q4_0_mma(x, w), y)
-    _close_to_dequantized(q4_0_mma(x, w, warps=4, stages=2), x, w)
+    assert torch.equal(q4_mma_matmul(x, w, pdl=True), y) and torch.equal(q4_mma_matmul(x, w), y)
+    _close_to_dequantized(q4_mma_matmul(x, w, warps=4, stages=2), x, w)
 
 
 @GPU
@@ -205,25 +233,26 @@ def test_cuda_graph_replays_the_kernel() -> None:
     g = torch.Generator().manual_seed(11)
     w = random_quantized("q4_0", 4096, 4096, g)
     x = torch.randn(4, 4096, generator=g).to(DEVICE, torch.bfloat16)
-    q4_0_mma(x, w)  # compiled before the capture
+    q4_mma_matmul(x, w)  # compiled before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = q4_0_mma(x, w)
+        y = q4_mma_matmul(x, w)
     for _ in range(3):
         x.copy_(torch.randn(4, 4096, generator=g).to(DEVICE, torch.bfloat16))
         graph.replay()
-        assert torch.equal(y, q4_0_mma(x, w))
+        assert torch.equal(y, q4_mma_matmul(x, w))
 
 
 @GPU
-def test_cuda_qgemv_routes_by_the_rule() -> None:
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
+def test_cuda_qgemv_routes_by_the_rule(fmt: str) -> None:
     """qgemv and qgemv_silu_mul take the kernel where `mma_rows` says so (the same bits), and
     their Triton kernels elsewhere and for an x they cannot align."""
     g = torch.Generator().manual_seed(13)
-    w = random_quantized("q4_0", 3072, 2048, g)
+    w = random_quantized(fmt, 3072, 2048, g)
     x = torch.randn(4, 2048, generator=g).to(DEVICE, torch.bfloat16)
-    assert q4_mma.q4_mma_runs(x, w) and torch.equal(qgemv(x, w), q4_0_mma(x, w))
-    assert torch.equal(qgemv_silu_mul(x, w), silu_mul(q4_0_mma(x, w)))
+    assert q4_mma.q4_mma_runs(x, w) and torch.equal(qgemv(x, w), q4_mma_matmul(x, w))
+    assert torch.equal(qgemv_silu_mul(x, w), silu_mul(q4_mma_matmul(x, w)))
     assert not q4_mma.q4_mma_runs(x[:2], w)  # 2 rows of N = 3,072: the Triton kernel
     _close_to_dequantized(qgemv(x[:2], w), x[:2], w)
     unaligned = torch.empty(4 * 2048 + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(4, 2048)

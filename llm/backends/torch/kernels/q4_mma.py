@@ -1,6 +1,6 @@
-"""Q4_0 weights as stored times 2..8 rows of x on the tensor cores (`mma.sync`), below Triton.
+"""Q4_0 / Q4_K weights as stored times 2..8 rows of x on the tensor cores (`mma.sync`).
 
-The kernel is CUDA C (`q4_0_mma.cu` beside this file), compiled at first use on each GPU by
+The kernel is CUDA C (`q4_mma.cu` beside this file), compiled at first use on each GPU by
 torch's NVRTC (`torch.cuda._compile_kernel`: no nvcc, no build step) and launched here with
 `cuLaunchKernelEx`, so that it takes part in programmatic dependent launch like the Triton decode
 kernels (kernels/pdl.py): its first weight copies start while the kernel before it finishes.
@@ -8,12 +8,14 @@ kernels (kernels/pdl.py): its first weight copies start while the kernel before 
 Why: `qgemv`'s one-row kernel pays its CUDA-core work (decode, scale, multiply-add) once for each
 row of x, and Triton's `tl.dot` kernel for 4..16 rows waits after every `wgmma` for the group's
 scale. This kernel multiplies the exact codes (bf16 128 + q) with x by m16n8k16 `mma.sync` and
-applies each group's scale and offset in float32 (`d * (C - 136 * sum x)`), the codes streamed
+applies each 32-group's scale and offset in float32 (Q4_0 `d * (C - 136 * sum x)`, Q4_K
+`s * C - (128 s + o) * sum x` with s = d * scale, o = dmin * min), the codes streamed
 through a `cp.async` ring per warp. The products are exact, the sums float32: the same function
 as dequantize-then-matmul up to accumulation order (issue 15's rule). Measured on an H100
 (docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync", v3): 1.1-1.6x `qgemv` at 4..8 rows
 on every shape with N >= 3,072 and at 2 rows on those with N >= 16,384; slower at one row and at
-16, and on N <= 2,048: `mma_rows` is that rule.
+16, and on N <= 2,048: `mma_rows` is that rule (Q4_K: the same codes, one more multiply-add a
+sum; docs/performance.md, "Q4_K through the same kernel").
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 from llm.backends.torch.kernels.pdl import use_pdl
 from llm.model.quant.tensor import QuantizedTensor
 
-SOURCE = Path(__file__).with_name("q4_0_mma.cu")
+SOURCE = Path(__file__).with_name("q4_mma.cu")
+FORMATS = ("q4_0", "q4_k")
 ROWS = 32  # rows of w a CTA
 WARPS = 8  # warps a CTA: they split K
 STAGES = 4  # quads of groups a warp's ring holds
@@ -37,9 +40,9 @@ _PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
 def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
-    """Whether `qgemv` sends m rows of x times a [n, k] weight in `fmt` to this kernel: Q4_0,
-    n a multiple of 32 and k of 128, and where it measured faster (the module docstring)."""
-    if fmt != "q4_0" or n % ROWS or k % 128:
+    """Whether `qgemv` sends m rows of x times a [n, k] weight in `fmt` to this kernel: Q4_0 or
+    Q4_K, n a multiple of 32 and k of 128, and where it measured faster (the module docstring)."""
+    if fmt not in FORMATS or n % ROWS or k % 128:
         return False
     return (4 <= m <= 8 and n >= 3072) or (2 <= m <= 3 and n >= 16384)
 
@@ -64,7 +67,7 @@ def _libcuda() -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=16)
 def _compiled(device_index: int, name: str, stages: int) -> object:
-    """The kernel `name` of q4_0_mma.cu with a ring of `stages`, compiled for and loaded on GPU
+    """The kernel `name` of q4_mma.cu with a ring of `stages`, compiled for and loaded on GPU
     `device_index`, allowed the shared memory the GPU has; an Exception (returned, not raised)
     where it cannot be."""
     try:
@@ -79,7 +82,7 @@ def _compiled(device_index: int, name: str, stages: int) -> object:
             raise RuntimeError("torch's compiled kernel exposes no CUfunction")
         return kernel
     except Exception as e:  # noqa: BLE001 (NVRTC, the driver: any failure means "not here")
-        warnings.warn(f"the Q4_0 tensor-core kernel {name} cannot run on cuda:{device_index} "
+        warnings.warn(f"the 4-bit tensor-core kernel {name} cannot run on cuda:{device_index} "
                       f"({e}); qgemv's Triton kernels serve instead", RuntimeWarning,
                       stacklevel=3)
         return e
@@ -90,10 +93,18 @@ def _aligned(t: torch.Tensor, stride_mult: int, base: int) -> bool:
 
 
 def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
-    """Whether x's rows and w's planes start where the kernel's 16-byte loads and copies need
-    (x, qs at 16 bytes, d at 8; unit column strides)."""
-    return (_aligned(x, 8, 16) and _aligned(w.planes["qs"], 16, 16)
-            and _aligned(w.planes["d"], 4, 8))
+    """Whether x's rows and w's planes start where the kernel's loads and copies need (x, qs at
+    16 bytes; Q4_0 d at 8; Q4_K scales / mins at 4 with one row stride, d / dmin with one;
+    unit column strides)."""
+    p = w.planes
+    if not (_aligned(x, 8, 16) and _aligned(p["qs"], 16, 16)):
+        return False
+    if w.format == "q4_0":
+        return _aligned(p["d"], 4, 8)
+    return (_aligned(p["scales"], 4, 4) and _aligned(p["mins"], 4, 4)
+            and p["scales"].stride(0) == p["mins"].stride(0)
+            and _aligned(p["d"], 1, 2) and _aligned(p["dmin"], 1, 2)
+            and p["d"].stride(0) == p["dmin"].stride(0))
 
 
 def q4_mma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -110,42 +121,54 @@ def q4_mma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         return False
     if pdl and not use_pdl(x, None):
         return False
-    return not isinstance(_compiled(x.device.index, kernel_name(x.shape[0]), STAGES), Exception)
+    name = kernel_name(w.format, x.shape[0])
+    return not isinstance(_compiled(x.device.index, name, STAGES), Exception)
 
 
-def kernel_name(m: int) -> str:
-    """The kernel for m rows of x: x in all of B's columns for one, 8 rows a B tile above."""
+def kernel_name(fmt: str, m: int) -> str:
+    """The kernel for m rows of x in `fmt`: x in all of B's columns for one, 8 rows a B tile
+    above."""
+    if fmt not in FORMATS:
+        raise ValueError(f"the 4-bit tensor-core kernel multiplies {' or '.join(FORMATS)} "
+                         f"weights, not {fmt}")
     if not 1 <= m <= 16:
-        raise ValueError(f"the Q4_0 tensor-core kernel takes 1..16 rows of x, not {m}")
-    return "q4_0_mma_m1" if m == 1 else ("q4_0_mma_m8" if m <= 8 else "q4_0_mma_m16")
+        raise ValueError(f"the 4-bit tensor-core kernel takes 1..16 rows of x, not {m}")
+    return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16"))
 
 
-def q4_0_mma(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None, warps: int = WARPS,
-             stages: int = STAGES) -> torch.Tensor:
-    """x [M, K] bf16 @ w.dequantize().T for Q4_0 `w` [N, K] -> [M, N] bf16, M <= 16 (the engine
-    calls it where `q4_mma_runs`; `warps` 1..8 a CTA, `stages` >= 2 a warp's ring are for
+def q4_mma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
+                  warps: int = WARPS, stages: int = STAGES) -> torch.Tensor:
+    """x [M, K] bf16 @ w.dequantize().T for Q4_0 / Q4_K `w` [N, K] -> [M, N] bf16, M <= 16 (the
+    engine calls it where `q4_mma_runs`; `warps` 1..8 a CTA, `stages` >= 2 a warp's ring are for
     benchmarks). Launched with PDL where `use_pdl`."""
-    if w.format != "q4_0":
-        raise ValueError(f"q4_0_mma multiplies Q4_0 weights, not {w.format}")
     n, k = w.shape
     m = x.shape[0]
+    name = kernel_name(w.format, m) if x.dim() == 2 else ""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"q4_0_mma wants bf16 x [M, {k}], got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"q4_mma_matmul wants bf16 x [M, {k}], got {x.dtype} "
+                         f"{tuple(x.shape)}")
     if n % ROWS or k % 128:
-        raise ValueError(f"q4_0_mma needs N % {ROWS} == 0 and K % 128 == 0, got [{n}, {k}]")
+        raise ValueError(f"q4_mma_matmul needs N % {ROWS} == 0 and K % 128 == 0, got [{n}, {k}]")
     if not 1 <= warps <= 8 or stages < 2:
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
     if not planes_aligned(x, w):
-        raise ValueError("q4_0_mma needs x and qs 16-byte aligned (rows too), d 8-byte aligned")
-    kernel = _compiled(x.device.index, kernel_name(m), stages)
+        raise ValueError("q4_mma_matmul needs x and qs 16-byte aligned (rows too), the scales "
+                         "aligned to their loads (planes_aligned)")
+    kernel = _compiled(x.device.index, name, stages)
     if isinstance(kernel, Exception):
-        raise RuntimeError(f"the Q4_0 tensor-core kernel cannot run here: {kernel}")
-    qs, d = w.planes["qs"], w.planes["d"]
+        raise RuntimeError(f"the 4-bit tensor-core kernel cannot run here: {kernel}")
+    p = w.planes
+    qs = p["qs"]
+    if w.format == "q4_0":  # p1 = d (byte stride), p2..p4 unused
+        planes, ld1, ld2 = (p["d"], qs, qs, qs), 2 * p["d"].stride(0), 0
+    else:
+        planes = (p["scales"], p["mins"], p["d"], p["dmin"])
+        ld1, ld2 = p["scales"].stride(0), p["d"].stride(0)
     mp = 1 if m == 1 else (8 if m <= 8 else 16)
     sx = -(-4 * max(mp * (k // 32), warps * ROWS * mp) // 16) * 16
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, d, y)]
-    args += [ctypes.c_int(v) for v in (m, k, qs.stride(0) // 4, d.stride(0), x.stride(0), n)]
+    args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
+    args += [ctypes.c_int(v) for v in (m, k, qs.stride(0) // 4, ld1, ld2, x.stride(0), n)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", b"\x01")
     gdc = use_pdl(x, pdl)
@@ -155,5 +178,5 @@ def q4_0_mma(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None, warps
                            ctypes.pointer(attr) if gdc else None, 1 if gdc else 0)
     err = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
     if err:
-        raise RuntimeError(f"cuLaunchKernelEx of {kernel_name(m)} failed with CUresult {err}")
+        raise RuntimeError(f"cuLaunchKernelEx of {name} failed with CUresult {err}")
     return y

@@ -1,15 +1,17 @@
-// Q4_0 weights times 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x,
-// fp32 sums), compiled at first use by NVRTC (kernels/q4_mma.py launches it; the engine uses
-// `q4_0_mma_m8` for 2..8 rows, the others are timed by bench/q4_mma_explore.py).
-// x [M, K] bf16 (row stride ldx); qs [N, ldq] 32-bit words of Q4_0 codes (per 32-group 4 words;
-// byte i holds column i in its low nibble and column 16 + i in its high one); d [N, ldd] fp16;
-// y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks); its W warps
+// Q4_0 / Q4_K weights times 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes
+// and x, fp32 sums), compiled at first use by NVRTC (kernels/q4_mma.py launches it; the engine
+// uses the `_m8` kernels for 2..8 rows, the others are timed by bench/q4_mma_explore.py).
+// x [M, K] bf16 (row stride ldx); qs [N, ldq] 32-bit words of 4-bit codes (per 32-group 4 words;
+// byte i holds column i in its low nibble and column 16 + i in its high one: the engine's planes
+// of both formats); Q4_0: p1 = d [N, K / 32] fp16 (row stride ld1 bytes); Q4_K: p1 = scales,
+// p2 = mins [N, K / 32] u8 (row stride ld1 bytes), p3 = d, p4 = dmin [N, K / 256] fp16 (row
+// stride ld2 elements), a weight (d * scale) * q - dmin * min; y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks); its W warps
 // split K's quads of groups. Lane (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24)
 // with word t of a group: columns 4t..4t+3 as its low nibbles (first mma, k = 2t, 2t+1, 2t+8,
 // 2t+9) and 16+4t..16+4t+3 as its high ones (second mma); B's column n holds row 8 * tile + n of
 // x at the same columns (ONE: row 0 in all 8, so every lane's c0 / c2 is its rows' sum). Codes
 // enter as bf16 128 + q (exact: the products are exact in fp32); a group adds d * (C - 136 * sum
-// x). Each warp streams its quads' codes and scales into its own ring of STAGES shared-memory
+// x) (Q4_0) or s * C - (128 s + o) * sum x with s = d * scale, o = dmin * min (Q4_K). Each warp streams its quads' codes and scales into its own ring of STAGES shared-memory
 // buffers by cp.async (16-byte copies, a warp instruction's 512 bytes contiguous) and reads its
 // words from there (rows padded to 80 bytes: no bank conflicts). The warps' sums meet in shared
 // memory in warp order: the result does not depend on timing. With PDL the first quads' copies
@@ -48,31 +50,41 @@ __device__ __forceinline__ void mma(float* c, unsigned w0, unsigned w1, unsigned
 #endif
 constexpr int STAGES = STAGES_N;  // quads a warp has in flight + 1 (at least 2)
 constexpr int ROWB = 80;        // bytes a row of a stage's codes (64 + 16 of padding)
-constexpr int STAGE = 32 * ROWB + 32 * 8;  // codes [32 rows][ROWB], scales [32 rows][4 fp16]
+constexpr int STAGE = 32 * ROWB + 32 * 8;  // codes [32 rows][ROWB], scales [32 rows][8 bytes]
 struct Quad {  // one lane's share of a quad of groups: words [group][row g + 8r], scales [r]
   unsigned w[4][4];
-  uint2 d[4];
+  uint2 d[4];  // Q4_0: 4 fp16 d; Q4_K: 4 u8 scales (x), 4 u8 mins (y)
+  float dk[4], mk[4];  // Q4_K: the super-block's d and dmin
 };
 __device__ __forceinline__ void cp_async(unsigned dst, const void* src, int bytes) {
   if (bytes == 16)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-  else
+  else if (bytes == 8)
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
-// the copies of quad q of the CTA's 32 rows (qs0, d0: their row 0) into the stage at `dst`
+// the copies of quad q of the CTA's 32 rows (qs0, a0, b0: their row 0) into the stage at `dst`
+template <int FMT>
 __device__ __forceinline__ void issue_quad(unsigned dst, const unsigned char* qs0, size_t qrow,
-                                           const unsigned char* d0, size_t drow, int q, int lane) {
+                                           const unsigned char* a0, const unsigned char* b0,
+                                           size_t srow, int q, int lane) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // chunk 32i + lane: row (32i + lane) / 4, group lane % 4
     const int c = 32 * i + lane, row = c >> 2, part = c & 3;
     cp_async(dst + row * ROWB + part * 16, qs0 + row * qrow + q * 64 + part * 16, 16);
   }
-  cp_async(dst + 32 * ROWB + lane * 8, d0 + lane * drow + q * 8, 8);  // row lane's 4 scales
+  if (FMT == 0) {  // row lane's 4 scales
+    cp_async(dst + 32 * ROWB + lane * 8, a0 + lane * srow + q * 8, 8);
+  } else {  // row lane's 4 scales, then its 4 mins
+    cp_async(dst + 32 * ROWB + lane * 8, a0 + lane * srow + q * 4, 4);
+    cp_async(dst + 32 * ROWB + lane * 8 + 4, b0 + lane * srow + q * 4, 4);
+  }
 }
 __device__ __forceinline__ void read_quad(Quad& f, const unsigned char* src, int gq, int t) {
 #pragma unroll
@@ -84,16 +96,23 @@ __device__ __forceinline__ void read_quad(Quad& f, const unsigned char* src, int
   }
 }
 // acc += the quad's four groups (gi0..gi0+3) times x; xw[nt] points at the quad's x of tile nt
-template <int NT, bool ONE>
+template <int FMT, int NT, bool ONE>
 __device__ __forceinline__ void step(float (&acc)[2][NT][4], const Quad& f,
                                      const uint2* const (&xw)[NT], const bool (&live)[NT],
                                      const float* sx, int gi0, int G, int t) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int gi = gi0 + j;
-    float dd[4];
+    float dd[4], ee[4];  // Q4_K: s and 128 s + o of the group's rows
 #pragma unroll
-    for (int r = 0; r < 4; ++r) dd[r] = h2f(((j < 2) ? f.d[r].x : f.d[r].y) >> ((j & 1) * 16));
+    for (int r = 0; r < 4; ++r) {
+      if (FMT == 0) {
+        dd[r] = h2f(((j < 2) ? f.d[r].x : f.d[r].y) >> ((j & 1) * 16));
+      } else {
+        dd[r] = f.dk[r] * (float)((f.d[r].x >> (8 * j)) & 0xFFu);
+        ee[r] = fmaf(128.f, dd[r], f.mk[r] * (float)((f.d[r].y >> (8 * j)) & 0xFFu));
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       uint2 xl = make_uint2(0u, 0u), xh = make_uint2(0u, 0u);
@@ -106,7 +125,26 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const Quad& f,
       mma<0>(e, f.w[j][2], f.w[j][3], xl.x, xl.y);
       mma<4>(c, f.w[j][0], f.w[j][1], xh.x, xh.y);
       mma<4>(e, f.w[j][2], f.w[j][3], xh.x, xh.y);
-      if (ONE) {
+      if (FMT == 1) {  // acc += s * C - (128 s + o) * sum x
+        if (ONE) {
+          const float s = sx[gi];
+          acc[0][nt][0] = fmaf(dd[0], c[0], fmaf(-ee[0], s, acc[0][nt][0]));
+          acc[0][nt][2] = fmaf(dd[1], c[2], fmaf(-ee[1], s, acc[0][nt][2]));
+          acc[1][nt][0] = fmaf(dd[2], e[0], fmaf(-ee[2], s, acc[1][nt][0]));
+          acc[1][nt][2] = fmaf(dd[3], e[2], fmaf(-ee[3], s, acc[1][nt][2]));
+        } else {
+          const float s0 = sx[(8 * nt + 2 * t) * G + gi];
+          const float s1 = sx[(8 * nt + 2 * t + 1) * G + gi];
+          acc[0][nt][0] = fmaf(dd[0], c[0], fmaf(-ee[0], s0, acc[0][nt][0]));
+          acc[0][nt][1] = fmaf(dd[0], c[1], fmaf(-ee[0], s1, acc[0][nt][1]));
+          acc[0][nt][2] = fmaf(dd[1], c[2], fmaf(-ee[1], s0, acc[0][nt][2]));
+          acc[0][nt][3] = fmaf(dd[1], c[3], fmaf(-ee[1], s1, acc[0][nt][3]));
+          acc[1][nt][0] = fmaf(dd[2], e[0], fmaf(-ee[2], s0, acc[1][nt][0]));
+          acc[1][nt][1] = fmaf(dd[2], e[1], fmaf(-ee[2], s1, acc[1][nt][1]));
+          acc[1][nt][2] = fmaf(dd[3], e[2], fmaf(-ee[3], s0, acc[1][nt][2]));
+          acc[1][nt][3] = fmaf(dd[3], e[3], fmaf(-ee[3], s1, acc[1][nt][3]));
+        }
+      } else if (ONE) {
         const float s = sx[gi];
         acc[0][nt][0] = fmaf(dd[0], c[0] - s, acc[0][nt][0]);
         acc[0][nt][2] = fmaf(dd[1], c[2] - s, acc[0][nt][2]);
@@ -126,13 +164,15 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const Quad& f,
     }
   }
 }
-template <int NT, bool ONE>
-__device__ __forceinline__ void q4_0_mma(
+template <int FMT, int NT, bool ONE>
+__device__ __forceinline__ void q4_mma(
     const unsigned short* __restrict__ x, const unsigned* __restrict__ qs,
-    const unsigned short* __restrict__ d, unsigned short* __restrict__ y,
-    int M, int K, int ldq, int ldd, int ldx, int ldy) {
-  extern __shared__ __align__(16) float smem[];  // sx [8 * NT][K / 32]: 136 * sum of x per row
-  // and group, then the warps' partials [W][32][8 * NT]; from `ring`: [W][STAGES][STAGE]
+    const unsigned char* __restrict__ p1, const unsigned char* __restrict__ p2,
+    const unsigned short* __restrict__ p3, const unsigned short* __restrict__ p4,
+    unsigned short* __restrict__ y, int M, int K, int ldq, int ld1, int ld2, int ldx, int ldy) {
+  extern __shared__ __align__(16) float smem[];  // sx [8 * NT][K / 32]: the sum of x per row and
+  // group (Q4_0: times 136), then the warps' partials [W][32][8 * NT]; from `ring`:
+  // [W][STAGES][STAGE]
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = K >> 5, Q = K >> 7;
   const int MP = ONE ? 1 : 8 * NT;
@@ -143,13 +183,15 @@ __device__ __forceinline__ void q4_0_mma(
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
   const unsigned char* qs0 =
       reinterpret_cast<const unsigned char*>(qs + (size_t)blockIdx.x * 32 * ldq);
-  const unsigned char* d0 =
-      reinterpret_cast<const unsigned char*>(d + (size_t)blockIdx.x * 32 * ldd);
-  const size_t qrow = (size_t)4 * ldq, drow = (size_t)2 * ldd;
+  const unsigned char* a0 = p1 + (size_t)blockIdx.x * 32 * ld1;  // Q4_0 d, Q4_K scales
+  const unsigned char* b0 = p2 + (size_t)blockIdx.x * 32 * ld1;  // Q4_K mins
+  const size_t qrow = (size_t)4 * ldq, srow = ld1;
+  const unsigned short* dk0 = p3 + (size_t)(blockIdx.x * 32 + gq) * ld2;  // Q4_K row g's d
+  const unsigned short* mk0 = p4 + (size_t)(blockIdx.x * 32 + gq) * ld2;  // ... and dmin
   // the weights are no other kernel's output: their first quads are fetched before the wait
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < n) issue_quad(ring_s + i * STAGE, qs0, qrow, d0, drow, q_lo + i, lane);
+    if (i < n) issue_quad<FMT>(ring_s + i * STAGE, qs0, qrow, a0, b0, srow, q_lo + i, lane);
     cp_commit();
   }
   wait_then_release();
@@ -166,7 +208,7 @@ __device__ __forceinline__ void q4_0_mma(
              + bf_lo(v.w) + bf_hi(v.w);
       }
     }
-    sx[i] = 136.f * s;
+    sx[i] = FMT == 0 ? 136.f * s : s;
   }
   __syncthreads();
   // B: lane (g, t) gives column g of each tile: row 8 * tile + g of x (ONE: row 0)
@@ -190,12 +232,20 @@ __device__ __forceinline__ void q4_0_mma(
     cp_wait<STAGES - 2>();  // quad i's copies (this lane's) are done
     __syncwarp();           // ... and the other lanes'; stage (i - 1) % STAGES is read by all
     if (i + STAGES - 1 < n)
-      issue_quad(ring_s + ((i + STAGES - 1) % STAGES) * STAGE, qs0, qrow, d0, drow,
-                 q_lo + i + STAGES - 1, lane);
+      issue_quad<FMT>(ring_s + ((i + STAGES - 1) % STAGES) * STAGE, qs0, qrow, a0, b0, srow,
+                      q_lo + i + STAGES - 1, lane);
     cp_commit();
     Quad f;
+    if (FMT == 1) {  // the quad's super-block (256 columns: two quads) of rows g + 8r
+      const int sb = (q_lo + i) >> 1;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        f.dk[r] = h2f(__ldg(dk0 + (size_t)8 * r * ld2 + sb));
+        f.mk[r] = h2f(__ldg(mk0 + (size_t)8 * r * ld2 + sb));
+      }
+    }
     read_quad(f, ring + (i % STAGES) * STAGE, gq, t);
-    step<NT, ONE>(acc, f, xw, live, sx, 4 * (q_lo + i), G, t);
+    step<FMT, NT, ONE>(acc, f, xw, live, sx, 4 * (q_lo + i), G, t);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
   }
@@ -232,9 +282,15 @@ __device__ __forceinline__ void q4_0_mma(
   }
 }
 #define ARGS const unsigned short* __restrict__ x, const unsigned* __restrict__ qs, \
-    const unsigned short* __restrict__ d, unsigned short* __restrict__ y, \
-    int M, int K, int ldq, int ldd, int ldx, int ldy
-#define PASS x, qs, d, y, M, K, ldq, ldd, ldx, ldy
-extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m1(ARGS) { q4_0_mma<1, true>(PASS); }
-extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m8(ARGS) { q4_0_mma<1, false>(PASS); }
-extern "C" __global__ void __launch_bounds__(256) q4_0_mma_m16(ARGS) { q4_0_mma<2, false>(PASS); }
+    const unsigned char* __restrict__ p1, const unsigned char* __restrict__ p2, \
+    const unsigned short* __restrict__ p3, const unsigned short* __restrict__ p4, \
+    unsigned short* __restrict__ y, int M, int K, int ldq, int ld1, int ld2, int ldx, int ldy
+#define PASS x, qs, p1, p2, p3, p4, y, M, K, ldq, ld1, ld2, ldx, ldy
+#define KERNEL(name, FMT, NT, ONE) \
+  extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { q4_mma<FMT, NT, ONE>(PASS); }
+KERNEL(q4_0_mma_m1, 0, 1, true)
+KERNEL(q4_0_mma_m8, 0, 1, false)
+KERNEL(q4_0_mma_m16, 0, 2, false)
+KERNEL(q4_k_mma_m1, 1, 1, true)
+KERNEL(q4_k_mma_m8, 1, 1, false)
+KERNEL(q4_k_mma_m16, 1, 2, false)
