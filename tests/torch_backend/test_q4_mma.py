@@ -159,11 +159,12 @@ def test_a_swapped_byte_pair_is_caught() -> None:
 
 
 def test_the_rule() -> None:
-    """Q4_0 only, N a multiple of 32 and K of 128; 4..8 rows where N >= 3,072, 2..3 where
-    N >= 16,384 (measured, H100); never 1 row or more than 8."""
-    assert mma_rows("q4_0", 4, 3072, 2048) and mma_rows("q4_0", 8, 4096, 14336)
-    assert mma_rows("q4_0", 2, 28672, 4096) and mma_rows("q4_0", 3, 16384, 2048)
-    assert not mma_rows("q4_0", 2, 6144, 4096) and not mma_rows("q4_0", 4, 2048, 8192)
+    """Q4_0 / Q4_K, N a multiple of 32 and K of 128; 4..8 rows everywhere, 2..3 where K <= N and
+    N >= 3,072 (measured, H100); never 1 row or more than 8."""
+    assert mma_rows("q4_0", 4, 2048, 8192) and mma_rows("q4_0", 8, 4096, 14336)
+    assert mma_rows("q4_0", 2, 28672, 4096) and mma_rows("q4_0", 3, 3072, 2048)
+    assert mma_rows("q4_0", 2, 4096, 4096)
+    assert not mma_rows("q4_0", 2, 4096, 14336) and not mma_rows("q4_0", 3, 2048, 2048)
     assert not mma_rows("q4_0", 1, 28672, 4096) and not mma_rows("q4_0", 9, 28672, 4096)
     assert not mma_rows("q4_1", 4, 28672, 4096) and not mma_rows("q8_0", 4, 28672, 4096)
     assert not mma_rows("q4_0", 4, 28672 + 16, 4096) and not mma_rows("q4_0", 4, 4096, 4096 + 32)
@@ -253,8 +254,8 @@ def test_cuda_qgemv_routes_by_the_rule(fmt: str) -> None:
     x = torch.randn(4, 2048, generator=g).to(DEVICE, torch.bfloat16)
     assert q4_mma.q4_mma_runs(x, w) and torch.equal(qgemv(x, w), q4_mma_matmul(x, w))
     assert torch.equal(qgemv_silu_mul(x, w), silu_mul(q4_mma_matmul(x, w)))
-    assert not q4_mma.q4_mma_runs(x[:2], w)  # 2 rows of N = 3,072: the Triton kernel
-    _close_to_dequantized(qgemv(x[:2], w), x[:2], w)
+    assert not q4_mma.q4_mma_runs(x[:1], w)  # one row: the Triton kernel
+    _close_to_dequantized(qgemv(x[:1], w), x[:1], w)
     unaligned = torch.empty(4 * 2048 + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(4, 2048)
     unaligned.copy_(x)
     assert not q4_mma.q4_mma_runs(unaligned, w)

@@ -12,10 +12,10 @@ applies each 32-group's scale and offset in float32 (Q4_0 `d * (C - 136 * sum x)
 `s * C - (128 s + o) * sum x` with s = d * scale, o = dmin * min), the codes streamed
 through a `cp.async` ring per warp. The products are exact, the sums float32: the same function
 as dequantize-then-matmul up to accumulation order (issue 15's rule). Measured on an H100
-(docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync", v3): 1.1-1.6x `qgemv` at 4..8 rows
-on every shape with N >= 3,072 and at 2 rows on those with N >= 16,384; slower at one row and at
-16, and on N <= 2,048: `mma_rows` is that rule (Q4_K: the same codes, one more multiply-add a
-sum; docs/performance.md, "Q4_K through the same kernel").
+(docs/performance.md, "Q4_K through the same kernel"), against `qgemv`'s Triton kernels: 1.1-2.5x
+at 4..8 rows on every Llama shape, Q4_0 and Q4_K; at 2 rows 1.2-1.7x where K <= N and N >= 3,072,
+0.88-1.08x on the long-K down projections and 1B's 2,048 x 2,048; slower at one row and at 16:
+`mma_rows` is that rule.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     Q4_K, n a multiple of 32 and k of 128, and where it measured faster (the module docstring)."""
     if fmt not in FORMATS or n % ROWS or k % 128:
         return False
-    return (4 <= m <= 8 and n >= 3072) or (2 <= m <= 3 and n >= 16384)
+    return 4 <= m <= 8 or (2 <= m <= 3 and n >= 3072 and k <= n)
 
 
 class _LaunchAttribute(ctypes.Structure):
