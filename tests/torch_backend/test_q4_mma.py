@@ -178,6 +178,15 @@ def test_the_rule() -> None:
         kernel_name("q6_k", 4)
 
 
+def test_shared_memory_of_a_launch() -> None:
+    """The sums of x (8 rows a tile, K / 32 groups) or the warps' partials, whichever is larger,
+    then 8 warps' rings of 4 stages: 8B down at 8 rows ~104 KB, within an H100's 227 KB."""
+    ring = 8 * 4 * (32 * 80 + 32 * 8)
+    assert q4_mma.shared_bytes(4, 14336) == 4 * 8 * 448 + ring
+    assert q4_mma.shared_bytes(1, 4096) == 4 * 8 * 32 + ring  # the partials [8 warps][32][1]
+    assert q4_mma.shared_bytes(16, 4096, warps=4, stages=2) == 4 * 16 * 128 + 4 * 2 * 2816
+
+
 def test_refusals_name_what_is_wrong() -> None:
     g = torch.Generator().manual_seed(5)
     w = random_quantized("q4_0", 64, 256, g, "cpu")

@@ -76,8 +76,7 @@ def _compiled(device_index: int, name: str, stages: int) -> object:
         with torch.cuda.device(device_index):
             kernel = torch.cuda._compile_kernel(f"#define STAGES_N {stages}\n"
                                                 + SOURCE.read_text(), name)
-            optin = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-            kernel.set_shared_memory_config(optin - 1024)
+            kernel.set_shared_memory_config(_shared_limit(device_index))
         if not isinstance(getattr(kernel, "func", None), ctypes.c_void_p):
             raise RuntimeError("torch's compiled kernel exposes no CUfunction")
         return kernel
@@ -90,6 +89,18 @@ def _compiled(device_index: int, name: str, stages: int) -> object:
 
 def _aligned(t: torch.Tensor, stride_mult: int, base: int) -> bool:
     return t.stride(1) == 1 and t.stride(0) % stride_mult == 0 and t.data_ptr() % base == 0
+
+
+def shared_bytes(m: int, k: int, warps: int = WARPS, stages: int = STAGES) -> int:
+    """Dynamic shared memory of a launch: the sums of x per row and group (or the warps'
+    partials), then the warps' rings."""
+    mp = 1 if m == 1 else (8 if m <= 8 else 16)
+    return -(-4 * max(mp * (k // 32), warps * ROWS * mp) // 16) * 16 + warps * stages * STAGE_BYTES
+
+
+def _shared_limit(device_index: int) -> int:
+    """What `_compiled` allows a launch: the GPU's opt-in limit less 1 KB."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin - 1024
 
 
 def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
@@ -118,6 +129,8 @@ def q4_mma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     if not mma_rows(w.format, x.shape[0], n, k) or not planes_aligned(x, w):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
+    if shared_bytes(x.shape[0], k) > _shared_limit(x.device.index):
         return False
     if pdl and not use_pdl(x, None):
         return False
@@ -154,6 +167,10 @@ def q4_mma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     if not planes_aligned(x, w):
         raise ValueError("q4_mma_matmul needs x and qs 16-byte aligned (rows too), the scales "
                          "aligned to their loads (planes_aligned)")
+    smem = shared_bytes(m, k, warps, stages)
+    if smem > _shared_limit(x.device.index):
+        raise ValueError(f"q4_mma_matmul of K = {k} at {m} rows needs {smem} bytes of shared "
+                         f"memory, more than the {_shared_limit(x.device.index)} this GPU allows")
     kernel = _compiled(x.device.index, name, stages)
     if isinstance(kernel, Exception):
         raise RuntimeError(f"the 4-bit tensor-core kernel cannot run here: {kernel}")
@@ -164,16 +181,13 @@ def q4_mma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     else:
         planes = (p["scales"], p["mins"], p["d"], p["dmin"])
         ld1, ld2 = p["scales"].stride(0), p["d"].stride(0)
-    mp = 1 if m == 1 else (8 if m <= 8 else 16)
-    sx = -(-4 * max(mp * (k // 32), warps * ROWS * mp) // 16) * 16
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
     args += [ctypes.c_int(v) for v in (m, k, qs.stride(0) // 4, ld1, ld2, x.stride(0), n)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", b"\x01")
     gdc = use_pdl(x, pdl)
-    config = _LaunchConfig((n // ROWS, 1, 1), (32 * warps, 1, 1),
-                           sx + warps * stages * STAGE_BYTES,
+    config = _LaunchConfig((n // ROWS, 1, 1), (32 * warps, 1, 1), smem,
                            torch.cuda.current_stream(x.device).cuda_stream,
                            ctypes.pointer(attr) if gdc else None, 1 if gdc else 0)
     err = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
