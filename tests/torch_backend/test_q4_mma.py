@@ -65,7 +65,9 @@ def _group_scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
 
 def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
     """The kernel's result for x [M, K] (float32 holding bf16 values) and Q4_0 / Q4_K `w`, lane
-    by lane as kernels/q4_mma.cu computes it, K's quads split among `warps` warps; [M, N]."""
+    by lane as kernels/q4_mma.cu computes it, K's quads split among `warps` warps; [M, N]. It
+    models the fragments and the per-group arithmetic; the ring, the addresses and the launch are
+    left to the GPU tests below."""
     n, k = w.shape
     m_rows = x.shape[0]
     one = m_rows == 1
@@ -205,9 +207,13 @@ def test_refusals_name_what_is_wrong() -> None:
     unaligned = torch.empty(4 * 256 + 1, dtype=torch.bfloat16)[1:].view(4, 256)
     with pytest.raises(ValueError, match="aligned"):
         q4_mma_matmul(unaligned, w)
+    with pytest.raises(ValueError, match="runs on one CUDA GPU: x is on cpu"):
+        q4_mma_matmul(x, w)
 
 
-GPU = pytest.mark.skipif(DEVICE == "cpu", reason="the CUDA kernel needs a GPU")
+GPU = pytest.mark.skipif(
+    DEVICE == "cpu" or torch.version.cuda is None or torch.cuda.get_device_capability()[0] < 8,
+    reason="the CUDA kernel needs an NVIDIA GPU of compute capability >= 8")
 
 
 def _close_to_dequantized(y: torch.Tensor, x: torch.Tensor, w: QuantizedTensor) -> None:
@@ -270,3 +276,23 @@ def test_cuda_qgemv_routes_by_the_rule(fmt: str) -> None:
     assert not q4_mma.q4_mma_runs(unaligned, w)
     _close_to_dequantized(qgemv(unaligned, w), x, w)
     assert not q4_mma.q4_mma_runs(x, w, bias=torch.zeros(3072, device=DEVICE))
+
+
+@GPU
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
+def test_cuda_strided_planes_and_rows(fmt: str) -> None:
+    """Views as the engine makes them: an LM-head chunk (`slice_rows`), a tensor-parallel shard of
+    the columns (`slice_cols`: every plane's row stride longer than its width) and x rows longer
+    than K (x a column slice of a wider buffer): the results of contiguous copies, bit for bit."""
+    g = torch.Generator().manual_seed(17)
+    w = random_quantized(fmt, 4096, 2048, g)
+    buf = torch.randn(4, 2048 + 512, generator=g).to(DEVICE, torch.bfloat16)
+    x = buf[:, 512:]  # row stride 2,560, 1,024 bytes in: aligned
+    assert q4_mma.planes_aligned(x, w)
+    dense = x.contiguous()
+    for view in (w.slice_rows(1024, 3072), w.slice_cols(512, 1536), w):
+        copy = QuantizedTensor(view.format, view.shape,
+                               {k: t.contiguous() for k, t in view.planes.items()})
+        xs = x[:, :view.shape[1]]
+        assert torch.equal(q4_mma_matmul(xs, view), q4_mma_matmul(xs.contiguous(), copy))
+    _close_to_dequantized(q4_mma_matmul(x, w), dense, w)

@@ -1,21 +1,22 @@
-// Q4_0 / Q4_K weights times 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes
-// and x, fp32 sums), compiled at first use by NVRTC (kernels/q4_mma.py launches it; the engine
-// uses the `_m8` kernels for 2..8 rows, the others are timed by bench/q4_mma_explore.py).
-// x [M, K] bf16 (row stride ldx); qs [N, ldq] 32-bit words of 4-bit codes (per 32-group 4 words;
-// byte i holds column i in its low nibble and column 16 + i in its high one: the engine's planes
-// of both formats); Q4_0: p1 = d [N, K / 32] fp16 (row stride ld1 bytes); Q4_K: p1 = scales,
-// p2 = mins [N, K / 32] u8 (row stride ld1 bytes), p3 = d, p4 = dmin [N, K / 256] fp16 (row
-// stride ld2 elements), a weight (d * scale) * q - dmin * min; y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma blocks); its W warps
-// split K's quads of groups. Lane (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24)
-// with word t of a group: columns 4t..4t+3 as its low nibbles (first mma, k = 2t, 2t+1, 2t+8,
-// 2t+9) and 16+4t..16+4t+3 as its high ones (second mma); B's column n holds row 8 * tile + n of
-// x at the same columns (ONE: row 0 in all 8, so every lane's c0 / c2 is its rows' sum). Codes
-// enter as bf16 128 + q (exact: the products are exact in fp32); a group adds d * (C - 136 * sum
-// x) (Q4_0) or s * C - (128 s + o) * sum x with s = d * scale, o = dmin * min (Q4_K). Each warp streams its quads' codes and scales into its own ring of STAGES shared-memory
-// buffers by cp.async (16-byte copies, a warp instruction's 512 bytes contiguous) and reads its
-// words from there (rows padded to 80 bytes: no bank conflicts). The warps' sums meet in shared
-// memory in warp order: the result does not depend on timing. With PDL the first quads' copies
-// start before the kernel before it has finished.
+// Q4_0 / Q4_K weights times 1..16 rows of x on the tensor cores (mma.sync m16n8k16: bf16 codes and
+// x, fp32 sums), compiled at first use by NVRTC (kernels/q4_mma.py launches it; the engine uses the
+// `_m8` kernels for 2..8 rows, the others are timed by bench/q4_mma_explore.py). x [M, K] bf16 (row
+// stride ldx); qs [N, ldq] 32-bit words of 4-bit codes (per 32-group 4 words; byte i holds column i
+// in its low nibble and column 16 + i in its high one: the engine's planes of both formats); Q4_0:
+// p1 = d [N, K / 32] fp16 (row stride ld1 bytes); Q4_K: p1 = scales, p2 = mins [N, K / 32] u8 (row
+// stride ld1 bytes), p3 = d, p4 = dmin [N, K / 256] fp16 (row stride ld2 elements), a weight (d *
+// scale) * q - dmin * min; y [M, N] bf16 (row stride ldy). A CTA takes 32 rows of w (two 16-row mma
+// blocks); its W warps split K's quads of groups. Lane (g, t) = (lane / 4, lane % 4) feeds rows g,
+// g + 8 (+ 16, + 24) with word t of a group: columns 4t..4t+3 as its low nibbles (first mma, k =
+// 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 as its high ones (second mma); B's column n holds row 8
+// * tile + n of x at the same columns (ONE: row 0 in all 8, so every lane's c0 / c2 is its rows'
+// sum). Codes enter as bf16 128 + q (exact: the products are exact in fp32); a group adds d * (C -
+// 136 * sum x) (Q4_0) or s * C - (128 s + o) * sum x with s = d * scale, o = dmin * min (Q4_K).
+// Each warp streams its quads' codes and scales into its own ring of STAGES shared-memory buffers
+// by cp.async (16-byte copies: a warp instruction takes 64 contiguous bytes of each of 8 rows) and
+// reads its words from there (rows padded to 80 bytes: no bank conflicts). The warps' sums meet in
+// shared memory in warp order: the result does not depend on timing. With PDL the first quads'
+// copies start before the kernel before it has finished.
 __device__ __forceinline__ unsigned lo2(unsigned w) {  // bytes 0, 1 -> bf16x2 128 + byte
   unsigned d; asm("prmt.b32 %0, %1, 0x43434343, 0x4140;" : "=r"(d) : "r"(w)); return d;
 }

@@ -10,8 +10,10 @@ row of x, and Triton's `tl.dot` kernel for 4..16 rows waits after every `wgmma` 
 scale. This kernel multiplies the exact codes (bf16 128 + q) with x by m16n8k16 `mma.sync` and
 applies each 32-group's scale and offset in float32 (Q4_0 `d * (C - 136 * sum x)`, Q4_K
 `s * C - (128 s + o) * sum x` with s = d * scale, o = dmin * min), the codes streamed
-through a `cp.async` ring per warp. The products are exact, the sums float32: the same function
-as dequantize-then-matmul up to accumulation order (issue 15's rule). Measured on an H100
+through a `cp.async` ring per warp. The products are exact and the sums float32, so this is
+dequantize-then-matmul up to the order and rounding of float32 sums; the offset's subtraction
+(C is ~34x the group's result for Q4_0) magnifies that rounding, and the tests hold it to issue
+15's 1e-3 of the largest output. Measured on an H100
 (docs/performance.md, "Q4_K through the same kernel"), against `qgemv`'s Triton kernels: 1.1-2.5x
 at 4..8 rows on every Llama shape, Q4_0 and Q4_K; at 2 rows 1.2-1.7x where K <= N and N >= 3,072,
 0.88-1.08x on the long-K down projections and 1B's 2,048 x 2,048; slower at one row and at 16:
@@ -47,11 +49,11 @@ def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     return 4 <= m <= 8 or (2 <= m <= 3 and n >= 3072 and k <= n)
 
 
-class _LaunchAttribute(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint64 * 8)]
 
 
-class _LaunchConfig(ctypes.Structure):
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
                 ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
                 ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
@@ -69,7 +71,9 @@ def _libcuda() -> ctypes.CDLL:
 def _compiled(device_index: int, name: str, stages: int) -> object:
     """The kernel `name` of q4_mma.cu with a ring of `stages`, compiled for and loaded on GPU
     `device_index`, allowed the shared memory the GPU has; an Exception (returned, not raised)
-    where it cannot be."""
+    where it cannot be. Either answer is kept for the process: a failure (warned once) leaves
+    `qgemv` on its Triton kernels from then on. The engine compiles in its warm-up, before any
+    CUDA graph is captured."""
     try:
         if not hasattr(torch.cuda, "_compile_kernel"):
             raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel")
@@ -120,12 +124,15 @@ def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
 
 def q4_mma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                 pdl: bool | None = None) -> bool:
-    """Whether `qgemv` takes this kernel for x [M, K] @ w.T: a CUDA GPU of compute capability
-    >= 8 where the kernel compiles, bf16 x, no bias, `mma_rows`, the planes aligned for 16-byte
-    copies, and PDL not demanded where the GPU lacks it."""
-    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or bias is not None or x.dim() != 2:
+    """Whether `qgemv` takes this kernel for x [M, K] @ w.T: an NVIDIA GPU of compute capability
+    >= 8 where the kernel compiles, bf16 x [M, K] on w's device, no bias, `mma_rows`, the planes
+    aligned for the kernel's copies, its shared memory within the GPU's, and PDL not demanded
+    where the GPU lacks it."""
+    if x.device.type != "cuda" or torch.version.cuda is None or x.dtype != torch.bfloat16:
         return False
     n, k = w.shape
+    if bias is not None or x.dim() != 2 or x.shape[1] != k or w.planes["qs"].device != x.device:
+        return False
     if not mma_rows(w.format, x.shape[0], n, k) or not planes_aligned(x, w):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 8:
@@ -167,6 +174,9 @@ def q4_mma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     if not planes_aligned(x, w):
         raise ValueError("q4_mma_matmul needs x and qs 16-byte aligned (rows too), the scales "
                          "aligned to their loads (planes_aligned)")
+    if x.device.type != "cuda" or w.planes["qs"].device != x.device:
+        raise ValueError(f"q4_mma_matmul runs on one CUDA GPU: x is on {x.device}, the weight "
+                         f"on {w.planes['qs'].device}")
     smem = shared_bytes(m, k, warps, stages)
     if smem > _shared_limit(x.device.index):
         raise ValueError(f"q4_mma_matmul of K = {k} at {m} rows needs {smem} bytes of shared "
@@ -185,12 +195,13 @@ def q4_mma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
     args += [ctypes.c_int(v) for v in (m, k, qs.stride(0) // 4, ld1, ld2, x.stride(0), n)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-    attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", b"\x01")
+    attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", (ctypes.c_uint64 * 8)(1))  # allowed = 1
     gdc = use_pdl(x, pdl)
     config = _LaunchConfig((n // ROWS, 1, 1), (32 * warps, 1, 1), smem,
                            torch.cuda.current_stream(x.device).cuda_stream,
                            ctypes.pointer(attr) if gdc else None, 1 if gdc else 0)
-    err = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
+    with torch.cuda.device(x.device):  # the launch runs in the current context: x's GPU's
+        err = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx of {name} failed with CUresult {err}")
     return y
