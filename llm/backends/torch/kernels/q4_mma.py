@@ -128,7 +128,9 @@ def q4_mma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     >= 8 where the kernel compiles, bf16 x [M, K] on w's device, no bias, `mma_rows`, the planes
     aligned for the kernel's copies, its shared memory within the GPU's, and PDL not demanded
     where the GPU lacks it."""
-    if x.device.type != "cuda" or torch.version.cuda is None or x.dtype != torch.bfloat16:
+    if w.format not in FORMATS or x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        return False
+    if torch.version.cuda is None:
         return False
     n, k = w.shape
     if bias is not None or x.dim() != 2 or x.shape[1] != k or w.planes["qs"].device != x.device:
