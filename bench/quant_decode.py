@@ -432,21 +432,21 @@ def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) ->
 
 
 def triton_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--triton-too: decode again with the 4-bit tensor-core kernel (kernels/q4_mma.py) off, i.e.
+    """--triton-too: decode again with the tensor-core kernel (kernels/qmma.py) off, i.e.
     `qgemv`'s Triton kernels only (graphs captured again), then restored: the A/B of that kernel
     in one process."""
-    from llm.backends.torch.kernels import qgemv
+    from llm.backends.torch.kernels import qgemv, qmma
 
-    if not args.triton_too or backend.graphs is None or not {"q4_0", "q4_k", "q4_k_m"} & set(
-            fmt_name.split("/")):
+    takes = set(qmma.FORMATS) | set(MIXES)
+    if not args.triton_too or backend.graphs is None or not takes & set(fmt_name.split("/")):
         return []
-    rule = qgemv.q4_mma_runs
-    qgemv.q4_mma_runs = lambda *a, **k: False
+    rule = qgemv.qmma_runs
+    qgemv.qmma_runs = lambda *a, **k: False
     try:
         backend.graphs.capture()
         rows = decode_rows(backend, name, fmt_name, args, bw, "Triton only")
     finally:
-        qgemv.q4_mma_runs = rule
+        qgemv.qmma_runs = rule
     backend.graphs.capture()
     return rows
 

@@ -48,7 +48,6 @@ import triton
 import triton.language as tl
 
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
-from llm.backends.torch.kernels.q4_mma import q4_mma_matmul, q4_mma_runs
 from llm.backends.torch.kernels.qgemm_tc import TC_PICKED, qgemm_tc, tc_kernel_runs
 from llm.backends.torch.kernels.qgemv_common import (
     DEFAULT_PLANES,
@@ -70,6 +69,7 @@ from llm.backends.torch.kernels.qgemv_words import (
     qgemv_words,
     words_kernel_runs,
 )
+from llm.backends.torch.kernels.qmma import qmma_matmul, qmma_runs
 from llm.backends.torch.kernels.silu_mul import silu_mul
 from llm.model.quant.linear import quantized_linear
 from llm.model.quant.tensor import QuantizedTensor
@@ -245,8 +245,8 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
           pdl: bool | None = None, variant: str = "auto") -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ w.dequantize().T (+ bias [N]) -> [M, N] in x's dtype, M <= 16,
     accumulated in fp32 from fp32 weights; `quantized_linear` where Triton cannot run.
-    variant: "auto" (Q4_0 / Q4_K where `q4_mma.mma_rows` says so: the CUDA tensor-core kernel of
-    kernels/q4_mma.py; else the v2 kernel up to `words_rows_max` rows, the Triton tensor-core
+    variant: "auto" (block formats where `qmma.mma_rows` says so: the CUDA tensor-core kernel of
+    kernels/qmma.py; else the v2 kernel up to `words_rows_max` rows, the Triton tensor-core
     kernel above, where they run, else the first kernel) or "v1" (the first kernel always, for
     comparisons)."""
     if variant not in ("auto", "v1"):
@@ -258,8 +258,8 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
     if not triton_runs(x):
         return quantized_linear(x, w, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
-    if config is None and variant == "auto" and q4_mma_runs(x, w, bias, pdl):
-        return q4_mma_matmul(x, w, pdl)
+    if config is None and variant == "auto" and qmma_runs(x, w, bias, pdl):
+        return qmma_matmul(x, w, pdl)
     if isinstance(config, QGemvWConfig):
         return qgemv_words(x, w, bias, config, pdl)
     if config is None and variant == "auto":
@@ -293,9 +293,9 @@ def qgemv_silu_mul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | Non
     """silu(gate) * up [M, I] of x [M, K] through a fused gate/up weight w [2I, K] (gate rows
     first; bias [2I]): for up to `words_rows_max` rows of bf16 / fp16 x, one launch of the v2
     kernel with the activation in its epilogue (rounded as `silu_mul` of the unfused product);
-    otherwise (Q4_0 / Q4_K batches `q4_mma.mma_rows` picks among them) `qgemv` then `silu_mul`."""
-    if config is None and q4_mma_runs(x, w, bias, pdl):
-        return silu_mul(q4_mma_matmul(x, w, pdl), pdl)
+    otherwise (the batches `qmma.mma_rows` picks among them) `qgemv` then `silu_mul`."""
+    if config is None and qmma_runs(x, w, bias, pdl):
+        return silu_mul(qmma_matmul(x, w, pdl), pdl)
     if (x.dim() == 2 and x.shape[0] <= words_rows_max(w.format) and triton_runs(x)
             and words_kernel_runs(x, w)):
         x = x if x.stride(1) == 1 else x.contiguous()

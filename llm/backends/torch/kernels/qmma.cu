@@ -1,0 +1,375 @@
+// GGUF block weights as stored (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) times 1..16 rows
+// of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32 sums), compiled at first use
+// by NVRTC (kernels/qmma.py appends the one KERNEL(...) line it needs and launches it; the engine
+// uses the `_m8` kernels for 2..8 rows, the others are timed by bench/qmma_explore.py).
+//
+// Planes (llm.model.quant): x [M, K] bf16 (row stride ldx); qs [N, ldq bytes]: 4-bit codes (per
+// 32-group 16 bytes; byte i holds column i in its low nibble and column 16 + i in its high one) or
+// Q8_0's int8 codes (32 bytes a group, column order); qh [N, ldh bytes]: the fifth bits (Q5_*,
+// 1-bit plane: byte j of a group holds columns 4j..4j+3 in bits 0-3 and 16+4j..16+4j+3 in bits 4-7)
+// or Q6_K's bits 4-5 (2-bit plane: byte 8g + i holds column 32g + 8s + i in bits 2s, 2s + 1).
+// p1..p4 by format: Q4_0 / Q5_0 / Q8_0 p1 = d [N, K/32] fp16; Q4_1 / Q5_1 p1 = d, p2 = m
+// [N, K/32] fp16; Q4_K / Q5_K p1 = scales, p2 = mins [N, K/32] u8, p3 = d, p4 = dmin [N, K/256]
+// fp16; Q6_K p1 = scales [N, K/16] int8, p3 = d [N, K/256] fp16 (p1 / p2 row stride ld1 bytes,
+// p3 / p4 ld2 elements). y [M, N] bf16 (row stride ldy).
+//
+// A CTA takes 32 rows of w (two 16-row mma blocks); its W warps split K's quads of groups. Lane
+// (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24) with columns 4t..4t+3 of a group
+// (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 (second mma): for the 4-bit planes
+// the low and high nibbles of word t, with the fifth / fifth-and-sixth bits or'ed in; for Q8_0
+// words t and 4 + t, each as two mmas, low nibbles as bf16 128 + n and high ones as 16 (128 + n)
+// (both exact). B's column n holds row 8 * tile + n of x at the same columns (ONE: row 0 in all 8,
+// so every lane's c0 / c2 is its rows' sum). Codes enter as bf16 128 + q, exact, so the products
+// are exact in fp32; a group (Q6_K: a 16-column sub-block) adds, with C its mma sum and S the sum
+// of x over its columns:
+//   Q4_0 / Q5_0 / Q8_0: d (C - c0 S), c0 = 136 / 144 / 2304 (the codes' offsets; Q8_0's are
+//                       128 + 2048 + 128 for its 0x80-flipped bytes)
+//   Q4_1 / Q5_1:        d C - (128 d - m) S
+//   Q4_K / Q5_K:        s C - (128 s + o) S, s = d * scale, o = dmin * min
+//   Q6_K:               d * scale (C - 160 S)
+// Each warp streams its quads' codes, high bits and scales into its own ring of STAGES shared-
+// memory buffers by cp.async (16-byte copies) and reads its words from there (rows padded: no
+// bank conflicts). The warps' sums meet in shared memory in warp order: the result does not
+// depend on timing. With PDL the first quads' copies start before the kernel before it has
+// finished.
+template <unsigned BASE>  // bytes 0, 1 of w -> bf16x2 BASE:byte (0x43: 128 + b, 0x45: 16 (128 + b))
+__device__ __forceinline__ unsigned lo2(unsigned w) {
+  unsigned d; asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
+  return d;
+}
+template <unsigned BASE>  // bytes 2, 3
+__device__ __forceinline__ unsigned hi2(unsigned w) {
+  unsigned d; asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
+  return d;
+}
+__device__ __forceinline__ float bf_lo(unsigned v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf_hi(unsigned v) { return __uint_as_float(v & 0xFFFF0000u); }
+// PDL: wait for the kernel before (x is its output), then let the next one launch; both are
+// no-ops in a launch without the programmatic attribute (and below sm_90)
+__device__ __forceinline__ void wait_then_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ float h2f(unsigned h) {
+  float f; asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
+  return f;
+}
+// c += A x B: A rows g, g + 8 from the code bytes v0, v1 (each < 128) as bf16 BASE:byte
+template <unsigned BASE>
+__device__ __forceinline__ void mma(float* c, unsigned v0, unsigned v1, unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+      "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(lo2<BASE>(v0)), "r"(lo2<BASE>(v1)), "r"(hi2<BASE>(v0)), "r"(hi2<BASE>(v1)),
+        "r"(b0), "r"(b1));
+}
+enum { Q4_0 = 0, Q4_K = 1, Q5_0 = 2, Q5_K = 3, Q6_K = 4, Q8_0 = 5, Q4_1 = 6, Q5_1 = 7 };
+#define HD __host__ __device__ constexpr
+HD bool has_fifth(int F) { return F == Q5_0 || F == Q5_K || F == Q5_1; }
+HD bool k_quant(int F) { return F == Q4_K || F == Q5_K; }  // d / dmin per 256, u8 scales
+HD bool affine(int F) { return F == Q4_K || F == Q5_K || F == Q4_1 || F == Q5_1; }
+HD int code_bytes(int F) { return F == Q8_0 ? 32 : 16; }  // a group's codes, a row
+HD int high_bytes(int F) { return has_fifth(F) ? 4 : (F == Q6_K ? 8 : 0); }  // ... high bits
+HD int scale_bytes(int F) { return (F == Q4_1 || F == Q5_1) ? 16 : 8; }  // a quad, a row
+// bytes a row of a stage: codes then high bits, padded so that the 8 rows g of a warp's 32-bit
+// reads fall in distinct banks (80 = 20 words, 112 = 28, 144 = 36: 4 g (mod 32) apart or more)
+HD int row_bytes(int F) { return F == Q8_0 ? 144 : (F == Q6_K ? 112 : 80); }
+HD int stage_bytes(int F) { return 32 * row_bytes(F) + 32 * scale_bytes(F); }
+HD int subs(int F) { return F == Q6_K ? 2 : 1; }  // scales a 32-group
+HD float offset(int F) {  // c0 of the formats without a min (the sums of x are kept times it)
+  return F == Q4_0 ? 136.f : (F == Q5_0 ? 144.f : (F == Q8_0 ? 2304.f : (F == Q6_K ? 160.f : 1.f)));
+}
+#ifndef STAGES_N
+#define STAGES_N 4
+#endif
+constexpr int STAGES = STAGES_N;  // quads a warp has in flight + 1 (at least 2)
+__device__ __forceinline__ void cp_async(unsigned dst, const void* src, int bytes) {
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  else if (bytes == 8)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+struct Rows {  // the CTA's row 0 of each plane, and the planes' row strides (bytes)
+  const unsigned char *qs, *qh, *a, *b;
+  size_t qrow, hrow, srow;
+};
+// the copies of quad q of the CTA's 32 rows into the stage at `dst`
+template <int F>
+__device__ __forceinline__ void issue_quad(unsigned dst, const Rows& p, int q, int lane) {
+  constexpr int RB = row_bytes(F), CP = code_bytes(F) / 4, HP = high_bytes(F) / 4;  // 16-B parts
+#pragma unroll
+  for (int i = 0; i < CP; ++i) {  // chunk 32i + lane: row (32i + lane) / CP, part % CP
+    const int c = 32 * i + lane, row = c / CP, part = c % CP;
+    cp_async(dst + row * RB + part * 16, p.qs + row * p.qrow + q * 16 * CP + part * 16, 16);
+  }
+#pragma unroll
+  for (int i = 0; i < HP; ++i) {
+    const int c = 32 * i + lane, row = c / (HP ? HP : 1), part = c % (HP ? HP : 1);
+    cp_async(dst + row * RB + 16 * CP + part * 16, p.qh + row * p.hrow + q * 16 * HP + part * 16,
+             16);
+  }
+  const unsigned s = dst + 32 * RB + lane * scale_bytes(F);  // row lane's scales
+  if (k_quant(F)) {  // 4 scales, then 4 mins
+    cp_async(s, p.a + lane * p.srow + q * 4, 4);
+    cp_async(s + 4, p.b + lane * p.srow + q * 4, 4);
+  } else if (F == Q4_1 || F == Q5_1) {  // 4 d, then 4 m
+    cp_async(s, p.a + lane * p.srow + q * 8, 8);
+    cp_async(s + 8, p.b + lane * p.srow + q * 8, 8);
+  } else {  // 4 d (Q6_K: 8 scales)
+    cp_async(s, p.a + lane * p.srow + q * 8, 8);
+  }
+}
+// the code bytes (< 128) of row `row`, group j that lane t gives the first (lo) and the second
+// (hi) mma; Q8_0: those of word t (lo, hi: low and high nibbles) and of word 4 + t (lo2, hi2)
+template <int F>
+__device__ __forceinline__ void codes(const unsigned char* src, int row, int j, int t,
+                                      unsigned& lo, unsigned& hi, unsigned& lo2, unsigned& hi2) {
+  constexpr int RB = row_bytes(F), CB = code_bytes(F);
+  const unsigned char* r = src + row * RB;
+  const unsigned w = *reinterpret_cast<const unsigned*>(r + j * CB + t * 4);
+  if (F == Q8_0) {
+    const unsigned u = w ^ 0x80808080u;  // q + 128
+    const unsigned u2 = *reinterpret_cast<const unsigned*>(r + j * CB + 16 + t * 4) ^ 0x80808080u;
+    lo = u & 0x0F0F0F0Fu;
+    hi = (u >> 4) & 0x0F0F0F0Fu;
+    lo2 = u2 & 0x0F0F0F0Fu;
+    hi2 = (u2 >> 4) & 0x0F0F0F0Fu;
+    return;
+  }
+  lo = w & 0x0F0F0F0Fu;
+  hi = (w >> 4) & 0x0F0F0F0Fu;
+  if (has_fifth(F)) {  // byte t of the group's 4: bit b -> column 4t + b, bit 4 + b -> 16 + 4t + b
+    const unsigned h = *reinterpret_cast<const unsigned*>(r + 16 * 4 + j * 4) >> (8 * t);
+    lo |= ((h & 15u) * 0x2040810u) & 0x10101010u;  // bit b to bit 4 of byte b
+    hi |= (((h >> 4) & 15u) * 0x2040810u) & 0x10101010u;
+  } else if (F == Q6_K) {  // word t & 1 of the group's 8 bytes: columns 4t + b at bits 2 (t >> 1)
+    const unsigned h = *reinterpret_cast<const unsigned*>(r + 16 * 4 + j * 8 + (t & 1) * 4);
+    const int sh = 2 * (t >> 1);
+    lo |= (h << (4 - sh)) & 0x30303030u;
+    hi |= (h >> sh) & 0x30303030u;
+  }
+}
+// acc += the quad's four groups (gi0..gi0+3) of stage `src` times x; xw[nt] points at the quad's
+// x of tile nt; dk / mk: the quad's super-block's d / dmin (K-quants, Q6_K) of rows g + 8r
+template <int F, int NT, bool ONE>
+__device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char* src,
+                                     const float (&dk)[4], const float (&mk)[4],
+                                     const uint2* const (&xw)[NT], const bool (&live)[NT],
+                                     const float* sx, int gi0, int GS, int gq, int t) {
+  constexpr int RB = row_bytes(F), SB = scale_bytes(F);
+  uint4 sq[4];  // the quad's scales of rows g + 8r, read once (8 bytes; Q4_1 / Q5_1 16)
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const unsigned char* s = src + 32 * RB + (gq + 8 * r) * SB;
+    if (SB == 16) {
+      sq[r] = *reinterpret_cast<const uint4*>(s);
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(s);
+      sq[r] = make_uint4(v.x, v.y, 0u, 0u);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int gi = gi0 + j;
+    float dd[4][2], ee[4];  // per row g + 8r: the multipliers of C (Q6_K: of each sub-block's C)
+    unsigned lo[4], hi[4], lo2[4], hi2[4];  // and of S (affine formats)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = gq + 8 * r;
+      const unsigned half = (j < 2 ? sq[r].x : sq[r].y) >> (16 * (j & 1));  // fp16 j; Q6_K: 2j..
+      if (F == Q4_0 || F == Q5_0 || F == Q8_0) {
+        dd[r][0] = h2f(half);
+      } else if (F == Q4_1 || F == Q5_1) {
+        dd[r][0] = h2f(half);
+        const float m = h2f((j < 2 ? sq[r].z : sq[r].w) >> (16 * (j & 1)));
+        ee[r] = fmaf(128.f, dd[r][0], -m);
+      } else if (k_quant(F)) {  // bytes j of the scales' and the mins' words
+        dd[r][0] = dk[r] * (float)((sq[r].x >> (8 * j)) & 0xFFu);
+        ee[r] = fmaf(128.f, dd[r][0], mk[r] * (float)((sq[r].y >> (8 * j)) & 0xFFu));
+      } else {  // Q6_K: int8 scales of sub-blocks 2j, 2j + 1 (bytes 2j, 2j + 1)
+        dd[r][0] = dk[r] * (float)(signed char)(half & 0xFFu);
+        dd[r][1] = dk[r] * (float)(signed char)((half >> 8) & 0xFFu);
+      }
+      codes<F>(src, row, j, t, lo[r], hi[r], lo2[r], hi2[r]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint2 xl = make_uint2(0u, 0u), xh = make_uint2(0u, 0u);
+      if (live[nt]) {
+        xl = __ldg(xw[nt] + 8 * j);
+        xh = __ldg(xw[nt] + 8 * j + 4);
+      }
+      // [16-row block][sub-block]: C (sub-block 1 only for Q6_K)
+      float c[2][2][4] = {{{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}},
+                          {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}}};
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        if (F == Q8_0) {
+          mma<0x43>(c[b][0], lo[2 * b], lo[2 * b + 1], xl.x, xl.y);
+          mma<0x45>(c[b][0], hi[2 * b], hi[2 * b + 1], xl.x, xl.y);
+          mma<0x43>(c[b][0], lo2[2 * b], lo2[2 * b + 1], xh.x, xh.y);
+          mma<0x45>(c[b][0], hi2[2 * b], hi2[2 * b + 1], xh.x, xh.y);
+        } else {
+          mma<0x43>(c[b][0], lo[2 * b], lo[2 * b + 1], xl.x, xl.y);
+          mma<0x43>(c[b][subs(F) - 1], hi[2 * b], hi[2 * b + 1], xh.x, xh.y);
+        }
+      }
+      // S of C's columns: c0 / c2 hold column 2t of the tile, c1 / c3 column 2t + 1 (ONE: row 0)
+      float s0[2], s1[2];
+#pragma unroll
+      for (int u = 0; u < subs(F); ++u) {
+        s0[u] = ONE ? sx[gi * subs(F) + u] : sx[(8 * nt + 2 * t) * GS + gi * subs(F) + u];
+        s1[u] = ONE ? s0[u] : sx[(8 * nt + 2 * t + 1) * GS + gi * subs(F) + u];
+      }
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (ONE && (e & 1)) continue;
+          const int r = 2 * b + (e >> 1);
+          float& a = acc[b][nt][e];
+          if (affine(F)) {
+            a = fmaf(dd[r][0], c[b][0][e], fmaf(-ee[r], (e & 1) ? s1[0] : s0[0], a));
+          } else {
+            a = fmaf(dd[r][0], c[b][0][e] - ((e & 1) ? s1[0] : s0[0]), a);
+            if (F == Q6_K) a = fmaf(dd[r][1], c[b][1][e] - ((e & 1) ? s1[1] : s0[1]), a);
+          }
+        }
+    }
+  }
+}
+template <int F, int NT, bool ONE>
+__device__ __forceinline__ void qmma(
+    const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs,
+    const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1,
+    const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3,
+    const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq,
+    int ldh, int ld1, int ld2, int ldx, int ldy) {
+  extern __shared__ __align__(16) float smem[];  // sx [8 * NT][K / 32 * subs]: the sums of x
+  // per row and scale (times offset(F)), then the warps' partials [W][32][8 * NT]; from `ring`:
+  // [W][STAGES][stage_bytes]
+  constexpr int STAGE = stage_bytes(F);
+  const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int GS = (K >> 5) * subs(F), Q = K >> 7, SUB = 32 / subs(F);
+  const int MP = ONE ? 1 : 8 * NT;
+  const int gq = lane >> 2, t = lane & 3;
+  const int q_lo = Q * warp / W, q_hi = Q * (warp + 1) / W, n = q_hi - q_lo;
+  const int SX = (4 * (MP * GS > W * 32 * MP ? MP * GS : W * 32 * MP) + 15) & ~15;
+  unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
+  const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
+  const size_t r0 = (size_t)blockIdx.x * 32;
+  const Rows p = {qs + r0 * ldq, qh + r0 * ldh, p1 + r0 * ld1, p2 + r0 * ld1, (size_t)ldq,
+                  (size_t)ldh, (size_t)ld1};
+  const unsigned short* dk0 = p3 + (r0 + gq) * ld2;  // K-quants / Q6_K: row g's d
+  const unsigned short* mk0 = p4 + (r0 + gq) * ld2;  // K-quants: ... and dmin
+  // the weights are no other kernel's output: their first quads are fetched before the wait
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n) issue_quad<F>(ring_s + i * STAGE, p, q_lo + i, lane);
+    cp_commit();
+  }
+  wait_then_release();
+  float* sx = smem;
+  for (int i = threadIdx.x; i < MP * GS; i += blockDim.x) {
+    const int m = i / GS, si = i - m * GS;
+    float s = 0.f;
+    if (m < M) {
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + si * SUB);
+#pragma unroll
+      for (int j = 0; j < SUB / 8; ++j) {
+        const uint4 v = __ldg(xp + j);
+        s += bf_lo(v.x) + bf_hi(v.x) + bf_lo(v.y) + bf_hi(v.y) + bf_lo(v.z) + bf_hi(v.z)
+             + bf_lo(v.w) + bf_hi(v.w);
+      }
+    }
+    sx[i] = offset(F) * s;
+  }
+  __syncthreads();
+  // B: lane (g, t) gives column g of each tile: row 8 * tile + g of x (ONE: row 0)
+  const uint2* xw[NT];
+  bool live[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = ONE ? 0 : 8 * nt + gq;
+    live[nt] = m < M;
+    xw[nt] = reinterpret_cast<const uint2*>(x + (size_t)(live[nt] ? m : 0) * ldx) + t + q_lo * 32;
+  }
+  // sums: [block of 16 rows][tile][c0..c3]; c1 / c3 unused with ONE
+  float acc[2][NT][4];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[b][nt][e] = 0.f;
+  int read = 0, write = STAGES - 1;  // the ring's slots: quad i's, and quad i + STAGES - 1's
+  for (int i = 0; i < n; ++i) {
+    cp_wait<STAGES - 2>();  // quad i's copies (this lane's) are done
+    __syncwarp();           // ... and the other lanes'; slot `write` was read by all in i - 1
+    if (i + STAGES - 1 < n) issue_quad<F>(ring_s + write * STAGE, p, q_lo + i + STAGES - 1, lane);
+    cp_commit();
+    float dk[4] = {0.f, 0.f, 0.f, 0.f}, mk[4] = {0.f, 0.f, 0.f, 0.f};
+    if (k_quant(F) || F == Q6_K) {  // the quad's super-block (256 columns: two quads)
+      const int sb = (q_lo + i) >> 1;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        dk[r] = h2f(__ldg(dk0 + (size_t)8 * r * ld2 + sb));
+        if (k_quant(F)) mk[r] = h2f(__ldg(mk0 + (size_t)8 * r * ld2 + sb));
+      }
+    }
+    step<F, NT, ONE>(acc, ring + read * STAGE, dk, mk, xw, live, sx, 4 * (q_lo + i), GS, gq, t);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
+    read = read + 1 == STAGES ? 0 : read + 1;
+    write = write + 1 == STAGES ? 0 : write + 1;
+  }
+  cp_wait<0>();
+  __syncthreads();  // sx is read no more: its space takes the partials
+  float* wp = smem;  // [W][32 rows][MP]
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int row = 16 * b + gq;
+      if (ONE) {
+        if (t == 0) {
+          wp[(warp * 32 + row) * MP] = acc[b][nt][0];
+          wp[(warp * 32 + row + 8) * MP] = acc[b][nt][2];
+        }
+      } else {
+        const int col = 8 * nt + 2 * t;
+        wp[(warp * 32 + row) * MP + col] = acc[b][nt][0];
+        wp[(warp * 32 + row) * MP + col + 1] = acc[b][nt][1];
+        wp[(warp * 32 + row + 8) * MP + col] = acc[b][nt][2];
+        wp[(warp * 32 + row + 8) * MP + col + 1] = acc[b][nt][3];
+      }
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
+    const int row = i / MP, m = i - row * MP;
+    if (m >= M) continue;
+    float s = 0.f;
+    for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+    const unsigned u = __float_as_uint(s);
+    y[(size_t)m * ldy + blockIdx.x * 32 + row] =
+        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
+  }
+}
+#define ARGS const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs, \
+    const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1, \
+    const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3, \
+    const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq, \
+    int ldh, int ld1, int ld2, int ldx, int ldy
+#define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy
+// kernels/qmma.py appends the line for the kernel it compiles, e.g. KERNEL(q6_k_mma_m8, Q6_K, 1, 0)
+#define KERNEL(name, F, NT, ONE) \
+  extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { qmma<F, NT, ONE>(PASS); }

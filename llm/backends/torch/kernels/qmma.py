@@ -1,0 +1,259 @@
+"""GGUF block weights as stored times 2..8 rows of x on the tensor cores (`mma.sync`): Q4_0, Q4_1,
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K.
+
+The kernel is CUDA C (`qmma.cu` beside this file), compiled at first use on each GPU by torch's
+NVRTC (`torch.cuda._compile_kernel`: no nvcc, no build step) and launched here with
+`cuLaunchKernelEx`, so that it takes part in programmatic dependent launch like the Triton decode
+kernels (kernels/pdl.py): its first weight copies start while the kernel before it finishes.
+
+Why: `qgemv`'s one-row kernel pays its CUDA-core work (decode, scale, multiply-add) once for each
+row of x, and Triton's `tl.dot` kernel for 4..16 rows waits after every `wgmma` for the group's
+scale. This kernel multiplies the exact codes (bf16 128 + q; Q8_0's bytes as two nibble codes)
+with x by m16n8k16 `mma.sync` and applies each 32-group's (Q6_K: 16-column sub-block's) scale and
+offset in float32 (qmma.cu's header lists them per format), the codes streamed through a
+`cp.async` ring per warp. The products are exact and the sums float32, so this is
+dequantize-then-matmul up to the order and rounding of float32 sums; the offset's subtraction
+(C is ~34x the group's result for Q4_0, more for Q8_0) magnifies that rounding, and the tests hold
+it to issue 15's 1e-3 of the largest output. Measured on an H100 (docs/performance.md, "Q4_K
+through the same kernel" and "Every GGUF block format through the tensor-core kernel"): `mma_rows`
+is the rule that measurement gave.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+from llm.backends.torch.kernels.pdl import use_pdl
+from llm.model.quant.tensor import QuantizedTensor
+
+SOURCE = Path(__file__).with_name("qmma.cu")
+FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+ROWS = 32  # rows of w a CTA
+WARPS = 8  # warps a CTA: they split K
+STAGES = 4  # quads of groups a warp's ring holds where the grid is no larger than the GPU
+STAGES_WIDE = 2  # ... where it has more CTAs than the GPU has SMs (`ring_stages`)
+_PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def stage_bytes(fmt: str) -> int:
+    """One quad of a CTA's 32 rows in a warp's ring (qmma.cu's `stage_bytes`): per row its codes
+    and high bits, padded (Q8_0 144 bytes, Q6_K 112, the others 80), then its scales (Q4_1 /
+    Q5_1 16 bytes, the others 8)."""
+    row = 144 if fmt == "q8_0" else (112 if fmt == "q6_k" else 80)
+    return ROWS * row + ROWS * (16 if fmt in ("q4_1", "q5_1") else 8)
+
+
+def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
+    """Whether `qgemv` sends m rows of x times a [n, k] weight in `fmt` to this kernel: one of
+    FORMATS, n a multiple of 32 and k of 128, and where it measured faster (the module
+    docstring)."""
+    if fmt not in FORMATS or n % ROWS or k % 128:
+        return False
+    return 4 <= m <= 8 or (2 <= m <= 3 and n >= 3072 and k <= n)
+
+
+def ring_stages(n: int, device: torch.device) -> int:
+    """A warp's ring depth for a weight of n rows: 2 where its n / 32 CTAs outnumber the GPU's
+    SMs (two CTAs a SM then run side by side, which 4 stages of Q6_K or Q8_0 would not fit), else
+    4 (one CTA a SM, a deeper ring). Measured on an H100, docs/performance.md, "Every GGUF block
+    format through the tensor-core kernel"."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return STAGES_WIDE if n // ROWS > sms else STAGES
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint64 * 8)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    return lib
+
+
+def kernel_source(name: str, stages: int) -> str:
+    """qmma.cu with a ring of `stages` and the one kernel `name` (e.g. q6_k_mma_m8)
+    instantiated."""
+    fmt, rows = name.rsplit("_mma_", 1)
+    tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0)}[rows]
+    return (f"#define STAGES_N {stages}\n" + SOURCE.read_text()
+            + f"\nKERNEL({name}, {fmt.upper()}, {tiles}, {one})\n")
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(device_index: int, name: str, stages: int) -> object:
+    """The kernel `name` with a ring of `stages`, compiled for and loaded on GPU `device_index`,
+    allowed the shared memory the GPU has; an Exception (returned, not raised) where it cannot
+    be. Either answer is kept for the process: a failure (warned once) leaves `qgemv` on its
+    Triton kernels from then on. The engine compiles in its warm-up, before any CUDA graph is
+    captured."""
+    try:
+        if not hasattr(torch.cuda, "_compile_kernel"):
+            raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel")
+        with torch.cuda.device(device_index):
+            kernel = torch.cuda._compile_kernel(kernel_source(name, stages), name)
+            kernel.set_shared_memory_config(_shared_limit(device_index))
+        if not isinstance(getattr(kernel, "func", None), ctypes.c_void_p):
+            raise RuntimeError("torch's compiled kernel exposes no CUfunction")
+        return kernel
+    except Exception as e:  # noqa: BLE001 (NVRTC, the driver: any failure means "not here")
+        warnings.warn(f"the tensor-core kernel {name} cannot run on cuda:{device_index} "
+                      f"({e}); qgemv's Triton kernels serve instead", RuntimeWarning,
+                      stacklevel=3)
+        return e
+
+
+def _aligned(t: torch.Tensor, stride_mult: int, base: int) -> bool:
+    return t.stride(1) == 1 and t.stride(0) % stride_mult == 0 and t.data_ptr() % base == 0
+
+
+def shared_bytes(fmt: str, m: int, k: int, warps: int = WARPS, stages: int = STAGES) -> int:
+    """Dynamic shared memory of a launch: the sums of x per row and scale (or the warps'
+    partials), then the warps' rings."""
+    mp = 1 if m == 1 else (8 if m <= 8 else 16)
+    scales = k // 16 if fmt == "q6_k" else k // 32
+    return (-(-4 * max(mp * scales, warps * ROWS * mp) // 16) * 16
+            + warps * stages * stage_bytes(fmt))
+
+
+def _shared_limit(device_index: int) -> int:
+    """What `_compiled` allows a launch: the GPU's opt-in limit less 1 KB."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin - 1024
+
+
+def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
+    """Whether x's rows and w's planes start where the kernel's loads and copies need: x, qs and
+    qh at 16 bytes (rows too); d per 32-group (and Q4_1 / Q5_1's m, one row stride) and Q6_K's
+    scales at 8; Q4_K / Q5_K's scales and mins at 4 with one row stride, d / dmin with one; unit
+    column strides."""
+    p, fmt = w.planes, w.format
+    if not (_aligned(x, 8, 16) and _aligned(p["qs"], 16, 16)):
+        return False
+    if "qh" in p and not _aligned(p["qh"], 16, 16):
+        return False
+    if fmt in ("q4_0", "q5_0", "q8_0"):
+        return _aligned(p["d"], 4, 8)
+    if fmt in ("q4_1", "q5_1"):
+        return (_aligned(p["d"], 4, 8) and _aligned(p["m"], 4, 8)
+                and p["d"].stride(0) == p["m"].stride(0))
+    if fmt == "q6_k":
+        return _aligned(p["scales"], 8, 8) and _aligned(p["d"], 1, 2)
+    return (_aligned(p["scales"], 4, 4) and _aligned(p["mins"], 4, 4)
+            and p["scales"].stride(0) == p["mins"].stride(0)
+            and _aligned(p["d"], 1, 2) and _aligned(p["dmin"], 1, 2)
+            and p["d"].stride(0) == p["dmin"].stride(0))
+
+
+def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
+              pdl: bool | None = None) -> bool:
+    """Whether `qgemv` takes this kernel for x [M, K] @ w.T: an NVIDIA GPU of compute capability
+    >= 8 where the kernel compiles, bf16 x [M, K] on w's device, no bias, `mma_rows`, the planes
+    aligned for the kernel's copies, its shared memory within the GPU's, and PDL not demanded
+    where the GPU lacks it."""
+    if w.format not in FORMATS or x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        return False
+    if torch.version.cuda is None:
+        return False
+    n, k = w.shape
+    if bias is not None or x.dim() != 2 or x.shape[1] != k or w.planes["qs"].device != x.device:
+        return False
+    if not mma_rows(w.format, x.shape[0], n, k) or not planes_aligned(x, w):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
+    stages = ring_stages(n, x.device)
+    if shared_bytes(w.format, x.shape[0], k, stages=stages) > _shared_limit(x.device.index):
+        return False
+    if pdl and not use_pdl(x, None):
+        return False
+    name = kernel_name(w.format, x.shape[0])
+    return not isinstance(_compiled(x.device.index, name, stages), Exception)
+
+
+def kernel_name(fmt: str, m: int) -> str:
+    """The kernel for m rows of x in `fmt`: x in all of B's columns for one, 8 rows a B tile
+    above."""
+    if fmt not in FORMATS:
+        raise ValueError(f"the tensor-core kernel multiplies {', '.join(FORMATS)} weights, "
+                         f"not {fmt}")
+    if not 1 <= m <= 16:
+        raise ValueError(f"the tensor-core kernel takes 1..16 rows of x, not {m}")
+    return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16"))
+
+
+def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, int, int]:
+    """The kernel's qh, p1..p4 for `w` (qs where a format has none: never read) and ldh, ld1
+    (bytes), ld2 (elements)."""
+    p, fmt = w.planes, w.format
+    qs = p["qs"]
+    qh = p.get("qh", qs)
+    ldh = qh.stride(0) if "qh" in p else 0
+    if fmt in ("q4_0", "q5_0", "q8_0"):
+        return (qh, p["d"], qs, qs, qs), ldh, 2 * p["d"].stride(0), 0
+    if fmt in ("q4_1", "q5_1"):
+        return (qh, p["d"], p["m"], qs, qs), ldh, 2 * p["d"].stride(0), 0
+    if fmt == "q6_k":
+        return (qh, p["scales"], qs, p["d"], qs), ldh, p["scales"].stride(0), p["d"].stride(0)
+    return ((qh, p["scales"], p["mins"], p["d"], p["dmin"]), ldh, p["scales"].stride(0),
+            p["d"].stride(0))
+
+
+def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
+                warps: int = WARPS, stages: int | None = None) -> torch.Tensor:
+    """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
+    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA and `stages` >= 2 a warp's ring
+    (default `ring_stages`) are for benchmarks). Launched with PDL where `use_pdl`."""
+    n, k = w.shape
+    m = x.shape[0]
+    name = kernel_name(w.format, m) if x.dim() == 2 else ""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"qmma_matmul wants bf16 x [M, {k}], got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if n % ROWS or k % 128:
+        raise ValueError(f"qmma_matmul needs N % {ROWS} == 0 and K % 128 == 0, got [{n}, {k}]")
+    if not 1 <= warps <= 8 or (stages is not None and stages < 2):
+        raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
+    if not planes_aligned(x, w):
+        raise ValueError("qmma_matmul needs x, qs and qh 16-byte aligned (rows too), the scales "
+                         "aligned to their loads (planes_aligned)")
+    if x.device.type != "cuda" or w.planes["qs"].device != x.device:
+        raise ValueError(f"qmma_matmul runs on one CUDA GPU: x is on {x.device}, the weight "
+                         f"on {w.planes['qs'].device}")
+    stages = ring_stages(n, x.device) if stages is None else stages
+    smem = shared_bytes(w.format, m, k, warps, stages)
+    if smem > _shared_limit(x.device.index):
+        raise ValueError(f"qmma_matmul of {w.format}, K = {k} at {m} rows needs {smem} bytes of "
+                         f"shared memory, more than the {_shared_limit(x.device.index)} this "
+                         f"GPU allows")
+    kernel = _compiled(x.device.index, name, stages)
+    if isinstance(kernel, Exception):
+        raise RuntimeError(f"the tensor-core kernel cannot run here: {kernel}")
+    qs = w.planes["qs"]
+    planes, ldh, ld1, ld2 = _kernel_planes(w)
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
+    args += [ctypes.c_int(v) for v in (m, k, qs.stride(0), ldh, ld1, ld2, x.stride(0), n)]
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", (ctypes.c_uint64 * 8)(1))  # allowed = 1
+    gdc = use_pdl(x, pdl)
+    config = _LaunchConfig((n // ROWS, 1, 1), (32 * warps, 1, 1), smem,
+                           torch.cuda.current_stream(x.device).cuda_stream,
+                           ctypes.pointer(attr) if gdc else None, 1 if gdc else 0)
+    with torch.cuda.device(x.device):  # the launch runs in the current context: x's GPU's
+        err = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx of {name} failed with CUresult {err}")
+    return y
