@@ -85,7 +85,10 @@ def run(args) -> int:
                     rows.append([f"{name} {fmt_name}", lin, f"{n}x{k}", m, label, fmt(us, 1),
                                  fmt(100 * w0.nbytes / (us * 1e-6) / bw, 0), f"{err:.1e}"])
                     print(rows[-1], flush=True)
-                mma = min((t, lb) for lb, t in times.items() if lb.startswith("mma"))
+                fits = [(t, lb) for lb, t in times.items() if lb.startswith("mma")]
+                if not fits:  # no variant's shared memory fits this GPU
+                    continue
+                mma = min(fits)
                 best.append([f"{name} {fmt_name}", lin, m, fmt(times["triton"], 1),
                              fmt(mma[0], 1), mma[1], f"{times['triton'] / mma[0]:.2f}x",
                              fmt(times["auto"], 1)])

@@ -86,25 +86,59 @@ def _mma(c: np.ndarray, a: list, b: list) -> None:
         c[lane] += (cm[g, 2 * t], cm[g, 2 * t + 1], cm[g + 8, 2 * t], cm[g + 8, 2 * t + 1])
 
 
-def _scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per row and scale (a 32-group; Q6_K a 16-column sub-block), what the kernel multiplies
-    the mma sum C and the sum of x by (a scale adds mult * C - off * S), and the scales a group."""
-    p, fmt = w.planes, w.format
-    n = w.shape[0]
+def _f16(bits: int) -> float:
+    return float(np.array([bits & 0xFFFF], np.uint16).view(np.float16)[0])
 
-    def f(name: str) -> np.ndarray:
-        return p[name].double().numpy()
+
+def _quad_bytes(w: QuantizedTensor, row: int, q: int) -> bytes:
+    """The scale bytes of one row and quad that the kernel's ring holds (`issue_quad`)."""
+    p, fmt = w.planes, w.format
+
+    def raw(name: str, lo: int, hi: int) -> bytes:
+        return p[name][row].contiguous().view(torch.uint8).numpy()[lo:hi].tobytes()
 
     if fmt in ("q4_0", "q5_0", "q8_0"):
-        return f("d"), {"q4_0": 136.0, "q5_0": 144.0, "q8_0": 2304.0}[fmt] * f("d"), 1
+        return raw("d", 8 * q, 8 * q + 8)
     if fmt in ("q4_1", "q5_1"):
-        return f("d"), 128.0 * f("d") - f("m"), 1
+        return raw("d", 8 * q, 8 * q + 8) + raw("m", 8 * q, 8 * q + 8)
     if fmt == "q6_k":
-        s = (f("d").repeat(16, axis=1) * f("scales")).reshape(n, -1)
-        return s, 160.0 * s, 2
-    s = (f("d").repeat(8, axis=1) * f("scales")).reshape(n, -1)
-    o = (f("dmin").repeat(8, axis=1) * f("mins")).reshape(n, -1)
-    return s, 128.0 * s + o, 1
+        return raw("scales", 8 * q, 8 * q + 8)
+    return raw("scales", 4 * q, 4 * q + 4) + raw("mins", 4 * q, 4 * q + 4)
+
+
+def _scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per row and scale (a 32-group; Q6_K a 16-column sub-block), what the kernel multiplies
+    the mma sum C and the sum of x by (a scale adds mult * C - off * S), and the scales a group:
+    decoded from the ring's bytes with qmma.cu's `step` operations on its words (x, y, z, w)."""
+    p, fmt = w.planes, w.format
+    n, k = w.shape
+    subs = 2 if fmt == "q6_k" else 1
+    offset = {"q4_0": 136.0, "q5_0": 144.0, "q8_0": 2304.0, "q6_k": 160.0}.get(fmt)
+    mult, off = np.zeros((n, k // 32 * subs)), np.zeros((n, k // 32 * subs))
+    for row in range(n):
+        for q in range(k // 128):
+            raw = _quad_bytes(w, row, q).ljust(16, b"\0")
+            sq = [int.from_bytes(raw[4 * i:4 * i + 4], "little") for i in range(4)]
+            if fmt in ("q4_k", "q5_k", "q6_k"):
+                dk = float(p["d"][row, q >> 1])
+                mk = float(p["dmin"][row, q >> 1]) if fmt != "q6_k" else 0.0
+            for j in range(4):
+                gi, half = 4 * q + j, (sq[0] if j < 2 else sq[1]) >> (16 * (j & 1))
+                if fmt in ("q4_0", "q5_0", "q8_0"):
+                    mult[row, gi], off[row, gi] = _f16(half), offset * _f16(half)
+                elif fmt in ("q4_1", "q5_1"):
+                    m = _f16((sq[2] if j < 2 else sq[3]) >> (16 * (j & 1)))
+                    mult[row, gi], off[row, gi] = _f16(half), 128.0 * _f16(half) - m
+                elif fmt == "q6_k":
+                    for u in range(2):
+                        sc = np.array([(half >> (8 * u)) & 0xFF], np.uint8).view(np.int8)[0]
+                        mult[row, 2 * gi + u] = dk * float(sc)
+                        off[row, 2 * gi + u] = offset * dk * float(sc)
+                else:
+                    dd = dk * ((sq[0] >> (8 * j)) & 0xFF)
+                    mult[row, gi] = dd
+                    off[row, gi] = 128.0 * dd + mk * ((sq[1] >> (8 * j)) & 0xFF)
+    return mult, off, subs
 
 
 def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:

@@ -28,7 +28,7 @@
 //   Q4_K / Q5_K:        s C - (128 s + o) S, s = d * scale, o = dmin * min
 //   Q6_K:               d * scale (C - 160 S)
 // Each warp streams its quads' codes, high bits and scales into its own ring of STAGES shared-
-// memory buffers by cp.async (16-byte copies) and reads its words from there (rows padded: no
+// memory buffers by cp.async (16-byte copies; the scales 8 or 4 bytes) and reads its words from there (rows padded: no
 // bank conflicts). The warps' sums meet in shared memory in warp order: the result does not
 // depend on timing. With PDL the first quads' copies start before the kernel before it has
 // finished.

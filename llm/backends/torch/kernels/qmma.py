@@ -59,9 +59,9 @@ def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
 
 def ring_stages(n: int, device: torch.device) -> int:
     """A warp's ring depth for a weight of n rows: 2 where its n / 32 CTAs outnumber the GPU's
-    SMs (two CTAs a SM then run side by side, which 4 stages of Q6_K or Q8_0 would not fit), else
-    4 (one CTA a SM, a deeper ring). Measured on an H100, docs/performance.md, "Every GGUF block
-    format through the tensor-core kernel"."""
+    SMs (two CTAs a SM can then run side by side where their shared memory fits, which 4 stages
+    of Q6_K or Q8_0 never do), else 4 (one CTA a SM, a deeper ring). Measured on an H100,
+    docs/performance.md, "Every GGUF block format through the tensor-core kernel"."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return STAGES_WIDE if n // ROWS > sms else STAGES
 
