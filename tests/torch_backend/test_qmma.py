@@ -247,12 +247,17 @@ def test_a_swapped_byte_pair_is_caught() -> None:
 
 def test_the_rule() -> None:
     """Every format, N a multiple of 32 and K of 128; 4..8 rows everywhere, 2..3 where K <= N and
-    N >= 3,072 (measured, H100); never 1 row or more than 8."""
+    N >= 3,072, 9..16 for Q4_K / Q5_K / Q6_K / Q8_0 (measured, H100); never 1 row or more than
+    16."""
     assert mma_rows("q4_0", 4, 2048, 8192) and mma_rows("q4_0", 8, 4096, 14336)
     assert mma_rows("q4_0", 2, 28672, 4096) and mma_rows("q4_0", 3, 3072, 2048)
     assert mma_rows("q4_0", 2, 4096, 4096)
     assert not mma_rows("q4_0", 2, 4096, 14336) and not mma_rows("q4_0", 3, 2048, 2048)
     assert not mma_rows("q4_0", 1, 28672, 4096) and not mma_rows("q4_0", 9, 28672, 4096)
+    assert all(mma_rows(f, m, 4096, 14336) for f in ("q4_k", "q5_k", "q6_k", "q8_0")
+               for m in (9, 16))
+    assert not any(mma_rows(f, 16, 4096, 4096) for f in ("q4_0", "q4_1", "q5_0", "q5_1"))
+    assert not mma_rows("q6_k", 17, 4096, 4096) and not mma_rows("q6_k", 1, 4096, 4096)
     assert all(mma_rows(f, 4, 28672, 4096) for f in FORMATS)
     assert not mma_rows("bf16", 4, 28672, 4096) and not mma_rows("q2_k", 4, 28672, 4096)
     assert not mma_rows("q4_0", 4, 28672 + 16, 4096) and not mma_rows("q4_0", 4, 4096, 4096 + 32)
