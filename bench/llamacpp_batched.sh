@@ -3,8 +3,8 @@
 # batches the tensor-core kernel serves (kernels/qmma.py). llama-bench times one sequence only;
 # llama.cpp's `llama-batched-bench` decodes B sequences together (-npl), as our batches do.
 #   bash bench/llamacpp_batched.sh [MODEL] [QUANTS]   # on the GPU machine, .peers carried
-#   GPU=0 NPL=1,2 bash bench/llamacpp_batched.sh tiny Q4_K_M   # a check of the script on a CPU
-# MODEL: 8b (default), 1b or tiny (Llama shapes of random weights, written in f16 by
+#   GPU=0 NPL=1,2 bash bench/llamacpp_batched.sh 1b Q4_K_M   # a check of the script on a CPU
+# MODEL: 8b (default) or 1b (Llama shapes of random weights, written in f16 by
 # ../shared/peers/llamacpp/mkgguf.py, which must be copied into .peers/llamacpp); QUANTS: comma
 # list of llama-quantize types (default Q4_K_M,Q5_K_M,Q8_0,Q4_0). Needs the pruned llama.cpp tree of
 # ../shared/peers/llamacpp/prepare.sh at .peers/llama.cpp; it adds batched-bench back from the
@@ -23,8 +23,9 @@ BUILD=${BUILD:-/tmp/lcpp-batched}
 W=${W:-/tmp/lw}
 OUTDIR=${OUT:-/tmp}
 mkdir -p "$W"
-[ -d "$SRC" ] || { echo "no $SRC: run ../shared/peers/llamacpp/prepare.sh $SRC first" >&2; exit 1; }
-[ -f .peers/llamacpp/mkgguf.py ] || { echo "no .peers/llamacpp/mkgguf.py: copy ../shared/peers/llamacpp there" >&2; exit 1; }
+[ -d "$SRC" ] || { echo "no $SRC: run ../shared/peers/llamacpp/prepare.sh $SRC" >&2; exit 1; }
+[ -f .peers/llamacpp/mkgguf.py ] \
+    || { echo "no .peers/llamacpp/mkgguf.py: copy ../shared/peers/llamacpp there" >&2; exit 1; }
 if [ ! -d "$SRC/tools/batched-bench" ]; then  # the pruned tree: batched-bench from the same sdist
     tmp=$(mktemp -d)
     pip download -q --no-deps --no-binary :all: -d "$tmp" llama-cpp-python==0.3.36
@@ -37,7 +38,8 @@ grep -q batched-bench "$SRC/tools/CMakeLists.txt" \
     || echo 'add_subdirectory(batched-bench)' >> "$SRC/tools/CMakeLists.txt"
 if [ ! -x "$BUILD/bin/llama-batched-bench" ] || [ ! -x "$BUILD/bin/llama-quantize" ]; then
     if [ "$GPU" = 1 ]; then
-        ARCH="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DGGML_CUDA_FA_ALL_QUANTS=OFF"
+        ARCH="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF
+              -DGGML_CUDA_FA_ALL_QUANTS=OFF"
     else  # AVX-512 without -march=native: see bench/llamacpp_cpu.sh (NATIVE=0) for why
         ARCH="-DGGML_CUDA=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
               -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
@@ -46,11 +48,13 @@ if [ ! -x "$BUILD/bin/llama-batched-bench" ] || [ ! -x "$BUILD/bin/llama-quantiz
     # shellcheck disable=SC2086
     cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release $ARCH -DLLAMA_CURL=OFF \
         -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_SERVER=OFF > "$W/cmake-batched.log" 2>&1 || { tail -30 "$W/cmake-batched.log"; exit 1; }
+        -DLLAMA_BUILD_SERVER=OFF > "$W/cmake-batched.log" 2>&1 \
+        || { tail -30 "$W/cmake-batched.log"; exit 1; }
     cmake --build "$BUILD" -j "$(nproc)" --target llama-batched-bench llama-quantize \
         > "$W/build-batched.log" 2>&1 || { tail -40 "$W/build-batched.log"; exit 1; }
 fi
-[ -f "$W/$MODEL-f16.gguf" ] || PYTHONPATH="$SRC/gguf-py" python3 .peers/llamacpp/mkgguf.py "$W" "$MODEL"
+[ -f "$W/$MODEL-f16.gguf" ] \
+    || PYTHONPATH="$SRC/gguf-py" python3 .peers/llamacpp/mkgguf.py "$W" "$MODEL"
 NGL=0; [ "$GPU" = 1 ] && NGL=99
 MAXB=$(tr , '\n' <<<"$NPL" | sort -n | tail -1)
 rows="$OUTDIR/batched_rows.txt"; : > "$rows"
@@ -79,7 +83,8 @@ t = defaultdict(dict)
 for line in open(sys.argv[1]):
     q, who, b, tps = line.split()
     t[(q, int(b))][who] = float(tps)
-print("| file | batch | llama.cpp tok/s total (/seq) | ours tok/s total (/seq) | ours / llama.cpp |")
+print("| file | batch | llama.cpp tok/s total (/seq) | ours tok/s total (/seq) "
+      "| ours / llama.cpp |")
 print("|---|---|---|---|---|")
 for (q, b), v in sorted(t.items()):
     lc, us = v.get("llama.cpp"), v.get("ours")

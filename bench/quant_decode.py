@@ -508,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
                         "qgemv_w_config's choice, then with the default, --w-repeats times")
     p.add_argument("--w-repeats", type=int, default=2)
     p.add_argument("--triton-too", action="store_true",
-                   help="Q4_0 / Q4_K: decode again with the CUDA tensor-core kernel off (A/B)")
+                   help="decode again with the CUDA tensor-core kernel (kernels/qmma.py) off, "
+                   "for the formats and mixes it takes (A/B)")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")

@@ -1,7 +1,8 @@
 // GGUF block weights as stored (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) times 1..16 rows
 // of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32 sums), compiled at first use
 // by NVRTC (kernels/qmma.py appends the one KERNEL(...) line it needs and launches it; the engine
-// uses the `_m8` kernels for 2..8 rows, the others are timed by bench/qmma_explore.py).
+// uses the `_m8` kernels for 2..8 rows and `_m16` for 9..16, `_m1` is timed by
+// bench/qmma_explore.py).
 //
 // Planes (llm.model.quant): x [M, K] bf16 (row stride ldx); qs [N, ldq bytes]: 4-bit codes (per
 // 32-group 16 bytes; byte i holds column i in its low nibble and column 16 + i in its high one) or
@@ -28,10 +29,10 @@
 //   Q4_K / Q5_K:        s C - (128 s + o) S, s = d * scale, o = dmin * min
 //   Q6_K:               d * scale (C - 160 S)
 // Each warp streams its quads' codes, high bits and scales into its own ring of STAGES shared-
-// memory buffers by cp.async (16-byte copies; the scales 8 or 4 bytes) and reads its words from there (rows padded: no
-// bank conflicts). The warps' sums meet in shared memory in warp order: the result does not
-// depend on timing. With PDL the first quads' copies start before the kernel before it has
-// finished.
+// memory buffers by cp.async (16-byte copies; the scales 8 or 4 bytes) and reads its words from
+// there (rows padded: no bank conflicts). The warps' sums meet in shared memory in warp order:
+// the result does not depend on timing. With PDL the first quads' copies start before the kernel
+// before it has finished.
 template <unsigned BASE>  // bytes 0, 1 of w -> bf16x2 BASE:byte (0x43: 128 + b, 0x45: 16 (128 + b))
 __device__ __forceinline__ unsigned lo2(unsigned w) {
   unsigned d; asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
