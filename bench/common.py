@@ -111,13 +111,18 @@ def random_checkpoint(config: ModelConfig, device: torch.device, dtype: torch.dt
 
 def build_backend(config: ModelConfig, device: torch.device, dtype: torch.dtype, max_batch: int,
                   max_seq_len: int, cuda_graphs: bool = False, mesh: Mesh | None = None,
-                  all_reduce: str = "auto") -> TorchBackend:
-    """A torch backend on random weights (pages of 32 tokens). On the CPU (--smoke) its model is
-    rebuilt with the Triton kernel paths, which then run in Triton's interpreter, so that the
-    switches below act there too."""
+                  all_reduce: str = "auto", quant: str = "") -> TorchBackend:
+    """A torch backend on random weights (pages of 32 tokens); `quant`: its 2-D weights in random
+    planes of that format or mix (`bench/quant_decode.py`'s names, e.g. q4_0, q4_k_m). On the CPU
+    (--smoke) its model is rebuilt with the Triton kernel paths, which then run in Triton's
+    interpreter, so that the switches below act there too."""
     rt = RuntimeConfig(device=str(device), dtype=str(dtype).removeprefix("torch."),
                        max_batch=max_batch, max_seq_len=max_seq_len, block_size=32)
     ck = random_checkpoint(config, device, dtype)
+    if quant:
+        from bench.quant_decode import quantized_checkpoint  # it imports this module
+
+        ck = quantized_checkpoint(ck, quant, device)
     backend = TorchBackend(ck, rt, cuda_graphs=cuda_graphs, mesh=mesh, all_reduce=all_reduce)
     if device.type == "cpu":
         backend.model = Transformer(config, ck.tensors, rt, decode_kernel=True, mesh=backend.mesh)

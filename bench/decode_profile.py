@@ -13,6 +13,7 @@ broadcast of each step) is hidden and the GPU is the limit.
 
 docs/performance.md, v6 (probe and kernel profile):
   python bench/decode_profile.py --config 8b --batch 1
+  python bench/decode_profile.py --config 8b --batch 16 --quant q4_0
   NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 bench/decode_profile.py --tp 2 --config 8b \\
       --batch 1
 """
@@ -50,7 +51,7 @@ def step_fn(backend: TorchBackend, batch: int, position: int):
     graphs = backend.graphs
     if graphs is not None:
         bucket = next(b for b in graphs.buckets if b >= batch)
-        return graphs.graphs[(bucket, True)].replay
+        return graphs.graphs[(bucket, True, False, False)].replay  # greedy, no sort, no penalties
     dev, per = backend.device, backend.runtime.blocks_per_seq
     tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
     positions = torch.full((batch,), position, dtype=torch.int64, device=dev)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-reduce", default="auto", choices=["auto", "nccl"],
                    help="--tp: decode all-reduces by symmetric memory where available, or NCCL")
     p.add_argument("--top", type=int, default=15, help="largest kernels listed")
+    p.add_argument("--quant", default="", help="weights in random planes of this GGUF format or "
+                   "mix (bench/quant_decode.py's names: q4_0, q8_0, q4_k_m, ...); bf16 if empty")
     args = p.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("decode_profile.py needs a CUDA GPU (--smoke checks the script on the CPU)")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     name = configs_for(args, [args.config])[0]
     backend = build_backend(SHAPES[name], device, dtype, args.batch,
                             args.prompt_len + args.steps + 8, cuda_graphs=True, mesh=mesh,
-                            all_reduce=args.all_reduce)
+                            all_reduce=args.all_reduce, quant=args.quant)
     if mesh.leader:
         print(f"# {backend.describe()}", flush=True)
         driver = LeaderBackend(backend, mesh) if mesh.size > 1 else backend

@@ -75,7 +75,7 @@ def run(args) -> int:
                               lambda w, x=x, v=v, st=st: qmma.qmma_matmul(x, w, warps=v,
                                                                               stages=st))
                              for v in csv(args.warps, int) for st in dict.fromkeys(stages)
-                             if qmma.shared_bytes(fmt_name, m, k, v, st) <= limit]
+                             if qmma.shared_bytes(fmt_name, m, v, st) <= limit]
                 times = {}
                 for label, call in variants:
                     out = call(w0)

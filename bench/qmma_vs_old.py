@@ -7,10 +7,10 @@ from git on a machine with the history, e.g. the 4-bit kernel of dc5be81 that qm
       git show dc5be81:llm/backends/torch/kernels/$f > /tmp/oldk/$f; done
     python bench/qmma_vs_old.py --old /tmp/oldk --module q4_mma --formats q4_0,q4_k
 
-Per format: each linear shape of the configs at 2, 4 and 8 rows, both kernels timed as CUDA
-graphs over copies of the weight larger than the L2 (and whether their bits agree); then, with
---decode, whole decode steps (`bench/quant_decode.py`, 8B) with `qgemv` routed to the old kernel
-and to the new one, alternated --repeats times.
+Per format: each linear shape of the configs at --batches rows of x (default 2, 4 and 8), both
+kernels timed as CUDA graphs over copies of the weight larger than the L2 (and whether their bits
+agree); then, with --decode, whole decode steps (`bench/quant_decode.py`, 8B, the same batches)
+with `qgemv` routed to the old kernel and to the new one, alternated --repeats times.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def kernels(args, old_mm) -> None:
                     continue
                 w0 = random_quantized(fmt, n, k, g, dev)
                 ws = weight_copies(w0, l2_bytes(dev))
-                for m in (2, 4, 8):
+                for m in csv(args.batches, int):
                     x = (torch.randn(m, k, device=dev, generator=g) * 0.5).to(torch.bfloat16)
                     same = torch.equal(old_mm(x, w0), qmma.qmma_matmul(x, w0))
                     t_old = graph_us([lambda w=w, x=x: old_mm(x, w) for w in ws], dev)
@@ -70,7 +70,7 @@ def decode(args, old_runs, old_mm) -> None:
             print(f"decode through the {label} kernel", flush=True)
             try:
                 quant_decode.main(["--configs", "8b", "--formats", args.formats,
-                                   "--batches", "2,4,8"])
+                                   "--batches", args.batches])
             finally:
                 qgemv.qmma_runs, qgemv.qmma_matmul = new
 
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--module", default="q4_mma", help="the old module's name")
     p.add_argument("--formats", default="q4_0,q4_k", help="formats both kernels take")
     p.add_argument("--configs", default="8b,1b")
+    p.add_argument("--batches", default="2,4,8", help="comma list of rows of x (1..16)")
     p.add_argument("--decode", action="store_true", help="also whole decode steps (8B)")
     p.add_argument("--repeats", type=int, default=2, help="--decode: old / new alternations")
     args = p.parse_args(argv)

@@ -12,6 +12,7 @@ GPU: the compiled kernel at 1..16 rows, with and without PDL, in a CUDA graph, a
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,6 +34,7 @@ from llm.backends.torch.kernels.silu_mul import silu_mul  # noqa: E402
 from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
 
 FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"]
+AFFINE = ("q4_1", "q5_1", "q4_k", "q5_k")
 M32 = 0xFFFFFFFF
 
 
@@ -45,12 +47,12 @@ def _codes(fmt: str, qs: np.ndarray, qh: np.ndarray | None, row: int, gi: int,
            t: int) -> list[tuple[int, int, int, int]]:
     """What lane t gives A for one row and 32-group, mma by mma, as qmma.cu's `codes` builds it
     (the same bit operations on the planes' words): (code bytes, multiplier of their bf16 128 +
-    byte, x's column offset in the group, sub-block)."""
+    byte, the bf16 added to that (`neg_offset`), x's column offset in the group, sub-block)."""
     if fmt == "q8_0":
         u, u2 = _word(qs, row, 32 * gi + 4 * t) ^ 0x80808080, _word(
             qs, row, 32 * gi + 16 + 4 * t) ^ 0x80808080
-        return [(u & 0x0F0F0F0F, 1, 0, 0), ((u >> 4) & 0x0F0F0F0F, 16, 0, 0),
-                (u2 & 0x0F0F0F0F, 1, 16, 0), ((u2 >> 4) & 0x0F0F0F0F, 16, 16, 0)]
+        return [(u & 0x0F0F0F0F, 1, 0.0, 0, 0), ((u >> 4) & 0x0F0F0F0F, 16, -2304.0, 0, 0),
+                (u2 & 0x0F0F0F0F, 1, 0.0, 16, 0), ((u2 >> 4) & 0x0F0F0F0F, 16, -2304.0, 16, 0)]
     w = _word(qs, row, 16 * gi + 4 * t)
     lo, hi = w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F
     if fmt in ("q5_0", "q5_1", "q5_k"):
@@ -61,14 +63,19 @@ def _codes(fmt: str, qs: np.ndarray, qh: np.ndarray | None, row: int, gi: int,
         h, sh = _word(qh, row, 8 * gi + 4 * (t & 1)), 2 * (t >> 1)
         lo |= ((h << (4 - sh)) & M32) & 0x30303030
         hi |= (h >> sh) & 0x30303030
-    return [(lo, 1, 0, 0), (hi, 1, 16, 1 if fmt == "q6_k" else 0)]
+    add = {"q4_0": -136.0, "q5_0": -144.0, "q6_k": -160.0}.get(fmt, 0.0)
+    return [(lo, 1, add, 0, 0), (hi, 1, add, 16, 1 if fmt == "q6_k" else 0)]
 
 
-def _pair(codes: int, mult: int, first: int) -> tuple[float, float]:
-    """The bf16 pair a `prmt` makes of bytes first, first + 1 of the code bytes: mult (128 +
-    byte), exact in bf16 for bytes < 128 and mult 1 or 16."""
-    pair = tuple(float(mult * (128 + ((codes >> (8 * b)) & 0xFF))) for b in (first, first + 1))
+def _pair(codes: int, mult: int, add: float, first: int) -> tuple[float, float]:
+    """The bf16 pair a `prmt` makes of bytes first, first + 1 of the code bytes, mult (128 +
+    byte), plus `add` (`plus`'s bf16 fma): both steps exact in bf16 for bytes < 128, mult 1 or 16
+    and the offsets used, which the asserts check."""
+    made = [float(mult * (128 + ((codes >> (8 * b)) & 0xFF))) for b in (first, first + 1)]
     assert all(((codes >> (8 * b)) & 0xFF) < 128 for b in (first, first + 1))
+    pair = tuple(v + add for v in made)
+    for v in (*made, add, *pair):
+        assert float(torch.tensor(v).to(torch.bfloat16)) == v
     return pair
 
 
@@ -108,12 +115,12 @@ def _quad_bytes(w: QuantizedTensor, row: int, q: int) -> bytes:
 
 def _scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, int]:
     """Per row and scale (a 32-group; Q6_K a 16-column sub-block), what the kernel multiplies
-    the mma sum C and the sum of x by (a scale adds mult * C - off * S), and the scales a group:
-    decoded from the ring's bytes with qmma.cu's `step` operations on its words (x, y, z, w)."""
+    the mma sum C and the sum of x by (a scale adds mult * C - off * S; off 0 in the symmetric
+    formats, whose codes carry their offset), and the scales a group: decoded from the ring's
+    bytes with qmma.cu's `step` operations on its words (x, y, z, w)."""
     p, fmt = w.planes, w.format
     n, k = w.shape
     subs = 2 if fmt == "q6_k" else 1
-    offset = {"q4_0": 136.0, "q5_0": 144.0, "q8_0": 2304.0, "q6_k": 160.0}.get(fmt)
     mult, off = np.zeros((n, k // 32 * subs)), np.zeros((n, k // 32 * subs))
     for row in range(n):
         for q in range(k // 128):
@@ -125,7 +132,7 @@ def _scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, int]:
             for j in range(4):
                 gi, half = 4 * q + j, (sq[0] if j < 2 else sq[1]) >> (16 * (j & 1))
                 if fmt in ("q4_0", "q5_0", "q8_0"):
-                    mult[row, gi], off[row, gi] = _f16(half), offset * _f16(half)
+                    mult[row, gi] = _f16(half)
                 elif fmt in ("q4_1", "q5_1"):
                     m = _f16((sq[2] if j < 2 else sq[3]) >> (16 * (j & 1)))
                     mult[row, gi], off[row, gi] = _f16(half), 128.0 * _f16(half) - m
@@ -133,7 +140,6 @@ def _scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, int]:
                     for u in range(2):
                         sc = np.array([(half >> (8 * u)) & 0xFF], np.uint8).view(np.int8)[0]
                         mult[row, 2 * gi + u] = dk * float(sc)
-                        off[row, 2 * gi + u] = offset * dk * float(sc)
                 else:
                     dd = dk * ((sq[0] >> (8 * j)) & 0xFF)
                     mult[row, gi] = dd
@@ -154,7 +160,7 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
     qh = w.planes["qh"].contiguous().numpy() if "qh" in w.planes else None
     mult, off, subs = _scales(w)  # [N, scales]
     quads = k // 128
-    sx = x.reshape(m_rows, -1, 32 // subs).sum(2)  # [M, scales]
+    ones = [((1.0, 1.0),) * 4] * 32  # A of the affine formats' S: every lane's four pairs
     y = np.zeros((m_rows, n))
     for blk in range(n // ROWS):
         part = np.zeros((warps, ROWS, m_rows))
@@ -162,20 +168,20 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
             q_lo, q_hi = quads * sw // warps, quads * (sw + 1) // warps
             acc = np.zeros((2, tiles, 32, 4))  # [16-row block][tile][lane][c0..c3]
             for gi in range(4 * q_lo, 4 * q_hi):
-                # lane -> rows g + 8i -> the mmas' (codes, mult, x offset, sub-block)
+                # lane -> rows g + 8i -> the mmas' (codes, mult, add, x offset, sub-block)
                 lanes = [[_codes(w.format, qs, qh, blk * ROWS + (lane >> 2) + 8 * i, gi,
                                  lane & 3) for i in range(4)] for lane in range(32)]
                 for nt in range(tiles):
-                    c = np.zeros((2, subs, 32, 4))
-                    for mi, (_, mul, xoff, sub) in enumerate(lanes[0][0]):
+                    c, cs = np.zeros((2, subs, 32, 4)), np.zeros((32, 4))
+                    for mi, (_, mul, add, xoff, sub) in enumerate(lanes[0][0]):
                         a, b = ([], []), []
                         for lane in range(32):
                             g, t = lane >> 2, lane & 3
                             for blk16 in range(2):
                                 v0 = lanes[lane][2 * blk16][mi][0]
                                 v1 = lanes[lane][2 * blk16 + 1][mi][0]
-                                a[blk16].append((_pair(v0, mul, 0), _pair(v1, mul, 0),
-                                                 _pair(v0, mul, 2), _pair(v1, mul, 2)))
+                                a[blk16].append((_pair(v0, mul, add, 0), _pair(v1, mul, add, 0),
+                                                 _pair(v0, mul, add, 2), _pair(v1, mul, add, 2)))
                             row = 0 if one else 8 * nt + g
                             if row < m_rows:
                                 at = 32 * gi + xoff + 4 * t
@@ -185,15 +191,16 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
                             b.append(((xs[0], xs[1]), (xs[2], xs[3])))
                         _mma(c[0, sub], a[0], b)
                         _mma(c[1, sub], a[1], b)
+                        if w.format in AFFINE:
+                            _mma(cs, ones, b)
                     for lane in range(32):
                         g, t = lane >> 2, lane & 3
                         r0 = blk * ROWS + g
-                        cols = (0, 0) if one else (8 * nt + 2 * t, 8 * nt + 2 * t + 1)
+                        s = cs[lane, :2]  # the sums of x of columns 2t, 2t + 1 (ONE: row 0)
                         for blk16 in range(2):
                             ra, rb = r0 + 16 * blk16, r0 + 16 * blk16 + 8
                             for sub in range(subs):
                                 si = gi * subs + sub
-                                s = [sx[col, si] if col < m_rows else 0.0 for col in cols]
                                 da, db = mult[ra, si], mult[rb, si]
                                 oa, ob = off[ra, si], off[rb, si]
                                 cc = c[blk16, sub, lane]
@@ -245,18 +252,30 @@ def test_a_swapped_byte_pair_is_caught() -> None:
     assert np.abs(emulate(bad, x.numpy(), 1) - ref).max() / np.abs(ref).max() > 1e-3
 
 
+def test_the_kernels_offsets_are_the_emulated_ones() -> None:
+    """qmma.cu's `neg_offset` bf16 pairs (Q4_0, Q5_0, Q6_K, Q8_0's high nibbles, in its order)
+    are the offsets the emulation adds, so a wrong constant fails here, not only on a GPU."""
+    src = qmma.SOURCE.read_text()
+    body = src[src.index("HD unsigned neg_offset"):]
+    body = body[:body.index("}")]
+    words = [int(h, 16) for h in re.findall(r"0x([0-9A-F]{8})u", body)]
+    assert [w >> 16 == w & 0xFFFF for w in words] == [True] * 4
+
+    def bf16(bits: int) -> float:
+        return float(np.array([bits << 16], np.uint32).view(np.float32)[0])
+
+    assert [bf16(w & 0xFFFF) for w in words] == [-136.0, -144.0, -160.0, -2304.0]
+
+
 def test_the_rule() -> None:
-    """Every format, N a multiple of 32 and K of 128; 4..8 rows everywhere, 2..3 where K <= N and
-    N >= 3,072, 9..16 for Q4_K / Q5_K / Q6_K / Q8_0 (measured, H100); never 1 row or more than
-    16."""
+    """Every format, N a multiple of 32 and K of 128; 4..16 rows everywhere, 2..3 where K <= N
+    and N >= 3,072 (measured, H100); never 1 row or more than 16."""
     assert mma_rows("q4_0", 4, 2048, 8192) and mma_rows("q4_0", 8, 4096, 14336)
     assert mma_rows("q4_0", 2, 28672, 4096) and mma_rows("q4_0", 3, 3072, 2048)
     assert mma_rows("q4_0", 2, 4096, 4096)
     assert not mma_rows("q4_0", 2, 4096, 14336) and not mma_rows("q4_0", 3, 2048, 2048)
-    assert not mma_rows("q4_0", 1, 28672, 4096) and not mma_rows("q4_0", 9, 28672, 4096)
-    assert all(mma_rows(f, m, 4096, 14336) for f in ("q4_k", "q5_k", "q6_k", "q8_0")
-               for m in (9, 16))
-    assert not any(mma_rows(f, 16, 4096, 4096) for f in ("q4_0", "q4_1", "q5_0", "q5_1"))
+    assert not mma_rows("q4_0", 1, 28672, 4096)
+    assert all(mma_rows(f, m, 4096, 14336) for f in FORMATS for m in (9, 16))
     assert not mma_rows("q6_k", 17, 4096, 4096) and not mma_rows("q6_k", 1, 4096, 4096)
     assert all(mma_rows(f, 4, 28672, 4096) for f in FORMATS)
     assert not mma_rows("bf16", 4, 28672, 4096) and not mma_rows("q2_k", 4, 28672, 4096)
@@ -274,16 +293,16 @@ def test_the_rule() -> None:
 
 
 def test_shared_memory_of_a_launch() -> None:
-    """The sums of x (8 rows a tile, one a scale) or the warps' partials, whichever is larger,
-    then 8 warps' rings of 4 stages: 8B down at 8 rows ~104 KB in Q4_0, ~170 KB in Q8_0, within
-    an H100's 227 KB."""
+    """The warps' partials (float32, rows of x padded to 1, 8 or 16), then the warps' rings: 8
+    warps of 4 stages ~90 KB in Q4_0 at 8 rows, ~150 KB in Q8_0, within an H100's 227 KB;
+    whatever K."""
     ring = 8 * 4 * (32 * 80 + 32 * 8)
-    assert qmma.shared_bytes("q4_0", 4, 14336) == 4 * 8 * 448 + ring
-    assert qmma.shared_bytes("q4_0", 1, 4096) == 4 * 8 * 32 + ring  # the partials [8][32][1]
-    assert qmma.shared_bytes("q4_0", 16, 4096, warps=4, stages=2) == 4 * 16 * 128 + 4 * 2 * 2816
-    assert qmma.shared_bytes("q8_0", 8, 14336) == 4 * 8 * 448 + 8 * 4 * (32 * 144 + 32 * 8)
-    assert qmma.shared_bytes("q6_k", 8, 14336) == 4 * 8 * 896 + 8 * 4 * (32 * 112 + 32 * 8)
-    assert qmma.shared_bytes("q5_1", 8, 4096) == 4 * 8 * 256 + 8 * 4 * (32 * 80 + 32 * 16)
+    assert qmma.shared_bytes("q4_0", 4) == 4 * 8 * 32 * 8 + ring
+    assert qmma.shared_bytes("q4_0", 1) == 4 * 8 * 32 + ring  # the partials [8][32][1]
+    assert qmma.shared_bytes("q4_0", 16, warps=4, stages=2) == 4 * 4 * 32 * 16 + 4 * 2 * 2816
+    assert qmma.shared_bytes("q8_0", 8) == 4 * 8 * 32 * 8 + 8 * 4 * (32 * 144 + 32 * 8)
+    assert qmma.shared_bytes("q6_k", 8) == 4 * 8 * 32 * 8 + 8 * 4 * (32 * 112 + 32 * 8)
+    assert qmma.shared_bytes("q5_1", 8) == 4 * 8 * 32 * 8 + 8 * 4 * (32 * 80 + 32 * 16)
 
 
 def test_refusals_name_what_is_wrong() -> None:

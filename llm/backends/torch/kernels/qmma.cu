@@ -19,15 +19,15 @@
 // (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 (second mma): for the 4-bit planes
 // the low and high nibbles of word t, with the fifth / fifth-and-sixth bits or'ed in; for Q8_0
 // words t and 4 + t, each as two mmas, low nibbles as bf16 128 + n and high ones as 16 (128 + n)
-// (both exact). B's column n holds row 8 * tile + n of x at the same columns (ONE: row 0 in all 8,
-// so every lane's c0 / c2 is its rows' sum). Codes enter as bf16 128 + q, exact, so the products
-// are exact in fp32; a group (Q6_K: a 16-column sub-block) adds, with C its mma sum and S the sum
-// of x over its columns:
-//   Q4_0 / Q5_0 / Q8_0: d (C - c0 S), c0 = 136 / 144 / 2304 (the codes' offsets; Q8_0's are
-//                       128 + 2048 + 128 for its 0x80-flipped bytes)
+// (both exact). B's column n holds row 8 * tile + n of x at the same columns (ONE: row 0 in all
+// 8). Codes enter as bf16 128 + q, the symmetric formats' less their offset c0 by one bf16 fma
+// (q - 8, q - 16, q - 32; Q8_0's nibbles 128 + n and 16 (n - 16)), all exact, so the products
+// are exact in fp32; a group (Q6_K: a 16-column sub-block) adds, with C its mma sum and, for
+// the affine formats, S the sum of x over its columns (an mma of ones with the same B):
+//   Q4_0 / Q5_0 / Q8_0: d C (c0 = 136 / 144; Q8_0 0 and 2304)
 //   Q4_1 / Q5_1:        d C - (128 d - m) S
 //   Q4_K / Q5_K:        s C - (128 s + o) S, s = d * scale, o = dmin * min
-//   Q6_K:               d * scale (C - 160 S)
+//   Q6_K:               d * scale C (c0 = 160)
 // Each warp streams its quads' codes, high bits and scales into its own ring of STAGES shared-
 // memory buffers by cp.async (16-byte copies; the scales 8 or 4 bytes) and reads its words from
 // there (rows padded: no bank conflicts). The warps' sums meet in shared memory in warp order:
@@ -43,8 +43,6 @@ __device__ __forceinline__ unsigned hi2(unsigned w) {
   unsigned d; asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
   return d;
 }
-__device__ __forceinline__ float bf_lo(unsigned v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float bf_hi(unsigned v) { return __uint_as_float(v & 0xFFFF0000u); }
 // PDL: wait for the kernel before (x is its output), then let the next one launch; both are
 // no-ops in a launch without the programmatic attribute (and below sm_90)
 __device__ __forceinline__ void wait_then_release() {
@@ -57,14 +55,29 @@ __device__ __forceinline__ float h2f(unsigned h) {
   float f; asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
   return f;
 }
-// c += A x B: A rows g, g + 8 from the code bytes v0, v1 (each < 128) as bf16 BASE:byte
-template <unsigned BASE>
+// bf16 pair p + NEG (NEG a bf16 pair; 0: p as it is): exact for the codes and offsets here
+template <unsigned NEG>
+__device__ __forceinline__ unsigned plus(unsigned p) {
+  if (NEG == 0u) return p;
+  unsigned d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(p), "r"(0x3F803F80u), "r"(NEG));
+  return d;
+}
+// c += A x B: A rows g, g + 8 from the code bytes v0, v1 (each < 128) as bf16 BASE:byte + NEG
+template <unsigned BASE, unsigned NEG>
 __device__ __forceinline__ void mma(float* c, unsigned v0, unsigned v1, unsigned b0, unsigned b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
       "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(lo2<BASE>(v0)), "r"(lo2<BASE>(v1)), "r"(hi2<BASE>(v0)), "r"(hi2<BASE>(v1)),
-        "r"(b0), "r"(b1));
+      : "r"(plus<NEG>(lo2<BASE>(v0))), "r"(plus<NEG>(lo2<BASE>(v1))),
+        "r"(plus<NEG>(hi2<BASE>(v0))), "r"(plus<NEG>(hi2<BASE>(v1))), "r"(b0), "r"(b1));
+}
+// c += ones x B: every row of c the sums of B's columns over the mma's 16 k
+__device__ __forceinline__ void mma_ones(float* c, unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+      "{%4,%4,%4,%4}, {%5,%6}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(0x3F803F80u), "r"(b0), "r"(b1));
 }
 enum { Q4_0 = 0, Q4_K = 1, Q5_0 = 2, Q5_K = 3, Q6_K = 4, Q8_0 = 5, Q4_1 = 6, Q5_1 = 7 };
 #define HD __host__ __device__ constexpr
@@ -79,8 +92,12 @@ HD int scale_bytes(int F) { return (F == Q4_1 || F == Q5_1) ? 16 : 8; }  // a qu
 HD int row_bytes(int F) { return F == Q8_0 ? 144 : (F == Q6_K ? 112 : 80); }
 HD int stage_bytes(int F) { return 32 * row_bytes(F) + 32 * scale_bytes(F); }
 HD int subs(int F) { return F == Q6_K ? 2 : 1; }  // scales a 32-group
-HD float offset(int F) {  // c0 of the formats without a min (the sums of x are kept times it)
-  return F == Q4_0 ? 136.f : (F == Q5_0 ? 144.f : (F == Q8_0 ? 2304.f : (F == Q6_K ? 160.f : 1.f)));
+// minus the codes' offset as a bf16 pair, which the symmetric formats' A takes (so C is their
+// sum itself): -136, -144, -160; Q8_0's high nibble codes 16 (128 + n) -2304 (the low ones are
+// left 128 + n: 128 + lo + 16 (hi - 16) = q)
+HD unsigned neg_offset(int F, bool high) {
+  return F == Q4_0 ? 0xC308C308u : (F == Q5_0 ? 0xC310C310u : (F == Q6_K ? 0xC320C320u
+         : (F == Q8_0 && high ? 0xC510C510u : 0u)));
 }
 #ifndef STAGES_N
 #define STAGES_N 4
@@ -159,13 +176,13 @@ __device__ __forceinline__ void codes(const unsigned char* src, int row, int j, 
     hi |= (h >> sh) & 0x30303030u;
   }
 }
-// acc += the quad's four groups (gi0..gi0+3) of stage `src` times x; xw[nt] points at the quad's
+// acc += the quad's four groups of stage `src` times x; xw[nt] points at the quad's
 // x of tile nt; dk / mk: the quad's super-block's d / dmin (K-quants, Q6_K) of rows g + 8r
 template <int F, int NT, bool ONE>
 __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char* src,
                                      const float (&dk)[4], const float (&mk)[4],
                                      const uint2* const (&xw)[NT], const bool (&live)[NT],
-                                     const float* sx, int gi0, int GS, int gq, int t) {
+                                     int gq, int t) {
   constexpr int RB = row_bytes(F), SB = scale_bytes(F);
   uint4 sq[4];  // the quad's scales of rows g + 8r, read once (8 bytes; Q4_1 / Q5_1 16)
 #pragma unroll
@@ -180,7 +197,6 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const int gi = gi0 + j;
     float dd[4][2], ee[4];  // per row g + 8r: the multipliers of C (Q6_K: of each sub-block's C)
     unsigned lo[4], hi[4], lo2[4], hi2[4];  // and of S (affine formats)
 #pragma unroll
@@ -214,22 +230,23 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
                           {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}}};
 #pragma unroll
       for (int b = 0; b < 2; ++b) {
+        constexpr unsigned NL = neg_offset(F, false), NH = neg_offset(F, true);
         if (F == Q8_0) {
-          mma<0x43>(c[b][0], lo[2 * b], lo[2 * b + 1], xl.x, xl.y);
-          mma<0x45>(c[b][0], hi[2 * b], hi[2 * b + 1], xl.x, xl.y);
-          mma<0x43>(c[b][0], lo2[2 * b], lo2[2 * b + 1], xh.x, xh.y);
-          mma<0x45>(c[b][0], hi2[2 * b], hi2[2 * b + 1], xh.x, xh.y);
+          mma<0x43, NL>(c[b][0], lo[2 * b], lo[2 * b + 1], xl.x, xl.y);
+          mma<0x45, NH>(c[b][0], hi[2 * b], hi[2 * b + 1], xl.x, xl.y);
+          mma<0x43, NL>(c[b][0], lo2[2 * b], lo2[2 * b + 1], xh.x, xh.y);
+          mma<0x45, NH>(c[b][0], hi2[2 * b], hi2[2 * b + 1], xh.x, xh.y);
         } else {
-          mma<0x43>(c[b][0], lo[2 * b], lo[2 * b + 1], xl.x, xl.y);
-          mma<0x43>(c[b][subs(F) - 1], hi[2 * b], hi[2 * b + 1], xh.x, xh.y);
+          mma<0x43, NL>(c[b][0], lo[2 * b], lo[2 * b + 1], xl.x, xl.y);
+          mma<0x43, NL>(c[b][subs(F) - 1], hi[2 * b], hi[2 * b + 1], xh.x, xh.y);
         }
       }
-      // S of C's columns: c0 / c2 hold column 2t of the tile, c1 / c3 column 2t + 1 (ONE: row 0)
-      float s0[2], s1[2];
-#pragma unroll
-      for (int u = 0; u < subs(F); ++u) {
-        s0[u] = ONE ? sx[gi * subs(F) + u] : sx[(8 * nt + 2 * t) * GS + gi * subs(F) + u];
-        s1[u] = ONE ? s0[u] : sx[(8 * nt + 2 * t + 1) * GS + gi * subs(F) + u];
+      // affine formats: S, the sums of x over the group's columns, by the tensor cores: c0 / c2
+      // hold column 2t of the tile, c1 / c3 column 2t + 1 (ONE: row 0 in every column)
+      float cs[4] = {0.f, 0.f, 0.f, 0.f};
+      if (affine(F)) {
+        mma_ones(cs, xl.x, xl.y);
+        mma_ones(cs, xh.x, xh.y);
       }
 #pragma unroll
       for (int b = 0; b < 2; ++b)
@@ -239,10 +256,10 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
           const int r = 2 * b + (e >> 1);
           float& a = acc[b][nt][e];
           if (affine(F)) {
-            a = fmaf(dd[r][0], c[b][0][e], fmaf(-ee[r], (e & 1) ? s1[0] : s0[0], a));
+            a = fmaf(dd[r][0], c[b][0][e], fmaf(-ee[r], cs[e & 1], a));
           } else {
-            a = fmaf(dd[r][0], c[b][0][e] - ((e & 1) ? s1[0] : s0[0]), a);
-            if (F == Q6_K) a = fmaf(dd[r][1], c[b][1][e] - ((e & 1) ? s1[1] : s0[1]), a);
+            a = fmaf(dd[r][0], c[b][0][e], a);
+            if (F == Q6_K) a = fmaf(dd[r][1], c[b][1][e], a);
           }
         }
     }
@@ -255,16 +272,15 @@ __device__ __forceinline__ void qmma(
     const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3,
     const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq,
     int ldh, int ld1, int ld2, int ldx, int ldy) {
-  extern __shared__ __align__(16) float smem[];  // sx [8 * NT][K / 32 * subs]: the sums of x
-  // per row and scale (times offset(F)), then the warps' partials [W][32][8 * NT]; from `ring`:
-  // [W][STAGES][stage_bytes]
+  extern __shared__ __align__(16) float smem[];  // the warps' partials [W][32][8 * NT] (ONE:
+  // [W][32][1]), then from `ring`: [W][STAGES][stage_bytes]
   constexpr int STAGE = stage_bytes(F);
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int GS = (K >> 5) * subs(F), Q = K >> 7, SUB = 32 / subs(F);
+  const int Q = K >> 7;
   const int MP = ONE ? 1 : 8 * NT;
   const int gq = lane >> 2, t = lane & 3;
   const int q_lo = Q * warp / W, q_hi = Q * (warp + 1) / W, n = q_hi - q_lo;
-  const int SX = (4 * (MP * GS > W * 32 * MP ? MP * GS : W * 32 * MP) + 15) & ~15;
+  const int SX = (4 * W * 32 * MP + 15) & ~15;
   unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
   const size_t r0 = (size_t)blockIdx.x * 32;
@@ -279,22 +295,6 @@ __device__ __forceinline__ void qmma(
     cp_commit();
   }
   wait_then_release();
-  float* sx = smem;
-  for (int i = threadIdx.x; i < MP * GS; i += blockDim.x) {
-    const int m = i / GS, si = i - m * GS;
-    float s = 0.f;
-    if (m < M) {
-      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * ldx + si * SUB);
-#pragma unroll
-      for (int j = 0; j < SUB / 8; ++j) {
-        const uint4 v = __ldg(xp + j);
-        s += bf_lo(v.x) + bf_hi(v.x) + bf_lo(v.y) + bf_hi(v.y) + bf_lo(v.z) + bf_hi(v.z)
-             + bf_lo(v.w) + bf_hi(v.w);
-      }
-    }
-    sx[i] = offset(F) * s;
-  }
-  __syncthreads();
   // B: lane (g, t) gives column g of each tile: row 8 * tile + g of x (ONE: row 0)
   const uint2* xw[NT];
   bool live[NT];
@@ -327,14 +327,14 @@ __device__ __forceinline__ void qmma(
         if (k_quant(F)) mk[r] = h2f(__ldg(mk0 + (size_t)8 * r * ld2 + sb));
       }
     }
-    step<F, NT, ONE>(acc, ring + read * STAGE, dk, mk, xw, live, sx, 4 * (q_lo + i), GS, gq, t);
+    step<F, NT, ONE>(acc, ring + read * STAGE, dk, mk, xw, live, gq, t);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xw[nt] += 32;
     read = read + 1 == STAGES ? 0 : read + 1;
     write = write + 1 == STAGES ? 0 : write + 1;
   }
   cp_wait<0>();
-  __syncthreads();  // sx is read no more: its space takes the partials
+  __syncthreads();
   float* wp = smem;  // [W][32 rows][MP]
 #pragma unroll
   for (int b = 0; b < 2; ++b)

@@ -8,15 +8,16 @@ kernels (kernels/pdl.py): its first weight copies start while the kernel before 
 
 Why: `qgemv`'s one-row kernel pays its CUDA-core work (decode, scale, multiply-add) once for each
 row of x, and Triton's `tl.dot` kernel for 4..16 rows waits after every `wgmma` for the group's
-scale. This kernel multiplies the exact codes (bf16 128 + q; Q8_0's bytes as two nibble codes)
-with x by m16n8k16 `mma.sync` and applies each 32-group's (Q6_K: 16-column sub-block's) scale and
-offset in float32 (qmma.cu's header lists them per format), the codes streamed through a
-`cp.async` ring per warp. The products are exact and the sums float32, so this is
-dequantize-then-matmul up to the order and rounding of float32 sums; the offset's subtraction
-(C is ~34x the group's result for Q4_0, more for Q8_0) magnifies that rounding, and the tests hold
-it to issue 15's 1e-3 of the largest output. Measured on an H100 (docs/performance.md, "Q4_K
-through the same kernel" and "Every GGUF block format through the tensor-core kernel"): `mma_rows`
-is the rule that measurement gave.
+scale. This kernel multiplies the exact codes (bf16 q - 8, q - 16, q - 32 for the symmetric
+formats, 128 + q for the affine ones; Q8_0's bytes as two nibble codes) with x by m16n8k16
+`mma.sync` and applies each 32-group's (Q6_K: 16-column sub-block's) scale, and the affine
+formats' offset times the group's sum of x (an mma of ones), in float32 (qmma.cu's header lists
+them per format); the codes stream through a `cp.async` ring per warp, x is read once, by the
+mmas. The products are exact and the sums float32, so this is dequantize-then-matmul up to the
+order and rounding of float32 sums; the affine formats' offset subtraction magnifies that
+rounding, and the tests hold it to issue 15's 1e-3 of the largest output. Measured on an H100
+(docs/performance.md, "Q4_K through the same kernel" and "Every GGUF block format through the
+tensor-core kernel"): `mma_rows` is the rule that measurement gave.
 """
 
 from __future__ import annotations
@@ -48,19 +49,14 @@ def stage_bytes(fmt: str) -> int:
     return ROWS * row + ROWS * (16 if fmt in ("q4_1", "q5_1") else 8)
 
 
-SIXTEEN = ("q4_k", "q5_k", "q6_k", "q8_0")  # the formats it also takes at 9..16 rows
-
-
 def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     """Whether `qgemv` sends m rows of x times a [n, k] weight in `fmt` to this kernel: one of
     FORMATS, n a multiple of 32 and k of 128, and where it measured faster than `qgemv`'s Triton
-    kernels on an H100: 4..8 rows; 2..3 where K <= N and N >= 3,072; 9..16 for the SIXTEEN
-    formats (1.04-1.89x the `wgmma` kernel on every 8B shape; Q4_0 0.88-1.25x, 5.5% slower in a
-    whole step, so not; Q4_1 / Q5_0 / Q5_1 not measured there)."""
+    kernels on an H100: 4..16 rows; 2..3 where K <= N and N >= 3,072 (docs/performance.md, "x
+    read once: no sums of x in the prologue")."""
     if fmt not in FORMATS or n % ROWS or k % 128:
         return False
-    return (4 <= m <= 8 or (2 <= m <= 3 and n >= 3072 and k <= n)
-            or (9 <= m <= 16 and fmt in SIXTEEN))
+    return 4 <= m <= 16 or (2 <= m <= 3 and n >= 3072 and k <= n)
 
 
 def ring_stages(n: int, device: torch.device) -> int:
@@ -126,13 +122,11 @@ def _aligned(t: torch.Tensor, stride_mult: int, base: int) -> bool:
     return t.stride(1) == 1 and t.stride(0) % stride_mult == 0 and t.data_ptr() % base == 0
 
 
-def shared_bytes(fmt: str, m: int, k: int, warps: int = WARPS, stages: int = STAGES) -> int:
-    """Dynamic shared memory of a launch: the sums of x per row and scale (or the warps'
-    partials), then the warps' rings."""
+def shared_bytes(fmt: str, m: int, warps: int = WARPS, stages: int = STAGES) -> int:
+    """Dynamic shared memory of a launch: the warps' partials (float32 [warps, 32, rows of x
+    padded to 1, 8 or 16]), then the warps' rings (a quad of groups a stage, whatever K)."""
     mp = 1 if m == 1 else (8 if m <= 8 else 16)
-    scales = k // 16 if fmt == "q6_k" else k // 32
-    return (-(-4 * max(mp * scales, warps * ROWS * mp) // 16) * 16
-            + warps * stages * stage_bytes(fmt))
+    return -(-4 * warps * ROWS * mp // 16) * 16 + warps * stages * stage_bytes(fmt)
 
 
 def _shared_limit(device_index: int) -> int:
@@ -181,7 +175,7 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
     stages = ring_stages(n, x.device)
-    if shared_bytes(w.format, x.shape[0], k, stages=stages) > _shared_limit(x.device.index):
+    if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
         return False
     if pdl and not use_pdl(x, None):
         return False
@@ -239,11 +233,11 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
         raise ValueError(f"qmma_matmul runs on one CUDA GPU: x is on {x.device}, the weight "
                          f"on {w.planes['qs'].device}")
     stages = ring_stages(n, x.device) if stages is None else stages
-    smem = shared_bytes(w.format, m, k, warps, stages)
+    smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
-        raise ValueError(f"qmma_matmul of {w.format}, K = {k} at {m} rows needs {smem} bytes of "
-                         f"shared memory, more than the {_shared_limit(x.device.index)} this "
-                         f"GPU allows")
+        raise ValueError(f"qmma_matmul of {w.format} at {m} rows with {warps} warps and "
+                         f"{stages} stages needs {smem} bytes of shared memory, more than the "
+                         f"{_shared_limit(x.device.index)} this GPU allows")
     kernel = _compiled(x.device.index, name, stages)
     if isinstance(kernel, Exception):
         raise RuntimeError(f"the tensor-core kernel cannot run here: {kernel}")
