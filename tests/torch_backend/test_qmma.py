@@ -44,7 +44,7 @@ def _word(plane: np.ndarray, row: int, at: int) -> int:
 
 
 def _codes(fmt: str, qs: np.ndarray, qh: np.ndarray | None, row: int, gi: int,
-           t: int) -> list[tuple[int, int, int, int]]:
+           t: int) -> list[tuple[int, int, float, int, int]]:
     """What lane t gives A for one row and 32-group, mma by mma, as qmma.cu's `codes` builds it
     (the same bit operations on the planes' words): (code bytes, multiplier of their bf16 128 +
     byte, the bf16 added to that (`neg_offset`), x's column offset in the group, sub-block)."""
@@ -253,27 +253,36 @@ def test_a_swapped_byte_pair_is_caught() -> None:
 
 
 def test_the_kernels_offsets_are_the_emulated_ones() -> None:
-    """qmma.cu's `neg_offset` bf16 pairs (Q4_0, Q5_0, Q6_K, Q8_0's high nibbles, in its order)
-    are the offsets the emulation adds, so a wrong constant fails here, not only on a GPU."""
+    """qmma.cu's `neg_offset` bf16 pairs are the offsets the emulation's `_codes` adds per format
+    and nibble (low / high: the mmas of `prmt` base 0x43 / 0x45), and `step` gives the 0x43 mmas
+    NL and the 0x45 ones NH: so a wrong constant or a swapped pair fails here, not only on a
+    GPU."""
     src = qmma.SOURCE.read_text()
     body = src[src.index("HD unsigned neg_offset"):]
     body = body[:body.index("}")]
     words = [int(h, 16) for h in re.findall(r"0x([0-9A-F]{8})u", body)]
-    assert [w >> 16 == w & 0xFFFF for w in words] == [True] * 4
-
-    def bf16(bits: int) -> float:
-        return float(np.array([bits << 16], np.uint32).view(np.float32)[0])
-
-    assert [bf16(w & 0xFFFF) for w in words] == [-136.0, -144.0, -160.0, -2304.0]
+    assert all(w >> 16 == w & 0xFFFF for w in words)
+    kernel = [float(np.array([(w & 0xFFFF) << 16], np.uint32).view(np.float32)[0])
+              for w in words]  # Q4_0, Q5_0, Q6_K, Q8_0's high nibbles, in the function's order
+    zeros = np.zeros((1, 64), np.uint8)
+    adds = {f: {(mul, add) for _, mul, add, _, _ in _codes(f, zeros, zeros, 0, 0, 0)}
+            for f in FORMATS}
+    assert adds["q4_0"] == {(1, kernel[0])} and adds["q5_0"] == {(1, kernel[1])}
+    assert adds["q6_k"] == {(1, kernel[2])} and adds["q8_0"] == {(1, 0.0), (16, kernel[3])}
+    assert all(adds[f] == {(1, 0.0)} for f in AFFINE)
+    calls = re.findall(r"mma<(0x4[35]), (N[LH])>", src)
+    assert calls and all((base, n) in (("0x43", "NL"), ("0x45", "NH")) for base, n in calls)
+    assert re.search(r"if \(affine\(F\)\) \{\s*mma_ones\(cs, xl\.x, xl\.y\);"
+                     r"\s*mma_ones\(cs, xh\.x, xh\.y\);", src)
 
 
 def test_the_rule() -> None:
-    """Every format, N a multiple of 32 and K of 128; 4..16 rows everywhere, 2..3 where K <= N
-    and N >= 3,072 (measured, H100); never 1 row or more than 16."""
+    """Every format, N a multiple of 32 and K of 128; 4..16 rows everywhere, 2..3 where N >=
+    3,072 (measured, H100); never 1 row or more than 16."""
     assert mma_rows("q4_0", 4, 2048, 8192) and mma_rows("q4_0", 8, 4096, 14336)
     assert mma_rows("q4_0", 2, 28672, 4096) and mma_rows("q4_0", 3, 3072, 2048)
-    assert mma_rows("q4_0", 2, 4096, 4096)
-    assert not mma_rows("q4_0", 2, 4096, 14336) and not mma_rows("q4_0", 3, 2048, 2048)
+    assert mma_rows("q4_0", 2, 4096, 4096) and mma_rows("q4_0", 2, 4096, 14336)
+    assert not mma_rows("q4_0", 3, 2048, 2048) and not mma_rows("q4_0", 2, 2048, 8192)
     assert not mma_rows("q4_0", 1, 28672, 4096)
     assert all(mma_rows(f, m, 4096, 14336) for f in FORMATS for m in (9, 16))
     assert not mma_rows("q6_k", 17, 4096, 4096) and not mma_rows("q6_k", 1, 4096, 4096)
@@ -294,7 +303,7 @@ def test_the_rule() -> None:
 
 def test_shared_memory_of_a_launch() -> None:
     """The warps' partials (float32, rows of x padded to 1, 8 or 16), then the warps' rings: 8
-    warps of 4 stages ~90 KB in Q4_0 at 8 rows, ~150 KB in Q8_0, within an H100's 227 KB;
+    warps of 4 stages ~98 KB in Q4_0 at 8 rows, ~164 KB in Q8_0, within an H100's 227 KB;
     whatever K."""
     ring = 8 * 4 * (32 * 80 + 32 * 8)
     assert qmma.shared_bytes("q4_0", 4) == 4 * 8 * 32 * 8 + ring

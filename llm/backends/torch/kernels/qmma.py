@@ -14,8 +14,9 @@ formats, 128 + q for the affine ones; Q8_0's bytes as two nibble codes) with x b
 formats' offset times the group's sum of x (an mma of ones), in float32 (qmma.cu's header lists
 them per format); the codes stream through a `cp.async` ring per warp, x is read once, by the
 mmas. The products are exact and the sums float32, so this is dequantize-then-matmul up to the
-order and rounding of float32 sums; the affine formats' offset subtraction magnifies that
-rounding, and the tests hold it to issue 15's 1e-3 of the largest output. Measured on an H100
+order and rounding of float32 sums; the affine formats' offset subtraction (and, less, Q8_0's
+codes, 128 + low nibble beside 16 (high - 16)) magnify that rounding, and the tests hold it to
+issue 15's 1e-3 of the largest output. Measured on an H100
 (docs/performance.md, "Q4_K through the same kernel" and "Every GGUF block format through the
 tensor-core kernel"): `mma_rows` is the rule that measurement gave.
 """
@@ -52,11 +53,11 @@ def stage_bytes(fmt: str) -> int:
 def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     """Whether `qgemv` sends m rows of x times a [n, k] weight in `fmt` to this kernel: one of
     FORMATS, n a multiple of 32 and k of 128, and where it measured faster than `qgemv`'s Triton
-    kernels on an H100: 4..16 rows; 2..3 where K <= N and N >= 3,072 (docs/performance.md, "x
-    read once: no sums of x in the prologue")."""
+    kernels on an H100: 4..16 rows; 2..3 where N >= 3,072 (docs/performance.md, "x read once:
+    no sums of x in the prologue" and "Two and three rows on the narrow linears")."""
     if fmt not in FORMATS or n % ROWS or k % 128:
         return False
-    return 4 <= m <= 16 or (2 <= m <= 3 and n >= 3072 and k <= n)
+    return 4 <= m <= 16 or (2 <= m <= 3 and n >= 3072)
 
 
 def ring_stages(n: int, device: torch.device) -> int:
