@@ -13,7 +13,7 @@ broadcast of each step) is hidden and the GPU is the limit.
 
 docs/performance.md, v6 (probe and kernel profile):
   python bench/decode_profile.py --config 8b --batch 1
-  python bench/decode_profile.py --config 8b --batch 16 --quant q4_0
+  python bench/decode_profile.py --config 8b --batch 16 --quant q4_0 --pdl off
   NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 bench/decode_profile.py --tp 2 --config 8b \\
       --batch 1
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -40,6 +41,7 @@ from bench.common import (  # noqa: E402
     print_table,
     sync,
 )
+from llm.backends.torch.kernels import pdl  # noqa: E402
 from llm.backends.torch.parallel.leader import LeaderBackend, follow  # noqa: E402
 from llm.backends.torch.parallel.mesh import Mesh  # noqa: E402
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
@@ -60,6 +62,17 @@ def step_fn(backend: TorchBackend, batch: int, position: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the flags; with --pdl off, run the whole profile with PDL reported unsupported
+    (every kernel then waits for its predecessor at launch, so the profiler's kernel times no
+    longer overlap)."""
+    args = _parse(argv)
+    if args.pdl == "on":
+        return _profile(args)
+    with mock.patch.object(pdl, "_supported", lambda device: False):
+        return _profile(args)
+
+
+def _parse(argv: list[str] | None):
     p = parser(__doc__)
     p.add_argument("--config", default="8b", help="one of: " + ", ".join(SHAPES))
     p.add_argument("--batch", type=int, default=1, help="decode batch size")
@@ -73,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15, help="largest kernels listed")
     p.add_argument("--quant", default="", help="weights in random planes of this GGUF format or "
                    "mix (bench/quant_decode.py's names: q4_0, q8_0, q4_k_m, ...); bf16 if empty")
-    args = p.parse_args(argv)
+    p.add_argument("--pdl", default="on", choices=["on", "off"],
+                   help="programmatic dependent launch; off: kernel times without overlap")
+    return p.parse_args(argv)
+
+
+def _profile(args) -> int:
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("decode_profile.py needs a CUDA GPU (--smoke checks the script on the CPU)")
     if args.smoke:  # each step runs Triton's interpreter on the CPU: a few suffice
