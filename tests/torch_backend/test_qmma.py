@@ -289,6 +289,7 @@ def test_the_rule() -> None:
     assert all(mma_rows(f, 4, 28672, 4096) for f in FORMATS)
     assert not mma_rows("bf16", 4, 28672, 4096) and not mma_rows("q2_k", 4, 28672, 4096)
     assert not mma_rows("q4_0", 4, 28672 + 16, 4096) and not mma_rows("q4_0", 4, 4096, 4096 + 32)
+    assert not mma_rows("q4_0", 4, 0, 4096) and not mma_rows("q4_0", 4, 4096, 0)
     assert [kernel_name("q4_0", m) for m in (1, 2, 8, 9, 16)] == [
         "q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m8", "q4_0_mma_m16", "q4_0_mma_m16"]
     assert kernel_name("q6_k", 4) == "q6_k_mma_m8"

@@ -55,7 +55,7 @@ def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     FORMATS, n a multiple of 32 and k of 128, and where it measured faster than `qgemv`'s Triton
     kernels on an H100: 4..16 rows; 2..3 where N >= 3,072 (docs/performance.md, "x read once:
     no sums of x in the prologue" and "Two and three rows on the narrow linears")."""
-    if fmt not in FORMATS or n % ROWS or k % 128:
+    if fmt not in FORMATS or n <= 0 or k <= 0 or n % ROWS or k % 128:
         return False
     return 4 <= m <= 16 or (2 <= m <= 3 and n >= 3072)
 
@@ -223,8 +223,9 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"qmma_matmul wants bf16 x [M, {k}], got {x.dtype} "
                          f"{tuple(x.shape)}")
-    if n % ROWS or k % 128:
-        raise ValueError(f"qmma_matmul needs N % {ROWS} == 0 and K % 128 == 0, got [{n}, {k}]")
+    if n <= 0 or k <= 0 or n % ROWS or k % 128:
+        raise ValueError(f"qmma_matmul needs N > 0, N % {ROWS} == 0, K > 0 and K % 128 == 0, "
+                         f"got [{n}, {k}]")
     if not 1 <= warps <= 8 or (stages is not None and stages < 2):
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
     if not planes_aligned(x, w):
