@@ -3,7 +3,8 @@
 For each format (any of qmma.FORMATS), linear shape of the configs (bench.common.SHAPES, or
 --linears of them) and row count of x: `auto` (what `qgemv` picks, the tensor-core kernel included
 where `mma_rows` says so), `triton` (qgemv's pick with that kernel left out) and the tensor-core
-kernel at each --warps and --stages (those whose shared memory fits), each checked against x @
+kernel at each --warps, --stages (those whose shared memory fits) and --splits along K (those
+with a quad of K for every warp of a split), each checked against x @
 dequantize(W).T in float64 (max relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs
 over copies of the weight > 4x the L2 (`bench.common.graph_us`). Last, per shape and rows, the best
 kernel variant against `triton`. The earlier designs (v1, v2, v4) and their H100 tables are in
@@ -54,6 +55,7 @@ def run(args) -> int:
     g = torch.Generator(device=device).manual_seed(0)
     rows, best = [], []
     limit = qmma._shared_limit(device.index)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     for name, fmt_name in [(c, f) for f in csv(args.formats) for c in csv(args.configs)]:
         for lin, (n, k) in linear_shapes(SHAPES[name]).items():
             if args.linears and lin not in csv(args.linears):
@@ -71,11 +73,15 @@ def run(args) -> int:
                             ("triton", lambda w, x=x: triton_only(x, w))]
                 rule = qmma.ring_stages(n, device)
                 stages = [rule if st == "rule" else int(st) for st in csv(args.stages)]
-                variants += [(f"mma w{v} st{st}",
-                              lambda w, x=x, v=v, st=st: qmma.qmma_matmul(x, w, warps=v,
-                                                                              stages=st))
+                variants += [(f"mma w{v} st{st} sp{sp}",
+                              lambda w, x=x, v=v, st=st, sp=sp: qmma.qmma_matmul(
+                                  x, w, warps=v, stages=st, splits=sp))
                              for v in csv(args.warps, int) for st in dict.fromkeys(stages)
-                             if qmma.shared_bytes(fmt_name, m, v, st) <= limit]
+                             for sp in dict.fromkeys(
+                                 qmma.k_splits(n, k, sms, v) if sp == "rule" else int(sp)
+                                 for sp in csv(args.splits))
+                             if qmma.shared_bytes(fmt_name, m, v, st) <= limit
+                             and sp <= k // 128 // v]
                 times = {}
                 for label, call in variants:
                     out = call(w0)
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warps", default="8", help="comma list of warps a CTA (1..8)")
     p.add_argument("--stages", default="rule", help="comma list of a warp's ring stages (>= 2) "
                    "or 'rule' (qmma.ring_stages: the engine's)")
+    p.add_argument("--splits", default="rule", help="comma list of CTAs along K (>= 1) or "
+                   "'rule' (qmma.k_splits: the engine's)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the kernel needs a CUDA GPU (tests/torch_backend/test_qmma.py "
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--warps: 1..8 warps a CTA")
     if any(v != "rule" and (not v.isdigit() or int(v) < 2) for v in csv(args.stages)):
         raise SystemExit("--stages: 'rule' or at least 2")
+    if any(v != "rule" and (not v.isdigit() or int(v) < 1) for v in csv(args.splits)):
+        raise SystemExit("--splits: 'rule' or at least 1")
     if any(f not in qmma.FORMATS for f in csv(args.formats)):
         raise SystemExit(f"--formats: comma list of {', '.join(qmma.FORMATS)}")
     if any(not 1 <= v <= 16 for v in csv(args.batches, int)):

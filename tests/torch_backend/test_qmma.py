@@ -302,6 +302,16 @@ def test_the_rule() -> None:
     assert src.endswith("KERNEL(q6_k_mma_m16, Q6_K, 2, 0)\n")
 
 
+def test_splits_along_k() -> None:
+    """On a 132-SM GPU: 8B o / down (128 CTAs) 2 splits, 1B o 2 (K = 2,048: 16 quads, 8 a
+    split), 1B down 4, qkv of 8B (192 CTAs) and gate_up, the LM head 1; never a split without a
+    quad for each warp."""
+    assert [qmma.k_splits(n, k, 132) for n, k in (
+        (4096, 4096), (4096, 14336), (2048, 2048), (2048, 8192), (6144, 4096), (28672, 4096),
+        (128256, 4096), (3072, 2048))] == [2, 2, 2, 4, 1, 1, 1, 2]
+    assert qmma.k_splits(64, 384, 132) == 1 and qmma.k_splits(64, 1024, 132, warps=4) == 2
+
+
 def test_shared_memory_of_a_launch() -> None:
     """The warps' partials (float32, rows of x padded to 1, 8 or 16), then the warps' rings: 8
     warps of 4 stages ~98 KB in Q4_0 at 8 rows, ~164 KB in Q8_0, within an H100's 227 KB;
@@ -330,6 +340,9 @@ def test_refusals_name_what_is_wrong() -> None:
         qmma_matmul(x, random_quantized("q4_0", 48, 256, g, "cpu"))
     with pytest.raises(ValueError, match="warps must be 1..8"):
         qmma_matmul(x, w, warps=9)
+    with pytest.raises(ValueError, match=r"splits must be 1..2 .* K = 2048 and 8 warps, got 3"):
+        qmma_matmul(torch.zeros(4, 2048, dtype=torch.bfloat16),
+                    random_quantized("q4_0", 64, 2048, g, "cpu"), splits=3)
     unaligned = torch.empty(4 * 256 + 1, dtype=torch.bfloat16)[1:].view(4, 256)
     with pytest.raises(ValueError, match="aligned"):
         qmma_matmul(unaligned, w)
@@ -368,6 +381,38 @@ def test_cuda_kernel_matches_the_dequantized_matmul(m: int, fmt: str, n: int, k:
     _close_to_dequantized(y, x, w)
     assert torch.equal(qmma_matmul(x, w, pdl=True), y) and torch.equal(qmma_matmul(x, w), y)
     _close_to_dequantized(qmma_matmul(x, w, warps=4, stages=2), x, w)
+
+
+@GPU
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0", "q5_1"])
+def test_cuda_split_k(m: int, fmt: str) -> None:
+    """1..4 CTAs along K (the 8B down shape): each close to the dequantized matmul, the same
+    bits call after call and with PDL on or off (the splits add in split order, whichever CTA
+    comes last), the tile counters all zero after every launch, and a graph replayed with new x
+    equal to the eager launch."""
+    from llm.backends.torch.kernels.splitk import tile_counters
+
+    g = torch.Generator().manual_seed(m * 5 + len(fmt))
+    w = random_quantized(fmt, 4096, 14336, g)
+    x = (torch.randn(m, 14336, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
+    for splits in (1, 2, 3, 4):
+        y = qmma_matmul(x, w, splits=splits)
+        _close_to_dequantized(y, x, w)
+        for _ in range(3):
+            assert torch.equal(qmma_matmul(x, w, splits=splits, pdl=False), y)
+            assert torch.equal(qmma_matmul(x, w, splits=splits, pdl=True), y)
+        torch.cuda.synchronize()
+        assert not tile_counters(x.device, 128).any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = qmma_matmul(x, w, splits=3)
+    for _ in range(3):
+        x.copy_((torch.randn(m, 14336, generator=g) * 0.5).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        assert torch.equal(y, qmma_matmul(x, w, splits=3))
+    torch.cuda.synchronize()
+    assert not tile_counters(x.device, 128).any()
 
 
 @GPU

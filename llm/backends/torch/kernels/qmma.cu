@@ -31,8 +31,11 @@
 // Each warp streams its quads' codes, high bits and scales into its own ring of STAGES shared-
 // memory buffers by cp.async (16-byte copies; the scales 8 or 4 bytes) and reads its words from
 // there (rows padded: no bank conflicts). The warps' sums meet in shared memory in warp order:
-// the result does not depend on timing. With PDL the first quads' copies start before the kernel
-// before it has finished.
+// the result does not depend on timing. Split-K (gridDim.y = S > 1, for grids smaller than the
+// GPU): CTA (i, s) takes the s-th of S ranges of K's quads; each writes its float32 sum to part
+// [S][M][N] and counts itself in cnt[i] (zero before the launch); the last to arrive adds the S
+// sums in split order, writes y and sets cnt[i] to 0 again. With PDL the first quads' copies
+// start before the kernel before it has finished.
 template <unsigned BASE>  // bytes 0, 1 of w -> bf16x2 BASE:byte (0x43: 128 + b, 0x45: 16 (128 + b))
 __device__ __forceinline__ unsigned lo2(unsigned w) {
   unsigned d; asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
@@ -271,7 +274,7 @@ __device__ __forceinline__ void qmma(
     const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1,
     const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3,
     const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq,
-    int ldh, int ld1, int ld2, int ldx, int ldy) {
+    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, int* __restrict__ cnt) {
   extern __shared__ __align__(16) float smem[];  // the warps' partials [W][32][8 * NT] (ONE:
   // [W][32][1]), then from `ring`: [W][STAGES][stage_bytes]
   constexpr int STAGE = stage_bytes(F);
@@ -279,7 +282,10 @@ __device__ __forceinline__ void qmma(
   const int Q = K >> 7;
   const int MP = ONE ? 1 : 8 * NT;
   const int gq = lane >> 2, t = lane & 3;
-  const int q_lo = Q * warp / W, q_hi = Q * (warp + 1) / W, n = q_hi - q_lo;
+  // split-K: CTA (blockIdx.x, split) takes quads [s_lo, s_hi) of K, its warps a share each
+  const int S = gridDim.y, split = blockIdx.y;
+  const int s_lo = Q * split / S, SQ = Q * (split + 1) / S - s_lo;
+  const int q_lo = s_lo + SQ * warp / W, q_hi = s_lo + SQ * (warp + 1) / W, n = q_hi - q_lo;
   const int SX = (4 * W * 32 * MP + 15) & ~15;
   unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
@@ -355,22 +361,44 @@ __device__ __forceinline__ void qmma(
       }
     }
   __syncthreads();
+  const size_t N = (size_t)gridDim.x * 32, col0 = (size_t)blockIdx.x * 32;
+  if (S > 1) {  // this split's sum to part [S][M][N], then the last CTA of the 32 rows adds up
+    for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
+      const int row = i / MP, m = i - row * MP;
+      if (m >= M) continue;
+      float s = 0.f;
+      for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+      part[((size_t)split * M + m) * N + col0 + row] = s;
+    }
+    __threadfence();  // this CTA's partials are visible before its arrival below
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == S - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // ... and the other CTAs' before the reads below
+  }
   for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
     const int row = i / MP, m = i - row * MP;
     if (m >= M) continue;
     float s = 0.f;
-    for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+    if (S == 1) {
+      for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+    } else {  // in split order, whichever CTA came last: the sum does not depend on timing
+      for (int sp = 0; sp < S; ++sp) s += __ldcg(part + ((size_t)sp * M + m) * N + col0 + row);
+    }
     const unsigned u = __float_as_uint(s);
-    y[(size_t)m * ldy + blockIdx.x * 32 + row] =
+    y[(size_t)m * ldy + col0 + row] =
         (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
   }
+  if (S > 1 && threadIdx.x == 0) cnt[blockIdx.x] = 0;  // zero again for the next launch
 }
 #define ARGS const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs, \
     const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1, \
     const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3, \
     const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq, \
-    int ldh, int ld1, int ld2, int ldx, int ldy
-#define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy
+    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, int* __restrict__ cnt
+#define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy, part, cnt
 // kernels/qmma.py appends the line for the kernel it compiles, e.g. KERNEL(q6_k_mma_m8, Q6_K, 1, 0)
 #define KERNEL(name, F, NT, ONE) \
   extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { qmma<F, NT, ONE>(PASS); }

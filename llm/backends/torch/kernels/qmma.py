@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from llm.backends.torch.kernels.pdl import use_pdl
+from llm.backends.torch.kernels.splitk import tile_counters
 from llm.model.quant.tensor import QuantizedTensor
 
 SOURCE = Path(__file__).with_name("qmma.cu")
@@ -67,6 +68,15 @@ def ring_stages(n: int, device: torch.device) -> int:
     docs/performance.md, "Every GGUF block format through the tensor-core kernel"."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return STAGES_WIDE if n // ROWS > sms else STAGES
+
+
+def k_splits(n: int, k: int, sms: int, warps: int = WARPS) -> int:
+    """CTAs along K for a weight of n rows and k columns on a GPU of `sms` SMs: as many as bring
+    the n / 32 CTAs to about two a SM (at most 4), while every warp of a split keeps at least one
+    quad of K; 1 where the grid already fills the GPU. Predicted from the H100's per-shape times
+    (the one-wave down and o projections, 8 warps a SM), not yet measured: docs/performance.md,
+    "Split-K for the grids smaller than the GPU"."""
+    return max(1, min(4, 2 * sms // (n // ROWS), k // 128 // warps))
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
@@ -213,10 +223,13 @@ def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, i
 
 
 def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
-                warps: int = WARPS, stages: int | None = None) -> torch.Tensor:
+                warps: int = WARPS, stages: int | None = None,
+                splits: int | None = None) -> torch.Tensor:
     """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
-    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA and `stages` >= 2 a warp's ring
-    (default `ring_stages`) are for benchmarks). Launched with PDL where `use_pdl`."""
+    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA, `stages` >= 2 a warp's ring
+    (default `ring_stages`) and `splits` 1..K / 128 / warps CTAs along K (default `k_splits`;
+    their float32 sums added in split order, kernels/splitk.py's counters) are for benchmarks).
+    Launched with PDL where `use_pdl`."""
     n, k = w.shape
     m = x.shape[0]
     name = kernel_name(w.format, m) if x.dim() == 2 else ""
@@ -228,6 +241,9 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                          f"got [{n}, {k}]")
     if not 1 <= warps <= 8 or (stages is not None and stages < 2):
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
+    if splits is not None and not 1 <= splits <= k // 128 // warps:
+        raise ValueError(f"splits must be 1..{k // 128 // warps} (a quad of K a warp of each "
+                         f"split) for K = {k} and {warps} warps, got {splits}")
     if not planes_aligned(x, w):
         raise ValueError("qmma_matmul needs x, qs and qh 16-byte aligned (rows too), the scales "
                          "aligned to their loads (planes_aligned)")
@@ -235,6 +251,9 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
         raise ValueError(f"qmma_matmul runs on one CUDA GPU: x is on {x.device}, the weight "
                          f"on {w.planes['qs'].device}")
     stages = ring_stages(n, x.device) if stages is None else stages
+    if splits is None:
+        splits = k_splits(n, k, torch.cuda.get_device_properties(x.device).multi_processor_count,
+                          warps)
     smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
         raise ValueError(f"qmma_matmul of {w.format} at {m} rows with {warps} warps and "
@@ -246,12 +265,15 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     qs = w.planes["qs"]
     planes, ldh, ld1, ld2 = _kernel_planes(w)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    part = torch.empty(splits if splits > 1 else 0, m, n, dtype=torch.float32, device=x.device)
+    cnt = tile_counters(x.device, n // ROWS)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
     args += [ctypes.c_int(v) for v in (m, k, qs.stride(0), ldh, ld1, ld2, x.stride(0), n)]
+    args += [ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr())]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", (ctypes.c_uint64 * 8)(1))  # allowed = 1
     gdc = use_pdl(x, pdl)
-    config = _LaunchConfig((n // ROWS, 1, 1), (32 * warps, 1, 1), smem,
+    config = _LaunchConfig((n // ROWS, splits, 1), (32 * warps, 1, 1), smem,
                            torch.cuda.current_stream(x.device).cuda_stream,
                            ctypes.pointer(attr) if gdc else None, 1 if gdc else 0)
     with torch.cuda.device(x.device):  # the launch runs in the current context: x's GPU's
