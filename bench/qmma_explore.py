@@ -71,7 +71,7 @@ def run(args) -> int:
                 ref = x.double() @ wd.T
                 variants = [("auto", lambda w, x=x: qgemv.qgemv(x, w)),
                             ("triton", lambda w, x=x: triton_only(x, w))]
-                rule = qmma.ring_stages(n, device)
+                rule = qmma.ring_stages(n, device, qmma.k_splits(n, k, sms))
                 stages = [rule if st == "rule" else int(st) for st in csv(args.stages)]
                 variants += [(f"mma w{v} st{st} sp{sp}",
                               lambda w, x=x, v=v, st=st, sp=sp: qmma.qmma_matmul(
@@ -81,7 +81,7 @@ def run(args) -> int:
                                  qmma.k_splits(n, k, sms, v) if sp == "rule" else int(sp)
                                  for sp in csv(args.splits))
                              if qmma.shared_bytes(fmt_name, m, v, st) <= limit
-                             and sp <= k // 128 // v]
+                             and sp <= max(1, k // 128 // v)]
                 times = {}
                 for label, call in variants:
                     out = call(w0)

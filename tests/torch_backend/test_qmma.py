@@ -348,6 +348,8 @@ def test_refusals_name_what_is_wrong() -> None:
         qmma_matmul(unaligned, w)
     with pytest.raises(ValueError, match="runs on one CUDA GPU: x is on cpu"):
         qmma_matmul(x, w)
+    with pytest.raises(ValueError, match="runs on one CUDA GPU"):  # K = 256: no split, but 1
+        qmma_matmul(x, w, splits=1)
 
 
 GPU = pytest.mark.skipif(

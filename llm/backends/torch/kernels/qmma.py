@@ -61,13 +61,14 @@ def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     return 4 <= m <= 16 or (2 <= m <= 3 and n >= 3072)
 
 
-def ring_stages(n: int, device: torch.device) -> int:
-    """A warp's ring depth for a weight of n rows: 2 where its n / 32 CTAs outnumber the GPU's
-    SMs (two CTAs a SM can then run side by side where their shared memory fits, which 4 stages
-    of Q6_K or Q8_0 never do), else 4 (one CTA a SM, a deeper ring). Measured on an H100,
-    docs/performance.md, "Every GGUF block format through the tensor-core kernel"."""
+def ring_stages(n: int, device: torch.device, splits: int = 1) -> int:
+    """A warp's ring depth for a weight of n rows launched with `splits` CTAs along K: 2 where
+    its n / 32 * splits CTAs outnumber the GPU's SMs (two CTAs a SM can then run side by side
+    where their shared memory fits, which 4 stages of Q6_K or Q8_0 never do), else 4 (one CTA a
+    SM, a deeper ring). Measured on an H100 without splits, docs/performance.md, "Every GGUF
+    block format through the tensor-core kernel"."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return STAGES_WIDE if n // ROWS > sms else STAGES
+    return STAGES_WIDE if n // ROWS * splits > sms else STAGES
 
 
 def k_splits(n: int, k: int, sms: int, warps: int = WARPS) -> int:
@@ -76,7 +77,7 @@ def k_splits(n: int, k: int, sms: int, warps: int = WARPS) -> int:
     quad of K; 1 where the grid already fills the GPU. Predicted from the H100's per-shape times
     (the one-wave down and o projections, 8 warps a SM), not yet measured: docs/performance.md,
     "Split-K for the grids smaller than the GPU"."""
-    return max(1, min(4, 2 * sms // (n // ROWS), k // 128 // warps))
+    return max(1, min(4, 2 * sms // max(1, n // ROWS), k // 128 // warps))
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
@@ -185,7 +186,8 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
-    stages = ring_stages(n, x.device)
+    splits = k_splits(n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    stages = ring_stages(n, x.device, splits)
     if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
         return False
     if pdl and not use_pdl(x, None):
@@ -241,19 +243,20 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                          f"got [{n}, {k}]")
     if not 1 <= warps <= 8 or (stages is not None and stages < 2):
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
-    if splits is not None and not 1 <= splits <= k // 128 // warps:
-        raise ValueError(f"splits must be 1..{k // 128 // warps} (a quad of K a warp of each "
-                         f"split) for K = {k} and {warps} warps, got {splits}")
+    most = max(1, k // 128 // warps)
+    if splits is not None and not 1 <= splits <= most:
+        raise ValueError(f"splits must be 1..{most} (a quad of K a warp of each split) for K = "
+                         f"{k} and {warps} warps, got {splits}")
     if not planes_aligned(x, w):
         raise ValueError("qmma_matmul needs x, qs and qh 16-byte aligned (rows too), the scales "
                          "aligned to their loads (planes_aligned)")
     if x.device.type != "cuda" or w.planes["qs"].device != x.device:
         raise ValueError(f"qmma_matmul runs on one CUDA GPU: x is on {x.device}, the weight "
                          f"on {w.planes['qs'].device}")
-    stages = ring_stages(n, x.device) if stages is None else stages
     if splits is None:
         splits = k_splits(n, k, torch.cuda.get_device_properties(x.device).multi_processor_count,
                           warps)
+    stages = ring_stages(n, x.device, splits) if stages is None else stages
     smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
         raise ValueError(f"qmma_matmul of {w.format} at {m} rows with {warps} warps and "
