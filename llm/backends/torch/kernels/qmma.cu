@@ -340,8 +340,7 @@ __device__ __forceinline__ void qmma(
     write = write + 1 == STAGES ? 0 : write + 1;
   }
   cp_wait<0>();
-  __syncthreads();
-  float* wp = smem;  // [W][32 rows][MP]
+  float* wp = smem;  // [W][32 rows][MP]: each warp its own rows (not the rings: no barrier here)
 #pragma unroll
   for (int b = 0; b < 2; ++b)
 #pragma unroll
