@@ -71,15 +71,15 @@ def run(args) -> int:
                 ref = x.double() @ wd.T
                 variants = [("auto", lambda w, x=x: qgemv.qgemv(x, w)),
                             ("triton", lambda w, x=x: triton_only(x, w))]
-                rule = qmma.ring_stages(n, device, qmma.k_splits(n, k, sms))
-                stages = [rule if st == "rule" else int(st) for st in csv(args.stages)]
+                combos = [(v, sp, qmma.ring_stages(n, device, sp) if st == "rule" else int(st))
+                          for v in csv(args.warps, int)
+                          for sp in dict.fromkeys(qmma.k_splits(m, n, k, sms, v) if sp == "rule"
+                                                  else int(sp) for sp in csv(args.splits))
+                          for st in csv(args.stages)]
                 variants += [(f"mma w{v} st{st} sp{sp}",
                               lambda w, x=x, v=v, st=st, sp=sp: qmma.qmma_matmul(
                                   x, w, warps=v, stages=st, splits=sp))
-                             for v in csv(args.warps, int) for st in dict.fromkeys(stages)
-                             for sp in dict.fromkeys(
-                                 qmma.k_splits(n, k, sms, v) if sp == "rule" else int(sp)
-                                 for sp in csv(args.splits))
+                             for v, sp, st in dict.fromkeys(combos)
                              if qmma.shared_bytes(fmt_name, m, v, st) <= limit
                              and sp <= max(1, k // 128 // v)]
                 times = {}

@@ -451,6 +451,27 @@ def triton_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float
     return rows
 
 
+def split_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--split-rows: decode again with the tensor-core kernel's split-K (`qmma.k_splits`) only
+    from each of these rows of x (17: never, the ring depth then `ring_stages` without splits),
+    graphs captured again, then the rule restored: the A/B of split-K in one process."""
+    from llm.backends.torch.kernels import qmma
+
+    if not args.split_rows or backend.graphs is None:
+        return []
+    rule, rows = qmma.k_splits, []
+    for least in csv(args.split_rows, int):
+        qmma.k_splits = lambda m, *a, least=least, **k: rule(m, *a, **k) if m >= least else 1
+        try:
+            backend.graphs.capture()
+            rows += decode_rows(backend, name, fmt_name, args, bw,
+                                f"split-K from {least} rows" if least <= 16 else "no split-K")
+        finally:
+            qmma.k_splits = rule
+    backend.graphs.capture()
+    return rows
+
+
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
     """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
     from pathlib import Path
@@ -510,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton-too", action="store_true",
                    help="decode again with the CUDA tensor-core kernel (kernels/qmma.py) off, "
                    "for the formats and mixes it takes (A/B)")
+    p.add_argument("--split-rows", default="",
+                   help="comma list of rows of x: decode again with the tensor-core kernel's "
+                        "split-K only from that many rows (17: never), an A/B of split-K")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -534,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += tc_config_rows(backend, name, fmt_name, args, bw)
                 rows += v1_rows(backend, name, fmt_name, args, bw)
                 rows += triton_rows(backend, name, fmt_name, args, bw)
+                rows += split_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":

@@ -303,13 +303,16 @@ def test_the_rule() -> None:
 
 
 def test_splits_along_k() -> None:
-    """On a 132-SM GPU: 8B o / down (128 CTAs) 2 splits, 1B o 2 (K = 2,048: 16 quads, 8 a
-    split), 1B down 4, qkv of 8B (192 CTAs) and gate_up, the LM head 1; never a split without a
-    quad for each warp."""
-    assert [qmma.k_splits(n, k, 132) for n, k in (
-        (4096, 4096), (4096, 14336), (2048, 2048), (2048, 8192), (6144, 4096), (28672, 4096),
-        (128256, 4096), (3072, 2048))] == [2, 2, 2, 4, 1, 1, 1, 2]
-    assert qmma.k_splits(64, 384, 132) == 1 and qmma.k_splits(64, 1024, 132, warps=4) == 2
+    """On a 132-SM GPU only the down projections split: 8B (128 CTAs) in 2, 1B (64 CTAs) in 4;
+    o and QKV (K < 2 N), gate_up and the LM head never; never a split without two quads of K for
+    each warp; the rows of x do not change the count."""
+    shapes = ((4096, 4096), (4096, 14336), (2048, 2048), (2048, 8192), (6144, 4096),
+              (28672, 4096), (128256, 4096), (3072, 2048))
+    for m in (2, 16):
+        assert [qmma.k_splits(m, n, k, 132) for n, k in shapes] == [1, 2, 1, 4, 1, 1, 1, 1]
+    assert qmma.k_splits(16, 64, 4096, 132, warps=4) == 4
+    assert qmma.k_splits(16, 64, 1024, 132, warps=4) == 1
+    assert qmma.k_splits(16, 64, 2048, 132, warps=4) == 2
 
 
 def test_shared_memory_of_a_launch() -> None:

@@ -71,13 +71,17 @@ def ring_stages(n: int, device: torch.device, splits: int = 1) -> int:
     return STAGES_WIDE if n // ROWS * splits > sms else STAGES
 
 
-def k_splits(n: int, k: int, sms: int, warps: int = WARPS) -> int:
-    """CTAs along K for a weight of n rows and k columns on a GPU of `sms` SMs: as many as bring
-    the n / 32 CTAs to about two a SM (at most 4), while every warp of a split keeps at least one
-    quad of K; 1 where the grid already fills the GPU. Predicted from the H100's per-shape times
-    (the one-wave down and o projections, 8 warps a SM), not yet measured: docs/performance.md,
-    "Split-K for the grids smaller than the GPU"."""
-    return max(1, min(4, 2 * sms // max(1, n // ROWS), k // 128 // warps))
+def k_splits(m: int, n: int, k: int, sms: int, warps: int = WARPS) -> int:
+    """CTAs along K for x of m rows and a weight of n rows and k columns on a GPU of `sms` SMs.
+    Only where K is at least twice N (the down projections: a long K loop a CTA, a grid of
+    n / 32 CTAs near one wave): as many as bring the grid to about two CTAs a SM, at most 4,
+    every warp of a split keeping at least two quads of K. 1 elsewhere: the o and QKV projections
+    lose 0.5-2 us a call to the partials' round trip (H100, docs/performance.md, "Split-K for the
+    grids smaller than the GPU"). `m` is not used by the rule; benchmarks try rules that use it."""
+    del m
+    if k < 2 * n:
+        return 1
+    return max(1, min(4, 2 * sms // max(1, n // ROWS), k // 256 // warps))
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
@@ -186,7 +190,8 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
-    splits = k_splits(n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    splits = k_splits(x.shape[0], n, k,
+                      torch.cuda.get_device_properties(x.device).multi_processor_count)
     stages = ring_stages(n, x.device, splits)
     if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
         return False
@@ -254,8 +259,8 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
         raise ValueError(f"qmma_matmul runs on one CUDA GPU: x is on {x.device}, the weight "
                          f"on {w.planes['qs'].device}")
     if splits is None:
-        splits = k_splits(n, k, torch.cuda.get_device_properties(x.device).multi_processor_count,
-                          warps)
+        splits = k_splits(m, n, k,
+                          torch.cuda.get_device_properties(x.device).multi_processor_count, warps)
     stages = ring_stages(n, x.device, splits) if stages is None else stages
     smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
