@@ -82,16 +82,20 @@ def run(args) -> int:
                              for v, sp, st in dict.fromkeys(combos)
                              if qmma.shared_bytes(fmt_name, m, v, st) <= limit
                              and sp <= max(1, k // 128 // v)]
+                if args.x_one_row and m > 1:  # every row of x the same memory (stride 0)
+                    xs = x[:1].expand(m, k)
+                    variants.append(("rule, x one row", lambda w, xs=xs: qmma.qmma_matmul(xs, w)))
                 times = {}
                 for label, call in variants:
                     out = call(w0)
-                    err = float((out.double() - ref).abs().max() / ref.abs().max())
+                    want = ref[:1].expand(m, n) if label.endswith("x one row") else ref
+                    err = float((out.double() - want).abs().max() / want.abs().max())
                     us = graph_us([lambda w=w, call=call: call(w) for w in ws], device)
                     times[label] = us
                     rows.append([f"{name} {fmt_name}", lin, f"{n}x{k}", m, label, fmt(us, 1),
                                  fmt(100 * w0.nbytes / (us * 1e-6) / bw, 0), f"{err:.1e}"])
                     print(rows[-1], flush=True)
-                fits = [(t, lb) for lb, t in times.items() if lb.startswith("mma")]
+                fits = [(t, lb) for lb, t in times.items() if lb.startswith("mma ")]
                 if not fits:  # no variant's shared memory fits this GPU
                     continue
                 mma = min(fits)
@@ -122,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                    "or 'rule' (qmma.ring_stages: the engine's)")
     p.add_argument("--splits", default="rule", help="comma list of CTAs along K (>= 1) or "
                    "'rule' (qmma.k_splits: the engine's)")
+    p.add_argument("--x-one-row", action="store_true",
+                   help="also time the engine's rule with x's rows all one row of memory "
+                        "(stride 0): what the reads of x through the L2 cost the kernel")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the kernel needs a CUDA GPU (tests/torch_backend/test_qmma.py "
