@@ -3,7 +3,8 @@
 For each format (any of qmma.FORMATS), linear shape of the configs (bench.common.SHAPES, or
 --linears of them) and row count of x: `auto` (what `qgemv` picks, the tensor-core kernel included
 where `mma_rows` says so), `triton` (qgemv's pick with that kernel left out) and the tensor-core
-kernel at each --warps, --stages (those whose shared memory fits) and --splits along K (those
+kernel at each --warps, --halves (32-row halves a CTA), --stages (those whose shared memory fits)
+and --splits along K (those
 with a quad of K for every warp of a split), each checked against x @
 dequantize(W).T in float64 (max relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs
 over copies of the weight > 4x the L2 (`bench.common.graph_us`). Last, per shape and rows, the best
@@ -71,17 +72,22 @@ def run(args) -> int:
                 ref = x.double() @ wd.T
                 variants = [("auto", lambda w, x=x: qgemv.qgemv(x, w)),
                             ("triton", lambda w, x=x: triton_only(x, w))]
-                combos = [(v, sp, qmma.ring_stages(n, device, sp) if st == "rule" else int(st))
+                combos = [(v, h, sp, qmma.ring_stages(n, device, sp, h) if st == "rule"
+                           else int(st))
                           for v in csv(args.warps, int)
-                          for sp in dict.fromkeys(qmma.k_splits(m, n, k, sms, v) if sp == "rule"
-                                                  else int(sp) for sp in csv(args.splits))
+                          for h in dict.fromkeys(qmma.cta_halves(m, n, k) if h == "rule"
+                                                 else int(h) for h in csv(args.halves))
+                          if v % h == 0 and n % (qmma.ROWS * h) == 0
+                          for sp in dict.fromkeys(qmma.k_splits(m, n, k, sms, v, h)
+                                                  if sp == "rule" else int(sp)
+                                                  for sp in csv(args.splits))
                           for st in csv(args.stages)]
-                variants += [(f"mma w{v} st{st} sp{sp}",
-                              lambda w, x=x, v=v, st=st, sp=sp: qmma.qmma_matmul(
-                                  x, w, warps=v, stages=st, splits=sp))
-                             for v, sp, st in dict.fromkeys(combos)
+                variants += [(f"mma w{v} h{h} st{st} sp{sp}",
+                              lambda w, x=x, v=v, h=h, st=st, sp=sp: qmma.qmma_matmul(
+                                  x, w, warps=v, stages=st, splits=sp, halves=h))
+                             for v, h, sp, st in dict.fromkeys(combos)
                              if qmma.shared_bytes(fmt_name, m, v, st) <= limit
-                             and sp <= max(1, k // 128 // v)]
+                             and sp <= max(1, k // 128 // (v // h))]
                 if args.x_one_row and m > 1:  # every row of x the same memory (stride 0)
                     xs = x[:1].expand(m, k)
                     variants.append(("rule, x one row", lambda w, xs=xs: qmma.qmma_matmul(xs, w)))
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    "or 'rule' (qmma.ring_stages: the engine's)")
     p.add_argument("--splits", default="rule", help="comma list of CTAs along K (>= 1) or "
                    "'rule' (qmma.k_splits: the engine's)")
+    p.add_argument("--halves", default="rule", help="comma list of 32-row halves a CTA (1, 2) "
+                   "or 'rule' (qmma.cta_halves: the engine's)")
     p.add_argument("--x-one-row", action="store_true",
                    help="also time the engine's rule with x's rows all one row of memory "
                         "(stride 0): what the reads of x through the L2 cost the kernel")

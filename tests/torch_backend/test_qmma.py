@@ -343,9 +343,16 @@ def test_refusals_name_what_is_wrong() -> None:
         qmma_matmul(x, random_quantized("q4_0", 48, 256, g, "cpu"))
     with pytest.raises(ValueError, match="warps must be 1..8"):
         qmma_matmul(x, w, warps=9)
-    with pytest.raises(ValueError, match=r"splits must be 1..2 .* K = 2048 and 8 warps, got 3"):
-        qmma_matmul(torch.zeros(4, 2048, dtype=torch.bfloat16),
-                    random_quantized("q4_0", 64, 2048, g, "cpu"), splits=3)
+    x2k, w2k = torch.zeros(4, 2048, dtype=torch.bfloat16), random_quantized("q4_0", 64, 2048, g,
+                                                                          "cpu")
+    with pytest.raises(ValueError, match=r"splits must be 1..2 .*K = 2048, 8 warps and 1 halves"):
+        qmma_matmul(x2k, w2k, splits=3)
+    with pytest.raises(ValueError, match=r"splits must be 1..4 .*K = 2048, 8 warps and 2 halves"):
+        qmma_matmul(x2k, w2k, splits=5, halves=2)
+    with pytest.raises(ValueError, match=r"halves must be 1 or 2, dividing the warps \(5\)"):
+        qmma_matmul(x2k, w2k, warps=5, halves=2)
+    with pytest.raises(ValueError, match=r"N / 32 \(N = 32\), got 2"):
+        qmma_matmul(x2k, random_quantized("q4_0", 32, 2048, g, "cpu"), halves=2)
     unaligned = torch.empty(4 * 256 + 1, dtype=torch.bfloat16)[1:].view(4, 256)
     with pytest.raises(ValueError, match="aligned"):
         qmma_matmul(unaligned, w)
@@ -418,6 +425,27 @@ def test_cuda_split_k(m: int, fmt: str) -> None:
         assert torch.equal(y, qmma_matmul(x, w, splits=3))
     torch.cuda.synchronize()
     assert not tile_counters(x.device, 128).any()
+
+
+@GPU
+@pytest.mark.parametrize("m", [2, 9, 16])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0", "q5_1"])
+def test_cuda_two_halves(m: int, fmt: str) -> None:
+    """CTAs of 64 rows (two halves of 32, four warps each) with and without split-K, on a wide
+    shape (gate_up-like) and a tall one (down-like): each close to the dequantized matmul, the
+    same bits call after call, the tile counters zero afterwards."""
+    from llm.backends.torch.kernels.splitk import tile_counters
+
+    g = torch.Generator().manual_seed(m * 7 + len(fmt))
+    for n, k, splits in ((1024, 2048, 1), (512, 4096, 1), (512, 4096, 4)):
+        w = random_quantized(fmt, n, k, g)
+        x = (torch.randn(m, k, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
+        y = qmma_matmul(x, w, splits=splits, halves=2)
+        _close_to_dequantized(y, x, w)
+        for _ in range(3):
+            assert torch.equal(qmma_matmul(x, w, splits=splits, halves=2), y)
+        torch.cuda.synchronize()
+        assert not tile_counters(x.device, n // 32).any()
 
 
 @GPU

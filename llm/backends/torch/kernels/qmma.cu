@@ -34,8 +34,10 @@
 // the result does not depend on timing. Split-K (gridDim.y = S > 1, for grids smaller than the
 // GPU): CTA (i, s) takes the s-th of S ranges of K's quads; each writes its float32 sum to part
 // [S][M][N] and counts itself in cnt[i] (zero before the launch); the last to arrive adds the S
-// sums in split order, writes y and sets cnt[i] to 0 again. With PDL the first quads' copies
-// start before the kernel before it has finished.
+// sums in split order, writes y and sets cnt[i] to 0 again. A CTA covers H (1 or 2) halves of
+// 32 rows, W / H warps a half over the same K shares, so each share's x is read from the L2 once
+// for 32 H rows. With PDL the first quads' copies start before the kernel before it has
+// finished.
 template <unsigned BASE>  // bytes 0, 1 of w -> bf16x2 BASE:byte (0x43: 128 + b, 0x45: 16 (128 + b))
 __device__ __forceinline__ unsigned lo2(unsigned w) {
   unsigned d; asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
@@ -274,7 +276,8 @@ __device__ __forceinline__ void qmma(
     const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1,
     const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3,
     const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq,
-    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, int* __restrict__ cnt) {
+    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, int* __restrict__ cnt,
+    int H) {
   extern __shared__ __align__(16) float smem[];  // the warps' partials [W][32][8 * NT] (ONE:
   // [W][32][1]), then from `ring`: [W][STAGES][stage_bytes]
   constexpr int STAGE = stage_bytes(F);
@@ -282,14 +285,17 @@ __device__ __forceinline__ void qmma(
   const int Q = K >> 7;
   const int MP = ONE ? 1 : 8 * NT;
   const int gq = lane >> 2, t = lane & 3;
+  // H row halves of 32 a CTA, WK warps each: warp (half, kw) takes the half's 32 rows over the
+  // kw-th share of the split's quads; the halves' warps of one share read the same x (the L1)
+  const int WK = W / H, half = warp / WK, kw = warp - half * WK;
   // split-K: CTA (blockIdx.x, split) takes quads [s_lo, s_hi) of K, its warps a share each
   const int S = gridDim.y, split = blockIdx.y;
   const int s_lo = Q * split / S, SQ = Q * (split + 1) / S - s_lo;
-  const int q_lo = s_lo + SQ * warp / W, q_hi = s_lo + SQ * (warp + 1) / W, n = q_hi - q_lo;
+  const int q_lo = s_lo + SQ * kw / WK, q_hi = s_lo + SQ * (kw + 1) / WK, n = q_hi - q_lo;
   const int SX = (4 * W * 32 * MP + 15) & ~15;
   unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
-  const size_t r0 = (size_t)blockIdx.x * 32;
+  const size_t r0 = ((size_t)blockIdx.x * H + half) * 32;
   const Rows p = {qs + r0 * ldq, qh + r0 * ldh, p1 + r0 * ld1, p2 + r0 * ld1, (size_t)ldq,
                   (size_t)ldh, (size_t)ld1};
   const unsigned short* dk0 = p3 + (r0 + gq) * ld2;  // K-quants / Q6_K: row g's d
@@ -360,13 +366,14 @@ __device__ __forceinline__ void qmma(
       }
     }
   __syncthreads();
-  const size_t N = (size_t)gridDim.x * 32, col0 = (size_t)blockIdx.x * 32;
-  if (S > 1) {  // this split's sum to part [S][M][N], then the last CTA of the 32 rows adds up
-    for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
-      const int row = i / MP, m = i - row * MP;
+  const int CR = 32 * H;  // the CTA's rows: row r is row r % 32 of half r / 32's warps
+  const size_t N = (size_t)gridDim.x * CR, col0 = (size_t)blockIdx.x * CR;
+  if (S > 1) {  // this split's sum to part [S][M][N], then the last CTA of the CTA's rows adds up
+    for (int i = threadIdx.x; i < CR * MP; i += blockDim.x) {
+      const int row = i / MP, m = i - row * MP, w0 = (row >> 5) * WK, rr = row & 31;
       if (m >= M) continue;
       float s = 0.f;
-      for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+      for (int w = w0; w < w0 + WK; ++w) s += wp[(w * 32 + rr) * MP + m];
       part[((size_t)split * M + m) * N + col0 + row] = s;
     }
     __threadfence();  // this CTA's partials are visible before its arrival below
@@ -377,12 +384,12 @@ __device__ __forceinline__ void qmma(
     if (!last) return;
     __threadfence();  // ... and the other CTAs' before the reads below
   }
-  for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
-    const int row = i / MP, m = i - row * MP;
+  for (int i = threadIdx.x; i < CR * MP; i += blockDim.x) {
+    const int row = i / MP, m = i - row * MP, w0 = (row >> 5) * WK, rr = row & 31;
     if (m >= M) continue;
     float s = 0.f;
     if (S == 1) {
-      for (int w = 0; w < W; ++w) s += wp[(w * 32 + row) * MP + m];
+      for (int w = w0; w < w0 + WK; ++w) s += wp[(w * 32 + rr) * MP + m];
     } else {  // in split order, whichever CTA came last: the sum does not depend on timing
       for (int sp = 0; sp < S; ++sp) s += __ldcg(part + ((size_t)sp * M + m) * N + col0 + row);
     }
@@ -396,8 +403,9 @@ __device__ __forceinline__ void qmma(
     const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1, \
     const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3, \
     const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq, \
-    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, int* __restrict__ cnt
-#define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy, part, cnt
+    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, \
+    int* __restrict__ cnt, int H
+#define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy, part, cnt, H
 // kernels/qmma.py appends the line for the kernel it compiles, e.g. KERNEL(q6_k_mma_m8, Q6_K, 1, 0)
 #define KERNEL(name, F, NT, ONE) \
   extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { qmma<F, NT, ONE>(PASS); }

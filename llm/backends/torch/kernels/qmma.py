@@ -61,18 +61,19 @@ def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     return 4 <= m <= 16 or (2 <= m <= 3 and n >= 3072)
 
 
-def ring_stages(n: int, device: torch.device, splits: int = 1) -> int:
-    """A warp's ring depth for a weight of n rows launched with `splits` CTAs along K: 2 where
-    its n / 32 * splits CTAs outnumber the GPU's SMs (two CTAs a SM can then run side by side
-    where their shared memory fits, which 4 stages of Q6_K or Q8_0 never do), else 4 (one CTA a
-    SM, a deeper ring). Measured on an H100 without splits, docs/performance.md, "Every GGUF
-    block format through the tensor-core kernel"."""
+def ring_stages(n: int, device: torch.device, splits: int = 1, halves: int = 1) -> int:
+    """A warp's ring depth for a weight of n rows launched with `splits` CTAs along K and CTAs of
+    `halves` x 32 rows: 2 where its n / (32 halves) * splits CTAs outnumber the GPU's SMs (two
+    CTAs a SM can then run side by side where their shared memory fits, which 4 stages of Q6_K
+    or Q8_0 never do), else 4 (one CTA a SM, a deeper ring). Measured on an H100 without splits,
+    docs/performance.md, "Every GGUF block format through the tensor-core kernel"."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return STAGES_WIDE if n // ROWS * splits > sms else STAGES
+    return STAGES_WIDE if n // (ROWS * halves) * splits > sms else STAGES
 
 
-def k_splits(m: int, n: int, k: int, sms: int, warps: int = WARPS) -> int:
-    """CTAs along K for x of m rows and a weight of n rows and k columns on a GPU of `sms` SMs.
+def k_splits(m: int, n: int, k: int, sms: int, warps: int = WARPS, halves: int = 1) -> int:
+    """CTAs along K for x of m rows and a weight of n rows and k columns on a GPU of `sms` SMs,
+    CTAs of `halves` x 32 rows and `warps` warps.
     Only where K is at least twice N (the down projections: a long K loop a CTA, a grid of
     n / 32 CTAs near one wave): as many as bring the grid to about two CTAs a SM, at most 4,
     every warp of a split keeping at least two quads of K. 1 elsewhere: the o and QKV projections
@@ -81,7 +82,14 @@ def k_splits(m: int, n: int, k: int, sms: int, warps: int = WARPS) -> int:
     del m
     if k < 2 * n:
         return 1
-    return max(1, min(4, 2 * sms // max(1, n // ROWS), k // 256 // warps))
+    return max(1, min(4, 2 * sms // max(1, n // (ROWS * halves)), k // 256 // (warps // halves)))
+
+
+def cta_halves(m: int, n: int, k: int) -> int:
+    """Rows of a CTA in halves of 32 (1 or 2) for x of m rows and a [n, k] weight: 1 until
+    measured (docs/performance.md, "What x's reads cost the kernel at 8..16 rows")."""
+    del m, n, k
+    return 1
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
@@ -190,9 +198,13 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
+    halves = cta_halves(x.shape[0], n, k)
+    if n % (ROWS * halves):
+        return False
     splits = k_splits(x.shape[0], n, k,
-                      torch.cuda.get_device_properties(x.device).multi_processor_count)
-    stages = ring_stages(n, x.device, splits)
+                      torch.cuda.get_device_properties(x.device).multi_processor_count, WARPS,
+                      halves)
+    stages = ring_stages(n, x.device, splits, halves)
     if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
         return False
     if pdl and not use_pdl(x, None):
@@ -231,10 +243,11 @@ def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, i
 
 def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                 warps: int = WARPS, stages: int | None = None,
-                splits: int | None = None) -> torch.Tensor:
+                splits: int | None = None, halves: int | None = None) -> torch.Tensor:
     """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
-    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA, `stages` >= 2 a warp's ring
-    (default `ring_stages`) and `splits` 1..K / 128 / warps CTAs along K (default `k_splits`;
+    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA, `halves` 1 or 2 of 32 rows a CTA
+    (default `cta_halves`; the warps split between them), `stages` >= 2 a warp's ring (default
+    `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs along K (default `k_splits`;
     their float32 sums added in split order, kernels/splitk.py's counters) are for benchmarks).
     Launched with PDL where `use_pdl`."""
     n, k = w.shape
@@ -248,10 +261,14 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                          f"got [{n}, {k}]")
     if not 1 <= warps <= 8 or (stages is not None and stages < 2):
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
-    most = max(1, k // 128 // warps)
+    halves = cta_halves(m, n, k) if halves is None else halves
+    if halves not in (1, 2) or warps % halves or n % (ROWS * halves):
+        raise ValueError(f"halves must be 1 or 2, dividing the warps ({warps}) and N / {ROWS} "
+                         f"(N = {n}), got {halves}")
+    most = max(1, k // 128 // (warps // halves))
     if splits is not None and not 1 <= splits <= most:
         raise ValueError(f"splits must be 1..{most} (a quad of K a warp of each split) for K = "
-                         f"{k} and {warps} warps, got {splits}")
+                         f"{k}, {warps} warps and {halves} halves, got {splits}")
     if not planes_aligned(x, w):
         raise ValueError("qmma_matmul needs x, qs and qh 16-byte aligned (rows too), the scales "
                          "aligned to their loads (planes_aligned)")
@@ -260,8 +277,9 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                          f"on {w.planes['qs'].device}")
     if splits is None:
         splits = k_splits(m, n, k,
-                          torch.cuda.get_device_properties(x.device).multi_processor_count, warps)
-    stages = ring_stages(n, x.device, splits) if stages is None else stages
+                          torch.cuda.get_device_properties(x.device).multi_processor_count, warps,
+                          halves)
+    stages = ring_stages(n, x.device, splits, halves) if stages is None else stages
     smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
         raise ValueError(f"qmma_matmul of {w.format} at {m} rows with {warps} warps and "
@@ -277,11 +295,12 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     cnt = tile_counters(x.device, n // ROWS)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
     args += [ctypes.c_int(v) for v in (m, k, qs.stride(0), ldh, ld1, ld2, x.stride(0), n)]
-    args += [ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr())]
+    args += [ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr()),
+             ctypes.c_int(halves)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", (ctypes.c_uint64 * 8)(1))  # allowed = 1
     gdc = use_pdl(x, pdl)
-    config = _LaunchConfig((n // ROWS, splits, 1), (32 * warps, 1, 1), smem,
+    config = _LaunchConfig((n // (ROWS * halves), splits, 1), (32 * warps, 1, 1), smem,
                            torch.cuda.current_stream(x.device).cuda_stream,
                            ctypes.pointer(attr) if gdc else None, 1 if gdc else 0)
     with torch.cuda.device(x.device):  # the launch runs in the current context: x's GPU's
