@@ -4,8 +4,7 @@ For each format (any of qmma.FORMATS), linear shape of the configs (bench.common
 --linears of them) and row count of x: `auto` (what `qgemv` picks, the tensor-core kernel included
 where `mma_rows` says so), `triton` (qgemv's pick with that kernel left out) and the tensor-core
 kernel at each --warps, --halves (32-row halves a CTA), --stages (those whose shared memory fits)
-and --splits along K (those
-with a quad of K for every warp of a split), each checked against x @
+and --splits along K (those with a quad of K for every warp of a split), each checked against x @
 dequantize(W).T in float64 (max relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs
 over copies of the weight > 4x the L2 (`bench.common.graph_us`). Last, per shape and rows, the best
 kernel variant against `triton`. The earlier designs (v1, v2, v4) and their H100 tables are in
