@@ -74,7 +74,7 @@ def run(args) -> int:
                 combos = [(v, h, sp, qmma.ring_stages(n, device, sp, h) if st == "rule"
                            else int(st))
                           for v in csv(args.warps, int)
-                          for h in dict.fromkeys(qmma.cta_halves(m, n, k) if h == "rule"
+                          for h in dict.fromkeys(qmma.cta_halves(m, n, k, sms) if h == "rule"
                                                  else int(h) for h in csv(args.halves))
                           if v % h == 0 and n % (qmma.ROWS * h) == 0
                           for sp in dict.fromkeys(qmma.k_splits(m, n, k, sms, v, h)

@@ -472,6 +472,24 @@ def split_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float)
     return rows
 
 
+def one_half_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--one-half: decode again with the tensor-core kernel's CTAs of 32 rows only
+    (`qmma.cta_halves` 1), graphs captured again, then the rule restored."""
+    from llm.backends.torch.kernels import qmma
+
+    if not args.one_half or backend.graphs is None:
+        return []
+    rule = qmma.cta_halves
+    qmma.cta_halves = lambda *a, **k: 1
+    try:
+        backend.graphs.capture()
+        rows = decode_rows(backend, name, fmt_name, args, bw, "CTAs of 32 rows only")
+    finally:
+        qmma.cta_halves = rule
+    backend.graphs.capture()
+    return rows
+
+
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
     """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
     from pathlib import Path
@@ -534,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-rows", default="",
                    help="comma list of rows of x: decode again with the tensor-core kernel's "
                         "split-K only from that many rows (17: never), an A/B of split-K")
+    p.add_argument("--one-half", action="store_true",
+                   help="decode again with the tensor-core kernel's CTAs of 32 rows only "
+                        "(qmma.cta_halves 1), an A/B of the 64-row CTAs")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -559,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += v1_rows(backend, name, fmt_name, args, bw)
                 rows += triton_rows(backend, name, fmt_name, args, bw)
                 rows += split_rows(backend, name, fmt_name, args, bw)
+                rows += one_half_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":

@@ -315,6 +315,15 @@ def test_splits_along_k() -> None:
     assert qmma.k_splits(16, 64, 2048, 132, warps=4) == 2
 
 
+def test_cta_halves() -> None:
+    """On a 132-SM GPU CTAs of 64 rows only for the gate_up projections (8B 28,672 rows, 1B
+    16,384: about two 64-row CTAs a SM or more); qkv, o, down and smaller shapes keep 32."""
+    for m in (2, 16):
+        assert [qmma.cta_halves(m, n, k, 132) for n, k in (
+            (28672, 4096), (16384, 2048), (6144, 4096), (4096, 4096), (4096, 14336),
+            (2048, 8192), (3072, 2048), (15808, 2048))] == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
 def test_shared_memory_of_a_launch() -> None:
     """The warps' partials (float32, rows of x padded to 1, 8 or 16), then the warps' rings: 8
     warps of 4 stages ~98 KB in Q4_0 at 8 rows, ~164 KB in Q8_0, within an H100's 227 KB;

@@ -85,11 +85,15 @@ def k_splits(m: int, n: int, k: int, sms: int, warps: int = WARPS, halves: int =
     return max(1, min(4, 2 * sms // max(1, n // (ROWS * halves)), k // 256 // (warps // halves)))
 
 
-def cta_halves(m: int, n: int, k: int) -> int:
-    """Rows of a CTA in halves of 32 (1 or 2) for x of m rows and a [n, k] weight: 1 until
-    measured (docs/performance.md, "What x's reads cost the kernel at 8..16 rows")."""
-    del m, n, k
-    return 1
+def cta_halves(m: int, n: int, k: int, sms: int) -> int:
+    """Rows of a CTA in halves of 32 (1 or 2) for x of m rows and a [n, k] weight on a GPU of
+    `sms` SMs: 2 where the 64-row grid still gives about two CTAs a SM (n / 64 >= 2 sms less an
+    eighth: the gate_up projections), else 1. Two halves read x once for 64 rows; fewer CTAs
+    lose more on the narrower shapes (H100: 8B / 1B gate_up 2-13% faster, qkv and o 15-60%
+    slower; docs/performance.md, "What x's reads cost the kernel at 8..16 rows"). `m` and `k` are
+    not used by the rule."""
+    del m, k
+    return 2 if n // (2 * ROWS) >= 2 * sms - sms // 8 else 1
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
@@ -198,12 +202,11 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
-    halves = cta_halves(x.shape[0], n, k)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    halves = cta_halves(x.shape[0], n, k, sms)
     if n % (ROWS * halves):
         return False
-    splits = k_splits(x.shape[0], n, k,
-                      torch.cuda.get_device_properties(x.device).multi_processor_count, WARPS,
-                      halves)
+    splits = k_splits(x.shape[0], n, k, sms, WARPS, halves)
     stages = ring_stages(n, x.device, splits, halves)
     if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
         return False
@@ -261,7 +264,9 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                          f"got [{n}, {k}]")
     if not 1 <= warps <= 8 or (stages is not None and stages < 2):
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
-    halves = cta_halves(m, n, k) if halves is None else halves
+    cuda = x.device.type == "cuda"
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 0
+    halves = (cta_halves(m, n, k, sms) if cuda else 1) if halves is None else halves
     if halves not in (1, 2) or warps % halves or n % (ROWS * halves):
         raise ValueError(f"halves must be 1 or 2, dividing the warps ({warps}) and N / {ROWS} "
                          f"(N = {n}), got {halves}")
@@ -272,13 +277,11 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     if not planes_aligned(x, w):
         raise ValueError("qmma_matmul needs x, qs and qh 16-byte aligned (rows too), the scales "
                          "aligned to their loads (planes_aligned)")
-    if x.device.type != "cuda" or w.planes["qs"].device != x.device:
+    if not cuda or w.planes["qs"].device != x.device:
         raise ValueError(f"qmma_matmul runs on one CUDA GPU: x is on {x.device}, the weight "
                          f"on {w.planes['qs'].device}")
     if splits is None:
-        splits = k_splits(m, n, k,
-                          torch.cuda.get_device_properties(x.device).multi_processor_count, warps,
-                          halves)
+        splits = k_splits(m, n, k, sms, warps, halves)
     stages = ring_stages(n, x.device, splits, halves) if stages is None else stages
     smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
