@@ -7,6 +7,13 @@ from git on a machine with the history, e.g. the 4-bit kernel of dc5be81 that qm
       git show dc5be81:llm/backends/torch/kernels/$f > /tmp/oldk/$f; done
     python bench/qmma_vs_old.py --old /tmp/oldk --module q4_mma --formats q4_0,q4_k
 
+Against main's kernel of the same launch (one split, 32-row CTAs: the cost of the split-K and
+halves code itself), shapes and then decode steps alternated:
+
+    mkdir -p /tmp/mainq && for f in qmma.py qmma.cu; do
+      git show main:llm/backends/torch/kernels/$f > /tmp/mainq/$f; done
+    python bench/qmma_vs_old.py --old /tmp/mainq --module qmma --formats q4_0 --plain --decode
+
 Per format: each linear shape of the configs at --batches rows of x (default 2, 4 and 8), both
 kernels timed as CUDA graphs over copies of the weight larger than the L2 (and whether their bits
 agree); then, with --decode, whole decode steps (`bench/quant_decode.py`, 8B, the same batches)
@@ -16,6 +23,7 @@ with `qgemv` routed to the old kernel and to the new one, alternated --repeats t
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -40,8 +48,16 @@ def load_old(directory: str, module: str):
     return getattr(mod, f"{module}_runs"), getattr(mod, f"{module}_matmul")
 
 
+def new_matmul(args):
+    """The current kernel's launch: its rules, or with --plain one split along K and CTAs of 32
+    rows (the launch of the kernels before split-K and halves: their code's own cost)."""
+    return functools.partial(qmma.qmma_matmul, splits=1, halves=1) if args.plain else \
+        qmma.qmma_matmul
+
+
 def kernels(args, old_mm) -> None:
     """Both kernels per shape and rows of x."""
+    new_mm = new_matmul(args)
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     for fmt in csv(args.formats):
@@ -53,9 +69,9 @@ def kernels(args, old_mm) -> None:
                 ws = weight_copies(w0, l2_bytes(dev))
                 for m in csv(args.batches, int):
                     x = (torch.randn(m, k, device=dev, generator=g) * 0.5).to(torch.bfloat16)
-                    same = torch.equal(old_mm(x, w0), qmma.qmma_matmul(x, w0))
+                    same = torch.equal(old_mm(x, w0), new_mm(x, w0))
                     t_old = graph_us([lambda w=w, x=x: old_mm(x, w) for w in ws], dev)
-                    t_new = graph_us([lambda w=w, x=x: qmma.qmma_matmul(x, w) for w in ws], dev)
+                    t_new = graph_us([lambda w=w, x=x: new_mm(x, w) for w in ws], dev)
                     print(f"{fmt} {cfg} {lin:8s} rows {m}: old {t_old:7.1f} us, new {t_new:7.1f} "
                           f"us, new / old {t_new / t_old:.3f}, same bits {same}", flush=True)
                 del ws
@@ -65,7 +81,8 @@ def decode(args, old_runs, old_mm) -> None:
     """Decode steps with `qgemv` routed to each kernel, alternated."""
     new = qgemv.qmma_runs, qgemv.qmma_matmul
     for _ in range(args.repeats):
-        for label, (runs, mm) in (("old", (old_runs, old_mm)), ("new", new)):
+        for label, (runs, mm) in (("old", (old_runs, old_mm)),
+                                  ("new", (qgemv.qmma_runs, new_matmul(args)))):
             qgemv.qmma_runs, qgemv.qmma_matmul = runs, mm
             print(f"decode through the {label} kernel", flush=True)
             try:
@@ -85,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="2,4,8", help="comma list of rows of x (1..16)")
     p.add_argument("--decode", action="store_true", help="also whole decode steps (8B)")
     p.add_argument("--repeats", type=int, default=2, help="--decode: old / new alternations")
+    p.add_argument("--plain", action="store_true",
+                   help="the new kernel with one split and CTAs of 32 rows (splits=1, halves=1)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("both kernels need a CUDA GPU")
