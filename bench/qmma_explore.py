@@ -74,12 +74,12 @@ def run(args) -> int:
                 combos = [(v, h, sp, qmma.ring_stages(n, device, sp, h) if st == "rule"
                            else int(st))
                           for v in csv(args.warps, int)
-                          for h in dict.fromkeys(qmma.cta_halves(m, n, k, sms) if h == "rule"
-                                                 else int(h) for h in csv(args.halves))
+                          for h in dict.fromkeys(qmma.cta_halves(m, n, k, sms) if hv == "rule"
+                                                 else int(hv) for hv in csv(args.halves))
                           if v % h == 0 and n % (qmma.ROWS * h) == 0
                           for sp in dict.fromkeys(qmma.k_splits(m, n, k, sms, v, h)
-                                                  if sp == "rule" else int(sp)
-                                                  for sp in csv(args.splits))
+                                                  if spv == "rule" else int(spv)
+                                                  for spv in csv(args.splits))
                           for st in csv(args.stages)]
                 variants += [(f"mma w{v} h{h} st{st} sp{sp}",
                               lambda w, x=x, v=v, h=h, st=st, sp=sp: qmma.qmma_matmul(
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("the kernel needs a CUDA GPU (tests/torch_backend/test_qmma.py "
                          "emulates its lanes on the CPU)")
+    if any(h != "rule" and h not in ("1", "2") for h in csv(args.halves)):
+        raise SystemExit("--halves: 1 or 2 halves of 32 rows a CTA, or 'rule'")
     if any(not 1 <= v <= 8 for v in csv(args.warps, int)):
         raise SystemExit("--warps: 1..8 warps a CTA")
     if any(v != "rule" and (not v.isdigit() or int(v) < 2) for v in csv(args.stages)):

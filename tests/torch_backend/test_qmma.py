@@ -317,11 +317,12 @@ def test_splits_along_k() -> None:
 
 def test_cta_halves() -> None:
     """On a 132-SM GPU CTAs of 64 rows only for the gate_up projections (8B 28,672 rows, 1B
-    16,384: about two 64-row CTAs a SM or more); qkv, o, down and smaller shapes keep 32."""
+    16,384: about two 64-row CTAs a SM or more); qkv, o, down, smaller shapes and N not a
+    multiple of 64 (15,904) keep 32."""
+    shapes = ((28672, 4096), (16384, 2048), (6144, 4096), (4096, 4096), (4096, 14336),
+              (2048, 8192), (3072, 2048), (15808, 2048), (15904, 2048))
     for m in (2, 16):
-        assert [qmma.cta_halves(m, n, k, 132) for n, k in (
-            (28672, 4096), (16384, 2048), (6144, 4096), (4096, 4096), (4096, 14336),
-            (2048, 8192), (3072, 2048), (15808, 2048))] == [2, 2, 1, 1, 1, 1, 1, 1]
+        assert [qmma.cta_halves(m, n, k, 132) for n, k in shapes] == [2, 2] + [1] * 7
 
 
 def test_shared_memory_of_a_launch() -> None:
@@ -352,8 +353,8 @@ def test_refusals_name_what_is_wrong() -> None:
         qmma_matmul(x, random_quantized("q4_0", 48, 256, g, "cpu"))
     with pytest.raises(ValueError, match="warps must be 1..8"):
         qmma_matmul(x, w, warps=9)
-    x2k, w2k = torch.zeros(4, 2048, dtype=torch.bfloat16), random_quantized("q4_0", 64, 2048, g,
-                                                                          "cpu")
+    x2k = torch.zeros(4, 2048, dtype=torch.bfloat16)
+    w2k = random_quantized("q4_0", 64, 2048, g, "cpu")
     with pytest.raises(ValueError, match=r"splits must be 1..2 .*K = 2048, 8 warps and 1 halves"):
         qmma_matmul(x2k, w2k, splits=3)
     with pytest.raises(ValueError, match=r"splits must be 1..4 .*K = 2048, 8 warps and 2 halves"):
@@ -441,12 +442,13 @@ def test_cuda_split_k(m: int, fmt: str) -> None:
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0", "q5_1"])
 def test_cuda_two_halves(m: int, fmt: str) -> None:
     """CTAs of 64 rows (two halves of 32, four warps each) with and without split-K, on a wide
-    shape (gate_up-like) and a tall one (down-like): each close to the dequantized matmul, the
-    same bits call after call, the tile counters zero afterwards."""
+    shape (gate_up-like), a tall one (down-like) and K of two quads (fewer than a half's warps):
+    each close to the dequantized matmul, the same bits call after call, the tile counters zero
+    afterwards."""
     from llm.backends.torch.kernels.splitk import tile_counters
 
     g = torch.Generator().manual_seed(m * 7 + len(fmt))
-    for n, k, splits in ((1024, 2048, 1), (512, 4096, 1), (512, 4096, 4)):
+    for n, k, splits in ((1024, 2048, 1), (512, 4096, 1), (512, 4096, 4), (128, 256, 1)):
         w = random_quantized(fmt, n, k, g)
         x = (torch.randn(m, k, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
         y = qmma_matmul(x, w, splits=splits, halves=2)

@@ -14,7 +14,8 @@
 // fp16; Q6_K p1 = scales [N, K/16] int8, p3 = d [N, K/256] fp16 (p1 / p2 row stride ld1 bytes,
 // p3 / p4 ld2 elements). y [M, N] bf16 (row stride ldy).
 //
-// A CTA takes 32 rows of w (two 16-row mma blocks); its W warps split K's quads of groups. Lane
+// A CTA takes 32 rows of w (two 16-row mma blocks; or two halves of 32, H = 2, each with half
+// the warps); its W warps (W / H a half) split K's quads of groups. Lane
 // (g, t) = (lane / 4, lane % 4) feeds rows g, g + 8 (+ 16, + 24) with columns 4t..4t+3 of a group
 // (first mma, k = 2t, 2t+1, 2t+8, 2t+9) and 16+4t..16+4t+3 (second mma): for the 4-bit planes
 // the low and high nibbles of word t, with the fifth / fifth-and-sixth bits or'ed in; for Q8_0
@@ -287,11 +288,17 @@ __device__ __forceinline__ void qmma(
   const int gq = lane >> 2, t = lane & 3;
   // H row halves of 32 a CTA, WK warps each: warp (half, kw) takes the half's 32 rows over the
   // kw-th share of the split's quads; the halves' warps of one share read the same x (the L1)
-  const int WK = W / H, half = warp / WK, kw = warp - half * WK;
-  // split-K: CTA (blockIdx.x, split) takes quads [s_lo, s_hi) of K, its warps a share each
+  // (H is 1 or 2, so no division here: the prologue stays as short as with one half)
+  const int WK = H == 2 ? W >> 1 : W, half = warp >= WK, kw = warp - half * WK;
+  // split-K: CTA (blockIdx.x, split) takes SQ quads of K from s_lo, its warps a share each
   const int S = gridDim.y, split = blockIdx.y;
-  const int s_lo = Q * split / S, SQ = Q * (split + 1) / S - s_lo;
-  const int q_lo = s_lo + SQ * kw / WK, q_hi = s_lo + SQ * (kw + 1) / WK, n = q_hi - q_lo;
+  int s_lo = 0, SQ = Q;
+  if (S > 1) {  // uniform: one division chain fewer where the launch has no split
+    s_lo = (unsigned)(Q * split) / S;
+    SQ = (unsigned)(Q * (split + 1)) / S - s_lo;
+  }
+  const int q_lo = s_lo + (unsigned)(SQ * kw) / WK;
+  const int q_hi = s_lo + (unsigned)(SQ * (kw + 1)) / WK, n = q_hi - q_lo;
   const int SX = (4 * W * 32 * MP + 15) & ~15;
   unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
@@ -366,37 +373,42 @@ __device__ __forceinline__ void qmma(
       }
     }
   __syncthreads();
-  const int CR = 32 * H;  // the CTA's rows: row r is row r % 32 of half r / 32's warps
-  const size_t N = (size_t)gridDim.x * CR, col0 = (size_t)blockIdx.x * CR;
+  // the CTA's row 32 h + r is row r of half h's warps (h * WK ..); loops of constant bounds
+  const size_t N = (size_t)gridDim.x * 32 * H, col0 = (size_t)blockIdx.x * 32 * H;
   if (S > 1) {  // this split's sum to part [S][M][N], then the last CTA of the CTA's rows adds up
-    for (int i = threadIdx.x; i < CR * MP; i += blockDim.x) {
-      const int row = i / MP, m = i - row * MP, w0 = (row >> 5) * WK, rr = row & 31;
-      if (m >= M) continue;
-      float s = 0.f;
-      for (int w = w0; w < w0 + WK; ++w) s += wp[(w * 32 + rr) * MP + m];
-      part[((size_t)split * M + m) * N + col0 + row] = s;
-    }
-    __threadfence();  // this CTA's partials are visible before its arrival below
-    __syncthreads();
+    for (int h = 0; h < H; ++h)
+      for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
+        const int r = i / MP, m = i - r * MP;
+        if (m >= M) continue;
+        float s = 0.f;
+        for (int w = h * WK; w < h * WK + WK; ++w) s += wp[(w * 32 + r) * MP + m];
+        part[((size_t)split * M + m) * N + col0 + 32 * h + r] = s;
+      }
+    __syncthreads();  // the CTA's partials, seen by thread 0, go before its arrival (a fence)
     __shared__ int last;
-    if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == S - 1;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      last = atomicAdd(cnt + blockIdx.x, 1) == S - 1;
+      if (last) __threadfence();  // ... and the other CTAs' before the reads below
+    }
     __syncthreads();
     if (!last) return;
-    __threadfence();  // ... and the other CTAs' before the reads below
   }
-  for (int i = threadIdx.x; i < CR * MP; i += blockDim.x) {
-    const int row = i / MP, m = i - row * MP, w0 = (row >> 5) * WK, rr = row & 31;
-    if (m >= M) continue;
-    float s = 0.f;
-    if (S == 1) {
-      for (int w = w0; w < w0 + WK; ++w) s += wp[(w * 32 + rr) * MP + m];
-    } else {  // in split order, whichever CTA came last: the sum does not depend on timing
-      for (int sp = 0; sp < S; ++sp) s += __ldcg(part + ((size_t)sp * M + m) * N + col0 + row);
+  for (int h = 0; h < H; ++h)
+    for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
+      const int r = i / MP, m = i - r * MP;
+      if (m >= M) continue;
+      const size_t col = col0 + 32 * h + r;
+      float s = 0.f;
+      if (S == 1) {
+        for (int w = h * WK; w < h * WK + WK; ++w) s += wp[(w * 32 + r) * MP + m];
+      } else {  // in split order, whichever CTA came last: the sum does not depend on timing
+        for (int sp = 0; sp < S; ++sp) s += __ldcg(part + ((size_t)sp * M + m) * N + col);
+      }
+      const unsigned u = __float_as_uint(s);
+      y[(size_t)m * ldy + col] =
+          (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
     }
-    const unsigned u = __float_as_uint(s);
-    y[(size_t)m * ldy + col0 + row] =
-        (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
-  }
   if (S > 1 && threadIdx.x == 0) cnt[blockIdx.x] = 0;  // zero again for the next launch
 }
 #define ARGS const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs, \

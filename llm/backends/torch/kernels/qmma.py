@@ -36,7 +36,7 @@ from llm.model.quant.tensor import QuantizedTensor
 
 SOURCE = Path(__file__).with_name("qmma.cu")
 FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
-ROWS = 32  # rows of w a CTA
+ROWS = 32  # rows of w a CTA (a half of the CTA where `cta_halves` gives it two)
 WARPS = 8  # warps a CTA: they split K
 STAGES = 4  # quads of groups a warp's ring holds where the grid is no larger than the GPU
 STAGES_WIDE = 2  # ... where it has more CTAs than the GPU has SMs (`ring_stages`)
@@ -44,9 +44,9 @@ _PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
 def stage_bytes(fmt: str) -> int:
-    """One quad of a CTA's 32 rows in a warp's ring (qmma.cu's `stage_bytes`): per row its codes
-    and high bits, padded (Q8_0 144 bytes, Q6_K 112, the others 80), then its scales (Q4_1 /
-    Q5_1 16 bytes, the others 8)."""
+    """One quad of a CTA's (or half's) 32 rows in a warp's ring (qmma.cu's `stage_bytes`): per
+    row its codes and high bits, padded (Q8_0 144 bytes, Q6_K 112, the others 80), then its
+    scales (Q4_1 / Q5_1 16 bytes, the others 8)."""
     row = 144 if fmt == "q8_0" else (112 if fmt == "q6_k" else 80)
     return ROWS * row + ROWS * (16 if fmt in ("q4_1", "q5_1") else 8)
 
@@ -93,7 +93,7 @@ def cta_halves(m: int, n: int, k: int, sms: int) -> int:
     slower; docs/performance.md, "What x's reads cost the kernel at 8..16 rows"). `m` and `k` are
     not used by the rule."""
     del m, k
-    return 2 if n // (2 * ROWS) >= 2 * sms - sms // 8 else 1
+    return 2 if n % (2 * ROWS) == 0 and n // (2 * ROWS) >= 2 * sms - sms // 8 else 1
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
@@ -204,8 +204,6 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     halves = cta_halves(x.shape[0], n, k, sms)
-    if n % (ROWS * halves):
-        return False
     splits = k_splits(x.shape[0], n, k, sms, WARPS, halves)
     stages = ring_stages(n, x.device, splits, halves)
     if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
@@ -294,12 +292,15 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     qs = w.planes["qs"]
     planes, ldh, ld1, ld2 = _kernel_planes(w)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    part = torch.empty(splits if splits > 1 else 0, m, n, dtype=torch.float32, device=x.device)
-    cnt = tile_counters(x.device, n // ROWS)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
     args += [ctypes.c_int(v) for v in (m, k, qs.stride(0), ldh, ld1, ld2, x.stride(0), n)]
-    args += [ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr()),
-             ctypes.c_int(halves)]
+    if splits > 1:  # the partials and the tiles' counters (none read without a split)
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        cnt = tile_counters(x.device, n // (ROWS * halves))
+        args += [ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr())]
+    else:
+        args += [ctypes.c_void_p(0), ctypes.c_void_p(0)]
+    args.append(ctypes.c_int(halves))
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", (ctypes.c_uint64 * 8)(1))  # allowed = 1
     gdc = use_pdl(x, pdl)
