@@ -8,20 +8,27 @@ one-row kernel").
 Each spec is `words:FORMAT:BLOCK_N:BLOCK_G` (the v2 one-row kernel, kernels/qgemv_words.py: one
 row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SPLITS[:o]` (the
 tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096; o: the kernel
-before v4, `qgemm_tc(v4=False)`). The kernel is
+before v4, `qgemm_tc(v4=False)`) or `qmma:FORMAT:ROWS:STAGES` (the CUDA tensor-core kernel,
+kernels/qmma.cu, ROWS m1, m8 or m16, a ring of STAGES; compiled by NVRTC as the engine does,
+here from the `nvidia-cuda-nvrtc-cu12` wheel: `pip install nvidia-cuda-nvrtc-cu12`). A Triton
+kernel is
 compiled for sm_90 with PDL by the Triton that Python imports (the GPU machine's is 3.6; a wheel
 of that version installed with `pip install --no-deps --target /tmp/t36 triton==3.6.0` and put
 first on PYTHONPATH reproduces its SASS), and Triton's bundled `cuobjdump -sass -res-usage`
 reads the cubin. Prints one table: registers a thread, local-memory loads / stores (spills),
 shared-memory matrix loads (LDSM: layout conversions), barriers, global loads, all instructions,
-and those of one step of the main loop. Pointers and integer arguments but M and N carry the
-divisibility by 16 that a launch specializes on (without it the loads compile to single bytes).
+those of one step of the main loop, and where in that step its global loads (LDG) and its first
+`cp.async` (LDGSTS) sit (instruction indices: a load issued late waits near its use). Pointers
+and integer arguments but M and N carry the divisibility by 16 that a launch specializes on
+(without it the loads compile to single bytes).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
+import ctypes.util
 import os
 import re
 import subprocess
@@ -70,7 +77,7 @@ def _compile(spec: str):
                   USE_GDC=True)
         options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
     else:
-        raise SystemExit(f"unknown kernel {kind!r} in {spec!r} (words or tc)")
+        raise SystemExit(f"unknown kernel {kind!r} in {spec!r} (words, tc or qmma)")
     signature = {arg: "constexpr" if arg in ce else types.get(
         arg, "*bf16" if arg.endswith(("_ptr", "_pool")) else "i32") for arg in kernel.arg_names}
     # what a launch specializes: pointers and integers that are multiples of 16 (all but the
@@ -81,27 +88,92 @@ def _compile(spec: str):
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def loop_instructions(sass: str) -> int:
-    """Instructions of the longest loop body in the SASS (a backward conditional branch's
-    span): one step of the kernel's main loop."""
+def _nvrtc() -> ctypes.CDLL:
+    """NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, else the system's."""
+    try:
+        import nvidia.cuda_nvrtc as pkg  # the wheel's namespace package
+
+        libs = sorted(Path(list(pkg.__path__)[0], "lib").glob("libnvrtc.so*"))
+        return ctypes.CDLL(str(libs[0]))
+    except (ImportError, IndexError, OSError):
+        name = ctypes.util.find_library("nvrtc")
+        if name is None:
+            raise SystemExit("qmma specs need NVRTC: pip install nvidia-cuda-nvrtc-cu12") from None
+        return ctypes.CDLL(name)
+
+
+def _qmma_cubin(spec: str) -> bytes:
+    """The cubin of one qmma spec, FORMAT:ROWS:STAGES, compiled for sm_90 by NVRTC from
+    kernels/qmma.cu as `qmma._compiled` compiles it."""
+    from llm.backends.torch.kernels import qmma
+
+    _, fmt_name, rows, stages = spec.split(":")
+    name = f"{fmt_name}_mma_{rows}"
+    src = qmma.kernel_source(name, int(stages)).encode()
+    lib, prog = _nvrtc(), ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"qmma.cu", 0, None, None):
+        raise SystemExit(f"NVRTC could not create a program for {spec!r}")
+    opts = (ctypes.c_char_p * 2)(b"--gpu-architecture=sm_90", b"-std=c++17")
+    if lib.nvrtcCompileProgram(prog, 2, opts):
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        raise SystemExit(f"NVRTC failed on {spec!r}: {log.value.decode()[:2000]}")
+    size = ctypes.c_size_t()
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetCUBIN(prog, cubin)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return cubin.raw
+
+
+def loop_span(sass: str) -> tuple[int, int]:
+    """(first, last) addresses of the kernel's main loop in the SASS: the longest backward
+    conditional branch's span, among those holding an MMA where any does (an epilogue's loop
+    can be longer than the tensor-core kernel's main loop); (0, -16) where there is none."""
     at = re.compile(r"/\*([0-9a-f]{4,})\*/")
-    best = 0
+    mmas = [int(m.group(1), 16) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+\S*MMA", sass)]
+    spans = []
     for line in sass.splitlines():
         m = re.search(r"@!?U?P\w+\s+BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line)
         here = at.search(line)
         if m and m.group(1) and here:
             start, end = int(m.group(1), 16), int(here.group(1), 16)
             if start < end:
-                best = max(best, (end - start) // 16 + 1)
-    return best
+                spans.append((start, end))
+    with_mma = [sp for sp in spans if any(sp[0] <= a <= sp[1] for a in mmas)]
+    return max(with_mma or spans, key=lambda sp: sp[1] - sp[0], default=(0, -16))
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions of one step of the kernel's main loop (`loop_span`)."""
+    start, end = loop_span(sass)
+    return (end - start) // 16 + 1
+
+
+def loop_loads(sass: str) -> tuple[list[int], int | None]:
+    """Where in one step of the main loop its global loads (LDG, not LDGSTS) sit, and its first
+    `cp.async` (LDGSTS): instruction indices from the step's start."""
+    start, end = loop_span(sass)
+    ldg, first_copy = [], None
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(LDGSTS|LDG)\b", sass):
+        here = int(m.group(1), 16)
+        if start <= here <= end:
+            if m.group(2) == "LDG":
+                ldg.append((here - start) // 16)
+            elif first_copy is None:
+                first_copy = (here - start) // 16
+    return ldg, first_copy
 
 
 def sass_stats(spec: str) -> list:
-    """[spec, registers, LDL, STL, LDSM, BAR, LDG, instructions, loop step] of one spec."""
-    compiled = _compile(spec)
+    """[spec, registers, LDL, STL, LDSM, BAR, LDG, instructions, loop step, the loop's LDG
+    indices, its first LDGSTS] of one spec."""
+    cubin = _qmma_cubin(spec) if spec.startswith("qmma:") else _compile(spec).asm["cubin"]
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
     try:
         out = subprocess.run([str(tool), "-sass", "-res-usage", f.name], capture_output=True,
                              text=True, check=True).stdout
@@ -110,20 +182,23 @@ def sass_stats(spec: str) -> list:
     ops = collections.Counter(m.group(2).split(".")[0] for m in re.finditer(
         r"\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out))
     regs = re.search(r"REG:(\d+)", out)
+    ldg, first_copy = loop_loads(out)
     return [spec, regs.group(1) if regs else "?", ops["LDL"], ops["STL"], ops["LDSM"],
-            ops["BAR"], ops["LDG"], sum(ops.values()), loop_instructions(out)]
+            ops["BAR"], ops["LDG"], sum(ops.values()), loop_instructions(out),
+            ", ".join(map(str, ldg)) or "-", "-" if first_copy is None else first_copy]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G or "
-                                            "tc:FORMAT:BLOCK_N:SPLITS")
+    p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G, "
+                                            "tc:FORMAT:BLOCK_N:SPLITS or qmma:FORMAT:ROWS:STAGES")
     args = p.parse_args(argv)
     rows = [sass_stats(s) for s in args.specs]
     print(f"Triton {triton.__version__}, sm_90")
-    print("| kernel | registers | LDL | STL | LDSM | BAR | LDG | instructions | a loop step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | registers | LDL | STL | LDSM | BAR | LDG | instructions | a loop step | "
+          "the step's LDG at | its first LDGSTS at |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(v) for v in r) + " |")
     return 0
