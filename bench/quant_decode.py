@@ -431,63 +431,70 @@ def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) ->
     return rows
 
 
+def patched_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float,
+                 module, attr: str, value, note: str) -> list:
+    """Decode again with `module.attr` replaced by `value` (graphs captured again), then the
+    original restored and the graphs captured again: an A/B of one rule in one process."""
+    rule = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        backend.graphs.capture()
+        rows = decode_rows(backend, name, fmt_name, args, bw, note)
+    finally:
+        setattr(module, attr, rule)
+    backend.graphs.capture()
+    return rows
+
+
 def triton_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--triton-too: decode again with the tensor-core kernel (kernels/qmma.py) off, i.e.
-    `qgemv`'s Triton kernels only (graphs captured again), then restored: the A/B of that kernel
-    in one process."""
+    `qgemv`'s Triton kernels only: the A/B of that kernel in one process."""
     from llm.backends.torch.kernels import qgemv, qmma
 
     takes = set(qmma.FORMATS) | set(MIXES)
     if not args.triton_too or backend.graphs is None or not takes & set(fmt_name.split("/")):
         return []
-    rule = qgemv.qmma_runs
-    qgemv.qmma_runs = lambda *a, **k: False
-    try:
-        backend.graphs.capture()
-        rows = decode_rows(backend, name, fmt_name, args, bw, "Triton only")
-    finally:
-        qgemv.qmma_runs = rule
-    backend.graphs.capture()
-    return rows
+    return patched_rows(backend, name, fmt_name, args, bw, qgemv, "qmma_runs",
+                        lambda *a, **k: False, "Triton only")
 
 
 def split_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--split-rows: decode again with the tensor-core kernel's split-K (`qmma.k_splits`) only
-    from each of these rows of x (17: never, the ring depth then `ring_stages` without splits),
-    graphs captured again, then the rule restored: the A/B of split-K in one process."""
+    from each of these rows of x (17: never, the ring depth then `ring_stages` without splits):
+    the A/B of split-K in one process."""
     from llm.backends.torch.kernels import qmma
 
     if not args.split_rows or backend.graphs is None:
         return []
     rule, rows = qmma.k_splits, []
     for least in csv(args.split_rows, int):
-        qmma.k_splits = lambda m, *a, least=least, **k: rule(m, *a, **k) if m >= least else 1
-        try:
-            backend.graphs.capture()
-            rows += decode_rows(backend, name, fmt_name, args, bw,
-                                f"split-K from {least} rows" if least <= 16 else "no split-K")
-        finally:
-            qmma.k_splits = rule
-    backend.graphs.capture()
+        rows += patched_rows(
+            backend, name, fmt_name, args, bw, qmma, "k_splits",
+            lambda m, *a, least=least, **k: rule(m, *a, **k) if m >= least else 1,
+            f"split-K from {least} rows" if least <= 16 else "no split-K")
     return rows
 
 
 def one_half_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--one-half: decode again with the tensor-core kernel's CTAs of 32 rows only
-    (`qmma.cta_halves` 1), graphs captured again, then the rule restored."""
+    (`qmma.cta_halves` 1, so no SiLU*up epilogue either)."""
     from llm.backends.torch.kernels import qmma
 
     if not args.one_half or backend.graphs is None:
         return []
-    rule = qmma.cta_halves
-    qmma.cta_halves = lambda *a, **k: 1
-    try:
-        backend.graphs.capture()
-        rows = decode_rows(backend, name, fmt_name, args, bw, "CTAs of 32 rows only")
-    finally:
-        qmma.cta_halves = rule
-    backend.graphs.capture()
-    return rows
+    return patched_rows(backend, name, fmt_name, args, bw, qmma, "cta_halves",
+                        lambda *a, **k: 1, "CTAs of 32 rows only")
+
+
+def unfused_silu_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--unfused-silu: decode again with the tensor-core kernel's SiLU*up epilogue off
+    (`qmma.glu_epilogue` False: the gate/up product, then `silu_mul`)."""
+    from llm.backends.torch.kernels import qmma
+
+    if not args.unfused_silu or backend.graphs is None:
+        return []
+    return patched_rows(backend, name, fmt_name, args, bw, qmma, "glu_epilogue",
+                        lambda *a, **k: False, "SiLU*up after the kernel")
 
 
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
@@ -555,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one-half", action="store_true",
                    help="decode again with the tensor-core kernel's CTAs of 32 rows only "
                         "(qmma.cta_halves 1), an A/B of the 64-row CTAs")
+    p.add_argument("--unfused-silu", action="store_true",
+                   help="decode again with the tensor-core kernel's SiLU*up epilogue off "
+                        "(qmma.glu_epilogue False), an A/B of that epilogue")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -581,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += triton_rows(backend, name, fmt_name, args, bw)
                 rows += split_rows(backend, name, fmt_name, args, bw)
                 rows += one_half_rows(backend, name, fmt_name, args, bw)
+                rows += unfused_silu_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":

@@ -297,9 +297,12 @@ def test_the_rule() -> None:
         kernel_name("q4_0", 17)
     with pytest.raises(ValueError, match="weights, not q2_k"):
         kernel_name("q2_k", 4)
+    assert kernel_name("q4_0", 16, glu=True) == "q4_0_mma_m16_glu"
     src = qmma.kernel_source("q6_k_mma_m16", 3)
     assert src.startswith("#define STAGES_N 3\n")
-    assert src.endswith("KERNEL(q6_k_mma_m16, Q6_K, 2, 0)\n")
+    assert src.endswith("KERNEL(q6_k_mma_m16, Q6_K, 2, 0, 0)\n")
+    glu = qmma.kernel_source("q4_0_mma_m8_glu", 2)
+    assert glu.endswith("KERNEL(q4_0_mma_m8_glu, Q4_0, 1, 0, 1)\n")
 
 
 def test_splits_along_k() -> None:
@@ -323,6 +326,22 @@ def test_cta_halves() -> None:
               (2048, 8192), (3072, 2048), (15808, 2048), (15904, 2048))
     for m in (2, 16):
         assert [qmma.cta_halves(m, n, k, 132) for n, k in shapes] == [2, 2] + [1] * 7
+
+
+def test_glu_epilogue_rule_and_refusals() -> None:
+    """SiLU*up goes into the epilogue where the fused gate/up weight gets two halves (8B and 1B
+    gate_up on 132 SMs), not elsewhere; a launch asking for it with one half or a split is
+    refused by name."""
+    assert qmma.glu_epilogue(2, 2 * 14336, 4096, 132)
+    assert qmma.glu_epilogue(16, 2 * 8192, 2048, 132)
+    assert not qmma.glu_epilogue(2, 2 * 1536, 576, 132)
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(4, 2048, dtype=torch.bfloat16)
+    w = random_quantized("q4_0", 128, 2048, g, "cpu")
+    with pytest.raises(ValueError, match="glu .* two halves and one split, got halves 1"):
+        qmma_matmul(x, w, glu=True, halves=1)
+    with pytest.raises(ValueError, match="glu .* got halves None, splits 2"):
+        qmma_matmul(x, w, glu=True, splits=2)
 
 
 def test_shared_memory_of_a_launch() -> None:
@@ -457,6 +476,34 @@ def test_cuda_two_halves(m: int, fmt: str) -> None:
             assert torch.equal(qmma_matmul(x, w, splits=splits, halves=2), y)
         torch.cuda.synchronize()
         assert not tile_counters(x.device, n // 32).any()
+
+
+@GPU
+@pytest.mark.parametrize("m", [2, 9, 16])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0", "q5_1"])
+def test_cuda_silu_mul_epilogue(m: int, fmt: str) -> None:
+    """SiLU*up in the epilogue (glu) against the same launch's product then `silu_mul`: the
+    gate and up sums are the same, so the results agree but where expf and Triton's exp round
+    the activation to different sides of a bf16 step (at most a few elements); the same bits
+    call after call; `qgemv_silu_mul` takes it where `glu_epilogue` says so."""
+    from llm.backends.torch.kernels.qgemv import qgemv_silu_mul
+    from llm.backends.torch.kernels.silu_mul import silu_mul
+
+    g = torch.Generator().manual_seed(m * 11 + len(fmt))
+    w = random_quantized(fmt, 2 * 1024, 2048, g)
+    x = (torch.randn(m, 2048, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
+    y = qmma_matmul(x, w, glu=True)
+    ref = silu_mul(qmma_matmul(x, w, halves=2))
+    assert y.shape == (m, 1024)
+    differ = (y != ref).sum().item()
+    assert differ <= max(2, y.numel() // 1000), differ
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    for _ in range(3):
+        assert torch.equal(qmma_matmul(x, w, glu=True), y)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    big = random_quantized(fmt, 2 * 8192, 2048, g)
+    if qmma.glu_epilogue(m, 2 * 8192, 2048, sms):  # 1B's gate_up on an H100 / H200
+        assert torch.equal(qgemv_silu_mul(x, big), qmma_matmul(x, big, glu=True))
 
 
 @GPU

@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llm.backends.torch.kernels import qmma
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
 from llm.backends.torch.kernels.qgemm_tc import TC_PICKED, qgemm_tc, tc_kernel_runs
 from llm.backends.torch.kernels.qgemv_common import (
@@ -293,8 +294,14 @@ def qgemv_silu_mul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | Non
     """silu(gate) * up [M, I] of x [M, K] through a fused gate/up weight w [2I, K] (gate rows
     first; bias [2I]): for up to `words_rows_max` rows of bf16 / fp16 x, one launch of the v2
     kernel with the activation in its epilogue (rounded as `silu_mul` of the unfused product);
-    otherwise (the batches `qmma.mma_rows` picks among them) `qgemv` then `silu_mul`."""
+    for the batches `qmma.mma_rows` picks among them, the tensor-core kernel, with SiLU*up in its
+    epilogue where `qmma.glu_epilogue` (else `silu_mul` after it); otherwise `qgemv` then
+    `silu_mul`."""
     if config is None and qmma_runs(x, w, bias, pdl):
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        if (qmma.glu_epilogue(x.shape[0], w.out_features, w.in_features, sms)
+                and qmma_runs(x, w, bias, pdl, glu=True)):
+            return qmma_matmul(x, w, pdl, glu=True)
         return silu_mul(qmma_matmul(x, w, pdl), pdl)
     if (x.dim() == 2 and x.shape[0] <= words_rows_max(w.format) and triton_runs(x)
             and words_kernel_runs(x, w)):

@@ -37,8 +37,9 @@
 // [S][M][N] and counts itself in cnt[i] (zero before the launch); the last to arrive adds the S
 // sums in split order, writes y and sets cnt[i] to 0 again. A CTA covers H (1 or 2) halves of
 // 32 rows, W / H warps a half over the same K shares, so each share's x is read from the L2 once
-// for 32 H rows. With PDL the first quads' copies start before the kernel before it has
-// finished.
+// for 32 H rows. The _glu kernels (GLU; H = 2, no split) put SiLU*up in the epilogue: half 0
+// takes 32 gate rows i.., half 1 the up rows I + i.. of a fused [2I, K] gate/up weight, y is
+// [M, I]. With PDL the first quads' copies start before the kernel before it has finished.
 template <unsigned BASE>  // bytes 0, 1 of w -> bf16x2 BASE:byte (0x43: 128 + b, 0x45: 16 (128 + b))
 __device__ __forceinline__ unsigned lo2(unsigned w) {
   unsigned d; asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
@@ -57,6 +58,11 @@ __device__ __forceinline__ void wait_then_release() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+__device__ __forceinline__ unsigned bf16_bits(float v) {  // to nearest even (finite v)
+  const unsigned u = __float_as_uint(v);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ float bf16_value(float v) { return __uint_as_float(bf16_bits(v) << 16); }
 __device__ __forceinline__ float h2f(unsigned h) {
   float f; asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
   return f;
@@ -271,7 +277,7 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
     }
   }
 }
-template <int F, int NT, bool ONE>
+template <int F, int NT, bool ONE, bool GLU>
 __device__ __forceinline__ void qmma(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs,
     const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1,
@@ -302,7 +308,10 @@ __device__ __forceinline__ void qmma(
   const int SX = (4 * W * 32 * MP + 15) & ~15;
   unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
-  const size_t r0 = ((size_t)blockIdx.x * H + half) * 32;
+  // GLU (SiLU*up, H = 2): half 0 takes gate rows 32 i.., half 1 the up rows I + 32 i.. (I =
+  // the grid's 32 gridDim.x); else the CTA's 32 H rows in a row
+  const size_t r0 = GLU ? (size_t)half * gridDim.x * 32 + (size_t)blockIdx.x * 32
+                        : ((size_t)blockIdx.x * H + half) * 32;
   const Rows p = {qs + r0 * ldq, qh + r0 * ldh, p1 + r0 * ld1, p2 + r0 * ld1, (size_t)ldq,
                   (size_t)ldh, (size_t)ld1};
   const unsigned short* dk0 = p3 + (r0 + gq) * ld2;  // K-quants / Q6_K: row g's d
@@ -373,6 +382,20 @@ __device__ __forceinline__ void qmma(
       }
     }
   __syncthreads();
+  if (GLU) {  // y [M, I] = silu(gate) * up, each rounded as the product's bf16 and silu_mul's
+    for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
+      const int r = i / MP, m = i - r * MP;
+      if (m >= M) continue;
+      float g = 0.f, u = 0.f;
+      for (int w = 0; w < WK; ++w) g += wp[(w * 32 + r) * MP + m];
+      for (int w = WK; w < 2 * WK; ++w) u += wp[(w * 32 + r) * MP + m];
+      g = bf16_value(g);
+      const float act = bf16_value(g / (1.f + expf(-g)));
+      y[(size_t)m * ldy + (size_t)blockIdx.x * 32 + r] =
+          (unsigned short)bf16_bits(act * bf16_value(u));
+    }
+    return;
+  }
   // the CTA's row 32 h + r is row r of half h's warps (h * WK ..); loops of constant bounds
   const size_t N = (size_t)gridDim.x * 32 * H, col0 = (size_t)blockIdx.x * 32 * H;
   if (S > 1) {  // this split's sum to part [S][M][N], then the last CTA of the CTA's rows adds up
@@ -405,9 +428,7 @@ __device__ __forceinline__ void qmma(
       } else {  // in split order, whichever CTA came last: the sum does not depend on timing
         for (int sp = 0; sp < S; ++sp) s += __ldcg(part + ((size_t)sp * M + m) * N + col);
       }
-      const unsigned u = __float_as_uint(s);
-      y[(size_t)m * ldy + col] =
-          (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // to nearest even (finite)
+      y[(size_t)m * ldy + col] = (unsigned short)bf16_bits(s);
     }
   if (S > 1 && threadIdx.x == 0) cnt[blockIdx.x] = 0;  // zero again for the next launch
 }
@@ -418,6 +439,7 @@ __device__ __forceinline__ void qmma(
     int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, \
     int* __restrict__ cnt, int H
 #define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy, part, cnt, H
-// kernels/qmma.py appends the line for the kernel it compiles, e.g. KERNEL(q6_k_mma_m8, Q6_K, 1, 0)
-#define KERNEL(name, F, NT, ONE) \
-  extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { qmma<F, NT, ONE>(PASS); }
+// kernels/qmma.py appends the line for the kernel it compiles, e.g.
+// KERNEL(q6_k_mma_m8, Q6_K, 1, 0, 0) or KERNEL(q4_0_mma_m16_glu, Q4_0, 2, 0, 1)
+#define KERNEL(name, F, NT, ONE, GLU) \
+  extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { qmma<F, NT, ONE, GLU>(PASS); }

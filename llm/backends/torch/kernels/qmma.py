@@ -96,6 +96,15 @@ def cta_halves(m: int, n: int, k: int, sms: int) -> int:
     return 2 if n % (2 * ROWS) == 0 and n // (2 * ROWS) >= 2 * sms - sms // 8 else 1
 
 
+def glu_epilogue(m: int, n: int, k: int, sms: int) -> bool:
+    """Whether `qgemv_silu_mul` takes SiLU*up in the kernel's epilogue for x of m rows and a
+    fused [n = 2I, k] gate/up weight (one launch, y [M, I], no `silu_mul` after it): where the
+    weight already gets two halves (`cta_halves`), which the epilogue needs (gate rows in one,
+    up rows in the other). Not yet measured: docs/performance.md, "SiLU*up in the kernel's
+    epilogue"."""
+    return n % (2 * ROWS) == 0 and cta_halves(m, n, k, sms) == 2
+
+
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint64 * 8)]
 
@@ -115,12 +124,13 @@ def _libcuda() -> ctypes.CDLL:
 
 
 def kernel_source(name: str, stages: int) -> str:
-    """qmma.cu with a ring of `stages` and the one kernel `name` (e.g. q6_k_mma_m8)
-    instantiated."""
+    """qmma.cu with a ring of `stages` and the one kernel `name` (e.g. q6_k_mma_m8, or
+    q4_0_mma_m16_glu: SiLU*up in the epilogue) instantiated."""
     fmt, rows = name.rsplit("_mma_", 1)
-    tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0)}[rows]
+    glu = rows.endswith("_glu")
+    tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0)}[rows.removesuffix("_glu")]
     return (f"#define STAGES_N {stages}\n" + SOURCE.read_text()
-            + f"\nKERNEL({name}, {fmt.upper()}, {tiles}, {one})\n")
+            + f"\nKERNEL({name}, {fmt.upper()}, {tiles}, {one}, {int(glu)})\n")
 
 
 @functools.lru_cache(maxsize=64)
@@ -186,11 +196,12 @@ def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
 
 
 def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
-              pdl: bool | None = None) -> bool:
+              pdl: bool | None = None, glu: bool = False) -> bool:
     """Whether `qgemv` takes this kernel for x [M, K] @ w.T: an NVIDIA GPU of compute capability
     >= 8 where the kernel compiles, bf16 x [M, K] on w's device, no bias, `mma_rows`, the planes
     aligned for the kernel's copies, its shared memory within the GPU's, and PDL not demanded
-    where the GPU lacks it."""
+    where the GPU lacks it; glu: the kernel with SiLU*up in its epilogue (two halves, no split)
+    for a fused gate/up w."""
     if w.format not in FORMATS or x.device.type != "cuda" or x.dtype != torch.bfloat16:
         return False
     if torch.version.cuda is None:
@@ -203,26 +214,29 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    halves = cta_halves(x.shape[0], n, k, sms)
-    splits = k_splits(x.shape[0], n, k, sms, WARPS, halves)
+    halves = 2 if glu else cta_halves(x.shape[0], n, k, sms)
+    if n % (ROWS * halves):
+        return False
+    splits = 1 if glu else k_splits(x.shape[0], n, k, sms, WARPS, halves)
     stages = ring_stages(n, x.device, splits, halves)
     if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
         return False
     if pdl and not use_pdl(x, None):
         return False
-    name = kernel_name(w.format, x.shape[0])
+    name = kernel_name(w.format, x.shape[0], glu)
     return not isinstance(_compiled(x.device.index, name, stages), Exception)
 
 
-def kernel_name(fmt: str, m: int) -> str:
+def kernel_name(fmt: str, m: int, glu: bool = False) -> str:
     """The kernel for m rows of x in `fmt`: x in all of B's columns for one, 8 rows a B tile
-    above."""
+    above; glu: the one with SiLU*up in its epilogue (`qmma_matmul(glu=True)`)."""
     if fmt not in FORMATS:
         raise ValueError(f"the tensor-core kernel multiplies {', '.join(FORMATS)} weights, "
                          f"not {fmt}")
     if not 1 <= m <= 16:
         raise ValueError(f"the tensor-core kernel takes 1..16 rows of x, not {m}")
-    return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16"))
+    return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16")) + (
+        "_glu" if glu else "")
 
 
 def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, int, int]:
@@ -244,16 +258,19 @@ def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, i
 
 def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                 warps: int = WARPS, stages: int | None = None,
-                splits: int | None = None, halves: int | None = None) -> torch.Tensor:
+                splits: int | None = None, halves: int | None = None,
+                glu: bool = False) -> torch.Tensor:
     """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
     (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA, `halves` 1 or 2 of 32 rows a CTA
     (default `cta_halves`; the warps split between them), `stages` >= 2 a warp's ring (default
     `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs along K (default `k_splits`;
     their float32 sums added in split order, kernels/splitk.py's counters) are for benchmarks).
+    glu: w is a fused gate/up weight [2I, K] (gate rows first) and the result silu(gate) * up
+    [M, I], rounded as this product then `silu_mul` would round it (two halves, no split).
     Launched with PDL where `use_pdl`."""
     n, k = w.shape
     m = x.shape[0]
-    name = kernel_name(w.format, m) if x.dim() == 2 else ""
+    name = kernel_name(w.format, m, glu) if x.dim() == 2 else ""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"qmma_matmul wants bf16 x [M, {k}], got {x.dtype} "
                          f"{tuple(x.shape)}")
@@ -264,6 +281,11 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
     cuda = x.device.type == "cuda"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 0
+    if glu and (halves not in (None, 2) or splits not in (None, 1)):
+        raise ValueError(f"glu (SiLU*up in the epilogue) takes two halves and one split, got "
+                         f"halves {halves}, splits {splits}")
+    if glu:
+        halves, splits = 2, 1
     halves = (cta_halves(m, n, k, sms) if cuda else 1) if halves is None else halves
     if halves not in (1, 2) or warps % halves or n % (ROWS * halves):
         raise ValueError(f"halves must be 1 or 2, dividing the warps ({warps}) and N / {ROWS} "
@@ -291,9 +313,10 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
         raise RuntimeError(f"the tensor-core kernel cannot run here: {kernel}")
     qs = w.planes["qs"]
     planes, ldh, ld1, ld2 = _kernel_planes(w)
-    y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, *planes, y)]
-    args += [ctypes.c_int(v) for v in (m, k, qs.stride(0), ldh, ld1, ld2, x.stride(0), n)]
+    args += [ctypes.c_int(v) for v in (m, k, qs.stride(0), ldh, ld1, ld2, x.stride(0),
+                                       y.stride(0))]
     if splits > 1:  # the partials and the tiles' counters (none read without a split)
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         cnt = tile_counters(x.device, n // (ROWS * halves))
