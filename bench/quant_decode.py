@@ -11,7 +11,9 @@ B, as llama.cpp's Q4_0 files keep it in Q6_K; q4_k_m, q5_k_m: the formats llama-
 each tensor in those mixes (attn_v and ffn_down in Q6_K in half the layers, the head in Q6_K).
 --v1-formats: decode again with the first kernel (kernels/qgemv.py) for these formats' one-row
 GEMVs instead of the v2 kernel (graphs captured again), to time the two on the same model in one
-call.
+call. --triton-too, --split-rows, --one-half, --unfused-silu: likewise with one rule of the
+tensor-core kernel (kernels/qmma.py) changed: off, split-K only from some rows, CTAs of 32 rows,
+SiLU*up after the kernel.
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
@@ -434,7 +436,8 @@ def v1_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) ->
 def patched_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float,
                  module, attr: str, value, note: str) -> list:
     """Decode again with `module.attr` replaced by `value` (graphs captured again), then the
-    original restored and the graphs captured again: an A/B of one rule in one process."""
+    original restored and the graphs captured again: an A/B of one rule in one process (each
+    variant of --split-rows captures twice)."""
     rule = getattr(module, attr)
     setattr(module, attr, value)
     try:
@@ -491,7 +494,8 @@ def unfused_silu_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw:
     (`qmma.glu_epilogue` False: the gate/up product, then `silu_mul`)."""
     from llm.backends.torch.kernels import qmma
 
-    if not args.unfused_silu or backend.graphs is None:
+    takes = set(qmma.FORMATS) | set(MIXES)
+    if not args.unfused_silu or backend.graphs is None or not takes & set(fmt_name.split("/")):
         return []
     return patched_rows(backend, name, fmt_name, args, bw, qmma, "glu_epilogue",
                         lambda *a, **k: False, "SiLU*up after the kernel")

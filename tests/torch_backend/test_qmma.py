@@ -329,9 +329,9 @@ def test_cta_halves() -> None:
 
 
 def test_glu_epilogue_rule_and_refusals() -> None:
-    """SiLU*up goes into the epilogue where the fused gate/up weight gets two halves (8B and 1B
-    gate_up on 132 SMs), not elsewhere; a launch asking for it with one half or a split is
-    refused by name."""
+    """SiLU*up goes into the epilogue where the fused gate/up weight gets two halves and no
+    split (8B and 1B gate_up on 132 SMs), not elsewhere; a launch asking for it with one half,
+    a split or I not a multiple of 32 is refused by name."""
     assert qmma.glu_epilogue(2, 2 * 14336, 4096, 132)
     assert qmma.glu_epilogue(16, 2 * 8192, 2048, 132)
     assert not qmma.glu_epilogue(2, 2 * 1536, 576, 132)
@@ -342,6 +342,8 @@ def test_glu_epilogue_rule_and_refusals() -> None:
         qmma_matmul(x, w, glu=True, halves=1)
     with pytest.raises(ValueError, match="glu .* got halves None, splits 2"):
         qmma_matmul(x, w, glu=True, splits=2)
+    with pytest.raises(ValueError, match=r"glu needs .* I % 32 == 0 .* got N = 96, 8 warps"):
+        qmma_matmul(x, random_quantized("q4_0", 96, 2048, g, "cpu"), glu=True)
 
 
 def test_shared_memory_of_a_launch() -> None:
@@ -481,29 +483,41 @@ def test_cuda_two_halves(m: int, fmt: str) -> None:
 @GPU
 @pytest.mark.parametrize("m", [2, 9, 16])
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0", "q5_1"])
-def test_cuda_silu_mul_epilogue(m: int, fmt: str) -> None:
-    """SiLU*up in the epilogue (glu) against the same launch's product then `silu_mul`: the
-    gate and up sums are the same, so the results agree but where expf and Triton's exp round
-    the activation to different sides of a bf16 step (at most a few elements); the same bits
-    call after call; `qgemv_silu_mul` takes it where `glu_epilogue` says so."""
-    from llm.backends.torch.kernels.qgemv import qgemv_silu_mul
+def test_cuda_silu_mul_epilogue(m: int, fmt: str, monkeypatch) -> None:
+    """SiLU*up in the epilogue (glu) has the bits of the same launch's product then `silu_mul`
+    (the same sums, the same instructions for the activation), with PDL on or off and in a
+    replayed graph, for I a multiple of 64 and of 32 only (K of two quads); `qgemv_silu_mul`
+    takes it exactly where `glu_epilogue` says so."""
+    from llm.backends.torch.kernels import qgemv as qgemv_mod
     from llm.backends.torch.kernels.silu_mul import silu_mul
 
     g = torch.Generator().manual_seed(m * 11 + len(fmt))
-    w = random_quantized(fmt, 2 * 1024, 2048, g)
+    for n, k in ((2 * 1024, 2048), (2 * 96, 256)):
+        w = random_quantized(fmt, n, k, g)
+        x = (torch.randn(m, k, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
+        y = qmma_matmul(x, w, glu=True)
+        assert y.shape == (m, n // 2)
+        assert torch.equal(y, silu_mul(qmma_matmul(x, w, halves=2)))
+        for pdl in (False, True):
+            assert torch.equal(qmma_matmul(x, w, pdl=pdl, glu=True), y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = qmma_matmul(x, w, glu=True)
+    x.copy_((torch.randn(m, k, generator=g) * 0.5).to(DEVICE, torch.bfloat16))
+    graph.replay()
+    assert torch.equal(out, silu_mul(qmma_matmul(x, w, halves=2)))
+    big = random_quantized(fmt, 2 * 8192, 2048, g)  # 1B's gate_up
     x = (torch.randn(m, 2048, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
-    y = qmma_matmul(x, w, glu=True)
-    ref = silu_mul(qmma_matmul(x, w, halves=2))
-    assert y.shape == (m, 1024)
-    differ = (y != ref).sum().item()
-    assert differ <= max(2, y.numel() // 1000), differ
-    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
-    for _ in range(3):
-        assert torch.equal(qmma_matmul(x, w, glu=True), y)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    big = random_quantized(fmt, 2 * 8192, 2048, g)
-    if qmma.glu_epilogue(m, 2 * 8192, 2048, sms):  # 1B's gate_up on an H100 / H200
-        assert torch.equal(qgemv_silu_mul(x, big), qmma_matmul(x, big, glu=True))
+    real, seen = qgemv_mod.qmma_matmul, []
+    monkeypatch.setattr(qgemv_mod, "qmma_matmul",
+                        lambda *a, **kw: seen.append(kw.get("glu", False)) or real(*a, **kw))
+    qgemv_mod.qgemv_silu_mul(x, big)
+    assert seen == [qmma.glu_epilogue(m, 2 * 8192, 2048, sms)]
+    monkeypatch.setattr(qmma, "glu_epilogue", lambda *a, **kw: False)
+    seen.clear()
+    qgemv_mod.qgemv_silu_mul(x, big)
+    assert seen == [False]
 
 
 @GPU

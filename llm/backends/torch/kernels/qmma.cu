@@ -62,7 +62,11 @@ __device__ __forceinline__ unsigned bf16_bits(float v) {  // to nearest even (fi
   const unsigned u = __float_as_uint(v);
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
-__device__ __forceinline__ float bf16_value(float v) { return __uint_as_float(bf16_bits(v) << 16); }
+__device__ __forceinline__ float bf16_rn(float v) {  // v rounded to bf16 (NaN stays NaN)
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return __uint_as_float((unsigned)h << 16);
+}
 __device__ __forceinline__ float h2f(unsigned h) {
   float f; asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
   return f;
@@ -295,9 +299,9 @@ __device__ __forceinline__ void qmma(
   // H row halves of 32 a CTA, WK warps each: warp (half, kw) takes the half's 32 rows over the
   // kw-th share of the split's quads; the halves' warps of one share read the same x (the L1)
   // (H is 1 or 2, so no division here: the prologue stays as short as with one half)
-  const int WK = H == 2 ? W >> 1 : W, half = warp >= WK, kw = warp - half * WK;
+  const int WK = (GLU || H == 2) ? W >> 1 : W, half = warp >= WK, kw = warp - half * WK;
   // split-K: CTA (blockIdx.x, split) takes SQ quads of K from s_lo, its warps a share each
-  const int S = gridDim.y, split = blockIdx.y;
+  const int S = GLU ? 1 : gridDim.y, split = GLU ? 0 : blockIdx.y;  // GLU: never split
   int s_lo = 0, SQ = Q;
   if (S > 1) {  // uniform: one division chain fewer where the launch has no split
     s_lo = (unsigned)(Q * split) / S;
@@ -308,8 +312,8 @@ __device__ __forceinline__ void qmma(
   const int SX = (4 * W * 32 * MP + 15) & ~15;
   unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
-  // GLU (SiLU*up, H = 2): half 0 takes gate rows 32 i.., half 1 the up rows I + 32 i.. (I =
-  // the grid's 32 gridDim.x); else the CTA's 32 H rows in a row
+  // GLU (SiLU*up, two halves): half 0 takes gate rows 32 i.., half 1 the up rows I + 32 i..
+  // (I = 32 gridDim.x); else the CTA's 32 H rows in a row
   const size_t r0 = GLU ? (size_t)half * gridDim.x * 32 + (size_t)blockIdx.x * 32
                         : ((size_t)blockIdx.x * H + half) * 32;
   const Rows p = {qs + r0 * ldq, qh + r0 * ldh, p1 + r0 * ld1, p2 + r0 * ld1, (size_t)ldq,
@@ -382,17 +386,22 @@ __device__ __forceinline__ void qmma(
       }
     }
   __syncthreads();
-  if (GLU) {  // y [M, I] = silu(gate) * up, each rounded as the product's bf16 and silu_mul's
+  if (GLU) {  // y [M, I] = silu(gate) * up, each rounded as the product's bf16, then with the
+    // instructions Triton gives kernels/silu_mul.py (ex2.approx of -g log2 e, div.full), so the
+    // result has silu_mul's bits
     for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
       const int r = i / MP, m = i - r * MP;
       if (m >= M) continue;
       float g = 0.f, u = 0.f;
       for (int w = 0; w < WK; ++w) g += wp[(w * 32 + r) * MP + m];
       for (int w = WK; w < 2 * WK; ++w) u += wp[(w * 32 + r) * MP + m];
-      g = bf16_value(g);
-      const float act = bf16_value(g / (1.f + expf(-g)));
-      y[(size_t)m * ldy + (size_t)blockIdx.x * 32 + r] =
-          (unsigned short)bf16_bits(act * bf16_value(u));
+      g = bf16_rn(g);
+      float e, act;
+      asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(__fmul_rn(g, -1.44269504088896341f)));
+      asm("div.full.f32 %0, %1, %2;" : "=f"(act) : "f"(g), "f"(__fadd_rn(1.f, e)));
+      unsigned short out;
+      asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(__fmul_rn(bf16_rn(act), bf16_rn(u))));
+      y[(size_t)m * ldy + (size_t)blockIdx.x * 32 + r] = out;
     }
     return;
   }

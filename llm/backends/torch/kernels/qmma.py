@@ -99,10 +99,11 @@ def cta_halves(m: int, n: int, k: int, sms: int) -> int:
 def glu_epilogue(m: int, n: int, k: int, sms: int) -> bool:
     """Whether `qgemv_silu_mul` takes SiLU*up in the kernel's epilogue for x of m rows and a
     fused [n = 2I, k] gate/up weight (one launch, y [M, I], no `silu_mul` after it): where the
-    weight already gets two halves (`cta_halves`), which the epilogue needs (gate rows in one,
-    up rows in the other). Not yet measured: docs/performance.md, "SiLU*up in the kernel's
+    weight already gets two halves (`cta_halves`) and no split (`k_splits`), as the epilogue
+    needs (gate rows in one half, up rows in the other; both sums whole), so its sums are the
+    unfused launch's. Not yet measured: docs/performance.md, "SiLU*up in the kernel's
     epilogue"."""
-    return n % (2 * ROWS) == 0 and cta_halves(m, n, k, sms) == 2
+    return cta_halves(m, n, k, sms) == 2 and k_splits(m, n, k, sms, WARPS, 2) == 1
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte union
@@ -281,6 +282,9 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
         raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
     cuda = x.device.type == "cuda"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 0
+    if glu and (n % (2 * ROWS) or warps % 2):
+        raise ValueError(f"glu needs a fused [2I, K] gate/up weight with I % {ROWS} == 0 and an "
+                         f"even number of warps, got N = {n}, {warps} warps")
     if glu and (halves not in (None, 2) or splits not in (None, 1)):
         raise ValueError(f"glu (SiLU*up in the epilogue) takes two halves and one split, got "
                          f"halves {halves}, splits {splits}")
