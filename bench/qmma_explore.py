@@ -74,8 +74,8 @@ def run(args) -> int:
                 combos = [(v, h, sp, qmma.ring_stages(n, device, sp, h) if st == "rule"
                            else int(st))
                           for v in csv(args.warps, int)
-                          for h in dict.fromkeys(qmma.cta_halves(m, n, k, sms) if hv == "rule"
-                                                 else int(hv) for hv in csv(args.halves))
+                          for h in dict.fromkeys(1 if hv == "rule" else int(hv)
+                                                 for hv in csv(args.halves))
                           if v % h == 0 and n % (qmma.ROWS * h) == 0
                           for sp in dict.fromkeys(qmma.k_splits(m, n, k, sms, v, h)
                                                   if spv == "rule" else int(spv)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", default="rule", help="comma list of CTAs along K (>= 1) or "
                    "'rule' (qmma.k_splits: the engine's)")
     p.add_argument("--halves", default="rule", help="comma list of 32-row halves a CTA (1, 2) "
-                   "or 'rule' (qmma.cta_halves: the engine's)")
+                   "or 'rule' (1: the engine's for a launch without the SiLU*up epilogue)")
     p.add_argument("--x-one-row", action="store_true",
                    help="also time the engine's rule with x's rows all one row of memory "
                         "(stride 0): what the reads of x through the L2 cost the kernel")

@@ -78,18 +78,21 @@ def kernels(args, old_mm) -> None:
 
 
 def decode(args, old_runs, old_mm) -> None:
-    """Decode steps with `qgemv` routed to each kernel, alternated."""
-    new = qgemv.qmma_runs, qgemv.qmma_matmul
+    """Decode steps with `qgemv` routed to each kernel, alternated (the old one without the
+    SiLU*up epilogue it may lack: `qmma.glu_epilogue` False; --plain: the new one too)."""
+    new = qgemv.qmma_runs, qgemv.qmma_matmul, qmma.glu_epilogue
     for _ in range(args.repeats):
-        for label, (runs, mm) in (("old", (old_runs, old_mm)),
-                                  ("new", (qgemv.qmma_runs, new_matmul(args)))):
-            qgemv.qmma_runs, qgemv.qmma_matmul = runs, mm
+        for label, (runs, mm, glu) in (
+                ("old", (old_runs, old_mm, lambda *a: False)),
+                ("new", (qgemv.qmma_runs, new_matmul(args),
+                         (lambda *a: False) if args.plain else qmma.glu_epilogue))):
+            qgemv.qmma_runs, qgemv.qmma_matmul, qmma.glu_epilogue = runs, mm, glu
             print(f"decode through the {label} kernel", flush=True)
             try:
                 quant_decode.main(["--configs", "8b", "--formats", args.formats,
                                    "--batches", args.batches])
             finally:
-                qgemv.qmma_runs, qgemv.qmma_matmul = new
+                qgemv.qmma_runs, qgemv.qmma_matmul, qmma.glu_epilogue = new
 
 
 def main(argv: list[str] | None = None) -> int:

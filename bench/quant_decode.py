@@ -11,9 +11,9 @@ B, as llama.cpp's Q4_0 files keep it in Q6_K; q4_k_m, q5_k_m: the formats llama-
 each tensor in those mixes (attn_v and ffn_down in Q6_K in half the layers, the head in Q6_K).
 --v1-formats: decode again with the first kernel (kernels/qgemv.py) for these formats' one-row
 GEMVs instead of the v2 kernel (graphs captured again), to time the two on the same model in one
-call. --triton-too, --split-rows, --one-half, --unfused-silu: likewise with one rule of the
-tensor-core kernel (kernels/qmma.py) changed: off, split-K only from some rows, CTAs of 32 rows,
-SiLU*up after the kernel.
+call. --triton-too, --split-rows, --unfused-silu: likewise with one rule of the tensor-core
+kernel (kernels/qmma.py) changed: off, split-K only from some rows, SiLU*up after the kernel (and
+so CTAs of 32 rows everywhere).
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
@@ -478,17 +478,6 @@ def split_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float)
     return rows
 
 
-def one_half_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--one-half: decode again with the tensor-core kernel's CTAs of 32 rows only
-    (`qmma.cta_halves` 1, so no SiLU*up epilogue either)."""
-    from llm.backends.torch.kernels import qmma
-
-    if not args.one_half or backend.graphs is None:
-        return []
-    return patched_rows(backend, name, fmt_name, args, bw, qmma, "cta_halves",
-                        lambda *a, **k: 1, "CTAs of 32 rows only")
-
-
 def unfused_silu_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--unfused-silu: decode again with the tensor-core kernel's SiLU*up epilogue off
     (`qmma.glu_epilogue` False: the gate/up product, then `silu_mul`)."""
@@ -563,9 +552,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-rows", default="",
                    help="comma list of rows of x: decode again with the tensor-core kernel's "
                         "split-K only from that many rows (17: never), an A/B of split-K")
-    p.add_argument("--one-half", action="store_true",
-                   help="decode again with the tensor-core kernel's CTAs of 32 rows only "
-                        "(qmma.cta_halves 1), an A/B of the 64-row CTAs")
     p.add_argument("--unfused-silu", action="store_true",
                    help="decode again with the tensor-core kernel's SiLU*up epilogue off "
                         "(qmma.glu_epilogue False), an A/B of that epilogue")
@@ -594,7 +580,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows += v1_rows(backend, name, fmt_name, args, bw)
                 rows += triton_rows(backend, name, fmt_name, args, bw)
                 rows += split_rows(backend, name, fmt_name, args, bw)
-                rows += one_half_rows(backend, name, fmt_name, args, bw)
                 rows += unfused_silu_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()

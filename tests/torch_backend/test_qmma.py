@@ -298,11 +298,22 @@ def test_the_rule() -> None:
     with pytest.raises(ValueError, match="weights, not q2_k"):
         kernel_name("q2_k", 4)
     assert kernel_name("q4_0", 16, glu=True) == "q4_0_mma_m16_glu"
+    assert kernel_name("q4_0", 16, 2, glu=True) == "q4_0_mma_m16_glu"
+    assert kernel_name("q8_0", 2, 2) == "q8_0_mma_m8_h2"
+    assert kernel_name("q8_0", 2, split=True) == "q8_0_mma_m8_s"
+    assert kernel_name("q8_0", 9, 2, True) == "q8_0_mma_m16_h2_s"
+    for bad in ({"halves": 3}, {"halves": 1, "glu": True}, {"split": True, "glu": True}):
+        with pytest.raises(ValueError, match="1 or 2 halves"):
+            kernel_name("q4_0", 4, **bad)
     src = qmma.kernel_source("q6_k_mma_m16", 3)
     assert src.startswith("#define STAGES_N 3\n")
-    assert src.endswith("KERNEL(q6_k_mma_m16, Q6_K, 2, 0, 0)\n")
+    assert src.endswith("KERNEL(q6_k_mma_m16, Q6_K, 2, 0, 1, 0, 0)\n")
     glu = qmma.kernel_source("q4_0_mma_m8_glu", 2)
-    assert glu.endswith("KERNEL(q4_0_mma_m8_glu, Q4_0, 1, 0, 1)\n")
+    assert glu.endswith("KERNEL(q4_0_mma_m8_glu, Q4_0, 1, 0, 2, 0, 1)\n")
+    both = qmma.kernel_source("q5_k_mma_m1_h2_s", 4)
+    assert both.endswith("KERNEL(q5_k_mma_m1_h2_s, Q5_K, 1, 1, 2, 1, 0)\n")
+    with pytest.raises(ValueError, match="no tensor-core kernel is named q4_0_mma_m8_x"):
+        qmma.kernel_source("q4_0_mma_m8_x", 2)
 
 
 def test_splits_along_k() -> None:

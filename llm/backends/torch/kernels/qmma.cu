@@ -32,14 +32,16 @@
 // Each warp streams its quads' codes, high bits and scales into its own ring of STAGES shared-
 // memory buffers by cp.async (16-byte copies; the scales 8 or 4 bytes) and reads its words from
 // there (rows padded: no bank conflicts). The warps' sums meet in shared memory in warp order:
-// the result does not depend on timing. Split-K (gridDim.y = S > 1, for grids smaller than the
-// GPU): CTA (i, s) takes the s-th of S ranges of K's quads; each writes its float32 sum to part
-// [S][M][N] and counts itself in cnt[i] (zero before the launch); the last to arrive adds the S
-// sums in split order, writes y and sets cnt[i] to 0 again. A CTA covers H (1 or 2) halves of
-// 32 rows, W / H warps a half over the same K shares, so each share's x is read from the L2 once
-// for 32 H rows. The _glu kernels (GLU; H = 2, no split) put SiLU*up in the epilogue: half 0
-// takes 32 gate rows i.., half 1 the up rows I + i.. of a fused [2I, K] gate/up weight, y is
-// [M, I]. With PDL the first quads' copies start before the kernel before it has finished.
+// the result does not depend on timing. Split-K (SPLIT, the _s kernels; gridDim.y = S, for
+// grids smaller than the GPU): CTA (i, s) takes the s-th of S ranges of K's quads; each writes
+// its float32 sum to part [S][M][N] and counts itself in cnt[i] (zero before the launch); the
+// last to arrive adds the S sums in split order, writes y and sets cnt[i] to 0 again. A CTA
+// covers H halves of 32 rows (H = 2: the _h2 kernels), W / H warps a half over the same K
+// shares, so each share's x is read from the L2 once for 32 H rows. Both are template
+// parameters: the plain kernel (H = 1, no split) carries none of their code. The _glu kernels
+// (GLU; H = 2, no split) put SiLU*up in the epilogue: half 0 takes 32 gate rows i.., half 1 the
+// up rows I + i.. of a fused [2I, K] gate/up weight, y is [M, I]. With PDL the first quads'
+// copies start before the kernel before it has finished.
 template <unsigned BASE>  // bytes 0, 1 of w -> bf16x2 BASE:byte (0x43: 128 + b, 0x45: 16 (128 + b))
 __device__ __forceinline__ unsigned lo2(unsigned w) {
   unsigned d; asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(d) : "r"(w), "r"(BASE * 0x01010101u));
@@ -281,14 +283,14 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
     }
   }
 }
-template <int F, int NT, bool ONE, bool GLU>
+template <int F, int NT, bool ONE, int H, bool SPLIT, bool GLU>
 __device__ __forceinline__ void qmma(
     const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs,
     const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1,
     const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3,
     const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq,
-    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, int* __restrict__ cnt,
-    int H) {
+    int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part,
+    int* __restrict__ cnt) {
   extern __shared__ __align__(16) float smem[];  // the warps' partials [W][32][8 * NT] (ONE:
   // [W][32][1]), then from `ring`: [W][STAGES][stage_bytes]
   constexpr int STAGE = stage_bytes(F);
@@ -296,19 +298,16 @@ __device__ __forceinline__ void qmma(
   const int Q = K >> 7;
   const int MP = ONE ? 1 : 8 * NT;
   const int gq = lane >> 2, t = lane & 3;
-  // H row halves of 32 a CTA, WK warps each: warp (half, kw) takes the half's 32 rows over the
-  // kw-th share of the split's quads; the halves' warps of one share read the same x (the L1)
-  // (H is 1 or 2, so no division here: the prologue stays as short as with one half)
-  const int WK = (GLU || H == 2) ? W >> 1 : W, half = warp >= WK, kw = warp - half * WK;
-  // split-K: CTA (blockIdx.x, split) takes SQ quads of K from s_lo, its warps a share each
-  const int S = GLU ? 1 : gridDim.y, split = GLU ? 0 : blockIdx.y;  // GLU: never split
-  int s_lo = 0, SQ = Q;
-  if (S > 1) {  // uniform: one division chain fewer where the launch has no split
-    s_lo = (unsigned)(Q * split) / S;
-    SQ = (unsigned)(Q * (split + 1)) / S - s_lo;
-  }
-  const int q_lo = s_lo + (unsigned)(SQ * kw) / WK;
-  const int q_hi = s_lo + (unsigned)(SQ * (kw + 1)) / WK, n = q_hi - q_lo;
+  // H (compile time: 1 or 2) row halves of 32 a CTA, WK warps each: warp (half, kw) takes the
+  // half's 32 rows over the kw-th share of the split's quads; the halves' warps of one share read
+  // the same x (the L1). One half and no split compile to the plain kernel's prologue.
+  const int WK = H == 2 ? W >> 1 : W, half = H == 2 ? warp >= WK : 0;
+  const int kw = H == 2 ? warp - half * WK : warp;
+  // split-K (SPLIT): CTA (blockIdx.x, split) takes SQ quads of K from s_lo, its warps a share each
+  const int S = SPLIT ? gridDim.y : 1, split = SPLIT ? blockIdx.y : 0;
+  const int s_lo = SPLIT ? (unsigned)(Q * split) / S : 0;
+  const int SQ = SPLIT ? (unsigned)(Q * (split + 1)) / S - s_lo : Q;
+  const int q_lo = s_lo + SQ * kw / WK, q_hi = s_lo + SQ * (kw + 1) / WK, n = q_hi - q_lo;
   const int SX = (4 * W * 32 * MP + 15) & ~15;
   unsigned char* ring = reinterpret_cast<unsigned char*>(smem) + SX + warp * STAGES * STAGE;
   const unsigned ring_s = (unsigned)__cvta_generic_to_shared(ring);
@@ -406,15 +405,15 @@ __device__ __forceinline__ void qmma(
     return;
   }
   // the CTA's row 32 h + r is row r of half h's warps (h * WK ..); loops of constant bounds
-  const size_t N = (size_t)gridDim.x * 32 * H, col0 = (size_t)blockIdx.x * 32 * H;
-  if (S > 1) {  // this split's sum to part [S][M][N], then the last CTA of the CTA's rows adds up
+  const int N = gridDim.x * 32 * H;
+  if (SPLIT) {  // this split's sum to part [S][M][N], then the last CTA of the CTA's rows adds up
     for (int h = 0; h < H; ++h)
       for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
         const int r = i / MP, m = i - r * MP;
         if (m >= M) continue;
         float s = 0.f;
         for (int w = h * WK; w < h * WK + WK; ++w) s += wp[(w * 32 + r) * MP + m];
-        part[((size_t)split * M + m) * N + col0 + 32 * h + r] = s;
+        part[(size_t)(split * M + m) * N + blockIdx.x * 32 * H + 32 * h + r] = s;
       }
     __syncthreads();  // the CTA's partials, seen by thread 0, go before its arrival (a fence)
     __shared__ int last;
@@ -430,25 +429,28 @@ __device__ __forceinline__ void qmma(
     for (int i = threadIdx.x; i < 32 * MP; i += blockDim.x) {
       const int r = i / MP, m = i - r * MP;
       if (m >= M) continue;
-      const size_t col = col0 + 32 * h + r;
+      const int col = blockIdx.x * 32 * H + 32 * h + r;
       float s = 0.f;
-      if (S == 1) {
+      if (!SPLIT) {
         for (int w = h * WK; w < h * WK + WK; ++w) s += wp[(w * 32 + r) * MP + m];
       } else {  // in split order, whichever CTA came last: the sum does not depend on timing
         for (int sp = 0; sp < S; ++sp) s += __ldcg(part + ((size_t)sp * M + m) * N + col);
       }
       y[(size_t)m * ldy + col] = (unsigned short)bf16_bits(s);
     }
-  if (S > 1 && threadIdx.x == 0) cnt[blockIdx.x] = 0;  // zero again for the next launch
+  if (SPLIT && threadIdx.x == 0) cnt[blockIdx.x] = 0;  // zero again for the next launch
 }
 #define ARGS const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs, \
     const unsigned char* __restrict__ qh, const unsigned char* __restrict__ p1, \
     const unsigned char* __restrict__ p2, const unsigned short* __restrict__ p3, \
     const unsigned short* __restrict__ p4, unsigned short* __restrict__ y, int M, int K, int ldq, \
     int ldh, int ld1, int ld2, int ldx, int ldy, float* __restrict__ part, \
-    int* __restrict__ cnt, int H
-#define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy, part, cnt, H
-// kernels/qmma.py appends the line for the kernel it compiles, e.g.
-// KERNEL(q6_k_mma_m8, Q6_K, 1, 0, 0) or KERNEL(q4_0_mma_m16_glu, Q4_0, 2, 0, 1)
-#define KERNEL(name, F, NT, ONE, GLU) \
-  extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { qmma<F, NT, ONE, GLU>(PASS); }
+    int* __restrict__ cnt
+#define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy, part, cnt
+// kernels/qmma.py appends the line for the kernel it compiles (format, tiles, ONE, H, SPLIT,
+// GLU), e.g. KERNEL(q6_k_mma_m8, Q6_K, 1, 0, 1, 0, 0) or KERNEL(q4_0_mma_m16_glu, Q4_0, 2, 0, 2,
+// 0, 1)
+#define KERNEL(name, F, NT, ONE, H, SPLIT, GLU) \
+  extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { \
+    qmma<F, NT, ONE, H, SPLIT, GLU>(PASS); \
+  }

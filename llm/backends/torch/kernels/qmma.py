@@ -86,12 +86,14 @@ def k_splits(m: int, n: int, k: int, sms: int, warps: int = WARPS, halves: int =
 
 
 def cta_halves(m: int, n: int, k: int, sms: int) -> int:
-    """Rows of a CTA in halves of 32 (1 or 2) for x of m rows and a [n, k] weight on a GPU of
-    `sms` SMs: 2 where the 64-row grid still gives about two CTAs a SM (n / 64 >= 2 sms less an
-    eighth: the gate_up projections), else 1. Two halves read x once for 64 rows; fewer CTAs
-    lose more on the narrower shapes (H100: 8B / 1B gate_up 2-13% faster, qkv and o 15-60%
-    slower; docs/performance.md, "What x's reads cost the kernel at 8..16 rows"). `m` and `k` are
-    not used by the rule."""
+    """Rows of a CTA in halves of 32 (1 or 2) that the fused gate/up launch (`glu_epilogue`)
+    may take for x of m rows and a [n, k] weight on a GPU of `sms` SMs: 2 where the 64-row grid
+    still gives about two CTAs a SM (n / 64 >= 2 sms less an eighth: the gate_up projections),
+    else 1. Two halves read x once for 64 rows; fewer CTAs lose more on the narrower shapes
+    (H100: 8B / 1B gate_up 2-13% faster, qkv and o 15-60% slower; docs/performance.md, "What x's
+    reads cost the kernel at 8..16 rows"). Other launches take one half: without the epilogue,
+    two lost on the 8B heads (7-16%) and in decode at two rows (H100, "Split-K and halves in
+    decode"). `m` and `k` are not used by the rule."""
     del m, k
     return 2 if n % (2 * ROWS) == 0 and n // (2 * ROWS) >= 2 * sms - sms // 8 else 1
 
@@ -101,8 +103,8 @@ def glu_epilogue(m: int, n: int, k: int, sms: int) -> bool:
     fused [n = 2I, k] gate/up weight (one launch, y [M, I], no `silu_mul` after it): where the
     weight already gets two halves (`cta_halves`) and no split (`k_splits`), as the epilogue
     needs (gate rows in one half, up rows in the other; both sums whole), so its sums are the
-    unfused launch's. Not yet measured: docs/performance.md, "SiLU*up in the kernel's
-    epilogue"."""
+    unfused launch's. H100, 8B Q4_0 decode 3-8% faster at 2..16 rows, 1B 5-9%
+    (docs/performance.md, "SiLU*up in the kernel's epilogue")."""
     return cta_halves(m, n, k, sms) == 2 and k_splits(m, n, k, sms, WARPS, 2) == 1
 
 
@@ -125,13 +127,19 @@ def _libcuda() -> ctypes.CDLL:
 
 
 def kernel_source(name: str, stages: int) -> str:
-    """qmma.cu with a ring of `stages` and the one kernel `name` (e.g. q6_k_mma_m8, or
-    q4_0_mma_m16_glu: SiLU*up in the epilogue) instantiated."""
+    """qmma.cu with a ring of `stages` and the one kernel `name` (`kernel_name`'s: e.g.
+    q6_k_mma_m8, q4_0_mma_m16_h2_s, or q4_0_mma_m16_glu: SiLU*up in the epilogue)
+    instantiated."""
     fmt, rows = name.rsplit("_mma_", 1)
-    glu = rows.endswith("_glu")
-    tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0)}[rows.removesuffix("_glu")]
+    rows, *flags = rows.split("_")
+    tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0)}[rows]
+    if not set(flags) <= {"h2", "s", "glu"}:
+        raise ValueError(f"no tensor-core kernel is named {name}")
+    glu = "glu" in flags
+    halves = 2 if glu or "h2" in flags else 1
     return (f"#define STAGES_N {stages}\n" + SOURCE.read_text()
-            + f"\nKERNEL({name}, {fmt.upper()}, {tiles}, {one}, {int(glu)})\n")
+            + f"\nKERNEL({name}, {fmt.upper()}, {tiles}, {one}, {halves}, {int('s' in flags)}, "
+            f"{int(glu)})\n")
 
 
 @functools.lru_cache(maxsize=64)
@@ -215,7 +223,7 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    halves = 2 if glu else cta_halves(x.shape[0], n, k, sms)
+    halves = 2 if glu else 1
     if n % (ROWS * halves):
         return False
     splits = 1 if glu else k_splits(x.shape[0], n, k, sms, WARPS, halves)
@@ -224,20 +232,26 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     if pdl and not use_pdl(x, None):
         return False
-    name = kernel_name(w.format, x.shape[0], glu)
+    name = kernel_name(w.format, x.shape[0], halves, splits > 1, glu)
     return not isinstance(_compiled(x.device.index, name, stages), Exception)
 
 
-def kernel_name(fmt: str, m: int, glu: bool = False) -> str:
+def kernel_name(fmt: str, m: int, halves: int | None = None, split: bool = False,
+                glu: bool = False) -> str:
     """The kernel for m rows of x in `fmt`: x in all of B's columns for one, 8 rows a B tile
-    above; glu: the one with SiLU*up in its epilogue (`qmma_matmul(glu=True)`)."""
+    above; `halves` 2 (_h2): CTAs of 64 rows (default 1); split (_s): split-K; glu: the one with
+    SiLU*up in its epilogue (`qmma_matmul(glu=True)`, two halves, no split)."""
     if fmt not in FORMATS:
         raise ValueError(f"the tensor-core kernel multiplies {', '.join(FORMATS)} weights, "
                          f"not {fmt}")
     if not 1 <= m <= 16:
         raise ValueError(f"the tensor-core kernel takes 1..16 rows of x, not {m}")
-    return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16")) + (
-        "_glu" if glu else "")
+    halves = (2 if glu else 1) if halves is None else halves
+    if halves not in (1, 2) or (glu and (halves != 2 or split)):
+        raise ValueError(f"a kernel has 1 or 2 halves, the glu kernel 2 and no split: got "
+                         f"halves {halves}, split {split}, glu {glu}")
+    flags = "_glu" if glu else ("_h2" if halves == 2 else "") + ("_s" if split else "")
+    return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16")) + flags
 
 
 def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, int, int]:
@@ -263,15 +277,17 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                 glu: bool = False) -> torch.Tensor:
     """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
     (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA, `halves` 1 or 2 of 32 rows a CTA
-    (default `cta_halves`; the warps split between them), `stages` >= 2 a warp's ring (default
-    `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs along K (default `k_splits`;
-    their float32 sums added in split order, kernels/splitk.py's counters) are for benchmarks).
+    (default 1, the glu launch 2; the warps split between them), `stages` >= 2 a warp's ring
+    (default `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs along K (default
+    `k_splits`; their float32 sums added in split order, kernels/splitk.py's counters) are for
+    benchmarks).
     glu: w is a fused gate/up weight [2I, K] (gate rows first) and the result silu(gate) * up
     [M, I], rounded as this product then `silu_mul` would round it (two halves, no split).
     Launched with PDL where `use_pdl`."""
     n, k = w.shape
     m = x.shape[0]
-    name = kernel_name(w.format, m, glu) if x.dim() == 2 else ""
+    if x.dim() == 2:
+        kernel_name(w.format, m)  # a format or rows of x the kernel lacks: refused first
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"qmma_matmul wants bf16 x [M, {k}], got {x.dtype} "
                          f"{tuple(x.shape)}")
@@ -290,7 +306,7 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                          f"halves {halves}, splits {splits}")
     if glu:
         halves, splits = 2, 1
-    halves = (cta_halves(m, n, k, sms) if cuda else 1) if halves is None else halves
+    halves = 1 if halves is None else halves
     if halves not in (1, 2) or warps % halves or n % (ROWS * halves):
         raise ValueError(f"halves must be 1 or 2, dividing the warps ({warps}) and N / {ROWS} "
                          f"(N = {n}), got {halves}")
@@ -307,6 +323,7 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     if splits is None:
         splits = k_splits(m, n, k, sms, warps, halves)
     stages = ring_stages(n, x.device, splits, halves) if stages is None else stages
+    name = kernel_name(w.format, m, halves, splits > 1, glu)
     smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
         raise ValueError(f"qmma_matmul of {w.format} at {m} rows with {warps} warps and "
@@ -327,7 +344,6 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
         args += [ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr())]
     else:
         args += [ctypes.c_void_p(0), ctypes.c_void_p(0)]
-    args.append(ctypes.c_int(halves))
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     attr = _LaunchAttribute(_PDL_ATTRIBUTE, b"", (ctypes.c_uint64 * 8)(1))  # allowed = 1
     gdc = use_pdl(x, pdl)
