@@ -92,8 +92,8 @@ def cta_halves(m: int, n: int, k: int, sms: int) -> int:
     else 1. Two halves read x once for 64 rows; fewer CTAs lose more on the narrower shapes
     (H100: 8B / 1B gate_up 2-13% faster, qkv and o 15-60% slower; docs/performance.md, "What x's
     reads cost the kernel at 8..16 rows"). Other launches take one half: without the epilogue,
-    two lost on the 8B heads (7-16%) and in decode at two rows (H100, "Split-K and halves in
-    decode"). `m` and `k` are not used by the rule."""
+    two lost on the 8B heads (7-16%) and in decode at two rows (H100, "Outcome: the branches on
+    the GPU"). `m` and `k` are not used by the rule."""
     del m, k
     return 2 if n % (2 * ROWS) == 0 and n // (2 * ROWS) >= 2 * sms - sms // 8 else 1
 
