@@ -449,13 +449,20 @@ def patched_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: floa
     return rows
 
 
+def tc_takes(fmt_name: str) -> bool:
+    """Whether --formats entry `fmt_name` (A or A/B) has a format or mix the tensor-core kernel
+    (kernels/qmma.py) takes."""
+    from llm.backends.torch.kernels import qmma
+
+    return bool((set(qmma.FORMATS) | set(MIXES)) & set(fmt_name.split("/")))
+
+
 def triton_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--triton-too: decode again with the tensor-core kernel (kernels/qmma.py) off, i.e.
     `qgemv`'s Triton kernels only: the A/B of that kernel in one process."""
-    from llm.backends.torch.kernels import qgemv, qmma
+    from llm.backends.torch.kernels import qgemv
 
-    takes = set(qmma.FORMATS) | set(MIXES)
-    if not args.triton_too or backend.graphs is None or not takes & set(fmt_name.split("/")):
+    if not args.triton_too or backend.graphs is None or not tc_takes(fmt_name):
         return []
     return patched_rows(backend, name, fmt_name, args, bw, qgemv, "qmma_runs",
                         lambda *a, **k: False, "Triton only")
@@ -483,8 +490,7 @@ def unfused_silu_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw:
     (`qmma.glu_epilogue` False: the gate/up product, then `silu_mul`)."""
     from llm.backends.torch.kernels import qmma
 
-    takes = set(qmma.FORMATS) | set(MIXES)
-    if not args.unfused_silu or backend.graphs is None or not takes & set(fmt_name.split("/")):
+    if not args.unfused_silu or backend.graphs is None or not tc_takes(fmt_name):
         return []
     return patched_rows(backend, name, fmt_name, args, bw, qmma, "glu_epilogue",
                         lambda *a, **k: False, "SiLU*up after the kernel")
