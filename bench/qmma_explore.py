@@ -7,8 +7,10 @@ kernel at each --warps, --halves (32-row halves a CTA), --stages (those whose sh
 and --splits along K (those with a quad of K for every warp of a split), each checked against x @
 dequantize(W).T in float64 (max relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs
 over copies of the weight > 4x the L2 (`bench.common.graph_us`). Last, per shape and rows, the best
-kernel variant against `triton`. The earlier designs (v1, v2, v4) and their H100 tables are in
-docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync".
+kernel variant against `triton` (the first timing of a shape is a warm-up, not kept: it read
+up to ~10% slow). --glu: on gate_up, also the launch with SiLU*up in its epilogue (the engine's),
+checked against silu(x @ gate.T) * (x @ up.T). The earlier designs (v1, v2, v4) and their H100
+tables are in docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync".
 
     python bench/qmma_explore.py --formats q4_0,q6_k,q8_0 --configs 8b,1b --batches 2,4,8
 """
@@ -87,13 +89,27 @@ def run(args) -> int:
                              for v, h, sp, st in dict.fromkeys(combos)
                              if qmma.shared_bytes(fmt_name, m, v, st) <= limit
                              and sp <= max(1, k // 128 // (v // h))]
+                if args.glu and lin == "gate_up":  # SiLU*up in the epilogue: two halves
+                    variants += [(f"glu w{v} st{st}",
+                                  lambda w, x=x, v=v, st=st: qmma.qmma_matmul(
+                                      x, w, warps=v, stages=st, glu=True))
+                                 for v in csv(args.warps, int) if v % 2 == 0
+                                 for st in dict.fromkeys(
+                                     qmma.ring_stages(n, device, 1, 2) if sv == "rule"
+                                     else int(sv) for sv in csv(args.stages))
+                                 if qmma.shared_bytes(fmt_name, m, v, st) <= limit]
                 if args.x_one_row and m > 1:  # every row of x the same memory (stride 0)
                     xs = x[:1].expand(m, k)
                     variants.append(("rule, x one row", lambda w, xs=xs: qmma.qmma_matmul(xs, w)))
+                glu_ref = (torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
+                           if args.glu and lin == "gate_up" else None)
+                first = variants[0][1]  # a warm-up timing, not kept: the first one after
+                graph_us([lambda w=w, f=first: f(w) for w in ws], device)  # the copies reads slow
                 times = {}
                 for label, call in variants:
                     out = call(w0)
-                    want = ref[:1].expand(m, n) if label.endswith("x one row") else ref
+                    want = (ref[:1].expand(m, n) if label.endswith("x one row")
+                            else glu_ref if label.startswith("glu ") else ref)
                     err = float((out.double() - want).abs().max() / want.abs().max())
                     us = graph_us([lambda w=w, call=call: call(w) for w in ws], device)
                     times[label] = us
@@ -133,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                    "'rule' (qmma.k_splits: the engine's)")
     p.add_argument("--halves", default="rule", help="comma list of 32-row halves a CTA (1, 2) "
                    "or 'rule' (1: the engine's for a launch without the SiLU*up epilogue)")
+    p.add_argument("--glu", action="store_true",
+                   help="on the gate_up shapes, also the launch with SiLU*up in its epilogue "
+                        "(two halves, no split; the engine's) at each even --warps and --stages")
     p.add_argument("--x-one-row", action="store_true",
                    help="also time the engine's rule with x's rows all one row of memory "
                         "(stride 0): what the reads of x through the L2 cost the kernel")

@@ -38,6 +38,7 @@ SOURCE = Path(__file__).with_name("qmma.cu")
 FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
 ROWS = 32  # rows of w a CTA (a half of the CTA where `cta_halves` gives it two)
 WARPS = 8  # warps a CTA: they split K
+NARROW_WARPS = 4  # warps a CTA of the 16-row launches over wide grids (`cta_warps`)
 STAGES = 4  # quads of groups a warp's ring holds where the grid is no larger than the GPU
 STAGES_WIDE = 2  # ... where it has more CTAs than the GPU has SMs (`ring_stages`)
 _PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
@@ -96,6 +97,20 @@ def cta_halves(m: int, n: int, k: int, sms: int) -> int:
     the GPU"). `m` and `k` are not used by the rule."""
     del m, k
     return 2 if n % (2 * ROWS) == 0 and n // (2 * ROWS) >= 2 * sms - sms // 8 else 1
+
+
+def cta_warps(m: int, n: int, k: int, sms: int, halves: int = 1) -> int:
+    """Warps of a CTA (they split its K) for x of m rows and a [n, k] weight on a GPU of `sms`
+    SMs, CTAs of `halves` x 32 rows: NARROW_WARPS where x has more than 8 rows (two B tiles),
+    the CTA one half and the grid at least two CTAs an SM without a split (n / 32 >= 2 sms,
+    k < 2n: the LM heads, a gate/up product without the epilogue), so each warp walks twice the
+    K and the partials to add are half; WARPS elsewhere (the grids of about a wave or less, qkv,
+    o, down, lose warps in flight; the two-half launches already give each half 4). H100: the
+    8B / 1B heads at 16 rows 2-17% faster, at 8 rows 5% slower to 16% faster
+    (docs/performance.md, "Four warps for the 16-row launches over wide grids")."""
+    if m > 8 and halves == 1 and k < 2 * n and n // ROWS >= 2 * sms:
+        return NARROW_WARPS
+    return WARPS
 
 
 def glu_epilogue(m: int, n: int, k: int, sms: int) -> bool:
@@ -226,9 +241,10 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
     halves = 2 if glu else 1
     if n % (ROWS * halves):
         return False
-    splits = 1 if glu else k_splits(x.shape[0], n, k, sms, WARPS, halves)
+    warps = cta_warps(x.shape[0], n, k, sms, halves)
+    splits = 1 if glu else k_splits(x.shape[0], n, k, sms, warps, halves)
     stages = ring_stages(n, x.device, splits, halves)
-    if shared_bytes(w.format, x.shape[0], stages=stages) > _shared_limit(x.device.index):
+    if shared_bytes(w.format, x.shape[0], warps, stages) > _shared_limit(x.device.index):
         return False
     if pdl and not use_pdl(x, None):
         return False
@@ -272,15 +288,15 @@ def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, i
 
 
 def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
-                warps: int = WARPS, stages: int | None = None,
+                warps: int | None = None, stages: int | None = None,
                 splits: int | None = None, halves: int | None = None,
                 glu: bool = False) -> torch.Tensor:
     """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
-    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA, `halves` 1 or 2 of 32 rows a CTA
-    (default 1, the glu launch 2; the warps split between them), `stages` >= 2 a warp's ring
-    (default `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs along K (default
-    `k_splits`; their float32 sums added in split order, kernels/splitk.py's counters) are for
-    benchmarks).
+    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA (default `cta_warps`), `halves` 1
+    or 2 of 32 rows a CTA (default 1, the glu launch 2; the warps split between them), `stages`
+    >= 2 a warp's ring (default `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs
+    along K (default `k_splits`; their float32 sums added in split order, kernels/splitk.py's
+    counters) are for benchmarks).
     glu: w is a fused gate/up weight [2I, K] (gate rows first) and the result silu(gate) * up
     [M, I], rounded as this product then `silu_mul` would round it (two halves, no split).
     Launched with PDL where `use_pdl`."""
@@ -294,10 +310,12 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     if n <= 0 or k <= 0 or n % ROWS or k % 128:
         raise ValueError(f"qmma_matmul needs N > 0, N % {ROWS} == 0, K > 0 and K % 128 == 0, "
                          f"got [{n}, {k}]")
-    if not 1 <= warps <= 8 or (stages is not None and stages < 2):
-        raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
     cuda = x.device.type == "cuda"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 0
+    if warps is None:
+        warps = cta_warps(m, n, k, sms, 2 if glu else (halves or 1))
+    if not 1 <= warps <= 8 or (stages is not None and stages < 2):
+        raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
     if glu and (n % (2 * ROWS) or warps % 2):
         raise ValueError(f"glu needs a fused [2I, K] gate/up weight with I % {ROWS} == 0 and an "
                          f"even number of warps, got N = {n}, {warps} warps")
