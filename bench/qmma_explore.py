@@ -7,10 +7,9 @@ kernel at each --warps, --halves (32-row halves a CTA), --stages (those whose sh
 and --splits along K (those with a quad of K for every warp of a split), each checked against x @
 dequantize(W).T in float64 (max relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs
 over copies of the weight > 4x the L2 (`bench.common.graph_us`). Last, per shape and rows, the best
-kernel variant against `triton` (the first timing of a shape is a warm-up, not kept: it read
-up to ~10% slow). --glu: on gate_up, also the launch with SiLU*up in its epilogue (the engine's),
-checked against silu(x @ gate.T) * (x @ up.T). The earlier designs (v1, v2, v4) and their H100
-tables are in docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync".
+kernel variant against `triton`. --glu: on gate_up, also the launch with SiLU*up in its epilogue
+(the engine's), checked against silu(x @ gate.T) * (x @ up.T). The earlier designs (v1, v2, v4)
+and their H100 tables are in docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync".
 
     python bench/qmma_explore.py --formats q4_0,q6_k,q8_0 --configs 8b,1b --batches 2,4,8
 """
@@ -103,8 +102,6 @@ def run(args) -> int:
                     variants.append(("rule, x one row", lambda w, xs=xs: qmma.qmma_matmul(xs, w)))
                 glu_ref = (torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
                            if args.glu and lin == "gate_up" else None)
-                first = variants[0][1]  # a warm-up timing, not kept: the first one after
-                graph_us([lambda w=w, f=first: f(w) for w in ws], device)  # the copies reads slow
                 times = {}
                 for label, call in variants:
                     out = call(w0)

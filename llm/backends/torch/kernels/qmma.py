@@ -105,9 +105,10 @@ def cta_warps(m: int, n: int, k: int, sms: int, halves: int = 1) -> int:
     the CTA one half and the grid at least two CTAs an SM without a split (n / 32 >= 2 sms,
     k < 2n: the LM heads, a gate/up product without the epilogue), so each warp walks twice the
     K and the partials to add are half; WARPS elsewhere (the grids of about a wave or less, qkv,
-    o, down, lose warps in flight; the two-half launches already give each half 4). H100: the
-    8B / 1B heads at 16 rows 2-17% faster, at 8 rows 5% slower to 16% faster
-    (docs/performance.md, "Four warps for the 16-row launches over wide grids")."""
+    o, down, lose warps in flight: 2-31% slower with 4; the two-half launches already give each
+    half 4). H100: the 8B / 1B heads at 16 rows 4-16% faster, decode at batch 16 +0.5% (8B Q4_0)
+    to +1.9% (1B Q8_0); at 8 rows mixed (docs/performance.md, "Four warps for the 16-row launches
+    over wide grids")."""
     if m > 8 and halves == 1 and k < 2 * n and n // ROWS >= 2 * sms:
         return NARROW_WARPS
     return WARPS
