@@ -340,17 +340,15 @@ def test_cta_halves() -> None:
 
 
 def test_cta_warps() -> None:
-    """On a 132-SM GPU four warps only for launches of 9..16 rows over grids of two CTAs a SM
-    or more without a split (the 8B and 1B LM heads, a gate/up product without the epilogue,
-    the 8B one with it); 8 for qkv, o, down, the 1B gate/up launch and 8 rows or fewer."""
+    """On a 132-SM GPU four warps only for launches of 9..16 rows over grids of two 32-row CTAs
+    a SM or more without a split (the 8B and 1B LM heads, a gate/up product without the
+    epilogue); 8 for qkv, o, down, the two-half launches and 8 rows or fewer."""
     shapes = ((128256, 4096), (128256, 2048), (28672, 4096), (16384, 2048), (6144, 4096),
               (4096, 4096), (4096, 14336), (2048, 8192), (3072, 2048), (8448, 4096))
     assert [qmma.cta_warps(16, n, k, 132) for n, k in shapes] == [4, 4, 4, 4] + [8] * 5 + [4]
     assert [qmma.cta_warps(9, n, k, 132) for n, k in shapes[:2]] == [4, 4]
     assert [qmma.cta_warps(8, n, k, 132) for n, k in shapes] == [8] * len(shapes)
-    assert qmma.cta_warps(16, 28672, 4096, 132, halves=2) == 4  # 448 CTAs of 64 rows
-    assert qmma.cta_warps(16, 16384, 2048, 132, halves=2) == 8  # 256: under two a SM
-    assert qmma.cta_warps(8, 28672, 4096, 132, halves=2) == 8
+    assert qmma.cta_warps(16, 28672, 4096, 132, halves=2) == 8
     assert qmma.cta_warps(16, 8416, 4096, 132) == 8  # 263 CTAs: under two a SM
 
 
@@ -551,8 +549,7 @@ def test_cuda_silu_mul_epilogue(m: int, fmt: str, monkeypatch) -> None:
 def test_cuda_warps_of_the_rule(fmt: str) -> None:
     """Where `cta_warps` gives 4 warps (16 rows of x over a grid of two CTAs a SM), the default
     launch is the 4-warp one, bit for bit, and both the dequantized matmul; with 8 warps the same
-    function (other sums, so only close); qgemv takes it. The same for the epilogue's launch
-    (two halves of 2 warps): the bits of `silu_mul` after the 4-warp two-half product."""
+    function (other sums, so only close); qgemv takes it."""
     g = torch.Generator().manual_seed(17 + len(fmt))
     x0 = torch.zeros(1, device=DEVICE)
     sms = torch.cuda.get_device_properties(x0.device).multi_processor_count
@@ -566,12 +563,6 @@ def test_cuda_warps_of_the_rule(fmt: str) -> None:
         assert torch.equal(y, qmma_matmul(x, w, warps=qmma.NARROW_WARPS))
         assert torch.equal(qgemv(x, w), y)
         _close_to_dequantized(qmma_matmul(x, w, warps=qmma.WARPS), x, w)
-    fused = random_quantized(fmt, 2 * n, k, g)  # a gate/up weight of 2 sms CTAs of 64 rows
-    x = (torch.randn(16, k, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
-    assert qmma.cta_warps(16, 2 * n, k, sms, halves=2) == qmma.NARROW_WARPS
-    y = qmma_matmul(x, fused, glu=True)
-    assert torch.equal(y, silu_mul(qmma_matmul(x, fused, halves=2, warps=qmma.NARROW_WARPS)))
-    assert torch.equal(qgemv_silu_mul(x, fused), y)
 
 
 @GPU

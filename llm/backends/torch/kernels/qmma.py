@@ -101,15 +101,15 @@ def cta_halves(m: int, n: int, k: int, sms: int) -> int:
 
 def cta_warps(m: int, n: int, k: int, sms: int, halves: int = 1) -> int:
     """Warps of a CTA (they split its K) for x of m rows and a [n, k] weight on a GPU of `sms`
-    SMs, CTAs of `halves` x 32 rows: NARROW_WARPS where x has more than 8 rows (two B tiles) and
-    the grid is at least two CTAs an SM without a split (n / (32 halves) >= 2 sms, k < 2n: the
-    LM heads, the 8B gate/up launch with its epilogue), so each warp walks twice the K and the
-    partials to add are half; WARPS elsewhere (grids of about a wave or less lose warps in
-    flight: qkv and o 2-31% slower with 4, the 1B gate/up launch 5-24%). H100: the 8B / 1B heads
-    at 16 rows 4-16% faster, decode at batch 16 +0.5% (8B Q4_0) to +1.9% (1B Q8_0); the 8B
-    gate/up launch 2-3%; at 8 rows mixed (docs/performance.md, "Four warps for the 16-row
-    launches over wide grids")."""
-    if m > 8 and k < 2 * n and n // (ROWS * halves) >= 2 * sms:
+    SMs, CTAs of `halves` x 32 rows: NARROW_WARPS where x has more than 8 rows (two B tiles),
+    the CTA one half and the grid at least two CTAs an SM without a split (n / 32 >= 2 sms,
+    k < 2n: the LM heads, a gate/up product without the epilogue), so each warp walks twice the
+    K and the partials to add are half; WARPS elsewhere (the grids of about a wave or less, qkv,
+    o, down, lose warps in flight: 2-31% slower with 4; the two-half launches already give each
+    half 4). H100: the 8B / 1B heads at 16 rows 4-16% faster, decode at batch 16 +0.5% (8B Q4_0)
+    to +1.9% (1B Q8_0); at 8 rows mixed (docs/performance.md, "Four warps for the 16-row launches
+    over wide grids")."""
+    if m > 8 and halves == 1 and k < 2 * n and n // ROWS >= 2 * sms:
         return NARROW_WARPS
     return WARPS
 
