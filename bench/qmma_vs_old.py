@@ -79,11 +79,13 @@ def kernels(args, old_mm) -> None:
 
 def decode(args, old_runs, old_mm) -> None:
     """Decode steps with `qgemv` routed to each kernel, alternated (the old one without the
-    SiLU*up epilogue it may lack: `qmma.glu_epilogue` False; --plain: the new one too)."""
+    SiLU*up epilogue it may lack, `qmma.glu_epilogue` False, unless --old-glu; --plain: the new
+    one without it too)."""
     new = qgemv.qmma_runs, qgemv.qmma_matmul, qmma.glu_epilogue
+    old_glu = qmma.glu_epilogue if args.old_glu else (lambda *a: False)
     for _ in range(args.repeats):
         for label, (runs, mm, glu) in (
-                ("old", (old_runs, old_mm, lambda *a: False)),
+                ("old", (old_runs, old_mm, old_glu)),
                 ("new", (qgemv.qmma_runs, new_matmul(args),
                          (lambda *a: False) if args.plain else qmma.glu_epilogue))):
             qgemv.qmma_runs, qgemv.qmma_matmul, qmma.glu_epilogue = runs, mm, glu
@@ -107,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="--decode: old / new alternations")
     p.add_argument("--plain", action="store_true",
                    help="the new kernel with one split and CTAs of 32 rows (splits=1, halves=1)")
+    p.add_argument("--old-glu", action="store_true",
+                   help="--decode: the old kernel with the SiLU*up epilogue too (where it has "
+                        "one: qmma since 2026-12-06), as the engine launches it")
+    p.add_argument("--no-shapes", action="store_true", help="--decode only, no per-shape table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("both kernels need a CUDA GPU")
     old_runs, old_mm = load_old(args.old, args.module)
-    kernels(args, old_mm)
+    if not args.no_shapes:
+        kernels(args, old_mm)
     if args.decode:
         decode(args, old_runs, old_mm)
     return 0

@@ -167,18 +167,31 @@ def loop_loads(sass: str) -> tuple[list[int], int | None]:
     return ldg, first_copy
 
 
-def sass_stats(spec: str) -> list:
-    """[spec, registers, LDL, STL, LDSM, BAR, LDG, instructions, loop step, the loop's LDG
-    indices, its first LDGSTS] of one spec."""
+def loop_mix(sass: str) -> collections.Counter:
+    """Opcodes (without their modifiers) of one step of the main loop (`loop_span`)."""
+    start, end = loop_span(sass)
+    return collections.Counter(
+        m.group(3).split(".")[0] for m in re.finditer(
+            r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+        if start <= int(m.group(1), 16) <= end)
+
+
+def _sass(spec: str) -> str:
+    """cuobjdump -sass -res-usage of one spec's cubin."""
     cubin = _qmma_cubin(spec) if spec.startswith("qmma:") else _compile(spec).asm["cubin"]
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([str(tool), "-sass", "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+        return subprocess.run([str(tool), "-sass", "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def sass_stats(spec: str, out: str) -> list:
+    """[spec, registers, LDL, STL, LDSM, BAR, LDG, instructions, loop step, the loop's LDG
+    indices, its first LDGSTS] of one spec, from its SASS `out`."""
     ops = collections.Counter(m.group(2).split(".")[0] for m in re.finditer(
         r"\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out))
     regs = re.search(r"REG:(\d+)", out)
@@ -193,14 +206,21 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G, "
                                             "tc:FORMAT:BLOCK_N:SPLITS or qmma:FORMAT:ROWS:STAGES")
+    p.add_argument("--mix", type=int, default=0, metavar="N",
+                   help="also print the N most frequent opcodes of one main-loop step per spec")
     args = p.parse_args(argv)
-    rows = [sass_stats(s) for s in args.specs]
+    sass = {s: _sass(s) for s in args.specs}
+    rows = [sass_stats(s, out) for s, out in sass.items()]
     print(f"Triton {triton.__version__}, sm_90")
     print("| kernel | registers | LDL | STL | LDSM | BAR | LDG | instructions | a loop step | "
           "the step's LDG at | its first LDGSTS at |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(v) for v in r) + " |")
+    for spec, out in sass.items() if args.mix else ():
+        mix = loop_mix(out)
+        print(f"{spec}: a loop step's {sum(mix.values())} instructions: "
+              + ", ".join(f"{op} {n}" for op, n in mix.most_common(args.mix)))
     return 0
 
 
