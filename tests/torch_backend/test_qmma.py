@@ -551,8 +551,7 @@ def test_cuda_warps_of_the_rule(fmt: str) -> None:
     launch is the 4-warp one, bit for bit, and both the dequantized matmul; with 8 warps the same
     function (other sums, so only close); qgemv takes it."""
     g = torch.Generator().manual_seed(17 + len(fmt))
-    x0 = torch.zeros(1, device=DEVICE)
-    sms = torch.cuda.get_device_properties(x0.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     n, k = 2 * sms * 32, 512
     w = random_quantized(fmt, n, k, g)
     for m in (9, 16):

@@ -313,19 +313,18 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                          f"got [{n}, {k}]")
     cuda = x.device.type == "cuda"
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 0
-    if warps is None:
-        warps = cta_warps(m, n, k, sms, 2 if glu else (halves or 1))
-    if not 1 <= warps <= 8 or (stages is not None and stages < 2):
-        raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
-    if glu and (n % (2 * ROWS) or warps % 2):
-        raise ValueError(f"glu needs a fused [2I, K] gate/up weight with I % {ROWS} == 0 and an "
-                         f"even number of warps, got N = {n}, {warps} warps")
     if glu and (halves not in (None, 2) or splits not in (None, 1)):
         raise ValueError(f"glu (SiLU*up in the epilogue) takes two halves and one split, got "
                          f"halves {halves}, splits {splits}")
     if glu:
         halves, splits = 2, 1
     halves = 1 if halves is None else halves
+    warps = cta_warps(m, n, k, sms, halves) if warps is None else warps
+    if not 1 <= warps <= 8 or (stages is not None and stages < 2):
+        raise ValueError(f"warps must be 1..8 and stages >= 2, got {warps} and {stages}")
+    if glu and (n % (2 * ROWS) or warps % 2):
+        raise ValueError(f"glu needs a fused [2I, K] gate/up weight with I % {ROWS} == 0 and an "
+                         f"even number of warps, got N = {n}, {warps} warps")
     if halves not in (1, 2) or warps % halves or n % (ROWS * halves):
         raise ValueError(f"halves must be 1 or 2, dividing the warps ({warps}) and N / {ROWS} "
                          f"(N = {n}), got {halves}")
