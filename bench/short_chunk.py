@@ -7,7 +7,8 @@ variants: ROWS:SPLITS:BLOCK_N:WARPS:STAGES ("-" = the engine's choice for that f
 L2, as in the model); the persistent counters as the engine passes them.
 
 Part 2, the chunk's GEMMs (M tokens x each linear of a layer): F.linear (cuBLAS, the engine's
-path), torch.mm on the weight stored transposed (cuBLAS's other layout), and a plain Triton
+path; on the GPU also with torch's preferred BLAS library set to cuBLASLt), torch.mm on the
+weight stored transposed (cuBLAS's other layout), and a plain Triton
 tile kernel (this script's, for exploration: BLOCK_N:BLOCK_K:STAGES:SPLIT_K, split-K by fp32
 atomics into a zeroed output, whose memset is counted). Weights rotate over copies that pass
 L2, as the model's layers do.
@@ -20,6 +21,7 @@ graph_us). docs/performance.md, "H200: the short chunk's attention and GEMMs (is
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -133,6 +135,19 @@ def attention_rows(cfg, device, dtype, start: int, n: int, max_keys: int,
     return out
 
 
+@contextmanager
+def blas_library(name: str | None):
+    """torch's preferred BLAS library set to `name` ("cublas", "cublaslt") for the block, then
+    restored; None: unchanged. It is process-wide state, so only this script's timings use it."""
+    before = torch.backends.cuda.preferred_blas_library()
+    if name is not None:
+        torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
 def gemm_rows(cfg, device, dtype, m: int, variants: list[str]) -> list[list[str]]:
     """One row per linear of a layer and path: us per call and GB/s of weight bytes."""
     h, i = cfg.hidden_size, cfg.intermediate_size
@@ -148,17 +163,21 @@ def gemm_rows(cfg, device, dtype, m: int, variants: list[str]) -> list[list[str]
         wts = [w.t().contiguous() for w in ws]
         x = torch.randn(m, k, generator=g, device=device).to(dtype)
         reference = F.linear(x, ws[0]).float()
-        paths = {"F.linear (cuBLAS)": [partial(F.linear, x, w) for w in ws],
-                 "mm on w^T (cuBLAS)": [partial(torch.mm, x, w) for w in wts]}
+        linear = [partial(F.linear, x, w) for w in ws]
+        paths = {"F.linear (cuBLAS)": linear, "mm on w^T (cuBLAS)": [
+            partial(torch.mm, x, w) for w in wts]}
+        if device.type == "cuda":
+            paths["F.linear (cuBLASLt)"] = linear
         for v in variants:
             bn, bk, st, sk = (int(f) for f in v.split(":"))
             if n % bn or k % (bk * sk):
                 continue
             paths[f"tile {v}"] = [partial(tile_mm, x, w, bn, bk, st, sk) for w in ws]
         for path, calls in paths.items():
-            got = calls[0]().float()
+            with blas_library("cublaslt" if "cuBLASLt" in path else None):
+                got = calls[0]().float()
+                us = graph_us(calls, device)
             err = ((got - reference).abs().max() / reference.abs().max()).item()
-            us = graph_us(calls, device)
             out.append([name, f"{n}x{k}", path, f"{us:.1f}", f"{nbytes / us / 1e3:.0f}",
                         f"{err:.1e}"])
     return out
