@@ -7,11 +7,11 @@ variants: ROWS:SPLITS:BLOCK_N:WARPS:STAGES ("-" = the engine's choice for that f
 L2, as in the model); the persistent counters as the engine passes them.
 
 Part 2, the chunk's GEMMs (M tokens x each linear of a layer): F.linear (cuBLAS, the engine's
-path; on the GPU also with torch's preferred BLAS library set to cuBLASLt), torch.mm on the
-weight stored transposed (cuBLAS's other layout), and a plain Triton
-tile kernel (this script's, for exploration: BLOCK_N:BLOCK_K:STAGES:SPLIT_K, split-K by fp32
-atomics into a zeroed output, whose memset is counted). Weights rotate over copies that pass
-L2, as the model's layers do.
+path; on the GPU also with torch's preferred BLAS library set to cuBLASLt, then once more as
+the first: a shape's first timing can read slow), torch.mm on the weight stored transposed
+(cuBLAS's other layout), and a plain Triton tile kernel (this script's, for exploration:
+BLOCK_N:BLOCK_K:STAGES:SPLIT_K, split-K by fp32 atomics into a zeroed output, whose memset is
+counted). Weights rotate over copies that pass L2, as the model's layers do.
 
 Both parts: us per call, the median of CUDA-graph replays of back-to-back calls (bench.common
 graph_us). docs/performance.md, "H200: the short chunk's attention and GEMMs (issue 16)":
@@ -168,6 +168,7 @@ def gemm_rows(cfg, device, dtype, m: int, variants: list[str]) -> list[list[str]
             partial(torch.mm, x, w) for w in wts]}
         if device.type == "cuda":
             paths["F.linear (cuBLASLt)"] = linear
+            paths["F.linear (cuBLAS), again"] = linear  # the first timing of a shape can read slow
         for v in variants:
             bn, bk, st, sk = (int(f) for f in v.split(":"))
             if n % bn or k % (bk * sk):
