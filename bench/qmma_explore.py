@@ -3,10 +3,11 @@
 For each format (any of qmma.FORMATS), linear shape of the configs (bench.common.SHAPES, or
 --linears of them) and row count of x: `auto` (what `qgemv` picks, the tensor-core kernel included
 where `mma_rows` says so), `triton` (qgemv's pick with that kernel left out) and the tensor-core
-kernel at each --warps, --halves (32-row halves a CTA), --stages (those whose shared memory fits)
-and --splits along K (those with a quad of K for every warp of a split), each checked against x @
-dequantize(W).T in float64 (max relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs
-over copies of the weight > 4x the L2 (`bench.common.graph_us`). Last, per shape and rows, the best
+kernel at each --warps, --halves (32-row halves a CTA), --stages (those whose shared memory fits),
+--splits along K (those with a quad of K for every warp of a split) and --occupancy (registers
+fitted to 2, 3 or 4 CTAs an SM), each checked against x @ dequantize(W).T in float64 (max
+relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs over copies of the weight > 4x
+the L2 (`bench.common.graph_us`). Last, per shape and rows, the best
 kernel variant against `triton`. --glu: on gate_up, also the launch with SiLU*up in its epilogue
 (the engine's), checked against silu(x @ gate.T) * (x @ up.T). The earlier designs (v1, v2, v4)
 and their H100 tables are in docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync".
@@ -82,17 +83,19 @@ def run(args) -> int:
                                                   if spv == "rule" else int(spv)
                                                   for spv in csv(args.splits))
                           for st in csv(args.stages)]
-                variants += [(f"mma w{v} h{h} st{st} sp{sp}",
-                              lambda w, x=x, v=v, h=h, st=st, sp=sp: qmma.qmma_matmul(
-                                  x, w, warps=v, stages=st, splits=sp, halves=h))
+                variants += [(f"mma w{v} h{h} st{st} sp{sp}" + (f" o{o}" if o != 2 else ""),
+                              lambda w, x=x, v=v, h=h, st=st, sp=sp, o=o: qmma.qmma_matmul(
+                                  x, w, warps=v, stages=st, splits=sp, halves=h, occupancy=o))
                              for v, h, sp, st in dict.fromkeys(combos)
+                             for o in csv(args.occupancy, int)
                              if qmma.shared_bytes(fmt_name, m, v, st) <= limit
                              and sp <= max(1, k // 128 // (v // h))]
                 if args.glu and lin == "gate_up":  # SiLU*up in the epilogue: two halves
-                    variants += [(f"glu w{v} st{st}",
-                                  lambda w, x=x, v=v, st=st: qmma.qmma_matmul(
-                                      x, w, warps=v, stages=st, glu=True))
+                    variants += [(f"glu w{v} st{st}" + (f" o{o}" if o != 2 else ""),
+                                  lambda w, x=x, v=v, st=st, o=o: qmma.qmma_matmul(
+                                      x, w, warps=v, stages=st, glu=True, occupancy=o))
                                  for v in csv(args.warps, int) if v % 2 == 0
+                                 for o in csv(args.occupancy, int)
                                  for st in dict.fromkeys(
                                      qmma.ring_stages(n, device, 1, 2) if sv == "rule"
                                      else int(sv) for sv in csv(args.stages))
@@ -146,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                    "'rule' (qmma.k_splits: the engine's)")
     p.add_argument("--halves", default="rule", help="comma list of 32-row halves a CTA (1, 2) "
                    "or 'rule' (1: the engine's for a launch without the SiLU*up epilogue)")
+    p.add_argument("--occupancy", default="2",
+                   help="comma list of CTAs of 256 threads an SM the kernel's registers are "
+                   "fitted to (2: 128 a thread, the engine's; 3: 85; 4: 64, spills allowed)")
     p.add_argument("--glu", action="store_true",
                    help="on the gate_up shapes, also the launch with SiLU*up in its epilogue "
                         "(two halves, no split; the engine's) at each even --warps and --stages")

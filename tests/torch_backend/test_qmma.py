@@ -307,13 +307,22 @@ def test_the_rule() -> None:
             kernel_name("q4_0", 4, **bad)
     src = qmma.kernel_source("q6_k_mma_m16", 3)
     assert src.startswith("#define STAGES_N 3\n")
-    assert src.endswith("KERNEL(q6_k_mma_m16, Q6_K, 2, 0, 1, 0, 0)\n")
+    assert src.endswith("KERNEL(q6_k_mma_m16, Q6_K, 2, 0, 1, 0, 0, 2)\n")
     glu = qmma.kernel_source("q4_0_mma_m8_glu", 2)
-    assert glu.endswith("KERNEL(q4_0_mma_m8_glu, Q4_0, 1, 0, 2, 0, 1)\n")
+    assert glu.endswith("KERNEL(q4_0_mma_m8_glu, Q4_0, 1, 0, 2, 0, 1, 2)\n")
     both = qmma.kernel_source("q5_k_mma_m1_h2_s", 4)
-    assert both.endswith("KERNEL(q5_k_mma_m1_h2_s, Q5_K, 1, 1, 2, 1, 0)\n")
+    assert both.endswith("KERNEL(q5_k_mma_m1_h2_s, Q5_K, 1, 1, 2, 1, 0, 2)\n")
     with pytest.raises(ValueError, match="no tensor-core kernel is named q4_0_mma_m8_x"):
         qmma.kernel_source("q4_0_mma_m8_x", 2)
+    assert kernel_name("q4_0", 8, occupancy=3) == "q4_0_mma_m8_o3"
+    assert kernel_name("q8_0", 9, 1, True, occupancy=4) == "q8_0_mma_m16_s_o4"
+    assert kernel_name("q4_0", 8, occupancy=qmma.OCCUPANCY) == "q4_0_mma_m8"
+    with pytest.raises(ValueError, match="occupancy must be one of 2, 3, 4, got 5"):
+        kernel_name("q4_0", 8, occupancy=5)
+    o3 = qmma.kernel_source("q4_0_mma_m16_glu_o3", 2)
+    assert o3.endswith("KERNEL(q4_0_mma_m16_glu_o3, Q4_0, 2, 0, 2, 0, 1, 3)\n")
+    with pytest.raises(ValueError, match="no tensor-core kernel is named q4_0_mma_m8_o3_o4"):
+        qmma.kernel_source("q4_0_mma_m8_o3_o4", 2)
 
 
 def test_splits_along_k() -> None:
@@ -562,6 +571,21 @@ def test_cuda_warps_of_the_rule(fmt: str) -> None:
         assert torch.equal(y, qmma_matmul(x, w, warps=qmma.NARROW_WARPS))
         assert torch.equal(qgemv(x, w), y)
         _close_to_dequantized(qmma_matmul(x, w, warps=qmma.WARPS), x, w)
+
+
+@GPU
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0"])
+def test_cuda_occupancy_keeps_the_bits(fmt: str) -> None:
+    """Registers fitted to 3 or 4 CTAs an SM (spills allowed) change no sum: the default
+    kernel's bits at 2, 8 and 16 rows, split-K and the epilogue's launch included."""
+    g = torch.Generator().manual_seed(23 + len(fmt))
+    w = random_quantized(fmt, 512, 2048, g)
+    for m in (2, 8, 16):
+        x = (torch.randn(m, 2048, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
+        for kw in ({}, {"splits": 2}, {"glu": True}):
+            y = qmma_matmul(x, w, **kw)
+            for occ in (3, 4):
+                assert torch.equal(qmma_matmul(x, w, occupancy=occ, **kw), y), (m, kw, occ)
 
 
 @GPU

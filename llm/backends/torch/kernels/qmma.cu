@@ -448,9 +448,10 @@ __device__ __forceinline__ void qmma(
     int* __restrict__ cnt
 #define PASS x, qs, qh, p1, p2, p3, p4, y, M, K, ldq, ldh, ld1, ld2, ldx, ldy, part, cnt
 // kernels/qmma.py appends the line for the kernel it compiles (format, tiles, ONE, H, SPLIT,
-// GLU), e.g. KERNEL(q6_k_mma_m8, Q6_K, 1, 0, 1, 0, 0) or KERNEL(q4_0_mma_m16_glu, Q4_0, 2, 0, 2,
-// 0, 1)
-#define KERNEL(name, F, NT, ONE, H, SPLIT, GLU) \
-  extern "C" __global__ void __launch_bounds__(256, 2) name(ARGS) { \
+// GLU, OCC: CTAs of 256 threads an SM that ptxas fits the registers to, 2 -> 128 a thread),
+// e.g. KERNEL(q6_k_mma_m8, Q6_K, 1, 0, 1, 0, 0, 2) or KERNEL(q4_0_mma_m16_glu, Q4_0, 2, 0, 2,
+// 0, 1, 2)
+#define KERNEL(name, F, NT, ONE, H, SPLIT, GLU, OCC) \
+  extern "C" __global__ void __launch_bounds__(256, OCC) name(ARGS) { \
     qmma<F, NT, ONE, H, SPLIT, GLU>(PASS); \
   }

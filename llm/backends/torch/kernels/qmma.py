@@ -41,6 +41,8 @@ WARPS = 8  # warps a CTA: they split K
 NARROW_WARPS = 4  # warps a CTA of the 16-row launches over wide grids (`cta_warps`)
 STAGES = 4  # quads of groups a warp's ring holds where the grid is no larger than the GPU
 STAGES_WIDE = 2  # ... where it has more CTAs than the GPU has SMs (`ring_stages`)
+OCCUPANCY = 2  # CTAs of 256 threads an SM the registers are fitted to (128 a thread)
+OCCUPANCY_FLAGS = ("o3", "o4")  # kernel-name flags of the other fits (85, 64 registers)
 _PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
@@ -144,18 +146,19 @@ def _libcuda() -> ctypes.CDLL:
 
 def kernel_source(name: str, stages: int) -> str:
     """qmma.cu with a ring of `stages` and the one kernel `name` (`kernel_name`'s: e.g.
-    q6_k_mma_m8, q4_0_mma_m16_h2_s, or q4_0_mma_m16_glu: SiLU*up in the epilogue)
-    instantiated."""
+    q6_k_mma_m8, q4_0_mma_m16_h2_s, q4_0_mma_m16_glu: SiLU*up in the epilogue, or
+    q4_0_mma_m8_o3: registers fitted to 3 CTAs of 256 threads an SM) instantiated."""
     fmt, rows = name.rsplit("_mma_", 1)
     rows, *flags = rows.split("_")
     tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0)}[rows]
-    if not set(flags) <= {"h2", "s", "glu"}:
+    occ = [f for f in flags if f in OCCUPANCY_FLAGS]
+    if not set(flags) - set(occ) <= {"h2", "s", "glu"} or len(occ) > 1:
         raise ValueError(f"no tensor-core kernel is named {name}")
     glu = "glu" in flags
     halves = 2 if glu or "h2" in flags else 1
     return (f"#define STAGES_N {stages}\n" + SOURCE.read_text()
             + f"\nKERNEL({name}, {fmt.upper()}, {tiles}, {one}, {halves}, {int('s' in flags)}, "
-            f"{int(glu)})\n")
+            f"{int(glu)}, {int(occ[0][1:]) if occ else OCCUPANCY})\n")
 
 
 @functools.lru_cache(maxsize=64)
@@ -254,10 +257,11 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
 
 
 def kernel_name(fmt: str, m: int, halves: int | None = None, split: bool = False,
-                glu: bool = False) -> str:
+                glu: bool = False, occupancy: int = 2) -> str:
     """The kernel for m rows of x in `fmt`: x in all of B's columns for one, 8 rows a B tile
     above; `halves` 2 (_h2): CTAs of 64 rows (default 1); split (_s): split-K; glu: the one with
-    SiLU*up in its epilogue (`qmma_matmul(glu=True)`, two halves, no split)."""
+    SiLU*up in its epilogue (`qmma_matmul(glu=True)`, two halves, no split); occupancy (_oN
+    where not OCCUPANCY): the CTAs of 256 threads an SM that ptxas fits its registers to."""
     if fmt not in FORMATS:
         raise ValueError(f"the tensor-core kernel multiplies {', '.join(FORMATS)} weights, "
                          f"not {fmt}")
@@ -267,7 +271,11 @@ def kernel_name(fmt: str, m: int, halves: int | None = None, split: bool = False
     if halves not in (1, 2) or (glu and (halves != 2 or split)):
         raise ValueError(f"a kernel has 1 or 2 halves, the glu kernel 2 and no split: got "
                          f"halves {halves}, split {split}, glu {glu}")
+    if f"o{occupancy}" not in OCCUPANCY_FLAGS and occupancy != OCCUPANCY:
+        raise ValueError(f"occupancy must be one of {OCCUPANCY}, "
+                         f"{', '.join(f[1:] for f in OCCUPANCY_FLAGS)}, got {occupancy}")
     flags = "_glu" if glu else ("_h2" if halves == 2 else "") + ("_s" if split else "")
+    flags += "" if occupancy == OCCUPANCY else f"_o{occupancy}"
     return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16")) + flags
 
 
@@ -291,20 +299,20 @@ def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, i
 def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                 warps: int | None = None, stages: int | None = None,
                 splits: int | None = None, halves: int | None = None,
-                glu: bool = False) -> torch.Tensor:
+                glu: bool = False, occupancy: int = OCCUPANCY) -> torch.Tensor:
     """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
     (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA (default `cta_warps`), `halves` 1
     or 2 of 32 rows a CTA (default 1, the glu launch 2; the warps split between them), `stages`
     >= 2 a warp's ring (default `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs
     along K (default `k_splits`; their float32 sums added in split order, kernels/splitk.py's
-    counters) are for benchmarks).
+    counters) and `occupancy` (`kernel_name`'s) are for benchmarks).
     glu: w is a fused gate/up weight [2I, K] (gate rows first) and the result silu(gate) * up
     [M, I], rounded as this product then `silu_mul` would round it (two halves, no split).
     Launched with PDL where `use_pdl`."""
     n, k = w.shape
     m = x.shape[0]
-    if x.dim() == 2:
-        kernel_name(w.format, m)  # a format or rows of x the kernel lacks: refused first
+    if x.dim() == 2:  # a format, rows of x or an occupancy the kernel lacks: refused first
+        kernel_name(w.format, m, occupancy=occupancy)
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"qmma_matmul wants bf16 x [M, {k}], got {x.dtype} "
                          f"{tuple(x.shape)}")
@@ -341,7 +349,7 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
     if splits is None:
         splits = k_splits(m, n, k, sms, warps, halves)
     stages = ring_stages(n, x.device, splits, halves) if stages is None else stages
-    name = kernel_name(w.format, m, halves, splits > 1, glu)
+    name = kernel_name(w.format, m, halves, splits > 1, glu, occupancy)
     smem = shared_bytes(w.format, m, warps, stages)
     if smem > _shared_limit(x.device.index):
         raise ValueError(f"qmma_matmul of {w.format} at {m} rows with {warps} warps and "
