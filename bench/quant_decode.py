@@ -11,9 +11,10 @@ B, as llama.cpp's Q4_0 files keep it in Q6_K; q4_k_m, q5_k_m: the formats llama-
 each tensor in those mixes (attn_v and ffn_down in Q6_K in half the layers, the head in Q6_K).
 --v1-formats: decode again with the first kernel (kernels/qgemv.py) for these formats' one-row
 GEMVs instead of the v2 kernel (graphs captured again), to time the two on the same model in one
-call. --triton-too, --split-rows, --unfused-silu, --eight-warps: likewise with one rule of the
-tensor-core kernel (kernels/qmma.py) changed: off, split-K only from some rows, SiLU*up after the
-kernel (and so CTAs of 32 rows everywhere), 8 warps on every launch.
+call. --triton-too, --split-rows, --unfused-silu, --eight-warps, --occupancy: likewise with one
+rule of the tensor-core kernel (kernels/qmma.py) changed: off, split-K only from some rows, SiLU*up
+after the kernel (and so CTAs of 32 rows everywhere), 8 warps on every launch, registers fitted
+to more CTAs an SM.
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
@@ -507,6 +508,32 @@ def eight_warps_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: 
                         lambda *a, **k: qmma.WARPS, "8 warps everywhere")
 
 
+def occupancy_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--occupancy N: decode again with each tensor-core launch's registers fitted to N CTAs of
+    256 threads an SM (`qmma_matmul(occupancy=N)`) where that many of its CTAs' shared memory
+    fit an SM, else the engine's fit: an A/B of the occupancy."""
+    from llm.backends.torch.kernels import qgemv, qmma
+
+    if not args.occupancy or backend.graphs is None or not tc_takes(fmt_name):
+        return []
+    engine = qgemv.qmma_matmul
+
+    def launch(x, w, pdl=None, glu=False):
+        props = torch.cuda.get_device_properties(x.device)
+        (m, k), n, halves = x.shape, w.shape[0], 2 if glu else 1
+        warps = qmma.cta_warps(m, n, k, props.multi_processor_count, halves)
+        splits = 1 if glu else qmma.k_splits(m, n, k, props.multi_processor_count, warps, halves)
+        stages = qmma.ring_stages(n, x.device, splits, halves)
+        ctas = args.occupancy * 8 // warps  # CTAs of this launch an SM would then hold
+        smem = qmma.shared_bytes(w.format, m, warps, stages) + 1024  # + the CTA's reserved KB
+        per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        occupancy = args.occupancy if ctas * smem <= per_sm else qmma.OCCUPANCY
+        return engine(x, w, pdl, glu=glu, occupancy=occupancy)
+
+    return patched_rows(backend, name, fmt_name, args, bw, qgemv, "qmma_matmul", launch,
+                        f"occupancy {args.occupancy} where it fits")
+
+
 def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
     """--gguf: each file's tensors as stored (weights="stored"; dense ones in bf16)."""
     from pathlib import Path
@@ -575,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eight-warps", action="store_true",
                    help="decode again with the tensor-core kernel at 8 warps on every launch "
                         "(qmma.cta_warps 8), an A/B of four warps on the wide 16-row launches")
+    p.add_argument("--occupancy", type=int, choices=(3, 4), default=None,
+                   help="decode again with the tensor-core kernel's registers fitted to this "
+                        "many CTAs an SM where their shared memory fits (qmma_matmul "
+                        "occupancy), an A/B of the engine's 2")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -608,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += split_rows(backend, name, fmt_name, args, bw)
                 rows += unfused_silu_rows(backend, name, fmt_name, args, bw)
                 rows += eight_warps_rows(backend, name, fmt_name, args, bw)
+                rows += occupancy_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":
