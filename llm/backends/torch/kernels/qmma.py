@@ -257,7 +257,7 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
 
 
 def kernel_name(fmt: str, m: int, halves: int | None = None, split: bool = False,
-                glu: bool = False, occupancy: int = 2) -> str:
+                glu: bool = False, occupancy: int = OCCUPANCY) -> str:
     """The kernel for m rows of x in `fmt`: x in all of B's columns for one, 8 rows a B tile
     above; `halves` 2 (_h2): CTAs of 64 rows (default 1); split (_s): split-K; glu: the one with
     SiLU*up in its epilogue (`qmma_matmul(glu=True)`, two halves, no split); occupancy (_oN
