@@ -45,6 +45,11 @@ from bench.quant_decode import (  # noqa: E402
 from llm.backends.torch.kernels import qgemv, qmma  # noqa: E402
 
 
+def occupancy_tag(occupancy: int) -> str:
+    """A variant label's suffix for a kernel whose registers fit `occupancy` CTAs an SM."""
+    return "" if occupancy == qmma.OCCUPANCY else f" o{occupancy}"
+
+
 def triton_only(x: torch.Tensor, w) -> torch.Tensor:
     """`qgemv`'s pick among its Triton kernels (the tensor-core kernel turned off)."""
     with mock.patch.object(qgemv, "qmma_runs", lambda *a, **k: False):
@@ -84,7 +89,7 @@ def run(args) -> int:
                                                   if spv == "rule" else int(spv)
                                                   for spv in csv(args.splits))
                           for st in csv(args.stages)]
-                variants += [(f"mma w{v} h{h} st{st} sp{sp}" + (f" o{o}" if o != 2 else ""),
+                variants += [(f"mma w{v} h{h} st{st} sp{sp}" + occupancy_tag(o),
                               lambda w, x=x, v=v, h=h, st=st, sp=sp, o=o: qmma.qmma_matmul(
                                   x, w, warps=v, stages=st, splits=sp, halves=h, occupancy=o))
                              for v, h, sp, st in dict.fromkeys(combos)
@@ -92,7 +97,7 @@ def run(args) -> int:
                              if qmma.shared_bytes(fmt_name, m, v, st) <= limit
                              and sp <= max(1, k // 128 // (v // h))]
                 if args.glu and lin == "gate_up":  # SiLU*up in the epilogue: two halves
-                    variants += [(f"glu w{v} st{st}" + (f" o{o}" if o != 2 else ""),
+                    variants += [(f"glu w{v} st{st}" + occupancy_tag(o),
                                   lambda w, x=x, v=v, st=st, o=o: qmma.qmma_matmul(
                                       x, w, warps=v, stages=st, glu=True, occupancy=o))
                                  for v in csv(args.warps, int) if v % 2 == 0

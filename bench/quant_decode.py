@@ -519,14 +519,12 @@ def occupancy_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: fl
     engine = qgemv.qmma_matmul
 
     def launch(x, w, pdl=None, glu=False):
-        props = torch.cuda.get_device_properties(x.device)
-        (m, k), n, halves = x.shape, w.shape[0], 2 if glu else 1
-        warps = qmma.cta_warps(m, n, k, props.multi_processor_count, halves)
-        splits = 1 if glu else qmma.k_splits(m, n, k, props.multi_processor_count, warps, halves)
-        stages = qmma.ring_stages(n, x.device, splits, halves)
-        ctas = args.occupancy * 8 // warps  # CTAs of this launch an SM would then hold
+        (m, k), n = x.shape, w.shape[0]
+        _, warps, _, stages = qmma.launch_shape(m, n, k, x.device, glu)
+        ctas = args.occupancy * 8 // warps  # the bound counts CTAs of 8 warps (256 threads)
         smem = qmma.shared_bytes(w.format, m, warps, stages) + 1024  # + the CTA's reserved KB
-        per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        per_sm = getattr(torch.cuda.get_device_properties(x.device),
+                         "shared_memory_per_multiprocessor", 228 * 1024)
         occupancy = args.occupancy if ctas * smem <= per_sm else qmma.OCCUPANCY
         return engine(x, w, pdl, glu=glu, occupancy=occupancy)
 

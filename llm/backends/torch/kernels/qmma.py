@@ -223,6 +223,18 @@ def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
             and p["d"].stride(0) == p["dmin"].stride(0))
 
 
+def launch_shape(m: int, n: int, k: int, device: torch.device,
+                 glu: bool = False) -> tuple[int, int, int, int]:
+    """(halves, warps, splits, stages) of the engine's launch for x of m rows and a [n, k]
+    weight on `device` (`qmma_matmul`'s defaults): glu two halves and one split, else one half,
+    `cta_warps`, `k_splits` and `ring_stages`."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    halves = 2 if glu else 1
+    warps = cta_warps(m, n, k, sms, halves)
+    splits = 1 if glu else k_splits(m, n, k, sms, warps, halves)
+    return halves, warps, splits, ring_stages(n, device, splits, halves)
+
+
 def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
               pdl: bool | None = None, glu: bool = False) -> bool:
     """Whether `qgemv` takes this kernel for x [M, K] @ w.T: an NVIDIA GPU of compute capability
@@ -241,13 +253,9 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 8:
         return False
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    halves = 2 if glu else 1
-    if n % (ROWS * halves):
+    if n % (ROWS * (2 if glu else 1)):
         return False
-    warps = cta_warps(x.shape[0], n, k, sms, halves)
-    splits = 1 if glu else k_splits(x.shape[0], n, k, sms, warps, halves)
-    stages = ring_stages(n, x.device, splits, halves)
+    halves, warps, splits, stages = launch_shape(x.shape[0], n, k, x.device, glu)
     if shared_bytes(w.format, x.shape[0], warps, stages) > _shared_limit(x.device.index):
         return False
     if pdl and not use_pdl(x, None):
