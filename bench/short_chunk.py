@@ -2,11 +2,9 @@
 shared-prefix benchmark), its two largest costs one at a time, random data of a model's shapes.
 
 Part 1, the paged prefill attention of one layer (kernels/paged_prefill.py) under launch
-variants: ROWS:SPLITS:BLOCK_N:WARPS:STAGES[:FLAGS] ("-" = the engine's choice for that field,
-e.g. -:-:-:4:- is the engine's launch; FLAGS: A / a the next key block loaded ahead or not, M / m
-the partials' maxima and sums merged at once or split by split, absent: the engine's choice).
-Each layer has its own pools (the keys come from DRAM, not L2, as in the model); the persistent
-counters as the engine passes them.
+variants: ROWS:SPLITS:BLOCK_N:WARPS:STAGES ("-" = the engine's choice for that field, e.g.
+-:-:-:4:- is the engine's launch). Each layer has its own pools (the keys come from DRAM, not
+L2, as in the model); the persistent counters as the engine passes them.
 
 Part 2, the chunk's GEMMs (M tokens x each linear of a layer): F.linear (cuBLAS, the engine's
 path; on the GPU also with torch's preferred BLAS library set to cuBLASLt, then once more as
@@ -126,19 +124,14 @@ def attention_rows(cfg, device, dtype, start: int, n: int, max_keys: int,
                   else int(f[1]))
         kw = dict(rows=rows, block_n=block_n, splits=splits, counters=counters,
                   num_warps=int(f[3]), num_stages=None if f[4] == "-" else int(f[4]))
-        flags = f[5] if len(f) > 5 else ""
-        if "A" in flags or "a" in flags:
-            kw["ahead"] = "A" in flags
-        if "M" in flags or "m" in flags:
-            kw["merge_at_once"] = "M" in flags
         calls = [partial(paged_prefill_attention, q, k, v, row, start_t, scale, **kw)
                  for q, (k, v) in zip(qs, pools)]
         got = calls[0]()
         reference = got if reference is None else reference
         err = (got.float() - reference.float()).abs().max().item()
         us = graph_us(calls, device)
-        out.append([variant, str(rows), str(splits), str(block_n), f[3], f[4], flags or "-",
-                    f"{us:.1f}", f"{err:.1e}"])
+        out.append([variant, str(rows), str(splits), str(block_n), f[3], f[4], f"{us:.1f}",
+                    f"{err:.1e}"])
     return out
 
 
@@ -200,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-keys", type=int, default=2048,
                    help="keys the page row holds (the engine's splits depend on it)")
     p.add_argument("--attention", default=ATTENTION_VARIANTS,
-                   help="comma list of ROWS:SPLITS:BLOCK_N:WARPS:STAGES[:FLAGS] ('-': the "
-                   "engine's; FLAGS: A/a ahead or not, M/m merge at once or not)")
+                   help="comma list of ROWS:SPLITS:BLOCK_N:WARPS:STAGES ('-': the engine's)")
     p.add_argument("--gemm", default=GEMM_VARIANTS,
                    help="comma list of Triton tile variants BLOCK_N:BLOCK_K:STAGES:SPLIT_K "
                    "('': no GEMMs)")
@@ -217,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SHAPES[name]
         max_keys = min(args.max_keys, 128) if args.smoke else args.max_keys
         print(f"## {name}: attention of one layer, {n} tokens at {start}, {max_keys} keys held")
-        print_table(["variant", "rows", "splits", "block_n", "warps", "stages", "flags",
-                     "us/layer", "max abs diff vs first"],
+        print_table(["variant", "rows", "splits", "block_n", "warps", "stages", "us/layer",
+                     "max abs diff vs first"],
                     attention_rows(cfg, device, dtype, start, n, max_keys,
                                    csv(args.attention), n_sm))
         if not args.gemm:

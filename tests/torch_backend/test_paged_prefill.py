@@ -128,40 +128,6 @@ def test_split_keys_match_the_eager_sdpa_path(nh, n_kv, hd, page, start, s, spli
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("nh, n_kv, hd, page", [(8, 2, 64, 8), (6, 2, 128, 16)])
-@pytest.mark.parametrize("start, s", [(0, 13), (13, 8), (70, 20)])
-@pytest.mark.parametrize("splits", [1, 3, 5])
-def test_ahead_and_merge_at_once_keep_the_bits(nh, n_kv, hd, page, start, s, splits) -> None:
-    """The next key block loaded ahead and the partials' maxima and sums merged at once are
-    the same arithmetic in the same order: fp32 outputs equal to the plain launch's, bit for bit,
-    over splits with one, several or no key blocks (5: padded to 8 with masked partials) and
-    pages smaller than and equal to a key block."""
-    q, kp, vp, row = _case(nh, n_kv, hd, page, start, s, torch.float32, seed=7)
-    kw = dict(rows=max(16, nh // n_kv), block_n=16, splits=splits)
-    want = _run(q, kp, vp, row, start, 0.2, **kw)
-    assert not want.isnan().any()
-    for ahead, at_once in ((True, False), (False, True), (True, True)):
-        got = _run(q, kp, vp, row, start, 0.2, ahead=ahead, merge_at_once=at_once, **kw)
-        assert torch.equal(got, want), (ahead, at_once)
-
-
-@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 and the compiled kernel need a GPU")
-@pytest.mark.parametrize("start, s", [(1536, 64), (256, 256), (0, 64)])
-def test_ahead_and_merge_at_once_keep_the_bits_compiled(start: int, s: int) -> None:
-    """The same on the GPU at 1B shapes in bf16, with the engine's tiling and splits."""
-    nh, n_kv, hd, page = 32, 8, 64, 32
-    g = torch.Generator().manual_seed(4)
-    kp = torch.randn(80, n_kv, page, hd, generator=g).to(DEVICE, torch.bfloat16)
-    vp = torch.randn(80, n_kv, page, hd, generator=g).to(DEVICE, torch.bfloat16)
-    row = (torch.randperm(79, generator=g)[:64] + 1).to(DEVICE)
-    q = torch.randn(s, nh, hd, generator=g).to(DEVICE, torch.bfloat16)
-    n_sm = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-    want = _run(q, kp, vp, row, start, 0.125, n_sm=n_sm, ahead=False, merge_at_once=False)
-    for ahead, at_once in ((True, False), (False, True), (True, True)):
-        got = _run(q, kp, vp, row, start, 0.125, n_sm=n_sm, ahead=ahead, merge_at_once=at_once)
-        assert torch.equal(got, want), (ahead, at_once)
-
-
 def test_split_runs_are_deterministic_and_leave_the_counters_zero() -> None:
     """Two launches with one persistent counter buffer (as a CUDA graph replays): the kernel
     leaves it zero, and the second launch has the first one's bits; the default split count for

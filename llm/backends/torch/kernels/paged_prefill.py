@@ -42,8 +42,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, row_ptr, start_ptr, out_ptr, acc_ptr, m
                     scale, n_tokens, stride_qn, stride_qh, stride_kp, stride_kh, stride_kt,
                     stride_on, stride_oh, GROUP: tl.constexpr, ROWS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SPLITS: tl.constexpr, IEEE: tl.constexpr, AHEAD: tl.constexpr,
-                    MERGE_P2: tl.constexpr):
+                    SPLITS: tl.constexpr, IEEE: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -66,27 +65,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, row_ptr, start_ptr, out_ptr, acc_ptr, m
     lo = split * per * BLOCK_N  # split 0 holds key 0, which every row sees: its m is finite
     hi = tl.minimum(lo + per * BLOCK_N, end)  # lo >= hi: no keys, the neutral partial
     n = tl.arange(0, BLOCK_N)
-    head_off = kvh * stride_kh
-    # below hi, a key is live iff it is below end (hi is end or a block boundary before it)
-    if AHEAD:  # block lo's keys and values, and the page numbers of the block after it
-        k, v = _key_block(k_ptr, v_ptr, row_ptr, lo + n, lo + n < hi, head_off,
-                          stride_kp, stride_kt, d, PAGE)
-        j_n = lo + BLOCK_N + n
-        page_n = tl.load(row_ptr + j_n // PAGE, mask=j_n < hi, other=0)
     for j0 in tl.range(lo, hi, BLOCK_N):
         j = j0 + n  # [BLOCK_N] key positions
         inside = j < end
-        if AHEAD:  # the next block's loads in flight while this one is computed
-            j_n = j0 + BLOCK_N + n
-            live_n = j_n < hi
-            off_n = (page_n.to(tl.int64) * stride_kp + head_off + (j_n % PAGE) * stride_kt)
-            k_n = tl.load(k_ptr + off_n[:, None] + d[None, :], mask=live_n[:, None], other=0.0)
-            v_n = tl.load(v_ptr + off_n[:, None] + d[None, :], mask=live_n[:, None], other=0.0)
-            j_nn = j_n + BLOCK_N
-            page_n = tl.load(row_ptr + j_nn // PAGE, mask=j_nn < hi, other=0)
-        else:
-            k, v = _key_block(k_ptr, v_ptr, row_ptr, j, inside, head_off, stride_kp, stride_kt,
-                              d, PAGE)  # [BLOCK_N, HD] each
+        page = tl.load(row_ptr + j // PAGE, mask=inside, other=0).to(tl.int64)
+        off = (page * stride_kp + kvh * stride_kh + (j % PAGE) * stride_kt)[:, None] + d[None, :]
+        k = tl.load(k_ptr + off, mask=inside[:, None], other=0.0)  # [BLOCK_N, HD]
+        v = tl.load(v_ptr + off, mask=inside[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, BLOCK_N]
         else:
@@ -103,38 +88,21 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, row_ptr, start_ptr, out_ptr, acc_ptr, m
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-        if AHEAD:
-            k = k_n
-            v = v_n
     dst = out_ptr + tok64[:, None] * stride_on + head[:, None] * stride_oh + d[None, :]
     if SPLITS == 1:
         tl.store(dst, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
     else:
         _store_merged(acc, m, lsum, dst, live, acc_ptr, ml_ptr, cnt_ptr,
-                      tile * tl.num_programs(1) + kvh, split, SPLITS, ROWS, HEAD_DIM, MERGE_P2)
-
-
-@triton.jit
-def _key_block(k_ptr, v_ptr, row_ptr, j, live, head_off, stride_kp, stride_kt, d,
-               PAGE: tl.constexpr):
-    """The keys and values at positions j [BLOCK_N] (zeros where not live) of one KV head,
-    through the user's page row -> two [BLOCK_N, HD]."""
-    page = tl.load(row_ptr + j // PAGE, mask=live, other=0).to(tl.int64)
-    off = (page * stride_kp + head_off + (j % PAGE) * stride_kt)[:, None] + d[None, :]
-    return (tl.load(k_ptr + off, mask=live[:, None], other=0.0),
-            tl.load(v_ptr + off, mask=live[:, None], other=0.0))
+                      tile * tl.num_programs(1) + kvh, split, SPLITS, ROWS, HEAD_DIM)
 
 
 @triton.jit
 def _store_merged(acc, m, lsum, dst, live, acc_ptr, ml_ptr, cnt_ptr, pair, split,
-                  SPLITS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  MERGE_P2: tl.constexpr):
+                  SPLITS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Write this split's partial state (acc [ROWS, HD], m and lsum [ROWS]) to the scratch; the
     last of the pair's (tile, KV head) SPLITS programs to arrive merges all of them in split
     order (the same sums whatever the arrival order), stores the output and resets the pair's
-    counter to 0 for the next launch (a persistent counter serves every graph replay).
-    MERGE_P2: 0, the partials' maxima and sums are loaded split by split; else a power of two
-    >= SPLITS, all of them in two loads of [MERGE_P2, ROWS] (the same values, the same bits)."""
+    counter to 0 for the next launch (a persistent counter serves every graph replay)."""
     r = tl.arange(0, ROWS)
     d = tl.arange(0, HEAD_DIM)
     first = pair.to(tl.int64) * SPLITS  # the pair's first partial slot
@@ -145,41 +113,20 @@ def _store_merged(acc, m, lsum, dst, live, acc_ptr, ml_ptr, cnt_ptr, pair, split
     tl.debug_barrier()  # all of this program's partial is written before the release below
     ticket = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel")
     if ticket == SPLITS - 1:  # the other splits' partials are visible (acquire)
+        top = tl.full([ROWS], float("-inf"), tl.float32)
+        for sp in tl.static_range(SPLITS):  # split 0 saw key 0 in every row: top is finite
+            top = tl.maximum(top, tl.load(ml_ptr + (first + sp) * 2 * ROWS + r,
+                                          cache_modifier=".cg"))
         num = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         den = tl.zeros([ROWS], tl.float32)
-        if MERGE_P2 > 0:
-            sp = tl.arange(0, MERGE_P2)
-            at = (first + sp)[:, None] * 2 * ROWS + r[None, :]  # [MERGE_P2, ROWS]
-            ok = (sp < SPLITS)[:, None]
-            ms = tl.load(ml_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            ls = tl.load(ml_ptr + at + ROWS, mask=ok, other=0.0, cache_modifier=".cg")
-            top = tl.max(ms, axis=0)  # split 0 saw key 0 in every row: finite
-            for k in tl.static_range(SPLITS):  # a split without keys weighs exp(-inf) = 0
-                mine = sp[:, None] == k
-                w = tl.exp(tl.max(tl.where(mine, ms, float("-inf")), axis=0) - top)
-                den += tl.sum(tl.where(mine, ls, 0.0), axis=0) * w
-                num += _partial(acc_ptr, first + k, r, d, ROWS, HEAD_DIM) * w[:, None]
-        else:
-            top = tl.full([ROWS], float("-inf"), tl.float32)
-            for k in tl.static_range(SPLITS):  # split 0 saw key 0 in every row: top is finite
-                top = tl.maximum(top, tl.load(ml_ptr + (first + k) * 2 * ROWS + r,
-                                              cache_modifier=".cg"))
-            for k in tl.static_range(SPLITS):  # a split without keys weighs exp(-inf) = 0
-                w = tl.exp(tl.load(ml_ptr + (first + k) * 2 * ROWS + r, cache_modifier=".cg")
-                           - top)
-                den += tl.load(ml_ptr + ((first + k) * 2 + 1) * ROWS + r,
-                               cache_modifier=".cg") * w
-                num += _partial(acc_ptr, first + k, r, d, ROWS, HEAD_DIM) * w[:, None]
+        for sp in tl.static_range(SPLITS):  # a split without keys weighs exp(-inf) = 0
+            w = tl.exp(tl.load(ml_ptr + (first + sp) * 2 * ROWS + r, cache_modifier=".cg") - top)
+            den += tl.load(ml_ptr + ((first + sp) * 2 + 1) * ROWS + r, cache_modifier=".cg") * w
+            part = tl.load(acc_ptr + ((first + sp) * ROWS + r[:, None]) * HEAD_DIM + d[None, :],
+                           cache_modifier=".cg")  # [ROWS, HD]
+            num += part * w[:, None]
         tl.store(dst, (num / den[:, None]).to(dst.dtype.element_ty), mask=live[:, None])
         tl.atomic_xchg(cnt_ptr + pair, 0)
-
-
-@triton.jit
-def _partial(acc_ptr, slot, r, d, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One split's unnormalized output [ROWS, HD] from the scratch (L2, not L1: other programs
-    wrote it)."""
-    return tl.load(acc_ptr + (slot * ROWS + r[:, None]) * HEAD_DIM + d[None, :],
-                   cache_modifier=".cg")
 
 
 def rows_per_program(n_tokens: int, group: int, n_kv: int, n_sm: int) -> int:
@@ -210,8 +157,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                             rows: int | None = None, block_n: int = 64, n_sm: int = 1,
                             splits: int | None = None,
                             counters: torch.Tensor | None = None, num_warps: int = 4,
-                            num_stages: int | None = None, ahead: bool | None = None,
-                            merge_at_once: bool = True) -> torch.Tensor:
+                            num_stages: int | None = None) -> torch.Tensor:
     """q [S, nh, hd] (rotated) of tokens at positions start..start+S-1; pools [num_blocks, n_kv,
     block, hd] holding their K/V already; page_row [max_pages] int the user's pages; start [1]
     int on the device -> attention output [S, nh, hd] in q's dtype.
@@ -222,10 +168,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     zeros, at least one per (tile, KV head), left zero by the kernel: pass a persistent one to
     save the zeroing of a fresh one (a memset) per call when splits > 1; num_warps, num_stages:
     Triton's launch options (num_stages: the key loop's software pipeline, default 3 unsplit,
-    SPLIT_STAGES split); ahead: each step loads the next key block and the page numbers of the
-    one after it before computing its own (a prefetch by hand; default: where the loop is not
-    software-pipelined, num_stages 1); merge_at_once: the merging split loads all partial maxima
-    and sums in one go. Neither changes a bit of the output.
+    SPLIT_STAGES split).
     """
     s, nh, hd = q.shape
     _, n_kv, page, _ = k_pool.shape
@@ -245,7 +188,6 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         raise ValueError(f"splits must be >= 1, got {splits}")
     if num_stages is None:
         num_stages = SPLIT_STAGES if splits > 1 else 3
-    ahead = num_stages == 1 if ahead is None else ahead
     out = torch.empty_like(q)
     acc = ml = cnt = out  # unused when splits == 1
     if splits > 1:
@@ -256,9 +198,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         q, k_pool, v_pool, page_row, start, out, acc, ml, cnt, scale, s, q.stride(0),
         q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), out.stride(0),
         out.stride(1), GROUP=group, ROWS=rows, HEAD_DIM=hd, PAGE=page, BLOCK_N=block_n,
-        SPLITS=splits, IEEE=q.dtype == torch.float32, AHEAD=ahead,
-        MERGE_P2=triton.next_power_of_2(splits) if merge_at_once else 0, num_warps=num_warps,
-        num_stages=num_stages)
+        SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
