@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from llm.backends.torch.runner import TorchBackend  # noqa: E402
+from llm.model.checkpoint.common import CheckpointError  # noqa: E402
 from llm.model.checkpoint.load import load_checkpoint, quantize_matrix  # noqa: E402
 from llm.model.config import RuntimeConfig  # noqa: E402
 from llm.model.paths import default_cache_dir  # noqa: E402
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="Hugging Face directory")
     p.add_argument("--text", type=Path, default=ROOT / "demos" / "data" / "eval_text.txt")
-    p.add_argument("--groups", default="32,64", help="comma list of int4 group sizes")
+    p.add_argument("--groups", default="32,64",
+                   help="comma list of int4 group sizes ('default': the loader's, 128 or 64 / 32 "
+                   "where a matrix's width needs it)")
     p.add_argument("--window", type=int, default=512)
     args = p.parse_args(argv)
     ev = eval_demo()
@@ -65,18 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for kind in KINDS:
         names = [n for n in base.tensors if n.endswith(f".{kind}.weight")]
-        for group in (int(g) for g in args.groups.split(",")):
+        for group in (None if g == "default" else int(g) for g in args.groups.split(",")):
             tensors = dict(base.tensors)
             err = norm = 0.0
             for name in names:
                 w = base.tensors[name].float()
-                tensors[name] = quantize_matrix(name, w, "int4", group=group)
+                try:
+                    tensors[name] = quantize_matrix(name, w, "int4", group=group)
+                except CheckpointError as e:  # a group that does not divide the width
+                    print(f"error: {e}", file=sys.stderr)
+                    return 1
                 err += float(((tensors[name].dequantize() - w) ** 2).sum())
                 norm += float((w ** 2).sum())
             ours = TorchBackend(dataclasses.replace(base, tensors=tensors), runtime,
                                 cuda_graphs=False)
             s = ev.score(ours, reference, ids, args.window)
-            print(f"| {kind} | {group} | {math.sqrt(err / norm):.4f} | {s.ppl:.3f} | "
+            print(f"| {kind} | {group or 'default'} | {math.sqrt(err / norm):.4f} | {s.ppl:.3f} | "
                   f"{s.top1:.4f} |", flush=True)
     return 0
 
