@@ -2,6 +2,7 @@
 
     python demos/export_llama2c.py --model model.bin --tokenizer tokenizer.bin --out DIR
     python demos/export_llama2c.py --emscripten package/dist --out DIR   # the npm build below
+    python demos/export_llama2c.py --emscripten package/dist --out DIR --dtype bfloat16  # 30 MB
 
 Its use: a trained Llama-architecture model whose weights were never quantized, for issue 15's
 int8 / int4 perplexity table (demos/eval.py --weights int8 / int4), where no model hub is
@@ -49,6 +50,7 @@ from llm.model.tokenizer.gguf_vocab import (  # noqa: E402
 )
 
 HEADER = struct.Struct("<7i")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def hf_config(cfg: Llama2cConfig) -> dict:
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.seq_len,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
             "tie_word_embeddings": cfg.shared_classifier, "bos_token_id": 1, "eos_token_id": 2,
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+            "attention_bias": False, "mlp_bias": False}
 
 
 def read_vocab(path: Path, vocab_size: int) -> GGUFVocab:
@@ -183,10 +185,15 @@ def read_vocab(path: Path, vocab_size: int) -> GGUFVocab:
                      remove_extra_whitespaces=False, chat_template=None)
 
 
-def export_llama2c(model: Path, tokenizer: Path, out: Path) -> Path:
+def export_llama2c(model: Path, tokenizer: Path, out: Path, dtype: str = "float32") -> Path:
     """Convert llama2.c's `model` and `tokenizer` into the Hugging Face directory `out`, written
-    beside it under a temporary name and renamed when complete."""
-    from safetensors.numpy import save_file
+    beside it under a temporary name and renamed when complete; weights in `dtype` (float32 keeps
+    them as trained; bfloat16 rounds to nearest, half the bytes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an empty directory")
@@ -194,10 +201,12 @@ def export_llama2c(model: Path, tokenizer: Path, out: Path) -> Path:
     vocab = read_vocab(tokenizer, cfg.vocab_size)
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(hf_tensors(cfg, read_weights(model, cfg)), str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    tensors = {k: torch.from_numpy(v).to(getattr(torch, dtype))
+               for k, v in hf_tensors(cfg, read_weights(model, cfg)).items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "model.safetensors").chmod(0o666 & ~umask())  # safetensors writes 0600
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps({**hf_config(cfg), "torch_dtype": dtype},
+                                                indent=2) + "\n")
     (tmp / "tokenizer.model").write_bytes(build_spm_model_proto(vocab))
     (tmp / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
@@ -239,16 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emscripten", type=Path,
                    help="a directory with llama2.js and llama2.data (instead of the two above)")
     p.add_argument("--out", type=Path, required=True, help="directory to write (new or empty)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="dtype of the written weights (float32: as trained)")
     args = p.parse_args(argv)
     if (args.emscripten is None) == (args.model is None or args.tokenizer is None):
         p.error("give --model and --tokenizer, or --emscripten")
     try:
         if args.emscripten is None:
-            out = export_llama2c(args.model, args.tokenizer, args.out)
+            out = export_llama2c(args.model, args.tokenizer, args.out, args.dtype)
         else:  # the two files only for the conversion, beside the output (the same disk)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:
-                out = export_llama2c(*split_emscripten(args.emscripten, Path(tmp)), args.out)
+                out = export_llama2c(*split_emscripten(args.emscripten, Path(tmp)), args.out,
+                                     args.dtype)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

