@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -166,7 +167,10 @@ def read_vocab(path: Path, vocab_size: int) -> GGUFVocab:
         score, n = struct.unpack_from("<fi", data, at)
         if n < 0 or at + 8 + n > len(data):
             raise ValueError(f"{path}: token {i} claims {n} bytes past the file's end")
-        text = data[at + 8:at + 8 + n].decode("utf-8")
+        try:
+            text = data[at + 8:at + 8 + n].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: token {i} is not UTF-8 ({e})") from e
         at += 8 + n
         byte = f"<0x{i - 3:02X}>" if 3 <= i < 259 else None
         if byte is not None and text in (byte, chr(i - 3)):  # a byte piece, as text or itself
@@ -187,8 +191,9 @@ def read_vocab(path: Path, vocab_size: int) -> GGUFVocab:
 
 def export_llama2c(model: Path, tokenizer: Path, out: Path, dtype: str = "float32") -> Path:
     """Convert llama2.c's `model` and `tokenizer` into the Hugging Face directory `out`, written
-    beside it under a temporary name and renamed when complete; weights in `dtype` (float32 keeps
-    them as trained; bfloat16 rounds to nearest, half the bytes)."""
+    beside it in a temporary directory (removed if anything fails) and renamed when complete;
+    weights in `dtype` (float32 keeps them as trained; bfloat16 rounds to nearest, half the
+    bytes)."""
     import torch
     from safetensors.torch import save_file
 
@@ -199,22 +204,28 @@ def export_llama2c(model: Path, tokenizer: Path, out: Path, dtype: str = "float3
         raise ValueError(f"{out}: exists and is not an empty directory")
     cfg = read_config(model)
     vocab = read_vocab(tokenizer, cfg.vocab_size)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {k: torch.from_numpy(v).to(getattr(torch, dtype))
-               for k, v in hf_tensors(cfg, read_weights(model, cfg)).items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "model.safetensors").chmod(0o666 & ~umask())  # safetensors writes 0600
-    (tmp / "config.json").write_text(json.dumps({**hf_config(cfg), "torch_dtype": dtype},
-                                                indent=2) + "\n")
-    (tmp / "tokenizer.model").write_bytes(build_spm_model_proto(vocab))
-    (tmp / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": cfg.seq_len}, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    try:
+        tensors = {k: torch.from_numpy(v).to(getattr(torch, dtype))
+                   for k, v in hf_tensors(cfg, read_weights(model, cfg)).items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for file in tmp.iterdir():  # mkdtemp and safetensors make them 0700 / 0600
+            file.chmod(0o666 & ~umask())
+        tmp.chmod(0o777 & ~umask())
+        (tmp / "config.json").write_text(json.dumps({**hf_config(cfg), "torch_dtype": dtype},
+                                                    indent=2) + "\n")
+        (tmp / "tokenizer.model").write_bytes(build_spm_model_proto(vocab))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "model_max_length": cfg.seq_len}, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -251,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the written weights (float32: as trained)")
     args = p.parse_args(argv)
-    if (args.emscripten is None) == (args.model is None or args.tokenizer is None):
+    if args.emscripten is not None and (args.model or args.tokenizer):
+        p.error("--emscripten reads the model and the tokenizer from the package: give it "
+                "without --model / --tokenizer")
+    if args.emscripten is None and (args.model is None or args.tokenizer is None):
         p.error("give --model and --tokenizer, or --emscripten")
     try:
         if args.emscripten is None:
