@@ -154,6 +154,8 @@ def main() -> int:
     p.add_argument("--suffix-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="the engine's slots (demos/benchmark_serving.py's default is 16)")
     p.add_argument("--client", default="httpx", choices=sorted(bs.CLIENTS))
     p.add_argument("--cache", default="both", choices=["on", "off", "both"],
                    help="serve with the prefix cache, without it, or both in turn")
@@ -171,7 +173,7 @@ def main() -> int:
         args.random, args.device, args.dtype = "1b", "cpu", "float32"
     if args.prefix_tokens is None:
         args.prefix_tokens = 512 if args.smoke else 1536
-    defaults = dict(model=None, model_name="m", max_batch=4, max_queue=64,
+    defaults = dict(model=None, model_name="m", max_queue=64,
                     max_seq_len=args.prefix_tokens + args.suffix_tokens + args.max_tokens,
                     concurrency=[1], clients_in_process=False)
     for k, v in defaults.items():
