@@ -49,7 +49,12 @@ from llm.engine.contract.backend import Backend, DecodeInput, PrefillInput, Sequ
 from llm.engine.contract.sampling_params import SamplingParams  # noqa: E402
 from llm.engine.drive import decode_together  # noqa: E402
 from llm.engine.paged_kv import PageTable, PageTableSpec  # noqa: E402
-from llm.model.checkpoint.common import Checkpoint, expected_tensors  # noqa: E402
+from llm.model.checkpoint.common import (  # noqa: E402
+    QUANTIZE_MODES,
+    WEIGHT_MODES,
+    Checkpoint,
+    expected_tensors,
+)
 from llm.model.checkpoint.load import load_checkpoint, quantize_matrices  # noqa: E402
 from llm.model.config import ModelConfig, RuntimeConfig  # noqa: E402
 from llm.model.paths import default_model_path  # noqa: E402
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU: run N competing busy processes (`while True: pass`) for the whole "
                         "benchmark, stopped at its end, also on error or Ctrl-C")
     p.add_argument("--weights", default="auto",
-                   choices=["auto", "dequantize", "stored", "int8", "int4"],
+                   choices=["auto", *WEIGHT_MODES],
                    help="our engine's weights (as LLM(weights=...)): auto = the default model's "
                         "GGUF blocks as stored on the CPU, dense on CUDA; stored: the GGUF's "
                         "blocks (default model only); int8 / int4: quantized at load. "
@@ -408,7 +413,7 @@ def make_checkpoint(name: str, device: torch.device, dtype: torch.dtype,
             raise SystemExit("--weights stored needs a GGUF (--configs default); random GGUF "
                              "blocks on the GPU: bench/quant_decode.py")
         ck = random_checkpoint(SHAPES[name], device, dtype)
-        if weights in ("int8", "int4"):
+        if weights in QUANTIZE_MODES:
             ck = Checkpoint(ck.config, quantize_matrices(ck.tensors, weights, False), ck.source)
         return ck
     if weights == "auto":

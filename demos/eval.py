@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default="stored", choices=list(WEIGHT_MODES),
                    help="how this engine holds the weights (see llm.LLM)")
     p.add_argument("--int4-group", type=int, default=None,
-                   help="with --weights int4: columns per int4 group, a multiple of 32 "
+                   help="with --weights int4 / int4_mix: columns per int4 group, a multiple of 32 "
                         "(default: 128, or 64 / 32 where a matrix's width needs it)")
     p.add_argument("--reference", default="dequantized", choices=["dequantized", "transformers"])
     p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window")
@@ -139,7 +139,7 @@ def evaluate(args: argparse.Namespace) -> Result:
             return engine_logits(ref_backend, window)
 
     s = score(ours, reference, ids, args.window)
-    weights = args.weights if args.int4_group is None else f"int4_g{args.int4_group}"
+    weights = args.weights if args.int4_group is None else f"{args.weights}_g{args.int4_group}"
     return Result(model=path.name, device=args.device, dtype=args.dtype, weights=weights,
                   reference=args.reference, tokens=s.tokens, ppl=s.ppl,
                   ppl_reference=s.ppl_reference, top1=s.top1, top5=s.top5,

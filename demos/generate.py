@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: stored on the CPU, dequantize on CUDA (with --tp too); dequantize: "
                         "all weights in --dtype; stored: a GGUF's quantized blocks as stored "
                         "(CUDA: Triton GEMVs; CPU: our C kernels in float32, torch's int4 / int8 "
-                        "kernels in bfloat16, a dense copy otherwise); int8 / int4: quantize a "
-                        "Hugging Face model at load")
+                        "kernels in bfloat16, a dense copy otherwise); int8 / int4 / int4_mix: "
+                        "quantize a Hugging Face model at load (int4_mix: int4 with v_proj and "
+                        "down_proj in int8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")

@@ -64,7 +64,7 @@ def test_stored_gguf_equals_the_dequantized_load_and_caches_small(tmp_path, qtyp
     torch.testing.assert_close(logits(stored, tokens), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4_mix"])
 def test_hf_weights_quantized_at_load_run_like_their_dequantized_values(tmp_path, mode) -> None:
     d = hf_dir(tmp_path, hf_model("llama"))
     ref = load_checkpoint(d, progress=False)
@@ -76,6 +76,24 @@ def test_hf_weights_quantized_at_load_run_like_their_dequantized_values(tmp_path
     same_values = logits(dequantized(q), tokens, native=False)
     torch.testing.assert_close(logits(q, tokens, native=False), same_values, rtol=0, atol=0)
     torch.testing.assert_close(logits(q, tokens), same_values, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_mix_keeps_v_and_down_projections_in_int8(tmp_path) -> None:
+    d = hf_dir(tmp_path, hf_model("llama"))
+    mix = load_checkpoint(d, progress=False, weights="int4_mix", int4_group=32)
+    pure = load_checkpoint(d, progress=False, weights="int4", int4_group=32)
+    wider = ("embed_tokens", "lm_head", "v_proj", "down_proj")
+    for name, t in mix.tensors.items():
+        if isinstance(t, QuantizedTensor):
+            want = "int8" if any(w in name for w in wider) else "int4_g32"
+            assert t.format == want, name
+            if want == "int4_g32":
+                assert torch.equal(t.planes["qs"], pure.tensors[name].planes["qs"]), name
+    assert {n for n, t in pure.tensors.items() if isinstance(t, QuantizedTensor)
+            and t.format == "int8"} == {"model.embed_tokens.weight", "lm_head.weight"}
+    with pytest.raises(CheckpointError, match="int4_group applies to weights='int4' or "
+                                              "'int4_mix', not 'int8'"):
+        load_checkpoint(d, progress=False, weights="int8", int4_group=32)
 
 
 def test_int8_is_much_closer_to_the_float_model_than_int4(tmp_path) -> None:

@@ -27,8 +27,8 @@ class LLM:
     point), "stored" (a GGUF's quantized blocks kept as stored: its cache entry is about the
     GGUF's size; CUDA decode runs them through a Triton GEMV; the CPU in float32 through the C
     kernels of llm/backends/torch/quant/cpu_kernels.c, in bfloat16 through torch's int4/int8
-    kernels (Q6_K as a dense copy)), "int8" / "int4" (a Hugging Face checkpoint's matrices
-    quantized at load).
+    kernels (Q6_K as a dense copy)), "int8" / "int4" / "int4_mix" (a Hugging Face
+    checkpoint's matrices quantized at load; "int4_mix" keeps v_proj and down_proj in int8).
     prefix_cache: reuse the KV pages of prompt prefixes that earlier requests computed (a shared
     system prompt, the earlier turns of a chat); outputs are bit-identical with and without it
     (see llm.engine.prefix_cache). An AsyncEngine on this LLM follows its own SchedulerConfig.

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "emulator; ttnn = real or an error; emulator = always emulated")
     p.add_argument("--weights", default="auto", choices=["auto", *WEIGHT_MODES],
                    help="how the weights are held, as `LLM(weights=)` (README): auto, dequantize, "
-                        "stored (a GGUF's blocks), int8 / int4 (an HF model quantized at load)")
+                        "stored (a GGUF's blocks), int8 / int4 / int4_mix (an HF model quantized "
+                        "at load; int4_mix: v_proj and down_proj in int8)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch on the CPU: intra-op threads (default: the cores other processes "
                         "leave free, per call); fixed N makes outputs bit-identical run to run")

@@ -45,7 +45,7 @@ KQ = ModelConfig(**_BASE, hidden_size=256, intermediate_size=512, head_dim=128, 
 # rank's q / k / v and gate / up rows are read from the fused tensor's blocks
 PHI3 = ModelConfig(**{**_BASE, "arch": "phi3"}, hidden_size=64, intermediate_size=96,
                    head_dim=32, num_heads=6, num_kv_heads=3, vocab_size=96)
-CASES = ("Q8_0", "Q4_0", "k_quants", "int4", "int8", "phi3_Q8_0")
+CASES = ("Q8_0", "Q4_0", "k_quants", "int4", "int4_mix", "int8", "phi3_Q8_0")
 
 
 def float_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -89,14 +89,15 @@ def ranks_out(tmp_path_factory) -> list[dict]:
     cases.append(dict(name="phi3_Q8_0", path=str(phi3), weights="stored",
                       cache=str(tmp / "cache-phi3")))
     hf = random_model_dir(tmp / "hf", ODD)
-    cases += [dict(name=m, path=str(hf), weights=m, cache=str(tmp / "c")) for m in ("int4", "int8")]
+    cases += [dict(name=m, path=str(hf), weights=m, cache=str(tmp / "c")) for m in ("int4", "int4_mix", "int8")]
     return spawn_ranks(quantized_models_rank, 2, tmp, cases)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_compute_the_single_process_quantized_model(ranks_out, case) -> None:
     readers = {"Q8_0": "GGUFSlices", "Q4_0": "SafetensorsSlices", "k_quants": "GGUFSlices",
-               "int8": "QuantizingSlices", "int4": "QuantizingSlices", "phi3_Q8_0": "GGUFSlices"}
+               "int8": "QuantizingSlices", "int4": "QuantizingSlices",
+               "int4_mix": "QuantizingSlices", "phi3_Q8_0": "GGUFSlices"}
     for res in ranks_out:
         got = res[case]
         assert got["reader"] == readers[case]

@@ -189,8 +189,8 @@ class BackendSpec:
     tensor_parallel: processes the model is split over (a backend without it refuses N > 1).
     weights: how the weights are held: "auto" (the backend's choice, see its `create`) or one of
     llm.model.checkpoint.common.WEIGHT_MODES ("dequantize": floating point; "stored": a GGUF's
-    quantized blocks as stored; "int8" / "int4": quantized at load). options: the backend's own
-    keyword options, each with one meaning (see its `create`).
+    quantized blocks as stored; "int8" / "int4" / "int4_mix": quantized at load). options: the
+    backend's own keyword options, each with one meaning (see its `create`).
     """
 
     model: str | Path | Checkpoint | None = None

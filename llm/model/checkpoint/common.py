@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 # How load_checkpoint hands the weights over: "dequantize" (every tensor floating point; a GGUF's
 # quantized tensors dequantized), "stored" (a GGUF's quantized tensors kept as stored), "int8" /
-# "int4" (a floating-point checkpoint's matrices quantized at load, per channel / per group).
-WEIGHT_MODES = ("dequantize", "stored", "int8", "int4")
+# "int4" (a floating-point checkpoint's matrices quantized at load, per channel / per group),
+# "int4_mix" (int4 with v_proj and down_proj in int8, the projections int4 hurts most).
+WEIGHT_MODES = ("dequantize", "stored", "int8", "int4", "int4_mix")
+QUANTIZE_MODES = ("int8", "int4", "int4_mix")  # the modes that quantize at load
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Non-persistent RoPE buffers some old exports saved: not weights (transformers ignores them too).
@@ -41,8 +43,8 @@ class Checkpoint:
     Dtypes: an HF directory keeps its file dtypes (often bf16); a GGUF gives float16/bfloat16 for
     F16/BF16 tensors, float32 for F32 ones, and for quantized ones float32 (dequantized) or, loaded
     with weights="stored", a `llm.model.quant.QuantizedTensor` holding the stored blocks (as do
-    matrices quantized at load with weights="int8" / "int4"). Backends cast float tensors to their
-    runtime dtype.
+    matrices quantized at load with weights="int8" / "int4" / "int4_mix"). Backends cast float
+    tensors to their runtime dtype.
     """
 
     config: ModelConfig

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from llm.model.checkpoint.common import (
     PICKLE_SUFFIXES,
+    QUANTIZE_MODES,
     WEIGHT_MODES,
     Checkpoint,
     CheckpointError,
@@ -38,16 +39,18 @@ def load_checkpoint(
     GGUF files are converted once and cached in `cache_dir` (default: `default_cache_dir()`).
     `progress` shows tqdm bars while hashing, converting and loading. `weights` (one of
     WEIGHT_MODES): "dequantize" gives floating-point tensors only; "stored" keeps a GGUF's
-    quantized tensors as stored (QuantizedTensor); "int8" / "int4" quantize a floating-point
-    checkpoint's 2-D weights at load (a GGUF is already quantized: use "stored"). `int4_group`:
-    with weights="int4", the group size of every int4 matrix (a multiple of 32 dividing its
-    in_features; default: `int4_group`'s choice per matrix).
+    quantized tensors as stored (QuantizedTensor); "int8" / "int4" / "int4_mix" quantize a
+    floating-point checkpoint's 2-D weights at load (a GGUF is already quantized: use "stored";
+    `matrix_mode` says which matrices of "int4" / "int4_mix" are int8). `int4_group`: with
+    weights="int4" / "int4_mix", the group size of every int4 matrix (a multiple of 32 dividing
+    its in_features; default: `int4_group`'s choice per matrix).
     """
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
                               f"{weights!r}")
-    if int4_group is not None and weights != "int4":
-        raise CheckpointError(f"int4_group applies to weights='int4', not {weights!r}")
+    if int4_group is not None and weights not in ("int4", "int4_mix"):
+        raise CheckpointError(f"int4_group applies to weights='int4' or 'int4_mix', not "
+                              f"{weights!r}")
     if int4_group is not None and (int4_group <= 0 or int4_group % INT4_PACK):
         raise CheckpointError(f"int4_group must be a positive multiple of {INT4_PACK}, got "
                               f"{int4_group}")
@@ -55,10 +58,10 @@ def load_checkpoint(
     if kind == "dir":
         config, tensors = load_hf_dir(path, progress)
         check_finite(tensors, path)
-        if weights in ("int8", "int4"):
+        if weights in QUANTIZE_MODES:
             tensors = quantize_matrices(tensors, weights, progress, int4_group)
         return Checkpoint(config=config, tensors=tensors, source=path)
-    if weights in ("int8", "int4"):
+    if weights in QUANTIZE_MODES:
         raise CheckpointError(f"{path}: weights={weights!r} quantizes a floating-point Hugging "
                               "Face checkpoint; a GGUF runs as stored (weights='stored') or "
                               "dequantized")
@@ -68,6 +71,20 @@ def load_checkpoint(
 
 
 WIDER_IN_INT4 = ("model.embed_tokens.weight", "lm_head.weight")  # int8 in "int4" mode
+# int8 in "int4_mix" too: on stories15M (docs/performance.md) v_proj alone in int4 costs +5.9%
+# perplexity, down_proj with its 128-column groups +3.0%, each other projection 0.3-1.9%
+WIDER_IN_INT4_MIX = ("self_attn.v_proj.weight", "mlp.down_proj.weight")
+
+
+def matrix_mode(name: str, mode: str) -> str:
+    """The format kind, "int8" or "int4", of matrix `name` quantized at load in `mode` (one of
+    QUANTIZE_MODES): "int4" and "int4_mix" keep the embedding and LM head in int8, "int4_mix"
+    also v_proj and down_proj."""
+    if mode == "int8" or name in WIDER_IN_INT4:
+        return "int8"
+    if mode == "int4_mix" and name.endswith(WIDER_IN_INT4_MIX):
+        return "int8"
+    return "int4"
 
 
 def quantize_matrices(tensors: dict[str, torch.Tensor], mode: str, progress: bool,
@@ -86,12 +103,13 @@ def quantize_matrix(name: str, t: torch.Tensor, mode: str, in_features: int | No
                     absmax: torch.Tensor | None = None, group: int | None = None
                     ) -> QuantizedTensor:
     """Matrix `name` (or a slice of it: rows, or columns at whole int4 groups) quantized at load:
-    "int8" per output channel; "int4" per group of `group` columns (default `int4_group`'s), with
-    the embedding and LM head in int8 (as llama.cpp's K-quant mixes keep them wider: on the
-    default model's weights, perplexity 53.4 with them in int4, 47.6 in int8, bf16 29.3;
-    demos/eval.py). in_features: the whole matrix's (default t's; it picks the int4 group).
-    absmax: for an int8 column slice, the whole rows' max |w| (`quantize_int8`)."""
-    if mode == "int8" or name in WIDER_IN_INT4:
+    "int8" per output channel; "int4" / "int4_mix" per group of `group` columns (default
+    `int4_group`'s), with the matrices `matrix_mode` names in int8 (the embedding and LM head
+    as llama.cpp's K-quant mixes keep them wider: on the default model's weights, perplexity
+    53.4 with them in int4, 47.6 in int8, bf16 29.3; demos/eval.py). in_features: the whole
+    matrix's (default t's; it picks the int4 group). absmax: for an int8 column slice, the whole
+    rows' max |w| (`quantize_int8`)."""
+    if matrix_mode(name, mode) == "int8":
         return quantize_int8(t, absmax)
     if group is None:
         group = int4_group(name, in_features or t.shape[1])

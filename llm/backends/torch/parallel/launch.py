@@ -22,11 +22,11 @@ def launch(spec: BackendSpec, build: Any) -> Backend:
     """This process's rank: a LeaderBackend on rank 0, a FollowerBackend elsewhere.
 
     build(weights, runtime, mesh) -> the rank's torch backend. "stored" keeps a GGUF's quantized
-    blocks, "int8" / "int4" quantize an HF model's slices, each rank holding only its share of the
-    quantized bytes (`llm.backends.torch.parallel.plan`). weights="auto" is as on one process:
-    "stored" on the CPU (2 gloo ranks, default model: 52 MB a rank instead of 287, decode 8.4-10.6
-    tok/s against 6.8-7.5 dequantized), "dequantize" on CUDA (stored not measured there with
-    tensor parallelism yet).
+    blocks, "int8" / "int4" / "int4_mix" quantize an HF model's slices, each rank holding only its
+    share of the quantized bytes (`llm.backends.torch.parallel.plan`). weights="auto" is as on one
+    process: "stored" on the CPU (2 gloo ranks, default model: 52 MB a rank instead of 287,
+    decode 8.4-10.6 tok/s against 6.8-7.5 dequantized), "dequantize" on CUDA (stored not
+    measured there with tensor parallelism yet).
     """
     size = spec.tensor_parallel
     if isinstance(spec.model, Checkpoint):

@@ -24,10 +24,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from llm.backends.torch.parallel.slices import WeightSlices, check_group, open_weight_slices
-from llm.model.checkpoint.common import WEIGHT_MODES, CheckpointError, expected_tensors
+from llm.model.checkpoint.common import (
+    QUANTIZE_MODES,
+    WEIGHT_MODES,
+    CheckpointError,
+    expected_tensors,
+)
 from llm.model.checkpoint.load import (
-    WIDER_IN_INT4,
     int4_group,
+    matrix_mode,
     quantize_matrix,
     resolve_checkpoint,
 )
@@ -44,7 +49,7 @@ def open_slices_as(path: str | Path, weights: str, *, cache_dir: str | Path | No
                    progress: bool = True) -> WeightSlices:
     """A `WeightSlices` giving what `load_checkpoint(path, weights=weights)` gives, in slices:
     `open_weight_slices` for "dequantize" / "stored", an HF directory's slices quantized as they
-    are read (`QuantizingSlices`) for "int8" / "int4"."""
+    are read (`QuantizingSlices`) for "int8" / "int4" / "int4_mix"."""
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
                               f"{weights!r}")
@@ -59,15 +64,17 @@ def open_slices_as(path: str | Path, weights: str, *, cache_dir: str | Path | No
 
 
 class QuantizingSlices(WeightSlices):
-    """`inner`'s float slices with every matrix quantized to `mode` ("int8" or "int4") as read.
+    """`inner`'s float slices with every matrix quantized to `mode` (one of QUANTIZE_MODES) as
+    read.
 
     row_max: the max over the ranks of each rank's [N, 1] row maxima (default: the identity, one
     rank or a reader used alone); `across(mesh)` gives the reader for a mesh.
     """
 
     def __init__(self, inner: WeightSlices, mode: str, row_max: RowMax | None = None) -> None:
-        if mode not in ("int8", "int4"):
-            raise ValueError(f"QuantizingSlices quantizes to 'int8' or 'int4', not {mode!r}")
+        if mode not in QUANTIZE_MODES:
+            raise ValueError(f"QuantizingSlices quantizes to one of {', '.join(QUANTIZE_MODES)},"
+                             f" not {mode!r}")
         self.inner, self.mode = inner, mode
         self.config, self.source = inner.config, inner.source
         self.source_sha256 = inner.source_sha256
@@ -80,7 +87,7 @@ class QuantizingSlices(WeightSlices):
 
     def column_block(self, name: str) -> tuple[int, str]:
         shape = self._shapes[name]
-        if len(shape) != 2 or self.mode == "int8" or name in WIDER_IN_INT4:
+        if len(shape) != 2 or matrix_mode(name, self.mode) == "int8":
             return (1, "int8") if len(shape) == 2 else (1, "")
         group = int4_group(name, shape[1])
         return group, int4_format(group).name
