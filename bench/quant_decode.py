@@ -71,6 +71,7 @@ from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampl
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.paged_kv import PageTable, PageTableSpec
 from llm.model.checkpoint.common import Checkpoint
+from llm.model.checkpoint.load import matrix_mode
 from llm.model.config import RuntimeConfig
 from llm.model.quant.registry import get_format
 from llm.model.quant.tensor import QuantizedTensor
@@ -256,14 +257,18 @@ def head_name(dense: Checkpoint) -> str:
 
 
 # llama-quantize's K-quant mixes: body format; attn_v and ffn_down in Q6_K in its use_more_bits
-# layers (the first and last eighth, and every third between), the LM head in Q6_K
-MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+# layers (the first and last eighth, and every third between), the LM head in Q6_K; and our
+# weights="int4_mix" (llm.model.checkpoint.load.matrix_mode: v_proj, down_proj, embedding and
+# head int8, the rest int4 in groups of 128)
+MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k", "int4_mix": "int4_g128"}
 
 
 def _mix_format(mix: str, name: str, layers: int, head: str) -> str:
     """The format llama-quantize gives tensor `name` (canonical) in the mix `mix`; head: the
     tensor the LM head multiplies by (the tied embedding, where there is no lm_head.weight, takes
     the head's Q6_K as llama-quantize gives token_embd without an output tensor)."""
+    if mix == "int4_mix":
+        return "int8" if matrix_mode(name, mix) == "int8" or name == head else MIXES[mix]
     if name == head:
         return "q6_k"
     if name.endswith(("v_proj.weight", "down_proj.weight")):
