@@ -176,7 +176,7 @@ def triton_pow2(m: int) -> int:
 
 # v2 kernels (bf16 / fp16 activations): the one-row kernel on whole 32-groups and the
 # tensor-core kernel for batches; formats they implement
-V2 = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128"]  # the tensor-core kernel's formats too
+V2 = ["q8_0", "q4_0", "q4_1", "q4_k", "int4_g128", "int8"]  # the tensor-core kernel's too
 WORDS = V2 + ["q5_0", "q5_1", "q5_k"]  # the v2 one-row kernel's (and Q6_K: test_qgemv_q6k.py)
 
 
@@ -357,7 +357,10 @@ def test_v2_kernels_are_picked_for_half_precision_only() -> None:
     w = random_quantized("q4_0", 4, 64, g)
     x = torch.randn(1, 64).to(DEVICE)
     assert not words_kernel_runs(x, w) and not tc_kernel_runs(x, w)  # fp32: the first kernel
-    assert not words_kernel_runs(x.bfloat16(), random_quantized("int8", 4, 64, g))
+    int8 = random_quantized("int8", 4, 64, g)  # since 2026-12-07, K of whole 32-groups
+    assert words_kernel_runs(x.bfloat16(), int8) and tc_kernel_runs(x.bfloat16(), int8)
+    odd = random_quantized("int8", 4, 100, g)  # int8's K need not be: the first kernel
+    assert not words_kernel_runs(x.new_zeros(1, 100).bfloat16(), odd)
     for fmt in ("q5_0", "q5_1", "q5_k", "q6_k"):  # the 5- and 6-bit formats: since 2026-12-05
         assert words_kernel_runs(x.bfloat16(), random_quantized(fmt, 4, 256, g))
     assert not tc_kernel_runs(x.half(), w)  # the tensor-core kernel takes bf16 only

@@ -89,7 +89,8 @@ def ranks_out(tmp_path_factory) -> list[dict]:
     cases.append(dict(name="phi3_Q8_0", path=str(phi3), weights="stored",
                       cache=str(tmp / "cache-phi3")))
     hf = random_model_dir(tmp / "hf", ODD)
-    cases += [dict(name=m, path=str(hf), weights=m, cache=str(tmp / "c")) for m in ("int4", "int4_mix", "int8")]
+    cases += [dict(name=m, path=str(hf), weights=m, cache=str(tmp / "c"))
+              for m in ("int4", "int4_mix", "int8")]
     return spawn_ranks(quantized_models_rank, 2, tmp, cases)
 
 

@@ -48,7 +48,7 @@ from llm.model.quant.tensor import QuantizedTensor
 # batch 16 26.2 -> 8.5 ms a step for Q4_1, 26.1 -> 9.1 for Q4_K against the first kernel); Q5_K,
 # Q6_K, Q5_0, int4_g128 (H100, 2026-12-05 19:15 UTC: 8B Q5_K batch 16 71.4 -> 18.4 ms, int4_g128
 # 23.5 -> 7.5; kernels alone 2.5-4x); Q5_1 (Q5_0's high bits with Q4_1's offset) not timed alone.
-_TC_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, INT4}
+_TC_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, 8, INT4}
 INT4_FMT = tl.constexpr(INT4)
 TC_PICKED = _TC_FAMILIES
 
@@ -154,6 +154,9 @@ def _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn, rows, live,
         d = tl.load(d_ptr + rows * s_d + g0 // 8, mask=m0, other=0.0).to(tl.float32)
         a = d * tl.load(sc_ptr + rows * s_sc + 2 * g4, mask=m4, other=0).to(tl.float32)
         c = d * tl.load(sc_ptr + rows * s_sc + 2 * g4 + 1, mask=m4, other=0).to(tl.float32)
+    elif FMT == 8:  # int8: the row's one scale for each group
+        a = tl.load(d_ptr + rows * s_d + 0 * g4, mask=m4, other=0.0)
+        c = a
     else:
         a = tl.load(d_ptr + rows * s_d + g4, mask=m4, other=0.0)  # converted by the caller
         c = a
@@ -189,7 +192,7 @@ def _tc_group(acc, d, c, sx, g, x_cols, xmask, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
     if not COMPILED:  # see _tc_codes
         x0 = x0.to(tl.float32)
         x1 = x1.to(tl.float32)
-    if FMT == 0:  # int8 codes: columns 0..15 and 16..31 of the group
+    if FMT == 0 or FMT == 8:  # int8 codes: columns 0..15 and 16..31 of the group
         at = qs_ptr + rows * s_qs + 32 * g + i16[None, :]
         a0 = _tc_codes(tl.load(at, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
         a1 = _tc_codes(tl.load(at + 16, mask=live, other=0).to(tl.int32) + 128, 128.0, COMPILED)
@@ -266,7 +269,8 @@ def _qgemm_tc_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     x_cols = x_ptr + ms[None, :] * stride_x + i16[:, None]  # [16, BLOCK_M]: x^T, 16 columns
     wait_then_release(USE_GDC)
     # the groups' coefficients loaded a step ahead; the format adds an offset times the sum of x
-    PRE: tl.constexpr = FMT == 0 or FMT == 1 or (V4 and (FMT == 5 or FMT == 6 or FMT == 7))
+    PRE: tl.constexpr = (FMT == 0 or FMT == 1 or FMT == 8
+                         or (V4 and (FMT == 5 or FMT == 6 or FMT == 7)))
     OFFSET: tl.constexpr = FMT == 2 or FMT == 4 or FMT == 5 or FMT == 6 or FMT == INT4_FMT
     if PRE:
         a_next, c_next = _step_coeffs(d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc, s_mn, rows,

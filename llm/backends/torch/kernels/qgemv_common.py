@@ -62,9 +62,12 @@ def group_coeffs(rows2, g2, mask2, d_ptr, m_ptr, sc_ptr, mn_ptr, s_d, s_m, s_sc,
     """The two coefficients `scale_sums` applies to a group's sums, as float32 (loaded once
     however many rows of x share them): Q8_0 / Q4_0 / Q5_0 (f(d[g]), unused), Q4_K / Q5_K
     (f(d[s]) * f(sc[g]), f(dmin[s]) * f(mins[g])), Q6_K (f(d[s]) * f(sc) of each 16-column
-    half), Q4_1 / Q5_1 / int4 (f(d), f(m)) of the group's scale block."""
+    half), Q4_1 / Q5_1 / int4 (f(d), f(m)) of the group's scale block, int8 (d[n], unused)."""
     if FMT == 0 or FMT == 1 or FMT == 3:
         a = load_f32(d_ptr, rows2, s_d, g2, mask2)
+        return a, a
+    if FMT == 8:  # int8: one scale a row
+        a = load_f32(d_ptr, rows2, s_d, 0 * g2, mask2)
         return a, a
     if FMT == 5 or FMT == 6:
         a = load_f32(d_ptr, rows2, s_d, g2 // 8, mask2) * load_f32(sc_ptr, rows2, s_sc, g2, mask2)
@@ -89,7 +92,7 @@ def scale_sums(S, sx, a, c, FMT: tl.constexpr, COMPILED: tl.constexpr):
     sum x (Q6_K: S, sx are the sums of x * (q - 32) over the two 16-column halves), with
     `group_coeffs`' a, c, in the order of the format's dequantize where x is one column's unit
     vector (so that one-hot x reads the exact weight back)."""
-    if FMT == 0 or FMT == 1 or FMT == 3:  # f(d[g]) * q'
+    if FMT == 0 or FMT == 1 or FMT == 3 or FMT == 8:  # f(d[g]) * q' (int8: q * d[n])
         return a * S
     if FMT == 5 or FMT == 6:  # (f(d[s]) * f(sc[g])) * q - f(dmin[s]) * f(mins[g])
         return mul_rn(a, S, COMPILED) - c * sx

@@ -108,7 +108,7 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     if 32 <= whole < block_g:
         block_g = whole
     several = groups > block_g  # chunks along K
-    if fmt == "q8_0":
+    if fmt in ("q8_0", "int8"):
         cfg = QGemvWConfig(8 if groups <= 64 else 4, block_g, 4,
                            prefetch=several or n * groups <= 4096 * 64)
     else:

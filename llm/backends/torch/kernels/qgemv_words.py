@@ -36,7 +36,7 @@ from llm.backends.torch.kernels.qgemv_words_decode import chunk_sums, decode_chu
 from llm.model.quant.tensor import QuantizedTensor
 
 # Formats of the v2 kernel (FMT ids as above): codes read as 32-bit words, x as 64-bit words.
-_WORD_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, INT4}
+_WORD_FAMILIES = {0, 1, 2, 3, 4, 5, 6, 7, 8, INT4}
 WORDS_MAX_M = 4  # rows of x one launch takes (an accumulator each)
 
 
@@ -184,7 +184,7 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     chunk: the first row of x is read once into registers for all the program's tiles (each
     program of a one-tile launch reads x whole: 8B gate_up Q8_0, 7,168 programs, ~57 MB of L2
     reads beside 122 MB of codes)."""
-    WPG: tl.constexpr = 8 if FMT == 0 else 4
+    WPG: tl.constexpr = 8 if FMT == 0 or FMT == 8 else 4
     NG: tl.constexpr = K // 32
     HAS_QH: tl.constexpr = FMT == 7 or FMT == 3 or FMT == 4 or FMT == 6  # high bits in `qh`
     HOIST: tl.constexpr = TILES > 1  # one chunk (the caller checks): x's first row read once
@@ -414,7 +414,7 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, up_row, xw.stride(0),
         y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k,
         FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
-        BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt != 0, PREFETCH=cfg.prefetch, GLU=glu,
+        BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt not in (0, 8), PREFETCH=cfg.prefetch, GLU=glu,
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, STAGES=cfg.num_stages,

@@ -152,7 +152,7 @@ def decode_chunk(w, h, js, FMT: tl.constexpr, MAGIC: tl.constexpr, COMPILED: tl.
     four repeat the first, unused); the rest: columns 4j + e (lo) and 16 + 4j + e (hi), as the
     code q' less the format's bias (Q4_0 8, Q5_0 16, Q6_K 32), or with MAGIC 0.5 + q / 256 (see
     `chunk_sums`)."""
-    if FMT == 0:  # int8 codes: word j = columns 4j .. 4j + 3
+    if FMT == 0 or FMT == 8:  # int8 codes: word j = columns 4j .. 4j + 3
         c0, c1, c2, c3 = _codes8(w, COMPILED)
         off: tl.constexpr = 8388736.0  # 2^23 + 128
         c0, c1, c2, c3 = c0 - off, c1 - off, c2 - off, c3 - off
@@ -184,7 +184,7 @@ def x_values(xrow, xmask, FMT: tl.constexpr, XF16: tl.constexpr, COMPILED: tl.co
     64-bit words 8g + j (lo) and 8g + 4 + j (hi) of group g (Q8_0: the words 8g + j only,
     returned twice). xrow: the row's words at [G, 1, WPG] offsets."""
     xl0, xl1, xl2, xl3 = _x_words(xrow, 0, xmask, XF16, COMPILED)
-    if FMT == 0:
+    if FMT == 0 or FMT == 8:
         xh0, xh1, xh2, xh3 = xl0, xl1, xl2, xl3
     else:
         xh0, xh1, xh2, xh3 = _x_words(xrow + 4, 0, xmask, XF16, COMPILED)
@@ -197,7 +197,7 @@ def chunk_sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h
     """One row of x (`x_values`) against a chunk's decoded codes (`decode_chunk`): per group and row
     of w, (S, sx) for `scale_sums`, [G, BLOCK_N] and [G, 1] (Q6_K: the two halves' sums, [G,
     BLOCK_N] each)."""
-    if FMT == 0:  # (one return statement: the branches' results differ in shape)
+    if FMT == 0 or FMT == 8:  # (one return statement: the branches' results differ in shape)
         S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3, axis=2)  # [G, BLOCK_N]
         sx = S  # Q8_0 has no offset: unused
     elif FMT == 7:
