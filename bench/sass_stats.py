@@ -57,6 +57,10 @@ def _compile(spec: str):
     types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16", "xw_ptr": "*i64",
              "qw_ptr": "*i32", "qs_ptr": "*u8", "d_ptr": "*fp16", "m_ptr": "*fp16",
              "sc_ptr": "*u8", "mn_ptr": "*u8", "p_ptr": "*fp32", "cnt_ptr": "*i32"}
+    if fmt_name == "int8":  # its scale: float32 a row
+        types["d_ptr"] = "*fp32"
+    elif fmt_name.startswith("int4_g"):  # bf16 d and m
+        types["d_ptr"] = types["m_ptr"] = "*bf16"
     if kind == "words":
         from llm.backends.torch.kernels.qgemv_words import _qgemv_w_kernel as kernel
 
