@@ -71,7 +71,7 @@ from llm.engine.contract.backend import DecodeInput, PrefillInput, SequenceSampl
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.paged_kv import PageTable, PageTableSpec
 from llm.model.checkpoint.common import Checkpoint
-from llm.model.checkpoint.load import matrix_mode
+from llm.model.checkpoint.load import int4_group, matrix_mode
 from llm.model.config import RuntimeConfig
 from llm.model.quant.registry import get_format
 from llm.model.quant.tensor import QuantizedTensor
@@ -259,16 +259,19 @@ def head_name(dense: Checkpoint) -> str:
 # llama-quantize's K-quant mixes: body format; attn_v and ffn_down in Q6_K in its use_more_bits
 # layers (the first and last eighth, and every third between), the LM head in Q6_K; and our
 # weights="int4_mix" (llm.model.checkpoint.load.matrix_mode: v_proj, down_proj, embedding and
-# head int8, the rest int4 in groups of 128)
-MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k", "int4_mix": "int4_g128"}
+# head int8, the rest int4 in the loader's groups: `int4_group`)
+MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k", "int4_mix": "int4"}
 
 
-def _mix_format(mix: str, name: str, layers: int, head: str) -> str:
-    """The format llama-quantize gives tensor `name` (canonical) in the mix `mix`; head: the
-    tensor the LM head multiplies by (the tied embedding, where there is no lm_head.weight, takes
-    the head's Q6_K as llama-quantize gives token_embd without an output tensor)."""
+def _mix_format(mix: str, name: str, layers: int, head: str, k: int) -> str:
+    """The format llama-quantize gives tensor `name` (canonical, k columns) in the mix `mix`;
+    head: the tensor the LM head multiplies by (the tied embedding, where there is no
+    lm_head.weight, takes the head's Q6_K as llama-quantize gives token_embd without an output
+    tensor). int4_mix: as the loader quantizes (`matrix_mode`, `int4_group`)."""
     if mix == "int4_mix":
-        return "int8" if matrix_mode(name, mix) == "int8" or name == head else MIXES[mix]
+        if matrix_mode(name, mix) == "int8" or name == head:
+            return "int8"
+        return f"int4_g{int4_group(name, k)}"
     if name == head:
         return "q6_k"
     if name.endswith(("v_proj.weight", "down_proj.weight")):
@@ -284,12 +287,12 @@ def quantized_checkpoint(dense: Checkpoint, fmt_name: str, device: torch.device)
     body, _, head = fmt_name.partition("/")
     g = torch.Generator(device=device).manual_seed(0)
 
-    def fmt_of(name: str) -> str:
+    def fmt_of(name: str, k: int) -> str:
         if fmt_name in MIXES:
-            return _mix_format(fmt_name, name, dense.config.num_layers, head_name(dense))
+            return _mix_format(fmt_name, name, dense.config.num_layers, head_name(dense), k)
         return head if head and name == head_name(dense) else body
 
-    tensors = {name: scaled(random_quantized(fmt_of(name), *t.shape, g, device))
+    tensors = {name: scaled(random_quantized(fmt_of(name, t.shape[1]), *t.shape, g, device))
                if t.dim() == 2 else t for name, t in dense.tensors.items()}
     return Checkpoint(dense.config, tensors, dense.source)
 

@@ -57,6 +57,8 @@ def _compile(spec: str):
     types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16", "xw_ptr": "*i64",
              "qw_ptr": "*i32", "qs_ptr": "*u8", "d_ptr": "*fp16", "m_ptr": "*fp16",
              "sc_ptr": "*u8", "mn_ptr": "*u8", "p_ptr": "*fp32", "cnt_ptr": "*i32"}
+    if fmt in (0, 8):  # Q8_0's and int8's codes are signed
+        types["qs_ptr"] = "*i8"
     if fmt_name == "int8":  # its scale: float32 a row
         types["d_ptr"] = "*fp32"
     elif fmt_name.startswith("int4_g"):  # bf16 d and m
@@ -65,9 +67,10 @@ def _compile(spec: str):
         from llm.backends.torch.kernels.qgemv_words import _qgemv_w_kernel as kernel
 
         types["qh_ptr"] = "*u8" if fmt_name in _QH_BYTES else "*i32"
-        ce = dict(K=4096, FMT=fmt, GS=gs, M=1, BLOCK_N=int(a), BLOCK_G=int(b), MAGIC=fmt != 0,
-                  PREFETCH=True, GLU=False, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2,
-                  XF16=False, HAS_BIAS=False, COMPILED=True, STAGES=1, TILES=1, USE_GDC=True)
+        ce = dict(K=4096, FMT=fmt, GS=gs, M=1, BLOCK_N=int(a), BLOCK_G=int(b),
+                  MAGIC=fmt not in (0, 8), PREFETCH=True, GLU=False, ROPE=False, N_HEADS=0,
+                  N_KV=0, HEAD_DIM=2, XF16=False, HAS_BIAS=False, COMPILED=True, STAGES=1,
+                  TILES=1, USE_GDC=True)
         options = {"num_warps": 4, "launch_pdl": True}
     elif kind == "tc":
         from llm.backends.torch.kernels.qgemm_tc import _qgemm_tc_kernel as kernel

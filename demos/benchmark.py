@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["auto", *WEIGHT_MODES],
                    help="our engine's weights (as LLM(weights=...)): auto = the default model's "
                         "GGUF blocks as stored on the CPU, dense on CUDA; stored: the GGUF's "
-                        "blocks (default model only); int8 / int4: quantized at load. "
+                        "blocks (default model only); int8 / int4 / int4_mix: quantized at load. "
                         "transformers runs the same values dequantized")
     p.add_argument("--json", default=None, help="write all rows and the environment here")
     args = p.parse_args(argv)

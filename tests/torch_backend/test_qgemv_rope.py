@@ -20,7 +20,7 @@ from llm.backends.torch.kernels.rope_kv import rope_and_cache  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q6_k", "int8", "int4_g128"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rope_epilogue_equals_gemv_then_rope_and_cache(fmt: str, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(len(fmt))
@@ -83,7 +83,8 @@ def count_fused_qkv(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
-@pytest.mark.parametrize("name, mode", [("llama_gqa", "int4"), ("qwen2_bias", "int4")])
+@pytest.mark.parametrize("name, mode", [("llama_gqa", "int4"), ("qwen2_bias", "int4"),
+                                        ("llama_gqa", "int4_mix")])
 def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
                                                         mode: str) -> None:
     """A quantized model's batch-1 decode on CUDA runs the fused QKV GEMV in every layer, and its

@@ -1,6 +1,6 @@
 """Weights of the torch backend that stay quantized as stored, and the calls that use them.
 
-A checkpoint loaded with weights="stored" (a GGUF's blocks) or "int8" / "int4" holds
+A checkpoint loaded with weights="stored" (a GGUF's blocks) or "int8" / "int4" / "int4_mix" holds
 `llm.model.quant.QuantizedTensor` matrices. The backend keeps each one as a `QuantLinear` on its
 device and applies it through `linear`, the one entry point every projection uses; plain tensors go
 to `F.linear` as before. On CUDA the stored planes are all it holds: decode-sized batches run the

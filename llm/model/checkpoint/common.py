@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # "int4_mix" (int4 with v_proj and down_proj in int8, the projections int4 hurts most).
 WEIGHT_MODES = ("dequantize", "stored", "int8", "int4", "int4_mix")
 QUANTIZE_MODES = ("int8", "int4", "int4_mix")  # the modes that quantize at load
+INT4_MODES = ("int4", "int4_mix")  # ... with int4 matrices (an int4 group applies)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Non-persistent RoPE buffers some old exports saved: not weights (transformers ignores them too).

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from llm.model.checkpoint.common import (
+    INT4_MODES,
     PICKLE_SUFFIXES,
     QUANTIZE_MODES,
     WEIGHT_MODES,
@@ -48,7 +49,7 @@ def load_checkpoint(
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
                               f"{weights!r}")
-    if int4_group is not None and weights not in ("int4", "int4_mix"):
+    if int4_group is not None and weights not in INT4_MODES:
         raise CheckpointError(f"int4_group applies to weights='int4' or 'int4_mix', not "
                               f"{weights!r}")
     if int4_group is not None and (int4_group <= 0 or int4_group % INT4_PACK):
