@@ -269,7 +269,7 @@ def _mix_format(mix: str, name: str, layers: int, head: str, k: int) -> str:
     lm_head.weight, takes the head's Q6_K as llama-quantize gives token_embd without an output
     tensor). int4_mix: as the loader quantizes (`matrix_mode`, `int4_group`)."""
     if mix == "int4_mix":
-        if matrix_mode(name, mix) == "int8" or name == head:
+        if matrix_mode(name, mix) == "int8":  # the head / tied embedding among them
             return "int8"
         return f"int4_g{int4_group(name, k)}"
     if name == head:
