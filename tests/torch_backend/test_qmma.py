@@ -1,6 +1,6 @@
 """The tensor-core kernel (kernels/qmma.py, kernels/qmma.cu) for every GGUF block format the engine
-keeps (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) against dequantize-then-matmul, and the
-rule that routes `qgemv` to it.
+keeps (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and the int8 / int4_g128 of weights
+quantized at load, against dequantize-then-matmul, and the rule that routes `qgemv` to it.
 
 Everywhere: the kernel's lane arithmetic emulated in numpy, each m16n8k16 `mma.sync` by the PTX
 ISA's fragment layout (A rows groupID / + 8, columns 2 * tid (+ 1, + 8, + 9); B rows 2 * tid (..),
@@ -33,8 +33,8 @@ from llm.backends.torch.kernels.qmma import (  # noqa: E402
 from llm.backends.torch.kernels.silu_mul import silu_mul  # noqa: E402
 from llm.model.quant.tensor import QuantizedTensor  # noqa: E402
 
-FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"]
-AFFINE = ("q4_1", "q5_1", "q4_k", "q5_k")
+FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int8", "int4_g128"]
+AFFINE = ("q4_1", "q5_1", "q4_k", "q5_k", "int4_g128")
 M32 = 0xFFFFFFFF
 
 
@@ -48,7 +48,7 @@ def _codes(fmt: str, qs: np.ndarray, qh: np.ndarray | None, row: int, gi: int,
     """What lane t gives A for one row and 32-group, mma by mma, as qmma.cu's `codes` builds it
     (the same bit operations on the planes' words): (code bytes, multiplier of their bf16 128 +
     byte, the bf16 added to that (`neg_offset`), x's column offset in the group, sub-block)."""
-    if fmt == "q8_0":
+    if fmt in ("q8_0", "int8"):  # int8: Q8_0's code layout
         u, u2 = _word(qs, row, 32 * gi + 4 * t) ^ 0x80808080, _word(
             qs, row, 32 * gi + 16 + 4 * t) ^ 0x80808080
         return [(u & 0x0F0F0F0F, 1, 0.0, 0, 0), ((u >> 4) & 0x0F0F0F0F, 16, -2304.0, 0, 0),
@@ -122,6 +122,13 @@ def _scales(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, int]:
     n, k = w.shape
     subs = 2 if fmt == "q6_k" else 1
     mult, off = np.zeros((n, k // 32 * subs)), np.zeros((n, k // 32 * subs))
+    if fmt == "int8":  # the row's float32 d for every group (read by __ldg, not the ring)
+        mult[:] = p["d"].double().numpy()
+        return mult, off, subs
+    if fmt == "int4_g128":  # a bf16 d and m per quad: d C - (128 d - m) S
+        d = np.repeat(p["d"].double().numpy(), 4, axis=1)
+        m = np.repeat(p["m"].double().numpy(), 4, axis=1)
+        return d, (128.0 * d - m).astype(np.float32), subs
     for row in range(n):
         for q in range(k // 128):
             raw = _quad_bytes(w, row, q).ljust(16, b"\0")
@@ -269,7 +276,7 @@ def test_the_kernels_offsets_are_the_emulated_ones() -> None:
             for f in FORMATS}
     assert adds["q4_0"] == {(1, kernel[0])} and adds["q5_0"] == {(1, kernel[1])}
     assert adds["q6_k"] == {(1, kernel[2])} and adds["q8_0"] == {(1, 0.0), (16, kernel[3])}
-    assert all(adds[f] == {(1, 0.0)} for f in AFFINE)
+    assert all(adds[f] == {(1, 0.0)} for f in AFFINE) and adds["int8"] == adds["q8_0"]
     calls = re.findall(r"mma<(0x4[35]), (N[LH])>", src)
     assert calls and all((base, n) in (("0x43", "NL"), ("0x45", "NH")) for base, n in calls)
     assert re.search(r"if \(affine\(F\)\) \{\s*mma_ones\(cs, xl\.x, xl\.y\);"

@@ -1,4 +1,5 @@
-// GGUF block weights as stored (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) times 1..16 rows
+// GGUF block weights as stored (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and our int8 /
+// int4_g128 (llm.model.quant.int_formats) times 1..16 rows
 // of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32 sums), compiled at first use
 // by NVRTC (kernels/qmma.py appends the one KERNEL(...) line it needs and launches it; the engine
 // uses the `_m8` kernels for 2..8 rows and `_m16` for 9..16, `_m1` is timed by
@@ -11,8 +12,9 @@
 // or Q6_K's bits 4-5 (2-bit plane: byte 8g + i holds column 32g + 8s + i in bits 2s, 2s + 1).
 // p1..p4 by format: Q4_0 / Q5_0 / Q8_0 p1 = d [N, K/32] fp16; Q4_1 / Q5_1 p1 = d, p2 = m
 // [N, K/32] fp16; Q4_K / Q5_K p1 = scales, p2 = mins [N, K/32] u8, p3 = d, p4 = dmin [N, K/256]
-// fp16; Q6_K p1 = scales [N, K/16] int8, p3 = d [N, K/256] fp16 (p1 / p2 row stride ld1 bytes,
-// p3 / p4 ld2 elements). y [M, N] bf16 (row stride ldy).
+// fp16; Q6_K p1 = scales [N, K/16] int8, p3 = d [N, K/256] fp16; INT8 (Q8_0's code layout) p3 =
+// d [N, 1] float32; INT4_G128 (Q4_1's code layout) p3 = d, p4 = m [N, K/128] bf16 (p1 / p2 row
+// stride ld1 bytes, p3 / p4 ld2 elements). y [M, N] bf16 (row stride ldy).
 //
 // A CTA takes 32 rows of w (two 16-row mma blocks; or two halves of 32, H = 2, each with half
 // the warps); its W warps (W / H a half) split K's quads of groups. Lane
@@ -26,7 +28,8 @@
 // are exact in fp32; a group (Q6_K: a 16-column sub-block) adds, with C its mma sum and, for
 // the affine formats, S the sum of x over its columns (an mma of ones with the same B):
 //   Q4_0 / Q5_0 / Q8_0: d C (c0 = 136 / 144; Q8_0 0 and 2304)
-//   Q4_1 / Q5_1:        d C - (128 d - m) S
+//   Q4_1 / Q5_1:        d C - (128 d - m) S   (INT4_G128 too, d and m per quad)
+//   INT8:               d C (Q8_0's codes, d per row)
 //   Q4_K / Q5_K:        s C - (128 s + o) S, s = d * scale, o = dmin * min
 //   Q6_K:               d * scale C (c0 = 160)
 // Each warp streams its quads' codes, high bits and scales into its own ring of STAGES shared-
@@ -69,6 +72,7 @@ __device__ __forceinline__ float bf16_rn(float v) {  // v rounded to bf16 (NaN s
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return __uint_as_float((unsigned)h << 16);
 }
+__device__ __forceinline__ float bf2f(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
 __device__ __forceinline__ float h2f(unsigned h) {
   float f; asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h));
   return f;
@@ -97,17 +101,20 @@ __device__ __forceinline__ void mma_ones(float* c, unsigned b0, unsigned b1) {
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(0x3F803F80u), "r"(b0), "r"(b1));
 }
-enum { Q4_0 = 0, Q4_K = 1, Q5_0 = 2, Q5_K = 3, Q6_K = 4, Q8_0 = 5, Q4_1 = 6, Q5_1 = 7 };
+enum { Q4_0 = 0, Q4_K = 1, Q5_0 = 2, Q5_K = 3, Q6_K = 4, Q8_0 = 5, Q4_1 = 6, Q5_1 = 7, INT8 = 8,
+       INT4_G128 = 9 };
 #define HD __host__ __device__ constexpr
 HD bool has_fifth(int F) { return F == Q5_0 || F == Q5_K || F == Q5_1; }
 HD bool k_quant(int F) { return F == Q4_K || F == Q5_K; }  // d / dmin per 256, u8 scales
-HD bool affine(int F) { return F == Q4_K || F == Q5_K || F == Q4_1 || F == Q5_1; }
-HD int code_bytes(int F) { return F == Q8_0 ? 32 : 16; }  // a group's codes, a row
+HD bool affine(int F) { return F == Q4_K || F == Q5_K || F == Q4_1 || F == Q5_1 || F == INT4_G128; }
+HD bool bytes8(int F) { return F == Q8_0 || F == INT8; }  // int8 codes, 32 bytes a group
+HD bool ring_scales(int F) { return F != INT8 && F != INT4_G128; }  // else read by __ldg
+HD int code_bytes(int F) { return bytes8(F) ? 32 : 16; }  // a group's codes, a row
 HD int high_bytes(int F) { return has_fifth(F) ? 4 : (F == Q6_K ? 8 : 0); }  // ... high bits
 HD int scale_bytes(int F) { return (F == Q4_1 || F == Q5_1) ? 16 : 8; }  // a quad, a row
 // bytes a row of a stage: codes then high bits, padded so that the 8 rows g of a warp's 32-bit
 // reads fall in distinct banks (80 = 20 words, 112 = 28, 144 = 36: 4 g (mod 32) apart or more)
-HD int row_bytes(int F) { return F == Q8_0 ? 144 : (F == Q6_K ? 112 : 80); }
+HD int row_bytes(int F) { return bytes8(F) ? 144 : (F == Q6_K ? 112 : 80); }
 HD int stage_bytes(int F) { return 32 * row_bytes(F) + 32 * scale_bytes(F); }
 HD int subs(int F) { return F == Q6_K ? 2 : 1; }  // scales a 32-group
 // minus the codes' offset as a bf16 pair, which the symmetric formats' A takes (so C is their
@@ -115,7 +122,7 @@ HD int subs(int F) { return F == Q6_K ? 2 : 1; }  // scales a 32-group
 // left 128 + n: 128 + lo + 16 (hi - 16) = q)
 HD unsigned neg_offset(int F, bool high) {
   return F == Q4_0 ? 0xC308C308u : (F == Q5_0 ? 0xC310C310u : (F == Q6_K ? 0xC320C320u
-         : (F == Q8_0 && high ? 0xC510C510u : 0u)));
+         : (bytes8(F) && high ? 0xC510C510u : 0u)));
 }
 #ifndef STAGES_N
 #define STAGES_N 4
@@ -154,7 +161,8 @@ __device__ __forceinline__ void issue_quad(unsigned dst, const Rows& p, int q, i
              16);
   }
   const unsigned s = dst + 32 * RB + lane * scale_bytes(F);  // row lane's scales
-  if (k_quant(F)) {  // 4 scales, then 4 mins
+  if (!ring_scales(F)) {  // INT8, INT4_G128: none in the ring (2-byte or per-row scales)
+  } else if (k_quant(F)) {  // 4 scales, then 4 mins
     cp_async(s, p.a + lane * p.srow + q * 4, 4);
     cp_async(s + 4, p.b + lane * p.srow + q * 4, 4);
   } else if (F == Q4_1 || F == Q5_1) {  // 4 d, then 4 m
@@ -172,7 +180,7 @@ __device__ __forceinline__ void codes(const unsigned char* src, int row, int j, 
   constexpr int RB = row_bytes(F), CB = code_bytes(F);
   const unsigned char* r = src + row * RB;
   const unsigned w = *reinterpret_cast<const unsigned*>(r + j * CB + t * 4);
-  if (F == Q8_0) {
+  if (bytes8(F)) {
     const unsigned u = w ^ 0x80808080u;  // q + 128
     const unsigned u2 = *reinterpret_cast<const unsigned*>(r + j * CB + 16 + t * 4) ^ 0x80808080u;
     lo = u & 0x0F0F0F0Fu;
@@ -195,7 +203,8 @@ __device__ __forceinline__ void codes(const unsigned char* src, int row, int j, 
   }
 }
 // acc += the quad's four groups of stage `src` times x; xw[nt] points at the quad's
-// x of tile nt; dk / mk: the quad's super-block's d / dmin (K-quants, Q6_K) of rows g + 8r
+// x of tile nt; dk / mk: the quad's super-block's d / dmin (K-quants, Q6_K; INT4_G128: the
+// quad's d / m; INT8: the row's d) of rows g + 8r
 template <int F, int NT, bool ONE>
 __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char* src,
                                      const float (&dk)[4], const float (&mk)[4],
@@ -221,7 +230,12 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
     for (int r = 0; r < 4; ++r) {
       const int row = gq + 8 * r;
       const unsigned half = (j < 2 ? sq[r].x : sq[r].y) >> (16 * (j & 1));  // fp16 j; Q6_K: 2j..
-      if (F == Q4_0 || F == Q5_0 || F == Q8_0) {
+      if (F == INT8) {
+        dd[r][0] = dk[r];
+      } else if (F == INT4_G128) {
+        dd[r][0] = dk[r];
+        ee[r] = fmaf(128.f, dk[r], -mk[r]);
+      } else if (F == Q4_0 || F == Q5_0 || F == Q8_0) {
         dd[r][0] = h2f(half);
       } else if (F == Q4_1 || F == Q5_1) {
         dd[r][0] = h2f(half);
@@ -249,7 +263,7 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
 #pragma unroll
       for (int b = 0; b < 2; ++b) {
         constexpr unsigned NL = neg_offset(F, false), NH = neg_offset(F, true);
-        if (F == Q8_0) {
+        if (bytes8(F)) {
           mma<0x43, NL>(c[b][0], lo[2 * b], lo[2 * b + 1], xl.x, xl.y);
           mma<0x45, NH>(c[b][0], hi[2 * b], hi[2 * b + 1], xl.x, xl.y);
           mma<0x43, NL>(c[b][0], lo2[2 * b], lo2[2 * b + 1], xh.x, xh.y);
@@ -318,7 +332,13 @@ __device__ __forceinline__ void qmma(
   const Rows p = {qs + r0 * ldq, qh + r0 * ldh, p1 + r0 * ld1, p2 + r0 * ld1, (size_t)ldq,
                   (size_t)ldh, (size_t)ld1};
   const unsigned short* dk0 = p3 + (r0 + gq) * ld2;  // K-quants / Q6_K: row g's d
-  const unsigned short* mk0 = p4 + (r0 + gq) * ld2;  // K-quants: ... and dmin
+  const unsigned short* mk0 = p4 + (r0 + gq) * ld2;  // K-quants: ... and dmin (INT4_G128: m)
+  float d8[4] = {0.f, 0.f, 0.f, 0.f};  // INT8: rows g + 8r's float32 d, for the whole K
+  if (F == INT8) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      d8[r] = __ldg(reinterpret_cast<const float*>(p3) + (r0 + gq + 8 * r) * ld2);
+  }
   // the weights are no other kernel's output: their first quads are fetched before the wait
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
@@ -357,6 +377,15 @@ __device__ __forceinline__ void qmma(
         dk[r] = h2f(__ldg(dk0 + (size_t)8 * r * ld2 + sb));
         if (k_quant(F)) mk[r] = h2f(__ldg(mk0 + (size_t)8 * r * ld2 + sb));
       }
+    } else if (F == INT4_G128) {  // the quad's d and m (128 columns: one scale pair)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        dk[r] = bf2f(__ldg(dk0 + (size_t)8 * r * ld2 + q_lo + i));
+        mk[r] = bf2f(__ldg(mk0 + (size_t)8 * r * ld2 + q_lo + i));
+      }
+    } else if (F == INT8) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) dk[r] = d8[r];
     }
     step<F, NT, ONE>(acc, ring + read * STAGE, dk, mk, xw, live, gq, t);
 #pragma unroll

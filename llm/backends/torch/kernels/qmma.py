@@ -1,5 +1,7 @@
 """GGUF block weights as stored times 2..16 rows of x on the tensor cores (`mma.sync`): Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K.
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, and the formats of weights quantized at load, int8 (Q8_0's
+codes with a float32 scale a row) and int4_g128 (Q4_1's codes and formula with a bf16 d and m per
+128 columns).
 
 The kernel is CUDA C (`qmma.cu` beside this file), compiled at first use on each GPU by torch's
 NVRTC (`torch.cuda._compile_kernel`: no nvcc, no build step) and launched here with
@@ -35,7 +37,7 @@ from llm.backends.torch.kernels.splitk import tile_counters
 from llm.model.quant.tensor import QuantizedTensor
 
 SOURCE = Path(__file__).with_name("qmma.cu")
-FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int8", "int4_g128")
 ROWS = 32  # rows of w a CTA (a half of the CTA where `cta_halves` gives it two)
 WARPS = 8  # warps a CTA: they split K
 NARROW_WARPS = 4  # warps a CTA of the 16-row launches over wide grids (`cta_warps`)
@@ -49,8 +51,8 @@ _PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 def stage_bytes(fmt: str) -> int:
     """One quad of a CTA's (or half's) 32 rows in a warp's ring (qmma.cu's `stage_bytes`): per
     row its codes and high bits, padded (Q8_0 144 bytes, Q6_K 112, the others 80), then its
-    scales (Q4_1 / Q5_1 16 bytes, the others 8)."""
-    row = 144 if fmt == "q8_0" else (112 if fmt == "q6_k" else 80)
+    scales (Q4_1 / Q5_1 16 bytes, the others 8; int8 / int4_g128 leave them unused)."""
+    row = 144 if fmt in ("q8_0", "int8") else (112 if fmt == "q6_k" else 80)
     return ROWS * row + ROWS * (16 if fmt in ("q4_1", "q5_1") else 8)
 
 
@@ -203,8 +205,8 @@ def _shared_limit(device_index: int) -> int:
 def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
     """Whether x's rows and w's planes start where the kernel's loads and copies need: x, qs and
     qh at 16 bytes (rows too); d per 32-group (and Q4_1 / Q5_1's m, one row stride) and Q6_K's
-    scales at 8; Q4_K / Q5_K's scales and mins at 4 with one row stride, d / dmin with one; unit
-    column strides."""
+    scales at 8; Q4_K / Q5_K's scales and mins at 4 with one row stride, d / dmin with one
+    (int4_g128's d / m likewise, int8's d at 4); unit column strides."""
     p, fmt = w.planes, w.format
     if not (_aligned(x, 8, 16) and _aligned(p["qs"], 16, 16)):
         return False
@@ -212,6 +214,11 @@ def planes_aligned(x: torch.Tensor, w: QuantizedTensor) -> bool:
         return False
     if fmt in ("q4_0", "q5_0", "q8_0"):
         return _aligned(p["d"], 4, 8)
+    if fmt == "int8":  # a float32 per row, read by itself
+        return _aligned(p["d"], 1, 4)
+    if fmt == "int4_g128":  # a bf16 d and m per row and quad, read by themselves
+        return (_aligned(p["d"], 1, 2) and _aligned(p["m"], 1, 2)
+                and p["d"].stride(0) == p["m"].stride(0))
     if fmt in ("q4_1", "q5_1"):
         return (_aligned(p["d"], 4, 8) and _aligned(p["m"], 4, 8)
                 and p["d"].stride(0) == p["m"].stride(0))
@@ -296,6 +303,10 @@ def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, i
     ldh = qh.stride(0) if "qh" in p else 0
     if fmt in ("q4_0", "q5_0", "q8_0"):
         return (qh, p["d"], qs, qs, qs), ldh, 2 * p["d"].stride(0), 0
+    if fmt == "int8":
+        return (qh, qs, qs, p["d"], qs), ldh, 0, p["d"].stride(0)
+    if fmt == "int4_g128":
+        return (qh, qs, qs, p["d"], p["m"]), ldh, 0, p["d"].stride(0)
     if fmt in ("q4_1", "q5_1"):
         return (qh, p["d"], p["m"], qs, qs), ldh, 2 * p["d"].stride(0), 0
     if fmt == "q6_k":
