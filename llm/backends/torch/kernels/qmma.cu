@@ -211,9 +211,12 @@ __device__ __forceinline__ void step(float (&acc)[2][NT][4], const unsigned char
                                      const uint2* const (&xw)[NT], const bool (&live)[NT],
                                      int gq, int t) {
   constexpr int RB = row_bytes(F), SB = scale_bytes(F);
-  uint4 sq[4];  // the quad's scales of rows g + 8r, read once (8 bytes; Q4_1 / Q5_1 16)
+  uint4 sq[4];  // the quad's scales of rows g + 8r, read once (8 bytes; Q4_1 / Q5_1 16; none
+  // for INT8 / INT4_G128, whose scales come by __ldg)
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
+    sq[r] = make_uint4(0u, 0u, 0u, 0u);
+    if (!ring_scales(F)) continue;
     const unsigned char* s = src + 32 * RB + (gq + 8 * r) * SB;
     if (SB == 16) {
       sq[r] = *reinterpret_cast<const uint4*>(s);
