@@ -161,8 +161,8 @@ __device__ __forceinline__ void issue_quad(unsigned dst, const Rows& p, int q, i
              16);
   }
   const unsigned s = dst + 32 * RB + lane * scale_bytes(F);  // row lane's scales
-  if (!ring_scales(F)) {  // INT8, INT4_G128: none in the ring (2-byte or per-row scales)
-  } else if (k_quant(F)) {  // 4 scales, then 4 mins
+  if (!ring_scales(F)) return;  // INT8, INT4_G128: none in the ring (2-byte or per-row scales)
+  if (k_quant(F)) {  // 4 scales, then 4 mins
     cp_async(s, p.a + lane * p.srow + q * 4, 4);
     cp_async(s + 4, p.b + lane * p.srow + q * 4, 4);
   } else if (F == Q4_1 || F == Q5_1) {  // 4 d, then 4 m
