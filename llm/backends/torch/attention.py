@@ -253,10 +253,15 @@ class Attention:
 
     def decode(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
         """x [B, H] (one token per user) -> [B, H]; writes each user's new K/V at its position."""
+        return self.project_out(self.decode_heads(x, meta, cache))
+
+    def decode_heads(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache
+                     ) -> torch.Tensor:
+        """decode() before the output projection: x [B, H] -> the heads' outputs [B, nh*hd]."""
         q = self._qkv_rope(x, meta, cache)
         if q is not None:
             return self._attend(q, meta, cache)
-        return self.decode_qkv(linear(x, self.wqkv, self.bqkv), meta, cache)
+        return self._heads_from_qkv(linear(x, self.wqkv, self.bqkv), meta, cache)
 
     def _qkv_rope(self, x: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache
                   ) -> torch.Tensor | None:
@@ -304,6 +309,12 @@ class Attention:
         """Decode from the QKV projection qkv [B, q + 2kv] (before the q/k head norms) -> [B, H].
         gemv: the output projection by the small-batch Triton GEMV instead of cuBLAS.
         """
+        return self.project_out(self._heads_from_qkv(qkv, meta, cache), gemv)
+
+    def _heads_from_qkv(self, qkv: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache
+                        ) -> torch.Tensor:
+        """The QKV projection qkv [B, q + 2kv] -> the heads' outputs [B, nh*hd] (RoPE, the K/V
+        write, the attention)."""
         b = qkv.shape[0]
         qkv = self._norm_qk(qkv)
         if meta.pages_per_program is not None:  # Triton: fused RoPE + K/V write, paged attention
@@ -312,7 +323,7 @@ class Attention:
             q = rope_and_cache(qkv, meta.cos, meta.sin, meta.blocks, meta.offsets,
                                cache.k[self.layer], cache.v[self.layer],
                                self.n_heads)  # [B, nh, hd]
-            return self._attend(q, meta, cache, gemv)
+            return self._attend(q, meta, cache)
         q, k, v = self._split_rotate(qkv, meta.cos, meta.sin_rot)
         cache.write(self.layer, k, v, meta.blocks, meta.offsets)
         keys, values = cache.gather(self.layer, meta.page_table)  # [B, n_kv, L, hd]
@@ -320,20 +331,19 @@ class Attention:
             keys, values = keys[:, :, : meta.length], values[:, :, : meta.length]
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.mask,
                                              enable_gqa=True, scale=self.scale)
-        return self._project_out(out.reshape(b, self.n_heads * self.hd), gemv)  # [B, H]
+        return out.reshape(b, self.n_heads * self.hd)  # [B, nh*hd]
 
-    def _attend(self, q: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache,
-                gemv: bool = False) -> torch.Tensor:
-        """Rotated q [B, nh, hd] (its K/V written) -> [B, H] by the Triton paged attention and
-        the output projection."""
+    def _attend(self, q: torch.Tensor, meta: DecodeMeta, cache: PagedKVCache) -> torch.Tensor:
+        """Rotated q [B, nh, hd] (its K/V written) -> [B, nh*hd] by the Triton paged
+        attention."""
         from llm.backends.torch.kernels.paged_decode import paged_decode_attention
 
         out = paged_decode_attention(q, cache.k[self.layer], cache.v[self.layer],
                                      meta.page_table, meta.positions, self.scale,
                                      meta.pages_per_program)  # [B, nh, hd]
-        return self._project_out(out.reshape(q.shape[0], self.n_heads * self.hd), gemv)
+        return out.reshape(q.shape[0], self.n_heads * self.hd)
 
-    def _project_out(self, out: torch.Tensor, gemv: bool) -> torch.Tensor:
+    def project_out(self, out: torch.Tensor, gemv: bool = False) -> torch.Tensor:
         """The attention's output [B, nh*hd] -> o_proj [B, H] (all-reduced on a mesh)."""
         if gemv:
             from llm.backends.torch.kernels.gemv import gemv as small_gemv

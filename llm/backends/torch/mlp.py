@@ -54,19 +54,23 @@ class MLP:
         return self.mesh.all_reduce(linear(act, self.down, self.down_bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> [..., H]. fused, with a quantized gate/up weight and a decode-sized batch
-        on CUDA: the activation in the quantized GEMV's epilogue where it has one
-        (kernels/qgemv.py `qgemv_silu_mul`)."""
+        """x [..., H] -> [..., H]: the down projection of `act(x)`, all-reduced on a mesh."""
+        return self.mesh.all_reduce(linear(self.act(x), self.down, self.down_bias))
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> silu(gate(x)) * up(x) [..., I]. fused, with a quantized gate/up weight
+        and a decode-sized batch on CUDA: the activation in the quantized GEMV's epilogue where
+        it has one (kernels/qgemv.py `qgemv_silu_mul`); fused otherwise: the Triton SiLU*up
+        kernel after the projection."""
         gate_up = self.gate_up
         if self.fused and isinstance(gate_up, QuantLinear) and gate_up.decodes(x):
             from llm.backends.torch.kernels.qgemv import qgemv_silu_mul
 
-            act = qgemv_silu_mul(x, gate_up.weight, self.gate_up_bias)  # [B, I]
-            return self.mesh.all_reduce(linear(act, self.down, self.down_bias))
+            return qgemv_silu_mul(x, gate_up.weight, self.gate_up_bias)  # [B, I]
         gu = linear(x, gate_up, self.gate_up_bias)  # [..., 2I]
         if self.fused and gu.dim() == 2:
             from llm.backends.torch.kernels.silu_mul import silu_mul
 
-            return self.mesh.all_reduce(linear(silu_mul(gu), self.down, self.down_bias))
+            return silu_mul(gu)
         gate, up = gu.split(self.inter, dim=-1)
-        return self.mesh.all_reduce(linear(F.silu(gate) * up, self.down, self.down_bias))
+        return F.silu(gate) * up

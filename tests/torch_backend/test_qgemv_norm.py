@@ -1,0 +1,137 @@
+"""The quantized one-row GEMV with the residual add and the next RMSNorm in its epilogue
+(kernels/qgemv_words.py, `norm=`): the normalised row and the residual sum are bit-equal to the
+plain GEMV followed by kernels/norm.py's `add_rms_norm`, for the word formats and 1..4 rows of
+x, and the arrival counter is zero again after every launch (Triton's interpreter on the CPU);
+a model's decode through `DecoderLayer.decode_chained` gives the logits of `decode` bit for bit
+(CPU, bf16: every norm apart; CUDA: a quantized model's batch-1 decode with the norm in o_proj's and
+down's launch in every layer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from test_qgemv import random_quantized  # noqa: E402
+
+from llm.backends.torch.kernels.norm import add_rms_norm  # noqa: E402
+from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, norm_epilogue  # noqa: E402
+from llm.backends.torch.kernels.qgemv_words import AddNorm, qgemv_words  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("fmt, m", [("q8_0", 1), ("q4_0", 1), ("q4_0", 3), ("q6_k", 2),
+                                    ("int4_g128", 4), ("q5_k", 1)])
+def test_norm_epilogue_equals_gemv_then_add_rms_norm(fmt: str, m: int) -> None:
+    g = torch.Generator().manual_seed(m + len(fmt))
+    n, k = 320, 512  # 40 programs of 8 rows; N no power of two (the norm's masked tail)
+    w = random_quantized(fmt, n, k, g).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
+    bias = (0.1 * torch.randn(n, generator=g)).to(DEVICE, torch.bfloat16)
+    res = torch.randn(m, n, generator=g).to(DEVICE, torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, torch.bfloat16)
+    arrivals = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    cfg = QGemvWConfig(8, 4)
+    want = add_rms_norm(qgemv_words(x, w, bias, cfg), res, weight, 1e-5)
+    for _ in range(2):  # the counter is left at zero for the next launch
+        normed, total = qgemv_words(x, w, bias, cfg, norm=AddNorm(res, weight, 1e-5, arrivals))
+        assert torch.equal(normed, want[0]) and torch.equal(total, want[1])
+        assert int(arrivals) == 0
+
+
+def test_norm_epilogue_refuses_what_it_cannot_do() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = random_quantized("q4_0", 64, 64, g).to(DEVICE)
+    x = torch.randn(5, 64, generator=g).to(DEVICE, torch.bfloat16)
+    res = torch.zeros(5, 64, dtype=torch.bfloat16, device=DEVICE)
+    weight = torch.ones(64, dtype=torch.bfloat16, device=DEVICE)
+    arr = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        qgemv_words(x, w, norm=AddNorm(res, weight, 1e-5, arr))
+    with pytest.raises(ValueError, match="neither glu nor rope"):
+        qgemv_words(x[:1], w, glu=True, norm=AddNorm(res[:1], weight, 1e-5, arr))
+    with pytest.raises(ValueError, match="a residual like y"):
+        qgemv_words(x[:2], w, norm=AddNorm(res[:1], weight, 1e-5, arr))
+    with pytest.raises(ValueError, match="int32 counter"):
+        qgemv_words(x[:1], w, norm=AddNorm(res[:1], weight, 1e-5, arr.long()))
+
+
+def test_the_epilogue_is_taken_where_it_measured_faster() -> None:
+    assert norm_epilogue(1, 4096, "q4_0") and norm_epilogue(1, 4096, "q6_k")
+    assert norm_epilogue(1, 8192, "int4_g128")
+    assert not norm_epilogue(1, 2048, "q4_0")  # 1B: slower
+    assert not norm_epilogue(1, 4096, "q8_0") and not norm_epilogue(1, 4096, "int8")
+    assert not norm_epilogue(2, 4096, "q4_0")  # not timed
+
+
+def decode_logits(config, tensors, device: str, chained: bool, steps: int = 4) -> torch.Tensor:
+    """Greedy decode logits [steps, V] of one user after a 7-token prompt, with the model's
+    `chained_norms` set as given."""
+    from llm.backends.torch.runner import TorchBackend
+    from llm.engine.contract.backend import PrefillInput, SequenceSampling
+    from llm.engine.contract.sampling_params import SamplingParams
+    from llm.engine.paged_kv import PageTable, PageTableSpec
+    from llm.model.checkpoint.common import Checkpoint
+    from llm.model.config import RuntimeConfig
+
+    rt = RuntimeConfig(device=device, dtype="bfloat16", max_batch=2, max_seq_len=64, block_size=16)
+    backend = TorchBackend(Checkpoint(config, tensors, source=None), rt, cuda_graphs=False)
+    backend.model.chained_norms = chained
+    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), 2)
+    prompt = [5, 9, 17, 33, 65, 100, 7]
+    pages.reserve(0, 20)
+    token = backend.prefill(PrefillInput(0, prompt, 0, pages.row(0),
+                                         SequenceSampling(SamplingParams(), 0)))
+    out = []
+    for i in range(steps):
+        pos = len(prompt) + i
+        logits = backend.model.decode(
+            torch.tensor([token], device=device), torch.tensor([pos], device=device),
+            torch.tensor(pages.table([0]), device=device), backend.cache, pos)  # [1, V]
+        out.append(logits)
+        token = int(logits.argmax())
+    backend.close()
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_chained_decode_equals_decode_on_the_cpu(mode: str | None) -> None:
+    from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+
+    from llm.model.checkpoint.load import quantize_matrices
+
+    config = SMALL_CONFIGS["llama_gqa"]
+    tensors = state_dict(hf_model(config))
+    if mode is not None:
+        tensors = quantize_matrices(tensors, mode, False)
+    chained = decode_logits(config, tensors, "cpu", True)
+    assert torch.equal(chained, decode_logits(config, tensors, "cpu", False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+@pytest.mark.parametrize("name, mode", [("llama_gqa", "int4"), ("qwen2_bias", "int8"),
+                                        ("llama_gqa", "int4_mix")])
+def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
+                                                        mode: str) -> None:
+    """Batch-1 decode of a quantized model on CUDA puts the norm into o_proj's and down's launch
+    in every layer, with the logits of the unchained decode, bit for bit."""
+    from hf_reference import SMALL_CONFIGS, hf_model, state_dict
+
+    from llm.backends.torch.kernels import qgemv
+    from llm.model.checkpoint.load import quantize_matrices
+
+    config = SMALL_CONFIGS[name]
+    tensors = quantize_matrices(state_dict(hf_model(config)), mode, False)
+    calls, fused = [], qgemv.qgemv_add_norm
+
+    def counting(*args, **kwargs):
+        out = fused(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(qgemv, "qgemv_add_norm", counting)
+    monkeypatch.setattr(qgemv, "norm_epilogue", lambda m, n, fmt: True)  # the small model too
+    chained = decode_logits(config, tensors, "cuda", True)
+    assert len(calls) == 4 * 2 * config.num_layers and all(calls)
+    assert torch.equal(chained, decode_logits(config, tensors, "cuda", False))
