@@ -458,6 +458,29 @@ def patched_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: floa
     return rows
 
 
+def unchained_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--unchained: decode again with every norm a launch of its own (`Model.chained_norms`
+    False: DecoderLayer.decode), then with the norms in o's and down's epilogue in every layer
+    (`qgemv.norm_epilogue` patched to always), then as the engine runs it again (its rule),
+    graphs captured again each time: the A/B of the norms in the epilogues in one process."""
+    from llm.backends.torch.kernels import qgemv
+
+    if not args.unchained or backend.graphs is None:
+        return []
+    rows, rule = [], qgemv.norm_epilogue
+    for chained, taken, note in ((False, rule, "norms apart"),
+                                 (True, lambda *a: True, "norms in the epilogues always"),
+                                 (True, rule, "the engine's rule, again")):
+        backend.model.chained_norms = chained
+        qgemv.norm_epilogue = taken
+        try:
+            backend.graphs.capture()
+            rows += decode_rows(backend, name, fmt_name, args, bw, note)
+        finally:
+            qgemv.norm_epilogue = rule
+    return rows
+
+
 def tc_takes(fmt_name: str) -> bool:
     """Whether --formats entry `fmt_name` (A or A/B) has a format or mix the tensor-core kernel
     (kernels/qmma.py) takes."""
@@ -561,6 +584,7 @@ def gguf_rows(args, device: torch.device, bw: float) -> list[list]:
         label = "+".join(formats)
         rows += decode_rows(backend, Path(path).name, label, args, bw, check(backend, ck, rt))
         rows += v1_rows(backend, Path(path).name, "/".join(formats), args, bw)
+        rows += unchained_rows(backend, Path(path).name, "/".join(formats), args, bw)
         backend.close()
         del ck, backend
         if device.type == "cuda":
@@ -612,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode again with the tensor-core kernel's registers fitted to this "
                         "many CTAs an SM where their shared memory fits (qmma_matmul "
                         "occupancy), an A/B of the engine's 2")
+    p.add_argument("--unchained", action="store_true",
+                   help="decode again with each norm a launch of its own, then with the norms "
+                        "in the o / down GEMVs' epilogue again (A/B/A)")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")
@@ -647,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += eight_warps_rows(backend, name, fmt_name, args, bw)
                 rows += occupancy_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
+                rows += unchained_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -47,7 +47,8 @@ GEMV_DOT = {**GEMV_ONE_ROW, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "ROWS"
             "STAT_K": 1024, "GLU": False, "FMA": False}
 QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, M=1, BLOCK_N=8, BLOCK_G=64, MAGIC=True, PREFETCH=True,
                    GLU=True, ROPE=False, N_HEADS=0, N_KV=0, HEAD_DIM=2, XF16=False,
-                   HAS_BIAS=True, COMPILED=True, STAGES=1, TILES=1)
+                   HAS_BIAS=True, COMPILED=True, STAGES=1, TILES=1, NORM=False, NORM_N=1,
+                   NBLOCK=1)
 QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
               "HEAD_DIM": 64}
 QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
@@ -93,13 +94,17 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
     (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
+    # with the residual add and the next norm in its epilogue (its counter after the wait)
+    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "GLU": False, "NORM": True,
+                                   "NORM_N": 4096, "NBLOCK": 4096},
+     {**QGEMV_POINTERS, "cnt_ptr": "*i32"}, True),
 ]
 
 
 IDS = ["norm", "rope_kv", "rope_kv_prefill", "attn_partial", "attn_combine", "argmax_partial",
        "argmax_final", "gumbel_partial", "gumbel_final", "gemv_fma", "gemv_dot", "silu_mul",
        "qgemv_words", "qgemv_words_no_prefetch", "qgemv_words_4_rows", "qgemv_words_stages",
-       "qgemv_words_tiles", "qgemv_words_q5_k", "qgemv_words_rope"]
+       "qgemv_words_tiles", "qgemv_words_q5_k", "qgemv_words_rope", "qgemv_words_norm"]
 
 
 def hopper_ptx_before_wait() -> dict[str, dict]:

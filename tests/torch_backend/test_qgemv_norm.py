@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 from test_qgemv import random_quantized  # noqa: E402
+from test_qgemv_rope import decode_logits  # noqa: E402
 
 from llm.backends.torch.kernels.norm import add_rms_norm  # noqa: E402
 from llm.backends.torch.kernels.qgemv_config import QGemvWConfig, norm_epilogue  # noqa: E402
@@ -65,36 +66,6 @@ def test_the_epilogue_is_taken_where_it_measured_faster() -> None:
     assert not norm_epilogue(2, 4096, "q4_0")  # not timed
 
 
-def decode_logits(config, tensors, device: str, chained: bool, steps: int = 4) -> torch.Tensor:
-    """Greedy decode logits [steps, V] of one user after a 7-token prompt, with the model's
-    `chained_norms` set as given."""
-    from llm.backends.torch.runner import TorchBackend
-    from llm.engine.contract.backend import PrefillInput, SequenceSampling
-    from llm.engine.contract.sampling_params import SamplingParams
-    from llm.engine.paged_kv import PageTable, PageTableSpec
-    from llm.model.checkpoint.common import Checkpoint
-    from llm.model.config import RuntimeConfig
-
-    rt = RuntimeConfig(device=device, dtype="bfloat16", max_batch=2, max_seq_len=64, block_size=16)
-    backend = TorchBackend(Checkpoint(config, tensors, source=None), rt, cuda_graphs=False)
-    backend.model.chained_norms = chained
-    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), 2)
-    prompt = [5, 9, 17, 33, 65, 100, 7]
-    pages.reserve(0, 20)
-    token = backend.prefill(PrefillInput(0, prompt, 0, pages.row(0),
-                                         SequenceSampling(SamplingParams(), 0)))
-    out = []
-    for i in range(steps):
-        pos = len(prompt) + i
-        logits = backend.model.decode(
-            torch.tensor([token], device=device), torch.tensor([pos], device=device),
-            torch.tensor(pages.table([0]), device=device), backend.cache, pos)  # [1, V]
-        out.append(logits)
-        token = int(logits.argmax())
-    backend.close()
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("mode", [None, "int8"])
 def test_chained_decode_equals_decode_on_the_cpu(mode: str | None) -> None:
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
@@ -105,8 +76,8 @@ def test_chained_decode_equals_decode_on_the_cpu(mode: str | None) -> None:
     tensors = state_dict(hf_model(config))
     if mode is not None:
         tensors = quantize_matrices(tensors, mode, False)
-    chained = decode_logits(config, tensors, "cpu", True)
-    assert torch.equal(chained, decode_logits(config, tensors, "cpu", False))
+    chained = decode_logits(config, tensors, "cpu", steps=4)
+    assert torch.equal(chained, decode_logits(config, tensors, "cpu", steps=4, chained=False))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
@@ -132,6 +103,6 @@ def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
 
     monkeypatch.setattr(qgemv, "qgemv_add_norm", counting)
     monkeypatch.setattr(qgemv, "norm_epilogue", lambda m, n, fmt: True)  # the small model too
-    chained = decode_logits(config, tensors, "cuda", True)
+    chained = decode_logits(config, tensors, "cuda", steps=4)
     assert len(calls) == 4 * 2 * config.num_layers and all(calls)
-    assert torch.equal(chained, decode_logits(config, tensors, "cuda", False))
+    assert torch.equal(chained, decode_logits(config, tensors, "cuda", steps=4, chained=False))

@@ -157,7 +157,8 @@ def hopper_compiles() -> dict[str, dict]:
                 constexprs = dict(K=4096, FMT=7, GS=32, BLOCK_N=8, BLOCK_G=128, MAGIC=magic,
                                   PREFETCH=prefetch, GLU=glu, ROPE=False, N_HEADS=0, N_KV=0,
                                   HEAD_DIM=2, XF16=False, HAS_BIAS=True, COMPILED=True,
-                                  USE_GDC=True, STAGES=1, TILES=1)
+                                  USE_GDC=True, STAGES=1, TILES=1, NORM=False,
+                                  NORM_N=1, NBLOCK=1)
                 signature = {a: "constexpr" if a in constexprs else pointers.get(
                     a, "*bf16" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
                 compiled = triton.compile(ASTSource(kernel, signature, constexprs),

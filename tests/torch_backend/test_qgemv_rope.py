@@ -92,39 +92,44 @@ def test_quantized_decode_takes_it_with_the_same_logits(monkeypatch, name: str,
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
     from llm.backends.torch import attention
+    from llm.model.checkpoint.load import quantize_matrices
+
+    config = SMALL_CONFIGS[name]
+    tensors = quantize_matrices(state_dict(hf_model(config)), mode, False)
+    calls = count_fused_qkv(monkeypatch)
+    with_fusion = decode_logits(config, tensors, "cuda")
+    assert calls and all(calls)  # every layer of every step
+    monkeypatch.setattr(attention.Attention, "_qkv_rope", lambda self, *args: None)
+    assert torch.equal(with_fusion, decode_logits(config, tensors, "cuda"))
+
+
+def decode_logits(config, tensors: dict, device: str, steps: int = 6,
+                  chained: bool = True) -> torch.Tensor:
+    """Greedy decode logits [steps, V] of one user after a 7-token prompt (bf16, no CUDA
+    graphs), the model's `chained_norms` set as given."""
     from llm.backends.torch.runner import TorchBackend
     from llm.engine.contract.backend import PrefillInput, SequenceSampling
     from llm.engine.contract.sampling_params import SamplingParams
     from llm.engine.paged_kv import PageTable, PageTableSpec
     from llm.model.checkpoint.common import Checkpoint
-    from llm.model.checkpoint.load import quantize_matrices
     from llm.model.config import RuntimeConfig
 
-    config = SMALL_CONFIGS[name]
-    tensors = quantize_matrices(state_dict(hf_model(config)), mode, False)
-    rt = RuntimeConfig(device="cuda", dtype="bfloat16", max_batch=2, max_seq_len=64,
+    rt = RuntimeConfig(device=device, dtype="bfloat16", max_batch=2, max_seq_len=64,
                        block_size=16)
-
-    def decode_logits() -> torch.Tensor:
-        backend = TorchBackend(Checkpoint(config, tensors, source=None), rt, cuda_graphs=False)
-        pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), 2)
-        prompt = [5, 9, 17, 33, 65, 100, 7]
-        pages.reserve(0, 20)
-        token = backend.prefill(PrefillInput(0, prompt, 0, pages.row(0),
-                                             SequenceSampling(SamplingParams(), 0)))
-        out = []
-        for i in range(6):
-            pos = len(prompt) + i
-            logits = backend.model.decode(
-                torch.tensor([token], device="cuda"), torch.tensor([pos], device="cuda"),
-                torch.tensor(pages.table([0]), device="cuda"), backend.cache, pos)  # [1, V]
-            out.append(logits)
-            token = int(logits.argmax())
-        backend.close()
-        return torch.cat(out)
-
-    calls = count_fused_qkv(monkeypatch)
-    with_fusion = decode_logits()
-    assert calls and all(calls)  # every layer of every step
-    monkeypatch.setattr(attention.Attention, "_qkv_rope", lambda self, *args: None)
-    assert torch.equal(with_fusion, decode_logits())
+    backend = TorchBackend(Checkpoint(config, tensors, source=None), rt, cuda_graphs=False)
+    backend.model.chained_norms = chained
+    pages = PageTable(PageTableSpec(rt.total_blocks, rt.block_size, rt.blocks_per_seq), 2)
+    prompt = [5, 9, 17, 33, 65, 100, 7]
+    pages.reserve(0, 20)
+    token = backend.prefill(PrefillInput(0, prompt, 0, pages.row(0),
+                                         SequenceSampling(SamplingParams(), 0)))
+    out = []
+    for i in range(steps):
+        pos = len(prompt) + i
+        logits = backend.model.decode(
+            torch.tensor([token], device=device), torch.tensor([pos], device=device),
+            torch.tensor(pages.table([0]), device=device), backend.cache, pos)  # [1, V]
+        out.append(logits)
+        token = int(logits.argmax())
+    backend.close()
+    return torch.cat(out)

@@ -25,6 +25,7 @@ from llm.backends.torch.weight import (
     RowBlocks,
     blocks_of,
     is_dense,
+    linear,
     nbytes,
     on_device,
 )
@@ -53,6 +54,9 @@ class DecoderLayer:
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, fused, cpu_kernels)
         self.mlp = MLP.from_weights(w, p + "mlp.", fused, mesh)
         self.res = config.residual_multiplier  # Granite's, of each sublayer's output
+        self.mesh = mesh or Mesh.single()
+        # the counters of the norms fused into o_proj and down (`decode_chained`)
+        self.arrivals = torch.zeros(2, dtype=torch.int32, device=self.attn_norm.weight.device)
 
     def _scaled(self, out: torch.Tensor) -> torch.Tensor:
         """A sublayer's output as it enters the residual stream (Granite: times res)."""
@@ -88,6 +92,29 @@ class DecoderLayer:
         h, residual = self.mlp_norm.add_norm(self._scaled(self.attn.decode(h, meta, cache)),
                                              residual)
         return self._scaled(self.mlp(h)), residual
+
+    def decode_chained(self, h: torch.Tensor, residual: torch.Tensor, meta: DecodeMeta,
+                       cache: PagedKVCache, then: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode() with each norm moved into the projection before it: h [B, H] is this layer's
+        input already normalised by its attn_norm, residual the stream it was normalised from;
+        returns the layer's output normalised by `then` (the next layer's attn_norm, or the
+        final norm) and the updated stream. The same values as decode() then `then.add_norm`;
+        where the quantized one-row GEMV runs, o_proj and down carry the norm after them in
+        their epilogue (RMSNorm.after): two launches a layer fewer."""
+        out = self.attn.decode_heads(h, meta, cache)  # [B, nh*hd]
+        h, residual = self._project_norm(out, self.attn.wo, self.attn.bo, residual,
+                                         self.mlp_norm, 0)
+        act = self.mlp.act(h)  # [B, I]
+        return self._project_norm(act, self.mlp.down, self.mlp.down_bias, residual, then, 1)
+
+    def _project_norm(self, x: torch.Tensor, w, bias: torch.Tensor | None,
+                      residual: torch.Tensor, norm: RMSNorm, site: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm.add_norm(sublayer output, residual) for a sublayer's last projection of x: in
+        its launch where it can (one rank, no Granite multiplier), else apart."""
+        if self.mesh.size == 1 and self.res == 1.0:
+            return norm.after(x, w, bias, residual, self.arrivals[site:site + 1])
+        return norm.add_norm(self._scaled(self.mesh.all_reduce(linear(x, w, bias))), residual)
 
     def decode_native(self, x: torch.Tensor, residual: torch.Tensor | None, meta: DecodeMeta,
                       cache: PagedKVCache, kernels: NativeKernels,
@@ -175,6 +202,10 @@ class Transformer:
         if gemv_max_batch and not decode_kernel:
             raise ValueError("gemv_max_batch > 0 needs the Triton decode kernels (decode_kernel)")
         self.gemv_max_batch = gemv_max_batch
+        # decode beyond the fused GEMVs by DecoderLayer.decode_chained (each norm in the
+        # projection before it where it can); False: DecoderLayer.decode (the A/B of
+        # bench/quant_decode.py --chained-ab)
+        self.chained_norms = True
 
     def _layer_plans(self, cache: PagedKVCache) -> list | None:
         """The layers as `NativeKernels.layer_plan`s (built on first use, rebuilt for another
@@ -281,9 +312,15 @@ class Transformer:
                     x, residual = layer.decode_native(x, residual, meta, cache, k)
             return self._logits(self.norm.add_norm(x, residual)[0])
         gemv = tokens.shape[0] <= self.gemv_max_batch
-        for layer in self.layers:
-            x, residual = layer.decode(x, residual, meta, cache, gemv)
-        return self._logits(self.norm.add_norm(x, residual)[0], gemv)  # [B, V]
+        if gemv or not self.chained_norms:
+            for layer in self.layers:
+                x, residual = layer.decode(x, residual, meta, cache, gemv)
+            return self._logits(self.norm.add_norm(x, residual)[0], gemv)  # [B, V]
+        h, residual = self.layers[0].attn_norm.add_norm(x, None)
+        thens = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, then in zip(self.layers, thens, strict=True):
+            h, residual = layer.decode_chained(h, residual, meta, cache, then)
+        return self._logits(h)  # [B, V]
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [N] -> the first layer's input [N, H] (Granite: times embedding_multiplier)."""

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.backends.torch.quant.native import NativeKernels
+from llm.backends.torch.weight import QuantLinear, linear
 
 
 class RMSNorm:
@@ -34,6 +35,24 @@ class RMSNorm:
             return self.kernels.add_rms_norm(x.contiguous(), res, self.weight, self.eps)
         total = x if residual is None else x + residual
         return self(total), total
+
+    def after(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, bias: torch.Tensor | None,
+              residual: torch.Tensor, arrivals: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """add_norm(linear(x, w, bias), residual) for x [B, K], residual [B, N]: in one launch
+        where the fused path's quantized one-row GEMV takes w (the norm in its epilogue,
+        kernels/qgemv_words.py `norm=`; arrivals: that launch site's int32 zero counter), else
+        the projection, then `add_norm`. The same values either way."""
+        if self.fused and isinstance(w, QuantLinear) and w.decodes(x) \
+                and residual.dtype == x.dtype:
+            from llm.backends.torch.kernels.qgemv import qgemv_add_norm
+            from llm.backends.torch.kernels.qgemv_words import AddNorm
+
+            res = residual if residual.stride(1) == 1 else residual.contiguous()
+            out = qgemv_add_norm(x, w.weight, bias, AddNorm(res, self.weight, self.eps, arrivals))
+            if out is not None:
+                return out
+        return self.add_norm(linear(x, w, bias), residual)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]. One fused op in float32 (torch's rms_norm computes

@@ -14,23 +14,37 @@ from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_re
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x, stride_r,
-                         stride_o, stride_s, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
-                         HAS_RESIDUAL: tl.constexpr, USE_GDC: tl.constexpr):
-    row = tl.program_id(0)
+def add_rms_norm_row(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, HIDDEN: tl.constexpr,
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CG: tl.constexpr):
+    """One row: out = rms_norm(x + residual) * w, sum = x + residual (rounded to x's dtype).
+    CG: x is read past the L1 (`.cg`), as where other programs of the same launch wrote it
+    (the norm in a GEMV's epilogue, kernels/qgemv_words.py)."""
     cols = tl.arange(0, BLOCK)
     live = cols < HIDDEN
-    wait_then_release(USE_GDC)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0)
+    if CG:
+        x = tl.load(x_ptr + cols, mask=live, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(x_ptr + cols, mask=live, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=live, other=0.0)
+        r = tl.load(res_ptr + cols, mask=live, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the residual stream, rounded
-        tl.store(sum_ptr + row * stride_s + cols, x, mask=live)
+        tl.store(sum_ptr + cols, x, mask=live)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
     w = tl.load(w_ptr + cols, mask=live, other=0.0)
     y = (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x, stride_r,
+                         stride_o, stride_s, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, USE_GDC: tl.constexpr):
+    row = tl.program_id(0)
+    wait_then_release(USE_GDC)
+    add_rms_norm_row(x_ptr + row * stride_x, res_ptr + row * stride_r, w_ptr,
+                     out_ptr + row * stride_o, sum_ptr + row * stride_s, eps, HIDDEN, BLOCK,
+                     HAS_RESIDUAL, False)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

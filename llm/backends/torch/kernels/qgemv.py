@@ -62,11 +62,13 @@ from llm.backends.torch.kernels.qgemv_common import (
 from llm.backends.torch.kernels.qgemv_config import (
     QGemvConfig,
     QGemvWConfig,
+    norm_epilogue,
     qgemm_tc_config,
     qgemv_config,
     words_rows_max,
 )
 from llm.backends.torch.kernels.qgemv_words import (
+    AddNorm,
     qgemv_words,
     words_kernel_runs,
 )
@@ -287,6 +289,20 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
         HAS_BIAS=bias is not None, COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return y
+
+
+def qgemv_add_norm(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None,
+                   norm: AddNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(y + residual) * weight, y + residual) for y = `qgemv(x, w, bias)`, in one
+    launch of the v2 kernel with the norm in its epilogue (`qgemv_words(norm=...)`), where
+    `qgemv` would take that kernel for x and w and `norm_epilogue` says it pays; None elsewhere
+    (the caller then projects and normalises apart)."""
+    if (x.dim() != 2 or not norm_epilogue(x.shape[0], w.out_features, w.format)
+            or x.shape[1] != w.in_features or not triton_runs(x)
+            or x.shape[0] > words_rows_max(w.format) or not words_kernel_runs(x, w)
+            or qmma_runs(x, w, bias, None)):
+        return None
+    return qgemv_words(x if x.stride(1) == 1 else x.contiguous(), w, bias, norm=norm)
 
 
 def qgemv_silu_mul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,

@@ -121,6 +121,19 @@ def qgemv_w_config(m: int, n: int, k: int, fmt: str) -> QGemvWConfig:
     return cfg
 
 
+def norm_epilogue(m: int, n: int, fmt: str) -> bool:
+    """Whether a projection of m rows of x, width n, in format `fmt` with a residual add and
+    RMSNorm after it takes them into the v2 kernel's epilogue (`qgemv_words(norm=...)`) rather
+    than the norm's own launch: one row (the batches of 2..4 the kernel takes were not timed),
+    rows of 4,096 and wider, codes narrower than 8 bits. Measured at batch 1 on an
+    H100 (2026-12-07, decode with the norms in o's and down's epilogue against apart, ms a
+    step): 8B Q4_0 2.09 / 2.14-2.15, Q4_K_M 2.38-2.40 / 2.47, int4_g128 2.23-2.25 / 2.27, Q6_K
+    3.01-3.04 / 3.12; but 8B Q8_0 3.27 / 3.25 and 1B (2,048 wide) Q4_0 0.60 / 0.56: there the
+    programs' round trip to the counter costs more than the norm's launch (docs/performance.md).
+    """
+    return m == 1 and n >= 4096 and fmt not in ("q8_0", "int8")
+
+
 def words_rows_max(fmt: str) -> int:
     """The most rows of x `qgemv` sends to the v2 kernel for weights in format `fmt` (one
     launch; more rows go to the tensor-core kernel where it runs, else the first kernel).

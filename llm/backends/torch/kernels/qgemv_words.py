@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llm.backends.torch.kernels.norm import add_rms_norm_row
 from llm.backends.torch.kernels.pdl import launch_options, use_pdl, wait_then_release
 from llm.backends.torch.kernels.qgemv_common import (
     DEFAULT_PLANES,
@@ -143,13 +144,16 @@ def _tile_rows(tile, N, UP_ROW, BLOCK_N: tl.constexpr, GLU: tl.constexpr, ROPE: 
 @triton.jit
 def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, N, UP_ROW,
                     s_xw, s_y, s_qw, s_qh, s_d, s_m, s_sc, s_mn, cos_ptr, sin_ptr, blocks_ptr,
-                    offsets_ptr, k_pool, v_pool, s_kp, s_kh, s_kt, K: tl.constexpr,
+                    offsets_ptr, k_pool, v_pool, s_kp, s_kh, s_kt, nres_ptr, nw_ptr, nout_ptr,
+                    nsum_ptr, cnt_ptr, eps, s_nr, s_no, s_ns, K: tl.constexpr,
                     FMT: tl.constexpr, GS: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_G: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr,
                     GLU: tl.constexpr, ROPE: tl.constexpr, N_HEADS: tl.constexpr,
                     N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, XF16: tl.constexpr,
                     HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr, USE_GDC: tl.constexpr,
-                    STAGES: tl.constexpr = 1, TILES: tl.constexpr = 1):
+                    STAGES: tl.constexpr = 1, TILES: tl.constexpr = 1,
+                    NORM: tl.constexpr = False, NORM_N: tl.constexpr = 1,
+                    NBLOCK: tl.constexpr = 1):
     """y[r, n0:n0 + BLOCK_N] for n0 = tile * BLOCK_N and the M (1..4) rows r of x; with GLU,
     y[r, n0:n0 + BLOCK_N / 2] = silu(gate) * up for n0 = tile * BLOCK_N / 2, where rows UP_ROW
     + n of w are the up rows of gate row n. Program p takes the row tiles p * TILES .. p * TILES
@@ -183,7 +187,13 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
     3.9: cp.async present; at 1 the code is that of a plain loop). TILES > 1 where K is one
     chunk: the first row of x is read once into registers for all the program's tiles (each
     program of a one-tile launch reads x whole: 8B gate_up Q8_0, 7,168 programs, ~57 MB of L2
-    reads beside 122 MB of codes)."""
+    reads beside 122 MB of codes).
+
+    NORM (y's N = NORM_N columns a whole hidden row, not GLU / ROPE): after storing y, each
+    program counts itself in cnt_ptr; the last to arrive adds y and the residual (nres_ptr) and
+    RMS-normalises the sum with the weight nw_ptr as kernels/norm.py does (the same function,
+    `add_rms_norm_row`): the sum into nsum_ptr, the normalised row into nout_ptr, every row of
+    x; then it resets the counter. The next norm without a launch of its own."""
     WPG: tl.constexpr = 8 if FMT == 0 or FMT == 8 else 4
     NG: tl.constexpr = K // 32
     HAS_QH: tl.constexpr = FMT == 7 or FMT == 3 or FMT == 4 or FMT == 6  # high bits in `qh`
@@ -303,6 +313,14 @@ def _qgemv_w_kernel(xw_ptr, y_ptr, b_ptr, qw_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, 
             if M > 3:
                 _store_row(y_ptr + 3 * s_y, acc3, b_ptr, ns, n_live, tile, N, HALF, GLU,
                            HAS_BIAS)
+    if NORM:
+        tl.debug_barrier()  # every thread's part of y is stored before the release below
+        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            for r in tl.static_range(M):
+                add_rms_norm_row(y_ptr + r * s_y, nres_ptr + r * s_nr, nw_ptr,
+                                 nout_ptr + r * s_no, nsum_ptr + r * s_ns, eps, NORM_N, NBLOCK,
+                                 True, True)
+            tl.store(cnt_ptr, 0)
 
 
 def words_kernel_runs(x: torch.Tensor, w: QuantizedTensor) -> bool:
@@ -344,9 +362,40 @@ class RopeTarget:
     q: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class AddNorm:
+    """The residual add and RMSNorm that follow a projection, for `qgemv_words(norm=...)`:
+    residual [M, N] (contiguous rows), the norm's weight [N] and eps; arrivals: an int32 zero
+    on the device (the programs' counter), left zero by every launch (one per launch site:
+    launches that could run at once must not share it)."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    arrivals: torch.Tensor
+
+
+def _norm_args(y: torch.Tensor, norm: AddNorm) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """The kernel's NORM arguments for y [M, N] and where they go: (args, normed, total)."""
+    res, arr = norm.residual, norm.arrivals
+    if (res.shape != y.shape or res.dtype != y.dtype or res.stride(1) != 1
+            or norm.weight.shape != (y.shape[1],) or arr.dtype != torch.int32
+            or arr.numel() < 1 or arr.device != y.device):
+        raise ValueError(f"qgemv_words(norm=...) needs a residual like y {tuple(y.shape)} "
+                         f"{y.dtype} with unit column stride, a weight [{y.shape[1]}] and an "
+                         f"int32 counter on {y.device}; got residual "
+                         f"{tuple(res.shape)} {res.dtype}, weight {tuple(norm.weight.shape)}, "
+                         f"counters {arr.dtype} [{arr.numel()}] on {arr.device}")
+    out, total = torch.empty_like(y), torch.empty_like(y)
+    args = (res, norm.weight, out, total, arr, norm.eps, res.stride(0), out.stride(0),
+            total.stride(0))
+    return args, out, total
+
+
 def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                 config: QGemvWConfig | None = None, pdl: bool | None = None,
-                glu: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
+                glu: bool = False, rope: RopeTarget | None = None, norm: AddNorm | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`qgemv` of up to WORDS_MAX_M rows of x in one launch of the v2 kernel (see
     `words_kernel_runs`; more rows: one launch per WORDS_MAX_M), the codes decoded once for all
     rows. glu: w is a fused [2I, K] gate/up weight
@@ -354,10 +403,16 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     unfused product. rope (one row): w is a fused QKV weight [(nh + 2 n_kv) hd, K] (or the
     block of its whole heads at rope.row0); q and k
     rotated as kernels/rope_kv.py `rope_and_cache` does (bit-equal), K and V written into the
-    pools, and the result is q [1, nh * hd]."""
+    pools, and the result is q [1, nh * hd]. norm: the residual add and RMSNorm after the
+    projection in the same launch (`AddNorm`; not with glu / rope, at most WORDS_MAX_M rows):
+    the result is (rms_norm(y + residual) * weight, y + residual), as kernels/norm.py
+    `add_rms_norm` of y computes them."""
     m = x.shape[0]
     if rope is not None and m != 1:
         raise ValueError(f"qgemv_words(rope=...) takes one token, got {m}")
+    if norm is not None and (glu or rope is not None or m > WORDS_MAX_M):
+        raise ValueError(f"qgemv_words(norm=...) takes at most {WORDS_MAX_M} rows and neither "
+                         f"glu nor rope; got {m} rows, glu {glu}, rope {rope is not None}")
     if m > WORDS_MAX_M:
         return torch.cat([qgemv_words(r, w, bias, config, pdl, glu)
                           for r in x.split(WORDS_MAX_M)])
@@ -405,18 +460,23 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
                              f"{x.dtype} tensor, got {tuple(rope.q.shape)} {rope.q.dtype}")
     y = rope.q if rope is not None and rope.q is not None else torch.empty(
         m, n, dtype=x.dtype, device=x.device)
+    # every mode: a tile is BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
+    grid = triton.cdiv(triton.cdiv(w.out_features, cfg.block_n), cfg.tiles)
+    norm_args, normed, total = (x,) * 5 + (0.0, 0, 0, 0), None, None  # unused without norm
+    if norm is not None:
+        norm_args, normed, total = _norm_args(y, norm)
     gdc = use_pdl(x, pdl)
     n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
     up_row = rope.row0 // 2 if rope is not None else n_arg  # ROPE: w's first pair in the QKV
-    # every mode: a tile is BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
-    grid = triton.cdiv(triton.cdiv(w.out_features, cfg.block_n), cfg.tiles)
     _qgemv_w_kernel[(grid,)](
         xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, up_row, xw.stride(0),
-        y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args, K=k,
+        y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args,
+        *norm_args, K=k,
         FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
         BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt not in (0, 8), PREFETCH=cfg.prefetch, GLU=glu,
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, STAGES=cfg.num_stages,
-        TILES=cfg.tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
-    return y
+        TILES=cfg.tiles, NORM=norm is not None, NORM_N=n, NBLOCK=triton.next_power_of_2(n),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
+    return (normed, total) if norm is not None else y
