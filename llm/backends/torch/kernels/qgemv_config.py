@@ -49,8 +49,10 @@ def qgemv_config(m: int, n: int, k: int) -> QGemvConfig:
 @dataclass(frozen=True)
 class QGemvWConfig:
     """v2 kernel: rows of w per program, 32-groups per chunk, warps, pipeline depth (chunks
-    staged in shared memory by Triton's software pipeline; 1: none), whether 4-bit codes enter
-    as 0.5 + q / 256 (one instruction fewer per weight, corrected per group), and whether codes
+    staged in shared memory by Triton's software pipeline; 1: none), whether codes enter with
+    their offset, corrected per group (`magic`: 4-bit as 0.5 + q / 256, 8-bit as 2^15 + 128 + q;
+    one instruction fewer per weight; 8-bit: ~1e-4 of the output's norm, off by default, see
+    docs/performance.md), and whether codes
     are prefetched (the first chunk before the PDL wait, each next chunk before the current
     one's arithmetic; not with num_stages > 1), and how many row tiles of block_n rows a
     program takes in turn (`tiles` > 1 where K is one chunk: x read once a program)."""

@@ -473,7 +473,7 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args,
         *norm_args, K=k,
         FMT=fmt, GS=gs, M=m, BLOCK_N=cfg.block_n,
-        BLOCK_G=cfg.block_g, MAGIC=cfg.magic and fmt not in (0, 8), PREFETCH=cfg.prefetch, GLU=glu,
+        BLOCK_G=cfg.block_g, MAGIC=cfg.magic, PREFETCH=cfg.prefetch, GLU=glu,
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, STAGES=cfg.num_stages,

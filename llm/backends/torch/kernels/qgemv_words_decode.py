@@ -1,7 +1,9 @@
 """The words kernel's arithmetic on one chunk (kernels/qgemv_words.py): 32-bit words of codes to
 float32 codes, x's 64-bit words to float32 values, and their per-group sums.
 
-Codes become float32 2^23 + q, or with MAGIC 0.5 + q / 256 (both exact), by byte permutes where
+Codes become float32 2^23 + q, or with MAGIC 0.5 + q / 256 (8-bit codes: 2^15 + 128 + q; all
+exact, and so are their products with a bf16 / fp16 x; MAGIC trades the per-code unbiasing for
+one sum of x per group and row of x, shared by the rows of w), by byte permutes where
 compiled (`_codes4`, `_codes8`, `_bytes4`); Q5_* and Q6_K first OR in their high bits from `qh`
 (`_codes5`, `_codes6`). `decode_chunk` picks the format's path, `x_values` converts one row of
 x, and `chunk_sums` forms what `scale_sums` scales: per group and row of w, the sum of x times
@@ -73,9 +75,17 @@ def _codes4(w, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def _codes8(w, COMPILED: tl.constexpr):
-    """A 32-bit word of 4 int8 codes c_e -> float32 2^23 + 128 + c_e (exact)."""
+def _codes8(w, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
+    """A 32-bit word of 4 int8 codes c_e -> float32 2^23 + 128 + c_e, or with MAGIC 2^15 + 128
+    + c_e (both exact; the latter times a bf16 / fp16 x is exact too: 8 + 16 significant
+    bits)."""
     if COMPILED:
+        if MAGIC:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; "
+                "prmt.b32 $0, t, 0x47000000, 0x7504; prmt.b32 $1, t, 0x47000000, 0x7514; "
+                "prmt.b32 $2, t, 0x47000000, 0x7524; prmt.b32 $3, t, 0x47000000, 0x7534; }",
+                "=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
         return tl.inline_asm_elementwise(
             "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; "
             "prmt.b32 $0, t, 0x4B000000, 0x7540; prmt.b32 $1, t, 0x4B000000, 0x7541; "
@@ -84,7 +94,7 @@ def _codes8(w, COMPILED: tl.constexpr):
     out = ()
     for e in tl.static_range(4):
         c = (((w >> (8 * e)) & 255) ^ 128).to(tl.float32)
-        out = out + (c + 8388608.0,)
+        out = out + (c + (32768.0 if MAGIC else 8388608.0),)
     return out
 
 
@@ -148,14 +158,15 @@ def _codes5(w, h, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
 @triton.jit
 def decode_chunk(w, h, js, FMT: tl.constexpr, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
     """A chunk's code words w (and Q5 / Q6_K's high bits h) -> 8 float32 tensors [G, BLOCK_N,
-    WPG], the codes each row of x multiplies: Q8_0 words j: columns 4j + e, c - 128 (the last
-    four repeat the first, unused); the rest: columns 4j + e (lo) and 16 + 4j + e (hi), as the
-    code q' less the format's bias (Q4_0 8, Q5_0 16, Q6_K 32), or with MAGIC 0.5 + q / 256 (see
-    `chunk_sums`)."""
+    WPG], the codes each row of x multiplies: Q8_0 words j: columns 4j + e, c - 128, or with
+    MAGIC 2^15 + c (the last four repeat the first, unused); the rest: columns 4j + e (lo) and
+    16 + 4j + e (hi), as the code q' less the format's bias (Q4_0 8, Q5_0 16, Q6_K 32), or with
+    MAGIC 0.5 + q / 256 (see `chunk_sums`)."""
     if FMT == 0 or FMT == 8:  # int8 codes: word j = columns 4j .. 4j + 3
-        c0, c1, c2, c3 = _codes8(w, COMPILED)
-        off: tl.constexpr = 8388736.0  # 2^23 + 128
-        c0, c1, c2, c3 = c0 - off, c1 - off, c2 - off, c3 - off
+        c0, c1, c2, c3 = _codes8(w, MAGIC, COMPILED)
+        if not MAGIC:  # with MAGIC, 2^15 + 128 + c: `chunk_sums` takes the offset off
+            off: tl.constexpr = 8388736.0  # 2^23 + 128
+            c0, c1, c2, c3 = c0 - off, c1 - off, c2 - off, c3 - off
         return c0, c1, c2, c3, c0, c1, c2, c3
     if FMT == 7:  # Q6_K: 6-bit codes
         l0, l1, l2, l3, h0, h1, h2, h3 = _codes6(w, h, js, MAGIC, COMPILED)
@@ -200,6 +211,8 @@ def chunk_sums(xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, l0, l1, l2, l3, h0, h1, h
     if FMT == 0 or FMT == 8:  # (one return statement: the branches' results differ in shape)
         S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3, axis=2)  # [G, BLOCK_N]
         sx = S  # Q8_0 has no offset: unused
+        if MAGIC:  # codes 2^15 + 128 + c: sum x * c = S - (2^15 + 128) * sum x
+            S = S - 32896.0 * tl.sum(xl0 + xl1 + xl2 + xl3, axis=2)
     elif FMT == 7:
         S = tl.sum(xl0 * l0 + xl1 * l1 + xl2 * l2 + xl3 * l3, axis=2)  # [G, BLOCK_N]: lo half
         sx = tl.sum(xh0 * h0 + xh1 * h1 + xh2 * h2 + xh3 * h3, axis=2)  # hi half
