@@ -459,7 +459,7 @@ def patched_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: floa
 
 
 def unchained_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--unchained: decode again with every norm a launch of its own (`Model.chained_norms`
+    """--unchained: decode again with every norm a launch of its own (`Transformer.chained_norms`
     False: DecoderLayer.decode), then with the norms in o's and down's epilogue in every layer
     (`qgemv.norm_epilogue` patched to always), then as the engine runs it again (its rule),
     graphs captured again each time: the A/B of the norms in the epilogues in one process."""
@@ -467,7 +467,7 @@ def unchained_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: fl
 
     if not args.unchained or backend.graphs is None:
         return []
-    rows, rule = [], qgemv.norm_epilogue
+    rows, rule, was = [], qgemv.norm_epilogue, backend.model.chained_norms
     for chained, taken, note in ((False, rule, "norms apart"),
                                  (True, lambda *a: True, "norms in the epilogues always"),
                                  (True, rule, "the engine's rule, again")):
@@ -478,6 +478,7 @@ def unchained_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: fl
             rows += decode_rows(backend, name, fmt_name, args, bw, note)
         finally:
             qgemv.norm_epilogue = rule
+            backend.model.chained_norms = was
     return rows
 
 

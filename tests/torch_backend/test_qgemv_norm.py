@@ -41,6 +41,28 @@ def test_norm_epilogue_equals_gemv_then_add_rms_norm(fmt: str, m: int) -> None:
         assert int(arrivals) == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336)])
+def test_norm_epilogue_at_8b_widths_equals_the_norm_kernel(fmt: str, n: int, k: int) -> None:
+    """Compiled, at the widths the engine's rule gives the epilogue (8B o_proj and down, their
+    default configs): the same bits as the GEMV then the norm kernel (the statistic's sum in
+    the norm kernel's order, at its 4 warps)."""
+    from llm.backends.torch.kernels.qgemv import qgemv, qgemv_add_norm
+
+    g = torch.Generator().manual_seed(n + k)
+    w = random_quantized(fmt, n, k, g).to("cuda")
+    x = torch.randn(1, k, generator=g).to("cuda", torch.bfloat16)
+    res = torch.randn(1, n, generator=g).to("cuda", torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(n, generator=g)).to("cuda", torch.bfloat16)
+    arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+    want = add_rms_norm(qgemv(x, w), res, weight, 1e-5)
+    got = qgemv_add_norm(x, w, None, AddNorm(res, weight, 1e-5, arrivals))
+    assert got is not None  # the rule takes these shapes
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert int(arrivals) == 0
+
+
 def test_norm_epilogue_refuses_what_it_cannot_do() -> None:
     g = torch.Generator().manual_seed(0)
     w = random_quantized("q4_0", 64, 64, g).to(DEVICE)

@@ -107,7 +107,8 @@ class DecoderLayer:
         act = self.mlp.act(h)  # [B, I]
         return self._project_norm(act, self.mlp.down, self.mlp.down_bias, residual, then, 1)
 
-    def _project_norm(self, x: torch.Tensor, w, bias: torch.Tensor | None,
+    def _project_norm(self, x: torch.Tensor, w: torch.Tensor | QuantLinear | RowBlocks,
+                      bias: torch.Tensor | None,
                       residual: torch.Tensor, norm: RMSNorm, site: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """norm.add_norm(sublayer output, residual) for a sublayer's last projection of x: in
@@ -204,7 +205,7 @@ class Transformer:
         self.gemv_max_batch = gemv_max_batch
         # decode beyond the fused GEMVs by DecoderLayer.decode_chained (each norm in the
         # projection before it where it can); False: DecoderLayer.decode (the A/B of
-        # bench/quant_decode.py --chained-ab)
+        # bench/quant_decode.py --unchained)
         self.chained_norms = True
 
     def _layer_plans(self, cache: PagedKVCache) -> list | None:

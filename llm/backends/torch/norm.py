@@ -42,7 +42,8 @@ class RMSNorm:
         """add_norm(linear(x, w, bias), residual) for x [B, K], residual [B, N]: in one launch
         where the fused path's quantized one-row GEMV takes w (the norm in its epilogue,
         kernels/qgemv_words.py `norm=`; arrivals: that launch site's int32 zero counter), else
-        the projection, then `add_norm`. The same values either way."""
+        the projection, then `add_norm`. The same values either way (the GEMV's configs have the
+        norm kernel's 4 warps, and so its order of the statistic's sum)."""
         if self.fused and isinstance(w, QuantLinear) and w.decodes(x) \
                 and residual.dtype == x.dtype:
             from llm.backends.torch.kernels.qgemv import qgemv_add_norm

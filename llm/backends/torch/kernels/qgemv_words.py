@@ -406,7 +406,8 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
     pools, and the result is q [1, nh * hd]. norm: the residual add and RMSNorm after the
     projection in the same launch (`AddNorm`; not with glu / rope, at most WORDS_MAX_M rows):
     the result is (rms_norm(y + residual) * weight, y + residual), as kernels/norm.py
-    `add_rms_norm` of y computes them."""
+    `add_rms_norm` of y computes them (the same bits at the norm kernel's 4 warps, which every
+    config of `qgemv_w_config` has: the statistic's sum follows the launch's thread layout)."""
     m = x.shape[0]
     if rope is not None and m != 1:
         raise ValueError(f"qgemv_words(rope=...) takes one token, got {m}")
@@ -477,6 +478,7 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
         ROPE=rope is not None, N_HEADS=heads[0], N_KV=heads[1], HEAD_DIM=heads[2],
         XF16=x.dtype == torch.float16, HAS_BIAS=bias is not None,
         COMPILED=not os.environ.get("TRITON_INTERPRET"), USE_GDC=gdc, STAGES=cfg.num_stages,
-        TILES=cfg.tiles, NORM=norm is not None, NORM_N=n, NBLOCK=triton.next_power_of_2(n),
+        TILES=cfg.tiles, NORM=norm is not None, NORM_N=n if norm is not None else 1,
+        NBLOCK=triton.next_power_of_2(n) if norm is not None else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(gdc))
     return (normed, total) if norm is not None else y

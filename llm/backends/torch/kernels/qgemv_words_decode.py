@@ -2,8 +2,9 @@
 float32 codes, x's 64-bit words to float32 values, and their per-group sums.
 
 Codes become float32 2^23 + q, or with MAGIC 0.5 + q / 256 (8-bit codes: 2^15 + 128 + q; all
-exact, and so are their products with a bf16 / fp16 x; MAGIC trades the per-code unbiasing for
-one sum of x per group and row of x, shared by the rows of w), by byte permutes where
+exact, and so are their products with x, except 8-bit codes times an fp16 x (16 + 11 significant
+bits, rounded to float32's 24); MAGIC trades the per-code unbiasing for one sum of x per group
+and row of x, shared by the rows of w), by byte permutes where
 compiled (`_codes4`, `_codes8`, `_bytes4`); Q5_* and Q6_K first OR in their high bits from `qh`
 (`_codes5`, `_codes6`). `decode_chunk` picks the format's path, `x_values` converts one row of
 x, and `chunk_sums` forms what `scale_sums` scales: per group and row of w, the sum of x times
@@ -77,8 +78,8 @@ def _codes4(w, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
 @triton.jit
 def _codes8(w, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
     """A 32-bit word of 4 int8 codes c_e -> float32 2^23 + 128 + c_e, or with MAGIC 2^15 + 128
-    + c_e (both exact; the latter times a bf16 / fp16 x is exact too: 8 + 16 significant
-    bits)."""
+    + c_e (both exact; the latter times a bf16 x is exact too, 8 + 16 significant bits, times an
+    fp16 x rounded once, 11 + 16)."""
     if COMPILED:
         if MAGIC:
             return tl.inline_asm_elementwise(
