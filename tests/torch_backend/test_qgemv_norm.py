@@ -88,13 +88,16 @@ def test_the_epilogue_is_taken_where_it_measured_faster() -> None:
     assert not norm_epilogue(2, 4096, "q4_0")  # not timed
 
 
-@pytest.mark.parametrize("mode", [None, "int8"])
-def test_chained_decode_equals_decode_on_the_cpu(mode: str | None) -> None:
+@pytest.mark.parametrize("name, mode", [("llama_gqa", None), ("llama_gqa", "int8"),
+                                        ("granite_scaled", None), ("qwen3_qk_norm", None)])
+def test_chained_decode_equals_decode_on_the_cpu(name: str, mode: str | None) -> None:
+    """Every norm apart on the CPU: the chained loop runs the same operations in the same order
+    (Granite: its residual multiplier before each add; Qwen3: its q / k head norms)."""
     from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 
     from llm.model.checkpoint.load import quantize_matrices
 
-    config = SMALL_CONFIGS["llama_gqa"]
+    config = SMALL_CONFIGS[name]
     tensors = state_dict(hf_model(config))
     if mode is not None:
         tensors = quantize_matrices(tensors, mode, False)
