@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                         "occupancy), an A/B of the engine's 2")
     p.add_argument("--unchained", action="store_true",
                    help="decode again with each norm a launch of its own, then with the norms "
-                        "in the o / down GEMVs' epilogue again (A/B/A)")
+                        "in the o / down GEMVs' epilogue everywhere, then by the engine's rule")
     p.add_argument("--gguf", default=None,
                    help="comma list of GGUF files to decode as stored, instead of random planes "
                         "(e.g. the files ../shared/peers/llamacpp/bench.sh gave llama.cpp)")

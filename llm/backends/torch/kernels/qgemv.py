@@ -243,6 +243,12 @@ def _qgemv_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_
              mask=(rows < M) & n_live[None, :])
 
 
+def _words_take(x: torch.Tensor, w: QuantizedTensor) -> bool:
+    """Whether x [M, K] and w go to the v2 kernel where the tensor-core kernel does not take
+    them: at most `words_rows_max` rows, a format and dtype it implements."""
+    return x.shape[0] <= words_rows_max(w.format) and words_kernel_runs(x, w)
+
+
 def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
           config: QGemvConfig | QGemvWConfig | None = None,
           pdl: bool | None = None, variant: str = "auto") -> torch.Tensor:
@@ -266,7 +272,7 @@ def qgemv(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
     if isinstance(config, QGemvWConfig):
         return qgemv_words(x, w, bias, config, pdl)
     if config is None and variant == "auto":
-        if x.shape[0] <= words_rows_max(w.format) and words_kernel_runs(x, w):
+        if _words_take(x, w):
             return qgemv_words(x, w, bias, None, pdl)
         if x.shape[0] > 1 and tc_kernel_runs(x, w) and family(w.format)[0] in TC_PICKED:
             tc = qgemm_tc_config(x.shape[0], w.out_features, w.in_features)
@@ -298,8 +304,7 @@ def qgemv_add_norm(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | Non
     `qgemv` would take that kernel for x and w and `norm_epilogue` says it pays; None elsewhere
     (the caller then projects and normalises apart)."""
     if (x.dim() != 2 or not norm_epilogue(x.shape[0], w.out_features, w.format)
-            or x.shape[1] != w.in_features or not triton_runs(x)
-            or x.shape[0] > words_rows_max(w.format) or not words_kernel_runs(x, w)
+            or x.shape[1] != w.in_features or not triton_runs(x) or not _words_take(x, w)
             or qmma_runs(x, w, bias, None)):
         return None
     return qgemv_words(x if x.stride(1) == 1 else x.contiguous(), w, bias, norm=norm)
@@ -319,8 +324,7 @@ def qgemv_silu_mul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | Non
                 and qmma_runs(x, w, bias, pdl, glu=True)):
             return qmma_matmul(x, w, pdl, glu=True)
         return silu_mul(qmma_matmul(x, w, pdl), pdl)
-    if (x.dim() == 2 and x.shape[0] <= words_rows_max(w.format) and triton_runs(x)
-            and words_kernel_runs(x, w)):
+    if x.dim() == 2 and triton_runs(x) and _words_take(x, w):
         x = x if x.stride(1) == 1 else x.contiguous()
         return qgemv_words(x, w, bias, config, pdl, glu=True)
     return silu_mul(qgemv(x, w, bias, config, pdl), pdl)

@@ -461,14 +461,14 @@ def qgemv_words(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None =
                              f"{x.dtype} tensor, got {tuple(rope.q.shape)} {rope.q.dtype}")
     y = rope.q if rope is not None and rope.q is not None else torch.empty(
         m, n, dtype=x.dtype, device=x.device)
-    # every mode: a tile is BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
-    grid = triton.cdiv(triton.cdiv(w.out_features, cfg.block_n), cfg.tiles)
     norm_args, normed, total = (x,) * 5 + (0.0, 0, 0, 0), None, None  # unused without norm
     if norm is not None:
         norm_args, normed, total = _norm_args(y, norm)
     gdc = use_pdl(x, pdl)
     n_arg = w.out_features if rope is not None else n  # the kernel's N: rows of w with rope
     up_row = rope.row0 // 2 if rope is not None else n_arg  # ROPE: w's first pair in the QKV
+    # every mode: a tile is BLOCK_N rows of w (GLU / ROPE: BLOCK_N / 2 pairs of them)
+    grid = triton.cdiv(triton.cdiv(w.out_features, cfg.block_n), cfg.tiles)
     _qgemv_w_kernel[(grid,)](
         xw, y, bias if bias is not None else x, qw, qh, *rest, n_arg, up_row, xw.stride(0),
         y.stride(0), qw.stride(0), qh.stride(0), *(p.stride(0) for p in rest), *rope_args,
