@@ -92,6 +92,10 @@ class BlockAllocator:
         """Holders of `page` (0: free or evictable)."""
         return self._refs.get(page, 0)
 
+    def num_unheld(self, pages: Sequence[int]) -> int:
+        """How many of `pages` have no holder (free or evictable), each occurrence counted."""
+        return len(pages) - sum(map(self._refs.__contains__, pages))
+
     def allocate(self, n: int) -> list[int]:
         """Take `n` free pages (unregistered ones first, then the least recently freed cached
         ones, whose keys are dropped), or raise `OutOfPagesError` without taking any."""
@@ -190,7 +194,7 @@ class PageTable:
         free once shared)."""
         alloc = self.allocator
         missing = self.blocks_needed(num_tokens) - len(shared) + extra
-        return missing <= alloc.num_free - sum(alloc.refs(p) == 0 for p in shared)
+        return missing <= alloc.num_free - alloc.num_unheld(shared)
 
     def reserve(self, slot: int, num_tokens: int, shared: Sequence[int] = ()) -> list[int]:
         """Make sure `slot` owns pages for positions [0, num_tokens); allocate what is missing.

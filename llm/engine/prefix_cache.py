@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from array import array
+import struct
 from collections.abc import Sequence
 
 from llm.engine.paged_kv import PageTable
@@ -46,11 +46,16 @@ class PrefixCachePolicy:
             f"llm prefix cache v1: block_size={block_size} prefill_chunk={prefill_chunk}"
             .encode()).digest()
 
-    def page_keys(self, tokens: Sequence[int]) -> list[bytes]:
-        """The keys of every full page of `tokens` (a prompt), in order."""
-        keys, key, bs = [], self._root, self.block_size
-        for i in range(len(tokens) // bs):
-            key = hashlib.sha256(key + array("q", tokens[i * bs:(i + 1) * bs]).tobytes()).digest()
+    def page_keys(self, tokens: Sequence[int], packed: bytes | None = None) -> list[bytes]:
+        """The keys of every full page of `tokens` (a prompt), in order. packed: the same tokens
+        as native int64s (`struct.pack`), where the caller has them already."""
+        full = len(tokens) // self.block_size * self.block_size
+        if packed is None:
+            packed = struct.pack(f"{full}q", *tokens[:full])
+        keys, key, step = [], self._root, 8 * self.block_size
+        sha256 = hashlib.sha256
+        for end in range(step, 8 * full + 1, step):
+            key = sha256(key + packed[end - step:end]).digest()
             keys.append(key)
         return keys
 
@@ -83,7 +88,7 @@ class PrefixCache:
         if seq.out.prompt_logprobs is not None:
             return []
         if seq.page_keys is None:
-            seq.page_keys = self.policy.page_keys(seq.out.prompt_token_ids)
+            seq.page_keys = self.policy.page_keys(seq.out.prompt_token_ids, seq.packed_prompt)
         found = self.pages.allocator.lookup(seq.page_keys)
         return found[:self.policy.usable_pages(seq.prompt_len, len(found))]
 

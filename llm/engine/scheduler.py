@@ -26,6 +26,7 @@ following step while the others keep decoding.
 from __future__ import annotations
 
 import dataclasses
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -152,9 +153,10 @@ class Scheduler:
         at = f"{label}: " if label else ""
         if not ids:
             raise RequestError(f"{at}the prompt is empty (it encodes to no tokens)")
-        plain = set(map(type, ids)) <= {int} and 0 <= min(ids) and max(ids) < self.vocab_size
-        bad = [] if plain else [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-                                or not 0 <= t < self.vocab_size]
+        packed = _packed(ids, self.vocab_size)
+        bad = [] if packed is not None else [
+            t for t in ids
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(
                 f"{at}token ids {bad[:5]} outside [0, {self.vocab_size})")
@@ -209,6 +211,7 @@ class Scheduler:
                 parent=seqs[0] if seqs else None,
                 grammar=self._matcher(params, banned)))  # each its own state
         seqs[0].children = seqs[1:]
+        seqs[0].packed_prompt = packed
         return seqs[0]
 
     def _banned(self, params: SamplingParams, stop_ids: set[int], at: str
@@ -424,6 +427,19 @@ class Scheduler:
         del self.active[seq.slot]
         self.pages.release(seq.slot)
         self._free_slots.append(seq.slot)
+
+
+def _packed(ids: Sequence_[int], vocab_size: int) -> bytes | None:
+    """The bytes of array("q", ids) if each id is an int (not a bool) in [0, vocab_size), else
+    None (the caller then finds the bad ones); the prefix cache hashes its pages from them.
+    Packed unsigned, a negative id fails the packing: one max() is left, not min() and max()."""
+    if not set(map(type, ids)) <= {int}:
+        return None
+    try:
+        packed = struct.pack(f"{len(ids)}Q", *ids)
+    except struct.error:  # negative, or beyond 64 bits
+        return None
+    return packed if max(ids) < vocab_size else None
 
 
 @contextmanager

@@ -120,6 +120,7 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0  # prompt tokens whose K/V are in the cache
     page_keys: list[bytes] | None = None  # prefix-cache keys of the prompt's full pages
+    packed_prompt: bytes | None = None  # the prompt as native int64s, where make_sequence has it
     registered: int = 0  # leading pages of this request that are in the prefix cache
     emitted: int = 0  # characters of out.text already streamed
     logprobs_emitted: int = 0  # entries of out.logprobs already streamed

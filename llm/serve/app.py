@@ -13,9 +13,10 @@ import asyncio
 import dataclasses
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -40,6 +41,8 @@ from llm.serve.protocol import (
 )
 from llm.serve.responses import SSE_DONE, ResponseShape, sse, usage_so_far
 from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class _Handlers:
         if length.isdigit() and int(length) > limit:
             raise ApiError(413, f"request body larger than {limit} bytes")
         try:
-            body = await asyncio.wait_for(_body(request, limit), self.config.body_timeout_s)
+            body = await _within(_body(request, limit), self.config.body_timeout_s)
         except ClientDisconnect as e:
             raise ApiError(400, "the client disconnected while sending the body") from e
         except asyncio.TimeoutError as e:  # (TimeoutError itself from Python 3.11)
@@ -249,6 +252,16 @@ def _failed(failure: RequestFailure) -> ApiError:
     """The error response of a request that failed on its own while it ran (400: what failed
     is the request's, e.g. its grammar)."""
     return ApiError(400, failure.message, api_param(failure.param) if failure.param else None)
+
+
+async def _within(work: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    """`await work`, or TimeoutError past `timeout_s`: under asyncio.timeout (Python 3.11+) it
+    runs in the handler's task; asyncio.wait_for makes it a task of its own before 3.12 (an event
+    loop iteration to start it, another to resume the handler)."""
+    if sys.version_info < (3, 11):
+        return await asyncio.wait_for(work, timeout_s)
+    async with asyncio.timeout(timeout_s):
+        return await work
 
 
 async def _body(request: Request, limit: int) -> bytearray:

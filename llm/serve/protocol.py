@@ -215,7 +215,7 @@ def _prompt(value: Any) -> str | list[int]:
         return _utf8(value, "prompt")
     if isinstance(value, list) and (set(map(type, value)) <= {int}  # fast path of the next
                                     or all(_is_int(t) for t in value)):
-        return list(value)
+        return value  # (the parsed body's own list: no copy)
     raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list holding one "
                         "of those (batches of several prompts are not supported)", "prompt")
 

@@ -6,6 +6,8 @@ only, and no page leaked. Bit-identity on real backends: test_prefix_cache_ident
 
 from __future__ import annotations
 
+from array import array
+
 from fakes import FakeBackend, expected_tokens, fake_parts
 
 from llm.engine.contract.backend import PrefillInput
@@ -153,6 +155,7 @@ def test_policy_keys_chain_and_hits_align_to_chunks_and_pages() -> None:
     policy = PrefixCachePolicy(block_size=4, prefill_chunk=6)  # hits in multiples of 12
     keys = policy.page_keys(list(range(10)))
     assert len(keys) == 2 and keys == policy.page_keys(list(range(8)))
+    assert policy.page_keys(range(10), array("q", range(10)).tobytes()) == keys  # packed given
     assert policy.page_keys([9] + list(range(1, 8)))[1] != keys[1]  # the chain carries page 0
     assert PrefixCachePolicy(4, 8).page_keys(list(range(8))) != keys  # another chunk size
     assert policy.usable_pages(prompt_len=30, cached_pages=5) == 3  # 20 -> 12 tokens

@@ -4,6 +4,8 @@ frees, chunked prefill interleaved with decode, queue and page limits, cancellat
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 from fakes import expected_tokens, fake_parts
 
@@ -159,6 +161,17 @@ def test_requests_that_can_never_run_are_refused_up_front() -> None:
         sched.make_sequence(0, [1, 100], SamplingParams())
     with pytest.raises(RequestError, match="empty"):
         sched.make_sequence(0, [], SamplingParams())
+
+
+@pytest.mark.parametrize("bad", [True, -1, 100, 2**63, 2**64, -2**63 - 1, 1.0, "1", None])
+def test_bad_token_ids_are_named_whatever_the_rest(bad) -> None:
+    """The packed fast path (ints in range) and the slow path that names the bad ids agree: a
+    bool, a negative id, one past the vocabulary or beyond 64 bits, a non-int."""
+    sched, _ = make()
+    with pytest.raises(RequestError, match=rf"token ids \[{bad!r}\] outside \[0, 100\)"):
+        sched.make_sequence(0, [5, bad, 7], SamplingParams())
+    ok = sched.make_sequence(0, [5, 99, 0], SamplingParams())
+    assert ok.packed_prompt == array("q", [5, 99, 0]).tobytes()
 
 
 def test_cancel_frees_slot_and_pages_active_or_waiting() -> None:
