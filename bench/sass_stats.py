@@ -64,13 +64,13 @@ def _compile(spec: str):
     elif fmt_name.startswith("int4_g"):  # bf16 d and m
         types["d_ptr"] = types["m_ptr"] = "*bf16"
     if kind == "words":
-        from llm.backends.torch.kernels.qgemv_words import _qgemv_w_kernel as kernel
+        from llm.backends.torch.kernels.qgemv_words_kernel import _qgemv_w_kernel as kernel
 
         types["qh_ptr"] = "*u8" if fmt_name in _QH_BYTES else "*i32"
         ce = dict(K=4096, FMT=fmt, GS=gs, M=1, BLOCK_N=int(a), BLOCK_G=int(b),
                   MAGIC=fmt not in (0, 8), PREFETCH=True, GLU=False, ROPE=False, N_HEADS=0,
                   N_KV=0, HEAD_DIM=2, XF16=False, HAS_BIAS=False, COMPILED=True, STAGES=1,
-                  TILES=1, USE_GDC=True)
+                  TILES=1, USE_GDC=True, NORM=False, NORM_N=1, NBLOCK=1)
         options = {"num_warps": 4, "launch_pdl": True}
     elif kind == "tc":
         from llm.backends.torch.kernels.qgemm_tc import _qgemm_tc_kernel as kernel

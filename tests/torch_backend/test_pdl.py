@@ -19,7 +19,7 @@ from llm.backends.torch.kernels import (  # noqa: E402
     gumbel,
     norm,
     paged_decode,
-    qgemv_words,
+    qgemv_words_kernel,
     rope_kv,
     silu_mul,
 )
@@ -52,6 +52,7 @@ QGEMV_WORDS = dict(K=4096, FMT=1, GS=32, M=1, BLOCK_N=8, BLOCK_G=64, MAGIC=True,
 QGEMV_ROPE = {**QGEMV_WORDS, "GLU": False, "ROPE": True, "N_HEADS": 32, "N_KV": 8,
               "HEAD_DIM": 64}
 QGEMV_POINTERS = {"xw_ptr": "*i64", "qw_ptr": "*i32", "d_ptr": "*fp16"}
+QW_KERNEL = qgemv_words_kernel._qgemv_w_kernel
 KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed before the wait)
     (norm._add_rms_norm_kernel, dict(HIDDEN=2048, BLOCK=2048, HAS_RESIDUAL=True), {}, False),
     (rope_kv._rope_kv_kernel, dict(N_HEADS=32, N_KV=8, HEAD_DIM=64, BLOCK_T=1, K_OUT=False),
@@ -78,25 +79,25 @@ KERNELS = [  # (kernel, constexprs, pointer types other than bf16, loads allowed
     (silu_mul._silu_mul_kernel, dict(INTER=8192, BLOCK=1024), {}, False),
     # the quantized one-row GEMV with its SiLU epilogue: codes prefetched before the wait, or
     # (PREFETCH off) nothing
-    (qgemv_words._qgemv_w_kernel, QGEMV_WORDS, QGEMV_POINTERS, True),
-    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False}, QGEMV_POINTERS, False),
-    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "M": 4, "BLOCK_N": 2}, QGEMV_POINTERS, True),
+    (QW_KERNEL, QGEMV_WORDS, QGEMV_POINTERS, True),
+    (QW_KERNEL, {**QGEMV_WORDS, "PREFETCH": False}, QGEMV_POINTERS, False),
+    (QW_KERNEL, {**QGEMV_WORDS, "M": 4, "BLOCK_N": 2}, QGEMV_POINTERS, True),
     # the chunk loop pipelined through shared memory: its cp.async loads after the wait too
-    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "PREFETCH": False, "STAGES": 3,
-                                   "BLOCK_G": 32}, QGEMV_POINTERS, False),
+    (QW_KERNEL, {**QGEMV_WORDS, "PREFETCH": False, "STAGES": 3,
+                "BLOCK_G": 32}, QGEMV_POINTERS, False),
     # several row tiles a program: the next tile's codes loaded after the wait
-    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "TILES": 3, "BLOCK_G": 128}, QGEMV_POINTERS,
+    (QW_KERNEL, {**QGEMV_WORDS, "TILES": 3, "BLOCK_G": 128}, QGEMV_POINTERS,
      True),
     # Q5_K: its `qh` words prefetched beside the codes
-    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "FMT": 6},
+    (QW_KERNEL, {**QGEMV_WORDS, "FMT": 6},
      {**QGEMV_POINTERS, "qh_ptr": "*u8", "m_ptr": "*fp16", "sc_ptr": "*u8", "mn_ptr": "*u8"},
      True),
     # with RoPE and the K/V write in its epilogue (the RoPE rows and the page slot after the wait)
-    (qgemv_words._qgemv_w_kernel, QGEMV_ROPE,
+    (QW_KERNEL, QGEMV_ROPE,
      {**QGEMV_POINTERS, "blocks_ptr": "*i64", "offsets_ptr": "*i64"}, True),
     # with the residual add and the next norm in its epilogue (its counter after the wait)
-    (qgemv_words._qgemv_w_kernel, {**QGEMV_WORDS, "GLU": False, "NORM": True,
-                                   "NORM_N": 4096, "NBLOCK": 4096},
+    (QW_KERNEL, {**QGEMV_WORDS, "GLU": False, "NORM": True,
+                "NORM_N": 4096, "NBLOCK": 4096},
      {**QGEMV_POINTERS, "cnt_ptr": "*i32"}, True),
 ]
 

@@ -18,7 +18,7 @@ def add_rms_norm_row(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, HIDDEN: tl.co
                      BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CG: tl.constexpr):
     """One row: out = rms_norm(x + residual) * w, sum = x + residual (rounded to x's dtype).
     CG: x is read past the L1 (`.cg`), as where other programs of the same launch wrote it
-    (the norm in a GEMV's epilogue, kernels/qgemv_words.py)."""
+    (the norm in a GEMV's epilogue, kernels/qgemv_words_kernel.py)."""
     cols = tl.arange(0, BLOCK)
     live = cols < HIDDEN
     if CG:

@@ -25,14 +25,14 @@ at 2.4-2.6 TB/s, near the bf16 GEMV's 3.9 TB/s; the 4-bit formats reach 1.2-1.8 
 by the per-weight instructions (unpack, unbias, scale, multiply-add, x conversion), not by
 memory. Batch 8 multiplies the fp32 multiply-adds by 8 and is slower than bf16 cuBLAS.
 
-v2 (kernels/qgemv_words.py): for up to 4 rows of bf16 / fp16 x, `_qgemv_w_kernel` gives each
-thread whole halves of 32-groups of several rows of w, so x is converted once per thread and the
-group scale is applied once per group sum (8B gate_up Q4_0 23 us = 69% of the copy bandwidth,
-Q8_0 89%; the first kernel 45% / 67%); the codes are decoded once for all rows of x. For
-more rows than `qgemv_config.words_rows_max` gives, `_qgemm_tc_kernel` (kernels/qgemm_tc.py)
-multiplies the exact codes with x on the tensor cores per 32-group and
-scales each group's sums in fp32 (8B Q4_0 batch 8: 1.7x the first kernel, still 1.7x slower
-than bf16; see docs/performance.md).
+v2 (kernels/qgemv_words.py, the kernel in qgemv_words_kernel.py): for up to 4 rows of bf16 / fp16 x,
+`_qgemv_w_kernel` gives each thread whole halves of 32-groups of several rows of w, so x is
+converted once per thread and the group scale is applied once per group sum (8B gate_up Q4_0 23 us =
+69% of the copy bandwidth, Q8_0 89%; the first kernel 45% / 67%); the codes are decoded once for all
+rows of x. For more rows than `qgemv_config.words_rows_max` gives, `_qgemm_tc_kernel`
+(kernels/qgemm_tc.py) multiplies the exact codes with x on the tensor cores per 32-group and scales
+each group's sums in fp32 (8B Q4_0 batch 8: 1.7x the first kernel, still 1.7x slower than bf16; see
+docs/performance.md).
 
 One kernel, specialised per format family by the constexpr FMT. `qgemv` falls back to
 `quantized_linear` (dequantize, then F.linear) where Triton cannot run: CPU tensors outside the

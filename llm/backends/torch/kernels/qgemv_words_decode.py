@@ -1,5 +1,5 @@
-"""The words kernel's arithmetic on one chunk (kernels/qgemv_words.py): 32-bit words of codes to
-float32 codes, x's 64-bit words to float32 values, and their per-group sums.
+"""The words kernel's arithmetic on one chunk (kernels/qgemv_words_kernel.py): 32-bit words of
+codes to float32 codes, x's 64-bit words to float32 values, and their per-group sums.
 
 Codes become float32 2^23 + q, or with MAGIC 0.5 + q / 256 (8-bit codes: 2^15 + 128 + q; all
 exact, and so are their products with x, except 8-bit codes times an fp16 x (16 + 11 significant
