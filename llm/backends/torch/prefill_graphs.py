@@ -72,14 +72,16 @@ class PrefillGraphs:
         self.continuations = not model.rope.by_end  # LongRoPE: continuation chunks eager
         n = self.buckets[-1] if self.buckets else 1
         dev = model.device
+        # the graphs' inputs, one int64 buffer (one copy stages them): the chunk's tokens [n],
+        # its page row [max_pages], the last real token's index [1] and the start position [1]
+        self._row_at = n
+        size = n + max_pages + 2
         with torch.inference_mode():
-            self.tokens = torch.zeros(n, dtype=torch.int64, device=dev)
-            self.page_row = torch.zeros(max_pages, dtype=torch.int64, device=dev)
-            self.last = torch.zeros(1, dtype=torch.int64, device=dev)
-            self.start = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._host_tokens = torch.zeros(n, dtype=torch.int64, pin_memory=True)
-        self._host_row = torch.zeros(max_pages, dtype=torch.int64, pin_memory=True)
-        self._host_scalars = torch.zeros(2, dtype=torch.int64, pin_memory=True)  # last, start
+            self._inputs = torch.zeros(size, dtype=torch.int64, device=dev)
+            self.tokens, self.page_row, self.last, self.start = self._inputs.split(
+                [n, max_pages, 1, 1])
+        self._host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+        self._host_np = self._host.numpy()  # the same pinned memory, filled without torch ops
         self._staged = torch.cuda.Event()  # the last staging copies: done before host reuse
         # keyed by (bucket, continuation); each graph's output logits [V] live in the pool
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -144,17 +146,15 @@ class PrefillGraphs:
     def _stage(self, bucket: int, tokens: Sequence[int], page_row: Sequence[int],
                start_pos: int) -> None:
         """Copy the chunk (padded with token 0), its page row (padded with page 0), its last
-        index and its start position to the device."""
-        n = len(tokens)
-        self._staged.synchronize()  # the pinned rows may still feed the previous copies
-        host = self._host_tokens
-        host[:bucket] = 0
-        host[:n] = torch.tensor(tokens, dtype=torch.int64)
-        self._host_row[:] = 0
-        self._host_row[:len(page_row)] = torch.tensor(list(page_row), dtype=torch.int64)
-        self._host_scalars[0], self._host_scalars[1] = n - 1, start_pos
-        self.tokens[:bucket].copy_(host[:bucket], non_blocking=True)
-        self.page_row.copy_(self._host_row, non_blocking=True)
-        self.last.copy_(self._host_scalars[:1], non_blocking=True)
-        self.start.copy_(self._host_scalars[1:], non_blocking=True)
+        index and its start position to the device, in one copy of the pinned host buffer (the
+        tokens past the bucket are stale and read by no graph of this bucket)."""
+        n, at = len(tokens), self._row_at
+        self._staged.synchronize()  # the pinned buffer may still feed the previous copy
+        host = self._host_np
+        host[:n] = tokens
+        host[n:bucket] = 0
+        host[at:at + len(page_row)] = page_row
+        host[at + len(page_row):-2] = 0
+        host[-2], host[-1] = n - 1, start_pos
+        self._inputs.copy_(self._host, non_blocking=True)
         self._staged.record()
