@@ -89,6 +89,7 @@ class PrefixCache:
             return []
         if seq.page_keys is None:
             seq.page_keys = self.policy.page_keys(seq.out.prompt_token_ids, seq.packed_prompt)
+            seq.packed_prompt = None  # read only for the keys
         found = self.pages.allocator.lookup(seq.page_keys)
         return found[:self.policy.usable_pages(seq.prompt_len, len(found))]
 

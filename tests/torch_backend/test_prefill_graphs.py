@@ -9,7 +9,7 @@ from hf_reference import SMALL_CONFIGS, hf_model, state_dict
 from llm.backends.torch.attention import PrefillMeta
 from llm.backends.torch.kv_cache import PagedKVCache
 from llm.backends.torch.model import Transformer
-from llm.backends.torch.prefill_graphs import bucket_for, prefill_buckets
+from llm.backends.torch.prefill_graphs import PrefillGraphs, bucket_for, prefill_buckets
 from llm.model.config import RuntimeConfig
 
 CUDA = torch.cuda.is_available()
@@ -32,6 +32,38 @@ def test_buckets_fit_the_cache_and_the_chunk_stays_below_max_seq_len() -> None:
     assert bucket_for(b, 50, 4040, 4096) is None  # pads would reach 4103: eager
     assert bucket_for(b, 10, 5, 4096, continuations=False) is None  # LongRoPE: eager
     assert bucket_for(b, 10, 0, 4096, continuations=False) == 16
+
+
+class _Done:
+    """A CUDA event stand-in: every copy is complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def record(self) -> None:
+        pass
+
+
+def test_staging_fills_one_buffer_and_refuses_a_long_page_row() -> None:
+    """`_stage` on the CPU (a plain buffer for the pinned one): the chunk padded with token 0 up
+    to its bucket, the page row padded with page 0, the last index and the start, in one copy;
+    a page row longer than the graphs' is refused, not cut short."""
+    g = object.__new__(PrefillGraphs)  # the staging alone: no model, no CUDA graphs
+    n, pages = 32, 5
+    g._row_at, g._staged = n, _Done()
+    g._inputs = torch.full((n + pages + 2,), -1, dtype=torch.int64)
+    g.tokens, g.page_row, g.last, g.start = g._inputs.split([n, pages, 1, 1])
+    g._host = torch.full((n + pages + 2,), -7, dtype=torch.int64)
+    g._host_np = g._host.numpy()
+    g._stage(16, [3, 1, 4, 1, 5], (9, 2), 40)
+    assert g.tokens[:16].tolist() == [3, 1, 4, 1, 5] + [0] * 11
+    assert g.page_row.tolist() == [9, 2, 0, 0, 0]
+    assert (int(g.last), int(g.start)) == (4, 40)
+    g._stage(16, [8] * 16, [1, 2, 3, 4, 5], 0)  # a full bucket and a full row
+    assert g.tokens[:16].tolist() == [8] * 16 and g.page_row.tolist() == [1, 2, 3, 4, 5]
+    assert (int(g.last), int(g.start)) == (15, 0)
+    with pytest.raises(ValueError, match="page row of 6 pages is longer than the graphs' 5"):
+        g._stage(16, [1], list(range(6)), 0)
 
 
 @pytest.mark.parametrize("decode_kernel", [False, True])  # torch RoPE / the fused Triton kernel

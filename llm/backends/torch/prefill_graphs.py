@@ -149,6 +149,9 @@ class PrefillGraphs:
         index and its start position to the device, in one copy of the pinned host buffer (the
         tokens past the bucket are stale and read by no graph of this bucket)."""
         n, at = len(tokens), self._row_at
+        if len(page_row) > self.page_row.numel():
+            raise ValueError(f"a page row of {len(page_row)} pages is longer than the graphs' "
+                             f"{self.page_row.numel()} (max_pages)")
         self._staged.synchronize()  # the pinned buffer may still feed the previous copy
         host = self._host_np
         host[:n] = tokens
