@@ -24,8 +24,8 @@
 // About 1.2-1.7 instructions a weight (RB rows blocks of 16 a warp share x's pairs), against the
 // one-row Triton kernel's 3.6. A CTA of W warps takes 16 RB rows; its warps split K's chunks
 // (warp w: chunks w, w + W, ...), each loading its next chunk's codes before using the current
-// ones; the warps' sums meet in shared memory in warp order. With PDL (a launch attribute) the
-// first chunk's codes are loaded before the wait for the kernel before.
+// ones (XP: x's next chunk too); the warps' sums meet in shared memory in warp order. With PDL
+// (a launch attribute) the first chunk's codes are loaded before the wait for the kernel before.
 
 __device__ __forceinline__ void ldg_w(const unsigned char* p, unsigned (&v)[4]) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -116,12 +116,8 @@ __device__ __forceinline__ void advance(Rows<RB>& at, int by_w, int by_s) {
   }
 }
 
-// one chunk: acc += this lane's share of the chunk whose codes and scales are in `use` and whose
-// x starts at xp (group g's 32 columns, read where this lane holds them)
-template <int RB>
-__device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>& use,
-                                           const unsigned short* xp, bool own, bool low) {
-  unsigned xv[4][4];  // group g of the chunk: x's words 4j..4j+3 (columns 8j..8j+7)
+// x's group g of a chunk (columns 8j..8j+7 in xv[j]) where this lane holds it in B, else zeros
+__device__ __forceinline__ void load_x(unsigned (&xv)[4][4], const unsigned short* xp, bool own) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (own) {
@@ -130,6 +126,13 @@ __device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>&
       xv[j][0] = xv[j][1] = xv[j][2] = xv[j][3] = 0u;
     }
   }
+}
+
+// one chunk: acc += this lane's share of the chunk whose codes and scales are in `use` and whose
+// x (`load_x`) is xv
+template <int RB>
+__device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>& use,
+                                           const unsigned (&xv)[4][4], bool low) {
   // B pairs of mma (i, h): bx = x columns (16h + 4i, 16h + 4i + 2), by = (.. + 1, .. + 3)
   unsigned bx[4][2], by[4][2];
 #pragma unroll
@@ -174,7 +177,7 @@ __device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>&
   }
 }
 
-template <int RB, int W>
+template <int RB, int W, bool XP>
 __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict__ x,
                                                const unsigned char* __restrict__ qs,
                                                const unsigned short* __restrict__ d,
@@ -200,14 +203,24 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
 #pragma unroll
   for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = 0.f;
   Chunk<RB> a, b;  // two buffers: one multiplied while the other is loaded
+  unsigned xa[4][4], xb[4][4];  // x too where XP (else loaded at the chunk's start)
   if (warp < chunks) load_chunk<RB>(a, at, 0, 0);
   pdl_wait();  // x is the kernel before's output; y is written after
+  if (XP && warp < chunks) load_x(xa, xp, own);
   for (int c = warp; c < chunks; c += 2 * W) {
-    if (c + W < chunks) load_chunk<RB>(b, at, 128 * W, 8 * W);
-    chunk_step<RB>(acc, a, xp, own, low);
+    if (c + W < chunks) {
+      load_chunk<RB>(b, at, 128 * W, 8 * W);
+      if (XP) load_x(xb, xp + 256 * W, own);
+    }
+    if (!XP) load_x(xa, xp, own);
+    chunk_step<RB>(acc, a, xa, low);
     if (c + W >= chunks) break;
-    if (c + 2 * W < chunks) load_chunk<RB>(a, at, 256 * W, 16 * W);
-    chunk_step<RB>(acc, b, xp + 256 * W, own, low);
+    if (c + 2 * W < chunks) {
+      load_chunk<RB>(a, at, 256 * W, 16 * W);
+      if (XP) load_x(xa, xp + 512 * W, own);
+    }
+    if (!XP) load_x(xb, xp + 256 * W, own);
+    chunk_step<RB>(acc, b, xb, low);
     advance<RB>(at, 256 * W, 16 * W);
     xp += 512 * W;
   }
@@ -230,10 +243,10 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
   }
 }
 
-#define COLS_KERNEL(NAME, RB, W)                                                               \
+#define COLS_KERNEL(NAME, RB, W, XP)                                                               \
   extern "C" __global__ void __launch_bounds__(32 * W)                                       \
       NAME(const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs,        \
            const unsigned short* __restrict__ d, unsigned short* __restrict__ y, int K,       \
            int ldq, int ld1) {                                                               \
-    q4_0_cols_body<RB, W>(x, qs, d, y, K, ldq, ld1);                                          \
+    q4_0_cols_body<RB, W, XP>(x, qs, d, y, K, ldq, ld1);                                          \
   }

@@ -33,13 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SOURCE = Path(__file__).with_name("q4_0_cols.cu")
 
 
-def kernel_name(rb: int, warps: int) -> str:
-    return f"q4_0_cols_r{rb}_w{warps}"
+def kernel_name(rb: int, warps: int, xp: bool = False) -> str:
+    return f"q4_0_cols_r{rb}_w{warps}" + ("_x" if xp else "")
 
 
-def kernel_source(rb: int, warps: int) -> str:
-    """q4_0_cols.cu with the one kernel of `rb` row blocks a warp and `warps` a CTA."""
-    return SOURCE.read_text() + f"\nCOLS_KERNEL({kernel_name(rb, warps)}, {rb}, {warps})\n"
+def kernel_source(rb: int, warps: int, xp: bool = False) -> str:
+    """q4_0_cols.cu with the one kernel of `rb` row blocks a warp and `warps` a CTA (xp: x's
+    next chunk loaded ahead too)."""
+    return (SOURCE.read_text() + f"\nCOLS_KERNEL({kernel_name(rb, warps, xp)}, {rb}, {warps}, "
+            f"{'true' if xp else 'false'})\n")
 
 
 # --- the lane mapping in numpy ---------------------------------------------------------------
@@ -166,12 +168,14 @@ def run_emulation() -> int:
 # --- the GPU ---------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def compiled(device_index: int, rb: int, warps: int):
+def compiled(device_index: int, rb: int, warps: int, xp: bool):
     with torch.cuda.device(device_index):
-        return torch.cuda._compile_kernel(kernel_source(rb, warps), kernel_name(rb, warps))
+        return torch.cuda._compile_kernel(kernel_source(rb, warps, xp),
+                                          kernel_name(rb, warps, xp))
 
 
-def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True) -> torch.Tensor:
+def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True,
+                xp: bool = False) -> torch.Tensor:
     """x [1, K] bf16 @ w.dequantize().T for a Q4_0 `w` [N, K] by the kernel -> [1, N] bf16."""
     from llm.backends.torch.kernels import qmma
 
@@ -181,7 +185,7 @@ def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True) -> to
                          f"K % 256 == 0; got {tuple(x.shape)} and {w.format} {w.shape}")
     qs, d = w.planes["qs"], w.planes["d"]
     y = torch.empty(1, n, dtype=torch.bfloat16, device=x.device)
-    kernel = compiled(x.device.index, rb, warps)
+    kernel = compiled(x.device.index, rb, warps, xp)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, d, y)]
     args += [ctypes.c_int(v) for v in (k, qs.stride(0), d.stride(0))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
@@ -217,9 +221,11 @@ def run_gpu(args) -> int:
             ref = x.double() @ w0.dequantize(torch.float64).T
             pdl = use_pdl(x)
             variants = [("auto", lambda w, x=x: qgemv.qgemv(x, w))]
-            variants += [(f"cols r{rb} w{wp}", lambda w, x=x, rb=rb, wp=wp, pdl=pdl: cols_matmul(
-                x, w, rb, wp, pdl)) for rb in csv(args.rb, int) for wp in csv(args.warps, int)
-                if n % (16 * rb) == 0]
+            variants += [(f"cols r{rb} w{wp}{' x' if xp else ''}",
+                          lambda w, x=x, rb=rb, wp=wp, pdl=pdl, xp=xp: cols_matmul(
+                              x, w, rb, wp, pdl, xp))
+                         for rb in csv(args.rb, int) for wp in csv(args.warps, int)
+                         for xp in [bool(int(v)) for v in csv(args.xp)] if n % (16 * rb) == 0]
             variants.append(("auto, again", variants[0][1]))
             times = {}
             for label, call in variants:
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linears", default="", help="only these (qkv, o, gate_up, down, head...)")
     p.add_argument("--rb", default="1,2,4", help="16-row blocks a warp")
     p.add_argument("--warps", default="4,8", help="warps a CTA")
+    p.add_argument("--xp", default="0,1", help="x's next chunk loaded ahead: 0, 1 or both")
     p.add_argument("--emulate", action="store_true", help="the lane mapping in numpy (CPU)")
     args = p.parse_args(argv)
     return run_emulation() if args.emulate else run_gpu(args)

@@ -10,6 +10,7 @@ row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SP
 tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096; o: the kernel
 before v4, `qgemm_tc(v4=False)`) or `qmma:FORMAT:ROWS:STAGES` (the CUDA tensor-core kernel,
 kernels/qmma.cu, ROWS m1, m8 or m16, a ring of STAGES; compiled by NVRTC as the engine does,
+or `cols:RB:WARPS[:x]`, bench/q4_0_cols.cu's one-row kernel (x: x loaded ahead),
 here from the `nvidia-cuda-nvrtc-cu12` wheel: `pip install nvidia-cuda-nvrtc-cu12`). A Triton
 kernel is
 compiled for sm_90 with PDL by the Triton that Python imports (the GPU machine's is 3.6; a wheel
@@ -111,12 +112,18 @@ def _nvrtc() -> ctypes.CDLL:
 
 def _qmma_cubin(spec: str) -> bytes:
     """The cubin of one qmma spec, FORMAT:ROWS:STAGES, compiled for sm_90 by NVRTC from
-    kernels/qmma.cu as `qmma._compiled` compiles it."""
-    from llm.backends.torch.kernels import qmma
+    kernels/qmma.cu as `qmma._compiled` compiles it; or of one cols spec, RB:WARPS
+    (bench/q4_0_cols.cu)."""
+    if spec.startswith("cols:"):
+        from bench import q4_cols_explore
 
-    _, fmt_name, rows, stages = spec.split(":")
-    name = f"{fmt_name}_mma_{rows}"
-    src = qmma.kernel_source(name, int(stages)).encode()
+        _, rb, warps, *xp = spec.split(":")
+        src = q4_cols_explore.kernel_source(int(rb), int(warps), xp == ["x"]).encode()
+    else:
+        from llm.backends.torch.kernels import qmma
+
+        _, fmt_name, rows, stages = spec.split(":")
+        src = qmma.kernel_source(f"{fmt_name}_mma_{rows}", int(stages)).encode()
     lib, prog = _nvrtc(), ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"qmma.cu", 0, None, None):
         raise SystemExit(f"NVRTC could not create a program for {spec!r}")
@@ -185,7 +192,8 @@ def loop_mix(sass: str) -> collections.Counter:
 
 def _sass(spec: str) -> str:
     """cuobjdump -sass -res-usage of one spec's cubin."""
-    cubin = _qmma_cubin(spec) if spec.startswith("qmma:") else _compile(spec).asm["cubin"]
+    cuda_c = spec.startswith(("qmma:", "cols:"))
+    cubin = _qmma_cubin(spec) if cuda_c else _compile(spec).asm["cubin"]
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G, "
-                                            "tc:FORMAT:BLOCK_N:SPLITS or qmma:FORMAT:ROWS:STAGES")
+                                            "tc:FORMAT:BLOCK_N:SPLITS, qmma:FORMAT:ROWS:STAGES "
+                                            "or cols:RB:WARPS[:x]")
     p.add_argument("--mix", type=int, default=0, metavar="N",
                    help="also print the N most frequent opcodes of one main-loop step per spec")
     args = p.parse_args(argv)
