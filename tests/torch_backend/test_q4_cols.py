@@ -1,0 +1,51 @@
+"""bench/q4_0_cols.cu (one row of x times Q4_0 planes, each 32-group a column of B): its lane and
+fragment mapping emulated in numpy by the PTX ISA's m16n8k16 layouts (everywhere), and the
+compiled kernel against dequantize-then-matmul (CUDA only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench import q4_cols_explore as cols
+
+
+@pytest.mark.parametrize(("rb", "warps", "n", "k"), [(1, 2, 32, 1024), (2, 4, 64, 768),
+                                                      (4, 1, 64, 256), (1, 8, 16, 512)])
+def test_emulated_lanes_give_the_dequantized_product(rb: int, warps: int, n: int, k: int) -> None:
+    """Warps splitting K's chunks evenly, unevenly (3 chunks, 4 warps) and with idle warps."""
+    x, qs, d = cols.random_q4_0(n, k, seed=rb + warps)
+    want = cols.dequantized_product(x, qs, d)
+    got = cols.emulate(x, qs, d, rb, warps)
+    assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
+
+
+def test_a_wrong_x_pair_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulation can fail: x's pairs built in another column order than the codes'."""
+    real = cols._prmt
+    monkeypatch.setattr(cols, "_prmt", lambda a, b, sel: real(a, b, sel ^ 0x2222))
+    x, qs, d = cols.random_q4_0(32, 512, seed=5)
+    want = cols.dequantized_product(x, qs, d)
+    got = cols.emulate(x, qs, d, 1, 2)
+    assert np.abs(got - want).max() > 0.1 * np.abs(want).max()
+
+
+def test_the_source_names_one_kernel_per_launch_shape() -> None:
+    src = cols.kernel_source(2, 4, True)
+    assert src.rstrip().endswith("COLS_KERNEL(q4_0_cols_r2_w4_x, 2, 4, true)")
+    assert cols.kernel_name(1, 8) == "q4_0_cols_r1_w8"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("rb", "warps", "xp"), [(1, 4, False), (2, 8, True), (4, 4, False)])
+def test_the_kernel_gives_the_dequantized_product(rb: int, warps: int, xp: bool) -> None:
+    from bench.quant_decode import random_quantized
+
+    g = torch.Generator(device="cuda").manual_seed(rb)
+    w = random_quantized("q4_0", 256, 2304, g, torch.device("cuda"))  # 9 chunks: uneven
+    x = (torch.randn(1, 2304, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+    ref = x.double() @ w.dequantize(torch.float64).T
+    for pdl in (False, True):
+        y = cols.cols_matmul(x, w, rb, warps, pdl, xp)
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 5e-3
