@@ -26,6 +26,8 @@
 // (warp w: chunks w, w + W, ...), each loading its next chunk's codes before using the current
 // ones (XP: x's next chunk too); the warps' sums meet in shared memory in warp order. With PDL
 // (a launch attribute) the first chunk's codes are loaded before the wait for the kernel before.
+// GLU: a fused [2I, K] gate/up weight, each CTA's first RB / 2 row blocks gate rows and the
+// others the matching up rows; y [I] = silu(gate) * up, rounded as kernels/silu_mul.py.
 
 __device__ __forceinline__ void ldg_w(const unsigned char* p, unsigned (&v)[4]) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -177,7 +179,7 @@ __device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>&
   }
 }
 
-template <int RB, int W, bool XP>
+template <int RB, int W, bool XP, bool GLU>
 __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict__ x,
                                                const unsigned char* __restrict__ qs,
                                                const unsigned short* __restrict__ d,
@@ -185,7 +187,10 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
                                                int ld1) {
   __shared__ float red[W][16 * RB];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * 16 * RB;
+  // GLU: row blocks r < RB / 2 are gate rows from row0, the others the up rows I + row0 ..
+  constexpr int RO = GLU ? RB / 2 : RB;  // row blocks of y a CTA
+  const int row0 = blockIdx.x * 16 * RO;
+  const size_t up = GLU ? (size_t)gridDim.x * 16 * RO : 0;  // I
   const int chunks = K >> 8;
   const bool own = (g & 3) == t, low = g < 4;
   Rows<RB> at;
@@ -193,7 +198,7 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
   for (int r = 0; r < RB; ++r) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const size_t row = row0 + 16 * r + 8 * e + g;
+      const size_t row = (r < RO ? row0 + 16 * r : up + row0 + 16 * (r - RO)) + 8 * e + g;
       at.w[r][e] = qs + row * ldq + 16 * t + 128 * warp;
       at.s[r][e] = d + row * ld1 + 2 * t + 8 * warp;
     }
@@ -235,6 +240,25 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
     }
   }
   __syncthreads();
+  if (GLU) {  // y [I] = silu(gate) * up rounded as kernels/silu_mul.py rounds it (its ex2.approx
+    // of -g log2 e and div.full, as qmma.cu's epilogue)
+    if (threadIdx.x < 16 * RO) {
+      float gs = 0.f, us = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        gs += red[w][threadIdx.x];
+        us += red[w][16 * RO + threadIdx.x];
+      }
+      const float gr = __uint_as_float((unsigned)bf16_rn(gs) << 16);
+      const float ur = __uint_as_float((unsigned)bf16_rn(us) << 16);
+      float e, act;
+      asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(__fmul_rn(gr, -1.44269504088896341f)));
+      asm("div.full.f32 %0, %1, %2;" : "=f"(act) : "f"(gr), "f"(__fadd_rn(1.f, e)));
+      const float ar = __uint_as_float((unsigned)bf16_rn(act) << 16);
+      y[row0 + threadIdx.x] = bf16_rn(__fmul_rn(ar, ur));
+    }
+    return;
+  }
   if (threadIdx.x < 16 * RB) {
     float v = 0.f;
 #pragma unroll
@@ -243,10 +267,10 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
   }
 }
 
-#define COLS_KERNEL(NAME, RB, W, XP)                                                               \
+#define COLS_KERNEL(NAME, RB, W, XP, GLU)                                                               \
   extern "C" __global__ void __launch_bounds__(32 * W)                                       \
       NAME(const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs,        \
            const unsigned short* __restrict__ d, unsigned short* __restrict__ y, int K,       \
            int ldq, int ld1) {                                                               \
-    q4_0_cols_body<RB, W, XP>(x, qs, d, y, K, ldq, ld1);                                          \
+    q4_0_cols_body<RB, W, XP, GLU>(x, qs, d, y, K, ldq, ld1);                                          \
   }

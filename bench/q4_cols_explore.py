@@ -33,15 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SOURCE = Path(__file__).with_name("q4_0_cols.cu")
 
 
-def kernel_name(rb: int, warps: int, xp: bool = False) -> str:
-    return f"q4_0_cols_r{rb}_w{warps}" + ("_x" if xp else "")
+def kernel_name(rb: int, warps: int, xp: bool = False, glu: bool = False) -> str:
+    return f"q4_0_cols_r{rb}_w{warps}" + ("_x" if xp else "") + ("_glu" if glu else "")
 
 
-def kernel_source(rb: int, warps: int, xp: bool = False) -> str:
+def kernel_source(rb: int, warps: int, xp: bool = False, glu: bool = False) -> str:
     """q4_0_cols.cu with the one kernel of `rb` row blocks a warp and `warps` a CTA (xp: x's
-    next chunk loaded ahead too)."""
-    return (SOURCE.read_text() + f"\nCOLS_KERNEL({kernel_name(rb, warps, xp)}, {rb}, {warps}, "
-            f"{'true' if xp else 'false'})\n")
+    next chunk loaded ahead too; glu: SiLU*up in the epilogue, rb / 2 gate and rb / 2 up row
+    blocks)."""
+    flags = ", ".join("true" if f else "false" for f in (xp, glu))
+    return (SOURCE.read_text() + f"\nCOLS_KERNEL({kernel_name(rb, warps, xp, glu)}, {rb}, "
+            f"{warps}, {flags})\n")
 
 
 # --- the lane mapping in numpy ---------------------------------------------------------------
@@ -167,25 +169,29 @@ def run_emulation() -> int:
 
 # --- the GPU ---------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=32)
-def compiled(device_index: int, rb: int, warps: int, xp: bool):
+@functools.lru_cache(maxsize=64)
+def compiled(device_index: int, rb: int, warps: int, xp: bool, glu: bool):
     with torch.cuda.device(device_index):
-        return torch.cuda._compile_kernel(kernel_source(rb, warps, xp),
-                                          kernel_name(rb, warps, xp))
+        return torch.cuda._compile_kernel(kernel_source(rb, warps, xp, glu),
+                                          kernel_name(rb, warps, xp, glu))
 
 
 def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True,
-                xp: bool = False) -> torch.Tensor:
-    """x [1, K] bf16 @ w.dequantize().T for a Q4_0 `w` [N, K] by the kernel -> [1, N] bf16."""
+                xp: bool = False, glu: bool = False) -> torch.Tensor:
+    """x [1, K] bf16 @ w.dequantize().T for a Q4_0 `w` [N, K] by the kernel -> [1, N] bf16
+    (glu: w a fused [2I, K] gate/up weight, the result silu(gate) * up [1, I])."""
     from llm.backends.torch.kernels import qmma
 
     n, k = w.shape
-    if w.format != "q4_0" or x.shape != (1, k) or n % (16 * rb) or k % 256:
-        raise ValueError(f"cols_matmul takes x [1, K] and Q4_0 [N, K], N % {16 * rb} == 0, "
-                         f"K % 256 == 0; got {tuple(x.shape)} and {w.format} {w.shape}")
+    rows = 16 * rb * (2 if glu else 1)  # rows of w a CTA
+    if (w.format != "q4_0" or x.shape != (1, k) or n % rows or k % 256
+            or (glu and rb % 2)):
+        raise ValueError(f"cols_matmul takes x [1, K] and Q4_0 [N, K], N % {rows} == 0, "
+                         f"K % 256 == 0 (glu: an even rb); got {tuple(x.shape)} and {w.format} "
+                         f"{w.shape}, rb {rb}")
     qs, d = w.planes["qs"], w.planes["d"]
-    y = torch.empty(1, n, dtype=torch.bfloat16, device=x.device)
-    kernel = compiled(x.device.index, rb, warps, xp)
+    y = torch.empty(1, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
+    kernel = compiled(x.device.index, rb, warps, xp, glu)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, d, y)]
     args += [ctypes.c_int(v) for v in (k, qs.stride(0), d.stride(0))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
@@ -226,10 +232,18 @@ def run_gpu(args) -> int:
                               x, w, rb, wp, pdl, xp))
                          for rb in csv(args.rb, int) for wp in csv(args.warps, int)
                          for xp in [bool(int(v)) for v in csv(args.xp)] if n % (16 * rb) == 0]
+            if lin == "gate_up" and args.glu:  # SiLU*up: qgemv's and the kernel's epilogues
+                variants += [("auto glu", lambda w, x=x: qgemv.qgemv_silu_mul(x, w))]
+                variants += [(f"glu r{rb} w{wp}", lambda w, x=x, rb=rb, wp=wp, pdl=pdl:
+                              cols_matmul(x, w, rb, wp, pdl, glu=True))
+                             for rb in csv(args.rb, int) if rb % 2 == 0
+                             for wp in csv(args.warps, int)]
             variants.append(("auto, again", variants[0][1]))
+            glu_ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
             times = {}
             for label, call in variants:
-                err = float((call(w0).double() - ref).abs().max() / ref.abs().max())
+                want = glu_ref if "glu" in label else ref
+                err = float((call(w0).double() - want).abs().max() / want.abs().max())
                 dram = graph_us([lambda w=w, call=call: call(w) for w in ws], device)
                 hot = (graph_us([lambda call=call, w0=w0: call(w0)] * 8, device)
                        if w0.nbytes * 2 < l2 else None)
@@ -239,6 +253,10 @@ def run_gpu(args) -> int:
                              "-" if hot is None else fmt(hot, 1), f"{err:.1e}"])
                 print(rows[-1], flush=True)
             cols = min((t, lb) for lb, t in times.items() if lb.startswith("cols"))
+            if "auto glu" in times:
+                glu = min((t, lb) for lb, t in times.items() if lb.startswith("glu"))
+                best.append([name, "gate_up + SiLU*up", fmt(times["auto glu"], 1), "-",
+                             fmt(glu[0], 1), glu[1], f"{times['auto glu'] / glu[0]:.2f}x"])
             best.append([name, lin, fmt(times["auto"], 1), fmt(times["auto, again"], 1),
                          fmt(cols[0], 1), cols[1], f"{times['auto'] / cols[0]:.2f}x"])
             del ws
@@ -258,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rb", default="1,2,4", help="16-row blocks a warp")
     p.add_argument("--warps", default="4,8", help="warps a CTA")
     p.add_argument("--xp", default="0,1", help="x's next chunk loaded ahead: 0, 1 or both")
+    p.add_argument("--glu", action="store_true", help="gate_up with SiLU*up in the epilogue too")
     p.add_argument("--emulate", action="store_true", help="the lane mapping in numpy (CPU)")
     args = p.parse_args(argv)
     return run_emulation() if args.emulate else run_gpu(args)

@@ -33,7 +33,8 @@ def test_a_wrong_x_pair_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_source_names_one_kernel_per_launch_shape() -> None:
     src = cols.kernel_source(2, 4, True)
-    assert src.rstrip().endswith("COLS_KERNEL(q4_0_cols_r2_w4_x, 2, 4, true)")
+    assert src.rstrip().endswith("COLS_KERNEL(q4_0_cols_r2_w4_x, 2, 4, true, false)")
+    assert cols.kernel_name(2, 4, glu=True) == "q4_0_cols_r2_w4_glu"
     assert cols.kernel_name(1, 8) == "q4_0_cols_r1_w8"
 
 
@@ -49,3 +50,19 @@ def test_the_kernel_gives_the_dequantized_product(rb: int, warps: int, xp: bool)
     for pdl in (False, True):
         y = cols.cols_matmul(x, w, rb, warps, pdl, xp)
         assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("rb", "warps"), [(2, 4), (4, 8)])
+def test_the_glu_kernel_gives_silu_mul_of_the_product(rb: int, warps: int) -> None:
+    """SiLU*up in the epilogue: the bits of silu_mul on the unfused product's bf16 outputs where
+    those equal (the sums' order is the same in both launches)."""
+    from bench.quant_decode import random_quantized
+    from llm.backends.torch.kernels.silu_mul import silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(rb)
+    w = random_quantized("q4_0", 2 * 512, 1024, g, torch.device("cuda"))
+    x = (torch.randn(1, 1024, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+    plain = cols.cols_matmul(x, w, rb // 2, warps)  # the same row blocks' sums, unfused
+    fused = cols.cols_matmul(x, w, rb, warps, glu=True)
+    assert torch.equal(fused, silu_mul(plain))
