@@ -540,6 +540,47 @@ def eight_warps_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: 
                         lambda *a, **k: qmma.WARPS, "8 warps everywhere")
 
 
+def cols_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--cols GLU_RB:GLU_W[:PLAIN_RB:PLAIN_W]: decode again with the one-row Q4_0 gate/up by
+    bench/q4_0_cols.cu's kernel with SiLU*up in its epilogue (`qgemv_silu_mul` patched), and
+    with the plain one-row Q4_0 GEMVs (`qgemv`: the LM head) by its plain kernel too where the
+    second pair is given; graphs captured again, then the engine's kernels again."""
+    from bench import q4_cols_explore
+    from llm.backends.torch.kernels import qgemv
+
+    if not args.cols or backend.graphs is None or fmt_name != "q4_0":
+        return []
+    rb, wp, *plain = (int(v) for v in args.cols.split(":"))
+    silu_mul, gemv = qgemv.qgemv_silu_mul, qgemv.qgemv
+
+    def one_row(x, w, bias) -> bool:
+        return (x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.bfloat16 and bias is None
+                and w.format == "q4_0" and w.shape[1] % 256 == 0 and x.stride(1) == 1)
+
+    def cols_silu_mul(x, w, bias=None, config=None, pdl=None):
+        if config is None and one_row(x, w, bias) and w.shape[0] % (32 * rb) == 0:
+            return q4_cols_explore.cols_matmul(x, w, rb, wp, pdl is not False, glu=True)
+        return silu_mul(x, w, bias, config, pdl)
+
+    def cols_gemv(x, w, bias=None, config=None, pdl=None, variant="auto"):
+        if (config is None and variant == "auto" and one_row(x, w, bias)
+                and w.shape[0] % (16 * plain[0]) == 0):
+            return q4_cols_explore.cols_matmul(x, w, plain[0], plain[1], pdl is not False)
+        return gemv(x, w, bias, config, pdl, variant)
+
+    rows = patched_rows(backend, name, fmt_name, args, bw, qgemv, "qgemv_silu_mul",
+                        cols_silu_mul, f"gate_up by cols glu r{rb} w{wp}")
+    if plain:
+        qgemv.qgemv_silu_mul = cols_silu_mul
+        try:
+            rows += patched_rows(backend, name, fmt_name, args, bw, qgemv, "qgemv", cols_gemv,
+                                 f"and plain one-row GEMVs by cols r{plain[0]} w{plain[1]}")
+        finally:
+            qgemv.qgemv_silu_mul = silu_mul
+        backend.graphs.capture()
+    return rows + decode_rows(backend, name, fmt_name, args, bw, "the engine's kernels again")
+
+
 def occupancy_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--occupancy N: decode again with each tensor-core launch's registers fitted to N CTAs of
     256 threads an SM (`qmma_matmul(occupancy=N)`) where that many of its CTAs' shared memory
@@ -637,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode again with the tensor-core kernel's registers fitted to this "
                         "many CTAs an SM where their shared memory fits (qmma_matmul "
                         "occupancy), an A/B of the engine's 2")
+    p.add_argument("--cols", default="",
+                   help="GLU_RB:GLU_W[:PLAIN_RB:PLAIN_W]: also decode with bench/q4_0_cols.cu's "
+                        "one-row kernel for Q4_0 gate/up (and the plain one-row GEMVs)")
     p.add_argument("--unchained", action="store_true",
                    help="decode again with each norm a launch of its own, then with the norms "
                         "in the o / down GEMVs' epilogue everywhere, then by the engine's rule")
@@ -676,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += occupancy_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)
                 rows += unchained_rows(backend, name, fmt_name, args, bw)
+                rows += cols_rows(backend, name, fmt_name, args, bw)
             backend.close()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
