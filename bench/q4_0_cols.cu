@@ -26,6 +26,9 @@
 // (warp w: chunks w, w + W, ...), each loading its next chunk's codes before using the current
 // ones (XP: x's next chunk too); the warps' sums meet in shared memory in warp order. With PDL
 // (a launch attribute) the first chunk's codes are loaded before the wait for the kernel before.
+// NA: independent mma accumulators a chunk (shorter chains of dependent mmas). SA: the groups'
+// sums of x by FADDs and shuffles (each lane 8 columns) instead of the mmas of ones, which at
+// one row block a warp double the tensor cores' work.
 // GLU: a fused [2I, K] gate/up weight, each CTA's first RB / 2 row blocks gate rows and the
 // others the matching up rows; y [I] = silu(gate) * up, rounded as kernels/silu_mul.py.
 
@@ -118,8 +121,11 @@ __device__ __forceinline__ void advance(Rows<RB>& at, int by_w, int by_s) {
   }
 }
 
-// x's group g of a chunk (columns 8j..8j+7 in xv[j]) where this lane holds it in B, else zeros
-__device__ __forceinline__ void load_x(unsigned (&xv)[4][4], const unsigned short* xp, bool own) {
+// x's group g of a chunk (columns 8j..8j+7 in xv[j]) where this lane holds it in B, else zeros;
+// SA: also columns 8t..8t+7 of group g in xv[4] (every lane: the group sums by ALU)
+template <bool SA>
+__device__ __forceinline__ void load_x(unsigned (&xv)[5][4], const unsigned short* xp, bool own,
+                                       int t) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (own) {
@@ -128,13 +134,16 @@ __device__ __forceinline__ void load_x(unsigned (&xv)[4][4], const unsigned shor
       xv[j][0] = xv[j][1] = xv[j][2] = xv[j][3] = 0u;
     }
   }
+  if (SA) ldg_x(xp + 8 * t, xv[4]);
 }
+__device__ __forceinline__ float lo_bf(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_bf(unsigned w) { return __uint_as_float(w & 0xFFFF0000u); }
 
 // one chunk: acc += this lane's share of the chunk whose codes and scales are in `use` and whose
 // x (`load_x`) is xv
-template <int RB>
+template <int RB, int NA, bool SA>
 __device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>& use,
-                                           const unsigned (&xv)[4][4], bool low) {
+                                           const unsigned (&xv)[5][4], bool low, int t) {
   // B pairs of mma (i, h): bx = x columns (16h + 4i, 16h + 4i + 2), by = (.. + 1, .. + 3)
   unsigned bx[4][2], by[4][2];
 #pragma unroll
@@ -147,9 +156,15 @@ __device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>&
       by[i][h] = prmt(a, b, 0x7632u);
     }
   }
-  float C[RB][4], S[4] = {0.f, 0.f, 0.f, 0.f};
+  // NA independent accumulators (mma (i, h) into the (2i + h) % NA-th), summed at the end: the
+  // chunk's 16 mmas a row block are then NA chains of 16 / NA, not one chain of 16
+  float C[RB][NA][4], S[NA][4];
 #pragma unroll
-  for (int r = 0; r < RB; ++r) C[r][0] = C[r][1] = C[r][2] = C[r][3] = 0.f;
+  for (int a = 0; a < NA; ++a) {
+    S[a][0] = S[a][1] = S[a][2] = S[a][3] = 0.f;
+#pragma unroll
+    for (int r = 0; r < RB; ++r) C[r][a][0] = C[r][a][1] = C[r][a][2] = C[r][a][3] = 0.f;
+  }
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const bool on = (half == 0) == low;  // this lane's B is x in this half's mmas, else 0
@@ -157,29 +172,48 @@ __device__ __forceinline__ void chunk_step(float (&acc)[RB][2], const Chunk<RB>&
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        const int a = (2 * i + h) % NA;
         const unsigned b0 = on ? bx[i][h] : 0u, b1 = on ? by[i][h] : 0u;
-        mma(S, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u, b0, b1);
+        if (!SA) mma(S[a], 0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u, b0, b1);
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
           const unsigned u = use.w[r][half][i], v = use.w[r][2 + half][i];
           const int s0 = h ? 4 : 0, s1 = h ? 12 : 8;
-          mma(C[r], code_pair(u >> s0), code_pair(v >> s0), code_pair(u >> s1),
+          mma(C[r][a], code_pair(u >> s0), code_pair(v >> s0), code_pair(u >> s1),
               code_pair(v >> s1), b0, b1);
         }
       }
     }
   }
 #pragma unroll
+  for (int a = 1; a < NA; ++a) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      S[0][e] += S[a][e];
+#pragma unroll
+      for (int r = 0; r < RB; ++r) C[r][0][e] += C[r][a][e];
+    }
+  }
+  if (SA) {  // group g's sum in lanes 4g..4g+3 (8 columns each), then groups 2t, 2t + 1 here
+    float v = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v += lo_bf(xv[4][j]) + hi_bf(xv[4][j]);
+    v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+    v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+    S[0][0] = S[0][2] = __shfl_sync(0xFFFFFFFFu, v, 8 * t);
+    S[0][1] = S[0][3] = __shfl_sync(0xFFFFFFFFu, v, 8 * t + 4);
+  }
+#pragma unroll
   for (int r = 0; r < RB; ++r) {
     const unsigned sg = use.s[r][0], sg8 = use.s[r][1];
-    acc[r][0] += h2f(sg & 0xFFFFu) * (C[r][0] - 136.f * S[0])
-                 + h2f(sg >> 16) * (C[r][1] - 136.f * S[1]);
-    acc[r][1] += h2f(sg8 & 0xFFFFu) * (C[r][2] - 136.f * S[2])
-                 + h2f(sg8 >> 16) * (C[r][3] - 136.f * S[3]);
+    acc[r][0] += h2f(sg & 0xFFFFu) * (C[r][0][0] - 136.f * S[0][0])
+                 + h2f(sg >> 16) * (C[r][0][1] - 136.f * S[0][1]);
+    acc[r][1] += h2f(sg8 & 0xFFFFu) * (C[r][0][2] - 136.f * S[0][2])
+                 + h2f(sg8 >> 16) * (C[r][0][3] - 136.f * S[0][3]);
   }
 }
 
-template <int RB, int W, bool XP, bool GLU>
+template <int RB, int W, bool XP, bool GLU, int NA, bool SA>
 __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict__ x,
                                                const unsigned char* __restrict__ qs,
                                                const unsigned short* __restrict__ d,
@@ -208,24 +242,24 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
 #pragma unroll
   for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = 0.f;
   Chunk<RB> a, b;  // two buffers: one multiplied while the other is loaded
-  unsigned xa[4][4], xb[4][4];  // x too where XP (else loaded at the chunk's start)
+  unsigned xa[5][4], xb[5][4];  // x too where XP (else loaded at the chunk's start)
   if (warp < chunks) load_chunk<RB>(a, at, 0, 0);
   pdl_wait();  // x is the kernel before's output; y is written after
-  if (XP && warp < chunks) load_x(xa, xp, own);
+  if (XP && warp < chunks) load_x<SA>(xa, xp, own, t);
   for (int c = warp; c < chunks; c += 2 * W) {
     if (c + W < chunks) {
       load_chunk<RB>(b, at, 128 * W, 8 * W);
-      if (XP) load_x(xb, xp + 256 * W, own);
+      if (XP) load_x<SA>(xb, xp + 256 * W, own, t);
     }
-    if (!XP) load_x(xa, xp, own);
-    chunk_step<RB>(acc, a, xa, low);
+    if (!XP) load_x<SA>(xa, xp, own, t);
+    chunk_step<RB, NA, SA>(acc, a, xa, low, t);
     if (c + W >= chunks) break;
     if (c + 2 * W < chunks) {
       load_chunk<RB>(a, at, 256 * W, 16 * W);
-      if (XP) load_x(xa, xp + 512 * W, own);
+      if (XP) load_x<SA>(xa, xp + 512 * W, own, t);
     }
-    if (!XP) load_x(xb, xp + 256 * W, own);
-    chunk_step<RB>(acc, b, xb, low);
+    if (!XP) load_x<SA>(xb, xp + 256 * W, own, t);
+    chunk_step<RB, NA, SA>(acc, b, xb, low, t);
     advance<RB>(at, 256 * W, 16 * W);
     xp += 512 * W;
   }
@@ -267,10 +301,10 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
   }
 }
 
-#define COLS_KERNEL(NAME, RB, W, XP, GLU)                                                               \
+#define COLS_KERNEL(NAME, RB, W, XP, GLU, NA, SA)                                                               \
   extern "C" __global__ void __launch_bounds__(32 * W)                                       \
       NAME(const unsigned short* __restrict__ x, const unsigned char* __restrict__ qs,        \
            const unsigned short* __restrict__ d, unsigned short* __restrict__ y, int K,       \
            int ldq, int ld1) {                                                               \
-    q4_0_cols_body<RB, W, XP, GLU>(x, qs, d, y, K, ldq, ld1);                                          \
+    q4_0_cols_body<RB, W, XP, GLU, NA, SA>(x, qs, d, y, K, ldq, ld1);                                          \
   }

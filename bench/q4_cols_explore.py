@@ -33,17 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SOURCE = Path(__file__).with_name("q4_0_cols.cu")
 
 
-def kernel_name(rb: int, warps: int, xp: bool = False, glu: bool = False) -> str:
-    return f"q4_0_cols_r{rb}_w{warps}" + ("_x" if xp else "") + ("_glu" if glu else "")
+def kernel_name(rb: int, warps: int, xp: bool = False, glu: bool = False, na: int = 1,
+                sa: bool = False) -> str:
+    return (f"q4_0_cols_r{rb}_w{warps}" + ("_x" if xp else "") + ("_glu" if glu else "")
+            + (f"_a{na}" if na > 1 else "") + ("_s" if sa else ""))
 
 
-def kernel_source(rb: int, warps: int, xp: bool = False, glu: bool = False) -> str:
+def kernel_source(rb: int, warps: int, xp: bool = False, glu: bool = False, na: int = 1,
+                  sa: bool = False) -> str:
     """q4_0_cols.cu with the one kernel of `rb` row blocks a warp and `warps` a CTA (xp: x's
     next chunk loaded ahead too; glu: SiLU*up in the epilogue, rb / 2 gate and rb / 2 up row
-    blocks)."""
-    flags = ", ".join("true" if f else "false" for f in (xp, glu))
-    return (SOURCE.read_text() + f"\nCOLS_KERNEL({kernel_name(rb, warps, xp, glu)}, {rb}, "
-            f"{warps}, {flags})\n")
+    blocks; na: independent mma accumulators a chunk; sa: the groups' sums of x by ALU)."""
+    b = {True: "true", False: "false"}
+    return (SOURCE.read_text() + f"\nCOLS_KERNEL({kernel_name(rb, warps, xp, glu, na, sa)}, "
+            f"{rb}, {warps}, {b[xp]}, {b[glu]}, {na}, {b[sa]})\n")
 
 
 # --- the lane mapping in numpy ---------------------------------------------------------------
@@ -170,14 +173,15 @@ def run_emulation() -> int:
 # --- the GPU ---------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def compiled(device_index: int, rb: int, warps: int, xp: bool, glu: bool):
+def compiled(device_index: int, rb: int, warps: int, xp: bool, glu: bool, na: int, sa: bool):
     with torch.cuda.device(device_index):
-        return torch.cuda._compile_kernel(kernel_source(rb, warps, xp, glu),
-                                          kernel_name(rb, warps, xp, glu))
+        return torch.cuda._compile_kernel(kernel_source(rb, warps, xp, glu, na, sa),
+                                          kernel_name(rb, warps, xp, glu, na, sa))
 
 
 def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True,
-                xp: bool = False, glu: bool = False) -> torch.Tensor:
+                xp: bool = False, glu: bool = False, na: int = 1,
+                sa: bool = False) -> torch.Tensor:
     """x [1, K] bf16 @ w.dequantize().T for a Q4_0 `w` [N, K] by the kernel -> [1, N] bf16
     (glu: w a fused [2I, K] gate/up weight, the result silu(gate) * up [1, I])."""
     from llm.backends.torch.kernels import qmma
@@ -191,7 +195,7 @@ def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True,
                          f"{w.shape}, rb {rb}")
     qs, d = w.planes["qs"], w.planes["d"]
     y = torch.empty(1, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
-    kernel = compiled(x.device.index, rb, warps, xp, glu)
+    kernel = compiled(x.device.index, rb, warps, xp, glu, na, sa)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (x, qs, d, y)]
     args += [ctypes.c_int(v) for v in (k, qs.stride(0), d.stride(0))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
@@ -227,17 +231,22 @@ def run_gpu(args) -> int:
             ref = x.double() @ w0.dequantize(torch.float64).T
             pdl = use_pdl(x)
             variants = [("auto", lambda w, x=x: qgemv.qgemv(x, w))]
-            variants += [(f"cols r{rb} w{wp}{' x' if xp else ''}",
-                          lambda w, x=x, rb=rb, wp=wp, pdl=pdl, xp=xp: cols_matmul(
-                              x, w, rb, wp, pdl, xp))
+            variants += [(f"cols r{rb} w{wp}{' x' if xp else ''}{f' a{na}' if na > 1 else ''}"
+                          f"{' s' if sa else ''}",
+                          lambda w, x=x, rb=rb, wp=wp, pdl=pdl, xp=xp, na=na, sa=sa: cols_matmul(
+                              x, w, rb, wp, pdl, xp, na=na, sa=sa))
                          for rb in csv(args.rb, int) for wp in csv(args.warps, int)
-                         for xp in [bool(int(v)) for v in csv(args.xp)] if n % (16 * rb) == 0]
+                         for xp in [bool(int(v)) for v in csv(args.xp)]
+                         for na in csv(args.na, int) for sa in [bool(int(v)) for v in csv(args.sa)]
+                         if n % (16 * rb) == 0]
             if lin == "gate_up" and args.glu:  # SiLU*up: qgemv's and the kernel's epilogues
                 variants += [("auto glu", lambda w, x=x: qgemv.qgemv_silu_mul(x, w))]
-                variants += [(f"glu r{rb} w{wp}", lambda w, x=x, rb=rb, wp=wp, pdl=pdl:
-                              cols_matmul(x, w, rb, wp, pdl, glu=True))
+                variants += [(f"glu r{rb} w{wp}{f' a{na}' if na > 1 else ''}{' s' if sa else ''}",
+                              lambda w, x=x, rb=rb, wp=wp, pdl=pdl, na=na, sa=sa:
+                              cols_matmul(x, w, rb, wp, pdl, glu=True, na=na, sa=sa))
                              for rb in csv(args.rb, int) if rb % 2 == 0
-                             for wp in csv(args.warps, int)]
+                             for wp in csv(args.warps, int) for na in csv(args.na, int)
+                             for sa in [bool(int(v)) for v in csv(args.sa)]]
             variants.append(("auto, again", variants[0][1]))
             glu_ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
             times = {}
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rb", default="1,2,4", help="16-row blocks a warp")
     p.add_argument("--warps", default="4,8", help="warps a CTA")
     p.add_argument("--xp", default="0,1", help="x's next chunk loaded ahead: 0, 1 or both")
+    p.add_argument("--na", default="1", help="independent mma accumulators a chunk: 1, 2, 4")
+    p.add_argument("--sa", default="0", help="the groups' sums of x by ALU: 0, 1 or both")
     p.add_argument("--glu", action="store_true", help="gate_up with SiLU*up in the epilogue too")
     p.add_argument("--emulate", action="store_true", help="the lane mapping in numpy (CPU)")
     args = p.parse_args(argv)

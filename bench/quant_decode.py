@@ -540,44 +540,64 @@ def eight_warps_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: 
                         lambda *a, **k: qmma.WARPS, "8 warps everywhere")
 
 
+def _cols_launch(spec: str) -> tuple[int, int, dict]:
+    """RB:W[:x][:aN][:s] -> (rb, warps, cols_matmul's keywords)."""
+    rb, wp, *flags = spec.split(":")
+    na = next((int(f[1:]) for f in flags if f.startswith("a")), 1)
+    return int(rb), int(wp), {"xp": "x" in flags, "na": na, "sa": "s" in flags}
+
+
 def cols_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
-    """--cols GLU_RB:GLU_W[:PLAIN_RB:PLAIN_W]: decode again with the one-row Q4_0 gate/up by
-    bench/q4_0_cols.cu's kernel with SiLU*up in its epilogue (`qgemv_silu_mul` patched), and
-    with the plain one-row Q4_0 GEMVs (`qgemv`: the LM head) by its plain kernel too where the
-    second pair is given; graphs captured again, then the engine's kernels again."""
+    """--cols V1,V2..: decode again for each variant V = MODE:RB:W[:flags][+RB:W[:flags]], one-row
+    Q4_0 gate/up by bench/q4_0_cols.cu's kernel (MODE glu: SiLU*up in its epilogue; plain: the
+    product, then silu_mul), and after a '+' the plain one-row GEMVs (`qgemv`: the LM head) by
+    its plain kernel too; flags x (x loaded ahead), aN (N accumulators), s (sums of x by ALU).
+    Graphs captured again for each, then the engine's kernels again."""
     from bench import q4_cols_explore
     from llm.backends.torch.kernels import qgemv
+    from llm.backends.torch.kernels.silu_mul import silu_mul as act
 
     if not args.cols or backend.graphs is None or fmt_name != "q4_0":
         return []
-    rb, wp, *plain = (int(v) for v in args.cols.split(":"))
     silu_mul, gemv = qgemv.qgemv_silu_mul, qgemv.qgemv
 
     def one_row(x, w, bias) -> bool:
         return (x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.bfloat16 and bias is None
                 and w.format == "q4_0" and w.shape[1] % 256 == 0 and x.stride(1) == 1)
 
-    def cols_silu_mul(x, w, bias=None, config=None, pdl=None):
-        if config is None and one_row(x, w, bias) and w.shape[0] % (32 * rb) == 0:
-            return q4_cols_explore.cols_matmul(x, w, rb, wp, pdl is not False, glu=True)
-        return silu_mul(x, w, bias, config, pdl)
+    rows = []
+    for variant in csv(args.cols):
+        gu, *hd = variant.split("+")
+        mode, gu = gu.split(":", 1)
+        rb, wp, kw = _cols_launch(gu)
 
-    def cols_gemv(x, w, bias=None, config=None, pdl=None, variant="auto"):
-        if (config is None and variant == "auto" and one_row(x, w, bias)
-                and w.shape[0] % (16 * plain[0]) == 0):
-            return q4_cols_explore.cols_matmul(x, w, plain[0], plain[1], pdl is not False)
-        return gemv(x, w, bias, config, pdl, variant)
+        def cols_silu_mul(x, w, bias=None, config=None, pdl=None, rb=rb, wp=wp, kw=kw,
+                          mode=mode):
+            if config is None and one_row(x, w, bias) and w.shape[0] % (32 * rb) == 0:
+                if mode == "glu":
+                    return q4_cols_explore.cols_matmul(x, w, rb, wp, pdl is not False,
+                                                       glu=True, **kw)
+                return act(q4_cols_explore.cols_matmul(x, w, rb, wp, pdl is not False, **kw))
+            return silu_mul(x, w, bias, config, pdl)
 
-    rows = patched_rows(backend, name, fmt_name, args, bw, qgemv, "qgemv_silu_mul",
-                        cols_silu_mul, f"gate_up by cols glu r{rb} w{wp}")
-    if plain:
         qgemv.qgemv_silu_mul = cols_silu_mul
+        if hd:
+            hrb, hwp, hkw = _cols_launch(hd[0])
+
+            def cols_gemv(x, w, bias=None, config=None, pdl=None, variant="auto", hrb=hrb,
+                          hwp=hwp, hkw=hkw):
+                if (config is None and variant == "auto" and one_row(x, w, bias)
+                        and w.shape[0] % (16 * hrb) == 0):
+                    return q4_cols_explore.cols_matmul(x, w, hrb, hwp, pdl is not False, **hkw)
+                return gemv(x, w, bias, config, pdl, variant)
+
+            qgemv.qgemv = cols_gemv
         try:
-            rows += patched_rows(backend, name, fmt_name, args, bw, qgemv, "qgemv", cols_gemv,
-                                 f"and plain one-row GEMVs by cols r{plain[0]} w{plain[1]}")
+            backend.graphs.capture()
+            rows += decode_rows(backend, name, fmt_name, args, bw, f"cols {variant}")
         finally:
-            qgemv.qgemv_silu_mul = silu_mul
-        backend.graphs.capture()
+            qgemv.qgemv_silu_mul, qgemv.qgemv = silu_mul, gemv
+    backend.graphs.capture()
     return rows + decode_rows(backend, name, fmt_name, args, bw, "the engine's kernels again")
 
 
@@ -679,8 +699,9 @@ def main(argv: list[str] | None = None) -> int:
                         "many CTAs an SM where their shared memory fits (qmma_matmul "
                         "occupancy), an A/B of the engine's 2")
     p.add_argument("--cols", default="",
-                   help="GLU_RB:GLU_W[:PLAIN_RB:PLAIN_W]: also decode with bench/q4_0_cols.cu's "
-                        "one-row kernel for Q4_0 gate/up (and the plain one-row GEMVs)")
+                   help="MODE:RB:W[:flags][+RB:W[:flags]],..: also decode with bench/"
+                        "q4_0_cols.cu's one-row kernel for Q4_0 gate/up (MODE glu or plain) "
+                        "and, after '+', the plain one-row GEMVs (see cols_rows)")
     p.add_argument("--unchained", action="store_true",
                    help="decode again with each norm a launch of its own, then with the norms "
                         "in the o / down GEMVs' epilogue everywhere, then by the engine's rule")

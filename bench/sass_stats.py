@@ -10,7 +10,8 @@ row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SP
 tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096; o: the kernel
 before v4, `qgemm_tc(v4=False)`) or `qmma:FORMAT:ROWS:STAGES` (the CUDA tensor-core kernel,
 kernels/qmma.cu, ROWS m1, m8 or m16, a ring of STAGES; compiled by NVRTC as the engine does,
-or `cols:RB:WARPS[:x]`, bench/q4_0_cols.cu's one-row kernel (x: x loaded ahead),
+or `cols:RB:WARPS[:x][:aN]`, bench/q4_0_cols.cu's one-row kernel (x: x loaded ahead, aN: N
+accumulators, s: sums of x by ALU),
 here from the `nvidia-cuda-nvrtc-cu12` wheel: `pip install nvidia-cuda-nvrtc-cu12`). A Triton
 kernel is
 compiled for sm_90 with PDL by the Triton that Python imports (the GPU machine's is 3.6; a wheel
@@ -117,8 +118,10 @@ def _qmma_cubin(spec: str) -> bytes:
     if spec.startswith("cols:"):
         from bench import q4_cols_explore
 
-        _, rb, warps, *xp = spec.split(":")
-        src = q4_cols_explore.kernel_source(int(rb), int(warps), xp == ["x"]).encode()
+        _, rb, warps, *flags = spec.split(":")
+        na = next((int(f[1:]) for f in flags if f.startswith("a")), 1)
+        src = q4_cols_explore.kernel_source(int(rb), int(warps), "x" in flags,
+                                            na=na, sa="s" in flags).encode()
     else:
         from llm.backends.torch.kernels import qmma
 
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G, "
                                             "tc:FORMAT:BLOCK_N:SPLITS, qmma:FORMAT:ROWS:STAGES "
-                                            "or cols:RB:WARPS[:x]")
+                                            "or cols:RB:WARPS[:x][:aN][:s]")
     p.add_argument("--mix", type=int, default=0, metavar="N",
                    help="also print the N most frequent opcodes of one main-loop step per spec")
     args = p.parse_args(argv)

@@ -33,14 +33,18 @@ def test_a_wrong_x_pair_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_source_names_one_kernel_per_launch_shape() -> None:
     src = cols.kernel_source(2, 4, True)
-    assert src.rstrip().endswith("COLS_KERNEL(q4_0_cols_r2_w4_x, 2, 4, true, false)")
+    assert src.rstrip().endswith("COLS_KERNEL(q4_0_cols_r2_w4_x, 2, 4, true, false, 1, false)")
+    assert cols.kernel_name(1, 4, na=4) == "q4_0_cols_r1_w4_a4"
     assert cols.kernel_name(2, 4, glu=True) == "q4_0_cols_r2_w4_glu"
     assert cols.kernel_name(1, 8) == "q4_0_cols_r1_w8"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("rb", "warps", "xp"), [(1, 4, False), (2, 8, True), (4, 4, False)])
-def test_the_kernel_gives_the_dequantized_product(rb: int, warps: int, xp: bool) -> None:
+@pytest.mark.parametrize(("rb", "warps", "xp", "na", "sa"),
+                         [(1, 4, False, 1, False), (2, 8, True, 2, True), (4, 4, False, 4, False),
+                          (1, 8, True, 4, True), (1, 4, False, 1, True)])
+def test_the_kernel_gives_the_dequantized_product(rb: int, warps: int, xp: bool, na: int,
+                                                  sa: bool) -> None:
     from bench.quant_decode import random_quantized
 
     g = torch.Generator(device="cuda").manual_seed(rb)
@@ -48,7 +52,7 @@ def test_the_kernel_gives_the_dequantized_product(rb: int, warps: int, xp: bool)
     x = (torch.randn(1, 2304, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
     ref = x.double() @ w.dequantize(torch.float64).T
     for pdl in (False, True):
-        y = cols.cols_matmul(x, w, rb, warps, pdl, xp)
+        y = cols.cols_matmul(x, w, rb, warps, pdl, xp, na=na, sa=sa)
         assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 5e-3
 
 
