@@ -29,8 +29,9 @@
 // NA: independent mma accumulators a chunk (shorter chains of dependent mmas). SA: the groups'
 // sums of x by FADDs and shuffles (each lane 8 columns) instead of the mmas of ones, which at
 // one row block a warp double the tensor cores' work.
-// GLU: a fused [2I, K] gate/up weight, each CTA's first RB / 2 row blocks gate rows and the
-// others the matching up rows; y [I] = silu(gate) * up, rounded as kernels/silu_mul.py.
+// GLU: a fused [2I, K] gate/up weight; a CTA's first W / 2 warps take its 16 RB gate rows (K's
+// chunks split among them), the others the matching up rows; y [I] = silu(gate) * up, rounded as
+// kernels/silu_mul.py.
 
 __device__ __forceinline__ void ldg_w(const unsigned char* p, unsigned (&v)[4]) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -221,10 +222,11 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
                                                int ld1) {
   __shared__ float red[W][16 * RB];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  // GLU: row blocks r < RB / 2 are gate rows from row0, the others the up rows I + row0 ..
-  constexpr int RO = GLU ? RB / 2 : RB;  // row blocks of y a CTA
-  const int row0 = blockIdx.x * 16 * RO;
-  const size_t up = GLU ? (size_t)gridDim.x * 16 * RO : 0;  // I
+  // GLU: warps [0, W / 2) take the CTA's gate rows, [W / 2, W) the up rows I + the same
+  constexpr int WK = GLU ? W / 2 : W;  // warps splitting K's chunks
+  const int half = warp / WK, wk = warp - half * WK;
+  const int row0 = blockIdx.x * 16 * RB;
+  const size_t base = half ? (size_t)gridDim.x * 16 * RB : 0;  // 0, or I for the up half
   const int chunks = K >> 8;
   const bool own = (g & 3) == t, low = g < 4;
   Rows<RB> at;
@@ -232,36 +234,36 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
   for (int r = 0; r < RB; ++r) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const size_t row = (r < RO ? row0 + 16 * r : up + row0 + 16 * (r - RO)) + 8 * e + g;
-      at.w[r][e] = qs + row * ldq + 16 * t + 128 * warp;
-      at.s[r][e] = d + row * ld1 + 2 * t + 8 * warp;
+      const size_t row = base + row0 + 16 * r + 8 * e + g;
+      at.w[r][e] = qs + row * ldq + 16 * t + 128 * wk;
+      at.s[r][e] = d + row * ld1 + 2 * t + 8 * wk;
     }
   }
-  const unsigned short* xp = x + 32 * g + 256 * warp;
+  const unsigned short* xp = x + 32 * g + 256 * wk;
   float acc[RB][2];
 #pragma unroll
   for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = 0.f;
   Chunk<RB> a, b;  // two buffers: one multiplied while the other is loaded
   unsigned xa[5][4], xb[5][4];  // x too where XP (else loaded at the chunk's start)
-  if (warp < chunks) load_chunk<RB>(a, at, 0, 0);
+  if (wk < chunks) load_chunk<RB>(a, at, 0, 0);
   pdl_wait();  // x is the kernel before's output; y is written after
-  if (XP && warp < chunks) load_x<SA>(xa, xp, own, t);
-  for (int c = warp; c < chunks; c += 2 * W) {
-    if (c + W < chunks) {
-      load_chunk<RB>(b, at, 128 * W, 8 * W);
-      if (XP) load_x<SA>(xb, xp + 256 * W, own, t);
+  if (XP && wk < chunks) load_x<SA>(xa, xp, own, t);
+  for (int c = wk; c < chunks; c += 2 * WK) {
+    if (c + WK < chunks) {
+      load_chunk<RB>(b, at, 128 * WK, 8 * WK);
+      if (XP) load_x<SA>(xb, xp + 256 * WK, own, t);
     }
     if (!XP) load_x<SA>(xa, xp, own, t);
     chunk_step<RB, NA, SA>(acc, a, xa, low, t);
-    if (c + W >= chunks) break;
-    if (c + 2 * W < chunks) {
-      load_chunk<RB>(a, at, 256 * W, 16 * W);
-      if (XP) load_x<SA>(xa, xp + 512 * W, own, t);
+    if (c + WK >= chunks) break;
+    if (c + 2 * WK < chunks) {
+      load_chunk<RB>(a, at, 256 * WK, 16 * WK);
+      if (XP) load_x<SA>(xa, xp + 512 * WK, own, t);
     }
-    if (!XP) load_x<SA>(xb, xp + 256 * W, own, t);
+    if (!XP) load_x<SA>(xb, xp + 256 * WK, own, t);
     chunk_step<RB, NA, SA>(acc, b, xb, low, t);
-    advance<RB>(at, 256 * W, 16 * W);
-    xp += 512 * W;
+    advance<RB>(at, 256 * WK, 16 * WK);
+    xp += 512 * WK;
   }
 #pragma unroll
   for (int r = 0; r < RB; ++r) {
@@ -276,12 +278,12 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
   __syncthreads();
   if (GLU) {  // y [I] = silu(gate) * up rounded as kernels/silu_mul.py rounds it (its ex2.approx
     // of -g log2 e and div.full, as qmma.cu's epilogue)
-    if (threadIdx.x < 16 * RO) {
+    if (threadIdx.x < 16 * RB) {
       float gs = 0.f, us = 0.f;
 #pragma unroll
-      for (int w = 0; w < W; ++w) {
+      for (int w = 0; w < WK; ++w) {
         gs += red[w][threadIdx.x];
-        us += red[w][16 * RO + threadIdx.x];
+        us += red[WK + w][threadIdx.x];
       }
       const float gr = __uint_as_float((unsigned)bf16_rn(gs) << 16);
       const float ur = __uint_as_float((unsigned)bf16_rn(us) << 16);

@@ -42,8 +42,9 @@ def kernel_name(rb: int, warps: int, xp: bool = False, glu: bool = False, na: in
 def kernel_source(rb: int, warps: int, xp: bool = False, glu: bool = False, na: int = 1,
                   sa: bool = False) -> str:
     """q4_0_cols.cu with the one kernel of `rb` row blocks a warp and `warps` a CTA (xp: x's
-    next chunk loaded ahead too; glu: SiLU*up in the epilogue, rb / 2 gate and rb / 2 up row
-    blocks; na: independent mma accumulators a chunk; sa: the groups' sums of x by ALU)."""
+    next chunk loaded ahead too; glu: SiLU*up in the epilogue, half the warps on rb gate row
+    blocks, half on the matching up rows; na: independent mma accumulators a chunk; sa: the
+    groups' sums of x by ALU)."""
     b = {True: "true", False: "false"}
     return (SOURCE.read_text() + f"\nCOLS_KERNEL({kernel_name(rb, warps, xp, glu, na, sa)}, "
             f"{rb}, {warps}, {b[xp]}, {b[glu]}, {na}, {b[sa]})\n")
@@ -189,10 +190,10 @@ def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True,
     n, k = w.shape
     rows = 16 * rb * (2 if glu else 1)  # rows of w a CTA
     if (w.format != "q4_0" or x.shape != (1, k) or n % rows or k % 256
-            or (glu and rb % 2)):
+            or (glu and warps % 2)):
         raise ValueError(f"cols_matmul takes x [1, K] and Q4_0 [N, K], N % {rows} == 0, "
-                         f"K % 256 == 0 (glu: an even rb); got {tuple(x.shape)} and {w.format} "
-                         f"{w.shape}, rb {rb}")
+                         f"K % 256 == 0 (glu: an even number of warps); got {tuple(x.shape)} and "
+                         f"{w.format} {w.shape}, {warps} warps")
     qs, d = w.planes["qs"], w.planes["d"]
     y = torch.empty(1, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
     kernel = compiled(x.device.index, rb, warps, xp, glu, na, sa)
@@ -200,7 +201,7 @@ def cols_matmul(x: torch.Tensor, w, rb: int, warps: int, pdl: bool = True,
     args += [ctypes.c_int(v) for v in (k, qs.stride(0), d.stride(0))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     attr = qmma._LaunchAttribute(qmma._PDL_ATTRIBUTE, b"", (ctypes.c_uint64 * 8)(1))
-    config = qmma._LaunchConfig((n // (16 * rb), 1, 1), (32 * warps, 1, 1), 0,
+    config = qmma._LaunchConfig((n // rows, 1, 1), (32 * warps, 1, 1), 0,
                                 torch.cuda.current_stream(x.device).cuda_stream,
                                 ctypes.pointer(attr) if pdl else None, 1 if pdl else 0)
     with torch.cuda.device(x.device):
@@ -244,8 +245,9 @@ def run_gpu(args) -> int:
                 variants += [(f"glu r{rb} w{wp}{f' a{na}' if na > 1 else ''}{' s' if sa else ''}",
                               lambda w, x=x, rb=rb, wp=wp, pdl=pdl, na=na, sa=sa:
                               cols_matmul(x, w, rb, wp, pdl, glu=True, na=na, sa=sa))
-                             for rb in csv(args.rb, int) if rb % 2 == 0
-                             for wp in csv(args.warps, int) for na in csv(args.na, int)
+                             for rb in csv(args.rb, int)
+                             for wp in csv(args.warps, int) if wp % 2 == 0
+                             for na in csv(args.na, int)
                              for sa in [bool(int(v)) for v in csv(args.sa)]]
             variants.append(("auto, again", variants[0][1]))
             glu_ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]

@@ -573,7 +573,8 @@ def cols_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) 
 
         def cols_silu_mul(x, w, bias=None, config=None, pdl=None, rb=rb, wp=wp, kw=kw,
                           mode=mode):
-            if config is None and one_row(x, w, bias) and w.shape[0] % (32 * rb) == 0:
+            if config is None and one_row(x, w, bias) and w.shape[0] % (32 * rb) == 0 and (
+                    mode != "glu" or wp % 2 == 0):
                 if mode == "glu":
                     return q4_cols_explore.cols_matmul(x, w, rb, wp, pdl is not False,
                                                        glu=True, **kw)
