@@ -21,7 +21,7 @@
 // 16+4i+3)); x's pairs are built to match by byte permutes. The codes' offset 136 is taken off
 // each group's sum through the group's sum of x (an mma of ones with the same B):
 //   y[row] = sum over groups of d * (C - 136 S).
-// About 1.2-1.7 instructions a weight (RB rows blocks of 16 a warp share x's pairs), against the
+// About 1.4-1.9 instructions a weight (RB row blocks of 16 a warp share x's pairs), against the
 // one-row Triton kernel's 3.6. A CTA of W warps takes 16 RB rows; its warps split K's chunks
 // (warp w: chunks w, w + W, ...), each loading its next chunk's codes before using the current
 // ones (XP: x's next chunk too); the warps' sums meet in shared memory in warp order. With PDL
@@ -37,9 +37,11 @@ __device__ __forceinline__ void ldg_w(const unsigned char* p, unsigned (&v)[4]) 
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
       : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
 }
+// x is the kernel before's output: volatile with a memory clobber, so that no x load moves above
+// `pdl_wait` (itself volatile, with a memory clobber); the weights' loads are free to move
 __device__ __forceinline__ void ldg_x(const unsigned short* p, unsigned (&v)[4]) {
-  asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p) : "memory");
 }
 __device__ __forceinline__ unsigned ldg_d(const unsigned short* p) {
   unsigned v;
@@ -278,12 +280,12 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
   __syncthreads();
   if (GLU) {  // y [I] = silu(gate) * up rounded as kernels/silu_mul.py rounds it (its ex2.approx
     // of -g log2 e and div.full, as qmma.cu's epilogue)
-    if (threadIdx.x < 16 * RB) {
+    for (int i = threadIdx.x; i < 16 * RB; i += 32 * W) {  // (fewer threads than rows: loop)
       float gs = 0.f, us = 0.f;
 #pragma unroll
       for (int w = 0; w < WK; ++w) {
-        gs += red[w][threadIdx.x];
-        us += red[WK + w][threadIdx.x];
+        gs += red[w][i];
+        us += red[WK + w][i];
       }
       const float gr = __uint_as_float((unsigned)bf16_rn(gs) << 16);
       const float ur = __uint_as_float((unsigned)bf16_rn(us) << 16);
@@ -291,15 +293,15 @@ __device__ __forceinline__ void q4_0_cols_body(const unsigned short* __restrict_
       asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(__fmul_rn(gr, -1.44269504088896341f)));
       asm("div.full.f32 %0, %1, %2;" : "=f"(act) : "f"(gr), "f"(__fadd_rn(1.f, e)));
       const float ar = __uint_as_float((unsigned)bf16_rn(act) << 16);
-      y[row0 + threadIdx.x] = bf16_rn(__fmul_rn(ar, ur));
+      y[row0 + i] = bf16_rn(__fmul_rn(ar, ur));
     }
     return;
   }
-  if (threadIdx.x < 16 * RB) {
+  for (int i = threadIdx.x; i < 16 * RB; i += 32 * W) {
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < W; ++w) v += red[w][threadIdx.x];
-    y[row0 + threadIdx.x] = bf16_rn(v);
+    for (int w = 0; w < W; ++w) v += red[w][i];
+    y[row0 + i] = bf16_rn(v);
   }
 }
 

@@ -550,11 +550,13 @@ def _cols_launch(spec: str) -> tuple[int, int, dict]:
 def cols_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--cols V1,V2..: decode again for each variant V = MODE:RB:W[:flags][+RB:W[:flags]], one-row
     Q4_0 gate/up by bench/q4_0_cols.cu's kernel (MODE glu: SiLU*up in its epilogue; plain: the
-    product, then silu_mul), and after a '+' the plain one-row GEMVs (`qgemv`: the LM head) by
-    its plain kernel too; flags x (x loaded ahead), aN (N accumulators), s (sums of x by ALU).
+    product, then silu_mul), and after a '+' every plain one-row Q4_0 `qgemv` call (the LM head,
+    and QKV where its RoPE epilogue is not taken) by its plain kernel too; flags x (x loaded
+    ahead), aN (N accumulators), s (sums of x by ALU).
     Graphs captured again for each, then the engine's kernels again."""
     from bench import q4_cols_explore
     from llm.backends.torch.kernels import qgemv
+    from llm.backends.torch.kernels.pdl import use_pdl
     from llm.backends.torch.kernels.silu_mul import silu_mul as act
 
     if not args.cols or backend.graphs is None or fmt_name != "q4_0":
@@ -573,12 +575,13 @@ def cols_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) 
 
         def cols_silu_mul(x, w, bias=None, config=None, pdl=None, rb=rb, wp=wp, kw=kw,
                           mode=mode):
-            if config is None and one_row(x, w, bias) and w.shape[0] % (32 * rb) == 0 and (
+            rows = (32 if mode == "glu" else 16) * rb  # rows of w a CTA
+            if config is None and one_row(x, w, bias) and w.shape[0] % rows == 0 and (
                     mode != "glu" or wp % 2 == 0):
+                on = use_pdl(x, pdl)
                 if mode == "glu":
-                    return q4_cols_explore.cols_matmul(x, w, rb, wp, pdl is not False,
-                                                       glu=True, **kw)
-                return act(q4_cols_explore.cols_matmul(x, w, rb, wp, pdl is not False, **kw))
+                    return q4_cols_explore.cols_matmul(x, w, rb, wp, on, glu=True, **kw)
+                return act(q4_cols_explore.cols_matmul(x, w, rb, wp, on, **kw))
             return silu_mul(x, w, bias, config, pdl)
 
         qgemv.qgemv_silu_mul = cols_silu_mul
@@ -589,7 +592,7 @@ def cols_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) 
                           hwp=hwp, hkw=hkw):
                 if (config is None and variant == "auto" and one_row(x, w, bias)
                         and w.shape[0] % (16 * hrb) == 0):
-                    return q4_cols_explore.cols_matmul(x, w, hrb, hwp, pdl is not False, **hkw)
+                    return q4_cols_explore.cols_matmul(x, w, hrb, hwp, use_pdl(x, pdl), **hkw)
                 return gemv(x, w, bias, config, pdl, variant)
 
             qgemv.qgemv = cols_gemv

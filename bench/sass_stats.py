@@ -10,7 +10,7 @@ row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SP
 tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096; o: the kernel
 before v4, `qgemm_tc(v4=False)`) or `qmma:FORMAT:ROWS:STAGES` (the CUDA tensor-core kernel,
 kernels/qmma.cu, ROWS m1, m8 or m16, a ring of STAGES; compiled by NVRTC as the engine does,
-or `cols:RB:WARPS[:x][:aN]`, bench/q4_0_cols.cu's one-row kernel (x: x loaded ahead, aN: N
+or `cols:RB:WARPS[:x][:aN][:s]`, bench/q4_0_cols.cu's one-row kernel (x: x loaded ahead, aN: N
 accumulators, s: sums of x by ALU),
 here from the `nvidia-cuda-nvrtc-cu12` wheel: `pip install nvidia-cuda-nvrtc-cu12`). A Triton
 kernel is
