@@ -86,9 +86,19 @@ def _prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
     return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
 
 
-def emulate(x: np.ndarray, qs: np.ndarray, d: np.ndarray, rb: int, warps: int) -> np.ndarray:
-    """y [N] float64 as the kernel computes it (before its bf16 rounding): x [K] bf16 bits
-    (uint16), qs [N, K / 2] uint8, d [N, K / 32] fp16 bits (uint16)."""
+def _bf16(words: np.ndarray) -> np.ndarray:
+    """[..., W] 32-bit words of bf16 pairs -> [..., 2W] float64 (low half first)."""
+    lo, hi = _bf16_pair(words.astype(np.uint32))
+    return np.stack([lo, hi], -1).reshape(*words.shape[:-1], -1)
+
+
+def emulate(x: np.ndarray, qs: np.ndarray, d: np.ndarray, rb: int, warps: int,
+            sa: bool = False, glu: bool = False) -> np.ndarray:
+    """y as the kernel computes it (before its bf16 roundings), float64: x [K] bf16 bits
+    (uint16), qs [N, K / 2] uint8, d [N, K / 32] fp16 bits (uint16); y [N], or with glu (a fused
+    [2I, K] gate/up weight, each CTA's first warps / 2 warps on its gate rows, the others on the
+    up rows I + the same) silu(gate) * up [I]. sa: the groups' sums of x as the lanes' sums of 8
+    columns, added over a group's four lanes and shuffled to the lanes whose C holds the group."""
     n, k = qs.shape[0], x.shape[0]
     chunks = k // 256
     words = qs.view("<u4").astype(np.int64)  # [N, K / 8]: a group's 4 words, 4 groups a row
@@ -98,12 +108,16 @@ def emulate(x: np.ndarray, qs: np.ndarray, d: np.ndarray, rb: int, warps: int) -
     g, t = lanes // 4, lanes % 4
     own, low = (g & 3) == t, g < 4
     ones = np.full((32, 4), 0x3F803F80, dtype=np.int64)
-    y = np.zeros(n)
-    for cta in range(n // (16 * rb)):
+    wk_n = warps // 2 if glu else warps  # warps splitting K's chunks
+    ctas = n // (16 * rb * (2 if glu else 1))
+    y = np.zeros(ctas * 16 * rb)
+    for cta in range(ctas):
         red = np.zeros((warps, 16 * rb))
         for warp in range(warps):
+            half_w, wk = divmod(warp, wk_n)
+            base = half_w * (n // 2) if glu else 0
             acc = np.zeros((rb, 2, 32))
-            for c in range(warp, chunks, warps):
+            for c in range(wk, chunks, wk_n):
                 # x's group g of chunk c, as 16 words per lane (zeros where not own)
                 xv = np.where(own[:, None], xw[128 * c + 16 * g[:, None] + np.arange(16)], 0)
                 C, S = np.zeros((rb, 32, 4)), np.zeros((32, 4))
@@ -115,17 +129,23 @@ def emulate(x: np.ndarray, qs: np.ndarray, d: np.ndarray, rb: int, warps: int) -
                             bx = _prmt(xv[:, m], xv[:, m + 1], 0x5410)
                             by = _prmt(xv[:, m], xv[:, m + 1], 0x7632)
                             b = np.stack([np.where(on, bx, 0), np.where(on, by, 0)], 1)
-                            _mma(S, ones, b)
+                            if not sa:
+                                _mma(S, ones, b)
                             s0, s1 = (4, 12) if h else (0, 8)
                             for r in range(rb):
-                                row = 16 * (cta * rb + r) + g
+                                row = base + 16 * (cta * rb + r) + g
                                 col = 32 * c + 4 * (t + 4 * half) + i  # unit t (+4), word i
                                 u, v = words[row, col], words[row + 8, col]
                                 a = np.stack([_code_pair(u >> s0), _code_pair(v >> s0),
                                               _code_pair(u >> s1), _code_pair(v >> s1)], 1)
                                 _mma(C[r], a, b)
+                if sa:  # lane (g, t): columns 8t..8t+7 of group g; then the group's four lanes
+                    own8 = _bf16(xw[128 * c + 16 * g[:, None] + 4 * t[:, None] + np.arange(4)])
+                    group = own8.sum(1).reshape(8, 4).sum(1).repeat(4)  # [32]: lane's group
+                    S[:, 0] = S[:, 2] = group[8 * t]
+                    S[:, 1] = S[:, 3] = group[8 * t + 4]
                 for r in range(rb):
-                    row = 16 * (cta * rb + r) + g
+                    row = base + 16 * (cta * rb + r) + g
                     grp = 8 * c + 2 * t
                     acc[r, 0] += (dv[row, grp] * (C[r][:, 0] - 136 * S[:, 0])
                                   + dv[row, grp + 1] * (C[r][:, 1] - 136 * S[:, 1]))
@@ -135,7 +155,11 @@ def emulate(x: np.ndarray, qs: np.ndarray, d: np.ndarray, rb: int, warps: int) -
                 for e in range(2):
                     sums = acc[r, e].reshape(8, 4).sum(1)  # over t: lanes 4g..4g+3
                     red[warp, 16 * r + 8 * e: 16 * r + 8 * e + 8] = sums
-        y[16 * rb * cta: 16 * rb * (cta + 1)] = red.sum(0)
+        if glu:
+            gate, up = red[:wk_n].sum(0), red[wk_n:].sum(0)
+            y[16 * rb * cta: 16 * rb * (cta + 1)] = gate / (1 + np.exp(-gate)) * up
+        else:
+            y[16 * rb * cta: 16 * rb * (cta + 1)] = red.sum(0)
     return y
 
 
@@ -159,15 +183,25 @@ def dequantized_product(x: np.ndarray, qs: np.ndarray, d: np.ndarray) -> np.ndar
     return w @ xf
 
 
+def glu_product(x: np.ndarray, qs: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """silu(gate) * up in float64 of a fused [2I, K] gate/up weight's dequantized product."""
+    y = dequantized_product(x, qs, d)
+    gate, up = np.split(y, 2)
+    return gate / (1 + np.exp(-gate)) * up
+
+
 def run_emulation() -> int:
     worst = 0.0
-    for rb, warps, n, k in [(1, 2, 32, 1024), (2, 4, 64, 768), (4, 2, 64, 256)]:
+    for rb, warps, n, k, sa, glu in [(1, 2, 32, 1024, False, False), (2, 4, 64, 768, True, False),
+                                     (4, 2, 64, 256, False, False), (1, 4, 64, 1280, True, True),
+                                     (2, 2, 64, 512, False, True)]:
         x, qs, d = random_q4_0(n, k, seed=rb)
-        want = dequantized_product(x, qs, d)
-        got = emulate(x, qs, d, rb, warps)
+        want = (glu_product if glu else dequantized_product)(x, qs, d)
+        got = emulate(x, qs, d, rb, warps, sa, glu)
         err = float(np.abs(got - want).max() / np.abs(want).max())
         worst = max(worst, err)
-        print(f"rb {rb} warps {warps} N {n} K {k}: max relative error {err:.1e}")
+        print(f"rb {rb} warps {warps} N {n} K {k} sa {sa} glu {glu}: max relative error "
+              f"{err:.1e}")
     return 0 if worst < 1e-9 else 1
 
 

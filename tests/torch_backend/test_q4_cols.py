@@ -1,6 +1,7 @@
 """bench/q4_0_cols.cu (one row of x times Q4_0 planes, each 32-group a column of B): its lane and
-fragment mapping emulated in numpy by the PTX ISA's m16n8k16 layouts (everywhere), and the
-compiled kernel against dequantize-then-matmul (CUDA only)."""
+fragment mapping, its sums of x by ALU and its SiLU*up launch's halves emulated in numpy by the
+PTX ISA's m16n8k16 layouts (everywhere), and the compiled kernel against dequantize-then-matmul
+(CUDA only)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ def test_emulated_lanes_give_the_dequantized_product(rb: int, warps: int, n: int
     want = cols.dequantized_product(x, qs, d)
     got = cols.emulate(x, qs, d, rb, warps)
     assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(("rb", "warps", "n", "k"), [(1, 4, 64, 1280), (2, 2, 64, 512),
+                                                      (1, 8, 32, 768)])
+def test_emulated_sums_of_x_and_glu_halves(rb: int, warps: int, n: int, k: int) -> None:
+    """The sums of x by ALU (lane sums, group shuffles) and the SiLU*up launch's halves (gate rows
+    on the first warps, up rows I + the same on the others), each against float64."""
+    x, qs, d = cols.random_q4_0(n, k, seed=rb + k)
+    want = cols.dequantized_product(x, qs, d)
+    got = cols.emulate(x, qs, d, rb, warps, sa=True)
+    assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
+    want = cols.glu_product(x, qs, d)
+    for sa in (False, True):
+        got = cols.emulate(x, qs, d, rb, warps, sa=sa, glu=True)
+        assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max()
 
 
 def test_a_wrong_x_pair_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
