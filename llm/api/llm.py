@@ -31,7 +31,9 @@ class LLM:
     checkpoint's matrices quantized at load; "int4_mix" keeps v_proj and down_proj in int8).
     prefix_cache: reuse the KV pages of prompt prefixes that earlier requests computed (a shared
     system prompt, the earlier turns of a chat); outputs are bit-identical with and without it
-    (see llm.engine.prefix_cache). An AsyncEngine on this LLM follows its own SchedulerConfig.
+    (see llm.engine.prefix_cache); `SamplingParams(cache_salt=...)` keeps a request's cached
+    pages apart from those of requests without that salt (vLLM's cache_salt, e.g. one per
+    tenant). An AsyncEngine on this LLM follows its own SchedulerConfig.
 
     tensor_parallel: split the model over this many processes (torch backend; start them with
     `torchrun --nproc-per-node N`, each constructing the LLM; device "cuda" gives each rank the GPU

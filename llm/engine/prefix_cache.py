@@ -3,7 +3,10 @@
 A full page of prompt positions is keyed by a hash chain: key(page i) = sha256(key(page i - 1) +
 the page's token ids), rooted in everything else its K/V depend on besides those tokens and the
 model: the page size and the prefill chunk size (see below). Equal keys thus mean equal tokens at
-equal positions after an equal prefix.
+equal positions after an equal prefix. A request's `SamplingParams.cache_salt` (vLLM's) is folded
+into the root too: requests with different salts (or one salted, one not) never share a page, so
+a client cannot learn from timing which prompts another tenant sent; without a salt the keys are
+those of the plain root.
 
 Bit-identity with a cold run is the rule: a request served from the cache must produce exactly
 the tokens (and logprobs) it would have produced without it. Hence:
@@ -42,17 +45,27 @@ class PrefixCachePolicy:
         self.prefill_chunk = prefill_chunk
         # hits are whole chunks made of whole pages
         self.granule = math.lcm(block_size, prefill_chunk)
-        self._root = hashlib.sha256(
-            f"llm prefix cache v1: block_size={block_size} prefill_chunk={prefill_chunk}"
-            .encode()).digest()
+        self._about = (f"llm prefix cache v1: block_size={block_size} "
+                       f"prefill_chunk={prefill_chunk}").encode()
+        self._root = hashlib.sha256(self._about).digest()
 
-    def page_keys(self, tokens: Sequence[int], packed: bytes | None = None) -> list[bytes]:
+    def root(self, salt: str | None = None) -> bytes:
+        """The key the chain of a prompt starts from: the plain root, or with a cache salt, the
+        hash of the plain root's description and the salt (a hash of text, where a page key
+        hashes a SHA-256 digest and token ids: no salted root is another chain's page key)."""
+        if salt is None:
+            return self._root
+        return hashlib.sha256(self._about + b" cache_salt=" + salt.encode()).digest()
+
+    def page_keys(self, tokens: Sequence[int], packed: bytes | None = None,
+                  salt: str | None = None) -> list[bytes]:
         """The keys of every full page of `tokens` (a prompt), in order. packed: the same tokens
-        as native int64s (`struct.pack`), where the caller has them already."""
+        as native int64s (`struct.pack`), where the caller has them already. salt: the request's
+        cache salt (None: none)."""
         full = len(tokens) // self.block_size * self.block_size
         if packed is None:
             packed = struct.pack(f"{full}q", *tokens[:full])
-        keys, key, step = [], self._root, 8 * self.block_size
+        keys, key, step = [], self.root(salt), 8 * self.block_size
         sha256 = hashlib.sha256
         for end in range(step, 8 * full + 1, step):
             key = sha256(key + packed[end - step:end]).digest()
@@ -84,11 +97,12 @@ class PrefixCache:
 
     def lookup(self, seq: Request) -> list[int]:
         """The cached pages `seq` may start with (none for a request wanting prompt
-        logprobs)."""
+        logprobs; only pages of its own cache salt)."""
         if seq.out.prompt_logprobs is not None:
             return []
         if seq.page_keys is None:
-            seq.page_keys = self.policy.page_keys(seq.out.prompt_token_ids, seq.packed_prompt)
+            seq.page_keys = self.policy.page_keys(seq.out.prompt_token_ids, seq.packed_prompt,
+                                                  seq.params.cache_salt)
             seq.packed_prompt = None  # read only for the keys
         found = self.pages.allocator.lookup(seq.page_keys)
         return found[:self.policy.usable_pages(seq.prompt_len, len(found))]

@@ -12,7 +12,8 @@ repetition_penalty (extension), logit_bias, allowed_token_ids, bad_words and min
 (extensions); logprobs (completions: 0..20 alternatives; chat: true, with top_logprobs 0..20) and
 echo (completions; with logprobs, the prompt's logprobs too); prompt_logprobs (vLLM's extension,
 both endpoints, not streamed: 0..20 alternatives for every prompt token, in vLLM's shape);
-return_token_ids, return_tokens_as_token_ids and truncate_prompt_tokens (vLLM's extensions);
+return_token_ids, return_tokens_as_token_ids, truncate_prompt_tokens and cache_salt (vLLM's
+extensions; cache_salt: llm.engine.prefix_cache);
 structured output (structured_output.py): response_format (text, json_object, json_schema) and
 vLLM's guided_json / guided_regex / guided_choice / guided_grammar or structured_outputs, one at a
 time; n choices (best_of on /v1/completions). Fields this server cannot honour (suffix, tools /
@@ -157,6 +158,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
             structured=structured_output(body),
             n=n,
             best_of=best_of,
+            cache_salt=body.get("cache_salt"),  # (checked there: a non-empty string, bounded)
         )
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e

@@ -2,7 +2,9 @@
 
 A field is refused unless it holds the value that means "not used" (clients such as the openai
 SDK, LangChain or LiteLLM send defaults: those pass). Fields that change nothing of the output
-(user, metadata, store, service_tier) are ignored, as OpenAI-compatible servers do.
+(user, metadata, store, service_tier; vLLM's session_id, a routing key) are ignored, as
+OpenAI-compatible servers do, and so are vLLM's return_token_offsets / return_mm_kwargs, which
+vLLM itself reads only on its render endpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
     "prompt_embeds": (), "vllm_xargs": ({},), "priority": (0,), "prediction": (), "audio": (),
     "modalities": (["text"],), "reasoning_effort": (), "verbosity": (),
     "web_search_options": (), "suffix": ("",), "tools": ([],), "functions": ([],),
+    # vLLM's: disaggregated serving, beam search (older releases), watermarks, reasoning budget,
+    # logprobs of chosen ids, repetition stops, chunks of several tokens, truncation keeping the
+    # first tokens (we keep the last: "left"), multimodal and MoE-routing options, prompt text
+    "kv_transfer_params": ({},), "ec_transfer_params": ({},), "early_stopping": (False,),
+    "watermarking": (False,), "thinking_token_budget": (-1,), "logprob_token_ids": (),
+    "repetition_detection": (), "stream_interval": (1,), "truncation_side": ("left",),
+    "media_io_kwargs": ({},), "routed_experts_prompt_start": (0,), "return_prompt_text": (False,),
 }
 # chat-only fields and their "not used" values on /v1/completions (no chat template there)
 CHAT_ONLY = {"add_generation_prompt": (True,), "continue_final_message": (False,),

@@ -69,6 +69,9 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         "chat_template": ["{{ x }}"], "chat_template_kwargs": ["x", {"messages": []}],
         "priority": [1], "modalities": [["text", "audio"]], "reasoning_effort": ["low"],
         "add_special_tokens": ["yes"],
+        "cache_salt": ["", 7, "s" * 1025, ["a"], {}, False, "\ud800"],
+        "kv_transfer_params": [{"do_remote_decode": True}, "x"], "early_stopping": [True, "never"],
+        "thinking_token_budget": [10], "truncation_side": ["right"], "logprob_token_ids": [[1]],
     }
     for path in (COMPLETIONS, CHAT):
         for field, values in bad_values.items():
@@ -110,6 +113,8 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         add(path, 200, min_p=0, use_beam_search=False, length_penalty=1.0,  # "not used" values
             skip_special_tokens=False, include_stop_str_in_output=True, bad_words=[],
             modalities=["text"], priority=0, stop_token_ids=[])
+        add(path, 200, cache_salt="tenant-1", kv_transfer_params={}, early_stopping=False,
+            thinking_token_budget=-1, truncation_side="left")  # a salt; "not used" values
     for flag in (True, False):
         add(COMPLETIONS, 200, add_special_tokens=flag)
         add(CHAT, 200, add_special_tokens=flag)

@@ -125,7 +125,10 @@ def test_min_p_samples_as_the_python_api(client, serve_model) -> None:
 
 @pytest.mark.parametrize("field, value", [("use_beam_search", True),
                                           ("spaces_between_special_tokens", "no"),
-                                          ("structural_tag", "<json>")])
+                                          ("structural_tag", "<json>"),
+                                          ("kv_transfer_params", {"do_remote_prefill": True}),
+                                          ("early_stopping", True), ("cache_salt", ""),
+                                          ("thinking_token_budget", 32)])
 def test_unhonoured_fields_are_refused_by_name(client, live_server, field, value) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL_NAME, messages=BEGUN[:1], max_tokens=2,

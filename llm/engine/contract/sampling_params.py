@@ -30,6 +30,7 @@ REPETITION_RANGE = (1e-30, 1e30)
 # bfloat16 (a temperature of 1e-40 made 1 / T infinite), and at 1e-6 the draw is the argmax unless
 # two logits are within ~1e-5 of each other
 MIN_TEMPERATURE = 1e-6
+MAX_CACHE_SALT = 1024  # characters of a cache_salt (vLLM's limit)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class SamplingParams:
     many (>= n; None = n) and return the n with the highest cumulative logprob. Sequence i of a
     request samples with a seed derived from the request's seed and i (`choice_seed`), so the n
     samples differ and each is reproducible.
+
+    cache_salt (vLLM's): requests share prefix-cache pages only with requests of the same salt
+    (None: with the unsalted ones); a non-empty string of at most MAX_CACHE_SALT characters.
+    It changes no output, only which cached pages a request may use (llm.engine.prefix_cache).
     """
 
     temperature: float = 0.0
@@ -105,6 +110,7 @@ class SamplingParams:
     structured: StructuredOutput | None = None
     n: int = 1
     best_of: int | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for the tuple fields (frozen: set through object.__setattr__).
@@ -179,6 +185,10 @@ class SamplingParams:
             if self.best_of < self.n:
                 raise SamplingParamsError(f"best_of={self.best_of} must be >= n={self.n}",
                                           param="best_of")
+        if self.cache_salt is not None and not _valid_salt(self.cache_salt):
+            raise SamplingParamsError(f"cache_salt must be a non-empty string (valid Unicode) "
+                                      f"of at most {MAX_CACHE_SALT} characters, got "
+                                      f"{self.cache_salt!r:.60}", param="cache_salt")
 
     @property
     def num_sequences(self) -> int:
@@ -195,6 +205,17 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
                     or self.repetition_penalty != 1.0 or self.min_tokens
                     or self.allowed_token_ids)
+
+
+def _valid_salt(salt: object) -> bool:
+    """A cache salt: a non-empty str of at most MAX_CACHE_SALT characters, valid Unicode."""
+    if not isinstance(salt, str) or not 0 < len(salt) <= MAX_CACHE_SALT:
+        return False
+    try:
+        salt.encode("utf-8")  # (JSON can smuggle in lone surrogates)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _token_set(value: object) -> tuple[int, ...]:
