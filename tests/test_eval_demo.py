@@ -79,3 +79,16 @@ def test_bad_input_is_a_clear_error(tmp_path, eval_demo, capsys) -> None:
                                                   "context")):
         assert eval_demo.main(["--model", str(d), "--text", str(text), *flags]) == 2
         assert error in capsys.readouterr().err
+
+
+def test_default_model_as_stored_agrees_with_its_dequantized_weights(tmp_path, eval_demo) -> None:
+    """Issue 15's CPU target: the default model (Q4_1 as stored, the C kernels in float32)
+    teacher-forced over >= 500 tokens of real text picks the dequantized float32 model's top-1
+    token at >= 0.99 of the positions, at the same perplexity to 1e-3."""
+    out = tmp_path / "r.json"
+    assert eval_demo.main(["--text", str(ROOT / "demos" / "data" / "eval_text.txt"),
+                           "--weights", "stored", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["tokens"] >= 500 and r["reference"] == "dequantized"
+    assert r["top1"] >= 0.99 and r["top5"] >= 0.99, r
+    assert r["ppl"] == pytest.approx(r["ppl_reference"], rel=1e-3)
