@@ -218,6 +218,8 @@ def test_python_m_llm_serve(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    # the start-up line says what the weights hold (float32, dequantized: ~538 MB)
+    assert re.search(rb"; weights 5\d\d MB", proc.stdout.read()), "no weights line"
     bad = subprocess.run([sys.executable, "-m", "llm.serve", "--model", "/nonexistent.gguf"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "/nonexistent.gguf" in bad.stderr
