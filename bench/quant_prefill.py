@@ -1,12 +1,16 @@
 """Prompts and memory with weights quantized as stored, against the same model in bf16.
 
     python bench/quant_prefill.py --configs 8b --formats q4_0 --tokens 2048
+    python bench/quant_prefill.py --configs 8b --formats q4_0,q4_k_m --tokens 2048 --chunk 256
 
 Per config: the time to first token of one --tokens prompt (CUDA events around the eager prefill
 and the greedy choice of its first token, median of --reps; bench/prefill_profile.py's measure)
 for the dense bf16 model and for each format, whose prompt layers are dequantized one at a time
 into a dense bf16 copy for cuBLAS (kernels/dequant.py; row "torch dequantize": the same through
 `dequantize(float32).to(bf16)`, the path before that kernel, which computes identical logits);
+--chunk N: the prompt in calls of N tokens, as the engine's scheduler runs it
+(`SchedulerConfig.prefill_chunk`, 256), each quantized call dequantizing every layer again (no
+"torch dequantize" row then);
 and the GPU memory the quantized weights take once the backend holds them (allocated bytes less
 the KV cache) against the bytes of the same tensors in a GGUF file (gguf's block sizes; norms
 as F32, as llama.cpp writes them). Random planes with the shapes of real models
@@ -68,10 +72,29 @@ def allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
-def ttft(backend: TorchBackend, prompt: list[int], reps: int) -> tuple[float, torch.Tensor]:
-    """(median ms of prefill + first token, the prompt's last logits)."""
+def chunked_fn(backend: TorchBackend, prompt: list[int], chunk: int):
+    """A call that enqueues the prefill of `prompt` in calls of `chunk` tokens (each at its
+    start position, the earlier ones' K/V in the cache) and its greedy first token."""
+    model, device = backend.model, backend.device
+    row = torch.arange(1, backend.runtime.blocks_per_seq + 1, device=device)
+    parts = [(i, torch.tensor(prompt[i:i + chunk], device=device))
+             for i in range(0, len(prompt), chunk)]
+
+    def run() -> torch.Tensor:
+        for start, tokens in parts:
+            logits = model.prefill(tokens, start, row, backend.cache)
+        return model.lm_head.argmax(logits[None])
+
+    return run
+
+
+def ttft(backend: TorchBackend, prompt: list[int], reps: int,
+         chunk: int = 0) -> tuple[float, torch.Tensor]:
+    """(median ms of prefill + first token, the prompt's last logits); chunk: the prompt in
+    calls of that many tokens (0: one call)."""
     backend.prefill_graphs = None
-    ms, _ = measure(prefill_fn(backend, prompt, graph=False), backend.device, reps)
+    run = chunked_fn(backend, prompt, chunk) if chunk else prefill_fn(backend, prompt, graph=False)
+    ms, _ = measure(run, backend.device, reps)
     row = torch.arange(1, backend.runtime.blocks_per_seq + 1, device=backend.device)
     logits = backend.model.prefill(torch.tensor(prompt, device=backend.device), 0, row,
                                    backend.cache)
@@ -90,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", default="q4_0", help="comma list of quantized formats")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--chunk", type=int, default=0,
+                   help="prefill in calls of this many tokens, as the engine's scheduler does "
+                        "(0: the whole prompt in one call)")
     args = p.parse_args(argv)
     device = device_for(args)
     rows = []
@@ -101,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         base = allocated(device)
         dense = random_checkpoint(config, device, torch.bfloat16)
         backend = TorchBackend(dense, rt, cuda_graphs=False)
-        bf16_ms, _ = ttft(backend, prompt, args.reps)
+        bf16_ms, _ = ttft(backend, prompt, args.reps, args.chunk)
         rows.append([name, "bf16", fmt(bf16_ms, 2), "1.00", fmt(backend.weight_bytes / 1e9, 2),
                      "-", "-", ""])
         print(rows[-1], flush=True)
@@ -114,20 +140,22 @@ def main(argv: list[str] | None = None) -> int:
             cache = sum(t.numel() * t.element_size() for t in backend.cache.k + backend.cache.v)
             held = allocated(device) - base - cache - sum(  # the dense checkpoint is still held
                 t.numel() * t.element_size() for t in dense.tensors.values() if t.dim() == 2)
-            ms, logits = ttft(backend, prompt, args.reps)
-            dequant.dequantize_dense, kernel = torch_dequantize, dequant.dequantize_dense
-            try:
-                torch_ms, torch_logits = ttft(backend, prompt, args.reps)
-            finally:
-                dequant.dequantize_dense = kernel
-            same = bool(torch.equal(logits, torch_logits))
+            ms, logits = ttft(backend, prompt, args.reps, args.chunk)
             gpu = device.type == "cuda"
             rows.append([name, fmt_name, fmt(ms, 2), f"{ms / bf16_ms:.2f}",
                          fmt(backend.weight_bytes / 1e9, 2), fmt(held / 1e9, 2) if gpu else "-",
                          f"{held / file_bytes:.3f}" if gpu else "-",
-                         f"logits equal to torch dequantize {same}"])
-            rows.append([name, f"{fmt_name} torch dequantize", fmt(torch_ms, 2),
-                         f"{torch_ms / bf16_ms:.2f}", "-", "-", "-", ""])
+                         f"chunks of {args.chunk}" if args.chunk else ""])
+            if not args.chunk:
+                dequant.dequantize_dense, kernel = torch_dequantize, dequant.dequantize_dense
+                try:
+                    torch_ms, torch_logits = ttft(backend, prompt, args.reps)
+                finally:
+                    dequant.dequantize_dense = kernel
+                same = torch.equal(logits, torch_logits)
+                rows[-1][-1] = f"logits equal to torch dequantize {same}"
+                rows.append([name, f"{fmt_name} torch dequantize", fmt(torch_ms, 2),
+                             f"{torch_ms / bf16_ms:.2f}", "-", "-", "-", ""])
             print(rows[-2:], flush=True)
             backend.close()
         del dense
