@@ -23,6 +23,7 @@ from llm.model.quant.tensor import QuantizedTensor, cat_rows
 from llm.model.rope import head_row_index
 
 QGEMV_MAX_ROWS = 16  # the Triton quantized GEMV's batch limit (kernels/qgemv.py MAX_M)
+TC_BATCH_ROWS = 64  # the tensor-core kernel's (kernels/qgemv_config.py TC_BATCH_MAX_ROWS)
 
 
 class QuantLinear:
@@ -58,9 +59,10 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> [..., N]: on the CPU by its prepared layer; on CUDA, decode-sized
-        batches by the Triton GEMV that dequantizes in registers (kernels/qgemv.py), prompts by
-        dequantize-then-matmul (one Triton pass into a dense copy for the call,
-        kernels/dequant.py, then cuBLAS)."""
+        batches by the Triton GEMV that dequantizes in registers (kernels/qgemv.py), batches of
+        17..TC_BATCH_ROWS by a tensor-core kernel on the codes (kernels/qgemm_batch.py, bf16
+        and its formats), prompts by dequantize-then-matmul (one Triton
+        pass into a dense copy for the call, kernels/dequant.py, then cuBLAS)."""
         if not x.is_cuda:
             y = self.cpu()(x.reshape(-1, self.shape[1]), bias)  # [M, N]
             return y.reshape(*x.shape[:-1], self.shape[0])
@@ -68,6 +70,11 @@ class QuantLinear:
             from llm.backends.torch.kernels.qgemv import qgemv
 
             return qgemv(x, self.weight, bias)
+        if x.dim() == 2 and QGEMV_MAX_ROWS < x.shape[0] <= TC_BATCH_ROWS:
+            from llm.backends.torch.kernels.qgemm_batch import batch_kernel_takes, qgemm_batch
+
+            if batch_kernel_takes(x, self.weight):
+                return qgemm_batch(x, self.weight, bias)
         from llm.backends.torch.kernels.dequant import dequantize_dense
 
         return F.linear(x, dequantize_dense(self.weight, x.dtype), bias)

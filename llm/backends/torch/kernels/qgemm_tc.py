@@ -1,4 +1,4 @@
-"""The quantized GEMM for up to 16 rows of x: tensor cores on the exact codes, scales per group.
+"""The quantized GEMM for up to 64 rows of x: tensor cores on the exact codes, scales per group.
 
 Per 32-group, the codes (exact in bf16) times 16 padded rows of x on the tensor cores (fp32
 accumulation), then the group's scale in fp32. v3 (this file; the v2 kernel measured 8B Q4_0 at
@@ -341,7 +341,7 @@ def qgemm_tc(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = No
              block_n: int = 64, num_warps: int = 4, num_stages: int = 3, fast: bool = True,
              pdl: bool | None = None, split_k: int = 1,
              out_dtype: torch.dtype | None = None, v4: bool = True) -> torch.Tensor:
-    """x [M, K] (bf16, M <= 16) @ w.dequantize().T (+ bias) on the tensor cores -> [M, N] in
+    """x [M, K] (bf16, M <= 64) @ w.dequantize().T (+ bias) on the tensor cores -> [M, N] in
     out_dtype (default x's). fast: 4-bit codes to bfloat16 by byte permutes (`_tc_nibbles`),
     else through float32 (`_tc_codes`). split_k: at most this many programs along K
     (kernels/splitk.py; `split_groups` says how many run), their partials added in a fixed

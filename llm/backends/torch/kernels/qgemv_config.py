@@ -198,7 +198,14 @@ class QGemmTcRule:
 TC_RULE = QGemmTcRule(programs=528)
 
 
+# Decode batches above 16 rows take the tensor-core kernel over all their rows at once
+# (`qgemm_tc.qgemm_batch`, x padded to 32 or 64 rows) up to this many; larger calls (prompt
+# chunks) dequantize the matrix and multiply by cuBLAS. docs/performance.md, "Decode batches
+# above 16 on the codes".
+TC_BATCH_MAX_ROWS = 64
+
+
 def qgemm_tc_config(m: int, n: int, k: int, rule: QGemmTcRule = TC_RULE) -> QGemmTcConfig:
-    """The tensor-core kernel's launch for x [m, k] @ w[n, k].T (any m <= 16: the kernel pads x
-    to 16 rows; m does not change the launch) by `rule`."""
+    """The tensor-core kernel's launch for x [m, k] @ w[n, k].T (m <= TC_BATCH_MAX_ROWS: the
+    kernel pads x to 16, 32 or 64 rows; m does not change the launch) by `rule`."""
     return QGemmTcConfig(rule.block_n, rule.num_warps, rule.num_stages, rule.split_for(n, k))
