@@ -2,15 +2,15 @@
 
 For each format (any of qmma.FORMATS), linear shape of the configs (bench.common.SHAPES, or
 --linears of them) and row count of x: `auto` (what `qgemv` picks, the tensor-core kernel included
-where `mma_rows` says so), `triton` (qgemv's pick with that kernel left out) and the tensor-core
-kernel at each --warps, --halves (32-row halves a CTA), --stages (those whose shared memory fits),
---splits along K (those with a quad of K for every warp of a split) and --occupancy (registers
-fitted to 2, 3 or 4 CTAs an SM), each checked against x @ dequantize(W).T in float64 (max
-relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs over copies of the weight > 4x
-the L2 (`bench.common.graph_us`); `auto` once more last (a shape's first timing has read slow
-on the largest shapes). Last, per shape and rows, the best kernel variant against `triton`.
---glu: on gate_up, also the launch with SiLU*up in its epilogue (the engine's), checked against
-silu(x @ gate.T) * (x @ up.T). The earlier designs (v1, v2, v4) and their H100 tables are in
+where `mma_rows` says so; above 16 rows `qgemm_batch`'s), `triton` (the pick with that kernel left
+out) and the tensor-core kernel at each --warps, --halves (32-row halves a CTA), --stages (those
+whose shared memory fits), --splits along K (those with a quad of K for every warp of a split) and
+--occupancy (registers fitted to 1, 2, 3 or 4 CTAs an SM), each checked against x @ dequantize(W).T
+in float64 (max relative error: y's bf16 rounding, ~2e-3) and timed as CUDA graphs over copies of
+the weight > 4x the L2 (`bench.common.graph_us`); `auto` once more last (a shape's first timing has
+read slow on the largest shapes). Last, per shape and rows, the best kernel variant against
+`triton`. --glu: on gate_up, also the launch with SiLU*up in its epilogue (the engine's), checked
+against silu(x @ gate.T) * (x @ up.T). The earlier designs (v1, v2, v4) and their H100 tables are in
 docs/performance.md, "Q4_0 for 1..16 rows of x by mma.sync".
 
     python bench/qmma_explore.py --formats q4_0,q6_k,q8_0 --configs 8b,1b --batches 2,4,8
@@ -42,7 +42,7 @@ from bench.quant_decode import (  # noqa: E402
     random_quantized,
     weight_copies,
 )
-from llm.backends.torch.kernels import qgemv, qmma  # noqa: E402
+from llm.backends.torch.kernels import qgemm_batch, qgemv, qmma  # noqa: E402
 
 
 def occupancy_tag(occupancy: int) -> str:
@@ -51,9 +51,18 @@ def occupancy_tag(occupancy: int) -> str:
 
 
 def triton_only(x: torch.Tensor, w) -> torch.Tensor:
-    """`qgemv`'s pick among its Triton kernels (the tensor-core kernel turned off)."""
+    """`qgemv`'s pick among its Triton kernels (the tensor-core kernel turned off); above 16 rows
+    the Triton tensor-core kernel over all of them (kernels/qgemm_batch.py with qmma off)."""
     with mock.patch.object(qgemv, "qmma_runs", lambda *a, **k: False):
+        if x.shape[0] > qgemv.MAX_M:
+            with mock.patch.object(qgemm_batch, "qmma_runs", lambda *a, **k: False):
+                return qgemm_batch.qgemm_batch(x, w)
         return qgemv.qgemv(x, w)
+
+
+def engine(x: torch.Tensor, w) -> torch.Tensor:
+    """What the engine runs for x and w: `qgemv` up to 16 rows, `qgemm_batch` above."""
+    return qgemv.qgemv(x, w) if x.shape[0] <= qgemv.MAX_M else qgemm_batch.qgemm_batch(x, w)
 
 
 def run(args) -> int:
@@ -77,7 +86,7 @@ def run(args) -> int:
             for m in csv(args.batches, int):
                 x = (torch.randn(m, k, device=device, generator=g) * 0.5).to(torch.bfloat16)
                 ref = x.double() @ wd.T
-                variants = [("auto", lambda w, x=x: qgemv.qgemv(x, w)),
+                variants = [("auto", lambda w, x=x: engine(x, w)),
                             ("triton", lambda w, x=x: triton_only(x, w))]
                 combos = [(v, h, sp, qmma.ring_stages(n, device, sp, h) if st == "rule"
                            else int(st))
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma list of {', '.join(qmma.FORMATS)}")
     p.add_argument("--linears", default="", help="comma list of the shapes to time (qkv, o, "
                    "gate_up, down, head_chunk, head; default all)")
-    p.add_argument("--batches", default="1,2,4,8,16", help="comma list of rows of x (1..16)")
+    p.add_argument("--batches", default="1,2,4,8,16", help="comma list of rows of x (1..64)")
     p.add_argument("--warps", default="8", help="comma list of warps a CTA (1..8)")
     p.add_argument("--stages", default="rule", help="comma list of a warp's ring stages (>= 2) "
                    "or 'rule' (qmma.ring_stages: the engine's)")
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                    "or 'rule' (1: the engine's for a launch without the SiLU*up epilogue)")
     p.add_argument("--occupancy", default="2",
                    help="comma list of CTAs of 256 threads an SM the kernel's registers are "
-                   "fitted to (2: 128 a thread, the engine's; 3: 85; 4: 64, spills allowed)")
+                   "fitted to (2: 128 a thread, the engine's; 1: 255; 3: 85; 4: 64, spills "
+                   "allowed)")
     p.add_argument("--glu", action="store_true",
                    help="on the gate_up shapes, also the launch with SiLU*up in its epilogue "
                         "(two halves, no split; the engine's) at each even --warps and --stages")
@@ -180,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--splits: 'rule' or at least 1")
     if any(f not in qmma.FORMATS for f in csv(args.formats)):
         raise SystemExit(f"--formats: comma list of {', '.join(qmma.FORMATS)}")
-    if any(not 1 <= v <= 16 for v in csv(args.batches, int)):
-        raise SystemExit("--batches: 1..16 rows of x")
+    if any(not 1 <= v <= qmma.MAX_ROWS for v in csv(args.batches, int)):
+        raise SystemExit(f"--batches: 1..{qmma.MAX_ROWS} rows of x")
     return run(args)
 
 

@@ -11,10 +11,12 @@ B, as llama.cpp's Q4_0 files keep it in Q6_K; q4_k_m, q5_k_m: the formats llama-
 each tensor in those mixes (attn_v and ffn_down in Q6_K in half the layers, the head in Q6_K).
 --v1-formats: decode again with the first kernel (kernels/qgemv.py) for these formats' one-row
 GEMVs instead of the v2 kernel (graphs captured again), to time the two on the same model in one
-call. --triton-too, --split-rows, --unfused-silu, --eight-warps, --occupancy: likewise with one
-rule of the tensor-core kernel (kernels/qmma.py) changed: off, split-K only from some rows, SiLU*up
-after the kernel (and so CTAs of 32 rows everywhere), 8 warps on every launch, registers fitted
-to more CTAs an SM.
+call. --dense-batches: likewise with batches above 16 dequantized per call (the rule before the
+tensor-core kernels took 17..64 rows); --qmma-batches: with them on qmma's 32-/64-row kernels.
+--triton-too, --split-rows, --unfused-silu, --eight-warps, --occupancy: likewise with one rule of
+the tensor-core kernel (kernels/qmma.py) changed: off, split-K only from some rows, SiLU*up after
+the kernel (and so CTAs of 32 rows everywhere), 8 warps on every launch, registers fitted to more
+CTAs an SM.
 
 --kernels: instead of decode, the quantized GEMV alone at every linear shape of the configs, per
 kernel variant (--variants: v1 = kernels/qgemv.py's first kernel with its default config,
@@ -27,7 +29,9 @@ tc:BLOCK_N:WARPS[:STAGES[:FLAG...]] = the tensor-core kernel (FLAGs: x = 4-bit c
 through float32 instead of by byte permutes; o = the kernel before v4, `qgemm_tc(v4=False)`;
 sS = split-K into S programs along K; pP = split-K by `QGemmTcRule`: K halved until the grid
 has >= P programs; e.g. tc:64:4:3:s4, tc:64:4:3:p264; the row's variant names the split that
-ran), auto = what `qgemv` picks, bf16 = F.linear on a dense bf16 weight); microseconds per call
+ran), auto = what `qgemv` picks (batches up to 16), lin = what the engine's `QuantLinear` does at
+any batch (above 16: `qgemm_batch` up to 64 rows, then dq), dq = dequantize-then-matmul (a dense
+copy for the call, cuBLAS), bf16 = F.linear on a dense bf16 weight); microseconds per call
 as a CUDA graph over copies of the weight that together exceed the L2 several times, GB/s of
 stored bytes, and the error against x @ dequantize(W).T in float64.
 
@@ -119,6 +123,13 @@ def variant_call(v: str, x: torch.Tensor):
         return lambda w: qgemv(x, w, config=qgemv_config(x.shape[0], *w.shape))
     if f[0] == "auto":
         return lambda w: qgemv(x, w)
+    if f[0] in ("lin", "dq"):  # the engine's route at any batch / dequantize-then-matmul
+        from llm.backends.torch.kernels.dequant import dequantize_dense
+        from llm.backends.torch.weight import QuantLinear
+
+        if f[0] == "lin":
+            return lambda w: QuantLinear(w, x.dtype)(x)
+        return lambda w: torch.nn.functional.linear(x, dequantize_dense(w, x.dtype))
     if f[0] in ("w", "g"):  # g: w is a fused gate/up weight, silu(gate) * up in the epilogue
         cfg = w_config(f[1:])
         if f[0] == "g":
@@ -518,6 +529,30 @@ def split_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float)
     return rows
 
 
+def dense_batch_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--dense-batches: decode again with batches above 16 dequantizing each matrix for the call
+    and multiplying by cuBLAS (`weight.TC_BATCH_ROWS` 16, the rule before `qgemm_batch`)."""
+    from llm.backends.torch import weight
+
+    if not args.dense_batches or backend.graphs is None:
+        return []
+    return patched_rows(backend, name, fmt_name, args, bw, weight, "TC_BATCH_ROWS", 16,
+                        "batches > 16 dequantized per call")
+
+
+def qmma_batch_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
+    """--qmma-batches: decode again with batches of 17..64 rows on qmma's `_m32` / `_m64`
+    kernels (`qmma.mma_rows` extended to 64 rows) instead of the Triton tensor-core kernel."""
+    from llm.backends.torch.kernels import qmma
+
+    if not args.qmma_batches or backend.graphs is None:
+        return []
+    rule = qmma.mma_rows
+    return patched_rows(backend, name, fmt_name, args, bw, qmma, "mma_rows",
+                        lambda f, m, n, k: rule(f, min(m, 16), n, k) and m <= qmma.MAX_ROWS,
+                        "batches > 16 on qmma's 32- / 64-row kernels")
+
+
 def unfused_silu_rows(backend: TorchBackend, name: str, fmt_name: str, args, bw: float) -> list:
     """--unfused-silu: decode again with the tensor-core kernel's SiLU*up epilogue off
     (`qmma.glu_epilogue` False: the gate/up product, then `silu_mul`)."""
@@ -692,6 +727,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-rows", default="",
                    help="comma list of rows of x: decode again with the tensor-core kernel's "
                         "split-K only from that many rows (17: never), an A/B of split-K")
+    p.add_argument("--dense-batches", action="store_true",
+                   help="decode again with batches above 16 rows dequantizing each matrix for "
+                        "the call (cuBLAS), the rule before the tensor-core kernel took 17..64")
+    p.add_argument("--qmma-batches", action="store_true",
+                   help="decode again with batches of 17..64 rows on the CUDA tensor-core "
+                        "kernel's 32- / 64-row launches instead of the Triton one")
     p.add_argument("--unfused-silu", action="store_true",
                    help="decode again with the tensor-core kernel's SiLU*up epilogue off "
                         "(qmma.glu_epilogue False), an A/B of that epilogue")
@@ -741,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += triton_rows(backend, name, fmt_name, args, bw)
                 rows += split_rows(backend, name, fmt_name, args, bw)
                 rows += unfused_silu_rows(backend, name, fmt_name, args, bw)
+                rows += dense_batch_rows(backend, name, fmt_name, args, bw)
+                rows += qmma_batch_rows(backend, name, fmt_name, args, bw)
                 rows += eight_warps_rows(backend, name, fmt_name, args, bw)
                 rows += occupancy_rows(backend, name, fmt_name, args, bw)
                 rows += w_rule_rows(backend, name, fmt_name, args, bw)

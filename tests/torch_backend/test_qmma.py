@@ -162,7 +162,7 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
     n, k = w.shape
     m_rows = x.shape[0]
     one = m_rows == 1
-    tiles = 1 if m_rows <= 8 else 2
+    tiles = 1 if m_rows <= 8 else max(8, 1 << (m_rows - 1).bit_length()) // 8  # 2, 4 or 8
     qs = w.planes["qs"].contiguous().view(torch.uint8).numpy()
     qh = w.planes["qh"].contiguous().numpy() if "qh" in w.planes else None
     mult, off, subs = _scales(w)  # [N, scales]
@@ -234,11 +234,11 @@ def emulate(w: QuantizedTensor, x: np.ndarray, warps: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize(("m", "warps"), [(1, 2), (5, 3), (11, 2), (16, 8)])
+@pytest.mark.parametrize(("m", "warps"), [(1, 2), (5, 3), (11, 2), (16, 8), (27, 3), (64, 2)])
 def test_emulated_lanes_give_the_dequantized_matmul(fmt: str, m: int, warps: int) -> None:
     """32 x 512 (4 quads: 3 warps split them unevenly, 8 leave some idle; Q4_K: 2 super-blocks)
     at one row of x (x in all of B's columns), 5 (one B tile, 3 columns empty), 11 and 16 (two
-    tiles)."""
+    tiles), 27 (four tiles, the last partly empty) and 64 (eight)."""
     g = torch.Generator().manual_seed(m)
     w = random_quantized(fmt, 32, 512, g, "cpu")
     x = torch.randn(m, 512, generator=g).to(torch.bfloat16).float()
@@ -285,7 +285,8 @@ def test_the_kernels_offsets_are_the_emulated_ones() -> None:
 
 def test_the_rule() -> None:
     """Every format, N a multiple of 32 and K of 128; 4..16 rows everywhere, 2..3 where N >=
-    3,072 (measured, H100); never 1 row or more than 16."""
+    3,072 (measured, H100); never 1 row or more than 16 (the 32- and 64-row kernels exist, but
+    no GPU has run them yet)."""
     assert mma_rows("q4_0", 4, 2048, 8192) and mma_rows("q4_0", 8, 4096, 14336)
     assert mma_rows("q4_0", 2, 28672, 4096) and mma_rows("q4_0", 3, 3072, 2048)
     assert mma_rows("q4_0", 2, 4096, 4096) and mma_rows("q4_0", 2, 4096, 14336)
@@ -300,8 +301,10 @@ def test_the_rule() -> None:
     assert [kernel_name("q4_0", m) for m in (1, 2, 8, 9, 16)] == [
         "q4_0_mma_m1", "q4_0_mma_m8", "q4_0_mma_m8", "q4_0_mma_m16", "q4_0_mma_m16"]
     assert kernel_name("q6_k", 4) == "q6_k_mma_m8"
-    with pytest.raises(ValueError, match="1..16 rows"):
-        kernel_name("q4_0", 17)
+    assert [kernel_name("q4_0", m) for m in (17, 32, 33, 64)] == [
+        "q4_0_mma_m32", "q4_0_mma_m32", "q4_0_mma_m64", "q4_0_mma_m64"]
+    with pytest.raises(ValueError, match="1..64 rows"):
+        kernel_name("q4_0", 65)
     with pytest.raises(ValueError, match="weights, not q2_k"):
         kernel_name("q2_k", 4)
     assert kernel_name("q4_0", 16, glu=True) == "q4_0_mma_m16_glu"
@@ -324,7 +327,9 @@ def test_the_rule() -> None:
     assert kernel_name("q4_0", 8, occupancy=3) == "q4_0_mma_m8_o3"
     assert kernel_name("q8_0", 9, 1, True, occupancy=4) == "q8_0_mma_m16_s_o4"
     assert kernel_name("q4_0", 8, occupancy=qmma.OCCUPANCY) == "q4_0_mma_m8"
-    with pytest.raises(ValueError, match="occupancy must be one of 2, 3, 4, got 5"):
+    assert kernel_name("q4_0", 64, occupancy=1) == "q4_0_mma_m64_o1"
+    assert [qmma.occupancy_for(m) for m in (1, 16, 32, 33, 64)] == [2, 2, 2, 1, 1]
+    with pytest.raises(ValueError, match="occupancy must be one of 2, 1, 3, 4, got 5"):
         kernel_name("q4_0", 8, occupancy=5)
     o3 = qmma.kernel_source("q4_0_mma_m16_glu_o3", 2)
     assert o3.endswith("KERNEL(q4_0_mma_m16_glu_o3, Q4_0, 2, 0, 2, 0, 1, 3)\n")
@@ -397,6 +402,8 @@ def test_shared_memory_of_a_launch() -> None:
     assert qmma.shared_bytes("q8_0", 8) == 4 * 8 * 32 * 8 + 8 * 4 * (32 * 144 + 32 * 8)
     assert qmma.shared_bytes("q6_k", 8) == 4 * 8 * 32 * 8 + 8 * 4 * (32 * 112 + 32 * 8)
     assert qmma.shared_bytes("q5_1", 8) == 4 * 8 * 32 * 8 + 8 * 4 * (32 * 80 + 32 * 16)
+    assert qmma.shared_bytes("q4_0", 17) == 4 * 8 * 32 * 32 + ring  # 32 rows (_m32)
+    assert qmma.shared_bytes("q4_0", 64) == 4 * 8 * 32 * 64 + ring  # 64 rows (_m64)
 
 
 def test_refusals_name_what_is_wrong() -> None:
@@ -446,14 +453,15 @@ def _close_to_dequantized(y: torch.Tensor, x: torch.Tensor, w: QuantizedTensor) 
 
 
 @GPU
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 16, 17, 32, 45, 64])
 @pytest.mark.parametrize(("fmt", "n", "k"), [
     *[(f, 64, 768 if f.endswith("_k") else 384) for f in FORMATS],
     *[(f, 3072, 2048) for f in FORMATS],
     ("q4_0", 4096, 14336), ("q4_k", 4096, 14336), ("q6_k", 4096, 14336), ("q8_0", 4096, 14336)])
 def test_cuda_kernel_matches_the_dequantized_matmul(m: int, fmt: str, n: int, k: int) -> None:
-    """Every row count (the three kernels, tiles partly empty); K of 3 / 6 quads (8 warps: some
-    without work) to the 8B down shape; PDL on and off give the same bits, as do repeated
+    """Every row count (the kernels of 1, 8, 16, 32 and 64 rows, tiles partly empty); K of 3 / 6
+    quads (8 warps: some without work) to the 8B down shape; PDL on and off give the same bits,
+    as do repeated
     calls and 4 warps with a 2-deep ring against the defaults (warps add in a fixed order, but
     another warp count splits K elsewhere: close, not equal)."""
     g = torch.Generator().manual_seed(m * 7 + n)
@@ -584,11 +592,13 @@ def test_cuda_warps_of_the_rule(fmt: str) -> None:
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_k"])
 def test_cuda_occupancy_keeps_the_bits(fmt: str) -> None:
     """Registers fitted to 3 or 4 CTAs an SM (spills allowed) change no sum: the default
-    kernel's bits at 8 and 16 rows, the epilogue's launch and split-K included."""
+    kernel's bits at 8 and 16 rows, the epilogue's launch and split-K included; nor 2 where 64
+    rows take 1 (`occupancy_for`)."""
     g = torch.Generator().manual_seed(23 + len(fmt))
     w = random_quantized(fmt, 512, 2048, g)
     for m, kw, occ in ((8, {}, 3), (8, {}, 4), (8, {"glu": True}, 3), (16, {}, 3),
-                       (16, {"glu": True}, 3), (16, {"splits": 2}, 4)):
+                       (16, {"glu": True}, 3), (16, {"splits": 2}, 4), (64, {}, 2),
+                       (40, {"splits": 2}, 2)):
         x = (torch.randn(m, 2048, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
         assert torch.equal(qmma_matmul(x, w, occupancy=occ, **kw), qmma_matmul(x, w, **kw))
 

@@ -1,4 +1,4 @@
-"""GGUF block weights as stored times 2..16 rows of x on the tensor cores (`mma.sync`): Q4_0, Q4_1,
+"""GGUF block weights as stored times 2..64 rows of x on the tensor cores (`mma.sync`): Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, and the formats of weights quantized at load, int8 (Q8_0's
 codes with a float32 scale a row) and int4_g128 (Q4_1's codes and formula with a bf16 d and m per
 128 columns).
@@ -40,11 +40,13 @@ SOURCE = Path(__file__).with_name("qmma.cu")
 FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int8", "int4_g128")
 ROWS = 32  # rows of w a CTA (a half of the CTA where `cta_halves` gives it two)
 WARPS = 8  # warps a CTA: they split K
+MAX_ROWS = 64  # rows of x a launch takes: B tiles of 8 rows, 1, 2, 4 or 8 of them (_m8 .. _m64)
 NARROW_WARPS = 4  # warps a CTA of the 16-row launches over wide grids (`cta_warps`)
 STAGES = 4  # quads of groups a warp's ring holds where the grid is no larger than the GPU
 STAGES_WIDE = 2  # ... where it has more CTAs than the GPU has SMs (`ring_stages`)
 OCCUPANCY = 2  # CTAs of 256 threads an SM the registers are fitted to (128 a thread)
-OCCUPANCY_FLAGS = ("o3", "o4")  # kernel-name flags of the other fits (85, 64 registers)
+OCCUPANCY_FLAGS = ("o1", "o3", "o4")  # kernel-name flags of the other fits (255, 85, 64
+# registers a thread)
 _PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
@@ -60,7 +62,10 @@ def mma_rows(fmt: str, m: int, n: int, k: int) -> bool:
     """Whether `qgemv` sends m rows of x times a [n, k] weight in `fmt` to this kernel: one of
     FORMATS, n a multiple of 32 and k of 128, and where it measured faster than `qgemv`'s Triton
     kernels on an H100: 4..16 rows; 2..3 where N >= 3,072 (docs/performance.md, "x read once:
-    no sums of x in the prologue" and "Two and three rows on the narrow linears")."""
+    no sums of x in the prologue" and "Two and three rows on the narrow linears"). Not 17..64
+    (the `_m32` / `_m64` kernels, which kernels/qgemm_batch.py would take where this says so):
+    not yet run on a GPU ("qmma with four and eight B tiles"); `bench/quant_decode.py
+    --qmma-batches` times them against the Triton kernel."""
     if fmt not in FORMATS or n <= 0 or k <= 0 or n % ROWS or k % 128:
         return False
     return 4 <= m <= 16 or (2 <= m <= 3 and n >= 3072)
@@ -152,7 +157,7 @@ def kernel_source(name: str, stages: int) -> str:
     q4_0_mma_m8_o3: registers fitted to 3 CTAs of 256 threads an SM) instantiated."""
     fmt, rows = name.rsplit("_mma_", 1)
     rows, *flags = rows.split("_")
-    tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0)}[rows]
+    tiles, one = {"m1": (1, 1), "m8": (1, 0), "m16": (2, 0), "m32": (4, 0), "m64": (8, 0)}[rows]
     occ = [f for f in flags if f in OCCUPANCY_FLAGS]
     if not set(flags) - set(occ) <= {"h2", "s", "glu"} or len(occ) > 1:
         raise ValueError(f"no tensor-core kernel is named {name}")
@@ -192,8 +197,9 @@ def _aligned(t: torch.Tensor, stride_mult: int, base: int) -> bool:
 
 def shared_bytes(fmt: str, m: int, warps: int = WARPS, stages: int = STAGES) -> int:
     """Dynamic shared memory of a launch: the warps' partials (float32 [warps, 32, rows of x
-    padded to 1, 8 or 16]), then the warps' rings (a quad of groups a stage, whatever K)."""
-    mp = 1 if m == 1 else (8 if m <= 8 else 16)
+    padded to 1, 8, 16, 32 or 64]), then the warps' rings (a quad of groups a stage, whatever
+    K)."""
+    mp = 1 if m == 1 else max(8, 1 << (m - 1).bit_length())
     return -(-4 * warps * ROWS * mp // 16) * 16 + warps * stages * stage_bytes(fmt)
 
 
@@ -267,8 +273,16 @@ def qmma_runs(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = N
         return False
     if pdl and not use_pdl(x, None):
         return False
-    name = kernel_name(w.format, x.shape[0], halves, splits > 1, glu)
+    name = kernel_name(w.format, x.shape[0], halves, splits > 1, glu, occupancy_for(x.shape[0]))
     return not isinstance(_compiled(x.device.index, name, stages), Exception)
+
+
+def occupancy_for(m: int) -> int:
+    """CTAs of 256 threads an SM the registers are fitted to for x of m rows: 1 (255 registers a
+    thread) for the 64-row kernel, whose 64 accumulators a thread spill ~80 words at 128
+    registers (Q8_0 ~150; 10 at 255, `bench/sass_stats.py qmma:q4_0:m64_o1:2`), else
+    OCCUPANCY."""
+    return 1 if m > 32 else OCCUPANCY
 
 
 def kernel_name(fmt: str, m: int, halves: int | None = None, split: bool = False,
@@ -280,8 +294,8 @@ def kernel_name(fmt: str, m: int, halves: int | None = None, split: bool = False
     if fmt not in FORMATS:
         raise ValueError(f"the tensor-core kernel multiplies {', '.join(FORMATS)} weights, "
                          f"not {fmt}")
-    if not 1 <= m <= 16:
-        raise ValueError(f"the tensor-core kernel takes 1..16 rows of x, not {m}")
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"the tensor-core kernel takes 1..{MAX_ROWS} rows of x, not {m}")
     halves = (2 if glu else 1) if halves is None else halves
     if halves not in (1, 2) or (glu and (halves != 2 or split)):
         raise ValueError(f"a kernel has 1 or 2 halves, the glu kernel 2 and no split: got "
@@ -291,7 +305,7 @@ def kernel_name(fmt: str, m: int, halves: int | None = None, split: bool = False
                          f"{', '.join(f[1:] for f in OCCUPANCY_FLAGS)}, got {occupancy}")
     flags = "_glu" if glu else ("_h2" if halves == 2 else "") + ("_s" if split else "")
     flags += "" if occupancy == OCCUPANCY else f"_o{occupancy}"
-    return f"{fmt}_mma_" + ("m1" if m == 1 else ("m8" if m <= 8 else "m16")) + flags
+    return f"{fmt}_mma_m{1 if m == 1 else max(8, 1 << (m - 1).bit_length())}" + flags
 
 
 def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, int, int]:
@@ -318,18 +332,20 @@ def _kernel_planes(w: QuantizedTensor) -> tuple[tuple[torch.Tensor, ...], int, i
 def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                 warps: int | None = None, stages: int | None = None,
                 splits: int | None = None, halves: int | None = None,
-                glu: bool = False, occupancy: int = OCCUPANCY) -> torch.Tensor:
-    """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 16
-    (the engine calls it where `qmma_runs`; `warps` 1..8 a CTA (default `cta_warps`), `halves` 1
-    or 2 of 32 rows a CTA (default 1, the glu launch 2; the warps split between them), `stages`
+                glu: bool = False, occupancy: int | None = None) -> torch.Tensor:
+    """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 64
+    (the engine calls it where `qmma_runs`; 17..64 rows: kernels/qgemm_batch.py; `warps` 1..8 a
+    CTA (default `cta_warps`), `halves` 1 or 2 of 32 rows a CTA (default 1, the glu launch 2;
+    the warps split between them), `stages`
     >= 2 a warp's ring (default `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs
     along K (default `k_splits`; their float32 sums added in split order, kernels/splitk.py's
-    counters) and `occupancy` (`kernel_name`'s) are for benchmarks).
+    counters) and `occupancy` (`kernel_name`'s; default `occupancy_for`) are for benchmarks).
     glu: w is a fused gate/up weight [2I, K] (gate rows first) and the result silu(gate) * up
     [M, I], rounded as this product then `silu_mul` would round it (two halves, no split).
     Launched with PDL where `use_pdl`."""
     n, k = w.shape
     m = x.shape[0]
+    occupancy = occupancy_for(m) if occupancy is None else occupancy
     if x.dim() == 2:  # a format, rows of x or an occupancy the kernel lacks: refused first
         kernel_name(w.format, m, occupancy=occupancy)
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
