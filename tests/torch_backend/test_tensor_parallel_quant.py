@@ -45,7 +45,8 @@ KQ = ModelConfig(**_BASE, hidden_size=256, intermediate_size=512, head_dim=128, 
 # rank's q / k / v and gate / up rows are read from the fused tensor's blocks
 PHI3 = ModelConfig(**{**_BASE, "arch": "phi3"}, hidden_size=64, intermediate_size=96,
                    head_dim=32, num_heads=6, num_kv_heads=3, vocab_size=96)
-CASES = ("Q8_0", "Q4_0", "k_quants", "int4", "int4_mix", "int8", "phi3_Q8_0")
+CASES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "k_quants", "int4", "int4_mix", "int8",
+         "phi3_Q8_0")
 
 
 def float_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -77,7 +78,7 @@ def ranks_out(tmp_path_factory) -> list[dict]:
     """Every case on one pair of spawned ranks (one process start for all)."""
     tmp = tmp_path_factory.mktemp("tp_quant")
     cases = []
-    for qtype in (Q.Q8_0, Q.Q4_0):
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
         path = write_gguf(tmp / f"{qtype.name}.gguf", ODD, float_tensors(ODD), qtype=qtype)
         cache = tmp / f"cache-{qtype.name}"
         if qtype == Q.Q4_0:  # its stored cache entry exists: the ranks read the entry's planes
@@ -96,7 +97,8 @@ def ranks_out(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_compute_the_single_process_quantized_model(ranks_out, case) -> None:
-    readers = {"Q8_0": "GGUFSlices", "Q4_0": "SafetensorsSlices", "k_quants": "GGUFSlices",
+    readers = {"Q8_0": "GGUFSlices", "Q4_0": "SafetensorsSlices", "Q4_1": "GGUFSlices",
+               "Q5_0": "GGUFSlices", "Q5_1": "GGUFSlices", "k_quants": "GGUFSlices",
                "int8": "QuantizingSlices", "int4": "QuantizingSlices",
                "int4_mix": "QuantizingSlices", "phi3_Q8_0": "GGUFSlices"}
     for res in ranks_out:
@@ -122,6 +124,8 @@ def test_the_launch_quantizes_each_rank_as_one_process_does(ranks_out) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_each_rank_holds_only_its_share_of_the_quantized_bytes(ranks_out, case) -> None:
     formats = ranks_out[0][case]["formats"]  # {name: (format, bytes)} of the whole checkpoint
+    if case in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # every matrix in the file's format
+        assert {f for f, _ in formats.values()} == {case.lower()}
     assert len(formats) == 7 * 2 + 1 + (case not in ("k_quants",))  # every matrix quantized
     whole = sum(b for _, b in formats.values())
     for res in ranks_out:
