@@ -39,7 +39,7 @@ from llm.serve.protocol import (
     parse_request,
     short_repr,
 )
-from llm.serve.responses import SSE_DONE, ResponseShape, sse, usage_so_far
+from llm.serve.responses import SSE_DONE, ResponseShape, response_id, sse, usage_so_far
 from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
 
 T = TypeVar("T")
@@ -213,7 +213,8 @@ class _Handlers:
         whole = len(ids)
         ids = self._truncated(ids, req.truncate)
         stream = self._submit(ids, req)
-        shape = ResponseShape(chat, self.config.model_name, token_ids=req.token_ids)
+        shape = ResponseShape(chat, self.config.model_name, id=response_id(chat, req.request_id),
+                              token_ids=req.token_ids)
         if req.params.logprobs is not None or req.prompt_logprobs is not None:
             formatter = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids)
             if req.params.logprobs is not None:

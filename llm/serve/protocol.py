@@ -13,7 +13,8 @@ repetition_penalty (extension), logit_bias, allowed_token_ids, bad_words and min
 echo (completions; with logprobs, the prompt's logprobs too); prompt_logprobs (vLLM's extension,
 both endpoints, not streamed: 0..20 alternatives for every prompt token, in vLLM's shape);
 return_token_ids, return_tokens_as_token_ids, truncate_prompt_tokens and cache_salt (vLLM's
-extensions; cache_salt: llm.engine.prefix_cache);
+extensions; cache_salt: llm.engine.prefix_cache); request_id (vLLM's: the response's id, and every
+streamed chunk's, is "cmpl-<request_id>" / "chatcmpl-<request_id>" instead of a generated one);
 structured output (structured_output.py): response_format (text, json_object, json_schema) and
 vLLM's guided_json / guided_regex / guided_choice / guided_grammar or structured_outputs, one at a
 time; n choices (best_of on /v1/completions). Fields this server cannot honour (suffix, tools /
@@ -25,6 +26,7 @@ cannot serve is refused at submission, naming it.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,9 @@ INT64_MAX = 2**63 - 1
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 256
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_REQUEST_ID = 256  # characters of a request_id
+# characters a request_id may not hold: controls, lone surrogates, line and paragraph separators
+_UNPRINTABLE = frozenset(("Cc", "Cs", "Zl", "Zp"))
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class ParsedRequest:
     prompt_logprobs (vLLM's): the alternatives wanted for every prompt token in the response's
     prompt_logprobs, None: no such field (params.prompt_logprobs is the larger of it and an
     echo's logprobs: what the engine computes).
+    request_id (vLLM's): what the response's id is built from (None: a generated one).
     """
 
     prompt: str | list[int]
@@ -76,6 +82,7 @@ class ParsedRequest:
     truncate: int | None = None
     continuous_usage: bool = False
     prompt_logprobs: int | None = None
+    request_id: str | None = None
 
 
 def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequest, Any]:
@@ -89,6 +96,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
         raise ApiError(404, f"the model {short_repr(model)} does not exist; this server serves "
                             f"'{model_name}'", "model", code="model_not_found")
     refuse_unsupported(body, chat)
+    request_id = _request_id(body.get("request_id"))
     messages = None
     rendering = chat_options(body, chat)
     if chat:
@@ -165,7 +173,20 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
                          echo, rendering, opt_bool(body, "return_token_ids") or False,
                          opt_bool(body, "return_tokens_as_token_ids") or False,
-                         _truncation(body), continuous, prompt_logprobs), messages
+                         _truncation(body), continuous, prompt_logprobs, request_id), messages
+
+
+def _request_id(value: Any) -> str | None:
+    """request_id (vLLM's): a non-empty string of at most MAX_REQUEST_ID printable characters
+    (valid Unicode: no lone surrogate, which JSON can smuggle in), or None (absent or null)."""
+    if value is None:
+        return None
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_REQUEST_ID
+            or any(unicodedata.category(c) in _UNPRINTABLE for c in value)):
+        raise ApiError(400, f"'request_id' must be a non-empty string of at most "
+                            f"{MAX_REQUEST_ID} printable characters (valid Unicode, no control "
+                            f"characters or line breaks), got {short_repr(value)}", "request_id")
+    return value
 
 
 def _stop_token_ids(value: Any) -> tuple[int, ...]:

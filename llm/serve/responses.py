@@ -42,7 +42,7 @@ class ResponseShape:
 
     def __post_init__(self) -> None:
         if not self.id:
-            self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+            self.id = response_id(self.chat)
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         if self.chat:
@@ -161,6 +161,12 @@ class ResponseShape:
     def usage_chunk(self, out: RequestOutput) -> bytes:
         """The extra final chunk of stream_options.include_usage (empty choices)."""
         return sse({**self._head(True), "choices": [], "usage": usage(out)})
+
+
+def response_id(chat: bool, request_id: str | None = None) -> str:
+    """The id of a response (and of each of its streamed chunks): "chatcmpl-" (chat) or "cmpl-"
+    and the request's request_id (vLLM's field, as vLLM builds it), else a random hex uuid."""
+    return f"{'chatcmpl' if chat else 'cmpl'}-{request_id or uuid.uuid4().hex}"
 
 
 def usage_so_far(request: RequestOutput, choice: RequestOutput) -> dict[str, int]:
