@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         model.follow()  # until the leader's server stops
         return 0
     wb = model.backend.weight_bytes  # what the weights hold on the device, as loaded
-    print(model.backend.describe() + (f"; weights {wb / 1e6:.0f} MB" if wb is not None else ""),
-          file=sys.stderr)
+    share = " a rank" if args.tp > 1 else ""  # each rank holds its slices
+    print(model.backend.describe() + (f"; weights {wb / 1e6:.0f} MB{share}" if wb is not None
+                                      else ""), file=sys.stderr)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     engine = AsyncEngine(model, sched)
     app = create_app(engine, ServerConfig(model_name=served_name(args), api_key=args.api_key,

@@ -1,26 +1,25 @@
 """The quantized GEMM for up to 64 rows of x: tensor cores on the exact codes, scales per group.
 
-Per 32-group, the codes (exact in bf16) times 16 padded rows of x on the tensor cores (fp32
-accumulation), then the group's scale in fp32. v3 (this file; the v2 kernel measured 8B Q4_0 at
-1652 tok/s at batch 16, half of bf16, docs/performance.md): four groups per loop step with the
-Q8_0 / Q4_0 scales of the next step loaded one step ahead (v2 loaded each group's scales inside
-the step, a global-memory latency per step), and 4-bit codes turned into bf16 pairs by byte
-permutes (`_tc_nibbles`): 8B Q4_0 batch 16 at 2,182 tok/s on an H200 (2026-12-04). Split-K
-(`split_k`, kernels/splitk.py): programs along K as well, for the matrices whose N gives fewer
-programs than the GPU has SMs (8B qkv, o, down: 64-96 programs of 64 rows); their partials are
-added in a fixed order. The launch rule is qgemv_config.qgemm_tc_config. `qgemv`
-(kernels/qgemv.py) picks this kernel for every format it computes, batches above
-`qgemv_config.words_rows_max` rows (`TC_PICKED`). v4 (`v4=True`, the default): the formats with
-an offset sum x over a step's groups once per step instead of per group across threads, the
-K-quants' and Q6_K's scales come a step ahead, and Q5_* codes take byte permutes (`_tc_q5`): 8B
-batch 16 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 -> 1,487 (2026-12-05 on an H100; old and
-new again in one call on 2026-12-06: 1,605 -> 1,916 and 928 -> 1,497). `_tc_q5` runs only in
-the engine's launch, 64 rows and 4 warps (`q5_permutes`); any other takes the Q5 codes through
-`bit_planes`, as Q6_K does: where Triton 3.6 multiplies by `mma.sync` (fewer rows or warps;
-64 / 4 takes `wgmma`), the `qh` bytes joined and reshaped into the codes' shape reach the dot
-operand wrong (codes repeated and zeroed, H200 2026-12-06), while the asm's own outputs stored
-without the dot, and codes whose `qh` bytes are loaded in their shape, are right in every launch.
-"""
+Per 32-group, the codes (exact in bf16) times x's rows padded to 16, 32 or 64 on the tensor cores
+(fp32 accumulation), then the group's scale in fp32. v3 (this file; the v2 kernel measured 8B Q4_0
+at 1652 tok/s at batch 16, half of bf16, docs/performance.md): four groups per loop step with the
+Q8_0 / Q4_0 scales of the next step loaded one step ahead (v2 loaded each group's scales inside the
+step, a global-memory latency per step), and 4-bit codes turned into bf16 pairs by byte permutes
+(`_tc_nibbles`): 8B Q4_0 batch 16 at 2,182 tok/s on an H200 (2026-12-04). Split-K (`split_k`,
+kernels/splitk.py): programs along K as well, for the matrices whose N gives fewer programs than the
+GPU has SMs (8B qkv, o, down: 64-96 programs of 64 rows); their partials are added in a fixed order.
+The launch rule is qgemv_config.qgemm_tc_config. `qgemv` (kernels/qgemv.py) picks this kernel for
+every format it computes, batches above `qgemv_config.words_rows_max` rows (`TC_PICKED`). v4
+(`v4=True`, the default): the formats with an offset sum x over a step's groups once per step
+instead of per group across threads, the K-quants' and Q6_K's scales come a step ahead, and Q5_*
+codes take byte permutes (`_tc_q5`): 8B batch 16 Q4_K_M 1,606 -> 1,912 tok/s total, Q5_K_M 927 ->
+1,487 (2026-12-05 on an H100; old and new again in one call on 2026-12-06: 1,605 -> 1,916 and 928 ->
+1,497). `_tc_q5` runs only in the engine's launch, 64 rows and 4 warps (`q5_permutes`); any other
+takes the Q5 codes through `bit_planes`, as Q6_K does: where Triton 3.6 multiplies by `mma.sync`
+(fewer rows or warps; 64 / 4 takes `wgmma`), the `qh` bytes joined and reshaped into the codes'
+shape reach the dot operand wrong (codes repeated and zeroed, H200 2026-12-06), while the asm's own
+outputs stored without the dot, and codes whose `qh` bytes are loaded in their shape, are right in
+every launch. """
 
 from __future__ import annotations
 

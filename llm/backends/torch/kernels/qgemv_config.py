@@ -198,9 +198,9 @@ class QGemmTcRule:
 TC_RULE = QGemmTcRule(programs=528)
 
 
-# Decode batches above 16 rows take the tensor-core kernel over all their rows at once
-# (`qgemm_tc.qgemm_batch`, x padded to 32 or 64 rows) up to this many; larger calls (prompt
-# chunks) dequantize the matrix and multiply by cuBLAS. docs/performance.md, "Decode batches
+# Calls of more than 16 rows (decode batches, short prompt chunks) take the tensor-core kernel over
+# all their rows at once (kernels/qgemm_batch.py, x padded to 32 or 64 rows) up to this many;
+# larger calls dequantize the matrix and multiply by cuBLAS. docs/performance.md, "Decode batches
 # above 16 on the codes".
 TC_BATCH_MAX_ROWS = 64
 

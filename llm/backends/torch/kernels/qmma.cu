@@ -2,9 +2,9 @@
 // int4_g128 (llm.model.quant.int_formats) times 1..64 rows
 // of x on the tensor cores (mma.sync m16n8k16: bf16 codes and x, fp32 sums), compiled at first use
 // by NVRTC (kernels/qmma.py appends the one KERNEL(...) line it needs and launches it; the engine
-// uses the `_m8` kernels for 2..8 rows, `_m16` for 9..16 and `_m32` / `_m64` (NT = 4 / 8 B tiles)
-// for decode batches of 17..64 (kernels/qgemm_batch.py); `_m1` is timed by
-// bench/qmma_explore.py).
+// uses the `_m8` kernels for 2..8 rows and `_m16` for 9..16; `_m32` / `_m64` (NT = 4 / 8 B tiles)
+// are for 17..64 rows where qmma.py's `mma_rows` allows it (not yet: not run on a GPU), `_m1` is
+// timed by bench/qmma_explore.py).
 //
 // Planes (llm.model.quant): x [M, K] bf16 (row stride ldx); qs [N, ldq bytes]: 4-bit codes (per
 // 32-group 16 bytes; byte i holds column i in its low nibble and column 16 + i in its high one) or

@@ -1,4 +1,5 @@
-"""GGUF block weights as stored times 2..64 rows of x on the tensor cores (`mma.sync`): Q4_0, Q4_1,
+"""GGUF block weights as stored times 2..16 rows of x (32- and 64-row kernels built, not yet run
+on a GPU) on the tensor cores (`mma.sync`): Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, and the formats of weights quantized at load, int8 (Q8_0's
 codes with a float32 scale a row) and int4_g128 (Q4_1's codes and formula with a bf16 d and m per
 128 columns).
