@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW_S = 10.0
-MAX_RETRY_AFTER_S = 60  # the openai client honours a Retry-After up to 60 s
+MAX_RETRY_AFTER_S = 60  # openai-python honours a Retry-After up to 60 s (1.x; 3.x: 120 s)
 BUSY_BUCKET_S = 0.125  # the drain rate counts time in slices of this holding a generated token
 
 
