@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="prefill in calls of this many tokens, as the engine's scheduler does "
                         "(0: the whole prompt in one call)")
     args = p.parse_args(argv)
+    if args.chunk < 0:
+        raise SystemExit(f"--chunk: tokens a prefill call (0: the whole prompt), got {args.chunk}")
     device = device_for(args)
     rows = []
     for name in configs_for(args, csv(args.configs)):

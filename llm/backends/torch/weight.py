@@ -58,11 +58,11 @@ class QuantLinear:
         return self._cpu
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., K] -> [..., N]: on the CPU by its prepared layer; on CUDA, decode-sized
-        batches by the Triton GEMV that dequantizes in registers (kernels/qgemv.py), batches of
-        17..TC_BATCH_ROWS by a tensor-core kernel on the codes (kernels/qgemm_batch.py, bf16
-        and its formats), prompts by dequantize-then-matmul (one Triton
-        pass into a dense copy for the call, kernels/dequant.py, then cuBLAS)."""
+        """x [..., K] -> [..., N]: on the CPU by its prepared layer; on CUDA, decode-sized batches
+        by the Triton GEMV that dequantizes in registers (kernels/qgemv.py), batches of
+        17..TC_BATCH_ROWS by a tensor-core kernel on the codes (kernels/qgemm_batch.py, bf16 and its
+        formats), prompts by dequantize-then-matmul (one Triton pass into a dense copy for the call,
+        kernels/dequant.py, then cuBLAS)."""
         if not x.is_cuda:
             y = self.cpu()(x.reshape(-1, self.shape[1]), bias)  # [M, N]
             return y.reshape(*x.shape[:-1], self.shape[0])

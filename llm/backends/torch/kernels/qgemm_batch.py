@@ -4,10 +4,10 @@ The small-batch kernels stop at 16 rows of x (qmma's `_m8` / `_m16`, the Triton 
 prompt chunks dequantize the matrix into a dense copy for the call and multiply it by cuBLAS
 (kernels/dequant.py). Between the two, a server's decode batch of 17..64 sequences (or a prompt
 chunk that short, e.g. a prefill graph's bucket of 32 or 64) would write and read a dense copy of
-every matrix on every call. Here it takes the Triton tensor-core kernel
-with x padded to 32 or 64 rows (kernels/qgemm_tc.py), which reads the codes once, or the CUDA
-one with four or eight B tiles (`qmma`'s `_m32` / `_m64`: each weight fragment decoded once for
-32 or 64 rows of x) where `qmma.mma_rows` takes those rows (not yet: not run on a GPU).
+every matrix on every call. Here it takes the Triton tensor-core kernel with x padded to 32 or 64
+rows (kernels/qgemm_tc.py), which reads the codes once, or the CUDA one with four or eight B tiles
+(`qmma`'s `_m32` / `_m64`: each weight fragment decoded once for 32 or 64 rows of x) where
+`qmma.mma_rows` takes those rows (not yet: not run on a GPU).
 docs/performance.md, "Decode batches above 16 on the codes".
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from llm.backends.torch.kernels.qgemm_tc import TC_PICKED, qgemm_tc, tc_kernel_runs
-from llm.backends.torch.kernels.qgemv_common import family, triton_runs
+from llm.backends.torch.kernels.qgemm_tc import qgemm_tc, tc_kernel_runs
+from llm.backends.torch.kernels.qgemv_common import triton_runs
 from llm.backends.torch.kernels.qgemv_config import TC_BATCH_MAX_ROWS, qgemm_tc_config
 from llm.backends.torch.kernels.qmma import qmma_matmul, qmma_runs
 from llm.model.quant.tensor import QuantizedTensor
@@ -32,8 +32,7 @@ def batch_kernel_takes(x: torch.Tensor, w: QuantizedTensor) -> bool:
     """Whether `qgemm_batch` takes x [M, K] and w: more rows than the small batches' 16 and at
     most TC_BATCH_MAX_ROWS, bf16 on a GPU (or the interpreter), one of BATCH_FORMATS."""
     return (x.dim() == 2 and 16 < x.shape[0] <= TC_BATCH_MAX_ROWS and triton_runs(x)
-            and w.format in BATCH_FORMATS and tc_kernel_runs(x, w)
-            and family(w.format)[0] in TC_PICKED)
+            and w.format in BATCH_FORMATS and tc_kernel_runs(x, w))
 
 
 def qgemm_batch(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,

@@ -19,7 +19,8 @@ takes the Q5 codes through `bit_planes`, as Q6_K does: where Triton 3.6 multipli
 (fewer rows or warps; 64 / 4 takes `wgmma`), the `qh` bytes joined and reshaped into the codes'
 shape reach the dot operand wrong (codes repeated and zeroed, H200 2026-12-06), while the asm's own
 outputs stored without the dot, and codes whose `qh` bytes are loaded in their shape, are right in
-every launch. """
+every launch.
+"""
 
 from __future__ import annotations
 

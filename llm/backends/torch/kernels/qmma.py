@@ -1,8 +1,7 @@
-"""GGUF block weights as stored times 2..16 rows of x (32- and 64-row kernels built, not yet run
-on a GPU) on the tensor cores (`mma.sync`): Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, and the formats of weights quantized at load, int8 (Q8_0's
-codes with a float32 scale a row) and int4_g128 (Q4_1's codes and formula with a bf16 d and m per
-128 columns).
+"""GGUF block weights as stored times 2..16 rows of x (32- and 64-row kernels built, not yet run on
+a GPU) on the tensor cores (`mma.sync`): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, and the
+formats of weights quantized at load, int8 (Q8_0's codes with a float32 scale a row) and int4_g128
+(Q4_1's codes and formula with a bf16 d and m per 128 columns).
 
 The kernel is CUDA C (`qmma.cu` beside this file), compiled at first use on each GPU by torch's
 NVRTC (`torch.cuda._compile_kernel`: no nvcc, no build step) and launched here with
@@ -335,12 +334,12 @@ def qmma_matmul(x: torch.Tensor, w: QuantizedTensor, pdl: bool | None = None,
                 splits: int | None = None, halves: int | None = None,
                 glu: bool = False, occupancy: int | None = None) -> torch.Tensor:
     """x [M, K] bf16 @ w.dequantize().T for `w` [N, K] in one of FORMATS -> [M, N] bf16, M <= 64
-    (the engine calls it where `qmma_runs`; 17..64 rows: kernels/qgemm_batch.py; `warps` 1..8 a
-    CTA (default `cta_warps`), `halves` 1 or 2 of 32 rows a CTA (default 1, the glu launch 2;
-    the warps split between them), `stages`
-    >= 2 a warp's ring (default `ring_stages`) and `splits` 1..K / 128 / (warps / halves) CTAs
-    along K (default `k_splits`; their float32 sums added in split order, kernels/splitk.py's
-    counters) and `occupancy` (`kernel_name`'s; default `occupancy_for`) are for benchmarks).
+    (the engine calls it where `qmma_runs`, up to 16 rows; `warps` 1..8 a CTA
+    (default `cta_warps`), `halves` 1 or 2 of 32 rows a CTA (default 1, the glu launch 2; the warps
+    split between them), `stages` >= 2 a warp's ring (default `ring_stages`) and `splits` 1..K / 128
+    / (warps / halves) CTAs along K (default `k_splits`; their float32 sums added in split order,
+    kernels/splitk.py's counters) and `occupancy` (`kernel_name`'s; default `occupancy_for`) are for
+    benchmarks).
     glu: w is a fused gate/up weight [2I, K] (gate rows first) and the result silu(gate) * up
     [M, I], rounded as this product then `silu_mul` would round it (two halves, no split).
     Launched with PDL where `use_pdl`."""
