@@ -13,7 +13,8 @@ from llm.backends.torch.kernels.qgemm_batch import (  # noqa: E402
     batch_kernel_takes,
     qgemm_batch,
 )
-from llm.backends.torch.kernels.qgemv_config import TC_BATCH_MAX_ROWS  # noqa: E402
+from llm.backends.torch.kernels.qgemm_tc import qgemm_tc  # noqa: E402
+from llm.backends.torch.kernels.qgemv_config import TC_BATCH_MAX_ROWS, qgemm_tc_config  # noqa: E402
 from llm.backends.torch.weight import QGEMV_MAX_ROWS, TC_BATCH_ROWS, QuantLinear  # noqa: E402
 from tests.torch_backend.test_qgemv import DEVICE, _ref, random_quantized  # noqa: E402
 
@@ -83,6 +84,21 @@ def test_quant_linear_routes_batches_to_the_codes(fmt: str, monkeypatch) -> None
         x = torch.randn(m, 4096, generator=g).to(DEVICE, torch.bfloat16)
         _close(lin(x), _ref(x, w, None))
         assert len(dense_calls) == (m > TC_BATCH_MAX_ROWS), m
+
+
+@GPU
+@pytest.mark.parametrize("m", [17, 33, 64])
+@pytest.mark.parametrize("fmt", ["q5_0", "q5_1", "q5_k", "int8", *FORMATS])
+def test_every_format_in_the_engine_launch_at_batch_rows(fmt: str, m: int) -> None:
+    """The Triton kernel compiled in the engine's launch (`qgemm_tc_config`) at 17..64 rows of an
+    8B-width matrix, for every format it computes, those `qgemm_batch` does not take yet too:
+    what a format must pass before BATCH_FORMATS names it."""
+    g = torch.Generator().manual_seed(m + 3 * len(fmt))
+    w = random_quantized(fmt, 1024, 4096, g)
+    x = torch.randn(m, 4096, generator=g).to(DEVICE, torch.bfloat16)
+    tc = qgemm_tc_config(m, w.out_features, w.in_features)
+    out = qgemm_tc(x, w, None, tc.block_n, tc.num_warps, tc.num_stages, split_k=tc.split_k)
+    _close(out, _ref(x, w, None))
 
 
 @GPU
