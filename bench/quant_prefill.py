@@ -10,7 +10,10 @@ into a dense bf16 copy for cuBLAS (kernels/dequant.py; row "torch dequantize": t
 `dequantize(float32).to(bf16)`, the path before that kernel, which computes identical logits);
 --chunk N: the prompt in calls of N tokens, as the engine's scheduler runs it
 (`SchedulerConfig.prefill_chunk`, 256), each quantized call dequantizing every layer again (no
-"torch dequantize" row then);
+"torch dequantize" row then); --fused BM:BN:BK:WARPS:STAGES (comma list): each format again with
+calls of more than 64 rows on kernels/qgemm_prefill.py's GEMM in that launch, which dequantizes
+its weight tiles in registers instead of writing a dense copy (row "fused ...", logits compared
+with the dense path's);
 and the GPU memory the quantized weights take once the backend holds them (allocated bytes less
 the KV cache) against the bytes of the same tensors in a GGUF file (gguf's block sizes; norms
 as F32, as llama.cpp writes them). Random planes with the shapes of real models
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -101,6 +105,34 @@ def ttft(backend: TorchBackend, prompt: list[int], reps: int,
     return ms, logits.float()
 
 
+def fused_launch(text: str) -> dict:
+    """BM:BN:BK:WARPS:STAGES -> qgemm_prefill's launch keywords."""
+    bm, bn, bk, warps, stages = (int(v) for v in text.split(":"))
+    return {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": warps,
+            "num_stages": stages}
+
+
+@contextmanager
+def fused_prompts(launch: dict):
+    """QuantLinear's calls of more than TC_BATCH_ROWS rows on `qgemm_prefill` in `launch`."""
+    from llm.backends.torch import weight
+    from llm.backends.torch.kernels.qgemm_prefill import prefill_kernel_takes, qgemm_prefill
+
+    real = weight.QuantLinear.__call__
+
+    def call(self, x, bias=None):
+        if x.is_cuda and x.dim() == 2 and x.shape[0] > weight.TC_BATCH_ROWS and \
+                prefill_kernel_takes(x, self.weight):
+            return qgemm_prefill(x, self.weight, bias, **launch)
+        return real(self, x, bias)
+
+    weight.QuantLinear.__call__ = call
+    try:
+        yield
+    finally:
+        weight.QuantLinear.__call__ = real
+
+
 def torch_dequantize(w: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """The prompt path before kernels/dequant.py."""
     return w.dequantize(torch.float32).to(dtype)
@@ -113,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", default="q4_0", help="comma list of quantized formats")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--fused", default="",
+                   help="comma list of BM:BN:BK:WARPS:STAGES launches of the fused prompt GEMM")
     p.add_argument("--chunk", type=int, default=0,
                    help="prefill in calls of this many tokens, as the engine's scheduler does "
                         "(0: the whole prompt in one call)")
@@ -148,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                          fmt(backend.weight_bytes / 1e9, 2), fmt(held / 1e9, 2) if gpu else "-",
                          f"{held / file_bytes:.3f}" if gpu else "-",
                          f"chunks of {args.chunk}" if args.chunk else ""])
+            for launch in csv(args.fused):
+                with fused_prompts(fused_launch(launch)):
+                    f_ms, f_logits = ttft(backend, prompt, args.reps, args.chunk)
+                err = ((f_logits - logits).norm() / logits.norm()).item()
+                rows.append([name, f"{fmt_name} fused {launch}", fmt(f_ms, 2),
+                             f"{f_ms / bf16_ms:.2f}", "-", "-", "-", f"logits rel. diff {err:.1e}"])
+                print(rows[-1], flush=True)
             if not args.chunk:
                 dequant.dequantize_dense, kernel = torch_dequantize, dequant.dequantize_dense
                 try:
