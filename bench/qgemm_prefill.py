@@ -8,7 +8,7 @@ Per config, linear (the backend's fused qkv and gate_up), format and rows: us pe
 replays of back-to-back calls, bench.common graph_us; weights rotate over copies that pass the
 L2, as a model's layers do) and the TFLOP/s that time gives; the relative difference of each
 variant's output from the dense path's (the same weights, sums in another order).
---variants: BM:BN:BK:WARPS:STAGES launches of the fused kernel.
+--variants: BM:BN:BK:WARPS:STAGES[:n] launches of the fused kernel (n: `natural`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from bench.quant_prefill import fused_launch  # noqa: E402
 from llm.backends.torch.kernels.dequant import dequantize_dense  # noqa: E402
 from llm.backends.torch.kernels.qgemm_prefill import qgemm_prefill  # noqa: E402
 
-VARIANTS = "128:128:64:8:3,128:128:64:4:3,128:64:64:4:3,64:128:64:4:3,128:128:128:8:2,256:64:64:8:3"
+VARIANTS = ("128:128:64:8:3,128:128:64:8:3:n,128:64:64:4:3,128:64:64:4:3:n,128:128:128:8:3:n,"
+            "64:128:64:4:3:n,256:64:64:8:3:n")
 
 
 def copies_for(nbytes: int, device: torch.device) -> int:

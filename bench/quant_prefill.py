@@ -10,10 +10,10 @@ into a dense bf16 copy for cuBLAS (kernels/dequant.py; row "torch dequantize": t
 `dequantize(float32).to(bf16)`, the path before that kernel, which computes identical logits);
 --chunk N: the prompt in calls of N tokens, as the engine's scheduler runs it
 (`SchedulerConfig.prefill_chunk`, 256), each quantized call dequantizing every layer again (no
-"torch dequantize" row then); --fused BM:BN:BK:WARPS:STAGES (comma list): each format again with
-calls of more than 64 rows on kernels/qgemm_prefill.py's GEMM in that launch, which dequantizes
-its weight tiles in registers instead of writing a dense copy (row "fused ...", logits compared
-with the dense path's);
+"torch dequantize" row then); --fused BM:BN:BK:WARPS:STAGES[:n] (comma list; n: the weight
+tile put in column order): each format again with calls of more than 64 rows on
+kernels/qgemm_prefill.py's GEMM in that launch, which dequantizes its weight tiles in registers
+instead of writing a dense copy (row "fused ...", logits compared with the dense path's);
 and the GPU memory the quantized weights take once the backend holds them (allocated bytes less
 the KV cache) against the bytes of the same tensors in a GGUF file (gguf's block sizes; norms
 as F32, as llama.cpp writes them). Random planes with the shapes of real models
@@ -106,10 +106,11 @@ def ttft(backend: TorchBackend, prompt: list[int], reps: int,
 
 
 def fused_launch(text: str) -> dict:
-    """BM:BN:BK:WARPS:STAGES -> qgemm_prefill's launch keywords."""
-    bm, bn, bk, warps, stages = (int(v) for v in text.split(":"))
+    """BM:BN:BK:WARPS:STAGES[:n] -> qgemm_prefill's launch keywords (n: `natural`)."""
+    fields = text.split(":")
+    bm, bn, bk, warps, stages = (int(v) for v in fields[:5])
     return {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": warps,
-            "num_stages": stages}
+            "num_stages": stages, "natural": fields[5:] == ["n"]}
 
 
 @contextmanager

@@ -32,16 +32,17 @@ def _close(out: torch.Tensor, ref: torch.Tensor, bound: float = 8e-3) -> None:
     assert err < bound, err  # bf16 rounding of the weights and of the output
 
 
+@pytest.mark.parametrize("natural", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_prompt_rows_match_the_dequantized_matmul(fmt: str) -> None:
+def test_prompt_rows_match_the_dequantized_matmul(fmt: str, natural: bool) -> None:
     g = torch.Generator().manual_seed(11 + len(fmt))
     n, k = _shape(fmt)
     w = random_quantized(fmt, n, k, g)
     x = torch.randn(70, k, generator=g).to(DEVICE, torch.bfloat16)  # 3 row tiles, the last partial
     bias = torch.randn(n, generator=g).to(DEVICE)
     assert prefill_kernel_takes(x, w)
-    _close(qgemm_prefill(x, w, bias, **SMALL), _ref(x, w, bias))
-    _close(qgemm_prefill(x[:5], w, None, **SMALL), _ref(x[:5], w, None))
+    _close(qgemm_prefill(x, w, bias, natural=natural, **SMALL), _ref(x, w, bias))
+    _close(qgemm_prefill(x[:5], w, None, natural=natural, **SMALL), _ref(x[:5], w, None))
 
 
 def test_program_order_covers_every_tile_once() -> None:
@@ -68,16 +69,18 @@ def test_refusals_name_what_is_wrong() -> None:
 
 
 @GPU
+@pytest.mark.parametrize("natural", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_the_dense_paths_weights_at_8b_width(fmt: str) -> None:
+def test_the_dense_paths_weights_at_8b_width(fmt: str, natural: bool) -> None:
     """Against F.linear on `dequantize_dense`'s bf16 copy (the same weights): the same products
     summed in another order, so within fp32 accumulation error, far below bf16's."""
     g = torch.Generator().manual_seed(7)
     w = random_quantized(fmt, 1024, 4096, g)
     x = torch.randn(256, 4096, generator=g).to(DEVICE, torch.bfloat16)
     dense = torch.nn.functional.linear(x.float(), dequantize_dense(w, torch.bfloat16).float())
-    out = qgemm_prefill(x, w)
+    out = qgemm_prefill(x, w, natural=natural)
     assert out.dtype == torch.bfloat16
     err = (out.float() - dense).norm() / dense.norm()
     assert err < 4e-3, err  # the output's bf16 rounding only
-    assert torch.equal(qgemm_prefill(x[:200], w), qgemm_prefill(x, w)[:200])
+    assert torch.equal(qgemm_prefill(x[:200], w, natural=natural),
+                       qgemm_prefill(x, w, natural=natural)[:200])

@@ -32,7 +32,8 @@ def _qgemm_prefill_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
                           N, stride_x, stride_y, s_qs, s_qh, s_d, s_m, s_sc, s_mn,
                           K: tl.constexpr, FMT: tl.constexpr, GS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr):
+                          GROUP_N: tl.constexpr, NATURAL: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, COMPILED: tl.constexpr):
     """y[m0:m0 + BLOCK_M, n0:n0 + BLOCK_N] = x[m0:, :] @ W[n0:, :].T (+ bias) in y's dtype.
     Programs go along M inside groups of GROUP_N column tiles, so the tiles of W that the rows'
     programs share are read while they are in the L2."""
@@ -56,19 +57,30 @@ def _qgemm_prefill_kernel(x_ptr, y_ptr, b_ptr, qs_ptr, qh_ptr, d_ptr, m_ptr, sc_
         w_lo, w_hi = _dequant_chunk(qs_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, s_qs, s_qh,
                                     s_d, s_m, s_sc, s_mn, ns, n_live, k0 // 16, K, FMT, GS, H,
                                     COMPILED)  # [BLOCK_N, H, 8] each, fp32
-        cols = k0 + lanes
-        x_lo = tl.load(rows_x + cols, mask=m_live[:, None, None] & (cols < K), other=0.0)
-        x_hi = tl.load(rows_x + cols + 16, mask=m_live[:, None, None] & (cols + 16 < K),
-                       other=0.0)  # [BLOCK_M, H, 8]
         w_lo = w_lo.to(x_ptr.dtype.element_ty)
         w_hi = w_hi.to(x_ptr.dtype.element_ty)
-        if not COMPILED:  # the interpreter's tl.dot multiplies 16-bit floats' bits as integers
-            x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
-            w_lo, w_hi = w_lo.to(tl.float32), w_hi.to(tl.float32)
-        acc = tl.dot(tl.reshape(x_lo, (BLOCK_M, 8 * H)),
-                     tl.trans(tl.reshape(w_lo, (BLOCK_N, 8 * H))), acc)
-        acc = tl.dot(tl.reshape(x_hi, (BLOCK_M, 8 * H)),
-                     tl.trans(tl.reshape(w_hi, (BLOCK_N, 8 * H))), acc)
+        if NATURAL:  # the tile's columns in order, x's tile loaded as it lies: one dot a step
+            w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, H // 2, 2, 8, 2))  # [n, g, half, e, hi]
+            w = tl.permute(w, (0, 1, 4, 2, 3))  # [n, g, hi, half, e]: column 32g + 16hi + 8half + e
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+            cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+            xt = tl.load(x_ptr + ms[:, None] * stride_x + cols, mask=m_live[:, None] & (cols < K),
+                         other=0.0)  # [BLOCK_M, BLOCK_K]
+            if not COMPILED:  # the interpreter's tl.dot multiplies 16-bit floats' bits as integers
+                xt, w = xt.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(xt, tl.trans(w), acc)
+        else:  # x's tile loaded in the half-groups' column order: two dots a step
+            cols = k0 + lanes
+            x_lo = tl.load(rows_x + cols, mask=m_live[:, None, None] & (cols < K), other=0.0)
+            x_hi = tl.load(rows_x + cols + 16, mask=m_live[:, None, None] & (cols + 16 < K),
+                           other=0.0)  # [BLOCK_M, H, 8]
+            if not COMPILED:
+                x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
+                w_lo, w_hi = w_lo.to(tl.float32), w_hi.to(tl.float32)
+            acc = tl.dot(tl.reshape(x_lo, (BLOCK_M, 8 * H)),
+                         tl.trans(tl.reshape(w_lo, (BLOCK_N, 8 * H))), acc)
+            acc = tl.dot(tl.reshape(x_hi, (BLOCK_M, 8 * H)),
+                         tl.trans(tl.reshape(w_hi, (BLOCK_N, 8 * H))), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + ns, mask=n_live, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + ms[:, None] * stride_y + ns[None, :]
@@ -84,10 +96,13 @@ def prefill_kernel_takes(x: torch.Tensor, w: QuantizedTensor) -> bool:
 
 def qgemm_prefill(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None,
                   block_m: int = 128, block_n: int = 128, block_k: int = 64, num_warps: int = 8,
-                  num_stages: int = 3, group_n: int = 8) -> torch.Tensor:
+                  num_stages: int = 3, group_n: int = 8,
+                  natural: bool = False) -> torch.Tensor:
     """x [M, K] @ w.dequantize().T (+ bias) -> [M, N] in x's dtype, each weight tile dequantized
     in registers and rounded to x's dtype (the weights `dequantize_dense` would write).
-    block_k: columns a step, a multiple of 32 (whole groups of the half-group tiles)."""
+    block_k: columns a step, a multiple of 32 (whole groups of the half-group tiles). natural:
+    the weight tile put in column order (one dot of x's tile as loaded), else x's tile loaded in
+    the half-groups' order (two dots a step)."""
     if not prefill_kernel_takes(x, w):
         raise ValueError(f"qgemm_prefill takes 16-bit x [M, {w.in_features}] where Triton runs "
                          f"and whole 32-column groups; got {tuple(x.shape)} {x.dtype} on "
@@ -108,6 +123,6 @@ def qgemm_prefill(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None
     _qgemm_prefill_kernel[grid](
         x, y, bias if bias is not None else y, *planes, m, n, x.stride(0), y.stride(0),
         *(p.stride(0) for p in planes), K=k, FMT=fmt, GS=gs, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_N=group_n, HAS_BIAS=bias is not None, COMPILED=compiled,
-        num_warps=num_warps, num_stages=num_stages)
+        BLOCK_K=block_k, GROUP_N=group_n, NATURAL=natural, HAS_BIAS=bias is not None,
+        COMPILED=compiled, num_warps=num_warps, num_stages=num_stages)
     return y.to(x.dtype)
