@@ -11,7 +11,10 @@ accumulation). So it computes what dequantize-then-matmul computes, up to the or
 
 `_dequant_chunk` yields a tile's columns as half-groups of 8 lanes (lo: 32 g + 8 h + e, hi: the
 same + 16); x's tile is loaded in that column order, so each product pairs the same columns.
-docs/performance.md, "Prompt chunks on the codes".
+
+Not routed yet: `QuantLinear` keeps dequantize-then-matmul for calls above 64 rows until a GPU
+has timed this kernel against it (`bench/qgemm_prefill.py`, `bench/quant_prefill.py --fused`;
+docs/performance.md, "Prompt chunks on the codes").
 """
 
 from __future__ import annotations
