@@ -53,6 +53,18 @@ def test_chat_response_format_json_schema_and_json_object(client, live_server) -
     assert live_server.wait_all_free()
 
 
+def test_strict_output_lists_properties_in_the_schemas_order(client, live_server) -> None:
+    """OpenAI's strict outputs (and vLLM's) give an object's keys in the schema's order, not
+    sorted."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha"],
+              "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "za", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model=MODEL_NAME, max_tokens=24, temperature=0,
+                                       response_format=fmt, messages=[
+                                           {"role": "user", "content": "JSON, zeta then alpha"}])
+    assert list(json.loads(r.choices[0].message.content)) == ["zeta", "alpha"]
+
+
 @pytest.mark.parametrize("extra, ok", [
     ({"guided_json": PERSON}, lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
     ({"guided_json": json.dumps(PERSON)},

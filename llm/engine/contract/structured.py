@@ -92,7 +92,9 @@ class StructuredOutput:
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any] | str, param: str = "structured",
                     whitespace: str = "") -> StructuredOutput:
-        """From a schema object (or its JSON text)."""
+        """From a schema object (or its JSON text), kept in its own key order (the order in which
+        the output lists each object's properties); two schemas that differ only in layout are
+        equal."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -102,7 +104,8 @@ class StructuredOutput:
         if not isinstance(schema, (Mapping, bool)):
             raise SamplingParamsError(f"{param}: a JSON schema must be an object, got "
                                       f"{schema!r:.60}", param=param)
-        return cls("json_schema", json.dumps(schema, sort_keys=True), whitespace=whitespace,
+        # the schema's own key order: a strict output lists an object's properties in it
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")), whitespace=whitespace,
                    param=param)
 
     def llguidance_grammar(self) -> str:
