@@ -14,6 +14,7 @@ import dataclasses
 import json
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -65,6 +66,7 @@ class _Handlers:
     def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
+        self.started = int(time.time())  # the model card's "created"
 
     async def health(self, request: Request) -> Response:
         if self.engine.error is not None:
@@ -95,8 +97,8 @@ class _Handlers:
         return await self._generate(request, chat=True)
 
     def _model_card(self) -> dict[str, Any]:
-        return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "llm",
-                "max_model_len": self.engine.max_seq_len}
+        return {"id": self.config.model_name, "object": "model", "created": self.started,
+                "owned_by": "llm", "max_model_len": self.engine.max_seq_len}
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.config.retry_after_s)}

@@ -255,7 +255,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise ApiError(400, f"messages[{i}].role {short_repr(m['role'])} is not one of system, "
                                 "user, assistant, developer", "messages")
         for field in ("tool_calls", "function_call"):  # no tool use: not silently dropped
-            if m.get(field) is not None:
+            if m.get(field) is not None and not (field == "tool_calls" and m[field] == []):
                 raise ApiError(400, f"messages[{i}].{field} is not supported (this server runs "
                                     "no tools)", "messages")
         content = message_text(m.get("content"), m["role"])

@@ -5,6 +5,7 @@ models, usage, and the same greedy text as the in-process Generator.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -27,7 +28,9 @@ def reference(serve_model):
 
 def test_models(client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
-    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    card = client.models.retrieve(MODEL_NAME)
+    assert card.id == MODEL_NAME
+    assert 0 < card.created <= time.time() and client.models.list().data[0].created == card.created
 
 
 def test_completion(client, reference) -> None:

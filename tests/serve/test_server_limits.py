@@ -168,6 +168,9 @@ def test_tools_are_refused_not_ignored(live_server) -> None:
     r = asyncio.run(with_tool_calls())
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert "messages[1].tool_calls is not supported" in r.json()["error"]["message"]
+    turn = {"role": "assistant", "content": "Hello.", "tool_calls": []}  # no calls: as null
+    r = asyncio.run(with_tool_calls())
+    assert r.status_code == 200, r.text
 
 
 def usage(r: httpx.Response) -> dict:
