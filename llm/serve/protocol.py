@@ -1,6 +1,7 @@
 """OpenAI request bodies -> validated requests, with a 4xx `ApiError` naming what is wrong.
 
-Accepted fields (others are ignored, as OpenAI-compatible servers do): model, prompt (completions: a
+Accepted fields (any other is refused, as OpenAI's API refuses it, unless it changes nothing of
+the output, like user or metadata: refusals.py): model, prompt (completions: a
 string, token ids, or a one-element list of either) or messages (chat), max_tokens
 (max_completion_tokens for chat), temperature, top_p, top_k and min_p (extensions; top_k -1 or 0 =
 off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_tokens (extensions),

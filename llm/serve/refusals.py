@@ -2,13 +2,17 @@
 
 A field is refused unless it holds the value that means "not used" (clients such as the openai
 SDK, LangChain or LiteLLM send defaults: those pass). Fields that change nothing of the output
-(user, metadata, store, service_tier; vLLM's session_id, a routing key) are ignored, as
+(user, metadata, store, service_tier, safety_identifier, prompt_cache_key / _retention,
+parallel_tool_calls without tools; vLLM's session_id, a routing key) are ignored, as
 OpenAI-compatible servers do, and so are vLLM's return_token_offsets / return_mm_kwargs, which
-vLLM itself reads only on its render endpoints.
+vLLM itself reads only on its render endpoints. Any other field, one the endpoint does not read
+(a misspelt `max_token`, chat's `messages` sent to /v1/completions), is refused as OpenAI's API
+refuses it ("unrecognized request argument"), with the nearest field's name where one is close.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from llm.serve.errors import ApiError, short_repr
@@ -35,9 +39,46 @@ CHAT_ONLY = {"add_generation_prompt": (True,), "continue_final_message": (False,
              "chat_template_kwargs": ({},), "top_logprobs": (0,), "tool_choice": ("none",)}
 
 
+# the fields the parsers read (protocol.py, chat_options.py, structured_output.py), on both
+# endpoints and on one of them
+READ = frozenset((
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+    "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens",
+    "spaces_between_special_tokens", "stream", "stream_options", "n", "best_of", "echo",
+    "logprobs", "prompt_logprobs", "min_tokens", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "allowed_token_ids", "bad_words", "ignore_eos",
+    "return_token_ids", "return_tokens_as_token_ids", "truncate_prompt_tokens", "cache_salt",
+    "request_id", "add_special_tokens", "response_format", "structured_outputs", "guided_json",
+    "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern"))
+READ_CHAT = frozenset(("messages", "max_completion_tokens", "top_logprobs",
+                       "add_generation_prompt", "continue_final_message", "chat_template_kwargs"))
+READ_COMPLETIONS = frozenset(("prompt",))
+# fields that change nothing of the output: accepted, not used (the module's docstring)
+NEUTRAL = frozenset(("user", "metadata", "store", "service_tier", "safety_identifier",
+                     "prompt_cache_key", "prompt_cache_retention", "parallel_tool_calls",
+                     "session_id", "return_token_offsets", "return_mm_kwargs"))
+
+
+def known_fields(chat: bool) -> frozenset[str]:
+    """Every field the chat (chat) or completions endpoint reads, refuses by value or ignores."""
+    own = READ_CHAT if chat else READ_COMPLETIONS | CHAT_ONLY.keys()
+    return READ | own | NEUTRAL | UNHONOURED.keys() | {"tool_choice", "function_call"}
+
+
 def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     """ApiError (400) naming the first field of `body` this server cannot honour on the chat
-    (chat) or completions endpoint."""
+    (chat) or completions endpoint: one it does not know there, or one whose value it cannot
+    honour."""
+    known = known_fields(chat)
+    for name in body:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1) if len(name) < 64 else []
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            other = "the chat" if name in READ_CHAT else "the completions"
+            if name in READ_CHAT or name in READ_COMPLETIONS:
+                hint = f" (a field of {other} endpoint)"
+            raise ApiError(400, f"unrecognized request argument {short_repr(name)}{hint}",
+                           name if len(name) <= 64 else name[:61] + "...")
     for name, unused in UNHONOURED.items():
         _refuse_unless(body, name, unused, f"'{name}' is not supported by this server")
     for name in ("tool_choice", "function_call"):

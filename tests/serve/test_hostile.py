@@ -107,8 +107,11 @@ def cases() -> list[tuple[str, str, bytes, int]]:
         out.append(("GET", path, b"", 404))
     out.append(("DELETE", "/health", b"", 405))
     out.append(("POST", "/v1/models", b"{}", 405))
-    for path in (COMPLETIONS, CHAT):  # unknown fields are ignored: these succeed
-        add(path, 200, user="u1", frobnicate={"deep": [1, 2]}, metadata=None, logprobs=None)
+    for path in (COMPLETIONS, CHAT):  # fields that change nothing are ignored; unknown: 400
+        add(path, 200, user="u1", metadata=None, logprobs=None, safety_identifier="s",
+            prompt_cache_key="k", parallel_tool_calls=True, store=False)
+        add(path, 400, user="u1", frobnicate={"deep": [1, 2]})
+        add(path, 400, max_token=3)
         add(path, 200, temperature=0, top_k=-1, seed=0, stop=["\n\n"], n=1, stream=False)
         add(path, 200, min_p=0, use_beam_search=False, length_penalty=1.0,  # "not used" values
             skip_special_tokens=False, include_stop_str_in_output=True, bad_words=[],
