@@ -7,9 +7,12 @@ logprobs + 1 entries, as OpenAI documents). /v1/chat/completions: {"content": [{
 "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}]}.
 
 A token's text is that token decoded alone (special tokens included): a token holding only part
-of a UTF-8 character decodes to U+FFFD, and its "bytes" are that text's, not the token's raw
-bytes. text_offset counts the characters of those texts from the start of the choice's text,
-across the chunks of a stream (each choice of an n > 1 response from 0).
+of a UTF-8 character decodes to U+FFFD, but its "bytes" are the token's own (the tokenizer's
+`token_bytes`; a special token's: its text's), as OpenAI documents them: joined over the tokens
+of a character they give that character back. text_offset is where each token starts in the
+choice's text, in characters: the tokens' bytes decoded one after the other (a token that
+starts inside a character gets that character's offset), counted from the start of the choice's
+text across the chunks of a stream (each choice of an n > 1 response from 0).
 Masked alternatives (-inf: where fewer tokens can be chosen than alternatives were asked for, as
 under allowed_token_ids, bad words, a grammar or min_tokens) are left out of top_logprobs; a -inf
 that remains (a chosen token's) is written as -9999.0, as vLLM does, since JSON has no -inf.
@@ -27,6 +30,7 @@ names the id, as vLLM leaves it).
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +49,19 @@ class LogprobsFormatter:
         self.tokenizer = tokenizer
         self.as_ids = as_ids
         self.offsets: dict[int, int] = {}  # choice -> characters of its tokens so far
+        self._decoders: dict[int, codecs.IncrementalDecoder] = {}  # choice -> its UTF-8 so far
         self._texts: dict[int, str] = {}
+        self._raw: tuple[bytes, ...] | None = None
+
+    def raw(self, token: int) -> bytes:
+        """The token's own bytes (a special token's, or an id the tokenizer has no bytes for:
+        its text's)."""
+        if self._raw is None:
+            self._raw = tuple(self.tokenizer.token_bytes())
+        raw = self._raw[token] if token < len(self._raw) else b""
+        if not raw or raw[0] == 0xFF:  # special (0xFF + text) or no token
+            return self.text(token).encode("utf-8", "surrogatepass")
+        return raw
 
     def text(self, token: int) -> str:
         """The token decoded alone."""
@@ -65,10 +81,13 @@ class LogprobsFormatter:
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                      "text_offset": []}
         offset = self.offsets.get(choice, 0)
+        decoder = self._decoders.get(choice)
+        if decoder is None:
+            decoder = self._decoders[choice] = codecs.getincrementaldecoder("utf-8")("replace")
         for token, entry in zip(tokens, entries, strict=True):
             out["tokens"].append(self.label(token))
             out["text_offset"].append(offset)
-            offset += len(self.text(token))
+            offset += len(decoder.decode(self.raw(token)))
             self.offsets[choice] = offset
             if entry is None:
                 out["token_logprobs"].append(None)
@@ -107,12 +126,11 @@ class LogprobsFormatter:
         return {"content": content, "refusal": None}
 
     def _chat_entry(self, token: int, logprob: float, chosen: bool = False) -> dict[str, Any]:
-        """One entry; its "bytes" are those of its "token", but a chosen token's are those of
-        its text also with as_ids (as vLLM's: the output's bytes stay recoverable)."""
+        """One entry; its "bytes" are the token's own, but an alternative's with as_ids are its
+        label's (as vLLM's: the chosen tokens' bytes stay those of the output)."""
         label = self.label(token)
-        text = self.text(token) if chosen else label
-        return {"token": label, "logprob": _finite(logprob),
-                "bytes": list(text.encode("utf-8", "surrogatepass"))}
+        raw = self.raw(token) if chosen or not self.as_ids else label.encode()
+        return {"token": label, "logprob": _finite(logprob), "bytes": list(raw)}
 
 
 def _finite(value: float) -> float:

@@ -361,3 +361,26 @@ def test_min_tokens_past_the_default_max_tokens_is_named_in_the_apis_words(live_
     assert err["param"] == "min_tokens"
     assert err["message"] == ("min_tokens=20 exceeds max_tokens=16 (its default here: the "
                               "request gives none)")
+
+
+def test_characters_split_over_tokens(client, serve_model, live_server) -> None:
+    """Emoji are several byte tokens each: chat's "bytes" are each token's own (joined, they give
+    the characters back, as OpenAI documents them), and text_offset indexes the choice's text
+    (a token inside a character at that character's start; none past the end)."""
+    from llm.engine.contract.outputs import TokenLogprobs
+    from llm.serve.logprobs import LogprobsFormatter
+
+    text = "Snakes \U0001f40d\U0001f40d and \u00e9t\u00e9"
+    ids = serve_model.tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # the emoji take byte tokens
+    chat = LogprobsFormatter(serve_model.tokenizer).chat([TokenLogprobs(t, -1.0) for t in ids])
+    assert b"".join(bytes(e["bytes"]) for e in chat["content"]).decode() == text
+    r = client.completions.create(model=MODEL_NAME, prompt=text, echo=True, logprobs=1,
+                                  max_tokens=1, temperature=0)
+    choice = r.choices[0]
+    offsets = choice.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[-1] < len(choice.text)
+    assert offsets[len(ids)] == len(text)  # the generated token starts where the prompt ends
+    after = serve_model.tokenizer.encode(text[:text.index(" and")], add_special_tokens=False)
+    assert offsets[len(after)] == text.index(" and")
+    assert live_server.wait_all_free()
