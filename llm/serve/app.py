@@ -26,10 +26,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from llm.engine.async_engine import AsyncEngine, EngineClosedError, RequestStream
-from llm.engine.contract.sampling_params import SamplingParamsError
+from llm.engine.contract.sampling_params import SamplingParams, SamplingParamsError
 from llm.engine.paged_kv import OutOfPagesError
 from llm.engine.scheduler import QueueFullError
-from llm.engine.sequence import RequestError, RequestFailure
+from llm.engine.sequence import RequestError, RequestFailure, RequestOutput
 from llm.model.tokenizer.errors import TokenizerError
 from llm.serve.logprobs import LogprobsFormatter
 from llm.serve.protocol import (
@@ -40,7 +40,14 @@ from llm.serve.protocol import (
     parse_request,
     short_repr,
 )
-from llm.serve.responses import SSE_DONE, ResponseShape, response_id, sse, usage_so_far
+from llm.serve.responses import (
+    SSE_DONE,
+    ResponseShape,
+    merged,
+    response_id,
+    sse,
+    usage_so_far,
+)
 from llm.serve.streaming import ClientGone, EventStreamResponse, race_disconnect
 
 T = TypeVar("T")
@@ -139,7 +146,8 @@ class _Handlers:
         except (ValueError, RecursionError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from e
 
-    def _encode(self, req: ParsedRequest, messages: Any) -> list[int]:
+    def _encode(self, req: ParsedRequest, messages: Any) -> list[list[int]]:
+        """The token ids of each of the request's prompts (chat: the rendered messages)."""
         tok = self.engine.tokenizer
         try:
             if req.chat:
@@ -148,10 +156,9 @@ class _Handlers:
                     messages, add_generation_prompt=opt.add_generation_prompt,
                     continue_final_message=opt.continue_final_message,
                     template_kwargs=opt.template_kwargs)
-                return tok.encode(text, add_special_tokens=opt.add_special_tokens)
-            if isinstance(req.prompt, str):
-                return tok.encode(req.prompt, add_special_tokens=req.options.add_special_tokens)
-            return req.prompt
+                return [tok.encode(text, add_special_tokens=opt.add_special_tokens)]
+            return [tok.encode(p, add_special_tokens=req.options.add_special_tokens)
+                    if isinstance(p, str) else p for p in req.prompts]
         except (TokenizerError, TypeError) as e:
             raise ApiError(400, f"cannot tokenize the input: {e}",
                            "messages" if req.chat else "prompt") from e
@@ -168,55 +175,114 @@ class _Handlers:
                                 f"{context} tokens", "truncate_prompt_tokens")
         return ids[-keep:]
 
-    def _limit(self, req: ParsedRequest, prompt_len: int) -> int:
-        """The request's max_new_tokens, checked against the context."""
+    def _limit(self, req: ParsedRequest, prompt_len: int, where: str = "") -> int:
+        """The request's max_new_tokens, checked against the context; `where` begins the
+        messages (a batch's "prompt[i]: ")."""
         context = self.engine.max_seq_len
         room = context - prompt_len
         param = "messages" if req.chat else "prompt"
         if prompt_len == 0:
-            raise ApiError(400, "the prompt is empty (it encodes to no tokens)", param)
+            raise ApiError(400, f"{where}the prompt is empty (it encodes to no tokens)", param)
         if room < 1:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens but the context is {context} "
-                                "tokens and at least one new token must fit", param,
+            raise ApiError(400, f"{where}the prompt has {prompt_len} tokens but the context is "
+                                f"{context} tokens and at least one new token must fit", param,
                            code="context_length_exceeded")
         if req.max_tokens is None:
             return room if req.chat else min(DEFAULT_COMPLETION_TOKENS, room)
         if req.max_tokens > room:
-            raise ApiError(400, f"max_tokens={req.max_tokens} plus the prompt's {prompt_len} "
-                                f"tokens exceeds the context of {context} tokens", "max_tokens",
-                           code="context_length_exceeded")
+            raise ApiError(400, f"{where}max_tokens={req.max_tokens} plus the prompt's "
+                                f"{prompt_len} tokens exceeds the context of {context} tokens",
+                           "max_tokens", code="context_length_exceeded")
         return req.max_tokens
 
-    def _submit(self, ids: list[int], req: ParsedRequest) -> RequestStream:
-        limit = self._limit(req, len(ids))
+    def _params(self, req: ParsedRequest, prompt_len: int, where: str = "") -> SamplingParams:
+        """The request's sampling parameters for a prompt of prompt_len tokens."""
+        limit = self._limit(req, prompt_len, where)
         if req.params.min_tokens > limit:  # in the API's words (max_tokens, and its default)
             given = "" if req.max_tokens is not None else (
                 " (its default here: the request gives none)")
-            raise ApiError(400, f"min_tokens={req.params.min_tokens} exceeds max_tokens={limit}"
-                                f"{given}", "min_tokens")
+            raise ApiError(400, f"{where}min_tokens={req.params.min_tokens} exceeds "
+                                f"max_tokens={limit}{given}", "min_tokens")
         try:
-            params = dataclasses.replace(req.params, max_new_tokens=limit)  # checks min_tokens
+            return dataclasses.replace(req.params, max_new_tokens=limit)  # checks min_tokens
+        except SamplingParamsError as e:
+            raise ApiError(400, f"{where}{e}", api_param(e.param, req)) from e
+
+    def _submit(self, ids: list[int], params: SamplingParams, req: ParsedRequest,
+                where: str = "") -> RequestStream:
+        try:
             return self.engine.submit(ids, params)
         except (RequestError, OutOfPagesError) as e:
-            raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
+            raise ApiError(400, f"{where}{e}", "messages" if req.chat else "prompt") from e
         except SamplingParamsError as e:  # beyond the backend, the vocabulary or max_tokens
-            raise ApiError(400, str(e), api_param(e.param, req)) from e
+            raise ApiError(400, f"{where}{e}", api_param(e.param, req)) from e
         except (QueueFullError, EngineClosedError) as e:
             raise self._ended(e) from e
+
+    def _submit_all(self, encoded: list[list[int]], req: ParsedRequest
+                    ) -> tuple[list[RequestStream], list[list[int]]]:
+        """Each prompt's request submitted, and its ids as run (truncated where asked). A batch:
+        every prompt checked before any is submitted, and a failed submission cancels those
+        before it; its messages begin with "prompt[i]: "."""
+        cap = self.engine.scheduler.capacity
+        if len(encoded) > 1 and cap is not None and len(encoded) > cap:
+            raise ApiError(400, f"a batch of {len(encoded)} prompts exceeds this server's "
+                                f"{cap} requests in flight", "prompt")
+        kept = [self._truncated(ids, req.truncate) for ids in encoded]
+        where = [f"prompt[{i}]: " if len(kept) > 1 else "" for i in range(len(kept))]
+        params = [self._params(req, len(ids), w) for ids, w in zip(kept, where, strict=True)]
+        streams: list[RequestStream] = []
+        try:
+            for ids, p, w in zip(kept, params, where, strict=True):
+                streams.append(self._submit(ids, p, req, w))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams, kept
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         self._authorize(request)
         body = await self._read_json(request)
         req, messages = parse_request(body, chat=chat, model_name=self.config.model_name)
-        if req.chat or isinstance(req.prompt, str):  # tokenizing: off the event loop
-            ids = await asyncio.to_thread(self._encode, req, messages)
+        if req.chat or any(isinstance(p, str) for p in req.prompts):  # off the event loop
+            encoded = await asyncio.to_thread(self._encode, req, messages)
         else:  # token ids: nothing to run on a thread
-            ids = self._encode(req, messages)
-        whole = len(ids)
-        ids = self._truncated(ids, req.truncate)
-        stream = self._submit(ids, req)
-        shape = ResponseShape(chat, self.config.model_name, id=response_id(chat, req.request_id),
-                              token_ids=req.token_ids)
+            encoded = self._encode(req, messages)
+        streams, kept = self._submit_all(encoded, req)
+        rid = response_id(chat, req.request_id)
+        shapes = [self._shape(req, ids, len(whole), i, rid)
+                  for i, (ids, whole) in enumerate(zip(kept, encoded, strict=True))]
+
+        def cancel() -> None:
+            for stream in streams:
+                stream.cancel()
+
+        if req.stream:
+            return EventStreamResponse(
+                _sse_events(streams, shapes, req.include_usage, self._ended, req.continuous_usage),
+                on_close=cancel)
+        try:
+            outs = await race_disconnect(_results(streams), request.receive)
+        except ClientGone:
+            return Response(status_code=499)
+        except (EngineClosedError, QueueFullError) as e:
+            raise self._ended(e) from e
+        finally:
+            cancel()
+        for out in outs:
+            if out.error is not None:
+                raise _failed(out.error)
+        return JSONResponse(merged([shape.full(out) for shape, out in zip(shapes, outs,
+                                                                          strict=True)], outs))
+
+    def _shape(self, req: ParsedRequest, ids: list[int], whole: int, prompt: int,
+               rid: str) -> ResponseShape:
+        """The response shape of the request of prompt `prompt` (its position in the batch):
+        its ids as run, `whole` tokens before truncation; its choices after the n of each
+        prompt before it."""
+        shape = ResponseShape(req.chat, self.config.model_name, id=rid, token_ids=req.token_ids,
+                              first_index=prompt * req.params.n)
         if req.params.logprobs is not None or req.prompt_logprobs is not None:
             formatter = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids)
             if req.params.logprobs is not None:
@@ -224,23 +290,10 @@ class _Handlers:
             if req.prompt_logprobs is not None:
                 shape.prompt, shape.prompt_k = formatter, req.prompt_logprobs
         if req.echo:  # the prompt as run: a truncated one as its kept tokens read
-            shape.echo = (req.prompt if isinstance(req.prompt, str) and len(ids) == whole
+            text = req.prompts[prompt]
+            shape.echo = (text if isinstance(text, str) and len(ids) == whole
                           else self.engine.tokenizer.decode(ids, skip_special_tokens=False))
-        if req.stream:
-            return EventStreamResponse(
-                _sse_events(stream, shape, req.include_usage, self._ended, req.continuous_usage),
-                on_close=stream.cancel)
-        try:
-            out = await race_disconnect(stream.result(), request.receive)
-        except ClientGone:
-            return Response(status_code=499)
-        except (EngineClosedError, QueueFullError) as e:
-            raise self._ended(e) from e
-        finally:
-            stream.cancel()
-        if out.error is not None:
-            raise _failed(out.error)
-        return JSONResponse(shape.full(out))
+        return shape
 
     def _ended(self, exc: EngineClosedError | QueueFullError) -> ApiError:
         """The error response of a request the engine ended without running it."""
@@ -277,49 +330,108 @@ async def _body(request: Request, limit: int) -> bytearray:
     return body
 
 
-async def _sse_events(stream: RequestStream, shape: ResponseShape, include_usage: bool,
+async def _results(streams: list[RequestStream]) -> list[RequestOutput]:
+    """The finished outputs of a response's requests, in order."""
+    if len(streams) == 1:
+        return [await streams[0].result()]
+    return list(await asyncio.gather(*(stream.result() for stream in streams)))
+
+
+class _Failed(Exception):
+    """A request of a streamed response failed: `event` is its error's SSE event."""
+
+    def __init__(self, event: bytes) -> None:
+        super().__init__("request failed")
+        self.event = event
+
+
+async def _sse_events(streams: list[RequestStream], shapes: list[ResponseShape],
+                      include_usage: bool,
                       ended: Callable[[EngineClosedError | QueueFullError], ApiError],
                       continuous: bool = False) -> AsyncIterator[bytes]:
-    """The SSE chunks of a streamed request; an error event instead of the rest where the
-    request failed (`RequestFailure`) or the engine ended it (`ended` makes its error).
-    continuous (vLLM's continuous_usage_stats): every chunk of a choice carries the usage so far
-    (the prompt and that choice's tokens), not null."""
+    """The SSE chunks of a streamed response: of its one request, or of a completions batch's
+    requests as they come (each chunk names its choice's index); an error event instead of the
+    rest where a request failed (`RequestFailure`) or the engine ended it (`ended` makes its
+    error); with include_usage, a last chunk of the usage of them all."""
+    outs: list[RequestOutput] = []
+    chunks = [_request_events(stream, shape, include_usage, continuous, outs)
+              for stream, shape in zip(streams, shapes, strict=True)]
+    try:
+        async for chunk in (chunks[0] if len(chunks) == 1 else _interleaved(chunks)):
+            yield chunk
+        if include_usage:
+            yield shapes[0].usage_chunk(outs)
+    except _Failed as failure:
+        yield failure.event
+    except (EngineClosedError, QueueFullError) as e:
+        yield sse(ended(e).body())
+    yield SSE_DONE
+
+
+async def _interleaved(sources: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """The items of several async iterators as each produces them; the first error raised by
+    any of them ends it (the others' tasks are cancelled)."""
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+
+    async def pump(source: AsyncIterator[bytes]) -> None:
+        try:
+            async for item in source:
+                await queue.put((False, item))
+            await queue.put((True, None))
+        except Exception as e:  # handed to the consumer
+            await queue.put((True, e))
+
+    tasks = [asyncio.create_task(pump(source)) for source in sources]
+    try:
+        left = len(tasks)
+        while left:
+            done, item = await queue.get()
+            if not done:
+                yield item
+                continue
+            left -= 1
+            if item is not None:
+                raise item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _request_events(stream: RequestStream, shape: ResponseShape, include_usage: bool,
+                          continuous: bool, outs: list[RequestOutput]) -> AsyncIterator[bytes]:
+    """The SSE chunks of one request's choices; its finished output appended to `outs`;
+    `_Failed` where it failed. continuous (vLLM's continuous_usage_stats): every chunk of a
+    choice carries the usage so far (the prompt and that choice's tokens), not null."""
     started: set[int] = set()  # choices whose first chunk went out
 
     def live(index: int) -> dict | None:
         return usage_so_far(stream.seq.out, stream.seq.group[index].out) if continuous else None
 
-    try:
-        async for ev in stream:
-            if ev.finished and ev.output is not None and ev.output.error is not None:
-                yield sse(_failed(ev.output.error).body())
-                break
-            if ev.choice_finish == "error":  # another choice of a failed request: its error
-                continue  # event follows (no "error" finish_reason, which OpenAI does not have)
-            if not started and shape.echo is not None:  # the prompt's logprobs are known by now
-                for index in range(stream.seq.params.n):
-                    yield shape.echo_chunk(stream.seq.out, usage_field=include_usage,
-                                           index=index, usage_now=live(index))
-            first = ev.choice not in started
-            ids = shape.token_ids and (first or ev.token_ids)
-            if ev.text or ev.logprobs or (first and shape.chat) or ids:
-                prompt = stream.seq.out.prompt_token_ids if first and shape.echo is None else None
-                yield shape.chunk(ev.text, first=first, usage_field=include_usage,
-                                  logprobs=ev.logprobs, index=ev.choice, token_ids=ev.token_ids,
-                                  prompt_ids=prompt, usage_now=live(ev.choice))
-            started.add(ev.choice)
-            if ev.choice_finish is not None:
-                cut = stream.seq.group[ev.choice].out.cut_logprobs if shape.token_ids else []
-                yield shape.chunk("", ev.choice_finish, usage_field=include_usage,
-                                  stop_reason=ev.choice_stop, logprobs=cut,
-                                  index=ev.choice, usage_now=live(ev.choice))
-            if ev.finished:
-                assert ev.output is not None
-                if include_usage:
-                    yield shape.usage_chunk(ev.output)
-    except (EngineClosedError, QueueFullError) as e:
-        yield sse(ended(e).body())
-    yield SSE_DONE
+    async for ev in stream:
+        if ev.finished and ev.output is not None and ev.output.error is not None:
+            raise _Failed(sse(_failed(ev.output.error).body()))
+        if ev.choice_finish == "error":  # another choice of a failed request: its error
+            continue  # event follows (no "error" finish_reason, which OpenAI does not have)
+        if not started and shape.echo is not None:  # the prompt's logprobs are known by now
+            for index in range(stream.seq.params.n):
+                yield shape.echo_chunk(stream.seq.out, usage_field=include_usage,
+                                       index=index, usage_now=live(index))
+        first = ev.choice not in started
+        ids = shape.token_ids and (first or ev.token_ids)
+        if ev.text or ev.logprobs or (first and shape.chat) or ids:
+            prompt = stream.seq.out.prompt_token_ids if first and shape.echo is None else None
+            yield shape.chunk(ev.text, first=first, usage_field=include_usage,
+                              logprobs=ev.logprobs, index=ev.choice, token_ids=ev.token_ids,
+                              prompt_ids=prompt, usage_now=live(ev.choice))
+        started.add(ev.choice)
+        if ev.choice_finish is not None:
+            cut = stream.seq.group[ev.choice].out.cut_logprobs if shape.token_ids else []
+            yield shape.chunk("", ev.choice_finish, usage_field=include_usage,
+                              stop_reason=ev.choice_stop, logprobs=cut,
+                              index=ev.choice, usage_now=live(ev.choice))
+        if ev.finished:
+            assert ev.output is not None
+            outs.append(ev.output)
 
 
 def _error_response(err: ApiError) -> Response:

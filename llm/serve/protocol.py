@@ -2,7 +2,8 @@
 
 Accepted fields (any other is refused, as OpenAI's API refuses it, unless it changes nothing of
 the output, like user or metadata: refusals.py): model, prompt (completions: a
-string, token ids, or a one-element list of either) or messages (chat), max_tokens
+string, token ids, or a list of either: a batch, whose choices come prompt after prompt, n each,
+indexed in that order as OpenAI and vLLM index them) or messages (chat), max_tokens
 (max_completion_tokens for chat), temperature, top_p, top_k and min_p (extensions; top_k -1 or 0 =
 off), seed, stop, stop_token_ids, include_stop_str_in_output and skip_special_tokens (extensions),
 stream, stream_options.include_usage (with it, vLLM's continuous_usage_stats), n, best_of
@@ -54,7 +55,9 @@ _UNPRINTABLE = frozenset(("Cc", "Cs", "Zl", "Zp"))
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    """A validated request. prompt is text to encode or token ids; max_tokens None = default.
+    """A validated request. prompts: text to encode or token ids, each a request of its own (a
+    completions batch: its choices follow one another, n for each prompt); max_tokens None =
+    default.
 
     chat: prompt is the rendered chat template; options: how it is rendered and encoded
     (chat_options.py).
@@ -70,7 +73,7 @@ class ParsedRequest:
     request_id (vLLM's): what the response's id is built from (None: a generated one).
     """
 
-    prompt: str | list[int]
+    prompts: tuple[str | list[int], ...]  # completions: one, or a batch; chat: ("",)
     chat: bool
     max_tokens: int | None
     params: SamplingParams  # max_new_tokens is set once the prompt length is known
@@ -102,12 +105,12 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
     rendering = chat_options(body, chat)
     if chat:
         messages = _messages(body.get("messages"))
-        prompt: str | list[int] = ""
+        prompts: tuple[str | list[int], ...] = ("",)
         max_tokens = _opt_int(body, "max_completion_tokens", 1)
         if max_tokens is None:
             max_tokens = _opt_int(body, "max_tokens", 1)
     else:
-        prompt = _prompt(body.get("prompt"))
+        prompts = _prompts(body.get("prompt"))
         max_tokens = _opt_int(body, "max_tokens", 1)
     top_k = _opt_int(body, "top_k", -1)
     seed = _opt_int(body, "seed", -2**63)  # any int64, as OpenAI's API
@@ -171,7 +174,7 @@ def parse_request(body: Any, *, chat: bool, model_name: str) -> tuple[ParsedRequ
         )
     except SamplingParamsError as e:
         raise ApiError(400, str(e), api_param(e.param)) from e
-    return ParsedRequest(prompt, chat, max_tokens, params, stream, bool(include_usage),
+    return ParsedRequest(prompts, chat, max_tokens, params, stream, bool(include_usage),
                          echo, rendering, opt_bool(body, "return_token_ids") or False,
                          opt_bool(body, "return_tokens_as_token_ids") or False,
                          _truncation(body), continuous, prompt_logprobs, request_id), messages
@@ -232,16 +235,24 @@ def _logit_bias(value: Any) -> dict[int, float]:
     return out
 
 
-def _prompt(value: Any) -> str | list[int]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]  # a batch of one prompt
+def _prompts(value: Any) -> tuple[str | list[int], ...]:
+    """completions' prompt: a string or token ids (one prompt), or a non-empty list of those
+    (a batch: one prompt each)."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        return tuple(_one_prompt(p, f"prompt[{i}]") for i, p in enumerate(value))
+    return (_one_prompt(value, "prompt"),)
+
+
+def _one_prompt(value: Any, where: str) -> str | list[int]:
     if isinstance(value, str):
         return _utf8(value, "prompt")
     if isinstance(value, list) and (set(map(type, value)) <= {int}  # fast path of the next
                                     or all(_is_int(t) for t in value)):
         return value  # (the parsed body's own list: no copy)
-    raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list holding one "
-                        "of those (batches of several prompts are not supported)", "prompt")
+    if where != "prompt":
+        raise ApiError(400, f"'{where}' must be a string or a list of token ids", "prompt")
+    raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of "
+                        "those (a batch of prompts)", "prompt")
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:

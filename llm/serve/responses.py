@@ -27,6 +27,8 @@ class ResponseShape:
     deltas). logprobs_k: the alternatives a logprobs object shows (an echo's prompt entries may
     hold more, for prompt_logprobs). prompt (vLLM's prompt_logprobs, whole responses only): its
     formatter, prompt_k alternatives, in each choice (completions) or the response (chat).
+    first_index: the index of its request's first choice in the response (a completions batch:
+    the prompt's position times n; its shape's echo and formatters are that prompt's).
     """
 
     chat: bool
@@ -39,6 +41,7 @@ class ResponseShape:
     logprobs_k: int | None = None
     prompt: LogprobsFormatter | None = None
     prompt_k: int = 0
+    first_index: int = 0
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -69,7 +72,8 @@ class ResponseShape:
     def _choice(self, out: RequestOutput) -> dict[str, Any]:
         """One choice of a whole response."""
         if self.chat:
-            choice = {"index": out.choice, "message": {"role": "assistant", "content": out.text},
+            choice = {"index": self.first_index + out.choice,
+                      "message": {"role": "assistant", "content": out.text},
                       "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
                       "logprobs": self._logprobs(self.generated(out), out.choice)}
         else:
@@ -83,7 +87,8 @@ class ResponseShape:
                     tokens = out.prompt_token_ids + tokens
                     entries = list(out.prompt_logprobs or []) + entries
                 logprobs = self.logprobs.completion(tokens, entries, out.choice, self.logprobs_k)
-            choice = {"index": out.choice, "text": text, "finish_reason": out.finish_reason,
+            choice = {"index": self.first_index + out.choice, "text": text,
+                      "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason, "logprobs": logprobs}
             if self.prompt is not None:
                 choice["prompt_logprobs"] = self._prompt_logprobs(out)
@@ -108,7 +113,8 @@ class ResponseShape:
         if self.logprobs is not None:
             logprobs = self.logprobs.completion(out.prompt_token_ids, out.prompt_logprobs or [],
                                                 index, self.logprobs_k)
-        choice = {"index": index, "text": self.echo, "finish_reason": None, "logprobs": logprobs}
+        choice = {"index": self.first_index + index, "text": self.echo, "finish_reason": None,
+                  "logprobs": logprobs}
         if self.token_ids:
             choice.update(prompt_token_ids=list(out.prompt_token_ids), token_ids=[])
         return sse({**self._head(True), "choices": [choice],
@@ -133,10 +139,12 @@ class ResponseShape:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text or not first:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
+            choice = {"index": self.first_index + index, "delta": delta,
+                      "finish_reason": finish_reason,
                       "logprobs": self._logprobs(logprobs, index) if logprobs else None}
         else:
-            choice = {"index": index, "text": text, "finish_reason": finish_reason,
+            choice = {"index": self.first_index + index, "text": text,
+                      "finish_reason": finish_reason,
                       "logprobs": self._logprobs(logprobs, index) if logprobs else None}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
@@ -158,9 +166,20 @@ class ResponseShape:
             return self.logprobs.chat(entries)
         return self.logprobs.completion([e.token for e in entries], entries, choice)
 
-    def usage_chunk(self, out: RequestOutput) -> bytes:
-        """The extra final chunk of stream_options.include_usage (empty choices)."""
-        return sse({**self._head(True), "choices": [], "usage": usage(out)})
+    def usage_chunk(self, outs: Sequence[RequestOutput]) -> bytes:
+        """The extra final chunk of stream_options.include_usage (empty choices): the usage of
+        the response's requests (a completions batch: of every prompt)."""
+        return sse({**self._head(True), "choices": [], "usage": usage(*outs)})
+
+
+def merged(bodies: Sequence[dict[str, Any]], outs: Sequence[RequestOutput]) -> dict[str, Any]:
+    """The whole response of a completions batch from its prompts' responses (`full`, each
+    with its shape's first_index) and requests: their choices one after the other, the usage of
+    them all."""
+    if len(bodies) == 1:
+        return bodies[0]
+    return {**bodies[0], "choices": [c for b in bodies for c in b["choices"]],
+            "usage": usage(*outs)}
 
 
 def response_id(chat: bool, request_id: str | None = None) -> str:
@@ -176,12 +195,14 @@ def usage_so_far(request: RequestOutput, choice: RequestOutput) -> dict[str, int
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def usage(out: RequestOutput) -> dict[str, Any]:
-    """OpenAI's usage object (completion tokens: of every returned choice);
-    prompt_tokens_details.cached_tokens: prompt tokens served by the prefix cache."""
-    p, c = len(out.prompt_token_ids), sum(len(o.token_ids) for o in (out.choices or [out]))
+def usage(*outs: RequestOutput) -> dict[str, Any]:
+    """OpenAI's usage object of one request or of a completions batch's (completion tokens: of
+    every returned choice); prompt_tokens_details.cached_tokens: prompt tokens served by the
+    prefix cache."""
+    p = sum(len(out.prompt_token_ids) for out in outs)
+    c = sum(len(o.token_ids) for out in outs for o in (out.choices or [out]))
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": sum(out.cached_tokens for out in outs)}}
 
 
 def sse(body: dict[str, Any] | str) -> bytes:

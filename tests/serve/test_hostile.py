@@ -78,8 +78,9 @@ def cases() -> list[tuple[str, str, bytes, int]]:
             for v in values:
                 status = 404 if field == "model" and isinstance(v, str) else 400
                 add(path, status, **{field: v})
-    prompts = [None, 1, {}, [1.5], [[1], [2]], ["a", "b"], [True], [-1], [10**30], [49152], [],
-               "", "\ud800", "word " * 3000, [1] * 600, [[]], [["a"]]]
+    prompts = [None, 1, {}, [1.5], ["a", 1], [[1], "b", [1.5]], [True], [-1], [10**30], [49152],
+               [], "", "\ud800", "word " * 3000, [1] * 600, [[]], [["a"]], [[1], []],
+               ["a", "\ud800"], [[1], [49152]], ["a", "word " * 3000], [[1]] * 10_000]
     for p in prompts:
         add(COMPLETIONS, 400, prompt=p)
     messages = [None, "hi", [], [{}], [{"role": 1}], [{"role": "wizard", "content": "x"}],
