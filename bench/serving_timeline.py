@@ -79,7 +79,7 @@ def instrument(marks: Marks, gpu: list) -> None:
     from llm.serve import app, streaming
 
     marks.wrap(app._Handlers, "completions", "handler")
-    marks.wrap(AsyncEngine, "submit", "submit")
+    marks.wrap(AsyncEngine, "submit_all", "submit")
     marks.wrap(Scheduler, "_admit", "admit")
     marks.wrap(AsyncEngine, "_deliver", "deliver")
     send_items = marks.items

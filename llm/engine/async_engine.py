@@ -153,28 +153,39 @@ class AsyncEngine:
         chunk on the device (the backend's `launched`), or finished its step without one: the
         engine's admission and launch then run without the event loop's work beside them, and
         the loop's work (the response's setup) runs while the device computes."""
+        return self.submit_all([(prompt_ids, params)])[0]
+
+    def submit_all(self, requests: list[tuple[list[int], SamplingParams]],
+                   labels: list[str] | None = None) -> list[RequestStream]:
+        """Validate every request, then queue them all or none (call from a running event loop):
+        a request that fails validation (its error begins with its `labels` entry, e.g.
+        "prompt[1]") or room for fewer than all of them in flight (QueueFullError) queues none.
+        The hand-over wait of `submit` as for one request."""
         loop = asyncio.get_running_loop()
-        seq = self.scheduler.make_sequence(next(self._ids), prompt_ids, params)
-        stream = RequestStream(self, seq)
+        seqs = [self.scheduler.make_sequence(next(self._ids), ids, params,
+                                             labels[i] if labels else None)
+                for i, (ids, params) in enumerate(requests)]
+        streams = [RequestStream(self, seq) for seq in seqs]
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
             cap = self.scheduler.capacity
-            if cap is not None and self._in_flight >= cap:
+            if cap is not None and self._in_flight + len(streams) > cap:
                 self.metrics.on_reject()
                 raise QueueFullError(
                     f"the server is at capacity ({self._in_flight} requests in flight, limit "
                     f"{cap}); retry later")
-            self._in_flight += 1
-            self._streams[seq.index] = (stream, loop)
-            self._inbox.append(("add", stream))
+            self._in_flight += len(streams)
+            for stream in streams:
+                self._streams[stream.seq.index] = (stream, loop)
+                self._inbox.append(("add", stream))
             idle = self._idle and not self.core.backend.host_compute
             if idle:
                 self._launched.clear()
         self._wake.set()
         if idle:
             self._launched.wait(HAND_OVER_S)
-        return stream
+        return streams
 
     def _post(self, command: tuple[str, RequestStream]) -> None:
         with self._lock:

@@ -208,38 +208,25 @@ class _Handlers:
         except SamplingParamsError as e:
             raise ApiError(400, f"{where}{e}", api_param(e.param, req)) from e
 
-    def _submit(self, ids: list[int], params: SamplingParams, req: ParsedRequest,
-                where: str = "") -> RequestStream:
+    def _submit_all(self, kept: list[list[int]], req: ParsedRequest) -> list[RequestStream]:
+        """Each prompt's request (its ids as run), all queued or none: every prompt checked by
+        the server and the engine first (a batch's errors begin "prompt[i]: ")."""
+        cap = self.engine.scheduler.capacity
+        if len(kept) > 1 and cap is not None and len(kept) > cap:
+            raise ApiError(400, f"a batch of {len(kept)} prompts exceeds this server's "
+                                f"{cap} requests in flight", "prompt")
+        where = [f"prompt[{i}]" if len(kept) > 1 else "" for i in range(len(kept))]
+        params = [self._params(req, len(ids), f"{w}: " if w else "")
+                  for ids, w in zip(kept, where, strict=True)]
         try:
-            return self.engine.submit(ids, params)
+            return self.engine.submit_all(list(zip(kept, params, strict=True)),
+                                          where if len(kept) > 1 else None)
         except (RequestError, OutOfPagesError) as e:
-            raise ApiError(400, f"{where}{e}", "messages" if req.chat else "prompt") from e
+            raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
         except SamplingParamsError as e:  # beyond the backend, the vocabulary or max_tokens
-            raise ApiError(400, f"{where}{e}", api_param(e.param, req)) from e
+            raise ApiError(400, str(e), api_param(e.param, req)) from e
         except (QueueFullError, EngineClosedError) as e:
             raise self._ended(e) from e
-
-    def _submit_all(self, encoded: list[list[int]], req: ParsedRequest
-                    ) -> tuple[list[RequestStream], list[list[int]]]:
-        """Each prompt's request submitted, and its ids as run (truncated where asked). A batch:
-        every prompt checked before any is submitted, and a failed submission cancels those
-        before it; its messages begin with "prompt[i]: "."""
-        cap = self.engine.scheduler.capacity
-        if len(encoded) > 1 and cap is not None and len(encoded) > cap:
-            raise ApiError(400, f"a batch of {len(encoded)} prompts exceeds this server's "
-                                f"{cap} requests in flight", "prompt")
-        kept = [self._truncated(ids, req.truncate) for ids in encoded]
-        where = [f"prompt[{i}]: " if len(kept) > 1 else "" for i in range(len(kept))]
-        params = [self._params(req, len(ids), w) for ids, w in zip(kept, where, strict=True)]
-        streams: list[RequestStream] = []
-        try:
-            for ids, p, w in zip(kept, params, where, strict=True):
-                streams.append(self._submit(ids, p, req, w))
-        except BaseException:
-            for stream in streams:
-                stream.cancel()
-            raise
-        return streams, kept
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         self._authorize(request)
@@ -249,10 +236,11 @@ class _Handlers:
             encoded = await asyncio.to_thread(self._encode, req, messages)
         else:  # token ids: nothing to run on a thread
             encoded = self._encode(req, messages)
-        streams, kept = self._submit_all(encoded, req)
-        rid = response_id(chat, req.request_id)
-        shapes = [self._shape(req, ids, len(whole), i, rid)
+        kept = [self._truncated(ids, req.truncate) for ids in encoded]
+        rid, created = response_id(chat, req.request_id), int(time.time())
+        shapes = [self._shape(req, ids, len(whole), i, rid, created)  # before any request runs
                   for i, (ids, whole) in enumerate(zip(kept, encoded, strict=True))]
+        streams = self._submit_all(kept, req)
 
         def cancel() -> None:
             for stream in streams:
@@ -270,21 +258,23 @@ class _Handlers:
             raise self._ended(e) from e
         finally:
             cancel()
-        for out in outs:
-            if out.error is not None:
-                raise _failed(out.error)
-        return JSONResponse(merged([shape.full(out) for shape, out in zip(shapes, outs,
-                                                                          strict=True)], outs))
+        for i, out in enumerate(outs):
+            if out is not None and out.error is not None:
+                raise _failed(out.error, f"prompt[{i}]: " if len(outs) > 1 else "")
+        done = [out for out in outs if out is not None]  # (all: none failed)
+        return JSONResponse(merged([shape.full(out) for shape, out in zip(shapes, done,
+                                                                          strict=True)], done))
 
-    def _shape(self, req: ParsedRequest, ids: list[int], whole: int, prompt: int,
-               rid: str) -> ResponseShape:
+    def _shape(self, req: ParsedRequest, ids: list[int], whole: int, prompt: int, rid: str,
+               created: int) -> ResponseShape:
         """The response shape of the request of prompt `prompt` (its position in the batch):
         its ids as run, `whole` tokens before truncation; its choices after the n of each
-        prompt before it."""
-        shape = ResponseShape(req.chat, self.config.model_name, id=rid, token_ids=req.token_ids,
-                              first_index=prompt * req.params.n)
+        prompt before it; the response's id and creation time."""
+        shape = ResponseShape(req.chat, self.config.model_name, id=rid, created=created,
+                              token_ids=req.token_ids, first_index=prompt * req.params.n)
         if req.params.logprobs is not None or req.prompt_logprobs is not None:
-            formatter = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids)
+            formatter = LogprobsFormatter(self.engine.tokenizer, req.tokens_as_ids,
+                                          req.params.skip_special_tokens)
             if req.params.logprobs is not None:
                 shape.logprobs, shape.logprobs_k = formatter, req.params.logprobs
             if req.prompt_logprobs is not None:
@@ -304,10 +294,11 @@ class _Handlers:
         return ApiError(503, str(exc), kind="server_error", headers=self._retry())
 
 
-def _failed(failure: RequestFailure) -> ApiError:
+def _failed(failure: RequestFailure, where: str = "") -> ApiError:
     """The error response of a request that failed on its own while it ran (400: what failed
-    is the request's, e.g. its grammar)."""
-    return ApiError(400, failure.message, api_param(failure.param) if failure.param else None)
+    is the request's, e.g. its grammar); `where` begins the message (a batch's "prompt[i]: ")."""
+    return ApiError(400, where + failure.message,
+                    api_param(failure.param) if failure.param else None)
 
 
 async def _within(work: Coroutine[Any, Any, T], timeout_s: float) -> T:
@@ -330,11 +321,25 @@ async def _body(request: Request, limit: int) -> bytearray:
     return body
 
 
-async def _results(streams: list[RequestStream]) -> list[RequestOutput]:
-    """The finished outputs of a response's requests, in order."""
+async def _results(streams: list[RequestStream]) -> list[RequestOutput | None]:
+    """The finished outputs of a response's requests, in order; a batch's until one has failed
+    (those not finished by then: None)."""
     if len(streams) == 1:
         return [await streams[0].result()]
-    return list(await asyncio.gather(*(stream.result() for stream in streams)))
+    tasks = {asyncio.ensure_future(stream.result()): i for i, stream in enumerate(streams)}
+    outs: list[RequestOutput | None] = [None] * len(streams)
+    try:
+        waiting = set(tasks)
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                out = outs[tasks[task]] = task.result()
+                if out.error is not None:
+                    return outs
+        return outs
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class _Failed(Exception):
@@ -354,8 +359,9 @@ async def _sse_events(streams: list[RequestStream], shapes: list[ResponseShape],
     rest where a request failed (`RequestFailure`) or the engine ended it (`ended` makes its
     error); with include_usage, a last chunk of the usage of them all."""
     outs: list[RequestOutput] = []
-    chunks = [_request_events(stream, shape, include_usage, continuous, outs)
-              for stream, shape in zip(streams, shapes, strict=True)]
+    chunks = [_request_events(stream, shape, include_usage, continuous, outs,
+                              f"prompt[{i}]: " if len(streams) > 1 else "")
+              for i, (stream, shape) in enumerate(zip(streams, shapes, strict=True))]
     try:
         async for chunk in (chunks[0] if len(chunks) == 1 else _interleaved(chunks)):
             yield chunk
@@ -398,10 +404,12 @@ async def _interleaved(sources: list[AsyncIterator[bytes]]) -> AsyncIterator[byt
 
 
 async def _request_events(stream: RequestStream, shape: ResponseShape, include_usage: bool,
-                          continuous: bool, outs: list[RequestOutput]) -> AsyncIterator[bytes]:
+                          continuous: bool, outs: list[RequestOutput],
+                          where: str = "") -> AsyncIterator[bytes]:
     """The SSE chunks of one request's choices; its finished output appended to `outs`;
-    `_Failed` where it failed. continuous (vLLM's continuous_usage_stats): every chunk of a
-    choice carries the usage so far (the prompt and that choice's tokens), not null."""
+    `_Failed` where it failed (its message begins with `where`). continuous (vLLM's
+    continuous_usage_stats): every chunk of a choice carries the usage so far (the prompt and
+    that choice's tokens), not null."""
     started: set[int] = set()  # choices whose first chunk went out
 
     def live(index: int) -> dict | None:
@@ -409,7 +417,7 @@ async def _request_events(stream: RequestStream, shape: ResponseShape, include_u
 
     async for ev in stream:
         if ev.finished and ev.output is not None and ev.output.error is not None:
-            raise _Failed(sse(_failed(ev.output.error).body()))
+            raise _Failed(sse(_failed(ev.output.error, where).body()))
         if ev.choice_finish == "error":  # another choice of a failed request: its error
             continue  # event follows (no "error" finish_reason, which OpenAI does not have)
         if not started and shape.echo is not None:  # the prompt's logprobs are known by now

@@ -9,10 +9,12 @@ logprobs + 1 entries, as OpenAI documents). /v1/chat/completions: {"content": [{
 A token's text is that token decoded alone (special tokens included): a token holding only part
 of a UTF-8 character decodes to U+FFFD, but its "bytes" are the token's own (the tokenizer's
 `token_bytes`; a special token's: its text's), as OpenAI documents them: joined over the tokens
-of a character they give that character back. text_offset is where each token starts in the
-choice's text, in characters: the tokens' bytes decoded one after the other (a token that
-starts inside a character gets that character's offset), counted from the start of the choice's
-text across the chunks of a stream (each choice of an n > 1 response from 0).
+of a character they give that character back (a SentencePiece token's keep its leading space,
+which the text drops at its start). text_offset is where each token starts in the choice's text,
+in characters: the text the engine's incremental decoder has emitted before it (so a token that
+starts inside a character gets that character's offset, and skipped special tokens add
+nothing), counted from the start of the choice's text across the chunks of a stream (each choice
+of an n > 1 response from 0).
 Masked alternatives (-inf: where fewer tokens can be chosen than alternatives were asked for, as
 under allowed_token_ids, bad words, a grammar or min_tokens) are left out of top_logprobs; a -inf
 that remains (a chosen token's) is written as -9999.0, as vLLM does, since JSON has no -inf.
@@ -30,12 +32,12 @@ names the id, as vLLM leaves it).
 
 from __future__ import annotations
 
-import codecs
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from llm.engine.contract.outputs import TokenLogprobs
+from llm.model.tokenizer.detokenizer import IncrementalDecoder
 from llm.model.tokenizer.tokenizer import Tokenizer
 
 MASKED_LOGPROB = -9999.0
@@ -45,11 +47,13 @@ class LogprobsFormatter:
     """The logprobs objects of one response (it keeps each choice's text offset between
     chunks)."""
 
-    def __init__(self, tokenizer: Tokenizer, as_ids: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, as_ids: bool = False,
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.as_ids = as_ids
+        self.skip_special_tokens = skip_special_tokens  # as the choices' texts are decoded
         self.offsets: dict[int, int] = {}  # choice -> characters of its tokens so far
-        self._decoders: dict[int, codecs.IncrementalDecoder] = {}  # choice -> its UTF-8 so far
+        self._decoders: dict[int, IncrementalDecoder] = {}  # choice -> its text so far
         self._texts: dict[int, str] = {}
         self._raw: tuple[bytes, ...] | None = None
 
@@ -59,7 +63,7 @@ class LogprobsFormatter:
         if self._raw is None:
             self._raw = tuple(self.tokenizer.token_bytes())
         raw = self._raw[token] if token < len(self._raw) else b""
-        if not raw or raw[0] == 0xFF:  # special (0xFF + text) or no token
+        if not raw or (len(raw) > 1 and raw[0] == 0xFF):  # special (0xFF + text) or none
             return self.text(token).encode("utf-8", "surrogatepass")
         return raw
 
@@ -83,11 +87,12 @@ class LogprobsFormatter:
         offset = self.offsets.get(choice, 0)
         decoder = self._decoders.get(choice)
         if decoder is None:
-            decoder = self._decoders[choice] = codecs.getincrementaldecoder("utf-8")("replace")
+            decoder = self._decoders[choice] = self.tokenizer.stream(
+                skip_special_tokens=self.skip_special_tokens)
         for token, entry in zip(tokens, entries, strict=True):
             out["tokens"].append(self.label(token))
             out["text_offset"].append(offset)
-            offset += len(decoder.decode(self.raw(token)))
+            offset += len(decoder.add(token))
             self.offsets[choice] = offset
             if entry is None:
                 out["token_logprobs"].append(None)

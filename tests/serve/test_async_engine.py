@@ -57,6 +57,12 @@ async def _engine_session(engine: AsyncEngine, tok) -> dict:
     got["cancelled"] = (first, rest)
     with pytest.raises(RequestError, match="empty"):
         engine.submit([], greedy)
+    with pytest.raises(RequestError, match=r"^prompt\[1\]: the prompt is empty"):
+        engine.submit_all([(tok.encode("a"), greedy), ([], greedy)], ["prompt[0]", "prompt[1]"])
+    assert engine.in_flight == 0  # all or none: the valid first one was not queued
+    with pytest.raises(QueueFullError, match="capacity"):  # room for 2 in flight, not 3
+        engine.submit_all([(tok.encode(p), greedy) for p in "abc"])
+    assert engine.in_flight == 0
     blockers = [engine.submit(tok.encode("a"), SamplingParams(max_new_tokens=50))
                 for _ in range(2)]
     with pytest.raises(QueueFullError, match="capacity"):

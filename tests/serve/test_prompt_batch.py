@@ -55,7 +55,7 @@ def test_streamed_chunks_rebuild_the_whole_response(client, live_server) -> None
     chunks = list(client.completions.create(
         model=MODEL_NAME, prompt=PROMPTS, max_tokens=6, temperature=0, echo=True, logprobs=1,
         stream=True, stream_options={"include_usage": True}))
-    assert len({c.id for c in chunks}) == 1
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
     texts, offsets, finish = defaultdict(str), defaultdict(list), {}
     for c in chunks[:-1]:
         (choice,) = c.choices
@@ -80,10 +80,13 @@ def test_streamed_chunks_rebuild_the_whole_response(client, live_server) -> None
 ])
 def test_a_bad_prompt_anywhere_is_a_400_and_nothing_runs(client, live_server, prompt,
                                                          message) -> None:
+    """Checked by the server and the engine before any prompt is queued: none ran, so none was
+    cancelled either."""
+    before = cancelled_count(live_server.url)
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4)
     assert message in info.value.body["message"] and info.value.body["param"] == "prompt"
-    assert live_server.wait_all_free()
+    assert live_server.wait_all_free() and cancelled_count(live_server.url) == before
 
 
 def test_more_prompts_than_the_server_holds_is_a_400(client, live_server) -> None:
