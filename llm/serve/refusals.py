@@ -3,7 +3,8 @@
 A field is refused unless it holds the value that means "not used" (clients such as the openai
 SDK, LangChain or LiteLLM send defaults: those pass). Fields that change nothing of the output
 (user, metadata, store, service_tier, safety_identifier, prompt_cache_key / _retention,
-parallel_tool_calls without tools; vLLM's session_id, a routing key) are ignored, as
+parallel_tool_calls without tools; vLLM's session_id, a routing key, and include_reasoning,
+which only splits out what a reasoning parser finds, and this server runs none) are ignored, as
 OpenAI-compatible servers do, and so are vLLM's return_token_offsets / return_mm_kwargs, which
 vLLM itself reads only on its render endpoints. Any other field, one the endpoint does not read
 (a misspelt `max_token`, chat's `messages` sent to /v1/completions), is refused as OpenAI's API
@@ -56,7 +57,8 @@ READ_COMPLETIONS = frozenset(("prompt",))
 # fields that change nothing of the output: accepted, not used (the module's docstring)
 NEUTRAL = frozenset(("user", "metadata", "store", "service_tier", "safety_identifier",
                      "prompt_cache_key", "prompt_cache_retention", "parallel_tool_calls",
-                     "session_id", "return_token_offsets", "return_mm_kwargs"))
+                     "session_id", "return_token_offsets", "return_mm_kwargs",
+                     "include_reasoning"))
 
 
 def known_fields(chat: bool) -> frozenset[str]:

@@ -51,7 +51,8 @@ def test_the_other_endpoints_fields_are_refused(live_server, client) -> None:
 @pytest.mark.parametrize("chat", [False, True])
 def test_fields_that_change_nothing_pass(live_server, client, chat) -> None:
     r = _send(client, chat, user="u", metadata={"k": "v"}, store=False, service_tier="auto",
-              safety_identifier="s", prompt_cache_key="conversation-1", parallel_tool_calls=True)
+              safety_identifier="s", prompt_cache_key="conversation-1", parallel_tool_calls=True,
+              include_reasoning=False)
     assert r.usage.completion_tokens == 2
 
 
