@@ -215,12 +215,11 @@ class _Handlers:
         if len(kept) > 1 and cap is not None and len(kept) > cap:
             raise ApiError(400, f"a batch of {len(kept)} prompts exceeds this server's "
                                 f"{cap} requests in flight", "prompt")
-        where = [f"prompt[{i}]" if len(kept) > 1 else "" for i in range(len(kept))]
-        params = [self._params(req, len(ids), f"{w}: " if w else "")
-                  for ids, w in zip(kept, where, strict=True)]
+        params = [self._params(req, len(ids), _where(i, len(kept))) for i, ids in enumerate(kept)]
+        labels = [_where(i, len(kept)).removesuffix(": ") for i in range(len(kept))]
         try:
             return self.engine.submit_all(list(zip(kept, params, strict=True)),
-                                          where if len(kept) > 1 else None)
+                                          labels if len(kept) > 1 else None)
         except (RequestError, OutOfPagesError) as e:
             raise ApiError(400, str(e), "messages" if req.chat else "prompt") from e
         except SamplingParamsError as e:  # beyond the backend, the vocabulary or max_tokens
@@ -260,7 +259,7 @@ class _Handlers:
             cancel()
         for i, out in enumerate(outs):
             if out is not None and out.error is not None:
-                raise _failed(out.error, f"prompt[{i}]: " if len(outs) > 1 else "")
+                raise _failed(out.error, _where(i, len(outs)))
         done = [out for out in outs if out is not None]  # (all: none failed)
         return JSONResponse(merged([shape.full(out) for shape, out in zip(shapes, done,
                                                                           strict=True)], done))
@@ -292,6 +291,12 @@ class _Handlers:
             return ApiError(429, str(exc), kind="rate_limit_error", code="queue_full",
                             headers={"Retry-After": str(wait)})
         return ApiError(503, str(exc), kind="server_error", headers=self._retry())
+
+
+def _where(prompt: int, count: int) -> str:
+    """How the messages of a batch of `count` prompts begin for prompt `prompt` ("prompt[i]: ");
+    "" for a lone prompt."""
+    return f"prompt[{prompt}]: " if count > 1 else ""
 
 
 def _failed(failure: RequestFailure, where: str = "") -> ApiError:
@@ -360,7 +365,7 @@ async def _sse_events(streams: list[RequestStream], shapes: list[ResponseShape],
     error); with include_usage, a last chunk of the usage of them all."""
     outs: list[RequestOutput] = []
     chunks = [_request_events(stream, shape, include_usage, continuous, outs,
-                              f"prompt[{i}]: " if len(streams) > 1 else "")
+                              _where(i, len(streams)))
               for i, (stream, shape) in enumerate(zip(streams, shapes, strict=True))]
     try:
         async for chunk in (chunks[0] if len(chunks) == 1 else _interleaved(chunks)):

@@ -52,7 +52,6 @@ class LogprobsFormatter:
         self.tokenizer = tokenizer
         self.as_ids = as_ids
         self.skip_special_tokens = skip_special_tokens  # as the choices' texts are decoded
-        self.offsets: dict[int, int] = {}  # choice -> characters of its tokens so far
         self._decoders: dict[int, IncrementalDecoder] = {}  # choice -> its text so far
         self._texts: dict[int, str] = {}
         self._raw: tuple[bytes, ...] | None = None
@@ -84,16 +83,14 @@ class LogprobsFormatter:
         prompt's first); k: at most that many alternatives of each entry (None: all)."""
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                      "text_offset": []}
-        offset = self.offsets.get(choice, 0)
         decoder = self._decoders.get(choice)
         if decoder is None:
             decoder = self._decoders[choice] = self.tokenizer.stream(
                 skip_special_tokens=self.skip_special_tokens)
         for token, entry in zip(tokens, entries, strict=True):
             out["tokens"].append(self.label(token))
-            out["text_offset"].append(offset)
-            offset += len(decoder.add(token))
-            self.offsets[choice] = offset
+            out["text_offset"].append(len(decoder.text))  # the choice's text before the token
+            decoder.add(token)
             if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)

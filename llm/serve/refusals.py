@@ -61,10 +61,13 @@ NEUTRAL = frozenset(("user", "metadata", "store", "service_tier", "safety_identi
                      "include_reasoning"))
 
 
+_SHARED = READ | NEUTRAL | frozenset(UNHONOURED) | {"tool_choice", "function_call"}
+_KNOWN = {True: _SHARED | READ_CHAT, False: _SHARED | READ_COMPLETIONS | frozenset(CHAT_ONLY)}
+
+
 def known_fields(chat: bool) -> frozenset[str]:
     """Every field the chat (chat) or completions endpoint reads, refuses by value or ignores."""
-    own = READ_CHAT if chat else READ_COMPLETIONS | CHAT_ONLY.keys()
-    return READ | own | NEUTRAL | UNHONOURED.keys() | {"tool_choice", "function_call"}
+    return _KNOWN[chat]
 
 
 def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
@@ -74,11 +77,11 @@ def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     known = known_fields(chat)
     for name in body:
         if name not in known:
-            near = difflib.get_close_matches(name, sorted(known), n=1) if len(name) < 64 else []
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            other = "the chat" if name in READ_CHAT else "the completions"
             if name in READ_CHAT or name in READ_COMPLETIONS:
-                hint = f" (a field of {other} endpoint)"
+                hint = f" (a field of the {'completions' if chat else 'chat'} endpoint)"
+            else:
+                near = difflib.get_close_matches(name, sorted(known), n=1) if len(name) < 64 else []
+                hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ApiError(400, f"unrecognized request argument {short_repr(name)}{hint}",
                            name if len(name) <= 64 else name[:61] + "...")
     for name, unused in UNHONOURED.items():
