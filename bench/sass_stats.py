@@ -6,12 +6,14 @@ one-row kernel").
     PYTHONPATH=/tmp/t36:. python bench/sass_stats.py words:q5_k:8:128   # another Triton
 
 Each spec is `words:FORMAT:BLOCK_N:BLOCK_G` (the v2 one-row kernel, kernels/qgemv_words.py: one
-row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `tc:FORMAT:BLOCK_N:SPLITS[:o]` (the
-tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps, 3 stages, K = 4096; o: the kernel
-before v4, `qgemm_tc(v4=False)`) or `qmma:FORMAT:ROWS:STAGES` (the CUDA tensor-core kernel,
-kernels/qmma.cu, ROWS m1, m8 or m16, a ring of STAGES; compiled by NVRTC as the engine does,
-or `cols:RB:WARPS[:x][:aN][:s]`, bench/q4_0_cols.cu's one-row kernel (x: x loaded ahead, aN: N
-accumulators, s: sums of x by ALU),
+row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `dp4a:FORMAT:BLOCK_N:BLOCK_G`
+(bench/dp4a_gemv.py's integer kernel, q4_0 / q8_0, 4 warps, K = 4096) or
+`tc:FORMAT:BLOCK_N:SPLITS[:o]` (the tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps,
+3 stages, K = 4096; o: the kernel before v4, `qgemm_tc(v4=False)`) or
+`qmma:FORMAT:ROWS:STAGES` (the CUDA tensor-core kernel, kernels/qmma.cu, ROWS m1, m8 or m16, a
+ring of STAGES; compiled by NVRTC as the engine does, or `cols:RB:WARPS[:x][:aN][:s]`,
+bench/q4_0_cols.cu's one-row kernel (x: x loaded ahead, aN: N accumulators, s: sums of x by
+ALU),
 here from the `nvidia-cuda-nvrtc-cu12` wheel: `pip install nvidia-cuda-nvrtc-cu12`). A Triton
 kernel is
 compiled for sm_90 with PDL by the Triton that Python imports (the GPU machine's is 3.6; a wheel
@@ -85,8 +87,20 @@ def _compile(spec: str):
                   Q5P=q5_permutes(int(a), 4, True, not old), HAS_BIAS=False, COMPILED=True,
                   USE_GDC=True)
         options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
+    elif kind == "dp4a":
+        import importlib.util  # by path: importing `bench` would pick Triton's interpreter
+
+        at = importlib.util.spec_from_file_location("dp4a_gemv", Path(__file__).with_name(
+            "dp4a_gemv.py"))
+        mod = importlib.util.module_from_spec(at)
+        at.loader.exec_module(mod)
+        kernel, FORMATS = mod._dp4a_gemv_kernel, mod.FORMATS
+        types.update(pw_ptr="*i32", s_ptr="*fp32", sum_ptr="*i32")
+        ce = dict(K=4096, FMT=FORMATS[fmt_name], BLOCK_N=int(a), BLOCK_G=int(b), COMPILED=True,
+                  USE_GDC=True)
+        options = {"num_warps": 4, "launch_pdl": True}
     else:
-        raise SystemExit(f"unknown kernel {kind!r} in {spec!r} (words, tc or qmma)")
+        raise SystemExit(f"unknown kernel {kind!r} in {spec!r} (words, tc, dp4a or qmma)")
     signature = {arg: "constexpr" if arg in ce else types.get(
         arg, "*bf16" if arg.endswith(("_ptr", "_pool")) else "i32") for arg in kernel.arg_names}
     # what a launch specializes: pointers and integers that are multiples of 16 (all but the
@@ -222,7 +236,8 @@ def sass_stats(spec: str, out: str) -> list:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G, "
+    p.add_argument("specs", nargs="+", help="words:FORMAT:BLOCK_N:BLOCK_G, dp4a:FORMAT:BLOCK_N:"
+                                            "BLOCK_G, "
                                             "tc:FORMAT:BLOCK_N:SPLITS, qmma:FORMAT:ROWS:STAGES "
                                             "or cols:RB:WARPS[:x][:aN][:s]")
     p.add_argument("--mix", type=int, default=0, metavar="N",
