@@ -5,7 +5,8 @@ Per 8B / 1B linear shape (`bench.quant_decode.linear_shapes`): `auto` (what `qge
 row) and the kernel at each --tiles (BLOCK_N:BLOCK_G:WARPS), each checked against x @
 dequantize(W).T in float64 and timed as CUDA graphs (`bench.common.graph_us`) two ways: over
 copies of the weight > 4x the L2 (`dram`: what a decode step does) and over one weight read again
-and again (`l2`: the shapes that fit twice in the L2; there the SMs are the limit). The kernel's
+and again (`l2`: the shapes that fit twice in the L2; there the SMs are the limit); Q4_0 also as
+`dp4as` (`dp4a_gemv_split`, x's planes split into each group's low and high columns). The kernel's
 time excludes making x's planes (`x_planes`, timed alone per K: in an engine that work would be
 one launch per x, or folded into the kernel that writes x).
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench  # noqa: E402,F401  (Triton's interpreter where there is no GPU)
 from bench.common import SHAPES, csv, fmt, graph_us, print_table  # noqa: E402
-from bench.dp4a_gemv import dp4a_gemv, x_planes  # noqa: E402
+from bench.dp4a_gemv import dp4a_gemv, dp4a_gemv_split, x_planes, x_planes_split  # noqa: E402
 from bench.quant_decode import linear_shapes, random_quantized, weight_copies  # noqa: E402
 
 
@@ -62,6 +63,12 @@ def run(args) -> int:
                               lambda w, bn=bn, bg=bg, wp=wp, planes=planes: dp4a_gemv(
                                   planes, w, block_n=bn, block_g=bg, num_warps=wp))
                              for bn, bg, wp in tiles]
+                if fmt_name == "q4_0":  # x's split planes: no exchange of x's words
+                    split = x_planes_split(x)
+                    variants += [(f"dp4as {bn}:{bg}:{wp}",
+                                  lambda w, bn=bn, bg=bg, wp=wp, split=split: dp4a_gemv_split(
+                                      split, w, block_n=bn, block_g=bg, num_warps=wp))
+                                 for bn, bg, wp in tiles]
                 variants.append(("auto, again", variants[0][1]))
                 times = {}
                 for label, call in variants:

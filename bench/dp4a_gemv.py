@@ -39,9 +39,12 @@ FORMATS = {"q8_0": 0, "q4_0": 1}
 
 
 @triton.jit
-def _x_planes_kernel(x_ptr, p_ptr, s_ptr, sum_ptr, K: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Planes a, b, c of BLOCK_G 32-groups of x (bytes at p_ptr + plane * K + column), each
-    group's scale s (float32) and its sums of a, b, c (int32 at sum_ptr + plane * K / 32 + g)."""
+def _x_planes_kernel(x_ptr, p_ptr, s_ptr, sum_ptr, meta_ptr, K: tl.constexpr,
+                     BLOCK_G: tl.constexpr, SPLIT: tl.constexpr):
+    """Planes a, b, c of BLOCK_G 32-groups of x (bytes at p_ptr + plane * K + column; SPLIT: a
+    plane's first K / 2 bytes the groups' columns 0..15, 16 bytes a group, then their columns
+    16..31), each group's scale s (float32) and its sums of a, b, c (int32 at sum_ptr + plane *
+    K / 32 + g), and `meta` [K / 32, 4] int32: -8 times the three sums and the bits of s."""
     NG: tl.constexpr = K // 32
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     live = g < NG
@@ -58,19 +61,41 @@ def _x_planes_kernel(x_ptr, p_ptr, s_ptr, sum_ptr, K: tl.constexpr, BLOCK_G: tl.
     a = X >> 16  # signed, -128..127
     b = (X >> 8) & 255
     c = X & 255
-    tl.store(p_ptr + cols, a.to(tl.int8).to(tl.uint8, bitcast=True), mask=live[:, None])
-    tl.store(p_ptr + K + cols, b.to(tl.uint8), mask=live[:, None])
-    tl.store(p_ptr + 2 * K + cols, c.to(tl.uint8), mask=live[:, None])
+    if SPLIT:
+        k = tl.arange(0, 32)[None, :]
+        at = (k >= 16) * (K // 2) + 16 * g[:, None] + k % 16
+    else:
+        at = cols
+    tl.store(p_ptr + at, a.to(tl.int8).to(tl.uint8, bitcast=True), mask=live[:, None])
+    tl.store(p_ptr + K + at, b.to(tl.uint8), mask=live[:, None])
+    tl.store(p_ptr + 2 * K + at, c.to(tl.uint8), mask=live[:, None])
+    sa, sb, sc = tl.sum(a, axis=1), tl.sum(b, axis=1), tl.sum(c, axis=1)
     tl.store(s_ptr + g, s, mask=live)
-    tl.store(sum_ptr + g, tl.sum(a, axis=1), mask=live)
-    tl.store(sum_ptr + NG + g, tl.sum(b, axis=1), mask=live)
-    tl.store(sum_ptr + 2 * NG + g, tl.sum(c, axis=1), mask=live)
+    tl.store(sum_ptr + g, sa, mask=live)
+    tl.store(sum_ptr + NG + g, sb, mask=live)
+    tl.store(sum_ptr + 2 * NG + g, sc, mask=live)
+    tl.store(meta_ptr + 4 * g, -8 * sa, mask=live)
+    tl.store(meta_ptr + 4 * g + 1, -8 * sb, mask=live)
+    tl.store(meta_ptr + 4 * g + 2, -8 * sc, mask=live)
+    tl.store(meta_ptr + 4 * g + 3, s.to(tl.int32, bitcast=True), mask=live)
 
 
 def x_planes(x: torch.Tensor, block_g: int = 32) -> tuple[torch.Tensor, torch.Tensor,
                                                              torch.Tensor]:
     """x [1, K] (K a multiple of 32) -> (planes uint8 [3, K], scales float32 [K / 32], sums
     int32 [3, K / 32]), see the module docstring."""
+    planes, scales, sums, _ = _planes(x, block_g, split=False)
+    return planes, scales, sums
+
+
+def x_planes_split(x: torch.Tensor, block_g: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [1, K] -> (planes uint8 [3, K] with each group's columns 0..15 in a plane's first half
+    and 16..31 in its second, meta int32 [K / 32, 4]): `dp4a_gemv_split`'s x."""
+    planes, _, _, meta = _planes(x, block_g, split=True)
+    return planes, meta
+
+
+def _planes(x: torch.Tensor, block_g: int, split: bool) -> tuple[torch.Tensor, ...]:
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] % 32:
         raise ValueError(f"x_planes takes one row of x with K a multiple of 32, got "
                          f"{tuple(x.shape)}")
@@ -79,9 +104,10 @@ def x_planes(x: torch.Tensor, block_g: int = 32) -> tuple[torch.Tensor, torch.Te
     planes = torch.empty(3, k, dtype=torch.uint8, device=x.device)
     scales = torch.empty(k // 32, dtype=torch.float32, device=x.device)
     sums = torch.empty(3, k // 32, dtype=torch.int32, device=x.device)
-    _x_planes_kernel[(triton.cdiv(k // 32, block_g),)](x, planes, scales, sums, K=k,
-                                                       BLOCK_G=block_g)
-    return planes, scales, sums
+    meta = torch.empty(k // 32, 4, dtype=torch.int32, device=x.device)
+    _x_planes_kernel[(triton.cdiv(k // 32, block_g),)](x, planes, scales, sums, meta, K=k,
+                                                       BLOCK_G=block_g, SPLIT=split)
+    return planes, scales, sums, meta
 
 
 @triton.jit
@@ -244,4 +270,70 @@ def dp4a_gemv(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: Quanti
         p.view(torch.int32), scales, sums, y, qw, d, w.out_features, qw.stride(0), d.stride(0),
         K=k, FMT=FORMATS[w.format], BLOCK_N=block_n, BLOCK_G=block_g, COMPILED=compiled,
         USE_GDC=gdc, num_warps=num_warps, **launch_options(gdc))
+    return y.to(dtype)
+
+
+@triton.jit
+def _dp4a_gemv_split_kernel(xw_ptr, meta_ptr, y_ptr, qw_ptr, d_ptr, N, s_qw, s_d,
+                            K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                            COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+    """Q4_0 with x's split planes: every [.., 4 G] load is a group's 16 bytes a thread (codes,
+    each plane's low and high columns, the group's meta), so the threads spread over the
+    groups alike and x's words need no exchange between them."""
+    NG: tl.constexpr = K // 32
+    HW: tl.constexpr = K // 8  # words of a plane's half
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_live = ns < N
+    ws = tl.arange(0, 4 * BLOCK_G)  # a chunk's words: group ws // 4, word ws % 4
+    acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    wait_then_release(USE_GDC)
+    for g0 in range(0, NG, BLOCK_G):
+        wi = 4 * g0 + ws
+        live = wi < 4 * NG
+        w = tl.load(qw_ptr + ns[:, None] * s_qw + wi[None, :],
+                    mask=n_live[:, None] & live[None, :], other=0)  # [BLOCK_N, 4G]
+        w0, w1, w2, w3 = _split4(tl.reshape(w, [BLOCK_N, BLOCK_G, 4]))
+        xs = ()
+        for p in tl.static_range(6):  # plane p // 2, half p % 2
+            v = tl.load(xw_ptr + p * HW + wi, mask=live, other=0)[None, :]  # [1, 4G]
+            xs = xs + _split4(tl.reshape(v, [1, BLOCK_G, 4]))
+        m = tl.load(meta_ptr + wi, mask=live, other=0)[None, :]
+        ia, ib, ic, s_bits = _split4(tl.reshape(m, [1, BLOCK_G, 4]))
+        ia, ib, ic = _word_q4(w0, xs[0], xs[4], xs[8], xs[12], xs[16], xs[20], ia, ib, ic,
+                              COMPILED)
+        ia, ib, ic = _word_q4(w1, xs[1], xs[5], xs[9], xs[13], xs[17], xs[21], ia, ib, ic,
+                              COMPILED)
+        ia, ib, ic = _word_q4(w2, xs[2], xs[6], xs[10], xs[14], xs[18], xs[22], ia, ib, ic,
+                              COMPILED)
+        ia, ib, ic = _word_q4(w3, xs[3], xs[7], xs[11], xs[15], xs[19], xs[23], ia, ib, ic,
+                              COMPILED)
+        T = ia.to(tl.float32) * 65536.0 + (ib * 256 + ic).to(tl.float32)  # [BLOCK_N, G]
+        g = g0 + tl.arange(0, BLOCK_G)
+        d = tl.load(d_ptr + ns[:, None] * s_d + g[None, :],
+                    mask=n_live[:, None] & (g < NG)[None, :], other=0.0).to(tl.float32)
+        acc += T * (d * s_bits.to(tl.float32, bitcast=True))
+    out = tl.sum(acc, axis=1)  # [BLOCK_N]
+    tl.store(y_ptr + ns, out.to(y_ptr.dtype.element_ty), mask=n_live)
+
+
+def dp4a_gemv_split(planes: tuple[torch.Tensor, torch.Tensor], w: QuantizedTensor,
+                    dtype: torch.dtype = torch.bfloat16, block_n: int = 16, block_g: int = 32,
+                    num_warps: int = 4, pdl: bool | None = None) -> torch.Tensor:
+    """x @ w.dequantize().T for x given as `x_planes_split(x)`, -> [1, N] in `dtype`; w Q4_0."""
+    if w.format != "q4_0":
+        raise ValueError(f"dp4a_gemv_split takes q4_0, got {w.format}")
+    p, meta = planes
+    k = w.in_features
+    if p.shape != (3, k):
+        raise ValueError(f"x's planes are for K = {p.shape[1]}, w has {k} columns")
+    compiled = not os.environ.get("TRITON_INTERPRET")
+    y = torch.empty(1, w.out_features, dtype=dtype if compiled else torch.float32,
+                    device=p.device)
+    qw = w.planes["qs"].view(torch.uint8).view(torch.int32)
+    d = w.planes["d"]
+    gdc = use_pdl(p, pdl)
+    _dp4a_gemv_split_kernel[(triton.cdiv(w.out_features, block_n),)](
+        p.view(torch.int32), meta, y, qw, d, w.out_features, qw.stride(0), d.stride(0), K=k,
+        BLOCK_N=block_n, BLOCK_G=block_g, COMPILED=compiled, USE_GDC=gdc, num_warps=num_warps,
+        **launch_options(gdc))
     return y.to(dtype)

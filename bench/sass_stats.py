@@ -7,7 +7,8 @@ one-row kernel").
 
 Each spec is `words:FORMAT:BLOCK_N:BLOCK_G` (the v2 one-row kernel, kernels/qgemv_words.py: one
 row of x, codes as 0.5 + q / 256, prefetched, K = 4096) or `dp4a:FORMAT:BLOCK_N:BLOCK_G`
-(bench/dp4a_gemv.py's integer kernel, q4_0 / q8_0, 4 warps, K = 4096) or
+(bench/dp4a_gemv.py's integer kernel, q4_0 / q8_0, 4 warps, K = 4096; `dp4as:q4_0:..`: its
+kernel on x's split planes) or
 `tc:FORMAT:BLOCK_N:SPLITS[:o]` (the tensor-core kernel, kernels/qgemm_tc.py: 16 rows, 4 warps,
 3 stages, K = 4096; o: the kernel before v4, `qgemm_tc(v4=False)`) or
 `qmma:FORMAT:ROWS:STAGES` (the CUDA tensor-core kernel, kernels/qmma.cu, ROWS m1, m8 or m16, a
@@ -87,17 +88,21 @@ def _compile(spec: str):
                   Q5P=q5_permutes(int(a), 4, True, not old), HAS_BIAS=False, COMPILED=True,
                   USE_GDC=True)
         options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
-    elif kind == "dp4a":
+    elif kind in ("dp4a", "dp4as"):
         import importlib.util  # by path: importing `bench` would pick Triton's interpreter
 
         at = importlib.util.spec_from_file_location("dp4a_gemv", Path(__file__).with_name(
             "dp4a_gemv.py"))
         mod = importlib.util.module_from_spec(at)
         at.loader.exec_module(mod)
-        kernel, FORMATS = mod._dp4a_gemv_kernel, mod.FORMATS
-        types.update(pw_ptr="*i32", s_ptr="*fp32", sum_ptr="*i32")
-        ce = dict(K=4096, FMT=FORMATS[fmt_name], BLOCK_N=int(a), BLOCK_G=int(b), COMPILED=True,
-                  USE_GDC=True)
+        types.update(pw_ptr="*i32", s_ptr="*fp32", sum_ptr="*i32", xw_ptr="*i32",
+                     meta_ptr="*i32")
+        ce = dict(K=4096, BLOCK_N=int(a), BLOCK_G=int(b), COMPILED=True, USE_GDC=True)
+        if kind == "dp4a":
+            kernel = mod._dp4a_gemv_kernel
+            ce["FMT"] = mod.FORMATS[fmt_name]
+        else:  # x's split planes, Q4_0 only
+            kernel = mod._dp4a_gemv_split_kernel
         options = {"num_warps": 4, "launch_pdl": True}
     else:
         raise SystemExit(f"unknown kernel {kind!r} in {spec!r} (words, tc, dp4a or qmma)")

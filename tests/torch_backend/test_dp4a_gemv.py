@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.dp4a_gemv import dp4a_gemv, x_planes
+from bench.dp4a_gemv import dp4a_gemv, dp4a_gemv_split, x_planes, x_planes_split
 from bench.quant_decode import random_quantized
 
 
@@ -63,6 +63,25 @@ def test_product_is_the_dequantized_one(fmt: str, n: int, k: int, block_n: int,
     assert float((y.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
+@pytest.mark.parametrize(("n", "k", "block_n", "block_g"), [(40, 256, 16, 4), (32, 96, 32, 2)])
+def test_split_planes_product_is_the_dequantized_one(n: int, k: int, block_n: int,
+                                                     block_g: int) -> None:
+    dev = _device()
+    g = torch.Generator(device=dev).manual_seed(n + k + 1)
+    w = random_quantized("q4_0", n, k, g, dev)
+    x = (torch.randn(1, k, device=dev, generator=g) * 0.5).to(torch.bfloat16)
+    want = x.double() @ w.dequantize(torch.float64).T
+    planes, meta = x_planes_split(x)
+    y = dp4a_gemv_split((planes, meta), w, dtype=torch.float32, block_n=block_n,
+                        block_g=block_g, num_warps=2)
+    assert float((y.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    p, s, sums = x_planes(x)  # the same bytes, the groups' halves apart
+    half = torch.cat([p.view(3, -1, 2, 16)[:, :, 0], p.view(3, -1, 2, 16)[:, :, 1]], 1)
+    assert torch.equal(planes.view(3, -1, 16).cpu(), half.cpu())
+    assert torch.equal(meta[:, :3].T.cpu(), -8 * sums.cpu())
+    assert torch.equal(meta[:, 3].cpu().view(torch.float32), s.cpu())
+
+
 def test_a_wrong_plane_is_caught() -> None:
     """The test can fail: plane b read as plane c (a wrong word offset)."""
     dev = _device()
@@ -111,3 +130,8 @@ def test_compiled_bf16_output_at_8b_width(fmt: str) -> None:
         y32 = dp4a_gemv(x_planes(x), w, dtype=torch.float32, block_n=bn, block_g=bg,
                         num_warps=wp)
         assert float((y32.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+        if fmt == "q4_0":
+            y32 = dp4a_gemv_split(x_planes_split(x), w, dtype=torch.float32, block_n=bn,
+                                  block_g=bg, num_warps=wp)
+            assert float((y32.double() - want).abs().max()) <= 1e-6 * float(
+                want.abs().max())
