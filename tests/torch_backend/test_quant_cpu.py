@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from test_quant_gguf import random_blocks
 
-from llm.backends.torch.quant.cpu import CpuQuantLinear, pack_int4, prepare_cpu
+from llm.backends.torch.quant.cpu import CpuQuantLinear, describe_kinds, pack_int4, prepare_cpu
 from llm.backends.torch.quant.int4_groups import to_int4_groups
 from llm.model.quant import GGUF_FORMATS, quantize_int4, quantize_int8, repack_gguf
 
@@ -116,6 +116,30 @@ def test_bf16_rewrite_error_is_within_the_stated_bound() -> None:
 
 def test_no_int4_form_for_q6_k_and_int8() -> None:
     assert {w.format for w in FORMATS if to_int4_groups(w) is None} == {"q6_k", "int8"}
+
+
+@pytest.mark.parametrize(("k", "kind"), [(40, "dense"), (344, "dense"), (24, "dense"),
+                                         (48, "int8pack"), (80, "int8pack")])
+def test_int8_widths_torchs_kernel_cannot_take_stay_dense(k: int, kind: str) -> None:
+    """torch's int8 kernel reads past its rows unless K % 16 == 0 (wrong sums at these widths,
+    a crash in a model with K = 344): those layers are dequantized instead, and every width
+    gives the dequantized product."""
+    g = torch.Generator().manual_seed(k)
+    w = quantize_int8(torch.randn(24, k, generator=g))
+    lin = prepare_cpu(w, torch.bfloat16)
+    assert lin.kind == kind
+    x = torch.randn(3, k, generator=g).to(torch.bfloat16)
+    want = x.double() @ w.dequantize().to(torch.bfloat16).double().T
+    got = lin(x).double()
+    assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+
+
+def test_layer_kinds_are_described_as_they_run() -> None:
+    assert describe_kinds({}) == ""
+    assert describe_kinds({"native": 9}) == "quantized layers by the C kernels"
+    assert describe_kinds({"dense": 2, "int8pack": 9, "int4pack": 1}) == (
+        "quantized layers: 1 by torch's int4 kernel, 9 by torch's int8 kernel, "
+        "2 dequantized (dense)")
 
 
 def test_int4pack_packs_once_in_fewer_bytes_than_bf16() -> None:

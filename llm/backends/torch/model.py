@@ -234,6 +234,16 @@ class Transformer:
         self._plans = built
         return built
 
+    def cpu_layer_kinds(self) -> dict[str, int]:
+        """How many quantized matrices run by each CPU layer kind (`CpuQuantLinear.kind`:
+        native, int4pack, int8pack, dense); empty on CUDA or for dense weights."""
+        kinds: dict[str, int] = {}
+        for t in self._held_weights():
+            for b in t.blocks if isinstance(t, RowBlocks) else [t]:
+                if isinstance(b, QuantLinear) and b.cpu_kind is not None:
+                    kinds[b.cpu_kind] = kinds.get(b.cpu_kind, 0) + 1
+        return kinds
+
     def _held_weights(self) -> list:
         """Every weight the modules hold, each once (fused ones as fused; a tied dense head is
         the embedding; a quantized head is its chunks), with the quantized linear layers

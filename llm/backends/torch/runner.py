@@ -18,6 +18,7 @@ from llm.backends.torch.parallel.mesh import Mesh
 from llm.backends.torch.parallel.slices import WeightSlices
 from llm.backends.torch.penalties import SlotPenalties, full_path
 from llm.backends.torch.prefill_graphs import PrefillGraphs
+from llm.backends.torch.quant.cpu import describe_kinds
 from llm.backends.torch.quant.native import NativeKernels, NativeKernelsUnavailable, load_kernels
 from llm.backends.torch.sampling import SamplingTensors, column_hashes
 from llm.backends.torch.threads import (
@@ -83,7 +84,7 @@ class TorchBackend(Backend):
             if not runtime.device.startswith("cpu"):
                 raise ValueError(f"threads applies to the CPU device only, not {runtime.device!r}")
         if runtime.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device {runtime.device!r} requested but CUDA is not available")
+            raise ConfigError(f"device {runtime.device!r}: this machine has 0 CUDA device(s)")
         self.config = checkpoint.config
         self.runtime = runtime
         source = getattr(checkpoint, "source", None)
@@ -170,8 +171,8 @@ class TorchBackend(Backend):
             ar = "symmetric-memory" if self.mesh.symmetric is not None else self.mesh.library
             tp = f", rank {self.mesh.rank} of {self.mesh.size}, {ar} all-reduce in decode"
         cpu = f", {self.threads.describe()}" if self.threads is not None else ""
-        if self.kernels is not None and self.model.quantized:
-            cpu += ", quantized layers by the C kernels"
+        if self.device.type == "cpu" and self.model.quantized:
+            cpu += ", " + describe_kinds(self.model.cpu_layer_kinds())
         return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp}{cpu})"
 
     def _threads(self, phase: str, batch: int = 1) -> AbstractContextManager[None]:

@@ -45,6 +45,12 @@ class QuantLinear:
         (what the GPU kernel and embedding lookups read)."""
         return self._cpu.nbytes if self._cpu is not None else self.weight.nbytes
 
+    @property
+    def cpu_kind(self) -> str | None:
+        """The prepared CPU layer's kind (`CpuQuantLinear.kind`), None before `prepare` / on
+        CUDA."""
+        return self._cpu.kind if self._cpu is not None else None
+
     def prepare(self) -> None:
         """Build the CPU layer now (at load) rather than in the first request; no-op on CUDA."""
         if self.weight.device.type == "cpu":

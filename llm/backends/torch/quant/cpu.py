@@ -113,6 +113,25 @@ ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 N_ALIGN = 16  # the int4 packing needs N % 16 == 0
 PACK_ROWS = 4096  # rows packed per call (a multiple of the kernel's 64-row blocks)
 NATIVE_MAX_ROWS = 16  # larger float32 batches dequantize the layer and run F.linear (measured)
+# torch 2.13's _weight_int8pack_mm reads past its rows unless K is a multiple of 16 (wrong sums
+# at K = 8, 24, 40, 344; a crash at some): other widths stay dense
+INT8PACK_K = 16
+KIND_NAMES = {"native": "the C kernels", "int4pack": "torch's int4 kernel",
+              "int8pack": "torch's int8 kernel", "dense": "dequantized (dense)"}
+
+
+def describe_kinds(kinds: dict[str, int]) -> str:
+    """How the quantized matrices run on the CPU, e.g. "quantized layers by the C kernels", or
+    "quantized layers: 12 by the C kernels, 2 dequantized (dense)" where they differ."""
+    if not kinds:
+        return ""
+    if len(kinds) == 1:
+        return f"quantized layers by {KIND_NAMES[next(iter(kinds))]}"
+    return "quantized layers: " + ", ".join(f"{n} by {KIND_NAMES[k]}" if k != "dense"
+                                            else f"{n} {KIND_NAMES[k]}"
+                                            for k, n in sorted(kinds.items(),
+                                                               key=lambda kn: (kn[0] == "dense",
+                                                                               kn[0])))
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,7 +252,7 @@ def prepare_cpu(w: QuantizedTensor, act_dtype: torch.dtype,
                                   groups.scale, zero=groups.zero, bits=groups.bits,
                                   kernels=kernels)
     if compute == KERNEL_DTYPE:
-        if w.format == "int8":
+        if w.format == "int8" and w.shape[1] % INT8PACK_K == 0:
             qs, d = w.planes["qs"].cpu().contiguous(), w.planes["d"].cpu().reshape(-1)
             return CpuQuantLinear("int8pack", w.format, w.shape, act_dtype, qs, d.to(compute),
                                   compute_dtype=compute)
