@@ -5,6 +5,8 @@ fallback when no compiler works."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,24 @@ def test_built_once_per_source_and_machine(tmp_path) -> None:
     b = load_kernels(tmp_path)
     assert a.path == b.path and a.path.parent == tmp_path / "kernels"
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [a.path.name]
+
+
+def test_an_unwritable_cache_builds_in_a_temporary_folder(tmp_path) -> None:
+    """A cache whose kernels folder cannot be made (here a file is in its place, as a read-only
+    cache fails the same mkdir) still gets the kernels, built for this process, with a warning;
+    and a killed build's leftover temporary file is removed by the next build."""
+    (tmp_path / "kernels").write_text("not a folder")
+    with pytest.warns(RuntimeWarning, match="building them in a temporary folder"):
+        lib = load_kernels(tmp_path)
+    assert lib.lib.attention_scratch(1, 1, 64, 8) > 0
+    assert (tmp_path / "kernels").read_text() == "not a folder"
+    fresh = tmp_path / "fresh"
+    (fresh / "kernels").mkdir(parents=True)
+    stale = fresh / "kernels" / "cpu_kernels-0123.abc.tmp"
+    stale.write_bytes(b"")
+    os.utime(stale, (1, 1))
+    load_kernels(fresh)
+    assert not stale.exists()
 
 
 def test_a_rows_result_never_depends_on_the_batch(kernels) -> None:

@@ -13,6 +13,7 @@ why (the compiler's own error); the caller falls back to torch ops.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -258,25 +260,49 @@ def _build(cc: str, flags: tuple[str, ...], target: Path) -> None:
             os.unlink(tmp)
 
 
+def _drop_stale_builds(folder: Path) -> None:
+    """Remove temporary files of builds that were killed (older than a build can take)."""
+    for tmp in folder.glob("cpu_kernels-*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+                tmp.unlink()
+
+
 def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
                  progress: bool = False) -> NativeKernels:
     """Build (once per source, flags, compiler and CPU) and load the kernels from
     `cache_dir`/kernels. `flags`: the compiler's (tests build the portable path with an -march
-    without AVX-512). progress: say on stderr when a build runs (~2 s) and how long it took."""
+    without AVX-512). progress: say on stderr when a build runs (~2 s) and how long it took.
+    Where that folder cannot be written (a read-only cache), the build goes to a temporary
+    folder for this process, with a warning."""
     cc = _compiler()
     target = Path(cache_dir) / "kernels" / f"cpu_kernels-{_fingerprint(cc, flags)}.so"
+    scratch = None
     if not target.is_file():
         if progress:
             print(f"building the CPU kernels for this machine with {cc} (once) ...", end="",
                   file=sys.stderr, flush=True)
         start = time.perf_counter()
-        _build(cc, flags, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _drop_stale_builds(target.parent)
+            _build(cc, flags, target)
+        except OSError as e:  # the cache cannot be written: build for this process only
+            warnings.warn(f"cannot write the CPU kernels to {target.parent} ({e.strerror or e}); "
+                          "building them in a temporary folder for this run", RuntimeWarning,
+                          stacklevel=2)
+            scratch = tempfile.mkdtemp(prefix="llm-kernels-")
+            target = Path(scratch) / target.name
+            _build(cc, flags, target)
         if progress:
             print(f" {time.perf_counter() - start:.1f} s -> {target}", file=sys.stderr)
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
         raise NativeKernelsUnavailable(f"loading {target} failed: {e}") from e
+    finally:
+        if scratch is not None:  # the loaded library stays mapped
+            shutil.rmtree(scratch, ignore_errors=True)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     f32 = ctypes.c_float
     signatures = {
