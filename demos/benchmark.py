@@ -313,6 +313,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--gemv-max-batch must be >= 0, got {args.gemv_max_batch}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here")
+    if args.weights.startswith("int") and "default" in args.configs.split(","):
+        p.error(f"--weights {args.weights} quantizes a floating-point checkpoint at load; the "
+                "default model is a GGUF (run as stored or dequantized): use --configs 1b / 8b "
+                "(random shapes) for int8 / int4 / int4_mix")
 
 
 @contextmanager

@@ -124,12 +124,16 @@ def evaluate(args: argparse.Namespace) -> Result:
         raise ValueError(f"--window must be at least 2, got {args.window}")
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
-    text = args.text.read_text(encoding="utf-8")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.text}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    # the model first: its loader names a damaged file's tensor, the tokenizer's reader does not
+    ours = build(path, args.weights, args.device, args.dtype, args.window, args.int4_group)
     tokenizer = Tokenizer.from_path(path, cache_dir=default_cache_dir())
     ids = tokenizer.encode(text)[:args.max_tokens]
     if len(ids) < 2:
         raise ValueError(f"{args.text}: too short to score ({len(ids)} tokens)")
-    ours = build(path, args.weights, args.device, args.dtype, args.window, args.int4_group)
     if args.reference == "transformers":
         reference = transformers_scorer(path)
     else:

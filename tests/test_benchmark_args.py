@@ -21,6 +21,8 @@ from demos import benchmark, benchmark_serving  # noqa: E402
     (["--configs", "foo"], "--configs: unknown foo"),
     (["--engines", "llm,foo"], "--engines: unknown foo"),
     (["--gemv-max-batch", "-3"], "--gemv-max-batch must be >= 0"),
+    (["--weights", "int8"], "--weights int8 quantizes a floating-point checkpoint"),
+    (["--weights", "int4_mix", "--configs", "1b,default"], "the default model is a GGUF"),
 ])
 def test_benchmark_refuses_by_flag(argv, says, capsys) -> None:
     with pytest.raises(SystemExit) as e:

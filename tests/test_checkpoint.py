@@ -638,6 +638,25 @@ def test_corrupt_gguf_is_a_checkpoint_error(tmp_path, damage):
     assert cache_files(cache) == []
 
 
+def test_gguf_tensor_of_an_unknown_type_is_named(tmp_path):
+    """A tensor of a GGML type the gguf package does not know (31: the removed Q4_0_4_4) names
+    the tensor and the type, not "corrupt or truncated?"."""
+    path, _ = tiny_gguf(tmp_path)
+    reader = gguf.GGUFReader(path)
+    tensor = reader.tensors[-1]
+    raw_type = tensor.field.parts[4]  # the tensor info's type, a view of the file's bytes
+    at = raw_type.ctypes.data - reader.data.ctypes.data
+    del reader, raw_type
+    data = bytearray(path.read_bytes())
+    data[at:at + 4] = np.uint32(31).tobytes()
+    path.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"tensor {tensor.name!r} has GGML type 31, which the gguf package")):
+        load_checkpoint(path, cache_dir=cache, progress=False)
+    assert cache_files(cache) == []
+
+
 def test_gguf_tensor_mismatch_names_tensor_and_file(tmp_path):
     src = load_checkpoint(hf_dir(tmp_path, hf_model()), progress=False)
     cache = tmp_path / "cache"

@@ -63,7 +63,7 @@ def test_bad_input_is_a_clear_error(tmp_path, eval_demo, capsys) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     d = model_dir(tmp_path)
-    assert eval_demo.main(["--model", str(d), "--text", str(empty)]) == 2
+    assert eval_demo.main(["--model", str(d), "--text", str(empty), "--window", "64"]) == 2
     assert "too short to score" in capsys.readouterr().err
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat " * 4)
@@ -74,6 +74,14 @@ def test_bad_input_is_a_clear_error(tmp_path, eval_demo, capsys) -> None:
         assert eval_demo.main(["--model", str(d), "--text", str(text), "--weights", weights,
                                "--int4-group", group]) == 2
         assert error in capsys.readouterr().err
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(b"ok \xd0\x00\xff\xfe")
+    assert eval_demo.main(["--model", str(d), "--text", str(binary)]) == 2
+    assert f"{binary}: not UTF-8 text" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert eval_demo.main(["--model", str(d), "--text", str(text), "--device", "cuda",
+                               "--window", "64"]) == 2
+        assert "device 'cuda': this machine has 0 CUDA device(s)" in capsys.readouterr().err
     for flags, error in ((["--max-tokens", "-5"], "--max-tokens must be at least 2, got -5"),
                          (["--window", "100000"], "--window 100000 is longer than the model's "
                                                   "context")):

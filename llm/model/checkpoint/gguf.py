@@ -48,6 +48,10 @@ def gguf_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return metadata
 
 
+KNOWN_TYPES = frozenset(int(t) for t in gguf.GGMLQuantizationType)
+GGUF_VERSION = version("gguf")
+
+
 def open_gguf(path: Path) -> gguf.GGUFReader:
     """GGUFReader, with a corrupt or truncated file reported as a CheckpointError naming it (and,
     for a truncated one, the first tensor whose data is cut)."""
@@ -55,6 +59,8 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
         cut = _cut_tensor(path)
+        if cut is not None and "GGML type" in cut:
+            raise CheckpointError(f"{path}: {cut}") from e
         if cut is not None:
             raise CheckpointError(f"{path}: truncated GGUF file: {cut}") from e
         raise CheckpointError(
@@ -64,7 +70,8 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
 
 def _cut_tensor(path: Path) -> str | None:
     """Where a GGUF whose header parses is cut short: its first tensor whose data ends past
-    the end of the file, with the numbers; None if none is (or the header does not parse)."""
+    the end of the file, with the numbers (or whose type the gguf package does not know); None
+    if none is (or the header does not parse)."""
     size = path.stat().st_size
     cut: list[str] = []
 
@@ -72,6 +79,12 @@ def _cut_tensor(path: Path) -> str | None:
         def _build_tensors(self, start_offs: int, fields: list) -> None:
             for field in fields:
                 _, name, _, dims, raw_type, offset = field.parts
+                if int(raw_type[0]) not in KNOWN_TYPES:
+                    cut.append(f"tensor {bytes(name).decode('utf-8', 'replace')!r} has GGML type "
+                               f"{int(raw_type[0])}, which the gguf package {GGUF_VERSION} does "
+                               "not know (a type llama.cpp removed, such as Q4_0_4_4, or a newer "
+                               "one); convert the file with a current llama.cpp")
+                    break
                 block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type[0])]
                 end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
                 if end > size:
