@@ -9,7 +9,8 @@
 Per model config and batch size: TTFT (prefill of one prompt, incl. choosing the first token), ms
 per decode step, tok/s per user and in total, and % of the memory roofline: the bytes one decode
 step must move (every weight once, plus the KV cache read and written) over the bandwidth of a large
-device-to-device copy measured in the same run. transformers runs the same weights through
+device-to-device copy measured in the same run; that byte count (quantized weights as held:
+codes and scales) is printed as "MB a step". transformers runs the same weights through
 `generate` (eager, dynamic cache), timed per token by a streamer; medians throughout.
 
 With --tp N (under torchrun) every rank builds the same random weights and keeps its slices; rank
@@ -91,6 +92,7 @@ class Row:
     tok_s_user: float
     tok_s_total: float
     roofline_pct: float
+    step_mb: float  # the roofline's bytes a step: weights as held (codes and scales) + K/V
 
 
 def sync(device: torch.device) -> None:
@@ -388,14 +390,14 @@ def run_benchmark(args: argparse.Namespace, mesh: Mesh, dev: str) -> int:
                     else:
                         ttft, step = bench_hf(ref, b, plen, args.steps, cfg.vocab_size, device,
                                               static=engine == "transformers-static")
-                    floor = step_bytes(backend, b, plen + args.steps // 2) / bw
+                    moved = step_bytes(backend, b, plen + args.steps // 2)
                     rows.append(Row(name, b, plen, engine, ttft * 1e3, step * 1e3, 1 / step,
-                                    b / step, 100 * floor / step))
+                                    b / step, 100 * moved / bw / step, moved / 1e6))
                     r = rows[-1]
                     print(f"{name:8} B={b:<3} prompt={plen:<5} {engine:12} TTFT {r.ttft_ms:8.1f} ms"
                           f"  step {r.step_ms:8.2f} ms  {r.tok_s_user:8.1f} tok/s/user"
-                          f"  {r.tok_s_total:9.1f} tok/s  {r.roofline_pct:5.1f}% roofline",
-                          flush=True)
+                          f"  {r.tok_s_total:9.1f} tok/s  {r.roofline_pct:5.1f}% roofline"
+                          f" ({r.step_mb:.1f} MB a step)", flush=True)
         if mesh.size > 1:
             driver.close()
         del backend, driver, graphs, ref, ck
@@ -492,15 +494,15 @@ def check_greedy(name: str, cfg: ModelConfig, driver: Backend, backend: TorchBac
 def print_table(rows: list[Row]) -> None:
     """Markdown table, ours next to transformers with the speed ratio."""
     print("\n| config | batch | prompt | engine | TTFT ms | ms/step | tok/s/user | tok/s total "
-          "| % roofline | ours / ref |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| MB a step | % roofline | ours / ref |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ref = {(r.config, r.batch, r.prompt_len): r for r in rows if r.engine == "transformers"}
     for r in rows:
         other = ref.get((r.config, r.batch, r.prompt_len))
         ratio = f"{other.step_ms / r.step_ms:.2f}x" if other and r.engine == "llm" else ""
         print(f"| {r.config} | {r.batch} | {r.prompt_len} | {r.engine} | {r.ttft_ms:.1f} | "
               f"{r.step_ms:.2f} | {r.tok_s_user:.1f} | {r.tok_s_total:.1f} | "
-              f"{r.roofline_pct:.1f} | {ratio} |")
+              f"{r.step_mb:.1f} | {r.roofline_pct:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":
