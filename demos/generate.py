@@ -158,7 +158,7 @@ def run(model: llm.LLM, args: argparse.Namespace, prompts: list[str],
     ttft = sum(o.ttft_s for o in done) / len(done)
     per_user = sum(o.decode_tok_s for o in done) / len(done)
     print(f"TTFT {ttft * 1000:.0f} ms | decode {per_user:.1f} tok/s/user | "
-          f"{n_tokens / wall:.1f} tok/s total | {n_tokens} tokens in {wall:.2f} s | "
+          f"{n_tokens / wall:.1f} tok/s total incl. prefill | {n_tokens} tokens in {wall:.2f} s | "
           f"finish: {', '.join(o.finish_reason for o in sorted(done, key=lambda o: o.index))}")
     if args.stats:
         print_stats(model.backend)
