@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "kernels in bfloat16, a dense copy otherwise); int8 / int4 / int4_mix: "
                         "quantize a Hugging Face model at load (int4_mix: int4 with v_proj and "
                         "down_proj in int8)")
+    p.add_argument("--int4-group", type=int, default=None, metavar="G",
+                   help="with --weights int4 / int4_mix: columns a group (a multiple of 32 "
+                        "dividing every matrix's in_features; default 128, or 64 / 32 where 128 "
+                        "does not divide it; 32 loses the least)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         model = llm.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                         max_batch=len(prompts), max_seq_len=args.max_seq_len,
                         progress=not args.quiet, backend_options=options,
-                        tensor_parallel=args.tp, weights=args.weights)
+                        tensor_parallel=args.tp, weights=args.weights,
+                        int4_group=args.int4_group)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -96,6 +96,28 @@ def test_int4_mix_keeps_v_and_down_projections_in_int8(tmp_path) -> None:
         load_checkpoint(d, progress=False, weights="int8", int4_group=32)
 
 
+def test_the_api_takes_an_int4_group(tmp_path) -> None:
+    """LLM(int4_group=...) quantizes every int4 matrix with that group (the backend's held
+    weights); with int8, or on weights already loaded, it is refused."""
+    import llm
+    from llm.engine.contract.backend import BackendSpec, create_backend
+    from llm.model.errors import ConfigError
+
+    d = hf_dir(tmp_path, hf_model("llama"))
+    backend = create_backend("torch", BackendSpec(model=d, weights="int4", int4_group=32,
+                                                  progress=False, max_seq_len=64))
+    formats = {t.weight.format for t in backend.model._held_weights()
+               if hasattr(t, "weight") and isinstance(t.weight, QuantizedTensor)}
+    assert "int4_g32" in formats and not any(f.startswith("int4_g") and f != "int4_g32"
+                                             for f in formats)
+    backend.close()
+    with pytest.raises(CheckpointError, match="int4_group applies to weights='int4'"):
+        llm.LLM(d, weights="int8", int4_group=32, progress=False)
+    loaded = load_checkpoint(d, progress=False)
+    with pytest.raises(ConfigError, match="int4_group=32 applies when a checkpoint is read"):
+        BackendSpec(model=loaded, int4_group=32).load()
+
+
 def test_int8_is_much_closer_to_the_float_model_than_int4(tmp_path) -> None:
     """Measured on this random 2-layer model (no structure for 4 bits to keep): relative logit
     error 0.029 with int8, 0.51 with int4 (group 64: in_features is 64)."""

@@ -29,6 +29,8 @@ class LLM:
     kernels of llm/backends/torch/quant/cpu_kernels.c, in bfloat16 through torch's int4/int8
     kernels (Q6_K as a dense copy)), "int8" / "int4" / "int4_mix" (a Hugging Face
     checkpoint's matrices quantized at load; "int4_mix" keeps v_proj and down_proj in int8).
+    int4_group: with "int4" / "int4_mix", the columns of every int4 group (a multiple of 32
+    dividing each matrix's in_features; None: 128, or 64 / 32 where 128 does not divide it).
     prefix_cache: reuse the KV pages of prompt prefixes that earlier requests computed (a shared
     system prompt, the earlier turns of a chat); outputs are bit-identical with and without it
     (see llm.engine.prefix_cache); `SamplingParams(cache_salt=...)` keeps a request's cached
@@ -53,12 +55,12 @@ class LLM:
                  cache_dir: str | Path | None = None, progress: bool = True,
                  backend_options: Mapping[str, Any] | None = None,
                  tensor_parallel: int = 1, weights: str = "auto",
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, int4_group: int | None = None) -> None:
         spec = BackendSpec(model=model, device=device, dtype=dtype, max_batch=max_batch,
                            max_seq_len=max_seq_len, block_size=block_size,
                            num_blocks=num_blocks, cache_dir=cache_dir, progress=progress,
                            tensor_parallel=tensor_parallel, weights=weights,
-                           options=dict(backend_options or {}))
+                           options=dict(backend_options or {}), int4_group=int4_group)
         self.backend = create_backend(backend, spec)
         self.config = self.backend.config
         self.runtime = self.backend.runtime

@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how the weights are held, as `LLM(weights=)` (README): auto, dequantize, "
                         "stored (a GGUF's blocks), int8 / int4 / int4_mix (an HF model quantized "
                         "at load; int4_mix: v_proj and down_proj in int8)")
+    p.add_argument("--int4-group", type=int, default=None, metavar="G",
+                   help="with --weights int4 / int4_mix: columns a group (a multiple of 32 "
+                        "dividing every matrix's in_features; default 128, or 64 / 32 where 128 "
+                        "does not divide it; 32 loses the least)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch on the CPU: intra-op threads (default: the cores other processes "
                         "leave free, per call); fixed N makes outputs bit-identical run to run")
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                         num_blocks=args.num_blocks, tensor_parallel=args.tp,
                         progress=args.tp == 1, backend_options=backend_options(args),
-                        weights=args.weights)
+                        weights=args.weights, int4_group=args.int4_group)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -236,6 +236,27 @@ def test_int8_column_slices_take_the_whole_rows_scales(tmp_path) -> None:
     np.testing.assert_array_equal(part.dequantize().numpy(), want.dequantize().numpy())
 
 
+def test_a_chosen_int4_group_slices_as_the_single_process_load(tmp_path) -> None:
+    """`int4_group` reaches the ranks' reader: row and column slices of the int4 g32 load, and a
+    group that does not divide a matrix is refused naming it."""
+    hf = random_model_dir(tmp_path / "hf", ODD)
+    whole = load_checkpoint(hf, progress=False, weights="int4", int4_group=32).tensors
+    slices = open_slices_as(hf, "int4", int4_group=32)
+    name = "model.layers.0.mlp.down_proj.weight"
+    for dim, ranges in ((1, [(0, 64)]), (0, [(8, 40)])):
+        got = slices.read(name, dim, ranges)
+        (a, b), = ranges
+        want = whole[name].slice_cols(a, b) if dim else whole[name].slice_rows(a, b)
+        assert got.format == "int4_g32" == want.format
+        for plane in want.planes:
+            assert torch.equal(got.planes[plane], want.planes[plane]), plane
+    wide = open_slices_as(hf, "int4", int4_group=4096)
+    with pytest.raises(CheckpointError, match="no multiple of the int4 group 4096"):
+        wide.read(name, 0, [(0, 8)])
+    with pytest.raises(CheckpointError, match="int4_group applies to weights='int4'"):
+        open_slices_as(hf, "int8", int4_group=32)
+
+
 def test_cuda_kernels_apply_a_ranks_slices(tmp_path) -> None:
     """The GPU path of a rank is the same QuantLinear on its slices: the Triton GEMV (decode) and
     the dequantizing copy (prompts), here in Triton's interpreter, on each rank's row-parallel

@@ -190,7 +190,9 @@ class BackendSpec:
     weights: how the weights are held: "auto" (the backend's choice, see its `create`) or one of
     llm.model.checkpoint.common.WEIGHT_MODES ("dequantize": floating point; "stored": a GGUF's
     quantized blocks as stored; "int8" / "int4" / "int4_mix": quantized at load). options: the
-    backend's own keyword options, each with one meaning (see its `create`).
+    backend's own keyword options, each with one meaning (see its `create`). int4_group: with
+    weights "int4" / "int4_mix", the columns of every int4 group (a multiple of 32 dividing each
+    matrix's in_features; None: 128, or 64 / 32 where 128 does not divide it).
     """
 
     model: str | Path | Checkpoint | None = None
@@ -205,19 +207,24 @@ class BackendSpec:
     tensor_parallel: int = 1
     weights: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
+    int4_group: int | None = None
 
     def load(self, auto: str = "dequantize") -> Checkpoint:
         """The checkpoint: `model` itself when already loaded, else read as `weights` says
         (`auto`: the mode the backend picks for weights="auto")."""
         if isinstance(self.model, Checkpoint):
-            if self.weights != "auto":  # already loaded: nothing could honour it
-                raise ConfigError(f"weights={self.weights!r} applies when a checkpoint is read; "
-                                  "these weights are already loaded")
+            given = [f"{k}={v!r}" for k, v in (("weights", self.weights),
+                                                ("int4_group", self.int4_group))
+                     if v not in ("auto", None)]
+            if given:  # already loaded weights: nothing could honour them
+                raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'}"
+                                  " when a checkpoint is read; these weights are already loaded")
             return self.model
         from llm.model.checkpoint.load import load_checkpoint  # torch: only where weights load
 
         return load_checkpoint(self.model_path(), cache_dir=self.cache_dir,
-                               progress=self.progress, weights=self.weights_mode(auto))
+                               progress=self.progress, weights=self.weights_mode(auto),
+                               int4_group=self.int4_group)
 
     def weights_mode(self, auto: str) -> str:
         """`weights`, with "auto" replaced by the backend's choice `auto`."""

@@ -46,15 +46,7 @@ def load_checkpoint(
     weights="int4" / "int4_mix", the group size of every int4 matrix (a multiple of 32 dividing
     its in_features; default: `int4_group`'s choice per matrix).
     """
-    if weights not in WEIGHT_MODES:
-        raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
-                              f"{weights!r}")
-    if int4_group is not None and weights not in INT4_MODES:
-        raise CheckpointError(f"int4_group applies to weights='int4' or 'int4_mix', not "
-                              f"{weights!r}")
-    if int4_group is not None and (int4_group <= 0 or int4_group % INT4_PACK):
-        raise CheckpointError(f"int4_group must be a positive multiple of {INT4_PACK}, got "
-                              f"{int4_group}")
+    check_weights(weights, int4_group)
     path, kind = resolve_checkpoint(path)
     if kind == "dir":
         config, tensors = load_hf_dir(path, progress)
@@ -86,6 +78,20 @@ def matrix_mode(name: str, mode: str) -> str:
     if mode == "int4_mix" and name.endswith(WIDER_IN_INT4_MIX):
         return "int8"
     return "int4"
+
+
+def check_weights(weights: str, int4_group: int | None = None) -> None:
+    """CheckpointError unless `weights` is one of WEIGHT_MODES and `int4_group` (None, or with
+    "int4" / "int4_mix" a positive multiple of 32) goes with it."""
+    if weights not in WEIGHT_MODES:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
+                              f"{weights!r}")
+    if int4_group is not None and weights not in INT4_MODES:
+        raise CheckpointError(f"int4_group applies to weights='int4' or 'int4_mix', not "
+                              f"{weights!r}")
+    if int4_group is not None and (int4_group <= 0 or int4_group % INT4_PACK):
+        raise CheckpointError(f"int4_group must be a positive multiple of {INT4_PACK}, got "
+                              f"{int4_group}")
 
 
 def quantize_matrices(tensors: dict[str, torch.Tensor], mode: str, progress: bool,

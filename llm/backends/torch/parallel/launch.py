@@ -35,7 +35,7 @@ def launch(spec: BackendSpec, build: Any) -> Backend:
     path = spec.model_path()
     auto = "stored" if spec.device == "cpu" else "dequantize"
     weights = open_slices_as(path, spec.weights_mode(auto), cache_dir=spec.cache_dir,
-                             progress=spec.progress)
+                             progress=spec.progress, int4_group=spec.int4_group)
     try:
         TensorParallelPlan.for_weights(weights, size)
         mesh, device = Mesh.from_env(size, spec.device)

@@ -26,11 +26,11 @@ import torch
 from llm.backends.torch.parallel.slices import WeightSlices, check_group, open_weight_slices
 from llm.model.checkpoint.common import (
     QUANTIZE_MODES,
-    WEIGHT_MODES,
     CheckpointError,
     expected_tensors,
 )
 from llm.model.checkpoint.load import (
+    check_weights,
     int4_group,
     matrix_mode,
     quantize_matrix,
@@ -46,13 +46,12 @@ RowMax = Callable[[torch.Tensor], torch.Tensor]  # float32 [N, 1] -> elementwise
 
 
 def open_slices_as(path: str | Path, weights: str, *, cache_dir: str | Path | None = None,
-                   progress: bool = True) -> WeightSlices:
+                   progress: bool = True, int4_group: int | None = None) -> WeightSlices:
     """A `WeightSlices` giving what `load_checkpoint(path, weights=weights)` gives, in slices:
     `open_weight_slices` for "dequantize" / "stored", an HF directory's slices quantized as they
-    are read (`QuantizingSlices`) for "int8" / "int4" / "int4_mix"."""
-    if weights not in WEIGHT_MODES:
-        raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
-                              f"{weights!r}")
+    are read (`QuantizingSlices`) for "int8" / "int4" / "int4_mix" (int4_group: as
+    `load_checkpoint`'s)."""
+    check_weights(weights, int4_group)
     if weights in ("dequantize", "stored"):
         return open_weight_slices(path, cache_dir=cache_dir, progress=progress, weights=weights)
     resolved, kind = resolve_checkpoint(path)
@@ -60,7 +59,8 @@ def open_slices_as(path: str | Path, weights: str, *, cache_dir: str | Path | No
         raise CheckpointError(f"{resolved}: weights={weights!r} quantizes a floating-point "
                               "Hugging Face checkpoint; a GGUF runs as stored (weights='stored') "
                               "or dequantized")
-    return QuantizingSlices(open_weight_slices(resolved, progress=progress), weights)
+    return QuantizingSlices(open_weight_slices(resolved, progress=progress), weights,
+                            group=int4_group)
 
 
 class QuantizingSlices(WeightSlices):
@@ -71,7 +71,8 @@ class QuantizingSlices(WeightSlices):
     rank or a reader used alone); `across(mesh)` gives the reader for a mesh.
     """
 
-    def __init__(self, inner: WeightSlices, mode: str, row_max: RowMax | None = None) -> None:
+    def __init__(self, inner: WeightSlices, mode: str, row_max: RowMax | None = None,
+                 group: int | None = None) -> None:
         if mode not in QUANTIZE_MODES:
             raise ValueError(f"QuantizingSlices quantizes to one of {', '.join(QUANTIZE_MODES)},"
                              f" not {mode!r}")
@@ -79,17 +80,21 @@ class QuantizingSlices(WeightSlices):
         self.config, self.source = inner.config, inner.source
         self.source_sha256 = inner.source_sha256
         self.row_max = row_max or (lambda x: x)
+        self.group = group  # every int4 matrix's (None: `int4_group`'s choice per matrix)
         self._shapes = expected_tensors(inner.config)
 
     def across(self, mesh: Mesh) -> QuantizingSlices:
         """This reader for one rank of `mesh` (`Mesh.all_max` agrees on int8 row scales)."""
-        return QuantizingSlices(self.inner, self.mode, mesh.all_max)
+        return QuantizingSlices(self.inner, self.mode, mesh.all_max, self.group)
 
     def column_block(self, name: str) -> tuple[int, str]:
         shape = self._shapes[name]
         if len(shape) != 2 or matrix_mode(name, self.mode) == "int8":
             return (1, "int8") if len(shape) == 2 else (1, "")
-        group = int4_group(name, shape[1])
+        group = self.group if self.group is not None else int4_group(name, shape[1])
+        if shape[1] % group:
+            raise CheckpointError(f"{name}: in_features {shape[1]} is no multiple of the int4 "
+                                  f"group {group}")
         return group, int4_format(group).name
 
     def _read(self, name: str, dim: int | None, start: int, stop: int) -> Weight:
@@ -102,7 +107,8 @@ class QuantizingSlices(WeightSlices):
             check_group(name, fmt, block, start, stop)
             if fmt == "int8":  # the whole rows' max |w|: from every rank's columns
                 absmax = self.row_max(t.detach().float().abs().amax(dim=1, keepdim=True))
-        return quantize_matrix(name, t, self.mode, self._shapes[name][1], absmax)
+        group = self.column_block(name)[0] if matrix_mode(name, self.mode) != "int8" else None
+        return quantize_matrix(name, t, self.mode, self._shapes[name][1], absmax, group)
 
     def close(self) -> None:
         self.inner.close()
