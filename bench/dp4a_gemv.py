@@ -131,13 +131,12 @@ def _word_q4(w, xal, xah, xbl, xbh, xcl, xch, ia, ib, ic, COMPILED: tl.constexpr
     chains ia, ib, ic (x's planes a, b, c)."""
     if COMPILED:
         return tl.inline_asm_elementwise(
-            "{ .reg .b32 t, u; and.b32 t, $9, 0x0F0F0F0F; shr.u32 u, $9, 4; "
+            "{ .reg .b32 t, u; and.b32 t, $6, 0x0F0F0F0F; shr.u32 u, $6, 4; "
             "and.b32 u, u, 0x0F0F0F0F; "
-            "dp4a.u32.s32 $0, t, $10, $3; dp4a.u32.s32 $0, u, $11, $0; "
-            "dp4a.u32.u32 $1, t, $12, $4; dp4a.u32.u32 $1, u, $13, $1; "
-            "dp4a.u32.u32 $2, t, $14, $5; dp4a.u32.u32 $2, u, $15, $2; }",
-            "=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r", [ia, ib, ic, ia, ib, ic, w, xal, xah, xbl,
-                                                   xbh, xcl, xch],
+            "dp4a.u32.s32 $0, t, $7, $3; dp4a.u32.s32 $0, u, $8, $0; "
+            "dp4a.u32.u32 $1, t, $9, $4; dp4a.u32.u32 $1, u, $10, $1; "
+            "dp4a.u32.u32 $2, t, $11, $5; dp4a.u32.u32 $2, u, $12, $2; }",
+            "=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [ia, ib, ic, w, xal, xah, xbl, xbh, xcl, xch],
             dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     t = w & 0x0F0F0F0F
     u = (w >> 4) & 0x0F0F0F0F
