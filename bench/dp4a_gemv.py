@@ -249,6 +249,19 @@ def _dp4a_gemv_kernel(pw_ptr, s_ptr, sum_ptr, y_ptr, qw_ptr, d_ptr, N, s_qw, s_d
     tl.store(y_ptr + ns, out.to(y_ptr.dtype.element_ty), mask=n_live)
 
 
+def _outputs(p: torch.Tensor, w: QuantizedTensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(y [1, N] to write, w's codes as int32 words, its scales d, compiled) for planes p of x;
+    interpreted, y is float32 (the interpreter truncates float32 -> bf16)."""
+    k = w.in_features
+    if p.shape != (3, k):
+        raise ValueError(f"x's planes are for K = {p.shape[1]}, w has {k} columns")
+    compiled = not os.environ.get("TRITON_INTERPRET")
+    y = torch.empty(1, w.out_features, dtype=dtype if compiled else torch.float32,
+                    device=p.device)
+    return y, w.planes["qs"].view(torch.uint8).view(torch.int32), w.planes["d"], compiled
+
+
 def dp4a_gemv(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: QuantizedTensor,
               dtype: torch.dtype = torch.bfloat16, block_n: int = 16, block_g: int = 32,
               num_warps: int = 4, pdl: bool | None = None) -> torch.Tensor:
@@ -256,14 +269,8 @@ def dp4a_gemv(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: Quanti
     if w.format not in FORMATS:
         raise ValueError(f"dp4a_gemv takes {sorted(FORMATS)}, got {w.format}")
     p, scales, sums = planes
+    y, qw, d, compiled = _outputs(p, w, dtype)
     k = w.in_features
-    if p.shape != (3, k):
-        raise ValueError(f"x's planes are for K = {p.shape[1]}, w has {k} columns")
-    compiled = not os.environ.get("TRITON_INTERPRET")
-    y = torch.empty(1, w.out_features, dtype=dtype if compiled else torch.float32,
-                    device=p.device)
-    qs, d = w.planes["qs"], w.planes["d"]
-    qw = qs.view(torch.uint8).view(torch.int32)
     gdc = use_pdl(p, pdl)
     _dp4a_gemv_kernel[(triton.cdiv(w.out_features, block_n),)](
         p.view(torch.int32), scales, sums, y, qw, d, w.out_features, qw.stride(0), d.stride(0),
@@ -322,14 +329,8 @@ def dp4a_gemv_split(planes: tuple[torch.Tensor, torch.Tensor], w: QuantizedTenso
     if w.format != "q4_0":
         raise ValueError(f"dp4a_gemv_split takes q4_0, got {w.format}")
     p, meta = planes
+    y, qw, d, compiled = _outputs(p, w, dtype)
     k = w.in_features
-    if p.shape != (3, k):
-        raise ValueError(f"x's planes are for K = {p.shape[1]}, w has {k} columns")
-    compiled = not os.environ.get("TRITON_INTERPRET")
-    y = torch.empty(1, w.out_features, dtype=dtype if compiled else torch.float32,
-                    device=p.device)
-    qw = w.planes["qs"].view(torch.uint8).view(torch.int32)
-    d = w.planes["d"]
     gdc = use_pdl(p, pdl)
     _dp4a_gemv_split_kernel[(triton.cdiv(w.out_features, block_n),)](
         p.view(torch.int32), meta, y, qw, d, w.out_features, qw.stride(0), d.stride(0), K=k,
