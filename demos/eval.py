@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demos.help_format import DefaultsOnce  # noqa: E402
-from llm.backends.torch.runner import TorchBackend  # noqa: E402
+from llm.backends.torch.runner import TorchBackend, check_device  # noqa: E402
 from llm.model.checkpoint.common import WEIGHT_MODES  # noqa: E402
 from llm.model.checkpoint.load import load_checkpoint, resolve_checkpoint  # noqa: E402
 from llm.model.config import RuntimeConfig  # noqa: E402
@@ -124,6 +124,7 @@ def evaluate(args: argparse.Namespace) -> Result:
         raise ValueError(f"--window must be at least 2, got {args.window}")
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    check_device(args.device)  # before the model loads
     try:
         text = args.text.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

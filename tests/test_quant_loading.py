@@ -116,6 +116,37 @@ def test_the_api_takes_an_int4_group(tmp_path) -> None:
     loaded = load_checkpoint(d, progress=False)
     with pytest.raises(ConfigError, match="int4_group=32 applies when a checkpoint is read"):
         BackendSpec(model=loaded, int4_group=32).load()
+    with pytest.raises(ConfigError, match="int4_group=32 needs weights='int4' or 'int4_mix'; "
+                                          "weights='auto' reads this model as 'stored'"):
+        create_backend("torch", BackendSpec(model=d, int4_group=32, progress=False))
+    with pytest.raises(ConfigError, match="int4_group=32 applies to the torch backend"):
+        create_backend("tt", BackendSpec(model=d, int4_group=32, progress=False))
+    for bad in (64.0, "32", True):
+        with pytest.raises(CheckpointError, match="int4_group must be an int"):
+            load_checkpoint(d, progress=False, weights="int4", int4_group=bad)
+
+
+def test_the_load_line_names_the_kernels_only_where_a_matrix_is_quantized(tmp_path) -> None:
+    """A model whose only quantized weight is the embedding (a GGUF's Q8_0 token_embd beside
+    F16 matrices) runs no quantized matrix: the line says nothing of kernels (it ended in ", )");
+    a quantized model's line names them."""
+    import dataclasses
+
+    from llm.engine.contract.backend import BackendSpec, create_backend
+
+    d = hf_dir(tmp_path, hf_model("llama"))
+    ck = load_checkpoint(d, progress=False, weights="int8")
+    embed = "model.embed_tokens.weight"
+    only = dataclasses.replace(ck, tensors={
+        k: v.dequantize() if isinstance(v, QuantizedTensor) and k != embed else v
+        for k, v in ck.tensors.items()})
+    for model, says in ((only, None), (ck, "quantized matrices by the C kernels")):
+        backend = create_backend("torch", BackendSpec(model=model, progress=False,
+                                                      max_seq_len=64, cache_dir=tmp_path / "c"))
+        line = backend.describe()
+        backend.close()
+        assert ", )" not in line and ("quantized" not in line if says is None
+                                      else says in line), line
 
 
 def test_int8_is_much_closer_to_the_float_model_than_int4(tmp_path) -> None:

@@ -136,9 +136,9 @@ def test_int8_widths_torchs_kernel_cannot_take_stay_dense(k: int, kind: str) -> 
 
 def test_layer_kinds_are_described_as_they_run() -> None:
     assert describe_kinds({}) == ""
-    assert describe_kinds({"native": 9}) == "quantized layers by the C kernels"
+    assert describe_kinds({"native": 9}) == "quantized matrices by the C kernels"
     assert describe_kinds({"dense": 2, "int8pack": 9, "int4pack": 1}) == (
-        "quantized layers: 1 by torch's int4 kernel, 9 by torch's int8 kernel, "
+        "quantized blocks: 1 by torch's int4 kernel, 9 by torch's int8 kernel, "
         "2 dequantized (dense)")
 
 

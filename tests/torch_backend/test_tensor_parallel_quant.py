@@ -242,7 +242,7 @@ def test_a_chosen_int4_group_slices_as_the_single_process_load(tmp_path) -> None
     hf = random_model_dir(tmp_path / "hf", ODD)
     whole = load_checkpoint(hf, progress=False, weights="int4", int4_group=32).tensors
     slices = open_slices_as(hf, "int4", int4_group=32)
-    name = "model.layers.0.mlp.down_proj.weight"
+    name = "model.layers.0.self_attn.o_proj.weight"  # in_features 192: default group 64
     for dim, ranges in ((1, [(0, 64)]), (0, [(8, 40)])):
         got = slices.read(name, dim, ranges)
         (a, b), = ranges
@@ -255,6 +255,27 @@ def test_a_chosen_int4_group_slices_as_the_single_process_load(tmp_path) -> None
         wide.read(name, 0, [(0, 8)])
     with pytest.raises(CheckpointError, match="int4_group applies to weights='int4'"):
         open_slices_as(hf, "int8", int4_group=32)
+
+
+def test_the_launch_hands_int4_group_to_the_ranks_reader(tmp_path, monkeypatch) -> None:
+    """`BackendSpec.int4_group` reaches `open_slices_as` on the tensor-parallel path (dropped,
+    the ranks would quantize with their default groups: accepted and ignored)."""
+    from llm.backends.torch.parallel import launch
+    from llm.engine.contract.backend import BackendSpec
+
+    seen = {}
+
+    def fake_open(path, weights, **kw):
+        seen.update(kw, weights=weights)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(launch, "open_slices_as", fake_open)
+    monkeypatch.setattr(launch.Mesh, "check_launch", staticmethod(lambda size, device: None))
+    hf = random_model_dir(tmp_path / "hf", ODD)
+    with pytest.raises(RuntimeError, match="stop"):
+        launch.launch(BackendSpec(model=hf, tensor_parallel=2, weights="int4", int4_group=32),
+                      build=None)
+    assert seen["int4_group"] == 32 and seen["weights"] == "int4"
 
 
 def test_cuda_kernels_apply_a_ranks_slices(tmp_path) -> None:

@@ -90,7 +90,7 @@ class TorchBackend(Backend):
         source = getattr(checkpoint, "source", None)
         self.source = Path(source) if source is not None else None
         self.source_sha256 = checkpoint.source_sha256
-        self.device = _check_device(runtime.device)
+        self.device = check_device(runtime.device)
         self.mesh = mesh or Mesh.single()
         if all_reduce == "auto":
             self.mesh = self.mesh.with_symmetric(getattr(torch, runtime.dtype), self.device,
@@ -171,8 +171,9 @@ class TorchBackend(Backend):
             ar = "symmetric-memory" if self.mesh.symmetric is not None else self.mesh.library
             tp = f", rank {self.mesh.rank} of {self.mesh.size}, {ar} all-reduce in decode"
         cpu = f", {self.threads.describe()}" if self.threads is not None else ""
-        if self.device.type == "cpu" and self.model.quantized:
-            cpu += ", " + describe_kinds(self.model.cpu_layer_kinds())
+        kinds = self.model.cpu_layer_kinds() if self.device.type == "cpu" else {}
+        if kinds:  # (a quantized embedding alone runs no quantized matrix)
+            cpu += ", " + describe_kinds(kinds)
         return f"torch backend on {self.device} ({self.runtime.dtype}, {mode}{tp}{cpu})"
 
     def _threads(self, phase: str, batch: int = 1) -> AbstractContextManager[None]:
@@ -342,7 +343,7 @@ def create(spec: BackendSpec) -> Backend:
 
         return launch(spec, lambda weights, runtime, mesh: TorchBackend(
             weights, runtime, mesh=mesh, **options))
-    _check_device(spec.device)  # before any weight is read
+    check_device(spec.device)  # before any weight is read
     # weights="auto": a GGUF's blocks as stored on the CPU (a cache entry of the GGUF's size; in
     # fp32 the layers are dequantized once, exactly, in bf16 they run torch's int4 / int8
     # kernels), dequantized on CUDA (its batched and prefill paths are faster on dense weights)
@@ -351,7 +352,7 @@ def create(spec: BackendSpec) -> Backend:
                         progress=spec.progress, **options)
 
 
-def _check_device(name: str) -> torch.device:
+def check_device(name: str) -> torch.device:
     """The torch device `name`; ConfigError naming it if torch has no such device type or this
     machine has no such CUDA device."""
     try:

@@ -299,7 +299,9 @@ def create(spec: BackendSpec) -> TTBackend:
             ("dtype", spec.dtype, ("float32",), "the tt backend's number formats come from "
                                                 "its precision policy (option precision)"),
             ("weights", spec.weights, ("auto", "dequantize"), "the tt backend converts every "
-                                                               "weight to its own tile formats")):
+                                                               "weight to its own tile formats"),
+            ("int4_group", spec.int4_group, (None,), "the tt backend converts every weight to "
+                                                     "its own tile formats")):
         if value not in ok:
             raise ConfigError(f"{name}={value!r} applies to the torch backend: {instead}")
     options = dict(spec.options)

@@ -227,7 +227,11 @@ class BackendSpec:
                                int4_group=self.int4_group)
 
     def weights_mode(self, auto: str) -> str:
-        """`weights`, with "auto" replaced by the backend's choice `auto`."""
+        """`weights`, with "auto" replaced by the backend's choice `auto` (int4_group with
+        "auto": ConfigError, the group needs weights "int4" / "int4_mix" named)."""
+        if self.weights == "auto" and self.int4_group is not None:
+            raise ConfigError(f"int4_group={self.int4_group!r} needs weights='int4' or "
+                              f"'int4_mix'; weights='auto' reads this model as {auto!r}")
         return auto if self.weights == "auto" else self.weights
 
     def model_path(self) -> Path:

@@ -58,38 +58,39 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
-        cut = _cut_tensor(path)
-        if cut is not None and "GGML type" in cut:
-            raise CheckpointError(f"{path}: {cut}") from e
-        if cut is not None:
-            raise CheckpointError(f"{path}: truncated GGUF file: {cut}") from e
+        found = _cut_tensor(path)
+        if found is not None:
+            kind, what = found
+            raise CheckpointError(f"{path}: {what}" if kind == "type" else
+                                  f"{path}: truncated GGUF file: {what}") from e
         raise CheckpointError(
             f"{path}: cannot read GGUF file (corrupt or truncated?): {e!r}"
         ) from e
 
 
-def _cut_tensor(path: Path) -> str | None:
+def _cut_tensor(path: Path) -> tuple[str, str] | None:
     """Where a GGUF whose header parses is cut short: its first tensor whose data ends past
-    the end of the file, with the numbers (or whose type the gguf package does not know); None
-    if none is (or the header does not parse)."""
+    the end of the file, with the numbers, as ("cut", text), or whose type the gguf package does
+    not know, as ("type", text); None if none is (or the header does not parse)."""
     size = path.stat().st_size
-    cut: list[str] = []
+    cut: list[tuple[str, str]] = []
 
     class _Probe(gguf.GGUFReader):  # the header and tensor infos, no data views
         def _build_tensors(self, start_offs: int, fields: list) -> None:
             for field in fields:
                 _, name, _, dims, raw_type, offset = field.parts
                 if int(raw_type[0]) not in KNOWN_TYPES:
-                    cut.append(f"tensor {bytes(name).decode('utf-8', 'replace')!r} has GGML type "
-                               f"{int(raw_type[0])}, which the gguf package {GGUF_VERSION} does "
-                               "not know (a type llama.cpp removed, such as Q4_0_4_4, or a newer "
-                               "one); convert the file with a current llama.cpp")
+                    cut.append(("type", f"tensor {bytes(name).decode('utf-8', 'replace')!r} "
+                                f"has GGML type {int(raw_type[0])}, which the gguf package "
+                                f"{GGUF_VERSION} does not know (a type llama.cpp removed, such as "
+                                "Q4_0_4_4, or a newer one); convert the file with a current "
+                                "llama.cpp"))
                     break
                 block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type[0])]
                 end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
                 if end > size:
-                    cut.append(f"tensor {bytes(name).decode('utf-8', 'replace')!r} needs bytes "
-                               f"up to {end}, the file has {size}")
+                    cut.append(("cut", f"tensor {bytes(name).decode('utf-8', 'replace')!r} "
+                                f"needs bytes up to {end}, the file has {size}"))
                     break
             self.tensors = []
 

@@ -86,6 +86,8 @@ def check_weights(weights: str, int4_group: int | None = None) -> None:
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got "
                               f"{weights!r}")
+    if int4_group is not None and (isinstance(int4_group, bool) or not isinstance(int4_group, int)):
+        raise CheckpointError(f"int4_group must be an int, got {int4_group!r}")
     if int4_group is not None and weights not in INT4_MODES:
         raise CheckpointError(f"int4_group applies to weights='int4' or 'int4_mix', not "
                               f"{weights!r}")

@@ -121,13 +121,14 @@ KIND_NAMES = {"native": "the C kernels", "int4pack": "torch's int4 kernel",
 
 
 def describe_kinds(kinds: dict[str, int]) -> str:
-    """How the quantized matrices run on the CPU, e.g. "quantized layers by the C kernels", or
-    "quantized layers: 12 by the C kernels, 2 dequantized (dense)" where they differ."""
+    """How the quantized matrices run on the CPU, e.g. "quantized matrices by the C kernels", or
+    "quantized blocks: 12 by the C kernels, 2 dequantized (dense)" where they differ (a block: a
+    matrix, an LM head chunk or a part of a fused projection in another format)."""
     if not kinds:
         return ""
     if len(kinds) == 1:
-        return f"quantized layers by {KIND_NAMES[next(iter(kinds))]}"
-    return "quantized layers: " + ", ".join(f"{n} by {KIND_NAMES[k]}" if k != "dense"
+        return f"quantized matrices by {KIND_NAMES[next(iter(kinds))]}"
+    return "quantized blocks: " + ", ".join(f"{n} by {KIND_NAMES[k]}" if k != "dense"
                                             else f"{n} {KIND_NAMES[k]}"
                                             for k, n in sorted(kinds.items(),
                                                                key=lambda kn: (kn[0] == "dense",

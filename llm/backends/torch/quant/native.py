@@ -291,7 +291,11 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
             warnings.warn(f"cannot write the CPU kernels to {target.parent} ({e.strerror or e}); "
                           "building them in a temporary folder for this run", RuntimeWarning,
                           stacklevel=2)
-            scratch = tempfile.mkdtemp(prefix="llm-kernels-")
+            try:
+                scratch = tempfile.mkdtemp(prefix="llm-kernels-")
+            except OSError as e2:
+                raise NativeKernelsUnavailable(f"no writable folder for the CPU kernels: {e2}"
+                                               ) from e2
             target = Path(scratch) / target.name
             _build(cc, flags, target)
         if progress:
