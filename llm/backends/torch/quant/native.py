@@ -299,7 +299,8 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
             target = Path(scratch) / target.name
             _build(cc, flags, target)
         if progress:
-            print(f" {time.perf_counter() - start:.1f} s -> {target}", file=sys.stderr)
+            where = "for this run only" if scratch is not None else f"-> {target}"
+            print(f" {time.perf_counter() - start:.1f} s {where}", file=sys.stderr)
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as e:
