@@ -6,7 +6,8 @@ row) and the kernel at each --tiles (BLOCK_N:BLOCK_G:WARPS), each checked agains
 dequantize(W).T in float64 and timed as CUDA graphs (`bench.common.graph_us`) two ways: over
 copies of the weight > 4x the L2 (`dram`: what a decode step does) and over one weight read again
 and again (`l2`: the shapes that fit twice in the L2; there the SMs are the limit); Q4_0 also as
-`dp4as` (`dp4a_gemv_split`, x's planes split into each group's low and high columns). The kernel's
+`dp4as` (`dp4a_gemv_split`, x's planes split into each group's low and high columns; `p`: the
+next chunk's codes prefetched). The kernel's
 time excludes making x's planes (`x_planes`, timed alone per K: in an engine that work would be
 one launch per x, or folded into the kernel that writes x).
 
@@ -65,10 +66,11 @@ def run(args) -> int:
                              for bn, bg, wp in tiles]
                 if fmt_name == "q4_0":  # x's split planes: no exchange of x's words
                     split = x_planes_split(x)
-                    variants += [(f"dp4as {bn}:{bg}:{wp}",
-                                  lambda w, bn=bn, bg=bg, wp=wp, split=split: dp4a_gemv_split(
-                                      split, w, block_n=bn, block_g=bg, num_warps=wp))
-                                 for bn, bg, wp in tiles]
+                    variants += [(f"dp4as {bn}:{bg}:{wp}{' p' if pf else ''}",
+                                  lambda w, bn=bn, bg=bg, wp=wp, split=split, pf=pf:
+                                  dp4a_gemv_split(split, w, block_n=bn, block_g=bg,
+                                                  num_warps=wp, prefetch=pf))
+                                 for bn, bg, wp in tiles for pf in (False, True)]
                 variants.append(("auto, again", variants[0][1]))
                 times = {}
                 for label, call in variants:

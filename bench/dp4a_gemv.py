@@ -282,22 +282,35 @@ def dp4a_gemv(planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: Quanti
 @triton.jit
 def _dp4a_gemv_split_kernel(xw_ptr, meta_ptr, y_ptr, qw_ptr, d_ptr, N, s_qw, s_d,
                             K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                            COMPILED: tl.constexpr, USE_GDC: tl.constexpr):
+                            COMPILED: tl.constexpr, USE_GDC: tl.constexpr,
+                            PREFETCH: tl.constexpr = False):
     """Q4_0 with x's split planes: every [.., 4 G] load is a group's 16 bytes a thread (codes,
     each plane's low and high columns, the group's meta), so the threads spread over the
-    groups alike and x's words need no exchange between them."""
+    groups alike and x's words need no exchange between them. PREFETCH: the first chunk's codes
+    loaded before waiting on the previous kernel, each next chunk's before this one's
+    arithmetic (two chunks of codes in registers; Triton pipelines none of these loads)."""
     NG: tl.constexpr = K // 32
     HW: tl.constexpr = K // 8  # words of a plane's half
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_live = ns < N
     ws = tl.arange(0, 4 * BLOCK_G)  # a chunk's words: group ws // 4, word ws % 4
     acc = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+    rows = qw_ptr + ns[:, None] * s_qw
+    if PREFETCH:  # the codes depend on no kernel: in flight during the previous one's tail
+        w_next = tl.load(rows + ws[None, :], mask=n_live[:, None] & (ws < 4 * NG)[None, :],
+                         other=0)
     wait_then_release(USE_GDC)
     for g0 in range(0, NG, BLOCK_G):
         wi = 4 * g0 + ws
         live = wi < 4 * NG
-        w = tl.load(qw_ptr + ns[:, None] * s_qw + wi[None, :],
-                    mask=n_live[:, None] & live[None, :], other=0)  # [BLOCK_N, 4G]
+        if PREFETCH:
+            w = w_next
+            nxt = wi + 4 * BLOCK_G
+            w_next = tl.load(rows + nxt[None, :], mask=n_live[:, None] & (nxt < 4 * NG)[None, :],
+                             other=0)
+        else:
+            w = tl.load(rows + wi[None, :], mask=n_live[:, None] & live[None, :],
+                        other=0)  # [BLOCK_N, 4G]
         w0, w1, w2, w3 = _split4(tl.reshape(w, [BLOCK_N, BLOCK_G, 4]))
         xs = ()
         for p in tl.static_range(6):  # plane p // 2, half p % 2
@@ -324,8 +337,10 @@ def _dp4a_gemv_split_kernel(xw_ptr, meta_ptr, y_ptr, qw_ptr, d_ptr, N, s_qw, s_d
 
 def dp4a_gemv_split(planes: tuple[torch.Tensor, torch.Tensor], w: QuantizedTensor,
                     dtype: torch.dtype = torch.bfloat16, block_n: int = 16, block_g: int = 32,
-                    num_warps: int = 4, pdl: bool | None = None) -> torch.Tensor:
-    """x @ w.dequantize().T for x given as `x_planes_split(x)`, -> [1, N] in `dtype`; w Q4_0."""
+                    num_warps: int = 4, pdl: bool | None = None,
+                    prefetch: bool = False) -> torch.Tensor:
+    """x @ w.dequantize().T for x given as `x_planes_split(x)`, -> [1, N] in `dtype`; w Q4_0
+    (prefetch: the kernel's PREFETCH)."""
     if w.format != "q4_0":
         raise ValueError(f"dp4a_gemv_split takes q4_0, got {w.format}")
     p, meta = planes
@@ -334,6 +349,6 @@ def dp4a_gemv_split(planes: tuple[torch.Tensor, torch.Tensor], w: QuantizedTenso
     gdc = use_pdl(p, pdl)
     _dp4a_gemv_split_kernel[(triton.cdiv(w.out_features, block_n),)](
         p.view(torch.int32), meta, y, qw, d, w.out_features, qw.stride(0), d.stride(0), K=k,
-        BLOCK_N=block_n, BLOCK_G=block_g, COMPILED=compiled, USE_GDC=gdc, num_warps=num_warps,
-        **launch_options(gdc))
+        BLOCK_N=block_n, BLOCK_G=block_g, COMPILED=compiled, USE_GDC=gdc, PREFETCH=prefetch,
+        num_warps=num_warps, **launch_options(gdc))
     return y.to(dtype)

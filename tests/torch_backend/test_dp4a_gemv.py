@@ -72,9 +72,10 @@ def test_split_planes_product_is_the_dequantized_one(n: int, k: int, block_n: in
     x = (torch.randn(1, k, device=dev, generator=g) * 0.5).to(torch.bfloat16)
     want = x.double() @ w.dequantize(torch.float64).T
     planes, meta = x_planes_split(x)
-    y = dp4a_gemv_split((planes, meta), w, dtype=torch.float32, block_n=block_n,
-                        block_g=block_g, num_warps=2)
-    assert float((y.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    for prefetch in (False, True):
+        y = dp4a_gemv_split((planes, meta), w, dtype=torch.float32, block_n=block_n,
+                            block_g=block_g, num_warps=2, prefetch=prefetch)
+        assert float((y.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
     p, s, sums = x_planes(x)  # the same bytes, the groups' halves apart
     half = torch.cat([p.view(3, -1, 2, 16)[:, :, 0], p.view(3, -1, 2, 16)[:, :, 1]], 1)
     assert torch.equal(planes.view(3, -1, 16).cpu(), half.cpu())
@@ -132,6 +133,6 @@ def test_compiled_bf16_output_at_8b_width(fmt: str) -> None:
         assert float((y32.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
         if fmt == "q4_0":
             y32 = dp4a_gemv_split(x_planes_split(x), w, dtype=torch.float32, block_n=bn,
-                                  block_g=bg, num_warps=wp)
+                                  block_g=bg, num_warps=wp, prefetch=True)
             assert float((y32.double() - want).abs().max()) <= 1e-6 * float(
                 want.abs().max())
