@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--busy must be >= 0")
     if args.busy and not args.device.startswith("cpu"):
         p.error("--busy applies to the CPU benchmark (--device cpu) only")
+    if args.tp > 1 and args.engines == p.get_default("engines"):
+        args.engines = "llm"  # transformers runs one process: not a tensor-parallel peer
     mesh, dev = Mesh.from_env(args.tp, args.device)
     if args.tp > 1 and args.engines != "llm":
         p.error("--tp > 1 runs --engines llm only (every rank must take the same path)")

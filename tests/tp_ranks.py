@@ -24,7 +24,7 @@ from llm.engine.contract.backend import BackendSpec, SequenceSampling, create_ba
 from llm.engine.contract.sampling_params import SamplingParams
 from llm.engine.drive import decode_together
 from llm.model.checkpoint.load import load_checkpoint
-from llm.model.config import RuntimeConfig
+from llm.model.config import ConfigError, RuntimeConfig
 from llm.model.quant.tensor import QuantizedTensor
 
 
@@ -45,6 +45,19 @@ def _entry(rank: int, fn, n: int, tmp: str, args: tuple) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def mismatched_settings_rank(rank: int, n: int, tmp: Path) -> None:
+    """The default model launched with weights 'stored' on rank 0 and 'dequantize' on the
+    others: the error each rank raises (None if the launch went ahead)."""
+    spec = BackendSpec(tensor_parallel=n, weights="stored" if rank == 0 else "dequantize",
+                       max_batch=2, max_seq_len=32, progress=False, cache_dir=tmp / "cache")
+    try:
+        create_backend("torch", spec).close()
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    save(tmp, rank, error)
 
 
 def save(tmp: Path, rank: int, obj) -> None:

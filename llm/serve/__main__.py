@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not model.is_leader:
-        model.follow()  # until the leader's server stops
+        try:
+            model.follow()  # until the leader's server stops
+        except KeyboardInterrupt:  # Ctrl-C reaches every rank of the process group
+            return 130
         return 0
     wb = model.backend.weight_bytes  # what the weights hold on the device, as loaded
     share = " a rank" if args.tp > 1 else ""  # each rank holds its slices
@@ -130,13 +134,32 @@ def main(argv: list[str] | None = None) -> int:
     engine = AsyncEngine(model, sched)
     app = create_app(engine, ServerConfig(model_name=served_name(args), api_key=args.api_key,
                                           body_timeout_s=args.body_timeout))
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: this handler turns
+    # that into an exception, so that the engine and the followers are released below
+    signal.signal(signal.SIGTERM, _terminated)
+    code = 0
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_keep_alive=KEEP_ALIVE_S)
+    except Terminated:
+        code = 0  # a requested, graceful stop
+    except KeyboardInterrupt:
+        code = 130
     finally:
         engine.shutdown()
-        model.close()  # releases tensor-parallel followers
-    return 0
+        try:
+            model.close()  # releases tensor-parallel followers
+        except RuntimeError as e:  # a follower already gone (Ctrl-C reached it first)
+            print(f"closing the tensor-parallel group: {e}".splitlines()[0], file=sys.stderr)
+    return code
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (see `main`)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

@@ -221,6 +221,9 @@ def test_python_m_llm_serve(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    # SIGTERM is a requested stop: graceful, the engine released, exit status 0 (uvicorn
+    # raised the signal again after its shutdown, so the process died by it: -15)
+    assert proc.returncode == 0
     # the start-up line says what the weights hold (float32, dequantized: ~538 MB)
     assert re.search(rb"; weights 5\d\d MB", proc.stdout.read()), "no weights line"
     bad = subprocess.run([sys.executable, "-m", "llm.serve", "--model", "/nonexistent.gguf"],

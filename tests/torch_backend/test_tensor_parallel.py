@@ -16,7 +16,13 @@ import pytest
 import torch
 from hf_reference import assert_matches, fp32
 from server_process import free_port, wait_healthy
-from tp_ranks import default_model_rank, scored_params, small_model_rank, spawn_ranks
+from tp_ranks import (
+    default_model_rank,
+    mismatched_settings_rank,
+    scored_params,
+    small_model_rank,
+    spawn_ranks,
+)
 
 import llm
 from llm.backends.torch.parallel.plan import TensorParallelPlan
@@ -85,6 +91,24 @@ def test_wrong_launch_is_a_clear_error_before_loading(tmp_path) -> None:
     assert "tensor_parallel=2 needs 2 processes, but this one was started as one of 1" in r.stderr
     with pytest.raises(ConfigError, match="device 'cpu' or 'cuda'"):
         llm.LLM(tensor_parallel=2, device="cuda:1")
+
+
+def test_one_of_several_processes_without_tp_is_refused(monkeypatch) -> None:
+    """`torchrun --nproc-per-node 2 generate.py --tp 1` ran two full copies that each printed
+    (and would each serve): refused before loading, naming the fix."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"tensor_parallel=1, but this process was started as "
+                                          r"one of 2 .*--tp 2"):
+        llm.LLM(max_seq_len=64, progress=False)
+
+
+def test_ranks_given_different_settings_all_refuse(tmp_path) -> None:
+    """A rank built with other weights used to wait in a collective its peer never reached (a
+    hang) or compute wrong text: every rank now raises, naming the setting and each value."""
+    errors = spawn_ranks(mismatched_settings_rank, 2, tmp_path)
+    for e in errors:
+        assert e is not None and "the tensor-parallel ranks were given different settings: " \
+            "weights: rank 0 'stored', rank 1 'dequantize'" in e
 
 
 # ---------------------------------------------------------------- 2 and 4 gloo processes

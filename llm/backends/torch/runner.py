@@ -343,6 +343,7 @@ def create(spec: BackendSpec) -> Backend:
 
         return launch(spec, lambda weights, runtime, mesh: TorchBackend(
             weights, runtime, mesh=mesh, **options))
+    Mesh.check_launch(1, spec.device)  # not one of several torchrun processes
     check_device(spec.device)  # before any weight is read
     # weights="auto": a GGUF's blocks as stored on the CPU (a cache entry of the GGUF's size; in
     # fp32 the layers are dequantized once, exactly, in bf16 they run torch's int4 / int8

@@ -39,6 +39,12 @@ def launch(spec: BackendSpec, build: Any) -> Backend:
     try:
         TensorParallelPlan.for_weights(weights, size)
         mesh, device = Mesh.from_env(size, spec.device)
+        mesh.check_same({"model": (weights.config, weights.source_sha256),  # (not its path)
+                         "weights": spec.weights_mode(auto),
+                         "int4_group": spec.int4_group, "dtype": spec.dtype,
+                         "max_batch": spec.max_batch, "max_seq_len": spec.max_seq_len,
+                         "block_size": spec.block_size, "num_blocks": spec.num_blocks,
+                         "options": sorted(spec.options.items())})
         if isinstance(weights, QuantizingSlices):
             weights = weights.across(mesh)
         backend = build(weights, spec.runtime(weights.config, device), mesh)

@@ -49,13 +49,17 @@ class Mesh:
         """
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"tensor_parallel must be a positive integer, got {size!r}")
+        world = dist.get_world_size() if dist.is_initialized() else int(
+            os.environ.get("WORLD_SIZE", "1"))
+        if size == 1 and world > 1:  # N full copies that each print and serve: not what was meant
+            raise ConfigError(f"tensor_parallel=1, but this process was started as one of "
+                              f"{world} (torchrun --nproc-per-node {world}): pass "
+                              f"tensor_parallel={world} (--tp {world}), or run one process")
         if size == 1:
             return device
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"tensor parallel runs on device 'cpu' or 'cuda' (each rank takes "
                               f"cuda:<LOCAL_RANK>), got {device!r}")
-        world = dist.get_world_size() if dist.is_initialized() else int(
-            os.environ.get("WORLD_SIZE", "1"))
         if world != size:
             raise ConfigError(
                 f"tensor_parallel={size} needs {size} processes, but this one was started as one "
@@ -142,6 +146,22 @@ class Mesh:
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
+
+    def check_same(self, settings: dict[str, Any]) -> None:
+        """ConfigError on every rank unless every rank was given the same `settings` (name ->
+        value, compared by repr): ranks built with other weights, groups or sizes would read
+        other slices and wait in collectives that never meet (a hang), or compute wrong text."""
+        if not self.distributed or self.size == 1:
+            return
+        mine = {k: repr(v) for k, v in settings.items()}
+        every: list[Any] = [None] * self.size
+        dist.all_gather_object(every, mine, group=self.control)
+        differ = [k for k in mine if len({str(r.get(k)) for r in every}) > 1]
+        if differ:
+            raise ConfigError("the tensor-parallel ranks were given different settings: " + "; "
+                              .join(f"{k}: " + ", ".join(f"rank {i} {r.get(k)}"
+                                                         for i, r in enumerate(every))
+                                    for k in differ))
 
     def close(self) -> None:
         """Leave the process group (after the last collective)."""
