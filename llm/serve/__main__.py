@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_keep_alive=KEEP_ALIVE_S)
-    except Terminated:
-        code = 0  # a requested, graceful stop
+    except Terminated:  # a requested, graceful stop: status 0
+        pass
     except KeyboardInterrupt:
         code = 130
     finally:

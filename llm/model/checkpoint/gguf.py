@@ -58,7 +58,7 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
-        found = _cut_tensor(path)
+        found = _diagnose(path)
         if found is not None:
             kind, what = found
             raise CheckpointError(f"{path}: {what}" if kind == "type" else
@@ -68,19 +68,19 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         ) from e
 
 
-def _cut_tensor(path: Path) -> tuple[str, str] | None:
+def _diagnose(path: Path) -> tuple[str, str] | None:
     """Where a GGUF whose header parses is cut short: its first tensor whose data ends past
     the end of the file, with the numbers, as ("cut", text), or whose type the gguf package does
     not know, as ("type", text); None if none is (or the header does not parse)."""
     size = path.stat().st_size
-    cut: list[tuple[str, str]] = []
+    found: list[tuple[str, str]] = []
 
     class _Probe(gguf.GGUFReader):  # the header and tensor infos, no data views
         def _build_tensors(self, start_offs: int, fields: list) -> None:
             for field in fields:
                 _, name, _, dims, raw_type, offset = field.parts
                 if int(raw_type[0]) not in KNOWN_TYPES:
-                    cut.append(("type", f"tensor {bytes(name).decode('utf-8', 'replace')!r} "
+                    found.append(("type", f"tensor {bytes(name).decode('utf-8', 'replace')!r} "
                                 f"has GGML type {int(raw_type[0])}, which the gguf package "
                                 f"{GGUF_VERSION} does not know (a type llama.cpp removed, such as "
                                 "Q4_0_4_4, or a newer one); convert the file with a current "
@@ -89,7 +89,7 @@ def _cut_tensor(path: Path) -> tuple[str, str] | None:
                 block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type[0])]
                 end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
                 if end > size:
-                    cut.append(("cut", f"tensor {bytes(name).decode('utf-8', 'replace')!r} "
+                    found.append(("cut", f"tensor {bytes(name).decode('utf-8', 'replace')!r} "
                                 f"needs bytes up to {end}, the file has {size}"))
                     break
             self.tensors = []
@@ -98,7 +98,7 @@ def _cut_tensor(path: Path) -> tuple[str, str] | None:
         _Probe(path)
     except Exception:  # a diagnosis only: the caller reports the reader's error
         return None
-    return cut[0] if cut else None
+    return found[0] if found else None
 
 
 def read_gguf(path: Path, progress: bool = True) -> gguf.GGUFReader:

@@ -33,14 +33,14 @@ def launch(spec: BackendSpec, build: Any) -> Backend:
         raise ConfigError("tensor_parallel needs a checkpoint path (each rank reads its slices)")
     Mesh.check_launch(size, spec.device)
     path = spec.model_path()
-    auto = "stored" if spec.device == "cpu" else "dequantize"
-    weights = open_slices_as(path, spec.weights_mode(auto), cache_dir=spec.cache_dir,
+    mode = spec.weights_mode("stored" if spec.device == "cpu" else "dequantize")
+    weights = open_slices_as(path, mode, cache_dir=spec.cache_dir,
                              progress=spec.progress, int4_group=spec.int4_group)
     try:
         TensorParallelPlan.for_weights(weights, size)
         mesh, device = Mesh.from_env(size, spec.device)
         mesh.check_same({"model": (weights.config, weights.source_sha256),  # (not its path)
-                         "weights": spec.weights_mode(auto),
+                         "weights": mode,
                          "int4_group": spec.int4_group, "dtype": spec.dtype,
                          "max_batch": spec.max_batch, "max_seq_len": spec.max_seq_len,
                          "block_size": spec.block_size, "num_blocks": spec.num_blocks,

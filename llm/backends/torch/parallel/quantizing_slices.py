@@ -101,14 +101,14 @@ class QuantizingSlices(WeightSlices):
         t = self.inner._read(name, dim, start, stop)
         if t.dim() != 2:
             return t
+        block, fmt = self.column_block(name)
         absmax = None
         if dim == 1:
-            block, fmt = self.column_block(name)
             check_group(name, fmt, block, start, stop)
             if fmt == "int8":  # the whole rows' max |w|: from every rank's columns
                 absmax = self.row_max(t.detach().float().abs().amax(dim=1, keepdim=True))
-        group = self.column_block(name)[0] if matrix_mode(name, self.mode) != "int8" else None
-        return quantize_matrix(name, t, self.mode, self._shapes[name][1], absmax, group)
+        return quantize_matrix(name, t, self.mode, self._shapes[name][1], absmax,
+                               None if fmt == "int8" else block)
 
     def close(self) -> None:
         self.inner.close()

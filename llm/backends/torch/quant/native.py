@@ -284,9 +284,8 @@ def load_kernels(cache_dir: Path, flags: tuple[str, ...] = FLAGS,
                   file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             _drop_stale_builds(target.parent)
-            _build(cc, flags, target)
+            _build(cc, flags, target)  # (makes the folder)
         except OSError as e:  # the cache cannot be written: build for this process only
             warnings.warn(f"cannot write the CPU kernels to {target.parent} ({e.strerror or e}); "
                           "building them in a temporary folder for this run", RuntimeWarning,
